@@ -1,0 +1,477 @@
+//! The shared core of an engine: how ops are pushed onto vars, dispatched to
+//! an executor, run, and finished. `Engine` (in `engine.rs`) is the public face.
+//!
+//! # Pending count
+//!
+//! `pending` counts ops pushed and not finished. `wait_for_all` sleeps until it
+//! is zero. Subtle: a finisher that brings it to zero must wake a waiter that
+//! checked it a moment before. Both sides use SeqCst on `pending` and
+//! `idle_waiters` (a Dekker-style handshake): either the finisher sees the
+//! waiter's registration and takes the lock to notify, or the waiter sees zero.
+
+use std::borrow::Cow;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use smallvec::SmallVec;
+
+use crate::config::EngineConfig;
+use crate::error::{panic_message, EngineError, FailureCause, OpFailure};
+use crate::graph::GraphRecorder;
+use crate::inline;
+use crate::op::{
+    BodyCell, Context, Op, OpRef, OpSpec, Property, Ran, RunContext, EXECUTING, FINISHED, RUNNING,
+};
+use crate::pool::Pool;
+use crate::profiler::Profiler;
+use crate::var::{Access, Var, VarInner};
+
+/// The highest number of GPU ids an engine serves.
+pub const MAX_GPUS: u32 = 64;
+
+static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A new process-wide engine id.
+pub(crate) fn next_engine_id() -> u64 {
+    NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Where ready ops go.
+pub(crate) enum Executor {
+    /// Worker pools per device (the threaded engine).
+    Threaded(Pools),
+    /// Every op runs inline at push (the naive engine).
+    Naive,
+}
+
+/// The worker pools of the threaded engine. GPU pools start on first use.
+pub(crate) struct Pools {
+    engine_id: u64,
+    pub(crate) cpu: Pool,
+    pub(crate) cpu_priority: Pool,
+    gpus: Vec<OnceLock<GpuPools>>,
+    gpu_start: Mutex<()>,
+    gpu_threads: usize,
+    gpu_copy_threads: usize,
+}
+
+pub(crate) struct GpuPools {
+    pub(crate) compute: Pool,
+    pub(crate) copy: Pool,
+}
+
+impl Pools {
+    pub(crate) fn start(engine_id: u64, cfg: &EngineConfig) -> Result<Pools, EngineError> {
+        Ok(Pools {
+            engine_id,
+            cpu: Pool::start(engine_id, "cpu", cfg.cpu_threads)?,
+            cpu_priority: Pool::start(engine_id, "cpu-prio", cfg.cpu_priority_threads)?,
+            gpus: (0..MAX_GPUS).map(|_| OnceLock::new()).collect(),
+            gpu_start: Mutex::new(()),
+            gpu_threads: cfg.gpu_threads,
+            gpu_copy_threads: cfg.gpu_copy_threads,
+        })
+    }
+
+    fn gpu(&self, n: u32) -> Result<&GpuPools, EngineError> {
+        let slot = &self.gpus[n as usize];
+        if let Some(p) = slot.get() {
+            return Ok(p);
+        }
+        let _guard = self.gpu_start.lock();
+        if let Some(p) = slot.get() {
+            return Ok(p);
+        }
+        let pools = GpuPools {
+            compute: Pool::start(self.engine_id, &format!("gpu{n}"), self.gpu_threads)?,
+            copy: Pool::start(
+                self.engine_id,
+                &format!("gpu{n}-copy"),
+                self.gpu_copy_threads,
+            )?,
+        };
+        Ok(slot.get_or_init(|| pools))
+    }
+
+    /// The pool an op runs on (None: run inline). Starts GPU pools on first use.
+    fn pool_for(&self, ctx: Context, prop: Property) -> Result<Option<&Pool>, EngineError> {
+        Ok(match (prop, ctx) {
+            (Property::Async | Property::DeleteVar, _) => None,
+            (Property::CpuPrioritized, Context::Cpu | Context::CpuPinned(_)) => {
+                Some(&self.cpu_priority)
+            }
+            (_, Context::Cpu | Context::CpuPinned(_)) => Some(&self.cpu),
+            (Property::CopyToDevice | Property::CopyFromDevice, Context::Gpu(n)) => {
+                Some(&self.gpu(n)?.copy)
+            }
+            (_, Context::Gpu(n)) => Some(&self.gpu(n)?.compute),
+        })
+    }
+
+    pub(crate) fn all(&self) -> impl Iterator<Item = &Pool> {
+        [&self.cpu, &self.cpu_priority].into_iter().chain(
+            self.gpus
+                .iter()
+                .filter_map(|g| g.get())
+                .flat_map(|g| [&g.compute, &g.copy]),
+        )
+    }
+}
+
+/// The failure log's size at which it is pruned.
+const FAILURE_LOG_PRUNE_AT: usize = 4096;
+
+/// Failures recorded since the last `wait_for_all`, in order: the var each
+/// reached (None for an op that writes no var) and the failure.
+type FailureLog = Vec<(Option<Weak<VarInner>>, Arc<OpFailure>)>;
+
+pub(crate) struct Core {
+    /// A process-wide id, so a worker thread knows which engine it serves.
+    pub(crate) id: u64,
+    pub(crate) config: EngineConfig,
+    pub(crate) executor: Executor,
+    pending: AtomicUsize,
+    idle_waiters: AtomicUsize,
+    idle: Mutex<()>,
+    idle_cv: Condvar,
+    /// Naive engine: signalled whenever an op finishes (pushes wait on it).
+    finished_cv: Condvar,
+    failures: Mutex<FailureLog>,
+    pub(crate) shutting_down: AtomicBool,
+    pub(crate) profiler: Profiler,
+    pub(crate) graph: GraphRecorder,
+}
+
+impl Core {
+    pub(crate) fn new(engine_id: u64, config: EngineConfig, executor: Executor) -> Core {
+        let profiler = Profiler::new(config.profile_path.is_some());
+        Core {
+            id: engine_id,
+            config,
+            executor,
+            pending: AtomicUsize::new(0),
+            idle_waiters: AtomicUsize::new(0),
+            idle: Mutex::new(()),
+            idle_cv: Condvar::new(),
+            finished_cv: Condvar::new(),
+            failures: Mutex::new(Vec::new()),
+            shutting_down: AtomicBool::new(false),
+            profiler,
+            graph: GraphRecorder::default(),
+        }
+    }
+
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no op is pending, or `timeout` passes (None: no limit).
+    pub(crate) fn wait_idle(&self, timeout: Option<Duration>) -> Result<(), EngineError> {
+        let start = Instant::now();
+        let deadline = timeout.map(|t| start + t);
+        self.idle_waiters.fetch_add(1, Ordering::SeqCst);
+        let mut guard = self.idle.lock();
+        let result = loop {
+            let left = self.pending.load(Ordering::SeqCst);
+            if left == 0 {
+                break Ok(());
+            }
+            match deadline {
+                None => self.idle_cv.wait(&mut guard),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        break Err(EngineError::Timeout {
+                            what: format!("all ops to finish ({left} still pending)"),
+                            after: now - start,
+                        });
+                    }
+                    self.idle_cv.wait_for(&mut guard, d - now);
+                }
+            }
+        };
+        drop(guard);
+        self.idle_waiters.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    fn op_finished(&self) {
+        if self.pending.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.idle_waiters.load(Ordering::SeqCst) > 0
+        {
+            let _guard = self.idle.lock();
+            self.idle_cv.notify_all();
+        }
+    }
+
+    fn log_failure(&self, var: Option<&Var>, failure: &Arc<OpFailure>) {
+        let mut log = self.failures.lock();
+        if log.len() >= FAILURE_LOG_PRUNE_AT {
+            // Bound the log of a program that never calls wait_for_all: drop
+            // entries whose var is gone or no longer holds the failure (keep
+            // every var-less one up to the bound: they are the only record).
+            log.retain(|(var, f)| match var {
+                None => true,
+                Some(w) => w
+                    .upgrade()
+                    .and_then(|inner| Var(inner).failure())
+                    .is_some_and(|held| Arc::ptr_eq(&held, f)),
+            });
+            let excess = log.len().saturating_sub(FAILURE_LOG_PRUNE_AT / 2);
+            log.drain(..excess);
+        }
+        log.push((var.map(|v| Arc::downgrade(&v.0)), failure.clone()));
+    }
+
+    /// Takes the failures recorded since the last call; clears them from the
+    /// vars that still hold them and returns the first one still held by a
+    /// var, or the first one of an op that writes no var.
+    pub(crate) fn take_failures(&self) -> Option<Arc<OpFailure>> {
+        let log = std::mem::take(&mut *self.failures.lock());
+        let mut first = None;
+        for (var, failure) in log {
+            let live = match var {
+                None => true,
+                Some(weak) => match weak.upgrade() {
+                    Some(inner) => {
+                        let var = Var(inner);
+                        let held = var.failure().is_some_and(|f| Arc::ptr_eq(&f, &failure));
+                        var.clear_failure_if(&failure);
+                        held
+                    }
+                    None => false,
+                },
+            };
+            if live && first.is_none() {
+                first = Some(failure);
+            }
+        }
+        first
+    }
+}
+
+/// Pushes an op. `spec` must be deduplicated and validated by the caller
+/// (`prepare_pool`). Returns the op (the naive engine waits on it).
+pub(crate) fn push<B: BodyCell + 'static>(
+    core: &Arc<Core>,
+    spec: OpSpec,
+    no_skip: bool,
+    body: B,
+) -> OpRef {
+    let OpSpec {
+        name,
+        reads,
+        writes,
+        ctx,
+        prop,
+        priority,
+    } = spec;
+    let nreads = reads.len();
+    let mut vars: SmallVec<[Var; 2]> = SmallVec::with_capacity(nreads + writes.len());
+    vars.extend(reads);
+    vars.extend(writes);
+    core.pending.fetch_add(1, Ordering::SeqCst);
+    let op: OpRef = Arc::new(Op {
+        name,
+        nreads: nreads as u32,
+        ctx,
+        prop,
+        priority,
+        no_skip,
+        wait: crate::sync::AtomicUsize::new(vars.len() + 1),
+        vars,
+        state: AtomicU8::new(RUNNING),
+        start_ns: AtomicU64::new(0),
+        start_tid: AtomicU64::new(0),
+        core: core.clone(),
+        body,
+    });
+    if core.graph.is_recording() {
+        core.graph.record(&op);
+    }
+    let mut granted = 0;
+    for (i, v) in op.vars.iter().enumerate() {
+        let access = if i < nreads {
+            Access::Read
+        } else {
+            Access::Write
+        };
+        if v.0.queue.lock().append(access, || op.clone()) {
+            granted += 1;
+        }
+    }
+    // Subtle: one subtraction for the vars that granted at once and the extra
+    // one held while appending; AcqRel as in `Op::release_one`.
+    let before = op
+        .wait
+        .fetch_sub(granted + 1, crate::sync::Ordering::AcqRel);
+    if before == granted + 1 {
+        dispatch(op.clone());
+    }
+    op
+}
+
+/// Sends a ready op to where it runs.
+pub(crate) fn dispatch(op: OpRef) {
+    let core = op.core.clone();
+    match &core.executor {
+        Executor::Naive => inline::run(inline::Task::Execute(op)),
+        Executor::Threaded(pools) => {
+            match pools.pool_for(op.ctx, op.prop) {
+                Ok(None) => inline::run(inline::Task::Execute(op)),
+                Ok(Some(pool)) => {
+                    let Some(op) = crate::pool::keep_local(pool.shared(), op) else {
+                        return;
+                    };
+                    if let Err(op) = pool.shared().push(op) {
+                        inline::run(inline::Task::Stop(op));
+                    }
+                }
+                // The pool was started at push; this cannot fail after that,
+                // but if it did the op must still finish.
+                Err(_) => inline::run(inline::Task::Stop(op)),
+            }
+        }
+    }
+}
+
+/// Makes sure the op's pool exists (GPU pools start on first use) and that
+/// its context is one the engine serves.
+pub(crate) fn prepare_pool(core: &Core, spec: &OpSpec) -> Result<(), EngineError> {
+    if let Context::Gpu(n) | Context::CpuPinned(n) = spec.ctx {
+        if n >= MAX_GPUS {
+            return Err(EngineError::InvalidContext {
+                op: spec.name.to_string(),
+                ctx: spec.ctx,
+                max_gpus: MAX_GPUS,
+            });
+        }
+    }
+    if let Executor::Threaded(pools) = &core.executor {
+        pools.pool_for(spec.ctx, spec.prop)?;
+    }
+    Ok(())
+}
+
+/// Runs a ready op on this thread (`worker`: its index in the pool).
+pub(crate) fn execute(op: OpRef, worker: usize) {
+    if !op.no_skip {
+        if let Some(failure) = op.vars.iter().find_map(Var::failure) {
+            op.body.discard();
+            if op.claim_done() {
+                complete(&op, Some(failure));
+            }
+            return;
+        }
+    }
+    let core = &op.core;
+    if core.profiler.is_enabled() {
+        core.profiler.start(&op);
+    }
+    let ctx = RunContext {
+        ctx: op.ctx,
+        worker,
+        priority: op.priority,
+    };
+    let prev = EXECUTING.with(|e| e.replace(op.key()));
+    let ran = catch_unwind(AssertUnwindSafe(|| op.body.run(ctx, &op)));
+    EXECUTING.with(|e| e.set(prev));
+    let cause = match ran {
+        Ok(Ran::Async) | Ok(Ran::Gone) => return,
+        Ok(Ran::Sync(Ok(()))) => None,
+        Ok(Ran::Sync(Err(e))) => Some(FailureCause::Error(e)),
+        Err(payload) => Some(FailureCause::Panic(panic_message(payload.as_ref()))),
+    };
+    if !op.claim_done() {
+        if let Some(c) = cause {
+            tracing::warn!(op = %op.name, "op failed after it completed: {c}");
+        }
+        return;
+    }
+    // The op is done and this thread is free: the ops this finish makes ready
+    // on this worker's pool may be kept to run here next.
+    crate::pool::allow_keep(true);
+    complete(&op, cause.map(|c| OpFailure::new(op.name.to_string(), c)));
+    crate::pool::allow_keep(false);
+}
+
+/// Finishes an op once: `cause` None for success.
+pub(crate) fn finish(op: &OpRef, cause: Option<FailureCause>) {
+    if op.claim_done() {
+        let failure = cause.map(|c| OpFailure::new(op.name.to_string(), c));
+        complete(op, failure);
+    }
+}
+
+/// Fails an op that will never run because the engine stopped.
+pub(crate) fn stop(op: &OpRef) {
+    op.body.discard();
+    finish(op, Some(FailureCause::EngineStopped));
+}
+
+/// The second half of finishing (the caller has claimed the op): store the
+/// failure, release the vars, dispatch what became ready.
+fn complete(op: &OpRef, failure: Option<Arc<OpFailure>>) {
+    let core = &op.core;
+    if let Some(f) = &failure {
+        tracing::debug!(op = %op.name, "op failed or skipped: {f}");
+        if op.writes().is_empty() {
+            core.log_failure(None, f);
+        }
+        for v in op.writes() {
+            if v.failure().is_none() {
+                v.set_failure(f);
+                core.log_failure(Some(v), f);
+            }
+        }
+    }
+    if core.profiler.is_enabled() {
+        core.profiler.end(op, failure.is_some());
+    }
+    let mut grants: SmallVec<[OpRef; 8]> = SmallVec::new();
+    for (i, v) in op.vars.iter().enumerate() {
+        let access = if i < op.nreads as usize {
+            Access::Read
+        } else {
+            Access::Write
+        };
+        v.0.queue.lock().complete(access, &mut grants);
+    }
+    for g in grants {
+        if g.release_one() {
+            dispatch(g);
+        }
+    }
+    op.state.store(FINISHED, Ordering::Release);
+    if let Executor::Naive = core.executor {
+        let _guard = core.idle.lock();
+        core.finished_cv.notify_all();
+    }
+    core.op_finished();
+}
+
+/// Waits until `op` has finished, or `timeout` passes (false).
+pub(crate) fn wait_finished(op: &OpRef, timeout: Option<Duration>) -> bool {
+    let core = &op.core;
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut guard = core.idle.lock();
+    while !op.is_finished() {
+        match deadline {
+            None => core.finished_cv.wait(&mut guard),
+            Some(d) => {
+                if core.finished_cv.wait_until(&mut guard, d).timed_out() {
+                    return op.is_finished();
+                }
+            }
+        }
+    }
+    true
+}
+
+/// A name for an internal op about `var`.
+pub(crate) fn internal_name(what: &str, var: &Var) -> Cow<'static, str> {
+    Cow::Owned(format!("{what}({})", var.describe()))
+}

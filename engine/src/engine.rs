@@ -1,0 +1,416 @@
+//! [`Engine`]: the public face of the dependency engine.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{EngineBuilder, EngineConfig, EngineKind};
+use crate::core::{self, Core, Executor, Pools};
+use crate::error::{EngineError, OpError};
+use crate::graph::OpGraph;
+use crate::op::{AsyncBody, BodyCell, Completion, Context, OpSpec, Property, RunContext, SyncBody};
+use crate::profiler::{write_chrome_trace, TraceEvent};
+use crate::var::Var;
+use crate::wait::{Latch, VarReady};
+
+/// The dependency engine: runs closures when the vars they read and write
+/// allow, on worker pools per device, highest priority first.
+///
+/// Cloning an `Engine` gives another handle to the same engine. When the last
+/// handle is dropped the engine shuts down: it waits for pending ops (up to
+/// the shutdown timeout), fails the ones that can no longer run with "engine
+/// stopped", and joins its threads.
+///
+/// ```
+/// use pskv_engine::{Engine, OpSpec, Var};
+/// use std::sync::{Arc, Mutex};
+///
+/// let engine = Engine::builder().cpu_threads(2).build()?;
+/// let x = Var::named("x");
+/// let value = Arc::new(Mutex::new(0));
+/// for i in 1..=3 {
+///     let value = value.clone();
+///     // Writes of one var run one at a time, in push order.
+///     engine.push_sync(OpSpec::new("add").write(&x), move |_| {
+///         let mut v = value.lock().unwrap();
+///         *v = *v * 10 + i;
+///         Ok(())
+///     })?;
+/// }
+/// engine.wait_for_var(&x)?;
+/// assert_eq!(*value.lock().unwrap(), 123);
+/// # Ok::<(), pskv_engine::EngineError>(())
+/// ```
+#[derive(Clone)]
+pub struct Engine {
+    owner: Arc<Owner>,
+}
+
+/// Shuts the engine down when the last `Engine` handle goes.
+struct Owner {
+    core: Arc<Core>,
+}
+
+impl Engine {
+    /// An engine configured from the environment (see [`EngineBuilder::from_env`]).
+    pub fn new() -> Result<Engine, EngineError> {
+        EngineBuilder::from_env()?.build()
+    }
+
+    /// A builder with the default settings.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::new()
+    }
+
+    pub(crate) fn from_config(config: EngineConfig) -> Result<Engine, EngineError> {
+        let id = core::next_engine_id();
+        let executor = match config.kind {
+            EngineKind::Threaded => Executor::Threaded(Pools::start(id, &config)?),
+            EngineKind::Naive => Executor::Naive,
+        };
+        crate::profiler::register_thread();
+        Ok(Engine {
+            owner: Arc::new(Owner {
+                core: Arc::new(Core::new(id, config, executor)),
+            }),
+        })
+    }
+
+    fn core(&self) -> &Arc<Core> {
+        &self.owner.core
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.core().config
+    }
+
+    /// Threaded or naive.
+    pub fn kind(&self) -> EngineKind {
+        self.core().config.kind
+    }
+
+    /// Pushes an op whose closure completes it through the [`Completion`]
+    /// handle, now or later from any thread. Returns at once (the naive engine:
+    /// when the op has finished). The error cases are refusals: the op was not
+    /// pushed.
+    ///
+    /// A var listed twice counts once; a var both read and written is written.
+    ///
+    /// ```
+    /// use pskv_engine::{Engine, OpSpec, Var};
+    /// let engine = Engine::builder().cpu_threads(1).build()?;
+    /// let v = Var::new();
+    /// engine.push_async(OpSpec::new("send").read(&v), |_ctx, done| done.complete())?;
+    /// engine.wait_for_all()?;
+    /// # Ok::<(), pskv_engine::EngineError>(())
+    /// ```
+    pub fn push_async<F>(&self, spec: OpSpec, f: F) -> Result<(), EngineError>
+    where
+        F: FnOnce(RunContext, Completion) + Send + 'static,
+    {
+        self.push_op(spec, AsyncBody(parking_lot::Mutex::new(Some(f))))
+    }
+
+    /// Pushes an op whose closure is complete when it returns; an `Err` is
+    /// stored on the op's write vars.
+    ///
+    /// ```
+    /// use pskv_engine::{Engine, OpSpec, Var};
+    /// let engine = Engine::builder().cpu_threads(1).build()?;
+    /// let v = Var::new();
+    /// engine.push_sync(OpSpec::new("bad").write(&v), |_| Err("no disk".into()))?;
+    /// let err = engine.wait_for_var(&v).unwrap_err();
+    /// assert_eq!(err.to_string(), "op 'bad' failed: no disk");
+    /// # Ok::<(), pskv_engine::EngineError>(())
+    /// ```
+    pub fn push_sync<F>(&self, spec: OpSpec, f: F) -> Result<(), EngineError>
+    where
+        F: FnOnce(RunContext) -> Result<(), OpError> + Send + 'static,
+    {
+        self.push_op(spec, SyncBody(parking_lot::Mutex::new(Some(f))))
+    }
+
+    fn push_op<B: BodyCell + 'static>(&self, mut spec: OpSpec, body: B) -> Result<(), EngineError> {
+        let core = self.core();
+        if core.shutting_down.load(Ordering::Acquire) {
+            return Err(EngineError::ShutDown {
+                op: spec.name.into_owned(),
+            });
+        }
+        spec.dedup();
+        if let Some(v) = spec
+            .reads
+            .iter()
+            .chain(spec.writes.iter())
+            .find(|v| v.is_deleted())
+        {
+            return Err(EngineError::VarDeleted {
+                op: spec.name.to_string(),
+                var: v.id(),
+            });
+        }
+        core::prepare_pool(core, &spec)?;
+        // The naive engine returns when the op has finished, unless this push
+        // comes from inside an op running inline on this thread: that op must
+        // finish first, so waiting here would deadlock.
+        let naive_wait = core.config.kind == EngineKind::Naive && !crate::inline::is_active();
+        let op = core::push(core, spec, false, body);
+        if naive_wait && !core::wait_finished(&op, core.config.wait_timeout) {
+            let after = core.config.wait_timeout.unwrap_or_default();
+            core::finish(&op, Some(crate::FailureCause::CompletionTimedOut(after)));
+        }
+        Ok(())
+    }
+
+    /// Deletes a var: it is marked deleted now (later pushes that name it are
+    /// refused) and released after every op pushed on it before has finished.
+    pub fn delete_var(&self, var: &Var) -> Result<(), EngineError> {
+        self.delete_var_with(var, |_| {})
+    }
+
+    /// As [`Engine::delete_var`], running `free` (for example, to release the
+    /// var's buffer) after every op pushed on the var before has finished.
+    pub fn delete_var_with<F>(&self, var: &Var, free: F) -> Result<(), EngineError>
+    where
+        F: FnOnce(RunContext) + Send + 'static,
+    {
+        let spec = OpSpec::new(core::internal_name("delete_var", var))
+            .write(var)
+            .property(Property::DeleteVar);
+        if var.mark_deleted() {
+            return Err(EngineError::VarDeleted {
+                op: spec.name.into_owned(),
+                var: var.id(),
+            });
+        }
+        // Pushed as no-skip: a failure stored on the var must not keep the
+        // free function from running.
+        let spec = spec.context(Context::Cpu);
+        let core = self.core();
+        core::prepare_pool(core, &spec)?;
+        let free = move |ctx| {
+            free(ctx);
+            Ok(())
+        };
+        core::push(
+            core,
+            spec,
+            true,
+            SyncBody(parking_lot::Mutex::new(Some(free))),
+        );
+        Ok(())
+    }
+
+    /// Pushes the internal op that sets `latch` once every op pushed on `var`
+    /// so far has finished.
+    fn push_wait(&self, var: &Var, latch: &Arc<Latch>) -> Result<(), EngineError> {
+        let core = self.core();
+        if core.shutting_down.load(Ordering::Acquire) {
+            return Err(EngineError::ShutDown {
+                op: core::internal_name("wait_for_var", var).into_owned(),
+            });
+        }
+        let spec = OpSpec::new(core::internal_name("wait_for_var", var))
+            .read(var)
+            .property(Property::Async);
+        let latch = latch.clone();
+        let signal = move |_ctx| {
+            latch.set();
+            Ok(())
+        };
+        core::push(
+            core,
+            spec,
+            true,
+            SyncBody(parking_lot::Mutex::new(Some(signal))),
+        );
+        Ok(())
+    }
+
+    /// Blocks until every op pushed on `var` so far has finished, then returns
+    /// the failure stored on the var, if any (and clears it: each failure is
+    /// reported once per var). Waits at most the configured wait timeout.
+    pub fn wait_for_var(&self, var: &Var) -> Result<(), EngineError> {
+        self.wait_for_var_inner(var, self.core().config.wait_timeout)
+    }
+
+    /// As [`Engine::wait_for_var`] with its own time limit.
+    pub fn wait_for_var_timeout(&self, var: &Var, timeout: Duration) -> Result<(), EngineError> {
+        self.wait_for_var_inner(var, Some(timeout))
+    }
+
+    fn wait_for_var_inner(&self, var: &Var, timeout: Option<Duration>) -> Result<(), EngineError> {
+        let start = Instant::now();
+        let latch = Latch::new();
+        self.push_wait(var, &latch)?;
+        if !latch.wait(timeout) {
+            return Err(EngineError::Timeout {
+                what: describe_pending(var),
+                after: start.elapsed(),
+            });
+        }
+        match var.take_failure() {
+            Some(f) => Err(EngineError::Op(f)),
+            None => Ok(()),
+        }
+    }
+
+    /// A future that resolves like [`Engine::wait_for_var`] without blocking a
+    /// thread; for tokio and other async code.
+    pub fn var_ready(&self, var: &Var) -> VarReady {
+        let latch = Latch::new();
+        VarReady {
+            state: match self.push_wait(var, &latch) {
+                Ok(()) => Ok((latch, var.clone())),
+                Err(e) => Err(Some(e)),
+            },
+        }
+    }
+
+    /// Blocks until every op pushed so far has finished (and any op they
+    /// push), then returns the first failure recorded since the last
+    /// `wait_for_all` that is still stored on a var (or that belongs to an op
+    /// that writes no var), and clears every recorded failure from its vars.
+    /// Waits at most the configured wait timeout.
+    pub fn wait_for_all(&self) -> Result<(), EngineError> {
+        self.wait_for_all_inner(self.core().config.wait_timeout)
+    }
+
+    /// As [`Engine::wait_for_all`] with its own time limit.
+    pub fn wait_for_all_timeout(&self, timeout: Duration) -> Result<(), EngineError> {
+        self.wait_for_all_inner(Some(timeout))
+    }
+
+    fn wait_for_all_inner(&self, timeout: Option<Duration>) -> Result<(), EngineError> {
+        let core = self.core();
+        core.wait_idle(timeout)?;
+        match core.take_failures() {
+            Some(f) => Err(EngineError::Op(f)),
+            None => Ok(()),
+        }
+    }
+
+    /// Ops pushed and not yet finished.
+    pub fn pending(&self) -> usize {
+        self.core().pending()
+    }
+
+    /// Starts recording every op's start and duration (see
+    /// [`Engine::take_profile`]). At most four million events are kept (about
+    /// 100 bytes each) until taken; later ones are dropped with a warning.
+    pub fn start_profiling(&self) {
+        self.core().profiler.set_enabled(true);
+    }
+
+    /// Stops recording op timings.
+    pub fn stop_profiling(&self) {
+        self.core().profiler.set_enabled(false);
+    }
+
+    /// The op timings recorded so far (taken: a second call returns only newer
+    /// ones).
+    pub fn take_profile(&self) -> Vec<TraceEvent> {
+        self.core().profiler.take()
+    }
+
+    /// Writes the op timings recorded so far to `path` as Chrome trace JSON
+    /// (Perfetto opens it), and takes them.
+    pub fn write_profile(&self, path: impl AsRef<Path>) -> Result<(), EngineError> {
+        write_chrome_trace(&self.take_profile(), path.as_ref())
+    }
+
+    /// Starts recording the dependency graph of the ops pushed from now on.
+    pub fn start_graph(&self) {
+        self.core().graph.start();
+    }
+
+    /// Stops recording and returns the dependency graph recorded.
+    pub fn take_graph(&self) -> OpGraph {
+        self.core().graph.take()
+    }
+}
+
+/// What a wait on `var` is still waiting for, for a timeout message.
+fn describe_pending(var: &Var) -> String {
+    let q = var.0.queue.lock();
+    let (reads, write, queued) = q.pending();
+    let mut s = format!(
+        "{} ({} running read(s), {} running write, {} queued",
+        var.describe(),
+        reads,
+        if write { "a" } else { "no" },
+        queued.saturating_sub(1) // the wait itself is queued
+    );
+    let names: Vec<String> = q
+        .waiting()
+        .take(3)
+        .map(|op| format!("'{}'", op.name))
+        .collect();
+    if !names.is_empty() {
+        s.push_str(&format!("; next: {}", names.join(", ")));
+    }
+    s.push(')');
+    s
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("kind", &self.kind())
+            .field("pending", &self.pending())
+            .finish()
+    }
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        // Subtle: the last handle can go inside an op closure (one that
+        // captured an `Engine`), on a worker of this very engine or inside an
+        // inline op. Shutting down there would wait for the op that is running
+        // the shutdown; so hand the shutdown to a thread of its own.
+        if crate::pool::is_worker_of(self.core.id) || crate::inline::is_active() {
+            let core = self.core.clone();
+            let spawned = std::thread::Builder::new()
+                .name("pskv-engine-shutdown".into())
+                .spawn(move || shutdown(&core));
+            if spawned.is_ok() {
+                return;
+            }
+        }
+        shutdown(&self.core);
+    }
+}
+
+fn shutdown(core: &Arc<Core>) {
+    core.shutting_down.store(true, Ordering::Release);
+    if let Err(e) = core.wait_idle(Some(core.config.shutdown_timeout)) {
+        tracing::warn!("engine shutdown: {e}; failing the ops that cannot run");
+    }
+    if let Executor::Threaded(pools) = &core.executor {
+        for pool in pools.all() {
+            for op in pool.stop() {
+                crate::inline::run(crate::inline::Task::Stop(op));
+            }
+        }
+        let deadline = Instant::now() + crate::pool::JOIN_GRACE;
+        for pool in pools.all() {
+            let busy = pool.join(deadline);
+            if !busy.is_empty() {
+                tracing::warn!(
+                        "engine shutdown: worker(s) {busy:?} are still inside an op closure; left detached"
+                    );
+            }
+        }
+    }
+    if let Some(path) = &core.config.profile_path {
+        let events = core.profiler.take();
+        if let Err(e) = write_chrome_trace(&events, path) {
+            tracing::warn!("engine shutdown: {e}");
+        }
+    }
+    if let Some(f) = core.take_failures() {
+        tracing::warn!("engine shutdown: a failure was never waited for: {f}");
+    }
+}

@@ -1,0 +1,401 @@
+//! Ops: what a caller pushes ([`OpSpec`] plus a closure), the engine's record
+//! of it while in flight (`Op`), and the handle that completes it
+//! ([`Completion`]).
+//!
+//! # The op wait counter
+//!
+//! `Op::wait` starts at `vars + 1`. Each var that grants the op subtracts one;
+//! the pusher subtracts the extra one after it has appended the op to every
+//! var, so an op can never be dispatched while it is still being appended. The
+//! thread that brings the counter to zero owns the op's dispatch (exactly one
+//! thread does).
+//!
+//! # Completion
+//!
+//! `Op::state` goes RUNNING → CLAIMED → FINISHED. Whoever makes the first step
+//! (a completion handle, the handle's drop, the executor after a return or a
+//! panic, a skip, or shutdown) runs the op's finish: store the failure,
+//! release the vars, dispatch what became ready, count the op as no longer
+//! pending, then mark it FINISHED. Later attempts are ignored.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::atomic::Ordering::{AcqRel, Acquire};
+use std::sync::atomic::{AtomicU64, AtomicU8};
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+
+use crate::core::Core;
+use crate::error::{FailureCause, OpError};
+use crate::sync::{AtomicUsize, Ordering};
+use crate::var::Var;
+
+/// Where an op runs.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Context {
+    /// Host CPU.
+    #[default]
+    Cpu,
+    /// Page-locked host memory used for transfers to and from GPU `n`; runs on
+    /// the CPU pools.
+    CpuPinned(u32),
+    /// GPU `n`: the op runs on that device's worker pool (compute, or copy for
+    /// the copy properties). The engine knows nothing of CUDA; the closure does.
+    Gpu(u32),
+}
+
+impl fmt::Display for Context {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Context::Cpu => f.write_str("cpu"),
+            Context::CpuPinned(n) => write!(f, "cpu_pinned({n})"),
+            Context::Gpu(n) => write!(f, "gpu({n})"),
+        }
+    }
+}
+
+/// What kind of work an op is; chooses its worker pool.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Property {
+    /// Ordinary compute: the context's normal pool.
+    #[default]
+    Normal,
+    /// A copy from host to device: the device's copy pool.
+    CopyToDevice,
+    /// A copy from device to host: the device's copy pool.
+    CopyFromDevice,
+    /// Urgent CPU work: the CPU priority lane, which normal ops cannot fill.
+    CpuPrioritized,
+    /// The closure only starts work that completes later (I/O): it runs at once
+    /// on the thread that makes it ready, and must not block.
+    Async,
+    /// Internal: the op of `delete_var`.
+    DeleteVar,
+}
+
+/// A description of an op: name, vars, context, property and priority.
+///
+/// ```
+/// use pskv_engine::{Context, OpSpec, Property, Var};
+/// let (grad, weight) = (Var::new(), Var::new());
+/// let spec = OpSpec::new("sgd_update")
+///     .read(&grad)
+///     .write(&weight)
+///     .context(Context::Cpu)
+///     .property(Property::Normal)
+///     .priority(-3);
+/// assert_eq!(spec.name(), "sgd_update");
+/// ```
+#[derive(Clone, Debug)]
+pub struct OpSpec {
+    pub(crate) name: Cow<'static, str>,
+    pub(crate) reads: SmallVec<[Var; 4]>,
+    pub(crate) writes: SmallVec<[Var; 4]>,
+    pub(crate) ctx: Context,
+    pub(crate) prop: Property,
+    pub(crate) priority: i32,
+}
+
+impl OpSpec {
+    /// An op with this name, no vars, on the CPU, normal, priority 0.
+    pub fn new(name: impl Into<Cow<'static, str>>) -> OpSpec {
+        OpSpec {
+            name: name.into(),
+            reads: SmallVec::new(),
+            writes: SmallVec::new(),
+            ctx: Context::Cpu,
+            prop: Property::Normal,
+            priority: 0,
+        }
+    }
+
+    /// Adds a var the op reads.
+    pub fn read(mut self, var: &Var) -> OpSpec {
+        self.reads.push(var.clone());
+        self
+    }
+
+    /// Adds vars the op reads.
+    pub fn reads<'a>(mut self, vars: impl IntoIterator<Item = &'a Var>) -> OpSpec {
+        self.reads.extend(vars.into_iter().cloned());
+        self
+    }
+
+    /// Adds a var the op writes.
+    pub fn write(mut self, var: &Var) -> OpSpec {
+        self.writes.push(var.clone());
+        self
+    }
+
+    /// Adds vars the op writes.
+    pub fn writes<'a>(mut self, vars: impl IntoIterator<Item = &'a Var>) -> OpSpec {
+        self.writes.extend(vars.into_iter().cloned());
+        self
+    }
+
+    /// Sets where the op runs.
+    pub fn context(mut self, ctx: Context) -> OpSpec {
+        self.ctx = ctx;
+        self
+    }
+
+    /// Sets the kind of work.
+    pub fn property(mut self, prop: Property) -> OpSpec {
+        self.prop = prop;
+        self
+    }
+
+    /// Sets the priority: among ready ops of a pool, higher starts first.
+    pub fn priority(mut self, priority: i32) -> OpSpec {
+        self.priority = priority;
+        self
+    }
+
+    /// The op's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Removes duplicate vars: a var listed twice counts once, and a var both
+    /// read and written is written (a write wins).
+    pub(crate) fn dedup(&mut self) {
+        fn sort_dedup(v: &mut SmallVec<[Var; 4]>) {
+            if v.len() > 1 {
+                v.sort_unstable_by_key(Var::id);
+                v.dedup_by_key(|x| x.id());
+            }
+        }
+        sort_dedup(&mut self.writes);
+        sort_dedup(&mut self.reads);
+        if !self.writes.is_empty() {
+            let writes = &self.writes;
+            self.reads
+                .retain(|r| writes.binary_search_by_key(&r.id(), Var::id).is_err());
+        }
+    }
+}
+
+/// What a running closure learns about where it runs.
+#[derive(Clone, Debug)]
+pub struct RunContext {
+    /// The op's context.
+    pub ctx: Context,
+    /// The index of the worker thread within its pool (a GPU closure can map
+    /// it to a stream); 0 for ops run inline.
+    pub worker: usize,
+    /// The op's priority.
+    pub priority: i32,
+}
+
+pub(crate) type OpRef = Arc<Op>;
+
+/// What running a body gave.
+pub(crate) enum Ran {
+    /// A `push_sync` closure returned this.
+    Sync(Result<(), OpError>),
+    /// A `push_async` closure returned; its completion handle finishes the op.
+    Async,
+    /// The closure was taken already (the op was finished without running).
+    Gone,
+}
+
+/// An op's closure, stored in the same allocation as the op (`Op<B>` is
+/// coerced to `Op<dyn BodyCell>`), taken and run once.
+pub(crate) trait BodyCell: Send + Sync {
+    fn run(&self, ctx: RunContext, op: &OpRef) -> Ran;
+    /// Drops the closure without running it.
+    fn discard(&self);
+}
+
+/// A `push_sync` closure: the op is complete when it returns.
+pub(crate) struct SyncBody<F>(pub(crate) parking_lot::Mutex<Option<F>>);
+
+/// A `push_async` closure: the op is complete when its handle says so.
+pub(crate) struct AsyncBody<F>(pub(crate) parking_lot::Mutex<Option<F>>);
+
+impl<F> BodyCell for SyncBody<F>
+where
+    F: FnOnce(RunContext) -> Result<(), OpError> + Send,
+{
+    fn run(&self, ctx: RunContext, _op: &OpRef) -> Ran {
+        let f = self.0.lock().take();
+        match f {
+            Some(f) => Ran::Sync(f(ctx)),
+            None => Ran::Gone,
+        }
+    }
+
+    fn discard(&self) {
+        drop(self.0.lock().take());
+    }
+}
+
+impl<F> BodyCell for AsyncBody<F>
+where
+    F: FnOnce(RunContext, Completion) + Send,
+{
+    fn run(&self, ctx: RunContext, op: &OpRef) -> Ran {
+        let f = self.0.lock().take();
+        match f {
+            Some(f) => {
+                f(ctx, Completion::new(op.clone()));
+                Ran::Async
+            }
+            None => Ran::Gone,
+        }
+    }
+
+    fn discard(&self) {
+        drop(self.0.lock().take());
+    }
+}
+
+/// An op's life, in `Op::state`.
+pub(crate) const RUNNING: u8 = 0;
+/// Someone claimed the finish (completion, drop, panic, skip or stop).
+pub(crate) const CLAIMED: u8 = 1;
+/// The finish is over: vars released, successors dispatched.
+pub(crate) const FINISHED: u8 = 2;
+
+/// The engine's record of an op in flight: one allocation holding the
+/// header and the closure.
+pub(crate) struct Op<B: ?Sized = dyn BodyCell> {
+    pub(crate) name: Cow<'static, str>,
+    /// The read vars, then the write vars (deduplicated).
+    pub(crate) vars: SmallVec<[Var; 2]>,
+    pub(crate) nreads: u32,
+    pub(crate) ctx: Context,
+    pub(crate) prop: Property,
+    pub(crate) priority: i32,
+    /// Run even when an input var holds a failure (the waits of
+    /// `wait_for_var` and `var_ready`, and `delete_var`).
+    pub(crate) no_skip: bool,
+    pub(crate) wait: AtomicUsize,
+    /// RUNNING → CLAIMED → FINISHED.
+    pub(crate) state: AtomicU8,
+    /// Profiler: start time (ns since the profiler's epoch; 0: not started)
+    /// and thread.
+    pub(crate) start_ns: AtomicU64,
+    pub(crate) start_tid: AtomicU64,
+    pub(crate) core: Arc<Core>,
+    pub(crate) body: B,
+}
+
+impl<B: ?Sized> Op<B> {
+    pub(crate) fn reads(&self) -> &[Var] {
+        &self.vars[..self.nreads as usize]
+    }
+
+    pub(crate) fn writes(&self) -> &[Var] {
+        &self.vars[self.nreads as usize..]
+    }
+}
+
+impl Op {
+    /// An id unique among live ops (its address).
+    pub(crate) fn key(self: &Arc<Self>) -> usize {
+        Arc::as_ptr(self) as *const () as usize
+    }
+
+    /// Subtracts one from the wait counter; true if this call brought it to
+    /// zero (the caller must dispatch the op).
+    #[inline]
+    pub(crate) fn release_one(&self) -> bool {
+        // Subtle: AcqRel. The grants were made under different var locks by
+        // different threads; the thread that reaches zero must see all of them
+        // (and the op's fields) before it runs the op.
+        self.wait.fetch_sub(1, Ordering::AcqRel) == 1
+    }
+
+    /// RUNNING → CLAIMED; true for the one caller that gets to finish the op.
+    pub(crate) fn claim_done(&self) -> bool {
+        self.state
+            .compare_exchange(RUNNING, CLAIMED, AcqRel, Acquire)
+            .is_ok()
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        self.state.load(Acquire) == FINISHED
+    }
+}
+
+impl fmt::Debug for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Op").field("name", &self.name).finish()
+    }
+}
+
+thread_local! {
+    /// The op (`Op::key`) whose async closure runs on this thread right now
+    /// (0: none). Lets a
+    /// completion handle dropped by a panic leave the report to the executor,
+    /// which knows the panic message.
+    pub(crate) static EXECUTING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The handle that completes an op. Call [`Completion::complete`] or
+/// [`Completion::fail`] exactly once, from any thread. Dropping it without
+/// either fails the op with [`FailureCause::CompletionDropped`], so a lost
+/// handle is an error on the op's write vars, never a hang.
+///
+/// ```
+/// use pskv_engine::{Engine, OpSpec, Property, Var};
+/// let engine = Engine::builder().cpu_threads(1).build()?;
+/// let v = Var::new();
+/// engine.push_async(OpSpec::new("io").write(&v).property(Property::Async), |_ctx, done| {
+///     // Hand the completion to another thread, as an I/O callback would.
+///     std::thread::spawn(move || done.complete());
+/// })?;
+/// engine.wait_for_var(&v)?;
+/// # Ok::<(), pskv_engine::EngineError>(())
+/// ```
+pub struct Completion {
+    op: Option<OpRef>,
+}
+
+impl Completion {
+    pub(crate) fn new(op: OpRef) -> Completion {
+        Completion { op: Some(op) }
+    }
+
+    /// The op succeeded.
+    pub fn complete(mut self) {
+        if let Some(op) = self.op.take() {
+            crate::core::finish(&op, None);
+        }
+    }
+
+    /// The op failed with `err`: the error is stored on its write vars.
+    pub fn fail(mut self, err: impl Into<OpError>) {
+        if let Some(op) = self.op.take() {
+            crate::core::finish(&op, Some(FailureCause::Error(err.into())));
+        }
+    }
+
+    /// The name of the op this handle completes.
+    pub fn op_name(&self) -> &str {
+        self.op.as_ref().map_or("", |op| &op.name)
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        if let Some(op) = self.op.take() {
+            if std::thread::panicking() && EXECUTING.with(|e| e.get()) == op.key() {
+                // The executor catches this panic and reports it with its
+                // message; it still holds the op.
+                return;
+            }
+            crate::core::finish(&op, Some(FailureCause::CompletionDropped));
+        }
+    }
+}
+
+impl fmt::Debug for Completion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Completion")
+            .field("op", &self.op_name())
+            .finish()
+    }
+}

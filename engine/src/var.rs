@@ -1,0 +1,568 @@
+//! `Var`: a versioned variable, and the per-var dependency queue that orders
+//! the ops touching it.
+//!
+//! # The per-var state machine
+//!
+//! Every var owns a [`VarQueue`]: three fields under one small lock.
+//!
+//! - `running_reads`: reads that were granted and have not completed;
+//! - `write_running`: a granted write has not completed;
+//! - `queue`: ops that touch the var and were not granted yet, in push order.
+//!
+//! ```text
+//!            append read            append write (queued)
+//!   IDLE ───────────────► READING ───────────────────────► READING + queue
+//!    │ ▲                    │  ▲                               │ last read completes:
+//!    │ │ last read,         │  │ write completes,            ▼ grant the front write
+//!    │ │ queue empty        │  │ front reads granted        WRITING
+//!    │ └────────────────────┘  └─────────────────────────────┘
+//!    │ append write                                           ▲
+//!    └────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! Invariants, kept by every transition below (checked by `debug_assert`s, by a
+//! proptest against a reference model and by the loom model in `loom_tests`):
+//!
+//! - **I1** `running_reads > 0` and `write_running` never hold together.
+//! - **I2** When no write runs, the queue is empty or its front is a write: a
+//!   read is granted at once unless a write is ahead of it.
+//! - **I3** When nothing runs, the queue is empty: nothing grantable waits.
+//!
+//! So reads between two writes run together, a write waits for every earlier op
+//! and blocks every later one, and ops take effect in push order.
+//!
+//! Granting an op only *returns* it to the caller; the caller decrements the
+//! op's wait counter after releasing the var lock (no lock is ever held while
+//! another is taken, so no lock-order deadlock is possible).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::error::OpFailure;
+use crate::op::OpRef;
+use crate::sync::Mutex;
+
+/// How an op uses a var.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    Read,
+    Write,
+}
+
+/// The per-var dependency queue (see the module docs for its states).
+/// `T` is the handle of a waiting op: `OpRef` in the engine, a test type in
+/// the model tests.
+#[derive(Debug)]
+pub(crate) struct VarQueue<T> {
+    running_reads: u32,
+    write_running: bool,
+    /// Completed writes.
+    version: u64,
+    queue: VecDeque<(T, Access)>,
+}
+
+impl<T> Default for VarQueue<T> {
+    fn default() -> Self {
+        VarQueue {
+            running_reads: 0,
+            write_running: false,
+            version: 0,
+            queue: VecDeque::new(),
+        }
+    }
+}
+
+impl<T> VarQueue<T> {
+    /// Registers a new op on this var. Returns true if it may start now (as
+    /// far as this var is concerned); otherwise `op()` is queued and granted
+    /// later by `complete`. (`op` is a closure so that the common case, a
+    /// grant at once, makes no handle.)
+    pub(crate) fn append(&mut self, access: Access, op: impl FnOnce() -> T) -> bool {
+        let granted = match access {
+            Access::Read if !self.write_running && self.queue.is_empty() => {
+                self.running_reads += 1;
+                true
+            }
+            // I3: no write running and no read running means the queue is empty.
+            Access::Write if !self.write_running && self.running_reads == 0 => {
+                debug_assert!(self.queue.is_empty(), "I3 broken");
+                self.write_running = true;
+                true
+            }
+            _ => {
+                self.queue.push_back((op(), access));
+                false
+            }
+        };
+        self.check();
+        granted
+    }
+
+    /// Records that a granted op finished with this var and grants what may now
+    /// start.
+    pub(crate) fn complete(&mut self, access: Access, grants: &mut impl Extend<T>) {
+        match access {
+            Access::Read => {
+                debug_assert!(self.running_reads > 0, "completing a read that never ran");
+                self.running_reads -= 1;
+            }
+            Access::Write => {
+                debug_assert!(self.write_running, "completing a write that never ran");
+                self.write_running = false;
+                self.version += 1;
+                // The reads right behind the write may all start.
+                while matches!(self.queue.front(), Some((_, Access::Read))) {
+                    let (op, _) = self.queue.pop_front().expect("front checked above");
+                    self.running_reads += 1;
+                    grants.extend(Some(op));
+                }
+            }
+        }
+        if self.running_reads == 0 && !self.write_running {
+            // I2: the front, if any, is a write.
+            if let Some((op, access)) = self.queue.pop_front() {
+                debug_assert_eq!(access, Access::Write, "I2 broken");
+                self.write_running = true;
+                grants.extend(Some(op));
+            }
+        }
+        self.check();
+    }
+
+    /// Completed writes so far.
+    pub(crate) fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Ops granted and not completed, and ops waiting.
+    pub(crate) fn pending(&self) -> (u32, bool, usize) {
+        (self.running_reads, self.write_running, self.queue.len())
+    }
+
+    /// The ops waiting, front first.
+    pub(crate) fn waiting(&self) -> impl Iterator<Item = &T> {
+        self.queue.iter().map(|(op, _)| op)
+    }
+
+    #[inline]
+    fn check(&self) {
+        debug_assert!(!(self.running_reads > 0 && self.write_running), "I1 broken");
+        debug_assert!(
+            self.write_running || matches!(self.queue.front(), None | Some((_, Access::Write))),
+            "I2 broken"
+        );
+        debug_assert!(
+            self.write_running || self.running_reads > 0 || self.queue.is_empty(),
+            "I3 broken"
+        );
+    }
+}
+
+static NEXT_VAR_ID: AtomicU64 = AtomicU64::new(1);
+
+pub(crate) struct VarInner {
+    id: u64,
+    name: Option<Box<str>>,
+    pub(crate) queue: Mutex<VarQueue<OpRef>>,
+    /// The failure stored on this var, if any. `has_failure` mirrors
+    /// `failure.is_some()` so that the fast path (no failure) takes no lock.
+    ///
+    /// Subtle: the failure is set by the op holding the var's write grant,
+    /// before it completes; an op granted after it sees the flag, because the
+    /// grant passes through the var lock and the op's wait counter (both
+    /// acquire/release). Reads racing with `take_failure` of a concurrent wait
+    /// may see either state; both are correct outcomes.
+    failure: parking_lot::Mutex<Option<Arc<OpFailure>>>,
+    has_failure: AtomicBool,
+    /// Set by `delete_var` at push time: later pushes on this var are refused.
+    deleted: AtomicBool,
+}
+
+/// A versioned variable: the unit of dependency tracking.
+///
+/// Ops name the vars they read and the vars they write. Ops that read a var
+/// between two writes of it may run together; a write waits for every earlier
+/// op on the var and blocks every later one. A `Var` is a cheap handle
+/// (`Arc`); clones name the same variable.
+///
+/// ```
+/// use pskv_engine::{Engine, OpSpec, Var};
+///
+/// let engine = Engine::builder().cpu_threads(2).build()?;
+/// let v = Var::named("weight");
+/// engine.push_sync(OpSpec::new("init").write(&v), |_| Ok(()))?;
+/// engine.wait_for_var(&v)?;
+/// assert_eq!(v.version(), 1);
+/// # Ok::<(), pskv_engine::EngineError>(())
+/// ```
+#[derive(Clone)]
+pub struct Var(pub(crate) Arc<VarInner>);
+
+impl Var {
+    /// A new variable with no name.
+    pub fn new() -> Var {
+        Var::build(None)
+    }
+
+    /// A new variable with a name, shown in errors, traces and graphs.
+    pub fn named(name: impl Into<String>) -> Var {
+        Var::build(Some(name.into().into_boxed_str()))
+    }
+
+    fn build(name: Option<Box<str>>) -> Var {
+        Var(Arc::new(VarInner {
+            id: NEXT_VAR_ID.fetch_add(1, Ordering::Relaxed),
+            name,
+            queue: Mutex::new(VarQueue::default()),
+            failure: parking_lot::Mutex::new(None),
+            has_failure: AtomicBool::new(false),
+            deleted: AtomicBool::new(false),
+        }))
+    }
+
+    /// A process-wide unique id.
+    pub fn id(&self) -> u64 {
+        self.0.id
+    }
+
+    /// The name given at creation, if any.
+    pub fn name(&self) -> Option<&str> {
+        self.0.name.as_deref()
+    }
+
+    /// The number of writes to this var that have completed.
+    pub fn version(&self) -> u64 {
+        self.0.queue.lock().version()
+    }
+
+    /// Whether `delete_var` was called on this var.
+    pub fn is_deleted(&self) -> bool {
+        self.0.deleted.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn mark_deleted(&self) -> bool {
+        self.0.deleted.swap(true, Ordering::AcqRel)
+    }
+
+    /// The failure stored on this var, without clearing it.
+    pub fn failure(&self) -> Option<Arc<OpFailure>> {
+        if !self.0.has_failure.load(Ordering::Acquire) {
+            return None;
+        }
+        self.0.failure.lock().clone()
+    }
+
+    pub(crate) fn set_failure(&self, failure: &Arc<OpFailure>) {
+        let mut slot = self.0.failure.lock();
+        // The first failure wins: it names the op that failed first.
+        if slot.is_none() {
+            *slot = Some(failure.clone());
+            self.0.has_failure.store(true, Ordering::Release);
+        }
+    }
+
+    /// Removes and returns the stored failure.
+    pub(crate) fn take_failure(&self) -> Option<Arc<OpFailure>> {
+        if !self.0.has_failure.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut slot = self.0.failure.lock();
+        self.0.has_failure.store(false, Ordering::Release);
+        slot.take()
+    }
+
+    /// Clears the stored failure if it is `failure`.
+    pub(crate) fn clear_failure_if(&self, failure: &Arc<OpFailure>) {
+        let mut slot = self.0.failure.lock();
+        if slot.as_ref().is_some_and(|f| Arc::ptr_eq(f, failure)) {
+            *slot = None;
+            self.0.has_failure.store(false, Ordering::Release);
+        }
+    }
+
+    /// A short human description: `var 7 'weight'`.
+    pub fn describe(&self) -> String {
+        match self.name() {
+            Some(n) => format!("var {} '{}'", self.id(), n),
+            None => format!("var {}", self.id()),
+        }
+    }
+}
+
+impl Default for Var {
+    fn default() -> Self {
+        Var::new()
+    }
+}
+
+impl PartialEq for Var {
+    fn eq(&self, other: &Var) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for Var {}
+
+impl std::hash::Hash for Var {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.id.hash(state)
+    }
+}
+
+impl fmt::Debug for Var {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Var");
+        d.field("id", &self.0.id);
+        if let Some(n) = self.name() {
+            d.field("name", &n);
+        }
+        d.finish()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A reference model: the op at position i of the var's history may start
+    /// when every earlier op it conflicts with has completed (two reads do not
+    /// conflict), and every earlier op has been granted (push order).
+    #[derive(Default)]
+    struct Model {
+        ops: Vec<(Access, bool, bool)>, // (access, granted, completed)
+    }
+
+    impl Model {
+        fn grantable(&self) -> Vec<usize> {
+            let mut out = Vec::new();
+            let mut granted_now: Vec<bool> = self.ops.iter().map(|o| o.1).collect();
+            for i in 0..self.ops.len() {
+                let (acc, granted, _) = self.ops[i];
+                if granted {
+                    continue;
+                }
+                let earlier_ungranted = granted_now[..i].iter().any(|g| !g);
+                let blocked = self.ops[..i]
+                    .iter()
+                    .any(|o| !o.2 && (acc == Access::Write || o.0 == Access::Write));
+                if !earlier_ungranted && !blocked {
+                    granted_now[i] = true;
+                    out.push(i);
+                }
+            }
+            out
+        }
+    }
+
+    proptest! {
+        /// Random appends and completions: the queue grants exactly what the
+        /// reference model says may start, in push order.
+        #[test]
+        fn queue_matches_model(steps in proptest::collection::vec((any::<bool>(), any::<bool>(), 0usize..8), 1..200)) {
+            let mut q = VarQueue::<usize>::default();
+            let mut m = Model::default();
+            let mut running: Vec<usize> = Vec::new();
+            for (append, is_write, pick) in steps {
+                let mut grants: Vec<usize> = Vec::new();
+                if append || running.is_empty() {
+                    let acc = if is_write { Access::Write } else { Access::Read };
+                    let id = m.ops.len();
+                    m.ops.push((acc, false, false));
+                    if q.append(acc, || id) {
+                        grants.push(id);
+                    }
+                } else {
+                    let id = running.remove(pick % running.len());
+                    m.ops[id].2 = true;
+                    q.complete(m.ops[id].0, &mut grants);
+                }
+                let expected = m.grantable();
+                // Everything the model says may start must have been granted now.
+                let mut sorted = grants.clone();
+                sorted.sort();
+                prop_assert_eq!(&sorted, &expected);
+                for g in grants {
+                    m.ops[g].1 = true;
+                    running.push(g);
+                }
+            }
+            let writes = m.ops.iter().filter(|o| o.0 == Access::Write && o.2).count() as u64;
+            prop_assert_eq!(q.version(), writes);
+        }
+    }
+
+    #[test]
+    fn failure_first_wins_and_take_clears() {
+        let v = Var::named("x");
+        let a = OpFailure::new("a", crate::FailureCause::Panic("boom".into()));
+        let b = OpFailure::new("b", crate::FailureCause::Panic("later".into()));
+        v.set_failure(&a);
+        v.set_failure(&b);
+        assert_eq!(v.failure().unwrap().op(), "a");
+        v.clear_failure_if(&b);
+        assert!(v.failure().is_some());
+        assert_eq!(v.take_failure().unwrap().op(), "a");
+        assert!(v.failure().is_none());
+        assert_eq!(v.describe(), format!("var {} 'x'", v.id()));
+    }
+}
+
+/// Model checks of the var lock and the op wait counter under every
+/// interleaving loom can find. Run with:
+/// `RUSTFLAGS="--cfg loom" cargo test -p pskv-engine --lib --release loom`
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use crate::sync::{AtomicUsize, Ordering};
+    use loom::sync::Arc as LArc;
+
+    /// A stand-in for an op: its wait counter, the vars it touches, and a log
+    /// slot checked by the model.
+    struct TestOp {
+        id: usize,
+        wait: AtomicUsize,
+        vars: Vec<(usize, Access)>,
+    }
+
+    type Q = Mutex<VarQueue<LArc<TestOp>>>;
+
+    struct World {
+        vars: Vec<Q>,
+        /// Per var: readers running (>0), a writer running (usize::MAX), or idle.
+        occupancy: Vec<AtomicUsize>,
+        /// Per var: the ids of completed writes, in order.
+        history: Vec<loom::sync::Mutex<Vec<usize>>>,
+        ready: loom::sync::Mutex<Vec<LArc<TestOp>>>,
+    }
+
+    fn release(world: &World, op: LArc<TestOp>) {
+        // Subtle: AcqRel so that the thread bringing the counter to zero sees
+        // every var's grant, made under other threads' locks.
+        if op.wait.fetch_sub(1, Ordering::AcqRel) == 1 {
+            world.ready.lock().unwrap().push(op);
+        }
+    }
+
+    fn push(world: &World, op: LArc<TestOp>) {
+        for &(v, acc) in &op.vars {
+            let granted = world.vars[v].lock().append(acc, || op.clone());
+            if granted {
+                release(world, op.clone());
+            }
+        }
+        release(world, op); // the +1 held while appending
+    }
+
+    fn run(world: &World, op: &LArc<TestOp>) {
+        for &(v, acc) in &op.vars {
+            let occ = &world.occupancy[v];
+            match acc {
+                Access::Read => {
+                    let prev = occ.fetch_add(1, Ordering::AcqRel);
+                    assert_ne!(prev, usize::MAX, "read ran during a write");
+                }
+                Access::Write => {
+                    let prev = occ.swap(usize::MAX, Ordering::AcqRel);
+                    assert_eq!(prev, 0, "write ran beside another op");
+                    world.history[v].lock().unwrap().push(op.id);
+                }
+            }
+        }
+        for &(v, acc) in &op.vars {
+            let occ = &world.occupancy[v];
+            match acc {
+                Access::Read => {
+                    occ.fetch_sub(1, Ordering::AcqRel);
+                }
+                Access::Write => occ.store(0, Ordering::Release),
+            }
+        }
+        let mut grants: Vec<LArc<TestOp>> = Vec::new();
+        for &(v, acc) in &op.vars {
+            world.vars[v].lock().complete(acc, &mut grants);
+            for g in grants.drain(..) {
+                release(world, g);
+            }
+        }
+    }
+
+    fn worker(world: &World, want: usize) -> usize {
+        let mut done = 0;
+        for _ in 0..want {
+            let next = world.ready.lock().unwrap().pop();
+            match next {
+                Some(op) => {
+                    run(world, &op);
+                    done += 1;
+                }
+                None => loom::thread::yield_now(),
+            }
+        }
+        done
+    }
+
+    fn world(nvars: usize) -> World {
+        World {
+            vars: (0..nvars)
+                .map(|_| Mutex::new(VarQueue::default()))
+                .collect(),
+            occupancy: (0..nvars).map(|_| AtomicUsize::new(0)).collect(),
+            history: (0..nvars)
+                .map(|_| loom::sync::Mutex::new(Vec::new()))
+                .collect(),
+            ready: loom::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn op(id: usize, vars: Vec<(usize, Access)>) -> LArc<TestOp> {
+        LArc::new(TestOp {
+            id,
+            wait: AtomicUsize::new(vars.len() + 1),
+            vars,
+        })
+    }
+
+    /// One pusher, two workers; ops: W(a), R(a)+W(b), R(a), W(a)+R(b).
+    /// Writes to each var must land in push order and never overlap.
+    #[test]
+    fn loom_push_and_complete_race() {
+        let mut builder = loom::model::Builder::new();
+        builder.preemption_bound = Some(3);
+        builder.check(|| {
+            let w = LArc::new(world(2));
+            let ops = vec![
+                op(0, vec![(0, Access::Write)]),
+                op(1, vec![(0, Access::Read), (1, Access::Write)]),
+                op(2, vec![(0, Access::Read)]),
+                op(3, vec![(0, Access::Write), (1, Access::Read)]),
+            ];
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    let w = w.clone();
+                    loom::thread::spawn(move || worker(&w, 3))
+                })
+                .collect();
+            for o in ops {
+                push(&w, o);
+            }
+            let mut done: usize = workers.into_iter().map(|h| h.join().unwrap()).sum();
+            // Finish what the bounded workers left.
+            loop {
+                let next = w.ready.lock().unwrap().pop();
+                match next {
+                    Some(o) => {
+                        run(&w, &o);
+                        done += 1;
+                    }
+                    None => break,
+                }
+            }
+            assert_eq!(done, 4, "an op was never granted");
+            assert_eq!(*w.history[0].lock().unwrap(), vec![0, 3]);
+            assert_eq!(*w.history[1].lock().unwrap(), vec![1]);
+        });
+    }
+}

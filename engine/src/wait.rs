@@ -1,0 +1,124 @@
+//! Waiting for ops: a one-shot latch that a thread can block on (with a
+//! timeout) or a task can await, and the [`VarReady`] future.
+//!
+//! # Latch states
+//!
+//! UNSET → SET, once (`set`). `set` takes the lock, flips the flag, takes the
+//! registered waker, releases the lock, then wakes the condvar and the waker.
+//! A waiter checks the flag under the same lock before sleeping or
+//! registering its waker, so no wake-up is lost.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::EngineError;
+use crate::var::Var;
+
+#[derive(Default)]
+struct LatchState {
+    set: bool,
+    waker: Option<Waker>,
+}
+
+/// A one-shot signal.
+#[derive(Default)]
+pub(crate) struct Latch {
+    state: Mutex<LatchState>,
+    cv: Condvar,
+}
+
+impl Latch {
+    pub(crate) fn new() -> Arc<Latch> {
+        Arc::new(Latch::default())
+    }
+
+    pub(crate) fn set(&self) {
+        let mut st = self.state.lock();
+        st.set = true;
+        let waker = st.waker.take();
+        drop(st);
+        self.cv.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Blocks until set (true) or until `timeout` passes (false). None: no limit.
+    pub(crate) fn wait(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut st = self.state.lock();
+        while !st.set {
+            match deadline {
+                None => self.cv.wait(&mut st),
+                Some(d) => {
+                    if self.cv.wait_until(&mut st, d).timed_out() {
+                        return st.set;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn poll_set(&self, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let mut st = self.state.lock();
+        if st.set {
+            Poll::Ready(())
+        } else {
+            match &st.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => st.waker = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        }
+    }
+}
+
+/// A future that resolves when every op pushed on a var before
+/// [`crate::Engine::var_ready`] was called has finished, with the var's failure
+/// if one is stored (and then cleared, as `wait_for_var` does).
+///
+/// The future takes no thread while it waits; wrap it in
+/// `tokio::time::timeout` to bound the wait.
+///
+/// ```
+/// # let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// # rt.block_on(async {
+/// use pskv_engine::{Engine, OpSpec, Var};
+/// let engine = Engine::builder().cpu_threads(1).build()?;
+/// let v = Var::new();
+/// engine.push_sync(OpSpec::new("fill").write(&v), |_| Ok(()))?;
+/// engine.var_ready(&v).await?;
+/// assert_eq!(v.version(), 1);
+/// # Ok::<(), pskv_engine::EngineError>(())
+/// # }).unwrap();
+/// ```
+#[must_use = "futures do nothing unless awaited"]
+pub struct VarReady {
+    pub(crate) state: Result<(Arc<Latch>, Var), Option<EngineError>>,
+}
+
+impl Future for VarReady {
+    type Output = Result<(), EngineError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            Err(e) => Poll::Ready(match e.take() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }),
+            Ok((latch, var)) => match latch.poll_set(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(()) => Poll::Ready(match var.take_failure() {
+                    Some(f) => Err(EngineError::Op(f)),
+                    None => Ok(()),
+                }),
+            },
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Pools, priorities, contexts and async completion.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pskv_engine::{Context, Engine, EngineKind, OpSpec, Property, Var};
+
+fn thread_name() -> String {
+    std::thread::current().name().unwrap_or("?").to_string()
+}
+
+/// With one worker busy, ready ops start highest priority first, FIFO among
+/// equal priorities.
+#[test]
+fn ready_ops_start_in_priority_order() {
+    let engine = crate::engine(EngineKind::Threaded, 1);
+    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
+    engine
+        .push_sync(OpSpec::new("blocker"), move |_| {
+            go_rx
+                .recv_timeout(Duration::from_secs(20))
+                .map_err(|e| e.to_string())?;
+            Ok(())
+        })
+        .unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let priorities = [0, 5, -2, 5, 7, 0, -2, 3, 7, 1, 0, 9, -5, 3];
+    for (i, &p) in priorities.iter().enumerate() {
+        let order = order.clone();
+        let v = Var::new();
+        engine
+            .push_sync(
+                OpSpec::new(format!("op{i}")).write(&v).priority(p),
+                move |_| {
+                    order.lock().unwrap().push((p, i));
+                    Ok(())
+                },
+            )
+            .unwrap();
+    }
+    go_tx.send(()).unwrap();
+    engine.wait_for_all().unwrap();
+    let got = order.lock().unwrap().clone();
+    let mut want: Vec<(i32, usize)> = priorities.iter().copied().zip(0..).collect();
+    want.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    assert_eq!(got, want);
+}
+
+/// Each context and property runs on its own pool; async ops run inline.
+#[test]
+fn ops_run_on_the_pool_of_their_context() {
+    let engine = Engine::builder()
+        .cpu_threads(1)
+        .cpu_priority_threads(1)
+        .gpu_threads(1)
+        .gpu_copy_threads(1)
+        .build()
+        .unwrap();
+    let cases = [
+        (Context::Cpu, Property::Normal, "pskv-cpu-0"),
+        (Context::CpuPinned(0), Property::Normal, "pskv-cpu-0"),
+        (Context::Cpu, Property::CpuPrioritized, "pskv-cpu-prio-0"),
+        (Context::Gpu(1), Property::Normal, "pskv-gpu1-0"),
+        (Context::Gpu(1), Property::CopyToDevice, "pskv-gpu1-copy-0"),
+        (
+            Context::Gpu(0),
+            Property::CopyFromDevice,
+            "pskv-gpu0-copy-0",
+        ),
+    ];
+    for (ctx, prop, want) in cases {
+        let seen = Arc::new(Mutex::new(String::new()));
+        let s = seen.clone();
+        let v = Var::new();
+        engine
+            .push_sync(
+                OpSpec::new("where").write(&v).context(ctx).property(prop),
+                move |rc| {
+                    assert_eq!(rc.ctx, ctx);
+                    *s.lock().unwrap() = thread_name();
+                    Ok(())
+                },
+            )
+            .unwrap();
+        engine.wait_for_var(&v).unwrap();
+        assert_eq!(*seen.lock().unwrap(), want, "{ctx:?} {prop:?}");
+    }
+    // An async op with no dependency runs on the pusher's thread.
+    let seen = Arc::new(Mutex::new(String::new()));
+    let s = seen.clone();
+    engine
+        .push_async(
+            OpSpec::new("io").property(Property::Async),
+            move |_, done| {
+                *s.lock().unwrap() = thread_name();
+                done.complete();
+            },
+        )
+        .unwrap();
+    assert_eq!(*seen.lock().unwrap(), thread_name());
+    engine.wait_for_all().unwrap();
+}
+
+/// Async ops completed from many foreign threads, with dependents waiting.
+#[test]
+fn async_completion_from_foreign_threads() {
+    for engine in crate::engines() {
+        let v = Var::new();
+        let total = Arc::new(AtomicUsize::new(0));
+        let n = 200;
+        for i in 0..n {
+            let t = total.clone();
+            let spec = OpSpec::new("remote").write(&v);
+            let spec = if i % 2 == 0 {
+                spec.property(Property::Async)
+            } else {
+                spec
+            };
+            engine
+                .push_async(spec, move |_, done| {
+                    std::thread::spawn(move || {
+                        // Writes are exclusive: a read-modify-write must not race.
+                        let x = t.load(Ordering::SeqCst);
+                        std::thread::yield_now();
+                        t.store(x + 1, Ordering::SeqCst);
+                        done.complete();
+                    });
+                })
+                .unwrap();
+        }
+        engine.wait_for_var(&v).unwrap();
+        assert_eq!(total.load(Ordering::SeqCst), n);
+        assert_eq!(v.version(), n as u64);
+    }
+}
+
+/// A chain of 100,000 async ops completing inline does not overflow the stack.
+#[test]
+fn long_inline_chains_do_not_recurse() {
+    for engine in crate::engines() {
+        let v = Var::new();
+        let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+        if engine.kind() == EngineKind::Naive {
+            // The naive push waits for the gate: open it in advance.
+            tx.send(()).unwrap();
+        }
+        // Hold the var so the whole chain queues behind it.
+        engine
+            .push_async(OpSpec::new("gate").write(&v), move |_, done| {
+                std::thread::spawn(move || {
+                    let _ = rx.recv_timeout(Duration::from_secs(20));
+                    done.complete();
+                });
+            })
+            .unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        for _ in 0..100_000 {
+            let c = count.clone();
+            engine
+                .push_async(
+                    OpSpec::new("link").write(&v).property(Property::Async),
+                    move |_, done| {
+                        c.fetch_add(1, Ordering::Relaxed);
+                        done.complete();
+                    },
+                )
+                .unwrap();
+        }
+        if engine.kind() == EngineKind::Threaded {
+            tx.send(()).unwrap();
+        }
+        engine.wait_for_var(&v).unwrap();
+        assert_eq!(count.load(Ordering::Relaxed), 100_000);
+    }
+}
+
+/// `var_ready` from tokio, with the completion coming from a plain thread.
+#[test]
+fn var_ready_works_under_tokio() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let engine = crate::engine(EngineKind::Threaded, 2);
+    rt.block_on(async {
+        let v = Var::new();
+        engine
+            .push_async(OpSpec::new("recv").write(&v), |_, done| {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(30));
+                    done.complete();
+                });
+            })
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(20), engine.var_ready(&v))
+            .await
+            .expect("var_ready resolved")
+            .unwrap();
+        assert_eq!(v.version(), 1);
+        engine
+            .push_sync(OpSpec::new("bad").write(&v), |_| Err("nope".into()))
+            .unwrap();
+        let err = engine.var_ready(&v).await.unwrap_err();
+        assert_eq!(err.to_string(), "op 'bad' failed: nope");
+    });
+}

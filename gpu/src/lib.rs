@@ -1,0 +1,1 @@
+//! pskv-gpu (to be built by its own issue).

@@ -1,0 +1,1 @@
+//! pskv-kvstore (to be built by its own issue).

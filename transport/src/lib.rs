@@ -1,0 +1,1 @@
+//! pskv-transport (to be built by its own issue).
