@@ -59,7 +59,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Data: y = x . w_true + noise, split into shards.
     let mut rng = Lcg(42);
     let w_true: Vec<f32> = (0..DIM).map(|_| rng.next()).collect();
-    let shards: Vec<(Arc<Vec<f32>>, Arc<Vec<f32>>)> = (0..SHARDS)
+    // Per shard: the rows (x) and the targets (y).
+    type Shard = (Arc<Vec<f32>>, Arc<Vec<f32>>);
+    let shards: Vec<Shard> = (0..SHARDS)
         .map(|_| {
             let x: Vec<f32> = (0..ROWS_PER_SHARD * DIM).map(|_| rng.next()).collect();
             let y: Vec<f32> = x
@@ -173,7 +175,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         elapsed.as_secs_f64() * 1e3,
         ops as f64 / elapsed.as_secs_f64()
     );
-    if !(losses[STEPS - 1] < losses[0] / 100.0) {
+    let converged = losses[STEPS - 1] < losses[0] / 100.0; // false for NaN too
+    if !converged {
         return Err(format!(
             "training did not converge: loss {} -> {}",
             losses[0],
