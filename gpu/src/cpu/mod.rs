@@ -1,0 +1,213 @@
+//! The CPU kernels: vectorizable single-thread loops, split across a thread
+//! pool for large buffers.
+//!
+//! Splitting never changes a result: chunks are cut at multiples of 32
+//! elements (whole compressed words for both formats), and every element is
+//! computed by the same code whatever chunk it falls in.
+
+mod onebit;
+mod simd;
+pub use simd::allow_avx2;
+mod reduce;
+pub(crate) use reduce::SumElem;
+mod twobit;
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::error::check_len;
+use crate::layout::{words_1bit, words_2bit};
+use crate::{check_threshold_1bit, check_threshold_2bit, Element, KernelError, Kernels, Scalar};
+
+/// Buffers below this many elements are processed on the calling thread:
+/// splitting costs more than it saves.
+pub const MIN_PARALLEL_ELEMS: usize = 1 << 17;
+
+/// CPU kernels: single-threaded, or split across an owned thread pool.
+///
+/// ```
+/// use pskv_gpu::{cpu::CpuKernels, Kernels};
+/// let k = CpuKernels::with_threads(2)?;
+/// let (a, b) = (vec![1.0f32; 1000], vec![2.0f32; 1000]);
+/// let mut out = vec![0.0f32; 1000];
+/// k.sum(&mut out[..], &[&a[..], &b[..]])?;
+/// assert!(out.iter().all(|&x| x == 3.0));
+/// # Ok::<(), pskv_gpu::KernelError>(())
+/// ```
+#[derive(Clone)]
+pub struct CpuKernels {
+    pool: Option<Arc<rayon::ThreadPool>>,
+    threads: usize,
+}
+
+impl std::fmt::Debug for CpuKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuKernels")
+            .field("threads", &self.threads)
+            .finish()
+    }
+}
+
+impl CpuKernels {
+    /// Every kernel runs on the calling thread.
+    pub fn single_threaded() -> CpuKernels {
+        CpuKernels {
+            pool: None,
+            threads: 1,
+        }
+    }
+
+    /// Large buffers are split across `threads` threads of a pool owned by
+    /// this value (1: single-threaded).
+    pub fn with_threads(threads: usize) -> Result<CpuKernels, KernelError> {
+        if threads <= 1 {
+            return Ok(CpuKernels::single_threaded());
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("pskv-kernel-{i}"))
+            .build()
+            .map_err(|e| KernelError::Threads {
+                threads,
+                message: e.to_string(),
+            })?;
+        Ok(CpuKernels {
+            pool: Some(Arc::new(pool)),
+            threads,
+        })
+    }
+
+    /// The number of threads large buffers are split across.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// The chunk length for `n` elements, or None to run on this thread.
+    fn chunk(&self, n: usize) -> Option<(&rayon::ThreadPool, usize)> {
+        let pool = self.pool.as_deref()?;
+        if n < MIN_PARALLEL_ELEMS {
+            return None;
+        }
+        // Two chunks per thread for balance, at least MIN/2, multiple of 32.
+        let per = n.div_ceil(self.threads * 2).max(MIN_PARALLEL_ELEMS / 2);
+        Some((pool, per.next_multiple_of(32)))
+    }
+}
+
+impl Default for CpuKernels {
+    /// As many threads as cores (single-threaded if the pool cannot start).
+    fn default() -> Self {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        CpuKernels::with_threads(n).unwrap_or_else(|_| CpuKernels::single_threaded())
+    }
+}
+
+impl Kernels for CpuKernels {
+    type Buf<T: Scalar> = [T];
+
+    fn sum<T: Element>(&self, out: &mut [T], inputs: &[&[T]]) -> Result<(), KernelError> {
+        const K: &str = "sum";
+        if inputs.is_empty() {
+            return Err(KernelError::NoInputs { kernel: K });
+        }
+        for input in inputs {
+            check_len(K, "an input", out.len(), input.len())?;
+        }
+        sum_dispatch(self, out, inputs);
+        Ok(())
+    }
+
+    fn quantize_2bit(
+        &self,
+        grad: &[f32],
+        residual: &mut [f32],
+        codes: &mut [u32],
+        threshold: f32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "quantize_2bit";
+        check_threshold_2bit(K, threshold)?;
+        check_len(K, "the residual", grad.len(), residual.len())?;
+        check_len(K, "the codes", words_2bit(grad.len()), codes.len())?;
+        match self.chunk(grad.len()) {
+            None => twobit::quantize(grad, residual, codes, threshold),
+            Some((pool, c)) => pool.install(|| {
+                grad.par_chunks(c)
+                    .zip(residual.par_chunks_mut(c))
+                    .zip(codes.par_chunks_mut(c / 16))
+                    .for_each(|((g, r), w)| twobit::quantize(g, r, w, threshold))
+            }),
+        }
+        Ok(())
+    }
+
+    fn dequantize_2bit(
+        &self,
+        codes: &[u32],
+        out: &mut [f32],
+        threshold: f32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "dequantize_2bit";
+        check_threshold_2bit(K, threshold)?;
+        check_len(K, "the codes", words_2bit(out.len()), codes.len())?;
+        match self.chunk(out.len()) {
+            None => twobit::dequantize(codes, out, threshold),
+            Some((pool, c)) => pool.install(|| {
+                codes
+                    .par_chunks(c / 16)
+                    .zip(out.par_chunks_mut(c))
+                    .for_each(|(w, o)| twobit::dequantize(w, o, threshold))
+            }),
+        }
+        Ok(())
+    }
+
+    fn quantize_1bit(
+        &self,
+        grad: &[f32],
+        residual: &mut [f32],
+        codes: &mut [u32],
+        threshold: f32,
+    ) -> Result<(), KernelError> {
+        const K: &str = "quantize_1bit";
+        check_threshold_1bit(K, threshold)?;
+        check_len(K, "the residual", grad.len(), residual.len())?;
+        check_len(K, "the codes", words_1bit(grad.len()), codes.len())?;
+        match self.chunk(grad.len()) {
+            None => onebit::quantize(grad, residual, codes, threshold),
+            Some((pool, c)) => pool.install(|| {
+                grad.par_chunks(c)
+                    .zip(residual.par_chunks_mut(c))
+                    .zip(codes.par_chunks_mut(c / 32))
+                    .for_each(|((g, r), w)| onebit::quantize(g, r, w, threshold))
+            }),
+        }
+        Ok(())
+    }
+
+    fn dequantize_1bit(&self, codes: &[u32], out: &mut [f32]) -> Result<(), KernelError> {
+        const K: &str = "dequantize_1bit";
+        check_len(K, "the codes", words_1bit(out.len()), codes.len())?;
+        match self.chunk(out.len()) {
+            None => onebit::dequantize(codes, out),
+            Some((pool, c)) => pool.install(|| {
+                codes
+                    .par_chunks(c / 32)
+                    .zip(out.par_chunks_mut(c))
+                    .for_each(|(w, o)| onebit::dequantize(w, o))
+            }),
+        }
+        Ok(())
+    }
+}
+
+fn sum_dispatch<T: Element>(k: &CpuKernels, out: &mut [T], inputs: &[&[T]]) {
+    match k.chunk(out.len()) {
+        None => reduce::sum_range(out, inputs, 0),
+        Some((pool, c)) => pool.install(|| {
+            out.par_chunks_mut(c)
+                .enumerate()
+                .for_each(|(i, o)| reduce::sum_range(o, inputs, i * c))
+        }),
+    }
+}

@@ -1,0 +1,244 @@
+//! The CUDA kernels: they compile (NVRTC, no GPU needed), and on a GPU they
+//! give the CPU kernels' bits. Without NVRTC or a GPU the tests say they were
+//! skipped and why; with `PSKV_REQUIRE_NVRTC=1` (CI) a missing NVRTC fails,
+//! and with `PSKV_REQUIRE_GPU=1` a missing GPU fails.
+#![cfg(feature = "cuda")]
+
+use half::f16;
+use pskv_gpu::cpu::CpuKernels;
+use pskv_gpu::cuda::{self, CudaKernels};
+use pskv_gpu::{layout, KernelError, Kernels};
+
+fn require(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+fn gpu() -> Option<CudaKernels> {
+    match CudaKernels::new(0) {
+        Ok(k) => {
+            eprintln!("GPU tests run on {}", k.describe());
+            Some(k)
+        }
+        Err(e) => {
+            assert!(!require("PSKV_REQUIRE_GPU"), "PSKV_REQUIRE_GPU=1 but: {e}");
+            eprintln!("skipped: no usable GPU ({e})");
+            None
+        }
+    }
+}
+
+#[test]
+fn kernels_compile_to_ptx_with_nvrtc() {
+    if !cuda::nvrtc_present() {
+        assert!(
+            !require("PSKV_REQUIRE_NVRTC"),
+            "PSKV_REQUIRE_NVRTC=1 but libnvrtc was not found"
+        );
+        eprintln!("skipped: libnvrtc not found, the kernels were not compiled");
+        return;
+    }
+    for arch in [cuda::PORTABLE_ARCH, "compute_80", "compute_90"] {
+        let ptx = cuda::compile_ptx(arch)
+            .unwrap_or_else(|e| panic!("{arch}: {e}"))
+            .to_src();
+        for name in cuda::KERNEL_NAMES {
+            assert!(
+                ptx.contains(&format!(".entry {name}")),
+                "{arch}: {name} missing from the PTX"
+            );
+        }
+    }
+}
+
+#[test]
+fn no_gpu_is_an_error_not_a_panic() {
+    match CudaKernels::new(10_000) {
+        Err(KernelError::CudaUnavailable(msg)) => assert!(!msg.is_empty()),
+        Err(e) => panic!("unexpected error kind: {e}"),
+        Ok(_) => panic!("GPU 10000 does not exist"),
+    }
+}
+
+fn same_f32(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+}
+
+fn inputs(n: usize, seed: u32) -> Vec<f32> {
+    let specials = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        0.25,
+        -0.25,
+        0.0,
+        -0.0,
+        f32::MIN_POSITIVE / 8.0,
+        1e30,
+        -1e30,
+    ];
+    let mut x = seed | 1;
+    (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            if i % 97 == 13 {
+                specials[(x as usize) % specials.len()]
+            } else {
+                (x as f32 / u32::MAX as f32) - 0.5
+            }
+        })
+        .collect()
+}
+
+const LENGTHS: [usize; 10] = [1, 15, 16, 17, 31, 32, 33, 1000, 65_537, 3_000_001];
+
+#[test]
+fn compression_matches_the_cpu_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let c = CpuKernels::single_threaded();
+    for n in LENGTHS {
+        let grad = inputs(n, 7);
+        let res0: Vec<f32> = inputs(n, 11).iter().map(|v| v * 0.1).collect();
+        // 2-bit, 3 steps, residual carried.
+        let (mut rc, mut rg) = (res0.clone(), g.upload(&res0).unwrap());
+        let dgrad = g.upload(&grad).unwrap();
+        for step in 0..3 {
+            let mut cc = vec![0u32; layout::words_2bit(n)];
+            let mut cg = g.zeros::<u32>(layout::words_2bit(n)).unwrap();
+            c.quantize_2bit(&grad, &mut rc, &mut cc, 0.25).unwrap();
+            g.quantize_2bit(&dgrad, &mut rg, &mut cg, 0.25).unwrap();
+            assert_eq!(
+                g.download(&cg).unwrap(),
+                cc,
+                "2-bit codes, n={n}, step {step}"
+            );
+            assert!(
+                same_f32(&g.download(&rg).unwrap(), &rc),
+                "2-bit residual, n={n}, step {step}"
+            );
+            let mut oc = vec![0.0f32; n];
+            let mut og = g.zeros::<f32>(n).unwrap();
+            c.dequantize_2bit(&cc, &mut oc, 0.25).unwrap();
+            g.dequantize_2bit(&cg, &mut og, 0.25).unwrap();
+            assert!(
+                same_f32(&g.download(&og).unwrap(), &oc),
+                "2-bit dequantize, n={n}"
+            );
+        }
+        // 1-bit.
+        let (mut rc, mut rg) = (res0.clone(), g.upload(&res0).unwrap());
+        for step in 0..3 {
+            let mut cc = vec![0u32; layout::words_1bit(n)];
+            let mut cg = g.zeros::<u32>(layout::words_1bit(n)).unwrap();
+            c.quantize_1bit(&grad, &mut rc, &mut cc, 0.1).unwrap();
+            g.quantize_1bit(&dgrad, &mut rg, &mut cg, 0.1).unwrap();
+            assert_eq!(
+                g.download(&cg).unwrap(),
+                cc,
+                "1-bit codes, n={n}, step {step}"
+            );
+            assert!(
+                same_f32(&g.download(&rg).unwrap(), &rc),
+                "1-bit residual, n={n}, step {step}"
+            );
+            let mut oc = vec![0.0f32; n];
+            let mut og = g.zeros::<f32>(n).unwrap();
+            c.dequantize_1bit(&cc, &mut oc).unwrap();
+            g.dequantize_1bit(&cg, &mut og).unwrap();
+            assert!(
+                same_f32(&g.download(&og).unwrap(), &oc),
+                "1-bit dequantize, n={n}"
+            );
+        }
+    }
+}
+
+#[test]
+fn sum_matches_the_cpu_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let c = CpuKernels::single_threaded();
+    for n in LENGTHS {
+        for k in [1usize, 2, 3, 7] {
+            let ins: Vec<Vec<f32>> = (0..k).map(|j| inputs(n, 100 + j as u32)).collect();
+            let refs: Vec<&[f32]> = ins.iter().map(|v| &v[..]).collect();
+            let mut want = vec![0.0f32; n];
+            c.sum(&mut want[..], &refs).unwrap();
+            let dev: Vec<_> = ins.iter().map(|v| g.upload(v).unwrap()).collect();
+            let drefs: Vec<_> = dev.iter().collect();
+            let mut out = g.zeros::<f32>(n).unwrap();
+            g.sum(&mut out, &drefs).unwrap();
+            assert!(
+                same_f32(&g.download(&out).unwrap(), &want),
+                "f32 sum, n={n}, k={k}"
+            );
+
+            let ins64: Vec<Vec<f64>> = ins
+                .iter()
+                .map(|v| v.iter().map(|&x| x as f64 * 1.000001).collect())
+                .collect();
+            let refs: Vec<&[f64]> = ins64.iter().map(|v| &v[..]).collect();
+            let mut want = vec![0.0f64; n];
+            c.sum(&mut want[..], &refs).unwrap();
+            let dev: Vec<_> = ins64.iter().map(|v| g.upload(v).unwrap()).collect();
+            let drefs: Vec<_> = dev.iter().collect();
+            let mut out = g.zeros::<f64>(n).unwrap();
+            g.sum(&mut out, &drefs).unwrap();
+            let got = g.download(&out).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())),
+                "f64 sum, n={n}, k={k}"
+            );
+
+            // f16, including every f16 bit pattern when n is large enough.
+            let ins16: Vec<Vec<f16>> = (0..k)
+                .map(|j| {
+                    (0..n)
+                        .map(|i| f16::from_bits(((i * (2 * j + 1) + j * 7919) % 65536) as u16))
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&[f16]> = ins16.iter().map(|v| &v[..]).collect();
+            let mut want = vec![f16::ZERO; n];
+            c.sum(&mut want[..], &refs).unwrap();
+            let dev: Vec<_> = ins16.iter().map(|v| g.upload(v).unwrap()).collect();
+            let drefs: Vec<_> = dev.iter().collect();
+            let mut out = g.zeros::<f16>(n).unwrap();
+            g.sum(&mut out, &drefs).unwrap();
+            let got = g.download(&out).unwrap();
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())),
+                "f16 sum, n={n}, k={k}"
+            );
+        }
+    }
+}
+
+#[test]
+fn gpu_argument_errors() {
+    let Some(g) = gpu() else { return };
+    let grad = g.upload(&[0.0f32; 20]).unwrap();
+    let mut res = g.zeros::<f32>(19).unwrap();
+    let mut codes = g.zeros::<u32>(2).unwrap();
+    assert!(matches!(
+        g.quantize_2bit(&grad, &mut res, &mut codes, 0.5),
+        Err(KernelError::Length { .. })
+    ));
+    let mut res = g.zeros::<f32>(20).unwrap();
+    assert!(matches!(
+        g.quantize_2bit(&grad, &mut res, &mut codes, 0.0),
+        Err(KernelError::Threshold { .. })
+    ));
+    let mut out = g.zeros::<f32>(20).unwrap();
+    assert!(matches!(
+        g.sum::<f32>(&mut out, &[]),
+        Err(KernelError::NoInputs { .. })
+    ));
+}
