@@ -1,1 +1,6 @@
-//! pskv-transport (to be built by its own issue).
+//! pskv-transport: cluster membership and key/value messaging, the role
+//! ps-lite plays under MXNet.
+#![warn(missing_docs)]
+
+pub mod protocol;
+pub mod wire;

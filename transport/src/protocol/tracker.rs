@@ -1,0 +1,241 @@
+//! Requests fanned out to several nodes, completed once, with no I/O.
+//!
+//! A request is PENDING until every target answered (COMPLETE, with the
+//! answers in target order), one answered with an error (FAILED), or a
+//! target died or its connection broke (FAILED, naming the node). After
+//! that its id is forgotten and late answers are dropped. So every request
+//! completes exactly once, and none waits on a dead node.
+
+use std::collections::HashMap;
+
+use super::{describe, NodeId};
+
+/// Why a request failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TrackError {
+    /// A target node died.
+    #[error("{} died before answering", describe(*node))]
+    NodeDead {
+        /// The node.
+        node: NodeId,
+    },
+    /// The connection to a target broke.
+    #[error("the connection to {} broke before it answered: {reason}", describe(*node))]
+    ConnectionLost {
+        /// The node.
+        node: NodeId,
+        /// What broke.
+        reason: String,
+    },
+    /// A target answered with an error.
+    #[error("{} answered with an error: {message}", describe(*node))]
+    Remote {
+        /// The node.
+        node: NodeId,
+        /// Its message.
+        message: String,
+    },
+    /// The transport is shutting down, or the scheduler is gone.
+    #[error("request abandoned: {0}")]
+    Abandoned(String),
+}
+
+/// A finished request.
+#[derive(Debug)]
+pub struct Completed<T> {
+    /// Its id.
+    pub request_id: u64,
+    /// The answers, in target order, or why it failed.
+    pub result: Result<Vec<(NodeId, T)>, TrackError>,
+}
+
+#[derive(Debug)]
+struct Pending<T> {
+    targets: Vec<NodeId>,
+    parts: Vec<Option<T>>,
+    left: usize,
+}
+
+/// The request tracker.
+#[derive(Debug)]
+pub struct Tracker<T> {
+    next_id: u64,
+    pending: HashMap<u64, Pending<T>>,
+}
+
+impl<T> Default for Tracker<T> {
+    fn default() -> Self {
+        Tracker {
+            next_id: 1,
+            pending: HashMap::new(),
+        }
+    }
+}
+
+impl<T> Tracker<T> {
+    /// Starts a request to `targets` (distinct, non-empty); returns its id.
+    pub fn start(&mut self, targets: Vec<NodeId>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let n = targets.len();
+        self.pending.insert(
+            id,
+            Pending {
+                parts: (0..n).map(|_| None).collect(),
+                targets,
+                left: n,
+            },
+        );
+        id
+    }
+
+    /// Requests still pending.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// An answer from `from`. Returns the completion if it was the last.
+    pub fn on_response(&mut self, from: NodeId, request_id: u64, part: T) -> Option<Completed<T>> {
+        let p = self.pending.get_mut(&request_id)?;
+        let i = p.targets.iter().position(|&t| t == from)?;
+        if p.parts[i].is_some() {
+            return None; // a duplicate answer
+        }
+        p.parts[i] = Some(part);
+        p.left -= 1;
+        if p.left > 0 {
+            return None;
+        }
+        let p = self.pending.remove(&request_id).expect("present above");
+        let parts = p
+            .targets
+            .into_iter()
+            .zip(p.parts)
+            .map(|(t, part)| (t, part.expect("every part arrived")))
+            .collect();
+        Some(Completed {
+            request_id,
+            result: Ok(parts),
+        })
+    }
+
+    /// An error answer from `from`: the request fails now.
+    pub fn on_error(
+        &mut self,
+        from: NodeId,
+        request_id: u64,
+        message: String,
+    ) -> Option<Completed<T>> {
+        let p = self.pending.get(&request_id)?;
+        if !p.targets.contains(&from) {
+            return None;
+        }
+        self.pending.remove(&request_id);
+        Some(Completed {
+            request_id,
+            result: Err(TrackError::Remote {
+                node: from,
+                message,
+            }),
+        })
+    }
+
+    /// `node` is gone: every request still waiting on it fails.
+    pub fn on_node_lost(
+        &mut self,
+        node: NodeId,
+        error: impl Fn() -> TrackError,
+    ) -> Vec<Completed<T>> {
+        let ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                p.targets
+                    .iter()
+                    .zip(&p.parts)
+                    .any(|(t, part)| *t == node && part.is_none())
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .map(|request_id| {
+                self.pending.remove(&request_id);
+                Completed {
+                    request_id,
+                    result: Err(error()),
+                }
+            })
+            .collect()
+    }
+
+    /// Everything fails (shutdown, scheduler lost).
+    pub fn fail_all(&mut self, reason: &str) -> Vec<Completed<T>> {
+        self.pending
+            .drain()
+            .map(|(request_id, _)| Completed {
+                request_id,
+                result: Err(TrackError::Abandoned(reason.to_string())),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completes_once_in_target_order() {
+        let mut t = Tracker::default();
+        let id = t.start(vec![8, 10, 12]);
+        assert!(t.on_response(10, id, "b").is_none());
+        assert!(t.on_response(10, id, "dup").is_none());
+        assert!(t.on_response(99, id, "stranger").is_none());
+        assert!(t.on_response(12, id, "c").is_none());
+        let done = t.on_response(8, id, "a").unwrap();
+        assert_eq!(done.result.unwrap(), vec![(8, "a"), (10, "b"), (12, "c")]);
+        assert!(t.on_response(8, id, "late").is_none());
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_dead_node_fails_only_what_waits_on_it() {
+        let mut t = Tracker::default();
+        let a = t.start(vec![8, 10]);
+        let b = t.start(vec![8]);
+        let c = t.start(vec![10]);
+        t.on_response(10, a, ());
+        let failed = t.on_node_lost(10, || TrackError::NodeDead { node: 10 });
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].request_id, c);
+        assert_eq!(
+            failed[0].result.as_ref().unwrap_err().to_string(),
+            "server 1 (id 10) died before answering"
+        );
+        let failed = t.on_node_lost(8, || TrackError::NodeDead { node: 8 });
+        let mut ids: Vec<u64> = failed.iter().map(|c| c.request_id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![a, b]);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn an_error_answer_fails_at_once() {
+        let mut t = Tracker::<()>::default();
+        let id = t.start(vec![8, 10]);
+        let done = t
+            .on_error(8, id, "key 5 was never initialized".into())
+            .unwrap();
+        assert!(matches!(
+            done.result,
+            Err(TrackError::Remote { node: 8, .. })
+        ));
+        assert!(t.on_response(10, id, ()).is_none());
+        assert_eq!(t.fail_all("bye").len(), 0);
+    }
+}

@@ -1,0 +1,185 @@
+//! The bodies of control frames, encoded with postcard (compact, bounded by
+//! the frame's meta length, which the decoder has already checked).
+
+use serde::{Deserialize, Serialize};
+
+use super::frame::{Frame, Kind, WireError};
+use bytes::Bytes;
+
+/// One node of the cluster as the scheduler announces it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node id (scheduler 1; server rank r: 8 + 2r; worker rank r: 9 + 2r).
+    pub id: u32,
+    /// 0 scheduler, 1 server, 2 worker.
+    pub role: u8,
+    /// Rank within its role.
+    pub rank: u32,
+    /// Host it listens on.
+    pub host: String,
+    /// Port it listens on.
+    pub port: u16,
+    /// A per-boot identifier of its host (shared-memory van: peers with the
+    /// same value share memory).
+    pub host_id: u64,
+}
+
+/// A control message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// Handshake, server side: a fresh nonce to prove the token against.
+    Challenge {
+        /// 32 random bytes.
+        nonce: [u8; 32],
+    },
+    /// Handshake, client side: the client's nonce and the HMAC proof.
+    Auth {
+        /// 32 random bytes.
+        nonce: [u8; 32],
+        /// HMAC-SHA256 over the context and both nonces.
+        mac: [u8; 32],
+    },
+    /// Handshake, server side: the server's proof (mutual authentication).
+    AuthOk {
+        /// HMAC-SHA256 over the context and both nonces, server direction.
+        mac: [u8; 32],
+    },
+    /// Handshake refused; the connection closes after this.
+    AuthRefused {
+        /// Why.
+        reason: String,
+    },
+    /// A node asks to join (or rejoin, after a restart).
+    Register {
+        /// 1 server, 2 worker.
+        role: u8,
+        /// Host it listens on.
+        host: String,
+        /// Port it listens on.
+        port: u16,
+        /// Its host's identifier.
+        host_id: u64,
+    },
+    /// The scheduler's answer: the registering node's id, and the cluster.
+    Welcome {
+        /// The id given to the receiver.
+        your_id: u32,
+        /// Every node.
+        nodes: Vec<NodeInfo>,
+        /// Each server's key range `[begin, end)`, by server rank.
+        key_ranges: Vec<(u64, u64)>,
+        /// The receiver replaces a dead node (it skips the start barrier).
+        recovery: bool,
+    },
+    /// The scheduler refuses a registration.
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+    /// A node's address changed (it restarted and re-registered).
+    NodeUpdate {
+        /// The node's new entry.
+        node: NodeInfo,
+    },
+    /// A node is dead: no heartbeat within the timeout, or its connection
+    /// to the scheduler broke.
+    NodeDead {
+        /// Its id.
+        id: u32,
+    },
+    /// A node arrives at a barrier of `group`.
+    Barrier {
+        /// Group bitmask (1 scheduler, 2 servers, 4 workers).
+        group: u8,
+        /// The node's barrier count for this group.
+        seq: u64,
+    },
+    /// Everyone of the group arrived (or it cannot complete).
+    BarrierDone {
+        /// Group bitmask.
+        group: u8,
+        /// The barrier released.
+        seq: u64,
+        /// Why it failed, if it did (a member is dead).
+        error: Option<String>,
+    },
+    /// A node is alive.
+    Heartbeat,
+    /// The scheduler is alive.
+    HeartbeatAck,
+    /// A node leaves in an orderly way (shutdown).
+    Leave,
+}
+
+impl Control {
+    /// This message as a control frame.
+    pub fn to_frame(&self, sender: u32, recipient: u32) -> Frame {
+        let mut f = Frame::new(Kind::Control);
+        f.sender = sender;
+        f.recipient = recipient;
+        // Encoding into a Vec cannot fail for these types.
+        f.meta = Bytes::from(postcard::to_allocvec(self).unwrap_or_default());
+        f
+    }
+
+    /// The control message in a control frame.
+    pub fn from_frame(f: &Frame) -> Result<Control, WireError> {
+        if f.kind != Kind::Control {
+            return Err(WireError::BadControl(format!(
+                "a {:?} frame is not a control frame",
+                f.kind
+            )));
+        }
+        postcard::from_bytes(&f.meta).map_err(|e| WireError::BadControl(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn control_round_trips() {
+        let msgs = vec![
+            Control::Register {
+                role: 2,
+                host: "10.0.0.3".into(),
+                port: 9000,
+                host_id: 7,
+            },
+            Control::Welcome {
+                your_id: 9,
+                nodes: vec![NodeInfo {
+                    id: 8,
+                    role: 1,
+                    rank: 0,
+                    host: "h".into(),
+                    port: 1,
+                    host_id: 2,
+                }],
+                key_ranges: vec![(0, u64::MAX)],
+                recovery: false,
+            },
+            Control::BarrierDone {
+                group: 7,
+                seq: 3,
+                error: Some("node 8 is dead".into()),
+            },
+            Control::Heartbeat,
+        ];
+        for m in msgs {
+            let f = m.to_frame(9, 1);
+            assert_eq!(Control::from_frame(&f).unwrap(), m);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_bodies_are_errors_not_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut f = Frame::new(Kind::Control);
+            f.meta = Bytes::from(bytes);
+            let _ = Control::from_frame(&f);
+        }
+    }
+}

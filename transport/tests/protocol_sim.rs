@@ -1,0 +1,704 @@
+//! The protocol state machines, driven through a simulated network with a
+//! fake clock: loss, duplication, reordering (random delays), node death.
+//! Deterministic: every run of a seed is the same run.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use pskv_transport::protocol::member::{Member, MemberConfig, MemberEvent, MemberState};
+use pskv_transport::protocol::resender::{Received, Resender};
+use pskv_transport::protocol::scheduler::{Scheduler, SchedulerConfig, SchedulerEvent};
+use pskv_transport::protocol::tracker::{TrackError, Tracker};
+use pskv_transport::protocol::{Group, Role, SCHEDULER_ID};
+use pskv_transport::wire::{Control, Decoder, Flags, Frame, Kind, Limits};
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        (self.next() % 1_000_000) as f64 / 1_000_000.0 < p
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Faults {
+    loss: f64,
+    dup: f64,
+    max_delay_ms: u64,
+}
+
+const CLEAN: Faults = Faults {
+    loss: 0.0,
+    dup: 0.0,
+    max_delay_ms: 1,
+};
+const NASTY: Faults = Faults {
+    loss: 0.2,
+    dup: 0.1,
+    max_delay_ms: 40,
+};
+
+const TICK: Duration = Duration::from_millis(10);
+const HB_INTERVAL: Duration = Duration::from_secs(1);
+const HB_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Packet = Reverse<(Instant, u64, usize, usize, Vec<u8>)>;
+
+/// Endpoint 0 is the scheduler; 1.. are members (their connection to the
+/// scheduler has the endpoint's index as its id).
+struct Sim {
+    now: Instant,
+    rng: Rng,
+    faults: Faults,
+    resend: bool,
+    sched: Option<Scheduler>,
+    sched_events: Vec<SchedulerEvent>,
+    members: Vec<Option<Member>>,
+    events: Vec<Vec<MemberEvent>>,
+    resenders: Vec<Resender>,
+    net: BinaryHeap<Packet>,
+    seq: u64,
+}
+
+impl Sim {
+    fn new(seed: u64, faults: Faults, resend: bool, servers: u32, workers: u32) -> Sim {
+        let now = Instant::now();
+        let mut sim = Sim {
+            now,
+            rng: Rng(seed.max(1)),
+            faults,
+            resend,
+            sched: Some(Scheduler::new(SchedulerConfig {
+                num_servers: servers,
+                num_workers: workers,
+                heartbeat_timeout: Some(HB_TIMEOUT),
+            })),
+            sched_events: Vec::new(),
+            members: vec![None],
+            events: vec![Vec::new()],
+            resenders: vec![Resender::new(SCHEDULER_ID, Duration::from_millis(100), 50)],
+            net: BinaryHeap::new(),
+            seq: 0,
+        };
+        for _ in 0..servers {
+            sim.add_member(Role::Server);
+        }
+        for _ in 0..workers {
+            sim.add_member(Role::Worker);
+        }
+        sim
+    }
+
+    fn add_member(&mut self, role: Role) -> usize {
+        let i = self.members.len();
+        let cfg = MemberConfig {
+            role,
+            host: format!("host{i}"),
+            port: 9000 + i as u16,
+            host_id: i as u64,
+            heartbeat_interval: Some(HB_INTERVAL),
+            heartbeat_timeout: Some(HB_TIMEOUT),
+            register_timeout: Duration::from_secs(30),
+        };
+        self.members.push(Some(Member::new(cfg, self.now)));
+        self.events.push(Vec::new());
+        self.resenders
+            .push(Resender::new(0, Duration::from_millis(100), 50));
+        self.flush();
+        i
+    }
+
+    fn send_frame(&mut self, from: usize, to: usize, mut frame: Frame, stamp: bool) {
+        if self.resend && stamp {
+            self.resenders[from].stamp(to as u64, &mut frame, self.now);
+        }
+        self.transmit(from, to, frame.encode().to_vec());
+    }
+
+    fn transmit(&mut self, from: usize, to: usize, bytes: Vec<u8>) {
+        let copies = if self.rng.chance(self.faults.loss) {
+            0
+        } else if self.rng.chance(self.faults.dup) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = Duration::from_millis(self.rng.below(self.faults.max_delay_ms));
+            self.seq += 1;
+            self.net.push(Reverse((
+                self.now + delay,
+                self.seq,
+                from,
+                to,
+                bytes.clone(),
+            )));
+        }
+    }
+
+    fn flush(&mut self) {
+        loop {
+            let mut any = false;
+            if let Some(s) = self.sched.as_mut() {
+                let mut out = Vec::new();
+                while let Some((conn, msg)) = s.poll_transmit() {
+                    out.push((conn as usize, msg));
+                }
+                while let Some(e) = s.poll_event() {
+                    self.sched_events.push(e);
+                }
+                for (to, msg) in out {
+                    any = true;
+                    self.send_frame(0, to, msg.to_frame(SCHEDULER_ID, 0), true);
+                }
+            }
+            for i in 1..self.members.len() {
+                let mut out = Vec::new();
+                if let Some(m) = self.members[i].as_mut() {
+                    while let Some(msg) = m.poll_transmit() {
+                        out.push(msg);
+                    }
+                    while let Some(e) = m.poll_event() {
+                        self.events[i].push(e);
+                    }
+                }
+                for msg in out {
+                    any = true;
+                    self.send_frame(i, 0, msg.to_frame(0, SCHEDULER_ID), true);
+                }
+            }
+            if !any {
+                break;
+            }
+        }
+    }
+
+    fn deliver(&mut self, from: usize, to: usize, bytes: Vec<u8>) {
+        let alive = if to == 0 {
+            self.sched.is_some()
+        } else {
+            self.members[to].is_some()
+        };
+        if !alive {
+            return;
+        }
+        let mut buf = BytesMut::from(&bytes[..]);
+        let frame = Decoder::new(Limits::default())
+            .decode(&mut buf)
+            .expect("valid frame")
+            .expect("whole frame");
+        if self.resend {
+            match self.resenders[to].on_receive(from as u64, &frame) {
+                Received::Consumed => return,
+                Received::Duplicate { ack } => {
+                    self.send_frame(to, from, ack, false);
+                    return;
+                }
+                Received::Deliver { ack } => {
+                    if let Some(ack) = ack {
+                        self.send_frame(to, from, ack, false);
+                    }
+                }
+            }
+        }
+        let msg = Control::from_frame(&frame).expect("control body");
+        if to == 0 {
+            self.sched
+                .as_mut()
+                .unwrap()
+                .handle(from as u64, msg, self.now);
+        } else {
+            self.members[to].as_mut().unwrap().handle(msg, self.now);
+        }
+    }
+
+    /// Advances the clock by `d`, in ticks.
+    fn run(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now += TICK;
+            while let Some(Reverse((at, _, _, _, _))) = self.net.peek() {
+                if *at > self.now {
+                    break;
+                }
+                let Reverse((_, _, from, to, bytes)) = self.net.pop().unwrap();
+                self.deliver(from, to, bytes);
+            }
+            let now = self.now;
+            if let Some(s) = self.sched.as_mut() {
+                s.handle_timeout(now);
+            }
+            for m in self.members.iter_mut().flatten() {
+                m.handle_timeout(now);
+            }
+            if self.resend {
+                for i in 0..self.resenders.len() {
+                    let alive = if i == 0 {
+                        self.sched.is_some()
+                    } else {
+                        self.members[i].is_some()
+                    };
+                    if !alive {
+                        continue;
+                    }
+                    let (again, _lost) = self.resenders[i].handle_timeout(now);
+                    for (dest, frame) in again {
+                        self.transmit(i, dest as usize, frame.encode().to_vec());
+                    }
+                }
+            }
+            self.flush();
+        }
+    }
+
+    fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Sim) -> bool) -> Duration {
+        let start = self.now;
+        while !done(self) {
+            assert!(
+                self.now - start < limit,
+                "condition not reached within {limit:?}"
+            );
+            self.run(TICK);
+        }
+        self.now - start
+    }
+
+    fn joined(&self, i: usize) -> bool {
+        self.members[i]
+            .as_ref()
+            .is_some_and(|m| *m.state() == MemberState::Running)
+    }
+
+    fn barrier_done(&self, i: usize, g: Group) -> Vec<Option<String>> {
+        self.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                MemberEvent::BarrierDone { group, error } if *group == g => Some(error.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn seeds() -> impl Iterator<Item = u64> {
+    [1u64, 7, 42, 1234, 99991, 31337, 2718281, 577215].into_iter()
+}
+
+#[test]
+fn registration_and_barriers_survive_loss_duplication_and_reordering() {
+    for seed in seeds() {
+        let (s, w) = (2, 4);
+        let mut sim = Sim::new(seed, NASTY, true, s, w);
+        let n = (s + w) as usize;
+        sim.run_until(Duration::from_secs(60), |sim| {
+            (1..=n).all(|i| sim.joined(i))
+        });
+        // Ids and ranks: distinct, complete, and the same table everywhere.
+        let mut ids = HashSet::new();
+        let table = sim.members[1].as_ref().unwrap().nodes().clone();
+        for i in 1..=n {
+            let m = sim.members[i].as_ref().unwrap();
+            let id = m.id().unwrap();
+            assert!(ids.insert(id), "seed {seed}: id {id} given twice");
+            assert_eq!(m.nodes(), &table, "seed {seed}");
+            assert_eq!(m.key_ranges().len(), s as usize);
+            assert!(!m.is_recovery());
+        }
+        let mut want: Vec<u32> = (0..s)
+            .map(|r| Role::Server.id_of(r))
+            .chain((0..w).map(|r| Role::Worker.id_of(r)))
+            .collect();
+        let mut got: Vec<u32> = ids.into_iter().collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "seed {seed}");
+        assert!(sim.sched_events.contains(&SchedulerEvent::Started));
+
+        // Three barriers over everyone, the scheduler included, then one of
+        // the workers only.
+        for round in 1..=3usize {
+            for i in 1..=n {
+                sim.members[i]
+                    .as_mut()
+                    .unwrap()
+                    .barrier(Group::ALL, sim.now)
+                    .unwrap();
+            }
+            sim.sched.as_mut().unwrap().barrier(Group::ALL);
+            sim.flush();
+            sim.run_until(Duration::from_secs(60), |sim| {
+                (1..=n).all(|i| sim.barrier_done(i, Group::ALL).len() == round)
+            });
+            let sched_done = sim
+                .sched_events
+                .iter()
+                .filter(|e| matches!(e, SchedulerEvent::BarrierDone { error: None, .. }))
+                .count();
+            assert_eq!(sched_done, round, "seed {seed}");
+        }
+        for i in (s as usize + 1)..=n {
+            sim.members[i]
+                .as_mut()
+                .unwrap()
+                .barrier(Group::WORKERS, sim.now)
+                .unwrap();
+        }
+        sim.flush();
+        sim.run_until(Duration::from_secs(60), |sim| {
+            ((s as usize + 1)..=n).all(|i| sim.barrier_done(i, Group::WORKERS) == vec![None])
+        });
+        // Nobody was declared dead along the way: heartbeats got through.
+        assert!(
+            !sim.sched_events
+                .iter()
+                .any(|e| matches!(e, SchedulerEvent::NodeDead { .. })),
+            "seed {seed}: {:?}",
+            sim.sched_events
+        );
+    }
+}
+
+#[test]
+fn a_silent_node_is_declared_dead_within_the_heartbeat_timeout() {
+    for seed in seeds() {
+        let mut sim = Sim::new(seed, CLEAN, false, 1, 3);
+        sim.run_until(Duration::from_secs(10), |sim| {
+            (1..=4).all(|i| sim.joined(i))
+        });
+        sim.run(Duration::from_secs(3));
+        // Worker at endpoint 3 waits on a barrier of the workers; endpoint 4
+        // dies silently (no FIN: a hung or partitioned process).
+        sim.members[3]
+            .as_mut()
+            .unwrap()
+            .barrier(Group::WORKERS, sim.now)
+            .unwrap();
+        sim.flush();
+        let dead_id = sim.members[4].as_ref().unwrap().id().unwrap();
+        sim.members[4] = None;
+        let took = sim.run_until(Duration::from_secs(20), |sim| {
+            sim.sched_events
+                .iter()
+                .any(|e| matches!(e, SchedulerEvent::NodeDead { id, .. } if *id == dead_id))
+        });
+        assert!(
+            took <= HB_TIMEOUT + HB_INTERVAL + 3 * TICK,
+            "seed {seed}: detection took {took:?}"
+        );
+        sim.run(Duration::from_millis(100));
+        for i in 1..=3 {
+            assert!(
+                sim.events[i].contains(&MemberEvent::NodeDead(dead_id)),
+                "seed {seed}: endpoint {i} not told"
+            );
+        }
+        // The waiting barrier failed, naming the dead worker.
+        let errs = sim.barrier_done(3, Group::WORKERS);
+        assert_eq!(errs.len(), 1);
+        let e = errs[0].clone().expect("an error");
+        assert!(
+            e.contains(&format!("id {dead_id}")) && e.contains("dead"),
+            "{e}"
+        );
+        // dead_nodes answers like ps-lite's GetDeadNodes.
+        let s = sim.sched.as_ref().unwrap();
+        assert_eq!(
+            s.dead_nodes(sim.now, Duration::from_secs(100)),
+            vec![dead_id]
+        );
+        let m = sim.members[1].as_ref().unwrap();
+        assert_eq!(
+            m.dead_nodes(sim.now, Duration::from_secs(100)),
+            vec![dead_id]
+        );
+    }
+}
+
+#[test]
+fn a_closed_connection_is_death_at_once_and_a_restart_recovers_the_rank() {
+    let mut sim = Sim::new(5, CLEAN, false, 2, 2);
+    sim.run_until(Duration::from_secs(10), |sim| {
+        (1..=4).all(|i| sim.joined(i))
+    });
+    let old = sim.members[2].as_ref().unwrap();
+    let (dead_id, old_port) = (old.id().unwrap(), old.nodes()[&old.id().unwrap()].port);
+    // Server at endpoint 2 crashes: the kernel closes its socket.
+    sim.members[2] = None;
+    sim.sched.as_mut().unwrap().disconnected(2);
+    sim.flush();
+    sim.run(Duration::from_millis(50));
+    assert!(sim.events[3].contains(&MemberEvent::NodeDead(dead_id)));
+    // A new process registers as a server: it takes the dead one's id.
+    let new = sim.add_member(Role::Server);
+    sim.run_until(Duration::from_secs(10), |sim| sim.joined(new));
+    let m = sim.members[new].as_ref().unwrap();
+    assert_eq!(m.id(), Some(dead_id));
+    assert!(m.is_recovery());
+    let new_port = m.nodes()[&dead_id].port;
+    assert_ne!(new_port, old_port);
+    // The others learn the new address.
+    for i in [1, 3, 4] {
+        assert!(
+            sim.events[i]
+                .iter()
+                .any(|e| matches!(e, MemberEvent::NodeUpdated(n) if n.id == dead_id && n.port == new_port)),
+            "endpoint {i}"
+        );
+    }
+    assert!(sim
+        .sched_events
+        .contains(&SchedulerEvent::NodeRecovered { id: dead_id }));
+    // A barrier of everyone works again with the recovered server.
+    for i in [1, 3, 4, new] {
+        sim.members[i]
+            .as_mut()
+            .unwrap()
+            .barrier(Group::ALL, sim.now)
+            .unwrap();
+    }
+    sim.sched.as_mut().unwrap().barrier(Group::ALL);
+    sim.flush();
+    sim.run_until(Duration::from_secs(10), |sim| {
+        [1, 3, 4, new]
+            .iter()
+            .all(|&i| sim.barrier_done(i, Group::ALL) == vec![None])
+    });
+}
+
+#[test]
+fn extra_nodes_are_rejected() {
+    let mut sim = Sim::new(3, CLEAN, false, 1, 1);
+    sim.run_until(Duration::from_secs(10), |sim| {
+        sim.joined(1) && sim.joined(2)
+    });
+    let extra = sim.add_member(Role::Worker);
+    sim.run(Duration::from_millis(100));
+    match sim.members[extra].as_ref().unwrap().state() {
+        MemberState::Rejected(reason) => assert!(reason.contains("no worker is dead"), "{reason}"),
+        s => panic!("extra worker state {s:?}"),
+    }
+    // Before the start, a surplus registration is refused too.
+    let mut sim = Sim::new(3, CLEAN, false, 1, 0);
+    sim.add_member(Role::Worker);
+    let extra = sim.add_member(Role::Worker);
+    sim.run(Duration::from_millis(100));
+    let states: Vec<MemberState> = (1..=extra)
+        .map(|i| sim.members[i].as_ref().unwrap().state().clone())
+        .collect();
+    assert_eq!(
+        states
+            .iter()
+            .filter(|s| matches!(s, MemberState::Rejected(_)))
+            .count(),
+        2,
+        "a cluster of 1 server, 0 workers refuses both workers: {states:?}"
+    );
+}
+
+#[test]
+fn losing_the_scheduler_fails_waits_and_is_reported() {
+    let mut sim = Sim::new(9, CLEAN, false, 1, 2);
+    sim.run_until(Duration::from_secs(10), |sim| {
+        (1..=3).all(|i| sim.joined(i))
+    });
+    sim.members[2]
+        .as_mut()
+        .unwrap()
+        .barrier(Group::ALL, sim.now)
+        .unwrap();
+    sim.flush();
+    sim.sched = None; // silent death
+    let took = sim.run_until(Duration::from_secs(20), |sim| {
+        sim.events[2]
+            .iter()
+            .any(|e| matches!(e, MemberEvent::SchedulerLost(_)))
+    });
+    assert!(took <= HB_TIMEOUT + 2 * TICK, "{took:?}");
+    let errs = sim.barrier_done(2, Group::ALL);
+    assert!(
+        errs.len() == 1 && errs[0].as_ref().unwrap().contains("abandoned"),
+        "{errs:?}"
+    );
+    let now = sim.now;
+    let m = sim.members[1].as_mut().unwrap();
+    assert!(m
+        .dead_nodes(now, Duration::from_secs(1))
+        .contains(&SCHEDULER_ID));
+    assert!(m.barrier(Group::ALL, now).is_err());
+}
+
+#[test]
+fn ordered_shutdown_ends_with_all_left() {
+    let mut sim = Sim::new(11, NASTY, true, 2, 3);
+    sim.run_until(Duration::from_secs(60), |sim| {
+        (1..=5).all(|i| sim.joined(i))
+    });
+    for i in 1..=5 {
+        let now = sim.now;
+        sim.members[i].as_mut().unwrap().leave(now);
+    }
+    sim.flush();
+    sim.run_until(Duration::from_secs(60), |sim| {
+        sim.sched_events.contains(&SchedulerEvent::AllLeft)
+    });
+    // Nobody is called dead for leaving.
+    sim.run(Duration::from_secs(10));
+    assert!(!sim
+        .sched_events
+        .iter()
+        .any(|e| matches!(e, SchedulerEvent::NodeDead { .. })));
+}
+
+type InFlight = Vec<(Instant, u32, u32, Frame)>;
+
+fn lossy_send(net: &mut InFlight, rng: &mut Rng, now: Instant, from: u32, to: u32, f: Frame) {
+    if rng.chance(0.2) {
+        return;
+    }
+    let copies = if rng.chance(0.1) { 2 } else { 1 };
+    for _ in 0..copies {
+        net.push((
+            now + Duration::from_millis(rng.below(30)),
+            from,
+            to,
+            f.clone(),
+        ));
+    }
+}
+
+/// Requests fanned out to two servers over a lossy, duplicating,
+/// reordering network with resend: each completes exactly once with both
+/// answers; then a server dies and what waits on it fails naming it.
+#[test]
+fn requests_complete_exactly_once_and_fail_on_death() {
+    for seed in seeds() {
+        let mut rng = Rng(seed);
+        let mut now = Instant::now();
+        let (worker, servers) = (9u32, [8u32, 10u32]);
+        let mut wr = Resender::new(worker, Duration::from_millis(50), 100);
+        let mut sr: BTreeMap<u32, Resender> = servers
+            .iter()
+            .map(|&s| (s, Resender::new(s, Duration::from_millis(50), 100)))
+            .collect();
+        let mut tracker: Tracker<u64> = Tracker::default();
+        let mut net: InFlight = Vec::new();
+        let mut done: BTreeMap<u64, Result<Vec<(u32, u64)>, TrackError>> = BTreeMap::new();
+        let mut dead: Option<u32> = None;
+        let total = 200;
+        for step in 0..20_000 {
+            now += Duration::from_millis(1);
+            if step < total {
+                let id = tracker.start(servers.to_vec());
+                if let Some(d) = dead {
+                    // What the KV layer does: a request to a node known dead
+                    // fails at once.
+                    for c in tracker.on_node_lost(d, || TrackError::NodeDead { node: d }) {
+                        assert!(done.insert(c.request_id, c.result).is_none());
+                    }
+                } else {
+                    for &s in &servers {
+                        let mut f = Frame::new(Kind::Request);
+                        f.sender = worker;
+                        f.request_id = id;
+                        f.flags = Flags::PULL;
+                        wr.stamp(s as u64, &mut f, now);
+                        lossy_send(&mut net, &mut rng, now, worker, s, f);
+                    }
+                }
+            }
+            if step == 100 {
+                // Server 10 dies; the worker hears of it (NodeDead).
+                dead = Some(10);
+                for c in tracker.on_node_lost(10, || TrackError::NodeDead { node: 10 }) {
+                    assert!(done.insert(c.request_id, c.result).is_none());
+                }
+                wr.forget(10);
+            }
+            // Deliver what is due, in arrival order (delays reorder).
+            net.sort_by_key(|(at, ..)| *at);
+            let ndue = net.iter().take_while(|(at, ..)| *at <= now).count();
+            let due: Vec<_> = net.drain(..ndue).collect();
+            for (_, from, to, f) in due {
+                if Some(to) == dead || Some(from) == dead {
+                    continue;
+                }
+                if to == worker {
+                    match wr.on_receive(from as u64, &f) {
+                        Received::Consumed => {}
+                        Received::Duplicate { ack } => {
+                            lossy_send(&mut net, &mut rng, now, worker, from, ack)
+                        }
+                        Received::Deliver { ack } => {
+                            if let Some(ack) = ack {
+                                lossy_send(&mut net, &mut rng, now, worker, from, ack);
+                            }
+                            let part = f.request_id * 1000 + from as u64;
+                            if let Some(c) = tracker.on_response(from, f.request_id, part) {
+                                assert!(
+                                    done.insert(c.request_id, c.result).is_none(),
+                                    "completed twice"
+                                );
+                            }
+                        }
+                    }
+                } else {
+                    let r = sr.get_mut(&to).unwrap();
+                    match r.on_receive(from as u64, &f) {
+                        Received::Consumed => {}
+                        Received::Duplicate { ack } => {
+                            lossy_send(&mut net, &mut rng, now, to, from, ack)
+                        }
+                        Received::Deliver { ack } => {
+                            if let Some(ack) = ack {
+                                lossy_send(&mut net, &mut rng, now, to, from, ack);
+                            }
+                            let mut resp = Frame::new(Kind::Response);
+                            resp.sender = to;
+                            resp.request_id = f.request_id;
+                            r.stamp(from as u64, &mut resp, now);
+                            lossy_send(&mut net, &mut rng, now, to, from, resp);
+                        }
+                    }
+                }
+            }
+            let (again, lost) = wr.handle_timeout(now);
+            assert!(lost.is_empty(), "seed {seed}: gave up on {lost:?}");
+            for (d, f) in again {
+                lossy_send(&mut net, &mut rng, now, worker, d as u32, f);
+            }
+            for (&s, r) in sr.iter_mut() {
+                if Some(s) == dead {
+                    continue;
+                }
+                let (again, _) = r.handle_timeout(now);
+                for (d, f) in again {
+                    lossy_send(&mut net, &mut rng, now, s, d as u32, f);
+                }
+            }
+            if step > total && tracker.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(done.len(), total, "seed {seed}: every request completes");
+        for (id, r) in &done {
+            match r {
+                Ok(parts) => assert_eq!(parts, &vec![(8, id * 1000 + 8), (10, id * 1000 + 10)]),
+                Err(e) => assert_eq!(e.to_string(), "server 1 (id 10) died before answering"),
+            }
+        }
+        assert!(
+            done.values().any(|r| r.is_ok()) && done.values().any(|r| r.is_err()),
+            "seed {seed}"
+        );
+    }
+}
