@@ -1,6 +1,30 @@
 //! pskv-transport: cluster membership and key/value messaging, the role
-//! ps-lite plays under MXNet.
+//! ps-lite plays under MXNet, re-designed.
+//!
+//! - [`protocol`]: the state machines (no I/O): registration, barriers,
+//!   heartbeats, dead nodes, request tracking, resend.
+//! - [`wire`]: the frame format and its bounded decoder.
+//! - [`Postoffice`]: a node (scheduler, server or worker): runtime, sockets,
+//!   links, the authentication handshake.
+//! - [`KvWorker`], [`RequestHandler`]: push, pull, push-pull and commands.
+//!
+//! The crate knows nothing of tensors, the engine or the kernels.
 #![warn(missing_docs)]
 
+mod config;
+mod error;
+mod kv;
+mod link;
+mod postoffice;
 pub mod protocol;
+mod security;
+mod slot;
+mod van;
 pub mod wire;
+
+pub use config::{Config, VanKind};
+pub use error::TransportError;
+pub use kv::{KvRequest, KvResponse, KvWorker, Pending, RequestHandler, RequestOptions, Responder};
+pub use postoffice::Postoffice;
+pub use protocol::tracker::TrackError;
+pub use protocol::{Group, NodeId, Role};

@@ -96,6 +96,11 @@ impl Resender {
         }
     }
 
+    /// Sets the id this node signs its acks with (known after registration).
+    pub fn set_me(&mut self, me: u32) {
+        self.me = me;
+    }
+
     /// Numbers `frame` for `dest`, asks for an ack, and keeps a copy (cheap:
     /// the payload is shared) to send again.
     pub fn stamp(&mut self, dest: Peer, frame: &mut Frame, now: Instant) {

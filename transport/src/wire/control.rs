@@ -36,7 +36,9 @@ pub enum Control {
     Auth {
         /// 32 random bytes.
         nonce: [u8; 32],
-        /// HMAC-SHA256 over the context and both nonces.
+        /// The connector's node id (0 before it registered).
+        node_id: u32,
+        /// HMAC-SHA256 over the context, both nonces and the node id.
         mac: [u8; 32],
     },
     /// Handshake, server side: the server's proof (mutual authentication).

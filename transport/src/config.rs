@@ -1,0 +1,367 @@
+//! Configuration: a builder, or the environment of MXNet's launcher.
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `DMLC_ROLE` | `scheduler`, `server` or `worker` | required |
+//! | `DMLC_PS_ROOT_URI` | the scheduler's host | required |
+//! | `DMLC_PS_ROOT_PORT` | the scheduler's port | required |
+//! | `DMLC_NUM_SERVER` | servers in the cluster | required |
+//! | `DMLC_NUM_WORKER` | workers in the cluster | required |
+//! | `DMLC_INTERFACE` | network interface to listen on and announce (its IPv4 address) | all interfaces; the host's name is announced |
+//! | `DMLC_NODE_HOST` | host name or address to announce | from the interface, else the machine's address toward the scheduler |
+//! | `DMLC_PORT` | this node's listening port | any free port |
+//! | `PS_HEARTBEAT_INTERVAL` | seconds between heartbeats; 0 disables | 1 |
+//! | `PS_HEARTBEAT_TIMEOUT` | seconds of silence before a node is dead; 0 disables | 10 |
+//! | `PS_RESEND` | 1: acknowledge and resend every message | 0 |
+//! | `PS_RESEND_TIMEOUT` | milliseconds before a resend | 1000 |
+//! | `PS_VERBOSE` | 0, 1 (connections) or 2 (every message) | 0 |
+//! | `PSKV_TOKEN` | the cluster token (HMAC challenge on every connection) | none: loopback peers only |
+//! | `PSKV_VAN` | `tcp`, `shm` or `auto` (shared memory with peers on the same host) | `auto` |
+//! | `PSKV_SHM_BYTES` | bytes of each shared-memory ring (one per direction and peer) | 16 MiB |
+//! | `PSKV_MAX_MESSAGE_BYTES` | largest payload accepted in one message | 2 GiB |
+//! | `PSKV_CONNECT_TIMEOUT` | seconds to keep trying to reach the scheduler and to register | 60 |
+//! | `PSKV_IO_THREADS` | I/O threads of the node's runtime | 2 |
+
+use std::time::Duration;
+
+use crate::error::TransportError;
+use crate::protocol::Role;
+use crate::wire::Limits;
+
+/// Which van carries data between two nodes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum VanKind {
+    /// TCP for every peer.
+    Tcp,
+    /// Shared memory for peers on the same host; refuse to run otherwise.
+    Shm,
+    /// Shared memory for peers on the same host, TCP for the others.
+    Auto,
+}
+
+/// A node's configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's role.
+    pub role: Role,
+    /// The scheduler's host.
+    pub root_uri: String,
+    /// The scheduler's port.
+    pub root_port: u16,
+    /// Servers in the cluster.
+    pub num_servers: u32,
+    /// Workers in the cluster.
+    pub num_workers: u32,
+    /// Interface to listen on and announce.
+    pub interface: Option<String>,
+    /// Host to announce.
+    pub node_host: Option<String>,
+    /// Port to listen on (0: any).
+    pub port: u16,
+    /// Heartbeat period (None: off).
+    pub heartbeat_interval: Option<Duration>,
+    /// Silence before a node is dead (None: off; a closed connection still
+    /// counts).
+    pub heartbeat_timeout: Option<Duration>,
+    /// Acknowledge and resend every message.
+    pub resend: bool,
+    /// Time before a resend.
+    pub resend_timeout: Duration,
+    /// Logging detail (0, 1, 2).
+    pub verbose: u8,
+    /// The cluster token.
+    pub token: Option<String>,
+    /// Van choice.
+    pub van: VanKind,
+    /// Shared-memory ring size.
+    pub shm_bytes: usize,
+    /// Frame limits.
+    pub limits: Limits,
+    /// Time to reach the scheduler and register.
+    pub connect_timeout: Duration,
+    /// Runtime threads.
+    pub io_threads: usize,
+}
+
+impl Config {
+    /// A configuration with the defaults, for a cluster whose scheduler
+    /// listens at `root_uri:root_port`.
+    ///
+    /// ```
+    /// use pskv_transport::{Config, Role};
+    /// let cfg = Config::new(Role::Worker, "127.0.0.1", 9100, 2, 4).token("secret");
+    /// assert_eq!(cfg.num_workers, 4);
+    /// ```
+    pub fn new(
+        role: Role,
+        root_uri: impl Into<String>,
+        root_port: u16,
+        num_servers: u32,
+        num_workers: u32,
+    ) -> Config {
+        Config {
+            role,
+            root_uri: root_uri.into(),
+            root_port,
+            num_servers,
+            num_workers,
+            interface: None,
+            node_host: None,
+            port: 0,
+            heartbeat_interval: Some(Duration::from_secs(1)),
+            heartbeat_timeout: Some(Duration::from_secs(10)),
+            resend: false,
+            resend_timeout: Duration::from_millis(1000),
+            verbose: 0,
+            token: None,
+            van: VanKind::Auto,
+            shm_bytes: 16 << 20,
+            limits: Limits::default(),
+            connect_timeout: Duration::from_secs(60),
+            io_threads: 2,
+        }
+    }
+
+    /// Reads the configuration from the environment (table above).
+    pub fn from_env() -> Result<Config, TransportError> {
+        Config::from_lookup(&|k| std::env::var(k).ok())
+    }
+
+    /// As [`Config::from_env`], reading variables through `get`.
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Config, TransportError> {
+        let bad = |name: &str, value: &str, reason: &str| TransportError::Config {
+            name: name.into(),
+            value: value.into(),
+            reason: reason.into(),
+        };
+        let need = |name: &str| get(name).ok_or_else(|| bad(name, "", "must be set"));
+        fn num<T: std::str::FromStr>(
+            get: &dyn Fn(&str) -> Option<String>,
+            name: &str,
+            what: &str,
+        ) -> Result<Option<T>, TransportError> {
+            match get(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| TransportError::Config {
+                        name: name.into(),
+                        value: v.clone(),
+                        reason: format!("expected {what}"),
+                    }),
+            }
+        }
+        let role_s = need("DMLC_ROLE")?;
+        let role = match role_s.trim() {
+            "scheduler" => Role::Scheduler,
+            "server" => Role::Server,
+            "worker" => Role::Worker,
+            _ => {
+                return Err(bad(
+                    "DMLC_ROLE",
+                    &role_s,
+                    "expected scheduler, server or worker",
+                ))
+            }
+        };
+        let root_uri = need("DMLC_PS_ROOT_URI")?;
+        let port_s = need("DMLC_PS_ROOT_PORT")?;
+        let root_port: u16 = match port_s.trim().parse() {
+            Ok(p) if p > 0 => p,
+            _ => {
+                return Err(bad(
+                    "DMLC_PS_ROOT_PORT",
+                    &port_s,
+                    "expected a port from 1 to 65535",
+                ))
+            }
+        };
+        let count = |name: &str| -> Result<u32, TransportError> {
+            let v = need(name)?;
+            match v.trim().parse::<u32>() {
+                Ok(n) if (1..=4096).contains(&n) => Ok(n),
+                _ => Err(bad(name, &v, "expected a count from 1 to 4096")),
+            }
+        };
+        let mut c = Config::new(
+            role,
+            root_uri,
+            root_port,
+            count("DMLC_NUM_SERVER")?,
+            count("DMLC_NUM_WORKER")?,
+        );
+        c.interface = get("DMLC_INTERFACE").filter(|s| !s.is_empty());
+        c.node_host = get("DMLC_NODE_HOST").filter(|s| !s.is_empty());
+        if let Some(p) = num::<u16>(get, "DMLC_PORT", "a port")? {
+            c.port = p;
+        }
+        let secs = |name: &str| -> Result<Option<Option<Duration>>, TransportError> {
+            Ok(num::<f64>(get, name, "a number of seconds")?.map(|s| {
+                if s > 0.0 && s.is_finite() {
+                    Some(Duration::from_secs_f64(s.min(1e6)))
+                } else {
+                    None
+                }
+            }))
+        };
+        if let Some(v) = secs("PS_HEARTBEAT_INTERVAL")? {
+            c.heartbeat_interval = v;
+        }
+        if let Some(v) = secs("PS_HEARTBEAT_TIMEOUT")? {
+            c.heartbeat_timeout = v;
+        }
+        if let Some(v) = num::<u32>(get, "PS_RESEND", "0 or 1")? {
+            c.resend = v != 0;
+        }
+        if let Some(ms) = num::<u64>(get, "PS_RESEND_TIMEOUT", "milliseconds")? {
+            c.resend_timeout = Duration::from_millis(ms.max(1));
+        }
+        if let Some(v) = num::<u8>(get, "PS_VERBOSE", "0, 1 or 2")? {
+            c.verbose = v;
+        }
+        c.token = get("PSKV_TOKEN").filter(|t| !t.is_empty());
+        if let Some(v) = get("PSKV_VAN") {
+            c.van = match v.trim() {
+                "tcp" => VanKind::Tcp,
+                "shm" => VanKind::Shm,
+                "auto" => VanKind::Auto,
+                _ => return Err(bad("PSKV_VAN", &v, "expected tcp, shm or auto")),
+            };
+        }
+        if let Some(b) = num::<usize>(get, "PSKV_SHM_BYTES", "a byte count")? {
+            if !(1 << 16..=1 << 34).contains(&b) {
+                return Err(bad(
+                    "PSKV_SHM_BYTES",
+                    &b.to_string(),
+                    "expected 64 KiB to 16 GiB",
+                ));
+            }
+            c.shm_bytes = b;
+        }
+        if let Some(b) = num::<u64>(get, "PSKV_MAX_MESSAGE_BYTES", "a byte count")? {
+            c.limits.max_payload = b;
+        }
+        if let Some(s) = num::<f64>(get, "PSKV_CONNECT_TIMEOUT", "a number of seconds")? {
+            if !(s > 0.0 && s.is_finite()) {
+                return Err(bad(
+                    "PSKV_CONNECT_TIMEOUT",
+                    &s.to_string(),
+                    "expected a positive number of seconds",
+                ));
+            }
+            c.connect_timeout = Duration::from_secs_f64(s.min(1e6));
+        }
+        if let Some(n) = num::<usize>(get, "PSKV_IO_THREADS", "a thread count")? {
+            c.io_threads = n.clamp(1, 64);
+        }
+        Ok(c)
+    }
+
+    /// Sets the cluster token.
+    pub fn token(mut self, token: impl Into<String>) -> Config {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Sets the van choice.
+    pub fn van(mut self, van: VanKind) -> Config {
+        self.van = van;
+        self
+    }
+
+    /// Sets the heartbeat period and timeout (None: off).
+    pub fn heartbeat(mut self, interval: Option<Duration>, timeout: Option<Duration>) -> Config {
+        self.heartbeat_interval = interval;
+        self.heartbeat_timeout = timeout;
+        self
+    }
+
+    /// Sets the time allowed to reach the scheduler and register.
+    pub fn connect_timeout(mut self, t: Duration) -> Config {
+        self.connect_timeout = t;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    const BASE: [(&str, &str); 5] = [
+        ("DMLC_ROLE", "worker"),
+        ("DMLC_PS_ROOT_URI", "10.0.0.1"),
+        ("DMLC_PS_ROOT_PORT", "9091"),
+        ("DMLC_NUM_SERVER", "2"),
+        ("DMLC_NUM_WORKER", "4"),
+    ];
+
+    #[test]
+    fn reads_the_launcher_environment() {
+        let mut pairs = BASE.to_vec();
+        pairs.extend([
+            ("DMLC_INTERFACE", "eth1"),
+            ("DMLC_NODE_HOST", "node7"),
+            ("PS_HEARTBEAT_INTERVAL", "2"),
+            ("PS_HEARTBEAT_TIMEOUT", "0"),
+            ("PS_RESEND", "1"),
+            ("PS_RESEND_TIMEOUT", "250"),
+            ("PS_VERBOSE", "2"),
+            ("PSKV_TOKEN", "s3cret"),
+            ("PSKV_VAN", "tcp"),
+        ]);
+        let c = Config::from_lookup(&env(&pairs)).unwrap();
+        assert_eq!(c.role, Role::Worker);
+        assert_eq!(
+            (
+                c.root_uri.as_str(),
+                c.root_port,
+                c.num_servers,
+                c.num_workers
+            ),
+            ("10.0.0.1", 9091, 2, 4)
+        );
+        assert_eq!(c.interface.as_deref(), Some("eth1"));
+        assert_eq!(c.node_host.as_deref(), Some("node7"));
+        assert_eq!(c.heartbeat_interval, Some(Duration::from_secs(2)));
+        assert_eq!(c.heartbeat_timeout, None);
+        assert!(c.resend);
+        assert_eq!(c.resend_timeout, Duration::from_millis(250));
+        assert_eq!(c.verbose, 2);
+        assert_eq!(c.token.as_deref(), Some("s3cret"));
+        assert_eq!(c.van, VanKind::Tcp);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (k, v) in [
+            ("DMLC_ROLE", "boss"),
+            ("DMLC_PS_ROOT_PORT", "0"),
+            ("DMLC_PS_ROOT_PORT", "http"),
+            ("DMLC_NUM_SERVER", "0"),
+            ("DMLC_NUM_WORKER", "-2"),
+            ("PS_HEARTBEAT_INTERVAL", "often"),
+            ("PSKV_VAN", "carrier-pigeon"),
+            ("PSKV_SHM_BYTES", "12"),
+            ("PSKV_CONNECT_TIMEOUT", "-1"),
+        ] {
+            let mut pairs: Vec<(&str, &str)> =
+                BASE.iter().copied().filter(|(n, _)| *n != k).collect();
+            pairs.push((k, v));
+            let err = Config::from_lookup(&env(&pairs)).unwrap_err();
+            assert!(err.to_string().contains(k), "{err}");
+        }
+        let missing = Config::from_lookup(&env(&BASE[1..])).unwrap_err();
+        assert!(missing.to_string().contains("DMLC_ROLE"), "{missing}");
+    }
+}

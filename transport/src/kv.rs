@@ -1,0 +1,606 @@
+//! Key/value messaging on top of the postoffice: a worker's push, pull,
+//! push-pull and command requests, split by server key range and completed
+//! once every involved server answered; a server's handler and responder.
+//!
+//! Payloads are `Bytes`: a request's values are sliced per server without a
+//! copy; what a server receives is a slice of the one buffer the frame was
+//! read into; a response's parts are handed to the caller as received.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::error::TransportError;
+use crate::link::Link;
+use crate::postoffice::{Inner, Postoffice};
+use crate::protocol::{describe, role_rank, Group, NodeId, Role};
+use crate::slot::{Slot, SlotFuture};
+use crate::wire::{Flags, Frame, Kind};
+
+/// What a request completes with inside the transport.
+pub(crate) type Callback =
+    Box<dyn FnOnce(Result<Vec<(NodeId, Frame)>, TransportError>) + Send + 'static>;
+
+/// Options of a request.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestOptions {
+    /// Application command id (the kvstore's data type, compression, ...).
+    pub cmd: i32,
+    /// Priority: the request's frames leave before those of lower priority
+    /// queued on the same connection.
+    pub priority: i32,
+}
+
+/// A request as a server receives it.
+#[derive(Debug, Clone)]
+pub struct KvRequest {
+    /// The node that sent it.
+    pub sender: NodeId,
+    /// Application command id.
+    pub cmd: i32,
+    /// Its priority.
+    pub priority: i32,
+    /// It carries values to store.
+    pub push: bool,
+    /// It wants values back.
+    pub pull: bool,
+    /// It is a command (`KvWorker::request`): no keys; the body is `body`.
+    pub command: bool,
+    /// Keys, strictly ascending, all within this server's range.
+    pub keys: Vec<u64>,
+    /// Bytes of each key's value in `vals` (for a pull: what the worker
+    /// expects, or zeros).
+    pub lens: Vec<u32>,
+    /// The values, concatenated in key order (push).
+    pub vals: Bytes,
+    /// A command's body.
+    pub body: Bytes,
+}
+
+impl KvRequest {
+    pub(crate) fn from_frame(f: Frame) -> KvRequest {
+        KvRequest {
+            sender: f.sender,
+            cmd: f.cmd,
+            priority: f.priority,
+            push: f.flags.contains(Flags::PUSH),
+            pull: f.flags.contains(Flags::PULL),
+            command: f.flags.contains(Flags::COMMAND),
+            keys: f.keys,
+            lens: f.lens,
+            vals: f.payload,
+            body: f.meta,
+        }
+    }
+
+    /// The sender's rank among the workers, if it is a worker.
+    pub fn worker_rank(&self) -> Option<u32> {
+        match role_rank(self.sender) {
+            Some((Role::Worker, r)) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// Answers one request, now or later, from any thread. Dropping it without
+/// answering sends an error answer, so the worker never waits for nothing.
+pub struct Responder {
+    inner: Arc<Inner>,
+    link: Arc<Link>,
+    request_id: u64,
+    recipient: NodeId,
+    cmd: i32,
+    priority: i32,
+    done: bool,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder")
+            .field("request_id", &self.request_id)
+            .field("recipient", &self.recipient)
+            .finish()
+    }
+}
+
+impl Responder {
+    pub(crate) fn new(inner: Arc<Inner>, link: Arc<Link>, req: &Frame) -> Responder {
+        Responder {
+            inner,
+            link,
+            request_id: req.request_id,
+            recipient: req.sender,
+            cmd: req.cmd,
+            priority: req.priority,
+            done: false,
+        }
+    }
+
+    fn frame(&self) -> Frame {
+        let mut f = Frame::new(Kind::Response);
+        f.request_id = self.request_id;
+        f.sender = self.inner.my_id();
+        f.recipient = self.recipient;
+        f.cmd = self.cmd;
+        f.priority = self.priority;
+        f
+    }
+
+    fn send(mut self, f: Frame) {
+        self.done = true;
+        // A closed link: the requester is gone or will learn of the failure.
+        let _ = self.inner.send_on(&self.link, f);
+    }
+
+    /// Answers with values: `keys` ascending, `lens` their byte lengths in
+    /// `vals`. Bad arguments turn into an error answer.
+    pub fn respond(self, keys: Vec<u64>, lens: Vec<u32>, vals: Bytes) {
+        if let Err(e) = check_kv(&keys, &lens, vals.len()) {
+            self.error(format!("the server built a bad answer: {e}"));
+            return;
+        }
+        let mut f = self.frame();
+        f.keys = keys;
+        f.lens = lens;
+        f.payload = vals;
+        self.send(f);
+    }
+
+    /// Answers with no values (a push or a command done).
+    pub fn ok(self) {
+        let f = self.frame();
+        self.send(f);
+    }
+
+    /// Answers with an error message: the request fails on the worker with
+    /// this message and the server's name.
+    pub fn error(self, message: impl Into<String>) {
+        let mut f = self.frame();
+        f.flags = Flags::ERROR;
+        f.meta = Bytes::from(message.into());
+        self.send(f);
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if !self.done {
+            self.done = true;
+            let mut f = self.frame();
+            f.flags = Flags::ERROR;
+            f.meta = Bytes::from_static(b"the server dropped the request without answering");
+            let _ = self.inner.send_on(&self.link, f);
+        }
+    }
+}
+
+/// What a server handles requests with.
+pub trait RequestHandler: Send + Sync + 'static {
+    /// Handles one request; answer through `responder` (now or later). Runs
+    /// on an I/O thread: hand long work to another thread.
+    fn handle(&self, request: KvRequest, responder: Responder);
+}
+
+impl<F> RequestHandler for F
+where
+    F: Fn(KvRequest, Responder) + Send + Sync + 'static,
+{
+    fn handle(&self, request: KvRequest, responder: Responder) {
+        self(request, responder)
+    }
+}
+
+/// The answer to a request: keys, their lengths, and the values as the
+/// servers sent them (one part per server, in key order).
+#[derive(Debug, Clone, Default)]
+pub struct KvResponse {
+    /// Keys answered, ascending.
+    pub keys: Vec<u64>,
+    /// Bytes of each key's value.
+    pub lens: Vec<u32>,
+    /// The values, one part per answering server, in key order.
+    pub parts: Vec<Bytes>,
+    /// Command answers: each target's id and answer body.
+    pub bodies: Vec<(NodeId, Bytes)>,
+}
+
+impl KvResponse {
+    /// Total bytes of values.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum()
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies every value, in key order, into `out` (which must be exactly
+    /// `len()` bytes).
+    pub fn copy_to(&self, out: &mut [u8]) -> Result<(), TransportError> {
+        if out.len() != self.len() {
+            return Err(TransportError::Invalid(format!(
+                "the answer has {} bytes of values, the buffer {}",
+                self.len(),
+                out.len()
+            )));
+        }
+        let mut at = 0;
+        for p in &self.parts {
+            out[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        Ok(())
+    }
+
+    /// All values in one buffer (one copy if several servers answered).
+    pub fn to_bytes(&self) -> Bytes {
+        match self.parts.len() {
+            0 => Bytes::new(),
+            1 => self.parts[0].clone(),
+            _ => {
+                let mut v = Vec::with_capacity(self.len());
+                for p in &self.parts {
+                    v.extend_from_slice(p);
+                }
+                Bytes::from(v)
+            }
+        }
+    }
+}
+
+/// A request in flight: wait for it (with a timeout) or await it.
+#[must_use = "a request's result says whether it worked"]
+pub struct Pending {
+    slot: Arc<Slot<Result<KvResponse, TransportError>>>,
+    what: String,
+}
+
+impl Pending {
+    /// Blocks until the request completes, or `timeout` passes.
+    pub fn wait(self, timeout: Duration) -> Result<KvResponse, TransportError> {
+        self.slot.wait(timeout).unwrap_or_else(|| {
+            Err(TransportError::Timeout {
+                what: self.what.clone(),
+                after: timeout,
+            })
+        })
+    }
+
+    /// Whether it completed.
+    pub fn is_done(&self) -> bool {
+        self.slot.is_set()
+    }
+}
+
+impl Future for Pending {
+    type Output = Result<KvResponse, TransportError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut f = SlotFuture(self.slot.clone());
+        match Pin::new(&mut f).poll(cx) {
+            Poll::Ready(Some(r)) => Poll::Ready(r),
+            Poll::Ready(None) => Poll::Ready(Err(TransportError::NotRunning(
+                "the request was already taken".into(),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Checks keys (strictly ascending, below `u64::MAX`), lengths and total.
+fn check_kv(keys: &[u64], lens: &[u32], total: usize) -> Result<(), TransportError> {
+    if lens.len() != keys.len() {
+        return Err(TransportError::Invalid(format!(
+            "{} keys but {} lengths",
+            keys.len(),
+            lens.len()
+        )));
+    }
+    if let Some(i) = keys.windows(2).position(|w| w[0] >= w[1]) {
+        return Err(TransportError::Invalid(format!(
+            "keys must be strictly ascending: key {} at index {} follows {}",
+            keys[i + 1],
+            i + 1,
+            keys[i]
+        )));
+    }
+    if keys.last() == Some(&u64::MAX) {
+        return Err(TransportError::Invalid(
+            "key u64::MAX belongs to no server".into(),
+        ));
+    }
+    let sum: u64 = lens.iter().map(|&l| l as u64).sum();
+    if sum != total as u64 {
+        return Err(TransportError::Invalid(format!(
+            "the lengths add up to {sum} bytes but the values are {total} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// A worker's side of key/value messaging.
+///
+/// ```no_run
+/// use pskv_transport::{Config, KvWorker, Postoffice, RequestOptions, Role};
+/// use std::time::Duration;
+/// let po = Postoffice::start(Config::from_env()?, None)?;
+/// let kv = KvWorker::new(&po);
+/// let vals = bytes::Bytes::from(vec![0u8; 8]);
+/// kv.push(&[3, 9], &[4, 4], vals, RequestOptions::default())?.wait(Duration::from_secs(30))?;
+/// let got = kv.pull(&[3, 9], RequestOptions::default())?.wait(Duration::from_secs(30))?;
+/// assert_eq!(got.len(), 8);
+/// # Ok::<(), pskv_transport::TransportError>(())
+/// ```
+#[derive(Clone)]
+pub struct KvWorker {
+    po: Postoffice,
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KvWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvWorker")
+            .field("id", &self.po.my_id())
+            .finish()
+    }
+}
+
+impl KvWorker {
+    /// The key/value side of a node.
+    pub fn new(po: &Postoffice) -> KvWorker {
+        KvWorker {
+            po: po.clone(),
+            inner: po.inner_arc(),
+        }
+    }
+
+    /// The postoffice underneath.
+    pub fn postoffice(&self) -> &Postoffice {
+        &self.po
+    }
+
+    /// Splits keys (and their values) by server key range.
+    fn split(
+        &self,
+        keys: &[u64],
+        lens: &[u32],
+        vals: &Bytes,
+    ) -> Vec<(NodeId, Vec<u64>, Vec<u32>, Bytes)> {
+        let ranges = self.po.server_key_ranges();
+        let mut out = Vec::new();
+        let mut offset = 0usize;
+        let mut lo = 0usize;
+        for (rank, (_, end)) in ranges.iter().enumerate() {
+            let hi = lo + keys[lo..].partition_point(|k| k < end);
+            if hi > lo {
+                let part_lens = lens[lo..hi].to_vec();
+                let bytes: usize = part_lens.iter().map(|&l| l as usize).sum();
+                let part_vals = if vals.is_empty() {
+                    Bytes::new()
+                } else {
+                    vals.slice(offset..offset + bytes)
+                };
+                offset += bytes;
+                out.push((
+                    Role::Server.id_of(rank as u32),
+                    keys[lo..hi].to_vec(),
+                    part_lens,
+                    part_vals,
+                ));
+            }
+            lo = hi;
+        }
+        out
+    }
+
+    fn kv_request(
+        &self,
+        keys: &[u64],
+        lens: &[u32],
+        vals: Bytes,
+        flags: Flags,
+        opts: RequestOptions,
+        callback: impl FnOnce(Result<KvResponse, TransportError>) + Send + 'static,
+    ) -> Result<(), TransportError> {
+        if keys.is_empty() {
+            return Err(TransportError::Invalid(
+                "a request needs at least one key".into(),
+            ));
+        }
+        let total = if flags.contains(Flags::PUSH) {
+            vals.len()
+        } else {
+            lens.iter().map(|&l| l as usize).sum()
+        };
+        check_kv(keys, lens, total)?;
+        let limit = self.inner.cfg.limits.max_payload;
+        if vals.len() as u64 > limit {
+            return Err(TransportError::Invalid(format!(
+                "{} bytes of values exceed the message limit of {limit} bytes (PSKV_MAX_MESSAGE_BYTES)",
+                vals.len()
+            )));
+        }
+        let parts = self.split(keys, lens, &vals);
+        let expect: Vec<(NodeId, Vec<u64>)> =
+            parts.iter().map(|(n, k, _, _)| (*n, k.clone())).collect();
+        let pull = flags.contains(Flags::PULL);
+        let frames = parts
+            .into_iter()
+            .map(|(node, keys, lens, vals)| {
+                let mut f = Frame::new(Kind::Request);
+                f.flags = flags;
+                f.cmd = opts.cmd;
+                f.priority = opts.priority;
+                f.keys = keys;
+                f.lens = lens;
+                f.payload = vals;
+                (node, f)
+            })
+            .collect();
+        self.inner.request(
+            frames,
+            Box::new(move |r| {
+                callback(r.and_then(|answers| {
+                    let mut resp = KvResponse::default();
+                    for ((node, f), (want_node, want_keys)) in answers.into_iter().zip(expect) {
+                        debug_assert_eq!(node, want_node);
+                        if pull && f.keys != want_keys {
+                            return Err(TransportError::Invalid(format!(
+                                "{} answered keys {:?} to a pull of {:?}",
+                                describe(node),
+                                f.keys,
+                                want_keys
+                            )));
+                        }
+                        resp.keys.extend_from_slice(&f.keys);
+                        resp.lens.extend_from_slice(&f.lens);
+                        resp.parts.push(f.payload);
+                    }
+                    Ok(resp)
+                }))
+            }),
+        )
+    }
+
+    fn pending(
+        what: String,
+    ) -> (
+        Pending,
+        impl FnOnce(Result<KvResponse, TransportError>) + Send + 'static,
+    ) {
+        let slot = Slot::new();
+        let s2 = slot.clone();
+        (Pending { slot, what }, move |r| {
+            s2.set(r);
+        })
+    }
+
+    /// Pushes values: `lens[i]` bytes of `vals` for `keys[i]` (ascending).
+    pub fn push(
+        &self,
+        keys: &[u64],
+        lens: &[u32],
+        vals: Bytes,
+        opts: RequestOptions,
+    ) -> Result<Pending, TransportError> {
+        let (p, cb) = Self::pending(format!("a push of {} keys", keys.len()));
+        self.kv_request(keys, lens, vals, Flags::PUSH, opts, cb)?;
+        Ok(p)
+    }
+
+    /// Pulls the values of `keys` (ascending).
+    pub fn pull(&self, keys: &[u64], opts: RequestOptions) -> Result<Pending, TransportError> {
+        let (p, cb) = Self::pending(format!("a pull of {} keys", keys.len()));
+        let lens = vec![0u32; keys.len()];
+        self.kv_request(keys, &lens, Bytes::new(), Flags::PULL, opts, cb)?;
+        Ok(p)
+    }
+
+    /// Pushes values and pulls the keys' values back in one round trip.
+    pub fn push_pull(
+        &self,
+        keys: &[u64],
+        lens: &[u32],
+        vals: Bytes,
+        opts: RequestOptions,
+    ) -> Result<Pending, TransportError> {
+        let (p, cb) = Self::pending(format!("a push-pull of {} keys", keys.len()));
+        self.kv_request(keys, lens, vals, Flags::PUSH | Flags::PULL, opts, cb)?;
+        Ok(p)
+    }
+
+    /// As [`KvWorker::push`], calling `done` instead (on an I/O thread).
+    pub fn push_with(
+        &self,
+        keys: &[u64],
+        lens: &[u32],
+        vals: Bytes,
+        opts: RequestOptions,
+        done: impl FnOnce(Result<KvResponse, TransportError>) + Send + 'static,
+    ) -> Result<(), TransportError> {
+        self.kv_request(keys, lens, vals, Flags::PUSH, opts, done)
+    }
+
+    /// As [`KvWorker::pull`], calling `done` instead (on an I/O thread).
+    pub fn pull_with(
+        &self,
+        keys: &[u64],
+        opts: RequestOptions,
+        done: impl FnOnce(Result<KvResponse, TransportError>) + Send + 'static,
+    ) -> Result<(), TransportError> {
+        let lens = vec![0u32; keys.len()];
+        self.kv_request(keys, &lens, Bytes::new(), Flags::PULL, opts, done)
+    }
+
+    /// As [`KvWorker::push_pull`], calling `done` instead (on an I/O thread).
+    pub fn push_pull_with(
+        &self,
+        keys: &[u64],
+        lens: &[u32],
+        vals: Bytes,
+        opts: RequestOptions,
+        done: impl FnOnce(Result<KvResponse, TransportError>) + Send + 'static,
+    ) -> Result<(), TransportError> {
+        self.kv_request(keys, lens, vals, Flags::PUSH | Flags::PULL, opts, done)
+    }
+
+    /// Sends command `cmd` with `body` to every node of `group` except this
+    /// one (servers and/or workers); completes when all answered. The
+    /// answers' bodies are in `KvResponse::bodies`.
+    pub fn request(&self, cmd: i32, body: Bytes, group: Group) -> Result<Pending, TransportError> {
+        if !group.is_valid() || group == Group::SCHEDULER {
+            return Err(TransportError::Invalid(format!(
+                "group {} holds no servers or workers to send a command to",
+                group.0
+            )));
+        }
+        let me = self.po.my_id();
+        let mut targets = Vec::new();
+        if group.has(Role::Server) {
+            targets.extend((0..self.po.num_servers()).map(|r| Role::Server.id_of(r)));
+        }
+        if group.has(Role::Worker) {
+            targets.extend((0..self.po.num_workers()).map(|r| Role::Worker.id_of(r)));
+        }
+        targets.retain(|&t| t != me);
+        let (p, cb) = Self::pending(format!("command {cmd} to group {}", group.0));
+        if targets.is_empty() {
+            cb(Ok(KvResponse::default()));
+            return Ok(p);
+        }
+        let frames = targets
+            .into_iter()
+            .map(|node| {
+                let mut f = Frame::new(Kind::Request);
+                f.flags = Flags::COMMAND;
+                f.cmd = cmd;
+                f.meta = body.clone();
+                (node, f)
+            })
+            .collect();
+        self.inner.request(
+            frames,
+            Box::new(move |r| {
+                cb(r.map(|answers| KvResponse {
+                    bodies: answers.into_iter().map(|(n, f)| (n, f.meta)).collect(),
+                    ..KvResponse::default()
+                }))
+            }),
+        )?;
+        Ok(p)
+    }
+}
+
+/// Convenience for tests and examples: an answer body from a responder.
+impl Responder {
+    /// Answers a command with a body.
+    pub fn reply_body(self, body: Bytes) {
+        let mut f = self.frame();
+        f.meta = body;
+        self.send(f);
+    }
+}

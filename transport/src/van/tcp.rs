@@ -1,0 +1,226 @@
+//! The TCP van: one connection per peer pair.
+//!
+//! Receive: a 64 KiB read buffer serves small frames (several per read
+//! call); a frame whose body does not fit gets a buffer of exactly its size,
+//! into which the rest is read straight from the socket, so a large payload
+//! is received into one buffer with no further copy. The header's lengths
+//! are checked against the limits before that buffer is allocated.
+//!
+//! Send: the writer takes batches from the link's priority queue and writes
+//! each frame's head and payload with vectored writes (the payload is never
+//! copied into a send buffer).
+
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{end, FrameSink};
+use crate::link::Link;
+use crate::wire::{decode_body, decode_header, Frame, Limits, WireError, HEADER_LEN};
+
+/// Read-buffer size for small frames.
+const READ_CHUNK: usize = 64 * 1024;
+/// Most bytes written per batch.
+const BATCH_BYTES: usize = 1 << 20;
+
+/// Why reading a frame stopped.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// The peer closed the connection cleanly between frames.
+    Eof,
+    /// A socket error, or the peer closed in the middle of a frame.
+    Io(String),
+    /// A malformed frame.
+    Wire(WireError),
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Eof => f.write_str("the peer closed the connection"),
+            ReadError::Io(e) => write!(f, "read failed: {e}"),
+            ReadError::Wire(e) => write!(f, "malformed frame: {e}"),
+        }
+    }
+}
+
+/// Reads frames from a byte stream, with a small-frame buffer.
+pub(crate) struct FrameReader<R> {
+    rd: R,
+    buf: BytesMut,
+    limits: Limits,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub(crate) fn new(rd: R, limits: Limits) -> Self {
+        FrameReader {
+            rd,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            limits,
+        }
+    }
+
+    async fn fill(&mut self, need: usize) -> Result<(), ReadError> {
+        while self.buf.len() < need {
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            match self.rd.read_buf(&mut self.buf).await {
+                Ok(0) if self.buf.is_empty() => return Err(ReadError::Eof),
+                Ok(0) => {
+                    return Err(ReadError::Io(
+                        "the peer closed the connection in the middle of a frame".into(),
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => return Err(ReadError::Io(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// The same reader with other limits (after the handshake), keeping any
+    /// bytes already buffered.
+    pub(crate) fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The next frame.
+    pub(crate) async fn read(&mut self) -> Result<Frame, ReadError> {
+        self.fill(HEADER_LEN).await?;
+        let h = decode_header(&self.buf[..HEADER_LEN], &self.limits).map_err(ReadError::Wire)?;
+        self.buf.advance(HEADER_LEN);
+        let need = h.body_len() as usize;
+        let body = if need <= self.buf.len() || need <= READ_CHUNK {
+            self.fill(need).await?;
+            self.buf.split_to(need).freeze()
+        } else {
+            // A large body: one buffer of its exact size; what is already
+            // buffered is copied in, the rest is read straight into it.
+            let mut big = BytesMut::with_capacity(need);
+            big.extend_from_slice(&self.buf);
+            self.buf.clear();
+            while big.len() < need {
+                let want = (need - big.len()) as u64;
+                match (&mut self.rd).take(want).read_buf(&mut big).await {
+                    Ok(0) => {
+                        return Err(ReadError::Io(
+                            "the peer closed the connection in the middle of a frame".into(),
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(ReadError::Io(e.to_string())),
+                }
+            }
+            big.freeze()
+        };
+        decode_body(h, body).map_err(ReadError::Wire)
+    }
+}
+
+/// Writes `frames` with vectored writes: heads and payloads, no payload copy.
+pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    frames: &[Frame],
+) -> std::io::Result<()> {
+    let heads: Vec<BytesMut> = frames.iter().map(Frame::encode_head).collect();
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(frames.len() * 2);
+    for (h, f) in heads.iter().zip(frames) {
+        parts.push(h);
+        if !f.payload.is_empty() {
+            parts.push(&f.payload);
+        }
+    }
+    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+    let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    while !rest.is_empty() {
+        let n = wr.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "the socket took no bytes",
+            ));
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+/// Writes one frame (the handshake).
+pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    frame: &Frame,
+) -> std::io::Result<()> {
+    wr.write_all(&frame.encode()).await
+}
+
+/// Reads one frame with a deadline (the handshake).
+pub(crate) async fn read_frame_timeout<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    timeout: Duration,
+) -> Result<Frame, ReadError> {
+    match tokio::time::timeout(timeout, reader.read()).await {
+        Ok(r) => r,
+        Err(_) => Err(ReadError::Io(format!("no frame within {timeout:?}"))),
+    }
+}
+
+/// Starts the TCP van on an authenticated stream: a reader task delivering
+/// to `sink` and a writer task draining `link`'s queue. `reader` carries any
+/// bytes already buffered during the handshake.
+pub(crate) fn start(
+    reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    link: Arc<Link>,
+    sink: Arc<dyn FrameSink>,
+    rt: &tokio::runtime::Handle,
+) {
+    let (l, s) = (link.clone(), sink.clone());
+    rt.spawn(async move {
+        let mut reader = reader;
+        loop {
+            match reader.read().await {
+                Ok(frame) => s.on_frame(&l, frame),
+                Err(e) => {
+                    if matches!(e, ReadError::Wire(_)) {
+                        tracing::warn!(link = l.id, peer = l.peer(), "closing the connection: {e}");
+                    }
+                    end(&l, &s, e.to_string());
+                    return;
+                }
+            }
+            if l.is_closed() {
+                return;
+            }
+        }
+    });
+    rt.spawn(async move {
+        while let Some(batch) = link.next_batch(BATCH_BYTES).await {
+            if let Err(e) = write_frames(&mut wr, &batch).await {
+                end(&link, &sink, format!("write failed: {e}"));
+                return;
+            }
+        }
+        // Closed: shut the write side so the peer sees the end.
+        let _ = wr.shutdown().await;
+    });
+}
+
+/// Connects with TCP_NODELAY, or fails within `timeout`.
+pub(crate) async fn connect(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out"),
+            )
+        })??;
+    s.set_nodelay(true)?;
+    Ok(s)
+}

@@ -1,0 +1,447 @@
+//! Clusters of nodes in one process (each node has its own runtime and
+//! sockets on 127.0.0.1): registration, push/pull/push-pull, commands,
+//! barriers, tokens, node death.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use pskv_transport::{
+    Config, Group, KvRequest, KvWorker, Postoffice, RequestHandler, RequestOptions, Responder,
+    Role, TransportError, VanKind,
+};
+
+const T: Duration = Duration::from_secs(20);
+
+/// A server that stores what is pushed (adding to what is there when
+/// `cmd == 1`) and answers pulls with it.
+#[derive(Default)]
+struct Store {
+    vals: Mutex<HashMap<u64, Vec<u8>>>,
+}
+
+impl RequestHandler for Store {
+    fn handle(&self, req: KvRequest, r: Responder) {
+        if req.command {
+            let mut body = b"ack:".to_vec();
+            body.extend_from_slice(&req.body);
+            r.reply_body(Bytes::from(body));
+            return;
+        }
+        let mut vals = self.vals.lock();
+        if req.push {
+            let mut at = 0;
+            for (k, l) in req.keys.iter().zip(&req.lens) {
+                let v = req.vals[at..at + *l as usize].to_vec();
+                at += *l as usize;
+                if req.cmd == 1 {
+                    let cur = vals.entry(*k).or_insert_with(|| vec![0; v.len()]);
+                    for (a, b) in cur.iter_mut().zip(&v) {
+                        *a = a.wrapping_add(*b);
+                    }
+                } else {
+                    vals.insert(*k, v);
+                }
+            }
+        }
+        if req.pull {
+            let mut lens = Vec::new();
+            let mut out = Vec::new();
+            for k in &req.keys {
+                match vals.get(k) {
+                    Some(v) => {
+                        lens.push(v.len() as u32);
+                        out.extend_from_slice(v);
+                    }
+                    None => {
+                        drop(vals);
+                        r.error(format!("key {k} was never pushed"));
+                        return;
+                    }
+                }
+            }
+            r.respond(req.keys.clone(), lens, Bytes::from(out));
+        } else {
+            r.ok();
+        }
+    }
+}
+
+struct Cluster {
+    sched: Postoffice,
+    servers: Vec<Postoffice>,
+    workers: Vec<Postoffice>,
+}
+
+fn config(role: Role, port: u16, s: u32, w: u32, token: Option<&str>) -> Config {
+    let mut c = Config::new(role, "127.0.0.1", port, s, w)
+        .van(VanKind::Tcp)
+        .heartbeat(
+            Some(Duration::from_millis(200)),
+            Some(Duration::from_secs(2)),
+        )
+        .connect_timeout(Duration::from_secs(20));
+    if let Some(t) = token {
+        c = c.token(t);
+    }
+    if std::env::var("PSKV_TEST_VERBOSE").is_ok() {
+        c.verbose = 2;
+    }
+    c
+}
+
+fn cluster(s: u32, w: u32, token: Option<&str>) -> Cluster {
+    let sched = Postoffice::start(config(Role::Scheduler, 0, s, w, token), None).unwrap();
+    let port = sched.local_addr().port();
+    let mut handles = Vec::new();
+    for _ in 0..s {
+        let c = config(Role::Server, port, s, w, token);
+        handles.push(std::thread::spawn(move || {
+            (
+                Role::Server,
+                Postoffice::start(c, Some(Arc::new(Store::default()))).unwrap(),
+            )
+        }));
+    }
+    for _ in 0..w {
+        let c = config(Role::Worker, port, s, w, token);
+        handles.push(std::thread::spawn(move || {
+            (Role::Worker, Postoffice::start(c, None).unwrap())
+        }));
+    }
+    let mut servers = Vec::new();
+    let mut workers = Vec::new();
+    for h in handles {
+        match h.join().unwrap() {
+            (Role::Server, p) => servers.push(p),
+            (_, p) => workers.push(p),
+        }
+    }
+    servers.sort_by_key(|p| p.my_rank());
+    workers.sort_by_key(|p| p.my_rank());
+    Cluster {
+        sched,
+        servers,
+        workers,
+    }
+}
+
+fn lens_of(n: usize, seed: u64) -> Vec<u32> {
+    (0..n)
+        .map(|i| ((i as u64 * 7919 + seed) % 5000) as u32)
+        .collect()
+}
+
+#[test]
+fn push_pull_round_trip_across_servers() {
+    let c = cluster(2, 2, None);
+    assert_eq!(
+        c.servers.iter().map(|p| p.my_rank()).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    assert_eq!(
+        c.workers.iter().map(|p| p.my_id()).collect::<Vec<_>>(),
+        vec![9, 11]
+    );
+    let ranges = c.workers[0].server_key_ranges();
+    let kv = KvWorker::new(&c.workers[0]);
+    // Keys in both servers' ranges.
+    let keys: Vec<u64> = vec![1, 5, 99, ranges[1].0, ranges[1].0 + 3, u64::MAX - 1];
+    let lens = lens_of(keys.len(), 1);
+    let total: usize = lens.iter().map(|&l| l as usize).sum();
+    let vals: Vec<u8> = (0..total).map(|i| (i * 31 % 251) as u8).collect();
+    kv.push(
+        &keys,
+        &lens,
+        Bytes::from(vals.clone()),
+        RequestOptions::default(),
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
+    let got = kv
+        .pull(&keys, RequestOptions::default())
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert_eq!(got.keys, keys);
+    assert_eq!(got.lens, lens);
+    assert_eq!(got.parts.len(), 2, "two servers answered");
+    assert_eq!(got.to_bytes(), Bytes::from(vals.clone()));
+    // Another worker sees the same values; push-pull adds (cmd 1).
+    let kv2 = KvWorker::new(&c.workers[1]);
+    let ones = vec![1u8; total];
+    let got = kv2
+        .push_pull(
+            &keys,
+            &lens,
+            Bytes::from(ones),
+            RequestOptions {
+                cmd: 1,
+                priority: 3,
+            },
+        )
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    let want: Vec<u8> = vals.iter().map(|v| v.wrapping_add(1)).collect();
+    assert_eq!(got.to_bytes(), Bytes::from(want));
+    // A server error comes back naming the server.
+    let err = kv
+        .pull(&[424242], RequestOptions::default())
+        .unwrap()
+        .wait(T)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "server 0 (id 8) answered with an error: key 424242 was never pushed"
+    );
+    // A command to every server and the other worker.
+    let r = kv
+        .request(7, Bytes::from_static(b"hello"), Group::SERVERS)
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    let bodies: Vec<(u32, Bytes)> = r.bodies;
+    assert_eq!(
+        bodies,
+        vec![
+            (8, Bytes::from_static(b"ack:hello")),
+            (10, Bytes::from_static(b"ack:hello"))
+        ]
+    );
+    let err = kv
+        .request(7, Bytes::new(), Group::WORKERS)
+        .unwrap()
+        .wait(T)
+        .unwrap_err();
+    assert!(err.to_string().contains("has no request handler"), "{err}");
+}
+
+#[test]
+fn many_random_requests_from_many_workers_check_out() {
+    let c = cluster(2, 4, Some("tok"));
+    let ranges = c.workers[0].server_key_ranges();
+    let threads: Vec<_> = c
+        .workers
+        .iter()
+        .enumerate()
+        .map(|(w, po)| {
+            let kv = KvWorker::new(po);
+            let ranges = ranges.clone();
+            std::thread::spawn(move || {
+                let mut x = 0x9E37_79B9u64 + w as u64;
+                for round in 0..40u64 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // Each worker owns its keys: w * 1000 + i, in both ranges.
+                    let n = 1 + (x % 6) as usize;
+                    let mut keys: Vec<u64> = (0..n as u64)
+                        .map(|i| {
+                            if i % 2 == 0 {
+                                w as u64 * 1000 + i
+                            } else {
+                                ranges[1].0 + w as u64 * 1000 + i
+                            }
+                        })
+                        .collect();
+                    keys.sort();
+                    let lens = lens_of(n, x % 97 + round);
+                    let total: usize = lens.iter().map(|&l| l as usize).sum();
+                    let vals: Vec<u8> = (0..total).map(|i| (i as u64 ^ x ^ round) as u8).collect();
+                    let opts = RequestOptions {
+                        cmd: 0,
+                        priority: (x % 5) as i32,
+                    };
+                    kv.push(&keys, &lens, Bytes::from(vals.clone()), opts)
+                        .unwrap()
+                        .wait(T)
+                        .unwrap();
+                    let got = kv.pull(&keys, opts).unwrap().wait(T).unwrap();
+                    assert_eq!(got.lens, lens);
+                    assert_eq!(got.to_bytes(), Bytes::from(vals));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    drop(c);
+}
+
+#[test]
+fn big_values_arrive_whole() {
+    let c = cluster(1, 1, None);
+    let kv = KvWorker::new(&c.workers[0]);
+    let n = 24 << 20;
+    let vals: Vec<u8> = (0..n).map(|i| (i % 253) as u8).collect();
+    kv.push(
+        &[7],
+        &[n as u32],
+        Bytes::from(vals.clone()),
+        RequestOptions::default(),
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
+    let got = kv
+        .pull(&[7], RequestOptions::default())
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert_eq!(got.len(), n);
+    assert!(got.to_bytes() == Bytes::from(vals));
+}
+
+#[test]
+fn barriers_release_everyone_and_bad_arguments_are_errors() {
+    let c = cluster(1, 3, None);
+    let mut ts = Vec::new();
+    for po in c
+        .workers
+        .iter()
+        .chain(&c.servers)
+        .cloned()
+        .chain([c.sched.clone()])
+    {
+        ts.push(std::thread::spawn(move || {
+            for _ in 0..3 {
+                po.barrier(Group::ALL, T).unwrap();
+            }
+        }));
+    }
+    for t in ts {
+        t.join().unwrap();
+    }
+    let mut ts = Vec::new();
+    for po in c.workers.iter().cloned() {
+        ts.push(std::thread::spawn(move || {
+            po.barrier(Group::WORKERS, T).unwrap()
+        }));
+    }
+    for t in ts {
+        t.join().unwrap();
+    }
+    let kv = KvWorker::new(&c.workers[0]);
+    let bad = |r: Result<_, TransportError>| assert!(matches!(r, Err(TransportError::Invalid(_))));
+    bad(kv
+        .push(
+            &[5, 3],
+            &[1, 1],
+            Bytes::from_static(b"ab"),
+            RequestOptions::default(),
+        )
+        .map(|_| ()));
+    bad(kv
+        .push(
+            &[5, 5],
+            &[1, 1],
+            Bytes::from_static(b"ab"),
+            RequestOptions::default(),
+        )
+        .map(|_| ()));
+    bad(kv
+        .push(
+            &[5],
+            &[3],
+            Bytes::from_static(b"ab"),
+            RequestOptions::default(),
+        )
+        .map(|_| ()));
+    bad(kv
+        .push(
+            &[5],
+            &[1, 1],
+            Bytes::from_static(b"ab"),
+            RequestOptions::default(),
+        )
+        .map(|_| ()));
+    bad(kv
+        .push(
+            &[u64::MAX],
+            &[2],
+            Bytes::from_static(b"ab"),
+            RequestOptions::default(),
+        )
+        .map(|_| ()));
+    bad(kv.pull(&[], RequestOptions::default()).map(|_| ()));
+    // A barrier nobody else joins times out, saying so.
+    let err = c.workers[0]
+        .barrier(Group::SERVERS | Group::WORKERS, Duration::from_millis(300))
+        .unwrap_err();
+    assert!(matches!(err, TransportError::Timeout { .. }), "{err}");
+}
+
+#[test]
+fn a_wrong_or_missing_token_is_refused() {
+    let sched = Postoffice::start(config(Role::Scheduler, 0, 1, 1, Some("right")), None).unwrap();
+    let port = sched.local_addr().port();
+    for token in [Some("wrong"), None] {
+        let c = config(Role::Worker, port, 1, 1, token).connect_timeout(Duration::from_secs(3));
+        let err = Postoffice::start(c, None).unwrap_err();
+        assert!(matches!(err, TransportError::Auth { .. }), "{err}");
+        assert!(err.to_string().contains("token"), "{err}");
+    }
+}
+
+#[test]
+fn a_dead_server_fails_requests_naming_it_within_the_timeout() {
+    let c = cluster(2, 1, None);
+    let kv = KvWorker::new(&c.workers[0]);
+    let ranges = c.workers[0].server_key_ranges();
+    let keys = [1u64, ranges[1].0 + 1];
+    kv.push(
+        &keys,
+        &[4, 4],
+        Bytes::from_static(b"abcdefgh"),
+        RequestOptions::default(),
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
+    // Server 1 crashes.
+    let start = Instant::now();
+    c.servers[1].kill();
+    let err = loop {
+        match kv
+            .pull(&keys, RequestOptions::default())
+            .and_then(|p| p.wait(T))
+        {
+            Ok(_) => {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "the dead server was never noticed"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        start.elapsed()
+    );
+    assert!(err.to_string().contains("server 1 (id 10)"), "{err}");
+    // The scheduler reports it dead; so does the worker.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.sched.dead_nodes(Duration::from_secs(60)).contains(&10) {
+        assert!(
+            Instant::now() < deadline,
+            "scheduler never declared it dead"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(c.workers[0]
+        .dead_nodes(Duration::from_secs(60))
+        .contains(&10));
+    // Requests that touch only the live server still work.
+    kv.pull(&[1], RequestOptions::default())
+        .unwrap()
+        .wait(T)
+        .unwrap();
+}
