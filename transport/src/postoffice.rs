@@ -33,6 +33,7 @@ use crate::protocol::tracker::{Completed, TrackError, Tracker};
 use crate::protocol::{describe, Group, NodeId, Role, SCHEDULER_ID};
 use crate::security;
 use crate::slot::Slot;
+use crate::van::shm;
 use crate::van::tcp::{self, FrameReader};
 use crate::van::{self, FrameSink};
 use crate::wire::{Control, Flags, Frame, Kind, Limits, NodeInfo};
@@ -119,11 +120,6 @@ impl Postoffice {
         cfg: Config,
         handler: Option<Arc<dyn RequestHandler>>,
     ) -> Result<Postoffice, TransportError> {
-        if cfg.van == VanKind::Shm {
-            return Err(TransportError::Unavailable(
-                "PSKV_VAN=shm: the shared-memory van is not built yet; use tcp or auto".into(),
-            ));
-        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cfg.io_threads)
             .thread_name(match cfg.role {
@@ -274,6 +270,17 @@ impl Postoffice {
     /// The address this node listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.inner().listen
+    }
+
+    /// The van of this node's connection to `node` ("tcp" or "shm"), if
+    /// connected.
+    pub fn van_to(&self, node: NodeId) -> Option<&'static str> {
+        self.inner().link_of(node).map(|l| l.van)
+    }
+
+    /// The host this node announced to the others.
+    pub fn announced_host(&self) -> &str {
+        &self.inner().announce
     }
 
     /// The node table as this node knows it.
@@ -492,11 +499,131 @@ impl Inner {
             Ok(Control::AuthRefused { reason }) => return Err(auth_err(reason)),
             other => return Err(auth_err(format!("expected AuthOk, got {other:?}"))),
         }
-        let link = self.new_link(peer, "tcp");
-        self.verbose(1, &format!("connected to {who} (link {})", link.id));
-        let reader = reader.with_limits(self.cfg.limits);
-        tcp::start(reader, wr, link.clone(), self.sink(), &self.handle);
-        Ok(link)
+        // The van: shared memory with a peer on this host, if allowed.
+        let peer_host = match &*self.ctl.lock() {
+            Ctl::Member(m) => m.nodes().get(&peer).map(|n| n.host_id),
+            Ctl::Scheduler(_) => None,
+        };
+        let same_host = peer != SCHEDULER_ID && peer_host == Some(self.host_id);
+        if self.cfg.van == VanKind::Shm && peer != SCHEDULER_ID && !same_host {
+            return Err(TransportError::Unavailable(format!(
+                "PSKV_VAN=shm, but {who} is not on this host (or not in this network namespace)"
+            )));
+        }
+        let mut rings = None;
+        let offer = if same_host && self.cfg.van != VanKind::Tcp {
+            let (pa, pc) = shm::ring_paths();
+            match (
+                shm::Ring::create(&pa, self.cfg.shm_bytes),
+                shm::Ring::create(&pc, self.cfg.shm_bytes),
+            ) {
+                (Ok(a), Ok(c)) => {
+                    rings = Some((a, c, pa.clone(), pc.clone()));
+                    Control::VanOffer {
+                        van: "shm".into(),
+                        to_acceptor: pa.display().to_string(),
+                        to_connector: pc.display().to_string(),
+                        ring_bytes: self.cfg.shm_bytes as u64,
+                    }
+                }
+                (a, c) => {
+                    let _ = std::fs::remove_file(&pa);
+                    let _ = std::fs::remove_file(&pc);
+                    let e = a
+                        .err()
+                        .or(c.err())
+                        .map(|e| e.to_string())
+                        .unwrap_or_default();
+                    if self.cfg.van == VanKind::Shm {
+                        return Err(TransportError::io(
+                            "creating shared-memory rings in /dev/shm",
+                            e,
+                        ));
+                    }
+                    tracing::warn!("shared memory unavailable ({e}); using tcp with {who}");
+                    tcp_offer()
+                }
+            }
+        } else {
+            tcp_offer()
+        };
+        tcp::write_frame(&mut wr, &offer.to_frame(me, peer))
+            .await
+            .map_err(|e| TransportError::io(format!("van offer to {who}"), e))?;
+        let answer = tcp::read_frame_timeout(&mut reader, HANDSHAKE_TIMEOUT).await;
+        if let Some((_, _, pa, pc)) = &rings {
+            // Mapped by both sides now (or refused): the names can go.
+            let _ = std::fs::remove_file(pa);
+            let _ = std::fs::remove_file(pc);
+        }
+        let accepted = match answer.map(|f| Control::from_frame(&f)) {
+            Ok(Ok(Control::VanAnswer { ok, reason })) => {
+                if !ok && rings.is_some() {
+                    if self.cfg.van == VanKind::Shm {
+                        return Err(TransportError::Unavailable(format!(
+                            "{who} refused shared memory: {reason}"
+                        )));
+                    }
+                    tracing::info!("{who} declined shared memory ({reason}); using tcp");
+                }
+                ok
+            }
+            other => {
+                return Err(TransportError::io(
+                    format!("van answer from {who}"),
+                    format!("{other:?}"),
+                ))
+            }
+        };
+        match rings {
+            Some((a, c, _, _)) if accepted => {
+                let link = self.new_link(peer, "shm");
+                self.verbose(
+                    1,
+                    &format!("connected to {who} over shared memory (link {})", link.id),
+                );
+                self.start_shm(shm::Rings { tx: a, rx: c }, reader, wr, link.clone())?;
+                Ok(link)
+            }
+            _ => {
+                let link = self.new_link(peer, "tcp");
+                self.verbose(
+                    1,
+                    &format!("connected to {who} over tcp (link {})", link.id),
+                );
+                let reader = reader.with_limits(self.cfg.limits);
+                tcp::start(reader, wr, link.clone(), self.sink(), &self.handle);
+                Ok(link)
+            }
+        }
+    }
+
+    fn start_shm(
+        &self,
+        rings: shm::Rings,
+        reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        wr: tokio::net::tcp::OwnedWriteHalf,
+        link: Arc<Link>,
+    ) -> Result<(), TransportError> {
+        let (rd, rest) = reader.into_parts();
+        if !rest.is_empty() {
+            return Err(TransportError::io(
+                "switching to shared memory",
+                "bytes arrived on tcp after the van answer",
+            ));
+        }
+        let stream = rd
+            .reunite(wr)
+            .map_err(|e| TransportError::io("switching to shared memory", e))?;
+        shm::start(
+            rings,
+            stream,
+            link,
+            self.sink(),
+            self.cfg.limits,
+            &self.handle,
+        )
+        .map_err(|e| TransportError::io("starting the shared-memory van", e))
     }
 
     fn spawn_accept(&self, listener: TcpListener) {
@@ -581,18 +708,92 @@ impl Inner {
         tcp::write_frame(&mut wr, &ok.to_frame(me, node_id))
             .await
             .map_err(|e| TransportError::io("answering the proof", e))?;
-        let link = self.new_link(node_id, "tcp");
-        self.verbose(
-            1,
-            &format!(
-                "accepted {} from {addr} (link {})",
-                describe(node_id),
-                link.id
-            ),
-        );
-        let reader = reader.with_limits(self.cfg.limits);
-        tcp::start(reader, wr, link, self.sink(), &self.handle);
+        // The van the connector proposes.
+        let frame = tcp::read_frame_timeout(&mut reader, HANDSHAKE_TIMEOUT)
+            .await
+            .map_err(|e| TransportError::io(format!("van offer from {addr}"), e))?;
+        let offer = Control::from_frame(&frame)
+            .map_err(|e| TransportError::io(format!("van offer from {addr}"), e))?;
+        let rings = match offer {
+            Control::VanOffer {
+                van,
+                to_acceptor,
+                to_connector,
+                ring_bytes,
+            } if van == "shm" => self.open_rings(&to_acceptor, &to_connector, ring_bytes),
+            Control::VanOffer { .. } => Ok(None),
+            other => {
+                return Err(TransportError::io(
+                    format!("van offer from {addr}"),
+                    format!("expected a van offer, got {other:?}"),
+                ))
+            }
+        };
+        let answer = match &rings {
+            Ok(_) => Control::VanAnswer {
+                ok: true,
+                reason: String::new(),
+            },
+            Err(reason) => Control::VanAnswer {
+                ok: false,
+                reason: reason.clone(),
+            },
+        };
+        tcp::write_frame(&mut wr, &answer.to_frame(me, node_id))
+            .await
+            .map_err(|e| TransportError::io("answering the van offer", e))?;
+        match rings {
+            Ok(Some(rings)) => {
+                let link = self.new_link(node_id, "shm");
+                self.verbose(
+                    1,
+                    &format!(
+                        "accepted {} from {addr} over shared memory (link {})",
+                        describe(node_id),
+                        link.id
+                    ),
+                );
+                self.start_shm(rings, reader, wr, link)?;
+            }
+            _ => {
+                let link = self.new_link(node_id, "tcp");
+                self.verbose(
+                    1,
+                    &format!(
+                        "accepted {} from {addr} over tcp (link {})",
+                        describe(node_id),
+                        link.id
+                    ),
+                );
+                let reader = reader.with_limits(self.cfg.limits);
+                tcp::start(reader, wr, link, self.sink(), &self.handle);
+            }
+        }
         Ok(())
+    }
+
+    /// The acceptor's side of a shared-memory offer: maps the rings, or says
+    /// why not (then the link uses TCP).
+    fn open_rings(
+        &self,
+        to_acceptor: &str,
+        to_connector: &str,
+        ring_bytes: u64,
+    ) -> Result<Option<shm::Rings>, String> {
+        if self.cfg.van == VanKind::Tcp {
+            return Err("this node uses tcp only (PSKV_VAN=tcp)".into());
+        }
+        let cap = ring_bytes as usize;
+        let ok_path =
+            |p: &str| p.starts_with("/dev/shm/pskv-") && !p.contains("..") && !p[9..].contains('/');
+        if !(ok_path(to_acceptor) && ok_path(to_connector) && (1 << 16..=1 << 34).contains(&cap)) {
+            return Err("malformed shared-memory offer".into());
+        }
+        let tx = shm::Ring::open(std::path::Path::new(to_connector), cap)
+            .map_err(|e| format!("cannot map {to_connector}: {e}"))?;
+        let rx = shm::Ring::open(std::path::Path::new(to_acceptor), cap)
+            .map_err(|e| format!("cannot map {to_acceptor}: {e}"))?;
+        Ok(Some(shm::Rings { tx, rx }))
     }
 
     // ---- the control plane ---------------------------------------------
@@ -1093,6 +1294,16 @@ impl FrameSink for Inner {
                 reason: reason.clone(),
             });
         }
+    }
+}
+
+/// The offer of a plain TCP link.
+fn tcp_offer() -> Control {
+    Control::VanOffer {
+        van: "tcp".into(),
+        to_acceptor: String::new(),
+        to_connector: String::new(),
+        ring_bytes: 0,
     }
 }
 

@@ -76,8 +76,12 @@ struct Cluster {
 }
 
 fn config(role: Role, port: u16, s: u32, w: u32, token: Option<&str>) -> Config {
+    config_van(role, port, s, w, token, VanKind::Tcp)
+}
+
+fn config_van(role: Role, port: u16, s: u32, w: u32, token: Option<&str>, van: VanKind) -> Config {
     let mut c = Config::new(role, "127.0.0.1", port, s, w)
-        .van(VanKind::Tcp)
+        .van(van)
         .heartbeat(
             Some(Duration::from_millis(200)),
             Some(Duration::from_secs(2)),
@@ -93,11 +97,15 @@ fn config(role: Role, port: u16, s: u32, w: u32, token: Option<&str>) -> Config 
 }
 
 fn cluster(s: u32, w: u32, token: Option<&str>) -> Cluster {
-    let sched = Postoffice::start(config(Role::Scheduler, 0, s, w, token), None).unwrap();
+    cluster_van(s, w, token, VanKind::Tcp)
+}
+
+fn cluster_van(s: u32, w: u32, token: Option<&str>, van: VanKind) -> Cluster {
+    let sched = Postoffice::start(config_van(Role::Scheduler, 0, s, w, token, van), None).unwrap();
     let port = sched.local_addr().port();
     let mut handles = Vec::new();
     for _ in 0..s {
-        let c = config(Role::Server, port, s, w, token);
+        let c = config_van(Role::Server, port, s, w, token, van);
         handles.push(std::thread::spawn(move || {
             (
                 Role::Server,
@@ -106,7 +114,7 @@ fn cluster(s: u32, w: u32, token: Option<&str>) -> Cluster {
         }));
     }
     for _ in 0..w {
-        let c = config(Role::Worker, port, s, w, token);
+        let c = config_van(Role::Worker, port, s, w, token, van);
         handles.push(std::thread::spawn(move || {
             (Role::Worker, Postoffice::start(c, None).unwrap())
         }));
@@ -444,4 +452,59 @@ fn a_dead_server_fails_requests_naming_it_within_the_timeout() {
         .unwrap()
         .wait(T)
         .unwrap();
+}
+
+/// The same traffic over shared memory and over TCP gives the same bytes.
+#[test]
+fn shared_memory_and_tcp_give_the_same_results() {
+    let mut results = Vec::new();
+    for van in [VanKind::Tcp, VanKind::Auto, VanKind::Shm] {
+        let c = cluster_van(2, 2, None, van);
+        let want_van = if van == VanKind::Tcp { "tcp" } else { "shm" };
+        assert_eq!(c.workers[0].van_to(8), Some(want_van), "{van:?}");
+        assert_eq!(c.workers[1].van_to(10), Some(want_van), "{van:?}");
+        let ranges = c.workers[0].server_key_ranges();
+        let mut out = Vec::new();
+        for (w, po) in c.workers.iter().enumerate() {
+            let kv = KvWorker::new(po);
+            for size in [0usize, 3, 4096, 100_000, 5 << 20, 9 << 20] {
+                let keys = [w as u64 * 10 + 1, ranges[1].0 + w as u64 * 10 + 1];
+                let half = size / 2;
+                let lens = [half as u32, (size - half) as u32];
+                let vals: Vec<u8> = (0..size).map(|i| (i * 7 + w + size) as u8).collect();
+                kv.push(
+                    &keys,
+                    &lens,
+                    Bytes::from(vals.clone()),
+                    RequestOptions::default(),
+                )
+                .unwrap()
+                .wait(T)
+                .unwrap();
+                let got = kv
+                    .pull(&keys, RequestOptions::default())
+                    .unwrap()
+                    .wait(T)
+                    .unwrap();
+                assert_eq!(got.to_bytes(), Bytes::from(vals), "{van:?} size {size}");
+                let summed = kv
+                    .push_pull(
+                        &keys,
+                        &lens,
+                        Bytes::from(vec![1u8; size]),
+                        RequestOptions {
+                            cmd: 1,
+                            priority: 0,
+                        },
+                    )
+                    .unwrap()
+                    .wait(T)
+                    .unwrap();
+                out.push(summed.to_bytes());
+            }
+        }
+        results.push(out);
+    }
+    assert_eq!(results[0], results[1]);
+    assert_eq!(results[0], results[2]);
 }

@@ -90,6 +90,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self
     }
 
+    /// The stream back, with any bytes read past the last frame.
+    pub(crate) fn into_parts(self) -> (R, BytesMut) {
+        (self.rd, self.buf)
+    }
+
     /// The next frame.
     pub(crate) async fn read(&mut self) -> Result<Frame, ReadError> {
         self.fill(HEADER_LEN).await?;

@@ -51,6 +51,24 @@ pub enum Control {
         /// Why.
         reason: String,
     },
+    /// After authentication, the connector proposes the van for the link.
+    VanOffer {
+        /// "tcp" or "shm".
+        van: String,
+        /// Shared memory: the ring the connector writes.
+        to_acceptor: String,
+        /// Shared memory: the ring the acceptor writes.
+        to_connector: String,
+        /// Shared memory: bytes of each ring.
+        ring_bytes: u64,
+    },
+    /// The acceptor's answer; if not `ok`, the link uses TCP.
+    VanAnswer {
+        /// The offer is taken.
+        ok: bool,
+        /// Why not, if not.
+        reason: String,
+    },
     /// A node asks to join (or rejoin, after a restart).
     Register {
         /// 1 server, 2 worker.
