@@ -302,7 +302,7 @@ fn big_values_arrive_whole() {
         .wait(T)
         .unwrap();
     assert_eq!(got.len(), n);
-    assert!(got.to_bytes() == Bytes::from(vals));
+    assert!(got.to_bytes() == vals);
 }
 
 #[test]
@@ -326,7 +326,7 @@ fn barriers_release_everyone_and_bad_arguments_are_errors() {
         t.join().unwrap();
     }
     let mut ts = Vec::new();
-    for po in c.workers.iter().cloned() {
+    for po in c.workers.clone() {
         ts.push(std::thread::spawn(move || {
             po.barrier(Group::WORKERS, T).unwrap()
         }));
