@@ -16,7 +16,7 @@
 //! | `PS_RESEND_TIMEOUT` | milliseconds before a resend | 1000 |
 //! | `PS_VERBOSE` | 0, 1 (connections) or 2 (every message) | 0 |
 //! | `PSKV_TOKEN` | the cluster token (HMAC challenge on every connection) | none: loopback peers only |
-//! | `PSKV_VAN` | `tcp`, `shm` or `auto` (shared memory with peers on the same host) | `auto` |
+//! | `PSKV_VAN` | `tcp`, `shm`, `auto` (shared memory with peers on the same host), `rdma` (verbs; feature `rdma`), `rdma-emulated` (in-process verbs, for tests) | `auto` |
 //! | `PSKV_SHM_BYTES` | bytes of each shared-memory ring (one per direction and peer) | 16 MiB |
 //! | `PSKV_MAX_MESSAGE_BYTES` | largest payload accepted in one message | 2 GiB |
 //! | `PSKV_CONNECT_TIMEOUT` | seconds to keep trying to reach the scheduler and to register | 60 |
@@ -37,6 +37,25 @@ pub enum VanKind {
     Shm,
     /// Shared memory for peers on the same host, TCP for the others.
     Auto,
+    /// RDMA verbs for every peer but the scheduler (feature `rdma`, and a
+    /// device).
+    Rdma,
+    /// The in-memory emulation of verbs: every node in one process (tests).
+    RdmaEmulated,
+}
+
+impl VanKind {
+    pub(crate) fn is_rdma(self) -> bool {
+        matches!(self, VanKind::Rdma | VanKind::RdmaEmulated)
+    }
+
+    pub(crate) fn rdma_name(self) -> &'static str {
+        if self == VanKind::RdmaEmulated {
+            "rdma-emulated"
+        } else {
+            "rdma"
+        }
+    }
 }
 
 /// A node's configuration.
@@ -227,7 +246,15 @@ impl Config {
                 "tcp" => VanKind::Tcp,
                 "shm" => VanKind::Shm,
                 "auto" => VanKind::Auto,
-                _ => return Err(bad("PSKV_VAN", &v, "expected tcp, shm or auto")),
+                "rdma" => VanKind::Rdma,
+                "rdma-emulated" => VanKind::RdmaEmulated,
+                _ => {
+                    return Err(bad(
+                        "PSKV_VAN",
+                        &v,
+                        "expected tcp, shm, auto, rdma or rdma-emulated",
+                    ))
+                }
             };
         }
         if let Some(b) = num::<usize>(get, "PSKV_SHM_BYTES", "a byte count")? {

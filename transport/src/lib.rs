@@ -28,3 +28,11 @@ pub use kv::{KvRequest, KvResponse, KvWorker, Pending, RequestHandler, RequestOp
 pub use postoffice::Postoffice;
 pub use protocol::tracker::TrackError;
 pub use protocol::{Group, NodeId, Role};
+
+/// The RDMA device `PSKV_VAN=rdma` would use (its name), or why there is
+/// none: this build lacks feature `rdma`, or the machine has no device.
+pub fn rdma_device() -> Result<String, TransportError> {
+    van::rdma::device(false)
+        .map(|d| d.name())
+        .map_err(TransportError::Unavailable)
+}

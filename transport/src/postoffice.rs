@@ -33,9 +33,9 @@ use crate::protocol::tracker::{Completed, TrackError, Tracker};
 use crate::protocol::{describe, Group, NodeId, Role, SCHEDULER_ID};
 use crate::security;
 use crate::slot::Slot;
-use crate::van::shm;
 use crate::van::tcp::{self, FrameReader};
 use crate::van::{self, FrameSink};
+use crate::van::{rdma, shm};
 use crate::wire::{Control, Flags, Frame, Kind, Limits, NodeInfo};
 
 /// Where a barrier wait learns its outcome.
@@ -81,6 +81,7 @@ pub(crate) struct Inner {
     shutting_down: AtomicBool,
     my_id: AtomicU32,
     me: OnceLock<std::sync::Weak<Inner>>,
+    rdma_dev: OnceLock<Result<Arc<dyn rdma::verbs::Device>, String>>,
 }
 
 /// A node of the cluster: scheduler, server or worker.
@@ -204,6 +205,7 @@ impl Postoffice {
             shutting_down: AtomicBool::new(false),
             my_id: AtomicU32::new(my_id),
             me: OnceLock::new(),
+            rdma_dev: OnceLock::new(),
         });
         let _ = inner.me.set(Arc::downgrade(&inner));
         let po = Postoffice {
@@ -499,74 +501,43 @@ impl Inner {
             Ok(Control::AuthRefused { reason }) => return Err(auth_err(reason)),
             other => return Err(auth_err(format!("expected AuthOk, got {other:?}"))),
         }
-        // The van: shared memory with a peer on this host, if allowed.
-        let peer_host = match &*self.ctl.lock() {
-            Ctl::Member(m) => m.nodes().get(&peer).map(|n| n.host_id),
-            Ctl::Scheduler(_) => None,
-        };
-        let same_host = peer != SCHEDULER_ID && peer_host == Some(self.host_id);
-        if self.cfg.van == VanKind::Shm && peer != SCHEDULER_ID && !same_host {
-            return Err(TransportError::Unavailable(format!(
-                "PSKV_VAN=shm, but {who} is not on this host (or not in this network namespace)"
-            )));
-        }
-        let mut rings = None;
-        let offer = if same_host && self.cfg.van != VanKind::Tcp {
-            let (pa, pc) = shm::ring_paths();
-            match (
-                shm::Ring::create(&pa, self.cfg.shm_bytes),
-                shm::Ring::create(&pc, self.cfg.shm_bytes),
-            ) {
-                (Ok(a), Ok(c)) => {
-                    rings = Some((a, c, pa.clone(), pc.clone()));
-                    Control::VanOffer {
-                        van: "shm".into(),
-                        to_acceptor: pa.display().to_string(),
-                        to_connector: pc.display().to_string(),
-                        ring_bytes: self.cfg.shm_bytes as u64,
-                    }
-                }
-                (a, c) => {
-                    let _ = std::fs::remove_file(&pa);
-                    let _ = std::fs::remove_file(&pc);
-                    let e = a
-                        .err()
-                        .or(c.err())
-                        .map(|e| e.to_string())
-                        .unwrap_or_default();
-                    if self.cfg.van == VanKind::Shm {
-                        return Err(TransportError::io(
-                            "creating shared-memory rings in /dev/shm",
-                            e,
-                        ));
-                    }
-                    tracing::warn!("shared memory unavailable ({e}); using tcp with {who}");
-                    tcp_offer()
-                }
-            }
-        } else {
-            tcp_offer()
-        };
+        // The van: RDMA if configured, shared memory with a peer on this
+        // host if allowed, else TCP. The scheduler's links are always TCP.
+        let (offer, pending) = self.choose_offer(peer, &who)?;
         tcp::write_frame(&mut wr, &offer.to_frame(me, peer))
             .await
             .map_err(|e| TransportError::io(format!("van offer to {who}"), e))?;
         let answer = tcp::read_frame_timeout(&mut reader, HANDSHAKE_TIMEOUT).await;
-        if let Some((_, _, pa, pc)) = &rings {
+        if let OfferPending::Shm { pa, pc, .. } = &pending {
             // Mapped by both sides now (or refused): the names can go.
             let _ = std::fs::remove_file(pa);
             let _ = std::fs::remove_file(pc);
         }
-        let accepted = match answer.map(|f| Control::from_frame(&f)) {
-            Ok(Ok(Control::VanAnswer { ok, reason })) => {
-                if !ok && rings.is_some() {
-                    if self.cfg.van == VanKind::Shm {
-                        return Err(TransportError::Unavailable(format!(
-                            "{who} refused shared memory: {reason}"
-                        )));
+        let (accepted, endpoint) = match answer.map(|f| Control::from_frame(&f)) {
+            Ok(Ok(Control::VanAnswer {
+                ok,
+                reason,
+                endpoint,
+            })) => {
+                if !ok {
+                    match &pending {
+                        OfferPending::Rdma(_) => {
+                            return Err(TransportError::Unavailable(format!(
+                                "{who} refused RDMA: {reason}"
+                            )))
+                        }
+                        OfferPending::Shm { .. } if self.cfg.van == VanKind::Shm => {
+                            return Err(TransportError::Unavailable(format!(
+                                "{who} refused shared memory: {reason}"
+                            )))
+                        }
+                        OfferPending::Shm { .. } => {
+                            tracing::info!("{who} declined shared memory ({reason}); using tcp")
+                        }
+                        OfferPending::Tcp => {}
                     }
-                    tracing::info!("{who} declined shared memory ({reason}); using tcp");
                 }
-                ok
+                (ok, endpoint)
             }
             other => {
                 return Err(TransportError::io(
@@ -575,14 +546,27 @@ impl Inner {
                 ))
             }
         };
-        match rings {
-            Some((a, c, _, _)) if accepted => {
+        match pending {
+            OfferPending::Shm { a, c, .. } if accepted => {
                 let link = self.new_link(peer, "shm");
                 self.verbose(
                     1,
                     &format!("connected to {who} over shared memory (link {})", link.id),
                 );
                 self.start_shm(shm::Rings { tx: a, rx: c }, reader, wr, link.clone())?;
+                Ok(link)
+            }
+            OfferPending::Rdma(prepared) => {
+                prepared.connect(&endpoint).map_err(|e| {
+                    TransportError::io(format!("connecting the RDMA queue pair to {who}"), e)
+                })?;
+                let link = self.new_link(peer, "rdma");
+                let dev = self.rdma_device().map(|d| d.name()).unwrap_or_default();
+                self.verbose(
+                    1,
+                    &format!("connected to {who} over RDMA on {dev} (link {})", link.id),
+                );
+                self.start_rdma(prepared, reader, wr, link.clone())?;
                 Ok(link)
             }
             _ => {
@@ -596,6 +580,105 @@ impl Inner {
                 Ok(link)
             }
         }
+    }
+
+    /// The connector's offer for a link to `peer`, and what it prepared.
+    fn choose_offer(
+        &self,
+        peer: NodeId,
+        who: &str,
+    ) -> Result<(Control, OfferPending), TransportError> {
+        if peer == SCHEDULER_ID {
+            return Ok((tcp_offer(), OfferPending::Tcp));
+        }
+        if self.cfg.van.is_rdma() {
+            let prepared = self
+                .rdma_device()
+                .and_then(|dev| rdma::Prepared::new(dev, self.cfg.limits))
+                .map_err(|e| TransportError::Unavailable(format!("RDMA to {who}: {e}")))?;
+            let offer = Control::VanOffer {
+                van: self.cfg.van.rdma_name().into(),
+                to_acceptor: String::new(),
+                to_connector: String::new(),
+                ring_bytes: 0,
+                endpoint: prepared.endpoint(),
+            };
+            return Ok((offer, OfferPending::Rdma(prepared)));
+        }
+        let peer_host = match &*self.ctl.lock() {
+            Ctl::Member(m) => m.nodes().get(&peer).map(|n| n.host_id),
+            Ctl::Scheduler(_) => None,
+        };
+        let same_host = peer_host == Some(self.host_id);
+        if self.cfg.van == VanKind::Shm && !same_host {
+            return Err(TransportError::Unavailable(format!(
+                "PSKV_VAN=shm, but {who} is not on this host (or not in this network namespace)"
+            )));
+        }
+        if !same_host || self.cfg.van == VanKind::Tcp {
+            return Ok((tcp_offer(), OfferPending::Tcp));
+        }
+        let (pa, pc) = shm::ring_paths();
+        match (
+            shm::Ring::create(&pa, self.cfg.shm_bytes),
+            shm::Ring::create(&pc, self.cfg.shm_bytes),
+        ) {
+            (Ok(a), Ok(c)) => {
+                let offer = Control::VanOffer {
+                    van: "shm".into(),
+                    to_acceptor: pa.display().to_string(),
+                    to_connector: pc.display().to_string(),
+                    ring_bytes: self.cfg.shm_bytes as u64,
+                    endpoint: Vec::new(),
+                };
+                Ok((offer, OfferPending::Shm { a, c, pa, pc }))
+            }
+            (a, c) => {
+                let _ = std::fs::remove_file(&pa);
+                let _ = std::fs::remove_file(&pc);
+                let e = a
+                    .err()
+                    .or(c.err())
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                if self.cfg.van == VanKind::Shm {
+                    return Err(TransportError::io(
+                        "creating shared-memory rings in /dev/shm",
+                        e,
+                    ));
+                }
+                tracing::warn!("shared memory unavailable ({e}); using tcp with {who}");
+                Ok((tcp_offer(), OfferPending::Tcp))
+            }
+        }
+    }
+
+    /// The RDMA device, opened once.
+    fn rdma_device(&self) -> Result<Arc<dyn rdma::verbs::Device>, String> {
+        self.rdma_dev
+            .get_or_init(|| rdma::device(self.cfg.van == VanKind::RdmaEmulated))
+            .clone()
+    }
+
+    fn start_rdma(
+        &self,
+        prepared: rdma::Prepared,
+        reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        wr: tokio::net::tcp::OwnedWriteHalf,
+        link: Arc<Link>,
+    ) -> Result<(), TransportError> {
+        let (rd, rest) = reader.into_parts();
+        if !rest.is_empty() {
+            return Err(TransportError::io(
+                "switching to RDMA",
+                "bytes arrived on tcp after the van answer",
+            ));
+        }
+        let stream = rd
+            .reunite(wr)
+            .map_err(|e| TransportError::io("switching to RDMA", e))?;
+        rdma::start(prepared, stream, link, self.sink(), &self.handle)
+            .map_err(|e| TransportError::io("starting the RDMA van", e))
     }
 
     fn start_shm(
@@ -714,14 +797,29 @@ impl Inner {
             .map_err(|e| TransportError::io(format!("van offer from {addr}"), e))?;
         let offer = Control::from_frame(&frame)
             .map_err(|e| TransportError::io(format!("van offer from {addr}"), e))?;
-        let rings = match offer {
+        let chosen: Result<Chosen, String> = match offer {
             Control::VanOffer {
                 van,
                 to_acceptor,
                 to_connector,
                 ring_bytes,
-            } if van == "shm" => self.open_rings(&to_acceptor, &to_connector, ring_bytes),
-            Control::VanOffer { .. } => Ok(None),
+                endpoint,
+            } => match van.as_str() {
+                "shm" => self
+                    .open_rings(&to_acceptor, &to_connector, ring_bytes)
+                    .map(Chosen::Shm),
+                "rdma" | "rdma-emulated" => {
+                    if !self.cfg.van.is_rdma() || self.cfg.van.rdma_name() != van {
+                        Err(format!("this node does not run {van} (PSKV_VAN)"))
+                    } else {
+                        self.rdma_device()
+                            .and_then(|dev| rdma::Prepared::new(dev, self.cfg.limits))
+                            .and_then(|p| p.connect(&endpoint).map(|_| p))
+                            .map(Chosen::Rdma)
+                    }
+                }
+                _ => Ok(Chosen::Tcp),
+            },
             other => {
                 return Err(TransportError::io(
                     format!("van offer from {addr}"),
@@ -729,41 +827,50 @@ impl Inner {
                 ))
             }
         };
-        let answer = match &rings {
-            Ok(_) => Control::VanAnswer {
+        let answer = match &chosen {
+            Ok(c) => Control::VanAnswer {
                 ok: true,
                 reason: String::new(),
+                endpoint: match c {
+                    Chosen::Rdma(p) => p.endpoint(),
+                    _ => Vec::new(),
+                },
             },
             Err(reason) => Control::VanAnswer {
                 ok: false,
                 reason: reason.clone(),
+                endpoint: Vec::new(),
             },
         };
         tcp::write_frame(&mut wr, &answer.to_frame(me, node_id))
             .await
             .map_err(|e| TransportError::io("answering the van offer", e))?;
-        match rings {
-            Ok(Some(rings)) => {
+        let who = describe(node_id);
+        match chosen {
+            Ok(Chosen::Shm(rings)) => {
                 let link = self.new_link(node_id, "shm");
                 self.verbose(
                     1,
                     &format!(
-                        "accepted {} from {addr} over shared memory (link {})",
-                        describe(node_id),
+                        "accepted {who} from {addr} over shared memory (link {})",
                         link.id
                     ),
                 );
                 self.start_shm(rings, reader, wr, link)?;
             }
+            Ok(Chosen::Rdma(prepared)) => {
+                let link = self.new_link(node_id, "rdma");
+                self.verbose(
+                    1,
+                    &format!("accepted {who} from {addr} over RDMA (link {})", link.id),
+                );
+                self.start_rdma(prepared, reader, wr, link)?;
+            }
             _ => {
                 let link = self.new_link(node_id, "tcp");
                 self.verbose(
                     1,
-                    &format!(
-                        "accepted {} from {addr} over tcp (link {})",
-                        describe(node_id),
-                        link.id
-                    ),
+                    &format!("accepted {who} from {addr} over tcp (link {})", link.id),
                 );
                 let reader = reader.with_limits(self.cfg.limits);
                 tcp::start(reader, wr, link, self.sink(), &self.handle);
@@ -779,9 +886,9 @@ impl Inner {
         to_acceptor: &str,
         to_connector: &str,
         ring_bytes: u64,
-    ) -> Result<Option<shm::Rings>, String> {
-        if self.cfg.van == VanKind::Tcp {
-            return Err("this node uses tcp only (PSKV_VAN=tcp)".into());
+    ) -> Result<shm::Rings, String> {
+        if self.cfg.van == VanKind::Tcp || self.cfg.van.is_rdma() {
+            return Err("this node does not use shared memory (PSKV_VAN)".into());
         }
         let cap = ring_bytes as usize;
         let ok_path =
@@ -793,7 +900,7 @@ impl Inner {
             .map_err(|e| format!("cannot map {to_connector}: {e}"))?;
         let rx = shm::Ring::open(std::path::Path::new(to_acceptor), cap)
             .map_err(|e| format!("cannot map {to_acceptor}: {e}"))?;
-        Ok(Some(shm::Rings { tx, rx }))
+        Ok(shm::Rings { tx, rx })
     }
 
     // ---- the control plane ---------------------------------------------
@@ -1297,6 +1404,25 @@ impl FrameSink for Inner {
     }
 }
 
+/// What the connector prepared for its offer.
+enum OfferPending {
+    Tcp,
+    Shm {
+        a: shm::Ring,
+        c: shm::Ring,
+        pa: std::path::PathBuf,
+        pc: std::path::PathBuf,
+    },
+    Rdma(rdma::Prepared),
+}
+
+/// What the acceptor chose.
+enum Chosen {
+    Tcp,
+    Shm(shm::Rings),
+    Rdma(rdma::Prepared),
+}
+
 /// The offer of a plain TCP link.
 fn tcp_offer() -> Control {
     Control::VanOffer {
@@ -1304,6 +1430,7 @@ fn tcp_offer() -> Control {
         to_acceptor: String::new(),
         to_connector: String::new(),
         ring_bytes: 0,
+        endpoint: Vec::new(),
     }
 }
 

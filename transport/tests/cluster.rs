@@ -454,13 +454,23 @@ fn a_dead_server_fails_requests_naming_it_within_the_timeout() {
         .unwrap();
 }
 
-/// The same traffic over shared memory and over TCP gives the same bytes.
+/// The same traffic over TCP, shared memory and (emulated) RDMA gives the
+/// same bytes.
 #[test]
-fn shared_memory_and_tcp_give_the_same_results() {
+fn every_van_gives_the_same_results() {
     let mut results = Vec::new();
-    for van in [VanKind::Tcp, VanKind::Auto, VanKind::Shm] {
+    for van in [
+        VanKind::Tcp,
+        VanKind::Auto,
+        VanKind::Shm,
+        VanKind::RdmaEmulated,
+    ] {
         let c = cluster_van(2, 2, None, van);
-        let want_van = if van == VanKind::Tcp { "tcp" } else { "shm" };
+        let want_van = match van {
+            VanKind::Tcp => "tcp",
+            VanKind::RdmaEmulated => "rdma",
+            _ => "shm",
+        };
         assert_eq!(c.workers[0].van_to(8), Some(want_van), "{van:?}");
         assert_eq!(c.workers[1].van_to(10), Some(want_van), "{van:?}");
         let ranges = c.workers[0].server_key_ranges();
@@ -507,4 +517,5 @@ fn shared_memory_and_tcp_give_the_same_results() {
     }
     assert_eq!(results[0], results[1]);
     assert_eq!(results[0], results[2]);
+    assert_eq!(results[0], results[3]);
 }

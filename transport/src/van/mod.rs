@@ -11,6 +11,7 @@
 //! A van knows nothing of the protocol: it hands every frame it receives to
 //! a [`FrameSink`] and reports the end of the connection once.
 
+pub(crate) mod rdma;
 pub(crate) mod shm;
 pub(crate) mod tcp;
 

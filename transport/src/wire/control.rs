@@ -61,6 +61,8 @@ pub enum Control {
         to_connector: String,
         /// Shared memory: bytes of each ring.
         ring_bytes: u64,
+        /// RDMA: the connector's queue-pair endpoint.
+        endpoint: Vec<u8>,
     },
     /// The acceptor's answer; if not `ok`, the link uses TCP.
     VanAnswer {
@@ -68,6 +70,8 @@ pub enum Control {
         ok: bool,
         /// Why not, if not.
         reason: String,
+        /// RDMA: the acceptor's queue-pair endpoint.
+        endpoint: Vec<u8>,
     },
     /// A node asks to join (or rejoin, after a restart).
     Register {
