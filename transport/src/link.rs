@@ -13,11 +13,25 @@
 //! Writers are a tokio task (TCP) or a thread (shared memory), so a push
 //! wakes both kinds of waiter: the tokio `Notify` keeps a permit if no task
 //! waits, and the condvar is signalled under the queue lock.
+//!
+//! # Sending on the caller's thread
+//!
+//! A van may offer a direct path ([`DirectSend`]): when nothing is queued
+//! and nobody is writing, `send` writes the frame on the calling thread
+//! (a socket write, a ring copy), which saves the hand-off to the writer
+//! task and its wake-up — most of a small round trip's latency. The
+//! `writing` flag keeps frames whole: whoever sets it (a direct sender, or
+//! the writer taking a batch) is the only one writing. A direct write that
+//! stops halfway (the socket is full) hands the rest to the writer as a
+//! continuation, which goes out before anything else, `writing` still set.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering as AtomicOrdering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -57,6 +71,35 @@ struct QueueState {
     heap: BinaryHeap<Queued>,
     seq: u64,
     closed: Option<String>,
+    /// Someone is writing (a direct sender or the writer).
+    writing: bool,
+    /// The rest of a frame a direct sender could not finish.
+    cont: Option<Vec<Bytes>>,
+}
+
+/// What a direct send did.
+pub(crate) enum Direct {
+    /// The whole frame is written.
+    Sent,
+    /// Nothing was written: queue the frame.
+    NotSent,
+    /// Part was written; these bytes must follow before anything else.
+    Partial(Vec<Bytes>),
+}
+
+/// A van's way to send on the caller's thread.
+pub(crate) trait DirectSend: Send + Sync {
+    /// Tries to write `frame` now, without blocking. An error counts as
+    /// "not sent": the writer will meet it and end the link.
+    fn try_send(&self, frame: &Frame) -> Result<Direct, String>;
+}
+
+/// What the writer has to do next.
+pub(crate) enum Work {
+    /// Finish a frame a direct sender started.
+    Rest(Vec<Bytes>),
+    /// Write these frames.
+    Frames(Vec<Frame>),
 }
 
 /// One connection to one peer.
@@ -68,6 +111,7 @@ pub(crate) struct Link {
     notify: tokio::sync::Notify,
     cv: Condvar,
     closed: AtomicBool,
+    direct: OnceLock<Arc<dyn DirectSend>>,
 }
 
 impl Link {
@@ -80,7 +124,18 @@ impl Link {
             notify: tokio::sync::Notify::new(),
             cv: Condvar::new(),
             closed: AtomicBool::new(false),
+            direct: OnceLock::new(),
         }
+    }
+
+    /// Installs the van's direct path (once, when the van starts).
+    pub(crate) fn set_direct(&self, d: Arc<dyn DirectSend>) {
+        let _ = self.direct.set(d);
+    }
+
+    fn wake(&self) {
+        self.cv.notify_all();
+        self.notify.notify_one();
     }
 
     /// The peer's node id (0: not registered yet).
@@ -92,12 +147,53 @@ impl Link {
         self.peer.store(id, AtomicOrdering::Release);
     }
 
-    /// Queues a frame; gives it back with the reason if the link is closed.
+    /// Sends a frame: on this thread if the van allows and the link is
+    /// idle, else through the queue. Fails with the reason if the link is
+    /// closed.
     pub(crate) fn send(&self, frame: Frame) -> Result<(), String> {
         let mut q = self.queue.lock();
         if let Some(reason) = &q.closed {
             return Err(reason.clone());
         }
+        if let Some(d) = self.direct.get() {
+            if q.heap.is_empty() && !q.writing && q.cont.is_none() {
+                q.writing = true;
+                drop(q);
+                let r = d.try_send(&frame);
+                let mut q = self.queue.lock();
+                match r {
+                    Ok(Direct::Sent) => {
+                        q.writing = false;
+                        let more = !q.heap.is_empty();
+                        drop(q);
+                        if more {
+                            self.wake();
+                        }
+                        return Ok(());
+                    }
+                    Ok(Direct::Partial(rest)) => {
+                        q.cont = Some(rest);
+                        drop(q);
+                        self.wake();
+                        return Ok(());
+                    }
+                    Ok(Direct::NotSent) | Err(_) => {
+                        q.writing = false;
+                        self.push(&mut q, frame);
+                        drop(q);
+                        self.wake();
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        self.push(&mut q, frame);
+        drop(q);
+        self.wake();
+        Ok(())
+    }
+
+    fn push(&self, q: &mut QueueState, frame: Frame) {
         let seq = q.seq;
         q.seq += 1;
         q.heap.push(Queued {
@@ -105,13 +201,16 @@ impl Link {
             seq,
             frame,
         });
-        drop(q);
-        self.cv.notify_one();
-        self.notify.notify_one();
-        Ok(())
     }
 
-    fn take_batch(q: &mut QueueState, max_bytes: usize) -> Vec<Frame> {
+    fn take_work(q: &mut QueueState, max_bytes: usize) -> Option<Work> {
+        if let Some(rest) = q.cont.take() {
+            return Some(Work::Rest(rest));
+        }
+        if q.writing || q.heap.is_empty() {
+            return None;
+        }
+        q.writing = true;
         let mut out = Vec::new();
         let mut bytes = 0;
         while let Some(top) = q.heap.peek() {
@@ -122,45 +221,70 @@ impl Link {
             bytes += len;
             out.push(q.heap.pop().expect("peeked").frame);
         }
-        out
+        Some(Work::Frames(out))
     }
 
-    /// The next frames to write (at least one; at most `max_bytes` unless a
-    /// single frame is larger), or None once the link is closed.
-    pub(crate) async fn next_batch(&self, max_bytes: usize) -> Option<Vec<Frame>> {
+    /// The writer's next work (frames at most `max_bytes` unless a single
+    /// frame is larger), or None once the link is closed. The writer calls
+    /// `done_writing` when it has written it.
+    pub(crate) async fn next_work(&self, max_bytes: usize) -> Option<Work> {
         loop {
             {
                 let mut q = self.queue.lock();
                 if q.closed.is_some() {
                     return None;
                 }
-                if !q.heap.is_empty() {
-                    return Some(Self::take_batch(&mut q, max_bytes));
+                if let Some(w) = Self::take_work(&mut q, max_bytes) {
+                    return Some(w);
                 }
             }
             self.notify.notified().await;
         }
     }
 
-    /// As `next_batch`, for a writer thread; wakes every `tick` to let the
-    /// caller check other conditions (returns an empty batch then).
-    pub(crate) fn next_batch_blocking(
-        &self,
-        max_bytes: usize,
-        tick: Duration,
-    ) -> Option<Vec<Frame>> {
+    /// As `next_work`, for a writer thread; wakes every `tick` (returning
+    /// `Some(Work::Frames(vec![]))`) so the caller can check other things.
+    pub(crate) fn next_work_blocking(&self, max_bytes: usize, tick: Duration) -> Option<Work> {
         let mut q = self.queue.lock();
         loop {
             if q.closed.is_some() {
                 return None;
             }
-            if !q.heap.is_empty() {
-                return Some(Self::take_batch(&mut q, max_bytes));
+            if let Some(w) = Self::take_work(&mut q, max_bytes) {
+                return Some(w);
             }
             if self.cv.wait_for(&mut q, tick).timed_out() {
-                return Some(Vec::new());
+                return Some(Work::Frames(Vec::new()));
             }
         }
+    }
+
+    /// The writer finished its work.
+    pub(crate) fn done_writing(&self) {
+        let mut q = self.queue.lock();
+        q.writing = false;
+        let more = !q.heap.is_empty();
+        drop(q);
+        if more {
+            self.wake();
+        }
+    }
+
+    /// The next frames to write, for vans without a direct path (the writer
+    /// thread of the RDMA van): as `next_work_blocking`, frames only.
+    pub(crate) fn next_batch_blocking(
+        &self,
+        max_bytes: usize,
+        tick: Duration,
+    ) -> Option<Vec<Frame>> {
+        let work = self.next_work_blocking(max_bytes, tick)?;
+        // No direct path on these vans, so no continuation can exist.
+        let frames = match work {
+            Work::Frames(f) => f,
+            Work::Rest(_) => Vec::new(),
+        };
+        self.done_writing();
+        Some(frames)
     }
 
     /// Closes the link (first reason wins); queued frames are dropped.
@@ -187,9 +311,10 @@ impl Link {
         self.queue.lock().closed.clone()
     }
 
-    /// Frames waiting.
-    pub(crate) fn queued(&self) -> usize {
-        self.queue.lock().heap.len()
+    /// Whether nothing is queued or being written.
+    pub(crate) fn is_idle(&self) -> bool {
+        let q = self.queue.lock();
+        q.heap.is_empty() && !q.writing && q.cont.is_none()
     }
 }
 

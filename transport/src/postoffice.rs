@@ -1299,7 +1299,7 @@ impl Inner {
                 .lock()
                 .by_id
                 .values()
-                .any(|l| !l.is_closed() && l.queued() > 0);
+                .any(|l| !l.is_closed() && !l.is_idle());
             if !busy || Instant::now() >= deadline {
                 break;
             }

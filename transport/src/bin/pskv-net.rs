@@ -116,10 +116,11 @@ mod pskv_sync {
 impl RequestHandler for Store {
     fn handle(&self, req: KvRequest, r: Responder) {
         if req.command {
+            // Answer first: the stop lets the server's main thread shut down.
+            r.ok();
             if req.cmd == CMD_STOP {
                 self.stop.set();
             }
-            r.ok();
             return;
         }
         if req.cmd == CMD_ECHO {

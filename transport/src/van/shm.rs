@@ -32,7 +32,8 @@
 //! then reads the flag (all SeqCst). Either the waiter sees the new index,
 //! or the other side sees the flag and wakes it; a bump between the read and
 //! the sleep makes the futex return at once. Sleeps last at most 100 ms, so
-//! both threads notice a closed link.
+//! both threads notice a closed link. Before sleeping, a waiter spins for
+//! `PSKV_SPIN_US` (a wake-up costs more than that on a VM).
 //!
 //! The TCP connection the link was negotiated on stays open: its end is how
 //! a peer's death is noticed.
@@ -50,7 +51,7 @@ use memmap2::MmapMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{end, FrameSink};
-use crate::link::Link;
+use crate::link::{Link, Work};
 use crate::wire::{decode_body, decode_header, Frame, Limits, HEADER_LEN};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"PSKVRING");
@@ -67,10 +68,12 @@ const LEN_MASK: u64 = (1 << 48) - 1;
 const CONT: u64 = 1 << 62;
 const WRAP: u64 = 1 << 63;
 
+/// Frames above a record's size travel in chunks of about this size
+/// (pipelined copies).
+const CHUNK_BYTES: usize = 256 * 1024;
+
 /// Sleep slices of the futex waits.
 const WAIT_SLICE: Duration = Duration::from_millis(100);
-/// Polls of an index before sleeping.
-const SPINS: u32 = 200;
 
 fn align64(n: usize) -> usize {
     n.div_ceil(64) * 64
@@ -190,19 +193,23 @@ fn wait_until(
     seq: usize,
     flag: usize,
     ready: &dyn Fn() -> bool,
-    link: &Link,
+    closed: &dyn Fn() -> bool,
 ) -> Result<(), String> {
-    let mut spins = 0;
+    let mut spun = false;
     loop {
         if ready() {
             return Ok(());
         }
-        if ring.is_closed() || link.is_closed() {
+        if ring.is_closed() || closed() {
             return Err("the shared-memory ring was closed".into());
         }
-        if spins < SPINS {
-            spins += 1;
-            std::hint::spin_loop();
+        if !spun {
+            // A futex wake costs tens of microseconds on a VM: watch the
+            // index a moment first (PSKV_SPIN_US).
+            spun = true;
+            if crate::slot::spin_until(ready, crate::slot::spin_budget()) {
+                return Ok(());
+            }
             continue;
         }
         let seen = ring.u32_at(seq).load(Ordering::SeqCst);
@@ -221,12 +228,28 @@ struct Producer {
 }
 
 impl Producer {
+    /// The largest record: larger frames go in chunks, so the receiver
+    /// copies one chunk out while the sender copies the next one in.
     fn max_record(&self) -> usize {
-        self.ring.cap / 4
+        (self.ring.cap / 4).min(1 << 20)
+    }
+
+    /// The chunk size for a frame of `total` bytes that needs chunks: equal
+    /// chunks of about `CHUNK_BYTES`, each fitting a record.
+    fn chunk_len(&self, total: usize) -> usize {
+        let room = self.max_record() - 64;
+        let target = CHUNK_BYTES.min(room);
+        let n = total.div_ceil(target);
+        total.div_ceil(n).next_multiple_of(64).min(room)
     }
 
     /// Appends one record (`CONT` in `flags` for a non-final chunk).
-    fn record(&mut self, parts: &[&[u8]], flags: u64, link: &Link) -> Result<(), String> {
+    fn record(
+        &mut self,
+        parts: &[&[u8]],
+        flags: u64,
+        closed: &dyn Fn() -> bool,
+    ) -> Result<(), String> {
         let cap = self.ring.cap as u64;
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let rec = align64(8 + len) as u64;
@@ -240,17 +263,51 @@ impl Producer {
             SPACE_SEQ,
             PROD_WAIT,
             &|| head + need - tail.load(Ordering::Acquire) <= cap,
-            link,
+            closed,
         )?;
+        self.publish(parts, flags, wrap, rec);
+        Ok(())
+    }
+
+    /// Writes a frame now if the ring has room for all of it (in chunks if
+    /// it is large); false (nothing written) otherwise.
+    fn try_frame(&mut self, f: &Frame) -> bool {
+        if self.ring.is_closed() {
+            return false;
+        }
+        let cap = self.ring.cap as u64;
+        let total = f.wire_len();
+        let room = self.max_record() - 64;
+        let chunks = if 8 + total <= self.max_record() {
+            1
+        } else {
+            total.div_ceil(room)
+        };
+        // Every record at most a max record, plus one wrap's worth of slack.
+        let need = (chunks * self.max_record() + self.max_record()) as u64;
+        let tail = self.ring.u64_at(TAIL).load(Ordering::Acquire);
+        if cap - (self.head - tail) < need {
+            return false;
+        }
+        // The space is there: the writes below never wait.
+        self.frame(f, &|| false).is_ok()
+    }
+
+    /// Writes a record at `head` (after a wrap marker if `wrap > 0`), into
+    /// space the caller checked is free, and publishes it.
+    fn publish(&mut self, parts: &[&[u8]], flags: u64, wrap: u64, rec: u64) {
+        let cap = self.ring.cap as u64;
+        let len: usize = parts.iter().map(|p| p.len()).sum();
         let data = self.ring.data();
         if wrap > 0 {
-            // SAFETY: [pos, pos+8) is ours: free space, below cap.
+            let pos = self.head % cap;
+            // SAFETY: [pos, pos+8) is free space of ours, below cap.
             unsafe { (data.add(pos as usize) as *mut u64).write(WRAP) };
             self.head += wrap;
         }
         let at = (self.head % cap) as usize;
         // SAFETY: [at, at + rec) is free space of ours within the ring (the
-        // wait above guaranteed it), and does not wrap.
+        // caller checked), and does not wrap.
         unsafe {
             (data.add(at) as *mut u64).write(len as u64 | flags);
             let mut o = at + 8;
@@ -265,17 +322,16 @@ impl Producer {
         if self.ring.u32_at(CONS_WAIT).load(Ordering::SeqCst) != 0 {
             futex_wake(self.ring.u32_at(DATA_SEQ));
         }
-        Ok(())
     }
 
     /// Writes a frame: one record, or chunks if it is large.
-    fn frame(&mut self, f: &Frame, link: &Link) -> Result<(), String> {
+    fn frame(&mut self, f: &Frame, closed: &dyn Fn() -> bool) -> Result<(), String> {
         let head = f.encode_head();
         let total = head.len() + f.payload.len();
         if 8 + total <= self.max_record() {
-            return self.record(&[&head, &f.payload], 0, link);
+            return self.record(&[&head, &f.payload], 0, closed);
         }
-        let chunk = self.max_record() - 64;
+        let chunk = self.chunk_len(total);
         let whole: [&[u8]; 2] = [&head[..], &f.payload[..]];
         // Walk the two parts in chunk-sized pieces.
         let mut sent = 0;
@@ -298,9 +354,26 @@ impl Producer {
             }
             sent += n;
             let flags = if sent < total { CONT } else { 0 };
-            self.record(&pieces, flags, link)?;
+            self.record(&pieces, flags, closed)?;
         }
         Ok(())
+    }
+}
+
+/// The direct path: the caller copies its frame into the ring if it fits
+/// now (the writer thread may hold the producer: then the frame is queued).
+struct ShmDirect {
+    producer: Arc<parking_lot::Mutex<Producer>>,
+}
+
+impl crate::link::DirectSend for ShmDirect {
+    fn try_send(&self, frame: &Frame) -> Result<crate::link::Direct, String> {
+        use crate::link::Direct;
+        let sent = self
+            .producer
+            .try_lock()
+            .is_some_and(|mut p| p.try_frame(frame));
+        Ok(if sent { Direct::Sent } else { Direct::NotSent })
     }
 }
 
@@ -308,8 +381,11 @@ impl Producer {
 struct Consumer {
     ring: Arc<Ring>,
     cur: u64,
-    partial: Option<BytesMut>,
+    /// A chunked frame being reassembled, and its total size.
+    partial: Option<(BytesMut, usize)>,
     max_frame: u64,
+    /// Receive buffer, reclaimed once the frames cut from it are dropped.
+    pool: BytesMut,
 }
 
 impl Consumer {
@@ -334,7 +410,7 @@ impl Consumer {
                 DATA_SEQ,
                 CONS_WAIT,
                 &|| head_at.load(Ordering::Acquire) > cur,
-                link,
+                &|| link.is_closed(),
             )?;
             let head = head_at.load(Ordering::Acquire);
             if head < cur || head - cur > cap {
@@ -362,7 +438,12 @@ impl Consumer {
             };
             let chunk = word & CONT != 0;
             let out = match (self.partial.as_mut(), chunk) {
-                (None, false) => Some(Bytes::copy_from_slice(bytes)),
+                (None, false) => {
+                    self.pool.clear();
+                    self.pool.reserve(bytes.len());
+                    self.pool.extend_from_slice(bytes);
+                    Some(self.pool.split().freeze())
+                }
                 (None, true) => {
                     // The first chunk holds the header: size the buffer once.
                     if bytes.len() < HEADER_LEN {
@@ -381,20 +462,23 @@ impl Consumer {
                     if total > self.max_frame {
                         return Err(format!("a {total}-byte frame exceeds the message limit"));
                     }
-                    let mut buf = BytesMut::with_capacity(total as usize);
+                    self.pool.clear();
+                    self.pool.reserve(total as usize);
+                    // All of the pool's room goes to this frame.
+                    let mut buf = self.pool.split_off(0);
                     buf.extend_from_slice(bytes);
-                    self.partial = Some(buf);
+                    self.partial = Some((buf, total as usize));
                     None
                 }
-                (Some(buf), more) => {
-                    if buf.len() + bytes.len() > buf.capacity() {
+                (Some((buf, total)), more) => {
+                    if buf.len() + bytes.len() > *total {
                         return Err("chunks add up to more than their frame".into());
                     }
                     buf.extend_from_slice(bytes);
                     if more {
                         None
                     } else {
-                        Some(self.partial.take().expect("present").freeze())
+                        Some(self.partial.take().expect("present").0.freeze())
                     }
                 }
             };
@@ -450,10 +534,13 @@ pub(crate) fn start(
 ) -> io::Result<()> {
     let tx = Arc::new(rings.tx);
     let rx = Arc::new(rings.rx);
-    let mut producer = Producer {
+    let producer = Arc::new(parking_lot::Mutex::new(Producer {
         ring: tx.clone(),
         head: 0,
-    };
+    }));
+    link.set_direct(Arc::new(ShmDirect {
+        producer: producer.clone(),
+    }));
     let mut consumer = Consumer {
         ring: rx.clone(),
         cur: 0,
@@ -462,18 +549,29 @@ pub(crate) fn start(
             + (limits.max_keys as u64) * 12
             + limits.max_meta as u64
             + HEADER_LEN as u64,
+        pool: BytesMut::new(),
     };
     let (l, s, txr) = (link.clone(), sink.clone(), tx.clone());
     std::thread::Builder::new()
         .name(format!("pskv-shm-tx-{}", link.id))
         .spawn(move || {
-            while let Some(batch) = l.next_batch_blocking(1 << 20, WAIT_SLICE) {
-                for f in &batch {
-                    if let Err(e) = producer.frame(f, &l) {
-                        end(&l, &s, format!("shared-memory send failed: {e}"));
-                        txr.close();
-                        return;
-                    }
+            while let Some(work) = l.next_work_blocking(1 << 20, WAIT_SLICE) {
+                // The direct path never leaves a partial frame on this van.
+                let frames = match work {
+                    Work::Frames(f) => f,
+                    Work::Rest(_) => Vec::new(),
+                };
+                let r = {
+                    let mut p = producer.lock();
+                    frames
+                        .iter()
+                        .try_for_each(|f| p.frame(f, &|| l.is_closed()))
+                };
+                l.done_writing();
+                if let Err(e) = r {
+                    end(&l, &s, format!("shared-memory send failed: {e}"));
+                    txr.close();
+                    return;
                 }
             }
             txr.close();
@@ -545,6 +643,7 @@ mod tests {
             cur: 0,
             partial: None,
             max_frame: 1 << 30,
+            pool: BytesMut::new(),
         };
         (p, c, Arc::new(Link::new(1, 0, "shm")))
     }
@@ -568,8 +667,11 @@ mod tests {
         let writer = std::thread::spawn(move || {
             for round in 0..20u8 {
                 for (i, &n) in sizes.iter().enumerate() {
-                    p.frame(&frame(n, round.wrapping_mul(31).wrapping_add(i as u8)), &l2)
-                        .unwrap();
+                    p.frame(
+                        &frame(n, round.wrapping_mul(31).wrapping_add(i as u8)),
+                        &|| l2.is_closed(),
+                    )
+                    .unwrap();
                 }
             }
         });
@@ -594,7 +696,7 @@ mod tests {
     #[test]
     fn corrupt_indices_are_an_error_not_a_crash() {
         let (mut p, mut c, link) = pair(1 << 16);
-        p.frame(&frame(10, 1), &link).unwrap();
+        p.frame(&frame(10, 1), &|| link.is_closed()).unwrap();
         // The peer scribbles an impossible head.
         p.ring.u64_at(HEAD).store(u64::MAX / 2, Ordering::SeqCst);
         let err = c.next(&link).unwrap_err();

@@ -6,20 +6,26 @@
 //! is received into one buffer with no further copy. The header's lengths
 //! are checked against the limits before that buffer is allocated.
 //!
-//! Send: the writer takes batches from the link's priority queue and writes
-//! each frame's head and payload with vectored writes (the payload is never
-//! copied into a send buffer).
+//! Send: when the link is idle, the calling thread writes the frame itself
+//! (a non-blocking vectored write; see `link` for the hand-off when the
+//! socket fills up); otherwise the writer task takes batches from the
+//! link's priority queue. Either way each frame's head and payload go out
+//! with vectored writes: the payload is never copied into a send buffer.
+//!
+//! Receive buffers of large bodies are reused: when the application has
+//! dropped the previous large body, its allocation takes the next one (no
+//! fresh pages to fault in per message).
 
 use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{end, FrameSink};
-use crate::link::Link;
+use crate::link::{Link, Work};
 use crate::wire::{decode_body, decode_header, Frame, Limits, WireError, HEADER_LEN};
 
 /// Read-buffer size for small frames.
@@ -52,6 +58,8 @@ impl std::fmt::Display for ReadError {
 pub(crate) struct FrameReader<R> {
     rd: R,
     buf: BytesMut,
+    /// Where large bodies are received (reclaimed when they are dropped).
+    big: BytesMut,
     limits: Limits,
 }
 
@@ -60,6 +68,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             rd,
             buf: BytesMut::with_capacity(READ_CHUNK),
+            big: BytesMut::new(),
             limits,
         }
     }
@@ -105,14 +114,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.fill(need).await?;
             self.buf.split_to(need).freeze()
         } else {
-            // A large body: one buffer of its exact size; what is already
-            // buffered is copied in, the rest is read straight into it.
-            let mut big = BytesMut::with_capacity(need);
+            // A large body: one buffer of its size (the previous one's, if
+            // it was dropped); what is already buffered is copied in, the
+            // rest is read straight into it.
+            let big = &mut self.big;
+            big.clear();
+            big.reserve(need);
             big.extend_from_slice(&self.buf);
             self.buf.clear();
             while big.len() < need {
                 let want = (need - big.len()) as u64;
-                match (&mut self.rd).take(want).read_buf(&mut big).await {
+                match (&mut self.rd).take(want).read_buf(big).await {
                     Ok(0) => {
                         return Err(ReadError::Io(
                             "the peer closed the connection in the middle of a frame".into(),
@@ -122,38 +134,88 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     Err(e) => return Err(ReadError::Io(e.to_string())),
                 }
             }
-            big.freeze()
+            big.split_to(need).freeze()
         };
         decode_body(h, body).map_err(ReadError::Wire)
     }
 }
 
-/// Writes `frames` with vectored writes: heads and payloads, no payload copy.
-pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
-    wr: &mut W,
-    frames: &[Frame],
-) -> std::io::Result<()> {
-    let heads: Vec<BytesMut> = frames.iter().map(Frame::encode_head).collect();
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(frames.len() * 2);
-    for (h, f) in heads.iter().zip(frames) {
-        parts.push(h);
+/// The parts of frames as they go on the wire: each head, then its payload.
+fn wire_parts(frames: &[Frame]) -> Vec<Bytes> {
+    let mut parts = Vec::with_capacity(frames.len() * 2);
+    for f in frames {
+        parts.push(f.encode_head().freeze());
         if !f.payload.is_empty() {
-            parts.push(&f.payload);
+            parts.push(f.payload.clone());
         }
     }
+    parts
+}
+
+/// Writes `parts` in order with vectored writes, waiting for the socket.
+async fn write_parts(wr: &tokio::net::tcp::OwnedWriteHalf, parts: &[Bytes]) -> std::io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
     let mut rest: &mut [IoSlice<'_>] = &mut slices;
     while !rest.is_empty() {
-        let n = wr.write_vectored(rest).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::WriteZero,
-                "the socket took no bytes",
-            ));
+        wr.writable().await?;
+        match wr.try_write_vectored(rest) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    "the socket took no bytes",
+                ))
+            }
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
-        IoSlice::advance_slices(&mut rest, n);
     }
     Ok(())
+}
+
+/// The direct path: a non-blocking write on the caller's thread.
+struct TcpDirect {
+    wr: Arc<tokio::net::tcp::OwnedWriteHalf>,
+}
+
+impl crate::link::DirectSend for TcpDirect {
+    fn try_send(&self, frame: &Frame) -> Result<crate::link::Direct, String> {
+        use crate::link::Direct;
+        let parts = wire_parts(std::slice::from_ref(frame));
+        let total: usize = parts.iter().map(Bytes::len).sum();
+        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut rest: &mut [IoSlice<'_>] = &mut slices;
+        let mut written = 0;
+        while !rest.is_empty() {
+            match self.wr.try_write_vectored(rest) {
+                Ok(0) => return Err("the socket took no bytes".into()),
+                Ok(n) => {
+                    written += n;
+                    IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if written == total {
+            return Ok(Direct::Sent);
+        }
+        if written == 0 {
+            return Ok(Direct::NotSent);
+        }
+        // Hand the rest of the frame to the writer: skip what was written.
+        let mut left = written;
+        let mut tail = Vec::new();
+        for p in parts {
+            if left >= p.len() {
+                left -= p.len();
+                continue;
+            }
+            tail.push(p.slice(left..));
+            left = 0;
+        }
+        Ok(Direct::Partial(tail))
+    }
 }
 
 /// Writes one frame (the handshake).
@@ -180,7 +242,7 @@ pub(crate) async fn read_frame_timeout<R: AsyncRead + Unpin>(
 /// bytes already buffered during the handshake.
 pub(crate) fn start(
     reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    wr: tokio::net::tcp::OwnedWriteHalf,
     link: Arc<Link>,
     sink: Arc<dyn FrameSink>,
     rt: &tokio::runtime::Handle,
@@ -204,15 +266,24 @@ pub(crate) fn start(
             }
         }
     });
+    let wr = Arc::new(wr);
+    link.set_direct(Arc::new(TcpDirect { wr: wr.clone() }));
     rt.spawn(async move {
-        while let Some(batch) = link.next_batch(BATCH_BYTES).await {
-            if let Err(e) = write_frames(&mut wr, &batch).await {
+        while let Some(work) = link.next_work(BATCH_BYTES).await {
+            let r = match work {
+                Work::Rest(parts) => write_parts(&wr, &parts).await,
+                Work::Frames(frames) => write_parts(&wr, &wire_parts(&frames)).await,
+            };
+            link.done_writing();
+            if let Err(e) = r {
                 end(&link, &sink, format!("write failed: {e}"));
                 return;
             }
         }
         // Closed: shut the write side so the peer sees the end.
-        let _ = wr.shutdown().await;
+        if let Ok(mut wr) = Arc::try_unwrap(wr) {
+            let _ = wr.shutdown().await;
+        }
     });
 }
 
