@@ -7,8 +7,8 @@
 //! runs every configuration n times (default 3) and keeps, per size, the run
 //! with the median result; `PSKV_BENCH_JSON=path` writes the lines as JSON.)
 //!
-//! For each van (tcp, shm) and cluster shape (1 worker + 1 server, 4 workers
-//! + 2 servers), every worker times push-pull rounds of each size against an
+//! For each van (tcp, shm) and cluster shape (1 worker and 1 server, 4
+//! workers and 2 servers), every worker times push-pull rounds of each size against an
 //! echoing server (values of 1 MiB and more are split over all servers, as
 //! the kvstore splits big arrays). Reported: the median round trip across
 //! workers, and the aggregate bandwidth (bytes each way per round, summed
