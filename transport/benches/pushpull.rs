@@ -166,6 +166,10 @@ fn run_raw_once() -> Vec<Line> {
         .collect()
 }
 
+/// One configuration's results: van, workers, servers, and per size the
+/// bytes, the median round trip (µs) and the aggregate bandwidth (GB/s).
+type Config = (String, u32, u32, Vec<(usize, f64, f64)>);
+
 fn human(n: usize) -> String {
     match n {
         n if n >= 1 << 20 => format!("{} MiB", n >> 20),
@@ -187,7 +191,7 @@ fn main() {
             l.bytes as f64 / l.median_us / 1e3
         ));
     }
-    let mut table: Vec<(String, u32, u32, Vec<(usize, f64, f64)>)> = Vec::new();
+    let mut table: Vec<Config> = Vec::new();
     for (servers, workers) in [(1u32, 1u32), (2, 4)] {
         for van in ["tcp", "shm"] {
             println!("pskv {van}, {workers} worker(s), {servers} server(s)...");
@@ -215,7 +219,7 @@ fn main() {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (i, r) in raw.iter().enumerate() {
         let raw_bw = r.bytes as f64 / r.median_us / 1e3;
-        let cell = |t: &(String, u32, u32, Vec<(usize, f64, f64)>)| {
+        let cell = |t: &Config| {
             let (_, us, bw) = t.3[i];
             if r.bytes < 65536 {
                 format!("{us:.1} µs")
