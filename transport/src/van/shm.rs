@@ -551,6 +551,8 @@ pub(crate) fn start(
             + HEADER_LEN as u64,
         pool: BytesMut::new(),
     };
+    let gone: Arc<parking_lot::Mutex<Option<String>>> = Arc::new(parking_lot::Mutex::new(None));
+    let gone_w = gone.clone();
     let (l, s, txr) = (link.clone(), sink.clone(), tx.clone());
     std::thread::Builder::new()
         .name(format!("pskv-shm-tx-{}", link.id))
@@ -569,29 +571,44 @@ pub(crate) fn start(
                 };
                 l.done_writing();
                 if let Err(e) = r {
-                    end(&l, &s, format!("shared-memory send failed: {e}"));
+                    // If the peer is gone, the reader ends the link once it
+                    // has drained what the peer sent.
+                    if gone_w.lock().is_none() {
+                        end(&l, &s, format!("shared-memory send failed: {e}"));
+                    }
                     txr.close();
                     return;
                 }
             }
             txr.close();
         })?;
-    let (l, s, rxr) = (link.clone(), sink.clone(), rx.clone());
+    // Subtle: when the peer goes away, frames it wrote just before (the
+    // answer to our last request, say) may still sit in the ring. The TCP
+    // watch only records why and closes the rings; the reader drains what
+    // was published, then ends the link with that reason.
+    let (l, s, rxr, g) = (link.clone(), sink.clone(), rx.clone(), gone.clone());
     std::thread::Builder::new()
         .name(format!("pskv-shm-rx-{}", link.id))
         .spawn(move || loop {
             match consumer.next(&l).and_then(|b| parse(b, &limits)) {
                 Ok(frame) => s.on_frame(&l, frame),
                 Err(e) => {
-                    if !l.is_closed() {
-                        tracing::warn!(link = l.id, "closing the shared-memory link: {e}");
-                    }
-                    end(&l, &s, e);
+                    let reason = match g.lock().take() {
+                        Some(why) => why,
+                        None => {
+                            if !l.is_closed() {
+                                tracing::warn!(link = l.id, "closing the shared-memory link: {e}");
+                            }
+                            e
+                        }
+                    };
+                    end(&l, &s, reason);
                     rxr.close();
                     return;
                 }
             }
         })?;
+    drop(sink);
     rt.spawn(async move {
         let (mut rd, mut wr) = tcp.into_split();
         let mut buf = [0u8; 64];
@@ -606,7 +623,8 @@ pub(crate) fn start(
                         Ok(_) => "unexpected bytes on the control connection of a shared-memory link".to_string(),
                         Err(e) => format!("read failed: {e}"),
                     };
-                    end(&link, &sink, why);
+                    // The reader drains the ring, then ends the link.
+                    *gone.lock() = Some(why);
                     tx.close();
                     rx.close();
                     return;

@@ -141,6 +141,9 @@ struct State {
 }
 
 struct Shared {
+    /// Why the peer went away (set by the TCP watch; the poller drains the
+    /// completions already there, then ends the link with it).
+    gone: Mutex<Option<String>>,
     qp: Arc<dyn QueuePair>,
     dev: Arc<dyn Device>,
     recv: Arc<dyn Region>,
@@ -176,6 +179,7 @@ impl Prepared {
         }
         Ok(Prepared {
             shared: Arc::new(Shared {
+                gone: Mutex::new(None),
                 qp,
                 dev,
                 recv,
@@ -225,8 +229,13 @@ pub(crate) fn start(
     std::thread::Builder::new()
         .name(format!("pskv-rdma-poll-{}", link.id))
         .spawn(move || {
-            if let Err(e) = poll_loop(&sh, &l, &s) {
-                end(&l, &s, e);
+            match poll_loop(&sh, &l, &s) {
+                Err(e) => end(&l, &s, sh.gone.lock().take().unwrap_or(e)),
+                Ok(()) => {
+                    if let Some(why) = sh.gone.lock().take() {
+                        end(&l, &s, why);
+                    }
+                }
             }
             sh.close();
         })?;
@@ -251,7 +260,9 @@ pub(crate) fn start(
                         Ok(_) => "unexpected bytes on the control connection of an RDMA link".to_string(),
                         Err(e) => format!("read failed: {e}"),
                     };
-                    end(&link, &sink, why);
+                    // The poller drains what already arrived, then ends
+                    // the link with this reason.
+                    *shared.gone.lock() = Some(why);
                     shared.close();
                     return;
                 }
@@ -483,11 +494,14 @@ fn poll_loop(sh: &Shared, link: &Arc<Link>, sink: &Arc<dyn FrameSink>) -> Result
     let mut done = Vec::new();
     let mut partial: Option<BytesMut> = None;
     loop {
-        if sh.state.lock().closed || link.is_closed() {
+        let closing = sh.state.lock().closed || link.is_closed();
+        done.clear();
+        // Closing: one last look, without waiting, at what already arrived.
+        let wait = if closing { Duration::ZERO } else { WAIT };
+        sh.qp.poll(&mut done, wait).map_err(|e| e.to_string())?;
+        if closing && done.is_empty() {
             return Ok(());
         }
-        done.clear();
-        sh.qp.poll(&mut done, WAIT).map_err(|e| e.to_string())?;
         for c in done.drain(..) {
             match c {
                 Completion::Send { wr_id } => {
