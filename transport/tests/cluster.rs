@@ -519,3 +519,138 @@ fn every_van_gives_the_same_results() {
     assert_eq!(results[0], results[2]);
     assert_eq!(results[0], results[3]);
 }
+
+/// A server that crashes and restarts takes its old rank back; the workers
+/// learn its new address, reconnect, and requests to it work again.
+#[test]
+fn a_restarted_server_recovers_its_rank_and_serves_again() {
+    let c = cluster(2, 1, None);
+    let kv = KvWorker::new(&c.workers[0]);
+    let ranges = c.workers[0].server_key_ranges();
+    let key = ranges[1].0 + 5;
+    kv.push(
+        &[key],
+        &[3],
+        Bytes::from_static(b"old"),
+        RequestOptions::default(),
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
+    c.servers[1].kill();
+    // Wait until the worker knows it is dead.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !c.workers[0]
+        .dead_nodes(Duration::from_secs(60))
+        .contains(&10)
+    {
+        assert!(Instant::now() < deadline, "the death was never noticed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let port = c.sched.local_addr().port();
+    let restarted = Postoffice::start(
+        config(Role::Server, port, 2, 1, None),
+        Some(Arc::new(Store::default())),
+    )
+    .unwrap();
+    assert_eq!(restarted.my_id(), 10);
+    assert!(restarted.is_recovery());
+    // The worker reconnects to the new address; the new server starts empty.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match kv
+            .push(
+                &[key],
+                &[3],
+                Bytes::from_static(b"new"),
+                RequestOptions::default(),
+            )
+            .and_then(|p| p.wait(T))
+        {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "never served again: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    let got = kv
+        .pull(&[key], RequestOptions::default())
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert_eq!(got.to_bytes(), Bytes::from_static(b"new"));
+    assert!(!c.workers[0]
+        .dead_nodes(Duration::from_secs(60))
+        .contains(&10));
+}
+
+/// A request is a future too: await it from async code.
+#[test]
+fn requests_can_be_awaited() {
+    let c = cluster(1, 1, None);
+    let kv = KvWorker::new(&c.workers[0]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        kv.push(
+            &[1],
+            &[2],
+            Bytes::from_static(b"hi"),
+            RequestOptions::default(),
+        )
+        .unwrap()
+        .await
+        .unwrap();
+        let got = tokio::time::timeout(T, kv.pull(&[1], RequestOptions::default()).unwrap())
+            .await
+            .expect("answered in time")
+            .unwrap();
+        assert_eq!(got.to_bytes(), Bytes::from_static(b"hi"));
+    });
+    // And a callback.
+    let (tx, rx) = std::sync::mpsc::channel();
+    kv.pull_with(&[1], RequestOptions::default(), move |r| {
+        tx.send(r.map(|r| r.to_bytes())).unwrap()
+    })
+    .unwrap();
+    assert_eq!(
+        rx.recv_timeout(T).unwrap().unwrap(),
+        Bytes::from_static(b"hi")
+    );
+}
+
+/// Without a token, a node accepts only loopback peers: a peer on another
+/// address is refused, saying why.
+#[test]
+fn without_a_token_only_loopback_peers_are_accepted() {
+    let Some(ip) = if_addrs_ipv4() else {
+        eprintln!("skipped: this machine has no non-loopback IPv4 address");
+        return;
+    };
+    let sched = Postoffice::start(config(Role::Scheduler, 0, 1, 1, None), None).unwrap();
+    let port = sched.local_addr().port();
+    let mut cfg = config(Role::Worker, port, 1, 1, None).connect_timeout(Duration::from_secs(3));
+    cfg.root_uri = ip.clone();
+    let err = Postoffice::start(cfg, None).unwrap_err();
+    assert!(
+        err.to_string().contains("only loopback peers are accepted"),
+        "{err} (via {ip})"
+    );
+}
+
+fn if_addrs_ipv4() -> Option<String> {
+    let out = std::process::Command::new("hostname")
+        .arg("-I")
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|a| {
+            a.parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| !ip.is_loopback())
+        })
+        .map(str::to_string)
+}
