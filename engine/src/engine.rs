@@ -81,6 +81,12 @@ impl Engine {
         &self.owner.core
     }
 
+    /// A process-wide unique id of this engine (shared by its clones), so
+    /// that code holding vars of one engine can refuse another.
+    pub fn id(&self) -> u64 {
+        self.core().id
+    }
+
     /// The engine's settings.
     pub fn config(&self) -> &EngineConfig {
         &self.core().config
@@ -203,8 +209,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Pushes the internal op that sets `latch` once every op pushed on `var`
-    /// so far has finished.
+    /// Pushes the internal op that sets `latch` once every write pushed on
+    /// `var` so far (and every op before those writes) has finished.
     fn push_wait(&self, var: &Var, latch: &Arc<Latch>) -> Result<(), EngineError> {
         let core = self.core();
         if core.shutting_down.load(Ordering::Acquire) {
@@ -229,9 +235,15 @@ impl Engine {
         Ok(())
     }
 
-    /// Blocks until every op pushed on `var` so far has finished, then returns
-    /// the failure stored on the var, if any (and clears it: each failure is
-    /// reported once per var). Waits at most the configured wait timeout.
+    /// Blocks until every write pushed on `var` so far has finished (and so
+    /// every op pushed before the last of them), then returns the failure
+    /// stored on the var, if any (and clears it: each failure is reported
+    /// once per var). Waits at most the configured wait timeout.
+    ///
+    /// Subtle: the wait is a read of the var, as MXNet's `WaitToRead` is, so
+    /// it does not wait for reads pushed after the last write: those may
+    /// still be running when it returns. To wait for a read op, have the op
+    /// signal its own completion, or wait on a var it writes.
     pub fn wait_for_var(&self, var: &Var) -> Result<(), EngineError> {
         self.wait_for_var_inner(var, self.core().config.wait_timeout)
     }

@@ -79,8 +79,9 @@ impl Latch {
     }
 }
 
-/// A future that resolves when every op pushed on a var before
-/// [`crate::Engine::var_ready`] was called has finished, with the var's failure
+/// A future that resolves when every write pushed on a var before
+/// [`crate::Engine::var_ready`] was called has finished (the reads after the
+/// last write need not have), with the var's failure
 /// if one is stored (and then cleared, as `wait_for_var` does).
 ///
 /// The future takes no thread while it waits; wrap it in

@@ -1,0 +1,111 @@
+//! Errors of the kvstore: one enum, [`KvError`]. Every message names the key
+//! and the sizes involved, and says what to do.
+
+use pskv_engine::EngineError;
+use pskv_gpu::KernelError;
+use pskv_transport::TransportError;
+
+/// Everything a kvstore, a tensor or a server can report.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// `KvStore::create` was given a name it does not know.
+    #[error(
+        "unknown kvstore type '{0}': expected local, device, dist_sync, dist_async, \
+         dist_sync_device or dist_device_sync"
+    )]
+    UnknownKind(String),
+
+    /// A key was used before `init`.
+    #[error("key {key} was never initialized: call init (or broadcast) on it first")]
+    NotInitialized {
+        /// The key, as the caller named it.
+        key: String,
+    },
+
+    /// `init` (or `broadcast`) was called twice on a key.
+    #[error("key {key} is already initialized: init and broadcast may be called once per key")]
+    AlreadyInitialized {
+        /// The key.
+        key: String,
+    },
+
+    /// A value does not fit the key: size, shape, dtype or storage differ.
+    #[error("key {key}: {what}")]
+    Mismatch {
+        /// The key.
+        key: String,
+        /// What differs, with both sizes.
+        what: String,
+    },
+
+    /// A bad argument from the caller.
+    #[error("{0}")]
+    Invalid(String),
+
+    /// A feature is missing from this build or this store kind.
+    #[error("{what} is not supported: {why}")]
+    Unsupported {
+        /// What was asked for.
+        what: String,
+        /// Why it cannot be done, and what to do instead.
+        why: String,
+    },
+
+    /// A server refused or failed a request.
+    #[error("{op} of key {key}: {message}")]
+    Server {
+        /// The operation (push, pull, init, ...).
+        op: &'static str,
+        /// The key.
+        key: String,
+        /// The server's message (it names the server).
+        message: String,
+    },
+
+    /// A wait ran out of time.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long the wait lasted.
+        after: std::time::Duration,
+    },
+
+    /// Reading or writing a file.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done, with the path.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The engine refused an op, or an op failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+
+    /// The transport failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+
+    /// A kernel refused its arguments.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+}
+
+impl KvError {
+    pub(crate) fn invalid(msg: impl Into<String>) -> KvError {
+        KvError::Invalid(msg.into())
+    }
+
+    pub(crate) fn mismatch(key: impl std::fmt::Display, what: impl Into<String>) -> KvError {
+        KvError::Mismatch {
+            key: key.to_string(),
+            what: what.into(),
+        }
+    }
+}
+
+/// Results of this crate.
+pub type Result<T, E = KvError> = std::result::Result<T, E>;

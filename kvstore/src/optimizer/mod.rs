@@ -1,0 +1,817 @@
+//! Optimizers that run where the weights are stored (on the servers of a
+//! distributed store, in the store of a local one): SGD (with momentum),
+//! NAG, Adam and AdaGrad, each matching MXNet 1.9.1 to the bit for f32 and
+//! f64 weights and for f16 weights with `multi_precision` (f32 master
+//! weights). One file per method, behind [`Optimizer`].
+//!
+//! What "matching" covers, beyond the kernels' formulas (see each file):
+//! - hyperparameters reach the kernels as MXNet's C++ parses them from
+//!   Python's text ([`mxparse`]);
+//! - per-key update counts (Adam's `t`), learning-rate and weight-decay
+//!   multipliers, and the state each method keeps, as MXNet's Python
+//!   `Optimizer` and `Updater` do.
+//!
+//! f16 weights without `multi_precision` are updated in f32 and rounded
+//! once per element; MXNet's half-precision kernels round some
+//! intermediate results to f16, so the two can differ in the last bit.
+//! Learning-rate schedulers are not implemented.
+
+mod adagrad;
+mod adam;
+pub mod mxparse;
+mod nag;
+mod real;
+mod sgd;
+
+use std::collections::BTreeMap;
+
+use half::f16;
+
+use crate::error::{KvError, Result};
+use crate::key::Key;
+use mxparse::{param_f32, scalar_f32, scalar_f64, tuple_f32};
+use real::Real;
+
+/// The update rule and its own hyperparameters.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Method {
+    /// Stochastic gradient descent, with momentum when `momentum != 0`.
+    Sgd {
+        /// Momentum factor.
+        momentum: f64,
+    },
+    /// Nesterov accelerated gradient.
+    Nag {
+        /// Momentum factor (0: plain SGD, as in MXNet).
+        momentum: f64,
+    },
+    /// Adam.
+    Adam {
+        /// Decay of the first moment.
+        beta1: f64,
+        /// Decay of the second moment.
+        beta2: f64,
+        /// Added to the root of the second moment.
+        epsilon: f64,
+    },
+    /// AdaGrad.
+    AdaGrad {
+        /// Added inside the square root.
+        epsilon: f64,
+    },
+}
+
+/// An optimizer: method, learning rate, weight decay, gradient rescaling
+/// and clipping, multi-precision, and per-key multipliers. Hyperparameters
+/// are f64, as Python floats are.
+///
+/// ```
+/// use pskv_kvstore::Optimizer;
+/// let opt = Optimizer::sgd(0.1).momentum(0.9).wd(1e-4).rescale_grad(1.0 / 128.0);
+/// assert!(opt.validate().is_ok());
+/// let adam = Optimizer::create("adam", &[("learning_rate", 0.002), ("beta1", 0.8)])?;
+/// assert_eq!(adam.learning_rate, 0.002);
+/// # Ok::<(), pskv_kvstore::KvError>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Optimizer {
+    /// The rule.
+    pub method: Method,
+    /// Learning rate.
+    pub learning_rate: f64,
+    /// Weight decay.
+    pub wd: f64,
+    /// Gradients are multiplied by this first (MXNet users set it to
+    /// 1/batch size; the server never averages on its own).
+    pub rescale_grad: f64,
+    /// Clip gradients to `[-c, c]`. SGD, NAG and Adam follow MXNet: `None`,
+    /// 0 or a negative value mean no clipping; AdaGrad clips whenever it is
+    /// `Some`.
+    pub clip_gradient: Option<f64>,
+    /// Keep f32 master weights (and f32 state) for f16 weights.
+    pub multi_precision: bool,
+    /// Learning-rate multiplier per key id ([`Key::id`]).
+    pub lr_mult: BTreeMap<u64, f64>,
+    /// Weight-decay multiplier per key id.
+    pub wd_mult: BTreeMap<u64, f64>,
+}
+
+impl Optimizer {
+    fn with(method: Method, learning_rate: f64) -> Optimizer {
+        Optimizer {
+            method,
+            learning_rate,
+            wd: 0.0,
+            rescale_grad: 1.0,
+            clip_gradient: None,
+            multi_precision: false,
+            lr_mult: BTreeMap::new(),
+            wd_mult: BTreeMap::new(),
+        }
+    }
+
+    /// SGD without momentum.
+    pub fn sgd(learning_rate: f64) -> Optimizer {
+        Optimizer::with(Method::Sgd { momentum: 0.0 }, learning_rate)
+    }
+
+    /// NAG with this momentum.
+    pub fn nag(learning_rate: f64, momentum: f64) -> Optimizer {
+        Optimizer::with(Method::Nag { momentum }, learning_rate)
+    }
+
+    /// Adam with MXNet's defaults (beta1 0.9, beta2 0.999, epsilon 1e-8).
+    pub fn adam(learning_rate: f64) -> Optimizer {
+        Optimizer::with(
+            Method::Adam {
+                beta1: 0.9,
+                beta2: 0.999,
+                epsilon: 1e-8,
+            },
+            learning_rate,
+        )
+    }
+
+    /// AdaGrad with MXNet's default epsilon (1e-7).
+    pub fn adagrad(learning_rate: f64) -> Optimizer {
+        Optimizer::with(Method::AdaGrad { epsilon: 1e-7 }, learning_rate)
+    }
+
+    /// Sets the momentum (SGD, NAG).
+    pub fn momentum(mut self, m: f64) -> Optimizer {
+        match &mut self.method {
+            Method::Sgd { momentum } | Method::Nag { momentum } => *momentum = m,
+            _ => {}
+        }
+        self
+    }
+
+    /// Sets Adam's betas.
+    pub fn betas(mut self, b1: f64, b2: f64) -> Optimizer {
+        if let Method::Adam { beta1, beta2, .. } = &mut self.method {
+            *beta1 = b1;
+            *beta2 = b2;
+        }
+        self
+    }
+
+    /// Sets epsilon (Adam, AdaGrad).
+    pub fn epsilon(mut self, e: f64) -> Optimizer {
+        match &mut self.method {
+            Method::Adam { epsilon, .. } | Method::AdaGrad { epsilon } => *epsilon = e,
+            _ => {}
+        }
+        self
+    }
+
+    /// Sets the weight decay.
+    pub fn wd(mut self, wd: f64) -> Optimizer {
+        self.wd = wd;
+        self
+    }
+
+    /// Sets the gradient rescaling factor.
+    pub fn rescale_grad(mut self, r: f64) -> Optimizer {
+        self.rescale_grad = r;
+        self
+    }
+
+    /// Sets gradient clipping.
+    pub fn clip_gradient(mut self, c: f64) -> Optimizer {
+        self.clip_gradient = Some(c);
+        self
+    }
+
+    /// Keeps f32 master weights for f16 weights.
+    pub fn multi_precision(mut self, on: bool) -> Optimizer {
+        self.multi_precision = on;
+        self
+    }
+
+    /// Multiplies the learning rate of one key.
+    pub fn lr_mult(mut self, key: impl Into<Key>, m: f64) -> Optimizer {
+        self.lr_mult.insert(key.into().id(), m);
+        self
+    }
+
+    /// Multiplies the weight decay of one key.
+    pub fn wd_mult(mut self, key: impl Into<Key>, m: f64) -> Optimizer {
+        self.wd_mult.insert(key.into().id(), m);
+        self
+    }
+
+    /// An optimizer by MXNet name (`sgd`, `nag`, `adam`, `adagrad`) and
+    /// MXNet parameter names (`learning_rate`, `momentum`, `wd`,
+    /// `rescale_grad`, `clip_gradient`, `beta1`, `beta2`, `epsilon`,
+    /// `eps`, `multi_precision` as 0/1), with MXNet's defaults.
+    pub fn create(name: &str, params: &[(&str, f64)]) -> Result<Optimizer> {
+        let mut opt = match name.to_ascii_lowercase().as_str() {
+            "sgd" => Optimizer::sgd(0.01),
+            "nag" => Optimizer::nag(0.01, 0.0),
+            "adam" => Optimizer::adam(0.001),
+            "adagrad" => Optimizer::adagrad(0.01),
+            other => {
+                return Err(KvError::invalid(format!(
+                    "unknown optimizer '{other}': expected sgd, nag, adam or adagrad"
+                )))
+            }
+        };
+        for &(k, v) in params {
+            opt = match k {
+                "learning_rate" | "lr" => Optimizer {
+                    learning_rate: v,
+                    ..opt
+                },
+                "wd" => opt.wd(v),
+                "rescale_grad" => opt.rescale_grad(v),
+                "clip_gradient" => opt.clip_gradient(v),
+                "multi_precision" => opt.multi_precision(v != 0.0),
+                "momentum" if matches!(opt.method, Method::Sgd { .. } | Method::Nag { .. }) => {
+                    opt.momentum(v)
+                }
+                "beta1" | "beta2" if matches!(opt.method, Method::Adam { .. }) => {
+                    let (b1, b2) = match opt.method {
+                        Method::Adam { beta1, beta2, .. } => (beta1, beta2),
+                        _ => unreachable!("matched Adam above"),
+                    };
+                    if k == "beta1" {
+                        opt.betas(v, b2)
+                    } else {
+                        opt.betas(b1, v)
+                    }
+                }
+                "epsilon" | "eps"
+                    if matches!(opt.method, Method::Adam { .. } | Method::AdaGrad { .. }) =>
+                {
+                    opt.epsilon(v)
+                }
+                other => {
+                    return Err(KvError::invalid(format!(
+                        "optimizer '{name}' has no parameter '{other}'"
+                    )))
+                }
+            };
+        }
+        opt.validate()?;
+        Ok(opt)
+    }
+
+    /// The method's name, as MXNet spells it.
+    pub fn name(&self) -> &'static str {
+        match self.method {
+            Method::Sgd { .. } => "sgd",
+            Method::Nag { .. } => "nag",
+            Method::Adam { .. } => "adam",
+            Method::AdaGrad { .. } => "adagrad",
+        }
+    }
+
+    /// Checks that every hyperparameter is finite and in range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, v: f64| {
+            Err(KvError::invalid(format!(
+                "optimizer {}: {what} = {v} is out of range",
+                self.name()
+            )))
+        };
+        let mut all = vec![
+            ("learning_rate", self.learning_rate),
+            ("wd", self.wd),
+            ("rescale_grad", self.rescale_grad),
+        ];
+        if let Some(c) = self.clip_gradient {
+            all.push(("clip_gradient", c));
+        }
+        match self.method {
+            Method::Sgd { momentum } | Method::Nag { momentum } => all.push(("momentum", momentum)),
+            Method::Adam {
+                beta1,
+                beta2,
+                epsilon,
+            } => {
+                all.extend([("beta1", beta1), ("beta2", beta2), ("epsilon", epsilon)]);
+                if !(0.0..1.0).contains(&beta1) {
+                    return bad("beta1", beta1);
+                }
+                if !(0.0..1.0).contains(&beta2) {
+                    return bad("beta2", beta2);
+                }
+            }
+            Method::AdaGrad { epsilon } => {
+                all.push(("epsilon", epsilon));
+                if let Some(c) = self.clip_gradient.filter(|c| *c < 0.0) {
+                    return bad("clip_gradient (AdaGrad clips to [-c, c])", c);
+                }
+            }
+        }
+        for m in self.lr_mult.values().chain(self.wd_mult.values()) {
+            all.push(("a multiplier", *m));
+        }
+        for (what, v) in all {
+            if !v.is_finite() {
+                return bad(what, v);
+            }
+        }
+        Ok(())
+    }
+
+    fn lr_of(&self, key: u64) -> f64 {
+        self.learning_rate * self.lr_mult.get(&key).copied().unwrap_or(1.0)
+    }
+
+    fn wd_of(&self, key: u64) -> f64 {
+        self.wd * self.wd_mult.get(&key).copied().unwrap_or(1.0)
+    }
+
+    /// MXNet's `if self.clip_gradient:` for the fused kernels, then the
+    /// kernel's own `clip_gradient >= 0`.
+    fn kernel_clip<T: Real>(&self) -> Option<T> {
+        let c = self.clip_gradient.filter(|c| *c != 0.0)?;
+        let c = param_f32(c);
+        (c >= 0.0).then(|| T::of_f32(c))
+    }
+
+    /// How many state arrays the method keeps per key.
+    fn state_arrays(&self) -> usize {
+        match self.method {
+            Method::Sgd { momentum } | Method::Nag { momentum } => (momentum != 0.0) as usize,
+            Method::Adam { .. } => 2,
+            Method::AdaGrad { .. } => 1,
+        }
+    }
+
+    /// Updates `weight` with `grad` (dense, same length) and the key's state.
+    pub fn update(
+        &self,
+        key: u64,
+        weight: WeightMut<'_>,
+        grad: GradRef<'_>,
+        state: &mut Option<OptState>,
+    ) -> Result<()> {
+        self.update_any(key, weight, grad, None, state)
+    }
+
+    /// Updates the rows of `weight` (dense, `row_len` elements per row) that
+    /// `rows` names, with `grad` holding those rows' gradients packed (a
+    /// row-sparse gradient): MXNet's lazy update. Rows not named keep their
+    /// weights and state.
+    pub fn update_rows(
+        &self,
+        key: u64,
+        weight: WeightMut<'_>,
+        rows: &[i64],
+        row_len: usize,
+        grad: GradRef<'_>,
+        state: &mut Option<OptState>,
+    ) -> Result<()> {
+        self.update_any(key, weight, grad, Some((rows, row_len)), state)
+    }
+
+    fn update_any(
+        &self,
+        key: u64,
+        weight: WeightMut<'_>,
+        grad: GradRef<'_>,
+        rows: Option<(&[i64], usize)>,
+        state: &mut Option<OptState>,
+    ) -> Result<()> {
+        let n = weight.len();
+        let want_grad = match rows {
+            None => n,
+            Some((r, rl)) => {
+                if let Some(&bad) = r.iter().find(|&&x| x < 0 || (x as usize + 1) * rl > n) {
+                    return Err(KvError::invalid(format!(
+                        "row {bad} is outside the {} rows of the weight",
+                        n.checked_div(rl).unwrap_or(0)
+                    )));
+                }
+                r.len() * rl
+            }
+        };
+        if grad.len() != want_grad {
+            return Err(KvError::invalid(format!(
+                "the gradient has {} elements, the update needs {want_grad}",
+                grad.len()
+            )));
+        }
+        let st = state.get_or_insert_with(|| OptState::new(self, &weight));
+        if st.count == 0 && st.bufs.len() != self.state_arrays() {
+            *st = OptState::new(self, &weight);
+        }
+        st.check(self, &weight)?;
+        match (weight, grad) {
+            (WeightMut::F32(w), GradRef::F32(g)) => {
+                let t = st.count + 1;
+                self.step(key, t, w, g, st.bufs_f32()?, rows);
+                st.count = t;
+            }
+            (WeightMut::F64(w), GradRef::F64(g)) => {
+                let t = st.count + 1;
+                self.step(key, t, w, g, st.bufs_f64()?, rows);
+                st.count = t;
+            }
+            (WeightMut::F16(w), GradRef::F16(g)) => {
+                let g32: Vec<f32> = g.iter().map(|x| x.to_f32()).collect();
+                let mut master = match st.master.take() {
+                    Some(m) => m,
+                    None => w.iter().map(|x| x.to_f32()).collect(),
+                };
+                let t = st.count + 1;
+                self.step(key, t, &mut master, &g32, st.bufs_f32()?, rows);
+                st.count = t;
+                match rows {
+                    None => {
+                        for (w, m) in w.iter_mut().zip(&master) {
+                            *w = f16::from_f32(*m);
+                        }
+                    }
+                    Some((r, rl)) => {
+                        for &row in r {
+                            let s = row as usize * rl;
+                            for i in s..s + rl {
+                                w[i] = f16::from_f32(master[i]);
+                            }
+                        }
+                    }
+                }
+                if self.multi_precision {
+                    st.master = Some(master);
+                }
+            }
+            (w, g) => {
+                return Err(KvError::invalid(format!(
+                    "the weight is {} but the gradient {}",
+                    w.dtype_name(),
+                    g.dtype_name()
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// One update of `w` (dense or some rows) in type `T`; `t` is the key's
+    /// update count, already incremented (MXNet's `_update_count` runs
+    /// before the learning rate is read).
+    fn step<T: Real>(
+        &self,
+        key: u64,
+        t: u64,
+        w: &mut [T],
+        g: &[T],
+        bufs: Vec<&mut [T]>,
+        rows: Option<(&[i64], usize)>,
+    ) {
+        let lr = self.lr_of(key);
+        let wd = self.wd_of(key);
+        let mut bufs = bufs;
+        // Runs `f` on the whole arrays, or row by row.
+        let mut each = |f: &mut RowFn<'_, T>| match rows {
+            None => f(w, g, &mut bufs),
+            Some((r, rl)) => {
+                for (i, &row) in r.iter().enumerate() {
+                    let s = row as usize * rl;
+                    let mut sub: Vec<&mut [T]> =
+                        bufs.iter_mut().map(|b| &mut b[s..s + rl]).collect();
+                    f(&mut w[s..s + rl], &g[i * rl..(i + 1) * rl], &mut sub);
+                }
+            }
+        };
+        match self.method {
+            Method::Sgd { momentum } => {
+                // Dense arrays go through multi_sgd (lr and wd as a
+                // correctly rounded tuple); row-sparse ones through
+                // sgd_update (lr and wd as dmlc-parsed floats).
+                let dense = rows.is_none();
+                let a = sgd::SgdArgs {
+                    lr: T::of_f32(if dense { tuple_f32(lr) } else { param_f32(lr) }),
+                    wd: T::of_f32(if dense { tuple_f32(wd) } else { param_f32(wd) }),
+                    rescale: T::of_f32(param_f32(self.rescale_grad)),
+                    clip: self.kernel_clip(),
+                    momentum: T::of_f32(param_f32(momentum)),
+                };
+                each(&mut |w, g, b| {
+                    let mom = b.first_mut().map(|m| &mut **m);
+                    if dense {
+                        sgd::multi(w, g, mom, &a)
+                    } else {
+                        sgd::single(w, g, mom, &a)
+                    }
+                });
+            }
+            Method::Nag { momentum } => {
+                if momentum == 0.0 {
+                    let a = sgd::SgdArgs {
+                        lr: T::of_f32(param_f32(lr)),
+                        wd: T::of_f32(param_f32(wd)),
+                        rescale: T::of_f32(param_f32(self.rescale_grad)),
+                        clip: self.kernel_clip(),
+                        momentum: T::default(),
+                    };
+                    each(&mut |w, g, _| sgd::single(w, g, None, &a));
+                } else {
+                    let a = nag::NagArgs {
+                        lr: T::of_f32(param_f32(lr)),
+                        wd: T::of_f32(param_f32(wd)),
+                        rescale: T::of_f32(param_f32(self.rescale_grad)),
+                        clip: self.kernel_clip(),
+                        momentum: T::of_f32(param_f32(momentum)),
+                    };
+                    each(&mut |w, g, b| nag::update(w, g, b[0], &a));
+                }
+            }
+            Method::Adam {
+                beta1,
+                beta2,
+                epsilon,
+            } => {
+                // Python: coef1 = 1 - beta1**t; coef2 = 1 - beta2**t;
+                // lr *= sqrt(coef2)/coef1, all in f64.
+                let tf = t as f64;
+                let coef1 = 1.0 - beta1.powf(tf);
+                let coef2 = 1.0 - beta2.powf(tf);
+                let lr_t = lr * (coef2.sqrt() / coef1);
+                let a = adam::AdamArgs {
+                    lr: T::of_f32(param_f32(lr_t)),
+                    wd: T::of_f32(param_f32(wd)),
+                    rescale: T::of_f32(param_f32(self.rescale_grad)),
+                    clip: self.kernel_clip(),
+                    beta1: T::of_f32(param_f32(beta1)),
+                    beta2: T::of_f32(param_f32(beta2)),
+                    epsilon: T::of_f32(param_f32(epsilon)),
+                };
+                each(&mut |w, g, b| {
+                    let (m, v) = b.split_at_mut(1);
+                    adam::update(w, g, m[0], v[0], &a)
+                });
+            }
+            Method::AdaGrad { epsilon } => {
+                let sc = |x: f64| T::of_f64(scalar_of::<T>(x));
+                let a = adagrad::AdaGradArgs {
+                    rescale: sc(self.rescale_grad),
+                    clip: self
+                        .clip_gradient
+                        .map(|c| (T::of_f32(param_f32(-c)), T::of_f32(param_f32(c)))),
+                    epsilon: sc(epsilon),
+                    wd: sc(wd),
+                    neg_lr: sc(-lr),
+                };
+                each(&mut |w, g, b| adagrad::update(w, g, b[0], &a));
+            }
+        }
+    }
+}
+
+/// A kernel applied to weights, gradient and state arrays (whole, or one
+/// row of each).
+type RowFn<'a, T> = dyn FnMut(&mut [T], &[T], &mut [&mut [T]]) + 'a;
+
+/// An NDArray scalar as the element type `T` receives it: `DType(double)`.
+fn scalar_of<T: Real>(x: f64) -> f64 {
+    if std::mem::size_of::<T>() == 4 {
+        scalar_f32(x) as f64
+    } else {
+        scalar_f64(x)
+    }
+}
+
+/// A weight to update, by element type.
+#[derive(Debug)]
+pub enum WeightMut<'a> {
+    /// f32 weights.
+    F32(&'a mut [f32]),
+    /// f64 weights.
+    F64(&'a mut [f64]),
+    /// f16 weights.
+    F16(&'a mut [f16]),
+}
+
+impl WeightMut<'_> {
+    fn len(&self) -> usize {
+        match self {
+            WeightMut::F32(w) => w.len(),
+            WeightMut::F64(w) => w.len(),
+            WeightMut::F16(w) => w.len(),
+        }
+    }
+
+    fn dtype_name(&self) -> &'static str {
+        match self {
+            WeightMut::F32(_) => "f32",
+            WeightMut::F64(_) => "f64",
+            WeightMut::F16(_) => "f16",
+        }
+    }
+}
+
+/// A gradient, by element type.
+#[derive(Debug, Clone, Copy)]
+pub enum GradRef<'a> {
+    /// f32 gradient.
+    F32(&'a [f32]),
+    /// f64 gradient.
+    F64(&'a [f64]),
+    /// f16 gradient.
+    F16(&'a [f16]),
+}
+
+impl GradRef<'_> {
+    fn len(&self) -> usize {
+        match self {
+            GradRef::F32(g) => g.len(),
+            GradRef::F64(g) => g.len(),
+            GradRef::F16(g) => g.len(),
+        }
+    }
+
+    fn dtype_name(&self) -> &'static str {
+        match self {
+            GradRef::F32(_) => "f32",
+            GradRef::F64(_) => "f64",
+            GradRef::F16(_) => "f16",
+        }
+    }
+}
+
+/// One state array.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum StateVals {
+    /// For f32 and f16 weights.
+    F32(Vec<f32>),
+    /// For f64 weights.
+    F64(Vec<f64>),
+}
+
+/// What an optimizer keeps for one key: its update count, its state arrays
+/// (momentum; Adam's mean and variance; AdaGrad's history) and, for f16
+/// weights with multi-precision, the f32 master weights.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OptState {
+    /// Updates done (Adam's `t`).
+    pub count: u64,
+    /// The state arrays.
+    pub bufs: Vec<StateVals>,
+    /// f32 master weights (f16 weights with multi-precision).
+    pub master: Option<Vec<f32>>,
+}
+
+impl OptState {
+    fn new(opt: &Optimizer, w: &WeightMut<'_>) -> OptState {
+        let n = w.len();
+        let k = opt.state_arrays();
+        let bufs = match w {
+            WeightMut::F64(_) => (0..k).map(|_| StateVals::F64(vec![0.0; n])).collect(),
+            _ => (0..k).map(|_| StateVals::F32(vec![0.0; n])).collect(),
+        };
+        OptState {
+            count: 0,
+            bufs,
+            master: None,
+        }
+    }
+
+    fn check(&self, opt: &Optimizer, w: &WeightMut<'_>) -> Result<()> {
+        let n = w.len();
+        let ok_len = self.bufs.iter().all(|b| match b {
+            StateVals::F32(v) => v.len() == n,
+            StateVals::F64(v) => v.len() == n,
+        }) && self.master.as_ref().is_none_or(|m| m.len() == n);
+        if self.bufs.len() != opt.state_arrays() || !ok_len {
+            return Err(KvError::invalid(format!(
+                "the optimizer state ({} arrays) does not fit {} with a weight of {n} elements",
+                self.bufs.len(),
+                opt.name()
+            )));
+        }
+        Ok(())
+    }
+
+    fn bufs_f32(&mut self) -> Result<Vec<&mut [f32]>> {
+        self.bufs
+            .iter_mut()
+            .map(|b| match b {
+                StateVals::F32(v) => Ok(&mut v[..]),
+                StateVals::F64(_) => Err(KvError::invalid(
+                    "the optimizer state is f64 but the weight is not",
+                )),
+            })
+            .collect()
+    }
+
+    fn bufs_f64(&mut self) -> Result<Vec<&mut [f64]>> {
+        self.bufs
+            .iter_mut()
+            .map(|b| match b {
+                StateVals::F64(v) => Ok(&mut v[..]),
+                StateVals::F32(_) => Err(KvError::invalid(
+                    "the optimizer state is f32 but the weight is f64",
+                )),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sgd_follows_the_formula() {
+        let opt = Optimizer::sgd(0.5);
+        let mut w = vec![1.0f32, 2.0];
+        let mut st = None;
+        opt.update(
+            0,
+            WeightMut::F32(&mut w),
+            GradRef::F32(&[1.0, -2.0]),
+            &mut st,
+        )
+        .unwrap();
+        assert_eq!(w, vec![0.5, 3.0]);
+        assert_eq!(st.unwrap().count, 1);
+    }
+
+    #[test]
+    fn momentum_state_carries_over() {
+        let opt = Optimizer::sgd(1.0).momentum(0.5);
+        let mut w = vec![0.0f64];
+        let mut st = None;
+        for _ in 0..2 {
+            opt.update(7, WeightMut::F64(&mut w), GradRef::F64(&[1.0]), &mut st)
+                .unwrap();
+        }
+        // m1 = -1, w = -1; m2 = -0.5 - 1 = -1.5, w = -2.5.
+        assert_eq!(w, vec![-2.5]);
+    }
+
+    #[test]
+    fn lazy_rows_leave_other_rows_alone() {
+        let opt = Optimizer::adam(0.1);
+        let mut w = vec![1.0f32; 6];
+        let mut st = None;
+        opt.update_rows(
+            0,
+            WeightMut::F32(&mut w),
+            &[1],
+            2,
+            GradRef::F32(&[1.0, 1.0]),
+            &mut st,
+        )
+        .unwrap();
+        assert_eq!(&w[0..2], &[1.0, 1.0]);
+        assert!(w[2] < 1.0 && w[3] < 1.0);
+        assert_eq!(&w[4..6], &[1.0, 1.0]);
+        assert!(opt
+            .update_rows(
+                0,
+                WeightMut::F32(&mut w),
+                &[3],
+                2,
+                GradRef::F32(&[1.0, 1.0]),
+                &mut st
+            )
+            .is_err());
+    }
+
+    #[test]
+    fn bad_arguments_are_errors() {
+        let opt = Optimizer::sgd(0.1);
+        let mut w = vec![0.0f32; 2];
+        let mut st = None;
+        assert!(opt
+            .update(0, WeightMut::F32(&mut w), GradRef::F32(&[1.0]), &mut st)
+            .is_err());
+        assert!(opt
+            .update(
+                0,
+                WeightMut::F32(&mut w),
+                GradRef::F64(&[1.0, 1.0]),
+                &mut st
+            )
+            .is_err());
+        assert!(Optimizer::create("rmsprop", &[]).is_err());
+        assert!(Optimizer::create("sgd", &[("beta1", 0.5)]).is_err());
+        assert!(Optimizer::create("adam", &[("beta1", 1.5)]).is_err());
+        assert!(Optimizer::sgd(f64::NAN).validate().is_err());
+    }
+
+    #[test]
+    fn f16_multi_precision_keeps_a_master_copy() {
+        let opt = Optimizer::sgd(1e-4).multi_precision(true);
+        let mut w = vec![f16::from_f32(1.0)];
+        let mut st = None;
+        for _ in 0..10 {
+            opt.update(
+                0,
+                WeightMut::F16(&mut w),
+                GradRef::F16(&[f16::from_f32(1.0)]),
+                &mut st,
+            )
+            .unwrap();
+        }
+        // Each step alone is below half an f16 ulp at 1.0; the master copy
+        // accumulates them.
+        let master = st.unwrap().master.unwrap()[0];
+        assert!((master - 0.999).abs() < 1e-6, "{master}");
+        assert_eq!(w[0], f16::from_f32(master));
+    }
+}
