@@ -64,6 +64,48 @@ impl fmt::Display for Key {
     }
 }
 
+/// Anything that names a key: integers (0 to 2³²-1; others are an error),
+/// strings, and keys.
+pub trait IntoKey {
+    /// The key, or an error for an integer out of range.
+    fn into_key(self) -> Result<Key>;
+}
+
+macro_rules! int_keys {
+    ($($t:ty),*) => {$(
+        impl IntoKey for $t {
+            fn into_key(self) -> Result<Key> {
+                Key::int(i64::try_from(self).unwrap_or(i64::MAX))
+            }
+        }
+    )*};
+}
+int_keys!(i32, i64, u32, u64, usize, u16, i16, u8);
+
+impl IntoKey for Key {
+    fn into_key(self) -> Result<Key> {
+        Ok(self)
+    }
+}
+
+impl IntoKey for &Key {
+    fn into_key(self) -> Result<Key> {
+        Ok(self.clone())
+    }
+}
+
+impl IntoKey for &str {
+    fn into_key(self) -> Result<Key> {
+        Ok(Key::Str(self.to_string()))
+    }
+}
+
+impl IntoKey for String {
+    fn into_key(self) -> Result<Key> {
+        Ok(Key::Str(self))
+    }
+}
+
 impl From<u32> for Key {
     fn from(k: u32) -> Key {
         Key::Int(k)
@@ -110,5 +152,9 @@ mod tests {
         assert!(Key::int(1 << 32).is_err());
         assert_eq!(Key::int(5).unwrap(), Key::Int(5));
         assert_eq!(Key::from("a").to_string(), "'a'");
+        assert_eq!(3.into_key().unwrap(), Key::Int(3));
+        assert!((-3).into_key().is_err());
+        assert!(u64::MAX.into_key().is_err());
+        assert_eq!("w".into_key().unwrap(), Key::from("w"));
     }
 }

@@ -4,14 +4,29 @@
 
 #![warn(missing_docs)]
 
+mod comm;
+mod compression;
 mod dtype;
 mod error;
 mod key;
+mod kinds;
 pub mod optimizer;
+mod registry;
+mod server;
+mod states;
+mod store;
 mod tensor;
+mod updater;
+mod wire;
 
+pub use comm::tree::{ReduceTree, Topology};
+pub use compression::Compression;
 pub use dtype::{DType, Elem};
 pub use error::{KvError, Result};
-pub use key::Key;
+pub use key::{IntoKey, Key};
+pub use kinds::Kind;
 pub use optimizer::{GradRef, Method, OptState, Optimizer, StateVals, WeightMut};
+pub use server::{Controller, Server};
+pub use store::{KvStore, Options};
 pub use tensor::{Storage, Tensor};
+pub use updater::{Updater, Values, ValuesMut};

@@ -88,6 +88,12 @@ impl AsRef<[u8]> for SharedBuf {
     }
 }
 
+/// A zero-copy view of some bytes of a shared buffer; the buffer must not
+/// be changed in place while shared (T2).
+pub(crate) fn share(buf: &Arc<Buf>, range: std::ops::Range<usize>) -> Bytes {
+    Bytes::from_owner(SharedBuf(buf.clone())).slice(range)
+}
+
 /// What the cell of a tensor holds (see T2, T3).
 pub(crate) struct Data {
     pub(crate) buf: Arc<Buf>,
@@ -131,7 +137,7 @@ impl Data {
 
     /// A zero-copy view of some bytes for the transport (T2).
     pub(crate) fn share(&self, range: std::ops::Range<usize>) -> Bytes {
-        Bytes::from_owner(SharedBuf(self.buf.clone())).slice(range)
+        share(&self.buf, range)
     }
 
     /// Replaces rows and bytes (row-sparse results).

@@ -1,0 +1,376 @@
+//! Reducing the values one key has on several devices, and broadcasting a
+//! value back to them: MXNet's `comm.h` (CommCPU, CommDevice and
+//! CommDeviceTree) as engine ops over pskv-gpu's kernels.
+//!
+//! Sums are always taken in a fixed order (the order of the inputs, or the
+//! tree's order), so results are reproducible bit for bit.
+
+pub mod tree;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use half::f16;
+use parking_lot::Mutex;
+use pskv_engine::{Context, OpSpec};
+use pskv_gpu::{cpu::CpuKernels, Kernels};
+
+use crate::compression::Compression;
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::key::Key;
+use crate::tensor::{Buf, Data, Storage, Tensor};
+use tree::Topology;
+
+/// Where reductions run.
+#[derive(Clone, Debug)]
+pub(crate) enum CommMode {
+    /// On the CPU (kvstore `local`, `dist_sync`, `dist_async`).
+    Cpu,
+    /// On the devices (kvstore `device`, `dist_sync_device`), along a tree
+    /// when one is given.
+    Device { tree: Option<Topology> },
+}
+
+/// What one key keeps between reductions: per-device partial sums (tree)
+/// and per-input compression residuals.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    partials: Mutex<HashMap<u32, Tensor>>,
+    residuals: Arc<Mutex<Vec<Vec<f32>>>>,
+}
+
+/// The reducer and broadcaster of a store.
+#[derive(Clone)]
+pub(crate) struct Comm {
+    pub(crate) kernels: Arc<CpuKernels>,
+    mode: CommMode,
+}
+
+impl Comm {
+    pub(crate) fn new(kernels: Arc<CpuKernels>, mode: CommMode) -> Comm {
+        Comm { kernels, mode }
+    }
+
+    /// Pushes the op(s) that write the sum of `inputs` (in order) into
+    /// `out`. With compression (device mode), each input is first
+    /// quantized with its own residual and dequantized, as MXNet's
+    /// CommDevice does.
+    pub(crate) fn reduce(
+        &self,
+        key: &Key,
+        inputs: &[Tensor],
+        out: &Tensor,
+        scratch: &Scratch,
+        compression: Compression,
+        priority: i32,
+    ) -> Result<()> {
+        if let CommMode::Device { tree: Some(topo) } = &self.mode {
+            if !compression.is_on() && inputs.len() > 2 && out.storage() == Storage::Dense {
+                if let Some(devs) = distinct_gpus(inputs) {
+                    return self.reduce_tree(key, inputs, &devs, out, scratch, topo, priority);
+                }
+            }
+        }
+        let ctx = match self.mode {
+            CommMode::Cpu => Context::Cpu,
+            CommMode::Device { .. } => inputs[0].ctx(),
+        };
+        let spec = OpSpec::new("kvstore_reduce")
+            .context(ctx)
+            .priority(priority)
+            .reads(inputs.iter().map(Tensor::var))
+            .write(out.var());
+        let (ins, o, k) = (inputs.to_vec(), out.clone(), self.kernels.clone());
+        let residuals = scratch.residuals.clone();
+        let kname = key.to_string();
+        out.engine().push_sync(spec, move |_| {
+            // SAFETY: the op reads every input and writes `out`, which is
+            // none of them (the caller's merge buffer) (T1).
+            let datas: Vec<&Data> = ins.iter().map(|t| unsafe { t.data() }).collect();
+            let od = unsafe { o.data_mut() };
+            if compression.is_on() {
+                let mut res = residuals.lock();
+                sum_compressed(&k, compression, &datas, od, &mut res, o.len())
+            } else {
+                sum_into(&k, o.dtype(), o.row_len(), &ins, &datas, o.storage(), od)
+            }
+            .map_err(|e| format!("reducing key {kname}: {e}").into())
+        })?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn reduce_tree(
+        &self,
+        key: &Key,
+        inputs: &[Tensor],
+        devs: &[u32],
+        out: &Tensor,
+        scratch: &Scratch,
+        topo: &Topology,
+        priority: i32,
+    ) -> Result<()> {
+        let idx: Vec<usize> = devs.iter().map(|&d| d as usize).collect();
+        let root = idx[(key.id() % idx.len() as u64) as usize];
+        let tree = if topo.len() > *idx.iter().max().expect("inputs") {
+            topo.tree(&idx, root)?
+        } else {
+            Topology::uniform(idx.iter().max().expect("inputs") + 1).tree(&idx, root)?
+        };
+        let input_of = |d: usize| &inputs[idx.iter().position(|&x| x == d).expect("a device")];
+        let mut partials = scratch.partials.lock();
+        for d in tree.post_order() {
+            let children = tree.children(d);
+            if children.is_empty() {
+                continue;
+            }
+            let dest = if d == root {
+                out.clone()
+            } else {
+                match partials.get(&(d as u32)) {
+                    Some(t) => t.clone(),
+                    None => {
+                        let t = out.zeros_like(Context::Gpu(d as u32))?;
+                        partials.insert(d as u32, t.clone());
+                        t
+                    }
+                }
+            };
+            // Own value first, then each child's partial (or value, for a
+            // leaf), deepest level first.
+            let mut srcs = vec![input_of(d).clone()];
+            for c in children {
+                let child_has_children = !tree.children(c).is_empty();
+                srcs.push(if child_has_children {
+                    partials[&(c as u32)].clone()
+                } else {
+                    input_of(c).clone()
+                });
+            }
+            let spec = OpSpec::new("kvstore_reduce_tree")
+                .context(Context::Gpu(d as u32))
+                .priority(priority)
+                .reads(srcs.iter().map(Tensor::var))
+                .write(dest.var());
+            let k = self.kernels.clone();
+            out.engine().push_sync(spec, move |_| {
+                // SAFETY: reads the sources, writes `dest`, not among them.
+                let datas: Vec<&Data> = srcs.iter().map(|t| unsafe { t.data() }).collect();
+                let od = unsafe { dest.data_mut() };
+                sum_into(
+                    &k,
+                    dest.dtype(),
+                    dest.row_len(),
+                    &srcs,
+                    &datas,
+                    Storage::Dense,
+                    od,
+                )
+                .map_err(|e| e.into())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Pushes the copies of `src` into every tensor of `outs`.
+    pub(crate) fn broadcast(&self, src: &Tensor, outs: &[Tensor], priority: i32) -> Result<()> {
+        for o in outs {
+            copy_prio(src, o, priority)?;
+        }
+        Ok(())
+    }
+}
+
+/// Copies `src` to `dst` as an op of this priority.
+pub(crate) fn copy_prio(src: &Tensor, dst: &Tensor, priority: i32) -> Result<()> {
+    if src.same(dst) {
+        return Ok(());
+    }
+    let spec = Tensor::copy_spec("kvstore_copy", src.ctx(), dst.ctx())
+        .priority(priority)
+        .read(src.var())
+        .write(dst.var());
+    let (s, d) = (src.clone(), dst.clone());
+    src.engine().push_sync(spec, move |_| {
+        // SAFETY: reads `s`, writes `d`, two tensors (T1).
+        let (sd, dd) = unsafe { (s.data(), d.data_mut()) };
+        crate::tensor::copy_data(sd, s.storage(), dd, d.storage(), s.dtype(), s.row_len());
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// The GPU ids of the inputs, if they are all on distinct GPUs.
+fn distinct_gpus(inputs: &[Tensor]) -> Option<Vec<u32>> {
+    let mut ids = Vec::with_capacity(inputs.len());
+    for t in inputs {
+        match t.ctx() {
+            Context::Gpu(n) if !ids.contains(&n) => ids.push(n),
+            _ => return None,
+        }
+    }
+    Some(ids)
+}
+
+/// Sums `inputs` (dense or row-sparse, in order) into `out`.
+pub(crate) fn sum_into(
+    k: &CpuKernels,
+    dtype: DType,
+    row_len: usize,
+    tensors: &[Tensor],
+    datas: &[&Data],
+    out_storage: Storage,
+    out: &mut Data,
+) -> Result<(), String> {
+    let all_dense = tensors.iter().all(|t| t.storage() == Storage::Dense);
+    if all_dense && out_storage == Storage::Dense {
+        let ins: Vec<&[u8]> = datas.iter().map(|d| d.bytes()).collect();
+        return sum_dense(k, dtype, out.overwrite(), &ins);
+    }
+    // Row-sparse inputs: the union of rows, each summed in input order.
+    let parts: Vec<(std::borrow::Cow<'_, [i64]>, &[u8])> = tensors
+        .iter()
+        .zip(datas)
+        .map(|(t, d)| match t.storage() {
+            Storage::RowSparse => (std::borrow::Cow::Borrowed(&d.rows[..]), d.bytes()),
+            Storage::Dense => (
+                std::borrow::Cow::Owned((0..t.shape()[0] as i64).collect()),
+                d.bytes(),
+            ),
+        })
+        .collect();
+    let refs: Vec<(&[i64], &[u8])> = parts.iter().map(|(r, b)| (&r[..], *b)).collect();
+    let (rows, buf) = sum_row_sparse(k, dtype, row_len, &refs)?;
+    match out_storage {
+        Storage::RowSparse => out.set(rows, buf),
+        Storage::Dense => {
+            let rb = row_len * dtype.size();
+            let o = out.overwrite();
+            o.fill(0);
+            for (i, &r) in rows.iter().enumerate() {
+                let r = r as usize;
+                o[r * rb..(r + 1) * rb].copy_from_slice(&buf.bytes()[i * rb..(i + 1) * rb]);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `out = inputs[0] + inputs[1] + ...`, element by element, left to right
+/// (f16 in f32, rounded once; integers wrap).
+pub(crate) fn sum_dense(
+    k: &CpuKernels,
+    dtype: DType,
+    out: &mut [u8],
+    inputs: &[&[u8]],
+) -> Result<(), String> {
+    if let Some(bad) = inputs.iter().find(|i| i.len() != out.len()) {
+        return Err(format!(
+            "an input has {} bytes, the output {}",
+            bad.len(),
+            out.len()
+        ));
+    }
+    if inputs.len() == 1 {
+        out.copy_from_slice(inputs[0]);
+        return Ok(());
+    }
+    fn typed<'a, T: bytemuck::Pod>(ins: &[&'a [u8]]) -> Vec<&'a [T]> {
+        ins.iter().map(|b| bytemuck::cast_slice(b)).collect()
+    }
+    match dtype {
+        DType::F32 => k
+            .sum::<f32>(bytemuck::cast_slice_mut(out), &typed(inputs))
+            .map_err(|e| e.to_string()),
+        DType::F64 => k
+            .sum::<f64>(bytemuck::cast_slice_mut(out), &typed(inputs))
+            .map_err(|e| e.to_string()),
+        DType::F16 => k
+            .sum::<f16>(bytemuck::cast_slice_mut(out), &typed(inputs))
+            .map_err(|e| e.to_string()),
+        DType::I32 => {
+            let ins = typed::<i32>(inputs);
+            let o: &mut [i32] = bytemuck::cast_slice_mut(out);
+            o.copy_from_slice(ins[0]);
+            for i in &ins[1..] {
+                for (a, b) in o.iter_mut().zip(i.iter()) {
+                    *a = a.wrapping_add(*b);
+                }
+            }
+            Ok(())
+        }
+        DType::I64 => {
+            let ins = typed::<i64>(inputs);
+            let o: &mut [i64] = bytemuck::cast_slice_mut(out);
+            o.copy_from_slice(ins[0]);
+            for i in &ins[1..] {
+                for (a, b) in o.iter_mut().zip(i.iter()) {
+                    *a = a.wrapping_add(*b);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Sums row-sparse inputs: the union of their rows (ascending), each row
+/// the sum of the inputs that have it, in input order.
+pub(crate) fn sum_row_sparse(
+    k: &CpuKernels,
+    dtype: DType,
+    row_len: usize,
+    inputs: &[(&[i64], &[u8])],
+) -> Result<(Vec<i64>, Buf), String> {
+    let rb = row_len * dtype.size();
+    for (rows, bytes) in inputs {
+        if bytes.len() != rows.len() * rb {
+            return Err(format!(
+                "{} rows of {rb} bytes need {} bytes, got {}",
+                rows.len(),
+                rows.len() * rb,
+                bytes.len()
+            ));
+        }
+    }
+    let mut all: Vec<i64> = inputs.iter().flat_map(|(r, _)| r.iter().copied()).collect();
+    all.sort_unstable();
+    all.dedup();
+    let mut buf = Buf::zeroed(all.len() * rb);
+    let mut cursor = vec![0usize; inputs.len()];
+    for (i, &row) in all.iter().enumerate() {
+        let mut srcs: Vec<&[u8]> = Vec::new();
+        for (j, (rows, bytes)) in inputs.iter().enumerate() {
+            if rows.get(cursor[j]) == Some(&row) {
+                srcs.push(&bytes[cursor[j] * rb..(cursor[j] + 1) * rb]);
+                cursor[j] += 1;
+            }
+        }
+        sum_dense(k, dtype, &mut buf.bytes_mut()[i * rb..(i + 1) * rb], &srcs)?;
+    }
+    Ok((all, buf))
+}
+
+/// Device-side compression before the sum: each input through quantize
+/// and dequantize with its own residual, then summed in order (f32 only).
+fn sum_compressed(
+    k: &CpuKernels,
+    c: Compression,
+    datas: &[&Data],
+    out: &mut Data,
+    residuals: &mut Vec<Vec<f32>>,
+    n: usize,
+) -> Result<(), String> {
+    residuals.resize_with(datas.len(), || vec![0.0; n]);
+    let mut deq: Vec<Vec<f32>> = Vec::with_capacity(datas.len());
+    for (d, r) in datas.iter().zip(residuals.iter_mut()) {
+        let g: &[f32] = d.typed();
+        let mut codes = vec![0u32; c.words(n)];
+        c.quantize(k, g, r, &mut codes).map_err(|e| e.to_string())?;
+        let mut v = vec![0.0f32; n];
+        c.dequantize(k, &codes, &mut v).map_err(|e| e.to_string())?;
+        deq.push(v);
+    }
+    let ins: Vec<&[u8]> = deq.iter().map(|v| bytemuck::cast_slice(&v[..])).collect();
+    sum_dense(k, DType::F32, out.overwrite(), &ins)
+}

@@ -1,0 +1,1096 @@
+//! The worker of `dist_sync`, `dist_async` and `dist_sync_device`: the part
+//! MXNet's `kvstore_dist.h` plays, on pskv's engine and transport.
+//!
+//! A push reduces the key's local values (CPU, or devices), then one engine
+//! op sends every part of the key (zero-copy slices of the reduced buffer,
+//! or 2-bit/1-bit codes with the key's residual) and completes when every
+//! server answered. It writes the key's var, so the next push or pull of
+//! the key waits for it; in sync mode the server answers a push only when
+//! the round of all workers is summed and applied, so a pull after a push
+//! sees that round's result.
+//!
+//! Two server modes:
+//! - **server optimizer** (default; [`Flavor::set_optimizer`]): servers sum
+//!   and run the optimizer; a pull fetches the weights.
+//! - **summation only** ([`Flavor::set_updater`]): servers sum; every push
+//!   is a push-pull that brings the sum back, and the worker's updater
+//!   applies it to the worker's own copy of the weights, which a pull
+//!   reads. All workers apply the same sums, so the copies stay equal.
+//!
+//! # Invariants of an op in flight ([`Inflight`])
+//!
+//! An op with `n` parts completes exactly once: when the last part's answer
+//! arrives, or when the watchdog finds it past its deadline. Answers copy
+//! into the op's output under the read lock of `done`; the finisher takes
+//! the completion under its write lock. So once an op has finished, no late
+//! answer writes into a tensor that the next op may already own.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use pskv_engine::{Completion, Engine, OpSpec, Property, Var};
+use pskv_transport::{Group, KvResponse, KvWorker, Postoffice, RequestOptions, TransportError};
+
+use crate::comm::Comm;
+use crate::compression::Compression;
+use crate::dtype::DType;
+use crate::error::{KvError, Result};
+use crate::key::Key;
+use crate::kinds::local::{check_outs, check_row_sparse_pull, check_values, LocalKey};
+use crate::kinds::{Batch, Batch2, Flavor, Kind};
+use crate::optimizer::{OptState, Optimizer, StateVals};
+use crate::registry::{Meta, Registry};
+use crate::store::Options;
+use crate::tensor::{check_rows, Buf, Storage, Tensor};
+use crate::updater::{Rule, Updater};
+use crate::wire::{command, plan, rows_header, Head, Op, Part};
+
+/// Ops on at most this many bytes run at once on the thread that makes
+/// them ready (they only hand buffers to the transport).
+const INLINE_BYTES: usize = 64 << 10;
+
+/// A mutable pointer to a buffer that several answers fill (disjoint
+/// ranges), moved into the answers' callbacks.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut u8, usize);
+// SAFETY: the pointer targets a buffer the op owns for writing until it
+// completes; callbacks write disjoint ranges, under `Inflight::done`'s
+// read lock, and never after the op finished (see the module docs).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Copies `src` to `at` (bounds checked against the buffer).
+    fn write(&self, at: usize, src: &[u8]) -> std::result::Result<(), String> {
+        if at + src.len() > self.1 {
+            return Err(format!(
+                "an answer of {} bytes at {at} overruns the {}-byte output",
+                src.len(),
+                self.1
+            ));
+        }
+        // SAFETY: in bounds (checked); see the type's docs for exclusivity.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(at), src.len()) };
+        Ok(())
+    }
+}
+
+/// An op waiting for its parts' answers.
+struct Inflight {
+    done: RwLock<Option<Completion>>,
+    remaining: AtomicUsize,
+    error: Mutex<Option<String>>,
+    deadline: Instant,
+    op: &'static str,
+    key: String,
+}
+
+impl Inflight {
+    fn new(
+        c: Completion,
+        parts: usize,
+        timeout: Duration,
+        op: &'static str,
+        key: &Key,
+    ) -> Arc<Inflight> {
+        Arc::new(Inflight {
+            done: RwLock::new(Some(c)),
+            remaining: AtomicUsize::new(parts),
+            error: Mutex::new(None),
+            deadline: Instant::now() + timeout,
+            op,
+            key: key.to_string(),
+        })
+    }
+
+    /// One part answered: `on_ok` stores its values (under the read lock).
+    fn part_done(
+        &self,
+        r: std::result::Result<KvResponse, TransportError>,
+        on_ok: impl FnOnce(&KvResponse) -> std::result::Result<(), String>,
+    ) {
+        {
+            let g = self.done.read();
+            if g.is_none() {
+                return;
+            }
+            let res = r.map_err(|e| e.to_string()).and_then(|resp| on_ok(&resp));
+            if let Err(e) = res {
+                self.error.lock().get_or_insert(e);
+            }
+        }
+        // AcqRel: the last answer sees every earlier answer's writes.
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.finish(None);
+        }
+    }
+
+    /// Completes the op (with `timeout` as the error if given).
+    fn finish(&self, timeout: Option<Duration>) {
+        let Some(c) = self.done.write().take() else {
+            return;
+        };
+        let err = match timeout {
+            Some(after) => Some(KvError::Timeout {
+                what: format!(
+                    "the servers to answer a {} of key {} ({} of its parts unanswered)",
+                    self.op,
+                    self.key,
+                    self.remaining.load(Ordering::Acquire)
+                ),
+                after,
+            }),
+            None => self.error.lock().take().map(|message| KvError::Server {
+                op: self.op,
+                key: self.key.clone(),
+                message,
+            }),
+        };
+        match err {
+            None => c.complete(),
+            Some(e) => c.fail(e),
+        }
+    }
+}
+
+/// Fails ops past their deadline.
+struct Watchdog {
+    list: Mutex<Vec<Weak<Inflight>>>,
+    stop: AtomicBool,
+    timeout: Duration,
+}
+
+impl Watchdog {
+    fn start(timeout: Duration) -> Arc<Watchdog> {
+        let w = Arc::new(Watchdog {
+            list: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+            timeout,
+        });
+        let weak = Arc::downgrade(&w);
+        let _ = std::thread::Builder::new()
+            .name("pskv-kv-watchdog".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_millis(50));
+                let Some(w) = weak.upgrade() else { return };
+                if w.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let now = Instant::now();
+                let mut expired = Vec::new();
+                w.list.lock().retain(|x| match x.upgrade() {
+                    Some(i) if i.done.read().is_none() => false,
+                    Some(i) if i.deadline <= now => {
+                        expired.push(i);
+                        false
+                    }
+                    Some(_) => true,
+                    None => false,
+                });
+                for i in expired {
+                    i.finish(Some(w.timeout));
+                }
+            });
+        w
+    }
+
+    fn add(&self, i: &Arc<Inflight>) {
+        self.list.lock().push(Arc::downgrade(i));
+    }
+}
+
+/// One key of a distributed store.
+struct DistKey {
+    local: Arc<LocalKey>,
+    parts: Vec<Part>,
+    /// Elements per unit of the parts (1, or the row length of row-sparse
+    /// keys).
+    unit: usize,
+    /// The key's var: pushes write it, pulls read it.
+    var: Var,
+    /// The compression residual (f32, the key's size); touched only by ops
+    /// that write `var`.
+    residual: Mutex<Vec<f32>>,
+    /// Where the servers' sums land in summation-only mode.
+    sum: Mutex<Option<Tensor>>,
+}
+
+/// What answers of a part request are handed to: part index and answer.
+type OnAnswer = Arc<dyn Fn(usize, &KvResponse) -> std::result::Result<(), String> + Send + Sync>;
+
+/// The distributed worker.
+pub(crate) struct DistStore {
+    engine: Engine,
+    comm: Comm,
+    opts: Options,
+    po: Postoffice,
+    kv: KvWorker,
+    sync: bool,
+    device: bool,
+    keys: Registry<DistKey>,
+    compression: RwLock<Compression>,
+    worker_rule: RwLock<Option<Rule>>,
+    server_mp: AtomicBool,
+    server_opt: AtomicBool,
+    watchdog: Arc<Watchdog>,
+    me: Weak<DistStore>,
+}
+
+impl DistStore {
+    pub(crate) fn start(
+        kind: Kind,
+        engine: Engine,
+        comm: Comm,
+        opts: Options,
+    ) -> Result<Arc<DistStore>> {
+        let cfg = match &opts.transport {
+            Some(c) => c.clone(),
+            None => pskv_transport::Config::from_env()?,
+        };
+        if cfg.role != pskv_transport::Role::Worker {
+            return Err(KvError::invalid(format!(
+                "a {} kvstore is created on workers; this process is a {:?} \
+                 (servers run pskv_kvstore::Server, schedulers `pskv scheduler`)",
+                kind.name(),
+                cfg.role
+            )));
+        }
+        let po = Postoffice::start(cfg, None)?;
+        let kv = KvWorker::new(&po);
+        let sync = kind != Kind::DistAsync;
+        Ok(Arc::new_cyclic(|me| DistStore {
+            me: me.clone(),
+            server_opt: AtomicBool::new(false),
+            watchdog: Watchdog::start(opts.timeout),
+            engine,
+            comm,
+            po,
+            kv,
+            sync,
+            device: kind == Kind::DistSyncDevice,
+            keys: Registry::default(),
+            compression: RwLock::new(Compression::None),
+            worker_rule: RwLock::new(None),
+            server_mp: AtomicBool::new(false),
+            opts,
+        }))
+    }
+
+    fn head(&self, op: Op, dtype: DType, compression: Compression) -> Head {
+        Head {
+            op,
+            dtype,
+            compression: compression.code(),
+            sync: self.sync,
+            multi_precision: self.server_mp.load(Ordering::Acquire),
+        }
+    }
+
+    fn request_opts(&self, head: Head, priority: i32) -> RequestOptions {
+        RequestOptions {
+            cmd: head.encode(),
+            priority,
+        }
+    }
+
+    /// Sends one request per part; `payload(part)` builds its values and
+    /// `on_answer(part index, response)` stores what comes back.
+    #[allow(clippy::too_many_arguments)]
+    fn send_parts(
+        &self,
+        dk: &DistKey,
+        parts: &[(usize, Bytes)],
+        head: Head,
+        priority: i32,
+        completion: Completion,
+        op_name: &'static str,
+        on_answer: OnAnswer,
+    ) {
+        if parts.is_empty() {
+            completion.complete();
+            return;
+        }
+        let inf = Inflight::new(
+            completion,
+            parts.len(),
+            self.opts.timeout,
+            op_name,
+            &dk.local.key,
+        );
+        self.watchdog.add(&inf);
+        let opts = self.request_opts(head, priority);
+        let pull_kind = matches!(head.op, Op::Pull);
+        for (i, payload) in parts {
+            let part = dk.parts[*i];
+            let (inf2, cb, i) = (inf.clone(), on_answer.clone(), *i);
+            let done = move |r: std::result::Result<KvResponse, TransportError>| {
+                inf2.part_done(r, |resp| cb(i, resp))
+            };
+            let sent = if pull_kind {
+                self.kv.pull_with(&[part.ps_key], opts, done)
+            } else {
+                let lens = [payload.len() as u32];
+                match head.op {
+                    Op::Push | Op::RowPush | Op::Init => {
+                        self.kv
+                            .push_with(&[part.ps_key], &lens, payload.clone(), opts, done)
+                    }
+                    _ => self
+                        .kv
+                        .push_pull_with(&[part.ps_key], &lens, payload.clone(), opts, done),
+                }
+            };
+            if let Err(e) = sent {
+                inf.part_done(Err(e), |_| Ok(()));
+            }
+        }
+    }
+
+    /// The payload of each part of a push of `grad` (inside an op that
+    /// reads `grad` and writes the key's var).
+    fn push_payloads(
+        &self,
+        dk: &DistKey,
+        grad: &Tensor,
+        compression: Compression,
+    ) -> std::result::Result<(Op, Vec<(usize, Bytes)>), String> {
+        // SAFETY: called inside an op that reads `grad` (T1).
+        let d = unsafe { grad.data() };
+        let size = dk.local.meta.dtype.size();
+        if grad.storage() == Storage::RowSparse {
+            let rl = dk.unit;
+            let rb = rl * size;
+            let mut out = Vec::with_capacity(dk.parts.len());
+            let mut at = 0usize;
+            for (i, p) in dk.parts.iter().enumerate() {
+                let lo = at;
+                while at < d.rows.len() && (d.rows[at] as usize) < p.start + p.len {
+                    at += 1;
+                }
+                let rel: Vec<i64> = d.rows[lo..at].iter().map(|r| r - p.start as i64).collect();
+                let mut v = rows_header(&rel, rl);
+                v.extend_from_slice(&d.bytes()[lo * rb..at * rb]);
+                out.push((i, Bytes::from(v)));
+            }
+            return Ok((Op::RowPush, out));
+        }
+        if compression.is_on() {
+            let grad: &[f32] = d.typed();
+            let mut res = dk.residual.lock();
+            if res.len() != grad.len() {
+                *res = vec![0.0; grad.len()];
+            }
+            let k = &self.comm.kernels;
+            let out = dk
+                .parts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let r = p.start..p.start + p.len;
+                    compression
+                        .encode(k, &grad[r.clone()], &mut res[r])
+                        .map(|b| (i, b))
+                        .map_err(|e| e.to_string())
+                })
+                .collect::<std::result::Result<Vec<_>, String>>()?;
+            return Ok((Op::Push, out));
+        }
+        let out = dk
+            .parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, d.share(p.start * size..(p.start + p.len) * size)))
+            .collect();
+        Ok((Op::Push, out))
+    }
+
+    /// Pushes the op that sends `grad` to the servers; with `into`, as a
+    /// push-pull whose answers (the new values) land in `into`.
+    fn push_op(
+        &self,
+        dk: &Arc<DistKey>,
+        grad: &Tensor,
+        into: Option<&Tensor>,
+        priority: i32,
+    ) -> Result<()> {
+        let compression = *self.compression.read();
+        let meta = &dk.local.meta;
+        let prop = if meta.bytes() <= INLINE_BYTES && !compression.is_on() {
+            Property::Async
+        } else {
+            Property::Normal
+        };
+        let mut spec = OpSpec::new(if into.is_some() {
+            "kvstore_dist_pushpull"
+        } else {
+            "kvstore_dist_push"
+        })
+        .priority(priority)
+        .property(prop)
+        .read(grad.var())
+        .write(&dk.var);
+        if let Some(o) = into {
+            spec = spec.write(o.var());
+        }
+        let me = self.handle();
+        let (dk2, g, out) = (dk.clone(), grad.clone(), into.cloned());
+        self.engine.push_async(spec, move |_, completion| {
+            let Some(me) = me.upgrade() else {
+                completion.fail("the kvstore was closed");
+                return;
+            };
+            let (op, payloads) = match me.push_payloads(&dk2, &g, compression) {
+                Ok(x) => x,
+                Err(e) => {
+                    return completion.fail(KvError::Server {
+                        op: "push",
+                        key: dk2.local.key.to_string(),
+                        message: e,
+                    })
+                }
+            };
+            let dtype = dk2.local.meta.dtype;
+            match out {
+                None => {
+                    let head = me.head(op, dtype, compression);
+                    me.send_parts(
+                        &dk2,
+                        &payloads,
+                        head,
+                        priority,
+                        completion,
+                        "push",
+                        Arc::new(|_, _| Ok(())),
+                    );
+                }
+                Some(o) => {
+                    let op = if op == Op::Push { Op::PushPull } else { op };
+                    let head = me.head(op, dtype, compression);
+                    // SAFETY: the op writes `o` (T1); answers fill disjoint
+                    // ranges until it completes.
+                    let buf = unsafe { o.data_mut() }.overwrite();
+                    let ptr = OutPtr(buf.as_mut_ptr(), buf.len());
+                    let size = dtype.size();
+                    let parts = dk2.parts.clone();
+                    me.send_parts(
+                        &dk2,
+                        &payloads,
+                        head,
+                        priority,
+                        completion,
+                        "pushpull",
+                        Arc::new(move |i, resp| {
+                            let p = parts[i];
+                            check_len(resp, p.len * size)?;
+                            copy_parts(&ptr, p.start * size, resp)
+                        }),
+                    );
+                }
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Pushes the op that pulls the key's value into `out` (dense).
+    fn pull_op(&self, dk: &Arc<DistKey>, out: &Tensor, priority: i32) -> Result<()> {
+        let meta = &dk.local.meta;
+        let prop = if meta.bytes() <= INLINE_BYTES {
+            Property::Async
+        } else {
+            Property::Normal
+        };
+        let spec = OpSpec::new("kvstore_dist_pull")
+            .priority(priority)
+            .property(prop)
+            .read(&dk.var)
+            .write(out.var());
+        let me = self.handle();
+        let (dk2, o) = (dk.clone(), out.clone());
+        self.engine.push_async(spec, move |_, completion| {
+            let Some(me) = me.upgrade() else {
+                completion.fail("the kvstore was closed");
+                return;
+            };
+            let dtype = dk2.local.meta.dtype;
+            let size = dtype.size();
+            // SAFETY: the op writes `o` (T1).
+            let buf = unsafe { o.data_mut() }.overwrite();
+            let ptr = OutPtr(buf.as_mut_ptr(), buf.len());
+            let parts = dk2.parts.clone();
+            let payloads: Vec<(usize, Bytes)> =
+                (0..parts.len()).map(|i| (i, Bytes::new())).collect();
+            let unit = dk2.unit;
+            let head = me.head(Op::Pull, dtype, Compression::None);
+            me.send_parts(
+                &dk2,
+                &payloads,
+                head,
+                priority,
+                completion,
+                "pull",
+                Arc::new(move |i, resp| {
+                    let p = parts[i];
+                    check_len(resp, p.len * unit * size)?;
+                    copy_parts(&ptr, p.start * unit * size, resp)
+                }),
+            );
+        })?;
+        Ok(())
+    }
+
+    /// Pushes the op that pulls rows `row_ids` into the row-sparse `out`.
+    fn pull_rows_op(
+        &self,
+        dk: &Arc<DistKey>,
+        out: &Tensor,
+        row_ids: &Tensor,
+        priority: i32,
+    ) -> Result<()> {
+        let spec = OpSpec::new("kvstore_dist_pull_row_sparse")
+            .priority(priority)
+            .property(Property::Normal)
+            .read(&dk.var)
+            .read(row_ids.var())
+            .write(out.var());
+        let me = self.handle();
+        let (dk2, o, r) = (dk.clone(), out.clone(), row_ids.clone());
+        self.engine.push_async(spec, move |_, completion| {
+            let Some(me) = me.upgrade() else {
+                completion.fail("the kvstore was closed");
+                return;
+            };
+            let meta = &dk2.local.meta;
+            // SAFETY: reads `r`, writes `o` (T1).
+            let mut rows: Vec<i64> = unsafe { r.data() }.typed::<i64>().to_vec();
+            rows.sort_unstable();
+            rows.dedup();
+            if let Err(e) = check_rows(
+                &rows,
+                meta.shape[0],
+                &format!("pull_row_sparse of key {}", dk2.local.key),
+            ) {
+                return completion.fail(e);
+            }
+            let rl = dk2.unit;
+            let rb = rl * meta.dtype.size();
+            let od = unsafe { o.data_mut() };
+            od.set(rows.clone(), Buf::zeroed(rows.len() * rb));
+            let buf = od.bytes_mut();
+            let ptr = OutPtr(buf.as_mut_ptr(), buf.len());
+            // Each part's requested rows are a run of the sorted list.
+            let mut payloads = Vec::new();
+            let mut offsets = vec![0usize; dk2.parts.len()];
+            let mut counts = vec![0usize; dk2.parts.len()];
+            let mut at = 0;
+            for (i, p) in dk2.parts.iter().enumerate() {
+                let lo = at;
+                while at < rows.len() && (rows[at] as usize) < p.start + p.len {
+                    at += 1;
+                }
+                if at > lo {
+                    let rel: Vec<i64> = rows[lo..at].iter().map(|x| x - p.start as i64).collect();
+                    offsets[i] = lo * rb;
+                    counts[i] = at - lo;
+                    payloads.push((i, Bytes::from(rows_header(&rel, rl))));
+                }
+            }
+            let head = me.head(Op::RowPull, meta.dtype, Compression::None);
+            me.send_parts(
+                &dk2,
+                &payloads,
+                head,
+                priority,
+                completion,
+                "pull_row_sparse",
+                Arc::new(move |i, resp| {
+                    check_len(resp, counts[i] * rb)?;
+                    copy_parts(&ptr, offsets[i], resp)
+                }),
+            );
+        })?;
+        Ok(())
+    }
+
+    /// A weak handle for ops (an op must not keep the store alive).
+    fn handle(&self) -> Weak<DistStore> {
+        self.me.clone()
+    }
+
+    fn dist_key(&self, key: &Key) -> Result<Arc<DistKey>> {
+        self.keys.get(key)
+    }
+
+    /// The sum buffer of summation-only mode.
+    fn sum_buffer(&self, dk: &DistKey) -> Result<Tensor> {
+        let mut s = dk.sum.lock();
+        if let Some(t) = s.as_ref() {
+            return Ok(t.clone());
+        }
+        let m = &dk.local.meta;
+        let t = Tensor::zeros(&self.engine, &m.shape, m.dtype, pskv_engine::Context::Cpu)?;
+        *s = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Waits for the writes on `vars`, returning the first failure.
+    fn wait_vars<'a>(&self, vars: impl IntoIterator<Item = &'a Var>) -> Result<()> {
+        let mut first = None;
+        for v in vars {
+            if let Err(e) = self.engine.wait_for_var_timeout(v, self.opts.timeout) {
+                first.get_or_insert(e);
+            }
+        }
+        match first {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    fn command(&self, head: i32, body: Bytes) -> Result<KvResponse> {
+        Ok(self
+            .kv
+            .request(head, body, Group::SERVERS)?
+            .wait(self.opts.timeout)?)
+    }
+
+    /// Pushes the op that sends rank 0's initial value of a key.
+    fn init_op(&self, dk: &Arc<DistKey>, value: &Tensor) -> Result<()> {
+        let spec = OpSpec::new("kvstore_dist_init")
+            .property(Property::Normal)
+            .read(value.var())
+            .write(&dk.var);
+        let me = self.handle();
+        let (dk2, v) = (dk.clone(), value.clone());
+        self.engine.push_async(spec, move |_, completion| {
+            let Some(me) = me.upgrade() else {
+                completion.fail("the kvstore was closed");
+                return;
+            };
+            let meta = &dk2.local.meta;
+            let ub = dk2.unit * meta.dtype.size();
+            // SAFETY: reads `v` (T1).
+            let d = unsafe { v.data() };
+            let dense: Bytes = match v.storage() {
+                Storage::Dense => d.share(0..d.bytes().len()),
+                Storage::RowSparse => {
+                    let mut b = vec![0u8; meta.bytes()];
+                    for (i, &r) in d.rows.iter().enumerate() {
+                        let r = r as usize;
+                        b[r * ub..(r + 1) * ub].copy_from_slice(&d.bytes()[i * ub..(i + 1) * ub]);
+                    }
+                    Bytes::from(b)
+                }
+            };
+            let payloads: Vec<(usize, Bytes)> = dk2
+                .parts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i, dense.slice(p.start * ub..(p.start + p.len) * ub)))
+                .collect();
+            let head = me.head(Op::Init, meta.dtype, Compression::None);
+            me.send_parts(
+                &dk2,
+                &payloads,
+                head,
+                0,
+                completion,
+                "init",
+                Arc::new(|_, _| Ok(())),
+            );
+        })?;
+        Ok(())
+    }
+}
+
+fn check_len(resp: &KvResponse, want: usize) -> std::result::Result<(), String> {
+    if resp.len() != want {
+        return Err(format!(
+            "the server answered {} bytes, expected {want}",
+            resp.len()
+        ));
+    }
+    Ok(())
+}
+
+fn copy_parts(ptr: &OutPtr, at: usize, resp: &KvResponse) -> std::result::Result<(), String> {
+    let mut off = at;
+    for p in &resp.parts {
+        ptr.write(off, p)?;
+        off += p.len();
+    }
+    Ok(())
+}
+
+/// Concatenates the states of a key's parts (in part order).
+fn join_states(parts: Vec<OptState>) -> Option<OptState> {
+    let first = parts.first()?.clone();
+    let mut out = OptState {
+        count: first.count,
+        bufs: first
+            .bufs
+            .iter()
+            .map(|b| match b {
+                StateVals::F32(_) => StateVals::F32(Vec::new()),
+                StateVals::F64(_) => StateVals::F64(Vec::new()),
+            })
+            .collect(),
+        master: first.master.as_ref().map(|_| Vec::new()),
+    };
+    for p in parts {
+        if p.bufs.len() != out.bufs.len() {
+            return None;
+        }
+        for (o, b) in out.bufs.iter_mut().zip(p.bufs) {
+            match (o, b) {
+                (StateVals::F32(o), StateVals::F32(b)) => o.extend(b),
+                (StateVals::F64(o), StateVals::F64(b)) => o.extend(b),
+                _ => return None,
+            }
+        }
+        match (&mut out.master, p.master) {
+            (Some(o), Some(m)) => o.extend(m),
+            (None, None) => {}
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// The state of elements `range` of a key's state.
+fn slice_state(s: &OptState, range: std::ops::Range<usize>) -> OptState {
+    OptState {
+        count: s.count,
+        bufs: s
+            .bufs
+            .iter()
+            .map(|b| match b {
+                StateVals::F32(v) => StateVals::F32(v[range.clone()].to_vec()),
+                StateVals::F64(v) => StateVals::F64(v[range.clone()].to_vec()),
+            })
+            .collect(),
+        master: s.master.as_ref().map(|m| m[range.clone()].to_vec()),
+    }
+}
+
+impl Flavor for DistStore {
+    fn init(&self, items: &[(Key, Tensor)]) -> Result<()> {
+        for (i, (key, _)) in items.iter().enumerate() {
+            self.keys.check_new(key)?;
+            if items[..i].iter().any(|(k, _)| k == key) {
+                return Err(KvError::AlreadyInitialized {
+                    key: key.to_string(),
+                });
+            }
+        }
+        let ranges = self.po.server_key_ranges();
+        let mut added = Vec::with_capacity(items.len());
+        for (key, value) in items {
+            let meta = Meta::of(value);
+            let rsp = meta.storage == Storage::RowSparse;
+            let unit = if rsp { meta.row_len().max(1) } else { 1 };
+            let units = if rsp { meta.shape[0] } else { meta.len() };
+            let parts = plan(
+                key.id(),
+                units,
+                unit * meta.dtype.size(),
+                meta.len() >= self.opts.bigarray_bound,
+                self.opts.partition_bytes,
+                &ranges,
+            )?;
+            let stored = Tensor::zeros(
+                &self.engine,
+                &meta.shape,
+                meta.dtype,
+                pskv_engine::Context::Cpu,
+            )?;
+            let dk = self.keys.insert(
+                key,
+                DistKey {
+                    local: Arc::new(LocalKey::new(key.clone(), meta, stored)),
+                    parts,
+                    unit,
+                    var: Var::named(format!("kvstore key {key}")),
+                    residual: Mutex::new(Vec::new()),
+                    sum: Mutex::new(None),
+                },
+            )?;
+            added.push((dk, value.clone()));
+        }
+        let mut result = Ok(());
+        if self.po.my_rank() == 0 {
+            for (dk, value) in &added {
+                if let Err(e) = self.init_op(dk, value) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            if result.is_ok() {
+                result = self.wait_vars(added.iter().map(|(dk, _)| &dk.var));
+            }
+        }
+        // Every worker reaches the barrier, even after a failure on rank 0,
+        // so that nobody waits for it.
+        let barrier = self.barrier();
+        result?;
+        barrier?;
+        if self.worker_rule.read().is_some() {
+            for (dk, _) in &added {
+                self.pull_op(dk, &dk.local.stored, 0)?;
+            }
+            self.wait_vars(added.iter().map(|(dk, _)| dk.local.stored.var()))?;
+        }
+        Ok(())
+    }
+
+    fn push(&self, items: &Batch, priority: i32) -> Result<()> {
+        let compression = *self.compression.read();
+        let rule = self.worker_rule.read().clone();
+        let mut dks = Vec::with_capacity(items.len());
+        for (key, values) in items {
+            let dk = self.dist_key(key)?;
+            check_values(key, &dk.local.meta, values, compression)?;
+            if rule.is_some() && values.iter().any(|v| v.storage() == Storage::RowSparse) {
+                return Err(KvError::Unsupported {
+                    what: format!("row-sparse push of key {key} with a worker-side updater"),
+                    why: "summation-only servers send dense sums back; use set_optimizer (server-side)".into(),
+                });
+            }
+            dks.push(dk);
+        }
+        for (dk, (_, values)) in dks.iter().zip(items) {
+            let grad =
+                dk.local
+                    .reduce(&self.comm, values, Compression::None, self.device, priority)?;
+            match &rule {
+                None => self.push_op(dk, &grad, None, priority)?,
+                Some(rule) => {
+                    let sum = self.sum_buffer(dk)?;
+                    self.push_op(dk, &grad, Some(&sum), priority)?;
+                    dk.local.apply(&sum, Some(rule), priority)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pull(&self, items: &Batch, priority: i32) -> Result<()> {
+        let local = self.worker_rule.read().is_some();
+        let mut dks = Vec::with_capacity(items.len());
+        for (key, outs) in items {
+            let dk = self.dist_key(key)?;
+            check_outs(key, &dk.local.meta, outs, "pull")?;
+            dks.push(dk);
+        }
+        for (dk, (_, outs)) in dks.iter().zip(items) {
+            if local {
+                self.comm.broadcast(&dk.local.stored, outs, priority)?;
+            } else {
+                self.pull_op(dk, &outs[0], priority)?;
+                self.comm.broadcast(&outs[0], &outs[1..], priority)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn pushpull(&self, items: &Batch2, priority: i32) -> Result<()> {
+        let compression = *self.compression.read();
+        let local = self.worker_rule.read().is_some();
+        let mut dks = Vec::with_capacity(items.len());
+        for (key, values, outs) in items {
+            let dk = self.dist_key(key)?;
+            check_values(key, &dk.local.meta, values, compression)?;
+            check_outs(key, &dk.local.meta, outs, "pushpull")?;
+            if values.iter().any(|v| v.storage() == Storage::RowSparse) {
+                return Err(KvError::Unsupported {
+                    what: format!("pushpull of row-sparse values of key {key}"),
+                    why: "push row-sparse gradients with push, then pull_row_sparse".into(),
+                });
+            }
+            dks.push(dk);
+        }
+        if local {
+            let pushes: Vec<(Key, Vec<Tensor>)> = items
+                .iter()
+                .map(|(k, v, _)| (k.clone(), v.clone()))
+                .collect();
+            let pulls: Vec<(Key, Vec<Tensor>)> = items
+                .iter()
+                .map(|(k, _, o)| (k.clone(), o.clone()))
+                .collect();
+            self.push(&pushes, priority)?;
+            return self.pull(&pulls, priority);
+        }
+        for (dk, (_, values, outs)) in dks.iter().zip(items) {
+            let grad =
+                dk.local
+                    .reduce(&self.comm, values, Compression::None, self.device, priority)?;
+            self.push_op(dk, &grad, Some(&outs[0]), priority)?;
+            self.comm.broadcast(&outs[0], &outs[1..], priority)?;
+        }
+        Ok(())
+    }
+
+    fn pull_row_sparse(&self, items: &Batch2, priority: i32) -> Result<()> {
+        let local = self.worker_rule.read().is_some();
+        let mut dks = Vec::with_capacity(items.len());
+        for (key, outs, rows) in items {
+            let dk = self.dist_key(key)?;
+            check_row_sparse_pull(key, &dk.local.meta, outs, rows)?;
+            dks.push(dk);
+        }
+        for (dk, (key, outs, rows)) in dks.iter().zip(items) {
+            for (o, r) in outs.iter().zip(rows) {
+                if local {
+                    crate::kinds::local::gather_rows(key, &dk.local.stored, o, r, priority)?;
+                } else {
+                    self.pull_rows_op(dk, o, r, priority)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_optimizer(&self, opt: Optimizer) -> Result<()> {
+        opt.validate()?;
+        if self.worker_rule.read().is_some() {
+            return Err(KvError::invalid(
+                "this store runs its updater on the workers (set_updater);                  create a new store to run an optimizer on the servers",
+            ));
+        }
+        let mut result = Ok(());
+        if self.po.my_rank() == 0 {
+            #[derive(serde::Serialize)]
+            struct Msg<'a> {
+                optimizer: &'a Optimizer,
+            }
+            let body = serde_json::to_vec(&Msg { optimizer: &opt })
+                .map_err(|e| KvError::invalid(format!("encoding the optimizer: {e}")));
+            result = body.and_then(|b| {
+                self.command(command::CONTROLLER, Bytes::from(b))
+                    .map(|_| ())
+            });
+        }
+        self.server_mp.store(opt.multi_precision, Ordering::Release);
+        self.server_opt.store(true, Ordering::Release);
+        let barrier = self.barrier();
+        result?;
+        barrier
+    }
+
+    fn set_updater(&self, updater: Arc<dyn Updater>) -> Result<()> {
+        if self.server_opt.load(Ordering::Acquire) {
+            return Err(KvError::invalid(
+                "the servers of this store run an optimizer (set_optimizer);                  create a new store to update on the workers",
+            ));
+        }
+        let first = self.worker_rule.read().is_none();
+        *self.worker_rule.write() = Some(Rule::Custom(updater));
+        if first {
+            // The workers' copies start from the servers' values.
+            let all = self.keys.all();
+            for (_, dk) in &all {
+                self.pull_op(dk, &dk.local.stored, 0)?;
+            }
+            self.wait_vars(all.iter().map(|(_, dk)| dk.local.stored.var()))?;
+        }
+        Ok(())
+    }
+
+    fn set_compression(&self, c: Compression) -> Result<()> {
+        c.validate()?;
+        *self.compression.write() = c;
+        Ok(())
+    }
+
+    fn barrier(&self) -> Result<()> {
+        Ok(self.po.barrier(Group::WORKERS, self.opts.timeout)?)
+    }
+
+    fn rank(&self) -> u32 {
+        self.po.my_rank()
+    }
+
+    fn num_workers(&self) -> u32 {
+        self.po.num_workers()
+    }
+
+    fn num_dead_nodes(&self, timeout: Duration) -> Result<usize> {
+        Ok(self.po.dead_nodes(timeout).len())
+    }
+
+    fn send_command_to_servers(&self, head: i32, body: &[u8]) -> Result<()> {
+        self.command(head, Bytes::copy_from_slice(body)).map(|_| ())
+    }
+
+    fn optimizer_states(&self) -> Result<Vec<(Key, OptState)>> {
+        if self.worker_rule.read().is_some() {
+            return Err(KvError::Unsupported {
+                what: "saving the states of a worker-side updater".into(),
+                why: "a custom updater keeps its own state".into(),
+            });
+        }
+        self.engine.wait_for_all()?;
+        let resp = self.command(command::GET_STATES, Bytes::new())?;
+        let mut by_ps: HashMap<u64, OptState> = HashMap::new();
+        for (node, body) in resp.bodies {
+            let v: Vec<(u64, OptState)> = postcard::from_bytes(&body).map_err(|e| {
+                KvError::invalid(format!("node {node} sent unreadable optimizer states: {e}"))
+            })?;
+            by_ps.extend(v);
+        }
+        let mut out = Vec::new();
+        for (key, dk) in self.keys.all() {
+            let parts: Option<Vec<OptState>> =
+                dk.parts.iter().map(|p| by_ps.remove(&p.ps_key)).collect();
+            if let Some(s) = parts.and_then(join_states) {
+                out.push((key, s));
+            }
+        }
+        Ok(out)
+    }
+
+    fn set_optimizer_states(&self, states: Vec<(Key, OptState)>) -> Result<()> {
+        let mut list: Vec<(u64, OptState)> = Vec::new();
+        for (key, s) in &states {
+            let dk = self.dist_key(key)?;
+            let n = dk.local.meta.len();
+            let lens_ok = s.bufs.iter().all(|b| match b {
+                StateVals::F32(v) => v.len() == n,
+                StateVals::F64(v) => v.len() == n,
+            }) && s.master.as_ref().is_none_or(|m| m.len() == n);
+            if !lens_ok {
+                return Err(KvError::mismatch(
+                    key,
+                    format!("the saved optimizer state does not have the key's {n} elements"),
+                ));
+            }
+            for p in &dk.parts {
+                let r = p.start * dk.unit..(p.start + p.len) * dk.unit;
+                list.push((p.ps_key, slice_state(s, r)));
+            }
+        }
+        self.engine.wait_for_all()?;
+        let body = postcard::to_stdvec(&list)
+            .map_err(|e| KvError::invalid(format!("encoding optimizer states: {e}")))?;
+        self.command(command::SET_STATES, Bytes::from(body))
+            .map(|_| ())
+    }
+
+    fn close(&self) -> Result<()> {
+        let result = self.engine.wait_for_all();
+        let barrier = self.barrier();
+        if self.po.my_rank() == 0 && barrier.is_ok() {
+            if let Err(e) = self.command(command::STOP_SERVER, Bytes::new()) {
+                tracing::warn!("stopping the servers: {e}");
+            }
+        }
+        self.watchdog.stop.store(true, Ordering::Release);
+        self.po.shutdown();
+        result?;
+        barrier
+    }
+}

@@ -1,0 +1,95 @@
+//! The kinds of kvstore, one file each behind one small interface
+//! ([`Flavor`]): `local.rs` serves `local` and `device`, `dist.rs` the
+//! workers of `dist_sync`, `dist_async` and `dist_sync_device`.
+
+pub(crate) mod dist;
+pub(crate) mod local;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::compression::Compression;
+use crate::error::Result;
+use crate::key::Key;
+use crate::optimizer::{OptState, Optimizer};
+use crate::tensor::Tensor;
+use crate::updater::Updater;
+
+/// A kvstore kind, by MXNet name.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// One process; values of several devices are summed on the CPU.
+    Local,
+    /// One process; values are summed on the devices (along a tree with
+    /// `PSKV_KVSTORE_USETREE=1`).
+    Device,
+    /// Workers and servers; every round sums all workers' pushes.
+    DistSync,
+    /// Workers and servers; each push is applied when it arrives.
+    DistAsync,
+    /// `DistSync`, with the workers' own devices summed on the devices
+    /// first (`dist_sync_device`, alias `dist_device_sync`).
+    DistSyncDevice,
+}
+
+impl Kind {
+    /// The kind of an MXNet kvstore name.
+    pub fn parse(name: &str) -> Option<Kind> {
+        Some(match name {
+            "local" | "local_update_cpu" | "local_allreduce_cpu" => Kind::Local,
+            "device" | "local_allreduce_device" => Kind::Device,
+            "dist_sync" | "dist" => Kind::DistSync,
+            "dist_async" => Kind::DistAsync,
+            "dist_sync_device" | "dist_device_sync" => Kind::DistSyncDevice,
+            _ => return None,
+        })
+    }
+
+    /// Its MXNet name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Local => "local",
+            Kind::Device => "device",
+            Kind::DistSync => "dist_sync",
+            Kind::DistAsync => "dist_async",
+            Kind::DistSyncDevice => "dist_sync_device",
+        }
+    }
+
+    /// Whether it has servers.
+    pub fn is_dist(&self) -> bool {
+        matches!(
+            self,
+            Kind::DistSync | Kind::DistAsync | Kind::DistSyncDevice
+        )
+    }
+}
+
+/// Keys with one list of tensors each.
+pub(crate) type Batch = [(Key, Vec<Tensor>)];
+/// Keys with two lists of tensors each (values and outputs; outputs and
+/// row ids).
+pub(crate) type Batch2 = [(Key, Vec<Tensor>, Vec<Tensor>)];
+
+/// What every kind does. Arguments arrive checked for shape: every key has
+/// at least one tensor, and the tensors share the store's engine.
+pub(crate) trait Flavor: Send + Sync {
+    fn init(&self, items: &[(Key, Tensor)]) -> Result<()>;
+    fn push(&self, items: &Batch, priority: i32) -> Result<()>;
+    fn pull(&self, items: &Batch, priority: i32) -> Result<()>;
+    fn pushpull(&self, items: &Batch2, priority: i32) -> Result<()>;
+    fn pull_row_sparse(&self, items: &Batch2, priority: i32) -> Result<()>;
+    fn set_optimizer(&self, opt: Optimizer) -> Result<()>;
+    fn set_updater(&self, updater: Arc<dyn Updater>) -> Result<()>;
+    fn set_compression(&self, c: Compression) -> Result<()>;
+    fn barrier(&self) -> Result<()>;
+    fn rank(&self) -> u32;
+    fn num_workers(&self) -> u32;
+    fn num_dead_nodes(&self, timeout: Duration) -> Result<usize>;
+    fn send_command_to_servers(&self, head: i32, body: &[u8]) -> Result<()>;
+    fn optimizer_states(&self) -> Result<Vec<(Key, OptState)>>;
+    fn set_optimizer_states(&self, states: Vec<(Key, OptState)>) -> Result<()>;
+    /// Finishes the store: waits for its ops, stops its servers (rank 0 of
+    /// a distributed store) and leaves the cluster.
+    fn close(&self) -> Result<()>;
+}

@@ -1,0 +1,540 @@
+//! The server of a distributed kvstore: stores its share of every key,
+//! sums the workers' pushes (in worker-rank order), runs the optimizer
+//! once per round, answers pulls, and obeys commands.
+//!
+//! Requests arrive on the transport's I/O threads. Each ps key has an
+//! engine var; the work on a key is an engine op that writes it, so a key's
+//! requests are handled one at a time and in arrival order, and different
+//! keys in parallel. Ops on small values run at once on the I/O thread
+//! (`Property::Async`: a memcpy-sized job is cheaper than a thread hop);
+//! larger ones on the server engine's CPU workers.
+//!
+//! Every bad request (unknown key, wrong size or type, a malformed body)
+//! is answered with an error naming the key; the server keeps serving.
+
+mod entry;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex, RwLock};
+use pskv_engine::{Engine, OpSpec, Property, Var};
+use pskv_gpu::cpu::CpuKernels;
+use pskv_transport::{Config, KvRequest, Postoffice, RequestHandler, Responder, Role};
+
+use crate::error::{KvError, Result};
+use crate::optimizer::{OptState, Optimizer};
+use crate::updater::{KeyState, Rule};
+use crate::wire::{command, decode_ps_key, split_rows, Head, Op};
+use entry::{Answer, EntryState};
+
+/// Values at most this large are handled on the I/O thread.
+const INLINE_BYTES: usize = 64 << 10;
+
+/// A ps key: its var and its state.
+struct Entry {
+    var: Var,
+    st: Mutex<EntryState>,
+}
+
+/// What the server's controller gets: a command's head and body; its
+/// answer body goes back to the sender.
+pub type Controller = dyn Fn(i32, &[u8]) -> std::result::Result<Vec<u8>, String> + Send + Sync;
+
+struct Inner {
+    engine: Engine,
+    kernels: Arc<CpuKernels>,
+    workers: usize,
+    range_begin: AtomicU64,
+    entries: RwLock<HashMap<u64, Arc<Entry>>>,
+    rule: RwLock<Option<Rule>>,
+    generation: AtomicU64,
+    multi_precision: AtomicBool,
+    sync_mode: AtomicBool,
+    compression_params: Mutex<Option<String>>,
+    controller: RwLock<Option<Arc<Controller>>>,
+    stopped: Mutex<bool>,
+    stop_cv: Condvar,
+}
+
+/// Answers a request once every key of it is done.
+struct Reply {
+    responder: Mutex<Option<Responder>>,
+    keys: Vec<u64>,
+    remaining: AtomicUsize,
+    values: Mutex<Vec<Option<Bytes>>>,
+    error: Mutex<Option<String>>,
+    pull: bool,
+}
+
+impl Reply {
+    fn new(responder: Responder, keys: Vec<u64>, pull: bool) -> Arc<Reply> {
+        let n = keys.len();
+        Arc::new(Reply {
+            responder: Mutex::new(Some(responder)),
+            keys,
+            remaining: AtomicUsize::new(n),
+            values: Mutex::new(vec![None; n]),
+            error: Mutex::new(None),
+            pull,
+        })
+    }
+
+    fn answer(self: &Arc<Reply>, i: usize) -> Answer {
+        let me = self.clone();
+        Box::new(move |r| me.done(i, r))
+    }
+
+    fn done(&self, i: usize, r: std::result::Result<Option<Bytes>, String>) {
+        match r {
+            Ok(v) => self.values.lock()[i] = v,
+            Err(e) => {
+                self.error.lock().get_or_insert(e);
+            }
+        }
+        // AcqRel: the last one sees every value and error stored before.
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let Some(resp) = self.responder.lock().take() else {
+            return;
+        };
+        if let Some(e) = self.error.lock().take() {
+            resp.error(e);
+            return;
+        }
+        if !self.pull {
+            resp.ok();
+            return;
+        }
+        let vals = std::mem::take(&mut *self.values.lock());
+        let lens: Vec<u32> = vals
+            .iter()
+            .map(|v| v.as_ref().map_or(0, |b| b.len() as u32))
+            .collect();
+        let body = if vals.len() == 1 {
+            vals.into_iter().next().flatten().unwrap_or_default()
+        } else {
+            let mut all = Vec::with_capacity(lens.iter().map(|&l| l as usize).sum());
+            for v in vals.iter().flatten() {
+                all.extend_from_slice(v);
+            }
+            Bytes::from(all)
+        };
+        resp.respond(self.keys.clone(), lens, body);
+    }
+}
+
+/// A running server.
+///
+/// ```no_run
+/// // In a process started with DMLC_ROLE=server and the DMLC_* variables:
+/// pskv_kvstore::Server::run_from_env()?;
+/// # Ok::<(), pskv_kvstore::KvError>(())
+/// ```
+pub struct Server {
+    inner: Arc<Inner>,
+    po: Postoffice,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("rank", &self.po.my_rank())
+            .finish()
+    }
+}
+
+struct Handler(Arc<Inner>);
+
+impl RequestHandler for Handler {
+    fn handle(&self, req: KvRequest, r: Responder) {
+        self.0.handle(req, r)
+    }
+}
+
+impl Server {
+    /// Starts a server with this transport configuration (role server) and
+    /// its own engine.
+    pub fn start(cfg: Config, engine: Engine) -> Result<Server> {
+        if cfg.role != Role::Server {
+            return Err(KvError::invalid(format!(
+                "a server needs a server configuration, got role {:?}",
+                cfg.role
+            )));
+        }
+        let threads = engine.config().cpu_threads.max(1);
+        let inner = Arc::new(Inner {
+            engine,
+            kernels: Arc::new(CpuKernels::with_threads(threads)?),
+            workers: cfg.num_workers as usize,
+            range_begin: AtomicU64::new(0),
+            entries: RwLock::new(HashMap::new()),
+            rule: RwLock::new(None),
+            generation: AtomicU64::new(0),
+            multi_precision: AtomicBool::new(false),
+            sync_mode: AtomicBool::new(false),
+            compression_params: Mutex::new(None),
+            controller: RwLock::new(None),
+            stopped: Mutex::new(false),
+            stop_cv: Condvar::new(),
+        });
+        let po = Postoffice::start(cfg, Some(Arc::new(Handler(inner.clone()))))?;
+        let rank = po.my_rank() as usize;
+        inner
+            .range_begin
+            .store(po.server_key_ranges()[rank].0, Ordering::Release);
+        Ok(Server { inner, po })
+    }
+
+    /// Starts a server from the `DMLC_*` / `PSKV_*` environment.
+    pub fn start_from_env() -> Result<Server> {
+        let cfg = Config::from_env()?;
+        let engine = Engine::new()?;
+        Server::start(cfg, engine)
+    }
+
+    /// Runs a server from the environment until a worker stops it.
+    pub fn run_from_env() -> Result<()> {
+        let s = Server::start_from_env()?;
+        s.wait(None)?;
+        s.shutdown();
+        Ok(())
+    }
+
+    /// Sets the controller for commands pskv does not handle itself.
+    pub fn set_controller(
+        &self,
+        f: impl Fn(i32, &[u8]) -> std::result::Result<Vec<u8>, String> + Send + Sync + 'static,
+    ) {
+        *self.inner.controller.write() = Some(Arc::new(f));
+    }
+
+    /// This server's rank.
+    pub fn rank(&self) -> u32 {
+        self.po.my_rank()
+    }
+
+    /// The transport node underneath.
+    pub fn postoffice(&self) -> &Postoffice {
+        &self.po
+    }
+
+    /// Blocks until a worker sends the stop command (or `timeout` passes).
+    pub fn wait(&self, timeout: Option<Duration>) -> Result<()> {
+        let mut stopped = self.inner.stopped.lock();
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        while !*stopped {
+            match deadline {
+                None => self.inner.stop_cv.wait(&mut stopped),
+                Some(d) => {
+                    if self.inner.stop_cv.wait_until(&mut stopped, d).timed_out() && !*stopped {
+                        return Err(KvError::Timeout {
+                            what: "a worker to stop the server".into(),
+                            after: timeout.unwrap_or_default(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a worker sent the stop command.
+    pub fn is_stopped(&self) -> bool {
+        *self.inner.stopped.lock()
+    }
+
+    /// Finishes the server's ops and leaves the cluster.
+    pub fn shutdown(&self) {
+        let _ = self
+            .inner
+            .engine
+            .wait_for_all_timeout(Duration::from_secs(30));
+        self.po.shutdown();
+    }
+}
+
+impl Inner {
+    fn handle(self: &Arc<Self>, req: KvRequest, r: Responder) {
+        if req.command {
+            self.command(req, r);
+            return;
+        }
+        let head = match Head::decode(req.cmd) {
+            Ok(h) => h,
+            Err(e) => return r.error(e),
+        };
+        let Some(rank) = req.worker_rank() else {
+            return r.error("data requests come from workers only");
+        };
+        let pull = matches!(head.op, Op::Pull | Op::PushPull | Op::RowPull);
+        let reply = Reply::new(r, req.keys.clone(), pull);
+        let mut at = 0usize;
+        for (i, (&key, &len)) in req.keys.iter().zip(&req.lens).enumerate() {
+            let vals = if head.op == Op::Pull {
+                Bytes::new()
+            } else {
+                let v = req.vals.slice(at..at + len as usize);
+                at += len as usize;
+                v
+            };
+            self.key_request(key, head, vals, rank as usize, reply.answer(i));
+        }
+    }
+
+    fn describe(&self, key: u64) -> String {
+        let (id, part) = decode_ps_key(key, self.range_begin.load(Ordering::Acquire));
+        format!("key id {id} part {part}")
+    }
+
+    /// Schedules the work on one ps key.
+    fn key_request(
+        self: &Arc<Self>,
+        key: u64,
+        head: Head,
+        vals: Bytes,
+        rank: usize,
+        answer: Answer,
+    ) {
+        if head.op == Op::Init {
+            return self.init(key, head, vals, answer);
+        }
+        let Some(entry) = self.entries.read().get(&key).cloned() else {
+            return answer(Err(format!(
+                "{} was never initialized on this server: call init first",
+                self.describe(key)
+            )));
+        };
+        let size = entry.st.lock().value.len().max(vals.len());
+        let prop = if size <= INLINE_BYTES {
+            Property::Async
+        } else {
+            Property::Normal
+        };
+        let me = self.clone();
+        let e2 = entry.clone();
+        let spec = OpSpec::new("server_key").write(&entry.var).property(prop);
+        let pushed = self.engine.push_sync(spec, move |_| {
+            let mut st = e2.st.lock();
+            match head.op {
+                Op::Push | Op::PushPull | Op::RowPush => {
+                    let rule = me.rule.read().clone();
+                    st.push(&me.kernels, rule.as_ref(), head, vals, rank, answer);
+                }
+                Op::Pull => answer(Ok(Some(st.snapshot()))),
+                Op::RowPull => answer(row_pull(&st, &vals).map(Some)),
+                Op::Init => unreachable!("handled above"),
+            }
+            Ok(())
+        });
+        if let Err(e) = pushed {
+            // The engine is shutting down; the answer was dropped with the
+            // closure, which answers with an error.
+            tracing::debug!("server op refused: {e}");
+        }
+    }
+
+    fn init(&self, key: u64, head: Head, vals: Bytes, answer: Answer) {
+        let (id, part) = decode_ps_key(key, self.range_begin.load(Ordering::Acquire));
+        if head.compression != 0 || vals.len() % head.dtype.size() != 0 {
+            return answer(Err(format!(
+                "key id {id} part {part}: an init needs whole uncompressed {} elements, got {} bytes",
+                head.dtype,
+                vals.len()
+            )));
+        }
+        let mut entries = self.entries.write();
+        if entries.contains_key(&key) {
+            return answer(Err(format!(
+                "key id {id} part {part} is already initialized on this server"
+            )));
+        }
+        let st = EntryState::new(id, part, head.dtype, &vals, self.workers);
+        entries.insert(
+            key,
+            Arc::new(Entry {
+                var: Var::named(format!("server key {id}.{part}")),
+                st: Mutex::new(st),
+            }),
+        );
+        answer(Ok(None));
+    }
+
+    fn command(self: &Arc<Self>, req: KvRequest, r: Responder) {
+        let body = &req.body[..];
+        let result: std::result::Result<Vec<u8>, String> = match req.cmd {
+            command::CONTROLLER if body.starts_with(b"{\"optimizer\"") => self.set_optimizer(body),
+            command::SET_MULTI_PRECISION => {
+                self.multi_precision.store(true, Ordering::Release);
+                Ok(Vec::new())
+            }
+            command::STOP_SERVER => {
+                *self.stopped.lock() = true;
+                self.stop_cv.notify_all();
+                Ok(Vec::new())
+            }
+            command::SYNC_MODE => {
+                self.sync_mode.store(true, Ordering::Release);
+                Ok(Vec::new())
+            }
+            command::SET_GRADIENT_COMPRESSION => {
+                *self.compression_params.lock() = Some(String::from_utf8_lossy(body).into_owned());
+                Ok(Vec::new())
+            }
+            command::SET_PROFILER_PARAMS => self.profiler(body),
+            command::GET_STATES => self.get_states(),
+            command::SET_STATES => self.set_states(body),
+            head => match self.controller.read().clone() {
+                Some(c) => c(head, body),
+                None => Err(format!(
+                    "command {head} is not one pskv knows and the server has no controller"
+                )),
+            },
+        };
+        match result {
+            Ok(b) => r.reply_body(Bytes::from(b)),
+            Err(e) => r.error(e),
+        }
+    }
+
+    fn set_optimizer(&self, body: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        #[derive(serde::Deserialize)]
+        struct Msg {
+            optimizer: Optimizer,
+        }
+        let m: Msg = serde_json::from_slice(body).map_err(|e| format!("bad optimizer: {e}"))?;
+        m.optimizer.validate().map_err(|e| e.to_string())?;
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        if m.optimizer.multi_precision {
+            self.multi_precision.store(true, Ordering::Release);
+        }
+        *self.rule.write() = Some(Rule::Optimizer {
+            opt: Arc::new(m.optimizer),
+            generation,
+        });
+        Ok(Vec::new())
+    }
+
+    fn profiler(&self, body: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        let text = String::from_utf8_lossy(body);
+        match text.trim() {
+            "start" => self.engine.start_profiling(),
+            "stop" => self.engine.stop_profiling(),
+            t if t.starts_with("dump:") => self
+                .engine
+                .write_profile(&t["dump:".len()..])
+                .map_err(|e| e.to_string())?,
+            t => {
+                return Err(format!(
+                    "unknown profiler command '{t}': expected start, stop or dump:<path>"
+                ))
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    fn generation(&self) -> Option<u64> {
+        match &*self.rule.read() {
+            Some(Rule::Optimizer { generation, .. }) => Some(*generation),
+            _ => None,
+        }
+    }
+
+    fn get_states(&self) -> std::result::Result<Vec<u8>, String> {
+        let generation = self
+            .generation()
+            .ok_or("the server has no optimizer, so no states")?;
+        let entries: Vec<(u64, Arc<Entry>)> = self
+            .entries
+            .read()
+            .iter()
+            .map(|(k, e)| (*k, e.clone()))
+            .collect();
+        let mut out: Vec<(u64, OptState)> = Vec::new();
+        for (k, e) in entries {
+            let st = e.st.lock();
+            if st.opt.generation == generation {
+                if let Some(s) = &st.opt.state {
+                    let mut s = s.clone();
+                    s.master = st.master.clone().or(s.master);
+                    out.push((k, s));
+                }
+            }
+        }
+        out.sort_by_key(|(k, _)| *k);
+        postcard::to_stdvec(&out).map_err(|e| e.to_string())
+    }
+
+    fn set_states(&self, body: &[u8]) -> std::result::Result<Vec<u8>, String> {
+        let generation = self
+            .generation()
+            .ok_or("set an optimizer before loading its states")?;
+        let states: Vec<(u64, OptState)> =
+            postcard::from_bytes(body).map_err(|e| format!("bad states: {e}"))?;
+        let entries = self.entries.read();
+        for (k, _) in &states {
+            if !entries.contains_key(k) {
+                return Err(format!(
+                    "states for {} which this server does not hold",
+                    self.describe(*k)
+                ));
+            }
+        }
+        for (k, mut s) in states {
+            let mut st = entries[&k].st.lock();
+            if let Some(m) = s.master.take() {
+                if m.len() != st.elems {
+                    return Err(format!(
+                        "master weights of {} have the wrong size",
+                        self.describe(k)
+                    ));
+                }
+                st.master = Some(m);
+            }
+            st.opt = KeyState {
+                generation,
+                state: Some(s),
+            };
+        }
+        Ok(Vec::new())
+    }
+}
+
+/// The rows a row pull asks for.
+fn row_pull(st: &EntryState, vals: &[u8]) -> std::result::Result<Bytes, String> {
+    let (h, rest) = split_rows(vals)?;
+    if !rest.is_empty() {
+        return Err(format!(
+            "a row pull of {} has {} stray bytes",
+            st.name(),
+            rest.len()
+        ));
+    }
+    if st.elems % h.row_len != 0 {
+        return Err(format!(
+            "{}: rows of {} elements do not divide its {} elements",
+            st.name(),
+            h.row_len,
+            st.elems
+        ));
+    }
+    let nrows = st.elems / h.row_len;
+    let rb = h.row_len * st.dtype.size();
+    let mut out = Vec::with_capacity(h.rows.len() * rb);
+    let v = st.value.bytes();
+    for &r in &h.rows {
+        if r < 0 || r as usize >= nrows {
+            return Err(format!(
+                "{}: row {r} is outside its {nrows} rows",
+                st.name()
+            ));
+        }
+        let r = r as usize;
+        out.extend_from_slice(&v[r * rb..(r + 1) * rb]);
+    }
+    Ok(Bytes::from(out))
+}

@@ -1,0 +1,437 @@
+//! [`KvStore`]: the one type callers use, whatever the kind. It checks
+//! arguments, groups repeated keys, and hands the work to the kind's
+//! [`Flavor`](crate::kinds::Flavor).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pskv_engine::Engine;
+use pskv_gpu::cpu::CpuKernels;
+
+use crate::comm::tree::Topology;
+use crate::comm::{Comm, CommMode};
+use crate::compression::Compression;
+use crate::error::{KvError, Result};
+use crate::key::{IntoKey, Key};
+use crate::kinds::dist::DistStore;
+use crate::kinds::local::LocalStore;
+use crate::kinds::{Flavor, Kind};
+use crate::optimizer::{OptState, Optimizer};
+use crate::tensor::Tensor;
+use crate::updater::Updater;
+
+/// Settings of a store, from the environment by default.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Arrays of at least this many elements are split over all servers
+    /// (`PSKV_KVSTORE_BIGARRAY_BOUND`, or MXNet's
+    /// `MXNET_KVSTORE_BIGARRAY_BOUND`; default 1,000,000).
+    pub bigarray_bound: usize,
+    /// Each part of a key travels and is summed on its own, at most this
+    /// many bytes (`PSKV_PARTITION_BYTES`; default 4 MiB).
+    pub partition_bytes: usize,
+    /// How long a push or pull waits for the servers before it fails
+    /// (`PSKV_KVSTORE_TIMEOUT`, seconds; default 600).
+    pub timeout: Duration,
+    /// `device` kinds sum along a topology-aware tree
+    /// (`PSKV_KVSTORE_USETREE=1`).
+    pub use_tree: bool,
+    /// The device link topology for the tree (`PSKV_KVSTORE_TOPOLOGY`;
+    /// default: every pair alike).
+    pub topology: Option<Topology>,
+    /// Threads of the CPU kernels (sums, compression) of this store
+    /// (`PSKV_KVSTORE_REDUCE_THREADS`; default: the cores).
+    pub reduce_threads: usize,
+    /// The transport settings of a distributed store (default: from the
+    /// `DMLC_*` / `PSKV_*` environment when the store is created).
+    pub transport: Option<pskv_transport::Config>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            bigarray_bound: 1_000_000,
+            partition_bytes: 4 << 20,
+            timeout: Duration::from_secs(600),
+            use_tree: false,
+            topology: None,
+            reduce_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            transport: None,
+        }
+    }
+}
+
+impl Options {
+    /// The settings of the environment.
+    pub fn from_env() -> Result<Options> {
+        Options::from_lookup(&|k| std::env::var(k).ok())
+    }
+
+    /// The settings of an environment given as a lookup function.
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Options> {
+        let mut o = Options::default();
+        let num = |name: &str, v: String| -> Result<u64> {
+            v.trim()
+                .parse::<u64>()
+                .map_err(|_| KvError::invalid(format!("{name}={v} is not a non-negative integer")))
+        };
+        let bound = get("PSKV_KVSTORE_BIGARRAY_BOUND")
+            .map(|v| ("PSKV_KVSTORE_BIGARRAY_BOUND", v))
+            .or_else(|| {
+                get("MXNET_KVSTORE_BIGARRAY_BOUND").map(|v| ("MXNET_KVSTORE_BIGARRAY_BOUND", v))
+            });
+        if let Some((name, v)) = bound {
+            o.bigarray_bound = num(name, v)?.max(1) as usize;
+        }
+        if let Some(v) = get("PSKV_PARTITION_BYTES") {
+            let b = num("PSKV_PARTITION_BYTES", v)?;
+            if b < 1024 {
+                return Err(KvError::invalid(format!(
+                    "PSKV_PARTITION_BYTES={b} is too small: use at least 1024"
+                )));
+            }
+            o.partition_bytes = b as usize;
+        }
+        if let Some(v) = get("PSKV_KVSTORE_TIMEOUT") {
+            o.timeout = Duration::from_secs(num("PSKV_KVSTORE_TIMEOUT", v)?.max(1));
+        }
+        if let Some(v) = get("PSKV_KVSTORE_USETREE").or_else(|| get("MXNET_KVSTORE_USETREE")) {
+            o.use_tree = matches!(v.trim(), "1" | "true" | "yes");
+        }
+        if let Some(v) = get("PSKV_KVSTORE_TOPOLOGY") {
+            o.topology = Some(Topology::parse(&v)?);
+        }
+        if let Some(v) = get("PSKV_KVSTORE_REDUCE_THREADS") {
+            o.reduce_threads = num("PSKV_KVSTORE_REDUCE_THREADS", v)?.max(1) as usize;
+        }
+        Ok(o)
+    }
+}
+
+/// A kvstore: MXNet's `mx.kv.create(name)`.
+///
+/// ```
+/// use pskv_engine::{Context, Engine};
+/// use pskv_kvstore::{KvStore, Optimizer, Tensor};
+///
+/// let engine = Engine::builder().cpu_threads(2).build()?;
+/// let kv = KvStore::create("local", &engine)?;
+/// kv.init(3, &Tensor::full(&engine, &[4], 1.0f32, Context::Cpu)?)?;
+/// kv.set_optimizer(Optimizer::sgd(0.5))?;
+/// // Gradients from two devices: summed, then one SGD step.
+/// let g = [Tensor::full(&engine, &[4], 1.0f32, Context::Gpu(0))?,
+///          Tensor::full(&engine, &[4], 1.0f32, Context::Gpu(1))?];
+/// kv.push(3, &g, 0)?;
+/// let out = Tensor::zeros(&engine, &[4], pskv_kvstore::DType::F32, Context::Cpu)?;
+/// kv.pull(3, &[out.clone()], 0)?;
+/// assert_eq!(out.to_vec::<f32>()?, vec![0.0; 4]); // 1 - 0.5 * (1 + 1)
+/// # Ok::<(), pskv_kvstore::KvError>(())
+/// ```
+pub struct KvStore {
+    kind: Kind,
+    engine: Engine,
+    flavor: Arc<dyn Flavor>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for KvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvStore")
+            .field("kind", &self.kind)
+            .field("rank", &self.rank())
+            .finish()
+    }
+}
+
+/// Merges repeated keys of a batch (their tensors join, in order), as
+/// MXNet's `GroupKVPairs` does.
+fn group<T: Clone>(items: &[(Key, Vec<T>)]) -> Vec<(Key, Vec<T>)> {
+    let mut out: Vec<(Key, Vec<T>)> = Vec::with_capacity(items.len());
+    for (k, v) in items {
+        match out.iter_mut().find(|(k2, _)| k2 == k) {
+            Some((_, v2)) => v2.extend(v.iter().cloned()),
+            None => out.push((k.clone(), v.clone())),
+        }
+    }
+    out
+}
+
+impl KvStore {
+    /// A store of this kind, with settings from the environment (a
+    /// distributed kind joins the cluster the `DMLC_*` variables describe).
+    pub fn create(name: &str, engine: &Engine) -> Result<KvStore> {
+        KvStore::create_with(name, engine, Options::from_env()?)
+    }
+
+    /// A store of this kind with these settings.
+    pub fn create_with(name: &str, engine: &Engine, opts: Options) -> Result<KvStore> {
+        let kind = Kind::parse(name).ok_or_else(|| KvError::UnknownKind(name.to_string()))?;
+        let kernels = Arc::new(CpuKernels::with_threads(opts.reduce_threads)?);
+        let device = matches!(kind, Kind::Device | Kind::DistSyncDevice);
+        let mode = if device {
+            CommMode::Device {
+                tree: opts.use_tree.then(|| {
+                    opts.topology
+                        .clone()
+                        .unwrap_or_else(|| Topology::uniform(0))
+                }),
+            }
+        } else {
+            CommMode::Cpu
+        };
+        let comm = Comm::new(kernels, mode);
+        let flavor: Arc<dyn Flavor> = match kind {
+            Kind::Local | Kind::Device => Arc::new(LocalStore::new(engine.clone(), comm, device)),
+            Kind::DistSync | Kind::DistAsync | Kind::DistSyncDevice => {
+                DistStore::start(kind, engine.clone(), comm, opts)?
+            }
+        };
+        Ok(KvStore {
+            kind,
+            engine: engine.clone(),
+            flavor,
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// The kind.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The kind's MXNet name.
+    pub fn type_name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    /// The engine its ops run on.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn check_tensors<'a>(&self, key: &Key, ts: impl IntoIterator<Item = &'a Tensor>) -> Result<()> {
+        let mut any = false;
+        for t in ts {
+            t.check_engine(&self.engine)?;
+            any = true;
+        }
+        if !any {
+            return Err(KvError::invalid(format!("key {key} was given no tensors")));
+        }
+        Ok(())
+    }
+
+    /// Initializes a key with a value (its shape, dtype and storage are the
+    /// key's from now on). A second init of a key is an error. In a
+    /// distributed store this is collective: every worker calls it, rank 0's
+    /// value is stored, and it returns after a barrier, as in MXNet.
+    pub fn init(&self, key: impl IntoKey, value: &Tensor) -> Result<()> {
+        self.init_many(&[(key.into_key()?, value.clone())])
+    }
+
+    /// Initializes several keys.
+    pub fn init_many(&self, items: &[(Key, Tensor)]) -> Result<()> {
+        for (k, v) in items {
+            self.check_tensors(k, [v])?;
+        }
+        self.flavor.init(items)
+    }
+
+    /// Pushes a key's values (one per device; summed first). Returns at
+    /// once: the push is an engine op after the ops that write the values.
+    pub fn push(&self, key: impl IntoKey, values: &[Tensor], priority: i32) -> Result<()> {
+        self.push_many(&[(key.into_key()?, values.to_vec())], priority)
+    }
+
+    /// Pushes several keys; a key given twice has its values summed.
+    pub fn push_many(&self, items: &[(Key, Vec<Tensor>)], priority: i32) -> Result<()> {
+        let items = group(items);
+        for (k, v) in &items {
+            self.check_tensors(k, v)?;
+        }
+        self.flavor.push(&items, priority)
+    }
+
+    /// Pulls a key's value into `outs` (one per device). Runs after this
+    /// process's earlier pushes of the key.
+    pub fn pull(&self, key: impl IntoKey, outs: &[Tensor], priority: i32) -> Result<()> {
+        self.pull_many(&[(key.into_key()?, outs.to_vec())], priority)
+    }
+
+    /// Pulls several keys.
+    pub fn pull_many(&self, items: &[(Key, Vec<Tensor>)], priority: i32) -> Result<()> {
+        let items = group(items);
+        for (k, v) in &items {
+            self.check_tensors(k, v)?;
+        }
+        self.flavor.pull(&items, priority)
+    }
+
+    /// Pushes `values` and pulls the result into `outs` (one round trip in
+    /// a distributed store).
+    pub fn pushpull(
+        &self,
+        key: impl IntoKey,
+        values: &[Tensor],
+        outs: &[Tensor],
+        priority: i32,
+    ) -> Result<()> {
+        self.pushpull_many(
+            &[(key.into_key()?, values.to_vec(), outs.to_vec())],
+            priority,
+        )
+    }
+
+    /// Push-pulls several keys.
+    pub fn pushpull_many(
+        &self,
+        items: &[(Key, Vec<Tensor>, Vec<Tensor>)],
+        priority: i32,
+    ) -> Result<()> {
+        for (i, (k, v, o)) in items.iter().enumerate() {
+            self.check_tensors(k, v)?;
+            self.check_tensors(k, o)?;
+            if items[..i].iter().any(|(k2, _, _)| k2 == k) {
+                return Err(KvError::invalid(format!(
+                    "pushpull: key {k} is given twice; give each key once"
+                )));
+            }
+        }
+        self.flavor.pushpull(items, priority)
+    }
+
+    /// Pulls the rows `row_ids[i]` (a dense 1-D i64 tensor) of a key into
+    /// the row-sparse `outs[i]`.
+    pub fn pull_row_sparse(
+        &self,
+        key: impl IntoKey,
+        outs: &[Tensor],
+        row_ids: &[Tensor],
+        priority: i32,
+    ) -> Result<()> {
+        let key = key.into_key()?;
+        self.check_tensors(&key, outs)?;
+        self.check_tensors(&key, row_ids)?;
+        self.flavor
+            .pull_row_sparse(&[(key, outs.to_vec(), row_ids.to_vec())], priority)
+    }
+
+    /// Initializes a key with `value` and pulls it into `outs`.
+    pub fn broadcast(
+        &self,
+        key: impl IntoKey,
+        value: &Tensor,
+        outs: &[Tensor],
+        priority: i32,
+    ) -> Result<()> {
+        let key = key.into_key()?;
+        self.init(key.clone(), value)?;
+        self.pull(key, outs, priority)
+    }
+
+    /// Sets the optimizer that updates stored weights (on the servers of a
+    /// distributed store). A new optimizer starts with fresh state.
+    pub fn set_optimizer(&self, opt: Optimizer) -> Result<()> {
+        self.flavor.set_optimizer(opt)
+    }
+
+    /// Sets a custom update rule. In a distributed store it runs on the
+    /// workers: servers only sum, each worker applies the rule to its copy
+    /// of the weights (the summation-only server mode).
+    pub fn set_updater(&self, updater: impl Updater) -> Result<()> {
+        self.flavor.set_updater(Arc::new(updater))
+    }
+
+    /// Runs a built-in optimizer on the workers over the servers' sums
+    /// (the summation-only server mode; see [`KvStore::set_updater`]).
+    pub fn set_optimizer_on_workers(&self, opt: Optimizer) -> Result<()> {
+        opt.validate()?;
+        let opt = Arc::new(opt);
+        let states = parking_lot::Mutex::new(std::collections::HashMap::new());
+        self.flavor.set_updater(Arc::new(
+            move |key: &Key, g: &crate::Values<'_>, w: &mut crate::ValuesMut<'_>| {
+                let mut states = states.lock();
+                let st: &mut crate::updater::KeyState = states.entry(key.id()).or_default();
+                let rule = crate::updater::Rule::Optimizer {
+                    opt: opt.clone(),
+                    generation: 0,
+                };
+                let shape = w.shape().to_vec();
+                rule.apply(
+                    key.id(),
+                    Some(key),
+                    w.dtype(),
+                    &shape,
+                    g.bytes,
+                    g.rows(),
+                    w.bytes,
+                    st,
+                )
+            },
+        ))
+    }
+
+    /// Turns on gradient compression (`device` and distributed kinds).
+    pub fn set_gradient_compression(&self, c: Compression) -> Result<()> {
+        self.flavor.set_compression(c)
+    }
+
+    /// Waits until every worker reached this barrier (a no-op locally).
+    pub fn barrier(&self) -> Result<()> {
+        self.flavor.barrier()
+    }
+
+    /// This worker's rank (0 locally).
+    pub fn rank(&self) -> u32 {
+        self.flavor.rank()
+    }
+
+    /// The number of workers (1 locally).
+    pub fn num_workers(&self) -> u32 {
+        self.flavor.num_workers()
+    }
+
+    /// Nodes that missed their heartbeats for `timeout`.
+    pub fn num_dead_nodes(&self, timeout: Duration) -> Result<usize> {
+        self.flavor.num_dead_nodes(timeout)
+    }
+
+    /// Sends a command to every server: MXNet's head ids are understood
+    /// (see `server`), any other head goes to the server's controller.
+    pub fn send_command_to_servers(&self, head: i32, body: &str) -> Result<()> {
+        self.flavor.send_command_to_servers(head, body.as_bytes())
+    }
+
+    /// Writes the optimizer's state of every key to `path`.
+    pub fn save_optimizer_states(&self, path: impl AsRef<Path>) -> Result<()> {
+        let states = self.flavor.optimizer_states()?;
+        crate::states::save(path.as_ref(), &states)
+    }
+
+    /// Reads optimizer state written by `save_optimizer_states` (the keys
+    /// must exist with the same sizes; an optimizer must be set).
+    pub fn load_optimizer_states(&self, path: impl AsRef<Path>) -> Result<()> {
+        let states: Vec<(Key, OptState)> = crate::states::load(path.as_ref())?;
+        self.flavor.set_optimizer_states(states)
+    }
+
+    /// Waits for the store's ops; a distributed store then stops its
+    /// servers (rank 0, after a barrier) and leaves the cluster. Dropping
+    /// the store does the same, ignoring errors.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.flavor.close()
+    }
+}
+
+impl Drop for KvStore {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!("closing the kvstore: {e}");
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! What workers and servers say to each other on top of the transport:
+//! the request head (in the transport's `cmd` field), the layout of each
+//! request's values, the server commands, and how a key is cut into parts
+//! (each its own server key, "ps key").
+//!
+//! # Head (`cmd`, an `i32`)
+//!
+//! | bits | meaning |
+//! |---|---|
+//! | 0..4 | op: 1 init, 2 push, 3 pull, 4 push-pull, 5 row push, 6 row pull |
+//! | 4..8 | element type (mshadow code: 0 f32, 1 f64, 2 f16, 4 i32, 6 i64) |
+//! | 8..10 | compression (0 none, 1 2-bit, 2 1-bit) |
+//! | 10 | sync mode (the round of all workers) |
+//! | 11 | multi-precision (f32 master weights for f16 keys) |
+//!
+//! Other bits are zero; a server refuses a head it cannot read. Carrying
+//! the mode and compression in every request (MXNet sets them by separate
+//! commands) means a server never applies a push under the wrong mode.
+//!
+//! # Values of one ps key
+//!
+//! - init, push, push-pull: the part's elements, little-endian; compressed:
+//!   see [`crate::compression`].
+//! - row push: `n: u32`, `row_len: u32` (elements per row), `n` row ids as
+//!   `i64` relative to the part's first row, then those rows' elements.
+//! - row pull: `n: u32`, `row_len: u32` and `n` row ids; the answer is
+//!   those rows.
+//! - pull and push-pull answers: the part's elements.
+//!
+//! # Parts
+//!
+//! A key whose elements are fewer than the big-array bound lives on one
+//! server, `(id * 9973) % servers` (MXNet's choice); a larger one is split
+//! evenly over all servers, starting at that one. Each server's piece is
+//! cut into parts of at most the partition size (BytePS's idea: parts
+//! travel and are summed independently, so sending, summing and receiving
+//! overlap). Part `j` of key id `k` on server `s` has ps key
+//! `range(s).begin + (k << 16) + j`. Row-sparse keys are cut the same way
+//! in whole rows.
+
+use crate::dtype::DType;
+use crate::error::{KvError, Result};
+
+/// What a request does.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Op {
+    Init = 1,
+    Push = 2,
+    Pull = 3,
+    PushPull = 4,
+    RowPush = 5,
+    RowPull = 6,
+}
+
+/// The head of a data request.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Head {
+    pub(crate) op: Op,
+    pub(crate) dtype: DType,
+    pub(crate) compression: u8,
+    pub(crate) sync: bool,
+    pub(crate) multi_precision: bool,
+}
+
+impl Head {
+    pub(crate) fn encode(&self) -> i32 {
+        (self.op as i32)
+            | ((self.dtype.code() as i32) << 4)
+            | ((self.compression as i32) << 8)
+            | ((self.sync as i32) << 10)
+            | ((self.multi_precision as i32) << 11)
+    }
+
+    pub(crate) fn decode(cmd: i32) -> std::result::Result<Head, String> {
+        if cmd < 0 || cmd >> 12 != 0 {
+            return Err(format!("request head {cmd:#x} has unknown bits set"));
+        }
+        let op = match cmd & 0xf {
+            1 => Op::Init,
+            2 => Op::Push,
+            3 => Op::Pull,
+            4 => Op::PushPull,
+            5 => Op::RowPush,
+            6 => Op::RowPull,
+            x => return Err(format!("request head {cmd:#x}: unknown op {x}")),
+        };
+        let dtype = DType::from_code(((cmd >> 4) & 0xf) as u8)
+            .ok_or_else(|| format!("request head {cmd:#x}: unknown element type"))?;
+        let compression = ((cmd >> 8) & 0x3) as u8;
+        if compression == 3 {
+            return Err(format!("request head {cmd:#x}: unknown compression 3"));
+        }
+        Ok(Head {
+            op,
+            dtype,
+            compression,
+            sync: cmd & (1 << 10) != 0,
+            multi_precision: cmd & (1 << 11) != 0,
+        })
+    }
+}
+
+/// Server command heads. 0..=5 are MXNet's `CommandType` ids.
+pub(crate) mod command {
+    /// Body: an optimizer as JSON (`{"optimizer": ...}`); any other body
+    /// goes to the server's controller, as MXNet's kController does.
+    pub const CONTROLLER: i32 = 0;
+    /// Keep f32 master weights for f16 keys.
+    pub const SET_MULTI_PRECISION: i32 = 1;
+    /// Stop the server.
+    pub const STOP_SERVER: i32 = 2;
+    /// Sync mode (pskv requests carry their mode; accepted for MXNet's
+    /// sake).
+    pub const SYNC_MODE: i32 = 3;
+    /// Gradient compression parameters (pskv's compressed messages carry
+    /// their own; accepted and recorded).
+    pub const SET_GRADIENT_COMPRESSION: i32 = 4;
+    /// Profiler: `start`, `stop` or `dump:<path>` (a Chrome trace of the
+    /// server's engine).
+    pub const SET_PROFILER_PARAMS: i32 = 5;
+    /// pskv: answer the optimizer state of every ps key.
+    pub const GET_STATES: i32 = 6;
+    /// pskv: set the optimizer state of ps keys.
+    pub const SET_STATES: i32 = 7;
+}
+
+/// One part of a key.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Part {
+    /// The server's rank.
+    pub(crate) server: u32,
+    /// The part's server key.
+    pub(crate) ps_key: u64,
+    /// First unit (element, or row for row-sparse keys).
+    pub(crate) start: usize,
+    /// Units in the part.
+    pub(crate) len: usize,
+}
+
+/// Bits of a ps key's offset that number the parts of a key.
+pub(crate) const PART_BITS: u32 = 16;
+
+/// Cuts a key of `units` units of `unit_bytes` bytes into parts.
+pub(crate) fn plan(
+    key_id: u64,
+    units: usize,
+    unit_bytes: usize,
+    big: bool,
+    partition_bytes: usize,
+    ranges: &[(u64, u64)],
+) -> Result<Vec<Part>> {
+    let servers = ranges.len();
+    if servers == 0 {
+        return Err(KvError::invalid("the cluster has no servers"));
+    }
+    let first = (key_id.wrapping_mul(9973) % servers as u64) as usize;
+    let pieces = if big && servers > 1 { servers } else { 1 };
+    // Units per part: at most the partition size, at least one unit.
+    let per_part = (partition_bytes / unit_bytes.max(1)).max(1);
+    let mut parts = Vec::new();
+    for p in 0..pieces {
+        let lo = units * p / pieces;
+        let hi = units * (p + 1) / pieces;
+        let server = (first + p) % servers;
+        let n = hi - lo;
+        let chunks = n.div_ceil(per_part).max(1);
+        for c in 0..chunks {
+            let s = lo + n * c / chunks;
+            let e = lo + n * (c + 1) / chunks;
+            let j = parts.len() as u64;
+            if j >= 1 << PART_BITS {
+                return Err(KvError::invalid(format!(
+                    "key id {key_id} needs more than {} parts; raise PSKV_PARTITION_BYTES",
+                    1u64 << PART_BITS
+                )));
+            }
+            let (begin, end) = ranges[server];
+            let offset = (key_id << PART_BITS) | j;
+            if key_id >= 1 << (64 - PART_BITS) || offset >= end - begin {
+                return Err(KvError::invalid(format!(
+                    "key id {key_id} does not fit the key range of {servers} servers"
+                )));
+            }
+            parts.push(Part {
+                server: server as u32,
+                ps_key: begin + offset,
+                start: s,
+                len: e - s,
+            });
+        }
+    }
+    Ok(parts)
+}
+
+/// The key id and part number of a ps key on the server of `range`.
+pub(crate) fn decode_ps_key(ps_key: u64, range_begin: u64) -> (u64, u64) {
+    let off = ps_key.wrapping_sub(range_begin);
+    (off >> PART_BITS, off & ((1 << PART_BITS) - 1))
+}
+
+/// A row request's header: rows and elements per row.
+pub(crate) struct RowsHead {
+    pub(crate) row_len: usize,
+    pub(crate) rows: Vec<i64>,
+}
+
+/// Header and the bytes after it, of a row push or row pull.
+pub(crate) fn split_rows(vals: &[u8]) -> std::result::Result<(RowsHead, &[u8]), String> {
+    if vals.len() < 8 {
+        return Err(format!(
+            "a row request needs an 8-byte header, got {} bytes",
+            vals.len()
+        ));
+    }
+    let n = u32::from_le_bytes(vals[0..4].try_into().expect("4 bytes")) as usize;
+    let row_len = u32::from_le_bytes(vals[4..8].try_into().expect("4 bytes")) as usize;
+    if row_len == 0 {
+        return Err("a row request has rows of 0 elements".into());
+    }
+    let need = 8 + n.checked_mul(8).ok_or("row count overflows")?;
+    if vals.len() < need {
+        return Err(format!(
+            "a row request of {n} rows needs {need} bytes of header, got {}",
+            vals.len()
+        ));
+    }
+    let rows = vals[8..need]
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    Ok((RowsHead { row_len, rows }, &vals[need..]))
+}
+
+/// The header of a row request.
+pub(crate) fn rows_header(rows: &[i64], row_len: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + rows.len() * 8);
+    v.extend_from_slice(&(rows.len() as u32).to_le_bytes());
+    v.extend_from_slice(&(row_len as u32).to_le_bytes());
+    for r in rows {
+        v.extend_from_slice(&r.to_le_bytes());
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pskv_transport::protocol::key_ranges;
+
+    #[test]
+    fn heads_round_trip_and_garbage_is_refused() {
+        for op in [
+            Op::Init,
+            Op::Push,
+            Op::Pull,
+            Op::PushPull,
+            Op::RowPush,
+            Op::RowPull,
+        ] {
+            for dtype in [DType::F32, DType::F64, DType::F16, DType::I32, DType::I64] {
+                for compression in 0..3 {
+                    let h = Head {
+                        op,
+                        dtype,
+                        compression,
+                        sync: compression == 1,
+                        multi_precision: dtype == DType::F16,
+                    };
+                    assert_eq!(Head::decode(h.encode()), Ok(h));
+                }
+            }
+        }
+        assert!(Head::decode(0).is_err());
+        assert!(Head::decode(7).is_err());
+        assert!(Head::decode(2 | (3 << 4)).is_err());
+        assert!(Head::decode(2 | (3 << 8)).is_err());
+        assert!(Head::decode(2 | (1 << 12)).is_err());
+        assert!(Head::decode(-1).is_err());
+    }
+
+    #[test]
+    fn small_keys_go_whole_to_one_server_and_big_ones_everywhere() {
+        let r = key_ranges(3);
+        let small = plan(5, 1000, 4, false, 4 << 20, &r).unwrap();
+        assert_eq!(small.len(), 1);
+        assert_eq!(small[0].server, (5 * 9973 % 3) as u32);
+        assert_eq!((small[0].start, small[0].len), (0, 1000));
+        let big = plan(5, 3_000_000, 4, true, 4 << 20, &r).unwrap();
+        let servers: Vec<u32> = big.iter().map(|p| p.server).collect();
+        assert_eq!(servers.len(), 3);
+        assert!(servers.contains(&0) && servers.contains(&1) && servers.contains(&2));
+        // Parts tile the key.
+        let mut at = 0;
+        for p in &big {
+            assert_eq!(p.start, at);
+            at += p.len;
+            let (b, e) = r[p.server as usize];
+            assert!(p.ps_key >= b && p.ps_key < e);
+            assert_eq!(decode_ps_key(p.ps_key, b).0, 5);
+        }
+        assert_eq!(at, 3_000_000);
+        // 32 MiB of f32 on one server: 8 parts of 4 MiB.
+        let parts = plan(9, 8 << 20, 4, false, 4 << 20, &r).unwrap();
+        assert_eq!(parts.len(), 8);
+        assert!(parts.iter().all(|p| p.len == 1 << 20));
+        let keys: std::collections::HashSet<u64> = parts.iter().map(|p| p.ps_key).collect();
+        assert_eq!(keys.len(), 8);
+        assert!(plan(1, 1 << 20, 4, false, 8, &r).is_err());
+        assert!(plan(1, 10, 4, false, 4 << 20, &[]).is_err());
+    }
+
+    #[test]
+    fn row_requests_are_bounded() {
+        let mut v = rows_header(&[3, 7], 5);
+        v.extend_from_slice(&[1, 2, 3]);
+        let (h, rest) = split_rows(&v).unwrap();
+        assert_eq!((h.rows, h.row_len), (vec![3, 7], 5));
+        assert_eq!(rest, &[1, 2, 3]);
+        assert!(split_rows(&v[..7]).is_err());
+        assert!(split_rows(&v[..14]).is_err());
+        assert!(split_rows(&[255, 255, 255, 255, 1, 0, 0, 0]).is_err());
+        assert!(split_rows(&rows_header(&[1], 0)).is_err());
+    }
+}
