@@ -1,6 +1,8 @@
 //! The `local` and `device` kvstores: sums, updates, ordering, row-sparse
 //! keys, compression, trees, optimizer state, and every error.
 
+#![allow(clippy::cloned_ref_to_slice_refs, clippy::needless_range_loop)]
+
 use std::sync::Arc;
 
 use pskv_engine::{Context, Engine};

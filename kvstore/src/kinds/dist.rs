@@ -207,8 +207,8 @@ impl Watchdog {
 struct DistKey {
     local: Arc<LocalKey>,
     parts: Vec<Part>,
-    /// Elements per unit of the parts (1, or the row length of row-sparse
-    /// keys).
+    /// Elements per unit of the parts (the row length of keys of two or
+    /// more dimensions, else 1).
     unit: usize,
     /// The key's var: pushes write it, pulls read it.
     var: Var,
@@ -390,7 +390,7 @@ impl DistStore {
                 .iter()
                 .enumerate()
                 .map(|(i, p)| {
-                    let r = p.start..p.start + p.len;
+                    let r = p.start * dk.unit..(p.start + p.len) * dk.unit;
                     compression
                         .encode(k, &grad[r.clone()], &mut res[r])
                         .map(|b| (i, b))
@@ -399,11 +399,12 @@ impl DistStore {
                 .collect::<std::result::Result<Vec<_>, String>>()?;
             return Ok((Op::Push, out));
         }
+        let ub = dk.unit * size;
         let out = dk
             .parts
             .iter()
             .enumerate()
-            .map(|(i, p)| (i, d.share(p.start * size..(p.start + p.len) * size)))
+            .map(|(i, p)| (i, d.share(p.start * ub..(p.start + p.len) * ub)))
             .collect();
         Ok((Op::Push, out))
     }
@@ -474,8 +475,10 @@ impl DistStore {
                     // ranges until it completes.
                     let buf = unsafe { o.data_mut() }.overwrite();
                     let ptr = OutPtr(buf.as_mut_ptr(), buf.len());
-                    let size = dtype.size();
+                    let ub = dk2.unit * dtype.size();
                     let parts = dk2.parts.clone();
+                    // The answers write into `o`'s buffer: they keep it.
+                    let keep = o.clone();
                     me.send_parts(
                         &dk2,
                         &payloads,
@@ -484,9 +487,10 @@ impl DistStore {
                         completion,
                         "pushpull",
                         Arc::new(move |i, resp| {
+                            let _keep = &keep;
                             let p = parts[i];
-                            check_len(resp, p.len * size)?;
-                            copy_parts(&ptr, p.start * size, resp)
+                            check_len(resp, p.len * ub)?;
+                            copy_parts(&ptr, p.start * ub, resp)
                         }),
                     );
                 }
@@ -525,6 +529,8 @@ impl DistStore {
                 (0..parts.len()).map(|i| (i, Bytes::new())).collect();
             let unit = dk2.unit;
             let head = me.head(Op::Pull, dtype, Compression::None);
+            // The answers write into `o`'s buffer: they keep it.
+            let keep = o.clone();
             me.send_parts(
                 &dk2,
                 &payloads,
@@ -533,6 +539,7 @@ impl DistStore {
                 completion,
                 "pull",
                 Arc::new(move |i, resp| {
+                    let _keep = &keep;
                     let p = parts[i];
                     check_len(resp, p.len * unit * size)?;
                     copy_parts(&ptr, p.start * unit * size, resp)
@@ -599,6 +606,8 @@ impl DistStore {
                 }
             }
             let head = me.head(Op::RowPull, meta.dtype, Compression::None);
+            // The answers write into `o`'s buffer: they keep it.
+            let keep = o.clone();
             me.send_parts(
                 &dk2,
                 &payloads,
@@ -607,6 +616,7 @@ impl DistStore {
                 completion,
                 "pull_row_sparse",
                 Arc::new(move |i, resp| {
+                    let _keep = &keep;
                     check_len(resp, counts[i] * rb)?;
                     copy_parts(&ptr, offsets[i], resp)
                 }),
@@ -790,9 +800,13 @@ impl Flavor for DistStore {
         let mut added = Vec::with_capacity(items.len());
         for (key, value) in items {
             let meta = Meta::of(value);
-            let rsp = meta.storage == Storage::RowSparse;
-            let unit = if rsp { meta.row_len().max(1) } else { 1 };
-            let units = if rsp { meta.shape[0] } else { meta.len() };
+            // Keys of two or more dimensions are cut in whole rows, so that
+            // row-sparse pushes and pulls map onto parts.
+            let (unit, units) = if meta.shape.len() >= 2 && meta.row_len() > 0 {
+                (meta.row_len(), meta.shape[0])
+            } else {
+                (1, meta.len())
+            };
             let parts = plan(
                 key.id(),
                 units,
@@ -958,9 +972,13 @@ impl Flavor for DistStore {
         opt.validate()?;
         if self.worker_rule.read().is_some() {
             return Err(KvError::invalid(
-                "this store runs its updater on the workers (set_updater);                  create a new store to run an optimizer on the servers",
+                "this store runs its updater on the workers (set_updater); create a new store to run an optimizer on the servers",
             ));
         }
+        // Pushes made before this call on any worker finish under the old
+        // rule: wait for this worker's ops, then for every worker.
+        self.engine.wait_for_all()?;
+        self.barrier()?;
         let mut result = Ok(());
         if self.po.my_rank() == 0 {
             #[derive(serde::Serialize)]
@@ -984,7 +1002,7 @@ impl Flavor for DistStore {
     fn set_updater(&self, updater: Arc<dyn Updater>) -> Result<()> {
         if self.server_opt.load(Ordering::Acquire) {
             return Err(KvError::invalid(
-                "the servers of this store run an optimizer (set_optimizer);                  create a new store to update on the workers",
+                "the servers of this store run an optimizer (set_optimizer); create a new store to update on the workers",
             ));
         }
         let first = self.worker_rule.read().is_none();

@@ -49,6 +49,7 @@ struct Inner {
     kernels: Arc<CpuKernels>,
     workers: usize,
     range_begin: AtomicU64,
+    range_end: AtomicU64,
     entries: RwLock<HashMap<u64, Arc<Entry>>>,
     rule: RwLock<Option<Rule>>,
     generation: AtomicU64,
@@ -172,6 +173,7 @@ impl Server {
             kernels: Arc::new(CpuKernels::with_threads(threads)?),
             workers: cfg.num_workers as usize,
             range_begin: AtomicU64::new(0),
+            range_end: AtomicU64::new(0),
             entries: RwLock::new(HashMap::new()),
             rule: RwLock::new(None),
             generation: AtomicU64::new(0),
@@ -184,9 +186,9 @@ impl Server {
         });
         let po = Postoffice::start(cfg, Some(Arc::new(Handler(inner.clone()))))?;
         let rank = po.my_rank() as usize;
-        inner
-            .range_begin
-            .store(po.server_key_ranges()[rank].0, Ordering::Release);
+        let (begin, end) = po.server_key_ranges()[rank];
+        inner.range_begin.store(begin, Ordering::Release);
+        inner.range_end.store(end, Ordering::Release);
         Ok(Server { inner, po })
     }
 
@@ -475,6 +477,15 @@ impl Inner {
             .ok_or("set an optimizer before loading its states")?;
         let states: Vec<(u64, OptState)> =
             postcard::from_bytes(body).map_err(|e| format!("bad states: {e}"))?;
+        // Every server gets the whole list and takes the keys of its range.
+        let (begin, end) = (
+            self.range_begin.load(Ordering::Acquire),
+            self.range_end.load(Ordering::Acquire),
+        );
+        let states: Vec<(u64, OptState)> = states
+            .into_iter()
+            .filter(|(k, _)| *k >= begin && *k < end)
+            .collect();
         let entries = self.entries.read();
         for (k, _) in &states {
             if !entries.contains_key(k) {

@@ -1,0 +1,705 @@
+//! Distributed kvstores in one process: a scheduler, servers and workers on
+//! 127.0.0.1, each with its own engine and sockets. The results are
+//! compared with a local kvstore fed the same gradients, bit for bit.
+
+#![allow(clippy::cloned_ref_to_slice_refs, clippy::needless_range_loop)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use half::f16;
+use pskv_engine::{Context, Engine, OpSpec};
+use pskv_gpu::cpu::CpuKernels;
+use pskv_gpu::Kernels;
+use pskv_kvstore::{
+    Compression, DType, Elem, GradRef, Key, KvStore, Optimizer, Options, Server, Tensor, WeightMut,
+};
+use pskv_transport::{Config, KvWorker, Postoffice, RequestOptions, Role, VanKind};
+
+const T: Duration = Duration::from_secs(30);
+
+fn config(role: Role, port: u16, s: u32, w: u32) -> Config {
+    Config::new(role, "127.0.0.1", port, s, w)
+        .van(VanKind::Tcp)
+        .heartbeat(
+            Some(Duration::from_millis(200)),
+            Some(Duration::from_secs(5)),
+        )
+        .connect_timeout(Duration::from_secs(20))
+}
+
+fn engine() -> Engine {
+    Engine::builder()
+        .cpu_threads(2)
+        .gpu_threads(1)
+        .build()
+        .unwrap()
+}
+
+struct Cluster {
+    sched: Postoffice,
+    port: u16,
+    s: u32,
+    w: u32,
+}
+
+fn cluster(s: u32, w: u32) -> Cluster {
+    let sched = Postoffice::start(config(Role::Scheduler, 0, s, w), None).unwrap();
+    let port = sched.local_addr().port();
+    Cluster { sched, port, s, w }
+}
+
+impl Cluster {
+    /// Starts the servers (they join once every node has connected); each
+    /// runs until a worker stops it.
+    fn servers(&self) -> Vec<std::thread::JoinHandle<()>> {
+        (0..self.s)
+            .map(|_| {
+                let c = config(Role::Server, self.port, self.s, self.w);
+                std::thread::spawn(move || {
+                    let s = Server::start(c, engine()).unwrap();
+                    s.wait(Some(T)).unwrap();
+                    s.shutdown();
+                })
+            })
+            .collect()
+    }
+
+    /// Runs `f` on every worker (each its own thread, engine and store),
+    /// returns the results by rank, after the servers stopped.
+    fn run<R: Send + 'static>(
+        self,
+        kind: &'static str,
+        opts: Options,
+        f: impl Fn(&KvStore, &Engine) -> R + Send + Sync + 'static,
+    ) -> Vec<R> {
+        let servers = self.servers();
+        let f = Arc::new(f);
+        let hs: Vec<_> = (0..self.w)
+            .map(|_| {
+                let (f, mut o) = (f.clone(), opts.clone());
+                o.transport = Some(config(Role::Worker, self.port, self.s, self.w));
+                std::thread::spawn(move || {
+                    let e = engine();
+                    let kv = KvStore::create_with(kind, &e, o).unwrap();
+                    let r = f(&kv, &e);
+                    let rank = kv.rank();
+                    kv.close().unwrap();
+                    (rank, r)
+                })
+            })
+            .collect();
+        let mut out: Vec<(u32, R)> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        out.sort_by_key(|(r, _)| *r);
+        for s in servers {
+            s.join().unwrap();
+        }
+        self.sched.shutdown();
+        out.into_iter().map(|(_, r)| r).collect()
+    }
+}
+
+fn values(seed: u64, n: usize) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn tensor<T: Elem>(e: &Engine, v: &[T]) -> Tensor {
+    Tensor::from_slice(e, &[v.len()], v, Context::Cpu).unwrap()
+}
+
+/// Small keys, a big key split over the servers into 4 KiB parts, a
+/// string key.
+fn keys() -> Vec<(Key, usize)> {
+    vec![
+        (Key::Int(0), 10),
+        (Key::Int(1), 5000),
+        (Key::from("fc_weight"), 300),
+    ]
+}
+
+fn small_parts() -> Options {
+    Options {
+        bigarray_bound: 1000,
+        partition_bytes: 4096,
+        ..opts()
+    }
+}
+
+/// Options with a test-sized timeout.
+fn opts() -> Options {
+    Options {
+        timeout: Duration::from_secs(20),
+        ..Options::default()
+    }
+}
+
+const STEPS: u64 = 4;
+
+fn grad_seed(rank: u64, step: u64, key: usize) -> u64 {
+    rank * 1000 + step * 10 + key as u64
+}
+
+/// Trains every key for STEPS steps (push+pull on even steps, pushpull on
+/// odd ones) and returns the weights seen after each step.
+fn train(kv: &KvStore, e: &Engine, opt: Option<Optimizer>, on_workers: bool) -> Vec<Vec<f32>> {
+    let inits: Vec<(Key, Tensor)> = keys()
+        .iter()
+        .enumerate()
+        .map(|(i, (k, n))| (k.clone(), tensor(e, &values(77 + i as u64, *n))))
+        .collect();
+    if let Some(o) = &opt {
+        if on_workers {
+            kv.set_optimizer_on_workers(o.clone()).unwrap();
+        } else {
+            kv.set_optimizer(o.clone()).unwrap();
+        }
+    }
+    kv.init_many(&inits).unwrap();
+    let rank = kv.rank() as u64;
+    let mut seen = Vec::new();
+    for step in 0..STEPS {
+        for (i, (k, n)) in keys().iter().enumerate() {
+            let g = tensor(e, &values(grad_seed(rank, step, i), *n));
+            let out = Tensor::zeros(e, &[*n], DType::F32, Context::Cpu).unwrap();
+            if step % 2 == 0 {
+                kv.push(k, &[g], -(i as i32)).unwrap();
+                kv.pull(k, &[out.clone()], -(i as i32)).unwrap();
+            } else {
+                kv.pushpull(k, &[g], &[out.clone()], 0).unwrap();
+            }
+            seen.push(out.to_vec::<f32>().unwrap());
+        }
+    }
+    seen
+}
+
+/// The same training on a local store, the workers' gradients as devices.
+fn train_local(workers: u64, opt: Option<Optimizer>) -> Vec<Vec<f32>> {
+    let e = engine();
+    let kv = KvStore::create("local", &e).unwrap();
+    if let Some(o) = opt {
+        kv.set_optimizer(o).unwrap();
+    }
+    for (i, (k, n)) in keys().iter().enumerate() {
+        kv.init(k, &tensor(&e, &values(77 + i as u64, *n))).unwrap();
+    }
+    let mut seen = Vec::new();
+    for step in 0..STEPS {
+        for (i, (k, n)) in keys().iter().enumerate() {
+            let gs: Vec<Tensor> = (0..workers)
+                .map(|r| {
+                    Tensor::from_slice(
+                        &e,
+                        &[*n],
+                        &values(grad_seed(r, step, i), *n),
+                        Context::Gpu(r as u32),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            kv.push(k, &gs, 0).unwrap();
+            let out = Tensor::zeros(&e, &[*n], DType::F32, Context::Cpu).unwrap();
+            kv.pull(k, &[out.clone()], 0).unwrap();
+            seen.push(out.to_vec::<f32>().unwrap());
+        }
+    }
+    seen
+}
+
+#[test]
+fn dist_sync_matches_local_bit_for_bit() {
+    let opt = Optimizer::sgd(0.1)
+        .momentum(0.9)
+        .wd(1e-3)
+        .clip_gradient(0.9);
+    let o2 = opt.clone();
+    let got = cluster(2, 3).run("dist_sync", small_parts(), move |kv, e| {
+        train(kv, e, Some(o2.clone()), false)
+    });
+    let want = train_local(3, Some(opt));
+    for (rank, g) in got.iter().enumerate() {
+        assert_eq!(g.len(), want.len());
+        for (i, (a, b)) in g.iter().zip(&want).enumerate() {
+            assert!(
+                a == b,
+                "worker {rank}, pull {i}: differs from the local store"
+            );
+        }
+    }
+}
+
+#[test]
+fn summation_only_servers_add_in_rank_order() {
+    let got = cluster(2, 3).run("dist_sync", small_parts(), |kv, e| {
+        train(kv, e, None, false)
+    });
+    let want = train_local(3, None);
+    assert_eq!(got[0], want);
+    assert_eq!(got[1], want);
+    assert_eq!(got[2], want);
+}
+
+#[test]
+fn worker_side_optimizer_matches_the_server_side_one() {
+    let opt = Optimizer::adam(0.01).wd(0.01);
+    let o2 = opt.clone();
+    let got = cluster(2, 2).run("dist_sync", small_parts(), move |kv, e| {
+        train(kv, e, Some(o2.clone()), true)
+    });
+    let want = train_local(2, Some(opt));
+    assert_eq!(got[0], want);
+    assert_eq!(got[1], want);
+}
+
+#[test]
+fn every_dtype_is_summed_and_multi_precision_keeps_f32_masters() {
+    let got = cluster(1, 2).run("dist_sync", opts(), |kv, e| {
+        let rank = kv.rank();
+        kv.init(10, &tensor(e, &[0i32; 3])).unwrap();
+        kv.init(11, &tensor(e, &[0i64; 3])).unwrap();
+        kv.init(12, &tensor(e, &[0.0f64; 3])).unwrap();
+        let i32s = Tensor::zeros(e, &[3], DType::I32, Context::Cpu).unwrap();
+        let i64s = Tensor::zeros(e, &[3], DType::I64, Context::Cpu).unwrap();
+        let f64s = Tensor::zeros(e, &[3], DType::F64, Context::Cpu).unwrap();
+        let r = rank as i64 + 1;
+        kv.pushpull(
+            10,
+            &[tensor(e, &[r as i32, -(r as i32), i32::MAX])],
+            &[i32s.clone()],
+            0,
+        )
+        .unwrap();
+        kv.pushpull(11, &[tensor(e, &[r, -r, 1 << 40])], &[i64s.clone()], 0)
+            .unwrap();
+        kv.pushpull(
+            12,
+            &[tensor(e, &[r as f64 * 0.1, 1e300, -1.5])],
+            &[f64s.clone()],
+            0,
+        )
+        .unwrap();
+        // f16 with multi-precision SGD on the servers.
+        kv.set_optimizer(Optimizer::sgd(0.01).momentum(0.9).multi_precision(true))
+            .unwrap();
+        let w0: Vec<f16> = values(5, 64).iter().map(|x| f16::from_f32(*x)).collect();
+        kv.init(13, &tensor(e, &w0)).unwrap();
+        let out = Tensor::zeros(e, &[64], DType::F16, Context::Cpu).unwrap();
+        for step in 0..3 {
+            let g: Vec<f16> = values(step * 10 + rank as u64, 64)
+                .iter()
+                .map(|x| f16::from_f32(*x))
+                .collect();
+            kv.push(13, &[tensor(e, &g)], 0).unwrap();
+        }
+        kv.pull(13, &[out.clone()], 0).unwrap();
+        (
+            i32s.to_vec::<i32>().unwrap(),
+            i64s.to_vec::<i64>().unwrap(),
+            f64s.to_vec::<f64>().unwrap(),
+            out.to_vec::<f16>().unwrap(),
+        )
+    });
+    assert_eq!(got[0].0, vec![3, -3, i32::MAX.wrapping_add(i32::MAX)]);
+    assert_eq!(got[0].1, vec![3, -3, 2 << 40]);
+    assert_eq!(got[0].2, vec![0.1 + 0.2, 2e300, -3.0]);
+    // Reference: f16 gradients summed in f32 in rank order, an f32 master
+    // updated with the sum, rounded to f16.
+    let opt = Optimizer::sgd(0.01).momentum(0.9).multi_precision(true);
+    let mut master: Vec<f32> = values(5, 64)
+        .iter()
+        .map(|x| f16::from_f32(*x).to_f32())
+        .collect();
+    let mut st = None;
+    for step in 0..3 {
+        let mut sum = vec![0.0f32; 64];
+        for rank in 0..2u64 {
+            for (s, x) in sum.iter_mut().zip(values(step * 10 + rank, 64)) {
+                let v = f16::from_f32(x).to_f32();
+                *s = if rank == 0 { v } else { *s + v };
+            }
+        }
+        opt.update(13, WeightMut::F32(&mut master), GradRef::F32(&sum), &mut st)
+            .unwrap();
+    }
+    let want: Vec<f16> = master.iter().map(|x| f16::from_f32(*x)).collect();
+    assert_eq!(got[0].3, want);
+    assert_eq!(got[1].3, want);
+}
+
+#[test]
+fn dist_async_converges() {
+    let target: Vec<f32> = values(3, 100);
+    let t2 = target.clone();
+    let got = cluster(1, 2).run("dist_async", opts(), move |kv, e| {
+        kv.set_optimizer(Optimizer::sgd(0.2)).unwrap();
+        kv.init(0, &tensor(e, &vec![0.0f32; 100])).unwrap();
+        let w = Tensor::zeros(e, &[100], DType::F32, Context::Cpu).unwrap();
+        for _ in 0..60 {
+            kv.pull(0, &[w.clone()], 0).unwrap();
+            let cur = w.to_vec::<f32>().unwrap();
+            let g: Vec<f32> = cur.iter().zip(&t2).map(|(w, t)| w - t).collect();
+            kv.push(0, &[tensor(e, &g)], 0).unwrap();
+        }
+        kv.barrier().unwrap();
+        kv.pull(0, &[w.clone()], 0).unwrap();
+        w.to_vec::<f32>().unwrap()
+    });
+    for w in got {
+        let err = w
+            .iter()
+            .zip(&target)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err < 1e-3, "async SGD did not converge: max error {err}");
+    }
+}
+
+#[test]
+fn compressed_pushes_match_quantize_sum_dequantize() {
+    for c in [Compression::two_bit(0.5), Compression::one_bit(0.0)] {
+        let n = 3000;
+        let got = cluster(2, 2).run("dist_sync", small_parts(), move |kv, e| {
+            kv.set_gradient_compression(c).unwrap();
+            kv.init(4, &tensor(e, &vec![0.0f32; n])).unwrap();
+            let out = Tensor::zeros(e, &[n], DType::F32, Context::Cpu).unwrap();
+            let mut seen = Vec::new();
+            for step in 0..4 {
+                let g = tensor(e, &values(step * 100 + kv.rank() as u64, n));
+                kv.push(4, &[g], 0).unwrap();
+                kv.pull(4, &[out.clone()], 0).unwrap();
+                seen.push(out.to_vec::<f32>().unwrap());
+            }
+            seen
+        });
+        let k = CpuKernels::single_threaded();
+        let mut res = vec![vec![0.0f32; n]; 2];
+        for step in 0..4u64 {
+            let mut sum = vec![0.0f32; n];
+            for r in 0..2 {
+                let g = values(step * 100 + r as u64, n);
+                let mut deq = vec![0.0f32; n];
+                match c {
+                    Compression::TwoBit { threshold } => {
+                        let mut codes = vec![0u32; pskv_gpu::layout::words_2bit(n)];
+                        k.quantize_2bit(&g, &mut res[r], &mut codes, threshold)
+                            .unwrap();
+                        k.dequantize_2bit(&codes, &mut deq, threshold).unwrap();
+                    }
+                    Compression::OneBit { threshold } => {
+                        let mut codes = vec![0u32; pskv_gpu::layout::words_1bit(n)];
+                        k.quantize_1bit(&g, &mut res[r], &mut codes, threshold)
+                            .unwrap();
+                        k.dequantize_1bit(&codes, &mut deq).unwrap();
+                    }
+                    Compression::None => unreachable!(),
+                }
+                if r == 0 {
+                    sum = deq;
+                } else {
+                    sum.iter_mut().zip(&deq).for_each(|(a, b)| *a += *b);
+                }
+            }
+            assert_eq!(got[0][step as usize], sum, "{c:?} step {step}");
+            assert_eq!(got[1][step as usize], sum, "{c:?} step {step}");
+        }
+    }
+}
+
+#[test]
+fn row_sparse_keys_match_local() {
+    // 40 rows of 30: 1200 elements, above the bound, so rows split over
+    // both servers and into parts of 4 KiB (34 rows).
+    let rows_of = |rank: u64, step: u64| -> Vec<i64> {
+        (0..40i64)
+            .filter(|r| (*r as u64 * 7 + rank * 3 + step) % 5 < 2)
+            .collect()
+    };
+    let opt = Optimizer::adam(0.05).wd(0.01);
+    let o2 = opt.clone();
+    let got = cluster(2, 2).run("dist_sync", small_parts(), move |kv, e| {
+        kv.set_optimizer(o2.clone()).unwrap();
+        kv.init(
+            "emb",
+            &Tensor::from_slice(e, &[40, 30], &values(1, 1200), Context::Cpu).unwrap(),
+        )
+        .unwrap();
+        for step in 0..3 {
+            let rows = rows_of(kv.rank() as u64, step);
+            let g = values(step + 10 * kv.rank() as u64, rows.len() * 30);
+            let t = Tensor::row_sparse(e, &[40, 30], rows, &g, Context::Cpu).unwrap();
+            kv.push("emb", &[t], 0).unwrap();
+        }
+        let dense = Tensor::zeros(e, &[40, 30], DType::F32, Context::Cpu).unwrap();
+        kv.pull("emb", &[dense.clone()], 0).unwrap();
+        let rs = Tensor::zeros_row_sparse(e, &[40, 30], DType::F32, Context::Cpu).unwrap();
+        let ids = tensor(e, &[39i64, 0, 17, 17, 33, 34]);
+        kv.pull_row_sparse("emb", &[rs.clone()], &[ids], 0).unwrap();
+        (
+            dense.to_vec::<f32>().unwrap(),
+            rs.to_row_sparse::<f32>().unwrap(),
+        )
+    });
+    let e = engine();
+    let kv = KvStore::create("local", &e).unwrap();
+    kv.set_optimizer(opt).unwrap();
+    kv.init(
+        "emb",
+        &Tensor::from_slice(&e, &[40, 30], &values(1, 1200), Context::Cpu).unwrap(),
+    )
+    .unwrap();
+    for step in 0..3 {
+        let gs: Vec<Tensor> = (0..2u64)
+            .map(|r| {
+                let rows = rows_of(r, step);
+                let g = values(step + 10 * r, rows.len() * 30);
+                Tensor::row_sparse(&e, &[40, 30], rows, &g, Context::Gpu(r as u32)).unwrap()
+            })
+            .collect();
+        kv.push("emb", &gs, 0).unwrap();
+    }
+    let dense = Tensor::zeros(&e, &[40, 30], DType::F32, Context::Cpu).unwrap();
+    kv.pull("emb", &[dense.clone()], 0).unwrap();
+    let want = dense.to_vec::<f32>().unwrap();
+    for (d, (rows, vals)) in &got {
+        assert_eq!(d, &want);
+        assert_eq!(rows, &vec![0, 17, 33, 34, 39]);
+        let mut exp = Vec::new();
+        for r in rows {
+            exp.extend_from_slice(&want[*r as usize * 30..(*r as usize + 1) * 30]);
+        }
+        assert_eq!(vals, &exp);
+    }
+}
+
+#[test]
+fn errors_name_the_key_and_the_store_keeps_working() {
+    let got = cluster(1, 1).run("dist_sync", opts(), |kv, e| {
+        let mut msgs = Vec::new();
+        let v = tensor(e, &[1.0f32; 4]);
+        msgs.push(kv.push(5, &[v.clone()], 0).unwrap_err().to_string());
+        kv.init(5, &v).unwrap();
+        msgs.push(kv.init(5, &v).unwrap_err().to_string());
+        msgs.push(
+            kv.push(5, &[tensor(e, &[1.0f32; 3])], 0)
+                .unwrap_err()
+                .to_string(),
+        );
+        msgs.push(
+            kv.push(5, &[tensor(e, &[1.0f64; 4])], 0)
+                .unwrap_err()
+                .to_string(),
+        );
+        kv.set_gradient_compression(Compression::two_bit(0.5))
+            .unwrap();
+        kv.init(6, &tensor(e, &[1i32; 4])).unwrap();
+        msgs.push(
+            kv.push(6, &[tensor(e, &[1i32; 4])], 0)
+                .unwrap_err()
+                .to_string(),
+        );
+        kv.set_gradient_compression(Compression::None).unwrap();
+        msgs.push(
+            kv.send_command_to_servers(77, "hello")
+                .unwrap_err()
+                .to_string(),
+        );
+        // Still serving.
+        let out = Tensor::zeros(e, &[4], DType::F32, Context::Cpu).unwrap();
+        kv.pushpull(5, &[tensor(e, &[2.0f32; 4])], &[out.clone()], 0)
+            .unwrap();
+        (msgs, out.to_vec::<f32>().unwrap())
+    });
+    let (msgs, out) = &got[0];
+    assert!(
+        msgs[0].contains("key 5") && msgs[0].contains("never initialized"),
+        "{}",
+        msgs[0]
+    );
+    assert!(msgs[1].contains("already initialized"), "{}", msgs[1]);
+    assert!(
+        msgs[2].contains("3 elements") && msgs[2].contains("4 elements"),
+        "{}",
+        msgs[2]
+    );
+    assert!(
+        msgs[3].contains("f64") && msgs[3].contains("f32"),
+        "{}",
+        msgs[3]
+    );
+    assert!(msgs[4].contains("f32"), "{}", msgs[4]);
+    assert!(msgs[5].contains("command 77"), "{}", msgs[5]);
+    assert_eq!(out, &vec![2.0; 4]);
+}
+
+#[test]
+fn the_server_answers_bad_requests_with_errors() {
+    // A raw transport worker talks to a server directly.
+    let c = cluster(1, 1);
+    let servers = c.servers();
+    let w = Postoffice::start(config(Role::Worker, c.port, 1, 1), None).unwrap();
+    let kv = KvWorker::new(&w);
+    let range = w.server_key_ranges()[0].0;
+    let key = range + (3 << 16);
+    let head = |op: i32, dtype: i32, comp: i32| RequestOptions {
+        cmd: op | (dtype << 4) | (comp << 8) | (1 << 10),
+        priority: 0,
+    };
+    let err = |r: Result<pskv_transport::KvResponse, pskv_transport::TransportError>| {
+        r.unwrap_err().to_string()
+    };
+    let f4 = Bytes::from(vec![0u8; 16]);
+    // Pull before init; garbage head; unknown op.
+    let e = err(kv.pull(&[key], head(3, 0, 0)).unwrap().wait(T));
+    assert!(
+        e.contains("never initialized") && e.contains("key id 3"),
+        "{e}"
+    );
+    assert!(err(kv
+        .push(
+            &[key],
+            &[16],
+            f4.clone(),
+            RequestOptions {
+                cmd: -5,
+                priority: 0
+            }
+        )
+        .unwrap()
+        .wait(T))
+    .contains("unknown bits"));
+    assert!(err(kv
+        .push(&[key], &[16], f4.clone(), head(9, 0, 0))
+        .unwrap()
+        .wait(T))
+    .contains("unknown op"));
+    // Init, then a second init, a wrong size, a wrong type, bad codes.
+    kv.push(&[key], &[16], f4.clone(), head(1, 0, 0))
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert!(err(kv
+        .push(&[key], &[16], f4.clone(), head(1, 0, 0))
+        .unwrap()
+        .wait(T))
+    .contains("already"));
+    let e = err(kv
+        .push(&[key], &[12], Bytes::from(vec![0u8; 12]), head(2, 0, 0))
+        .unwrap()
+        .wait(T));
+    assert!(e.contains("12 bytes") && e.contains("16 bytes"), "{e}");
+    assert!(err(kv
+        .push(&[key], &[16], f4.clone(), head(2, 1, 0))
+        .unwrap()
+        .wait(T))
+    .contains("f64"));
+    assert!(err(kv
+        .push(&[key], &[3], Bytes::from(vec![1u8; 3]), head(2, 0, 1))
+        .unwrap()
+        .wait(T))
+    .contains("header"));
+    let e = err(kv
+        .push(&[key], &[8], Bytes::from(vec![0u8; 8]), head(5, 0, 0))
+        .unwrap()
+        .wait(T));
+    assert!(e.contains("row"), "{e}");
+    // The key still works.
+    let ok = Bytes::from(bytemuck::cast_slice::<f32, u8>(&[1.0, 2.0, 3.0, 4.0]).to_vec());
+    let r = kv
+        .push_pull(&[key], &[16], ok.clone(), head(4, 0, 0))
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    assert_eq!(r.to_bytes(), ok);
+    kv.request(2, Bytes::new(), pskv_transport::Group::SERVERS)
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    w.shutdown();
+    for s in servers {
+        s.join().unwrap();
+    }
+    c.sched.shutdown();
+}
+
+#[test]
+fn urgent_keys_overtake_bulk_keys() {
+    let got = cluster(1, 1).run("dist_sync", opts(), |kv, e| {
+        let big = 8 << 20;
+        kv.init(
+            0,
+            &Tensor::zeros(e, &[big], DType::F32, Context::Cpu).unwrap(),
+        )
+        .unwrap();
+        kv.init(1, &tensor(e, &[0.0f32])).unwrap();
+        let bulk = Tensor::zeros(e, &[big], DType::F32, Context::Cpu).unwrap();
+        let small = tensor(e, &[0.0f32]);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let g = Tensor::full(e, &[big], 1.0f32, Context::Cpu).unwrap();
+        kv.pushpull(0, &[g], &[bulk.clone()], -100).unwrap();
+        kv.pushpull(1, &[tensor(e, &[1.0f32])], &[small.clone()], 100)
+            .unwrap();
+        for (t, name) in [(bulk, "bulk"), (small, "urgent")] {
+            let o = order.clone();
+            e.push_sync(OpSpec::new("record").read(t.var()), move |_| {
+                o.lock().unwrap().push(name);
+                Ok(())
+            })
+            .unwrap();
+        }
+        e.wait_for_all().unwrap();
+        let v = order.lock().unwrap().clone();
+        v
+    });
+    assert_eq!(got[0], vec!["urgent", "bulk"]);
+}
+
+#[test]
+fn optimizer_state_of_servers_is_saved_and_loaded() {
+    let dir = std::env::temp_dir().join(format!("pskv-dist-states-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("s");
+    let p2 = path.clone();
+    let n = 5000;
+    let got = cluster(2, 1).run("dist_sync", small_parts(), move |kv, e| {
+        kv.set_optimizer(Optimizer::adam(0.01)).unwrap();
+        kv.init(0, &tensor(e, &values(9, n))).unwrap();
+        let out = Tensor::zeros(e, &[n], DType::F32, Context::Cpu).unwrap();
+        for s in 0..3 {
+            kv.push(0, &[tensor(e, &values(s, n))], 0).unwrap();
+        }
+        kv.pull(0, &[out.clone()], 0).unwrap();
+        let mid = out.to_vec::<f32>().unwrap();
+        kv.save_optimizer_states(&p2).unwrap();
+        for s in 3..5 {
+            kv.push(0, &[tensor(e, &values(s, n))], 0).unwrap();
+        }
+        kv.pull(0, &[out.clone()], 0).unwrap();
+        // Put the states of step 3 back, and the weights (through a
+        // summation-free trick: a new key), then redo the two steps.
+        kv.load_optimizer_states(&p2).unwrap();
+        (mid, out.to_vec::<f32>().unwrap())
+    });
+    // The saved file loads into a local store and continues identically.
+    let (mid, end) = &got[0];
+    let e = engine();
+    let kv = KvStore::create("local", &e).unwrap();
+    kv.set_optimizer(Optimizer::adam(0.01)).unwrap();
+    kv.init(0, &tensor(&e, mid)).unwrap();
+    kv.load_optimizer_states(&path).unwrap();
+    for s in 3..5 {
+        kv.push(0, &[tensor(&e, &values(s, n))], 0).unwrap();
+    }
+    let out = Tensor::zeros(&e, &[n], DType::F32, Context::Cpu).unwrap();
+    kv.pull(0, &[out.clone()], 0).unwrap();
+    assert_eq!(&out.to_vec::<f32>().unwrap(), end);
+    let _ = std::fs::remove_dir_all(&dir);
+}
