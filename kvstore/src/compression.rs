@@ -225,24 +225,53 @@ impl Compression {
                 body.len()
             ));
         }
-        let codes: Vec<u32> = body
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect();
+        // The words in place when aligned (and the host little-endian).
+        let codes: std::borrow::Cow<'_, [u32]> = match bytemuck::try_cast_slice(body) {
+            Ok(c) if cfg!(target_endian = "little") => std::borrow::Cow::Borrowed(c),
+            _ => std::borrow::Cow::Owned(
+                body.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                    .collect(),
+            ),
+        };
         if add {
-            let mut tmp = vec![0.0f32; n];
-            scheme
-                .dequantize(k, &codes, &mut tmp)
-                .map_err(|e| e.to_string())?;
-            for (o, v) in out.iter_mut().zip(&tmp) {
-                *o += *v;
-            }
+            add_dequantized(scheme, &codes, out);
         } else {
             scheme
                 .dequantize(k, &codes, out)
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+}
+
+/// `out[i] += dequantized code i`, in one pass (the same additions as
+/// dequantizing into a buffer and adding it, without the buffer).
+fn add_dequantized(scheme: Compression, codes: &[u32], out: &mut [f32]) {
+    match scheme {
+        Compression::TwoBit { threshold } => {
+            let table = [0.0f32, 0.0, -threshold, threshold];
+            for (w, chunk) in codes
+                .iter()
+                .zip(out.chunks_mut(layout::CODES_PER_WORD_2BIT))
+            {
+                for (k, o) in chunk.iter_mut().enumerate() {
+                    *o += table[((w >> layout::shift_2bit(k)) & 3) as usize];
+                }
+            }
+        }
+        Compression::OneBit { .. } => {
+            let table = [-1.0f32, 1.0];
+            for (w, chunk) in codes
+                .iter()
+                .zip(out.chunks_mut(layout::CODES_PER_WORD_1BIT))
+            {
+                for (k, o) in chunk.iter_mut().enumerate() {
+                    *o += table[((w >> layout::shift_1bit(k)) & 1) as usize];
+                }
+            }
+        }
+        Compression::None => {}
     }
 }
 

@@ -13,6 +13,7 @@ mod kinds;
 pub mod optimizer;
 mod registry;
 mod server;
+mod shm;
 mod states;
 mod store;
 mod tensor;

@@ -47,6 +47,10 @@ pub struct Options {
     /// The transport settings of a distributed store (default: from the
     /// `DMLC_*` / `PSKV_*` environment when the store is created).
     pub transport: Option<pskv_transport::Config>,
+    /// Workers and servers on one host exchange values through shared
+    /// segments, the transport carrying only small messages (sync mode;
+    /// `PSKV_KVSTORE_SHM=0` turns it off; on with the shm van).
+    pub shm_direct: bool,
 }
 
 impl Default for Options {
@@ -59,6 +63,7 @@ impl Default for Options {
             topology: None,
             reduce_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             transport: None,
+            shm_direct: true,
         }
     }
 }
@@ -102,6 +107,9 @@ impl Options {
         }
         if let Some(v) = get("PSKV_KVSTORE_TOPOLOGY") {
             o.topology = Some(Topology::parse(&v)?);
+        }
+        if let Some(v) = get("PSKV_KVSTORE_SHM") {
+            o.shm_direct = !matches!(v.trim(), "0" | "false" | "no" | "off");
         }
         if let Some(v) = get("PSKV_KVSTORE_REDUCE_THREADS") {
             o.reduce_threads = num("PSKV_KVSTORE_REDUCE_THREADS", v)?.max(1) as usize;
@@ -415,6 +423,12 @@ impl KvStore {
     pub fn load_optimizer_states(&self, path: impl AsRef<Path>) -> Result<()> {
         let states: Vec<(Key, OptState)> = crate::states::load(path.as_ref())?;
         self.flavor.set_optimizer_states(states)
+    }
+
+    /// How many key parts exchange their values with a co-located server
+    /// through shared memory (0 for local stores, and over tcp).
+    pub fn shared_memory_parts(&self) -> usize {
+        self.flavor.shared_memory_parts()
     }
 
     /// Waits for the store's ops; a distributed store then stops its

@@ -7,11 +7,12 @@
 //!
 //! | bits | meaning |
 //! |---|---|
-//! | 0..4 | op: 1 init, 2 push, 3 pull, 4 push-pull, 5 row push, 6 row pull |
+//! | 0..4 | op: 1 init, 2 push, 3 pull, 4 push-pull, 5 row push, 6 row pull, 7 shm open |
 //! | 4..8 | element type (mshadow code: 0 f32, 1 f64, 2 f16, 4 i32, 6 i64) |
 //! | 8..10 | compression (0 none, 1 2-bit, 2 1-bit) |
 //! | 10 | sync mode (the round of all workers) |
 //! | 11 | multi-precision (f32 master weights for f16 keys) |
+//! | 12 | shared memory: the push is in the sender's slot, the answer's value in the value slot ([`crate::shm`]) |
 //!
 //! Other bits are zero; a server refuses a head it cannot read. Carrying
 //! the mode and compression in every request (MXNet sets them by separate
@@ -50,6 +51,8 @@ pub(crate) enum Op {
     PushPull = 4,
     RowPush = 5,
     RowPull = 6,
+    /// Map the key part's shared-memory segment (the answer is its path).
+    ShmOpen = 7,
 }
 
 /// The head of a data request.
@@ -60,6 +63,7 @@ pub(crate) struct Head {
     pub(crate) compression: u8,
     pub(crate) sync: bool,
     pub(crate) multi_precision: bool,
+    pub(crate) shm: bool,
 }
 
 impl Head {
@@ -69,10 +73,11 @@ impl Head {
             | ((self.compression as i32) << 8)
             | ((self.sync as i32) << 10)
             | ((self.multi_precision as i32) << 11)
+            | ((self.shm as i32) << 12)
     }
 
     pub(crate) fn decode(cmd: i32) -> std::result::Result<Head, String> {
-        if cmd < 0 || cmd >> 12 != 0 {
+        if cmd < 0 || cmd >> 13 != 0 {
             return Err(format!("request head {cmd:#x} has unknown bits set"));
         }
         let op = match cmd & 0xf {
@@ -82,6 +87,7 @@ impl Head {
             4 => Op::PushPull,
             5 => Op::RowPush,
             6 => Op::RowPull,
+            7 => Op::ShmOpen,
             x => return Err(format!("request head {cmd:#x}: unknown op {x}")),
         };
         let dtype = DType::from_code(((cmd >> 4) & 0xf) as u8)
@@ -96,6 +102,7 @@ impl Head {
             compression,
             sync: cmd & (1 << 10) != 0,
             multi_precision: cmd & (1 << 11) != 0,
+            shm: cmd & (1 << 12) != 0,
         })
     }
 }
@@ -256,6 +263,7 @@ mod tests {
             Op::PushPull,
             Op::RowPush,
             Op::RowPull,
+            Op::ShmOpen,
         ] {
             for dtype in [DType::F32, DType::F64, DType::F16, DType::I32, DType::I64] {
                 for compression in 0..3 {
@@ -265,16 +273,17 @@ mod tests {
                         compression,
                         sync: compression == 1,
                         multi_precision: dtype == DType::F16,
+                        shm: compression == 2,
                     };
                     assert_eq!(Head::decode(h.encode()), Ok(h));
                 }
             }
         }
         assert!(Head::decode(0).is_err());
-        assert!(Head::decode(7).is_err());
+        assert!(Head::decode(8).is_err());
         assert!(Head::decode(2 | (3 << 4)).is_err());
         assert!(Head::decode(2 | (3 << 8)).is_err());
-        assert!(Head::decode(2 | (1 << 12)).is_err());
+        assert!(Head::decode(2 | (1 << 13)).is_err());
         assert!(Head::decode(-1).is_err());
     }
 

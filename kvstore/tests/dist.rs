@@ -20,8 +20,12 @@ use pskv_transport::{Config, KvWorker, Postoffice, RequestOptions, Role, VanKind
 const T: Duration = Duration::from_secs(30);
 
 fn config(role: Role, port: u16, s: u32, w: u32) -> Config {
+    config_van(role, port, s, w, VanKind::Tcp)
+}
+
+fn config_van(role: Role, port: u16, s: u32, w: u32, van: VanKind) -> Config {
     Config::new(role, "127.0.0.1", port, s, w)
-        .van(VanKind::Tcp)
+        .van(van)
         .heartbeat(
             Some(Duration::from_millis(200)),
             Some(Duration::from_secs(5)),
@@ -42,12 +46,23 @@ struct Cluster {
     port: u16,
     s: u32,
     w: u32,
+    van: VanKind,
 }
 
 fn cluster(s: u32, w: u32) -> Cluster {
-    let sched = Postoffice::start(config(Role::Scheduler, 0, s, w), None).unwrap();
+    cluster_van(s, w, VanKind::Tcp)
+}
+
+fn cluster_van(s: u32, w: u32, van: VanKind) -> Cluster {
+    let sched = Postoffice::start(config_van(Role::Scheduler, 0, s, w, van), None).unwrap();
     let port = sched.local_addr().port();
-    Cluster { sched, port, s, w }
+    Cluster {
+        sched,
+        port,
+        s,
+        w,
+        van,
+    }
 }
 
 impl Cluster {
@@ -56,7 +71,7 @@ impl Cluster {
     fn servers(&self) -> Vec<std::thread::JoinHandle<()>> {
         (0..self.s)
             .map(|_| {
-                let c = config(Role::Server, self.port, self.s, self.w);
+                let c = config_van(Role::Server, self.port, self.s, self.w, self.van);
                 std::thread::spawn(move || {
                     let s = Server::start(c, engine()).unwrap();
                     s.wait(Some(T)).unwrap();
@@ -79,7 +94,13 @@ impl Cluster {
         let hs: Vec<_> = (0..self.w)
             .map(|_| {
                 let (f, mut o) = (f.clone(), opts.clone());
-                o.transport = Some(config(Role::Worker, self.port, self.s, self.w));
+                o.transport = Some(config_van(
+                    Role::Worker,
+                    self.port,
+                    self.s,
+                    self.w,
+                    self.van,
+                ));
                 std::thread::spawn(move || {
                     let e = engine();
                     let kv = KvStore::create_with(kind, &e, o).unwrap();
@@ -235,6 +256,48 @@ fn dist_sync_matches_local_bit_for_bit() {
             );
         }
     }
+}
+
+#[test]
+fn shared_memory_parts_match_local_bit_for_bit() {
+    let opt = Optimizer::sgd(0.1)
+        .momentum(0.9)
+        .wd(1e-3)
+        .clip_gradient(0.9);
+    let o2 = opt.clone();
+    let got = cluster_van(2, 3, VanKind::Shm).run("dist_sync", small_parts(), move |kv, e| {
+        let seen = train(kv, e, Some(o2.clone()), false);
+        (seen, kv.shared_memory_parts())
+    });
+    let want = train_local(3, Some(opt));
+    for (rank, (g, parts)) in got.iter().enumerate() {
+        // Every part of every key is on a co-located server.
+        assert!(
+            *parts >= 3,
+            "worker {rank} used shared memory for {parts} parts"
+        );
+        for (i, (a, b)) in g.iter().zip(&want).enumerate() {
+            assert!(
+                a == b,
+                "worker {rank}, pull {i}: differs from the local store"
+            );
+        }
+    }
+    // Summation only, and the message path (PSKV_KVSTORE_SHM=0), give the
+    // same sums.
+    let sums = cluster_van(1, 2, VanKind::Shm).run("dist_sync", small_parts(), |kv, e| {
+        train(kv, e, None, false)
+    });
+    let plain = Options {
+        shm_direct: false,
+        ..small_parts()
+    };
+    let msgs = cluster_van(1, 2, VanKind::Shm).run("dist_sync", plain, |kv, e| {
+        assert_eq!(kv.shared_memory_parts(), 0);
+        train(kv, e, None, false)
+    });
+    assert_eq!(sums, msgs);
+    assert_eq!(sums[0], train_local(2, None));
 }
 
 #[test]

@@ -44,6 +44,7 @@ use crate::kinds::local::{check_outs, check_row_sparse_pull, check_values, Local
 use crate::kinds::{Batch, Batch2, Flavor, Kind};
 use crate::optimizer::{OptState, Optimizer, StateVals};
 use crate::registry::{Meta, Registry};
+use crate::shm::Segment;
 use crate::store::Options;
 use crate::tensor::{check_rows, Buf, Storage, Tensor};
 use crate::updater::{Rule, Updater};
@@ -217,6 +218,8 @@ struct DistKey {
     residual: Mutex<Vec<f32>>,
     /// Where the servers' sums land in summation-only mode.
     sum: Mutex<Option<Tensor>>,
+    /// Per part, the shared segment of a co-located server (sync mode).
+    segs: RwLock<Vec<Option<Arc<Segment>>>>,
 }
 
 /// What answers of a part request are handed to: part index and answer.
@@ -287,6 +290,7 @@ impl DistStore {
             compression: compression.code(),
             sync: self.sync,
             multi_precision: self.server_mp.load(Ordering::Acquire),
+            shm: false,
         }
     }
 
@@ -297,17 +301,21 @@ impl DistStore {
         }
     }
 
-    /// Sends one request per part; `payload(part)` builds its values and
-    /// `on_answer(part index, response)` stores what comes back.
+    /// Sends one request per part of `parts` (indices into the key's
+    /// parts). `prepare(i)` gives part `i`'s values and whether they travel
+    /// through its shared slot; it runs just before the part is sent, so a
+    /// part's copy overlaps the transfer of the ones before.
+    /// `on_answer(i, response)` stores what comes back.
     #[allow(clippy::too_many_arguments)]
     fn send_parts(
         &self,
         dk: &DistKey,
-        parts: &[(usize, Bytes)],
+        parts: &[usize],
         head: Head,
         priority: i32,
         completion: Completion,
         op_name: &'static str,
+        mut prepare: impl FnMut(usize) -> std::result::Result<(Bytes, bool), String>,
         on_answer: OnAnswer,
     ) {
         if parts.is_empty() {
@@ -322,27 +330,31 @@ impl DistStore {
             &dk.local.key,
         );
         self.watchdog.add(&inf);
-        let opts = self.request_opts(head, priority);
-        let pull_kind = matches!(head.op, Op::Pull);
-        for (i, payload) in parts {
-            let part = dk.parts[*i];
-            let (inf2, cb, i) = (inf.clone(), on_answer.clone(), *i);
+        for &i in parts {
+            let part = dk.parts[i];
+            let (payload, shm) = match prepare(i) {
+                Ok(x) => x,
+                Err(e) => {
+                    inf.part_done(Err(TransportError::Invalid(e)), |_| Ok(()));
+                    continue;
+                }
+            };
+            let h = Head { shm, ..head };
+            let opts = self.request_opts(h, priority);
+            let (inf2, cb) = (inf.clone(), on_answer.clone());
             let done = move |r: std::result::Result<KvResponse, TransportError>| {
                 inf2.part_done(r, |resp| cb(i, resp))
             };
-            let sent = if pull_kind {
-                self.kv.pull_with(&[part.ps_key], opts, done)
-            } else {
-                let lens = [payload.len() as u32];
-                match head.op {
-                    Op::Push | Op::RowPush | Op::Init => {
-                        self.kv
-                            .push_with(&[part.ps_key], &lens, payload.clone(), opts, done)
-                    }
-                    _ => self
-                        .kv
-                        .push_pull_with(&[part.ps_key], &lens, payload.clone(), opts, done),
+            let lens = [payload.len() as u32];
+            let sent = match head.op {
+                Op::Pull => self.kv.pull_with(&[part.ps_key], opts, done),
+                Op::Push | Op::RowPush | Op::Init => {
+                    self.kv
+                        .push_with(&[part.ps_key], &lens, payload, opts, done)
                 }
+                _ => self
+                    .kv
+                    .push_pull_with(&[part.ps_key], &lens, payload, opts, done),
             };
             if let Err(e) = sent {
                 inf.part_done(Err(e), |_| Ok(()));
@@ -350,63 +362,61 @@ impl DistStore {
         }
     }
 
-    /// The payload of each part of a push of `grad` (inside an op that
-    /// reads `grad` and writes the key's var).
-    fn push_payloads(
+    /// Which parts of a key travel through shared memory now.
+    fn shm_parts(&self, dk: &DistKey) -> Vec<Option<Arc<Segment>>> {
+        if !self.sync {
+            return vec![None; dk.parts.len()];
+        }
+        dk.segs.read().clone()
+    }
+
+    /// Builds the values of part `i` of a push of `grad` (inside an op that
+    /// reads `grad` and writes the key's var): shared-slot copy, 2-bit or
+    /// 1-bit codes, row-sparse rows, or a zero-copy slice.
+    fn push_part(
         &self,
         dk: &DistKey,
         grad: &Tensor,
         compression: Compression,
-    ) -> std::result::Result<(Op, Vec<(usize, Bytes)>), String> {
+        seg: Option<&Arc<Segment>>,
+        i: usize,
+    ) -> std::result::Result<(Bytes, bool), String> {
         // SAFETY: called inside an op that reads `grad` (T1).
         let d = unsafe { grad.data() };
         let size = dk.local.meta.dtype.size();
+        let p = dk.parts[i];
+        let ub = dk.unit * size;
         if grad.storage() == Storage::RowSparse {
-            let rl = dk.unit;
-            let rb = rl * size;
-            let mut out = Vec::with_capacity(dk.parts.len());
-            let mut at = 0usize;
-            for (i, p) in dk.parts.iter().enumerate() {
-                let lo = at;
-                while at < d.rows.len() && (d.rows[at] as usize) < p.start + p.len {
-                    at += 1;
-                }
-                let rel: Vec<i64> = d.rows[lo..at].iter().map(|r| r - p.start as i64).collect();
-                let mut v = rows_header(&rel, rl);
-                v.extend_from_slice(&d.bytes()[lo * rb..at * rb]);
-                out.push((i, Bytes::from(v)));
-            }
-            return Ok((Op::RowPush, out));
+            let rb = dk.unit * size;
+            let lo = d.rows.partition_point(|&r| (r as usize) < p.start);
+            let hi = d.rows.partition_point(|&r| (r as usize) < p.start + p.len);
+            let rel: Vec<i64> = d.rows[lo..hi].iter().map(|r| r - p.start as i64).collect();
+            let mut v = rows_header(&rel, dk.unit);
+            v.extend_from_slice(&d.bytes()[lo * rb..hi * rb]);
+            return Ok((Bytes::from(v), false));
         }
+        let range = p.start * dk.unit..(p.start + p.len) * dk.unit;
         if compression.is_on() {
             let grad: &[f32] = d.typed();
             let mut res = dk.residual.lock();
             if res.len() != grad.len() {
                 *res = vec![0.0; grad.len()];
             }
-            let k = &self.comm.kernels;
-            let out = dk
-                .parts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let r = p.start * dk.unit..(p.start + p.len) * dk.unit;
-                    compression
-                        .encode(k, &grad[r.clone()], &mut res[r])
-                        .map(|b| (i, b))
-                        .map_err(|e| e.to_string())
-                })
-                .collect::<std::result::Result<Vec<_>, String>>()?;
-            return Ok((Op::Push, out));
+            return compression
+                .encode(&self.comm.kernels, &grad[range.clone()], &mut res[range])
+                .map(|b| (b, false))
+                .map_err(|e| e.to_string());
         }
-        let ub = dk.unit * size;
-        let out = dk
-            .parts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i, d.share(p.start * ub..(p.start + p.len) * ub)))
-            .collect();
-        Ok((Op::Push, out))
+        let bytes = &d.bytes()[p.start * ub..(p.start + p.len) * ub];
+        match seg {
+            Some(seg) => {
+                // SAFETY: this worker's own slot, which the server reads
+                // only after the push below (see `shm`).
+                unsafe { seg.slot_mut(self.po.my_rank() as usize) }.copy_from_slice(bytes);
+                Ok((Bytes::new(), true))
+            }
+            None => Ok((d.share(p.start * ub..(p.start + p.len) * ub), false)),
+        }
     }
 
     /// Pushes the op that sends `grad` to the servers; with `into`, as a
@@ -444,54 +454,40 @@ impl DistStore {
                 completion.fail("the kvstore was closed");
                 return;
             };
-            let (op, payloads) = match me.push_payloads(&dk2, &g, compression) {
-                Ok(x) => x,
-                Err(e) => {
-                    return completion.fail(KvError::Server {
-                        op: "push",
-                        key: dk2.local.key.to_string(),
-                        message: e,
-                    })
-                }
-            };
             let dtype = dk2.local.meta.dtype;
+            let rows = g.storage() == Storage::RowSparse;
+            let segs = if rows || compression.is_on() {
+                vec![None; dk2.parts.len()]
+            } else {
+                me.shm_parts(&dk2)
+            };
+            let op = match (rows, &out) {
+                (true, _) => Op::RowPush,
+                (false, None) => Op::Push,
+                (false, Some(_)) => Op::PushPull,
+            };
+            let head = me.head(op, dtype, compression);
+            let all: Vec<usize> = (0..dk2.parts.len()).collect();
+            let prepare = |i: usize| me.push_part(&dk2, &g, compression, segs[i].as_ref(), i);
             match out {
-                None => {
-                    let head = me.head(op, dtype, compression);
-                    me.send_parts(
-                        &dk2,
-                        &payloads,
-                        head,
-                        priority,
-                        completion,
-                        "push",
-                        Arc::new(|_, _| Ok(())),
-                    );
-                }
+                None => me.send_parts(
+                    &dk2,
+                    &all,
+                    head,
+                    priority,
+                    completion,
+                    "push",
+                    prepare,
+                    Arc::new(|_, _| Ok(())),
+                ),
                 Some(o) => {
-                    let op = if op == Op::Push { Op::PushPull } else { op };
-                    let head = me.head(op, dtype, compression);
                     // SAFETY: the op writes `o` (T1); answers fill disjoint
                     // ranges until it completes.
                     let buf = unsafe { o.data_mut() }.overwrite();
                     let ptr = OutPtr(buf.as_mut_ptr(), buf.len());
-                    let ub = dk2.unit * dtype.size();
-                    let parts = dk2.parts.clone();
-                    // The answers write into `o`'s buffer: they keep it.
-                    let keep = o.clone();
+                    let on_answer = answer_into(&dk2, &o, ptr, segs.clone(), me.po.num_workers());
                     me.send_parts(
-                        &dk2,
-                        &payloads,
-                        head,
-                        priority,
-                        completion,
-                        "pushpull",
-                        Arc::new(move |i, resp| {
-                            let _keep = &keep;
-                            let p = parts[i];
-                            check_len(resp, p.len * ub)?;
-                            copy_parts(&ptr, p.start * ub, resp)
-                        }),
+                        &dk2, &all, head, priority, completion, "pushpull", prepare, on_answer,
                     );
                 }
             }
@@ -520,30 +516,22 @@ impl DistStore {
                 return;
             };
             let dtype = dk2.local.meta.dtype;
-            let size = dtype.size();
             // SAFETY: the op writes `o` (T1).
             let buf = unsafe { o.data_mut() }.overwrite();
             let ptr = OutPtr(buf.as_mut_ptr(), buf.len());
-            let parts = dk2.parts.clone();
-            let payloads: Vec<(usize, Bytes)> =
-                (0..parts.len()).map(|i| (i, Bytes::new())).collect();
-            let unit = dk2.unit;
+            let segs = me.shm_parts(&dk2);
             let head = me.head(Op::Pull, dtype, Compression::None);
-            // The answers write into `o`'s buffer: they keep it.
-            let keep = o.clone();
+            let all: Vec<usize> = (0..dk2.parts.len()).collect();
+            let on_answer = answer_into(&dk2, &o, ptr, segs.clone(), me.po.num_workers());
             me.send_parts(
                 &dk2,
-                &payloads,
+                &all,
                 head,
                 priority,
                 completion,
                 "pull",
-                Arc::new(move |i, resp| {
-                    let _keep = &keep;
-                    let p = parts[i];
-                    check_len(resp, p.len * unit * size)?;
-                    copy_parts(&ptr, p.start * unit * size, resp)
-                }),
+                |i| Ok((Bytes::new(), segs[i].is_some())),
+                on_answer,
             );
         })?;
         Ok(())
@@ -608,13 +596,19 @@ impl DistStore {
             let head = me.head(Op::RowPull, meta.dtype, Compression::None);
             // The answers write into `o`'s buffer: they keep it.
             let keep = o.clone();
+            let which: Vec<usize> = payloads.iter().map(|(i, _)| *i).collect();
+            let mut bodies: Vec<Option<Bytes>> = vec![None; dk2.parts.len()];
+            for (i, b) in payloads {
+                bodies[i] = Some(b);
+            }
             me.send_parts(
                 &dk2,
-                &payloads,
+                &which,
                 head,
                 priority,
                 completion,
                 "pull_row_sparse",
+                |i| Ok((bodies[i].take().unwrap_or_default(), false)),
                 Arc::new(move |i, resp| {
                     let _keep = &keep;
                     check_len(resp, counts[i] * rb)?;
@@ -623,6 +617,42 @@ impl DistStore {
             );
         })?;
         Ok(())
+    }
+
+    /// Maps the shared segments of the key's parts on co-located servers
+    /// (sync mode, `PSKV_KVSTORE_SHM` not 0). A part whose segment cannot be
+    /// had keeps the message path.
+    fn open_segments(&self, dk: &DistKey) {
+        let mut segs = vec![None; dk.parts.len()];
+        if self.sync && self.opts.shm_direct {
+            let slots = self.po.num_workers() as usize + 1;
+            let ub = dk.unit * dk.local.meta.dtype.size();
+            for (i, p) in dk.parts.iter().enumerate() {
+                let server = pskv_transport::Role::Server.id_of(p.server);
+                if self.po.van_to(server) != Some("shm") {
+                    continue;
+                }
+                let head = self.head(Op::ShmOpen, dk.local.meta.dtype, Compression::None);
+                let got = self
+                    .kv
+                    .push_pull(&[p.ps_key], &[0], Bytes::new(), self.request_opts(head, 0))
+                    .and_then(|pend| pend.wait(self.opts.timeout));
+                let seg = got.map_err(|e| e.to_string()).and_then(|resp| {
+                    let path = String::from_utf8(resp.to_bytes().to_vec())
+                        .map_err(|_| "the server sent a path that is not UTF-8".to_string())?;
+                    Segment::open(std::path::Path::new(&path), slots, p.len * ub)
+                        .map_err(|e| e.to_string())
+                });
+                match seg {
+                    Ok(s) => segs[i] = Some(Arc::new(s)),
+                    Err(e) => tracing::warn!(
+                        "key {} part {i}: no shared memory with its server ({e}); using messages",
+                        dk.local.key
+                    ),
+                }
+            }
+        }
+        *dk.segs.write() = segs;
     }
 
     /// A weak handle for ops (an op must not keep the store alive).
@@ -702,13 +732,17 @@ impl DistStore {
                 .map(|(i, p)| (i, dense.slice(p.start * ub..(p.start + p.len) * ub)))
                 .collect();
             let head = me.head(Op::Init, meta.dtype, Compression::None);
+            let all: Vec<usize> = (0..payloads.len()).collect();
+            let mut bodies: Vec<Option<Bytes>> =
+                payloads.into_iter().map(|(_, b)| Some(b)).collect();
             me.send_parts(
                 &dk2,
-                &payloads,
+                &all,
                 head,
                 0,
                 completion,
                 "init",
+                |i| Ok((bodies[i].take().unwrap_or_default(), false)),
                 Arc::new(|_, _| Ok(())),
             );
         })?;
@@ -733,6 +767,38 @@ fn copy_parts(ptr: &OutPtr, at: usize, resp: &KvResponse) -> std::result::Result
         off += p.len();
     }
     Ok(())
+}
+
+/// What stores the answers of a pull or push-pull in `out`: a part's
+/// values from the answer, or from the part's value slot when it went
+/// through shared memory. The callback keeps `out` alive.
+fn answer_into(
+    dk: &DistKey,
+    out: &Tensor,
+    ptr: OutPtr,
+    segs: Vec<Option<Arc<Segment>>>,
+    workers: u32,
+) -> OnAnswer {
+    let ub = dk.unit * dk.local.meta.dtype.size();
+    let parts = dk.parts.clone();
+    let keep = out.clone();
+    Arc::new(move |i, resp| {
+        let _keep = &keep;
+        let p = parts[i];
+        match &segs[i] {
+            Some(seg) => {
+                check_len(resp, 0)?;
+                // SAFETY: the server wrote the value slot before answering
+                // and writes it again only in a round this worker has not
+                // pushed to yet (see `shm`).
+                ptr.write(p.start * ub, unsafe { seg.slot(workers as usize) })
+            }
+            None => {
+                check_len(resp, p.len * ub)?;
+                copy_parts(&ptr, p.start * ub, resp)
+            }
+        }
+    })
 }
 
 /// Concatenates the states of a key's parts (in part order).
@@ -830,6 +896,7 @@ impl Flavor for DistStore {
                     var: Var::named(format!("kvstore key {key}")),
                     residual: Mutex::new(Vec::new()),
                     sum: Mutex::new(None),
+                    segs: RwLock::new(Vec::new()),
                 },
             )?;
             added.push((dk, value.clone()));
@@ -851,6 +918,9 @@ impl Flavor for DistStore {
         let barrier = self.barrier();
         result?;
         barrier?;
+        for (dk, _) in &added {
+            self.open_segments(dk);
+        }
         if self.worker_rule.read().is_some() {
             for (dk, _) in &added {
                 self.pull_op(dk, &dk.local.stored, 0)?;
@@ -1096,6 +1166,14 @@ impl Flavor for DistStore {
             .map_err(|e| KvError::invalid(format!("encoding optimizer states: {e}")))?;
         self.command(command::SET_STATES, Bytes::from(body))
             .map(|_| ())
+    }
+
+    fn shared_memory_parts(&self) -> usize {
+        self.keys
+            .all()
+            .iter()
+            .map(|(_, dk)| dk.segs.read().iter().filter(|s| s.is_some()).count())
+            .sum()
     }
 
     fn close(&self) -> Result<()> {

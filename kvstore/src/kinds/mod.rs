@@ -92,4 +92,8 @@ pub(crate) trait Flavor: Send + Sync {
     /// Finishes the store: waits for its ops, stops its servers (rank 0 of
     /// a distributed store) and leaves the cluster.
     fn close(&self) -> Result<()>;
+    /// Key parts whose values travel through shared memory.
+    fn shared_memory_parts(&self) -> usize {
+        0
+    }
 }

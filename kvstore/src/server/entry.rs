@@ -22,9 +22,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use half::f16;
 use pskv_gpu::cpu::CpuKernels;
+use pskv_gpu::Kernels;
 
 use crate::compression::Compression;
 use crate::dtype::DType;
+use crate::shm::{Segment, SlotView};
 use crate::tensor::{share, Buf};
 use crate::updater::{KeyState, Rule};
 use crate::wire::{split_rows, Head, Op};
@@ -33,7 +35,29 @@ use crate::wire::{split_rows, Head, Op};
 /// value (a push-pull), or an error.
 pub(crate) type Answer = Box<dyn FnOnce(Result<Option<Bytes>, String>) + Send>;
 
-/// A push waiting for its turn in the fold.
+/// What a waiting request wants back when its round completes.
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Want {
+    /// Nothing (a push).
+    Nothing,
+    /// The new value (a push-pull).
+    Value,
+    /// Word that the new value is in the value slot (a shared-memory
+    /// push-pull).
+    Slot,
+}
+
+impl Want {
+    fn of(head: &Head) -> Want {
+        match (head.op, head.shm) {
+            (Op::PushPull, false) => Want::Value,
+            (Op::PushPull, true) => Want::Slot,
+            _ => Want::Nothing,
+        }
+    }
+}
+
+/// A push waiting for its round.
 struct Arrival {
     head: Head,
     vals: Bytes,
@@ -50,6 +74,24 @@ enum Acc {
 }
 
 impl Acc {
+    fn fits(&self, dtype: DType, n: usize) -> bool {
+        match self {
+            Acc::F32(v) => matches!(dtype, DType::F32 | DType::F16) && v.len() == n,
+            Acc::F64(v) => dtype == DType::F64 && v.len() == n,
+            Acc::I32(v) => dtype == DType::I32 && v.len() == n,
+            Acc::I64(v) => dtype == DType::I64 && v.len() == n,
+        }
+    }
+
+    fn zero(&mut self) {
+        match self {
+            Acc::F32(v) => v.fill(0.0),
+            Acc::F64(v) => v.fill(0.0),
+            Acc::I32(v) => v.fill(0),
+            Acc::I64(v) => v.fill(0),
+        }
+    }
+
     fn zeros(dtype: DType, n: usize) -> Acc {
         match dtype {
             DType::F32 | DType::F16 => Acc::F32(vec![0.0; n]),
@@ -57,6 +99,27 @@ impl Acc {
             DType::I32 => Acc::I32(vec![0; n]),
             DType::I64 => Acc::I64(vec![0; n]),
         }
+    }
+}
+
+/// `out = inputs[0] + inputs[1] + ...` for float elements of `dtype`
+/// (given as bytes that may not be aligned), with the sum kernel.
+fn sum_bytes(k: &CpuKernels, dtype: DType, out: &mut [u8], inputs: &[&[u8]]) -> Result<(), String> {
+    fn run<T: pskv_gpu::Element + bytemuck::Pod>(
+        k: &CpuKernels,
+        out: &mut [u8],
+        inputs: &[&[u8]],
+    ) -> Result<(), String> {
+        let ins: Vec<Cow<'_, [T]>> = inputs.iter().map(|b| elems::<T>(b)).collect();
+        let refs: Vec<&[T]> = ins.iter().map(|c| &c[..]).collect();
+        k.sum::<T>(bytemuck::cast_slice_mut(out), &refs)
+            .map_err(|e| e.to_string())
+    }
+    match dtype {
+        DType::F32 => run::<f32>(k, out, inputs),
+        DType::F64 => run::<f64>(k, out, inputs),
+        DType::F16 => run::<f16>(k, out, inputs),
+        DType::I32 | DType::I64 => Err(format!("the sum kernel takes floats, not {dtype}")),
     }
 }
 
@@ -109,18 +172,28 @@ pub(crate) struct EntryState {
     /// Elements of this part.
     pub(crate) elems: usize,
     /// The stored value, in `dtype` (shared with answers in flight: it is
-    /// replaced, never changed in place, while shared).
-    pub(crate) value: Arc<Buf>,
+    /// replaced, never changed in place, while shared). Stale once the
+    /// value lives in a shared segment.
+    value: Arc<Buf>,
+    nbytes: usize,
+    /// The shared segment of the co-located fast path: worker slots, then
+    /// the value slot, which holds the value from then on.
+    shm: Option<Arc<Segment>>,
+    shm_opened: Vec<bool>,
     /// f32 master weights of an f16 key with multi-precision.
     pub(crate) master: Option<Vec<f32>>,
     pub(crate) opt: KeyState,
     workers: usize,
     pending: Vec<Option<Arrival>>,
-    next: usize,
+    arrived: usize,
+    /// The gradient sum a rule reads, kept between rounds.
+    grad_buf: Buf,
     acc: Option<Acc>,
+    /// The previous round's sum buffer, for the next round.
+    spare: Option<Acc>,
     /// Rows touched in this round (row pushes), as a flag per row.
     touched: Option<(usize, Vec<bool>)>,
-    waiters: Vec<(Answer, bool)>,
+    waiters: Vec<(Answer, Want)>,
     round_sync: Option<bool>,
 }
 
@@ -132,12 +205,17 @@ impl EntryState {
             dtype,
             elems: value.len() / dtype.size(),
             value: Arc::new(Buf::from_bytes(value)),
+            nbytes: value.len(),
+            shm: None,
+            shm_opened: vec![false; workers],
             master: None,
             opt: KeyState::default(),
             workers,
             pending: (0..workers).map(|_| None).collect(),
-            next: 0,
+            arrived: 0,
+            grad_buf: Buf::zeroed(0),
             acc: None,
+            spare: None,
             touched: None,
             waiters: Vec::new(),
             round_sync: None,
@@ -148,14 +226,89 @@ impl EntryState {
         format!("key id {} part {}", self.key_id, self.part)
     }
 
-    /// The stored value, shared without a copy.
+    /// Bytes of the stored value.
+    pub(crate) fn nbytes(&self) -> usize {
+        self.nbytes
+    }
+
+    /// The stored value (inside an op on the entry).
+    pub(crate) fn value_bytes(&self) -> &[u8] {
+        match &self.shm {
+            // SAFETY: the value slot is written only by this entry's ops,
+            // and workers read it only between rounds (see `shm`).
+            Some(seg) => unsafe { seg.slot(self.workers) },
+            None => self.value.bytes(),
+        }
+    }
+
+    /// The stored value, shared without a copy (copied out of a segment).
     pub(crate) fn snapshot(&self) -> Bytes {
-        share(&self.value, 0..self.value.len())
+        match &self.shm {
+            Some(_) => Bytes::copy_from_slice(self.value_bytes()),
+            None => share(&self.value, 0..self.value.len()),
+        }
+    }
+
+    /// Moves the entry's value into a shared segment (made on the first
+    /// call) for worker `rank`; returns the segment's path.
+    pub(crate) fn open_shm(&mut self, rank: usize) -> Result<String, String> {
+        if rank >= self.workers {
+            return Err(format!("{}: no worker rank {rank}", self.name()));
+        }
+        if self.shm.is_none() {
+            let seg = Segment::create(self.workers + 1, self.nbytes)
+                .map_err(|e| format!("{}: cannot make a shared segment: {e}", self.name()))?;
+            // SAFETY: a fresh segment no one else has mapped yet.
+            unsafe { seg.slot_mut(self.workers) }.copy_from_slice(self.value.bytes());
+            self.shm = Some(Arc::new(seg));
+        }
+        Ok(self
+            .shm
+            .as_ref()
+            .expect("made above")
+            .path()
+            .to_string_lossy()
+            .into_owned())
+    }
+
+    /// Worker `rank` has mapped the segment: once every worker has, the
+    /// file goes (the mappings stay).
+    pub(crate) fn shm_mapped(&mut self, rank: usize) {
+        if let Some(seen) = self.shm_opened.get_mut(rank) {
+            *seen = true;
+        }
+        if self.shm_opened.iter().all(|x| *x) {
+            if let Some(seg) = &self.shm {
+                seg.unlink();
+            }
+        }
+    }
+
+    /// The push of worker `rank` in its slot, as bytes.
+    pub(crate) fn shm_input(&self, rank: usize) -> Result<Bytes, String> {
+        match &self.shm {
+            Some(seg) if rank < self.workers => {
+                Ok(Bytes::from_owner(SlotView(seg.clone(), rank)).slice(0..self.nbytes))
+            }
+            _ => Err(format!(
+                "{}: a shared-memory request, but the key has no segment (open it first)",
+                self.name()
+            )),
+        }
+    }
+
+    /// Whether the value lives in a segment.
+    pub(crate) fn has_shm(&self) -> bool {
+        self.shm.is_some()
     }
 
     /// The stored value's bytes, to overwrite or change (a copy first if
     /// an answer in flight shares them).
     fn value_mut(&mut self, keep: bool) -> &mut [u8] {
+        if let Some(seg) = &self.shm {
+            // SAFETY: as in `value_bytes`; only this entry's ops write it.
+            return unsafe { seg.slot_mut(self.workers) };
+        }
         if Arc::get_mut(&mut self.value).is_none() {
             self.value = Arc::new(if keep {
                 Buf::from_bytes(self.value.bytes())
@@ -194,13 +347,13 @@ impl EntryState {
                     self.dtype
                 ));
             }
-        } else if head.op != Op::RowPush && vals.len() != self.value.len() {
+        } else if head.op != Op::RowPush && vals.len() != self.nbytes {
             return Err(format!(
                 "{}: pushed {} bytes ({} elements) but the key holds {} bytes ({} elements)",
                 self.name(),
                 vals.len(),
                 vals.len() / self.dtype.size(),
-                self.value.len(),
+                self.nbytes,
                 self.elems
             ));
         }
@@ -214,7 +367,7 @@ impl EntryState {
                 ));
             }
         }
-        if head.sync && (self.pending[rank].is_some() || rank < self.next) {
+        if head.sync && self.pending[rank].is_some() {
             return Err(format!(
                 "{}: worker {rank} pushed twice in one round",
                 self.name()
@@ -240,26 +393,35 @@ impl EntryState {
         if !head.sync {
             // Async: apply this push alone, now.
             self.round_sync = Some(false);
-            let pull = head.op == Op::PushPull;
+            let want = Want::of(&head);
             if let Err(e) = self.fold(k, &head, &vals, true) {
                 self.reset_round();
                 answer(Err(e));
                 return;
             }
-            self.waiters.push((answer, pull));
+            self.waiters.push((answer, want));
             self.complete(rule, false);
             return;
         }
         self.round_sync = Some(true);
         self.pending[rank] = Some(Arrival { head, vals, answer });
-        while self.next < self.workers {
-            let Some(a) = self.pending[self.next].take() else {
-                return;
-            };
-            let first = self.next == 0;
-            self.next += 1;
-            match self.fold(k, &a.head, &a.vals, first) {
-                Ok(()) => self.waiters.push((a.answer, a.head.op == Op::PushPull)),
+        self.arrived += 1;
+        if self.arrived < self.workers {
+            return;
+        }
+        // Every worker pushed: sum in rank order.
+        self.arrived = 0;
+        let arrivals: Vec<Arrival> = self
+            .pending
+            .iter_mut()
+            .map(|p| p.take().expect("every worker pushed"))
+            .collect();
+        if self.plain(rule, &arrivals) {
+            return self.complete_plain(k, rule, arrivals);
+        }
+        for (i, a) in arrivals.into_iter().enumerate() {
+            match self.fold(k, &a.head, &a.vals, i == 0) {
+                Ok(()) => self.waiters.push((a.answer, Want::of(&a.head))),
                 Err(e) => {
                     // A malformed push: the round cannot be summed.
                     (a.answer)(Err(e.clone()));
@@ -269,6 +431,75 @@ impl EntryState {
             }
         }
         self.complete(rule, true);
+    }
+
+    /// Whether a round's pushes are plain dense floats that one pass of
+    /// the sum kernel can add (f16 with multi-precision needs the f32 sum,
+    /// so it folds).
+    fn plain(&self, rule: Option<&Rule>, arrivals: &[Arrival]) -> bool {
+        let float = match self.dtype {
+            DType::F32 | DType::F64 => true,
+            DType::F16 => !rule.is_some_and(|r| self.opt_multi_precision(r)),
+            DType::I32 | DType::I64 => false,
+        };
+        float
+            && arrivals
+                .iter()
+                .all(|a| a.head.compression == 0 && a.head.op != Op::RowPush)
+    }
+
+    /// Sums plain pushes in one pass (the kernel adds its inputs left to
+    /// right, in rank order here) straight into the stored value, or into
+    /// the gradient buffer the rule reads; then answers.
+    fn complete_plain(&mut self, k: &CpuKernels, rule: Option<&Rule>, arrivals: Vec<Arrival>) {
+        let dtype = self.dtype;
+        let result = (|| -> Result<(), String> {
+            let ins: Vec<&[u8]> = arrivals.iter().map(|a| &a.vals[..]).collect();
+            match rule {
+                None => sum_bytes(k, dtype, self.value_mut(false), &ins),
+                Some(rule) => {
+                    let n = self.nbytes;
+                    let mut grad = std::mem::replace(&mut self.grad_buf, Buf::zeroed(0));
+                    if grad.len() != n {
+                        grad = Buf::zeroed(n);
+                    }
+                    sum_bytes(k, dtype, grad.bytes_mut(), &ins)?;
+                    let mut st = std::mem::take(&mut self.opt);
+                    let shape = [self.elems];
+                    let res = rule.apply(
+                        self.key_id,
+                        None,
+                        dtype,
+                        &shape,
+                        grad.bytes(),
+                        None,
+                        self.value_mut(true),
+                        &mut st,
+                    );
+                    self.opt = st;
+                    self.grad_buf = grad;
+                    res
+                }
+            }
+        })();
+        self.reset_round();
+        match result {
+            Ok(()) => {
+                let snap = arrivals
+                    .iter()
+                    .any(|a| Want::of(&a.head) == Want::Value)
+                    .then(|| self.snapshot());
+                for a in arrivals {
+                    let want = Want::of(&a.head);
+                    (a.answer)(Ok(answer_of(want, &snap)));
+                }
+            }
+            Err(e) => {
+                for a in arrivals {
+                    (a.answer)(Err(e.clone()));
+                }
+            }
+        }
     }
 
     /// Adds one push to the round's sum.
@@ -282,7 +513,19 @@ impl EntryState {
         let n = self.elems;
         let dtype = self.dtype;
         if first {
-            self.acc = Some(Acc::zeros(dtype, n));
+            // The last round's buffer, if it fits (reused: no allocation or
+            // page faults per round). Rows need zeros; the other first pushes
+            // overwrite every element.
+            let acc = match self.spare.take() {
+                Some(mut a) if a.fits(dtype, n) => {
+                    if head.op == Op::RowPush {
+                        a.zero();
+                    }
+                    a
+                }
+                _ => Acc::zeros(dtype, n),
+            };
+            self.acc = Some(acc);
             self.touched = None;
         }
         let acc = self.acc.as_mut().expect("made by the first push");
@@ -341,17 +584,18 @@ impl EntryState {
     fn complete(&mut self, rule: Option<&Rule>, sync: bool) {
         let acc = self.acc.take().expect("a round has a sum");
         let touched = self.touched.take();
-        let result = self.apply(rule, acc, touched, sync);
+        let result = self.apply(rule, &acc, touched, sync);
+        self.spare = Some(acc);
         let waiters = std::mem::take(&mut self.waiters);
         self.reset_round();
         match result {
             Ok(()) => {
                 let snap = waiters
                     .iter()
-                    .any(|(_, pull)| *pull)
+                    .any(|(_, w)| *w == Want::Value)
                     .then(|| self.snapshot());
-                for (answer, pull) in waiters {
-                    answer(Ok(if pull { snap.clone() } else { None }));
+                for (answer, want) in waiters {
+                    answer(Ok(answer_of(want, &snap)));
                 }
             }
             Err(e) => {
@@ -363,7 +607,7 @@ impl EntryState {
     }
 
     fn reset_round(&mut self) {
-        self.next = 0;
+        self.arrived = 0;
         self.acc = None;
         self.touched = None;
         self.round_sync = None;
@@ -390,7 +634,7 @@ impl EntryState {
     fn apply(
         &mut self,
         rule: Option<&Rule>,
-        acc: Acc,
+        acc: &Acc,
         touched: Option<(usize, Vec<bool>)>,
         sync: bool,
     ) -> Result<(), String> {
@@ -410,21 +654,23 @@ impl EntryState {
             let dtype = self.dtype;
             let keep = !sync;
             let out = self.value_mut(keep);
-            write_sum(out, dtype, &acc, !sync);
+            write_sum(out, dtype, acc, !sync);
             return Ok(());
         };
         // Multipliers are by key id, which the server knows.
         let id = self.key_id;
         let shape = [self.elems];
-        match (&acc, self.dtype) {
+        match (acc, self.dtype) {
             (Acc::F32(sum), DType::F16) if self.opt_multi_precision(rule) => {
                 // f32 master weights, updated with the f32 sum.
-                let master = self.master.get_or_insert_with(|| {
-                    elems::<f16>(self.value.bytes())
+                if self.master.is_none() {
+                    let m = elems::<f16>(self.value_bytes())
                         .iter()
                         .map(|h| h.to_f32())
-                        .collect()
-                });
+                        .collect();
+                    self.master = Some(m);
+                }
+                let master = self.master.as_mut().expect("made above");
                 let (g, r) = grad_rows(bytemuck::cast_slice(sum), &rows, 4);
                 let mut mstate = std::mem::take(&mut self.opt);
                 let res = rule.apply(
@@ -452,8 +698,8 @@ impl EntryState {
             }
             _ => {
                 let dtype = self.dtype;
-                let mut grad = vec![0u8; self.value.len()];
-                write_sum(&mut grad, dtype, &acc, false);
+                let mut grad = vec![0u8; self.nbytes];
+                write_sum(&mut grad, dtype, acc, false);
                 let (g, r) = grad_rows(&grad, &rows, dtype.size());
                 let mut st = std::mem::take(&mut self.opt);
                 let sh = row_shape(&shape, &rows);
@@ -475,6 +721,15 @@ impl EntryState {
 
     fn opt_multi_precision(&self, rule: &Rule) -> bool {
         matches!(rule, Rule::Optimizer { opt, .. } if opt.multi_precision)
+    }
+}
+
+/// The answer of a completed round for one waiter.
+fn answer_of(want: Want, snap: &Option<Bytes>) -> Option<Bytes> {
+    match want {
+        Want::Nothing => None,
+        Want::Value => snap.clone(),
+        Want::Slot => Some(Bytes::new()),
     }
 }
 

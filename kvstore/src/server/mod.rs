@@ -273,7 +273,7 @@ impl Inner {
         let Some(rank) = req.worker_rank() else {
             return r.error("data requests come from workers only");
         };
-        let pull = matches!(head.op, Op::Pull | Op::PushPull | Op::RowPull);
+        let pull = matches!(head.op, Op::Pull | Op::PushPull | Op::RowPull | Op::ShmOpen);
         let reply = Reply::new(r, req.keys.clone(), pull);
         let mut at = 0usize;
         for (i, (&key, &len)) in req.keys.iter().zip(&req.lens).enumerate() {
@@ -311,7 +311,7 @@ impl Inner {
                 self.describe(key)
             )));
         };
-        let size = entry.st.lock().value.len().max(vals.len());
+        let size = entry.st.lock().nbytes().max(vals.len());
         let prop = if size <= INLINE_BYTES {
             Property::Async
         } else {
@@ -324,11 +324,38 @@ impl Inner {
             let mut st = e2.st.lock();
             match head.op {
                 Op::Push | Op::PushPull | Op::RowPush => {
+                    // A shared-memory push is in the worker's slot.
+                    let vals = if head.shm {
+                        match st.shm_input(rank) {
+                            Ok(v) => {
+                                st.shm_mapped(rank);
+                                v
+                            }
+                            Err(e) => {
+                                answer(Err(e));
+                                return Ok(());
+                            }
+                        }
+                    } else {
+                        vals
+                    };
                     let rule = me.rule.read().clone();
                     st.push(&me.kernels, rule.as_ref(), head, vals, rank, answer);
                 }
+                Op::Pull if head.shm => {
+                    if st.has_shm() {
+                        st.shm_mapped(rank);
+                        answer(Ok(Some(Bytes::new())))
+                    } else {
+                        answer(Err(format!(
+                            "{}: no shared segment to pull from",
+                            st.name()
+                        )))
+                    }
+                }
                 Op::Pull => answer(Ok(Some(st.snapshot()))),
                 Op::RowPull => answer(row_pull(&st, &vals).map(Some)),
+                Op::ShmOpen => answer(st.open_shm(rank).map(|p| Some(Bytes::from(p)))),
                 Op::Init => unreachable!("handled above"),
             }
             Ok(())
@@ -536,7 +563,7 @@ fn row_pull(st: &EntryState, vals: &[u8]) -> std::result::Result<Bytes, String> 
     let nrows = st.elems / h.row_len;
     let rb = h.row_len * st.dtype.size();
     let mut out = Vec::with_capacity(h.rows.len() * rb);
-    let v = st.value.bytes();
+    let v = st.value_bytes();
     for &r in &h.rows {
         if r < 0 || r as usize >= nrows {
             return Err(format!(

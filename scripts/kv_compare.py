@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""pskv's kvstore side by side with MXNet 1.9.1's dist_sync kvstore and with
+MPI_Allreduce, on this host, in one run.
+
+Runs every configuration REPS times, interleaved (pskv, MXNet, MPI, then
+again), and keeps per case the median over repetitions of each run's time
+(a run's time: the mean over workers of their median round). Writes a
+markdown report and the raw results as JSON.
+
+    python3 scripts/kv_compare.py [--reps 3] [--out target/kv_compare]
+        [--shapes 2x1,4x2] [--pskv target/release/pskv]
+
+Needs ../shared/peers/setup.sh to have run (MXNet and mpi4py venvs).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PEERS = os.path.normpath(os.path.join(ROOT, "..", "shared", "peers"))
+CASES = ["4B", "4KiB", "256KiB", "4MiB", "32MiB", "100x40KiB"]
+
+
+def run(cmd, env=None, timeout=900):
+    e = dict(os.environ)
+    if env:
+        e.update(env)
+    t = time.time()
+    p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        print("FAILED (%d): %s\n%s" % (p.returncode, " ".join(cmd), p.stderr[-2000:]),
+              file=sys.stderr)
+        return None, time.time() - t
+    return p, time.time() - t
+
+
+def pskv_run(exe, w, s, van, compress, outdir, tag):
+    path = os.path.join(outdir, "pskv-%s.json" % tag)
+    cmd = [exe, "bench", "-w", str(w), "-s", str(s), "--van", van, "--json", path]
+    if compress:
+        cmd.append("--compress")
+    p, _ = run(cmd)
+    if p is None:
+        return None
+    workers = json.load(open(path))
+    out = {}
+    for i, c in enumerate(workers[0]["cases"]):
+        meds = [wk["cases"][i]["median_us"] for wk in workers]
+        out[c["case"]] = {"us": statistics.mean(meds), "bytes": c["bytes"],
+                          "ok": all(wk["cases"][i]["check_ok"] for wk in workers)}
+    return out
+
+
+def mxnet_run(w, s, compress, outdir, tag):
+    d = os.path.join(outdir, "mxnet-%s" % tag)
+    cmd = ["bash", os.path.join(PEERS, "mxnet_kv_bench.sh"), str(w), str(s), d]
+    if compress:
+        cmd.append("--compress")
+    p, _ = run(cmd)
+    if p is None:
+        return None
+    workers = [json.loads(l) for l in open(os.path.join(d, "results.jsonl")) if l.strip()]
+    out = {}
+    for i, c in enumerate(workers[0]["cases"]):
+        meds = [wk["cases"][i]["median_us"] for wk in workers]
+        out[c["case"]] = {"us": statistics.mean(meds), "bytes": c["bytes"],
+                          "ok": all(wk["cases"][i]["check_ok"] for wk in workers)}
+    return out
+
+
+def mpi_run(np_, mode):
+    p, _ = run(["bash", os.path.join(PEERS, "mpi_allreduce_bench.sh"), str(np_), mode])
+    if p is None:
+        return None
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT "):])
+            return {c["case"]: {"us": c["median_us"], "bytes": c["bytes"], "ok": c["check_ok"]}
+                    for c in r["cases"]}
+    return None
+
+
+def fmt_time(us):
+    if us is None:
+        return "—"
+    if us >= 1000:
+        return "%.2f ms" % (us / 1000)
+    return "%.1f µs" % us
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(ROOT, "target", "kv_compare"))
+    ap.add_argument("--shapes", default="2x1,4x2")
+    ap.add_argument("--pskv", default=os.path.join(ROOT, "target", "release", "pskv"))
+    ap.add_argument("--skip-peers", action="store_true")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
+    configs = []
+    for (w, s) in shapes:
+        for van in ["tcp", "shm"]:
+            for comp in [False, True]:
+                configs.append(("pskv", w, s, van, comp))
+        if not a.skip_peers:
+            for comp in [False, True]:
+                configs.append(("mxnet", w, s, "zmq", comp))
+            configs.append(("mpi", w, 0, "shm", False))
+            configs.append(("mpi", w, 0, "tcp", False))
+    runs = {c: [] for c in configs}
+    for rep in range(a.reps):
+        for c in configs:
+            sysname, w, s, van, comp = c
+            tag = "w%ds%d-%s%s-r%d" % (w, s, van, "-2bit" if comp else "", rep)
+            t0 = time.time()
+            if sysname == "pskv":
+                r = pskv_run(a.pskv, w, s, van, comp, a.out, tag)
+            elif sysname == "mxnet":
+                r = mxnet_run(w, s, comp, a.out, tag)
+            else:
+                r = mpi_run(w, van)
+            print("rep %d %-5s %s: %s (%.0f s)" % (rep, sysname, tag,
+                  "ok" if r else "FAILED", time.time() - t0), file=sys.stderr, flush=True)
+            if r:
+                runs[c].append(r)
+    med = {}
+    for c, rs in runs.items():
+        med[c] = {}
+        for case in CASES:
+            xs = [r[case]["us"] for r in rs if case in r]
+            oks = [r[case]["ok"] for r in rs if case in r]
+            med[c][case] = (statistics.median(xs) if xs else None, all(oks) if oks else None)
+    raw = {"|".join(map(str, c)): rs for c, rs in runs.items()}
+    json.dump({"reps": a.reps, "runs": raw}, open(os.path.join(a.out, "results.json"), "w"),
+              indent=1)
+    lines = []
+    for (w, s) in shapes:
+        lines.append("\n### %d workers, %d servers (MPI: %d ranks)\n" % (w, s, w))
+        cols = [("pskv", w, s, "tcp", False), ("pskv", w, s, "shm", False),
+                ("pskv", w, s, "tcp", True), ("pskv", w, s, "shm", True),
+                ("mxnet", w, s, "zmq", False), ("mxnet", w, s, "zmq", True),
+                ("mpi", w, 0, "shm", False), ("mpi", w, 0, "tcp", False)]
+        cols = [c for c in cols if c in med]
+        names = {("pskv", "tcp", False): "pskv tcp", ("pskv", "shm", False): "pskv shm",
+                 ("pskv", "tcp", True): "pskv tcp 2-bit", ("pskv", "shm", True): "pskv shm 2-bit",
+                 ("mxnet", "zmq", False): "MXNet", ("mxnet", "zmq", True): "MXNet 2-bit",
+                 ("mpi", "shm", False): "MPI shm", ("mpi", "tcp", False): "MPI tcp"}
+        hdr = [names[(c[0], c[3], c[4])] for c in cols]
+        ratio_cols = []
+        if ("mxnet", w, s, "zmq", False) in med:
+            ratio_cols.append(("MXNet / pskv tcp", ("mxnet", w, s, "zmq", False), ("pskv", w, s, "tcp", False)))
+        if ("mpi", w, 0, "shm", False) in med:
+            ratio_cols.append(("pskv shm / MPI shm", ("pskv", w, s, "shm", False), ("mpi", w, 0, "shm", False)))
+        lines.append("| case | " + " | ".join(hdr + [r[0] for r in ratio_cols]) + " |")
+        lines.append("|---|" + "---:|" * (len(hdr) + len(ratio_cols)))
+        for case in CASES:
+            row = []
+            for c in cols:
+                us, ok = med[c][case]
+                row.append(fmt_time(us) + ("" if ok in (True, None) else " (WRONG)"))
+            for _, num, den in ratio_cols:
+                a_, b_ = med[num][case][0], med[den][case][0]
+                row.append("%.2f" % (a_ / b_) if a_ and b_ else "—")
+            lines.append("| %s | %s |" % (case, " | ".join(row)))
+    report = "\n".join(lines) + "\n"
+    open(os.path.join(a.out, "report.md"), "w").write(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+//! `pskv bench`: push/pull rounds of the cases of ../shared/peers (one key
+//! of 4 B to 32 MiB, and 100 keys of 40 KiB), on a local cluster of `pskv`
+//! processes, so the figures read side by side with MXNet's dist_sync
+//! kvstore and MPI_Allreduce on the same host.
+//!
+//! A round is a push of a float32 gradient and a pull of the sum, waited
+//! for: as `pushpull` (one round trip, the default) or as a push then a
+//! pull (`--mode push-pull`, what MXNet's benchmark does).
+
+use std::time::{Duration, Instant};
+
+use pskv::engine::{Context, Engine};
+use pskv::kvstore::{Compression, DType, Key, KvStore, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::cluster::LocalCluster;
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * 1024;
+
+/// name, bytes per key, keys, warm-up rounds, timed rounds.
+pub type Case = (&'static str, usize, usize, usize, usize);
+
+/// The peers' cases.
+pub const CASES: &[Case] = &[
+    ("4B", 4, 1, 20, 500),
+    ("4KiB", 4 * KIB, 1, 20, 500),
+    ("256KiB", 256 * KIB, 1, 10, 200),
+    ("4MiB", 4 * MIB, 1, 5, 50),
+    ("32MiB", 32 * MIB, 1, 3, 20),
+    ("100x40KiB", 40 * KIB, 100, 3, 50),
+];
+
+/// One case's result on one worker (the fields of the peers' JSON).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct CaseResult {
+    /// Case name.
+    pub case: String,
+    /// Bytes of all keys.
+    pub bytes: usize,
+    /// Keys.
+    pub nkeys: usize,
+    /// Timed rounds.
+    pub iters: usize,
+    /// The correctness round gave the expected sum.
+    pub check_ok: bool,
+    /// Median round time.
+    pub median_us: f64,
+    /// Mean round time.
+    pub mean_us: f64,
+    /// Fastest round.
+    pub min_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// bytes / median.
+    pub algbw_gbps_median: f64,
+}
+
+/// One worker's results.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct WorkerResult {
+    /// Its rank.
+    pub rank: u32,
+    /// Workers.
+    pub num_workers: u32,
+    /// Servers.
+    pub num_servers: u32,
+    /// 2-bit compression on.
+    pub compress: bool,
+    /// pushpull or push-pull.
+    pub mode: String,
+    /// The transport.
+    pub van: String,
+    /// Per case.
+    pub cases: Vec<CaseResult>,
+}
+
+/// Settings of a bench run.
+#[derive(Clone, Debug)]
+pub struct BenchSettings {
+    /// Workers.
+    pub workers: u32,
+    /// Servers.
+    pub servers: u32,
+    /// tcp, shm, auto.
+    pub van: String,
+    /// 2-bit compression (threshold 0.5).
+    pub compress: bool,
+    /// pushpull or push-pull.
+    pub mode: String,
+    /// Case names (empty: all).
+    pub cases: Vec<String>,
+    /// Multiplies the timed rounds.
+    pub iters_scale: f64,
+}
+
+fn selected(names: &[String]) -> Result<Vec<Case>, String> {
+    if names.is_empty() {
+        return Ok(CASES.to_vec());
+    }
+    names
+        .iter()
+        .map(|n| {
+            CASES.iter().find(|c| c.0 == n).copied().ok_or_else(|| {
+                format!(
+                    "unknown case '{n}': expected one of 4B, 4KiB, 256KiB, 4MiB, 32MiB, 100x40KiB"
+                )
+            })
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+/// The worker side: runs every case and prints `RESULT {json}`.
+pub fn worker(s: &BenchSettings) -> Result<(), String> {
+    let e = |x: pskv::kvstore::KvError| x.to_string();
+    let engine = Engine::new().map_err(|x| x.to_string())?;
+    let kv = KvStore::create("dist_sync", &engine).map_err(e)?;
+    if s.compress {
+        kv.set_gradient_compression(Compression::two_bit(0.5))
+            .map_err(e)?;
+    }
+    let (rank, nw) = (kv.rank(), kv.num_workers());
+    let mut out = WorkerResult {
+        rank,
+        num_workers: nw,
+        num_servers: std::env::var("DMLC_NUM_SERVER")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
+        compress: s.compress,
+        mode: s.mode.clone(),
+        van: s.van.clone(),
+        cases: Vec::new(),
+    };
+    let mut seed = 0x1234_5678u64 + rank as u64;
+    let mut rnd = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    for (ci, (name, nbytes, nkeys, warm, iters)) in selected(&s.cases)?.into_iter().enumerate() {
+        let iters = ((iters as f64 * s.iters_scale).round() as usize).max(3);
+        let n = (nbytes / 4).max(1);
+        let keys: Vec<Key> = (0..nkeys)
+            .map(|k| Key::Int((100 + ci * 1000 + k) as u32))
+            .collect();
+        let zeros = |_: usize| Tensor::zeros(&engine, &[n], DType::F32, Context::Cpu);
+        let inits: Vec<(Key, Tensor)> = keys
+            .iter()
+            .map(|k| zeros(0).map(|t| (k.clone(), t)))
+            .collect::<Result<_, _>>()
+            .map_err(e)?;
+        kv.init_many(&inits).map_err(e)?;
+        let outs: Vec<Tensor> = (0..nkeys).map(zeros).collect::<Result<_, _>>().map_err(e)?;
+        // Correctness: every worker pushes rank+1; the sum is W(W+1)/2, or
+        // 0.5 per worker with 2-bit compression at threshold 0.5.
+        let chk: Vec<(Key, Vec<Tensor>)> = keys
+            .iter()
+            .map(|k| {
+                Tensor::full(&engine, &[n], (rank + 1) as f32, Context::Cpu)
+                    .map(|t| (k.clone(), vec![t]))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(e)?;
+        kv.push_many(&chk, 0).map_err(e)?;
+        let pulls: Vec<(Key, Vec<Tensor>)> = keys
+            .iter()
+            .cloned()
+            .zip(outs.iter().map(|o| vec![o.clone()]))
+            .collect();
+        kv.pull_many(&pulls, 0).map_err(e)?;
+        let expect = if s.compress {
+            0.5 * nw as f32
+        } else {
+            (nw * (nw + 1)) as f32 / 2.0
+        };
+        let first = outs[0].to_vec::<f32>().map_err(e)?;
+        let last = outs[nkeys - 1].to_vec::<f32>().map_err(e)?;
+        let check_ok = (first[0] - expect).abs() < 1e-3 && (last[n - 1] - expect).abs() < 1e-3;
+
+        let grads: Vec<Tensor> = (0..nkeys)
+            .map(|_| {
+                let v: Vec<f32> = (0..n).map(|_| rnd()).collect();
+                Tensor::from_vec(&engine, &[n], v, Context::Cpu)
+            })
+            .collect::<Result<_, _>>()
+            .map_err(e)?;
+        let pushpulls: Vec<(Key, Vec<Tensor>, Vec<Tensor>)> = keys
+            .iter()
+            .zip(&grads)
+            .zip(&outs)
+            .map(|((k, g), o)| (k.clone(), vec![g.clone()], vec![o.clone()]))
+            .collect();
+        let pushes: Vec<(Key, Vec<Tensor>)> = keys
+            .iter()
+            .cloned()
+            .zip(grads.iter().map(|g| vec![g.clone()]))
+            .collect();
+        let one_round = || -> Result<(), String> {
+            if s.mode == "push-pull" {
+                kv.push_many(&pushes, 0).map_err(e)?;
+                kv.pull_many(&pulls, 0).map_err(e)?;
+            } else {
+                kv.pushpull_many(&pushpulls, 0).map_err(e)?;
+            }
+            for o in &outs {
+                o.wait_to_read().map_err(e)?;
+            }
+            Ok(())
+        };
+        for _ in 0..warm {
+            one_round()?;
+        }
+        kv.barrier().map_err(e)?;
+        let mut ts = Vec::with_capacity(iters);
+        let all = Instant::now();
+        for _ in 0..iters {
+            let t0 = Instant::now();
+            one_round()?;
+            ts.push(t0.elapsed().as_secs_f64());
+        }
+        let mean = all.elapsed().as_secs_f64() / iters as f64;
+        kv.barrier().map_err(e)?;
+        ts.sort_by(|a, b| a.total_cmp(b));
+        let med = percentile(&ts, 0.5);
+        let total = nbytes * nkeys;
+        eprintln!(
+            "rank {rank} {name}: median {:.1} us ({:.3} GB/s) check={check_ok}",
+            med * 1e6,
+            total as f64 / med / 1e9
+        );
+        out.cases.push(CaseResult {
+            case: name.to_string(),
+            bytes: total,
+            nkeys,
+            iters,
+            check_ok,
+            median_us: med * 1e6,
+            mean_us: mean * 1e6,
+            min_us: ts[0] * 1e6,
+            p90_us: percentile(&ts, 0.9) * 1e6,
+            algbw_gbps_median: total as f64 / med / 1e9,
+        });
+    }
+    println!(
+        "RESULT {}",
+        serde_json::to_string(&out).map_err(|x| x.to_string())?
+    );
+    kv.close().map_err(e)?;
+    Ok(())
+}
+
+/// The launcher side: starts the cluster, collects and prints the results.
+pub fn run(s: &BenchSettings) -> Result<Vec<WorkerResult>, String> {
+    selected(&s.cases)?;
+    let mut env = vec![("PSKV_VAN".to_string(), s.van.clone())];
+    if std::env::var("PSKV_TOKEN").is_err() {
+        env.push((
+            "PSKV_TOKEN".to_string(),
+            format!("bench-{}", std::process::id()),
+        ));
+    }
+    let mut c = LocalCluster::new(s.workers, s.servers, &env)?;
+    c.start_infrastructure(s.servers)?;
+    let mut args = vec![
+        "bench-worker".to_string(),
+        "--mode".into(),
+        s.mode.clone(),
+        "--van".into(),
+        s.van.clone(),
+    ];
+    if s.compress {
+        args.push("--compress".into());
+    }
+    if !s.cases.is_empty() {
+        args.push("--cases".into());
+        args.push(s.cases.join(","));
+    }
+    args.push("--iters-scale".into());
+    args.push(s.iters_scale.to_string());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    for _ in 0..s.workers {
+        c.start_worker(&argv)?;
+    }
+    let outs = c.wait_workers(Duration::from_secs(600))?;
+    let mut results = Vec::new();
+    for o in outs {
+        for line in o.lines() {
+            if let Some(j) = line.strip_prefix("RESULT ") {
+                results.push(
+                    serde_json::from_str::<WorkerResult>(j)
+                        .map_err(|x| format!("a worker's result: {x}"))?,
+                );
+            }
+        }
+    }
+    if results.len() != s.workers as usize {
+        return Err(format!(
+            "{} of {} workers reported results",
+            results.len(),
+            s.workers
+        ));
+    }
+    results.sort_by_key(|r| r.rank);
+    Ok(results)
+}
+
+/// Per case: the mean over workers of their medians, and its bandwidth.
+pub fn summary(results: &[WorkerResult]) -> Vec<(String, usize, f64, f64, bool)> {
+    let Some(first) = results.first() else {
+        return Vec::new();
+    };
+    first
+        .cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let meds: Vec<f64> = results.iter().map(|r| r.cases[i].median_us).collect();
+            let m = meds.iter().sum::<f64>() / meds.len() as f64;
+            let ok = results.iter().all(|r| r.cases[i].check_ok);
+            (c.case.clone(), c.bytes, m, c.bytes as f64 / m / 1e3, ok)
+        })
+        .collect()
+}
