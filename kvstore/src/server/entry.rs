@@ -186,6 +186,8 @@ pub(crate) struct EntryState {
     workers: usize,
     pending: Vec<Option<Arrival>>,
     arrived: usize,
+    /// Ranks `0..folded` of this round are in the sum already.
+    folded: usize,
     /// The gradient sum a rule reads, kept between rounds.
     grad_buf: Buf,
     acc: Option<Acc>,
@@ -213,6 +215,7 @@ impl EntryState {
             workers,
             pending: (0..workers).map(|_| None).collect(),
             arrived: 0,
+            folded: 0,
             grad_buf: Buf::zeroed(0),
             acc: None,
             spare: None,
@@ -404,48 +407,72 @@ impl EntryState {
             return;
         }
         self.round_sync = Some(true);
+        let eager = !self.plain(rule, std::iter::once(&head));
         self.pending[rank] = Some(Arrival { head, vals, answer });
         self.arrived += 1;
         if self.arrived < self.workers {
+            // Pushes the sum kernel cannot take in one pass (compressed,
+            // rows, integers, f16 for an f32 master) are folded as soon as
+            // the ranks before them are, while the round waits for others.
+            if eager && self.folded == self.arrived - 1 {
+                self.fold_ready(k);
+            }
             return;
         }
         // Every worker pushed: sum in rank order.
         self.arrived = 0;
-        let arrivals: Vec<Arrival> = self
-            .pending
-            .iter_mut()
-            .map(|p| p.take().expect("every worker pushed"))
-            .collect();
-        if self.plain(rule, &arrivals) {
-            return self.complete_plain(k, rule, arrivals);
+        if self.folded == 0 {
+            let arrivals: Vec<Arrival> = self
+                .pending
+                .iter_mut()
+                .map(|p| p.take().expect("every worker pushed"))
+                .collect();
+            if self.plain(rule, arrivals.iter().map(|a| &a.head)) {
+                return self.complete_plain(k, rule, arrivals);
+            }
+            for (i, a) in arrivals.into_iter().enumerate() {
+                self.pending[i] = Some(a);
+            }
         }
-        for (i, a) in arrivals.into_iter().enumerate() {
-            match self.fold(k, &a.head, &a.vals, i == 0) {
+        if !self.fold_ready(k) {
+            return;
+        }
+        self.folded = 0;
+        self.complete(rule, true);
+    }
+
+    /// Folds the pending pushes of ranks `folded..` that have arrived, in
+    /// rank order; false if a malformed push abandoned the round.
+    fn fold_ready(&mut self, k: &CpuKernels) -> bool {
+        while self.folded < self.workers {
+            let Some(a) = self.pending[self.folded].take() else {
+                return true;
+            };
+            let first = self.folded == 0;
+            self.folded += 1;
+            match self.fold(k, &a.head, &a.vals, first) {
                 Ok(()) => self.waiters.push((a.answer, Want::of(&a.head))),
                 Err(e) => {
                     // A malformed push: the round cannot be summed.
                     (a.answer)(Err(e.clone()));
                     self.fail_round(&format!("the round was abandoned: {e}"));
-                    return;
+                    return false;
                 }
             }
         }
-        self.complete(rule, true);
+        true
     }
 
     /// Whether a round's pushes are plain dense floats that one pass of
     /// the sum kernel can add (f16 with multi-precision needs the f32 sum,
     /// so it folds).
-    fn plain(&self, rule: Option<&Rule>, arrivals: &[Arrival]) -> bool {
+    fn plain<'a>(&self, rule: Option<&Rule>, mut heads: impl Iterator<Item = &'a Head>) -> bool {
         let float = match self.dtype {
             DType::F32 | DType::F64 => true,
             DType::F16 => !rule.is_some_and(|r| self.opt_multi_precision(r)),
             DType::I32 | DType::I64 => false,
         };
-        float
-            && arrivals
-                .iter()
-                .all(|a| a.head.compression == 0 && a.head.op != Op::RowPush)
+        float && heads.all(|h| h.compression == 0 && h.op != Op::RowPush)
     }
 
     /// Sums plain pushes in one pass (the kernel adds its inputs left to
@@ -608,6 +635,7 @@ impl EntryState {
 
     fn reset_round(&mut self) {
         self.arrived = 0;
+        self.folded = 0;
         self.acc = None;
         self.touched = None;
         self.round_sync = None;
