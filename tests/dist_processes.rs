@@ -84,7 +84,7 @@ fn worker() {
     let mut all = Vec::new();
     for (k, n) in keys() {
         let out = Tensor::zeros(&engine, &[n], DType::F32, Context::Cpu).unwrap();
-        kv.pull(&k, &[out.clone()], 0).unwrap();
+        kv.pull(&k, std::slice::from_ref(&out), 0).unwrap();
         all.push(out.to_vec::<f32>().unwrap());
     }
     println!("SHM_PARTS {}", kv.shared_memory_parts());
@@ -129,7 +129,7 @@ fn local_digest() -> String {
     let mut all = Vec::new();
     for (k, n) in keys() {
         let out = Tensor::zeros(&engine, &[n], DType::F32, Context::Cpu).unwrap();
-        kv.pull(&k, &[out.clone()], 0).unwrap();
+        kv.pull(&k, std::slice::from_ref(&out), 0).unwrap();
         all.push(out.to_vec::<f32>().unwrap());
     }
     digest(&all)
