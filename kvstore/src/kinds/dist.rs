@@ -52,7 +52,7 @@ use crate::wire::{command, plan, rows_header, Head, Op, Part};
 
 /// Ops on at most this many bytes run at once on the thread that makes
 /// them ready (they only hand buffers to the transport).
-const INLINE_BYTES: usize = 64 << 10;
+const INLINE_BYTES: usize = 1 << 20;
 
 /// A mutable pointer to a buffer that several answers fill (disjoint
 /// ranges), moved into the answers' callbacks.

@@ -32,7 +32,7 @@ use crate::wire::{command, decode_ps_key, split_rows, Head, Op};
 use entry::{Answer, EntryState};
 
 /// Values at most this large are handled on the I/O thread.
-const INLINE_BYTES: usize = 64 << 10;
+const INLINE_BYTES: usize = 1 << 20;
 
 /// A ps key: its var and its state.
 struct Entry {
