@@ -399,6 +399,76 @@ fn every_dtype_is_summed_and_multi_precision_keeps_f32_masters() {
 }
 
 #[test]
+fn many_keys_in_one_call() {
+    let keys: Vec<Key> = (0..60u32)
+        .map(|i| {
+            if i % 3 == 0 {
+                Key::from(format!("k{i}"))
+            } else {
+                Key::Int(i)
+            }
+        })
+        .collect();
+    let k2 = keys.clone();
+    let got = cluster(2, 2).run("dist_sync", small_parts(), move |kv, e| {
+        let inits: Vec<(Key, Tensor)> = k2
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), tensor(e, &vec![0.0f32; 10 + i * 50])))
+            .collect();
+        kv.init_many(&inits).unwrap();
+        let rank = kv.rank() as u64;
+        let pushes: Vec<(Key, Vec<Tensor>)> = k2
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                (
+                    k.clone(),
+                    vec![tensor(e, &values(rank * 100 + i as u64, 10 + i * 50))],
+                )
+            })
+            .collect();
+        kv.push_many(&pushes, 0).unwrap();
+        let outs: Vec<(Key, Vec<Tensor>)> = k2
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                (
+                    k.clone(),
+                    vec![Tensor::zeros(e, &[10 + i * 50], DType::F32, Context::Cpu).unwrap()],
+                )
+            })
+            .collect();
+        kv.pull_many(&outs, 0).unwrap();
+        // And push-pull of all of them at once.
+        let pp: Vec<(Key, Vec<Tensor>, Vec<Tensor>)> = pushes
+            .iter()
+            .zip(&outs)
+            .map(|((k, v), (_, o))| (k.clone(), v.clone(), o.clone()))
+            .collect();
+        let first: Vec<Vec<f32>> = outs
+            .iter()
+            .map(|(_, o)| o[0].to_vec::<f32>().unwrap())
+            .collect();
+        kv.pushpull_many(&pp, 0).unwrap();
+        let second: Vec<Vec<f32>> = outs
+            .iter()
+            .map(|(_, o)| o[0].to_vec::<f32>().unwrap())
+            .collect();
+        (first, second)
+    });
+    for (i, _) in keys.iter().enumerate() {
+        let n = 10 + i * 50;
+        let (a, b) = (values(i as u64, n), values(100 + i as u64, n));
+        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        for (first, second) in &got {
+            assert_eq!(first[i], want, "key {i}");
+            assert_eq!(second[i], want, "key {i} (pushpull)");
+        }
+    }
+}
+
+#[test]
 fn dist_async_converges() {
     let target: Vec<f32> = values(3, 100);
     let t2 = target.clone();
