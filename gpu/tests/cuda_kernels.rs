@@ -94,7 +94,9 @@ fn inputs(n: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
-const LENGTHS: [usize; 10] = [1, 15, 16, 17, 31, 32, 33, 1000, 65_537, 3_000_001];
+const LENGTHS: [usize; 14] = [
+    1, 2, 4, 5, 15, 16, 17, 31, 32, 33, 1000, 65_537, 3_000_001, 9_000_003,
+];
 
 #[test]
 fn compression_matches_the_cpu_bit_for_bit() {

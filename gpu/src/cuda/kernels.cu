@@ -8,11 +8,12 @@
 // (MXNet's byte masks 0xc0, 0x30, 0x0c, 0x03); 1-bit element k at
 // 8*(k/8) + 7 - (k%8) (masks 0x80 >> k%8).
 //
-// Quantize kernels give one element to each thread; the threads of a warp
-// hold 32 consecutive elements (block size a multiple of 32, grid-stride
-// loops in steps of whole blocks), so a word is assembled with warp
-// shuffles (2-bit) or a ballot (1-bit). Loops run to n rounded up to 32 so
-// every lane takes part in the shuffles; lanes past n contribute zero.
+// Compression kernels give each thread a quad of 4 consecutive elements;
+// the threads of a warp hold 32 consecutive quads (block size a multiple of
+// 32, grid-stride loops in steps of whole blocks), so a word is assembled
+// from its 4 (2-bit) or 8 (1-bit) quads with warp shuffles. Quantize loops
+// run to the quad count rounded up to 32 so every lane takes part in the
+// shuffles; lanes past n contribute zero.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -115,73 +116,149 @@ extern "C" __global__ void pskv_sum_f16(u16* out, const u64* ins, u32 nin, u64 n
 }
 
 // ---- 2-bit ---------------------------------------------------------------
+// Every thread takes a quad: 4 consecutive elements, one 16-byte load or
+// store where the pointers allow (and the quad is whole), so a warp moves
+// 512 contiguous bytes per instruction. A 2-bit quad is one byte of its
+// word (byte q % 4), a 1-bit quad one nibble (of byte (q % 8) / 2).
+
+// One element's 2-bit step: the code, and the new residual left in *r.
+__device__ __forceinline__ u32 pskv_step_2bit(float* r, float g, float t) {
+    float v = *r + g;
+    u32 code = 0u;
+    if (v >= t) {
+        code = 3u;
+        v = v - t;
+    } else if (v <= -t) {
+        code = 2u;
+        v = v + t;
+    }
+    *r = v;
+    return code;
+}
+
+__device__ __forceinline__ bool pskv_aligned16(const void* a, const void* b) {
+    return ((((u64)a) | ((u64)b)) & 15ull) == 0ull;
+}
 
 extern "C" __global__ void pskv_quantize_2bit(const float* grad, float* res, u32* codes, u64 n, float t) {
-    const u64 limit = (n + 31ull) & ~31ull;
+    const u64 nquads = (n + 3ull) / 4ull;
+    const u64 limit = (nquads + 31ull) & ~31ull;   // whole warps: every lane shuffles
     const u64 nwords = (n + 15ull) / 16ull;
-    GRID_STRIDE_LOOP(i, limit) {
-        u32 code = 0u;
-        if (i < n) {
-            float v = res[i] + grad[i];
-            if (v >= t) {
-                code = 3u;
-                v = v - t;
-            } else if (v <= -t) {
-                code = 2u;
-                v = v + t;
+    const bool vec = pskv_aligned16(grad, res);
+    GRID_STRIDE_LOOP(q, limit) {
+        const u64 i = q * 4ull;
+        u32 byte = 0u;
+        if (vec && i + 4ull <= n) {
+            float4 g = ((const float4*)grad)[q];
+            float4 r = ((const float4*)res)[q];
+            byte = (pskv_step_2bit(&r.x, g.x, t) << 6) | (pskv_step_2bit(&r.y, g.y, t) << 4) |
+                   (pskv_step_2bit(&r.z, g.z, t) << 2) | pskv_step_2bit(&r.w, g.w, t);
+            ((float4*)res)[q] = r;
+        } else {
+            for (u32 e = 0u; e < 4u && i + e < n; ++e) {
+                float r = res[i + e];
+                byte |= pskv_step_2bit(&r, grad[i + e], t) << (6u - 2u * e);
+                res[i + e] = r;
             }
-            res[i] = v;
         }
-        u32 k = (u32)(i & 15ull);
-        u32 bits = code << (8u * (k >> 2) + 6u - 2u * (k & 3u));
+        u32 bits = byte << (8u * (u32)(q & 3ull));
         bits |= __shfl_xor_sync(0xFFFFFFFFu, bits, 1);
         bits |= __shfl_xor_sync(0xFFFFFFFFu, bits, 2);
-        bits |= __shfl_xor_sync(0xFFFFFFFFu, bits, 4);
-        bits |= __shfl_xor_sync(0xFFFFFFFFu, bits, 8);
-        if (k == 0u && (i >> 4) < nwords) {
-            codes[i >> 4] = bits;
+        if ((q & 3ull) == 0ull && (q >> 2) < nwords) {
+            codes[q >> 2] = bits;
         }
     }
 }
 
 extern "C" __global__ void pskv_dequantize_2bit(const u32* codes, float* out, u64 n, float t) {
-    GRID_STRIDE_LOOP(i, n) {
-        u32 k = (u32)(i & 15ull);
-        u32 c = (codes[i >> 4] >> (8u * (k >> 2) + 6u - 2u * (k & 3u))) & 3u;
-        out[i] = c == 3u ? t : (c == 2u ? -t : 0.0f);
+    const u64 nquads = (n + 3ull) / 4ull;
+    const bool vec = pskv_aligned16(out, out);
+    GRID_STRIDE_LOOP(q, nquads) {
+        const u64 i = q * 4ull;
+        const u32 byte = (codes[q >> 2] >> (8u * (u32)(q & 3ull))) & 0xFFu;
+        float v[4];
+        for (u32 e = 0u; e < 4u; ++e) {
+            u32 c = (byte >> (6u - 2u * e)) & 3u;
+            v[e] = c == 3u ? t : (c == 2u ? -t : 0.0f);
+        }
+        if (vec && i + 4ull <= n) {
+            ((float4*)out)[q] = make_float4(v[0], v[1], v[2], v[3]);
+        } else {
+            for (u32 e = 0u; e < 4u && i + e < n; ++e) {
+                out[i + e] = v[e];
+            }
+        }
     }
 }
 
 // ---- 1-bit ---------------------------------------------------------------
 
+// One element's 1-bit step: the bit, and the new residual left in *r.
+__device__ __forceinline__ u32 pskv_step_1bit(float* r, float g, float t) {
+    float v = *r + g;
+    u32 set = 0u;
+    if (v > t) {
+        set = 1u;
+        v = v - 1.0f;
+    } else {
+        v = v + 1.0f;
+    }
+    *r = v;
+    return set;
+}
+
+// Where element 0 of quad j (0..7) of a word sits; element e is e bits lower.
+__device__ __forceinline__ u32 pskv_top_1bit(u32 j) {
+    return 8u * (j >> 1) + 7u - 4u * (j & 1u);
+}
+
 extern "C" __global__ void pskv_quantize_1bit(const float* grad, float* res, u32* codes, u64 n, float t) {
-    const u64 limit = (n + 31ull) & ~31ull;
+    const u64 nquads = (n + 3ull) / 4ull;
+    const u64 limit = (nquads + 31ull) & ~31ull;
     const u64 nwords = (n + 31ull) / 32ull;
-    GRID_STRIDE_LOOP(i, limit) {
-        u32 set = 0u;
-        if (i < n) {
-            float v = res[i] + grad[i];
-            if (v > t) {
-                set = 1u;
-                v = v - 1.0f;
-            } else {
-                v = v + 1.0f;
+    const bool vec = pskv_aligned16(grad, res);
+    GRID_STRIDE_LOOP(q, limit) {
+        const u64 i = q * 4ull;
+        u32 nib = 0u;   // element e at bit 3 - e
+        if (vec && i + 4ull <= n) {
+            float4 g = ((const float4*)grad)[q];
+            float4 r = ((const float4*)res)[q];
+            nib = (pskv_step_1bit(&r.x, g.x, t) << 3) | (pskv_step_1bit(&r.y, g.y, t) << 2) |
+                  (pskv_step_1bit(&r.z, g.z, t) << 1) | pskv_step_1bit(&r.w, g.w, t);
+            ((float4*)res)[q] = r;
+        } else {
+            for (u32 e = 0u; e < 4u && i + e < n; ++e) {
+                float r = res[i + e];
+                nib |= pskv_step_1bit(&r, grad[i + e], t) << (3u - e);
+                res[i + e] = r;
             }
-            res[i] = v;
         }
-        // Lane k holds element k of the word: ballot bit k. MXNet wants bit
-        // 0x80 >> (k % 8) of byte k / 8: reverse the 32 bits, then the bytes.
-        u32 ballot = __ballot_sync(0xFFFFFFFFu, set);
-        if ((i & 31ull) == 0ull && (i >> 5) < nwords) {
-            codes[i >> 5] = __byte_perm(__brev(ballot), 0u, 0x0123u);
+        u32 bits = nib << (pskv_top_1bit((u32)(q & 7ull)) - 3u);
+        bits |= __shfl_xor_sync(0xFFFFFFFFu, bits, 1);
+        bits |= __shfl_xor_sync(0xFFFFFFFFu, bits, 2);
+        bits |= __shfl_xor_sync(0xFFFFFFFFu, bits, 4);
+        if ((q & 7ull) == 0ull && (q >> 3) < nwords) {
+            codes[q >> 3] = bits;
         }
     }
 }
 
 extern "C" __global__ void pskv_dequantize_1bit(const u32* codes, float* out, u64 n) {
-    GRID_STRIDE_LOOP(i, n) {
-        u32 k = (u32)(i & 31ull);
-        u32 bit = (codes[i >> 5] >> (8u * (k >> 3) + 7u - (k & 7u))) & 1u;
-        out[i] = bit ? 1.0f : -1.0f;
+    const u64 nquads = (n + 3ull) / 4ull;
+    const bool vec = pskv_aligned16(out, out);
+    GRID_STRIDE_LOOP(q, nquads) {
+        const u64 i = q * 4ull;
+        const u32 nib = (codes[q >> 3] >> (pskv_top_1bit((u32)(q & 7ull)) - 3u)) & 0xFu;
+        float v[4];
+        for (u32 e = 0u; e < 4u; ++e) {
+            v[e] = ((nib >> (3u - e)) & 1u) ? 1.0f : -1.0f;
+        }
+        if (vec && i + 4ull <= n) {
+            ((float4*)out)[q] = make_float4(v[0], v[1], v[2], v[3]);
+        } else {
+            for (u32 e = 0u; e < 4u && i + e < n; ++e) {
+                out[i + e] = v[e];
+            }
+        }
     }
 }

@@ -39,9 +39,10 @@ pub const KERNEL_NAMES: [&str; 7] = [
     "pskv_dequantize_1bit",
 ];
 
-/// The virtual architecture the portable PTX targets (Volta and later; the
-/// driver compiles it for the device it runs on).
-pub const PORTABLE_ARCH: &str = "compute_70";
+/// The virtual architecture the portable PTX targets (Turing and later: the
+/// oldest that both CUDA 12's and CUDA 13's NVRTC accept; the driver
+/// compiles it for the device it runs on).
+pub const PORTABLE_ARCH: &str = "compute_75";
 
 /// Threads per block (a multiple of 32: the quantize kernels assemble words
 /// within warps).
@@ -86,7 +87,7 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// Compiles every kernel to PTX for `arch` (for example `compute_70`). Needs
+/// Compiles every kernel to PTX for `arch` (for example `compute_80`). Needs
 /// only NVRTC, not a GPU: CI runs it to prove the kernels compile.
 pub fn compile_ptx(arch: &'static str) -> Result<Ptx, KernelError> {
     if !nvrtc_present() {
@@ -373,7 +374,7 @@ impl Kernels for CudaKernels {
         let mut b = self.stream.launch_builder(&self.f.quantize_2bit);
         b.arg(grad).arg(residual).arg(codes).arg(&n).arg(&threshold);
         // SAFETY: arguments match the kernel; lengths checked above.
-        unsafe { b.launch(self.config(n.next_multiple_of(32))) }
+        unsafe { b.launch(self.config(n.div_ceil(4).next_multiple_of(32))) }
             .map_err(cuda_err("quantize_2bit launch"))?;
         Ok(())
     }
@@ -394,7 +395,8 @@ impl Kernels for CudaKernels {
         let mut b = self.stream.launch_builder(&self.f.dequantize_2bit);
         b.arg(codes).arg(out).arg(&n).arg(&threshold);
         // SAFETY: arguments match the kernel; lengths checked above.
-        unsafe { b.launch(self.config(n)) }.map_err(cuda_err("dequantize_2bit launch"))?;
+        unsafe { b.launch(self.config(n.div_ceil(4))) }
+            .map_err(cuda_err("dequantize_2bit launch"))?;
         Ok(())
     }
 
@@ -416,7 +418,7 @@ impl Kernels for CudaKernels {
         let mut b = self.stream.launch_builder(&self.f.quantize_1bit);
         b.arg(grad).arg(residual).arg(codes).arg(&n).arg(&threshold);
         // SAFETY: arguments match the kernel; lengths checked above.
-        unsafe { b.launch(self.config(n.next_multiple_of(32))) }
+        unsafe { b.launch(self.config(n.div_ceil(4).next_multiple_of(32))) }
             .map_err(cuda_err("quantize_1bit launch"))?;
         Ok(())
     }
@@ -435,7 +437,8 @@ impl Kernels for CudaKernels {
         let mut b = self.stream.launch_builder(&self.f.dequantize_1bit);
         b.arg(codes).arg(out).arg(&n);
         // SAFETY: arguments match the kernel; lengths checked above.
-        unsafe { b.launch(self.config(n)) }.map_err(cuda_err("dequantize_1bit launch"))?;
+        unsafe { b.launch(self.config(n.div_ceil(4))) }
+            .map_err(cuda_err("dequantize_1bit launch"))?;
         Ok(())
     }
 }
