@@ -16,6 +16,8 @@
 
 #![warn(missing_docs)]
 
+pub mod capi;
+
 pub use pskv_engine as engine;
 pub use pskv_gpu as gpu;
 pub use pskv_kvstore as kvstore;

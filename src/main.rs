@@ -20,11 +20,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a small model with 4 workers and 2 servers on this host.
-    Demo,
+    Demo(DemoArgs),
+    /// A worker of `pskv demo` (started by it).
+    #[command(hide = true)]
+    DemoWorker(DemoArgs),
     /// Time push/pull rounds (4 B to 32 MiB, 100 keys of 40 KiB) on a local cluster.
     Bench(BenchArgs),
     /// Start a scheduler, servers and workers (local, ssh, mpi, slurm).
-    Launch,
+    Launch(LaunchArgs),
     /// Run the scheduler of a cluster.
     Scheduler,
     /// Run one parameter server.
@@ -37,16 +40,137 @@ enum Command {
 }
 
 #[derive(Args, Clone)]
-struct BenchArgs {
+struct DemoArgs {
     /// Workers.
-    #[arg(short = 'w', long, default_value_t = 2)]
+    #[arg(short = 'w', long, default_value_t = 4)]
     workers: u32,
     /// Servers.
-    #[arg(short = 's', long, default_value_t = 1)]
+    #[arg(short = 's', long, default_value_t = 2)]
     servers: u32,
+    /// Passes over the 8,192 training samples.
+    #[arg(long, default_value_t = 10)]
+    epochs: u32,
+    /// Samples per worker per step.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Learning rate (SGD with momentum 0.9 on the servers).
+    #[arg(long, default_value_t = 0.05)]
+    lr: f64,
+    /// 2-bit gradient compression, with this threshold.
+    #[arg(long, value_name = "THRESHOLD", num_args = 0..=1, default_missing_value = "0.1")]
+    compress: Option<f32>,
     /// Transport: tcp, shm or auto.
     #[arg(long, default_value = "tcp")]
     van: String,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+    /// (worker) where rank 0 writes the final weights.
+    #[arg(long, hide = true)]
+    weights_out: Option<std::path::PathBuf>,
+}
+
+impl DemoArgs {
+    fn settings(&self) -> cli::demo::DemoSettings {
+        cli::demo::DemoSettings {
+            workers: self.workers,
+            servers: self.servers,
+            epochs: self.epochs,
+            batch: self.batch,
+            lr: self.lr,
+            compress: self.compress,
+            van: self.van.clone(),
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct LaunchArgs {
+    /// Workers.
+    #[arg(short = 'n', long = "num-workers")]
+    workers: u32,
+    /// Servers (default: as many as workers, as MXNet's launch.py).
+    #[arg(short = 's', long = "num-servers")]
+    servers: Option<u32>,
+    /// local, ssh, mpi (run under mpirun) or slurm (run under srun).
+    #[arg(long, default_value = "local")]
+    launcher: String,
+    /// ssh: the hosts, one per line (`host`, `host slots=N` or `host:N`).
+    #[arg(short = 'H', long)]
+    hostfile: Option<std::path::PathBuf>,
+    /// An environment variable for every process (repeatable).
+    #[arg(long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// The scheduler's address as the nodes reach it (ssh, mpi, slurm).
+    #[arg(long)]
+    root_uri: Option<String>,
+    /// Stop the job if the workers have not finished after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// The worker command and its arguments (after `--`).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<std::ffi::OsString>,
+}
+
+fn launch(a: &LaunchArgs) -> ExitCode {
+    use cli::launch::{exec_rank, read_hostfile, stop_flag, Job, JobSpec, Launcher};
+    let fail = |msg: String, code: u8| {
+        eprintln!("pskv launch: {msg}");
+        ExitCode::from(code)
+    };
+    let launcher: Launcher = match a.launcher.parse() {
+        Ok(l) => l,
+        Err(e) => return fail(e, 2),
+    };
+    let mut env = Vec::new();
+    for kv in &a.env {
+        match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => env.push((k.to_string(), v.to_string())),
+            _ => return fail(format!("--env {kv}: expected KEY=VALUE"), 2),
+        }
+    }
+    let mut spec = JobSpec::local(a.workers, a.servers.unwrap_or(a.workers), a.command.clone());
+    spec.env = env;
+    spec.root_uri = a.root_uri.clone();
+    match launcher {
+        Launcher::Mpi | Launcher::Slurm => {
+            let f = exec_rank(&spec, launcher);
+            return fail(f.message, f.code);
+        }
+        Launcher::Ssh => match &a.hostfile {
+            Some(h) => match read_hostfile(h) {
+                Ok(hosts) => spec.hosts = hosts,
+                Err(e) => return fail(e, 2),
+            },
+            None => return fail("the ssh launcher needs a hostfile (-H FILE)".into(), 2),
+        },
+        Launcher::Local => {}
+    }
+    let stop = match stop_flag() {
+        Ok(s) => s,
+        Err(e) => return fail(e, 1),
+    };
+    let mut job = match Job::start(&spec, launcher) {
+        Ok(j) => j,
+        Err(e) => return fail(e, 2),
+    };
+    match job.supervise(&stop, a.timeout.map(std::time::Duration::from_secs)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => fail(f.message, f.code),
+    }
+}
+
+#[derive(Args, Clone)]
+struct BenchArgs {
+    /// Workers per run, comma-separated; paired with --servers.
+    #[arg(short = 'w', long, value_delimiter = ',', default_values_t = [2u32, 4])]
+    workers: Vec<u32>,
+    /// Servers per run, comma-separated; paired with --workers.
+    #[arg(short = 's', long, value_delimiter = ',', default_values_t = [1u32, 2])]
+    servers: Vec<u32>,
+    /// Transports to sweep, comma-separated: tcp, shm, auto.
+    #[arg(long, value_delimiter = ',', default_values_t = ["tcp".to_string(), "shm".to_string()])]
+    van: Vec<String>,
     /// 2-bit gradient compression (threshold 0.5).
     #[arg(long)]
     compress: bool,
@@ -59,31 +183,65 @@ struct BenchArgs {
     /// Multiplies the number of timed rounds.
     #[arg(long, default_value_t = 1.0)]
     iters_scale: f64,
-    /// Also write the workers' results as JSON here.
+    /// Where the JSON results and the chart go.
+    #[arg(long, default_value = "pskv-bench")]
+    out: std::path::PathBuf,
+    /// Write the JSON results here instead of OUT/bench.json.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
 }
 
 impl BenchArgs {
-    fn settings(&self) -> Result<cli::bench::BenchSettings, String> {
+    /// One settings per (workers, servers) pair and transport.
+    fn runs(&self) -> Result<Vec<cli::bench::BenchSettings>, String> {
         if !matches!(self.mode.as_str(), "pushpull" | "push-pull") {
             return Err(format!(
                 "--mode {}: expected pushpull or push-pull",
                 self.mode
             ));
         }
-        if self.workers == 0 || self.servers == 0 {
-            return Err("a cluster needs at least one worker and one server".into());
+        if self.workers.len() != self.servers.len() {
+            return Err(format!(
+                "--workers and --servers pair up: {} values against {}",
+                self.workers.len(),
+                self.servers.len()
+            ));
         }
-        Ok(cli::bench::BenchSettings {
-            workers: self.workers,
-            servers: self.servers,
-            van: self.van.clone(),
-            compress: self.compress,
-            mode: self.mode.clone(),
-            cases: self.cases.clone(),
-            iters_scale: self.iters_scale,
-        })
+        for v in &self.van {
+            if !matches!(v.as_str(), "tcp" | "shm" | "auto") {
+                return Err(format!("--van {v}: expected tcp, shm or auto"));
+            }
+        }
+        if !(self.iters_scale > 0.0 && self.iters_scale.is_finite()) {
+            return Err(format!(
+                "--iters-scale {}: expected a positive number",
+                self.iters_scale
+            ));
+        }
+        cli::bench::case_count(&self.cases)?;
+        let mut runs = Vec::new();
+        for (&w, &s) in self.workers.iter().zip(&self.servers) {
+            if w == 0 || s == 0 {
+                return Err("a cluster needs at least one worker and one server".into());
+            }
+            for van in &self.van {
+                runs.push(cli::bench::BenchSettings {
+                    workers: w,
+                    servers: s,
+                    van: van.clone(),
+                    compress: self.compress,
+                    mode: self.mode.clone(),
+                    cases: self.cases.clone(),
+                    iters_scale: self.iters_scale,
+                });
+            }
+        }
+        if runs.is_empty() {
+            return Err(
+                "nothing to run: give at least one --workers/--servers pair and --van".into(),
+            );
+        }
+        Ok(runs)
     }
 }
 
@@ -93,56 +251,110 @@ fn fail(what: &str, e: String) -> ExitCode {
 }
 
 fn bench(a: &BenchArgs) -> Result<(), String> {
-    let s = a.settings()?;
-    eprintln!(
-        "pskv bench: {} workers, {} servers, van {}, {}{}",
-        s.workers,
-        s.servers,
-        s.van,
-        s.mode,
-        if s.compress {
-            ", 2-bit compression"
-        } else {
-            ""
-        }
+    use indicatif::{ProgressBar, ProgressStyle};
+    use std::io::IsTerminal;
+    let runs = a.runs()?;
+    let per_run = cli::bench::case_count(&a.cases)?;
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new((runs.len() * per_run) as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} cases {msg} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
     );
-    let results = cli::bench::run(&s)?;
-    println!("| case | median round | algorithmic bandwidth | check |");
-    println!("|---|---:|---:|---|");
-    for (case, _bytes, us, gbps, ok) in cli::bench::summary(&results) {
-        println!(
-            "| {case} | {us:.1} us | {gbps:.3} GB/s | {} |",
-            if ok { "ok" } else { "WRONG" }
+    let mut all = Vec::new();
+    for s in &runs {
+        let what = format!(
+            "{} workers, {} servers, {}, {}{}",
+            s.workers,
+            s.servers,
+            s.van,
+            s.mode,
+            if s.compress { ", 2-bit" } else { "" }
         );
+        bar.set_message(what.clone());
+        if bar.is_hidden() {
+            eprintln!("pskv bench: {what}");
+        }
+        let b = bar.clone();
+        let results = cli::bench::run(
+            s,
+            std::sync::Arc::new(move |line: &str| {
+                if line.starts_with("CASE ") {
+                    b.inc(1);
+                }
+            }),
+        )?;
+        all.push(results);
     }
-    if let Some(p) = &a.json {
-        let text = serde_json::to_string_pretty(&results).map_err(|e| e.to_string())?;
-        std::fs::write(p, text).map_err(|e| format!("writing {}: {e}", p.display()))?;
+    bar.finish_and_clear();
+    println!("| workers | servers | van | case | median round | algorithmic bandwidth | check |");
+    println!("|---:|---:|---|---|---:|---:|---|");
+    for (s, results) in runs.iter().zip(&all) {
+        for (case, _bytes, us, gbps, ok) in cli::bench::summary(results) {
+            println!(
+                "| {} | {} | {}{} | {case} | {us:.1} us | {gbps:.3} GB/s | {} |",
+                s.workers,
+                s.servers,
+                s.van,
+                if s.compress { " 2-bit" } else { "" },
+                if ok { "ok" } else { "WRONG" }
+            );
+        }
+    }
+    std::fs::create_dir_all(&a.out).map_err(|e| format!("creating {}: {e}", a.out.display()))?;
+    let json = a.json.clone().unwrap_or_else(|| a.out.join("bench.json"));
+    let flat: Vec<&cli::bench::WorkerResult> = all.iter().flatten().collect();
+    let text = serde_json::to_string_pretty(&flat).map_err(|e| e.to_string())?;
+    std::fs::write(&json, text).map_err(|e| format!("writing {}: {e}", json.display()))?;
+    let svg = a.out.join("bandwidth.svg");
+    cli::bench::chart(&all, &svg)?;
+    eprintln!(
+        "pskv bench: results in {}, chart in {}",
+        json.display(),
+        svg.display()
+    );
+    if all
+        .iter()
+        .flat_map(|r| cli::bench::summary(r))
+        .any(|(.., ok)| !ok)
+    {
+        return Err("a correctness check failed (a WRONG row above)".into());
     }
     Ok(())
-}
-
-fn not_built(what: &str, issue: u32) -> ExitCode {
-    eprintln!(
-        "pskv {what}: not available yet (issue {issue}). \
-         Try `cargo run --release --example engine_pipeline`, or `pskv bench`."
-    );
-    ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Demo => not_built("demo", 6),
+        Command::Demo(a) => {
+            match cli::demo::run(&a.settings(), std::time::Duration::from_secs(a.timeout)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail("demo", e),
+            }
+        }
+        Command::DemoWorker(a) => {
+            match cli::demo::worker(&a.settings(), a.weights_out.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail("demo worker", e),
+            }
+        }
         Command::Bench(a) => match bench(&a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("bench", e),
         },
-        Command::BenchWorker(a) => match a.settings().and_then(|s| cli::bench::worker(&s)) {
+        Command::BenchWorker(a) => match a
+            .runs()
+            .and_then(|r| r.into_iter().next().ok_or_else(|| "no run".to_string()))
+            .and_then(|s| cli::bench::worker(&s))
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("bench worker", e),
         },
-        Command::Launch => not_built("launch", 6),
+        Command::Launch(a) => launch(&a),
         Command::Scheduler => match cli::roles::scheduler() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("scheduler", e),

@@ -13,7 +13,7 @@ use pskv::engine::{Context, Engine};
 use pskv::kvstore::{Compression, DType, Key, KvStore, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::cluster::LocalCluster;
+use super::launch::{run_collecting, JobSpec};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
@@ -230,11 +230,10 @@ pub fn worker(s: &BenchSettings) -> Result<(), String> {
         ts.sort_by(|a, b| a.total_cmp(b));
         let med = percentile(&ts, 0.5);
         let total = nbytes * nkeys;
-        eprintln!(
-            "rank {rank} {name}: median {:.1} us ({:.3} GB/s) check={check_ok}",
-            med * 1e6,
-            total as f64 / med / 1e9
-        );
+        if rank == 0 {
+            // Progress for the launcher's bar.
+            println!("CASE {name}");
+        }
         out.cases.push(CaseResult {
             case: name.to_string(),
             bytes: total,
@@ -257,38 +256,36 @@ pub fn worker(s: &BenchSettings) -> Result<(), String> {
 }
 
 /// The launcher side: starts the cluster, collects and prints the results.
-pub fn run(s: &BenchSettings) -> Result<Vec<WorkerResult>, String> {
+pub fn run(
+    s: &BenchSettings,
+    on_case: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
+) -> Result<Vec<WorkerResult>, String> {
     selected(&s.cases)?;
-    let mut env = vec![("PSKV_VAN".to_string(), s.van.clone())];
-    if std::env::var("PSKV_TOKEN").is_err() {
-        env.push((
-            "PSKV_TOKEN".to_string(),
-            format!("bench-{}", std::process::id()),
-        ));
-    }
-    let mut c = LocalCluster::new(s.workers, s.servers, &env)?;
-    c.start_infrastructure(s.servers)?;
-    let mut args = vec![
-        "bench-worker".to_string(),
+    let exe = std::env::current_exe().map_err(|e| format!("locating pskv: {e}"))?;
+    let mut args: Vec<std::ffi::OsString> = vec![
+        exe.into(),
+        "bench-worker".into(),
+        "-w".into(),
+        s.workers.to_string().into(),
+        "-s".into(),
+        s.servers.to_string().into(),
         "--mode".into(),
-        s.mode.clone(),
+        s.mode.clone().into(),
         "--van".into(),
-        s.van.clone(),
+        s.van.clone().into(),
     ];
     if s.compress {
         args.push("--compress".into());
     }
     if !s.cases.is_empty() {
         args.push("--cases".into());
-        args.push(s.cases.join(","));
+        args.push(s.cases.join(",").into());
     }
     args.push("--iters-scale".into());
-    args.push(s.iters_scale.to_string());
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    for _ in 0..s.workers {
-        c.start_worker(&argv)?;
-    }
-    let outs = c.wait_workers(Duration::from_secs(600))?;
+    args.push(s.iters_scale.to_string().into());
+    let mut spec = JobSpec::local(s.workers, s.servers, args);
+    spec.env.push(("PSKV_VAN".to_string(), s.van.clone()));
+    let outs = run_collecting(&spec, Duration::from_secs(600), on_case)?;
     let mut results = Vec::new();
     for o in outs {
         for line in o.lines() {
@@ -327,4 +324,104 @@ pub fn summary(results: &[WorkerResult]) -> Vec<(String, usize, f64, f64, bool)>
             (c.case.clone(), c.bytes, m, c.bytes as f64 / m / 1e3, ok)
         })
         .collect()
+}
+
+/// The number of cases a run of `names` times.
+pub fn case_count(names: &[String]) -> Result<usize, String> {
+    selected(names).map(|c| c.len())
+}
+
+/// Draws algorithmic bandwidth against message size, one line per run (the
+/// single-key cases; 100x40KiB is a different shape and is left out), as
+/// an SVG file.
+pub fn chart(runs: &[Vec<WorkerResult>], path: &std::path::Path) -> Result<(), String> {
+    use plotters::prelude::*;
+    let series: Vec<(String, Vec<(f64, f64)>)> = runs
+        .iter()
+        .filter_map(|r| {
+            let first = r.first()?;
+            let label = format!(
+                "{} workers, {} servers, {}{}",
+                first.num_workers,
+                first.num_servers,
+                first.van,
+                if first.compress { ", 2-bit" } else { "" }
+            );
+            let pts: Vec<(f64, f64)> = summary(r)
+                .into_iter()
+                .filter(|(case, ..)| !case.contains('x'))
+                .map(|(_, bytes, _, gbps, _)| (bytes as f64, gbps))
+                .collect();
+            Some((label, pts))
+        })
+        .filter(|(_, p)| !p.is_empty())
+        .collect();
+    if series.is_empty() {
+        return Err("no single-key case to chart".into());
+    }
+    let (mut xlo, mut xhi, mut ylo, mut yhi) = (f64::MAX, 0.0f64, f64::MAX, 0.0f64);
+    for (_, pts) in &series {
+        for &(x, y) in pts {
+            xlo = xlo.min(x);
+            xhi = xhi.max(x);
+            ylo = ylo.min(y);
+            yhi = yhi.max(y);
+        }
+    }
+    let ylo = (ylo / 2.0).max(1e-6);
+    let err = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut c = ChartBuilder::on(&root)
+        .caption(
+            "pskv push-pull: bandwidth against message size",
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(70)
+        .build_cartesian_2d(
+            (xlo / 2.0..xhi * 2.0).log_scale(),
+            (ylo..yhi * 2.0).log_scale(),
+        )
+        .map_err(|e| err(&e))?;
+    c.configure_mesh()
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 15))
+        .x_desc("bytes per key (one key)")
+        .y_desc("algorithmic bandwidth, GB/s (bytes / median round)")
+        .x_label_formatter(&|x| human_bytes(*x))
+        .y_label_formatter(&|y| format!("{y:.3}"))
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, (label, pts)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        c.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(label.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        c.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+            .map_err(|e| err(&e))?;
+    }
+    c.configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+fn human_bytes(x: f64) -> String {
+    if x >= MIB as f64 {
+        format!("{:.0} MiB", x / MIB as f64)
+    } else if x >= KIB as f64 {
+        format!("{:.0} KiB", x / KIB as f64)
+    } else {
+        format!("{x:.0} B")
+    }
 }

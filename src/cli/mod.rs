@@ -1,5 +1,6 @@
 //! The subcommands of the `pskv` program.
 
 pub mod bench;
-pub mod cluster;
+pub mod demo;
+pub mod launch;
 pub mod roles;

@@ -22,7 +22,9 @@ pub fn config_as(role: &'static str) -> Result<Config, String> {
 /// Runs the scheduler until every node has left.
 pub fn scheduler() -> Result<(), String> {
     let po = Postoffice::start(config_as("scheduler")?, None).map_err(|e| e.to_string())?;
-    eprintln!("pskv scheduler: listening on {}", po.local_addr());
+    if std::env::var("PS_VERBOSE").is_ok_and(|v| v != "0") {
+        eprintln!("pskv scheduler: listening on {}", po.local_addr());
+    }
     loop {
         match po.wait_all_left(Duration::from_secs(60)) {
             Ok(()) => break,

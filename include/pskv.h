@@ -1,0 +1,118 @@
+/* pskv: the C ABI of a parameter-server stack for distributed training.
+ *
+ * Generated from src/capi.rs by cbindgen; do not edit (CI checks it is fresh).
+ * Link with -lpskv (libpskv.so or libpskv.a; the static library also needs
+ * -lpthread -ldl -lm). Every function returns PSKV_OK (0) or a negative
+ * error code; pskv_last_error() gives the calling thread's last message. */
+
+#ifndef PSKV_H
+#define PSKV_H
+
+
+
+#include <stddef.h>
+#include <stdint.h>
+
+// Success.
+#define PSKV_OK 0
+
+// A null pointer, a bad string or a bad length was passed.
+#define PSKV_ERR_ARGUMENT -1
+
+// The kvstore refused or failed the operation (unknown key, wrong size,
+// a node that died, ...): see `pskv_last_error`.
+#define PSKV_ERR_KVSTORE -2
+
+// pskv failed internally (a caught panic): see `pskv_last_error`.
+#define PSKV_ERR_INTERNAL -3
+
+// A kvstore and the engine it schedules on (opaque to C).
+typedef struct pskv_kvstore pskv_kvstore;
+
+#ifdef __cplusplus
+extern "C" {
+#endif // __cplusplus
+
+// The message of the calling thread's last error ("" if none). The pointer
+// stays valid until this thread's next failing call.
+const char *pskv_last_error(void);
+
+// Creates a kvstore of `kind` ("local", "device", "dist_sync",
+// "dist_async", ...) on an engine of its own, configured from the
+// environment (a distributed kind joins the cluster named by DMLC_*, as
+// set by `pskv launch`). Writes the handle to `*out`.
+//
+// # Safety
+// `kind` is a NUL-terminated string; `out` points to writable storage.
+int pskv_create(const char *kind, struct pskv_kvstore **out);
+
+// Waits for the store's operations, leaves the cluster (rank 0 stops the
+// servers after a barrier) and frees the handle. Null is accepted.
+//
+// # Safety
+// `kv` is null or a handle from `pskv_create`, not used afterwards.
+int pskv_free(struct pskv_kvstore *kv);
+
+// Initializes `key` (0 to 2^32-1) with `len` floats.
+//
+// # Safety
+// `kv` is a live handle; `data` points to `len` floats.
+int pskv_init(struct pskv_kvstore *kv, int64_t key, const float *data, size_t len);
+
+// Pushes `len` floats to `key` (copied; returns once scheduled).
+//
+// # Safety
+// `kv` is a live handle; `data` points to `len` floats.
+int pskv_push(struct pskv_kvstore *kv, int64_t key, const float *data, size_t len, int priority);
+
+// Pulls `key`'s value into `out` (`len` floats); returns once `out` holds
+// it, after every push of this handle before it.
+//
+// # Safety
+// `kv` is a live handle; `out` points to `len` writable floats.
+int pskv_pull(struct pskv_kvstore *kv, int64_t key, float *out, size_t len, int priority);
+
+// Pushes `data` and pulls the result into `out` (one round trip in a
+// distributed store); `data` and `out` may be the same buffer.
+//
+// # Safety
+// `kv` is a live handle; `data` and `out` point to `len` floats.
+int pskv_pushpull(struct pskv_kvstore *kv,
+                  int64_t key,
+                  const float *data,
+                  float *out,
+                  size_t len,
+                  int priority);
+
+// Sets the optimizer the servers (or a local store) run on pushes: `name`
+// is sgd, nag, adam or adagrad; `params` is "" or comma-separated
+// `name=value` pairs with MXNet's names (learning_rate, momentum, wd,
+// rescale_grad, clip_gradient, beta1, beta2, epsilon).
+//
+// # Safety
+// `kv` is a live handle; `name` and `params` are NUL-terminated strings.
+int pskv_set_optimizer(struct pskv_kvstore *kv, const char *name, const char *params);
+
+// Waits until every worker reached the barrier.
+//
+// # Safety
+// `kv` is a live handle.
+int pskv_barrier(struct pskv_kvstore *kv);
+
+// Writes this worker's rank (0 for a local store) to `*out`.
+//
+// # Safety
+// `kv` is a live handle; `out` points to writable storage.
+int pskv_rank(const struct pskv_kvstore *kv, int *out);
+
+// Writes the number of workers (1 for a local store) to `*out`.
+//
+// # Safety
+// `kv` is a live handle; `out` points to writable storage.
+int pskv_num_workers(const struct pskv_kvstore *kv, int *out);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif  // __cplusplus
+
+#endif  /* PSKV_H */

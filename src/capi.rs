@@ -1,0 +1,383 @@
+//! The C ABI (`include/pskv.h`, generated from this file by cbindgen).
+//!
+//! Every function returns a status: `PSKV_OK` (0) or a negative error code;
+//! `pskv_last_error()` then gives the message, for the calling thread. No
+//! function aborts the caller: null pointers and bad arguments are errors,
+//! and a panic inside pskv is caught and reported as `PSKV_ERR_INTERNAL`.
+//!
+//! Buffers are float32 and copied: a push's input may be reused as soon as
+//! the call returns, and a pull returns once `out` holds the value.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use crate::engine::{Context, Engine};
+use crate::kvstore::{DType, Key, KvStore, Optimizer, Tensor};
+
+/// Success.
+pub const PSKV_OK: c_int = 0;
+/// A null pointer, a bad string or a bad length was passed.
+pub const PSKV_ERR_ARGUMENT: c_int = -1;
+/// The kvstore refused or failed the operation (unknown key, wrong size,
+/// a node that died, ...): see `pskv_last_error`.
+pub const PSKV_ERR_KVSTORE: c_int = -2;
+/// pskv failed internally (a caught panic): see `pskv_last_error`.
+pub const PSKV_ERR_INTERNAL: c_int = -3;
+
+/// A kvstore and the engine it schedules on (opaque to C).
+pub struct PskvKvStore {
+    kv: KvStore,
+    _engine: Engine,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(msg: impl Into<String>) {
+    let mut m = msg.into();
+    m.retain(|c| c != '\0');
+    LAST_ERROR.with(|e| *e.borrow_mut() = CString::new(m).unwrap_or_default());
+}
+
+/// Runs `f`, turning its error or panic into a status code.
+fn guard(f: impl FnOnce() -> Result<(), (c_int, String)>) -> c_int {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => PSKV_OK,
+        Ok(Err((code, msg))) => {
+            set_error(msg);
+            code
+        }
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            set_error(format!("internal error (panic): {what}"));
+            PSKV_ERR_INTERNAL
+        }
+    }
+}
+
+fn arg(msg: impl Into<String>) -> (c_int, String) {
+    (PSKV_ERR_ARGUMENT, msg.into())
+}
+
+fn kv_err(e: crate::kvstore::KvError) -> (c_int, String) {
+    (PSKV_ERR_KVSTORE, e.to_string())
+}
+
+/// # Safety
+/// `p` is null or a valid NUL-terminated string.
+unsafe fn string<'a>(p: *const c_char, what: &str) -> Result<&'a str, (c_int, String)> {
+    if p.is_null() {
+        return Err(arg(format!("{what} is a null pointer")));
+    }
+    CStr::from_ptr(p)
+        .to_str()
+        .map_err(|_| arg(format!("{what} is not UTF-8")))
+}
+
+/// # Safety
+/// `kv` is null or a handle from `pskv_create` not yet freed.
+unsafe fn handle<'a>(kv: *const PskvKvStore) -> Result<&'a PskvKvStore, (c_int, String)> {
+    kv.as_ref()
+        .ok_or_else(|| arg("the kvstore handle is a null pointer"))
+}
+
+/// # Safety
+/// `p` is null or points to `len` floats.
+unsafe fn floats<'a>(p: *const f32, len: usize, what: &str) -> Result<&'a [f32], (c_int, String)> {
+    if p.is_null() {
+        return Err(arg(format!("{what} is a null pointer")));
+    }
+    if len == 0 {
+        return Err(arg(format!("{what}: a length of 0")));
+    }
+    Ok(std::slice::from_raw_parts(p, len))
+}
+
+fn key(k: i64) -> Result<Key, (c_int, String)> {
+    Key::int(k).map_err(kv_err)
+}
+
+/// The message of the calling thread's last error ("" if none). The pointer
+/// stays valid until this thread's next failing call.
+#[no_mangle]
+pub extern "C" fn pskv_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Creates a kvstore of `kind` ("local", "device", "dist_sync",
+/// "dist_async", ...) on an engine of its own, configured from the
+/// environment (a distributed kind joins the cluster named by DMLC_*, as
+/// set by `pskv launch`). Writes the handle to `*out`.
+///
+/// # Safety
+/// `kind` is a NUL-terminated string; `out` points to writable storage.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_create(kind: *const c_char, out: *mut *mut PskvKvStore) -> c_int {
+    guard(|| {
+        if out.is_null() {
+            return Err(arg("out is a null pointer"));
+        }
+        let kind = string(kind, "kind")?;
+        let engine = Engine::new().map_err(|e| (PSKV_ERR_KVSTORE, e.to_string()))?;
+        let kv = KvStore::create(kind, &engine).map_err(kv_err)?;
+        *out = Box::into_raw(Box::new(PskvKvStore {
+            kv,
+            _engine: engine,
+        }));
+        Ok(())
+    })
+}
+
+/// Waits for the store's operations, leaves the cluster (rank 0 stops the
+/// servers after a barrier) and frees the handle. Null is accepted.
+///
+/// # Safety
+/// `kv` is null or a handle from `pskv_create`, not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_free(kv: *mut PskvKvStore) -> c_int {
+    guard(|| {
+        if kv.is_null() {
+            return Ok(());
+        }
+        let b = Box::from_raw(kv);
+        let r = b.kv.close().map_err(kv_err);
+        drop(b);
+        r
+    })
+}
+
+/// Initializes `key` (0 to 2^32-1) with `len` floats.
+///
+/// # Safety
+/// `kv` is a live handle; `data` points to `len` floats.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_init(
+    kv: *mut PskvKvStore,
+    key: i64,
+    data: *const f32,
+    len: usize,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let v = floats(data, len, "data")?;
+        let t = Tensor::from_slice(h.kv.engine(), &[len], v, Context::Cpu).map_err(kv_err)?;
+        h.kv.init(self::key(key)?, &t).map_err(kv_err)
+    })
+}
+
+/// Pushes `len` floats to `key` (copied; returns once scheduled).
+///
+/// # Safety
+/// `kv` is a live handle; `data` points to `len` floats.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_push(
+    kv: *mut PskvKvStore,
+    key: i64,
+    data: *const f32,
+    len: usize,
+    priority: c_int,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let v = floats(data, len, "data")?;
+        let t = Tensor::from_slice(h.kv.engine(), &[len], v, Context::Cpu).map_err(kv_err)?;
+        h.kv.push(self::key(key)?, &[t], priority).map_err(kv_err)
+    })
+}
+
+/// Pulls `key`'s value into `out` (`len` floats); returns once `out` holds
+/// it, after every push of this handle before it.
+///
+/// # Safety
+/// `kv` is a live handle; `out` points to `len` writable floats.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_pull(
+    kv: *mut PskvKvStore,
+    key: i64,
+    out: *mut f32,
+    len: usize,
+    priority: c_int,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        floats(out, len, "out")?;
+        let t = Tensor::zeros(h.kv.engine(), &[len], DType::F32, Context::Cpu).map_err(kv_err)?;
+        h.kv.pull(self::key(key)?, std::slice::from_ref(&t), priority)
+            .map_err(kv_err)?;
+        let v = t.to_vec::<f32>().map_err(kv_err)?;
+        std::slice::from_raw_parts_mut(out, len).copy_from_slice(&v);
+        Ok(())
+    })
+}
+
+/// Pushes `data` and pulls the result into `out` (one round trip in a
+/// distributed store); `data` and `out` may be the same buffer.
+///
+/// # Safety
+/// `kv` is a live handle; `data` and `out` point to `len` floats.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_pushpull(
+    kv: *mut PskvKvStore,
+    key: i64,
+    data: *const f32,
+    out: *mut f32,
+    len: usize,
+    priority: c_int,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let v = floats(data, len, "data")?;
+        floats(out, len, "out")?;
+        let e = h.kv.engine();
+        let t = Tensor::from_slice(e, &[len], v, Context::Cpu).map_err(kv_err)?;
+        let o = Tensor::zeros(e, &[len], DType::F32, Context::Cpu).map_err(kv_err)?;
+        h.kv.pushpull(self::key(key)?, &[t], std::slice::from_ref(&o), priority)
+            .map_err(kv_err)?;
+        let r = o.to_vec::<f32>().map_err(kv_err)?;
+        std::slice::from_raw_parts_mut(out, len).copy_from_slice(&r);
+        Ok(())
+    })
+}
+
+/// Sets the optimizer the servers (or a local store) run on pushes: `name`
+/// is sgd, nag, adam or adagrad; `params` is "" or comma-separated
+/// `name=value` pairs with MXNet's names (learning_rate, momentum, wd,
+/// rescale_grad, clip_gradient, beta1, beta2, epsilon).
+///
+/// # Safety
+/// `kv` is a live handle; `name` and `params` are NUL-terminated strings.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_set_optimizer(
+    kv: *mut PskvKvStore,
+    name: *const c_char,
+    params: *const c_char,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let name = string(name, "name")?;
+        let params = string(params, "params")?;
+        let mut pairs = Vec::new();
+        for p in params.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| arg(format!("optimizer parameter '{p}': expected name=value")))?;
+            let v: f64 = v
+                .trim()
+                .parse()
+                .map_err(|_| arg(format!("optimizer parameter '{p}': not a number")))?;
+            pairs.push((k.trim(), v));
+        }
+        let opt = Optimizer::create(name, &pairs).map_err(kv_err)?;
+        h.kv.set_optimizer(opt).map_err(kv_err)
+    })
+}
+
+/// Waits until every worker reached the barrier.
+///
+/// # Safety
+/// `kv` is a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_barrier(kv: *mut PskvKvStore) -> c_int {
+    guard(|| handle(kv)?.kv.barrier().map_err(kv_err))
+}
+
+/// Writes this worker's rank (0 for a local store) to `*out`.
+///
+/// # Safety
+/// `kv` is a live handle; `out` points to writable storage.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_rank(kv: *const PskvKvStore, out: *mut c_int) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let o = out.as_mut().ok_or_else(|| arg("out is a null pointer"))?;
+        *o = h.kv.rank() as c_int;
+        Ok(())
+    })
+}
+
+/// Writes the number of workers (1 for a local store) to `*out`.
+///
+/// # Safety
+/// `kv` is a live handle; `out` points to writable storage.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_num_workers(kv: *const PskvKvStore, out: *mut c_int) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let o = out.as_mut().ok_or_else(|| arg("out is a null pointer"))?;
+        *o = h.kv.num_workers() as c_int;
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last() -> String {
+        // SAFETY: pskv_last_error returns a valid C string.
+        unsafe { CStr::from_ptr(pskv_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn a_local_store_through_the_c_abi() {
+        unsafe {
+            let mut kv: *mut PskvKvStore = std::ptr::null_mut();
+            assert_eq!(pskv_create(c"local".as_ptr(), &mut kv), PSKV_OK);
+            let mut r = -1;
+            assert_eq!(pskv_rank(kv, &mut r), PSKV_OK);
+            assert_eq!(r, 0);
+            assert_eq!(pskv_num_workers(kv, &mut r), PSKV_OK);
+            assert_eq!(r, 1);
+            let v = [1.0f32, 2.0, 3.0];
+            assert_eq!(pskv_init(kv, 7, v.as_ptr(), 3), PSKV_OK);
+            assert_eq!(
+                pskv_set_optimizer(kv, c"sgd".as_ptr(), c"learning_rate=0.5".as_ptr()),
+                PSKV_OK
+            );
+            assert_eq!(pskv_push(kv, 7, [2.0f32, 2.0, 2.0].as_ptr(), 3, 0), PSKV_OK);
+            let mut out = [0.0f32; 3];
+            assert_eq!(pskv_pull(kv, 7, out.as_mut_ptr(), 3, 0), PSKV_OK);
+            assert_eq!(out, [0.0, 1.0, 2.0]);
+            let mut io = [2.0f32, 2.0, 2.0];
+            assert_eq!(
+                pskv_pushpull(kv, 7, io.as_ptr(), io.as_mut_ptr(), 3, 0),
+                PSKV_OK
+            );
+            assert_eq!(io, [-1.0, 0.0, 1.0]);
+            assert_eq!(pskv_barrier(kv), PSKV_OK);
+
+            // Errors: codes and messages, never an abort.
+            assert_eq!(pskv_pull(kv, 8, out.as_mut_ptr(), 3, 0), PSKV_ERR_KVSTORE);
+            assert!(last().contains('8'), "{}", last());
+            assert_eq!(pskv_pull(kv, 7, out.as_mut_ptr(), 2, 0), PSKV_ERR_KVSTORE);
+            assert_eq!(pskv_push(kv, 7, std::ptr::null(), 3, 0), PSKV_ERR_ARGUMENT);
+            assert!(last().contains("null"));
+            assert_eq!(pskv_init(kv, -1, v.as_ptr(), 3), PSKV_ERR_KVSTORE);
+            assert_eq!(
+                pskv_set_optimizer(kv, c"sgd".as_ptr(), c"learning_rate".as_ptr()),
+                PSKV_ERR_ARGUMENT
+            );
+            assert_eq!(
+                pskv_set_optimizer(kv, c"rmsprop".as_ptr(), c"".as_ptr()),
+                PSKV_ERR_KVSTORE
+            );
+            assert_eq!(pskv_rank(std::ptr::null(), &mut r), PSKV_ERR_ARGUMENT);
+            assert_eq!(pskv_free(kv), PSKV_OK);
+            assert_eq!(pskv_free(std::ptr::null_mut()), PSKV_OK);
+
+            let mut bad: *mut PskvKvStore = std::ptr::null_mut();
+            assert_eq!(pskv_create(c"nope".as_ptr(), &mut bad), PSKV_ERR_KVSTORE);
+            assert!(last().contains("unknown kvstore type"));
+            assert!(bad.is_null());
+            assert_eq!(pskv_create(std::ptr::null(), &mut bad), PSKV_ERR_ARGUMENT);
+        }
+    }
+}

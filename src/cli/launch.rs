@@ -1,0 +1,856 @@
+//! `pskv launch`: starts a job's scheduler, servers and workers and watches
+//! them until the workers are done.
+//!
+//! Launchers:
+//! - `local`: every process a child of this one, on this host.
+//! - `ssh`: the scheduler here; servers and workers round-robin over the
+//!   hosts of a hostfile, each through `ssh HOST 'cd DIR && env ... CMD'`
+//!   (the same paths must exist there, as with MXNet's launch.py).
+//! - `mpi`, `slurm`: this process is one rank of `mpirun`/`srun`; it takes
+//!   its role from the rank variables (rank 0 the scheduler, ranks 1..=S
+//!   servers, the rest workers) and replaces itself with that role.
+//!
+//! States of a supervised job (`Job`): *running* until (a) every worker
+//! exits 0: the scheduler and servers get a grace period to leave, then the
+//! job is *done*; (b) a worker exits non-zero, a server or the scheduler
+//! fails, the deadline passes or a stop signal arrives: the job is *torn
+//! down* (SIGTERM to every member's process group, SIGKILL after a grace
+//! period). Dropping a `Job` tears it down too.
+//!
+//! Children never outlive the launcher: each child starts its own process
+//! group (so the job is stopped as a whole, grandchildren included) and asks
+//! the kernel to SIGKILL it when its parent dies (`PR_SET_PDEATHSIG`), so a
+//! launcher killed with SIGKILL takes its children with it.
+//!
+//! Subtle: `PR_SET_PDEATHSIG` fires when the *thread* that forked the child
+//! exits, not the process. Jobs are started and supervised from the thread
+//! that owns the `Job` (the main thread in `pskv`), which outlives them.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long the scheduler and servers may take to leave after the workers.
+const LEAVE_GRACE: Duration = Duration::from_secs(10);
+/// How long members get between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_secs(3);
+/// The supervision loop's period.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Which launcher starts the processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launcher {
+    /// Child processes on this host.
+    Local,
+    /// Remote processes through ssh.
+    Ssh,
+    /// A rank of `mpirun`.
+    Mpi,
+    /// A task of `srun`.
+    Slurm,
+}
+
+impl std::str::FromStr for Launcher {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Launcher, String> {
+        Ok(match s {
+            "local" => Launcher::Local,
+            "ssh" => Launcher::Ssh,
+            "mpi" => Launcher::Mpi,
+            "slurm" => Launcher::Slurm,
+            _ => {
+                return Err(format!(
+                    "unknown launcher '{s}': expected local, ssh, mpi or slurm"
+                ))
+            }
+        })
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct JobSpec {
+    /// Workers.
+    pub workers: u32,
+    /// Servers.
+    pub servers: u32,
+    /// Added to every process's environment (after the DMLC_* variables, so
+    /// these win).
+    pub env: Vec<(String, String)>,
+    /// Each worker's command and arguments.
+    pub command: Vec<OsString>,
+    /// Pipe the workers' stdout to the launcher (`Job::take_stdout`)
+    /// instead of inheriting it.
+    pub capture_stdout: bool,
+    /// ssh: the hosts, in order.
+    pub hosts: Vec<String>,
+    /// The scheduler's address as the other nodes reach it (ssh, mpi,
+    /// slurm; `local` uses 127.0.0.1).
+    pub root_uri: Option<String>,
+}
+
+impl JobSpec {
+    /// A local job running `command` as each worker.
+    pub fn local(workers: u32, servers: u32, command: Vec<OsString>) -> JobSpec {
+        JobSpec {
+            workers,
+            servers,
+            env: Vec::new(),
+            command,
+            capture_stdout: false,
+            hosts: Vec::new(),
+            root_uri: None,
+        }
+    }
+}
+
+/// Why a job did not succeed, and the exit status `pskv launch` gives.
+#[derive(Debug)]
+pub struct Failure {
+    /// What happened.
+    pub message: String,
+    /// The launcher's exit status.
+    pub code: u8,
+}
+
+impl Failure {
+    fn new(message: impl Into<String>, code: u8) -> Failure {
+        Failure {
+            message: message.into(),
+            code,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The exit status a launcher reports for a member's status (a shell's
+/// convention: 128 + signal for a killed process).
+fn code_of(st: ExitStatus) -> u8 {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => c.clamp(1, 255) as u8,
+        (None, Some(s)) => (128 + s).clamp(1, 255) as u8,
+        _ => 1,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Scheduler,
+    Server(u32),
+    Worker(u32),
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Scheduler => write!(f, "the scheduler"),
+            Role::Server(i) => write!(f, "server {i}"),
+            Role::Worker(i) => write!(f, "worker {i}"),
+        }
+    }
+}
+
+struct Member {
+    role: Role,
+    child: Child,
+    status: Option<ExitStatus>,
+}
+
+/// A running job (see the module docs for its states).
+pub struct Job {
+    members: Vec<Member>,
+    torn_down: bool,
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+pub fn free_port() -> Result<u16, String> {
+    let l =
+        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a port: {e}"))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| format!("finding a port: {e}"))
+}
+
+/// A fresh random cluster token (hex of 16 bytes from the OS).
+fn random_token() -> Result<String, String> {
+    let mut b = [0u8; 16];
+    let mut f =
+        std::fs::File::open("/dev/urandom").map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    io::Read::read_exact(&mut f, &mut b).map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+fn pskv_exe() -> Result<PathBuf, String> {
+    std::env::current_exe().map_err(|e| format!("locating the pskv program: {e}"))
+}
+
+/// Makes `c` start in its own process group and die with its parent.
+fn detach_and_tie(c: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs between fork and exec and calls only
+    // async-signal-safe functions (setpgid, prctl, getppid, _exit).
+    unsafe {
+        c.pre_exec(move || {
+            if libc::setpgid(0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before the prctl: then nobody will
+            // signal us, so leave now.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Quotes `s` for a POSIX shell.
+fn sh_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+/// Reads an MPI-style hostfile: one host per line (`host`, `host slots=N`
+/// or `host:N`; the count is ignored), `#` comments.
+pub fn read_hostfile(path: &Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("reading the hostfile {}: {e}", path.display()))?;
+    let hosts: Vec<String> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or("").trim())
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let h = l.split_whitespace().next().unwrap_or(l);
+            h.split(':').next().unwrap_or(h).to_string()
+        })
+        .collect();
+    if hosts.is_empty() {
+        return Err(format!("the hostfile {} names no host", path.display()));
+    }
+    Ok(hosts)
+}
+
+/// This host's address on the route towards `host` (no packet is sent).
+fn address_towards(host: &str) -> Result<String, String> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    s.connect((host, 9))
+        .map_err(|e| format!("finding this host's address towards {host}: {e}"))?;
+    Ok(s.local_addr().map_err(|e| e.to_string())?.ip().to_string())
+}
+
+impl Job {
+    /// Starts a `local` or `ssh` job.
+    pub fn start(spec: &JobSpec, launcher: Launcher) -> Result<Job, String> {
+        if spec.workers == 0 || spec.servers == 0 {
+            return Err("a job needs at least one worker (-n) and one server (-s)".into());
+        }
+        if spec.command.is_empty() {
+            return Err("no worker command given (pskv launch ... -- CMD ARGS)".into());
+        }
+        let exe = pskv_exe()?;
+        let port = free_port()?;
+        let remote = launcher == Launcher::Ssh;
+        if remote && spec.hosts.is_empty() {
+            return Err("the ssh launcher needs a hostfile (-H FILE)".into());
+        }
+        let root = match (&spec.root_uri, remote) {
+            (Some(r), _) => r.clone(),
+            (None, false) => "127.0.0.1".to_string(),
+            (None, true) => address_towards(&spec.hosts[0])?,
+        };
+        let mut env: Vec<(String, String)> = vec![
+            ("DMLC_PS_ROOT_URI".into(), root.clone()),
+            ("DMLC_PS_ROOT_PORT".into(), port.to_string()),
+            ("DMLC_NUM_WORKER".into(), spec.workers.to_string()),
+            ("DMLC_NUM_SERVER".into(), spec.servers.to_string()),
+        ];
+        if !remote {
+            env.push(("DMLC_NODE_HOST".into(), "127.0.0.1".into()));
+        }
+        // A job-wide token unless the caller set one: other users of this
+        // host cannot join or read the job.
+        let has_token = std::env::var_os("PSKV_TOKEN").is_some()
+            || spec.env.iter().any(|(k, _)| k == "PSKV_TOKEN");
+        if !has_token {
+            env.push(("PSKV_TOKEN".into(), random_token()?));
+        }
+        env.extend(spec.env.iter().cloned());
+
+        let mut job = Job {
+            members: Vec::new(),
+            torn_down: false,
+        };
+        let exe_s = exe.to_string_lossy().into_owned();
+        let start = |job: &mut Job,
+                     role: Role,
+                     host: Option<&str>,
+                     program: Vec<OsString>|
+         -> Result<(), String> {
+            let (role_name, extra): (&str, Vec<(String, String)>) = match role {
+                Role::Scheduler => ("scheduler", vec![]),
+                Role::Server(i) => ("server", vec![("DMLC_SERVER_ID".into(), i.to_string())]),
+                Role::Worker(i) => ("worker", vec![("DMLC_WORKER_ID".into(), i.to_string())]),
+            };
+            let mut c = match host {
+                None => {
+                    let mut c = Command::new(&program[0]);
+                    c.args(&program[1..])
+                        .envs(env.iter().map(|(k, v)| (k, v)))
+                        .env("DMLC_ROLE", role_name)
+                        .envs(extra.iter().map(|(k, v)| (k, v)));
+                    c
+                }
+                Some(h) => {
+                    let dir = std::env::current_dir()
+                        .map_err(|e| format!("reading the working directory: {e}"))?;
+                    let mut line = format!("cd {} && env", sh_quote(&dir.to_string_lossy()));
+                    for (k, v) in env
+                        .iter()
+                        .chain(std::iter::once(&("DMLC_ROLE".into(), role_name.into())))
+                        .chain(extra.iter())
+                    {
+                        line.push(' ');
+                        line.push_str(&sh_quote(&format!("{k}={v}")));
+                    }
+                    for a in &program {
+                        line.push(' ');
+                        line.push_str(&sh_quote(&a.to_string_lossy()));
+                    }
+                    let ssh = std::env::var("PSKV_SSH").unwrap_or_else(|_| "ssh".into());
+                    let mut c = Command::new(ssh);
+                    c.args([
+                        "-o",
+                        "BatchMode=yes",
+                        "-o",
+                        "StrictHostKeyChecking=no",
+                        h,
+                        &line,
+                    ]);
+                    c
+                }
+            };
+            c.stdin(Stdio::null());
+            if matches!(role, Role::Worker(_)) && spec.capture_stdout {
+                c.stdout(Stdio::piped());
+            } else if !matches!(role, Role::Worker(_)) {
+                c.stdout(Stdio::null());
+            }
+            detach_and_tie(&mut c);
+            let child = c
+                .spawn()
+                .map_err(|e| format!("starting {role} ({:?}): {e}", program[0]))?;
+            job.members.push(Member {
+                role,
+                child,
+                status: None,
+            });
+            Ok(())
+        };
+        let exe_os = OsString::from(&exe_s);
+        start(
+            &mut job,
+            Role::Scheduler,
+            None,
+            vec![exe_os.clone(), "scheduler".into()],
+        )?;
+        let host_of = |i: u32| {
+            if remote {
+                Some(spec.hosts[i as usize % spec.hosts.len()].as_str())
+            } else {
+                None
+            }
+        };
+        for i in 0..spec.servers {
+            start(
+                &mut job,
+                Role::Server(i),
+                host_of(i),
+                vec![exe_os.clone(), "server".into()],
+            )?;
+        }
+        for i in 0..spec.workers {
+            start(
+                &mut job,
+                Role::Worker(i),
+                host_of(spec.servers + i),
+                spec.command.clone(),
+            )?;
+        }
+        Ok(job)
+    }
+
+    /// Worker `i`'s stdout, when the spec captured it (once).
+    pub fn take_stdout(&mut self, i: u32) -> Option<ChildStdout> {
+        self.members
+            .iter_mut()
+            .find(|m| m.role == Role::Worker(i))
+            .and_then(|m| m.child.stdout.take())
+    }
+
+    /// Watches the job until every worker has exited 0 (`Ok`), or a member
+    /// fails, `stop` is raised or `timeout` passes (the job is torn down and
+    /// the failure says why).
+    pub fn supervise(
+        &mut self,
+        stop: &AtomicBool,
+        timeout: Option<Duration>,
+    ) -> Result<(), Failure> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut workers_done_at: Option<Instant> = None;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                self.teardown();
+                return Err(Failure::new("interrupted: the job was stopped", 130));
+            }
+            for m in self.members.iter_mut().filter(|m| m.status.is_none()) {
+                match m.child.try_wait() {
+                    Ok(Some(st)) => m.status = Some(st),
+                    Ok(None) => {}
+                    Err(e) => {
+                        let msg = format!("watching {}: {e}", m.role);
+                        self.teardown();
+                        return Err(Failure::new(msg, 1));
+                    }
+                }
+            }
+            // A failure of any member ends the job.
+            let failed = self
+                .members
+                .iter()
+                .find(|m| m.status.is_some_and(|s| !s.success()));
+            if let Some(m) = failed {
+                let st = m.status.expect("checked");
+                let msg = format!("{} exited with {st}; the job was stopped", m.role);
+                let code = if matches!(m.role, Role::Worker(_)) {
+                    code_of(st)
+                } else {
+                    1
+                };
+                self.teardown();
+                return Err(Failure::new(msg, code));
+            }
+            let workers_running = self
+                .members
+                .iter()
+                .any(|m| matches!(m.role, Role::Worker(_)) && m.status.is_none());
+            let others_running = self
+                .members
+                .iter()
+                .any(|m| !matches!(m.role, Role::Worker(_)) && m.status.is_none());
+            if !workers_running {
+                let since = *workers_done_at.get_or_insert_with(Instant::now);
+                if !others_running {
+                    self.torn_down = true;
+                    return Ok(());
+                }
+                if since.elapsed() > LEAVE_GRACE {
+                    // The workers succeeded: servers that linger are
+                    // stopped, and the job still counts as done.
+                    eprintln!(
+                        "pskv launch: servers still running {LEAVE_GRACE:?} after the workers finished; stopping them"
+                    );
+                    self.teardown();
+                    return Ok(());
+                }
+            } else if let Some(d) = deadline {
+                if Instant::now() > d {
+                    let t = timeout.unwrap_or_default();
+                    self.teardown();
+                    return Err(Failure::new(
+                        format!("the workers did not finish within {t:?}; the job was stopped"),
+                        124,
+                    ));
+                }
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// SIGTERM to every live member's process group, then SIGKILL after a
+    /// grace period; reaps every member.
+    pub fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        let signal_all = |members: &mut [Member], sig: libc::c_int| {
+            for m in members.iter_mut().filter(|m| m.status.is_none()) {
+                // SAFETY: plain kill(2) on the group this child leads.
+                unsafe {
+                    libc::kill(-(m.child.id() as libc::pid_t), sig);
+                }
+            }
+        };
+        signal_all(&mut self.members, libc::SIGTERM);
+        let until = Instant::now() + KILL_GRACE;
+        while Instant::now() < until {
+            let mut live = false;
+            for m in self.members.iter_mut().filter(|m| m.status.is_none()) {
+                match m.child.try_wait() {
+                    Ok(Some(st)) => m.status = Some(st),
+                    Ok(None) => live = true,
+                    Err(_) => m.status = Some(ExitStatus::from_raw(0)),
+                }
+            }
+            if !live {
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
+        signal_all(&mut self.members, libc::SIGKILL);
+        for m in self.members.iter_mut().filter(|m| m.status.is_none()) {
+            let _ = m.child.kill();
+            m.status = m.child.wait().ok();
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        self.teardown();
+        // Members' groups may hold grandchildren that outlived their
+        // leader: stop them as well.
+        for m in &self.members {
+            // SAFETY: plain kill(2); a group that is gone answers ESRCH.
+            unsafe {
+                libc::kill(-(m.child.id() as libc::pid_t), libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Runs a local job whose workers' stdout is collected; returns each
+/// worker's output once all of them exited 0. `on_line` sees every
+/// worker's lines as they come (ranks are the scheduler's to give, so the
+/// launch order says nothing of which worker is rank 0).
+pub fn run_collecting(
+    spec: &JobSpec,
+    timeout: Duration,
+    on_line: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
+) -> Result<Vec<String>, String> {
+    let mut spec = spec.clone();
+    spec.capture_stdout = true;
+    let mut job = Job::start(&spec, Launcher::Local)?;
+    // Read every worker's stdout on its own thread so that none blocks.
+    let readers: Vec<_> = (0..spec.workers)
+        .map(|i| {
+            let out = job.take_stdout(i);
+            let on_line = on_line.clone();
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                let Some(o) = out else { return s };
+                for line in io::BufRead::lines(io::BufReader::new(o)).map_while(Result::ok) {
+                    on_line(&line);
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+                s
+            })
+        })
+        .collect();
+    let stop = stop_flag()?;
+    let result = job.supervise(&stop, Some(timeout));
+    drop(job);
+    let outs: Vec<String> = readers
+        .into_iter()
+        .map(|t| t.join().unwrap_or_default())
+        .collect();
+    result.map_err(|f| f.message)?;
+    Ok(outs)
+}
+
+/// Raises the returned flag on SIGINT, SIGTERM and SIGHUP.
+pub fn stop_flag() -> Result<std::sync::Arc<AtomicBool>, String> {
+    let flag = std::sync::Arc::new(AtomicBool::new(false));
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(sig, flag.clone())
+            .map_err(|e| format!("installing a signal handler: {e}"))?;
+    }
+    Ok(flag)
+}
+
+/// The rank and size of this process under `mpirun` or `srun`.
+fn rank_and_size(
+    launcher: Launcher,
+    get: &dyn Fn(&str) -> Option<String>,
+) -> Result<(u32, u32), String> {
+    let pairs: &[(&str, &str)] = match launcher {
+        Launcher::Slurm => &[
+            ("SLURM_PROCID", "SLURM_NTASKS"),
+            ("SLURM_PROCID", "SLURM_NPROCS"),
+        ],
+        _ => &[
+            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+            ("PMI_RANK", "PMI_SIZE"),
+            ("PMIX_RANK", "PMIX_SIZE"),
+            ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"),
+        ],
+    };
+    for (r, s) in pairs {
+        if let (Some(rv), Some(sv)) = (get(r), get(s)) {
+            let parse = |name: &str, v: &str| {
+                v.trim()
+                    .parse::<u32>()
+                    .map_err(|_| format!("{name}={v}: not a number"))
+            };
+            return Ok((parse(r, &rv)?, parse(s, &sv)?));
+        }
+    }
+    let names: Vec<String> = pairs.iter().map(|(r, s)| format!("{r}/{s}")).collect();
+    Err(format!(
+        "the {launcher:?} launcher runs as one rank of mpirun/srun, but none of {} is set",
+        names.join(", ")
+    ))
+}
+
+/// The first host of a Slurm node list (`node[01-04,7],gpu2` → `node01`).
+pub fn first_slurm_host(list: &str) -> Option<String> {
+    let list = list.trim();
+    let end = list
+        .char_indices()
+        .scan(0i32, |depth, (i, c)| {
+            match c {
+                '[' => *depth += 1,
+                ']' => *depth -= 1,
+                _ => {}
+            }
+            Some((i, c, *depth))
+        })
+        .find(|&(_, c, d)| c == ',' && d == 0)
+        .map(|(i, _, _)| i)
+        .unwrap_or(list.len());
+    let first = &list[..end];
+    if first.is_empty() {
+        return None;
+    }
+    match first.find('[') {
+        None => Some(first.to_string()),
+        Some(b) => {
+            let inner = first[b + 1..].trim_end_matches(']');
+            let lo = inner.split([',', '-']).next()?;
+            if lo.is_empty() {
+                return None;
+            }
+            Some(format!("{}{}", &first[..b], lo))
+        }
+    }
+}
+
+/// A rank's program (with its arguments) and the environment to run it with.
+pub type RankPlan = (Vec<OsString>, Vec<(String, String)>);
+
+/// What one rank under `mpirun`/`srun` runs: its role's program and the
+/// environment to run it with.
+pub fn rank_plan(
+    spec: &JobSpec,
+    launcher: Launcher,
+    get: &dyn Fn(&str) -> Option<String>,
+) -> Result<RankPlan, String> {
+    let (rank, size) = rank_and_size(launcher, get)?;
+    let want = 1 + spec.servers + spec.workers;
+    if size != want {
+        return Err(format!(
+            "{size} ranks were started, but 1 scheduler + {} servers + {} workers need {want}",
+            spec.servers, spec.workers
+        ));
+    }
+    if rank >= size {
+        return Err(format!("rank {rank} is not below the size {size}"));
+    }
+    let root = match spec.root_uri.clone().or_else(|| get("DMLC_PS_ROOT_URI")) {
+        Some(r) => r,
+        None => {
+            let local_size = get("OMPI_COMM_WORLD_LOCAL_SIZE")
+                .or_else(|| get("MPI_LOCALNRANKS"))
+                .or_else(|| get("SLURM_NTASKS_PER_NODE"));
+            let nodelist = get("SLURM_JOB_NODELIST").or_else(|| get("SLURM_NODELIST"));
+            match (launcher, nodelist, local_size) {
+                (Launcher::Slurm, Some(l), _) => first_slurm_host(&l).ok_or_else(|| {
+                    format!("cannot read the first host of SLURM_JOB_NODELIST={l}")
+                })?,
+                (_, _, Some(n)) if n.trim() == size.to_string() => "127.0.0.1".to_string(),
+                _ => {
+                    return Err("set DMLC_PS_ROOT_URI (or --root-uri) to rank 0's host: \
+                                the ranks span several hosts"
+                        .into())
+                }
+            }
+        }
+    };
+    // Every rank must agree on the port without talking: the environment's,
+    // or one derived from the job id, or 9091.
+    let port = match get("DMLC_PS_ROOT_PORT") {
+        Some(p) => p,
+        None => {
+            let job = get("SLURM_JOB_ID")
+                .or_else(|| get("OMPI_MCA_ess_base_jobid"))
+                .and_then(|j| j.trim().parse::<u64>().ok());
+            (9091 + job.map(|j| j % 20000).unwrap_or(0)).to_string()
+        }
+    };
+    let mut env: Vec<(String, String)> = vec![
+        ("DMLC_PS_ROOT_URI".into(), root),
+        ("DMLC_PS_ROOT_PORT".into(), port),
+        ("DMLC_NUM_WORKER".into(), spec.workers.to_string()),
+        ("DMLC_NUM_SERVER".into(), spec.servers.to_string()),
+    ];
+    let exe = OsString::from(pskv_exe()?);
+    let program = if rank == 0 {
+        env.push(("DMLC_ROLE".into(), "scheduler".into()));
+        vec![exe, "scheduler".into()]
+    } else if rank <= spec.servers {
+        env.push(("DMLC_ROLE".into(), "server".into()));
+        env.push(("DMLC_SERVER_ID".into(), (rank - 1).to_string()));
+        vec![exe, "server".into()]
+    } else {
+        env.push(("DMLC_ROLE".into(), "worker".into()));
+        env.push((
+            "DMLC_WORKER_ID".into(),
+            (rank - 1 - spec.servers).to_string(),
+        ));
+        spec.command.clone()
+    };
+    env.extend(spec.env.iter().cloned());
+    Ok((program, env))
+}
+
+/// Under `mpirun`/`srun`: becomes this rank's role (does not return unless
+/// it cannot).
+pub fn exec_rank(spec: &JobSpec, launcher: Launcher) -> Failure {
+    if spec.command.is_empty() {
+        return Failure::new("no worker command given (pskv launch ... -- CMD ARGS)", 2);
+    }
+    match rank_plan(spec, launcher, &|k| std::env::var(k).ok()) {
+        Err(e) => Failure::new(e, 2),
+        Ok((program, env)) => {
+            let err = Command::new(&program[0])
+                .args(&program[1..])
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .exec();
+            Failure::new(format!("running {:?}: {err}", program[0]), 1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slurm_node_lists() {
+        assert_eq!(
+            first_slurm_host("node[01-04,7],gpu2").as_deref(),
+            Some("node01")
+        );
+        assert_eq!(first_slurm_host("a1,b2").as_deref(), Some("a1"));
+        assert_eq!(first_slurm_host("gpu[3]").as_deref(), Some("gpu3"));
+        assert_eq!(first_slurm_host("x[2,5-6]").as_deref(), Some("x2"));
+        assert_eq!(first_slurm_host(""), None);
+    }
+
+    #[test]
+    fn quoting_for_the_remote_shell() {
+        assert_eq!(sh_quote("abc-1.2"), "abc-1.2");
+        assert_eq!(sh_quote("a b"), "'a b'");
+        assert_eq!(sh_quote("it's"), r"'it'\''s'");
+        assert_eq!(sh_quote(""), "''");
+    }
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let v: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k: &str| v.iter().find(|(kk, _)| kk == k).map(|(_, vv)| vv.clone())
+    }
+
+    #[test]
+    fn ranks_take_their_roles() {
+        let spec = JobSpec::local(2, 1, vec!["prog".into(), "arg".into()]);
+        let env = |r: &str| {
+            lookup(&[
+                ("OMPI_COMM_WORLD_RANK", r),
+                ("OMPI_COMM_WORLD_SIZE", "4"),
+                ("OMPI_COMM_WORLD_LOCAL_SIZE", "4"),
+            ])
+        };
+        let role = |e: &[(String, String)]| {
+            e.iter()
+                .find(|(k, _)| k == "DMLC_ROLE")
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        let (p, e) = rank_plan(&spec, Launcher::Mpi, &env("0")).unwrap();
+        assert_eq!(role(&e), "scheduler");
+        assert_eq!(p[1], "scheduler");
+        let (_, e) = rank_plan(&spec, Launcher::Mpi, &env("1")).unwrap();
+        assert_eq!(role(&e), "server");
+        let (p, e) = rank_plan(&spec, Launcher::Mpi, &env("3")).unwrap();
+        assert_eq!(role(&e), "worker");
+        assert_eq!(p, vec![OsString::from("prog"), OsString::from("arg")]);
+        assert!(e.contains(&("DMLC_WORKER_ID".into(), "1".into())));
+        assert!(e.contains(&("DMLC_PS_ROOT_URI".into(), "127.0.0.1".into())));
+
+        // Wrong size, no rank variables, several hosts without a root.
+        let bad = lookup(&[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "3")]);
+        assert!(rank_plan(&spec, Launcher::Mpi, &bad)
+            .unwrap_err()
+            .contains("need 4"));
+        assert!(rank_plan(&spec, Launcher::Mpi, &lookup(&[]))
+            .unwrap_err()
+            .contains("OMPI_COMM_WORLD_RANK"));
+        let multi = lookup(&[("PMI_RANK", "2"), ("PMI_SIZE", "4")]);
+        assert!(rank_plan(&spec, Launcher::Mpi, &multi)
+            .unwrap_err()
+            .contains("DMLC_PS_ROOT_URI"));
+        let slurm = lookup(&[
+            ("SLURM_PROCID", "1"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_JOB_NODELIST", "n[07-09]"),
+            ("SLURM_JOB_ID", "12"),
+        ]);
+        let (_, e) = rank_plan(&spec, Launcher::Slurm, &slurm).unwrap();
+        assert!(e.contains(&("DMLC_PS_ROOT_URI".into(), "n07".into())));
+        assert!(e.contains(&("DMLC_PS_ROOT_PORT".into(), "9103".into())));
+    }
+
+    #[test]
+    fn hostfiles() {
+        let dir = std::env::temp_dir().join(format!("pskv-hosts-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "# cluster\nnode1 slots=4\nnode2:2\n\n  node3  # last\n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_hostfile(&dir).unwrap(),
+            vec!["node1", "node2", "node3"]
+        );
+        std::fs::write(&dir, "# nothing\n").unwrap();
+        assert!(read_hostfile(&dir).unwrap_err().contains("names no host"));
+        std::fs::remove_file(&dir).unwrap();
+        assert!(read_hostfile(&dir).is_err());
+    }
+}
