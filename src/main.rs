@@ -34,6 +34,9 @@ enum Command {
     Server,
     /// Show the dependency engine's configuration as read from the environment.
     EngineConfig,
+    /// The helper of `pskv launch` that stops a job whose launcher died.
+    #[command(hide = true)]
+    LaunchWatchdog,
     /// A worker of `pskv bench` (started by it).
     #[command(hide = true)]
     BenchWorker(BenchArgs),
@@ -355,6 +358,10 @@ fn main() -> ExitCode {
             Err(e) => fail("bench worker", e),
         },
         Command::Launch(a) => launch(&a),
+        Command::LaunchWatchdog => {
+            cli::launch::watchdog_main();
+            ExitCode::SUCCESS
+        }
         Command::Scheduler => match cli::roles::scheduler() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("scheduler", e),

@@ -41,6 +41,14 @@ fn target_dir() -> PathBuf {
 
 #[test]
 fn the_c_example_trains_under_pskv_launch() {
+    // `cargo test` links the tests against the rlib and leaves the static
+    // library alone: build it (a no-op when it is fresh).
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "--lib", "-p", "pskv"])
+        .current_dir(root())
+        .status()
+        .unwrap();
+    assert!(st.success(), "building libpskv.a");
     let dir = target_dir();
     let lib = dir.join("libpskv.a");
     assert!(lib.exists(), "{} was not built", lib.display());

@@ -187,7 +187,12 @@ fn launch_stops_the_job_when_a_worker_fails() {
 }
 
 fn start_long_job(dir: &Path) -> (std::process::Child, Vec<u32>) {
-    let script = format!("echo $$ > {}/$DMLC_WORKER_ID; exec sleep 60", dir.display());
+    // Each worker is a shell with a grandchild (`sleep`), whose pid goes to
+    // a file of its own.
+    let script = format!(
+        "sleep 60 & echo $! > {d}/g$DMLC_WORKER_ID; echo $$ > {d}/$DMLC_WORKER_ID; wait",
+        d = dir.display()
+    );
     let launcher = pskv()
         .args(["launch", "-n", "2", "-s", "1", "--", "sh", "-c", &script])
         .stdout(Stdio::null())
@@ -195,14 +200,15 @@ fn start_long_job(dir: &Path) -> (std::process::Child, Vec<u32>) {
         .spawn()
         .unwrap();
     wait_until("the workers to start", Duration::from_secs(20), || {
-        read_pids(dir).len() == 2
+        read_pids(dir).len() == 4
     });
-    // Scheduler, server and the two workers.
+    // Watchdog, scheduler, server and the two workers; then the grandchildren.
     let mut kids = Vec::new();
-    wait_until("the launcher's 4 children", Duration::from_secs(20), || {
+    wait_until("the launcher's 5 children", Duration::from_secs(20), || {
         kids = children(launcher.id());
-        kids.len() == 4
+        kids.len() == 5
     });
+    kids.extend(read_pids(dir));
     (launcher, kids)
 }
 
@@ -459,19 +465,18 @@ fn bench_writes_a_table_json_and_a_chart() {
 
 #[test]
 fn the_rust_example_trains_under_pskv_launch() {
-    // `cargo test` builds the examples; a filtered run may not have.
+    // A filtered `cargo test` may not have built the example: build it (a
+    // no-op when it is fresh).
     let exe = Path::new(env!("CARGO_BIN_EXE_pskv"))
         .parent()
         .unwrap()
         .join("examples/dist_train");
-    if !exe.exists() {
-        let st = Command::new(env!("CARGO"))
-            .args(["build", "--example", "dist_train"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(st.success(), "building examples/dist_train.rs");
-    }
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "--example", "dist_train"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "building examples/dist_train.rs");
     assert!(exe.exists(), "{} was not built", exe.display());
     let out = pskv()
         .args(["launch", "-n", "2", "-s", "1", "--timeout", "120", "--"])

@@ -22,9 +22,20 @@
 //! the kernel to SIGKILL it when its parent dies (`PR_SET_PDEATHSIG`), so a
 //! launcher killed with SIGKILL takes its children with it.
 //!
+//! `PR_SET_PDEATHSIG` reaches the direct children only; a worker command
+//! such as `sh -c 'python train.py'` has grandchildren. So a job also starts
+//! a watchdog process (`pskv launch-watchdog`, in a group of its own) and
+//! tells it every member's group through a pipe; when the pipe reaches EOF
+//! without a goodbye (the launcher died, however), the watchdog SIGKILLs
+//! every group it was told of and exits.
+//!
 //! Subtle: `PR_SET_PDEATHSIG` fires when the *thread* that forked the child
 //! exits, not the process. Jobs are started and supervised from the thread
 //! that owns the `Job` (the main thread in `pskv`), which outlives them.
+//!
+//! Subtle: the watchdog sees EOF only when no process holds the pipe's write
+//! end. The write end is the launcher's alone because `Command` opens its
+//! pipes close-on-exec, so members never inherit it.
 
 use std::ffi::OsString;
 use std::io;
@@ -169,6 +180,85 @@ struct Member {
 pub struct Job {
     members: Vec<Member>,
     torn_down: bool,
+    watchdog: Option<Watchdog>,
+}
+
+/// The launcher's end of the watchdog (module docs).
+struct Watchdog {
+    child: Child,
+    pipe: std::process::ChildStdin,
+}
+
+impl Watchdog {
+    fn start(exe: &Path) -> Result<Watchdog, String> {
+        let mut c = Command::new(exe);
+        c.arg("launch-watchdog")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null());
+        // SAFETY: only setpgid(2) between fork and exec. A group of its own:
+        // a Ctrl-C at the terminal is the launcher's to handle, not its.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::setpgid(0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = c
+            .spawn()
+            .map_err(|e| format!("starting the launch watchdog: {e}"))?;
+        let pipe = child
+            .stdin
+            .take()
+            .ok_or("the launch watchdog has no stdin")?;
+        Ok(Watchdog { child, pipe })
+    }
+
+    /// Tells the watchdog about a member's process group.
+    fn watch(&mut self, pgid: u32) {
+        let _ = io::Write::write_all(&mut self.pipe, format!("+{pgid}\n").as_bytes());
+    }
+
+    /// The job ended under the launcher's control: the watchdog leaves
+    /// without killing anything.
+    fn dismiss(mut self) {
+        let _ = io::Write::write_all(&mut self.pipe, b"q\n");
+        drop(self.pipe);
+        let _ = self.child.wait();
+    }
+}
+
+/// `pskv launch-watchdog`: reads `+PGID` lines and a final `q` from stdin;
+/// at EOF without `q`, SIGKILLs every group it read.
+pub fn watchdog_main() {
+    // SAFETY: setting signal dispositions to ignore; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    let mut groups = Vec::new();
+    for line in io::BufRead::lines(io::stdin().lock()) {
+        let Ok(line) = line else { break };
+        if line == "q" {
+            return;
+        }
+        if let Some(p) = line
+            .strip_prefix('+')
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        {
+            if p > 1 {
+                groups.push(p);
+            }
+        }
+    }
+    for g in groups {
+        // SAFETY: plain kill(2) on a group; a group that is gone answers ESRCH.
+        unsafe {
+            libc::kill(-g, libc::SIGKILL);
+        }
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released).
@@ -297,6 +387,7 @@ impl Job {
         let mut job = Job {
             members: Vec::new(),
             torn_down: false,
+            watchdog: Some(Watchdog::start(&exe)?),
         };
         let exe_s = exe.to_string_lossy().into_owned();
         let start = |job: &mut Job,
@@ -357,6 +448,9 @@ impl Job {
             let child = c
                 .spawn()
                 .map_err(|e| format!("starting {role} ({:?}): {e}", program[0]))?;
+            if let Some(w) = job.watchdog.as_mut() {
+                w.watch(child.id());
+            }
             job.members.push(Member {
                 role,
                 child,
@@ -533,6 +627,9 @@ impl Drop for Job {
             unsafe {
                 libc::kill(-(m.child.id() as libc::pid_t), libc::SIGKILL);
             }
+        }
+        if let Some(w) = self.watchdog.take() {
+            w.dismiss();
         }
     }
 }
