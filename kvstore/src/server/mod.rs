@@ -401,11 +401,8 @@ impl Inner {
                 self.multi_precision.store(true, Ordering::Release);
                 Ok(Vec::new())
             }
-            command::STOP_SERVER => {
-                *self.stopped.lock() = true;
-                self.stop_cv.notify_all();
-                Ok(Vec::new())
-            }
+            // Stopping happens after the reply below.
+            command::STOP_SERVER => Ok(Vec::new()),
             command::SYNC_MODE => {
                 self.sync_mode.store(true, Ordering::Release);
                 Ok(Vec::new())
@@ -427,6 +424,15 @@ impl Inner {
         match result {
             Ok(b) => r.reply_body(Bytes::from(b)),
             Err(e) => r.error(e),
+        }
+        // Subtle: only once the reply is queued on its link may `wait`
+        // return: the server's owner then shuts the node down, which flushes
+        // queued replies but closes idle links, so a stop acknowledged
+        // before its reply was queued could be lost (seen in CI as a
+        // worker's "connection lost" on the stop command).
+        if req.cmd == command::STOP_SERVER {
+            *self.stopped.lock() = true;
+            self.stop_cv.notify_all();
         }
     }
 
