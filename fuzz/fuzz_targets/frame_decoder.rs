@@ -8,9 +8,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use pskv_transport::wire::{Control, Decoder, Kind, Limits};
 
 /// Counts bytes allocated, so the target can bound what decoding asks for.
 struct Counting;
@@ -33,37 +31,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
+#[path = "../common/frame_decoder.rs"]
+mod common;
+
 fuzz_target!(|data: &[u8]| {
-    let limits = Limits {
-        max_keys: 1024,
-        max_meta: 1 << 16,
-        max_payload: 1 << 20,
-    };
-    let split = data.first().map_or(0, |b| *b as usize).min(data.len());
-    let mut dec = Decoder::new(limits);
-    let mut buf = BytesMut::from(&data[..split]);
-    let mut consumed = Vec::with_capacity(data.len() + 64);
-    for piece in [&data[split..], &[][..]] {
-        loop {
-            let before = ALLOCATED.load(Ordering::Relaxed);
-            let r = dec.decode(&mut buf);
-            // Decoding allocates keys and lengths for what actually arrived:
-            // at most the input's size (plus small vector overheads).
-            let spent = ALLOCATED.load(Ordering::Relaxed) - before;
-            assert!(spent <= data.len() + 256, "decode allocated {spent} bytes for {} input bytes", data.len());
-            match r {
-                Ok(Some(frame)) => {
-                    consumed.extend_from_slice(&frame.encode());
-                    if frame.kind == Kind::Control {
-                        let _ = Control::from_frame(&frame);
-                    }
-                }
-                Ok(None) => break,
-                Err(_) => return,
-            }
-        }
-        buf.extend_from_slice(piece);
-    }
-    // Whatever decoded is exactly a prefix of the input, re-encoded.
-    assert_eq!(&consumed[..], &data[..consumed.len()]);
+    common::check(data, &|| ALLOCATED.load(Ordering::Relaxed));
 });

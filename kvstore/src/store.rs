@@ -106,7 +106,10 @@ impl Options {
             o.use_tree = matches!(v.trim(), "1" | "true" | "yes");
         }
         if let Some(v) = get("PSKV_KVSTORE_TOPOLOGY") {
-            o.topology = Some(Topology::parse(&v)?);
+            o.topology = Some(
+                Topology::parse(&v)
+                    .map_err(|e| KvError::invalid(format!("PSKV_KVSTORE_TOPOLOGY={v}: {e}")))?,
+            );
         }
         if let Some(v) = get("PSKV_KVSTORE_SHM") {
             o.shm_direct = !matches!(v.trim(), "0" | "false" | "no" | "off");

@@ -532,7 +532,11 @@ impl Job {
                 .find(|m| m.status.is_some_and(|s| !s.success()));
             if let Some(m) = failed {
                 let st = m.status.expect("checked");
-                let msg = format!("{} exited with {st}; the job was stopped", m.role);
+                let msg = format!(
+                    "{} (pid {}) exited with {st}; the job was stopped",
+                    m.role,
+                    m.child.id()
+                );
                 let code = if matches!(m.role, Role::Worker(_)) {
                     code_of(st)
                 } else {

@@ -25,7 +25,7 @@ pub mod wire;
 pub use config::{Config, VanKind};
 pub use error::TransportError;
 pub use kv::{KvRequest, KvResponse, KvWorker, Pending, RequestHandler, RequestOptions, Responder};
-pub use postoffice::Postoffice;
+pub use postoffice::{NodeChange, NodeWatcher, Postoffice};
 pub use protocol::tracker::TrackError;
 pub use protocol::{Group, NodeId, Role};
 

@@ -35,6 +35,19 @@ use crate::security;
 use crate::slot::Slot;
 use crate::van::tcp::{self, FrameReader};
 use crate::van::{self, FrameSink};
+
+/// A change in the cluster's membership, as this node learns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeChange {
+    /// The scheduler declared the node dead (its connection broke, or it was
+    /// silent past the heartbeat timeout).
+    Dead(NodeId),
+    /// The node restarted and registered again, with the same id.
+    Restarted(NodeId),
+}
+
+/// Sees every `NodeChange`, on an I/O thread: it must not block.
+pub type NodeWatcher = Arc<dyn Fn(NodeChange) + Send + Sync>;
 use crate::van::{rdma, shm};
 use crate::wire::{Control, Flags, Frame, Kind, Limits, NodeInfo};
 
@@ -77,6 +90,7 @@ pub(crate) struct Inner {
     handler: RwLock<Option<Arc<dyn RequestHandler>>>,
     joined: Arc<Slot<Result<(), TransportError>>>,
     barriers: Mutex<HashMap<u8, BarrierSlot>>,
+    watchers: RwLock<Vec<NodeWatcher>>,
     all_left: Arc<Slot<()>>,
     shutting_down: AtomicBool,
     my_id: AtomicU32,
@@ -201,6 +215,7 @@ impl Postoffice {
             handler: RwLock::new(handler),
             joined: Slot::new(),
             barriers: Mutex::new(HashMap::new()),
+            watchers: RwLock::new(Vec::new()),
             all_left: Slot::new(),
             shutting_down: AtomicBool::new(false),
             my_id: AtomicU32::new(my_id),
@@ -342,6 +357,13 @@ impl Postoffice {
         if let Some(rt) = inner.rt.lock().take() {
             rt.shutdown_background();
         }
+    }
+
+    /// Adds a watcher of membership changes (deaths, restarts), called on
+    /// an I/O thread after the transport has failed the requests to a dead
+    /// node.
+    pub fn watch_nodes(&self, watcher: NodeWatcher) {
+        self.inner().watchers.write().push(watcher);
     }
 
     /// Sets (or replaces) the request handler.
@@ -1045,6 +1067,7 @@ impl Inner {
                 tracing::info!("{} moved to {}:{}", describe(info.id), info.host, info.port);
                 // The old connection is stale; a worker reconnects at once.
                 self.drop_node(info.id, "it restarted");
+                self.tell_watchers(NodeChange::Restarted(info.id));
                 if self.cfg.role == Role::Worker && info.role == Role::Server.code() {
                     let me = self.arc();
                     self.handle.spawn(async move {
@@ -1059,6 +1082,7 @@ impl Inner {
                 tracing::warn!("{} is dead", describe(id));
                 self.drop_node(id, "the scheduler declared it dead");
                 self.fail_requests_to(id, || TrackError::NodeDead { node: id });
+                self.tell_watchers(NodeChange::Dead(id));
             }
             MemberEvent::BarrierDone { group, error } => self.release_barrier(group, error),
             MemberEvent::SchedulerLost(reason) => {
@@ -1072,6 +1096,13 @@ impl Inner {
                     .fail_all(&format!("lost the scheduler: {reason}"));
                 self.complete(done);
             }
+        }
+    }
+
+    fn tell_watchers(&self, change: NodeChange) {
+        let watchers = self.watchers.read().clone();
+        for w in watchers {
+            w(change);
         }
     }
 

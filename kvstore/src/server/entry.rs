@@ -645,6 +645,14 @@ impl EntryState {
         }
     }
 
+    /// Fails the round in progress, if one is, naming this key.
+    pub(crate) fn fail_active_round(&mut self, msg: &str) {
+        if self.arrived > 0 || !self.waiters.is_empty() {
+            let m = format!("{}: {msg}", self.name());
+            self.fail_round(&m);
+        }
+    }
+
     /// Answers every push of the round with an error and starts over.
     fn fail_round(&mut self, msg: &str) {
         for (answer, _) in std::mem::take(&mut self.waiters) {

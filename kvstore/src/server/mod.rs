@@ -23,7 +23,8 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 use pskv_engine::{Engine, OpSpec, Property, Var};
 use pskv_gpu::cpu::CpuKernels;
-use pskv_transport::{Config, KvRequest, Postoffice, RequestHandler, Responder, Role};
+use pskv_transport::protocol::{describe, role_rank};
+use pskv_transport::{Config, KvRequest, NodeChange, Postoffice, RequestHandler, Responder, Role};
 
 use crate::error::{KvError, Result};
 use crate::optimizer::{OptState, Optimizer};
@@ -59,6 +60,9 @@ struct Inner {
     controller: RwLock<Option<Arc<Controller>>>,
     stopped: Mutex<bool>,
     stop_cv: Condvar,
+    /// Workers the scheduler declared dead (and not restarted since), with
+    /// the message a sync push gets while any is: a round cannot complete.
+    dead_workers: Mutex<std::collections::BTreeMap<u32, String>>,
 }
 
 /// Answers a request once every key of it is done.
@@ -183,8 +187,15 @@ impl Server {
             controller: RwLock::new(None),
             stopped: Mutex::new(false),
             stop_cv: Condvar::new(),
+            dead_workers: Mutex::new(std::collections::BTreeMap::new()),
         });
         let po = Postoffice::start(cfg, Some(Arc::new(Handler(inner.clone()))))?;
+        let weak = Arc::downgrade(&inner);
+        po.watch_nodes(Arc::new(move |change| {
+            if let Some(inner) = weak.upgrade() {
+                inner.membership(change);
+            }
+        }));
         let rank = po.my_rank() as usize;
         let (begin, end) = po.server_key_ranges()[rank];
         inner.range_begin.store(begin, Ordering::Release);
@@ -288,6 +299,38 @@ impl Inner {
         }
     }
 
+    /// A worker died: every sync round in progress fails, naming it, and
+    /// so does every sync push until it comes back (a round needs every
+    /// worker). A restarted worker clears it.
+    fn membership(&self, change: NodeChange) {
+        match change {
+            NodeChange::Dead(id) => {
+                let Some((Role::Worker, _)) = role_rank(id) else {
+                    return;
+                };
+                let msg = format!(
+                    "{} died (the scheduler declared it dead): a sync round cannot complete \
+                     without it",
+                    describe(id)
+                );
+                tracing::warn!("server: {msg}");
+                self.dead_workers.lock().insert(id, msg.clone());
+                let entries: Vec<Arc<Entry>> = self.entries.read().values().cloned().collect();
+                for e in entries {
+                    e.st.lock().fail_active_round(&msg);
+                }
+            }
+            NodeChange::Restarted(id) => {
+                self.dead_workers.lock().remove(&id);
+            }
+        }
+    }
+
+    /// Why a sync push cannot be taken now, if a worker is dead.
+    fn dead_worker(&self) -> Option<String> {
+        self.dead_workers.lock().values().next().cloned()
+    }
+
     fn describe(&self, key: u64) -> String {
         let (id, part) = decode_ps_key(key, self.range_begin.load(Ordering::Acquire));
         format!("key id {id} part {part}")
@@ -323,6 +366,12 @@ impl Inner {
         let pushed = self.engine.push_sync(spec, move |_| {
             let mut st = e2.st.lock();
             match head.op {
+                Op::Push | Op::PushPull | Op::RowPush
+                    if head.sync && me.dead_worker().is_some() =>
+                {
+                    let why = me.dead_worker().unwrap_or_default();
+                    answer(Err(format!("{}: {why}", st.name())));
+                }
                 Op::Push | Op::PushPull | Op::RowPush => {
                     // A shared-memory push is in the worker's slot.
                     let vals = if head.shm {
