@@ -177,7 +177,10 @@ fn launch_stops_the_job_when_a_worker_fails() {
         t0.elapsed()
     );
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("worker 1 exited"), "{err}");
+    assert!(
+        err.contains("worker 1 (pid ") && err.contains("exit status: 3"),
+        "{err}"
+    );
     let pids = read_pids(&dir);
     assert_eq!(pids.len(), 3);
     for p in pids {
