@@ -102,15 +102,11 @@ fn cluster_env(workers: u32) -> Vec<(String, String)> {
     .collect()
 }
 
-fn worker_command() -> Command {
+/// This test binary as a worker running the test `entry`, with `flag` set.
+fn worker_command(entry: &str, flag: &str) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args([
-        "--exact",
-        "fault_worker_entry",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env("PSKV_FAULT_WORKER", "1");
+    c.args(["--exact", entry, "--nocapture", "--test-threads=1"])
+        .env(flag, "1");
     c
 }
 
@@ -133,7 +129,7 @@ fn survivors_of_a_killed_worker_get_an_error_naming_it() {
     let mut workers = Procs(Vec::new());
     for _ in 0..3 {
         workers.0.push(
-            worker_command()
+            worker_command("fault_worker_entry", "PSKV_FAULT_WORKER")
                 .envs(env.iter().map(|(k, v)| (k, v)))
                 .env("DMLC_ROLE", "worker")
                 .stdout(Stdio::piped())
@@ -214,4 +210,206 @@ fn pskv_launch_ends_a_job_whose_worker_was_killed() {
     assert!(err.contains("exited with signal: 9"), "{err}");
     assert!(err.contains("the job was stopped"), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+}
+
+/// Rounds of the recovery test, and the checkpoint interval.
+const RECOVERY_STEPS: u32 = 60;
+const CHECKPOINT_ROUNDS: u32 = 4;
+const RECOVERY_KEYS: u32 = 4;
+
+/// The recovery worker: SGD (learning rate 0.1, no optimizer state to
+/// speak of) on 4 keys, a gradient of 1 from each worker every step. A
+/// key's push that fails (its server died) is pushed again until it
+/// succeeds; each key gets exactly `RECOVERY_STEPS` successful pushes.
+/// Prints `STEP n` as it goes and `FINAL key value` at the end.
+fn recovery_worker() {
+    let engine = Engine::new().unwrap();
+    let kv = KvStore::create("dist_sync", &engine).unwrap();
+    let n = 8;
+    let ws: Vec<Tensor> = (0..RECOVERY_KEYS)
+        .map(|_| Tensor::zeros(&engine, &[n], DType::F32, Context::Cpu).unwrap())
+        .collect();
+    for (k, w) in ws.iter().enumerate() {
+        kv.init(k as i64, w).unwrap();
+    }
+    kv.set_optimizer(Optimizer::sgd(0.1)).unwrap();
+    let g = Tensor::full(&engine, &[n], 1.0f32, Context::Cpu).unwrap();
+    let give_up = Instant::now() + Duration::from_secs(90);
+    let mut retries = 0;
+    for step in 0..RECOVERY_STEPS {
+        for (k, w) in ws.iter().enumerate() {
+            loop {
+                let r = kv
+                    .pushpull(
+                        k as i64,
+                        std::slice::from_ref(&g),
+                        std::slice::from_ref(w),
+                        0,
+                    )
+                    .and_then(|()| w.to_vec::<f32>().map(|_| ()));
+                match r {
+                    Ok(()) => break,
+                    Err(e) => {
+                        retries += 1;
+                        println!("RETRY step {step} key {k}: {e}");
+                        assert!(Instant::now() < give_up, "no recovery: {e}");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
+            }
+        }
+        println!("STEP {step}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kv.barrier().unwrap();
+    for (k, w) in ws.iter().enumerate() {
+        kv.pull(k as i64, std::slice::from_ref(w), 0).unwrap();
+        println!("FINAL {k} {}", w.to_vec::<f32>().unwrap()[0]);
+    }
+    println!("RETRIES {retries}");
+    kv.close().unwrap();
+}
+
+#[test]
+fn recovery_worker_entry() {
+    if std::env::var("PSKV_RECOVERY_WORKER").is_ok() {
+        recovery_worker();
+    }
+}
+
+/// The weight after `r` rounds of w -= 0.1 * (1 + 1), in f32 as the
+/// server computes it.
+fn after_rounds(r: u32) -> f32 {
+    let mut w = 0.0f32;
+    for _ in 0..r {
+        w -= 0.1f32 * 2.0f32;
+    }
+    w
+}
+
+#[test]
+fn a_killed_server_restarts_from_its_checkpoint_and_training_resumes() {
+    let dir = std::env::temp_dir().join(format!("pskv-recovery-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut env = cluster_env(2);
+    for (k, v) in &mut env {
+        if k == "DMLC_NUM_SERVER" {
+            *v = "2".into();
+        }
+    }
+    env.push(("PSKV_CHECKPOINT_DIR".into(), dir.display().to_string()));
+    env.push((
+        "PSKV_CHECKPOINT_ROUNDS".into(),
+        CHECKPOINT_ROUNDS.to_string(),
+    ));
+    env.push(("PSKV_VAN".into(), "tcp".into()));
+    let pskv = env!("CARGO_BIN_EXE_pskv");
+    let start = |role: &str| {
+        Command::new(pskv)
+            .arg(role)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("DMLC_ROLE", role)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut infra = Procs(vec![start("scheduler"), start("server"), start("server")]);
+    let mut workers = Procs(Vec::new());
+    for _ in 0..2 {
+        workers.0.push(
+            worker_command("recovery_worker_entry", "PSKV_RECOVERY_WORKER")
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .env("DMLC_ROLE", "worker")
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    // Follow the workers' lines as they come.
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, String)>();
+    let readers: Vec<_> = workers
+        .0
+        .iter_mut()
+        .enumerate()
+        .map(|(i, c)| {
+            let out = c.stdout.take().unwrap();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut all = String::new();
+                for line in
+                    std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok)
+                {
+                    let _ = tx.send((i, line.clone()));
+                    all.push_str(&line);
+                    all.push('\n');
+                }
+                all
+            })
+        })
+        .collect();
+    drop(tx);
+    // Kill server "b" (the second started) with SIGKILL mid-training and
+    // start it again at once, as a supervisor would.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, line) = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the workers stopped before step 21");
+        if line.contains("STEP 21") {
+            break;
+        }
+    }
+    infra.0[2].kill().unwrap();
+    infra.0[2].wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    infra.0[2] = start("server");
+    for c in &mut workers.0 {
+        while c.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "training did not resume");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let outs: Vec<String> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    for (c, o) in workers.0.iter_mut().zip(&outs) {
+        assert!(c.wait().unwrap().success(), "a worker failed:\n{o}");
+    }
+    // Both workers see the same weights; each key lost at most what the
+    // checkpoint interval allows (rounds after the last record, which the
+    // writer may not have put on disk yet: under two intervals), whole
+    // rounds only, and the keys of the surviving server lost nothing.
+    let finals = |o: &str| -> Vec<f32> {
+        (0..RECOVERY_KEYS)
+            .map(|k| {
+                o.lines()
+                    .find_map(|l| {
+                        l.find(&format!("FINAL {k} "))
+                            .map(|i| l[i..].split_whitespace().nth(2).unwrap().parse().unwrap())
+                    })
+                    .unwrap_or_else(|| panic!("no FINAL {k} in {o}"))
+            })
+            .collect()
+    };
+    let (a, b) = (finals(&outs[0]), finals(&outs[1]));
+    assert_eq!(a, b, "the workers disagree");
+    let retried = outs.iter().any(|o| o.contains("RETRY"));
+    assert!(retried, "nothing failed: did the server die?\n{}", outs[0]);
+    let mut lost_total = 0;
+    let mut untouched = 0;
+    for (k, w) in a.iter().enumerate() {
+        let lost = (0..2 * CHECKPOINT_ROUNDS)
+            .find(|l| after_rounds(RECOVERY_STEPS - l) == *w)
+            .unwrap_or_else(|| {
+                panic!("key {k}: {w} is not the weight of any allowed number of rounds")
+            });
+        lost_total += lost;
+        untouched += usize::from(lost == 0);
+        eprintln!("key {k}: {lost} rounds lost");
+    }
+    // 4 keys hash over 2 servers: the survivor's keys lost nothing. (A key
+    // of the killed server may lose nothing too, if it had just been
+    // recorded.)
+    assert!(untouched >= 1, "every key lost rounds");
+    eprintln!("rounds lost over all keys: {lost_total}");
+    assert!(dir.join("server-1.ckpt").exists() && dir.join("server-0.ckpt").exists());
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -263,8 +263,10 @@ impl Var {
         }
     }
 
-    /// Removes and returns the stored failure.
-    pub(crate) fn take_failure(&self) -> Option<Arc<OpFailure>> {
+    /// Removes and returns the stored failure (what `wait_for_var` does
+    /// once the var's writes are done). Ops pushed after this no longer
+    /// inherit it; ops already queued behind the failed one still do.
+    pub fn take_failure(&self) -> Option<Arc<OpFailure>> {
         if !self.0.has_failure.load(Ordering::Acquire) {
             return None;
         }

@@ -27,7 +27,7 @@ pub use error::{KvError, Result};
 pub use key::{IntoKey, Key};
 pub use kinds::Kind;
 pub use optimizer::{GradRef, Method, OptState, Optimizer, StateVals, WeightMut};
-pub use server::{Controller, Server};
+pub use server::{CheckpointSettings, Controller, Server};
 pub use store::{KvStore, Options};
 pub use tensor::{Storage, Tensor};
 pub use updater::{Updater, Values, ValuesMut};

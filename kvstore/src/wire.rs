@@ -129,6 +129,9 @@ pub(crate) mod command {
     pub const GET_STATES: i32 = 6;
     /// pskv: set the optimizer state of ps keys.
     pub const SET_STATES: i32 = 7;
+    /// pskv: record every key in the server's checkpoint and answer once
+    /// it is on disk (no-op without `PSKV_CHECKPOINT_DIR`).
+    pub const CHECKPOINT: i32 = 8;
 }
 
 /// One part of a key.

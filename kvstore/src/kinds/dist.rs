@@ -240,6 +240,9 @@ pub(crate) struct DistStore {
     server_mp: AtomicBool,
     server_opt: AtomicBool,
     watchdog: Arc<Watchdog>,
+    /// Failures already reported to a caller by `dist_key` (the last few):
+    /// `close` does not report them a second time.
+    reported: Mutex<Vec<Arc<pskv_engine::OpFailure>>>,
     me: Weak<DistStore>,
 }
 
@@ -269,6 +272,7 @@ impl DistStore {
             me: me.clone(),
             server_opt: AtomicBool::new(false),
             watchdog: Watchdog::start(opts.timeout),
+            reported: Mutex::new(Vec::new()),
             engine,
             comm,
             po,
@@ -660,8 +664,20 @@ impl DistStore {
         self.me.clone()
     }
 
+    /// The key, unless an earlier operation on it failed (its server died,
+    /// say) and nobody has been told: then that failure, once, and the key
+    /// is usable again, so a caller can push again after a server restart.
     fn dist_key(&self, key: &Key) -> Result<Arc<DistKey>> {
-        self.keys.get(key)
+        let dk = self.keys.get(key)?;
+        if let Some(f) = dk.var.take_failure() {
+            let mut r = self.reported.lock();
+            if r.len() >= 64 {
+                r.remove(0);
+            }
+            r.push(f.clone());
+            return Err(KvError::Engine(pskv_engine::EngineError::Op(f)));
+        }
+        Ok(dk)
     }
 
     /// The sum buffer of summation-only mode.
@@ -1095,7 +1111,16 @@ impl Flavor for DistStore {
     }
 
     fn barrier(&self) -> Result<()> {
-        Ok(self.po.barrier(Group::WORKERS, self.opts.timeout)?)
+        self.po.barrier(Group::WORKERS, self.opts.timeout)?;
+        // Servers that checkpoint record every key now (rank 0 asks, once,
+        // and is answered once the files are written); the second barrier
+        // holds every worker until then, so no round completed before a
+        // barrier returned can be lost to a server crash.
+        if self.po.my_rank() == 0 {
+            self.command(command::CHECKPOINT, Bytes::new())?;
+        }
+        self.po.barrier(Group::WORKERS, self.opts.timeout)?;
+        Ok(())
     }
 
     fn rank(&self) -> u32 {
@@ -1177,7 +1202,17 @@ impl Flavor for DistStore {
     }
 
     fn close(&self) -> Result<()> {
-        let result = self.engine.wait_for_all();
+        // Subtle: an op queued behind a failed one inherits its failure and
+        // may store it on the key's var again after a caller was told of
+        // it; such a failure is not news.
+        let result = match self.engine.wait_for_all() {
+            Err(pskv_engine::EngineError::Op(f))
+                if self.reported.lock().iter().any(|r| Arc::ptr_eq(r, &f)) =>
+            {
+                Ok(())
+            }
+            r => r,
+        };
         let barrier = self.barrier();
         if self.po.my_rank() == 0 && barrier.is_ok() {
             if let Err(e) = self.command(command::STOP_SERVER, Bytes::new()) {

@@ -197,6 +197,8 @@ pub(crate) struct EntryState {
     touched: Option<(usize, Vec<bool>)>,
     waiters: Vec<(Answer, Want)>,
     round_sync: Option<bool>,
+    /// Rounds applied to the value (sync rounds, or async pushes).
+    pub(crate) rounds: u64,
 }
 
 impl EntryState {
@@ -222,6 +224,7 @@ impl EntryState {
             touched: None,
             waiters: Vec::new(),
             round_sync: None,
+            rounds: 0,
         }
     }
 
@@ -510,6 +513,9 @@ impl EntryState {
             }
         })();
         self.reset_round();
+        if result.is_ok() {
+            self.rounds += 1;
+        }
         match result {
             Ok(()) => {
                 let snap = arrivals
@@ -612,6 +618,9 @@ impl EntryState {
         let acc = self.acc.take().expect("a round has a sum");
         let touched = self.touched.take();
         let result = self.apply(rule, &acc, touched, sync);
+        if result.is_ok() {
+            self.rounds += 1;
+        }
         self.spare = Some(acc);
         let waiters = std::mem::take(&mut self.waiters);
         self.reset_round();

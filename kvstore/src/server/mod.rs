@@ -11,7 +11,14 @@
 //!
 //! Every bad request (unknown key, wrong size or type, a malformed body)
 //! is answered with an error naming the key; the server keeps serving.
+//!
+//! With `PSKV_CHECKPOINT_DIR`, the server checkpoints its keys (see
+//! `checkpoint.rs` for when, and what a crash can lose), and a server that
+//! restarts into its old rank loads them before it serves: requests that
+//! arrive meanwhile are held (`Inner::held`) and handled, in order, once
+//! the keys are back.
 
+mod checkpoint;
 mod entry;
 
 use std::collections::HashMap;
@@ -30,6 +37,7 @@ use crate::error::{KvError, Result};
 use crate::optimizer::{OptState, Optimizer};
 use crate::updater::{KeyState, Rule};
 use crate::wire::{command, decode_ps_key, split_rows, Head, Op};
+use checkpoint::Checkpointer;
 use entry::{Answer, EntryState};
 
 /// Values at most this large are handled on the I/O thread.
@@ -63,6 +71,44 @@ struct Inner {
     /// Workers the scheduler declared dead (and not restarted since), with
     /// the message a sync push gets while any is: a round cannot complete.
     dead_workers: Mutex<std::collections::BTreeMap<u32, String>>,
+    /// The checkpoints, when `PSKV_CHECKPOINT_DIR` is set.
+    ckpt: std::sync::OnceLock<Arc<Checkpointer>>,
+    /// Requests that arrived before the server was ready (a restarted
+    /// server loading its checkpoint): `Some` until then.
+    held: Mutex<Option<Vec<(KvRequest, Responder)>>>,
+}
+
+/// Where and how often a server checkpoints (`PSKV_CHECKPOINT_DIR`,
+/// `PSKV_CHECKPOINT_ROUNDS`).
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointSettings {
+    /// The directory; `None`: no checkpoints.
+    pub dir: Option<std::path::PathBuf>,
+    /// A key is recorded after every this many of its rounds.
+    pub every_rounds: u64,
+}
+
+impl CheckpointSettings {
+    /// From `PSKV_CHECKPOINT_DIR` and `PSKV_CHECKPOINT_ROUNDS` (default 10).
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<CheckpointSettings> {
+        let every_rounds = match get("PSKV_CHECKPOINT_ROUNDS") {
+            None => 10,
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(KvError::invalid(format!(
+                        "PSKV_CHECKPOINT_ROUNDS={v}: expected a whole number of rounds above 0"
+                    )))
+                }
+            },
+        };
+        Ok(CheckpointSettings {
+            dir: get("PSKV_CHECKPOINT_DIR")
+                .filter(|d| !d.trim().is_empty())
+                .map(Into::into),
+            every_rounds,
+        })
+    }
 }
 
 /// Answers a request once every key of it is done.
@@ -163,8 +209,15 @@ impl RequestHandler for Handler {
 
 impl Server {
     /// Starts a server with this transport configuration (role server) and
-    /// its own engine.
+    /// its own engine; checkpoints as the environment says
+    /// (`PSKV_CHECKPOINT_DIR`, `PSKV_CHECKPOINT_ROUNDS`).
     pub fn start(cfg: Config, engine: Engine) -> Result<Server> {
+        let ckpt = CheckpointSettings::from_lookup(&|k| std::env::var(k).ok())?;
+        Server::start_with(cfg, engine, ckpt)
+    }
+
+    /// Starts a server with explicit checkpoint settings.
+    pub fn start_with(cfg: Config, engine: Engine, ckpt: CheckpointSettings) -> Result<Server> {
         if cfg.role != Role::Server {
             return Err(KvError::invalid(format!(
                 "a server needs a server configuration, got role {:?}",
@@ -188,6 +241,8 @@ impl Server {
             stopped: Mutex::new(false),
             stop_cv: Condvar::new(),
             dead_workers: Mutex::new(std::collections::BTreeMap::new()),
+            ckpt: std::sync::OnceLock::new(),
+            held: Mutex::new(Some(Vec::new())),
         });
         let po = Postoffice::start(cfg, Some(Arc::new(Handler(inner.clone()))))?;
         let weak = Arc::downgrade(&inner);
@@ -200,7 +255,28 @@ impl Server {
         let (begin, end) = po.server_key_ranges()[rank];
         inner.range_begin.store(begin, Ordering::Release);
         inner.range_end.store(end, Ordering::Release);
-        Ok(Server { inner, po })
+        let server = Server { inner, po };
+        if let Some(dir) = &ckpt.dir {
+            let c = Checkpointer::start(
+                dir,
+                rank as u32,
+                server.inner.workers as u32,
+                ckpt.every_rounds,
+            )
+            .map_err(KvError::invalid)?;
+            let _ = server.inner.ckpt.set(c.clone());
+            if server.po.is_recovery() {
+                match c.load().map_err(KvError::invalid)? {
+                    Some(file) => server.inner.restore(file),
+                    None => tracing::warn!(
+                        "server {rank} restarted, but {} holds no checkpoint: its keys are gone",
+                        c.path().display()
+                    ),
+                }
+            }
+        }
+        server.inner.release_held();
+        Ok(server)
     }
 
     /// Starts a server from the `DMLC_*` / `PSKV_*` environment.
@@ -267,12 +343,155 @@ impl Server {
             .inner
             .engine
             .wait_for_all_timeout(Duration::from_secs(30));
+        if let Some(c) = self.inner.ckpt.get() {
+            c.stop();
+        }
         self.po.shutdown();
+    }
+
+    /// Where this server checkpoints, if it does.
+    pub fn checkpoint_path(&self) -> Option<std::path::PathBuf> {
+        self.inner.ckpt.get().map(|c| c.path())
     }
 }
 
 impl Inner {
     fn handle(self: &Arc<Self>, req: KvRequest, r: Responder) {
+        {
+            let mut held = self.held.lock();
+            if let Some(h) = held.as_mut() {
+                h.push((req, r));
+                return;
+            }
+        }
+        self.serve(req, r);
+    }
+
+    /// Handles the requests held while the server was not ready, in
+    /// arrival order, then lets requests through.
+    fn release_held(self: &Arc<Self>) {
+        loop {
+            let batch = {
+                let mut held = self.held.lock();
+                match held.as_mut() {
+                    Some(h) if !h.is_empty() => std::mem::take(h),
+                    _ => {
+                        *held = None;
+                        return;
+                    }
+                }
+            };
+            for (req, r) in batch {
+                self.serve(req, r);
+            }
+        }
+    }
+
+    /// Puts back the keys and settings of a checkpoint.
+    fn restore(&self, file: checkpoint::File) {
+        let g = file.globals;
+        self.generation.store(g.generation, Ordering::Release);
+        if let Some(opt) = g.optimizer {
+            *self.rule.write() = Some(Rule::Optimizer {
+                opt: Arc::new(opt),
+                generation: g.generation,
+            });
+        }
+        self.sync_mode.store(g.sync, Ordering::Release);
+        self.multi_precision
+            .store(g.multi_precision, Ordering::Release);
+        *self.compression_params.lock() = g.compression;
+        let mut entries = self.entries.write();
+        let n = file.keys.len();
+        let mut rounds = (u64::MAX, 0u64);
+        for (ps_key, rec) in file.keys {
+            let mut st = EntryState::new(rec.key_id, rec.part, rec.dtype, &rec.value, self.workers);
+            st.rounds = rec.rounds;
+            st.master = rec.master;
+            st.opt = KeyState {
+                generation: g.generation,
+                state: rec.opt,
+            };
+            rounds = (rounds.0.min(rec.rounds), rounds.1.max(rec.rounds));
+            entries.insert(
+                ps_key,
+                Arc::new(Entry {
+                    var: Var::named(format!("server key {}.{}", rec.key_id, rec.part)),
+                    st: Mutex::new(st),
+                }),
+            );
+        }
+        tracing::warn!(
+            "server restarted: {n} keys back from the checkpoint, at rounds {} to {}",
+            if n == 0 { 0 } else { rounds.0 },
+            rounds.1
+        );
+    }
+
+    /// The server-wide settings a checkpoint keeps.
+    fn globals(&self) -> checkpoint::Globals {
+        let (optimizer, generation) = match &*self.rule.read() {
+            Some(Rule::Optimizer { opt, generation }) => (Some((**opt).clone()), *generation),
+            _ => (None, self.generation.load(Ordering::Acquire)),
+        };
+        checkpoint::Globals {
+            optimizer,
+            generation,
+            sync: self.sync_mode.load(Ordering::Acquire),
+            multi_precision: self.multi_precision.load(Ordering::Acquire),
+            compression: self.compression_params.lock().clone(),
+        }
+    }
+
+    /// A key's state as the checkpoint keeps it (inside an op on the key,
+    /// or under its lock).
+    fn record(&self, ps_key: u64, st: &EntryState) {
+        let Some(c) = self.ckpt.get() else { return };
+        let generation = self.generation();
+        let opt = match (&st.opt.state, generation) {
+            (Some(s), Some(g)) if st.opt.generation == g => Some(s.clone()),
+            _ => None,
+        };
+        c.record(
+            ps_key,
+            checkpoint::KeyRecord {
+                key_id: st.key_id,
+                part: st.part,
+                dtype: st.dtype,
+                rounds: st.rounds,
+                value: st.snapshot(),
+                opt,
+                master: st.master.clone(),
+            },
+        );
+    }
+
+    /// Records every key and the settings, and waits until they are on disk.
+    fn checkpoint_all(&self) -> std::result::Result<(), String> {
+        let Some(c) = self.ckpt.get() else {
+            return Ok(());
+        };
+        c.set_globals(self.globals());
+        let entries: Vec<(u64, Arc<Entry>)> = self
+            .entries
+            .read()
+            .iter()
+            .map(|(k, e)| (*k, e.clone()))
+            .collect();
+        for (k, e) in entries {
+            let st = e.st.lock();
+            self.record(k, &st);
+        }
+        c.flush(Duration::from_secs(120))
+    }
+
+    fn settings_changed(&self) {
+        if let Some(c) = self.ckpt.get() {
+            c.set_globals(self.globals());
+        }
+    }
+
+    fn serve(self: &Arc<Self>, req: KvRequest, r: Responder) {
         if req.command {
             self.command(req, r);
             return;
@@ -389,7 +608,13 @@ impl Inner {
                         vals
                     };
                     let rule = me.rule.read().clone();
+                    let before = st.rounds;
                     st.push(&me.kernels, rule.as_ref(), head, vals, rank, answer);
+                    if let Some(c) = me.ckpt.get() {
+                        if st.rounds != before && st.rounds % c.every == 0 {
+                            me.record(key, &st);
+                        }
+                    }
                 }
                 Op::Pull if head.shm => {
                     if st.has_shm() {
@@ -432,6 +657,7 @@ impl Inner {
             )));
         }
         let st = EntryState::new(id, part, head.dtype, &vals, self.workers);
+        self.record(key, &st);
         entries.insert(
             key,
             Arc::new(Entry {
@@ -448,18 +674,22 @@ impl Inner {
             command::CONTROLLER if body.starts_with(b"{\"optimizer\"") => self.set_optimizer(body),
             command::SET_MULTI_PRECISION => {
                 self.multi_precision.store(true, Ordering::Release);
+                self.settings_changed();
                 Ok(Vec::new())
             }
             // Stopping happens after the reply below.
             command::STOP_SERVER => Ok(Vec::new()),
             command::SYNC_MODE => {
                 self.sync_mode.store(true, Ordering::Release);
+                self.settings_changed();
                 Ok(Vec::new())
             }
             command::SET_GRADIENT_COMPRESSION => {
                 *self.compression_params.lock() = Some(String::from_utf8_lossy(body).into_owned());
+                self.settings_changed();
                 Ok(Vec::new())
             }
+            command::CHECKPOINT => self.checkpoint_all().map(|()| Vec::new()),
             command::SET_PROFILER_PARAMS => self.profiler(body),
             command::GET_STATES => self.get_states(),
             command::SET_STATES => self.set_states(body),
@@ -500,6 +730,7 @@ impl Inner {
             opt: Arc::new(m.optimizer),
             generation,
         });
+        self.settings_changed();
         Ok(Vec::new())
     }
 

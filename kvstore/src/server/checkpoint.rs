@@ -1,0 +1,374 @@
+//! Server checkpoints: each key's value and optimizer state, written
+//! atomically to `PSKV_CHECKPOINT_DIR/server-<rank>.ckpt`, and loaded by a
+//! server that restarts into its old rank.
+//!
+//! When a key's state is recorded: at its init (round 0), after every N-th
+//! completed round of that key (`PSKV_CHECKPOINT_ROUNDS`, default 10), and
+//! for every key at each workers' `barrier()` (rank 0 asks once all workers
+//! reached it; no worker leaves the barrier before the file is written). Records go to an
+//! in-memory table; a writer thread writes the whole table whenever it
+//! changed: to `server-<rank>.ckpt.tmp`, fsync, rename over the old file,
+//! fsync the directory. A crash mid-write leaves the previous file.
+//!
+//! What a crash of a server can lose, per key it holds: the rounds that
+//! completed after the key's last record that reached the disk (fewer
+//! than N, or than 2N if the crash falls between a record and its write;
+//! none completed before a `barrier()` returned), and the round in progress (whose pushes fail, naming the dead
+//! server, so the workers know to push again). Every other update is in
+//! the file. Each key is consistent on its own (value and optimizer state
+//! of the same round); different keys may come back at different rounds.
+//!
+//! File: `PSKVCKP1`, a postcard body (`File`), then the FNV-1a 64 hash of
+//! the body, little-endian. A file that fails the magic, the hash, the rank
+//! or the worker count is refused with an error naming it, never half
+//! loaded.
+//!
+//! States of the writer: *idle* (table clean) → *dirty* (a record came) →
+//! *writing* (the table's Arc'd values are being serialized; new records
+//! make it dirty again) → idle. `flush()` waits until the table it sees is
+//! on disk.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::DType;
+use crate::optimizer::{OptState, Optimizer};
+
+const MAGIC: &[u8; 8] = b"PSKVCKP1";
+
+/// One key's recorded state.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct KeyRecord {
+    pub key_id: u64,
+    pub part: u64,
+    pub dtype: DType,
+    pub rounds: u64,
+    #[serde(with = "bytes_as_vec")]
+    pub value: Bytes,
+    pub opt: Option<OptState>,
+    pub master: Option<Vec<f32>>,
+}
+
+mod bytes_as_vec {
+    use bytes::Bytes;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &Bytes, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(b)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
+        let v: Vec<u8> = serde_bytes_vec(d)?;
+        Ok(Bytes::from(v))
+    }
+
+    fn serde_bytes_vec<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+/// The server-wide settings a restarted server needs back.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Globals {
+    pub optimizer: Option<Optimizer>,
+    pub generation: u64,
+    pub sync: bool,
+    pub multi_precision: bool,
+    pub compression: Option<String>,
+}
+
+/// The file's body.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct File {
+    pub rank: u32,
+    pub workers: u32,
+    pub globals: Globals,
+    /// Ps key → its record.
+    pub keys: Vec<(u64, KeyRecord)>,
+}
+
+struct Table {
+    keys: BTreeMap<u64, KeyRecord>,
+    globals: Globals,
+    /// Bumped by every change; `written` is the version on disk.
+    version: u64,
+    written: u64,
+    error: Option<String>,
+}
+
+/// The checkpoints of one server.
+pub(crate) struct Checkpointer {
+    dir: PathBuf,
+    rank: u32,
+    workers: u32,
+    /// Record a key after every `every`-th round.
+    pub every: u64,
+    table: Mutex<Table>,
+    cv: Condvar,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+impl Checkpointer {
+    /// Checkpoints of server `rank` in `dir` (created if missing); starts
+    /// the writer thread.
+    pub fn start(
+        dir: &Path,
+        rank: u32,
+        workers: u32,
+        every: u64,
+    ) -> Result<Arc<Checkpointer>, String> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("creating the checkpoint directory {}: {e}", dir.display()))?;
+        let c = Arc::new(Checkpointer {
+            dir: dir.to_path_buf(),
+            rank,
+            workers,
+            every: every.max(1),
+            table: Mutex::new(Table {
+                keys: BTreeMap::new(),
+                globals: Globals::default(),
+                version: 0,
+                written: 0,
+                error: None,
+            }),
+            cv: Condvar::new(),
+            stop: std::sync::atomic::AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&c);
+        std::thread::Builder::new()
+            .name(format!("pskv-checkpoint-{rank}"))
+            .spawn(move || loop {
+                let Some(c) = weak.upgrade() else { return };
+                if !c.write_pending(Duration::from_millis(200)) {
+                    return;
+                }
+            })
+            .map_err(|e| format!("starting the checkpoint writer: {e}"))?;
+        Ok(c)
+    }
+
+    /// The file of this server.
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(format!("server-{}.ckpt", self.rank))
+    }
+
+    /// Records a key's state (cheap: the value is shared, not copied).
+    pub fn record(&self, ps_key: u64, rec: KeyRecord) {
+        let mut t = self.table.lock();
+        t.keys.insert(ps_key, rec);
+        t.version += 1;
+        self.cv.notify_all();
+    }
+
+    /// Records the server-wide settings.
+    pub fn set_globals(&self, g: Globals) {
+        let mut t = self.table.lock();
+        t.globals = g;
+        t.version += 1;
+        self.cv.notify_all();
+    }
+
+    /// Waits (at most `timeout`) until everything recorded so far is on
+    /// disk; the last write error if there was one.
+    pub fn flush(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut t = self.table.lock();
+        let want = t.version;
+        self.cv.notify_all();
+        while t.written < want {
+            if let Some(e) = &t.error {
+                return Err(e.clone());
+            }
+            if self.cv.wait_until(&mut t, deadline).timed_out() {
+                return Err(format!(
+                    "the checkpoint {} was not written within {timeout:?}",
+                    self.path().display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the writer after a last write.
+    pub fn stop(&self) {
+        let _ = self.flush(Duration::from_secs(30));
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.cv.notify_all();
+    }
+
+    /// The writer's step: waits for a change (at most `idle`), writes the
+    /// table. False once stopped.
+    fn write_pending(&self, idle: Duration) -> bool {
+        let (file, version) = {
+            let mut t = self.table.lock();
+            if t.version == t.written {
+                if self.stop.load(std::sync::atomic::Ordering::Acquire) {
+                    return false;
+                }
+                self.cv.wait_for(&mut t, idle);
+                if t.version == t.written {
+                    return true;
+                }
+            }
+            let file = File {
+                rank: self.rank,
+                workers: self.workers,
+                globals: t.globals.clone(),
+                keys: t.keys.iter().map(|(k, r)| (*k, r.clone())).collect(),
+            };
+            (file, t.version)
+        };
+        let result = self.write_file(&file);
+        let mut t = self.table.lock();
+        match result {
+            Ok(()) => {
+                t.written = t.written.max(version);
+                t.error = None;
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                t.error = Some(e);
+            }
+        }
+        self.cv.notify_all();
+        true
+    }
+
+    fn write_file(&self, file: &File) -> Result<(), String> {
+        let path = self.path();
+        let tmp = self.dir.join(format!("server-{}.ckpt.tmp", self.rank));
+        let err = |what: &str, e: std::io::Error| format!("{what} {}: {e}", tmp.display());
+        let body = postcard::to_stdvec(file).map_err(|e| format!("encoding a checkpoint: {e}"))?;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| err("creating", e))?;
+        f.write_all(MAGIC).map_err(|e| err("writing", e))?;
+        f.write_all(&body).map_err(|e| err("writing", e))?;
+        f.write_all(&fnv(&body).to_le_bytes())
+            .map_err(|e| err("writing", e))?;
+        f.sync_all().map_err(|e| err("syncing", e))?;
+        drop(f);
+        std::fs::rename(&tmp, &path)
+            .map_err(|e| format!("renaming {} to {}: {e}", tmp.display(), path.display()))?;
+        if let Ok(d) = std::fs::File::open(&self.dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Reads this server's file; `Ok(None)` when there is none.
+    pub fn load(&self) -> Result<Option<File>, String> {
+        let path = self.path();
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("reading the checkpoint {}: {e}", path.display())),
+        };
+        let bad = |why: &str| format!("the checkpoint {} is unusable: {why}", path.display());
+        if data.len() < MAGIC.len() + 8 || &data[..MAGIC.len()] != MAGIC {
+            return Err(bad("not a pskv checkpoint (wrong magic)"));
+        }
+        let body = &data[MAGIC.len()..data.len() - 8];
+        let mut h = [0u8; 8];
+        h.copy_from_slice(&data[data.len() - 8..]);
+        if u64::from_le_bytes(h) != fnv(body) {
+            return Err(bad("its checksum does not match (truncated or corrupted)"));
+        }
+        let file: File = postcard::from_bytes(body).map_err(|e| bad(&e.to_string()))?;
+        if file.rank != self.rank {
+            return Err(bad(&format!("it belongs to server rank {}", file.rank)));
+        }
+        if file.workers != self.workers {
+            return Err(bad(&format!(
+                "it was written for {} workers, this cluster has {}",
+                file.workers, self.workers
+            )));
+        }
+        // What is loaded is on disk already: the table starts from it.
+        let mut t = self.table.lock();
+        t.globals = file.globals.clone();
+        t.keys = file.keys.iter().cloned().collect();
+        Ok(Some(file))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(v: &[u8], rounds: u64) -> KeyRecord {
+        KeyRecord {
+            key_id: 1,
+            part: 0,
+            dtype: DType::F32,
+            rounds,
+            value: Bytes::copy_from_slice(v),
+            opt: None,
+            master: Some(vec![1.5, 2.5]),
+        }
+    }
+
+    #[test]
+    fn written_atomically_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("pskv-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = Checkpointer::start(&dir, 1, 3, 5).unwrap();
+        assert!(c.load().unwrap().is_none());
+        c.record(7 << 16, rec(&[1, 2, 3, 4], 10));
+        c.set_globals(Globals {
+            sync: true,
+            generation: 2,
+            ..Globals::default()
+        });
+        c.flush(Duration::from_secs(10)).unwrap();
+        let f = c.load().unwrap().unwrap();
+        assert_eq!(f.keys.len(), 1);
+        assert_eq!(&f.keys[0].1.value[..], &[1, 2, 3, 4]);
+        assert_eq!(f.keys[0].1.rounds, 10);
+        assert_eq!(f.keys[0].1.master.as_deref(), Some(&[1.5f32, 2.5][..]));
+        assert!(f.globals.sync);
+        assert!(!dir.join("server-1.ckpt.tmp").exists());
+
+        // A corrupted file, another rank's, another cluster size: refused.
+        let mut data = std::fs::read(c.path()).unwrap();
+        let n = data.len();
+        data[n / 2] ^= 0xff;
+        std::fs::write(c.path(), &data).unwrap();
+        assert!(c.load().err().unwrap().contains("checksum"));
+        std::fs::write(c.path(), b"garbage").unwrap();
+        assert!(c.load().err().unwrap().contains("magic"));
+        let other = Checkpointer::start(&dir, 1, 4, 5).unwrap();
+        c.record(1 << 16, rec(&[9], 1));
+        c.flush(Duration::from_secs(10)).unwrap();
+        assert!(other.load().err().unwrap().contains("3 workers"));
+        c.stop();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
