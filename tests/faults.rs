@@ -289,7 +289,16 @@ fn after_rounds(r: u32) -> f32 {
 
 #[test]
 fn a_killed_server_restarts_from_its_checkpoint_and_training_resumes() {
-    let dir = std::env::temp_dir().join(format!("pskv-recovery-{}", std::process::id()));
+    recovery("tcp");
+}
+
+#[test]
+fn recovery_over_shared_memory_falls_back_to_messages_for_the_restarted_server() {
+    recovery("shm");
+}
+
+fn recovery(van: &str) {
+    let dir = std::env::temp_dir().join(format!("pskv-recovery-{van}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let mut env = cluster_env(2);
     for (k, v) in &mut env {
@@ -302,7 +311,7 @@ fn a_killed_server_restarts_from_its_checkpoint_and_training_resumes() {
         "PSKV_CHECKPOINT_ROUNDS".into(),
         CHECKPOINT_ROUNDS.to_string(),
     ));
-    env.push(("PSKV_VAN".into(), "tcp".into()));
+    env.push(("PSKV_VAN".into(), van.into()));
     let pskv = env!("CARGO_BIN_EXE_pskv");
     let start = |role: &str| {
         Command::new(pskv)

@@ -33,7 +33,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use pskv_engine::{Completion, Engine, OpSpec, Property, Var};
-use pskv_transport::{Group, KvResponse, KvWorker, Postoffice, RequestOptions, TransportError};
+use pskv_transport::protocol::role_rank;
+use pskv_transport::{
+    Group, KvResponse, KvWorker, NodeChange, Postoffice, RequestOptions, Role, TransportError,
+};
 
 use crate::comm::Comm;
 use crate::compression::Compression;
@@ -268,7 +271,7 @@ impl DistStore {
         let po = Postoffice::start(cfg, None)?;
         let kv = KvWorker::new(&po);
         let sync = kind != Kind::DistAsync;
-        Ok(Arc::new_cyclic(|me| DistStore {
+        let store = Arc::new_cyclic(|me| DistStore {
             me: me.clone(),
             server_opt: AtomicBool::new(false),
             watchdog: Watchdog::start(opts.timeout),
@@ -284,7 +287,28 @@ impl DistStore {
             worker_rule: RwLock::new(None),
             server_mp: AtomicBool::new(false),
             opts,
-        }))
+        });
+        // A restarted server has none of the shared segments of the old
+        // process: the parts it holds go back to plain messages.
+        let weak = Arc::downgrade(&store);
+        store.po.watch_nodes(Arc::new(move |change| {
+            let (NodeChange::Restarted(id), Some(me)) = (change, weak.upgrade()) else {
+                return;
+            };
+            if let Some((Role::Server, rank)) = role_rank(id) {
+                for (_, dk) in me.keys.all() {
+                    let mut segs = dk.segs.write();
+                    for (i, p) in dk.parts.iter().enumerate() {
+                        if p.server == rank {
+                            if let Some(s) = segs.get_mut(i) {
+                                *s = None;
+                            }
+                        }
+                    }
+                }
+            }
+        }));
+        Ok(store)
     }
 
     fn head(&self, op: Op, dtype: DType, compression: Compression) -> Head {
