@@ -4,9 +4,12 @@
 //! their weights; they must equal, to the bit, a local kvstore fed the same
 //! gradients. Over tcp, and over shared memory (segments included).
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{free_port, worker_command, Procs};
 use pskv::engine::{Context, Engine};
 use pskv::kvstore::{DType, Key, KvStore, Optimizer, Tensor};
 
@@ -135,24 +138,8 @@ fn local_digest() -> String {
     digest(&all)
 }
 
-/// Kills its processes when dropped: no test leaves one behind.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn run_cluster(van: &str) -> Vec<(String, usize)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let env = [
         ("DMLC_PS_ROOT_URI", "127.0.0.1".to_string()),
         ("DMLC_PS_ROOT_PORT", port.to_string()),
@@ -178,40 +165,19 @@ fn run_cluster(van: &str) -> Vec<(String, usize)> {
                 .unwrap(),
         );
     }
-    let me = std::env::current_exe().unwrap();
     let mut workers = Procs(Vec::new());
     for _ in 0..WORKERS {
         workers.0.push(
-            Command::new(&me)
-                .args([
-                    "--exact",
-                    "worker_process_entry",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
+            worker_command("worker_process_entry", "PSKV_TEST_WORKER")
                 .envs(env.iter().map(|(k, v)| (k, v)))
                 .env("DMLC_ROLE", "worker")
-                .env("PSKV_TEST_WORKER", "1")
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap(),
         );
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    // Read every worker's output from the start, so that none blocks on a
-    // full pipe while the others wait for it at a barrier.
-    let readers: Vec<_> = workers
-        .0
-        .iter_mut()
-        .map(|c| {
-            let mut out = c.stdout.take().unwrap();
-            std::thread::spawn(move || {
-                let mut s = String::new();
-                std::io::Read::read_to_string(&mut out, &mut s).unwrap();
-                s
-            })
-        })
-        .collect();
+    let readers = workers.read_stdouts();
     let mut results = Vec::new();
     for (c, reader) in workers.0.iter_mut().zip(readers) {
         loop {

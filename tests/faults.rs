@@ -6,10 +6,12 @@
 //! The workers are this test binary started again with `PSKV_FAULT_WORKER`
 //! set; the scheduler and the server are `pskv` processes.
 
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{free_port, worker_command, Procs};
 use pskv::engine::{Context, Engine};
 use pskv::kvstore::{DType, KvStore, Optimizer, Tensor};
 
@@ -67,24 +69,8 @@ fn fault_worker_entry() {
     }
 }
 
-/// Children killed when dropped.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn cluster_env(workers: u32) -> Vec<(String, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     [
         ("DMLC_PS_ROOT_URI", "127.0.0.1".to_string()),
         ("DMLC_PS_ROOT_PORT", port.to_string()),
@@ -100,14 +86,6 @@ fn cluster_env(workers: u32) -> Vec<(String, String)> {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect()
-}
-
-/// This test binary as a worker running the test `entry`, with `flag` set.
-fn worker_command(entry: &str, flag: &str) -> Command {
-    let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args(["--exact", entry, "--nocapture", "--test-threads=1"])
-        .env(flag, "1");
-    c
 }
 
 #[test]
@@ -137,18 +115,7 @@ fn survivors_of_a_killed_worker_get_an_error_naming_it() {
                 .unwrap(),
         );
     }
-    let readers: Vec<_> = workers
-        .0
-        .iter_mut()
-        .map(|c| {
-            let mut out = c.stdout.take().unwrap();
-            std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = out.read_to_string(&mut s);
-                s
-            })
-        })
-        .collect();
+    let readers = workers.read_stdouts();
     // No hang: every worker ends (the victim killed, the others on their
     // error) well within the limit.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -6,10 +6,12 @@
 //! The workers are this test binary started again with `PSKV_LOAD_WORKER`
 //! set; the scheduler and servers are `pskv` processes.
 
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{free_port, rss_kib, worker_command, Procs};
 use pskv::engine::{Context, Engine};
 use pskv::kvstore::{DType, Key, KvStore, Tensor};
 
@@ -35,14 +37,6 @@ const ROUNDS: usize = 100;
 const LEN: usize = 16;
 /// Rounds after which the "start" resident sets are read.
 const WARM: usize = 5;
-
-/// Resident set of a process, in KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
 
 fn worker() {
     let engine = Engine::new().unwrap();
@@ -111,17 +105,6 @@ fn load_worker_entry() {
     }
 }
 
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn field(text: &str, name: &str) -> f64 {
     text.split_whitespace()
         .skip_while(|w| *w != name)
@@ -132,11 +115,7 @@ fn field(text: &str, name: &str) -> f64 {
 
 #[test]
 fn sixteen_workers_a_thousand_keys_a_hundred_rounds() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let env: Vec<(&str, String)> = vec![
         ("DMLC_PS_ROOT_URI", "127.0.0.1".into()),
         ("DMLC_PS_ROOT_PORT", port.to_string()),
@@ -171,36 +150,17 @@ fn sixteen_workers_a_thousand_keys_a_hundred_rounds() {
     }
     let server_pids: Vec<u32> = infra.0[1..].iter().map(|c| c.id()).collect();
     let mut workers = Procs(Vec::new());
-    let me = std::env::current_exe().unwrap();
     for _ in 0..num_workers() {
         workers.0.push(
-            Command::new(&me)
-                .args([
-                    "--exact",
-                    "load_worker_entry",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
+            worker_command("load_worker_entry", "PSKV_LOAD_WORKER")
                 .envs(env.iter().map(|(k, v)| (k, v)))
                 .env("DMLC_ROLE", "worker")
-                .env("PSKV_LOAD_WORKER", "1")
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap(),
         );
     }
-    let readers: Vec<_> = workers
-        .0
-        .iter_mut()
-        .map(|c| {
-            let mut out = c.stdout.take().unwrap();
-            std::thread::spawn(move || {
-                let mut s = String::new();
-                let _ = out.read_to_string(&mut s);
-                s
-            })
-        })
-        .collect();
+    let readers = workers.read_stdouts();
     // The servers' resident sets, sampled while the rounds run.
     let mut server_rss: Vec<Vec<u64>> = vec![Vec::new(); server_pids.len()];
     let deadline = Instant::now() + Duration::from_secs(600);

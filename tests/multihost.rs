@@ -15,8 +15,12 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::Procs;
 
 const DELAY: Duration = Duration::from_millis(20);
 const LOSS_PERCENT: u32 = 2;
@@ -203,31 +207,6 @@ fn proxy(listener: TcpListener, target: SocketAddr) {
     });
 }
 
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn wait_all(ps: &mut Procs, limit: Duration, what: &str) {
-    let end = Instant::now() + limit;
-    for c in &mut ps.0 {
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                assert!(st.success(), "{what}: a process failed with {st}");
-                break;
-            }
-            assert!(Instant::now() < end, "{what}: not done within {limit:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
 /// The demo's workers: 2 workers, 1 server, one epoch of 128-sample steps.
 fn demo_args(weights: &Path) -> Vec<String> {
     [
@@ -326,13 +305,9 @@ fn training_across_lossy_delayed_hosts_equals_loopback() {
             .env("DMLC_INTERFACE", &pb);
         workers.0.push(c.spawn().unwrap());
     }
-    wait_all(&mut workers, Duration::from_secs(240), "the workers");
+    workers.wait_success(Duration::from_secs(240), "the workers");
     let took = t0.elapsed();
-    wait_all(
-        &mut hosts,
-        Duration::from_secs(30),
-        "the scheduler and server",
-    );
+    hosts.wait_success(Duration::from_secs(30), "the scheduler and server");
     let (a, b) = (
         std::fs::read(&loopback).unwrap(),
         std::fs::read(&across).unwrap(),
