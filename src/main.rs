@@ -60,7 +60,7 @@ struct DemoArgs {
     #[arg(long, default_value_t = 0.05)]
     lr: f64,
     /// 2-bit gradient compression, with this threshold.
-    #[arg(long, value_name = "THRESHOLD", num_args = 0..=1, default_missing_value = "0.1")]
+    #[arg(long, value_name = "THRESHOLD", num_args = 0..=1, default_missing_value = "2")]
     compress: Option<f32>,
     /// Transport: tcp, shm or auto.
     #[arg(long, default_value = "tcp")]
