@@ -680,6 +680,11 @@ pub fn run_collecting(
 
 /// Raises the returned flag on SIGINT, SIGTERM and SIGHUP.
 pub fn stop_flag() -> Result<std::sync::Arc<AtomicBool>, String> {
+    // Installed once per process: a bench sweep supervises one job per run.
+    static FLAG: std::sync::OnceLock<std::sync::Arc<AtomicBool>> = std::sync::OnceLock::new();
+    if let Some(f) = FLAG.get() {
+        return Ok(f.clone());
+    }
     let flag = std::sync::Arc::new(AtomicBool::new(false));
     for sig in [
         signal_hook::consts::SIGINT,
@@ -689,7 +694,7 @@ pub fn stop_flag() -> Result<std::sync::Arc<AtomicBool>, String> {
         signal_hook::flag::register(sig, flag.clone())
             .map_err(|e| format!("installing a signal handler: {e}"))?;
     }
-    Ok(flag)
+    Ok(FLAG.get_or_init(|| flag).clone())
 }
 
 /// The rank and size of this process under `mpirun` or `srun`.

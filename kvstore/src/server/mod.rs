@@ -76,6 +76,8 @@ struct Inner {
     /// Requests that arrived before the server was ready (a restarted
     /// server loading its checkpoint): `Some` until then.
     held: Mutex<Option<Vec<(KvRequest, Responder)>>>,
+    /// `held` is `None` for good: requests skip its lock.
+    ready: AtomicBool,
 }
 
 /// Where and how often a server checkpoints (`PSKV_CHECKPOINT_DIR`,
@@ -243,6 +245,7 @@ impl Server {
             dead_workers: Mutex::new(std::collections::BTreeMap::new()),
             ckpt: std::sync::OnceLock::new(),
             held: Mutex::new(Some(Vec::new())),
+            ready: AtomicBool::new(false),
         });
         let po = Postoffice::start(cfg, Some(Arc::new(Handler(inner.clone()))))?;
         let weak = Arc::downgrade(&inner);
@@ -357,7 +360,11 @@ impl Server {
 
 impl Inner {
     fn handle(self: &Arc<Self>, req: KvRequest, r: Responder) {
-        {
+        // Subtle: `ready` is set (Release) only after `held` became `None`
+        // under its lock, so a request that sees it (Acquire) has nothing
+        // held left to overtake; one that does not takes the lock and finds
+        // out.
+        if !self.ready.load(Ordering::Acquire) {
             let mut held = self.held.lock();
             if let Some(h) = held.as_mut() {
                 h.push((req, r));
@@ -377,6 +384,7 @@ impl Inner {
                     Some(h) if !h.is_empty() => std::mem::take(h),
                     _ => {
                         *held = None;
+                        self.ready.store(true, Ordering::Release);
                         return;
                     }
                 }
@@ -472,12 +480,7 @@ impl Inner {
             return Ok(());
         };
         c.set_globals(self.globals());
-        let entries: Vec<(u64, Arc<Entry>)> = self
-            .entries
-            .read()
-            .iter()
-            .map(|(k, e)| (*k, e.clone()))
-            .collect();
+        let entries = self.entries_snapshot();
         for (k, e) in entries {
             let st = e.st.lock();
             self.record(k, &st);
@@ -534,8 +537,7 @@ impl Inner {
                 );
                 tracing::warn!("server: {msg}");
                 self.dead_workers.lock().insert(id, msg.clone());
-                let entries: Vec<Arc<Entry>> = self.entries.read().values().cloned().collect();
-                for e in entries {
+                for (_, e) in self.entries_snapshot() {
                     e.st.lock().fail_active_round(&msg);
                 }
             }
@@ -543,6 +545,15 @@ impl Inner {
                 self.dead_workers.lock().remove(&id);
             }
         }
+    }
+
+    /// Every entry, with its ps key, taken out of the map's lock.
+    fn entries_snapshot(&self) -> Vec<(u64, Arc<Entry>)> {
+        self.entries
+            .read()
+            .iter()
+            .map(|(k, e)| (*k, e.clone()))
+            .collect()
     }
 
     /// Why a sync push cannot be taken now, if a worker is dead.
@@ -584,11 +595,15 @@ impl Inner {
         let spec = OpSpec::new("server_key").write(&entry.var).property(prop);
         let pushed = self.engine.push_sync(spec, move |_| {
             let mut st = e2.st.lock();
+            let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
+            let dead = if head.sync && pushes {
+                me.dead_worker()
+            } else {
+                None
+            };
             match head.op {
-                Op::Push | Op::PushPull | Op::RowPush
-                    if head.sync && me.dead_worker().is_some() =>
-                {
-                    let why = me.dead_worker().unwrap_or_default();
+                _ if dead.is_some() => {
+                    let why = dead.as_deref().unwrap_or_default();
                     answer(Err(format!("{}: {why}", st.name())));
                 }
                 Op::Push | Op::PushPull | Op::RowPush => {
@@ -763,12 +778,7 @@ impl Inner {
         let generation = self
             .generation()
             .ok_or("the server has no optimizer, so no states")?;
-        let entries: Vec<(u64, Arc<Entry>)> = self
-            .entries
-            .read()
-            .iter()
-            .map(|(k, e)| (*k, e.clone()))
-            .collect();
+        let entries = self.entries_snapshot();
         let mut out: Vec<(u64, OptState)> = Vec::new();
         for (k, e) in entries {
             let st = e.st.lock();
