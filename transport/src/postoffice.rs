@@ -689,16 +689,7 @@ impl Inner {
         wr: tokio::net::tcp::OwnedWriteHalf,
         link: Arc<Link>,
     ) -> Result<(), TransportError> {
-        let (rd, rest) = reader.into_parts();
-        if !rest.is_empty() {
-            return Err(TransportError::io(
-                "switching to RDMA",
-                "bytes arrived on tcp after the van answer",
-            ));
-        }
-        let stream = rd
-            .reunite(wr)
-            .map_err(|e| TransportError::io("switching to RDMA", e))?;
+        let stream = reclaim_stream(reader, wr, "switching to RDMA")?;
         rdma::start(prepared, stream, link, self.sink(), &self.handle)
             .map_err(|e| TransportError::io("starting the RDMA van", e))
     }
@@ -710,16 +701,7 @@ impl Inner {
         wr: tokio::net::tcp::OwnedWriteHalf,
         link: Arc<Link>,
     ) -> Result<(), TransportError> {
-        let (rd, rest) = reader.into_parts();
-        if !rest.is_empty() {
-            return Err(TransportError::io(
-                "switching to shared memory",
-                "bytes arrived on tcp after the van answer",
-            ));
-        }
-        let stream = rd
-            .reunite(wr)
-            .map_err(|e| TransportError::io("switching to shared memory", e))?;
+        let stream = reclaim_stream(reader, wr, "switching to shared memory")?;
         shm::start(
             rings,
             stream,
@@ -1516,4 +1498,21 @@ pub(crate) fn host_id() -> u64 {
         }
     }
     h
+}
+
+/// The handshake's TCP stream, whole again, for a van that takes it over;
+/// an error if the peer sent bytes past the van answer.
+fn reclaim_stream(
+    reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    what: &'static str,
+) -> Result<TcpStream, TransportError> {
+    let (rd, rest) = reader.into_parts();
+    if !rest.is_empty() {
+        return Err(TransportError::io(
+            what,
+            "bytes arrived on tcp after the van answer",
+        ));
+    }
+    rd.reunite(wr).map_err(|e| TransportError::io(what, e))
 }

@@ -44,7 +44,7 @@ use crate::dtype::DType;
 use crate::error::{KvError, Result};
 use crate::key::Key;
 use crate::kinds::local::{check_outs, check_row_sparse_pull, check_values, LocalKey};
-use crate::kinds::{Batch, Batch2, Flavor, Kind};
+use crate::kinds::{split_pushpull, Batch, Batch2, Flavor, Kind};
 use crate::optimizer::{OptState, Optimizer, StateVals};
 use crate::registry::{Meta, Registry};
 use crate::shm::Segment;
@@ -1037,14 +1037,7 @@ impl Flavor for DistStore {
             dks.push(dk);
         }
         if local {
-            let pushes: Vec<(Key, Vec<Tensor>)> = items
-                .iter()
-                .map(|(k, v, _)| (k.clone(), v.clone()))
-                .collect();
-            let pulls: Vec<(Key, Vec<Tensor>)> = items
-                .iter()
-                .map(|(k, _, o)| (k.clone(), o.clone()))
-                .collect();
+            let (pushes, pulls) = split_pushpull(items);
             self.push(&pushes, priority)?;
             return self.pull(&pulls, priority);
         }

@@ -16,7 +16,7 @@ use crate::compression::Compression;
 use crate::dtype::DType;
 use crate::error::{KvError, Result};
 use crate::key::Key;
-use crate::kinds::{Batch, Batch2, Flavor};
+use crate::kinds::{split_pushpull, Batch, Batch2, Flavor};
 use crate::optimizer::{OptState, Optimizer};
 use crate::registry::{Meta, Registry};
 use crate::tensor::{check_rows, Buf, Storage, Tensor};
@@ -356,14 +356,7 @@ impl Flavor for LocalStore {
             check_values(key, &e.meta, values, compression)?;
             check_outs(key, &e.meta, outs, "pushpull")?;
         }
-        let pushes: Vec<(Key, Vec<Tensor>)> = items
-            .iter()
-            .map(|(k, v, _)| (k.clone(), v.clone()))
-            .collect();
-        let pulls: Vec<(Key, Vec<Tensor>)> = items
-            .iter()
-            .map(|(k, _, o)| (k.clone(), o.clone()))
-            .collect();
+        let (pushes, pulls) = split_pushpull(items);
         self.push(&pushes, priority)?;
         self.pull(&pulls, priority)
     }

@@ -71,6 +71,18 @@ pub(crate) type Batch = [(Key, Vec<Tensor>)];
 /// row ids).
 pub(crate) type Batch2 = [(Key, Vec<Tensor>, Vec<Tensor>)];
 
+/// An owned `Batch`.
+pub(crate) type OwnedBatch = Vec<(Key, Vec<Tensor>)>;
+
+/// A push-pull batch as the push batch and the pull batch it stands for
+/// (kinds that run a push-pull as a push, then a pull).
+pub(crate) fn split_pushpull(items: &Batch2) -> (OwnedBatch, OwnedBatch) {
+    items
+        .iter()
+        .map(|(k, v, o)| ((k.clone(), v.clone()), (k.clone(), o.clone())))
+        .unzip()
+}
+
 /// What every kind does. Arguments arrive checked for shape: every key has
 /// at least one tensor, and the tensors share the store's engine.
 pub(crate) trait Flavor: Send + Sync {
