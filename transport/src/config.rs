@@ -18,6 +18,7 @@
 //! | `PSKV_TOKEN` | the cluster token (HMAC challenge on every connection) | none: loopback peers only |
 //! | `PSKV_VAN` | `tcp`, `shm`, `auto` (shared memory with peers on the same host), `rdma` (verbs; feature `rdma`), `rdma-emulated` (in-process verbs, for tests) | `auto` |
 //! | `PSKV_SHM_BYTES` | bytes of each shared-memory ring (one per direction and peer) | 16 MiB |
+//! | `PSKV_SHM_HEAP_BYTES` | bytes of each shared-memory heap, where frames of 64 KiB and more cross in one copy; sparse, reserved as used (0: off) | 256 MiB |
 //! | `PSKV_MAX_MESSAGE_BYTES` | largest payload accepted in one message | 2 GiB |
 //! | `PSKV_CONNECT_TIMEOUT` | seconds to keep trying to reach the scheduler and to register | 60 |
 //! | `PSKV_IO_THREADS` | I/O threads of the node's runtime | 2 |
@@ -94,6 +95,8 @@ pub struct Config {
     pub van: VanKind,
     /// Shared-memory ring size.
     pub shm_bytes: usize,
+    /// Shared-memory heap size (0: large frames go through the ring).
+    pub shm_heap_bytes: usize,
     /// Frame limits.
     pub limits: Limits,
     /// Time to reach the scheduler and register.
@@ -135,6 +138,7 @@ impl Config {
             token: None,
             van: VanKind::Auto,
             shm_bytes: 16 << 20,
+            shm_heap_bytes: 256 << 20,
             limits: Limits::default(),
             connect_timeout: Duration::from_secs(60),
             io_threads: 2,
@@ -267,6 +271,16 @@ impl Config {
             }
             c.shm_bytes = b;
         }
+        if let Some(b) = num::<usize>(get, "PSKV_SHM_HEAP_BYTES", "a byte count")? {
+            if b != 0 && !(1 << 20..=crate::van::shm::MAX_HEAP).contains(&b) {
+                return Err(bad(
+                    "PSKV_SHM_HEAP_BYTES",
+                    &b.to_string(),
+                    "expected 0 (off) or 1 MiB to 16 GiB",
+                ));
+            }
+            c.shm_heap_bytes = b;
+        }
         if let Some(b) = num::<u64>(get, "PSKV_MAX_MESSAGE_BYTES", "a byte count")? {
             c.limits.max_payload = b;
         }
@@ -380,6 +394,7 @@ mod tests {
             ("PS_HEARTBEAT_INTERVAL", "often"),
             ("PSKV_VAN", "carrier-pigeon"),
             ("PSKV_SHM_BYTES", "12"),
+            ("PSKV_SHM_HEAP_BYTES", "4096"),
             ("PSKV_CONNECT_TIMEOUT", "-1"),
         ] {
             let mut pairs: Vec<(&str, &str)> =

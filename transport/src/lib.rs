@@ -19,6 +19,7 @@ mod postoffice;
 pub mod protocol;
 mod security;
 mod slot;
+mod spin;
 mod van;
 pub mod wire;
 

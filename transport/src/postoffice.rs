@@ -642,8 +642,8 @@ impl Inner {
         }
         let (pa, pc) = shm::ring_paths();
         match (
-            shm::Ring::create(&pa, self.cfg.shm_bytes),
-            shm::Ring::create(&pc, self.cfg.shm_bytes),
+            shm::Ring::create(&pa, self.cfg.shm_bytes, self.cfg.shm_heap_bytes),
+            shm::Ring::create(&pc, self.cfg.shm_bytes, self.cfg.shm_heap_bytes),
         ) {
             (Ok(a), Ok(c)) => {
                 let offer = Control::VanOffer {

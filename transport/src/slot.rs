@@ -9,11 +9,18 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+
+use crate::spin::{spin_until, Spin};
+
+thread_local! {
+    /// The spin budget of this thread's blocking waits on slots.
+    static THREAD_SPIN: std::cell::Cell<Spin> = std::cell::Cell::new(Spin::new());
+}
 
 struct State<T> {
     value: Option<T>,
@@ -70,13 +77,26 @@ impl<T> Slot<T> {
         let deadline = Instant::now() + timeout;
         // Answers often come within tens of microseconds, and waking a
         // sleeping thread costs about as much on a VM: watch the flag a
-        // moment first (PSKV_SPIN_US; 0 turns this off).
-        spin_until(&|| self.ready.load(Ordering::Acquire), spin_budget());
+        // moment first (an adaptive budget per thread, see spin.rs).
+        let ready = || self.ready.load(Ordering::Acquire);
+        let waited = (!ready()).then(|| {
+            let start = Instant::now();
+            let budget = THREAD_SPIN.with(|s| s.get().budget());
+            spin_until(&ready, budget.min(timeout));
+            start
+        });
         let mut st = self.state.lock();
         while !st.set {
             if self.cv.wait_until(&mut st, deadline).timed_out() {
                 break;
             }
+        }
+        if let Some(start) = waited {
+            THREAD_SPIN.with(|s| {
+                let mut spin = s.get();
+                spin.record(start.elapsed());
+                s.set(spin);
+            });
         }
         st.value.take()
     }
@@ -99,41 +119,5 @@ impl<T> Future for SlotFuture<T> {
     type Output = Option<T>;
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
         self.0.poll_take(cx)
-    }
-}
-
-/// How long a waiter spins before sleeping: `PSKV_SPIN_US` microseconds
-/// (default 50; 0: never spin). Read once.
-pub(crate) fn spin_budget() -> Duration {
-    static US: OnceLock<u64> = OnceLock::new();
-    let us = *US.get_or_init(|| {
-        std::env::var("PSKV_SPIN_US")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(50)
-            .min(10_000)
-    });
-    Duration::from_micros(us)
-}
-
-/// Spins until `ready()` or `budget` passes; whether it became ready.
-pub(crate) fn spin_until(ready: &dyn Fn() -> bool, budget: Duration) -> bool {
-    if budget.is_zero() {
-        return ready();
-    }
-    let end = Instant::now() + budget;
-    loop {
-        for _ in 0..64 {
-            if ready() {
-                return true;
-            }
-            std::hint::spin_loop();
-        }
-        if Instant::now() >= end {
-            return ready();
-        }
-        // Give the core to whoever we are waiting for, if they need it
-        // (with fewer cores than busy threads, pure spinning starves them).
-        std::thread::yield_now();
     }
 }

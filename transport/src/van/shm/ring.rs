@@ -1,30 +1,29 @@
-//! The shared-memory van: two single-producer, single-consumer rings in
-//! `/dev/shm`, one per direction, for peers on the same host. Frames skip
-//! the kernel and its socket copies: the sender copies a frame into the ring,
-//! the receiver copies it out into one buffer of the frame's size and
-//! releases the space at once. Large frames travel in chunks of a quarter
-//! ring, so the two copies overlap. (Reading payloads in place would save
-//! the second copy, but a receiver holding such a payload would pin the
-//! ring: the stall is not worth it.)
+//! One direction of a shared-memory link: the mapped file, its ring of
+//! records, the futex waits, and the producer and consumer ends.
 //!
-//! # A ring
+//! # The file
 //!
 //! ```text
-//!   0     magic "PSKVRING", capacity
+//!   0     magic "PSKVRING", ring capacity, heap bytes
 //!   64    head   (u64)  bytes published by the producer, ever increasing
 //!   128   tail   (u64)  bytes released by the consumer, ever increasing
 //!   192   data_seq (u32), consumer_waiting (u32)    futex: "data arrived"
 //!   256   space_seq (u32), producer_waiting (u32)   futex: "space freed"
 //!   320   closed (u32)
-//!   4096  data: records [u64 word | bytes], 64-byte aligned, never wrapping
-//!         word: bits 0..48 length; bit 62 CONTINUED (a chunk of a frame
-//!         larger than a quarter of the ring); bit 63 WRAP (skip to the start)
+//!   4096  ring data: records [u64 word | bytes], 64-byte aligned, never
+//!         wrapping. word: bits 0..48 length; bit 61 HEAP (the record is a
+//!         heap descriptor, see heap.rs); bit 62 CONTINUED (a chunk of a
+//!         frame larger than a quarter of the ring); bit 63 WRAP (skip to
+//!         the start)
+//!   4096+cap          heap bitmap, one bit per block, page-rounded
+//!   after the bitmap  heap blocks (heap.rs)
 //! ```
 //!
 //! Invariants: `tail <= head <= tail + capacity` (checked on every read: the
 //! peer's memory is not trusted, and a violation closes the link); the
 //! producer writes only `[head, tail + capacity)`; the consumer releases each
-//! record, in order, as soon as it has copied it.
+//! record, in order, as soon as it has copied it (or, for a heap record, as
+//! soon as it has read the descriptor).
 //!
 //! Waking without lost wake-ups: the waiter publishes its "waiting" flag,
 //! then re-checks the index, then sleeps on the sequence word with the value
@@ -32,30 +31,29 @@
 //! then reads the flag (all SeqCst). Either the waiter sees the new index,
 //! or the other side sees the flag and wakes it; a bump between the read and
 //! the sleep makes the futex return at once. Sleeps last at most 100 ms, so
-//! both threads notice a closed link. Before sleeping, a waiter spins for
-//! `PSKV_SPIN_US` (a wake-up costs more than that on a VM).
-//!
-//! The TCP connection the link was negotiated on stays open: its end is how
-//! a peer's death is noticed.
+//! both threads notice a closed link. Before sleeping, a waiter spins
+//! (`crate::spin`: about as long as its last wait, within bounds).
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use memmap2::MmapMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{end, FrameSink};
-use crate::link::{Link, Work};
-use crate::wire::{decode_body, decode_header, Frame, Limits, HEADER_LEN};
+use super::heap::{self, HeapWriter, BLOCK};
+use crate::link::Link;
+use crate::spin::Spin;
+use crate::wire::{decode_header, Frame, Limits, HEADER_LEN};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"PSKVRING");
 const HDR: usize = 4096;
+const PAGE: usize = 4096;
 const HEAD: usize = 64;
 const TAIL: usize = 128;
 const DATA_SEQ: usize = 192;
@@ -65,6 +63,7 @@ const PROD_WAIT: usize = 260;
 const CLOSED: usize = 320;
 
 const LEN_MASK: u64 = (1 << 48) - 1;
+pub(super) const HEAP_FLAG: u64 = 1 << 61;
 const CONT: u64 = 1 << 62;
 const WRAP: u64 = 1 << 63;
 
@@ -73,63 +72,119 @@ const WRAP: u64 = 1 << 63;
 const CHUNK_BYTES: usize = 256 * 1024;
 
 /// Sleep slices of the futex waits.
-const WAIT_SLICE: Duration = Duration::from_millis(100);
+pub(super) const WAIT_SLICE: Duration = Duration::from_millis(100);
+
+/// The largest heap a file may declare (the bitmap is scanned per frame).
+pub(crate) const MAX_HEAP: usize = 16 << 30;
 
 fn align64(n: usize) -> usize {
     n.div_ceil(64) * 64
 }
 
-/// One mapped ring.
+/// Bytes of the bitmap of a heap of `heap` bytes, page-rounded.
+fn bitmap_len(heap: usize) -> usize {
+    (heap / BLOCK).div_ceil(64) * 8
+}
+
+/// One mapped direction: ring and heap.
 pub(crate) struct Ring {
     map: MmapMut,
-    cap: usize,
+    /// Kept to reserve heap pages as they are first used (fallocate).
+    file: File,
+    pub(super) cap: usize,
+    /// Heap bytes (a multiple of BLOCK; 0: no heap).
+    pub(super) heap: usize,
+    bitmap_at: usize,
+    heap_at: usize,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics (the
-// header) and through the record protocol (data), which gives each byte of
-// data to one side at a time.
+// header and the bitmap) and through the record and block protocols (data),
+// which give each byte of data to one side at a time.
 unsafe impl Send for Ring {}
 unsafe impl Sync for Ring {}
 
+/// Where the bitmap and the heap start, and the file's length.
+fn layout(cap: usize, heap: usize) -> (usize, usize, usize) {
+    let bitmap_at = HDR + cap;
+    let heap_at = bitmap_at + bitmap_len(heap).next_multiple_of(PAGE);
+    (bitmap_at, heap_at, heap_at + heap)
+}
+
+/// Reserves `[off, off + len)` of a tmpfs file, so that touching those pages
+/// later cannot fault with SIGBUS when /dev/shm is full.
+fn reserve(file: &File, off: usize, len: usize) -> io::Result<()> {
+    // SAFETY: a plain syscall on an open descriptor.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), off as i64, len as i64) };
+    match rc {
+        0 => Ok(()),
+        e => Err(io::Error::from_raw_os_error(e)),
+    }
+}
+
 impl Ring {
-    /// Creates the ring file (fails if it exists) and maps it.
-    pub(crate) fn create(path: &Path, cap: usize) -> io::Result<Ring> {
+    /// Creates the file (fails if it exists), reserves the ring's pages and
+    /// maps it. `heap` is rounded up to whole blocks (0: no heap).
+    pub(crate) fn create(path: &Path, cap: usize, heap: usize) -> io::Result<Ring> {
         let cap = align64(cap.max(1 << 16));
+        let heap = heap.min(MAX_HEAP).next_multiple_of(BLOCK);
+        let (bitmap_at, heap_at, len) = layout(cap, heap);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(path)?;
-        file.set_len((HDR + cap) as u64)?;
+        file.set_len(len as u64)?;
+        // The heap stays sparse: its pages are reserved as the producer
+        // first uses them (heap.rs).
+        reserve(&file, 0, heap_at)?;
         // SAFETY: a fresh file of ours, mapped shared; see the type's docs.
         let mut map = unsafe { MmapMut::map_mut(&file)? };
         map[0..8].copy_from_slice(&MAGIC.to_le_bytes());
         map[8..16].copy_from_slice(&(cap as u64).to_le_bytes());
-        Ok(Ring { map, cap })
+        map[16..24].copy_from_slice(&(heap as u64).to_le_bytes());
+        Ok(Ring {
+            map,
+            file,
+            cap,
+            heap,
+            bitmap_at,
+            heap_at,
+        })
     }
 
-    /// Maps an existing ring file and checks its header.
+    /// Maps an existing file and checks its header and size.
     pub(crate) fn open(path: &Path, cap: usize) -> io::Result<Ring> {
+        let bad = |what: &str| Err(io::Error::new(io::ErrorKind::InvalidData, what.to_string()));
         let cap = align64(cap.max(1 << 16));
         let file = OpenOptions::new().read(true).write(true).open(path)?;
-        if file.metadata()?.len() != (HDR + cap) as u64 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "ring file has the wrong size",
-            ));
+        let size = file.metadata()?.len() as usize;
+        if size < HDR + cap {
+            return bad("ring file is too short");
         }
-        // SAFETY: as in `create`; the size was checked.
+        // SAFETY: as in `create`; the header is inside the checked size.
         let map = unsafe { MmapMut::map_mut(&file)? };
-        let magic = u64::from_le_bytes(map[0..8].try_into().expect("8 bytes"));
-        let got_cap = u64::from_le_bytes(map[8..16].try_into().expect("8 bytes"));
+        let word = |at: usize| u64::from_le_bytes(map[at..at + 8].try_into().expect("8 bytes"));
+        let (magic, got_cap, heap) = (word(0), word(8), word(16) as usize);
         if magic != MAGIC || got_cap != cap as u64 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "not a pskv ring of the agreed size",
-            ));
+            return bad("not a pskv ring of the agreed size");
         }
-        Ok(Ring { map, cap })
+        if heap > MAX_HEAP || heap % BLOCK != 0 {
+            return bad("ring file declares an impossible heap");
+        }
+        let (bitmap_at, heap_at, len) = layout(cap, heap);
+        if size != len {
+            return bad("ring file has the wrong size");
+        }
+        Ok(Ring {
+            map,
+            file,
+            cap,
+            heap,
+            bitmap_at,
+            heap_at,
+        })
     }
 
     fn u64_at(&self, off: usize) -> &AtomicU64 {
@@ -143,12 +198,29 @@ impl Ring {
         unsafe { &*(self.map.as_ptr().add(off) as *const AtomicU32) }
     }
 
+    /// Word `i` of the heap bitmap (`i < heap / BLOCK / 64`, rounded up).
+    pub(super) fn bitmap(&self, i: usize) -> &AtomicU64 {
+        debug_assert!(i < bitmap_len(self.heap) / 8);
+        self.u64_at(self.bitmap_at + 8 * i)
+    }
+
+    /// The heap's first byte.
+    pub(super) fn heap_ptr(&self) -> *mut u8 {
+        // SAFETY: heap_at is within the mapping (its length was checked).
+        unsafe { (self.map.as_ptr() as *mut u8).add(self.heap_at) }
+    }
+
+    /// Reserves heap bytes `[from, to)` in the file (see `reserve`).
+    pub(super) fn reserve_heap(&self, from: usize, to: usize) -> io::Result<()> {
+        reserve(&self.file, self.heap_at + from, to - from)
+    }
+
     fn data(&self) -> *mut u8 {
         // SAFETY: HDR is within the mapping.
         unsafe { (self.map.as_ptr() as *mut u8).add(HDR) }
     }
 
-    fn close(&self) {
+    pub(super) fn close(&self) {
         self.u32_at(CLOSED).store(1, Ordering::SeqCst);
         self.u32_at(DATA_SEQ).fetch_add(1, Ordering::SeqCst);
         self.u32_at(SPACE_SEQ).fetch_add(1, Ordering::SeqCst);
@@ -187,30 +259,18 @@ fn futex_wake(word: &AtomicU32) {
 }
 
 /// Waits until `ready()` or the ring closes; `seq`/`flag` are the futex word
-/// and the waiting flag of this direction of waiting.
+/// and the waiting flag of this direction of waiting, `spin` its budget.
 fn wait_until(
     ring: &Ring,
     seq: usize,
     flag: usize,
+    spin: &mut Spin,
     ready: &dyn Fn() -> bool,
     closed: &dyn Fn() -> bool,
 ) -> Result<(), String> {
-    let mut spun = false;
-    loop {
-        if ready() {
-            return Ok(());
-        }
+    let ok = spin.wait(ready, &mut || {
         if ring.is_closed() || closed() {
-            return Err("the shared-memory ring was closed".into());
-        }
-        if !spun {
-            // A futex wake costs tens of microseconds on a VM: watch the
-            // index a moment first (PSKV_SPIN_US).
-            spun = true;
-            if crate::slot::spin_until(ready, crate::slot::spin_budget()) {
-                return Ok(());
-            }
-            continue;
+            return true;
         }
         let seen = ring.u32_at(seq).load(Ordering::SeqCst);
         ring.u32_at(flag).store(1, Ordering::SeqCst);
@@ -218,16 +278,36 @@ fn wait_until(
             futex_wait(ring.u32_at(seq), seen, WAIT_SLICE);
         }
         ring.u32_at(flag).store(0, Ordering::SeqCst);
+        false
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err("the shared-memory ring was closed".into())
     }
 }
 
-/// The producer side of a ring.
-struct Producer {
-    ring: Arc<Ring>,
+/// The producer side of a direction.
+pub(super) struct Producer {
+    pub(super) ring: Arc<Ring>,
     head: u64,
+    heap: HeapWriter,
+    spin: Spin,
+    /// Frames sent through the heap.
+    pub(super) heap_frames: u64,
 }
 
 impl Producer {
+    pub(super) fn new(ring: Arc<Ring>) -> Producer {
+        Producer {
+            heap: HeapWriter::new(ring.clone()),
+            ring,
+            head: 0,
+            spin: Spin::new(),
+            heap_frames: 0,
+        }
+    }
+
     /// The largest record: larger frames go in chunks, so the receiver
     /// copies one chunk out while the sender copies the next one in.
     fn max_record(&self) -> usize {
@@ -243,7 +323,17 @@ impl Producer {
         total.div_ceil(n).next_multiple_of(64).min(room)
     }
 
-    /// Appends one record (`CONT` in `flags` for a non-final chunk).
+    /// Ring bytes a record of `len` body bytes needs at `head` (a wrap
+    /// marker's skip included), and that skip.
+    fn need(&self, len: usize) -> (u64, u64) {
+        let cap = self.ring.cap as u64;
+        let rec = align64(8 + len) as u64;
+        let pos = self.head % cap;
+        let wrap = if cap - pos < rec { cap - pos } else { 0 };
+        (wrap + rec, wrap)
+    }
+
+    /// Appends one record (`CONT` or `HEAP` in `flags`).
     fn record(
         &mut self,
         parts: &[&[u8]],
@@ -252,31 +342,41 @@ impl Producer {
     ) -> Result<(), String> {
         let cap = self.ring.cap as u64;
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        let rec = align64(8 + len) as u64;
-        let pos = self.head % cap;
-        let wrap = if cap - pos < rec { cap - pos } else { 0 };
-        let need = wrap + rec;
+        let (need, wrap) = self.need(len);
         let tail = self.ring.u64_at(TAIL);
         let head = self.head;
         wait_until(
             &self.ring,
             SPACE_SEQ,
             PROD_WAIT,
+            &mut self.spin,
             &|| head + need - tail.load(Ordering::Acquire) <= cap,
             closed,
         )?;
-        self.publish(parts, flags, wrap, rec);
+        self.publish(parts, flags, wrap, need - wrap);
         Ok(())
     }
 
-    /// Writes a frame now if the ring has room for all of it (in chunks if
-    /// it is large); false (nothing written) otherwise.
-    fn try_frame(&mut self, f: &Frame) -> bool {
+    /// Free ring bytes now.
+    fn room(&self) -> u64 {
+        let tail = self.ring.u64_at(TAIL).load(Ordering::Acquire);
+        self.ring.cap as u64 - (self.head - tail)
+    }
+
+    /// Writes a frame now if there is room for all of it; false (nothing
+    /// written) otherwise.
+    pub(super) fn try_frame(&mut self, f: &Frame) -> bool {
         if self.ring.is_closed() {
             return false;
         }
-        let cap = self.ring.cap as u64;
         let total = f.wire_len();
+        if self.heap.wants(total) && self.room() >= self.need(heap::DESCRIPTOR).0 {
+            if let Some(at) = self.heap.alloc(total) {
+                self.heap_frame(f, at, &|| false)
+                    .expect("the descriptor's room was checked");
+                return true;
+            }
+        }
         let room = self.max_record() - 64;
         let chunks = if 8 + total <= self.max_record() {
             1
@@ -285,12 +385,11 @@ impl Producer {
         };
         // Every record at most a max record, plus one wrap's worth of slack.
         let need = (chunks * self.max_record() + self.max_record()) as u64;
-        let tail = self.ring.u64_at(TAIL).load(Ordering::Acquire);
-        if cap - (self.head - tail) < need {
+        if self.room() < need {
             return false;
         }
         // The space is there: the writes below never wait.
-        self.frame(f, &|| false).is_ok()
+        self.inline_frame(f, &|| false).is_ok()
     }
 
     /// Writes a record at `head` (after a wrap marker if `wrap > 0`), into
@@ -324,8 +423,35 @@ impl Producer {
         }
     }
 
-    /// Writes a frame: one record, or chunks if it is large.
-    fn frame(&mut self, f: &Frame, closed: &dyn Fn() -> bool) -> Result<(), String> {
+    /// Writes a frame: into the heap if it is large and the heap has room,
+    /// else through the ring (in chunks if it is large).
+    pub(super) fn frame(&mut self, f: &Frame, closed: &dyn Fn() -> bool) -> Result<(), String> {
+        let total = f.wire_len();
+        if self.heap.wants(total) {
+            if let Some(at) = self.heap.alloc(total) {
+                return self.heap_frame(f, at, closed);
+            }
+        }
+        self.inline_frame(f, closed)
+    }
+
+    /// Copies a frame into heap blocks allocated at `at`, then publishes
+    /// their descriptor.
+    fn heap_frame(
+        &mut self,
+        f: &Frame,
+        at: usize,
+        closed: &dyn Fn() -> bool,
+    ) -> Result<(), String> {
+        let head = f.encode_head();
+        self.heap.write(at, &[&head, &f.payload]);
+        let desc = heap::descriptor(at, f.wire_len());
+        self.heap_frames += 1;
+        self.record(&[&desc], HEAP_FLAG, closed)
+    }
+
+    /// Writes a frame through the ring: one record, or chunks.
+    fn inline_frame(&mut self, f: &Frame, closed: &dyn Fn() -> bool) -> Result<(), String> {
         let head = f.encode_head();
         let total = head.len() + f.payload.len();
         if 8 + total <= self.max_record() {
@@ -360,25 +486,8 @@ impl Producer {
     }
 }
 
-/// The direct path: the caller copies its frame into the ring if it fits
-/// now (the writer thread may hold the producer: then the frame is queued).
-struct ShmDirect {
-    producer: Arc<parking_lot::Mutex<Producer>>,
-}
-
-impl crate::link::DirectSend for ShmDirect {
-    fn try_send(&self, frame: &Frame) -> Result<crate::link::Direct, String> {
-        use crate::link::Direct;
-        let sent = self
-            .producer
-            .try_lock()
-            .is_some_and(|mut p| p.try_frame(frame));
-        Ok(if sent { Direct::Sent } else { Direct::NotSent })
-    }
-}
-
-/// The consumer side of a ring.
-struct Consumer {
+/// The consumer side of a direction.
+pub(super) struct Consumer {
     ring: Arc<Ring>,
     cur: u64,
     /// A chunked frame being reassembled, and its total size.
@@ -386,9 +495,21 @@ struct Consumer {
     max_frame: u64,
     /// Receive buffer, reclaimed once the frames cut from it are dropped.
     pool: BytesMut,
+    spin: Spin,
 }
 
 impl Consumer {
+    pub(super) fn new(ring: Arc<Ring>, max_frame: u64) -> Consumer {
+        Consumer {
+            ring,
+            cur: 0,
+            partial: None,
+            max_frame,
+            pool: BytesMut::new(),
+            spin: Spin::new(),
+        }
+    }
+
     fn release(&self, upto: u64) {
         let ring = &self.ring;
         ring.u64_at(TAIL).store(upto, Ordering::SeqCst);
@@ -398,8 +519,9 @@ impl Consumer {
         }
     }
 
-    /// The next frame's bytes, copied out of the ring.
-    fn next(&mut self, link: &Link) -> Result<Bytes, String> {
+    /// The next frame's bytes: copied out of the ring, or leased from the
+    /// heap.
+    pub(super) fn next(&mut self, link: &Link) -> Result<Bytes, String> {
         let ring = self.ring.clone();
         let cap = ring.cap as u64;
         loop {
@@ -409,6 +531,7 @@ impl Consumer {
                 &ring,
                 DATA_SEQ,
                 CONS_WAIT,
+                &mut self.spin,
                 &|| head_at.load(Ordering::Acquire) > cur,
                 &|| link.is_closed(),
             )?;
@@ -437,6 +560,16 @@ impl Consumer {
                 std::slice::from_raw_parts(ring.data().add(pos as usize + 8), len as usize)
             };
             let chunk = word & CONT != 0;
+            if word & HEAP_FLAG != 0 {
+                if chunk || self.partial.is_some() {
+                    return Err("a heap record inside a chunked frame".into());
+                }
+                // The descriptor is read: its record can go at once.
+                let b = heap::lease(&ring, bytes, self.max_frame)?;
+                self.cur += rec;
+                self.release(self.cur);
+                return Ok(b);
+            }
             let out = match (self.partial.as_mut(), chunk) {
                 (None, false) => {
                     self.pool.clear();
@@ -491,233 +624,15 @@ impl Consumer {
     }
 }
 
-/// Decodes a frame from its bytes (header, then body), checking limits.
-fn parse(bytes: Bytes, limits: &Limits) -> Result<Frame, String> {
-    if bytes.len() < HEADER_LEN {
-        return Err(format!(
-            "a {}-byte record is shorter than a header",
-            bytes.len()
-        ));
-    }
-    let h = decode_header(&bytes[..HEADER_LEN], limits).map_err(|e| e.to_string())?;
-    decode_body(h, bytes.slice(HEADER_LEN..)).map_err(|e| e.to_string())
-}
-
-/// Names of a fresh pair of ring files.
-pub(crate) fn ring_paths() -> (PathBuf, PathBuf) {
-    let n = crate::security::nonce();
-    let tag: String = n[..12].iter().map(|b| format!("{b:02x}")).collect();
-    let dir = Path::new("/dev/shm");
-    (
-        dir.join(format!("pskv-{tag}-a")),
-        dir.join(format!("pskv-{tag}-c")),
-    )
-}
-
-/// Both rings of a link, seen from one side.
-pub(crate) struct Rings {
-    /// Where this side writes.
-    pub(crate) tx: Ring,
-    /// Where this side reads.
-    pub(crate) rx: Ring,
-}
-
-/// Starts the van: a writer thread, a reader thread, and a task watching
-/// the TCP connection for the peer's end.
-pub(crate) fn start(
-    rings: Rings,
-    tcp: tokio::net::TcpStream,
-    link: Arc<Link>,
-    sink: Arc<dyn FrameSink>,
-    limits: Limits,
-    rt: &tokio::runtime::Handle,
-) -> io::Result<()> {
-    let tx = Arc::new(rings.tx);
-    let rx = Arc::new(rings.rx);
-    let producer = Arc::new(parking_lot::Mutex::new(Producer {
-        ring: tx.clone(),
-        head: 0,
-    }));
-    link.set_direct(Arc::new(ShmDirect {
-        producer: producer.clone(),
-    }));
-    let mut consumer = Consumer {
-        ring: rx.clone(),
-        cur: 0,
-        partial: None,
-        max_frame: limits.max_payload
-            + (limits.max_keys as u64) * 12
-            + limits.max_meta as u64
-            + HEADER_LEN as u64,
-        pool: BytesMut::new(),
-    };
-    let gone: Arc<parking_lot::Mutex<Option<String>>> = Arc::new(parking_lot::Mutex::new(None));
-    let gone_w = gone.clone();
-    let (l, s, txr) = (link.clone(), sink.clone(), tx.clone());
-    std::thread::Builder::new()
-        .name(format!("pskv-shm-tx-{}", link.id))
-        .spawn(move || {
-            while let Some(work) = l.next_work_blocking(1 << 20, WAIT_SLICE) {
-                // The direct path never leaves a partial frame on this van.
-                let frames = match work {
-                    Work::Frames(f) => f,
-                    Work::Rest(_) => Vec::new(),
-                };
-                let r = {
-                    let mut p = producer.lock();
-                    frames
-                        .iter()
-                        .try_for_each(|f| p.frame(f, &|| l.is_closed()))
-                };
-                l.done_writing();
-                if let Err(e) = r {
-                    // If the peer is gone, the reader ends the link once it
-                    // has drained what the peer sent.
-                    if gone_w.lock().is_none() {
-                        end(&l, &s, format!("shared-memory send failed: {e}"));
-                    }
-                    txr.close();
-                    return;
-                }
-            }
-            txr.close();
-        })?;
-    // Subtle: when the peer goes away, frames it wrote just before (the
-    // answer to our last request, say) may still sit in the ring. The TCP
-    // watch only records why and closes the rings; the reader drains what
-    // was published, then ends the link with that reason.
-    let (l, s, rxr, g) = (link.clone(), sink.clone(), rx.clone(), gone.clone());
-    std::thread::Builder::new()
-        .name(format!("pskv-shm-rx-{}", link.id))
-        .spawn(move || loop {
-            match consumer.next(&l).and_then(|b| parse(b, &limits)) {
-                Ok(frame) => s.on_frame(&l, frame),
-                Err(e) => {
-                    let reason = match g.lock().take() {
-                        Some(why) => why,
-                        None => {
-                            if !l.is_closed() {
-                                tracing::warn!(link = l.id, "closing the shared-memory link: {e}");
-                            }
-                            e
-                        }
-                    };
-                    end(&l, &s, reason);
-                    rxr.close();
-                    return;
-                }
-            }
-        })?;
-    drop(sink);
-    rt.spawn(async move {
-        let (mut rd, mut wr) = tcp.into_split();
-        let mut buf = [0u8; 64];
-        let mut tick = tokio::time::interval(WAIT_SLICE);
-        loop {
-            tokio::select! {
-                r = rd.read(&mut buf) => {
-                    // Nothing travels on TCP any more: data or the end both
-                    // mean the peer is gone or broken.
-                    let why = match r {
-                        Ok(0) => "the peer closed the connection".to_string(),
-                        Ok(_) => "unexpected bytes on the control connection of a shared-memory link".to_string(),
-                        Err(e) => format!("read failed: {e}"),
-                    };
-                    // The reader drains the ring, then ends the link.
-                    *gone.lock() = Some(why);
-                    tx.close();
-                    rx.close();
-                    return;
-                }
-                _ = tick.tick() => {
-                    if link.is_closed() {
-                        tx.close();
-                        rx.close();
-                        let _ = wr.shutdown().await;
-                        return;
-                    }
-                }
-            }
-        }
-    });
-    Ok(())
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn pair(cap: usize) -> (Producer, Consumer, Arc<Link>) {
-        let (a, _) = ring_paths();
-        let w = Ring::create(&a, cap).unwrap();
-        let r = Ring::open(&a, cap).unwrap();
-        std::fs::remove_file(&a).unwrap();
-        let p = Producer {
-            ring: Arc::new(w),
-            head: 0,
-        };
-        let c = Consumer {
-            ring: Arc::new(r),
-            cur: 0,
-            partial: None,
-            max_frame: 1 << 30,
-            pool: BytesMut::new(),
-        };
-        (p, c, Arc::new(Link::new(1, 0, "shm")))
+impl Producer {
+    /// Scribbles the published head (tests of a hostile peer).
+    pub(super) fn corrupt_head(&self, v: u64) {
+        self.ring.u64_at(HEAD).store(v, Ordering::SeqCst);
     }
 
-    fn frame(n: usize, tag: u8) -> Frame {
-        let mut f = Frame::new(crate::wire::Kind::Request);
-        f.flags = crate::wire::Flags::PUSH;
-        f.keys = vec![tag as u64];
-        f.lens = vec![n as u32];
-        f.payload = Bytes::from(vec![tag; n]);
-        f
-    }
-
-    /// Frames of every size class cross a small ring, in order, including
-    /// chunked ones, while the reader keeps some of them.
-    #[test]
-    fn frames_cross_the_ring_whole_and_in_order() {
-        let (mut p, mut c, link) = pair(1 << 16);
-        let sizes = [0usize, 1, 100, 4000, 16_000, 70_000, 200_000, 5, 16_300];
-        let l2 = link.clone();
-        let writer = std::thread::spawn(move || {
-            for round in 0..20u8 {
-                for (i, &n) in sizes.iter().enumerate() {
-                    p.frame(
-                        &frame(n, round.wrapping_mul(31).wrapping_add(i as u8)),
-                        &|| l2.is_closed(),
-                    )
-                    .unwrap();
-                }
-            }
-        });
-        let mut held = Vec::new();
-        for round in 0..20u8 {
-            for (i, &n) in sizes.iter().enumerate() {
-                let f = parse(c.next(&link).unwrap(), &Limits::default()).unwrap();
-                let tag = round.wrapping_mul(31).wrapping_add(i as u8);
-                assert_eq!(f.keys, vec![tag as u64]);
-                assert_eq!(f.payload.len(), n);
-                assert!(f.payload.iter().all(|&b| b == tag));
-                // Hold some payloads a while: the ring must still flow.
-                held.push(f.payload);
-                if held.len() > 3 {
-                    held.remove(1);
-                }
-            }
-        }
-        writer.join().unwrap();
-    }
-
-    #[test]
-    fn corrupt_indices_are_an_error_not_a_crash() {
-        let (mut p, mut c, link) = pair(1 << 16);
-        p.frame(&frame(10, 1), &|| link.is_closed()).unwrap();
-        // The peer scribbles an impossible head.
-        p.ring.u64_at(HEAD).store(u64::MAX / 2, Ordering::SeqCst);
-        let err = c.next(&link).unwrap_err();
-        assert!(err.contains("corrupt"), "{err}");
+    /// Publishes a record as a hostile peer might.
+    pub(super) fn raw_record(&mut self, body: &[u8], flags: u64) {
+        self.record(&[body], flags, &|| false).unwrap();
     }
 }

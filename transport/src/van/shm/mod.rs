@@ -1,0 +1,334 @@
+//! The shared-memory van, for peers on the same host: one file in
+//! `/dev/shm` per direction, holding a ring of records and a heap. Frames
+//! skip the kernel and its socket copies.
+//!
+//! - Small frames (under 64 KiB) are copied into the ring and out of it into
+//!   one receive buffer, and their space is released at once. Frames too
+//!   large for the heap travel through the ring in chunks of about 256 KiB,
+//!   so the two copies overlap.
+//! - Large frames are copied once, into free heap blocks; a 16-byte record
+//!   names them, and the receiver reads them in place through a lease that
+//!   frees the blocks when dropped ([`heap`]). A full heap sends the frame
+//!   through the ring instead: the link never waits for a receiver to drop
+//!   what it keeps.
+//!
+//! [`ring`] has the file layout, the ring's invariants and the futex waits.
+//! The connector creates both files: its `PSKV_SHM_BYTES` sizes the rings
+//! and its `PSKV_SHM_HEAP_BYTES` the heaps.
+//!
+//! The TCP connection the link was negotiated on stays open: its end is how
+//! a peer's death is noticed.
+
+mod heap;
+mod ring;
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{end, FrameSink};
+use crate::link::{Link, Work};
+use crate::wire::{decode_body, decode_header, Frame, Limits, HEADER_LEN};
+use ring::{Consumer, Producer, WAIT_SLICE};
+pub(crate) use ring::{Ring, MAX_HEAP};
+
+/// The direct path: the caller copies its frame into the ring (or the heap)
+/// if it fits now (the writer thread may hold the producer: then the frame
+/// is queued).
+struct ShmDirect {
+    producer: Arc<parking_lot::Mutex<Producer>>,
+}
+
+impl crate::link::DirectSend for ShmDirect {
+    fn try_send(&self, frame: &Frame) -> Result<crate::link::Direct, String> {
+        use crate::link::Direct;
+        let sent = self
+            .producer
+            .try_lock()
+            .is_some_and(|mut p| p.try_frame(frame));
+        Ok(if sent { Direct::Sent } else { Direct::NotSent })
+    }
+}
+
+/// Decodes a frame from its bytes (header, then body), checking limits.
+fn parse(bytes: Bytes, limits: &Limits) -> Result<Frame, String> {
+    if bytes.len() < HEADER_LEN {
+        return Err(format!(
+            "a {}-byte record is shorter than a header",
+            bytes.len()
+        ));
+    }
+    let h = decode_header(&bytes[..HEADER_LEN], limits).map_err(|e| e.to_string())?;
+    decode_body(h, bytes.slice(HEADER_LEN..)).map_err(|e| e.to_string())
+}
+
+/// Names of a fresh pair of ring files.
+pub(crate) fn ring_paths() -> (PathBuf, PathBuf) {
+    let n = crate::security::nonce();
+    let tag: String = n[..12].iter().map(|b| format!("{b:02x}")).collect();
+    let dir = Path::new("/dev/shm");
+    (
+        dir.join(format!("pskv-{tag}-a")),
+        dir.join(format!("pskv-{tag}-c")),
+    )
+}
+
+/// Both rings of a link, seen from one side.
+pub(crate) struct Rings {
+    /// Where this side writes.
+    pub(crate) tx: Ring,
+    /// Where this side reads.
+    pub(crate) rx: Ring,
+}
+
+/// Starts the van: a writer thread, a reader thread, and a task watching
+/// the TCP connection for the peer's end.
+pub(crate) fn start(
+    rings: Rings,
+    tcp: tokio::net::TcpStream,
+    link: Arc<Link>,
+    sink: Arc<dyn FrameSink>,
+    limits: Limits,
+    rt: &tokio::runtime::Handle,
+) -> io::Result<()> {
+    let tx = Arc::new(rings.tx);
+    let rx = Arc::new(rings.rx);
+    let producer = Arc::new(parking_lot::Mutex::new(Producer::new(tx.clone())));
+    link.set_direct(Arc::new(ShmDirect {
+        producer: producer.clone(),
+    }));
+    let mut consumer = Consumer::new(
+        rx.clone(),
+        limits.max_payload
+            + (limits.max_keys as u64) * 12
+            + limits.max_meta as u64
+            + HEADER_LEN as u64,
+    );
+    let gone: Arc<parking_lot::Mutex<Option<String>>> = Arc::new(parking_lot::Mutex::new(None));
+    let gone_w = gone.clone();
+    let (l, s, txr) = (link.clone(), sink.clone(), tx.clone());
+    std::thread::Builder::new()
+        .name(format!("pskv-shm-tx-{}", link.id))
+        .spawn(move || {
+            while let Some(work) = l.next_work_blocking(1 << 20, WAIT_SLICE) {
+                // The direct path never leaves a partial frame on this van.
+                let frames = match work {
+                    Work::Frames(f) => f,
+                    Work::Rest(_) => Vec::new(),
+                };
+                let r = {
+                    let mut p = producer.lock();
+                    frames
+                        .iter()
+                        .try_for_each(|f| p.frame(f, &|| l.is_closed()))
+                };
+                l.done_writing();
+                if let Err(e) = r {
+                    // If the peer is gone, the reader ends the link once it
+                    // has drained what the peer sent.
+                    if gone_w.lock().is_none() {
+                        end(&l, &s, format!("shared-memory send failed: {e}"));
+                    }
+                    txr.close();
+                    return;
+                }
+            }
+            txr.close();
+        })?;
+    // Subtle: when the peer goes away, frames it wrote just before (the
+    // answer to our last request, say) may still sit in the ring. The TCP
+    // watch only records why and closes the rings; the reader drains what
+    // was published, then ends the link with that reason.
+    let (l, s, rxr, g) = (link.clone(), sink.clone(), rx.clone(), gone.clone());
+    std::thread::Builder::new()
+        .name(format!("pskv-shm-rx-{}", link.id))
+        .spawn(move || loop {
+            match consumer.next(&l).and_then(|b| parse(b, &limits)) {
+                Ok(frame) => s.on_frame(&l, frame),
+                Err(e) => {
+                    let reason = match g.lock().take() {
+                        Some(why) => why,
+                        None => {
+                            if !l.is_closed() {
+                                tracing::warn!(link = l.id, "closing the shared-memory link: {e}");
+                            }
+                            e
+                        }
+                    };
+                    end(&l, &s, reason);
+                    rxr.close();
+                    return;
+                }
+            }
+        })?;
+    drop(sink);
+    rt.spawn(async move {
+        let (mut rd, mut wr) = tcp.into_split();
+        let mut buf = [0u8; 64];
+        let mut tick = tokio::time::interval(WAIT_SLICE);
+        loop {
+            tokio::select! {
+                r = rd.read(&mut buf) => {
+                    // Nothing travels on TCP any more: data or the end both
+                    // mean the peer is gone or broken.
+                    let why = match r {
+                        Ok(0) => "the peer closed the connection".to_string(),
+                        Ok(_) => "unexpected bytes on the control connection of a shared-memory link".to_string(),
+                        Err(e) => format!("read failed: {e}"),
+                    };
+                    // The reader drains the ring, then ends the link.
+                    *gone.lock() = Some(why);
+                    tx.close();
+                    rx.close();
+                    return;
+                }
+                _ = tick.tick() => {
+                    if link.is_closed() {
+                        tx.close();
+                        rx.close();
+                        let _ = wr.shutdown().await;
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(cap: usize, heap: usize) -> (Producer, Consumer, Arc<Link>) {
+        let (a, _) = ring_paths();
+        let w = Ring::create(&a, cap, heap).unwrap();
+        let r = Ring::open(&a, cap).unwrap();
+        std::fs::remove_file(&a).unwrap();
+        let p = Producer::new(Arc::new(w));
+        let c = Consumer::new(Arc::new(r), 1 << 30);
+        (p, c, Arc::new(Link::new(1, 0, "shm")))
+    }
+
+    fn frame(n: usize, tag: u8) -> Frame {
+        let mut f = Frame::new(crate::wire::Kind::Request);
+        f.flags = crate::wire::Flags::PUSH;
+        f.keys = vec![tag as u64];
+        f.lens = vec![n as u32];
+        f.payload = Bytes::from(vec![tag; n]);
+        f
+    }
+
+    /// Sends 20 rounds of frames of every size class and checks them in
+    /// order at the reader, which keeps one payload for good and a few
+    /// others a while; returns how many went through the heap.
+    fn cross(cap: usize, heap: usize) -> u64 {
+        let (mut p, mut c, link) = pair(cap, heap);
+        let sizes = [
+            0usize, 1, 100, 4000, 16_000, 70_000, 200_000, 5, 16_300, 300_000,
+        ];
+        let l2 = link.clone();
+        let writer = std::thread::spawn(move || {
+            for round in 0..20u8 {
+                for (i, &n) in sizes.iter().enumerate() {
+                    p.frame(
+                        &frame(n, round.wrapping_mul(31).wrapping_add(i as u8)),
+                        &|| l2.is_closed(),
+                    )
+                    .unwrap();
+                }
+            }
+            p.heap_frames
+        });
+        let mut held = Vec::new();
+        for round in 0..20u8 {
+            for (i, &n) in sizes.iter().enumerate() {
+                let f = parse(c.next(&link).unwrap(), &Limits::default()).unwrap();
+                let tag = round.wrapping_mul(31).wrapping_add(i as u8);
+                assert_eq!(f.keys, vec![tag as u64]);
+                assert_eq!(f.payload.len(), n);
+                assert!(
+                    f.payload.iter().all(|&b| b == tag),
+                    "frame {i} of round {round}"
+                );
+                // Hold some payloads a while (the first for good): the
+                // link must still flow.
+                held.push(f.payload);
+                if held.len() > 3 {
+                    held.remove(1);
+                }
+            }
+        }
+        // Every payload checked above is still intact.
+        for h in &held {
+            let tag = h.first().copied().unwrap_or(0);
+            assert!(h.iter().all(|&b| b == tag));
+        }
+        writer.join().unwrap()
+    }
+
+    /// Frames of every size class cross a small ring, in order, including
+    /// chunked ones, while the reader keeps some of them.
+    #[test]
+    fn frames_cross_the_ring_whole_and_in_order() {
+        assert_eq!(cross(1 << 16, 0), 0);
+    }
+
+    /// The same with a heap too small for what the reader keeps: large
+    /// frames go through the heap while it has room, and through the ring
+    /// when it has not.
+    #[test]
+    fn frames_cross_the_heap_and_fall_back_to_the_ring_when_it_is_full() {
+        let via_heap = cross(1 << 16, 640 << 10);
+        // 3 large frames per round; some must have found the heap full.
+        assert!(
+            via_heap > 0 && via_heap < 60,
+            "{via_heap} of 60 via the heap"
+        );
+        // With room to spare, all of them use it.
+        assert_eq!(cross(1 << 16, 64 << 20), 60);
+    }
+
+    /// Dropped leases give their blocks back: a heap that holds one frame
+    /// carries many in turn.
+    #[test]
+    fn dropped_leases_free_their_blocks() {
+        let (mut p, mut c, link) = pair(1 << 16, 128 << 10);
+        for i in 0..50u8 {
+            p.frame(&frame(100_000, i), &|| false).unwrap();
+            let f = parse(c.next(&link).unwrap(), &Limits::default()).unwrap();
+            assert!(f.payload.iter().all(|&b| b == i));
+        }
+        assert_eq!(p.heap_frames, 50);
+    }
+
+    /// A hostile producer's descriptors are errors, not reads out of bounds.
+    #[test]
+    fn bad_heap_descriptors_are_errors() {
+        for (desc, want) in [
+            (heap::descriptor(1 << 40, 100), "out of bounds"),
+            (heap::descriptor(0, 1 << 20), "out of bounds"),
+            (heap::descriptor(100, 100), "out of bounds"),
+            (heap::descriptor(0, 0), "out of bounds"),
+            (heap::descriptor(0, 100), "free blocks"),
+        ] {
+            let (mut p, mut c, link) = pair(1 << 16, 256 << 10);
+            p.raw_record(&desc, ring::HEAP_FLAG);
+            let err = c.next(&link).unwrap_err();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+
+    #[test]
+    fn corrupt_indices_are_an_error_not_a_crash() {
+        let (mut p, mut c, link) = pair(1 << 16, 0);
+        p.frame(&frame(10, 1), &|| link.is_closed()).unwrap();
+        // The peer scribbles an impossible head.
+        p.corrupt_head(u64::MAX / 2);
+        let err = c.next(&link).unwrap_err();
+        assert!(err.contains("corrupt"), "{err}");
+    }
+}
