@@ -17,6 +17,7 @@
 //! | `PS_VERBOSE` | 0, 1 (connections) or 2 (every message) | 0 |
 //! | `PSKV_TOKEN` | the cluster token (HMAC challenge on every connection) | none: loopback peers only |
 //! | `PSKV_VAN` | `tcp`, `shm`, `auto` (shared memory with peers on the same host), `rdma` (verbs; feature `rdma`), `rdma-emulated` (in-process verbs, for tests) | `auto` |
+//! | `PSKV_RDMA_GID_INDEX` | GID table entry of port 1 for RoCE (read by the verbs backend when the link layer is Ethernet, or when set) | 0 |
 //! | `PSKV_SHM_BYTES` | bytes of each shared-memory ring (one per direction and peer) | 16 MiB |
 //! | `PSKV_SHM_HEAP_BYTES` | bytes of each shared-memory heap, where frames of 64 KiB and more cross in one copy; sparse, reserved as used (0: off) | 256 MiB |
 //! | `PSKV_MAX_MESSAGE_BYTES` | largest payload accepted in one message | 2 GiB |

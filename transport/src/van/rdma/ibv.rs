@@ -1,66 +1,223 @@
-//! Verbs over the `ibverbs` crate (feature `rdma`), for machines with an
-//! RDMA device.
+//! Verbs over libibverbs (rdma-core) for machines with an RDMA device
+//! (feature `rdma`), through the raw `ibverbs-sys` bindings. The `ibverbs`
+//! crate on top of them (0.9) has no RDMA write and no way to reach the raw
+//! queue pair, so this backend speaks to the C library itself: every verb
+//! the van uses, RDMA write with immediate included.
 //!
-//! What `ibverbs` 0.9 offers is two-sided: send and receive. It exposes no
-//! RDMA write (nor the raw handles to post one), so this backend reports
-//! `supports_write_imm() == false` and the van sends everything through its
-//! eager path (registered slots, no kernel involvement). The rendezvous path
-//! runs with the emulated verbs in tests.
+//! Ownership: the device context and protection domain are opened once per
+//! process and kept for its life. A region owns its buffer and its memory
+//! registration; a queue pair owns its QP and completion queue; both undo
+//! them on drop (the QP before its CQ).
 //!
-//! Lifetimes: `ibverbs` ties queue pairs and completion queues to the
-//! context and protection domain by reference. The context and protection
-//! domain are opened once per process and kept for its life; each queue
-//! pair's completion queue is kept for the process's life too (one per link
-//! ever made: a few hundred bytes of driver state each).
+//! Thread safety: libibverbs allows posting and polling on one QP and CQ
+//! from several threads; the van still posts sends from one thread and
+//! polls from another. A region's bytes are handed between the van and the
+//! device by the van's protocol (a range is never read and written at once).
+//!
+//! Addressing: InfiniBand ports route by LID; RoCE ports (Ethernet link
+//! layer) need a GID: `PSKV_RDMA_GID_INDEX` picks the entry of port 1's GID
+//! table (default 0; RoCE v2 over IPv4 usually wants the index `show_gids`
+//! lists for it).
 
+use std::ffi::CStr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use ibverbs_sys as ffi;
 use parking_lot::Mutex;
 
 use super::verbs::{Completion, Device, QueuePair, Region, RemoteRegion, VerbsError};
 
-struct Opened {
-    name: String,
-    ctx: &'static ibverbs::Context,
-    pd: &'static ibverbs::ProtectionDomain<'static>,
+/// The port the van uses.
+const PORT: u8 = 1;
+
+/// Send and receive queue depths (the van keeps at most 32 of each posted).
+const QUEUE_DEPTH: u32 = 128;
+
+fn os_error(what: &str, errno: i32) -> VerbsError {
+    VerbsError(format!(
+        "{what}: {}",
+        std::io::Error::from_raw_os_error(errno)
+    ))
+}
+
+fn last_os_error(what: &str) -> VerbsError {
+    VerbsError(format!("{what}: {}", std::io::Error::last_os_error()))
 }
 
 /// The first RDMA device of this machine, opened once.
 pub(crate) fn open_first() -> Result<Arc<IbvDevice>, String> {
     static OPENED: OnceLock<Result<Arc<IbvDevice>, String>> = OnceLock::new();
-    OPENED
-        .get_or_init(|| {
-            // ENOSYS (no kernel support) and an empty list both mean: none.
-            let list = ibverbs::devices().map_err(|e| format!("no RDMA devices ({e})"))?;
-            let dev = list.get(0).ok_or("no RDMA devices on this machine")?;
-            let name = dev
-                .name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "rdma0".into());
-            let ctx = dev.open().map_err(|e| format!("opening {name}: {e}"))?;
-            let ctx: &'static ibverbs::Context = Box::leak(Box::new(ctx));
-            let pd = ctx
-                .alloc_pd()
-                .map_err(|e| format!("allocating a protection domain on {name}: {e}"))?;
-            let pd: &'static ibverbs::ProtectionDomain<'static> = Box::leak(Box::new(pd));
-            Ok(Arc::new(IbvDevice {
-                opened: Opened { name, ctx, pd },
-            }))
+    OPENED.get_or_init(|| open().map(Arc::new)).clone()
+}
+
+fn open() -> Result<IbvDevice, String> {
+    let mut n = 0;
+    // SAFETY: a plain call; the list is freed below.
+    let list = unsafe { ffi::ibv_get_device_list(&mut n) };
+    if list.is_null() {
+        // ENOSYS (no kernel support) means: no devices.
+        return Err(format!(
+            "no RDMA devices ({})",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: the list holds `n` devices; it is freed once, after the
+    // device is opened (an opened context does not need the list).
+    let result = unsafe {
+        if n <= 0 {
+            Err("no RDMA devices on this machine".to_string())
+        } else {
+            open_device(*list)
+        }
+    };
+    // SAFETY: the list from ibv_get_device_list, freed once.
+    unsafe { ffi::ibv_free_device_list(list) };
+    result
+}
+
+/// # Safety
+/// `dev` is a device of a live device list.
+unsafe fn open_device(dev: *mut ffi::ibv_device) -> Result<IbvDevice, String> {
+    // SAFETY: the caller's contract; the name is a C string of the device.
+    let name = unsafe {
+        let p = ffi::ibv_get_device_name(dev);
+        if p.is_null() {
+            "rdma0".to_string()
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    // SAFETY: the caller's contract.
+    let ctx = unsafe { ffi::ibv_open_device(dev) };
+    if ctx.is_null() {
+        return Err(format!(
+            "opening {name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: a live context, kept for the process's life from here on.
+    let pd = unsafe { ffi::ibv_alloc_pd(ctx) };
+    if pd.is_null() {
+        return Err(format!(
+            "allocating a protection domain on {name}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let mut port = ffi::ibv_port_attr::default();
+    // SAFETY: a live context. The exported ibv_query_port fills the older,
+    // shorter layout, a prefix of `ibv_port_attr` (lid and link layer
+    // included); the rest stays zero.
+    let rc =
+        unsafe { ffi::ibv_query_port(ctx, PORT, (&mut port as *mut ffi::ibv_port_attr).cast()) };
+    if rc != 0 {
+        return Err(format!(
+            "querying port {PORT} of {name}: {}",
+            std::io::Error::from_raw_os_error(rc)
+        ));
+    }
+    if port.state != ffi::ibv_port_state::IBV_PORT_ACTIVE {
+        return Err(format!("port {PORT} of {name} is not active"));
+    }
+    let gid_index: i32 = std::env::var("PSKV_RDMA_GID_INDEX")
+        .ok()
+        .map(|v| {
+            v.trim()
+                .parse()
+                .map_err(|_| format!("PSKV_RDMA_GID_INDEX: '{v}' is not a number"))
         })
-        .clone()
+        .transpose()?
+        .unwrap_or(0);
+    let ethernet = port.link_layer == ffi::IBV_LINK_LAYER_ETHERNET as u8;
+    let gid = if ethernet || std::env::var_os("PSKV_RDMA_GID_INDEX").is_some() {
+        // SAFETY: a plain-data union; all zeroes is a valid value.
+        let mut gid: ffi::ibv_gid = unsafe { std::mem::zeroed() };
+        // SAFETY: a live context and an out-parameter of the right type.
+        let rc = unsafe { ffi::ibv_query_gid(ctx, PORT, gid_index, &mut gid) };
+        if rc != 0 {
+            return Err(format!(
+                "reading GID {gid_index} of {name}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: every bit pattern is a valid `raw`.
+        Some(unsafe { gid.raw })
+    } else {
+        None
+    };
+    Ok(IbvDevice {
+        name,
+        ctx,
+        pd,
+        lid: port.lid,
+        mtu: port.active_mtu,
+        gid,
+        gid_index: gid_index as u8,
+    })
 }
 
-/// An opened device.
+/// An opened device (kept for the process's life).
 pub(crate) struct IbvDevice {
-    opened: Opened,
+    name: String,
+    ctx: *mut ffi::ibv_context,
+    pd: *mut ffi::ibv_pd,
+    lid: u16,
+    mtu: ffi::ibv_mtu,
+    gid: Option<[u8; 16]>,
+    gid_index: u8,
 }
 
+// SAFETY: libibverbs objects may be used from any thread; the context and
+// protection domain are never freed.
+unsafe impl Send for IbvDevice {}
+unsafe impl Sync for IbvDevice {}
+
+/// Registered memory: a buffer of ours and its registration.
 struct IbvRegion {
-    mr: Mutex<ibverbs::MemoryRegion<u8>>,
-    addr: u64,
-    rkey: u32,
+    buf: *mut u8,
     len: usize,
+    mr: *mut ffi::ibv_mr,
+    lkey: u32,
+    rkey: u32,
+}
+
+// SAFETY: the buffer is reached only through raw pointers, by ranges the
+// van's protocol gives to one side at a time; the registration is freed
+// once, on drop.
+unsafe impl Send for IbvRegion {}
+unsafe impl Sync for IbvRegion {}
+
+impl IbvRegion {
+    fn check(&self, offset: usize, len: usize) -> Result<(), VerbsError> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len) || len > u32::MAX as usize {
+            return Err(VerbsError(format!(
+                "{len} bytes at {offset} are outside a {}-byte region",
+                self.len
+            )));
+        }
+        Ok(())
+    }
+
+    fn sge(&self, offset: usize, len: usize) -> ffi::ibv_sge {
+        ffi::ibv_sge {
+            addr: self.buf as u64 + offset as u64,
+            length: len as u32,
+            lkey: self.lkey,
+        }
+    }
+}
+
+impl Drop for IbvRegion {
+    fn drop(&mut self) {
+        // SAFETY: our registration and buffer, freed once; no operation
+        // uses them any more (the van drops regions after its queue pair).
+        unsafe {
+            ffi::ibv_dereg_mr(self.mr);
+            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.buf, self.len,
+            )));
+        }
+    }
 }
 
 impl Region for IbvRegion {
@@ -74,92 +231,138 @@ impl Region for IbvRegion {
 
     fn remote(&self) -> RemoteRegion {
         RemoteRegion {
-            addr: self.addr,
+            addr: self.buf as u64,
             rkey: self.rkey,
             len: self.len as u64,
         }
     }
 
     fn write(&self, offset: usize, bytes: &[u8]) {
-        self.mr.lock()[offset..offset + bytes.len()].copy_from_slice(bytes);
+        assert!(
+            offset + bytes.len() <= self.len,
+            "region write out of bounds"
+        );
+        // SAFETY: inside the buffer (checked); the range is ours (protocol).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.buf.add(offset), bytes.len()) }
     }
 
     fn read(&self, offset: usize, out: &mut [u8]) {
-        out.copy_from_slice(&self.mr.lock()[offset..offset + out.len()]);
+        assert!(offset + out.len() <= self.len, "region read out of bounds");
+        // SAFETY: as in `write`.
+        unsafe { std::ptr::copy_nonoverlapping(self.buf.add(offset), out.as_mut_ptr(), out.len()) }
     }
 }
 
-enum QpState {
-    Prepared(ibverbs::PreparedQueuePair<'static>),
-    Ready(ibverbs::QueuePair<'static>),
-    Gone,
+/// What a peer needs to connect to one of our queue pairs.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Endpoint {
+    qpn: u32,
+    psn: u32,
+    lid: u16,
+    gid: Option<[u8; 16]>,
 }
 
+/// A reliable-connected queue pair and its completion queue.
 struct IbvQp {
-    state: Mutex<QpState>,
-    endpoint: Vec<u8>,
-    cq: &'static ibverbs::CompletionQueue<'static>,
+    dev: Arc<IbvDevice>,
+    qp: *mut ffi::ibv_qp,
+    cq: *mut ffi::ibv_cq,
+    psn: u32,
+    connected: Mutex<bool>,
 }
 
-/// Send and receive queue depths (the van keeps at most 32 of each posted).
-const QUEUE_DEPTH: u32 = 128;
+// SAFETY: libibverbs allows posts and polls from any thread; the QP and CQ
+// are destroyed once, on drop.
+unsafe impl Send for IbvQp {}
+unsafe impl Sync for IbvQp {}
+
+impl Drop for IbvQp {
+    fn drop(&mut self) {
+        // SAFETY: ours, destroyed once, the QP before the CQ it uses.
+        unsafe {
+            ffi::ibv_destroy_qp(self.qp);
+            ffi::ibv_destroy_cq(self.cq);
+        }
+    }
+}
 
 impl Device for IbvDevice {
     fn name(&self) -> String {
-        self.opened.name.clone()
+        self.name.clone()
     }
 
     fn register(&self, len: usize) -> Result<Arc<dyn Region>, VerbsError> {
-        let mr = self
-            .opened
-            .pd
-            .allocate::<u8>(len.max(1))
-            .map_err(|e| VerbsError(format!("registering {len} bytes: {e}")))?;
-        let addr = mr.as_ptr() as u64;
-        let rkey = mr.rkey().key;
+        let len = len.max(1);
+        let buf = Box::into_raw(vec![0u8; len].into_boxed_slice()) as *mut u8;
+        let access = ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+            | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE;
+        // SAFETY: a live protection domain and a buffer of `len` bytes that
+        // outlives the registration (both freed together in Drop).
+        let mr = unsafe { ffi::ibv_reg_mr(self.pd, buf.cast(), len, access.0 as i32) };
+        if mr.is_null() {
+            let e = last_os_error(&format!("registering {len} bytes"));
+            // SAFETY: the buffer made above, not registered.
+            drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(buf, len)) });
+            return Err(e);
+        }
+        // SAFETY: a registration ibv_reg_mr returned.
+        let (lkey, rkey) = unsafe { ((*mr).lkey, (*mr).rkey) };
         Ok(Arc::new(IbvRegion {
-            mr: Mutex::new(mr),
-            addr,
-            rkey,
+            buf,
             len,
+            mr,
+            lkey,
+            rkey,
         }))
     }
 
     fn queue_pair(&self) -> Result<Arc<dyn QueuePair>, VerbsError> {
-        let cq = self
-            .opened
-            .ctx
-            .create_cq(2 * QUEUE_DEPTH as i32, 0)
-            .map_err(|e| VerbsError(format!("creating a completion queue: {e}")))?;
-        let cq: &'static ibverbs::CompletionQueue<'static> = Box::leak(Box::new(cq));
-        let prepared = self
-            .opened
-            .pd
-            .create_qp(cq, cq, ibverbs::ibv_qp_type::IBV_QPT_RC)
-            .allow_remote_rw()
-            .set_max_send_wr(QUEUE_DEPTH)
-            .set_max_recv_wr(QUEUE_DEPTH)
-            .build()
-            .map_err(|e| VerbsError(format!("creating a queue pair: {e}")))?;
-        let endpoint = postcard::to_allocvec(&prepared.endpoint())
-            .map_err(|e| VerbsError(format!("encoding the endpoint: {e}")))?;
-        Ok(Arc::new(IbvQp {
-            state: Mutex::new(QpState::Prepared(prepared)),
-            endpoint,
-            cq,
-        }))
-    }
-}
-
-impl IbvQp {
-    fn with_qp<T>(
-        &self,
-        f: impl FnOnce(&mut ibverbs::QueuePair<'static>) -> Result<T, VerbsError>,
-    ) -> Result<T, VerbsError> {
-        match &mut *self.state.lock() {
-            QpState::Ready(qp) => f(qp),
-            _ => Err(VerbsError("the queue pair is not connected".into())),
+        let dev = open_first().map_err(VerbsError)?;
+        // SAFETY: a live context; no completion channel (we poll).
+        let cq = unsafe {
+            ffi::ibv_create_cq(
+                self.ctx,
+                2 * QUEUE_DEPTH as i32,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        if cq.is_null() {
+            return Err(last_os_error("creating a completion queue"));
         }
+        let mut attr = ffi::ibv_qp_init_attr {
+            qp_context: std::ptr::null_mut(),
+            send_cq: cq,
+            recv_cq: cq,
+            srq: std::ptr::null_mut(),
+            cap: ffi::ibv_qp_cap {
+                max_send_wr: QUEUE_DEPTH,
+                max_recv_wr: QUEUE_DEPTH,
+                max_send_sge: 1,
+                max_recv_sge: 1,
+                max_inline_data: 0,
+            },
+            qp_type: ffi::ibv_qp_type::IBV_QPT_RC,
+            sq_sig_all: 0,
+        };
+        // SAFETY: a live protection domain and a filled attribute block.
+        let qp = unsafe { ffi::ibv_create_qp(self.pd, &mut attr) };
+        if qp.is_null() {
+            let e = last_os_error("creating a queue pair");
+            // SAFETY: the CQ made above, unused.
+            unsafe { ffi::ibv_destroy_cq(cq) };
+            return Err(e);
+        }
+        let psn = u32::from_le_bytes(crate::security::nonce()[..4].try_into().expect("4 bytes"))
+            & 0xff_ffff;
+        Ok(Arc::new(IbvQp {
+            dev,
+            qp,
+            cq,
+            psn,
+            connected: Mutex::new(false),
+        }))
     }
 }
 
@@ -169,28 +372,163 @@ fn region_of(r: &Arc<dyn Region>) -> Result<&IbvRegion, VerbsError> {
         .ok_or_else(|| VerbsError("a region registered with another backend".into()))
 }
 
+impl IbvQp {
+    fn modify(
+        &self,
+        attr: &mut ffi::ibv_qp_attr,
+        mask: ffi::ibv_qp_attr_mask,
+        what: &str,
+    ) -> Result<(), VerbsError> {
+        // SAFETY: our live QP and a filled attribute block.
+        let rc = unsafe { ffi::ibv_modify_qp(self.qp, attr, mask.0 as i32) };
+        if rc != 0 {
+            return Err(os_error(&format!("moving the queue pair to {what}"), rc));
+        }
+        Ok(())
+    }
+
+    fn ready(&self) -> Result<(), VerbsError> {
+        if *self.connected.lock() {
+            Ok(())
+        } else {
+            Err(VerbsError("the queue pair is not connected".into()))
+        }
+    }
+
+    fn post_send_wr(&self, wr: &mut ffi::ibv_send_wr, what: &str) -> Result<(), VerbsError> {
+        self.ready()?;
+        let mut bad: *mut ffi::ibv_send_wr = std::ptr::null_mut();
+        // SAFETY: our live QP; the work request and its scatter list live
+        // through the call (the device copies them); the memory it names
+        // is registered and stays untouched until the completion.
+        let rc = unsafe {
+            let post = (*(*self.qp).context)
+                .ops
+                .post_send
+                .ok_or_else(|| VerbsError("the driver has no post_send".into()))?;
+            post(self.qp, wr, &mut bad)
+        };
+        if rc != 0 {
+            return Err(os_error(what, rc));
+        }
+        Ok(())
+    }
+}
+
+/// A send work request of one scatter entry, signaled.
+fn send_wr(
+    wr_id: u64,
+    sge: &mut ffi::ibv_sge,
+    opcode: ffi::ibv_wr_opcode::Type,
+) -> ffi::ibv_send_wr {
+    // SAFETY: a plain-data C struct of integers, pointers and unions; all
+    // zeroes is its "empty" value.
+    let mut wr: ffi::ibv_send_wr = unsafe { std::mem::zeroed() };
+    wr.wr_id = wr_id;
+    wr.sg_list = sge;
+    wr.num_sge = 1;
+    wr.opcode = opcode;
+    wr.send_flags = ffi::ibv_send_flags::IBV_SEND_SIGNALED.0;
+    wr
+}
+
 impl QueuePair for IbvQp {
     fn endpoint(&self) -> Vec<u8> {
-        self.endpoint.clone()
+        // SAFETY: our live QP.
+        let qpn = unsafe { (*self.qp).qp_num };
+        postcard::to_allocvec(&Endpoint {
+            qpn,
+            psn: self.psn,
+            lid: self.dev.lid,
+            gid: self.dev.gid,
+        })
+        .expect("a small struct encodes")
     }
 
     fn connect(&self, remote: &[u8]) -> Result<(), VerbsError> {
-        let remote: ibverbs::QueuePairEndpoint = postcard::from_bytes(remote)
+        let remote: Endpoint = postcard::from_bytes(remote)
             .map_err(|e| VerbsError(format!("a malformed endpoint: {e}")))?;
-        let mut st = self.state.lock();
-        match std::mem::replace(&mut *st, QpState::Gone) {
-            QpState::Prepared(p) => {
-                let qp = p
-                    .handshake(remote)
-                    .map_err(|e| VerbsError(format!("connecting the queue pair: {e}")))?;
-                *st = QpState::Ready(qp);
-                Ok(())
+        let mut connected = self.connected.lock();
+        if *connected {
+            return Err(VerbsError("the queue pair is already connected".into()));
+        }
+        use ffi::ibv_qp_attr_mask as m;
+        let mut attr = ffi::ibv_qp_attr {
+            qp_state: ffi::ibv_qp_state::IBV_QPS_INIT,
+            pkey_index: 0,
+            port_num: PORT,
+            qp_access_flags: (ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+                | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE)
+                .0,
+            ..Default::default()
+        };
+        self.modify(
+            &mut attr,
+            m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS,
+            "INIT",
+        )?;
+        let mut attr = ffi::ibv_qp_attr {
+            qp_state: ffi::ibv_qp_state::IBV_QPS_RTR,
+            path_mtu: self.dev.mtu,
+            dest_qp_num: remote.qpn,
+            rq_psn: remote.psn,
+            max_dest_rd_atomic: 1,
+            min_rnr_timer: 12,
+            ah_attr: ffi::ibv_ah_attr {
+                dlid: remote.lid,
+                sl: 0,
+                src_path_bits: 0,
+                port_num: PORT,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match (remote.gid, self.dev.gid) {
+            (Some(gid), Some(_)) => {
+                attr.ah_attr.is_global = 1;
+                attr.ah_attr.grh.dgid.raw = gid;
+                attr.ah_attr.grh.hop_limit = 0xff;
+                attr.ah_attr.grh.sgid_index = self.dev.gid_index;
             }
-            other => {
-                *st = other;
-                Err(VerbsError("the queue pair is already connected".into()))
+            (None, None) => {}
+            _ => {
+                return Err(VerbsError(
+                    "one side addresses by GID and the other by LID (PSKV_RDMA_GID_INDEX must be set on both or neither)".into(),
+                ))
             }
         }
+        self.modify(
+            &mut attr,
+            m::IBV_QP_STATE
+                | m::IBV_QP_AV
+                | m::IBV_QP_PATH_MTU
+                | m::IBV_QP_DEST_QPN
+                | m::IBV_QP_RQ_PSN
+                | m::IBV_QP_MAX_DEST_RD_ATOMIC
+                | m::IBV_QP_MIN_RNR_TIMER,
+            "RTR",
+        )?;
+        let mut attr = ffi::ibv_qp_attr {
+            qp_state: ffi::ibv_qp_state::IBV_QPS_RTS,
+            sq_psn: self.psn,
+            timeout: 14,
+            retry_cnt: 7,
+            rnr_retry: 7,
+            max_rd_atomic: 1,
+            ..Default::default()
+        };
+        self.modify(
+            &mut attr,
+            m::IBV_QP_STATE
+                | m::IBV_QP_SQ_PSN
+                | m::IBV_QP_TIMEOUT
+                | m::IBV_QP_RETRY_CNT
+                | m::IBV_QP_RNR_RETRY
+                | m::IBV_QP_MAX_QP_RD_ATOMIC,
+            "RTS",
+        )?;
+        *connected = true;
+        Ok(())
     }
 
     fn post_recv(
@@ -201,13 +539,29 @@ impl QueuePair for IbvQp {
         wr_id: u64,
     ) -> Result<(), VerbsError> {
         let r = region_of(region)?;
-        self.with_qp(|qp| {
-            let mut mr = r.mr.lock();
-            // SAFETY: the van does not touch this range until its receive
-            // completes.
-            unsafe { qp.post_receive(&mut mr, offset..offset + len, wr_id) }
-                .map_err(|e| VerbsError(format!("post receive: {e}")))
-        })
+        r.check(offset, len)?;
+        self.ready()?;
+        let mut sge = r.sge(offset, len);
+        let mut wr = ffi::ibv_recv_wr {
+            wr_id,
+            next: std::ptr::null_mut(),
+            sg_list: &mut sge,
+            num_sge: 1,
+        };
+        let mut bad: *mut ffi::ibv_recv_wr = std::ptr::null_mut();
+        // SAFETY: as in `post_send_wr`; the van does not touch the range
+        // until its receive completes.
+        let rc = unsafe {
+            let post = (*(*self.qp).context)
+                .ops
+                .post_recv
+                .ok_or_else(|| VerbsError("the driver has no post_recv".into()))?;
+            post(self.qp, &mut wr, &mut bad)
+        };
+        if rc != 0 {
+            return Err(os_error("post receive", rc));
+        }
+        Ok(())
     }
 
     fn post_send(
@@ -218,53 +572,65 @@ impl QueuePair for IbvQp {
         wr_id: u64,
     ) -> Result<(), VerbsError> {
         let r = region_of(region)?;
-        self.with_qp(|qp| {
-            let mut mr = r.mr.lock();
-            // SAFETY: the van does not reuse this send slot until its send
-            // completes.
-            unsafe { qp.post_send(&mut mr, offset..offset + len, wr_id) }
-                .map_err(|e| VerbsError(format!("post send: {e}")))
-        })
+        r.check(offset, len)?;
+        let mut sge = r.sge(offset, len);
+        let mut wr = send_wr(wr_id, &mut sge, ffi::ibv_wr_opcode::IBV_WR_SEND);
+        self.post_send_wr(&mut wr, "post send")
     }
 
     fn post_write_imm(
         &self,
-        _: &Arc<dyn Region>,
-        _: usize,
-        _: usize,
-        _: RemoteRegion,
-        _: u64,
-        _: u32,
-        _: u64,
+        region: &Arc<dyn Region>,
+        offset: usize,
+        len: usize,
+        remote: RemoteRegion,
+        remote_offset: u64,
+        imm: u32,
+        wr_id: u64,
     ) -> Result<(), VerbsError> {
-        Err(VerbsError(
-            "RDMA write is not available through the ibverbs crate".into(),
-        ))
+        let r = region_of(region)?;
+        r.check(offset, len)?;
+        if remote_offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > remote.len)
+        {
+            return Err(VerbsError(format!(
+                "a write of {len} bytes at {remote_offset} overruns the peer's {}-byte region",
+                remote.len
+            )));
+        }
+        let mut sge = r.sge(offset, len);
+        let mut wr = send_wr(
+            wr_id,
+            &mut sge,
+            ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
+        );
+        wr.__bindgen_anon_1.imm_data = imm.to_be();
+        wr.wr.rdma = ffi::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 {
+            remote_addr: remote.addr + remote_offset,
+            rkey: remote.rkey,
+        };
+        self.post_send_wr(&mut wr, "post RDMA write")
     }
 
     fn poll(&self, out: &mut Vec<Completion>, timeout: Duration) -> Result<(), VerbsError> {
         let deadline = Instant::now() + timeout;
-        let mut wcs = [ibverbs::ibv_wc::default(); 32];
+        // SAFETY: an array of plain-data C structs; zeroes are valid.
+        let mut wcs: [ffi::ibv_wc; 32] = unsafe { std::mem::zeroed() };
         loop {
-            let done = self
-                .cq
-                .poll(&mut wcs)
-                .map_err(|e| VerbsError(format!("polling completions: {e}")))?;
-            for wc in done.iter() {
-                let wr_id = wc.wr_id();
-                if !wc.is_valid() {
-                    out.push(Completion::Error {
-                        wr_id,
-                        message: format!("work completion status {:?}", wc.error()),
-                    });
-                } else if wr_id >> 32 == super::WR_RECV >> 32 {
-                    out.push(Completion::Recv {
-                        wr_id,
-                        len: wc.len(),
-                    });
-                } else {
-                    out.push(Completion::Send { wr_id });
-                }
+            // SAFETY: our live CQ and room for `wcs.len()` completions.
+            let n = unsafe {
+                let poll = (*(*self.cq).context)
+                    .ops
+                    .poll_cq
+                    .ok_or_else(|| VerbsError("the driver has no poll_cq".into()))?;
+                poll(self.cq, wcs.len() as i32, wcs.as_mut_ptr())
+            };
+            if n < 0 {
+                return Err(VerbsError(format!("polling completions failed ({n})")));
+            }
+            for wc in &wcs[..n as usize] {
+                out.push(completion(wc));
             }
             if !out.is_empty() || Instant::now() >= deadline {
                 return Ok(());
@@ -276,6 +642,37 @@ impl QueuePair for IbvQp {
     }
 
     fn supports_write_imm(&self) -> bool {
-        false
+        true
+    }
+}
+
+/// The van's view of a work completion.
+fn completion(wc: &ffi::ibv_wc) -> Completion {
+    let wr_id = wc.wr_id();
+    if let Some((status, vendor)) = wc.error() {
+        // SAFETY: returns a static C string for any status.
+        let why = unsafe { CStr::from_ptr(ffi::ibv_wc_status_str(status)) };
+        return Completion::Error {
+            wr_id,
+            message: format!(
+                "work completion: {} (vendor syndrome {vendor})",
+                why.to_string_lossy()
+            ),
+        };
+    }
+    let len = wc.len();
+    match wc.opcode() {
+        ffi::ibv_wc_opcode::IBV_WC_RECV_RDMA_WITH_IMM => Completion::RecvImm {
+            wr_id,
+            imm: u32::from_be(wc.imm_data),
+            len,
+        },
+        ffi::ibv_wc_opcode::IBV_WC_RECV => Completion::Recv { wr_id, len },
+        ffi::ibv_wc_opcode::IBV_WC_RDMA_WRITE => Completion::Write { wr_id },
+        ffi::ibv_wc_opcode::IBV_WC_SEND => Completion::Send { wr_id },
+        other => Completion::Error {
+            wr_id,
+            message: format!("an unexpected work completion (opcode {other})"),
+        },
     }
 }

@@ -2,7 +2,8 @@
 //! queue pairs (connect, post receive, post send, post RDMA write with
 //! immediate), and completions. Two implementations: [`super::emulated`]
 //! (in memory, with verbs semantics: for tests everywhere) and `ibv` (the
-//! `ibverbs` crate, feature `rdma`: for machines with a device).
+//! libibverbs through `ibverbs-sys`, feature `rdma`: for machines with a
+//! device).
 //!
 //! Semantics the van relies on, as on a reliable-connected (RC) queue pair:
 //! operations posted on one queue pair are executed in order; a send
