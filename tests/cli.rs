@@ -355,7 +355,7 @@ fn the_ssh_launcher_runs_nodes_through_ssh() {
     let fake = dir.join("fake-ssh");
     std::fs::write(
         &fake,
-        "#!/bin/sh\nwhile [ \"$1\" = -o ]; do shift 2; done\necho \"$1\" >> \"$(dirname \"$0\")/hosts-used\"\nshift\nexec sh -c \"$1\"\n",
+        "#!/bin/sh\necho \"$*\" >> \"$(dirname \"$0\")/argv-used\"\nwhile [ \"$1\" = -o ]; do shift 2; done\necho \"$1\" >> \"$(dirname \"$0\")/hosts-used\"\nshift\nexec sh -c \"$1\"\n",
     )
     .unwrap();
     Command::new("chmod")
@@ -382,6 +382,8 @@ fn the_ssh_launcher_runs_nodes_through_ssh() {
             "120",
             "--env",
             "DMLC_NODE_HOST=127.0.0.1",
+            "--env",
+            "PSKV_TOKEN=not-on-any-command-line",
         ]
         .map(String::from),
     );
@@ -398,6 +400,11 @@ fn the_ssh_launcher_runs_nodes_through_ssh() {
     let mut used: Vec<&str> = used.lines().collect();
     used.sort();
     assert_eq!(used, vec!["127.0.0.1", "127.0.0.1", "localhost"]);
+    // The token reached the remote nodes (they would be refused without
+    // it), but not through ssh's command line.
+    let argv = std::fs::read_to_string(dir.join("argv-used")).unwrap();
+    assert_eq!(argv.lines().count(), 3, "{argv}");
+    assert!(!argv.contains("not-on-any-command-line"), "{argv}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

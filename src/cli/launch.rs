@@ -4,8 +4,10 @@
 //! Launchers:
 //! - `local`: every process a child of this one, on this host.
 //! - `ssh`: the scheduler here; servers and workers round-robin over the
-//!   hosts of a hostfile, each through `ssh HOST 'cd DIR && env ... CMD'`
-//!   (the same paths must exist there, as with MXNet's launch.py).
+//!   hosts of a hostfile, each through `ssh HOST sh -c 'cd DIR && exec env
+//!   ... CMD'` (the same paths must exist there, as with MXNet's
+//!   launch.py). The cluster token travels on ssh's stdin, never on a
+//!   command line.
 //! - `mpi`, `slurm`: this process is one rank of `mpirun`/`srun`; it takes
 //!   its role from the rank variables (rank 0 the scheduler, ranks 1..=S
 //!   servers, the rest workers) and replaces itself with that role.
@@ -383,6 +385,19 @@ impl Job {
             env.push(("PSKV_TOKEN".into(), random_token()?));
         }
         env.extend(spec.env.iter().cloned());
+        // The token in force for remote nodes (the last one set wins, as
+        // with `env`), which travels on stdin.
+        let secret: Option<String> = match env.iter().rev().find(|(k, _)| k == "PSKV_TOKEN") {
+            Some((_, v)) => Some(v.clone()),
+            None => std::env::var("PSKV_TOKEN").ok(),
+        };
+        if remote
+            && secret
+                .as_deref()
+                .is_some_and(|t| t.contains('\n') || t.contains('\0'))
+        {
+            return Err("PSKV_TOKEN must be one line for the ssh launcher".into());
+        }
 
         let mut job = Job {
             members: Vec::new(),
@@ -412,18 +427,29 @@ impl Job {
                 Some(h) => {
                     let dir = std::env::current_dir()
                         .map_err(|e| format!("reading the working directory: {e}"))?;
-                    let mut line = format!("cd {} && env", sh_quote(&dir.to_string_lossy()));
+                    // The token goes on ssh's stdin, never on a command line
+                    // (which any user of either host can read in `ps`): the
+                    // remote shell reads it into its environment first.
+                    let mut script = String::new();
+                    if secret.is_some() {
+                        script.push_str("IFS= read -r PSKV_TOKEN && export PSKV_TOKEN && ");
+                    }
+                    script.push_str(&format!(
+                        "cd {} && exec env",
+                        sh_quote(&dir.to_string_lossy())
+                    ));
                     for (k, v) in env
                         .iter()
+                        .filter(|(k, _)| k != "PSKV_TOKEN")
                         .chain(std::iter::once(&("DMLC_ROLE".into(), role_name.into())))
                         .chain(extra.iter())
                     {
-                        line.push(' ');
-                        line.push_str(&sh_quote(&format!("{k}={v}")));
+                        script.push(' ');
+                        script.push_str(&sh_quote(&format!("{k}={v}")));
                     }
                     for a in &program {
-                        line.push(' ');
-                        line.push_str(&sh_quote(&a.to_string_lossy()));
+                        script.push(' ');
+                        script.push_str(&sh_quote(&a.to_string_lossy()));
                     }
                     let ssh = std::env::var("PSKV_SSH").unwrap_or_else(|_| "ssh".into());
                     let mut c = Command::new(ssh);
@@ -433,21 +459,39 @@ impl Job {
                         "-o",
                         "StrictHostKeyChecking=no",
                         h,
-                        &line,
+                        // Through sh, whatever the remote login shell is.
+                        &format!("sh -c {}", sh_quote(&script)),
                     ]);
                     c
                 }
             };
-            c.stdin(Stdio::null());
+            let remote_token = host.and(secret.as_deref());
+            c.stdin(if remote_token.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
             if matches!(role, Role::Worker(_)) && spec.capture_stdout {
                 c.stdout(Stdio::piped());
             } else if !matches!(role, Role::Worker(_)) {
                 c.stdout(Stdio::null());
             }
             detach_and_tie(&mut c);
-            let child = c
+            let mut child = c
                 .spawn()
                 .map_err(|e| format!("starting {role} ({:?}): {e}", program[0]))?;
+            if let (Some(token), Some(mut stdin)) = (remote_token, child.stdin.take()) {
+                // One short line into a fresh pipe: it does not block. The
+                // pipe then closes, so the command sees an empty stdin.
+                if let Err(e) = io::Write::write_all(&mut stdin, format!("{token}\n").as_bytes()) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!(
+                        "passing the token to {role} on {}: {e}",
+                        host.unwrap_or("?")
+                    ));
+                }
+            }
             if let Some(w) = job.watchdog.as_mut() {
                 w.watch(child.id());
             }
