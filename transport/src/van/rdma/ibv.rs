@@ -46,9 +46,19 @@ fn last_os_error(what: &str) -> VerbsError {
 }
 
 /// The first RDMA device of this machine, opened once.
+/// A failure is not kept: a port that was down may be up at the next link.
 pub(crate) fn open_first() -> Result<Arc<IbvDevice>, String> {
-    static OPENED: OnceLock<Result<Arc<IbvDevice>, String>> = OnceLock::new();
-    OPENED.get_or_init(|| open().map(Arc::new)).clone()
+    static OPENED: OnceLock<Arc<IbvDevice>> = OnceLock::new();
+    static OPENING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+    if let Some(d) = OPENED.get() {
+        return Ok(d.clone());
+    }
+    let _one = OPENING.lock();
+    if let Some(d) = OPENED.get() {
+        return Ok(d.clone());
+    }
+    let d = Arc::new(open()?);
+    Ok(OPENED.get_or_init(|| d).clone())
 }
 
 fn open() -> Result<IbvDevice, String> {
@@ -96,14 +106,47 @@ unsafe fn open_device(dev: *mut ffi::ibv_device) -> Result<IbvDevice, String> {
             std::io::Error::last_os_error()
         ));
     }
-    // SAFETY: a live context, kept for the process's life from here on.
+    // SAFETY: a live context (kept for the process's life once all of
+    // this succeeds; closed below if it does not).
     let pd = unsafe { ffi::ibv_alloc_pd(ctx) };
     if pd.is_null() {
-        return Err(format!(
-            "allocating a protection domain on {name}: {}",
-            std::io::Error::last_os_error()
-        ));
+        let e = std::io::Error::last_os_error();
+        // SAFETY: the context opened above, unused elsewhere.
+        unsafe { ffi::ibv_close_device(ctx) };
+        return Err(format!("allocating a protection domain on {name}: {e}"));
     }
+    // SAFETY: the caller's device; `ctx` and `pd` were made above.
+    match unsafe { describe_port(ctx, &name) } {
+        Ok(port) => Ok(IbvDevice {
+            name,
+            ctx,
+            pd,
+            lid: port.0,
+            mtu: port.1,
+            gid: port.2,
+            gid_index: port.3,
+        }),
+        Err(e) => {
+            // SAFETY: ours, unused elsewhere; the domain before the context.
+            unsafe {
+                ffi::ibv_dealloc_pd(pd);
+                ffi::ibv_close_device(ctx);
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Port 1's LID, active MTU, and GID with its index (for RoCE or when
+/// `PSKV_RDMA_GID_INDEX` is set).
+///
+/// # Safety
+/// `ctx` is a live context.
+#[allow(clippy::type_complexity)]
+unsafe fn describe_port(
+    ctx: *mut ffi::ibv_context,
+    name: &str,
+) -> Result<(u16, ffi::ibv_mtu, Option<[u8; 16]>, u8), String> {
     let mut port = ffi::ibv_port_attr::default();
     // SAFETY: a live context. The exported ibv_query_port fills the older,
     // shorter layout, a prefix of `ibv_port_attr` (lid and link layer
@@ -119,12 +162,12 @@ unsafe fn open_device(dev: *mut ffi::ibv_device) -> Result<IbvDevice, String> {
     if port.state != ffi::ibv_port_state::IBV_PORT_ACTIVE {
         return Err(format!("port {PORT} of {name} is not active"));
     }
-    let gid_index: i32 = std::env::var("PSKV_RDMA_GID_INDEX")
+    let gid_index: u8 = std::env::var("PSKV_RDMA_GID_INDEX")
         .ok()
         .map(|v| {
             v.trim()
                 .parse()
-                .map_err(|_| format!("PSKV_RDMA_GID_INDEX: '{v}' is not a number"))
+                .map_err(|_| format!("PSKV_RDMA_GID_INDEX: '{v}' is not a number from 0 to 255"))
         })
         .transpose()?
         .unwrap_or(0);
@@ -133,7 +176,7 @@ unsafe fn open_device(dev: *mut ffi::ibv_device) -> Result<IbvDevice, String> {
         // SAFETY: a plain-data union; all zeroes is a valid value.
         let mut gid: ffi::ibv_gid = unsafe { std::mem::zeroed() };
         // SAFETY: a live context and an out-parameter of the right type.
-        let rc = unsafe { ffi::ibv_query_gid(ctx, PORT, gid_index, &mut gid) };
+        let rc = unsafe { ffi::ibv_query_gid(ctx, PORT, gid_index as i32, &mut gid) };
         if rc != 0 {
             return Err(format!(
                 "reading GID {gid_index} of {name}: {}",
@@ -145,15 +188,7 @@ unsafe fn open_device(dev: *mut ffi::ibv_device) -> Result<IbvDevice, String> {
     } else {
         None
     };
-    Ok(IbvDevice {
-        name,
-        ctx,
-        pd,
-        lid: port.lid,
-        mtu: port.active_mtu,
-        gid,
-        gid_index: gid_index as u8,
-    })
+    Ok((port.lid, port.active_mtu, gid, gid_index))
 }
 
 /// An opened device (kept for the process's life).
@@ -209,14 +244,16 @@ impl IbvRegion {
 
 impl Drop for IbvRegion {
     fn drop(&mut self) {
-        // SAFETY: our registration and buffer, freed once; no operation
-        // uses them any more (the van drops regions after its queue pair).
-        unsafe {
-            ffi::ibv_dereg_mr(self.mr);
-            drop(Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                self.buf, self.len,
-            )));
+        // SAFETY: our registration, undone once; no operation uses it any
+        // more (the van drops regions after its queue pair).
+        let rc = unsafe { ffi::ibv_dereg_mr(self.mr) };
+        if rc != 0 {
+            // The device may still write there: keep the buffer (a leak).
+            tracing::warn!("ibv_dereg_mr failed ({rc}): keeping its {} bytes", self.len);
+            return;
         }
+        // SAFETY: our buffer, no longer registered, freed once.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.buf, self.len)) });
     }
 }
 
@@ -239,7 +276,9 @@ impl Region for IbvRegion {
 
     fn write(&self, offset: usize, bytes: &[u8]) {
         assert!(
-            offset + bytes.len() <= self.len,
+            offset
+                .checked_add(bytes.len())
+                .is_some_and(|end| end <= self.len),
             "region write out of bounds"
         );
         // SAFETY: inside the buffer (checked); the range is ours (protocol).
@@ -247,7 +286,12 @@ impl Region for IbvRegion {
     }
 
     fn read(&self, offset: usize, out: &mut [u8]) {
-        assert!(offset + out.len() <= self.len, "region read out of bounds");
+        assert!(
+            offset
+                .checked_add(out.len())
+                .is_some_and(|end| end <= self.len),
+            "region read out of bounds"
+        );
         // SAFETY: as in `write`.
         unsafe { std::ptr::copy_nonoverlapping(self.buf.add(offset), out.as_mut_ptr(), out.len()) }
     }
@@ -260,6 +304,8 @@ struct Endpoint {
     psn: u32,
     lid: u16,
     gid: Option<[u8; 16]>,
+    /// The port's active MTU: the path uses the smaller of the two.
+    mtu: ffi::ibv_mtu,
 }
 
 /// A reliable-connected queue pair and its completion queue.
@@ -279,9 +325,9 @@ unsafe impl Sync for IbvQp {}
 impl Drop for IbvQp {
     fn drop(&mut self) {
         // SAFETY: ours, destroyed once, the QP before the CQ it uses.
-        unsafe {
-            ffi::ibv_destroy_qp(self.qp);
-            ffi::ibv_destroy_cq(self.cq);
+        let (q, c) = unsafe { (ffi::ibv_destroy_qp(self.qp), ffi::ibv_destroy_cq(self.cq)) };
+        if q != 0 || c != 0 {
+            tracing::warn!("destroying a queue pair ({q}) or its completion queue ({c}) failed");
         }
     }
 }
@@ -356,13 +402,31 @@ impl Device for IbvDevice {
         }
         let psn = u32::from_le_bytes(crate::security::nonce()[..4].try_into().expect("4 bytes"))
             & 0xff_ffff;
-        Ok(Arc::new(IbvQp {
+        let qp = IbvQp {
             dev,
             qp,
             cq,
             psn,
             connected: Mutex::new(false),
-        }))
+        };
+        // INIT needs nothing from the peer, and receives may be posted from
+        // INIT on: the van posts its receives before it connects.
+        use ffi::ibv_qp_attr_mask as m;
+        let mut attr = ffi::ibv_qp_attr {
+            qp_state: ffi::ibv_qp_state::IBV_QPS_INIT,
+            pkey_index: 0,
+            port_num: PORT,
+            qp_access_flags: (ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
+                | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE)
+                .0,
+            ..Default::default()
+        };
+        qp.modify(
+            &mut attr,
+            m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS,
+            "INIT",
+        )?;
+        Ok(Arc::new(qp))
     }
 }
 
@@ -441,6 +505,7 @@ impl QueuePair for IbvQp {
             psn: self.psn,
             lid: self.dev.lid,
             gid: self.dev.gid,
+            mtu: self.dev.mtu,
         })
         .expect("a small struct encodes")
     }
@@ -454,24 +519,10 @@ impl QueuePair for IbvQp {
         }
         use ffi::ibv_qp_attr_mask as m;
         let mut attr = ffi::ibv_qp_attr {
-            qp_state: ffi::ibv_qp_state::IBV_QPS_INIT,
-            pkey_index: 0,
-            port_num: PORT,
-            qp_access_flags: (ffi::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
-                | ffi::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE)
-                .0,
-            ..Default::default()
-        };
-        self.modify(
-            &mut attr,
-            m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS,
-            "INIT",
-        )?;
-        let mut attr = ffi::ibv_qp_attr {
             qp_state: ffi::ibv_qp_state::IBV_QPS_RTR,
-            path_mtu: self.dev.mtu,
+            path_mtu: self.dev.mtu.min(remote.mtu),
             dest_qp_num: remote.qpn,
-            rq_psn: remote.psn,
+            rq_psn: remote.psn & 0xff_ffff,
             max_dest_rd_atomic: 1,
             min_rnr_timer: 12,
             ah_attr: ffi::ibv_ah_attr {
@@ -540,7 +591,7 @@ impl QueuePair for IbvQp {
     ) -> Result<(), VerbsError> {
         let r = region_of(region)?;
         r.check(offset, len)?;
-        self.ready()?;
+        // No connection needed: the queue pair is in INIT from its creation.
         let mut sge = r.sge(offset, len);
         let mut wr = ffi::ibv_recv_wr {
             wr_id,
@@ -606,8 +657,14 @@ impl QueuePair for IbvQp {
             ffi::ibv_wr_opcode::IBV_WR_RDMA_WRITE_WITH_IMM,
         );
         wr.__bindgen_anon_1.imm_data = imm.to_be();
+        let remote_addr = remote.addr.checked_add(remote_offset).ok_or_else(|| {
+            VerbsError(format!(
+                "the peer's region at {:#x} + {remote_offset} overflows",
+                remote.addr
+            ))
+        })?;
         wr.wr.rdma = ffi::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 {
-            remote_addr: remote.addr + remote_offset,
+            remote_addr,
             rkey: remote.rkey,
         };
         self.post_send_wr(&mut wr, "post RDMA write")

@@ -12,8 +12,10 @@
 //! the peer's registered memory (no receive buffer involved) and then
 //! consumes one posted receive, completing there as `RecvImm` with the
 //! immediate value; every posted operation completes once on its own side.
-//! A send with no receive posted on the peer is an error in real verbs
-//! (receiver-not-ready): the van never does it (credits).
+//! A send with no receive posted on the peer stalls in real verbs (the
+//! device retries while the receiver is not ready): the van never does it
+//! (credits). Receives may be posted before `connect` (a new queue pair is
+//! in INIT, where real verbs accept them).
 
 use std::sync::Arc;
 use std::time::Duration;

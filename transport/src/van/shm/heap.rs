@@ -13,7 +13,9 @@
 //!   --last clone of the lease dropped: consumer clears the bit--> free (0)
 //! ```
 //!
-//! Only the producer sets bits, and only the consumer clears them.
+//! Only the producer sets bits. The consumer clears them, and so does the
+//! producer for blocks it took but could not use (reserving their pages
+//! failed), before it publishes anything about them.
 //!
 //! Memory orderings: the consumer clears with Release after its last read of
 //! the block; the producer's scan loads with Acquire, so a bit it sees clear
@@ -32,7 +34,10 @@
 //! the ring instead, copied in and out: the link never waits on a lease.
 //! The file's heap is sparse: pages are reserved (`fallocate`) as the
 //! producer first reaches them, so a full tmpfs is an error here, never a
-//! SIGBUS later, and an idle heap costs no memory.
+//! SIGBUS later. A heap that was never used costs no memory; one that was
+//! keeps its high-water mark of pages until the link ends (blocks are
+//! reused first-fit from the start, so that is about the most bytes that
+//! were in flight at once).
 //!
 //! The peer's memory is not trusted: a descriptor must name blocks inside
 //! the heap that the producer marked taken, and a frame within the message
@@ -109,31 +114,34 @@ impl HeapWriter {
     pub(super) fn alloc(&mut self, len: usize) -> Option<usize> {
         let blocks = self.ring.heap / BLOCK;
         let need = len.div_ceil(BLOCK);
-        let (mut start, mut run, mut b) = (0, 0, 0);
-        while b < blocks && run < need {
-            let word = self.ring.bitmap(b / 64).load(Ordering::Acquire);
-            if b % 64 == 0 && (word == 0 || word == u64::MAX) && b + 64 <= blocks {
-                // A whole word at once.
-                if word == 0 {
+        let (mut start, mut run) = (0, 0);
+        'scan: for w in 0..blocks.div_ceil(64) {
+            let mut word = self.ring.bitmap(w).load(Ordering::Acquire);
+            let valid = blocks - w * 64;
+            if valid < 64 {
+                // Bits past the last block count as taken.
+                word |= !0u64 << valid;
+            }
+            // Walk the word by runs of free (0) and taken (1) bits.
+            let mut bit = 0;
+            while bit < 64 {
+                let rest = word >> bit;
+                if rest & 1 == 0 {
+                    let free = (rest.trailing_zeros() as usize).min(64 - bit);
                     if run == 0 {
-                        start = b;
+                        start = w * 64 + bit;
                     }
-                    run += 64;
+                    run += free;
+                    if run >= need {
+                        break 'scan;
+                    }
+                    bit += free;
                 } else {
+                    // `rest`'s top `bit` bits are 0, so this stops by 64.
                     run = 0;
+                    bit += (!rest).trailing_zeros() as usize;
                 }
-                b += 64;
-                continue;
             }
-            if word >> (b % 64) & 1 == 0 {
-                if run == 0 {
-                    start = b;
-                }
-                run += 1;
-            } else {
-                run = 0;
-            }
-            b += 1;
         }
         if run < need {
             return None;
@@ -302,6 +310,38 @@ pub(super) fn lease(ring: &Arc<Ring>, desc: &[u8], max_frame: u64) -> Result<Byt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::van::shm::ring::Ring;
+
+    /// First fit over a bitmap with holes, across word boundaries, and
+    /// none when no run is long enough.
+    #[test]
+    fn alloc_takes_the_first_run_that_fits() {
+        let (path, _) = super::super::ring_paths();
+        // 200 blocks: 4 words, the last one partly past the end.
+        let ring = Arc::new(Ring::create(&path, 1 << 16, 200 * BLOCK).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        let mut h = HeapWriter::new(ring.clone());
+        let set = |w: usize, v: u64| ring.bitmap(w).store(v, Ordering::SeqCst);
+        // Word 0: blocks 3..=5 free. Word 1: blocks 124..=127 free, and
+        // word 2 starts with 10 free: a run of 14 across the boundary.
+        set(0, !0b111000);
+        set(1, !(0b1111 << 60));
+        set(2, !0b11_1111_1111);
+        set(3, !0);
+        assert_eq!(h.alloc(3 * BLOCK), Some(3 * BLOCK));
+        assert_eq!(h.alloc(14 * BLOCK), Some(124 * BLOCK));
+        assert_eq!(h.alloc(BLOCK), None);
+        // Blocks 192..200 are the last ones; bits past 200 never count.
+        set(3, !0xff);
+        assert_eq!(h.alloc(8 * BLOCK), Some(192 * BLOCK));
+        set(3, !0x1ff);
+        assert_eq!(h.alloc(9 * BLOCK), None, "bit 200 is past the heap");
+        for w in 0..4 {
+            set(w, 0);
+        }
+        assert_eq!(h.alloc(200 * BLOCK), Some(0));
+        assert_eq!(h.alloc(BLOCK), None);
+    }
 
     #[test]
     fn copies_are_exact_at_every_alignment() {
@@ -309,10 +349,12 @@ mod tests {
             .map(|i| (i * 7 + i / 251) as u8)
             .collect();
         let mut dst = vec![0u8; src.len() + 64];
+        // An offset where the destination is 32-byte aligned, and others.
+        let a = dst.as_ptr().align_offset(32);
         for (off, len) in [
-            (0, STREAM_MIN),
-            (1, STREAM_MIN + 129),
-            (31, STREAM_MIN + 5),
+            (a, STREAM_MIN),
+            (a + 1, STREAM_MIN + 129),
+            (a + 31, STREAM_MIN + 5),
             (5, 100),
         ] {
             dst.fill(0);

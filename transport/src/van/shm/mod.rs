@@ -3,9 +3,11 @@
 //! skip the kernel and its socket copies.
 //!
 //! - Small frames (under 64 KiB) are copied into the ring and out of it into
-//!   one receive buffer, and their space is released at once. Frames too
-//!   large for the heap travel through the ring in chunks of about 256 KiB,
-//!   so the two copies overlap.
+//!   one receive buffer, and their space is released at once. A frame the
+//!   heap cannot take (too large, heap full or off) goes the same way; one
+//!   larger than a record (a quarter of the ring, at most 1 MiB) travels in
+//!   chunks of about 256 KiB (less on small rings), so the two copies
+//!   overlap.
 //! - Large frames are copied once, into free heap blocks; a 16-byte record
 //!   names them, and the receiver reads them in place through a lease that
 //!   frees the blocks when dropped ([`heap`]). A full heap sends the frame
@@ -102,10 +104,10 @@ pub(crate) fn start(
     }));
     let mut consumer = Consumer::new(
         rx.clone(),
-        limits.max_payload
-            + (limits.max_keys as u64) * 12
-            + limits.max_meta as u64
-            + HEADER_LEN as u64,
+        limits
+            .max_payload
+            .saturating_add(limits.max_keys as u64 * 12)
+            .saturating_add(limits.max_meta as u64 + HEADER_LEN as u64),
     );
     let gone: Arc<parking_lot::Mutex<Option<String>>> = Arc::new(parking_lot::Mutex::new(None));
     let gone_w = gone.clone();
@@ -223,8 +225,9 @@ mod tests {
     }
 
     /// Sends 20 rounds of frames of every size class and checks them in
-    /// order at the reader, which keeps one payload for good and a few
-    /// others a while; returns how many went through the heap.
+    /// order at the reader, which keeps the first large payload for good
+    /// and the two latest others a while; returns how many went through the
+    /// heap.
     fn cross(cap: usize, heap: usize) -> u64 {
         let (mut p, mut c, link) = pair(cap, heap);
         let sizes = [
@@ -243,7 +246,8 @@ mod tests {
             }
             p.heap_frames
         });
-        let mut held = Vec::new();
+        let mut kept: Option<(u8, Bytes)> = None;
+        let mut held: Vec<(u8, Bytes)> = Vec::new();
         for round in 0..20u8 {
             for (i, &n) in sizes.iter().enumerate() {
                 let f = parse(c.next(&link).unwrap(), &Limits::default()).unwrap();
@@ -254,18 +258,20 @@ mod tests {
                     f.payload.iter().all(|&b| b == tag),
                     "frame {i} of round {round}"
                 );
-                // Hold some payloads a while (the first for good): the
-                // link must still flow.
-                held.push(f.payload);
-                if held.len() > 3 {
-                    held.remove(1);
+                // Keep payloads (one large one for good): the link must
+                // still flow, and what is kept must stay intact.
+                if kept.is_none() && n >= heap::MIN_FRAME {
+                    kept = Some((tag, f.payload));
+                } else {
+                    held.push((tag, f.payload));
+                    if held.len() > 2 {
+                        held.remove(0);
+                    }
+                }
+                for (t, h) in kept.iter().chain(&held) {
+                    assert!(h.iter().all(|b| b == t), "a kept payload changed");
                 }
             }
-        }
-        // Every payload checked above is still intact.
-        for h in &held {
-            let tag = h.first().copied().unwrap_or(0);
-            assert!(h.iter().all(|&b| b == tag));
         }
         writer.join().unwrap()
     }
@@ -277,32 +283,52 @@ mod tests {
         assert_eq!(cross(1 << 16, 0), 0);
     }
 
-    /// The same with a heap too small for what the reader keeps: large
-    /// frames go through the heap while it has room, and through the ring
-    /// when it has not.
+    /// The same with heaps: a small one (whether it fills up depends on how
+    /// far the writer runs ahead) and a roomy one that takes every large
+    /// frame.
     #[test]
-    fn frames_cross_the_heap_and_fall_back_to_the_ring_when_it_is_full() {
-        let via_heap = cross(1 << 16, 640 << 10);
-        // 3 large frames per round; some must have found the heap full.
-        assert!(
-            via_heap > 0 && via_heap < 60,
-            "{via_heap} of 60 via the heap"
-        );
-        // With room to spare, all of them use it.
+    fn frames_cross_the_heap_whole_and_in_order() {
+        assert!(cross(1 << 16, 640 << 10) > 0);
         assert_eq!(cross(1 << 16, 64 << 20), 60);
     }
 
+    /// A full heap sends through the ring; kept leases stay intact; a
+    /// dropped lease's blocks serve the next frame.
+    #[test]
+    fn a_full_heap_falls_back_to_the_ring() {
+        // 16 blocks of heap; a 100 kB frame takes 7; a record holds it.
+        let (mut p, mut c, link) = pair(1 << 20, 256 << 10);
+        let mut next = |p: &mut Producer, tag: u8| {
+            assert!(p.try_frame(&frame(100_000, tag)), "frame {tag} not sent");
+            parse(c.next(&link).unwrap(), &Limits::default())
+                .unwrap()
+                .payload
+        };
+        let a = next(&mut p, 1);
+        let b = next(&mut p, 2);
+        assert_eq!(p.heap_frames, 2);
+        let c3 = next(&mut p, 3);
+        assert_eq!(p.heap_frames, 2, "the third frame cannot fit the heap");
+        drop(a);
+        let d = next(&mut p, 4);
+        assert_eq!(p.heap_frames, 3, "the first frame's blocks serve again");
+        for (tag, x) in [(2u8, &b), (3, &c3), (4, &d)] {
+            assert!(x.iter().all(|&v| v == tag), "frame {tag} changed");
+        }
+    }
+
     /// Dropped leases give their blocks back: a heap that holds one frame
-    /// carries many in turn.
+    /// carries many in turn. (The ring alone could not take these frames
+    /// at once, so `try_frame` would say no if the heap were full.)
     #[test]
     fn dropped_leases_free_their_blocks() {
         let (mut p, mut c, link) = pair(1 << 16, 128 << 10);
         for i in 0..50u8 {
-            p.frame(&frame(100_000, i), &|| false).unwrap();
+            assert!(p.try_frame(&frame(100_000, i)), "frame {i} not sent");
+            assert_eq!(p.heap_frames, i as u64 + 1);
             let f = parse(c.next(&link).unwrap(), &Limits::default()).unwrap();
             assert!(f.payload.iter().all(|&b| b == i));
         }
-        assert_eq!(p.heap_frames, 50);
     }
 
     /// A hostile producer's descriptors are errors, not reads out of bounds.
@@ -313,12 +339,31 @@ mod tests {
             (heap::descriptor(0, 1 << 20), "out of bounds"),
             (heap::descriptor(100, 100), "out of bounds"),
             (heap::descriptor(0, 0), "out of bounds"),
+            (
+                heap::descriptor(usize::MAX & !(heap::BLOCK - 1), 1 << 20),
+                "out of bounds",
+            ),
             (heap::descriptor(0, 100), "free blocks"),
         ] {
             let (mut p, mut c, link) = pair(1 << 16, 256 << 10);
             p.raw_record(&desc, ring::HEAP_FLAG);
             let err = c.next(&link).unwrap_err();
             assert!(err.contains(want), "{err}");
+        }
+    }
+
+    /// A consumer's impossible index fails the sender, on either path,
+    /// instead of wrapping around or waiting forever.
+    #[test]
+    fn a_corrupt_read_index_is_an_error_for_the_sender() {
+        for bad in [u64::MAX, 1 << 40] {
+            let (mut p, _c, _link) = pair(1 << 16, 256 << 10);
+            p.frame(&frame(10, 1), &|| false).unwrap();
+            p.corrupt_tail(bad);
+            assert!(!p.try_frame(&frame(10, 2)));
+            assert!(!p.try_frame(&frame(100_000, 3)));
+            let err = p.frame(&frame(10, 4), &|| false).unwrap_err();
+            assert!(err.contains("corrupt"), "{err}");
         }
     }
 

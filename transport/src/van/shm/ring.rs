@@ -13,14 +13,15 @@
 //!   4096  ring data: records [u64 word | bytes], 64-byte aligned, never
 //!         wrapping. word: bits 0..48 length; bit 61 HEAP (the record is a
 //!         heap descriptor, see heap.rs); bit 62 CONTINUED (a chunk of a
-//!         frame larger than a quarter of the ring); bit 63 WRAP (skip to
-//!         the start)
+//!         frame larger than a record may be: a quarter of the ring, at
+//!         most 1 MiB); bit 63 WRAP (skip to the start)
 //!   4096+cap          heap bitmap, one bit per block, page-rounded
 //!   after the bitmap  heap blocks (heap.rs)
 //! ```
 //!
-//! Invariants: `tail <= head <= tail + capacity` (checked on every read: the
-//! peer's memory is not trusted, and a violation closes the link); the
+//! Invariants: `tail <= head <= tail + capacity` (checked by both ends on
+//! every read of the other's index: the peer's memory is not trusted, and a
+//! violation closes the link); the
 //! producer writes only `[head, tail + capacity)`; the consumer releases each
 //! record, in order, as soon as it has copied it (or, for a heap record, as
 //! soon as it has read the descriptor).
@@ -44,7 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use memmap2::MmapMut;
+use memmap2::MmapRaw;
 
 use super::heap::{self, HeapWriter, BLOCK};
 use crate::link::Link;
@@ -81,14 +82,16 @@ fn align64(n: usize) -> usize {
     n.div_ceil(64) * 64
 }
 
-/// Bytes of the bitmap of a heap of `heap` bytes, page-rounded.
+/// Bytes of the bitmap of a heap of `heap` bytes (`layout` page-rounds it).
 fn bitmap_len(heap: usize) -> usize {
     (heap / BLOCK).div_ceil(64) * 8
 }
 
 /// One mapped direction: ring and heap.
 pub(crate) struct Ring {
-    map: MmapMut,
+    /// Reached only through raw pointers (never a `&[u8]`): the peer
+    /// writes this memory while we hold it.
+    map: MmapRaw,
     /// Kept to reserve heap pages as they are first used (fallocate).
     file: File,
     pub(super) cap: usize,
@@ -139,11 +142,14 @@ impl Ring {
         // The heap stays sparse: its pages are reserved as the producer
         // first uses them (heap.rs).
         reserve(&file, 0, heap_at)?;
-        // SAFETY: a fresh file of ours, mapped shared; see the type's docs.
-        let mut map = unsafe { MmapMut::map_mut(&file)? };
-        map[0..8].copy_from_slice(&MAGIC.to_le_bytes());
-        map[8..16].copy_from_slice(&(cap as u64).to_le_bytes());
-        map[16..24].copy_from_slice(&(heap as u64).to_le_bytes());
+        let map = MmapRaw::map_raw(&file)?;
+        // SAFETY: the first 24 bytes of a fresh mapping nobody else has yet.
+        unsafe {
+            let p = map.as_mut_ptr() as *mut u64;
+            p.write(MAGIC.to_le());
+            p.add(1).write((cap as u64).to_le());
+            p.add(2).write((heap as u64).to_le());
+        }
         Ok(Ring {
             map,
             file,
@@ -163,10 +169,12 @@ impl Ring {
         if size < HDR + cap {
             return bad("ring file is too short");
         }
-        // SAFETY: as in `create`; the header is inside the checked size.
-        let map = unsafe { MmapMut::map_mut(&file)? };
-        let word = |at: usize| u64::from_le_bytes(map[at..at + 8].try_into().expect("8 bytes"));
-        let (magic, got_cap, heap) = (word(0), word(8), word(16) as usize);
+        let map = MmapRaw::map_raw(&file)?;
+        // SAFETY: the header is inside the checked size; the peer does not
+        // change it after creating the file.
+        let word =
+            |i: usize| unsafe { u64::from_le((map.as_ptr() as *const u64).add(i).read_volatile()) };
+        let (magic, got_cap, heap) = (word(0), word(1), word(2) as usize);
         if magic != MAGIC || got_cap != cap as u64 {
             return bad("not a pskv ring of the agreed size");
         }
@@ -207,7 +215,7 @@ impl Ring {
     /// The heap's first byte.
     pub(super) fn heap_ptr(&self) -> *mut u8 {
         // SAFETY: heap_at is within the mapping (its length was checked).
-        unsafe { (self.map.as_ptr() as *mut u8).add(self.heap_at) }
+        unsafe { self.map.as_mut_ptr().add(self.heap_at) }
     }
 
     /// Reserves heap bytes `[from, to)` in the file (see `reserve`).
@@ -217,7 +225,7 @@ impl Ring {
 
     fn data(&self) -> *mut u8 {
         // SAFETY: HDR is within the mapping.
-        unsafe { (self.map.as_ptr() as *mut u8).add(HDR) }
+        unsafe { self.map.as_mut_ptr().add(HDR) }
     }
 
     pub(super) fn close(&self) {
@@ -280,11 +288,24 @@ fn wait_until(
         ring.u32_at(flag).store(0, Ordering::SeqCst);
         false
     });
-    if ok {
+    // Subtle: a frame published just before the close must still be read,
+    // so look once more after giving up.
+    if ok || ready() {
         Ok(())
     } else {
         Err("the shared-memory ring was closed".into())
     }
+}
+
+/// Free bytes of a ring of `cap` bytes with these indices, or why they are
+/// impossible (the consumer's `tail` comes from shared memory).
+fn free_room(tail: u64, head: u64, cap: u64) -> Result<u64, String> {
+    if tail > head || head - tail > cap {
+        return Err(format!(
+            "corrupt ring indices (read position {tail}, write position {head})"
+        ));
+    }
+    Ok(cap - (head - tail))
 }
 
 /// The producer side of a direction.
@@ -345,22 +366,26 @@ impl Producer {
         let (need, wrap) = self.need(len);
         let tail = self.ring.u64_at(TAIL);
         let head = self.head;
+        // An impossible index ends the wait too; `room` then reports it.
         wait_until(
             &self.ring,
             SPACE_SEQ,
             PROD_WAIT,
             &mut self.spin,
-            &|| head + need - tail.load(Ordering::Acquire) <= cap,
+            &|| free_room(tail.load(Ordering::Acquire), head, cap).map_or(true, |r| r >= need),
             closed,
         )?;
+        if self.room()? < need {
+            return Err("the ring has less room than waited for".into());
+        }
         self.publish(parts, flags, wrap, need - wrap);
         Ok(())
     }
 
-    /// Free ring bytes now.
-    fn room(&self) -> u64 {
+    /// Free ring bytes now, or why the consumer's index is impossible.
+    fn room(&self) -> Result<u64, String> {
         let tail = self.ring.u64_at(TAIL).load(Ordering::Acquire);
-        self.ring.cap as u64 - (self.head - tail)
+        free_room(tail, self.head, self.ring.cap as u64)
     }
 
     /// Writes a frame now if there is room for all of it; false (nothing
@@ -369,27 +394,32 @@ impl Producer {
         if self.ring.is_closed() {
             return false;
         }
+        let Ok(room) = self.room() else {
+            return false;
+        };
         let total = f.wire_len();
-        if self.heap.wants(total) && self.room() >= self.need(heap::DESCRIPTOR).0 {
+        if self.heap.wants(total) && room >= self.need(heap::DESCRIPTOR).0 {
             if let Some(at) = self.heap.alloc(total) {
-                self.heap_frame(f, at, &|| false)
-                    .expect("the descriptor's room was checked");
-                return true;
+                // The room was checked: this does not wait (it fails only
+                // if the ring closes meanwhile; the writer then fails too).
+                return self.heap_frame(f, at, &|| true).is_ok();
             }
         }
-        let room = self.max_record() - 64;
-        let chunks = if 8 + total <= self.max_record() {
-            1
+        // The records `inline_frame` writes, plus one wrap's worth of slack
+        // (at most one wrap per ring's worth of writes, shorter than a
+        // record).
+        let max = self.max_record();
+        let records = if 8 + total <= max {
+            align64(8 + total)
         } else {
-            total.div_ceil(room)
+            let chunk = self.chunk_len(total);
+            total.div_ceil(chunk) * align64(8 + chunk)
         };
-        // Every record at most a max record, plus one wrap's worth of slack.
-        let need = (chunks * self.max_record() + self.max_record()) as u64;
-        if self.room() < need {
+        if room < (records + max) as u64 {
             return false;
         }
         // The space is there: the writes below never wait.
-        self.inline_frame(f, &|| false).is_ok()
+        self.inline_frame(f, &|| true).is_ok()
     }
 
     /// Writes a record at `head` (after a wrap marker if `wrap > 0`), into
@@ -545,6 +575,9 @@ impl Consumer {
             // SAFETY: [pos, pos+8) is inside the ring and published (cur < head).
             let word = unsafe { (ring.data().add(pos as usize) as *const u64).read_volatile() };
             if word & WRAP != 0 {
+                if cur + (cap - pos) > head {
+                    return Err(format!("corrupt wrap marker at {pos}"));
+                }
                 self.cur += cap - pos;
                 self.release(self.cur);
                 continue;
@@ -629,6 +662,11 @@ impl Producer {
     /// Scribbles the published head (tests of a hostile peer).
     pub(super) fn corrupt_head(&self, v: u64) {
         self.ring.u64_at(HEAD).store(v, Ordering::SeqCst);
+    }
+
+    /// Scribbles the consumer's index (tests of a hostile peer).
+    pub(super) fn corrupt_tail(&self, v: u64) {
+        self.ring.u64_at(TAIL).store(v, Ordering::SeqCst);
     }
 
     /// Publishes a record as a hostile peer might.
