@@ -87,7 +87,12 @@ int pskv_pushpull(struct pskv_kvstore *kv,
 // Sets the optimizer the servers (or a local store) run on pushes: `name`
 // is sgd, nag, adam or adagrad; `params` is "" or comma-separated
 // `name=value` pairs with MXNet's names (learning_rate, momentum, wd,
-// rescale_grad, clip_gradient, beta1, beta2, epsilon).
+// rescale_grad, clip_gradient, beta1, beta2, epsilon, begin_num_update),
+// and optionally `lr_scheduler=KIND(name=value;...)` with MXNet's
+// scheduler and argument names, e.g.
+// `learning_rate=0.1,lr_scheduler=factor(step=100;factor=0.9;warmup_steps=10)`
+// or `lr_scheduler=multifactor(step=30:60:90;factor=0.1)`; kinds are
+// factor, multifactor, poly and cosine.
 //
 // # Safety
 // `kv` is a live handle; `name` and `params` are NUL-terminated strings.

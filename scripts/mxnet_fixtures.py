@@ -77,6 +77,52 @@ def run(name, params, dtype, steps, seed, key, lr_mult=None):
                 weight0=hexes(w0, dtype), grads=grads, weights=weights)
 
 
+SCHEDULES = [
+    # (optimizer, params, scheduler class, scheduler kwargs, key order)
+    ("sgd", dict(learning_rate=0.1, momentum=0.9, wd=0.001), "FactorScheduler",
+     dict(step=3, factor=0.5, stop_factor_lr=0.02), [0] * 12),
+    ("sgd", dict(learning_rate=0.2), "FactorScheduler",
+     dict(step=2, factor=0.7, base_lr=0.05, warmup_steps=4, warmup_begin_lr=0.001), [0] * 10),
+    ("nag", dict(learning_rate=0.1, momentum=0.9), "MultiFactorScheduler",
+     dict(step=[2, 5, 6], factor=0.3, warmup_steps=2, warmup_mode="constant",
+          warmup_begin_lr=0.003), [0] * 9),
+    ("adam", dict(learning_rate=0.01, wd=0.01), "PolyScheduler",
+     dict(max_update=7, base_lr=0.02, pwr=2, final_lr=0.001, warmup_steps=2), [0] * 10),
+    ("adagrad", dict(learning_rate=0.1), "CosineScheduler",
+     dict(max_update=6, base_lr=0.3, final_lr=0.01), [0] * 8),
+    # num_update is the most updates of any key: key 1 follows key 0's count.
+    ("sgd", dict(learning_rate=0.1, momentum=0.9), "FactorScheduler",
+     dict(step=2, factor=0.5), [0, 0, 0, 1, 0, 1, 1, 1, 0, 1]),
+    ("adam", dict(learning_rate=0.01), "CosineScheduler",
+     dict(max_update=8, base_lr=0.05, final_lr=0.0, warmup_steps=3, warmup_begin_lr=0.01),
+     [0, 1, 0, 0, 1, 1, 0, 1, 1, 0, 0, 1]),
+    # begin_num_update: counts (Adam's t too) start there.
+    ("adam", dict(learning_rate=0.01, begin_num_update=5), "FactorScheduler",
+     dict(step=4, factor=0.5), [0, 0, 1, 0, 1, 1]),
+]
+
+
+def run_schedule(name, params, sched, sparams, order, seed, dtype="float32"):
+    """Updates keys in `order` (each with its own weight) through one
+    updater, as a server does; records every step."""
+    rng = np.random.RandomState(seed)
+    lr_sched = getattr(mx.lr_scheduler, sched)(**sparams)
+    opt = mx.optimizer.create(name, lr_scheduler=lr_sched, **params)
+    upd = mx.optimizer.get_updater(opt)
+    keys = sorted(set(order))
+    w0 = {k: rng.uniform(-1, 1, N).astype(dtype) for k in keys}
+    weights = {k: mx.nd.array(w0[k], dtype=dtype) for k in keys}
+    steps = []
+    for k in order:
+        g = rng.normal(0, 1, N).astype(dtype)
+        upd(k, mx.nd.array(g, dtype=dtype), weights[k])
+        steps.append(dict(key=k, grad=hexes(g, dtype),
+                          weight=hexes(weights[k].asnumpy(), dtype)))
+    return dict(optimizer=name, params=params, scheduler=sched, scheduler_params=sparams,
+                dtype=dtype, weight0={str(k): hexes(w0[k], dtype) for k in keys},
+                steps=steps)
+
+
 def parse_table():
     """How operator float parameters and NDArray scalars reach a kernel."""
     rng = np.random.RandomState(7)
@@ -107,7 +153,9 @@ def main():
                        seed=999, key=3, lr_mult=2.0))
     configs.append(run("adam", dict(learning_rate=0.001, wd=0.01), "float32", 4,
                        seed=998, key=5, lr_mult=0.5))
-    doc = dict(mxnet=mx.__version__, n=N, configs=configs, parse=parse_table())
+    schedules = [run_schedule(*c, seed=500 + i) for i, c in enumerate(SCHEDULES)]
+    doc = dict(mxnet=mx.__version__, n=N, configs=configs, parse=parse_table(),
+               schedules=schedules)
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.path.join(here, "..", "kvstore", "tests", "fixtures", "mxnet_optimizers.json")
     with open(path, "w") as f:

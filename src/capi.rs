@@ -248,7 +248,12 @@ pub unsafe extern "C" fn pskv_pushpull(
 /// Sets the optimizer the servers (or a local store) run on pushes: `name`
 /// is sgd, nag, adam or adagrad; `params` is "" or comma-separated
 /// `name=value` pairs with MXNet's names (learning_rate, momentum, wd,
-/// rescale_grad, clip_gradient, beta1, beta2, epsilon).
+/// rescale_grad, clip_gradient, beta1, beta2, epsilon, begin_num_update),
+/// and optionally `lr_scheduler=KIND(name=value;...)` with MXNet's
+/// scheduler and argument names, e.g.
+/// `learning_rate=0.1,lr_scheduler=factor(step=100;factor=0.9;warmup_steps=10)`
+/// or `lr_scheduler=multifactor(step=30:60:90;factor=0.1)`; kinds are
+/// factor, multifactor, poly and cosine.
 ///
 /// # Safety
 /// `kv` is a live handle; `name` and `params` are NUL-terminated strings.
@@ -263,17 +268,26 @@ pub unsafe extern "C" fn pskv_set_optimizer(
         let name = string(name, "name")?;
         let params = string(params, "params")?;
         let mut pairs = Vec::new();
+        let mut scheduler = None;
         for p in params.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (k, v) = p
                 .split_once('=')
                 .ok_or_else(|| arg(format!("optimizer parameter '{p}': expected name=value")))?;
+            if k.trim() == "lr_scheduler" {
+                scheduler = Some(pskv_kvstore::LrScheduler::parse(v).map_err(kv_err)?);
+                continue;
+            }
             let v: f64 = v
                 .trim()
                 .parse()
                 .map_err(|_| arg(format!("optimizer parameter '{p}': not a number")))?;
             pairs.push((k.trim(), v));
         }
-        let opt = Optimizer::create(name, &pairs).map_err(kv_err)?;
+        let mut opt = Optimizer::create(name, &pairs).map_err(kv_err)?;
+        if let Some(s) = scheduler {
+            opt = opt.lr_scheduler(s);
+            opt.validate().map_err(kv_err)?;
+        }
         h.kv.set_optimizer(opt).map_err(kv_err)
     })
 }
@@ -370,6 +384,31 @@ mod tests {
                 PSKV_ERR_KVSTORE
             );
             assert_eq!(pskv_rank(std::ptr::null(), &mut r), PSKV_ERR_ARGUMENT);
+
+            // A scheduler: the rate halves after every 2 updates.
+            assert_eq!(
+                pskv_set_optimizer(
+                    kv,
+                    c"sgd".as_ptr(),
+                    c"learning_rate=1,lr_scheduler=factor(step=2;factor=0.5)".as_ptr()
+                ),
+                PSKV_OK
+            );
+            assert_eq!(pskv_init(kv, 9, [0.0f32].as_ptr(), 1), PSKV_OK);
+            let mut w = [0.0f32];
+            for _ in 0..5 {
+                assert_eq!(
+                    pskv_pushpull(kv, 9, [1.0f32].as_ptr(), w.as_mut_ptr(), 1, 0),
+                    PSKV_OK
+                );
+            }
+            // Rates 1, 1, 0.5, 0.5, 0.25.
+            assert_eq!(w, [-3.25]);
+            assert_eq!(
+                pskv_set_optimizer(kv, c"sgd".as_ptr(), c"lr_scheduler=factor(step=0)".as_ptr()),
+                PSKV_ERR_KVSTORE
+            );
+            assert!(last().contains("step must be at least 1"), "{}", last());
             assert_eq!(pskv_free(kv), PSKV_OK);
             assert_eq!(pskv_free(std::ptr::null_mut()), PSKV_OK);
 

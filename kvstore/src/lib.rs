@@ -26,6 +26,7 @@ pub use dtype::{DType, Elem};
 pub use error::{KvError, Result};
 pub use key::{IntoKey, Key};
 pub use kinds::Kind;
+pub use optimizer::schedule::{Decay, LrScheduler, Warmup, WarmupMode};
 pub use optimizer::{GradRef, Method, OptState, Optimizer, StateVals, WeightMut};
 pub use server::{CheckpointSettings, Controller, Server};
 pub use store::{KvStore, Options};

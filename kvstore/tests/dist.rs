@@ -13,7 +13,8 @@ use pskv_engine::{Context, Engine, OpSpec};
 use pskv_gpu::cpu::CpuKernels;
 use pskv_gpu::Kernels;
 use pskv_kvstore::{
-    Compression, DType, Elem, GradRef, Key, KvStore, Optimizer, Options, Server, Tensor, WeightMut,
+    Compression, DType, Elem, GradRef, Key, KvStore, LrScheduler, Optimizer, Options, Server,
+    Tensor, WeightMut,
 };
 use pskv_transport::{Config, KvWorker, Postoffice, RequestOptions, Role, VanKind};
 
@@ -321,6 +322,25 @@ fn worker_side_optimizer_matches_the_server_side_one() {
     let want = train_local(2, Some(opt));
     assert_eq!(got[0], want);
     assert_eq!(got[1], want);
+}
+
+/// A scheduled optimizer on a server counts `num_update` over the keys (and
+/// key parts) it holds, as a local store's does over its keys.
+#[test]
+fn a_scheduled_optimizer_on_the_server_matches_a_local_one() {
+    let opt = Optimizer::sgd(0.2)
+        .momentum(0.5)
+        .lr_scheduler(LrScheduler::factor(1, 0.5).warmup(1, 0.05).base_lr(0.1));
+    let o2 = opt.clone();
+    let got = cluster(1, 2).run("dist_sync", small_parts(), move |kv, e| {
+        train(kv, e, Some(o2.clone()), false)
+    });
+    let want = train_local(2, Some(opt.clone()));
+    assert_eq!(got[0], want);
+    assert_eq!(got[1], want);
+    // And the schedule mattered: a constant rate gives other weights.
+    let constant = train_local(2, Some(Optimizer::sgd(0.2).momentum(0.5)));
+    assert_ne!(constant, want);
 }
 
 #[test]

@@ -11,7 +11,7 @@
 
 use half::f16;
 use pskv_kvstore::optimizer::mxparse::{param_f32, python_repr, scalar_f32};
-use pskv_kvstore::{GradRef, Key, Optimizer, WeightMut};
+use pskv_kvstore::{GradRef, Key, LrScheduler, Optimizer, WeightMut};
 use serde_json::Value;
 
 fn fixture() -> Value {
@@ -143,6 +143,93 @@ fn every_update_matches_mxnet_to_the_bit() {
                     dtype,
                     c["params"],
                     t + 1,
+                    want.len()
+                ));
+                break;
+            }
+        }
+    }
+    assert!(report.is_empty(), "\n{}", report.join("\n"));
+}
+
+/// An MXNet scheduler from the fixture, through the spec parser (so the
+/// C ABI's way in is checked too).
+fn scheduler_of(c: &Value) -> LrScheduler {
+    let kind = match c["scheduler"].as_str().unwrap() {
+        "FactorScheduler" => "factor",
+        "MultiFactorScheduler" => "multifactor",
+        "PolyScheduler" => "poly",
+        "CosineScheduler" => "cosine",
+        other => panic!("unknown scheduler {other}"),
+    };
+    let args: Vec<String> = c["scheduler_params"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::Array(a) => a
+                    .iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(":"),
+                Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            format!("{k}={v}")
+        })
+        .collect();
+    LrScheduler::parse(&format!("{kind}({})", args.join(";"))).unwrap()
+}
+
+#[test]
+fn scheduled_updates_match_mxnet_to_the_bit() {
+    let doc = fixture();
+    let runs = doc["schedules"].as_array().unwrap();
+    assert!(runs.len() >= 8);
+    let mut report = Vec::new();
+    for c in runs {
+        let opt = optimizer_of(&serde_json::json!({
+            "optimizer": c["optimizer"],
+            "params": c["params"],
+            "key": 0,
+        }))
+        .lr_scheduler(scheduler_of(c));
+        let mut weights: std::collections::HashMap<
+            u64,
+            (Vec<f32>, Option<pskv_kvstore::OptState>),
+        > = c["weight0"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, w)| {
+                let w: Vec<f32> = arr(w).iter().map(|&b| f32::from_bits(b as u32)).collect();
+                (k.parse().unwrap(), (w, None))
+            })
+            .collect();
+        for (i, s) in c["steps"].as_array().unwrap().iter().enumerate() {
+            let key = s["key"].as_u64().unwrap();
+            let g: Vec<f32> = arr(&s["grad"])
+                .iter()
+                .map(|&b| f32::from_bits(b as u32))
+                .collect();
+            let (w, st) = weights.get_mut(&key).unwrap();
+            opt.update(key, WeightMut::F32(w), GradRef::F32(&g), st)
+                .unwrap();
+            let want = arr(&s["weight"]);
+            let diff = w
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() as u64 != **b)
+                .count();
+            if diff > 0 {
+                report.push(format!(
+                    "{} {} {:?}: step {} (key {key}, num_update {}): {diff} of {} elements differ",
+                    opt.name(),
+                    c["scheduler"],
+                    c["scheduler_params"],
+                    i + 1,
+                    opt.num_update(),
                     want.len()
                 ));
                 break;

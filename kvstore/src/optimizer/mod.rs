@@ -11,16 +11,20 @@
 //!   multipliers, and the state each method keeps, as MXNet's Python
 //!   `Optimizer` and `Updater` do.
 //!
+//! - learning-rate schedulers ([`schedule`]), driven as MXNet drives them
+//!   by `num_update`, the most updates of any key this optimizer updated
+//!   (counts start at `begin_num_update`).
+//!
 //! f16 weights without `multi_precision` are updated in f32 and rounded
 //! once per element; MXNet's half-precision kernels round some
 //! intermediate results to f16, so the two can differ in the last bit.
-//! Learning-rate schedulers are not implemented.
 
 mod adagrad;
 mod adam;
 pub mod mxparse;
 mod nag;
 mod real;
+pub mod schedule;
 mod sgd;
 
 use std::collections::BTreeMap;
@@ -31,6 +35,7 @@ use crate::error::{KvError, Result};
 use crate::key::Key;
 use mxparse::{param_f32, scalar_f32, scalar_f64, tuple_f32};
 use real::Real;
+use schedule::LrScheduler;
 
 /// The update rule and its own hyperparameters.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -94,6 +99,50 @@ pub struct Optimizer {
     pub lr_mult: BTreeMap<u64, f64>,
     /// Weight-decay multiplier per key id.
     pub wd_mult: BTreeMap<u64, f64>,
+    /// The learning rate by update count, if not constant.
+    pub lr_scheduler: Option<LrScheduler>,
+    /// Where update counts start (MXNet's `begin_num_update`): Adam's `t`
+    /// and the scheduler's `num_update` count from it.
+    pub begin_num_update: u64,
+    /// The most updates of any key so far, and the scheduler's memo (not
+    /// part of the optimizer's description: not sent, not compared, and a
+    /// clone starts from the original's values).
+    #[serde(skip)]
+    progress: Progress,
+}
+
+/// `num_update` and a scheduler's memo, shared by the threads updating
+/// keys through one optimizer.
+#[derive(Debug, Default)]
+struct Progress {
+    num_update: std::sync::atomic::AtomicU64,
+    memo: parking_lot::Mutex<(u64, f64)>,
+}
+
+impl Progress {
+    /// Records that a key reached `count` updates; `num_update` now.
+    fn observe(&self, count: u64) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.num_update
+            .fetch_max(count, Ordering::Relaxed)
+            .max(count)
+    }
+}
+
+impl Clone for Progress {
+    fn clone(&self) -> Progress {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        Progress {
+            num_update: AtomicU64::new(self.num_update.load(Ordering::Relaxed)),
+            memo: parking_lot::Mutex::new(*self.memo.lock()),
+        }
+    }
+}
+
+impl PartialEq for Progress {
+    fn eq(&self, _: &Progress) -> bool {
+        true
+    }
 }
 
 impl Optimizer {
@@ -107,6 +156,9 @@ impl Optimizer {
             multi_precision: false,
             lr_mult: BTreeMap::new(),
             wd_mult: BTreeMap::new(),
+            lr_scheduler: None,
+            begin_num_update: 0,
+            progress: Progress::default(),
         }
     }
 
@@ -188,6 +240,27 @@ impl Optimizer {
         self
     }
 
+    /// Sets a learning-rate scheduler (MXNet's `lr_scheduler`).
+    pub fn lr_scheduler(mut self, s: LrScheduler) -> Optimizer {
+        self.lr_scheduler = Some(s);
+        self
+    }
+
+    /// Sets where update counts start (MXNet's `begin_num_update`).
+    pub fn begin_num_update(mut self, n: u64) -> Optimizer {
+        self.begin_num_update = n;
+        self
+    }
+
+    /// The most updates of any key this optimizer has done (MXNet's
+    /// `num_update`; `begin_num_update` before the first).
+    pub fn num_update(&self) -> u64 {
+        self.progress
+            .num_update
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(self.begin_num_update)
+    }
+
     /// Multiplies the learning rate of one key.
     pub fn lr_mult(mut self, key: impl Into<Key>, m: f64) -> Optimizer {
         self.lr_mult.insert(key.into().id(), m);
@@ -226,6 +299,9 @@ impl Optimizer {
                 "rescale_grad" => opt.rescale_grad(v),
                 "clip_gradient" => opt.clip_gradient(v),
                 "multi_precision" => opt.multi_precision(v != 0.0),
+                "begin_num_update" if v >= 0.0 && v.fract() == 0.0 && v < 2f64.powi(53) => {
+                    opt.begin_num_update(v as u64)
+                }
                 "momentum" if matches!(opt.method, Method::Sgd { .. } | Method::Nag { .. }) => {
                     opt.momentum(v)
                 }
@@ -307,6 +383,9 @@ impl Optimizer {
         for m in self.lr_mult.values().chain(self.wd_mult.values()) {
             all.push(("a multiplier", *m));
         }
+        if let Some(s) = &self.lr_scheduler {
+            s.validate()?;
+        }
         for (what, v) in all {
             if !v.is_finite() {
                 return bad(what, v);
@@ -315,8 +394,18 @@ impl Optimizer {
         Ok(())
     }
 
-    fn lr_of(&self, key: u64) -> f64 {
-        self.learning_rate * self.lr_mult.get(&key).copied().unwrap_or(1.0)
+    /// The key's rate when `num_update` is this (MXNet's `_get_lr`).
+    fn lr_of(&self, key: u64, num_update: u64) -> f64 {
+        let base = match &self.lr_scheduler {
+            None => self.learning_rate,
+            Some(s) => s.lr(
+                num_update,
+                self.learning_rate,
+                self.begin_num_update,
+                &mut self.progress.memo.lock(),
+            ),
+        };
+        base * self.lr_mult.get(&key).copied().unwrap_or(1.0)
     }
 
     fn wd_of(&self, key: u64) -> f64 {
@@ -395,7 +484,7 @@ impl Optimizer {
             )));
         }
         let st = state.get_or_insert_with(|| OptState::new(self, &weight));
-        if st.count == 0 && st.bufs.len() != self.state_arrays() {
+        if st.count == self.begin_num_update && st.bufs.len() != self.state_arrays() {
             *st = OptState::new(self, &weight);
         }
         st.check(self, &weight)?;
@@ -461,7 +550,8 @@ impl Optimizer {
         bufs: Vec<&mut [T]>,
         rows: Option<(&[i64], usize)>,
     ) {
-        let lr = self.lr_of(key);
+        // MXNet counts the update first, then reads the rate.
+        let lr = self.lr_of(key, self.progress.observe(t));
         let wd = self.wd_of(key);
         let mut bufs = bufs;
         // Runs `f` on the whole arrays, or row by row.
@@ -646,7 +736,7 @@ pub enum StateVals {
 /// weights with multi-precision, the f32 master weights.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct OptState {
-    /// Updates done (Adam's `t`).
+    /// Updates done, from `begin_num_update` (Adam's `t`).
     pub count: u64,
     /// The state arrays.
     pub bufs: Vec<StateVals>,
@@ -663,7 +753,7 @@ impl OptState {
             _ => (0..k).map(|_| StateVals::F32(vec![0.0; n])).collect(),
         };
         OptState {
-            count: 0,
+            count: opt.begin_num_update,
             bufs,
             master: None,
         }
