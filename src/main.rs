@@ -110,6 +110,11 @@ struct LaunchArgs {
     /// Stop the job if the workers have not finished after this many seconds.
     #[arg(long)]
     timeout: Option<u64>,
+    /// Start a dead server again, from its checkpoint, up to N times in all
+    /// (local, ssh). Checkpoints go to PSKV_CHECKPOINT_DIR, or for a local
+    /// job to a directory of its own.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    restart_servers: u32,
     /// The worker command and its arguments (after `--`).
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<std::ffi::OsString>,
@@ -135,7 +140,14 @@ fn launch(a: &LaunchArgs) -> ExitCode {
     let mut spec = JobSpec::local(a.workers, a.servers.unwrap_or(a.workers), a.command.clone());
     spec.env = env;
     spec.root_uri = a.root_uri.clone();
+    spec.server_restarts = a.restart_servers;
     match launcher {
+        Launcher::Mpi | Launcher::Slurm if spec.server_restarts > 0 => {
+            return fail(
+                "--restart-servers works with the local and ssh launchers; under mpirun or srun the job's manager owns the processes".into(),
+                2,
+            );
+        }
         Launcher::Mpi | Launcher::Slurm => {
             let f = exec_rank(&spec, launcher);
             return fail(f.message, f.code);

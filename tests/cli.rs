@@ -271,6 +271,20 @@ fn launch_rejects_bad_arguments() {
             vec!["launch", "-n", "1", "--launcher", "mpi", "--", "true"],
             "OMPI_COMM_WORLD_RANK",
         ),
+        (
+            vec![
+                "launch",
+                "-n",
+                "1",
+                "--launcher",
+                "slurm",
+                "--restart-servers",
+                "2",
+                "--",
+                "true",
+            ],
+            "the job's manager owns the processes",
+        ),
     ] {
         let out = pskv().args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -389,3 +389,95 @@ fn recovery(van: &str) {
     assert!(dir.join("server-1.ckpt").exists() && dir.join("server-0.ckpt").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `pskv launch --restart-servers 1`: a server killed mid-training is
+/// started again by the launcher from the checkpoints of a directory the
+/// launcher made, the workers' retried pushes go through, the job succeeds,
+/// and the directory is gone afterwards.
+#[test]
+fn pskv_launch_restarts_a_killed_server_from_its_checkpoint() {
+    let me = std::env::current_exe().unwrap();
+    let mut launcher = Command::new(env!("CARGO_BIN_EXE_pskv"))
+        .args(["launch", "-n", "2", "-s", "2", "--timeout", "120"])
+        .args(["--restart-servers", "1"])
+        .args(["--env", "PSKV_RECOVERY_WORKER=1"])
+        .args([
+            "--env",
+            &format!("PSKV_CHECKPOINT_ROUNDS={CHECKPOINT_ROUNDS}"),
+        ])
+        .arg("--")
+        .arg(&me)
+        .args([
+            "--exact",
+            "recovery_worker_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = launcher.id();
+    let out = launcher.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("the workers stopped before step 21");
+        if line.contains("STEP 21") {
+            break;
+        }
+    }
+    // The launcher's server children.
+    let servers: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            // The parent pid is the 2nd field after the ")" of the name.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            ppid == Some(pid) && cmd.split(|&b| b == 0).any(|a| a == b"server")
+        })
+        .collect();
+    assert_eq!(servers.len(), 2, "{servers:?}");
+    // SAFETY: kill(2) on a child process of ours.
+    unsafe { libc::kill(servers[1] as i32, libc::SIGKILL) };
+    let status = launcher.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut launcher.stderr.take().unwrap(), &mut err).unwrap();
+    let outs = reader.join().unwrap();
+    assert!(status.success(), "{err}\n{outs}");
+    assert!(
+        err.contains("starting it again from its checkpoint"),
+        "{err}"
+    );
+    assert!(
+        outs.contains("RETRY"),
+        "nothing failed: did the server die?\n{outs}"
+    );
+    assert_eq!(outs.matches("FINAL 3 ").count(), 2, "{outs}");
+    let dir = std::env::temp_dir().join(format!("pskv-checkpoints-{pid}-"));
+    let left = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            e.path()
+                .display()
+                .to_string()
+                .starts_with(&dir.display().to_string())
+        });
+    assert!(!left, "the launcher left its checkpoint directory behind");
+}

@@ -17,7 +17,10 @@
 //! job is *done*; (b) a worker exits non-zero, a server or the scheduler
 //! fails, the deadline passes or a stop signal arrives: the job is *torn
 //! down* (SIGTERM to every member's process group, SIGKILL after a grace
-//! period). Dropping a `Job` tears it down too.
+//! period). Dropping a `Job` tears it down too. With `--restart-servers N`,
+//! a server that fails while workers run is first started again (same
+//! role, host and environment; it recovers its rank and checkpoint), up to
+//! N times in all; the job stays *running*.
 //!
 //! Children never outlive the launcher: each child starts its own process
 //! group (so the job is stopped as a whole, grandchildren included) and asks
@@ -53,6 +56,8 @@ const LEAVE_GRACE: Duration = Duration::from_secs(10);
 const KILL_GRACE: Duration = Duration::from_secs(3);
 /// The supervision loop's period.
 const POLL: Duration = Duration::from_millis(20);
+/// How long a dead server stays dead before it is started again.
+const RESTART_DELAY: Duration = Duration::from_millis(500);
 
 /// Which launcher starts the processes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +109,9 @@ pub struct JobSpec {
     /// The scheduler's address as the other nodes reach it (ssh, mpi,
     /// slurm; `local` uses 127.0.0.1).
     pub root_uri: Option<String>,
+    /// How many times a dead server is started again (from its checkpoint)
+    /// before its death ends the job.
+    pub server_restarts: u32,
 }
 
 impl JobSpec {
@@ -117,6 +125,7 @@ impl JobSpec {
             capture_stdout: false,
             hosts: Vec::new(),
             root_uri: None,
+            server_restarts: 0,
         }
     }
 }
@@ -176,6 +185,8 @@ struct Member {
     role: Role,
     child: Child,
     status: Option<ExitStatus>,
+    /// A dead server that was started again (its failure is handled).
+    replaced: bool,
 }
 
 /// A running job (see the module docs for its states).
@@ -183,6 +194,12 @@ pub struct Job {
     members: Vec<Member>,
     torn_down: bool,
     watchdog: Option<Watchdog>,
+    spawner: Spawner,
+    /// Server restarts left.
+    restarts_left: u32,
+    /// A checkpoint directory the launcher made for this job (removed with
+    /// it).
+    checkpoint_dir: Option<PathBuf>,
 }
 
 /// The launcher's end of the watchdog (module docs).
@@ -348,6 +365,129 @@ fn address_towards(host: &str) -> Result<String, String> {
     Ok(s.local_addr().map_err(|e| e.to_string())?.ip().to_string())
 }
 
+/// What starting a member takes, kept for the life of the job so that a
+/// dead server can be started again.
+struct Spawner {
+    env: Vec<(String, String)>,
+    /// The token remote members read from stdin (see `spawn`).
+    secret: Option<String>,
+    exe: OsString,
+    command: Vec<OsString>,
+    capture_stdout: bool,
+    /// ssh hosts (empty: local).
+    hosts: Vec<String>,
+    servers: u32,
+}
+
+impl Spawner {
+    /// The host of a member (None: here): servers, then workers,
+    /// round-robin over the hosts; the scheduler here.
+    fn host(&self, role: Role) -> Option<&str> {
+        let i = match role {
+            Role::Scheduler => return None,
+            Role::Server(i) => i,
+            Role::Worker(i) => self.servers + i,
+        };
+        (!self.hosts.is_empty()).then(|| self.hosts[i as usize % self.hosts.len()].as_str())
+    }
+
+    /// Starts one member process.
+    fn spawn(&self, role: Role) -> Result<Child, String> {
+        let env = &self.env;
+        let secret = &self.secret;
+        let spec_capture = self.capture_stdout;
+        let host = self.host(role);
+        let program: Vec<OsString> = match role {
+            Role::Scheduler => vec![self.exe.clone(), "scheduler".into()],
+            Role::Server(_) => vec![self.exe.clone(), "server".into()],
+            Role::Worker(_) => self.command.clone(),
+        };
+        let (role_name, extra): (&str, Vec<(String, String)>) = match role {
+            Role::Scheduler => ("scheduler", vec![]),
+            Role::Server(i) => ("server", vec![("DMLC_SERVER_ID".into(), i.to_string())]),
+            Role::Worker(i) => ("worker", vec![("DMLC_WORKER_ID".into(), i.to_string())]),
+        };
+        let mut c = match host {
+            None => {
+                let mut c = Command::new(&program[0]);
+                c.args(&program[1..])
+                    .envs(env.iter().map(|(k, v)| (k, v)))
+                    .env("DMLC_ROLE", role_name)
+                    .envs(extra.iter().map(|(k, v)| (k, v)));
+                c
+            }
+            Some(h) => {
+                let dir = std::env::current_dir()
+                    .map_err(|e| format!("reading the working directory: {e}"))?;
+                // The token goes on ssh's stdin, never on a command line
+                // (which any user of either host can read in `ps`): the
+                // remote shell reads it into its environment first.
+                let mut script = String::new();
+                if secret.is_some() {
+                    script.push_str("IFS= read -r PSKV_TOKEN && export PSKV_TOKEN && ");
+                }
+                script.push_str(&format!(
+                    "cd {} && exec env",
+                    sh_quote(&dir.to_string_lossy())
+                ));
+                for (k, v) in env
+                    .iter()
+                    .filter(|(k, _)| k != "PSKV_TOKEN")
+                    .chain(std::iter::once(&("DMLC_ROLE".into(), role_name.into())))
+                    .chain(extra.iter())
+                {
+                    script.push(' ');
+                    script.push_str(&sh_quote(&format!("{k}={v}")));
+                }
+                for a in &program {
+                    script.push(' ');
+                    script.push_str(&sh_quote(&a.to_string_lossy()));
+                }
+                let ssh = std::env::var("PSKV_SSH").unwrap_or_else(|_| "ssh".into());
+                let mut c = Command::new(ssh);
+                c.args([
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    h,
+                    // Through sh, whatever the remote login shell is.
+                    &format!("sh -c {}", sh_quote(&script)),
+                ]);
+                c
+            }
+        };
+        let remote_token = host.and(secret.as_deref());
+        c.stdin(if remote_token.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        if matches!(role, Role::Worker(_)) && spec_capture {
+            c.stdout(Stdio::piped());
+        } else if !matches!(role, Role::Worker(_)) {
+            c.stdout(Stdio::null());
+        }
+        detach_and_tie(&mut c);
+        let mut child = c
+            .spawn()
+            .map_err(|e| format!("starting {role} ({:?}): {e}", program[0]))?;
+        if let (Some(token), Some(mut stdin)) = (remote_token, child.stdin.take()) {
+            // One short line into a fresh pipe: it does not block. The
+            // pipe then closes, so the command sees an empty stdin.
+            if let Err(e) = io::Write::write_all(&mut stdin, format!("{token}\n").as_bytes()) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "passing the token to {role} on {}: {e}",
+                    host.unwrap_or("?")
+                ));
+            }
+        }
+        Ok(child)
+    }
+}
+
 impl Job {
     /// Starts a `local` or `ssh` job.
     pub fn start(spec: &JobSpec, launcher: Launcher) -> Result<Job, String> {
@@ -398,141 +538,67 @@ impl Job {
         {
             return Err("PSKV_TOKEN must be one line for the ssh launcher".into());
         }
+        // A restarted server needs its checkpoint: one directory per job
+        // unless the caller named one.
+        let mut checkpoint_dir = None;
+        let has_dir = env.iter().any(|(k, _)| k == "PSKV_CHECKPOINT_DIR")
+            || std::env::var_os("PSKV_CHECKPOINT_DIR").is_some();
+        if spec.server_restarts > 0 && !has_dir {
+            if remote {
+                return Err("--restart-servers with the ssh launcher needs --env PSKV_CHECKPOINT_DIR=DIR (a directory every host has)".into());
+            }
+            let dir = std::env::temp_dir()
+                .join(format!("pskv-checkpoints-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("creating the checkpoint directory {}: {e}", dir.display()))?;
+            env.push(("PSKV_CHECKPOINT_DIR".into(), dir.display().to_string()));
+            checkpoint_dir = Some(dir);
+        }
 
+        let spawner = Spawner {
+            env,
+            secret,
+            exe: OsString::from(&exe),
+            command: spec.command.clone(),
+            capture_stdout: spec.capture_stdout,
+            hosts: if remote {
+                spec.hosts.clone()
+            } else {
+                Vec::new()
+            },
+            servers: spec.servers,
+        };
         let mut job = Job {
             members: Vec::new(),
             torn_down: false,
             watchdog: Some(Watchdog::start(&exe)?),
+            spawner,
+            restarts_left: spec.server_restarts,
+            checkpoint_dir,
         };
-        let exe_s = exe.to_string_lossy().into_owned();
-        let start = |job: &mut Job,
-                     role: Role,
-                     host: Option<&str>,
-                     program: Vec<OsString>|
-         -> Result<(), String> {
-            let (role_name, extra): (&str, Vec<(String, String)>) = match role {
-                Role::Scheduler => ("scheduler", vec![]),
-                Role::Server(i) => ("server", vec![("DMLC_SERVER_ID".into(), i.to_string())]),
-                Role::Worker(i) => ("worker", vec![("DMLC_WORKER_ID".into(), i.to_string())]),
-            };
-            let mut c = match host {
-                None => {
-                    let mut c = Command::new(&program[0]);
-                    c.args(&program[1..])
-                        .envs(env.iter().map(|(k, v)| (k, v)))
-                        .env("DMLC_ROLE", role_name)
-                        .envs(extra.iter().map(|(k, v)| (k, v)));
-                    c
-                }
-                Some(h) => {
-                    let dir = std::env::current_dir()
-                        .map_err(|e| format!("reading the working directory: {e}"))?;
-                    // The token goes on ssh's stdin, never on a command line
-                    // (which any user of either host can read in `ps`): the
-                    // remote shell reads it into its environment first.
-                    let mut script = String::new();
-                    if secret.is_some() {
-                        script.push_str("IFS= read -r PSKV_TOKEN && export PSKV_TOKEN && ");
-                    }
-                    script.push_str(&format!(
-                        "cd {} && exec env",
-                        sh_quote(&dir.to_string_lossy())
-                    ));
-                    for (k, v) in env
-                        .iter()
-                        .filter(|(k, _)| k != "PSKV_TOKEN")
-                        .chain(std::iter::once(&("DMLC_ROLE".into(), role_name.into())))
-                        .chain(extra.iter())
-                    {
-                        script.push(' ');
-                        script.push_str(&sh_quote(&format!("{k}={v}")));
-                    }
-                    for a in &program {
-                        script.push(' ');
-                        script.push_str(&sh_quote(&a.to_string_lossy()));
-                    }
-                    let ssh = std::env::var("PSKV_SSH").unwrap_or_else(|_| "ssh".into());
-                    let mut c = Command::new(ssh);
-                    c.args([
-                        "-o",
-                        "BatchMode=yes",
-                        "-o",
-                        "StrictHostKeyChecking=no",
-                        h,
-                        // Through sh, whatever the remote login shell is.
-                        &format!("sh -c {}", sh_quote(&script)),
-                    ]);
-                    c
-                }
-            };
-            let remote_token = host.and(secret.as_deref());
-            c.stdin(if remote_token.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            });
-            if matches!(role, Role::Worker(_)) && spec.capture_stdout {
-                c.stdout(Stdio::piped());
-            } else if !matches!(role, Role::Worker(_)) {
-                c.stdout(Stdio::null());
-            }
-            detach_and_tie(&mut c);
-            let mut child = c
-                .spawn()
-                .map_err(|e| format!("starting {role} ({:?}): {e}", program[0]))?;
-            if let (Some(token), Some(mut stdin)) = (remote_token, child.stdin.take()) {
-                // One short line into a fresh pipe: it does not block. The
-                // pipe then closes, so the command sees an empty stdin.
-                if let Err(e) = io::Write::write_all(&mut stdin, format!("{token}\n").as_bytes()) {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!(
-                        "passing the token to {role} on {}: {e}",
-                        host.unwrap_or("?")
-                    ));
-                }
-            }
-            if let Some(w) = job.watchdog.as_mut() {
-                w.watch(child.id());
-            }
-            job.members.push(Member {
-                role,
-                child,
-                status: None,
-            });
-            Ok(())
-        };
-        let exe_os = OsString::from(&exe_s);
-        start(
-            &mut job,
-            Role::Scheduler,
-            None,
-            vec![exe_os.clone(), "scheduler".into()],
-        )?;
-        let host_of = |i: u32| {
-            if remote {
-                Some(spec.hosts[i as usize % spec.hosts.len()].as_str())
-            } else {
-                None
-            }
-        };
+        job.start_member(Role::Scheduler)?;
         for i in 0..spec.servers {
-            start(
-                &mut job,
-                Role::Server(i),
-                host_of(i),
-                vec![exe_os.clone(), "server".into()],
-            )?;
+            job.start_member(Role::Server(i))?;
         }
         for i in 0..spec.workers {
-            start(
-                &mut job,
-                Role::Worker(i),
-                host_of(spec.servers + i),
-                spec.command.clone(),
-            )?;
+            job.start_member(Role::Worker(i))?;
         }
         Ok(job)
+    }
+
+    /// Starts a member and tells the watchdog of it.
+    fn start_member(&mut self, role: Role) -> Result<(), String> {
+        let child = self.spawner.spawn(role)?;
+        if let Some(w) = self.watchdog.as_mut() {
+            w.watch(child.id());
+        }
+        self.members.push(Member {
+            role,
+            child,
+            status: None,
+            replaced: false,
+        });
+        Ok(())
     }
 
     /// Worker `i`'s stdout, when the spec captured it (once).
@@ -569,11 +635,42 @@ impl Job {
                     }
                 }
             }
-            // A failure of any member ends the job.
+            // A dead server is started again while restarts are left and
+            // the workers run; any other failure ends the job.
+            let workers_left = self
+                .members
+                .iter()
+                .any(|m| matches!(m.role, Role::Worker(_)) && m.status.is_none());
+            let dead_server = self.members.iter().position(|m| {
+                !m.replaced
+                    && matches!(m.role, Role::Server(_))
+                    && m.status.is_some_and(|s| !s.success())
+            });
+            if let (Some(i), true, true) = (dead_server, self.restarts_left > 0, workers_left) {
+                let (role, pid, st) = {
+                    let m = &mut self.members[i];
+                    m.replaced = true;
+                    (m.role, m.child.id(), m.status.expect("checked"))
+                };
+                self.restarts_left -= 1;
+                eprintln!(
+                    "pskv launch: {role} (pid {pid}) exited with {st}; starting it again from its checkpoint ({} restarts left)",
+                    self.restarts_left
+                );
+                // Let the scheduler see the death first: a server that
+                // registers while its old self still counts as alive is
+                // refused.
+                std::thread::sleep(RESTART_DELAY);
+                if let Err(e) = self.start_member(role) {
+                    self.teardown();
+                    return Err(Failure::new(format!("restarting {role}: {e}"), 1));
+                }
+                continue;
+            }
             let failed = self
                 .members
                 .iter()
-                .find(|m| m.status.is_some_and(|s| !s.success()));
+                .find(|m| !m.replaced && m.status.is_some_and(|s| !s.success()));
             if let Some(m) = failed {
                 let st = m.status.expect("checked");
                 let msg = format!(
@@ -678,6 +775,9 @@ impl Drop for Job {
         }
         if let Some(w) = self.watchdog.take() {
             w.dismiss();
+        }
+        if let Some(d) = self.checkpoint_dir.take() {
+            let _ = std::fs::remove_dir_all(d);
         }
     }
 }
