@@ -234,6 +234,7 @@ fn recovery_worker() {
         println!("FINAL {k} {}", w.to_vec::<f32>().unwrap()[0]);
     }
     println!("RETRIES {retries}");
+    println!("SHM_PARTS {}", kv.shared_memory_parts());
     kv.close().unwrap();
 }
 
@@ -260,7 +261,7 @@ fn a_killed_server_restarts_from_its_checkpoint_and_training_resumes() {
 }
 
 #[test]
-fn recovery_over_shared_memory_falls_back_to_messages_for_the_restarted_server() {
+fn recovery_over_shared_memory_maps_the_restarted_servers_segments_again() {
     recovery("shm");
 }
 
@@ -387,6 +388,12 @@ fn recovery(van: &str) {
     assert!(untouched >= 1, "every key lost rounds");
     eprintln!("rounds lost over all keys: {lost_total}");
     assert!(dir.join("server-1.ckpt").exists() && dir.join("server-0.ckpt").exists());
+    // Over shared memory every key's part has its segment at the end, the
+    // restarted server's included (mapped again after the restart).
+    let want = if van == "shm" { RECOVERY_KEYS } else { 0 };
+    for o in &outs {
+        assert!(o.contains(&format!("SHM_PARTS {want}\n")), "{o}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -289,23 +289,70 @@ impl DistStore {
             opts,
         });
         // A restarted server has none of the shared segments of the old
-        // process: the parts it holds go back to plain messages.
+        // process: the parts it holds go back to plain messages at once,
+        // and a thread maps the new server's segments (its requests wait
+        // until the server has loaded its checkpoint), part by part.
         let weak = Arc::downgrade(&store);
         store.po.watch_nodes(Arc::new(move |change| {
             let (NodeChange::Restarted(id), Some(me)) = (change, weak.upgrade()) else {
                 return;
             };
-            if let Some((Role::Server, rank)) = role_rank(id) {
-                for (_, dk) in me.keys.all() {
-                    let mut segs = dk.segs.write();
-                    for (i, p) in dk.parts.iter().enumerate() {
-                        if p.server == rank {
-                            if let Some(s) = segs.get_mut(i) {
-                                *s = None;
-                            }
+            let Some((Role::Server, rank)) = role_rank(id) else {
+                return;
+            };
+            for (_, dk) in me.keys.all() {
+                let mut segs = dk.segs.write();
+                for (i, p) in dk.parts.iter().enumerate() {
+                    if p.server == rank {
+                        if let Some(s) = segs.get_mut(i) {
+                            *s = None;
                         }
                     }
                 }
+            }
+            if !(me.sync && me.opts.shm_direct) {
+                return;
+            }
+            let weak = weak.clone();
+            let spawned = std::thread::Builder::new()
+                .name("pskv-shm-reopen".into())
+                .spawn(move || {
+                    // The link to the new process comes with the next
+                    // request for one of its keys: wait for it (the van
+                    // says whether segments can be shared at all).
+                    let server = pskv_transport::Role::Server.id_of(rank);
+                    let mut waited = Duration::ZERO;
+                    let keys = loop {
+                        let Some(me) = weak.upgrade() else { return };
+                        if me.po.van_to(server).is_some() {
+                            break me.keys.all();
+                        }
+                        if waited > me.opts.timeout {
+                            tracing::warn!(
+                                "server {rank} restarted but was not reached within {:?}; its keys keep plain messages",
+                                me.opts.timeout
+                            );
+                            return;
+                        }
+                        drop(me);
+                        std::thread::sleep(Duration::from_millis(20));
+                        waited += Duration::from_millis(20);
+                    };
+                    for (_, dk) in keys {
+                        let Some(me) = weak.upgrade() else { return };
+                        let fresh = me.map_segments(&dk, |p| p.server == rank);
+                        let mut segs = dk.segs.write();
+                        for (i, seg) in fresh.into_iter().enumerate() {
+                            if dk.parts[i].server == rank && seg.is_some() {
+                                if let Some(s) = segs.get_mut(i) {
+                                    *s = seg;
+                                }
+                            }
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("server {rank} restarted; its keys keep plain messages ({e})");
             }
         }));
         Ok(store)
@@ -651,11 +698,23 @@ impl DistStore {
     /// (sync mode, `PSKV_KVSTORE_SHM` not 0). A part whose segment cannot be
     /// had keeps the message path.
     fn open_segments(&self, dk: &DistKey) {
+        let segs = self.map_segments(dk, |_| true);
+        *dk.segs.write() = segs;
+    }
+
+    /// Maps the shared segments of the key's parts that `want` names, on
+    /// co-located servers (None for the others, and where one cannot be
+    /// had: the reason is logged).
+    fn map_segments(
+        &self,
+        dk: &DistKey,
+        want: impl Fn(&Part) -> bool,
+    ) -> Vec<Option<Arc<Segment>>> {
         let mut segs = vec![None; dk.parts.len()];
         if self.sync && self.opts.shm_direct {
             let slots = self.po.num_workers() as usize + 1;
             let ub = dk.unit * dk.local.meta.dtype.size();
-            for (i, p) in dk.parts.iter().enumerate() {
+            for (i, p) in dk.parts.iter().enumerate().filter(|(_, p)| want(p)) {
                 let server = pskv_transport::Role::Server.id_of(p.server);
                 if self.po.van_to(server) != Some("shm") {
                     continue;
@@ -680,7 +739,7 @@ impl DistStore {
                 }
             }
         }
-        *dk.segs.write() = segs;
+        segs
     }
 
     /// A weak handle for ops (an op must not keep the store alive).
