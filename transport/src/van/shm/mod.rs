@@ -367,6 +367,58 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// Whatever a hostile peer writes into the ring (records of any
+        /// flags and lengths, heap descriptors, bitmap bits, an impossible
+        /// head), the reader returns frames or an error: no panic, no read
+        /// outside the mapping, no hang (the link is closed, so waits end).
+        #[test]
+        fn hostile_ring_contents_are_frames_or_errors(
+            records in proptest::collection::vec(
+                (0u8..6, 0usize..400, proptest::collection::vec(proptest::prelude::any::<u8>(), 0..48)),
+                1..10,
+            ),
+            head in 0u64..(1 << 17),
+            bits in proptest::prelude::any::<u64>(),
+            raw in proptest::prelude::any::<u64>(),
+        ) {
+            let (p, mut c, link) = pair(1 << 16, 256 << 10);
+            link.close("a test of hostile contents");
+            let mut at = 0usize;
+            for (kind, len, body) in &records {
+                let word = match kind {
+                    0 => *len as u64,
+                    1 => *len as u64 | ring::CONT,
+                    2 => heap::DESCRIPTOR as u64 | ring::HEAP_FLAG,
+                    3 => ring::WRAP,
+                    4 => *len as u64 | ring::HEAP_FLAG,
+                    _ => raw,
+                };
+                p.scribble(at, &word.to_le_bytes(), bits);
+                let body: Vec<u8> = if *kind == 2 {
+                    // A descriptor: offset and length from the body's bytes.
+                    let off = (body.first().copied().unwrap_or(0) as usize) * heap::BLOCK;
+                    heap::descriptor(off, *len * 97).to_vec()
+                } else {
+                    body.clone()
+                };
+                p.scribble(at + 8, &body, bits);
+                at += (8 + body.len().max(*len)).next_multiple_of(64);
+            }
+            p.corrupt_head(head);
+            for _ in 0..32 {
+                match c.next(&link) {
+                    Ok(b) => {
+                        let _ = parse(b, &Limits::default());
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
     #[test]
     fn corrupt_indices_are_an_error_not_a_crash() {
         let (mut p, mut c, link) = pair(1 << 16, 0);

@@ -65,8 +65,8 @@ const CLOSED: usize = 320;
 
 const LEN_MASK: u64 = (1 << 48) - 1;
 pub(super) const HEAP_FLAG: u64 = 1 << 61;
-const CONT: u64 = 1 << 62;
-const WRAP: u64 = 1 << 63;
+pub(super) const CONT: u64 = 1 << 62;
+pub(super) const WRAP: u64 = 1 << 63;
 
 /// Frames above a record's size travel in chunks of about this size
 /// (pipelined copies).
@@ -667,6 +667,18 @@ impl Producer {
     /// Scribbles the consumer's index (tests of a hostile peer).
     pub(super) fn corrupt_tail(&self, v: u64) {
         self.ring.u64_at(TAIL).store(v, Ordering::SeqCst);
+    }
+
+    /// Writes raw bytes into the ring's data at `at` (modulo its size) and
+    /// sets a heap bitmap word, as a hostile peer might.
+    pub(super) fn scribble(&self, at: usize, bytes: &[u8], bitmap: u64) {
+        for (i, b) in bytes.iter().enumerate() {
+            // SAFETY: inside the ring's data (modulo its size).
+            unsafe { self.ring.data().add((at + i) % self.ring.cap).write(*b) };
+        }
+        if self.ring.heap > 0 {
+            self.ring.bitmap(0).store(bitmap, Ordering::SeqCst);
+        }
     }
 
     /// Publishes a record as a hostile peer might.
