@@ -206,23 +206,25 @@ impl LrScheduler {
                 .ok_or_else(|| bad(format!("'{p}': expected name=value")))?;
             pairs.push((k.trim().to_string(), v.trim().to_string()));
         }
-        let num = |name: &str| -> Result<Option<f64>> {
+        // The last value given for `name`.
+        let raw = |name: &str| {
             pairs
                 .iter()
                 .rev()
                 .find(|(k, _)| k == name)
-                .map(|(_, v)| {
+                .map(|(_, v)| v.as_str())
+        };
+        let num = |name: &str| -> Result<Option<f64>> {
+            raw(name)
+                .map(|v| {
                     v.parse::<f64>()
                         .map_err(|_| bad(format!("{name}: '{v}' is not a number")))
                 })
                 .transpose()
         };
         let count = |name: &str| -> Result<Option<u64>> {
-            pairs
-                .iter()
-                .rev()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| {
+            raw(name)
+                .map(|v| {
                     v.parse::<u64>()
                         .map_err(|_| bad(format!("{name}: '{v}' is not a whole number")))
                 })
@@ -277,12 +279,8 @@ impl LrScheduler {
                 s
             }
             _ => {
-                let steps = pairs
-                    .iter()
-                    .rev()
-                    .find(|(k, _)| k == "step")
+                let steps = raw("step")
                     .ok_or_else(|| bad("step is required".into()))?
-                    .1
                     .split(':')
                     .map(|x| {
                         x.trim()
@@ -298,8 +296,7 @@ impl LrScheduler {
         }
         let steps = count("warmup_steps")?.unwrap_or(0);
         let begin = num("warmup_begin_lr")?.unwrap_or(0.0);
-        let mode = pairs.iter().rev().find(|(k, _)| k == "warmup_mode");
-        s.warmup = match mode.map(|(_, m)| m.as_str()) {
+        s.warmup = match raw("warmup_mode") {
             None | Some("linear") => (steps > 0).then_some(Warmup {
                 steps,
                 begin_lr: begin,
