@@ -234,6 +234,14 @@ fn recovery_worker() {
         println!("FINAL {k} {}", w.to_vec::<f32>().unwrap()[0]);
     }
     println!("RETRIES {retries}");
+    // Over shared memory, the restarted server's segments are mapped again
+    // in the background: give that a moment before reporting.
+    if std::env::var("PSKV_VAN").as_deref() == Ok("shm") {
+        let until = Instant::now() + Duration::from_secs(10);
+        while kv.shared_memory_parts() < RECOVERY_KEYS as usize && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     println!("SHM_PARTS {}", kv.shared_memory_parts());
     kv.close().unwrap();
 }

@@ -147,6 +147,19 @@ impl Segment {
         &self.path
     }
 
+    /// A 16-bit tag of this segment (never 0), from its file name, which
+    /// holds a random part: requests name the segment they used, so a
+    /// server that restarted refuses a request meant for its old self's
+    /// segment instead of reading a fresh slot.
+    pub(crate) fn tag(&self) -> u16 {
+        // FNV-1a over the path's bytes.
+        let mut h: u32 = 0x811c_9dc5;
+        for b in self.path.as_os_str().as_encoded_bytes() {
+            h = (h ^ *b as u32).wrapping_mul(0x0100_0193);
+        }
+        ((h ^ (h >> 16)) as u16).max(1)
+    }
+
     /// A slot's first byte.
     ///
     /// # Panics
@@ -220,5 +233,18 @@ mod tests {
         s[0] = 1;
         drop(a);
         assert_eq!(unsafe { b.slot(0) }[0], 1);
+    }
+
+    /// Both ends of a segment agree on its tag, and segments made one
+    /// after the other (a server and its restarted self) differ.
+    #[test]
+    fn tags_name_a_segment() {
+        let a = Segment::create(2, 8).unwrap();
+        let b = Segment::open(a.path(), 2, 8).unwrap();
+        assert_eq!(a.tag(), b.tag());
+        assert_ne!(a.tag(), 0);
+        let tags: std::collections::HashSet<u16> =
+            (0..20).map(|_| Segment::create(2, 8).unwrap().tag()).collect();
+        assert!(tags.len() >= 19, "{tags:?}");
     }
 }

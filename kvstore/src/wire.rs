@@ -64,6 +64,8 @@ pub(crate) struct Head {
     pub(crate) sync: bool,
     pub(crate) multi_precision: bool,
     pub(crate) shm: bool,
+    /// With `shm`: the tag of the segment the worker used (`Segment::tag`).
+    pub(crate) shm_tag: u16,
 }
 
 impl Head {
@@ -74,11 +76,13 @@ impl Head {
             | ((self.sync as i32) << 10)
             | ((self.multi_precision as i32) << 11)
             | ((self.shm as i32) << 12)
+            | ((self.shm_tag as u32) << 16) as i32
     }
 
     pub(crate) fn decode(cmd: i32) -> std::result::Result<Head, String> {
-        if cmd < 0 || cmd >> 13 != 0 {
-            return Err(format!("request head {cmd:#x} has unknown bits set"));
+        let bits = cmd as u32;
+        if (bits >> 13) & 0x7 != 0 {
+            return Err(format!("request head {bits:#x} has unknown bits set"));
         }
         let op = match cmd & 0xf {
             1 => Op::Init,
@@ -103,6 +107,7 @@ impl Head {
             sync: cmd & (1 << 10) != 0,
             multi_precision: cmd & (1 << 11) != 0,
             shm: cmd & (1 << 12) != 0,
+            shm_tag: (bits >> 16) as u16,
         })
     }
 }
@@ -277,6 +282,7 @@ mod tests {
                         sync: compression == 1,
                         multi_precision: dtype == DType::F16,
                         shm: compression == 2,
+                        shm_tag: if compression == 2 { 0xfffe } else { 0 },
                     };
                     assert_eq!(Head::decode(h.encode()), Ok(h));
                 }

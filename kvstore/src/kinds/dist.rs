@@ -26,7 +26,7 @@
 //! answer writes into a tensor that the next op may already own.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -246,6 +246,10 @@ pub(crate) struct DistStore {
     /// Failures already reported to a caller by `dist_key` (the last few):
     /// `close` does not report them a second time.
     reported: Mutex<Vec<Arc<pskv_engine::OpFailure>>>,
+    /// Per server rank, how many times it restarted: a thread mapping a
+    /// restarted server's segments installs them only if no later restart
+    /// happened meanwhile.
+    restarts: Vec<AtomicU64>,
     me: Weak<DistStore>,
 }
 
@@ -276,6 +280,7 @@ impl DistStore {
             server_opt: AtomicBool::new(false),
             watchdog: Watchdog::start(opts.timeout),
             reported: Mutex::new(Vec::new()),
+            restarts: (0..po.num_servers()).map(|_| AtomicU64::new(0)).collect(),
             engine,
             comm,
             po,
@@ -300,6 +305,9 @@ impl DistStore {
             let Some((Role::Server, rank)) = role_rank(id) else {
                 return;
             };
+            let Some(epoch) = me.restarts.get(rank as usize).map(|r| r.fetch_add(1, Ordering::AcqRel) + 1) else {
+                return;
+            };
             for (_, dk) in me.keys.all() {
                 let mut segs = dk.segs.write();
                 for (i, p) in dk.parts.iter().enumerate() {
@@ -317,13 +325,20 @@ impl DistStore {
             let spawned = std::thread::Builder::new()
                 .name("pskv-shm-reopen".into())
                 .spawn(move || {
-                    // The link to the new process comes with the next
-                    // request for one of its keys: wait for it (the van
-                    // says whether segments can be shared at all).
+                    // Wait for the link to the new process (workers connect
+                    // to it as they learn of it); its van says whether
+                    // segments can be shared at all.
                     let server = pskv_transport::Role::Server.id_of(rank);
                     let mut waited = Duration::ZERO;
+                    let current = |me: &DistStore| {
+                        me.restarts[rank as usize].load(Ordering::Acquire) == epoch
+                            && !me.watchdog.stop.load(Ordering::Acquire)
+                    };
                     let keys = loop {
                         let Some(me) = weak.upgrade() else { return };
+                        if !current(&me) {
+                            return;
+                        }
                         if me.po.van_to(server).is_some() {
                             break me.keys.all();
                         }
@@ -342,6 +357,12 @@ impl DistStore {
                         let Some(me) = weak.upgrade() else { return };
                         let fresh = me.map_segments(&dk, |p| p.server == rank);
                         let mut segs = dk.segs.write();
+                        // Subtle: checked under the lock the restart
+                        // callback clears segments under, so segments of a
+                        // process that has died since are never installed.
+                        if !current(&me) {
+                            return;
+                        }
                         for (i, seg) in fresh.into_iter().enumerate() {
                             if dk.parts[i].server == rank && seg.is_some() {
                                 if let Some(s) = segs.get_mut(i) {
@@ -366,6 +387,7 @@ impl DistStore {
             sync: self.sync,
             multi_precision: self.server_mp.load(Ordering::Acquire),
             shm: false,
+            shm_tag: 0,
         }
     }
 
@@ -377,8 +399,8 @@ impl DistStore {
     }
 
     /// Sends one request per part of `parts` (indices into the key's
-    /// parts). `prepare(i)` gives part `i`'s values and whether they travel
-    /// through its shared slot; it runs just before the part is sent, so a
+    /// parts). `prepare(i)` gives part `i`'s values and, if they travel
+    /// through its shared slot, the segment's tag (0: they do not); it runs just before the part is sent, so a
     /// part's copy overlaps the transfer of the ones before.
     /// `on_answer(i, response)` stores what comes back.
     #[allow(clippy::too_many_arguments)]
@@ -390,7 +412,7 @@ impl DistStore {
         priority: i32,
         completion: Completion,
         op_name: &'static str,
-        mut prepare: impl FnMut(usize) -> std::result::Result<(Bytes, bool), String>,
+        mut prepare: impl FnMut(usize) -> std::result::Result<(Bytes, u16), String>,
         on_answer: OnAnswer,
     ) {
         if parts.is_empty() {
@@ -407,14 +429,18 @@ impl DistStore {
         self.watchdog.add(&inf);
         for &i in parts {
             let part = dk.parts[i];
-            let (payload, shm) = match prepare(i) {
+            let (payload, shm_tag) = match prepare(i) {
                 Ok(x) => x,
                 Err(e) => {
                     inf.part_done(Err(TransportError::Invalid(e)), |_| Ok(()));
                     continue;
                 }
             };
-            let h = Head { shm, ..head };
+            let h = Head {
+                shm: shm_tag != 0,
+                shm_tag,
+                ..head
+            };
             let opts = self.request_opts(h, priority);
             let (inf2, cb) = (inf.clone(), on_answer.clone());
             let done = move |r: std::result::Result<KvResponse, TransportError>| {
@@ -455,7 +481,7 @@ impl DistStore {
         compression: Compression,
         seg: Option<&Arc<Segment>>,
         i: usize,
-    ) -> std::result::Result<(Bytes, bool), String> {
+    ) -> std::result::Result<(Bytes, u16), String> {
         // SAFETY: called inside an op that reads `grad` (T1).
         let d = unsafe { grad.data() };
         let size = dk.local.meta.dtype.size();
@@ -468,7 +494,7 @@ impl DistStore {
             let rel: Vec<i64> = d.rows[lo..hi].iter().map(|r| r - p.start as i64).collect();
             let mut v = rows_header(&rel, dk.unit);
             v.extend_from_slice(&d.bytes()[lo * rb..hi * rb]);
-            return Ok((Bytes::from(v), false));
+            return Ok((Bytes::from(v), 0));
         }
         let range = p.start * dk.unit..(p.start + p.len) * dk.unit;
         if compression.is_on() {
@@ -479,7 +505,7 @@ impl DistStore {
             }
             return compression
                 .encode(&self.comm.kernels, &grad[range.clone()], &mut res[range])
-                .map(|b| (b, false))
+                .map(|b| (b, 0))
                 .map_err(|e| e.to_string());
         }
         let bytes = &d.bytes()[p.start * ub..(p.start + p.len) * ub];
@@ -488,9 +514,9 @@ impl DistStore {
                 // SAFETY: this worker's own slot, which the server reads
                 // only after the push below (see `shm`).
                 unsafe { seg.slot_mut(self.po.my_rank() as usize) }.copy_from_slice(bytes);
-                Ok((Bytes::new(), true))
+                Ok((Bytes::new(), seg.tag()))
             }
-            None => Ok((d.share(p.start * ub..(p.start + p.len) * ub), false)),
+            None => Ok((d.share(p.start * ub..(p.start + p.len) * ub), 0)),
         }
     }
 
@@ -605,7 +631,7 @@ impl DistStore {
                 priority,
                 completion,
                 "pull",
-                |i| Ok((Bytes::new(), segs[i].is_some())),
+                |i| Ok((Bytes::new(), segs[i].as_ref().map_or(0, |s| s.tag()))),
                 on_answer,
             );
         })?;
@@ -683,7 +709,7 @@ impl DistStore {
                 priority,
                 completion,
                 "pull_row_sparse",
-                |i| Ok((bodies[i].take().unwrap_or_default(), false)),
+                |i| Ok((bodies[i].take().unwrap_or_default(), 0)),
                 Arc::new(move |i, resp| {
                     let _keep = &keep;
                     check_len(resp, counts[i] * rb)?;
@@ -841,7 +867,7 @@ impl DistStore {
                 0,
                 completion,
                 "init",
-                |i| Ok((bodies[i].take().unwrap_or_default(), false)),
+                |i| Ok((bodies[i].take().unwrap_or_default(), 0)),
                 Arc::new(|_, _| Ok(())),
             );
         })?;

@@ -290,8 +290,27 @@ impl EntryState {
         }
     }
 
+    /// Whether a shared-memory request names this entry's segment: a
+    /// request prepared for the segment of a server process that has since
+    /// been restarted must fail (the worker maps the new one and sends
+    /// again), not read this one's slot.
+    pub(crate) fn check_shm(&self, head: &Head) -> Result<(), String> {
+        match &self.shm {
+            Some(seg) if seg.tag() == head.shm_tag => Ok(()),
+            Some(_) => Err(format!(
+                "{}: a shared-memory request for another segment of this key (this server restarted since the worker mapped it); sending again",
+                self.name()
+            )),
+            None => Err(format!(
+                "{}: a shared-memory request, but the key has no segment (open it first)",
+                self.name()
+            )),
+        }
+    }
+
     /// The push of worker `rank` in its slot, as bytes.
-    pub(crate) fn shm_input(&self, rank: usize) -> Result<Bytes, String> {
+    pub(crate) fn shm_input(&self, head: &Head, rank: usize) -> Result<Bytes, String> {
+        self.check_shm(head)?;
         match &self.shm {
             Some(seg) if rank < self.workers => {
                 Ok(Bytes::from_owner(SlotView(seg.clone(), rank)).slice(0..self.nbytes))
@@ -301,11 +320,6 @@ impl EntryState {
                 self.name()
             )),
         }
-    }
-
-    /// Whether the value lives in a segment.
-    pub(crate) fn has_shm(&self) -> bool {
-        self.shm.is_some()
     }
 
     /// The stored value's bytes, to overwrite or change (a copy first if

@@ -609,7 +609,7 @@ impl Inner {
                 Op::Push | Op::PushPull | Op::RowPush => {
                     // A shared-memory push is in the worker's slot.
                     let vals = if head.shm {
-                        match st.shm_input(rank) {
+                        match st.shm_input(&head, rank) {
                             Ok(v) => {
                                 st.shm_mapped(rank);
                                 v
@@ -631,17 +631,13 @@ impl Inner {
                         }
                     }
                 }
-                Op::Pull if head.shm => {
-                    if st.has_shm() {
+                Op::Pull if head.shm => match st.check_shm(&head) {
+                    Ok(()) => {
                         st.shm_mapped(rank);
                         answer(Ok(Some(Bytes::new())))
-                    } else {
-                        answer(Err(format!(
-                            "{}: no shared segment to pull from",
-                            st.name()
-                        )))
                     }
-                }
+                    Err(e) => answer(Err(e)),
+                },
                 Op::Pull => answer(Ok(Some(st.snapshot()))),
                 Op::RowPull => answer(row_pull(&st, &vals).map(Some)),
                 Op::ShmOpen => answer(st.open_shm(rank).map(|p| Some(Bytes::from(p)))),
