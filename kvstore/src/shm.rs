@@ -243,8 +243,9 @@ mod tests {
         let b = Segment::open(a.path(), 2, 8).unwrap();
         assert_eq!(a.tag(), b.tag());
         assert_ne!(a.tag(), 0);
-        let tags: std::collections::HashSet<u16> =
-            (0..20).map(|_| Segment::create(2, 8).unwrap().tag()).collect();
+        let tags: std::collections::HashSet<u16> = (0..20)
+            .map(|_| Segment::create(2, 8).unwrap().tag())
+            .collect();
         assert!(tags.len() >= 19, "{tags:?}");
     }
 }

@@ -44,6 +44,7 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
@@ -451,7 +452,8 @@ impl Spawner {
                     "-o",
                     "StrictHostKeyChecking=no",
                     h,
-                    // Through sh, whatever the remote login shell is.
+                    // Through sh: the login shell only has to run one
+                    // `sh -c '...'` (any POSIX-like shell can).
                     &format!("sh -c {}", sh_quote(&script)),
                 ]);
                 c
@@ -540,16 +542,34 @@ impl Job {
         }
         // A restarted server needs its checkpoint: one directory per job
         // unless the caller named one.
+        // (An empty value means none, as the servers read it; remote
+        // servers see only what `env` forwards, not this process's
+        // environment.)
         let mut checkpoint_dir = None;
-        let has_dir = env.iter().any(|(k, _)| k == "PSKV_CHECKPOINT_DIR")
-            || std::env::var_os("PSKV_CHECKPOINT_DIR").is_some();
+        let given = |v: &str| !v.is_empty();
+        let has_dir = env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PSKV_CHECKPOINT_DIR")
+            .map(|(_, v)| given(v))
+            .unwrap_or_else(|| {
+                !remote && std::env::var("PSKV_CHECKPOINT_DIR").is_ok_and(|v| given(&v))
+            });
         if spec.server_restarts > 0 && !has_dir {
             if remote {
-                return Err("--restart-servers with the ssh launcher needs --env PSKV_CHECKPOINT_DIR=DIR (a directory every host has)".into());
+                return Err("--restart-servers with the ssh launcher needs --env PSKV_CHECKPOINT_DIR=DIR (a directory on each server's host)".into());
             }
-            let dir = std::env::temp_dir()
-                .join(format!("pskv-checkpoints-{}-{port}", std::process::id()));
-            std::fs::create_dir_all(&dir)
+            // A fresh directory only this user can read (checkpoints hold
+            // the model), with an unguessable name; an existing path is an
+            // error, never reused.
+            let dir = std::env::temp_dir().join(format!(
+                "pskv-checkpoints-{}-{}",
+                std::process::id(),
+                &random_token()?[..16]
+            ));
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
                 .map_err(|e| format!("creating the checkpoint directory {}: {e}", dir.display()))?;
             env.push(("PSKV_CHECKPOINT_DIR".into(), dir.display().to_string()));
             checkpoint_dir = Some(dir);
@@ -568,10 +588,19 @@ impl Job {
             },
             servers: spec.servers,
         };
+        let watchdog = match Watchdog::start(&exe) {
+            Ok(w) => w,
+            Err(e) => {
+                if let Some(d) = &checkpoint_dir {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+                return Err(e);
+            }
+        };
         let mut job = Job {
             members: Vec::new(),
             torn_down: false,
-            watchdog: Some(Watchdog::start(&exe)?),
+            watchdog: Some(watchdog),
             spawner,
             restarts_left: spec.server_restarts,
             checkpoint_dir,
@@ -646,7 +675,17 @@ impl Job {
                     && matches!(m.role, Role::Server(_))
                     && m.status.is_some_and(|s| !s.success())
             });
-            if let (Some(i), true, true) = (dead_server, self.restarts_left > 0, workers_left) {
+            let others_failed = self.members.iter().any(|m| {
+                !m.replaced
+                    && !matches!(m.role, Role::Server(_))
+                    && m.status.is_some_and(|s| !s.success())
+            });
+            if let (Some(i), true, true, false) = (
+                dead_server,
+                self.restarts_left > 0,
+                workers_left,
+                others_failed,
+            ) {
                 let (role, pid, st) = {
                     let m = &mut self.members[i];
                     m.replaced = true;
