@@ -99,6 +99,13 @@ SCHEDULES = [
     # begin_num_update: counts (Adam's t too) start there.
     ("adam", dict(learning_rate=0.01, begin_num_update=5), "FactorScheduler",
      dict(step=4, factor=0.5), [0, 0, 1, 0, 1, 1]),
+    # No learning_rate: SGD, NAG and AdaGrad keep the scheduler's base_lr;
+    # Adam's default 0.001 overrides it.
+    ("sgd", dict(momentum=0.9), "FactorScheduler",
+     dict(step=2, factor=0.5, base_lr=0.3), [0] * 7),
+    ("adagrad", dict(), "MultiFactorScheduler", dict(step=[2, 4], factor=0.5, base_lr=0.2),
+     [0] * 6),
+    ("adam", dict(), "FactorScheduler", dict(step=2, factor=0.5, base_lr=0.3), [0] * 6),
 ]
 
 

@@ -274,7 +274,15 @@ pub unsafe extern "C" fn pskv_set_optimizer(
                 .split_once('=')
                 .ok_or_else(|| arg(format!("optimizer parameter '{p}': expected name=value")))?;
             if k.trim() == "lr_scheduler" {
-                scheduler = Some(pskv_kvstore::LrScheduler::parse(v).map_err(kv_err)?);
+                if scheduler.is_some() {
+                    return Err(arg("lr_scheduler is given twice"));
+                }
+                let s = pskv_kvstore::LrScheduler::parse(v).map_err(|e| {
+                    arg(format!(
+                        "{e} (inside KIND(...), separate arguments with ';' and list steps with ':')"
+                    ))
+                })?;
+                scheduler = Some(s);
                 continue;
             }
             let v: f64 = v
@@ -283,11 +291,11 @@ pub unsafe extern "C" fn pskv_set_optimizer(
                 .map_err(|_| arg(format!("optimizer parameter '{p}': not a number")))?;
             pairs.push((k.trim(), v));
         }
-        let mut opt = Optimizer::create(name, &pairs).map_err(kv_err)?;
-        if let Some(s) = scheduler {
-            opt = opt.lr_scheduler(s);
-            opt.validate().map_err(kv_err)?;
+        let opt = match scheduler {
+            Some(s) => Optimizer::create_scheduled(name, &pairs, s),
+            None => Optimizer::create(name, &pairs),
         }
+        .map_err(kv_err)?;
         h.kv.set_optimizer(opt).map_err(kv_err)
     })
 }
@@ -406,9 +414,33 @@ mod tests {
             assert_eq!(w, [-3.25]);
             assert_eq!(
                 pskv_set_optimizer(kv, c"sgd".as_ptr(), c"lr_scheduler=factor(step=0)".as_ptr()),
-                PSKV_ERR_KVSTORE
+                PSKV_ERR_ARGUMENT
             );
             assert!(last().contains("step must be at least 1"), "{}", last());
+            // Without a learning rate, SGD takes the scheduler's base_lr
+            // (as MXNet's create('sgd', lr_scheduler=...) does).
+            assert_eq!(
+                pskv_set_optimizer(
+                    kv,
+                    c"sgd".as_ptr(),
+                    c"lr_scheduler=factor(step=100;base_lr=0.25)".as_ptr()
+                ),
+                PSKV_OK
+            );
+            assert_eq!(pskv_init(kv, 10, [0.0f32].as_ptr(), 1), PSKV_OK);
+            assert_eq!(
+                pskv_pushpull(kv, 10, [1.0f32].as_ptr(), w.as_mut_ptr(), 1, 0),
+                PSKV_OK
+            );
+            assert_eq!(w, [-0.25]);
+            assert_eq!(
+                pskv_set_optimizer(
+                    kv,
+                    c"sgd".as_ptr(),
+                    c"lr_scheduler=factor(step=1),lr_scheduler=cosine(max_update=3)".as_ptr()
+                ),
+                PSKV_ERR_ARGUMENT
+            );
             assert_eq!(pskv_free(kv), PSKV_OK);
             assert_eq!(pskv_free(std::ptr::null_mut()), PSKV_OK);
 

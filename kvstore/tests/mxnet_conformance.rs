@@ -186,15 +186,20 @@ fn scheduler_of(c: &Value) -> LrScheduler {
 fn scheduled_updates_match_mxnet_to_the_bit() {
     let doc = fixture();
     let runs = doc["schedules"].as_array().unwrap();
-    assert!(runs.len() >= 8);
+    assert!(runs.len() >= 11);
     let mut report = Vec::new();
     for c in runs {
-        let opt = optimizer_of(&serde_json::json!({
-            "optimizer": c["optimizer"],
-            "params": c["params"],
-            "key": 0,
-        }))
-        .lr_scheduler(scheduler_of(c));
+        // As mx.optimizer.create(name, lr_scheduler=s, **params).
+        let params: Vec<(String, f64)> = c["params"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+            .collect();
+        let refs: Vec<(&str, f64)> = params.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        let opt =
+            Optimizer::create_scheduled(c["optimizer"].as_str().unwrap(), &refs, scheduler_of(c))
+                .unwrap();
         let mut weights: std::collections::HashMap<
             u64,
             (Vec<f32>, Option<pskv_kvstore::OptState>),

@@ -449,8 +449,8 @@ impl Flavor for LocalStore {
     }
 
     fn set_optimizer_states(&self, states: Vec<(Key, OptState)>) -> Result<()> {
-        let generation = match &*self.rule.read() {
-            Some(Rule::Optimizer { generation, .. }) => *generation,
+        let (generation, opt) = match &*self.rule.read() {
+            Some(Rule::Optimizer { generation, opt }) => (*generation, opt.clone()),
             _ => {
                 return Err(KvError::invalid(
                     "load_optimizer_states needs an optimizer: set_optimizer first",
@@ -476,6 +476,7 @@ impl Flavor for LocalStore {
         }
         self.engine.wait_for_all()?;
         for (e, s) in found {
+            opt.note_count(s.count);
             *e.state.lock() = KeyState {
                 generation,
                 state: Some(s),

@@ -100,13 +100,15 @@ pub struct Optimizer {
     /// Weight-decay multiplier per key id.
     pub wd_mult: BTreeMap<u64, f64>,
     /// The learning rate by update count, if not constant.
+    #[serde(default)]
     pub lr_scheduler: Option<LrScheduler>,
     /// Where update counts start (MXNet's `begin_num_update`): Adam's `t`
     /// and the scheduler's `num_update` count from it.
+    #[serde(default)]
     pub begin_num_update: u64,
-    /// The most updates of any key so far, and the scheduler's memo (not
-    /// part of the optimizer's description: not sent, not compared, and a
-    /// clone starts from the original's values).
+    /// The most updates of any key so far, and the scheduler's memo: not
+    /// part of the optimizer's description (not sent, not compared), and a
+    /// clone, like a copy sent to a server, starts afresh.
     #[serde(skip)]
     progress: Progress,
 }
@@ -116,7 +118,7 @@ pub struct Optimizer {
 #[derive(Debug, Default)]
 struct Progress {
     num_update: std::sync::atomic::AtomicU64,
-    memo: parking_lot::Mutex<(u64, f64)>,
+    memo: parking_lot::Mutex<schedule::Memo>,
 }
 
 impl Progress {
@@ -131,11 +133,7 @@ impl Progress {
 
 impl Clone for Progress {
     fn clone(&self) -> Progress {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        Progress {
-            num_update: AtomicU64::new(self.num_update.load(Ordering::Relaxed)),
-            memo: parking_lot::Mutex::new(*self.memo.lock()),
-        }
+        Progress::default()
     }
 }
 
@@ -240,16 +238,49 @@ impl Optimizer {
         self
     }
 
-    /// Sets a learning-rate scheduler (MXNet's `lr_scheduler`).
+    /// Sets a learning-rate scheduler (MXNet's `lr_scheduler`). The
+    /// optimizer's learning rate plays MXNet's `learning_rate=`: Factor and
+    /// MultiFactor decay from it (see [`schedule`]). For MXNet's
+    /// `create('sgd', lr_scheduler=s)` without a learning rate, see
+    /// [`Optimizer::create_scheduled`].
     pub fn lr_scheduler(mut self, s: LrScheduler) -> Optimizer {
         self.lr_scheduler = Some(s);
+        self.progress = Progress::default();
         self
     }
 
     /// Sets where update counts start (MXNet's `begin_num_update`).
     pub fn begin_num_update(mut self, n: u64) -> Optimizer {
         self.begin_num_update = n;
+        self.progress = Progress::default();
         self
+    }
+
+    /// [`Optimizer::create`] with a scheduler, as MXNet's
+    /// `mx.optimizer.create(name, lr_scheduler=s, **params)`: when `params`
+    /// give no learning rate, SGD, NAG and AdaGrad (which have no default
+    /// in MXNet) take the scheduler's `base_lr`; Adam keeps its 0.001.
+    pub fn create_scheduled(
+        name: &str,
+        params: &[(&str, f64)],
+        s: LrScheduler,
+    ) -> Result<Optimizer> {
+        let mut opt = Optimizer::create(name, params)?;
+        let given = params
+            .iter()
+            .any(|(k, _)| *k == "learning_rate" || *k == "lr");
+        if !given && !matches!(opt.method, Method::Adam { .. }) {
+            opt.learning_rate = s.base_lr;
+        }
+        let opt = opt.lr_scheduler(s);
+        opt.validate()?;
+        Ok(opt)
+    }
+
+    /// Counts a key's restored update count into `num_update` (states put
+    /// back from a file or a checkpoint).
+    pub(crate) fn note_count(&self, count: u64) {
+        self.progress.observe(count);
     }
 
     /// The most updates of any key this optimizer has done (MXNet's
@@ -299,7 +330,12 @@ impl Optimizer {
                 "rescale_grad" => opt.rescale_grad(v),
                 "clip_gradient" => opt.clip_gradient(v),
                 "multi_precision" => opt.multi_precision(v != 0.0),
-                "begin_num_update" if v >= 0.0 && v.fract() == 0.0 && v < 2f64.powi(53) => {
+                "begin_num_update" => {
+                    if !(v >= 0.0 && v.fract() == 0.0 && v < 2f64.powi(53)) {
+                        return Err(KvError::invalid(format!(
+                            "optimizer '{name}': begin_num_update = {v} is not a whole number from 0 to 2^53"
+                        )));
+                    }
                     opt.begin_num_update(v as u64)
                 }
                 "momentum" if matches!(opt.method, Method::Sgd { .. } | Method::Nag { .. }) => {
@@ -385,6 +421,9 @@ impl Optimizer {
         }
         if let Some(s) = &self.lr_scheduler {
             s.validate()?;
+        }
+        if self.begin_num_update >= 1 << 62 {
+            return bad("begin_num_update", self.begin_num_update as f64);
         }
         for (what, v) in all {
             if !v.is_finite() {
@@ -803,6 +842,7 @@ impl OptState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use schedule::LrScheduler;
 
     #[test]
     fn sgd_follows_the_formula() {
@@ -818,6 +858,43 @@ mod tests {
         .unwrap();
         assert_eq!(w, vec![0.5, 3.0]);
         assert_eq!(st.unwrap().count, 1);
+    }
+
+    /// A clone, or a new scheduler, starts counting afresh; a changed rate
+    /// is not served from the old rate's memo.
+    #[test]
+    fn schedules_restart_with_a_clone_or_a_new_scheduler() {
+        let step = |o: &Optimizer, st: &mut Option<OptState>| {
+            let mut w = vec![0.0f32];
+            o.update(1, WeightMut::F32(&mut w), GradRef::F32(&[1.0]), st)
+                .unwrap();
+            -w[0]
+        };
+        let o = Optimizer::sgd(1.0).lr_scheduler(LrScheduler::factor(1, 0.5));
+        let mut st = None;
+        let rates: Vec<f32> = (0..3).map(|_| step(&o, &mut st)).collect();
+        assert_eq!(rates, vec![1.0, 0.5, 0.25]);
+        assert_eq!(o.num_update(), 3);
+        let c = o.clone();
+        assert_eq!(c.num_update(), 0);
+        assert_eq!(step(&c, &mut None), 1.0);
+        let o2 = o.lr_scheduler(LrScheduler::factor(1, 0.9));
+        let mut st2 = None;
+        let r2: Vec<f32> = (0..3).map(|_| step(&o2, &mut st2)).collect();
+        assert_eq!(r2, vec![1.0, 0.9, 0.81]);
+        let mut o3 = o2.clone();
+        for _ in 0..3 {
+            step(&o3, &mut None);
+        }
+        o3.learning_rate = 2.0;
+        // Counts 1, then 4 (the restored count says so): 2 * 0.9^3.
+        o3.note_count(3);
+        let mut st3 = Some(OptState {
+            count: 3,
+            bufs: Vec::new(),
+            master: None,
+        });
+        assert_eq!(step(&o3, &mut st3), (2.0f64 * 0.9 * 0.9 * 0.9) as f32);
     }
 
     #[test]

@@ -296,6 +296,13 @@ impl LrScheduler {
         }
         let steps = count("warmup_steps")?.unwrap_or(0);
         let begin = num("warmup_begin_lr")?.unwrap_or(0.0);
+        // MXNet checks this with or without warm-up steps.
+        if begin > s.base_lr {
+            return Err(bad(format!(
+                "warmup_begin_lr {begin} is above base_lr {}",
+                s.base_lr
+            )));
+        }
         s.warmup = match raw("warmup_mode") {
             None | Some("linear") => (steps > 0).then_some(Warmup {
                 steps,
@@ -360,9 +367,10 @@ impl LrScheduler {
                 pwr,
                 final_lr,
             } => {
-                if *max_update <= warm {
+                if *max_update == warm {
+                    // MXNet divides by max_update - warmup_steps.
                     return bad(format!(
-                        "max_update {max_update} must be above the {warm} warm-up steps"
+                        "max_update {max_update} equals the warm-up steps (nothing to decay over)"
                     ));
                 }
                 finite.extend([("pwr", *pwr), ("final_lr", *final_lr)]);
@@ -371,9 +379,10 @@ impl LrScheduler {
                 max_update,
                 final_lr,
             } => {
-                if *max_update <= warm {
+                if *max_update == warm {
+                    // MXNet divides by max_update - warmup_steps.
                     return bad(format!(
-                        "max_update {max_update} must be above the {warm} warm-up steps"
+                        "max_update {max_update} equals the warm-up steps (nothing to decay over)"
                     ));
                 }
                 finite.push(("final_lr", *final_lr));
@@ -393,15 +402,9 @@ impl LrScheduler {
 
     /// The rate MXNet's scheduler returns for `num_update`, in an optimizer
     /// whose learning rate is `opt_lr` and whose counts start at `begin`.
-    /// `memo` caches Factor's last (changes, rate), which it would otherwise
-    /// recompute one multiplication per change.
-    pub(crate) fn lr(
-        &self,
-        num_update: u64,
-        opt_lr: f64,
-        begin: u64,
-        memo: &mut (u64, f64),
-    ) -> f64 {
+    /// `memo` caches Factor's furthest (changes, rate), which it would
+    /// otherwise recompute one multiplication per change.
+    pub(crate) fn lr(&self, num_update: u64, opt_lr: f64, begin: u64, memo: &mut Memo) -> f64 {
         if let Some(w) = self.warmup.filter(|w| num_update < w.steps) {
             return match w.mode {
                 WarmupMode::Linear => {
@@ -421,22 +424,36 @@ impl LrScheduler {
                 // MXNet: while n > count + step: count += step; lr *= factor,
                 // floored at stop_factor_lr.
                 let changes = num_update.saturating_sub(1) / step;
-                if memo.0 > changes || memo.0 == 0 {
-                    *memo = (0, opt_lr);
-                }
-                let (mut k, mut lr) = *memo;
+                // Start from the memo if it is of this rate and not past
+                // `changes` (counts seen out of order do not move it back).
+                let (mut k, mut lr) = match memo.0 {
+                    Some((k, lr, bits)) if bits == opt_lr.to_bits() && k <= changes => (k, lr),
+                    _ => (0, opt_lr),
+                };
+                let stop = *stop_factor_lr;
+                // With these signs a floored rate stays floored, and a factor
+                // of 1 changes nothing: the loop may end at once.
+                let settles = (0.0..=1.0).contains(factor) && stop >= 0.0;
                 while k < changes {
+                    if *factor == 1.0 && lr >= stop {
+                        k = changes;
+                        break;
+                    }
                     lr *= factor;
-                    if lr < *stop_factor_lr {
-                        lr = *stop_factor_lr;
+                    if lr < stop {
+                        lr = stop;
                     }
                     k += 1;
-                    if lr == *stop_factor_lr && *factor <= 1.0 {
-                        // Floored: every later change floors it again.
+                    if settles && lr == stop {
                         k = changes;
                     }
                 }
-                *memo = (k, lr);
+                if memo
+                    .0
+                    .is_none_or(|(mk, _, bits)| k >= mk || bits != opt_lr.to_bits())
+                {
+                    memo.0 = Some((k, lr, opt_lr.to_bits()));
+                }
                 lr
             }
             Decay::MultiFactor { steps, factor } => {
@@ -471,6 +488,11 @@ impl LrScheduler {
     }
 }
 
+/// Factor's furthest computed point: (changes, rate, the optimizer rate's
+/// bits it started from).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Memo(Option<(u64, f64, u64)>);
+
 /// The count whose rate Poly and Cosine return at `n` (past warm-up): `n`
 /// itself up to `max_update`; after it, the last count decayed at, which is
 /// `max_update` if counts from `begin + 1` on reached it past warm-up. None
@@ -491,7 +513,7 @@ mod tests {
     use super::*;
 
     fn lrs(s: &LrScheduler, opt_lr: f64, upto: u64) -> Vec<f64> {
-        let mut memo = (0, 0.0);
+        let mut memo = Memo::default();
         (1..=upto).map(|n| s.lr(n, opt_lr, 0, &mut memo)).collect()
     }
 
@@ -500,7 +522,7 @@ mod tests {
         let s = LrScheduler::factor(2, 0.5).final_lr(0.2);
         assert_eq!(lrs(&s, 1.0, 7), vec![1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.2]);
         // The memo gives the same rates out of order as in order.
-        let mut memo = (0, 0.0);
+        let mut memo = Memo::default();
         assert_eq!(s.lr(5, 1.0, 0, &mut memo), 0.25);
         assert_eq!(s.lr(3, 1.0, 0, &mut memo), 0.5);
         assert_eq!(s.lr(1_000_000_000, 1.0, 0, &mut memo), 0.2);
@@ -522,7 +544,7 @@ mod tests {
         assert_eq!(got[1], 0.5);
         assert_eq!(got[2], 0.5);
         // Never decayed (counts start past max_update): the optimizer's rate.
-        let mut memo = (0, 0.0);
+        let mut memo = Memo::default();
         assert_eq!(c.lr(5, 9.0, 4, &mut memo), 9.0);
     }
 
@@ -543,7 +565,10 @@ mod tests {
             ("factor(step=2;factor=2)", "above 1"),
             ("factor(step=2;pwr=2)", "no argument 'pwr'"),
             ("multifactor(step=5:3)", "increasing"),
-            ("poly(max_update=3;warmup_steps=3)", "above the 3 warm-up"),
+            (
+                "poly(max_update=3;warmup_steps=3)",
+                "equals the warm-up steps",
+            ),
             ("cosine(max_update=x)", "not a whole number"),
             (
                 "cosine(max_update=9;warmup_mode=sideways)",

@@ -18,8 +18,9 @@
 //! the file. Each key is consistent on its own (value and optimizer state
 //! of the same round); different keys may come back at different rounds.
 //!
-//! File: `PSKVCKP1`, a postcard body (`File`), then the FNV-1a 64 hash of
-//! the body, little-endian. A file that fails the magic, the hash, the rank
+//! File: `PSKVCKP2`, a postcard body (`File`), then the FNV-1a 64 hash of
+//! the body, little-endian. (Version 2 added the optimizer's scheduler and
+//! `begin_num_update`; a version 1 file is refused as not a checkpoint.) A file that fails the magic, the hash, the rank
 //! or the worker count is refused with an error naming it, never half
 //! loaded.
 //!
@@ -41,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use crate::dtype::DType;
 use crate::optimizer::{OptState, Optimizer};
 
-const MAGIC: &[u8; 8] = b"PSKVCKP1";
+const MAGIC: &[u8; 8] = b"PSKVCKP2";
 
 /// One key's recorded state.
 #[derive(Clone, Serialize, Deserialize)]

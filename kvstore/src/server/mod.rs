@@ -400,6 +400,12 @@ impl Inner {
         let g = file.globals;
         self.generation.store(g.generation, Ordering::Release);
         if let Some(opt) = g.optimizer {
+            // num_update goes on from the restored counts.
+            for (_, rec) in &file.keys {
+                if let Some(s) = &rec.opt {
+                    opt.note_count(s.count);
+                }
+            }
             *self.rule.write() = Some(Rule::Optimizer {
                 opt: Arc::new(opt),
                 generation: g.generation,
@@ -814,7 +820,11 @@ impl Inner {
                 ));
             }
         }
+        let rule = self.rule.read().clone();
         for (k, mut s) in states {
+            if let Some(Rule::Optimizer { opt, .. }) = &rule {
+                opt.note_count(s.count);
+            }
             let mut st = entries[&k].st.lock();
             if let Some(m) = s.master.take() {
                 if m.len() != st.elems {
