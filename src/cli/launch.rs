@@ -536,9 +536,11 @@ impl Job {
         if remote
             && secret
                 .as_deref()
-                .is_some_and(|t| t.contains('\n') || t.contains('\0'))
+                .is_some_and(|t| t.contains('\n') || t.contains('\0') || t.len() > 4096)
         {
-            return Err("PSKV_TOKEN must be one line for the ssh launcher".into());
+            return Err(
+                "PSKV_TOKEN must be one line of at most 4096 bytes for the ssh launcher".into(),
+            );
         }
         // A restarted server needs its checkpoint: one directory per job
         // unless the caller named one.
@@ -805,8 +807,10 @@ impl Drop for Job {
     fn drop(&mut self) {
         self.teardown();
         // Members' groups may hold grandchildren that outlived their
-        // leader: stop them as well.
-        for m in &self.members {
+        // leader: stop them as well. (Not the groups of servers replaced
+        // long ago: servers leave no grandchildren, and a group id free
+        // that long may belong to someone else by now.)
+        for m in self.members.iter().filter(|m| !m.replaced) {
             // SAFETY: plain kill(2); a group that is gone answers ESRCH.
             unsafe {
                 libc::kill(-(m.child.id() as libc::pid_t), libc::SIGKILL);
