@@ -23,6 +23,11 @@
 //! The server creates and owns the file (reserved with `posix_fallocate`,
 //! so a full `/dev/shm` is an error now rather than a SIGBUS later) and
 //! unlinks it when every worker has mapped it, or when the key is dropped.
+//!
+//! A request that says "in my slot" names its segment by a tag
+//! ([`Segment::tag`]): a server restarted since the worker mapped the old
+//! process's segment refuses it (the worker maps the new one and sends
+//! again) rather than reading a slot the worker never wrote.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
