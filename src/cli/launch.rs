@@ -698,9 +698,9 @@ impl Job {
                     "pskv launch: {role} (pid {pid}) exited with {st}; starting it again from its checkpoint ({} restarts left)",
                     self.restarts_left
                 );
-                // Let the scheduler see the death first: a server that
-                // registers while its old self still counts as alive is
-                // refused.
+                // A short pause; a server that registers while its old
+                // self still counts as alive is held by the scheduler
+                // until the old one is declared dead (heartbeat timeout).
                 std::thread::sleep(RESTART_DELAY);
                 if let Err(e) = self.start_member(role) {
                     self.teardown();

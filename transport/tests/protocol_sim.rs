@@ -475,6 +475,34 @@ fn a_closed_connection_is_death_at_once_and_a_restart_recovers_the_rank() {
     });
 }
 
+/// A restarted server that registers before its old self is known dead
+/// (it died silently: no closed connection) is held, and takes over the
+/// old id when the heartbeat timeout declares it dead.
+#[test]
+fn a_restart_that_outruns_the_death_is_held_until_the_death() {
+    let mut sim = Sim::new(11, CLEAN, false, 2, 1);
+    sim.run_until(Duration::from_secs(10), |sim| {
+        (1..=3).all(|i| sim.joined(i))
+    });
+    let dead_id = sim.members[2].as_ref().unwrap().id().unwrap();
+    sim.members[2] = None;
+    let new = sim.add_member(Role::Server);
+    sim.run(Duration::from_millis(500));
+    assert_eq!(
+        sim.members[new].as_ref().unwrap().state(),
+        &MemberState::Registering,
+        "registered before the old server was known dead"
+    );
+    let took = sim.run_until(HB_TIMEOUT * 2, |sim| sim.joined(new));
+    assert!(took <= HB_TIMEOUT + HB_INTERVAL + 3 * TICK, "{took:?}");
+    let m = sim.members[new].as_ref().unwrap();
+    assert_eq!(m.id(), Some(dead_id));
+    assert!(m.is_recovery());
+    assert!(sim
+        .sched_events
+        .contains(&SchedulerEvent::NodeRecovered { id: dead_id }));
+}
+
 #[test]
 fn extra_nodes_are_rejected() {
     let mut sim = Sim::new(3, CLEAN, false, 1, 1);
@@ -482,9 +510,20 @@ fn extra_nodes_are_rejected() {
         sim.joined(1) && sim.joined(2)
     });
     let extra = sim.add_member(Role::Worker);
+    // Held first (a worker might be about to die), then refused.
     sim.run(Duration::from_millis(100));
+    assert_eq!(
+        sim.members[extra].as_ref().unwrap().state(),
+        &MemberState::Registering
+    );
+    sim.run(HB_TIMEOUT + HB_TIMEOUT / 4 + Duration::from_millis(200));
     match sim.members[extra].as_ref().unwrap().state() {
-        MemberState::Rejected(reason) => assert!(reason.contains("no worker is dead"), "{reason}"),
+        MemberState::Rejected(reason) => {
+            assert!(
+                reason.contains("no worker is dead") && reason.contains("nothing to recover"),
+                "{reason}"
+            )
+        }
         s => panic!("extra worker state {s:?}"),
     }
     // Before the start, a surplus registration is refused too.

@@ -11,7 +11,12 @@
 //! ```
 //!
 //! Ranks are given in order of registration once the last expected node has
-//! registered. Barriers: a round of group g completes when every non-left
+//! registered. A node that registers after the start takes over a dead
+//! node's id and rank (recovery). If none of its role is dead yet, its
+//! registration is *held* for up to the heartbeat timeout (5 s without
+//! heartbeats): a restarted process often registers before its old self is
+//! declared dead. It takes over the first node of its role to die
+//! meanwhile, or is refused when the time is up. Barriers: a round of group g completes when every non-left
 //! member of g (and the scheduler itself, if g includes it) has arrived; if a
 //! member is dead the round is released at once with an error naming it, so
 //! no barrier waits for a node that will not come.
@@ -89,6 +94,17 @@ struct Pending {
     host_id: u64,
 }
 
+/// A registration after the start, waiting for a node of its role to die.
+#[derive(Debug)]
+struct Held {
+    reg: Pending,
+    until: Instant,
+}
+
+/// How long a registration is held when there are no heartbeats (only a
+/// closed connection makes a node dead then).
+const HOLD_WITHOUT_HEARTBEATS: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Default)]
 struct Round {
     /// Node → the seq it sent.
@@ -103,6 +119,9 @@ pub struct Scheduler {
     started: bool,
     all_left_reported: bool,
     pending: Vec<Pending>,
+    held: Vec<Held>,
+    /// The latest time the driver gave (for events without one).
+    clock: Option<Instant>,
     nodes: BTreeMap<NodeId, Entry>,
     conn_node: HashMap<ConnId, NodeId>,
     rounds: BTreeMap<u8, Round>,
@@ -118,6 +137,8 @@ impl Scheduler {
             started: false,
             all_left_reported: false,
             pending: Vec::new(),
+            held: Vec::new(),
+            clock: None,
             nodes: BTreeMap::new(),
             conn_node: HashMap::new(),
             rounds: BTreeMap::new(),
@@ -153,12 +174,18 @@ impl Scheduler {
 
     /// When `handle_timeout` must run next.
     pub fn next_timeout(&self) -> Option<Instant> {
-        let t = self.cfg.heartbeat_timeout?;
-        self.nodes
-            .values()
-            .filter(|e| e.state == State::Alive)
-            .map(|e| e.last_seen + t)
-            .min()
+        let silent = self.cfg.heartbeat_timeout.and_then(|t| {
+            self.nodes
+                .values()
+                .filter(|e| e.state == State::Alive)
+                .map(|e| e.last_seen + t)
+                .min()
+        });
+        let held = self.held.iter().map(|h| h.until).min();
+        match (silent, held) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Nodes that are dead, or silent for longer than `timeout` (ps-lite's
@@ -176,6 +203,7 @@ impl Scheduler {
 
     /// A message arrived on `conn`.
     pub fn handle(&mut self, conn: ConnId, msg: Control, now: Instant) {
+        self.clock = Some(now);
         if let Some(&id) = self.conn_node.get(&conn) {
             match self.nodes.get_mut(&id) {
                 Some(e) if e.state == State::Alive => e.last_seen = now,
@@ -236,7 +264,10 @@ impl Scheduler {
                 return;
             }
         };
-        if self.conn_node.contains_key(&conn) || self.pending.iter().any(|p| p.conn == conn) {
+        if self.conn_node.contains_key(&conn)
+            || self.pending.iter().any(|p| p.conn == conn)
+            || self.held.iter().any(|h| h.reg.conn == conn)
+        {
             return; // a duplicate of a registration already handled
         }
         if self.started {
@@ -325,12 +356,54 @@ impl Scheduler {
             .find(|(_, e)| e.state == State::Dead && Role::from_code(e.info.role) == Some(role))
             .map(|(id, _)| *id);
         let Some(id) = dead else {
-            self.reject(
+            // Only a live node of the role could die and be taken over.
+            let could_die = self
+                .nodes
+                .values()
+                .any(|e| e.state == State::Alive && Role::from_code(e.info.role) == Some(role));
+            if !could_die {
+                self.reject(
+                    conn,
+                    format!("the cluster is complete and no {role} is dead: nothing to recover"),
+                );
+                return;
+            }
+            let wait = self
+                .cfg
+                .heartbeat_timeout
+                .unwrap_or(HOLD_WITHOUT_HEARTBEATS);
+            // A node silent since before `now` is dead by `now + wait`.
+            let until = now + wait + wait / 4;
+            tracing::info!(
                 conn,
-                format!("the cluster is complete and no {role} is dead: nothing to recover"),
+                "a {role} registers while none is dead: held up to {:?} for one to die",
+                until - now
             );
+            self.held.push(Held {
+                reg: Pending {
+                    conn,
+                    role,
+                    host,
+                    port,
+                    host_id,
+                },
+                until,
+            });
             return;
         };
+        self.take_over(id, conn, host, port, host_id, now);
+    }
+
+    /// A restarted node at `conn` takes over dead node `id`.
+    fn take_over(
+        &mut self,
+        id: NodeId,
+        conn: ConnId,
+        host: String,
+        port: u16,
+        host_id: u64,
+        now: Instant,
+    ) {
         let info = {
             let e = self.nodes.get_mut(&id).expect("found above");
             if let Some(old) = e.conn.take() {
@@ -376,6 +449,7 @@ impl Scheduler {
     /// The connection `conn` closed.
     pub fn disconnected(&mut self, conn: ConnId) {
         self.pending.retain(|p| p.conn != conn);
+        self.held.retain(|h| h.reg.conn != conn);
         if let Some(id) = self.conn_node.remove(&conn) {
             let alive = self.nodes.get(&id).is_some_and(|e| e.state == State::Alive);
             if let Some(e) = self.nodes.get_mut(&id) {
@@ -389,17 +463,28 @@ impl Scheduler {
 
     /// Time passed: nodes silent beyond the heartbeat timeout are dead.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let Some(t) = self.cfg.heartbeat_timeout else {
-            return;
-        };
-        let silent: Vec<NodeId> = self
-            .nodes
-            .iter()
-            .filter(|(_, e)| e.state == State::Alive && now.duration_since(e.last_seen) > t)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in silent {
-            self.declare_dead(id, format!("no heartbeat for {t:?}"));
+        self.clock = Some(now);
+        if let Some(t) = self.cfg.heartbeat_timeout {
+            let silent: Vec<NodeId> = self
+                .nodes
+                .iter()
+                .filter(|(_, e)| e.state == State::Alive && now.duration_since(e.last_seen) > t)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in silent {
+                self.declare_dead(id, format!("no heartbeat for {t:?}"));
+            }
+        }
+        let (expired, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| h.until <= now);
+        self.held = kept;
+        for h in expired {
+            let role = h.reg.role;
+            self.reject(
+                h.reg.conn,
+                format!("the cluster is complete and no {role} is dead, nor died while this registration waited: nothing to recover"),
+            );
         }
     }
 
@@ -411,12 +496,26 @@ impl Scheduler {
             return;
         }
         e.state = State::Dead;
+        let role = Role::from_code(e.info.role);
         tracing::warn!("{} is dead: {reason}", describe(id));
         self.broadcast_except(id, Control::NodeDead { id });
         self.events
             .push_back(SchedulerEvent::NodeDead { id, reason });
         self.recheck_barriers();
         self.check_all_left();
+        // A registration held for a node of this role takes it over.
+        if let Some(i) = self.held.iter().position(|h| Some(h.reg.role) == role) {
+            let h = self.held.remove(i);
+            let now = self.clock.unwrap_or(h.until);
+            let Pending {
+                conn,
+                host,
+                port,
+                host_id,
+                ..
+            } = h.reg;
+            self.take_over(id, conn, host, port, host_id, now);
+        }
     }
 
     /// The scheduler itself arrives at a barrier of `group` (which must
