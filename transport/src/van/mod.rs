@@ -28,9 +28,49 @@ pub(crate) trait FrameSink: Send + Sync + 'static {
     fn on_closed(&self, link: &Arc<Link>, reason: String);
 }
 
+/// Bytes `[start, start + len)` of the concatenation of `parts`, as slices
+/// of them (no copy): how the vans cut a frame's head and payload into
+/// chunks.
+pub(crate) fn slice_parts<'a>(parts: &[&'a [u8]], start: usize, len: usize) -> Vec<&'a [u8]> {
+    let mut out = Vec::with_capacity(parts.len());
+    let (mut skip, mut left) = (start, len);
+    for p in parts {
+        if left == 0 {
+            break;
+        }
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        let take = (p.len() - skip).min(left);
+        out.push(&p[skip..skip + take]);
+        left -= take;
+        skip = 0;
+    }
+    out
+}
+
 /// Ends a link once: closes its queue and tells the sink.
 pub(crate) fn end(link: &Arc<Link>, sink: &Arc<dyn FrameSink>, reason: String) {
     if link.close(reason.clone()) {
         sink.on_closed(link, reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slice_parts;
+
+    #[test]
+    fn slices_of_parts_cover_exactly_the_range() {
+        let (a, b) = (b"head".as_slice(), b"payload".as_slice());
+        let whole = [a, b];
+        let joined: Vec<u8> = [a, b].concat();
+        for start in 0..=joined.len() {
+            for len in 0..=joined.len() - start {
+                let got: Vec<u8> = slice_parts(&whole, start, len).concat();
+                assert_eq!(got, &joined[start..start + len], "{start}+{len}");
+            }
+        }
     }
 }

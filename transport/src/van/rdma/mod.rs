@@ -349,21 +349,7 @@ fn send_eager(sh: &Shared, link: &Link, pieces: &[&[u8]]) -> Result<(), String> 
     let mut sent = 0;
     loop {
         let n = room.min(total - sent);
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(2);
-        let (mut skip, mut left) = (sent, n);
-        for p in pieces {
-            if left == 0 {
-                break;
-            }
-            if skip >= p.len() {
-                skip -= p.len();
-                continue;
-            }
-            let take = (p.len() - skip).min(left);
-            parts.push(&p[skip..skip + take]);
-            left -= take;
-            skip = 0;
-        }
+        let parts = super::slice_parts(pieces, sent, n);
         sent += n;
         let kind = if sent >= total { K_DATA_LAST } else { K_DATA };
         send_chunk(sh, link, kind, &parts, 2)?;

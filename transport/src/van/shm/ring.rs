@@ -50,6 +50,7 @@ use memmap2::MmapRaw;
 use super::heap::{self, HeapWriter, BLOCK};
 use crate::link::Link;
 use crate::spin::Spin;
+use crate::van::slice_parts;
 use crate::wire::{decode_header, Frame, Limits, HEADER_LEN};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"PSKVRING");
@@ -489,25 +490,10 @@ impl Producer {
         }
         let chunk = self.chunk_len(total);
         let whole: [&[u8]; 2] = [&head[..], &f.payload[..]];
-        // Walk the two parts in chunk-sized pieces.
         let mut sent = 0;
         while sent < total {
             let n = chunk.min(total - sent);
-            let mut pieces: Vec<&[u8]> = Vec::with_capacity(2);
-            let (mut skip, mut left) = (sent, n);
-            for p in &whole {
-                if skip >= p.len() {
-                    skip -= p.len();
-                    continue;
-                }
-                let take = (p.len() - skip).min(left);
-                pieces.push(&p[skip..skip + take]);
-                left -= take;
-                skip = 0;
-                if left == 0 {
-                    break;
-                }
-            }
+            let pieces = slice_parts(&whole, sent, n);
             sent += n;
             let flags = if sent < total { CONT } else { 0 };
             self.record(&pieces, flags, closed)?;
