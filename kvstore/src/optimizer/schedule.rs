@@ -214,20 +214,25 @@ impl LrScheduler {
                 .find(|(k, _)| k == name)
                 .map(|(_, v)| v.as_str())
         };
+        // `v`, the value of `name`, as a T ("a number", "a whole number").
+        fn parse<T: std::str::FromStr>(
+            v: &str,
+            name: &str,
+            what: &str,
+            bad: &dyn Fn(String) -> KvError,
+        ) -> Result<T> {
+            v.trim()
+                .parse()
+                .map_err(|_| bad(format!("{name}: '{v}' is not {what}")))
+        }
         let num = |name: &str| -> Result<Option<f64>> {
             raw(name)
-                .map(|v| {
-                    v.parse::<f64>()
-                        .map_err(|_| bad(format!("{name}: '{v}' is not a number")))
-                })
+                .map(|v| parse(v, name, "a number", &bad))
                 .transpose()
         };
         let count = |name: &str| -> Result<Option<u64>> {
             raw(name)
-                .map(|v| {
-                    v.parse::<u64>()
-                        .map_err(|_| bad(format!("{name}: '{v}' is not a whole number")))
-                })
+                .map(|v| parse(v, name, "a whole number", &bad))
                 .transpose()
         };
         let need = |name: &str, v: Option<u64>| v.ok_or_else(|| bad(format!("{name} is required")));
@@ -282,11 +287,7 @@ impl LrScheduler {
                 let steps = raw("step")
                     .ok_or_else(|| bad("step is required".into()))?
                     .split(':')
-                    .map(|x| {
-                        x.trim()
-                            .parse::<u64>()
-                            .map_err(|_| bad(format!("step: '{x}' is not a whole number")))
-                    })
+                    .map(|x| parse(x, "step", "a whole number", &bad))
                     .collect::<Result<Vec<u64>>>()?;
                 LrScheduler::multi_factor(steps, num("factor")?.unwrap_or(1.0))
             }
