@@ -297,6 +297,35 @@ fn rounds_lost(k: usize, w: f32) -> u32 {
         .unwrap_or_else(|| panic!("key {k}: {w} is not the weight of any allowed number of rounds"))
 }
 
+/// Reads `out` line by line on a thread, sending each line to `tx`; the
+/// thread returns the whole text.
+fn follow(
+    out: impl std::io::Read + Send + 'static,
+    tx: std::sync::mpsc::Sender<String>,
+) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    })
+}
+
+/// Waits for a line containing `what`, or panics at `deadline`.
+fn wait_for_line(rx: &std::sync::mpsc::Receiver<String>, what: &str, deadline: Instant) {
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no line with '{what}' in time"));
+        if line.contains(what) {
+            return;
+        }
+    }
+}
+
 fn recovery(van: &str) {
     let dir = std::env::temp_dir().join(format!("pskv-recovery-{van}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -335,39 +364,17 @@ fn recovery(van: &str) {
         );
     }
     // Follow the workers' lines as they come.
-    let (tx, rx) = std::sync::mpsc::channel::<(usize, String)>();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
     let readers: Vec<_> = workers
         .0
         .iter_mut()
-        .enumerate()
-        .map(|(i, c)| {
-            let out = c.stdout.take().unwrap();
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut all = String::new();
-                for line in
-                    std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok)
-                {
-                    let _ = tx.send((i, line.clone()));
-                    all.push_str(&line);
-                    all.push('\n');
-                }
-                all
-            })
-        })
+        .map(|c| follow(c.stdout.take().unwrap(), tx.clone()))
         .collect();
     drop(tx);
     // Kill server "b" (the second started) with SIGKILL mid-training and
     // start it again at once, as a supervisor would.
     let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (_, line) = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the workers stopped before step 21");
-        if line.contains("STEP 21") {
-            break;
-        }
-    }
+    wait_for_line(&rx, "STEP 21", deadline);
     infra.0[2].kill().unwrap();
     infra.0[2].wait().unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -446,30 +453,14 @@ fn pskv_launch_restarts_a_killed_server_from_its_checkpoint() {
         job.0[0].stderr.take().unwrap(),
     );
     let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in std::io::BufRead::lines(std::io::BufReader::new(out)).map_while(Result::ok) {
-            let _ = tx.send(line.clone());
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
+    let reader = follow(out, tx);
     // All members write to this pipe: drain it as it comes.
     let errs = std::thread::spawn(move || {
         let mut all = String::new();
         let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(err), &mut all);
         all
     });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .expect("the workers stopped before step 21");
-        if line.contains("STEP 21") {
-            break;
-        }
-    }
+    wait_for_line(&rx, "STEP 21", Instant::now() + Duration::from_secs(120));
     // The launcher made its checkpoint directory.
     let prefix = format!("pskv-checkpoints-{pid}-");
     let dirs = || -> Vec<String> {
