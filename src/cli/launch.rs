@@ -668,7 +668,7 @@ impl Job {
             }
             // A dead server is started again while restarts are left and
             // the workers run; any other failure ends the job.
-            let workers_left = self
+            let workers_running = self
                 .members
                 .iter()
                 .any(|m| matches!(m.role, Role::Worker(_)) && m.status.is_none());
@@ -685,7 +685,7 @@ impl Job {
             if let (Some(i), true, true, false) = (
                 dead_server,
                 self.restarts_left > 0,
-                workers_left,
+                workers_running,
                 others_failed,
             ) {
                 let (role, pid, st) = {
@@ -727,10 +727,6 @@ impl Job {
                 self.teardown();
                 return Err(Failure::new(msg, code));
             }
-            let workers_running = self
-                .members
-                .iter()
-                .any(|m| matches!(m.role, Role::Worker(_)) && m.status.is_none());
             let others_running = self
                 .members
                 .iter()
