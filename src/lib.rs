@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod capi;
+pub mod logging;
 
 pub use pskv_engine as engine;
 pub use pskv_gpu as gpu;

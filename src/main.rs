@@ -344,6 +344,7 @@ fn bench(a: &BenchArgs) -> Result<(), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    pskv::logging::init();
     match cli.command {
         Command::Demo(a) => {
             match cli::demo::run(&a.settings(), std::time::Duration::from_secs(a.timeout)) {

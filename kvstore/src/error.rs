@@ -62,6 +62,17 @@ pub enum KvError {
         message: String,
     },
 
+    /// A call every worker makes together failed (on every worker, with
+    /// the same cause): a worker's part failed, or they disagree on what
+    /// they must share.
+    #[error("{call} failed on every worker: {message}")]
+    Collective {
+        /// The call (init, set_optimizer, barrier).
+        call: &'static str,
+        /// Why, naming the worker (or workers) and what they brought.
+        message: String,
+    },
+
     /// A wait ran out of time.
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout {

@@ -130,6 +130,14 @@ impl<E> Registry<E> {
         }
     }
 
+    /// Forgets a key (its init failed on some worker).
+    pub(crate) fn remove(&self, key: &Key) {
+        let mut map = self.map.write();
+        if map.get(&key.id()).is_some_and(|(k, _)| k == key) {
+            map.remove(&key.id());
+        }
+    }
+
     /// Every key and entry.
     pub(crate) fn all(&self) -> Vec<(Key, Arc<E>)> {
         let mut v: Vec<_> = self.map.read().values().cloned().collect();

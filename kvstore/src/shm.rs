@@ -21,8 +21,10 @@
 //!   and consume with acquire (and a socket's system calls are barriers).
 //!
 //! The server creates and owns the file (reserved with `posix_fallocate`,
-//! so a full `/dev/shm` is an error now rather than a SIGBUS later) and
-//! unlinks it when every worker has mapped it, or when the key is dropped.
+//! so a full `/dev/shm` is an error now rather than a SIGBUS later), named
+//! `pskv-kv-<pid>-<random>`, and unlinks it once no worker will map it any
+//! more (see `server/entry.rs`), when the server stops, or when the key is
+//! dropped.
 //!
 //! A request that says "in my slot" names its segment by a tag
 //! ([`Segment::tag`]): a server restarted since the worker mapped the old
@@ -75,7 +77,8 @@ fn unique_name() -> String {
             .map_or(0, |d| d.as_nanos()),
     );
     h.write_u32(std::process::id());
-    format!("pskv-kv-{:016x}", h.finish())
+    // The creator's pid first: what a process left behind can be told.
+    format!("pskv-kv-{}-{:016x}", std::process::id(), h.finish())
 }
 
 impl Segment {

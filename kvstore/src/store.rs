@@ -245,7 +245,9 @@ impl KvStore {
     /// Initializes several keys.
     pub fn init_many(&self, items: &[(Key, Tensor)]) -> Result<()> {
         for (k, v) in items {
-            self.check_tensors(k, [v])?;
+            if let Err(e) = self.check_tensors(k, [v]) {
+                return self.flavor.abort_collective("init", e);
+            }
         }
         self.flavor.init(items)
     }
@@ -344,6 +346,13 @@ impl KvStore {
 
     /// Sets the optimizer that updates stored weights (on the servers of a
     /// distributed store). A new optimizer starts with fresh state.
+    ///
+    /// In a distributed store this is *collective*, as `init` and `barrier`
+    /// are: every worker calls it, with the same optimizer. If it fails on
+    /// one worker (a setting out of range), or the workers' optimizers
+    /// differ, it fails on every worker with that cause; a worker that
+    /// never calls it leaves the others waiting up to the store's timeout
+    /// (`PSKV_KVSTORE_TIMEOUT`).
     pub fn set_optimizer(&self, opt: Optimizer) -> Result<()> {
         self.flavor.set_optimizer(opt)
     }

@@ -7,12 +7,13 @@
 //!
 //! | bits | meaning |
 //! |---|---|
-//! | 0..4 | op: 1 init, 2 push, 3 pull, 4 push-pull, 5 row push, 6 row pull, 7 shm open |
+//! | 0..4 | op: 1 init, 2 push, 3 pull, 4 push-pull, 5 row push, 6 row pull, 7 check |
 //! | 4..8 | element type (mshadow code: 0 f32, 1 f64, 2 f16, 4 i32, 6 i64) |
 //! | 8..10 | compression (0 none, 1 2-bit, 2 1-bit) |
 //! | 10 | sync mode (the round of all workers) |
 //! | 11 | multi-precision (f32 master weights for f16 keys) |
 //! | 12 | shared memory: the push is in the sender's slot, the answer's value in the value slot ([`crate::shm`]) |
+//! | 16..32 | with bit 12: the tag of the segment the worker used |
 //!
 //! Other bits are zero; a server refuses a head it cannot read. Carrying
 //! the mode and compression in every request (MXNet sets them by separate
@@ -26,6 +27,12 @@
 //!   `i64` relative to the part's first row, then those rows' elements.
 //! - row pull: `n: u32`, `row_len: u32` and `n` row ids; the answer is
 //!   those rows.
+//! - shared-memory push (bit 12): the byte count the worker wrote into its
+//!   slot, as a `u64` (checked against the key's size, as a message's
+//!   length is).
+//! - check ([`Check`]): what the worker holds of the part, and whether it
+//!   will map the part's shared segment; the answer is empty, or the
+//!   segment's path and slot size.
 //! - pull and push-pull answers: the part's elements.
 //!
 //! # Parts
@@ -51,8 +58,9 @@ pub(crate) enum Op {
     PushPull = 4,
     RowPush = 5,
     RowPull = 6,
-    /// Map the key part's shared-memory segment (the answer is its path).
-    ShmOpen = 7,
+    /// Every worker, after `init`: check what it holds of the part against
+    /// the server's record (and get the part's shared segment).
+    Check = 7,
 }
 
 /// The head of a data request.
@@ -91,7 +99,7 @@ impl Head {
             4 => Op::PushPull,
             5 => Op::RowPush,
             6 => Op::RowPull,
-            7 => Op::ShmOpen,
+            7 => Op::Check,
             x => return Err(format!("request head {cmd:#x}: unknown op {x}")),
         };
         let dtype = DType::from_code(((cmd >> 4) & 0xf) as u8)
@@ -213,6 +221,51 @@ pub(crate) fn decode_ps_key(ps_key: u64, range_begin: u64) -> (u64, u64) {
     (off >> PART_BITS, off & ((1 << PART_BITS) - 1))
 }
 
+/// A worker's check of one part after `init` ([`Op::Check`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Check {
+    /// Bytes of the part as the worker holds it.
+    pub(crate) part_bytes: u64,
+    /// The worker will map the part's shared segment.
+    pub(crate) wants_shm: bool,
+    /// The whole key's shape as the worker holds it (for the error).
+    pub(crate) shape: Vec<u64>,
+}
+
+impl Check {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(13 + 8 * self.shape.len());
+        v.push(self.wants_shm as u8);
+        v.extend_from_slice(&self.part_bytes.to_le_bytes());
+        v.extend_from_slice(&(self.shape.len() as u32).to_le_bytes());
+        for d in &self.shape {
+            v.extend_from_slice(&d.to_le_bytes());
+        }
+        v
+    }
+
+    pub(crate) fn decode(b: &[u8]) -> std::result::Result<Check, String> {
+        let bad = || format!("a check request of {} bytes is malformed", b.len());
+        if b.len() < 13 || b[0] > 1 {
+            return Err(bad());
+        }
+        let part_bytes = u64::from_le_bytes(b[1..9].try_into().map_err(|_| bad())?);
+        let n = u32::from_le_bytes(b[9..13].try_into().map_err(|_| bad())?) as usize;
+        if n > 32 || b.len() != 13 + 8 * n {
+            return Err(bad());
+        }
+        let shape = b[13..]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        Ok(Check {
+            part_bytes,
+            wants_shm: b[0] == 1,
+            shape,
+        })
+    }
+}
+
 /// A row request's header: rows and elements per row.
 pub(crate) struct RowsHead {
     pub(crate) row_len: usize,
@@ -271,7 +324,7 @@ mod tests {
             Op::PushPull,
             Op::RowPush,
             Op::RowPull,
-            Op::ShmOpen,
+            Op::Check,
         ] {
             for dtype in [DType::F32, DType::F64, DType::F16, DType::I32, DType::I64] {
                 for compression in 0..3 {
@@ -325,6 +378,23 @@ mod tests {
         assert_eq!(keys.len(), 8);
         assert!(plan(1, 1 << 20, 4, false, 8, &r).is_err());
         assert!(plan(1, 10, 4, false, 4 << 20, &[]).is_err());
+    }
+
+    #[test]
+    fn checks_round_trip_and_garbage_is_refused() {
+        let c = Check {
+            part_bytes: 400,
+            wants_shm: true,
+            shape: vec![10, 10],
+        };
+        assert_eq!(Check::decode(&c.encode()), Ok(c.clone()));
+        let e = c.encode();
+        assert!(Check::decode(&e[..e.len() - 1]).is_err());
+        assert!(Check::decode(&[2; 13]).is_err());
+        assert!(Check::decode(&[]).is_err());
+        let mut huge = vec![0u8; 13];
+        huge[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Check::decode(&huge).is_err());
     }
 
     #[test]

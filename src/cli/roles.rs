@@ -19,20 +19,20 @@ pub fn config_as(role: &'static str) -> Result<Config, String> {
     .map_err(|e| e.to_string())
 }
 
-/// Runs the scheduler until every node has left.
+/// Runs the scheduler until every node has left or died: an error (and a
+/// non-zero exit) names the nodes that died, so a launcher never takes a
+/// failed job's end for a normal one.
 pub fn scheduler() -> Result<(), String> {
     let po = Postoffice::start(config_as("scheduler")?, None).map_err(|e| e.to_string())?;
-    if std::env::var("PS_VERBOSE").is_ok_and(|v| v != "0") {
-        eprintln!("pskv scheduler: listening on {}", po.local_addr());
-    }
-    loop {
+    tracing::info!("pskv scheduler: listening on {}", po.local_addr());
+    let result = loop {
         match po.wait_all_left(Duration::from_secs(60)) {
-            Ok(()) => break,
-            Err(_) => continue,
+            Err(pskv::transport::TransportError::Timeout { .. }) => continue,
+            r => break r,
         }
-    }
+    };
     po.shutdown();
-    Ok(())
+    result.map_err(|e| format!("pskv scheduler: {e}"))
 }
 
 /// Runs one server until a worker stops it.

@@ -12,6 +12,8 @@
 //! | `DMLC_PORT` | this node's listening port | any free port |
 //! | `PS_HEARTBEAT_INTERVAL` | seconds between heartbeats; 0 disables | 1 |
 //! | `PS_HEARTBEAT_TIMEOUT` | seconds of silence before a node is dead; 0 disables | 10 |
+//! | `PSKV_SCHEDULER_TIMEOUT` | seconds of the scheduler's silence before a node gives it up (a stalled scheduler is waited for until then); 0: only its closed connection | 60 |
+//! | `DMLC_SERVER_ID`, `DMLC_WORKER_ID` | the rank this server or worker asks for (as MXNet's launcher sets them) | any free rank, in registration order |
 //! | `PS_RESEND` | 1: acknowledge and resend every message | 0 |
 //! | `PS_RESEND_TIMEOUT` | milliseconds before a resend | 1000 |
 //! | `PS_VERBOSE` | 0, 1 (connections) or 2 (every message) | 0 |
@@ -84,6 +86,11 @@ pub struct Config {
     /// Silence before a node is dead (None: off; a closed connection still
     /// counts).
     pub heartbeat_timeout: Option<Duration>,
+    /// The scheduler's silence before a node gives it up (None: only its
+    /// closed connection).
+    pub scheduler_timeout: Option<Duration>,
+    /// The rank this node asks for (None: any).
+    pub rank: Option<u32>,
     /// Acknowledge and resend every message.
     pub resend: bool,
     /// Time before a resend.
@@ -133,6 +140,8 @@ impl Config {
             port: 0,
             heartbeat_interval: Some(Duration::from_secs(1)),
             heartbeat_timeout: Some(Duration::from_secs(10)),
+            scheduler_timeout: Some(Duration::from_secs(60)),
+            rank: None,
             resend: false,
             resend_timeout: Duration::from_millis(1000),
             verbose: 0,
@@ -236,6 +245,32 @@ impl Config {
         if let Some(v) = secs("PS_HEARTBEAT_TIMEOUT")? {
             c.heartbeat_timeout = v;
         }
+        if let Some(v) = secs("PSKV_SCHEDULER_TIMEOUT")? {
+            c.scheduler_timeout = v;
+        }
+        let id_var = match role {
+            Role::Server => Some("DMLC_SERVER_ID"),
+            Role::Worker => Some("DMLC_WORKER_ID"),
+            Role::Scheduler => None,
+        };
+        if let Some(name) = id_var {
+            c.rank = match get(name).filter(|v| !v.trim().is_empty()) {
+                None => None,
+                Some(v) => match v.trim().parse::<u32>() {
+                    Ok(r) if r < c.count_of(role) => Some(r),
+                    _ => {
+                        return Err(bad(
+                            name,
+                            &v,
+                            &format!(
+                                "expected a rank from 0 to {}",
+                                c.count_of(role).saturating_sub(1)
+                            ),
+                        ))
+                    }
+                },
+            };
+        }
         if let Some(v) = num::<u32>(get, "PS_RESEND", "0 or 1")? {
             c.resend = v != 0;
         }
@@ -299,6 +334,21 @@ impl Config {
             c.io_threads = n.clamp(1, 64);
         }
         Ok(c)
+    }
+
+    /// How many nodes of `role` the cluster has.
+    pub fn count_of(&self, role: Role) -> u32 {
+        match role {
+            Role::Scheduler => 1,
+            Role::Server => self.num_servers,
+            Role::Worker => self.num_workers,
+        }
+    }
+
+    /// Asks for this rank (None: any).
+    pub fn rank(mut self, rank: Option<u32>) -> Config {
+        self.rank = rank;
+        self
     }
 
     /// Sets the cluster token.

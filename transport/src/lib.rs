@@ -26,7 +26,7 @@ pub mod wire;
 pub use config::{Config, VanKind};
 pub use error::TransportError;
 pub use kv::{KvRequest, KvResponse, KvWorker, Pending, RequestHandler, RequestOptions, Responder};
-pub use postoffice::{NodeChange, NodeWatcher, Postoffice};
+pub use postoffice::{EndWatcher, NodeChange, NodeEnd, NodeWatcher, Postoffice};
 pub use protocol::tracker::TrackError;
 pub use protocol::{Group, NodeId, Role};
 

@@ -48,8 +48,48 @@ pub enum NodeChange {
 
 /// Sees every `NodeChange`, on an I/O thread: it must not block.
 pub type NodeWatcher = Arc<dyn Fn(NodeChange) + Send + Sync>;
+
+/// Why this node can no longer take part in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeEnd {
+    /// The scheduler declared this node dead while it was alive (it was
+    /// stopped or cut off beyond the heartbeat timeout): its rank may be
+    /// taken by a restart, so it must stop.
+    Fenced(String),
+    /// The scheduler is gone (its connection closed, or it was silent
+    /// beyond `PSKV_SCHEDULER_TIMEOUT`).
+    SchedulerLost(String),
+    /// Every worker is gone: the job is over. `failed`: a worker died.
+    JobEnded {
+        /// Why.
+        reason: String,
+        /// A worker died.
+        failed: bool,
+    },
+}
+
+impl NodeEnd {
+    /// Whether the end is a failure (anything but every worker leaving in
+    /// order).
+    pub fn is_failure(&self) -> bool {
+        !matches!(self, NodeEnd::JobEnded { failed: false, .. })
+    }
+}
+
+impl std::fmt::Display for NodeEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeEnd::Fenced(r) => write!(f, "this node was fenced: {r}"),
+            NodeEnd::SchedulerLost(r) => write!(f, "lost the scheduler: {r}"),
+            NodeEnd::JobEnded { reason, .. } => write!(f, "the job ended: {reason}"),
+        }
+    }
+}
+
+/// Sees this node's end, once, on an I/O thread: it must not block.
+pub type EndWatcher = Arc<dyn Fn(&NodeEnd) + Send + Sync>;
 use crate::van::{rdma, shm};
-use crate::wire::{Control, Flags, Frame, Kind, Limits, NodeInfo};
+use crate::wire::{Control, Flags, Frame, Kind, Limits, NodeInfo, Vote};
 
 /// Where a barrier wait learns its outcome.
 type BarrierSlot = Arc<Slot<Result<(), String>>>;
@@ -91,7 +131,11 @@ pub(crate) struct Inner {
     joined: Arc<Slot<Result<(), TransportError>>>,
     barriers: Mutex<HashMap<u8, BarrierSlot>>,
     watchers: RwLock<Vec<NodeWatcher>>,
-    all_left: Arc<Slot<()>>,
+    /// Why this node can no longer take part, once it cannot.
+    end: Mutex<Option<NodeEnd>>,
+    end_watchers: RwLock<Vec<EndWatcher>>,
+    /// The scheduler: every node left or died (`Err` names the dead).
+    all_left: Arc<Slot<Result<(), String>>>,
     shutting_down: AtomicBool,
     my_id: AtomicU32,
     me: OnceLock<std::sync::Weak<Inner>>,
@@ -146,9 +190,19 @@ impl Postoffice {
             .build()
             .map_err(|e| TransportError::io("starting the I/O runtime", e))?;
         let handle = rt.handle().clone();
-        let bind_ip = match &cfg.interface {
-            Some(name) => interface_ip(name)?,
-            None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        // A node that announces a loopback address (a job on one host)
+        // listens on it alone, not on every interface.
+        let announced_ip = if cfg.role == Role::Scheduler {
+            Some(&cfg.root_uri)
+        } else {
+            cfg.node_host.as_ref()
+        }
+        .and_then(|h| h.parse::<IpAddr>().ok())
+        .filter(|ip| ip.is_loopback());
+        let bind_ip = match (&cfg.interface, announced_ip) {
+            (Some(name), _) => interface_ip(name)?,
+            (None, Some(ip)) => ip,
+            (None, None) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         };
         let port = if cfg.role == Role::Scheduler {
             cfg.root_port
@@ -182,6 +236,8 @@ impl Postoffice {
                     host_id: host_id(),
                     heartbeat_interval: cfg.heartbeat_interval,
                     heartbeat_timeout: cfg.heartbeat_timeout,
+                    scheduler_timeout: cfg.scheduler_timeout,
+                    rank: cfg.rank,
                     register_timeout: cfg.connect_timeout,
                 },
                 now,
@@ -216,6 +272,8 @@ impl Postoffice {
             joined: Slot::new(),
             barriers: Mutex::new(HashMap::new()),
             watchers: RwLock::new(Vec::new()),
+            end: Mutex::new(None),
+            end_watchers: RwLock::new(Vec::new()),
             all_left: Slot::new(),
             shutting_down: AtomicBool::new(false),
             my_id: AtomicU32::new(my_id),
@@ -313,7 +371,62 @@ impl Postoffice {
     /// than waiting, when a member is dead or the scheduler is gone; waits at
     /// most `timeout`.
     pub fn barrier(&self, group: Group, timeout: Duration) -> Result<(), TransportError> {
-        self.inner().barrier(group, timeout)
+        self.inner().barrier(group, Vote::Ready, timeout)
+    }
+
+    /// A barrier at which every node that brings a digest must bring the
+    /// same one (a setting all must share: an optimizer, a key's shape);
+    /// otherwise it fails on every node, naming what each brought
+    /// (`summary`).
+    pub fn barrier_agree(
+        &self,
+        group: Group,
+        digest: u64,
+        summary: &str,
+        timeout: Duration,
+    ) -> Result<(), TransportError> {
+        self.inner().barrier(
+            group,
+            Vote::Agree {
+                digest,
+                summary: summary.to_string(),
+            },
+            timeout,
+        )
+    }
+
+    /// This node's part of a collective failed: the barrier of `group`
+    /// that the others are (or will be) at fails on each of them with
+    /// `reason`, so nobody waits for this node. Returns at once.
+    pub fn barrier_fail(&self, group: Group, reason: &str) -> Result<(), TransportError> {
+        self.inner()
+            .barrier(
+                group,
+                Vote::Fail {
+                    reason: reason.to_string(),
+                },
+                Duration::ZERO,
+            )
+            .map(|_| ())
+    }
+
+    /// Why this node can no longer take part in the cluster, if it cannot
+    /// (fenced, the scheduler lost, the job ended).
+    pub fn end(&self) -> Option<NodeEnd> {
+        self.inner().end.lock().clone()
+    }
+
+    /// Adds a watcher of this node's end (called at once if it has ended).
+    pub fn watch_end(&self, watcher: EndWatcher) {
+        let inner = self.inner();
+        let ended = {
+            let end = inner.end.lock();
+            inner.end_watchers.write().push(watcher.clone());
+            end.clone()
+        };
+        if let Some(e) = ended {
+            watcher(&e);
+        }
     }
 
     /// Nodes known dead, or silent for longer than `timeout` (ps-lite's
@@ -327,15 +440,16 @@ impl Postoffice {
         }
     }
 
-    /// Scheduler: waits until every node has left (or `timeout` passes).
+    /// Scheduler: waits until every node has left or died (or `timeout`
+    /// passes); an error names the nodes that died.
     pub fn wait_all_left(&self, timeout: Duration) -> Result<(), TransportError> {
-        self.inner()
-            .all_left
-            .wait(timeout)
-            .ok_or_else(|| TransportError::Timeout {
+        match self.inner().all_left.wait(timeout) {
+            Some(r) => r.map_err(TransportError::NotRunning),
+            None => Err(TransportError::Timeout {
                 what: "every node to leave the cluster".into(),
                 after: timeout,
-            })
+            }),
+        }
     }
 
     /// Leaves the cluster in order and stops this node's threads (also done
@@ -498,11 +612,16 @@ impl Inner {
         let me = self.my_id();
         let token = self.token.as_deref().unwrap_or(&[]);
         let mac = security::connector_mac(token, &nonce_a, &nonce_c, me);
+        let epoch = match &*self.ctl.lock() {
+            Ctl::Member(m) => m.epoch(),
+            Ctl::Scheduler(_) => 0,
+        };
         tcp::write_frame(
             &mut wr,
             &Control::Auth {
                 nonce: nonce_c,
                 node_id: me,
+                epoch,
                 mac,
             }
             .to_frame(me, peer),
@@ -765,12 +884,13 @@ impl Inner {
                 peer: addr.to_string(),
                 reason: format!("no proof: {e}"),
             })?;
-        let (nonce_c, node_id, mac) = match Control::from_frame(&frame) {
+        let (nonce_c, node_id, epoch, mac) = match Control::from_frame(&frame) {
             Ok(Control::Auth {
                 nonce,
                 node_id,
+                epoch,
                 mac,
-            }) => (nonce, node_id, mac),
+            }) => (nonce, node_id, epoch, mac),
             other => {
                 let reason = format!("expected a proof of the token, got {other:?}");
                 let _ = tcp::write_frame(&mut wr, &refuse(reason.clone())).await;
@@ -783,6 +903,20 @@ impl Inner {
         let token = self.token.as_deref().unwrap_or(&[]);
         if !security::verify_connector(token, &nonce_a, &nonce_c, node_id, &mac) {
             let reason = "wrong cluster token".to_string();
+            let _ = tcp::write_frame(&mut wr, &refuse(reason.clone())).await;
+            return Err(TransportError::Auth {
+                peer: addr.to_string(),
+                reason,
+            });
+        }
+        // Fencing: an id the scheduler declared dead, or one a restart has
+        // taken over (another epoch), is an old process that must stop.
+        let admitted = match &*self.ctl.lock() {
+            Ctl::Member(m) => m.admits(node_id, epoch),
+            Ctl::Scheduler(_) => Ok(()),
+        };
+        if let Err(reason) = admitted {
+            tracing::warn!("refused a connection from {addr}: {reason}");
             let _ = tcp::write_frame(&mut wr, &refuse(reason.clone())).await;
             return Err(TransportError::Auth {
                 peer: addr.to_string(),
@@ -1021,8 +1155,13 @@ impl Inner {
                 tracing::info!("{} rejoined after a restart", describe(id))
             }
             SchedulerEvent::BarrierDone { group, error } => self.release_barrier(group, error),
-            SchedulerEvent::AllLeft => {
-                self.all_left.set(());
+            SchedulerEvent::AllLeft { dead } => {
+                self.all_left.set(if dead.is_empty() {
+                    Ok(())
+                } else {
+                    let names: Vec<String> = dead.iter().map(|d| describe(*d)).collect();
+                    Err(format!("the cluster ended with {} dead", names.join(", ")))
+                });
             }
         }
     }
@@ -1067,17 +1206,36 @@ impl Inner {
                 self.tell_watchers(NodeChange::Dead(id));
             }
             MemberEvent::BarrierDone { group, error } => self.release_barrier(group, error),
-            MemberEvent::SchedulerLost(reason) => {
-                tracing::error!("lost the scheduler: {reason}");
-                self.joined
-                    .set(Err(TransportError::NotRunning(reason.clone())));
-                let done = self
-                    .reqs
-                    .lock()
-                    .tracker
-                    .fail_all(&format!("lost the scheduler: {reason}"));
-                self.complete(done);
+            MemberEvent::SchedulerLost(reason) => self.ended(NodeEnd::SchedulerLost(reason)),
+            MemberEvent::Fenced(reason) => self.ended(NodeEnd::Fenced(reason)),
+            MemberEvent::JobEnded(reason, failed) => {
+                self.ended(NodeEnd::JobEnded { reason, failed })
             }
+        }
+    }
+
+    /// This node can no longer take part: every request in flight fails,
+    /// later ones are refused, and the watchers are told.
+    fn ended(&self, end: NodeEnd) {
+        {
+            let mut e = self.end.lock();
+            if e.is_some() {
+                return;
+            }
+            *e = Some(end.clone());
+        }
+        if end.is_failure() {
+            tracing::error!("{end}");
+        } else {
+            tracing::info!("{end}");
+        }
+        self.joined
+            .set(Err(TransportError::NotRunning(end.to_string())));
+        let done = self.reqs.lock().tracker.fail_all(&end.to_string());
+        self.complete(done);
+        let watchers = self.end_watchers.read().clone();
+        for w in watchers {
+            w(&end);
         }
     }
 
@@ -1120,9 +1278,10 @@ impl Inner {
         }
     }
 
-    fn barrier(&self, group: Group, timeout: Duration) -> Result<(), TransportError> {
+    fn barrier(&self, group: Group, vote: Vote, timeout: Duration) -> Result<(), TransportError> {
+        let fail = matches!(vote, Vote::Fail { .. });
         let slot = Slot::new();
-        {
+        if !fail {
             let mut b = self.barriers.lock();
             if b.contains_key(&group.0) {
                 return Err(TransportError::Invalid(format!(
@@ -1134,7 +1293,7 @@ impl Inner {
         }
         let started = match &mut *self.ctl.lock() {
             Ctl::Member(m) => m
-                .barrier(group, Instant::now())
+                .barrier(group, vote, Instant::now())
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
             Ctl::Scheduler(s) => {
@@ -1151,11 +1310,21 @@ impl Inner {
             return Err(TransportError::Barrier(e));
         }
         self.pump();
+        if fail {
+            return Ok(());
+        }
         match slot.wait(timeout) {
             Some(Ok(())) => Ok(()),
             Some(Err(e)) => Err(TransportError::Barrier(e)),
             None => {
                 self.barriers.lock().remove(&group.0);
+                // The round fails for everyone with this cause, and the
+                // next barrier of the group starts afresh.
+                let reason = format!("it waited {timeout:?} and gave up");
+                if let Ctl::Member(m) = &mut *self.ctl.lock() {
+                    m.abandon_barrier(group, reason, Instant::now());
+                }
+                self.pump();
                 Err(TransportError::Timeout {
                     what: format!("every node of group {} to reach the barrier", group.0),
                     after: timeout,
@@ -1177,6 +1346,9 @@ impl Inner {
             return Err(TransportError::NotRunning(
                 "this node is shutting down".into(),
             ));
+        }
+        if let Some(end) = self.end.lock().clone() {
+            return Err(TransportError::NotRunning(end.to_string()));
         }
         let mut links = Vec::with_capacity(parts.len());
         for (node, _) in &parts {

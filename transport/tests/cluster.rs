@@ -630,7 +630,11 @@ fn without_a_token_only_loopback_peers_are_accepted() {
         eprintln!("skipped: this machine has no non-loopback IPv4 address");
         return;
     };
-    let sched = Postoffice::start(config(Role::Scheduler, 0, 1, 1, None), None).unwrap();
+    // A scheduler announced on the non-loopback address listens on every
+    // interface (one announced on 127.0.0.1 listens there alone).
+    let mut sc = config(Role::Scheduler, 0, 1, 1, None);
+    sc.root_uri = ip.clone();
+    let sched = Postoffice::start(sc, None).unwrap();
     let port = sched.local_addr().port();
     let mut cfg = config(Role::Worker, port, 1, 1, None).connect_timeout(Duration::from_secs(3));
     cfg.root_uri = ip.clone();
@@ -639,6 +643,42 @@ fn without_a_token_only_loopback_peers_are_accepted() {
         err.to_string().contains("only loopback peers are accepted"),
         "{err} (via {ip})"
     );
+}
+
+/// Nodes of a job on one host (announced on 127.0.0.1) listen on the
+/// loopback address alone, not on every interface.
+#[test]
+fn nodes_announced_on_loopback_listen_on_loopback_only() {
+    let sched = Postoffice::start(config(Role::Scheduler, 0, 1, 1, None), None).unwrap();
+    assert!(
+        sched.local_addr().ip().is_loopback(),
+        "{}",
+        sched.local_addr()
+    );
+    let port = sched.local_addr().port();
+    let mut sc = config(Role::Server, port, 1, 1, None);
+    sc.node_host = Some("127.0.0.1".into());
+    let server = std::thread::spawn(move || {
+        let po = Postoffice::start(sc, None).unwrap();
+        let addr = po.local_addr();
+        po.barrier(Group::ALL, T).unwrap();
+        addr
+    });
+    let mut wc = config(Role::Worker, port, 1, 1, None);
+    wc.node_host = Some("127.0.0.1".into());
+    let w = Postoffice::start(wc, None).unwrap();
+    assert!(w.local_addr().ip().is_loopback(), "{}", w.local_addr());
+    let (a, b) = (
+        std::thread::spawn({
+            let sched = sched.clone();
+            move || sched.barrier(Group::ALL, T)
+        }),
+        w.barrier(Group::ALL, T),
+    );
+    b.unwrap();
+    a.join().unwrap().unwrap();
+    let addr = server.join().unwrap();
+    assert!(addr.ip().is_loopback(), "{addr}");
 }
 
 fn if_addrs_ipv4() -> Option<String> {

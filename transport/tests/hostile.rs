@@ -209,6 +209,7 @@ fn attack(who: &str, addr: SocketAddr, key: u64) {
         let fake = Control::Auth {
             nonce: [7; 32],
             node_id: 9,
+            epoch: 0,
             mac: [0; 32],
         };
         let _ = s.write_all(&fake.to_frame(9, 1).encode());

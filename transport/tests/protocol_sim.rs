@@ -1,298 +1,19 @@
 //! The protocol state machines, driven through a simulated network with a
-//! fake clock: loss, duplication, reordering (random delays), node death.
-//! Deterministic: every run of a seed is the same run.
+//! fake clock (`sim/`): loss, duplication, reordering (random delays), node
+//! death. Deterministic: every run of a seed is the same run.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashSet};
+mod sim;
+
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use pskv_transport::protocol::member::{Member, MemberConfig, MemberEvent, MemberState};
+use pskv_transport::protocol::member::{MemberEvent, MemberState};
 use pskv_transport::protocol::resender::{Received, Resender};
-use pskv_transport::protocol::scheduler::{Scheduler, SchedulerConfig, SchedulerEvent};
+use pskv_transport::protocol::scheduler::SchedulerEvent;
 use pskv_transport::protocol::tracker::{TrackError, Tracker};
 use pskv_transport::protocol::{Group, Role, SCHEDULER_ID};
-use pskv_transport::wire::{Control, Decoder, Flags, Frame, Kind, Limits};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        (self.next() % 1_000_000) as f64 / 1_000_000.0 < p
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Faults {
-    loss: f64,
-    dup: f64,
-    max_delay_ms: u64,
-}
-
-const CLEAN: Faults = Faults {
-    loss: 0.0,
-    dup: 0.0,
-    max_delay_ms: 1,
-};
-const NASTY: Faults = Faults {
-    loss: 0.2,
-    dup: 0.1,
-    max_delay_ms: 40,
-};
-
-const TICK: Duration = Duration::from_millis(10);
-const HB_INTERVAL: Duration = Duration::from_secs(1);
-const HB_TIMEOUT: Duration = Duration::from_secs(5);
-
-type Packet = Reverse<(Instant, u64, usize, usize, Vec<u8>)>;
-
-/// Endpoint 0 is the scheduler; 1.. are members (their connection to the
-/// scheduler has the endpoint's index as its id).
-struct Sim {
-    now: Instant,
-    rng: Rng,
-    faults: Faults,
-    resend: bool,
-    sched: Option<Scheduler>,
-    sched_events: Vec<SchedulerEvent>,
-    members: Vec<Option<Member>>,
-    events: Vec<Vec<MemberEvent>>,
-    resenders: Vec<Resender>,
-    net: BinaryHeap<Packet>,
-    seq: u64,
-}
-
-impl Sim {
-    fn new(seed: u64, faults: Faults, resend: bool, servers: u32, workers: u32) -> Sim {
-        let now = Instant::now();
-        let mut sim = Sim {
-            now,
-            rng: Rng(seed.max(1)),
-            faults,
-            resend,
-            sched: Some(Scheduler::new(SchedulerConfig {
-                num_servers: servers,
-                num_workers: workers,
-                heartbeat_timeout: Some(HB_TIMEOUT),
-            })),
-            sched_events: Vec::new(),
-            members: vec![None],
-            events: vec![Vec::new()],
-            resenders: vec![Resender::new(SCHEDULER_ID, Duration::from_millis(100), 50)],
-            net: BinaryHeap::new(),
-            seq: 0,
-        };
-        for _ in 0..servers {
-            sim.add_member(Role::Server);
-        }
-        for _ in 0..workers {
-            sim.add_member(Role::Worker);
-        }
-        sim
-    }
-
-    fn add_member(&mut self, role: Role) -> usize {
-        let i = self.members.len();
-        let cfg = MemberConfig {
-            role,
-            host: format!("host{i}"),
-            port: 9000 + i as u16,
-            host_id: i as u64,
-            heartbeat_interval: Some(HB_INTERVAL),
-            heartbeat_timeout: Some(HB_TIMEOUT),
-            register_timeout: Duration::from_secs(30),
-        };
-        self.members.push(Some(Member::new(cfg, self.now)));
-        self.events.push(Vec::new());
-        self.resenders
-            .push(Resender::new(0, Duration::from_millis(100), 50));
-        self.flush();
-        i
-    }
-
-    fn send_frame(&mut self, from: usize, to: usize, mut frame: Frame, stamp: bool) {
-        if self.resend && stamp {
-            self.resenders[from].stamp(to as u64, &mut frame, self.now);
-        }
-        self.transmit(from, to, frame.encode().to_vec());
-    }
-
-    fn transmit(&mut self, from: usize, to: usize, bytes: Vec<u8>) {
-        let copies = if self.rng.chance(self.faults.loss) {
-            0
-        } else if self.rng.chance(self.faults.dup) {
-            2
-        } else {
-            1
-        };
-        for _ in 0..copies {
-            let delay = Duration::from_millis(self.rng.below(self.faults.max_delay_ms));
-            self.seq += 1;
-            self.net.push(Reverse((
-                self.now + delay,
-                self.seq,
-                from,
-                to,
-                bytes.clone(),
-            )));
-        }
-    }
-
-    fn flush(&mut self) {
-        loop {
-            let mut any = false;
-            if let Some(s) = self.sched.as_mut() {
-                let mut out = Vec::new();
-                while let Some((conn, msg)) = s.poll_transmit() {
-                    out.push((conn as usize, msg));
-                }
-                while let Some(e) = s.poll_event() {
-                    self.sched_events.push(e);
-                }
-                for (to, msg) in out {
-                    any = true;
-                    self.send_frame(0, to, msg.to_frame(SCHEDULER_ID, 0), true);
-                }
-            }
-            for i in 1..self.members.len() {
-                let mut out = Vec::new();
-                if let Some(m) = self.members[i].as_mut() {
-                    while let Some(msg) = m.poll_transmit() {
-                        out.push(msg);
-                    }
-                    while let Some(e) = m.poll_event() {
-                        self.events[i].push(e);
-                    }
-                }
-                for msg in out {
-                    any = true;
-                    self.send_frame(i, 0, msg.to_frame(0, SCHEDULER_ID), true);
-                }
-            }
-            if !any {
-                break;
-            }
-        }
-    }
-
-    fn deliver(&mut self, from: usize, to: usize, bytes: Vec<u8>) {
-        let alive = if to == 0 {
-            self.sched.is_some()
-        } else {
-            self.members[to].is_some()
-        };
-        if !alive {
-            return;
-        }
-        let mut buf = BytesMut::from(&bytes[..]);
-        let frame = Decoder::new(Limits::default())
-            .decode(&mut buf)
-            .expect("valid frame")
-            .expect("whole frame");
-        if self.resend {
-            match self.resenders[to].on_receive(from as u64, &frame) {
-                Received::Consumed => return,
-                Received::Duplicate { ack } => {
-                    self.send_frame(to, from, ack, false);
-                    return;
-                }
-                Received::Deliver { ack } => {
-                    if let Some(ack) = ack {
-                        self.send_frame(to, from, ack, false);
-                    }
-                }
-            }
-        }
-        let msg = Control::from_frame(&frame).expect("control body");
-        if to == 0 {
-            self.sched
-                .as_mut()
-                .unwrap()
-                .handle(from as u64, msg, self.now);
-        } else {
-            self.members[to].as_mut().unwrap().handle(msg, self.now);
-        }
-    }
-
-    /// Advances the clock by `d`, in ticks.
-    fn run(&mut self, d: Duration) {
-        let end = self.now + d;
-        while self.now < end {
-            self.now += TICK;
-            while let Some(Reverse((at, _, _, _, _))) = self.net.peek() {
-                if *at > self.now {
-                    break;
-                }
-                let Reverse((_, _, from, to, bytes)) = self.net.pop().unwrap();
-                self.deliver(from, to, bytes);
-            }
-            let now = self.now;
-            if let Some(s) = self.sched.as_mut() {
-                s.handle_timeout(now);
-            }
-            for m in self.members.iter_mut().flatten() {
-                m.handle_timeout(now);
-            }
-            if self.resend {
-                for i in 0..self.resenders.len() {
-                    let alive = if i == 0 {
-                        self.sched.is_some()
-                    } else {
-                        self.members[i].is_some()
-                    };
-                    if !alive {
-                        continue;
-                    }
-                    let (again, _lost) = self.resenders[i].handle_timeout(now);
-                    for (dest, frame) in again {
-                        self.transmit(i, dest as usize, frame.encode().to_vec());
-                    }
-                }
-            }
-            self.flush();
-        }
-    }
-
-    fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Sim) -> bool) -> Duration {
-        let start = self.now;
-        while !done(self) {
-            assert!(
-                self.now - start < limit,
-                "condition not reached within {limit:?}"
-            );
-            self.run(TICK);
-        }
-        self.now - start
-    }
-
-    fn joined(&self, i: usize) -> bool {
-        self.members[i]
-            .as_ref()
-            .is_some_and(|m| *m.state() == MemberState::Running)
-    }
-
-    fn barrier_done(&self, i: usize, g: Group) -> Vec<Option<String>> {
-        self.events[i]
-            .iter()
-            .filter_map(|e| match e {
-                MemberEvent::BarrierDone { group, error } if *group == g => Some(error.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-}
-
-fn seeds() -> impl Iterator<Item = u64> {
-    [1u64, 7, 42, 1234, 99991, 31337, 2718281, 577215].into_iter()
-}
+use pskv_transport::wire::{Flags, Frame, Kind, Vote};
+use sim::*;
 
 #[test]
 fn registration_and_barriers_survive_loss_duplication_and_reordering() {
@@ -331,7 +52,7 @@ fn registration_and_barriers_survive_loss_duplication_and_reordering() {
                 sim.members[i]
                     .as_mut()
                     .unwrap()
-                    .barrier(Group::ALL, sim.now)
+                    .barrier(Group::ALL, Vote::Ready, sim.now)
                     .unwrap();
             }
             sim.sched.as_mut().unwrap().barrier(Group::ALL);
@@ -350,7 +71,7 @@ fn registration_and_barriers_survive_loss_duplication_and_reordering() {
             sim.members[i]
                 .as_mut()
                 .unwrap()
-                .barrier(Group::WORKERS, sim.now)
+                .barrier(Group::WORKERS, Vote::Ready, sim.now)
                 .unwrap();
         }
         sim.flush();
@@ -381,7 +102,7 @@ fn a_silent_node_is_declared_dead_within_the_heartbeat_timeout() {
         sim.members[3]
             .as_mut()
             .unwrap()
-            .barrier(Group::WORKERS, sim.now)
+            .barrier(Group::WORKERS, Vote::Ready, sim.now)
             .unwrap();
         sim.flush();
         let dead_id = sim.members[4].as_ref().unwrap().id().unwrap();
@@ -463,7 +184,7 @@ fn a_closed_connection_is_death_at_once_and_a_restart_recovers_the_rank() {
         sim.members[i]
             .as_mut()
             .unwrap()
-            .barrier(Group::ALL, sim.now)
+            .barrier(Group::ALL, Vote::Ready, sim.now)
             .unwrap();
     }
     sim.sched.as_mut().unwrap().barrier(Group::ALL);
@@ -553,7 +274,7 @@ fn losing_the_scheduler_fails_waits_and_is_reported() {
     sim.members[2]
         .as_mut()
         .unwrap()
-        .barrier(Group::ALL, sim.now)
+        .barrier(Group::ALL, Vote::Ready, sim.now)
         .unwrap();
     sim.flush();
     sim.sched = None; // silent death
@@ -562,7 +283,9 @@ fn losing_the_scheduler_fails_waits_and_is_reported() {
             .iter()
             .any(|e| matches!(e, MemberEvent::SchedulerLost(_)))
     });
-    assert!(took <= HB_TIMEOUT + 2 * TICK, "{took:?}");
+    assert!(took <= SCHED_TIMEOUT + 2 * TICK, "{took:?}");
+    // A stalled scheduler is waited for: not given up before its timeout.
+    assert!(took >= SCHED_TIMEOUT - HB_INTERVAL, "{took:?}");
     let errs = sim.barrier_done(2, Group::ALL);
     assert!(
         errs.len() == 1 && errs[0].as_ref().unwrap().contains("abandoned"),
@@ -573,7 +296,7 @@ fn losing_the_scheduler_fails_waits_and_is_reported() {
     assert!(m
         .dead_nodes(now, Duration::from_secs(1))
         .contains(&SCHEDULER_ID));
-    assert!(m.barrier(Group::ALL, now).is_err());
+    assert!(m.barrier(Group::ALL, Vote::Ready, now).is_err());
 }
 
 #[test]
@@ -588,7 +311,8 @@ fn ordered_shutdown_ends_with_all_left() {
     }
     sim.flush();
     sim.run_until(Duration::from_secs(60), |sim| {
-        sim.sched_events.contains(&SchedulerEvent::AllLeft)
+        sim.sched_events
+            .contains(&SchedulerEvent::AllLeft { dead: vec![] })
     });
     // Nobody is called dead for leaving.
     sim.run(Duration::from_secs(10));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::compression::Compression;
-use crate::error::Result;
+use crate::error::{KvError, Result};
 use crate::key::Key;
 use crate::optimizer::{OptState, Optimizer};
 use crate::tensor::Tensor;
@@ -107,5 +107,12 @@ pub(crate) trait Flavor: Send + Sync {
     /// Key parts whose values travel through shared memory.
     fn shared_memory_parts(&self) -> usize {
         0
+    }
+    /// This worker's part of the collective `call` failed before it began
+    /// (`e`, a bad argument): the other workers' call fails too, with this
+    /// cause. Returns `e`.
+    fn abort_collective(&self, call: &'static str, e: KvError) -> Result<()> {
+        let _ = call;
+        Err(e)
     }
 }

@@ -430,6 +430,29 @@ impl Optimizer {
                 return bad(what, v);
             }
         }
+        // Values that are finite but make no sense: a negative rate climbs
+        // the loss, a momentum of 1 or more diverges, a zero rescale drops
+        // every gradient, a zero epsilon divides by zero.
+        if self.learning_rate < 0.0 {
+            return bad("learning_rate (must be 0 or more)", self.learning_rate);
+        }
+        if self.wd < 0.0 {
+            return bad("wd (must be 0 or more)", self.wd);
+        }
+        if self.rescale_grad == 0.0 {
+            return bad("rescale_grad (0 drops every gradient)", self.rescale_grad);
+        }
+        match self.method {
+            Method::Sgd { momentum } | Method::Nag { momentum }
+                if !(0.0..1.0).contains(&momentum) =>
+            {
+                return bad("momentum (must be in [0, 1))", momentum)
+            }
+            Method::Adam { epsilon, .. } | Method::AdaGrad { epsilon } if epsilon <= 0.0 => {
+                return bad("epsilon (must be above 0)", epsilon)
+            }
+            _ => {}
+        }
         Ok(())
     }
 

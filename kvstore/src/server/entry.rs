@@ -179,7 +179,15 @@ pub(crate) struct EntryState {
     /// The shared segment of the co-located fast path: worker slots, then
     /// the value slot, which holds the value from then on.
     shm: Option<Arc<Segment>>,
-    shm_opened: Vec<bool>,
+    /// Per worker rank: it checked the part (after its init or this
+    /// server's restart), and whether it has yet to use the segment it was
+    /// given. The segment's file goes once every worker checked and every
+    /// one that took the segment used it, or once a round completed after
+    /// every worker checked (a worker that could not map it pushes by
+    /// message): no file is left for a worker that never maps it (another
+    /// host, TCP only).
+    checked: Vec<bool>,
+    shm_pending: Vec<bool>,
     /// f32 master weights of an f16 key with multi-precision.
     pub(crate) master: Option<Vec<f32>>,
     pub(crate) opt: KeyState,
@@ -211,7 +219,8 @@ impl EntryState {
             value: Arc::new(Buf::from_bytes(value)),
             nbytes: value.len(),
             shm: None,
-            shm_opened: vec![false; workers],
+            checked: vec![false; workers],
+            shm_pending: vec![false; workers],
             master: None,
             opt: KeyState::default(),
             workers,
@@ -255,39 +264,81 @@ impl EntryState {
         }
     }
 
-    /// Moves the entry's value into a shared segment (made on the first
-    /// call) for worker `rank`; returns the segment's path.
-    pub(crate) fn open_shm(&mut self, rank: usize) -> Result<String, String> {
+    /// A worker's check of the part after its init ([`Op::Check`]): an
+    /// error if it holds another type or size than this server's record;
+    /// else, if it will map the segment, the segment (made on the first
+    /// such check; the value moves into it) as `path\nslot bytes`.
+    pub(crate) fn check(
+        &mut self,
+        head: &Head,
+        c: &crate::wire::Check,
+        rank: usize,
+    ) -> Result<Option<String>, String> {
         if rank >= self.workers {
             return Err(format!("{}: no worker rank {rank}", self.name()));
         }
-        if self.shm.is_none() {
-            let seg = Segment::create(self.workers + 1, self.nbytes)
-                .map_err(|e| format!("{}: cannot make a shared segment: {e}", self.name()))?;
-            // SAFETY: a fresh segment no one else has mapped yet.
-            unsafe { seg.slot_mut(self.workers) }.copy_from_slice(self.value.bytes());
-            self.shm = Some(Arc::new(seg));
+        if head.dtype != self.dtype || c.part_bytes != self.nbytes as u64 {
+            let theirs = c.part_bytes / head.dtype.size() as u64;
+            return Err(format!(
+                "{}: worker {rank} holds {theirs} {} elements of it (its key has shape {:?}), but the server holds {} {} elements (from worker 0's init): every worker must init a key with the same shape and type",
+                self.name(),
+                head.dtype,
+                c.shape,
+                self.elems,
+                self.dtype
+            ));
         }
-        Ok(self
-            .shm
-            .as_ref()
-            .expect("made above")
-            .path()
-            .to_string_lossy()
-            .into_owned())
+        self.checked[rank] = true;
+        let answer = if c.wants_shm {
+            if self.shm.is_none() {
+                let seg = Segment::create(self.workers + 1, self.nbytes)
+                    .map_err(|e| format!("{}: cannot make a shared segment: {e}", self.name()))?;
+                // SAFETY: a fresh segment no one else has mapped yet.
+                unsafe { seg.slot_mut(self.workers) }.copy_from_slice(self.value.bytes());
+                self.shm = Some(Arc::new(seg));
+            }
+            self.shm_pending[rank] = true;
+            let seg = self.shm.as_ref().expect("made above");
+            Some(format!("{}\n{}", seg.path().display(), self.nbytes))
+        } else {
+            None
+        };
+        self.maybe_unlink(false);
+        Ok(answer)
     }
 
-    /// Worker `rank` has mapped the segment: once every worker has, the
-    /// file goes (the mappings stay).
-    pub(crate) fn shm_mapped(&mut self, rank: usize) {
-        if let Some(seen) = self.shm_opened.get_mut(rank) {
-            *seen = true;
+    /// Worker `rank` used the segment (or will not): once nobody will map
+    /// it any more, the file goes (the mappings stay).
+    pub(crate) fn shm_used(&mut self, rank: usize) {
+        if let Some(p) = self.shm_pending.get_mut(rank) {
+            *p = false;
         }
-        if self.shm_opened.iter().all(|x| *x) {
-            if let Some(seg) = &self.shm {
-                seg.unlink();
-            }
+        self.maybe_unlink(false);
+    }
+
+    /// Removes the segment's file when no worker will map it any more
+    /// (`round_done`: a round completed, so every worker that checked has
+    /// pushed since, by the segment or by message).
+    fn maybe_unlink(&mut self, round_done: bool) {
+        let Some(seg) = &self.shm else { return };
+        if self.checked.iter().all(|c| *c) && (round_done || self.shm_pending.iter().all(|p| !*p)) {
+            seg.unlink();
         }
+    }
+
+    /// Removes the segment's file now (the server is stopping).
+    pub(crate) fn unlink_segment(&self) {
+        if let Some(seg) = &self.shm {
+            seg.unlink();
+        }
+    }
+
+    /// A worker died: it will not map the segment.
+    pub(crate) fn worker_gone(&mut self, rank: usize) {
+        if let Some(c) = self.checked.get_mut(rank) {
+            *c = true;
+        }
+        self.shm_used(rank);
     }
 
     /// Whether a shared-memory request names this entry's segment: a
@@ -308,9 +359,23 @@ impl EntryState {
         }
     }
 
-    /// The push of worker `rank` in its slot, as bytes.
-    pub(crate) fn shm_input(&self, head: &Head, rank: usize) -> Result<Bytes, String> {
+    /// The push of worker `rank` in its slot, as bytes; `vals` is the
+    /// request's body, the byte count the worker wrote there.
+    pub(crate) fn shm_input(&self, head: &Head, vals: &[u8], rank: usize) -> Result<Bytes, String> {
         self.check_shm(head)?;
+        let wrote = <[u8; 8]>::try_from(vals).map(u64::from_le_bytes).ok();
+        if wrote != Some(self.nbytes as u64) {
+            return Err(format!(
+                "{}: a shared-memory push of {} but the key holds {} bytes ({} elements)",
+                self.name(),
+                match wrote {
+                    Some(n) => format!("{n} bytes"),
+                    None => format!("a malformed {}-byte count", vals.len()),
+                },
+                self.nbytes,
+                self.elems
+            ));
+        }
         match &self.shm {
             Some(seg) if rank < self.workers => {
                 Ok(Bytes::from_owner(SlotView(seg.clone(), rank)).slice(0..self.nbytes))
@@ -529,6 +594,7 @@ impl EntryState {
         self.reset_round();
         if result.is_ok() {
             self.rounds += 1;
+            self.maybe_unlink(true);
         }
         match result {
             Ok(()) => {
@@ -634,6 +700,7 @@ impl EntryState {
         let result = self.apply(rule, &acc, touched, sync);
         if result.is_ok() {
             self.rounds += 1;
+            self.maybe_unlink(true);
         }
         self.spare = Some(acc);
         let waiters = std::mem::take(&mut self.waiters);

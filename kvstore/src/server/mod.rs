@@ -31,7 +31,9 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use pskv_engine::{Engine, OpSpec, Property, Var};
 use pskv_gpu::cpu::CpuKernels;
 use pskv_transport::protocol::{describe, role_rank};
-use pskv_transport::{Config, KvRequest, NodeChange, Postoffice, RequestHandler, Responder, Role};
+use pskv_transport::{
+    Config, KvRequest, NodeChange, NodeEnd, Postoffice, RequestHandler, Responder, Role,
+};
 
 use crate::error::{KvError, Result};
 use crate::optimizer::{OptState, Optimizer};
@@ -66,7 +68,9 @@ struct Inner {
     sync_mode: AtomicBool,
     compression_params: Mutex<Option<String>>,
     controller: RwLock<Option<Arc<Controller>>>,
-    stopped: Mutex<bool>,
+    /// Set by a worker's stop command, or when the node ends (fenced, the
+    /// scheduler lost, the job over): then with why.
+    stopped: Mutex<Option<Option<NodeEnd>>>,
     stop_cv: Condvar,
     /// Workers the scheduler declared dead (and not restarted since), with
     /// the message a sync push gets while any is: a round cannot complete.
@@ -240,7 +244,7 @@ impl Server {
             sync_mode: AtomicBool::new(false),
             compression_params: Mutex::new(None),
             controller: RwLock::new(None),
-            stopped: Mutex::new(false),
+            stopped: Mutex::new(None),
             stop_cv: Condvar::new(),
             dead_workers: Mutex::new(std::collections::BTreeMap::new()),
             ckpt: std::sync::OnceLock::new(),
@@ -248,6 +252,16 @@ impl Server {
             ready: AtomicBool::new(false),
         });
         let po = Postoffice::start(cfg, Some(Arc::new(Handler(inner.clone()))))?;
+        let weak = Arc::downgrade(&inner);
+        po.watch_end(Arc::new(move |end| {
+            if let Some(inner) = weak.upgrade() {
+                let mut s = inner.stopped.lock();
+                if s.is_none() {
+                    *s = Some(Some(end.clone()));
+                }
+                inner.stop_cv.notify_all();
+            }
+        }));
         let weak = Arc::downgrade(&inner);
         po.watch_nodes(Arc::new(move |change| {
             if let Some(inner) = weak.upgrade() {
@@ -315,15 +329,33 @@ impl Server {
         &self.po
     }
 
-    /// Blocks until a worker sends the stop command (or `timeout` passes).
+    /// Blocks until a worker sends the stop command (or `timeout` passes),
+    /// or this node can no longer serve: fenced (the scheduler declared it
+    /// dead: a restart may hold its rank), the scheduler lost, or every
+    /// worker gone (an error if one died, `Ok` if they all left).
     pub fn wait(&self, timeout: Option<Duration>) -> Result<()> {
         let mut stopped = self.inner.stopped.lock();
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
-        while !*stopped {
+        loop {
+            match &*stopped {
+                Some(None) => return Ok(()),
+                Some(Some(end)) if !end.is_failure() => return Ok(()),
+                Some(Some(end)) => {
+                    return Err(KvError::Transport(
+                        pskv_transport::TransportError::NotRunning(format!(
+                            "server {}: {end}",
+                            self.po.my_rank()
+                        )),
+                    ))
+                }
+                None => {}
+            }
             match deadline {
                 None => self.inner.stop_cv.wait(&mut stopped),
                 Some(d) => {
-                    if self.inner.stop_cv.wait_until(&mut stopped, d).timed_out() && !*stopped {
+                    if self.inner.stop_cv.wait_until(&mut stopped, d).timed_out()
+                        && stopped.is_none()
+                    {
                         return Err(KvError::Timeout {
                             what: "a worker to stop the server".into(),
                             after: timeout.unwrap_or_default(),
@@ -332,20 +364,23 @@ impl Server {
                 }
             }
         }
-        Ok(())
     }
 
-    /// Whether a worker sent the stop command.
+    /// Whether a worker sent the stop command (or the node ended).
     pub fn is_stopped(&self) -> bool {
-        *self.inner.stopped.lock()
+        self.inner.stopped.lock().is_some()
     }
 
-    /// Finishes the server's ops and leaves the cluster.
+    /// Finishes the server's ops and leaves the cluster; the shared
+    /// segments' files go.
     pub fn shutdown(&self) {
         let _ = self
             .inner
             .engine
             .wait_for_all_timeout(Duration::from_secs(30));
+        for (_, e) in self.inner.entries_snapshot() {
+            e.st.lock().unlink_segment();
+        }
         if let Some(c) = self.inner.ckpt.get() {
             c.stop();
         }
@@ -512,7 +547,7 @@ impl Inner {
         let Some(rank) = req.worker_rank() else {
             return r.error("data requests come from workers only");
         };
-        let pull = matches!(head.op, Op::Pull | Op::PushPull | Op::RowPull | Op::ShmOpen);
+        let pull = matches!(head.op, Op::Pull | Op::PushPull | Op::RowPull | Op::Check);
         let reply = Reply::new(r, req.keys.clone(), pull);
         let mut at = 0usize;
         for (i, (&key, &len)) in req.keys.iter().zip(&req.lens).enumerate() {
@@ -543,8 +578,11 @@ impl Inner {
                 );
                 tracing::warn!("server: {msg}");
                 self.dead_workers.lock().insert(id, msg.clone());
+                let rank = role_rank(id).map_or(usize::MAX, |(_, r)| r as usize);
                 for (_, e) in self.entries_snapshot() {
-                    e.st.lock().fail_active_round(&msg);
+                    let mut st = e.st.lock();
+                    st.fail_active_round(&msg);
+                    st.worker_gone(rank);
                 }
             }
             NodeChange::Restarted(id) => {
@@ -615,9 +653,9 @@ impl Inner {
                 Op::Push | Op::PushPull | Op::RowPush => {
                     // A shared-memory push is in the worker's slot.
                     let vals = if head.shm {
-                        match st.shm_input(&head, rank) {
+                        match st.shm_input(&head, &vals, rank) {
                             Ok(v) => {
-                                st.shm_mapped(rank);
+                                st.shm_used(rank);
                                 v
                             }
                             Err(e) => {
@@ -639,14 +677,18 @@ impl Inner {
                 }
                 Op::Pull if head.shm => match st.check_shm(&head) {
                     Ok(()) => {
-                        st.shm_mapped(rank);
+                        st.shm_used(rank);
                         answer(Ok(Some(Bytes::new())))
                     }
                     Err(e) => answer(Err(e)),
                 },
                 Op::Pull => answer(Ok(Some(st.snapshot()))),
                 Op::RowPull => answer(row_pull(&st, &vals).map(Some)),
-                Op::ShmOpen => answer(st.open_shm(rank).map(|p| Some(Bytes::from(p)))),
+                Op::Check => answer(
+                    crate::wire::Check::decode(&vals)
+                        .and_then(|c| st.check(&head, &c, rank))
+                        .map(|p| Some(p.map(Bytes::from).unwrap_or_default())),
+                ),
                 Op::Init => unreachable!("handled above"),
             }
             Ok(())
@@ -727,7 +769,10 @@ impl Inner {
         // before its reply was queued could be lost (seen in CI as a
         // worker's "connection lost" on the stop command).
         if req.cmd == command::STOP_SERVER {
-            *self.stopped.lock() = true;
+            let mut s = self.stopped.lock();
+            if s.is_none() {
+                *s = Some(None);
+            }
             self.stop_cv.notify_all();
         }
     }

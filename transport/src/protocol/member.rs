@@ -4,22 +4,35 @@
 //!
 //! ```text
 //!   REGISTERING ──Welcome──► RUNNING ──leave()──► LEFT
-//!        │                      │
-//!        │ Rejected / timeout   │ scheduler silent beyond the timeout,
-//!        ▼                      ▼ or its connection closed
-//!     REJECTED            SCHEDULER_LOST
+//!        │                      │ │ │
+//!        │ Rejected / timeout   │ │ └─ Fenced ──► FENCED    (declared dead, yet alive)
+//!        ▼                      │ └─── JobEnded ► JOB_ENDED (every worker gone)
+//!     REJECTED                  ▼ scheduler silent beyond the scheduler
+//!                        SCHEDULER_LOST  timeout, or its connection closed
 //! ```
 //!
 //! All messages go to the scheduler. While RUNNING the member sends a
 //! heartbeat every interval; any message from the scheduler proves it alive.
 //! A barrier wait ends with the scheduler's `BarrierDone`, or with an error
 //! when the scheduler is lost: never a hang.
+//!
+//! A silent scheduler is not a lost one at once: it may be stalled (paused,
+//! swapped out), and nodes keep their links and wait. Only its closed
+//! connection, or silence beyond `scheduler_timeout` (longer than the
+//! heartbeat timeout), loses it.
+//!
+//! Subtle: the member's own stalls. If the driver's clock jumps by more
+//! than a quarter of the heartbeat timeout between two calls, this process
+//! did not run meanwhile; the scheduler's silence during that time is not
+//! counted against it (the time since the last word is shifted by the
+//! gap). The scheduler's verdict on *this* node comes with its next
+//! message: `Fenced` if it was declared dead meanwhile.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::{describe, Group, NodeId, Role, SCHEDULER_ID};
-use crate::wire::{Control, NodeInfo};
+use crate::wire::{Control, NodeInfo, Vote};
 
 /// What a member needs to know.
 #[derive(Clone, Debug)]
@@ -34,9 +47,15 @@ pub struct MemberConfig {
     pub host_id: u64,
     /// Heartbeat period (None: no heartbeats).
     pub heartbeat_interval: Option<Duration>,
+    /// The scheduler's heartbeat timeout (None: no heartbeats): what it
+    /// allows this node; a quarter of it is how long a jump of the clock
+    /// must be to count as this process's own stall.
+    pub heartbeat_timeout: Option<Duration>,
     /// The scheduler silent for this long is lost (None: only a lost
     /// connection).
-    pub heartbeat_timeout: Option<Duration>,
+    pub scheduler_timeout: Option<Duration>,
+    /// The rank this node asks for (None: any).
+    pub rank: Option<u32>,
     /// How long to wait for the scheduler's answer to the registration.
     pub register_timeout: Duration,
 }
@@ -52,6 +71,11 @@ pub enum MemberState {
     Rejected(String),
     /// The scheduler is gone.
     SchedulerLost(String),
+    /// The scheduler declared this node dead while it was alive: its id
+    /// may belong to a replacement; it must stop.
+    Fenced(String),
+    /// Every worker is gone: the job is over (`true`: a worker died).
+    JobEnded(String, bool),
     /// Left in order.
     Left,
 }
@@ -81,6 +105,10 @@ pub enum MemberEvent {
     },
     /// The scheduler is gone: everything waiting must fail.
     SchedulerLost(String),
+    /// This node was declared dead (fenced): it must stop.
+    Fenced(String),
+    /// The job is over (every worker is gone); `true`: it failed.
+    JobEnded(String, bool),
 }
 
 /// Why a request to the member cannot be served.
@@ -110,8 +138,11 @@ pub struct Member {
     started: Instant,
     last_sent: Instant,
     last_heard: Instant,
+    /// The last time the driver called in (for stall detection).
+    last_call: Instant,
     barrier_seq: HashMap<u8, u64>,
-    waiting: BTreeSet<u8>,
+    /// Groups with a barrier in progress, and its seq.
+    waiting: BTreeMap<u8, u64>,
     out: VecDeque<Control>,
     events: VecDeque<MemberEvent>,
 }
@@ -129,8 +160,9 @@ impl Member {
             started: now,
             last_sent: now,
             last_heard: now,
+            last_call: now,
             barrier_seq: HashMap::new(),
-            waiting: BTreeSet::new(),
+            waiting: BTreeMap::new(),
             out: VecDeque::new(),
             events: VecDeque::new(),
             cfg,
@@ -140,6 +172,7 @@ impl Member {
             host: m.cfg.host.clone(),
             port: m.cfg.port,
             host_id: m.cfg.host_id,
+            rank: m.cfg.rank,
         });
         m
     }
@@ -152,6 +185,36 @@ impl Member {
     /// This node's id, once joined.
     pub fn id(&self) -> Option<NodeId> {
         self.id
+    }
+
+    /// This node's epoch for its id (0 before it joined).
+    pub fn epoch(&self) -> u32 {
+        self.id
+            .and_then(|id| self.nodes.get(&id))
+            .map_or(0, |n| n.epoch)
+    }
+
+    /// Whether `id` may connect to this node with `epoch`: the id is a
+    /// live node of the table, of that epoch. `Err` says why not.
+    pub fn admits(&self, id: NodeId, epoch: u32) -> Result<(), String> {
+        if id == 0 || self.id.is_none() {
+            return Ok(()); // not registered yet (a scheduler link), or we are not
+        }
+        if self.dead.contains(&id) {
+            return Err(format!(
+                "{} was declared dead by the scheduler; a process that still claims its id is fenced",
+                describe(id)
+            ));
+        }
+        match self.nodes.get(&id) {
+            Some(n) if n.epoch == epoch => Ok(()),
+            Some(n) => Err(format!(
+                "{} is now epoch {} (it was restarted); epoch {epoch} is an old process, fenced",
+                describe(id),
+                n.epoch
+            )),
+            None => Err(format!("{} is not in the node table", describe(id))),
+        }
     }
 
     /// Whether this node replaced a dead one.
@@ -185,7 +248,7 @@ impl Member {
             MemberState::Registering => Some(self.started + self.cfg.register_timeout),
             MemberState::Running => {
                 let hb = self.cfg.heartbeat_interval.map(|i| self.last_sent + i);
-                let lost = self.cfg.heartbeat_timeout.map(|t| self.last_heard + t);
+                let lost = self.cfg.scheduler_timeout.map(|t| self.last_heard + t);
                 match (hb, lost) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -230,8 +293,11 @@ impl Member {
                     self.events.push_back(MemberEvent::NodeDead(id));
                 }
             }
-            Control::BarrierDone { group, error, .. } => {
-                if self.waiting.remove(&group) {
+            Control::BarrierDone { group, seq, error } => {
+                // Only the answer to the barrier in progress (a late answer
+                // to one that timed out here is stale).
+                if self.waiting.get(&group) == Some(&seq) {
+                    self.waiting.remove(&group);
                     self.events.push_back(MemberEvent::BarrierDone {
                         group: Group(group),
                         error,
@@ -239,12 +305,38 @@ impl Member {
                 }
             }
             Control::HeartbeatAck => {}
+            Control::Fenced { reason } if self.state == MemberState::Running => {
+                self.end(
+                    MemberState::Fenced(reason.clone()),
+                    MemberEvent::Fenced(reason),
+                );
+            }
+            Control::JobEnded { reason, failed } if self.state == MemberState::Running => {
+                self.end(
+                    MemberState::JobEnded(reason.clone(), failed),
+                    MemberEvent::JobEnded(reason, failed),
+                );
+            }
             other => tracing::debug!(?other, "member ignores an unexpected control message"),
         }
     }
 
     /// Time passed: heartbeats, and the scheduler's silence.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let gap = now.saturating_duration_since(self.last_call);
+        self.last_call = now;
+        if self.is_stall(gap) && self.state == MemberState::Running {
+            // This process did not run for `gap`: the scheduler's silence
+            // meanwhile says nothing about it.
+            tracing::warn!(
+                "this node did not run for {gap:?} (stopped or starved); the scheduler may have declared it dead"
+            );
+            self.last_heard = (self.last_heard + gap).min(now);
+            if self.cfg.heartbeat_interval.is_some() {
+                self.out.push_back(Control::Heartbeat);
+                self.last_sent = now;
+            }
+        }
         match self.state {
             MemberState::Registering
                 if now.duration_since(self.started) >= self.cfg.register_timeout =>
@@ -257,7 +349,7 @@ impl Member {
                 self.events.push_back(MemberEvent::Rejected(reason));
             }
             MemberState::Running => {
-                if let Some(t) = self.cfg.heartbeat_timeout {
+                if let Some(t) = self.cfg.scheduler_timeout {
                     if now.duration_since(self.last_heard) > t {
                         self.lose_scheduler(format!("no word from the scheduler for {t:?}"));
                         return;
@@ -289,42 +381,88 @@ impl Member {
         }
     }
 
+    /// Whether a jump of the clock by `gap` between two calls means this
+    /// process was not running.
+    fn is_stall(&self, gap: Duration) -> bool {
+        self.cfg
+            .heartbeat_timeout
+            .is_some_and(|t| gap > (t / 4).max(Duration::from_millis(500)))
+    }
+
     fn lose_scheduler(&mut self, reason: String) {
-        self.state = MemberState::SchedulerLost(reason.clone());
-        for g in std::mem::take(&mut self.waiting) {
+        self.dead.insert(SCHEDULER_ID);
+        self.end(
+            MemberState::SchedulerLost(reason.clone()),
+            MemberEvent::SchedulerLost(reason),
+        );
+    }
+
+    /// Leaves RUNNING for good: barriers in progress fail with the reason.
+    fn end(&mut self, state: MemberState, event: MemberEvent) {
+        let reason = match &event {
+            MemberEvent::SchedulerLost(r) => format!("lost the scheduler: {r}"),
+            MemberEvent::Fenced(r) => format!("this node was fenced: {r}"),
+            MemberEvent::JobEnded(r, _) => format!("the job ended: {r}"),
+            _ => String::new(),
+        };
+        self.state = state;
+        for (g, _) in std::mem::take(&mut self.waiting) {
             self.events.push_back(MemberEvent::BarrierDone {
                 group: Group(g),
                 error: Some(format!("barrier abandoned: {reason}")),
             });
         }
-        self.dead.insert(SCHEDULER_ID);
-        self.events.push_back(MemberEvent::SchedulerLost(reason));
+        self.events.push_back(event);
     }
 
-    /// Arrives at a barrier of `group`; `BarrierDone` follows.
-    pub fn barrier(&mut self, group: Group, now: Instant) -> Result<u64, MemberError> {
+    /// Arrives at a barrier of `group` with `vote`; `BarrierDone` follows.
+    pub fn barrier(&mut self, group: Group, vote: Vote, now: Instant) -> Result<u64, MemberError> {
         if self.state != MemberState::Running {
             return Err(MemberError::NotRunning(self.state.clone()));
         }
         if !group.is_valid() {
             return Err(MemberError::BadGroup(group.0));
         }
-        if !self.waiting.insert(group.0) {
+        if self.waiting.contains_key(&group.0) {
             return Err(MemberError::BarrierBusy(group.0));
         }
         let seq = self.barrier_seq.entry(group.0).or_insert(0);
         *seq += 1;
+        let seq = *seq;
+        if !matches!(vote, Vote::Fail { .. }) {
+            // A failing node does not wait: the round fails with its
+            // reason, which it already knows.
+            self.waiting.insert(group.0, seq);
+        }
         self.out.push_back(Control::Barrier {
             group: group.0,
-            seq: *seq,
+            seq,
+            vote,
         });
         self.last_sent = now;
-        Ok(*seq)
+        Ok(seq)
+    }
+
+    /// The caller stopped waiting for the barrier of `group` in progress
+    /// (its timeout passed): the round fails on every node with `reason`,
+    /// and the next barrier of the group starts afresh here.
+    pub fn abandon_barrier(&mut self, group: Group, reason: String, now: Instant) {
+        let Some(seq) = self.waiting.remove(&group.0) else {
+            return;
+        };
+        if self.state == MemberState::Running {
+            self.out.push_back(Control::Barrier {
+                group: group.0,
+                seq,
+                vote: Vote::Fail { reason },
+            });
+            self.last_sent = now;
+        }
     }
 
     /// Leaves the cluster in order.
     pub fn leave(&mut self, now: Instant) {
-        if self.state == MemberState::Running {
+        if matches!(self.state, MemberState::Running | MemberState::JobEnded(..)) {
             self.out.push_back(Control::Leave);
             self.last_sent = now;
             self.state = MemberState::Left;

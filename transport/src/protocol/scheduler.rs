@@ -10,22 +10,47 @@
 //!                                               LEFT
 //! ```
 //!
-//! Ranks are given in order of registration once the last expected node has
-//! registered. A node that registers after the start takes over a dead
-//! node's id and rank (recovery). If none of its role is dead yet, its
-//! registration is *held* for up to the heartbeat timeout (5 s without
-//! heartbeats): a restarted process often registers before its old self is
-//! declared dead. It takes over the first node of its role to die
-//! meanwhile, or is refused when the time is up. Barriers: a round of group g completes when every non-left
-//! member of g (and the scheduler itself, if g includes it) has arrived; if a
-//! member is dead the round is released at once with an error naming it, so
-//! no barrier waits for a node that will not come.
+//! Ranks are given once the last expected node has registered: a node that
+//! asked for a rank (`DMLC_SERVER_ID`, `DMLC_WORKER_ID`, as the launcher
+//! sets them) gets it, the others fill the free ranks in registration
+//! order. A node that registers after the start takes over a dead node's
+//! id and rank (recovery; the one it asks for, if it asks), and the id's
+//! *epoch* moves on, so peers refuse the old process. If no node it could
+//! replace is dead yet, its registration is *held* for up to the heartbeat
+//! timeout (5 s without heartbeats): a restarted process often registers
+//! before its old self is declared dead. It takes over when that node dies
+//! meanwhile, or is refused when the time is up.
+//!
+//! Fencing: a node declared dead that still talks (it was stopped, not
+//! killed) gets `Fenced` and must stop; so does a connection the scheduler
+//! does not know. A replacement can then take its rank.
+//!
+//! Barriers: a round of group g completes when every non-left member of g
+//! (and the scheduler itself, if g includes it) has arrived; if a member is
+//! dead the round is released at once with an error naming it, so no
+//! barrier waits for a node that will not come. A node may vote `Fail`
+//! (its part of the collective failed, or it gave up waiting): the round
+//! fails at once on every node that arrived, and members that had not yet
+//! arrived are *owed* that failure: their next arrival in the group is
+//! answered with it at once. So a collective fails on every rank with the
+//! same cause. `Agree` votes must carry equal digests, or the round fails
+//! naming the disagreeing nodes.
+//!
+//! The end: when every node has left or died, `AllLeft` says which died.
+//! When every worker is gone (left or dead) while servers remain, the
+//! servers are told `JobEnded`.
+//!
+//! Subtle: the scheduler's own stalls. If the clock jumps by more than a
+//! quarter of the heartbeat timeout between two calls, the scheduler itself
+//! did not run (stopped, starved); the nodes' silence during the gap is
+//! not theirs, so every live node's last sign of life moves forward by the
+//! gap instead of everyone being declared dead.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::{describe, key_ranges, Group, NodeId, Role, SCHEDULER_ID};
-use crate::wire::{Control, NodeInfo};
+use crate::wire::{Control, NodeInfo, Vote};
 
 /// The driver's handle of a connection.
 pub type ConnId = u64;
@@ -66,8 +91,12 @@ pub enum SchedulerEvent {
         /// Why it failed, if it did.
         error: Option<String>,
     },
-    /// Every node has left: the cluster is shut down.
-    AllLeft,
+    /// Every node has left or died: the cluster is shut down. `dead` names
+    /// the nodes that died (empty: an orderly end).
+    AllLeft {
+        /// The nodes that died instead of leaving.
+        dead: Vec<NodeId>,
+    },
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -92,6 +121,7 @@ struct Pending {
     host: String,
     port: u16,
     host_id: u64,
+    rank: Option<u32>,
 }
 
 /// A registration after the start, waiting for a node of its role to die.
@@ -107,8 +137,8 @@ const HOLD_WITHOUT_HEARTBEATS: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 struct Round {
-    /// Node → the seq it sent.
-    arrived: BTreeMap<NodeId, u64>,
+    /// Node → the seq it sent, and its vote.
+    arrived: BTreeMap<NodeId, (u64, Vote)>,
     me: bool,
 }
 
@@ -125,6 +155,15 @@ pub struct Scheduler {
     nodes: BTreeMap<NodeId, Entry>,
     conn_node: HashMap<ConnId, NodeId>,
     rounds: BTreeMap<u8, Round>,
+    /// Per group, the members that had not arrived at a round that failed,
+    /// and its error: their next arrival gets it.
+    owed: BTreeMap<u8, BTreeMap<NodeId, String>>,
+    /// Connections of nodes declared dead (answered `Fenced`).
+    fenced: HashMap<ConnId, NodeId>,
+    /// The servers were told the job ended.
+    job_ended: bool,
+    /// The last time the driver called in (for stall detection).
+    last_call: Option<Instant>,
     out: VecDeque<(ConnId, Control)>,
     events: VecDeque<SchedulerEvent>,
 }
@@ -142,6 +181,10 @@ impl Scheduler {
             nodes: BTreeMap::new(),
             conn_node: HashMap::new(),
             rounds: BTreeMap::new(),
+            owed: BTreeMap::new(),
+            fenced: HashMap::new(),
+            job_ended: false,
+            last_call: None,
             out: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -204,12 +247,28 @@ impl Scheduler {
     /// A message arrived on `conn`.
     pub fn handle(&mut self, conn: ConnId, msg: Control, now: Instant) {
         self.clock = Some(now);
+        if let Some(id) = self.fenced.get(&conn).copied() {
+            // A node declared dead that still talks: it must stop.
+            if !matches!(msg, Control::Leave) {
+                self.fence(conn, id);
+            }
+            return;
+        }
         if let Some(&id) = self.conn_node.get(&conn) {
             match self.nodes.get_mut(&id) {
                 Some(e) if e.state == State::Alive => e.last_seen = now,
-                // A message from a dead node's old connection: ignored.
+                // A left node's connection: nothing more to say.
                 _ => return,
             }
+        } else if matches!(msg, Control::Heartbeat | Control::Barrier { .. }) {
+            // Talk from a connection no node holds (a replaced process).
+            self.out.push_back((
+                conn,
+                Control::Fenced {
+                    reason: "the scheduler does not know this connection's node (it was replaced after being declared dead)".into(),
+                },
+            ));
+            return;
         }
         match msg {
             Control::Register {
@@ -217,21 +276,37 @@ impl Scheduler {
                 host,
                 port,
                 host_id,
-            } => self.on_register(conn, role, host, port, host_id, now),
+                rank,
+            } => self.on_register(
+                conn,
+                Pending {
+                    conn,
+                    role: Role::Scheduler, // set by on_register
+                    host,
+                    port,
+                    host_id,
+                    rank,
+                },
+                role,
+                now,
+            ),
             Control::Heartbeat => {
                 if self.conn_node.contains_key(&conn) {
                     self.out.push_back((conn, Control::HeartbeatAck));
                 }
             }
-            Control::Barrier { group, seq } => {
+            Control::Barrier { group, seq, vote } => {
                 if let Some(&id) = self.conn_node.get(&conn) {
-                    self.on_barrier(id, Group(group), seq);
+                    self.on_barrier(id, Group(group), seq, vote);
                 }
             }
             Control::Leave => {
                 if let Some(&id) = self.conn_node.get(&conn) {
                     if let Some(e) = self.nodes.get_mut(&id) {
                         e.state = State::Left;
+                    }
+                    for owed in self.owed.values_mut() {
+                        owed.remove(&id);
                     }
                     self.recheck_barriers();
                     self.check_all_left();
@@ -245,16 +320,8 @@ impl Scheduler {
         }
     }
 
-    fn on_register(
-        &mut self,
-        conn: ConnId,
-        role: u8,
-        host: String,
-        port: u16,
-        host_id: u64,
-        now: Instant,
-    ) {
-        let role = match Role::from_code(role) {
+    fn on_register(&mut self, conn: ConnId, mut reg: Pending, role: u8, now: Instant) {
+        reg.role = match Role::from_code(role) {
             Some(r @ (Role::Server | Role::Worker)) => r,
             _ => {
                 self.reject(
@@ -264,20 +331,34 @@ impl Scheduler {
                 return;
             }
         };
+        let role = reg.role;
         if self.conn_node.contains_key(&conn)
             || self.pending.iter().any(|p| p.conn == conn)
             || self.held.iter().any(|h| h.reg.conn == conn)
         {
             return; // a duplicate of a registration already handled
         }
-        if self.started {
-            self.on_recovery(conn, role, host, port, host_id, now);
-            return;
-        }
         let expected = match role {
             Role::Server => self.cfg.num_servers,
             _ => self.cfg.num_workers,
         };
+        if let Some(r) = reg.rank {
+            if r >= expected {
+                self.reject(
+                    conn,
+                    format!(
+                        "asked for {role} rank {r} (DMLC_{}_ID), but the cluster has {expected} {role}s (ranks 0 to {})",
+                        if role == Role::Server { "SERVER" } else { "WORKER" },
+                        expected.saturating_sub(1)
+                    ),
+                );
+                return;
+            }
+        }
+        if self.started {
+            self.on_recovery(reg, now);
+            return;
+        }
         let have = self.pending.iter().filter(|p| p.role == role).count() as u32;
         if have >= expected {
             self.reject(
@@ -286,32 +367,56 @@ impl Scheduler {
             );
             return;
         }
-        self.pending.push(Pending {
-            conn,
-            role,
-            host,
-            port,
-            host_id,
-        });
+        if let Some(r) = reg.rank {
+            if self
+                .pending
+                .iter()
+                .any(|p| p.role == role && p.rank == Some(r))
+            {
+                self.reject(
+                    conn,
+                    format!("two {role}s asked for rank {r}: each DMLC_*_ID must be unique"),
+                );
+                return;
+            }
+        }
+        self.pending.push(reg);
         if self.pending.len() as u32 == self.cfg.num_servers + self.cfg.num_workers {
             self.start(now);
         }
     }
 
     fn start(&mut self, now: Instant) {
-        let mut ranks: HashMap<Role, u32> = HashMap::new();
-        for p in std::mem::take(&mut self.pending) {
-            let rank = ranks.entry(p.role).or_insert(0);
-            let id = p.role.id_of(*rank);
+        // Asked-for ranks first; the others take the free ones in
+        // registration order.
+        let pending = std::mem::take(&mut self.pending);
+        let taken: std::collections::HashSet<(Role, u32)> = pending
+            .iter()
+            .filter_map(|p| p.rank.map(|r| (p.role, r)))
+            .collect();
+        let mut next: HashMap<Role, u32> = HashMap::new();
+        for p in pending {
+            let rank = match p.rank {
+                Some(r) => r,
+                None => {
+                    let n = next.entry(p.role).or_insert(0);
+                    while taken.contains(&(p.role, *n)) {
+                        *n += 1;
+                    }
+                    *n += 1;
+                    *n - 1
+                }
+            };
+            let id = p.role.id_of(rank);
             let info = NodeInfo {
                 id,
                 role: p.role.code(),
-                rank: *rank,
+                rank,
                 host: p.host,
                 port: p.port,
                 host_id: p.host_id,
+                epoch: 0,
             };
-            *rank += 1;
             self.conn_node.insert(p.conn, id);
             self.nodes.insert(
                 id,
@@ -341,30 +446,35 @@ impl Scheduler {
         self.events.push_back(SchedulerEvent::Started);
     }
 
-    fn on_recovery(
-        &mut self,
-        conn: ConnId,
-        role: Role,
-        host: String,
-        port: u16,
-        host_id: u64,
-        now: Instant,
-    ) {
+    fn on_recovery(&mut self, reg: Pending, now: Instant) {
+        let role = reg.role;
+        let fits = |id: &NodeId, e: &Entry| {
+            Role::from_code(e.info.role) == Some(role)
+                && reg.rank.is_none_or(|r| e.info.rank == r)
+                && *id != SCHEDULER_ID
+        };
         let dead = self
             .nodes
             .iter()
-            .find(|(_, e)| e.state == State::Dead && Role::from_code(e.info.role) == Some(role))
+            .find(|(id, e)| e.state == State::Dead && fits(id, e))
             .map(|(id, _)| *id);
         let Some(id) = dead else {
-            // Only a live node of the role could die and be taken over.
+            // Only a live node it could replace could die and be taken over.
             let could_die = self
                 .nodes
-                .values()
-                .any(|e| e.state == State::Alive && Role::from_code(e.info.role) == Some(role));
+                .iter()
+                .any(|(id, e)| e.state == State::Alive && fits(id, e));
+            let which = match reg.rank {
+                Some(r) => format!("{role} {r}"),
+                None => format!("no {role}"),
+            };
             if !could_die {
                 self.reject(
-                    conn,
-                    format!("the cluster is complete and no {role} is dead: nothing to recover"),
+                    reg.conn,
+                    match reg.rank {
+                        Some(_) => format!("the cluster is complete and {which} is not dead (it left): nothing to recover"),
+                        None => format!("the cluster is complete and {which} is dead: nothing to recover"),
+                    },
                 );
                 return;
             }
@@ -375,43 +485,33 @@ impl Scheduler {
             // A node silent since before `now` is dead by `now + wait`.
             let until = now + wait + wait / 4;
             tracing::info!(
-                conn,
-                "a {role} registers while none is dead: held up to {:?} for one to die",
+                conn = reg.conn,
+                "a {role} registers while {} is dead: held up to {:?} for one to die",
+                if reg.rank.is_some() {
+                    format!("{which} is alive, not")
+                } else {
+                    which.clone()
+                },
                 until - now
             );
-            self.held.push(Held {
-                reg: Pending {
-                    conn,
-                    role,
-                    host,
-                    port,
-                    host_id,
-                },
-                until,
-            });
+            self.held.push(Held { reg, until });
             return;
         };
-        self.take_over(id, conn, host, port, host_id, now);
+        self.take_over(id, reg, now);
     }
 
-    /// A restarted node at `conn` takes over dead node `id`.
-    fn take_over(
-        &mut self,
-        id: NodeId,
-        conn: ConnId,
-        host: String,
-        port: u16,
-        host_id: u64,
-        now: Instant,
-    ) {
+    /// A restarted node (registration `reg`) takes over dead node `id`.
+    fn take_over(&mut self, id: NodeId, reg: Pending, now: Instant) {
+        let conn = reg.conn;
         let info = {
             let e = self.nodes.get_mut(&id).expect("found above");
             if let Some(old) = e.conn.take() {
                 self.conn_node.remove(&old);
             }
-            e.info.host = host;
-            e.info.port = port;
-            e.info.host_id = host_id;
+            e.info.host = reg.host;
+            e.info.port = reg.port;
+            e.info.host_id = reg.host_id;
+            e.info.epoch += 1;
             e.conn = Some(conn);
             e.last_seen = now;
             e.state = State::Alive;
@@ -446,10 +546,24 @@ impl Scheduler {
         }
     }
 
+    /// Tells the node of `conn` (declared dead, yet talking) to stop.
+    fn fence(&mut self, conn: ConnId, id: NodeId) {
+        self.out.push_back((
+            conn,
+            Control::Fenced {
+                reason: format!(
+                    "the scheduler declared {} dead (its heartbeats stopped for longer than the timeout); its rank may be taken by a restart",
+                    describe(id)
+                ),
+            },
+        ));
+    }
+
     /// The connection `conn` closed.
     pub fn disconnected(&mut self, conn: ConnId) {
         self.pending.retain(|p| p.conn != conn);
         self.held.retain(|h| h.reg.conn != conn);
+        self.fenced.remove(&conn);
         if let Some(id) = self.conn_node.remove(&conn) {
             let alive = self.nodes.get(&id).is_some_and(|e| e.state == State::Alive);
             if let Some(e) = self.nodes.get_mut(&id) {
@@ -464,6 +578,25 @@ impl Scheduler {
     /// Time passed: nodes silent beyond the heartbeat timeout are dead.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.clock = Some(now);
+        let gap = self
+            .last_call
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        self.last_call = Some(now);
+        if let Some(t) = self.cfg.heartbeat_timeout {
+            if gap > (t / 4).max(Duration::from_millis(500)) {
+                // The scheduler itself did not run: the nodes' silence
+                // during the gap is not theirs.
+                tracing::warn!(
+                    "the scheduler did not run for {gap:?} (stopped or starved); node silence during that time is not held against them"
+                );
+                for e in self.nodes.values_mut().filter(|e| e.state == State::Alive) {
+                    e.last_seen = (e.last_seen + gap).min(now);
+                }
+                for h in &mut self.held {
+                    h.until += gap;
+                }
+            }
+        }
         if let Some(t) = self.cfg.heartbeat_timeout {
             let silent: Vec<NodeId> = self
                 .nodes
@@ -497,25 +630,34 @@ impl Scheduler {
         }
         e.state = State::Dead;
         let role = Role::from_code(e.info.role);
+        let rank = e.info.rank;
+        if let Some(conn) = e.conn {
+            // Its connection may still be open (a stopped process):
+            // whatever it says from now on is answered `Fenced`.
+            self.fenced.insert(conn, id);
+            self.conn_node.remove(&conn);
+            e.conn = None;
+        }
         tracing::warn!("{} is dead: {reason}", describe(id));
         self.broadcast_except(id, Control::NodeDead { id });
         self.events
             .push_back(SchedulerEvent::NodeDead { id, reason });
+        for owed in self.owed.values_mut() {
+            owed.remove(&id);
+        }
         self.recheck_barriers();
-        self.check_all_left();
-        // A registration held for a node of this role takes it over.
-        if let Some(i) = self.held.iter().position(|h| Some(h.reg.role) == role) {
+        // A registration held for a node of this role (and rank, if it
+        // asked for one) takes it over.
+        if let Some(i) = self
+            .held
+            .iter()
+            .position(|h| Some(h.reg.role) == role && h.reg.rank.is_none_or(|r| r == rank))
+        {
             let h = self.held.remove(i);
             let now = self.clock.unwrap_or(h.until);
-            let Pending {
-                conn,
-                host,
-                port,
-                host_id,
-                ..
-            } = h.reg;
-            self.take_over(id, conn, host, port, host_id, now);
+            self.take_over(id, h.reg, now);
         }
+        self.check_all_left();
     }
 
     /// The scheduler itself arrives at a barrier of `group` (which must
@@ -525,15 +667,33 @@ impl Scheduler {
         self.check_round(group);
     }
 
-    fn on_barrier(&mut self, id: NodeId, group: Group, seq: u64) {
+    fn on_barrier(&mut self, id: NodeId, group: Group, seq: u64, vote: Vote) {
         if !group.is_valid() {
             return;
         }
-        self.rounds
-            .entry(group.0)
-            .or_default()
-            .arrived
-            .insert(id, seq);
+        // A member owed the failure of a round it had not reached: this
+        // arrival is its part of that round.
+        if let Some(error) = self.owed.get_mut(&group.0).and_then(|o| o.remove(&id)) {
+            if let Some(conn) = self.nodes.get(&id).and_then(|e| e.conn) {
+                self.out.push_back((
+                    conn,
+                    Control::BarrierDone {
+                        group: group.0,
+                        seq,
+                        error: Some(error),
+                    },
+                ));
+            }
+            return;
+        }
+        let round = self.rounds.entry(group.0).or_default();
+        match round.arrived.get(&id) {
+            // A node that gave up waiting: its vote replaces its arrival
+            // (a vote for a round that has completed is stale).
+            Some((s, _)) if *s != seq => return,
+            _ => {}
+        }
+        round.arrived.insert(id, (seq, vote));
         self.check_round(group);
     }
 
@@ -561,7 +721,17 @@ impl Scheduler {
             .filter(|(_, s)| *s == State::Dead)
             .map(|(id, _)| *id)
             .collect();
-        let error = if !dead.is_empty() {
+        let failed = round.arrived.iter().find_map(|(id, (_, v))| match v {
+            Vote::Fail { reason } => Some(format!(
+                "barrier of group {} failed on {}: {reason}",
+                group.0,
+                describe(*id)
+            )),
+            _ => None,
+        });
+        let error = if let Some(e) = failed {
+            Some(e)
+        } else if !dead.is_empty() {
             let names: Vec<String> = dead.iter().map(|d| describe(*d)).collect();
             Some(format!(
                 "barrier of group {} cannot complete: {} dead",
@@ -574,10 +744,23 @@ impl Scheduler {
             if !(all_nodes && me_ok) {
                 return;
             }
-            None
+            disagreement(group, &round.arrived)
         };
         let round = self.rounds.remove(&group.0).expect("checked above");
-        for (id, seq) in round.arrived {
+        if let Some(e) = &error {
+            // Live members that had not arrived get the same failure when
+            // they do.
+            let owed = self.owed.entry(group.0).or_default();
+            for (id, state) in &members {
+                if *state == State::Alive && !round.arrived.contains_key(id) {
+                    owed.insert(*id, e.clone());
+                }
+            }
+        }
+        for (id, (seq, vote)) in round.arrived {
+            if matches!(vote, Vote::Fail { .. }) {
+                continue; // it is not waiting
+            }
             if let Some(conn) = self.nodes.get(&id).and_then(|e| e.conn) {
                 self.out.push_back((
                     conn,
@@ -596,18 +779,51 @@ impl Scheduler {
     }
 
     fn check_all_left(&mut self) {
-        if !self.all_left_reported
-            && self.started
-            && self.nodes.values().all(|e| e.state != State::Alive)
-        {
+        if !self.started {
+            return;
+        }
+        let dead = |nodes: &BTreeMap<NodeId, Entry>, role: Option<Role>| -> Vec<NodeId> {
+            nodes
+                .iter()
+                .filter(|(_, e)| {
+                    e.state == State::Dead
+                        && role.is_none_or(|r| Role::from_code(e.info.role) == Some(r))
+                })
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let workers_gone = self
+            .nodes
+            .values()
+            .all(|e| Role::from_code(e.info.role) != Some(Role::Worker) || e.state != State::Alive);
+        if workers_gone && !self.job_ended {
+            // Nobody is left to push, pull or stop the servers: tell them.
+            self.job_ended = true;
+            let dead_workers = dead(&self.nodes, Some(Role::Worker));
+            let failed = !dead_workers.is_empty();
+            let reason = if failed {
+                let names: Vec<String> = dead_workers.iter().map(|d| describe(*d)).collect();
+                format!("every worker is gone, and {} died", names.join(", "))
+            } else {
+                "every worker has left".to_string()
+            };
+            self.broadcast_except(SCHEDULER_ID, Control::JobEnded { reason, failed });
+        }
+        if !self.all_left_reported && self.nodes.values().all(|e| e.state != State::Alive) {
             self.all_left_reported = true;
-            self.events.push_back(SchedulerEvent::AllLeft);
+            let dead = dead(&self.nodes, None);
+            self.events.push_back(SchedulerEvent::AllLeft { dead });
         }
     }
 
     /// The scheduler's own id.
     pub fn id(&self) -> NodeId {
         SCHEDULER_ID
+    }
+
+    /// Whether the servers were told the job ended.
+    pub fn job_ended(&self) -> bool {
+        self.job_ended
     }
 
     /// Ids of the nodes that are alive.
@@ -618,4 +834,33 @@ impl Scheduler {
             .map(|(id, _)| *id)
             .collect()
     }
+}
+
+/// The error of a completed round whose `Agree` votes differ, if they do.
+fn disagreement(group: Group, arrived: &BTreeMap<NodeId, (u64, Vote)>) -> Option<String> {
+    let mut by_digest: BTreeMap<u64, (String, Vec<NodeId>)> = BTreeMap::new();
+    for (id, (_, v)) in arrived {
+        if let Vote::Agree { digest, summary } = v {
+            by_digest
+                .entry(*digest)
+                .or_insert_with(|| (summary.clone(), Vec::new()))
+                .1
+                .push(*id);
+        }
+    }
+    if by_digest.len() < 2 {
+        return None;
+    }
+    let sides: Vec<String> = by_digest
+        .values()
+        .map(|(summary, ids)| {
+            let who: Vec<String> = ids.iter().map(|i| describe(*i)).collect();
+            format!("{} has {summary}", who.join(", "))
+        })
+        .collect();
+    Some(format!(
+        "barrier of group {}: the nodes disagree: {}",
+        group.0,
+        sides.join("; ")
+    ))
 }

@@ -22,6 +22,33 @@ pub struct NodeInfo {
     /// A per-boot identifier of its host (shared-memory van: peers with the
     /// same value share memory).
     pub host_id: u64,
+    /// Which process holds the id: 0 for the first, one more for each
+    /// restart that took the id over. Peers refuse a connection that
+    /// claims the id with another epoch (a fenced old process).
+    pub epoch: u32,
+}
+
+/// What a node brings to a barrier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Vote {
+    /// Arrives.
+    Ready,
+    /// Arrives, and every node that brings a digest must bring the same
+    /// one (a setting every worker must share); `summary` names it in the
+    /// error when they differ.
+    Agree {
+        /// A hash of the setting.
+        digest: u64,
+        /// A short human form of it.
+        summary: String,
+    },
+    /// The collective failed on this node: the round fails on every node
+    /// with this reason (and so does the arrival of a node that comes
+    /// later to the same round).
+    Fail {
+        /// Why.
+        reason: String,
+    },
 }
 
 /// A control message.
@@ -38,6 +65,8 @@ pub enum Control {
         nonce: [u8; 32],
         /// The connector's node id (0 before it registered).
         node_id: u32,
+        /// The connector's epoch for that id (see [`NodeInfo::epoch`]).
+        epoch: u32,
         /// HMAC-SHA256 over the context, both nonces and the node id.
         mac: [u8; 32],
     },
@@ -83,6 +112,9 @@ pub enum Control {
         port: u16,
         /// Its host's identifier.
         host_id: u64,
+        /// The rank it asks for (`DMLC_SERVER_ID`, `DMLC_WORKER_ID`); None:
+        /// any, in registration order.
+        rank: Option<u32>,
     },
     /// The scheduler's answer: the registering node's id, and the cluster.
     Welcome {
@@ -117,6 +149,8 @@ pub enum Control {
         group: u8,
         /// The node's barrier count for this group.
         seq: u64,
+        /// What it brings.
+        vote: Vote,
     },
     /// Everyone of the group arrived (or it cannot complete).
     BarrierDone {
@@ -133,6 +167,20 @@ pub enum Control {
     HeartbeatAck,
     /// A node leaves in an orderly way (shutdown).
     Leave,
+    /// The scheduler to a node it declared dead (or never knew) that
+    /// still talks: its id is no longer its own; it must stop.
+    Fenced {
+        /// Why.
+        reason: String,
+    },
+    /// The scheduler to the nodes left when every worker is gone: the job
+    /// is over; `failed` says whether a worker died.
+    JobEnded {
+        /// Why.
+        reason: String,
+        /// A worker died (the job failed).
+        failed: bool,
+    },
 }
 
 impl Control {
@@ -171,6 +219,7 @@ mod tests {
                 host: "10.0.0.3".into(),
                 port: 9000,
                 host_id: 7,
+                rank: Some(1),
             },
             Control::Welcome {
                 your_id: 9,
@@ -181,6 +230,7 @@ mod tests {
                     host: "h".into(),
                     port: 1,
                     host_id: 2,
+                    epoch: 3,
                 }],
                 key_ranges: vec![(0, u64::MAX)],
                 recovery: false,
@@ -189,6 +239,21 @@ mod tests {
                 group: 7,
                 seq: 3,
                 error: Some("node 8 is dead".into()),
+            },
+            Control::Barrier {
+                group: 4,
+                seq: 2,
+                vote: Vote::Agree {
+                    digest: 77,
+                    summary: "sgd".into(),
+                },
+            },
+            Control::Fenced {
+                reason: "declared dead".into(),
+            },
+            Control::JobEnded {
+                reason: "every worker left".into(),
+                failed: false,
             },
             Control::Heartbeat,
         ];

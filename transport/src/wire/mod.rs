@@ -23,7 +23,7 @@
 mod control;
 mod frame;
 
-pub use control::{Control, NodeInfo};
+pub use control::{Control, NodeInfo, Vote};
 pub use frame::{
     decode_body, decode_header, Decoder, Flags, Frame, Header, Kind, Limits, WireError, HEADER_LEN,
     MAGIC, VERSION,

@@ -33,10 +33,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use pskv_engine::{Completion, Engine, OpSpec, Property, Var};
-use pskv_transport::protocol::role_rank;
-use pskv_transport::{
-    Group, KvResponse, KvWorker, NodeChange, Postoffice, RequestOptions, Role, TransportError,
-};
+use pskv_transport::{Group, KvResponse, KvWorker, Postoffice, RequestOptions, TransportError};
 
 use crate::comm::Comm;
 use crate::compression::Compression;
@@ -52,6 +49,9 @@ use crate::store::Options;
 use crate::tensor::{check_rows, Buf, Storage, Tensor};
 use crate::updater::{Rule, Updater};
 use crate::wire::{command, plan, rows_header, Head, Op, Part};
+
+mod collective;
+mod segments;
 
 /// Ops on at most this many bytes run at once on the thread that makes
 /// them ready (they only hand buffers to the transport).
@@ -293,89 +293,7 @@ impl DistStore {
             server_mp: AtomicBool::new(false),
             opts,
         });
-        // A restarted server has none of the shared segments of the old
-        // process: the parts it holds go back to plain messages at once,
-        // and a thread maps the new server's segments (its requests wait
-        // until the server has loaded its checkpoint), part by part.
-        let weak = Arc::downgrade(&store);
-        store.po.watch_nodes(Arc::new(move |change| {
-            let (NodeChange::Restarted(id), Some(me)) = (change, weak.upgrade()) else {
-                return;
-            };
-            let Some((Role::Server, rank)) = role_rank(id) else {
-                return;
-            };
-            let Some(epoch) = me.restarts.get(rank as usize).map(|r| r.fetch_add(1, Ordering::AcqRel) + 1) else {
-                return;
-            };
-            for (_, dk) in me.keys.all() {
-                let mut segs = dk.segs.write();
-                for (i, p) in dk.parts.iter().enumerate() {
-                    if p.server == rank {
-                        if let Some(s) = segs.get_mut(i) {
-                            *s = None;
-                        }
-                    }
-                }
-            }
-            if !(me.sync && me.opts.shm_direct) {
-                return;
-            }
-            let weak = weak.clone();
-            let spawned = std::thread::Builder::new()
-                .name("pskv-shm-reopen".into())
-                .spawn(move || {
-                    // Wait for the link to the new process (workers connect
-                    // to it as they learn of it); its van says whether
-                    // segments can be shared at all.
-                    let server = pskv_transport::Role::Server.id_of(rank);
-                    let mut waited = Duration::ZERO;
-                    let current = |me: &DistStore| {
-                        me.restarts[rank as usize].load(Ordering::Acquire) == epoch
-                            && !me.watchdog.stop.load(Ordering::Acquire)
-                    };
-                    let keys = loop {
-                        let Some(me) = weak.upgrade() else { return };
-                        if !current(&me) {
-                            return;
-                        }
-                        if me.po.van_to(server).is_some() {
-                            break me.keys.all();
-                        }
-                        if waited > me.opts.timeout {
-                            tracing::warn!(
-                                "server {rank} restarted but was not reached within {:?}; its keys keep plain messages",
-                                me.opts.timeout
-                            );
-                            return;
-                        }
-                        drop(me);
-                        std::thread::sleep(Duration::from_millis(20));
-                        waited += Duration::from_millis(20);
-                    };
-                    for (_, dk) in keys {
-                        let Some(me) = weak.upgrade() else { return };
-                        let fresh = me.map_segments(&dk, |p| p.server == rank);
-                        let mut segs = dk.segs.write();
-                        // Subtle: checked under the lock the restart
-                        // callback clears segments under, so segments of a
-                        // process that has died since are never installed.
-                        if !current(&me) {
-                            return;
-                        }
-                        for (i, seg) in fresh.into_iter().enumerate() {
-                            if dk.parts[i].server == rank && seg.is_some() {
-                                if let Some(s) = segs.get_mut(i) {
-                                    *s = seg;
-                                }
-                            }
-                        }
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::warn!("server {rank} restarted; its keys keep plain messages ({e})");
-            }
-        }));
+        segments::watch_restarts(&store);
         Ok(store)
     }
 
@@ -514,7 +432,10 @@ impl DistStore {
                 // SAFETY: this worker's own slot, which the server reads
                 // only after the push below (see `shm`).
                 unsafe { seg.slot_mut(self.po.my_rank() as usize) }.copy_from_slice(bytes);
-                Ok((Bytes::new(), seg.tag()))
+                // The server checks the count against the key's size, as it
+                // checks a message's length.
+                let count = (bytes.len() as u64).to_le_bytes();
+                Ok((Bytes::copy_from_slice(&count), seg.tag()))
             }
             None => Ok((d.share(p.start * ub..(p.start + p.len) * ub), 0)),
         }
@@ -718,54 +639,6 @@ impl DistStore {
             );
         })?;
         Ok(())
-    }
-
-    /// Maps the shared segments of the key's parts on co-located servers
-    /// (sync mode, `PSKV_KVSTORE_SHM` not 0). A part whose segment cannot be
-    /// had keeps the message path.
-    fn open_segments(&self, dk: &DistKey) {
-        let segs = self.map_segments(dk, |_| true);
-        *dk.segs.write() = segs;
-    }
-
-    /// Maps the shared segments of the key's parts that `want` names, on
-    /// co-located servers (None for the others, and where one cannot be
-    /// had: the reason is logged).
-    fn map_segments(
-        &self,
-        dk: &DistKey,
-        want: impl Fn(&Part) -> bool,
-    ) -> Vec<Option<Arc<Segment>>> {
-        let mut segs = vec![None; dk.parts.len()];
-        if self.sync && self.opts.shm_direct {
-            let slots = self.po.num_workers() as usize + 1;
-            let ub = dk.unit * dk.local.meta.dtype.size();
-            for (i, p) in dk.parts.iter().enumerate().filter(|(_, p)| want(p)) {
-                let server = pskv_transport::Role::Server.id_of(p.server);
-                if self.po.van_to(server) != Some("shm") {
-                    continue;
-                }
-                let head = self.head(Op::ShmOpen, dk.local.meta.dtype, Compression::None);
-                let got = self
-                    .kv
-                    .push_pull(&[p.ps_key], &[0], Bytes::new(), self.request_opts(head, 0))
-                    .and_then(|pend| pend.wait(self.opts.timeout));
-                let seg = got.map_err(|e| e.to_string()).and_then(|resp| {
-                    let path = String::from_utf8(resp.to_bytes().to_vec())
-                        .map_err(|_| "the server sent a path that is not UTF-8".to_string())?;
-                    Segment::open(std::path::Path::new(&path), slots, p.len * ub)
-                        .map_err(|e| e.to_string())
-                });
-                match seg {
-                    Ok(s) => segs[i] = Some(Arc::new(s)),
-                    Err(e) => tracing::warn!(
-                        "key {} part {i}: no shared memory with its server ({e}); using messages",
-                        dk.local.key
-                    ),
-                }
-            }
-        }
-        segs
     }
 
     /// A weak handle for ops (an op must not keep the store alive).
@@ -977,8 +850,10 @@ fn slice_state(s: &OptState, range: std::ops::Range<usize>) -> OptState {
     }
 }
 
-impl Flavor for DistStore {
-    fn init(&self, items: &[(Key, Tensor)]) -> Result<()> {
+impl DistStore {
+    /// Adds the keys of an `init` call to this worker's registry (after
+    /// the local checks).
+    fn register(&self, items: &[(Key, Tensor)]) -> Result<Vec<(Arc<DistKey>, Tensor)>> {
         for (i, (key, _)) in items.iter().enumerate() {
             self.keys.check_new(key)?;
             if items[..i].iter().any(|(k, _)| k == key) {
@@ -1026,25 +901,60 @@ impl Flavor for DistStore {
             )?;
             added.push((dk, value.clone()));
         }
-        let mut result = Ok(());
+        Ok(added)
+    }
+
+    /// The collective steps of `init`: the workers agree on the keys; rank
+    /// 0 sends the values; every worker checks its parts with the servers
+    /// (and maps the shared segments). Each step fails on every worker if
+    /// it fails on one.
+    fn init_together(
+        &self,
+        items: &[(Key, Tensor)],
+        added: &[(Arc<DistKey>, Tensor)],
+    ) -> Result<()> {
+        let metas: Vec<(Key, Meta)> = items
+            .iter()
+            .map(|(k, v)| (k.clone(), Meta::of(v)))
+            .collect();
+        self.collective("init", Ok(()), Some(collective::keys_setting(&metas)))?;
+        let mut sent = Ok(());
         if self.po.my_rank() == 0 {
-            for (dk, value) in &added {
+            for (dk, value) in added {
                 if let Err(e) = self.init_op(dk, value) {
-                    result = Err(e);
+                    sent = Err(e);
                     break;
                 }
             }
-            if result.is_ok() {
-                result = self.wait_vars(added.iter().map(|(dk, _)| &dk.var));
+            if sent.is_ok() {
+                sent = self.wait_vars(added.iter().map(|(dk, _)| &dk.var));
             }
         }
-        // Every worker reaches the barrier, even after a failure on rank 0,
-        // so that nobody waits for it.
-        let barrier = self.barrier();
-        result?;
-        barrier?;
-        for (dk, _) in &added {
-            self.open_segments(dk);
+        self.collective("init", sent, None)?;
+        let mut checked = Ok(());
+        for (dk, _) in added {
+            if let Err(e) = self.check_parts(dk, |_| true) {
+                checked = Err(e);
+                break;
+            }
+        }
+        self.collective("init", checked, None)
+    }
+}
+
+impl Flavor for DistStore {
+    fn init(&self, items: &[(Key, Tensor)]) -> Result<()> {
+        let added = match self.register(items) {
+            Ok(a) => a,
+            Err(e) => return self.collective("init", Err(e), None),
+        };
+        if let Err(e) = self.init_together(items, &added) {
+            // The keys are unusable on every worker (the same error
+            // everywhere); the others of the store are not touched.
+            for (key, _) in items {
+                self.keys.remove(key);
+            }
+            return Err(e);
         }
         if self.worker_rule.read().is_some() {
             for (dk, _) in &added {
@@ -1157,34 +1067,44 @@ impl Flavor for DistStore {
     }
 
     fn set_optimizer(&self, opt: Optimizer) -> Result<()> {
-        opt.validate()?;
-        if self.worker_rule.read().is_some() {
-            return Err(KvError::invalid(
-                "this store runs its updater on the workers (set_updater); create a new store to run an optimizer on the servers",
-            ));
+        #[derive(serde::Serialize)]
+        struct Msg<'a> {
+            optimizer: &'a Optimizer,
         }
-        // Pushes made before this call on any worker finish under the old
-        // rule: wait for this worker's ops, then for every worker.
-        self.engine.wait_for_all()?;
-        self.barrier()?;
+        // Collective: a worker whose optimizer cannot be used fails the call
+        // on every worker, and the workers' optimizers must be equal.
+        let local = (|| -> Result<Vec<u8>> {
+            opt.validate()?;
+            if self.worker_rule.read().is_some() {
+                return Err(KvError::invalid(
+                    "this store runs its updater on the workers (set_updater); create a new store to run an optimizer on the servers",
+                ));
+            }
+            // Pushes made before this call on any worker finish under the
+            // old rule: wait for this worker's ops (the barrier waits for
+            // every worker).
+            self.engine.wait_for_all()?;
+            serde_json::to_vec(&Msg { optimizer: &opt })
+                .map_err(|e| KvError::invalid(format!("encoding the optimizer: {e}")))
+        })();
+        let body = match local {
+            Ok(b) => b,
+            Err(e) => return self.collective("set_optimizer", Err(e), None),
+        };
+        self.collective(
+            "set_optimizer",
+            Ok(()),
+            Some(collective::json_setting(opt.name(), &body)),
+        )?;
         let mut result = Ok(());
         if self.po.my_rank() == 0 {
-            #[derive(serde::Serialize)]
-            struct Msg<'a> {
-                optimizer: &'a Optimizer,
-            }
-            let body = serde_json::to_vec(&Msg { optimizer: &opt })
-                .map_err(|e| KvError::invalid(format!("encoding the optimizer: {e}")));
-            result = body.and_then(|b| {
-                self.command(command::CONTROLLER, Bytes::from(b))
-                    .map(|_| ())
-            });
+            result = self
+                .command(command::CONTROLLER, Bytes::from(body))
+                .map(|_| ());
         }
         self.server_mp.store(opt.multi_precision, Ordering::Release);
         self.server_opt.store(true, Ordering::Release);
-        let barrier = self.barrier();
-        result?;
-        barrier
+        self.collective("set_optimizer", result, None)
     }
 
     fn set_updater(&self, updater: Arc<dyn Updater>) -> Result<()> {
@@ -1217,12 +1137,13 @@ impl Flavor for DistStore {
         // Servers that checkpoint record every key now (rank 0 asks, once,
         // and is answered once the files are written); the second barrier
         // holds every worker until then, so no round completed before a
-        // barrier returned can be lost to a server crash.
+        // barrier returned can be lost to a server crash. A checkpoint
+        // that cannot be written fails the barrier on every worker.
+        let mut recorded = Ok(());
         if self.po.my_rank() == 0 {
-            self.command(command::CHECKPOINT, Bytes::new())?;
+            recorded = self.command(command::CHECKPOINT, Bytes::new()).map(|_| ());
         }
-        self.po.barrier(Group::WORKERS, self.opts.timeout)?;
-        Ok(())
+        self.collective("barrier", recorded, None)
     }
 
     fn rank(&self) -> u32 {
@@ -1293,6 +1214,10 @@ impl Flavor for DistStore {
             .map_err(|e| KvError::invalid(format!("encoding optimizer states: {e}")))?;
         self.command(command::SET_STATES, Bytes::from(body))
             .map(|_| ())
+    }
+
+    fn abort_collective(&self, call: &'static str, e: KvError) -> Result<()> {
+        self.collective(call, Err(e), None)
     }
 
     fn shared_memory_parts(&self) -> usize {

@@ -1,0 +1,99 @@
+//! Calls every worker makes together (`init`, `set_optimizer`, `barrier`,
+//! `close`) end together: a worker whose part failed makes the workers'
+//! barrier fail on every worker with its cause (instead of leaving them
+//! waiting for the timeout), and what every worker must share (the keys'
+//! shapes and types, the optimizer) is compared at the barrier, so that a
+//! difference is an error everywhere rather than one worker's setting
+//! silently winning.
+
+use pskv_transport::{Group, TransportError};
+
+use super::DistStore;
+use crate::error::{KvError, Result};
+use crate::key::Key;
+use crate::registry::Meta;
+
+/// A stable 64-bit digest (FNV-1a) of a setting's bytes.
+pub(crate) fn digest(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// At most this much of a setting's description goes into an error.
+const SUMMARY_CHARS: usize = 600;
+
+fn shorten(mut s: String) -> String {
+    if s.len() > SUMMARY_CHARS {
+        let mut cut = SUMMARY_CHARS;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str(" ...");
+    }
+    s
+}
+
+/// The digest and description of the keys of an `init` call.
+pub(super) fn keys_setting(items: &[(Key, Meta)]) -> (u64, String) {
+    let all: Vec<String> = items
+        .iter()
+        .map(|(k, m)| {
+            format!(
+                "key {k} {} {:?}{}",
+                m.dtype,
+                m.shape,
+                if m.storage == crate::tensor::Storage::RowSparse {
+                    " row-sparse"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect();
+    let text = all.join(", ");
+    (digest(text.as_bytes()), shorten(text))
+}
+
+/// The digest and description of an optimizer (its JSON).
+pub(super) fn json_setting(name: &str, json: &[u8]) -> (u64, String) {
+    (
+        digest(json),
+        shorten(format!("{name} {}", String::from_utf8_lossy(json))),
+    )
+}
+
+impl DistStore {
+    /// This worker's end of a collective call: if its part failed
+    /// (`local`), the workers' barrier fails on every worker with the cause
+    /// and the error is returned; else it waits at the barrier, bringing
+    /// `agree` (a setting's digest and description) if given.
+    pub(super) fn collective(
+        &self,
+        call: &'static str,
+        local: Result<()>,
+        agree: Option<(u64, String)>,
+    ) -> Result<()> {
+        if let Err(e) = local {
+            let reason = format!("{call} failed on worker {}: {e}", self.po.my_rank());
+            if let Err(b) = self.po.barrier_fail(Group::WORKERS, &reason) {
+                tracing::warn!("telling the other workers that {reason}: {b}");
+            }
+            return Err(e);
+        }
+        let r = match agree {
+            Some((d, s)) => self
+                .po
+                .barrier_agree(Group::WORKERS, d, &s, self.opts.timeout),
+            None => self.po.barrier(Group::WORKERS, self.opts.timeout),
+        };
+        match r {
+            Err(TransportError::Barrier(message)) => Err(KvError::Collective { call, message }),
+            r => Ok(r?),
+        }
+    }
+}

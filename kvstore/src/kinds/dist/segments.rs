@@ -1,0 +1,206 @@
+//! What every worker checks of its keys with their servers after `init`,
+//! and the shared segments of the co-located fast path that come with it.
+//!
+//! After rank 0's init reached the servers, every worker sends one check
+//! per part ([`Op::Check`]): the type and byte count it holds, and whether
+//! it will map the part's segment (sync mode, `PSKV_KVSTORE_SHM` not 0,
+//! and a shared-memory link to the server). The server refuses a check
+//! that does not match its record, so no worker can push or pull a key of
+//! another size on any van; a worker that asks for the segment gets its
+//! path and slot size, which must match its own. The server knows from the
+//! checks who will map the file, and removes it once they have (`entry.rs`),
+//! so no file is left behind for workers that never map it.
+//!
+//! A restarted server has none of the old process's segments: the parts
+//! it holds go back to plain messages at once, and a thread on every
+//! worker checks those parts again with the new process (which maps the
+//! new segments where they can be had).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pskv_transport::protocol::role_rank;
+use pskv_transport::{NodeChange, Role};
+
+use super::{DistKey, DistStore};
+use crate::compression::Compression;
+use crate::error::{KvError, Result};
+use crate::shm::Segment;
+use crate::wire::{Check, Op, Part};
+
+impl DistStore {
+    /// Checks the parts of `dk` that `want` names with their servers (all
+    /// at once) and installs the segments that come back; the first error
+    /// (a mismatch with a server's record, a failed request) names the key.
+    pub(super) fn check_parts(&self, dk: &DistKey, want: impl Fn(&Part) -> bool) -> Result<()> {
+        let meta = &dk.local.meta;
+        let ub = dk.unit * meta.dtype.size();
+        let slots = self.po.num_workers() as usize + 1;
+        let mut pending = Vec::new();
+        for (i, p) in dk.parts.iter().enumerate().filter(|(_, p)| want(p)) {
+            let server = Role::Server.id_of(p.server);
+            let wants_shm =
+                self.sync && self.opts.shm_direct && self.po.van_to(server) == Some("shm");
+            let check = Check {
+                part_bytes: (p.len * ub) as u64,
+                wants_shm,
+                shape: meta.shape.iter().map(|d| *d as u64).collect(),
+            };
+            let body = Bytes::from(check.encode());
+            let head = self.head(Op::Check, meta.dtype, Compression::None);
+            let sent = self.kv.push_pull(
+                &[p.ps_key],
+                &[body.len() as u32],
+                body,
+                self.request_opts(head, 0),
+            )?;
+            pending.push((i, sent));
+        }
+        let mut first_err = None;
+        let mut fresh = Vec::new();
+        for (i, sent) in pending {
+            let got = sent.wait(self.opts.timeout);
+            let resp = match got {
+                Ok(r) => r,
+                Err(e) => {
+                    first_err.get_or_insert(KvError::Server {
+                        op: "init",
+                        key: dk.local.key.to_string(),
+                        message: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let body = resp.to_bytes();
+            if body.is_empty() {
+                continue;
+            }
+            let want_bytes = dk.parts[i].len * ub;
+            let seg = std::str::from_utf8(&body)
+                .ok()
+                .and_then(|t| t.split_once('\n'))
+                .ok_or_else(|| "the server sent a malformed segment answer".to_string())
+                .and_then(|(path, bytes)| {
+                    if bytes.parse::<usize>() != Ok(want_bytes) {
+                        return Err(format!(
+                            "the server's segment has slots of {bytes} bytes, this part has {want_bytes}"
+                        ));
+                    }
+                    Segment::open(std::path::Path::new(path), slots, want_bytes)
+                        .map_err(|e| e.to_string())
+                });
+            match seg {
+                Ok(s) => fresh.push((i, Arc::new(s))),
+                // The server removes the file after the next round.
+                Err(e) => tracing::warn!(
+                    "key {} part {i}: no shared memory with its server ({e}); using messages",
+                    dk.local.key
+                ),
+            }
+        }
+        let mut segs = dk.segs.write();
+        if segs.len() != dk.parts.len() {
+            *segs = vec![None; dk.parts.len()];
+        }
+        for (i, s) in fresh {
+            segs[i] = Some(s);
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Watches for restarted servers: their parts leave shared memory at once,
+/// and a thread checks them again with the new process.
+pub(super) fn watch_restarts(store: &Arc<DistStore>) {
+    let weak = Arc::downgrade(store);
+    store.po.watch_nodes(Arc::new(move |change| {
+        let (NodeChange::Restarted(id), Some(me)) = (change, weak.upgrade()) else {
+            return;
+        };
+        let Some((Role::Server, rank)) = role_rank(id) else {
+            return;
+        };
+        let Some(epoch) = me
+            .restarts
+            .get(rank as usize)
+            .map(|r| r.fetch_add(1, Ordering::AcqRel) + 1)
+        else {
+            return;
+        };
+        for (_, dk) in me.keys.all() {
+            let mut segs = dk.segs.write();
+            for (i, p) in dk.parts.iter().enumerate() {
+                if p.server == rank {
+                    if let Some(s) = segs.get_mut(i) {
+                        *s = None;
+                    }
+                }
+            }
+        }
+        let weak = weak.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pskv-recheck".into())
+            .spawn(move || recheck(weak, rank, epoch));
+        if let Err(e) = spawned {
+            tracing::warn!("server {rank} restarted; its keys keep plain messages ({e})");
+        }
+    }));
+}
+
+/// Checks the parts of server `rank` again with its new process (restart
+/// number `epoch`), once the link to it is up.
+fn recheck(weak: std::sync::Weak<DistStore>, rank: u32, epoch: u64) {
+    let server = Role::Server.id_of(rank);
+    let mut waited = Duration::ZERO;
+    let current = |me: &DistStore| {
+        me.restarts[rank as usize].load(Ordering::Acquire) == epoch
+            && !me.watchdog.stop.load(Ordering::Acquire)
+    };
+    // Workers connect to the new process as they learn of it; its van says
+    // whether segments can be shared at all.
+    let keys = loop {
+        let Some(me) = weak.upgrade() else { return };
+        if !current(&me) {
+            return;
+        }
+        if me.po.van_to(server).is_some() {
+            break me.keys.all();
+        }
+        if waited > me.opts.timeout {
+            tracing::warn!(
+                "server {rank} restarted but was not reached within {:?}; its keys keep plain messages",
+                me.opts.timeout
+            );
+            return;
+        }
+        drop(me);
+        std::thread::sleep(Duration::from_millis(20));
+        waited += Duration::from_millis(20);
+    };
+    for (key, dk) in keys {
+        let Some(me) = weak.upgrade() else { return };
+        // Subtle: segments of a process that has died since must not be
+        // installed; `check_parts` installs under the lock that the restart
+        // callback clears segments under, so check the epoch first and
+        // again after (clearing what a later restart made stale).
+        if !current(&me) {
+            return;
+        }
+        if let Err(e) = me.check_parts(&dk, |p| p.server == rank) {
+            tracing::warn!("key {key} after server {rank} restarted: {e}");
+        }
+        if !current(&me) {
+            let mut segs = dk.segs.write();
+            for (i, p) in dk.parts.iter().enumerate() {
+                if p.server == rank {
+                    if let Some(s) = segs.get_mut(i) {
+                        *s = None;
+                    }
+                }
+            }
+            return;
+        }
+    }
+}

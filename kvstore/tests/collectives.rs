@@ -1,0 +1,211 @@
+//! Collective calls of a distributed store fail together, and what every
+//! worker must agree on is checked: a key's size, type and shape at `init`
+//! (on every van and fast path, against the key's record on its server),
+//! the optimizer, a barrier that one worker gave up on, a collective that
+//! failed on one worker.
+
+use std::time::{Duration, Instant};
+
+use pskv_engine::Context;
+use pskv_kvstore::{DType, KvStore, Optimizer, Options, Tensor};
+use pskv_transport::VanKind;
+
+mod common;
+use common::*;
+
+fn opts(timeout: Duration) -> Options {
+    Options {
+        timeout,
+        ..Options::default()
+    }
+}
+
+/// What `init` of key 3 gives on each worker, when worker thread `i` inits
+/// it with `shape(i)` and `dtype(i)`; then whether key 7 (the same
+/// everywhere) still works.
+fn init_mismatch(
+    van: VanKind,
+    shape: fn(usize) -> Vec<usize>,
+    dtype: fn(usize) -> DType,
+) -> Vec<(String, bool)> {
+    let c = cluster_van(1, 2, van);
+    c.run_each(
+        "dist_sync",
+        opts(Duration::from_secs(20)),
+        move |i, kv, e| {
+            let t = Tensor::zeros(e, &shape(i), dtype(i), Context::Cpu).unwrap();
+            let r = kv.init(3, &t);
+            let w = Tensor::full(e, &[4], 1.0f32, Context::Cpu).unwrap();
+            let ok = kv.init(7, &w).is_ok()
+                && kv
+                    .pushpull(7, std::slice::from_ref(&w), std::slice::from_ref(&w), 0)
+                    .is_ok()
+                && w.to_vec::<f32>().is_ok();
+            (r.err().map(|e| e.to_string()).unwrap_or_default(), ok)
+        },
+    )
+    .into_iter()
+    .map(|(r, _, _)| r)
+    .collect()
+}
+
+/// Two workers that init one key with different sizes both get an error
+/// naming the key and both sizes, over TCP and over shared memory (where
+/// one rank used to read zeros for the missing elements, silently), and
+/// the store goes on working for the other keys.
+#[test]
+fn workers_that_init_a_key_with_different_sizes_all_get_an_error_naming_it() {
+    for van in [VanKind::Tcp, VanKind::Shm] {
+        for (a, b) in [(100usize, 200usize), (100, 50)] {
+            let sizes = if a == 100 && b == 200 {
+                (|i: usize| vec![if i == 0 { 100 } else { 200 }]) as fn(usize) -> Vec<usize>
+            } else {
+                |i: usize| vec![if i == 0 { 100 } else { 50 }]
+            };
+            let got = init_mismatch(van, sizes, |_| DType::F32);
+            eprintln!("{van:?}: {}", got[0].0);
+            for (e, ok) in &got {
+                assert!(
+                    e.contains("key 3") && e.contains(&a.to_string()) && e.contains(&b.to_string()),
+                    "{van:?}: {e:?}"
+                );
+                assert!(
+                    ok,
+                    "{van:?}: the store stopped working after the failed init"
+                );
+            }
+            assert_eq!(got[0].0, got[1].0, "{van:?}: the same error on both");
+        }
+    }
+}
+
+/// The same for the element type, and for shapes of one size.
+#[test]
+fn workers_that_init_a_key_with_different_types_or_shapes_all_get_an_error() {
+    let got = init_mismatch(
+        VanKind::Shm,
+        |_| vec![10],
+        |i| if i == 0 { DType::F32 } else { DType::F64 },
+    );
+    for (e, _) in &got {
+        assert!(
+            e.contains("key 3") && e.contains("f32") && e.contains("f64"),
+            "{e}"
+        );
+    }
+    let got = init_mismatch(
+        VanKind::Tcp,
+        |i| if i == 0 { vec![10, 10] } else { vec![100] },
+        |_| DType::F32,
+    );
+    for (e, _) in &got {
+        assert!(
+            e.contains("key 3") && e.contains("[10, 10]") && e.contains("[100]"),
+            "{e}"
+        );
+    }
+}
+
+/// An optimizer that fails on one worker (out of range here) fails
+/// `set_optimizer` on every worker at once, with its cause, instead of
+/// leaving the others at the barrier until the store's timeout.
+#[test]
+fn set_optimizer_that_fails_on_one_worker_fails_on_all_at_once() {
+    let c = cluster(1, 3);
+    let timeout = Duration::from_secs(20);
+    let out = c.run_each("dist_sync", opts(timeout), |i, kv, e| {
+        let w = Tensor::zeros(e, &[8], DType::F32, Context::Cpu).unwrap();
+        kv.init(0, &w).unwrap();
+        let opt = if i == 1 {
+            Optimizer::sgd(0.1).momentum(5.0)
+        } else {
+            Optimizer::sgd(0.1).momentum(0.9)
+        };
+        let t = Instant::now();
+        let r = kv.set_optimizer(opt);
+        (r.err().map(|e| e.to_string()), t.elapsed())
+    });
+    for ((e, took), _, _) in &out {
+        let e = e.as_deref().expect("an error on every worker");
+        assert!(e.contains("momentum"), "{e}");
+        assert!(*took < timeout / 4, "took {took:?}");
+    }
+}
+
+/// Different optimizers set by different workers are an error on all of
+/// them (rank 0's used to win silently).
+#[test]
+fn different_optimizers_on_different_workers_are_an_error() {
+    let c = cluster(1, 2);
+    let out = c.run_each("dist_sync", opts(Duration::from_secs(20)), |i, kv, e| {
+        let w = Tensor::zeros(e, &[8], DType::F32, Context::Cpu).unwrap();
+        kv.init(0, &w).unwrap();
+        let opt = if i == 0 {
+            Optimizer::sgd(0.1)
+        } else {
+            Optimizer::adam(0.1)
+        };
+        kv.set_optimizer(opt).err().map(|e| e.to_string())
+    });
+    for (e, _, _) in &out {
+        let e = e.as_deref().expect("an error on every worker");
+        eprintln!("{e}");
+        assert!(
+            e.contains("sgd") && e.contains("adam") && e.contains("disagree"),
+            "{e}"
+        );
+    }
+    assert_eq!(out[0].0, out[1].0);
+}
+
+/// A barrier that one worker gave up on (its timeout) fails on the others
+/// with that cause, and the next barrier works on every worker (a timed-out
+/// barrier used to poison every later one on that node).
+#[test]
+fn a_timed_out_barrier_fails_everywhere_and_the_next_one_works() {
+    let c = cluster(1, 2);
+    let out = c.run_each("dist_sync", opts(Duration::from_secs(2)), |i, kv, _| {
+        let first = if i == 0 {
+            kv.barrier()
+        } else {
+            std::thread::sleep(Duration::from_secs(3));
+            kv.barrier()
+        };
+        let second = kv.barrier();
+        (first.err().map(|e| e.to_string()), second)
+    });
+    let (e0, e1) = (&out[0].0 .0, &out[1].0 .0);
+    assert!(
+        e0.as_deref().is_some_and(|e| e.contains("timed out")),
+        "{e0:?}"
+    );
+    assert!(
+        e1.as_deref().is_some_and(|e| e.contains("gave up")),
+        "the late worker: {e1:?}"
+    );
+    for ((_, second), _, _) in &out {
+        assert!(second.is_ok(), "{second:?}");
+    }
+}
+
+/// Settings that make no sense are refused where the optimizer is made.
+#[test]
+fn nonsense_optimizer_settings_are_refused() {
+    for (o, what) in [
+        (Optimizer::sgd(-1.0), "learning_rate"),
+        (Optimizer::sgd(0.1).momentum(5.0), "momentum"),
+        (Optimizer::sgd(0.1).rescale_grad(0.0), "rescale_grad"),
+        (Optimizer::adam(0.1).epsilon(0.0), "epsilon"),
+        (Optimizer::adagrad(0.1).epsilon(0.0), "epsilon"),
+    ] {
+        let e = o.validate().unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+    }
+    assert!(Optimizer::sgd(0.0).momentum(0.0).validate().is_ok());
+    // KvStore is used here only to keep the import honest for local stores.
+    let engine = pskv_engine::Engine::new().unwrap();
+    assert!(KvStore::create("local", &engine)
+        .unwrap()
+        .set_optimizer(Optimizer::sgd(-1.0))
+        .is_err());
+}
