@@ -186,8 +186,48 @@ struct Member {
     role: Role,
     child: Child,
     status: Option<ExitStatus>,
+    /// When the launcher saw it exit (the order of deaths says who failed
+    /// first: the others often fail because of it).
+    died_at: Option<Instant>,
+    /// A descriptor that becomes readable when the process exits (Linux
+    /// 5.3+), so that the launcher wakes at a death instead of at its
+    /// next poll.
+    pidfd: Option<std::os::fd::OwnedFd>,
     /// A dead server that was started again (its failure is handled).
     replaced: bool,
+}
+
+/// A pidfd of `pid` (None where the kernel has none).
+fn pidfd_of(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open(2) with no flags; a returned descriptor is ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Sleeps up to `limit`, or until one of the processes behind `fds` exits.
+fn wait_for_exit(fds: &[std::os::fd::BorrowedFd<'_>], limit: Duration) {
+    use std::os::fd::AsRawFd;
+    if fds.is_empty() {
+        std::thread::sleep(limit);
+        return;
+    }
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: poll(2) on descriptors the members own, for the call only.
+    unsafe {
+        libc::poll(
+            polls.as_mut_ptr(),
+            polls.len() as libc::nfds_t,
+            limit.as_millis() as libc::c_int,
+        );
+    }
 }
 
 /// A running job (see the module docs for its states).
@@ -620,6 +660,7 @@ impl Job {
     /// Starts a member and tells the watchdog of it.
     fn start_member(&mut self, role: Role) -> Result<(), String> {
         let child = self.spawner.spawn(role)?;
+        let pidfd = pidfd_of(child.id());
         if let Some(w) = self.watchdog.as_mut() {
             w.watch(child.id());
         }
@@ -627,6 +668,8 @@ impl Job {
             role,
             child,
             status: None,
+            died_at: None,
+            pidfd,
             replaced: false,
         });
         Ok(())
@@ -655,9 +698,14 @@ impl Job {
                 self.teardown();
                 return Err(Failure::new("interrupted: the job was stopped", 130));
             }
+            let now = Instant::now();
             for m in self.members.iter_mut().filter(|m| m.status.is_none()) {
                 match m.child.try_wait() {
-                    Ok(Some(st)) => m.status = Some(st),
+                    Ok(Some(st)) => {
+                        m.status = Some(st);
+                        m.died_at = Some(now);
+                        m.pidfd = None;
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         let msg = format!("watching {}: {e}", m.role);
@@ -708,10 +756,13 @@ impl Job {
                 }
                 continue;
             }
+            // The first to die is blamed (the others often fail because of
+            // it); of deaths seen at once, one by a signal.
             let failed = self
                 .members
                 .iter()
-                .find(|m| !m.replaced && m.status.is_some_and(|s| !s.success()));
+                .filter(|m| !m.replaced && m.status.is_some_and(|s| !s.success()))
+                .min_by_key(|m| (m.died_at, m.status.and_then(|s| s.signal()).is_none()));
             if let Some(m) = failed {
                 let st = m.status.expect("checked");
                 let msg = format!(
@@ -756,7 +807,15 @@ impl Job {
                     ));
                 }
             }
-            std::thread::sleep(POLL);
+            let fds: Vec<std::os::fd::BorrowedFd<'_>> = self
+                .members
+                .iter()
+                .filter_map(|m| {
+                    use std::os::fd::AsFd;
+                    m.pidfd.as_ref().map(|f| f.as_fd())
+                })
+                .collect();
+            wait_for_exit(&fds, POLL);
         }
     }
 

@@ -1,8 +1,11 @@
 //! What the multi-process tests share: child processes that die with the
 //! test, a free port, readers of the children's output, a test binary
-//! re-run as a worker, and resident-set readings.
+//! re-run as a worker, resident-set readings, and the fault-injection
+//! harness (`cluster`).
 
 #![allow(dead_code)] // each test file uses its own part of this
+
+pub mod cluster;
 
 use std::io::Read;
 use std::process::{Child, Command};

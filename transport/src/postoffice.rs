@@ -1148,8 +1148,10 @@ impl Inner {
         match e {
             SchedulerEvent::Started => tracing::info!("every node registered: the cluster is up"),
             SchedulerEvent::NodeDead { id, reason } => {
+                // Subtle: the link stays open. A node declared dead while
+                // alive (stopped) speaks again on it and is answered
+                // `Fenced`; a node that really died closes it itself.
                 tracing::warn!("{} is dead: {reason}", describe(id));
-                self.drop_node(id, &reason);
             }
             SchedulerEvent::NodeRecovered { id } => {
                 tracing::info!("{} rejoined after a restart", describe(id))

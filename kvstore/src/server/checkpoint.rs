@@ -219,6 +219,15 @@ impl Checkpointer {
         Ok(())
     }
 
+    /// Stops the writer without writing what is pending: this process was
+    /// fenced (declared dead), and its replacement owns the file now.
+    pub fn abandon(&self) {
+        let mut t = self.table.lock();
+        t.written = t.version;
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.cv.notify_all();
+    }
+
     /// Stops the writer after a last write.
     pub fn stop(&self) {
         let _ = self.flush(Duration::from_secs(30));

@@ -255,6 +255,12 @@ impl Server {
         let weak = Arc::downgrade(&inner);
         po.watch_end(Arc::new(move |end| {
             if let Some(inner) = weak.upgrade() {
+                if matches!(end, NodeEnd::Fenced(_)) {
+                    // A replacement may own the checkpoint file by now.
+                    if let Some(c) = inner.ckpt.get() {
+                        c.abandon();
+                    }
+                }
                 let mut s = inner.stopped.lock();
                 if s.is_none() {
                     *s = Some(Some(end.clone()));
@@ -527,6 +533,7 @@ impl Inner {
             self.record(k, &st);
         }
         c.flush(Duration::from_secs(120))
+            .map_err(|e| format!("the checkpoint was not written: {e}"))
     }
 
     fn settings_changed(&self) {

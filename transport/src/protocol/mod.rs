@@ -97,6 +97,16 @@ pub fn role_rank(id: NodeId) -> Option<(Role, u32)> {
     }
 }
 
+/// The error of a barrier round of `group` that failed because node `id`
+/// voted `Fail` with `reason` (what every node of the round reports).
+pub fn vote_failure(group: Group, id: NodeId, reason: &str) -> String {
+    format!(
+        "barrier of group {} failed on {}: {reason}",
+        group.0,
+        describe(id)
+    )
+}
+
 /// A human name for a node: `server 1 (id 10)`.
 pub fn describe(id: NodeId) -> String {
     match role_rank(id) {

@@ -722,11 +722,7 @@ impl Scheduler {
             .map(|(id, _)| *id)
             .collect();
         let failed = round.arrived.iter().find_map(|(id, (_, v))| match v {
-            Vote::Fail { reason } => Some(format!(
-                "barrier of group {} failed on {}: {reason}",
-                group.0,
-                describe(*id)
-            )),
+            Vote::Fail { reason } => Some(super::vote_failure(group, *id, reason)),
             _ => None,
         });
         let error = if let Some(e) = failed {

@@ -280,9 +280,16 @@ pub(crate) fn start(
                 return;
             }
         }
-        // Closed: shut the write side so the peer sees the end.
-        if let Ok(mut wr) = Arc::try_unwrap(wr) {
-            let _ = wr.shutdown().await;
+        // Closed: shut the socket down (both ways), so the peer sees the
+        // end and our reader stops. (The direct path holds the write half
+        // too, so it cannot simply be dropped here.)
+        {
+            use std::os::fd::AsRawFd;
+            let stream: &tokio::net::TcpStream = (*wr).as_ref();
+            // SAFETY: shutdown(2) on a socket this link owns and keeps open.
+            unsafe {
+                libc::shutdown(stream.as_raw_fd(), libc::SHUT_RDWR);
+            }
         }
     });
 }

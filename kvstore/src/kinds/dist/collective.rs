@@ -6,6 +6,7 @@
 //! difference is an error everywhere rather than one worker's setting
 //! silently winning.
 
+use pskv_transport::protocol::vote_failure;
 use pskv_transport::{Group, TransportError};
 
 use super::DistStore;
@@ -79,11 +80,16 @@ impl DistStore {
         agree: Option<(u64, String)>,
     ) -> Result<()> {
         if let Err(e) = local {
-            let reason = format!("{call} failed on worker {}: {e}", self.po.my_rank());
+            // The others get this worker's failure as the barrier's; this
+            // worker reports it in the same words.
+            let reason = e.to_string();
             if let Err(b) = self.po.barrier_fail(Group::WORKERS, &reason) {
-                tracing::warn!("telling the other workers that {reason}: {b}");
+                tracing::warn!("telling the other workers that {call} failed here ({reason}): {b}");
             }
-            return Err(e);
+            return Err(KvError::Collective {
+                call,
+                message: vote_failure(Group::WORKERS, self.po.my_id(), &reason),
+            });
         }
         let r = match agree {
             Some((d, s)) => self
