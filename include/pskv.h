@@ -26,7 +26,8 @@
 // pskv failed internally (a caught panic): see `pskv_last_error`.
 #define PSKV_ERR_INTERNAL -3
 
-// A kvstore and the engine it schedules on (opaque to C).
+// A kvstore and the engine it schedules on (opaque to C: a handle is a
+// token for one of these, see the module docs).
 typedef struct pskv_kvstore pskv_kvstore;
 
 #ifdef __cplusplus
@@ -47,10 +48,11 @@ const char *pskv_last_error(void);
 int pskv_create(const char *kind, struct pskv_kvstore **out);
 
 // Waits for the store's operations, leaves the cluster (rank 0 stops the
-// servers after a barrier) and frees the handle. Null is accepted.
+// servers after a barrier) and frees the handle. Null is accepted; a
+// handle freed already is an argument error.
 //
 // # Safety
-// `kv` is null or a handle from `pskv_create`, not used afterwards.
+// Any value may be passed (handles are checked).
 int pskv_free(struct pskv_kvstore *kv);
 
 // Initializes `key` (0 to 2^32-1) with `len` floats.

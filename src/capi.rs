@@ -7,10 +7,19 @@
 //!
 //! Buffers are float32 and copied: a push's input may be reused as soon as
 //! the call returns, and a pull returns once `out` holds the value.
+//!
+//! A handle is a token, not an address: `pskv_create` registers the store
+//! in a table under a number never used again, and every call looks it up.
+//! So a handle used after `pskv_free`, freed twice, or made up is an
+//! argument error, not a crash; and a store freed while another thread
+//! still uses it lives until that call returns.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::engine::{Context, Engine};
 use crate::kvstore::{DType, Key, KvStore, Optimizer, Tensor};
@@ -25,11 +34,27 @@ pub const PSKV_ERR_KVSTORE: c_int = -2;
 /// pskv failed internally (a caught panic): see `pskv_last_error`.
 pub const PSKV_ERR_INTERNAL: c_int = -3;
 
-/// A kvstore and the engine it schedules on (opaque to C).
+/// A kvstore and the engine it schedules on (opaque to C: a handle is a
+/// token for one of these, see the module docs).
 pub struct PskvKvStore {
     kv: KvStore,
     _engine: Engine,
 }
+
+/// The live stores, by token.
+fn stores() -> &'static Mutex<HashMap<usize, Arc<PskvKvStore>>> {
+    static STORES: std::sync::OnceLock<Mutex<HashMap<usize, Arc<PskvKvStore>>>> =
+        std::sync::OnceLock::new();
+    STORES.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Tokens: multiples of 16 from 16 up (never 0, never reused, and not
+/// mistaken for a small integer cast to a pointer).
+static NEXT_TOKEN: AtomicUsize = AtomicUsize::new(1);
+
+/// The largest element count a buffer may have (its bytes must fit an
+/// `isize`, as Rust's slices require).
+const MAX_LEN: usize = isize::MAX as usize / std::mem::size_of::<f64>();
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
@@ -80,11 +105,21 @@ unsafe fn string<'a>(p: *const c_char, what: &str) -> Result<&'a str, (c_int, St
         .map_err(|_| arg(format!("{what} is not UTF-8")))
 }
 
-/// # Safety
-/// `kv` is null or a handle from `pskv_create` not yet freed.
-unsafe fn handle<'a>(kv: *const PskvKvStore) -> Result<&'a PskvKvStore, (c_int, String)> {
-    kv.as_ref()
-        .ok_or_else(|| arg("the kvstore handle is a null pointer"))
+/// The store behind a handle (kept alive for the call).
+fn handle(kv: *const PskvKvStore) -> Result<Arc<PskvKvStore>, (c_int, String)> {
+    if kv.is_null() {
+        return Err(arg("the kvstore handle is a null pointer"));
+    }
+    stores()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&(kv as usize))
+        .cloned()
+        .ok_or_else(|| {
+            arg(format!(
+                "{kv:p} is not a live kvstore handle (freed already, or never made by pskv_create)"
+            ))
+        })
 }
 
 /// # Safety
@@ -95,6 +130,11 @@ unsafe fn floats<'a>(p: *const f32, len: usize, what: &str) -> Result<&'a [f32],
     }
     if len == 0 {
         return Err(arg(format!("{what}: a length of 0")));
+    }
+    if len > MAX_LEN {
+        return Err(arg(format!(
+            "{what}: a length of {len} elements is more than any buffer can hold"
+        )));
     }
     Ok(std::slice::from_raw_parts(p, len))
 }
@@ -124,31 +164,40 @@ pub unsafe extern "C" fn pskv_create(kind: *const c_char, out: *mut *mut PskvKvS
             return Err(arg("out is a null pointer"));
         }
         let kind = string(kind, "kind")?;
+        crate::logging::init();
         let engine = Engine::new().map_err(|e| (PSKV_ERR_KVSTORE, e.to_string()))?;
         let kv = KvStore::create(kind, &engine).map_err(kv_err)?;
-        *out = Box::into_raw(Box::new(PskvKvStore {
-            kv,
-            _engine: engine,
-        }));
+        let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed) * 16;
+        stores().lock().unwrap_or_else(|p| p.into_inner()).insert(
+            token,
+            Arc::new(PskvKvStore {
+                kv,
+                _engine: engine,
+            }),
+        );
+        *out = token as *mut PskvKvStore;
         Ok(())
     })
 }
 
 /// Waits for the store's operations, leaves the cluster (rank 0 stops the
-/// servers after a barrier) and frees the handle. Null is accepted.
+/// servers after a barrier) and frees the handle. Null is accepted; a
+/// handle freed already is an argument error.
 ///
 /// # Safety
-/// `kv` is null or a handle from `pskv_create`, not used afterwards.
+/// Any value may be passed (handles are checked).
 #[no_mangle]
 pub unsafe extern "C" fn pskv_free(kv: *mut PskvKvStore) -> c_int {
     guard(|| {
         if kv.is_null() {
             return Ok(());
         }
-        let b = Box::from_raw(kv);
-        let r = b.kv.close().map_err(kv_err);
-        drop(b);
-        r
+        let h = handle(kv)?;
+        stores()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(kv as usize));
+        h.kv.close().map_err(kv_err)
     })
 }
 
@@ -441,8 +490,38 @@ mod tests {
                 ),
                 PSKV_ERR_ARGUMENT
             );
+            // Settings out of range are refused.
+            for p in [
+                c"learning_rate=-1",
+                c"learning_rate=0.1,momentum=5",
+                c"learning_rate=0.1,rescale_grad=0",
+            ] {
+                assert_eq!(
+                    pskv_set_optimizer(kv, c"sgd".as_ptr(), p.as_ptr()),
+                    PSKV_ERR_KVSTORE,
+                    "{p:?}"
+                );
+                assert!(last().contains("out of range"), "{}", last());
+            }
+            assert_eq!(
+                pskv_set_optimizer(kv, c"adam".as_ptr(), c"epsilon=0".as_ptr()),
+                PSKV_ERR_KVSTORE
+            );
+            // A length no buffer can have: an error, no panic.
+            assert_eq!(
+                pskv_push(kv, 7, v.as_ptr(), usize::MAX / 4, 0),
+                PSKV_ERR_ARGUMENT
+            );
+            assert!(last().contains("more than any buffer"), "{}", last());
             assert_eq!(pskv_free(kv), PSKV_OK);
             assert_eq!(pskv_free(std::ptr::null_mut()), PSKV_OK);
+            // A freed handle, freed again or used: an error, not a crash.
+            assert_eq!(pskv_free(kv), PSKV_ERR_ARGUMENT);
+            assert!(last().contains("not a live kvstore handle"), "{}", last());
+            assert_eq!(pskv_push(kv, 7, v.as_ptr(), 3, 0), PSKV_ERR_ARGUMENT);
+            assert_eq!(pskv_rank(kv, &mut r), PSKV_ERR_ARGUMENT);
+            let made_up = 0x1234usize as *mut PskvKvStore;
+            assert_eq!(pskv_barrier(made_up), PSKV_ERR_ARGUMENT);
 
             let mut bad: *mut PskvKvStore = std::ptr::null_mut();
             assert_eq!(pskv_create(c"nope".as_ptr(), &mut bad), PSKV_ERR_KVSTORE);

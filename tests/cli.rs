@@ -264,6 +264,14 @@ fn launch_rejects_bad_arguments() {
             "at least one worker",
         ),
         (
+            vec!["launch", "-n", "100000", "--", "true"],
+            "at most 4096 workers",
+        ),
+        (
+            vec!["launch", "-n", "1000", "-s", "100", "--", "true"],
+            "a local job has at most 1024",
+        ),
+        (
             vec!["launch", "-n", "1", "--launcher", "ssh", "--", "true"],
             "hostfile",
         ),

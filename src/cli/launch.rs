@@ -59,6 +59,11 @@ const KILL_GRACE: Duration = Duration::from_secs(3);
 const POLL: Duration = Duration::from_millis(20);
 /// How long a dead server stays dead before it is started again.
 const RESTART_DELAY: Duration = Duration::from_millis(500);
+/// The most workers, and the most servers, of a cluster (as
+/// `DMLC_NUM_WORKER` and `DMLC_NUM_SERVER` allow).
+const MAX_NODES: u32 = 4096;
+/// The most servers and workers a local job starts on this host.
+const MAX_LOCAL: u32 = 1024;
 
 /// Which launcher starts the processes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,6 +285,12 @@ impl Watchdog {
         let _ = io::Write::write_all(&mut self.pipe, format!("+{pgid}\n").as_bytes());
     }
 
+    /// Tells the watchdog about a directory of the job's own (removed if
+    /// the launcher dies without a goodbye).
+    fn watch_dir(&mut self, dir: &Path) {
+        let _ = io::Write::write_all(&mut self.pipe, format!("d{}\n", dir.display()).as_bytes());
+    }
+
     /// The job ended under the launcher's control: the watchdog leaves
     /// without killing anything.
     fn dismiss(mut self) {
@@ -289,8 +300,9 @@ impl Watchdog {
     }
 }
 
-/// `pskv launch-watchdog`: reads `+PGID` lines and a final `q` from stdin;
-/// at EOF without `q`, SIGKILLs every group it read.
+/// `pskv launch-watchdog`: reads `+PGID` and `dPATH` lines and a final `q`
+/// from stdin; at EOF without `q`, SIGKILLs every group it read and removes
+/// every directory (the job's own checkpoints: the model's weights).
 pub fn watchdog_main() {
     // SAFETY: setting signal dispositions to ignore; no handler runs.
     unsafe {
@@ -299,10 +311,15 @@ pub fn watchdog_main() {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
     }
     let mut groups = Vec::new();
+    let mut dirs = Vec::new();
     for line in io::BufRead::lines(io::stdin().lock()) {
         let Ok(line) = line else { break };
         if line == "q" {
             return;
+        }
+        if let Some(d) = line.strip_prefix('d') {
+            dirs.push(PathBuf::from(d));
+            continue;
         }
         if let Some(p) = line
             .strip_prefix('+')
@@ -317,6 +334,15 @@ pub fn watchdog_main() {
         // SAFETY: plain kill(2) on a group; a group that is gone answers ESRCH.
         unsafe {
             libc::kill(-g, libc::SIGKILL);
+        }
+    }
+    for d in dirs {
+        // Only a directory the launcher made: its name says so.
+        if d.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("pskv-checkpoints-"))
+        {
+            let _ = std::fs::remove_dir_all(&d);
         }
     }
 }
@@ -536,6 +562,20 @@ impl Job {
         if spec.workers == 0 || spec.servers == 0 {
             return Err("a job needs at least one worker (-n) and one server (-s)".into());
         }
+        if spec.workers > MAX_NODES || spec.servers > MAX_NODES {
+            return Err(format!(
+                "-n {} -s {}: a cluster has at most {MAX_NODES} workers and {MAX_NODES} servers",
+                spec.workers, spec.servers
+            ));
+        }
+        if launcher == Launcher::Local && spec.workers + spec.servers > MAX_LOCAL {
+            return Err(format!(
+                "-n {} -s {}: {} processes on this one host; a local job has at most {MAX_LOCAL} (spread larger jobs over hosts with --launcher ssh, mpi or slurm)",
+                spec.workers,
+                spec.servers,
+                spec.workers + spec.servers + 1
+            ));
+        }
         if spec.command.is_empty() {
             return Err("no worker command given (pskv launch ... -- CMD ARGS)".into());
         }
@@ -630,7 +670,7 @@ impl Job {
             },
             servers: spec.servers,
         };
-        let watchdog = match Watchdog::start(&exe) {
+        let mut watchdog = match Watchdog::start(&exe) {
             Ok(w) => w,
             Err(e) => {
                 if let Some(d) = &checkpoint_dir {
@@ -639,6 +679,9 @@ impl Job {
                 return Err(e);
             }
         };
+        if let Some(d) = &checkpoint_dir {
+            watchdog.watch_dir(d);
+        }
         let mut job = Job {
             members: Vec::new(),
             torn_down: false,

@@ -331,3 +331,24 @@ fn pskv_launch_restarts_a_killed_server_from_its_checkpoint() {
         "the launcher left its checkpoint directory behind"
     );
 }
+
+/// A launcher killed with SIGKILL leaves no checkpoint directory of its
+/// own behind (the model's weights): its watchdog removes it.
+#[test]
+fn a_killed_launcher_leaves_no_checkpoint_directory() {
+    let mut job = Job::new(0, 0, 3, &[]);
+    let l = launch_recovery(&mut job, &[]);
+    let pid = job.pid(l);
+    job.wait_line(Some(l), "STEP 3", Duration::from_secs(120));
+    assert_eq!(checkpoint_dirs(pid).len(), 1);
+    job.signal(l, libc::SIGKILL);
+    job.wait_exit(l, Duration::from_secs(10));
+    let end = Instant::now() + Duration::from_secs(10);
+    while !checkpoint_dirs(pid).is_empty() {
+        assert!(
+            Instant::now() < end,
+            "the checkpoint directory outlived the launcher"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

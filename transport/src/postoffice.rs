@@ -97,6 +97,13 @@ type BarrierSlot = Arc<Slot<Result<(), String>>>;
 /// How long the authentication handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections whose handshake may be in progress at once; more are closed
+/// at once. A flood of idle connections then costs bounded memory (each
+/// waiting handshake holds a task and a read buffer until its timeout),
+/// and real peers, which finish their handshake in milliseconds, get
+/// through once the flood's connections time out.
+const MAX_HANDSHAKES: usize = 256;
+
 enum Ctl {
     Scheduler(Scheduler),
     Member(Member),
@@ -137,6 +144,8 @@ pub(crate) struct Inner {
     /// The scheduler: every node left or died (`Err` names the dead).
     all_left: Arc<Slot<Result<(), String>>>,
     shutting_down: AtomicBool,
+    /// Handshakes in progress (at most `MAX_HANDSHAKES`).
+    handshakes: std::sync::atomic::AtomicUsize,
     my_id: AtomicU32,
     me: OnceLock<std::sync::Weak<Inner>>,
     rdma_dev: OnceLock<Result<Arc<dyn rdma::verbs::Device>, String>>,
@@ -276,6 +285,7 @@ impl Postoffice {
             end_watchers: RwLock::new(Vec::new()),
             all_left: Slot::new(),
             shutting_down: AtomicBool::new(false),
+            handshakes: std::sync::atomic::AtomicUsize::new(0),
             my_id: AtomicU32::new(my_id),
             me: OnceLock::new(),
             rdma_dev: OnceLock::new(),
@@ -847,9 +857,19 @@ impl Inner {
                 if me.shutting_down.load(Ordering::Acquire) {
                     return;
                 }
+                if me.handshakes.fetch_add(1, Ordering::AcqRel) >= MAX_HANDSHAKES {
+                    me.handshakes.fetch_sub(1, Ordering::AcqRel);
+                    tracing::debug!(
+                        "closed a connection from {addr}: {MAX_HANDSHAKES} handshakes are in progress already"
+                    );
+                    drop(stream);
+                    continue;
+                }
                 let me2 = me.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = me2.accept(stream, addr).await {
+                    let r = me2.accept(stream, addr).await;
+                    me2.handshakes.fetch_sub(1, Ordering::AcqRel);
+                    if let Err(e) = r {
                         tracing::warn!("refused a connection from {addr}: {e}");
                     }
                 });

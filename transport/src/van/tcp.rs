@@ -65,9 +65,17 @@ pub(crate) struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn new(rd: R, limits: Limits) -> Self {
+        // A handshake's frames are small: its buffer starts small too (a
+        // flood of connections that never finish one then costs little),
+        // and grows by READ_CHUNK once data flows.
+        let start = if limits.max_payload == Limits::HANDSHAKE.max_payload {
+            1024
+        } else {
+            READ_CHUNK
+        };
         FrameReader {
             rd,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::with_capacity(start),
             big: BytesMut::new(),
             limits,
         }
