@@ -115,6 +115,11 @@ struct LaunchArgs {
     /// job to a directory of its own.
     #[arg(long, value_name = "N", default_value_t = 0)]
     restart_servers: u32,
+    /// Copies of every server's keys: 2 keeps each on the next server too,
+    /// so that a server's death loses no round and needs no restart (sets
+    /// PSKV_REPLICAS for every process).
+    #[arg(long, value_name = "N")]
+    replicas: Option<u32>,
     /// The worker command and its arguments (after `--`).
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<std::ffi::OsString>,
@@ -136,6 +141,9 @@ fn launch(a: &LaunchArgs) -> ExitCode {
             Some((k, v)) if !k.is_empty() => env.push((k.to_string(), v.to_string())),
             _ => return fail(format!("--env {kv}: expected KEY=VALUE"), 2),
         }
+    }
+    if let Some(r) = a.replicas {
+        env.push(("PSKV_REPLICAS".into(), r.to_string()));
     }
     let mut spec = JobSpec::local(a.workers, a.servers.unwrap_or(a.workers), a.command.clone());
     spec.env = env;

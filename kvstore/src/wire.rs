@@ -7,7 +7,7 @@
 //!
 //! | bits | meaning |
 //! |---|---|
-//! | 0..4 | op: 1 init, 2 push, 3 pull, 4 push-pull, 5 row push, 6 row pull, 7 check |
+//! | 0..4 | op: 1 init, 2 push, 3 pull, 4 push-pull, 5 row push, 6 row pull, 7 check, 8 replicate (server to its backup) |
 //! | 4..8 | element type (mshadow code: 0 f32, 1 f64, 2 f16, 4 i32, 6 i64) |
 //! | 8..10 | compression (0 none, 1 2-bit, 2 1-bit) |
 //! | 10 | sync mode (the round of all workers) |
@@ -33,7 +33,14 @@
 //! - check ([`Check`]): what the worker holds of the part, and whether it
 //!   will map the part's shared segment; the answer is empty, or the
 //!   segment's path and slot size.
+//! - replicate: a postcard header (`server/replica.rs`) of `n` bytes after
+//!   `n: u32`, then the part's value.
 //! - pull and push-pull answers: the part's elements.
+//!
+//! With `PSKV_REPLICAS=2`, a push carries its round (the worker's count of
+//! pushes of the key, from 1) as the request's tag: a push that its server
+//! already applied (a retry, sent again to the backup after the server
+//! died) is answered without being applied again.
 //!
 //! # Parts
 //!
@@ -61,6 +68,9 @@ pub(crate) enum Op {
     /// Every worker, after `init`: check what it holds of the part against
     /// the server's record (and get the part's shared segment).
     Check = 7,
+    /// A server to its backup: the part's state after a round (or its
+    /// init), before the round is answered (`server/replica.rs`).
+    Replicate = 8,
 }
 
 /// The head of a data request.
@@ -100,6 +110,7 @@ impl Head {
             5 => Op::RowPush,
             6 => Op::RowPull,
             7 => Op::Check,
+            8 => Op::Replicate,
             x => return Err(format!("request head {cmd:#x}: unknown op {x}")),
         };
         let dtype = DType::from_code(((cmd >> 4) & 0xf) as u8)
@@ -325,6 +336,7 @@ mod tests {
             Op::RowPush,
             Op::RowPull,
             Op::Check,
+            Op::Replicate,
         ] {
             for dtype in [DType::F32, DType::F64, DType::F16, DType::I32, DType::I64] {
                 for compression in 0..3 {
@@ -342,7 +354,7 @@ mod tests {
             }
         }
         assert!(Head::decode(0).is_err());
-        assert!(Head::decode(8).is_err());
+        assert!(Head::decode(9).is_err());
         assert!(Head::decode(2 | (3 << 4)).is_err());
         assert!(Head::decode(2 | (3 << 8)).is_err());
         assert!(Head::decode(2 | (1 << 13)).is_err());

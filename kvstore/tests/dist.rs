@@ -587,6 +587,7 @@ fn the_server_answers_bad_requests_with_errors() {
     let head = |op: i32, dtype: i32, comp: i32| RequestOptions {
         cmd: op | (dtype << 4) | (comp << 8) | (1 << 10),
         priority: 0,
+        ..Default::default()
     };
     let err = |r: Result<pskv_transport::KvResponse, pskv_transport::TransportError>| {
         r.unwrap_err().to_string()
@@ -605,7 +606,8 @@ fn the_server_answers_bad_requests_with_errors() {
             f4.clone(),
             RequestOptions {
                 cmd: -5,
-                priority: 0
+                priority: 0,
+                ..Default::default()
             }
         )
         .unwrap()

@@ -20,7 +20,10 @@
 //! period). Dropping a `Job` tears it down too. With `--restart-servers N`,
 //! a server that fails while workers run is first started again (same
 //! role, host and environment; it recovers its rank and checkpoint), up to
-//! N times in all; the job stays *running*.
+//! N times in all; the job stays *running*. With replicas
+//! (`--replicas 2`, `PSKV_REPLICAS=2`), the death of one server is survived
+//! without a restart: its backup serves its keys, and the job stays
+//! *running*.
 //!
 //! Children never outlive the launcher: each child starts its own process
 //! group (so the job is stopped as a whole, grandchildren included) and asks
@@ -243,6 +246,8 @@ pub struct Job {
     spawner: Spawner,
     /// Server restarts left.
     restarts_left: u32,
+    /// Server deaths the job survives without a restart (replicas - 1).
+    deaths_allowed: u32,
     /// A checkpoint directory the launcher made for this job (removed with
     /// it).
     checkpoint_dir: Option<PathBuf>,
@@ -622,6 +627,25 @@ impl Job {
                 "PSKV_TOKEN must be one line of at most 4096 bytes for the ssh launcher".into(),
             );
         }
+        // Replicas: the setting in force (as for the token, the last one
+        // set wins).
+        let replicas = match env.iter().rev().find(|(k, _)| k == "PSKV_REPLICAS") {
+            Some((_, v)) => Some(v.clone()),
+            None => std::env::var("PSKV_REPLICAS").ok(),
+        };
+        let replicas: u32 = match replicas.as_deref().map(str::trim) {
+            None | Some("") => 1,
+            Some(v) => match v.parse() {
+                Ok(n @ 1..=2) => n,
+                _ => return Err(format!("PSKV_REPLICAS={v}: expected 1 or 2")),
+            },
+        };
+        if replicas > 1 && spec.server_restarts > 0 {
+            return Err("--restart-servers and replicas (PSKV_REPLICAS=2) do not mix: with replicas a dead server's backup serves its keys, and a restarted server could not take them back".into());
+        }
+        if replicas > 1 && spec.servers < 2 {
+            return Err("replicas (PSKV_REPLICAS=2) need at least two servers (-s 2)".into());
+        }
         // A restarted server needs its checkpoint: one directory per job
         // unless the caller named one.
         // (An empty value means none, as the servers read it; remote
@@ -688,6 +712,7 @@ impl Job {
             watchdog: Some(watchdog),
             spawner,
             restarts_left: spec.server_restarts,
+            deaths_allowed: replicas - 1,
             checkpoint_dir,
         };
         job.start_member(Role::Scheduler)?;
@@ -773,6 +798,24 @@ impl Job {
                     && !matches!(m.role, Role::Server(_))
                     && m.status.is_some_and(|s| !s.success())
             });
+            if let (Some(i), true, true, false) = (
+                dead_server,
+                self.deaths_allowed > 0,
+                workers_running,
+                others_failed,
+            ) {
+                // Replicas: its backup serves its keys.
+                self.deaths_allowed -= 1;
+                let m = &mut self.members[i];
+                m.replaced = true;
+                eprintln!(
+                    "pskv launch: {} (pid {}) exited with {}; its backup serves its keys (replicas), the job goes on",
+                    m.role,
+                    m.child.id(),
+                    m.status.expect("checked")
+                );
+                continue;
+            }
             if let (Some(i), true, true, false) = (
                 dead_server,
                 self.restarts_left > 0,

@@ -10,5 +10,6 @@ mod common;
 mod death;
 mod disk;
 mod recovery;
+mod replicas;
 mod segments;
 mod stalls;

@@ -13,6 +13,7 @@
 //! | `PS_HEARTBEAT_INTERVAL` | seconds between heartbeats; 0 disables | 1 |
 //! | `PS_HEARTBEAT_TIMEOUT` | seconds of silence before a node is dead; 0 disables | 10 |
 //! | `PSKV_SCHEDULER_TIMEOUT` | seconds of the scheduler's silence before a node gives it up (a stalled scheduler is waited for until then); 0: only its closed connection | 60 |
+//! | `PSKV_REPLICAS` | 1, or 2: every server's keys are also held by the next server, which takes them over when it dies (the kvstore replicates; the transport links the servers and lets the job end well with one server dead) | 1 |
 //! | `DMLC_SERVER_ID`, `DMLC_WORKER_ID` | the rank this server or worker asks for (as MXNet's launcher sets them) | any free rank, in registration order |
 //! | `PS_RESEND` | 1: acknowledge and resend every message | 0 |
 //! | `PS_RESEND_TIMEOUT` | milliseconds before a resend | 1000 |
@@ -91,6 +92,9 @@ pub struct Config {
     pub scheduler_timeout: Option<Duration>,
     /// The rank this node asks for (None: any).
     pub rank: Option<u32>,
+    /// Copies of each server's keys (1: none; 2: the next server holds
+    /// them too).
+    pub replicas: u32,
     /// Acknowledge and resend every message.
     pub resend: bool,
     /// Time before a resend.
@@ -142,6 +146,7 @@ impl Config {
             heartbeat_timeout: Some(Duration::from_secs(10)),
             scheduler_timeout: Some(Duration::from_secs(60)),
             rank: None,
+            replicas: 1,
             resend: false,
             resend_timeout: Duration::from_millis(1000),
             verbose: 0,
@@ -247,6 +252,12 @@ impl Config {
         }
         if let Some(v) = secs("PSKV_SCHEDULER_TIMEOUT")? {
             c.scheduler_timeout = v;
+        }
+        if let Some(v) = get("PSKV_REPLICAS") {
+            c.replicas = match v.trim().parse::<u32>() {
+                Ok(n @ 1..=2) => n,
+                _ => return Err(bad("PSKV_REPLICAS", &v, "expected 1 or 2")),
+            };
         }
         let id_var = match role {
             Role::Server => Some("DMLC_SERVER_ID"),

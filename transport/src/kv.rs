@@ -33,6 +33,12 @@ pub struct RequestOptions {
     /// Priority: the request's frames leave before those of lower priority
     /// queued on the same connection.
     pub priority: i32,
+    /// Send every key to this node, whatever the key ranges say (the
+    /// backup of a dead server, or another server); None: by key range.
+    pub target: Option<NodeId>,
+    /// An application number carried with a data request
+    /// ([`KvRequest::tag`]; 0: none), e.g. which round a push belongs to.
+    pub tag: u64,
 }
 
 /// A request as a server receives it.
@@ -59,6 +65,8 @@ pub struct KvRequest {
     pub vals: Bytes,
     /// A command's body.
     pub body: Bytes,
+    /// A data request's application number ([`RequestOptions::tag`]).
+    pub tag: u64,
 }
 
 impl KvRequest {
@@ -70,6 +78,11 @@ impl KvRequest {
             push: f.flags.contains(Flags::PUSH),
             pull: f.flags.contains(Flags::PULL),
             command: f.flags.contains(Flags::COMMAND),
+            tag: if f.flags.contains(Flags::COMMAND) {
+                0
+            } else {
+                <[u8; 8]>::try_from(&f.meta[..]).map_or(0, u64::from_le_bytes)
+            },
             keys: f.keys,
             lens: f.lens,
             vals: f.payload,
@@ -424,7 +437,10 @@ impl KvWorker {
                 vals.len()
             )));
         }
-        let parts = self.split(keys, lens, &vals);
+        let parts = match opts.target {
+            Some(node) => vec![(node, keys.to_vec(), lens.to_vec(), vals)],
+            None => self.split(keys, lens, &vals),
+        };
         let expect: Vec<(NodeId, Vec<u64>)> =
             parts.iter().map(|(n, k, _, _)| (*n, k.clone())).collect();
         let pull = flags.contains(Flags::PULL);
@@ -438,6 +454,9 @@ impl KvWorker {
                 f.keys = keys;
                 f.lens = lens;
                 f.payload = vals;
+                if opts.tag != 0 {
+                    f.meta = Bytes::copy_from_slice(&opts.tag.to_le_bytes());
+                }
                 (node, f)
             })
             .collect();
@@ -567,7 +586,21 @@ impl KvWorker {
             targets.extend((0..self.po.num_workers()).map(|r| Role::Worker.id_of(r)));
         }
         targets.retain(|&t| t != me);
-        let (p, cb) = Self::pending(format!("command {cmd} to group {}", group.0));
+        self.request_nodes(cmd, body, &targets, &format!("group {}", group.0))
+    }
+
+    /// Sends command `cmd` with `body` to each of `nodes` (`what` names
+    /// them in errors); completes when all answered, as
+    /// [`KvWorker::request`].
+    pub fn request_nodes(
+        &self,
+        cmd: i32,
+        body: Bytes,
+        nodes: &[NodeId],
+        what: &str,
+    ) -> Result<Pending, TransportError> {
+        let targets = nodes.to_vec();
+        let (p, cb) = Self::pending(format!("command {cmd} to {what}"));
         if targets.is_empty() {
             cb(Ok(KvResponse::default()));
             return Ok(p);

@@ -30,7 +30,7 @@ use crate::protocol::member::{Member, MemberConfig, MemberEvent};
 use crate::protocol::resender::{Received, Resender};
 use crate::protocol::scheduler::{Scheduler, SchedulerConfig, SchedulerEvent};
 use crate::protocol::tracker::{Completed, TrackError, Tracker};
-use crate::protocol::{describe, Group, NodeId, Role, SCHEDULER_ID};
+use crate::protocol::{describe, role_rank, Group, NodeId, Role, SCHEDULER_ID};
 use crate::security;
 use crate::slot::Slot;
 use crate::van::tcp::{self, FrameReader};
@@ -439,6 +439,15 @@ impl Postoffice {
         }
     }
 
+    /// Whether this node knows `id` to be dead (the scheduler declared it,
+    /// and no restart took its id since).
+    pub fn is_dead(&self, id: NodeId) -> bool {
+        match &*self.inner().ctl.lock() {
+            Ctl::Member(m) => m.is_dead(id),
+            Ctl::Scheduler(s) => !s.alive().contains(&id) && s.nodes().iter().any(|n| n.id == id),
+        }
+    }
+
     /// Nodes known dead, or silent for longer than `timeout` (ps-lite's
     /// `GetDeadNodes`: on the scheduler from heartbeats; on other nodes the
     /// ones the scheduler declared dead, and the scheduler itself if silent).
@@ -466,6 +475,11 @@ impl Postoffice {
     /// when the last handle is dropped).
     pub fn shutdown(&self) {
         self.inner().shutdown(Duration::from_secs(2));
+    }
+
+    /// Whether this node was shut down (or killed).
+    pub fn is_shut_down(&self) -> bool {
+        self.inner().shutting_down.load(Ordering::Acquire)
     }
 
     /// Stops abruptly, as a crash would: connections close without leaving
@@ -569,6 +583,30 @@ impl Inner {
                     what: "the scheduler to admit this node (are all nodes started?)".into(),
                     after: self.cfg.connect_timeout,
                 })
+            }
+        }
+        if self.cfg.role == Role::Server && self.cfg.replicas > 1 && self.cfg.num_servers > 1 {
+            // Replicas: a link to the backup (the next server), which every
+            // completed round is copied to.
+            let me = self.my_id();
+            let backup = match role_rank(me) {
+                Some((_, r)) => Role::Server.id_of((r + 1) % self.cfg.num_servers),
+                None => me,
+            };
+            let info = match &*self.ctl.lock() {
+                Ctl::Member(m) => m.nodes().get(&backup).cloned(),
+                Ctl::Scheduler(_) => None,
+            };
+            if let Some(s) = info {
+                let addr = format!("{}:{}", s.host, s.port);
+                self.handle
+                    .block_on(self.connect(&addr, s.id))
+                    .map_err(|e| {
+                        TransportError::io(
+                            format!("connecting to the backup {}", describe(s.id)),
+                            e,
+                        )
+                    })?;
             }
         }
         if self.cfg.role == Role::Worker {
@@ -1177,7 +1215,16 @@ impl Inner {
                 tracing::info!("{} rejoined after a restart", describe(id))
             }
             SchedulerEvent::BarrierDone { group, error } => self.release_barrier(group, error),
-            SchedulerEvent::AllLeft { dead } => {
+            SchedulerEvent::AllLeft { mut dead } => {
+                // With replicas, one dead server is survived: its backup
+                // served its keys.
+                let servers_dead = dead
+                    .iter()
+                    .filter(|d| matches!(role_rank(**d), Some((Role::Server, _))))
+                    .count() as u32;
+                if self.cfg.replicas > 1 && servers_dead < self.cfg.replicas {
+                    dead.retain(|d| !matches!(role_rank(*d), Some((Role::Server, _))));
+                }
                 self.all_left.set(if dead.is_empty() {
                     Ok(())
                 } else {

@@ -189,6 +189,7 @@ fn push_pull_round_trip_across_servers() {
             RequestOptions {
                 cmd: 1,
                 priority: 3,
+                ..Default::default()
             },
         )
         .unwrap()
@@ -263,6 +264,7 @@ fn many_random_requests_from_many_workers_check_out() {
                     let opts = RequestOptions {
                         cmd: 0,
                         priority: (x % 5) as i32,
+                        ..Default::default()
                     };
                     kv.push(&keys, &lens, Bytes::from(vals.clone()), opts)
                         .unwrap()
@@ -505,6 +507,7 @@ fn every_van_gives_the_same_results() {
                         RequestOptions {
                             cmd: 1,
                             priority: 0,
+                            ..Default::default()
                         },
                     )
                     .unwrap()

@@ -387,6 +387,11 @@ impl EntryState {
         }
     }
 
+    /// Replaces the stored value (a copy from the primary, replicas).
+    pub(crate) fn set_value(&mut self, value: &[u8]) {
+        self.value_mut(false).copy_from_slice(value);
+    }
+
     /// The stored value's bytes, to overwrite or change (a copy first if
     /// an answer in flight shares them).
     fn value_mut(&mut self, keep: bool) -> &mut [u8] {

@@ -20,6 +20,7 @@
 
 mod checkpoint;
 mod entry;
+mod replica;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -35,12 +36,14 @@ use pskv_transport::{
     Config, KvRequest, NodeChange, NodeEnd, Postoffice, RequestHandler, Responder, Role,
 };
 
+use crate::dtype::DType;
 use crate::error::{KvError, Result};
 use crate::optimizer::{OptState, Optimizer};
 use crate::updater::{KeyState, Rule};
 use crate::wire::{command, decode_ps_key, split_rows, Head, Op};
 use checkpoint::Checkpointer;
 use entry::{Answer, EntryState};
+use replica::{answer_all, Deferred, HeldRequest, Replication};
 
 /// Values at most this large are handled on the I/O thread.
 const INLINE_BYTES: usize = 1 << 20;
@@ -49,6 +52,18 @@ const INLINE_BYTES: usize = 1 << 20;
 struct Entry {
     var: Var,
     st: Mutex<EntryState>,
+    /// Answers kept while a round's copy goes to the backup (replicas).
+    defer: Deferred,
+}
+
+impl Entry {
+    fn new(st: EntryState) -> Arc<Entry> {
+        Arc::new(Entry {
+            var: Var::named(format!("server key {}.{}", st.key_id, st.part)),
+            st: Mutex::new(st),
+            defer: Deferred::default(),
+        })
+    }
 }
 
 /// What the server's controller gets: a command's head and body; its
@@ -82,6 +97,14 @@ struct Inner {
     held: Mutex<Option<Vec<(KvRequest, Responder)>>>,
     /// `held` is `None` for good: requests skip its lock.
     ready: AtomicBool,
+    /// Every server's key range, by rank.
+    ranges: std::sync::OnceLock<Vec<(u64, u64)>>,
+    /// Replicas (`PSKV_REPLICAS=2`): copies to the backup, and of the
+    /// previous server's keys.
+    repl: std::sync::OnceLock<Replication>,
+    /// A fault for tests: once the backup holds this round of a key, the
+    /// server dies before answering it (`Server::die_after_copying`).
+    fault: Mutex<Option<(u64, replica::Once)>>,
 }
 
 /// Where and how often a server checkpoints (`PSKV_CHECKPOINT_DIR`,
@@ -250,7 +273,11 @@ impl Server {
             ckpt: std::sync::OnceLock::new(),
             held: Mutex::new(Some(Vec::new())),
             ready: AtomicBool::new(false),
+            ranges: std::sync::OnceLock::new(),
+            repl: std::sync::OnceLock::new(),
+            fault: Mutex::new(None),
         });
+        let replicas = cfg.replicas;
         let po = Postoffice::start(cfg, Some(Arc::new(Handler(inner.clone()))))?;
         let weak = Arc::downgrade(&inner);
         po.watch_end(Arc::new(move |end| {
@@ -275,9 +302,21 @@ impl Server {
             }
         }));
         let rank = po.my_rank() as usize;
-        let (begin, end) = po.server_key_ranges()[rank];
+        let ranges = po.server_key_ranges();
+        let (begin, end) = ranges[rank];
         inner.range_begin.store(begin, Ordering::Release);
         inner.range_end.store(end, Ordering::Release);
+        let _ = inner.ranges.set(ranges);
+        let repl = Replication::new(rank as u32, po.num_servers(), replicas);
+        if repl.on {
+            if po.is_recovery() {
+                return Err(KvError::invalid(format!(
+                    "server {rank} restarted, but the job keeps replicas (PSKV_REPLICAS=2): its keys are served by its backup now, and a restarted server cannot take them back"
+                )));
+            }
+            repl.set_client(Some(pskv_transport::KvWorker::new(&po)));
+        }
+        let _ = inner.repl.set(repl);
         let server = Server { inner, po };
         if let Some(dir) = &ckpt.dir {
             let c = Checkpointer::start(
@@ -387,10 +426,23 @@ impl Server {
         for (_, e) in self.inner.entries_snapshot() {
             e.st.lock().unlink_segment();
         }
+        if let Some(r) = self.inner.repl.get() {
+            r.set_client(None);
+        }
+        self.inner.fault.lock().take();
         if let Some(c) = self.inner.ckpt.get() {
             c.stop();
         }
         self.po.shutdown();
+    }
+
+    /// For tests: once the backup holds round `round` of a key, this
+    /// server dies (as a crash) before answering the round's pushes: the
+    /// workers then send them to the backup, which holds the round already.
+    #[doc(hidden)]
+    pub fn die_after_copying(&self, round: u64) {
+        let po = self.po.clone();
+        *self.inner.fault.lock() = Some((round, Box::new(move || po.kill())));
     }
 
     /// Where this server checkpoints, if it does.
@@ -468,13 +520,7 @@ impl Inner {
                 state: rec.opt,
             };
             rounds = (rounds.0.min(rec.rounds), rounds.1.max(rec.rounds));
-            entries.insert(
-                ps_key,
-                Arc::new(Entry {
-                    var: Var::named(format!("server key {}.{}", rec.key_id, rec.part)),
-                    st: Mutex::new(st),
-                }),
-            );
+            entries.insert(ps_key, Entry::new(st));
         }
         tracing::warn!(
             "server restarted: {n} keys back from the checkpoint, at rounds {} to {}",
@@ -528,7 +574,7 @@ impl Inner {
         };
         c.set_globals(self.globals());
         let entries = self.entries_snapshot();
-        for (k, e) in entries {
+        for (k, e) in entries.into_iter().filter(|(k, _)| self.serves(*k)) {
             let st = e.st.lock();
             self.record(k, &st);
         }
@@ -551,9 +597,24 @@ impl Inner {
             Ok(h) => h,
             Err(e) => return r.error(e),
         };
-        let Some(rank) = req.worker_rank() else {
-            return r.error("data requests come from workers only");
+        let rank = match (req.worker_rank(), role_rank(req.sender)) {
+            (Some(r), _) => r,
+            // Copies come from the server whose keys this one backs up.
+            (None, Some((Role::Server, r)))
+                if head.op == Op::Replicate
+                    && self
+                        .repl
+                        .get()
+                        .is_some_and(|p| p.on && p.primary_of_copies() == r) =>
+            {
+                r
+            }
+            _ => {
+                return r
+                    .error("data requests come from workers (and copies from the primary server)")
+            }
         };
+        let tag = req.tag;
         let pull = matches!(head.op, Op::Pull | Op::PushPull | Op::RowPull | Op::Check);
         let reply = Reply::new(r, req.keys.clone(), pull);
         let mut at = 0usize;
@@ -565,16 +626,30 @@ impl Inner {
                 at += len as usize;
                 v
             };
-            self.key_request(key, head, vals, rank as usize, reply.answer(i));
+            self.key_request(key, head, vals, rank as usize, tag, reply.answer(i));
         }
     }
 
     /// A worker died: every sync round in progress fails, naming it, and
     /// so does every sync push until it comes back (a round needs every
     /// worker). A restarted worker clears it.
-    fn membership(&self, change: NodeChange) {
+    fn membership(self: &Arc<Self>, change: NodeChange) {
         match change {
             NodeChange::Dead(id) => {
+                if let (Some((Role::Server, r)), Some(p)) = (role_rank(id), self.repl.get()) {
+                    if p.on && r == p.primary_of_copies() {
+                        self.promote();
+                    }
+                    if p.on && id == p.backup() {
+                        tracing::warn!(
+                            "server {}: its backup {} died; rounds go on without copies",
+                            p.rank,
+                            describe(id)
+                        );
+                        p.backup_died();
+                    }
+                    return;
+                }
                 let Some((Role::Worker, _)) = role_rank(id) else {
                     return;
                 };
@@ -613,8 +688,102 @@ impl Inner {
     }
 
     fn describe(&self, key: u64) -> String {
-        let (id, part) = decode_ps_key(key, self.range_begin.load(Ordering::Acquire));
+        let (id, part) = decode_ps_key(key, self.range_begin_of(key));
         format!("key id {id} part {part}")
+    }
+
+    /// The first key of the range `key` falls in.
+    fn range_begin_of(&self, key: u64) -> u64 {
+        self.ranges
+            .get()
+            .and_then(|r| r.iter().find(|(b, e)| key >= *b && key < *e))
+            .map_or(self.range_begin.load(Ordering::Acquire), |(b, _)| *b)
+    }
+
+    /// Whether `key` is a copy of the previous server's (replicas).
+    fn is_copy(&self, key: u64) -> bool {
+        match (self.repl.get(), self.ranges.get()) {
+            (Some(p), Some(r)) if p.on => {
+                let (b, e) = r[p.primary_of_copies() as usize];
+                key >= b && key < e
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether this server answers for `key` (its own, or a copy after the
+    /// promotion).
+    fn serves(&self, key: u64) -> bool {
+        !self.is_copy(key) || self.repl.get().is_some_and(|p| p.is_promoted())
+    }
+
+    /// Whether this server copies `key`'s rounds to its backup (its own
+    /// key, and the backup alive).
+    fn copies(&self, key: u64) -> bool {
+        self.repl.get().is_some_and(|p| p.copies_rounds()) && !self.is_copy(key)
+    }
+
+    /// A push of round `tag` (replicas) that the key holds already: the
+    /// answer it gets without being applied again.
+    fn already_applied(st: &EntryState, head: &Head, tag: u64) -> Option<Option<Bytes>> {
+        let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
+        (pushes && tag != 0 && tag <= st.rounds)
+            .then(|| (head.op == Op::PushPull).then(|| st.snapshot()))
+    }
+
+    /// A copy from the primary: taken before the promotion, ignored after
+    /// (the copies are this server's to change then).
+    fn take_copy(&self, key: u64, vals: Bytes, answer: Answer) {
+        if !self.is_copy(key) {
+            return answer(Err(format!(
+                "{}: a copy of a key this server does not back up",
+                self.describe(key)
+            )));
+        }
+        let promoted = self.repl.get().is_some_and(|p| p.is_promoted());
+        if promoted {
+            return answer(Ok(None));
+        }
+        let (c, value) = match replica::Copy::decode(&vals) {
+            Ok(x) => x,
+            Err(e) => return answer(Err(e)),
+        };
+        let Some(dtype) = DType::from_code(c.dtype) else {
+            return answer(Err("a copy of an unknown type".into()));
+        };
+        let entry = {
+            let mut entries = self.entries.write();
+            entries
+                .entry(key)
+                .or_insert_with(|| {
+                    Entry::new(EntryState::new(
+                        c.key_id,
+                        c.part,
+                        dtype,
+                        &value,
+                        self.workers,
+                    ))
+                })
+                .clone()
+        };
+        let r = entry.st.lock().take_copy(c, &value);
+        answer(r.map(|()| None))
+    }
+
+    /// The primary of this server's copies died: they are served from now
+    /// on, and the requests that waited for that run.
+    fn promote(self: &Arc<Self>) {
+        let Some(p) = self.repl.get() else { return };
+        let held = p.promote();
+        tracing::warn!(
+            "server {} now serves the keys of server {} (its backup), {} requests waited for that",
+            p.rank,
+            p.primary_of_copies(),
+            held.len()
+        );
+        for h in held {
+            self.key_request(h.key, h.head, h.vals, h.rank, h.tag, h.answer);
+        }
     }
 
     /// Schedules the work on one ps key.
@@ -624,10 +793,33 @@ impl Inner {
         head: Head,
         vals: Bytes,
         rank: usize,
+        tag: u64,
         answer: Answer,
     ) {
-        if head.op == Op::Init {
-            return self.init(key, head, vals, answer);
+        match head.op {
+            Op::Init => return self.init(key, head, vals, answer),
+            Op::Replicate => return self.take_copy(key, vals, answer),
+            _ => {}
+        }
+        if self.is_copy(key) {
+            // A worker came to the backup: served once the primary is
+            // known dead (replica.rs).
+            if let Some(p) = self.repl.get().filter(|p| !p.is_promoted()) {
+                let held = HeldRequest {
+                    key,
+                    head,
+                    vals,
+                    rank,
+                    tag,
+                    answer,
+                };
+                match p.hold(held) {
+                    None => return,
+                    Some(h) => {
+                        return self.key_request(h.key, h.head, h.vals, h.rank, h.tag, h.answer)
+                    }
+                }
+            }
         }
         let Some(entry) = self.entries.read().get(&key).cloned() else {
             return answer(Err(format!(
@@ -644,66 +836,127 @@ impl Inner {
         let me = self.clone();
         let e2 = entry.clone();
         let spec = OpSpec::new("server_key").write(&entry.var).property(prop);
-        let pushed = self.engine.push_sync(spec, move |_| {
-            let mut st = e2.st.lock();
-            let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
-            let dead = if head.sync && pushes {
-                me.dead_worker()
-            } else {
-                None
-            };
-            match head.op {
-                _ if dead.is_some() => {
-                    let why = dead.as_deref().unwrap_or_default();
-                    answer(Err(format!("{}: {why}", st.name())));
+        let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
+        let pushed = if pushes && self.copies(key) {
+            // The round's answers wait for its copy at the backup; the
+            // key's var is held until then, so its next request waits too.
+            let answer = entry.defer.wrap(answer);
+            self.engine.push_async(spec, move |_, completion| {
+                let mut st = e2.st.lock();
+                e2.defer.open();
+                let before = st.rounds;
+                me.key_op(&mut st, key, head, vals, rank, tag, answer);
+                let kept = e2.defer.close();
+                if st.rounds == before {
+                    drop(st);
+                    answer_all(kept);
+                    return completion.complete();
                 }
-                Op::Push | Op::PushPull | Op::RowPush => {
-                    // A shared-memory push is in the worker's slot.
-                    let vals = if head.shm {
-                        match st.shm_input(&head, &vals, rank) {
-                            Ok(v) => {
-                                st.shm_used(rank);
-                                v
+                let (copy, value) = st.copy();
+                let (dtype, round) = (st.dtype, st.rounds);
+                drop(st);
+                let me2 = me.clone();
+                match me.repl.get() {
+                    Some(p) => p.send(key, dtype, copy, &value, move || {
+                        let fault = {
+                            let mut f = me2.fault.lock();
+                            match f.as_ref() {
+                                Some((r, _)) if *r == round => f.take(),
+                                _ => None,
                             }
-                            Err(e) => {
-                                answer(Err(e));
-                                return Ok(());
-                            }
+                        };
+                        if let Some((_, die)) = fault {
+                            die();
+                            return completion.complete();
                         }
-                    } else {
-                        vals
-                    };
-                    let rule = me.rule.read().clone();
-                    let before = st.rounds;
-                    st.push(&me.kernels, rule.as_ref(), head, vals, rank, answer);
-                    if let Some(c) = me.ckpt.get() {
-                        if st.rounds != before && st.rounds % c.every == 0 {
-                            me.record(key, &st);
-                        }
+                        answer_all(kept);
+                        completion.complete();
+                    }),
+                    None => {
+                        answer_all(kept);
+                        completion.complete();
                     }
                 }
-                Op::Pull if head.shm => match st.check_shm(&head) {
-                    Ok(()) => {
-                        st.shm_used(rank);
-                        answer(Ok(Some(Bytes::new())))
-                    }
-                    Err(e) => answer(Err(e)),
-                },
-                Op::Pull => answer(Ok(Some(st.snapshot()))),
-                Op::RowPull => answer(row_pull(&st, &vals).map(Some)),
-                Op::Check => answer(
-                    crate::wire::Check::decode(&vals)
-                        .and_then(|c| st.check(&head, &c, rank))
-                        .map(|p| Some(p.map(Bytes::from).unwrap_or_default())),
-                ),
-                Op::Init => unreachable!("handled above"),
-            }
-            Ok(())
-        });
+            })
+        } else {
+            self.engine.push_sync(spec, move |_| {
+                let mut st = e2.st.lock();
+                me.key_op(&mut st, key, head, vals, rank, tag, answer);
+                Ok(())
+            })
+        };
         if let Err(e) = pushed {
             // The engine is shutting down; the answer was dropped with the
             // closure, which answers with an error.
             tracing::debug!("server op refused: {e}");
+        }
+    }
+
+    /// The work on one ps key, inside an op that writes its var.
+    #[allow(clippy::too_many_arguments)]
+    fn key_op(
+        &self,
+        st: &mut EntryState,
+        key: u64,
+        head: Head,
+        vals: Bytes,
+        rank: usize,
+        tag: u64,
+        answer: Answer,
+    ) {
+        let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
+        let dead = if head.sync && pushes {
+            self.dead_worker()
+        } else {
+            None
+        };
+        match head.op {
+            _ if dead.is_some() => {
+                let why = dead.as_deref().unwrap_or_default();
+                answer(Err(format!("{}: {why}", st.name())));
+            }
+            _ if pushes && Self::already_applied(st, &head, tag).is_some() => {
+                // A retry of a round this key holds (replicas): answered,
+                // not applied again.
+                answer(Ok(Self::already_applied(st, &head, tag).flatten()));
+            }
+            Op::Push | Op::PushPull | Op::RowPush => {
+                // A shared-memory push is in the worker's slot.
+                let vals = if head.shm {
+                    match st.shm_input(&head, &vals, rank) {
+                        Ok(v) => {
+                            st.shm_used(rank);
+                            v
+                        }
+                        Err(e) => return answer(Err(e)),
+                    }
+                } else {
+                    vals
+                };
+                let rule = self.rule.read().clone();
+                let before = st.rounds;
+                st.push(&self.kernels, rule.as_ref(), head, vals, rank, answer);
+                if let Some(c) = self.ckpt.get() {
+                    if st.rounds != before && st.rounds % c.every == 0 {
+                        self.record(key, st);
+                    }
+                }
+            }
+            Op::Pull if head.shm => match st.check_shm(&head) {
+                Ok(()) => {
+                    st.shm_used(rank);
+                    answer(Ok(Some(Bytes::new())))
+                }
+                Err(e) => answer(Err(e)),
+            },
+            Op::Pull => answer(Ok(Some(st.snapshot()))),
+            Op::RowPull => answer(row_pull(st, &vals).map(Some)),
+            Op::Check => answer(
+                crate::wire::Check::decode(&vals)
+                    .and_then(|c| st.check(&head, &c, rank))
+                    .map(|p| Some(p.map(Bytes::from).unwrap_or_default())),
+            ),
+            Op::Init | Op::Replicate => unreachable!("handled in key_request"),
         }
     }
 
@@ -716,22 +969,26 @@ impl Inner {
                 vals.len()
             )));
         }
-        let mut entries = self.entries.write();
-        if entries.contains_key(&key) {
-            return answer(Err(format!(
-                "key id {id} part {part} is already initialized on this server"
-            )));
+        let copy = {
+            let mut entries = self.entries.write();
+            if entries.contains_key(&key) {
+                return answer(Err(format!(
+                    "key id {id} part {part} is already initialized on this server"
+                )));
+            }
+            let st = EntryState::new(id, part, head.dtype, &vals, self.workers);
+            self.record(key, &st);
+            let copy = self.copies(key).then(|| st.copy());
+            entries.insert(key, Entry::new(st));
+            copy
+        };
+        // With replicas the init is answered once the backup holds it.
+        match (copy, self.repl.get()) {
+            (Some((c, value)), Some(p)) => {
+                p.send(key, head.dtype, c, &value, move || answer(Ok(None)))
+            }
+            _ => answer(Ok(None)),
         }
-        let st = EntryState::new(id, part, head.dtype, &vals, self.workers);
-        self.record(key, &st);
-        entries.insert(
-            key,
-            Arc::new(Entry {
-                var: Var::named(format!("server key {id}.{part}")),
-                st: Mutex::new(st),
-            }),
-        );
-        answer(Ok(None));
     }
 
     fn command(self: &Arc<Self>, req: KvRequest, r: Responder) {
@@ -834,7 +1091,7 @@ impl Inner {
             .ok_or("the server has no optimizer, so no states")?;
         let entries = self.entries_snapshot();
         let mut out: Vec<(u64, OptState)> = Vec::new();
-        for (k, e) in entries {
+        for (k, e) in entries.into_iter().filter(|(k, _)| self.serves(*k)) {
             let st = e.st.lock();
             if st.opt.generation == generation {
                 if let Some(s) = &st.opt.state {

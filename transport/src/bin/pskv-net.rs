@@ -227,6 +227,7 @@ fn random_workload(po: &Postoffice, args: &Args) -> Result<(), String> {
         let opts = RequestOptions {
             cmd: 0,
             priority: (rng.next() % 3) as i32,
+            ..Default::default()
         };
         kv.push(&keys, &lens, Bytes::from(vals.clone()), opts)
             .map_err(|e| e.to_string())?
@@ -291,6 +292,7 @@ fn random_workload(po: &Postoffice, args: &Args) -> Result<(), String> {
         RequestOptions {
             cmd: CMD_ADD,
             priority: 0,
+            ..Default::default()
         },
     )
     .map_err(|e| e.to_string())?
@@ -342,6 +344,7 @@ fn pushpull_workload(po: &Postoffice, args: &Args) -> Result<(), String> {
         let opts = RequestOptions {
             cmd: CMD_ECHO,
             priority: 0,
+            ..Default::default()
         };
         let mut times = Vec::with_capacity(rounds);
         for i in 0..rounds + 3 {

@@ -223,6 +223,20 @@ struct DistKey {
     sum: Mutex<Option<Tensor>>,
     /// Per part, the shared segment of a co-located server (sync mode).
     segs: RwLock<Vec<Option<Arc<Segment>>>>,
+    /// Pushes of this key so far (replicas: each push carries its round,
+    /// this count after it); changed only by ops that write `var`.
+    pushes: AtomicU64,
+}
+
+/// One part's request, as sent (and as sent again to a backup).
+#[derive(Clone)]
+struct PartSend {
+    i: usize,
+    part: Part,
+    head: Head,
+    priority: i32,
+    tag: u64,
+    payload: Bytes,
 }
 
 /// What answers of a part request are handed to: part index and answer.
@@ -250,6 +264,10 @@ pub(crate) struct DistStore {
     /// restarted server's segments installs them only if no later restart
     /// happened meanwhile.
     restarts: Vec<AtomicU64>,
+    /// Copies of each server's keys (`PSKV_REPLICAS`; see
+    /// `server/replica.rs`): with 2, a part whose server died is sent to
+    /// the next server, the backup.
+    replicas: u32,
     me: Weak<DistStore>,
 }
 
@@ -272,10 +290,23 @@ impl DistStore {
                 cfg.role
             )));
         }
+        let replicas = if cfg.num_servers > 1 { cfg.replicas } else { 1 };
+        let sync = kind != Kind::DistAsync;
+        let mut opts = opts;
+        if replicas > 1 {
+            if !sync {
+                return Err(KvError::Unsupported {
+                    what: format!("PSKV_REPLICAS={replicas} with {}", kind.name()),
+                    why: "replicas keep the rounds of a sync store; use dist_sync".into(),
+                });
+            }
+            // A push must be re-sendable to the backup: no shared slots.
+            opts.shm_direct = false;
+        }
         let po = Postoffice::start(cfg, None)?;
         let kv = KvWorker::new(&po);
-        let sync = kind != Kind::DistAsync;
         let store = Arc::new_cyclic(|me| DistStore {
+            replicas,
             me: me.clone(),
             server_opt: AtomicBool::new(false),
             watchdog: Watchdog::start(opts.timeout),
@@ -313,14 +344,16 @@ impl DistStore {
         RequestOptions {
             cmd: head.encode(),
             priority,
+            ..RequestOptions::default()
         }
     }
 
     /// Sends one request per part of `parts` (indices into the key's
     /// parts). `prepare(i)` gives part `i`'s values and, if they travel
-    /// through its shared slot, the segment's tag (0: they do not); it runs just before the part is sent, so a
-    /// part's copy overlaps the transfer of the ones before.
-    /// `on_answer(i, response)` stores what comes back.
+    /// through its shared slot, the segment's tag (0: they do not); it runs
+    /// just before the part is sent, so a part's copy overlaps the transfer
+    /// of the ones before. `on_answer(i, response)` stores what comes back.
+    /// `tag`: the push's round (replicas), or 0.
     #[allow(clippy::too_many_arguments)]
     fn send_parts(
         &self,
@@ -328,6 +361,7 @@ impl DistStore {
         parts: &[usize],
         head: Head,
         priority: i32,
+        tag: u64,
         completion: Completion,
         op_name: &'static str,
         mut prepare: impl FnMut(usize) -> std::result::Result<(Bytes, u16), String>,
@@ -346,7 +380,6 @@ impl DistStore {
         );
         self.watchdog.add(&inf);
         for &i in parts {
-            let part = dk.parts[i];
             let (payload, shm_tag) = match prepare(i) {
                 Ok(x) => x,
                 Err(e) => {
@@ -354,30 +387,94 @@ impl DistStore {
                     continue;
                 }
             };
-            let h = Head {
-                shm: shm_tag != 0,
-                shm_tag,
-                ..head
+            let send = PartSend {
+                i,
+                part: dk.parts[i],
+                head: Head {
+                    shm: shm_tag != 0,
+                    shm_tag,
+                    ..head
+                },
+                priority,
+                tag,
+                payload,
             };
-            let opts = self.request_opts(h, priority);
-            let (inf2, cb) = (inf.clone(), on_answer.clone());
-            let done = move |r: std::result::Result<KvResponse, TransportError>| {
-                inf2.part_done(r, |resp| cb(i, resp))
-            };
-            let lens = [payload.len() as u32];
-            let sent = match head.op {
-                Op::Pull => self.kv.pull_with(&[part.ps_key], opts, done),
-                Op::Push | Op::RowPush | Op::Init => {
-                    self.kv
-                        .push_with(&[part.ps_key], &lens, payload, opts, done)
-                }
-                _ => self
-                    .kv
-                    .push_pull_with(&[part.ps_key], &lens, payload, opts, done),
-            };
-            if let Err(e) = sent {
-                inf.part_done(Err(e), |_| Ok(()));
+            // An init is not sent again elsewhere: the backup holds a key
+            // only once its primary copied it there.
+            let failover = self.replicas > 1 && head.op != Op::Init;
+            self.send_part(send, failover, false, inf.clone(), on_answer.clone());
+        }
+    }
+
+    /// The node that serves a part of server rank `server`: the server, or
+    /// (replicas) its backup once it is known dead or `to_backup`.
+    fn route(&self, server: u32, to_backup: bool) -> pskv_transport::NodeId {
+        let primary = pskv_transport::Role::Server.id_of(server);
+        if self.replicas > 1 && (to_backup || self.po.is_dead(primary)) {
+            pskv_transport::Role::Server.id_of((server + 1) % self.po.num_servers())
+        } else {
+            primary
+        }
+    }
+
+    /// Sends one part; with `failover`, a part that fails because its
+    /// server died (or its connection broke) is sent once more, to the
+    /// backup, with the same values and round.
+    fn send_part(
+        &self,
+        p: PartSend,
+        failover: bool,
+        to_backup: bool,
+        inf: Arc<Inflight>,
+        cb: OnAnswer,
+    ) {
+        let target = self.route(p.part.server, to_backup);
+        let opts = RequestOptions {
+            cmd: p.head.encode(),
+            priority: p.priority,
+            target: (self.replicas > 1).then_some(target),
+            tag: p.tag,
+        };
+        let me = self.handle();
+        let again = failover.then(|| p.clone());
+        let retry = failover.then(|| p.clone());
+        let (inf2, cb2) = (inf.clone(), cb.clone());
+        let i = p.i;
+        let died = move |r: &TransportError| {
+            matches!(
+                r,
+                TransportError::Request(
+                    pskv_transport::TrackError::NodeDead { node }
+                        | pskv_transport::TrackError::ConnectionLost { node, .. }
+                ) if *node == target
+            )
+        };
+        let done = move |r: std::result::Result<KvResponse, TransportError>| {
+            let died = r.as_ref().err().is_some_and(died);
+            if let (true, Some(p), Some(me)) = (died, again, me.upgrade()) {
+                tracing::warn!(
+                    "key part {}: {} is gone; sending to its backup",
+                    p.part.ps_key,
+                    pskv_transport::protocol::describe(target)
+                );
+                return me.send_part(p, false, true, inf2, cb2);
             }
+            inf2.part_done(r, |resp| cb2(i, resp))
+        };
+        let keys = [p.part.ps_key];
+        let lens = [p.payload.len() as u32];
+        let sent = match p.head.op {
+            Op::Pull => self.kv.pull_with(&keys, opts, done),
+            Op::Push | Op::RowPush | Op::Init => {
+                self.kv.push_with(&keys, &lens, p.payload, opts, done)
+            }
+            _ => self.kv.push_pull_with(&keys, &lens, p.payload, opts, done),
+        };
+        match (sent, retry) {
+            // The server died between the routing and the send.
+            (Err(e), Some(p)) if died(&e) => self.send_part(p, false, true, inf, cb),
+            (Err(e), _) => inf.part_done(Err(e), |_| Ok(())),
+            (Ok(()), _) => {}
         }
     }
 
@@ -489,6 +586,13 @@ impl DistStore {
                 (false, Some(_)) => Op::PushPull,
             };
             let head = me.head(op, dtype, compression);
+            // Replicas: the push's round, so that a backup answers a retry
+            // of a round it holds without applying it again.
+            let tag = if me.replicas > 1 {
+                dk2.pushes.fetch_add(1, Ordering::AcqRel) + 1
+            } else {
+                0
+            };
             let all: Vec<usize> = (0..dk2.parts.len()).collect();
             let prepare = |i: usize| me.push_part(&dk2, &g, compression, segs[i].as_ref(), i);
             match out {
@@ -497,6 +601,7 @@ impl DistStore {
                     &all,
                     head,
                     priority,
+                    tag,
                     completion,
                     "push",
                     prepare,
@@ -509,7 +614,7 @@ impl DistStore {
                     let ptr = OutPtr(buf.as_mut_ptr(), buf.len());
                     let on_answer = answer_into(&dk2, &o, ptr, segs.clone(), me.po.num_workers());
                     me.send_parts(
-                        &dk2, &all, head, priority, completion, "pushpull", prepare, on_answer,
+                        &dk2, &all, head, priority, tag, completion, "pushpull", prepare, on_answer,
                     );
                 }
             }
@@ -550,6 +655,7 @@ impl DistStore {
                 &all,
                 head,
                 priority,
+                0,
                 completion,
                 "pull",
                 |i| Ok((Bytes::new(), segs[i].as_ref().map_or(0, |s| s.tag()))),
@@ -628,6 +734,7 @@ impl DistStore {
                 &which,
                 head,
                 priority,
+                0,
                 completion,
                 "pull_row_sparse",
                 |i| Ok((bodies[i].take().unwrap_or_default(), 0)),
@@ -689,10 +796,19 @@ impl DistStore {
     }
 
     fn command(&self, head: i32, body: Bytes) -> Result<KvResponse> {
-        Ok(self
-            .kv
-            .request(head, body, Group::SERVERS)?
-            .wait(self.opts.timeout)?)
+        let pending = if self.replicas > 1 {
+            // A dead server's keys are its backup's now: commands go to the
+            // servers alive.
+            let alive: Vec<pskv_transport::NodeId> = (0..self.po.num_servers())
+                .map(|r| pskv_transport::Role::Server.id_of(r))
+                .filter(|id| !self.po.is_dead(*id))
+                .collect();
+            self.kv
+                .request_nodes(head, body, &alive, "the servers alive")?
+        } else {
+            self.kv.request(head, body, Group::SERVERS)?
+        };
+        Ok(pending.wait(self.opts.timeout)?)
     }
 
     /// Pushes the op that sends rank 0's initial value of a key.
@@ -737,6 +853,7 @@ impl DistStore {
                 &dk2,
                 &all,
                 head,
+                0,
                 0,
                 completion,
                 "init",
@@ -897,6 +1014,7 @@ impl DistStore {
                     residual: Mutex::new(Vec::new()),
                     sum: Mutex::new(None),
                     segs: RwLock::new(Vec::new()),
+                    pushes: AtomicU64::new(0),
                 },
             )?;
             added.push((dk, value.clone()));

@@ -50,12 +50,13 @@ impl DistStore {
             };
             let body = Bytes::from(check.encode());
             let head = self.head(Op::Check, meta.dtype, Compression::None);
-            let sent = self.kv.push_pull(
-                &[p.ps_key],
-                &[body.len() as u32],
-                body,
-                self.request_opts(head, 0),
-            )?;
+            let mut opts = self.request_opts(head, 0);
+            if self.replicas > 1 {
+                opts.target = Some(self.route(p.server, false));
+            }
+            let sent = self
+                .kv
+                .push_pull(&[p.ps_key], &[body.len() as u32], body, opts)?;
             pending.push((i, sent));
         }
         let mut first_err = None;

@@ -1,0 +1,339 @@
+//! Replicas (`PSKV_REPLICAS=2`): every server's keys are also held by its
+//! *backup*, the next server by rank, so that a server's death loses no
+//! round (the chain replication of the Parameter Server paper, OSDI'14,
+//! with a chain of two).
+//!
+//! # The protocol
+//!
+//! - A server (the *primary* of the keys of its range) copies a key's
+//!   state (value, optimizer state, f32 master weights, round count) to
+//!   its backup after the key's init and after every completed round, and
+//!   answers the round's pushes (and lets the key's next request, a pull
+//!   say, run) only once the backup acknowledged the copy. So whatever a
+//!   worker has seen of a key, the backup holds too.
+//! - Workers tag each push with its round (their count of pushes of the
+//!   key, from 1). When the primary dies, a worker sends what it had in
+//!   flight to the backup, and from then on every request of those keys.
+//!   The backup applies a pushed round it does not have; it answers one it
+//!   already holds (the primary completed it, copied it, then died before
+//!   answering everyone) without applying it again. So each round is
+//!   applied exactly once, and the result equals, to the bit, that of a
+//!   run without the failure (sums in rank order, the same optimizer on
+//!   the same state).
+//! - The backup serves its copies only once the scheduler declared the
+//!   primary dead (*promotion*); requests for them that come earlier wait
+//!   until then. Copies that arrive after the promotion are ignored, and a
+//!   copy never takes a key back to an older round.
+//!
+//! What is not done: a promoted backup does not copy the keys it took over
+//! to a further server, so a second death among the same two servers loses
+//! them (the job then fails, naming the dead servers); a replicated job's
+//! dead server is not started again (its keys live on in its backup); the
+//! shared-memory fast path is off (a push must be re-sendable).
+//!
+//! # States of the replication of one server
+//!
+//! ```text
+//!   backup alive ──backup declared dead──► alone (rounds answered at once)
+//!   copies passive ──primary declared dead──► promoted (copies served, held requests run)
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use pskv_transport::{KvResponse, KvWorker, NodeId, RequestOptions, Role, TransportError};
+use serde::{Deserialize, Serialize};
+
+use super::entry::{Answer, EntryState};
+use crate::dtype::DType;
+use crate::optimizer::OptState;
+use crate::wire::{Head, Op};
+
+/// What a copy of a key carries besides its value.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Copy {
+    pub key_id: u64,
+    pub part: u64,
+    pub dtype: u8,
+    pub rounds: u64,
+    pub generation: u64,
+    pub opt: Option<OptState>,
+    pub master: Option<Vec<f32>>,
+}
+
+impl Copy {
+    /// The request body: `n: u32`, `n` bytes of header, the value.
+    pub(crate) fn encode(&self, value: &[u8]) -> Result<Bytes, String> {
+        let head = postcard::to_stdvec(self).map_err(|e| format!("encoding a copy: {e}"))?;
+        let mut b = Vec::with_capacity(4 + head.len() + value.len());
+        b.extend_from_slice(&(head.len() as u32).to_le_bytes());
+        b.extend_from_slice(&head);
+        b.extend_from_slice(value);
+        Ok(Bytes::from(b))
+    }
+
+    /// A copy and its value from a request body.
+    pub(crate) fn decode(b: &Bytes) -> Result<(Copy, Bytes), String> {
+        let bad = || format!("a copy of {} bytes is malformed", b.len());
+        if b.len() < 4 {
+            return Err(bad());
+        }
+        let n = u32::from_le_bytes(b[..4].try_into().map_err(|_| bad())?) as usize;
+        if b.len() < 4 + n {
+            return Err(bad());
+        }
+        let c: Copy = postcard::from_bytes(&b[4..4 + n]).map_err(|e| format!("{}: {e}", bad()))?;
+        if DType::from_code(c.dtype).is_none() {
+            return Err(bad());
+        }
+        Ok((c, b.slice(4 + n..)))
+    }
+}
+
+/// Something to run once (a copy's end, a test's fault).
+pub(crate) type Once = Box<dyn FnOnce() + Send>;
+
+/// An answer and what it answers with, kept for later.
+pub(crate) type Kept = (Answer, Result<Option<Bytes>, String>);
+
+/// A request for a copy that came before the promotion.
+pub(crate) struct HeldRequest {
+    pub key: u64,
+    pub head: Head,
+    pub vals: Bytes,
+    pub rank: usize,
+    pub tag: u64,
+    pub answer: Answer,
+}
+
+/// The replication of one server.
+pub(crate) struct Replication {
+    /// This server's rank and the cluster's servers.
+    pub rank: u32,
+    pub servers: u32,
+    /// On (`PSKV_REPLICAS=2`, two servers or more).
+    pub on: bool,
+    /// The copies' primary died: this server serves them.
+    promoted: AtomicBool,
+    /// The backup died: rounds are answered without a copy.
+    alone: AtomicBool,
+    /// Requests for copies that came before the promotion.
+    held: Mutex<Vec<HeldRequest>>,
+    /// Sends the copies (taken at shutdown, which breaks the cycle server →
+    /// worker handle → postoffice → request handler → server).
+    client: Mutex<Option<KvWorker>>,
+}
+
+impl Replication {
+    pub(crate) fn new(rank: u32, servers: u32, replicas: u32) -> Replication {
+        Replication {
+            rank,
+            servers,
+            on: replicas > 1 && servers > 1,
+            promoted: AtomicBool::new(false),
+            alone: AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
+            client: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn set_client(&self, kv: Option<KvWorker>) {
+        *self.client.lock() = kv;
+    }
+
+    /// The backup's id.
+    pub(crate) fn backup(&self) -> NodeId {
+        Role::Server.id_of((self.rank + 1) % self.servers)
+    }
+
+    /// The rank of the server whose keys this one copies.
+    pub(crate) fn primary_of_copies(&self) -> u32 {
+        (self.rank + self.servers - 1) % self.servers
+    }
+
+    /// Whether completed rounds of this server's own keys are copied.
+    pub(crate) fn copies_rounds(&self) -> bool {
+        self.on && !self.alone.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_promoted(&self) -> bool {
+        self.promoted.load(Ordering::Acquire)
+    }
+
+    /// A request for a copy: held until the promotion (`None`), or served
+    /// now (`Some`: given back).
+    pub(crate) fn hold(&self, r: HeldRequest) -> Option<HeldRequest> {
+        let mut held = self.held.lock();
+        // Subtle: checked under the lock `promote` drains under, so no
+        // request is held after the drain.
+        if self.is_promoted() {
+            return Some(r);
+        }
+        held.push(r);
+        None
+    }
+
+    /// The primary of the copies died: serve them. Returns the requests
+    /// that waited, to run in arrival order.
+    pub(crate) fn promote(&self) -> Vec<HeldRequest> {
+        let mut held = self.held.lock();
+        self.promoted.store(true, Ordering::Release);
+        std::mem::take(&mut *held)
+    }
+
+    /// The backup died: answer rounds without copying them.
+    pub(crate) fn backup_died(&self) {
+        self.alone.store(true, Ordering::Release);
+    }
+
+    /// Copies `key`'s state to the backup; `done` runs once the backup
+    /// acknowledged it, or once copying is known to be impossible (the
+    /// backup died: logged, and the server goes on alone).
+    pub(crate) fn send(
+        &self,
+        key: u64,
+        dtype: DType,
+        copy: Copy,
+        value: &[u8],
+        done: impl FnOnce() + Send + 'static,
+    ) {
+        let client = self.client.lock().clone();
+        let (Some(kv), true) = (client, self.copies_rounds()) else {
+            return done();
+        };
+        let body = match copy.encode(value) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("key id {} part {}: {e}", copy.key_id, copy.part);
+                return done();
+            }
+        };
+        let head = Head {
+            op: Op::Replicate,
+            dtype,
+            compression: 0,
+            sync: true,
+            multi_precision: false,
+            shm: false,
+            shm_tag: 0,
+        };
+        let opts = RequestOptions {
+            cmd: head.encode(),
+            priority: i32::MAX,
+            target: Some(self.backup()),
+            tag: 0,
+        };
+        let backup = self.backup();
+        let key_id = copy.key_id;
+        // Subtle: `done` must run whichever way the copy ends: in the
+        // answer's callback, or here if the request could not even start
+        // (the backup known dead already); a lost `done` would hold the
+        // round's answers, and the key, for ever.
+        let done: Arc<Mutex<Option<Once>>> = Arc::new(Mutex::new(Some(Box::new(done))));
+        let done2 = done.clone();
+        let sent = kv.push_with(
+            &[key],
+            &[body.len() as u32],
+            body,
+            opts,
+            move |r: Result<KvResponse, TransportError>| {
+                if let Err(e) = r {
+                    tracing::warn!(
+                        "key id {key_id}: the backup {} did not take a copy ({e}); the key is not replicated",
+                        pskv_transport::protocol::describe(backup)
+                    );
+                }
+                if let Some(d) = done2.lock().take() {
+                    d()
+                }
+            },
+        );
+        if let Err(e) = sent {
+            tracing::warn!("key id {key_id}: no copy sent to the backup ({e})");
+            if let Some(d) = done.lock().take() {
+                d()
+            }
+        }
+    }
+}
+
+/// Answers given during a round that must wait for its copy: while a slot
+/// is open, the answers of the key's requests are kept in it instead of
+/// sent; the op that opened it sends them once the backup has the round.
+#[derive(Clone, Default)]
+pub(crate) struct Deferred(Arc<Mutex<Option<Vec<Kept>>>>);
+
+impl Deferred {
+    /// An answer that goes into the slot while one is open.
+    pub(crate) fn wrap(&self, answer: Answer) -> Answer {
+        let slot = self.clone();
+        Box::new(move |r| {
+            let mut s = slot.0.lock();
+            match s.as_mut() {
+                Some(v) => v.push((answer, r)),
+                None => {
+                    drop(s);
+                    answer(r)
+                }
+            }
+        })
+    }
+
+    /// Opens the slot (inside the key's op, under its state lock).
+    pub(crate) fn open(&self) {
+        *self.0.lock() = Some(Vec::new());
+    }
+
+    /// Closes the slot; what it kept.
+    pub(crate) fn close(&self) -> Vec<Kept> {
+        self.0.lock().take().unwrap_or_default()
+    }
+}
+
+/// Sends kept answers.
+pub(crate) fn answer_all(kept: Vec<Kept>) {
+    for (a, r) in kept {
+        a(r);
+    }
+}
+
+impl EntryState {
+    /// This key's state as a copy (and its value).
+    pub(crate) fn copy(&self) -> (Copy, Bytes) {
+        (
+            Copy {
+                key_id: self.key_id,
+                part: self.part,
+                dtype: self.dtype.code(),
+                rounds: self.rounds,
+                generation: self.opt.generation,
+                opt: self.opt.state.clone(),
+                master: self.master.clone(),
+            },
+            self.snapshot(),
+        )
+    }
+
+    /// Takes a copy's state, unless it is older than this one's.
+    pub(crate) fn take_copy(&mut self, c: Copy, value: &[u8]) -> Result<(), String> {
+        if DType::from_code(c.dtype) != Some(self.dtype) || value.len() != self.nbytes() {
+            return Err(format!(
+                "{}: a copy of {} bytes does not fit the key's {} bytes",
+                self.name(),
+                value.len(),
+                self.nbytes()
+            ));
+        }
+        if c.rounds < self.rounds {
+            return Ok(());
+        }
+        self.set_value(value);
+        self.rounds = c.rounds;
+        self.opt.generation = c.generation;
+        self.opt.state = c.opt;
+        self.master = c.master;
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! Replicas (`PSKV_REPLICAS=2`): a server killed at any point of a
+//! dist_sync run (4 workers, 3 servers, SGD with momentum, a key split in
+//! parts over every server) loses no round: the final weights equal those
+//! of the run without the failure, to the bit, and no worker sees an error.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pskv_engine::{Context, Engine};
+use pskv_kvstore::{Key, KvStore, Optimizer, Options, Server, Tensor};
+use pskv_transport::{Config, Postoffice, Role, VanKind};
+
+mod common;
+use common::{engine, values, T};
+
+const SERVERS: u32 = 3;
+const WORKERS: u32 = 4;
+const STEPS: u64 = 10;
+
+fn config(role: Role, port: u16) -> Config {
+    let mut c = Config::new(role, "127.0.0.1", port, SERVERS, WORKERS)
+        .van(VanKind::Tcp)
+        .heartbeat(
+            Some(Duration::from_millis(200)),
+            Some(Duration::from_secs(2)),
+        )
+        .connect_timeout(Duration::from_secs(20));
+    c.replicas = 2;
+    c
+}
+
+fn keys() -> Vec<(Key, usize)> {
+    vec![
+        (Key::Int(0), 10),
+        (Key::Int(1), 5000),
+        (Key::from("fc_weight"), 300),
+        (Key::Int(7), 1),
+    ]
+}
+
+/// How a server dies.
+#[derive(Clone, Copy)]
+enum Death {
+    /// Killed (as a crash: its connections close) once worker 0 finished
+    /// this step.
+    AfterStep(u64),
+    /// Dies once its backup holds this round of a key, before answering
+    /// it: the workers' retries at the backup find the round there.
+    AfterCopying(u64),
+}
+
+/// Trains `STEPS` steps; with `kill = Some((server, death))`, server rank
+/// `server` dies so. Returns rank 0's final weights, as bits.
+fn run(kill: Option<(u32, Death)>) -> Vec<Vec<u32>> {
+    let sched = Postoffice::start(config(Role::Scheduler, 0), None).unwrap();
+    let port = sched.local_addr().port();
+    let offices: Arc<Mutex<Vec<(u32, Postoffice)>>> = Arc::default();
+    let servers: Vec<_> = (0..SERVERS)
+        .map(|_| {
+            let offices = offices.clone();
+            std::thread::spawn(move || {
+                let s = Server::start(config(Role::Server, port), engine()).unwrap();
+                if let Some((r, Death::AfterCopying(round))) = kill {
+                    if s.rank() == r {
+                        s.die_after_copying(round);
+                    }
+                }
+                offices
+                    .lock()
+                    .unwrap()
+                    .push((s.rank(), s.postoffice().clone()));
+                let end = std::time::Instant::now() + T * 2;
+                while std::time::Instant::now() < end {
+                    if s.wait(Some(Duration::from_millis(50))).is_ok() {
+                        break;
+                    }
+                    if s.postoffice().is_shut_down() {
+                        return;
+                    }
+                }
+                s.shutdown();
+            })
+        })
+        .collect();
+    let step0 = Arc::new(AtomicU64::new(0));
+    let killer = kill.and_then(|(rank, d)| match d {
+        Death::AfterStep(at) => Some((rank, at)),
+        Death::AfterCopying(_) => None,
+    });
+    let killer = killer.map(|(rank, at)| {
+        let (offices, step0) = (offices.clone(), step0.clone());
+        std::thread::spawn(move || {
+            while step0.load(Ordering::Acquire) < at {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let po = offices
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(r, _)| *r == rank)
+                .map(|(_, p)| p.clone())
+                .unwrap();
+            po.kill();
+        })
+    });
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let step0 = step0.clone();
+            std::thread::spawn(move || {
+                let e = engine();
+                let opts = Options {
+                    bigarray_bound: 1000,
+                    partition_bytes: 4096,
+                    timeout: Duration::from_secs(30),
+                    transport: Some(config(Role::Worker, port)),
+                    ..Options::default()
+                };
+                let kv = KvStore::create_with("dist_sync", &e, opts).unwrap();
+                let rank = kv.rank() as u64;
+                let ws: Vec<(Key, Tensor)> = keys()
+                    .into_iter()
+                    .map(|(k, n)| (k, tensor(&e, &values(99, n))))
+                    .collect();
+                for (k, w) in &ws {
+                    kv.init(k.clone(), w).unwrap();
+                }
+                kv.set_optimizer(Optimizer::sgd(0.1).momentum(0.9)).unwrap();
+                for step in 0..STEPS {
+                    for (i, (k, w)) in ws.iter().enumerate() {
+                        let g = tensor(&e, &values(rank * 1000 + step * 10 + i as u64, w.len()));
+                        kv.pushpull(k.clone(), &[g], std::slice::from_ref(w), 0)
+                            .unwrap();
+                    }
+                    for (_, w) in &ws {
+                        w.to_vec::<f32>().unwrap();
+                    }
+                    if rank == 0 {
+                        step0.store(step + 1, Ordering::Release);
+                    }
+                }
+                let out: Vec<Vec<u32>> = ws
+                    .iter()
+                    .map(|(k, w)| {
+                        kv.pull(k.clone(), std::slice::from_ref(w), 0).unwrap();
+                        w.to_vec::<f32>()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.to_bits())
+                            .collect()
+                    })
+                    .collect();
+                kv.close().unwrap();
+                (rank, out)
+            })
+        })
+        .collect();
+    let mut outs: Vec<(u64, Vec<Vec<u32>>)> =
+        workers.into_iter().map(|h| h.join().unwrap()).collect();
+    if let Some(k) = killer {
+        k.join().unwrap();
+    }
+    for s in servers {
+        s.join().unwrap();
+    }
+    sched.shutdown();
+    outs.sort_by_key(|(r, _)| *r);
+    for (_, o) in &outs[1..] {
+        assert_eq!(o, &outs[0].1, "the workers disagree");
+    }
+    outs.remove(0).1
+}
+
+fn tensor(e: &Engine, v: &[f32]) -> Tensor {
+    Tensor::from_slice(e, &[v.len()], v, Context::Cpu).unwrap()
+}
+
+#[test]
+fn a_killed_server_loses_no_round_with_replicas() {
+    let reference = run(None);
+    for (server, death) in [
+        (1, Death::AfterStep(3)),
+        (0, Death::AfterStep(6)),
+        (2, Death::AfterStep(1)),
+        (1, Death::AfterCopying(4)),
+        (2, Death::AfterCopying(1)),
+    ] {
+        let got = run(Some((server, death)));
+        let how = match death {
+            Death::AfterStep(s) => format!("killed after step {s}"),
+            Death::AfterCopying(r) => format!("dead after copying round {r}"),
+        };
+        assert!(
+            got == reference,
+            "server {server} {how}: the weights differ from the run without a failure"
+        );
+    }
+}
+
+#[test]
+fn dist_async_refuses_replicas() {
+    let sched = Postoffice::start(config(Role::Scheduler, 0), None).unwrap();
+    let e = engine();
+    let opts = Options {
+        transport: Some(config(Role::Worker, sched.local_addr().port())),
+        ..Options::default()
+    };
+    match KvStore::create_with("dist_async", &e, opts) {
+        Ok(_) => panic!("dist_async accepted replicas"),
+        Err(err) => assert!(err.to_string().contains("dist_sync"), "{err}"),
+    }
+}
