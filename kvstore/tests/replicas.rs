@@ -126,7 +126,9 @@ fn run(kill: Option<(u32, Death)>) -> Vec<Vec<u32>> {
                     kv.init(k.clone(), w).unwrap();
                 }
                 kv.set_optimizer(Optimizer::sgd(0.1).momentum(0.9)).unwrap();
+                let mut slowest = Duration::ZERO;
                 for step in 0..STEPS {
+                    let t = std::time::Instant::now();
                     for (i, (k, w)) in ws.iter().enumerate() {
                         let g = tensor(&e, &values(rank * 1000 + step * 10 + i as u64, w.len()));
                         kv.pushpull(k.clone(), &[g], std::slice::from_ref(w), 0)
@@ -135,9 +137,13 @@ fn run(kill: Option<(u32, Death)>) -> Vec<Vec<u32>> {
                     for (_, w) in &ws {
                         w.to_vec::<f32>().unwrap();
                     }
+                    slowest = slowest.max(t.elapsed());
                     if rank == 0 {
                         step0.store(step + 1, Ordering::Release);
                     }
+                }
+                if rank == 0 {
+                    eprintln!("the slowest step took {slowest:?}");
                 }
                 let out: Vec<Vec<u32>> = ws
                     .iter()

@@ -71,5 +71,6 @@ fn a_checkpoint_that_cannot_be_written_fails_the_barrier_on_every_worker() {
         causes.push(line[line.find("ERR").unwrap()..].to_string());
     }
     assert!(causes.iter().all(|c| c == &causes[0]), "{causes:?}");
+    drop(job);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -97,6 +97,10 @@ fn servers_and_scheduler_whose_workers_all_died_exit_naming_them() {
         job.wait_exit(0, Duration::from_secs(30)),
         job.wait_exit(1, Duration::from_secs(30)),
     );
+    eprintln!(
+        "the scheduler and the server exited {:?} after the workers died",
+        t0.elapsed()
+    );
     assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
     assert!(!sched.success() && !server.success(), "{}", job.outputs());
     let (so, vo) = (job.output(0), job.output(1));

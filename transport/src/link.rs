@@ -92,6 +92,11 @@ pub(crate) trait DirectSend: Send + Sync {
     /// Tries to write `frame` now, without blocking. An error counts as
     /// "not sent": the writer will meet it and end the link.
     fn try_send(&self, frame: &Frame) -> Result<Direct, String>;
+
+    /// The link closed: end the connection now, so the peer sees the end
+    /// at once even if the writer never runs again (a node killed
+    /// in-process).
+    fn shutdown(&self) {}
 }
 
 /// What the writer has to do next.
@@ -297,6 +302,9 @@ impl Link {
         q.heap.clear();
         drop(q);
         self.closed.store(true, AtomicOrdering::Release);
+        if let Some(d) = self.direct.get() {
+            d.shutdown();
+        }
         self.cv.notify_all();
         self.notify.notify_waiters();
         self.notify.notify_one();

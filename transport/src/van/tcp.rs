@@ -187,6 +187,16 @@ struct TcpDirect {
 }
 
 impl crate::link::DirectSend for TcpDirect {
+    fn shutdown(&self) {
+        use std::os::fd::AsRawFd;
+        let stream: &tokio::net::TcpStream = (*self.wr).as_ref();
+        // SAFETY: shutdown(2) on the socket this link owns (kept open by
+        // `wr`); a second call answers ENOTCONN, which is ignored.
+        unsafe {
+            libc::shutdown(stream.as_raw_fd(), libc::SHUT_RDWR);
+        }
+    }
+
     fn try_send(&self, frame: &Frame) -> Result<crate::link::Direct, String> {
         use crate::link::Direct;
         let parts = wire_parts(std::slice::from_ref(frame));
@@ -288,17 +298,8 @@ pub(crate) fn start(
                 return;
             }
         }
-        // Closed: shut the socket down (both ways), so the peer sees the
-        // end and our reader stops. (The direct path holds the write half
-        // too, so it cannot simply be dropped here.)
-        {
-            use std::os::fd::AsRawFd;
-            let stream: &tokio::net::TcpStream = (*wr).as_ref();
-            // SAFETY: shutdown(2) on a socket this link owns and keeps open.
-            unsafe {
-                libc::shutdown(stream.as_raw_fd(), libc::SHUT_RDWR);
-            }
-        }
+        // Closed: `Link::close` shut the socket down through the direct
+        // path (the peer sees the end, our reader stops).
     });
 }
 
