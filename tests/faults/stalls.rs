@@ -43,8 +43,9 @@ fn a_stopped_server_is_fenced_and_the_launcher_replaces_it() {
     assert_eq!(out.matches("FINAL 3 ").count(), 2, "{out}");
 }
 
-#[test]
-fn a_stopped_scheduler_is_survived_and_nothing_is_lost() {
+/// A job of 2 recovery workers and 1 server (heartbeat timeout 2 s), once
+/// a worker said `STEP step`; its worker nodes.
+fn training(step: u32) -> (Job, Vec<usize>) {
     let mut job = Job::new(2, 1, 2, &[]);
     job.start_infra(1);
     let workers: Vec<usize> = (0..2)
@@ -56,7 +57,13 @@ fn a_stopped_scheduler_is_survived_and_nothing_is_lost() {
             )
         })
         .collect();
-    job.wait_line(None, "STEP 5", Duration::from_secs(120));
+    job.wait_line(None, &format!("STEP {step}"), Duration::from_secs(120));
+    (job, workers)
+}
+
+#[test]
+fn a_stopped_scheduler_is_survived_and_nothing_is_lost() {
+    let (mut job, workers) = training(5);
     job.signal(0, libc::SIGSTOP);
     std::thread::sleep(Duration::from_secs(6));
     job.signal(0, libc::SIGCONT);
@@ -77,18 +84,7 @@ fn a_stopped_scheduler_is_survived_and_nothing_is_lost() {
 
 #[test]
 fn servers_and_scheduler_whose_workers_all_died_exit_naming_them() {
-    let mut job = Job::new(2, 1, 2, &[]);
-    job.start_infra(1);
-    let workers: Vec<usize> = (0..2)
-        .map(|_| {
-            job.start_worker(
-                crate::recovery::ENTRY,
-                "PSKV_RECOVERY_WORKER",
-                &Faults::default(),
-            )
-        })
-        .collect();
-    job.wait_line(None, "STEP 3", Duration::from_secs(120));
+    let (mut job, workers) = training(3);
     let t0 = Instant::now();
     for &w in &workers {
         job.signal(w, libc::SIGKILL);

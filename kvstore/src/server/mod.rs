@@ -43,7 +43,7 @@ use crate::updater::{KeyState, Rule};
 use crate::wire::{command, decode_ps_key, split_rows, Head, Op};
 use checkpoint::Checkpointer;
 use entry::{Answer, EntryState};
-use replica::{answer_all, Deferred, HeldRequest, Replication};
+use replica::{answer_all, Deferred, KeyWork, Replication};
 
 /// Values at most this large are handled on the I/O thread.
 const INLINE_BYTES: usize = 1 << 20;
@@ -626,7 +626,14 @@ impl Inner {
                 at += len as usize;
                 v
             };
-            self.key_request(key, head, vals, rank as usize, tag, reply.answer(i));
+            self.key_request(KeyWork {
+                key,
+                head,
+                vals,
+                rank: rank as usize,
+                tag,
+                answer: reply.answer(i),
+            });
         }
     }
 
@@ -782,52 +789,38 @@ impl Inner {
             held.len()
         );
         for h in held {
-            self.key_request(h.key, h.head, h.vals, h.rank, h.tag, h.answer);
+            self.key_request(h);
         }
     }
 
     /// Schedules the work on one ps key.
-    fn key_request(
-        self: &Arc<Self>,
-        key: u64,
-        head: Head,
-        vals: Bytes,
-        rank: usize,
-        tag: u64,
-        answer: Answer,
-    ) {
-        match head.op {
-            Op::Init => return self.init(key, head, vals, answer),
-            Op::Replicate => return self.take_copy(key, vals, answer),
+    fn key_request(self: &Arc<Self>, w: KeyWork) {
+        match w.head.op {
+            Op::Init => return self.init(w.key, w.head, w.vals, w.answer),
+            Op::Replicate => return self.take_copy(w.key, w.vals, w.answer),
             _ => {}
         }
-        if self.is_copy(key) {
+        let w = if self.is_copy(w.key) {
             // A worker came to the backup: served once the primary is
             // known dead (replica.rs).
-            if let Some(p) = self.repl.get().filter(|p| !p.is_promoted()) {
-                let held = HeldRequest {
-                    key,
-                    head,
-                    vals,
-                    rank,
-                    tag,
-                    answer,
-                };
-                match p.hold(held) {
+            match self.repl.get().filter(|p| !p.is_promoted()) {
+                Some(p) => match p.hold(w) {
                     None => return,
-                    Some(h) => {
-                        return self.key_request(h.key, h.head, h.vals, h.rank, h.tag, h.answer)
-                    }
-                }
+                    Some(w) => w,
+                },
+                None => w,
             }
-        }
+        } else {
+            w
+        };
+        let key = w.key;
         let Some(entry) = self.entries.read().get(&key).cloned() else {
-            return answer(Err(format!(
+            return (w.answer)(Err(format!(
                 "{} was never initialized on this server: call init first",
                 self.describe(key)
             )));
         };
-        let size = entry.st.lock().nbytes().max(vals.len());
+        let size = entry.st.lock().nbytes().max(w.vals.len());
         let prop = if size <= INLINE_BYTES {
             Property::Async
         } else {
@@ -836,16 +829,19 @@ impl Inner {
         let me = self.clone();
         let e2 = entry.clone();
         let spec = OpSpec::new("server_key").write(&entry.var).property(prop);
-        let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
+        let pushes = matches!(w.head.op, Op::Push | Op::PushPull | Op::RowPush);
         let pushed = if pushes && self.copies(key) {
             // The round's answers wait for its copy at the backup; the
             // key's var is held until then, so its next request waits too.
-            let answer = entry.defer.wrap(answer);
+            let w = KeyWork {
+                answer: entry.defer.wrap(w.answer),
+                ..w
+            };
             self.engine.push_async(spec, move |_, completion| {
                 let mut st = e2.st.lock();
                 e2.defer.open();
                 let before = st.rounds;
-                me.key_op(&mut st, key, head, vals, rank, tag, answer);
+                me.key_op(&mut st, w);
                 let kept = e2.defer.close();
                 if st.rounds == before {
                     drop(st);
@@ -881,7 +877,7 @@ impl Inner {
         } else {
             self.engine.push_sync(spec, move |_| {
                 let mut st = e2.st.lock();
-                me.key_op(&mut st, key, head, vals, rank, tag, answer);
+                me.key_op(&mut st, w);
                 Ok(())
             })
         };
@@ -893,17 +889,15 @@ impl Inner {
     }
 
     /// The work on one ps key, inside an op that writes its var.
-    #[allow(clippy::too_many_arguments)]
-    fn key_op(
-        &self,
-        st: &mut EntryState,
-        key: u64,
-        head: Head,
-        vals: Bytes,
-        rank: usize,
-        tag: u64,
-        answer: Answer,
-    ) {
+    fn key_op(&self, st: &mut EntryState, w: KeyWork) {
+        let KeyWork {
+            key,
+            head,
+            vals,
+            rank,
+            tag,
+            answer,
+        } = w;
         let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
         let dead = if head.sync && pushes {
             self.dead_worker()

@@ -98,12 +98,16 @@ pub(crate) type Once = Box<dyn FnOnce() + Send>;
 /// An answer and what it answers with, kept for later.
 pub(crate) type Kept = (Answer, Result<Option<Bytes>, String>);
 
-/// A request for a copy that came before the promotion.
-pub(crate) struct HeldRequest {
+/// The work on one ps key that a request asks for (and, for a copy, what
+/// waits until the promotion).
+pub(crate) struct KeyWork {
     pub key: u64,
     pub head: Head,
+    /// The key's values in the request.
     pub vals: Bytes,
+    /// The sender's rank (a worker's; a copy's primary's).
     pub rank: usize,
+    /// The push's round (replicas), or 0.
     pub tag: u64,
     pub answer: Answer,
 }
@@ -120,7 +124,7 @@ pub(crate) struct Replication {
     /// The backup died: rounds are answered without a copy.
     alone: AtomicBool,
     /// Requests for copies that came before the promotion.
-    held: Mutex<Vec<HeldRequest>>,
+    held: Mutex<Vec<KeyWork>>,
     /// Sends the copies (taken at shutdown, which breaks the cycle server →
     /// worker handle → postoffice → request handler → server).
     client: Mutex<Option<KvWorker>>,
@@ -164,7 +168,7 @@ impl Replication {
 
     /// A request for a copy: held until the promotion (`None`), or served
     /// now (`Some`: given back).
-    pub(crate) fn hold(&self, r: HeldRequest) -> Option<HeldRequest> {
+    pub(crate) fn hold(&self, r: KeyWork) -> Option<KeyWork> {
         let mut held = self.held.lock();
         // Subtle: checked under the lock `promote` drains under, so no
         // request is held after the drain.
@@ -177,7 +181,7 @@ impl Replication {
 
     /// The primary of the copies died: serve them. Returns the requests
     /// that waited, to run in arrival order.
-    pub(crate) fn promote(&self) -> Vec<HeldRequest> {
+    pub(crate) fn promote(&self) -> Vec<KeyWork> {
         let mut held = self.held.lock();
         self.promoted.store(true, Ordering::Release);
         std::mem::take(&mut *held)

@@ -674,16 +674,7 @@ impl Scheduler {
         // A member owed the failure of a round it had not reached: this
         // arrival is its part of that round.
         if let Some(error) = self.owed.get_mut(&group.0).and_then(|o| o.remove(&id)) {
-            if let Some(conn) = self.nodes.get(&id).and_then(|e| e.conn) {
-                self.out.push_back((
-                    conn,
-                    Control::BarrierDone {
-                        group: group.0,
-                        seq,
-                        error: Some(error),
-                    },
-                ));
-            }
+            self.release(id, group, seq, Some(error));
             return;
         }
         let round = self.rounds.entry(group.0).or_default();
@@ -695,6 +686,20 @@ impl Scheduler {
         }
         round.arrived.insert(id, (seq, vote));
         self.check_round(group);
+    }
+
+    /// Tells node `id` that its barrier `seq` of `group` is over.
+    fn release(&mut self, id: NodeId, group: Group, seq: u64, error: Option<String>) {
+        if let Some(conn) = self.nodes.get(&id).and_then(|e| e.conn) {
+            self.out.push_back((
+                conn,
+                Control::BarrierDone {
+                    group: group.0,
+                    seq,
+                    error,
+                },
+            ));
+        }
     }
 
     fn recheck_barriers(&mut self) {
@@ -757,16 +762,7 @@ impl Scheduler {
             if matches!(vote, Vote::Fail { .. }) {
                 continue; // it is not waiting
             }
-            if let Some(conn) = self.nodes.get(&id).and_then(|e| e.conn) {
-                self.out.push_back((
-                    conn,
-                    Control::BarrierDone {
-                        group: group.0,
-                        seq,
-                        error: error.clone(),
-                    },
-                ));
-            }
+            self.release(id, group, seq, error.clone());
         }
         if round.me {
             self.events
