@@ -49,6 +49,45 @@ pub enum KernelError {
         message: String,
     },
 
+    /// A device that does not exist was asked for.
+    #[error("device {ordinal} asked for, but there are {have} {what}")]
+    NoDevice {
+        /// The ordinal asked for.
+        ordinal: u32,
+        /// How many there are.
+        have: usize,
+        /// Of which kind.
+        what: &'static str,
+    },
+
+    /// A buffer of another device was given.
+    #[error("{what} is on device {on}, not on device {device}")]
+    WrongDevice {
+        /// Which buffer.
+        what: &'static str,
+        /// Its device.
+        on: u32,
+        /// The device of the call.
+        device: u32,
+    },
+
+    /// A byte range outside a buffer.
+    #[error("{what}: bytes {at}..{at}+{len} are outside the buffer's {have} bytes")]
+    Range {
+        /// Which copy or buffer.
+        what: &'static str,
+        /// First byte.
+        at: usize,
+        /// Bytes.
+        len: usize,
+        /// The buffer's bytes.
+        have: usize,
+    },
+
+    /// A setting or an argument that cannot be used.
+    #[error("{0}")]
+    Config(String),
+
     /// The thread pool for the CPU kernels could not be built.
     #[error("could not start {threads} kernel threads: {message}")]
     Threads {

@@ -7,6 +7,10 @@
 //! type (host slices for [`cpu::CpuKernels`], device buffers for
 //! `cuda::CudaKernels`), and agree bit for bit.
 //!
+//! [`device`] is device memory and device work behind one interface
+//! ([`device::Device`]): a CUDA GPU (feature `cuda`), or a device emulated
+//! in host memory where there is none, picked at run time (`PSKV_GPU`).
+//!
 //! ```
 //! use pskv_gpu::{cpu::CpuKernels, layout, Kernels};
 //!
@@ -43,6 +47,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 mod error;
 pub mod layout;
 

@@ -52,7 +52,9 @@ fn unavailable(what: impl Into<String>) -> KernelError {
     KernelError::CudaUnavailable(what.into())
 }
 
-fn cuda_err(context: &'static str) -> impl Fn(cudarc::driver::DriverError) -> KernelError {
+pub(crate) fn cuda_err(
+    context: &'static str,
+) -> impl Fn(cudarc::driver::DriverError) -> KernelError {
     move |e| KernelError::Cuda {
         context,
         message: e.to_string(),
@@ -61,7 +63,7 @@ fn cuda_err(context: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Ke
 
 /// Runs `f`, turning a panic inside cudarc (a missing library or symbol) into
 /// an error.
-fn guarded<T>(
+pub(crate) fn guarded<T>(
     what: &'static str,
     f: impl FnOnce() -> Result<T, KernelError>,
 ) -> Result<T, KernelError> {
@@ -128,14 +130,72 @@ pub fn device_count() -> Result<usize, KernelError> {
     })
 }
 
-struct Functions {
-    sum_f32: CudaFunction,
-    sum_f64: CudaFunction,
-    sum_f16: CudaFunction,
-    quantize_2bit: CudaFunction,
-    dequantize_2bit: CudaFunction,
-    quantize_1bit: CudaFunction,
-    dequantize_1bit: CudaFunction,
+/// The kernels loaded into a context.
+pub(crate) struct Loaded {
+    pub(crate) module: Arc<CudaModule>,
+    pub(crate) f: Functions,
+    pub(crate) max_blocks: u32,
+    pub(crate) arch: String,
+}
+
+/// Compiles (once per architecture) and loads every kernel into `ctx`.
+pub(crate) fn load(ctx: &Arc<CudaContext>) -> Result<Loaded, KernelError> {
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(cuda_err("compute capability"))?;
+    // The device's own architecture if NVRTC knows it, else portable PTX.
+    let (arch, ptx) = match arch_of(major, minor).map(|a| (a, ptx_for(a))) {
+        Some((a, Ok(p))) => (a, p),
+        _ => (PORTABLE_ARCH, ptx_for(PORTABLE_ARCH)?),
+    };
+    let module = ctx.load_module(ptx).map_err(cuda_err("cuModuleLoadData"))?;
+    let load = |name: &str| {
+        module
+            .load_function(name)
+            .map_err(cuda_err("cuModuleGetFunction"))
+    };
+    let f = Functions {
+        sum_f32: load("pskv_sum_f32")?,
+        sum_f64: load("pskv_sum_f64")?,
+        sum_f16: load("pskv_sum_f16")?,
+        quantize_2bit: load("pskv_quantize_2bit")?,
+        dequantize_2bit: load("pskv_dequantize_2bit")?,
+        quantize_1bit: load("pskv_quantize_1bit")?,
+        dequantize_1bit: load("pskv_dequantize_1bit")?,
+    };
+    let sms = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .map_err(cuda_err("SM count"))?;
+    Ok(Loaded {
+        module,
+        f,
+        max_blocks: (sms.max(1) as u32) * 32,
+        arch: format!("sm_{major}{minor} ({arch} PTX)"),
+    })
+}
+
+/// The launch shape for `threads` threads of `BLOCK`, at most `max_blocks`
+/// blocks.
+pub(crate) fn launch_config(threads: u64, max_blocks: u32) -> LaunchConfig {
+    let blocks = threads.div_ceil(BLOCK as u64).clamp(1, max_blocks as u64) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The kernels' functions in a loaded module.
+pub(crate) struct Functions {
+    pub(crate) sum_f32: CudaFunction,
+    pub(crate) sum_f64: CudaFunction,
+    pub(crate) sum_f16: CudaFunction,
+    pub(crate) quantize_2bit: CudaFunction,
+    pub(crate) dequantize_2bit: CudaFunction,
+    pub(crate) quantize_1bit: CudaFunction,
+    pub(crate) dequantize_1bit: CudaFunction,
 }
 
 /// The kernels on one GPU, with one stream.
@@ -224,39 +284,14 @@ impl CudaKernels {
         guarded("CUDA setup", || {
             let ctx = CudaContext::new(ordinal).map_err(cuda_err("cuCtx create"))?;
             let stream = ctx.new_stream().map_err(cuda_err("cuStreamCreate"))?;
-            let (major, minor) = ctx
-                .compute_capability()
-                .map_err(cuda_err("compute capability"))?;
-            // The device's own architecture if NVRTC knows it, else portable PTX.
-            let (arch, ptx) = match arch_of(major, minor).map(|a| (a, ptx_for(a))) {
-                Some((a, Ok(p))) => (a, p),
-                _ => (PORTABLE_ARCH, ptx_for(PORTABLE_ARCH)?),
-            };
-            let module = ctx.load_module(ptx).map_err(cuda_err("cuModuleLoadData"))?;
-            let load = |name: &str| {
-                module
-                    .load_function(name)
-                    .map_err(cuda_err("cuModuleGetFunction"))
-            };
-            let f = Functions {
-                sum_f32: load("pskv_sum_f32")?,
-                sum_f64: load("pskv_sum_f64")?,
-                sum_f16: load("pskv_sum_f16")?,
-                quantize_2bit: load("pskv_quantize_2bit")?,
-                dequantize_2bit: load("pskv_dequantize_2bit")?,
-                quantize_1bit: load("pskv_quantize_1bit")?,
-                dequantize_1bit: load("pskv_dequantize_1bit")?,
-            };
-            let sms = ctx
-                .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-                .map_err(cuda_err("SM count"))?;
+            let l = load(&ctx)?;
             Ok(CudaKernels {
                 ctx,
                 stream,
-                _module: module,
-                f,
-                max_blocks: (sms.max(1) as u32) * 32,
-                arch: format!("sm_{major}{minor} ({arch} PTX)"),
+                _module: l.module,
+                f: l.f,
+                max_blocks: l.max_blocks,
+                arch: l.arch,
             })
         })
     }
@@ -303,14 +338,7 @@ impl CudaKernels {
     }
 
     fn config(&self, threads: u64) -> LaunchConfig {
-        let blocks = threads
-            .div_ceil(BLOCK as u64)
-            .clamp(1, self.max_blocks as u64) as u32;
-        LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        }
+        launch_config(threads, self.max_blocks)
     }
 }
 
