@@ -142,6 +142,11 @@ impl Rule {
         weight: &mut [u8],
         st: &mut KeyState,
     ) -> Result<(), String> {
+        // Subtle: the gradient may come from a plain byte buffer (a
+        // server's sum, a message): the typed views below need it aligned,
+        // and an empty `Vec<u8>`'s pointer is not (a push without rows).
+        let mut holder = Vec::new();
+        let grad = aligned(grad, &mut holder);
         match self {
             Rule::Custom(u) => u.update(
                 key.ok_or("a custom updater needs the key itself")?,
@@ -192,6 +197,17 @@ impl Rule {
             }
         }
     }
+}
+
+/// `bytes`, or a copy of them in `holder` if they are not 8-byte aligned.
+fn aligned<'a>(bytes: &'a [u8], holder: &'a mut Vec<u64>) -> &'a [u8] {
+    if bytes.as_ptr().align_offset(8) == 0 {
+        return bytes;
+    }
+    holder.resize(bytes.len().div_ceil(8), 0);
+    let out = &mut bytemuck::cast_slice_mut::<u64, u8>(holder)[..bytes.len()];
+    out.copy_from_slice(bytes);
+    out
 }
 
 fn describe(id: u64, key: Option<&Key>) -> String {

@@ -515,6 +515,43 @@ fn row_sparse_keys_match_local() {
     }
 }
 
+/// A push that touches no row of a server's range (or no row at all)
+/// leaves those rows alone; the servers keep working.
+#[test]
+fn row_sparse_pushes_without_rows_in_a_part() {
+    let opt = Optimizer::sgd(0.5).wd(0.1);
+    let o2 = opt.clone();
+    let w0 = values(1, 1200);
+    let got = cluster(2, 2).run("dist_sync", small_parts(), move |kv, e| {
+        kv.set_optimizer(o2.clone()).unwrap();
+        kv.init(
+            "emb",
+            &Tensor::from_slice(e, &[40, 30], &values(1, 1200), Context::Cpu).unwrap(),
+        )
+        .unwrap();
+        // Rows of the first part only (rows 0..34), then no rows at all.
+        for rows in [vec![2i64, 5], vec![]] {
+            let g = vec![1.0f32; rows.len() * 30];
+            let t = Tensor::row_sparse(e, &[40, 30], rows, &g, Context::Cpu).unwrap();
+            kv.push("emb", &[t], 0).unwrap();
+        }
+        let dense = Tensor::zeros(e, &[40, 30], DType::F32, Context::Cpu).unwrap();
+        kv.pull("emb", &[dense.clone()], 0).unwrap();
+        dense.to_vec::<f32>().unwrap()
+    });
+    let upd = |w: f32, g: f32| (1.0f32 - 0.5 * 0.1) * w - (0.5f32 * 1.0) * g;
+    for d in got {
+        for (i, (x, w)) in d.iter().zip(&w0).enumerate() {
+            let want = if i / 30 == 2 || i / 30 == 5 {
+                upd(*w, 2.0)
+            } else {
+                *w
+            };
+            assert_eq!(x.to_bits(), want.to_bits(), "element {i}");
+        }
+    }
+}
+
 #[test]
 fn errors_name_the_key_and_the_store_keeps_working() {
     let got = cluster(1, 1).run("dist_sync", opts(), |kv, e| {
