@@ -53,6 +53,12 @@ enum Death {
 /// Trains `STEPS` steps; with `kill = Some((server, death))`, server rank
 /// `server` dies so. Returns rank 0's final weights, as bits.
 fn run(kill: Option<(u32, Death)>) -> Vec<Vec<u32>> {
+    if let Ok(f) = std::env::var("RUST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
+            .with_test_writer()
+            .try_init();
+    }
     let sched = Postoffice::start(config(Role::Scheduler, 0), None).unwrap();
     let port = sched.local_addr().port();
     let offices: Arc<Mutex<Vec<(u32, Postoffice)>>> = Arc::default();

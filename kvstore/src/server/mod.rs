@@ -101,7 +101,7 @@ struct Inner {
     ranges: std::sync::OnceLock<Vec<(u64, u64)>>,
     /// Replicas (`PSKV_REPLICAS=2`): copies to the backup, and of the
     /// previous server's keys.
-    repl: std::sync::OnceLock<Replication>,
+    repl: std::sync::OnceLock<Arc<Replication>>,
     /// A fault for tests: once the backup holds this round of a key, the
     /// server dies before answering it (`Server::die_after_copying`).
     fault: Mutex<Option<(u64, replica::Once)>>,
@@ -316,7 +316,7 @@ impl Server {
             }
             repl.set_client(Some(pskv_transport::KvWorker::new(&po)));
         }
-        let _ = inner.repl.set(repl);
+        let _ = inner.repl.set(Arc::new(repl));
         let server = Server { inner, po };
         if let Some(dir) = &ckpt.dir {
             let c = Checkpointer::start(
@@ -428,6 +428,7 @@ impl Server {
         }
         if let Some(r) = self.inner.repl.get() {
             r.set_client(None);
+            r.stop();
         }
         self.inner.fault.lock().take();
         if let Some(c) = self.inner.ckpt.get() {
@@ -707,6 +708,11 @@ impl Inner {
             .map_or(self.range_begin.load(Ordering::Acquire), |(b, _)| *b)
     }
 
+    /// This server's rank (for logs).
+    fn my_rank(&self) -> u32 {
+        self.repl.get().map_or(u32::MAX, |p| p.rank)
+    }
+
     /// Whether `key` is a copy of the previous server's (replicas).
     fn is_copy(&self, key: u64) -> bool {
         match (self.repl.get(), self.ranges.get()) {
@@ -747,10 +753,9 @@ impl Inner {
                 self.describe(key)
             )));
         }
-        let promoted = self.repl.get().is_some_and(|p| p.is_promoted());
-        if promoted {
-            return answer(Ok(None));
-        }
+        let Some(repl) = self.repl.get() else {
+            return answer(Err("a copy, but this server keeps no replicas".into()));
+        };
         let (c, value) = match replica::Copy::decode(&vals) {
             Ok(x) => x,
             Err(e) => return answer(Err(e)),
@@ -758,23 +763,32 @@ impl Inner {
         let Some(dtype) = DType::from_code(c.dtype) else {
             return answer(Err("a copy of an unknown type".into()));
         };
-        let entry = {
-            let mut entries = self.entries.write();
-            entries
-                .entry(key)
-                .or_insert_with(|| {
-                    Entry::new(EntryState::new(
-                        c.key_id,
-                        c.part,
-                        dtype,
-                        &value,
-                        self.workers,
-                    ))
-                })
-                .clone()
-        };
-        let r = entry.st.lock().take_copy(c, &value);
-        answer(r.map(|()| None))
+        let mut result = Ok(());
+        repl.unless_promoted(|| {
+            let entry = {
+                let mut entries = self.entries.write();
+                entries
+                    .entry(key)
+                    .or_insert_with(|| {
+                        Entry::new(EntryState::new(
+                            c.key_id,
+                            c.part,
+                            dtype,
+                            &value,
+                            self.workers,
+                        ))
+                    })
+                    .clone()
+            };
+            tracing::debug!(
+                server = self.my_rank(),
+                key,
+                rounds = c.rounds,
+                "copy taken"
+            );
+            result = entry.st.lock().take_copy(c, &value);
+        });
+        answer(result.map(|()| None))
     }
 
     /// The primary of this server's copies died: they are served from now
@@ -910,6 +924,14 @@ impl Inner {
                 answer(Err(format!("{}: {why}", st.name())));
             }
             _ if pushes && Self::already_applied(st, &head, tag).is_some() => {
+                tracing::debug!(
+                    server = self.my_rank(),
+                    key,
+                    rank,
+                    tag,
+                    rounds = st.rounds,
+                    "a push of a round this key holds: answered"
+                );
                 // A retry of a round this key holds (replicas): answered,
                 // not applied again.
                 answer(Ok(Self::already_applied(st, &head, tag).flatten()));
@@ -929,6 +951,14 @@ impl Inner {
                 };
                 let rule = self.rule.read().clone();
                 let before = st.rounds;
+                tracing::debug!(
+                    server = self.my_rank(),
+                    key,
+                    rank,
+                    tag,
+                    rounds = st.rounds,
+                    "push"
+                );
                 st.push(&self.kernels, rule.as_ref(), head, vals, rank, answer);
                 if let Some(c) = self.ckpt.get() {
                     if st.rounds != before && st.rounds % c.every == 0 {

@@ -37,13 +37,21 @@
 //!   backup alive ──backup declared dead──► alone (rounds answered at once)
 //!   copies passive ──primary declared dead──► promoted (copies served, held requests run)
 //! ```
+//!
+//! A round whose copy failed (the link to the backup broke) while the
+//! backup is not yet declared dead is *parked*: answered once it is,
+//! never if this server stops first. A backup that answers a copy with an
+//! error is alive: that round is answered and the key goes unreplicated
+//! (logged).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use pskv_transport::{KvResponse, KvWorker, NodeId, RequestOptions, Role, TransportError};
+use pskv_transport::{
+    KvResponse, KvWorker, NodeId, RequestOptions, Role, TrackError, TransportError,
+};
 use serde::{Deserialize, Serialize};
 
 use super::entry::{Answer, EntryState};
@@ -128,6 +136,10 @@ pub(crate) struct Replication {
     /// Sends the copies (taken at shutdown, which breaks the cycle server →
     /// worker handle → postoffice → request handler → server).
     client: Mutex<Option<KvWorker>>,
+    /// Rounds whose copy failed while the backup was not (yet) known dead:
+    /// answered once it is (`backup_died`), never if this server stops
+    /// first (its workers then send those pushes to its backup).
+    parked: Mutex<Vec<Once>>,
 }
 
 impl Replication {
@@ -140,6 +152,7 @@ impl Replication {
             alone: AtomicBool::new(false),
             held: Mutex::new(Vec::new()),
             client: Mutex::new(None),
+            parked: Mutex::new(Vec::new()),
         }
     }
 
@@ -179,6 +192,23 @@ impl Replication {
         None
     }
 
+    /// Runs `f` (taking a copy) unless the copies were promoted; false if
+    /// they were.
+    ///
+    /// Subtle: under the lock the promotion takes, so a copy is either
+    /// taken before any request held for the promotion runs, or ignored. A
+    /// copy taken after the held pushes began a round would move the key's
+    /// round under them: they would wait for ever for a push that the
+    /// round's copy then answers as a duplicate.
+    pub(crate) fn unless_promoted(&self, f: impl FnOnce()) -> bool {
+        let _held = self.held.lock();
+        if self.is_promoted() {
+            return false;
+        }
+        f();
+        true
+    }
+
     /// The primary of the copies died: serve them. Returns the requests
     /// that waited, to run in arrival order.
     pub(crate) fn promote(&self) -> Vec<KeyWork> {
@@ -187,16 +217,47 @@ impl Replication {
         std::mem::take(&mut *held)
     }
 
-    /// The backup died: answer rounds without copying them.
+    /// The backup died: answer rounds without copying them, and the rounds
+    /// whose copy failed meanwhile.
     pub(crate) fn backup_died(&self) {
-        self.alone.store(true, Ordering::Release);
+        let parked = {
+            let mut p = self.parked.lock();
+            self.alone.store(true, Ordering::Release);
+            std::mem::take(&mut *p)
+        };
+        for done in parked {
+            done();
+        }
+    }
+
+    /// This server stops: rounds waiting for a verdict on their copy are
+    /// never answered.
+    pub(crate) fn stop(&self) {
+        self.parked.lock().clear();
+    }
+
+    /// A copy failed: the round is answered once the backup is known dead
+    /// (at once if it is), never if this server stops first.
+    ///
+    /// Subtle: answering a round whose copy the backup does not hold would
+    /// let a worker see a round that the backup, taking over, does not
+    /// have: the workers that had not been answered would push it again
+    /// there as a new round, which the answered ones never join.
+    fn copy_failed(&self, done: Once) {
+        let mut p = self.parked.lock();
+        if self.alone.load(Ordering::Acquire) {
+            drop(p);
+            return done();
+        }
+        p.push(done);
     }
 
     /// Copies `key`'s state to the backup; `done` runs once the backup
-    /// acknowledged it, or once copying is known to be impossible (the
-    /// backup died: logged, and the server goes on alone).
+    /// acknowledged it, or once it is known that it cannot (the backup died:
+    /// logged, and the server goes on alone); never if this server stops
+    /// before either.
     pub(crate) fn send(
-        &self,
+        self: &Arc<Self>,
         key: u64,
         dtype: DType,
         copy: Copy,
@@ -210,6 +271,7 @@ impl Replication {
         let body = match copy.encode(value) {
             Ok(b) => b,
             Err(e) => {
+                // Nothing the backup could change: the key goes unreplicated.
                 tracing::error!("key id {} part {}: {e}", copy.key_id, copy.part);
                 return done();
             }
@@ -231,33 +293,42 @@ impl Replication {
         };
         let backup = self.backup();
         let key_id = copy.key_id;
-        // Subtle: `done` must run whichever way the copy ends: in the
-        // answer's callback, or here if the request could not even start
-        // (the backup known dead already); a lost `done` would hold the
-        // round's answers, and the key, for ever.
+        // Subtle: `done` must be settled whichever way the copy ends: in the
+        // answer's callback, or here if the request could not even start.
         let done: Arc<Mutex<Option<Once>>> = Arc::new(Mutex::new(Some(Box::new(done))));
-        let done2 = done.clone();
+        let (done2, me) = (done.clone(), self.clone());
         let sent = kv.push_with(
             &[key],
             &[body.len() as u32],
             body,
             opts,
             move |r: Result<KvResponse, TransportError>| {
-                if let Err(e) = r {
-                    tracing::warn!(
-                        "key id {key_id}: the backup {} did not take a copy ({e}); the key is not replicated",
-                        pskv_transport::protocol::describe(backup)
-                    );
-                }
-                if let Some(d) = done2.lock().take() {
-                    d()
+                let Some(d) = done2.lock().take() else { return };
+                match r {
+                    Ok(_) => d(),
+                    // The backup is alive and refused the copy: waiting for
+                    // its death would wedge the key; it goes unreplicated.
+                    Err(e @ TransportError::Request(TrackError::Remote { .. })) => {
+                        tracing::error!(
+                            "key id {key_id}: the backup {} refused a copy ({e}); the key is not replicated",
+                            pskv_transport::protocol::describe(backup)
+                        );
+                        d()
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "key id {key_id}: the backup {} did not take a copy ({e})",
+                            pskv_transport::protocol::describe(backup)
+                        );
+                        me.copy_failed(d)
+                    }
                 }
             },
         );
         if let Err(e) = sent {
             tracing::warn!("key id {key_id}: no copy sent to the backup ({e})");
             if let Some(d) = done.lock().take() {
-                d()
+                self.copy_failed(d)
             }
         }
     }

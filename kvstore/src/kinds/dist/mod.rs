@@ -228,6 +228,18 @@ struct DistKey {
     pushes: AtomicU64,
 }
 
+/// Whether a request could not even start because its node cannot be
+/// reached (no link, and making one failed).
+fn unreachable(e: &TransportError) -> bool {
+    matches!(
+        e,
+        TransportError::Auth { .. }
+            | TransportError::Io { .. }
+            | TransportError::NotRunning(_)
+            | TransportError::Request(_)
+    )
+}
+
 /// One part's request, as sent (and as sent again to a backup).
 #[derive(Clone)]
 struct PartSend {
@@ -471,8 +483,11 @@ impl DistStore {
             _ => self.kv.push_pull_with(&keys, &lens, p.payload, opts, done),
         };
         match (sent, retry) {
-            // The server died between the routing and the send.
-            (Err(e), Some(p)) if died(&e) => self.send_part(p, false, true, inf, cb),
+            // The server died between the routing and the send, or cannot
+            // be reached (its link is gone and a new one fails).
+            (Err(e), Some(p)) if died(&e) || unreachable(&e) => {
+                self.send_part(p, false, true, inf, cb)
+            }
             (Err(e), _) => inf.part_done(Err(e), |_| Ok(())),
             (Ok(()), _) => {}
         }
