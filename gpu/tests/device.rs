@@ -88,6 +88,20 @@ fn memory_is_separate_and_copies_are_explicit() {
         let got = download(d, &b);
         assert_eq!(&got[50..70], &(10..30u8).collect::<Vec<_>>()[..]);
         assert!(got[..50].iter().chain(&got[70..]).all(|x| *x == 0));
+        // From another device (a peer copy).
+        let peer = if d.is_emulated() {
+            device::open_with(Backend::Emulated, 1).unwrap()
+        } else {
+            device::open_with(Backend::Cuda, 0).unwrap()
+        };
+        if peer.ordinal() != d.ordinal() {
+            let c = d.alloc(100).unwrap();
+            peer.copy_from_peer(Lane::Copy, &a, &c).unwrap_err();
+            let on_peer = peer.alloc(100).unwrap();
+            peer.copy_from_peer(Lane::Copy, &a, &on_peer).unwrap();
+            sync(&*peer, Lane::Copy);
+            assert_eq!(download(&*peer, &on_peer), (0..100u8).collect::<Vec<_>>());
+        }
         // A partial download.
         let mut part = [0u8; 5];
         // SAFETY: `part` lives until the sync.

@@ -354,6 +354,48 @@ impl Device for CudaDevice {
         Ok(())
     }
 
+    fn copy_from_peer(
+        &self,
+        lane: Lane,
+        src: &DeviceMem,
+        dst: &DeviceMem,
+    ) -> Result<(), KernelError> {
+        let d = self.ptr(dst, "a peer copy's destination")?;
+        crate::error::check_len(
+            "copy_from_peer",
+            "the destination (bytes)",
+            src.len,
+            dst.len,
+        )?;
+        let (s, src_ctx) = match &src.raw {
+            RawMem::Cuda(c) => (c.ptr, c.ctx.clone()),
+            RawMem::Emulated(_) => {
+                return Err(KernelError::Config(
+                    "a peer copy from an emulated buffer to a CUDA device".into(),
+                ))
+            }
+        };
+        if src.len == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both buffers hold `src.len` bytes (checked), in their
+        // contexts; both are kept until the lane's next `then`.
+        unsafe {
+            result::memcpy_peer_async(
+                self.ctx.cu_ctx(),
+                d,
+                src_ctx.cu_ctx(),
+                s,
+                src.len,
+                self.lane(lane).stream.cu_stream(),
+            )
+        }
+        .map_err(cuda_err("cuMemcpyPeerAsync"))?;
+        self.keep(lane, Box::new((src.clone(), dst.clone())));
+        Ok(())
+    }
+
     fn sum(
         &self,
         lane: Lane,

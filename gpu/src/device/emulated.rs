@@ -302,6 +302,34 @@ impl Device for EmulatedDevice {
         Ok(())
     }
 
+    fn copy_from_peer(
+        &self,
+        lane: Lane,
+        src: &DeviceMem,
+        dst: &DeviceMem,
+    ) -> Result<(), KernelError> {
+        let s = cell(src)?.clone();
+        let d = self.check_mine(dst, "a peer copy's destination")?;
+        crate::error::check_len(
+            "copy_from_peer",
+            "the destination (bytes)",
+            src.len,
+            dst.len,
+        )?;
+        if Arc::ptr_eq(&s, &d) {
+            return Err(KernelError::Config("a peer copy onto itself".into()));
+        }
+        let len = src.len;
+        self.work(lane, move || {
+            // SAFETY: the source's device has finished its work on it (the
+            // caller waited); this work alone writes the destination.
+            let (sb, db) = unsafe { (s.bytes(len), d.bytes_mut(len)) };
+            db.copy_from_slice(sb);
+            Ok(())
+        });
+        Ok(())
+    }
+
     fn sum(
         &self,
         lane: Lane,

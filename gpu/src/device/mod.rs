@@ -250,6 +250,16 @@ pub trait Device: Send + Sync + 'static {
         len: usize,
     ) -> Result<(), KernelError>;
 
+    /// Queues a copy of all of `src`, a buffer of *another* device of the
+    /// same backend, into `dst` on this device (a peer copy). The work on
+    /// `src` must be done (the caller waited for it).
+    fn copy_from_peer(
+        &self,
+        lane: Lane,
+        src: &DeviceMem,
+        dst: &DeviceMem,
+    ) -> Result<(), KernelError>;
+
     /// Queues `out = inputs[0] + inputs[1] + ...`, element by element, in
     /// input order (f16 summed in f32, rounded once).
     fn sum(

@@ -4,7 +4,15 @@
 //!
 //! Sums are always taken in a fixed order (the order of the inputs, or the
 //! tree's order), so results are reproducible bit for bit.
+//!
+//! Where a reduction runs follows its output: a merge buffer on a GPU is
+//! summed on that GPU (`device.rs`, from the inputs brought there by
+//! device-to-device copies); one on the host is summed by the CPU kernels,
+//! from host copies of inputs that live on GPUs (MXNet's CommCPU). The
+//! kinds choose: `device` and `dist_sync_device` merge on the first
+//! value's device, the others on the host.
 
+mod device;
 pub mod tree;
 
 use std::collections::HashMap;
@@ -19,7 +27,7 @@ use crate::compression::Compression;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::key::Key;
-use crate::tensor::{Buf, Data, Storage, Tensor};
+use crate::tensor::{copy_any, gpu_of, Buf, Data, Storage, Tensor};
 use tree::Topology;
 
 /// Where reductions run.
@@ -32,12 +40,53 @@ pub(crate) enum CommMode {
     Device { tree: Option<Topology> },
 }
 
-/// What one key keeps between reductions: per-device partial sums (tree)
-/// and per-input compression residuals.
+/// What one key keeps between reductions: per-device partial sums (tree),
+/// per-input compression residuals (host), host copies of inputs on GPUs,
+/// and the device buffers of device reductions.
 #[derive(Default)]
 pub(crate) struct Scratch {
     partials: Mutex<HashMap<u32, Tensor>>,
     residuals: Arc<Mutex<Vec<Vec<f32>>>>,
+    staged: Mutex<HashMap<usize, Tensor>>,
+    device: device::DeviceScratch,
+}
+
+impl Scratch {
+    /// `v` (from device `from`) copied to device `to` by a device-to-device
+    /// copy, into a buffer kept for the pair.
+    fn device_copy(&self, from: usize, to: usize, v: &Tensor, priority: i32) -> Result<Tensor> {
+        let ctx = Context::Gpu(to as u32);
+        if v.ctx() == ctx {
+            return Ok(v.clone());
+        }
+        let b = self.device.buffer_for(from, v, ctx)?;
+        copy_any(v, &b, priority)?;
+        Ok(b)
+    }
+
+    /// A host copy of input `i` (pinned for its GPU), made by a copy op.
+    fn staged(&self, i: usize, input: &Tensor, priority: i32) -> Result<Tensor> {
+        let ctx = match input.ctx() {
+            Context::Gpu(n) => Context::CpuPinned(n),
+            c => c,
+        };
+        let t = {
+            let mut m = self.staged.lock();
+            match m
+                .get(&i)
+                .filter(|t| t.ctx() == ctx && t.storage() == input.storage())
+            {
+                Some(t) => t.clone(),
+                None => {
+                    let t = input.zeros_like(ctx)?;
+                    m.insert(i, t.clone());
+                    t
+                }
+            }
+        };
+        copy_any(input, &t, priority)?;
+        Ok(t)
+    }
 }
 
 /// The reducer and broadcaster of a store.
@@ -65,23 +114,54 @@ impl Comm {
         compression: Compression,
         priority: i32,
     ) -> Result<()> {
-        if let CommMode::Device { tree: Some(topo) } = &self.mode {
-            if !compression.is_on() && inputs.len() > 2 && out.storage() == Storage::Dense {
-                if let Some(devs) = distinct_gpus(inputs) {
-                    return self.reduce_tree(key, inputs, &devs, out, scratch, topo, priority);
+        let on_device = gpu_of(out.ctx()).is_some()
+            && out.storage() == Storage::Dense
+            && inputs.iter().all(|t| t.storage() == Storage::Dense)
+            && device::sum_type(out.dtype()).is_some();
+        if on_device {
+            if let CommMode::Device { tree: Some(topo) } = &self.mode {
+                if !compression.is_on() && inputs.len() > 2 {
+                    if let Some(devs) = distinct_gpus(inputs) {
+                        return self.reduce_tree(key, inputs, &devs, out, scratch, topo, priority);
+                    }
                 }
             }
+            return device::reduce(inputs, out, &scratch.device, compression, priority);
         }
-        let ctx = match self.mode {
-            CommMode::Cpu => Context::Cpu,
-            CommMode::Device { .. } => inputs[0].ctx(),
-        };
+        if gpu_of(out.ctx()).is_some() {
+            // A merge buffer on a GPU that its device cannot sum (row-sparse,
+            // integers): summed on the host, then copied there.
+            let h = out.zeros_like(Context::Cpu)?;
+            self.reduce_host(key, inputs, &h, scratch, compression, priority)?;
+            return copy_any(&h, out, priority);
+        }
+        self.reduce_host(key, inputs, out, scratch, compression, priority)
+    }
+
+    /// The reduction on the host, from host copies of the inputs on GPUs.
+    fn reduce_host(
+        &self,
+        key: &Key,
+        inputs: &[Tensor],
+        out: &Tensor,
+        scratch: &Scratch,
+        compression: Compression,
+        priority: i32,
+    ) -> Result<()> {
+        let inputs: Vec<Tensor> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.ctx() {
+                Context::Gpu(_) => scratch.staged(i, t, priority),
+                _ => Ok(t.clone()),
+            })
+            .collect::<Result<_>>()?;
         let spec = OpSpec::new("kvstore_reduce")
-            .context(ctx)
+            .context(Context::Cpu)
             .priority(priority)
             .reads(inputs.iter().map(Tensor::var))
             .write(out.var());
-        let (ins, o, k) = (inputs.to_vec(), out.clone(), self.kernels.clone());
+        let (ins, o, k) = (inputs, out.clone(), self.kernels.clone());
         let residuals = scratch.residuals.clone();
         let kname = key.to_string();
         out.engine().push_sync(spec, move |_| {
@@ -125,7 +205,9 @@ impl Comm {
             if children.is_empty() {
                 continue;
             }
-            let dest = if d == root {
+            // The root sums straight into `out` when `out` is on its device;
+            // else into a partial there, copied to `out` after.
+            let dest = if d == root && out.ctx() == Context::Gpu(d as u32) {
                 out.clone()
             } else {
                 match partials.get(&(d as u32)) {
@@ -138,37 +220,28 @@ impl Comm {
                 }
             };
             // Own value first, then each child's partial (or value, for a
-            // leaf), deepest level first.
+            // leaf), deepest level first; a child's copied to this device.
             let mut srcs = vec![input_of(d).clone()];
             for c in children {
                 let child_has_children = !tree.children(c).is_empty();
-                srcs.push(if child_has_children {
+                let v = if child_has_children {
                     partials[&(c as u32)].clone()
                 } else {
                     input_of(c).clone()
-                });
+                };
+                let here = scratch.device_copy(c, d, &v, priority)?;
+                srcs.push(here);
             }
-            let spec = OpSpec::new("kvstore_reduce_tree")
-                .context(Context::Gpu(d as u32))
-                .priority(priority)
-                .reads(srcs.iter().map(Tensor::var))
-                .write(dest.var());
-            let k = self.kernels.clone();
-            out.engine().push_sync(spec, move |_| {
-                // SAFETY: reads the sources, writes `dest`, not among them.
-                let datas: Vec<&Data> = srcs.iter().map(|t| unsafe { t.data() }).collect();
-                let od = unsafe { dest.data_mut() };
-                sum_into(
-                    &k,
-                    dest.dtype(),
-                    dest.row_len(),
-                    &srcs,
-                    &datas,
-                    Storage::Dense,
-                    od,
-                )
-                .map_err(|e| e.into())
-            })?;
+            let ty = device::sum_type(out.dtype())
+                .ok_or_else(|| crate::error::KvError::invalid("no device sum for this type"))?;
+            device::sum(&srcs, &dest, d as u32, ty, priority)?;
+        }
+        if out.ctx() != Context::Gpu(root as u32) {
+            let at_root = partials
+                .get(&(root as u32))
+                .cloned()
+                .ok_or_else(|| crate::error::KvError::invalid("the tree's root has no sum"))?;
+            copy_any(&at_root, out, priority)?;
         }
         Ok(())
     }
@@ -182,23 +255,13 @@ impl Comm {
     }
 }
 
-/// Copies `src` to `dst` as an op of this priority.
+/// Copies `src` to `dst` as an op (or ops) of this priority, whatever
+/// their contexts.
 pub(crate) fn copy_prio(src: &Tensor, dst: &Tensor, priority: i32) -> Result<()> {
     if src.same(dst) {
         return Ok(());
     }
-    let spec = Tensor::copy_spec("kvstore_copy", src.ctx(), dst.ctx())
-        .priority(priority)
-        .read(src.var())
-        .write(dst.var());
-    let (s, d) = (src.clone(), dst.clone());
-    src.engine().push_sync(spec, move |_| {
-        // SAFETY: reads `s`, writes `d`, two tensors (T1).
-        let (sd, dd) = unsafe { (s.data(), d.data_mut()) };
-        crate::tensor::copy_data(sd, s.storage(), dd, d.storage(), s.dtype(), s.row_len());
-        Ok(())
-    })?;
-    Ok(())
+    crate::tensor::copy_any(src, dst, priority)
 }
 
 /// The GPU ids of the inputs, if they are all on distinct GPUs.

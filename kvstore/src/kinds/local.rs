@@ -30,6 +30,9 @@ pub(crate) struct LocalKey {
     pub(crate) stored: Tensor,
     /// Merge buffers, dense and row-sparse, made on first use.
     merge: Mutex<[Option<Tensor>; 2]>,
+    /// A host copy of a merged gradient on a GPU, for the updater (made on
+    /// first use).
+    grad_host: Mutex<Option<Tensor>>,
     scratch: Scratch,
     /// The updater's state for this key; touched only by ops that write
     /// `stored`, so the lock is never contended.
@@ -43,6 +46,7 @@ impl LocalKey {
             meta,
             stored,
             merge: Mutex::new([None, None]),
+            grad_host: Mutex::new(None),
             scratch: Scratch::default(),
             state: Mutex::new(KeyState::default()),
         }
@@ -125,6 +129,24 @@ impl LocalKey {
     ) -> Result<()> {
         match rule {
             None => copy_prio(grad, &self.stored, priority),
+            Some(rule) if crate::tensor::gpu_of(grad.ctx()).is_some() => {
+                // The updater runs on the host: the gradient comes there
+                // first (into pinned memory kept for the key).
+                let h = {
+                    let mut g = self.grad_host.lock();
+                    match g.as_ref().filter(|t| t.storage() == grad.storage()) {
+                        Some(t) => t.clone(),
+                        None => {
+                            let n = crate::tensor::gpu_of(grad.ctx()).unwrap_or(0);
+                            let t = grad.zeros_like(Context::CpuPinned(n))?;
+                            *g = Some(t.clone());
+                            t
+                        }
+                    }
+                };
+                copy_prio(grad, &h, priority)?;
+                self.apply(&h, Some(rule), priority)
+            }
             Some(rule) => {
                 let spec = OpSpec::new("kvstore_update")
                     .priority(priority)
@@ -221,7 +243,8 @@ pub(crate) fn check_values(
 }
 
 /// Pushes the op that gathers `row_ids` rows of `src` (dense) into `out`
-/// (row-sparse).
+/// (row-sparse); through host copies where `src`, `out` or `row_ids` are on
+/// a GPU.
 pub(crate) fn gather_rows(
     key: &Key,
     src: &Tensor,
@@ -229,6 +252,25 @@ pub(crate) fn gather_rows(
     row_ids: &Tensor,
     priority: i32,
 ) -> Result<()> {
+    use crate::tensor::gpu_of;
+    if gpu_of(src.ctx()).is_some() || gpu_of(out.ctx()).is_some() || gpu_of(row_ids.ctx()).is_some()
+    {
+        let host = |t: &Tensor| -> Result<Tensor> {
+            if gpu_of(t.ctx()).is_none() {
+                return Ok(t.clone());
+            }
+            let h = t.zeros_like(Context::Cpu)?;
+            copy_prio(t, &h, priority)?;
+            Ok(h)
+        };
+        let (s, r) = (host(src)?, host(row_ids)?);
+        let o = match gpu_of(out.ctx()) {
+            Some(_) => out.zeros_like(Context::Cpu)?,
+            None => out.clone(),
+        };
+        gather_rows(key, &s, &o, &r, priority)?;
+        return copy_prio(&o, out, priority);
+    }
     let spec = Tensor::copy_spec("kvstore_pull_row_sparse", src.ctx(), out.ctx())
         .priority(priority)
         .read(src.var())

@@ -22,16 +22,23 @@
 //!   unique, each `row_len()` elements, in `buf`; a dense one stores all
 //!   `len()` elements and no rows.
 //!
-//! GPU contexts: pskv's engine runs their ops on the device's worker pools,
-//! but the buffer is host memory (a stand-in that keeps every path testable
-//! without a GPU). Device-resident buffers are not implemented yet.
+//! GPU contexts: the data of a tensor on `Context::Gpu(n)` is device memory
+//! of GPU n (`pskv_gpu::device`: CUDA, or the emulated device where there
+//! is no GPU), reached only through engine ops that queue device work and
+//! complete when it is done (`device.rs`); a tensor on
+//! `Context::CpuPinned(n)` is host memory pinned for GPU n's copies.
+
+mod buf;
+mod device;
 
 use std::cell::UnsafeCell;
 use std::fmt;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use pskv_engine::{Context, Engine, OpSpec, Property, Var};
+
+pub(crate) use buf::{copy_data, share, Buf, Data};
+pub(crate) use device::{copy_any, device_op, gpu_of};
 
 use crate::dtype::{DType, Elem};
 use crate::error::{KvError, Result};
@@ -44,107 +51,6 @@ pub enum Storage {
     /// Some rows of the first dimension, with their row indices; the other
     /// rows are zero.
     RowSparse,
-}
-
-/// An 8-byte aligned, fixed-length byte buffer.
-pub(crate) struct Buf {
-    words: Vec<u64>,
-    len: usize,
-}
-
-impl Buf {
-    pub(crate) fn zeroed(len: usize) -> Buf {
-        Buf {
-            words: vec![0u64; len.div_ceil(8)],
-            len,
-        }
-    }
-
-    pub(crate) fn from_bytes(bytes: &[u8]) -> Buf {
-        let mut b = Buf::zeroed(bytes.len());
-        b.bytes_mut().copy_from_slice(bytes);
-        b
-    }
-
-    pub(crate) fn bytes(&self) -> &[u8] {
-        &bytemuck::cast_slice::<u64, u8>(&self.words)[..self.len]
-    }
-
-    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut bytemuck::cast_slice_mut::<u64, u8>(&mut self.words)[..self.len]
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-}
-
-/// Lets `Bytes` borrow a shared buffer without a copy.
-struct SharedBuf(Arc<Buf>);
-
-impl AsRef<[u8]> for SharedBuf {
-    fn as_ref(&self) -> &[u8] {
-        self.0.bytes()
-    }
-}
-
-/// A zero-copy view of some bytes of a shared buffer; the buffer must not
-/// be changed in place while shared (T2).
-pub(crate) fn share(buf: &Arc<Buf>, range: std::ops::Range<usize>) -> Bytes {
-    Bytes::from_owner(SharedBuf(buf.clone())).slice(range)
-}
-
-/// What the cell of a tensor holds (see T2, T3).
-pub(crate) struct Data {
-    pub(crate) buf: Arc<Buf>,
-    pub(crate) rows: Vec<i64>,
-}
-
-impl Data {
-    pub(crate) fn bytes(&self) -> &[u8] {
-        self.buf.bytes()
-    }
-
-    pub(crate) fn typed<T: Elem>(&self) -> &[T] {
-        bytemuck::cast_slice(self.buf.bytes())
-    }
-
-    /// The bytes, to change some of them: copies the buffer first if a
-    /// message in flight shares it (T2).
-    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
-        if Arc::get_mut(&mut self.buf).is_none() {
-            self.buf = Arc::new(Buf::from_bytes(self.buf.bytes()));
-        }
-        Arc::get_mut(&mut self.buf)
-            .expect("the buffer was just made unique")
-            .bytes_mut()
-    }
-
-    /// The bytes, to overwrite all of them: a shared buffer is replaced by a
-    /// fresh one without copying (T2). The contents are unspecified.
-    pub(crate) fn overwrite(&mut self) -> &mut [u8] {
-        if Arc::get_mut(&mut self.buf).is_none() {
-            self.buf = Arc::new(Buf::zeroed(self.buf.len()));
-        }
-        Arc::get_mut(&mut self.buf)
-            .expect("the buffer was just made unique")
-            .bytes_mut()
-    }
-
-    pub(crate) fn typed_mut<T: Elem>(&mut self) -> &mut [T] {
-        bytemuck::cast_slice_mut(self.bytes_mut())
-    }
-
-    /// A zero-copy view of some bytes for the transport (T2).
-    pub(crate) fn share(&self, range: std::ops::Range<usize>) -> Bytes {
-        share(&self.buf, range)
-    }
-
-    /// Replaces rows and bytes (row-sparse results).
-    pub(crate) fn set(&mut self, rows: Vec<i64>, buf: Buf) {
-        self.rows = rows;
-        self.buf = Arc::new(buf);
-    }
 }
 
 struct Inner {
@@ -227,7 +133,10 @@ impl Tensor {
         }
     }
 
-    /// A dense tensor of zeros.
+    /// A dense tensor of zeros. On `Context::Gpu(n)` its data is device
+    /// memory of GPU n (the emulated device where there is no GPU:
+    /// `PSKV_GPU`); on `Context::CpuPinned(n)`, host memory pinned for GPU
+    /// n's copies.
     pub fn zeros(engine: &Engine, shape: &[usize], dtype: DType, ctx: Context) -> Result<Tensor> {
         let n = elements(shape)?;
         let bytes = n
@@ -239,10 +148,7 @@ impl Tensor {
             dtype,
             ctx,
             Storage::Dense,
-            Data {
-                buf: Arc::new(Buf::zeroed(bytes)),
-                rows: Vec::new(),
-            },
+            new_data(ctx, bytes)?,
         ))
     }
 
@@ -256,7 +162,8 @@ impl Tensor {
         Tensor::from_slice(engine, shape, &values, ctx)
     }
 
-    /// A dense tensor holding a copy of `values`.
+    /// A dense tensor holding a copy of `values` (on a GPU: uploaded by an
+    /// engine op, so the call returns at once).
     pub fn from_slice<T: Elem>(
         engine: &Engine,
         shape: &[usize],
@@ -270,17 +177,17 @@ impl Tensor {
                 values.len()
             )));
         }
-        Ok(Tensor::build(
-            engine,
-            shape,
-            T::DTYPE,
-            ctx,
-            Storage::Dense,
-            Data {
-                buf: Arc::new(Buf::from_bytes(bytemuck::cast_slice(values))),
-                rows: Vec::new(),
-            },
-        ))
+        let bytes: &[u8] = bytemuck::cast_slice(values);
+        let host = match ctx {
+            Context::CpuPinned(_) => {
+                let mut d = new_data(ctx, bytes.len())?;
+                d.overwrite().copy_from_slice(bytes);
+                d
+            }
+            _ => Data::host(Buf::from_bytes(bytes), Vec::new()),
+        };
+        let h = Tensor::build(engine, shape, T::DTYPE, host_ctx(ctx), Storage::Dense, host);
+        h.moved_to(ctx)
     }
 
     /// A dense tensor with every element `value`.
@@ -313,17 +220,15 @@ impl Tensor {
                 values.len()
             )));
         }
-        Ok(Tensor::build(
+        let h = Tensor::build(
             engine,
             shape,
             T::DTYPE,
-            ctx,
+            host_ctx(ctx),
             Storage::RowSparse,
-            Data {
-                buf: Arc::new(Buf::from_bytes(bytemuck::cast_slice(values))),
-                rows,
-            },
-        ))
+            Data::host(Buf::from_bytes(bytemuck::cast_slice(values)), rows),
+        );
+        h.moved_to(ctx)
     }
 
     /// A row-sparse tensor with no rows stored (all zeros).
@@ -340,11 +245,19 @@ impl Tensor {
             dtype,
             ctx,
             Storage::RowSparse,
-            Data {
-                buf: Arc::new(Buf::zeroed(0)),
-                rows: Vec::new(),
-            },
+            new_data(ctx, 0)?,
         ))
+    }
+
+    /// This host tensor on `ctx` (itself if `ctx` is a host context; else a
+    /// new tensor there, filled by a transfer op).
+    fn moved_to(self, ctx: Context) -> Result<Tensor> {
+        if device::gpu_of(ctx).is_none() {
+            return Ok(self);
+        }
+        let t = self.zeros_like(ctx)?;
+        device::transfer(&self, &t, 0)?;
+        Ok(t)
     }
 
     /// A new tensor like this one (shape, dtype, storage), zero, on `ctx`.
@@ -504,6 +417,9 @@ impl Tensor {
     /// every write pushed on the tensor so far.
     pub fn to_vec<T: Elem>(&self) -> Result<Vec<T>> {
         self.check_dtype::<T>()?;
+        if device::gpu_of(self.ctx()).is_some() {
+            return self.copy_to_ctx(Context::Cpu)?.to_vec();
+        }
         self.read_with("tensor_to_vec", |t, d| match t.storage() {
             Storage::Dense => d.typed::<T>().to_vec(),
             Storage::RowSparse => densify(d.typed::<T>(), &d.rows, t.len(), t.row_len()),
@@ -515,6 +431,9 @@ impl Tensor {
         self.check_dtype::<T>()?;
         if self.storage() != Storage::RowSparse {
             return Err(KvError::invalid("to_row_sparse: the tensor is dense"));
+        }
+        if device::gpu_of(self.ctx()).is_some() {
+            return self.copy_to_ctx(Context::Cpu)?.to_row_sparse();
         }
         self.read_with("tensor_to_row_sparse", |_, d| {
             (d.rows.clone(), d.typed::<T>().to_vec())
@@ -536,6 +455,10 @@ impl Tensor {
                 self.len(),
                 values.len()
             )));
+        }
+        if device::gpu_of(self.ctx()).is_some() {
+            let h = Tensor::from_slice(self.engine(), self.shape(), values, Context::Cpu)?;
+            return device::transfer(&h, self, 0);
         }
         let src: Vec<u8> = bytemuck::cast_slice(values).to_vec();
         let t = self.clone();
@@ -564,6 +487,10 @@ impl Tensor {
                 values.len()
             )));
         }
+        if device::gpu_of(self.ctx()).is_some() {
+            let h = Tensor::row_sparse(self.engine(), self.shape(), rows, values, Context::Cpu)?;
+            return device::transfer(&h, self, 0);
+        }
         let buf = Buf::from_bytes(bytemuck::cast_slice(values));
         let t = self.clone();
         let spec = Tensor::copy_spec("tensor_set_rows", Context::Cpu, self.ctx()).write(self.var());
@@ -581,6 +508,12 @@ impl Tensor {
         self.check_dtype::<T>()?;
         if self.storage() != Storage::Dense {
             return Err(KvError::invalid("map_mut works on dense tensors"));
+        }
+        if device::gpu_of(self.ctx()).is_some() {
+            // The closure runs on the host: the data goes there and back.
+            let h = self.copy_to_ctx(Context::Cpu)?;
+            h.map_mut(f)?;
+            return device::transfer(&h, self, 0);
         }
         let t = self.clone();
         let spec = OpSpec::new("tensor_map_mut")
@@ -612,25 +545,7 @@ impl Tensor {
                 dst.shape()
             )));
         }
-        let (src, d2) = (self.clone(), dst.clone());
-        let spec = Tensor::copy_spec("tensor_copy", self.ctx(), dst.ctx())
-            .read(self.var())
-            .write(dst.var());
-        self.engine().push_sync(spec, move |_| {
-            // SAFETY: this op reads `src` and writes `d2`, two different
-            // tensors (T1).
-            let (s, d) = unsafe { (src.data(), d2.data_mut()) };
-            copy_data(
-                s,
-                src.storage(),
-                d,
-                d2.storage(),
-                src.dtype(),
-                src.row_len(),
-            );
-            Ok(())
-        })?;
-        Ok(())
+        device::copy_any(self, dst, 0)
     }
 
     /// A copy of this tensor on another context (an engine op).
@@ -641,50 +556,37 @@ impl Tensor {
     }
 }
 
-/// Copies `s` into `d` across storages (inside an op that reads the source
-/// and writes the destination).
-pub(crate) fn copy_data(
-    s: &Data,
-    s_storage: Storage,
-    d: &mut Data,
-    d_storage: Storage,
-    dtype: DType,
-    row_len: usize,
-) {
-    let row_bytes = row_len * dtype.size();
-    match (s_storage, d_storage) {
-        (Storage::Dense, Storage::Dense) => d.overwrite().copy_from_slice(s.bytes()),
-        (Storage::RowSparse, Storage::RowSparse) => {
-            d.set(s.rows.clone(), Buf::from_bytes(s.bytes()));
-        }
-        (Storage::RowSparse, Storage::Dense) => {
-            let out = d.overwrite();
-            out.fill(0);
-            for (i, &r) in s.rows.iter().enumerate() {
-                let r = r as usize;
-                out[r * row_bytes..(r + 1) * row_bytes]
-                    .copy_from_slice(&s.bytes()[i * row_bytes..(i + 1) * row_bytes]);
-            }
-        }
-        (Storage::Dense, Storage::RowSparse) => {
-            let bytes = s.bytes();
-            let nrows = bytes.len().checked_div(row_bytes).unwrap_or(0);
-            let rows: Vec<i64> = (0..nrows)
-                .filter(|&r| {
-                    bytes[r * row_bytes..(r + 1) * row_bytes]
-                        .iter()
-                        .any(|&b| b != 0)
-                })
-                .map(|r| r as i64)
-                .collect();
-            let mut buf = Buf::zeroed(rows.len() * row_bytes);
-            for (i, &r) in rows.iter().enumerate() {
-                let r = r as usize;
-                buf.bytes_mut()[i * row_bytes..(i + 1) * row_bytes]
-                    .copy_from_slice(&bytes[r * row_bytes..(r + 1) * row_bytes]);
-            }
-            d.set(rows, buf);
-        }
+/// Copies host tensor `src` into host tensor `dst` (an engine op).
+pub(crate) fn host_copy(src: &Tensor, dst: &Tensor, priority: i32) -> Result<()> {
+    let spec = Tensor::copy_spec("tensor_copy", src.ctx(), dst.ctx())
+        .priority(priority)
+        .read(src.var())
+        .write(dst.var());
+    let (s, d) = (src.clone(), dst.clone());
+    src.engine().push_sync(spec, move |_| {
+        // SAFETY: this op reads `s` and writes `d`, two different tensors
+        // (T1).
+        let (sd, dd) = unsafe { (s.data(), d.data_mut()) };
+        copy_data(sd, s.storage(), dd, d.storage(), s.dtype(), s.row_len());
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// The data of a new tensor of `bytes` zero bytes on `ctx`.
+fn new_data(ctx: Context, bytes: usize) -> Result<Data> {
+    Ok(match ctx {
+        Context::Cpu => Data::host(Buf::zeroed(bytes), Vec::new()),
+        Context::CpuPinned(n) => Data::host(Buf::pinned(n, bytes)?, Vec::new()),
+        Context::Gpu(n) => Data::device(pskv_gpu::device::open(n)?.alloc(bytes)?, Vec::new()),
+    })
+}
+
+/// Where a tensor for `ctx` is first filled on the host.
+fn host_ctx(ctx: Context) -> Context {
+    match ctx {
+        Context::Gpu(_) => Context::Cpu,
+        c => c,
     }
 }
 
@@ -726,6 +628,7 @@ pub(crate) fn check_rows(rows: &[i64], nrows: usize, what: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use parking_lot::Mutex;
 
     fn engine() -> Engine {

@@ -49,9 +49,11 @@ use crate::store::Options;
 use crate::tensor::{check_rows, Buf, Storage, Tensor};
 use crate::updater::{Rule, Updater};
 use crate::wire::{command, plan, rows_header, Head, Op, Part};
+use staging::{Staging, Way};
 
 mod collective;
 mod segments;
+mod staging;
 
 /// Ops on at most this many bytes run at once on the thread that makes
 /// them ready (they only hand buffers to the transport).
@@ -226,6 +228,8 @@ struct DistKey {
     /// Pushes of this key so far (replicas: each push carries its round,
     /// this count after it); changed only by ops that write `var`.
     pushes: AtomicU64,
+    /// Host buffers for values on a GPU (`staging`).
+    stage: Staging,
 }
 
 /// Whether a request could not even start because its node cannot be
@@ -1030,6 +1034,7 @@ impl DistStore {
                     sum: Mutex::new(None),
                     segs: RwLock::new(Vec::new()),
                     pushes: AtomicU64::new(0),
+                    stage: Staging::default(),
                 },
             )?;
             added.push((dk, value.clone()));
@@ -1054,7 +1059,7 @@ impl DistStore {
         let mut sent = Ok(());
         if self.po.my_rank() == 0 {
             for (dk, value) in added {
-                if let Err(e) = self.init_op(dk, value) {
+                if let Err(e) = staging::host_once(value, 0).and_then(|v| self.init_op(dk, &v)) {
                     sent = Err(e);
                     break;
                 }
@@ -1117,6 +1122,7 @@ impl Flavor for DistStore {
             let grad =
                 dk.local
                     .reduce(&self.comm, values, Compression::None, self.device, priority)?;
+            let grad = dk.stage.send(&grad, priority)?;
             match &rule {
                 None => self.push_op(dk, &grad, None, priority)?,
                 Some(rule) => {
@@ -1141,8 +1147,9 @@ impl Flavor for DistStore {
             if local {
                 self.comm.broadcast(&dk.local.stored, outs, priority)?;
             } else {
-                self.pull_op(dk, &outs[0], priority)?;
-                self.comm.broadcast(&outs[0], &outs[1..], priority)?;
+                let o = dk.stage.host_for(&outs[0], Way::Recv)?;
+                self.pull_op(dk, &o, priority)?;
+                self.comm.broadcast(&o, outs, priority)?;
             }
         }
         Ok(())
@@ -1173,8 +1180,10 @@ impl Flavor for DistStore {
             let grad =
                 dk.local
                     .reduce(&self.comm, values, Compression::None, self.device, priority)?;
-            self.push_op(dk, &grad, Some(&outs[0]), priority)?;
-            self.comm.broadcast(&outs[0], &outs[1..], priority)?;
+            let grad = dk.stage.send(&grad, priority)?;
+            let o = dk.stage.host_for(&outs[0], Way::Recv)?;
+            self.push_op(dk, &grad, Some(&o), priority)?;
+            self.comm.broadcast(&o, outs, priority)?;
         }
         Ok(())
     }
@@ -1192,7 +1201,12 @@ impl Flavor for DistStore {
                 if local {
                     crate::kinds::local::gather_rows(key, &dk.local.stored, o, r, priority)?;
                 } else {
-                    self.pull_rows_op(dk, o, r, priority)?;
+                    let (h, r) = (
+                        dk.stage.host_for(o, Way::Recv)?,
+                        staging::host_once(r, priority)?,
+                    );
+                    self.pull_rows_op(dk, &h, &r, priority)?;
+                    crate::comm::copy_prio(&h, o, priority)?;
                 }
             }
         }

@@ -1,0 +1,269 @@
+//! The bytes of a tensor: [`Buf`] (host memory, ordinary or pinned) and
+//! [`Data`] (what a tensor's cell holds: host bytes, or a device buffer,
+//! and the rows of a row-sparse tensor); the host copy across storages.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pskv_gpu::device::{DeviceMem, PinnedMem};
+
+use super::Storage;
+use crate::dtype::{DType, Elem};
+
+/// An 8-byte aligned, fixed-length host buffer: ordinary memory, or
+/// memory pinned for a device's copies (`Context::CpuPinned`).
+pub(crate) struct Buf {
+    mem: Mem,
+    len: usize,
+}
+
+enum Mem {
+    Heap(Vec<u64>),
+    /// Pinned for device `n`'s copies.
+    Pinned(PinnedMem, u32),
+}
+
+impl Buf {
+    pub(crate) fn zeroed(len: usize) -> Buf {
+        Buf {
+            mem: Mem::Heap(vec![0u64; len.div_ceil(8)]),
+            len,
+        }
+    }
+
+    /// `len` zero bytes pinned for device `ordinal` (the backend's: page-
+    /// locked memory on CUDA, ordinary memory on the emulated device).
+    pub(crate) fn pinned(ordinal: u32, len: usize) -> Result<Buf, pskv_gpu::KernelError> {
+        let m = pskv_gpu::device::open(ordinal)?.alloc_pinned(len)?;
+        Ok(Buf {
+            mem: Mem::Pinned(m, ordinal),
+            len,
+        })
+    }
+
+    /// A zeroed buffer of `len` bytes of the same kind as this one (pinned
+    /// stays pinned, if the device can give more).
+    pub(crate) fn zeroed_like(&self, len: usize) -> Buf {
+        match &self.mem {
+            Mem::Pinned(_, n) => Buf::pinned(*n, len).unwrap_or_else(|_| Buf::zeroed(len)),
+            Mem::Heap(_) => Buf::zeroed(len),
+        }
+    }
+
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Buf {
+        let mut b = Buf::zeroed(bytes.len());
+        b.bytes_mut().copy_from_slice(bytes);
+        b
+    }
+
+    /// A copy of this buffer, of the same kind.
+    pub(crate) fn copy_of(&self) -> Buf {
+        let mut b = self.zeroed_like(self.len);
+        b.bytes_mut().copy_from_slice(self.bytes());
+        b
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match &self.mem {
+            Mem::Heap(w) => &bytemuck::cast_slice::<u64, u8>(w)[..self.len],
+            Mem::Pinned(p, _) => &p.bytes()[..self.len],
+        }
+    }
+
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        let len = self.len;
+        match &mut self.mem {
+            Mem::Heap(w) => &mut bytemuck::cast_slice_mut::<u64, u8>(w)[..len],
+            Mem::Pinned(p, _) => &mut p.bytes_mut()[..len],
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is pinned.
+    #[cfg(test)]
+    pub(crate) fn is_pinned(&self) -> bool {
+        matches!(self.mem, Mem::Pinned(..))
+    }
+}
+
+impl AsRef<[u8]> for Buf {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+/// Lets `Bytes` borrow a shared buffer without a copy.
+struct SharedBuf(Arc<Buf>);
+
+impl AsRef<[u8]> for SharedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.0.bytes()
+    }
+}
+
+/// A zero-copy view of some bytes of a shared buffer; the buffer must not
+/// be changed in place while shared (T2).
+pub(crate) fn share(buf: &Arc<Buf>, range: std::ops::Range<usize>) -> Bytes {
+    Bytes::from_owner(SharedBuf(buf.clone())).slice(range)
+}
+
+/// What the cell of a tensor holds (see T2, T3): host bytes, or (on a GPU
+/// context) a device buffer, and the rows of a row-sparse tensor (on the
+/// host either way).
+pub(crate) struct Data {
+    pub(crate) buf: Arc<Buf>,
+    /// The values of a tensor on a GPU context (then `buf` is empty).
+    pub(crate) dev: Option<DeviceMem>,
+    pub(crate) rows: Vec<i64>,
+}
+
+/// Host code that reached a device tensor's bytes: a path that missed its
+/// staging copy. Failing loudly (a caught panic fails the op) beats reading
+/// the empty host buffer.
+fn host_only(d: &Data) {
+    assert!(
+        d.dev.is_none(),
+        "host access to a device tensor's data (a missing device-to-host copy)"
+    );
+}
+
+impl Data {
+    /// Host data (no device buffer).
+    pub(crate) fn host(buf: Buf, rows: Vec<i64>) -> Data {
+        Data {
+            buf: Arc::new(buf),
+            dev: None,
+            rows,
+        }
+    }
+
+    /// Device data.
+    pub(crate) fn device(dev: DeviceMem, rows: Vec<i64>) -> Data {
+        Data {
+            buf: Arc::new(Buf::zeroed(0)),
+            dev: Some(dev),
+            rows,
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        host_only(self);
+        self.buf.bytes()
+    }
+
+    pub(crate) fn typed<T: Elem>(&self) -> &[T] {
+        bytemuck::cast_slice(self.bytes())
+    }
+
+    /// The bytes, to change some of them: copies the buffer first if a
+    /// message in flight shares it (T2).
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        host_only(self);
+        if Arc::get_mut(&mut self.buf).is_none() {
+            self.buf = Arc::new(self.buf.copy_of());
+        }
+        Arc::get_mut(&mut self.buf)
+            .expect("the buffer was just made unique")
+            .bytes_mut()
+    }
+
+    /// The bytes, to overwrite all of them: a shared buffer is replaced by a
+    /// fresh one without copying (T2). The contents are unspecified.
+    pub(crate) fn overwrite(&mut self) -> &mut [u8] {
+        host_only(self);
+        if Arc::get_mut(&mut self.buf).is_none() {
+            self.buf = Arc::new(self.buf.zeroed_like(self.buf.len()));
+        }
+        Arc::get_mut(&mut self.buf)
+            .expect("the buffer was just made unique")
+            .bytes_mut()
+    }
+
+    pub(crate) fn typed_mut<T: Elem>(&mut self) -> &mut [T] {
+        bytemuck::cast_slice_mut(self.bytes_mut())
+    }
+
+    /// A zero-copy view of some bytes for the transport (T2).
+    pub(crate) fn share(&self, range: std::ops::Range<usize>) -> Bytes {
+        host_only(self);
+        share(&self.buf, range)
+    }
+
+    /// Replaces rows and bytes (row-sparse results).
+    pub(crate) fn set(&mut self, rows: Vec<i64>, buf: Buf) {
+        host_only(self);
+        self.rows = rows;
+        self.buf = Arc::new(buf);
+    }
+}
+
+/// Copies `s` into `d` across storages (inside an op that reads the source
+/// and writes the destination).
+pub(crate) fn copy_data(
+    s: &Data,
+    s_storage: Storage,
+    d: &mut Data,
+    d_storage: Storage,
+    dtype: DType,
+    row_len: usize,
+) {
+    let row_bytes = row_len * dtype.size();
+    match (s_storage, d_storage) {
+        (Storage::Dense, Storage::Dense) => d.overwrite().copy_from_slice(s.bytes()),
+        (Storage::RowSparse, Storage::RowSparse) => {
+            d.set(s.rows.clone(), Buf::from_bytes(s.bytes()));
+        }
+        (Storage::RowSparse, Storage::Dense) => {
+            let out = d.overwrite();
+            out.fill(0);
+            for (i, &r) in s.rows.iter().enumerate() {
+                let r = r as usize;
+                out[r * row_bytes..(r + 1) * row_bytes]
+                    .copy_from_slice(&s.bytes()[i * row_bytes..(i + 1) * row_bytes]);
+            }
+        }
+        (Storage::Dense, Storage::RowSparse) => {
+            let bytes = s.bytes();
+            let nrows = bytes.len().checked_div(row_bytes).unwrap_or(0);
+            let rows: Vec<i64> = (0..nrows)
+                .filter(|&r| {
+                    bytes[r * row_bytes..(r + 1) * row_bytes]
+                        .iter()
+                        .any(|&b| b != 0)
+                })
+                .map(|r| r as i64)
+                .collect();
+            let mut buf = Buf::zeroed(rows.len() * row_bytes);
+            for (i, &r) in rows.iter().enumerate() {
+                let r = r as usize;
+                buf.bytes_mut()[i * row_bytes..(i + 1) * row_bytes]
+                    .copy_from_slice(&bytes[r * row_bytes..(r + 1) * row_bytes]);
+            }
+            d.set(rows, buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pinned_buffers_stay_pinned_through_copies() {
+        let mut p = Buf::pinned(0, 13).expect("device 0 (emulated without CUDA)");
+        assert!(p.is_pinned());
+        p.bytes_mut().copy_from_slice(&[7u8; 13]);
+        let c = p.copy_of();
+        assert!(c.is_pinned());
+        assert_eq!(c.bytes(), &[7u8; 13][..]);
+        let z = p.zeroed_like(5);
+        assert!(z.is_pinned());
+        assert_eq!(z.bytes(), &[0u8; 5][..]);
+        let h = Buf::from_bytes(&[1, 2, 3]);
+        assert!(!h.is_pinned() && !h.copy_of().is_pinned());
+        assert_eq!(h.copy_of().bytes(), &[1, 2, 3][..]);
+    }
+}
