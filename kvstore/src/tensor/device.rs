@@ -186,3 +186,115 @@ pub(crate) fn gpu_of(ctx: Context) -> Option<u32> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! On emulated devices of their own (ordinals no other test uses), so
+    //! that a lane held here holds no other test.
+    use std::sync::mpsc::{channel, Receiver};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use pskv_engine::{Engine, Var};
+
+    use super::*;
+    use crate::dtype::DType;
+
+    const T: Duration = Duration::from_secs(20);
+
+    fn engine() -> Engine {
+        Engine::builder()
+            .cpu_threads(1)
+            .gpu_threads(1)
+            .gpu_copy_threads(1)
+            .build()
+            .unwrap()
+    }
+
+    /// Device work that holds `lane` until `release` says so.
+    fn hold(dev: &dyn Device, lane: Lane, release: Receiver<()>) {
+        dev.then(
+            lane,
+            Box::new(move |_| {
+                release.recv_timeout(T).expect("released");
+            }),
+        );
+    }
+
+    #[test]
+    fn a_busy_compute_lane_holds_no_copy_and_completion_comes_from_the_device() {
+        let e = engine();
+        let a = Tensor::zeros(&e, &[4], DType::F32, Context::Gpu(15)).unwrap();
+        let (release, rx) = channel();
+        let spec = OpSpec::new("hold_compute")
+            .context(Context::Gpu(15))
+            .write(a.var());
+        device_op(&a, spec, 15, Lane::Compute, move |dev| {
+            hold(dev, Lane::Compute, rx);
+            Ok(())
+        })
+        .unwrap();
+        // The compute lane is held (and the engine's one compute thread is
+        // free: the op waits for the device, not on a thread): an upload and
+        // a download on the copy lane go through.
+        let b = Tensor::from_slice(&e, &[4], &[1.0f32, 2.0, 3.0, 4.0], Context::Gpu(15)).unwrap();
+        assert_eq!(b.to_vec::<f32>().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+        // The held op is not done until its device work is.
+        assert!(e
+            .wait_for_var_timeout(a.var(), Duration::from_millis(100))
+            .is_err());
+        release.send(()).unwrap();
+        e.wait_for_var_timeout(a.var(), T).unwrap();
+    }
+
+    #[test]
+    fn each_lane_runs_ready_ops_in_priority_order() {
+        for (lane, prop) in [
+            (Lane::Copy, Property::CopyToDevice),
+            (Lane::Compute, Property::Normal),
+        ] {
+            let e = engine();
+            let t = Tensor::zeros(&e, &[4], DType::F32, Context::Gpu(14)).unwrap();
+            t.wait_to_read().unwrap();
+            // Hold the pool's one thread, queue ops of mixed priorities,
+            // then let them go.
+            let (release, rx) = channel::<()>();
+            let spec = OpSpec::new("hold_pool")
+                .context(Context::Gpu(14))
+                .property(prop)
+                .write(&Var::new());
+            e.push_sync(spec, move |_| {
+                rx.recv_timeout(T).expect("released");
+                Ok(())
+            })
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            let order = std::sync::Arc::new(Mutex::new(Vec::new()));
+            let vars: Vec<Var> = (0..5).map(|_| Var::new()).collect();
+            for (p, v) in [1, 9, -3, 5, 0].into_iter().zip(&vars) {
+                let spec = OpSpec::new("ordered")
+                    .context(Context::Gpu(14))
+                    .property(prop)
+                    .priority(p)
+                    .write(v);
+                let o = order.clone();
+                device_op(&t, spec, 14, lane, move |dev| {
+                    o.lock().unwrap().push(p);
+                    // Device work on the lane, so completion comes from it.
+                    hold(dev, lane, {
+                        let (tx, rx) = channel();
+                        tx.send(()).unwrap();
+                        rx
+                    });
+                    Ok(())
+                })
+                .unwrap();
+            }
+            release.send(()).unwrap();
+            for v in &vars {
+                e.wait_for_var_timeout(v, T).unwrap();
+            }
+            assert_eq!(*order.lock().unwrap(), vec![9, 5, 1, 0, -3], "{lane:?}");
+        }
+    }
+}
