@@ -65,6 +65,10 @@ struct DemoArgs {
     /// Transport: tcp, shm or auto.
     #[arg(long, default_value = "tcp")]
     van: String,
+    /// Where weights and gradients live: cpu, or gpu (worker r on GPU r;
+    /// the emulated device where there is none: PSKV_GPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
@@ -83,6 +87,8 @@ impl DemoArgs {
             lr: self.lr,
             compress: self.compress,
             van: self.van.clone(),
+            gpu: self.device == "gpu",
+            device: self.device.clone(),
         }
     }
 }
@@ -197,6 +203,10 @@ struct BenchArgs {
     /// 2-bit gradient compression (threshold 0.5).
     #[arg(long)]
     compress: bool,
+    /// Where the tensors live: cpu, or gpu (worker r on GPU r, through
+    /// dist_sync_device; the emulated device where there is none: PSKV_GPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// A round: `pushpull` (one round trip) or `push-pull` (a push, then a pull).
     #[arg(long, default_value = "pushpull")]
     mode: String,
@@ -242,6 +252,14 @@ impl BenchArgs {
             ));
         }
         cli::bench::case_count(&self.cases)?;
+        let gpu = match self.device.as_str() {
+            "cpu" => false,
+            "gpu" => {
+                cli::gpus::count().map_err(|e| format!("--device gpu: {e}"))?;
+                true
+            }
+            d => return Err(format!("--device {d}: expected cpu or gpu")),
+        };
         let mut runs = Vec::new();
         for (&w, &s) in self.workers.iter().zip(&self.servers) {
             if w == 0 || s == 0 {
@@ -256,6 +274,7 @@ impl BenchArgs {
                     mode: self.mode.clone(),
                     cases: self.cases.clone(),
                     iters_scale: self.iters_scale,
+                    gpu,
                 });
             }
         }
@@ -291,12 +310,17 @@ fn bench(a: &BenchArgs) -> Result<(), String> {
     let mut all = Vec::new();
     for s in &runs {
         let what = format!(
-            "{} workers, {} servers, {}, {}{}",
+            "{} workers, {} servers, {}, {}{}{}",
             s.workers,
             s.servers,
             s.van,
             s.mode,
-            if s.compress { ", 2-bit" } else { "" }
+            if s.compress { ", 2-bit" } else { "" },
+            if s.gpu {
+                format!(", tensors on {}", cli::gpus::name())
+            } else {
+                String::new()
+            }
         );
         bar.set_message(what.clone());
         if bar.is_hidden() {
@@ -319,11 +343,12 @@ fn bench(a: &BenchArgs) -> Result<(), String> {
     for (s, results) in runs.iter().zip(&all) {
         for (case, _bytes, us, gbps, ok) in cli::bench::summary(results) {
             println!(
-                "| {} | {} | {}{} | {case} | {us:.1} us | {gbps:.3} GB/s | {} |",
+                "| {} | {} | {}{}{} | {case} | {us:.1} us | {gbps:.3} GB/s | {} |",
                 s.workers,
                 s.servers,
                 s.van,
                 if s.compress { " 2-bit" } else { "" },
+                if s.gpu { " gpu" } else { "" },
                 if ok { "ok" } else { "WRONG" }
             );
         }

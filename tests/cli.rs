@@ -148,6 +148,22 @@ fn the_demo_trains_and_matches_a_single_process_run() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // Weights and gradients on GPUs (emulated here), reduced on the device
+    // in the reference: still bit for bit.
+    let out = pskv()
+        .args([
+            "demo", "--epochs", "1", "-w", "3", "-s", "2", "--device", "gpu",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("bit for bit"),
+        "{text}\n{err}"
+    );
+    assert!(err.contains("dist_sync_device with tensors on"), "{err}");
+
     let out = pskv().args(["demo", "--van", "udp"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("udp"));
@@ -492,6 +508,39 @@ fn bench_writes_a_table_json_and_a_chart() {
     let svg = std::fs::read_to_string(dir.join("bandwidth.svg")).unwrap();
     assert!(svg.contains("<svg") && svg.contains("bandwidth against message size"));
     assert!(svg.contains("2 workers, 1 servers, shm"), "legend");
+
+    // With the tensors on GPUs (the emulated device here): checked rounds.
+    let out = pskv()
+        .args([
+            "bench", "-w", "2", "-s", "1", "--van", "tcp", "--device", "gpu",
+        ])
+        .args([
+            "--cases",
+            "4KiB,100x40KiB",
+            "--iters-scale",
+            "0.05",
+            "--out",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("tcp gpu") && l.ends_with("| ok |"))
+            .count(),
+        2,
+        "{text}"
+    );
+    let json = std::fs::read_to_string(dir.join("bench.json")).unwrap();
+    assert!(json.contains("\"device\": \"gpu\""), "{json}");
+    let out = pskv().args(["bench", "--device", "xpu"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--device xpu"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -71,6 +71,9 @@ pub struct WorkerResult {
     pub mode: String,
     /// The transport.
     pub van: String,
+    /// Where the tensors were: cpu or gpu.
+    #[serde(default = "cpu")]
+    pub device: String,
     /// Per case.
     pub cases: Vec<CaseResult>,
 }
@@ -92,6 +95,12 @@ pub struct BenchSettings {
     pub cases: Vec<String>,
     /// Multiplies the timed rounds.
     pub iters_scale: f64,
+    /// Tensors on GPUs (worker r on GPU r) through dist_sync_device.
+    pub gpu: bool,
+}
+
+fn cpu() -> String {
+    "cpu".into()
 }
 
 fn selected(names: &[String]) -> Result<Vec<Case>, String> {
@@ -119,7 +128,17 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 pub fn worker(s: &BenchSettings) -> Result<(), String> {
     let e = |x: pskv::kvstore::KvError| x.to_string();
     let engine = Engine::new().map_err(|x| x.to_string())?;
-    let kv = KvStore::create("dist_sync", &engine).map_err(e)?;
+    let (kind, ctx) = if s.gpu {
+        ("dist_sync_device", super::gpus::of_rank(0)?)
+    } else {
+        ("dist_sync", Context::Cpu)
+    };
+    let kv = KvStore::create(kind, &engine).map_err(e)?;
+    // Worker r on GPU r.
+    let ctx = match ctx {
+        Context::Gpu(_) => super::gpus::of_rank(kv.rank() as usize)?,
+        c => c,
+    };
     if s.compress {
         kv.set_gradient_compression(Compression::two_bit(0.5))
             .map_err(e)?;
@@ -135,6 +154,7 @@ pub fn worker(s: &BenchSettings) -> Result<(), String> {
         compress: s.compress,
         mode: s.mode.clone(),
         van: s.van.clone(),
+        device: if s.gpu { "gpu" } else { "cpu" }.into(),
         cases: Vec::new(),
     };
     let mut seed = 0x1234_5678u64 + rank as u64;
@@ -150,7 +170,7 @@ pub fn worker(s: &BenchSettings) -> Result<(), String> {
         let keys: Vec<Key> = (0..nkeys)
             .map(|k| Key::Int((100 + ci * 1000 + k) as u32))
             .collect();
-        let zeros = |_: usize| Tensor::zeros(&engine, &[n], DType::F32, Context::Cpu);
+        let zeros = |_: usize| Tensor::zeros(&engine, &[n], DType::F32, ctx);
         let inits: Vec<(Key, Tensor)> = keys
             .iter()
             .map(|k| zeros(0).map(|t| (k.clone(), t)))
@@ -163,8 +183,7 @@ pub fn worker(s: &BenchSettings) -> Result<(), String> {
         let chk: Vec<(Key, Vec<Tensor>)> = keys
             .iter()
             .map(|k| {
-                Tensor::full(&engine, &[n], (rank + 1) as f32, Context::Cpu)
-                    .map(|t| (k.clone(), vec![t]))
+                Tensor::full(&engine, &[n], (rank + 1) as f32, ctx).map(|t| (k.clone(), vec![t]))
             })
             .collect::<Result<_, _>>()
             .map_err(e)?;
@@ -187,7 +206,7 @@ pub fn worker(s: &BenchSettings) -> Result<(), String> {
         let grads: Vec<Tensor> = (0..nkeys)
             .map(|_| {
                 let v: Vec<f32> = (0..n).map(|_| rnd()).collect();
-                Tensor::from_vec(&engine, &[n], v, Context::Cpu)
+                Tensor::from_vec(&engine, &[n], v, ctx)
             })
             .collect::<Result<_, _>>()
             .map_err(e)?;
@@ -276,6 +295,10 @@ pub fn run(
     ];
     if s.compress {
         args.push("--compress".into());
+    }
+    if s.gpu {
+        args.push("--device".into());
+        args.push("gpu".into());
     }
     if !s.cases.is_empty() {
         args.push("--cases".into());

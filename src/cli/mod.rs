@@ -2,5 +2,6 @@
 
 pub mod bench;
 pub mod demo;
+pub mod gpus;
 pub mod launch;
 pub mod roles;

@@ -1,8 +1,9 @@
 //! `pskv demo`: trains the MLP of `mlp.rs` on the spirals of `data.rs` with
-//! W worker processes and S server processes on this host (dist_sync, the
+//! W worker processes and S server processes on this host (dist_sync, or
+//! dist_sync_device with the tensors on GPUs with `--device gpu`; the
 //! optimizer on the servers), shows a progress bar per epoch, and checks
 //! that the final weights equal, bit for bit, those of a single-process
-//! local store fed the same gradients.
+//! store fed the same gradients.
 //!
 //! The workers (`pskv demo-worker`, started through `launch::Job`) talk to
 //! the launcher on stdout, one line per event: `STEP epoch step loss acc`
@@ -48,6 +49,11 @@ pub struct DemoSettings {
     pub compress: Option<f32>,
     /// tcp, shm or auto.
     pub van: String,
+    /// Weights and gradients on GPUs (worker r on GPU r, modulo the GPUs
+    /// there are); the reference then reduces on the devices too.
+    pub gpu: bool,
+    /// As given: cpu or gpu (checked by `validate`).
+    pub device: String,
 }
 
 impl DemoSettings {
@@ -77,6 +83,8 @@ impl DemoSettings {
             self.lr.to_string(),
             "--van".into(),
             self.van.clone(),
+            "--device".into(),
+            self.device.clone(),
         ];
         if let Some(t) = self.compress {
             a.push("--compress".into());
@@ -102,7 +110,18 @@ impl DemoSettings {
         if !matches!(self.van.as_str(), "tcp" | "shm" | "auto") {
             return Err(format!("--van {}: expected tcp, shm or auto", self.van));
         }
+        if !matches!(self.device.as_str(), "cpu" | "gpu") || self.gpu != (self.device == "gpu") {
+            return Err(format!("--device {}: expected cpu or gpu", self.device));
+        }
         Ok(())
+    }
+
+    /// Where worker `rank`'s tensors live.
+    fn ctx(&self, rank: usize) -> Result<Context, String> {
+        if !self.gpu {
+            return Ok(Context::Cpu);
+        }
+        super::gpus::of_rank(rank)
     }
 }
 
@@ -120,11 +139,11 @@ fn kv_err(e: pskv::kvstore::KvError) -> String {
     e.to_string()
 }
 
-fn tensors(e: &Engine, params: &[Vec<f32>]) -> Result<Vec<Tensor>, String> {
+fn tensors(e: &Engine, params: &[Vec<f32>], ctx: Context) -> Result<Vec<Tensor>, String> {
     mlp::shapes()
         .iter()
         .zip(params)
-        .map(|(shape, v)| Tensor::from_slice(e, shape, v, Context::Cpu).map_err(kv_err))
+        .map(|(shape, v)| Tensor::from_slice(e, shape, v, ctx).map_err(kv_err))
         .collect()
 }
 
@@ -137,8 +156,16 @@ fn read_all(ts: &[Tensor]) -> Result<Vec<Vec<f32>>, String> {
 /// One worker of the demo (`pskv demo-worker`, DMLC_* from the launcher).
 pub fn worker(s: &DemoSettings, weights_out: Option<&Path>) -> Result<(), String> {
     let engine = Engine::new().map_err(|e| e.to_string())?;
-    let kv = KvStore::create("dist_sync", &engine).map_err(kv_err)?;
+    // On GPUs, as MXNet's GPU training: the device kind (one value per key
+    // here, so no reduction on the worker; sends go through pinned memory).
+    let kind = if s.gpu {
+        "dist_sync_device"
+    } else {
+        "dist_sync"
+    };
+    let kv = KvStore::create(kind, &engine).map_err(kv_err)?;
     let rank = kv.rank() as usize;
+    let ctx = s.ctx(rank)?;
     if kv.num_workers() != s.workers {
         return Err(format!(
             "the cluster has {} workers, the settings say {}",
@@ -152,7 +179,7 @@ pub fn worker(s: &DemoSettings, weights_out: Option<&Path>) -> Result<(), String
     }
     let train = spirals(TRAIN, TRAIN_SEED);
     let test = spirals(TEST, TEST_SEED);
-    let weights = tensors(&engine, &mlp::init(INIT_SEED))?;
+    let weights = tensors(&engine, &mlp::init(INIT_SEED), ctx)?;
     for (k, w) in weights.iter().enumerate() {
         kv.init(k as i64, w).map_err(kv_err)?;
     }
@@ -164,7 +191,7 @@ pub fn worker(s: &DemoSettings, weights_out: Option<&Path>) -> Result<(), String
     }
     let grads: Vec<Tensor> = weights
         .iter()
-        .map(|w| w.zeros_like(Context::Cpu).map_err(kv_err))
+        .map(|w| w.zeros_like(ctx).map_err(kv_err))
         .collect::<Result<_, _>>()?;
     let started = Instant::now();
     let mut samples = 0usize;
@@ -222,14 +249,15 @@ pub fn worker(s: &DemoSettings, weights_out: Option<&Path>) -> Result<(), String
 }
 
 /// The same training in one process: a local store (a device store when
-/// compressing), each step pushing the W workers' gradients as W values of
-/// one key (summed in rank order, as the servers do), compressed the same
+/// compressing, or on GPUs), each step pushing the W workers' gradients as
+/// W values of one key (summed in rank order, as the servers do; on GPUs,
+/// value r on worker r's GPU, summed on the device), compressed the same
 /// way when asked.
 pub fn reference(s: &DemoSettings) -> Result<Vec<Vec<f32>>, String> {
     let engine = Engine::new().map_err(|e| e.to_string())?;
     // A local store does not compress (as in MXNet); a device store with
     // host contexts standing in for devices does, per value.
-    let kind = if s.compress.is_some() {
+    let kind = if s.compress.is_some() || s.gpu {
         "device"
     } else {
         "local"
@@ -240,7 +268,7 @@ pub fn reference(s: &DemoSettings) -> Result<Vec<Vec<f32>>, String> {
             .map_err(kv_err)?;
     }
     let train = spirals(TRAIN, TRAIN_SEED);
-    let weights = tensors(&engine, &mlp::init(INIT_SEED))?;
+    let weights = tensors(&engine, &mlp::init(INIT_SEED), s.ctx(0)?)?;
     for (k, w) in weights.iter().enumerate() {
         kv.init(k as i64, w).map_err(kv_err)?;
     }
@@ -250,7 +278,7 @@ pub fn reference(s: &DemoSettings) -> Result<Vec<Vec<f32>>, String> {
         .iter()
         .map(|t| {
             (0..w)
-                .map(|_| t.zeros_like(Context::Cpu).map_err(kv_err))
+                .map(|r| t.zeros_like(s.ctx(r)?).map_err(kv_err))
                 .collect()
         })
         .collect::<Result<_, _>>()?;
@@ -345,16 +373,24 @@ fn follow(out: impl std::io::Read, s: &DemoSettings) -> Report {
 /// prints the summary. Fails when the job fails or the weights differ.
 pub fn run(s: &DemoSettings, timeout: Duration) -> Result<(), String> {
     s.validate()?;
+    if s.gpu {
+        super::gpus::count().map_err(|e| format!("--device gpu: {e}"))?;
+    }
     let params: usize = mlp::init(INIT_SEED).iter().map(Vec::len).sum();
     let layers: Vec<String> = mlp::LAYERS.iter().map(|n| n.to_string()).collect();
     eprintln!(
         "pskv demo: an MLP ({}, {params} parameters) learning {} classes of spiral arms \
-         from {TRAIN} samples;\n           {} workers, {} servers on this host, dist_sync over {}, \
+         from {TRAIN} samples;\n           {} workers, {} servers on this host, {} over {}, \
          SGD with momentum on the servers{}",
         layers.join("-"),
         data::CLASSES,
         s.workers,
         s.servers,
+        if s.gpu {
+            format!("dist_sync_device with tensors on {}", super::gpus::name())
+        } else {
+            "dist_sync".into()
+        },
         s.van,
         match s.compress {
             Some(t) => format!(", 2-bit gradient compression (threshold {t})"),
@@ -496,6 +532,8 @@ mod tests {
             lr: 0.1,
             compress: None,
             van: "tcp".into(),
+            gpu: false,
+            device: "cpu".into(),
         };
         assert!(shards_cover_the_epoch(&s, &spirals(TRAIN, TRAIN_SEED)));
         assert!(s.validate().is_ok());
@@ -506,8 +544,13 @@ mod tests {
         assert!(bad.validate().is_err());
         let bad = DemoSettings {
             van: "udp".into(),
-            ..s
+            ..s.clone()
         };
         assert!(bad.validate().unwrap_err().contains("udp"));
+        let bad = DemoSettings {
+            device: "tpu".into(),
+            ..s
+        };
+        assert!(bad.validate().unwrap_err().contains("tpu"));
     }
 }
