@@ -86,6 +86,64 @@ int pskv_pushpull(struct pskv_kvstore *kv,
                   size_t len,
                   int priority);
 
+// Initializes `key` with `len` elements of device memory (see
+// `pskv_push_device` for the arguments).
+//
+// # Safety
+// As `pskv_push_device`.
+int pskv_init_device(struct pskv_kvstore *kv,
+                     int64_t key,
+                     const void *data,
+                     size_t len,
+                     int dtype,
+                     int device);
+
+// Pushes `len` elements of dtype code `dtype` (MXNet's: 0 float32, 1
+// float64, 2 float16, 4 int32, 6 int64) that live on GPU `device` at
+// `data` (a CUDA device pointer, 8-byte aligned; on the emulated device,
+// `PSKV_GPU=emulated` or no GPU, a host address). The values are copied on
+// the device before the call returns (`data` may then be reused); the
+// push itself is scheduled, as `pskv_push`'s.
+//
+// # Safety
+// `kv` is a live handle; `data` is `len` elements of device memory of
+// GPU `device`, not written until the call returns.
+int pskv_push_device(struct pskv_kvstore *kv,
+                     int64_t key,
+                     const void *data,
+                     size_t len,
+                     int dtype,
+                     int device,
+                     int priority);
+
+// Pulls `key`'s value into device memory `out` (as `pskv_push_device`'s
+// `data`); returns once `out` holds it.
+//
+// # Safety
+// `kv` is a live handle; `out` is `len` elements of device memory of GPU
+// `device`, not touched by the caller until the call returns.
+int pskv_pull_device(struct pskv_kvstore *kv,
+                     int64_t key,
+                     void *out,
+                     size_t len,
+                     int dtype,
+                     int device,
+                     int priority);
+
+// Pushes device memory `data` and pulls the result into device memory
+// `out` (both as `pskv_push_device`'s `data`; they may be the same).
+//
+// # Safety
+// As `pskv_push_device` and `pskv_pull_device`.
+int pskv_pushpull_device(struct pskv_kvstore *kv,
+                         int64_t key,
+                         const void *data,
+                         void *out,
+                         size_t len,
+                         int dtype,
+                         int device,
+                         int priority);
+
 // Sets the optimizer the servers (or a local store) run on pushes: `name`
 // is sgd, nag, adam or adagrad; `params` is "" or comma-separated
 // `name=value` pairs with MXNet's names (learning_rate, momentum, wd,

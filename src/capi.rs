@@ -6,7 +6,10 @@
 //! and a panic inside pskv is caught and reported as `PSKV_ERR_INTERNAL`.
 //!
 //! Buffers are float32 and copied: a push's input may be reused as soon as
-//! the call returns, and a pull returns once `out` holds the value.
+//! the call returns, and a pull returns once `out` holds the value. The
+//! `_device` functions take buffers in GPU memory (a device pointer, a
+//! dtype code and a device id) with the same rules; their copies run on
+//! the device.
 //!
 //! A handle is a token, not an address: `pskv_create` registers the store
 //! in a table under a number never used again, and every call looks it up.
@@ -294,6 +297,156 @@ pub unsafe extern "C" fn pskv_pushpull(
     })
 }
 
+/// A device buffer of the caller's: `len` elements of dtype code `dtype`
+/// (MXNet's: 0 float32, 1 float64, 2 float16, 4 int32, 6 int64) at
+/// `ptr` on GPU `device`, as a tensor over that memory.
+///
+/// # Safety
+/// As `Tensor::from_device_ptr`: the caller's memory is valid on that
+/// device and left alone until the tensor's ops are done.
+unsafe fn device_tensor(
+    h: &PskvKvStore,
+    ptr: *const std::ffi::c_void,
+    len: usize,
+    dtype: c_int,
+    device: c_int,
+    what: &str,
+) -> Result<Tensor, (c_int, String)> {
+    if ptr.is_null() {
+        return Err(arg(format!("{what} is a null pointer")));
+    }
+    if len == 0 || len > MAX_LEN {
+        return Err(arg(format!("{what}: a length of {len} elements")));
+    }
+    let dt = u8::try_from(dtype)
+        .ok()
+        .and_then(DType::from_code)
+        .ok_or_else(|| {
+            arg(format!(
+                "{what}: dtype code {dtype} (expected 0 float32, 1 float64, 2 float16, 4 int32, 6 int64)"
+            ))
+        })?;
+    let dev = u32::try_from(device).map_err(|_| arg(format!("{what}: device {device}")))?;
+    Tensor::from_device_ptr(h.kv.engine(), &[len], dt, Context::Gpu(dev), ptr as u64)
+        .map_err(|e| arg(format!("{what}: {e}")))
+}
+
+/// Copies `src` (a tensor over the caller's memory, or into it) to `dst`
+/// on the device and waits for the copy: the caller's buffer is free again
+/// when this returns.
+fn device_copy(src: &Tensor, dst: &Tensor, wait_on: &Tensor) -> Result<(), (c_int, String)> {
+    src.copy_to(dst).map_err(kv_err)?;
+    wait_on.wait_to_read().map_err(kv_err)
+}
+
+/// Initializes `key` with `len` elements of device memory (see
+/// `pskv_push_device` for the arguments).
+///
+/// # Safety
+/// As `pskv_push_device`.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_init_device(
+    kv: *mut PskvKvStore,
+    key: i64,
+    data: *const std::ffi::c_void,
+    len: usize,
+    dtype: c_int,
+    device: c_int,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let d = device_tensor(&h, data, len, dtype, device, "data")?;
+        let t = d.zeros_like(d.ctx()).map_err(kv_err)?;
+        device_copy(&d, &t, &t)?;
+        h.kv.init(self::key(key)?, &t).map_err(kv_err)
+    })
+}
+
+/// Pushes `len` elements of dtype code `dtype` (MXNet's: 0 float32, 1
+/// float64, 2 float16, 4 int32, 6 int64) that live on GPU `device` at
+/// `data` (a CUDA device pointer, 8-byte aligned; on the emulated device,
+/// `PSKV_GPU=emulated` or no GPU, a host address). The values are copied on
+/// the device before the call returns (`data` may then be reused); the
+/// push itself is scheduled, as `pskv_push`'s.
+///
+/// # Safety
+/// `kv` is a live handle; `data` is `len` elements of device memory of
+/// GPU `device`, not written until the call returns.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_push_device(
+    kv: *mut PskvKvStore,
+    key: i64,
+    data: *const std::ffi::c_void,
+    len: usize,
+    dtype: c_int,
+    device: c_int,
+    priority: c_int,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let d = device_tensor(&h, data, len, dtype, device, "data")?;
+        let t = d.zeros_like(d.ctx()).map_err(kv_err)?;
+        device_copy(&d, &t, &t)?;
+        h.kv.push(self::key(key)?, &[t], priority).map_err(kv_err)
+    })
+}
+
+/// Pulls `key`'s value into device memory `out` (as `pskv_push_device`'s
+/// `data`); returns once `out` holds it.
+///
+/// # Safety
+/// `kv` is a live handle; `out` is `len` elements of device memory of GPU
+/// `device`, not touched by the caller until the call returns.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_pull_device(
+    kv: *mut PskvKvStore,
+    key: i64,
+    out: *mut std::ffi::c_void,
+    len: usize,
+    dtype: c_int,
+    device: c_int,
+    priority: c_int,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let o = device_tensor(&h, out, len, dtype, device, "out")?;
+        let t = o.zeros_like(o.ctx()).map_err(kv_err)?;
+        h.kv.pull(self::key(key)?, std::slice::from_ref(&t), priority)
+            .map_err(kv_err)?;
+        device_copy(&t, &o, &o)
+    })
+}
+
+/// Pushes device memory `data` and pulls the result into device memory
+/// `out` (both as `pskv_push_device`'s `data`; they may be the same).
+///
+/// # Safety
+/// As `pskv_push_device` and `pskv_pull_device`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn pskv_pushpull_device(
+    kv: *mut PskvKvStore,
+    key: i64,
+    data: *const std::ffi::c_void,
+    out: *mut std::ffi::c_void,
+    len: usize,
+    dtype: c_int,
+    device: c_int,
+    priority: c_int,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let d = device_tensor(&h, data, len, dtype, device, "data")?;
+        let o = device_tensor(&h, out, len, dtype, device, "out")?;
+        let t = d.zeros_like(d.ctx()).map_err(kv_err)?;
+        device_copy(&d, &t, &t)?;
+        let r = t.zeros_like(t.ctx()).map_err(kv_err)?;
+        h.kv.pushpull(self::key(key)?, &[t], std::slice::from_ref(&r), priority)
+            .map_err(kv_err)?;
+        device_copy(&r, &o, &o)
+    })
+}
+
 /// Sets the optimizer the servers (or a local store) run on pushes: `name`
 /// is sgd, nag, adam or adagrad; `params` is "" or comma-separated
 /// `name=value` pairs with MXNet's names (learning_rate, momentum, wd,
@@ -395,6 +548,89 @@ mod tests {
         unsafe { CStr::from_ptr(pskv_last_error()) }
             .to_string_lossy()
             .into_owned()
+    }
+
+    /// An 8-byte aligned "device" buffer of the emulated device (whose
+    /// device addresses are host addresses) holding `v`.
+    fn emulated_buffer(v: &[f32]) -> Vec<u64> {
+        let mut w = vec![0u64; v.len().div_ceil(2)];
+        bytemuck_f32(&mut w)[..v.len()].copy_from_slice(v);
+        w
+    }
+
+    fn bytemuck_f32(w: &mut [u64]) -> &mut [f32] {
+        // SAFETY: u64 words hold two f32 each, alignment 8 >= 4.
+        unsafe { std::slice::from_raw_parts_mut(w.as_mut_ptr() as *mut f32, w.len() * 2) }
+    }
+
+    #[test]
+    fn device_buffers_through_the_c_abi() {
+        if !crate::gpu::device::open(0).is_ok_and(|d| d.is_emulated()) {
+            eprintln!(
+                "skipped: device 0 is not the emulated device (its addresses are not host memory)"
+            );
+            return;
+        }
+        unsafe {
+            let mut kv: *mut PskvKvStore = std::ptr::null_mut();
+            assert_eq!(pskv_create(c"device".as_ptr(), &mut kv), PSKV_OK);
+            let w0 = emulated_buffer(&[1.0, 2.0, 3.0]);
+            assert_eq!(
+                pskv_init_device(kv, 3, w0.as_ptr().cast(), 3, 0, 0),
+                PSKV_OK
+            );
+            assert_eq!(
+                pskv_set_optimizer(kv, c"sgd".as_ptr(), c"learning_rate=0.5".as_ptr()),
+                PSKV_OK
+            );
+            // Two pushes from two devices, pulled onto a third.
+            let mut g = emulated_buffer(&[2.0, 2.0, 2.0]);
+            assert_eq!(
+                pskv_push_device(kv, 3, g.as_ptr().cast(), 3, 0, 1, 0),
+                PSKV_OK
+            );
+            // The values were copied: the buffer may change at once.
+            bytemuck_f32(&mut g)[0] = 100.0;
+            let mut out = emulated_buffer(&[9.0; 3]);
+            assert_eq!(
+                pskv_pull_device(kv, 3, out.as_mut_ptr().cast(), 3, 0, 2, 0),
+                PSKV_OK
+            );
+            assert_eq!(&bytemuck_f32(&mut out)[..3], &[0.0, 1.0, 2.0]);
+            let mut io = emulated_buffer(&[2.0, 2.0, 2.0]);
+            let p = io.as_mut_ptr().cast();
+            assert_eq!(pskv_pushpull_device(kv, 3, p, p, 3, 0, 0, 0), PSKV_OK);
+            assert_eq!(&bytemuck_f32(&mut io)[..3], &[-1.0, 0.0, 1.0]);
+
+            // Errors, each with its reason.
+            let e = |code, what: &str| {
+                assert_eq!(code, PSKV_ERR_ARGUMENT, "{what}");
+                assert!(last().contains(what), "{what}: {}", last());
+            };
+            e(
+                pskv_push_device(kv, 3, g.as_ptr().cast(), 3, 3, 0, 0),
+                "dtype code 3",
+            );
+            e(
+                pskv_push_device(kv, 3, std::ptr::null(), 3, 0, 0, 0),
+                "null",
+            );
+            let odd = (g.as_ptr() as *const u8).add(4).cast();
+            e(pskv_push_device(kv, 3, odd, 1, 0, 0, 0), "aligned");
+            e(
+                pskv_push_device(kv, 3, g.as_ptr().cast(), 3, 0, 99, 0),
+                "99",
+            );
+            e(
+                pskv_push_device(kv, 3, g.as_ptr().cast(), 3, 0, -1, 0),
+                "device -1",
+            );
+            assert_eq!(
+                pskv_push_device(kv, 3, g.as_ptr().cast(), 2, 0, 0, 0),
+                PSKV_ERR_KVSTORE
+            );
+            assert_eq!(pskv_free(kv), PSKV_OK);
+        }
     }
 
     #[test]

@@ -117,6 +117,37 @@ fn memory_is_separate_and_copies_are_explicit() {
 }
 
 #[test]
+fn borrowed_memory_is_used_in_place_and_never_freed() {
+    for d in devices() {
+        let d = &*d;
+        let a = upload(d, (0..64u8).collect());
+        // SAFETY: `a` outlives `b` and the work on it (synced below).
+        let b = unsafe { d.borrow(a.address(), 64) }.unwrap();
+        assert_eq!(b.address(), a.address());
+        assert_eq!(
+            download(d, &b),
+            (0..64u8).collect::<Vec<_>>(),
+            "{}",
+            d.describe()
+        );
+        // A write through the borrowed buffer lands in `a`.
+        d.upload(Lane::Copy, Arc::new(vec![7u8; 16]), &b, 8)
+            .unwrap();
+        sync(d, Lane::Copy);
+        drop(b);
+        let got = download(d, &a);
+        assert_eq!(&got[8..24], &[7u8; 16][..]);
+        assert_eq!(&got[..8], &(0..8u8).collect::<Vec<_>>()[..]);
+        // Bad addresses are errors.
+        // SAFETY: refused before any use.
+        for bad in [0u64, a.address() + 4] {
+            let e = unsafe { d.borrow(bad, 8) }.unwrap_err().to_string();
+            assert!(e.contains("address 0") || e.contains("aligned"), "{e}");
+        }
+    }
+}
+
+#[test]
 fn the_kernels_agree_with_the_cpu_bit_for_bit() {
     let k = CpuKernels::single_threaded();
     for d in devices() {

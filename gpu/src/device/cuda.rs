@@ -25,6 +25,8 @@ use crate::{check_threshold_1bit, check_threshold_2bit, KernelError};
 pub(crate) struct CudaMem {
     ptr: sys::CUdeviceptr,
     ctx: Arc<CudaContext>,
+    /// Allocated here (freed on drop), or the caller's (`Device::borrow`).
+    owned: bool,
 }
 
 // SAFETY: a device pointer is an address on the device; the driver calls
@@ -32,9 +34,15 @@ pub(crate) struct CudaMem {
 unsafe impl Send for CudaMem {}
 unsafe impl Sync for CudaMem {}
 
+impl CudaMem {
+    pub(crate) fn address(&self) -> u64 {
+        self.ptr
+    }
+}
+
 impl Drop for CudaMem {
     fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
+        if self.owned && self.ctx.bind_to_thread().is_ok() {
             // SAFETY: allocated by `malloc_sync` in this context, freed once.
             unsafe {
                 let _ = result::free_sync(self.ptr);
@@ -231,6 +239,7 @@ impl CudaDevice {
         let mem = Arc::new(CudaMem {
             ptr,
             ctx: self.ctx.clone(),
+            owned: true,
         });
         // SAFETY: the allocation above holds `bytes.max(1)` bytes.
         unsafe { result::memset_d8_sync(ptr, 0, bytes.max(1)) }.map_err(cuda_err("cuMemsetD8"))?;
@@ -257,6 +266,19 @@ impl Device for CudaDevice {
             device: self.ordinal,
             len: bytes,
             raw: RawMem::Cuda(self.raw_alloc(bytes)?),
+        })
+    }
+
+    unsafe fn borrow(&self, ptr: u64, bytes: usize) -> Result<DeviceMem, KernelError> {
+        super::check_borrow(ptr)?;
+        Ok(DeviceMem {
+            device: self.ordinal,
+            len: bytes,
+            raw: RawMem::Cuda(Arc::new(CudaMem {
+                ptr,
+                ctx: self.ctx.clone(),
+                owned: false,
+            })),
         })
     }
 

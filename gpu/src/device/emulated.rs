@@ -33,32 +33,58 @@ use crate::cpu::CpuKernels;
 use crate::layout::{words_1bit, words_2bit};
 use crate::{KernelError, Kernels};
 
-/// The memory of one emulated buffer.
-pub(crate) struct Cell(UnsafeCell<Box<[u64]>>);
+/// The memory of one emulated buffer: an allocation of its own, or the
+/// caller's memory (`Device::borrow`), reached through one address.
+pub(crate) struct Cell {
+    ptr: *mut u8,
+    /// The allocation `ptr` points into (None: borrowed, never freed here).
+    _own: Option<UnsafeCell<Box<[u64]>>>,
+}
 
-// SAFETY: only lane threads touch the words, never two at once when one
-// writes (the invariant at the top of this file).
+// SAFETY: only lane threads touch the bytes, never two at once when one
+// writes (the invariant at the top of this file); borrowed memory is the
+// caller's to keep valid (`Device::borrow`'s contract).
 unsafe impl Sync for Cell {}
 unsafe impl Send for Cell {}
 
 impl Cell {
     fn new(bytes: usize) -> Cell {
-        Cell(UnsafeCell::new(
-            vec![0u64; bytes.div_ceil(8)].into_boxed_slice(),
-        ))
+        let mut words = vec![0u64; bytes.div_ceil(8).max(1)].into_boxed_slice();
+        // Subtle: the pointer stays valid when the box moves into the cell
+        // (the heap block does not move).
+        let ptr = words.as_mut_ptr() as *mut u8;
+        Cell {
+            ptr,
+            _own: Some(UnsafeCell::new(words)),
+        }
+    }
+
+    pub(crate) fn address(&self) -> u64 {
+        self.ptr as u64
     }
 
     /// # Safety
-    /// Inside queued work; no work writes the cell meanwhile.
+    /// As `Device::borrow`.
+    unsafe fn borrowed(ptr: u64) -> Cell {
+        Cell {
+            ptr: ptr as *mut u8,
+            _own: None,
+        }
+    }
+
+    /// # Safety
+    /// Inside queued work; no work writes the cell meanwhile; `len` is at
+    /// most the buffer's length.
     unsafe fn bytes(&self, len: usize) -> &[u8] {
-        &super::bytemuck_bytes(&*self.0.get())[..len]
+        std::slice::from_raw_parts(self.ptr, len)
     }
 
     /// # Safety
-    /// Inside queued work; no other work touches the cell meanwhile.
+    /// Inside queued work; no other work touches the cell meanwhile; `len`
+    /// is at most the buffer's length.
     #[allow(clippy::mut_from_ref)]
     unsafe fn bytes_mut(&self, len: usize) -> &mut [u8] {
-        &mut super::bytemuck_bytes_mut(&mut *self.0.get())[..len]
+        std::slice::from_raw_parts_mut(self.ptr, len)
     }
 }
 
@@ -224,6 +250,15 @@ impl Device for EmulatedDevice {
         Ok(PinnedMem {
             raw: PinnedRaw::Heap(vec![0u64; bytes.div_ceil(8)].into_boxed_slice()),
             len: bytes,
+        })
+    }
+
+    unsafe fn borrow(&self, ptr: u64, bytes: usize) -> Result<DeviceMem, KernelError> {
+        super::check_borrow(ptr)?;
+        Ok(DeviceMem {
+            device: self.ordinal,
+            len: bytes,
+            raw: RawMem::Emulated(Arc::new(Cell::borrowed(ptr))),
         })
     }
 

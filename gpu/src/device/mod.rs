@@ -110,6 +110,16 @@ impl DeviceMem {
         self.device
     }
 
+    /// Its address on the device (a CUDA device pointer; on the emulated
+    /// device, a host address), as `Device::borrow` takes.
+    pub fn address(&self) -> u64 {
+        match &self.raw {
+            RawMem::Emulated(c) => c.address(),
+            #[cfg(feature = "cuda")]
+            RawMem::Cuda(c) => c.address(),
+        }
+    }
+
     /// Whether `self` and `other` are the same memory.
     pub fn same(&self, other: &DeviceMem) -> bool {
         match (&self.raw, &other.raw) {
@@ -213,6 +223,16 @@ pub trait Device: Send + Sync + 'static {
 
     /// `bytes` of pinned host memory, zeroed.
     fn alloc_pinned(&self, bytes: usize) -> Result<PinnedMem, KernelError>;
+
+    /// The caller's memory of this device, `bytes` from address `ptr`, as a
+    /// buffer that pskv never frees (a CUDA device pointer; on the emulated
+    /// device, a host address). `ptr` must be 8-byte aligned.
+    ///
+    /// # Safety
+    /// The memory is valid for `bytes` of reads and writes on this device,
+    /// and nothing but work queued here touches it until the last clone of
+    /// the buffer is dropped and its work is done.
+    unsafe fn borrow(&self, ptr: u64, bytes: usize) -> Result<DeviceMem, KernelError>;
 
     /// Queues a copy of `src` into `dst` from byte `at`.
     fn upload(
@@ -395,6 +415,21 @@ pub fn open_with(backend: Backend, ordinal: u32) -> Result<Arc<dyn Device>, Kern
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+
+/// Checks a borrowed address: not null, 8-byte aligned.
+pub(crate) fn check_borrow(ptr: u64) -> Result<(), KernelError> {
+    if ptr == 0 {
+        return Err(KernelError::Config(
+            "a borrowed device buffer at address 0".into(),
+        ));
+    }
+    if ptr % 8 != 0 {
+        return Err(KernelError::Config(format!(
+            "a borrowed device buffer at {ptr:#x}: not 8-byte aligned"
+        )));
+    }
+    Ok(())
+}
 
 pub(crate) fn check_range(
     what: &'static str,

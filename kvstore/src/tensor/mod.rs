@@ -152,6 +152,42 @@ impl Tensor {
         ))
     }
 
+    /// A dense tensor on `Context::Gpu(n)` whose data is the caller's device
+    /// memory at `address` (a CUDA device pointer; on the emulated device, a
+    /// host address), used in place and never freed by pskv. The address
+    /// must be 8-byte aligned.
+    ///
+    /// # Safety
+    /// The memory holds the tensor's bytes (`shape`'s elements of `dtype`)
+    /// on GPU n and stays valid, touched by nothing else, until the tensor
+    /// and every clone of it are dropped and the ops pushed on it are done
+    /// (`wait_to_read` after the last write, or `Engine::wait_for_all`).
+    pub unsafe fn from_device_ptr(
+        engine: &Engine,
+        shape: &[usize],
+        dtype: DType,
+        ctx: Context,
+        address: u64,
+    ) -> Result<Tensor> {
+        let Context::Gpu(n) = ctx else {
+            return Err(KvError::invalid(format!(
+                "a tensor over device memory needs a GPU context, not {ctx:?}"
+            )));
+        };
+        let bytes = elements(shape)?
+            .checked_mul(dtype.size())
+            .ok_or_else(|| KvError::invalid(format!("shape {shape:?} is too large")))?;
+        let mem = pskv_gpu::device::open(n)?.borrow(address, bytes)?;
+        Ok(Tensor::build(
+            engine,
+            shape,
+            dtype,
+            ctx,
+            Storage::Dense,
+            Data::device(mem, Vec::new()),
+        ))
+    }
+
     /// A dense tensor holding `values` (one copy).
     pub fn from_vec<T: Elem>(
         engine: &Engine,
