@@ -31,9 +31,13 @@ for line in sys.stdin:
 { cargo test --release -p pskv-gpu --features cuda --no-run --message-format=json-render-diagnostics
   cargo bench -p pskv-gpu --features cuda --no-run --message-format=json-render-diagnostics
 } | executables | sort -r -u > .device-bin/list
-# The kvstore with its tensors on the CUDA device (PSKV_GPU=cuda there).
-cargo test --release -p pskv-kvstore --features cuda --test device --no-run \
-    --message-format=json-render-diagnostics | executables | sed 's/^test /kvtest /' > .device-bin/kvlist
+# The kvstore with its tensors on the CUDA device (PSKV_GPU=cuda there): its
+# device tests and benches/device.rs.
+{ cargo test --release -p pskv-kvstore --features cuda --test device --no-run \
+    --message-format=json-render-diagnostics
+  cargo bench -p pskv-kvstore --features cuda --bench device --no-run \
+    --message-format=json-render-diagnostics
+} | executables | sort -r -u > .device-bin/kvlist
 
 cat > .device-bin/run.sh <<'RUN'
 set -u -o pipefail
@@ -64,7 +68,8 @@ while read -r kind exe; do
   name="kvstore-$(basename "$exe")"
   cp "$exe" ".device-bin/$name"
   strip ".device-bin/$name" 2>/dev/null || true
-  echo "echo '== $name (PSKV_GPU=cuda)' | tee -a \"\$log\"; PSKV_GPU=cuda ./.device-bin/$name 2>&1 | tee -a \"\$log\" || status=1" >> .device-bin/run.sh
+  bench=""; [ "$kind" = bench ] && bench="--bench"
+  echo "echo '== $name (PSKV_GPU=cuda)' | tee -a \"\$log\"; PSKV_GPU=cuda ./.device-bin/$name $bench 2>&1 | tee -a \"\$log\" || status=1" >> .device-bin/run.sh
 done < .device-bin/kvlist
 echo 'echo "== exit status $status" | tee -a "$log"; exit $status' >> .device-bin/run.sh
 du -sh .device-bin

@@ -2,8 +2,8 @@
 //! measured in the same run:
 //! - optimizer updates on 1M f32 (SGD with momentum, Adam): elements per
 //!   second against a copy of the same bytes the update touches;
-//! - a local store's push of two devices' 4 MiB values and pull back
-//!   (reduce, update, copy out) against the copies alone.
+//! - a local store's push of two devices' 4 MiB values (in host memory)
+//!   and pull back (reduce, update, copy out) against the copies alone.
 //!
 //! `cargo bench -p pskv-kvstore --bench kvstore`
 
@@ -61,9 +61,11 @@ fn local_round(c: &mut Criterion) {
         &Tensor::zeros(&e, &[n], DType::F32, Context::Cpu).unwrap(),
     )
     .unwrap();
+    // Two devices' values in host memory (the device path, GPU tensors,
+    // is benches/device.rs).
     let vals = [
-        Tensor::full(&e, &[n], 1.0f32, Context::Gpu(0)).unwrap(),
-        Tensor::full(&e, &[n], 2.0f32, Context::Gpu(1)).unwrap(),
+        Tensor::full(&e, &[n], 1.0f32, Context::Cpu).unwrap(),
+        Tensor::full(&e, &[n], 2.0f32, Context::Cpu).unwrap(),
     ];
     let out = Tensor::zeros(&e, &[n], DType::F32, Context::Cpu).unwrap();
     g.bench_function("push_pull", |b| {
