@@ -228,3 +228,36 @@ fn a_missing_gpu_or_a_wrong_size_is_a_clear_error() {
     assert!(err.to_string().contains("initialized as f32 [4]"), "{err}");
     kv.close().unwrap();
 }
+
+#[test]
+fn a_pull_onto_several_gpus_crosses_the_host_link_once() {
+    if gpus() < 3 {
+        eprintln!("skipped: fewer than 3 GPUs");
+        return;
+    }
+    let e = engine();
+    let kv = KvStore::create("device", &e).unwrap();
+    let v = values(7, 1000);
+    kv.init(
+        5,
+        &Tensor::from_slice(&e, &[1000], &v, Context::Cpu).unwrap(),
+    )
+    .unwrap();
+    let outs: Vec<Tensor> = (0..3)
+        .map(|d| Tensor::zeros(&e, &[1000], DType::F32, Context::Gpu(d)).unwrap())
+        .collect();
+    e.wait_for_all().unwrap();
+    e.start_profiling();
+    kv.pull(5, &outs, 0).unwrap();
+    for o in &outs {
+        assert_eq!(bits(o.to_vec::<f32>().unwrap()), bits(v.clone()));
+    }
+    e.stop_profiling();
+    let names: Vec<String> = e.take_profile().into_iter().map(|t| t.name).collect();
+    let count = |n: &str| names.iter().filter(|x| *x == n).count();
+    // One upload, then device-to-device copies from it (3 downloads to
+    // read the outputs back here).
+    assert_eq!(count("tensor_peer_copy"), 2, "{names:?}");
+    assert_eq!(count("tensor_transfer"), 1 + 3, "{names:?}");
+    kv.close().unwrap();
+}

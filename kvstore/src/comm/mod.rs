@@ -248,8 +248,30 @@ impl Comm {
 
     /// Pushes the copies of `src` into every tensor of `outs`.
     pub(crate) fn broadcast(&self, src: &Tensor, outs: &[Tensor], priority: i32) -> Result<()> {
-        for o in outs {
-            copy_prio(src, o, priority)?;
+        // From the host to two or more GPUs: one host-to-device copy to the
+        // first, then device-to-device copies from it (MXNet's CommDevice):
+        // the host link is crossed once.
+        let on_gpu = |t: &Tensor| gpu_of(t.ctx()).is_some() && t.storage() == Storage::Dense;
+        let hub = outs.iter().find(|o| on_gpu(o) && !o.same(src));
+        let fan_out = gpu_of(src.ctx()).is_none()
+            && src.storage() == Storage::Dense
+            && outs.iter().filter(|o| on_gpu(o) && !o.same(src)).count() >= 2;
+        match hub {
+            Some(hub) if fan_out => {
+                copy_prio(src, hub, priority)?;
+                for o in outs {
+                    if o.same(hub) {
+                        continue;
+                    }
+                    let from = if on_gpu(o) { hub } else { src };
+                    copy_prio(from, o, priority)?;
+                }
+            }
+            _ => {
+                for o in outs {
+                    copy_prio(src, o, priority)?;
+                }
+            }
         }
         Ok(())
     }
