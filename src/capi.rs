@@ -331,12 +331,29 @@ unsafe fn device_tensor(
         .map_err(|e| arg(format!("{what}: {e}")))
 }
 
-/// Copies `src` (a tensor over the caller's memory, or into it) to `dst`
-/// on the device and waits for the copy: the caller's buffer is free again
-/// when this returns.
-fn device_copy(src: &Tensor, dst: &Tensor, wait_on: &Tensor) -> Result<(), (c_int, String)> {
+/// Copies `src` to `dst` on the device and waits for the copy (so a
+/// buffer of the caller's among them is free again when this returns).
+fn device_copy(src: &Tensor, dst: &Tensor) -> Result<(), (c_int, String)> {
     src.copy_to(dst).map_err(kv_err)?;
-    wait_on.wait_to_read().map_err(kv_err)
+    dst.wait_to_read().map_err(kv_err)
+}
+
+/// A copy of the caller's device buffer `data` in a tensor of pskv's own
+/// (on the same device), made before this returns.
+///
+/// # Safety
+/// As `device_tensor`.
+unsafe fn device_input(
+    h: &PskvKvStore,
+    data: *const std::ffi::c_void,
+    len: usize,
+    dtype: c_int,
+    device: c_int,
+) -> Result<Tensor, (c_int, String)> {
+    let d = device_tensor(h, data, len, dtype, device, "data")?;
+    let t = d.zeros_like(d.ctx()).map_err(kv_err)?;
+    device_copy(&d, &t)?;
+    Ok(t)
 }
 
 /// Initializes `key` with `len` elements of device memory (see
@@ -355,9 +372,7 @@ pub unsafe extern "C" fn pskv_init_device(
 ) -> c_int {
     guard(|| {
         let h = handle(kv)?;
-        let d = device_tensor(&h, data, len, dtype, device, "data")?;
-        let t = d.zeros_like(d.ctx()).map_err(kv_err)?;
-        device_copy(&d, &t, &t)?;
+        let t = device_input(&h, data, len, dtype, device)?;
         h.kv.init(self::key(key)?, &t).map_err(kv_err)
     })
 }
@@ -384,9 +399,7 @@ pub unsafe extern "C" fn pskv_push_device(
 ) -> c_int {
     guard(|| {
         let h = handle(kv)?;
-        let d = device_tensor(&h, data, len, dtype, device, "data")?;
-        let t = d.zeros_like(d.ctx()).map_err(kv_err)?;
-        device_copy(&d, &t, &t)?;
+        let t = device_input(&h, data, len, dtype, device)?;
         h.kv.push(self::key(key)?, &[t], priority).map_err(kv_err)
     })
 }
@@ -413,7 +426,7 @@ pub unsafe extern "C" fn pskv_pull_device(
         let t = o.zeros_like(o.ctx()).map_err(kv_err)?;
         h.kv.pull(self::key(key)?, std::slice::from_ref(&t), priority)
             .map_err(kv_err)?;
-        device_copy(&t, &o, &o)
+        device_copy(&t, &o)
     })
 }
 
@@ -436,14 +449,12 @@ pub unsafe extern "C" fn pskv_pushpull_device(
 ) -> c_int {
     guard(|| {
         let h = handle(kv)?;
-        let d = device_tensor(&h, data, len, dtype, device, "data")?;
         let o = device_tensor(&h, out, len, dtype, device, "out")?;
-        let t = d.zeros_like(d.ctx()).map_err(kv_err)?;
-        device_copy(&d, &t, &t)?;
+        let t = device_input(&h, data, len, dtype, device)?;
         let r = t.zeros_like(t.ctx()).map_err(kv_err)?;
         h.kv.pushpull(self::key(key)?, &[t], std::slice::from_ref(&r), priority)
             .map_err(kv_err)?;
-        device_copy(&r, &o, &o)
+        device_copy(&r, &o)
     })
 }
 

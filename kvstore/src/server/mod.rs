@@ -951,14 +951,6 @@ impl Inner {
                 };
                 let rule = self.rule.read().clone();
                 let before = st.rounds;
-                tracing::debug!(
-                    server = self.my_rank(),
-                    key,
-                    rank,
-                    tag,
-                    rounds = st.rounds,
-                    "push"
-                );
                 st.push(&self.kernels, rule.as_ref(), head, vals, rank, answer);
                 if let Some(c) = self.ckpt.get() {
                     if st.rounds != before && st.rounds % c.every == 0 {

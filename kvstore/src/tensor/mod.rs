@@ -111,6 +111,13 @@ fn elements(shape: &[usize]) -> Result<usize> {
         })
 }
 
+/// The bytes of a dense tensor of `shape` and `dtype`.
+fn byte_len(shape: &[usize], dtype: DType) -> Result<usize> {
+    elements(shape)?
+        .checked_mul(dtype.size())
+        .ok_or_else(|| KvError::invalid(format!("shape {shape:?} is too large")))
+}
+
 impl Tensor {
     fn build(
         engine: &Engine,
@@ -138,10 +145,7 @@ impl Tensor {
     /// `PSKV_GPU`); on `Context::CpuPinned(n)`, host memory pinned for GPU
     /// n's copies.
     pub fn zeros(engine: &Engine, shape: &[usize], dtype: DType, ctx: Context) -> Result<Tensor> {
-        let n = elements(shape)?;
-        let bytes = n
-            .checked_mul(dtype.size())
-            .ok_or_else(|| KvError::invalid(format!("shape {shape:?} is too large")))?;
+        let bytes = byte_len(shape, dtype)?;
         Ok(Tensor::build(
             engine,
             shape,
@@ -174,9 +178,7 @@ impl Tensor {
                 "a tensor over device memory needs a GPU context, not {ctx:?}"
             )));
         };
-        let bytes = elements(shape)?
-            .checked_mul(dtype.size())
-            .ok_or_else(|| KvError::invalid(format!("shape {shape:?} is too large")))?;
+        let bytes = byte_len(shape, dtype)?;
         let mem = pskv_gpu::device::open(n)?.borrow(address, bytes)?;
         Ok(Tensor::build(
             engine,
