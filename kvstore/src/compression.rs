@@ -115,7 +115,8 @@ impl Compression {
         }
     }
 
-    fn threshold(&self) -> f32 {
+    /// The threshold (0 without compression).
+    pub(crate) fn threshold(&self) -> f32 {
         match *self {
             Compression::None => 0.0,
             Compression::TwoBit { threshold } | Compression::OneBit { threshold } => threshold,

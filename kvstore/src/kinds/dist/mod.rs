@@ -3,8 +3,9 @@
 //!
 //! A push reduces the key's local values (CPU, or devices), then one engine
 //! op sends every part of the key (zero-copy slices of the reduced buffer,
-//! or 2-bit/1-bit codes with the key's residual) and completes when every
-//! server answered. It writes the key's var, so the next push or pull of
+//! or 2-bit/1-bit codes with the key's residual; from a GPU, each part
+//! staged through pinned memory as it is sent, see `staging`) and
+//! completes when every server answered. It writes the key's var, so the next push or pull of
 //! the key waits for it; in sync mode the server answers a push only when
 //! the round of all workers is summed and applied, so a pull after a push
 //! sees that round's result.
@@ -46,7 +47,7 @@ use crate::optimizer::{OptState, Optimizer, StateVals};
 use crate::registry::{Meta, Registry};
 use crate::shm::Segment;
 use crate::store::Options;
-use crate::tensor::{check_rows, Buf, Storage, Tensor};
+use crate::tensor::{check_rows, gpu_of, Buf, Storage, Tensor};
 use crate::updater::{Rule, Updater};
 use crate::wire::{command, plan, rows_header, Head, Op, Part};
 use staging::{Staging, Way};
@@ -93,6 +94,9 @@ struct Inflight {
     deadline: Instant,
     op: &'static str,
     key: String,
+    /// Device lanes that carry the op's staging copies (`staging`): the op
+    /// completes only once they are drained, so no copy of its outlives it.
+    settle: staging::Lanes,
 }
 
 impl Inflight {
@@ -102,6 +106,7 @@ impl Inflight {
         timeout: Duration,
         op: &'static str,
         key: &Key,
+        settle: staging::Lanes,
     ) -> Arc<Inflight> {
         Arc::new(Inflight {
             done: RwLock::new(Some(c)),
@@ -110,6 +115,7 @@ impl Inflight {
             deadline: Instant::now() + timeout,
             op,
             key: key.to_string(),
+            settle,
         })
     }
 
@@ -156,10 +162,15 @@ impl Inflight {
                 message,
             }),
         };
-        match err {
-            None => c.complete(),
-            Some(e) => c.fail(e),
-        }
+        // Subtle: every staging copy of the op was queued under the read
+        // lock of `done` (answers) or before its part was sent, so all are
+        // queued by now (the lock was just taken for writing, or every part
+        // answered): draining the lanes covers them.
+        staging::settle(self.settle.clone(), move |drained| match (err, drained) {
+            (None, Ok(())) => c.complete(),
+            (Some(e), _) => c.fail(e),
+            (None, Err(e)) => c.fail(KvError::from(e)),
+        });
     }
 }
 
@@ -218,8 +229,9 @@ struct DistKey {
     unit: usize,
     /// The key's var: pushes write it, pulls read it.
     var: Var,
-    /// The compression residual (f32, the key's size); touched only by ops
-    /// that write `var`.
+    /// The compression residual of pushes from the host (f32, the key's
+    /// size; pushes from a GPU keep theirs on it, `staging`); touched only
+    /// by ops that write `var`.
     residual: Mutex<Vec<f32>>,
     /// Where the servers' sums land in summation-only mode.
     sum: Mutex<Option<Tensor>>,
@@ -257,6 +269,31 @@ struct PartSend {
 
 /// What answers of a part request are handed to: part index and answer.
 type OnAnswer = Arc<dyn Fn(usize, &KvResponse) -> std::result::Result<(), String> + Send + Sync>;
+
+/// What the part requests of one op share.
+#[derive(Clone)]
+struct Round {
+    head: Head,
+    priority: i32,
+    /// The push's round (replicas), or 0.
+    tag: u64,
+    /// The op, for errors (`push`, `pull`, ...).
+    name: &'static str,
+    on_answer: OnAnswer,
+}
+
+impl Round {
+    /// Answers that carry nothing to keep.
+    fn ignore_answers(head: Head, priority: i32, tag: u64, name: &'static str) -> Round {
+        Round {
+            head,
+            priority,
+            tag,
+            name,
+            on_answer: Arc::new(|_, _| Ok(())),
+        }
+    }
+}
 
 /// The distributed worker.
 pub(crate) struct DistStore {
@@ -364,62 +401,88 @@ impl DistStore {
         }
     }
 
+    /// Starts the bookkeeping of an op of `n` part requests: None (and the
+    /// op completed) when there are none.
+    fn inflight(
+        &self,
+        dk: &DistKey,
+        n: usize,
+        completion: Completion,
+        name: &'static str,
+        settle: staging::Lanes,
+    ) -> Option<Arc<Inflight>> {
+        if n == 0 {
+            staging::settle(settle, move |r| match r {
+                Ok(()) => completion.complete(),
+                Err(e) => completion.fail(KvError::from(e)),
+            });
+            return None;
+        }
+        let inf = Inflight::new(
+            completion,
+            n,
+            self.opts.timeout,
+            name,
+            &dk.local.key,
+            settle,
+        );
+        self.watchdog.add(&inf);
+        Some(inf)
+    }
+
     /// Sends one request per part of `parts` (indices into the key's
     /// parts). `prepare(i)` gives part `i`'s values and, if they travel
     /// through its shared slot, the segment's tag (0: they do not); it runs
     /// just before the part is sent, so a part's copy overlaps the transfer
-    /// of the ones before. `on_answer(i, response)` stores what comes back.
-    /// `tag`: the push's round (replicas), or 0.
-    #[allow(clippy::too_many_arguments)]
+    /// of the ones before.
     fn send_parts(
         &self,
         dk: &DistKey,
         parts: &[usize],
-        head: Head,
-        priority: i32,
-        tag: u64,
+        round: &Round,
         completion: Completion,
-        op_name: &'static str,
+        settle: staging::Lanes,
         mut prepare: impl FnMut(usize) -> std::result::Result<(Bytes, u16), String>,
-        on_answer: OnAnswer,
     ) {
-        if parts.is_empty() {
-            completion.complete();
+        let Some(inf) = self.inflight(dk, parts.len(), completion, round.name, settle) else {
             return;
-        }
-        let inf = Inflight::new(
-            completion,
-            parts.len(),
-            self.opts.timeout,
-            op_name,
-            &dk.local.key,
-        );
-        self.watchdog.add(&inf);
+        };
         for &i in parts {
-            let (payload, shm_tag) = match prepare(i) {
-                Ok(x) => x,
-                Err(e) => {
-                    inf.part_done(Err(TransportError::Invalid(e)), |_| Ok(()));
-                    continue;
-                }
-            };
-            let send = PartSend {
-                i,
-                part: dk.parts[i],
-                head: Head {
-                    shm: shm_tag != 0,
-                    shm_tag,
-                    ..head
-                },
-                priority,
-                tag,
-                payload,
-            };
-            // An init is not sent again elsewhere: the backup holds a key
-            // only once its primary copied it there.
-            let failover = self.replicas > 1 && head.op != Op::Init;
-            self.send_part(send, failover, false, inf.clone(), on_answer.clone());
+            self.send_prepared(dk, &inf, round, i, prepare(i));
         }
+    }
+
+    /// Sends part `i` of an op with the values `prepared` gave (or counts
+    /// the part failed).
+    fn send_prepared(
+        &self,
+        dk: &DistKey,
+        inf: &Arc<Inflight>,
+        round: &Round,
+        i: usize,
+        prepared: std::result::Result<(Bytes, u16), String>,
+    ) {
+        let (payload, shm_tag) = match prepared {
+            Ok(x) => x,
+            Err(e) => return inf.part_done(Err(TransportError::Invalid(e)), |_| Ok(())),
+        };
+        let head = round.head;
+        let send = PartSend {
+            i,
+            part: dk.parts[i],
+            head: Head {
+                shm: shm_tag != 0,
+                shm_tag,
+                ..head
+            },
+            priority: round.priority,
+            tag: round.tag,
+            payload,
+        };
+        // An init is not sent again elsewhere: the backup holds a key only
+        // once its primary copied it there.
+        let failover = self.replicas > 1 && head.op != Op::Init;
+        self.send_part(send, failover, false, inf.clone(), round.on_answer.clone());
     }
 
     /// The node that serves a part of server rank `server`: the server, or
@@ -542,7 +605,20 @@ impl DistStore {
                 .map(|b| (b, 0))
                 .map_err(|e| e.to_string());
         }
-        let bytes = &d.bytes()[p.start * ub..(p.start + p.len) * ub];
+        let range = p.start * ub..(p.start + p.len) * ub;
+        self.dense_payload(seg, &d.bytes()[range.clone()], || d.share(range))
+    }
+
+    /// The payload of a dense part of values `bytes`: a copy into this
+    /// worker's shared slot when the part travels through `seg` (then the
+    /// payload is the count, with the segment's tag), else `share()`, the
+    /// bytes themselves without a copy.
+    fn dense_payload(
+        &self,
+        seg: Option<&Arc<Segment>>,
+        bytes: &[u8],
+        share: impl FnOnce() -> Bytes,
+    ) -> std::result::Result<(Bytes, u16), String> {
         match seg {
             Some(seg) => {
                 // SAFETY: this worker's own slot, which the server reads
@@ -553,12 +629,15 @@ impl DistStore {
                 let count = (bytes.len() as u64).to_le_bytes();
                 Ok((Bytes::copy_from_slice(&count), seg.tag()))
             }
-            None => Ok((d.share(p.start * ub..(p.start + p.len) * ub), 0)),
+            None => Ok((share(), 0)),
         }
     }
 
     /// Pushes the op that sends `grad` to the servers; with `into`, as a
-    /// push-pull whose answers (the new values) land in `into`.
+    /// push-pull whose answers (the new values) land in `into`. Either may
+    /// be a dense tensor on a GPU: the op then stages it through the key's
+    /// pinned buffers part by part (`staging`), each part's copy
+    /// overlapping the transfer of the others.
     fn push_op(
         &self,
         dk: &Arc<DistKey>,
@@ -568,11 +647,26 @@ impl DistStore {
     ) -> Result<()> {
         let compression = *self.compression.read();
         let meta = &dk.local.meta;
-        let prop = if meta.bytes() <= INLINE_BYTES && !compression.is_on() {
+        let rows = grad.storage() == Storage::RowSparse;
+        let on_gpu = gpu_of(grad.ctx()).is_some();
+        if rows && on_gpu {
+            return Err(KvError::invalid(
+                "a row-sparse push from a GPU is staged whole first (a dist bug)",
+            ));
+        }
+        // The pinned send buffer of an uncompressed push from a GPU.
+        let send = if on_gpu && !compression.is_on() {
+            Some(dk.stage.host_for(grad, Way::Send)?)
+        } else {
+            None
+        };
+        let land = into.map(|o| dk.stage.landing(o)).transpose()?;
+        let prop = if meta.bytes() <= INLINE_BYTES && !compression.is_on() && !on_gpu {
             Property::Async
         } else {
             Property::Normal
         };
+        let name = if into.is_some() { "pushpull" } else { "push" };
         let mut spec = OpSpec::new(if into.is_some() {
             "kvstore_dist_pushpull"
         } else {
@@ -582,29 +676,31 @@ impl DistStore {
         .property(prop)
         .read(grad.var())
         .write(&dk.var);
-        if let Some(o) = into {
-            spec = spec.write(o.var());
+        for t in send.iter().chain(
+            land.iter()
+                .flat_map(|l| [Some(&l.host), l.device.as_ref()])
+                .flatten(),
+        ) {
+            spec = spec.write(t.var());
         }
         let me = self.handle();
-        let (dk2, g, out) = (dk.clone(), grad.clone(), into.cloned());
+        let (dk2, g) = (dk.clone(), grad.clone());
         self.engine.push_async(spec, move |_, completion| {
             let Some(me) = me.upgrade() else {
                 completion.fail("the kvstore was closed");
                 return;
             };
             let dtype = dk2.local.meta.dtype;
-            let rows = g.storage() == Storage::RowSparse;
             let segs = if rows || compression.is_on() {
                 vec![None; dk2.parts.len()]
             } else {
                 me.shm_parts(&dk2)
             };
-            let op = match (rows, &out) {
+            let op = match (rows, &land) {
                 (true, _) => Op::RowPush,
                 (false, None) => Op::Push,
                 (false, Some(_)) => Op::PushPull,
             };
-            let head = me.head(op, dtype, compression);
             // Replicas: the push's round, so that a backup answers a retry
             // of a round it holds without applying it again.
             let tag = if me.replicas > 1 {
@@ -612,74 +708,73 @@ impl DistStore {
             } else {
                 0
             };
-            let all: Vec<usize> = (0..dk2.parts.len()).collect();
-            let prepare = |i: usize| me.push_part(&dk2, &g, compression, segs[i].as_ref(), i);
-            match out {
-                None => me.send_parts(
-                    &dk2,
-                    &all,
-                    head,
-                    priority,
-                    tag,
-                    completion,
-                    "push",
-                    prepare,
-                    Arc::new(|_, _| Ok(())),
-                ),
-                Some(o) => {
-                    // SAFETY: the op writes `o` (T1); answers fill disjoint
-                    // ranges until it completes.
-                    let buf = unsafe { o.data_mut() }.overwrite();
-                    let ptr = OutPtr(buf.as_mut_ptr(), buf.len());
-                    let on_answer = answer_into(&dk2, &o, ptr, segs.clone(), me.po.num_workers());
-                    me.send_parts(
-                        &dk2, &all, head, priority, tag, completion, "pushpull", prepare, on_answer,
-                    );
+            let mut round =
+                Round::ignore_answers(me.head(op, dtype, compression), priority, tag, name);
+            let mut settle = Vec::new();
+            if let Some(l) = &land {
+                match me.landing(&dk2, l, segs.clone()) {
+                    Ok((on_answer, lanes)) => (round.on_answer, settle) = (on_answer, lanes),
+                    Err(e) => return completion.fail(e),
+                }
+            }
+            match (&send, on_gpu) {
+                (Some(h), _) => me.send_staged(&dk2, &g, h, segs, round, completion, settle),
+                (None, true) => me.send_quantized(&dk2, &g, compression, round, completion, settle),
+                (None, false) => {
+                    let all: Vec<usize> = (0..dk2.parts.len()).collect();
+                    let prepare =
+                        |i: usize| me.push_part(&dk2, &g, compression, segs[i].as_ref(), i);
+                    me.send_parts(&dk2, &all, &round, completion, settle, prepare)
                 }
             }
         })?;
         Ok(())
     }
 
-    /// Pushes the op that pulls the key's value into `out` (dense).
+    /// Pushes the op that pulls the key's value into `out` (dense; on a
+    /// GPU, through the key's pinned receive buffer, part by part).
     fn pull_op(&self, dk: &Arc<DistKey>, out: &Tensor, priority: i32) -> Result<()> {
         let meta = &dk.local.meta;
-        let prop = if meta.bytes() <= INLINE_BYTES {
+        let land = dk.stage.landing(out)?;
+        let prop = if meta.bytes() <= INLINE_BYTES && land.device.is_none() {
             Property::Async
         } else {
             Property::Normal
         };
-        let spec = OpSpec::new("kvstore_dist_pull")
+        let mut spec = OpSpec::new("kvstore_dist_pull")
             .priority(priority)
             .property(prop)
             .read(&dk.var)
-            .write(out.var());
+            .write(land.host.var());
+        if let Some(d) = &land.device {
+            spec = spec.write(d.var());
+        }
         let me = self.handle();
-        let (dk2, o) = (dk.clone(), out.clone());
+        let dk2 = dk.clone();
         self.engine.push_async(spec, move |_, completion| {
             let Some(me) = me.upgrade() else {
                 completion.fail("the kvstore was closed");
                 return;
             };
             let dtype = dk2.local.meta.dtype;
-            // SAFETY: the op writes `o` (T1).
-            let buf = unsafe { o.data_mut() }.overwrite();
-            let ptr = OutPtr(buf.as_mut_ptr(), buf.len());
             let segs = me.shm_parts(&dk2);
-            let head = me.head(Op::Pull, dtype, Compression::None);
-            let all: Vec<usize> = (0..dk2.parts.len()).collect();
-            let on_answer = answer_into(&dk2, &o, ptr, segs.clone(), me.po.num_workers());
-            me.send_parts(
-                &dk2,
-                &all,
-                head,
-                priority,
-                0,
-                completion,
-                "pull",
-                |i| Ok((Bytes::new(), segs[i].as_ref().map_or(0, |s| s.tag()))),
+            let (on_answer, settle) = match me.landing(&dk2, &land, segs.clone()) {
+                Ok(x) => x,
+                Err(e) => return completion.fail(e),
+            };
+            let round = Round {
                 on_answer,
-            );
+                ..Round::ignore_answers(
+                    me.head(Op::Pull, dtype, Compression::None),
+                    priority,
+                    0,
+                    "pull",
+                )
+            };
+            let all: Vec<usize> = (0..dk2.parts.len()).collect();
+            me.send_parts(&dk2, &all, &round, completion, settle, |i| {
+                Ok((Bytes::new(), segs[i].as_ref().map_or(0, |s| s.tag())))
+            });
         })?;
         Ok(())
     }
@@ -748,21 +843,17 @@ impl DistStore {
             for (i, b) in payloads {
                 bodies[i] = Some(b);
             }
-            me.send_parts(
-                &dk2,
-                &which,
-                head,
-                priority,
-                0,
-                completion,
-                "pull_row_sparse",
-                |i| Ok((bodies[i].take().unwrap_or_default(), 0)),
-                Arc::new(move |i, resp| {
+            let round = Round {
+                on_answer: Arc::new(move |i, resp| {
                     let _keep = &keep;
                     check_len(resp, counts[i] * rb)?;
                     copy_parts(&ptr, offsets[i], resp)
                 }),
-            );
+                ..Round::ignore_answers(head, priority, 0, "pull_row_sparse")
+            };
+            me.send_parts(&dk2, &which, &round, completion, Vec::new(), |i| {
+                Ok((bodies[i].take().unwrap_or_default(), 0))
+            });
         })?;
         Ok(())
     }
@@ -868,17 +959,10 @@ impl DistStore {
             let all: Vec<usize> = (0..payloads.len()).collect();
             let mut bodies: Vec<Option<Bytes>> =
                 payloads.into_iter().map(|(_, b)| Some(b)).collect();
-            me.send_parts(
-                &dk2,
-                &all,
-                head,
-                0,
-                0,
-                completion,
-                "init",
-                |i| Ok((bodies[i].take().unwrap_or_default(), 0)),
-                Arc::new(|_, _| Ok(())),
-            );
+            let round = Round::ignore_answers(head, 0, 0, "init");
+            me.send_parts(&dk2, &all, &round, completion, Vec::new(), |i| {
+                Ok((bodies[i].take().unwrap_or_default(), 0))
+            });
         })?;
         Ok(())
     }
@@ -1122,7 +1206,13 @@ impl Flavor for DistStore {
             let grad =
                 dk.local
                     .reduce(&self.comm, values, Compression::None, self.device, priority)?;
-            let grad = dk.stage.send(&grad, priority)?;
+            // Row-sparse values from a GPU are staged whole (their rows are
+            // host data); dense ones part by part inside the push.
+            let grad = if grad.storage() == Storage::RowSparse {
+                dk.stage.send(&grad, priority)?
+            } else {
+                grad
+            };
             match &rule {
                 None => self.push_op(dk, &grad, None, priority)?,
                 Some(rule) => {
@@ -1147,9 +1237,8 @@ impl Flavor for DistStore {
             if local {
                 self.comm.broadcast(&dk.local.stored, outs, priority)?;
             } else {
-                let o = dk.stage.host_for(&outs[0], Way::Recv)?;
-                self.pull_op(dk, &o, priority)?;
-                self.comm.broadcast(&o, outs, priority)?;
+                self.pull_op(dk, &outs[0], priority)?;
+                self.comm.broadcast(&outs[0], outs, priority)?;
             }
         }
         Ok(())
@@ -1180,10 +1269,8 @@ impl Flavor for DistStore {
             let grad =
                 dk.local
                     .reduce(&self.comm, values, Compression::None, self.device, priority)?;
-            let grad = dk.stage.send(&grad, priority)?;
-            let o = dk.stage.host_for(&outs[0], Way::Recv)?;
-            self.push_op(dk, &grad, Some(&o), priority)?;
-            self.comm.broadcast(&o, outs, priority)?;
+            self.push_op(dk, &grad, Some(&outs[0]), priority)?;
+            self.comm.broadcast(&outs[0], outs, priority)?;
         }
         Ok(())
     }

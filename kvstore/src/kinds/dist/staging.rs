@@ -1,22 +1,43 @@
-//! Host staging of device tensors for the wire (MXNet's `comm_buf_`).
+//! Host staging of device tensors for the wire (MXNet's `comm_buf_`),
+//! pipelined per key part.
 //!
 //! The transport sends and receives host bytes. A key whose gradients or
-//! outputs live on a GPU goes through a host tensor in memory pinned for
-//! that GPU, kept per key and per direction: a push copies the (reduced)
-//! gradient device to host into the *send* buffer, then the push op reads
-//! it; a pull lands in the *receive* buffer, then copies host to device.
-//! The copies are ops on the GPU's copy lane, ordered with the wire ops by
-//! the buffers' vars, so the engine overlaps them with other keys' work.
+//! outputs live on a GPU goes through host memory pinned for that GPU,
+//! kept per key and per direction (send and receive are separate: a
+//! push-pull reads one and writes the other in one op). Inside the one
+//! engine op that sends a key:
+//! - a dense push queues, per part, a device-to-host copy of the part into
+//!   the send buffer, and sends the part as soon as the device reports that
+//!   copy done, so part `i`'s copy overlaps the transfer of the parts before
+//!   it ([`DistStore::send_staged`]);
+//! - with gradient compression, per part, the part is quantized on the
+//!   device with its residual, which stays there (MXNet keeps the residual
+//!   beside the gradient), and only the codes come to the host
+//!   ([`DistStore::send_quantized`]);
+//! - answers land in the receive buffer, and each answered part is copied
+//!   host-to-device into the output at once ([`DistStore::landing`]).
 //!
-//! Send and receive are separate buffers: a push-pull reads one and writes
-//! the other in one op. A buffer is reused by the key's next operation
-//! once the engine has finished the ops that read it (their var says so).
+//! The op completes only once the device lanes that carry its copies are
+//! drained ([`settle`]), so the engine's rule holds: the next op on any of
+//! the tensors finds no copy of this one still running. Row-sparse values
+//! (their rows are host data) are staged whole, by ops of their own.
+//!
+//! Each device call is checked as it is queued; a failure fails that part
+//! (the op fails with it), never the process.
 
+use std::sync::Arc;
+
+use bytes::Bytes;
 use parking_lot::Mutex;
-use pskv_engine::Context;
+use pskv_engine::{Completion, Context};
+use pskv_gpu::device::{self, Device, DeviceMem, Lane};
+use pskv_gpu::KernelError;
 
-use crate::error::Result;
-use crate::tensor::{gpu_of, Storage, Tensor};
+use super::{answer_into, DistKey, DistStore, OnAnswer, Round};
+use crate::compression::{Compression, HEADER};
+use crate::error::{KvError, Result};
+use crate::shm::Segment;
+use crate::tensor::{gpu_of, Buf, Storage, Tensor};
 
 /// Which way a staged tensor travels.
 #[derive(Clone, Copy)]
@@ -27,10 +48,22 @@ pub(super) enum Way {
     Recv,
 }
 
-/// One key's staging buffers, made on first use: by direction and storage.
+/// One key's staging buffers, made on first use.
 #[derive(Default)]
 pub(super) struct Staging {
+    /// By direction and storage.
     slots: Mutex<[Option<Tensor>; 4]>,
+    /// Compressed pushes from a GPU; touched only by ops that write the
+    /// key's var.
+    codes: Mutex<Option<DeviceCodes>>,
+}
+
+/// Where the answers of a pull or push-pull land: `host` (the output
+/// itself, or the key's pinned receive buffer) and then, per part, the
+/// output on a GPU.
+pub(super) struct Landing {
+    pub(super) host: Tensor,
+    pub(super) device: Option<Tensor>,
 }
 
 impl Staging {
@@ -55,12 +88,20 @@ impl Staging {
         Ok(s)
     }
 
-    /// `t` on the host for sending: `t` itself, or the send buffer after an
-    /// op (of this priority) that copies `t` there.
+    /// `t` on the host for sending, whole: `t` itself, or the send buffer
+    /// after an op (of this priority) that copies `t` there.
     pub(super) fn send(&self, t: &Tensor, priority: i32) -> Result<Tensor> {
         let h = self.host_for(t, Way::Send)?;
         crate::comm::copy_prio(t, &h, priority)?;
         Ok(h)
+    }
+
+    /// Where answers for `out` (dense) land.
+    pub(super) fn landing(&self, out: &Tensor) -> Result<Landing> {
+        Ok(Landing {
+            host: self.host_for(out, Way::Recv)?,
+            device: gpu_of(out.ctx()).map(|_| out.clone()),
+        })
     }
 }
 
@@ -73,4 +114,398 @@ pub(super) fn host_once(t: &Tensor, priority: i32) -> Result<Tensor> {
     let h = t.zeros_like(Context::Cpu)?;
     crate::comm::copy_prio(t, &h, priority)?;
     Ok(h)
+}
+
+/// Device lanes to drain before an op completes.
+pub(super) type Lanes = Vec<(Arc<dyn Device>, Lane)>;
+
+/// Runs `then` once the work queued so far on each of `lanes` is done,
+/// with the first error.
+pub(super) fn settle(
+    lanes: Lanes,
+    then: impl FnOnce(std::result::Result<(), KernelError>) + Send + 'static,
+) {
+    settle_boxed(lanes, Box::new(then))
+}
+
+fn settle_boxed(mut lanes: Lanes, then: device::Done) {
+    let Some((dev, lane)) = lanes.pop() else {
+        return then(Ok(()));
+    };
+    dev.then(
+        lane,
+        Box::new(move |r| settle_boxed(lanes, Box::new(move |rest| then(r.and(rest))))),
+    );
+}
+
+/// A pointer into host memory that an op owns for writing until it
+/// completes (its staging buffer), moved into device callbacks.
+#[derive(Clone, Copy)]
+struct HostPtr(*mut u8);
+// SAFETY: the memory is a staging buffer that one op writes (through this
+// pointer only, disjoint ranges per part) until it completes.
+unsafe impl Send for HostPtr {}
+unsafe impl Sync for HostPtr {}
+
+impl HostPtr {
+    /// The pointer `at` bytes further.
+    ///
+    /// # Safety
+    /// `at` is within the buffer.
+    unsafe fn add(self, at: usize) -> *mut u8 {
+        self.0.add(at)
+    }
+}
+
+/// `len` bytes of a staging buffer from `ptr`, as an owner of the bytes
+/// (a message's payload, an upload's source), keeping `keep` alive.
+/// Subtle: a slice of the part alone, never of the whole buffer, whose
+/// other parts the device or other answers may be writing meanwhile.
+struct HostPart<K> {
+    _keep: K,
+    ptr: HostPtr,
+    len: usize,
+}
+
+impl<K> AsRef<[u8]> for HostPart<K> {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `ptr..ptr + len` is within the kept buffer, whose bytes
+        // there are written before this part is made and not again while
+        // it lives (the op that writes the buffer next replaces a shared
+        // buffer, T2, or starts after the upload reading it is done).
+        unsafe { std::slice::from_raw_parts(self.ptr.0, self.len) }
+    }
+}
+
+/// The device buffers of a tensor (on a GPU context).
+fn device_mem(t: &Tensor) -> Result<DeviceMem> {
+    // SAFETY: called inside an op that reads or writes `t` (T1); the
+    // buffer handle is cloned, its memory reached by device work only.
+    unsafe { t.data() }
+        .dev
+        .clone()
+        .ok_or_else(|| KvError::invalid("a GPU tensor without device memory"))
+}
+
+/// A host buffer's bytes made unique (a shared one is replaced, T2) and
+/// its address.
+fn unique(buf: &mut Arc<Buf>) -> HostPtr {
+    if Arc::get_mut(buf).is_none() {
+        *buf = Arc::new(buf.zeroed_like(buf.len()));
+    }
+    HostPtr(
+        Arc::get_mut(buf)
+            .expect("the buffer was just made unique")
+            .bytes_mut()
+            .as_mut_ptr(),
+    )
+}
+
+impl DistStore {
+    /// The answers of an op into `land`: into its host tensor (as
+    /// `answer_into`) and, for an output on a GPU, each part then copied
+    /// there on the device's copy lane; with the lanes to drain before the
+    /// op completes. Inside the op, which writes both tensors.
+    pub(super) fn landing(
+        &self,
+        dk: &DistKey,
+        land: &Landing,
+        segs: Vec<Option<Arc<Segment>>>,
+    ) -> Result<(OnAnswer, Lanes)> {
+        // SAFETY: the op writes `land.host` (T1); answers fill disjoint
+        // ranges until it completes.
+        let hd = unsafe { land.host.data_mut() };
+        let base = unique(&mut hd.buf);
+        let len = hd.buf.len();
+        let ptr = super::OutPtr(base.0, len);
+        let into_host = answer_into(dk, &land.host, ptr, segs, self.po.num_workers());
+        let Some(out) = &land.device else {
+            return Ok((into_host, Vec::new()));
+        };
+        let gpu = gpu_of(out.ctx()).ok_or_else(|| KvError::invalid("a landing on the host"))?;
+        let dev = device::open(gpu)?;
+        // SAFETY: the op writes `out` (T1).
+        let od = unsafe { out.data_mut() };
+        if od.dev.as_ref().is_none_or(|m| m.len() != len) {
+            od.dev = Some(dev.alloc(len)?);
+        }
+        let target = device_mem(out)?;
+        let ub = dk.unit * dk.local.meta.dtype.size();
+        let parts = dk.parts.clone();
+        let (d, keep) = (dev.clone(), land.host.clone());
+        let on_answer: OnAnswer = Arc::new(move |i, resp| {
+            into_host(i, resp)?;
+            let p = parts[i];
+            let (at, n) = (p.start * ub, p.len * ub);
+            let src = HostPart {
+                _keep: keep.clone(),
+                // SAFETY: within the buffer (`answer_into` checked the part
+                // against it).
+                ptr: HostPtr(unsafe { base.add(at) }),
+                len: n,
+            };
+            d.upload(Lane::Copy, Arc::new(src), &target, at)
+                .map_err(|e| format!("copying the answer to GPU {gpu}: {e}"))
+        });
+        Ok((on_answer, vec![(dev, Lane::Copy)]))
+    }
+
+    /// Sends the dense gradient `grad`, on a GPU, through the pinned send
+    /// buffer `h`: per part, a device-to-host copy, then the part's request
+    /// once the device reports the copy done. Inside the op (it reads
+    /// `grad`, writes `h`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn send_staged(
+        self: &Arc<Self>,
+        dk: &Arc<DistKey>,
+        grad: &Tensor,
+        h: &Tensor,
+        segs: Vec<Option<Arc<Segment>>>,
+        round: Round,
+        completion: Completion,
+        settle: Lanes,
+    ) {
+        let prepared = gpu_of(grad.ctx())
+            .ok_or_else(|| KvError::invalid("a staged send from the host"))
+            .and_then(|n| Ok((device::open(n)?, device_mem(grad)?)));
+        let (dev, src) = match prepared {
+            Ok(x) => x,
+            Err(e) => return completion.fail(e),
+        };
+        // SAFETY: the op writes `h` (T1).
+        let hd = unsafe { h.data_mut() };
+        let base = unique(&mut hd.buf);
+        let buf = hd.buf.clone();
+        let mut settle = settle;
+        settle.push((dev.clone(), Lane::Copy));
+        let n = dk.parts.len();
+        let Some(inf) = self.inflight(dk, n, completion, round.name, settle) else {
+            return;
+        };
+        let ub = dk.unit * dk.local.meta.dtype.size();
+        for (i, seg) in segs.into_iter().enumerate() {
+            let p = dk.parts[i];
+            let (at, len) = (p.start * ub, p.len * ub);
+            // SAFETY: `at..at + len` is within `h` (the key's size), which
+            // this op owns until its copy lane is drained (`settle`).
+            let queued = unsafe { dev.download(Lane::Copy, &src, at, base.add(at), len) };
+            if let Err(e) = queued {
+                self.send_prepared(dk, &inf, &round, i, Err(e.to_string()));
+                continue;
+            }
+            let (me, dk2, inf2, round2) = (self.clone(), dk.clone(), inf.clone(), round.clone());
+            let buf = buf.clone();
+            dev.then(
+                Lane::Copy,
+                Box::new(move |r| {
+                    let prepared = r.map_err(|e| e.to_string()).and_then(|()| {
+                        // SAFETY: within `h`, as above; the download that
+                        // wrote these bytes is done.
+                        let ptr = HostPtr(unsafe { base.add(at) });
+                        // SAFETY: as `HostPart::as_ref` (`buf` is alive).
+                        let bytes = unsafe { std::slice::from_raw_parts(ptr.0, len) };
+                        me.dense_payload(seg.as_ref(), bytes, || {
+                            Bytes::from_owner(HostPart {
+                                _keep: buf.clone(),
+                                ptr,
+                                len,
+                            })
+                        })
+                    });
+                    me.send_prepared(&dk2, &inf2, &round2, i, prepared);
+                }),
+            );
+        }
+    }
+
+    /// Sends the dense f32 gradient `grad`, on a GPU, compressed: per part,
+    /// on the device's compute lane, a copy of the part, its quantize with
+    /// the part's residual (kept on the device), and a copy of the codes to
+    /// pinned memory behind the message header; the part's request once the
+    /// device reports them done. Inside an op that reads `grad` and writes
+    /// the key's var.
+    pub(super) fn send_quantized(
+        self: &Arc<Self>,
+        dk: &Arc<DistKey>,
+        grad: &Tensor,
+        compression: Compression,
+        round: Round,
+        completion: Completion,
+        settle: Lanes,
+    ) {
+        let mut slot = dk.stage.codes.lock();
+        let prepared = gpu_of(grad.ctx())
+            .ok_or_else(|| KvError::invalid("a device quantize from the host"))
+            .and_then(|n| {
+                let dev = device::open(n)?;
+                let src = device_mem(grad)?;
+                DeviceCodes::ensure(&mut slot, &*dev, dk, compression)?;
+                Ok((dev, src))
+            });
+        let (dev, src) = match prepared {
+            Ok(x) => x,
+            Err(e) => return completion.fail(e),
+        };
+        let dc = slot.as_mut().expect("ensured above");
+        let base = unique(&mut dc.host);
+        for (i, &(off, _)) in dc.msgs.iter().enumerate() {
+            let p = dk.parts[i];
+            let mut head = [0u8; HEADER];
+            // At most u32::MAX elements (`ensure` checked).
+            head[..4].copy_from_slice(&((p.len * dk.unit) as u32).to_le_bytes());
+            head[4..].copy_from_slice(&compression.threshold().to_le_bytes());
+            // SAFETY: `off..off + HEADER` is within `dc.host`, made unique
+            // above and written by this op alone.
+            unsafe { std::ptr::copy_nonoverlapping(head.as_ptr(), base.add(off), HEADER) };
+        }
+        let buf = dc.host.clone();
+        let mut settle = settle;
+        settle.push((dev.clone(), Lane::Compute));
+        let n = dk.parts.len();
+        let Some(inf) = self.inflight(dk, n, completion, round.name, settle) else {
+            return;
+        };
+        let unit = dk.unit * 4;
+        for i in 0..n {
+            let p = dk.parts[i];
+            let (off, len) = dc.msgs[i];
+            let queued = dev
+                .copy(
+                    Lane::Compute,
+                    &src,
+                    p.start * unit,
+                    &dc.grad[i],
+                    0,
+                    p.len * unit,
+                )
+                .and_then(|()| {
+                    let (g, r, c) = (&dc.grad[i], &dc.residual[i], &dc.codes[i]);
+                    match compression {
+                        Compression::TwoBit { threshold } => {
+                            dev.quantize_2bit(Lane::Compute, g, r, c, threshold)
+                        }
+                        Compression::OneBit { threshold } => {
+                            dev.quantize_1bit(Lane::Compute, g, r, c, threshold)
+                        }
+                        Compression::None => Err(KernelError::Config(
+                            "a device quantize without compression".into(),
+                        )),
+                    }
+                })
+                .and_then(|()| {
+                    // SAFETY: the codes land behind the part's header,
+                    // within `dc.host`, which this op owns until its
+                    // compute lane is drained (`settle`).
+                    unsafe {
+                        dev.download(
+                            Lane::Compute,
+                            &dc.codes[i],
+                            0,
+                            base.add(off + HEADER),
+                            len - HEADER,
+                        )
+                    }
+                });
+            if let Err(e) = queued {
+                self.send_prepared(dk, &inf, &round, i, Err(e.to_string()));
+                continue;
+            }
+            let (me, dk2, inf2, round2, buf) = (
+                self.clone(),
+                dk.clone(),
+                inf.clone(),
+                round.clone(),
+                buf.clone(),
+            );
+            dev.then(
+                Lane::Compute,
+                Box::new(move |r| {
+                    let prepared = r.map_err(|e| e.to_string()).map(|()| {
+                        let part = HostPart {
+                            _keep: buf,
+                            // SAFETY: the part's message within `dc.host`,
+                            // written (header, then the download) by now.
+                            ptr: HostPtr(unsafe { base.add(off) }),
+                            len,
+                        };
+                        (Bytes::from_owner(part), 0)
+                    });
+                    me.send_prepared(&dk2, &inf2, &round2, i, prepared);
+                }),
+            );
+        }
+    }
+}
+
+/// The device side of a key's compressed pushes from a GPU: per part, a
+/// copy of the gradient's part, the part's residual (the error feedback,
+/// kept across pushes) and its codes, on the device; and pinned host
+/// memory where each part's message (header, then codes) is assembled.
+struct DeviceCodes {
+    gpu: u32,
+    grad: Vec<DeviceMem>,
+    residual: Vec<DeviceMem>,
+    codes: Vec<DeviceMem>,
+    host: Arc<Buf>,
+    /// Per part: where its message starts in `host`, and its bytes.
+    msgs: Vec<(usize, usize)>,
+}
+
+impl DeviceCodes {
+    /// Makes `slot` hold the buffers for `compression` on `dev`: made on
+    /// first use; the codes and messages again when the scheme's code size
+    /// changes; all again (the residual from zero) when the gradient moves
+    /// to another GPU.
+    fn ensure(
+        slot: &mut Option<DeviceCodes>,
+        dev: &dyn Device,
+        dk: &DistKey,
+        compression: Compression,
+    ) -> Result<()> {
+        let elems: Vec<usize> = dk.parts.iter().map(|p| p.len * dk.unit).collect();
+        if let Some(&n) = elems.iter().find(|&&n| n > u32::MAX as usize) {
+            return Err(KvError::invalid(format!(
+                "a compressed part holds at most {} elements, got {n}",
+                u32::MAX
+            )));
+        }
+        let mut msgs = Vec::with_capacity(elems.len());
+        let mut at = 0;
+        for &n in &elems {
+            let len = HEADER + 4 * compression.words(n);
+            msgs.push((at, len));
+            // 8-byte aligned messages.
+            at += len.next_multiple_of(8);
+        }
+        if slot.as_ref().is_some_and(|d| d.gpu != dev.ordinal()) {
+            *slot = None;
+        }
+        let fresh = slot.is_none();
+        if fresh {
+            let mut grad = Vec::with_capacity(elems.len());
+            let mut residual = Vec::with_capacity(elems.len());
+            for &n in &elems {
+                grad.push(dev.alloc(4 * n)?);
+                residual.push(dev.alloc(4 * n)?);
+            }
+            *slot = Some(DeviceCodes {
+                gpu: dev.ordinal(),
+                grad,
+                residual,
+                codes: Vec::new(),
+                host: Arc::new(Buf::zeroed(0)),
+                msgs: Vec::new(),
+            });
+        }
+        let dc = slot.as_mut().expect("made above");
+        if dc.msgs != msgs {
+            dc.codes = msgs
+                .iter()
+                .map(|&(_, len)| dev.alloc(len - HEADER))
+                .collect::<std::result::Result<_, _>>()?;
+            dc.host = Arc::new(Buf::pinned(dev.ordinal(), at)?);
+            dc.msgs = msgs;
+        }
+        Ok(())
+    }
 }
