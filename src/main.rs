@@ -62,13 +62,13 @@ struct DemoArgs {
     /// 2-bit gradient compression, with this threshold.
     #[arg(long, value_name = "THRESHOLD", num_args = 0..=1, default_missing_value = "2")]
     compress: Option<f32>,
-    /// Transport: tcp, shm or auto.
-    #[arg(long, default_value = "tcp")]
-    van: String,
+    /// Transport.
+    #[arg(long, value_enum, default_value_t = cli::VanArg::Tcp)]
+    van: cli::VanArg,
     /// Where weights and gradients live: cpu, or gpu (worker r on GPU r;
     /// the emulated device where there is none: PSKV_GPU).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long, value_enum, default_value_t = cli::DeviceArg::Cpu)]
+    device: cli::DeviceArg,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
@@ -86,9 +86,9 @@ impl DemoArgs {
             batch: self.batch,
             lr: self.lr,
             compress: self.compress,
-            van: self.van.clone(),
-            gpu: self.device == "gpu",
-            device: self.device.clone(),
+            van: self.van.as_str().into(),
+            gpu: self.device == cli::DeviceArg::Gpu,
+            device: self.device.as_str().into(),
         }
     }
 }
@@ -102,8 +102,8 @@ struct LaunchArgs {
     #[arg(short = 's', long = "num-servers")]
     servers: Option<u32>,
     /// local, ssh, mpi (run under mpirun) or slurm (run under srun).
-    #[arg(long, default_value = "local")]
-    launcher: String,
+    #[arg(long, value_enum, default_value_t = cli::launch::Launcher::Local)]
+    launcher: cli::launch::Launcher,
     /// ssh: the hosts, one per line (`host`, `host slots=N` or `host:N`).
     #[arg(short = 'H', long)]
     hostfile: Option<std::path::PathBuf>,
@@ -137,10 +137,7 @@ fn launch(a: &LaunchArgs) -> ExitCode {
         eprintln!("pskv launch: {msg}");
         ExitCode::from(code)
     };
-    let launcher: Launcher = match a.launcher.parse() {
-        Ok(l) => l,
-        Err(e) => return fail(e, 2),
-    };
+    let launcher = a.launcher;
     let mut env = Vec::new();
     for kv in &a.env {
         match kv.split_once('=') {
@@ -197,19 +194,19 @@ struct BenchArgs {
     /// Servers per run, comma-separated; paired with --workers.
     #[arg(short = 's', long, value_delimiter = ',', default_values_t = [1u32, 2])]
     servers: Vec<u32>,
-    /// Transports to sweep, comma-separated: tcp, shm, auto.
-    #[arg(long, value_delimiter = ',', default_values_t = ["tcp".to_string(), "shm".to_string()])]
-    van: Vec<String>,
+    /// Transports to sweep, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [cli::VanArg::Tcp, cli::VanArg::Shm])]
+    van: Vec<cli::VanArg>,
     /// 2-bit gradient compression (threshold 0.5).
     #[arg(long)]
     compress: bool,
     /// Where the tensors live: cpu, or gpu (worker r on GPU r, through
     /// dist_sync_device; the emulated device where there is none: PSKV_GPU).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    #[arg(long, value_enum, default_value_t = cli::DeviceArg::Cpu)]
+    device: cli::DeviceArg,
     /// A round: `pushpull` (one round trip) or `push-pull` (a push, then a pull).
-    #[arg(long, default_value = "pushpull")]
-    mode: String,
+    #[arg(long, value_enum, default_value_t = cli::ModeArg::Pushpull)]
+    mode: cli::ModeArg,
     /// Cases, comma-separated: 4B, 4KiB, 256KiB, 4MiB, 32MiB, 100x40KiB (default: all).
     #[arg(long, value_delimiter = ',')]
     cases: Vec<String>,
@@ -227,23 +224,12 @@ struct BenchArgs {
 impl BenchArgs {
     /// One settings per (workers, servers) pair and transport.
     fn runs(&self) -> Result<Vec<cli::bench::BenchSettings>, String> {
-        if !matches!(self.mode.as_str(), "pushpull" | "push-pull") {
-            return Err(format!(
-                "--mode {}: expected pushpull or push-pull",
-                self.mode
-            ));
-        }
         if self.workers.len() != self.servers.len() {
             return Err(format!(
                 "--workers and --servers pair up: {} values against {}",
                 self.workers.len(),
                 self.servers.len()
             ));
-        }
-        for v in &self.van {
-            if !matches!(v.as_str(), "tcp" | "shm" | "auto") {
-                return Err(format!("--van {v}: expected tcp, shm or auto"));
-            }
         }
         if !(self.iters_scale > 0.0 && self.iters_scale.is_finite()) {
             return Err(format!(
@@ -252,13 +238,12 @@ impl BenchArgs {
             ));
         }
         cli::bench::case_count(&self.cases)?;
-        let gpu = match self.device.as_str() {
-            "cpu" => false,
-            "gpu" => {
+        let gpu = match self.device {
+            cli::DeviceArg::Cpu => false,
+            cli::DeviceArg::Gpu => {
                 cli::gpus::count().map_err(|e| format!("--device gpu: {e}"))?;
                 true
             }
-            d => return Err(format!("--device {d}: expected cpu or gpu")),
         };
         let mut runs = Vec::new();
         for (&w, &s) in self.workers.iter().zip(&self.servers) {
@@ -269,9 +254,9 @@ impl BenchArgs {
                 runs.push(cli::bench::BenchSettings {
                     workers: w,
                     servers: s,
-                    van: van.clone(),
+                    van: van.as_str().into(),
                     compress: self.compress,
-                    mode: self.mode.clone(),
+                    mode: self.mode.as_str().into(),
                     cases: self.cases.clone(),
                     iters_scale: self.iters_scale,
                     gpu,

@@ -269,7 +269,7 @@ fn launch_rejects_bad_arguments() {
     for (args, want) in [
         (
             vec!["launch", "-n", "1", "--launcher", "pbs", "--", "true"],
-            "unknown launcher",
+            "invalid value 'pbs' for '--launcher",
         ),
         (
             vec!["launch", "-n", "1", "--env", "NOEQUALS", "--", "true"],
@@ -308,6 +308,18 @@ fn launch_rejects_bad_arguments() {
                 "true",
             ],
             "the job's manager owns the processes",
+        ),
+        (
+            vec!["bench", "--van", "tcp,udp"],
+            "invalid value 'udp' for '--van",
+        ),
+        (
+            vec!["bench", "--mode", "pull"],
+            "[possible values: pushpull, push-pull]",
+        ),
+        (
+            vec!["demo", "--device", "tpu"],
+            "[possible values: cpu, gpu]",
         ),
     ] {
         let out = pskv().args(&args).output().unwrap();

@@ -68,8 +68,8 @@ const MAX_NODES: u32 = 4096;
 /// The most servers and workers a local job starts on this host.
 const MAX_LOCAL: u32 = 1024;
 
-/// Which launcher starts the processes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which launcher starts the processes (`--launcher`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Launcher {
     /// Child processes on this host.
     Local,
@@ -79,23 +79,6 @@ pub enum Launcher {
     Mpi,
     /// A task of `srun`.
     Slurm,
-}
-
-impl std::str::FromStr for Launcher {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Launcher, String> {
-        Ok(match s {
-            "local" => Launcher::Local,
-            "ssh" => Launcher::Ssh,
-            "mpi" => Launcher::Mpi,
-            "slurm" => Launcher::Slurm,
-            _ => {
-                return Err(format!(
-                    "unknown launcher '{s}': expected local, ssh, mpi or slurm"
-                ))
-            }
-        })
-    }
 }
 
 /// What to run.
