@@ -46,11 +46,7 @@ impl Key {
 }
 
 fn fnv31(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let h = crate::hash::fnv1a64(bytes);
     // Fold to 31 bits so that ids stay below 2^33.
     ((h >> 31) ^ h) & 0x7fff_ffff
 }

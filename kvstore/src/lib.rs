@@ -8,6 +8,7 @@ mod comm;
 mod compression;
 mod dtype;
 mod error;
+mod hash;
 mod key;
 mod kinds;
 pub mod optimizer;

@@ -160,12 +160,8 @@ impl Segment {
     /// server that restarted refuses a request meant for its old self's
     /// segment instead of reading a fresh slot.
     pub(crate) fn tag(&self) -> u16 {
-        // FNV-1a over the path's bytes.
-        let mut h: u32 = 0x811c_9dc5;
-        for b in self.path.as_os_str().as_encoded_bytes() {
-            h = (h ^ *b as u32).wrapping_mul(0x0100_0193);
-        }
-        ((h ^ (h >> 16)) as u16).max(1)
+        let h = crate::hash::fnv1a64(self.path.as_os_str().as_encoded_bytes());
+        ((h ^ (h >> 16) ^ (h >> 32) ^ (h >> 48)) as u16).max(1)
     }
 
     /// A slot's first byte.

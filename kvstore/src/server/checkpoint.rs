@@ -18,9 +18,11 @@
 //! the file. Each key is consistent on its own (value and optimizer state
 //! of the same round); different keys may come back at different rounds.
 //!
-//! File: `PSKVCKP2`, a postcard body (`File`), then the FNV-1a 64 hash of
-//! the body, little-endian. (Version 2 added the optimizer's scheduler and
-//! `begin_num_update`; a version 1 file is refused as not a checkpoint.) A file that fails the magic, the hash, the rank
+//! File: `PSKVCKP3`, a postcard body (`File`), then the CRC-32C of the
+//! body, little-endian. (Version 3 changed only the checksum, from FNV-1a
+//! 64: a version 2 file is still read. Version 2 added the optimizer's
+//! scheduler and `begin_num_update`; a version 1 file is refused as not a
+//! checkpoint.) A file that fails the magic, the hash, the rank
 //! or the worker count is refused with an error naming it, never half
 //! loaded.
 //!
@@ -42,7 +44,34 @@ use serde::{Deserialize, Serialize};
 use crate::dtype::DType;
 use crate::optimizer::{OptState, Optimizer};
 
-const MAGIC: &[u8; 8] = b"PSKVCKP2";
+const MAGIC: &[u8; 8] = b"PSKVCKP3";
+/// Version 2: the same body, then its FNV-1a 64 (read, never written).
+const MAGIC_V2: &[u8; 8] = b"PSKVCKP2";
+
+/// The body of a checkpoint file's bytes, its magic and checksum checked.
+fn checked_body(data: &[u8]) -> Result<&[u8], &'static str> {
+    let (magic, rest) = data.split_at_checked(MAGIC.len()).ok_or(WRONG_MAGIC)?;
+    let ok = if magic == MAGIC {
+        let (body, sum) = rest
+            .split_at_checked(rest.len().wrapping_sub(4))
+            .ok_or(BAD_SUM)?;
+        let body_ok = sum.try_into().map(u32::from_le_bytes).ok() == Some(crc32c::crc32c(body));
+        body_ok.then_some(body)
+    } else if magic == MAGIC_V2 {
+        let (body, sum) = rest
+            .split_at_checked(rest.len().wrapping_sub(8))
+            .ok_or(BAD_SUM)?;
+        let body_ok =
+            sum.try_into().map(u64::from_le_bytes).ok() == Some(crate::hash::fnv1a64(body));
+        body_ok.then_some(body)
+    } else {
+        return Err(WRONG_MAGIC);
+    };
+    ok.ok_or(BAD_SUM)
+}
+
+const WRONG_MAGIC: &str = "not a pskv checkpoint (wrong magic)";
+const BAD_SUM: &str = "its checksum does not match (truncated or corrupted)";
 
 /// One key's recorded state.
 #[derive(Clone, Serialize, Deserialize)]
@@ -127,15 +156,6 @@ pub(crate) struct Checkpointer {
     table: Mutex<Table>,
     cv: Condvar,
     stop: std::sync::atomic::AtomicBool,
-}
-
-fn fnv(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in data {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 impl Checkpointer {
@@ -281,7 +301,7 @@ impl Checkpointer {
         let mut f = std::fs::File::create(&tmp).map_err(|e| err("creating", e))?;
         f.write_all(MAGIC).map_err(|e| err("writing", e))?;
         f.write_all(&body).map_err(|e| err("writing", e))?;
-        f.write_all(&fnv(&body).to_le_bytes())
+        f.write_all(&crc32c::crc32c(&body).to_le_bytes())
             .map_err(|e| err("writing", e))?;
         f.sync_all().map_err(|e| err("syncing", e))?;
         drop(f);
@@ -302,15 +322,7 @@ impl Checkpointer {
             Err(e) => return Err(format!("reading the checkpoint {}: {e}", path.display())),
         };
         let bad = |why: &str| format!("the checkpoint {} is unusable: {why}", path.display());
-        if data.len() < MAGIC.len() + 8 || &data[..MAGIC.len()] != MAGIC {
-            return Err(bad("not a pskv checkpoint (wrong magic)"));
-        }
-        let body = &data[MAGIC.len()..data.len() - 8];
-        let mut h = [0u8; 8];
-        h.copy_from_slice(&data[data.len() - 8..]);
-        if u64::from_le_bytes(h) != fnv(body) {
-            return Err(bad("its checksum does not match (truncated or corrupted)"));
-        }
+        let body = checked_body(&data).map_err(bad)?;
         let file: File = postcard::from_bytes(body).map_err(|e| bad(&e.to_string()))?;
         if file.rank != self.rank {
             return Err(bad(&format!("it belongs to server rank {}", file.rank)));
@@ -365,6 +377,28 @@ mod tests {
         assert_eq!(f.keys[0].1.master.as_deref(), Some(&[1.5f32, 2.5][..]));
         assert!(f.globals.sync);
         assert!(!dir.join("server-1.ckpt.tmp").exists());
+
+        // Version 3: the CRC-32C of the body; a version 2 file of the same
+        // body (FNV-1a 64) still reads.
+        let v3 = std::fs::read(c.path()).unwrap();
+        assert_eq!(&v3[..8], b"PSKVCKP3");
+        let body = &v3[8..v3.len() - 4];
+        assert_eq!(v3[v3.len() - 4..], crc32c::crc32c(body).to_le_bytes());
+        let mut v2 = b"PSKVCKP2".to_vec();
+        v2.extend_from_slice(body);
+        v2.extend_from_slice(&crate::hash::fnv1a64(body).to_le_bytes());
+        std::fs::write(c.path(), &v2).unwrap();
+        assert_eq!(
+            &c.load().unwrap().unwrap().keys[0].1.value[..],
+            &[1, 2, 3, 4]
+        );
+        let mut bad = v2.clone();
+        bad[10] ^= 1;
+        std::fs::write(c.path(), &bad).unwrap();
+        assert!(c.load().err().unwrap().contains("checksum"));
+        std::fs::write(c.path(), b"PSKVCKP3ab").unwrap();
+        assert!(c.load().err().unwrap().contains("checksum"));
+        std::fs::write(c.path(), &v3).unwrap();
 
         // A corrupted file, another rank's, another cluster size: refused.
         let mut data = std::fs::read(c.path()).unwrap();

@@ -14,14 +14,9 @@ use crate::error::{KvError, Result};
 use crate::key::Key;
 use crate::registry::Meta;
 
-/// A stable 64-bit digest (FNV-1a) of a setting's bytes.
+/// A stable 64-bit digest of a setting's bytes.
 pub(crate) fn digest(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
+    crate::hash::fnv1a64(bytes)
 }
 
 /// At most this much of a setting's description goes into an error.
