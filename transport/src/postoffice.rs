@@ -183,8 +183,30 @@ impl std::fmt::Debug for Postoffice {
 
 impl Postoffice {
     /// Starts a node. A server passes its request handler here, so that no
-    /// request can arrive before it is in place.
+    /// request can arrive before it is in place. A member returns once it
+    /// has joined the cluster. Callable from anywhere, an async context
+    /// included (the wait then happens on a thread of its own).
     pub fn start(
+        cfg: Config,
+        handler: Option<Arc<dyn RequestHandler>>,
+    ) -> Result<Postoffice, TransportError> {
+        // Subtle: tokio refuses to block a thread that is inside a runtime
+        // (`block_on` panics there, and so does dropping a runtime, which a
+        // failed start does): inside one, the start runs on a scoped thread.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return std::thread::scope(|s| {
+                std::thread::Builder::new()
+                    .name("pskv-start".into())
+                    .spawn_scoped(s, || Postoffice::start_here(cfg, handler))
+                    .map_err(|e| TransportError::io("starting the node's start thread", e))?
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            });
+        }
+        Postoffice::start_here(cfg, handler)
+    }
+
+    fn start_here(
         cfg: Config,
         handler: Option<Arc<dyn RequestHandler>>,
     ) -> Result<Postoffice, TransportError> {

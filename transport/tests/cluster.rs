@@ -631,6 +631,47 @@ fn requests_can_be_awaited() {
     );
 }
 
+/// Nodes start from inside an async context (a caller's tokio runtime,
+/// current-thread or not), and a start that fails there fails with an
+/// error, not a panic.
+#[test]
+fn nodes_start_from_inside_a_tokio_runtime() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let sched = Postoffice::start(config(Role::Scheduler, 0, 1, 1, None), None).unwrap();
+        let port = sched.local_addr().port();
+        let c = config(Role::Server, port, 1, 1, None);
+        let server = tokio::task::spawn_blocking(move || {
+            Postoffice::start(c, Some(Arc::new(Store::default()))).unwrap()
+        });
+        let worker = Postoffice::start(config(Role::Worker, port, 1, 1, None), None).unwrap();
+        let server = server.await.unwrap();
+        let kv = KvWorker::new(&worker);
+        kv.push(
+            &[4],
+            &[2],
+            Bytes::from_static(b"ok"),
+            RequestOptions::default(),
+        )
+        .unwrap()
+        .await
+        .unwrap();
+        // The scheduler's port is taken: a clear error.
+        let taken = Postoffice::start(config(Role::Scheduler, port, 1, 1, None), None);
+        assert!(
+            matches!(&taken, Err(TransportError::Io { .. })),
+            "{:?}",
+            taken.err()
+        );
+        worker.shutdown();
+        server.shutdown();
+        sched.shutdown();
+    });
+}
+
 /// Without a token, a node accepts only loopback peers: a peer on another
 /// address is refused, saying why.
 #[test]
