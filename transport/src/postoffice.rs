@@ -1521,8 +1521,27 @@ impl Inner {
         }
     }
 
-    fn on_request(&self, link: &Arc<Link>, frame: Frame) {
+    fn on_request(&self, link: &Arc<Link>, mut frame: Frame) {
+        // A request is from the node its link proved to be in the
+        // handshake, whatever the header's sender field says (a member
+        // that holds the token must not push as another rank).
+        let peer = link.peer();
+        let claimed = frame.sender;
+        frame.sender = peer;
         let responder = Responder::new(self.arc(), link.clone(), &frame);
+        if peer == 0 {
+            return responder.error(
+                "a request on a link that gave no node id in its handshake (register with the scheduler first)",
+            );
+        }
+        if claimed != peer {
+            tracing::warn!(
+                "a request from {} claimed to be from {}: taken as {}'s",
+                describe(peer),
+                describe(claimed),
+                describe(peer)
+            );
+        }
         let handler = self.handler.read().clone();
         match handler {
             Some(h) => h.handle(crate::kv::KvRequest::from_frame(frame), responder),
@@ -1531,10 +1550,11 @@ impl Inner {
     }
 
     fn on_response(&self, link: &Arc<Link>, frame: Frame) {
-        let from = if frame.sender != 0 {
-            frame.sender
-        } else {
-            link.peer()
+        // From the link's node: an answer cannot complete a part that
+        // another node owes (the tracker matches node and request id).
+        let from = match link.peer() {
+            0 => frame.sender,
+            peer => peer,
         };
         let request_id = frame.request_id;
         let done = {

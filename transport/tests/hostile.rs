@@ -270,3 +270,114 @@ fn a_flood_of_idle_connections_costs_bounded_memory() {
     server.shutdown();
     sched.shutdown();
 }
+
+/// A server that records who each push came from.
+#[derive(Default)]
+struct Senders(parking_lot::Mutex<Vec<u32>>);
+
+impl RequestHandler for Senders {
+    fn handle(&self, req: KvRequest, r: Responder) {
+        self.0.lock().push(req.sender);
+        r.ok();
+    }
+}
+
+/// The connector's proof of the token, computed here from the protocol's
+/// description (security.rs), not with the crate's own code.
+fn proof(token: &str, nonce_a: &[u8; 32], nonce_c: &[u8; 32], node_id: u32) -> [u8; 32] {
+    use hmac::Mac;
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(token.as_bytes()).unwrap();
+    m.update(b"pskv-v1 c");
+    m.update(nonce_a);
+    m.update(nonce_c);
+    m.update(&node_id.to_le_bytes());
+    m.finalize().into_bytes().into()
+}
+
+/// Logs into `addr` with the token as `node_id` over tcp; the stream is
+/// then a link of the node's.
+fn log_in(addr: SocketAddr, node_id: u32) -> TcpStream {
+    let mut s = TcpStream::connect_timeout(&addr, T).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut got = Vec::new();
+    let mut next = |s: &mut TcpStream| loop {
+        let fs = frames(&got);
+        if let Some(f) = fs.first() {
+            let used = f.encode().len();
+            got.drain(..used);
+            return Control::from_frame(f).unwrap();
+        }
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the node closed the login");
+        got.extend_from_slice(&buf[..n]);
+    };
+    let Control::Challenge { nonce: nonce_a } = next(&mut s) else {
+        panic!("expected a challenge")
+    };
+    let nonce_c = [5u8; 32];
+    let auth = Control::Auth {
+        nonce: nonce_c,
+        node_id,
+        epoch: 0,
+        mac: proof("hostile-test-token", &nonce_a, &nonce_c, node_id),
+    };
+    s.write_all(&auth.to_frame(node_id, 0).encode()).unwrap();
+    assert!(matches!(next(&mut s), Control::AuthOk { .. }));
+    let offer = Control::VanOffer {
+        van: "tcp".into(),
+        to_acceptor: String::new(),
+        to_connector: String::new(),
+        ring_bytes: 0,
+        endpoint: Vec::new(),
+    };
+    s.write_all(&offer.to_frame(node_id, 0).encode()).unwrap();
+    assert!(matches!(next(&mut s), Control::VanAnswer { ok: true, .. }));
+    s
+}
+
+/// A member that holds the token and writes another node's id in a
+/// request's sender field: the server takes the request as from the node
+/// the link logged in as; a link that logged in with no id is refused.
+#[test]
+fn a_request_is_from_its_link_whatever_its_header_claims() {
+    let sched = Postoffice::start(config(Role::Scheduler, 0), None).unwrap();
+    let port = sched.local_addr().port();
+    let senders = std::sync::Arc::new(Senders::default());
+    let h = senders.clone();
+    let server =
+        std::thread::spawn(move || Postoffice::start(config(Role::Server, port), Some(h)).unwrap());
+    let worker = Postoffice::start(config(Role::Worker, port), None).unwrap();
+    let server = server.join().unwrap();
+    let me = worker.my_id();
+    let addr = SocketAddr::from(([127, 0, 0, 1], server.local_addr().port()));
+    let key = worker.server_key_ranges()[0].0;
+
+    // Logged in as the worker, the push claims to be from the scheduler.
+    let mut s = log_in(addr, me);
+    let mut push = request(key, Some(b"x"));
+    push.sender = 1;
+    push.recipient = server.my_id();
+    s.write_all(&push.encode()).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    let answer = frames(&buf[..n]);
+    assert_eq!(answer.first().map(|f| f.kind), Some(Kind::Response));
+    assert!(!answer[0].flags.contains(Flags::ERROR));
+    assert_eq!(*senders.0.lock(), vec![me]);
+
+    // Logged in with no id (as a node before it registers), the push
+    // claims to be the worker's: refused, nothing reaches the handler.
+    let mut s = log_in(addr, 0);
+    push.sender = me;
+    s.write_all(&push.encode()).unwrap();
+    let n = s.read(&mut buf).unwrap();
+    let answer = frames(&buf[..n]);
+    assert!(answer[0].flags.contains(Flags::ERROR), "{answer:?}");
+    assert!(String::from_utf8_lossy(&answer[0].meta).contains("no node id"));
+    assert_eq!(senders.0.lock().len(), 1);
+
+    worker.shutdown();
+    server.shutdown();
+    sched.shutdown();
+}
