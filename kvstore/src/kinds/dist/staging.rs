@@ -33,7 +33,10 @@ use pskv_engine::{Completion, Context};
 use pskv_gpu::device::{self, Device, DeviceMem, Lane};
 use pskv_gpu::KernelError;
 
-use super::{answer_into, DistKey, DistStore, OnAnswer, Round};
+use super::inflight::OutPtr;
+use super::ops::answer_into;
+use super::parts::{OnAnswer, Round};
+use super::{DistKey, DistStore};
 use crate::compression::{Compression, HEADER};
 use crate::error::{KvError, Result};
 use crate::shm::Segment;
@@ -217,7 +220,7 @@ impl DistStore {
         let hd = unsafe { land.host.data_mut() };
         let base = unique(&mut hd.buf);
         let len = hd.buf.len();
-        let ptr = super::OutPtr(base.0, len);
+        let ptr = OutPtr(base.0, len);
         let into_host = answer_into(dk, &land.host, ptr, segs, self.po.num_workers());
         let Some(out) = &land.device else {
             return Ok((into_host, Vec::new()));

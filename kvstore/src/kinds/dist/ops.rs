@@ -1,0 +1,426 @@
+//! The engine ops of a distributed key: push (and push-pull), pull,
+//! row-sparse pull and init. Each sends every part of the key and
+//! completes when every server answered; its var rules make the key's ops
+//! run in order. How a part's values are built (zero-copy slices, shared
+//! slots, 2-bit or 1-bit codes, rows) and where answers land.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pskv_engine::{OpSpec, Property};
+use pskv_transport::KvResponse;
+
+use super::inflight::OutPtr;
+use super::parts::{OnAnswer, Round};
+use super::staging::Way;
+use super::{DistKey, DistStore};
+use crate::compression::Compression;
+use crate::error::{KvError, Result};
+use crate::shm::Segment;
+use crate::tensor::{check_rows, gpu_of, Buf, Storage, Tensor};
+use crate::wire::{rows_header, Op};
+
+/// Ops on at most this many bytes run at once on the thread that makes
+/// them ready (they only hand buffers to the transport).
+pub(super) const INLINE_BYTES: usize = 1 << 20;
+impl DistStore {
+    /// Which parts of a key travel through shared memory now.
+    pub(super) fn shm_parts(&self, dk: &DistKey) -> Vec<Option<Arc<Segment>>> {
+        if !self.sync {
+            return vec![None; dk.parts.len()];
+        }
+        dk.segs.read().clone()
+    }
+
+    /// Builds the values of part `i` of a push of `grad` (inside an op that
+    /// reads `grad` and writes the key's var): shared-slot copy, 2-bit or
+    /// 1-bit codes, row-sparse rows, or a zero-copy slice.
+    pub(super) fn push_part(
+        &self,
+        dk: &DistKey,
+        grad: &Tensor,
+        compression: Compression,
+        seg: Option<&Arc<Segment>>,
+        i: usize,
+    ) -> std::result::Result<(Bytes, u16), String> {
+        // SAFETY: called inside an op that reads `grad` (T1).
+        let d = unsafe { grad.data() };
+        let size = dk.local.meta.dtype.size();
+        let p = dk.parts[i];
+        let ub = dk.unit * size;
+        if grad.storage() == Storage::RowSparse {
+            let rb = dk.unit * size;
+            let lo = d.rows.partition_point(|&r| (r as usize) < p.start);
+            let hi = d.rows.partition_point(|&r| (r as usize) < p.start + p.len);
+            let rel: Vec<i64> = d.rows[lo..hi].iter().map(|r| r - p.start as i64).collect();
+            let mut v = rows_header(&rel, dk.unit);
+            v.extend_from_slice(&d.bytes()[lo * rb..hi * rb]);
+            return Ok((Bytes::from(v), 0));
+        }
+        let range = p.start * dk.unit..(p.start + p.len) * dk.unit;
+        if compression.is_on() {
+            let grad: &[f32] = d.typed();
+            let mut res = dk.residual.lock();
+            if res.len() != grad.len() {
+                *res = vec![0.0; grad.len()];
+            }
+            return compression
+                .encode(&self.comm.kernels, &grad[range.clone()], &mut res[range])
+                .map(|b| (b, 0))
+                .map_err(|e| e.to_string());
+        }
+        let range = p.start * ub..(p.start + p.len) * ub;
+        self.dense_payload(seg, &d.bytes()[range.clone()], || d.share(range))
+    }
+
+    /// The payload of a dense part of values `bytes`: a copy into this
+    /// worker's shared slot when the part travels through `seg` (then the
+    /// payload is the count, with the segment's tag), else `share()`, the
+    /// bytes themselves without a copy.
+    pub(super) fn dense_payload(
+        &self,
+        seg: Option<&Arc<Segment>>,
+        bytes: &[u8],
+        share: impl FnOnce() -> Bytes,
+    ) -> std::result::Result<(Bytes, u16), String> {
+        match seg {
+            Some(seg) => {
+                // SAFETY: this worker's own slot, which the server reads
+                // only after the push below (see `shm`).
+                unsafe { seg.slot_mut(self.po.my_rank() as usize) }.copy_from_slice(bytes);
+                // The server checks the count against the key's size, as it
+                // checks a message's length.
+                let count = (bytes.len() as u64).to_le_bytes();
+                Ok((Bytes::copy_from_slice(&count), seg.tag()))
+            }
+            None => Ok((share(), 0)),
+        }
+    }
+
+    /// Pushes the op that sends `grad` to the servers; with `into`, as a
+    /// push-pull whose answers (the new values) land in `into`. Either may
+    /// be a dense tensor on a GPU: the op then stages it through the key's
+    /// pinned buffers part by part (`staging`), each part's copy
+    /// overlapping the transfer of the others.
+    pub(super) fn push_op(
+        &self,
+        dk: &Arc<DistKey>,
+        grad: &Tensor,
+        into: Option<&Tensor>,
+        priority: i32,
+    ) -> Result<()> {
+        let compression = *self.compression.read();
+        let meta = &dk.local.meta;
+        let rows = grad.storage() == Storage::RowSparse;
+        let on_gpu = gpu_of(grad.ctx()).is_some();
+        if rows && on_gpu {
+            return Err(KvError::invalid(
+                "a row-sparse push from a GPU is staged whole first (a dist bug)",
+            ));
+        }
+        // The pinned send buffer of an uncompressed push from a GPU.
+        let send = if on_gpu && !compression.is_on() {
+            Some(dk.stage.host_for(grad, Way::Send)?)
+        } else {
+            None
+        };
+        let land = into.map(|o| dk.stage.landing(o)).transpose()?;
+        let prop = if meta.bytes() <= INLINE_BYTES && !compression.is_on() && !on_gpu {
+            Property::Async
+        } else {
+            Property::Normal
+        };
+        let name = if into.is_some() { "pushpull" } else { "push" };
+        let mut spec = OpSpec::new(if into.is_some() {
+            "kvstore_dist_pushpull"
+        } else {
+            "kvstore_dist_push"
+        })
+        .priority(priority)
+        .property(prop)
+        .read(grad.var())
+        .write(&dk.var);
+        for t in send.iter().chain(
+            land.iter()
+                .flat_map(|l| [Some(&l.host), l.device.as_ref()])
+                .flatten(),
+        ) {
+            spec = spec.write(t.var());
+        }
+        let me = self.handle();
+        let (dk2, g) = (dk.clone(), grad.clone());
+        self.engine.push_async(spec, move |_, completion| {
+            let Some(me) = me.upgrade() else {
+                completion.fail("the kvstore was closed");
+                return;
+            };
+            let dtype = dk2.local.meta.dtype;
+            let segs = if rows || compression.is_on() {
+                vec![None; dk2.parts.len()]
+            } else {
+                me.shm_parts(&dk2)
+            };
+            let op = match (rows, &land) {
+                (true, _) => Op::RowPush,
+                (false, None) => Op::Push,
+                (false, Some(_)) => Op::PushPull,
+            };
+            // Replicas: the push's round, so that a backup answers a retry
+            // of a round it holds without applying it again.
+            let tag = if me.replicas > 1 {
+                dk2.pushes.fetch_add(1, Ordering::AcqRel) + 1
+            } else {
+                0
+            };
+            let mut round =
+                Round::ignore_answers(me.head(op, dtype, compression), priority, tag, name);
+            let mut settle = Vec::new();
+            if let Some(l) = &land {
+                match me.landing(&dk2, l, segs.clone()) {
+                    Ok((on_answer, lanes)) => (round.on_answer, settle) = (on_answer, lanes),
+                    Err(e) => return completion.fail(e),
+                }
+            }
+            match (&send, on_gpu) {
+                (Some(h), _) => me.send_staged(&dk2, &g, h, segs, round, completion, settle),
+                (None, true) => me.send_quantized(&dk2, &g, compression, round, completion, settle),
+                (None, false) => {
+                    let all: Vec<usize> = (0..dk2.parts.len()).collect();
+                    let prepare =
+                        |i: usize| me.push_part(&dk2, &g, compression, segs[i].as_ref(), i);
+                    me.send_parts(&dk2, &all, &round, completion, settle, prepare)
+                }
+            }
+        })?;
+        Ok(())
+    }
+
+    /// Pushes the op that pulls the key's value into `out` (dense; on a
+    /// GPU, through the key's pinned receive buffer, part by part).
+    pub(super) fn pull_op(&self, dk: &Arc<DistKey>, out: &Tensor, priority: i32) -> Result<()> {
+        let meta = &dk.local.meta;
+        let land = dk.stage.landing(out)?;
+        let prop = if meta.bytes() <= INLINE_BYTES && land.device.is_none() {
+            Property::Async
+        } else {
+            Property::Normal
+        };
+        let mut spec = OpSpec::new("kvstore_dist_pull")
+            .priority(priority)
+            .property(prop)
+            .read(&dk.var)
+            .write(land.host.var());
+        if let Some(d) = &land.device {
+            spec = spec.write(d.var());
+        }
+        let me = self.handle();
+        let dk2 = dk.clone();
+        self.engine.push_async(spec, move |_, completion| {
+            let Some(me) = me.upgrade() else {
+                completion.fail("the kvstore was closed");
+                return;
+            };
+            let dtype = dk2.local.meta.dtype;
+            let segs = me.shm_parts(&dk2);
+            let (on_answer, settle) = match me.landing(&dk2, &land, segs.clone()) {
+                Ok(x) => x,
+                Err(e) => return completion.fail(e),
+            };
+            let round = Round {
+                on_answer,
+                ..Round::ignore_answers(
+                    me.head(Op::Pull, dtype, Compression::None),
+                    priority,
+                    0,
+                    "pull",
+                )
+            };
+            let all: Vec<usize> = (0..dk2.parts.len()).collect();
+            me.send_parts(&dk2, &all, &round, completion, settle, |i| {
+                Ok((Bytes::new(), segs[i].as_ref().map_or(0, |s| s.tag())))
+            });
+        })?;
+        Ok(())
+    }
+
+    /// Pushes the op that pulls rows `row_ids` into the row-sparse `out`.
+    pub(super) fn pull_rows_op(
+        &self,
+        dk: &Arc<DistKey>,
+        out: &Tensor,
+        row_ids: &Tensor,
+        priority: i32,
+    ) -> Result<()> {
+        let spec = OpSpec::new("kvstore_dist_pull_row_sparse")
+            .priority(priority)
+            .property(Property::Normal)
+            .read(&dk.var)
+            .read(row_ids.var())
+            .write(out.var());
+        let me = self.handle();
+        let (dk2, o, r) = (dk.clone(), out.clone(), row_ids.clone());
+        self.engine.push_async(spec, move |_, completion| {
+            let Some(me) = me.upgrade() else {
+                completion.fail("the kvstore was closed");
+                return;
+            };
+            let meta = &dk2.local.meta;
+            // SAFETY: reads `r`, writes `o` (T1).
+            let mut rows: Vec<i64> = unsafe { r.data() }.typed::<i64>().to_vec();
+            rows.sort_unstable();
+            rows.dedup();
+            if let Err(e) = check_rows(
+                &rows,
+                meta.shape[0],
+                &format!("pull_row_sparse of key {}", dk2.local.key),
+            ) {
+                return completion.fail(e);
+            }
+            let rl = dk2.unit;
+            let rb = rl * meta.dtype.size();
+            let od = unsafe { o.data_mut() };
+            od.set(rows.clone(), Buf::zeroed(rows.len() * rb));
+            let buf = od.bytes_mut();
+            let ptr = OutPtr(buf.as_mut_ptr(), buf.len());
+            // Each part's requested rows are a run of the sorted list.
+            let mut payloads = Vec::new();
+            let mut offsets = vec![0usize; dk2.parts.len()];
+            let mut counts = vec![0usize; dk2.parts.len()];
+            let mut at = 0;
+            for (i, p) in dk2.parts.iter().enumerate() {
+                let lo = at;
+                while at < rows.len() && (rows[at] as usize) < p.start + p.len {
+                    at += 1;
+                }
+                if at > lo {
+                    let rel: Vec<i64> = rows[lo..at].iter().map(|x| x - p.start as i64).collect();
+                    offsets[i] = lo * rb;
+                    counts[i] = at - lo;
+                    payloads.push((i, Bytes::from(rows_header(&rel, rl))));
+                }
+            }
+            let head = me.head(Op::RowPull, meta.dtype, Compression::None);
+            // The answers write into `o`'s buffer: they keep it.
+            let keep = o.clone();
+            let which: Vec<usize> = payloads.iter().map(|(i, _)| *i).collect();
+            let mut bodies: Vec<Option<Bytes>> = vec![None; dk2.parts.len()];
+            for (i, b) in payloads {
+                bodies[i] = Some(b);
+            }
+            let round = Round {
+                on_answer: Arc::new(move |i, resp| {
+                    let _keep = &keep;
+                    check_len(resp, counts[i] * rb)?;
+                    copy_parts(&ptr, offsets[i], resp)
+                }),
+                ..Round::ignore_answers(head, priority, 0, "pull_row_sparse")
+            };
+            me.send_parts(&dk2, &which, &round, completion, Vec::new(), |i| {
+                Ok((bodies[i].take().unwrap_or_default(), 0))
+            });
+        })?;
+        Ok(())
+    }
+
+    /// Pushes the op that sends rank 0's initial value of a key.
+    pub(super) fn init_op(&self, dk: &Arc<DistKey>, value: &Tensor) -> Result<()> {
+        let spec = OpSpec::new("kvstore_dist_init")
+            .property(Property::Normal)
+            .read(value.var())
+            .write(&dk.var);
+        let me = self.handle();
+        let (dk2, v) = (dk.clone(), value.clone());
+        self.engine.push_async(spec, move |_, completion| {
+            let Some(me) = me.upgrade() else {
+                completion.fail("the kvstore was closed");
+                return;
+            };
+            let meta = &dk2.local.meta;
+            let ub = dk2.unit * meta.dtype.size();
+            // SAFETY: reads `v` (T1).
+            let d = unsafe { v.data() };
+            let dense: Bytes = match v.storage() {
+                Storage::Dense => d.share(0..d.bytes().len()),
+                Storage::RowSparse => {
+                    let mut b = vec![0u8; meta.bytes()];
+                    for (i, &r) in d.rows.iter().enumerate() {
+                        let r = r as usize;
+                        b[r * ub..(r + 1) * ub].copy_from_slice(&d.bytes()[i * ub..(i + 1) * ub]);
+                    }
+                    Bytes::from(b)
+                }
+            };
+            let payloads: Vec<(usize, Bytes)> = dk2
+                .parts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (i, dense.slice(p.start * ub..(p.start + p.len) * ub)))
+                .collect();
+            let head = me.head(Op::Init, meta.dtype, Compression::None);
+            let all: Vec<usize> = (0..payloads.len()).collect();
+            let mut bodies: Vec<Option<Bytes>> =
+                payloads.into_iter().map(|(_, b)| Some(b)).collect();
+            let round = Round::ignore_answers(head, 0, 0, "init");
+            me.send_parts(&dk2, &all, &round, completion, Vec::new(), |i| {
+                Ok((bodies[i].take().unwrap_or_default(), 0))
+            });
+        })?;
+        Ok(())
+    }
+}
+
+pub(super) fn check_len(resp: &KvResponse, want: usize) -> std::result::Result<(), String> {
+    if resp.len() != want {
+        return Err(format!(
+            "the server answered {} bytes, expected {want}",
+            resp.len()
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn copy_parts(
+    ptr: &OutPtr,
+    at: usize,
+    resp: &KvResponse,
+) -> std::result::Result<(), String> {
+    let mut off = at;
+    for p in &resp.parts {
+        ptr.write(off, p)?;
+        off += p.len();
+    }
+    Ok(())
+}
+
+/// What stores the answers of a pull or push-pull in `out`: a part's
+/// values from the answer, or from the part's value slot when it went
+/// through shared memory. The callback keeps `out` alive.
+pub(super) fn answer_into(
+    dk: &DistKey,
+    out: &Tensor,
+    ptr: OutPtr,
+    segs: Vec<Option<Arc<Segment>>>,
+    workers: u32,
+) -> OnAnswer {
+    let ub = dk.unit * dk.local.meta.dtype.size();
+    let parts = dk.parts.clone();
+    let keep = out.clone();
+    Arc::new(move |i, resp| {
+        let _keep = &keep;
+        let p = parts[i];
+        match &segs[i] {
+            Some(seg) => {
+                check_len(resp, 0)?;
+                // SAFETY: the server wrote the value slot before answering
+                // and writes it again only in a round this worker has not
+                // pushed to yet (see `shm`).
+                ptr.write(p.start * ub, unsafe { seg.slot(workers as usize) })
+            }
+            None => {
+                check_len(resp, p.len * ub)?;
+                copy_parts(&ptr, p.start * ub, resp)
+            }
+        }
+    })
+}

@@ -1,0 +1,250 @@
+//! Sending an op's parts: one request per part, to the part's server or
+//! (replicas) its backup, a part sent again to the backup when its server
+//! died, and the answers handed to the op's [`Round`].
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pskv_engine::Completion;
+use pskv_transport::{KvResponse, RequestOptions, TransportError};
+
+use super::inflight::Inflight;
+use super::{staging, DistKey, DistStore};
+use crate::compression::Compression;
+use crate::dtype::DType;
+use crate::error::KvError;
+use crate::wire::{Head, Op, Part};
+
+/// Whether a request could not even start because its node cannot be
+/// reached (no link, and making one failed).
+pub(super) fn unreachable(e: &TransportError) -> bool {
+    matches!(
+        e,
+        TransportError::Auth { .. }
+            | TransportError::Io { .. }
+            | TransportError::NotRunning(_)
+            | TransportError::Request(_)
+    )
+}
+
+/// One part's request, as sent (and as sent again to a backup).
+#[derive(Clone)]
+pub(super) struct PartSend {
+    pub(super) i: usize,
+    pub(super) part: Part,
+    pub(super) head: Head,
+    pub(super) priority: i32,
+    pub(super) tag: u64,
+    pub(super) payload: Bytes,
+}
+
+/// What answers of a part request are handed to: part index and answer.
+pub(super) type OnAnswer =
+    Arc<dyn Fn(usize, &KvResponse) -> std::result::Result<(), String> + Send + Sync>;
+
+/// What the part requests of one op share.
+#[derive(Clone)]
+pub(super) struct Round {
+    pub(super) head: Head,
+    pub(super) priority: i32,
+    /// The push's round (replicas), or 0.
+    pub(super) tag: u64,
+    /// The op, for errors (`push`, `pull`, ...).
+    pub(super) name: &'static str,
+    pub(super) on_answer: OnAnswer,
+}
+
+impl Round {
+    /// Answers that carry nothing to keep.
+    pub(super) fn ignore_answers(head: Head, priority: i32, tag: u64, name: &'static str) -> Round {
+        Round {
+            head,
+            priority,
+            tag,
+            name,
+            on_answer: Arc::new(|_, _| Ok(())),
+        }
+    }
+}
+
+impl DistStore {
+    pub(super) fn head(&self, op: Op, dtype: DType, compression: Compression) -> Head {
+        Head {
+            op,
+            dtype,
+            compression: compression.code(),
+            sync: self.sync,
+            multi_precision: self.server_mp.load(Ordering::Acquire),
+            shm: false,
+            shm_tag: 0,
+        }
+    }
+
+    pub(super) fn request_opts(&self, head: Head, priority: i32) -> RequestOptions {
+        RequestOptions {
+            cmd: head.encode(),
+            priority,
+            ..RequestOptions::default()
+        }
+    }
+
+    /// Starts the bookkeeping of an op of `n` part requests: None (and the
+    /// op completed) when there are none.
+    pub(super) fn inflight(
+        &self,
+        dk: &DistKey,
+        n: usize,
+        completion: Completion,
+        name: &'static str,
+        settle: staging::Lanes,
+    ) -> Option<Arc<Inflight>> {
+        if n == 0 {
+            staging::settle(settle, move |r| match r {
+                Ok(()) => completion.complete(),
+                Err(e) => completion.fail(KvError::from(e)),
+            });
+            return None;
+        }
+        let inf = Inflight::new(
+            completion,
+            n,
+            self.opts.timeout,
+            name,
+            &dk.local.key,
+            settle,
+        );
+        self.watchdog.add(&inf);
+        Some(inf)
+    }
+
+    /// Sends one request per part of `parts` (indices into the key's
+    /// parts). `prepare(i)` gives part `i`'s values and, if they travel
+    /// through its shared slot, the segment's tag (0: they do not); it runs
+    /// just before the part is sent, so a part's copy overlaps the transfer
+    /// of the ones before.
+    pub(super) fn send_parts(
+        &self,
+        dk: &DistKey,
+        parts: &[usize],
+        round: &Round,
+        completion: Completion,
+        settle: staging::Lanes,
+        mut prepare: impl FnMut(usize) -> std::result::Result<(Bytes, u16), String>,
+    ) {
+        let Some(inf) = self.inflight(dk, parts.len(), completion, round.name, settle) else {
+            return;
+        };
+        for &i in parts {
+            self.send_prepared(dk, &inf, round, i, prepare(i));
+        }
+    }
+
+    /// Sends part `i` of an op with the values `prepared` gave (or counts
+    /// the part failed).
+    pub(super) fn send_prepared(
+        &self,
+        dk: &DistKey,
+        inf: &Arc<Inflight>,
+        round: &Round,
+        i: usize,
+        prepared: std::result::Result<(Bytes, u16), String>,
+    ) {
+        let (payload, shm_tag) = match prepared {
+            Ok(x) => x,
+            Err(e) => return inf.part_done(Err(TransportError::Invalid(e)), |_| Ok(())),
+        };
+        let head = round.head;
+        let send = PartSend {
+            i,
+            part: dk.parts[i],
+            head: Head {
+                shm: shm_tag != 0,
+                shm_tag,
+                ..head
+            },
+            priority: round.priority,
+            tag: round.tag,
+            payload,
+        };
+        // An init is not sent again elsewhere: the backup holds a key only
+        // once its primary copied it there.
+        let failover = self.replicas > 1 && head.op != Op::Init;
+        self.send_part(send, failover, false, inf.clone(), round.on_answer.clone());
+    }
+
+    /// The node that serves a part of server rank `server`: the server, or
+    /// (replicas) its backup once it is known dead or `to_backup`.
+    pub(super) fn route(&self, server: u32, to_backup: bool) -> pskv_transport::NodeId {
+        let primary = pskv_transport::Role::Server.id_of(server);
+        if self.replicas > 1 && (to_backup || self.po.is_dead(primary)) {
+            pskv_transport::Role::Server.id_of((server + 1) % self.po.num_servers())
+        } else {
+            primary
+        }
+    }
+
+    /// Sends one part; with `failover`, a part that fails because its
+    /// server died (or its connection broke) is sent once more, to the
+    /// backup, with the same values and round.
+    pub(super) fn send_part(
+        &self,
+        p: PartSend,
+        failover: bool,
+        to_backup: bool,
+        inf: Arc<Inflight>,
+        cb: OnAnswer,
+    ) {
+        let target = self.route(p.part.server, to_backup);
+        let opts = RequestOptions {
+            cmd: p.head.encode(),
+            priority: p.priority,
+            target: (self.replicas > 1).then_some(target),
+            tag: p.tag,
+        };
+        let me = self.handle();
+        let again = failover.then(|| p.clone());
+        let retry = failover.then(|| p.clone());
+        let (inf2, cb2) = (inf.clone(), cb.clone());
+        let i = p.i;
+        let died = move |r: &TransportError| {
+            matches!(
+                r,
+                TransportError::Request(
+                    pskv_transport::TrackError::NodeDead { node }
+                        | pskv_transport::TrackError::ConnectionLost { node, .. }
+                ) if *node == target
+            )
+        };
+        let done = move |r: std::result::Result<KvResponse, TransportError>| {
+            let died = r.as_ref().err().is_some_and(died);
+            if let (true, Some(p), Some(me)) = (died, again, me.upgrade()) {
+                tracing::warn!(
+                    "key part {}: {} is gone; sending to its backup",
+                    p.part.ps_key,
+                    pskv_transport::protocol::describe(target)
+                );
+                return me.send_part(p, false, true, inf2, cb2);
+            }
+            inf2.part_done(r, |resp| cb2(i, resp))
+        };
+        let keys = [p.part.ps_key];
+        let lens = [p.payload.len() as u32];
+        let sent = match p.head.op {
+            Op::Pull => self.kv.pull_with(&keys, opts, done),
+            Op::Push | Op::RowPush | Op::Init => {
+                self.kv.push_with(&keys, &lens, p.payload, opts, done)
+            }
+            _ => self.kv.push_pull_with(&keys, &lens, p.payload, opts, done),
+        };
+        match (sent, retry) {
+            // The server died between the routing and the send, or cannot
+            // be reached (its link is gone and a new one fails).
+            (Err(e), Some(p)) if died(&e) || unreachable(&e) => {
+                self.send_part(p, false, true, inf, cb)
+            }
+            (Err(e), _) => inf.part_done(Err(e), |_| Ok(())),
+            (Ok(()), _) => {}
+        }
+    }
+}
