@@ -1,0 +1,245 @@
+//! The data plane: requests out (a part per node, tracked until every
+//! node answered), reconnects, requests in (to the handler, from the node
+//! the link authenticated), answers in, and the van's frames and closes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::error::TransportError;
+use crate::kv::{Callback, Responder};
+use crate::link::Link;
+use crate::protocol::resender::Received;
+use crate::protocol::tracker::{Completed, TrackError};
+use crate::protocol::{describe, NodeId, SCHEDULER_ID};
+use crate::van::{self, FrameSink};
+use crate::wire::{Control, Flags, Frame, Kind};
+
+use super::{Ctl, Inner};
+
+impl Inner {
+    /// Starts a request to `parts` (one frame per target node); `callback`
+    /// runs once with every answer, or with the first failure.
+    pub(crate) fn request(
+        &self,
+        parts: Vec<(NodeId, Frame)>,
+        callback: Callback,
+    ) -> Result<(), TransportError> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(TransportError::NotRunning(
+                "this node is shutting down".into(),
+            ));
+        }
+        if let Some(end) = self.end.lock().clone() {
+            return Err(TransportError::NotRunning(end.to_string()));
+        }
+        let mut links = Vec::with_capacity(parts.len());
+        for (node, _) in &parts {
+            let dead = match &*self.ctl.lock() {
+                Ctl::Member(m) => m.is_dead(*node),
+                Ctl::Scheduler(_) => false,
+            };
+            if dead {
+                return Err(TrackError::NodeDead { node: *node }.into());
+            }
+            let link = match self.link_of(*node) {
+                Some(l) => l,
+                None => self.reconnect(*node)?,
+            };
+            links.push(link);
+        }
+        let id = {
+            let mut reqs = self.reqs.lock();
+            let id = reqs.tracker.start(parts.iter().map(|(n, _)| *n).collect());
+            reqs.callbacks.insert(id, callback);
+            id
+        };
+        let me = self.my_id();
+        for ((node, mut frame), link) in parts.into_iter().zip(links) {
+            frame.request_id = id;
+            frame.sender = me;
+            frame.recipient = node;
+            if !self.send_on(&link, frame) {
+                let reason = link.close_reason().unwrap_or_default();
+                self.fail_requests_to(node, || TrackError::ConnectionLost {
+                    node,
+                    reason: reason.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A connection to `node` made on demand (a restarted server, a node
+    /// this one never talked to). Not from inside the runtime.
+    pub(super) fn reconnect(&self, node: NodeId) -> Result<Arc<Link>, TransportError> {
+        let info = match &*self.ctl.lock() {
+            Ctl::Member(m) => m.nodes().get(&node).cloned(),
+            Ctl::Scheduler(s) => s.nodes().into_iter().find(|n| n.id == node),
+        };
+        let info = info.ok_or_else(|| {
+            TransportError::Invalid(format!("{} is not in the node table", describe(node)))
+        })?;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(TransportError::NotRunning(format!(
+                "no connection to {} (it may be restarting); try again",
+                describe(node)
+            )));
+        }
+        let addr = format!("{}:{}", info.host, info.port);
+        self.handle
+            .block_on(self.connect(&addr, node))
+            .map_err(|e| match e {
+                e @ TransportError::Auth { .. } => e,
+                e => TrackError::ConnectionLost {
+                    node,
+                    reason: format!("no connection, and reconnecting failed: {e}"),
+                }
+                .into(),
+            })
+    }
+
+    pub(super) fn fail_requests_to(&self, node: NodeId, error: impl Fn() -> TrackError) {
+        let done = self.reqs.lock().tracker.on_node_lost(node, error);
+        self.complete(done);
+    }
+
+    pub(super) fn complete(&self, done: Vec<Completed<Frame>>) {
+        for c in done {
+            let cb = self.reqs.lock().callbacks.remove(&c.request_id);
+            if let Some(cb) = cb {
+                cb(c.result.map_err(TransportError::from));
+            }
+        }
+    }
+
+    pub(super) fn on_request(&self, link: &Arc<Link>, mut frame: Frame) {
+        // A request is from the node its link proved to be in the
+        // handshake, whatever the header's sender field says (a member
+        // that holds the token must not push as another rank).
+        let peer = link.peer();
+        let claimed = frame.sender;
+        frame.sender = peer;
+        let responder = Responder::new(self.arc(), link.clone(), &frame);
+        if peer == 0 {
+            return responder.error(
+                "a request on a link that gave no node id in its handshake (register with the scheduler first)",
+            );
+        }
+        if claimed != peer {
+            tracing::warn!(
+                "a request from {} claimed to be from {}: taken as {}'s",
+                describe(peer),
+                describe(claimed),
+                describe(peer)
+            );
+        }
+        let handler = self.handler.read().clone();
+        match handler {
+            Some(h) => h.handle(crate::kv::KvRequest::from_frame(frame), responder),
+            None => responder.error(format!("{} has no request handler", describe(self.my_id()))),
+        }
+    }
+
+    pub(super) fn on_response(&self, link: &Arc<Link>, frame: Frame) {
+        // From the link's node: an answer cannot complete a part that
+        // another node owes (the tracker matches node and request id).
+        let from = match link.peer() {
+            0 => frame.sender,
+            peer => peer,
+        };
+        let request_id = frame.request_id;
+        let done = {
+            let mut reqs = self.reqs.lock();
+            if frame.flags.contains(Flags::ERROR) {
+                let msg = String::from_utf8_lossy(&frame.meta).into_owned();
+                reqs.tracker.on_error(from, request_id, msg)
+            } else {
+                reqs.tracker.on_response(from, request_id, frame)
+            }
+        };
+        if let Some(c) = done {
+            self.complete(vec![c]);
+        }
+    }
+}
+
+impl FrameSink for Inner {
+    fn on_frame(&self, link: &Arc<Link>, frame: Frame) {
+        if self.cfg.verbose >= 2 {
+            tracing::info!(link = link.id, kind = ?frame.kind, keys = frame.keys.len(), bytes = frame.payload.len(), "received");
+        }
+        if let Some(r) = &self.resender {
+            let verdict = r.lock().on_receive(link.id, &frame);
+            match verdict {
+                Received::Consumed => return,
+                Received::Duplicate { ack } => {
+                    let _ = link.send(ack);
+                    return;
+                }
+                Received::Deliver { ack } => {
+                    if let Some(ack) = ack {
+                        let _ = link.send(ack);
+                    }
+                }
+            }
+        }
+        match frame.kind {
+            Kind::Control => {
+                let msg = match Control::from_frame(&frame) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        van::end(link, &self.sink(), format!("malformed control frame: {e}"));
+                        return;
+                    }
+                };
+                let now = Instant::now();
+                match &mut *self.ctl.lock() {
+                    Ctl::Scheduler(s) => s.handle(link.id, msg, now),
+                    Ctl::Member(m) => {
+                        if link.peer() == SCHEDULER_ID {
+                            m.handle(msg, now);
+                        }
+                    }
+                }
+                self.pump();
+            }
+            Kind::Request => self.on_request(link, frame),
+            Kind::Response => self.on_response(link, frame),
+            Kind::Ack => {}
+        }
+    }
+
+    fn on_closed(&self, link: &Arc<Link>, reason: String) {
+        {
+            let mut links = self.links.lock();
+            links.by_id.remove(&link.id);
+            if links.by_node.get(&link.peer()) == Some(&link.id) {
+                links.by_node.remove(&link.peer());
+            }
+        }
+        if self.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        let peer = link.peer();
+        self.verbose(
+            1,
+            &format!("link {} to {} closed: {reason}", link.id, describe(peer)),
+        );
+        match &mut *self.ctl.lock() {
+            Ctl::Scheduler(s) => s.disconnected(link.id),
+            Ctl::Member(m) => {
+                if peer == SCHEDULER_ID {
+                    m.scheduler_disconnected();
+                }
+            }
+        }
+        self.pump();
+        if peer != 0 {
+            self.fail_requests_to(peer, || TrackError::ConnectionLost {
+                node: peer,
+                reason: reason.clone(),
+            });
+        }
+    }
+}

@@ -1,0 +1,624 @@
+//! The driver: a node's runtime, sockets, links and state machines.
+//!
+//! `Postoffice` owns a tokio runtime. The protocol state machine (scheduler
+//! or member) sits behind one lock; every entry into it (a control frame, a
+//! tick of the timer, a barrier call) is followed by `pump`, which takes the
+//! messages and events it produced, releases the lock, then sends the
+//! messages and acts on the events. Data frames bypass that lock: requests
+//! go straight to a link's send queue and responses straight to the request
+//! tracker, so the control plane never delays the data plane.
+//!
+//! Which thread runs what: van reader tasks (runtime threads) call
+//! `on_frame`, and so run request handlers and completion callbacks; a
+//! blocking API call (`start`, `barrier`, `Pending::wait`) waits on a slot
+//! with a timeout. Nothing holds a lock while calling out.
+//!
+//! Rooms: this file is the node's API, its state (`Inner`) and shutdown;
+//! `connect.rs` joining, and both sides of the login handshake and the van
+//! negotiation; `control.rs` the timer, the pump, membership and barriers;
+//! `data.rs` requests and answers, and the van's frames.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::error::TransportError;
+use crate::kv::{Callback, RequestHandler};
+use crate::link::{Link, LinkId};
+use crate::protocol::member::{Member, MemberConfig};
+use crate::protocol::resender::Resender;
+use crate::protocol::scheduler::{Scheduler, SchedulerConfig};
+use crate::protocol::tracker::Tracker;
+use crate::protocol::{Group, NodeId, Role, SCHEDULER_ID};
+use crate::slot::Slot;
+use crate::van::{rdma, FrameSink};
+use crate::wire::{Frame, NodeInfo, Vote};
+
+mod connect;
+mod control;
+mod data;
+
+pub(crate) use connect::host_id;
+use connect::{interface_ip, local_ip_toward};
+
+/// A change in the cluster's membership, as this node learns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeChange {
+    /// The scheduler declared the node dead (its connection broke, or it was
+    /// silent past the heartbeat timeout).
+    Dead(NodeId),
+    /// The node restarted and registered again, with the same id.
+    Restarted(NodeId),
+}
+
+/// Sees every `NodeChange`, on an I/O thread: it must not block.
+pub type NodeWatcher = Arc<dyn Fn(NodeChange) + Send + Sync>;
+
+/// Why this node can no longer take part in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeEnd {
+    /// The scheduler declared this node dead while it was alive (it was
+    /// stopped or cut off beyond the heartbeat timeout): its rank may be
+    /// taken by a restart, so it must stop.
+    Fenced(String),
+    /// The scheduler is gone (its connection closed, or it was silent
+    /// beyond `PSKV_SCHEDULER_TIMEOUT`).
+    SchedulerLost(String),
+    /// Every worker is gone: the job is over. `failed`: a worker died.
+    JobEnded {
+        /// Why.
+        reason: String,
+        /// A worker died.
+        failed: bool,
+    },
+}
+
+impl NodeEnd {
+    /// Whether the end is a failure (anything but every worker leaving in
+    /// order).
+    pub fn is_failure(&self) -> bool {
+        !matches!(self, NodeEnd::JobEnded { failed: false, .. })
+    }
+}
+
+impl std::fmt::Display for NodeEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeEnd::Fenced(r) => write!(f, "this node was fenced: {r}"),
+            NodeEnd::SchedulerLost(r) => write!(f, "lost the scheduler: {r}"),
+            NodeEnd::JobEnded { reason, .. } => write!(f, "the job ended: {reason}"),
+        }
+    }
+}
+
+/// Sees this node's end, once, on an I/O thread: it must not block.
+pub type EndWatcher = Arc<dyn Fn(&NodeEnd) + Send + Sync>;
+
+/// Where a barrier wait learns its outcome.
+type BarrierSlot = Arc<Slot<Result<(), String>>>;
+
+/// How long the authentication handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections whose handshake may be in progress at once; more are closed
+/// at once. A flood of idle connections then costs bounded memory (each
+/// waiting handshake holds a task and a read buffer until its timeout),
+/// and real peers, which finish their handshake in milliseconds, get
+/// through once the flood's connections time out.
+const MAX_HANDSHAKES: usize = 256;
+
+enum Ctl {
+    Scheduler(Scheduler),
+    Member(Member),
+}
+
+#[derive(Default)]
+struct Links {
+    by_id: HashMap<LinkId, Arc<Link>>,
+    by_node: HashMap<NodeId, LinkId>,
+}
+
+#[derive(Default)]
+struct Requests {
+    tracker: Tracker<Frame>,
+    callbacks: HashMap<u64, Callback>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) cfg: Config,
+    rt: Mutex<Option<tokio::runtime::Runtime>>,
+    pub(crate) handle: tokio::runtime::Handle,
+    listen: SocketAddr,
+    announce: String,
+    pub(crate) host_id: u64,
+    token: Option<Vec<u8>>,
+    ctl: Mutex<Ctl>,
+    resender: Option<Mutex<Resender>>,
+    links: Mutex<Links>,
+    next_link: AtomicU64,
+    reqs: Mutex<Requests>,
+    handler: RwLock<Option<Arc<dyn RequestHandler>>>,
+    joined: Arc<Slot<Result<(), TransportError>>>,
+    barriers: Mutex<HashMap<u8, BarrierSlot>>,
+    watchers: RwLock<Vec<NodeWatcher>>,
+    /// Why this node can no longer take part, once it cannot.
+    end: Mutex<Option<NodeEnd>>,
+    end_watchers: RwLock<Vec<EndWatcher>>,
+    /// The scheduler: every node left or died (`Err` names the dead).
+    all_left: Arc<Slot<Result<(), String>>>,
+    shutting_down: AtomicBool,
+    /// Handshakes in progress (at most `MAX_HANDSHAKES`).
+    handshakes: std::sync::atomic::AtomicUsize,
+    my_id: AtomicU32,
+    me: OnceLock<std::sync::Weak<Inner>>,
+    rdma_dev: OnceLock<Result<Arc<dyn rdma::verbs::Device>, String>>,
+}
+
+/// A node of the cluster: scheduler, server or worker.
+///
+/// `start` joins the cluster (the scheduler: starts listening) and returns
+/// once this node has its id, the node table and, for a worker, connections
+/// to every server. Cloning gives another handle; dropping the last one
+/// leaves the cluster in order and stops the node's threads.
+#[derive(Clone)]
+pub struct Postoffice {
+    owner: Arc<Owner>,
+}
+
+struct Owner {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.inner.shutdown(Duration::from_secs(2));
+    }
+}
+
+impl std::fmt::Debug for Postoffice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Postoffice")
+            .field("role", &self.role())
+            .field("id", &self.my_id())
+            .finish()
+    }
+}
+
+impl Postoffice {
+    /// Starts a node. A server passes its request handler here, so that no
+    /// request can arrive before it is in place. A member returns once it
+    /// has joined the cluster. Callable from anywhere, an async context
+    /// included (the wait then happens on a thread of its own).
+    pub fn start(
+        cfg: Config,
+        handler: Option<Arc<dyn RequestHandler>>,
+    ) -> Result<Postoffice, TransportError> {
+        // Subtle: tokio refuses to block a thread that is inside a runtime
+        // (`block_on` panics there, and so does dropping a runtime, which a
+        // failed start does): inside one, the start runs on a scoped thread.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return std::thread::scope(|s| {
+                std::thread::Builder::new()
+                    .name("pskv-start".into())
+                    .spawn_scoped(s, || Postoffice::start_here(cfg, handler))
+                    .map_err(|e| TransportError::io("starting the node's start thread", e))?
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            });
+        }
+        Postoffice::start_here(cfg, handler)
+    }
+
+    fn start_here(
+        cfg: Config,
+        handler: Option<Arc<dyn RequestHandler>>,
+    ) -> Result<Postoffice, TransportError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.io_threads)
+            .thread_name(match cfg.role {
+                Role::Scheduler => "pskv-sched-io",
+                Role::Server => "pskv-server-io",
+                Role::Worker => "pskv-worker-io",
+            })
+            .enable_all()
+            .build()
+            .map_err(|e| TransportError::io("starting the I/O runtime", e))?;
+        let handle = rt.handle().clone();
+        // A node that announces a loopback address (a job on one host)
+        // listens on it alone, not on every interface.
+        let announced_ip = if cfg.role == Role::Scheduler {
+            Some(&cfg.root_uri)
+        } else {
+            cfg.node_host.as_ref()
+        }
+        .and_then(|h| h.parse::<IpAddr>().ok())
+        .filter(|ip| ip.is_loopback());
+        let bind_ip = match (&cfg.interface, announced_ip) {
+            (Some(name), _) => interface_ip(name)?,
+            (None, Some(ip)) => ip,
+            (None, None) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        let port = if cfg.role == Role::Scheduler {
+            cfg.root_port
+        } else {
+            cfg.port
+        };
+        let listener = handle
+            .block_on(TcpListener::bind(SocketAddr::new(bind_ip, port)))
+            .map_err(|e| TransportError::io(format!("listening on {bind_ip}:{port}"), e))?;
+        let listen = listener
+            .local_addr()
+            .map_err(|e| TransportError::io("listener address", e))?;
+        let announce = match (&cfg.node_host, &cfg.interface) {
+            (Some(h), _) => h.clone(),
+            (None, Some(_)) => bind_ip.to_string(),
+            (None, None) if cfg.role == Role::Scheduler => cfg.root_uri.clone(),
+            (None, None) => local_ip_toward(&cfg.root_uri, cfg.root_port),
+        };
+        let now = Instant::now();
+        let ctl = match cfg.role {
+            Role::Scheduler => Ctl::Scheduler(Scheduler::new(SchedulerConfig {
+                num_servers: cfg.num_servers,
+                num_workers: cfg.num_workers,
+                heartbeat_timeout: cfg.heartbeat_timeout,
+            })),
+            role => Ctl::Member(Member::new(
+                MemberConfig {
+                    role,
+                    host: announce.clone(),
+                    port: listen.port(),
+                    host_id: host_id(),
+                    heartbeat_interval: cfg.heartbeat_interval,
+                    heartbeat_timeout: cfg.heartbeat_timeout,
+                    scheduler_timeout: cfg.scheduler_timeout,
+                    rank: cfg.rank,
+                    register_timeout: cfg.connect_timeout,
+                },
+                now,
+            )),
+        };
+        if cfg.token.is_none() {
+            tracing::warn!(
+                "no cluster token (PSKV_TOKEN) is set: only peers on loopback addresses will be accepted"
+            );
+        }
+        let my_id = if cfg.role == Role::Scheduler {
+            SCHEDULER_ID
+        } else {
+            0
+        };
+        let inner = Arc::new(Inner {
+            token: cfg.token.as_ref().map(|t| t.as_bytes().to_vec()),
+            resender: cfg
+                .resend
+                .then(|| Mutex::new(Resender::new(my_id, cfg.resend_timeout, 20))),
+            cfg,
+            rt: Mutex::new(Some(rt)),
+            handle,
+            listen,
+            announce,
+            host_id: host_id(),
+            ctl: Mutex::new(ctl),
+            links: Mutex::new(Links::default()),
+            next_link: AtomicU64::new(1),
+            reqs: Mutex::new(Requests::default()),
+            handler: RwLock::new(handler),
+            joined: Slot::new(),
+            barriers: Mutex::new(HashMap::new()),
+            watchers: RwLock::new(Vec::new()),
+            end: Mutex::new(None),
+            end_watchers: RwLock::new(Vec::new()),
+            all_left: Slot::new(),
+            shutting_down: AtomicBool::new(false),
+            handshakes: std::sync::atomic::AtomicUsize::new(0),
+            my_id: AtomicU32::new(my_id),
+            me: OnceLock::new(),
+            rdma_dev: OnceLock::new(),
+        });
+        let _ = inner.me.set(Arc::downgrade(&inner));
+        let po = Postoffice {
+            owner: Arc::new(Owner {
+                inner: inner.clone(),
+            }),
+        };
+        inner.spawn_accept(listener);
+        if inner.cfg.role == Role::Scheduler {
+            inner.spawn_timer();
+            tracing::info!("scheduler listening on {}", inner.listen);
+            return Ok(po);
+        }
+        inner.join()?;
+        Ok(po)
+    }
+
+    fn inner(&self) -> &Arc<Inner> {
+        &self.owner.inner
+    }
+
+    pub(crate) fn inner_arc(&self) -> Arc<Inner> {
+        self.owner.inner.clone()
+    }
+
+    /// This node's role.
+    pub fn role(&self) -> Role {
+        self.inner().cfg.role
+    }
+
+    /// This node's id.
+    pub fn my_id(&self) -> NodeId {
+        self.inner().my_id.load(Ordering::Acquire)
+    }
+
+    /// This node's rank within its role.
+    pub fn my_rank(&self) -> u32 {
+        crate::protocol::role_rank(self.my_id()).map_or(0, |(_, r)| r)
+    }
+
+    /// Servers in the cluster.
+    pub fn num_servers(&self) -> u32 {
+        self.inner().cfg.num_servers
+    }
+
+    /// Workers in the cluster.
+    pub fn num_workers(&self) -> u32 {
+        self.inner().cfg.num_workers
+    }
+
+    /// Each server's key range `[begin, end)`, by server rank.
+    pub fn server_key_ranges(&self) -> Vec<(u64, u64)> {
+        crate::protocol::key_ranges(self.num_servers())
+    }
+
+    /// Whether this node replaced a dead one (restarted, same rank).
+    pub fn is_recovery(&self) -> bool {
+        match &*self.inner().ctl.lock() {
+            Ctl::Member(m) => m.is_recovery(),
+            Ctl::Scheduler(_) => false,
+        }
+    }
+
+    /// The address this node listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner().listen
+    }
+
+    /// The van of this node's connection to `node` ("tcp" or "shm"), if
+    /// connected.
+    pub fn van_to(&self, node: NodeId) -> Option<&'static str> {
+        self.inner().link_of(node).map(|l| l.van)
+    }
+
+    /// The host this node announced to the others.
+    pub fn announced_host(&self) -> &str {
+        &self.inner().announce
+    }
+
+    /// The node table as this node knows it.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        match &*self.inner().ctl.lock() {
+            Ctl::Member(m) => m.nodes().values().cloned().collect(),
+            Ctl::Scheduler(s) => s.nodes(),
+        }
+    }
+
+    /// Waits until every node of `group` (1 scheduler, 2 servers, 4 workers,
+    /// or a union) has called `barrier` with the same group. Fails, rather
+    /// than waiting, when a member is dead or the scheduler is gone; waits at
+    /// most `timeout`.
+    pub fn barrier(&self, group: Group, timeout: Duration) -> Result<(), TransportError> {
+        self.inner().barrier(group, Vote::Ready, timeout)
+    }
+
+    /// A barrier at which every node that brings a digest must bring the
+    /// same one (a setting all must share: an optimizer, a key's shape);
+    /// otherwise it fails on every node, naming what each brought
+    /// (`summary`).
+    pub fn barrier_agree(
+        &self,
+        group: Group,
+        digest: u64,
+        summary: &str,
+        timeout: Duration,
+    ) -> Result<(), TransportError> {
+        self.inner().barrier(
+            group,
+            Vote::Agree {
+                digest,
+                summary: summary.to_string(),
+            },
+            timeout,
+        )
+    }
+
+    /// This node's part of a collective failed: the barrier of `group`
+    /// that the others are (or will be) at fails on each of them with
+    /// `reason`, so nobody waits for this node. Returns at once.
+    pub fn barrier_fail(&self, group: Group, reason: &str) -> Result<(), TransportError> {
+        self.inner()
+            .barrier(
+                group,
+                Vote::Fail {
+                    reason: reason.to_string(),
+                },
+                Duration::ZERO,
+            )
+            .map(|_| ())
+    }
+
+    /// Why this node can no longer take part in the cluster, if it cannot
+    /// (fenced, the scheduler lost, the job ended).
+    pub fn end(&self) -> Option<NodeEnd> {
+        self.inner().end.lock().clone()
+    }
+
+    /// Adds a watcher of this node's end (called at once if it has ended).
+    pub fn watch_end(&self, watcher: EndWatcher) {
+        let inner = self.inner();
+        let ended = {
+            let end = inner.end.lock();
+            inner.end_watchers.write().push(watcher.clone());
+            end.clone()
+        };
+        if let Some(e) = ended {
+            watcher(&e);
+        }
+    }
+
+    /// Whether this node knows `id` to be dead (the scheduler declared it,
+    /// and no restart took its id since).
+    pub fn is_dead(&self, id: NodeId) -> bool {
+        match &*self.inner().ctl.lock() {
+            Ctl::Member(m) => m.is_dead(id),
+            Ctl::Scheduler(s) => !s.alive().contains(&id) && s.nodes().iter().any(|n| n.id == id),
+        }
+    }
+
+    /// Nodes known dead, or silent for longer than `timeout` (ps-lite's
+    /// `GetDeadNodes`: on the scheduler from heartbeats; on other nodes the
+    /// ones the scheduler declared dead, and the scheduler itself if silent).
+    pub fn dead_nodes(&self, timeout: Duration) -> Vec<NodeId> {
+        let now = Instant::now();
+        match &*self.inner().ctl.lock() {
+            Ctl::Member(m) => m.dead_nodes(now, timeout),
+            Ctl::Scheduler(s) => s.dead_nodes(now, timeout),
+        }
+    }
+
+    /// Scheduler: waits until every node has left or died (or `timeout`
+    /// passes); an error names the nodes that died.
+    pub fn wait_all_left(&self, timeout: Duration) -> Result<(), TransportError> {
+        match self.inner().all_left.wait(timeout) {
+            Some(r) => r.map_err(TransportError::NotRunning),
+            None => Err(TransportError::Timeout {
+                what: "every node to leave the cluster".into(),
+                after: timeout,
+            }),
+        }
+    }
+
+    /// Leaves the cluster in order and stops this node's threads (also done
+    /// when the last handle is dropped).
+    pub fn shutdown(&self) {
+        self.inner().shutdown(Duration::from_secs(2));
+    }
+
+    /// Whether this node was shut down (or killed).
+    pub fn is_shut_down(&self) -> bool {
+        self.inner().shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Stops abruptly, as a crash would: connections close without leaving
+    /// the cluster (the scheduler declares this node dead). For tests.
+    #[doc(hidden)]
+    pub fn kill(&self) {
+        let inner = self.inner();
+        inner.shutting_down.store(true, Ordering::Release);
+        let links: Vec<Arc<Link>> = inner.links.lock().by_id.values().cloned().collect();
+        for l in links {
+            l.close("killed");
+        }
+        if let Some(rt) = inner.rt.lock().take() {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Adds a watcher of membership changes (deaths, restarts), called on
+    /// an I/O thread after the transport has failed the requests to a dead
+    /// node.
+    pub fn watch_nodes(&self, watcher: NodeWatcher) {
+        self.inner().watchers.write().push(watcher);
+    }
+
+    /// Sets (or replaces) the request handler.
+    pub fn set_handler(&self, handler: Arc<dyn RequestHandler>) {
+        *self.inner().handler.write() = Some(handler);
+    }
+}
+
+impl Inner {
+    fn arc(&self) -> Arc<Inner> {
+        self.me
+            .get()
+            .and_then(|w| w.upgrade())
+            .expect("inner alive while in use")
+    }
+
+    fn sink(&self) -> Arc<dyn FrameSink> {
+        self.arc()
+    }
+
+    pub(crate) fn my_id(&self) -> NodeId {
+        self.my_id.load(Ordering::Acquire)
+    }
+
+    fn new_link(&self, peer: NodeId, van: &'static str) -> Arc<Link> {
+        let id = self.next_link.fetch_add(1, Ordering::Relaxed);
+        let link = Arc::new(Link::new(id, peer, van));
+        let mut links = self.links.lock();
+        links.by_id.insert(id, link.clone());
+        if peer != 0 {
+            links.by_node.insert(peer, id);
+        }
+        link
+    }
+
+    pub(crate) fn link_of(&self, node: NodeId) -> Option<Arc<Link>> {
+        let links = self.links.lock();
+        let id = links.by_node.get(&node)?;
+        links.by_id.get(id).filter(|l| !l.is_closed()).cloned()
+    }
+
+    fn verbose(&self, level: u8, msg: &str) {
+        if self.cfg.verbose >= level {
+            tracing::info!("{msg}");
+        }
+    }
+
+    // ---- shutdown --------------------------------------------------------
+
+    fn shutdown(&self, grace: Duration) {
+        if self.shutting_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Ctl::Member(m) = &mut *self.ctl.lock() {
+            m.leave(Instant::now());
+        }
+        self.pump();
+        // Let the Leave and any answers already queued go out.
+        let deadline = Instant::now() + grace;
+        loop {
+            let busy = self
+                .links
+                .lock()
+                .by_id
+                .values()
+                .any(|l| !l.is_closed() && !l.is_idle());
+            if !busy || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let done = self.reqs.lock().tracker.fail_all("this node shut down");
+        self.complete(done);
+        let links: Vec<Arc<Link>> = self.links.lock().by_id.values().cloned().collect();
+        for l in links {
+            l.close("this node shut down");
+        }
+        for (_, slot) in self.barriers.lock().drain() {
+            slot.set(Err("this node shut down".into()));
+        }
+        self.joined.set(Err(TransportError::NotRunning(
+            "this node shut down".into(),
+        )));
+        if let Some(rt) = self.rt.lock().take() {
+            // Legal from any thread, including the runtime's own.
+            rt.shutdown_background();
+        }
+    }
+}
