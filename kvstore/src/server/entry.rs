@@ -22,8 +22,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use half::f16;
 use pskv_gpu::cpu::CpuKernels;
-use pskv_gpu::Kernels;
 
+use super::acc::{elems, fold_into, sum_bytes, write_sum, Acc};
 use crate::compression::Compression;
 use crate::dtype::DType;
 use crate::shm::{Segment, SlotView};
@@ -62,106 +62,6 @@ struct Arrival {
     head: Head,
     vals: Bytes,
     answer: Answer,
-}
-
-/// The running sum of a round: f32 for f32 and f16 keys (f16 is summed in
-/// f32 and rounded once), f64, i32, i64.
-enum Acc {
-    F32(Vec<f32>),
-    F64(Vec<f64>),
-    I32(Vec<i32>),
-    I64(Vec<i64>),
-}
-
-impl Acc {
-    fn fits(&self, dtype: DType, n: usize) -> bool {
-        match self {
-            Acc::F32(v) => matches!(dtype, DType::F32 | DType::F16) && v.len() == n,
-            Acc::F64(v) => dtype == DType::F64 && v.len() == n,
-            Acc::I32(v) => dtype == DType::I32 && v.len() == n,
-            Acc::I64(v) => dtype == DType::I64 && v.len() == n,
-        }
-    }
-
-    fn zero(&mut self) {
-        match self {
-            Acc::F32(v) => v.fill(0.0),
-            Acc::F64(v) => v.fill(0.0),
-            Acc::I32(v) => v.fill(0),
-            Acc::I64(v) => v.fill(0),
-        }
-    }
-
-    fn zeros(dtype: DType, n: usize) -> Acc {
-        match dtype {
-            DType::F32 | DType::F16 => Acc::F32(vec![0.0; n]),
-            DType::F64 => Acc::F64(vec![0.0; n]),
-            DType::I32 => Acc::I32(vec![0; n]),
-            DType::I64 => Acc::I64(vec![0; n]),
-        }
-    }
-}
-
-/// `out = inputs[0] + inputs[1] + ...` for float elements of `dtype`
-/// (given as bytes that may not be aligned), with the sum kernel.
-fn sum_bytes(k: &CpuKernels, dtype: DType, out: &mut [u8], inputs: &[&[u8]]) -> Result<(), String> {
-    fn run<T: pskv_gpu::Element + bytemuck::Pod>(
-        k: &CpuKernels,
-        out: &mut [u8],
-        inputs: &[&[u8]],
-    ) -> Result<(), String> {
-        let ins: Vec<Cow<'_, [T]>> = inputs.iter().map(|b| elems::<T>(b)).collect();
-        let refs: Vec<&[T]> = ins.iter().map(|c| &c[..]).collect();
-        k.sum::<T>(bytemuck::cast_slice_mut(out), &refs)
-            .map_err(|e| e.to_string())
-    }
-    match dtype {
-        DType::F32 => run::<f32>(k, out, inputs),
-        DType::F64 => run::<f64>(k, out, inputs),
-        DType::F16 => run::<f16>(k, out, inputs),
-        DType::I32 | DType::I64 => Err(format!("the sum kernel takes floats, not {dtype}")),
-    }
-}
-
-/// Reads little-endian elements that may not be aligned.
-fn elems<T: bytemuck::Pod>(b: &[u8]) -> Cow<'_, [T]> {
-    match bytemuck::try_cast_slice(b) {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => Cow::Owned(
-            b.chunks_exact(std::mem::size_of::<T>())
-                .map(bytemuck::pod_read_unaligned)
-                .collect(),
-        ),
-    }
-}
-
-/// `acc[range] = v` (first) or `acc[range] += v`, for `v` of `dtype`.
-fn fold_into(acc: &mut Acc, at: usize, dtype: DType, v: &[u8], first: bool) {
-    macro_rules! fold {
-        ($a:expr, $src:expr, $add:expr) => {{
-            let a = &mut $a[at..at + $src.len()];
-            if first {
-                a.copy_from_slice(&$src);
-            } else {
-                for (x, y) in a.iter_mut().zip($src.iter()) {
-                    $add(x, *y);
-                }
-            }
-        }};
-    }
-    match (acc, dtype) {
-        (Acc::F32(a), DType::F32) => fold!(a, elems::<f32>(v), |x: &mut f32, y| *x += y),
-        (Acc::F32(a), DType::F16) => {
-            let src: Vec<f32> = elems::<f16>(v).iter().map(|h| h.to_f32()).collect();
-            fold!(a, src, |x: &mut f32, y| *x += y)
-        }
-        (Acc::F64(a), _) => fold!(a, elems::<f64>(v), |x: &mut f64, y| *x += y),
-        (Acc::I32(a), _) => fold!(a, elems::<i32>(v), |x: &mut i32, y: i32| *x =
-            x.wrapping_add(y)),
-        (Acc::I64(a), _) => fold!(a, elems::<i64>(v), |x: &mut i64, y: i64| *x =
-            x.wrapping_add(y)),
-        (Acc::F32(_), _) => unreachable!("an f32 sum holds f32 and f16 keys only"),
-    }
 }
 
 /// One ps key.
@@ -890,58 +790,5 @@ fn grad_rows<'a>(
             }
             (Cow::Owned(g), Some(r.clone()))
         }
-    }
-}
-
-/// Writes (or adds, for async summation) a sum into value bytes of `dtype`.
-fn write_sum(out: &mut [u8], dtype: DType, acc: &Acc, add: bool) {
-    match (acc, dtype) {
-        (Acc::F32(a), DType::F32) => {
-            let o: &mut [f32] = bytemuck::cast_slice_mut(out);
-            if add {
-                o.iter_mut().zip(a).for_each(|(x, y)| *x += *y);
-            } else {
-                o.copy_from_slice(a);
-            }
-        }
-        (Acc::F32(a), DType::F16) => {
-            let o: &mut [f16] = bytemuck::cast_slice_mut(out);
-            for (x, y) in o.iter_mut().zip(a) {
-                *x = if add {
-                    f16::from_f32(x.to_f32() + *y)
-                } else {
-                    f16::from_f32(*y)
-                };
-            }
-        }
-        (Acc::F64(a), _) => {
-            let o: &mut [f64] = bytemuck::cast_slice_mut(out);
-            if add {
-                o.iter_mut().zip(a).for_each(|(x, y)| *x += *y);
-            } else {
-                o.copy_from_slice(a);
-            }
-        }
-        (Acc::I32(a), _) => {
-            let o: &mut [i32] = bytemuck::cast_slice_mut(out);
-            if add {
-                o.iter_mut()
-                    .zip(a)
-                    .for_each(|(x, y)| *x = x.wrapping_add(*y));
-            } else {
-                o.copy_from_slice(a);
-            }
-        }
-        (Acc::I64(a), _) => {
-            let o: &mut [i64] = bytemuck::cast_slice_mut(out);
-            if add {
-                o.iter_mut()
-                    .zip(a)
-                    .for_each(|(x, y)| *x = x.wrapping_add(*y));
-            } else {
-                o.copy_from_slice(a);
-            }
-        }
-        (Acc::F32(_), _) => unreachable!("an f32 sum holds f32 and f16 keys only"),
     }
 }

@@ -55,6 +55,7 @@ use pskv_transport::{
 use serde::{Deserialize, Serialize};
 
 use super::entry::{Answer, EntryState};
+use super::{Entry, Inner};
 use crate::dtype::DType;
 use crate::optimizer::OptState;
 use crate::wire::{Head, Op};
@@ -410,5 +411,70 @@ impl EntryState {
         self.opt.state = c.opt;
         self.master = c.master;
         Ok(())
+    }
+}
+
+impl Inner {
+    /// A copy from the primary: taken before the promotion, ignored after
+    /// (the copies are this server's to change then).
+    pub(super) fn take_copy(&self, key: u64, vals: Bytes, answer: Answer) {
+        if !self.is_copy(key) {
+            return answer(Err(format!(
+                "{}: a copy of a key this server does not back up",
+                self.describe(key)
+            )));
+        }
+        let Some(repl) = self.repl.get() else {
+            return answer(Err("a copy, but this server keeps no replicas".into()));
+        };
+        let (c, value) = match Copy::decode(&vals) {
+            Ok(x) => x,
+            Err(e) => return answer(Err(e)),
+        };
+        let Some(dtype) = DType::from_code(c.dtype) else {
+            return answer(Err("a copy of an unknown type".into()));
+        };
+        let mut result = Ok(());
+        repl.unless_promoted(|| {
+            let entry = {
+                let mut entries = self.entries.write();
+                entries
+                    .entry(key)
+                    .or_insert_with(|| {
+                        Entry::new(EntryState::new(
+                            c.key_id,
+                            c.part,
+                            dtype,
+                            &value,
+                            self.workers,
+                        ))
+                    })
+                    .clone()
+            };
+            tracing::debug!(
+                server = self.my_rank(),
+                key,
+                rounds = c.rounds,
+                "copy taken"
+            );
+            result = entry.st.lock().take_copy(c, &value);
+        });
+        answer(result.map(|()| None))
+    }
+
+    /// The primary of this server's copies died: they are served from now
+    /// on, and the requests that waited for that run.
+    pub(super) fn promote(self: &Arc<Self>) {
+        let Some(p) = self.repl.get() else { return };
+        let held = p.promote();
+        tracing::warn!(
+            "server {} now serves the keys of server {} (its backup), {} requests waited for that",
+            p.rank,
+            p.primary_of_copies(),
+            held.len()
+        );
+        for h in held {
+            self.key_request(h);
+        }
     }
 }

@@ -1,0 +1,259 @@
+//! A request's keys: the engine op on each key's var (one at a time per
+//! key, in arrival order), its checks, and what it does to the key's
+//! state (init, push into the round, pull, row-sparse pull).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pskv_engine::{OpSpec, Property};
+
+use super::entry::{Answer, EntryState};
+use super::replica::{answer_all, KeyWork};
+use super::{Entry, Inner, INLINE_BYTES};
+use crate::wire::{decode_ps_key, split_rows, Head, Op};
+
+impl Inner {
+    /// A push of round `tag` (replicas) that the key holds already: the
+    /// answer it gets without being applied again.
+    pub(super) fn already_applied(st: &EntryState, head: &Head, tag: u64) -> Option<Option<Bytes>> {
+        let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
+        (pushes && tag != 0 && tag <= st.rounds)
+            .then(|| (head.op == Op::PushPull).then(|| st.snapshot()))
+    }
+
+    /// Schedules the work on one ps key.
+    pub(super) fn key_request(self: &Arc<Self>, w: KeyWork) {
+        match w.head.op {
+            Op::Init => return self.init(w.key, w.head, w.vals, w.answer),
+            Op::Replicate => return self.take_copy(w.key, w.vals, w.answer),
+            _ => {}
+        }
+        let w = if self.is_copy(w.key) {
+            // A worker came to the backup: served once the primary is
+            // known dead (replica.rs).
+            match self.repl.get().filter(|p| !p.is_promoted()) {
+                Some(p) => match p.hold(w) {
+                    None => return,
+                    Some(w) => w,
+                },
+                None => w,
+            }
+        } else {
+            w
+        };
+        let key = w.key;
+        let Some(entry) = self.entries.read().get(&key).cloned() else {
+            return (w.answer)(Err(format!(
+                "{} was never initialized on this server: call init first",
+                self.describe(key)
+            )));
+        };
+        let size = entry.st.lock().nbytes().max(w.vals.len());
+        let prop = if size <= INLINE_BYTES {
+            Property::Async
+        } else {
+            Property::Normal
+        };
+        let me = self.clone();
+        let e2 = entry.clone();
+        let spec = OpSpec::new("server_key").write(&entry.var).property(prop);
+        let pushes = matches!(w.head.op, Op::Push | Op::PushPull | Op::RowPush);
+        let pushed = if pushes && self.copies(key) {
+            // The round's answers wait for its copy at the backup; the
+            // key's var is held until then, so its next request waits too.
+            let w = KeyWork {
+                answer: entry.defer.wrap(w.answer),
+                ..w
+            };
+            self.engine.push_async(spec, move |_, completion| {
+                let mut st = e2.st.lock();
+                e2.defer.open();
+                let before = st.rounds;
+                me.key_op(&mut st, w);
+                let kept = e2.defer.close();
+                if st.rounds == before {
+                    drop(st);
+                    answer_all(kept);
+                    return completion.complete();
+                }
+                let (copy, value) = st.copy();
+                let (dtype, round) = (st.dtype, st.rounds);
+                drop(st);
+                let me2 = me.clone();
+                match me.repl.get() {
+                    Some(p) => p.send(key, dtype, copy, &value, move || {
+                        let fault = {
+                            let mut f = me2.fault.lock();
+                            match f.as_ref() {
+                                Some((r, _)) if *r == round => f.take(),
+                                _ => None,
+                            }
+                        };
+                        if let Some((_, die)) = fault {
+                            die();
+                            return completion.complete();
+                        }
+                        answer_all(kept);
+                        completion.complete();
+                    }),
+                    None => {
+                        answer_all(kept);
+                        completion.complete();
+                    }
+                }
+            })
+        } else {
+            self.engine.push_sync(spec, move |_| {
+                let mut st = e2.st.lock();
+                me.key_op(&mut st, w);
+                Ok(())
+            })
+        };
+        if let Err(e) = pushed {
+            // The engine is shutting down; the answer was dropped with the
+            // closure, which answers with an error.
+            tracing::debug!("server op refused: {e}");
+        }
+    }
+
+    /// The work on one ps key, inside an op that writes its var.
+    pub(super) fn key_op(&self, st: &mut EntryState, w: KeyWork) {
+        let KeyWork {
+            key,
+            head,
+            vals,
+            rank,
+            tag,
+            answer,
+        } = w;
+        let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
+        let dead = if head.sync && pushes {
+            self.dead_worker()
+        } else {
+            None
+        };
+        match head.op {
+            _ if dead.is_some() => {
+                let why = dead.as_deref().unwrap_or_default();
+                answer(Err(format!("{}: {why}", st.name())));
+            }
+            _ if pushes && Self::already_applied(st, &head, tag).is_some() => {
+                tracing::debug!(
+                    server = self.my_rank(),
+                    key,
+                    rank,
+                    tag,
+                    rounds = st.rounds,
+                    "a push of a round this key holds: answered"
+                );
+                // A retry of a round this key holds (replicas): answered,
+                // not applied again.
+                answer(Ok(Self::already_applied(st, &head, tag).flatten()));
+            }
+            Op::Push | Op::PushPull | Op::RowPush => {
+                // A shared-memory push is in the worker's slot.
+                let vals = if head.shm {
+                    match st.shm_input(&head, &vals, rank) {
+                        Ok(v) => {
+                            st.shm_used(rank);
+                            v
+                        }
+                        Err(e) => return answer(Err(e)),
+                    }
+                } else {
+                    vals
+                };
+                let rule = self.rule.read().clone();
+                let before = st.rounds;
+                st.push(&self.kernels, rule.as_ref(), head, vals, rank, answer);
+                if let Some(c) = self.ckpt.get() {
+                    if st.rounds != before && st.rounds % c.every == 0 {
+                        self.record(key, st);
+                    }
+                }
+            }
+            Op::Pull if head.shm => match st.check_shm(&head) {
+                Ok(()) => {
+                    st.shm_used(rank);
+                    answer(Ok(Some(Bytes::new())))
+                }
+                Err(e) => answer(Err(e)),
+            },
+            Op::Pull => answer(Ok(Some(st.snapshot()))),
+            Op::RowPull => answer(row_pull(st, &vals).map(Some)),
+            Op::Check => answer(
+                crate::wire::Check::decode(&vals)
+                    .and_then(|c| st.check(&head, &c, rank))
+                    .map(|p| Some(p.map(Bytes::from).unwrap_or_default())),
+            ),
+            Op::Init | Op::Replicate => unreachable!("handled in key_request"),
+        }
+    }
+
+    pub(super) fn init(&self, key: u64, head: Head, vals: Bytes, answer: Answer) {
+        let (id, part) = decode_ps_key(key, self.range_begin.load(Ordering::Acquire));
+        if head.compression != 0 || vals.len() % head.dtype.size() != 0 {
+            return answer(Err(format!(
+                "key id {id} part {part}: an init needs whole uncompressed {} elements, got {} bytes",
+                head.dtype,
+                vals.len()
+            )));
+        }
+        let copy = {
+            let mut entries = self.entries.write();
+            if entries.contains_key(&key) {
+                return answer(Err(format!(
+                    "key id {id} part {part} is already initialized on this server"
+                )));
+            }
+            let st = EntryState::new(id, part, head.dtype, &vals, self.workers);
+            self.record(key, &st);
+            let copy = self.copies(key).then(|| st.copy());
+            entries.insert(key, Entry::new(st));
+            copy
+        };
+        // With replicas the init is answered once the backup holds it.
+        match (copy, self.repl.get()) {
+            (Some((c, value)), Some(p)) => {
+                p.send(key, head.dtype, c, &value, move || answer(Ok(None)))
+            }
+            _ => answer(Ok(None)),
+        }
+    }
+}
+
+/// The rows a row pull asks for.
+pub(super) fn row_pull(st: &EntryState, vals: &[u8]) -> std::result::Result<Bytes, String> {
+    let (h, rest) = split_rows(vals)?;
+    if !rest.is_empty() {
+        return Err(format!(
+            "a row pull of {} has {} stray bytes",
+            st.name(),
+            rest.len()
+        ));
+    }
+    if st.elems % h.row_len != 0 {
+        return Err(format!(
+            "{}: rows of {} elements do not divide its {} elements",
+            st.name(),
+            h.row_len,
+            st.elems
+        ));
+    }
+    let nrows = st.elems / h.row_len;
+    let rb = h.row_len * st.dtype.size();
+    let mut out = Vec::with_capacity(h.rows.len() * rb);
+    let v = st.value_bytes();
+    for &r in &h.rows {
+        if r < 0 || r as usize >= nrows {
+            return Err(format!(
+                "{}: row {r} is outside its {nrows} rows",
+                st.name()
+            ));
+        }
+        let r = r as usize;
+        out.extend_from_slice(&v[r * rb..(r + 1) * rb]);
+    }
+    Ok(Bytes::from(out))
+}

@@ -1,0 +1,79 @@
+//! The answer of a request of several keys: sent once every key is done,
+//! with the values of a pull in key order, or the first error.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use pskv_transport::Responder;
+
+use super::entry::Answer;
+
+/// Answers a request once every key of it is done.
+pub(super) struct Reply {
+    responder: Mutex<Option<Responder>>,
+    keys: Vec<u64>,
+    remaining: AtomicUsize,
+    values: Mutex<Vec<Option<Bytes>>>,
+    error: Mutex<Option<String>>,
+    pull: bool,
+}
+
+impl Reply {
+    pub(super) fn new(responder: Responder, keys: Vec<u64>, pull: bool) -> Arc<Reply> {
+        let n = keys.len();
+        Arc::new(Reply {
+            responder: Mutex::new(Some(responder)),
+            keys,
+            remaining: AtomicUsize::new(n),
+            values: Mutex::new(vec![None; n]),
+            error: Mutex::new(None),
+            pull,
+        })
+    }
+
+    pub(super) fn answer(self: &Arc<Reply>, i: usize) -> Answer {
+        let me = self.clone();
+        Box::new(move |r| me.done(i, r))
+    }
+
+    pub(super) fn done(&self, i: usize, r: std::result::Result<Option<Bytes>, String>) {
+        match r {
+            Ok(v) => self.values.lock()[i] = v,
+            Err(e) => {
+                self.error.lock().get_or_insert(e);
+            }
+        }
+        // AcqRel: the last one sees every value and error stored before.
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let Some(resp) = self.responder.lock().take() else {
+            return;
+        };
+        if let Some(e) = self.error.lock().take() {
+            resp.error(e);
+            return;
+        }
+        if !self.pull {
+            resp.ok();
+            return;
+        }
+        let vals = std::mem::take(&mut *self.values.lock());
+        let lens: Vec<u32> = vals
+            .iter()
+            .map(|v| v.as_ref().map_or(0, |b| b.len() as u32))
+            .collect();
+        let body = if vals.len() == 1 {
+            vals.into_iter().next().flatten().unwrap_or_default()
+        } else {
+            let mut all = Vec::with_capacity(lens.iter().map(|&l| l as usize).sum());
+            for v in vals.iter().flatten() {
+                all.extend_from_slice(v);
+            }
+            Bytes::from(all)
+        };
+        resp.respond(self.keys.clone(), lens, body);
+    }
+}
