@@ -209,3 +209,32 @@ fn nonsense_optimizer_settings_are_refused() {
         .set_optimizer(Optimizer::sgd(-1.0))
         .is_err());
 }
+
+/// A sync round that one worker never pushes to: the other's push fails
+/// after the store's timeout, as a timeout naming the key (the transport
+/// fails each part's request on time; no thread of the kvstore watches),
+/// and the worker's next call on the key reports it once.
+#[test]
+fn a_round_that_never_completes_times_out_naming_the_key() {
+    let c = cluster(1, 2);
+    let timeout = Duration::from_millis(1500);
+    let out = c.run_each("dist_sync", opts(timeout), move |i, kv, e| {
+        let t = pskv_kvstore::Tensor::from_slice(e, &[4], &[1.0f32; 4], Context::Cpu).unwrap();
+        kv.init(3, &t).unwrap();
+        if i == 1 {
+            // Never pushes; waits out the other's timeout.
+            std::thread::sleep(timeout * 3);
+            return None;
+        }
+        let t0 = std::time::Instant::now();
+        kv.push(3, &[t.clone()], 0).unwrap();
+        let err = kv
+            .pull(3, &[t.clone()], 0)
+            .and_then(|()| t.wait_to_read().map_err(Into::into));
+        Some((t0.elapsed(), err.map_err(|e| e.to_string())))
+    });
+    let (took, err) = out[0].0.clone().expect("worker 0 pushed");
+    let err = err.expect_err("the push timed out");
+    assert!(err.contains("key 3") && err.contains("unanswered"), "{err}");
+    assert!(took >= timeout && took < timeout * 3, "{took:?}");
+}

@@ -39,6 +39,11 @@ pub struct RequestOptions {
     /// An application number carried with a data request
     /// ([`KvRequest::tag`]; 0: none), e.g. which round a push belongs to.
     pub tag: u64,
+    /// The request fails (`TrackError::TimedOut`, naming the nodes that
+    /// did not answer) if not answered within this; None: it waits for
+    /// its answers, a death or a broken link (`Pending::wait` takes a
+    /// timeout of its own).
+    pub timeout: Option<Duration>,
 }
 
 /// A request as a server receives it.
@@ -462,6 +467,7 @@ impl KvWorker {
             .collect();
         self.inner.request(
             frames,
+            opts.timeout,
             Box::new(move |r| {
                 callback(r.and_then(|answers| {
                     let mut resp = KvResponse::default();
@@ -617,6 +623,7 @@ impl KvWorker {
             .collect();
         self.inner.request(
             frames,
+            None,
             Box::new(move |r| {
                 cb(r.map(|answers| KvResponse {
                     bodies: answers.into_iter().map(|(n, f)| (n, f.meta)).collect(),

@@ -744,3 +744,65 @@ fn if_addrs_ipv4() -> Option<String> {
         })
         .map(str::to_string)
 }
+
+/// A server that keeps every request unanswered (holding its responder).
+#[derive(Default)]
+struct Silent(Mutex<Vec<Responder>>);
+
+impl RequestHandler for Silent {
+    fn handle(&self, _req: KvRequest, r: Responder) {
+        self.0.lock().push(r);
+    }
+}
+
+/// A request with a timeout fails on time, naming the node that did not
+/// answer, from the transport's own timer (no caller waits for it); one
+/// without a timeout waits on.
+#[test]
+fn a_request_past_its_timeout_fails_naming_the_silent_node() {
+    let sched = Postoffice::start(config(Role::Scheduler, 0, 1, 1, None), None).unwrap();
+    let port = sched.local_addr().port();
+    let silent = Arc::new(Silent::default());
+    let h = silent.clone();
+    let c = config(Role::Server, port, 1, 1, None);
+    let server = std::thread::spawn(move || Postoffice::start(c, Some(h)).unwrap());
+    let worker = Postoffice::start(config(Role::Worker, port, 1, 1, None), None).unwrap();
+    let server = server.join().unwrap();
+    let kv = KvWorker::new(&worker);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t0 = Instant::now();
+    for (key, timeout) in [(1u64, Some(Duration::from_millis(300))), (2, None)] {
+        let tx = tx.clone();
+        let opts = RequestOptions {
+            timeout,
+            ..RequestOptions::default()
+        };
+        kv.pull_with(&[key], opts, move |r| {
+            let _ = tx.send((key, t0.elapsed(), r.map(|_| ())));
+        })
+        .unwrap();
+    }
+    let (key, took, r) = rx.recv_timeout(T).expect("the timed request ended");
+    assert_eq!(key, 1);
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    let e = r.unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            TransportError::Request(pskv_transport::TrackError::TimedOut { waiting, .. })
+                if waiting == &vec![server.my_id()]
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("no answer from server 0"), "{e}");
+    // The other waits (the server holds both requests).
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err());
+    assert_eq!(silent.0.lock().len(), 2);
+    silent.0.lock().clear();
+    worker.shutdown();
+    server.shutdown();
+    sched.shutdown();
+}

@@ -291,6 +291,9 @@ impl Replication {
             priority: i32::MAX,
             target: Some(self.backup()),
             tag: 0,
+            // Until the backup answers or is declared dead (a round whose
+            // copy is lost then parks: see the module docs).
+            timeout: None,
         };
         let backup = self.backup();
         let key_id = copy.key_id;

@@ -2,9 +2,11 @@
 //! machine's messages and events outside its lock, membership changes and
 //! their watchers, and barriers.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use crate::error::TransportError;
 use crate::link::{Link, LinkId};
@@ -19,54 +21,83 @@ use crate::wire::{Control, Frame, Vote};
 use super::{Ctl, Inner, NodeChange, NodeEnd};
 
 impl Inner {
+    /// The timer task: sleeps until the earliest of the state machine's,
+    /// the resender's and the request tracker's next timeouts (never longer
+    /// than `IDLE_WAKE`), wakes earlier when `Timer` says a sooner one came,
+    /// then runs what is due and pumps.
     pub(super) fn spawn_timer(&self) {
         let me = self.arc();
-        let mut tick = Duration::from_millis(100);
-        if let Some(i) = self.cfg.heartbeat_interval {
-            tick = tick.min(i / 4);
-        }
-        if self.cfg.resend {
-            tick = tick.min(self.cfg.resend_timeout / 4);
-        }
-        let tick = tick.max(Duration::from_millis(5));
         self.handle.spawn(async move {
-            let mut iv = tokio::time::interval(tick);
-            iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                iv.tick().await;
+                // Subtle: "recomputing" is published before the deadlines
+                // are read, so a request whose deadline the read missed
+                // sees it and wakes the sleep below (`Timer::need`).
+                me.timer.armed.store(RECOMPUTING, Ordering::SeqCst);
+                let now = Instant::now();
+                let next = me.next_wake(now);
+                me.timer.armed.store(me.timer.at(next), Ordering::SeqCst);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next.into()) => {}
+                    _ = me.timer.wake.notified() => continue,
+                }
                 if me.shutting_down.load(Ordering::Acquire) {
                     return;
                 }
-                let now = Instant::now();
-                match &mut *me.ctl.lock() {
-                    Ctl::Scheduler(s) => s.handle_timeout(now),
-                    Ctl::Member(m) => m.handle_timeout(now),
-                }
-                if let Some(r) = &me.resender {
-                    let (again, lost) = r.lock().handle_timeout(now);
-                    for (peer, frame) in again {
-                        if let Some(link) = me.links.lock().by_id.get(&peer).cloned() {
-                            let _ = link.send(frame);
-                        }
-                    }
-                    for peer in lost {
-                        let link = me.links.lock().by_id.get(&peer).cloned();
-                        if let Some(link) = link {
-                            van::end(
-                                &link,
-                                &me.sink(),
-                                "messages were not acknowledged after every resend".into(),
-                            );
-                        }
-                    }
-                }
-                me.pump();
+                me.on_timer(Instant::now());
             }
         });
     }
 
+    /// When the timer must run next: the earliest timeout, at least
+    /// `MIN_WAKE` and at most `IDLE_WAKE` from `now`.
+    fn next_wake(&self, now: Instant) -> Instant {
+        let machine = match &*self.ctl.lock() {
+            Ctl::Scheduler(s) => s.next_timeout(),
+            Ctl::Member(m) => m.next_timeout(),
+        };
+        let resend = self.resender.as_ref().and_then(|r| r.lock().next_timeout());
+        let request = self.reqs.lock().tracker.next_deadline();
+        [machine, resend, request]
+            .into_iter()
+            .flatten()
+            .fold(now + IDLE_WAKE, Instant::min)
+            .max(now + MIN_WAKE)
+    }
+
+    /// Runs what is due at `now`: the state machine's timeouts, resends,
+    /// requests past their deadline.
+    fn on_timer(&self, now: Instant) {
+        match &mut *self.ctl.lock() {
+            Ctl::Scheduler(s) => s.handle_timeout(now),
+            Ctl::Member(m) => m.handle_timeout(now),
+        }
+        if let Some(r) = &self.resender {
+            let (again, lost) = r.lock().handle_timeout(now);
+            for (peer, frame) in again {
+                if let Some(link) = self.links.lock().by_id.get(&peer).cloned() {
+                    let _ = link.send(frame);
+                }
+            }
+            for peer in lost {
+                let link = self.links.lock().by_id.get(&peer).cloned();
+                if let Some(link) = link {
+                    van::end(
+                        &link,
+                        &self.sink(),
+                        "messages were not acknowledged after every resend".into(),
+                    );
+                }
+            }
+        }
+        let expired = self.reqs.lock().tracker.expire(now);
+        self.complete(expired);
+        self.pump();
+    }
+
     /// Sends what the state machine produced and acts on its events.
     pub(super) fn pump(&self) {
+        // The machines' next timeouts may move: the timer recomputes.
+        self.timer.poke();
         let mut sends: Vec<(Option<LinkId>, Control)> = Vec::new();
         let mut sched_events = Vec::new();
         let mut member_events = Vec::new();
@@ -115,7 +146,9 @@ impl Inner {
     /// Queues a frame on a link, numbering it for resend if that is on.
     pub(crate) fn send_on(&self, link: &Arc<Link>, mut frame: Frame) -> bool {
         if let Some(r) = &self.resender {
-            r.lock().stamp(link.id, &mut frame, Instant::now());
+            let now = Instant::now();
+            r.lock().stamp(link.id, &mut frame, now);
+            self.timer.need(now + self.cfg.resend_timeout);
         }
         link.send(frame).is_ok()
     }
@@ -323,5 +356,62 @@ impl Inner {
                 })
             }
         }
+    }
+}
+
+/// The timer task never sleeps longer than this (a safety net: every
+/// timeout it serves is in `next_wake`).
+const IDLE_WAKE: Duration = Duration::from_secs(1);
+
+/// Nor shorter (a machine that reports a past timeout it does not clear
+/// cannot make it spin).
+const MIN_WAKE: Duration = Duration::from_millis(1);
+
+/// `Timer::armed` while the timer recomputes its wake-up.
+const RECOMPUTING: u64 = 0;
+
+/// Where the timer task sleeps until, so that whoever adds an earlier
+/// timeout wakes it.
+///
+/// States: *recomputing* (`armed == RECOMPUTING`: the task is reading the
+/// deadlines) → *sleeping until `armed`* → (its time, or a wake) →
+/// recomputing. Every add of a deadline happens before the caller reads
+/// `armed` (it is made under the owner's lock, which the task takes to
+/// read); so a deadline the task missed is seen by its caller as
+/// recomputing or as later than `armed`, and the caller wakes the task
+/// (a `Notify` permit, kept until the task next waits).
+pub(super) struct Timer {
+    base: Instant,
+    /// Nanoseconds after `base` plus one, or `RECOMPUTING`.
+    pub(super) armed: AtomicU64,
+    pub(super) wake: Notify,
+}
+
+impl Timer {
+    pub(super) fn new() -> Timer {
+        Timer {
+            base: Instant::now(),
+            armed: AtomicU64::new(RECOMPUTING),
+            wake: Notify::new(),
+        }
+    }
+
+    /// `armed`'s value for `at`.
+    fn at(&self, at: Instant) -> u64 {
+        let ns = at.saturating_duration_since(self.base).as_nanos();
+        u64::try_from(ns).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// A timeout at `at` was added: wakes the task if it sleeps past it.
+    pub(super) fn need(&self, at: Instant) {
+        let armed = self.armed.load(Ordering::SeqCst);
+        if armed == RECOMPUTING || self.at(at) < armed {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The state machines changed: the task recomputes its wake-up.
+    pub(super) fn poke(&self) {
+        self.wake.notify_one();
     }
 }

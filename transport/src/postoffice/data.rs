@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::error::TransportError;
 use crate::kv::{Callback, Responder};
@@ -20,9 +20,12 @@ use super::{Ctl, Inner};
 impl Inner {
     /// Starts a request to `parts` (one frame per target node); `callback`
     /// runs once with every answer, or with the first failure.
+    /// With `timeout`, the request fails (`TrackError::TimedOut`) if some
+    /// node has not answered by then.
     pub(crate) fn request(
         &self,
         parts: Vec<(NodeId, Frame)>,
+        timeout: Option<Duration>,
         callback: Callback,
     ) -> Result<(), TransportError> {
         if self.shutting_down.load(Ordering::Acquire) {
@@ -48,12 +51,21 @@ impl Inner {
             };
             links.push(link);
         }
+        let now = Instant::now();
         let id = {
             let mut reqs = self.reqs.lock();
-            let id = reqs.tracker.start(parts.iter().map(|(n, _)| *n).collect());
+            let targets = parts.iter().map(|(n, _)| *n).collect();
+            let id = match timeout {
+                Some(t) => reqs.tracker.start_until(targets, now, t),
+                None => reqs.tracker.start(targets),
+            };
             reqs.callbacks.insert(id, callback);
             id
         };
+        // After the deadline is in the tracker (see `Timer`).
+        if let Some(t) = timeout {
+            self.timer.need(now + t);
+        }
         let me = self.my_id();
         for ((node, mut frame), link) in parts.into_iter().zip(links) {
             frame.request_id = id;

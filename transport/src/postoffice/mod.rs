@@ -143,6 +143,8 @@ pub(crate) struct Inner {
     links: Mutex<Links>,
     next_link: AtomicU64,
     reqs: Mutex<Requests>,
+    /// Wakes the timer task for an earlier timeout (`control.rs`).
+    timer: control::Timer,
     handler: RwLock<Option<Arc<dyn RequestHandler>>>,
     joined: Arc<Slot<Result<(), TransportError>>>,
     barriers: Mutex<HashMap<u8, BarrierSlot>>,
@@ -308,6 +310,7 @@ impl Postoffice {
             links: Mutex::new(Links::default()),
             next_link: AtomicU64::new(1),
             reqs: Mutex::new(Requests::default()),
+            timer: control::Timer::new(),
             handler: RwLock::new(handler),
             joined: Slot::new(),
             barriers: Mutex::new(HashMap::new()),

@@ -1,12 +1,16 @@
 //! Requests fanned out to several nodes, completed once, with no I/O.
 //!
 //! A request is PENDING until every target answered (COMPLETE, with the
-//! answers in target order), one answered with an error (FAILED), or a
-//! target died or its connection broke (FAILED, naming the node). After
-//! that its id is forgotten and late answers are dropped. So every request
-//! completes exactly once, and none waits on a dead node.
+//! answers in target order), one answered with an error (FAILED), a target
+//! died or its connection broke (FAILED, naming the node), or its deadline
+//! passed (FAILED, naming the nodes that did not answer; the driver calls
+//! [`Tracker::expire`] at [`Tracker::next_deadline`]). After that its id is
+//! forgotten and late answers are dropped. So every request completes
+//! exactly once, none waits on a dead node, and none with a deadline waits
+//! past it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
 use super::{describe, NodeId};
 
@@ -38,6 +42,14 @@ pub enum TrackError {
     /// The transport is shutting down, or the scheduler is gone.
     #[error("request abandoned: {0}")]
     Abandoned(String),
+    /// The request's deadline passed.
+    #[error("no answer from {} within {after:?}", waiting.iter().map(|n| describe(*n)).collect::<Vec<_>>().join(", "))]
+    TimedOut {
+        /// The request's timeout.
+        after: Duration,
+        /// The targets that had not answered.
+        waiting: Vec<NodeId>,
+    },
 }
 
 /// A finished request.
@@ -54,6 +66,8 @@ struct Pending<T> {
     targets: Vec<NodeId>,
     parts: Vec<Option<T>>,
     left: usize,
+    /// When it fails unanswered, and its timeout (for the error).
+    deadline: Option<(Instant, Duration)>,
 }
 
 /// The request tracker.
@@ -61,6 +75,8 @@ struct Pending<T> {
 pub struct Tracker<T> {
     next_id: u64,
     pending: HashMap<u64, Pending<T>>,
+    /// The deadlines of the pending requests that have one.
+    deadlines: BTreeSet<(Instant, u64)>,
 }
 
 impl<T> Default for Tracker<T> {
@@ -68,25 +84,78 @@ impl<T> Default for Tracker<T> {
         Tracker {
             next_id: 1,
             pending: HashMap::new(),
+            deadlines: BTreeSet::new(),
         }
     }
 }
 
 impl<T> Tracker<T> {
-    /// Starts a request to `targets` (distinct, non-empty); returns its id.
+    /// Starts a request to `targets` (distinct, non-empty) with no deadline;
+    /// returns its id.
     pub fn start(&mut self, targets: Vec<NodeId>) -> u64 {
+        self.start_with(targets, None)
+    }
+
+    /// Starts a request that fails if unanswered `timeout` after `now`.
+    pub fn start_until(&mut self, targets: Vec<NodeId>, now: Instant, timeout: Duration) -> u64 {
+        self.start_with(targets, Some((now + timeout, timeout)))
+    }
+
+    fn start_with(&mut self, targets: Vec<NodeId>, deadline: Option<(Instant, Duration)>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         let n = targets.len();
+        if let Some((at, _)) = deadline {
+            self.deadlines.insert((at, id));
+        }
         self.pending.insert(
             id,
             Pending {
                 parts: (0..n).map(|_| None).collect(),
                 targets,
                 left: n,
+                deadline,
             },
         );
         id
+    }
+
+    /// Forgets request `id`.
+    fn take(&mut self, id: u64) -> Option<Pending<T>> {
+        let p = self.pending.remove(&id)?;
+        if let Some((at, _)) = p.deadline {
+            self.deadlines.remove(&(at, id));
+        }
+        Some(p)
+    }
+
+    /// The earliest deadline of a pending request.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.first().map(|&(at, _)| at)
+    }
+
+    /// Fails every request whose deadline is `now` or earlier.
+    pub fn expire(&mut self, now: Instant) -> Vec<Completed<T>> {
+        let mut done = Vec::new();
+        while let Some(&(at, id)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            let Some(p) = self.take(id) else { continue };
+            let waiting = p
+                .targets
+                .iter()
+                .zip(&p.parts)
+                .filter(|(_, part)| part.is_none())
+                .map(|(t, _)| *t)
+                .collect();
+            let after = p.deadline.map_or(Duration::ZERO, |(_, d)| d);
+            done.push(Completed {
+                request_id: id,
+                result: Err(TrackError::TimedOut { after, waiting }),
+            });
+        }
+        done
     }
 
     /// Requests still pending.
@@ -111,7 +180,7 @@ impl<T> Tracker<T> {
         if p.left > 0 {
             return None;
         }
-        let p = self.pending.remove(&request_id).expect("present above");
+        let p = self.take(request_id).expect("present above");
         let parts = p
             .targets
             .into_iter()
@@ -135,7 +204,7 @@ impl<T> Tracker<T> {
         if !p.targets.contains(&from) {
             return None;
         }
-        self.pending.remove(&request_id);
+        self.take(request_id);
         Some(Completed {
             request_id,
             result: Err(TrackError::Remote {
@@ -164,7 +233,7 @@ impl<T> Tracker<T> {
             .collect();
         ids.into_iter()
             .map(|request_id| {
-                self.pending.remove(&request_id);
+                self.take(request_id);
                 Completed {
                     request_id,
                     result: Err(error()),
@@ -175,6 +244,7 @@ impl<T> Tracker<T> {
 
     /// Everything fails (shutdown, scheduler lost).
     pub fn fail_all(&mut self, reason: &str) -> Vec<Completed<T>> {
+        self.deadlines.clear();
         self.pending
             .drain()
             .map(|(request_id, _)| Completed {
@@ -222,6 +292,40 @@ mod tests {
         ids.sort();
         assert_eq!(ids, vec![a, b]);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_deadline_fails_the_request_naming_who_did_not_answer() {
+        let mut t = Tracker::default();
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let slow = t.start_until(vec![8, 10], t0, 2 * s);
+        let quick = t.start_until(vec![8], t0, s);
+        let forever = t.start(vec![12]);
+        assert_eq!(t.next_deadline(), Some(t0 + s));
+        assert!(t.on_response(8, quick, "q").is_some());
+        assert_eq!(t.next_deadline(), Some(t0 + 2 * s));
+        t.on_response(8, slow, "a");
+        assert!(t.expire(t0 + s).is_empty());
+        let done = t.expire(t0 + 2 * s);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].request_id, slow);
+        assert_eq!(
+            done[0].result.as_ref().unwrap_err(),
+            &TrackError::TimedOut {
+                after: 2 * s,
+                waiting: vec![10]
+            }
+        );
+        assert_eq!(
+            done[0].result.as_ref().unwrap_err().to_string(),
+            "no answer from server 1 (id 10) within 2s"
+        );
+        assert!(t.on_response(10, slow, "late").is_none());
+        assert_eq!(t.next_deadline(), None);
+        assert_eq!(t.len(), 1);
+        assert!(t.expire(t0 + 100 * s).is_empty());
+        assert!(t.on_response(12, forever, "f").is_some());
     }
 
     #[test]

@@ -1,22 +1,24 @@
-//! Ops waiting for their parts' answers ([`Inflight`]), the watchdog that
-//! fails them past their deadline, and the pointer their answers write
-//! through ([`OutPtr`]).
+//! Ops waiting for their parts' answers ([`Inflight`]), and the pointer
+//! their answers write through ([`OutPtr`]).
 //!
 //! # Invariants
 //!
-//! An op with `n` parts completes exactly once: when the last part's answer
-//! arrives, or when the watchdog finds it past its deadline. Answers copy
-//! into the op's output under the read lock of `done`; the finisher takes
-//! the completion under its write lock. So once an op has finished, no late
-//! answer writes into a tensor that the next op may already own.
+//! An op with `n` parts completes exactly once: when the last of its parts
+//! is done. Every part is done exactly once: answered, failed, or timed
+//! out, since each part's request carries the store's timeout and the
+//! transport fails it on time (a part sent again to a backup is done when
+//! its second request is). Answers copy into the op's output under the
+//! read lock of `done`; the finisher takes the completion under its write
+//! lock. So once an op has finished, no late answer writes into a tensor
+//! that the next op may already own.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::{Mutex, RwLock};
 use pskv_engine::Completion;
-use pskv_transport::{KvResponse, TransportError};
+use pskv_transport::{KvResponse, TrackError, TransportError};
 
 use super::staging;
 use crate::error::KvError;
@@ -53,7 +55,8 @@ pub(super) struct Inflight {
     done: RwLock<Option<Completion>>,
     remaining: AtomicUsize,
     error: Mutex<Option<String>>,
-    deadline: Instant,
+    /// Parts that timed out, and the timeout.
+    timed_out: Mutex<Option<(usize, Duration)>>,
     op: &'static str,
     key: String,
     /// Device lanes that carry the op's staging copies (`staging`): the op
@@ -65,7 +68,6 @@ impl Inflight {
     pub(super) fn new(
         c: Completion,
         parts: usize,
-        timeout: Duration,
         op: &'static str,
         key: &Key,
         settle: staging::Lanes,
@@ -74,7 +76,7 @@ impl Inflight {
             done: RwLock::new(Some(c)),
             remaining: AtomicUsize::new(parts),
             error: Mutex::new(None),
-            deadline: Instant::now() + timeout,
+            timed_out: Mutex::new(None),
             op,
             key: key.to_string(),
             settle,
@@ -92,6 +94,10 @@ impl Inflight {
             if g.is_none() {
                 return;
             }
+            if let Err(TransportError::Request(TrackError::TimedOut { after, .. })) = &r {
+                let mut t = self.timed_out.lock();
+                *t = Some((t.map_or(0, |(n, _)| n) + 1, *after));
+            }
             let res = r.map_err(|e| e.to_string()).and_then(|resp| on_ok(&resp));
             if let Err(e) = res {
                 self.error.lock().get_or_insert(e);
@@ -99,22 +105,20 @@ impl Inflight {
         }
         // AcqRel: the last answer sees every earlier answer's writes.
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.finish(None);
+            self.finish();
         }
     }
 
-    /// Completes the op (with `timeout` as the error if given).
-    pub(super) fn finish(&self, timeout: Option<Duration>) {
+    /// Completes the op.
+    fn finish(&self) {
         let Some(c) = self.done.write().take() else {
             return;
         };
-        let err = match timeout {
-            Some(after) => Some(KvError::Timeout {
+        let err = match *self.timed_out.lock() {
+            Some((n, after)) => Some(KvError::Timeout {
                 what: format!(
-                    "the servers to answer a {} of key {} ({} of its parts unanswered)",
-                    self.op,
-                    self.key,
-                    self.remaining.load(Ordering::Acquire)
+                    "the servers to answer a {} of key {} ({n} of its parts unanswered)",
+                    self.op, self.key,
                 ),
                 after,
             }),
@@ -133,51 +137,5 @@ impl Inflight {
             (Some(e), _) => c.fail(e),
             (None, Err(e)) => c.fail(KvError::from(e)),
         });
-    }
-}
-
-/// Fails ops past their deadline.
-pub(super) struct Watchdog {
-    list: Mutex<Vec<Weak<Inflight>>>,
-    pub(super) stop: AtomicBool,
-    timeout: Duration,
-}
-
-impl Watchdog {
-    pub(super) fn start(timeout: Duration) -> Arc<Watchdog> {
-        let w = Arc::new(Watchdog {
-            list: Mutex::new(Vec::new()),
-            stop: AtomicBool::new(false),
-            timeout,
-        });
-        let weak = Arc::downgrade(&w);
-        let _ = std::thread::Builder::new()
-            .name("pskv-kv-watchdog".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_millis(50));
-                let Some(w) = weak.upgrade() else { return };
-                if w.stop.load(Ordering::Acquire) {
-                    return;
-                }
-                let now = Instant::now();
-                let mut expired = Vec::new();
-                w.list.lock().retain(|x| match x.upgrade() {
-                    Some(i) if i.done.read().is_none() => false,
-                    Some(i) if i.deadline <= now => {
-                        expired.push(i);
-                        false
-                    }
-                    Some(_) => true,
-                    None => false,
-                });
-                for i in expired {
-                    i.finish(Some(w.timeout));
-                }
-            });
-        w
-    }
-
-    pub(super) fn add(&self, i: &Arc<Inflight>) {
-        self.list.lock().push(Arc::downgrade(i));
     }
 }

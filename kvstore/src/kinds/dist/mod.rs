@@ -20,8 +20,7 @@
 //!
 //! Rooms: this file is the store (its keys, `init`, the `Flavor` calls);
 //! `ops.rs` the engine ops of a key; `parts.rs` the part requests, routing
-//! and failover to a backup; `inflight.rs` an op waiting for its answers
-//! and the watchdog; `staging.rs` values on a GPU through pinned memory;
+//! and failover to a backup; `inflight.rs` an op waiting for its answers; `staging.rs` values on a GPU through pinned memory;
 //! `segments.rs` the check after `init` and the shared segments;
 //! `collective.rs` calls every worker makes together; `states.rs`
 //! optimizer states across parts.
@@ -49,7 +48,6 @@ use crate::store::Options;
 use crate::tensor::{Storage, Tensor};
 use crate::updater::{Rule, Updater};
 use crate::wire::{command, plan, Part};
-use inflight::Watchdog;
 use staging::{Staging, Way};
 use states::{join_states, slice_state};
 
@@ -99,7 +97,8 @@ pub(crate) struct DistStore {
     worker_rule: RwLock<Option<Rule>>,
     server_mp: AtomicBool,
     server_opt: AtomicBool,
-    watchdog: Arc<Watchdog>,
+    /// `close` began: background work (segment re-checks) stops.
+    closed: AtomicBool,
     /// Failures already reported to a caller by `dist_key` (the last few):
     /// `close` does not report them a second time.
     reported: Mutex<Vec<Arc<pskv_engine::OpFailure>>>,
@@ -152,7 +151,7 @@ impl DistStore {
             replicas,
             me: me.clone(),
             server_opt: AtomicBool::new(false),
-            watchdog: Watchdog::start(opts.timeout),
+            closed: AtomicBool::new(false),
             reported: Mutex::new(Vec::new()),
             restarts: (0..po.num_servers()).map(|_| AtomicU64::new(0)).collect(),
             engine,
@@ -645,7 +644,7 @@ impl Flavor for DistStore {
                 tracing::warn!("stopping the servers: {e}");
             }
         }
-        self.watchdog.stop.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::Release);
         self.po.shutdown();
         result?;
         barrier

@@ -106,16 +106,7 @@ impl DistStore {
             });
             return None;
         }
-        let inf = Inflight::new(
-            completion,
-            n,
-            self.opts.timeout,
-            name,
-            &dk.local.key,
-            settle,
-        );
-        self.watchdog.add(&inf);
-        Some(inf)
+        Some(Inflight::new(completion, n, name, &dk.local.key, settle))
     }
 
     /// Sends one request per part of `parts` (indices into the key's
@@ -201,6 +192,8 @@ impl DistStore {
             priority: p.priority,
             target: (self.replicas > 1).then_some(target),
             tag: p.tag,
+            // The transport fails the part on time (no watchdog here).
+            timeout: Some(self.opts.timeout),
         };
         let me = self.handle();
         let again = failover.then(|| p.clone());

@@ -157,7 +157,7 @@ fn recheck(weak: std::sync::Weak<DistStore>, rank: u32, epoch: u64) {
     let mut waited = Duration::ZERO;
     let current = |me: &DistStore| {
         me.restarts[rank as usize].load(Ordering::Acquire) == epoch
-            && !me.watchdog.stop.load(Ordering::Acquire)
+            && !me.closed.load(Ordering::Acquire)
     };
     // Workers connect to the new process as they learn of it; its van says
     // whether segments can be shared at all.
