@@ -227,10 +227,10 @@ fn a_round_that_never_completes_times_out_naming_the_key() {
             return None;
         }
         let t0 = std::time::Instant::now();
-        kv.push(3, &[t.clone()], 0).unwrap();
+        kv.push(3, std::slice::from_ref(&t), 0).unwrap();
         let err = kv
-            .pull(3, &[t.clone()], 0)
-            .and_then(|()| t.wait_to_read().map_err(Into::into));
+            .pull(3, std::slice::from_ref(&t), 0)
+            .and_then(|()| t.wait_to_read());
         Some((t0.elapsed(), err.map_err(|e| e.to_string())))
     });
     let (took, err) = out[0].0.clone().expect("worker 0 pushed");
