@@ -564,18 +564,27 @@ fn a_restarted_server_recovers_its_rank_and_serves_again() {
     .unwrap();
     assert_eq!(restarted.my_id(), 10);
     assert!(restarted.is_recovery());
-    // The worker reconnects to the new address; the new server starts empty.
+    // The worker reconnects to the new address (requests here from an
+    // async context, which may not block on a connection). The new server
+    // starts empty.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match kv
-            .push(
+        let pushed = rt.block_on(async {
+            let p = kv.push(
                 &[key],
                 &[3],
                 Bytes::from_static(b"new"),
                 RequestOptions::default(),
-            )
-            .and_then(|p| p.wait(T))
-        {
+            )?;
+            tokio::time::timeout(T, p)
+                .await
+                .map_err(|_| TransportError::Invalid("no answer in time".into()))?
+        });
+        match pushed {
             Ok(_) => break,
             Err(e) => {
                 assert!(Instant::now() < deadline, "never served again: {e}");
@@ -805,4 +814,35 @@ fn a_request_past_its_timeout_fails_naming_the_silent_node() {
     worker.shutdown();
     server.shutdown();
     sched.shutdown();
+}
+
+/// A request to a node this one has no link to (another worker) makes the
+/// connection in the background, also when sent from an async context
+/// (which used to be refused: "try again"), and goes out once it is up; a
+/// node that is not in the node table is the caller's error at once.
+#[test]
+fn a_node_without_a_link_is_dialled_in_the_background() {
+    let c = cluster(1, 2, None);
+    c.workers[1].set_handler(Arc::new(Store::default()));
+    let other = c.workers[1].my_id();
+    assert_eq!(c.workers[0].van_to(other), None, "workers start unlinked");
+    let kv = KvWorker::new(&c.workers[0]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let got = rt.block_on(async {
+        let p = kv.request_nodes(7, Bytes::from_static(b"hello"), &[other], "worker 1")?;
+        tokio::time::timeout(T, p)
+            .await
+            .map_err(|_| TransportError::Invalid("no answer in time".into()))?
+    });
+    let got = got.unwrap();
+    assert_eq!(&got.bodies[0].1[..], b"ack:hello");
+    assert_eq!(c.workers[0].van_to(other), Some("tcp"));
+    let e = kv
+        .request_nodes(7, Bytes::new(), &[99], "a stranger")
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("not in the node table"), "{e}");
 }

@@ -45,10 +45,11 @@ impl Inner {
             if dead {
                 return Err(TrackError::NodeDead { node: *node }.into());
             }
-            let link = match self.link_of(*node) {
-                Some(l) => l,
-                None => self.reconnect(*node)?,
-            };
+            let link = self.link_of(*node);
+            if link.is_none() {
+                // Checked now, so that a stranger is the caller's error.
+                self.address_of(*node)?;
+            }
             links.push(link);
         }
         let now = Instant::now();
@@ -71,20 +72,83 @@ impl Inner {
             frame.request_id = id;
             frame.sender = me;
             frame.recipient = node;
-            if !self.send_on(&link, frame) {
-                let reason = link.close_reason().unwrap_or_default();
-                self.fail_requests_to(node, || TrackError::ConnectionLost {
-                    node,
-                    reason: reason.clone(),
-                });
+            match link {
+                Some(link) => {
+                    self.send_or_fail(&link, node, frame);
+                }
+                None => self.send_when_linked(node, frame),
             }
         }
         Ok(())
     }
 
-    /// A connection to `node` made on demand (a restarted server, a node
-    /// this one never talked to). Not from inside the runtime.
-    pub(super) fn reconnect(&self, node: NodeId) -> Result<Arc<Link>, TransportError> {
+    /// Sends `frame` on `link`, or fails what waits on `node` if the link
+    /// is closed.
+    fn send_or_fail(&self, link: &Arc<Link>, node: NodeId, frame: Frame) -> bool {
+        if self.send_on(link, frame) {
+            return true;
+        }
+        let reason = link.close_reason().unwrap_or_default();
+        self.fail_requests_to(node, || TrackError::ConnectionLost {
+            node,
+            reason: reason.clone(),
+        });
+        false
+    }
+
+    /// Sends `frame` to `node`, which has no link now, once a connection
+    /// made in the background is up (a restarted server, a node this one
+    /// never talked to); the caller's thread never waits for it.
+    ///
+    /// States per node: *no link* → (a request) *dialing* (`dialing` holds
+    /// the frames, in order) → *linked* (the frames are sent, then new ones
+    /// go straight to the link) or *failed* (every request waiting on the
+    /// node fails, naming why).
+    fn send_when_linked(&self, node: NodeId, frame: Frame) {
+        let mut dialing = self.dialing.lock();
+        if let Some(queued) = dialing.get_mut(&node) {
+            queued.push(frame);
+            return;
+        }
+        // Subtle: a link may have come up since the caller looked (a dial
+        // that just finished, or the node connected to us): looked up again
+        // under the lock that a finishing dial takes.
+        if let Some(link) = self.link_of(node) {
+            drop(dialing);
+            self.send_or_fail(&link, node, frame);
+            return;
+        }
+        dialing.insert(node, vec![frame]);
+        drop(dialing);
+        let me = self.arc();
+        let addr = self.address_of(node);
+        self.handle.spawn(async move {
+            let linked = match addr {
+                Ok(addr) => me.connect(&addr, node).await,
+                Err(e) => Err(e),
+            };
+            let queued = me.dialing.lock().remove(&node).unwrap_or_default();
+            match linked {
+                Ok(link) => {
+                    for f in queued {
+                        if !me.send_or_fail(&link, node, f) {
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    let reason = format!("no connection, and connecting failed: {e}");
+                    me.fail_requests_to(node, || TrackError::ConnectionLost {
+                        node,
+                        reason: reason.clone(),
+                    });
+                }
+            }
+        });
+    }
+
+    /// Where `node` listens, from the node table.
+    fn address_of(&self, node: NodeId) -> Result<String, TransportError> {
         let info = match &*self.ctl.lock() {
             Ctl::Member(m) => m.nodes().get(&node).cloned(),
             Ctl::Scheduler(s) => s.nodes().into_iter().find(|n| n.id == node),
@@ -92,23 +156,7 @@ impl Inner {
         let info = info.ok_or_else(|| {
             TransportError::Invalid(format!("{} is not in the node table", describe(node)))
         })?;
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(TransportError::NotRunning(format!(
-                "no connection to {} (it may be restarting); try again",
-                describe(node)
-            )));
-        }
-        let addr = format!("{}:{}", info.host, info.port);
-        self.handle
-            .block_on(self.connect(&addr, node))
-            .map_err(|e| match e {
-                e @ TransportError::Auth { .. } => e,
-                e => TrackError::ConnectionLost {
-                    node,
-                    reason: format!("no connection, and reconnecting failed: {e}"),
-                }
-                .into(),
-            })
+        Ok(format!("{}:{}", info.host, info.port))
     }
 
     pub(super) fn fail_requests_to(&self, node: NodeId, error: impl Fn() -> TrackError) {

@@ -143,6 +143,8 @@ pub(crate) struct Inner {
     links: Mutex<Links>,
     next_link: AtomicU64,
     reqs: Mutex<Requests>,
+    /// Frames for nodes a connection is being made to (`data.rs`).
+    dialing: Mutex<HashMap<NodeId, Vec<Frame>>>,
     /// Wakes the timer task for an earlier timeout (`control.rs`).
     timer: control::Timer,
     handler: RwLock<Option<Arc<dyn RequestHandler>>>,
@@ -310,6 +312,7 @@ impl Postoffice {
             links: Mutex::new(Links::default()),
             next_link: AtomicU64::new(1),
             reqs: Mutex::new(Requests::default()),
+            dialing: Mutex::new(HashMap::new()),
             timer: control::Timer::new(),
             handler: RwLock::new(handler),
             joined: Slot::new(),
