@@ -214,6 +214,52 @@ fn a_stopped_scheduler_is_survived() {
     }
 }
 
+/// The scheduler stopped right after the cluster came up, before the
+/// driver ever ran its timeout call (it runs on the machines'
+/// `next_timeout`, not on a tick): when it runs again it still tells its
+/// own stall from the nodes' silence.
+#[test]
+fn a_scheduler_stopped_before_its_first_timeout_call_is_survived() {
+    for seed in seeds() {
+        let mut sim = cluster(seed, CLEAN, 1, 2);
+        sim.stall(0, HB_TIMEOUT * 2 + HB_TIMEOUT / 2);
+        sim.run(HB_TIMEOUT * 3);
+        assert!(
+            !sim.sched_events
+                .iter()
+                .any(|e| matches!(e, SchedulerEvent::NodeDead { .. })),
+            "seed {seed}: {:?}",
+            sim.sched_events
+        );
+    }
+}
+
+/// With a heartbeat timeout short against the heartbeat interval (1 s and
+/// 2 s, as the process tests run), a member still sees a silent scheduler
+/// as lost on time: it is called often enough that the gaps between its
+/// calls never look like stalls of its own (which would forgive the
+/// scheduler's silence, forever).
+#[test]
+fn a_silent_scheduler_is_lost_on_time_with_a_short_heartbeat_timeout() {
+    for seed in seeds() {
+        let hb = (Duration::from_secs(1), Duration::from_secs(2));
+        let mut sim = Sim::with_heartbeat(seed, CLEAN, false, 1, 1, hb);
+        sim.run_until(Duration::from_secs(60), |sim| {
+            sim.joined(1) && sim.joined(2)
+        });
+        sim.sched = None; // silent death
+        let took = sim.run_until(SCHED_TIMEOUT * 2, |sim| {
+            sim.events[2]
+                .iter()
+                .any(|e| matches!(e, MemberEvent::SchedulerLost(_)))
+        });
+        assert!(
+            took <= SCHED_TIMEOUT + Duration::from_millis(500),
+            "seed {seed}: {took:?}"
+        );
+    }
+}
+
 /// Ranks asked for (DMLC_WORKER_ID, DMLC_SERVER_ID) are given; the others
 /// fill the free ranks in registration order; a rank asked twice, or out of
 /// range, is refused with a message naming it.

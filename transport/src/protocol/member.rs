@@ -21,9 +21,10 @@
 //! connection, or silence beyond `scheduler_timeout` (longer than the
 //! heartbeat timeout), loses it.
 //!
-//! Subtle: the member's own stalls. If the driver's clock jumps by more
-//! than a quarter of the heartbeat timeout between two calls, this process
-//! did not run meanwhile; the scheduler's silence during that time is not
+//! Subtle: the member's own stalls. `next_timeout` asks for a call at
+//! least every `stall_probe` (a quarter of the heartbeat timeout, halved,
+//! at least 250 ms); if the driver's clock jumps by more than twice that
+//! between two calls, this process did not run meanwhile; the scheduler's silence during that time is not
 //! counted against it (the time since the last word is shifted by the
 //! gap). The scheduler's verdict on *this* node comes with its next
 //! message: `Fenced` if it was declared dead meanwhile.
@@ -249,10 +250,12 @@ impl Member {
             MemberState::Running => {
                 let hb = self.cfg.heartbeat_interval.map(|i| self.last_sent + i);
                 let lost = self.cfg.scheduler_timeout.map(|t| self.last_heard + t);
-                match (hb, lost) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
+                // Calls often enough that a longer gap is a stall of ours.
+                let probe = self
+                    .cfg
+                    .heartbeat_timeout
+                    .map(|t| self.last_call + super::stall_probe(t));
+                [hb, lost, probe].into_iter().flatten().min()
             }
             _ => None,
         }
@@ -386,7 +389,7 @@ impl Member {
     fn is_stall(&self, gap: Duration) -> bool {
         self.cfg
             .heartbeat_timeout
-            .is_some_and(|t| gap > (t / 4).max(Duration::from_millis(500)))
+            .is_some_and(|t| gap > super::stall_gap(t))
     }
 
     fn lose_scheduler(&mut self, reason: String) {

@@ -19,6 +19,7 @@ pub mod scheduler;
 pub mod tracker;
 
 use std::fmt;
+use std::time::Duration;
 
 /// A node id: the scheduler is 1; server rank r is 8 + 2r; worker rank r is
 /// 9 + 2r (ps-lite's numbering, so MXNet-era tools read the same ids).
@@ -26,6 +27,19 @@ pub type NodeId = u32;
 
 /// The scheduler's id.
 pub const SCHEDULER_ID: NodeId = 1;
+
+/// A gap between two timeout calls longer than this means the process did
+/// not run meanwhile (with heartbeat timeout `t`).
+pub(crate) fn stall_gap(t: Duration) -> Duration {
+    (t / 4).max(Duration::from_millis(500))
+}
+
+/// How often a machine with heartbeat timeout `t` asks for a timeout call
+/// (its `next_timeout`) even with nothing due, so that a longer gap can
+/// only be a stall of the process.
+pub(crate) fn stall_probe(t: Duration) -> Duration {
+    stall_gap(t) / 2
+}
 
 /// What a node does.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

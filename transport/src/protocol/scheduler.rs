@@ -225,10 +225,13 @@ impl Scheduler {
                 .min()
         });
         let held = self.held.iter().map(|h| h.until).min();
-        match (silent, held) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // Calls often enough that a longer gap is a stall of ours.
+        let probe = self
+            .cfg
+            .heartbeat_timeout
+            .zip(self.last_call)
+            .map(|(t, last)| last + super::stall_probe(t));
+        [silent, held, probe].into_iter().flatten().min()
     }
 
     /// Nodes that are dead, or silent for longer than `timeout` (ps-lite's
@@ -247,6 +250,9 @@ impl Scheduler {
     /// A message arrived on `conn`.
     pub fn handle(&mut self, conn: ConnId, msg: Control, now: Instant) {
         self.clock = Some(now);
+        // Subtle: stalls are measured from the first message on; a first
+        // timeout call after a stall would otherwise see no gap.
+        self.last_call.get_or_insert(now);
         if let Some(id) = self.fenced.get(&conn).copied() {
             // A node declared dead that still talks: it must stop.
             if !matches!(msg, Control::Leave) {
@@ -583,7 +589,7 @@ impl Scheduler {
             .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
         self.last_call = Some(now);
         if let Some(t) = self.cfg.heartbeat_timeout {
-            if gap > (t / 4).max(Duration::from_millis(500)) {
+            if gap > super::stall_gap(t) {
                 // The scheduler itself did not run: the nodes' silence
                 // during the gap is not theirs.
                 tracing::warn!(

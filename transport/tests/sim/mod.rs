@@ -73,10 +73,45 @@ pub struct Sim {
     /// Per endpoint (0: the scheduler), stopped until then (SIGSTOP): it
     /// neither runs its timers nor reads; its messages wait.
     pub stalled: Vec<Option<Instant>>,
+    /// Per endpoint, when its timeout call last ran: as the driver, each
+    /// machine's `handle_timeout` runs when its `next_timeout` is due, or
+    /// after `IDLE_WAKE` with nothing due, never on a fixed tick.
+    pub last_timer: Vec<Instant>,
+    /// Heartbeat interval and timeout of every endpoint.
+    pub hb: (Duration, Duration),
+}
+
+/// The driver's longest sleep with nothing due (postoffice/control.rs).
+pub const IDLE_WAKE: Duration = Duration::from_secs(1);
+
+/// Whether a machine whose next timeout is `next` and whose last timeout
+/// call was at `last` gets one at `now`.
+fn due(next: Option<Instant>, last: Instant, now: Instant) -> bool {
+    next.is_some_and(|t| t <= now) || now >= last + IDLE_WAKE
 }
 
 impl Sim {
     pub fn new(seed: u64, faults: Faults, resend: bool, servers: u32, workers: u32) -> Sim {
+        Sim::with_heartbeat(
+            seed,
+            faults,
+            resend,
+            servers,
+            workers,
+            (HB_INTERVAL, HB_TIMEOUT),
+        )
+    }
+
+    /// A sim whose endpoints heartbeat every `hb.0` and time out after
+    /// `hb.1`.
+    pub fn with_heartbeat(
+        seed: u64,
+        faults: Faults,
+        resend: bool,
+        servers: u32,
+        workers: u32,
+        hb: (Duration, Duration),
+    ) -> Sim {
         let now = Instant::now();
         let mut sim = Sim {
             now,
@@ -86,7 +121,7 @@ impl Sim {
             sched: Some(Scheduler::new(SchedulerConfig {
                 num_servers: servers,
                 num_workers: workers,
-                heartbeat_timeout: Some(HB_TIMEOUT),
+                heartbeat_timeout: Some(hb.1),
             })),
             sched_events: Vec::new(),
             members: vec![None],
@@ -95,6 +130,8 @@ impl Sim {
             net: BinaryHeap::new(),
             seq: 0,
             stalled: vec![None],
+            last_timer: vec![now],
+            hb,
         };
         for _ in 0..servers {
             sim.add_member(Role::Server);
@@ -117,8 +154,8 @@ impl Sim {
             host: format!("host{i}"),
             port: 9000 + i as u16,
             host_id: i as u64,
-            heartbeat_interval: Some(HB_INTERVAL),
-            heartbeat_timeout: Some(HB_TIMEOUT),
+            heartbeat_interval: Some(self.hb.0),
+            heartbeat_timeout: Some(self.hb.1),
             scheduler_timeout: Some(SCHED_TIMEOUT),
             rank,
             register_timeout: Duration::from_secs(30),
@@ -126,6 +163,7 @@ impl Sim {
         self.members.push(Some(Member::new(cfg, self.now)));
         self.events.push(Vec::new());
         self.stalled.push(None);
+        self.last_timer.push(self.now);
         self.resenders
             .push(Resender::new(0, Duration::from_millis(100), 50));
         self.flush();
@@ -241,10 +279,17 @@ impl Sim {
         let end = self.now + d;
         while self.now < end {
             self.now += TICK;
-            for st in &mut self.stalled {
+            let mut resumed = Vec::new();
+            for (i, st) in self.stalled.iter_mut().enumerate() {
                 if st.is_some_and(|until| until <= self.now) {
                     *st = None;
+                    resumed.push(i);
                 }
+            }
+            // A process that runs again may run its timer before it reads
+            // what waited for it (the harder order for stall detection).
+            for i in resumed {
+                self.timers(&[i]);
             }
             let mut later = Vec::new();
             while let Some(Reverse((at, _, _, _, _))) = self.net.peek() {
@@ -260,15 +305,9 @@ impl Sim {
                 }
             }
             self.net.extend(later);
+            let all: Vec<usize> = (0..self.members.len()).collect();
+            self.timers(&all);
             let now = self.now;
-            if let (Some(s), None) = (self.sched.as_mut(), self.stalled[0]) {
-                s.handle_timeout(now);
-            }
-            for (i, m) in self.members.iter_mut().enumerate() {
-                if let (Some(m), None) = (m.as_mut(), self.stalled[i]) {
-                    m.handle_timeout(now);
-                }
-            }
             if self.resend {
                 for i in 0..self.resenders.len() {
                     let alive = if i == 0 {
@@ -286,6 +325,37 @@ impl Sim {
                 }
             }
             self.flush();
+        }
+    }
+
+    /// Runs the timeout calls that are due for endpoints `which` (0: the
+    /// scheduler) that are not stopped.
+    fn timers(&mut self, which: &[usize]) {
+        let now = self.now;
+        for &i in which {
+            if self.stalled[i].is_some() {
+                continue;
+            }
+            let ran = if i == 0 {
+                match self.sched.as_mut() {
+                    Some(s) if due(s.next_timeout(), self.last_timer[0], now) => {
+                        s.handle_timeout(now);
+                        true
+                    }
+                    _ => false,
+                }
+            } else {
+                match self.members[i].as_mut() {
+                    Some(m) if due(m.next_timeout(), self.last_timer[i], now) => {
+                        m.handle_timeout(now);
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if ran {
+                self.last_timer[i] = now;
+            }
         }
     }
 
