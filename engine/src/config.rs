@@ -10,8 +10,10 @@
 //! | `PSKV_PROFILE` | write a Chrome trace of every op to this file at shutdown | off |
 //! | `PSKV_ENGINE_WAIT_TIMEOUT` | seconds `wait_for_var`/`wait_for_all` wait before an error; 0: no limit | 600 |
 //! | `PSKV_ENGINE_SHUTDOWN_TIMEOUT` | seconds dropping the engine waits for pending ops | 60 |
+//! | `PSKV_SPIN_US` | microseconds a blocking waiter spins before it sleeps (at most 10,000; 0: never; read once per process; the transport reads it too) | 50 |
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::error::EngineError;
@@ -302,5 +304,40 @@ mod tests {
             assert!(msg.contains(k), "{msg}");
             assert!(matches!(err, EngineError::Config { .. }));
         }
+    }
+}
+
+/// How long a blocking waiter spins before it sleeps: `PSKV_SPIN_US`, read
+/// once per process.
+pub(crate) fn spin_budget() -> Duration {
+    static US: OnceLock<u64> = OnceLock::new();
+    Duration::from_micros(
+        *US.get_or_init(|| spin_us(std::env::var("PSKV_SPIN_US").ok().as_deref())),
+    )
+}
+
+/// `PSKV_SPIN_US`'s microseconds: default 50, at most 10,000; a value that
+/// is not a number is reported and the default taken.
+pub(crate) fn spin_us(v: Option<&str>) -> u64 {
+    match v.map(str::trim) {
+        None | Some("") => 50,
+        Some(s) => s.parse::<u64>().map(|n| n.min(10_000)).unwrap_or_else(|_| {
+            tracing::warn!("PSKV_SPIN_US={s} is not a number of microseconds: 50 is used");
+            50
+        }),
+    }
+}
+
+#[cfg(test)]
+mod spin_tests {
+    use super::spin_us;
+
+    #[test]
+    fn pskv_spin_us_is_bounded_and_defaults() {
+        assert_eq!(spin_us(None), 50);
+        assert_eq!(spin_us(Some(" 0 ")), 0);
+        assert_eq!(spin_us(Some("200")), 200);
+        assert_eq!(spin_us(Some("99999999")), 10_000);
+        assert_eq!(spin_us(Some("fast")), 50);
     }
 }

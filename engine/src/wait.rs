@@ -18,7 +18,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -41,19 +41,6 @@ pub(crate) struct Latch {
     fast: AtomicBool,
 }
 
-/// How long a blocking waiter spins first: `PSKV_SPIN_US` microseconds
-/// (default 50, at most 10 ms; 0: never). Read once.
-fn spin_budget() -> Duration {
-    static US: OnceLock<u64> = OnceLock::new();
-    Duration::from_micros(*US.get_or_init(|| {
-        std::env::var("PSKV_SPIN_US")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(50)
-            .min(10_000)
-    }))
-}
-
 impl Latch {
     pub(crate) fn new() -> Arc<Latch> {
         Arc::new(Latch::default())
@@ -73,7 +60,7 @@ impl Latch {
 
     /// Blocks until set (true) or until `timeout` passes (false). None: no limit.
     pub(crate) fn wait(&self, timeout: Option<Duration>) -> bool {
-        let budget = spin_budget().min(timeout.unwrap_or(Duration::MAX));
+        let budget = crate::config::spin_budget().min(timeout.unwrap_or(Duration::MAX));
         if !budget.is_zero() {
             let end = Instant::now() + budget;
             'spin: loop {

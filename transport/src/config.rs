@@ -469,3 +469,55 @@ mod tests {
         assert!(missing.to_string().contains("DMLC_ROLE"), "{missing}");
     }
 }
+
+/// `PSKV_SPIN_US`: the base of the adaptive spin of transport waits (see
+/// `spin.rs`), read once per process; the engine reads the same variable
+/// for its waits, with the same meaning.
+pub(crate) fn spin_base_us() -> u32 {
+    static US: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *US.get_or_init(|| spin_us(std::env::var("PSKV_SPIN_US").ok().as_deref()))
+}
+
+/// `PSKV_SPIN_US`'s microseconds: default 50, at most 10,000; a value that
+/// is not a number is reported and the default taken.
+fn spin_us(v: Option<&str>) -> u32 {
+    match v.map(str::trim) {
+        None | Some("") => 50,
+        Some(s) => s.parse::<u32>().map(|n| n.min(10_000)).unwrap_or_else(|_| {
+            tracing::warn!("PSKV_SPIN_US={s} is not a number of microseconds: 50 is used");
+            50
+        }),
+    }
+}
+
+/// `PSKV_RDMA_GID_INDEX`: which GID of the port RDMA uses (RoCE); None
+/// when unset.
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))]
+pub(crate) fn rdma_gid_index() -> Result<Option<u8>, String> {
+    gid_index(std::env::var("PSKV_RDMA_GID_INDEX").ok().as_deref())
+}
+
+fn gid_index(v: Option<&str>) -> Result<Option<u8>, String> {
+    v.map(|v| {
+        v.trim()
+            .parse()
+            .map_err(|_| format!("PSKV_RDMA_GID_INDEX: '{v}' is not a number from 0 to 255"))
+    })
+    .transpose()
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::{gid_index, spin_us};
+
+    #[test]
+    fn spin_and_gid_settings_parse_or_say_why() {
+        assert_eq!(spin_us(None), 50);
+        assert_eq!(spin_us(Some("0")), 0);
+        assert_eq!(spin_us(Some("123456")), 10_000);
+        assert_eq!(spin_us(Some("x")), 50);
+        assert_eq!(gid_index(None), Ok(None));
+        assert_eq!(gid_index(Some(" 3 ")), Ok(Some(3)));
+        assert!(gid_index(Some("300")).unwrap_err().contains("0 to 255"));
+    }
+}

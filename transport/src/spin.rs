@@ -14,20 +14,7 @@
 //! Spinning yields the core every 64 checks, so a waiter does not starve
 //! the thread it waits for when there are fewer cores than busy threads.
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-/// `PSKV_SPIN_US`, read once (default 50, at most 10,000).
-fn base_us() -> u32 {
-    static US: OnceLock<u32> = OnceLock::new();
-    *US.get_or_init(|| {
-        std::env::var("PSKV_SPIN_US")
-            .ok()
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .unwrap_or(50)
-            .min(10_000)
-    })
-}
 
 /// The adaptive spin budget of one waiting site.
 #[derive(Clone, Copy, Debug)]
@@ -38,7 +25,7 @@ pub(crate) struct Spin {
 impl Spin {
     pub(crate) fn new() -> Spin {
         Spin {
-            budget_us: base_us(),
+            budget_us: crate::config::spin_base_us(),
         }
     }
 
@@ -51,7 +38,7 @@ impl Spin {
     /// (spinning and sleeping): the next spin covers a wait like it, with a
     /// quarter to spare, between base and ten times base.
     pub(crate) fn record(&mut self, waited: Duration) {
-        let base = base_us();
+        let base = crate::config::spin_base_us();
         let cap = base.saturating_mul(10);
         let us = u32::try_from(waited.as_micros()).unwrap_or(u32::MAX);
         self.budget_us = if us > cap {
@@ -113,7 +100,7 @@ mod tests {
 
     #[test]
     fn the_budget_follows_waits_within_its_bounds() {
-        let base = base_us();
+        let base = crate::config::spin_base_us();
         let mut s = Spin::new();
         assert_eq!(s.budget_us, base);
         s.record(Duration::from_micros(base as u64 * 4));

@@ -162,17 +162,10 @@ unsafe fn describe_port(
     if port.state != ffi::ibv_port_state::IBV_PORT_ACTIVE {
         return Err(format!("port {PORT} of {name} is not active"));
     }
-    let gid_index: u8 = std::env::var("PSKV_RDMA_GID_INDEX")
-        .ok()
-        .map(|v| {
-            v.trim()
-                .parse()
-                .map_err(|_| format!("PSKV_RDMA_GID_INDEX: '{v}' is not a number from 0 to 255"))
-        })
-        .transpose()?
-        .unwrap_or(0);
+    let asked = crate::config::rdma_gid_index()?;
+    let gid_index: u8 = asked.unwrap_or(0);
     let ethernet = port.link_layer == ffi::IBV_LINK_LAYER_ETHERNET as u8;
-    let gid = if ethernet || std::env::var_os("PSKV_RDMA_GID_INDEX").is_some() {
+    let gid = if ethernet || asked.is_some() {
         // SAFETY: a plain-data union; all zeroes is a valid value.
         let mut gid: ffi::ibv_gid = unsafe { std::mem::zeroed() };
         // SAFETY: a live context and an out-parameter of the right type.
