@@ -2,7 +2,8 @@
 //! distributed store, in the store of a local one): SGD (with momentum),
 //! NAG, Adam and AdaGrad, each matching MXNet 1.9.1 to the bit for f32 and
 //! f64 weights and for f16 weights with `multi_precision` (f32 master
-//! weights). One file per method, behind [`Optimizer`].
+//! weights). One file per method: a type that implements `Rule` (its
+//! hyperparameters, state and step), held by a [`Method`] variant.
 //!
 //! What "matching" covers, beyond the kernels' formulas (see each file):
 //! - hyperparameters reach the kernels as MXNet's C++ parses them from
@@ -27,43 +28,135 @@ mod real;
 pub mod schedule;
 mod sgd;
 
+pub use adagrad::AdaGrad;
+pub use adam::Adam;
+pub use nag::Nag;
+pub use sgd::Sgd;
+
 use std::collections::BTreeMap;
 
 use half::f16;
 
 use crate::error::{KvError, Result};
 use crate::key::Key;
-use mxparse::{param_f32, scalar_f32, scalar_f64, tuple_f32};
+use mxparse::{param_f32, scalar_f32, scalar_f64};
 use real::Real;
 use schedule::LrScheduler;
 
-/// The update rule and its own hyperparameters.
+/// The update rule and its own hyperparameters: one variant per method,
+/// each holding its file's type (which implements the method's `Rule`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Method {
     /// Stochastic gradient descent, with momentum when `momentum != 0`.
-    Sgd {
-        /// Momentum factor.
-        momentum: f64,
-    },
+    Sgd(Sgd),
     /// Nesterov accelerated gradient.
-    Nag {
-        /// Momentum factor (0: plain SGD, as in MXNet).
-        momentum: f64,
-    },
+    Nag(Nag),
     /// Adam.
-    Adam {
-        /// Decay of the first moment.
-        beta1: f64,
-        /// Decay of the second moment.
-        beta2: f64,
-        /// Added to the root of the second moment.
-        epsilon: f64,
-    },
+    Adam(Adam),
     /// AdaGrad.
-    AdaGrad {
-        /// Added inside the square root.
-        epsilon: f64,
-    },
+    AdaGrad(AdaGrad),
+}
+
+impl Method {
+    fn rule(&self) -> &dyn Rule {
+        match self {
+            Method::Sgd(r) => r,
+            Method::Nag(r) => r,
+            Method::Adam(r) => r,
+            Method::AdaGrad(r) => r,
+        }
+    }
+
+    fn rule_mut(&mut self) -> &mut dyn Rule {
+        match self {
+            Method::Sgd(r) => r,
+            Method::Nag(r) => r,
+            Method::Adam(r) => r,
+            Method::AdaGrad(r) => r,
+        }
+    }
+}
+
+/// What one method's file implements: its name, its hyperparameters (as
+/// MXNet names them), its state, and its step. A new method is a file with
+/// a type implementing this, a [`Method`] variant holding it, a line in
+/// [`Optimizer::create`], and its MXNet fixture.
+trait Rule {
+    /// MXNet's name.
+    fn name(&self) -> &'static str;
+    /// Its own hyperparameters, for the checks and errors.
+    fn params(&self) -> Vec<(&'static str, f64)>;
+    /// Sets hyperparameter `name` (MXNet's spelling); false if it has none
+    /// of that name.
+    fn set(&mut self, name: &str, v: f64) -> bool;
+    /// The first hyperparameter out of its range, if any: what (with the
+    /// range), and its value. `opt` is the optimizer it belongs to.
+    fn out_of_range(&self, opt: &Optimizer) -> Option<(&'static str, f64)>;
+    /// How many state arrays it keeps per key.
+    fn state_arrays(&self) -> usize;
+    /// One update of f32 values.
+    fn step_f32(&self, s: &Step<'_>, w: &mut [f32], g: &[f32], bufs: Vec<&mut [f32]>);
+    /// One update of f64 values.
+    fn step_f64(&self, s: &Step<'_>, w: &mut [f64], g: &[f64], bufs: Vec<&mut [f64]>);
+}
+
+/// Implements `Rule::step_f32` and `step_f64` with the type's generic
+/// `step`.
+macro_rules! steps_by_type {
+    () => {
+        fn step_f32(&self, s: &Step<'_>, w: &mut [f32], g: &[f32], bufs: Vec<&mut [f32]>) {
+            self.step(s, w, g, bufs)
+        }
+        fn step_f64(&self, s: &Step<'_>, w: &mut [f64], g: &[f64], bufs: Vec<&mut [f64]>) {
+            self.step(s, w, g, bufs)
+        }
+    };
+}
+use steps_by_type;
+
+/// What a method's step gets from the optimizer: the key's rate and decay
+/// now, its update count, gradient rescaling and clipping, and which rows.
+struct Step<'a> {
+    /// The learning rate (schedule and multiplier applied).
+    lr: f64,
+    /// The weight decay (multiplier applied).
+    wd: f64,
+    /// The key's update count, this update included.
+    t: u64,
+    rescale_grad: f64,
+    clip_gradient: Option<f64>,
+    /// The rows updated (row ids, row length), or all.
+    rows: Option<(&'a [i64], usize)>,
+}
+
+impl Step<'_> {
+    /// MXNet's `if self.clip_gradient:` for the fused kernels, then the
+    /// kernel's own `clip_gradient >= 0`.
+    fn kernel_clip<T: Real>(&self) -> Option<T> {
+        let c = self.clip_gradient.filter(|c| *c != 0.0)?;
+        let c = param_f32(c);
+        (c >= 0.0).then(|| T::of_f32(c))
+    }
+
+    /// `rescale_grad` as a kernel parameter.
+    fn rescale<T: Real>(&self) -> T {
+        T::of_f32(param_f32(self.rescale_grad))
+    }
+
+    /// Runs `f` on the whole arrays, or row by row.
+    fn each<T: Real>(&self, w: &mut [T], g: &[T], bufs: &mut [&mut [T]], f: &mut RowFn<'_, T>) {
+        match self.rows {
+            None => f(w, g, bufs),
+            Some((r, rl)) => {
+                for (i, &row) in r.iter().enumerate() {
+                    let s = row as usize * rl;
+                    let mut sub: Vec<&mut [T]> =
+                        bufs.iter_mut().map(|b| &mut b[s..s + rl]).collect();
+                    f(&mut w[s..s + rl], &g[i * rl..(i + 1) * rl], &mut sub);
+                }
+            }
+        }
+    }
 }
 
 /// An optimizer: method, learning rate, weight decay, gradient rescaling
@@ -162,55 +255,48 @@ impl Optimizer {
 
     /// SGD without momentum.
     pub fn sgd(learning_rate: f64) -> Optimizer {
-        Optimizer::with(Method::Sgd { momentum: 0.0 }, learning_rate)
+        Optimizer::with(Method::Sgd(Sgd { momentum: 0.0 }), learning_rate)
     }
 
     /// NAG with this momentum.
     pub fn nag(learning_rate: f64, momentum: f64) -> Optimizer {
-        Optimizer::with(Method::Nag { momentum }, learning_rate)
+        Optimizer::with(Method::Nag(Nag { momentum }), learning_rate)
     }
 
     /// Adam with MXNet's defaults (beta1 0.9, beta2 0.999, epsilon 1e-8).
     pub fn adam(learning_rate: f64) -> Optimizer {
         Optimizer::with(
-            Method::Adam {
+            Method::Adam(Adam {
                 beta1: 0.9,
                 beta2: 0.999,
                 epsilon: 1e-8,
-            },
+            }),
             learning_rate,
         )
     }
 
     /// AdaGrad with MXNet's default epsilon (1e-7).
     pub fn adagrad(learning_rate: f64) -> Optimizer {
-        Optimizer::with(Method::AdaGrad { epsilon: 1e-7 }, learning_rate)
+        Optimizer::with(Method::AdaGrad(AdaGrad { epsilon: 1e-7 }), learning_rate)
     }
 
     /// Sets the momentum (SGD, NAG).
     pub fn momentum(mut self, m: f64) -> Optimizer {
-        match &mut self.method {
-            Method::Sgd { momentum } | Method::Nag { momentum } => *momentum = m,
-            _ => {}
-        }
+        self.method.rule_mut().set("momentum", m);
         self
     }
 
     /// Sets Adam's betas.
     pub fn betas(mut self, b1: f64, b2: f64) -> Optimizer {
-        if let Method::Adam { beta1, beta2, .. } = &mut self.method {
-            *beta1 = b1;
-            *beta2 = b2;
-        }
+        let r = self.method.rule_mut();
+        r.set("beta1", b1);
+        r.set("beta2", b2);
         self
     }
 
     /// Sets epsilon (Adam, AdaGrad).
     pub fn epsilon(mut self, e: f64) -> Optimizer {
-        match &mut self.method {
-            Method::Adam { epsilon, .. } | Method::AdaGrad { epsilon } => *epsilon = e,
-            _ => {}
-        }
+        self.method.rule_mut().set("epsilon", e);
         self
     }
 
@@ -269,7 +355,7 @@ impl Optimizer {
         let given = params
             .iter()
             .any(|(k, _)| *k == "learning_rate" || *k == "lr");
-        if !given && !matches!(opt.method, Method::Adam { .. }) {
+        if !given && !matches!(opt.method, Method::Adam(_)) {
             opt.learning_rate = s.base_lr;
         }
         let opt = opt.lr_scheduler(s);
@@ -338,25 +424,7 @@ impl Optimizer {
                     }
                     opt.begin_num_update(v as u64)
                 }
-                "momentum" if matches!(opt.method, Method::Sgd { .. } | Method::Nag { .. }) => {
-                    opt.momentum(v)
-                }
-                "beta1" | "beta2" if matches!(opt.method, Method::Adam { .. }) => {
-                    let (b1, b2) = match opt.method {
-                        Method::Adam { beta1, beta2, .. } => (beta1, beta2),
-                        _ => unreachable!("matched Adam above"),
-                    };
-                    if k == "beta1" {
-                        opt.betas(v, b2)
-                    } else {
-                        opt.betas(b1, v)
-                    }
-                }
-                "epsilon" | "eps"
-                    if matches!(opt.method, Method::Adam { .. } | Method::AdaGrad { .. }) =>
-                {
-                    opt.epsilon(v)
-                }
+                other if opt.method.rule_mut().set(other, v) => opt,
                 other => {
                     return Err(KvError::invalid(format!(
                         "optimizer '{name}' has no parameter '{other}'"
@@ -370,12 +438,7 @@ impl Optimizer {
 
     /// The method's name, as MXNet spells it.
     pub fn name(&self) -> &'static str {
-        match self.method {
-            Method::Sgd { .. } => "sgd",
-            Method::Nag { .. } => "nag",
-            Method::Adam { .. } => "adam",
-            Method::AdaGrad { .. } => "adagrad",
-        }
+        self.method.rule().name()
     }
 
     /// Checks that every hyperparameter is finite and in range.
@@ -394,28 +457,7 @@ impl Optimizer {
         if let Some(c) = self.clip_gradient {
             all.push(("clip_gradient", c));
         }
-        match self.method {
-            Method::Sgd { momentum } | Method::Nag { momentum } => all.push(("momentum", momentum)),
-            Method::Adam {
-                beta1,
-                beta2,
-                epsilon,
-            } => {
-                all.extend([("beta1", beta1), ("beta2", beta2), ("epsilon", epsilon)]);
-                if !(0.0..1.0).contains(&beta1) {
-                    return bad("beta1", beta1);
-                }
-                if !(0.0..1.0).contains(&beta2) {
-                    return bad("beta2", beta2);
-                }
-            }
-            Method::AdaGrad { epsilon } => {
-                all.push(("epsilon", epsilon));
-                if let Some(c) = self.clip_gradient.filter(|c| *c < 0.0) {
-                    return bad("clip_gradient (AdaGrad clips to [-c, c])", c);
-                }
-            }
-        }
+        all.extend(self.method.rule().params());
         for m in self.lr_mult.values().chain(self.wd_mult.values()) {
             all.push(("a multiplier", *m));
         }
@@ -442,16 +484,8 @@ impl Optimizer {
         if self.rescale_grad == 0.0 {
             return bad("rescale_grad (0 drops every gradient)", self.rescale_grad);
         }
-        match self.method {
-            Method::Sgd { momentum } | Method::Nag { momentum }
-                if !(0.0..1.0).contains(&momentum) =>
-            {
-                return bad("momentum (must be in [0, 1))", momentum)
-            }
-            Method::Adam { epsilon, .. } | Method::AdaGrad { epsilon } if epsilon <= 0.0 => {
-                return bad("epsilon (must be above 0)", epsilon)
-            }
-            _ => {}
+        if let Some((what, v)) = self.method.rule().out_of_range(self) {
+            return bad(what, v);
         }
         Ok(())
     }
@@ -474,21 +508,9 @@ impl Optimizer {
         self.wd * self.wd_mult.get(&key).copied().unwrap_or(1.0)
     }
 
-    /// MXNet's `if self.clip_gradient:` for the fused kernels, then the
-    /// kernel's own `clip_gradient >= 0`.
-    fn kernel_clip<T: Real>(&self) -> Option<T> {
-        let c = self.clip_gradient.filter(|c| *c != 0.0)?;
-        let c = param_f32(c);
-        (c >= 0.0).then(|| T::of_f32(c))
-    }
-
     /// How many state arrays the method keeps per key.
     fn state_arrays(&self) -> usize {
-        match self.method {
-            Method::Sgd { momentum } | Method::Nag { momentum } => (momentum != 0.0) as usize,
-            Method::Adam { .. } => 2,
-            Method::AdaGrad { .. } => 1,
-        }
+        self.method.rule().state_arrays()
     }
 
     /// Updates `weight` with `grad` (dense, same length) and the key's state.
@@ -553,12 +575,18 @@ impl Optimizer {
         match (weight, grad) {
             (WeightMut::F32(w), GradRef::F32(g)) => {
                 let t = st.count + 1;
-                self.step(key, t, w, g, st.bufs_f32()?, rows);
+                let bufs = st.bufs_f32()?;
+                self.method
+                    .rule()
+                    .step_f32(&self.step_of(key, t, rows), w, g, bufs);
                 st.count = t;
             }
             (WeightMut::F64(w), GradRef::F64(g)) => {
                 let t = st.count + 1;
-                self.step(key, t, w, g, st.bufs_f64()?, rows);
+                let bufs = st.bufs_f64()?;
+                self.method
+                    .rule()
+                    .step_f64(&self.step_of(key, t, rows), w, g, bufs);
                 st.count = t;
             }
             (WeightMut::F16(w), GradRef::F16(g)) => {
@@ -568,7 +596,10 @@ impl Optimizer {
                     None => w.iter().map(|x| x.to_f32()).collect(),
                 };
                 let t = st.count + 1;
-                self.step(key, t, &mut master, &g32, st.bufs_f32()?, rows);
+                let bufs = st.bufs_f32()?;
+                self.method
+                    .rule()
+                    .step_f32(&self.step_of(key, t, rows), &mut master, &g32, bufs);
                 st.count = t;
                 match rows {
                     None => {
@@ -600,115 +631,17 @@ impl Optimizer {
         Ok(())
     }
 
-    /// One update of `w` (dense or some rows) in type `T`; `t` is the key's
-    /// update count, already incremented (MXNet's `_update_count` runs
-    /// before the learning rate is read).
-    fn step<T: Real>(
-        &self,
-        key: u64,
-        t: u64,
-        w: &mut [T],
-        g: &[T],
-        bufs: Vec<&mut [T]>,
-        rows: Option<(&[i64], usize)>,
-    ) {
-        // MXNet counts the update first, then reads the rate.
-        let lr = self.lr_of(key, self.progress.observe(t));
-        let wd = self.wd_of(key);
-        let mut bufs = bufs;
-        // Runs `f` on the whole arrays, or row by row.
-        let mut each = |f: &mut RowFn<'_, T>| match rows {
-            None => f(w, g, &mut bufs),
-            Some((r, rl)) => {
-                for (i, &row) in r.iter().enumerate() {
-                    let s = row as usize * rl;
-                    let mut sub: Vec<&mut [T]> =
-                        bufs.iter_mut().map(|b| &mut b[s..s + rl]).collect();
-                    f(&mut w[s..s + rl], &g[i * rl..(i + 1) * rl], &mut sub);
-                }
-            }
-        };
-        match self.method {
-            Method::Sgd { momentum } => {
-                // Dense arrays go through multi_sgd (lr and wd as a
-                // correctly rounded tuple); row-sparse ones through
-                // sgd_update (lr and wd as dmlc-parsed floats).
-                let dense = rows.is_none();
-                let a = sgd::SgdArgs {
-                    lr: T::of_f32(if dense { tuple_f32(lr) } else { param_f32(lr) }),
-                    wd: T::of_f32(if dense { tuple_f32(wd) } else { param_f32(wd) }),
-                    rescale: T::of_f32(param_f32(self.rescale_grad)),
-                    clip: self.kernel_clip(),
-                    momentum: T::of_f32(param_f32(momentum)),
-                };
-                each(&mut |w, g, b| {
-                    let mom = b.first_mut().map(|m| &mut **m);
-                    if dense {
-                        sgd::multi(w, g, mom, &a)
-                    } else {
-                        sgd::single(w, g, mom, &a)
-                    }
-                });
-            }
-            Method::Nag { momentum } => {
-                if momentum == 0.0 {
-                    let a = sgd::SgdArgs {
-                        lr: T::of_f32(param_f32(lr)),
-                        wd: T::of_f32(param_f32(wd)),
-                        rescale: T::of_f32(param_f32(self.rescale_grad)),
-                        clip: self.kernel_clip(),
-                        momentum: T::default(),
-                    };
-                    each(&mut |w, g, _| sgd::single(w, g, None, &a));
-                } else {
-                    let a = nag::NagArgs {
-                        lr: T::of_f32(param_f32(lr)),
-                        wd: T::of_f32(param_f32(wd)),
-                        rescale: T::of_f32(param_f32(self.rescale_grad)),
-                        clip: self.kernel_clip(),
-                        momentum: T::of_f32(param_f32(momentum)),
-                    };
-                    each(&mut |w, g, b| nag::update(w, g, b[0], &a));
-                }
-            }
-            Method::Adam {
-                beta1,
-                beta2,
-                epsilon,
-            } => {
-                // Python: coef1 = 1 - beta1**t; coef2 = 1 - beta2**t;
-                // lr *= sqrt(coef2)/coef1, all in f64.
-                let tf = t as f64;
-                let coef1 = 1.0 - beta1.powf(tf);
-                let coef2 = 1.0 - beta2.powf(tf);
-                let lr_t = lr * (coef2.sqrt() / coef1);
-                let a = adam::AdamArgs {
-                    lr: T::of_f32(param_f32(lr_t)),
-                    wd: T::of_f32(param_f32(wd)),
-                    rescale: T::of_f32(param_f32(self.rescale_grad)),
-                    clip: self.kernel_clip(),
-                    beta1: T::of_f32(param_f32(beta1)),
-                    beta2: T::of_f32(param_f32(beta2)),
-                    epsilon: T::of_f32(param_f32(epsilon)),
-                };
-                each(&mut |w, g, b| {
-                    let (m, v) = b.split_at_mut(1);
-                    adam::update(w, g, m[0], v[0], &a)
-                });
-            }
-            Method::AdaGrad { epsilon } => {
-                let sc = |x: f64| T::of_f64(scalar_of::<T>(x));
-                let a = adagrad::AdaGradArgs {
-                    rescale: sc(self.rescale_grad),
-                    clip: self
-                        .clip_gradient
-                        .map(|c| (T::of_f32(param_f32(-c)), T::of_f32(param_f32(c)))),
-                    epsilon: sc(epsilon),
-                    wd: sc(wd),
-                    neg_lr: sc(-lr),
-                };
-                each(&mut |w, g, b| adagrad::update(w, g, b[0], &a));
-            }
+    /// The step of one update: `t` is the key's update count, already
+    /// incremented (MXNet's `_update_count` runs before the learning rate
+    /// is read).
+    fn step_of<'a>(&self, key: u64, t: u64, rows: Option<(&'a [i64], usize)>) -> Step<'a> {
+        Step {
+            lr: self.lr_of(key, self.progress.observe(t)),
+            wd: self.wd_of(key),
+            t,
+            rescale_grad: self.rescale_grad,
+            clip_gradient: self.clip_gradient,
+            rows,
         }
     }
 }

@@ -2,7 +2,10 @@
 //! the weight after the update (the operator writes the weight in place),
 //! and so does this one.
 
+use super::mxparse::param_f32;
 use super::real::{clip, Real};
+use super::sgd::{momentum_out_of_range, single, SgdArgs};
+use super::{steps_by_type, Optimizer, Rule, Step};
 
 /// The kernel's parameters, already in the element type.
 pub(crate) struct NagArgs<T> {
@@ -25,4 +28,64 @@ pub(crate) fn update<T: Real>(w: &mut [T], g: &[T], mom: &mut [T], a: &NagArgs<T
         *w = *w - m1 + (a.momentum + T::ONE) * (m1 - a.lr * (gc + a.wd * *w));
         *m = m1 - a.lr * (gc + a.wd * *w);
     }
+}
+
+/// NAG's hyperparameters.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Nag {
+    /// Momentum factor (0: plain SGD, as in MXNet).
+    pub momentum: f64,
+}
+
+impl Nag {
+    fn step<T: Real>(&self, s: &Step<'_>, w: &mut [T], g: &[T], mut bufs: Vec<&mut [T]>) {
+        let (lr, wd) = (T::of_f32(param_f32(s.lr)), T::of_f32(param_f32(s.wd)));
+        if self.momentum == 0.0 {
+            let a = SgdArgs {
+                lr,
+                wd,
+                rescale: s.rescale(),
+                clip: s.kernel_clip(),
+                momentum: T::default(),
+            };
+            s.each(w, g, &mut bufs, &mut |w, g, _| single(w, g, None, &a));
+        } else {
+            let a = NagArgs {
+                lr,
+                wd,
+                rescale: s.rescale(),
+                clip: s.kernel_clip(),
+                momentum: T::of_f32(param_f32(self.momentum)),
+            };
+            s.each(w, g, &mut bufs, &mut |w, g, b| update(w, g, b[0], &a));
+        }
+    }
+}
+
+impl Rule for Nag {
+    fn name(&self) -> &'static str {
+        "nag"
+    }
+
+    fn params(&self) -> Vec<(&'static str, f64)> {
+        vec![("momentum", self.momentum)]
+    }
+
+    fn set(&mut self, name: &str, v: f64) -> bool {
+        match name {
+            "momentum" => self.momentum = v,
+            _ => return false,
+        }
+        true
+    }
+
+    fn out_of_range(&self, _: &Optimizer) -> Option<(&'static str, f64)> {
+        momentum_out_of_range(self.momentum)
+    }
+
+    fn state_arrays(&self) -> usize {
+        (self.momentum != 0.0) as usize
+    }
+
+    steps_by_type!();
 }

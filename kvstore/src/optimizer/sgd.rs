@@ -3,7 +3,9 @@
 //! arrays, aggregated or not), and `sgd_update` / `sgd_mom_update` (what it
 //! runs for row-sparse gradients, row by row).
 
+use super::mxparse::{param_f32, tuple_f32};
 use super::real::{clip, Real};
+use super::{steps_by_type, Optimizer, Rule, Step};
 
 /// The kernel's parameters, already in the element type.
 pub(crate) struct SgdArgs<T> {
@@ -63,4 +65,69 @@ pub(crate) fn single<T: Real>(w: &mut [T], g: &[T], mom: Option<&mut [T]>, a: &S
             }
         }
     }
+}
+
+/// SGD's hyperparameters.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Sgd {
+    /// Momentum factor (0: no momentum state).
+    pub momentum: f64,
+}
+
+impl Sgd {
+    fn step<T: Real>(&self, s: &Step<'_>, w: &mut [T], g: &[T], mut bufs: Vec<&mut [T]>) {
+        // Dense arrays go through multi_sgd (lr and wd as a correctly
+        // rounded tuple); row-sparse ones through sgd_update (lr and wd as
+        // dmlc-parsed floats).
+        let dense = s.rows.is_none();
+        let scalar = |x: f64| T::of_f32(if dense { tuple_f32(x) } else { param_f32(x) });
+        let a = SgdArgs {
+            lr: scalar(s.lr),
+            wd: scalar(s.wd),
+            rescale: s.rescale(),
+            clip: s.kernel_clip(),
+            momentum: T::of_f32(param_f32(self.momentum)),
+        };
+        s.each(w, g, &mut bufs, &mut |w, g, b| {
+            let mom = b.first_mut().map(|m| &mut **m);
+            if dense {
+                multi(w, g, mom, &a)
+            } else {
+                single(w, g, mom, &a)
+            }
+        });
+    }
+}
+
+impl Rule for Sgd {
+    fn name(&self) -> &'static str {
+        "sgd"
+    }
+
+    fn params(&self) -> Vec<(&'static str, f64)> {
+        vec![("momentum", self.momentum)]
+    }
+
+    fn set(&mut self, name: &str, v: f64) -> bool {
+        match name {
+            "momentum" => self.momentum = v,
+            _ => return false,
+        }
+        true
+    }
+
+    fn out_of_range(&self, _: &Optimizer) -> Option<(&'static str, f64)> {
+        momentum_out_of_range(self.momentum)
+    }
+
+    fn state_arrays(&self) -> usize {
+        (self.momentum != 0.0) as usize
+    }
+
+    steps_by_type!();
+}
+
+/// A momentum outside [0, 1) (1 or more diverges).
+pub(crate) fn momentum_out_of_range(m: f64) -> Option<(&'static str, f64)> {
+    (!(0.0..1.0).contains(&m)).then_some(("momentum (must be in [0, 1))", m))
 }
