@@ -801,6 +801,19 @@ mod tests {
     use schedule::LrScheduler;
 
     #[test]
+    fn a_method_serializes_as_before_the_rule_types() {
+        // The shape workers send and checkpoints keep: {"Sgd":{"momentum":..}}.
+        let o = Optimizer::sgd(0.1).momentum(0.5);
+        let j = serde_json::to_value(&o.method).unwrap();
+        assert_eq!(j, serde_json::json!({"Sgd": {"momentum": 0.5}}));
+        let a = serde_json::to_value(&Optimizer::adam(0.1).method).unwrap();
+        assert_eq!(
+            a,
+            serde_json::json!({"Adam": {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}})
+        );
+    }
+
+    #[test]
     fn sgd_follows_the_formula() {
         let opt = Optimizer::sgd(0.5);
         let mut w = vec![1.0f32, 2.0];
