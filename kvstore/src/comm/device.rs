@@ -190,16 +190,7 @@ pub(crate) fn quantize(
             rm.ok_or_else(missing)?,
             km.ok_or_else(missing)?,
         );
-        match c {
-            Compression::TwoBit { threshold } => {
-                dev.quantize_2bit(Lane::Compute, &gm, &rm, &km, threshold)?
-            }
-            Compression::OneBit { threshold } => {
-                dev.quantize_1bit(Lane::Compute, &gm, &rm, &km, threshold)?
-            }
-            Compression::None => return Err(KvError::invalid("quantize without compression")),
-        }
-        Ok(())
+        c.quantize_on(dev, Lane::Compute, &gm, &rm, &km)
     })
 }
 
@@ -222,13 +213,6 @@ pub(crate) fn dequantize(
         let (km, om) = unsafe { (k.data().dev.clone(), o.data().dev.clone()) };
         let missing = || KvError::invalid("a device dequantize of a host tensor");
         let (km, om) = (km.ok_or_else(missing)?, om.ok_or_else(missing)?);
-        match c {
-            Compression::TwoBit { threshold } => {
-                dev.dequantize_2bit(Lane::Compute, &km, &om, threshold)?
-            }
-            Compression::OneBit { .. } => dev.dequantize_1bit(Lane::Compute, &km, &om)?,
-            Compression::None => return Err(KvError::invalid("dequantize without compression")),
-        }
-        Ok(())
+        c.dequantize_on(dev, Lane::Compute, &km, &om)
     })
 }

@@ -381,33 +381,21 @@ impl DistStore {
                     0,
                     p.len * unit,
                 )
+                .map_err(KvError::from)
                 .and_then(|()| {
                     let (g, r, c) = (&dc.grad[i], &dc.residual[i], &dc.codes[i]);
-                    match compression {
-                        Compression::TwoBit { threshold } => {
-                            dev.quantize_2bit(Lane::Compute, g, r, c, threshold)
-                        }
-                        Compression::OneBit { threshold } => {
-                            dev.quantize_1bit(Lane::Compute, g, r, c, threshold)
-                        }
-                        Compression::None => Err(KernelError::Config(
-                            "a device quantize without compression".into(),
-                        )),
-                    }
+                    compression.quantize_on(&*dev, Lane::Compute, g, r, c)
                 })
                 .and_then(|()| {
                     // SAFETY: the codes land behind the part's header,
                     // within `dc.host`, which this op owns until its
                     // compute lane is drained (`settle`).
-                    unsafe {
-                        dev.download(
-                            Lane::Compute,
-                            &dc.codes[i],
-                            0,
-                            base.add(off + HEADER),
-                            len - HEADER,
-                        )
-                    }
+                    let codes = unsafe { base.add(off + HEADER) };
+                    // SAFETY: as above.
+                    let queued = unsafe {
+                        dev.download(Lane::Compute, &dc.codes[i], 0, codes, len - HEADER)
+                    };
+                    Ok(queued?)
                 });
             if let Err(e) = queued {
                 self.send_prepared(dk, &inf, &round, i, Err(e.to_string()));

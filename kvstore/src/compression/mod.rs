@@ -1,6 +1,9 @@
 //! Gradient compression: MXNet's 2-bit and 1-bit schemes with error
 //! feedback (each sender keeps a residual per key), over pskv-gpu's
-//! kernels, and the wire form of a compressed message.
+//! kernels, and the wire form of a compressed message. One file per scheme
+//! (`two_bit.rs`, `one_bit.rs`), each a type implementing [`Scheme`]: its
+//! code layout and its kernels, on the CPU and on a device; this file is
+//! the setting and the message.
 //!
 //! Wire form of one compressed part: `n: u32`, `threshold: f32`, then the
 //! `pskv_gpu::layout` words of `n` codes, all little-endian. The header
@@ -8,10 +11,63 @@
 //! "set compression" command before it can decode (MXNet's server does,
 //! and sends the original size in a dummy key).
 
+mod one_bit;
+mod two_bit;
+
 use bytes::Bytes;
-use pskv_gpu::{cpu::CpuKernels, layout, Kernels};
+use pskv_gpu::cpu::CpuKernels;
+use pskv_gpu::device::{Device, DeviceMem, Lane};
+use pskv_gpu::KernelError;
 
 use crate::error::{KvError, Result};
+
+/// One compression scheme: how many code words `n` values take, and its
+/// kernels (quantize with error feedback, dequantize, dequantize-and-add)
+/// on the CPU and on a device. A new scheme is a file with a type
+/// implementing this, a `Compression` variant, and its wire code.
+pub(crate) trait Scheme: Sync {
+    /// Words of codes for `n` values.
+    fn words(&self, n: usize) -> usize;
+    /// Quantizes `grad` with `residual` into `codes`.
+    fn quantize(
+        &self,
+        k: &CpuKernels,
+        grad: &[f32],
+        residual: &mut [f32],
+        codes: &mut [u32],
+        threshold: f32,
+    ) -> Result<()>;
+    /// Dequantizes `codes` into `out`.
+    fn dequantize(
+        &self,
+        k: &CpuKernels,
+        codes: &[u32],
+        out: &mut [f32],
+        threshold: f32,
+    ) -> Result<()>;
+    /// Adds the dequantized codes to `out`, in one pass (the same additions
+    /// as dequantizing into a buffer and adding it, without the buffer).
+    fn add_dequantized(&self, codes: &[u32], out: &mut [f32], threshold: f32);
+    /// Queues the quantize on `dev`'s `lane`.
+    fn quantize_on(
+        &self,
+        dev: &dyn Device,
+        lane: Lane,
+        grad: &DeviceMem,
+        residual: &DeviceMem,
+        codes: &DeviceMem,
+        threshold: f32,
+    ) -> std::result::Result<(), KernelError>;
+    /// Queues the dequantize on `dev`'s `lane`.
+    fn dequantize_on(
+        &self,
+        dev: &dyn Device,
+        lane: Lane,
+        codes: &DeviceMem,
+        out: &DeviceMem,
+        threshold: f32,
+    ) -> std::result::Result<(), KernelError>;
+}
 
 /// Bytes of the header of a compressed part.
 pub(crate) const HEADER: usize = 8;
@@ -123,13 +179,50 @@ impl Compression {
         }
     }
 
+    /// The scheme, if gradients are compressed.
+    pub(crate) fn scheme(&self) -> Option<&'static dyn Scheme> {
+        match self {
+            Compression::None => None,
+            Compression::TwoBit { .. } => Some(&two_bit::TwoBit),
+            Compression::OneBit { .. } => Some(&one_bit::OneBit),
+        }
+    }
+
+    /// The scheme, or an error saying `what` needs one.
+    fn needs(&self, what: &str) -> Result<&'static dyn Scheme> {
+        self.scheme()
+            .ok_or_else(|| KvError::invalid(format!("{what} without compression")))
+    }
+
     /// Words of codes for `n` elements.
     pub(crate) fn words(&self, n: usize) -> usize {
-        match self {
-            Compression::None => 0,
-            Compression::TwoBit { .. } => layout::words_2bit(n),
-            Compression::OneBit { .. } => layout::words_1bit(n),
-        }
+        self.scheme().map_or(0, |s| s.words(n))
+    }
+
+    /// Queues the quantize of `grad` with `residual` into `codes` on
+    /// `dev`'s `lane`.
+    pub(crate) fn quantize_on(
+        &self,
+        dev: &dyn Device,
+        lane: Lane,
+        grad: &DeviceMem,
+        residual: &DeviceMem,
+        codes: &DeviceMem,
+    ) -> Result<()> {
+        let s = self.needs("a device quantize")?;
+        Ok(s.quantize_on(dev, lane, grad, residual, codes, self.threshold())?)
+    }
+
+    /// Queues the dequantize of `codes` into `out` on `dev`'s `lane`.
+    pub(crate) fn dequantize_on(
+        &self,
+        dev: &dyn Device,
+        lane: Lane,
+        codes: &DeviceMem,
+        out: &DeviceMem,
+    ) -> Result<()> {
+        let s = self.needs("a device dequantize")?;
+        Ok(s.dequantize_on(dev, lane, codes, out, self.threshold())?)
     }
 
     /// Quantizes `grad` with `residual` into `codes`.
@@ -140,24 +233,14 @@ impl Compression {
         residual: &mut [f32],
         codes: &mut [u32],
     ) -> Result<()> {
-        match *self {
-            Compression::None => Err(KvError::invalid("quantize without compression")),
-            Compression::TwoBit { threshold } => {
-                Ok(k.quantize_2bit(grad, residual, codes, threshold)?)
-            }
-            Compression::OneBit { threshold } => {
-                Ok(k.quantize_1bit(grad, residual, codes, threshold)?)
-            }
-        }
+        self.needs("quantize")?
+            .quantize(k, grad, residual, codes, self.threshold())
     }
 
     /// Dequantizes `codes` into `out`.
     pub(crate) fn dequantize(&self, k: &CpuKernels, codes: &[u32], out: &mut [f32]) -> Result<()> {
-        match *self {
-            Compression::None => Err(KvError::invalid("dequantize without compression")),
-            Compression::TwoBit { threshold } => Ok(k.dequantize_2bit(codes, out, threshold)?),
-            Compression::OneBit { .. } => Ok(k.dequantize_1bit(codes, out)?),
-        }
+        self.needs("dequantize")?
+            .dequantize(k, codes, out, self.threshold())
     }
 
     /// Quantizes `grad` with `residual` into a message (header and codes).
@@ -236,63 +319,16 @@ impl Compression {
             ),
         };
         if add {
-            add_dequantized(scheme, &codes, out);
+            scheme
+                .needs("dequantize")
+                .map_err(|e| e.to_string())?
+                .add_dequantized(&codes, out, threshold);
         } else {
             scheme
                 .dequantize(k, &codes, out)
                 .map_err(|e| e.to_string())?;
         }
         Ok(())
-    }
-}
-
-/// `out[i] += dequantized code i`, in one pass (the same additions as
-/// dequantizing into a buffer and adding it, without the buffer).
-fn add_dequantized(scheme: Compression, codes: &[u32], out: &mut [f32]) {
-    match scheme {
-        Compression::TwoBit { threshold } => {
-            // One byte holds four codes, the first in its top bits: a table
-            // of the four values of each byte, added four lanes at a time.
-            let value = |c: u32| match c {
-                layout::CODE_POS => threshold,
-                layout::CODE_NEG => -threshold,
-                _ => 0.0f32,
-            };
-            let mut lut = [[0.0f32; 4]; 256];
-            for (b, e) in lut.iter_mut().enumerate() {
-                for (k, v) in e.iter_mut().enumerate() {
-                    *v = value(((b as u32) >> (6 - 2 * k)) & 3);
-                }
-            }
-            let bytes: &[u8] = bytemuck::cast_slice(codes);
-            let whole = out.len() / 4;
-            let mut quads = out.chunks_exact_mut(4);
-            for (q, &b) in (&mut quads).zip(bytes) {
-                let l = &lut[b as usize];
-                q[0] += l[0];
-                q[1] += l[1];
-                q[2] += l[2];
-                q[3] += l[3];
-            }
-            let rest = quads.into_remainder();
-            if let Some(&b) = bytes.get(whole) {
-                for (k, o) in rest.iter_mut().enumerate() {
-                    *o += lut[b as usize][k];
-                }
-            }
-        }
-        Compression::OneBit { .. } => {
-            let table = [-1.0f32, 1.0];
-            for (w, chunk) in codes
-                .iter()
-                .zip(out.chunks_mut(layout::CODES_PER_WORD_1BIT))
-            {
-                for (k, o) in chunk.iter_mut().enumerate() {
-                    *o += table[((w >> layout::shift_1bit(k)) & 1) as usize];
-                }
-            }
-        }
-        Compression::None => {}
     }
 }
 
