@@ -17,17 +17,7 @@ const WORKERS: u32 = 3;
 const SERVERS: u32 = 2;
 const STEPS: u64 = 5;
 
-fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use pskv_test_support::values;
 
 /// A small key, a key split over both servers in several parts, a string key.
 fn keys() -> Vec<(Key, usize)> {

@@ -62,15 +62,7 @@ fn f32s(b: &[u8]) -> Vec<f32> {
 }
 
 fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        })
-        .collect()
+    pskv_test_support::values_in(seed, n, 2.0)
 }
 
 #[test]

@@ -25,18 +25,7 @@ fn zeros(e: &Engine, n: usize) -> Tensor {
     Tensor::zeros(e, &[n], DType::F32, Context::Cpu).unwrap()
 }
 
-/// Deterministic pseudo-random values.
-fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use pskv_test_support::values;
 
 #[test]
 fn push_sums_the_devices_and_pull_sees_it() {

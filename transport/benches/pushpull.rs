@@ -15,21 +15,12 @@
 //! over workers, over each worker's median round trip).
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use pskv_test_support::{free_port, Procs};
+
 const BIN: &str = env!("CARGO_BIN_EXE_pskv-net");
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 #[derive(Clone, Debug)]
 struct Line {
@@ -48,14 +39,6 @@ fn parse(line: &str) -> Option<Line> {
         bytes: field("bytes")? as usize,
         median_us: field("median_us")?,
     })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn sizes() -> String {

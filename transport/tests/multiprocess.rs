@@ -8,27 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use pskv_test_support::{free_port, Procs};
+
 const BIN: &str = env!("CARGO_BIN_EXE_pskv-net");
-
-/// Children killed (SIGKILL) and reaped when dropped.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn node(role: &str, port: u16, s: u32, w: u32, env: &[(&str, &str)], args: &[&str]) -> Command {
     let mut c = Command::new(BIN);

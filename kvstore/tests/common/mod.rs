@@ -134,17 +134,8 @@ impl Cluster {
     }
 }
 
-pub fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+#[allow(unused_imports)] // not every test file draws values
+pub use pskv_test_support::values;
 
 pub fn tensor<T: Elem>(e: &Engine, v: &[T]) -> Tensor {
     Tensor::from_slice(e, &[v.len()], v, Context::Cpu).unwrap()
