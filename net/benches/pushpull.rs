@@ -2,7 +2,7 @@
 //! measured in the same run: two processes exchanging the same bytes over a
 //! plain TCP socket (`pskv-net raw-echo` / `raw-client`).
 //!
-//! Run: `cargo bench -p pskv-transport --bench pushpull`
+//! Run: `cargo bench -p pskv-net --bench pushpull`
 //! (`PSKV_BENCH_SIZES=4,4K,1M` narrows the sweep; `PSKV_BENCH_REPEAT=n`
 //! runs every configuration n times (default 3) and keeps, per size, the run
 //! with the median result; `PSKV_BENCH_JSON=path` writes the lines as JSON.)
