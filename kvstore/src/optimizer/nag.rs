@@ -4,7 +4,7 @@
 
 use super::mxparse::param_f32;
 use super::real::{clip, Real};
-use super::sgd::{momentum_out_of_range, single, SgdArgs};
+use super::sgd::{momentum_rule, single, SgdArgs};
 use super::{steps_by_type, Optimizer, Rule, Step};
 
 /// The kernel's parameters, already in the element type.
@@ -67,25 +67,6 @@ impl Rule for Nag {
         "nag"
     }
 
-    fn params(&self) -> Vec<(&'static str, f64)> {
-        vec![("momentum", self.momentum)]
-    }
-
-    fn set(&mut self, name: &str, v: f64) -> bool {
-        match name {
-            "momentum" => self.momentum = v,
-            _ => return false,
-        }
-        true
-    }
-
-    fn out_of_range(&self, _: &Optimizer) -> Option<(&'static str, f64)> {
-        momentum_out_of_range(self.momentum)
-    }
-
-    fn state_arrays(&self) -> usize {
-        (self.momentum != 0.0) as usize
-    }
-
+    momentum_rule!();
     steps_by_type!();
 }

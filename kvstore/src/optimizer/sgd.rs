@@ -104,30 +104,35 @@ impl Rule for Sgd {
         "sgd"
     }
 
-    fn params(&self) -> Vec<(&'static str, f64)> {
-        vec![("momentum", self.momentum)]
-    }
-
-    fn set(&mut self, name: &str, v: f64) -> bool {
-        match name {
-            "momentum" => self.momentum = v,
-            _ => return false,
-        }
-        true
-    }
-
-    fn out_of_range(&self, _: &Optimizer) -> Option<(&'static str, f64)> {
-        momentum_out_of_range(self.momentum)
-    }
-
-    fn state_arrays(&self) -> usize {
-        (self.momentum != 0.0) as usize
-    }
-
+    momentum_rule!();
     steps_by_type!();
 }
 
-/// A momentum outside [0, 1) (1 or more diverges).
-pub(crate) fn momentum_out_of_range(m: f64) -> Option<(&'static str, f64)> {
-    (!(0.0..1.0).contains(&m)).then_some(("momentum (must be in [0, 1))", m))
+/// The `Rule` methods of a method whose one hyperparameter is `momentum`
+/// in [0, 1), with a state array when it is not 0 (SGD, NAG).
+macro_rules! momentum_rule {
+    () => {
+        fn params(&self) -> Vec<(&'static str, f64)> {
+            vec![("momentum", self.momentum)]
+        }
+
+        fn set(&mut self, name: &str, v: f64) -> bool {
+            if name != "momentum" {
+                return false;
+            }
+            self.momentum = v;
+            true
+        }
+
+        fn out_of_range(&self, _: &Optimizer) -> Option<(&'static str, f64)> {
+            // 1 or more diverges.
+            (!(0.0..1.0).contains(&self.momentum))
+                .then_some(("momentum (must be in [0, 1))", self.momentum))
+        }
+
+        fn state_arrays(&self) -> usize {
+            (self.momentum != 0.0) as usize
+        }
+    };
 }
+pub(crate) use momentum_rule;
