@@ -33,7 +33,7 @@ use pskv_engine::{Completion, Context};
 use pskv_gpu::device::{self, Device, DeviceMem, Lane};
 use pskv_gpu::KernelError;
 
-use super::inflight::OutPtr;
+use super::inflight::{Inflight, OutPtr};
 use super::ops::answer_into;
 use super::parts::{OnAnswer, Round};
 use super::{DistKey, DistStore};
@@ -194,6 +194,12 @@ fn device_mem(t: &Tensor) -> Result<DeviceMem> {
         .ok_or_else(|| KvError::invalid("a GPU tensor without device memory"))
 }
 
+/// The device of `grad` (a tensor on a GPU) and its buffer.
+fn on_device(grad: &Tensor) -> Result<(Arc<dyn Device>, DeviceMem)> {
+    let n = gpu_of(grad.ctx()).ok_or_else(|| KvError::invalid("a device send from the host"))?;
+    Ok((device::open(n)?, device_mem(grad)?))
+}
+
 /// A host buffer's bytes made unique (a shared one is replaced, T2) and
 /// its address.
 fn unique(buf: &mut Arc<Buf>) -> HostPtr {
@@ -257,6 +263,30 @@ impl DistStore {
         Ok((on_answer, vec![(dev, Lane::Copy)]))
     }
 
+    /// Sends part `i` of an op once the device work queued for it on
+    /// `lane` is done (`queued`: whether queuing it worked), with the
+    /// values `payload` then builds; a failure fails the part.
+    fn send_when_done(
+        self: &Arc<Self>,
+        dev: &dyn Device,
+        lane: Lane,
+        (dk, inf, round, i): (&Arc<DistKey>, &Arc<Inflight>, &Round, usize),
+        queued: std::result::Result<(), String>,
+        payload: impl FnOnce() -> std::result::Result<(Bytes, u16), String> + Send + 'static,
+    ) {
+        if let Err(e) = queued {
+            return self.send_prepared(dk, inf, round, i, Err(e));
+        }
+        let (me, dk, inf, round) = (self.clone(), dk.clone(), inf.clone(), round.clone());
+        dev.then(
+            lane,
+            Box::new(move |r| {
+                let prepared = r.map_err(|e| e.to_string()).and_then(|()| payload());
+                me.send_prepared(&dk, &inf, &round, i, prepared);
+            }),
+        );
+    }
+
     /// Sends the dense gradient `grad`, on a GPU, through the pinned send
     /// buffer `h`: per part, a device-to-host copy, then the part's request
     /// once the device reports the copy done. Inside the op (it reads
@@ -272,10 +302,7 @@ impl DistStore {
         completion: Completion,
         settle: Lanes,
     ) {
-        let prepared = gpu_of(grad.ctx())
-            .ok_or_else(|| KvError::invalid("a staged send from the host"))
-            .and_then(|n| Ok((device::open(n)?, device_mem(grad)?)));
-        let (dev, src) = match prepared {
+        let (dev, src) = match on_device(grad) {
             Ok(x) => x,
             Err(e) => return completion.fail(e),
         };
@@ -296,31 +323,27 @@ impl DistStore {
             // SAFETY: `at..at + len` is within `h` (the key's size), which
             // this op owns until its copy lane is drained (`settle`).
             let queued = unsafe { dev.download(Lane::Copy, &src, at, base.add(at), len) };
-            if let Err(e) = queued {
-                self.send_prepared(dk, &inf, &round, i, Err(e.to_string()));
-                continue;
-            }
-            let (me, dk2, inf2, round2) = (self.clone(), dk.clone(), inf.clone(), round.clone());
-            let buf = buf.clone();
-            dev.then(
+            let (me, buf) = (self.clone(), buf.clone());
+            let part = (dk, &inf, &round, i);
+            self.send_when_done(
+                &*dev,
                 Lane::Copy,
-                Box::new(move |r| {
-                    let prepared = r.map_err(|e| e.to_string()).and_then(|()| {
-                        // SAFETY: within `h`, as above; the download that
-                        // wrote these bytes is done.
-                        let ptr = HostPtr(unsafe { base.add(at) });
-                        // SAFETY: as `HostPart::as_ref` (`buf` is alive).
-                        let bytes = unsafe { std::slice::from_raw_parts(ptr.0, len) };
-                        me.dense_payload(seg.as_ref(), bytes, || {
-                            Bytes::from_owner(HostPart {
-                                _keep: buf.clone(),
-                                ptr,
-                                len,
-                            })
+                part,
+                queued.map_err(|e| e.to_string()),
+                move || {
+                    // SAFETY: within `h`, as above; the download that wrote
+                    // these bytes is done.
+                    let ptr = HostPtr(unsafe { base.add(at) });
+                    // SAFETY: as `HostPart::as_ref` (`buf` is alive).
+                    let bytes = unsafe { std::slice::from_raw_parts(ptr.0, len) };
+                    me.dense_payload(seg.as_ref(), bytes, || {
+                        Bytes::from_owner(HostPart {
+                            _keep: buf.clone(),
+                            ptr,
+                            len,
                         })
-                    });
-                    me.send_prepared(&dk2, &inf2, &round2, i, prepared);
-                }),
+                    })
+                },
             );
         }
     }
@@ -341,14 +364,10 @@ impl DistStore {
         settle: Lanes,
     ) {
         let mut slot = dk.stage.codes.lock();
-        let prepared = gpu_of(grad.ctx())
-            .ok_or_else(|| KvError::invalid("a device quantize from the host"))
-            .and_then(|n| {
-                let dev = device::open(n)?;
-                let src = device_mem(grad)?;
-                DeviceCodes::ensure(&mut slot, &*dev, dk, compression)?;
-                Ok((dev, src))
-            });
+        let prepared = on_device(grad).and_then(|(dev, src)| {
+            DeviceCodes::ensure(&mut slot, &*dev, dk, compression)?;
+            Ok((dev, src))
+        });
         let (dev, src) = match prepared {
             Ok(x) => x,
             Err(e) => return completion.fail(e),
@@ -401,32 +420,23 @@ impl DistStore {
                     };
                     Ok(queued?)
                 });
-            if let Err(e) = queued {
-                self.send_prepared(dk, &inf, &round, i, Err(e.to_string()));
-                continue;
-            }
-            let (me, dk2, inf2, round2, buf) = (
-                self.clone(),
-                dk.clone(),
-                inf.clone(),
-                round.clone(),
-                buf.clone(),
-            );
-            dev.then(
+            let buf = buf.clone();
+            let part = (dk, &inf, &round, i);
+            self.send_when_done(
+                &*dev,
                 Lane::Compute,
-                Box::new(move |r| {
-                    let prepared = r.map_err(|e| e.to_string()).map(|()| {
-                        let part = HostPart {
-                            _keep: buf,
-                            // SAFETY: the part's message within `dc.host`,
-                            // written (header, then the download) by now.
-                            ptr: HostPtr(unsafe { base.add(off) }),
-                            len,
-                        };
-                        (Bytes::from_owner(part), 0)
-                    });
-                    me.send_prepared(&dk2, &inf2, &round2, i, prepared);
-                }),
+                part,
+                queued.map_err(|e| e.to_string()),
+                move || {
+                    let part = HostPart {
+                        _keep: buf,
+                        // SAFETY: the part's message within `dc.host`, written
+                        // (header, then the download) by now.
+                        ptr: HostPtr(unsafe { base.add(off) }),
+                        len,
+                    };
+                    Ok((Bytes::from_owner(part), 0))
+                },
             );
         }
     }
