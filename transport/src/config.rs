@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use crate::error::TransportError;
 use crate::protocol::Role;
-use crate::wire::Limits;
+use crate::wire::{Limits, VanId};
 
 /// Which van carries data between two nodes.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -50,15 +50,22 @@ pub enum VanKind {
 }
 
 impl VanKind {
-    pub(crate) fn is_rdma(self) -> bool {
-        matches!(self, VanKind::Rdma | VanKind::RdmaEmulated)
+    /// The RDMA van this setting runs, if any.
+    pub(crate) fn rdma(self) -> Option<VanId> {
+        match self {
+            VanKind::Rdma => Some(VanId::Rdma),
+            VanKind::RdmaEmulated => Some(VanId::RdmaEmulated),
+            _ => None,
+        }
     }
 
-    pub(crate) fn rdma_name(self) -> &'static str {
-        if self == VanKind::RdmaEmulated {
-            "rdma-emulated"
-        } else {
-            "rdma"
+    /// The vans a node with this setting takes when a peer offers them
+    /// (TCP always).
+    pub(crate) fn accepts(self, van: VanId) -> bool {
+        match van {
+            VanId::Tcp => true,
+            VanId::Shm => matches!(self, VanKind::Shm | VanKind::Auto),
+            VanId::Rdma | VanId::RdmaEmulated => self.rdma() == Some(van),
         }
     }
 }

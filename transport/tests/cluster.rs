@@ -476,7 +476,7 @@ fn every_van_gives_the_same_results() {
         let c = cluster_van(2, 2, None, van);
         let want_van = match van {
             VanKind::Tcp => "tcp",
-            VanKind::RdmaEmulated => "rdma",
+            VanKind::RdmaEmulated => "rdma-emulated",
             _ => "shm",
         };
         assert_eq!(c.workers[0].van_to(8), Some(want_van), "{van:?}");

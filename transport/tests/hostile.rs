@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pskv_transport::wire::{Control, Decoder, Flags, Frame, Kind, Limits, HEADER_LEN};
+use pskv_transport::wire::{Control, Decoder, Flags, Frame, Kind, Limits, VanId, HEADER_LEN};
 use pskv_transport::{
     Config, KvRequest, KvWorker, Postoffice, RequestHandler, RequestOptions, Responder, Role,
     VanKind,
@@ -325,11 +325,8 @@ fn log_in(addr: SocketAddr, node_id: u32) -> TcpStream {
     s.write_all(&auth.to_frame(node_id, 0).encode()).unwrap();
     assert!(matches!(next(&mut s), Control::AuthOk { .. }));
     let offer = Control::VanOffer {
-        van: "tcp".into(),
-        to_acceptor: String::new(),
-        to_connector: String::new(),
-        ring_bytes: 0,
-        endpoint: Vec::new(),
+        van: VanId::Tcp,
+        offer: Vec::new(),
     };
     s.write_all(&offer.to_frame(node_id, 0).encode()).unwrap();
     assert!(matches!(next(&mut s), Control::VanAnswer { ok: true, .. }));

@@ -465,3 +465,114 @@ fn requests_complete_exactly_once_and_fail_on_death() {
         );
     }
 }
+
+// ---- the login handshake ------------------------------------------------
+
+use pskv_transport::protocol::handshake::HandshakeError;
+use pskv_transport::wire::VanId;
+use sim::handshake::{run_handshake, End, HsFaults, HsSetup, HS_TIMEOUT};
+
+const HS_NASTY: HsFaults = HsFaults {
+    loss: 0.1,
+    dup: 0.1,
+    slow: 0.05,
+    max_delay: Duration::from_millis(40),
+};
+
+/// Many handshakes per seed under loss, duplication and delay: each ends on
+/// both sides within its deadlines (H3); a side is done only if the other
+/// is, with the same van, the same answer and the proved ids (H1, H2); one
+/// that no fault touched is done on both sides; every failure says why.
+#[test]
+fn handshakes_end_in_time_and_agree_under_loss_duplication_and_delay() {
+    for seed in seeds() {
+        let mut rng = Rng(seed);
+        let (mut clean, mut failed) = (0, 0);
+        for i in 0..300u32 {
+            let mut setup = HsSetup::plain(9 + 2 * (i % 7), 8);
+            if rng.chance(0.2) {
+                setup.answer = Err("no shared memory here".into());
+            }
+            let start = Instant::now();
+            let run = run_handshake(&mut rng, HS_NASTY, &setup, start);
+            // Three waits at most, each bounded by the deadline.
+            assert!(
+                run.ended <= start + 3 * HS_TIMEOUT + Duration::from_secs(1),
+                "seed {seed} #{i}: ended after {:?}",
+                run.ended - start
+            );
+            match (&run.connector, &run.acceptor) {
+                (End::Done(c), End::Done(a)) => {
+                    assert_eq!(c.peer, setup.acceptor_id, "seed {seed} #{i}");
+                    assert_eq!(a.peer, setup.connector_id, "seed {seed} #{i}");
+                    assert_eq!((c.van, &c.answer), (a.van, &a.answer), "seed {seed} #{i}");
+                    assert_eq!((c.van, &c.answer), (VanId::Shm, &setup.answer));
+                    clean += 1;
+                }
+                (End::Done(c), other) => {
+                    panic!(
+                        "seed {seed} #{i}: the connector is done ({c:?}), the acceptor {other:?}"
+                    )
+                }
+                (other, End::Done(_)) | (other, End::Failed(_)) => {
+                    if let End::Failed(e) = other {
+                        assert!(!e.to_string().is_empty(), "seed {seed} #{i}");
+                    }
+                    assert!(run.faulted, "seed {seed} #{i}: no fault, yet {other:?}");
+                    failed += 1;
+                }
+            }
+        }
+        // The faults make some fail and leave most whole.
+        assert!(
+            clean >= 30 && failed >= 30,
+            "seed {seed}: {clean} done, {failed} failed"
+        );
+    }
+}
+
+/// A connector that dials again after each failure (as `join` does) gets
+/// through, with fresh nonces each time.
+#[test]
+fn a_retried_handshake_gets_through_the_faults() {
+    for seed in seeds() {
+        let mut rng = Rng(seed ^ 0x5eed);
+        let setup = HsSetup::plain(11, 8);
+        let mut now = Instant::now();
+        let tries = (1..=50)
+            .find(|_| {
+                let run = run_handshake(&mut rng, HS_NASTY, &setup, now);
+                now = run.ended + Duration::from_millis(100);
+                matches!(run.connector, End::Done(_))
+            })
+            .unwrap_or_else(|| panic!("seed {seed}: 50 tries failed"));
+        assert!(tries <= 10, "seed {seed}: {tries} tries");
+    }
+}
+
+/// Wrong tokens and fenced ids fail on both sides, with the reason on the
+/// connector's side too, whatever the network does.
+#[test]
+fn refusals_reach_the_connector_and_never_end_done() {
+    for seed in seeds() {
+        let mut rng = Rng(seed);
+        let mut wrong = HsSetup::plain(9, 8);
+        wrong.token_a = Some(b"another token".to_vec());
+        let mut fenced = HsSetup::plain(9, 8);
+        fenced.admit = Err("node 9 was declared dead".into());
+        for (setup, reason) in [(wrong, "wrong cluster token"), (fenced, "declared dead")] {
+            for _ in 0..50 {
+                let run = run_handshake(&mut rng, HS_NASTY, &setup, Instant::now());
+                let auth = |e: &End| matches!(e, End::Failed(HandshakeError::Auth(_)));
+                assert!(auth(&run.acceptor), "seed {seed}: {:?}", run.acceptor);
+                assert!(auth(&run.connector), "seed {seed}: {:?}", run.connector);
+                if !run.faulted {
+                    let End::Failed(e) = &run.connector else {
+                        unreachable!()
+                    };
+                    assert!(e.to_string().contains(reason), "seed {seed}: {e}");
+                }
+            }
+        }
+    }
+}

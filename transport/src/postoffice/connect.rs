@@ -1,7 +1,8 @@
 //! Links: joining the cluster (registration through the scheduler, then a
-//! link to every server), the connector's and the acceptor's side of the
-//! login handshake (the token's challenge and proof, then the van offer and
-//! answer), and starting the chosen van on the link.
+//! link to every server), and the I/O of the login handshake: this file
+//! runs `protocol::handshake`'s machines over the new TCP connection,
+//! answers their questions (admission, which van to offer, what to answer
+//! to an offer) and starts the chosen van on the link.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -13,11 +14,14 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::config::VanKind;
 use crate::error::TransportError;
 use crate::link::Link;
+use crate::protocol::handshake::{
+    Acceptor, AcceptorConfig, Action, Connector, ConnectorConfig, Done, Handshake, HandshakeError,
+};
 use crate::protocol::{describe, role_rank, NodeId, Role, SCHEDULER_ID};
 use crate::security;
 use crate::van::tcp::{self, FrameReader};
-use crate::van::{rdma, shm};
-use crate::wire::{Control, Limits, NodeInfo};
+use crate::van::{rdma, shm, Half, Handshaken, Van};
+use crate::wire::{Control, Limits, NodeInfo, VanId};
 
 use super::{Ctl, Inner, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES};
 
@@ -122,205 +126,165 @@ impl Inner {
         let stream = tcp::connect(addr, Duration::from_secs(5))
             .await
             .map_err(|e| TransportError::io(format!("connecting to {addr}"), e))?;
-        let (rd, mut wr) = stream.into_split();
-        let mut reader = FrameReader::new(rd, Limits::HANDSHAKE);
+        let (rd, wr) = stream.into_split();
+        let mut conn = Handshaken {
+            reader: FrameReader::new(rd, Limits::HANDSHAKE),
+            wr,
+        };
         let who = format!("{} at {addr}", describe(peer));
-        let auth_err = |reason: String| TransportError::Auth {
-            peer: who.clone(),
-            reason,
-        };
-        let frame = tcp::read_frame_timeout(&mut reader, HANDSHAKE_TIMEOUT)
-            .await
-            .map_err(|e| auth_err(format!("no challenge: {e}")))?;
-        let nonce_a = match Control::from_frame(&frame) {
-            Ok(Control::Challenge { nonce }) => nonce,
-            Ok(Control::AuthRefused { reason }) => return Err(auth_err(reason)),
-            other => return Err(auth_err(format!("expected a challenge, got {other:?}"))),
-        };
-        let nonce_c = security::nonce();
         let me = self.my_id();
-        let token = self.token.as_deref().unwrap_or(&[]);
-        let mac = security::connector_mac(token, &nonce_a, &nonce_c, me);
         let epoch = match &*self.ctl.lock() {
             Ctl::Member(m) => m.epoch(),
             Ctl::Scheduler(_) => 0,
         };
-        tcp::write_frame(
-            &mut wr,
-            &Control::Auth {
-                nonce: nonce_c,
-                node_id: me,
+        let mut hs = Connector::new(
+            ConnectorConfig {
+                me,
+                peer,
                 epoch,
-                mac,
+                token: self.token.clone().unwrap_or_default(),
+                nonce: security::nonce(),
+                timeout: HANDSHAKE_TIMEOUT,
+            },
+            Instant::now(),
+        );
+        // What the offer prepared, whether this side insists on its van,
+        // and why no offer could be made.
+        let (mut half, mut strict, mut unavailable) = (None, false, None);
+        let outcome = drive(&mut hs, &mut conn, me, peer, |hs, ask| {
+            if ask != Action::Offer {
+                return;
             }
-            .to_frame(me, peer),
-        )
-        .await
-        .map_err(|e| TransportError::io(format!("handshake with {who}"), e))?;
-        let frame = tcp::read_frame_timeout(&mut reader, HANDSHAKE_TIMEOUT)
-            .await
-            .map_err(|e| auth_err(format!("no answer to the proof: {e}")))?;
-        match Control::from_frame(&frame) {
-            Ok(Control::AuthOk { mac }) => {
-                if !security::verify_acceptor(token, &nonce_a, &nonce_c, me, &mac) {
-                    return Err(auth_err(
-                        "the peer could not prove the cluster token".into(),
-                    ));
+            match self.make_offer(peer, &who) {
+                Ok((van, bytes, h, s)) => {
+                    (half, strict) = (Some(h), s);
+                    hs.offer(van, bytes, Instant::now());
+                }
+                Err(e) => {
+                    hs.abandon(e.to_string());
+                    unavailable = Some(e);
                 }
             }
-            Ok(Control::AuthRefused { reason }) => return Err(auth_err(reason)),
-            other => return Err(auth_err(format!("expected AuthOk, got {other:?}"))),
-        }
-        // The van: RDMA if configured, shared memory with a peer on this
-        // host if allowed, else TCP. The scheduler's links are always TCP.
-        let (offer, pending) = self.choose_offer(peer, &who)?;
-        tcp::write_frame(&mut wr, &offer.to_frame(me, peer))
-            .await
-            .map_err(|e| TransportError::io(format!("van offer to {who}"), e))?;
-        let answer = tcp::read_frame_timeout(&mut reader, HANDSHAKE_TIMEOUT).await;
-        if let OfferPending::Shm { pa, pc, .. } = &pending {
-            // Mapped by both sides now (or refused): the names can go.
-            let _ = std::fs::remove_file(pa);
-            let _ = std::fs::remove_file(pc);
-        }
-        let (accepted, endpoint) = match answer.map(|f| Control::from_frame(&f)) {
-            Ok(Ok(Control::VanAnswer {
-                ok,
-                reason,
-                endpoint,
-            })) => {
-                if !ok {
-                    match &pending {
-                        OfferPending::Rdma(_) => {
-                            return Err(TransportError::Unavailable(format!(
-                                "{who} refused RDMA: {reason}"
-                            )))
-                        }
-                        OfferPending::Shm { .. } if self.cfg.van == VanKind::Shm => {
-                            return Err(TransportError::Unavailable(format!(
-                                "{who} refused shared memory: {reason}"
-                            )))
-                        }
-                        OfferPending::Shm { .. } => {
-                            tracing::info!("{who} declined shared memory ({reason}); using tcp")
-                        }
-                        OfferPending::Tcp => {}
-                    }
-                }
-                (ok, endpoint)
+        })
+        .await;
+        let done = match (outcome, unavailable) {
+            (_, Some(e)) => return Err(e),
+            (Ok(d), None) => d,
+            (Err(e), None) => return Err(handshake_error(e, &who)),
+        };
+        let mut half =
+            half.ok_or_else(|| TransportError::io(format!("van offer to {who}"), "none made"))?;
+        let van = match &done.answer {
+            Ok(answer) => {
+                half.finish(answer).map_err(|e| {
+                    TransportError::io(
+                        format!("starting the {} van with {who}", done.van.name()),
+                        e,
+                    )
+                })?;
+                done.van
             }
-            other => {
-                return Err(TransportError::io(
-                    format!("van answer from {who}"),
-                    format!("{other:?}"),
-                ))
+            Err(reason) if strict || done.van != VanId::Shm => {
+                return Err(TransportError::Unavailable(format!(
+                    "{who} refused {}: {reason}",
+                    done.van.name()
+                )))
+            }
+            Err(reason) => {
+                tracing::info!("{who} declined shared memory ({reason}); using tcp");
+                half = self
+                    .van_of(VanId::Tcp)
+                    .and_then(|v| v.offer())
+                    .map(|(_, h)| h)
+                    .map_err(|e| TransportError::io("starting the tcp van", e))?;
+                VanId::Tcp
             }
         };
-        match pending {
-            OfferPending::Shm { a, c, .. } if accepted => {
-                let link = self.new_link(peer, "shm");
-                self.verbose(
-                    1,
-                    &format!("connected to {who} over shared memory (link {})", link.id),
-                );
-                self.start_shm(shm::Rings { tx: a, rx: c }, reader, wr, link.clone())?;
-                Ok(link)
-            }
-            OfferPending::Rdma(prepared) => {
-                prepared.connect(&endpoint).map_err(|e| {
-                    TransportError::io(format!("connecting the RDMA queue pair to {who}"), e)
-                })?;
-                let link = self.new_link(peer, "rdma");
-                let dev = self.rdma_device().map(|d| d.name()).unwrap_or_default();
-                self.verbose(
-                    1,
-                    &format!("connected to {who} over RDMA on {dev} (link {})", link.id),
-                );
-                self.start_rdma(prepared, reader, wr, link.clone())?;
-                Ok(link)
-            }
-            _ => {
-                let link = self.new_link(peer, "tcp");
-                self.verbose(
-                    1,
-                    &format!("connected to {who} over tcp (link {})", link.id),
-                );
-                let reader = reader.with_limits(self.cfg.limits);
-                tcp::start(reader, wr, link.clone(), self.sink(), &self.handle);
-                Ok(link)
-            }
-        }
+        let link = self.new_link(peer, van.name());
+        self.verbose(
+            1,
+            &format!("connected to {who} over {} (link {})", van.name(), link.id),
+        );
+        half.start(conn, link.clone(), self.sink(), &self.handle)
+            .map_err(|e| TransportError::io(format!("starting the {} van", van.name()), e))?;
+        Ok(link)
     }
 
-    /// The connector's offer for a link to `peer`, and what it prepared.
-    pub(super) fn choose_offer(
+    /// The connector's offer for a link to `peer`: the van, its offer
+    /// bytes, what it prepared, and whether a refusal fails the link
+    /// (`PSKV_VAN=shm` or RDMA) rather than falling back to TCP.
+    #[allow(clippy::type_complexity)]
+    fn make_offer(
         &self,
         peer: NodeId,
         who: &str,
-    ) -> Result<(Control, OfferPending), TransportError> {
+    ) -> Result<(VanId, Vec<u8>, Box<dyn Half>, bool), TransportError> {
+        let offer = |v: Box<dyn Van>| v.offer().map(|(bytes, h)| (v.id(), bytes, h));
+        let plain = || {
+            let (id, bytes, h) = offer(Box::new(tcp::TcpVan {
+                limits: self.cfg.limits,
+            }))
+            .map_err(|e| TransportError::io("the tcp offer", e))?;
+            Ok((id, bytes, h, false))
+        };
+        // The scheduler's links are always TCP.
         if peer == SCHEDULER_ID {
-            return Ok((tcp_offer(), OfferPending::Tcp));
+            return plain();
         }
-        if self.cfg.van.is_rdma() {
-            let prepared = self
-                .rdma_device()
-                .and_then(|dev| rdma::Prepared::new(dev, self.cfg.limits))
+        if let Some(id) = self.cfg.van.rdma() {
+            let (id, bytes, h) = self
+                .van_of(id)
+                .and_then(offer)
                 .map_err(|e| TransportError::Unavailable(format!("RDMA to {who}: {e}")))?;
-            let offer = Control::VanOffer {
-                van: self.cfg.van.rdma_name().into(),
-                to_acceptor: String::new(),
-                to_connector: String::new(),
-                ring_bytes: 0,
-                endpoint: prepared.endpoint(),
-            };
-            return Ok((offer, OfferPending::Rdma(prepared)));
+            return Ok((id, bytes, h, true));
         }
         let peer_host = match &*self.ctl.lock() {
             Ctl::Member(m) => m.nodes().get(&peer).map(|n| n.host_id),
             Ctl::Scheduler(_) => None,
         };
         let same_host = peer_host == Some(self.host_id);
-        if self.cfg.van == VanKind::Shm && !same_host {
+        let strict = self.cfg.van == VanKind::Shm;
+        if strict && !same_host {
             return Err(TransportError::Unavailable(format!(
                 "PSKV_VAN=shm, but {who} is not on this host (or not in this network namespace)"
             )));
         }
         if !same_host || self.cfg.van == VanKind::Tcp {
-            return Ok((tcp_offer(), OfferPending::Tcp));
+            return plain();
         }
-        let (pa, pc) = shm::ring_paths();
-        match (
-            shm::Ring::create(&pa, self.cfg.shm_bytes, self.cfg.shm_heap_bytes),
-            shm::Ring::create(&pc, self.cfg.shm_bytes, self.cfg.shm_heap_bytes),
-        ) {
-            (Ok(a), Ok(c)) => {
-                let offer = Control::VanOffer {
-                    van: "shm".into(),
-                    to_acceptor: pa.display().to_string(),
-                    to_connector: pc.display().to_string(),
-                    ring_bytes: self.cfg.shm_bytes as u64,
-                    endpoint: Vec::new(),
-                };
-                Ok((offer, OfferPending::Shm { a, c, pa, pc }))
-            }
-            (a, c) => {
-                let _ = std::fs::remove_file(&pa);
-                let _ = std::fs::remove_file(&pc);
-                let e = a
-                    .err()
-                    .or(c.err())
-                    .map(|e| e.to_string())
-                    .unwrap_or_default();
-                if self.cfg.van == VanKind::Shm {
-                    return Err(TransportError::io(
-                        "creating shared-memory rings in /dev/shm",
-                        e,
-                    ));
-                }
+        match self.van_of(VanId::Shm).and_then(offer) {
+            Ok((id, bytes, h)) => Ok((id, bytes, h, strict)),
+            Err(e) if strict => Err(TransportError::io(
+                "creating shared-memory rings in /dev/shm",
+                e,
+            )),
+            Err(e) => {
                 tracing::warn!("shared memory unavailable ({e}); using tcp with {who}");
-                Ok((tcp_offer(), OfferPending::Tcp))
+                plain()
             }
         }
+    }
+
+    /// Van `id`, if this node runs it (`PSKV_VAN`), with this node's
+    /// settings.
+    fn van_of(&self, id: VanId) -> Result<Box<dyn Van>, String> {
+        if !self.cfg.van.accepts(id) {
+            return Err(format!("this node does not run {} (PSKV_VAN)", id.name()));
+        }
+        let limits = self.cfg.limits;
+        Ok(match id {
+            VanId::Tcp => Box::new(tcp::TcpVan { limits }),
+            VanId::Shm => Box::new(shm::ShmVan {
+                ring_bytes: self.cfg.shm_bytes,
+                heap_bytes: self.cfg.shm_heap_bytes,
+                limits,
+            }),
+            VanId::Rdma | VanId::RdmaEmulated => Box::new(rdma::RdmaVan {
+                id,
+                dev: self.rdma_device()?,
+                limits,
+            }),
+        })
     }
 
     /// The RDMA device, opened once.
@@ -328,37 +292,6 @@ impl Inner {
         self.rdma_dev
             .get_or_init(|| rdma::device(self.cfg.van == VanKind::RdmaEmulated))
             .clone()
-    }
-
-    pub(super) fn start_rdma(
-        &self,
-        prepared: rdma::Prepared,
-        reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-        wr: tokio::net::tcp::OwnedWriteHalf,
-        link: Arc<Link>,
-    ) -> Result<(), TransportError> {
-        let stream = reclaim_stream(reader, wr, "switching to RDMA")?;
-        rdma::start(prepared, stream, link, self.sink(), &self.handle)
-            .map_err(|e| TransportError::io("starting the RDMA van", e))
-    }
-
-    pub(super) fn start_shm(
-        &self,
-        rings: shm::Rings,
-        reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-        wr: tokio::net::tcp::OwnedWriteHalf,
-        link: Arc<Link>,
-    ) -> Result<(), TransportError> {
-        let stream = reclaim_stream(reader, wr, "switching to shared memory")?;
-        shm::start(
-            rings,
-            stream,
-            link,
-            self.sink(),
-            self.cfg.limits,
-            &self.handle,
-        )
-        .map_err(|e| TransportError::io("starting the shared-memory van", e))
     }
 
     pub(super) fn spawn_accept(&self, listener: TcpListener) {
@@ -402,216 +335,129 @@ impl Inner {
         addr: SocketAddr,
     ) -> Result<(), TransportError> {
         let _ = stream.set_nodelay(true);
-        let (rd, mut wr) = stream.into_split();
-        let me = self.my_id();
-        let refuse = |reason: String| Control::AuthRefused { reason }.to_frame(me, 0);
-        if self.token.is_none() && !addr.ip().is_loopback() {
-            let reason = "no cluster token is set on this node, so only loopback peers are accepted; set PSKV_TOKEN on every node".to_string();
-            let _ = tcp::write_frame(&mut wr, &refuse(reason.clone())).await;
-            return Err(TransportError::Auth {
-                peer: addr.to_string(),
-                reason,
-            });
-        }
-        let nonce_a = security::nonce();
-        tcp::write_frame(
-            &mut wr,
-            &Control::Challenge { nonce: nonce_a }.to_frame(me, 0),
-        )
-        .await
-        .map_err(|e| TransportError::io("sending the challenge", e))?;
-        let mut reader = FrameReader::new(rd, Limits::HANDSHAKE);
-        let frame = tcp::read_frame_timeout(&mut reader, HANDSHAKE_TIMEOUT)
-            .await
-            .map_err(|e| TransportError::Auth {
-                peer: addr.to_string(),
-                reason: format!("no proof: {e}"),
-            })?;
-        let (nonce_c, node_id, epoch, mac) = match Control::from_frame(&frame) {
-            Ok(Control::Auth {
-                nonce,
-                node_id,
-                epoch,
-                mac,
-            }) => (nonce, node_id, epoch, mac),
-            other => {
-                let reason = format!("expected a proof of the token, got {other:?}");
-                let _ = tcp::write_frame(&mut wr, &refuse(reason.clone())).await;
-                return Err(TransportError::Auth {
-                    peer: addr.to_string(),
-                    reason,
-                });
+        let (rd, wr) = stream.into_split();
+        let mut conn = Handshaken {
+            reader: FrameReader::new(rd, Limits::HANDSHAKE),
+            wr,
+        };
+        let mut hs = Acceptor::new(
+            AcceptorConfig {
+                token: self.token.clone(),
+                loopback: addr.ip().is_loopback(),
+                nonce: security::nonce(),
+                timeout: HANDSHAKE_TIMEOUT,
+            },
+            Instant::now(),
+        );
+        let mut half = None;
+        let outcome = drive(&mut hs, &mut conn, self.my_id(), 0, |hs, ask| match ask {
+            Action::Admit { node_id, epoch } => {
+                // Fencing: an id the scheduler declared dead, or one a
+                // restart has taken over (another epoch), is an old process
+                // that must stop.
+                let admitted = match &*self.ctl.lock() {
+                    Ctl::Member(m) => m.admits(node_id, epoch),
+                    Ctl::Scheduler(_) => Ok(()),
+                };
+                if let Err(reason) = &admitted {
+                    tracing::warn!("refused a connection from {addr}: {reason}");
+                }
+                hs.admit(admitted, Instant::now());
+            }
+            Action::Answer { van, offer } => {
+                match self.van_of(van).and_then(|v| v.accept(&offer)) {
+                    Ok((answer, h)) => {
+                        half = Some(h);
+                        hs.answer(Ok(answer));
+                    }
+                    Err(reason) => hs.answer(Err(reason)),
+                }
+            }
+            _ => {}
+        })
+        .await;
+        let done = outcome.map_err(|e| handshake_error(e, &addr.to_string()))?;
+        let (van, half) = match (half, done.answer.is_ok()) {
+            (Some(h), true) => (done.van, h),
+            _ => {
+                let (_, h) = tcp::TcpVan {
+                    limits: self.cfg.limits,
+                }
+                .offer()
+                .map_err(|e| TransportError::io("the tcp van", e))?;
+                (VanId::Tcp, h)
             }
         };
-        let token = self.token.as_deref().unwrap_or(&[]);
-        if !security::verify_connector(token, &nonce_a, &nonce_c, node_id, &mac) {
-            let reason = "wrong cluster token".to_string();
-            let _ = tcp::write_frame(&mut wr, &refuse(reason.clone())).await;
-            return Err(TransportError::Auth {
-                peer: addr.to_string(),
-                reason,
-            });
-        }
-        // Fencing: an id the scheduler declared dead, or one a restart has
-        // taken over (another epoch), is an old process that must stop.
-        let admitted = match &*self.ctl.lock() {
-            Ctl::Member(m) => m.admits(node_id, epoch),
-            Ctl::Scheduler(_) => Ok(()),
-        };
-        if let Err(reason) = admitted {
-            tracing::warn!("refused a connection from {addr}: {reason}");
-            let _ = tcp::write_frame(&mut wr, &refuse(reason.clone())).await;
-            return Err(TransportError::Auth {
-                peer: addr.to_string(),
-                reason,
-            });
-        }
-        let ok = Control::AuthOk {
-            mac: security::acceptor_mac(token, &nonce_a, &nonce_c, node_id),
-        };
-        tcp::write_frame(&mut wr, &ok.to_frame(me, node_id))
-            .await
-            .map_err(|e| TransportError::io("answering the proof", e))?;
-        // The van the connector proposes.
-        let frame = tcp::read_frame_timeout(&mut reader, HANDSHAKE_TIMEOUT)
-            .await
-            .map_err(|e| TransportError::io(format!("van offer from {addr}"), e))?;
-        let offer = Control::from_frame(&frame)
-            .map_err(|e| TransportError::io(format!("van offer from {addr}"), e))?;
-        let chosen: Result<Chosen, String> = match offer {
-            Control::VanOffer {
-                van,
-                to_acceptor,
-                to_connector,
-                ring_bytes,
-                endpoint,
-            } => match van.as_str() {
-                "shm" => self
-                    .open_rings(&to_acceptor, &to_connector, ring_bytes)
-                    .map(Chosen::Shm),
-                "rdma" | "rdma-emulated" => {
-                    if !self.cfg.van.is_rdma() || self.cfg.van.rdma_name() != van {
-                        Err(format!("this node does not run {van} (PSKV_VAN)"))
-                    } else {
-                        self.rdma_device()
-                            .and_then(|dev| rdma::Prepared::new(dev, self.cfg.limits))
-                            .and_then(|p| p.connect(&endpoint).map(|_| p))
-                            .map(Chosen::Rdma)
+        let link = self.new_link(done.peer, van.name());
+        self.verbose(
+            1,
+            &format!(
+                "accepted {} from {addr} over {} (link {})",
+                describe(done.peer),
+                van.name(),
+                link.id
+            ),
+        );
+        half.start(conn, link, self.sink(), &self.handle)
+            .map_err(|e| TransportError::io(format!("starting the {} van", van.name()), e))
+    }
+}
+
+/// Runs handshake `hs` over `conn` until it ends, answering its questions
+/// with `ask`; the frames it writes name `me` and `peer`. Every wait is
+/// bounded by the machine's deadline.
+async fn drive<H: Handshake>(
+    hs: &mut H,
+    conn: &mut Handshaken,
+    me: NodeId,
+    peer: NodeId,
+    mut ask: impl FnMut(&mut H, Action),
+) -> Result<Done, HandshakeError> {
+    loop {
+        while let Some(action) = hs.poll() {
+            match action {
+                Action::Send(msg) => {
+                    if let Err(e) = tcp::write_frame(&mut conn.wr, &msg.to_frame(me, peer)).await {
+                        let reason = format!("write failed: {e}");
+                        hs.handle_closed(&reason);
+                        while let Some(a) = hs.poll() {
+                            if let Action::Failed(e) = a {
+                                return Err(e);
+                            }
+                        }
+                        return Err(HandshakeError::Van(reason));
                     }
                 }
-                _ => Ok(Chosen::Tcp),
-            },
-            other => {
-                return Err(TransportError::io(
-                    format!("van offer from {addr}"),
-                    format!("expected a van offer, got {other:?}"),
-                ))
-            }
-        };
-        let answer = match &chosen {
-            Ok(c) => Control::VanAnswer {
-                ok: true,
-                reason: String::new(),
-                endpoint: match c {
-                    Chosen::Rdma(p) => p.endpoint(),
-                    _ => Vec::new(),
-                },
-            },
-            Err(reason) => Control::VanAnswer {
-                ok: false,
-                reason: reason.clone(),
-                endpoint: Vec::new(),
-            },
-        };
-        tcp::write_frame(&mut wr, &answer.to_frame(me, node_id))
-            .await
-            .map_err(|e| TransportError::io("answering the van offer", e))?;
-        let who = describe(node_id);
-        match chosen {
-            Ok(Chosen::Shm(rings)) => {
-                let link = self.new_link(node_id, "shm");
-                self.verbose(
-                    1,
-                    &format!(
-                        "accepted {who} from {addr} over shared memory (link {})",
-                        link.id
-                    ),
-                );
-                self.start_shm(rings, reader, wr, link)?;
-            }
-            Ok(Chosen::Rdma(prepared)) => {
-                let link = self.new_link(node_id, "rdma");
-                self.verbose(
-                    1,
-                    &format!("accepted {who} from {addr} over RDMA (link {})", link.id),
-                );
-                self.start_rdma(prepared, reader, wr, link)?;
-            }
-            _ => {
-                let link = self.new_link(node_id, "tcp");
-                self.verbose(
-                    1,
-                    &format!("accepted {who} from {addr} over tcp (link {})", link.id),
-                );
-                let reader = reader.with_limits(self.cfg.limits);
-                tcp::start(reader, wr, link, self.sink(), &self.handle);
+                Action::Done(d) => return Ok(d),
+                Action::Failed(e) => return Err(e),
+                other => ask(hs, other),
             }
         }
-        Ok(())
-    }
-
-    /// The acceptor's side of a shared-memory offer: maps the rings, or says
-    /// why not (then the link uses TCP).
-    pub(super) fn open_rings(
-        &self,
-        to_acceptor: &str,
-        to_connector: &str,
-        ring_bytes: u64,
-    ) -> Result<shm::Rings, String> {
-        if self.cfg.van == VanKind::Tcp || self.cfg.van.is_rdma() {
-            return Err("this node does not use shared memory (PSKV_VAN)".into());
+        let deadline = hs
+            .next_timeout()
+            .unwrap_or_else(|| Instant::now() + HANDSHAKE_TIMEOUT);
+        let read = tokio::time::timeout_at(deadline.into(), conn.reader.read()).await;
+        match read {
+            Err(_) => hs.handle_timeout(Instant::now()),
+            Ok(Ok(frame)) => match Control::from_frame(&frame) {
+                Ok(msg) => hs.handle(msg, Instant::now()),
+                Err(e) => hs.handle_closed(&e.to_string()),
+            },
+            Ok(Err(e)) => hs.handle_closed(&e.to_string()),
         }
-        let cap = ring_bytes as usize;
-        let ok_path =
-            |p: &str| p.starts_with("/dev/shm/pskv-") && !p.contains("..") && !p[9..].contains('/');
-        if !(ok_path(to_acceptor) && ok_path(to_connector) && (1 << 16..=1 << 34).contains(&cap)) {
-            return Err("malformed shared-memory offer".into());
-        }
-        let tx = shm::Ring::open(std::path::Path::new(to_connector), cap)
-            .map_err(|e| format!("cannot map {to_connector}: {e}"))?;
-        let rx = shm::Ring::open(std::path::Path::new(to_acceptor), cap)
-            .map_err(|e| format!("cannot map {to_acceptor}: {e}"))?;
-        Ok(shm::Rings { tx, rx })
     }
 }
 
-/// What the connector prepared for its offer.
-pub(super) enum OfferPending {
-    Tcp,
-    Shm {
-        a: shm::Ring,
-        c: shm::Ring,
-        pa: std::path::PathBuf,
-        pc: std::path::PathBuf,
-    },
-    Rdma(rdma::Prepared),
-}
-
-/// What the acceptor chose.
-pub(super) enum Chosen {
-    Tcp,
-    Shm(shm::Rings),
-    Rdma(rdma::Prepared),
-}
-
-/// The offer of a plain TCP link.
-pub(super) fn tcp_offer() -> Control {
-    Control::VanOffer {
-        van: "tcp".into(),
-        to_acceptor: String::new(),
-        to_connector: String::new(),
-        ring_bytes: 0,
-        endpoint: Vec::new(),
+/// A failed handshake with `who`, as the caller sees it.
+fn handshake_error(e: HandshakeError, who: &str) -> TransportError {
+    match e {
+        HandshakeError::Auth(reason) => TransportError::Auth {
+            peer: who.to_string(),
+            reason,
+        },
+        HandshakeError::Van(reason) => {
+            TransportError::io(format!("negotiating the van with {who}"), reason)
+        }
     }
 }
 
@@ -666,21 +512,4 @@ pub(crate) fn host_id() -> u64 {
         }
     }
     h
-}
-
-/// The handshake's TCP stream, whole again, for a van that takes it over;
-/// an error if the peer sent bytes past the van answer.
-pub(super) fn reclaim_stream(
-    reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: tokio::net::tcp::OwnedWriteHalf,
-    what: &'static str,
-) -> Result<TcpStream, TransportError> {
-    let (rd, rest) = reader.into_parts();
-    if !rest.is_empty() {
-        return Err(TransportError::io(
-            what,
-            "bytes arrived on tcp after the van answer",
-        ));
-    }
-    rd.reunite(wr).map_err(|e| TransportError::io(what, e))
 }

@@ -394,8 +394,8 @@ impl Postoffice {
         self.inner().listen
     }
 
-    /// The van of this node's connection to `node` ("tcp" or "shm"), if
-    /// connected.
+    /// The van of this node's connection to `node` (as `PSKV_VAN` names
+    /// it: "tcp", "shm", "rdma" or "rdma-emulated"), if connected.
     pub fn van_to(&self, node: NodeId) -> Option<&'static str> {
         self.inner().link_of(node).map(|l| l.van)
     }

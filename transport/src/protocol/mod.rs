@@ -10,9 +10,12 @@
 //! - [`member::Member`]: the same conversation from a server or worker.
 //! - [`tracker::Tracker`]: requests fanned out to servers, completed once
 //!   every server answered, or failed naming the node that died.
+//! - [`handshake::Connector`] and [`handshake::Acceptor`]: the login of
+//!   every connection (the token's proofs, admission, the van offer).
 //! - [`resender::Resender`]: acknowledgement, resend and duplicate removal
 //!   for vans that can lose messages (`PS_RESEND`).
 
+pub mod handshake;
 pub mod member;
 pub mod resender;
 pub mod scheduler;

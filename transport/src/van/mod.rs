@@ -1,12 +1,18 @@
 //! Vans: what moves frames between two nodes. Every connection starts as
-//! TCP (the handshake and the van choice travel there); then one van carries
-//! its frames:
+//! TCP (the login handshake, `protocol::handshake`, and the van offer travel
+//! there); then one van carries its frames:
 //!
 //! - [`tcp`]: the TCP stream itself (tokio, TCP_NODELAY, vectored writes,
 //!   each frame's body received into one buffer);
-//! - [`shm`]: two shared-memory rings, for peers on the same host; the TCP
-//!   stream stays open only to notice the peer's death;
+//! - [`shm`]: two shared-memory rings, for peers on the same host;
 //! - [`rdma`]: verbs (feature `rdma`), or their in-memory emulation.
+//!
+//! Each is one module behind [`Van`]: the connector's side makes an offer
+//! (its own bytes: ring names, a queue-pair endpoint), the acceptor's side
+//! takes it and answers, and each side's [`Half`] then runs the van on the
+//! link. The postoffice picks a van by its [`VanId`] and never looks inside
+//! an offer. A van that leaves the TCP stream (shm, rdma) keeps it open
+//! only to notice the peer's end ([`watch_peer`]).
 //!
 //! A van knows nothing of the protocol: it hands every frame it receives to
 //! a [`FrameSink`] and reports the end of the connection once.
@@ -16,9 +22,15 @@ pub(crate) mod shm;
 pub(crate) mod tcp;
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 
 use crate::link::Link;
-use crate::wire::Frame;
+use crate::wire::{Frame, VanId};
+use tcp::FrameReader;
 
 /// Where a van delivers what it receives.
 pub(crate) trait FrameSink: Send + Sync + 'static {
@@ -26,6 +38,93 @@ pub(crate) trait FrameSink: Send + Sync + 'static {
     fn on_frame(&self, link: &Arc<Link>, frame: Frame);
     /// `link` ended (called once).
     fn on_closed(&self, link: &Arc<Link>, reason: String);
+}
+
+/// One kind of link: how its two sides agree on it and start it.
+pub(crate) trait Van: Send + Sync {
+    /// Which van this is (the offer names it).
+    fn id(&self) -> VanId;
+    /// The connector's side: prepares this end; the offer for the peer.
+    fn offer(&self) -> Result<(Vec<u8>, Box<dyn Half>), String>;
+    /// The acceptor's side: takes the peer's offer and prepares this end;
+    /// the answer for the peer. An error declines the offer (the link then
+    /// runs TCP, or fails where the connector insists).
+    fn accept(&self, offer: &[u8]) -> Result<(Vec<u8>, Box<dyn Half>), String>;
+}
+
+/// One side of a van, prepared during the handshake.
+pub(crate) trait Half: Send {
+    /// The connector's side: the acceptor took the offer with `answer`.
+    fn finish(&mut self, answer: &[u8]) -> Result<(), String> {
+        let _ = answer;
+        Ok(())
+    }
+    /// Runs the van on `link` over the handshake's connection.
+    fn start(
+        self: Box<Self>,
+        conn: Handshaken,
+        link: Arc<Link>,
+        sink: Arc<dyn FrameSink>,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<(), String>;
+}
+
+/// The connection a handshake ran on, with what its reader buffered.
+pub(crate) struct Handshaken {
+    pub(crate) reader: FrameReader<OwnedReadHalf>,
+    pub(crate) wr: OwnedWriteHalf,
+}
+
+impl Handshaken {
+    /// The TCP stream whole again, for a van that only watches it; an
+    /// error if the peer sent bytes past the van answer.
+    pub(crate) fn into_stream(self) -> Result<TcpStream, String> {
+        let (rd, rest) = self.reader.into_parts();
+        if !rest.is_empty() {
+            return Err("bytes arrived on tcp after the van answer".into());
+        }
+        rd.reunite(self.wr).map_err(|e| e.to_string())
+    }
+}
+
+/// Watches the TCP connection of a link whose frames travel elsewhere.
+/// Nothing travels on it any more, so data or its end both mean the peer
+/// is gone or broken: `gone` gets why (once). Once `link` closes from this
+/// side, `closed` runs and the connection is shut down, so the peer's watch
+/// sees the end. Checks `link` every `tick`.
+pub(crate) fn watch_peer(
+    tcp: TcpStream,
+    link: Arc<Link>,
+    van: &'static str,
+    tick: Duration,
+    rt: &tokio::runtime::Handle,
+    gone: impl FnOnce(String) + Send + 'static,
+    closed: impl FnOnce() + Send + 'static,
+) {
+    rt.spawn(async move {
+        let (mut rd, mut wr) = tcp.into_split();
+        let mut buf = [0u8; 64];
+        let mut tick = tokio::time::interval(tick);
+        loop {
+            tokio::select! {
+                r = rd.read(&mut buf) => {
+                    gone(match r {
+                        Ok(0) => "the peer closed the connection".to_string(),
+                        Ok(_) => format!("unexpected bytes on the control connection of the {van} link"),
+                        Err(e) => format!("read failed: {e}"),
+                    });
+                    return;
+                }
+                _ = tick.tick() => {
+                    if link.is_closed() {
+                        closed();
+                        let _ = wr.shutdown().await;
+                        return;
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Bytes `[start, start + len)` of the concatenation of `parts`, as slices

@@ -24,9 +24,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{end, FrameSink};
+use super::{end, FrameSink, Half, Handshaken, Van};
 use crate::link::{Link, Work};
-use crate::wire::{decode_body, decode_header, Frame, Limits, WireError, HEADER_LEN};
+use crate::wire::{decode_body, decode_header, Frame, Limits, VanId, WireError, HEADER_LEN};
 
 /// Read-buffer size for small frames.
 const READ_CHUNK: usize = 64 * 1024;
@@ -244,21 +244,47 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
     wr.write_all(&frame.encode()).await
 }
 
-/// Reads one frame with a deadline (the handshake).
-pub(crate) async fn read_frame_timeout<R: AsyncRead + Unpin>(
-    reader: &mut FrameReader<R>,
-    timeout: Duration,
-) -> Result<Frame, ReadError> {
-    match tokio::time::timeout(timeout, reader.read()).await {
-        Ok(r) => r,
-        Err(_) => Err(ReadError::Io(format!("no frame within {timeout:?}"))),
+/// The TCP van: the handshake's stream carries the frames. Its offer and
+/// answer are empty.
+pub(crate) struct TcpVan {
+    /// The frame limits of received frames.
+    pub(crate) limits: Limits,
+}
+
+impl Van for TcpVan {
+    fn id(&self) -> VanId {
+        VanId::Tcp
+    }
+
+    fn offer(&self) -> Result<(Vec<u8>, Box<dyn Half>), String> {
+        Ok((Vec::new(), Box::new(TcpHalf(self.limits))))
+    }
+
+    fn accept(&self, _offer: &[u8]) -> Result<(Vec<u8>, Box<dyn Half>), String> {
+        self.offer()
+    }
+}
+
+/// Either side of a TCP link: the limits its reader switches to.
+struct TcpHalf(Limits);
+
+impl Half for TcpHalf {
+    fn start(
+        self: Box<Self>,
+        conn: Handshaken,
+        link: Arc<Link>,
+        sink: Arc<dyn FrameSink>,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<(), String> {
+        start(conn.reader.with_limits(self.0), conn.wr, link, sink, rt);
+        Ok(())
     }
 }
 
 /// Starts the TCP van on an authenticated stream: a reader task delivering
 /// to `sink` and a writer task draining `link`'s queue. `reader` carries any
 /// bytes already buffered during the handshake.
-pub(crate) fn start(
+fn start(
     reader: FrameReader<tokio::net::tcp::OwnedReadHalf>,
     wr: tokio::net::tcp::OwnedWriteHalf,
     link: Arc<Link>,

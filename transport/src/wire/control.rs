@@ -51,6 +51,31 @@ pub enum Vote {
     },
 }
 
+/// The van a link runs once its handshake is over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum VanId {
+    /// The handshake's TCP stream itself.
+    Tcp,
+    /// Two shared-memory rings (peers on one host).
+    Shm,
+    /// RDMA verbs on a device.
+    Rdma,
+    /// RDMA verbs emulated in memory (tests).
+    RdmaEmulated,
+}
+
+impl VanId {
+    /// Its name, as `PSKV_VAN` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            VanId::Tcp => "tcp",
+            VanId::Shm => "shm",
+            VanId::Rdma => "rdma",
+            VanId::RdmaEmulated => "rdma-emulated",
+        }
+    }
+}
+
 /// A control message.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Control {
@@ -82,16 +107,11 @@ pub enum Control {
     },
     /// After authentication, the connector proposes the van for the link.
     VanOffer {
-        /// "tcp" or "shm".
-        van: String,
-        /// Shared memory: the ring the connector writes.
-        to_acceptor: String,
-        /// Shared memory: the ring the acceptor writes.
-        to_connector: String,
-        /// Shared memory: bytes of each ring.
-        ring_bytes: u64,
-        /// RDMA: the connector's queue-pair endpoint.
-        endpoint: Vec<u8>,
+        /// The van.
+        van: VanId,
+        /// What that van needs from the acceptor's side (opaque here: the
+        /// van's own encoding, e.g. ring names or a queue-pair endpoint).
+        offer: Vec<u8>,
     },
     /// The acceptor's answer; if not `ok`, the link uses TCP.
     VanAnswer {
@@ -99,8 +119,8 @@ pub enum Control {
         ok: bool,
         /// Why not, if not.
         reason: String,
-        /// RDMA: the acceptor's queue-pair endpoint.
-        endpoint: Vec<u8>,
+        /// What the van needs back from the acceptor's side (opaque here).
+        answer: Vec<u8>,
     },
     /// A node asks to join (or rejoin, after a restart).
     Register {

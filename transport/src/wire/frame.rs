@@ -282,6 +282,20 @@ pub fn decode_header(head: &[u8], limits: &Limits) -> Result<Header, WireError> 
     Ok(h)
 }
 
+/// Decodes a whole frame held in one buffer (header, then body), checking
+/// every length against `limits`: how the vans that receive whole records
+/// (shared memory, RDMA) read them. The body is sliced, not copied.
+pub fn decode_frame(bytes: Bytes, limits: &Limits) -> Result<Frame, WireError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(WireError::Truncated {
+            need: HEADER_LEN,
+            got: bytes.len(),
+        });
+    }
+    let h = decode_header(&bytes[..HEADER_LEN], limits)?;
+    decode_body(h, bytes.slice(HEADER_LEN..))
+}
+
 /// Splits a body (exactly `header.body_len()` bytes, received into one
 /// buffer) into a frame. The payload and meta are slices of `body`: no copy.
 pub fn decode_body(h: Header, body: Bytes) -> Result<Frame, WireError> {

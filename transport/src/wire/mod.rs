@@ -23,8 +23,8 @@
 mod control;
 mod frame;
 
-pub use control::{Control, NodeInfo, Vote};
+pub use control::{Control, NodeInfo, VanId, Vote};
 pub use frame::{
-    decode_body, decode_header, Decoder, Flags, Frame, Header, Kind, Limits, WireError, HEADER_LEN,
-    MAGIC, VERSION,
+    decode_body, decode_frame, decode_header, Decoder, Flags, Frame, Header, Kind, Limits,
+    WireError, HEADER_LEN, MAGIC, VERSION,
 };

@@ -4,6 +4,8 @@
 //! the same run.
 #![allow(dead_code)]
 
+pub mod handshake;
+
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};

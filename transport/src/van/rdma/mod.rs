@@ -46,14 +46,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use parking_lot::{Condvar, Mutex};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use self::verbs::{Completion, Device, QueuePair, Region, RemoteRegion};
-use super::{end, FrameSink};
+use super::{end, watch_peer, FrameSink, Half, Handshaken, Van};
 use crate::link::Link;
-use crate::wire::{decode_body, decode_header, Frame, Kind, Limits, HEADER_LEN};
+use crate::wire::{decode_frame, decode_header, Frame, Kind, Limits, VanId, HEADER_LEN};
 
 /// Bytes per receive and send slot.
 pub(crate) const SLOT: usize = 64 * 1024;
@@ -215,9 +214,54 @@ impl Prepared {
     }
 }
 
+/// The RDMA van (or its emulation) on one device.
+pub(crate) struct RdmaVan {
+    /// `VanId::Rdma` or `VanId::RdmaEmulated`.
+    pub(crate) id: VanId,
+    pub(crate) dev: Arc<dyn Device>,
+    pub(crate) limits: Limits,
+}
+
+impl Van for RdmaVan {
+    fn id(&self) -> VanId {
+        self.id
+    }
+
+    /// The offer is this side's queue-pair endpoint.
+    fn offer(&self) -> Result<(Vec<u8>, Box<dyn Half>), String> {
+        let p = Prepared::new(self.dev.clone(), self.limits)?;
+        Ok((p.endpoint(), Box::new(p)))
+    }
+
+    /// Connects to the offered endpoint; the answer is this side's.
+    fn accept(&self, offer: &[u8]) -> Result<(Vec<u8>, Box<dyn Half>), String> {
+        let p = Prepared::new(self.dev.clone(), self.limits)?;
+        p.connect(offer)?;
+        Ok((p.endpoint(), Box::new(p)))
+    }
+}
+
+impl Half for Prepared {
+    fn finish(&mut self, answer: &[u8]) -> Result<(), String> {
+        self.connect(answer)
+            .map_err(|e| format!("connecting the RDMA queue pair: {e}"))
+    }
+
+    fn start(
+        self: Box<Self>,
+        conn: Handshaken,
+        link: Arc<Link>,
+        sink: Arc<dyn FrameSink>,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<(), String> {
+        let tcp = conn.into_stream()?;
+        start(*self, tcp, link, sink, rt).map_err(|e| e.to_string())
+    }
+}
+
 /// Starts the van on a connected queue pair: the poller and sender threads,
 /// and the task watching the TCP connection.
-pub(crate) fn start(
+fn start(
     prepared: Prepared,
     tcp: tokio::net::TcpStream,
     link: Arc<Link>,
@@ -248,34 +292,14 @@ pub(crate) fn start(
             }
             sh.close();
         })?;
-    rt.spawn(async move {
-        let (mut rd, mut wr) = tcp.into_split();
-        let mut buf = [0u8; 64];
-        let mut tick = tokio::time::interval(WAIT);
-        loop {
-            tokio::select! {
-                r = rd.read(&mut buf) => {
-                    let why = match r {
-                        Ok(0) => "the peer closed the connection".to_string(),
-                        Ok(_) => "unexpected bytes on the control connection of an RDMA link".to_string(),
-                        Err(e) => format!("read failed: {e}"),
-                    };
-                    // The poller drains what already arrived, then ends
-                    // the link with this reason.
-                    *shared.gone.lock() = Some(why);
-                    shared.close();
-                    return;
-                }
-                _ = tick.tick() => {
-                    if link.is_closed() {
-                        shared.close();
-                        let _ = wr.shutdown().await;
-                        return;
-                    }
-                }
-            }
-        }
-    });
+    let sh = shared.clone();
+    let gone = move |why: String| {
+        // The poller drains what already arrived, then ends the link
+        // with this reason.
+        *sh.gone.lock() = Some(why);
+        sh.close();
+    };
+    watch_peer(tcp, link, "RDMA", WAIT, rt, gone, move || shared.close());
     Ok(())
 }
 
@@ -529,14 +553,6 @@ fn repost(sh: &Shared, wr_id: u64) -> Result<(), String> {
     Ok(())
 }
 
-fn parse(bytes: Bytes, limits: &Limits) -> Result<Frame, String> {
-    if bytes.len() < HEADER_LEN {
-        return Err("a frame shorter than its header".into());
-    }
-    let h = decode_header(&bytes[..HEADER_LEN], limits).map_err(|e| e.to_string())?;
-    decode_body(h, bytes.slice(HEADER_LEN..)).map_err(|e| e.to_string())
-}
-
 /// Handles one received chunk; a whole frame when one is complete.
 fn on_chunk(
     sh: &Shared,
@@ -571,7 +587,9 @@ fn on_chunk(
             buf.extend_from_slice(body);
             if kind == K_DATA_LAST {
                 let bytes = partial.take().expect("present").freeze();
-                return parse(bytes, &sh.limits).map(Some);
+                return decode_frame(bytes, &sh.limits)
+                    .map_err(|e| e.to_string())
+                    .map(Some);
             }
             Ok(None)
         }
@@ -644,7 +662,9 @@ fn on_chunk(
             // The buffer is free again for the sender's next write.
             sh.state.lock().outbox.push_back(Ctl::Free { key });
             sh.cv.notify_all();
-            parse(bytes.freeze(), &sh.limits).map(Some)
+            decode_frame(bytes.freeze(), &sh.limits)
+                .map_err(|e| e.to_string())
+                .map(Some)
         }
         k => Err(format!("unknown chunk kind {k}")),
     }
@@ -707,6 +727,7 @@ pub(crate) fn device(emulated: bool) -> Result<Arc<dyn Device>, String> {
 mod tests {
     use super::*;
     use crate::wire::Flags;
+    use bytes::Bytes;
 
     /// A sink that collects frames.
     #[derive(Default)]

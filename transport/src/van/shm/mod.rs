@@ -28,12 +28,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use super::{end, FrameSink};
+use super::{end, watch_peer, FrameSink, Half, Handshaken, Van};
 use crate::link::{Link, Work};
-use crate::wire::{decode_body, decode_header, Frame, Limits, HEADER_LEN};
+use crate::wire::{decode_frame, Frame, Limits, VanId, HEADER_LEN};
 use ring::{Consumer, Producer, WAIT_SLICE};
 pub(crate) use ring::{Ring, MAX_HEAP};
 
@@ -55,18 +52,6 @@ impl crate::link::DirectSend for ShmDirect {
     }
 }
 
-/// Decodes a frame from its bytes (header, then body), checking limits.
-fn parse(bytes: Bytes, limits: &Limits) -> Result<Frame, String> {
-    if bytes.len() < HEADER_LEN {
-        return Err(format!(
-            "a {}-byte record is shorter than a header",
-            bytes.len()
-        ));
-    }
-    let h = decode_header(&bytes[..HEADER_LEN], limits).map_err(|e| e.to_string())?;
-    decode_body(h, bytes.slice(HEADER_LEN..)).map_err(|e| e.to_string())
-}
-
 /// Names of a fresh pair of ring files.
 pub(crate) fn ring_paths() -> (PathBuf, PathBuf) {
     let n = crate::security::nonce();
@@ -86,9 +71,127 @@ pub(crate) struct Rings {
     pub(crate) rx: Ring,
 }
 
+/// The shared-memory van. The connector creates both files, sized by its
+/// settings; the acceptor maps them.
+pub(crate) struct ShmVan {
+    /// Bytes of each ring this side creates (`PSKV_SHM_BYTES`).
+    pub(crate) ring_bytes: usize,
+    /// Bytes of each heap this side creates (`PSKV_SHM_HEAP_BYTES`).
+    pub(crate) heap_bytes: usize,
+    /// The frame limits of received frames.
+    pub(crate) limits: Limits,
+}
+
+/// The connector's offer: where the two rings are.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Offer {
+    /// The ring the connector writes.
+    to_acceptor: String,
+    /// The ring the acceptor writes.
+    to_connector: String,
+    /// Bytes of each ring.
+    ring_bytes: u64,
+}
+
+impl Van for ShmVan {
+    fn id(&self) -> VanId {
+        VanId::Shm
+    }
+
+    fn offer(&self) -> Result<(Vec<u8>, Box<dyn Half>), String> {
+        let (pa, pc) = ring_paths();
+        // Built first, so that a failure below unlinks what was created.
+        let mut half = Box::new(ShmHalf {
+            rings: None,
+            names: vec![pa.clone(), pc.clone()],
+            limits: self.limits,
+        });
+        let create = |p: &Path| {
+            Ring::create(p, self.ring_bytes, self.heap_bytes)
+                .map_err(|e| format!("creating {}: {e}", p.display()))
+        };
+        let (a, c) = (create(&pa)?, create(&pc)?);
+        half.rings = Some(Rings { tx: a, rx: c });
+        let offer = Offer {
+            to_acceptor: pa.display().to_string(),
+            to_connector: pc.display().to_string(),
+            ring_bytes: self.ring_bytes as u64,
+        };
+        let bytes = postcard::to_allocvec(&offer).map_err(|e| e.to_string())?;
+        Ok((bytes, half))
+    }
+
+    fn accept(&self, offer: &[u8]) -> Result<(Vec<u8>, Box<dyn Half>), String> {
+        let bad = || "malformed shared-memory offer".to_string();
+        let o: Offer = postcard::from_bytes(offer).map_err(|_| bad())?;
+        let cap = o.ring_bytes as usize;
+        let ok_path =
+            |p: &str| p.starts_with("/dev/shm/pskv-") && !p.contains("..") && !p[9..].contains('/');
+        if !(ok_path(&o.to_acceptor)
+            && ok_path(&o.to_connector)
+            && (1 << 16..=1 << 34).contains(&cap))
+        {
+            return Err(bad());
+        }
+        let open =
+            |p: &str| Ring::open(Path::new(p), cap).map_err(|e| format!("cannot map {p}: {e}"));
+        let tx = open(&o.to_connector)?;
+        let rx = open(&o.to_acceptor)?;
+        let half = ShmHalf {
+            rings: Some(Rings { tx, rx }),
+            names: Vec::new(),
+            limits: self.limits,
+        };
+        Ok((Vec::new(), Box::new(half)))
+    }
+}
+
+/// One side of a shared-memory link: its mapped rings, and (the
+/// connector's side) the files' names, unlinked once the acceptor has
+/// mapped them or the handshake failed.
+struct ShmHalf {
+    rings: Option<Rings>,
+    names: Vec<PathBuf>,
+    limits: Limits,
+}
+
+impl ShmHalf {
+    fn unlink(&mut self) {
+        for p in self.names.drain(..) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for ShmHalf {
+    fn drop(&mut self) {
+        self.unlink();
+    }
+}
+
+impl Half for ShmHalf {
+    fn finish(&mut self, _answer: &[u8]) -> Result<(), String> {
+        // Mapped by both sides now: the names can go.
+        self.unlink();
+        Ok(())
+    }
+
+    fn start(
+        mut self: Box<Self>,
+        conn: Handshaken,
+        link: Arc<Link>,
+        sink: Arc<dyn FrameSink>,
+        rt: &tokio::runtime::Handle,
+    ) -> Result<(), String> {
+        let rings = self.rings.take().ok_or("the rings were not created")?;
+        let tcp = conn.into_stream()?;
+        start(rings, tcp, link, sink, self.limits, rt).map_err(|e| e.to_string())
+    }
+}
+
 /// Starts the van: a writer thread, a reader thread, and a task watching
 /// the TCP connection for the peer's end.
-pub(crate) fn start(
+fn start(
     rings: Rings,
     tcp: tokio::net::TcpStream,
     link: Arc<Link>,
@@ -148,7 +251,10 @@ pub(crate) fn start(
     std::thread::Builder::new()
         .name(format!("pskv-shm-rx-{}", link.id))
         .spawn(move || loop {
-            match consumer.next(&l).and_then(|b| parse(b, &limits)) {
+            match consumer
+                .next(&l)
+                .and_then(|b| decode_frame(b, &limits).map_err(|e| e.to_string()))
+            {
                 Ok(frame) => s.on_frame(&l, frame),
                 Err(e) => {
                     let reason = match g.lock().take() {
@@ -167,43 +273,25 @@ pub(crate) fn start(
             }
         })?;
     drop(sink);
-    rt.spawn(async move {
-        let (mut rd, mut wr) = tcp.into_split();
-        let mut buf = [0u8; 64];
-        let mut tick = tokio::time::interval(WAIT_SLICE);
-        loop {
-            tokio::select! {
-                r = rd.read(&mut buf) => {
-                    // Nothing travels on TCP any more: data or the end both
-                    // mean the peer is gone or broken.
-                    let why = match r {
-                        Ok(0) => "the peer closed the connection".to_string(),
-                        Ok(_) => "unexpected bytes on the control connection of a shared-memory link".to_string(),
-                        Err(e) => format!("read failed: {e}"),
-                    };
-                    // The reader drains the ring, then ends the link.
-                    *gone.lock() = Some(why);
-                    tx.close();
-                    rx.close();
-                    return;
-                }
-                _ = tick.tick() => {
-                    if link.is_closed() {
-                        tx.close();
-                        rx.close();
-                        let _ = wr.shutdown().await;
-                        return;
-                    }
-                }
-            }
-        }
-    });
+    let (tx2, rx2) = (tx.clone(), rx.clone());
+    let gone = move |why: String| {
+        // The reader drains the ring, then ends the link.
+        *gone.lock() = Some(why);
+        tx.close();
+        rx.close();
+    };
+    let closed = move || {
+        tx2.close();
+        rx2.close();
+    };
+    watch_peer(tcp, link, "shared-memory", WAIT_SLICE, rt, gone, closed);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn pair(cap: usize, heap: usize) -> (Producer, Consumer, Arc<Link>) {
         let (a, _) = ring_paths();
@@ -250,7 +338,7 @@ mod tests {
         let mut held: Vec<(u8, Bytes)> = Vec::new();
         for round in 0..20u8 {
             for (i, &n) in sizes.iter().enumerate() {
-                let f = parse(c.next(&link).unwrap(), &Limits::default()).unwrap();
+                let f = decode_frame(c.next(&link).unwrap(), &Limits::default()).unwrap();
                 let tag = round.wrapping_mul(31).wrapping_add(i as u8);
                 assert_eq!(f.keys, vec![tag as u64]);
                 assert_eq!(f.payload.len(), n);
@@ -300,7 +388,7 @@ mod tests {
         let (mut p, mut c, link) = pair(1 << 20, 256 << 10);
         let mut next = |p: &mut Producer, tag: u8| {
             assert!(p.try_frame(&frame(100_000, tag)), "frame {tag} not sent");
-            parse(c.next(&link).unwrap(), &Limits::default())
+            decode_frame(c.next(&link).unwrap(), &Limits::default())
                 .unwrap()
                 .payload
         };
@@ -326,7 +414,7 @@ mod tests {
         for i in 0..50u8 {
             assert!(p.try_frame(&frame(100_000, i)), "frame {i} not sent");
             assert_eq!(p.heap_frames, i as u64 + 1);
-            let f = parse(c.next(&link).unwrap(), &Limits::default()).unwrap();
+            let f = decode_frame(c.next(&link).unwrap(), &Limits::default()).unwrap();
             assert!(f.payload.iter().all(|&b| b == i));
         }
     }
@@ -411,7 +499,7 @@ mod tests {
             for _ in 0..32 {
                 match c.next(&link) {
                     Ok(b) => {
-                        let _ = parse(b, &Limits::default());
+                        let _ = decode_frame(b, &Limits::default());
                     }
                     Err(_) => break,
                 }
