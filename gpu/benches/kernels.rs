@@ -7,6 +7,7 @@
 //! "Input bytes" per kernel: quantize reads 64 MiB of gradient (its residual
 //! is read and written too); dequantize produces 64 MiB of f32 from 4 MiB
 //! (2-bit) or 2 MiB (1-bit) of codes and is reported on the 64 MiB it writes;
+//! dequantize-and-add reads and writes those 64 MiB, reported the same way;
 //! sum reads two 64 MiB inputs (128 MiB); memcpy reads 64 MiB.
 
 use std::hint::black_box;
@@ -44,6 +45,12 @@ fn bench(c: &mut Criterion) {
     let mut residual = vec![0.0f32; N];
     let mut codes2 = vec![0u32; layout::words_2bit(N)];
     let mut codes1 = vec![0u32; layout::words_1bit(N)];
+    // Codes of real data, for the dequantize benches run alone (a filter).
+    let k1 = CpuKernels::single_threaded();
+    k1.quantize_2bit(&a, &mut residual, &mut codes2, 0.25)
+        .unwrap();
+    k1.quantize_1bit(&a, &mut residual, &mut codes1, 0.0)
+        .unwrap();
 
     let mut g = c.benchmark_group("cpu_64MiB");
     g.sample_size(20).measurement_time(Duration::from_secs(4));
@@ -85,6 +92,18 @@ fn bench(c: &mut Criterion) {
         });
         g.bench_function(BenchmarkId::new("dequantize_1bit", &label), |bch| {
             bch.iter(|| k.dequantize_1bit(black_box(&codes1), &mut out).unwrap())
+        });
+        g.bench_function(BenchmarkId::new("add_dequantized_2bit", &label), |bch| {
+            bch.iter(|| {
+                k.add_dequantized_2bit(black_box(&codes2), &mut out, 0.25)
+                    .unwrap()
+            })
+        });
+        g.bench_function(BenchmarkId::new("add_dequantized_1bit", &label), |bch| {
+            bch.iter(|| {
+                k.add_dequantized_1bit(black_box(&codes1), &mut out)
+                    .unwrap()
+            })
         });
         g.throughput(Throughput::Bytes(2 * BYTES));
         g.bench_function(BenchmarkId::new("sum_2_inputs", &label), |bch| {
@@ -156,6 +175,16 @@ fn bench_cuda(c: &mut Criterion) {
         "dequantize_1bit",
         BYTES,
         k.dequantize_1bit(&codes1, &mut out).unwrap()
+    );
+    timed!(
+        "add_dequantized_2bit",
+        BYTES,
+        k.add_dequantized_2bit(&codes2, &mut out, 0.25).unwrap()
+    );
+    timed!(
+        "add_dequantized_1bit",
+        BYTES,
+        k.add_dequantized_1bit(&codes1, &mut out).unwrap()
     );
     timed!(
         "sum_2_inputs",

@@ -137,6 +137,16 @@ pub trait Kernels {
         threshold: f32,
     ) -> Result<(), KernelError>;
 
+    /// `out[i] += ` the 2-bit dequantize of `codes`, in one pass: the same
+    /// additions, bit for bit, as dequantizing into a buffer and adding it
+    /// (a server summing compressed pushes), without the buffer.
+    fn add_dequantized_2bit(
+        &self,
+        codes: &Self::Buf<u32>,
+        out: &mut Self::Buf<f32>,
+        threshold: f32,
+    ) -> Result<(), KernelError>;
+
     /// 1-bit quantize of `grad` with error feedback into `residual`; writes
     /// `layout::words_1bit(n)` words to `codes`. Any finite threshold.
     fn quantize_1bit(
@@ -149,6 +159,14 @@ pub trait Kernels {
 
     /// 1-bit dequantize of `codes` into `out` (+1 or -1).
     fn dequantize_1bit(
+        &self,
+        codes: &Self::Buf<u32>,
+        out: &mut Self::Buf<f32>,
+    ) -> Result<(), KernelError>;
+
+    /// `out[i] += ` the 1-bit dequantize of `codes`, in one pass (as
+    /// [`Kernels::add_dequantized_2bit`]).
+    fn add_dequantized_1bit(
         &self,
         codes: &Self::Buf<u32>,
         out: &mut Self::Buf<f32>,

@@ -193,6 +193,58 @@ proptest! {
             prop_assert!(same_f32(&out, &ref_dequantize_1bit(&bytes, n1)));
         }
     }
+
+    /// Dequantize-and-add gives, bit for bit, what dequantizing into a
+    /// buffer and adding it gives (signed zeros, infinities and NaNs in
+    /// `out` included), on every back end and thread count.
+    #[test]
+    fn add_dequantized_is_dequantize_then_add(
+        words in proptest::collection::vec(any::<u32>(), 1..80),
+        drop in 0usize..32,
+        base in proptest::collection::vec(value(), 80 * 32),
+    ) {
+        for k in kernels() {
+            let n2 = words.len() * 16 - drop % 16;
+            let mut want = vec![0.0f32; n2];
+            k.dequantize_2bit(&words[..layout::words_2bit(n2)], &mut want, 0.375).unwrap();
+            for (w, b) in want.iter_mut().zip(&base) {
+                *w += *b;
+            }
+            let mut got = base[..n2].to_vec();
+            k.add_dequantized_2bit(&words[..layout::words_2bit(n2)], &mut got, 0.375).unwrap();
+            prop_assert!(same_f32(&got, &want), "2-bit, n={}", n2);
+
+            let n1 = words.len() * 32 - drop;
+            let mut want = vec![0.0f32; n1];
+            k.dequantize_1bit(&words[..layout::words_1bit(n1)], &mut want).unwrap();
+            for (w, b) in want.iter_mut().zip(&base) {
+                *w += *b;
+            }
+            let mut got = base[..n1].to_vec();
+            k.add_dequantized_1bit(&words[..layout::words_1bit(n1)], &mut got).unwrap();
+            prop_assert!(same_f32(&got, &want), "1-bit, n={}", n1);
+        }
+    }
+}
+
+#[test]
+fn add_dequantized_checks_its_arguments() {
+    let k = CpuKernels::single_threaded();
+    let mut out = vec![0.0f32; 40];
+    assert!(
+        k.add_dequantized_2bit(&[0u32; 2], &mut out, 0.5).is_err(),
+        "40 elements need 3 words"
+    );
+    assert!(
+        k.add_dequantized_2bit(&[0u32; 3], &mut out, 0.0).is_err(),
+        "threshold 0"
+    );
+    assert!(
+        k.add_dequantized_1bit(&[0u32; 1], &mut out).is_err(),
+        "40 elements need 2 words"
+    );
+    k.add_dequantized_1bit(&[0u32; 2], &mut out).unwrap();
+    assert!(out.iter().all(|&v| v == -1.0));
 }
 
 fn check_1bit(grad: &[f32], residual0: &[f32], t: f32) -> Result<(), TestCaseError> {

@@ -130,6 +130,14 @@ fn compression_matches_the_cpu_bit_for_bit() {
                 same_f32(&g.download(&og).unwrap(), &oc),
                 "2-bit dequantize, n={n}"
             );
+            // And onto a buffer that holds values already.
+            let (mut ac, mut ag) = (grad.clone(), g.upload(&grad).unwrap());
+            c.add_dequantized_2bit(&cc, &mut ac, 0.25).unwrap();
+            g.add_dequantized_2bit(&cg, &mut ag, 0.25).unwrap();
+            assert!(
+                same_f32(&g.download(&ag).unwrap(), &ac),
+                "2-bit dequantize-and-add, n={n}"
+            );
         }
         // 1-bit.
         let (mut rc, mut rg) = (res0.clone(), g.upload(&res0).unwrap());
@@ -154,6 +162,13 @@ fn compression_matches_the_cpu_bit_for_bit() {
             assert!(
                 same_f32(&g.download(&og).unwrap(), &oc),
                 "1-bit dequantize, n={n}"
+            );
+            let (mut ac, mut ag) = (grad.clone(), g.upload(&grad).unwrap());
+            c.add_dequantized_1bit(&cc, &mut ac).unwrap();
+            g.add_dequantized_1bit(&cg, &mut ag).unwrap();
+            assert!(
+                same_f32(&g.download(&ag).unwrap(), &ac),
+                "1-bit dequantize-and-add, n={n}"
             );
         }
     }

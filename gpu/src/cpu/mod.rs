@@ -103,6 +103,60 @@ impl Default for CpuKernels {
     }
 }
 
+impl CpuKernels {
+    /// 2-bit dequantize into `out`, or with `ADD` onto it.
+    fn decode_2bit<const ADD: bool>(
+        &self,
+        kernel: &'static str,
+        codes: &[u32],
+        out: &mut [f32],
+        threshold: f32,
+    ) -> Result<(), KernelError> {
+        check_threshold_2bit(kernel, threshold)?;
+        check_len(kernel, "the codes", words_2bit(out.len()), codes.len())?;
+        match self.chunk(out.len()) {
+            None => twobit::dequantize::<ADD>(codes, out, threshold),
+            Some((pool, c)) => pool.install(|| {
+                codes
+                    .par_chunks(c / 16)
+                    .zip(out.par_chunks_mut(c))
+                    .for_each(|(w, o)| twobit::dequantize::<ADD>(w, o, threshold))
+            }),
+        }
+        Ok(())
+    }
+
+    /// 1-bit dequantize into `out`, or with `ADD` onto it.
+    fn decode_1bit<const ADD: bool>(
+        &self,
+        kernel: &'static str,
+        codes: &[u32],
+        out: &mut [f32],
+    ) -> Result<(), KernelError> {
+        check_len(kernel, "the codes", words_1bit(out.len()), codes.len())?;
+        match self.chunk(out.len()) {
+            None => onebit::dequantize::<ADD>(codes, out),
+            Some((pool, c)) => pool.install(|| {
+                codes
+                    .par_chunks(c / 32)
+                    .zip(out.par_chunks_mut(c))
+                    .for_each(|(w, o)| onebit::dequantize::<ADD>(w, o))
+            }),
+        }
+        Ok(())
+    }
+}
+
+/// A decoded value stored, or with `ADD` added to what is there.
+#[inline(always)]
+pub(crate) fn put<const ADD: bool>(old: f32, v: f32) -> f32 {
+    if ADD {
+        old + v
+    } else {
+        v
+    }
+}
+
 impl Kernels for CpuKernels {
     type Buf<T: Scalar> = [T];
 
@@ -147,19 +201,16 @@ impl Kernels for CpuKernels {
         out: &mut [f32],
         threshold: f32,
     ) -> Result<(), KernelError> {
-        const K: &str = "dequantize_2bit";
-        check_threshold_2bit(K, threshold)?;
-        check_len(K, "the codes", words_2bit(out.len()), codes.len())?;
-        match self.chunk(out.len()) {
-            None => twobit::dequantize(codes, out, threshold),
-            Some((pool, c)) => pool.install(|| {
-                codes
-                    .par_chunks(c / 16)
-                    .zip(out.par_chunks_mut(c))
-                    .for_each(|(w, o)| twobit::dequantize(w, o, threshold))
-            }),
-        }
-        Ok(())
+        self.decode_2bit::<false>("dequantize_2bit", codes, out, threshold)
+    }
+
+    fn add_dequantized_2bit(
+        &self,
+        codes: &[u32],
+        out: &mut [f32],
+        threshold: f32,
+    ) -> Result<(), KernelError> {
+        self.decode_2bit::<true>("add_dequantized_2bit", codes, out, threshold)
     }
 
     fn quantize_1bit(
@@ -186,18 +237,11 @@ impl Kernels for CpuKernels {
     }
 
     fn dequantize_1bit(&self, codes: &[u32], out: &mut [f32]) -> Result<(), KernelError> {
-        const K: &str = "dequantize_1bit";
-        check_len(K, "the codes", words_1bit(out.len()), codes.len())?;
-        match self.chunk(out.len()) {
-            None => onebit::dequantize(codes, out),
-            Some((pool, c)) => pool.install(|| {
-                codes
-                    .par_chunks(c / 32)
-                    .zip(out.par_chunks_mut(c))
-                    .for_each(|(w, o)| onebit::dequantize(w, o))
-            }),
-        }
-        Ok(())
+        self.decode_1bit::<false>("dequantize_1bit", codes, out)
+    }
+
+    fn add_dequantized_1bit(&self, codes: &[u32], out: &mut [f32]) -> Result<(), KernelError> {
+        self.decode_1bit::<true>("add_dequantized_1bit", codes, out)
     }
 }
 

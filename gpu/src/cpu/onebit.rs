@@ -1,5 +1,6 @@
 //! MXNet 2.0's 1-bit compression on slices, single-threaded.
 
+use super::put;
 use crate::layout::{shift_1bit, CODES_PER_WORD_1BIT as W};
 
 #[inline(always)]
@@ -62,27 +63,27 @@ pub(crate) fn quantize(grad: &[f32], residual: &mut [f32], codes: &mut [u32], t:
     }
 }
 
-/// Dequantizes `codes` into `out` (+1 for a set bit, -1 for a clear one).
-pub(crate) fn dequantize(codes: &[u32], out: &mut [f32]) {
+/// Dequantizes `codes` into `out` (+1 for a set bit, -1 for a clear one),
+/// or with `ADD` adds them to it.
+pub(crate) fn dequantize<const ADD: bool>(codes: &[u32], out: &mut [f32]) {
+    let one = |word: u32, k: usize| {
+        if (word >> shift_1bit(k)) & 1 == 1 {
+            1.0
+        } else {
+            -1.0
+        }
+    };
     let full = out.len() / W;
     let (o_full, o_tail) = out.split_at_mut(full * W);
-    for (word, o) in codes.iter().zip(o_full.chunks_exact_mut(W)) {
+    for (&word, o) in codes.iter().zip(o_full.chunks_exact_mut(W)) {
         for (k, o) in o.iter_mut().enumerate() {
-            *o = if (word >> shift_1bit(k)) & 1 == 1 {
-                1.0
-            } else {
-                -1.0
-            };
+            *o = put::<ADD>(*o, one(word, k));
         }
     }
     if !o_tail.is_empty() {
         let word = codes[full];
         for (k, o) in o_tail.iter_mut().enumerate() {
-            *o = if (word >> shift_1bit(k)) & 1 == 1 {
-                1.0
-            } else {
-                -1.0
-            };
+            *o = put::<ADD>(*o, one(word, k));
         }
     }
 }

@@ -5,6 +5,7 @@
 //! codes from the comparison masks; dequantize is branch-free integer work
 //! that LLVM vectorizes. Both give MXNet's bits exactly.
 
+use super::put;
 use crate::layout::{shift_2bit, CODES_PER_WORD_2BIT as W, CODE_NEG, CODE_POS};
 
 /// One element: returns its code, updates its residual.
@@ -130,19 +131,42 @@ fn dequantize_one(code: u32, t: f32) -> f32 {
     f32::from_bits((t.to_bits() | ((lo ^ 1) << 31)) & 0u32.wrapping_sub(hi))
 }
 
-/// Dequantizes `codes` into `out` (any length; `codes` has `words_2bit(out.len())`).
-pub(crate) fn dequantize(codes: &[u32], out: &mut [f32], t: f32) {
+/// Below this many elements the byte table costs more than it saves.
+const TABLE_MIN: usize = 4096;
+
+/// Dequantizes `codes` into `out`, or with `ADD` adds them to it (any
+/// length; `codes` has `words_2bit(out.len())`). A byte holds four codes,
+/// the first in its top bits: a table of the four values of each byte
+/// turns the decode into one load per four elements.
+pub(crate) fn dequantize<const ADD: bool>(codes: &[u32], out: &mut [f32], t: f32) {
     let full = out.len() / W;
     let (o_full, o_tail) = out.split_at_mut(full * W);
-    for (word, o) in codes.iter().zip(o_full.chunks_exact_mut(W)) {
-        for (k, o) in o.iter_mut().enumerate() {
-            *o = dequantize_one((word >> shift_2bit(k)) & 3, t);
+    if o_full.len() >= TABLE_MIN {
+        let mut table = [[0.0f32; 4]; 256];
+        for (b, e) in table.iter_mut().enumerate() {
+            for (k, v) in e.iter_mut().enumerate() {
+                *v = dequantize_one(((b as u32) >> (6 - 2 * k)) & 3, t);
+            }
+        }
+        for (word, o) in codes.iter().zip(o_full.chunks_exact_mut(W)) {
+            for (byte, q) in word.to_le_bytes().into_iter().zip(o.chunks_exact_mut(4)) {
+                let v = &table[byte as usize];
+                for (o, &v) in q.iter_mut().zip(v) {
+                    *o = put::<ADD>(*o, v);
+                }
+            }
+        }
+    } else {
+        for (word, o) in codes.iter().zip(o_full.chunks_exact_mut(W)) {
+            for (k, o) in o.iter_mut().enumerate() {
+                *o = put::<ADD>(*o, dequantize_one((word >> shift_2bit(k)) & 3, t));
+            }
         }
     }
     if !o_tail.is_empty() {
         let word = codes[full];
         for (k, o) in o_tail.iter_mut().enumerate() {
-            *o = dequantize_one((word >> shift_2bit(k)) & 3, t);
+            *o = put::<ADD>(*o, dequantize_one((word >> shift_2bit(k)) & 3, t));
         }
     }
 }

@@ -170,7 +170,26 @@ extern "C" __global__ void pskv_quantize_2bit(const float* grad, float* res, u32
     }
 }
 
-extern "C" __global__ void pskv_dequantize_2bit(const u32* codes, float* out, u64 n, float t) {
+// Stores (or adds, add != 0) the four values of quad q (elements i..i+4,
+// cut at n) into out; vec: out is 16-byte aligned.
+__device__ __forceinline__ void pskv_store4(float* out, u64 q, u64 i, u64 n, const float* v, bool vec, u32 add) {
+    if (vec && i + 4ull <= n) {
+        float4 o = make_float4(v[0], v[1], v[2], v[3]);
+        if (add) {
+            float4 x = ((float4*)out)[q];
+            o = make_float4(x.x + v[0], x.y + v[1], x.z + v[2], x.w + v[3]);
+        }
+        ((float4*)out)[q] = o;
+    } else {
+        for (u32 e = 0u; e < 4u && i + e < n; ++e) {
+            out[i + e] = add ? out[i + e] + v[e] : v[e];
+        }
+    }
+}
+
+// Dequantize into out, or (add != 0) add to what out holds: the same sums
+// as dequantizing into a buffer and adding it.
+extern "C" __global__ void pskv_dequantize_2bit(const u32* codes, float* out, u64 n, float t, u32 add) {
     const u64 nquads = (n + 3ull) / 4ull;
     const bool vec = pskv_aligned16(out, out);
     GRID_STRIDE_LOOP(q, nquads) {
@@ -181,13 +200,7 @@ extern "C" __global__ void pskv_dequantize_2bit(const u32* codes, float* out, u6
             u32 c = (byte >> (6u - 2u * e)) & 3u;
             v[e] = c == 3u ? t : (c == 2u ? -t : 0.0f);
         }
-        if (vec && i + 4ull <= n) {
-            ((float4*)out)[q] = make_float4(v[0], v[1], v[2], v[3]);
-        } else {
-            for (u32 e = 0u; e < 4u && i + e < n; ++e) {
-                out[i + e] = v[e];
-            }
-        }
+        pskv_store4(out, q, i, n, v, vec, add);
     }
 }
 
@@ -243,7 +256,7 @@ extern "C" __global__ void pskv_quantize_1bit(const float* grad, float* res, u32
     }
 }
 
-extern "C" __global__ void pskv_dequantize_1bit(const u32* codes, float* out, u64 n) {
+extern "C" __global__ void pskv_dequantize_1bit(const u32* codes, float* out, u64 n, u32 add) {
     const u64 nquads = (n + 3ull) / 4ull;
     const bool vec = pskv_aligned16(out, out);
     GRID_STRIDE_LOOP(q, nquads) {
@@ -253,12 +266,6 @@ extern "C" __global__ void pskv_dequantize_1bit(const u32* codes, float* out, u6
         for (u32 e = 0u; e < 4u; ++e) {
             v[e] = ((nib >> (3u - e)) & 1u) ? 1.0f : -1.0f;
         }
-        if (vec && i + 4ull <= n) {
-            ((float4*)out)[q] = make_float4(v[0], v[1], v[2], v[3]);
-        } else {
-            for (u32 e = 0u; e < 4u && i + e < n; ++e) {
-                out[i + e] = v[e];
-            }
-        }
+        pskv_store4(out, q, i, n, v, vec, add);
     }
 }

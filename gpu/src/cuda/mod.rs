@@ -340,6 +340,48 @@ impl CudaKernels {
     fn config(&self, threads: u64) -> LaunchConfig {
         launch_config(threads, self.max_blocks)
     }
+
+    /// 2-bit dequantize into `out`, or (`add` 1) onto it.
+    fn decode_2bit(
+        &self,
+        kernel: &'static str,
+        codes: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+        threshold: f32,
+        add: u32,
+    ) -> Result<(), KernelError> {
+        check_threshold_2bit(kernel, threshold)?;
+        check_len(kernel, "the codes", words_2bit(out.len()), codes.len())?;
+        let n = out.len() as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut b = self.stream.launch_builder(&self.f.dequantize_2bit);
+        b.arg(codes).arg(out).arg(&n).arg(&threshold).arg(&add);
+        // SAFETY: arguments match the kernel; lengths checked above.
+        unsafe { b.launch(self.config(n.div_ceil(4))) }.map_err(cuda_err(kernel))?;
+        Ok(())
+    }
+
+    /// 1-bit dequantize into `out`, or (`add` 1) onto it.
+    fn decode_1bit(
+        &self,
+        kernel: &'static str,
+        codes: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+        add: u32,
+    ) -> Result<(), KernelError> {
+        check_len(kernel, "the codes", words_1bit(out.len()), codes.len())?;
+        let n = out.len() as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut b = self.stream.launch_builder(&self.f.dequantize_1bit);
+        b.arg(codes).arg(out).arg(&n).arg(&add);
+        // SAFETY: arguments match the kernel; lengths checked above.
+        unsafe { b.launch(self.config(n.div_ceil(4))) }.map_err(cuda_err(kernel))?;
+        Ok(())
+    }
 }
 
 impl Kernels for CudaKernels {
@@ -413,19 +455,16 @@ impl Kernels for CudaKernels {
         out: &mut CudaSlice<f32>,
         threshold: f32,
     ) -> Result<(), KernelError> {
-        const K: &str = "dequantize_2bit";
-        check_threshold_2bit(K, threshold)?;
-        check_len(K, "the codes", words_2bit(out.len()), codes.len())?;
-        let n = out.len() as u64;
-        if n == 0 {
-            return Ok(());
-        }
-        let mut b = self.stream.launch_builder(&self.f.dequantize_2bit);
-        b.arg(codes).arg(out).arg(&n).arg(&threshold);
-        // SAFETY: arguments match the kernel; lengths checked above.
-        unsafe { b.launch(self.config(n.div_ceil(4))) }
-            .map_err(cuda_err("dequantize_2bit launch"))?;
-        Ok(())
+        self.decode_2bit("dequantize_2bit", codes, out, threshold, 0)
+    }
+
+    fn add_dequantized_2bit(
+        &self,
+        codes: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+        threshold: f32,
+    ) -> Result<(), KernelError> {
+        self.decode_2bit("add_dequantized_2bit", codes, out, threshold, 1)
     }
 
     fn quantize_1bit(
@@ -456,17 +495,14 @@ impl Kernels for CudaKernels {
         codes: &CudaSlice<u32>,
         out: &mut CudaSlice<f32>,
     ) -> Result<(), KernelError> {
-        const K: &str = "dequantize_1bit";
-        check_len(K, "the codes", words_1bit(out.len()), codes.len())?;
-        let n = out.len() as u64;
-        if n == 0 {
-            return Ok(());
-        }
-        let mut b = self.stream.launch_builder(&self.f.dequantize_1bit);
-        b.arg(codes).arg(out).arg(&n);
-        // SAFETY: arguments match the kernel; lengths checked above.
-        unsafe { b.launch(self.config(n.div_ceil(4))) }
-            .map_err(cuda_err("dequantize_1bit launch"))?;
-        Ok(())
+        self.decode_1bit("dequantize_1bit", codes, out, 0)
+    }
+
+    fn add_dequantized_1bit(
+        &self,
+        codes: &CudaSlice<u32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), KernelError> {
+        self.decode_1bit("add_dequantized_1bit", codes, out, 1)
     }
 }

@@ -591,9 +591,13 @@ impl CudaDevice {
         if n == 0 {
             return Ok(());
         }
+        // The kernels' last argument: 0 stores, 1 would add.
+        let store = 0u32;
         match threshold {
-            Some(t) => launch!(self, lane, &self.f.dequantize_2bit, n.div_ceil(4); &c, &o, &n, &t),
-            None => launch!(self, lane, &self.f.dequantize_1bit, n.div_ceil(4); &c, &o, &n),
+            Some(t) => {
+                launch!(self, lane, &self.f.dequantize_2bit, n.div_ceil(4); &c, &o, &n, &t, &store)
+            }
+            None => launch!(self, lane, &self.f.dequantize_1bit, n.div_ceil(4); &c, &o, &n, &store),
         }
         self.keep(lane, Box::new((codes.clone(), out.clone())));
         Ok(())

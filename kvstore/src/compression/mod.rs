@@ -47,7 +47,13 @@ pub(crate) trait Scheme: Sync {
     ) -> Result<()>;
     /// Adds the dequantized codes to `out`, in one pass (the same additions
     /// as dequantizing into a buffer and adding it, without the buffer).
-    fn add_dequantized(&self, codes: &[u32], out: &mut [f32], threshold: f32);
+    fn add_dequantized(
+        &self,
+        k: &CpuKernels,
+        codes: &[u32],
+        out: &mut [f32],
+        threshold: f32,
+    ) -> Result<()>;
     /// Queues the quantize on `dev`'s `lane`.
     fn quantize_on(
         &self,
@@ -318,17 +324,13 @@ impl Compression {
                     .collect(),
             ),
         };
-        if add {
-            scheme
-                .needs("dequantize")
-                .map_err(|e| e.to_string())?
-                .add_dequantized(&codes, out, threshold);
+        let s = scheme.needs("dequantize").map_err(|e| e.to_string())?;
+        let r = if add {
+            s.add_dequantized(k, &codes, out, threshold)
         } else {
-            scheme
-                .dequantize(k, &codes, out)
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(())
+            s.dequantize(k, &codes, out, threshold)
+        };
+        r.map_err(|e| e.to_string())
     }
 }
 

@@ -30,16 +30,14 @@ impl Scheme for OneBit {
         Ok(k.dequantize_1bit(codes, out)?)
     }
 
-    fn add_dequantized(&self, codes: &[u32], out: &mut [f32], _: f32) {
-        let table = [-1.0f32, 1.0];
-        for (w, chunk) in codes
-            .iter()
-            .zip(out.chunks_mut(layout::CODES_PER_WORD_1BIT))
-        {
-            for (k, o) in chunk.iter_mut().enumerate() {
-                *o += table[((w >> layout::shift_1bit(k)) & 1) as usize];
-            }
-        }
+    fn add_dequantized(
+        &self,
+        k: &CpuKernels,
+        codes: &[u32],
+        out: &mut [f32],
+        _: f32,
+    ) -> Result<()> {
+        Ok(k.add_dequantized_1bit(codes, out)?)
     }
 
     fn quantize_on(
