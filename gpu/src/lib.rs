@@ -51,6 +51,7 @@ pub mod device;
 mod error;
 pub mod layout;
 
+use error::check_len;
 pub use error::KernelError;
 
 mod sealed {
@@ -173,26 +174,75 @@ pub trait Kernels {
     ) -> Result<(), KernelError>;
 }
 
-pub(crate) fn check_threshold_2bit(kernel: &'static str, t: f32) -> Result<(), KernelError> {
-    if t > 0.0 && t.is_finite() {
-        Ok(())
-    } else {
-        Err(KernelError::Threshold {
-            kernel,
-            threshold: t,
-            reason: "2-bit compression needs a finite threshold above 0",
-        })
-    }
+/// The two compression layouts, for what both back ends check alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Bits {
+    /// MXNet's 2-bit codes, 16 per word.
+    Two,
+    /// The 1-bit codes, 32 per word.
+    One,
 }
 
-pub(crate) fn check_threshold_1bit(kernel: &'static str, t: f32) -> Result<(), KernelError> {
-    if t.is_finite() {
-        Ok(())
-    } else {
-        Err(KernelError::Threshold {
-            kernel,
-            threshold: t,
-            reason: "1-bit compression needs a finite threshold",
-        })
+impl Bits {
+    /// Codes per word.
+    pub(crate) fn per_word(self) -> usize {
+        match self {
+            Bits::Two => layout::CODES_PER_WORD_2BIT,
+            Bits::One => layout::CODES_PER_WORD_1BIT,
+        }
+    }
+
+    /// Words of codes for `n` elements.
+    pub(crate) fn words(self, n: usize) -> usize {
+        n.div_ceil(self.per_word())
+    }
+
+    /// 2-bit needs a finite threshold above 0, 1-bit any finite one.
+    pub(crate) fn check_threshold(self, kernel: &'static str, t: f32) -> Result<(), KernelError> {
+        let (ok, reason) = match self {
+            Bits::Two => (
+                t > 0.0 && t.is_finite(),
+                "2-bit compression needs a finite threshold above 0",
+            ),
+            Bits::One => (t.is_finite(), "1-bit compression needs a finite threshold"),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(KernelError::Threshold {
+                kernel,
+                threshold: t,
+                reason,
+            })
+        }
+    }
+
+    /// A quantize's checks: the threshold, a residual as long as the
+    /// gradient (`n`), and the codes' words.
+    pub(crate) fn check_quantize(
+        self,
+        kernel: &'static str,
+        n: usize,
+        (residual, codes): (usize, usize),
+        t: f32,
+    ) -> Result<(), KernelError> {
+        self.check_threshold(kernel, t)?;
+        check_len(kernel, "the residual", n, residual)?;
+        check_len(kernel, "the codes", self.words(n), codes)
+    }
+
+    /// A dequantize's checks, for `n` elements out of `codes` words (the
+    /// threshold matters to 2-bit only).
+    pub(crate) fn check_dequantize(
+        self,
+        kernel: &'static str,
+        n: usize,
+        codes: usize,
+        t: f32,
+    ) -> Result<(), KernelError> {
+        if self == Bits::Two {
+            self.check_threshold(kernel, t)?;
+        }
+        check_len(kernel, "the codes", self.words(n), codes)
     }
 }

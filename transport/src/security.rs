@@ -1,5 +1,6 @@
-//! The cluster token and the challenge-response that every connection runs
-//! before any other message.
+//! The cluster token's proofs, for the challenge-response that every
+//! connection runs before any other message (the exchange itself is the
+//! state machine in `protocol::handshake`).
 //!
 //! ```text
 //!   acceptor                               connector
@@ -33,70 +34,58 @@ pub(crate) fn nonce() -> [u8; 32] {
     n
 }
 
+/// Which side of the handshake proves the token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// The side that dialed.
+    Connector,
+    /// The side that accepted.
+    Acceptor,
+}
+
 fn mac(
     token: &[u8],
-    side: &[u8],
+    side: Side,
     nonce_a: &[u8; 32],
     nonce_c: &[u8; 32],
     node_id: u32,
 ) -> HmacSha256 {
     // new_from_slice accepts keys of any length for HMAC.
     let mut m = HmacSha256::new_from_slice(token).expect("HMAC takes any key length");
-    m.update(side);
+    // The two directions differ, so one side's proof is never the other's.
+    m.update(match side {
+        Side::Connector => b"pskv-v1 c",
+        Side::Acceptor => b"pskv-v1 a",
+    });
     m.update(nonce_a);
     m.update(nonce_c);
     m.update(&node_id.to_le_bytes());
     m
 }
 
-/// The connector's proof.
-pub(crate) fn connector_mac(
+/// `side`'s proof of the token over both nonces and the connector's id.
+pub(crate) fn proof(
     token: &[u8],
+    side: Side,
     nonce_a: &[u8; 32],
     nonce_c: &[u8; 32],
     node_id: u32,
 ) -> [u8; 32] {
-    mac(token, b"pskv-v1 c", nonce_a, nonce_c, node_id)
+    mac(token, side, nonce_a, nonce_c, node_id)
         .finalize()
         .into_bytes()
         .into()
 }
 
-/// The acceptor's proof.
-pub(crate) fn acceptor_mac(
+/// Checks `side`'s proof in constant time.
+pub(crate) fn verify(
     token: &[u8],
-    nonce_a: &[u8; 32],
-    nonce_c: &[u8; 32],
-    node_id: u32,
-) -> [u8; 32] {
-    mac(token, b"pskv-v1 a", nonce_a, nonce_c, node_id)
-        .finalize()
-        .into_bytes()
-        .into()
-}
-
-/// Checks a connector's proof in constant time.
-pub(crate) fn verify_connector(
-    token: &[u8],
-    nonce_a: &[u8; 32],
-    nonce_c: &[u8; 32],
+    side: Side,
+    (nonce_a, nonce_c): (&[u8; 32], &[u8; 32]),
     node_id: u32,
     got: &[u8; 32],
 ) -> bool {
-    mac(token, b"pskv-v1 c", nonce_a, nonce_c, node_id)
-        .verify_slice(got)
-        .is_ok()
-}
-
-/// Checks an acceptor's proof in constant time.
-pub(crate) fn verify_acceptor(
-    token: &[u8],
-    nonce_a: &[u8; 32],
-    nonce_c: &[u8; 32],
-    node_id: u32,
-    got: &[u8; 32],
-) -> bool {
-    mac(token, b"pskv-v1 a", nonce_a, nonce_c, node_id)
+    mac(token, side, nonce_a, nonce_c, node_id)
         .verify_slice(got)
         .is_ok()
 }
@@ -109,19 +98,14 @@ mod tests {
     fn proofs_check_out_only_with_the_same_token_and_nonces() {
         let (a, c) = (nonce(), nonce());
         assert_ne!(a, c);
-        let m = connector_mac(b"tok", &a, &c, 9);
-        assert!(verify_connector(b"tok", &a, &c, 9, &m));
-        assert!(!verify_connector(b"tik", &a, &c, 9, &m));
-        assert!(!verify_connector(b"tok", &c, &a, 9, &m));
-        assert!(!verify_connector(b"tok", &a, &c, 11, &m));
+        let m = proof(b"tok", Side::Connector, &a, &c, 9);
+        assert!(verify(b"tok", Side::Connector, (&a, &c), 9, &m));
+        assert!(!verify(b"tik", Side::Connector, (&a, &c), 9, &m));
+        assert!(!verify(b"tok", Side::Connector, (&c, &a), 9, &m));
+        assert!(!verify(b"tok", Side::Connector, (&a, &c), 11, &m));
         // The two directions differ: a connector's proof is not an acceptor's.
-        assert!(!verify_acceptor(b"tok", &a, &c, 9, &m));
-        assert!(verify_acceptor(
-            b"tok",
-            &a,
-            &c,
-            9,
-            &acceptor_mac(b"tok", &a, &c, 9)
-        ));
+        assert!(!verify(b"tok", Side::Acceptor, (&a, &c), 9, &m));
+        let m = proof(b"tok", Side::Acceptor, &a, &c, 9);
+        assert!(verify(b"tok", Side::Acceptor, (&a, &c), 9, &m));
     }
 }

@@ -17,8 +17,10 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::error::check_len;
-use crate::layout::{words_1bit, words_2bit};
-use crate::{check_threshold_1bit, check_threshold_2bit, Element, KernelError, Kernels, Scalar};
+use crate::{Bits, Element, KernelError, Kernels, Scalar};
+
+/// What a kernel call returns.
+type Res = Result<(), KernelError>;
 
 /// Buffers below this many elements are processed on the calling thread:
 /// splitting costs more than it saves.
@@ -104,43 +106,53 @@ impl Default for CpuKernels {
 }
 
 impl CpuKernels {
-    /// 2-bit dequantize into `out`, or with `ADD` onto it.
-    fn decode_2bit<const ADD: bool>(
+    /// Quantizes `grad` with `residual` into `codes`, in parallel blocks
+    /// when large.
+    fn encode(
         &self,
+        bits: Bits,
         kernel: &'static str,
-        codes: &[u32],
-        out: &mut [f32],
-        threshold: f32,
+        (grad, residual, codes): (&[f32], &mut [f32], &mut [u32]),
+        t: f32,
     ) -> Result<(), KernelError> {
-        check_threshold_2bit(kernel, threshold)?;
-        check_len(kernel, "the codes", words_2bit(out.len()), codes.len())?;
-        match self.chunk(out.len()) {
-            None => twobit::dequantize::<ADD>(codes, out, threshold),
+        bits.check_quantize(kernel, grad.len(), (residual.len(), codes.len()), t)?;
+        let one = match bits {
+            Bits::Two => twobit::quantize,
+            Bits::One => onebit::quantize,
+        };
+        match self.chunk(grad.len()) {
+            None => one(grad, residual, codes, t),
             Some((pool, c)) => pool.install(|| {
-                codes
-                    .par_chunks(c / 16)
-                    .zip(out.par_chunks_mut(c))
-                    .for_each(|(w, o)| twobit::dequantize::<ADD>(w, o, threshold))
+                grad.par_chunks(c)
+                    .zip(residual.par_chunks_mut(c))
+                    .zip(codes.par_chunks_mut(c / bits.per_word()))
+                    .for_each(|((g, r), w)| one(g, r, w, t))
             }),
         }
         Ok(())
     }
 
-    /// 1-bit dequantize into `out`, or with `ADD` onto it.
-    fn decode_1bit<const ADD: bool>(
+    /// Dequantizes `codes` into `out`, or with `ADD` onto it.
+    fn decode<const ADD: bool>(
         &self,
+        bits: Bits,
         kernel: &'static str,
         codes: &[u32],
         out: &mut [f32],
+        t: f32,
     ) -> Result<(), KernelError> {
-        check_len(kernel, "the codes", words_1bit(out.len()), codes.len())?;
+        bits.check_dequantize(kernel, out.len(), codes.len(), t)?;
+        let one = |w: &[u32], o: &mut [f32]| match bits {
+            Bits::Two => twobit::dequantize::<ADD>(w, o, t),
+            Bits::One => onebit::dequantize::<ADD>(w, o),
+        };
         match self.chunk(out.len()) {
-            None => onebit::dequantize::<ADD>(codes, out),
+            None => one(codes, out),
             Some((pool, c)) => pool.install(|| {
                 codes
-                    .par_chunks(c / 32)
+                    .par_chunks(c / bits.per_word())
                     .zip(out.par_chunks_mut(c))
-                    .for_each(|(w, o)| onebit::dequantize::<ADD>(w, o))
+                    .for_each(|(w, o)| one(w, o))
             }),
         }
         Ok(())
@@ -172,76 +184,33 @@ impl Kernels for CpuKernels {
         Ok(())
     }
 
-    fn quantize_2bit(
-        &self,
-        grad: &[f32],
-        residual: &mut [f32],
-        codes: &mut [u32],
-        threshold: f32,
-    ) -> Result<(), KernelError> {
-        const K: &str = "quantize_2bit";
-        check_threshold_2bit(K, threshold)?;
-        check_len(K, "the residual", grad.len(), residual.len())?;
-        check_len(K, "the codes", words_2bit(grad.len()), codes.len())?;
-        match self.chunk(grad.len()) {
-            None => twobit::quantize(grad, residual, codes, threshold),
-            Some((pool, c)) => pool.install(|| {
-                grad.par_chunks(c)
-                    .zip(residual.par_chunks_mut(c))
-                    .zip(codes.par_chunks_mut(c / 16))
-                    .for_each(|((g, r), w)| twobit::quantize(g, r, w, threshold))
-            }),
-        }
-        Ok(())
+    fn quantize_2bit(&self, g: &[f32], r: &mut [f32], c: &mut [u32], t: f32) -> Res {
+        self.encode(Bits::Two, "quantize_2bit", (g, r, c), t)
     }
 
-    fn dequantize_2bit(
-        &self,
-        codes: &[u32],
-        out: &mut [f32],
-        threshold: f32,
-    ) -> Result<(), KernelError> {
-        self.decode_2bit::<false>("dequantize_2bit", codes, out, threshold)
+    fn dequantize_2bit(&self, codes: &[u32], out: &mut [f32], t: f32) -> Result<(), KernelError> {
+        self.decode::<false>(Bits::Two, "dequantize_2bit", codes, out, t)
     }
 
     fn add_dequantized_2bit(
         &self,
         codes: &[u32],
         out: &mut [f32],
-        threshold: f32,
+        t: f32,
     ) -> Result<(), KernelError> {
-        self.decode_2bit::<true>("add_dequantized_2bit", codes, out, threshold)
+        self.decode::<true>(Bits::Two, "add_dequantized_2bit", codes, out, t)
     }
 
-    fn quantize_1bit(
-        &self,
-        grad: &[f32],
-        residual: &mut [f32],
-        codes: &mut [u32],
-        threshold: f32,
-    ) -> Result<(), KernelError> {
-        const K: &str = "quantize_1bit";
-        check_threshold_1bit(K, threshold)?;
-        check_len(K, "the residual", grad.len(), residual.len())?;
-        check_len(K, "the codes", words_1bit(grad.len()), codes.len())?;
-        match self.chunk(grad.len()) {
-            None => onebit::quantize(grad, residual, codes, threshold),
-            Some((pool, c)) => pool.install(|| {
-                grad.par_chunks(c)
-                    .zip(residual.par_chunks_mut(c))
-                    .zip(codes.par_chunks_mut(c / 32))
-                    .for_each(|((g, r), w)| onebit::quantize(g, r, w, threshold))
-            }),
-        }
-        Ok(())
+    fn quantize_1bit(&self, g: &[f32], r: &mut [f32], c: &mut [u32], t: f32) -> Res {
+        self.encode(Bits::One, "quantize_1bit", (g, r, c), t)
     }
 
     fn dequantize_1bit(&self, codes: &[u32], out: &mut [f32]) -> Result<(), KernelError> {
-        self.decode_1bit::<false>("dequantize_1bit", codes, out)
+        self.decode::<false>(Bits::One, "dequantize_1bit", codes, out, 0.0)
     }
 
     fn add_dequantized_1bit(&self, codes: &[u32], out: &mut [f32]) -> Result<(), KernelError> {
-        self.decode_1bit::<true>("add_dequantized_1bit", codes, out)
+        self.decode::<true>(Bits::One, "add_dequantized_1bit", codes, out, 0.0)
     }
 }
 

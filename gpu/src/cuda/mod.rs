@@ -22,8 +22,12 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use crate::error::check_len;
-use crate::layout::{words_1bit, words_2bit};
-use crate::{check_threshold_1bit, check_threshold_2bit, Element, KernelError, Kernels, Scalar};
+use crate::{Bits, Element, KernelError, Kernels, Scalar};
+
+/// What a kernel call returns.
+type Res = Result<(), KernelError>;
+type F32s = CudaSlice<f32>;
+type U32s = CudaSlice<u32>;
 
 /// The CUDA source of every kernel.
 pub const SOURCE: &str = include_str!("kernels.cu");
@@ -341,44 +345,56 @@ impl CudaKernels {
         launch_config(threads, self.max_blocks)
     }
 
-    /// 2-bit dequantize into `out`, or (`add` 1) onto it.
-    fn decode_2bit(
+    /// Quantizes `grad` with `residual` into `codes`.
+    fn encode(
         &self,
+        bits: Bits,
         kernel: &'static str,
-        codes: &CudaSlice<u32>,
-        out: &mut CudaSlice<f32>,
-        threshold: f32,
-        add: u32,
+        (grad, residual, codes): (&CudaSlice<f32>, &mut CudaSlice<f32>, &mut CudaSlice<u32>),
+        t: f32,
     ) -> Result<(), KernelError> {
-        check_threshold_2bit(kernel, threshold)?;
-        check_len(kernel, "the codes", words_2bit(out.len()), codes.len())?;
-        let n = out.len() as u64;
+        bits.check_quantize(kernel, grad.len(), (residual.len(), codes.len()), t)?;
+        let n = grad.len() as u64;
         if n == 0 {
             return Ok(());
         }
-        let mut b = self.stream.launch_builder(&self.f.dequantize_2bit);
-        b.arg(codes).arg(out).arg(&n).arg(&threshold).arg(&add);
+        let f = match bits {
+            Bits::Two => &self.f.quantize_2bit,
+            Bits::One => &self.f.quantize_1bit,
+        };
+        let mut b = self.stream.launch_builder(f);
+        b.arg(grad).arg(residual).arg(codes).arg(&n).arg(&t);
         // SAFETY: arguments match the kernel; lengths checked above.
-        unsafe { b.launch(self.config(n.div_ceil(4))) }.map_err(cuda_err(kernel))?;
+        unsafe { b.launch(self.config(n.div_ceil(4).next_multiple_of(32))) }
+            .map_err(cuda_err(kernel))?;
         Ok(())
     }
 
-    /// 1-bit dequantize into `out`, or (`add` 1) onto it.
-    fn decode_1bit(
+    /// Dequantizes `codes` into `out`, or (`add` 1) onto it.
+    fn decode(
         &self,
+        bits: Bits,
         kernel: &'static str,
-        codes: &CudaSlice<u32>,
-        out: &mut CudaSlice<f32>,
+        (codes, out): (&CudaSlice<u32>, &mut CudaSlice<f32>),
+        t: f32,
         add: u32,
     ) -> Result<(), KernelError> {
-        check_len(kernel, "the codes", words_1bit(out.len()), codes.len())?;
+        bits.check_dequantize(kernel, out.len(), codes.len(), t)?;
         let n = out.len() as u64;
         if n == 0 {
             return Ok(());
         }
-        let mut b = self.stream.launch_builder(&self.f.dequantize_1bit);
-        b.arg(codes).arg(out).arg(&n).arg(&add);
-        // SAFETY: arguments match the kernel; lengths checked above.
+        let mut b = match bits {
+            Bits::Two => self.stream.launch_builder(&self.f.dequantize_2bit),
+            Bits::One => self.stream.launch_builder(&self.f.dequantize_1bit),
+        };
+        b.arg(codes).arg(out).arg(&n);
+        if bits == Bits::Two {
+            b.arg(&t);
+        }
+        b.arg(&add);
+        // SAFETY: arguments match the kernel (the 1-bit one takes no
+        // threshold); lengths checked above.
         unsafe { b.launch(self.config(n.div_ceil(4))) }.map_err(cuda_err(kernel))?;
         Ok(())
     }
@@ -426,83 +442,27 @@ impl Kernels for CudaKernels {
         Ok(())
     }
 
-    fn quantize_2bit(
-        &self,
-        grad: &CudaSlice<f32>,
-        residual: &mut CudaSlice<f32>,
-        codes: &mut CudaSlice<u32>,
-        threshold: f32,
-    ) -> Result<(), KernelError> {
-        const K: &str = "quantize_2bit";
-        check_threshold_2bit(K, threshold)?;
-        check_len(K, "the residual", grad.len(), residual.len())?;
-        check_len(K, "the codes", words_2bit(grad.len()), codes.len())?;
-        let n = grad.len() as u64;
-        if n == 0 {
-            return Ok(());
-        }
-        let mut b = self.stream.launch_builder(&self.f.quantize_2bit);
-        b.arg(grad).arg(residual).arg(codes).arg(&n).arg(&threshold);
-        // SAFETY: arguments match the kernel; lengths checked above.
-        unsafe { b.launch(self.config(n.div_ceil(4).next_multiple_of(32))) }
-            .map_err(cuda_err("quantize_2bit launch"))?;
-        Ok(())
+    fn quantize_2bit(&self, g: &F32s, r: &mut F32s, c: &mut U32s, t: f32) -> Res {
+        self.encode(Bits::Two, "quantize_2bit", (g, r, c), t)
     }
 
-    fn dequantize_2bit(
-        &self,
-        codes: &CudaSlice<u32>,
-        out: &mut CudaSlice<f32>,
-        threshold: f32,
-    ) -> Result<(), KernelError> {
-        self.decode_2bit("dequantize_2bit", codes, out, threshold, 0)
+    fn dequantize_2bit(&self, c: &CudaSlice<u32>, o: &mut CudaSlice<f32>, t: f32) -> Res {
+        self.decode(Bits::Two, "dequantize_2bit", (c, o), t, 0)
     }
 
-    fn add_dequantized_2bit(
-        &self,
-        codes: &CudaSlice<u32>,
-        out: &mut CudaSlice<f32>,
-        threshold: f32,
-    ) -> Result<(), KernelError> {
-        self.decode_2bit("add_dequantized_2bit", codes, out, threshold, 1)
+    fn add_dequantized_2bit(&self, c: &CudaSlice<u32>, o: &mut CudaSlice<f32>, t: f32) -> Res {
+        self.decode(Bits::Two, "add_dequantized_2bit", (c, o), t, 1)
     }
 
-    fn quantize_1bit(
-        &self,
-        grad: &CudaSlice<f32>,
-        residual: &mut CudaSlice<f32>,
-        codes: &mut CudaSlice<u32>,
-        threshold: f32,
-    ) -> Result<(), KernelError> {
-        const K: &str = "quantize_1bit";
-        check_threshold_1bit(K, threshold)?;
-        check_len(K, "the residual", grad.len(), residual.len())?;
-        check_len(K, "the codes", words_1bit(grad.len()), codes.len())?;
-        let n = grad.len() as u64;
-        if n == 0 {
-            return Ok(());
-        }
-        let mut b = self.stream.launch_builder(&self.f.quantize_1bit);
-        b.arg(grad).arg(residual).arg(codes).arg(&n).arg(&threshold);
-        // SAFETY: arguments match the kernel; lengths checked above.
-        unsafe { b.launch(self.config(n.div_ceil(4).next_multiple_of(32))) }
-            .map_err(cuda_err("quantize_1bit launch"))?;
-        Ok(())
+    fn quantize_1bit(&self, g: &F32s, r: &mut F32s, c: &mut U32s, t: f32) -> Res {
+        self.encode(Bits::One, "quantize_1bit", (g, r, c), t)
     }
 
-    fn dequantize_1bit(
-        &self,
-        codes: &CudaSlice<u32>,
-        out: &mut CudaSlice<f32>,
-    ) -> Result<(), KernelError> {
-        self.decode_1bit("dequantize_1bit", codes, out, 0)
+    fn dequantize_1bit(&self, c: &CudaSlice<u32>, o: &mut CudaSlice<f32>) -> Res {
+        self.decode(Bits::One, "dequantize_1bit", (c, o), 0.0, 0)
     }
 
-    fn add_dequantized_1bit(
-        &self,
-        codes: &CudaSlice<u32>,
-        out: &mut CudaSlice<f32>,
-    ) -> Result<(), KernelError> {
-        self.decode_1bit("add_dequantized_1bit", codes, out, 1)
+    fn add_dequantized_1bit(&self, c: &CudaSlice<u32>, o: &mut CudaSlice<f32>) -> Res {
+        self.decode(Bits::One, "add_dequantized_1bit", (c, o), 0.0, 1)
     }
 }

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::cuda::{cuda_err, guarded, launch_config, load, Functions};
 use crate::layout::{words_1bit, words_2bit};
-use crate::{check_threshold_1bit, check_threshold_2bit, KernelError};
+use crate::KernelError;
 
 /// Device memory from the driver.
 pub(crate) struct CudaMem {
@@ -465,49 +465,7 @@ impl Device for CudaDevice {
         Ok(())
     }
 
-    fn quantize_2bit(
-        &self,
-        lane: Lane,
-        grad: &DeviceMem,
-        residual: &DeviceMem,
-        codes: &DeviceMem,
-        threshold: f32,
-    ) -> Result<(), KernelError> {
-        check_threshold_2bit("quantize_2bit", threshold)?;
-        self.quantize(lane, grad, residual, codes, threshold, true)
-    }
-
-    fn dequantize_2bit(
-        &self,
-        lane: Lane,
-        codes: &DeviceMem,
-        out: &DeviceMem,
-        threshold: f32,
-    ) -> Result<(), KernelError> {
-        check_threshold_2bit("dequantize_2bit", threshold)?;
-        self.dequantize(lane, codes, out, Some(threshold))
-    }
-
-    fn quantize_1bit(
-        &self,
-        lane: Lane,
-        grad: &DeviceMem,
-        residual: &DeviceMem,
-        codes: &DeviceMem,
-        threshold: f32,
-    ) -> Result<(), KernelError> {
-        check_threshold_1bit("quantize_1bit", threshold)?;
-        self.quantize(lane, grad, residual, codes, threshold, false)
-    }
-
-    fn dequantize_1bit(
-        &self,
-        lane: Lane,
-        codes: &DeviceMem,
-        out: &DeviceMem,
-    ) -> Result<(), KernelError> {
-        self.dequantize(lane, codes, out, None)
-    }
+    super::compression_entry_points!();
 
     fn then(&self, lane: Lane, done: Done) {
         let l = self.lane(lane);

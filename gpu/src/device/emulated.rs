@@ -421,46 +421,7 @@ impl Device for EmulatedDevice {
         Ok(())
     }
 
-    fn quantize_2bit(
-        &self,
-        lane: Lane,
-        grad: &DeviceMem,
-        residual: &DeviceMem,
-        codes: &DeviceMem,
-        threshold: f32,
-    ) -> Result<(), KernelError> {
-        self.quantize(lane, grad, residual, codes, threshold, true)
-    }
-
-    fn dequantize_2bit(
-        &self,
-        lane: Lane,
-        codes: &DeviceMem,
-        out: &DeviceMem,
-        threshold: f32,
-    ) -> Result<(), KernelError> {
-        self.dequantize(lane, codes, out, Some(threshold))
-    }
-
-    fn quantize_1bit(
-        &self,
-        lane: Lane,
-        grad: &DeviceMem,
-        residual: &DeviceMem,
-        codes: &DeviceMem,
-        threshold: f32,
-    ) -> Result<(), KernelError> {
-        self.quantize(lane, grad, residual, codes, threshold, false)
-    }
-
-    fn dequantize_1bit(
-        &self,
-        lane: Lane,
-        codes: &DeviceMem,
-        out: &DeviceMem,
-    ) -> Result<(), KernelError> {
-        self.dequantize(lane, codes, out, None)
-    }
+    super::compression_entry_points!();
 
     fn then(&self, lane: Lane, done: Done) {
         self.queue(lane, Task::Then(done));

@@ -447,3 +447,50 @@ pub(crate) fn check_range(
         }),
     }
 }
+
+/// The compression entry points of [`Device`] for a backend whose own
+/// `quantize(lane, grad, residual, codes, threshold, two_bit)` and
+/// `dequantize(lane, codes, out, Some(threshold) for 2-bit)` do the work:
+/// the thresholds are checked here, once for every backend.
+macro_rules! compression_entry_points {
+    () => {
+        $crate::device::compression_entry_points!(@quantize quantize_2bit, Two, true);
+        $crate::device::compression_entry_points!(@quantize quantize_1bit, One, false);
+
+        fn dequantize_2bit(
+            &self,
+            lane: Lane,
+            c: &DeviceMem,
+            o: &DeviceMem,
+            t: f32,
+        ) -> $crate::device::Res {
+            crate::Bits::Two.check_threshold("dequantize_2bit", t)?;
+            self.dequantize(lane, c, o, Some(t))
+        }
+
+        fn dequantize_1bit(
+            &self,
+            lane: Lane,
+            c: &DeviceMem,
+            o: &DeviceMem,
+        ) -> $crate::device::Res {
+            self.dequantize(lane, c, o, None)
+        }
+    };
+    (@quantize $name:ident, $bits:ident, $two:expr) => {
+        fn $name(
+            &self,
+            lane: Lane,
+            g: &DeviceMem,
+            r: &DeviceMem,
+            c: &DeviceMem,
+            t: f32,
+        ) -> $crate::device::Res {
+            crate::Bits::$bits.check_threshold(stringify!($name), t)?;
+            self.quantize(lane, g, r, c, t, $two)
+        }
+    };
+}
+/// What a device call returns.
+pub(crate) type Res = Result<(), KernelError>;
+pub(crate) use compression_entry_points;

@@ -31,48 +31,42 @@ pub(crate) trait Scheme: Sync {
     /// Quantizes `grad` with `residual` into `codes`.
     fn quantize(
         &self,
-        k: &CpuKernels,
+        on: Host,
         grad: &[f32],
         residual: &mut [f32],
         codes: &mut [u32],
-        threshold: f32,
     ) -> Result<()>;
-    /// Dequantizes `codes` into `out`.
-    fn dequantize(
-        &self,
-        k: &CpuKernels,
-        codes: &[u32],
-        out: &mut [f32],
-        threshold: f32,
-    ) -> Result<()>;
-    /// Adds the dequantized codes to `out`, in one pass (the same additions
-    /// as dequantizing into a buffer and adding it, without the buffer).
-    fn add_dequantized(
-        &self,
-        k: &CpuKernels,
-        codes: &[u32],
-        out: &mut [f32],
-        threshold: f32,
-    ) -> Result<()>;
-    /// Queues the quantize on `dev`'s `lane`.
+    /// Dequantizes `codes` into `out`, or with `add` adds them to it (in
+    /// one pass: the same additions as dequantizing into a buffer and
+    /// adding it, without the buffer).
+    fn dequantize(&self, on: Host, codes: &[u32], out: &mut [f32], add: bool) -> Result<()>;
+    /// Queues the quantize on a device lane.
     fn quantize_on(
         &self,
-        dev: &dyn Device,
-        lane: Lane,
+        on: Dev,
         grad: &DeviceMem,
         residual: &DeviceMem,
         codes: &DeviceMem,
-        threshold: f32,
-    ) -> std::result::Result<(), KernelError>;
-    /// Queues the dequantize on `dev`'s `lane`.
-    fn dequantize_on(
-        &self,
-        dev: &dyn Device,
-        lane: Lane,
-        codes: &DeviceMem,
-        out: &DeviceMem,
-        threshold: f32,
-    ) -> std::result::Result<(), KernelError>;
+    ) -> KernelResult;
+    /// Queues the dequantize on a device lane.
+    fn dequantize_on(&self, on: Dev, codes: &DeviceMem, out: &DeviceMem) -> KernelResult;
+}
+
+type KernelResult = std::result::Result<(), KernelError>;
+
+/// Where a scheme's CPU kernels run, with the threshold.
+#[derive(Clone, Copy)]
+pub(crate) struct Host<'a> {
+    pub(crate) k: &'a CpuKernels,
+    pub(crate) threshold: f32,
+}
+
+/// Where a scheme's device kernels are queued, with the threshold.
+#[derive(Clone, Copy)]
+pub(crate) struct Dev<'a> {
+    pub(crate) dev: &'a dyn Device,
+    pub(crate) lane: Lane,
+    pub(crate) threshold: f32,
 }
 
 /// Bytes of the header of a compressed part.
@@ -216,7 +210,7 @@ impl Compression {
         codes: &DeviceMem,
     ) -> Result<()> {
         let s = self.needs("a device quantize")?;
-        Ok(s.quantize_on(dev, lane, grad, residual, codes, self.threshold())?)
+        Ok(s.quantize_on(self.on_dev(dev, lane), grad, residual, codes)?)
     }
 
     /// Queues the dequantize of `codes` into `out` on `dev`'s `lane`.
@@ -228,7 +222,7 @@ impl Compression {
         out: &DeviceMem,
     ) -> Result<()> {
         let s = self.needs("a device dequantize")?;
-        Ok(s.dequantize_on(dev, lane, codes, out, self.threshold())?)
+        Ok(s.dequantize_on(self.on_dev(dev, lane), codes, out)?)
     }
 
     /// Quantizes `grad` with `residual` into `codes`.
@@ -239,14 +233,30 @@ impl Compression {
         residual: &mut [f32],
         codes: &mut [u32],
     ) -> Result<()> {
+        let host = Host {
+            k,
+            threshold: self.threshold(),
+        };
         self.needs("quantize")?
-            .quantize(k, grad, residual, codes, self.threshold())
+            .quantize(host, grad, residual, codes)
     }
 
     /// Dequantizes `codes` into `out`.
     pub(crate) fn dequantize(&self, k: &CpuKernels, codes: &[u32], out: &mut [f32]) -> Result<()> {
+        let host = Host {
+            k,
+            threshold: self.threshold(),
+        };
         self.needs("dequantize")?
-            .dequantize(k, codes, out, self.threshold())
+            .dequantize(host, codes, out, false)
+    }
+
+    fn on_dev<'a>(&self, dev: &'a dyn Device, lane: Lane) -> Dev<'a> {
+        Dev {
+            dev,
+            lane,
+            threshold: self.threshold(),
+        }
     }
 
     /// Quantizes `grad` with `residual` into a message (header and codes).
@@ -325,12 +335,8 @@ impl Compression {
             ),
         };
         let s = scheme.needs("dequantize").map_err(|e| e.to_string())?;
-        let r = if add {
-            s.add_dequantized(k, &codes, out, threshold)
-        } else {
-            s.dequantize(k, &codes, out, threshold)
-        };
-        r.map_err(|e| e.to_string())
+        s.dequantize(Host { k, threshold }, &codes, out, add)
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -1,11 +1,10 @@
 //! MXNet's 2-bit scheme: 16 codes per word, `+t`, `-t` or 0, with the
 //! residual keeping what was not sent.
 
-use pskv_gpu::cpu::CpuKernels;
-use pskv_gpu::device::{Device, DeviceMem, Lane};
-use pskv_gpu::{layout, KernelError, Kernels};
+use pskv_gpu::device::DeviceMem;
+use pskv_gpu::{layout, Kernels};
 
-use super::Scheme;
+use super::{Dev, Host, KernelResult, Scheme};
 use crate::error::Result;
 
 pub(crate) struct TwoBit;
@@ -15,57 +14,23 @@ impl Scheme for TwoBit {
         layout::words_2bit(n)
     }
 
-    fn quantize(
-        &self,
-        k: &CpuKernels,
-        grad: &[f32],
-        residual: &mut [f32],
-        codes: &mut [u32],
-        threshold: f32,
-    ) -> Result<()> {
-        Ok(k.quantize_2bit(grad, residual, codes, threshold)?)
+    fn quantize(&self, on: Host, g: &[f32], r: &mut [f32], c: &mut [u32]) -> Result<()> {
+        Ok(on.k.quantize_2bit(g, r, c, on.threshold)?)
     }
 
-    fn dequantize(
-        &self,
-        k: &CpuKernels,
-        codes: &[u32],
-        out: &mut [f32],
-        threshold: f32,
-    ) -> Result<()> {
-        Ok(k.dequantize_2bit(codes, out, threshold)?)
+    fn dequantize(&self, on: Host, codes: &[u32], out: &mut [f32], add: bool) -> Result<()> {
+        Ok(if add {
+            on.k.add_dequantized_2bit(codes, out, on.threshold)
+        } else {
+            on.k.dequantize_2bit(codes, out, on.threshold)
+        }?)
     }
 
-    fn add_dequantized(
-        &self,
-        k: &CpuKernels,
-        codes: &[u32],
-        out: &mut [f32],
-        threshold: f32,
-    ) -> Result<()> {
-        Ok(k.add_dequantized_2bit(codes, out, threshold)?)
+    fn quantize_on(&self, on: Dev, g: &DeviceMem, r: &DeviceMem, c: &DeviceMem) -> KernelResult {
+        on.dev.quantize_2bit(on.lane, g, r, c, on.threshold)
     }
 
-    fn quantize_on(
-        &self,
-        dev: &dyn Device,
-        lane: Lane,
-        grad: &DeviceMem,
-        residual: &DeviceMem,
-        codes: &DeviceMem,
-        threshold: f32,
-    ) -> std::result::Result<(), KernelError> {
-        dev.quantize_2bit(lane, grad, residual, codes, threshold)
-    }
-
-    fn dequantize_on(
-        &self,
-        dev: &dyn Device,
-        lane: Lane,
-        codes: &DeviceMem,
-        out: &DeviceMem,
-        threshold: f32,
-    ) -> std::result::Result<(), KernelError> {
-        dev.dequantize_2bit(lane, codes, out, threshold)
+    fn dequantize_on(&self, on: Dev, codes: &DeviceMem, out: &DeviceMem) -> KernelResult {
+        on.dev.dequantize_2bit(on.lane, codes, out, on.threshold)
     }
 }

@@ -20,7 +20,7 @@ use crate::protocol::handshake::{
 use crate::protocol::{describe, role_rank, NodeId, Role, SCHEDULER_ID};
 use crate::security;
 use crate::van::tcp::{self, FrameReader};
-use crate::van::{rdma, shm, Half, Handshaken, Van};
+use crate::van::{rdma, shm, Half, Handshaken, Start, Van};
 use crate::wire::{Control, Limits, NodeInfo, VanId};
 
 use super::{Ctl, Inner, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES};
@@ -205,7 +205,7 @@ impl Inner {
             1,
             &format!("connected to {who} over {} (link {})", van.name(), link.id),
         );
-        half.start(conn, link.clone(), self.sink(), &self.handle)
+        half.start(self.start_on(conn, link.clone()))
             .map_err(|e| TransportError::io(format!("starting the {} van", van.name()), e))?;
         Ok(link)
     }
@@ -285,6 +285,16 @@ impl Inner {
                 limits,
             }),
         })
+    }
+
+    /// What a van starts on: `conn`, for `link`, into this node.
+    fn start_on(&self, conn: Handshaken, link: Arc<Link>) -> Start<'_> {
+        Start {
+            conn,
+            link,
+            sink: self.sink(),
+            rt: &self.handle,
+        }
     }
 
     /// The RDMA device, opened once.
@@ -398,7 +408,7 @@ impl Inner {
                 link.id
             ),
         );
-        half.start(conn, link, self.sink(), &self.handle)
+        half.start(self.start_on(conn, link))
             .map_err(|e| TransportError::io(format!("starting the {} van", van.name()), e))
     }
 }

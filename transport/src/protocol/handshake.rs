@@ -48,7 +48,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use super::NodeId;
-use crate::security;
+use crate::security::{self, Side};
 use crate::wire::{Control, VanId};
 
 /// What a handshake machine asks of its driver.
@@ -143,31 +143,28 @@ enum CState {
 pub struct Connector {
     cfg: ConnectorConfig,
     state: CState,
-    deadline: Option<Instant>,
-    out: VecDeque<Action>,
+    io: Io,
 }
 
 impl Connector {
     /// A connector that has just connected, at `now`.
     pub fn new(cfg: ConnectorConfig, now: Instant) -> Connector {
-        let deadline = Some(now + cfg.timeout);
         Connector {
+            io: Io::new(cfg.timeout, now),
             cfg,
             state: CState::AwaitChallenge,
-            deadline,
-            out: VecDeque::new(),
         }
     }
 
     /// The next action, if any.
     pub fn poll(&mut self) -> Option<Action> {
-        self.out.pop_front()
+        self.io.out.pop_front()
     }
 
     /// When [`Connector::handle_timeout`] is due (None: the driver's turn,
     /// or over).
     pub fn next_timeout(&self) -> Option<Instant> {
-        self.deadline
+        self.io.deadline
     }
 
     /// True once done or failed.
@@ -182,22 +179,21 @@ impl Connector {
             (CState::Over, _) => {}
             (CState::AwaitChallenge, Control::Challenge { nonce: nonce_a }) => {
                 let (me, nonce_c) = (self.cfg.me, self.cfg.nonce);
-                let mac = security::connector_mac(&token, &nonce_a, &nonce_c, me);
-                self.out.push_back(Action::Send(Control::Auth {
+                let mac = security::proof(&token, Side::Connector, &nonce_a, &nonce_c, me);
+                self.io.send(Control::Auth {
                     nonce: nonce_c,
                     node_id: me,
                     epoch: self.cfg.epoch,
                     mac,
-                }));
+                });
                 self.state = CState::AwaitAuthOk { nonce_a };
-                self.deadline = Some(now + self.cfg.timeout);
+                self.io.wait_peer(now);
             }
             (CState::AwaitAuthOk { nonce_a }, Control::AuthOk { mac }) => {
                 let (me, nonce_c) = (self.cfg.me, self.cfg.nonce);
-                if security::verify_acceptor(&token, &nonce_a, &nonce_c, me, &mac) {
+                if security::verify(&token, Side::Acceptor, (&nonce_a, &nonce_c), me, &mac) {
                     self.state = CState::Offering;
-                    self.deadline = None;
-                    self.out.push_back(Action::Offer);
+                    self.io.ask(Action::Offer);
                 } else {
                     self.fail(HandshakeError::Auth(
                         "the peer could not prove the cluster token".into(),
@@ -232,10 +228,9 @@ impl Connector {
         if self.state != CState::Offering {
             return;
         }
-        self.out
-            .push_back(Action::Send(Control::VanOffer { van, offer }));
+        self.io.send(Control::VanOffer { van, offer });
         self.state = CState::AwaitAnswer { van };
-        self.deadline = Some(now + self.cfg.timeout);
+        self.io.wait_peer(now);
     }
 
     /// The driver could make no offer (the configured van is unavailable).
@@ -262,9 +257,8 @@ impl Connector {
 
     /// Fails the handshake if its deadline passed.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.deadline.is_some_and(|d| now >= d) {
-            let t = self.cfg.timeout;
-            self.handle_closed(&format!("nothing arrived within {t:?}"));
+        if let Some(why) = self.io.silence(now) {
+            self.handle_closed(&why);
         }
     }
 
@@ -274,8 +268,51 @@ impl Connector {
 
     fn finish(&mut self, a: Action) {
         self.state = CState::Over;
+        self.io.finish(a);
+    }
+}
+
+/// What both machines keep alike: the actions for the driver, and the
+/// deadline of the peer's next message (None: the driver's turn, or over).
+struct Io {
+    out: VecDeque<Action>,
+    deadline: Option<Instant>,
+    timeout: Duration,
+}
+
+impl Io {
+    fn new(timeout: Duration, now: Instant) -> Io {
+        Io {
+            out: VecDeque::new(),
+            deadline: Some(now + timeout),
+            timeout,
+        }
+    }
+
+    fn send(&mut self, msg: Control) {
+        self.out.push_back(Action::Send(msg));
+    }
+
+    /// The peer's turn, from `now`.
+    fn wait_peer(&mut self, now: Instant) {
+        self.deadline = Some(now + self.timeout);
+    }
+
+    /// The driver's turn: no deadline.
+    fn ask(&mut self, question: Action) {
         self.deadline = None;
-        self.out.push_back(a);
+        self.out.push_back(question);
+    }
+
+    fn finish(&mut self, end: Action) {
+        self.deadline = None;
+        self.out.push_back(end);
+    }
+
+    /// Why the handshake ends, if the deadline has passed at `now`.
+    fn silence(&self, now: Instant) -> Option<String> {
+        let t = self.timeout;
+        (self.deadline.is_some_and(|d| now >= d)).then(|| format!("nothing arrived within {t:?}"))
     }
 }
 
@@ -305,8 +342,7 @@ enum AState {
 pub struct Acceptor {
     cfg: AcceptorConfig,
     state: AState,
-    deadline: Option<Instant>,
-    out: VecDeque<Action>,
+    io: Io,
 }
 
 impl Acceptor {
@@ -316,8 +352,7 @@ impl Acceptor {
     pub fn new(cfg: AcceptorConfig, now: Instant) -> Acceptor {
         let mut a = Acceptor {
             state: AState::AwaitAuth,
-            deadline: Some(now + cfg.timeout),
-            out: VecDeque::new(),
+            io: Io::new(cfg.timeout, now),
             cfg,
         };
         if a.cfg.token.is_none() && !a.cfg.loopback {
@@ -327,20 +362,19 @@ impl Acceptor {
                     .into(),
             );
         } else {
-            a.out
-                .push_back(Action::Send(Control::Challenge { nonce: a.cfg.nonce }));
+            a.io.send(Control::Challenge { nonce: a.cfg.nonce });
         }
         a
     }
 
     /// The next action, if any.
     pub fn poll(&mut self) -> Option<Action> {
-        self.out.pop_front()
+        self.io.out.pop_front()
     }
 
     /// When [`Acceptor::handle_timeout`] is due.
     pub fn next_timeout(&self) -> Option<Instant> {
-        self.deadline
+        self.io.deadline
     }
 
     /// True once done or failed.
@@ -363,21 +397,19 @@ impl Acceptor {
             ) => {
                 let token = self.cfg.token.as_deref().unwrap_or(&[]);
                 let nonce_a = self.cfg.nonce;
-                if security::verify_connector(token, &nonce_a, &nonce_c, node_id, &mac) {
+                if security::verify(token, Side::Connector, (&nonce_a, &nonce_c), node_id, &mac) {
                     self.state = AState::Admitting {
                         peer: node_id,
                         nonce_c,
                     };
-                    self.deadline = None;
-                    self.out.push_back(Action::Admit { node_id, epoch });
+                    self.io.ask(Action::Admit { node_id, epoch });
                 } else {
                     self.refuse("wrong cluster token".into());
                 }
             }
             (AState::AwaitOffer { peer }, Control::VanOffer { van, offer }) => {
                 self.state = AState::Answering { peer, van };
-                self.deadline = None;
-                self.out.push_back(Action::Answer { van, offer });
+                self.io.ask(Action::Answer { van, offer });
             }
             (AState::AwaitAuth, other) => self.refuse(format!(
                 "expected a proof of the token, got {}",
@@ -400,10 +432,10 @@ impl Acceptor {
         match verdict {
             Ok(()) => {
                 let token = self.cfg.token.as_deref().unwrap_or(&[]);
-                let mac = security::acceptor_mac(token, &self.cfg.nonce, &nonce_c, peer);
-                self.out.push_back(Action::Send(Control::AuthOk { mac }));
+                let mac = security::proof(token, Side::Acceptor, &self.cfg.nonce, &nonce_c, peer);
+                self.io.send(Control::AuthOk { mac });
                 self.state = AState::AwaitOffer { peer };
-                self.deadline = Some(now + self.cfg.timeout);
+                self.io.wait_peer(now);
             }
             Err(reason) => self.refuse(reason),
         }
@@ -427,7 +459,7 @@ impl Acceptor {
                 answer: Vec::new(),
             },
         };
-        self.out.push_back(Action::Send(msg));
+        self.io.send(msg);
         self.finish(Action::Done(Done { peer, van, answer }));
     }
 
@@ -447,17 +479,16 @@ impl Acceptor {
 
     /// Fails the handshake if its deadline passed.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.deadline.is_some_and(|d| now >= d) {
-            let t = self.cfg.timeout;
-            self.handle_closed(&format!("nothing arrived within {t:?}"));
+        if let Some(why) = self.io.silence(now) {
+            self.handle_closed(&why);
         }
     }
 
     /// Tells the peer why, then fails.
     fn refuse(&mut self, reason: String) {
-        self.out.push_back(Action::Send(Control::AuthRefused {
+        self.io.send(Control::AuthRefused {
             reason: reason.clone(),
-        }));
+        });
         self.fail(HandshakeError::Auth(reason));
     }
 
@@ -467,8 +498,7 @@ impl Acceptor {
 
     fn finish(&mut self, a: Action) {
         self.state = AState::Over;
-        self.deadline = None;
-        self.out.push_back(a);
+        self.io.finish(a);
     }
 }
 
@@ -646,7 +676,7 @@ mod tests {
         let (mut c, _, now) = pair(b"tok", Some(b"tok"));
         c.handle(Control::Challenge { nonce: [2; 32] }, now);
         assert!(matches!(c.poll(), Some(Action::Send(Control::Auth { .. }))));
-        let mac = security::acceptor_mac(b"guess", &[2; 32], &[1; 32], 9);
+        let mac = security::proof(b"guess", Side::Acceptor, &[2; 32], &[1; 32], 9);
         c.handle(Control::AuthOk { mac }, now);
         assert_eq!(
             c.poll(),
@@ -668,7 +698,7 @@ mod tests {
         assert!(r.starts_with("no challenge"), "{r}");
         // The acceptor waits for the offer after admitting.
         let _challenge = a.poll();
-        let mac = security::connector_mac(b"", &[2; 32], &[7; 32], 11);
+        let mac = security::proof(b"", Side::Connector, &[2; 32], &[7; 32], 11);
         a.handle(
             Control::Auth {
                 nonce: [7; 32],

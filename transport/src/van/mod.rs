@@ -59,14 +59,20 @@ pub(crate) trait Half: Send {
         let _ = answer;
         Ok(())
     }
-    /// Runs the van on `link` over the handshake's connection.
-    fn start(
-        self: Box<Self>,
-        conn: Handshaken,
-        link: Arc<Link>,
-        sink: Arc<dyn FrameSink>,
-        rt: &tokio::runtime::Handle,
-    ) -> Result<(), String>;
+    /// Runs the van on the link.
+    fn start(self: Box<Self>, on: Start<'_>) -> Result<(), String>;
+}
+
+/// What a van's side starts on.
+pub(crate) struct Start<'a> {
+    /// The handshake's connection.
+    pub(crate) conn: Handshaken,
+    /// The link whose queue the van drains.
+    pub(crate) link: Arc<Link>,
+    /// Where received frames go.
+    pub(crate) sink: Arc<dyn FrameSink>,
+    /// The node's runtime.
+    pub(crate) rt: &'a tokio::runtime::Handle,
 }
 
 /// The connection a handshake ran on, with what its reader buffered.

@@ -24,7 +24,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{end, FrameSink, Half, Handshaken, Van};
+use super::{end, FrameSink, Half, Start, Van};
 use crate::link::{Link, Work};
 use crate::wire::{decode_body, decode_header, Frame, Limits, VanId, WireError, HEADER_LEN};
 
@@ -269,13 +269,13 @@ impl Van for TcpVan {
 struct TcpHalf(Limits);
 
 impl Half for TcpHalf {
-    fn start(
-        self: Box<Self>,
-        conn: Handshaken,
-        link: Arc<Link>,
-        sink: Arc<dyn FrameSink>,
-        rt: &tokio::runtime::Handle,
-    ) -> Result<(), String> {
+    fn start(self: Box<Self>, on: Start<'_>) -> Result<(), String> {
+        let Start {
+            conn,
+            link,
+            sink,
+            rt,
+        } = on;
         start(conn.reader.with_limits(self.0), conn.wr, link, sink, rt);
         Ok(())
     }

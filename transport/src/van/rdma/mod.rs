@@ -50,7 +50,7 @@ use bytes::BytesMut;
 use parking_lot::{Condvar, Mutex};
 
 use self::verbs::{Completion, Device, QueuePair, Region, RemoteRegion};
-use super::{end, watch_peer, FrameSink, Half, Handshaken, Van};
+use super::{end, watch_peer, FrameSink, Half, Start, Van};
 use crate::link::Link;
 use crate::wire::{decode_frame, decode_header, Frame, Kind, Limits, VanId, HEADER_LEN};
 
@@ -247,15 +247,9 @@ impl Half for Prepared {
             .map_err(|e| format!("connecting the RDMA queue pair: {e}"))
     }
 
-    fn start(
-        self: Box<Self>,
-        conn: Handshaken,
-        link: Arc<Link>,
-        sink: Arc<dyn FrameSink>,
-        rt: &tokio::runtime::Handle,
-    ) -> Result<(), String> {
-        let tcp = conn.into_stream()?;
-        start(*self, tcp, link, sink, rt).map_err(|e| e.to_string())
+    fn start(self: Box<Self>, on: Start<'_>) -> Result<(), String> {
+        let tcp = on.conn.into_stream()?;
+        start(*self, tcp, on.link, on.sink, on.rt).map_err(|e| e.to_string())
     }
 }
 

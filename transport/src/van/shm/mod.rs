@@ -28,7 +28,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{end, watch_peer, FrameSink, Half, Handshaken, Van};
+use super::{end, watch_peer, FrameSink, Half, Start, Van};
 use crate::link::{Link, Work};
 use crate::wire::{decode_frame, Frame, Limits, VanId, HEADER_LEN};
 use ring::{Consumer, Producer, WAIT_SLICE};
@@ -176,16 +176,10 @@ impl Half for ShmHalf {
         Ok(())
     }
 
-    fn start(
-        mut self: Box<Self>,
-        conn: Handshaken,
-        link: Arc<Link>,
-        sink: Arc<dyn FrameSink>,
-        rt: &tokio::runtime::Handle,
-    ) -> Result<(), String> {
+    fn start(mut self: Box<Self>, on: Start<'_>) -> Result<(), String> {
         let rings = self.rings.take().ok_or("the rings were not created")?;
-        let tcp = conn.into_stream()?;
-        start(rings, tcp, link, sink, self.limits, rt).map_err(|e| e.to_string())
+        let tcp = on.conn.into_stream()?;
+        start(rings, tcp, on.link, on.sink, self.limits, on.rt).map_err(|e| e.to_string())
     }
 }
 
