@@ -105,72 +105,49 @@ fn compression_matches_the_cpu_bit_for_bit() {
     for n in LENGTHS {
         let grad = inputs(n, 7);
         let res0: Vec<f32> = inputs(n, 11).iter().map(|v| v * 0.1).collect();
-        // 2-bit, 3 steps, residual carried.
-        let (mut rc, mut rg) = (res0.clone(), g.upload(&res0).unwrap());
         let dgrad = g.upload(&grad).unwrap();
-        for step in 0..3 {
-            let mut cc = vec![0u32; layout::words_2bit(n)];
-            let mut cg = g.zeros::<u32>(layout::words_2bit(n)).unwrap();
-            c.quantize_2bit(&grad, &mut rc, &mut cc, 0.25).unwrap();
-            g.quantize_2bit(&dgrad, &mut rg, &mut cg, 0.25).unwrap();
-            assert_eq!(
-                g.download(&cg).unwrap(),
-                cc,
-                "2-bit codes, n={n}, step {step}"
-            );
-            assert!(
-                same_f32(&g.download(&rg).unwrap(), &rc),
-                "2-bit residual, n={n}, step {step}"
-            );
-            let mut oc = vec![0.0f32; n];
-            let mut og = g.zeros::<f32>(n).unwrap();
-            c.dequantize_2bit(&cc, &mut oc, 0.25).unwrap();
-            g.dequantize_2bit(&cg, &mut og, 0.25).unwrap();
-            assert!(
-                same_f32(&g.download(&og).unwrap(), &oc),
-                "2-bit dequantize, n={n}"
-            );
-            // And onto a buffer that holds values already.
-            let (mut ac, mut ag) = (grad.clone(), g.upload(&grad).unwrap());
-            c.add_dequantized_2bit(&cc, &mut ac, 0.25).unwrap();
-            g.add_dequantized_2bit(&cg, &mut ag, 0.25).unwrap();
-            assert!(
-                same_f32(&g.download(&ag).unwrap(), &ac),
-                "2-bit dequantize-and-add, n={n}"
-            );
+        // Per scheme: 3 steps, residual carried; then the codes decoded,
+        // into a buffer and onto one that holds values already.
+        macro_rules! scheme {
+            ($name:literal, $words:ident, $q:ident, $dq:ident, $add:ident, $t:expr $(, $dt:expr)?) => {{
+                let (mut rc, mut rg) = (res0.clone(), g.upload(&res0).unwrap());
+                for step in 0..3 {
+                    let mut cc = vec![0u32; layout::$words(n)];
+                    let mut cg = g.zeros::<u32>(layout::$words(n)).unwrap();
+                    c.$q(&grad, &mut rc, &mut cc, $t).unwrap();
+                    g.$q(&dgrad, &mut rg, &mut cg, $t).unwrap();
+                    let at = format!("{}, n={n}, step {step}", $name);
+                    assert_eq!(g.download(&cg).unwrap(), cc, "codes, {at}");
+                    assert!(same_f32(&g.download(&rg).unwrap(), &rc), "residual, {at}");
+                    let mut oc = vec![0.0f32; n];
+                    let mut og = g.zeros::<f32>(n).unwrap();
+                    c.$dq(&cc, &mut oc $(, $dt)?).unwrap();
+                    g.$dq(&cg, &mut og $(, $dt)?).unwrap();
+                    assert!(same_f32(&g.download(&og).unwrap(), &oc), "dequantize, {at}");
+                    let (mut ac, mut ag) = (grad.clone(), g.upload(&grad).unwrap());
+                    c.$add(&cc, &mut ac $(, $dt)?).unwrap();
+                    g.$add(&cg, &mut ag $(, $dt)?).unwrap();
+                    assert!(same_f32(&g.download(&ag).unwrap(), &ac), "dequantize-and-add, {at}");
+                }
+            }};
         }
-        // 1-bit.
-        let (mut rc, mut rg) = (res0.clone(), g.upload(&res0).unwrap());
-        for step in 0..3 {
-            let mut cc = vec![0u32; layout::words_1bit(n)];
-            let mut cg = g.zeros::<u32>(layout::words_1bit(n)).unwrap();
-            c.quantize_1bit(&grad, &mut rc, &mut cc, 0.1).unwrap();
-            g.quantize_1bit(&dgrad, &mut rg, &mut cg, 0.1).unwrap();
-            assert_eq!(
-                g.download(&cg).unwrap(),
-                cc,
-                "1-bit codes, n={n}, step {step}"
-            );
-            assert!(
-                same_f32(&g.download(&rg).unwrap(), &rc),
-                "1-bit residual, n={n}, step {step}"
-            );
-            let mut oc = vec![0.0f32; n];
-            let mut og = g.zeros::<f32>(n).unwrap();
-            c.dequantize_1bit(&cc, &mut oc).unwrap();
-            g.dequantize_1bit(&cg, &mut og).unwrap();
-            assert!(
-                same_f32(&g.download(&og).unwrap(), &oc),
-                "1-bit dequantize, n={n}"
-            );
-            let (mut ac, mut ag) = (grad.clone(), g.upload(&grad).unwrap());
-            c.add_dequantized_1bit(&cc, &mut ac).unwrap();
-            g.add_dequantized_1bit(&cg, &mut ag).unwrap();
-            assert!(
-                same_f32(&g.download(&ag).unwrap(), &ac),
-                "1-bit dequantize-and-add, n={n}"
-            );
-        }
+        scheme!(
+            "2-bit",
+            words_2bit,
+            quantize_2bit,
+            dequantize_2bit,
+            add_dequantized_2bit,
+            0.25,
+            0.25
+        );
+        scheme!(
+            "1-bit",
+            words_1bit,
+            quantize_1bit,
+            dequantize_1bit,
+            add_dequantized_1bit,
+            0.1
+        );
     }
 }
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pskv_transport::{
-    Config, Group, KvRequest, KvWorker, Postoffice, RequestHandler, RequestOptions, Responder,
-    Role, TransportError, VanKind,
+    Config, Group, KvRequest, KvResponse, KvWorker, Postoffice, RequestHandler, RequestOptions,
+    Responder, Role, TransportError, VanKind,
 };
 
 const T: Duration = Duration::from_secs(20);
@@ -160,20 +160,7 @@ fn push_pull_round_trip_across_servers() {
     let lens = lens_of(keys.len(), 1);
     let total: usize = lens.iter().map(|&l| l as usize).sum();
     let vals: Vec<u8> = (0..total).map(|i| (i * 31 % 251) as u8).collect();
-    kv.push(
-        &keys,
-        &lens,
-        Bytes::from(vals.clone()),
-        RequestOptions::default(),
-    )
-    .unwrap()
-    .wait(T)
-    .unwrap();
-    let got = kv
-        .pull(&keys, RequestOptions::default())
-        .unwrap()
-        .wait(T)
-        .unwrap();
+    let got = push_then_pull(&kv, &keys, &lens, &vals);
     assert_eq!(got.keys, keys);
     assert_eq!(got.lens, lens);
     assert_eq!(got.parts.len(), 2, "two servers answered");
@@ -490,20 +477,7 @@ fn every_van_gives_the_same_results() {
                 let half = size / 2;
                 let lens = [half as u32, (size - half) as u32];
                 let vals: Vec<u8> = (0..size).map(|i| (i * 7 + w + size) as u8).collect();
-                kv.push(
-                    &keys,
-                    &lens,
-                    Bytes::from(vals.clone()),
-                    RequestOptions::default(),
-                )
-                .unwrap()
-                .wait(T)
-                .unwrap();
-                let got = kv
-                    .pull(&keys, RequestOptions::default())
-                    .unwrap()
-                    .wait(T)
-                    .unwrap();
+                let got = push_then_pull(&kv, &keys, &lens, &vals);
                 assert_eq!(got.to_bytes(), Bytes::from(vals), "{van:?} size {size}");
                 let summed = kv
                     .push_pull(
@@ -845,4 +819,17 @@ fn a_node_without_a_link_is_dialled_in_the_background() {
         .err()
         .expect("refused");
     assert!(e.to_string().contains("not in the node table"), "{e}");
+}
+
+/// Pushes `vals` (cut by `lens`) to `keys`, waits, then pulls them back.
+fn push_then_pull(kv: &KvWorker, keys: &[u64], lens: &[u32], vals: &[u8]) -> KvResponse {
+    let vals = Bytes::copy_from_slice(vals);
+    kv.push(keys, lens, vals, RequestOptions::default())
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    kv.pull(keys, RequestOptions::default())
+        .unwrap()
+        .wait(T)
+        .unwrap()
 }

@@ -126,67 +126,54 @@ fn split(s: &str) -> Parts {
     p
 }
 
-/// dmlc-core's `ParseFloat<float>` of a decimal string (finite input).
-pub fn dmlc_parse_f32(s: &str) -> f32 {
-    let p = split(s);
-    let mut value = p.int_part as f32;
-    if p.frac_pow10 > 1 {
-        value += (p.frac_val as f64 / p.frac_pow10 as f64) as f32;
-    }
-    if p.exp > 0 || s.contains(['e', 'E']) {
-        let mut e = p.exp.min(38);
-        let mut scale = 1.0f32;
-        while e >= 8 {
-            scale *= 1e8f32;
-            e -= 8;
+macro_rules! dmlc_parse {
+    ($(#[$doc:meta])* $name:ident, $t:ty, $max_exp:expr) => {
+        $(#[$doc])*
+        pub fn $name(s: &str) -> $t {
+            let p = split(s);
+            let mut value = p.int_part as $t;
+            if p.frac_pow10 > 1 {
+                // The fraction in f64, then rounded once to the type.
+                value += (p.frac_val as f64 / p.frac_pow10 as f64) as $t;
+            }
+            if p.exp > 0 || s.contains(['e', 'E']) {
+                let mut e = p.exp.min($max_exp);
+                let mut scale: $t = 1.0;
+                while e >= 8 {
+                    scale *= 1e8;
+                    e -= 8;
+                }
+                while e > 0 {
+                    scale *= 10.0;
+                    e -= 1;
+                }
+                value = if p.exp_negative {
+                    value / scale
+                } else {
+                    value * scale
+                };
+            }
+            if p.negative {
+                -value
+            } else {
+                value
+            }
         }
-        while e > 0 {
-            scale *= 10.0f32;
-            e -= 1;
-        }
-        value = if p.exp_negative {
-            value / scale
-        } else {
-            value * scale
-        };
-    }
-    if p.negative {
-        -value
-    } else {
-        value
-    }
+    };
 }
 
-/// dmlc-core's `ParseFloat<double>` of a decimal string (finite input).
-pub fn dmlc_parse_f64(s: &str) -> f64 {
-    let p = split(s);
-    let mut value = p.int_part as f64;
-    if p.frac_pow10 > 1 {
-        value += p.frac_val as f64 / p.frac_pow10 as f64;
-    }
-    if p.exp > 0 || s.contains(['e', 'E']) {
-        let mut e = p.exp.min(308);
-        let mut scale = 1.0f64;
-        while e >= 8 {
-            scale *= 1e8;
-            e -= 8;
-        }
-        while e > 0 {
-            scale *= 10.0;
-            e -= 1;
-        }
-        value = if p.exp_negative {
-            value / scale
-        } else {
-            value * scale
-        };
-    }
-    if p.negative {
-        -value
-    } else {
-        value
-    }
-}
+dmlc_parse!(
+    /// dmlc-core's `ParseFloat<float>` of a decimal string (finite input).
+    dmlc_parse_f32,
+    f32,
+    38
+);
+dmlc_parse!(
+    /// dmlc-core's `ParseFloat<double>` of a decimal string (finite input).
+    dmlc_parse_f64,
+    f64,
+    308
+);
 
 /// A `float` operator parameter as MXNet's kernels see it.
 pub fn param_f32(x: f64) -> f32 {
