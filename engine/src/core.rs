@@ -371,11 +371,7 @@ pub(crate) fn execute(op: OpRef, worker: usize) {
     if core.profiler.is_enabled() {
         core.profiler.start(&op);
     }
-    let ctx = RunContext {
-        ctx: op.ctx,
-        worker,
-        priority: op.priority,
-    };
+    let ctx = RunContext::new(&op, worker);
     let prev = EXECUTING.with(|e| e.replace(op.key()));
     let ran = catch_unwind(AssertUnwindSafe(|| op.body.run(ctx, &op)));
     EXECUTING.with(|e| e.set(prev));

@@ -114,7 +114,7 @@ impl Engine {
     /// ```
     pub fn push_async<F>(&self, spec: OpSpec, f: F) -> Result<(), EngineError>
     where
-        F: FnOnce(RunContext, Completion) + Send + 'static,
+        F: FnOnce(RunContext<'_>, Completion) + Send + 'static,
     {
         self.push_op(spec, AsyncBody(parking_lot::Mutex::new(Some(f))))
     }
@@ -133,7 +133,7 @@ impl Engine {
     /// ```
     pub fn push_sync<F>(&self, spec: OpSpec, f: F) -> Result<(), EngineError>
     where
-        F: FnOnce(RunContext) -> Result<(), OpError> + Send + 'static,
+        F: FnOnce(RunContext<'_>) -> Result<(), OpError> + Send + 'static,
     {
         self.push_op(spec, SyncBody(parking_lot::Mutex::new(Some(f))))
     }
@@ -180,7 +180,7 @@ impl Engine {
     /// var's buffer) after every op pushed on the var before has finished.
     pub fn delete_var_with<F>(&self, var: &Var, free: F) -> Result<(), EngineError>
     where
-        F: FnOnce(RunContext) + Send + 'static,
+        F: FnOnce(RunContext<'_>) + Send + 'static,
     {
         let spec = OpSpec::new(core::internal_name("delete_var", var))
             .write(var)
@@ -196,7 +196,7 @@ impl Engine {
         let spec = spec.context(Context::Cpu);
         let core = self.core();
         core::prepare_pool(core, &spec)?;
-        let free = move |ctx| {
+        let free = move |ctx: RunContext<'_>| {
             free(ctx);
             Ok(())
         };
@@ -222,7 +222,7 @@ impl Engine {
             .read(var)
             .property(Property::Async);
         let latch = latch.clone();
-        let signal = move |_ctx| {
+        let signal = move |_: RunContext<'_>| {
             latch.set();
             Ok(())
         };

@@ -50,7 +50,7 @@ pub use crate::core::MAX_GPUS;
 pub use crate::engine::Engine;
 pub use crate::error::{EngineError, FailureCause, OpError, OpFailure};
 pub use crate::graph::{Dependency, OpGraph, OpNode};
-pub use crate::op::{Completion, Context, OpSpec, Property, RunContext};
+pub use crate::op::{Access, Completion, Context, OpSpec, Property, RunContext};
 pub use crate::profiler::{chrome_trace_json, write_chrome_trace, TraceEvent};
 pub use crate::var::Var;
 pub use crate::wait::VarReady;

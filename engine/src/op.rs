@@ -176,9 +176,12 @@ impl OpSpec {
     }
 }
 
-/// What a running closure learns about where it runs.
-#[derive(Clone, Debug)]
-pub struct RunContext {
+/// What a running closure learns about where it runs, and its grant: the
+/// vars its op names, which nothing else touches while the closure runs
+/// (the engine runs a writer of a var alone, and readers together). The
+/// borrow ties the grant to the call: a `RunContext` cannot outlive it.
+#[derive(Clone)]
+pub struct RunContext<'a> {
     /// The op's context.
     pub ctx: Context,
     /// The index of the worker thread within its pool (a GPU closure can map
@@ -186,6 +189,55 @@ pub struct RunContext {
     pub worker: usize,
     /// The op's priority.
     pub priority: i32,
+    op: &'a Op,
+}
+
+/// How a running op holds a var it names.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// The op reads it: other readers may run beside it, no writer.
+    Read,
+    /// The op writes it: nothing else that names it runs meanwhile.
+    Write,
+}
+
+impl<'a> RunContext<'a> {
+    pub(crate) fn new(op: &'a Op, worker: usize) -> RunContext<'a> {
+        RunContext {
+            ctx: op.ctx,
+            worker,
+            priority: op.priority,
+            op,
+        }
+    }
+
+    /// The op's name.
+    pub fn op_name(&self) -> &str {
+        &self.op.name
+    }
+
+    /// How this op holds `var`, or None if its spec does not name it.
+    pub fn access(&self, var: &Var) -> Option<Access> {
+        let named = |vs: &[Var]| vs.iter().any(|v| v.id() == var.id());
+        if named(self.op.writes()) {
+            Some(Access::Write)
+        } else if named(self.op.reads()) {
+            Some(Access::Read)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Debug for RunContext<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunContext")
+            .field("op", &self.op.name)
+            .field("ctx", &self.ctx)
+            .field("worker", &self.worker)
+            .field("priority", &self.priority)
+            .finish()
+    }
 }
 
 pub(crate) type OpRef = Arc<Op>;
@@ -203,7 +255,7 @@ pub(crate) enum Ran {
 /// An op's closure, stored in the same allocation as the op (`Op<B>` is
 /// coerced to `Op<dyn BodyCell>`), taken and run once.
 pub(crate) trait BodyCell: Send + Sync {
-    fn run(&self, ctx: RunContext, op: &OpRef) -> Ran;
+    fn run(&self, ctx: RunContext<'_>, op: &OpRef) -> Ran;
     /// Drops the closure without running it.
     fn discard(&self);
 }
@@ -216,9 +268,9 @@ pub(crate) struct AsyncBody<F>(pub(crate) parking_lot::Mutex<Option<F>>);
 
 impl<F> BodyCell for SyncBody<F>
 where
-    F: FnOnce(RunContext) -> Result<(), OpError> + Send,
+    F: FnOnce(RunContext<'_>) -> Result<(), OpError> + Send,
 {
-    fn run(&self, ctx: RunContext, _op: &OpRef) -> Ran {
+    fn run(&self, ctx: RunContext<'_>, _op: &OpRef) -> Ran {
         let f = self.0.lock().take();
         match f {
             Some(f) => Ran::Sync(f(ctx)),
@@ -233,9 +285,9 @@ where
 
 impl<F> BodyCell for AsyncBody<F>
 where
-    F: FnOnce(RunContext, Completion) + Send,
+    F: FnOnce(RunContext<'_>, Completion) + Send,
 {
-    fn run(&self, ctx: RunContext, op: &OpRef) -> Ran {
+    fn run(&self, ctx: RunContext<'_>, op: &OpRef) -> Ran {
         let f = self.0.lock().take();
         match f {
             Some(f) => {

@@ -23,6 +23,12 @@ const RECOVERY_KEYS: u32 = 4;
 /// succeeds; each key gets exactly `RECOVERY_STEPS` successful pushes.
 /// Prints `STEP n` as it goes and `FINAL key value` at the end.
 fn recovery_worker() {
+    // Warnings to stderr, which the harness keeps: a failure then says why
+    // (a part that found no shared memory, a check that failed).
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+        .try_init();
     let engine = Engine::new().unwrap();
     let kv = KvStore::create("dist_sync", &engine).unwrap();
     let n = 8;

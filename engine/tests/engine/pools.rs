@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pskv_engine::{Context, Engine, EngineKind, OpSpec, Property, Var};
+use pskv_engine::{Access, Context, Engine, EngineKind, OpSpec, Property, RunContext, Var};
 
 fn thread_name() -> String {
     std::thread::current().name().unwrap_or("?").to_string()
@@ -205,4 +205,50 @@ fn var_ready_works_under_tokio() {
         let err = engine.var_ready(&v).await.unwrap_err();
         assert_eq!(err.to_string(), "op 'bad' failed: nope");
     });
+}
+
+/// An op's run context names the vars its spec named, and how: a var both
+/// read and written is written; one it did not name is not granted.
+#[test]
+fn the_run_context_grants_exactly_the_ops_vars() {
+    let engine = Engine::builder().cpu_threads(2).build().unwrap();
+    let (r, w, both, other) = (Var::new(), Var::new(), Var::new(), Var::new());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let (r2, w2, b2, o2) = (r.clone(), w.clone(), both.clone(), other.clone());
+    let spec = OpSpec::new("grants")
+        .read(&r)
+        .write(&w)
+        .read(&both)
+        .write(&both);
+    for async_op in [false, true] {
+        let (s, r2, w2, b2, o2) = (s.clone(), r2.clone(), w2.clone(), b2.clone(), o2.clone());
+        let look = move |rc: &RunContext<'_>| {
+            let got = [&r2, &w2, &b2, &o2].map(|v| rc.access(v));
+            s.lock().unwrap().push(got);
+        };
+        if async_op {
+            engine
+                .push_async(spec.clone(), move |rc, done| {
+                    look(&rc);
+                    done.complete()
+                })
+                .unwrap();
+        } else {
+            engine
+                .push_sync(spec.clone(), move |rc| {
+                    look(&rc);
+                    Ok(())
+                })
+                .unwrap();
+        }
+    }
+    engine.wait_for_all().unwrap();
+    let want = [
+        Some(Access::Read),
+        Some(Access::Write),
+        Some(Access::Write),
+        None,
+    ];
+    assert_eq!(*seen.lock().unwrap(), vec![want, want]);
 }

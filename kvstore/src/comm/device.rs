@@ -103,14 +103,13 @@ pub(crate) fn sum(srcs: &[Tensor], out: &Tensor, m: u32, ty: SumType, priority: 
         .reads(srcs.iter().map(Tensor::var))
         .write(out.var());
     let (ins, o) = (srcs.to_vec(), out.clone());
-    device_op(out, spec, m, Lane::Compute, move |dev| {
-        // SAFETY: reads the sources, writes `o`, none of them (T1).
+    device_op(out, spec, m, Lane::Compute, move |dev, rc| {
         let mems = ins
             .iter()
-            .map(|t| unsafe { t.data() }.dev.clone())
-            .collect::<Option<Vec<_>>>()
+            .map(|t| Ok(t.read(rc)?.dev.clone()))
+            .collect::<Result<Option<Vec<_>>>>()?
             .ok_or_else(|| KvError::invalid("a device sum of a host tensor"))?;
-        let od = unsafe { o.data_mut() };
+        let od = o.write(rc)?;
         let om = od
             .dev
             .as_ref()
@@ -175,15 +174,12 @@ pub(crate) fn quantize(
         .write(residual.var())
         .write(codes.var());
     let (g, r, k) = (grad.clone(), residual.clone(), codes.clone());
-    device_op(grad, spec, m, Lane::Compute, move |dev| {
-        // SAFETY: reads `g`, writes `r` and `k` (T1).
-        let (gm, rm, km) = unsafe {
-            (
-                g.data().dev.clone(),
-                r.data().dev.clone(),
-                k.data().dev.clone(),
-            )
-        };
+    device_op(grad, spec, m, Lane::Compute, move |dev, rc| {
+        let (gm, rm, km) = (
+            g.read(rc)?.dev.clone(),
+            r.write(rc)?.dev.clone(),
+            k.write(rc)?.dev.clone(),
+        );
         let missing = || KvError::invalid("a device quantize of a host tensor");
         let (gm, rm, km) = (
             gm.ok_or_else(missing)?,
@@ -208,9 +204,8 @@ pub(crate) fn dequantize(
         .read(codes.var())
         .write(out.var());
     let (k, o) = (codes.clone(), out.clone());
-    device_op(out, spec, m, Lane::Compute, move |dev| {
-        // SAFETY: reads `k`, writes `o` (T1).
-        let (km, om) = unsafe { (k.data().dev.clone(), o.data().dev.clone()) };
+    device_op(out, spec, m, Lane::Compute, move |dev, rc| {
+        let (km, om) = (k.read(rc)?.dev.clone(), o.write(rc)?.dev.clone());
         let missing = || KvError::invalid("a device dequantize of a host tensor");
         let (km, om) = (km.ok_or_else(missing)?, om.ok_or_else(missing)?);
         c.dequantize_on(dev, Lane::Compute, &km, &om)

@@ -164,16 +164,26 @@ impl Comm {
         let (ins, o, k) = (inputs, out.clone(), self.kernels.clone());
         let residuals = scratch.residuals.clone();
         let kname = key.to_string();
-        out.engine().push_sync(spec, move |_| {
-            // SAFETY: the op reads every input and writes `out`, which is
-            // none of them (the caller's merge buffer) (T1).
-            let datas: Vec<&Data> = ins.iter().map(|t| unsafe { t.data() }).collect();
-            let od = unsafe { o.data_mut() };
+        out.engine().push_sync(spec, move |rc| {
+            let guards = ins
+                .iter()
+                .map(|t| t.read(&rc))
+                .collect::<Result<Vec<_>>>()?;
+            let datas: Vec<&Data> = guards.iter().map(|g| &**g).collect();
+            let mut od = o.write(&rc)?;
             if compression.is_on() {
                 let mut res = residuals.lock();
-                sum_compressed(&k, compression, &datas, od, &mut res, o.len())
+                sum_compressed(&k, compression, &datas, &mut od, &mut res, o.len())
             } else {
-                sum_into(&k, o.dtype(), o.row_len(), &ins, &datas, o.storage(), od)
+                sum_into(
+                    &k,
+                    o.dtype(),
+                    o.row_len(),
+                    &ins,
+                    &datas,
+                    o.storage(),
+                    &mut od,
+                )
             }
             .map_err(|e| format!("reducing key {kname}: {e}").into())
         })?;

@@ -154,9 +154,8 @@ impl LocalKey {
                     .write(self.stored.var());
                 let (g, w, rule) = (grad.clone(), self.stored.clone(), rule.clone());
                 let me = self.clone();
-                self.stored.engine().push_sync(spec, move |_| {
-                    // SAFETY: reads `g`, writes `w` (two tensors, T1).
-                    let (gd, wd) = unsafe { (g.data(), w.data_mut()) };
+                self.stored.engine().push_sync(spec, move |rc| {
+                    let (gd, mut wd) = (g.read(&rc)?, w.write(&rc)?);
                     let rows = (g.storage() == Storage::RowSparse).then_some(&gd.rows[..]);
                     // The state is touched only by ops that write `stored`.
                     let mut st = me.state.lock();
@@ -278,9 +277,8 @@ pub(crate) fn gather_rows(
         .write(out.var());
     let (s, o, r) = (src.clone(), out.clone(), row_ids.clone());
     let kname = key.to_string();
-    src.engine().push_sync(spec, move |_| {
-        // SAFETY: reads `s` and `r`, writes `o` (T1).
-        let (sd, rd, od) = unsafe { (s.data(), r.data(), o.data_mut()) };
+    src.engine().push_sync(spec, move |rc| {
+        let (sd, rd, mut od) = (s.read(&rc)?, r.read(&rc)?, o.write(&rc)?);
         let mut rows: Vec<i64> = rd.typed::<i64>().to_vec();
         rows.sort_unstable();
         rows.dedup();

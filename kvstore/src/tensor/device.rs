@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use pskv_engine::{Context, OpSpec, Property};
+use pskv_engine::{Context, OpSpec, Property, RunContext};
 use pskv_gpu::device::{self, Device, HostBytes, Lane};
 
 use super::{Storage, Tensor};
@@ -23,11 +23,11 @@ pub(crate) fn device_op(
     spec: OpSpec,
     n: u32,
     lane: Lane,
-    work: impl FnOnce(&dyn Device) -> Result<()> + Send + 'static,
+    work: impl FnOnce(&dyn Device, &RunContext<'_>) -> Result<()> + Send + 'static,
 ) -> Result<()> {
     let dev = device::open(n)?;
-    t.engine().push_async(spec, move |_, completion| {
-        if let Err(e) = work(&*dev) {
+    t.engine().push_async(spec, move |rc, completion| {
+        if let Err(e) = work(&*dev, &rc) {
             return completion.fail(e);
         }
         dev.then(
@@ -67,9 +67,8 @@ pub(crate) fn transfer(src: &Tensor, dst: &Tensor, priority: i32) -> Result<()> 
     let (spec, n) = transfer_spec("tensor_transfer", src.ctx(), dst.ctx());
     let spec = spec.priority(priority).read(src.var()).write(dst.var());
     let (s, d) = (src.clone(), dst.clone());
-    device_op(src, spec, n, Lane::Copy, move |dev| {
-        // SAFETY: the op reads `s` and writes `d`, two tensors (T1).
-        let (sd, dd) = unsafe { (s.data(), d.data_mut()) };
+    device_op(src, spec, n, Lane::Copy, move |dev, rc| {
+        let (sd, mut dd) = (s.read(rc)?, d.write(rc)?);
         let row_sparse = s.storage() == Storage::RowSparse;
         if row_sparse {
             dd.rows = sd.rows.clone();
@@ -167,9 +166,8 @@ pub(crate) fn peer_copy(src: &Tensor, dst: &Tensor, priority: i32) -> Result<()>
         .read(src.var())
         .write(dst.var());
     let (s, d) = (src.clone(), dst.clone());
-    device_op(dst, spec, n, Lane::Copy, move |dev| {
-        // SAFETY: reads `s`, writes `d` (T1).
-        let (sd, dd) = unsafe { (s.data(), d.data_mut()) };
+    device_op(dst, spec, n, Lane::Copy, move |dev, rc| {
+        let (sd, dd) = (s.read(rc)?, d.write(rc)?);
         let missing = || KvError::invalid("a GPU tensor without device memory");
         let (sm, dm) = (
             sd.dev.as_ref().ok_or_else(missing)?,
@@ -229,7 +227,7 @@ mod tests {
         let spec = OpSpec::new("hold_compute")
             .context(Context::Gpu(15))
             .write(a.var());
-        device_op(&a, spec, 15, Lane::Compute, move |dev| {
+        device_op(&a, spec, 15, Lane::Compute, move |dev, _| {
             hold(dev, Lane::Compute, rx);
             Ok(())
         })
@@ -278,7 +276,7 @@ mod tests {
                     .priority(p)
                     .write(v);
                 let o = order.clone();
-                device_op(&t, spec, 14, lane, move |dev| {
+                device_op(&t, spec, 14, lane, move |dev, _| {
                     o.lock().unwrap().push(p);
                     // Device work on the lane, so completion comes from it.
                     hold(dev, lane, {

@@ -10,8 +10,9 @@
 //!   (as a read or a write), and changed only inside an op that writes it.
 //!   The engine runs a write alone and reads together, so no access races.
 //!   Every public method that touches data is such an op (`to_vec` pushes a
-//!   read op and waits for it); the crate's own ops follow the same rule, and
-//!   that is what makes the `unsafe` accessors below sound.
+//!   read op and waits for it), and the crate's own ops reach data only
+//!   through the guards of `access.rs`, which the op's run context grants
+//!   for exactly the vars it names: the `unsafe` of data access is there.
 //! - **T2.** The bytes are an `Arc<Buf>`. A writer changes them in place only
 //!   when the `Arc` is not shared; a shared buffer (a message in flight still
 //!   holds a clone) is replaced by a copy first, or by a fresh buffer when
@@ -28,14 +29,17 @@
 //! complete when it is done (`device.rs`); a tensor on
 //! `Context::CpuPinned(n)` is host memory pinned for GPU n's copies.
 
+mod access;
 mod buf;
 mod device;
 
-use std::cell::UnsafeCell;
 use std::fmt;
 use std::sync::Arc;
 
-use pskv_engine::{Context, Engine, OpSpec, Property, Var};
+use pskv_engine::{Context, Engine, OpSpec, Property, RunContext, Var};
+
+use access::Cell;
+pub(crate) use access::{DataMut, DataRef};
 
 pub(crate) use buf::{copy_data, share, Buf, Data};
 pub(crate) use device::{copy_any, device_op, gpu_of};
@@ -60,15 +64,8 @@ struct Inner {
     ctx: Context,
     storage: Storage,
     var: Var,
-    cell: UnsafeCell<Data>,
+    cell: Cell,
 }
-
-// SAFETY: the cell is only reached through `Tensor::data` / `data_mut`,
-// whose callers follow T1: the engine never runs a writer of the var
-// together with any other op on it.
-unsafe impl Sync for Inner {}
-// SAFETY: `Data` is plain owned memory; moving it between threads is fine.
-unsafe impl Send for Inner {}
 
 /// A tensor: a handle (cloning it gives another handle to the same data).
 ///
@@ -135,7 +132,7 @@ impl Tensor {
                 ctx,
                 storage,
                 var: Var::new(),
-                cell: UnsafeCell::new(data),
+                cell: Cell::new(data),
             }),
         }
     }
@@ -358,22 +355,15 @@ impl Tensor {
         Arc::ptr_eq(&self.inner, &other.inner)
     }
 
-    /// The data, for reading.
-    ///
-    /// # Safety
-    /// The caller runs inside an engine op that names this tensor's var (T1).
-    pub(crate) unsafe fn data(&self) -> &Data {
-        &*self.inner.cell.get()
+    /// The data, for reading, in an op (`rc`) that names this tensor's var
+    /// (T1; the guard rules are in `access.rs`).
+    pub(crate) fn read<'g>(&'g self, rc: &'g RunContext<'_>) -> Result<DataRef<'g>> {
+        self.inner.cell.read(&self.inner.var, rc)
     }
 
-    /// The data, for writing.
-    ///
-    /// # Safety
-    /// The caller runs inside an engine op that writes this tensor's var, and
-    /// holds no other reference into the cell (T1).
-    #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn data_mut(&self) -> &mut Data {
-        &mut *self.inner.cell.get()
+    /// The data, for writing, in an op (`rc`) that writes this tensor's var.
+    pub(crate) fn write<'g>(&'g self, rc: &'g RunContext<'_>) -> Result<DataMut<'g>> {
+        self.inner.cell.write(&self.inner.var, rc)
     }
 
     pub(crate) fn check_engine(&self, engine: &Engine) -> Result<()> {
@@ -426,9 +416,8 @@ impl Tensor {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let t = self.clone();
         let spec = Tensor::copy_spec(name, self.ctx(), Context::Cpu).read(self.var());
-        self.engine().push_sync(spec, move |_| {
-            // SAFETY: a read op on the tensor's var (T1).
-            let r = f(&t, unsafe { t.data() });
+        self.engine().push_sync(spec, move |rc| {
+            let r = t.read(&rc).map(|d| f(&t, &d));
             let _ = tx.send(r);
             Ok(())
         })?;
@@ -448,7 +437,7 @@ impl Tensor {
             std::sync::mpsc::RecvTimeoutError::Disconnected => KvError::invalid(format!(
                 "{name}: the read was skipped because an earlier op on the tensor failed"
             )),
-        })
+        })?
     }
 
     /// Copies the elements out (row-sparse: the dense equivalent), after
@@ -501,9 +490,8 @@ impl Tensor {
         let src: Vec<u8> = bytemuck::cast_slice(values).to_vec();
         let t = self.clone();
         let spec = Tensor::copy_spec("tensor_write", Context::Cpu, self.ctx()).write(self.var());
-        self.engine().push_sync(spec, move |_| {
-            // SAFETY: a write op on the tensor's var (T1).
-            unsafe { t.data_mut() }.overwrite().copy_from_slice(&src);
+        self.engine().push_sync(spec, move |rc| {
+            t.write(&rc)?.overwrite().copy_from_slice(&src);
             Ok(())
         })?;
         Ok(())
@@ -532,9 +520,8 @@ impl Tensor {
         let buf = Buf::from_bytes(bytemuck::cast_slice(values));
         let t = self.clone();
         let spec = Tensor::copy_spec("tensor_set_rows", Context::Cpu, self.ctx()).write(self.var());
-        self.engine().push_sync(spec, move |_| {
-            // SAFETY: a write op on the tensor's var (T1).
-            unsafe { t.data_mut() }.set(rows, buf);
+        self.engine().push_sync(spec, move |rc| {
+            t.write(&rc)?.set(rows, buf);
             Ok(())
         })?;
         Ok(())
@@ -557,9 +544,8 @@ impl Tensor {
         let spec = OpSpec::new("tensor_map_mut")
             .context(self.ctx())
             .write(self.var());
-        self.engine().push_sync(spec, move |_| {
-            // SAFETY: a write op on the tensor's var (T1).
-            f(unsafe { t.data_mut() }.typed_mut::<T>());
+        self.engine().push_sync(spec, move |rc| {
+            f(t.write(&rc)?.typed_mut::<T>());
             Ok(())
         })?;
         Ok(())
@@ -601,11 +587,16 @@ pub(crate) fn host_copy(src: &Tensor, dst: &Tensor, priority: i32) -> Result<()>
         .read(src.var())
         .write(dst.var());
     let (s, d) = (src.clone(), dst.clone());
-    src.engine().push_sync(spec, move |_| {
-        // SAFETY: this op reads `s` and writes `d`, two different tensors
-        // (T1).
-        let (sd, dd) = unsafe { (s.data(), d.data_mut()) };
-        copy_data(sd, s.storage(), dd, d.storage(), s.dtype(), s.row_len());
+    src.engine().push_sync(spec, move |rc| {
+        let (sd, mut dd) = (s.read(&rc)?, d.write(&rc)?);
+        copy_data(
+            &sd,
+            s.storage(),
+            &mut dd,
+            d.storage(),
+            s.dtype(),
+            s.row_len(),
+        );
         Ok(())
     })?;
     Ok(())
@@ -695,8 +686,8 @@ mod tests {
         let a = Tensor::from_vec(&e, &[2], vec![1i32, 2], Context::Cpu).unwrap();
         let held = Arc::new(Mutex::new(Bytes::new()));
         let (h2, a2) = (held.clone(), a.clone());
-        e.push_sync(OpSpec::new("share").read(a.var()), move |_| {
-            *h2.lock() = unsafe { a2.data() }.share(0..8);
+        e.push_sync(OpSpec::new("share").read(a.var()), move |rc| {
+            *h2.lock() = a2.read(&rc)?.share(0..8);
             Ok(())
         })
         .unwrap();

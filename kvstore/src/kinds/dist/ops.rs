@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use pskv_engine::{OpSpec, Property};
+use pskv_engine::{OpSpec, Property, RunContext};
 use pskv_transport::KvResponse;
 
 use super::inflight::OutPtr;
@@ -42,10 +42,9 @@ impl DistStore {
         grad: &Tensor,
         compression: Compression,
         seg: Option<&Arc<Segment>>,
-        i: usize,
+        (i, rc): (usize, &RunContext<'_>),
     ) -> std::result::Result<(Bytes, u16), String> {
-        // SAFETY: called inside an op that reads `grad` (T1).
-        let d = unsafe { grad.data() };
+        let d = grad.read(rc).map_err(|e| e.to_string())?;
         let size = dk.local.meta.dtype.size();
         let p = dk.parts[i];
         let ub = dk.unit * size;
@@ -150,7 +149,7 @@ impl DistStore {
         }
         let me = self.handle();
         let (dk2, g) = (dk.clone(), grad.clone());
-        self.engine.push_async(spec, move |_, completion| {
+        self.engine.push_async(spec, move |rc, completion| {
             let Some(me) = me.upgrade() else {
                 completion.fail("the kvstore was closed");
                 return;
@@ -177,18 +176,20 @@ impl DistStore {
                 Round::ignore_answers(me.head(op, dtype, compression), priority, tag, name);
             let mut settle = Vec::new();
             if let Some(l) = &land {
-                match me.landing(&dk2, l, segs.clone()) {
+                match me.landing(&dk2, l, segs.clone(), &rc) {
                     Ok((on_answer, lanes)) => (round.on_answer, settle) = (on_answer, lanes),
                     Err(e) => return completion.fail(e),
                 }
             }
             match (&send, on_gpu) {
-                (Some(h), _) => me.send_staged(&dk2, &g, h, segs, round, completion, settle),
-                (None, true) => me.send_quantized(&dk2, &g, compression, round, completion, settle),
+                (Some(h), _) => me.send_staged(&dk2, &g, h, segs, round, (completion, &rc), settle),
+                (None, true) => {
+                    me.send_quantized(&dk2, &g, compression, round, (completion, &rc), settle)
+                }
                 (None, false) => {
                     let all: Vec<usize> = (0..dk2.parts.len()).collect();
                     let prepare =
-                        |i: usize| me.push_part(&dk2, &g, compression, segs[i].as_ref(), i);
+                        |i: usize| me.push_part(&dk2, &g, compression, segs[i].as_ref(), (i, &rc));
                     me.send_parts(&dk2, &all, &round, completion, settle, prepare)
                 }
             }
@@ -216,14 +217,14 @@ impl DistStore {
         }
         let me = self.handle();
         let dk2 = dk.clone();
-        self.engine.push_async(spec, move |_, completion| {
+        self.engine.push_async(spec, move |rc, completion| {
             let Some(me) = me.upgrade() else {
                 completion.fail("the kvstore was closed");
                 return;
             };
             let dtype = dk2.local.meta.dtype;
             let segs = me.shm_parts(&dk2);
-            let (on_answer, settle) = match me.landing(&dk2, &land, segs.clone()) {
+            let (on_answer, settle) = match me.landing(&dk2, &land, segs.clone(), &rc) {
                 Ok(x) => x,
                 Err(e) => return completion.fail(e),
             };
@@ -260,14 +261,18 @@ impl DistStore {
             .write(out.var());
         let me = self.handle();
         let (dk2, o, r) = (dk.clone(), out.clone(), row_ids.clone());
-        self.engine.push_async(spec, move |_, completion| {
+        self.engine.push_async(spec, move |rc, completion| {
             let Some(me) = me.upgrade() else {
                 completion.fail("the kvstore was closed");
                 return;
             };
             let meta = &dk2.local.meta;
-            // SAFETY: reads `r`, writes `o` (T1).
-            let mut rows: Vec<i64> = unsafe { r.data() }.typed::<i64>().to_vec();
+            let guards = r.read(&rc).and_then(|rd| Ok((rd, o.write(&rc)?)));
+            let (rd, mut od) = match guards {
+                Ok(x) => x,
+                Err(e) => return completion.fail(e),
+            };
+            let mut rows: Vec<i64> = rd.typed::<i64>().to_vec();
             rows.sort_unstable();
             rows.dedup();
             if let Err(e) = check_rows(
@@ -279,10 +284,13 @@ impl DistStore {
             }
             let rl = dk2.unit;
             let rb = rl * meta.dtype.size();
-            let od = unsafe { o.data_mut() };
             od.set(rows.clone(), Buf::zeroed(rows.len() * rb));
             let buf = od.bytes_mut();
             let ptr = OutPtr(buf.as_mut_ptr(), buf.len());
+            // Subtle: the guards go before the completion is handed on (the
+            // op may complete inside `send_parts`, and the engine then runs
+            // the next op on these vars); the answers fill `o` through `ptr`.
+            drop((rd, od));
             // Each part's requested rows are a run of the sorted list.
             let mut payloads = Vec::new();
             let mut offsets = vec![0usize; dk2.parts.len()];
@@ -331,15 +339,17 @@ impl DistStore {
             .write(&dk.var);
         let me = self.handle();
         let (dk2, v) = (dk.clone(), value.clone());
-        self.engine.push_async(spec, move |_, completion| {
+        self.engine.push_async(spec, move |rc, completion| {
             let Some(me) = me.upgrade() else {
                 completion.fail("the kvstore was closed");
                 return;
             };
             let meta = &dk2.local.meta;
             let ub = dk2.unit * meta.dtype.size();
-            // SAFETY: reads `v` (T1).
-            let d = unsafe { v.data() };
+            let d = match v.read(&rc) {
+                Ok(d) => d,
+                Err(e) => return completion.fail(e),
+            };
             let dense: Bytes = match v.storage() {
                 Storage::Dense => d.share(0..d.bytes().len()),
                 Storage::RowSparse => {
@@ -351,6 +361,8 @@ impl DistStore {
                     Bytes::from(b)
                 }
             };
+            // The guard goes before the completion is handed on.
+            drop(d);
             let payloads: Vec<(usize, Bytes)> = dk2
                 .parts
                 .iter()

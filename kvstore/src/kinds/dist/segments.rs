@@ -189,8 +189,16 @@ fn recheck(weak: std::sync::Weak<DistStore>, rank: u32, epoch: u64) {
         if !current(&me) {
             return;
         }
-        if let Err(e) = me.check_parts(&dk, |p| p.server == rank) {
-            tracing::warn!("key {key} after server {rank} restarted: {e}");
+        // The new process may not hold the key yet (it is still loading
+        // its checkpoint, or rank 0's init has not reached it): a refused
+        // check is asked again until the store's timeout.
+        while let Err(e) = me.check_parts(&dk, |p| p.server == rank) {
+            if waited > me.opts.timeout || !current(&me) {
+                tracing::warn!("key {key} after server {rank} restarted: {e}");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            waited += Duration::from_millis(50);
         }
         if !current(&me) {
             let mut segs = dk.segs.write();

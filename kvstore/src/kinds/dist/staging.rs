@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use pskv_engine::{Completion, Context};
+use pskv_engine::{Completion, Context, RunContext};
 use pskv_gpu::device::{self, Device, DeviceMem, Lane};
 use pskv_gpu::KernelError;
 
@@ -184,20 +184,20 @@ impl<K> AsRef<[u8]> for HostPart<K> {
     }
 }
 
-/// The device buffers of a tensor (on a GPU context).
-fn device_mem(t: &Tensor) -> Result<DeviceMem> {
-    // SAFETY: called inside an op that reads or writes `t` (T1); the
-    // buffer handle is cloned, its memory reached by device work only.
-    unsafe { t.data() }
+/// The device buffers of a tensor (on a GPU context), in an op (`rc`)
+/// that names it; the handle is cloned, its memory reached by device work
+/// only.
+fn device_mem(t: &Tensor, rc: &RunContext<'_>) -> Result<DeviceMem> {
+    t.read(rc)?
         .dev
         .clone()
         .ok_or_else(|| KvError::invalid("a GPU tensor without device memory"))
 }
 
 /// The device of `grad` (a tensor on a GPU) and its buffer.
-fn on_device(grad: &Tensor) -> Result<(Arc<dyn Device>, DeviceMem)> {
+fn on_device(grad: &Tensor, rc: &RunContext<'_>) -> Result<(Arc<dyn Device>, DeviceMem)> {
     let n = gpu_of(grad.ctx()).ok_or_else(|| KvError::invalid("a device send from the host"))?;
-    Ok((device::open(n)?, device_mem(grad)?))
+    Ok((device::open(n)?, device_mem(grad, rc)?))
 }
 
 /// A host buffer's bytes made unique (a shared one is replaced, T2) and
@@ -224,12 +224,14 @@ impl DistStore {
         dk: &DistKey,
         land: &Landing,
         segs: Vec<Option<Arc<Segment>>>,
+        rc: &RunContext<'_>,
     ) -> Result<(OnAnswer, Lanes)> {
-        // SAFETY: the op writes `land.host` (T1); answers fill disjoint
-        // ranges until it completes.
-        let hd = unsafe { land.host.data_mut() };
+        // The op writes `land.host`; answers fill disjoint ranges of its
+        // buffer until it completes.
+        let mut hd = land.host.write(rc)?;
         let base = unique(&mut hd.buf);
         let len = hd.buf.len();
+        drop(hd);
         let ptr = OutPtr(base.0, len);
         let into_host = answer_into(dk, &land.host, ptr, segs, self.po.num_workers());
         let Some(out) = &land.device else {
@@ -237,12 +239,12 @@ impl DistStore {
         };
         let gpu = gpu_of(out.ctx()).ok_or_else(|| KvError::invalid("a landing on the host"))?;
         let dev = device::open(gpu)?;
-        // SAFETY: the op writes `out` (T1).
-        let od = unsafe { out.data_mut() };
+        let mut od = out.write(rc)?;
         if od.dev.as_ref().is_none_or(|m| m.len() != len) {
             od.dev = Some(dev.alloc(len)?);
         }
-        let target = device_mem(out)?;
+        let target = od.dev.clone().expect("allocated above");
+        drop(od);
         let ub = dk.unit * dk.local.meta.dtype.size();
         let parts = dk.parts.clone();
         let (d, keep) = (dev.clone(), land.host.clone());
@@ -299,17 +301,17 @@ impl DistStore {
         h: &Tensor,
         segs: Vec<Option<Arc<Segment>>>,
         round: Round,
-        completion: Completion,
+        (completion, rc): (Completion, &RunContext<'_>),
         settle: Lanes,
     ) {
-        let (dev, src) = match on_device(grad) {
+        let staged = on_device(grad, rc).and_then(|ds| Ok((ds, h.write(rc)?)));
+        let ((dev, src), mut hd) = match staged {
             Ok(x) => x,
             Err(e) => return completion.fail(e),
         };
-        // SAFETY: the op writes `h` (T1).
-        let hd = unsafe { h.data_mut() };
         let base = unique(&mut hd.buf);
         let buf = hd.buf.clone();
+        drop(hd);
         let mut settle = settle;
         settle.push((dev.clone(), Lane::Copy));
         let n = dk.parts.len();
@@ -360,11 +362,11 @@ impl DistStore {
         grad: &Tensor,
         compression: Compression,
         round: Round,
-        completion: Completion,
+        (completion, rc): (Completion, &RunContext<'_>),
         settle: Lanes,
     ) {
         let mut slot = dk.stage.codes.lock();
-        let prepared = on_device(grad).and_then(|(dev, src)| {
+        let prepared = on_device(grad, rc).and_then(|(dev, src)| {
             DeviceCodes::ensure(&mut slot, &*dev, dk, compression)?;
             Ok((dev, src))
         });
