@@ -385,26 +385,24 @@ pub(crate) fn sum_dense(
             .sum::<f16>(bytemuck::cast_slice_mut(out), &typed(inputs))
             .map_err(|e| e.to_string()),
         DType::I32 => {
-            let ins = typed::<i32>(inputs);
-            let o: &mut [i32] = bytemuck::cast_slice_mut(out);
-            o.copy_from_slice(ins[0]);
-            for i in &ins[1..] {
-                for (a, b) in o.iter_mut().zip(i.iter()) {
-                    *a = a.wrapping_add(*b);
-                }
-            }
+            wrapping_sum(out, &typed(inputs), i32::wrapping_add);
             Ok(())
         }
         DType::I64 => {
-            let ins = typed::<i64>(inputs);
-            let o: &mut [i64] = bytemuck::cast_slice_mut(out);
-            o.copy_from_slice(ins[0]);
-            for i in &ins[1..] {
-                for (a, b) in o.iter_mut().zip(i.iter()) {
-                    *a = a.wrapping_add(*b);
-                }
-            }
+            wrapping_sum(out, &typed(inputs), i64::wrapping_add);
             Ok(())
+        }
+    }
+}
+
+/// `out = ins[0] + ins[1] + ...` in input order, with `plus` (the integer
+/// keys' wrapping addition).
+fn wrapping_sum<T: bytemuck::Pod>(out: &mut [u8], ins: &[&[T]], plus: impl Fn(T, T) -> T) {
+    let o: &mut [T] = bytemuck::cast_slice_mut(out);
+    o.copy_from_slice(ins[0]);
+    for i in &ins[1..] {
+        for (a, b) in o.iter_mut().zip(i.iter()) {
+            *a = plus(*a, *b);
         }
     }
 }

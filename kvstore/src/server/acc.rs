@@ -117,15 +117,17 @@ pub(super) fn fold_into(acc: &mut Acc, at: usize, dtype: DType, v: &[u8], first:
 
 /// Writes (or adds, for async summation) a sum into value bytes of `dtype`.
 pub(super) fn write_sum(out: &mut [u8], dtype: DType, acc: &Acc, add: bool) {
-    match (acc, dtype) {
-        (Acc::F32(a), DType::F32) => {
-            let o: &mut [f32] = bytemuck::cast_slice_mut(out);
-            if add {
-                o.iter_mut().zip(a).for_each(|(x, y)| *x += *y);
-            } else {
-                o.copy_from_slice(a);
-            }
+    /// `out = a`, or with `add` `out = plus(out, a)`, element by element.
+    fn put<T: bytemuck::Pod>(out: &mut [u8], a: &[T], add: bool, plus: impl Fn(T, T) -> T) {
+        let o: &mut [T] = bytemuck::cast_slice_mut(out);
+        if add {
+            o.iter_mut().zip(a).for_each(|(x, y)| *x = plus(*x, *y));
+        } else {
+            o.copy_from_slice(a);
         }
+    }
+    match (acc, dtype) {
+        (Acc::F32(a), DType::F32) => put(out, a, add, |x, y| x + y),
         (Acc::F32(a), DType::F16) => {
             let o: &mut [f16] = bytemuck::cast_slice_mut(out);
             for (x, y) in o.iter_mut().zip(a) {
@@ -136,34 +138,9 @@ pub(super) fn write_sum(out: &mut [u8], dtype: DType, acc: &Acc, add: bool) {
                 };
             }
         }
-        (Acc::F64(a), _) => {
-            let o: &mut [f64] = bytemuck::cast_slice_mut(out);
-            if add {
-                o.iter_mut().zip(a).for_each(|(x, y)| *x += *y);
-            } else {
-                o.copy_from_slice(a);
-            }
-        }
-        (Acc::I32(a), _) => {
-            let o: &mut [i32] = bytemuck::cast_slice_mut(out);
-            if add {
-                o.iter_mut()
-                    .zip(a)
-                    .for_each(|(x, y)| *x = x.wrapping_add(*y));
-            } else {
-                o.copy_from_slice(a);
-            }
-        }
-        (Acc::I64(a), _) => {
-            let o: &mut [i64] = bytemuck::cast_slice_mut(out);
-            if add {
-                o.iter_mut()
-                    .zip(a)
-                    .for_each(|(x, y)| *x = x.wrapping_add(*y));
-            } else {
-                o.copy_from_slice(a);
-            }
-        }
+        (Acc::F64(a), _) => put(out, a, add, |x, y| x + y),
+        (Acc::I32(a), _) => put(out, a, add, i32::wrapping_add),
+        (Acc::I64(a), _) => put(out, a, add, i64::wrapping_add),
         (Acc::F32(_), _) => unreachable!("an f32 sum holds f32 and f16 keys only"),
     }
 }
