@@ -18,6 +18,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use half::f16;
@@ -64,6 +65,11 @@ struct Arrival {
     answer: Answer,
 }
 
+/// How long a worker that took a key's segment has to map it before a
+/// completed round may take the file away (a worker that failed to map it
+/// pushes by message meanwhile).
+const SHM_GRACE: Duration = Duration::from_secs(10);
+
 /// One ps key.
 pub(crate) struct EntryState {
     pub(crate) key_id: u64,
@@ -82,12 +88,14 @@ pub(crate) struct EntryState {
     /// Per worker rank: it checked the part (after its init or this
     /// server's restart), and whether it has yet to use the segment it was
     /// given. The segment's file goes once every worker checked and every
-    /// one that took the segment used it, or once a round completed after
-    /// every worker checked (a worker that could not map it pushes by
+    /// one that took the segment used it, or once a round completes when
+    /// every worker checked and every pending one took the segment at
+    /// least `SHM_GRACE` ago (a worker that could not map it pushes by
     /// message): no file is left for a worker that never maps it (another
     /// host, TCP only).
     checked: Vec<bool>,
-    shm_pending: Vec<bool>,
+    /// Per worker: when it took the segment, until it used it.
+    shm_pending: Vec<Option<Instant>>,
     /// f32 master weights of an f16 key with multi-precision.
     pub(crate) master: Option<Vec<f32>>,
     pub(crate) opt: KeyState,
@@ -120,7 +128,7 @@ impl EntryState {
             nbytes: value.len(),
             shm: None,
             checked: vec![false; workers],
-            shm_pending: vec![false; workers],
+            shm_pending: vec![None; workers],
             master: None,
             opt: KeyState::default(),
             workers,
@@ -197,7 +205,7 @@ impl EntryState {
                 unsafe { seg.slot_mut(self.workers) }.copy_from_slice(self.value.bytes());
                 self.shm = Some(Arc::new(seg));
             }
-            self.shm_pending[rank] = true;
+            self.shm_pending[rank] = Some(Instant::now());
             let seg = self.shm.as_ref().expect("made above");
             Some(format!("{}\n{}", seg.path().display(), self.nbytes))
         } else {
@@ -211,17 +219,30 @@ impl EntryState {
     /// it any more, the file goes (the mappings stay).
     pub(crate) fn shm_used(&mut self, rank: usize) {
         if let Some(p) = self.shm_pending.get_mut(rank) {
-            *p = false;
+            *p = None;
         }
         self.maybe_unlink(false);
     }
 
-    /// Removes the segment's file when no worker will map it any more
-    /// (`round_done`: a round completed, so every worker that checked has
-    /// pushed since, by the segment or by message).
+    /// Removes the segment's file when no worker will map it any more:
+    /// every pending one used it, or (`round_done`) took it `SHM_GRACE`
+    /// ago and has pushed by message since.
+    ///
+    /// Subtle: a round completing soon after a check says nothing of the
+    /// checking worker. After a server restart, a worker's recheck thread
+    /// maps the new segment while its training pushes by message; a round
+    /// can complete between the check's answer and the worker's mapping,
+    /// and an unlink then would leave that part on messages for good.
     fn maybe_unlink(&mut self, round_done: bool) {
         let Some(seg) = &self.shm else { return };
-        if self.checked.iter().all(|c| *c) && (round_done || self.shm_pending.iter().all(|p| !*p)) {
+        if !self.checked.iter().all(|c| *c) {
+            return;
+        }
+        let gone = |p: &Option<Instant>| match p {
+            None => true,
+            Some(t) => round_done && t.elapsed() >= SHM_GRACE,
+        };
+        if self.shm_pending.iter().all(gone) {
             seg.unlink();
         }
     }
@@ -790,5 +811,50 @@ fn grad_rows<'a>(
             }
             (Cow::Owned(g), Some(r.clone()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::{EntryState, SHM_GRACE};
+    use crate::dtype::DType;
+    use crate::wire::{Check, Head, Op};
+
+    /// A completed round takes a segment's file away only from workers
+    /// that took it `SHM_GRACE` ago (a restarted server's workers map it
+    /// from a thread while their training pushes by message); a worker
+    /// that used it lets it go at once.
+    #[test]
+    fn a_round_does_not_unlink_a_segment_a_worker_has_just_taken() {
+        let mut st = EntryState::new(1, 0, DType::F32, &[0u8; 64], 2);
+        let head = Head {
+            op: Op::Check,
+            dtype: DType::F32,
+            compression: 0,
+            sync: true,
+            multi_precision: false,
+            shm: false,
+            shm_tag: 0,
+        };
+        let check = Check {
+            part_bytes: 64,
+            wants_shm: true,
+            shape: vec![16],
+        };
+        for rank in 0..2 {
+            st.check(&head, &check, rank).unwrap().expect("a segment");
+        }
+        let path = st.shm.as_ref().unwrap().path().to_path_buf();
+        st.shm_used(0);
+        st.maybe_unlink(true);
+        assert!(path.exists(), "worker 1 took the segment just now");
+        // Worker 1 took it long ago and pushed by message since: it goes.
+        st.shm_pending[1] = Some(Instant::now() - SHM_GRACE - Duration::from_secs(1));
+        st.maybe_unlink(false);
+        assert!(path.exists(), "only a completed round lets it go");
+        st.maybe_unlink(true);
+        assert!(!path.exists());
     }
 }
