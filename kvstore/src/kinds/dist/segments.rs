@@ -94,7 +94,8 @@ impl DistStore {
                 });
             match seg {
                 Ok(s) => fresh.push((i, Arc::new(s))),
-                // The server removes the file after the next round.
+                // The server removes the file after a round, once the grace for
+                // mapping it has passed (`SHM_GRACE` in `server/entry.rs`).
                 Err(e) => tracing::warn!(
                     "key {} part {i}: no shared memory with its server ({e}); using messages",
                     dk.local.key
