@@ -96,9 +96,10 @@ struct Inner {
     /// scheduler lost, the job over): then with why.
     stopped: Mutex<Option<Option<NodeEnd>>>,
     stop_cv: Condvar,
-    /// Workers the scheduler declared dead (and not restarted since), with
-    /// the message a sync push gets while any is: a round cannot complete.
-    dead_workers: Mutex<std::collections::BTreeMap<u32, String>>,
+    /// Workers the scheduler declared dead (and not restarted since), in
+    /// the order they died: while any is, a sync push fails naming them (a
+    /// round cannot complete).
+    dead_workers: Mutex<Vec<pskv_transport::NodeId>>,
     /// The checkpoints, when `PSKV_CHECKPOINT_DIR` is set.
     ckpt: std::sync::OnceLock<Arc<Checkpointer>>,
     /// Requests that arrived before the server was ready (a restarted
@@ -210,7 +211,7 @@ impl Server {
             controller: RwLock::new(None),
             stopped: Mutex::new(None),
             stop_cv: Condvar::new(),
-            dead_workers: Mutex::new(std::collections::BTreeMap::new()),
+            dead_workers: Mutex::new(Vec::new()),
             ckpt: std::sync::OnceLock::new(),
             held: Mutex::new(Some(Vec::new())),
             ready: AtomicBool::new(false),

@@ -137,7 +137,12 @@ impl Inner {
                     describe(id)
                 );
                 tracing::warn!("server: {msg}");
-                self.dead_workers.lock().insert(id, msg.clone());
+                {
+                    let mut dead = self.dead_workers.lock();
+                    if !dead.contains(&id) {
+                        dead.push(id);
+                    }
+                }
                 let rank = role_rank(id).map_or(usize::MAX, |(_, r)| r as usize);
                 for (_, e) in self.entries_snapshot() {
                     let mut st = e.st.lock();
@@ -146,13 +151,29 @@ impl Inner {
                 }
             }
             NodeChange::Restarted(id) => {
-                self.dead_workers.lock().remove(&id);
+                self.dead_workers.lock().retain(|&d| d != id);
             }
         }
     }
 
-    /// Why a sync push cannot be taken now, if a worker is dead.
+    /// Why a sync push cannot be taken now, if a worker is dead: every
+    /// dead worker, the first to die first (the others may be workers that
+    /// stopped on the news of the first).
     pub(super) fn dead_worker(&self) -> Option<String> {
-        self.dead_workers.lock().values().next().cloned()
+        let dead = self.dead_workers.lock();
+        let (first, rest) = dead.split_first()?;
+        Some(if rest.is_empty() {
+            format!(
+                "{} died (the scheduler declared it dead): a sync round cannot complete without it",
+                describe(*first)
+            )
+        } else {
+            let then: Vec<String> = rest.iter().map(|&d| describe(d)).collect();
+            format!(
+                "{} died (the scheduler declared it dead), then {}: a sync round cannot complete without them",
+                describe(*first),
+                then.join(", ")
+            )
+        })
     }
 }
