@@ -194,7 +194,10 @@ impl Bits {
 
     /// Words of codes for `n` elements.
     pub(crate) fn words(self, n: usize) -> usize {
-        n.div_ceil(self.per_word())
+        match self {
+            Bits::Two => layout::words_2bit(n),
+            Bits::One => layout::words_1bit(n),
+        }
     }
 
     /// 2-bit needs a finite threshold above 0, 1-bit any finite one.

@@ -233,22 +233,23 @@ impl Compression {
         residual: &mut [f32],
         codes: &mut [u32],
     ) -> Result<()> {
-        let host = Host {
-            k,
-            threshold: self.threshold(),
-        };
+        let host = self.on_host(k);
         self.needs("quantize")?
             .quantize(host, grad, residual, codes)
     }
 
     /// Dequantizes `codes` into `out`.
     pub(crate) fn dequantize(&self, k: &CpuKernels, codes: &[u32], out: &mut [f32]) -> Result<()> {
-        let host = Host {
-            k,
-            threshold: self.threshold(),
-        };
+        let host = self.on_host(k);
         self.needs("dequantize")?
             .dequantize(host, codes, out, false)
+    }
+
+    fn on_host<'a>(&self, k: &'a CpuKernels) -> Host<'a> {
+        Host {
+            k,
+            threshold: self.threshold(),
+        }
     }
 
     fn on_dev<'a>(&self, dev: &'a dyn Device, lane: Lane) -> Dev<'a> {

@@ -192,11 +192,7 @@ impl Inner {
             }
             Err(reason) => {
                 tracing::info!("{who} declined shared memory ({reason}); using tcp");
-                half = self
-                    .van_of(VanId::Tcp)
-                    .and_then(|v| v.offer())
-                    .map(|(_, h)| h)
-                    .map_err(|e| TransportError::io("starting the tcp van", e))?;
+                half = self.tcp().half();
                 VanId::Tcp
             }
         };
@@ -220,13 +216,7 @@ impl Inner {
         who: &str,
     ) -> Result<(VanId, Vec<u8>, Box<dyn Half>, bool), TransportError> {
         let offer = |v: Box<dyn Van>| v.offer().map(|(bytes, h)| (v.id(), bytes, h));
-        let plain = || {
-            let (id, bytes, h) = offer(Box::new(tcp::TcpVan {
-                limits: self.cfg.limits,
-            }))
-            .map_err(|e| TransportError::io("the tcp offer", e))?;
-            Ok((id, bytes, h, false))
-        };
+        let plain = || Ok((VanId::Tcp, Vec::new(), self.tcp().half(), false));
         // The scheduler's links are always TCP.
         if peer == SCHEDULER_ID {
             return plain();
@@ -273,7 +263,7 @@ impl Inner {
         }
         let limits = self.cfg.limits;
         Ok(match id {
-            VanId::Tcp => Box::new(tcp::TcpVan { limits }),
+            VanId::Tcp => Box::new(self.tcp()),
             VanId::Shm => Box::new(shm::ShmVan {
                 ring_bytes: self.cfg.shm_bytes,
                 heap_bytes: self.cfg.shm_heap_bytes,
@@ -285,6 +275,13 @@ impl Inner {
                 limits,
             }),
         })
+    }
+
+    /// The TCP van with this node's limits.
+    fn tcp(&self) -> tcp::TcpVan {
+        tcp::TcpVan {
+            limits: self.cfg.limits,
+        }
     }
 
     /// What a van starts on: `conn`, for `link`, into this node.
@@ -389,14 +386,7 @@ impl Inner {
         let done = outcome.map_err(|e| handshake_error(e, &addr.to_string()))?;
         let (van, half) = match (half, done.answer.is_ok()) {
             (Some(h), true) => (done.van, h),
-            _ => {
-                let (_, h) = tcp::TcpVan {
-                    limits: self.cfg.limits,
-                }
-                .offer()
-                .map_err(|e| TransportError::io("the tcp van", e))?;
-                (VanId::Tcp, h)
-            }
+            _ => (VanId::Tcp, self.tcp().half()),
         };
         let link = self.new_link(done.peer, van.name());
         self.verbose(

@@ -257,11 +257,19 @@ impl Van for TcpVan {
     }
 
     fn offer(&self) -> Result<(Vec<u8>, Box<dyn Half>), String> {
-        Ok((Vec::new(), Box::new(TcpHalf(self.limits))))
+        Ok((Vec::new(), self.half()))
     }
 
     fn accept(&self, _offer: &[u8]) -> Result<(Vec<u8>, Box<dyn Half>), String> {
         self.offer()
+    }
+}
+
+impl TcpVan {
+    /// Either side of a TCP link: nothing to agree on, so it cannot fail
+    /// (also the fallback where another van was declined).
+    pub(crate) fn half(&self) -> Box<dyn Half> {
+        Box::new(TcpHalf(self.limits))
     }
 }
 
