@@ -211,7 +211,7 @@ fn segments_in_dev_shm() -> usize {
     std::fs::read_dir("/dev/shm")
         .map(|d| {
             d.filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().starts_with("pskv-kv-"))
+                .filter(|e| e.file_name().to_string_lossy().starts_with("pskv-region-"))
                 .count()
         })
         .unwrap_or(0)

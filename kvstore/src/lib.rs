@@ -14,7 +14,6 @@ mod kinds;
 pub mod optimizer;
 mod registry;
 mod server;
-mod shm;
 mod states;
 mod store;
 mod tensor;

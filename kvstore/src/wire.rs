@@ -32,7 +32,7 @@
 //!   length is).
 //! - check ([`Check`]): what the worker holds of the part, and whether it
 //!   will map the part's shared segment; the answer is empty, or the
-//!   segment's path and slot size.
+//!   transport's descriptor of the segment's region.
 //! - replicate: a postcard header (`server/replica.rs`) of `n` bytes after
 //!   `n: u32`, then the part's value.
 //! - pull and push-pull answers: the part's elements.
@@ -82,7 +82,7 @@ pub(crate) struct Head {
     pub(crate) sync: bool,
     pub(crate) multi_precision: bool,
     pub(crate) shm: bool,
-    /// With `shm`: the tag of the segment the worker used (`Segment::tag`).
+    /// With `shm`: the tag of the segment the worker used (`Region::tag`).
     pub(crate) shm_tag: u16,
 }
 

@@ -261,9 +261,9 @@ impl Drop for Job {
     }
 }
 
-/// The `pskv-kv-*` segment files in /dev/shm that process `pid` made.
+/// The `pskv-region-*` files (shared segments) in /dev/shm that process `pid` made.
 pub fn segments_of(pid: u32) -> Vec<String> {
-    let prefix = format!("pskv-kv-{pid}-");
+    let prefix = format!("pskv-region-{pid}-");
     std::fs::read_dir("/dev/shm")
         .map(|d| {
             d.filter_map(|e| e.ok()?.file_name().into_string().ok())

@@ -29,6 +29,7 @@ pub use kv::{KvRequest, KvResponse, KvWorker, Pending, RequestHandler, RequestOp
 pub use postoffice::{EndWatcher, NodeChange, NodeEnd, NodeWatcher, Postoffice};
 pub use protocol::tracker::TrackError;
 pub use protocol::{Group, NodeId, Role};
+pub use van::shm::region::Region;
 
 /// The RDMA device `PSKV_VAN=rdma` would use (its name), or why there is
 /// none: this build lacks feature `rdma`, or the machine has no device.

@@ -111,7 +111,7 @@ pub(crate) enum Work {
 pub(crate) struct Link {
     pub(crate) id: LinkId,
     peer: AtomicU32,
-    pub(crate) van: &'static str,
+    pub(crate) van: crate::wire::VanId,
     queue: Mutex<QueueState>,
     notify: tokio::sync::Notify,
     cv: Condvar,
@@ -120,7 +120,7 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    pub(crate) fn new(id: LinkId, peer: NodeId, van: &'static str) -> Link {
+    pub(crate) fn new(id: LinkId, peer: NodeId, van: crate::wire::VanId) -> Link {
         Link {
             id,
             peer: AtomicU32::new(peer),
@@ -340,7 +340,7 @@ mod tests {
 
     #[test]
     fn urgent_frames_leave_first_and_equal_ones_in_order() {
-        let link = Link::new(1, 0, "test");
+        let link = Link::new(1, 0, crate::wire::VanId::Tcp);
         for (p, tag) in [(0, 1), (5, 2), (0, 3), (9, 4), (5, 5)] {
             link.send(frame(p, tag)).unwrap();
         }

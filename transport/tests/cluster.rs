@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pskv_transport::{
-    Config, Group, KvRequest, KvResponse, KvWorker, Postoffice, RequestHandler, RequestOptions,
-    Responder, Role, TransportError, VanKind,
+    Config, Group, KvRequest, KvResponse, KvWorker, Postoffice, Region, RequestHandler,
+    RequestOptions, Responder, Role, TransportError, VanKind,
 };
 
 const T: Duration = Duration::from_secs(20);
@@ -468,6 +468,27 @@ fn every_van_gives_the_same_results() {
         };
         assert_eq!(c.workers[0].van_to(8), Some(want_van), "{van:?}");
         assert_eq!(c.workers[1].van_to(10), Some(want_van), "{van:?}");
+        // A shared region crosses only a link that shares memory.
+        let region = Region::create(3, 100).unwrap();
+        unsafe { region.slot_mut(2) }.fill(9);
+        let opened = c.workers[0].open_region(8, &region.descriptor());
+        assert_eq!(
+            c.workers[0].shares_memory_with(8),
+            want_van == "shm",
+            "{van:?}"
+        );
+        match opened {
+            Ok(peer) => {
+                assert_eq!(want_van, "shm");
+                assert_eq!(unsafe { peer.slot(2) }, &[9u8; 100][..]);
+                assert_eq!(peer.tag(), region.tag());
+            }
+            Err(e) => {
+                assert_ne!(want_van, "shm", "{e}");
+                assert!(e.to_string().contains("does not share memory"), "{e}");
+            }
+        }
+        assert!(c.workers[0].open_region(8, b"not a descriptor").is_err());
         let ranges = c.workers[0].server_key_ranges();
         let mut out = Vec::new();
         for (w, po) in c.workers.iter().enumerate() {

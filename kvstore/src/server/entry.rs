@@ -23,11 +23,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use half::f16;
 use pskv_gpu::cpu::CpuKernels;
+use pskv_transport::Region;
 
 use super::acc::{elems, fold_into, sum_bytes, write_sum, Acc};
 use crate::compression::Compression;
 use crate::dtype::DType;
-use crate::shm::{Segment, SlotView};
 use crate::tensor::{share, Buf};
 use crate::updater::{KeyState, Rule};
 use crate::wire::{split_rows, Head, Op};
@@ -84,7 +84,7 @@ pub(crate) struct EntryState {
     nbytes: usize,
     /// The shared segment of the co-located fast path: worker slots, then
     /// the value slot, which holds the value from then on.
-    shm: Option<Arc<Segment>>,
+    shm: Option<Arc<Region>>,
     /// Per worker rank: it checked the part (after its init or this
     /// server's restart), and whether it has yet to use the segment it was
     /// given. The segment's file goes once every worker checked and every
@@ -175,13 +175,14 @@ impl EntryState {
     /// A worker's check of the part after its init ([`Op::Check`]): an
     /// error if it holds another type or size than this server's record;
     /// else, if it will map the segment, the segment (made on the first
-    /// such check; the value moves into it) as `path\nslot bytes`.
+    /// such check; the value moves into it) as the transport's descriptor
+    /// of the region.
     pub(crate) fn check(
         &mut self,
         head: &Head,
         c: &crate::wire::Check,
         rank: usize,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Option<Bytes>, String> {
         if rank >= self.workers {
             return Err(format!("{}: no worker rank {rank}", self.name()));
         }
@@ -199,7 +200,7 @@ impl EntryState {
         self.checked[rank] = true;
         let answer = if c.wants_shm {
             if self.shm.is_none() {
-                let seg = Segment::create(self.workers + 1, self.nbytes)
+                let seg = Region::create(self.workers + 1, self.nbytes)
                     .map_err(|e| format!("{}: cannot make a shared segment: {e}", self.name()))?;
                 // SAFETY: a fresh segment no one else has mapped yet.
                 unsafe { seg.slot_mut(self.workers) }.copy_from_slice(self.value.bytes());
@@ -207,7 +208,7 @@ impl EntryState {
             }
             self.shm_pending[rank] = Some(Instant::now());
             let seg = self.shm.as_ref().expect("made above");
-            Some(format!("{}\n{}", seg.path().display(), self.nbytes))
+            Some(seg.descriptor())
         } else {
             None
         };
@@ -243,14 +244,14 @@ impl EntryState {
             Some(t) => round_done && t.elapsed() >= SHM_GRACE,
         };
         if self.shm_pending.iter().all(gone) {
-            seg.unlink();
+            seg.retire();
         }
     }
 
     /// Removes the segment's file now (the server is stopping).
     pub(crate) fn unlink_segment(&self) {
         if let Some(seg) = &self.shm {
-            seg.unlink();
+            seg.retire();
         }
     }
 
@@ -299,7 +300,10 @@ impl EntryState {
         }
         match &self.shm {
             Some(seg) if rank < self.workers => {
-                Ok(Bytes::from_owner(SlotView(seg.clone(), rank)).slice(0..self.nbytes))
+                // SAFETY: the view lives while the server sums the round;
+                // the worker does not write its slot until the round is
+                // answered (the protocol in `kinds/dist/segments.rs`).
+                Ok(unsafe { seg.lease(rank) })
             }
             _ => Err(format!(
                 "{}: a shared-memory request, but the key has no segment (open it first)",

@@ -185,7 +185,7 @@ impl Inner {
             Op::Check => answer(
                 crate::wire::Check::decode(&vals)
                     .and_then(|c| st.check(&head, &c, rank))
-                    .map(|p| Some(p.map(Bytes::from).unwrap_or_default())),
+                    .map(|p| Some(p.unwrap_or_default())),
             ),
             Op::Init | Op::Replicate => unreachable!("handled in key_request"),
         }

@@ -196,7 +196,7 @@ impl Inner {
                 VanId::Tcp
             }
         };
-        let link = self.new_link(peer, van.name());
+        let link = self.new_link(peer, van);
         self.verbose(
             1,
             &format!("connected to {who} over {} (link {})", van.name(), link.id),
@@ -388,7 +388,7 @@ impl Inner {
             (Some(h), true) => (done.van, h),
             _ => (VanId::Tcp, self.tcp().half()),
         };
-        let link = self.new_link(done.peer, van.name());
+        let link = self.new_link(done.peer, van);
         self.verbose(
             1,
             &format!(

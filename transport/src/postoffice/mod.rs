@@ -37,8 +37,9 @@ use crate::protocol::scheduler::{Scheduler, SchedulerConfig};
 use crate::protocol::tracker::Tracker;
 use crate::protocol::{Group, NodeId, Role, SCHEDULER_ID};
 use crate::slot::Slot;
+use crate::van::shm::region::Region;
 use crate::van::{rdma, FrameSink};
-use crate::wire::{Frame, NodeInfo, Vote};
+use crate::wire::{Frame, NodeInfo, VanId, Vote};
 
 mod connect;
 mod control;
@@ -397,7 +398,30 @@ impl Postoffice {
     /// The van of this node's connection to `node` (as `PSKV_VAN` names
     /// it: "tcp", "shm", "rdma" or "rdma-emulated"), if connected.
     pub fn van_to(&self, node: NodeId) -> Option<&'static str> {
-        self.inner().link_of(node).map(|l| l.van)
+        self.inner().link_of(node).map(|l| l.van.name())
+    }
+
+    /// Whether this node's link to `node` shares memory: then a [`Region`]
+    /// either creates, the other can map ([`Postoffice::open_region`]).
+    /// Today the shared-memory van does; tcp and rdma do not.
+    pub fn shares_memory_with(&self, node: NodeId) -> bool {
+        self.inner()
+            .link_of(node)
+            .is_some_and(|l| l.van.shares_memory())
+    }
+
+    /// Maps the region that `node` created ([`Region::create`]) and
+    /// described ([`Region::descriptor`]). Fails, with the reason, when the
+    /// link to `node` does not share memory or the descriptor does not match
+    /// the region's file (it is checked, not trusted).
+    pub fn open_region(&self, node: NodeId, descriptor: &[u8]) -> Result<Region, TransportError> {
+        if !self.shares_memory_with(node) {
+            return Err(TransportError::Unavailable(format!(
+                "a shared region of node {node}: the link to it ({}) does not share memory",
+                self.van_to(node).unwrap_or("none")
+            )));
+        }
+        Region::open(descriptor)
     }
 
     /// The host this node announced to the others.
@@ -563,7 +587,7 @@ impl Inner {
         self.my_id.load(Ordering::Acquire)
     }
 
-    fn new_link(&self, peer: NodeId, van: &'static str) -> Arc<Link> {
+    fn new_link(&self, peer: NodeId, van: VanId) -> Arc<Link> {
         let id = self.next_link.fetch_add(1, Ordering::Relaxed);
         let link = Arc::new(Link::new(id, peer, van));
         let mut links = self.links.lock();

@@ -74,6 +74,12 @@ impl VanId {
             VanId::RdmaEmulated => "rdma-emulated",
         }
     }
+
+    /// Whether the two ends of a link over this van share memory, so that
+    /// a [`Region`](crate::Region) one creates the other can map.
+    pub fn shares_memory(self) -> bool {
+        matches!(self, VanId::Shm)
+    }
 }
 
 /// A control message.

@@ -33,7 +33,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use pskv_engine::{Engine, Var};
-use pskv_transport::{Group, KvResponse, KvWorker, Postoffice};
+use pskv_transport::{Group, KvResponse, KvWorker, Postoffice, Region};
 
 use crate::comm::Comm;
 use crate::compression::Compression;
@@ -43,7 +43,6 @@ use crate::kinds::local::{check_outs, check_row_sparse_pull, check_values, Local
 use crate::kinds::{split_pushpull, Batch, Batch2, Flavor, Kind};
 use crate::optimizer::{OptState, Optimizer, StateVals};
 use crate::registry::{Meta, Registry};
-use crate::shm::Segment;
 use crate::store::Options;
 use crate::tensor::{Storage, Tensor};
 use crate::updater::{Rule, Updater};
@@ -75,7 +74,7 @@ struct DistKey {
     /// Where the servers' sums land in summation-only mode.
     sum: Mutex<Option<Tensor>>,
     /// Per part, the shared segment of a co-located server (sync mode).
-    segs: RwLock<Vec<Option<Arc<Segment>>>>,
+    segs: RwLock<Vec<Option<Arc<Region>>>>,
     /// Pushes of this key so far (replicas: each push carries its round,
     /// this count after it); changed only by ops that write `var`.
     pushes: AtomicU64,

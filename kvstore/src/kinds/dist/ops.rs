@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use pskv_engine::{OpSpec, Property, RunContext};
-use pskv_transport::KvResponse;
+use pskv_transport::{KvResponse, Region};
 
 use super::inflight::OutPtr;
 use super::parts::{OnAnswer, Round};
@@ -17,7 +17,6 @@ use super::staging::Way;
 use super::{DistKey, DistStore};
 use crate::compression::Compression;
 use crate::error::{KvError, Result};
-use crate::shm::Segment;
 use crate::tensor::{check_rows, gpu_of, Buf, Storage, Tensor};
 use crate::wire::{rows_header, Op};
 
@@ -26,7 +25,7 @@ use crate::wire::{rows_header, Op};
 pub(super) const INLINE_BYTES: usize = 1 << 20;
 impl DistStore {
     /// Which parts of a key travel through shared memory now.
-    pub(super) fn shm_parts(&self, dk: &DistKey) -> Vec<Option<Arc<Segment>>> {
+    pub(super) fn shm_parts(&self, dk: &DistKey) -> Vec<Option<Arc<Region>>> {
         if !self.sync {
             return vec![None; dk.parts.len()];
         }
@@ -41,7 +40,7 @@ impl DistStore {
         dk: &DistKey,
         grad: &Tensor,
         compression: Compression,
-        seg: Option<&Arc<Segment>>,
+        seg: Option<&Arc<Region>>,
         (i, rc): (usize, &RunContext<'_>),
     ) -> std::result::Result<(Bytes, u16), String> {
         let d = grad.read(rc).map_err(|e| e.to_string())?;
@@ -79,7 +78,7 @@ impl DistStore {
     /// bytes themselves without a copy.
     pub(super) fn dense_payload(
         &self,
-        seg: Option<&Arc<Segment>>,
+        seg: Option<&Arc<Region>>,
         bytes: &[u8],
         share: impl FnOnce() -> Bytes,
     ) -> std::result::Result<(Bytes, u16), String> {
@@ -412,7 +411,7 @@ pub(super) fn answer_into(
     dk: &DistKey,
     out: &Tensor,
     ptr: OutPtr,
-    segs: Vec<Option<Arc<Segment>>>,
+    segs: Vec<Option<Arc<Region>>>,
     workers: u32,
 ) -> OnAnswer {
     let ub = dk.unit * dk.local.meta.dtype.size();

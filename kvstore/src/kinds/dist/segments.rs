@@ -15,6 +15,28 @@
 //! it holds go back to plain messages at once, and a thread on every
 //! worker checks those parts again with the new process (which maps the
 //! new segments where they can be had).
+//!
+//! # A segment, and who touches a slot when (sync mode only)
+//!
+//! A part's segment is a transport [`Region`](pskv_transport::Region) the server creates, of
+//! `W + 1` slots of the part's size: slot `r` is where worker `r` writes its
+//! push, slot `W` holds the stored value. The messages then only say "my
+//! push is in my slot" and "the value is in its slot", and a round costs
+//! one copy into the slot per worker, one summing pass on the server, and
+//! one copy out per worker, where the message path costs four more.
+//!
+//! - Worker `r` writes slot `r`, then sends its push. It writes again only
+//!   after that push was answered, which the server does after summing.
+//! - The server reads the input slots and writes the value slot only while
+//!   completing a round, which needs every worker's next push; a worker
+//!   pushes again only after it copied the value out of the slot. So no
+//!   slot is read and written at once.
+//! - Happens-before between processes comes from the message that follows
+//!   each write (see [`Region`](pskv_transport::Region)).
+//! - A request that says "in my slot" carries the region's tag
+//!   ([`Region::tag`](pskv_transport::Region::tag)): a server restarted since the worker mapped the old
+//!   process's segment refuses it (the worker maps the new one and sends
+//!   again) rather than reading a slot the worker never wrote.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -27,7 +49,6 @@ use pskv_transport::{NodeChange, Role};
 use super::{DistKey, DistStore};
 use crate::compression::Compression;
 use crate::error::{KvError, Result};
-use crate::shm::Segment;
 use crate::wire::{Check, Op, Part};
 
 impl DistStore {
@@ -41,8 +62,7 @@ impl DistStore {
         let mut pending = Vec::new();
         for (i, p) in dk.parts.iter().enumerate().filter(|(_, p)| want(p)) {
             let server = Role::Server.id_of(p.server);
-            let wants_shm =
-                self.sync && self.opts.shm_direct && self.po.van_to(server) == Some("shm");
+            let wants_shm = self.sync && self.opts.shm_direct && self.po.shares_memory_with(server);
             let check = Check {
                 part_bytes: (p.len * ub) as u64,
                 wants_shm,
@@ -79,18 +99,16 @@ impl DistStore {
                 continue;
             }
             let want_bytes = dk.parts[i].len * ub;
-            let seg = std::str::from_utf8(&body)
-                .ok()
-                .and_then(|t| t.split_once('\n'))
-                .ok_or_else(|| "the server sent a malformed segment answer".to_string())
-                .and_then(|(path, bytes)| {
-                    if bytes.parse::<usize>() != Ok(want_bytes) {
-                        return Err(format!(
-                            "the server's segment has slots of {bytes} bytes, this part has {want_bytes}"
-                        ));
-                    }
-                    Segment::open(std::path::Path::new(path), slots, want_bytes)
-                        .map_err(|e| e.to_string())
+            let server = Role::Server.id_of(dk.parts[i].server);
+            let seg = self
+                .po
+                .open_region(server, &body)
+                .map_err(|e| e.to_string())
+                .and_then(|r| match (r.slots(), r.slot_len()) {
+                    (s, b) if (s, b) == (slots, want_bytes) => Ok(r),
+                    (s, b) => Err(format!(
+                        "the server's segment has {s} slots of {b} bytes, this part needs {slots} of {want_bytes}"
+                    )),
                 });
             match seg {
                 Ok(s) => fresh.push((i, Arc::new(s))),

@@ -32,6 +32,7 @@ use parking_lot::Mutex;
 use pskv_engine::{Completion, Context, RunContext};
 use pskv_gpu::device::{self, Device, DeviceMem, Lane};
 use pskv_gpu::KernelError;
+use pskv_transport::Region;
 
 use super::inflight::{Inflight, OutPtr};
 use super::ops::answer_into;
@@ -39,7 +40,6 @@ use super::parts::{OnAnswer, Round};
 use super::{DistKey, DistStore};
 use crate::compression::{Compression, HEADER};
 use crate::error::{KvError, Result};
-use crate::shm::Segment;
 use crate::tensor::{gpu_of, Buf, Storage, Tensor};
 
 /// Which way a staged tensor travels.
@@ -223,7 +223,7 @@ impl DistStore {
         &self,
         dk: &DistKey,
         land: &Landing,
-        segs: Vec<Option<Arc<Segment>>>,
+        segs: Vec<Option<Arc<Region>>>,
         rc: &RunContext<'_>,
     ) -> Result<(OnAnswer, Lanes)> {
         // The op writes `land.host`; answers fill disjoint ranges of its
@@ -299,7 +299,7 @@ impl DistStore {
         dk: &Arc<DistKey>,
         grad: &Tensor,
         h: &Tensor,
-        segs: Vec<Option<Arc<Segment>>>,
+        segs: Vec<Option<Arc<Region>>>,
         round: Round,
         (completion, rc): (Completion, &RunContext<'_>),
         settle: Lanes,

@@ -767,8 +767,8 @@ mod tests {
         a.connect(&b.endpoint()).unwrap();
         b.connect(&a.endpoint()).unwrap();
         let (la, lb) = (
-            Arc::new(Link::new(1, 0, "rdma")),
-            Arc::new(Link::new(2, 0, "rdma")),
+            Arc::new(Link::new(1, 0, VanId::Rdma)),
+            Arc::new(Link::new(2, 0, VanId::Rdma)),
         );
         let sink = Arc::new(Collect::default());
         let dyn_sink: Arc<dyn FrameSink> = sink.clone();

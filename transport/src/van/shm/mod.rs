@@ -22,6 +22,7 @@
 //! a peer's death is noticed.
 
 mod heap;
+pub(crate) mod region;
 mod ring;
 
 use std::io;
@@ -294,7 +295,7 @@ mod tests {
         std::fs::remove_file(&a).unwrap();
         let p = Producer::new(Arc::new(w));
         let c = Consumer::new(Arc::new(r), 1 << 30);
-        (p, c, Arc::new(Link::new(1, 0, "shm")))
+        (p, c, Arc::new(Link::new(1, 0, VanId::Shm)))
     }
 
     fn frame(n: usize, tag: u8) -> Frame {
