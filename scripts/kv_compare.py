@@ -8,7 +8,13 @@ again), and keeps per case the median over repetitions of each run's time
 markdown report and the raw results as JSON.
 
     python3 scripts/kv_compare.py [--reps 3] [--out target/kv_compare]
-        [--shapes 2x1,4x2] [--pskv target/release/pskv]
+        [--shapes 2x1,4x2] [--pskv target/release/pskv] [--pskv-before OTHER]
+        [--vans tcp,shm] [--no-compress] [--skip-peers]
+
+With --pskv-before, a second pskv build (an older commit's `pskv`) runs
+interleaved with the first, each run right before its twin, and the report
+adds its columns and the ratio after / before per van: a change measured
+before and after in one run.
 
 Needs ../shared/peers/setup.sh to have run (MXNet and mpi4py venvs).
 """
@@ -99,14 +105,19 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "kv_compare"))
     ap.add_argument("--shapes", default="2x1,4x2")
     ap.add_argument("--pskv", default=os.path.join(ROOT, "target", "release", "pskv"))
+    ap.add_argument("--pskv-before", default=None)
+    ap.add_argument("--vans", default="tcp,shm")
+    ap.add_argument("--no-compress", action="store_true")
     ap.add_argument("--skip-peers", action="store_true")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     configs = []
     for (w, s) in shapes:
-        for van in ["tcp", "shm"]:
-            for comp in [False, True]:
+        for van in a.vans.split(","):
+            for comp in [False] if a.no_compress else [False, True]:
+                if a.pskv_before:
+                    configs.append(("before", w, s, van, comp))
                 configs.append(("pskv", w, s, van, comp))
         if not a.skip_peers:
             for comp in [False, True]:
@@ -119,8 +130,9 @@ def main():
             sysname, w, s, van, comp = c
             tag = "w%ds%d-%s%s-r%d" % (w, s, van, "-2bit" if comp else "", rep)
             t0 = time.time()
-            if sysname == "pskv":
-                r = pskv_run(a.pskv, w, s, van, comp, a.out, tag)
+            if sysname in ("pskv", "before"):
+                exe = a.pskv if sysname == "pskv" else a.pskv_before
+                r = pskv_run(exe, w, s, van, comp, a.out, sysname + "-" + tag)
             elif sysname == "mxnet":
                 r = mxnet_run(w, s, comp, a.out, tag)
             else:
@@ -142,17 +154,24 @@ def main():
     lines = []
     for (w, s) in shapes:
         lines.append("\n### %d workers, %d servers (MPI: %d ranks)\n" % (w, s, w))
-        cols = [("pskv", w, s, "tcp", False), ("pskv", w, s, "shm", False),
-                ("pskv", w, s, "tcp", True), ("pskv", w, s, "shm", True),
-                ("mxnet", w, s, "zmq", False), ("mxnet", w, s, "zmq", True),
-                ("mpi", w, 0, "shm", False), ("mpi", w, 0, "tcp", False)]
+        cols = [(who, w, s, van, comp) for comp in [False, True] for van in ["tcp", "shm"]
+                for who in ["before", "pskv"]]
+        cols += [("mxnet", w, s, "zmq", False), ("mxnet", w, s, "zmq", True),
+                 ("mpi", w, 0, "shm", False), ("mpi", w, 0, "tcp", False)]
         cols = [c for c in cols if c in med]
         names = {("pskv", "tcp", False): "pskv tcp", ("pskv", "shm", False): "pskv shm",
                  ("pskv", "tcp", True): "pskv tcp 2-bit", ("pskv", "shm", True): "pskv shm 2-bit",
                  ("mxnet", "zmq", False): "MXNet", ("mxnet", "zmq", True): "MXNet 2-bit",
                  ("mpi", "shm", False): "MPI shm", ("mpi", "tcp", False): "MPI tcp"}
+        for (van, comp) in [("tcp", False), ("shm", False), ("tcp", True), ("shm", True)]:
+            names[("before", van, comp)] = "before " + names[("pskv", van, comp)]
         hdr = [names[(c[0], c[3], c[4])] for c in cols]
         ratio_cols = []
+        for van in ["tcp", "shm"]:
+            for comp in [False, True]:
+                if ("before", w, s, van, comp) in med:
+                    ratio_cols.append(("after / before %s%s" % (van, " 2-bit" if comp else ""),
+                                       ("pskv", w, s, van, comp), ("before", w, s, van, comp)))
         if ("mxnet", w, s, "zmq", False) in med:
             ratio_cols.append(("MXNet / pskv tcp", ("mxnet", w, s, "zmq", False), ("pskv", w, s, "tcp", False)))
         if ("mpi", w, 0, "shm", False) in med:

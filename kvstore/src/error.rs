@@ -103,6 +103,10 @@ pub enum KvError {
     /// A kernel refused its arguments.
     #[error(transparent)]
     Kernel(#[from] KernelError),
+
+    /// A server's checkpoint could not be written or read.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::server::CheckpointError),
 }
 
 impl KvError {

@@ -28,7 +28,7 @@ pub use key::{IntoKey, Key};
 pub use kinds::Kind;
 pub use optimizer::schedule::{Decay, LrScheduler, Warmup, WarmupMode};
 pub use optimizer::{GradRef, Method, OptState, Optimizer, StateVals, WeightMut};
-pub use server::{CheckpointSettings, Controller, Server};
+pub use server::{CheckpointError, CheckpointSettings, Controller, Server};
 pub use store::{KvStore, Options};
 pub use tensor::{Storage, Tensor};
 pub use updater::{Updater, Values, ValuesMut};

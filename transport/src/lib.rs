@@ -36,5 +36,5 @@ pub use van::shm::region::Region;
 pub fn rdma_device() -> Result<String, TransportError> {
     van::rdma::device(false)
         .map(|d| d.name())
-        .map_err(TransportError::Unavailable)
+        .map_err(|e| TransportError::Unavailable(e.to_string()))
 }

@@ -91,7 +91,7 @@ pub(crate) enum Direct {
 pub(crate) trait DirectSend: Send + Sync {
     /// Tries to write `frame` now, without blocking. An error counts as
     /// "not sent": the writer will meet it and end the link.
-    fn try_send(&self, frame: &Frame) -> Result<Direct, String>;
+    fn try_send(&self, frame: &Frame) -> Result<Direct, crate::van::VanError>;
 
     /// The link closed: end the connection now, so the peer sees the end
     /// at once even if the writer never runs again (a node killed

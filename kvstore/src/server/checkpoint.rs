@@ -42,6 +42,46 @@ use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::dtype::DType;
+
+/// Why a checkpoint could not be written or read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file system refused.
+    #[error("{what} {}: {message}", path.display())]
+    Io {
+        /// What was being done ("creating", "writing", "renaming", ...).
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// What the system said.
+        message: String,
+    },
+    /// The file is there but cannot be used: corrupt, another format, or
+    /// written by another server or for another cluster size.
+    #[error("the checkpoint {} is unusable: {why}", path.display())]
+    Unusable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// What was recorded did not reach the disk in time.
+    #[error("the checkpoint {} was not written within {after:?}", path.display())]
+    Timeout {
+        /// The file.
+        path: PathBuf,
+        /// How long `flush` waited.
+        after: Duration,
+    },
+}
+
+fn io_error(what: &'static str, path: &Path, e: impl std::fmt::Display) -> CheckpointError {
+    CheckpointError::Io {
+        what,
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
 use crate::optimizer::{OptState, Optimizer};
 
 const MAGIC: &[u8; 8] = b"PSKVCKP3";
@@ -143,7 +183,7 @@ struct Table {
     /// Bumped by every change; `written` is the version on disk.
     version: u64,
     written: u64,
-    error: Option<String>,
+    error: Option<CheckpointError>,
 }
 
 /// The checkpoints of one server.
@@ -166,9 +206,9 @@ impl Checkpointer {
         rank: u32,
         workers: u32,
         every: u64,
-    ) -> Result<Arc<Checkpointer>, String> {
+    ) -> Result<Arc<Checkpointer>, CheckpointError> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| format!("creating the checkpoint directory {}: {e}", dir.display()))?;
+            .map_err(|e| io_error("creating the checkpoint directory", dir, e))?;
         let c = Arc::new(Checkpointer {
             dir: dir.to_path_buf(),
             rank,
@@ -193,7 +233,7 @@ impl Checkpointer {
                     return;
                 }
             })
-            .map_err(|e| format!("starting the checkpoint writer: {e}"))?;
+            .map_err(|e| io_error("starting the checkpoint writer for", dir, e))?;
         Ok(c)
     }
 
@@ -220,7 +260,7 @@ impl Checkpointer {
 
     /// Waits (at most `timeout`) until everything recorded so far is on
     /// disk; the last write error if there was one.
-    pub fn flush(&self, timeout: Duration) -> Result<(), String> {
+    pub fn flush(&self, timeout: Duration) -> Result<(), CheckpointError> {
         let deadline = std::time::Instant::now() + timeout;
         let mut t = self.table.lock();
         let want = t.version;
@@ -230,10 +270,10 @@ impl Checkpointer {
                 return Err(e.clone());
             }
             if self.cv.wait_until(&mut t, deadline).timed_out() {
-                return Err(format!(
-                    "the checkpoint {} was not written within {timeout:?}",
-                    self.path().display()
-                ));
+                return Err(CheckpointError::Timeout {
+                    path: self.path(),
+                    after: timeout,
+                });
             }
         }
         Ok(())
@@ -293,11 +333,11 @@ impl Checkpointer {
         true
     }
 
-    fn write_file(&self, file: &File) -> Result<(), String> {
+    fn write_file(&self, file: &File) -> Result<(), CheckpointError> {
         let path = self.path();
         let tmp = self.dir.join(format!("server-{}.ckpt.tmp", self.rank));
-        let err = |what: &str, e: std::io::Error| format!("{what} {}: {e}", tmp.display());
-        let body = postcard::to_stdvec(file).map_err(|e| format!("encoding a checkpoint: {e}"))?;
+        let err = |what: &'static str, e: std::io::Error| io_error(what, &tmp, e);
+        let body = postcard::to_stdvec(file).map_err(|e| io_error("encoding", &tmp, e))?;
         let mut f = std::fs::File::create(&tmp).map_err(|e| err("creating", e))?;
         f.write_all(MAGIC).map_err(|e| err("writing", e))?;
         f.write_all(&body).map_err(|e| err("writing", e))?;
@@ -306,7 +346,7 @@ impl Checkpointer {
         f.sync_all().map_err(|e| err("syncing", e))?;
         drop(f);
         std::fs::rename(&tmp, &path)
-            .map_err(|e| format!("renaming {} to {}: {e}", tmp.display(), path.display()))?;
+            .map_err(|e| io_error("renaming", &tmp, format!("to {}: {e}", path.display())))?;
         if let Ok(d) = std::fs::File::open(&self.dir) {
             let _ = d.sync_all();
         }
@@ -314,14 +354,17 @@ impl Checkpointer {
     }
 
     /// Reads this server's file; `Ok(None)` when there is none.
-    pub fn load(&self) -> Result<Option<File>, String> {
+    pub fn load(&self) -> Result<Option<File>, CheckpointError> {
         let path = self.path();
         let data = match std::fs::read(&path) {
             Ok(d) => d,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("reading the checkpoint {}: {e}", path.display())),
+            Err(e) => return Err(io_error("reading the checkpoint", &path, e)),
         };
-        let bad = |why: &str| format!("the checkpoint {} is unusable: {why}", path.display());
+        let bad = |why: &str| CheckpointError::Unusable {
+            path: path.clone(),
+            why: why.to_string(),
+        };
         let body = checked_body(&data).map_err(bad)?;
         let file: File = postcard::from_bytes(body).map_err(|e| bad(&e.to_string()))?;
         if file.rank != self.rank {
@@ -395,9 +438,9 @@ mod tests {
         let mut bad = v2.clone();
         bad[10] ^= 1;
         std::fs::write(c.path(), &bad).unwrap();
-        assert!(c.load().err().unwrap().contains("checksum"));
+        assert!(c.load().err().unwrap().to_string().contains("checksum"));
         std::fs::write(c.path(), b"PSKVCKP3ab").unwrap();
-        assert!(c.load().err().unwrap().contains("checksum"));
+        assert!(c.load().err().unwrap().to_string().contains("checksum"));
         std::fs::write(c.path(), &v3).unwrap();
 
         // A corrupted file, another rank's, another cluster size: refused.
@@ -405,13 +448,18 @@ mod tests {
         let n = data.len();
         data[n / 2] ^= 0xff;
         std::fs::write(c.path(), &data).unwrap();
-        assert!(c.load().err().unwrap().contains("checksum"));
+        assert!(c.load().err().unwrap().to_string().contains("checksum"));
         std::fs::write(c.path(), b"garbage").unwrap();
-        assert!(c.load().err().unwrap().contains("magic"));
+        assert!(c.load().err().unwrap().to_string().contains("magic"));
         let other = Checkpointer::start(&dir, 1, 4, 5).unwrap();
         c.record(1 << 16, rec(&[9], 1));
         c.flush(Duration::from_secs(10)).unwrap();
-        assert!(other.load().err().unwrap().contains("3 workers"));
+        assert!(other
+            .load()
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("3 workers"));
         c.stop();
         std::fs::remove_dir_all(&dir).unwrap();
     }

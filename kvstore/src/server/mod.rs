@@ -49,6 +49,7 @@ use pskv_transport::{Config, KvRequest, NodeEnd, Postoffice, RequestHandler, Res
 use crate::error::{KvError, Result};
 use crate::updater::Rule;
 use crate::wire::{decode_ps_key, Head, Op};
+pub use checkpoint::CheckpointError;
 use checkpoint::Checkpointer;
 use entry::EntryState;
 use replica::{Deferred, KeyWork, Replication};
@@ -266,11 +267,10 @@ impl Server {
                 rank as u32,
                 server.inner.workers as u32,
                 ckpt.every_rounds,
-            )
-            .map_err(KvError::invalid)?;
+            )?;
             let _ = server.inner.ckpt.set(c.clone());
             if server.po.is_recovery() {
-                match c.load().map_err(KvError::invalid)? {
+                match c.load()? {
                     Some(file) => server.inner.restore(file),
                     None => tracing::warn!(
                         "server {rank} restarted, but {} holds no checkpoint: its keys are gone",

@@ -8,7 +8,7 @@ use std::time::Duration;
 use pskv_transport::protocol::{describe, role_rank};
 use pskv_transport::{NodeChange, Role};
 
-use super::checkpoint;
+use super::checkpoint::{self, CheckpointError};
 use super::entry::EntryState;
 use super::{Entry, Inner};
 use crate::updater::{KeyState, Rule};
@@ -104,8 +104,10 @@ impl Inner {
             let st = e.st.lock();
             self.record(k, &st);
         }
-        c.flush(Duration::from_secs(120))
-            .map_err(|e| format!("the checkpoint was not written: {e}"))
+        c.flush(Duration::from_secs(120)).map_err(|e| match e {
+            CheckpointError::Timeout { .. } => e.to_string(),
+            _ => format!("the checkpoint was not written: {e}"),
+        })
     }
 
     /// A worker died: every sync round in progress fails, naming it, and

@@ -20,7 +20,7 @@ use crate::protocol::handshake::{
 use crate::protocol::{describe, role_rank, NodeId, Role, SCHEDULER_ID};
 use crate::security;
 use crate::van::tcp::{self, FrameReader};
-use crate::van::{rdma, shm, Half, Handshaken, Start, Van};
+use crate::van::{rdma, shm, Half, Handshaken, Start, Van, VanError};
 use crate::wire::{Control, Limits, NodeInfo, VanId};
 
 use super::{Ctl, Inner, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES};
@@ -257,9 +257,12 @@ impl Inner {
 
     /// Van `id`, if this node runs it (`PSKV_VAN`), with this node's
     /// settings.
-    fn van_of(&self, id: VanId) -> Result<Box<dyn Van>, String> {
+    fn van_of(&self, id: VanId) -> Result<Box<dyn Van>, VanError> {
         if !self.cfg.van.accepts(id) {
-            return Err(format!("this node does not run {} (PSKV_VAN)", id.name()));
+            return Err(VanError::Unavailable(format!(
+                "this node does not run {} (PSKV_VAN)",
+                id.name()
+            )));
         }
         let limits = self.cfg.limits;
         Ok(match id {
@@ -295,7 +298,7 @@ impl Inner {
     }
 
     /// The RDMA device, opened once.
-    pub(super) fn rdma_device(&self) -> Result<Arc<dyn rdma::verbs::Device>, String> {
+    pub(super) fn rdma_device(&self) -> Result<Arc<dyn rdma::verbs::Device>, VanError> {
         self.rdma_dev
             .get_or_init(|| rdma::device(self.cfg.van == VanKind::RdmaEmulated))
             .clone()
@@ -377,7 +380,7 @@ impl Inner {
                         half = Some(h);
                         hs.answer(Ok(answer));
                     }
-                    Err(reason) => hs.answer(Err(reason)),
+                    Err(reason) => hs.answer(Err(reason.to_string())),
                 }
             }
             _ => {}

@@ -162,7 +162,7 @@ pub(crate) struct Inner {
     handshakes: std::sync::atomic::AtomicUsize,
     my_id: AtomicU32,
     me: OnceLock<std::sync::Weak<Inner>>,
-    rdma_dev: OnceLock<Result<Arc<dyn rdma::verbs::Device>, String>>,
+    rdma_dev: OnceLock<Result<Arc<dyn rdma::verbs::Device>, crate::van::VanError>>,
 }
 
 /// A node of the cluster: scheduler, server or worker.

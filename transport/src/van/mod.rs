@@ -32,6 +32,55 @@ use crate::link::Link;
 use crate::wire::{Frame, VanId};
 use tcp::FrameReader;
 
+/// Why a van could not be set up, or why a link's van stopped. The
+/// postoffice turns it into the link's close reason or a
+/// [`TransportError`](crate::TransportError) naming the peer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum VanError {
+    /// The link closed (this side closed it, or saw the peer's end) while
+    /// the van waited to send.
+    #[error("the {0} closed")]
+    Closed(&'static str),
+    /// What the peer sent, or left in memory both sides map, breaks the
+    /// van's protocol: a malformed offer, record, chunk or descriptor.
+    #[error("{0}")]
+    Protocol(String),
+    /// The operating system or the device refused (a socket, a file in
+    /// /dev/shm, a verbs call).
+    #[error("{context}: {message}")]
+    System {
+        /// What was being done.
+        context: String,
+        /// What the system said.
+        message: String,
+    },
+    /// The van cannot run here: no device, a build without it, or a node
+    /// that does not run it (`PSKV_VAN`).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl VanError {
+    /// A system error while doing `context`.
+    pub(crate) fn system(context: impl Into<String>, e: impl std::fmt::Display) -> VanError {
+        VanError::System {
+            context: context.into(),
+            message: e.to_string(),
+        }
+    }
+
+    /// A protocol error.
+    pub(crate) fn protocol(what: impl Into<String>) -> VanError {
+        VanError::Protocol(what.into())
+    }
+}
+
+impl From<crate::wire::WireError> for VanError {
+    fn from(e: crate::wire::WireError) -> VanError {
+        VanError::Protocol(format!("malformed frame: {e}"))
+    }
+}
+
 /// Where a van delivers what it receives.
 pub(crate) trait FrameSink: Send + Sync + 'static {
     /// A whole frame arrived on `link`.
@@ -45,22 +94,22 @@ pub(crate) trait Van: Send + Sync {
     /// Which van this is (the offer names it).
     fn id(&self) -> VanId;
     /// The connector's side: prepares this end; the offer for the peer.
-    fn offer(&self) -> Result<(Vec<u8>, Box<dyn Half>), String>;
+    fn offer(&self) -> Result<(Vec<u8>, Box<dyn Half>), VanError>;
     /// The acceptor's side: takes the peer's offer and prepares this end;
     /// the answer for the peer. An error declines the offer (the link then
     /// runs TCP, or fails where the connector insists).
-    fn accept(&self, offer: &[u8]) -> Result<(Vec<u8>, Box<dyn Half>), String>;
+    fn accept(&self, offer: &[u8]) -> Result<(Vec<u8>, Box<dyn Half>), VanError>;
 }
 
 /// One side of a van, prepared during the handshake.
 pub(crate) trait Half: Send {
     /// The connector's side: the acceptor took the offer with `answer`.
-    fn finish(&mut self, answer: &[u8]) -> Result<(), String> {
+    fn finish(&mut self, answer: &[u8]) -> Result<(), VanError> {
         let _ = answer;
         Ok(())
     }
     /// Runs the van on the link.
-    fn start(self: Box<Self>, on: Start<'_>) -> Result<(), String>;
+    fn start(self: Box<Self>, on: Start<'_>) -> Result<(), VanError>;
 }
 
 /// What a van's side starts on.
@@ -84,12 +133,15 @@ pub(crate) struct Handshaken {
 impl Handshaken {
     /// The TCP stream whole again, for a van that only watches it; an
     /// error if the peer sent bytes past the van answer.
-    pub(crate) fn into_stream(self) -> Result<TcpStream, String> {
+    pub(crate) fn into_stream(self) -> Result<TcpStream, VanError> {
         let (rd, rest) = self.reader.into_parts();
         if !rest.is_empty() {
-            return Err("bytes arrived on tcp after the van answer".into());
+            return Err(VanError::protocol(
+                "bytes arrived on tcp after the van answer",
+            ));
         }
-        rd.reunite(self.wr).map_err(|e| e.to_string())
+        rd.reunite(self.wr)
+            .map_err(|e| VanError::system("taking the handshake's stream back", e))
     }
 }
 

@@ -24,7 +24,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{end, FrameSink, Half, Start, Van};
+use super::{end, FrameSink, Half, Start, Van, VanError};
 use crate::link::{Link, Work};
 use crate::wire::{decode_body, decode_header, Frame, Limits, VanId, WireError, HEADER_LEN};
 
@@ -197,7 +197,7 @@ impl crate::link::DirectSend for TcpDirect {
         }
     }
 
-    fn try_send(&self, frame: &Frame) -> Result<crate::link::Direct, String> {
+    fn try_send(&self, frame: &Frame) -> Result<crate::link::Direct, VanError> {
         use crate::link::Direct;
         let parts = wire_parts(std::slice::from_ref(frame));
         let total: usize = parts.iter().map(Bytes::len).sum();
@@ -206,13 +206,13 @@ impl crate::link::DirectSend for TcpDirect {
         let mut written = 0;
         while !rest.is_empty() {
             match self.wr.try_write_vectored(rest) {
-                Ok(0) => return Err("the socket took no bytes".into()),
+                Ok(0) => return Err(VanError::Closed("socket (it took no bytes)")),
                 Ok(n) => {
                     written += n;
                     IoSlice::advance_slices(&mut rest, n);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(VanError::system("writing to the socket", e)),
             }
         }
         if written == total {
@@ -256,11 +256,11 @@ impl Van for TcpVan {
         VanId::Tcp
     }
 
-    fn offer(&self) -> Result<(Vec<u8>, Box<dyn Half>), String> {
+    fn offer(&self) -> Result<(Vec<u8>, Box<dyn Half>), VanError> {
         Ok((Vec::new(), self.half()))
     }
 
-    fn accept(&self, _offer: &[u8]) -> Result<(Vec<u8>, Box<dyn Half>), String> {
+    fn accept(&self, _offer: &[u8]) -> Result<(Vec<u8>, Box<dyn Half>), VanError> {
         self.offer()
     }
 }
@@ -277,7 +277,7 @@ impl TcpVan {
 struct TcpHalf(Limits);
 
 impl Half for TcpHalf {
-    fn start(self: Box<Self>, on: Start<'_>) -> Result<(), String> {
+    fn start(self: Box<Self>, on: Start<'_>) -> Result<(), VanError> {
         let Start {
             conn,
             link,

@@ -50,7 +50,7 @@ use bytes::BytesMut;
 use parking_lot::{Condvar, Mutex};
 
 use self::verbs::{Completion, Device, QueuePair, Region, RemoteRegion};
-use super::{end, watch_peer, FrameSink, Half, Start, Van};
+use super::{end, watch_peer, FrameSink, Half, Start, Van, VanError};
 use crate::link::Link;
 use crate::wire::{decode_frame, decode_header, Frame, Kind, Limits, VanId, HEADER_LEN};
 
@@ -167,14 +167,12 @@ pub(crate) struct Prepared {
 
 impl Prepared {
     /// Creates the queue pair and registers and posts the buffers.
-    pub(crate) fn new(dev: Arc<dyn Device>, limits: Limits) -> Result<Prepared, String> {
-        let e = |e: verbs::VerbsError| e.to_string();
-        let qp = dev.queue_pair().map_err(e)?;
-        let recv = dev.register(SLOT * RECV_SLOTS).map_err(e)?;
-        let send = dev.register(SLOT * SEND_SLOTS).map_err(e)?;
+    pub(crate) fn new(dev: Arc<dyn Device>, limits: Limits) -> Result<Prepared, VanError> {
+        let qp = dev.queue_pair()?;
+        let recv = dev.register(SLOT * RECV_SLOTS)?;
+        let send = dev.register(SLOT * SEND_SLOTS)?;
         for i in 0..RECV_SLOTS {
-            qp.post_recv(&recv, i * SLOT, SLOT, WR_RECV | i as u64)
-                .map_err(e)?;
+            qp.post_recv(&recv, i * SLOT, SLOT, WR_RECV | i as u64)?;
         }
         Ok(Prepared {
             shared: Arc::new(Shared {
@@ -209,8 +207,8 @@ impl Prepared {
     }
 
     /// Connects to the peer's endpoint.
-    pub(crate) fn connect(&self, remote: &[u8]) -> Result<(), String> {
-        self.shared.qp.connect(remote).map_err(|e| e.to_string())
+    pub(crate) fn connect(&self, remote: &[u8]) -> Result<(), VanError> {
+        Ok(self.shared.qp.connect(remote)?)
     }
 }
 
@@ -228,13 +226,13 @@ impl Van for RdmaVan {
     }
 
     /// The offer is this side's queue-pair endpoint.
-    fn offer(&self) -> Result<(Vec<u8>, Box<dyn Half>), String> {
+    fn offer(&self) -> Result<(Vec<u8>, Box<dyn Half>), VanError> {
         let p = Prepared::new(self.dev.clone(), self.limits)?;
         Ok((p.endpoint(), Box::new(p)))
     }
 
     /// Connects to the offered endpoint; the answer is this side's.
-    fn accept(&self, offer: &[u8]) -> Result<(Vec<u8>, Box<dyn Half>), String> {
+    fn accept(&self, offer: &[u8]) -> Result<(Vec<u8>, Box<dyn Half>), VanError> {
         let p = Prepared::new(self.dev.clone(), self.limits)?;
         p.connect(offer)?;
         Ok((p.endpoint(), Box::new(p)))
@@ -242,14 +240,14 @@ impl Van for RdmaVan {
 }
 
 impl Half for Prepared {
-    fn finish(&mut self, answer: &[u8]) -> Result<(), String> {
+    fn finish(&mut self, answer: &[u8]) -> Result<(), VanError> {
         self.connect(answer)
-            .map_err(|e| format!("connecting the RDMA queue pair: {e}"))
     }
 
-    fn start(self: Box<Self>, on: Start<'_>) -> Result<(), String> {
+    fn start(self: Box<Self>, on: Start<'_>) -> Result<(), VanError> {
         let tcp = on.conn.into_stream()?;
-        start(*self, tcp, on.link, on.sink, on.rt).map_err(|e| e.to_string())
+        start(*self, tcp, on.link, on.sink, on.rt)
+            .map_err(|e| VanError::system("starting the RDMA threads", e))
     }
 }
 
@@ -268,7 +266,7 @@ fn start(
         .name(format!("pskv-rdma-poll-{}", link.id))
         .spawn(move || {
             match poll_loop(&sh, &l, &s) {
-                Err(e) => end(&l, &s, sh.gone.lock().take().unwrap_or(e)),
+                Err(e) => end(&l, &s, sh.gone.lock().take().unwrap_or(e.to_string())),
                 Ok(()) => {
                     if let Some(why) = sh.gone.lock().take() {
                         end(&l, &s, why);
@@ -282,7 +280,7 @@ fn start(
         .name(format!("pskv-rdma-send-{}", link.id))
         .spawn(move || {
             if let Err(e) = send_loop(&sh, &l) {
-                end(&l, &s, e);
+                end(&l, &s, e.to_string());
             }
             sh.close();
         })?;
@@ -301,11 +299,11 @@ fn start(
 
 /// Waits for a free send slot and `need` credits; takes the slot, one
 /// credit, and the credits owed to the peer (which the chunk carries back).
-fn reserve(sh: &Shared, link: &Link, need: u32) -> Result<(usize, u32), String> {
+fn reserve(sh: &Shared, link: &Link, need: u32) -> Result<(usize, u32), VanError> {
     let mut st = sh.state.lock();
     loop {
         if st.closed || link.is_closed() {
-            return Err("the RDMA link closed".into());
+            return Err(VanError::Closed("RDMA link"));
         }
         if st.credits >= need && !st.free_slots.is_empty() {
             st.credits -= 1;
@@ -319,11 +317,11 @@ fn reserve(sh: &Shared, link: &Link, need: u32) -> Result<(usize, u32), String> 
 
 /// Waits for `need` credits and takes one (an RDMA write with immediate
 /// uses a receive of the peer's but no send slot, and carries no credits).
-fn take_credit(sh: &Shared, link: &Link, need: u32) -> Result<(), String> {
+fn take_credit(sh: &Shared, link: &Link, need: u32) -> Result<(), VanError> {
     let mut st = sh.state.lock();
     loop {
         if st.closed || link.is_closed() {
-            return Err("the RDMA link closed".into());
+            return Err(VanError::Closed("RDMA link"));
         }
         if st.credits >= need {
             st.credits -= 1;
@@ -340,7 +338,7 @@ fn send_chunk(
     kind: u32,
     parts: &[&[u8]],
     need: u32,
-) -> Result<(), String> {
+) -> Result<(), VanError> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     debug_assert!(CHUNK_HDR + len <= SLOT);
     let (slot, owed) = reserve(sh, link, need)?;
@@ -357,11 +355,11 @@ fn send_chunk(
     }
     sh.qp
         .post_send(&sh.send, base, CHUNK_HDR + len, WR_SEND | slot as u64)
-        .map_err(|e| e.to_string())
+        .map_err(VanError::from)
 }
 
 /// Sends `pieces` (head, payload) eagerly, cut into slot-sized chunks.
-fn send_eager(sh: &Shared, link: &Link, pieces: &[&[u8]]) -> Result<(), String> {
+fn send_eager(sh: &Shared, link: &Link, pieces: &[&[u8]]) -> Result<(), VanError> {
     let total: usize = pieces.iter().map(|p| p.len()).sum();
     let room = SLOT - CHUNK_HDR;
     let mut sent = 0;
@@ -377,7 +375,7 @@ fn send_eager(sh: &Shared, link: &Link, pieces: &[&[u8]]) -> Result<(), String> 
     }
 }
 
-fn send_ctl(sh: &Shared, link: &Link, ctl: Ctl) -> Result<(), String> {
+fn send_ctl(sh: &Shared, link: &Link, ctl: Ctl) -> Result<(), VanError> {
     match ctl {
         Ctl::Want { key, len } => send_chunk(
             sh,
@@ -411,7 +409,7 @@ fn rendezvous_key(f: &Frame) -> Option<RdvKey> {
         .then(|| (f.kind as u8, f.keys[0]))
 }
 
-fn send_frame(sh: &Shared, link: &Link, f: &Frame) -> Result<(), String> {
+fn send_frame(sh: &Shared, link: &Link, f: &Frame) -> Result<(), VanError> {
     let head = f.encode_head();
     if let (Some(key), true) = (rendezvous_key(f), sh.qp.supports_write_imm()) {
         let len = f.payload.len() as u64;
@@ -445,7 +443,7 @@ fn send_frame(sh: &Shared, link: &Link, f: &Frame) -> Result<(), String> {
             take_credit(sh, link, 2)?;
             sh.qp
                 .post_write_imm(&staging, 0, f.payload.len(), region, 0, id, WR_WRITE)
-                .map_err(|e| e.to_string())?;
+                .map_err(VanError::from)?;
             return send_chunk(sh, link, K_RDV_HEAD, &[&id.to_le_bytes(), &head], 2);
         }
     }
@@ -453,18 +451,18 @@ fn send_frame(sh: &Shared, link: &Link, f: &Frame) -> Result<(), String> {
 }
 
 /// The registered staging buffer for `key`, at least `len` bytes (kept).
-fn staging_for(sh: &Shared, key: RdvKey, len: usize) -> Result<Arc<dyn Region>, String> {
+fn staging_for(sh: &Shared, key: RdvKey, len: usize) -> Result<Arc<dyn Region>, VanError> {
     if let Some(r) = sh.state.lock().staging.get(&key) {
         if r.len() >= len {
             return Ok(r.clone());
         }
     }
-    let r = sh.dev.register(len).map_err(|e| e.to_string())?;
+    let r = sh.dev.register(len).map_err(VanError::from)?;
     sh.state.lock().staging.insert(key, r.clone());
     Ok(r)
 }
 
-fn send_loop(sh: &Shared, link: &Link) -> Result<(), String> {
+fn send_loop(sh: &Shared, link: &Link) -> Result<(), VanError> {
     loop {
         // Control chunks first, then credits owed, then frames.
         loop {
@@ -494,7 +492,7 @@ fn send_loop(sh: &Shared, link: &Link) -> Result<(), String> {
 
 // ---- receiving -------------------------------------------------------
 
-fn poll_loop(sh: &Shared, link: &Arc<Link>, sink: &Arc<dyn FrameSink>) -> Result<(), String> {
+fn poll_loop(sh: &Shared, link: &Arc<Link>, sink: &Arc<dyn FrameSink>) -> Result<(), VanError> {
     let mut done = Vec::new();
     let mut partial: Option<BytesMut> = None;
     loop {
@@ -502,7 +500,7 @@ fn poll_loop(sh: &Shared, link: &Arc<Link>, sink: &Arc<dyn FrameSink>) -> Result
         done.clear();
         // Closing: one last look, without waiting, at what already arrived.
         let wait = if closing { Duration::ZERO } else { WAIT };
-        sh.qp.poll(&mut done, wait).map_err(|e| e.to_string())?;
+        sh.qp.poll(&mut done, wait).map_err(VanError::from)?;
         if closing && done.is_empty() {
             return Ok(());
         }
@@ -529,7 +527,7 @@ fn poll_loop(sh: &Shared, link: &Arc<Link>, sink: &Arc<dyn FrameSink>) -> Result
                     }
                 }
                 Completion::Error { message, .. } => {
-                    return Err(format!("RDMA operation failed: {message}"))
+                    return Err(VanError::system("an RDMA operation", message))
                 }
             }
         }
@@ -537,11 +535,11 @@ fn poll_loop(sh: &Shared, link: &Arc<Link>, sink: &Arc<dyn FrameSink>) -> Result
 }
 
 /// Re-posts a receive and counts the credit owed to the peer.
-fn repost(sh: &Shared, wr_id: u64) -> Result<(), String> {
+fn repost(sh: &Shared, wr_id: u64) -> Result<(), VanError> {
     let slot = (wr_id & 0xffff_ffff) as usize;
     sh.qp
         .post_recv(&sh.recv, slot * SLOT, SLOT, WR_RECV | slot as u64)
-        .map_err(|e| e.to_string())?;
+        .map_err(VanError::from)?;
     sh.state.lock().owed += 1;
     sh.cv.notify_all();
     Ok(())
@@ -552,15 +550,15 @@ fn on_chunk(
     sh: &Shared,
     chunk: &[u8],
     partial: &mut Option<BytesMut>,
-) -> Result<Option<Frame>, String> {
+) -> Result<Option<Frame>, VanError> {
     if chunk.len() < CHUNK_HDR {
-        return Err("a chunk shorter than its header".into());
+        return Err(VanError::protocol("a chunk shorter than its header"));
     }
     let kind = u32::from_le_bytes(chunk[0..4].try_into().expect("4 bytes"));
     let len = u32::from_le_bytes(chunk[4..8].try_into().expect("4 bytes")) as usize;
     let credits = u32::from_le_bytes(chunk[8..12].try_into().expect("4 bytes"));
     if len != chunk.len() - CHUNK_HDR || credits as usize > RECV_SLOTS {
-        return Err("a malformed chunk header".into());
+        return Err(VanError::protocol("a malformed chunk header"));
     }
     if credits > 0 {
         sh.state.lock().credits += credits;
@@ -576,22 +574,22 @@ fn on_chunk(
         K_DATA | K_DATA_LAST => {
             let buf = partial.get_or_insert_with(BytesMut::new);
             if (buf.len() + body.len()) as u64 > max_frame {
-                return Err("a frame larger than the message limit".into());
+                return Err(VanError::protocol("a frame larger than the message limit"));
             }
             buf.extend_from_slice(body);
             if kind == K_DATA_LAST {
                 let bytes = partial.take().expect("present").freeze();
                 return decode_frame(bytes, &sh.limits)
-                    .map_err(|e| e.to_string())
+                    .map_err(VanError::from)
                     .map(Some);
             }
             Ok(None)
         }
         K_WANT => {
-            let key = rdv_key_from(body).ok_or("a malformed WANT")?;
+            let key = rdv_key_from(body).ok_or(VanError::protocol("a malformed WANT"))?;
             let want = u64::from_le_bytes(
                 body.get(9..17)
-                    .ok_or("a malformed WANT")?
+                    .ok_or(VanError::protocol("a malformed WANT"))?
                     .try_into()
                     .expect("8 bytes"),
             );
@@ -600,9 +598,9 @@ fn on_chunk(
         }
         K_GRANT => {
             if body.len() < 9 + 4 + 8 + 4 + 8 {
-                return Err("a malformed GRANT".into());
+                return Err(VanError::protocol("a malformed GRANT"));
             }
-            let key = rdv_key_from(body).ok_or("a malformed GRANT")?;
+            let key = rdv_key_from(body).ok_or(VanError::protocol("a malformed GRANT"))?;
             let id = u32::from_le_bytes(body[9..13].try_into().expect("4 bytes"));
             let region = RemoteRegion {
                 addr: u64::from_le_bytes(body[13..21].try_into().expect("8 bytes")),
@@ -622,7 +620,7 @@ fn on_chunk(
             Ok(None)
         }
         K_FREE => {
-            let key = rdv_key_from(body).ok_or("a malformed FREE")?;
+            let key = rdv_key_from(body).ok_or(VanError::protocol("a malformed FREE"))?;
             if let Some(g) = sh.state.lock().grants_out.get_mut(&key) {
                 g.busy = false;
             }
@@ -630,24 +628,24 @@ fn on_chunk(
         }
         K_RDV_HEAD => {
             if body.len() < 4 + HEADER_LEN {
-                return Err("a malformed rendezvous head".into());
+                return Err(VanError::protocol("a malformed rendezvous head"));
             }
             let id = u32::from_le_bytes(body[0..4].try_into().expect("4 bytes"));
             let head = &body[4..];
-            let h = decode_header(&head[..HEADER_LEN], &sh.limits).map_err(|e| e.to_string())?;
+            let h = decode_header(&head[..HEADER_LEN], &sh.limits).map_err(VanError::from)?;
             let payload_len = h.payload_len as usize;
             if head.len() as u64 + h.payload_len != HEADER_LEN as u64 + h.body_len() {
-                return Err("a rendezvous head that does not match its header".into());
+                return Err(VanError::protocol(
+                    "a rendezvous head that does not match its header",
+                ));
             }
-            let (key, region) = sh
-                .state
-                .lock()
-                .grants_in
-                .get(&id)
-                .cloned()
-                .ok_or_else(|| format!("a rendezvous head for unknown buffer {id}"))?;
+            let (key, region) = sh.state.lock().grants_in.get(&id).cloned().ok_or_else(|| {
+                VanError::Protocol(format!("a rendezvous head for unknown buffer {id}"))
+            })?;
             if payload_len > region.len() {
-                return Err("a rendezvous payload larger than its buffer".into());
+                return Err(VanError::protocol(
+                    "a rendezvous payload larger than its buffer",
+                ));
             }
             let mut bytes = BytesMut::with_capacity(head.len() + payload_len);
             bytes.extend_from_slice(head);
@@ -657,10 +655,10 @@ fn on_chunk(
             sh.state.lock().outbox.push_back(Ctl::Free { key });
             sh.cv.notify_all();
             decode_frame(bytes.freeze(), &sh.limits)
-                .map_err(|e| e.to_string())
+                .map_err(VanError::from)
                 .map(Some)
         }
-        k => Err(format!("unknown chunk kind {k}")),
+        k => Err(VanError::Protocol(format!("unknown chunk kind {k}"))),
     }
 }
 
@@ -703,17 +701,21 @@ fn grant(sh: &Shared, key: RdvKey, want: u64) {
 
 /// The device RDMA links use: the first verbs device (feature `rdma`), or
 /// the in-memory emulation.
-pub(crate) fn device(emulated: bool) -> Result<Arc<dyn Device>, String> {
+pub(crate) fn device(emulated: bool) -> Result<Arc<dyn Device>, VanError> {
     if emulated {
         return Ok(Arc::new(emulated::EmuDevice));
     }
     #[cfg(feature = "rdma")]
     {
-        ibv::open_first().map(|d| d as Arc<dyn Device>)
+        ibv::open_first()
+            .map(|d| d as Arc<dyn Device>)
+            .map_err(VanError::Unavailable)
     }
     #[cfg(not(feature = "rdma"))]
     {
-        Err("this build has no RDMA support: rebuild with `--features rdma`".into())
+        Err(VanError::Unavailable(
+            "this build has no RDMA support: rebuild with `--features rdma`".into(),
+        ))
     }
 }
 

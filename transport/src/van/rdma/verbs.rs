@@ -20,10 +20,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::van::VanError;
+
 /// What verbs can report.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("verbs: {0}")]
 pub(crate) struct VerbsError(pub(crate) String);
+
+impl From<VerbsError> for VanError {
+    fn from(e: VerbsError) -> VanError {
+        VanError::system("RDMA", e)
+    }
+}
 
 /// Where a peer may write: a registered region's address, key and size.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -51,6 +51,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::ring::Ring;
+use crate::van::VanError;
 
 /// Heap granularity.
 pub(crate) const BLOCK: usize = 16 << 10;
@@ -277,28 +278,28 @@ impl Drop for Lease {
 }
 
 /// The frame a descriptor record names, leased from the heap.
-pub(super) fn lease(ring: &Arc<Ring>, desc: &[u8], max_frame: u64) -> Result<Bytes, String> {
+pub(super) fn lease(ring: &Arc<Ring>, desc: &[u8], max_frame: u64) -> Result<Bytes, VanError> {
     let d: &[u8; DESCRIPTOR] = desc
         .try_into()
-        .map_err(|_| format!("a heap descriptor of {} bytes", desc.len()))?;
+        .map_err(|_| VanError::Protocol(format!("a heap descriptor of {} bytes", desc.len())))?;
     let at = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
     let len = u64::from_le_bytes(d[8..].try_into().expect("8 bytes"));
     let inside = at
         .checked_add(len)
         .is_some_and(|end| end <= ring.heap as u64);
     if !inside || at % BLOCK as u64 != 0 || len == 0 || len > max_frame {
-        return Err(format!(
+        return Err(VanError::Protocol(format!(
             "a heap descriptor out of bounds ({len} bytes at {at} of a {}-byte heap)",
             ring.heap
-        ));
+        )));
     }
     let (at, len) = (at as usize, len as usize);
     let taken = masks(at / BLOCK, len.div_ceil(BLOCK))
         .all(|(w, mask)| ring.bitmap(w).load(Ordering::Relaxed) & mask == mask);
     if !taken {
-        return Err(format!(
+        return Err(VanError::Protocol(format!(
             "a heap descriptor names free blocks ({len} bytes at {at})"
-        ));
+        )));
     }
     Ok(Bytes::from_owner(Lease {
         ring: ring.clone(),

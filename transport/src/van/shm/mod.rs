@@ -29,7 +29,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{end, watch_peer, FrameSink, Half, Start, Van};
+use super::{end, watch_peer, FrameSink, Half, Start, Van, VanError};
 use crate::link::{Link, Work};
 use crate::wire::{decode_frame, Frame, Limits, VanId, HEADER_LEN};
 use ring::{Consumer, Producer, WAIT_SLICE};
@@ -43,7 +43,7 @@ struct ShmDirect {
 }
 
 impl crate::link::DirectSend for ShmDirect {
-    fn try_send(&self, frame: &Frame) -> Result<crate::link::Direct, String> {
+    fn try_send(&self, frame: &Frame) -> Result<crate::link::Direct, VanError> {
         use crate::link::Direct;
         let sent = self
             .producer
@@ -99,7 +99,7 @@ impl Van for ShmVan {
         VanId::Shm
     }
 
-    fn offer(&self) -> Result<(Vec<u8>, Box<dyn Half>), String> {
+    fn offer(&self) -> Result<(Vec<u8>, Box<dyn Half>), VanError> {
         let (pa, pc) = ring_paths();
         // Built first, so that a failure below unlinks what was created.
         let mut half = Box::new(ShmHalf {
@@ -109,7 +109,7 @@ impl Van for ShmVan {
         });
         let create = |p: &Path| {
             Ring::create(p, self.ring_bytes, self.heap_bytes)
-                .map_err(|e| format!("creating {}: {e}", p.display()))
+                .map_err(|e| VanError::system(format!("creating {}", p.display()), e))
         };
         let (a, c) = (create(&pa)?, create(&pc)?);
         half.rings = Some(Rings { tx: a, rx: c });
@@ -118,12 +118,13 @@ impl Van for ShmVan {
             to_connector: pc.display().to_string(),
             ring_bytes: self.ring_bytes as u64,
         };
-        let bytes = postcard::to_allocvec(&offer).map_err(|e| e.to_string())?;
+        let bytes = postcard::to_allocvec(&offer)
+            .map_err(|e| VanError::system("encoding the shared-memory offer", e))?;
         Ok((bytes, half))
     }
 
-    fn accept(&self, offer: &[u8]) -> Result<(Vec<u8>, Box<dyn Half>), String> {
-        let bad = || "malformed shared-memory offer".to_string();
+    fn accept(&self, offer: &[u8]) -> Result<(Vec<u8>, Box<dyn Half>), VanError> {
+        let bad = || VanError::protocol("malformed shared-memory offer");
         let o: Offer = postcard::from_bytes(offer).map_err(|_| bad())?;
         let cap = o.ring_bytes as usize;
         let ok_path =
@@ -134,8 +135,9 @@ impl Van for ShmVan {
         {
             return Err(bad());
         }
-        let open =
-            |p: &str| Ring::open(Path::new(p), cap).map_err(|e| format!("cannot map {p}: {e}"));
+        let open = |p: &str| {
+            Ring::open(Path::new(p), cap).map_err(|e| VanError::system(format!("mapping {p}"), e))
+        };
         let tx = open(&o.to_connector)?;
         let rx = open(&o.to_acceptor)?;
         let half = ShmHalf {
@@ -171,16 +173,20 @@ impl Drop for ShmHalf {
 }
 
 impl Half for ShmHalf {
-    fn finish(&mut self, _answer: &[u8]) -> Result<(), String> {
+    fn finish(&mut self, _answer: &[u8]) -> Result<(), VanError> {
         // Mapped by both sides now: the names can go.
         self.unlink();
         Ok(())
     }
 
-    fn start(mut self: Box<Self>, on: Start<'_>) -> Result<(), String> {
-        let rings = self.rings.take().ok_or("the rings were not created")?;
+    fn start(mut self: Box<Self>, on: Start<'_>) -> Result<(), VanError> {
+        let rings = self
+            .rings
+            .take()
+            .ok_or(VanError::Unavailable("the rings were not created".into()))?;
         let tcp = on.conn.into_stream()?;
-        start(rings, tcp, on.link, on.sink, self.limits, on.rt).map_err(|e| e.to_string())
+        start(rings, tcp, on.link, on.sink, self.limits, on.rt)
+            .map_err(|e| VanError::system("starting the shared-memory threads", e))
     }
 }
 
@@ -248,7 +254,7 @@ fn start(
         .spawn(move || loop {
             match consumer
                 .next(&l)
-                .and_then(|b| decode_frame(b, &limits).map_err(|e| e.to_string()))
+                .and_then(|b| decode_frame(b, &limits).map_err(VanError::from))
             {
                 Ok(frame) => s.on_frame(&l, frame),
                 Err(e) => {
@@ -258,7 +264,7 @@ fn start(
                             if !l.is_closed() {
                                 tracing::warn!(link = l.id, "closing the shared-memory link: {e}");
                             }
-                            e
+                            e.to_string()
                         }
                     };
                     end(&l, &s, reason);
@@ -431,7 +437,10 @@ mod tests {
             let (mut p, mut c, link) = pair(1 << 16, 256 << 10);
             p.raw_record(&desc, ring::HEAP_FLAG);
             let err = c.next(&link).unwrap_err();
-            assert!(err.contains(want), "{err}");
+            assert!(
+                matches!(&err, VanError::Protocol(m) if m.contains(want)),
+                "{err}"
+            );
         }
     }
 
@@ -446,7 +455,10 @@ mod tests {
             assert!(!p.try_frame(&frame(10, 2)));
             assert!(!p.try_frame(&frame(100_000, 3)));
             let err = p.frame(&frame(10, 4), &|| false).unwrap_err();
-            assert!(err.contains("corrupt"), "{err}");
+            assert!(
+                matches!(&err, VanError::Protocol(m) if m.contains("corrupt")),
+                "{err}"
+            );
         }
     }
 
@@ -509,6 +521,9 @@ mod tests {
         // The peer scribbles an impossible head.
         p.corrupt_head(u64::MAX / 2);
         let err = c.next(&link).unwrap_err();
-        assert!(err.contains("corrupt"), "{err}");
+        assert!(
+            matches!(&err, VanError::Protocol(m) if m.contains("corrupt")),
+            "{err}"
+        );
     }
 }

@@ -50,7 +50,7 @@ use memmap2::MmapRaw;
 use super::heap::{self, HeapWriter, BLOCK};
 use crate::link::Link;
 use crate::spin::Spin;
-use crate::van::slice_parts;
+use crate::van::{slice_parts, VanError};
 use crate::wire::{decode_header, Frame, Limits, HEADER_LEN};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"PSKVRING");
@@ -276,7 +276,7 @@ fn wait_until(
     spin: &mut Spin,
     ready: &dyn Fn() -> bool,
     closed: &dyn Fn() -> bool,
-) -> Result<(), String> {
+) -> Result<(), VanError> {
     let ok = spin.wait(ready, &mut || {
         if ring.is_closed() || closed() {
             return true;
@@ -294,17 +294,17 @@ fn wait_until(
     if ok || ready() {
         Ok(())
     } else {
-        Err("the shared-memory ring was closed".into())
+        Err(VanError::Closed("shared-memory ring"))
     }
 }
 
 /// Free bytes of a ring of `cap` bytes with these indices, or why they are
 /// impossible (the consumer's `tail` comes from shared memory).
-fn free_room(tail: u64, head: u64, cap: u64) -> Result<u64, String> {
+fn free_room(tail: u64, head: u64, cap: u64) -> Result<u64, VanError> {
     if tail > head || head - tail > cap {
-        return Err(format!(
+        return Err(VanError::Protocol(format!(
             "corrupt ring indices (read position {tail}, write position {head})"
-        ));
+        )));
     }
     Ok(cap - (head - tail))
 }
@@ -361,7 +361,7 @@ impl Producer {
         parts: &[&[u8]],
         flags: u64,
         closed: &dyn Fn() -> bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), VanError> {
         let cap = self.ring.cap as u64;
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let (need, wrap) = self.need(len);
@@ -377,14 +377,14 @@ impl Producer {
             closed,
         )?;
         if self.room()? < need {
-            return Err("the ring has less room than waited for".into());
+            return Err(VanError::protocol("the ring has less room than waited for"));
         }
         self.publish(parts, flags, wrap, need - wrap);
         Ok(())
     }
 
     /// Free ring bytes now, or why the consumer's index is impossible.
-    fn room(&self) -> Result<u64, String> {
+    fn room(&self) -> Result<u64, VanError> {
         let tail = self.ring.u64_at(TAIL).load(Ordering::Acquire);
         free_room(tail, self.head, self.ring.cap as u64)
     }
@@ -456,7 +456,7 @@ impl Producer {
 
     /// Writes a frame: into the heap if it is large and the heap has room,
     /// else through the ring (in chunks if it is large).
-    pub(super) fn frame(&mut self, f: &Frame, closed: &dyn Fn() -> bool) -> Result<(), String> {
+    pub(super) fn frame(&mut self, f: &Frame, closed: &dyn Fn() -> bool) -> Result<(), VanError> {
         let total = f.wire_len();
         if self.heap.wants(total) {
             if let Some(at) = self.heap.alloc(total) {
@@ -473,7 +473,7 @@ impl Producer {
         f: &Frame,
         at: usize,
         closed: &dyn Fn() -> bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), VanError> {
         let head = f.encode_head();
         self.heap.write(at, &[&head, &f.payload]);
         let desc = heap::descriptor(at, f.wire_len());
@@ -482,7 +482,7 @@ impl Producer {
     }
 
     /// Writes a frame through the ring: one record, or chunks.
-    fn inline_frame(&mut self, f: &Frame, closed: &dyn Fn() -> bool) -> Result<(), String> {
+    fn inline_frame(&mut self, f: &Frame, closed: &dyn Fn() -> bool) -> Result<(), VanError> {
         let head = f.encode_head();
         let total = head.len() + f.payload.len();
         if 8 + total <= self.max_record() {
@@ -537,7 +537,7 @@ impl Consumer {
 
     /// The next frame's bytes: copied out of the ring, or leased from the
     /// heap.
-    pub(super) fn next(&mut self, link: &Link) -> Result<Bytes, String> {
+    pub(super) fn next(&mut self, link: &Link) -> Result<Bytes, VanError> {
         let ring = self.ring.clone();
         let cap = ring.cap as u64;
         loop {
@@ -553,16 +553,16 @@ impl Consumer {
             )?;
             let head = head_at.load(Ordering::Acquire);
             if head < cur || head - cur > cap {
-                return Err(format!(
+                return Err(VanError::Protocol(format!(
                     "corrupt ring indices (head {head}, read position {cur})"
-                ));
+                )));
             }
             let pos = cur % cap;
             // SAFETY: [pos, pos+8) is inside the ring and published (cur < head).
             let word = unsafe { (ring.data().add(pos as usize) as *const u64).read_volatile() };
             if word & WRAP != 0 {
                 if cur + (cap - pos) > head {
-                    return Err(format!("corrupt wrap marker at {pos}"));
+                    return Err(VanError::Protocol(format!("corrupt wrap marker at {pos}")));
                 }
                 self.cur += cap - pos;
                 self.release(self.cur);
@@ -571,7 +571,9 @@ impl Consumer {
             let len = word & LEN_MASK;
             let rec = align64(8 + len as usize) as u64;
             if rec > cap - pos || cur + rec > head {
-                return Err(format!("corrupt ring record of {len} bytes at {pos}"));
+                return Err(VanError::Protocol(format!(
+                    "corrupt ring record of {len} bytes at {pos}"
+                )));
             }
             // SAFETY: the record [pos+8, pos+8+len) is published and not
             // written by the producer until released below.
@@ -581,7 +583,7 @@ impl Consumer {
             let chunk = word & CONT != 0;
             if word & HEAP_FLAG != 0 {
                 if chunk || self.partial.is_some() {
-                    return Err("a heap record inside a chunked frame".into());
+                    return Err(VanError::protocol("a heap record inside a chunked frame"));
                 }
                 // The descriptor is read: its record can go at once.
                 let b = heap::lease(&ring, bytes, self.max_frame)?;
@@ -599,7 +601,9 @@ impl Consumer {
                 (None, true) => {
                     // The first chunk holds the header: size the buffer once.
                     if bytes.len() < HEADER_LEN {
-                        return Err("a chunked frame's first chunk is shorter than a header".into());
+                        return Err(VanError::protocol(
+                            "a chunked frame's first chunk is shorter than a header",
+                        ));
                     }
                     let h = decode_header(
                         &bytes[..HEADER_LEN],
@@ -609,10 +613,12 @@ impl Consumer {
                             max_payload: self.max_frame,
                         },
                     )
-                    .map_err(|e| e.to_string())?;
+                    .map_err(VanError::from)?;
                     let total = HEADER_LEN as u64 + h.body_len();
                     if total > self.max_frame {
-                        return Err(format!("a {total}-byte frame exceeds the message limit"));
+                        return Err(VanError::Protocol(format!(
+                            "a {total}-byte frame exceeds the message limit"
+                        )));
                     }
                     self.pool.clear();
                     self.pool.reserve(total as usize);
@@ -624,7 +630,7 @@ impl Consumer {
                 }
                 (Some((buf, total)), more) => {
                     if buf.len() + bytes.len() > *total {
-                        return Err("chunks add up to more than their frame".into());
+                        return Err(VanError::protocol("chunks add up to more than their frame"));
                     }
                     buf.extend_from_slice(bytes);
                     if more {
