@@ -53,7 +53,12 @@ def pskv_run(exe, w, s, van, compress, outdir, tag):
     p, _ = run(cmd)
     if p is None:
         return None
-    workers = json.load(open(path))
+    return per_case(json.load(open(path)))
+
+
+def per_case(workers):
+    """Per case: the mean over workers of their median round, and whether
+    every worker's check held."""
     out = {}
     for i, c in enumerate(workers[0]["cases"]):
         meds = [wk["cases"][i]["median_us"] for wk in workers]
@@ -70,13 +75,7 @@ def mxnet_run(w, s, compress, outdir, tag):
     p, _ = run(cmd)
     if p is None:
         return None
-    workers = [json.loads(l) for l in open(os.path.join(d, "results.jsonl")) if l.strip()]
-    out = {}
-    for i, c in enumerate(workers[0]["cases"]):
-        meds = [wk["cases"][i]["median_us"] for wk in workers]
-        out[c["case"]] = {"us": statistics.mean(meds), "bytes": c["bytes"],
-                          "ok": all(wk["cases"][i]["check_ok"] for wk in workers)}
-    return out
+    return per_case([json.loads(l) for l in open(os.path.join(d, "results.jsonl")) if l.strip()])
 
 
 def mpi_run(np_, mode):

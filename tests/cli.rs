@@ -49,6 +49,18 @@ fn engine_config_reads_the_environment_and_rejects_bad_values() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("PSKV_CPU_WORKER_NTHREADS"));
 }
 
+/// The stdout of a command that must have succeeded (else both its
+/// outputs in the failure).
+fn stdout_ok(out: &std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("pskv-cli-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -438,13 +450,7 @@ fn the_ssh_launcher_runs_nodes_through_ssh() {
         .map(String::from),
     );
     args.extend(demo_worker_args().into_iter().map(String::from));
-    let out = pskv().args(&args).env("PSKV_SSH", &fake).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stdout_ok(&pskv().args(&args).env("PSKV_SSH", &fake).output().unwrap());
     // Server 0 on the first host, workers 0 and 1 on the second and first.
     let used = std::fs::read_to_string(dir.join("hosts-used")).unwrap();
     let mut used: Vec<&str> = used.lines().collect();
@@ -469,12 +475,7 @@ fn bench_writes_a_table_json_and_a_chart() {
         .arg(&dir)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = stdout_ok(&out);
     assert_eq!(
         text.lines().filter(|l| l.ends_with("| ok |")).count(),
         4,
@@ -536,12 +537,7 @@ fn bench_writes_a_table_json_and_a_chart() {
         .arg(&dir)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = stdout_ok(&out);
     assert_eq!(
         text.lines()
             .filter(|l| l.contains("tcp gpu") && l.ends_with("| ok |"))
@@ -576,12 +572,7 @@ fn the_rust_example_trains_under_pskv_launch() {
         .arg(&exe)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = stdout_ok(&out);
     assert_eq!(
         text.matches("w[0] = 3.0000 (target 3)").count(),
         2,

@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use pskv_engine::{Engine, OpSpec, Var};
 
@@ -94,6 +97,24 @@ fn noop(i: usize) -> Job {
     })
 }
 
+/// The baselines of a workload of `n` ops, after the engine's run: the
+/// same closures on the channel pool of `t` threads, and inline.
+fn baselines(mut g: BenchmarkGroup<'_, WallTime>, t: usize, n: usize) {
+    let pool = ChannelPool::new(t);
+    g.bench_function(BenchmarkId::new("channel_pool", t), |b| {
+        b.iter(|| pool.run_batch(n, noop))
+    });
+    drop(pool);
+    g.bench_function("inline", |b| {
+        b.iter(|| {
+            for i in 0..n {
+                noop(i)();
+            }
+        })
+    });
+    g.finish();
+}
+
 /// (a) one million no-op ops over 1,000 vars: op i writes var i % 1000.
 fn independent(c: &mut Criterion) {
     const N: usize = 1_000_000;
@@ -119,19 +140,7 @@ fn independent(c: &mut Criterion) {
         })
     });
     drop(e);
-    let pool = ChannelPool::new(t);
-    g.bench_function(BenchmarkId::new("channel_pool", t), |b| {
-        b.iter(|| pool.run_batch(N, noop))
-    });
-    drop(pool);
-    g.bench_function("inline", |b| {
-        b.iter(|| {
-            for i in 0..N {
-                noop(i)();
-            }
-        })
-    });
-    g.finish();
+    baselines(g, t, N);
 }
 
 /// (b) a chain of 100,000 ops on one var.
@@ -159,19 +168,7 @@ fn chain(c: &mut Criterion) {
         })
     });
     drop(e);
-    let pool = ChannelPool::new(t);
-    g.bench_function(BenchmarkId::new("channel_pool", t), |b| {
-        b.iter(|| pool.run_batch(N, noop))
-    });
-    drop(pool);
-    g.bench_function("inline", |b| {
-        b.iter(|| {
-            for i in 0..N {
-                noop(i)();
-            }
-        })
-    });
-    g.finish();
+    baselines(g, t, N);
 }
 
 /// (c) fan-out/fan-in: a root writes r; 1,000 ops read r and each writes its
@@ -216,19 +213,7 @@ fn fan(c: &mut Criterion) {
         })
     });
     drop(e);
-    let pool = ChannelPool::new(t);
-    g.bench_function(BenchmarkId::new("channel_pool", t), |b| {
-        b.iter(|| pool.run_batch(N, noop))
-    });
-    drop(pool);
-    g.bench_function("inline", |b| {
-        b.iter(|| {
-            for i in 0..N {
-                noop(i)();
-            }
-        })
-    });
-    g.finish();
+    baselines(g, t, N);
 }
 
 criterion_group!(benches, independent, chain, fan);

@@ -325,46 +325,24 @@ fn barriers_release_everyone_and_bad_arguments_are_errors() {
     }
     let kv = KvWorker::new(&c.workers[0]);
     let bad = |r: Result<_, TransportError>| assert!(matches!(r, Err(TransportError::Invalid(_))));
-    bad(kv
-        .push(
-            &[5, 3],
-            &[1, 1],
+    // Keys out of order, repeated; lengths that do not add up or do not
+    // match the keys; a key no server holds.
+    let cases: [(&[u64], &[u32]); 5] = [
+        (&[5, 3], &[1, 1]),
+        (&[5, 5], &[1, 1]),
+        (&[5], &[3]),
+        (&[5], &[1, 1]),
+        (&[u64::MAX], &[2]),
+    ];
+    for (keys, lens) in cases {
+        let r = kv.push(
+            keys,
+            lens,
             Bytes::from_static(b"ab"),
             RequestOptions::default(),
-        )
-        .map(|_| ()));
-    bad(kv
-        .push(
-            &[5, 5],
-            &[1, 1],
-            Bytes::from_static(b"ab"),
-            RequestOptions::default(),
-        )
-        .map(|_| ()));
-    bad(kv
-        .push(
-            &[5],
-            &[3],
-            Bytes::from_static(b"ab"),
-            RequestOptions::default(),
-        )
-        .map(|_| ()));
-    bad(kv
-        .push(
-            &[5],
-            &[1, 1],
-            Bytes::from_static(b"ab"),
-            RequestOptions::default(),
-        )
-        .map(|_| ()));
-    bad(kv
-        .push(
-            &[u64::MAX],
-            &[2],
-            Bytes::from_static(b"ab"),
-            RequestOptions::default(),
-        )
-        .map(|_| ()));
+        );
+        bad(r.map(|_| ()));
+    }
     bad(kv.pull(&[], RequestOptions::default()).map(|_| ()));
     // A barrier nobody else joins times out, saying so.
     let err = c.workers[0]

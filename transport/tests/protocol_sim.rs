@@ -48,15 +48,7 @@ fn registration_and_barriers_survive_loss_duplication_and_reordering() {
         // Three barriers over everyone, the scheduler included, then one of
         // the workers only.
         for round in 1..=3usize {
-            for i in 1..=n {
-                sim.members[i]
-                    .as_mut()
-                    .unwrap()
-                    .barrier(Group::ALL, Vote::Ready, sim.now)
-                    .unwrap();
-            }
-            sim.sched.as_mut().unwrap().barrier(Group::ALL);
-            sim.flush();
+            sim.barrier_of(&(1..=n).collect::<Vec<_>>(), Group::ALL);
             sim.run_until(Duration::from_secs(60), |sim| {
                 (1..=n).all(|i| sim.barrier_done(i, Group::ALL).len() == round)
             });
@@ -67,22 +59,13 @@ fn registration_and_barriers_survive_loss_duplication_and_reordering() {
                 .count();
             assert_eq!(sched_done, round, "seed {seed}");
         }
-        for i in (s as usize + 1)..=n {
-            sim.members[i]
-                .as_mut()
-                .unwrap()
-                .barrier(Group::WORKERS, Vote::Ready, sim.now)
-                .unwrap();
-        }
-        sim.flush();
+        sim.barrier_of(&((s as usize + 1)..=n).collect::<Vec<_>>(), Group::WORKERS);
         sim.run_until(Duration::from_secs(60), |sim| {
             ((s as usize + 1)..=n).all(|i| sim.barrier_done(i, Group::WORKERS) == vec![None])
         });
         // Nobody was declared dead along the way: heartbeats got through.
         assert!(
-            !sim.sched_events
-                .iter()
-                .any(|e| matches!(e, SchedulerEvent::NodeDead { .. })),
+            !sim.anyone_declared_dead(),
             "seed {seed}: {:?}",
             sim.sched_events
         );
@@ -99,12 +82,7 @@ fn a_silent_node_is_declared_dead_within_the_heartbeat_timeout() {
         sim.run(Duration::from_secs(3));
         // Worker at endpoint 3 waits on a barrier of the workers; endpoint 4
         // dies silently (no FIN: a hung or partitioned process).
-        sim.members[3]
-            .as_mut()
-            .unwrap()
-            .barrier(Group::WORKERS, Vote::Ready, sim.now)
-            .unwrap();
-        sim.flush();
+        sim.barrier_of(&[3], Group::WORKERS);
         let dead_id = sim.members[4].as_ref().unwrap().id().unwrap();
         sim.members[4] = None;
         let took = sim.run_until(Duration::from_secs(20), |sim| {
@@ -180,15 +158,7 @@ fn a_closed_connection_is_death_at_once_and_a_restart_recovers_the_rank() {
         .sched_events
         .contains(&SchedulerEvent::NodeRecovered { id: dead_id }));
     // A barrier of everyone works again with the recovered server.
-    for i in [1, 3, 4, new] {
-        sim.members[i]
-            .as_mut()
-            .unwrap()
-            .barrier(Group::ALL, Vote::Ready, sim.now)
-            .unwrap();
-    }
-    sim.sched.as_mut().unwrap().barrier(Group::ALL);
-    sim.flush();
+    sim.barrier_of(&[1, 3, 4, new], Group::ALL);
     sim.run_until(Duration::from_secs(10), |sim| {
         [1, 3, 4, new]
             .iter()
@@ -271,12 +241,7 @@ fn losing_the_scheduler_fails_waits_and_is_reported() {
     sim.run_until(Duration::from_secs(10), |sim| {
         (1..=3).all(|i| sim.joined(i))
     });
-    sim.members[2]
-        .as_mut()
-        .unwrap()
-        .barrier(Group::ALL, Vote::Ready, sim.now)
-        .unwrap();
-    sim.flush();
+    sim.barrier(2, Group::ALL, Vote::Ready);
     sim.sched = None; // silent death
     let took = sim.run_until(Duration::from_secs(20), |sim| {
         sim.events[2]
@@ -316,10 +281,7 @@ fn ordered_shutdown_ends_with_all_left() {
     });
     // Nobody is called dead for leaving.
     sim.run(Duration::from_secs(10));
-    assert!(!sim
-        .sched_events
-        .iter()
-        .any(|e| matches!(e, SchedulerEvent::NodeDead { .. })));
+    assert!(!sim.anyone_declared_dead());
 }
 
 type InFlight = Vec<(Instant, u32, u32, Frame)>;

@@ -389,6 +389,28 @@ impl Sim {
             .collect()
     }
 
+    /// Whether the scheduler has declared any node dead.
+    pub fn anyone_declared_dead(&self) -> bool {
+        self.sched_events
+            .iter()
+            .any(|e| matches!(e, SchedulerEvent::NodeDead { .. }))
+    }
+
+    /// Members `who` arrive at a barrier of `g`, and so does the scheduler
+    /// when `g` includes it.
+    pub fn barrier_of(&mut self, who: &[usize], g: Group) {
+        let now = self.now;
+        for &i in who {
+            self.member(i)
+                .barrier(g, Vote::Ready, now)
+                .expect("barrier");
+        }
+        if g.has(Role::Scheduler) {
+            self.sched.as_mut().expect("a live scheduler").barrier(g);
+        }
+        self.flush();
+    }
+
     /// Member `i`.
     pub fn member(&mut self, i: usize) -> &mut Member {
         self.members[i].as_mut().expect("a live member")
