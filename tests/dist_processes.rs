@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, worker_command, Procs};
+use common::{free_port, spawn_infra, spawn_workers};
 use pskv::engine::{Context, Engine};
 use pskv::kvstore::{DType, Key, KvStore, Optimizer, Tensor};
 
@@ -143,29 +142,8 @@ fn run_cluster(van: &str) -> Vec<(String, usize)> {
         ("PSKV_CONNECT_TIMEOUT", "60".to_string()),
         ("PSKV_CPU_WORKER_NTHREADS", "1".to_string()),
     ];
-    let pskv = env!("CARGO_BIN_EXE_pskv");
-    let mut infra = Procs(Vec::new());
-    for role in std::iter::once("scheduler").chain((0..SERVERS).map(|_| "server")) {
-        infra.0.push(
-            Command::new(pskv)
-                .arg(role)
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-    }
-    let mut workers = Procs(Vec::new());
-    for _ in 0..WORKERS {
-        workers.0.push(
-            worker_command("worker_process_entry", "PSKV_TEST_WORKER")
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .env("DMLC_ROLE", "worker")
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-    }
+    let mut infra = spawn_infra(env!("CARGO_BIN_EXE_pskv"), &env, SERVERS);
+    let mut workers = spawn_workers(WORKERS, "worker_process_entry", "PSKV_TEST_WORKER", &env);
     let deadline = Instant::now() + Duration::from_secs(120);
     let readers = workers.read_stdouts();
     let mut results = Vec::new();

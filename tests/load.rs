@@ -8,10 +8,9 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, rss_kib, worker_command, Procs};
+use common::{free_port, rss_kib, spawn_infra, spawn_workers};
 use pskv::engine::{Context, Engine};
 use pskv::kvstore::{DType, Key, KvStore, Tensor};
 
@@ -135,31 +134,9 @@ fn sixteen_workers_a_thousand_keys_a_hundred_rounds() {
         // after them would be a leak.
         ("PSKV_SHM_BYTES", (1 << 20).to_string()),
     ];
-    let pskv = env!("CARGO_BIN_EXE_pskv");
-    let mut infra = Procs(Vec::new());
-    for role in std::iter::once("scheduler").chain((0..SERVERS).map(|_| "server")) {
-        infra.0.push(
-            Command::new(pskv)
-                .arg(role)
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .env("DMLC_ROLE", role)
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-    }
+    let infra = spawn_infra(env!("CARGO_BIN_EXE_pskv"), &env, SERVERS);
     let server_pids: Vec<u32> = infra.0[1..].iter().map(|c| c.id()).collect();
-    let mut workers = Procs(Vec::new());
-    for _ in 0..num_workers() {
-        workers.0.push(
-            worker_command("load_worker_entry", "PSKV_LOAD_WORKER")
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .env("DMLC_ROLE", "worker")
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-    }
+    let mut workers = spawn_workers(num_workers(), "load_worker_entry", "PSKV_LOAD_WORKER", &env);
     let readers = workers.read_stdouts();
     // The servers' resident sets, sampled while the rounds run.
     let mut server_rss: Vec<Vec<u64>> = vec![Vec::new(); server_pids.len()];

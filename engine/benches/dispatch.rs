@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use criterion::measurement::WallTime;
 use criterion::{
-    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+    criterion_group, criterion_main, Bencher, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
 };
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use pskv_engine::{Engine, OpSpec, Var};
@@ -91,6 +91,26 @@ fn engine(n: usize) -> Engine {
         .expect("engine starts")
 }
 
+/// Times `iters` runs of `round` (criterion's custom timing).
+fn timed(b: &mut Bencher<'_, WallTime>, mut round: impl FnMut()) {
+    b.iter_custom(|iters| {
+        let start = Instant::now();
+        for _ in 0..iters {
+            round();
+        }
+        start.elapsed()
+    })
+}
+
+/// Pushes an op of `spec` whose closure only touches `x`.
+fn push_noop(e: &Engine, spec: OpSpec, x: usize) {
+    e.push_sync(spec, move |_| {
+        black_box(x);
+        Ok(())
+    })
+    .unwrap();
+}
+
 fn noop(i: usize) -> Job {
     Box::new(move || {
         black_box(i);
@@ -124,19 +144,11 @@ fn independent(c: &mut Criterion) {
     let vars: Vec<Var> = (0..1000).map(|_| Var::new()).collect();
     let e = engine(t);
     g.bench_function(BenchmarkId::new("engine", t), |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                for i in 0..N {
-                    e.push_sync(OpSpec::new("noop").write(&vars[i % 1000]), move |_| {
-                        black_box(i);
-                        Ok(())
-                    })
-                    .unwrap();
-                }
-                e.wait_for_all().unwrap();
+        timed(b, || {
+            for i in 0..N {
+                push_noop(&e, OpSpec::new("noop").write(&vars[i % 1000]), i);
             }
-            start.elapsed()
+            e.wait_for_all().unwrap();
         })
     });
     drop(e);
@@ -152,19 +164,11 @@ fn chain(c: &mut Criterion) {
     let v = Var::new();
     let e = engine(t);
     g.bench_function(BenchmarkId::new("engine", t), |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                for i in 0..N {
-                    e.push_sync(OpSpec::new("link").write(&v), move |_| {
-                        black_box(i);
-                        Ok(())
-                    })
-                    .unwrap();
-                }
-                e.wait_for_var(&v).unwrap();
+        timed(b, || {
+            for i in 0..N {
+                push_noop(&e, OpSpec::new("link").write(&v), i);
             }
-            start.elapsed()
+            e.wait_for_var(&v).unwrap();
         })
     });
     drop(e);
@@ -185,31 +189,15 @@ fn fan(c: &mut Criterion) {
     let mids: Vec<Var> = (0..WIDTH).map(|_| Var::new()).collect();
     let e = engine(t);
     g.bench_function(BenchmarkId::new("engine", t), |b| {
-        b.iter_custom(|iters| {
-            let start = Instant::now();
-            for _ in 0..iters {
-                for round in 0..ROUNDS {
-                    e.push_sync(OpSpec::new("root").read(&s).write(&r), move |_| {
-                        black_box(round);
-                        Ok(())
-                    })
-                    .unwrap();
-                    for (k, m) in mids.iter().enumerate() {
-                        e.push_sync(OpSpec::new("mid").read(&r).write(m), move |_| {
-                            black_box(k);
-                            Ok(())
-                        })
-                        .unwrap();
-                    }
-                    e.push_sync(OpSpec::new("sink").reads(&mids).write(&s), move |_| {
-                        black_box(round);
-                        Ok(())
-                    })
-                    .unwrap();
+        timed(b, || {
+            for round in 0..ROUNDS {
+                push_noop(&e, OpSpec::new("root").read(&s).write(&r), round);
+                for (k, m) in mids.iter().enumerate() {
+                    push_noop(&e, OpSpec::new("mid").read(&r).write(m), k);
                 }
-                e.wait_for_all().unwrap();
+                push_noop(&e, OpSpec::new("sink").reads(&mids).write(&s), round);
             }
-            start.elapsed()
+            e.wait_for_all().unwrap();
         })
     });
     drop(e);

@@ -48,6 +48,13 @@ fn opts() -> Options {
 
 const STEPS: u64 = 4;
 
+/// Sets `opt` and initializes the row-sparse tests' 40 x 30 key "emb".
+fn init_emb(kv: &KvStore, e: &Engine, opt: Optimizer) {
+    kv.set_optimizer(opt).unwrap();
+    let w = Tensor::from_slice(e, &[40, 30], &values(1, 1200), Context::Cpu).unwrap();
+    kv.init("emb", &w).unwrap();
+}
+
 fn grad_seed(rank: u64, step: u64, key: usize) -> u64 {
     rank * 1000 + step * 10 + key as u64
 }
@@ -461,12 +468,7 @@ fn row_sparse_keys_match_local() {
     let opt = Optimizer::adam(0.05).wd(0.01);
     let o2 = opt.clone();
     let got = cluster(2, 2).run("dist_sync", small_parts(), move |kv, e| {
-        kv.set_optimizer(o2.clone()).unwrap();
-        kv.init(
-            "emb",
-            &Tensor::from_slice(e, &[40, 30], &values(1, 1200), Context::Cpu).unwrap(),
-        )
-        .unwrap();
+        init_emb(kv, e, o2.clone());
         for step in 0..3 {
             let rows = rows_of(kv.rank() as u64, step);
             let g = values(step + 10 * kv.rank() as u64, rows.len() * 30);
@@ -485,12 +487,7 @@ fn row_sparse_keys_match_local() {
     });
     let e = engine();
     let kv = KvStore::create("local", &e).unwrap();
-    kv.set_optimizer(opt).unwrap();
-    kv.init(
-        "emb",
-        &Tensor::from_slice(&e, &[40, 30], &values(1, 1200), Context::Cpu).unwrap(),
-    )
-    .unwrap();
+    init_emb(&kv, &e, opt);
     for step in 0..3 {
         let gs: Vec<Tensor> = (0..2u64)
             .map(|r| {
@@ -523,12 +520,7 @@ fn row_sparse_pushes_without_rows_in_a_part() {
     let o2 = opt.clone();
     let w0 = values(1, 1200);
     let got = cluster(2, 2).run("dist_sync", small_parts(), move |kv, e| {
-        kv.set_optimizer(o2.clone()).unwrap();
-        kv.init(
-            "emb",
-            &Tensor::from_slice(e, &[40, 30], &values(1, 1200), Context::Cpu).unwrap(),
-        )
-        .unwrap();
+        init_emb(kv, e, o2.clone());
         // Rows of the first part only (rows 0..34), then no rows at all.
         for rows in [vec![2i64, 5], vec![]] {
             let g = vec![1.0f32; rows.len() * 30];

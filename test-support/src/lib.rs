@@ -75,6 +75,25 @@ impl Procs {
     }
 }
 
+/// Starts the scheduler and `servers` servers of a job: `exe scheduler`
+/// and `exe server` (the pskv binary), each with `env` and its
+/// `DMLC_ROLE`, output discarded.
+pub fn spawn_infra(exe: &str, env: &[(&str, String)], servers: u32) -> Procs {
+    let mut infra = Procs::default();
+    for role in std::iter::once("scheduler").chain((0..servers).map(|_| "server")) {
+        infra.0.push(
+            std::process::Command::new(exe)
+                .arg(role)
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .env("DMLC_ROLE", role)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("starting a pskv node"),
+        );
+    }
+    infra
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

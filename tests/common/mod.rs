@@ -10,7 +10,7 @@ pub mod cluster;
 use std::process::Command;
 
 #[allow(unused_imports)] // each test file uses its own part of this
-pub use pskv_test_support::{free_port, Procs};
+pub use pskv_test_support::{free_port, spawn_infra, Procs};
 
 /// This test binary run again as a worker: only the test `entry` runs, and
 /// `flag` is set so that it does its work.
@@ -19,6 +19,23 @@ pub fn worker_command(entry: &str, flag: &str) -> Command {
     c.args(["--exact", entry, "--nocapture", "--test-threads=1"])
         .env(flag, "1");
     c
+}
+
+/// `n` workers of a job: this test binary's `entry` (see
+/// [`worker_command`]) with `env`, `DMLC_ROLE=worker` and a piped stdout.
+pub fn spawn_workers(n: u32, entry: &str, flag: &str, env: &[(&str, String)]) -> Procs {
+    let mut workers = Procs::default();
+    for _ in 0..n {
+        workers.0.push(
+            worker_command(entry, flag)
+                .envs(env.iter().map(|(k, v)| (k, v)))
+                .env("DMLC_ROLE", "worker")
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    workers
 }
 
 /// The resident set of process `pid`, in KiB.
