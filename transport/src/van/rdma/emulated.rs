@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::verbs::{Completion, Device, QueuePair, Region, RemoteRegion, VerbsError};
+use super::verbs::{
+    Completion, Device, QueuePair, Region, RemoteRegion, RemoteWrite, Span, VerbsError,
+};
 
 struct Fabric {
     regions: Mutex<HashMap<u32, Weak<EmuRegion>>>,
@@ -185,13 +187,12 @@ impl QueuePair for EmuQp {
         Ok(())
     }
 
-    fn post_recv(
-        &self,
-        region: &Arc<dyn Region>,
-        offset: usize,
-        len: usize,
-        wr_id: u64,
-    ) -> Result<(), VerbsError> {
+    fn post_recv(&self, into: Span<'_>, wr_id: u64) -> Result<(), VerbsError> {
+        let Span {
+            region,
+            offset,
+            len,
+        } = into;
         if offset + len > region.len() {
             return Err(VerbsError("receive outside its region".into()));
         }
@@ -204,16 +205,10 @@ impl QueuePair for EmuQp {
         Ok(())
     }
 
-    fn post_send(
-        &self,
-        region: &Arc<dyn Region>,
-        offset: usize,
-        len: usize,
-        wr_id: u64,
-    ) -> Result<(), VerbsError> {
+    fn post_send(&self, from: Span<'_>, wr_id: u64) -> Result<(), VerbsError> {
         let peer = self.peer()?;
-        let mut bytes = vec![0u8; len];
-        region.read(offset, &mut bytes);
+        let len = from.len;
+        let bytes = read_span(from);
         match peer.take_recv() {
             Ok(r) if r.len >= len => {
                 r.region.write(r.offset, &bytes);
@@ -235,15 +230,12 @@ impl QueuePair for EmuQp {
 
     fn post_write_imm(
         &self,
-        region: &Arc<dyn Region>,
-        offset: usize,
-        len: usize,
-        remote: RemoteRegion,
-        remote_offset: u64,
-        imm: u32,
+        from: Span<'_>,
+        to: RemoteWrite,
         wr_id: u64,
     ) -> Result<(), VerbsError> {
         let peer = self.peer()?;
+        let (len, remote, imm) = (from.len, to.to, to.imm);
         let target = fabric()
             .regions
             .lock()
@@ -256,7 +248,7 @@ impl QueuePair for EmuQp {
             );
             return Ok(());
         };
-        let start = remote.addr.wrapping_sub(target.addr) + remote_offset;
+        let start = remote.addr.wrapping_sub(target.addr) + to.offset;
         if remote.addr < target.addr || start + len as u64 > target.len() as u64 {
             self.fail(
                 wr_id,
@@ -264,9 +256,7 @@ impl QueuePair for EmuQp {
             );
             return Ok(());
         }
-        let mut bytes = vec![0u8; len];
-        region.read(offset, &mut bytes);
-        target.write(start as usize, &bytes);
+        target.write(start as usize, &read_span(from));
         match peer.take_recv() {
             Ok(r) => {
                 peer.push_completion(Completion::RecvImm {
@@ -298,6 +288,13 @@ impl QueuePair for EmuQp {
     }
 }
 
+/// A copy of the bytes a span names.
+fn read_span(s: Span<'_>) -> Vec<u8> {
+    let mut bytes = vec![0u8; s.len];
+    s.region.read(s.offset, &mut bytes);
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,15 +312,15 @@ mod tests {
         let c = dev.queue_pair().unwrap();
         let d = dev.queue_pair().unwrap();
         c.connect(&d.endpoint()).unwrap();
-        c.post_send(&ra, 0, 5, 1).unwrap();
+        c.post_send(Span::new(&ra, 0, 5), 1).unwrap();
         let mut out = Vec::new();
         c.poll(&mut out, Duration::from_millis(10)).unwrap();
         assert!(
             matches!(&out[0], Completion::Error { message, .. } if message.contains("not ready"))
         );
         // Send into a posted receive.
-        b.post_recv(&rb, 8, 16, 7).unwrap();
-        a.post_send(&ra, 0, 5, 1).unwrap();
+        b.post_recv(Span::new(&rb, 8, 16), 7).unwrap();
+        a.post_send(Span::new(&ra, 0, 5), 1).unwrap();
         let mut out = Vec::new();
         b.poll(&mut out, Duration::from_millis(10)).unwrap();
         assert_eq!(out, vec![Completion::Recv { wr_id: 7, len: 5 }]);
@@ -331,8 +328,14 @@ mod tests {
         rb.read(8, &mut got);
         assert_eq!(&got, b"hello");
         // Write with immediate: bytes land at the address, a receive is used.
-        b.post_recv(&rb, 0, 0, 8).unwrap();
-        a.post_write_imm(&ra, 0, 5, rb.remote(), 40, 99, 2).unwrap();
+        b.post_recv(Span::new(&rb, 0, 0), 8).unwrap();
+        let to = |offset, imm| RemoteWrite {
+            to: rb.remote(),
+            offset,
+            imm,
+        };
+        a.post_write_imm(Span::new(&ra, 0, 5), to(40, 99), 2)
+            .unwrap();
         let mut out = Vec::new();
         b.poll(&mut out, Duration::from_millis(10)).unwrap();
         assert_eq!(
@@ -355,8 +358,9 @@ mod tests {
             ]
         );
         // A write outside the region is a remote access error.
-        b.post_recv(&rb, 0, 0, 9).unwrap();
-        a.post_write_imm(&ra, 0, 5, rb.remote(), 62, 1, 3).unwrap();
+        b.post_recv(Span::new(&rb, 0, 0), 9).unwrap();
+        a.post_write_imm(Span::new(&ra, 0, 5), to(62, 1), 3)
+            .unwrap();
         let mut out = Vec::new();
         a.poll(&mut out, Duration::from_millis(10)).unwrap();
         assert!(

@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 use ibverbs_sys as ffi;
 use parking_lot::Mutex;
 
-use super::verbs::{Completion, Device, QueuePair, Region, RemoteRegion, VerbsError};
+use super::verbs::{
+    Completion, Device, QueuePair, Region, RemoteRegion, RemoteWrite, Span, VerbsError,
+};
 
 /// The port the van uses.
 const PORT: u8 = 1;
@@ -429,6 +431,13 @@ fn region_of(r: &Arc<dyn Region>) -> Result<&IbvRegion, VerbsError> {
         .ok_or_else(|| VerbsError("a region registered with another backend".into()))
 }
 
+/// The scatter/gather element of a span of one of our regions, checked.
+fn sge_of(s: Span<'_>) -> Result<ffi::ibv_sge, VerbsError> {
+    let r = region_of(s.region)?;
+    r.check(s.offset, s.len)?;
+    Ok(r.sge(s.offset, s.len))
+}
+
 impl IbvQp {
     fn modify(
         &self,
@@ -575,17 +584,9 @@ impl QueuePair for IbvQp {
         Ok(())
     }
 
-    fn post_recv(
-        &self,
-        region: &Arc<dyn Region>,
-        offset: usize,
-        len: usize,
-        wr_id: u64,
-    ) -> Result<(), VerbsError> {
-        let r = region_of(region)?;
-        r.check(offset, len)?;
+    fn post_recv(&self, into: Span<'_>, wr_id: u64) -> Result<(), VerbsError> {
         // No connection needed: the queue pair is in INIT from its creation.
-        let mut sge = r.sge(offset, len);
+        let mut sge = sge_of(into)?;
         let mut wr = ffi::ibv_recv_wr {
             wr_id,
             next: std::ptr::null_mut(),
@@ -608,32 +609,20 @@ impl QueuePair for IbvQp {
         Ok(())
     }
 
-    fn post_send(
-        &self,
-        region: &Arc<dyn Region>,
-        offset: usize,
-        len: usize,
-        wr_id: u64,
-    ) -> Result<(), VerbsError> {
-        let r = region_of(region)?;
-        r.check(offset, len)?;
-        let mut sge = r.sge(offset, len);
+    fn post_send(&self, from: Span<'_>, wr_id: u64) -> Result<(), VerbsError> {
+        let mut sge = sge_of(from)?;
         let mut wr = send_wr(wr_id, &mut sge, ffi::ibv_wr_opcode::IBV_WR_SEND);
         self.post_send_wr(&mut wr, "post send")
     }
 
     fn post_write_imm(
         &self,
-        region: &Arc<dyn Region>,
-        offset: usize,
-        len: usize,
-        remote: RemoteRegion,
-        remote_offset: u64,
-        imm: u32,
+        from: Span<'_>,
+        to: RemoteWrite,
         wr_id: u64,
     ) -> Result<(), VerbsError> {
-        let r = region_of(region)?;
-        r.check(offset, len)?;
+        let (len, remote, remote_offset, imm) = (from.len, to.to, to.offset, to.imm);
+        let mut sge = sge_of(from)?;
         if remote_offset
             .checked_add(len as u64)
             .is_none_or(|end| end > remote.len)
@@ -643,7 +632,6 @@ impl QueuePair for IbvQp {
                 remote.len
             )));
         }
-        let mut sge = r.sge(offset, len);
         let mut wr = send_wr(
             wr_id,
             &mut sge,

@@ -49,7 +49,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use parking_lot::{Condvar, Mutex};
 
-use self::verbs::{Completion, Device, QueuePair, Region, RemoteRegion};
+use self::verbs::{Completion, Device, QueuePair, Region, RemoteRegion, RemoteWrite, Span};
 use super::{end, watch_peer, FrameSink, Half, Start, Van, VanError};
 use crate::link::Link;
 use crate::wire::{decode_frame, decode_header, Frame, Kind, Limits, VanId, HEADER_LEN};
@@ -172,7 +172,7 @@ impl Prepared {
         let recv = dev.register(SLOT * RECV_SLOTS)?;
         let send = dev.register(SLOT * SEND_SLOTS)?;
         for i in 0..RECV_SLOTS {
-            qp.post_recv(&recv, i * SLOT, SLOT, WR_RECV | i as u64)?;
+            qp.post_recv(Span::new(&recv, i * SLOT, SLOT), WR_RECV | i as u64)?;
         }
         Ok(Prepared {
             shared: Arc::new(Shared {
@@ -354,7 +354,10 @@ fn send_chunk(
         at += p.len();
     }
     sh.qp
-        .post_send(&sh.send, base, CHUNK_HDR + len, WR_SEND | slot as u64)
+        .post_send(
+            Span::new(&sh.send, base, CHUNK_HDR + len),
+            WR_SEND | slot as u64,
+        )
         .map_err(VanError::from)
 }
 
@@ -442,7 +445,15 @@ fn send_frame(sh: &Shared, link: &Link, f: &Frame) -> Result<(), VanError> {
             staging.write(0, &f.payload);
             take_credit(sh, link, 2)?;
             sh.qp
-                .post_write_imm(&staging, 0, f.payload.len(), region, 0, id, WR_WRITE)
+                .post_write_imm(
+                    Span::new(&staging, 0, f.payload.len()),
+                    RemoteWrite {
+                        to: region,
+                        offset: 0,
+                        imm: id,
+                    },
+                    WR_WRITE,
+                )
                 .map_err(VanError::from)?;
             return send_chunk(sh, link, K_RDV_HEAD, &[&id.to_le_bytes(), &head], 2);
         }
@@ -538,7 +549,10 @@ fn poll_loop(sh: &Shared, link: &Arc<Link>, sink: &Arc<dyn FrameSink>) -> Result
 fn repost(sh: &Shared, wr_id: u64) -> Result<(), VanError> {
     let slot = (wr_id & 0xffff_ffff) as usize;
     sh.qp
-        .post_recv(&sh.recv, slot * SLOT, SLOT, WR_RECV | slot as u64)
+        .post_recv(
+            Span::new(&sh.recv, slot * SLOT, SLOT),
+            WR_RECV | slot as u64,
+        )
         .map_err(VanError::from)?;
     sh.state.lock().owed += 1;
     sh.cv.notify_all();

@@ -41,6 +41,34 @@ pub(crate) struct RemoteRegion {
     pub(crate) len: u64,
 }
 
+/// Bytes `offset..offset + len` of a registered region: what one work
+/// request reads or fills (verbs' scatter/gather element).
+#[derive(Clone, Copy)]
+pub(crate) struct Span<'a> {
+    pub(crate) region: &'a Arc<dyn Region>,
+    pub(crate) offset: usize,
+    pub(crate) len: usize,
+}
+
+impl<'a> Span<'a> {
+    pub(crate) fn new(region: &'a Arc<dyn Region>, offset: usize, len: usize) -> Span<'a> {
+        Span {
+            region,
+            offset,
+            len,
+        }
+    }
+}
+
+/// Where an RDMA write lands: `offset` bytes into the peer's region `to`,
+/// announced to the peer with the immediate value `imm`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RemoteWrite {
+    pub(crate) to: RemoteRegion,
+    pub(crate) offset: u64,
+    pub(crate) imm: u32,
+}
+
 /// Registered memory.
 pub(crate) trait Region: Send + Sync + 'static {
     /// For a backend to find its own region type again (the ibverbs one
@@ -79,35 +107,13 @@ pub(crate) trait QueuePair: Send + Sync {
     fn endpoint(&self) -> Vec<u8>;
     /// Connects to the peer's endpoint.
     fn connect(&self, remote: &[u8]) -> Result<(), VerbsError>;
-    /// Posts a receive into `region[offset..offset + len]`.
-    fn post_recv(
-        &self,
-        region: &Arc<dyn Region>,
-        offset: usize,
-        len: usize,
-        wr_id: u64,
-    ) -> Result<(), VerbsError>;
-    /// Posts a send of `region[offset..offset + len]`.
-    fn post_send(
-        &self,
-        region: &Arc<dyn Region>,
-        offset: usize,
-        len: usize,
-        wr_id: u64,
-    ) -> Result<(), VerbsError>;
-    /// Posts an RDMA write of `region[offset..offset + len]` to
-    /// `remote.addr + remote_offset`, with immediate value `imm`.
-    #[allow(clippy::too_many_arguments)]
-    fn post_write_imm(
-        &self,
-        region: &Arc<dyn Region>,
-        offset: usize,
-        len: usize,
-        remote: RemoteRegion,
-        remote_offset: u64,
-        imm: u32,
-        wr_id: u64,
-    ) -> Result<(), VerbsError>;
+    /// Posts a receive into `into`.
+    fn post_recv(&self, into: Span<'_>, wr_id: u64) -> Result<(), VerbsError>;
+    /// Posts a send of `from`.
+    fn post_send(&self, from: Span<'_>, wr_id: u64) -> Result<(), VerbsError>;
+    /// Posts an RDMA write of `from` to `to`, with its immediate value.
+    fn post_write_imm(&self, from: Span<'_>, to: RemoteWrite, wr_id: u64)
+        -> Result<(), VerbsError>;
     /// Waits up to `timeout` for completions and appends them to `out`.
     fn poll(&self, out: &mut Vec<Completion>, timeout: Duration) -> Result<(), VerbsError>;
     /// Whether RDMA write with immediate is available.
