@@ -116,6 +116,11 @@ fn byte_len(shape: &[usize], dtype: DType) -> Result<usize> {
 }
 
 impl Tensor {
+    /// A dense tensor over `data`.
+    fn dense(engine: &Engine, shape: &[usize], dtype: DType, ctx: Context, data: Data) -> Tensor {
+        Tensor::build(engine, shape, dtype, ctx, Storage::Dense, data)
+    }
+
     fn build(
         engine: &Engine,
         shape: &[usize],
@@ -143,12 +148,11 @@ impl Tensor {
     /// n's copies.
     pub fn zeros(engine: &Engine, shape: &[usize], dtype: DType, ctx: Context) -> Result<Tensor> {
         let bytes = byte_len(shape, dtype)?;
-        Ok(Tensor::build(
+        Ok(Tensor::dense(
             engine,
             shape,
             dtype,
             ctx,
-            Storage::Dense,
             new_data(ctx, bytes)?,
         ))
     }
@@ -177,14 +181,8 @@ impl Tensor {
         };
         let bytes = byte_len(shape, dtype)?;
         let mem = pskv_gpu::device::open(n)?.borrow(address, bytes)?;
-        Ok(Tensor::build(
-            engine,
-            shape,
-            dtype,
-            ctx,
-            Storage::Dense,
-            Data::device(mem, Vec::new()),
-        ))
+        let data = Data::device(mem, Vec::new());
+        Ok(Tensor::dense(engine, shape, dtype, ctx, data))
     }
 
     /// A dense tensor holding `values` (one copy).
@@ -221,7 +219,7 @@ impl Tensor {
             }
             _ => Data::host(Buf::from_bytes(bytes), Vec::new()),
         };
-        let h = Tensor::build(engine, shape, T::DTYPE, host_ctx(ctx), Storage::Dense, host);
+        let h = Tensor::dense(engine, shape, T::DTYPE, host_ctx(ctx), host);
         h.moved_to(ctx)
     }
 

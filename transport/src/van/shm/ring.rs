@@ -132,7 +132,7 @@ impl Ring {
     pub(crate) fn create(path: &Path, cap: usize, heap: usize) -> io::Result<Ring> {
         let cap = align64(cap.max(1 << 16));
         let heap = heap.min(MAX_HEAP).next_multiple_of(BLOCK);
-        let (bitmap_at, heap_at, len) = layout(cap, heap);
+        let (_, heap_at, len) = layout(cap, heap);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -151,14 +151,21 @@ impl Ring {
             p.add(1).write((cap as u64).to_le());
             p.add(2).write((heap as u64).to_le());
         }
-        Ok(Ring {
+        Ok(Ring::mapped(map, file, cap, heap))
+    }
+
+    /// A mapped file of this ring size and heap size (checked by the
+    /// caller).
+    fn mapped(map: MmapRaw, file: File, cap: usize, heap: usize) -> Ring {
+        let (bitmap_at, heap_at, _) = layout(cap, heap);
+        Ring {
             map,
             file,
             cap,
             heap,
             bitmap_at,
             heap_at,
-        })
+        }
     }
 
     /// Maps an existing file and checks its header and size.
@@ -182,18 +189,10 @@ impl Ring {
         if heap > MAX_HEAP || heap % BLOCK != 0 {
             return bad("ring file declares an impossible heap");
         }
-        let (bitmap_at, heap_at, len) = layout(cap, heap);
-        if size != len {
+        if size != layout(cap, heap).2 {
             return bad("ring file has the wrong size");
         }
-        Ok(Ring {
-            map,
-            file,
-            cap,
-            heap,
-            bitmap_at,
-            heap_at,
-        })
+        Ok(Ring::mapped(map, file, cap, heap))
     }
 
     fn u64_at(&self, off: usize) -> &AtomicU64 {
