@@ -7,7 +7,7 @@
 use half::f16;
 use pskv_gpu::cpu::CpuKernels;
 use pskv_gpu::cuda::{self, CudaKernels};
-use pskv_gpu::{layout, KernelError, Kernels};
+use pskv_gpu::{layout, Element, KernelError, Kernels};
 
 fn require(var: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == "1")
@@ -151,6 +151,18 @@ fn compression_matches_the_cpu_bit_for_bit() {
     }
 }
 
+/// The sums of `ins` (in order) on the CPU and on the GPU: (GPU, CPU).
+fn both_sums<T: Element>(c: &CpuKernels, g: &CudaKernels, ins: &[Vec<T>]) -> (Vec<T>, Vec<T>) {
+    let refs: Vec<&[T]> = ins.iter().map(|v| &v[..]).collect();
+    let mut want = ins[0].clone();
+    c.sum(&mut want[..], &refs).unwrap();
+    let dev: Vec<_> = ins.iter().map(|v| g.upload(v).unwrap()).collect();
+    let drefs: Vec<_> = dev.iter().collect();
+    let mut out = g.zeros::<T>(want.len()).unwrap();
+    g.sum(&mut out, &drefs).unwrap();
+    (g.download(&out).unwrap(), want)
+}
+
 #[test]
 fn sum_matches_the_cpu_bit_for_bit() {
     let Some(g) = gpu() else { return };
@@ -158,30 +170,14 @@ fn sum_matches_the_cpu_bit_for_bit() {
     for n in LENGTHS {
         for k in [1usize, 2, 3, 7] {
             let ins: Vec<Vec<f32>> = (0..k).map(|j| inputs(n, 100 + j as u32)).collect();
-            let refs: Vec<&[f32]> = ins.iter().map(|v| &v[..]).collect();
-            let mut want = vec![0.0f32; n];
-            c.sum(&mut want[..], &refs).unwrap();
-            let dev: Vec<_> = ins.iter().map(|v| g.upload(v).unwrap()).collect();
-            let drefs: Vec<_> = dev.iter().collect();
-            let mut out = g.zeros::<f32>(n).unwrap();
-            g.sum(&mut out, &drefs).unwrap();
-            assert!(
-                same_f32(&g.download(&out).unwrap(), &want),
-                "f32 sum, n={n}, k={k}"
-            );
+            let (got, want) = both_sums(&c, &g, &ins);
+            assert!(same_f32(&got, &want), "f32 sum, n={n}, k={k}");
 
             let ins64: Vec<Vec<f64>> = ins
                 .iter()
                 .map(|v| v.iter().map(|&x| x as f64 * 1.000001).collect())
                 .collect();
-            let refs: Vec<&[f64]> = ins64.iter().map(|v| &v[..]).collect();
-            let mut want = vec![0.0f64; n];
-            c.sum(&mut want[..], &refs).unwrap();
-            let dev: Vec<_> = ins64.iter().map(|v| g.upload(v).unwrap()).collect();
-            let drefs: Vec<_> = dev.iter().collect();
-            let mut out = g.zeros::<f64>(n).unwrap();
-            g.sum(&mut out, &drefs).unwrap();
-            let got = g.download(&out).unwrap();
+            let (got, want) = both_sums(&c, &g, &ins64);
             assert!(
                 got.iter()
                     .zip(&want)
@@ -197,14 +193,7 @@ fn sum_matches_the_cpu_bit_for_bit() {
                         .collect()
                 })
                 .collect();
-            let refs: Vec<&[f16]> = ins16.iter().map(|v| &v[..]).collect();
-            let mut want = vec![f16::ZERO; n];
-            c.sum(&mut want[..], &refs).unwrap();
-            let dev: Vec<_> = ins16.iter().map(|v| g.upload(v).unwrap()).collect();
-            let drefs: Vec<_> = dev.iter().collect();
-            let mut out = g.zeros::<f16>(n).unwrap();
-            g.sum(&mut out, &drefs).unwrap();
-            let got = g.download(&out).unwrap();
+            let (got, want) = both_sums(&c, &g, &ins16);
             assert!(
                 got.iter()
                     .zip(&want)

@@ -75,6 +75,25 @@ struct Parts {
     exp: u32,
 }
 
+/// Reads an optional sign at `b[*i]`: whether it is `-`.
+fn sign(b: &[u8], i: &mut usize) -> bool {
+    match b.get(*i) {
+        Some(c @ (b'-' | b'+')) => {
+            *i += 1;
+            *c == b'-'
+        }
+        _ => false,
+    }
+}
+
+/// Hands each decimal digit from `b[*i]` on to `f`, in order.
+fn digits(b: &[u8], i: &mut usize, mut f: impl FnMut(u8)) {
+    while let Some(d) = b.get(*i).filter(|c| c.is_ascii_digit()) {
+        f(d - b'0');
+        *i += 1;
+    }
+}
+
 fn split(s: &str) -> Parts {
     let b = s.as_bytes();
     let mut i = 0;
@@ -86,42 +105,27 @@ fn split(s: &str) -> Parts {
         exp_negative: false,
         exp: 0,
     };
-    if i < b.len() && (b[i] == b'-' || b[i] == b'+') {
-        p.negative = b[i] == b'-';
-        i += 1;
-    }
-    while i < b.len() && b[i].is_ascii_digit() {
-        p.int_part = p
-            .int_part
-            .wrapping_mul(10)
-            .wrapping_add((b[i] - b'0') as u64);
-        i += 1;
-    }
+    p.negative = sign(b, &mut i);
+    digits(b, &mut i, |d| {
+        p.int_part = p.int_part.wrapping_mul(10).wrapping_add(d as u64);
+    });
     if i < b.len() && b[i] == b'.' {
         i += 1;
         let mut n = 0;
-        while i < b.len() && b[i].is_ascii_digit() {
+        digits(b, &mut i, |d| {
             if n < 19 {
-                p.frac_val = p.frac_val * 10 + (b[i] - b'0') as u64;
+                p.frac_val = p.frac_val * 10 + d as u64;
                 p.frac_pow10 *= 10;
             }
             n += 1;
-            i += 1;
-        }
+        });
     }
     if i < b.len() && (b[i] == b'e' || b[i] == b'E') {
         i += 1;
-        if i < b.len() && (b[i] == b'-' || b[i] == b'+') {
-            p.exp_negative = b[i] == b'-';
-            i += 1;
-        }
-        while i < b.len() && b[i].is_ascii_digit() {
-            p.exp = p
-                .exp
-                .saturating_mul(10)
-                .saturating_add((b[i] - b'0') as u32);
-            i += 1;
-        }
+        p.exp_negative = sign(b, &mut i);
+        digits(b, &mut i, |d| {
+            p.exp = p.exp.saturating_mul(10).saturating_add(d as u32);
+        });
     }
     p
 }
