@@ -1,5 +1,7 @@
 //! The `pskv` program, run as a user would.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -343,17 +345,9 @@ fn launch_rejects_bad_arguments() {
 
 /// `-- pskv demo-worker ...` for a job of 2 workers and 1 server.
 fn demo_worker_args() -> Vec<&'static str> {
-    vec![
-        "--",
-        env!("CARGO_BIN_EXE_pskv"),
-        "demo-worker",
-        "--workers",
-        "2",
-        "--servers",
-        "1",
-        "--epochs",
-        "1",
-    ]
+    let mut args = vec!["--", env!("CARGO_BIN_EXE_pskv")];
+    args.extend(common::DEMO_WORKER_2X1);
+    args
 }
 
 #[test]

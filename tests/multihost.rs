@@ -211,22 +211,12 @@ fn proxy(listener: TcpListener, target: SocketAddr) {
 
 /// The demo's workers: 2 workers, 1 server, one epoch of 128-sample steps.
 fn demo_args(weights: &Path) -> Vec<String> {
-    [
-        "demo-worker",
-        "--workers",
-        "2",
-        "--servers",
-        "1",
-        "--epochs",
-        "1",
-        "--batch",
-        "128",
-        "--weights-out",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .chain(std::iter::once(weights.display().to_string()))
-    .collect()
+    common::DEMO_WORKER_2X1
+        .iter()
+        .chain(&["--batch", "128", "--weights-out"])
+        .map(|s| s.to_string())
+        .chain(std::iter::once(weights.display().to_string()))
+        .collect()
 }
 
 #[test]

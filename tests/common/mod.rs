@@ -12,6 +12,18 @@ use std::process::Command;
 #[allow(unused_imports)] // each test file uses its own part of this
 pub use pskv_test_support::{free_port, spawn_infra, Procs};
 
+/// `pskv demo-worker`'s arguments for a job of 2 workers and 1 server, one
+/// epoch.
+pub const DEMO_WORKER_2X1: [&str; 7] = [
+    "demo-worker",
+    "--workers",
+    "2",
+    "--servers",
+    "1",
+    "--epochs",
+    "1",
+];
+
 /// This test binary run again as a worker: only the test `entry` runs, and
 /// `flag` is set so that it does its work.
 pub fn worker_command(entry: &str, flag: &str) -> Command {

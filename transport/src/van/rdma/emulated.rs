@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use super::verbs::{
-    Completion, Device, QueuePair, Region, RemoteRegion, RemoteWrite, Span, VerbsError,
+    Completion, Device, QueuePair, Region, RemoteRegion, RemoteWrite, Span, VerbsError, VerbsResult,
 };
 
 struct Fabric {
@@ -171,7 +171,7 @@ impl QueuePair for EmuQp {
         self.id.to_le_bytes().to_vec()
     }
 
-    fn connect(&self, remote: &[u8]) -> Result<(), VerbsError> {
+    fn connect(&self, remote: &[u8]) -> VerbsResult {
         let id = u64::from_le_bytes(
             remote
                 .try_into()
@@ -187,7 +187,7 @@ impl QueuePair for EmuQp {
         Ok(())
     }
 
-    fn post_recv(&self, into: Span<'_>, wr_id: u64) -> Result<(), VerbsError> {
+    fn post_recv(&self, into: Span<'_>, wr_id: u64) -> VerbsResult {
         let Span {
             region,
             offset,
@@ -205,7 +205,7 @@ impl QueuePair for EmuQp {
         Ok(())
     }
 
-    fn post_send(&self, from: Span<'_>, wr_id: u64) -> Result<(), VerbsError> {
+    fn post_send(&self, from: Span<'_>, wr_id: u64) -> VerbsResult {
         let peer = self.peer()?;
         let len = from.len;
         let bytes = read_span(from);
@@ -228,12 +228,7 @@ impl QueuePair for EmuQp {
         Ok(())
     }
 
-    fn post_write_imm(
-        &self,
-        from: Span<'_>,
-        to: RemoteWrite,
-        wr_id: u64,
-    ) -> Result<(), VerbsError> {
+    fn post_write_imm(&self, from: Span<'_>, to: RemoteWrite, wr_id: u64) -> VerbsResult {
         let peer = self.peer()?;
         let (len, remote, imm) = (from.len, to.to, to.imm);
         let target = fabric()
@@ -271,7 +266,7 @@ impl QueuePair for EmuQp {
         Ok(())
     }
 
-    fn poll(&self, out: &mut Vec<Completion>, timeout: Duration) -> Result<(), VerbsError> {
+    fn poll(&self, out: &mut Vec<Completion>, timeout: Duration) -> VerbsResult {
         let deadline = Instant::now() + timeout;
         let mut st = self.state.lock();
         while st.cq.is_empty() {

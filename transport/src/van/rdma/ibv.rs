@@ -27,7 +27,7 @@ use ibverbs_sys as ffi;
 use parking_lot::Mutex;
 
 use super::verbs::{
-    Completion, Device, QueuePair, Region, RemoteRegion, RemoteWrite, Span, VerbsError,
+    Completion, Device, QueuePair, Region, RemoteRegion, RemoteWrite, Span, VerbsError, VerbsResult,
 };
 
 /// The port the van uses.
@@ -218,7 +218,7 @@ unsafe impl Send for IbvRegion {}
 unsafe impl Sync for IbvRegion {}
 
 impl IbvRegion {
-    fn check(&self, offset: usize, len: usize) -> Result<(), VerbsError> {
+    fn check(&self, offset: usize, len: usize) -> VerbsResult {
         if offset.checked_add(len).is_none_or(|end| end > self.len) || len > u32::MAX as usize {
             return Err(VerbsError(format!(
                 "{len} bytes at {offset} are outside a {}-byte region",
@@ -444,7 +444,7 @@ impl IbvQp {
         attr: &mut ffi::ibv_qp_attr,
         mask: ffi::ibv_qp_attr_mask,
         what: &str,
-    ) -> Result<(), VerbsError> {
+    ) -> VerbsResult {
         // SAFETY: our live QP and a filled attribute block.
         let rc = unsafe { ffi::ibv_modify_qp(self.qp, attr, mask.0 as i32) };
         if rc != 0 {
@@ -453,7 +453,7 @@ impl IbvQp {
         Ok(())
     }
 
-    fn ready(&self) -> Result<(), VerbsError> {
+    fn ready(&self) -> VerbsResult {
         if *self.connected.lock() {
             Ok(())
         } else {
@@ -461,7 +461,7 @@ impl IbvQp {
         }
     }
 
-    fn post_send_wr(&self, wr: &mut ffi::ibv_send_wr, what: &str) -> Result<(), VerbsError> {
+    fn post_send_wr(&self, wr: &mut ffi::ibv_send_wr, what: &str) -> VerbsResult {
         self.ready()?;
         let mut bad: *mut ffi::ibv_send_wr = std::ptr::null_mut();
         // SAFETY: our live QP; the work request and its scatter list live
@@ -512,7 +512,7 @@ impl QueuePair for IbvQp {
         .expect("a small struct encodes")
     }
 
-    fn connect(&self, remote: &[u8]) -> Result<(), VerbsError> {
+    fn connect(&self, remote: &[u8]) -> VerbsResult {
         let remote: Endpoint = postcard::from_bytes(remote)
             .map_err(|e| VerbsError(format!("a malformed endpoint: {e}")))?;
         let mut connected = self.connected.lock();
@@ -584,7 +584,7 @@ impl QueuePair for IbvQp {
         Ok(())
     }
 
-    fn post_recv(&self, into: Span<'_>, wr_id: u64) -> Result<(), VerbsError> {
+    fn post_recv(&self, into: Span<'_>, wr_id: u64) -> VerbsResult {
         // No connection needed: the queue pair is in INIT from its creation.
         let mut sge = sge_of(into)?;
         let mut wr = ffi::ibv_recv_wr {
@@ -609,18 +609,13 @@ impl QueuePair for IbvQp {
         Ok(())
     }
 
-    fn post_send(&self, from: Span<'_>, wr_id: u64) -> Result<(), VerbsError> {
+    fn post_send(&self, from: Span<'_>, wr_id: u64) -> VerbsResult {
         let mut sge = sge_of(from)?;
         let mut wr = send_wr(wr_id, &mut sge, ffi::ibv_wr_opcode::IBV_WR_SEND);
         self.post_send_wr(&mut wr, "post send")
     }
 
-    fn post_write_imm(
-        &self,
-        from: Span<'_>,
-        to: RemoteWrite,
-        wr_id: u64,
-    ) -> Result<(), VerbsError> {
+    fn post_write_imm(&self, from: Span<'_>, to: RemoteWrite, wr_id: u64) -> VerbsResult {
         let (len, remote, remote_offset, imm) = (from.len, to.to, to.offset, to.imm);
         let mut sge = sge_of(from)?;
         if remote_offset
@@ -651,7 +646,7 @@ impl QueuePair for IbvQp {
         self.post_send_wr(&mut wr, "post RDMA write")
     }
 
-    fn poll(&self, out: &mut Vec<Completion>, timeout: Duration) -> Result<(), VerbsError> {
+    fn poll(&self, out: &mut Vec<Completion>, timeout: Duration) -> VerbsResult {
         let deadline = Instant::now() + timeout;
         // SAFETY: an array of plain-data C structs; zeroes are valid.
         let mut wcs: [ffi::ibv_wc; 32] = unsafe { std::mem::zeroed() };

@@ -27,6 +27,9 @@ use crate::van::VanError;
 #[error("verbs: {0}")]
 pub(crate) struct VerbsError(pub(crate) String);
 
+/// What a verbs call that hands nothing back returns.
+pub(crate) type VerbsResult = Result<(), VerbsError>;
+
 impl From<VerbsError> for VanError {
     fn from(e: VerbsError) -> VanError {
         VanError::system("RDMA", e)
@@ -106,16 +109,15 @@ pub(crate) trait QueuePair: Send + Sync {
     /// What the peer needs to connect to this queue pair (sent over TCP).
     fn endpoint(&self) -> Vec<u8>;
     /// Connects to the peer's endpoint.
-    fn connect(&self, remote: &[u8]) -> Result<(), VerbsError>;
+    fn connect(&self, remote: &[u8]) -> VerbsResult;
     /// Posts a receive into `into`.
-    fn post_recv(&self, into: Span<'_>, wr_id: u64) -> Result<(), VerbsError>;
+    fn post_recv(&self, into: Span<'_>, wr_id: u64) -> VerbsResult;
     /// Posts a send of `from`.
-    fn post_send(&self, from: Span<'_>, wr_id: u64) -> Result<(), VerbsError>;
+    fn post_send(&self, from: Span<'_>, wr_id: u64) -> VerbsResult;
     /// Posts an RDMA write of `from` to `to`, with its immediate value.
-    fn post_write_imm(&self, from: Span<'_>, to: RemoteWrite, wr_id: u64)
-        -> Result<(), VerbsError>;
+    fn post_write_imm(&self, from: Span<'_>, to: RemoteWrite, wr_id: u64) -> VerbsResult;
     /// Waits up to `timeout` for completions and appends them to `out`.
-    fn poll(&self, out: &mut Vec<Completion>, timeout: Duration) -> Result<(), VerbsError>;
+    fn poll(&self, out: &mut Vec<Completion>, timeout: Duration) -> VerbsResult;
     /// Whether RDMA write with immediate is available.
     fn supports_write_imm(&self) -> bool;
 }
