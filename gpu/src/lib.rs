@@ -174,9 +174,11 @@ pub trait Kernels {
     ) -> Result<(), KernelError>;
 }
 
-/// The two compression layouts, for what both back ends check alike.
+/// The two gradient compressions: what a device's `quantize` and
+/// `dequantize` ([`device::Device`]) do, and what both back ends check
+/// alike.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Bits {
+pub enum Bits {
     /// MXNet's 2-bit codes, 16 per word.
     Two,
     /// The 1-bit codes, 32 per word.
@@ -184,6 +186,22 @@ pub(crate) enum Bits {
 }
 
 impl Bits {
+    /// The quantize kernel's name, for messages.
+    pub(crate) fn quantize_name(self) -> &'static str {
+        match self {
+            Bits::Two => "quantize_2bit",
+            Bits::One => "quantize_1bit",
+        }
+    }
+
+    /// The dequantize kernel's name, for messages.
+    pub(crate) fn dequantize_name(self) -> &'static str {
+        match self {
+            Bits::Two => "dequantize_2bit",
+            Bits::One => "dequantize_1bit",
+        }
+    }
+
     /// Codes per word.
     pub(crate) fn per_word(self) -> usize {
         match self {

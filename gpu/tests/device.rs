@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use pskv_gpu::cpu::CpuKernels;
 use pskv_gpu::device::{self, Backend, Device, DeviceMem, Lane, SumType};
-use pskv_gpu::{layout, Kernels};
+use pskv_gpu::{layout, Bits, Kernels};
 
 /// The devices to test: emulated device 0, and CUDA device 0 if any.
 fn devices() -> Vec<Arc<dyn Device>> {
@@ -179,13 +179,17 @@ fn the_kernels_agree_with_the_cpu_bit_for_bit() {
                 if two {
                     k.quantize_2bit(g, &mut res, &mut codes, 0.5).unwrap();
                     k.dequantize_2bit(&codes, &mut deq, 0.5).unwrap();
-                    d.quantize_2bit(Lane::Compute, &dg, &dr, &dc, 0.5).unwrap();
-                    d.dequantize_2bit(Lane::Compute, &dc, &dd, 0.5).unwrap();
+                    d.quantize(Lane::Compute, Bits::Two, &dg, &dr, &dc, 0.5)
+                        .unwrap();
+                    d.dequantize(Lane::Compute, Bits::Two, &dc, &dd, 0.5)
+                        .unwrap();
                 } else {
                     k.quantize_1bit(g, &mut res, &mut codes, 0.0).unwrap();
                     k.dequantize_1bit(&codes, &mut deq).unwrap();
-                    d.quantize_1bit(Lane::Compute, &dg, &dr, &dc, 0.0).unwrap();
-                    d.dequantize_1bit(Lane::Compute, &dc, &dd).unwrap();
+                    d.quantize(Lane::Compute, Bits::One, &dg, &dr, &dc, 0.0)
+                        .unwrap();
+                    d.dequantize(Lane::Compute, Bits::One, &dc, &dd, 0.0)
+                        .unwrap();
                 }
                 sync(d, Lane::Compute);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

@@ -18,8 +18,7 @@ use super::{
     check_range, Device, DeviceMem, Done, HostBytes, Lane, PinnedMem, PinnedRaw, RawMem, SumType,
 };
 use crate::cuda::{cuda_err, guarded, launch_config, load, Functions};
-use crate::layout::{words_1bit, words_2bit};
-use crate::KernelError;
+use crate::{Bits, KernelError};
 
 /// Device memory from the driver.
 pub(crate) struct CudaMem {
@@ -465,7 +464,77 @@ impl Device for CudaDevice {
         Ok(())
     }
 
-    super::compression_entry_points!();
+    fn quantize(
+        &self,
+        lane: Lane,
+        bits: Bits,
+        grad: &DeviceMem,
+        residual: &DeviceMem,
+        codes: &DeviceMem,
+        threshold: f32,
+    ) -> Result<(), KernelError> {
+        let k = bits.quantize_name();
+        bits.check_threshold(k, threshold)?;
+        let g = self.ptr(grad, "a quantize's gradient")?;
+        let r = self.ptr(residual, "a quantize's residual")?;
+        let c = self.ptr(codes, "a quantize's codes")?;
+        let n = (grad.len / 4) as u64;
+        let words = bits.words(n as usize);
+        crate::error::check_len(k, "the residual (bytes)", grad.len, residual.len)?;
+        crate::error::check_len(k, "the codes (bytes)", words * 4, codes.len)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let func = match bits {
+            Bits::Two => &self.f.quantize_2bit,
+            Bits::One => &self.f.quantize_1bit,
+        };
+        launch!(self, lane, func, n.div_ceil(4).next_multiple_of(32); &g, &r, &c, &n, &threshold);
+        self.keep(
+            lane,
+            Box::new((grad.clone(), residual.clone(), codes.clone())),
+        );
+        Ok(())
+    }
+
+    fn dequantize(
+        &self,
+        lane: Lane,
+        bits: Bits,
+        codes: &DeviceMem,
+        out: &DeviceMem,
+        threshold: f32,
+    ) -> Result<(), KernelError> {
+        let k = bits.dequantize_name();
+        if bits == Bits::Two {
+            bits.check_threshold(k, threshold)?;
+        }
+        let c = self.ptr(codes, "a dequantize's codes")?;
+        let o = self.ptr(out, "a dequantize's output")?;
+        let n = (out.len / 4) as u64;
+        crate::error::check_len(
+            k,
+            "the codes (bytes)",
+            bits.words(n as usize) * 4,
+            codes.len,
+        )?;
+        if n == 0 {
+            return Ok(());
+        }
+        // The kernels' last argument: 0 stores, 1 would add.
+        let store = 0u32;
+        match bits {
+            Bits::Two => {
+                let t = threshold;
+                launch!(self, lane, &self.f.dequantize_2bit, n.div_ceil(4); &c, &o, &n, &t, &store)
+            }
+            Bits::One => {
+                launch!(self, lane, &self.f.dequantize_1bit, n.div_ceil(4); &c, &o, &n, &store)
+            }
+        }
+        self.keep(lane, Box::new((codes.clone(), out.clone())));
+        Ok(())
+    }
 
     fn then(&self, lane: Lane, done: Done) {
         let l = self.lane(lane);
@@ -486,78 +555,5 @@ impl Device for CudaDevice {
                 "the device's waiter thread is gone".into(),
             )));
         }
-    }
-}
-
-impl CudaDevice {
-    fn quantize(
-        &self,
-        lane: Lane,
-        grad: &DeviceMem,
-        residual: &DeviceMem,
-        codes: &DeviceMem,
-        threshold: f32,
-        two_bit: bool,
-    ) -> Result<(), KernelError> {
-        let k = if two_bit {
-            "quantize_2bit"
-        } else {
-            "quantize_1bit"
-        };
-        let g = self.ptr(grad, "a quantize's gradient")?;
-        let r = self.ptr(residual, "a quantize's residual")?;
-        let c = self.ptr(codes, "a quantize's codes")?;
-        let n = (grad.len / 4) as u64;
-        let words = if two_bit {
-            words_2bit(n as usize)
-        } else {
-            words_1bit(n as usize)
-        };
-        crate::error::check_len(k, "the residual (bytes)", grad.len, residual.len)?;
-        crate::error::check_len(k, "the codes (bytes)", words * 4, codes.len)?;
-        if n == 0 {
-            return Ok(());
-        }
-        let func = if two_bit {
-            &self.f.quantize_2bit
-        } else {
-            &self.f.quantize_1bit
-        };
-        launch!(self, lane, func, n.div_ceil(4).next_multiple_of(32); &g, &r, &c, &n, &threshold);
-        self.keep(
-            lane,
-            Box::new((grad.clone(), residual.clone(), codes.clone())),
-        );
-        Ok(())
-    }
-
-    fn dequantize(
-        &self,
-        lane: Lane,
-        codes: &DeviceMem,
-        out: &DeviceMem,
-        threshold: Option<f32>,
-    ) -> Result<(), KernelError> {
-        let c = self.ptr(codes, "a dequantize's codes")?;
-        let o = self.ptr(out, "a dequantize's output")?;
-        let n = (out.len / 4) as u64;
-        let (k, words) = match threshold {
-            Some(_) => ("dequantize_2bit", words_2bit(n as usize)),
-            None => ("dequantize_1bit", words_1bit(n as usize)),
-        };
-        crate::error::check_len(k, "the codes (bytes)", words * 4, codes.len)?;
-        if n == 0 {
-            return Ok(());
-        }
-        // The kernels' last argument: 0 stores, 1 would add.
-        let store = 0u32;
-        match threshold {
-            Some(t) => {
-                launch!(self, lane, &self.f.dequantize_2bit, n.div_ceil(4); &c, &o, &n, &t, &store)
-            }
-            None => launch!(self, lane, &self.f.dequantize_1bit, n.div_ceil(4); &c, &o, &n, &store),
-        }
-        self.keep(lane, Box::new((codes.clone(), out.clone())));
-        Ok(())
     }
 }

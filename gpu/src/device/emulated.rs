@@ -30,8 +30,7 @@ use super::{
     EMULATED_DEVICES,
 };
 use crate::cpu::CpuKernels;
-use crate::layout::{words_1bit, words_2bit};
-use crate::{KernelError, Kernels};
+use crate::{Bits, KernelError, Kernels};
 
 /// The memory of one emulated buffer: an allocation of its own, or the
 /// caller's memory (`Device::borrow`), reached through one address.
@@ -421,37 +420,21 @@ impl Device for EmulatedDevice {
         Ok(())
     }
 
-    super::compression_entry_points!();
-
-    fn then(&self, lane: Lane, done: Done) {
-        self.queue(lane, Task::Then(done));
-    }
-}
-
-impl EmulatedDevice {
     fn quantize(
         &self,
         lane: Lane,
+        bits: Bits,
         grad: &DeviceMem,
         residual: &DeviceMem,
         codes: &DeviceMem,
         threshold: f32,
-        two_bit: bool,
     ) -> Result<(), KernelError> {
+        let k = bits.quantize_name();
+        bits.check_threshold(k, threshold)?;
         let g = self.check_mine(grad, "a quantize's gradient")?;
         let r = self.check_mine(residual, "a quantize's residual")?;
         let c = self.check_mine(codes, "a quantize's codes")?;
-        let n = grad.len / 4;
-        let words = if two_bit {
-            words_2bit(n)
-        } else {
-            words_1bit(n)
-        };
-        let k = if two_bit {
-            "quantize_2bit"
-        } else {
-            "quantize_1bit"
-        };
+        let words = bits.words(grad.len / 4);
         crate::error::check_len(k, "the residual (bytes)", grad.len, residual.len)?;
         crate::error::check_len(k, "the codes (bytes)", words * 4, codes.len)?;
         let (gl, rl, cl) = (grad.len, residual.len, codes.len);
@@ -462,10 +445,9 @@ impl EmulatedDevice {
                 let gv: &[f32] = typed(g.bytes(gl));
                 let rv: &mut [f32] = typed_mut(r.bytes_mut(rl));
                 let cv: &mut [u32] = typed_mut(c.bytes_mut(cl));
-                if two_bit {
-                    kernels().quantize_2bit(gv, rv, cv, threshold)
-                } else {
-                    kernels().quantize_1bit(gv, rv, cv, threshold)
+                match bits {
+                    Bits::Two => kernels().quantize_2bit(gv, rv, cv, threshold),
+                    Bits::One => kernels().quantize_1bit(gv, rv, cv, threshold),
                 }
             }
         });
@@ -475,31 +457,40 @@ impl EmulatedDevice {
     fn dequantize(
         &self,
         lane: Lane,
+        bits: Bits,
         codes: &DeviceMem,
         out: &DeviceMem,
-        threshold: Option<f32>,
+        threshold: f32,
     ) -> Result<(), KernelError> {
+        let k = bits.dequantize_name();
+        if bits == Bits::Two {
+            bits.check_threshold(k, threshold)?;
+        }
         let c = self.check_mine(codes, "a dequantize's codes")?;
         let o = self.check_mine(out, "a dequantize's output")?;
-        let n = out.len / 4;
-        let (k, words) = match threshold {
-            Some(_) => ("dequantize_2bit", words_2bit(n)),
-            None => ("dequantize_1bit", words_1bit(n)),
-        };
-        crate::error::check_len(k, "the codes (bytes)", words * 4, codes.len)?;
+        crate::error::check_len(
+            k,
+            "the codes (bytes)",
+            bits.words(out.len / 4) * 4,
+            codes.len,
+        )?;
         let (cl, ol) = (codes.len, out.len);
         self.work(lane, move || {
             // SAFETY: queued work; two distinct cells, one read, one written.
             unsafe {
                 let cv: &[u32] = typed(c.bytes(cl));
                 let ov: &mut [f32] = typed_mut(o.bytes_mut(ol));
-                match threshold {
-                    Some(t) => kernels().dequantize_2bit(cv, ov, t),
-                    None => kernels().dequantize_1bit(cv, ov),
+                match bits {
+                    Bits::Two => kernels().dequantize_2bit(cv, ov, threshold),
+                    Bits::One => kernels().dequantize_1bit(cv, ov),
                 }
             }
         });
         Ok(())
+    }
+
+    fn then(&self, lane: Lane, done: Done) {
+        self.queue(lane, Task::Then(done));
     }
 }
 

@@ -37,7 +37,7 @@ pub mod emulated;
 
 use std::sync::{Arc, OnceLock};
 
-use crate::KernelError;
+use crate::{Bits, KernelError};
 
 /// One of a device's two queues of work.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -290,42 +290,30 @@ pub trait Device: Send + Sync + 'static {
         inputs: &[DeviceMem],
     ) -> Result<(), KernelError>;
 
-    /// Queues MXNet's 2-bit quantize of `grad` (f32) with error feedback in
-    /// `residual` (f32), writing `layout::words_2bit(n)` words to `codes`.
-    fn quantize_2bit(
+    /// Queues the quantize of `grad` (f32) with error feedback in
+    /// `residual` (f32), MXNet's 2-bit or the 1-bit (MXNet 2.0), writing
+    /// `bits`' words of codes (`layout::words_2bit(n)` or `words_1bit(n)`)
+    /// to `codes`. The threshold is checked here.
+    fn quantize(
         &self,
         lane: Lane,
+        bits: Bits,
         grad: &DeviceMem,
         residual: &DeviceMem,
         codes: &DeviceMem,
         threshold: f32,
     ) -> Result<(), KernelError>;
 
-    /// Queues the 2-bit dequantize of `codes` into `out` (f32).
-    fn dequantize_2bit(
+    /// Queues the dequantize of `codes` into `out` (f32): `+threshold`,
+    /// `-threshold` or 0 for 2-bit, +1 or -1 for 1-bit (which ignores
+    /// `threshold`).
+    fn dequantize(
         &self,
         lane: Lane,
+        bits: Bits,
         codes: &DeviceMem,
         out: &DeviceMem,
         threshold: f32,
-    ) -> Result<(), KernelError>;
-
-    /// Queues the 1-bit quantize (MXNet 2.0) of `grad` with `residual`.
-    fn quantize_1bit(
-        &self,
-        lane: Lane,
-        grad: &DeviceMem,
-        residual: &DeviceMem,
-        codes: &DeviceMem,
-        threshold: f32,
-    ) -> Result<(), KernelError>;
-
-    /// Queues the 1-bit dequantize of `codes` into `out` (f32).
-    fn dequantize_1bit(
-        &self,
-        lane: Lane,
-        codes: &DeviceMem,
-        out: &DeviceMem,
     ) -> Result<(), KernelError>;
 
     /// Runs `done` (on a thread of the device's, not the caller's) once the
@@ -447,50 +435,3 @@ pub(crate) fn check_range(
         }),
     }
 }
-
-/// The compression entry points of [`Device`] for a backend whose own
-/// `quantize(lane, grad, residual, codes, threshold, two_bit)` and
-/// `dequantize(lane, codes, out, Some(threshold) for 2-bit)` do the work:
-/// the thresholds are checked here, once for every backend.
-macro_rules! compression_entry_points {
-    () => {
-        $crate::device::compression_entry_points!(@quantize quantize_2bit, Two, true);
-        $crate::device::compression_entry_points!(@quantize quantize_1bit, One, false);
-
-        fn dequantize_2bit(
-            &self,
-            lane: Lane,
-            c: &DeviceMem,
-            o: &DeviceMem,
-            t: f32,
-        ) -> $crate::device::Res {
-            crate::Bits::Two.check_threshold("dequantize_2bit", t)?;
-            self.dequantize(lane, c, o, Some(t))
-        }
-
-        fn dequantize_1bit(
-            &self,
-            lane: Lane,
-            c: &DeviceMem,
-            o: &DeviceMem,
-        ) -> $crate::device::Res {
-            self.dequantize(lane, c, o, None)
-        }
-    };
-    (@quantize $name:ident, $bits:ident, $two:expr) => {
-        fn $name(
-            &self,
-            lane: Lane,
-            g: &DeviceMem,
-            r: &DeviceMem,
-            c: &DeviceMem,
-            t: f32,
-        ) -> $crate::device::Res {
-            crate::Bits::$bits.check_threshold(stringify!($name), t)?;
-            self.quantize(lane, g, r, c, t, $two)
-        }
-    };
-}
-/// What a device call returns.
-pub(crate) type Res = Result<(), KernelError>;
-pub(crate) use compression_entry_points;

@@ -2,7 +2,7 @@
 //! residual keeping what was not sent; the threshold decides the sign.
 
 use pskv_gpu::device::DeviceMem;
-use pskv_gpu::{layout, Kernels};
+use pskv_gpu::{layout, Bits, Kernels};
 
 use super::{Dev, Host, KernelResult, Scheme};
 use crate::error::Result;
@@ -27,10 +27,11 @@ impl Scheme for OneBit {
     }
 
     fn quantize_on(&self, on: Dev, g: &DeviceMem, r: &DeviceMem, c: &DeviceMem) -> KernelResult {
-        on.dev.quantize_1bit(on.lane, g, r, c, on.threshold)
+        on.dev.quantize(on.lane, Bits::One, g, r, c, on.threshold)
     }
 
     fn dequantize_on(&self, on: Dev, codes: &DeviceMem, out: &DeviceMem) -> KernelResult {
-        on.dev.dequantize_1bit(on.lane, codes, out)
+        on.dev
+            .dequantize(on.lane, Bits::One, codes, out, on.threshold)
     }
 }
