@@ -124,3 +124,43 @@ impl KvError {
 
 /// Results of this crate.
 pub type Result<T, E = KvError> = std::result::Result<T, E>;
+
+/// Why a step inside the kvstore failed, before it reaches a caller: a
+/// server's refusal of a request (it travels to the worker as the answer's
+/// text and comes out there as [`KvError::Server`]), a worker's check of an
+/// answer, a local sum. The message says it all; the variant says what
+/// kind of failure it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Fault {
+    /// Bytes that do not decode: a request head, a body, a row list, a
+    /// compressed message, a replica's copy.
+    #[error("{0}")]
+    Malformed(String),
+    /// A request or an answer that does not fit the key as it is held:
+    /// another type, size or shape, a rank or row out of range.
+    #[error("{0}")]
+    Mismatch(String),
+    /// What cannot be served now: dead workers, a shared segment of a
+    /// server that restarted since, a role this server does not have.
+    #[error("{0}")]
+    Unavailable(String),
+    /// This process's own work failed: a kernel, an update rule, a file, an
+    /// encoding.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<KernelError> for Fault {
+    fn from(e: KernelError) -> Fault {
+        Fault::Failed(e.to_string())
+    }
+}
+
+impl From<KvError> for Fault {
+    fn from(e: KvError) -> Fault {
+        match e {
+            KvError::Mismatch { .. } | KvError::Invalid(_) => Fault::Mismatch(e.to_string()),
+            e => Fault::Failed(e.to_string()),
+        }
+    }
+}

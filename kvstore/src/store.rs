@@ -389,6 +389,7 @@ impl KvStore {
                     w.bytes,
                     st,
                 )
+                .map_err(|e| e.to_string())
             },
         ))
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use half::f16;
 
 use crate::dtype::{DType, Elem};
+use crate::error::Fault;
 use crate::key::Key;
 use crate::optimizer::{GradRef, OptState, Optimizer, WeightMut};
 
@@ -141,27 +142,31 @@ impl Rule {
         rows: Option<&[i64]>,
         weight: &mut [u8],
         st: &mut KeyState,
-    ) -> Result<(), String> {
+    ) -> Result<(), Fault> {
         // Subtle: the gradient may come from a plain byte buffer (a
         // server's sum, a message): the typed views below need it aligned,
         // and an empty `Vec<u8>`'s pointer is not (a push without rows).
         let mut holder = Vec::new();
         let grad = aligned(grad, &mut holder);
         match self {
-            Rule::Custom(u) => u.update(
-                key.ok_or("a custom updater needs the key itself")?,
-                &Values {
-                    dtype,
-                    shape,
-                    rows,
-                    bytes: grad,
-                },
-                &mut ValuesMut {
-                    dtype,
-                    shape,
-                    bytes: weight,
-                },
-            ),
+            Rule::Custom(u) => u
+                .update(
+                    key.ok_or_else(|| {
+                        Fault::Unavailable("a custom updater needs the key itself".into())
+                    })?,
+                    &Values {
+                        dtype,
+                        shape,
+                        rows,
+                        bytes: grad,
+                    },
+                    &mut ValuesMut {
+                        dtype,
+                        shape,
+                        bytes: weight,
+                    },
+                )
+                .map_err(Fault::Failed),
             Rule::Optimizer { opt, generation } => {
                 if st.generation != *generation {
                     st.generation = *generation;
@@ -182,18 +187,24 @@ impl Rule {
                         GradRef::F16(bytemuck::cast_slice::<u8, f16>(grad)),
                     ),
                     DType::I32 | DType::I64 => {
-                        return Err(format!(
+                        return Err(Fault::Mismatch(format!(
                             "optimizer {} updates float weights only; {} holds {dtype}",
                             opt.name(),
                             describe(id, key)
-                        ))
+                        )))
                     }
                 };
                 let r = match rows {
                     None => opt.update(id, w, g, &mut st.state),
                     Some(rows) => opt.update_rows(id, w, rows, row_len, g, &mut st.state),
                 };
-                r.map_err(|e| format!("optimizer {} on {}: {e}", opt.name(), describe(id, key)))
+                r.map_err(|e| {
+                    Fault::Failed(format!(
+                        "optimizer {} on {}: {e}",
+                        opt.name(),
+                        describe(id, key)
+                    ))
+                })
             }
         }
     }

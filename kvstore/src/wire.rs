@@ -54,7 +54,7 @@
 //! in whole rows.
 
 use crate::dtype::DType;
-use crate::error::{KvError, Result};
+use crate::error::{Fault, KvError, Result};
 
 /// What a request does.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -97,10 +97,12 @@ impl Head {
             | ((self.shm_tag as u32) << 16) as i32
     }
 
-    pub(crate) fn decode(cmd: i32) -> std::result::Result<Head, String> {
+    pub(crate) fn decode(cmd: i32) -> std::result::Result<Head, Fault> {
         let bits = cmd as u32;
         if (bits >> 13) & 0x7 != 0 {
-            return Err(format!("request head {bits:#x} has unknown bits set"));
+            return Err(Fault::Malformed(format!(
+                "request head {bits:#x} has unknown bits set"
+            )));
         }
         let op = match cmd & 0xf {
             1 => Op::Init,
@@ -111,13 +113,20 @@ impl Head {
             6 => Op::RowPull,
             7 => Op::Check,
             8 => Op::Replicate,
-            x => return Err(format!("request head {cmd:#x}: unknown op {x}")),
+            x => {
+                return Err(Fault::Malformed(format!(
+                    "request head {cmd:#x}: unknown op {x}"
+                )))
+            }
         };
-        let dtype = DType::from_code(((cmd >> 4) & 0xf) as u8)
-            .ok_or_else(|| format!("request head {cmd:#x}: unknown element type"))?;
+        let dtype = DType::from_code(((cmd >> 4) & 0xf) as u8).ok_or_else(|| {
+            Fault::Malformed(format!("request head {cmd:#x}: unknown element type"))
+        })?;
         let compression = ((cmd >> 8) & 0x3) as u8;
         if compression == 3 {
-            return Err(format!("request head {cmd:#x}: unknown compression 3"));
+            return Err(Fault::Malformed(format!(
+                "request head {cmd:#x}: unknown compression 3"
+            )));
         }
         Ok(Head {
             op,
@@ -255,8 +264,8 @@ impl Check {
         v
     }
 
-    pub(crate) fn decode(b: &[u8]) -> std::result::Result<Check, String> {
-        let bad = || format!("a check request of {} bytes is malformed", b.len());
+    pub(crate) fn decode(b: &[u8]) -> std::result::Result<Check, Fault> {
+        let bad = || Fault::Malformed(format!("a check request of {} bytes is malformed", b.len()));
         if b.len() < 13 || b[0] > 1 {
             return Err(bad());
         }
@@ -284,24 +293,27 @@ pub(crate) struct RowsHead {
 }
 
 /// Header and the bytes after it, of a row push or row pull.
-pub(crate) fn split_rows(vals: &[u8]) -> std::result::Result<(RowsHead, &[u8]), String> {
+pub(crate) fn split_rows(vals: &[u8]) -> std::result::Result<(RowsHead, &[u8]), Fault> {
+    let bad = Fault::Malformed;
     if vals.len() < 8 {
-        return Err(format!(
+        return Err(bad(format!(
             "a row request needs an 8-byte header, got {} bytes",
             vals.len()
-        ));
+        )));
     }
     let n = u32::from_le_bytes(vals[0..4].try_into().expect("4 bytes")) as usize;
     let row_len = u32::from_le_bytes(vals[4..8].try_into().expect("4 bytes")) as usize;
     if row_len == 0 {
-        return Err("a row request has rows of 0 elements".into());
+        return Err(bad("a row request has rows of 0 elements".into()));
     }
-    let need = 8 + n.checked_mul(8).ok_or("row count overflows")?;
+    let need = 8 + n
+        .checked_mul(8)
+        .ok_or_else(|| bad("row count overflows".into()))?;
     if vals.len() < need {
-        return Err(format!(
+        return Err(bad(format!(
             "a row request of {n} rows needs {need} bytes of header, got {}",
             vals.len()
-        ));
+        )));
     }
     let rows = vals[8..need]
         .chunks_exact(8)

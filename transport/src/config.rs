@@ -500,15 +500,17 @@ fn spin_us(v: Option<&str>) -> u32 {
 /// `PSKV_RDMA_GID_INDEX`: which GID of the port RDMA uses (RoCE); None
 /// when unset.
 #[cfg_attr(not(feature = "rdma"), allow(dead_code))]
-pub(crate) fn rdma_gid_index() -> Result<Option<u8>, String> {
+pub(crate) fn rdma_gid_index() -> Result<Option<u8>, TransportError> {
     gid_index(std::env::var("PSKV_RDMA_GID_INDEX").ok().as_deref())
 }
 
-fn gid_index(v: Option<&str>) -> Result<Option<u8>, String> {
+fn gid_index(v: Option<&str>) -> Result<Option<u8>, TransportError> {
     v.map(|v| {
-        v.trim()
-            .parse()
-            .map_err(|_| format!("PSKV_RDMA_GID_INDEX: '{v}' is not a number from 0 to 255"))
+        v.trim().parse().map_err(|_| TransportError::Config {
+            name: "PSKV_RDMA_GID_INDEX".into(),
+            value: v.into(),
+            reason: "a number from 0 to 255".into(),
+        })
     })
     .transpose()
 }
@@ -516,6 +518,7 @@ fn gid_index(v: Option<&str>) -> Result<Option<u8>, String> {
 #[cfg(test)]
 mod env_tests {
     use super::{gid_index, spin_us};
+    use crate::TransportError;
 
     #[test]
     fn spin_and_gid_settings_parse_or_say_why() {
@@ -523,8 +526,10 @@ mod env_tests {
         assert_eq!(spin_us(Some("0")), 0);
         assert_eq!(spin_us(Some("123456")), 10_000);
         assert_eq!(spin_us(Some("x")), 50);
-        assert_eq!(gid_index(None), Ok(None));
-        assert_eq!(gid_index(Some(" 3 ")), Ok(Some(3)));
-        assert!(gid_index(Some("300")).unwrap_err().contains("0 to 255"));
+        assert!(matches!(gid_index(None), Ok(None)));
+        assert!(matches!(gid_index(Some(" 3 ")), Ok(Some(3))));
+        let e = gid_index(Some("300")).unwrap_err();
+        assert!(matches!(&e, TransportError::Config { value, .. } if value == "300"));
+        assert!(e.to_string().contains("0 to 255"), "{e}");
     }
 }

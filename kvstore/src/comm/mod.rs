@@ -25,7 +25,7 @@ use pskv_gpu::{cpu::CpuKernels, Kernels};
 
 use crate::compression::Compression;
 use crate::dtype::DType;
-use crate::error::Result;
+use crate::error::{Fault, Result};
 use crate::key::Key;
 use crate::tensor::{copy_any, gpu_of, Buf, Data, Storage, Tensor};
 use tree::Topology;
@@ -317,7 +317,7 @@ pub(crate) fn sum_into(
     datas: &[&Data],
     out_storage: Storage,
     out: &mut Data,
-) -> Result<(), String> {
+) -> Result<(), Fault> {
     let all_dense = tensors.iter().all(|t| t.storage() == Storage::Dense);
     if all_dense && out_storage == Storage::Dense {
         let ins: Vec<&[u8]> = datas.iter().map(|d| d.bytes()).collect();
@@ -359,13 +359,13 @@ pub(crate) fn sum_dense(
     dtype: DType,
     out: &mut [u8],
     inputs: &[&[u8]],
-) -> Result<(), String> {
+) -> Result<(), Fault> {
     if let Some(bad) = inputs.iter().find(|i| i.len() != out.len()) {
-        return Err(format!(
+        return Err(Fault::Mismatch(format!(
             "an input has {} bytes, the output {}",
             bad.len(),
             out.len()
-        ));
+        )));
     }
     if inputs.len() == 1 {
         out.copy_from_slice(inputs[0]);
@@ -375,15 +375,9 @@ pub(crate) fn sum_dense(
         ins.iter().map(|b| bytemuck::cast_slice(b)).collect()
     }
     match dtype {
-        DType::F32 => k
-            .sum::<f32>(bytemuck::cast_slice_mut(out), &typed(inputs))
-            .map_err(|e| e.to_string()),
-        DType::F64 => k
-            .sum::<f64>(bytemuck::cast_slice_mut(out), &typed(inputs))
-            .map_err(|e| e.to_string()),
-        DType::F16 => k
-            .sum::<f16>(bytemuck::cast_slice_mut(out), &typed(inputs))
-            .map_err(|e| e.to_string()),
+        DType::F32 => Ok(k.sum::<f32>(bytemuck::cast_slice_mut(out), &typed(inputs))?),
+        DType::F64 => Ok(k.sum::<f64>(bytemuck::cast_slice_mut(out), &typed(inputs))?),
+        DType::F16 => Ok(k.sum::<f16>(bytemuck::cast_slice_mut(out), &typed(inputs))?),
         DType::I32 => {
             wrapping_sum(out, &typed(inputs), i32::wrapping_add);
             Ok(())
@@ -414,16 +408,16 @@ pub(crate) fn sum_row_sparse(
     dtype: DType,
     row_len: usize,
     inputs: &[(&[i64], &[u8])],
-) -> Result<(Vec<i64>, Buf), String> {
+) -> Result<(Vec<i64>, Buf), Fault> {
     let rb = row_len * dtype.size();
     for (rows, bytes) in inputs {
         if bytes.len() != rows.len() * rb {
-            return Err(format!(
+            return Err(Fault::Mismatch(format!(
                 "{} rows of {rb} bytes need {} bytes, got {}",
                 rows.len(),
                 rows.len() * rb,
                 bytes.len()
-            ));
+            )));
         }
     }
     let mut all: Vec<i64> = inputs.iter().flat_map(|(r, _)| r.iter().copied()).collect();
@@ -453,15 +447,15 @@ fn sum_compressed(
     out: &mut Data,
     residuals: &mut Vec<Vec<f32>>,
     n: usize,
-) -> Result<(), String> {
+) -> Result<(), Fault> {
     residuals.resize_with(datas.len(), || vec![0.0; n]);
     let mut deq: Vec<Vec<f32>> = Vec::with_capacity(datas.len());
     for (d, r) in datas.iter().zip(residuals.iter_mut()) {
         let g: &[f32] = d.typed();
         let mut codes = vec![0u32; c.words(n)];
-        c.quantize(k, g, r, &mut codes).map_err(|e| e.to_string())?;
+        c.quantize(k, g, r, &mut codes)?;
         let mut v = vec![0.0f32; n];
-        c.dequantize(k, &codes, &mut v).map_err(|e| e.to_string())?;
+        c.dequantize(k, &codes, &mut v)?;
         deq.push(v);
     }
     let ins: Vec<&[u8]> = deq.iter().map(|v| bytemuck::cast_slice(&v[..])).collect();

@@ -19,7 +19,7 @@ use pskv_gpu::cpu::CpuKernels;
 use pskv_gpu::device::{Device, DeviceMem, Lane};
 use pskv_gpu::KernelError;
 
-use crate::error::{KvError, Result};
+use crate::error::{Fault, KvError, Result};
 
 /// One compression scheme: how many code words `n` values take, and its
 /// kernels (quantize with error feedback, dequantize, dequantize-and-add)
@@ -296,35 +296,37 @@ impl Compression {
         msg: &[u8],
         out: &mut [f32],
         add: bool,
-    ) -> Result<(), String> {
+    ) -> std::result::Result<(), Fault> {
         if msg.len() < HEADER {
-            return Err(format!(
+            return Err(Fault::Malformed(format!(
                 "a compressed message needs an {HEADER}-byte header, got {} bytes",
                 msg.len()
-            ));
+            )));
         }
         let n = u32::from_le_bytes(msg[0..4].try_into().expect("4 bytes")) as usize;
         let threshold = f32::from_le_bytes(msg[4..8].try_into().expect("4 bytes"));
         let scheme = match code {
             1 => Compression::two_bit(threshold),
             2 => Compression::one_bit(threshold),
-            c => return Err(format!("unknown compression code {c}")),
+            c => return Err(Fault::Malformed(format!("unknown compression code {c}"))),
         };
-        scheme.validate().map_err(|e| e.to_string())?;
+        scheme
+            .validate()
+            .map_err(|e| Fault::Malformed(e.to_string()))?;
         if n != out.len() {
-            return Err(format!(
+            return Err(Fault::Mismatch(format!(
                 "the compressed message holds {n} elements, the key part {}",
                 out.len()
-            ));
+            )));
         }
         let words = scheme.words(n);
         let body = &msg[HEADER..];
         if body.len() != words * 4 {
-            return Err(format!(
+            return Err(Fault::Malformed(format!(
                 "{n} compressed elements need {} bytes of codes, got {}",
                 words * 4,
                 body.len()
-            ));
+            )));
         }
         // The words in place when aligned (and the host little-endian).
         let codes: std::borrow::Cow<'_, [u32]> = match bytemuck::try_cast_slice(body) {
@@ -335,9 +337,8 @@ impl Compression {
                     .collect(),
             ),
         };
-        let s = scheme.needs("dequantize").map_err(|e| e.to_string())?;
-        s.dequantize(Host { k, threshold }, &codes, out, add)
-            .map_err(|e| e.to_string())
+        let s = scheme.needs("dequantize")?;
+        Ok(s.dequantize(Host { k, threshold }, &codes, out, add)?)
     }
 }
 

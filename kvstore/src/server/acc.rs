@@ -9,6 +9,7 @@ use pskv_gpu::cpu::CpuKernels;
 use pskv_gpu::Kernels;
 
 use crate::dtype::DType;
+use crate::error::Fault;
 
 /// The running sum of a round: f32 for f32 and f16 keys (f16 is summed in
 /// f32 and rounded once), f64, i32, i64.
@@ -55,22 +56,23 @@ pub(super) fn sum_bytes(
     dtype: DType,
     out: &mut [u8],
     inputs: &[&[u8]],
-) -> Result<(), String> {
+) -> Result<(), Fault> {
     fn run<T: pskv_gpu::Element + bytemuck::Pod>(
         k: &CpuKernels,
         out: &mut [u8],
         inputs: &[&[u8]],
-    ) -> Result<(), String> {
+    ) -> Result<(), Fault> {
         let ins: Vec<Cow<'_, [T]>> = inputs.iter().map(|b| elems::<T>(b)).collect();
         let refs: Vec<&[T]> = ins.iter().map(|c| &c[..]).collect();
-        k.sum::<T>(bytemuck::cast_slice_mut(out), &refs)
-            .map_err(|e| e.to_string())
+        Ok(k.sum::<T>(bytemuck::cast_slice_mut(out), &refs)?)
     }
     match dtype {
         DType::F32 => run::<f32>(k, out, inputs),
         DType::F64 => run::<f64>(k, out, inputs),
         DType::F16 => run::<f16>(k, out, inputs),
-        DType::I32 | DType::I64 => Err(format!("the sum kernel takes floats, not {dtype}")),
+        DType::I32 | DType::I64 => Err(Fault::Mismatch(format!(
+            "the sum kernel takes floats, not {dtype}"
+        ))),
     }
 }
 

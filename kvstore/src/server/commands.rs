@@ -8,6 +8,7 @@ use bytes::Bytes;
 use pskv_transport::{KvRequest, Responder};
 
 use super::Inner;
+use crate::error::Fault;
 use crate::optimizer::{OptState, Optimizer};
 use crate::updater::{KeyState, Rule};
 use crate::wire::command;
@@ -15,7 +16,7 @@ use crate::wire::command;
 impl Inner {
     pub(super) fn command(self: &Arc<Self>, req: KvRequest, r: Responder) {
         let body = &req.body[..];
-        let result: std::result::Result<Vec<u8>, String> = match req.cmd {
+        let result: std::result::Result<Vec<u8>, Fault> = match req.cmd {
             command::CONTROLLER if body.starts_with(b"{\"optimizer\"") => self.set_optimizer(body),
             command::SET_MULTI_PRECISION => {
                 self.multi_precision.store(true, Ordering::Release);
@@ -39,15 +40,16 @@ impl Inner {
             command::GET_STATES => self.get_states(),
             command::SET_STATES => self.set_states(body),
             head => match self.controller.read().clone() {
-                Some(c) => c(head, body),
-                None => Err(format!(
+                // The controller is the user's: its reason is its own.
+                Some(c) => c(head, body).map_err(Fault::Failed),
+                None => Err(Fault::Unavailable(format!(
                     "command {head} is not one pskv knows and the server has no controller"
-                )),
+                ))),
             },
         };
         match result {
             Ok(b) => r.reply_body(Bytes::from(b)),
-            Err(e) => r.error(e),
+            Err(e) => r.error(e.to_string()),
         }
         // Subtle: only once the reply is queued on its link may `wait`
         // return: the server's owner then shuts the node down, which flushes
@@ -63,13 +65,14 @@ impl Inner {
         }
     }
 
-    pub(super) fn set_optimizer(&self, body: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    pub(super) fn set_optimizer(&self, body: &[u8]) -> std::result::Result<Vec<u8>, Fault> {
         #[derive(serde::Deserialize)]
         struct Msg {
             optimizer: Optimizer,
         }
-        let m: Msg = serde_json::from_slice(body).map_err(|e| format!("bad optimizer: {e}"))?;
-        m.optimizer.validate().map_err(|e| e.to_string())?;
+        let m: Msg = serde_json::from_slice(body)
+            .map_err(|e| Fault::Malformed(format!("bad optimizer: {e}")))?;
+        m.optimizer.validate()?;
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         if m.optimizer.multi_precision {
             self.multi_precision.store(true, Ordering::Release);
@@ -82,7 +85,7 @@ impl Inner {
         Ok(Vec::new())
     }
 
-    pub(super) fn profiler(&self, body: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    pub(super) fn profiler(&self, body: &[u8]) -> std::result::Result<Vec<u8>, Fault> {
         let text = String::from_utf8_lossy(body);
         match text.trim() {
             "start" => self.engine.start_profiling(),
@@ -90,11 +93,11 @@ impl Inner {
             t if t.starts_with("dump:") => self
                 .engine
                 .write_profile(&t["dump:".len()..])
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| Fault::Failed(e.to_string()))?,
             t => {
-                return Err(format!(
+                return Err(Fault::Malformed(format!(
                     "unknown profiler command '{t}': expected start, stop or dump:<path>"
-                ))
+                )))
             }
         }
         Ok(Vec::new())
@@ -107,10 +110,10 @@ impl Inner {
         }
     }
 
-    pub(super) fn get_states(&self) -> std::result::Result<Vec<u8>, String> {
-        let generation = self
-            .generation()
-            .ok_or("the server has no optimizer, so no states")?;
+    pub(super) fn get_states(&self) -> std::result::Result<Vec<u8>, Fault> {
+        let generation = self.generation().ok_or_else(|| {
+            Fault::Unavailable("the server has no optimizer, so no states".into())
+        })?;
         let entries = self.entries_snapshot();
         let mut out: Vec<(u64, OptState)> = Vec::new();
         for (k, e) in entries.into_iter().filter(|(k, _)| self.serves(*k)) {
@@ -124,15 +127,15 @@ impl Inner {
             }
         }
         out.sort_by_key(|(k, _)| *k);
-        postcard::to_stdvec(&out).map_err(|e| e.to_string())
+        postcard::to_stdvec(&out).map_err(|e| Fault::Failed(format!("encoding states: {e}")))
     }
 
-    pub(super) fn set_states(&self, body: &[u8]) -> std::result::Result<Vec<u8>, String> {
-        let generation = self
-            .generation()
-            .ok_or("set an optimizer before loading its states")?;
+    pub(super) fn set_states(&self, body: &[u8]) -> std::result::Result<Vec<u8>, Fault> {
+        let generation = self.generation().ok_or_else(|| {
+            Fault::Unavailable("set an optimizer before loading its states".into())
+        })?;
         let states: Vec<(u64, OptState)> =
-            postcard::from_bytes(body).map_err(|e| format!("bad states: {e}"))?;
+            postcard::from_bytes(body).map_err(|e| Fault::Malformed(format!("bad states: {e}")))?;
         // Every server gets the whole list and takes the keys of its range.
         let (begin, end) = (
             self.range_begin.load(Ordering::Acquire),
@@ -145,10 +148,10 @@ impl Inner {
         let entries = self.entries.read();
         for (k, _) in &states {
             if !entries.contains_key(k) {
-                return Err(format!(
+                return Err(Fault::Mismatch(format!(
                     "states for {} which this server does not hold",
                     self.describe(*k)
-                ));
+                )));
             }
         }
         let rule = self.rule.read().clone();
@@ -159,10 +162,10 @@ impl Inner {
             let mut st = entries[&k].st.lock();
             if let Some(m) = s.master.take() {
                 if m.len() != st.elems {
-                    return Err(format!(
+                    return Err(Fault::Mismatch(format!(
                         "master weights of {} have the wrong size",
                         self.describe(k)
-                    ));
+                    )));
                 }
                 st.master = Some(m);
             }

@@ -28,13 +28,14 @@ use pskv_transport::Region;
 use super::acc::{elems, fold_into, sum_bytes, write_sum, Acc};
 use crate::compression::Compression;
 use crate::dtype::DType;
+use crate::error::Fault;
 use crate::tensor::{share, Buf};
 use crate::updater::{KeyState, Rule};
 use crate::wire::{split_rows, Head, Op};
 
 /// How a waiting request is answered: with nothing (a push), the stored
 /// value (a push-pull), or an error.
-pub(crate) type Answer = Box<dyn FnOnce(Result<Option<Bytes>, String>) + Send>;
+pub(crate) type Answer = Box<dyn FnOnce(Result<Option<Bytes>, Fault>) + Send>;
 
 /// What a waiting request wants back when its round completes.
 #[derive(Copy, Clone, PartialEq, Eq)]
@@ -182,26 +183,33 @@ impl EntryState {
         head: &Head,
         c: &crate::wire::Check,
         rank: usize,
-    ) -> Result<Option<Bytes>, String> {
+    ) -> Result<Option<Bytes>, Fault> {
         if rank >= self.workers {
-            return Err(format!("{}: no worker rank {rank}", self.name()));
+            return Err(Fault::Mismatch(format!(
+                "{}: no worker rank {rank}",
+                self.name()
+            )));
         }
         if head.dtype != self.dtype || c.part_bytes != self.nbytes as u64 {
             let theirs = c.part_bytes / head.dtype.size() as u64;
-            return Err(format!(
+            return Err(Fault::Mismatch(format!(
                 "{}: worker {rank} holds {theirs} {} elements of it (its key has shape {:?}), but the server holds {} {} elements (from worker 0's init): every worker must init a key with the same shape and type",
                 self.name(),
                 head.dtype,
                 c.shape,
                 self.elems,
                 self.dtype
-            ));
+            )));
         }
         self.checked[rank] = true;
         let answer = if c.wants_shm {
             if self.shm.is_none() {
-                let seg = Region::create(self.workers + 1, self.nbytes)
-                    .map_err(|e| format!("{}: cannot make a shared segment: {e}", self.name()))?;
+                let seg = Region::create(self.workers + 1, self.nbytes).map_err(|e| {
+                    Fault::Failed(format!(
+                        "{}: cannot make a shared segment: {e}",
+                        self.name()
+                    ))
+                })?;
                 // SAFETY: a fresh segment no one else has mapped yet.
                 unsafe { seg.slot_mut(self.workers) }.copy_from_slice(self.value.bytes());
                 self.shm = Some(Arc::new(seg));
@@ -267,27 +275,27 @@ impl EntryState {
     /// request prepared for the segment of a server process that has since
     /// been restarted must fail (the worker maps the new one and sends
     /// again), not read this one's slot.
-    pub(crate) fn check_shm(&self, head: &Head) -> Result<(), String> {
+    pub(crate) fn check_shm(&self, head: &Head) -> Result<(), Fault> {
         match &self.shm {
             Some(seg) if seg.tag() == head.shm_tag => Ok(()),
-            Some(_) => Err(format!(
+            Some(_) => Err(Fault::Unavailable(format!(
                 "{}: a shared-memory request for another segment of this key (this server restarted since the worker mapped it); sending again",
                 self.name()
-            )),
-            None => Err(format!(
+            ))),
+            None => Err(Fault::Unavailable(format!(
                 "{}: a shared-memory request, but the key has no segment (open it first)",
                 self.name()
-            )),
+            ))),
         }
     }
 
     /// The push of worker `rank` in its slot, as bytes; `vals` is the
     /// request's body, the byte count the worker wrote there.
-    pub(crate) fn shm_input(&self, head: &Head, vals: &[u8], rank: usize) -> Result<Bytes, String> {
+    pub(crate) fn shm_input(&self, head: &Head, vals: &[u8], rank: usize) -> Result<Bytes, Fault> {
         self.check_shm(head)?;
         let wrote = <[u8; 8]>::try_from(vals).map(u64::from_le_bytes).ok();
         if wrote != Some(self.nbytes as u64) {
-            return Err(format!(
+            return Err(Fault::Mismatch(format!(
                 "{}: a shared-memory push of {} but the key holds {} bytes ({} elements)",
                 self.name(),
                 match wrote {
@@ -296,7 +304,7 @@ impl EntryState {
                 },
                 self.nbytes,
                 self.elems
-            ));
+            )));
         }
         match &self.shm {
             Some(seg) if rank < self.workers => {
@@ -305,10 +313,10 @@ impl EntryState {
                 // answered (the protocol in `kinds/dist/segments.rs`).
                 Ok(unsafe { seg.lease(rank) })
             }
-            _ => Err(format!(
+            _ => Err(Fault::Mismatch(format!(
                 "{}: a shared-memory request, but the key has no segment (open it first)",
                 self.name()
-            )),
+            ))),
         }
     }
 
@@ -338,55 +346,55 @@ impl EntryState {
 
     /// Checks a push against the key and the round; an error is for the
     /// pusher only (the round goes on without it).
-    fn check_push(&self, head: &Head, vals: &[u8], rank: usize) -> Result<(), String> {
+    fn check_push(&self, head: &Head, vals: &[u8], rank: usize) -> Result<(), Fault> {
         if head.dtype != self.dtype {
-            return Err(format!(
+            return Err(Fault::Mismatch(format!(
                 "{}: pushed {} but the key holds {}",
                 self.name(),
                 head.dtype,
                 self.dtype
-            ));
+            )));
         }
         if rank >= self.workers {
-            return Err(format!(
+            return Err(Fault::Mismatch(format!(
                 "{}: a push from worker rank {rank}, but the cluster has {} workers",
                 self.name(),
                 self.workers
-            ));
+            )));
         }
         if head.compression != 0 {
             if self.dtype != DType::F32 {
-                return Err(format!(
+                return Err(Fault::Mismatch(format!(
                     "{}: compressed push to a {} key (compression takes f32 only)",
                     self.name(),
                     self.dtype
-                ));
+                )));
             }
         } else if head.op != Op::RowPush && vals.len() != self.nbytes {
-            return Err(format!(
+            return Err(Fault::Mismatch(format!(
                 "{}: pushed {} bytes ({} elements) but the key holds {} bytes ({} elements)",
                 self.name(),
                 vals.len(),
                 vals.len() / self.dtype.size(),
                 self.nbytes,
                 self.elems
-            ));
+            )));
         }
         if let Some(sync) = self.round_sync {
             if sync != head.sync {
-                return Err(format!(
+                return Err(Fault::Mismatch(format!(
                     "{}: a {} push arrived during a {} round: every worker must use one mode",
                     self.name(),
                     if head.sync { "sync" } else { "async" },
                     if sync { "sync" } else { "async" }
-                ));
+                )));
             }
         }
         if head.sync && self.pending[rank].is_some() {
-            return Err(format!(
+            return Err(Fault::Mismatch(format!(
                 "{}: worker {rank} pushed twice in one round",
                 self.name()
-            ));
+            )));
         }
         Ok(())
     }
@@ -467,7 +475,7 @@ impl EntryState {
                 Err(e) => {
                     // A malformed push: the round cannot be summed.
                     (a.answer)(Err(e.clone()));
-                    self.fail_round(&format!("the round was abandoned: {e}"));
+                    self.fail_round(Fault::Malformed(format!("the round was abandoned: {e}")));
                     return false;
                 }
             }
@@ -492,7 +500,7 @@ impl EntryState {
     /// the gradient buffer the rule reads; then answers.
     fn complete_plain(&mut self, k: &CpuKernels, rule: Option<&Rule>, arrivals: Vec<Arrival>) {
         let dtype = self.dtype;
-        let result = (|| -> Result<(), String> {
+        let result = (|| -> Result<(), Fault> {
             let ins: Vec<&[u8]> = arrivals.iter().map(|a| &a.vals[..]).collect();
             match rule {
                 None => sum_bytes(k, dtype, self.value_mut(false), &ins),
@@ -546,13 +554,7 @@ impl EntryState {
     }
 
     /// Adds one push to the round's sum.
-    fn fold(
-        &mut self,
-        k: &CpuKernels,
-        head: &Head,
-        vals: &[u8],
-        first: bool,
-    ) -> Result<(), String> {
+    fn fold(&mut self, k: &CpuKernels, head: &Head, vals: &[u8], first: bool) -> Result<(), Fault> {
         let n = self.elems;
         let dtype = self.dtype;
         if first {
@@ -575,21 +577,21 @@ impl EntryState {
         if head.op == Op::RowPush {
             let (h, data) = split_rows(vals)?;
             if n % h.row_len != 0 {
-                return Err(format!(
+                return Err(Fault::Mismatch(format!(
                     "key id {} part {}: rows of {} elements do not divide its {n} elements",
                     self.key_id, self.part, h.row_len
-                ));
+                )));
             }
             let nrows = n / h.row_len;
             let rb = h.row_len * dtype.size();
             if data.len() != h.rows.len() * rb {
-                return Err(format!(
+                return Err(Fault::Mismatch(format!(
                     "{} rows of {} bytes need {} bytes, got {}",
                     h.rows.len(),
                     rb,
                     h.rows.len() * rb,
                     data.len()
-                ));
+                )));
             }
             let touched = &mut self
                 .touched
@@ -597,7 +599,9 @@ impl EntryState {
                 .1;
             for (i, &r) in h.rows.iter().enumerate() {
                 if r < 0 || r as usize >= nrows {
-                    return Err(format!("row {r} is outside the part's {nrows} rows"));
+                    return Err(Fault::Mismatch(format!(
+                        "row {r} is outside the part's {nrows} rows"
+                    )));
                 }
                 let r = r as usize;
                 let first_touch = !touched[r];
@@ -614,7 +618,9 @@ impl EntryState {
         }
         if head.compression != 0 {
             let Acc::F32(a) = acc else {
-                return Err("a compressed push to a key that is not f32".into());
+                return Err(Fault::Mismatch(
+                    "a compressed push to a key that is not f32".into(),
+                ));
             };
             return Compression::decode(head.compression, k, vals, a, !first);
         }
@@ -665,22 +671,23 @@ impl EntryState {
         }
     }
 
-    /// Fails the round in progress, if one is, naming this key.
+    /// Fails the round in progress, if one is, naming this key: it cannot
+    /// complete (`msg` says why).
     pub(crate) fn fail_active_round(&mut self, msg: &str) {
         if self.arrived > 0 || !self.waiters.is_empty() {
             let m = format!("{}: {msg}", self.name());
-            self.fail_round(&m);
+            self.fail_round(Fault::Unavailable(m));
         }
     }
 
-    /// Answers every push of the round with an error and starts over.
-    fn fail_round(&mut self, msg: &str) {
+    /// Answers every push of the round with `why` and starts over.
+    fn fail_round(&mut self, why: Fault) {
         for (answer, _) in std::mem::take(&mut self.waiters) {
-            answer(Err(msg.to_string()));
+            answer(Err(why.clone()));
         }
         for p in &mut self.pending {
             if let Some(a) = p.take() {
-                (a.answer)(Err(msg.to_string()));
+                (a.answer)(Err(why.clone()));
             }
         }
         self.reset_round();
@@ -693,7 +700,7 @@ impl EntryState {
         acc: &Acc,
         touched: Option<(usize, Vec<bool>)>,
         sync: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), Fault> {
         let rows: Option<(usize, Vec<i64>)> = touched.map(|(rl, t)| {
             (
                 rl,

@@ -11,6 +11,7 @@ use pskv_engine::{OpSpec, Property};
 use super::entry::{Answer, EntryState};
 use super::replica::{answer_all, KeyWork};
 use super::{Entry, Inner, INLINE_BYTES};
+use crate::error::Fault;
 use crate::wire::{decode_ps_key, split_rows, Head, Op};
 
 impl Inner {
@@ -44,10 +45,10 @@ impl Inner {
         };
         let key = w.key;
         let Some(entry) = self.entries.read().get(&key).cloned() else {
-            return (w.answer)(Err(format!(
+            return (w.answer)(Err(Fault::Mismatch(format!(
                 "{} was never initialized on this server: call init first",
                 self.describe(key)
-            )));
+            ))));
         };
         let size = entry.st.lock().nbytes().max(w.vals.len());
         let prop = if size <= INLINE_BYTES {
@@ -136,7 +137,7 @@ impl Inner {
         match head.op {
             _ if dead.is_some() => {
                 let why = dead.as_deref().unwrap_or_default();
-                answer(Err(format!("{}: {why}", st.name())));
+                answer(Err(Fault::Unavailable(format!("{}: {why}", st.name()))));
             }
             _ if pushes && Self::already_applied(st, &head, tag).is_some() => {
                 tracing::debug!(
@@ -194,18 +195,18 @@ impl Inner {
     pub(super) fn init(&self, key: u64, head: Head, vals: Bytes, answer: Answer) {
         let (id, part) = decode_ps_key(key, self.range_begin.load(Ordering::Acquire));
         if head.compression != 0 || vals.len() % head.dtype.size() != 0 {
-            return answer(Err(format!(
+            return answer(Err(Fault::Malformed(format!(
                 "key id {id} part {part}: an init needs whole uncompressed {} elements, got {} bytes",
                 head.dtype,
                 vals.len()
-            )));
+            ))));
         }
         let copy = {
             let mut entries = self.entries.write();
             if entries.contains_key(&key) {
-                return answer(Err(format!(
+                return answer(Err(Fault::Mismatch(format!(
                     "key id {id} part {part} is already initialized on this server"
-                )));
+                ))));
             }
             let st = EntryState::new(id, part, head.dtype, &vals, self.workers);
             self.record(key, &st);
@@ -224,22 +225,22 @@ impl Inner {
 }
 
 /// The rows a row pull asks for.
-pub(super) fn row_pull(st: &EntryState, vals: &[u8]) -> std::result::Result<Bytes, String> {
+pub(super) fn row_pull(st: &EntryState, vals: &[u8]) -> std::result::Result<Bytes, Fault> {
     let (h, rest) = split_rows(vals)?;
     if !rest.is_empty() {
-        return Err(format!(
+        return Err(Fault::Mismatch(format!(
             "a row pull of {} has {} stray bytes",
             st.name(),
             rest.len()
-        ));
+        )));
     }
     if st.elems % h.row_len != 0 {
-        return Err(format!(
+        return Err(Fault::Mismatch(format!(
             "{}: rows of {} elements do not divide its {} elements",
             st.name(),
             h.row_len,
             st.elems
-        ));
+        )));
     }
     let nrows = st.elems / h.row_len;
     let rb = h.row_len * st.dtype.size();
@@ -247,10 +248,10 @@ pub(super) fn row_pull(st: &EntryState, vals: &[u8]) -> std::result::Result<Byte
     let v = st.value_bytes();
     for &r in &h.rows {
         if r < 0 || r as usize >= nrows {
-            return Err(format!(
+            return Err(Fault::Mismatch(format!(
                 "{}: row {r} is outside its {nrows} rows",
                 st.name()
-            ));
+            )));
         }
         let r = r as usize;
         out.extend_from_slice(&v[r * rb..(r + 1) * rb]);

@@ -444,7 +444,7 @@ impl Inner {
         }
         let head = match Head::decode(req.cmd) {
             Ok(h) => h,
-            Err(e) => return r.error(e),
+            Err(e) => return r.error(e.to_string()),
         };
         let rank = match (req.worker_rank(), role_rank(req.sender)) {
             (Some(r), _) => r,

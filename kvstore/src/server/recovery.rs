@@ -11,6 +11,7 @@ use pskv_transport::{NodeChange, Role};
 use super::checkpoint::{self, CheckpointError};
 use super::entry::EntryState;
 use super::{Entry, Inner};
+use crate::error::Fault;
 use crate::updater::{KeyState, Rule};
 
 impl Inner {
@@ -94,7 +95,7 @@ impl Inner {
     }
 
     /// Records every key and the settings, and waits until they are on disk.
-    pub(super) fn checkpoint_all(&self) -> std::result::Result<(), String> {
+    pub(super) fn checkpoint_all(&self) -> std::result::Result<(), Fault> {
         let Some(c) = self.ckpt.get() else {
             return Ok(());
         };
@@ -105,8 +106,8 @@ impl Inner {
             self.record(k, &st);
         }
         c.flush(Duration::from_secs(120)).map_err(|e| match e {
-            CheckpointError::Timeout { .. } => e.to_string(),
-            _ => format!("the checkpoint was not written: {e}"),
+            CheckpointError::Timeout { .. } => Fault::Failed(e.to_string()),
+            _ => Fault::Failed(format!("the checkpoint was not written: {e}")),
         })
     }
 

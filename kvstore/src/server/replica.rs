@@ -57,6 +57,7 @@ use serde::{Deserialize, Serialize};
 use super::entry::{Answer, EntryState};
 use super::{Entry, Inner};
 use crate::dtype::DType;
+use crate::error::Fault;
 use crate::optimizer::OptState;
 use crate::wire::{Head, Op};
 
@@ -74,8 +75,9 @@ pub(crate) struct Copy {
 
 impl Copy {
     /// The request body: `n: u32`, `n` bytes of header, the value.
-    pub(crate) fn encode(&self, value: &[u8]) -> Result<Bytes, String> {
-        let head = postcard::to_stdvec(self).map_err(|e| format!("encoding a copy: {e}"))?;
+    pub(crate) fn encode(&self, value: &[u8]) -> Result<Bytes, Fault> {
+        let head = postcard::to_stdvec(self)
+            .map_err(|e| Fault::Failed(format!("encoding a copy: {e}")))?;
         let mut b = Vec::with_capacity(4 + head.len() + value.len());
         b.extend_from_slice(&(head.len() as u32).to_le_bytes());
         b.extend_from_slice(&head);
@@ -84,8 +86,8 @@ impl Copy {
     }
 
     /// A copy and its value from a request body.
-    pub(crate) fn decode(b: &Bytes) -> Result<(Copy, Bytes), String> {
-        let bad = || format!("a copy of {} bytes is malformed", b.len());
+    pub(crate) fn decode(b: &Bytes) -> Result<(Copy, Bytes), Fault> {
+        let bad = || Fault::Malformed(format!("a copy of {} bytes is malformed", b.len()));
         if b.len() < 4 {
             return Err(bad());
         }
@@ -93,7 +95,8 @@ impl Copy {
         if b.len() < 4 + n {
             return Err(bad());
         }
-        let c: Copy = postcard::from_bytes(&b[4..4 + n]).map_err(|e| format!("{}: {e}", bad()))?;
+        let c: Copy = postcard::from_bytes(&b[4..4 + n])
+            .map_err(|e| Fault::Malformed(format!("{}: {e}", bad())))?;
         if DType::from_code(c.dtype).is_none() {
             return Err(bad());
         }
@@ -105,7 +108,7 @@ impl Copy {
 pub(crate) type Once = Box<dyn FnOnce() + Send>;
 
 /// An answer and what it answers with, kept for later.
-pub(crate) type Kept = (Answer, Result<Option<Bytes>, String>);
+pub(crate) type Kept = (Answer, Result<Option<Bytes>, Fault>);
 
 /// The work on one ps key that a request asks for (and, for a copy, what
 /// waits until the promotion).
@@ -396,14 +399,14 @@ impl EntryState {
     }
 
     /// Takes a copy's state, unless it is older than this one's.
-    pub(crate) fn take_copy(&mut self, c: Copy, value: &[u8]) -> Result<(), String> {
+    pub(crate) fn take_copy(&mut self, c: Copy, value: &[u8]) -> Result<(), Fault> {
         if DType::from_code(c.dtype) != Some(self.dtype) || value.len() != self.nbytes() {
-            return Err(format!(
+            return Err(Fault::Mismatch(format!(
                 "{}: a copy of {} bytes does not fit the key's {} bytes",
                 self.name(),
                 value.len(),
                 self.nbytes()
-            ));
+            )));
         }
         if c.rounds < self.rounds {
             return Ok(());
@@ -422,20 +425,22 @@ impl Inner {
     /// (the copies are this server's to change then).
     pub(super) fn take_copy(&self, key: u64, vals: Bytes, answer: Answer) {
         if !self.is_copy(key) {
-            return answer(Err(format!(
+            return answer(Err(Fault::Unavailable(format!(
                 "{}: a copy of a key this server does not back up",
                 self.describe(key)
-            )));
+            ))));
         }
         let Some(repl) = self.repl.get() else {
-            return answer(Err("a copy, but this server keeps no replicas".into()));
+            return answer(Err(Fault::Unavailable(
+                "a copy, but this server keeps no replicas".into(),
+            )));
         };
         let (c, value) = match Copy::decode(&vals) {
             Ok(x) => x,
             Err(e) => return answer(Err(e)),
         };
         let Some(dtype) = DType::from_code(c.dtype) else {
-            return answer(Err("a copy of an unknown type".into()));
+            return answer(Err(Fault::Malformed("a copy of an unknown type".into())));
         };
         let mut result = Ok(());
         repl.unless_promoted(|| {

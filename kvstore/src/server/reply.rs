@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 use pskv_transport::Responder;
 
 use super::entry::Answer;
+use crate::error::Fault;
 
 /// Answers a request once every key of it is done.
 pub(super) struct Reply {
@@ -16,7 +17,7 @@ pub(super) struct Reply {
     keys: Vec<u64>,
     remaining: AtomicUsize,
     values: Mutex<Vec<Option<Bytes>>>,
-    error: Mutex<Option<String>>,
+    error: Mutex<Option<Fault>>,
     pull: bool,
 }
 
@@ -38,7 +39,7 @@ impl Reply {
         Box::new(move |r| me.done(i, r))
     }
 
-    pub(super) fn done(&self, i: usize, r: std::result::Result<Option<Bytes>, String>) {
+    pub(super) fn done(&self, i: usize, r: std::result::Result<Option<Bytes>, Fault>) {
         match r {
             Ok(v) => self.values.lock()[i] = v,
             Err(e) => {
@@ -53,7 +54,8 @@ impl Reply {
             return;
         };
         if let Some(e) = self.error.lock().take() {
-            resp.error(e);
+            // The wire carries the message; the worker names the op and key.
+            resp.error(e.to_string());
             return;
         }
         if !self.pull {

@@ -21,7 +21,7 @@ use pskv_engine::Completion;
 use pskv_transport::{KvResponse, TrackError, TransportError};
 
 use super::staging;
-use crate::error::KvError;
+use crate::error::{Fault, KvError};
 use crate::key::Key;
 
 /// A mutable pointer to a buffer that several answers fill (disjoint
@@ -36,13 +36,13 @@ unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// Copies `src` to `at` (bounds checked against the buffer).
-    pub(super) fn write(&self, at: usize, src: &[u8]) -> std::result::Result<(), String> {
+    pub(super) fn write(&self, at: usize, src: &[u8]) -> std::result::Result<(), Fault> {
         if at + src.len() > self.1 {
-            return Err(format!(
+            return Err(Fault::Mismatch(format!(
                 "an answer of {} bytes at {at} overruns the {}-byte output",
                 src.len(),
                 self.1
-            ));
+            )));
         }
         // SAFETY: in bounds (checked); see the type's docs for exclusivity.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(at), src.len()) };
@@ -87,7 +87,7 @@ impl Inflight {
     pub(super) fn part_done(
         &self,
         r: std::result::Result<KvResponse, TransportError>,
-        on_ok: impl FnOnce(&KvResponse) -> std::result::Result<(), String>,
+        on_ok: impl FnOnce(&KvResponse) -> std::result::Result<(), Fault>,
     ) {
         {
             let g = self.done.read();
@@ -98,7 +98,10 @@ impl Inflight {
                 let mut t = self.timed_out.lock();
                 *t = Some((t.map_or(0, |(n, _)| n) + 1, *after));
             }
-            let res = r.map_err(|e| e.to_string()).and_then(|resp| on_ok(&resp));
+            // The store keeps the message; `finish` names the op and key.
+            let res = r
+                .map_err(|e| e.to_string())
+                .and_then(|resp| on_ok(&resp).map_err(|f| f.to_string()));
             if let Err(e) = res {
                 self.error.lock().get_or_insert(e);
             }

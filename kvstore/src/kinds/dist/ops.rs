@@ -16,7 +16,7 @@ use super::parts::{OnAnswer, Round};
 use super::staging::Way;
 use super::{DistKey, DistStore};
 use crate::compression::Compression;
-use crate::error::{KvError, Result};
+use crate::error::{Fault, KvError, Result};
 use crate::tensor::{check_rows, gpu_of, Buf, Storage, Tensor};
 use crate::wire::{rows_header, Op};
 
@@ -42,8 +42,8 @@ impl DistStore {
         compression: Compression,
         seg: Option<&Arc<Region>>,
         (i, rc): (usize, &RunContext<'_>),
-    ) -> std::result::Result<(Bytes, u16), String> {
-        let d = grad.read(rc).map_err(|e| e.to_string())?;
+    ) -> std::result::Result<(Bytes, u16), Fault> {
+        let d = grad.read(rc)?;
         let size = dk.local.meta.dtype.size();
         let p = dk.parts[i];
         let ub = dk.unit * size;
@@ -66,7 +66,7 @@ impl DistStore {
             return compression
                 .encode(&self.comm.kernels, &grad[range.clone()], &mut res[range])
                 .map(|b| (b, 0))
-                .map_err(|e| e.to_string());
+                .map_err(Fault::from);
         }
         let range = p.start * ub..(p.start + p.len) * ub;
         self.dense_payload(seg, &d.bytes()[range.clone()], || d.share(range))
@@ -81,7 +81,7 @@ impl DistStore {
         seg: Option<&Arc<Region>>,
         bytes: &[u8],
         share: impl FnOnce() -> Bytes,
-    ) -> std::result::Result<(Bytes, u16), String> {
+    ) -> std::result::Result<(Bytes, u16), Fault> {
         match seg {
             Some(seg) => {
                 // SAFETY: this worker's own slot, which the server reads
@@ -381,12 +381,12 @@ impl DistStore {
     }
 }
 
-pub(super) fn check_len(resp: &KvResponse, want: usize) -> std::result::Result<(), String> {
+pub(super) fn check_len(resp: &KvResponse, want: usize) -> std::result::Result<(), Fault> {
     if resp.len() != want {
-        return Err(format!(
+        return Err(Fault::Mismatch(format!(
             "the server answered {} bytes, expected {want}",
             resp.len()
-        ));
+        )));
     }
     Ok(())
 }
@@ -395,7 +395,7 @@ pub(super) fn copy_parts(
     ptr: &OutPtr,
     at: usize,
     resp: &KvResponse,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), Fault> {
     let mut off = at;
     for p in &resp.parts {
         ptr.write(off, p)?;

@@ -13,7 +13,7 @@ use super::inflight::Inflight;
 use super::{staging, DistKey, DistStore};
 use crate::compression::Compression;
 use crate::dtype::DType;
-use crate::error::KvError;
+use crate::error::{Fault, KvError};
 use crate::wire::{Head, Op, Part};
 
 /// Whether a request could not even start because its node cannot be
@@ -41,7 +41,7 @@ pub(super) struct PartSend {
 
 /// What answers of a part request are handed to: part index and answer.
 pub(super) type OnAnswer =
-    Arc<dyn Fn(usize, &KvResponse) -> std::result::Result<(), String> + Send + Sync>;
+    Arc<dyn Fn(usize, &KvResponse) -> std::result::Result<(), Fault> + Send + Sync>;
 
 /// What the part requests of one op share.
 #[derive(Clone)]
@@ -121,7 +121,7 @@ impl DistStore {
         round: &Round,
         completion: Completion,
         settle: staging::Lanes,
-        mut prepare: impl FnMut(usize) -> std::result::Result<(Bytes, u16), String>,
+        mut prepare: impl FnMut(usize) -> std::result::Result<(Bytes, u16), Fault>,
     ) {
         let Some(inf) = self.inflight(dk, parts.len(), completion, round.name, settle) else {
             return;
@@ -139,11 +139,13 @@ impl DistStore {
         inf: &Arc<Inflight>,
         round: &Round,
         i: usize,
-        prepared: std::result::Result<(Bytes, u16), String>,
+        prepared: std::result::Result<(Bytes, u16), Fault>,
     ) {
         let (payload, shm_tag) = match prepared {
             Ok(x) => x,
-            Err(e) => return inf.part_done(Err(TransportError::Invalid(e)), |_| Ok(())),
+            Err(e) => {
+                return inf.part_done(Err(TransportError::Invalid(e.to_string())), |_| Ok(()))
+            }
         };
         let head = round.head;
         let send = PartSend {

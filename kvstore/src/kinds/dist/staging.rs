@@ -39,7 +39,7 @@ use super::ops::answer_into;
 use super::parts::{OnAnswer, Round};
 use super::{DistKey, DistStore};
 use crate::compression::{Compression, HEADER};
-use crate::error::{KvError, Result};
+use crate::error::{Fault, KvError, Result};
 use crate::tensor::{gpu_of, Buf, Storage, Tensor};
 
 /// Which way a staged tensor travels.
@@ -260,7 +260,7 @@ impl DistStore {
                 len: n,
             };
             d.upload(Lane::Copy, Arc::new(src), &target, at)
-                .map_err(|e| format!("copying the answer to GPU {gpu}: {e}"))
+                .map_err(|e| Fault::Failed(format!("copying the answer to GPU {gpu}: {e}")))
         });
         Ok((on_answer, vec![(dev, Lane::Copy)]))
     }
@@ -273,8 +273,8 @@ impl DistStore {
         dev: &dyn Device,
         lane: Lane,
         (dk, inf, round, i): (&Arc<DistKey>, &Arc<Inflight>, &Round, usize),
-        queued: std::result::Result<(), String>,
-        payload: impl FnOnce() -> std::result::Result<(Bytes, u16), String> + Send + 'static,
+        queued: std::result::Result<(), Fault>,
+        payload: impl FnOnce() -> std::result::Result<(Bytes, u16), Fault> + Send + 'static,
     ) {
         if let Err(e) = queued {
             return self.send_prepared(dk, inf, round, i, Err(e));
@@ -283,7 +283,7 @@ impl DistStore {
         dev.then(
             lane,
             Box::new(move |r| {
-                let prepared = r.map_err(|e| e.to_string()).and_then(|()| payload());
+                let prepared = r.map_err(Fault::from).and_then(|()| payload());
                 me.send_prepared(&dk, &inf, &round, i, prepared);
             }),
         );
@@ -331,7 +331,7 @@ impl DistStore {
                 &*dev,
                 Lane::Copy,
                 part,
-                queued.map_err(|e| e.to_string()),
+                queued.map_err(Fault::from),
                 move || {
                     // SAFETY: within `h`, as above; the download that wrote
                     // these bytes is done.
@@ -428,7 +428,7 @@ impl DistStore {
                 &*dev,
                 Lane::Compute,
                 part,
-                queued.map_err(|e| e.to_string()),
+                queued.map_err(Fault::from),
                 move || {
                     let part = HostPart {
                         _keep: buf,

@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 use super::verbs::{
     Completion, Device, QueuePair, Region, RemoteRegion, RemoteWrite, Span, VerbsError, VerbsResult,
 };
+use crate::van::VanError;
 
 /// The port the van uses.
 const PORT: u8 = 1;
@@ -49,7 +50,7 @@ fn last_os_error(what: &str) -> VerbsError {
 
 /// The first RDMA device of this machine, opened once.
 /// A failure is not kept: a port that was down may be up at the next link.
-pub(crate) fn open_first() -> Result<Arc<IbvDevice>, String> {
+pub(crate) fn open_first() -> Result<Arc<IbvDevice>, VanError> {
     static OPENED: OnceLock<Arc<IbvDevice>> = OnceLock::new();
     static OPENING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
     if let Some(d) = OPENED.get() {
@@ -63,22 +64,24 @@ pub(crate) fn open_first() -> Result<Arc<IbvDevice>, String> {
     Ok(OPENED.get_or_init(|| d).clone())
 }
 
-fn open() -> Result<IbvDevice, String> {
+fn open() -> Result<IbvDevice, VanError> {
     let mut n = 0;
     // SAFETY: a plain call; the list is freed below.
     let list = unsafe { ffi::ibv_get_device_list(&mut n) };
     if list.is_null() {
         // ENOSYS (no kernel support) means: no devices.
-        return Err(format!(
+        return Err(VanError::Unavailable(format!(
             "no RDMA devices ({})",
             std::io::Error::last_os_error()
-        ));
+        )));
     }
     // SAFETY: the list holds `n` devices; it is freed once, after the
     // device is opened (an opened context does not need the list).
     let result = unsafe {
         if n <= 0 {
-            Err("no RDMA devices on this machine".to_string())
+            Err(VanError::Unavailable(
+                "no RDMA devices on this machine".into(),
+            ))
         } else {
             open_device(*list)
         }
@@ -90,7 +93,7 @@ fn open() -> Result<IbvDevice, String> {
 
 /// # Safety
 /// `dev` is a device of a live device list.
-unsafe fn open_device(dev: *mut ffi::ibv_device) -> Result<IbvDevice, String> {
+unsafe fn open_device(dev: *mut ffi::ibv_device) -> Result<IbvDevice, VanError> {
     // SAFETY: the caller's contract; the name is a C string of the device.
     let name = unsafe {
         let p = ffi::ibv_get_device_name(dev);
@@ -103,10 +106,10 @@ unsafe fn open_device(dev: *mut ffi::ibv_device) -> Result<IbvDevice, String> {
     // SAFETY: the caller's contract.
     let ctx = unsafe { ffi::ibv_open_device(dev) };
     if ctx.is_null() {
-        return Err(format!(
+        return Err(VanError::Unavailable(format!(
             "opening {name}: {}",
             std::io::Error::last_os_error()
-        ));
+        )));
     }
     // SAFETY: a live context (kept for the process's life once all of
     // this succeeds; closed below if it does not).
@@ -115,7 +118,9 @@ unsafe fn open_device(dev: *mut ffi::ibv_device) -> Result<IbvDevice, String> {
         let e = std::io::Error::last_os_error();
         // SAFETY: the context opened above, unused elsewhere.
         unsafe { ffi::ibv_close_device(ctx) };
-        return Err(format!("allocating a protection domain on {name}: {e}"));
+        return Err(VanError::Unavailable(format!(
+            "allocating a protection domain on {name}: {e}"
+        )));
     }
     // SAFETY: the caller's device; `ctx` and `pd` were made above.
     match unsafe { describe_port(ctx, &name) } {
@@ -148,7 +153,7 @@ unsafe fn open_device(dev: *mut ffi::ibv_device) -> Result<IbvDevice, String> {
 unsafe fn describe_port(
     ctx: *mut ffi::ibv_context,
     name: &str,
-) -> Result<(u16, ffi::ibv_mtu, Option<[u8; 16]>, u8), String> {
+) -> Result<(u16, ffi::ibv_mtu, Option<[u8; 16]>, u8), VanError> {
     let mut port = ffi::ibv_port_attr::default();
     // SAFETY: a live context. The exported ibv_query_port fills the older,
     // shorter layout, a prefix of `ibv_port_attr` (lid and link layer
@@ -156,15 +161,18 @@ unsafe fn describe_port(
     let rc =
         unsafe { ffi::ibv_query_port(ctx, PORT, (&mut port as *mut ffi::ibv_port_attr).cast()) };
     if rc != 0 {
-        return Err(format!(
+        return Err(VanError::Unavailable(format!(
             "querying port {PORT} of {name}: {}",
             std::io::Error::from_raw_os_error(rc)
-        ));
+        )));
     }
     if port.state != ffi::ibv_port_state::IBV_PORT_ACTIVE {
-        return Err(format!("port {PORT} of {name} is not active"));
+        return Err(VanError::Unavailable(format!(
+            "port {PORT} of {name} is not active"
+        )));
     }
-    let asked = crate::config::rdma_gid_index()?;
+    let asked =
+        crate::config::rdma_gid_index().map_err(|e| VanError::Unavailable(e.to_string()))?;
     let gid_index: u8 = asked.unwrap_or(0);
     let ethernet = port.link_layer == ffi::IBV_LINK_LAYER_ETHERNET as u8;
     let gid = if ethernet || asked.is_some() {
@@ -173,10 +181,10 @@ unsafe fn describe_port(
         // SAFETY: a live context and an out-parameter of the right type.
         let rc = unsafe { ffi::ibv_query_gid(ctx, PORT, gid_index as i32, &mut gid) };
         if rc != 0 {
-            return Err(format!(
+            return Err(VanError::Unavailable(format!(
                 "reading GID {gid_index} of {name}: {}",
                 std::io::Error::last_os_error()
-            ));
+            )));
         }
         // SAFETY: every bit pattern is a valid `raw`.
         Some(unsafe { gid.raw })
@@ -358,7 +366,7 @@ impl Device for IbvDevice {
     }
 
     fn queue_pair(&self) -> Result<Arc<dyn QueuePair>, VerbsError> {
-        let dev = open_first().map_err(VerbsError)?;
+        let dev = open_first().map_err(|e| VerbsError(e.to_string()))?;
         // SAFETY: a live context; no completion channel (we poll).
         let cq = unsafe {
             ffi::ibv_create_cq(

@@ -721,9 +721,7 @@ pub(crate) fn device(emulated: bool) -> Result<Arc<dyn Device>, VanError> {
     }
     #[cfg(feature = "rdma")]
     {
-        ibv::open_first()
-            .map(|d| d as Arc<dyn Device>)
-            .map_err(VanError::Unavailable)
+        ibv::open_first().map(|d| d as Arc<dyn Device>)
     }
     #[cfg(not(feature = "rdma"))]
     {
