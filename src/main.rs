@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use cli::error::{CliError, CliResult};
+
 #[derive(Parser)]
 #[command(
     name = "pskv",
@@ -166,7 +168,7 @@ fn launch(a: &LaunchArgs) -> ExitCode {
         Launcher::Ssh => match &a.hostfile {
             Some(h) => match read_hostfile(h) {
                 Ok(hosts) => spec.hosts = hosts,
-                Err(e) => return fail(e, 2),
+                Err(e) => return fail(e.to_string(), 2),
             },
             None => return fail("the ssh launcher needs a hostfile (-H FILE)".into(), 2),
         },
@@ -174,11 +176,11 @@ fn launch(a: &LaunchArgs) -> ExitCode {
     }
     let stop = match stop_flag() {
         Ok(s) => s,
-        Err(e) => return fail(e, 1),
+        Err(e) => return fail(e.to_string(), 1),
     };
     let mut job = match Job::start(&spec, launcher) {
         Ok(j) => j,
-        Err(e) => return fail(e, 2),
+        Err(e) => return fail(e.to_string(), 2),
     };
     match job.supervise(&stop, a.timeout.map(std::time::Duration::from_secs)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -223,32 +225,34 @@ struct BenchArgs {
 
 impl BenchArgs {
     /// One settings per (workers, servers) pair and transport.
-    fn runs(&self) -> Result<Vec<cli::bench::BenchSettings>, String> {
+    fn runs(&self) -> CliResult<Vec<cli::bench::BenchSettings>> {
         if self.workers.len() != self.servers.len() {
-            return Err(format!(
+            return Err(CliError::Usage(format!(
                 "--workers and --servers pair up: {} values against {}",
                 self.workers.len(),
                 self.servers.len()
-            ));
+            )));
         }
         if !(self.iters_scale > 0.0 && self.iters_scale.is_finite()) {
-            return Err(format!(
+            return Err(CliError::Usage(format!(
                 "--iters-scale {}: expected a positive number",
                 self.iters_scale
-            ));
+            )));
         }
         cli::bench::case_count(&self.cases)?;
         let gpu = match self.device {
             cli::DeviceArg::Cpu => false,
             cli::DeviceArg::Gpu => {
-                cli::gpus::count().map_err(|e| format!("--device gpu: {e}"))?;
+                cli::gpus::count().map_err(|e| CliError::Usage(format!("--device gpu: {e}")))?;
                 true
             }
         };
         let mut runs = Vec::new();
         for (&w, &s) in self.workers.iter().zip(&self.servers) {
             if w == 0 || s == 0 {
-                return Err("a cluster needs at least one worker and one server".into());
+                return Err(CliError::Usage(
+                    "a cluster needs at least one worker and one server".into(),
+                ));
             }
             for van in &self.van {
                 runs.push(cli::bench::BenchSettings {
@@ -264,20 +268,20 @@ impl BenchArgs {
             }
         }
         if runs.is_empty() {
-            return Err(
+            return Err(CliError::Usage(
                 "nothing to run: give at least one --workers/--servers pair and --van".into(),
-            );
+            ));
         }
         Ok(runs)
     }
 }
 
-fn fail(what: &str, e: String) -> ExitCode {
+fn fail(what: &str, e: CliError) -> ExitCode {
     eprintln!("pskv {what}: {e}");
     ExitCode::from(1)
 }
 
-fn bench(a: &BenchArgs) -> Result<(), String> {
+fn bench(a: &BenchArgs) -> CliResult {
     use indicatif::{ProgressBar, ProgressStyle};
     use std::io::IsTerminal;
     let runs = a.runs()?;
@@ -338,11 +342,13 @@ fn bench(a: &BenchArgs) -> Result<(), String> {
             );
         }
     }
-    std::fs::create_dir_all(&a.out).map_err(|e| format!("creating {}: {e}", a.out.display()))?;
+    std::fs::create_dir_all(&a.out)
+        .map_err(CliError::io(format!("creating {}", a.out.display())))?;
     let json = a.json.clone().unwrap_or_else(|| a.out.join("bench.json"));
     let flat: Vec<&cli::bench::WorkerResult> = all.iter().flatten().collect();
-    let text = serde_json::to_string_pretty(&flat).map_err(|e| e.to_string())?;
-    std::fs::write(&json, text).map_err(|e| format!("writing {}: {e}", json.display()))?;
+    let text = serde_json::to_string_pretty(&flat)
+        .map_err(|e| CliError::Failed(format!("encoding the results: {e}")))?;
+    std::fs::write(&json, text).map_err(CliError::io(format!("writing {}", json.display())))?;
     let svg = a.out.join("bandwidth.svg");
     cli::bench::chart(&all, &svg)?;
     eprintln!(
@@ -355,7 +361,9 @@ fn bench(a: &BenchArgs) -> Result<(), String> {
         .flat_map(|r| cli::bench::summary(r))
         .any(|(.., ok)| !ok)
     {
-        return Err("a correctness check failed (a WRONG row above)".into());
+        return Err(CliError::Failed(
+            "a correctness check failed (a WRONG row above)".into(),
+        ));
     }
     Ok(())
 }
@@ -382,7 +390,11 @@ fn main() -> ExitCode {
         },
         Command::BenchWorker(a) => match a
             .runs()
-            .and_then(|r| r.into_iter().next().ok_or_else(|| "no run".to_string()))
+            .and_then(|r| {
+                r.into_iter()
+                    .next()
+                    .ok_or_else(|| CliError::Usage("no run".into()))
+            })
             .and_then(|s| cli::bench::worker(&s))
         {
             Ok(()) => ExitCode::SUCCESS,

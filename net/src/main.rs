@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pskv_transport::{
-    Config, Group, KvRequest, KvWorker, Postoffice, RequestHandler, RequestOptions, Responder, Role,
+    Config, Group, KvRequest, KvWorker, Postoffice, RequestHandler, RequestOptions, Responder,
+    Role, TransportError,
 };
 
 /// The command that stops the servers.
@@ -33,6 +34,23 @@ const CMD_ADD: i32 = 1;
 const CMD_ECHO: i32 = 2;
 
 const WAIT: Duration = Duration::from_secs(120);
+
+/// Why a command failed (printed before the exit status 1).
+#[derive(Debug, thiserror::Error)]
+enum NetError {
+    /// Arguments that cannot work.
+    #[error("{0}")]
+    Usage(String),
+    /// A socket or the system refused.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The transport refused or failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The workload did not check out.
+    #[error("{0}")]
+    Failed(String),
+}
 
 struct Args {
     rest: Vec<String>,
@@ -46,22 +64,23 @@ impl Args {
             .and_then(|i| self.rest.get(i + 1).cloned())
     }
 
-    fn num<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, String> {
+    fn num<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, NetError> {
         match self.value(name) {
             None => Ok(default),
             Some(v) => v
                 .parse()
-                .map_err(|_| format!("{name}: '{v}' is not a number")),
+                .map_err(|_| NetError::Usage(format!("{name}: '{v}' is not a number"))),
         }
     }
 
-    fn sizes(&self) -> Result<Vec<usize>, String> {
+    fn sizes(&self) -> Result<Vec<usize>, NetError> {
         match self.value("--sizes") {
             None => Ok(vec![4, 4096, 65536, 1 << 20]),
             Some(v) => v
                 .split(',')
                 .map(|s| {
-                    parse_size(s.trim()).ok_or_else(|| format!("--sizes: '{s}' is not a size"))
+                    parse_size(s.trim())
+                        .ok_or_else(|| NetError::Usage(format!("--sizes: '{s}' is not a size")))
                 })
                 .collect(),
         }
@@ -193,7 +212,7 @@ fn fnv(h: &mut u64, bytes: &[u8]) {
 
 /// Random pushes and pulls of this worker's own keys, every pull checked;
 /// then all workers add into one shared key and check the sum.
-fn random_workload(po: &Postoffice, args: &Args) -> Result<(), String> {
+fn random_workload(po: &Postoffice, args: &Args) -> Result<(), NetError> {
     let kv = KvWorker::new(po);
     let rounds: u64 = args.num("--rounds", 50)?;
     let seed: u64 = args.num("--seed", 1)?;
@@ -229,10 +248,9 @@ fn random_workload(po: &Postoffice, args: &Args) -> Result<(), String> {
             priority: (rng.next() % 3) as i32,
             ..Default::default()
         };
-        kv.push(&keys, &lens, Bytes::from(vals.clone()), opts)
-            .map_err(|e| e.to_string())?
+        kv.push(&keys, &lens, Bytes::from(vals.clone()), opts)?
             .wait(WAIT)
-            .map_err(|e| format!("push: {e}"))?;
+            .map_err(|e| NetError::Failed(format!("push: {e}")))?;
         let mut at = 0;
         for (k, l) in keys.iter().zip(&lens) {
             stored.insert(*k, vals[at..at + *l as usize].to_vec());
@@ -246,20 +264,19 @@ fn random_workload(po: &Postoffice, args: &Args) -> Result<(), String> {
         pull.sort();
         pull.dedup();
         let got = kv
-            .pull(&pull, opts)
-            .map_err(|e| e.to_string())?
+            .pull(&pull, opts)?
             .wait(WAIT)
-            .map_err(|e| format!("pull: {e}"))?;
+            .map_err(|e| NetError::Failed(format!("pull: {e}")))?;
         let bytes = got.to_bytes();
         let mut at = 0;
         for (k, l) in got.keys.iter().zip(&got.lens) {
             let v = &bytes[at..at + *l as usize];
             at += *l as usize;
             if stored.get(k).map(|s| &s[..]) != Some(v) {
-                return Err(format!(
+                return Err(NetError::Failed(format!(
                     "round {round}: key {k} pulled {} bytes that differ from those pushed",
                     v.len()
-                ));
+                )));
             }
             fnv(&mut digest, &k.to_le_bytes());
             fnv(&mut digest, v);
@@ -267,8 +284,7 @@ fn random_workload(po: &Postoffice, args: &Args) -> Result<(), String> {
     }
     // Every worker adds its rank + 1 into one shared key, in both servers'
     // ranges; after a barrier every worker checks the sum.
-    po.barrier(Group::WORKERS, WAIT)
-        .map_err(|e| e.to_string())?;
+    po.barrier(Group::WORKERS, WAIT)?;
     let shared: Vec<u64> = ranges.iter().map(|r| r.0 + 999_999_999).collect();
     let lens = vec![1000u32; shared.len()];
     let mine = vec![(rank + 1) as u8; 1000 * shared.len()];
@@ -278,13 +294,10 @@ fn random_workload(po: &Postoffice, args: &Args) -> Result<(), String> {
             &lens,
             Bytes::from(vec![0u8; 1000 * shared.len()]),
             RequestOptions::default(),
-        )
-        .map_err(|e| e.to_string())?
-        .wait(WAIT)
-        .map_err(|e| e.to_string())?;
+        )?
+        .wait(WAIT)?;
     }
-    po.barrier(Group::WORKERS, WAIT)
-        .map_err(|e| e.to_string())?;
+    po.barrier(Group::WORKERS, WAIT)?;
     kv.push(
         &shared,
         &lens,
@@ -294,36 +307,28 @@ fn random_workload(po: &Postoffice, args: &Args) -> Result<(), String> {
             priority: 0,
             ..Default::default()
         },
-    )
-    .map_err(|e| e.to_string())?
-    .wait(WAIT)
-    .map_err(|e| e.to_string())?;
-    po.barrier(Group::WORKERS, WAIT)
-        .map_err(|e| e.to_string())?;
+    )?
+    .wait(WAIT)?;
+    po.barrier(Group::WORKERS, WAIT)?;
     let w = po.num_workers() as u64;
     let want = (w * (w + 1) / 2) as u8;
-    let got = kv
-        .pull(&shared, RequestOptions::default())
-        .map_err(|e| e.to_string())?
-        .wait(WAIT)
-        .map_err(|e| e.to_string())?;
+    let got = kv.pull(&shared, RequestOptions::default())?.wait(WAIT)?;
     if got.to_bytes().iter().any(|&b| b != want) {
-        return Err(format!(
+        return Err(NetError::Failed(format!(
             "the shared sum is wrong: want {want} in every byte"
-        ));
+        )));
     }
     println!("digest={digest:016x}");
     Ok(())
 }
 
 /// Times push-pull round trips (echo) of each size; one JSON line per size.
-fn pushpull_workload(po: &Postoffice, args: &Args) -> Result<(), String> {
+fn pushpull_workload(po: &Postoffice, args: &Args) -> Result<(), NetError> {
     let kv = KvWorker::new(po);
     let sizes = args.sizes()?;
     let rank = po.my_rank() as u64;
     let ranges = po.server_key_ranges();
-    po.barrier(Group::WORKERS, WAIT)
-        .map_err(|e| e.to_string())?;
+    po.barrier(Group::WORKERS, WAIT)?;
     for size in sizes {
         // Large values are split over every server, as the kvstore does.
         let keys: Vec<u64> = if size >= 1 << 20 {
@@ -349,20 +354,18 @@ fn pushpull_workload(po: &Postoffice, args: &Args) -> Result<(), String> {
         let mut times = Vec::with_capacity(rounds);
         for i in 0..rounds + 3 {
             let t = Instant::now();
-            let got = kv
-                .push_pull(&keys, &lens, vals.clone(), opts)
-                .map_err(|e| e.to_string())?
-                .wait(WAIT)
-                .map_err(|e| e.to_string())?;
+            let got = kv.push_pull(&keys, &lens, vals.clone(), opts)?.wait(WAIT)?;
             if got.len() != size {
-                return Err(format!("echo of {size} bytes came back with {}", got.len()));
+                return Err(NetError::Failed(format!(
+                    "echo of {size} bytes came back with {}",
+                    got.len()
+                )));
             }
             if i >= 3 {
                 times.push(t.elapsed().as_secs_f64());
             }
         }
-        po.barrier(Group::WORKERS, WAIT)
-            .map_err(|e| e.to_string())?;
+        po.barrier(Group::WORKERS, WAIT)?;
         print_stats("pskv", po.my_rank(), size, &mut times);
     }
     Ok(())
@@ -381,17 +384,15 @@ fn print_stats(system: &str, rank: u32, size: usize, times: &mut [f64]) {
     );
 }
 
-fn node(args: &Args) -> Result<(), String> {
-    let cfg = Config::from_env().map_err(|e| e.to_string())?;
+fn node(args: &Args) -> Result<(), NetError> {
+    let cfg = Config::from_env()?;
     let role = cfg.role;
     let store = Arc::new(Store::default());
     let handler: Option<Arc<dyn RequestHandler>> =
         (role == Role::Server).then(|| store.clone() as Arc<dyn RequestHandler>);
-    let po = Postoffice::start(cfg, handler).map_err(|e| e.to_string())?;
+    let po = Postoffice::start(cfg, handler)?;
     match role {
-        Role::Scheduler => po
-            .wait_all_left(Duration::from_secs(3600))
-            .map_err(|e| e.to_string()),
+        Role::Scheduler => Ok(po.wait_all_left(Duration::from_secs(3600))?),
         Role::Server => {
             while !store.stop.wait(Duration::from_secs(1)) {}
             po.shutdown();
@@ -422,18 +423,17 @@ fn node(args: &Args) -> Result<(), String> {
                         }
                     }
                 }
-                m => Err(format!("--mode {m}: expected random, pushpull or idle")),
+                m => Err(NetError::Usage(format!(
+                    "--mode {m}: expected random, pushpull or idle"
+                ))),
             };
             if r.is_ok() && args.value("--no-stop").is_none() {
                 // Workers finish together; rank 0 stops the servers.
-                po.barrier(Group::WORKERS, WAIT)
-                    .map_err(|e| e.to_string())?;
+                po.barrier(Group::WORKERS, WAIT)?;
                 if po.my_rank() == 0 {
                     let kv = KvWorker::new(&po);
-                    kv.request(CMD_STOP, Bytes::new(), Group::SERVERS)
-                        .map_err(|e| e.to_string())?
-                        .wait(WAIT)
-                        .map_err(|e| e.to_string())?;
+                    kv.request(CMD_STOP, Bytes::new(), Group::SERVERS)?
+                        .wait(WAIT)?;
                 }
             }
             po.shutdown();
@@ -480,25 +480,22 @@ fn write_msg(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-fn raw_echo(port: u16) -> Result<(), String> {
-    let l = TcpListener::bind(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    println!(
-        "listening={}",
-        l.local_addr().map_err(|e| e.to_string())?.port()
-    );
+fn raw_echo(port: u16) -> Result<(), NetError> {
+    let l = TcpListener::bind(("127.0.0.1", port))?;
+    println!("listening={}", l.local_addr()?.port());
     let _ = std::io::stdout().flush();
-    let (mut s, _) = l.accept().map_err(|e| e.to_string())?;
-    s.set_nodelay(true).map_err(|e| e.to_string())?;
+    let (mut s, _) = l.accept()?;
+    s.set_nodelay(true)?;
     let mut buf = Vec::new();
-    while read_msg(&mut s, &mut buf).map_err(|e| e.to_string())? {
-        write_msg(&mut s, &buf).map_err(|e| e.to_string())?;
+    while read_msg(&mut s, &mut buf)? {
+        write_msg(&mut s, &buf)?;
     }
     Ok(())
 }
 
-fn raw_client(addr: &str, args: &Args) -> Result<(), String> {
-    let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    s.set_nodelay(true).map_err(|e| e.to_string())?;
+fn raw_client(addr: &str, args: &Args) -> Result<(), NetError> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
     let mut back = Vec::new();
     for size in args.sizes()? {
         let msg = vec![7u8; size];
@@ -511,9 +508,9 @@ fn raw_client(addr: &str, args: &Args) -> Result<(), String> {
         let mut times = Vec::with_capacity(rounds);
         for i in 0..rounds + 3 {
             let t = Instant::now();
-            write_msg(&mut s, &msg).map_err(|e| e.to_string())?;
-            if !read_msg(&mut s, &mut back).map_err(|e| e.to_string())? || back.len() != size {
-                return Err("the echo server went away".into());
+            write_msg(&mut s, &msg)?;
+            if !read_msg(&mut s, &mut back)? || back.len() != size {
+                return Err(NetError::Failed("the echo server went away".into()));
             }
             if i >= 3 {
                 times.push(t.elapsed().as_secs_f64());
@@ -542,13 +539,13 @@ fn main() {
         "raw-echo" => argv
             .first()
             .and_then(|p| p.parse().ok())
-            .ok_or_else(|| "raw-echo PORT".to_string())
+            .ok_or_else(|| NetError::Usage("raw-echo PORT".into()))
             .and_then(raw_echo),
         "raw-client" => match argv.first().cloned() {
             Some(addr) => raw_client(&addr, &Args { rest: argv }),
-            None => Err("raw-client ADDR".into()),
+            None => Err(NetError::Usage("raw-client ADDR".into())),
         },
-        other => Err(format!("unknown command '{other}'")),
+        other => Err(NetError::Usage(format!("unknown command '{other}'"))),
     };
     if let Err(e) = r {
         eprintln!("pskv-net {cmd}: {e}");

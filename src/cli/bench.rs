@@ -13,6 +13,7 @@ use pskv::engine::{Context, Engine};
 use pskv::kvstore::{Compression, DType, Key, KvStore, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::error::{CliError, CliResult};
 use super::launch::{run_collecting, JobSpec};
 
 const KIB: usize = 1024;
@@ -103,7 +104,7 @@ fn cpu() -> String {
     "cpu".into()
 }
 
-fn selected(names: &[String]) -> Result<Vec<Case>, String> {
+fn selected(names: &[String]) -> CliResult<Vec<Case>> {
     if names.is_empty() {
         return Ok(CASES.to_vec());
     }
@@ -111,9 +112,9 @@ fn selected(names: &[String]) -> Result<Vec<Case>, String> {
         .iter()
         .map(|n| {
             CASES.iter().find(|c| c.0 == n).copied().ok_or_else(|| {
-                format!(
+                CliError::Usage(format!(
                     "unknown case '{n}': expected one of 4B, 4KiB, 256KiB, 4MiB, 32MiB, 100x40KiB"
-                )
+                ))
             })
         })
         .collect()
@@ -125,23 +126,21 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// The worker side: runs every case and prints `RESULT {json}`.
-pub fn worker(s: &BenchSettings) -> Result<(), String> {
-    let e = |x: pskv::kvstore::KvError| x.to_string();
-    let engine = Engine::new().map_err(|x| x.to_string())?;
+pub fn worker(s: &BenchSettings) -> CliResult {
+    let engine = Engine::new()?;
     let (kind, ctx) = if s.gpu {
         ("dist_sync_device", super::gpus::of_rank(0)?)
     } else {
         ("dist_sync", Context::Cpu)
     };
-    let kv = KvStore::create(kind, &engine).map_err(e)?;
+    let kv = KvStore::create(kind, &engine)?;
     // Worker r on GPU r.
     let ctx = match ctx {
         Context::Gpu(_) => super::gpus::of_rank(kv.rank() as usize)?,
         c => c,
     };
     if s.compress {
-        kv.set_gradient_compression(Compression::two_bit(0.5))
-            .map_err(e)?;
+        kv.set_gradient_compression(Compression::two_bit(0.5))?;
     }
     let (rank, nw) = (kv.rank(), kv.num_workers());
     let mut out = WorkerResult {
@@ -174,10 +173,9 @@ pub fn worker(s: &BenchSettings) -> Result<(), String> {
         let inits: Vec<(Key, Tensor)> = keys
             .iter()
             .map(|k| zeros(0).map(|t| (k.clone(), t)))
-            .collect::<Result<_, _>>()
-            .map_err(e)?;
-        kv.init_many(&inits).map_err(e)?;
-        let outs: Vec<Tensor> = (0..nkeys).map(zeros).collect::<Result<_, _>>().map_err(e)?;
+            .collect::<Result<_, _>>()?;
+        kv.init_many(&inits)?;
+        let outs: Vec<Tensor> = (0..nkeys).map(zeros).collect::<Result<_, _>>()?;
         // Correctness: every worker pushes rank+1; the sum is W(W+1)/2, or
         // 0.5 per worker with 2-bit compression at threshold 0.5.
         let chk: Vec<(Key, Vec<Tensor>)> = keys
@@ -185,22 +183,21 @@ pub fn worker(s: &BenchSettings) -> Result<(), String> {
             .map(|k| {
                 Tensor::full(&engine, &[n], (rank + 1) as f32, ctx).map(|t| (k.clone(), vec![t]))
             })
-            .collect::<Result<_, _>>()
-            .map_err(e)?;
-        kv.push_many(&chk, 0).map_err(e)?;
+            .collect::<Result<_, _>>()?;
+        kv.push_many(&chk, 0)?;
         let pulls: Vec<(Key, Vec<Tensor>)> = keys
             .iter()
             .cloned()
             .zip(outs.iter().map(|o| vec![o.clone()]))
             .collect();
-        kv.pull_many(&pulls, 0).map_err(e)?;
+        kv.pull_many(&pulls, 0)?;
         let expect = if s.compress {
             0.5 * nw as f32
         } else {
             (nw * (nw + 1)) as f32 / 2.0
         };
-        let first = outs[0].to_vec::<f32>().map_err(e)?;
-        let last = outs[nkeys - 1].to_vec::<f32>().map_err(e)?;
+        let first = outs[0].to_vec::<f32>()?;
+        let last = outs[nkeys - 1].to_vec::<f32>()?;
         let check_ok = (first[0] - expect).abs() < 1e-3 && (last[n - 1] - expect).abs() < 1e-3;
 
         let grads: Vec<Tensor> = (0..nkeys)
@@ -208,8 +205,7 @@ pub fn worker(s: &BenchSettings) -> Result<(), String> {
                 let v: Vec<f32> = (0..n).map(|_| rnd()).collect();
                 Tensor::from_vec(&engine, &[n], v, ctx)
             })
-            .collect::<Result<_, _>>()
-            .map_err(e)?;
+            .collect::<Result<_, _>>()?;
         let pushpulls: Vec<(Key, Vec<Tensor>, Vec<Tensor>)> = keys
             .iter()
             .zip(&grads)
@@ -221,22 +217,22 @@ pub fn worker(s: &BenchSettings) -> Result<(), String> {
             .cloned()
             .zip(grads.iter().map(|g| vec![g.clone()]))
             .collect();
-        let one_round = || -> Result<(), String> {
+        let one_round = || -> CliResult {
             if s.mode == "push-pull" {
-                kv.push_many(&pushes, 0).map_err(e)?;
-                kv.pull_many(&pulls, 0).map_err(e)?;
+                kv.push_many(&pushes, 0)?;
+                kv.pull_many(&pulls, 0)?;
             } else {
-                kv.pushpull_many(&pushpulls, 0).map_err(e)?;
+                kv.pushpull_many(&pushpulls, 0)?;
             }
             for o in &outs {
-                o.wait_to_read().map_err(e)?;
+                o.wait_to_read()?;
             }
             Ok(())
         };
         for _ in 0..warm {
             one_round()?;
         }
-        kv.barrier().map_err(e)?;
+        kv.barrier()?;
         let mut ts = Vec::with_capacity(iters);
         let all = Instant::now();
         for _ in 0..iters {
@@ -245,7 +241,7 @@ pub fn worker(s: &BenchSettings) -> Result<(), String> {
             ts.push(t0.elapsed().as_secs_f64());
         }
         let mean = all.elapsed().as_secs_f64() / iters as f64;
-        kv.barrier().map_err(e)?;
+        kv.barrier()?;
         ts.sort_by(|a, b| a.total_cmp(b));
         let med = percentile(&ts, 0.5);
         let total = nbytes * nkeys;
@@ -268,9 +264,9 @@ pub fn worker(s: &BenchSettings) -> Result<(), String> {
     }
     println!(
         "RESULT {}",
-        serde_json::to_string(&out).map_err(|x| x.to_string())?
+        serde_json::to_string(&out).map_err(|x| CliError::Failed(format!("a result: {x}")))?
     );
-    kv.close().map_err(e)?;
+    kv.close()?;
     Ok(())
 }
 
@@ -278,9 +274,9 @@ pub fn worker(s: &BenchSettings) -> Result<(), String> {
 pub fn run(
     s: &BenchSettings,
     on_case: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
-) -> Result<Vec<WorkerResult>, String> {
+) -> CliResult<Vec<WorkerResult>> {
     selected(&s.cases)?;
-    let exe = std::env::current_exe().map_err(|e| format!("locating pskv: {e}"))?;
+    let exe = std::env::current_exe().map_err(CliError::io("locating pskv"))?;
     let mut args: Vec<std::ffi::OsString> = vec![
         exe.into(),
         "bench-worker".into(),
@@ -315,17 +311,17 @@ pub fn run(
             if let Some(j) = line.strip_prefix("RESULT ") {
                 results.push(
                     serde_json::from_str::<WorkerResult>(j)
-                        .map_err(|x| format!("a worker's result: {x}"))?,
+                        .map_err(|x| CliError::Failed(format!("a worker's result: {x}")))?,
                 );
             }
         }
     }
     if results.len() != s.workers as usize {
-        return Err(format!(
+        return Err(CliError::Failed(format!(
             "{} of {} workers reported results",
             results.len(),
             s.workers
-        ));
+        )));
     }
     results.sort_by_key(|r| r.rank);
     Ok(results)
@@ -350,14 +346,14 @@ pub fn summary(results: &[WorkerResult]) -> Vec<(String, usize, f64, f64, bool)>
 }
 
 /// The number of cases a run of `names` times.
-pub fn case_count(names: &[String]) -> Result<usize, String> {
+pub fn case_count(names: &[String]) -> CliResult<usize> {
     selected(names).map(|c| c.len())
 }
 
 /// Draws algorithmic bandwidth against message size, one line per run (the
 /// single-key cases; 100x40KiB is a different shape and is left out), as
 /// an SVG file.
-pub fn chart(runs: &[Vec<WorkerResult>], path: &std::path::Path) -> Result<(), String> {
+pub fn chart(runs: &[Vec<WorkerResult>], path: &std::path::Path) -> CliResult {
     use plotters::prelude::*;
     let series: Vec<(String, Vec<(f64, f64)>)> = runs
         .iter()
@@ -380,7 +376,7 @@ pub fn chart(runs: &[Vec<WorkerResult>], path: &std::path::Path) -> Result<(), S
         .filter(|(_, p)| !p.is_empty())
         .collect();
     if series.is_empty() {
-        return Err("no single-key case to chart".into());
+        return Err(CliError::Failed("no single-key case to chart".into()));
     }
     let (mut xlo, mut xhi, mut ylo, mut yhi) = (f64::MAX, 0.0f64, f64::MAX, 0.0f64);
     for (_, pts) in &series {
@@ -392,7 +388,8 @@ pub fn chart(runs: &[Vec<WorkerResult>], path: &std::path::Path) -> Result<(), S
         }
     }
     let ylo = (ylo / 2.0).max(1e-6);
-    let err = |e: &dyn std::fmt::Display| format!("drawing {}: {e}", path.display());
+    let err =
+        |e: &dyn std::fmt::Display| CliError::Failed(format!("drawing {}: {e}", path.display()));
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut c = ChartBuilder::on(&root)

@@ -5,6 +5,8 @@
 use pskv::engine::Context;
 use pskv::gpu::device::{self, Backend};
 
+use super::error::{CliError, CliResult};
+
 /// What the GPUs are, for banners and tables.
 pub fn name() -> &'static str {
     match cuda() {
@@ -14,18 +16,18 @@ pub fn name() -> &'static str {
 }
 
 /// How many GPUs there are to spread workers over.
-pub fn count() -> Result<usize, String> {
+pub fn count() -> CliResult<usize> {
     Ok(cuda()?.unwrap_or(device::EMULATED_DEVICES as usize))
 }
 
 /// Where worker `rank`'s tensors live.
-pub fn of_rank(rank: usize) -> Result<Context, String> {
+pub fn of_rank(rank: usize) -> CliResult<Context> {
     Ok(Context::Gpu((rank % count()?) as u32))
 }
 
 /// The CUDA devices `PSKV_GPU` picks (None: the emulated device).
-fn cuda() -> Result<Option<usize>, String> {
-    let cuda = match Backend::from_env().map_err(|e| e.to_string())? {
+fn cuda() -> CliResult<Option<usize>> {
+    let cuda = match Backend::from_env()? {
         Backend::Emulated => false,
         Backend::Cuda => true,
         Backend::Auto => device::cuda_devices().is_ok_and(|n| n > 0),
@@ -35,7 +37,9 @@ fn cuda() -> Result<Option<usize>, String> {
     }
     match device::cuda_devices() {
         Ok(n) if n > 0 => Ok(Some(n)),
-        Ok(_) => Err("PSKV_GPU asks for CUDA, but there is no CUDA device".into()),
-        Err(e) => Err(e.to_string()),
+        Ok(_) => Err(CliError::Usage(
+            "PSKV_GPU asks for CUDA, but there is no CUDA device".into(),
+        )),
+        Err(e) => Err(e.into()),
     }
 }

@@ -54,6 +54,8 @@ use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use super::error::{CliError, CliResult};
+
 /// How long the scheduler and servers may take to leave after the workers.
 const LEAVE_GRACE: Duration = Duration::from_secs(10);
 /// How long members get between SIGTERM and SIGKILL.
@@ -243,7 +245,7 @@ struct Watchdog {
 }
 
 impl Watchdog {
-    fn start(exe: &Path) -> Result<Watchdog, String> {
+    fn start(exe: &Path) -> CliResult<Watchdog> {
         let mut c = Command::new(exe);
         c.arg("launch-watchdog")
             .stdin(Stdio::piped())
@@ -260,11 +262,11 @@ impl Watchdog {
         }
         let mut child = c
             .spawn()
-            .map_err(|e| format!("starting the launch watchdog: {e}"))?;
+            .map_err(CliError::io("starting the launch watchdog"))?;
         let pipe = child
             .stdin
             .take()
-            .ok_or("the launch watchdog has no stdin")?;
+            .ok_or_else(|| CliError::Failed("the launch watchdog has no stdin".into()))?;
         Ok(Watchdog { child, pipe })
     }
 
@@ -336,25 +338,24 @@ pub fn watchdog_main() {
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released).
-pub fn free_port() -> Result<u16, String> {
-    let l =
-        std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("finding a port: {e}"))?;
+pub fn free_port() -> CliResult<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(CliError::io("finding a port"))?;
     l.local_addr()
         .map(|a| a.port())
-        .map_err(|e| format!("finding a port: {e}"))
+        .map_err(CliError::io("finding a port"))
 }
 
 /// A fresh random cluster token (hex of 16 bytes from the OS).
-fn random_token() -> Result<String, String> {
+fn random_token() -> CliResult<String> {
     let mut b = [0u8; 16];
     let mut f =
-        std::fs::File::open("/dev/urandom").map_err(|e| format!("reading /dev/urandom: {e}"))?;
-    io::Read::read_exact(&mut f, &mut b).map_err(|e| format!("reading /dev/urandom: {e}"))?;
+        std::fs::File::open("/dev/urandom").map_err(CliError::io("reading /dev/urandom"))?;
+    io::Read::read_exact(&mut f, &mut b).map_err(CliError::io("reading /dev/urandom"))?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-fn pskv_exe() -> Result<PathBuf, String> {
-    std::env::current_exe().map_err(|e| format!("locating the pskv program: {e}"))
+fn pskv_exe() -> CliResult<PathBuf> {
+    std::env::current_exe().map_err(CliError::io("locating the pskv program"))
 }
 
 /// Makes `c` start in its own process group and die with its parent.
@@ -394,9 +395,11 @@ fn sh_quote(s: &str) -> String {
 
 /// Reads an MPI-style hostfile: one host per line (`host`, `host slots=N`
 /// or `host:N`; the count is ignored), `#` comments.
-pub fn read_hostfile(path: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("reading the hostfile {}: {e}", path.display()))?;
+pub fn read_hostfile(path: &Path) -> CliResult<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(CliError::io(format!(
+        "reading the hostfile {}",
+        path.display()
+    )))?;
     let hosts: Vec<String> = text
         .lines()
         .map(|l| l.split('#').next().unwrap_or("").trim())
@@ -407,17 +410,23 @@ pub fn read_hostfile(path: &Path) -> Result<Vec<String>, String> {
         })
         .collect();
     if hosts.is_empty() {
-        return Err(format!("the hostfile {} names no host", path.display()));
+        return Err(CliError::Usage(format!(
+            "the hostfile {} names no host",
+            path.display()
+        )));
     }
     Ok(hosts)
 }
 
 /// This host's address on the route towards `host` (no packet is sent).
-fn address_towards(host: &str) -> Result<String, String> {
-    let s = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+fn address_towards(host: &str) -> CliResult<String> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").map_err(CliError::io("opening a UDP socket"))?;
     s.connect((host, 9))
-        .map_err(|e| format!("finding this host's address towards {host}: {e}"))?;
-    Ok(s.local_addr().map_err(|e| e.to_string())?.ip().to_string())
+        .map_err(CliError::io("finding this host's address towards {host}"))?;
+    Ok(s.local_addr()
+        .map_err(CliError::io("reading a socket's address"))?
+        .ip()
+        .to_string())
 }
 
 /// What starting a member takes, kept for the life of the job so that a
@@ -447,7 +456,7 @@ impl Spawner {
     }
 
     /// Starts one member process.
-    fn spawn(&self, role: Role) -> Result<Child, String> {
+    fn spawn(&self, role: Role) -> CliResult<Child> {
         let env = &self.env;
         let secret = &self.secret;
         let spec_capture = self.capture_stdout;
@@ -473,7 +482,7 @@ impl Spawner {
             }
             Some(h) => {
                 let dir = std::env::current_dir()
-                    .map_err(|e| format!("reading the working directory: {e}"))?;
+                    .map_err(CliError::io("reading the working directory"))?;
                 // The token goes on ssh's stdin, never on a command line
                 // (which any user of either host can read in `ps`): the
                 // remote shell reads it into its environment first.
@@ -527,17 +536,17 @@ impl Spawner {
         detach_and_tie(&mut c);
         let mut child = c
             .spawn()
-            .map_err(|e| format!("starting {role} ({:?}): {e}", program[0]))?;
+            .map_err(CliError::io(format!("starting {role} ({:?})", program[0])))?;
         if let (Some(token), Some(mut stdin)) = (remote_token, child.stdin.take()) {
             // One short line into a fresh pipe: it does not block. The
             // pipe then closes, so the command sees an empty stdin.
             if let Err(e) = io::Write::write_all(&mut stdin, format!("{token}\n").as_bytes()) {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "passing the token to {role} on {}: {e}",
-                    host.unwrap_or("?")
-                ));
+                return Err(CliError::Io {
+                    what: format!("passing the token to {role} on {}", host.unwrap_or("?")),
+                    source: e,
+                });
             }
         }
         Ok(child)
@@ -546,32 +555,38 @@ impl Spawner {
 
 impl Job {
     /// Starts a `local` or `ssh` job.
-    pub fn start(spec: &JobSpec, launcher: Launcher) -> Result<Job, String> {
+    pub fn start(spec: &JobSpec, launcher: Launcher) -> CliResult<Job> {
         if spec.workers == 0 || spec.servers == 0 {
-            return Err("a job needs at least one worker (-n) and one server (-s)".into());
-        }
-        if spec.workers > MAX_NODES || spec.servers > MAX_NODES {
-            return Err(format!(
-                "-n {} -s {}: a cluster has at most {MAX_NODES} workers and {MAX_NODES} servers",
-                spec.workers, spec.servers
+            return Err(CliError::Usage(
+                "a job needs at least one worker (-n) and one server (-s)".into(),
             ));
         }
+        if spec.workers > MAX_NODES || spec.servers > MAX_NODES {
+            return Err(CliError::Usage(format!(
+                "-n {} -s {}: a cluster has at most {MAX_NODES} workers and {MAX_NODES} servers",
+                spec.workers, spec.servers
+            )));
+        }
         if launcher == Launcher::Local && spec.workers + spec.servers > MAX_LOCAL {
-            return Err(format!(
+            return Err(CliError::Usage(format!(
                 "-n {} -s {}: {} processes on this one host; a local job has at most {MAX_LOCAL} (spread larger jobs over hosts with --launcher ssh, mpi or slurm)",
                 spec.workers,
                 spec.servers,
                 spec.workers + spec.servers + 1
-            ));
+            )));
         }
         if spec.command.is_empty() {
-            return Err("no worker command given (pskv launch ... -- CMD ARGS)".into());
+            return Err(CliError::Usage(
+                "no worker command given (pskv launch ... -- CMD ARGS)".into(),
+            ));
         }
         let exe = pskv_exe()?;
         let port = free_port()?;
         let remote = launcher == Launcher::Ssh;
         if remote && spec.hosts.is_empty() {
-            return Err("the ssh launcher needs a hostfile (-H FILE)".into());
+            return Err(CliError::Usage(
+                "the ssh launcher needs a hostfile (-H FILE)".into(),
+            ));
         }
         let root = match (&spec.root_uri, remote) {
             (Some(r), _) => r.clone(),
@@ -606,9 +621,9 @@ impl Job {
                 .as_deref()
                 .is_some_and(|t| t.contains('\n') || t.contains('\0') || t.len() > 4096)
         {
-            return Err(
+            return Err(CliError::Usage(
                 "PSKV_TOKEN must be one line of at most 4096 bytes for the ssh launcher".into(),
-            );
+            ));
         }
         // Replicas: the setting in force (as for the token, the last one
         // set wins).
@@ -620,14 +635,20 @@ impl Job {
             None | Some("") => 1,
             Some(v) => match v.parse() {
                 Ok(n @ 1..=2) => n,
-                _ => return Err(format!("PSKV_REPLICAS={v}: expected 1 or 2")),
+                _ => {
+                    return Err(CliError::Usage(format!(
+                        "PSKV_REPLICAS={v}: expected 1 or 2"
+                    )))
+                }
             },
         };
         if replicas > 1 && spec.server_restarts > 0 {
-            return Err("--restart-servers and replicas (PSKV_REPLICAS=2) do not mix: with replicas a dead server's backup serves its keys, and a restarted server could not take them back".into());
+            return Err(CliError::Usage("--restart-servers and replicas (PSKV_REPLICAS=2) do not mix: with replicas a dead server's backup serves its keys, and a restarted server could not take them back".into()));
         }
         if replicas > 1 && spec.servers < 2 {
-            return Err("replicas (PSKV_REPLICAS=2) need at least two servers (-s 2)".into());
+            return Err(CliError::Usage(
+                "replicas (PSKV_REPLICAS=2) need at least two servers (-s 2)".into(),
+            ));
         }
         // A restarted server needs its checkpoint: one directory per job
         // unless the caller named one.
@@ -646,7 +667,7 @@ impl Job {
             });
         if spec.server_restarts > 0 && !has_dir {
             if remote {
-                return Err("--restart-servers with the ssh launcher needs --env PSKV_CHECKPOINT_DIR=DIR (a directory on each server's host)".into());
+                return Err(CliError::Usage("--restart-servers with the ssh launcher needs --env PSKV_CHECKPOINT_DIR=DIR (a directory on each server's host)".into()));
             }
             // A fresh directory only this user can read (checkpoints hold
             // the model), with an unguessable name; an existing path is an
@@ -659,7 +680,10 @@ impl Job {
             std::fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&dir)
-                .map_err(|e| format!("creating the checkpoint directory {}: {e}", dir.display()))?;
+                .map_err(CliError::io(format!(
+                    "creating the checkpoint directory {}",
+                    dir.display()
+                )))?;
             env.push(("PSKV_CHECKPOINT_DIR".into(), dir.display().to_string()));
             checkpoint_dir = Some(dir);
         }
@@ -709,7 +733,7 @@ impl Job {
     }
 
     /// Starts a member and tells the watchdog of it.
-    fn start_member(&mut self, role: Role) -> Result<(), String> {
+    fn start_member(&mut self, role: Role) -> CliResult {
         let child = self.spawner.spawn(role)?;
         let pidfd = pidfd_of(child.id());
         if let Some(w) = self.watchdog.as_mut() {
@@ -957,7 +981,7 @@ pub fn run_collecting(
     spec: &JobSpec,
     timeout: Duration,
     on_line: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
-) -> Result<Vec<String>, String> {
+) -> CliResult<Vec<String>> {
     let mut spec = spec.clone();
     spec.capture_stdout = true;
     let mut job = Job::start(&spec, Launcher::Local)?;
@@ -985,12 +1009,12 @@ pub fn run_collecting(
         .into_iter()
         .map(|t| t.join().unwrap_or_default())
         .collect();
-    result.map_err(|f| f.message)?;
+    result.map_err(|f| CliError::Failed(f.message))?;
     Ok(outs)
 }
 
 /// Raises the returned flag on SIGINT, SIGTERM and SIGHUP.
-pub fn stop_flag() -> Result<std::sync::Arc<AtomicBool>, String> {
+pub fn stop_flag() -> CliResult<std::sync::Arc<AtomicBool>> {
     // Installed once per process: a bench sweep supervises one job per run.
     static FLAG: std::sync::OnceLock<std::sync::Arc<AtomicBool>> = std::sync::OnceLock::new();
     if let Some(f) = FLAG.get() {
@@ -1003,7 +1027,7 @@ pub fn stop_flag() -> Result<std::sync::Arc<AtomicBool>, String> {
         signal_hook::consts::SIGHUP,
     ] {
         signal_hook::flag::register(sig, flag.clone())
-            .map_err(|e| format!("installing a signal handler: {e}"))?;
+            .map_err(CliError::io("installing a signal handler"))?;
     }
     Ok(FLAG.get_or_init(|| flag).clone())
 }
@@ -1012,7 +1036,7 @@ pub fn stop_flag() -> Result<std::sync::Arc<AtomicBool>, String> {
 fn rank_and_size(
     launcher: Launcher,
     get: &dyn Fn(&str) -> Option<String>,
-) -> Result<(u32, u32), String> {
+) -> CliResult<(u32, u32)> {
     let pairs: &[(&str, &str)] = match launcher {
         Launcher::Slurm => &[
             ("SLURM_PROCID", "SLURM_NTASKS"),
@@ -1030,16 +1054,16 @@ fn rank_and_size(
             let parse = |name: &str, v: &str| {
                 v.trim()
                     .parse::<u32>()
-                    .map_err(|_| format!("{name}={v}: not a number"))
+                    .map_err(|_| CliError::Usage(format!("{name}={v}: not a number")))
             };
             return Ok((parse(r, &rv)?, parse(s, &sv)?));
         }
     }
     let names: Vec<String> = pairs.iter().map(|(r, s)| format!("{r}/{s}")).collect();
-    Err(format!(
+    Err(CliError::Usage(format!(
         "the {launcher:?} launcher runs as one rank of mpirun/srun, but none of {} is set",
         names.join(", ")
-    ))
+    )))
 }
 
 /// The first host of a Slurm node list (`node[01-04,7],gpu2` → `node01`).
@@ -1084,17 +1108,19 @@ pub fn rank_plan(
     spec: &JobSpec,
     launcher: Launcher,
     get: &dyn Fn(&str) -> Option<String>,
-) -> Result<RankPlan, String> {
+) -> CliResult<RankPlan> {
     let (rank, size) = rank_and_size(launcher, get)?;
     let want = 1 + spec.servers + spec.workers;
     if size != want {
-        return Err(format!(
+        return Err(CliError::Usage(format!(
             "{size} ranks were started, but 1 scheduler + {} servers + {} workers need {want}",
             spec.servers, spec.workers
-        ));
+        )));
     }
     if rank >= size {
-        return Err(format!("rank {rank} is not below the size {size}"));
+        return Err(CliError::Usage(format!(
+            "rank {rank} is not below the size {size}"
+        )));
     }
     let root = match spec.root_uri.clone().or_else(|| get("DMLC_PS_ROOT_URI")) {
         Some(r) => r,
@@ -1105,13 +1131,17 @@ pub fn rank_plan(
             let nodelist = get("SLURM_JOB_NODELIST").or_else(|| get("SLURM_NODELIST"));
             match (launcher, nodelist, local_size) {
                 (Launcher::Slurm, Some(l), _) => first_slurm_host(&l).ok_or_else(|| {
-                    format!("cannot read the first host of SLURM_JOB_NODELIST={l}")
+                    CliError::Usage(format!(
+                        "cannot read the first host of SLURM_JOB_NODELIST={l}"
+                    ))
                 })?,
                 (_, _, Some(n)) if n.trim() == size.to_string() => "127.0.0.1".to_string(),
                 _ => {
-                    return Err("set DMLC_PS_ROOT_URI (or --root-uri) to rank 0's host: \
-                                the ranks span several hosts"
-                        .into())
+                    return Err(CliError::Usage(
+                        "set DMLC_PS_ROOT_URI (or --root-uri) to rank 0's host: \
+                         the ranks span several hosts"
+                            .into(),
+                    ))
                 }
             }
         }
@@ -1160,7 +1190,7 @@ pub fn exec_rank(spec: &JobSpec, launcher: Launcher) -> Failure {
         return Failure::new("no worker command given (pskv launch ... -- CMD ARGS)", 2);
     }
     match rank_plan(spec, launcher, &|k| std::env::var(k).ok()) {
-        Err(e) => Failure::new(e, 2),
+        Err(e) => Failure::new(e.to_string(), 2),
         Ok((program, env)) => {
             let err = Command::new(&program[0])
                 .args(&program[1..])
@@ -1234,13 +1264,16 @@ mod tests {
         let bad = lookup(&[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "3")]);
         assert!(rank_plan(&spec, Launcher::Mpi, &bad)
             .unwrap_err()
+            .to_string()
             .contains("need 4"));
         assert!(rank_plan(&spec, Launcher::Mpi, &lookup(&[]))
             .unwrap_err()
+            .to_string()
             .contains("OMPI_COMM_WORLD_RANK"));
         let multi = lookup(&[("PMI_RANK", "2"), ("PMI_SIZE", "4")]);
         assert!(rank_plan(&spec, Launcher::Mpi, &multi)
             .unwrap_err()
+            .to_string()
             .contains("DMLC_PS_ROOT_URI"));
         let slurm = lookup(&[
             ("SLURM_PROCID", "1"),
@@ -1266,7 +1299,10 @@ mod tests {
             vec!["node1", "node2", "node3"]
         );
         std::fs::write(&dir, "# nothing\n").unwrap();
-        assert!(read_hostfile(&dir).unwrap_err().contains("names no host"));
+        assert!(read_hostfile(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("names no host"));
         std::fs::remove_file(&dir).unwrap();
         assert!(read_hostfile(&dir).is_err());
     }

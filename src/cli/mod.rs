@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod error;
 pub mod gpus;
 pub mod launch;
 pub mod roles;

@@ -22,6 +22,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pskv::engine::{Context, Engine};
 use pskv::kvstore::{Compression, Key, KvStore, Optimizer, Tensor};
 
+use super::error::{CliError, CliResult};
 use super::launch::{stop_flag, Job, JobSpec, Launcher};
 use data::{spirals, Rng};
 
@@ -94,30 +95,41 @@ impl DemoSettings {
     }
 
     /// Checks the settings.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> CliResult {
         if self.workers == 0 || self.servers == 0 {
-            return Err("the demo needs at least one worker and one server".into());
-        }
-        if self.batch == 0 || self.steps_per_epoch() == 0 {
-            return Err(format!(
-                "--batch {} with {} workers leaves no step in an epoch of {TRAIN} samples",
-                self.batch, self.workers
+            return Err(CliError::Usage(
+                "the demo needs at least one worker and one server".into(),
             ));
         }
+        if self.batch == 0 || self.steps_per_epoch() == 0 {
+            return Err(CliError::Usage(format!(
+                "--batch {} with {} workers leaves no step in an epoch of {TRAIN} samples",
+                self.batch, self.workers
+            )));
+        }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(format!("--lr {}: expected a positive number", self.lr));
+            return Err(CliError::Usage(format!(
+                "--lr {}: expected a positive number",
+                self.lr
+            )));
         }
         if !matches!(self.van.as_str(), "tcp" | "shm" | "auto") {
-            return Err(format!("--van {}: expected tcp, shm or auto", self.van));
+            return Err(CliError::Usage(format!(
+                "--van {}: expected tcp, shm or auto",
+                self.van
+            )));
         }
         if !matches!(self.device.as_str(), "cpu" | "gpu") || self.gpu != (self.device == "gpu") {
-            return Err(format!("--device {}: expected cpu or gpu", self.device));
+            return Err(CliError::Usage(format!(
+                "--device {}: expected cpu or gpu",
+                self.device
+            )));
         }
         Ok(())
     }
 
     /// Where worker `rank`'s tensors live.
-    fn ctx(&self, rank: usize) -> Result<Context, String> {
+    fn ctx(&self, rank: usize) -> CliResult<Context> {
         if !self.gpu {
             return Ok(Context::Cpu);
         }
@@ -135,27 +147,21 @@ fn epoch_order(epoch: u32) -> Vec<usize> {
     Rng::new(1000 + epoch as u64).permutation(TRAIN)
 }
 
-fn kv_err(e: pskv::kvstore::KvError) -> String {
-    e.to_string()
-}
-
-fn tensors(e: &Engine, params: &[Vec<f32>], ctx: Context) -> Result<Vec<Tensor>, String> {
+fn tensors(e: &Engine, params: &[Vec<f32>], ctx: Context) -> CliResult<Vec<Tensor>> {
     mlp::shapes()
         .iter()
         .zip(params)
-        .map(|(shape, v)| Tensor::from_slice(e, shape, v, ctx).map_err(kv_err))
+        .map(|(shape, v)| Ok(Tensor::from_slice(e, shape, v, ctx)?))
         .collect()
 }
 
-fn read_all(ts: &[Tensor]) -> Result<Vec<Vec<f32>>, String> {
-    ts.iter()
-        .map(|t| t.to_vec::<f32>().map_err(kv_err))
-        .collect()
+fn read_all(ts: &[Tensor]) -> CliResult<Vec<Vec<f32>>> {
+    ts.iter().map(|t| Ok(t.to_vec::<f32>()?)).collect()
 }
 
 /// One worker of the demo (`pskv demo-worker`, DMLC_* from the launcher).
-pub fn worker(s: &DemoSettings, weights_out: Option<&Path>) -> Result<(), String> {
-    let engine = Engine::new().map_err(|e| e.to_string())?;
+pub fn worker(s: &DemoSettings, weights_out: Option<&Path>) -> CliResult {
+    let engine = Engine::new()?;
     // On GPUs, as MXNet's GPU training: the device kind (one value per key
     // here, so no reduction on the worker; sends go through pinned memory).
     let kind = if s.gpu {
@@ -163,35 +169,33 @@ pub fn worker(s: &DemoSettings, weights_out: Option<&Path>) -> Result<(), String
     } else {
         "dist_sync"
     };
-    let kv = KvStore::create(kind, &engine).map_err(kv_err)?;
+    let kv = KvStore::create(kind, &engine)?;
     let rank = kv.rank() as usize;
     let ctx = s.ctx(rank)?;
     if kv.num_workers() != s.workers {
-        return Err(format!(
+        return Err(CliError::Failed(format!(
             "the cluster has {} workers, the settings say {}",
             kv.num_workers(),
             s.workers
-        ));
+        )));
     }
     if let Some(t) = s.compress {
-        kv.set_gradient_compression(Compression::two_bit(t))
-            .map_err(kv_err)?;
+        kv.set_gradient_compression(Compression::two_bit(t))?;
     }
     let train = spirals(TRAIN, TRAIN_SEED);
     let test = spirals(TEST, TEST_SEED);
     let weights = tensors(&engine, &mlp::init(INIT_SEED), ctx)?;
     for (k, w) in weights.iter().enumerate() {
-        kv.init(k as i64, w).map_err(kv_err)?;
+        kv.init(k as i64, w)?;
     }
-    kv.set_optimizer(s.optimizer()).map_err(kv_err)?;
+    kv.set_optimizer(s.optimizer())?;
     // Every worker starts from the servers' values.
     for (k, w) in weights.iter().enumerate() {
-        kv.pull(k as i64, std::slice::from_ref(w), 0)
-            .map_err(kv_err)?;
+        kv.pull(k as i64, std::slice::from_ref(w), 0)?;
     }
     let grads: Vec<Tensor> = weights
         .iter()
-        .map(|w| w.zeros_like(ctx).map_err(kv_err))
+        .map(|w| w.zeros_like(ctx))
         .collect::<Result<_, _>>()?;
     let started = Instant::now();
     let mut samples = 0usize;
@@ -204,14 +208,14 @@ pub fn worker(s: &DemoSettings, weights_out: Option<&Path>) -> Result<(), String
             let (g, loss, ok) = mlp::gradients(&params, &train, &idx);
             let mut items: Vec<(Key, Vec<Tensor>, Vec<Tensor>)> = Vec::new();
             for (k, gk) in g.iter().enumerate() {
-                grads[k].copy_from_slice(gk).map_err(kv_err)?;
+                grads[k].copy_from_slice(gk)?;
                 items.push((
                     Key::from(k as u32),
                     vec![grads[k].clone()],
                     vec![weights[k].clone()],
                 ));
             }
-            kv.pushpull_many(&items, 0).map_err(kv_err)?;
+            kv.pushpull_many(&items, 0)?;
             samples += idx.len();
             loss_sum += loss as f64;
             right += ok;
@@ -241,10 +245,10 @@ pub fn worker(s: &DemoSettings, weights_out: Option<&Path>) -> Result<(), String
             .flatten()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        std::fs::write(path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        std::fs::write(path, bytes).map_err(CliError::io(format!("writing {}", path.display())))?;
     }
     println!("DONE {samples} {secs:.6}");
-    kv.close().map_err(kv_err)?;
+    kv.close()?;
     Ok(())
 }
 
@@ -253,8 +257,8 @@ pub fn worker(s: &DemoSettings, weights_out: Option<&Path>) -> Result<(), String
 /// W values of one key (summed in rank order, as the servers do; on GPUs,
 /// value r on worker r's GPU, summed on the device), compressed the same
 /// way when asked.
-pub fn reference(s: &DemoSettings) -> Result<Vec<Vec<f32>>, String> {
-    let engine = Engine::new().map_err(|e| e.to_string())?;
+pub fn reference(s: &DemoSettings) -> CliResult<Vec<Vec<f32>>> {
+    let engine = Engine::new()?;
     // A local store does not compress (as in MXNet); a device store with
     // host contexts standing in for devices does, per value.
     let kind = if s.compress.is_some() || s.gpu {
@@ -262,26 +266,25 @@ pub fn reference(s: &DemoSettings) -> Result<Vec<Vec<f32>>, String> {
     } else {
         "local"
     };
-    let kv = KvStore::create(kind, &engine).map_err(kv_err)?;
+    let kv = KvStore::create(kind, &engine)?;
     if let Some(t) = s.compress {
-        kv.set_gradient_compression(Compression::two_bit(t))
-            .map_err(kv_err)?;
+        kv.set_gradient_compression(Compression::two_bit(t))?;
     }
     let train = spirals(TRAIN, TRAIN_SEED);
     let weights = tensors(&engine, &mlp::init(INIT_SEED), s.ctx(0)?)?;
     for (k, w) in weights.iter().enumerate() {
-        kv.init(k as i64, w).map_err(kv_err)?;
+        kv.init(k as i64, w)?;
     }
-    kv.set_optimizer(s.optimizer()).map_err(kv_err)?;
+    kv.set_optimizer(s.optimizer())?;
     let w = s.workers as usize;
     let grads: Vec<Vec<Tensor>> = weights
         .iter()
         .map(|t| {
             (0..w)
-                .map(|r| t.zeros_like(s.ctx(r)?).map_err(kv_err))
-                .collect()
+                .map(|r| Ok(t.zeros_like(s.ctx(r)?)?))
+                .collect::<CliResult<Vec<_>>>()
         })
-        .collect::<Result<_, _>>()?;
+        .collect::<CliResult<_>>()?;
     for epoch in 0..s.epochs {
         let order = epoch_order(epoch);
         for step in 0..s.steps_per_epoch() {
@@ -291,13 +294,12 @@ pub fn reference(s: &DemoSettings) -> Result<Vec<Vec<f32>>, String> {
                 .collect();
             for (k, slots) in grads.iter().enumerate() {
                 for (slot, g) in slots.iter().zip(&per_worker) {
-                    slot.copy_from_slice(&g[k]).map_err(kv_err)?;
+                    slot.copy_from_slice(&g[k])?;
                 }
             }
             for (k, wk) in weights.iter().enumerate() {
-                kv.push(k as i64, &grads[k], 0).map_err(kv_err)?;
-                kv.pull(k as i64, std::slice::from_ref(wk), 0)
-                    .map_err(kv_err)?;
+                kv.push(k as i64, &grads[k], 0)?;
+                kv.pull(k as i64, std::slice::from_ref(wk), 0)?;
             }
         }
     }
@@ -371,10 +373,10 @@ fn follow(out: impl std::io::Read, s: &DemoSettings) -> Report {
 
 /// The launcher side: runs the job, then the single-process reference,
 /// prints the summary. Fails when the job fails or the weights differ.
-pub fn run(s: &DemoSettings, timeout: Duration) -> Result<(), String> {
+pub fn run(s: &DemoSettings, timeout: Duration) -> CliResult {
     s.validate()?;
     if s.gpu {
-        super::gpus::count().map_err(|e| format!("--device gpu: {e}"))?;
+        super::gpus::count().map_err(|e| CliError::Usage(format!("--device gpu: {e}")))?;
     }
     let params: usize = mlp::init(INIT_SEED).iter().map(Vec::len).sum();
     let layers: Vec<String> = mlp::LAYERS.iter().map(|n| n.to_string()).collect();
@@ -398,15 +400,15 @@ pub fn run(s: &DemoSettings, timeout: Duration) -> Result<(), String> {
         }
     );
     let dir = std::env::temp_dir().join(format!("pskv-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(CliError::io(format!("creating {}", dir.display())))?;
     let weights_file = dir.join("weights.f32");
     let result = run_in(s, timeout, &weights_file);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run_in(s: &DemoSettings, timeout: Duration, weights_file: &PathBuf) -> Result<(), String> {
-    let exe = std::env::current_exe().map_err(|e| format!("locating pskv: {e}"))?;
+fn run_in(s: &DemoSettings, timeout: Duration, weights_file: &PathBuf) -> CliResult {
+    let exe = std::env::current_exe().map_err(CliError::io("locating pskv"))?;
     let mut cmd: Vec<std::ffi::OsString> = vec![exe.into(), "demo-worker".into()];
     cmd.extend(s.worker_args().into_iter().map(Into::into));
     cmd.push("--weights-out".into());
@@ -436,24 +438,26 @@ fn run_in(s: &DemoSettings, timeout: Duration, weights_file: &PathBuf) -> Result
         report.done.extend(r.done);
     }
     let done = report.done;
-    outcome.map_err(|f| f.message)?;
+    outcome.map_err(|f| CliError::Failed(f.message))?;
     if done.len() != s.workers as usize {
-        return Err(format!(
+        return Err(CliError::Failed(format!(
             "{} of {} workers reported their training",
             done.len(),
             s.workers
-        ));
+        )));
     }
     let samples: usize = done.iter().map(|d| d.0).sum();
     let train_secs = done.iter().map(|d| d.1).fold(0.0, f64::max);
     let Some(&(_, train_acc, test_acc)) = report.epochs.last() else {
-        return Err("rank 0 reported no epoch".into());
+        return Err(CliError::Failed("rank 0 reported no epoch".into()));
     };
 
     eprintln!("computing the same training in one process for the check ...");
     let want = reference(s)?;
-    let bytes = std::fs::read(weights_file)
-        .map_err(|e| format!("reading rank 0's weights {}: {e}", weights_file.display()))?;
+    let bytes = std::fs::read(weights_file).map_err(CliError::io(format!(
+        "reading rank 0's weights {}",
+        weights_file.display()
+    )))?;
     let got: Vec<f32> = bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -471,11 +475,11 @@ fn run_in(s: &DemoSettings, timeout: Duration, weights_file: &PathBuf) -> Result
         s.workers
     );
     if got.len() != want.len() {
-        return Err(format!(
+        return Err(CliError::Failed(format!(
             "check failed: rank 0 wrote {} weights, the model has {}",
             got.len(),
             want.len()
-        ));
+        )));
     }
     let differ = got
         .iter()
@@ -488,11 +492,11 @@ fn run_in(s: &DemoSettings, timeout: Duration, weights_file: &PathBuf) -> Result
             .zip(&want)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
-        return Err(format!(
+        return Err(CliError::Failed(format!(
             "check failed: {differ} of {} weights differ from the single-process run \
              (largest difference {worst:e})",
             want.len()
-        ));
+        )));
     }
     println!(
         "check: the {} weights equal the single-process run's, bit for bit",
@@ -546,11 +550,11 @@ mod tests {
             van: "udp".into(),
             ..s.clone()
         };
-        assert!(bad.validate().unwrap_err().contains("udp"));
+        assert!(bad.validate().unwrap_err().to_string().contains("udp"));
         let bad = DemoSettings {
             device: "tpu".into(),
             ..s
         };
-        assert!(bad.validate().unwrap_err().contains("tpu"));
+        assert!(bad.validate().unwrap_err().to_string().contains("tpu"));
     }
 }
