@@ -26,19 +26,24 @@ pub enum CliError {
     /// wait ran out.
     #[error("{0}")]
     Failed(String),
-    /// The kvstore refused or failed.
+    /// A library refused or failed: the kvstore, or the engine, the
+    /// transport or the kernels below it (as the kvstore wraps their
+    /// errors).
     #[error(transparent)]
-    Kv(#[from] KvError),
-    /// The transport refused or failed.
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    /// The engine refused or failed.
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    /// A kernel or device refused or failed.
-    #[error(transparent)]
-    Kernel(#[from] KernelError),
+    Lib(#[from] KvError),
 }
+
+/// The errors of the libraries below the kvstore, as the kvstore wraps them.
+macro_rules! through_kvstore {
+    ($($t:ty),*) => {$(
+        impl From<$t> for CliError {
+            fn from(e: $t) -> CliError {
+                CliError::Lib(KvError::from(e))
+            }
+        }
+    )*};
+}
+through_kvstore!(EngineError, TransportError, KernelError);
 
 impl CliError {
     /// For `map_err`: a system error while doing `what`.

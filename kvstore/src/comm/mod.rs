@@ -15,6 +15,7 @@
 mod device;
 pub mod tree;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -371,21 +372,42 @@ pub(crate) fn sum_dense(
         out.copy_from_slice(inputs[0]);
         return Ok(());
     }
-    fn typed<'a, T: bytemuck::Pod>(ins: &[&'a [u8]]) -> Vec<&'a [T]> {
-        ins.iter().map(|b| bytemuck::cast_slice(b)).collect()
+    // The inputs may be plain bytes of a message, not aligned to the type:
+    // read in place where they are, copied where not.
+    fn typed<'a, T: bytemuck::Pod>(ins: &[&'a [u8]]) -> Vec<Cow<'a, [T]>> {
+        ins.iter().map(|b| elems::<T>(b)).collect()
+    }
+    fn refs<'a, T>(v: &'a [Cow<'_, [T]>]) -> Vec<&'a [T]>
+    where
+        [T]: ToOwned,
+    {
+        v.iter().map(|c| &c[..]).collect()
     }
     match dtype {
-        DType::F32 => Ok(k.sum::<f32>(bytemuck::cast_slice_mut(out), &typed(inputs))?),
-        DType::F64 => Ok(k.sum::<f64>(bytemuck::cast_slice_mut(out), &typed(inputs))?),
-        DType::F16 => Ok(k.sum::<f16>(bytemuck::cast_slice_mut(out), &typed(inputs))?),
+        DType::F32 => Ok(k.sum::<f32>(bytemuck::cast_slice_mut(out), &refs(&typed(inputs)))?),
+        DType::F64 => Ok(k.sum::<f64>(bytemuck::cast_slice_mut(out), &refs(&typed(inputs)))?),
+        DType::F16 => Ok(k.sum::<f16>(bytemuck::cast_slice_mut(out), &refs(&typed(inputs)))?),
         DType::I32 => {
-            wrapping_sum(out, &typed(inputs), i32::wrapping_add);
+            wrapping_sum(out, &refs(&typed(inputs)), i32::wrapping_add);
             Ok(())
         }
         DType::I64 => {
-            wrapping_sum(out, &typed(inputs), i64::wrapping_add);
+            wrapping_sum(out, &refs(&typed(inputs)), i64::wrapping_add);
             Ok(())
         }
+    }
+}
+
+/// Little-endian elements of `b`, read in place when aligned, copied when
+/// not (bytes of a message may start anywhere).
+pub(crate) fn elems<T: bytemuck::Pod>(b: &[u8]) -> Cow<'_, [T]> {
+    match bytemuck::try_cast_slice(b) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => Cow::Owned(
+            b.chunks_exact(std::mem::size_of::<T>())
+                .map(bytemuck::pod_read_unaligned)
+                .collect(),
+        ),
     }
 }
 

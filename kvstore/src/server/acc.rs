@@ -2,14 +2,10 @@
 //! key's type (f16 summed in f32 and rounded once), the fold of one push
 //! into it, and the sum written into the stored value.
 
-use std::borrow::Cow;
-
 use half::f16;
-use pskv_gpu::cpu::CpuKernels;
-use pskv_gpu::Kernels;
 
+use crate::comm::elems;
 use crate::dtype::DType;
-use crate::error::Fault;
 
 /// The running sum of a round: f32 for f32 and f16 keys (f16 is summed in
 /// f32 and rounded once), f64, i32, i64.
@@ -46,45 +42,6 @@ impl Acc {
             DType::I32 => Acc::I32(vec![0; n]),
             DType::I64 => Acc::I64(vec![0; n]),
         }
-    }
-}
-
-/// `out = inputs[0] + inputs[1] + ...` for float elements of `dtype`
-/// (given as bytes that may not be aligned), with the sum kernel.
-pub(super) fn sum_bytes(
-    k: &CpuKernels,
-    dtype: DType,
-    out: &mut [u8],
-    inputs: &[&[u8]],
-) -> Result<(), Fault> {
-    fn run<T: pskv_gpu::Element + bytemuck::Pod>(
-        k: &CpuKernels,
-        out: &mut [u8],
-        inputs: &[&[u8]],
-    ) -> Result<(), Fault> {
-        let ins: Vec<Cow<'_, [T]>> = inputs.iter().map(|b| elems::<T>(b)).collect();
-        let refs: Vec<&[T]> = ins.iter().map(|c| &c[..]).collect();
-        Ok(k.sum::<T>(bytemuck::cast_slice_mut(out), &refs)?)
-    }
-    match dtype {
-        DType::F32 => run::<f32>(k, out, inputs),
-        DType::F64 => run::<f64>(k, out, inputs),
-        DType::F16 => run::<f16>(k, out, inputs),
-        DType::I32 | DType::I64 => Err(Fault::Mismatch(format!(
-            "the sum kernel takes floats, not {dtype}"
-        ))),
-    }
-}
-
-/// Reads little-endian elements that may not be aligned.
-pub(super) fn elems<T: bytemuck::Pod>(b: &[u8]) -> Cow<'_, [T]> {
-    match bytemuck::try_cast_slice(b) {
-        Ok(s) => Cow::Borrowed(s),
-        Err(_) => Cow::Owned(
-            b.chunks_exact(std::mem::size_of::<T>())
-                .map(bytemuck::pod_read_unaligned)
-                .collect(),
-        ),
     }
 }
 

@@ -25,7 +25,8 @@ use half::f16;
 use pskv_gpu::cpu::CpuKernels;
 use pskv_transport::Region;
 
-use super::acc::{elems, fold_into, sum_bytes, write_sum, Acc};
+use super::acc::{fold_into, write_sum, Acc};
+use crate::comm::{elems, sum_dense};
 use crate::compression::Compression;
 use crate::dtype::DType;
 use crate::error::Fault;
@@ -159,7 +160,7 @@ impl EntryState {
     pub(crate) fn value_bytes(&self) -> &[u8] {
         match &self.shm {
             // SAFETY: the value slot is written only by this entry's ops,
-            // and workers read it only between rounds (see `shm`).
+            // and workers read it only between rounds (see `kinds/dist/segments.rs`).
             Some(seg) => unsafe { seg.slot(self.workers) },
             None => self.value.bytes(),
         }
@@ -503,14 +504,14 @@ impl EntryState {
         let result = (|| -> Result<(), Fault> {
             let ins: Vec<&[u8]> = arrivals.iter().map(|a| &a.vals[..]).collect();
             match rule {
-                None => sum_bytes(k, dtype, self.value_mut(false), &ins),
+                None => sum_dense(k, dtype, self.value_mut(false), &ins),
                 Some(rule) => {
                     let n = self.nbytes;
                     let mut grad = std::mem::replace(&mut self.grad_buf, Buf::zeroed(0));
                     if grad.len() != n {
                         grad = Buf::zeroed(n);
                     }
-                    sum_bytes(k, dtype, grad.bytes_mut(), &ins)?;
+                    sum_dense(k, dtype, grad.bytes_mut(), &ins)?;
                     let mut st = std::mem::take(&mut self.opt);
                     let shape = [self.elems];
                     let res = rule.apply(

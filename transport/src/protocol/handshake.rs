@@ -44,7 +44,6 @@
 //!   peer: the handshake fails, it never skips or repeats a step.
 
 use std::collections::VecDeque;
-use std::fmt;
 use std::time::{Duration, Instant};
 
 use super::NodeId;
@@ -96,21 +95,15 @@ pub struct Done {
 }
 
 /// Why a handshake failed.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
     /// Before both sides were authenticated: a wrong token, a refusal, a
     /// peer that broke off or went silent.
+    #[error("{0}")]
     Auth(String),
     /// After: the van offer or answer did not arrive or made no sense.
+    #[error("{0}")]
     Van(String),
-}
-
-impl fmt::Display for HandshakeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HandshakeError::Auth(r) | HandshakeError::Van(r) => f.write_str(r),
-        }
-    }
 }
 
 /// The connector's settings.

@@ -85,7 +85,7 @@ impl DistStore {
         match seg {
             Some(seg) => {
                 // SAFETY: this worker's own slot, which the server reads
-                // only after the push below (see `shm`).
+                // only after the push below (see `kinds/dist/segments.rs`).
                 unsafe { seg.slot_mut(self.po.my_rank() as usize) }.copy_from_slice(bytes);
                 // The server checks the count against the key's size, as it
                 // checks a message's length.
@@ -425,7 +425,7 @@ pub(super) fn answer_into(
                 check_len(resp, 0)?;
                 // SAFETY: the server wrote the value slot before answering
                 // and writes it again only in a round this worker has not
-                // pushed to yet (see `shm`).
+                // pushed to yet (see `kinds/dist/segments.rs`).
                 ptr.write(p.start * ub, unsafe { seg.slot(workers as usize) })
             }
             None => {
