@@ -152,7 +152,16 @@ int pskv_pushpull_device(struct pskv_kvstore *kv,
 // scheduler and argument names, e.g.
 // `learning_rate=0.1,lr_scheduler=factor(step=100;factor=0.9;warmup_steps=10)`
 // or `lr_scheduler=multifactor(step=30:60:90;factor=0.1)`; kinds are
-// factor, multifactor, poly and cosine.
+// factor, multifactor, poly and cosine. MXNet's attributes pass as they
+// are: `lazy_update=1` and AdaGrad's `float_stable_eps` take effect
+// (`lazy_update=0` is refused); `aggregate_num`, `use_fused_step`,
+// `param_idx2name`, `idx2name`, `param_dict` and `sym` are ignored with a
+// logged warning, whatever their value (without a comma).
+//
+// Collective, as `pskv_init` and `pskv_barrier`: every worker calls it
+// with the same optimizer; if it fails on one worker it fails on all,
+// and a worker that never calls it leaves the others waiting up to
+// `PSKV_KVSTORE_TIMEOUT`.
 //
 // # Safety
 // `kv` is a live handle; `name` and `params` are NUL-terminated strings.

@@ -20,6 +20,7 @@ Needs ../shared/peers/setup.sh to have run (MXNet and mpi4py venvs).
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -96,6 +97,83 @@ def fmt_time(us):
     if us >= 1000:
         return "%.2f ms" % (us / 1000)
     return "%.1f µs" % us
+
+
+SINGLE_KEY = {"4B": 4, "4KiB": 4 << 10, "256KiB": 256 << 10, "4MiB": 4 << 20, "32MiB": 32 << 20}
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+          "#17becf", "#7f7f7f", "#bcbd22", "#000000", "#aec7e8"]
+
+
+def size_label(b):
+    """A byte count: exact for powers of two ("4 KiB"), else 3 digits."""
+    for unit in ["B", "KiB", "MiB", "GiB"]:
+        if b < 1024 or unit == "GiB":
+            return "%s %s" % (("%.3g" % b), unit)
+        b /= 1024.0
+
+
+def time_label(us):
+    """A time given in µs: "850 ns", "12 µs", "3.4 ms", "1.2 s"."""
+    s = us * 1e-6
+    for scale, unit in [(1, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns")]:
+        if s >= scale or unit == "ns":
+            return "%s %s" % (("%.3g" % (s / scale)), unit)
+
+
+def svg_chart(path, title, series):
+    """Median round against message size, log-log, one line per system;
+    sizes ticked at powers of two, times at 1, 2 and 5 of each decade."""
+    pts = [p for _, ps in series for p in ps]
+    if not pts:
+        return False
+    W, H, L, R, T, B = 900, 540, 90, 230, 50, 60
+    x0, x1 = min(p[0] for p in pts) / 1.5, max(p[0] for p in pts) * 1.5
+    y0, y1 = min(p[1] for p in pts) / 2, max(p[1] for p in pts) * 2
+
+    def fx(x):
+        return L + (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0)) * (W - L - R)
+
+    def fy(y):
+        return H - B - (math.log(y) - math.log(y0)) / (math.log(y1) - math.log(y0)) * (H - T - B)
+
+    xt = [2.0 ** e for e in range(int(math.floor(math.log2(x0))), int(math.ceil(math.log2(x1))) + 1)]
+    xt = [t for t in xt if x0 <= t <= x1]
+    xt = xt[::max(1, -(-len(xt) // 12))]
+    yt = [m * 10.0 ** e for e in range(int(math.floor(math.log10(y0))), int(math.ceil(math.log10(y1))) + 1)
+          for m in (1, 2, 5)]
+    yt = [t for t in yt if y0 <= t <= y1]
+    if len(yt) > 12:
+        yt = [t for t in yt if abs(math.log10(t) - round(math.log10(t))) < 1e-9]
+    out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif">' % (W, H),
+           '<rect width="100%" height="100%" fill="white"/>',
+           '<text x="%d" y="28" font-size="18">%s</text>' % (L, title)]
+    for t in xt:
+        out.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#ddd"/>' % (fx(t), T, fx(t), H - B))
+        out.append('<text x="%.1f" y="%d" font-size="12" text-anchor="middle">%s</text>'
+                   % (fx(t), H - B + 18, size_label(t)))
+    for t in yt:
+        out.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#ddd"/>' % (L, fy(t), W - R, fy(t)))
+        out.append('<text x="%d" y="%.1f" font-size="12" text-anchor="end">%s</text>'
+                   % (L - 6, fy(t) + 4, time_label(t)))
+    out.append('<rect x="%d" y="%d" width="%d" height="%d" fill="none" stroke="black"/>'
+               % (L, T, W - L - R, H - T - B))
+    out.append('<text x="%.1f" y="%d" font-size="13" text-anchor="middle">bytes per key (one key)</text>'
+               % ((L + W - R) / 2, H - 14))
+    out.append('<text x="16" y="%.1f" font-size="13" text-anchor="middle" transform="rotate(-90 16 %.1f)">'
+               'median round (push, pull, wait)</text>' % ((T + H - B) / 2, (T + H - B) / 2))
+    for i, (label, ps) in enumerate(series):
+        color = COLORS[i % len(COLORS)]
+        coords = " ".join("%.1f,%.1f" % (fx(x), fy(y)) for x, y in ps)
+        out.append('<polyline points="%s" fill="none" stroke="%s" stroke-width="2"/>' % (coords, color))
+        for x, y in ps:
+            out.append('<circle cx="%.1f" cy="%.1f" r="3" fill="%s"/>' % (fx(x), fy(y), color))
+        ly = T + 16 + 20 * i
+        out.append('<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="%s" stroke-width="2"/>'
+                   % (W - R + 12, ly - 4, W - R + 32, ly - 4, color))
+        out.append('<text x="%d" y="%d" font-size="13">%s</text>' % (W - R + 38, ly, label))
+    out.append("</svg>")
+    open(path, "w").write("\n".join(out) + "\n")
+    return True
 
 
 def main():
@@ -186,6 +264,13 @@ def main():
                 a_, b_ = med[num][case][0], med[den][case][0]
                 row.append("%.2f" % (a_ / b_) if a_ and b_ else "—")
             lines.append("| %s | %s |" % (case, " | ".join(row)))
+        series = [(names[(c[0], c[3], c[4])],
+                   [(SINGLE_KEY[k], med[c][k][0]) for k in SINGLE_KEY if med[c][k][0]])
+                  for c in cols]
+        chart = os.path.join(a.out, "chart-%dx%d.svg" % (w, s))
+        if svg_chart(chart, "push-pull rounds, %d workers, %d servers (MPI: %d ranks)" % (w, s, w),
+                     [x for x in series if x[1]]):
+            lines.append("\nChart: %s\n" % chart)
     report = "\n".join(lines) + "\n"
     open(os.path.join(a.out, "report.md"), "w").write(report)
     print(report)

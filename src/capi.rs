@@ -466,7 +466,16 @@ pub unsafe extern "C" fn pskv_pushpull_device(
 /// scheduler and argument names, e.g.
 /// `learning_rate=0.1,lr_scheduler=factor(step=100;factor=0.9;warmup_steps=10)`
 /// or `lr_scheduler=multifactor(step=30:60:90;factor=0.1)`; kinds are
-/// factor, multifactor, poly and cosine.
+/// factor, multifactor, poly and cosine. MXNet's attributes pass as they
+/// are: `lazy_update=1` and AdaGrad's `float_stable_eps` take effect
+/// (`lazy_update=0` is refused); `aggregate_num`, `use_fused_step`,
+/// `param_idx2name`, `idx2name`, `param_dict` and `sym` are ignored with a
+/// logged warning, whatever their value (without a comma).
+///
+/// Collective, as `pskv_init` and `pskv_barrier`: every worker calls it
+/// with the same optimizer; if it fails on one worker it fails on all,
+/// and a worker that never calls it leaves the others waiting up to
+/// `PSKV_KVSTORE_TIMEOUT`.
 ///
 /// # Safety
 /// `kv` is a live handle; `name` and `params` are NUL-terminated strings.
@@ -496,6 +505,15 @@ pub unsafe extern "C" fn pskv_set_optimizer(
                     ))
                 })?;
                 scheduler = Some(s);
+                continue;
+            }
+            if Optimizer::IGNORED_MXNET_ATTRIBUTES.contains(&k.trim()) {
+                // Its value need not be a number (MXNet's param_idx2name is
+                // a dict): it has no meaning here either way.
+                tracing::warn!(
+                    "optimizer '{name}': MXNet attribute '{}' has no meaning in pskv; ignored",
+                    k.trim()
+                );
                 continue;
             }
             let v: f64 = v
@@ -754,6 +772,24 @@ mod tests {
                 pskv_set_optimizer(kv, c"adam".as_ptr(), c"epsilon=0".as_ptr()),
                 PSKV_ERR_KVSTORE
             );
+            // An MXNet optimizer's attributes pass as they are; a lazy
+            // update pskv cannot do is refused.
+            assert_eq!(
+                pskv_set_optimizer(
+                    kv,
+                    c"sgd".as_ptr(),
+                    c"learning_rate=0.5,lazy_update=1,aggregate_num=4,param_idx2name={0: w}"
+                        .as_ptr()
+                ),
+                PSKV_OK,
+                "{}",
+                last()
+            );
+            assert_eq!(
+                pskv_set_optimizer(kv, c"sgd".as_ptr(), c"lazy_update=0".as_ptr()),
+                PSKV_ERR_KVSTORE
+            );
+            assert!(last().contains("lazy"), "{}", last());
             // A length no buffer can have: an error, no panic.
             assert_eq!(
                 pskv_push(kv, 7, v.as_ptr(), usize::MAX / 4, 0),

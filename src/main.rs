@@ -349,12 +349,12 @@ fn bench(a: &BenchArgs) -> CliResult {
     let text = serde_json::to_string_pretty(&flat)
         .map_err(|e| CliError::Failed(format!("encoding the results: {e}")))?;
     std::fs::write(&json, text).map_err(CliError::io(format!("writing {}", json.display())))?;
-    let svg = a.out.join("bandwidth.svg");
-    cli::bench::chart(&all, &svg)?;
+    let (bw, lat) = cli::bench::charts(&all, &a.out)?;
     eprintln!(
-        "pskv bench: results in {}, chart in {}",
+        "pskv bench: results in {}, charts in {} and {}",
         json.display(),
-        svg.display()
+        bw.display(),
+        lat.display()
     );
     if all
         .iter()

@@ -515,6 +515,32 @@ fn bench_writes_a_table_json_and_a_chart() {
     let svg = std::fs::read_to_string(dir.join("bandwidth.svg")).unwrap();
     assert!(svg.contains("<svg") && svg.contains("bandwidth against message size"));
     assert!(svg.contains("2 workers, 1 servers, shm"), "legend");
+    // Sizes ticked where they were measured (powers of two), rates in a
+    // unit that reads right.
+    let texts = |svg: &str| -> Vec<String> {
+        svg.split("</text>")
+            .filter_map(|t| t.rsplit('>').next())
+            .map(|t| t.trim().to_string())
+            .collect()
+    };
+    let labels = texts(&svg);
+    assert!(
+        labels.iter().any(|l| l == "4 B") && labels.iter().any(|l| l == "4 KiB"),
+        "size ticks: {labels:?}"
+    );
+    assert!(
+        labels.iter().any(|l| l.ends_with("B/s")) && !labels.iter().any(|l| l == "0.000"),
+        "rate ticks: {labels:?}"
+    );
+    let lat = std::fs::read_to_string(dir.join("latency.svg")).unwrap();
+    assert!(lat.contains("round time against message size"));
+    let labels = texts(&lat);
+    assert!(
+        labels
+            .iter()
+            .any(|l| l.ends_with(" µs") || l.ends_with(" ms")),
+        "time ticks: {labels:?}"
+    );
 
     // With the tensors on GPUs (the emulated device here): checked rounds.
     let out = pskv()

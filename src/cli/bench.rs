@@ -13,6 +13,7 @@ use pskv::engine::{Context, Engine};
 use pskv::kvstore::{Compression, DType, Key, KvStore, Tensor};
 use serde::{Deserialize, Serialize};
 
+use super::chart::{self, Axis, Series};
 use super::error::{CliError, CliResult};
 use super::launch::{run_collecting, JobSpec};
 
@@ -350,98 +351,54 @@ pub fn case_count(names: &[String]) -> CliResult<usize> {
     selected(names).map(|c| c.len())
 }
 
-/// Draws algorithmic bandwidth against message size, one line per run (the
-/// single-key cases; 100x40KiB is a different shape and is left out), as
-/// an SVG file.
-pub fn chart(runs: &[Vec<WorkerResult>], path: &std::path::Path) -> CliResult {
-    use plotters::prelude::*;
-    let series: Vec<(String, Vec<(f64, f64)>)> = runs
-        .iter()
-        .filter_map(|r| {
-            let first = r.first()?;
-            let label = format!(
-                "{} workers, {} servers, {}{}",
-                first.num_workers,
-                first.num_servers,
-                first.van,
-                if first.compress { ", 2-bit" } else { "" }
-            );
-            let pts: Vec<(f64, f64)> = summary(r)
-                .into_iter()
-                .filter(|(case, ..)| !case.contains('x'))
-                .map(|(_, bytes, _, gbps, _)| (bytes as f64, gbps))
-                .collect();
-            Some((label, pts))
-        })
-        .filter(|(_, p)| !p.is_empty())
-        .collect();
-    if series.is_empty() {
-        return Err(CliError::Failed("no single-key case to chart".into()));
-    }
-    let (mut xlo, mut xhi, mut ylo, mut yhi) = (f64::MAX, 0.0f64, f64::MAX, 0.0f64);
-    for (_, pts) in &series {
-        for &(x, y) in pts {
-            xlo = xlo.min(x);
-            xhi = xhi.max(x);
-            ylo = ylo.min(y);
-            yhi = yhi.max(y);
-        }
-    }
-    let ylo = (ylo / 2.0).max(1e-6);
-    let err =
-        |e: &dyn std::fmt::Display| CliError::Failed(format!("drawing {}: {e}", path.display()));
-    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let mut c = ChartBuilder::on(&root)
-        .caption(
-            "pskv push-pull: bandwidth against message size",
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(48)
-        .y_label_area_size(70)
-        .build_cartesian_2d(
-            (xlo / 2.0..xhi * 2.0).log_scale(),
-            (ylo..yhi * 2.0).log_scale(),
-        )
-        .map_err(|e| err(&e))?;
-    c.configure_mesh()
-        .label_style(("sans-serif", 14))
-        .axis_desc_style(("sans-serif", 15))
-        .x_desc("bytes per key (one key)")
-        .y_desc("algorithmic bandwidth, GB/s (bytes / median round)")
-        .x_label_formatter(&|x| human_bytes(*x))
-        .y_label_formatter(&|y| format!("{y:.3}"))
-        .draw()
-        .map_err(|e| err(&e))?;
-    for (i, (label, pts)) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        c.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
-            .map_err(|e| err(&e))?
-            .label(label.clone())
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
-            });
-        c.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
-            .map_err(|e| err(&e))?;
-    }
-    c.configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))?;
-    Ok(())
-}
-
-fn human_bytes(x: f64) -> String {
-    if x >= MIB as f64 {
-        format!("{:.0} MiB", x / MIB as f64)
-    } else if x >= KIB as f64 {
-        format!("{:.0} KiB", x / KIB as f64)
-    } else {
-        format!("{x:.0} B")
-    }
+/// Draws the sweep's single-key cases (100x40KiB is another shape and is
+/// left out) against message size, one line per run, as two SVG files in
+/// `dir`: `bandwidth.svg` (algorithmic bandwidth) and `latency.svg` (the
+/// median round). Returns their paths.
+pub fn charts(
+    runs: &[Vec<WorkerResult>],
+    dir: &std::path::Path,
+) -> CliResult<(std::path::PathBuf, std::path::PathBuf)> {
+    let series = |value: fn(f64, f64) -> f64| -> Vec<Series> {
+        runs.iter()
+            .filter_map(|r| {
+                let first = r.first()?;
+                let label = format!(
+                    "{} workers, {} servers, {}{}",
+                    first.num_workers,
+                    first.num_servers,
+                    first.van,
+                    if first.compress { ", 2-bit" } else { "" }
+                );
+                let points: Vec<(f64, f64)> = summary(r)
+                    .into_iter()
+                    .filter(|(case, ..)| !case.contains('x'))
+                    .map(|(_, bytes, us, gbps, _)| (bytes as f64, value(us, gbps)))
+                    .collect();
+                Some(Series { label, points })
+            })
+            .filter(|s| !s.points.is_empty())
+            .collect()
+    };
+    let bw = dir.join("bandwidth.svg");
+    chart::draw(
+        &bw,
+        "pskv push-pull: bandwidth against message size",
+        Axis {
+            desc: "algorithmic bandwidth (bytes / median round)",
+            label: chart::rate_label,
+        },
+        &series(|_, gbps| gbps * 1e9),
+    )?;
+    let lat = dir.join("latency.svg");
+    chart::draw(
+        &lat,
+        "pskv push-pull: round time against message size",
+        Axis {
+            desc: "median round (push, pull, wait)",
+            label: chart::time_label,
+        },
+        &series(|us, _| us * 1e-6),
+    )?;
+    Ok((bw, lat))
 }

@@ -1,6 +1,7 @@
 //! The subcommands of the `pskv` program.
 
 pub mod bench;
+pub mod chart;
 pub mod demo;
 pub mod error;
 pub mod gpus;

@@ -390,10 +390,28 @@ impl Optimizer {
         self
     }
 
+    /// MXNet optimizer attributes that have no meaning here: accepted and
+    /// ignored (with a logged warning naming them), so that an MXNet
+    /// optimizer's attribute dictionary passes as it is. A name that is
+    /// neither one of these nor a parameter is still an error (a typo).
+    pub const IGNORED_MXNET_ATTRIBUTES: &'static [&'static str] = &[
+        "aggregate_num",
+        "use_fused_step",
+        "param_idx2name",
+        "idx2name",
+        "param_dict",
+        "sym",
+    ];
+
     /// An optimizer by MXNet name (`sgd`, `nag`, `adam`, `adagrad`) and
     /// MXNet parameter names (`learning_rate`, `momentum`, `wd`,
     /// `rescale_grad`, `clip_gradient`, `beta1`, `beta2`, `epsilon`,
-    /// `eps`, `multi_precision` as 0/1), with MXNet's defaults.
+    /// `eps`, `multi_precision` as 0/1), with MXNet's defaults. MXNet's
+    /// attributes are accepted where pskv has their meaning: `lazy_update`
+    /// (1: a row-sparse push updates only its rows, which is what pskv
+    /// does; 0 is refused), `float_stable_eps` (AdaGrad's epsilon); those
+    /// of [`Optimizer::IGNORED_MXNET_ATTRIBUTES`] are ignored with a
+    /// warning.
     pub fn create(name: &str, params: &[(&str, f64)]) -> Result<Optimizer> {
         let mut opt = match name.to_ascii_lowercase().as_str() {
             "sgd" => Optimizer::sgd(0.01),
@@ -424,7 +442,29 @@ impl Optimizer {
                     }
                     opt.begin_num_update(v as u64)
                 }
+                "lazy_update" if v != 0.0 => opt,
+                "lazy_update" => return Err(KvError::Unsupported {
+                    what: format!("optimizer '{name}' with lazy_update = {v}"),
+                    why:
+                        "a row-sparse push updates only the rows it carries (MXNet's lazy update); \
+                              a standard update of every row is not implemented"
+                            .into(),
+                }),
+                "float_stable_eps" if matches!(opt.method, Method::AdaGrad(_)) => {
+                    let set = opt.method.rule_mut().set("epsilon", v);
+                    debug_assert!(set, "AdaGrad has an epsilon");
+                    opt
+                }
                 other if opt.method.rule_mut().set(other, v) => opt,
+                other
+                    if other == "float_stable_eps"
+                        || Optimizer::IGNORED_MXNET_ATTRIBUTES.contains(&other) =>
+                {
+                    tracing::warn!(
+                        "optimizer '{name}': MXNet attribute '{other}' has no meaning in pskv; ignored"
+                    );
+                    opt
+                }
                 other => {
                     return Err(KvError::invalid(format!(
                         "optimizer '{name}' has no parameter '{other}'"
@@ -799,6 +839,35 @@ impl OptState {
 mod tests {
     use super::*;
     use schedule::LrScheduler;
+
+    /// An MXNet optimizer's attribute dictionary passes as it is: the
+    /// attributes pskv has the meaning of take effect, the others are
+    /// ignored, a lazy_update pskv cannot do and a typo are errors.
+    #[test]
+    fn mxnet_attributes_are_taken_ignored_or_refused() {
+        let method = |o: &Optimizer| serde_json::to_value(&o.method).unwrap();
+        let a = Optimizer::create("adagrad", &[("float_stable_eps", 1e-5)]).unwrap();
+        let b = Optimizer::create("adagrad", &[("epsilon", 1e-5)]).unwrap();
+        assert_eq!(method(&a), method(&b));
+        let plain = Optimizer::create("sgd", &[("momentum", 0.9)]).unwrap();
+        let mx = Optimizer::create(
+            "sgd",
+            &[
+                ("momentum", 0.9),
+                ("lazy_update", 1.0),
+                ("aggregate_num", 4.0),
+                ("use_fused_step", 1.0),
+                ("float_stable_eps", 1e-8),
+            ],
+        )
+        .unwrap();
+        assert_eq!(method(&plain), method(&mx));
+        assert_eq!(plain.learning_rate, mx.learning_rate);
+        let e = Optimizer::create("adam", &[("lazy_update", 0.0)]).unwrap_err();
+        assert!(e.to_string().contains("lazy update"), "{e}");
+        let e = Optimizer::create("sgd", &[("momentun", 0.9)]).unwrap_err();
+        assert!(e.to_string().contains("momentun"), "{e}");
+    }
 
     #[test]
     fn a_method_serializes_as_before_the_rule_types() {
