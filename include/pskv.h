@@ -159,9 +159,10 @@ int pskv_pushpull_device(struct pskv_kvstore *kv,
 // logged warning, whatever their value (without a comma).
 //
 // Collective, as `pskv_init` and `pskv_barrier`: every worker calls it
-// with the same optimizer; if it fails on one worker it fails on all,
-// and a worker that never calls it leaves the others waiting up to
-// `PSKV_KVSTORE_TIMEOUT`.
+// with the same optimizer; if it fails on one worker it fails on all.
+// Workers in another collective call meanwhile fail with it at once,
+// naming both calls; a worker that never calls it leaves the others
+// waiting up to `PSKV_KVSTORE_TIMEOUT`.
 //
 // # Safety
 // `kv` is a live handle; `name` and `params` are NUL-terminated strings.

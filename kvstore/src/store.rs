@@ -350,9 +350,10 @@ impl KvStore {
     /// In a distributed store this is *collective*, as `init` and `barrier`
     /// are: every worker calls it, with the same optimizer. If it fails on
     /// one worker (a setting out of range), or the workers' optimizers
-    /// differ, it fails on every worker with that cause; a worker that
-    /// never calls it leaves the others waiting up to the store's timeout
-    /// (`PSKV_KVSTORE_TIMEOUT`).
+    /// differ, it fails on every worker with that cause. Workers that make
+    /// another collective call meanwhile (`barrier`, `init`) fail with it
+    /// at once, naming both calls; a worker that never calls it leaves the
+    /// others waiting up to the store's timeout (`PSKV_KVSTORE_TIMEOUT`).
     pub fn set_optimizer(&self, opt: Optimizer) -> Result<()> {
         self.flavor.set_optimizer(opt)
     }

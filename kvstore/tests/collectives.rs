@@ -111,22 +111,12 @@ fn workers_that_init_a_key_with_different_types_or_shapes_all_get_an_error() {
 /// leaving the others at the barrier until the store's timeout.
 #[test]
 fn set_optimizer_that_fails_on_one_worker_fails_on_all_at_once() {
-    let c = cluster(1, 3);
     let timeout = Duration::from_secs(20);
-    let out = c.run_each("dist_sync", opts(timeout), |i, kv, e| {
-        let w = Tensor::zeros(e, &[8], DType::F32, Context::Cpu).unwrap();
-        kv.init(0, &w).unwrap();
-        let opt = if i == 1 {
-            Optimizer::sgd(0.1).momentum(5.0)
-        } else {
-            Optimizer::sgd(0.1).momentum(0.9)
-        };
-        let t = Instant::now();
-        let r = kv.set_optimizer(opt);
-        (r.err().map(|e| e.to_string()), t.elapsed())
+    let out = failing_call(3, timeout, |i, kv| {
+        let m = if i == 1 { 5.0 } else { 0.9 };
+        kv.set_optimizer(Optimizer::sgd(0.1).momentum(m))
     });
-    for ((e, took), _, _) in &out {
-        let e = e.as_deref().expect("an error on every worker");
+    for (e, took, _) in &out {
         assert!(e.contains("momentum"), "{e}");
         assert!(*took < timeout / 4, "took {took:?}");
     }
@@ -136,26 +126,68 @@ fn set_optimizer_that_fails_on_one_worker_fails_on_all_at_once() {
 /// them (rank 0's used to win silently).
 #[test]
 fn different_optimizers_on_different_workers_are_an_error() {
-    let c = cluster(1, 2);
-    let out = c.run_each("dist_sync", opts(Duration::from_secs(20)), |i, kv, e| {
-        let w = Tensor::zeros(e, &[8], DType::F32, Context::Cpu).unwrap();
-        kv.init(0, &w).unwrap();
-        let opt = if i == 0 {
+    let out = failing_call(2, Duration::from_secs(20), |i, kv| {
+        kv.set_optimizer(if i == 0 {
             Optimizer::sgd(0.1)
         } else {
             Optimizer::adam(0.1)
-        };
-        kv.set_optimizer(opt).err().map(|e| e.to_string())
+        })
     });
     for (e, _, _) in &out {
-        let e = e.as_deref().expect("an error on every worker");
-        eprintln!("{e}");
         assert!(
             e.contains("sgd") && e.contains("adam") && e.contains("disagree"),
             "{e}"
         );
     }
     assert_eq!(out[0].0, out[1].0);
+}
+
+/// Workers that make different collective calls at once (worker 0
+/// `set_optimizer`, as MXNet's rank 0 alone sends it; worker 1 `barrier`)
+/// all fail at once, naming both calls, instead of pairing the calls'
+/// barriers; the next barrier works.
+#[test]
+fn different_collective_calls_at_once_fail_on_all_workers() {
+    let out = failing_call(2, Duration::from_secs(30), |i, kv| {
+        if i == 0 {
+            kv.set_optimizer(Optimizer::sgd(0.1))
+        } else {
+            kv.barrier()
+        }
+    });
+    for (e, took, next) in &out {
+        assert!(
+            e.contains("set_optimizer") && e.contains("barrier") && e.contains("disagree"),
+            "{e}"
+        );
+        assert!(*took < Duration::from_secs(10), "took {took:?}: {e}");
+        assert!(next.is_ok(), "the next barrier: {next:?}");
+    }
+}
+
+/// `workers` workers init key 0, then make `call`, which must fail on
+/// every one of them: per worker, its error (printed), how long the call
+/// took, and how the next barrier went.
+fn failing_call(
+    workers: u32,
+    timeout: Duration,
+    call: impl Fn(usize, &KvStore) -> pskv_kvstore::Result<()> + Send + Sync + 'static,
+) -> Vec<(String, Duration, pskv_kvstore::Result<()>)> {
+    let c = cluster(1, workers);
+    let out = c.run_each("dist_sync", opts(timeout), move |i, kv, e| {
+        let w = Tensor::zeros(e, &[8], DType::F32, Context::Cpu).unwrap();
+        kv.init(0, &w).unwrap();
+        let t = Instant::now();
+        let r = call(i, kv);
+        (r, t.elapsed(), kv.barrier())
+    });
+    out.into_iter()
+        .map(|((r, took, next), _, _)| {
+            let e = r.expect_err("an error on every worker").to_string();
+            eprintln!("{e}");
+            (e, took, next)
+        })
+        .collect()
 }
 
 /// A barrier that one worker gave up on (its timeout) fails on the others

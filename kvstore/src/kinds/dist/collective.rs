@@ -5,6 +5,11 @@
 //! shapes and types, the optimizer) is compared at the barrier, so that a
 //! difference is an error everywhere rather than one worker's setting
 //! silently winning.
+//!
+//! The first barrier of every collective call names the call: workers that
+//! make different calls at once (one `set_optimizer`, as MXNet's rank 0
+//! alone sends it, the others `barrier`) fail on all of them, naming both
+//! calls, instead of pairing one call's barrier with the other's.
 
 use pskv_transport::protocol::vote_failure;
 use pskv_transport::{Group, TransportError};
@@ -87,9 +92,17 @@ impl DistStore {
             });
         }
         let r = match agree {
-            Some((d, s)) => self
-                .po
-                .barrier_agree(Group::WORKERS, d, &s, self.opts.timeout),
+            Some((d, s)) => {
+                // The call is part of what must agree.
+                let d = digest(format!("{call}\0{d:016x}").as_bytes());
+                let s = if s.is_empty() {
+                    call.to_string()
+                } else {
+                    format!("{call} of {s}")
+                };
+                self.po
+                    .barrier_agree(Group::WORKERS, d, &s, self.opts.timeout)
+            }
             None => self.po.barrier(Group::WORKERS, self.opts.timeout),
         };
         match r {

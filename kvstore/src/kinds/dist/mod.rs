@@ -530,7 +530,8 @@ impl Flavor for DistStore {
     }
 
     fn barrier(&self) -> Result<()> {
-        self.po.barrier(Group::WORKERS, self.opts.timeout)?;
+        // Named, so that a worker in another collective call fails with us.
+        self.collective("barrier", Ok(()), Some((0, String::new())))?;
         // Servers that checkpoint record every key now (rank 0 asks, once,
         // and is answered once the files are written); the second barrier
         // holds every worker until then, so no round completed before a
