@@ -36,12 +36,28 @@ enum Command {
     Server,
     /// Show the dependency engine's configuration as read from the environment.
     EngineConfig,
+    /// Work with profiles (`PSKV_PROFILE`).
+    #[command(subcommand)]
+    Trace(TraceCommand),
     /// The helper of `pskv launch` that stops a job whose launcher died.
     #[command(hide = true)]
     LaunchWatchdog,
     /// A worker of `pskv bench` (started by it).
     #[command(hide = true)]
     BenchWorker(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum TraceCommand {
+    /// Put the profiles of a job's processes (`PSKV_PROFILE=DIR/` writes one
+    /// per process) on one timeline, one track group per process.
+    Merge {
+        /// The directory of the profiles.
+        dir: std::path::PathBuf,
+        /// The merged trace (Chrome trace JSON; Perfetto opens it).
+        #[arg(short = 'o', long, default_value = "job.json")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -413,6 +429,19 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail("server", e),
         },
+        Command::Trace(TraceCommand::Merge { dir, out }) => {
+            match cli::trace::merge_to(&dir, &out) {
+                Ok(n) => {
+                    eprintln!(
+                        "pskv trace merge: {n} processes of {} in {}",
+                        dir.display(),
+                        out.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail("trace merge", e),
+            }
+        }
         Command::EngineConfig => match pskv::engine::EngineBuilder::from_env() {
             Ok(b) => {
                 println!("{:#?}", b.config());

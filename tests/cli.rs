@@ -114,6 +114,71 @@ fn read_pids(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// `PSKV_PROFILE=DIR/` gives every process of a job its own profile, and
+/// `pskv trace merge` puts them on one timeline, one track group each.
+#[test]
+fn profiles_of_a_job_merge_into_one_timeline() {
+    let dir = scratch("profile");
+    let spec = format!("{}/", dir.display());
+    stdout_ok(
+        &pskv()
+            .args([
+                "demo",
+                "-w",
+                "2",
+                "-s",
+                "1",
+                "--epochs",
+                "1",
+                "--timeout",
+                "120",
+            ])
+            .env("PSKV_PROFILE", &spec)
+            .output()
+            .unwrap(),
+    );
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let count = |p: &str| names.iter().filter(|n| n.starts_with(p)).count();
+    assert_eq!((count("worker-"), count("server-")), (2, 1), "{names:?}");
+    let merged = dir.join("job.json");
+    let merge = |out: &Path| {
+        let mut c = pskv();
+        c.args(["trace", "merge"]).arg(&dir).arg("-o").arg(out);
+        c.output().unwrap()
+    };
+    stdout_ok(&merge(&merged));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&merged).unwrap()).unwrap();
+    let events = v["traceEvents"].as_array().unwrap();
+    let mut processes = Vec::new();
+    for e in events {
+        if e["name"] == "process_name" {
+            processes.push(e["args"]["name"].as_str().unwrap_or_default());
+        }
+    }
+    assert!(
+        processes.iter().filter(|p| p.starts_with("worker")).count() == 2
+            && processes.iter().any(|p| p.starts_with("server")),
+        "{processes:?}"
+    );
+    let pids_with_ops: std::collections::BTreeSet<u64> = events
+        .iter()
+        .filter(|e| e["ph"] == "X")
+        .filter_map(|e| e["pid"].as_u64())
+        .collect();
+    assert!(pids_with_ops.len() >= 3, "{pids_with_ops:?}");
+    let out = pskv()
+        .args(["trace", "merge", "/no/such/dir"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/dir"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_demo_trains_and_matches_a_single_process_run() {
     let out = pskv()

@@ -7,7 +7,7 @@
 //! | `PSKV_CPU_PRIORITY_NTHREADS` | threads of the CPU priority lane | 2 |
 //! | `PSKV_GPU_WORKER_NTHREADS` | compute threads per GPU | 2 |
 //! | `PSKV_GPU_COPY_NTHREADS` | copy threads per GPU | 2 |
-//! | `PSKV_PROFILE` | write a Chrome trace of every op to this file at shutdown | off |
+//! | `PSKV_PROFILE` | write a Chrome trace of every op at shutdown: to this file; or, for a path ending in `/` or an existing directory, to `<role>-<pid>.json` in it (the role from `DMLC_ROLE`, else `process`); `{role}` and `{pid}` in a path are replaced likewise, so every process of a job writes its own file (`pskv trace merge` joins them) | off |
 //! | `PSKV_ENGINE_WAIT_TIMEOUT` | seconds `wait_for_var`/`wait_for_all` wait before an error; 0: no limit | 600 |
 //! | `PSKV_ENGINE_SHUTDOWN_TIMEOUT` | seconds dropping the engine waits for pending ops | 60 |
 //! | `PSKV_SPIN_US` | microseconds a blocking waiter spins before it sleeps (at most 10,000; 0: never; read once per process; the transport reads it too) | 50 |
@@ -17,6 +17,29 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::error::EngineError;
+
+/// This process's profile file for `PSKV_PROFILE=spec`: in a directory
+/// (`spec` ends in `/` or names one) `<role>-<pid>.json`; else `spec` with
+/// `{role}` and `{pid}` replaced.
+pub fn profile_path_for(spec: &str, role: &str, pid: u32) -> PathBuf {
+    let role: String = role
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if spec.ends_with('/') || std::path::Path::new(spec).is_dir() {
+        return PathBuf::from(spec).join(format!("{role}-{pid}.json"));
+    }
+    PathBuf::from(
+        spec.replace("{role}", &role)
+            .replace("{pid}", &pid.to_string()),
+    )
+}
 
 /// Which engine runs the ops.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Default)]
@@ -172,7 +195,12 @@ impl EngineBuilder {
         }
         if let Some(p) = get("PSKV_PROFILE") {
             if !p.is_empty() {
-                c.profile_path = Some(PathBuf::from(p));
+                let role = get("DMLC_ROLE").filter(|r| !r.trim().is_empty());
+                c.profile_path = Some(profile_path_for(
+                    &p,
+                    role.as_deref().map(str::trim).unwrap_or("process"),
+                    std::process::id(),
+                ));
             }
         }
         if let Some(t) = seconds(get, "PSKV_ENGINE_WAIT_TIMEOUT")? {
@@ -254,6 +282,39 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| map.get(k).cloned()
+    }
+
+    /// Every process of a job gets its own profile file.
+    #[test]
+    fn profile_paths_are_per_process() {
+        let dir = std::env::temp_dir();
+        let d = dir.display().to_string();
+        let want_in_dir = dir.join("worker-42.json").display().to_string();
+        for (spec, role, pid, want) in [
+            (d.as_str(), "worker", 42, want_in_dir.as_str()),
+            ("/no/such/dir/", "server", 7, "/no/such/dir/server-7.json"),
+            (
+                "/t/{role}.{pid}.trace",
+                "scheduler",
+                9,
+                "/t/scheduler.9.trace",
+            ),
+            ("/t/p.json", "worker", 1, "/t/p.json"),
+            ("/t/", "a/../b", 1, "/t/a____b-1.json"),
+        ] {
+            assert_eq!(
+                profile_path_for(spec, role, pid),
+                PathBuf::from(want),
+                "{spec}"
+            );
+        }
+        let b = EngineBuilder::from_lookup(&lookup(&[
+            ("PSKV_PROFILE", "/t/"),
+            ("DMLC_ROLE", "server"),
+        ]))
+        .unwrap();
+        let want = PathBuf::from(format!("/t/server-{}.json", std::process::id()));
+        assert_eq!(b.config().profile_path.as_deref(), Some(want.as_path()));
     }
 
     #[test]

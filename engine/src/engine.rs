@@ -333,6 +333,23 @@ impl Engine {
         write_chrome_trace(&self.take_profile(), path.as_ref())
     }
 
+    /// Writes the profile to the configured file (`PSKV_PROFILE`) now, as
+    /// dropping the last handle would, and stops recording: for a process
+    /// whose engine may outlive its end (a server's engine is held by the
+    /// transport's handler). Nothing is written at drop after this. Does
+    /// nothing without a configured file.
+    pub fn flush_profile(&self) -> Result<(), EngineError> {
+        let core = self.core();
+        let Some(path) = &core.config.profile_path else {
+            return Ok(());
+        };
+        core.profiler.set_enabled(false);
+        if core.profiler.mark_flushed() {
+            write_chrome_trace(&core.profiler.take(), path)?;
+        }
+        Ok(())
+    }
+
     /// Starts recording the dependency graph of the ops pushed from now on.
     pub fn start_graph(&self) {
         self.core().graph.start();
@@ -416,7 +433,12 @@ fn shutdown(core: &Arc<Core>) {
             }
         }
     }
-    if let Some(path) = &core.config.profile_path {
+    if let Some(path) = core
+        .config
+        .profile_path
+        .as_ref()
+        .filter(|_| core.profiler.mark_flushed())
+    {
         let events = core.profiler.take();
         if let Err(e) = write_chrome_trace(&events, path) {
             tracing::warn!("engine shutdown: {e}");

@@ -44,10 +44,21 @@ fn current_tid() -> u64 {
     TID.with(|t| *t)
 }
 
-/// The process-wide clock origin of every trace.
+/// The process-wide clock origin of every trace, and the wall-clock time
+/// (microseconds since the Unix epoch) it stands for, so that traces of
+/// several processes can be put on one timeline (`pskv trace merge`).
+fn origin() -> (Instant, u64) {
+    static EPOCH: OnceLock<(Instant, u64)> = OnceLock::new();
+    *EPOCH.get_or_init(|| {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        (Instant::now(), wall)
+    })
+}
+
 fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
+    origin().0
 }
 
 fn now_ns() -> u64 {
@@ -80,6 +91,8 @@ pub(crate) const MAX_EVENTS: usize = 4_000_000;
 
 pub(crate) struct Profiler {
     enabled: AtomicBool,
+    /// The configured file was written (it is written once).
+    flushed: AtomicBool,
     events: Mutex<Vec<TraceEvent>>,
     dropped: AtomicU64,
 }
@@ -89,6 +102,7 @@ impl Profiler {
         epoch();
         Profiler {
             enabled: AtomicBool::new(enabled),
+            flushed: AtomicBool::new(false),
             events: Mutex::new(Vec::new()),
             dropped: AtomicU64::new(0),
         }
@@ -133,6 +147,12 @@ impl Profiler {
         }
     }
 
+    /// True the first time only: whoever gets it writes the configured
+    /// file.
+    pub(crate) fn mark_flushed(&self) -> bool {
+        !self.flushed.swap(true, Ordering::AcqRel)
+    }
+
     /// The events recorded so far, taken.
     pub(crate) fn take(&self) -> Vec<TraceEvent> {
         let dropped = self.dropped.swap(0, Ordering::Relaxed);
@@ -158,11 +178,16 @@ pub fn write_chrome_trace(events: &[TraceEvent], path: &Path) -> Result<(), Engi
 }
 
 /// The Chrome trace JSON of `events`: one complete ("X") event per op, in
-/// microseconds, and a thread-name metadata event per thread.
+/// microseconds since this process's trace origin, a thread-name metadata
+/// event per thread, the process's name (its `DMLC_ROLE` and pid), and in
+/// `otherData` the origin's wall-clock time (`pskv_origin_unix_us`).
 pub fn chrome_trace_json(events: &[TraceEvent]) -> String {
     use serde_json::{json, Value};
     let pid = std::process::id();
+    let role = std::env::var("DMLC_ROLE").unwrap_or_else(|_| "process".into());
     let mut list: Vec<Value> = Vec::with_capacity(events.len() + 8);
+    list.push(json!({"name": "process_name", "ph": "M", "pid": pid,
+                     "args": {"name": format!("{role} (pid {pid})")}}));
     let names = THREAD_NAMES.lock().clone();
     for (tid, name) in names {
         list.push(
@@ -177,5 +202,10 @@ pub fn chrome_trace_json(events: &[TraceEvent]) -> String {
             "args": {"priority": e.priority, "ctx": e.ctx, "failed": e.failed},
         }));
     }
-    json!({"traceEvents": list, "displayTimeUnit": "ms"}).to_string()
+    json!({
+        "traceEvents": list,
+        "displayTimeUnit": "ms",
+        "otherData": {"pskv_origin_unix_us": origin().1, "pskv_role": role, "pskv_pid": pid},
+    })
+    .to_string()
 }

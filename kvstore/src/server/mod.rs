@@ -377,6 +377,11 @@ impl Server {
             c.stop();
         }
         self.po.shutdown();
+        // The transport's handler may keep the engine past the process's
+        // end: its profile (PSKV_PROFILE) is written now.
+        if let Err(e) = self.inner.engine.flush_profile() {
+            tracing::warn!("server shutdown: {e}");
+        }
     }
 
     /// For tests: once the backup holds round `round` of a key, this

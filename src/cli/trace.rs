@@ -1,0 +1,168 @@
+//! `pskv trace merge DIR -o job.json`: the profiles of a job's processes
+//! (`PSKV_PROFILE=DIR/` gives one file per process) on one timeline that
+//! Perfetto and chrome://tracing open, one track group per process.
+//!
+//! Each file's times count from its own process's trace origin; the file
+//! says what wall-clock time that origin was (`otherData.
+//! pskv_origin_unix_us`), and the merge shifts every file onto the earliest
+//! origin. That aligns processes of one host exactly; across hosts it is as
+//! good as their clocks agree (the scheduler's heartbeats do not correct it
+//! yet).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::error::{CliError, CliResult};
+
+/// One process's trace, read.
+struct Trace {
+    file: PathBuf,
+    origin_us: u64,
+    events: Vec<Value>,
+}
+
+fn read(file: &Path) -> CliResult<Trace> {
+    let text = std::fs::read_to_string(file)
+        .map_err(CliError::io(format!("reading {}", file.display())))?;
+    let bad = |why: &str| CliError::Usage(format!("{}: {why}", file.display()));
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| bad(&format!("not a JSON trace ({e})")))?;
+    let events = v
+        .get("traceEvents")
+        .and_then(Value::as_array)
+        .cloned()
+        .ok_or_else(|| bad("no traceEvents array"))?;
+    let origin_us = v
+        .pointer("/otherData/pskv_origin_unix_us")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad("no pskv_origin_unix_us (not a pskv profile, or an old one)"))?;
+    Ok(Trace {
+        file: file.to_path_buf(),
+        origin_us,
+        events,
+    })
+}
+
+/// The merged trace of every `*.json` file in `dir` (other files are left
+/// alone; `out` is skipped if it lies there).
+pub fn merge(dir: &Path, out: &Path) -> CliResult<Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(CliError::io(format!(
+            "reading the directory {}",
+            dir.display()
+        )))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter(|p| p.canonicalize().ok() != out.canonicalize().ok())
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        let d = dir.display();
+        let why = format!("{d} holds no profile (*.json); run the job with PSKV_PROFILE={d}/");
+        return Err(CliError::Usage(why));
+    }
+    let traces = files
+        .iter()
+        .map(|f| read(f))
+        .collect::<CliResult<Vec<_>>>()?;
+    let first = traces.iter().map(|t| t.origin_us).min().unwrap_or(0);
+    let mut all = Vec::new();
+    for (i, t) in traces.into_iter().enumerate() {
+        // Processes of several hosts may share pids: number them instead.
+        let pid = i as u64 + 1;
+        let shift = (t.origin_us - first) as f64;
+        let mut named = false;
+        for mut e in t.events {
+            if let Some(o) = e.as_object_mut() {
+                o.insert("pid".into(), json!(pid));
+                if let Some(ts) = o.get("ts").and_then(Value::as_f64) {
+                    o.insert("ts".into(), json!(ts + shift));
+                }
+                named |= o.get("name").and_then(Value::as_str) == Some("process_name");
+            }
+            all.push(e);
+        }
+        if !named {
+            let name = t
+                .file
+                .file_stem()
+                .map_or_else(|| format!("process {pid}"), |s| s.to_string_lossy().into());
+            all.push(json!({"name": "process_name", "ph": "M", "pid": pid,
+                            "args": {"name": name}}));
+        }
+    }
+    Ok(json!({
+        "traceEvents": all,
+        "displayTimeUnit": "ms",
+        "otherData": {"pskv_origin_unix_us": first},
+    }))
+}
+
+/// `pskv trace merge`: writes the merged trace of `dir` to `out`; how many
+/// processes it holds.
+pub fn merge_to(dir: &Path, out: &Path) -> CliResult<usize> {
+    let merged = merge(dir, out)?;
+    let processes = merged["traceEvents"].as_array().map_or(0, |a| {
+        a.iter().filter(|e| e["name"] == "process_name").count()
+    });
+    let text = serde_json::to_string(&merged)
+        .map_err(|e| CliError::Failed(format!("encoding the merged trace: {e}")))?;
+    std::fs::write(out, text).map_err(CliError::io(format!("writing {}", out.display())))?;
+    Ok(processes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trace(origin_us: u64, pid: u64, ts: f64) -> Value {
+        json!({
+            "traceEvents": [
+                {"name": "process_name", "ph": "M", "pid": pid, "args": {"name": format!("p{pid}")}},
+                {"name": "op", "ph": "X", "pid": pid, "tid": 1, "ts": ts, "dur": 5.0},
+            ],
+            "otherData": {"pskv_origin_unix_us": origin_us},
+        })
+    }
+
+    /// Two processes (with the same pid, as on two hosts) on one
+    /// timeline: each its own track group, times shifted by their origins.
+    #[test]
+    fn traces_of_several_processes_share_one_timeline() {
+        let dir = std::env::temp_dir().join(format!("pskv-trace-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.json"), trace(1_000, 7, 10.0).to_string()).unwrap();
+        std::fs::write(dir.join("b.json"), trace(1_500, 7, 10.0).to_string()).unwrap();
+        std::fs::write(dir.join("notes.txt"), "not a trace").unwrap();
+        let out = dir.join("job.json");
+        assert_eq!(merge_to(&dir, &out).unwrap(), 2);
+        // The output in the same directory is not read back on a rerun.
+        assert_eq!(merge_to(&dir, &out).unwrap(), 2);
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let ops: Vec<(u64, f64)> = v["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["ph"] == "X")
+            .map(|e| (e["pid"].as_u64().unwrap(), e["ts"].as_f64().unwrap()))
+            .collect();
+        assert_eq!(ops, vec![(1, 10.0), (2, 510.0)]);
+        // Not a pskv profile: a clear error naming the file.
+        std::fs::write(dir.join("c.json"), "{\"traceEvents\": []}").unwrap();
+        let e = merge(&dir, &out).unwrap_err().to_string();
+        assert!(
+            e.contains("c.json") && e.contains("pskv_origin_unix_us"),
+            "{e}"
+        );
+        std::fs::write(dir.join("c.json"), "garbage").unwrap();
+        assert!(merge(&dir, &out)
+            .unwrap_err()
+            .to_string()
+            .contains("c.json"));
+        std::fs::remove_dir_all(&dir).unwrap();
+        let e = merge(&dir, &out).unwrap_err().to_string();
+        assert!(e.contains("reading the directory"), "{e}");
+    }
+}
