@@ -141,8 +141,24 @@ fn profiles_of_a_job_merge_into_one_timeline() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    let count = |p: &str| names.iter().filter(|n| n.starts_with(p)).count();
-    assert_eq!((count("worker-"), count("server-")), (2, 1), "{names:?}");
+    let count = |p: &str, t: bool| {
+        let of = |n: &&String| n.starts_with(p) && n.ends_with("-transport.json") == t;
+        names.iter().filter(of).count()
+    };
+    // The engine's file and the transport's of every worker and server,
+    // and the scheduler's transport file.
+    assert_eq!(
+        [
+            ("worker-", false),
+            ("server-", false),
+            ("worker-", true),
+            ("server-", true),
+            ("scheduler-", true)
+        ]
+        .map(|(p, t)| count(p, t)),
+        [2, 1, 2, 1, 1],
+        "{names:?}"
+    );
     let merged = dir.join("job.json");
     let merge = |out: &Path| {
         let mut c = pskv();
@@ -170,6 +186,24 @@ fn profiles_of_a_job_merge_into_one_timeline() {
         .filter_map(|e| e["pid"].as_u64())
         .collect();
     assert!(pids_with_ops.len() >= 3, "{pids_with_ops:?}");
+    // Flows from a worker's request to the server's handling and back.
+    let ends = |ph: &str| -> std::collections::BTreeMap<u64, u64> {
+        events
+            .iter()
+            .filter(|e| e["ph"] == ph)
+            .filter_map(|e| Some((e["id"].as_u64()?, e["pid"].as_u64()?)))
+            .collect()
+    };
+    let (starts, finishes) = (ends("s"), ends("f"));
+    let crossing = starts
+        .iter()
+        .filter(|(id, pid)| finishes.get(id).is_some_and(|f| f != *pid))
+        .count();
+    assert!(
+        crossing > 10 && crossing == starts.len(),
+        "{crossing} of {}",
+        starts.len()
+    );
     let out = pskv()
         .args(["trace", "merge", "/no/such/dir"])
         .output()

@@ -15,10 +15,14 @@ use serde_json::{json, Value};
 
 use super::error::{CliError, CliResult};
 
-/// One process's trace, read.
+/// One file's trace, read.
 struct Trace {
     file: PathBuf,
     origin_us: u64,
+    /// The process it came from (role and pid), when the file says: the
+    /// engine's and the transport's files of one process share a track
+    /// group.
+    process: Option<(String, u64)>,
     events: Vec<Value>,
 }
 
@@ -37,9 +41,17 @@ fn read(file: &Path) -> CliResult<Trace> {
         .pointer("/otherData/pskv_origin_unix_us")
         .and_then(Value::as_u64)
         .ok_or_else(|| bad("no pskv_origin_unix_us (not a pskv profile, or an old one)"))?;
+    let process = v
+        .pointer("/otherData/pskv_pid")
+        .and_then(Value::as_u64)
+        .map(|pid| {
+            let role = v.pointer("/otherData/pskv_role").and_then(Value::as_str);
+            (role.unwrap_or("process").to_string(), pid)
+        });
     Ok(Trace {
         file: file.to_path_buf(),
         origin_us,
+        process,
         events,
     })
 }
@@ -68,22 +80,38 @@ pub fn merge(dir: &Path, out: &Path) -> CliResult<Value> {
         .collect::<CliResult<Vec<_>>>()?;
     let first = traces.iter().map(|t| t.origin_us).min().unwrap_or(0);
     let mut all = Vec::new();
-    for (i, t) in traces.into_iter().enumerate() {
-        // Processes of several hosts may share pids: number them instead.
-        let pid = i as u64 + 1;
+    // Processes of several hosts may share pids: number them instead, one
+    // number per process (its files share it), named once.
+    let mut numbers: Vec<Option<(String, u64)>> = Vec::new();
+    let mut named = std::collections::HashSet::new();
+    for t in traces {
+        let pid = match t
+            .process
+            .as_ref()
+            .and_then(|p| numbers.iter().position(|n| n.as_ref() == Some(p)))
+        {
+            Some(i) => i as u64 + 1,
+            None => {
+                numbers.push(t.process.clone());
+                numbers.len() as u64
+            }
+        };
         let shift = (t.origin_us - first) as f64;
-        let mut named = false;
         for mut e in t.events {
             if let Some(o) = e.as_object_mut() {
+                if o.get("name").and_then(Value::as_str) == Some("process_name")
+                    && !named.insert(pid)
+                {
+                    continue;
+                }
                 o.insert("pid".into(), json!(pid));
                 if let Some(ts) = o.get("ts").and_then(Value::as_f64) {
                     o.insert("ts".into(), json!(ts + shift));
                 }
-                named |= o.get("name").and_then(Value::as_str) == Some("process_name");
             }
             all.push(e);
         }
-        if !named {
+        if named.insert(pid) {
             let name = t
                 .file
                 .file_stem()

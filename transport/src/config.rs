@@ -26,6 +26,7 @@
 //! | `PSKV_MAX_MESSAGE_BYTES` | largest payload accepted in one message | 2 GiB |
 //! | `PSKV_CONNECT_TIMEOUT` | seconds to keep trying to reach the scheduler and to register | 60 |
 //! | `PSKV_IO_THREADS` | I/O threads of the node's runtime | 2 |
+//! | `PSKV_PROFILE` | also write the transport's profile at shutdown: every request and answer with flow ids (`trace.rs`), to `<role>-<pid>-transport.json` beside the engine's file | off |
 
 use std::time::Duration;
 
@@ -475,6 +476,15 @@ mod tests {
         let missing = Config::from_lookup(&env(&BASE[1..])).unwrap_err();
         assert!(missing.to_string().contains("DMLC_ROLE"), "{missing}");
     }
+}
+
+/// `PSKV_PROFILE`: where the transport's profile goes (see `trace.rs`),
+/// read once per process; the engine reads the same variable for its own
+/// file. None when unset or empty.
+pub(crate) fn profile_spec() -> Option<&'static str> {
+    static SPEC: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    SPEC.get_or_init(|| std::env::var("PSKV_PROFILE").ok().filter(|s| !s.is_empty()))
+        .as_deref()
 }
 
 /// `PSKV_SPIN_US`: the base of the adaptive spin of transport waits (see

@@ -150,6 +150,12 @@ impl Responder {
 
     fn send(mut self, f: Frame) {
         self.done = true;
+        crate::trace::record(
+            crate::trace::Hop::AnswerOut,
+            self.inner.my_id(),
+            self.recipient,
+            self.request_id,
+        );
         // A closed link: the requester is gone or will learn of the failure.
         let _ = self.inner.send_on(&self.link, f);
     }

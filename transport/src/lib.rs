@@ -20,6 +20,7 @@ pub mod protocol;
 mod security;
 mod slot;
 mod spin;
+mod trace;
 mod van;
 pub mod wire;
 

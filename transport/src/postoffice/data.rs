@@ -12,6 +12,7 @@ use crate::link::Link;
 use crate::protocol::resender::Received;
 use crate::protocol::tracker::{Completed, TrackError};
 use crate::protocol::{describe, NodeId, SCHEDULER_ID};
+use crate::trace::{self, Hop};
 use crate::van::{self, FrameSink};
 use crate::wire::{Control, Flags, Frame, Kind};
 
@@ -72,6 +73,7 @@ impl Inner {
             frame.request_id = id;
             frame.sender = me;
             frame.recipient = node;
+            trace::record(Hop::RequestOut, me, node, id);
             match link {
                 Some(link) => {
                     self.send_or_fail(&link, node, frame);
@@ -194,6 +196,7 @@ impl Inner {
                 describe(peer)
             );
         }
+        trace::record(Hop::RequestIn, self.my_id(), peer, frame.request_id);
         let handler = self.handler.read().clone();
         match handler {
             Some(h) => h.handle(crate::kv::KvRequest::from_frame(frame), responder),
@@ -209,6 +212,7 @@ impl Inner {
             peer => peer,
         };
         let request_id = frame.request_id;
+        trace::record(Hop::AnswerIn, self.my_id(), from, request_id);
         let done = {
             let mut reqs = self.reqs.lock();
             if frame.flags.contains(Flags::ERROR) {

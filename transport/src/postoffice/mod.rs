@@ -650,5 +650,6 @@ impl Inner {
             // Legal from any thread, including the runtime's own.
             rt.shutdown_background();
         }
+        crate::trace::write(self.cfg.role, self.my_id());
     }
 }
