@@ -186,6 +186,15 @@ fn profiles_of_a_job_merge_into_one_timeline() {
         .filter_map(|e| e["pid"].as_u64())
         .collect();
     assert!(pids_with_ops.len() >= 3, "{pids_with_ops:?}");
+    // A process's engine and transport threads stay apart: one name per
+    // (process, thread).
+    let mut threads = std::collections::BTreeMap::new();
+    for e in events.iter().filter(|e| e["name"] == "thread_name") {
+        let key = (e["pid"].as_u64(), e["tid"].as_u64());
+        let name = e["args"]["name"].as_str().unwrap_or_default();
+        let before = threads.insert(key, name);
+        assert!(before.is_none(), "{key:?}: {before:?} and {name}");
+    }
     // Flows from a worker's request to the server's handling and back.
     let ends = |ph: &str| -> std::collections::BTreeMap<u64, u64> {
         events

@@ -170,6 +170,10 @@ pub fn write_chrome_trace(events: &[TraceEvent], path: &Path) -> Result<(), Engi
         path: path.display().to_string(),
         source,
     };
+    // A profile directory (`PSKV_PROFILE=DIR/`) is made if missing.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
     let file = std::fs::File::create(path).map_err(io)?;
     let mut out = std::io::BufWriter::new(file);
     out.write_all(chrome_trace_json(events).as_bytes())
@@ -184,7 +188,14 @@ pub fn write_chrome_trace(events: &[TraceEvent], path: &Path) -> Result<(), Engi
 pub fn chrome_trace_json(events: &[TraceEvent]) -> String {
     use serde_json::{json, Value};
     let pid = std::process::id();
-    let role = std::env::var("DMLC_ROLE").unwrap_or_else(|_| "process".into());
+    let role = std::env::var("DMLC_ROLE")
+        .ok()
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
+        .unwrap_or_else(|| "process".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
     let mut list: Vec<Value> = Vec::with_capacity(events.len() + 8);
     list.push(json!({"name": "process_name", "ph": "M", "pid": pid,
                      "args": {"name": format!("{role} (pid {pid})")}}));
@@ -205,7 +216,8 @@ pub fn chrome_trace_json(events: &[TraceEvent]) -> String {
     json!({
         "traceEvents": list,
         "displayTimeUnit": "ms",
-        "otherData": {"pskv_origin_unix_us": origin().1, "pskv_role": role, "pskv_pid": pid},
+        "otherData": {"pskv_origin_unix_us": origin().1, "pskv_role": role, "pskv_pid": pid,
+                      "pskv_host": host},
     })
     .to_string()
 }

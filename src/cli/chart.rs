@@ -78,7 +78,8 @@ pub fn rate_label(bytes_per_s: f64) -> String {
     let units = ["B/s", "KB/s", "MB/s", "GB/s", "TB/s"];
     let mut v = bytes_per_s;
     let mut u = 0;
-    while v >= 1000.0 && u + 1 < units.len() {
+    // From 999.5 up, three digits would print "1000": the next unit.
+    while v >= 999.5 && u + 1 < units.len() {
         v /= 1000.0;
         u += 1;
     }
@@ -87,11 +88,11 @@ pub fn rate_label(bytes_per_s: f64) -> String {
 
 /// A time in seconds: "850 ns", "12 µs", "3.4 ms", "1.2 s".
 pub fn time_label(s: f64) -> String {
-    let (v, unit) = if s >= 1.0 {
+    let (v, unit) = if s >= 0.9995 {
         (s, "s")
-    } else if s >= 1e-3 {
+    } else if s >= 0.9995e-3 {
         (s * 1e3, "ms")
-    } else if s >= 1e-6 {
+    } else if s >= 0.9995e-6 {
         (s * 1e6, "µs")
     } else {
         (s * 1e9, "ns")
@@ -128,9 +129,18 @@ pub struct Axis {
 pub fn draw(path: &Path, title: &str, axis: Axis, series: &[Series]) -> CliResult {
     use plotters::coord::combinators::BindKeyPoints;
     use plotters::prelude::*;
+    // Only what a log scale can show: finite, positive values.
+    let ok = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite() && x > 0.0 && y > 0.0;
+    let series: Vec<Series> = series
+        .iter()
+        .map(|s| Series {
+            label: s.label.clone(),
+            points: s.points.iter().copied().filter(ok).collect(),
+        })
+        .collect();
     let pts = || series.iter().flat_map(|s| s.points.iter().copied());
     let (mut xlo, mut xhi, mut ylo, mut yhi) = (f64::MAX, 0.0f64, f64::MAX, 0.0f64);
-    for (x, y) in pts().filter(|(x, y)| *x > 0.0 && *y > 0.0) {
+    for (x, y) in pts() {
         xlo = xlo.min(x);
         xhi = xhi.max(x);
         ylo = ylo.min(y);
@@ -146,9 +156,12 @@ pub fn draw(path: &Path, title: &str, axis: Axis, series: &[Series]) -> CliResul
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let sizes: Vec<f64> = pts().map(|(x, _)| x).collect();
-    let x = (xlo..xhi)
-        .log_scale()
-        .with_key_points(size_ticks(&sizes, 12));
+    let x = (xlo..xhi).log_scale().with_key_points(
+        size_ticks(&sizes, 12)
+            .into_iter()
+            .filter(|t| *t >= xlo && *t <= xhi)
+            .collect(),
+    );
     let y = (ylo..yhi).log_scale().with_key_points(
         decade_ticks(ylo, yhi, 12)
             .into_iter()
@@ -172,7 +185,7 @@ pub fn draw(path: &Path, title: &str, axis: Axis, series: &[Series]) -> CliResul
         .y_label_formatter(&|y| label(*y))
         .draw()
         .map_err(|e| err(&e))?;
-    for (i, s) in series.iter().enumerate() {
+    for (i, s) in series.iter().filter(|s| !s.points.is_empty()).enumerate() {
         let color = Palette99::pick(i).to_rgba();
         c.draw_series(LineSeries::new(
             s.points.iter().copied(),
@@ -247,6 +260,8 @@ mod tests {
         assert_eq!(time_label(4.2e-6), "4.2 µs");
         assert_eq!(time_label(3.4e-3), "3.4 ms");
         assert_eq!(time_label(1.25), "1.25 s");
+        assert_eq!(time_label(0.9996), "1 s");
+        assert_eq!(rate_label(999.6e3), "1 MB/s");
         for v in decade_ticks(2e5, 3e9, 30) {
             let l = rate_label(v);
             assert!(!l.starts_with("0"), "{v}: {l}");

@@ -421,8 +421,9 @@ pub fn read_hostfile(path: &Path) -> CliResult<Vec<String>> {
 /// This host's address on the route towards `host` (no packet is sent).
 fn address_towards(host: &str) -> CliResult<String> {
     let s = std::net::UdpSocket::bind("0.0.0.0:0").map_err(CliError::io("opening a UDP socket"))?;
-    s.connect((host, 9))
-        .map_err(CliError::io("finding this host's address towards {host}"))?;
+    s.connect((host, 9)).map_err(CliError::io(format!(
+        "finding this host's address towards {host}"
+    )))?;
     Ok(s.local_addr()
         .map_err(CliError::io("reading a socket's address"))?
         .ip()

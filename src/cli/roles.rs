@@ -40,7 +40,8 @@ pub fn scheduler() -> CliResult {
 pub fn server() -> CliResult {
     let engine = Engine::new()?;
     let s = Server::start(config_as("server")?, engine)?;
-    s.wait(None)?;
+    // Shut down (and write the profile) whether the job ended well or not.
+    let ended = s.wait(None);
     s.shutdown();
-    Ok(())
+    Ok(ended?)
 }

@@ -19,19 +19,23 @@ use super::error::{CliError, CliResult};
 struct Trace {
     file: PathBuf,
     origin_us: u64,
-    /// The process it came from (role and pid), when the file says: the
-    /// engine's and the transport's files of one process share a track
+    /// The process it came from (host, role and pid), when the file says:
+    /// the engine's and the transport's files of one process share a track
     /// group.
-    process: Option<(String, u64)>,
+    process: Option<(String, String, u64)>,
     events: Vec<Value>,
 }
 
-fn read(file: &Path) -> CliResult<Trace> {
+/// The trace of `file`; None for the output of an earlier merge.
+fn read(file: &Path) -> CliResult<Option<Trace>> {
     let text = std::fs::read_to_string(file)
         .map_err(CliError::io(format!("reading {}", file.display())))?;
     let bad = |why: &str| CliError::Usage(format!("{}: {why}", file.display()));
     let v: Value =
         serde_json::from_str(&text).map_err(|e| bad(&format!("not a JSON trace ({e})")))?;
+    if v.pointer("/otherData/pskv_merged") == Some(&Value::Bool(true)) {
+        return Ok(None);
+    }
     let events = v
         .get("traceEvents")
         .and_then(Value::as_array)
@@ -41,19 +45,22 @@ fn read(file: &Path) -> CliResult<Trace> {
         .pointer("/otherData/pskv_origin_unix_us")
         .and_then(Value::as_u64)
         .ok_or_else(|| bad("no pskv_origin_unix_us (not a pskv profile, or an old one)"))?;
+    let field = |f: &str| {
+        v.pointer(&format!("/otherData/{f}"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     let process = v
         .pointer("/otherData/pskv_pid")
         .and_then(Value::as_u64)
-        .map(|pid| {
-            let role = v.pointer("/otherData/pskv_role").and_then(Value::as_str);
-            (role.unwrap_or("process").to_string(), pid)
-        });
-    Ok(Trace {
+        .map(|pid| (field("pskv_host"), field("pskv_role"), pid));
+    Ok(Some(Trace {
         file: file.to_path_buf(),
         origin_us,
         process,
         events,
-    })
+    }))
 }
 
 /// The merged trace of every `*.json` file in `dir` (other files are left
@@ -74,15 +81,24 @@ pub fn merge(dir: &Path, out: &Path) -> CliResult<Value> {
         let why = format!("{d} holds no profile (*.json); run the job with PSKV_PROFILE={d}/");
         return Err(CliError::Usage(why));
     }
-    let traces = files
+    let traces: Vec<Trace> = files
         .iter()
         .map(|f| read(f))
-        .collect::<CliResult<Vec<_>>>()?;
+        .collect::<CliResult<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    if traces.is_empty() {
+        return Err(CliError::Usage(format!(
+            "{} holds only merged traces, no process's profile",
+            dir.display()
+        )));
+    }
     let first = traces.iter().map(|t| t.origin_us).min().unwrap_or(0);
     let mut all = Vec::new();
     // Processes of several hosts may share pids: number them instead, one
     // number per process (its files share it), named once.
-    let mut numbers: Vec<Option<(String, u64)>> = Vec::new();
+    let mut numbers: Vec<Option<(String, String, u64)>> = Vec::new();
     let mut named = std::collections::HashSet::new();
     for t in traces {
         let pid = match t
@@ -123,7 +139,7 @@ pub fn merge(dir: &Path, out: &Path) -> CliResult<Value> {
     Ok(json!({
         "traceEvents": all,
         "displayTimeUnit": "ms",
-        "otherData": {"pskv_origin_unix_us": first},
+        "otherData": {"pskv_origin_unix_us": first, "pskv_merged": true},
     }))
 }
 
@@ -166,8 +182,10 @@ mod tests {
         std::fs::write(dir.join("notes.txt"), "not a trace").unwrap();
         let out = dir.join("job.json");
         assert_eq!(merge_to(&dir, &out).unwrap(), 2);
-        // The output in the same directory is not read back on a rerun.
+        // Outputs in the same directory are not read back on a rerun, under
+        // this name or another.
         assert_eq!(merge_to(&dir, &out).unwrap(), 2);
+        assert_eq!(merge_to(&dir, &dir.join("again.json")).unwrap(), 2);
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
         let ops: Vec<(u64, f64)> = v["traceEvents"]
             .as_array()

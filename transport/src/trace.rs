@@ -73,7 +73,9 @@ fn recorder() -> Option<&'static Recorder> {
     .as_ref()
 }
 
-static NEXT_TID: AtomicU64 = AtomicU64::new(1);
+/// Transport thread ids start here, clear of the engine's (which count
+/// from 1), since a process's two files share one track group.
+static NEXT_TID: AtomicU64 = AtomicU64::new(1 << 20);
 static THREAD_NAMES: Mutex<BTreeMap<u64, String>> = Mutex::new(BTreeMap::new());
 
 thread_local! {
@@ -182,7 +184,9 @@ fn json(rec: &Recorder, role: &str, me: NodeId) -> serde_json::Value {
         "traceEvents": list,
         "displayTimeUnit": "ms",
         "otherData": {"pskv_origin_unix_us": rec.origin.1, "pskv_role": role,
-                      "pskv_pid": pid, "pskv_node": describe(me)},
+                      "pskv_pid": pid, "pskv_node": describe(me),
+                      "pskv_host": std::fs::read_to_string("/proc/sys/kernel/hostname")
+                          .map(|h| h.trim().to_string()).unwrap_or_default()},
     })
 }
 
@@ -199,6 +203,9 @@ pub(crate) fn write(role: Role, me: NodeId) {
     let role = role.to_string();
     let path = path_for(spec, &role, std::process::id());
     let text = json(rec, &role, me).to_string();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::create_dir_all(dir);
+    }
     if let Err(e) = std::fs::write(&path, text) {
         tracing::warn!("writing the transport profile {}: {e}", path.display());
     }

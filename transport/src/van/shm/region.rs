@@ -188,12 +188,18 @@ impl Region {
         let len = file_len(slots, slot_len)
             .ok_or_else(|| bad(format!("{slots} slots of {slot_len} bytes cannot exist")))?;
         let context = || format!("mapping the shared region {}", d.path);
+        // Not through a link, and only a plain file.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| io_error(context(), e))?;
-        let have = file.metadata().map_err(|e| io_error(context(), e))?.len();
+        let meta = file.metadata().map_err(|e| io_error(context(), e))?;
+        if !meta.is_file() {
+            return Err(bad(format!("{} is not a plain file", d.path)));
+        }
+        let have = meta.len();
         if have != len as u64 {
             return Err(bad(format!(
                 "{} has {have} bytes; {slots} slots of {slot_len} bytes need {len}",
@@ -201,6 +207,9 @@ impl Region {
             )));
         }
         let map = MmapRaw::map_raw(&file).map_err(|e| io_error(context(), e))?;
+        if map.len() != len {
+            return Err(bad(format!("{} changed size while being mapped", d.path)));
+        }
         // SAFETY: the header page is inside the checked length; the creator
         // wrote it before anyone could learn the file's name.
         let word =
