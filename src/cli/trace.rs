@@ -66,6 +66,7 @@ fn read(file: &Path) -> CliResult<Option<Trace>> {
 /// The merged trace of every `*.json` file in `dir` (other files are left
 /// alone; `out` is skipped if it lies there).
 pub fn merge(dir: &Path, out: &Path) -> CliResult<Value> {
+    let out = out.canonicalize().ok();
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(CliError::io(format!(
             "reading the directory {}",
@@ -73,7 +74,7 @@ pub fn merge(dir: &Path, out: &Path) -> CliResult<Value> {
         )))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .filter(|p| p.canonicalize().ok() != out.canonicalize().ok())
+        .filter(|p| p.canonicalize().ok() != out)
         .collect();
     files.sort();
     if files.is_empty() {

@@ -45,7 +45,6 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -111,10 +110,6 @@ fn file_len(slots: usize, slot_len: usize) -> Option<usize> {
     stride(slot_len)?.checked_mul(slots)?.checked_add(PAGE)
 }
 
-fn io_error(context: String, e: impl std::fmt::Display) -> TransportError {
-    TransportError::io(context, e.to_string())
-}
-
 impl Region {
     /// Creates a region of `slots` slots of `slot_len` bytes, zeroed, with
     /// every page reserved.
@@ -136,19 +131,13 @@ impl Region {
             .create_new(true)
             .mode(0o600)
             .open(&path)
-            .map_err(|e| io_error(context(), e))?;
-        let map = (|| {
-            // SAFETY: a plain syscall on an open descriptor.
-            let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
-            if rc != 0 {
-                return Err(std::io::Error::from_raw_os_error(rc));
-            }
-            MmapRaw::map_raw(&file)
-        })()
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&path);
-            io_error(context(), e)
-        })?;
+            .map_err(|e| TransportError::io(context(), e))?;
+        let map = super::ring::reserve(&file, 0, len)
+            .and_then(|()| MmapRaw::map_raw(&file))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&path);
+                TransportError::io(context(), e)
+            })?;
         // SAFETY: the header page of a fresh mapping no one else has yet.
         unsafe {
             let p = map.as_mut_ptr() as *mut u64;
@@ -194,8 +183,10 @@ impl Region {
             .write(true)
             .custom_flags(libc::O_NOFOLLOW)
             .open(path)
-            .map_err(|e| io_error(context(), e))?;
-        let meta = file.metadata().map_err(|e| io_error(context(), e))?;
+            .map_err(|e| TransportError::io(context(), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| TransportError::io(context(), e))?;
         if !meta.is_file() {
             return Err(bad(format!("{} is not a plain file", d.path)));
         }
@@ -206,7 +197,7 @@ impl Region {
                 d.path
             )));
         }
-        let map = MmapRaw::map_raw(&file).map_err(|e| io_error(context(), e))?;
+        let map = MmapRaw::map_raw(&file).map_err(|e| TransportError::io(context(), e))?;
         if map.len() != len {
             return Err(bad(format!("{} changed size while being mapped", d.path)));
         }

@@ -117,7 +117,7 @@ fn layout(cap: usize, heap: usize) -> (usize, usize, usize) {
 
 /// Reserves `[off, off + len)` of a tmpfs file, so that touching those pages
 /// later cannot fault with SIGBUS when /dev/shm is full.
-fn reserve(file: &File, off: usize, len: usize) -> io::Result<()> {
+pub(super) fn reserve(file: &File, off: usize, len: usize) -> io::Result<()> {
     // SAFETY: a plain syscall on an open descriptor.
     let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), off as i64, len as i64) };
     match rc {
