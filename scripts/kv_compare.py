@@ -48,7 +48,10 @@ def run(cmd, env=None, timeout=900):
 
 def pskv_run(exe, w, s, van, compress, outdir, tag):
     path = os.path.join(outdir, "pskv-%s.json" % tag)
-    cmd = [exe, "bench", "-w", str(w), "-s", str(s), "--van", van, "--json", path]
+    # --out too: the run's charts go beside its JSON, not into the caller's
+    # working directory.
+    cmd = [exe, "bench", "-w", str(w), "-s", str(s), "--van", van, "--json", path,
+           "--out", os.path.splitext(path)[0]]
     if compress:
         cmd.append("--compress")
     p, _ = run(cmd)
