@@ -22,6 +22,7 @@
 
 mod adagrad;
 mod adam;
+mod create;
 pub mod mxparse;
 mod nag;
 mod real;
@@ -342,27 +343,6 @@ impl Optimizer {
         self
     }
 
-    /// [`Optimizer::create`] with a scheduler, as MXNet's
-    /// `mx.optimizer.create(name, lr_scheduler=s, **params)`: when `params`
-    /// give no learning rate, SGD, NAG and AdaGrad (which have no default
-    /// in MXNet) take the scheduler's `base_lr`; Adam keeps its 0.001.
-    pub fn create_scheduled(
-        name: &str,
-        params: &[(&str, f64)],
-        s: LrScheduler,
-    ) -> Result<Optimizer> {
-        let mut opt = Optimizer::create(name, params)?;
-        let given = params
-            .iter()
-            .any(|(k, _)| *k == "learning_rate" || *k == "lr");
-        if !given && !matches!(opt.method, Method::Adam(_)) {
-            opt.learning_rate = s.base_lr;
-        }
-        let opt = opt.lr_scheduler(s);
-        opt.validate()?;
-        Ok(opt)
-    }
-
     /// Counts a key's restored update count into `num_update` (states put
     /// back from a file or a checkpoint).
     pub(crate) fn note_count(&self, count: u64) {
@@ -388,92 +368,6 @@ impl Optimizer {
     pub fn wd_mult(mut self, key: impl Into<Key>, m: f64) -> Optimizer {
         self.wd_mult.insert(key.into().id(), m);
         self
-    }
-
-    /// MXNet optimizer attributes that have no meaning here: accepted and
-    /// ignored (with a logged warning naming them), so that an MXNet
-    /// optimizer's attribute dictionary passes as it is. A name that is
-    /// neither one of these nor a parameter is still an error (a typo).
-    pub const IGNORED_MXNET_ATTRIBUTES: &'static [&'static str] = &[
-        "aggregate_num",
-        "use_fused_step",
-        "param_idx2name",
-        "idx2name",
-        "param_dict",
-        "sym",
-    ];
-
-    /// An optimizer by MXNet name (`sgd`, `nag`, `adam`, `adagrad`) and
-    /// MXNet parameter names (`learning_rate`, `momentum`, `wd`,
-    /// `rescale_grad`, `clip_gradient`, `beta1`, `beta2`, `epsilon`,
-    /// `eps`, `multi_precision` as 0/1), with MXNet's defaults. MXNet's
-    /// attributes are accepted where pskv has their meaning: `lazy_update`
-    /// (1: a row-sparse push updates only its rows, which is what pskv
-    /// does; 0 is refused), `float_stable_eps` (AdaGrad's epsilon); those
-    /// of [`Optimizer::IGNORED_MXNET_ATTRIBUTES`] are ignored with a
-    /// warning.
-    pub fn create(name: &str, params: &[(&str, f64)]) -> Result<Optimizer> {
-        let mut opt = match name.to_ascii_lowercase().as_str() {
-            "sgd" => Optimizer::sgd(0.01),
-            "nag" => Optimizer::nag(0.01, 0.0),
-            "adam" => Optimizer::adam(0.001),
-            "adagrad" => Optimizer::adagrad(0.01),
-            other => {
-                return Err(KvError::invalid(format!(
-                    "unknown optimizer '{other}': expected sgd, nag, adam or adagrad"
-                )))
-            }
-        };
-        for &(k, v) in params {
-            opt = match k {
-                "learning_rate" | "lr" => Optimizer {
-                    learning_rate: v,
-                    ..opt
-                },
-                "wd" => opt.wd(v),
-                "rescale_grad" => opt.rescale_grad(v),
-                "clip_gradient" => opt.clip_gradient(v),
-                "multi_precision" => opt.multi_precision(v != 0.0),
-                "begin_num_update" => {
-                    if !(v >= 0.0 && v.fract() == 0.0 && v < 2f64.powi(53)) {
-                        return Err(KvError::invalid(format!(
-                            "optimizer '{name}': begin_num_update = {v} is not a whole number from 0 to 2^53"
-                        )));
-                    }
-                    opt.begin_num_update(v as u64)
-                }
-                "lazy_update" if v != 0.0 => opt,
-                "lazy_update" => return Err(KvError::Unsupported {
-                    what: format!("optimizer '{name}' with lazy_update = {v}"),
-                    why:
-                        "a row-sparse push updates only the rows it carries (MXNet's lazy update); \
-                              a standard update of every row is not implemented"
-                            .into(),
-                }),
-                "float_stable_eps" if matches!(opt.method, Method::AdaGrad(_)) => {
-                    let set = opt.method.rule_mut().set("epsilon", v);
-                    debug_assert!(set, "AdaGrad has an epsilon");
-                    opt
-                }
-                other if opt.method.rule_mut().set(other, v) => opt,
-                other
-                    if other == "float_stable_eps"
-                        || Optimizer::IGNORED_MXNET_ATTRIBUTES.contains(&other) =>
-                {
-                    tracing::warn!(
-                        "optimizer '{name}': MXNet attribute '{other}' has no meaning in pskv; ignored"
-                    );
-                    opt
-                }
-                other => {
-                    return Err(KvError::invalid(format!(
-                        "optimizer '{name}' has no parameter '{other}'"
-                    )))
-                }
-            };
-        }
-        opt.validate()?;
-        Ok(opt)
     }
 
     /// The method's name, as MXNet spells it.
