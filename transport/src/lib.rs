@@ -7,6 +7,8 @@
 //! - [`Postoffice`]: a node (scheduler, server or worker): runtime, sockets,
 //!   links, the authentication handshake.
 //! - [`KvWorker`], [`RequestHandler`]: push, pull, push-pull and commands.
+//! - [`status`]: what `pskv status` shows of a running job: each node's
+//!   traffic and rounds, gathered by the scheduler, and the observer's query.
 //!
 //! The crate knows nothing of tensors, the engine or the kernels.
 #![warn(missing_docs)]
@@ -20,6 +22,7 @@ pub mod protocol;
 mod security;
 mod slot;
 mod spin;
+pub mod status;
 mod trace;
 mod van;
 pub mod wire;

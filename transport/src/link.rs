@@ -36,6 +36,7 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
 use crate::protocol::NodeId;
+use crate::status::Traffic;
 use crate::wire::Frame;
 
 /// A link's id, unique in the process (the scheduler's connection ids).
@@ -117,6 +118,8 @@ pub(crate) struct Link {
     cv: Condvar,
     closed: AtomicBool,
     direct: OnceLock<Arc<dyn DirectSend>>,
+    /// What the link carried (`pskv status`).
+    pub(crate) traffic: Traffic,
 }
 
 impl Link {
@@ -130,6 +133,7 @@ impl Link {
             cv: Condvar::new(),
             closed: AtomicBool::new(false),
             direct: OnceLock::new(),
+            traffic: Traffic::default(),
         }
     }
 
@@ -160,6 +164,7 @@ impl Link {
         if let Some(reason) = &q.closed {
             return Err(reason.clone());
         }
+        self.traffic.sent(frame.wire_len());
         if let Some(d) = self.direct.get() {
             if q.heap.is_empty() && !q.writing && q.cont.is_none() {
                 q.writing = true;

@@ -185,8 +185,7 @@ fn json(rec: &Recorder, role: &str, me: NodeId) -> serde_json::Value {
         "displayTimeUnit": "ms",
         "otherData": {"pskv_origin_unix_us": rec.origin.1, "pskv_role": role,
                       "pskv_pid": pid, "pskv_node": describe(me),
-                      "pskv_host": std::fs::read_to_string("/proc/sys/kernel/hostname")
-                          .map(|h| h.trim().to_string()).unwrap_or_default()},
+                      "pskv_host": crate::postoffice::hostname()},
     })
 }
 

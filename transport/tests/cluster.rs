@@ -832,3 +832,99 @@ fn push_then_pull(kv: &KvWorker, keys: &[u64], lens: &[u32], vals: &[u8]) -> KvR
         .wait(T)
         .unwrap()
 }
+
+#[test]
+fn a_status_query_sees_every_node_and_disturbs_nothing() {
+    use pskv_transport::status;
+    let c = cluster(1, 2, Some("tok"));
+    let addr = c.sched.local_addr().to_string();
+    let (keys, lens) = (vec![3u64], vec![4000u32]);
+    for (i, w) in c.workers.iter().enumerate() {
+        push_then_pull(&KvWorker::new(w), &keys, &lens, &[i as u8; 4000]);
+        w.round_log()
+            .round_done(3, Duration::from_micros(700 + i as u64), || "three".into());
+    }
+    c.servers[0]
+        .round_log()
+        .round_done(3, Duration::from_micros(50), || "3".into());
+    // Snapshots come with the heartbeats (every 200 ms here); rates need two.
+    let deadline = Instant::now() + T;
+    let job = loop {
+        let job = status::query(&addr, Some("tok"), T).unwrap();
+        if job
+            .nodes
+            .iter()
+            .all(|n| n.rates.is_some() || n.role == "scheduler")
+        {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "no rates within {T:?}: {job:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(job.started && !job.job_ended);
+    assert_eq!(
+        (job.num_servers, job.num_workers, job.heartbeat_ms),
+        (1, 2, Some(200))
+    );
+    let rows: Vec<(&str, u32, &str)> = job
+        .nodes
+        .iter()
+        .map(|n| (n.role.as_str(), n.rank, n.state.as_str()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("scheduler", 0, "alive"),
+            ("server", 0, "alive"),
+            ("worker", 0, "alive"),
+            ("worker", 1, "alive")
+        ]
+    );
+    for n in &job.nodes {
+        let s = n.stats.as_ref().unwrap();
+        assert_eq!(s.pid, std::process::id(), "{n:?}");
+        assert!(s.traffic.frames_in > 0 && s.traffic.frames_out > 0, "{n:?}");
+        if n.role != "scheduler" {
+            assert!(n.heard_ms_ago.unwrap() < 2000, "{n:?}");
+        }
+    }
+    for w in &job.nodes[2..] {
+        let s = w.stats.as_ref().unwrap();
+        // The push's 4000 bytes went out, the pull's came in.
+        assert!(
+            s.traffic.bytes_out > 4000 && s.traffic.bytes_in > 4000,
+            "{w:?}"
+        );
+        assert_eq!(s.rounds, 1);
+        assert_eq!(s.slowest.as_ref().unwrap().key, "three");
+        // Heartbeats flow all the time: some frames every second.
+        assert!(w.rates.unwrap().frames_out > 0, "{w:?}");
+    }
+    let server = job.nodes[1].stats.as_ref().unwrap();
+    assert!(server.traffic.bytes_in > 8000, "{server:?}");
+    assert_eq!(server.slowest.as_ref().unwrap().micros, 50);
+    // The token is required.
+    for token in [Some("wrong"), None] {
+        let err = status::query(&addr, token, T).unwrap_err();
+        assert!(matches!(err, TransportError::Auth { .. }), "{err}");
+    }
+    // Observers are not members: barriers of everyone still complete, and
+    // the node table is as it was.
+    let nodes = c.sched.nodes();
+    let mut ts = Vec::new();
+    for po in c
+        .workers
+        .iter()
+        .chain(&c.servers)
+        .cloned()
+        .chain([c.sched.clone()])
+    {
+        ts.push(std::thread::spawn(move || {
+            po.barrier(Group::ALL, T).unwrap()
+        }));
+    }
+    for t in ts {
+        t.join().unwrap();
+    }
+    assert_eq!(c.sched.nodes(), nodes);
+}

@@ -117,6 +117,8 @@ pub(crate) struct EntryState {
     round_sync: Option<bool>,
     /// Rounds applied to the value (sync rounds, or async pushes).
     pub(crate) rounds: u64,
+    /// When the latest round's first push arrived (`pskv status`).
+    pub(crate) round_began: Option<Instant>,
 }
 
 impl EntryState {
@@ -144,6 +146,7 @@ impl EntryState {
             waiters: Vec::new(),
             round_sync: None,
             rounds: 0,
+            round_began: None,
         }
     }
 
@@ -416,6 +419,7 @@ impl EntryState {
         }
         if !head.sync {
             // Async: apply this push alone, now.
+            self.round_began = Some(Instant::now());
             self.round_sync = Some(false);
             let want = Want::of(&head);
             if let Err(e) = self.fold(k, &head, &vals, true) {
@@ -431,6 +435,9 @@ impl EntryState {
         let eager = !self.plain(rule, std::iter::once(&head));
         self.pending[rank] = Some(Arrival { head, vals, answer });
         self.arrived += 1;
+        if self.arrived == 1 {
+            self.round_began = Some(Instant::now());
+        }
         if self.arrived < self.workers {
             // Pushes the sum kernel cannot take in one pass (compressed,
             // rows, integers, f16 for an f32 master) are folded as soon as

@@ -168,6 +168,11 @@ impl Inner {
                 let rule = self.rule.read().clone();
                 let before = st.rounds;
                 st.push(&self.kernels, rule.as_ref(), head, vals, rank, answer);
+                if let (true, Some(log), Some(began)) =
+                    (st.rounds != before, self.rounds.get(), st.round_began)
+                {
+                    log.round_done(key, began.elapsed(), || st.name());
+                }
                 if let Some(c) = self.ckpt.get() {
                     if st.rounds != before && st.rounds % c.every == 0 {
                         self.record(key, st);

@@ -44,6 +44,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use pskv_engine::{Engine, Var};
 use pskv_gpu::cpu::CpuKernels;
 use pskv_transport::protocol::role_rank;
+use pskv_transport::status::RoundLog;
 use pskv_transport::{Config, KvRequest, NodeEnd, Postoffice, RequestHandler, Responder, Role};
 
 use crate::error::{KvError, Result};
@@ -116,6 +117,9 @@ struct Inner {
     /// A fault for tests: once the backup holds this round of a key, the
     /// server dies before answering it (`Server::die_after_copying`).
     fault: Mutex<Option<(u64, replica::Once)>>,
+    /// Where completed rounds are reported (`pskv status`), once the
+    /// transport started.
+    rounds: std::sync::OnceLock<Arc<RoundLog>>,
 }
 
 /// Where and how often a server checkpoints (`PSKV_CHECKPOINT_DIR`,
@@ -219,9 +223,11 @@ impl Server {
             ranges: std::sync::OnceLock::new(),
             repl: std::sync::OnceLock::new(),
             fault: Mutex::new(None),
+            rounds: std::sync::OnceLock::new(),
         });
         let replicas = cfg.replicas;
         let po = Postoffice::start(cfg, Some(Arc::new(Handler(inner.clone()))))?;
+        let _ = inner.rounds.set(po.round_log());
         let weak = Arc::downgrade(&inner);
         po.watch_end(Arc::new(move |end| {
             if let Some(inner) = weak.upgrade() {

@@ -409,7 +409,7 @@ impl Inner {
 /// Runs handshake `hs` over `conn` until it ends, answering its questions
 /// with `ask`; the frames it writes name `me` and `peer`. Every wait is
 /// bounded by the machine's deadline.
-async fn drive<H: Handshake>(
+pub(crate) async fn drive<H: Handshake>(
     hs: &mut H,
     conn: &mut Handshaken,
     me: NodeId,

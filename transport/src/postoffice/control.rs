@@ -133,7 +133,12 @@ impl Inner {
                 self.links.lock().by_node.insert(*your_id, link.id);
             }
             let recipient = link.peer();
+            let beat = msg == Control::Heartbeat;
             self.send_on(&link, msg.to_frame(self.my_id(), recipient));
+            if beat {
+                let stats = Control::Stats(Box::new(self.node_stats()));
+                self.send_on(&link, stats.to_frame(self.my_id(), recipient));
+            }
         }
         for e in sched_events {
             self.on_scheduler_event(e);

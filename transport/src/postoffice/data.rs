@@ -230,6 +230,7 @@ impl Inner {
 
 impl FrameSink for Inner {
     fn on_frame(&self, link: &Arc<Link>, frame: Frame) {
+        link.traffic.received(frame.wire_len());
         if self.cfg.verbose >= 2 {
             tracing::info!(link = link.id, kind = ?frame.kind, keys = frame.keys.len(), bytes = frame.payload.len(), "received");
         }
@@ -258,6 +259,9 @@ impl FrameSink for Inner {
                     }
                 };
                 let now = Instant::now();
+                if msg == Control::StatusQuery {
+                    return self.answer_status(link);
+                }
                 match &mut *self.ctl.lock() {
                     Ctl::Scheduler(s) => s.handle(link.id, msg, now),
                     Ctl::Member(m) => {
@@ -277,7 +281,11 @@ impl FrameSink for Inner {
     fn on_closed(&self, link: &Arc<Link>, reason: String) {
         {
             let mut links = self.links.lock();
-            links.by_id.remove(&link.id);
+            if links.by_id.remove(&link.id).is_some() {
+                // Subtle: under the links lock, so a snapshot counts the
+                // link once, live or retired.
+                self.retired.absorb(link.traffic.counts());
+            }
             if links.by_node.get(&link.peer()) == Some(&link.id) {
                 links.by_node.remove(&link.peer());
             }

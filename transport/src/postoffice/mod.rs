@@ -37,6 +37,7 @@ use crate::protocol::scheduler::{Scheduler, SchedulerConfig};
 use crate::protocol::tracker::Tracker;
 use crate::protocol::{Group, NodeId, Role, SCHEDULER_ID};
 use crate::slot::Slot;
+use crate::status::{RoundLog, Traffic};
 use crate::van::shm::region::Region;
 use crate::van::{rdma, FrameSink};
 use crate::wire::{Frame, NodeInfo, VanId, Vote};
@@ -44,9 +45,12 @@ use crate::wire::{Frame, NodeInfo, VanId, Vote};
 mod connect;
 mod control;
 mod data;
+mod observe;
 
+pub(crate) use connect::drive as drive_handshake;
 pub(crate) use connect::host_id;
 use connect::{interface_ip, local_ip_toward};
+pub(crate) use observe::hostname;
 
 /// A change in the cluster's membership, as this node learns it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +167,12 @@ pub(crate) struct Inner {
     my_id: AtomicU32,
     me: OnceLock<std::sync::Weak<Inner>>,
     rdma_dev: OnceLock<Result<Arc<dyn rdma::verbs::Device>, crate::van::VanError>>,
+    /// When this node started (its snapshots' clock, `status`).
+    born: Instant,
+    /// What closed links carried (`status`).
+    retired: Traffic,
+    /// The rounds the layer above reports (`status`).
+    rounds: Arc<RoundLog>,
 }
 
 /// A node of the cluster: scheduler, server or worker.
@@ -327,6 +337,9 @@ impl Postoffice {
             my_id: AtomicU32::new(my_id),
             me: OnceLock::new(),
             rdma_dev: OnceLock::new(),
+            born: Instant::now(),
+            retired: Traffic::default(),
+            rounds: Arc::default(),
         });
         let _ = inner.me.set(Arc::downgrade(&inner));
         let po = Postoffice {

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::frame::{Frame, Kind, WireError};
+use crate::status::{JobStatus, NodeStats};
 use bytes::Bytes;
 
 /// One node of the cluster as the scheduler announces it.
@@ -207,6 +208,13 @@ pub enum Control {
         /// A worker died (the job failed).
         failed: bool,
     },
+    /// A node's counters, sent with each heartbeat (`pskv status`).
+    Stats(Box<NodeStats>),
+    /// An observer (a connection that proved the token and did not
+    /// register) asks the scheduler for the job's status.
+    StatusQuery,
+    /// The scheduler's answer to `StatusQuery`.
+    Status(Box<JobStatus>),
 }
 
 impl Control {
@@ -282,6 +290,21 @@ mod tests {
                 failed: false,
             },
             Control::Heartbeat,
+            Control::Stats(Box::new(NodeStats {
+                pid: 4,
+                hostname: "h".into(),
+                rounds: 2,
+                ..NodeStats::default()
+            })),
+            Control::StatusQuery,
+            Control::Status(Box::new(JobStatus {
+                num_servers: 1,
+                num_workers: 2,
+                started: true,
+                job_ended: false,
+                heartbeat_ms: Some(1000),
+                nodes: Vec::new(),
+            })),
         ];
         for m in msgs {
             let f = m.to_frame(9, 1);

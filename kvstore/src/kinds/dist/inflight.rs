@@ -14,10 +14,11 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use pskv_engine::Completion;
+use pskv_transport::status::RoundLog;
 use pskv_transport::{KvResponse, TrackError, TransportError};
 
 use super::staging;
@@ -62,6 +63,9 @@ pub(super) struct Inflight {
     /// Device lanes that carry the op's staging copies (`staging`): the op
     /// completes only once they are drained, so no copy of its outlives it.
     settle: staging::Lanes,
+    /// A push: where its round is reported (`pskv status`), the key's id,
+    /// and when the op began.
+    round: Option<(Arc<RoundLog>, u64, Instant)>,
 }
 
 impl Inflight {
@@ -71,6 +75,7 @@ impl Inflight {
         op: &'static str,
         key: &Key,
         settle: staging::Lanes,
+        rounds: Option<&Arc<RoundLog>>,
     ) -> Arc<Inflight> {
         Arc::new(Inflight {
             done: RwLock::new(Some(c)),
@@ -80,6 +85,7 @@ impl Inflight {
             op,
             key: key.to_string(),
             settle,
+            round: rounds.map(|r| (r.clone(), key.id(), Instant::now())),
         })
     }
 
@@ -131,6 +137,9 @@ impl Inflight {
                 message,
             }),
         };
+        if let (None, Some((log, id, began))) = (&err, &self.round) {
+            log.round_done(*id, began.elapsed(), || self.key.clone());
+        }
         // Subtle: every staging copy of the op was queued under the read
         // lock of `done` (answers) or before its part was sent, so all are
         // queued by now (the lock was just taken for writing, or every part

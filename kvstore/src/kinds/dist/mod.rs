@@ -33,6 +33,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use pskv_engine::{Engine, Var};
+use pskv_transport::status::RoundLog;
 use pskv_transport::{Group, KvResponse, KvWorker, Postoffice, Region};
 
 use crate::comm::Comm;
@@ -89,6 +90,8 @@ pub(crate) struct DistStore {
     opts: Options,
     po: Postoffice,
     kv: KvWorker,
+    /// Where pushes report their rounds (`pskv status`).
+    rounds: Arc<RoundLog>,
     sync: bool,
     device: bool,
     keys: Registry<DistKey>,
@@ -155,6 +158,7 @@ impl DistStore {
             restarts: (0..po.num_servers()).map(|_| AtomicU64::new(0)).collect(),
             engine,
             comm,
+            rounds: po.round_log(),
             po,
             kv,
             sync,

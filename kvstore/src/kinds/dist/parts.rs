@@ -106,7 +106,16 @@ impl DistStore {
             });
             return None;
         }
-        Some(Inflight::new(completion, n, name, &dk.local.key, settle))
+        // A push's answers end its round (`pskv status`).
+        let rounds = matches!(name, "push" | "pushpull").then_some(&self.rounds);
+        Some(Inflight::new(
+            completion,
+            n,
+            name,
+            &dk.local.key,
+            settle,
+            rounds,
+        ))
     }
 
     /// Sends one request per part of `parts` (indices into the key's

@@ -40,6 +40,11 @@
 //! When every worker is gone (left or dead) while servers remain, the
 //! servers are told `JobEnded`.
 //!
+//! Status (`status.rs`): each node's counters arrive with its heartbeats
+//! (`Stats`); the machine keeps the last two, for `pskv status`. An
+//! observer's question never reaches the machine: the driver answers it
+//! from `status()`.
+//!
 //! Subtle: the scheduler's own stalls. If the clock jumps by more than a
 //! quarter of the heartbeat timeout between two calls, the scheduler itself
 //! did not run (stopped, starved); the nodes' silence during the gap is
@@ -50,7 +55,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::{describe, key_ranges, Group, NodeId, Role, SCHEDULER_ID};
+use crate::status::NodeStats;
 use crate::wire::{Control, NodeInfo, Vote};
+
+mod status;
 
 /// The driver's handle of a connection.
 pub type ConnId = u64;
@@ -112,6 +120,10 @@ struct Entry {
     conn: Option<ConnId>,
     last_seen: Instant,
     state: State,
+    /// Its latest counters and when they came, and the ones before
+    /// (`status.rs`).
+    stats: Option<(Instant, NodeStats)>,
+    prev_stats: Option<NodeStats>,
 }
 
 #[derive(Debug)]
@@ -301,6 +313,7 @@ impl Scheduler {
                     self.out.push_back((conn, Control::HeartbeatAck));
                 }
             }
+            Control::Stats(stats) => self.on_stats(conn, *stats, now),
             Control::Barrier { group, seq, vote } => {
                 if let Some(&id) = self.conn_node.get(&conn) {
                     self.on_barrier(id, Group(group), seq, vote);
@@ -431,6 +444,8 @@ impl Scheduler {
                     conn: Some(p.conn),
                     last_seen: now,
                     state: State::Alive,
+                    stats: None,
+                    prev_stats: None,
                 },
             );
         }
@@ -521,6 +536,8 @@ impl Scheduler {
             e.conn = Some(conn);
             e.last_seen = now;
             e.state = State::Alive;
+            // A new process: its counters start over.
+            (e.stats, e.prev_stats) = (None, None);
             e.info.clone()
         };
         self.conn_node.insert(conn, id);
