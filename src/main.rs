@@ -39,6 +39,9 @@ enum Command {
     /// Work with profiles (`PSKV_PROFILE`).
     #[command(subcommand)]
     Trace(TraceCommand),
+    /// A running job's nodes as its scheduler sees them: heartbeats,
+    /// traffic, rounds and the slowest key (never disturbs the job).
+    Status(StatusArgs),
     /// The helper of `pskv launch` that stops a job whose launcher died.
     #[command(hide = true)]
     LaunchWatchdog,
@@ -58,6 +61,58 @@ enum TraceCommand {
         #[arg(short = 'o', long, default_value = "job.json")]
         out: std::path::PathBuf,
     },
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The scheduler, HOST:PORT (the token from PSKV_TOKEN). Default: the
+    /// DMLC_PS_ROOT_* variables inside a job, else the one job of
+    /// `pskv launch` running for this user.
+    #[arg(long, value_name = "HOST:PORT")]
+    scheduler: Option<String>,
+    /// The job of `pskv launch` whose launcher has this pid.
+    #[arg(long, value_name = "PID")]
+    job: Option<u32>,
+    /// JSON, one object per report and line.
+    #[arg(long)]
+    json: bool,
+    /// Report again every SECS seconds (default 1) until the job ends.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "1")]
+    watch: Option<f64>,
+    /// With --watch: stop after N reports.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Seconds one question to the scheduler may take.
+    #[arg(long, default_value_t = 5.0)]
+    timeout: f64,
+}
+
+impl StatusArgs {
+    fn run(&self) -> CliResult {
+        let secs = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 && v < 1e9 {
+                Ok(std::time::Duration::from_secs_f64(v))
+            } else {
+                Err(CliError::Usage(format!(
+                    "--{name} {v}: expected a positive number of seconds"
+                )))
+            }
+        };
+        let report = cli::status::Report {
+            json: self.json,
+            every: self.watch.map(|w| secs("watch", w)).transpose()?,
+            count: self.count,
+            timeout: secs("timeout", self.timeout)?,
+        };
+        if self.count.is_some() && report.every.is_none() {
+            return Err(CliError::Usage("--count needs --watch".into()));
+        }
+        let target = cli::status::Target {
+            scheduler: self.scheduler.clone(),
+            job: self.job,
+        };
+        cli::status::run(&target, &report)
+    }
 }
 
 #[derive(Args, Clone)]
@@ -442,6 +497,10 @@ fn main() -> ExitCode {
                 Err(e) => fail("trace merge", e),
             }
         }
+        Command::Status(a) => match a.run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail("status", e),
+        },
         Command::EngineConfig => match pskv::engine::EngineBuilder::from_env() {
             Ok(b) => {
                 println!("{:#?}", b.config());

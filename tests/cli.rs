@@ -222,6 +222,111 @@ fn profiles_of_a_job_merge_into_one_timeline() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `pskv status` finds a running job of `pskv launch` by its job file and
+/// lists every node with its counters; a killed launcher's job is not
+/// offered.
+#[test]
+fn status_lists_every_node_of_a_running_job() {
+    // pskv makes the directory, closed to others (a test scratch is not).
+    let scratch_dir = scratch("status");
+    let run = scratch_dir.join("run");
+    let status = |args: &[&str]| {
+        let mut c = pskv();
+        c.arg("status").args(args).env("PSKV_RUN_DIR", &run);
+        for v in ["DMLC_PS_ROOT_URI", "DMLC_PS_ROOT_PORT", "PSKV_TOKEN"] {
+            c.env_remove(v);
+        }
+        c.output().unwrap()
+    };
+    let none = status(&["--json"]);
+    assert!(!none.status.success());
+    assert!(
+        String::from_utf8_lossy(&none.stderr).contains("no running job"),
+        "{none:?}"
+    );
+    let mut demo = pskv()
+        .args([
+            "demo",
+            "-w",
+            "2",
+            "-s",
+            "1",
+            "--epochs",
+            "500",
+            "--timeout",
+            "120",
+        ])
+        .env("PSKV_RUN_DIR", &run)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Counters come with heartbeats (every second); rates need two.
+    let mut job = serde_json::Value::Null;
+    wait_until("every node's counters", Duration::from_secs(60), || {
+        let out = status(&["--json"]);
+        if !out.status.success() {
+            return false;
+        }
+        job = serde_json::from_slice(&out.stdout).unwrap();
+        let nodes = job["nodes"].as_array().unwrap();
+        nodes.len() == 4
+            && nodes[1..]
+                .iter()
+                .all(|n| !n["rates"].is_null() && n["stats"]["rounds"].as_u64() > Some(0))
+    });
+    let nodes = job["nodes"].as_array().unwrap();
+    let roles: Vec<(&str, u64)> = nodes
+        .iter()
+        .map(|n| (n["role"].as_str().unwrap(), n["rank"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("scheduler", 0),
+            ("server", 0),
+            ("worker", 0),
+            ("worker", 1)
+        ]
+    );
+    let mut pids: Vec<u64> = nodes
+        .iter()
+        .map(|n| n["stats"]["pid"].as_u64().unwrap())
+        .collect();
+    for n in nodes {
+        assert_eq!(n["state"], "alive", "{n}");
+        assert!(!gone(n["stats"]["pid"].as_u64().unwrap() as u32), "{n}");
+        assert!(n["stats"]["traffic"]["bytes_out"].as_u64() > Some(0), "{n}");
+    }
+    for w in &nodes[2..] {
+        assert!(w["heard_ms_ago"].as_u64() < Some(5000), "{w}");
+        assert!(w["rates"]["bytes_out"].as_u64() > Some(0), "{w}");
+        assert!(w["stats"]["slowest"]["key"].is_string(), "{w}");
+    }
+    pids.sort();
+    pids.dedup();
+    assert_eq!(pids.len(), 4, "{job}");
+    let table = stdout_ok(&status(&[]));
+    for want in ["NODE", "scheduler ", "server 0 ", "worker 0 ", "worker 1 "] {
+        assert!(table.contains(want), "{want:?} not in\n{table}");
+    }
+    let watched = stdout_ok(&status(&["--json", "--watch", "0.2", "--count", "2"]));
+    assert_eq!(watched.lines().count(), 2, "{watched}");
+    let wrong = status(&["--job", "999999999"]);
+    assert!(!wrong.status.success());
+    // A killed launcher's job file stays behind; it is not a running job.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(demo.id() as i32, libc::SIGKILL) };
+    let _ = demo.wait();
+    assert!(std::fs::read_dir(&run).unwrap().count() == 1);
+    let stale = status(&[]);
+    assert!(
+        String::from_utf8_lossy(&stale.stderr).contains("no running job"),
+        "{stale:?}"
+    );
+    let _ = std::fs::remove_dir_all(&scratch_dir);
+}
+
 #[test]
 fn the_demo_trains_and_matches_a_single_process_run() {
     let out = pskv()

@@ -75,15 +75,24 @@ pub fn decade_ticks(lo: f64, hi: f64, max: usize) -> Vec<f64> {
 /// A rate in bytes per second, with an SI prefix: "120 B/s", "100 KB/s",
 /// "1.5 GB/s".
 pub fn rate_label(bytes_per_s: f64) -> String {
-    let units = ["B/s", "KB/s", "MB/s", "GB/s", "TB/s"];
-    let mut v = bytes_per_s;
+    thousands(bytes_per_s, &[" B/s", " KB/s", " MB/s", " GB/s", " TB/s"])
+}
+
+/// Events per second: "3/s", "1.2k/s", "45M/s".
+pub fn count_rate_label(per_s: f64) -> String {
+    thousands(per_s, &["/s", "k/s", "M/s", "G/s"])
+}
+
+/// `v` in the largest of `units` (each 1000 times the one before) that
+/// keeps it at least 1, to three significant digits.
+fn thousands(mut v: f64, units: &[&str]) -> String {
     let mut u = 0;
     // From 999.5 up, three digits would print "1000": the next unit.
     while v >= 999.5 && u + 1 < units.len() {
         v /= 1000.0;
         u += 1;
     }
-    format!("{} {}", significant(v), units[u])
+    format!("{}{}", significant(v), units[u])
 }
 
 /// A time in seconds: "850 ns", "12 µs", "3.4 ms", "1.2 s".
@@ -262,6 +271,9 @@ mod tests {
         assert_eq!(time_label(1.25), "1.25 s");
         assert_eq!(time_label(0.9996), "1 s");
         assert_eq!(rate_label(999.6e3), "1 MB/s");
+        assert_eq!(count_rate_label(3.0), "3/s");
+        assert_eq!(count_rate_label(1234.0), "1.23k/s");
+        assert_eq!(count_rate_label(999.7), "1k/s");
         for v in decade_ticks(2e5, 3e9, 30) {
             let l = rate_label(v);
             assert!(!l.starts_with("0"), "{v}: {l}");

@@ -236,6 +236,8 @@ pub struct Job {
     /// A checkpoint directory the launcher made for this job (removed with
     /// it).
     checkpoint_dir: Option<PathBuf>,
+    /// Where `pskv status` finds the job (removed with it).
+    _job_file: Option<super::status::JobFile>,
 }
 
 /// The launcher's end of the watchdog (module docs).
@@ -689,6 +691,23 @@ impl Job {
             checkpoint_dir = Some(dir);
         }
 
+        // For `pskv status`: the scheduler and the token, readable by this
+        // user only. A job runs without it if it cannot be written.
+        let job_file = super::status::JobFile::create(&super::status::JobInfo {
+            pid: std::process::id(),
+            scheduler: format!("{root}:{port}"),
+            token: secret.clone(),
+            workers: spec.workers,
+            servers: spec.servers,
+            command: spec
+                .command
+                .iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+        })
+        .map_err(|e| tracing::warn!("pskv status will not find this job: {e}"))
+        .ok();
         let spawner = Spawner {
             env,
             secret,
@@ -722,6 +741,7 @@ impl Job {
             restarts_left: spec.server_restarts,
             deaths_allowed: replicas - 1,
             checkpoint_dir,
+            _job_file: job_file,
         };
         job.start_member(Role::Scheduler)?;
         for i in 0..spec.servers {

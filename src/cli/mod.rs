@@ -7,6 +7,7 @@ pub mod error;
 pub mod gpus;
 pub mod launch;
 pub mod roles;
+pub mod status;
 pub mod trace;
 
 /// What `--van` takes.
