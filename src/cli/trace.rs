@@ -5,9 +5,13 @@
 //! Each file's times count from its own process's trace origin; the file
 //! says what wall-clock time that origin was (`otherData.
 //! pskv_origin_unix_us`), and the merge shifts every file onto the earliest
-//! origin. That aligns processes of one host exactly; across hosts it is as
-//! good as their clocks agree (the scheduler's heartbeats do not correct it
-//! yet).
+//! origin. Clocks of several hosts are put on the scheduler's: a server's or
+//! worker's transport file says how far its host's clock is from the
+//! scheduler's (`pskv_clock_offset_us`, measured over the heartbeats, right
+//! to within half a heartbeat's round trip, `pskv_clock_rtt_us`), and the
+//! engine's file of the same process takes the same correction. A file
+//! without one (the scheduler's, or a process that exited before its first
+//! heartbeat was answered) is taken as it is.
 
 use std::path::{Path, PathBuf};
 
@@ -19,6 +23,8 @@ use super::error::{CliError, CliResult};
 struct Trace {
     file: PathBuf,
     origin_us: u64,
+    /// Its host's clock against the scheduler's, if the file says.
+    offset_us: Option<i64>,
     /// The process it came from (host, role and pid), when the file says:
     /// the engine's and the transport's files of one process share a track
     /// group.
@@ -58,6 +64,9 @@ fn read(file: &Path) -> CliResult<Option<Trace>> {
     Ok(Some(Trace {
         file: file.to_path_buf(),
         origin_us,
+        offset_us: v
+            .pointer("/otherData/pskv_clock_offset_us")
+            .and_then(Value::as_i64),
         process,
         events,
     }))
@@ -95,13 +104,27 @@ pub fn merge(dir: &Path, out: &Path) -> CliResult<Value> {
             dir.display()
         )));
     }
-    let first = traces.iter().map(|t| t.origin_us).min().unwrap_or(0);
+    // Each origin on the scheduler's clock: a file without an offset takes
+    // that of another file of its process (the engine's, the transport's).
+    let offset_of = |t: &Trace| {
+        t.offset_us.or_else(|| {
+            traces
+                .iter()
+                .filter(|o| o.process.is_some() && o.process == t.process)
+                .find_map(|o| o.offset_us)
+        })
+    };
+    let origins: Vec<i128> = traces
+        .iter()
+        .map(|t| t.origin_us as i128 + offset_of(t).unwrap_or(0) as i128)
+        .collect();
+    let first = origins.iter().copied().min().unwrap_or(0);
     let mut all = Vec::new();
     // Processes of several hosts may share pids: number them instead, one
     // number per process (its files share it), named once.
     let mut numbers: Vec<Option<(String, String, u64)>> = Vec::new();
     let mut named = std::collections::HashSet::new();
-    for t in traces {
+    for (t, origin) in traces.into_iter().zip(origins) {
         let pid = match t
             .process
             .as_ref()
@@ -113,7 +136,7 @@ pub fn merge(dir: &Path, out: &Path) -> CliResult<Value> {
                 numbers.len() as u64
             }
         };
-        let shift = (t.origin_us - first) as f64;
+        let shift = (origin - first) as f64;
         for mut e in t.events {
             if let Some(o) = e.as_object_mut() {
                 if o.get("name").and_then(Value::as_str) == Some("process_name")
@@ -140,7 +163,8 @@ pub fn merge(dir: &Path, out: &Path) -> CliResult<Value> {
     Ok(json!({
         "traceEvents": all,
         "displayTimeUnit": "ms",
-        "otherData": {"pskv_origin_unix_us": first, "pskv_merged": true},
+        "otherData": {"pskv_origin_unix_us": u64::try_from(first).unwrap_or(0),
+                      "pskv_merged": true},
     }))
 }
 
@@ -211,5 +235,44 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         let e = merge(&dir, &out).unwrap_err().to_string();
         assert!(e.contains("reading the directory"), "{e}");
+    }
+
+    /// A host whose clock is 4 s ahead of the scheduler's: its transport
+    /// file says so, and both its files are put back on the scheduler's
+    /// clock.
+    #[test]
+    fn clocks_of_other_hosts_are_corrected_by_their_offsets() {
+        let dir = std::env::temp_dir().join(format!("pskv-trace-clock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let with = |origin: u64, pid: u64, ts: f64, host: &str, offset: Option<i64>| {
+            let mut v = trace(origin, pid, ts);
+            v["otherData"]["pskv_pid"] = json!(pid);
+            v["otherData"]["pskv_host"] = json!(host);
+            v["otherData"]["pskv_role"] = json!("worker");
+            if let Some(o) = offset {
+                v["otherData"]["pskv_clock_offset_us"] = json!(o);
+            }
+            v.to_string()
+        };
+        std::fs::write(dir.join("a.json"), with(1_000_000, 3, 10.0, "h1", Some(0))).unwrap();
+        std::fs::write(
+            dir.join("b-transport.json"),
+            with(5_000_100, 3, 20.0, "h2", Some(-4_000_000)),
+        )
+        .unwrap();
+        std::fs::write(dir.join("b.json"), with(5_000_200, 3, 30.0, "h2", None)).unwrap();
+        let v = merge(&dir, &dir.join("job.json")).unwrap();
+        let mut ops: Vec<(u64, f64)> = v["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["ph"] == "X")
+            .map(|e| (e["pid"].as_u64().unwrap(), e["ts"].as_f64().unwrap()))
+            .collect();
+        ops.sort_by(|a, b| a.1.total_cmp(&b.1));
+        // Without the offsets, h2's events would sit 4 s later.
+        assert_eq!(ops, vec![(1, 10.0), (2, 120.0), (2, 230.0)]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

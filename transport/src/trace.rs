@@ -22,6 +22,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 
 use crate::protocol::{describe, NodeId, Role};
+use crate::status::ClockOffset;
 
 /// Events kept before new ones are dropped (about 64 bytes each).
 const MAX_EVENTS: usize = 4_000_000;
@@ -191,7 +192,7 @@ fn json(rec: &Recorder, role: &str, me: NodeId) -> serde_json::Value {
 
 /// Writes this process's transport profile (once a node of `role`, id
 /// `me`, shuts down); nothing when profiling is off.
-pub(crate) fn write(role: Role, me: NodeId) {
+pub(crate) fn write(role: Role, me: NodeId, clock: Option<ClockOffset>) {
     let (Some(rec), Some(spec)) = (recorder(), crate::config::profile_spec()) else {
         return;
     };
@@ -201,7 +202,12 @@ pub(crate) fn write(role: Role, me: NodeId) {
     }
     let role = role.to_string();
     let path = path_for(spec, &role, std::process::id());
-    let text = json(rec, &role, me).to_string();
+    let mut v = json(rec, &role, me);
+    if let Some(c) = clock {
+        v["otherData"]["pskv_clock_offset_us"] = c.offset_us.into();
+        v["otherData"]["pskv_clock_rtt_us"] = c.rtt_us.into();
+    }
+    let text = v.to_string();
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         let _ = std::fs::create_dir_all(dir);
     }

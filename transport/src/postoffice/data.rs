@@ -259,8 +259,13 @@ impl FrameSink for Inner {
                     }
                 };
                 let now = Instant::now();
-                if msg == Control::StatusQuery {
-                    return self.answer_status(link);
+                match &msg {
+                    Control::StatusQuery => return self.answer_status(link),
+                    Control::Clock { echo_us, unix_us } if link.peer() == SCHEDULER_ID => {
+                        return self.clock.lock().answered(*echo_us, *unix_us, now);
+                    }
+                    Control::Stats(s) => self.answer_clock(link, s.uptime_us),
+                    _ => {}
                 }
                 match &mut *self.ctl.lock() {
                     Ctl::Scheduler(s) => s.handle(link.id, msg, now),

@@ -37,7 +37,7 @@ use crate::protocol::scheduler::{Scheduler, SchedulerConfig};
 use crate::protocol::tracker::Tracker;
 use crate::protocol::{Group, NodeId, Role, SCHEDULER_ID};
 use crate::slot::Slot;
-use crate::status::{RoundLog, Traffic};
+use crate::status::{unix_us, ClockSync, RoundLog, Traffic};
 use crate::van::shm::region::Region;
 use crate::van::{rdma, FrameSink};
 use crate::wire::{Frame, NodeInfo, VanId, Vote};
@@ -173,6 +173,8 @@ pub(crate) struct Inner {
     retired: Traffic,
     /// The rounds the layer above reports (`status`).
     rounds: Arc<RoundLog>,
+    /// This node's clock against the scheduler's (`status::clock`).
+    clock: Mutex<ClockSync>,
 }
 
 /// A node of the cluster: scheduler, server or worker.
@@ -308,6 +310,7 @@ impl Postoffice {
         } else {
             0
         };
+        let born = Instant::now();
         let inner = Arc::new(Inner {
             token: cfg.token.as_ref().map(|t| t.as_bytes().to_vec()),
             resender: cfg
@@ -337,9 +340,10 @@ impl Postoffice {
             my_id: AtomicU32::new(my_id),
             me: OnceLock::new(),
             rdma_dev: OnceLock::new(),
-            born: Instant::now(),
+            born,
             retired: Traffic::default(),
             rounds: Arc::default(),
+            clock: Mutex::new(ClockSync::new(born, unix_us())),
         });
         let _ = inner.me.set(Arc::downgrade(&inner));
         let po = Postoffice {
@@ -663,6 +667,6 @@ impl Inner {
             // Legal from any thread, including the runtime's own.
             rt.shutdown_background();
         }
-        crate::trace::write(self.cfg.role, self.my_id());
+        crate::trace::write(self.cfg.role, self.my_id(), self.clock.lock().offset());
     }
 }

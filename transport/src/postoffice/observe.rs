@@ -24,6 +24,12 @@ impl Postoffice {
     pub fn stats(&self) -> NodeStats {
         self.owner.inner.node_stats()
     }
+
+    /// This node's wall clock against the scheduler's, from the heartbeats
+    /// (None: the scheduler itself, or no heartbeat answered yet).
+    pub fn clock_offset(&self) -> Option<status::ClockOffset> {
+        self.owner.inner.clock.lock().offset()
+    }
 }
 
 impl Inner {
@@ -47,7 +53,21 @@ impl Inner {
             traffic,
             rounds,
             slowest,
+            clock: self.clock.lock().offset(),
         }
+    }
+
+    /// The scheduler answers a node's snapshot, taken at its uptime
+    /// `echo_us`, with its wall clock (`status::clock`).
+    pub(super) fn answer_clock(&self, link: &Arc<Link>, echo_us: u64) {
+        if self.cfg.role != Role::Scheduler {
+            return;
+        }
+        let clock = Control::Clock {
+            echo_us,
+            unix_us: status::unix_us(),
+        };
+        self.send_on(link, clock.to_frame(self.my_id(), link.peer()));
     }
 
     /// Answers an observer's `StatusQuery` on `link` (the scheduler; other

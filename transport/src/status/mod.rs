@@ -33,8 +33,11 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+mod clock;
 mod query;
 
+pub use clock::ClockOffset;
+pub(crate) use clock::{unix_us, ClockSync};
 pub use query::query;
 
 /// Frames and bytes a node's links carried, since the node started.
@@ -182,6 +185,8 @@ pub struct NodeStats {
     pub rounds: u64,
     /// The slowest key of its latest round.
     pub slowest: Option<SlowKey>,
+    /// Its clock against the scheduler's (None: no sample yet).
+    pub clock: Option<ClockOffset>,
 }
 
 /// Bytes and frames per second, in and out, between a node's last two

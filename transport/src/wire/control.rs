@@ -215,6 +215,14 @@ pub enum Control {
     StatusQuery,
     /// The scheduler's answer to `StatusQuery`.
     Status(Box<JobStatus>),
+    /// The scheduler's answer to a node's `Stats`: its wall clock
+    /// (`status::ClockOffset`).
+    Clock {
+        /// The `uptime_us` of the `Stats` answered.
+        echo_us: u64,
+        /// The scheduler's wall clock, µs since the Unix epoch.
+        unix_us: u64,
+    },
 }
 
 impl Control {
@@ -297,6 +305,10 @@ mod tests {
                 ..NodeStats::default()
             })),
             Control::StatusQuery,
+            Control::Clock {
+                echo_us: 5,
+                unix_us: 6,
+            },
             Control::Status(Box::new(JobStatus {
                 num_servers: 1,
                 num_workers: 2,
