@@ -186,6 +186,23 @@ fn profiles_of_a_job_merge_into_one_timeline() {
         .filter_map(|e| e["pid"].as_u64())
         .collect();
     assert!(pids_with_ops.len() >= 3, "{pids_with_ops:?}");
+    // The server's aggregation and its optimizer's steps (the demo's SGD
+    // runs on the server) have slices of their own, inside its key ops.
+    let slices = |name: &str| {
+        events
+            .iter()
+            .filter(|e| e["ph"] == "X" && e["name"] == name)
+            .count()
+    };
+    assert!(
+        slices("server sum") > 10
+            && slices("server optimizer step") > 10
+            && slices("server push in") > 0,
+        "{} sums, {} steps, {} pushes in",
+        slices("server sum"),
+        slices("server optimizer step"),
+        slices("server push in")
+    );
     // A process's engine and transport threads stay apart: one name per
     // (process, thread).
     let mut threads = std::collections::BTreeMap::new();

@@ -216,6 +216,29 @@ impl<'a> RunContext<'a> {
         &self.op.name
     }
 
+    /// Whether the engine is profiling: an op may then time its own parts
+    /// and [`record`](Self::record) them.
+    pub fn profiling(&self) -> bool {
+        self.op.core.profiler.is_enabled()
+    }
+
+    /// Records a part of this op, from `start` to `end`, as a slice of its
+    /// own on this thread in the profile (nested in the op's slice), named
+    /// `name`, with `detail` in place of the context. Nothing when the
+    /// engine is not profiling.
+    pub fn record(
+        &self,
+        name: &str,
+        detail: &str,
+        start: std::time::Instant,
+        end: std::time::Instant,
+    ) {
+        let p = &self.op.core.profiler;
+        if p.is_enabled() {
+            p.part(name, detail, start, end, self.priority);
+        }
+    }
+
     /// How this op holds `var`, or None if its spec does not name it.
     pub fn access(&self, var: &Var) -> Option<Access> {
         let named = |vs: &[Var]| vs.iter().any(|v| v.id() == var.id());

@@ -139,6 +139,31 @@ impl Profiler {
             ctx: op.ctx.to_string(),
             failed,
         };
+        self.push(event);
+    }
+
+    /// A part of the op running on this thread (`RunContext::record`).
+    pub(crate) fn part(
+        &self,
+        name: &str,
+        detail: &str,
+        start: Instant,
+        end: Instant,
+        priority: i32,
+    ) {
+        let ns = |t: Instant| (t.saturating_duration_since(epoch()).as_nanos() as u64).max(1);
+        self.push(TraceEvent {
+            name: name.to_string(),
+            tid: current_tid(),
+            start_ns: ns(start),
+            dur_ns: end.saturating_duration_since(start).as_nanos() as u64,
+            priority,
+            ctx: detail.to_string(),
+            failed: false,
+        });
+    }
+
+    fn push(&self, event: TraceEvent) {
         let mut events = self.events.lock();
         if events.len() < MAX_EVENTS {
             events.push(event);

@@ -124,3 +124,38 @@ fn the_graph_has_the_dependency_edges() {
         assert!(dot.contains(n), "{dot}");
     }
 }
+
+/// An op's own parts are slices inside its slice, on its thread; nothing is
+/// recorded when the engine is not profiling.
+#[test]
+fn an_op_records_its_parts_inside_its_slice() {
+    let engine = Engine::builder().cpu_threads(1).build().unwrap();
+    let v = Var::new();
+    let run = |engine: &Engine, on: bool| {
+        engine
+            .push_sync(OpSpec::new("whole").write(&v), move |rc| {
+                let t0 = std::time::Instant::now();
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                let t1 = std::time::Instant::now();
+                assert_eq!(rc.profiling(), on);
+                rc.record("part", "key 3", t0, t1);
+                Ok(())
+            })
+            .unwrap();
+        engine.wait_for_all().unwrap();
+    };
+    run(&engine, false);
+    assert!(engine.take_profile().is_empty());
+    engine.start_profiling();
+    run(&engine, true);
+    let events = engine.take_profile();
+    let whole = events.iter().find(|e| e.name == "whole").unwrap();
+    let part = events.iter().find(|e| e.name == "part").unwrap();
+    assert_eq!((part.tid, part.ctx.as_str()), (whole.tid, "key 3"));
+    assert!(part.dur_ns >= 2_000_000, "{part:?}");
+    assert!(part.start_ns >= whole.start_ns, "{part:?} {whole:?}");
+    assert!(
+        part.start_ns + part.dur_ns <= whole.start_ns + whole.dur_ns,
+        "{part:?} {whole:?}"
+    );
+}

@@ -119,6 +119,10 @@ pub(crate) struct EntryState {
     pub(crate) rounds: u64,
     /// When the latest round's first push arrived (`pskv status`).
     pub(crate) round_began: Option<Instant>,
+    /// Profiling: time the update of a round (the optimizer's step, or the
+    /// sum becoming the value) into `update_span`.
+    pub(crate) time_update: bool,
+    pub(crate) update_span: Option<(Instant, Instant)>,
 }
 
 impl EntryState {
@@ -147,6 +151,8 @@ impl EntryState {
             round_sync: None,
             rounds: 0,
             round_began: None,
+            time_update: false,
+            update_span: None,
         }
     }
 
@@ -521,6 +527,7 @@ impl EntryState {
                     sum_dense(k, dtype, grad.bytes_mut(), &ins)?;
                     let mut st = std::mem::take(&mut self.opt);
                     let shape = [self.elems];
+                    let began = self.time_update.then(Instant::now);
                     let res = rule.apply(
                         self.key_id,
                         None,
@@ -531,6 +538,7 @@ impl EntryState {
                         self.value_mut(true),
                         &mut st,
                     );
+                    self.update_span = began.map(|b| (b, Instant::now()));
                     self.opt = st;
                     self.grad_buf = grad;
                     res
@@ -641,7 +649,9 @@ impl EntryState {
     fn complete(&mut self, rule: Option<&Rule>, sync: bool) {
         let acc = self.acc.take().expect("a round has a sum");
         let touched = self.touched.take();
+        let began = self.time_update.then(Instant::now);
         let result = self.apply(rule, &acc, touched, sync);
+        self.update_span = began.map(|b| (b, Instant::now()));
         if result.is_ok() {
             self.rounds += 1;
             self.maybe_unlink(true);

@@ -4,9 +4,10 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
-use pskv_engine::{OpSpec, Property};
+use pskv_engine::{OpSpec, Property, RunContext};
 
 use super::entry::{Answer, EntryState};
 use super::replica::{answer_all, KeyWork};
@@ -67,11 +68,11 @@ impl Inner {
                 answer: entry.defer.wrap(w.answer),
                 ..w
             };
-            self.engine.push_async(spec, move |_, completion| {
+            self.engine.push_async(spec, move |rc, completion| {
                 let mut st = e2.st.lock();
                 e2.defer.open();
                 let before = st.rounds;
-                me.key_op(&mut st, w);
+                me.key_op(&rc, &mut st, w);
                 let kept = e2.defer.close();
                 if st.rounds == before {
                     drop(st);
@@ -105,9 +106,9 @@ impl Inner {
                 }
             })
         } else {
-            self.engine.push_sync(spec, move |_| {
+            self.engine.push_sync(spec, move |rc| {
                 let mut st = e2.st.lock();
-                me.key_op(&mut st, w);
+                me.key_op(&rc, &mut st, w);
                 Ok(())
             })
         };
@@ -119,7 +120,7 @@ impl Inner {
     }
 
     /// The work on one ps key, inside an op that writes its var.
-    pub(super) fn key_op(&self, st: &mut EntryState, w: KeyWork) {
+    pub(super) fn key_op(&self, rc: &RunContext<'_>, st: &mut EntryState, w: KeyWork) {
         let KeyWork {
             key,
             head,
@@ -167,7 +168,30 @@ impl Inner {
                 };
                 let rule = self.rule.read().clone();
                 let before = st.rounds;
+                // Profiling: the push taken in (and folded, where it can
+                // be) or the round summed, then the
+                // update, as slices of their own in the op's.
+                let t0 = rc.profiling().then(Instant::now);
+                st.time_update = t0.is_some();
                 st.push(&self.kernels, rule.as_ref(), head, vals, rank, answer);
+                if let Some(t0) = t0 {
+                    let name = st.name();
+                    match st.update_span.take() {
+                        Some((a, b)) => {
+                            rc.record("server sum", &name, t0, a);
+                            let step = if rule.is_some() {
+                                "server optimizer step"
+                            } else {
+                                "server store sum"
+                            };
+                            rc.record(step, &name, a, b);
+                        }
+                        None if st.rounds != before => {
+                            rc.record("server sum", &name, t0, Instant::now())
+                        }
+                        None => rc.record("server push in", &name, t0, Instant::now()),
+                    }
+                }
                 if let (true, Some(log), Some(began)) =
                     (st.rounds != before, self.rounds.get(), st.round_began)
                 {
