@@ -161,8 +161,11 @@ int pskv_pushpull_device(struct pskv_kvstore *kv,
 // Collective, as `pskv_init` and `pskv_barrier`: every worker calls it
 // with the same optimizer; if it fails on one worker it fails on all.
 // Workers in another collective call meanwhile fail with it at once,
-// naming both calls; a worker that never calls it leaves the others
-// waiting up to `PSKV_KVSTORE_TIMEOUT`.
+// naming both calls. If some workers never call it (MXNet code that calls
+// it on rank 0 only), the callers fail at `PSKV_KVSTORE_TIMEOUT` saying the
+// others did not make the call; the others' pushes and pulls left waiting
+// fail at their timeout naming the call, and their next collective call
+// fails at once.
 //
 // # Safety
 // `kv` is a live handle; `name` and `params` are NUL-terminated strings.

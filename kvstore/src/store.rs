@@ -352,8 +352,12 @@ impl KvStore {
     /// one worker (a setting out of range), or the workers' optimizers
     /// differ, it fails on every worker with that cause. Workers that make
     /// another collective call meanwhile (`barrier`, `init`) fail with it
-    /// at once, naming both calls; a worker that never calls it leaves the
-    /// others waiting up to the store's timeout (`PSKV_KVSTORE_TIMEOUT`).
+    /// at once, naming both calls. If some workers never call it (MXNet
+    /// code that calls it on rank 0 only), the callers fail at the store's
+    /// timeout (`PSKV_KVSTORE_TIMEOUT`) saying the others did not make the
+    /// call; the scheduler tells the others, whose pushes and pulls left
+    /// waiting by it fail at their timeout naming the call, and whose next
+    /// collective call fails at once with the same cause.
     pub fn set_optimizer(&self, opt: Optimizer) -> Result<()> {
         self.flavor.set_optimizer(opt)
     }

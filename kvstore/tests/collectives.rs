@@ -270,3 +270,60 @@ fn a_round_that_never_completes_times_out_naming_the_key() {
     assert!(err.contains("key 3") && err.contains("unanswered"), "{err}");
     assert!(took >= timeout && took < timeout * 3, "{took:?}");
 }
+
+/// MXNet code may call `set_optimizer` on rank 0 only; in pskv it is a
+/// collective call. The caller fails at the store's timeout saying the
+/// other workers did not make the call; a worker that pushed meanwhile
+/// fails at its own timeout naming that call (the scheduler tells it), and
+/// its next collective call fails at once with the same cause.
+#[test]
+fn a_collective_call_only_one_worker_makes_fails_on_all_saying_so() {
+    let c = cluster(1, 2);
+    let timeout = Duration::from_millis(1500);
+    let out = c.run_each("dist_sync", opts(timeout), move |_, kv, e| {
+        let t = pskv_kvstore::Tensor::from_slice(e, &[4], &[1.0f32; 4], Context::Cpu).unwrap();
+        kv.init(3, &t).unwrap();
+        let t0 = std::time::Instant::now();
+        if kv.rank() == 0 {
+            let err = kv.set_optimizer(Optimizer::sgd(0.1)).unwrap_err();
+            return (err.to_string(), t0.elapsed(), None);
+        }
+        // Starts pushing a little after the other worker began its call.
+        std::thread::sleep(Duration::from_millis(300));
+        kv.push(3, std::slice::from_ref(&t), 0).unwrap();
+        let err = kv
+            .pull(3, std::slice::from_ref(&t), 0)
+            .and_then(|()| t.wait_to_read())
+            .unwrap_err();
+        let took = t0.elapsed();
+        let t1 = std::time::Instant::now();
+        let next = kv.barrier().unwrap_err().to_string();
+        (err.to_string(), took, Some((next, t1.elapsed())))
+    });
+    // Rank 0 calls; the other pushes (ranks are given in registration
+    // order, not thread order).
+    let (calls, pushes): (Vec<_>, Vec<_>) = out.iter().map(|o| &o.0).partition(|o| o.2.is_none());
+    let (caller, took, _) = calls[0];
+    eprintln!("the caller: {caller}\nthe other: {}", pushes[0].0);
+    assert!(
+        caller.contains("timed out") && caller.contains("collective call set_optimizer"),
+        "{caller}"
+    );
+    assert!(*took >= timeout && *took < timeout * 2, "{took:?}");
+    let (pusher, took, next) = pushes[0];
+    assert!(
+        pusher.contains("key 3")
+            && pusher.contains("did not make")
+            && pusher.contains("set_optimizer")
+            && pusher.contains("worker 1 (id 11) had not reached it")
+            && pusher.contains("failed on worker 0 (id 9)"),
+        "{pusher}"
+    );
+    assert!(*took < timeout * 3, "{took:?}");
+    let (next, took) = next.as_ref().unwrap();
+    assert!(
+        next.contains("set_optimizer") && next.contains("gave up"),
+        "{next}"
+    );
+    assert!(*took < timeout / 2, "{took:?}");
+}

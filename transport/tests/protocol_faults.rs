@@ -50,12 +50,33 @@ fn a_timed_out_barrier_fails_on_every_node_and_the_next_one_works() {
         let e = sim.barrier_done(b, Group::WORKERS)[0]
             .clone()
             .expect("an error");
-        let a_id = id_of(&mut sim, a);
+        let (a_id, late_id) = (id_of(&mut sim, a), id_of(&mut sim, late));
         assert!(
-            e.contains("gave up") && e.contains(&describe(a_id)),
+            e.contains("gave up")
+                && e.contains(&describe(a_id))
+                && e.contains(&format!("{} had not reached it", describe(late_id))),
             "seed {seed}: {e}"
         );
-        // The node that had not arrived gets the same failure when it does.
+        // The node that had not arrived is told at once (a collective call
+        // it did not make)...
+        sim.run_until(Duration::from_secs(30), |sim| {
+            sim.events[late]
+                .iter()
+                .any(|e| matches!(e, MemberEvent::BarrierMissed { .. }))
+        });
+        let told: Vec<&MemberEvent> = sim.events[late]
+            .iter()
+            .filter(|e| matches!(e, MemberEvent::BarrierMissed { .. }))
+            .collect();
+        assert_eq!(
+            told,
+            [&MemberEvent::BarrierMissed {
+                group: Group::WORKERS,
+                error: e.clone()
+            }],
+            "seed {seed}"
+        );
+        // ... and gets the same failure when it arrives.
         sim.barrier(late, Group::WORKERS, Vote::Ready);
         sim.run_until(Duration::from_secs(30), |sim| {
             !sim.barrier_done(late, Group::WORKERS).is_empty()

@@ -236,6 +236,13 @@ impl Inner {
             MemberEvent::JobEnded(reason, failed) => {
                 self.ended(NodeEnd::JobEnded { reason, failed })
             }
+            MemberEvent::BarrierMissed { group, error } => {
+                tracing::warn!(
+                    "a barrier of group {} that this node had not reached failed: {error}",
+                    group.0
+                );
+                *self.missed.lock() = Some(error);
+            }
         }
     }
 

@@ -175,6 +175,8 @@ pub(crate) struct Inner {
     rounds: Arc<RoundLog>,
     /// This node's clock against the scheduler's (`status::clock`).
     clock: Mutex<ClockSync>,
+    /// The latest failed barrier round this node had not reached.
+    missed: Mutex<Option<String>>,
 }
 
 /// A node of the cluster: scheduler, server or worker.
@@ -344,6 +346,7 @@ impl Postoffice {
             retired: Traffic::default(),
             rounds: Arc::default(),
             clock: Mutex::new(ClockSync::new(born, unix_us())),
+            missed: Mutex::new(None),
         });
         let _ = inner.me.set(Arc::downgrade(&inner));
         let po = Postoffice {
@@ -524,6 +527,13 @@ impl Postoffice {
             Ctl::Member(m) => m.is_dead(id),
             Ctl::Scheduler(s) => !s.alive().contains(&id) && s.nodes().iter().any(|n| n.id == id),
         }
+    }
+
+    /// Why the latest failed barrier round that this node had not reached
+    /// failed (the others made a collective call this node did not; its
+    /// next barrier of that group fails with the same error), if one did.
+    pub fn missed_barrier(&self) -> Option<String> {
+        self.owner.inner.missed.lock().clone()
     }
 
     /// Nodes known dead, or silent for longer than `timeout` (ps-lite's

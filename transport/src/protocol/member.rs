@@ -110,6 +110,15 @@ pub enum MemberEvent {
     Fenced(String),
     /// The job is over (every worker is gone); `true`: it failed.
     JobEnded(String, bool),
+    /// A round of a barrier this node had not reached failed (others
+    /// made a collective call this node did not): its next barrier of the
+    /// group gets the same error.
+    BarrierMissed {
+        /// The group.
+        group: Group,
+        /// Why the round failed.
+        error: String,
+    },
 }
 
 /// Why a request to the member cannot be served.
@@ -308,6 +317,12 @@ impl Member {
                 }
             }
             Control::HeartbeatAck => {}
+            Control::BarrierMissed { group, error } if self.state == MemberState::Running => {
+                self.events.push_back(MemberEvent::BarrierMissed {
+                    group: Group(group),
+                    error,
+                });
+            }
             Control::Fenced { reason } if self.state == MemberState::Running => {
                 self.end(
                     MemberState::Fenced(reason.clone()),

@@ -215,6 +215,15 @@ pub enum Control {
     StatusQuery,
     /// The scheduler's answer to `StatusQuery`.
     Status(Box<JobStatus>),
+    /// The scheduler to a member that had not reached a barrier of `group`
+    /// when the round failed (a member gave up waiting, or failed its part):
+    /// its next arrival in the group gets `error`; this says so at once.
+    BarrierMissed {
+        /// Group bitmask.
+        group: u8,
+        /// Why the round failed.
+        error: String,
+    },
     /// The scheduler's answer to a node's `Stats`: its wall clock
     /// (`status::ClockOffset`).
     Clock {
@@ -305,6 +314,10 @@ mod tests {
                 ..NodeStats::default()
             })),
             Control::StatusQuery,
+            Control::BarrierMissed {
+                group: 4,
+                error: "gave up".into(),
+            },
             Control::Clock {
                 echo_us: 5,
                 unix_us: 6,

@@ -107,6 +107,16 @@ impl DistStore {
         };
         match r {
             Err(TransportError::Barrier(message)) => Err(KvError::Collective { call, message }),
+            // The others never came: most likely they do not make this call
+            // (MXNet code that calls it on one rank only). They are told
+            // (`Postoffice::missed_barrier`), and their next collective call
+            // fails with the cause.
+            Err(TransportError::Timeout { after, .. }) => Err(KvError::Timeout {
+                what: format!(
+                    "the other workers to make the collective call {call} (every worker must make it, in the same order; those that did not are told, and their next collective call fails)"
+                ),
+                after,
+            }),
             r => Ok(r?),
         }
     }

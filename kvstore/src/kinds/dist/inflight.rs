@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use pskv_engine::Completion;
 use pskv_transport::status::RoundLog;
-use pskv_transport::{KvResponse, TrackError, TransportError};
+use pskv_transport::{KvResponse, Postoffice, TrackError, TransportError};
 
 use super::staging;
 use crate::error::{Fault, KvError};
@@ -66,6 +66,9 @@ pub(super) struct Inflight {
     /// A push: where its round is reported (`pskv status`), the key's id,
     /// and when the op began.
     round: Option<(Arc<RoundLog>, u64, Instant)>,
+    /// This worker's node: a timeout names a collective call the other
+    /// workers made and this one did not, if the scheduler told of one.
+    po: Postoffice,
 }
 
 impl Inflight {
@@ -76,6 +79,7 @@ impl Inflight {
         key: &Key,
         settle: staging::Lanes,
         rounds: Option<&Arc<RoundLog>>,
+        po: &Postoffice,
     ) -> Arc<Inflight> {
         Arc::new(Inflight {
             done: RwLock::new(Some(c)),
@@ -86,6 +90,7 @@ impl Inflight {
             key: key.to_string(),
             settle,
             round: rounds.map(|r| (r.clone(), key.id(), Instant::now())),
+            po: po.clone(),
         })
     }
 
@@ -126,8 +131,14 @@ impl Inflight {
         let err = match *self.timed_out.lock() {
             Some((n, after)) => Some(KvError::Timeout {
                 what: format!(
-                    "the servers to answer a {} of key {} ({n} of its parts unanswered)",
-                    self.op, self.key,
+                    "the servers to answer a {} of key {} ({n} of its parts unanswered){}",
+                    self.op,
+                    self.key,
+                    self.po
+                        .missed_barrier()
+                        .map_or_else(String::new, |e| format!(
+                        "; meanwhile a collective call that this worker did not make failed: {e}"
+                    )),
                 ),
                 after,
             }),

@@ -115,6 +115,7 @@ impl DistStore {
             &dk.local.key,
             settle,
             rounds,
+            &self.po,
         ))
     }
 

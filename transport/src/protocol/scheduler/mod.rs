@@ -32,7 +32,8 @@
 //! (its part of the collective failed, or it gave up waiting): the round
 //! fails at once on every node that arrived, and members that had not yet
 //! arrived are *owed* that failure: their next arrival in the group is
-//! answered with it at once. So a collective fails on every rank with the
+//! answered with it at once, and they are told at once (`BarrierMissed`:
+//! others made a collective call they did not). The error names them. So a collective fails on every rank with the
 //! same cause. `Agree` votes must carry equal digests, or the round fails
 //! naming the disagreeing nodes.
 //!
@@ -701,12 +702,16 @@ impl Scheduler {
             return;
         }
         let round = self.rounds.entry(group.0).or_default();
-        match round.arrived.get(&id) {
+        let vote = match (round.arrived.get(&id), vote) {
             // A node that gave up waiting: its vote replaces its arrival
-            // (a vote for a round that has completed is stale).
-            Some((s, _)) if *s != seq => return,
-            _ => {}
-        }
+            // (a vote for a round that has completed is stale), and says
+            // what it had come with (the collective call, by name).
+            (Some((s, _)), _) if *s != seq => return,
+            (Some((_, Vote::Agree { summary, .. })), Vote::Fail { reason }) => Vote::Fail {
+                reason: format!("{reason} at {summary}"),
+            },
+            (_, vote) => vote,
+        };
         round.arrived.insert(id, (seq, vote));
         self.check_round(group);
     }
@@ -771,13 +776,34 @@ impl Scheduler {
             disagreement(group, &round.arrived)
         };
         let round = self.rounds.remove(&group.0).expect("checked above");
+        let missing: Vec<NodeId> = members
+            .iter()
+            .filter(|(id, state)| *state == State::Alive && !round.arrived.contains_key(id))
+            .map(|(id, _)| *id)
+            .collect();
+        let error = match error {
+            // Name who had not come: a call only some members made.
+            Some(e) if !missing.is_empty() => {
+                let names: Vec<String> = missing.iter().map(|id| describe(*id)).collect();
+                Some(format!("{e}; {} had not reached it", names.join(", ")))
+            }
+            e => e,
+        };
         if let Some(e) = &error {
             // Live members that had not arrived get the same failure when
-            // they do.
+            // they do, and are told now.
             let owed = self.owed.entry(group.0).or_default();
-            for (id, state) in &members {
-                if *state == State::Alive && !round.arrived.contains_key(id) {
-                    owed.insert(*id, e.clone());
+            for id in &missing {
+                owed.insert(*id, e.clone());
+                if let Some(conn) = self.nodes.get(id).and_then(|n| n.conn) {
+                    let error = e.clone();
+                    self.out.push_back((
+                        conn,
+                        Control::BarrierMissed {
+                            group: group.0,
+                            error,
+                        },
+                    ));
                 }
             }
         }
