@@ -114,29 +114,21 @@ fn read_pids(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// `pskv demo` with 2 workers and 1 server, for `epochs`.
+fn demo_2x1(epochs: u32) -> Command {
+    let mut c = pskv();
+    c.args(["demo", "-w", "2", "-s", "1", "--timeout", "120", "--epochs"])
+        .arg(epochs.to_string());
+    c
+}
+
 /// `PSKV_PROFILE=DIR/` gives every process of a job its own profile, and
 /// `pskv trace merge` puts them on one timeline, one track group each.
 #[test]
 fn profiles_of_a_job_merge_into_one_timeline() {
     let dir = scratch("profile");
     let spec = format!("{}/", dir.display());
-    stdout_ok(
-        &pskv()
-            .args([
-                "demo",
-                "-w",
-                "2",
-                "-s",
-                "1",
-                "--epochs",
-                "1",
-                "--timeout",
-                "120",
-            ])
-            .env("PSKV_PROFILE", &spec)
-            .output()
-            .unwrap(),
-    );
+    stdout_ok(&demo_2x1(1).env("PSKV_PROFILE", &spec).output().unwrap());
     let names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -261,18 +253,7 @@ fn status_lists_every_node_of_a_running_job() {
         String::from_utf8_lossy(&none.stderr).contains("no running job"),
         "{none:?}"
     );
-    let mut demo = pskv()
-        .args([
-            "demo",
-            "-w",
-            "2",
-            "-s",
-            "1",
-            "--epochs",
-            "500",
-            "--timeout",
-            "120",
-        ])
+    let mut demo = demo_2x1(500)
         .env("PSKV_RUN_DIR", &run)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -185,6 +185,17 @@ pub fn merge_to(dir: &Path, out: &Path) -> CliResult<usize> {
 mod tests {
     use super::*;
 
+    /// The merged trace's slices: (pid, start).
+    fn slices(v: &Value) -> Vec<(u64, f64)> {
+        v["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["ph"] == "X")
+            .map(|e| (e["pid"].as_u64().unwrap(), e["ts"].as_f64().unwrap()))
+            .collect()
+    }
+
     fn trace(origin_us: u64, pid: u64, ts: f64) -> Value {
         json!({
             "traceEvents": [
@@ -212,13 +223,7 @@ mod tests {
         assert_eq!(merge_to(&dir, &out).unwrap(), 2);
         assert_eq!(merge_to(&dir, &dir.join("again.json")).unwrap(), 2);
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
-        let ops: Vec<(u64, f64)> = v["traceEvents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["ph"] == "X")
-            .map(|e| (e["pid"].as_u64().unwrap(), e["ts"].as_f64().unwrap()))
-            .collect();
+        let ops = slices(&v);
         assert_eq!(ops, vec![(1, 10.0), (2, 510.0)]);
         // Not a pskv profile: a clear error naming the file.
         std::fs::write(dir.join("c.json"), "{\"traceEvents\": []}").unwrap();
@@ -263,13 +268,7 @@ mod tests {
         .unwrap();
         std::fs::write(dir.join("b.json"), with(5_000_200, 3, 30.0, "h2", None)).unwrap();
         let v = merge(&dir, &dir.join("job.json")).unwrap();
-        let mut ops: Vec<(u64, f64)> = v["traceEvents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["ph"] == "X")
-            .map(|e| (e["pid"].as_u64().unwrap(), e["ts"].as_f64().unwrap()))
-            .collect();
+        let mut ops = slices(&v);
         ops.sort_by(|a, b| a.1.total_cmp(&b.1));
         // Without the offsets, h2's events would sit 4 s later.
         assert_eq!(ops, vec![(1, 10.0), (2, 120.0), (2, 230.0)]);

@@ -136,6 +136,24 @@ fn cluster_van(s: u32, w: u32, token: Option<&str>, van: VanKind) -> Cluster {
     }
 }
 
+/// `times` barriers of every node, each node on a thread of its own.
+fn barriers_of_everyone(c: &Cluster, times: usize) {
+    let everyone = c.workers.iter().chain(&c.servers).chain([&c.sched]);
+    let ts: Vec<_> = everyone
+        .cloned()
+        .map(|po| {
+            std::thread::spawn(move || {
+                for _ in 0..times {
+                    po.barrier(Group::ALL, T).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in ts {
+        t.join().unwrap();
+    }
+}
+
 fn lens_of(n: usize, seed: u64) -> Vec<u32> {
     (0..n)
         .map(|i| ((i as u64 * 7919 + seed) % 5000) as u32)
@@ -297,23 +315,7 @@ fn big_values_arrive_whole() {
 #[test]
 fn barriers_release_everyone_and_bad_arguments_are_errors() {
     let c = cluster(1, 3, None);
-    let mut ts = Vec::new();
-    for po in c
-        .workers
-        .iter()
-        .chain(&c.servers)
-        .cloned()
-        .chain([c.sched.clone()])
-    {
-        ts.push(std::thread::spawn(move || {
-            for _ in 0..3 {
-                po.barrier(Group::ALL, T).unwrap();
-            }
-        }));
-    }
-    for t in ts {
-        t.join().unwrap();
-    }
+    barriers_of_everyone(&c, 3);
     let mut ts = Vec::new();
     for po in c.workers.clone() {
         ts.push(std::thread::spawn(move || {
@@ -914,20 +916,6 @@ fn a_status_query_sees_every_node_and_disturbs_nothing() {
     // Observers are not members: barriers of everyone still complete, and
     // the node table is as it was.
     let nodes = c.sched.nodes();
-    let mut ts = Vec::new();
-    for po in c
-        .workers
-        .iter()
-        .chain(&c.servers)
-        .cloned()
-        .chain([c.sched.clone()])
-    {
-        ts.push(std::thread::spawn(move || {
-            po.barrier(Group::ALL, T).unwrap()
-        }));
-    }
-    for t in ts {
-        t.join().unwrap();
-    }
+    barriers_of_everyone(&c, 1);
     assert_eq!(c.sched.nodes(), nodes);
 }

@@ -452,7 +452,7 @@ pub(crate) async fn drive<H: Handshake>(
 }
 
 /// A failed handshake with `who`, as the caller sees it.
-fn handshake_error(e: HandshakeError, who: &str) -> TransportError {
+pub(crate) fn handshake_error(e: HandshakeError, who: &str) -> TransportError {
     match e {
         HandshakeError::Auth(reason) => TransportError::Auth {
             peer: who.to_string(),

@@ -47,8 +47,8 @@ mod control;
 mod data;
 mod observe;
 
-pub(crate) use connect::drive as drive_handshake;
 pub(crate) use connect::host_id;
+pub(crate) use connect::{drive as drive_handshake, handshake_error};
 use connect::{interface_ip, local_ip_toward};
 pub(crate) use observe::hostname;
 

@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use super::JobStatus;
 use crate::error::TransportError;
-use crate::postoffice::drive_handshake;
-use crate::protocol::handshake::{Action, Connector, ConnectorConfig, HandshakeError};
+use crate::postoffice::{drive_handshake, handshake_error};
+use crate::protocol::handshake::{Action, Connector, ConnectorConfig};
 use crate::protocol::SCHEDULER_ID;
 use crate::security;
 use crate::van::tcp::{self, FrameReader};
@@ -68,16 +68,7 @@ async fn ask(
         }
     })
     .await
-    .map_err(|e| match e {
-        HandshakeError::Auth(reason) => TransportError::Auth {
-            peer: format!("the scheduler at {addr}"),
-            reason,
-        },
-        HandshakeError::Van(reason) => TransportError::io(
-            format!("the handshake with the scheduler at {addr}"),
-            reason,
-        ),
-    })?;
+    .map_err(|e| handshake_error(e, &format!("the scheduler at {addr}")))?;
     if let Err(reason) = done.answer {
         return Err(TransportError::Unavailable(format!(
             "the scheduler at {addr} refused a plain connection: {reason}"
