@@ -311,8 +311,12 @@ fn status_lists_every_node_of_a_running_job() {
     let watched = stdout_ok(&status(&["--json", "--watch", "0.2", "--count", "2"]));
     assert_eq!(watched.lines().count(), 2, "{watched}");
     let wrong = status(&["--job", "999999999"]);
-    assert!(!wrong.status.success());
-    // A killed launcher's job file stays behind; it is not a running job.
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("no running job 999999999"),
+        "{wrong:?}"
+    );
+    // A killed launcher's job file stays behind; it is not a running job,
+    // and the next look removes it.
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(demo.id() as i32, libc::SIGKILL) };
     let _ = demo.wait();
@@ -322,6 +326,7 @@ fn status_lists_every_node_of_a_running_job() {
         String::from_utf8_lossy(&stale.stderr).contains("no running job"),
         "{stale:?}"
     );
+    assert_eq!(std::fs::read_dir(&run).unwrap().count(), 0);
     let _ = std::fs::remove_dir_all(&scratch_dir);
 }
 

@@ -313,7 +313,7 @@ fn a_collective_call_only_one_worker_makes_fails_on_all_saying_so() {
     let (pusher, took, next) = pushes[0];
     assert!(
         pusher.contains("key 3")
-            && pusher.contains("did not make")
+            && pusher.contains("had not reached")
             && pusher.contains("set_optimizer")
             && pusher.contains("worker 1 (id 11) had not reached it")
             && pusher.contains("failed on worker 0 (id 9)"),

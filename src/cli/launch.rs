@@ -695,6 +695,7 @@ impl Job {
         // user only. A job runs without it if it cannot be written.
         let job_file = super::status::JobFile::create(&super::status::JobInfo {
             pid: std::process::id(),
+            started: super::status::start_time(std::process::id()).unwrap_or(0),
             scheduler: format!("{root}:{port}"),
             token: secret.clone(),
             workers: spec.workers,

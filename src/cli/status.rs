@@ -1,17 +1,21 @@
 //! `pskv status`: a running job's nodes as its scheduler sees them, and the
 //! job files through which it finds a job that `pskv launch` started.
 //!
-//! A launcher writes one job file per job (`job-<launcher pid>.json`: the
+//! A launcher writes one job file per job (`job-<launcher pid>-<n>.json`: the
 //! scheduler's address and the cluster token) in a directory only its
 //! user can enter, and removes it when the job ends; a file whose launcher
-//! is gone (killed) is stale and skipped. `pskv status` asks the scheduler
+//! is gone (killed; or its pid now another process's, told by the start
+//! time the file records) is stale, skipped and removed. `pskv status` asks the scheduler
 //! through `pskv_transport::status::query`, which never disturbs the job.
 
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
+
+use pskv_transport::TransportError;
 
 use pskv_transport::status::{query, JobStatus, NodeStatus};
 use serde::{Deserialize, Serialize};
@@ -24,6 +28,9 @@ use super::error::{CliError, CliResult};
 pub struct JobInfo {
     /// The launcher's process id (the job's name for `--job`).
     pub pid: u32,
+    /// When that process started (`/proc/<pid>/stat`, clock ticks after
+    /// boot): a later process with the same pid is not the launcher.
+    pub started: u64,
     /// The scheduler, `host:port`.
     pub scheduler: String,
     /// The cluster token (the file is readable by its owner only).
@@ -42,8 +49,11 @@ pub struct JobFile(PathBuf);
 impl JobFile {
     /// Writes `info` as this launcher's job file.
     pub fn create(info: &JobInfo) -> CliResult<JobFile> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
         let dir = run_dir()?;
-        let path = dir.join(format!("job-{}.json", info.pid));
+        // Several jobs of one process (a library caller) each have a file.
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("job-{}-{seq}.json", info.pid));
         // A file of an earlier process with this pid is stale.
         let _ = fs::remove_file(&path);
         let mut f = fs::OpenOptions::new()
@@ -101,7 +111,20 @@ pub fn run_dir() -> CliResult<PathBuf> {
     Ok(dir)
 }
 
-/// The jobs whose launchers still run, from the job files in `dir`.
+/// When process `pid` started (clock ticks after boot), if it runs.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22; the name (field 2) may hold spaces, so count after its ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// The jobs whose launchers still run, from the job files in `dir`; the
+/// files of launchers that are gone are removed.
 fn live_jobs(dir: &Path) -> CliResult<Vec<JobInfo>> {
     let mut jobs = Vec::new();
     let entries = fs::read_dir(dir).map_err(CliError::io(format!("listing {}", dir.display())))?;
@@ -117,10 +140,11 @@ fn live_jobs(dir: &Path) -> CliResult<Vec<JobInfo>> {
         else {
             continue;
         };
-        // SAFETY: kill(2) with signal 0 only checks that the process exists.
-        let alive = unsafe { libc::kill(info.pid as libc::pid_t, 0) } == 0;
-        if alive {
+        if start_time(info.pid) == Some(info.started) {
             jobs.push(info);
+        } else {
+            // Its launcher is gone (killed before it could remove it).
+            let _ = fs::remove_file(e.path());
         }
     }
     jobs.sort_by_key(|j| j.pid);
@@ -219,11 +243,11 @@ pub fn run(target: &Target, report: &Report) -> CliResult {
                     print!("{}", render(&name, &addr, &job));
                 }
             }
-            // Watching: a job that was seen and is gone has ended.
-            Err(e) if shown > 0 => {
-                eprintln!(
-                    "pskv status: the scheduler at {addr} no longer answers ({e}): the job ended"
-                );
+            // Watching: a scheduler that was seen and now refuses or drops
+            // the connection has ended with its job; other errors (a
+            // timeout, a refused token) are errors.
+            Err(e @ TransportError::Io { .. }) if shown > 0 => {
+                eprintln!("pskv status: the scheduler at {addr} is gone ({e}): the job ended");
                 return Ok(());
             }
             Err(e) => return Err(CliError::Failed(format!("asking {name} at {addr}: {e}"))),

@@ -5,13 +5,15 @@
 //! Each file's times count from its own process's trace origin; the file
 //! says what wall-clock time that origin was (`otherData.
 //! pskv_origin_unix_us`), and the merge shifts every file onto the earliest
-//! origin. Clocks of several hosts are put on the scheduler's: a server's or
+//! origin. That aligns the processes of one host exactly (they share a
+//! clock). Other hosts are put on the scheduler's clock: a server's or
 //! worker's transport file says how far its host's clock is from the
 //! scheduler's (`pskv_clock_offset_us`, measured over the heartbeats, right
-//! to within half a heartbeat's round trip, `pskv_clock_rtt_us`), and the
-//! engine's file of the same process takes the same correction. A file
-//! without one (the scheduler's, or a process that exited before its first
-//! heartbeat was answered) is taken as it is.
+//! to within half the sample's round trip, `pskv_clock_rtt_us`), and every
+//! file of that host takes the estimate with the shortest round trip among
+//! them, so the host's processes stay aligned with each other. The
+//! scheduler's own host takes none; so does a host none of whose files has
+//! an estimate (processes that ended before a heartbeat was answered).
 
 use std::path::{Path, PathBuf};
 
@@ -23,8 +25,9 @@ use super::error::{CliError, CliResult};
 struct Trace {
     file: PathBuf,
     origin_us: u64,
-    /// Its host's clock against the scheduler's, if the file says.
-    offset_us: Option<i64>,
+    /// Its host's clock against the scheduler's, and the round trip of
+    /// that estimate, if the file says.
+    offset_us: Option<(i64, u64)>,
     /// The process it came from (host, role and pid), when the file says:
     /// the engine's and the transport's files of one process share a track
     /// group.
@@ -66,7 +69,11 @@ fn read(file: &Path) -> CliResult<Option<Trace>> {
         origin_us,
         offset_us: v
             .pointer("/otherData/pskv_clock_offset_us")
-            .and_then(Value::as_i64),
+            .and_then(Value::as_i64)
+            .map(|o| {
+                let rtt = v.pointer("/otherData/pskv_clock_rtt_us");
+                (o, rtt.and_then(Value::as_u64).unwrap_or(u64::MAX))
+            }),
         process,
         events,
     }))
@@ -104,15 +111,27 @@ pub fn merge(dir: &Path, out: &Path) -> CliResult<Value> {
             dir.display()
         )));
     }
-    // Each origin on the scheduler's clock: a file without an offset takes
-    // that of another file of its process (the engine's, the transport's).
-    let offset_of = |t: &Trace| {
-        t.offset_us.or_else(|| {
-            traces
-                .iter()
-                .filter(|o| o.process.is_some() && o.process == t.process)
-                .find_map(|o| o.offset_us)
-        })
+    // Each origin on the scheduler's clock, one correction per host (its
+    // processes share a clock): none on the scheduler's own host, else the
+    // estimate with the shortest round trip among the host's files. A file
+    // that names no host is taken as it is.
+    let host_of = |t: &Trace| t.process.as_ref().map(|p| p.0.clone());
+    let offset_of = |t: &Trace| -> Option<i64> {
+        let host = host_of(t)?;
+        let same: Vec<&Trace> = traces
+            .iter()
+            .filter(|o| host_of(o).as_ref() == Some(&host))
+            .collect();
+        if same
+            .iter()
+            .any(|o| o.process.as_ref().is_some_and(|p| p.1 == "scheduler"))
+        {
+            return None;
+        }
+        same.iter()
+            .filter_map(|o| o.offset_us)
+            .min_by_key(|(_, rtt)| *rtt)
+            .map(|(o, _)| o)
     };
     let origins: Vec<i128> = traces
         .iter()
@@ -242,36 +261,64 @@ mod tests {
         assert!(e.contains("reading the directory"), "{e}");
     }
 
-    /// A host whose clock is 4 s ahead of the scheduler's: its transport
-    /// file says so, and both its files are put back on the scheduler's
-    /// clock.
+    /// A host whose clock is 4 s ahead of the scheduler's: every file of
+    /// it takes its best estimate (the shortest round trip), so its
+    /// processes stay aligned with each other; the scheduler's own host
+    /// takes no correction.
     #[test]
     fn clocks_of_other_hosts_are_corrected_by_their_offsets() {
         let dir = std::env::temp_dir().join(format!("pskv-trace-clock-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let with = |origin: u64, pid: u64, ts: f64, host: &str, offset: Option<i64>| {
+        let write = |name: &str,
+                     origin: u64,
+                     (pid, role, host): (u64, &str, &str),
+                     ts: f64,
+                     clock: Option<(i64, u64)>| {
             let mut v = trace(origin, pid, ts);
             v["otherData"]["pskv_pid"] = json!(pid);
             v["otherData"]["pskv_host"] = json!(host);
-            v["otherData"]["pskv_role"] = json!("worker");
-            if let Some(o) = offset {
+            v["otherData"]["pskv_role"] = json!(role);
+            if let Some((o, rtt)) = clock {
                 v["otherData"]["pskv_clock_offset_us"] = json!(o);
+                v["otherData"]["pskv_clock_rtt_us"] = json!(rtt);
             }
-            v.to_string()
+            std::fs::write(dir.join(name), v.to_string()).unwrap();
         };
-        std::fs::write(dir.join("a.json"), with(1_000_000, 3, 10.0, "h1", Some(0))).unwrap();
-        std::fs::write(
-            dir.join("b-transport.json"),
-            with(5_000_100, 3, 20.0, "h2", Some(-4_000_000)),
-        )
-        .unwrap();
-        std::fs::write(dir.join("b.json"), with(5_000_200, 3, 30.0, "h2", None)).unwrap();
+        write("s.json", 1_000_000, (1, "scheduler", "h1"), 5.0, None);
+        // On the scheduler's host: its estimate (off by its round trip) is
+        // not used.
+        write(
+            "a.json",
+            1_000_000,
+            (3, "worker", "h1"),
+            10.0,
+            Some((250, 500)),
+        );
+        write(
+            "b-transport.json",
+            5_000_100,
+            (3, "worker", "h2"),
+            20.0,
+            Some((-4_000_000, 100)),
+        );
+        write("b.json", 5_000_200, (3, "worker", "h2"), 30.0, None);
+        write(
+            "c.json",
+            5_000_300,
+            (4, "server", "h2"),
+            40.0,
+            Some((-4_000_400, 900)),
+        );
         let v = merge(&dir, &dir.join("job.json")).unwrap();
         let mut ops = slices(&v);
         ops.sort_by(|a, b| a.1.total_cmp(&b.1));
-        // Without the offsets, h2's events would sit 4 s later.
-        assert_eq!(ops, vec![(1, 10.0), (2, 120.0), (2, 230.0)]);
+        // Without the offsets, h2's events would sit 4 s later; with each
+        // process's own, c's would sit 400 µs early.
+        assert_eq!(
+            ops,
+            vec![(4, 5.0), (1, 10.0), (2, 120.0), (2, 230.0), (3, 340.0)]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

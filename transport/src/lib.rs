@@ -30,7 +30,7 @@ pub mod wire;
 pub use config::{Config, VanKind};
 pub use error::TransportError;
 pub use kv::{KvRequest, KvResponse, KvWorker, Pending, RequestHandler, RequestOptions, Responder};
-pub use postoffice::{EndWatcher, NodeChange, NodeEnd, NodeWatcher, Postoffice};
+pub use postoffice::{EndWatcher, MissedBarrier, NodeChange, NodeEnd, NodeWatcher, Postoffice};
 pub use protocol::tracker::TrackError;
 pub use protocol::{Group, NodeId, Role};
 pub use van::shm::region::Region;

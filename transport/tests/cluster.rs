@@ -840,6 +840,7 @@ fn a_status_query_sees_every_node_and_disturbs_nothing() {
     use pskv_transport::status;
     let c = cluster(1, 2, Some("tok"));
     let addr = c.sched.local_addr().to_string();
+    let nodes = c.sched.nodes();
     let (keys, lens) = (vec![3u64], vec![4000u32]);
     for (i, w) in c.workers.iter().enumerate() {
         push_then_pull(&KvWorker::new(w), &keys, &lens, &[i as u8; 4000]);
@@ -915,7 +916,6 @@ fn a_status_query_sees_every_node_and_disturbs_nothing() {
     }
     // Observers are not members: barriers of everyone still complete, and
     // the node table is as it was.
-    let nodes = c.sched.nodes();
     barriers_of_everyone(&c, 1);
     assert_eq!(c.sched.nodes(), nodes);
 }

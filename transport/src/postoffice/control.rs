@@ -241,7 +241,7 @@ impl Inner {
                     "a barrier of group {} that this node had not reached failed: {error}",
                     group.0
                 );
-                *self.missed.lock() = Some(error);
+                self.missed.told(group, error);
             }
         }
     }
@@ -305,6 +305,7 @@ impl Inner {
     }
 
     pub(super) fn release_barrier(&self, group: Group, error: Option<String>) {
+        self.missed.delivered(group);
         if let Some(slot) = self.barriers.lock().remove(&group.0) {
             slot.set(error.map_or(Ok(()), Err));
         }

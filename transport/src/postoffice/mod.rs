@@ -176,7 +176,37 @@ pub(crate) struct Inner {
     /// This node's clock against the scheduler's (`status::clock`).
     clock: Mutex<ClockSync>,
     /// The latest failed barrier round this node had not reached.
-    missed: Mutex<Option<String>>,
+    missed: MissedBarrier,
+}
+
+/// The latest failed barrier round that a node had not reached, told by the
+/// scheduler (`Control::BarrierMissed`), until the node's next barrier of
+/// that group, which fails with the same error, delivers it.
+#[derive(Clone, Debug, Default)]
+pub struct MissedBarrier(Arc<Mutex<Option<(Instant, Group, String)>>>);
+
+impl MissedBarrier {
+    /// Why such a round failed, if one failed after `since` and its error
+    /// is not delivered yet.
+    pub fn since(&self, since: Instant) -> Option<String> {
+        self.0
+            .lock()
+            .as_ref()
+            .filter(|(at, _, _)| *at >= since)
+            .map(|(_, _, e)| e.clone())
+    }
+
+    pub(crate) fn told(&self, group: Group, error: String) {
+        *self.0.lock() = Some((Instant::now(), group, error));
+    }
+
+    /// A barrier of `group` ended here: a missed round of it is delivered.
+    pub(crate) fn delivered(&self, group: Group) {
+        let mut m = self.0.lock();
+        if m.as_ref().is_some_and(|(_, g, _)| *g == group) {
+            *m = None;
+        }
+    }
 }
 
 /// A node of the cluster: scheduler, server or worker.
@@ -346,7 +376,7 @@ impl Postoffice {
             retired: Traffic::default(),
             rounds: Arc::default(),
             clock: Mutex::new(ClockSync::new(born, unix_us())),
-            missed: Mutex::new(None),
+            missed: MissedBarrier::default(),
         });
         let _ = inner.me.set(Arc::downgrade(&inner));
         let po = Postoffice {
@@ -529,11 +559,11 @@ impl Postoffice {
         }
     }
 
-    /// Why the latest failed barrier round that this node had not reached
-    /// failed (the others made a collective call this node did not; its
-    /// next barrier of that group fails with the same error), if one did.
-    pub fn missed_barrier(&self) -> Option<String> {
-        self.owner.inner.missed.lock().clone()
+    /// The failed barrier rounds this node had not reached (other members
+    /// made a collective call this node had not come to), as the scheduler
+    /// tells them: a handle that a request's error can consult.
+    pub fn missed_barriers(&self) -> MissedBarrier {
+        self.owner.inner.missed.clone()
     }
 
     /// Nodes known dead, or silent for longer than `timeout` (ps-lite's
@@ -677,6 +707,7 @@ impl Inner {
             // Legal from any thread, including the runtime's own.
             rt.shutdown_background();
         }
-        crate::trace::write(self.cfg.role, self.my_id(), self.clock.lock().offset());
+        let offset = self.clock.lock().offset();
+        crate::trace::write(self.cfg.role, self.my_id(), offset);
     }
 }

@@ -60,7 +60,12 @@ impl Inner {
     /// The scheduler answers a node's snapshot, taken at its uptime
     /// `echo_us`, with its wall clock (`status::clock`).
     pub(super) fn answer_clock(&self, link: &Arc<Link>, echo_us: u64) {
-        if self.cfg.role != Role::Scheduler {
+        // Only a node's own connection (not a fenced or unknown one).
+        let known = match &*self.ctl.lock() {
+            Ctl::Scheduler(s) => s.node_of(link.id).is_some(),
+            Ctl::Member(_) => false,
+        };
+        if !known {
             return;
         }
         let clock = Control::Clock {

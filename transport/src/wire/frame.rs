@@ -4,8 +4,11 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// "PSKV" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PSKV");
-/// The version this code speaks.
-pub const VERSION: u8 = 1;
+/// The version this code speaks: 2 since the status and clock messages
+/// (`Stats`, `StatusQuery`, `Status`, `BarrierMissed`, `Clock`), which an
+/// older peer could not decode; a node of another version is refused at
+/// its first frame, naming both versions.
+pub const VERSION: u8 = 2;
 /// Bytes in the fixed header.
 pub const HEADER_LEN: usize = 64;
 
@@ -605,10 +608,11 @@ mod tests {
         b[0] = b'X';
         check(&b, &|e| matches!(e, WireError::BadMagic(_)));
         let mut b = good.clone();
-        b[4] = 2;
-        check(&b, &|e| {
-            matches!(e, WireError::UnsupportedVersion { got: 2 })
-        });
+        b[4] = VERSION + 1;
+        check(
+            &b,
+            &|e| matches!(e, WireError::UnsupportedVersion { got } if *got == VERSION + 1),
+        );
         let mut b = good.clone();
         b[5] = 9;
         check(&b, &|e| matches!(e, WireError::BadKind(9)));

@@ -109,7 +109,7 @@ impl DistStore {
             Err(TransportError::Barrier(message)) => Err(KvError::Collective { call, message }),
             // The others never came: most likely they do not make this call
             // (MXNet code that calls it on one rank only). They are told
-            // (`Postoffice::missed_barrier`), and their next collective call
+            // (`Postoffice::missed_barriers`), and their next collective call
             // fails with the cause.
             Err(TransportError::Timeout { after, .. }) => Err(KvError::Timeout {
                 what: format!(

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use pskv_engine::Completion;
 use pskv_transport::status::RoundLog;
-use pskv_transport::{KvResponse, Postoffice, TrackError, TransportError};
+use pskv_transport::{KvResponse, MissedBarrier, TrackError, TransportError};
 
 use super::staging;
 use crate::error::{Fault, KvError};
@@ -65,10 +65,12 @@ pub(super) struct Inflight {
     settle: staging::Lanes,
     /// A push: where its round is reported (`pskv status`), the key's id,
     /// and when the op began.
-    round: Option<(Arc<RoundLog>, u64, Instant)>,
-    /// This worker's node: a timeout names a collective call the other
-    /// workers made and this one did not, if the scheduler told of one.
-    po: Postoffice,
+    round: Option<(Arc<RoundLog>, u64)>,
+    /// When the op began, and the collective rounds this worker missed: a
+    /// timeout names one that failed meanwhile (the others made a
+    /// collective call this worker had not reached).
+    began: Instant,
+    missed: MissedBarrier,
 }
 
 impl Inflight {
@@ -79,8 +81,9 @@ impl Inflight {
         key: &Key,
         settle: staging::Lanes,
         rounds: Option<&Arc<RoundLog>>,
-        po: &Postoffice,
+        missed: &MissedBarrier,
     ) -> Arc<Inflight> {
+        let began = Instant::now();
         Arc::new(Inflight {
             done: RwLock::new(Some(c)),
             remaining: AtomicUsize::new(parts),
@@ -89,8 +92,9 @@ impl Inflight {
             op,
             key: key.to_string(),
             settle,
-            round: rounds.map(|r| (r.clone(), key.id(), Instant::now())),
-            po: po.clone(),
+            round: rounds.map(|r| (r.clone(), key.id())),
+            began,
+            missed: missed.clone(),
         })
     }
 
@@ -134,10 +138,10 @@ impl Inflight {
                     "the servers to answer a {} of key {} ({n} of its parts unanswered){}",
                     self.op,
                     self.key,
-                    self.po
-                        .missed_barrier()
+                    self.missed
+                        .since(self.began)
                         .map_or_else(String::new, |e| format!(
-                        "; meanwhile a collective call that this worker did not make failed: {e}"
+                        "; meanwhile a collective call that this worker had not reached failed: {e}"
                     )),
                 ),
                 after,
@@ -148,8 +152,8 @@ impl Inflight {
                 message,
             }),
         };
-        if let (None, Some((log, id, began))) = (&err, &self.round) {
-            log.round_done(*id, began.elapsed(), || self.key.clone());
+        if let (None, Some((log, id))) = (&err, &self.round) {
+            log.round_done(*id, self.began.elapsed(), || self.key.clone());
         }
         // Subtle: every staging copy of the op was queued under the read
         // lock of `done` (answers) or before its part was sent, so all are

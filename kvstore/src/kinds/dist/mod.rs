@@ -34,7 +34,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use pskv_engine::{Engine, Var};
 use pskv_transport::status::RoundLog;
-use pskv_transport::{Group, KvResponse, KvWorker, Postoffice, Region};
+use pskv_transport::{Group, KvResponse, KvWorker, MissedBarrier, Postoffice, Region};
 
 use crate::comm::Comm;
 use crate::compression::Compression;
@@ -92,6 +92,8 @@ pub(crate) struct DistStore {
     kv: KvWorker,
     /// Where pushes report their rounds (`pskv status`).
     rounds: Arc<RoundLog>,
+    /// Collective rounds this worker missed (named by timeouts).
+    missed: MissedBarrier,
     sync: bool,
     device: bool,
     keys: Registry<DistKey>,
@@ -159,6 +161,7 @@ impl DistStore {
             engine,
             comm,
             rounds: po.round_log(),
+            missed: po.missed_barriers(),
             po,
             kv,
             sync,

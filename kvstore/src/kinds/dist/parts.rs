@@ -115,7 +115,7 @@ impl DistStore {
             &dk.local.key,
             settle,
             rounds,
-            &self.po,
+            &self.missed,
         ))
     }
 
