@@ -5,8 +5,9 @@
 //! scheduler's address and the cluster token) in a directory only its
 //! user can enter, and removes it when the job ends; a file whose launcher
 //! is gone (killed; or its pid now another process's, told by the start
-//! time the file records) is stale, skipped and removed. `pskv status` asks the scheduler
-//! through `pskv_transport::status::query`, which never disturbs the job.
+//! time the file records) is stale, skipped and removed. `pskv status`
+//! asks the scheduler through `pskv_transport::status::query`, which never
+//! disturbs the job.
 
 use std::fs;
 use std::io::Write as _;
@@ -15,9 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use pskv_transport::TransportError;
-
 use pskv_transport::status::{query, JobStatus, NodeStatus};
+use pskv_transport::TransportError;
 use serde::{Deserialize, Serialize};
 
 use super::chart::{count_rate_label, rate_label, time_label};
@@ -41,6 +41,16 @@ pub struct JobInfo {
     pub servers: u32,
     /// The workers' command.
     pub command: String,
+}
+
+impl JobInfo {
+    /// "2 workers, 1 servers: CMD".
+    fn shape(&self) -> String {
+        format!(
+            "{} workers, {} servers: {}",
+            self.workers, self.servers, self.command
+        )
+    }
 }
 
 /// A job file, removed when dropped (the job ended).
@@ -134,10 +144,8 @@ fn live_jobs(dir: &Path) -> CliResult<Vec<JobInfo>> {
         if !(name.starts_with("job-") && name.ends_with(".json")) {
             continue;
         }
-        let Ok(info) = fs::read(e.path())
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<JobInfo>(&b).map_err(|e| e.to_string()))
-        else {
+        let read = fs::read(e.path()).ok();
+        let Some(info) = read.and_then(|b| serde_json::from_slice::<JobInfo>(&b).ok()) else {
             continue;
         };
         if start_time(info.pid) == Some(info.started) {
@@ -168,10 +176,7 @@ fn resolve(t: &Target) -> CliResult<(String, Option<String>, String)> {
         return Ok((s.clone(), env_token, format!("the job at {s}")));
     }
     let from_file = |j: JobInfo| {
-        let name = format!(
-            "job {} ({} workers, {} servers: {})",
-            j.pid, j.workers, j.servers, j.command
-        );
+        let name = format!("job {} ({})", j.pid, j.shape());
         (j.scheduler, j.token, name)
     };
     if t.job.is_none() {
@@ -205,7 +210,7 @@ fn resolve(t: &Target) -> CliResult<(String, Option<String>, String)> {
             "{} jobs are running; pick one with --job PID:\n{}",
             jobs.len(),
             jobs.iter()
-                .map(|j| format!("  {}  {} workers, {} servers: {}", j.pid, j.workers, j.servers, j.command))
+                .map(|j| format!("  {}  {}", j.pid, j.shape()))
                 .collect::<Vec<_>>()
                 .join("\n")
         ))),

@@ -15,6 +15,7 @@
 //! scheduler's own host takes none; so does a host none of whose files has
 //! an estimate (processes that ended before a heartbeat was answered).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -33,6 +34,15 @@ struct Trace {
     /// group.
     process: Option<(String, String, u64)>,
     events: Vec<Value>,
+}
+
+/// What the files of one host say of its clock.
+#[derive(Default)]
+struct HostClock {
+    /// The scheduler runs there: its clock is the reference.
+    scheduler: bool,
+    /// The estimate with the shortest round trip: offset and round trip.
+    best: Option<(i64, u64)>,
 }
 
 /// The trace of `file`; None for the output of an earlier merge.
@@ -115,27 +125,30 @@ pub fn merge(dir: &Path, out: &Path) -> CliResult<Value> {
     // processes share a clock): none on the scheduler's own host, else the
     // estimate with the shortest round trip among the host's files. A file
     // that names no host is taken as it is.
-    let host_of = |t: &Trace| t.process.as_ref().map(|p| p.0.clone());
-    let offset_of = |t: &Trace| -> Option<i64> {
-        let host = host_of(t)?;
-        let same: Vec<&Trace> = traces
-            .iter()
-            .filter(|o| host_of(o).as_ref() == Some(&host))
-            .collect();
-        if same
-            .iter()
-            .any(|o| o.process.as_ref().is_some_and(|p| p.1 == "scheduler"))
-        {
-            return None;
+    let mut hosts: BTreeMap<&str, HostClock> = BTreeMap::new();
+    for t in &traces {
+        let Some((host, role, _)) = &t.process else {
+            continue;
+        };
+        let h = hosts.entry(host).or_default();
+        h.scheduler |= role == "scheduler";
+        if let Some(o) = t.offset_us.filter(|o| h.best.is_none_or(|b| o.1 < b.1)) {
+            h.best = Some(o);
         }
-        same.iter()
-            .filter_map(|o| o.offset_us)
-            .min_by_key(|(_, rtt)| *rtt)
-            .map(|(o, _)| o)
+    }
+    let correction = |t: &Trace| {
+        let host = t.process.as_ref().and_then(|p| hosts.get(p.0.as_str()));
+        match host {
+            Some(HostClock {
+                scheduler: false,
+                best: Some((offset, _)),
+            }) => *offset,
+            _ => 0,
+        }
     };
     let origins: Vec<i128> = traces
         .iter()
-        .map(|t| t.origin_us as i128 + offset_of(t).unwrap_or(0) as i128)
+        .map(|t| t.origin_us as i128 + correction(t) as i128)
         .collect();
     let first = origins.iter().copied().min().unwrap_or(0);
     let mut all = Vec::new();

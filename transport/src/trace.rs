@@ -61,12 +61,7 @@ fn recorder() -> Option<&'static Recorder> {
     static REC: OnceLock<Option<Recorder>> = OnceLock::new();
     REC.get_or_init(|| {
         crate::config::profile_spec().map(|_| Recorder {
-            origin: (
-                Instant::now(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_micros() as u64),
-            ),
+            origin: (Instant::now(), crate::status::unix_us()),
             events: Mutex::new(Vec::new()),
             dropped: AtomicU64::new(0),
         })

@@ -527,18 +527,18 @@ impl EntryState {
                     sum_dense(k, dtype, grad.bytes_mut(), &ins)?;
                     let mut st = std::mem::take(&mut self.opt);
                     let shape = [self.elems];
-                    let began = self.time_update.then(Instant::now);
-                    let res = rule.apply(
-                        self.key_id,
-                        None,
-                        dtype,
-                        &shape,
-                        grad.bytes(),
-                        None,
-                        self.value_mut(true),
-                        &mut st,
-                    );
-                    self.update_span = began.map(|b| (b, Instant::now()));
+                    let res = self.timed_update(|me| {
+                        rule.apply(
+                            me.key_id,
+                            None,
+                            dtype,
+                            &shape,
+                            grad.bytes(),
+                            None,
+                            me.value_mut(true),
+                            &mut st,
+                        )
+                    });
                     self.opt = st;
                     self.grad_buf = grad;
                     res
@@ -649,9 +649,7 @@ impl EntryState {
     fn complete(&mut self, rule: Option<&Rule>, sync: bool) {
         let acc = self.acc.take().expect("a round has a sum");
         let touched = self.touched.take();
-        let began = self.time_update.then(Instant::now);
-        let result = self.apply(rule, &acc, touched, sync);
-        self.update_span = began.map(|b| (b, Instant::now()));
+        let result = self.timed_update(|me| me.apply(rule, &acc, touched, sync));
         if result.is_ok() {
             self.rounds += 1;
             self.maybe_unlink(true);
@@ -675,6 +673,14 @@ impl EntryState {
                 }
             }
         }
+    }
+
+    /// Runs a round's update, timed into `update_span` when profiling.
+    fn timed_update<T>(&mut self, update: impl FnOnce(&mut Self) -> T) -> T {
+        let began = self.time_update.then(Instant::now);
+        let out = update(self);
+        self.update_span = began.map(|b| (b, Instant::now()));
+        out
     }
 
     fn reset_round(&mut self) {

@@ -19,9 +19,9 @@ use crate::protocol::handshake::{
 };
 use crate::protocol::{describe, role_rank, NodeId, Role, SCHEDULER_ID};
 use crate::security;
-use crate::van::tcp::{self, FrameReader};
+use crate::van::tcp;
 use crate::van::{rdma, shm, Half, Handshaken, Start, Van, VanError};
-use crate::wire::{Control, Limits, NodeInfo, VanId};
+use crate::wire::{Control, NodeInfo, VanId};
 
 use super::{Ctl, Inner, HANDSHAKE_TIMEOUT, MAX_HANDSHAKES};
 
@@ -126,11 +126,7 @@ impl Inner {
         let stream = tcp::connect(addr, Duration::from_secs(5))
             .await
             .map_err(|e| TransportError::io(format!("connecting to {addr}"), e))?;
-        let (rd, wr) = stream.into_split();
-        let mut conn = Handshaken {
-            reader: FrameReader::new(rd, Limits::HANDSHAKE),
-            wr,
-        };
+        let mut conn = Handshaken::new(stream);
         let who = format!("{} at {addr}", describe(peer));
         let me = self.my_id();
         let epoch = match &*self.ctl.lock() {
@@ -345,11 +341,7 @@ impl Inner {
         addr: SocketAddr,
     ) -> Result<(), TransportError> {
         let _ = stream.set_nodelay(true);
-        let (rd, wr) = stream.into_split();
-        let mut conn = Handshaken {
-            reader: FrameReader::new(rd, Limits::HANDSHAKE),
-            wr,
-        };
+        let mut conn = Handshaken::new(stream);
         let mut hs = Acceptor::new(
             AcceptorConfig {
                 token: self.token.clone(),

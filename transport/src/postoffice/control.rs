@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::error::TransportError;
@@ -19,6 +20,36 @@ use crate::van;
 use crate::wire::{Control, Frame, Vote};
 
 use super::{Ctl, Inner, NodeChange, NodeEnd};
+
+/// The latest failed barrier round that a node had not reached, told by the
+/// scheduler (`Control::BarrierMissed`), until the node's next barrier of
+/// that group, which fails with the same error, delivers it.
+#[derive(Clone, Debug, Default)]
+pub struct MissedBarrier(Arc<Mutex<Option<(Instant, Group, String)>>>);
+
+impl MissedBarrier {
+    /// Why such a round failed, if one failed after `since` and its error
+    /// is not delivered yet.
+    pub fn since(&self, since: Instant) -> Option<String> {
+        self.0
+            .lock()
+            .as_ref()
+            .filter(|(at, _, _)| *at >= since)
+            .map(|(_, _, e)| e.clone())
+    }
+
+    pub(crate) fn told(&self, group: Group, error: String) {
+        *self.0.lock() = Some((Instant::now(), group, error));
+    }
+
+    /// A barrier of `group` ended here: a missed round of it is delivered.
+    pub(crate) fn delivered(&self, group: Group) {
+        let mut m = self.0.lock();
+        if m.as_ref().is_some_and(|(_, g, _)| *g == group) {
+            *m = None;
+        }
+    }
+}
 
 impl Inner {
     /// The timer task: sleeps until the earliest of the state machine's,

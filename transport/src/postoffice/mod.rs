@@ -50,6 +50,7 @@ mod observe;
 pub(crate) use connect::host_id;
 pub(crate) use connect::{drive as drive_handshake, handshake_error};
 use connect::{interface_ip, local_ip_toward};
+pub use control::MissedBarrier;
 pub(crate) use observe::hostname;
 
 /// A change in the cluster's membership, as this node learns it.
@@ -177,36 +178,6 @@ pub(crate) struct Inner {
     clock: Mutex<ClockSync>,
     /// The latest failed barrier round this node had not reached.
     missed: MissedBarrier,
-}
-
-/// The latest failed barrier round that a node had not reached, told by the
-/// scheduler (`Control::BarrierMissed`), until the node's next barrier of
-/// that group, which fails with the same error, delivers it.
-#[derive(Clone, Debug, Default)]
-pub struct MissedBarrier(Arc<Mutex<Option<(Instant, Group, String)>>>);
-
-impl MissedBarrier {
-    /// Why such a round failed, if one failed after `since` and its error
-    /// is not delivered yet.
-    pub fn since(&self, since: Instant) -> Option<String> {
-        self.0
-            .lock()
-            .as_ref()
-            .filter(|(at, _, _)| *at >= since)
-            .map(|(_, _, e)| e.clone())
-    }
-
-    pub(crate) fn told(&self, group: Group, error: String) {
-        *self.0.lock() = Some((Instant::now(), group, error));
-    }
-
-    /// A barrier of `group` ended here: a missed round of it is delivered.
-    pub(crate) fn delivered(&self, group: Group) {
-        let mut m = self.0.lock();
-        if m.as_ref().is_some_and(|(_, g, _)| *g == group) {
-            *m = None;
-        }
-    }
 }
 
 /// A node of the cluster: scheduler, server or worker.

@@ -8,7 +8,7 @@ use crate::postoffice::{drive_handshake, handshake_error};
 use crate::protocol::handshake::{Action, Connector, ConnectorConfig};
 use crate::protocol::SCHEDULER_ID;
 use crate::security;
-use crate::van::tcp::{self, FrameReader};
+use crate::van::tcp;
 use crate::van::Handshaken;
 use crate::wire::{Control, Limits, VanId};
 
@@ -44,11 +44,7 @@ async fn ask(
     let stream = tcp::connect(addr, timeout)
         .await
         .map_err(|e| TransportError::io(format!("connecting to the scheduler at {addr}"), e))?;
-    let (rd, wr) = stream.into_split();
-    let mut conn = Handshaken {
-        reader: FrameReader::new(rd, Limits::HANDSHAKE),
-        wr,
-    };
+    let mut conn = Handshaken::new(stream);
     // An observer dials as a node that has not registered (id 0), and
     // offers the plain stream.
     let mut hs = Connector::new(

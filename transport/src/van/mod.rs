@@ -29,7 +29,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use crate::link::Link;
-use crate::wire::{Frame, VanId};
+use crate::wire::{Frame, Limits, VanId};
 use tcp::FrameReader;
 
 /// Why a van could not be set up, or why a link's van stopped. The
@@ -131,6 +131,15 @@ pub(crate) struct Handshaken {
 }
 
 impl Handshaken {
+    /// A fresh connection, read with the handshake's small limits.
+    pub(crate) fn new(stream: TcpStream) -> Handshaken {
+        let (rd, wr) = stream.into_split();
+        Handshaken {
+            reader: FrameReader::new(rd, Limits::HANDSHAKE),
+            wr,
+        }
+    }
+
     /// The TCP stream whole again, for a van that only watches it; an
     /// error if the peer sent bytes past the van answer.
     pub(crate) fn into_stream(self) -> Result<TcpStream, VanError> {

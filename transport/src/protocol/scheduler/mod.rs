@@ -33,13 +33,17 @@
 //! fails at once on every node that arrived, and members that had not yet
 //! arrived are *owed* that failure: their next arrival in the group is
 //! answered with it at once, and they are told at once (`BarrierMissed`:
-//! others made a collective call they did not). The error names them. So a collective fails on every rank with the
-//! same cause. `Agree` votes must carry equal digests, or the round fails
+//! others made a collective call they had not reached). The error names
+//! them. So a collective fails on every rank with the same cause. `Agree` votes must carry equal digests, or the round fails
 //! naming the disagreeing nodes.
 //!
 //! The end: when every node has left or died, `AllLeft` says which died.
 //! When every worker is gone (left or dead) while servers remain, the
 //! servers are told `JobEnded`.
+//!
+//! Rooms: this file the node table, heartbeats, deaths, fencing and the
+//! end; `registration.rs` ranks and recovery; `barriers.rs` the rounds
+//! and votes; `status.rs` the counters below.
 //!
 //! Status (`status.rs`): each node's counters arrive with its heartbeats
 //! (`Stats`); the machine keeps the last two, for `pskv status`. An
@@ -59,6 +63,8 @@ use super::{describe, key_ranges, Group, NodeId, Role, SCHEDULER_ID};
 use crate::status::NodeStats;
 use crate::wire::{Control, NodeInfo, Vote};
 
+mod barriers;
+mod registration;
 mod status;
 
 /// The driver's handle of a connection.
@@ -340,226 +346,6 @@ impl Scheduler {
         }
     }
 
-    fn on_register(&mut self, conn: ConnId, mut reg: Pending, role: u8, now: Instant) {
-        reg.role = match Role::from_code(role) {
-            Some(r @ (Role::Server | Role::Worker)) => r,
-            _ => {
-                self.reject(
-                    conn,
-                    format!("role code {role} cannot register (1: server, 2: worker)"),
-                );
-                return;
-            }
-        };
-        let role = reg.role;
-        if self.conn_node.contains_key(&conn)
-            || self.pending.iter().any(|p| p.conn == conn)
-            || self.held.iter().any(|h| h.reg.conn == conn)
-        {
-            return; // a duplicate of a registration already handled
-        }
-        let expected = match role {
-            Role::Server => self.cfg.num_servers,
-            _ => self.cfg.num_workers,
-        };
-        if let Some(r) = reg.rank {
-            if r >= expected {
-                self.reject(
-                    conn,
-                    format!(
-                        "asked for {role} rank {r} (DMLC_{}_ID), but the cluster has {expected} {role}s (ranks 0 to {})",
-                        if role == Role::Server { "SERVER" } else { "WORKER" },
-                        expected.saturating_sub(1)
-                    ),
-                );
-                return;
-            }
-        }
-        if self.started {
-            self.on_recovery(reg, now);
-            return;
-        }
-        let have = self.pending.iter().filter(|p| p.role == role).count() as u32;
-        if have >= expected {
-            self.reject(
-                conn,
-                format!("the cluster expects {expected} {role}s and all have registered"),
-            );
-            return;
-        }
-        if let Some(r) = reg.rank {
-            if self
-                .pending
-                .iter()
-                .any(|p| p.role == role && p.rank == Some(r))
-            {
-                self.reject(
-                    conn,
-                    format!("two {role}s asked for rank {r}: each DMLC_*_ID must be unique"),
-                );
-                return;
-            }
-        }
-        self.pending.push(reg);
-        if self.pending.len() as u32 == self.cfg.num_servers + self.cfg.num_workers {
-            self.start(now);
-        }
-    }
-
-    fn start(&mut self, now: Instant) {
-        // Asked-for ranks first; the others take the free ones in
-        // registration order.
-        let pending = std::mem::take(&mut self.pending);
-        let taken: std::collections::HashSet<(Role, u32)> = pending
-            .iter()
-            .filter_map(|p| p.rank.map(|r| (p.role, r)))
-            .collect();
-        let mut next: HashMap<Role, u32> = HashMap::new();
-        for p in pending {
-            let rank = match p.rank {
-                Some(r) => r,
-                None => {
-                    let n = next.entry(p.role).or_insert(0);
-                    while taken.contains(&(p.role, *n)) {
-                        *n += 1;
-                    }
-                    *n += 1;
-                    *n - 1
-                }
-            };
-            let id = p.role.id_of(rank);
-            let info = NodeInfo {
-                id,
-                role: p.role.code(),
-                rank,
-                host: p.host,
-                port: p.port,
-                host_id: p.host_id,
-                epoch: 0,
-            };
-            self.conn_node.insert(p.conn, id);
-            self.nodes.insert(
-                id,
-                Entry {
-                    info,
-                    conn: Some(p.conn),
-                    last_seen: now,
-                    state: State::Alive,
-                    stats: None,
-                    prev_stats: None,
-                },
-            );
-        }
-        self.started = true;
-        let table = self.nodes();
-        for (id, e) in &self.nodes {
-            if let Some(conn) = e.conn {
-                self.out.push_back((
-                    conn,
-                    Control::Welcome {
-                        your_id: *id,
-                        nodes: table.clone(),
-                        key_ranges: key_ranges(self.cfg.num_servers),
-                        recovery: false,
-                    },
-                ));
-            }
-        }
-        self.events.push_back(SchedulerEvent::Started);
-    }
-
-    fn on_recovery(&mut self, reg: Pending, now: Instant) {
-        let role = reg.role;
-        let fits = |id: &NodeId, e: &Entry| {
-            Role::from_code(e.info.role) == Some(role)
-                && reg.rank.is_none_or(|r| e.info.rank == r)
-                && *id != SCHEDULER_ID
-        };
-        let dead = self
-            .nodes
-            .iter()
-            .find(|(id, e)| e.state == State::Dead && fits(id, e))
-            .map(|(id, _)| *id);
-        let Some(id) = dead else {
-            // Only a live node it could replace could die and be taken over.
-            let could_die = self
-                .nodes
-                .iter()
-                .any(|(id, e)| e.state == State::Alive && fits(id, e));
-            let which = match reg.rank {
-                Some(r) => format!("{role} {r}"),
-                None => format!("no {role}"),
-            };
-            if !could_die {
-                self.reject(
-                    reg.conn,
-                    match reg.rank {
-                        Some(_) => format!("the cluster is complete and {which} is not dead (it left): nothing to recover"),
-                        None => format!("the cluster is complete and {which} is dead: nothing to recover"),
-                    },
-                );
-                return;
-            }
-            let wait = self
-                .cfg
-                .heartbeat_timeout
-                .unwrap_or(HOLD_WITHOUT_HEARTBEATS);
-            // A node silent since before `now` is dead by `now + wait`.
-            let until = now + wait + wait / 4;
-            tracing::info!(
-                conn = reg.conn,
-                "a {role} registers while {} is dead: held up to {:?} for one to die",
-                if reg.rank.is_some() {
-                    format!("{which} is alive, not")
-                } else {
-                    which.clone()
-                },
-                until - now
-            );
-            self.held.push(Held { reg, until });
-            return;
-        };
-        self.take_over(id, reg, now);
-    }
-
-    /// A restarted node (registration `reg`) takes over dead node `id`.
-    fn take_over(&mut self, id: NodeId, reg: Pending, now: Instant) {
-        let conn = reg.conn;
-        let info = {
-            let e = self.nodes.get_mut(&id).expect("found above");
-            if let Some(old) = e.conn.take() {
-                self.conn_node.remove(&old);
-            }
-            e.info.host = reg.host;
-            e.info.port = reg.port;
-            e.info.host_id = reg.host_id;
-            e.info.epoch += 1;
-            e.conn = Some(conn);
-            e.last_seen = now;
-            e.state = State::Alive;
-            // A new process: its counters start over.
-            (e.stats, e.prev_stats) = (None, None);
-            e.info.clone()
-        };
-        self.conn_node.insert(conn, id);
-        self.out.push_back((
-            conn,
-            Control::Welcome {
-                your_id: id,
-                nodes: self.nodes(),
-                key_ranges: key_ranges(self.cfg.num_servers),
-                recovery: true,
-            },
-        ));
-        self.broadcast_except(id, Control::NodeUpdate { node: info });
-        self.events.push_back(SchedulerEvent::NodeRecovered { id });
-    }
-
-    fn reject(&mut self, conn: ConnId, reason: String) {
-        tracing::warn!(conn, "registration refused: {reason}");
-        self.out.push_back((conn, Control::Rejected { reason }));
-    }
-
     fn broadcast_except(&mut self, skip: NodeId, msg: Control) {
         for (id, e) in &self.nodes {
             if *id != skip && e.state == State::Alive {
@@ -684,141 +470,6 @@ impl Scheduler {
         self.check_all_left();
     }
 
-    /// The scheduler itself arrives at a barrier of `group` (which must
-    /// include the scheduler).
-    pub fn barrier(&mut self, group: Group) {
-        self.rounds.entry(group.0).or_default().me = true;
-        self.check_round(group);
-    }
-
-    fn on_barrier(&mut self, id: NodeId, group: Group, seq: u64, vote: Vote) {
-        if !group.is_valid() {
-            return;
-        }
-        // A member owed the failure of a round it had not reached: this
-        // arrival is its part of that round.
-        if let Some(error) = self.owed.get_mut(&group.0).and_then(|o| o.remove(&id)) {
-            self.release(id, group, seq, Some(error));
-            return;
-        }
-        let round = self.rounds.entry(group.0).or_default();
-        let vote = match (round.arrived.get(&id), vote) {
-            // A node that gave up waiting: its vote replaces its arrival
-            // (a vote for a round that has completed is stale), and says
-            // what it had come with (the collective call, by name).
-            (Some((s, _)), _) if *s != seq => return,
-            (Some((_, Vote::Agree { summary, .. })), Vote::Fail { reason }) => Vote::Fail {
-                reason: format!("{reason} at {summary}"),
-            },
-            (_, vote) => vote,
-        };
-        round.arrived.insert(id, (seq, vote));
-        self.check_round(group);
-    }
-
-    /// Tells node `id` that its barrier `seq` of `group` is over.
-    fn release(&mut self, id: NodeId, group: Group, seq: u64, error: Option<String>) {
-        if let Some(conn) = self.nodes.get(&id).and_then(|e| e.conn) {
-            self.out.push_back((
-                conn,
-                Control::BarrierDone {
-                    group: group.0,
-                    seq,
-                    error,
-                },
-            ));
-        }
-    }
-
-    fn recheck_barriers(&mut self) {
-        let groups: Vec<u8> = self.rounds.keys().copied().collect();
-        for g in groups {
-            self.check_round(Group(g));
-        }
-    }
-
-    fn check_round(&mut self, group: Group) {
-        let Some(round) = self.rounds.get(&group.0) else {
-            return;
-        };
-        let members: Vec<(NodeId, State)> = self
-            .nodes
-            .iter()
-            .filter(|(_, e)| {
-                Role::from_code(e.info.role).is_some_and(|r| group.has(r)) && e.state != State::Left
-            })
-            .map(|(id, e)| (*id, e.state))
-            .collect();
-        let dead: Vec<NodeId> = members
-            .iter()
-            .filter(|(_, s)| *s == State::Dead)
-            .map(|(id, _)| *id)
-            .collect();
-        let failed = round.arrived.iter().find_map(|(id, (_, v))| match v {
-            Vote::Fail { reason } => Some(super::vote_failure(group, *id, reason)),
-            _ => None,
-        });
-        let error = if let Some(e) = failed {
-            Some(e)
-        } else if !dead.is_empty() {
-            let names: Vec<String> = dead.iter().map(|d| describe(*d)).collect();
-            Some(format!(
-                "barrier of group {} cannot complete: {} dead",
-                group.0,
-                names.join(", ")
-            ))
-        } else {
-            let all_nodes = members.iter().all(|(id, _)| round.arrived.contains_key(id));
-            let me_ok = !group.has(Role::Scheduler) || round.me;
-            if !(all_nodes && me_ok) {
-                return;
-            }
-            disagreement(group, &round.arrived)
-        };
-        let round = self.rounds.remove(&group.0).expect("checked above");
-        let missing: Vec<NodeId> = members
-            .iter()
-            .filter(|(id, state)| *state == State::Alive && !round.arrived.contains_key(id))
-            .map(|(id, _)| *id)
-            .collect();
-        let error = match error {
-            // Name who had not come: a call only some members made.
-            Some(e) if !missing.is_empty() => {
-                let names: Vec<String> = missing.iter().map(|id| describe(*id)).collect();
-                Some(format!("{e}; {} had not reached it", names.join(", ")))
-            }
-            e => e,
-        };
-        if let Some(e) = &error {
-            // Live members that had not arrived get the same failure when
-            // they do, and are told now.
-            let owed = self.owed.entry(group.0).or_default();
-            for id in &missing {
-                owed.insert(*id, e.clone());
-                if let Some(conn) = self.nodes.get(id).and_then(|n| n.conn) {
-                    let error = e.clone();
-                    self.out.push_back((
-                        conn,
-                        Control::BarrierMissed {
-                            group: group.0,
-                            error,
-                        },
-                    ));
-                }
-            }
-        }
-        for (id, (seq, vote)) in round.arrived {
-            if matches!(vote, Vote::Fail { .. }) {
-                continue; // it is not waiting
-            }
-            self.release(id, group, seq, error.clone());
-        }
-        if round.me {
-            self.events
-                .push_back(SchedulerEvent::BarrierDone { group, error });
-        }
-    }
-
     fn check_all_left(&mut self) {
         if !self.started {
             return;
@@ -875,33 +526,4 @@ impl Scheduler {
             .map(|(id, _)| *id)
             .collect()
     }
-}
-
-/// The error of a completed round whose `Agree` votes differ, if they do.
-fn disagreement(group: Group, arrived: &BTreeMap<NodeId, (u64, Vote)>) -> Option<String> {
-    let mut by_digest: BTreeMap<u64, (String, Vec<NodeId>)> = BTreeMap::new();
-    for (id, (_, v)) in arrived {
-        if let Vote::Agree { digest, summary } = v {
-            by_digest
-                .entry(*digest)
-                .or_insert_with(|| (summary.clone(), Vec::new()))
-                .1
-                .push(*id);
-        }
-    }
-    if by_digest.len() < 2 {
-        return None;
-    }
-    let sides: Vec<String> = by_digest
-        .values()
-        .map(|(summary, ids)| {
-            let who: Vec<String> = ids.iter().map(|i| describe(*i)).collect();
-            format!("{} has {summary}", who.join(", "))
-        })
-        .collect();
-    Some(format!(
-        "barrier of group {}: the nodes disagree: {}",
-        group.0,
-        sides.join("; ")
-    ))
 }
