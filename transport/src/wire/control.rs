@@ -217,7 +217,8 @@ pub enum Control {
     Status(Box<JobStatus>),
     /// The scheduler to a member that had not reached a barrier of `group`
     /// when the round failed (a member gave up waiting, or failed its part):
-    /// its next arrival in the group gets `error`; this says so at once.
+    /// its next arrival in the group gets the round's error; this says so
+    /// at once, naming the members that had not reached it.
     BarrierMissed {
         /// Group bitmask.
         group: u8,

@@ -1,7 +1,7 @@
 //! Barriers: rounds of a group that complete when every live member has
 //! arrived, fail at once when one votes `Fail` or a member is dead (the
-//! members that had not come are owed the failure, told at once, and
-//! named), and compare `Agree` digests.
+//! members that had not come are owed the failure and told at once, by a
+//! notice that names them), and compare `Agree` digests.
 
 use std::collections::BTreeMap;
 
@@ -102,27 +102,23 @@ impl Scheduler {
             disagreement(group, &round.arrived)
         };
         let round = self.rounds.remove(&group.0).expect("checked above");
-        let missing: Vec<NodeId> = members
-            .iter()
-            .filter(|(id, state)| *state == State::Alive && !round.arrived.contains_key(id))
-            .map(|(id, _)| *id)
-            .collect();
-        let error = match error {
-            // Name who had not come: a call only some members made.
-            Some(e) if !missing.is_empty() => {
-                let names: Vec<String> = missing.iter().map(|id| describe(*id)).collect();
-                Some(format!("{e}; {} had not reached it", names.join(", ")))
-            }
-            e => e,
-        };
         if let Some(e) = &error {
             // Live members that had not arrived get the same failure when
-            // they do, and are told now.
+            // they do (every member, the one whose vote failed it included,
+            // reports the same cause), and are told now, with who had not
+            // come: a call only some members made.
+            let missing: Vec<NodeId> = members
+                .iter()
+                .filter(|(id, state)| *state == State::Alive && !round.arrived.contains_key(id))
+                .map(|(id, _)| *id)
+                .collect();
+            let names: Vec<String> = missing.iter().map(|id| describe(*id)).collect();
+            let notice = format!("{e}; {} had not reached it", names.join(", "));
             let owed = self.owed.entry(group.0).or_default();
             for id in &missing {
                 owed.insert(*id, e.clone());
                 if let Some(conn) = self.nodes.get(id).and_then(|n| n.conn) {
-                    let error = e.clone();
+                    let error = notice.clone();
                     self.out.push_back((
                         conn,
                         Control::BarrierMissed {

@@ -33,8 +33,8 @@
 //! fails at once on every node that arrived, and members that had not yet
 //! arrived are *owed* that failure: their next arrival in the group is
 //! answered with it at once, and they are told at once (`BarrierMissed`:
-//! others made a collective call they had not reached). The error names
-//! them. So a collective fails on every rank with the same cause. `Agree` votes must carry equal digests, or the round fails
+//! others made a collective call they had not reached; the notice names
+//! them). So a collective fails on every rank with the same cause. `Agree` votes must carry equal digests, or the round fails
 //! naming the disagreeing nodes.
 //!
 //! The end: when every node has left or died, `AllLeft` says which died.
