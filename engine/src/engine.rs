@@ -138,7 +138,44 @@ impl Engine {
         self.push_op(spec, SyncBody(parking_lot::Mutex::new(Some(f))))
     }
 
-    fn push_op<B: BodyCell + 'static>(&self, mut spec: OpSpec, body: B) -> Result<(), EngineError> {
+    /// As [`Engine::push_sync`], but the op runs even when a var it names
+    /// holds a failure (any other op is then skipped, failing with it). For
+    /// ops that settle failures: take them from the vars
+    /// ([`Var::take_failure`]) and report them elsewhere, so that they are
+    /// reported once and the vars are usable again.
+    ///
+    /// ```
+    /// use pskv_engine::{Engine, OpSpec, Var};
+    /// let engine = Engine::builder().cpu_threads(1).build()?;
+    /// let v = Var::new();
+    /// engine.push_sync(OpSpec::new("bad").write(&v), |_| Err("no disk".into()))?;
+    /// let (tx, rx) = std::sync::mpsc::channel();
+    /// let v2 = v.clone();
+    /// engine.push_settle(OpSpec::new("settle").write(&v), move |_| {
+    ///     tx.send(v2.take_failure().map(|f| f.to_string())).unwrap();
+    ///     Ok(())
+    /// })?;
+    /// assert_eq!(rx.recv().unwrap().as_deref(), Some("op 'bad' failed: no disk"));
+    /// engine.wait_for_var(&v)?; // taken: the var is clean
+    /// # Ok::<(), pskv_engine::EngineError>(())
+    /// ```
+    pub fn push_settle<F>(&self, spec: OpSpec, f: F) -> Result<(), EngineError>
+    where
+        F: FnOnce(RunContext<'_>) -> Result<(), OpError> + Send + 'static,
+    {
+        self.push_op_with(spec, true, SyncBody(parking_lot::Mutex::new(Some(f))))
+    }
+
+    fn push_op<B: BodyCell + 'static>(&self, spec: OpSpec, body: B) -> Result<(), EngineError> {
+        self.push_op_with(spec, false, body)
+    }
+
+    fn push_op_with<B: BodyCell + 'static>(
+        &self,
+        mut spec: OpSpec,
+        no_skip: bool,
+        body: B,
+    ) -> Result<(), EngineError> {
         let core = self.core();
         if core.shutting_down.load(Ordering::Acquire) {
             return Err(EngineError::ShutDown {
@@ -162,7 +199,7 @@ impl Engine {
         // comes from inside an op running inline on this thread: that op must
         // finish first, so waiting here would deadlock.
         let naive_wait = core.config.kind == EngineKind::Naive && !crate::inline::is_active();
-        let op = core::push(core, spec, false, body);
+        let op = core::push(core, spec, no_skip, body);
         if naive_wait && !core::wait_finished(&op, core.config.wait_timeout) {
             let after = core.config.wait_timeout.unwrap_or_default();
             core::finish(&op, Some(crate::FailureCause::CompletionTimedOut(after)));

@@ -17,6 +17,7 @@ mod server;
 mod states;
 mod store;
 mod tensor;
+mod ticket;
 mod updater;
 mod wire;
 
@@ -30,5 +31,6 @@ pub use optimizer::schedule::{Decay, LrScheduler, Warmup, WarmupMode};
 pub use optimizer::{GradRef, Method, OptState, Optimizer, StateVals, WeightMut};
 pub use server::{CheckpointError, CheckpointSettings, Controller, Server};
 pub use store::{KvStore, Options};
-pub use tensor::{Storage, Tensor};
+pub use tensor::{Home, Storage, Tensor};
+pub use ticket::Ticket;
 pub use updater::{Updater, Values, ValuesMut};

@@ -13,13 +13,15 @@ use pskv_gpu::cpu::CpuKernels;
 use crate::comm::tree::Topology;
 use crate::comm::{Comm, CommMode};
 use crate::compression::Compression;
+use crate::dtype::DType;
 use crate::error::{KvError, Result};
 use crate::key::{IntoKey, Key};
 use crate::kinds::dist::DistStore;
 use crate::kinds::local::LocalStore;
 use crate::kinds::{Flavor, Kind};
 use crate::optimizer::{OptState, Optimizer};
-use crate::tensor::Tensor;
+use crate::tensor::{Storage, Tensor};
+use crate::ticket::Ticket;
 use crate::updater::Updater;
 
 /// Settings of a store, from the environment by default.
@@ -142,6 +144,8 @@ impl Options {
 /// ```
 pub struct KvStore {
     kind: Kind,
+    /// `Options::timeout`: how long a ticket's wait waits.
+    timeout: Duration,
     engine: Engine,
     flavor: Arc<dyn Flavor>,
     closed: AtomicBool,
@@ -180,6 +184,7 @@ impl KvStore {
     pub fn create_with(name: &str, engine: &Engine, opts: Options) -> Result<KvStore> {
         let kind = Kind::parse(name).ok_or_else(|| KvError::UnknownKind(name.to_string()))?;
         let kernels = Arc::new(CpuKernels::with_threads(opts.reduce_threads)?);
+        let timeout = opts.timeout;
         let device = matches!(kind, Kind::Device | Kind::DistSyncDevice);
         let mode = if device {
             CommMode::Device {
@@ -201,6 +206,7 @@ impl KvStore {
         };
         Ok(KvStore {
             kind,
+            timeout,
             engine: engine.clone(),
             flavor,
             closed: AtomicBool::new(false),
@@ -232,6 +238,58 @@ impl KvStore {
             return Err(KvError::invalid(format!("key {key} was given no tensors")));
         }
         Ok(())
+    }
+
+    /// The shape, element type and storage `key` was initialized with.
+    pub fn key_info(&self, key: impl IntoKey) -> Result<(Vec<usize>, DType, Storage)> {
+        let m = self.flavor.key_meta(&key.into_key()?)?;
+        Ok((m.shape, m.dtype, m.storage))
+    }
+
+    /// A ticket on a request just issued: it is done when every op issued
+    /// so far on `keys` and on `tensors` (the request's values and outputs)
+    /// has finished, and reports their first failure, once (see
+    /// [`Ticket`]). Outputs made over the caller's memory
+    /// ([`Tensor::from_host_ptr`]) hold their result when it is done, and
+    /// pskv holds that memory no longer.
+    ///
+    /// ```
+    /// use pskv_engine::{Context, Engine};
+    /// use pskv_kvstore::{DType, KvStore, Tensor};
+    /// let engine = Engine::new()?;
+    /// let kv = KvStore::create("local", &engine)?;
+    /// kv.init(3, &Tensor::from_vec(&engine, &[2], vec![1.0f32, 2.0], Context::Cpu)?)?;
+    /// let mut out = vec![0.0f32; 2];
+    /// // SAFETY: `out` is left alone until the ticket is done.
+    /// let (t, _home) = unsafe {
+    ///     Tensor::from_host_ptr(&engine, &[2], DType::F32, out.as_mut_ptr() as usize)?
+    /// };
+    /// kv.pull(3, std::slice::from_ref(&t), 0)?;
+    /// let mut ticket = kv.ticket(&[3u32.into()], &[t])?;
+    /// ticket.wait()?;
+    /// assert_eq!(out, [1.0, 2.0]);
+    /// # Ok::<(), pskv_kvstore::KvError>(())
+    /// ```
+    pub fn ticket(&self, keys: &[Key], tensors: &[Tensor]) -> Result<Ticket> {
+        let mut vars = Vec::with_capacity(keys.len());
+        for k in keys {
+            vars.extend(self.flavor.key_vars(k)?);
+        }
+        for t in tensors {
+            t.check_engine(&self.engine)?;
+        }
+        let what = match keys {
+            [k] => format!("the request on key {k}"),
+            ks if ks.len() <= 4 => format!(
+                "the request on keys {}",
+                ks.iter()
+                    .map(|k| k.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            ks => format!("the request on {} keys from key {}", ks.len(), ks[0]),
+        };
+        Ticket::issue(&self.engine, vars, tensors, what, self.timeout)
     }
 
     /// Initializes a key with a value (its shape, dtype and storage are the
@@ -329,6 +387,45 @@ impl KvStore {
         self.check_tensors(&key, row_ids)?;
         self.flavor
             .pull_row_sparse(&[(key, outs.to_vec(), row_ids.to_vec())], priority)
+    }
+
+    /// Pulls rows `row_ids` of a key (any order, repeats allowed) into
+    /// `out`, a dense CPU tensor of `row_ids.len()` rows of the key's row
+    /// length: row `i` of `out` is row `row_ids[i]`. One row-sparse pull of
+    /// the distinct rows, then a gather into `out` (an embedding lookup).
+    pub fn pull_rows(
+        &self,
+        key: impl IntoKey,
+        row_ids: &[i64],
+        out: &Tensor,
+        priority: i32,
+    ) -> Result<()> {
+        let key = key.into_key()?;
+        self.check_tensors(&key, [out])?;
+        let (shape, dtype, _) = self.key_info(&key)?;
+        let row_len: usize = shape.iter().skip(1).product();
+        if out.dtype() != dtype
+            || out.storage() != Storage::Dense
+            || out.ctx() != pskv_engine::Context::Cpu
+            || out.len() != row_ids.len() * row_len
+        {
+            return Err(KvError::mismatch(
+                &key,
+                format!(
+                    "pull_rows of {} rows of {row_len} elements of {dtype} needs a dense {dtype} host tensor of {} elements, got {} {} elements on {:?}",
+                    row_ids.len(),
+                    row_ids.len() * row_len,
+                    out.dtype(),
+                    out.len(),
+                    out.ctx()
+                ),
+            ));
+        }
+        let ctx = pskv_engine::Context::Cpu;
+        let ids = Tensor::from_slice(&self.engine, &[row_ids.len()], row_ids, ctx)?;
+        let rows = Tensor::zeros_row_sparse(&self.engine, &shape, dtype, ctx)?;
+        self.pull_row_sparse(key, std::slice::from_ref(&rows), &[ids], priority)?;
+        crate::kinds::local::rows_in_order(&rows, row_ids.to_vec(), out, priority)
     }
 
     /// Initializes a key with `value` and pulls it into `outs`.

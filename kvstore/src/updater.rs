@@ -40,6 +40,11 @@ impl<'a> Values<'a> {
     pub fn as_slice<T: Elem>(&self) -> Option<&'a [T]> {
         (T::DTYPE == self.dtype).then(|| bytemuck::cast_slice(self.bytes))
     }
+
+    /// The elements' bytes (native order, aligned for the dtype).
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
 }
 
 /// The stored weight an updater changes (dense, the key's full shape).
@@ -64,6 +69,12 @@ impl ValuesMut<'_> {
     /// The elements, if they are `T`.
     pub fn as_mut_slice<T: Elem>(&mut self) -> Option<&mut [T]> {
         (T::DTYPE == self.dtype).then(|| bytemuck::cast_slice_mut(&mut *self.bytes))
+    }
+
+    /// The elements' bytes, to change in place (native order, aligned for
+    /// the dtype).
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.bytes
     }
 }
 

@@ -301,6 +301,36 @@ pub(crate) fn gather_rows(
     Ok(())
 }
 
+/// Pushes the op that copies rows `ids` of the row-sparse `rows` into the
+/// dense `out`, in that order (rows not stored are zeros).
+pub(crate) fn rows_in_order(
+    rows: &Tensor,
+    ids: Vec<i64>,
+    out: &Tensor,
+    priority: i32,
+) -> Result<()> {
+    let spec = OpSpec::new("kvstore_rows_in_order")
+        .priority(priority)
+        .read(rows.var())
+        .write(out.var());
+    let (r, o) = (rows.clone(), out.clone());
+    rows.engine().push_sync(spec, move |rc| {
+        let (rd, mut od) = (r.read(&rc)?, o.write(&rc)?);
+        let rb = r.row_len() * r.dtype().size();
+        let src = rd.bytes();
+        let dst = od.overwrite();
+        for (i, id) in ids.iter().enumerate() {
+            let to = &mut dst[i * rb..(i + 1) * rb];
+            match rd.rows.binary_search(id) {
+                Ok(j) => to.copy_from_slice(&src[j * rb..(j + 1) * rb]),
+                Err(_) => to.fill(0),
+            }
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
 /// Checks the outputs and row ids of a `pull_row_sparse`.
 pub(crate) fn check_row_sparse_pull(
     key: &Key,
@@ -414,6 +444,14 @@ impl Flavor for LocalStore {
             }
         }
         Ok(())
+    }
+
+    fn key_meta(&self, key: &Key) -> Result<Meta> {
+        Ok(self.keys.get(key)?.meta.clone())
+    }
+
+    fn key_vars(&self, key: &Key) -> Result<Vec<pskv_engine::Var>> {
+        Ok(vec![self.keys.get(key)?.stored.var().clone()])
     }
 
     fn set_optimizer(&self, opt: Optimizer) -> Result<()> {

@@ -91,6 +91,11 @@ pub(crate) trait Flavor: Send + Sync {
     fn pull(&self, items: &Batch, priority: i32) -> Result<()>;
     fn pushpull(&self, items: &Batch2, priority: i32) -> Result<()>;
     fn pull_row_sparse(&self, items: &Batch2, priority: i32) -> Result<()>;
+    /// The vars that the ops of every push, pull or init of `key` end by
+    /// writing or reading (a failure of the key's ops is stored there).
+    fn key_vars(&self, key: &Key) -> Result<Vec<pskv_engine::Var>>;
+    /// The shape, type and storage `key` was initialized with.
+    fn key_meta(&self, key: &Key) -> Result<crate::registry::Meta>;
     fn set_optimizer(&self, opt: Optimizer) -> Result<()>;
     fn set_updater(&self, updater: Arc<dyn Updater>) -> Result<()>;
     fn set_compression(&self, c: Compression) -> Result<()>;

@@ -21,6 +21,89 @@ enum Mem {
     Heap(Vec<u64>),
     /// Pinned for device `n`'s copies.
     Pinned(PinnedMem, u32),
+    /// The caller's memory, used in place and never freed here; its
+    /// [`Home`] is told when this buffer is dropped.
+    Borrowed(Arc<Home>),
+}
+
+/// Host memory of the caller's that a tensor uses in place (the C ABI's
+/// and Python's buffers): where it is, and whether pskv still holds it.
+///
+/// States: `held` from [`Tensor::from_host_ptr`](super::Tensor::from_host_ptr)
+/// until the one [`Buf`] over the memory is dropped (every tensor, message
+/// and transfer that shared it is gone), then `released`, for good. The
+/// caller may touch the memory again once it is released; a request of
+/// the C ABI waits for that before it reports done.
+pub struct Home {
+    addr: usize,
+    len: usize,
+    released: parking_lot::Mutex<bool>,
+    freed: parking_lot::Condvar,
+}
+
+impl Home {
+    fn new(addr: usize, len: usize) -> Arc<Home> {
+        Arc::new(Home {
+            addr,
+            len,
+            released: parking_lot::Mutex::new(false),
+            freed: parking_lot::Condvar::new(),
+        })
+    }
+
+    /// The address of the memory.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Whether pskv no longer holds the memory.
+    pub fn is_released(&self) -> bool {
+        *self.released.lock()
+    }
+
+    /// Waits until pskv no longer holds the memory, at most `timeout`;
+    /// whether it was released.
+    pub fn wait_released(&self, timeout: std::time::Duration) -> bool {
+        let mut r = self.released.lock();
+        let deadline = std::time::Instant::now() + timeout;
+        while !*r {
+            if self.freed.wait_until(&mut r, deadline).timed_out() {
+                return *r;
+            }
+        }
+        true
+    }
+
+    fn release(&self) {
+        *self.released.lock() = true;
+        self.freed.notify_all();
+    }
+
+    /// Copies `bytes` into the memory (a result that landed elsewhere
+    /// because the buffer was shared when it was written, T2).
+    ///
+    /// # Safety
+    /// Nothing reads or writes the memory meanwhile: the caller's contract
+    /// (it leaves the memory alone until its request is done), and no
+    /// buffer over it is read (`Buf`s over it are gone or not in use).
+    pub(crate) unsafe fn write_back(&self, bytes: &[u8]) {
+        let n = bytes.len().min(self.len);
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.addr as *mut u8, n);
+    }
+}
+
+impl std::fmt::Debug for Home {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes at {:#x}", self.len, self.addr)
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if let Mem::Borrowed(h) = &self.mem {
+            h.release();
+        }
+    }
 }
 
 impl Buf {
@@ -41,13 +124,36 @@ impl Buf {
         })
     }
 
+    /// The caller's `len` bytes at `addr`, used in place.
+    ///
+    /// # Safety
+    /// As [`Tensor::from_host_ptr`](super::Tensor::from_host_ptr): the
+    /// memory is valid for reads and writes of `len` bytes, and the caller
+    /// leaves it alone until the returned home is released.
+    pub(crate) unsafe fn borrowed(addr: usize, len: usize) -> (Buf, Arc<Home>) {
+        let home = Home::new(addr, len);
+        (
+            Buf {
+                mem: Mem::Borrowed(home.clone()),
+                len,
+            },
+            home,
+        )
+    }
+
     /// A zeroed buffer of `len` bytes of the same kind as this one (pinned
-    /// stays pinned, if the device can give more).
+    /// stays pinned, if the device can give more; the caller's memory is
+    /// never given twice: a heap buffer instead).
     pub(crate) fn zeroed_like(&self, len: usize) -> Buf {
         match &self.mem {
             Mem::Pinned(_, n) => Buf::pinned(*n, len).unwrap_or_else(|_| Buf::zeroed(len)),
-            Mem::Heap(_) => Buf::zeroed(len),
+            Mem::Heap(_) | Mem::Borrowed(_) => Buf::zeroed(len),
         }
+    }
+
+    /// Whether this buffer is the caller's memory of `home`.
+    pub(crate) fn is_home(&self, home: &Home) -> bool {
+        matches!(&self.mem, Mem::Borrowed(h) if std::ptr::eq(&**h, home))
     }
 
     pub(crate) fn from_bytes(bytes: &[u8]) -> Buf {
@@ -67,6 +173,11 @@ impl Buf {
         match &self.mem {
             Mem::Heap(w) => &bytemuck::cast_slice::<u64, u8>(w)[..self.len],
             Mem::Pinned(p, _) => &p.bytes()[..self.len],
+            // SAFETY: valid for `len` bytes while the home is held
+            // (`Buf::borrowed`), and it is held while this buffer lives.
+            Mem::Borrowed(h) => unsafe {
+                std::slice::from_raw_parts(h.addr as *const u8, self.len)
+            },
         }
     }
 
@@ -75,6 +186,8 @@ impl Buf {
         match &mut self.mem {
             Mem::Heap(w) => &mut bytemuck::cast_slice_mut::<u64, u8>(w)[..len],
             Mem::Pinned(p, _) => &mut p.bytes_mut()[..len],
+            // SAFETY: as in `bytes`; `&mut self` makes this the only view.
+            Mem::Borrowed(h) => unsafe { std::slice::from_raw_parts_mut(h.addr as *mut u8, len) },
         }
     }
 

@@ -41,6 +41,7 @@ use pskv_engine::{Context, Engine, OpSpec, Property, RunContext, Var};
 use access::Cell;
 pub(crate) use access::{DataMut, DataRef};
 
+pub use buf::Home;
 pub(crate) use buf::{copy_data, share, Buf, Data};
 pub(crate) use device::{copy_any, device_op, gpu_of};
 
@@ -65,6 +66,8 @@ struct Inner {
     storage: Storage,
     var: Var,
     cell: Cell,
+    /// The caller's memory the tensor was made over (`from_host_ptr`).
+    home: Option<Arc<Home>>,
 }
 
 /// A tensor: a handle (cloning it gives another handle to the same data).
@@ -129,6 +132,18 @@ impl Tensor {
         storage: Storage,
         data: Data,
     ) -> Tensor {
+        Tensor::build_at(engine, shape, dtype, ctx, storage, data, None)
+    }
+
+    fn build_at(
+        engine: &Engine,
+        shape: &[usize],
+        dtype: DType,
+        ctx: Context,
+        storage: Storage,
+        data: Data,
+        home: Option<Arc<Home>>,
+    ) -> Tensor {
         Tensor {
             inner: Arc::new(Inner {
                 engine: engine.clone(),
@@ -138,6 +153,7 @@ impl Tensor {
                 storage,
                 var: Var::new(),
                 cell: Cell::new(data),
+                home,
             }),
         }
     }
@@ -183,6 +199,56 @@ impl Tensor {
         let mem = pskv_gpu::device::open(n)?.borrow(address, bytes)?;
         let data = Data::device(mem, Vec::new());
         Ok(Tensor::dense(engine, shape, dtype, ctx, data))
+    }
+
+    /// A dense tensor on the CPU whose data is the caller's host memory at
+    /// `address`, used in place (no copy) and never freed by pskv: a push
+    /// reads it there, a pull's answers land there. The address must be
+    /// aligned for `dtype`. The returned [`Home`] says when pskv holds the
+    /// memory no longer.
+    ///
+    /// Subtle: a result written while the memory was shared (a message in
+    /// flight still held it, T2) lands in a buffer of pskv's instead;
+    /// [`KvStore::ticket`](crate::KvStore::ticket) copies it home before
+    /// its ticket is done, so read the memory after a ticket.
+    ///
+    /// # Safety
+    /// The memory holds `shape`'s elements of `dtype`, stays valid, and is
+    /// neither read nor written by anything else from this call until the
+    /// home is released (every clone of the tensor dropped, every op on it
+    /// done, and every message that shared it sent:
+    /// [`Home::wait_released`]).
+    pub unsafe fn from_host_ptr(
+        engine: &Engine,
+        shape: &[usize],
+        dtype: DType,
+        address: usize,
+    ) -> Result<(Tensor, Arc<Home>)> {
+        let bytes = byte_len(shape, dtype)?;
+        if address == 0 || address % dtype.size() != 0 {
+            return Err(KvError::invalid(format!(
+                "host memory at {address:#x} is not a valid address for {} elements (null or not aligned to {} bytes)",
+                dtype.name(),
+                dtype.size()
+            )));
+        }
+        let (buf, home) = Buf::borrowed(address, bytes);
+        let data = Data::host(buf, Vec::new());
+        let t = Tensor::build_at(
+            engine,
+            shape,
+            dtype,
+            Context::Cpu,
+            Storage::Dense,
+            data,
+            Some(home.clone()),
+        );
+        Ok((t, home))
+    }
+
+    /// The caller's memory this tensor was made over, if any.
+    pub(crate) fn home(&self) -> Option<&Arc<Home>> {
+        self.inner.home.as_ref()
     }
 
     /// A dense tensor holding `values` (one copy).

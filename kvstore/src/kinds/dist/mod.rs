@@ -470,6 +470,17 @@ impl Flavor for DistStore {
         Ok(())
     }
 
+    fn key_meta(&self, key: &Key) -> Result<crate::registry::Meta> {
+        Ok(self.keys.get(key)?.local.meta.clone())
+    }
+
+    fn key_vars(&self, key: &Key) -> Result<Vec<Var>> {
+        // Not `dist_key`: a failure stored on the key is the ticket's to
+        // report.
+        let dk = self.keys.get(key)?;
+        Ok(vec![dk.var.clone(), dk.local.stored.var().clone()])
+    }
+
     fn set_optimizer(&self, opt: Optimizer) -> Result<()> {
         #[derive(serde::Serialize)]
         struct Msg<'a> {

@@ -1,0 +1,251 @@
+//! [`Ticket`]: one request's completion and its error, for callers that
+//! issue many requests and wait for each (the C ABI's request handles,
+//! Python's).
+//!
+//! # States
+//!
+//! A ticket goes `Issued` → `Settled` → `Done`:
+//!
+//! - **Issued.** [`KvStore::ticket`] pushed one *settle* op after the
+//!   request's ops. It writes every key's var and every tensor's var of the
+//!   request, so it runs once the request's ops are done (their writes,
+//!   and the reads of its input tensors). It is pushed with
+//!   [`Engine::push_settle`], so it runs even when one of those vars holds
+//!   a failure: it takes the failures (each is reported once, on this
+//!   ticket, and the key is usable again) and, for an output over the
+//!   caller's memory whose result landed in a buffer of pskv's (T2), keeps
+//!   that buffer to copy home.
+//! - **Settled.** The ticket drops its tensors. pskv may still hold the
+//!   caller's memory a short while (a message that shared an input is
+//!   dropped by the transport after its answer): the ticket waits for
+//!   every [`Home`] to be released, then copies any result home.
+//! - **Done.** The result is handed out once.
+//!
+//! Orderings: the settle op hands its outcome over under `Settled`'s mutex;
+//! a home's release is under its own mutex (`tensor/buf.rs`). Nothing here
+//! is lock-free.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use pskv_engine::{Engine, EngineError, OpSpec, Property, Var};
+
+use crate::error::{KvError, Result};
+use crate::tensor::{Buf, Home, Tensor};
+
+/// What the settle op found.
+struct Outcome {
+    failure: Option<KvError>,
+    /// Results to copy home once the home is released.
+    landed: Vec<(Arc<Home>, Arc<Buf>)>,
+}
+
+#[derive(Default)]
+struct Settled {
+    outcome: Mutex<Option<Outcome>>,
+    ready: Condvar,
+}
+
+/// The completion of one request (see the module docs).
+pub struct Ticket {
+    settled: Arc<Settled>,
+    /// The request's tensors, until settled.
+    keep: Vec<Tensor>,
+    homes: Vec<Arc<Home>>,
+    outcome: Option<Outcome>,
+    /// Given out already.
+    done: bool,
+    what: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ticket")
+            .field("what", &self.what)
+            .field("settled", &self.outcome.is_some())
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl Ticket {
+    /// Pushes the settle op of a request whose ops write `key_vars` and
+    /// name `tensors` (see the module docs).
+    pub(crate) fn issue(
+        engine: &Engine,
+        key_vars: Vec<Var>,
+        tensors: &[Tensor],
+        what: String,
+        timeout: Duration,
+    ) -> Result<Ticket> {
+        let settled = Arc::new(Settled::default());
+        let spec = OpSpec::new("kvstore_request_settle")
+            .property(Property::Async)
+            .priority(i32::MAX)
+            .writes(&key_vars)
+            .writes(tensors.iter().map(Tensor::var));
+        let (s, ts) = (settled.clone(), tensors.to_vec());
+        engine.push_settle(spec, move |rc| {
+            let mut failure = None;
+            for v in key_vars.iter().chain(ts.iter().map(Tensor::var)) {
+                if let Some(f) = v.take_failure() {
+                    failure.get_or_insert(KvError::Engine(EngineError::Op(f)));
+                }
+            }
+            let mut landed = Vec::new();
+            for t in &ts {
+                let Some(home) = t.home() else { continue };
+                match t.read(&rc) {
+                    Ok(d) if !d.buf.is_home(home) => landed.push((home.clone(), d.buf.clone())),
+                    Ok(_) => {}
+                    Err(e) => {
+                        failure.get_or_insert(e);
+                    }
+                }
+            }
+            *s.outcome.lock() = Some(Outcome { failure, landed });
+            s.ready.notify_all();
+            Ok(())
+        })?;
+        Ok(Ticket {
+            settled,
+            homes: tensors.iter().filter_map(|t| t.home().cloned()).collect(),
+            keep: tensors.to_vec(),
+            outcome: None,
+            done: false,
+            what,
+            timeout,
+        })
+    }
+
+    /// What the request was ("push of key 3", ...), for messages.
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+
+    /// Whether the request is done; then `wait` returns at once.
+    pub fn is_done(&mut self) -> bool {
+        self.settle(Some(Instant::now()))
+    }
+
+    /// Waits until the request is done, at most the store's timeout, and
+    /// returns its result: its first failure, once (a later call is an
+    /// error). A timed-out wait is `KvError::Timeout`, and the request is
+    /// still in flight: its memory must stay untouched; wait again.
+    pub fn wait(&mut self) -> Result<()> {
+        self.wait_for(self.timeout)
+    }
+
+    /// As `wait`, at most `timeout`.
+    pub fn wait_for(&mut self, timeout: Duration) -> Result<()> {
+        if self.done {
+            return Err(KvError::invalid(format!(
+                "the result of {} was taken already",
+                self.what
+            )));
+        }
+        if !self.settle(Some(Instant::now() + timeout)) {
+            return Err(KvError::Timeout {
+                what: self.pending_what(),
+                after: timeout,
+            });
+        }
+        self.done = true;
+        let o = self.outcome.take().expect("settled");
+        match o.failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn pending_what(&self) -> String {
+        if self.outcome.is_none() {
+            format!("{} to finish", self.what)
+        } else {
+            format!(
+                "pskv to let go of the memory of {} (a message that held it was not dropped)",
+                self.what
+            )
+        }
+    }
+
+    /// Moves on as far as it can by `until` (None: without waiting);
+    /// whether the request is done.
+    fn settle(&mut self, until: Option<Instant>) -> bool {
+        if self.done {
+            return true;
+        }
+        if self.outcome.is_none() {
+            let mut o = self.settled.outcome.lock();
+            while o.is_none() {
+                match until {
+                    Some(t) if Instant::now() < t => {
+                        self.settled.ready.wait_until(&mut o, t);
+                    }
+                    _ => return false,
+                }
+            }
+            self.outcome = o.take();
+            drop(o);
+            self.keep.clear();
+        }
+        for h in &self.homes {
+            let left = until.map_or(Duration::ZERO, |t| {
+                t.saturating_duration_since(Instant::now())
+            });
+            if !h.wait_released(left) {
+                return false;
+            }
+        }
+        if let Some(o) = &mut self.outcome {
+            for (home, buf) in o.landed.drain(..) {
+                // SAFETY: the home is released (no buffer over it is left)
+                // and the caller leaves the memory alone until this ticket
+                // is done (`Tensor::from_host_ptr`'s contract).
+                unsafe { home.write_back(buf.bytes()) };
+            }
+        }
+        self.homes.clear();
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+
+    /// A result written while the caller's memory was shared lands in a
+    /// buffer of pskv's (T2); the ticket copies it home once the memory
+    /// is let go, not before.
+    #[test]
+    fn a_result_that_landed_elsewhere_is_copied_home_after_release() {
+        let e = Engine::builder().cpu_threads(1).build().unwrap();
+        let mut v = [1.0f32; 4];
+        // SAFETY: `v` is read only after the ticket is done.
+        let (t, home) =
+            unsafe { Tensor::from_host_ptr(&e, &[4], DType::F32, v.as_mut_ptr() as usize) }
+                .unwrap();
+        // A message in flight shares the memory.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t2 = t.clone();
+        e.push_sync(OpSpec::new("send").read(t.var()), move |rc| {
+            tx.send(t2.read(&rc).unwrap().share(0..16)).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        let msg = rx.recv().unwrap();
+        t.copy_from_slice(&[9.0f32; 4]).unwrap();
+        let mut ticket =
+            Ticket::issue(&e, Vec::new(), &[t], "test".into(), Duration::from_secs(5)).unwrap();
+        assert!(ticket.wait_for(Duration::from_millis(100)).is_err());
+        assert!(!home.is_released());
+        // The message still carries the old values.
+        assert_eq!(&msg[..4], &1.0f32.to_ne_bytes());
+        drop(msg);
+        ticket.wait().unwrap();
+        assert_eq!(v, [9.0; 4]);
+    }
+}

@@ -1,0 +1,456 @@
+//! Requests (ABI version 2): push, pull, push-pull and row pulls of many
+//! keys at once on the caller's buffers in place, each returning a
+//! `pskv_request` that `pskv_wait`, `pskv_test` or `pskv_wait_all` reports;
+//! and `pskv_init_batch`.
+//!
+//! A request's states: *issued* (its ops are on the engine; its buffers
+//! are the store's), then *done* once its ticket is (every op finished and
+//! pskv holds none of its memory: `kvstore::Ticket`), then *reported* by
+//! the one wait or test that returns its result, which frees the handle. A
+//! wait that times out leaves it issued.
+
+use std::ffi::c_int;
+use std::sync::{Mutex, OnceLock};
+
+use super::buffer::{place, PskvBuffer};
+use super::handles::Table;
+use super::store::{handle, PskvKvStore};
+use super::{arg, guard, key, kv_err, put, set_error, Failure, PSKV_OK};
+use crate::kvstore::{Key, KvError, KvStore, Tensor, Ticket};
+
+/// An issued request (opaque to C: a handle is a token for one of these).
+pub struct PskvRequest {
+    ticket: Mutex<Ticket>,
+}
+
+fn requests() -> &'static Table<PskvRequest> {
+    static REQUESTS: OnceLock<Table<PskvRequest>> = OnceLock::new();
+    REQUESTS.get_or_init(|| Table::new("request", "a pskv_*_async call"))
+}
+
+/// The `n` elements at `p` (none when `n` is 0; then `p` may be null).
+///
+/// # Safety
+/// `p` is null or points to `n` elements.
+unsafe fn items<'a, T>(p: *const T, n: usize, what: &str) -> Result<&'a [T], Failure> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(arg(format!("{what} is a null pointer")));
+    }
+    if n > (isize::MAX as usize) / std::mem::size_of::<T>().max(1) {
+        return Err(arg(format!("{what}: {n} items is more than memory holds")));
+    }
+    Ok(std::slice::from_raw_parts(p, n))
+}
+
+/// One key of a batch: its buffers, placed, and its priority.
+struct Entry {
+    key: Key,
+    values: Vec<Tensor>,
+    outs: Vec<Tensor>,
+    priority: i32,
+}
+
+/// Places buffer `b` for `key`: its element count and dtype must be the
+/// key's, and its shape if it gives one; the tensor takes the key's shape.
+///
+/// # Safety
+/// As `place`.
+unsafe fn placed_for(
+    kv: &KvStore,
+    key: &Key,
+    b: &PskvBuffer,
+    what: &str,
+) -> Result<Tensor, Failure> {
+    let (shape, dtype, _) = kv.key_info(key).map_err(kv_err)?;
+    let n: usize = shape.iter().product();
+    let t = place(kv.engine(), b, None, what)?;
+    if t.len() != n || t.dtype() != dtype || (b.ndim != 0 && t.shape() != &shape[..]) {
+        return Err((
+            super::PSKV_ERR_KVSTORE,
+            format!(
+                "{what}: key {key} holds {n} elements of {} (shape {shape:?}), the buffer {} elements of {} (shape {:?})",
+                dtype.name(),
+                t.len(),
+                t.dtype().name(),
+                t.shape()
+            ),
+        ));
+    }
+    if shape.len() == 1 {
+        return Ok(t);
+    }
+    // The key's shape over the same memory.
+    place(kv.engine(), b, Some(&shape), what)
+}
+
+/// Reads a batch: `n` keys, with values and/or outputs, and priorities
+/// (null: 0 each). Keys given twice are one entry (MXNet's grouping: a
+/// push sums their values, a pull fills every output), at the higher
+/// priority.
+///
+/// # Safety
+/// The pointers are null or point to `n` items each; the buffers are as
+/// `pskv_buffer` describes.
+unsafe fn batch(
+    kv: &KvStore,
+    n: usize,
+    keys: *const i64,
+    values: Option<*const PskvBuffer>,
+    outs: Option<*const PskvBuffer>,
+    priorities: *const c_int,
+) -> Result<Vec<Entry>, Failure> {
+    if n == 0 {
+        return Err(arg("a request of 0 keys"));
+    }
+    let keys = items(keys, n, "keys")?;
+    let values = values.map(|v| items(v, n, "values")).transpose()?;
+    let outs = outs.map(|o| items(o, n, "outs")).transpose()?;
+    let prios = if priorities.is_null() {
+        None
+    } else {
+        Some(items(priorities, n, "priorities")?)
+    };
+    let mut out: Vec<Entry> = Vec::with_capacity(n);
+    for i in 0..n {
+        let k = key(keys[i])?;
+        let p = prios.map_or(0, |p| p[i]);
+        let v = match values {
+            Some(v) => Some(placed_for(kv, &k, &v[i], &format!("values[{i}]"))?),
+            None => None,
+        };
+        let o = match outs {
+            Some(o) => Some(placed_for(kv, &k, &o[i], &format!("outs[{i}]"))?),
+            None => None,
+        };
+        match out.iter_mut().find(|e| e.key == k) {
+            Some(_) if values.is_some() && outs.is_some() => {
+                return Err(arg(format!(
+                    "pushpull: key {k} is given twice; give each key once"
+                )))
+            }
+            Some(e) => {
+                e.values.extend(v);
+                e.outs.extend(o);
+                e.priority = e.priority.max(p);
+            }
+            None => out.push(Entry {
+                key: k,
+                values: v.into_iter().collect(),
+                outs: o.into_iter().collect(),
+                priority: p,
+            }),
+        }
+    }
+    Ok(out)
+}
+
+/// Issues each entry with `issue` and registers the request. If an entry
+/// fails to issue, the entries before it stay issued: they are waited for
+/// (so their buffers are free again) and the error names the key.
+fn issue(
+    kv: &KvStore,
+    entries: Vec<Entry>,
+    out: *mut *mut PskvRequest,
+    issue: impl Fn(&KvStore, &Entry) -> crate::kvstore::Result<()>,
+) -> Result<(), Failure> {
+    if out.is_null() {
+        return Err(arg("request is a null pointer"));
+    }
+    let mut done: Vec<&Entry> = Vec::with_capacity(entries.len());
+    for e in &entries {
+        if let Err(err) = issue(kv, e) {
+            let mut msg = format!("key {}: {err}", e.key);
+            if !done.is_empty() {
+                let settled = ticket(kv, &done).and_then(|mut t| t.wait());
+                msg.push_str(&format!(
+                    " (the {} key(s) before it in the batch were issued{})",
+                    done.len(),
+                    match settled {
+                        Ok(()) => " and are done".to_string(),
+                        Err(e) => format!(", and failed: {e}"),
+                    }
+                ));
+            }
+            return Err((kv_err(err).0, msg));
+        }
+        done.push(e);
+    }
+    let t = ticket(kv, &done).map_err(kv_err)?;
+    // SAFETY: `out` is not null (checked) and points to writable storage
+    // (the caller's contract).
+    unsafe {
+        *out = requests().insert(PskvRequest {
+            ticket: Mutex::new(t),
+        })
+    };
+    Ok(())
+}
+
+fn ticket(kv: &KvStore, entries: &[&Entry]) -> crate::kvstore::Result<Ticket> {
+    let keys: Vec<Key> = entries.iter().map(|e| e.key.clone()).collect();
+    let tensors: Vec<Tensor> = entries
+        .iter()
+        .flat_map(|e| e.values.iter().chain(&e.outs).cloned())
+        .collect();
+    kv.ticket(&keys, &tensors)
+}
+
+/// Pushes `n` keys: `values[i]` to `keys[i]` at priority `priorities[i]`
+/// (null: 0 each; higher goes first), and writes the request to
+/// `*request`. A key given twice has its values summed, as in MXNet. The
+/// values are read in place: do not write them until the request is done.
+///
+/// # Safety
+/// `kv` is a live handle; `keys`, `values` and `priorities` (unless null)
+/// point to `n` items; each buffer is as `pskv_buffer` describes and stays
+/// valid until the request is done; `request` points to writable storage.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_push_async(
+    kv: *mut PskvKvStore,
+    n: usize,
+    keys: *const i64,
+    values: *const PskvBuffer,
+    priorities: *const c_int,
+    request: *mut *mut PskvRequest,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let b = batch(&h.kv, n, keys, Some(values), None, priorities)?;
+        issue(&h.kv, b, request, |kv, e| {
+            kv.push(e.key.clone(), &e.values, e.priority)
+        })
+    })
+}
+
+/// Pulls `n` keys: `keys[i]`'s value into `outs[i]`, after every push of
+/// this store issued before it, and writes the request to `*request`.
+/// The outputs hold the values once the request is done; do not read or
+/// write them before.
+///
+/// # Safety
+/// As `pskv_push_async`, with `outs` for `values`.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_pull_async(
+    kv: *mut PskvKvStore,
+    n: usize,
+    keys: *const i64,
+    outs: *const PskvBuffer,
+    priorities: *const c_int,
+    request: *mut *mut PskvRequest,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let b = batch(&h.kv, n, keys, None, Some(outs), priorities)?;
+        issue(&h.kv, b, request, |kv, e| {
+            kv.pull(e.key.clone(), &e.outs, e.priority)
+        })
+    })
+}
+
+/// Pushes `values[i]` to `keys[i]` and pulls the result into `outs[i]`
+/// (one round trip per key in a distributed store); `values[i]` and
+/// `outs[i]` may be the same memory. Each key at most once.
+///
+/// # Safety
+/// As `pskv_push_async` and `pskv_pull_async`.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_pushpull_async(
+    kv: *mut PskvKvStore,
+    n: usize,
+    keys: *const i64,
+    values: *const PskvBuffer,
+    outs: *const PskvBuffer,
+    priorities: *const c_int,
+    request: *mut *mut PskvRequest,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let b = batch(&h.kv, n, keys, Some(values), Some(outs), priorities)?;
+        issue(&h.kv, b, request, |kv, e| {
+            kv.pushpull(e.key.clone(), &e.values, &e.outs, e.priority)
+        })
+    })
+}
+
+/// Pulls rows `row_ids[0..nrows]` (any order, repeats allowed) of `key`
+/// into `out`, `nrows` rows of the key's row length (the elements of one
+/// row of its first dimension): row `i` of `out` is row `row_ids[i]`, as
+/// MXNet's `row_sparse_pull` gives them (an embedding lookup). `row_ids`
+/// is copied before the call returns; `out` is as `pskv_pull_async`'s.
+///
+/// # Safety
+/// `kv` is a live handle; `row_ids` points to `nrows` ids; `out` to one
+/// buffer as `pskv_buffer` describes; `request` to writable storage.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_pull_rows_async(
+    kv: *mut PskvKvStore,
+    key: i64,
+    row_ids: *const i64,
+    nrows: usize,
+    out: *const PskvBuffer,
+    priority: c_int,
+    request: *mut *mut PskvRequest,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let k = self::key(key)?;
+        if nrows == 0 {
+            return Err(arg("a row pull of 0 rows"));
+        }
+        let ids = items(row_ids, nrows, "row_ids")?.to_vec();
+        let o = out.as_ref().ok_or_else(|| arg("out is a null pointer"))?;
+        let t = place(h.kv.engine(), o, None, "out")?;
+        let e = Entry {
+            key: k,
+            values: Vec::new(),
+            outs: vec![t],
+            priority,
+        };
+        issue(&h.kv, vec![e], request, |kv, e| {
+            kv.pull_rows(e.key.clone(), &ids, &e.outs[0], e.priority)
+        })
+    })
+}
+
+/// Initializes `n` keys at once: `keys[i]` with `values[i]` (its dtype
+/// and element count are the key's from now on). Collective, as
+/// `pskv_init`, with one barrier for the whole batch instead of one per
+/// key. Returns when the keys are initialized; the values may be reused
+/// then.
+///
+/// # Safety
+/// `kv` is a live handle; `keys` and `values` point to `n` items; each
+/// buffer is as `pskv_buffer` describes.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_init_batch(
+    kv: *mut PskvKvStore,
+    n: usize,
+    keys: *const i64,
+    values: *const PskvBuffer,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        if n == 0 {
+            return Err(arg("an init of 0 keys"));
+        }
+        let ks = items(keys, n, "keys")?;
+        let vs = items(values, n, "values")?;
+        let mut all = Vec::with_capacity(n);
+        for i in 0..n {
+            let t = place(h.kv.engine(), &vs[i], None, &format!("values[{i}]"))?;
+            all.push((key(ks[i])?, t));
+        }
+        h.kv.init_many(&all).map_err(kv_err)?;
+        // The values are read by engine ops: wait for them (and for pskv
+        // to let go of the memory) before the caller may reuse it.
+        let keys: Vec<Key> = all.iter().map(|(k, _)| k.clone()).collect();
+        let tensors: Vec<Tensor> = all.into_iter().map(|(_, t)| t).collect();
+        let mut t = h.kv.ticket(&keys, &tensors).map_err(kv_err)?;
+        // The ticket holds what it needs; ours would keep the memory held.
+        drop(tensors);
+        t.wait().map_err(kv_err)
+    })
+}
+
+/// Waits on one request; None when the wait timed out (it stays issued).
+fn wait_one(req: *mut PskvRequest, block: bool) -> Result<Option<Result<(), Failure>>, Failure> {
+    let r = requests().get(req)?;
+    let mut t = match r.ticket.try_lock() {
+        Ok(t) => t,
+        Err(std::sync::TryLockError::WouldBlock) if !block => return Ok(None),
+        Err(_) => r.ticket.lock().unwrap_or_else(|p| p.into_inner()),
+    };
+    if !block && !t.is_done() {
+        return Ok(None);
+    }
+    let res = match t.wait() {
+        Err(e @ KvError::Timeout { .. }) => return Err(kv_err(e)),
+        res => res.map_err(kv_err),
+    };
+    // Reported: the handle goes (a concurrent wait that got here first
+    // removed it already, and `t.wait()` above then said so).
+    let _ = requests().remove(req);
+    Ok(Some(res))
+}
+
+/// Waits until `request` is done and returns its result (`PSKV_OK` or
+/// its error), once: the handle is freed then, and waiting again is an
+/// argument error. Waits at most `PSKV_KVSTORE_TIMEOUT`; a wait that gives
+/// up returns `PSKV_ERR_TIMEOUT` and leaves the request in flight (its
+/// buffers still the store's): wait again.
+///
+/// # Safety
+/// Any value may be passed (handles are checked).
+#[no_mangle]
+pub unsafe extern "C" fn pskv_wait(request: *mut PskvRequest) -> c_int {
+    guard(|| {
+        wait_one(request, true)?
+            .unwrap_or_else(|| Err(arg("the request is being waited for by another thread")))
+    })
+}
+
+/// Whether `request` is done, without waiting: writes 1 to `*done` and
+/// returns the request's result (then the handle is freed, as by
+/// `pskv_wait`), or writes 0 and returns `PSKV_OK`.
+///
+/// # Safety
+/// `done` points to writable storage; any `request` may be passed.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_test(request: *mut PskvRequest, done: *mut c_int) -> c_int {
+    guard(|| {
+        if done.is_null() {
+            return Err(arg("done is a null pointer"));
+        }
+        match wait_one(request, false)? {
+            Some(res) => {
+                put(done, 1)?;
+                res
+            }
+            None => put(done, 0),
+        }
+    })
+}
+
+/// Waits for `n` requests, as `pskv_wait` each: writes each one's result
+/// to `statuses[i]` (unless `statuses` is null) and returns `PSKV_OK` if
+/// all succeeded, else the first failure's code (its message is
+/// `pskv_last_error()`). Every request is waited for, whatever the others
+/// gave.
+///
+/// # Safety
+/// `requests` points to `n` handles (any values); `statuses` is null or
+/// points to `n` writable ints.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_wait_all(
+    n: usize,
+    requests: *const *mut PskvRequest,
+    statuses: *mut c_int,
+) -> c_int {
+    let reqs = match items(requests, n, "requests") {
+        Ok(r) => r,
+        Err(e) => return guard(|| Err(e)),
+    };
+    let mut first: Option<(c_int, String)> = None;
+    for (i, &r) in reqs.iter().enumerate() {
+        let code = pskv_wait(r);
+        if !statuses.is_null() {
+            *statuses.add(i) = code;
+        }
+        if code != PSKV_OK && first.is_none() {
+            let msg = std::ffi::CStr::from_ptr(super::pskv_last_error())
+                .to_string_lossy()
+                .into_owned();
+            first = Some((code, format!("request {i} of {n}: {msg}")));
+        }
+    }
+    match first {
+        Some((code, msg)) => {
+            set_error(msg);
+            code
+        }
+        None => PSKV_OK,
+    }
+}
