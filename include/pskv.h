@@ -2,7 +2,9 @@
  *
  * Generated from src/capi/ by cbindgen; do not edit (CI checks it is fresh).
  * Link with -lpskv (libpskv.so or libpskv.a; the static library also needs
- * -lpthread -ldl -lm).
+ * -lpthread -ldl -lm). Installed by scripts/install-c.sh, it is found by
+ * pkg-config (pskv) and by CMake: find_package(pskv 0.1), target pskv::pskv
+ * or pskv::pskv_static.
  *
  * Status: every function returns PSKV_OK (0) or a negative error code;
  * pskv_last_error() gives the calling thread's last message. Nothing

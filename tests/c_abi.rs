@@ -39,17 +39,55 @@ fn target_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds libpskv.a (`cargo test` links the tests against the rlib and
-/// leaves the static library alone; a no-op when it is fresh), compiles
-/// `examples/c/<name>.c` against it and runs it under `pskv launch` with 2
-/// workers and 1 server; its stdout.
-fn launch_c_example(name: &str, cflags: &[&str], args: &[&str]) -> String {
+/// Builds libpskv.a and libpskv.so (`cargo test` links the tests against
+/// the rlib and leaves the C libraries alone; a no-op when they are fresh).
+fn build_c_library() {
     let st = Command::new(env!("CARGO"))
         .args(["build", "--lib", "-p", "pskv"])
         .current_dir(root())
         .status()
         .unwrap();
     assert!(st.success(), "building libpskv.a");
+}
+
+/// Runs `exe` with `args` under `pskv launch` with 2 workers and 1
+/// server (and `env`); its stdout, after checking that it succeeded.
+fn launch(exe: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
+    let run = Command::new(env!("CARGO_BIN_EXE_pskv"))
+        .args(["launch", "-n", "2", "-s", "1", "--timeout", "120", "--"])
+        .arg(exe)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    assert!(
+        run.status.success(),
+        "{}: {}\n{}",
+        exe.display(),
+        stdout,
+        String::from_utf8_lossy(&run.stderr)
+    );
+    stdout
+}
+
+/// Runs a build step, failing with its output.
+fn step(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: could not run it: {e}"));
+    assert!(
+        out.status.success(),
+        "{what}:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Compiles `examples/c/<name>.c` against libpskv.a and runs it under
+/// `pskv launch` with 2 workers and 1 server; its stdout.
+fn launch_c_example(name: &str, cflags: &[&str], args: &[&str]) -> String {
+    build_c_library();
     let dir = target_dir();
     let lib = dir.join("libpskv.a");
     assert!(lib.exists(), "{} was not built", lib.display());
@@ -70,20 +108,8 @@ fn launch_c_example(name: &str, cflags: &[&str], args: &[&str]) -> String {
         "compiling examples/c/{name}.c:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let run = Command::new(env!("CARGO_BIN_EXE_pskv"))
-        .args(["launch", "-n", "2", "-s", "1", "--timeout", "120", "--"])
-        .arg(&exe)
-        .args(args)
-        .output()
-        .unwrap();
+    let stdout = launch(&exe, args, &[]);
     let _ = std::fs::remove_file(&exe);
-    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
-    assert!(
-        run.status.success(),
-        "{}\n{}",
-        stdout,
-        String::from_utf8_lossy(&run.stderr)
-    );
     stdout
 }
 
@@ -114,4 +140,67 @@ fn the_overlap_example_matches_the_blocking_way() {
         stdout.contains("overlapped") && stdout.contains("ms/round"),
         "{stdout}"
     );
+}
+
+/// The library installed as a C library is (scripts/install-c.sh): a CMake
+/// project finds it with `find_package(pskv 0.1)` and links the shared and
+/// the static library (examples/c/CMakeLists.txt), pkg-config gives the
+/// flags of a plain `cc`, and the programs built both ways train under
+/// `pskv launch`.
+#[test]
+fn the_installed_library_serves_cmake_and_pkg_config() {
+    build_c_library();
+    let tmp = std::env::temp_dir().join(format!("pskv-install-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let (prefix, build) = (tmp.join("prefix"), tmp.join("build"));
+    let cargo_target = target_dir().parent().unwrap().to_path_buf();
+    step(
+        Command::new(root().join("scripts/install-c.sh"))
+            .args(["--debug", "--no-build", "--prefix"])
+            .arg(&prefix)
+            .env("CARGO_TARGET_DIR", &cargo_target),
+        "scripts/install-c.sh",
+    );
+    let soname = prefix.join("lib/libpskv.so.0");
+    assert!(soname.exists(), "{} is missing", soname.display());
+
+    step(
+        Command::new("cmake")
+            .arg("-S")
+            .arg(root().join("examples/c"))
+            .arg("-B")
+            .arg(&build)
+            .arg(format!("-DCMAKE_PREFIX_PATH={}", prefix.display())),
+        "cmake configure of examples/c (find_package(pskv))",
+    );
+    step(
+        Command::new("cmake").arg("--build").arg(&build),
+        "cmake --build of examples/c",
+    );
+    for exe in ["overlap_c", "overlap_c_static"] {
+        let out = launch(&build.join(exe), &["3"], &[]);
+        assert!(out.contains("both ways bit for bit equal"), "{exe}: {out}");
+    }
+
+    let pc = Command::new("pkg-config")
+        .args(["--cflags", "--libs", "pskv"])
+        .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
+        .output()
+        .expect("running pkg-config");
+    assert!(pc.status.success(), "pkg-config --cflags --libs pskv");
+    let flags = String::from_utf8_lossy(&pc.stdout).into_owned();
+    assert!(flags.contains("-lpskv"), "{flags}");
+    let exe = tmp.join("train_pc");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    step(
+        Command::new(&cc)
+            .arg(root().join("examples/c/train.c"))
+            .args(flags.split_whitespace())
+            .args(["-lm", "-o"])
+            .arg(&exe),
+        "cc examples/c/train.c $(pkg-config --cflags --libs pskv)",
+    );
+    let out = launch(&exe, &[], &[("LD_LIBRARY_PATH", &prefix.join("lib"))]);
+    assert!(out.contains("rank 1 of 2: 5 rounds"), "{out}");
+    let _ = std::fs::remove_dir_all(&tmp);
 }
