@@ -1,0 +1,300 @@
+//! Python arrays as tensors over their own memory: numpy arrays (and
+//! anything with `__array_interface__`) by their interface, other arrays
+//! (torch, cupy, jax, ...) by DLPack (`__dlpack__`). No copy: the tensor
+//! uses the array's memory in place, and the request that uses it keeps the
+//! array (or its DLPack capsule) alive until it is done.
+
+use std::ffi::c_void;
+
+use pskv_engine::{Context, Engine};
+use pskv_kvstore::{DType, Tensor};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyCapsule, PyDict, PyTuple};
+
+use crate::errors::{kv_err, Unsupported};
+
+/// An array made a tensor, and what keeps its memory alive.
+pub(crate) struct Placed {
+    pub(crate) tensor: Tensor,
+    pub(crate) keep: PyObject,
+}
+
+/// The dtype of a numpy type string (`<f4`, `=i8`, `|...`).
+fn dtype_of_typestr(t: &str, what: &str) -> PyResult<DType> {
+    let (order, kind) = t.split_at(1.min(t.len()));
+    let little = cfg!(target_endian = "little");
+    let native = match order {
+        "<" => little,
+        ">" => !little,
+        "=" | "|" => true,
+        _ => false,
+    };
+    if !native {
+        return Err(PyValueError::new_err(format!(
+            "{what}: byte order of dtype '{t}' is not this machine's"
+        )));
+    }
+    Ok(match kind {
+        "f4" => DType::F32,
+        "f8" => DType::F64,
+        "f2" => DType::F16,
+        "i4" => DType::I32,
+        "i8" => DType::I64,
+        "V2" => {
+            return Err(Unsupported::new_err(format!(
+                "{what}: a 2-byte dtype of no numpy kind (bfloat16?) has no kernels in pskv yet; use float16 or float32"
+            )))
+        }
+        _ => {
+            return Err(PyTypeError::new_err(format!(
+                "{what}: dtype '{t}' (pskv takes float32, float64, float16, int32, int64)"
+            )))
+        }
+    })
+}
+
+/// The dtype of a numpy array (or anything with `__array_interface__`).
+pub(crate) fn dtype_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<DType> {
+    let t: String = obj
+        .getattr("__array_interface__")?
+        .get_item("typestr")?
+        .extract()?;
+    dtype_of_typestr(&t, what)
+}
+
+/// The dtype of a DLPack type (code, bits, lanes).
+fn dtype_of_dlpack(code: u8, bits: u8, lanes: u16, what: &str) -> PyResult<DType> {
+    if lanes != 1 {
+        return Err(PyTypeError::new_err(format!(
+            "{what}: vector dtypes ({lanes} lanes)"
+        )));
+    }
+    Ok(match (code, bits) {
+        (2, 32) => DType::F32,
+        (2, 64) => DType::F64,
+        (2, 16) => DType::F16,
+        (0, 32) => DType::I32,
+        (0, 64) => DType::I64,
+        (4, 16) => {
+            return Err(Unsupported::new_err(format!(
+                "{what}: bfloat16 has no kernels in pskv yet; use float16 or float32"
+            )))
+        }
+        _ => {
+            return Err(PyTypeError::new_err(format!(
+                "{what}: DLPack dtype code {code} of {bits} bits (pskv takes float32, float64, float16, int32, int64)"
+            )))
+        }
+    })
+}
+
+/// Whether `strides` (bytes; None for C order) are C order for `shape`.
+fn c_contiguous(shape: &[usize], strides: Option<Vec<isize>>, size: usize) -> bool {
+    let Some(st) = strides else { return true };
+    let mut expect = size as isize;
+    for (d, s) in shape.iter().zip(st.iter()).rev() {
+        if *d > 1 && *s != expect {
+            return false;
+        }
+        expect *= *d as isize;
+    }
+    true
+}
+
+fn check_len(shape: &[usize], what: &str) -> PyResult<()> {
+    if shape.iter().product::<usize>() == 0 {
+        return Err(PyValueError::new_err(format!(
+            "{what}: an empty array (shape {shape:?})"
+        )));
+    }
+    Ok(())
+}
+
+/// `obj` as a tensor over its memory. `writable`: pskv will write it (an
+/// output); a read-only array is refused then.
+pub(crate) fn place(
+    engine: &Engine,
+    obj: &Bound<'_, PyAny>,
+    writable: bool,
+    what: &str,
+) -> PyResult<Placed> {
+    if let Ok(ai) = obj.getattr("__array_interface__") {
+        return place_interface(engine, obj, &ai, writable, what);
+    }
+    if obj.hasattr("__dlpack__")? {
+        return place_dlpack(engine, obj, what);
+    }
+    Err(PyTypeError::new_err(format!(
+        "{what}: a {} is not an array (pskv takes numpy arrays and DLPack arrays)",
+        obj.get_type().name()?
+    )))
+}
+
+fn place_interface(
+    engine: &Engine,
+    obj: &Bound<'_, PyAny>,
+    ai: &Bound<'_, PyAny>,
+    writable: bool,
+    what: &str,
+) -> PyResult<Placed> {
+    let ai = ai.downcast::<PyDict>()?;
+    let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
+        ai.get_item(k)?.ok_or_else(|| {
+            PyTypeError::new_err(format!("{what}: __array_interface__ has no '{k}'"))
+        })
+    };
+    let (addr, readonly): (usize, bool) = get("data")?.extract()?;
+    let typestr: String = get("typestr")?.extract()?;
+    let shape: Vec<usize> = get("shape")?.extract()?;
+    let strides: Option<Vec<isize>> = get("strides")?.extract()?;
+    let dtype = dtype_of_typestr(&typestr, what)?;
+    check_len(&shape, what)?;
+    if !c_contiguous(&shape, strides, dtype.size()) {
+        return Err(PyValueError::new_err(format!(
+            "{what}: the array is not contiguous (C order); pass numpy.ascontiguousarray(a)"
+        )));
+    }
+    if writable && readonly {
+        return Err(PyValueError::new_err(format!(
+            "{what}: the array is read-only and pskv writes it"
+        )));
+    }
+    let one;
+    let shape = if shape.is_empty() {
+        one = [1usize];
+        &one[..]
+    } else {
+        &shape[..]
+    };
+    // SAFETY: the interface gives the array's memory, `shape`'s elements of
+    // `dtype`; the request that uses the tensor keeps `obj` alive until it
+    // is done, and the caller's contract leaves the memory alone until then.
+    let (tensor, _) = unsafe { Tensor::from_host_ptr(engine, shape, dtype, addr) }
+        .map_err(|e| PyValueError::new_err(format!("{what}: {e}")))?;
+    Ok(Placed {
+        tensor,
+        keep: obj.clone().unbind(),
+    })
+}
+
+/// DLPack's structures (dlpack.h, version 0.8: the legacy "dltensor"
+/// capsule every producer gives without arguments).
+#[repr(C)]
+struct DlDevice {
+    device_type: i32,
+    device_id: i32,
+}
+
+#[repr(C)]
+struct DlDataType {
+    code: u8,
+    bits: u8,
+    lanes: u16,
+}
+
+#[repr(C)]
+struct DlTensor {
+    data: *mut c_void,
+    device: DlDevice,
+    ndim: i32,
+    dtype: DlDataType,
+    shape: *const i64,
+    strides: *const i64,
+    byte_offset: u64,
+}
+
+#[repr(C)]
+struct DlManagedTensor {
+    dl_tensor: DlTensor,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DlManagedTensor)>,
+}
+
+fn place_dlpack(engine: &Engine, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Placed> {
+    let cap = obj.call_method0("__dlpack__")?;
+    let cap = cap
+        .downcast::<PyCapsule>()
+        .map_err(|_| PyTypeError::new_err(format!("{what}: __dlpack__ did not give a capsule")))?;
+    match cap.name()? {
+        Some(n) if n.to_bytes() == b"dltensor" => {}
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "{what}: a DLPack capsule named {other:?}, not \"dltensor\" (used already?)"
+            )))
+        }
+    }
+    let p = cap.pointer() as *const DlManagedTensor;
+    if p.is_null() {
+        return Err(PyValueError::new_err(format!(
+            "{what}: an empty DLPack capsule"
+        )));
+    }
+    // SAFETY: a "dltensor" capsule holds a DLManagedTensor, valid while the
+    // capsule is (we keep it; its destructor calls the producer's deleter,
+    // since we never rename it "used_dltensor").
+    let t = unsafe { &(*p).dl_tensor };
+    let dtype = dtype_of_dlpack(t.dtype.code, t.dtype.bits, t.dtype.lanes, what)?;
+    let nd = usize::try_from(t.ndim).unwrap_or(0);
+    // SAFETY: DLPack gives `ndim` dims (and strides, when not null).
+    let dims: &[i64] = if nd == 0 {
+        &[]
+    } else {
+        unsafe { std::slice::from_raw_parts(t.shape, nd) }
+    };
+    let shape: Vec<usize> = dims.iter().map(|&d| d.max(0) as usize).collect();
+    let strides = if t.strides.is_null() || nd == 0 {
+        None
+    } else {
+        // SAFETY: as above; DLPack strides are in elements.
+        let s = unsafe { std::slice::from_raw_parts(t.strides, nd) };
+        Some(
+            s.iter()
+                .map(|&x| x as isize * dtype.size() as isize)
+                .collect(),
+        )
+    };
+    check_len(&shape, what)?;
+    if !c_contiguous(&shape, strides, dtype.size()) {
+        return Err(PyValueError::new_err(format!(
+            "{what}: the array is not contiguous (C order)"
+        )));
+    }
+    let addr = (t.data as usize).wrapping_add(t.byte_offset as usize);
+    let one = [1usize];
+    let shape = if shape.is_empty() {
+        &one[..]
+    } else {
+        &shape[..]
+    };
+    let tensor = match t.device.device_type {
+        // CPU and CUDA host memory.
+        1 | 3 => {
+            // SAFETY: as in `place_interface`; the capsule is kept.
+            unsafe { Tensor::from_host_ptr(engine, shape, dtype, addr) }
+                .map(|(t, _)| t)
+                .map_err(|e| PyValueError::new_err(format!("{what}: {e}")))?
+        }
+        // CUDA device memory.
+        2 => {
+            let dev = u32::try_from(t.device.device_id).map_err(|_| {
+                PyValueError::new_err(format!("{what}: device {}", t.device.device_id))
+            })?;
+            // SAFETY: device memory of GPU `dev` (the producer's), kept
+            // alive with the capsule.
+            unsafe { Tensor::from_device_ptr(engine, shape, dtype, Context::Gpu(dev), addr as u64) }
+                .map_err(kv_err)?
+        }
+        other => {
+            return Err(Unsupported::new_err(format!(
+                "{what}: DLPack device type {other} (pskv takes CPU, CUDA and CUDA host memory)"
+            )))
+        }
+    };
+    Ok(Placed {
+        tensor,
+        keep: PyTuple::new(obj.py(), [obj.clone(), cap.clone().into_any()])?
+            .into_any()
+            .unbind(),
+    })
+}
