@@ -369,8 +369,8 @@ mod tests {
 }
 
 /// How long a blocking waiter spins before it sleeps: `PSKV_SPIN_US`, read
-/// once per process.
-pub(crate) fn spin_budget() -> Duration {
+/// once per process (the engine's waits, and the kvstore's tickets).
+pub fn spin_budget() -> Duration {
     static US: OnceLock<u64> = OnceLock::new();
     Duration::from_micros(
         *US.get_or_init(|| spin_us(std::env::var("PSKV_SPIN_US").ok().as_deref())),

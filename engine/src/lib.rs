@@ -45,7 +45,7 @@ mod sync;
 mod var;
 mod wait;
 
-pub use crate::config::{EngineBuilder, EngineConfig, EngineKind};
+pub use crate::config::{spin_budget, EngineBuilder, EngineConfig, EngineKind};
 pub use crate::core::MAX_GPUS;
 pub use crate::engine::Engine;
 pub use crate::error::{EngineError, FailureCause, OpError, OpFailure};
@@ -53,4 +53,4 @@ pub use crate::graph::{Dependency, OpGraph, OpNode};
 pub use crate::op::{Access, Completion, Context, OpSpec, Property, RunContext};
 pub use crate::profiler::{chrome_trace_json, write_chrome_trace, TraceEvent};
 pub use crate::var::Var;
-pub use crate::wait::VarReady;
+pub use crate::wait::{spin_until, VarReady};

@@ -27,6 +27,30 @@ use parking_lot::{Condvar, Mutex};
 use crate::error::EngineError;
 use crate::var::Var;
 
+/// Spins until `done()` (true) or for `budget` (false), yielding the core
+/// between rounds to the thread that will make it done (on a VM with fewer
+/// cores than busy threads, a spinner that never yields starves it). For
+/// waits whose end usually comes within microseconds: a futex wake-up
+/// costs tens of them here. `done` should read with Acquire.
+pub fn spin_until(budget: Duration, done: impl Fn() -> bool) -> bool {
+    if budget.is_zero() {
+        return done();
+    }
+    let end = Instant::now() + budget;
+    loop {
+        for _ in 0..64 {
+            if done() {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        if Instant::now() >= end {
+            return done();
+        }
+        std::thread::yield_now();
+    }
+}
+
 #[derive(Default)]
 struct LatchState {
     set: bool,
@@ -61,21 +85,8 @@ impl Latch {
     /// Blocks until set (true) or until `timeout` passes (false). None: no limit.
     pub(crate) fn wait(&self, timeout: Option<Duration>) -> bool {
         let budget = crate::config::spin_budget().min(timeout.unwrap_or(Duration::MAX));
-        if !budget.is_zero() {
-            let end = Instant::now() + budget;
-            'spin: loop {
-                for _ in 0..64 {
-                    if self.fast.load(Ordering::Acquire) {
-                        return true;
-                    }
-                    std::hint::spin_loop();
-                }
-                if Instant::now() >= end {
-                    break 'spin;
-                }
-                // Leave the core to the thread that will set the latch.
-                std::thread::yield_now();
-            }
+        if spin_until(budget, || self.fast.load(Ordering::Acquire)) {
+            return true;
         }
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = self.state.lock();

@@ -278,18 +278,7 @@ impl KvStore {
         for t in tensors {
             t.check_engine(&self.engine)?;
         }
-        let what = match keys {
-            [k] => format!("the request on key {k}"),
-            ks if ks.len() <= 4 => format!(
-                "the request on keys {}",
-                ks.iter()
-                    .map(|k| k.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            ks => format!("the request on {} keys from key {}", ks.len(), ks[0]),
-        };
-        Ticket::issue(&self.engine, vars, tensors, what, self.timeout)
+        Ticket::issue(&self.engine, vars, tensors, keys.to_vec(), self.timeout)
     }
 
     /// Initializes a key with a value (its shape, dtype and storage are the

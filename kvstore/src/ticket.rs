@@ -45,6 +45,9 @@ struct Outcome {
 struct Settled {
     outcome: Mutex<Option<Outcome>>,
     ready: Condvar,
+    /// Set (Release) after `outcome` is: a waiter spins on it (Acquire)
+    /// before it sleeps on `ready`.
+    set: std::sync::atomic::AtomicBool,
 }
 
 /// The completion of one request (see the module docs).
@@ -56,14 +59,15 @@ pub struct Ticket {
     outcome: Option<Outcome>,
     /// Given out already.
     done: bool,
-    what: String,
+    /// The request's keys (for messages; formatted only when needed).
+    keys: Vec<crate::key::Key>,
     timeout: Duration,
 }
 
 impl std::fmt::Debug for Ticket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ticket")
-            .field("what", &self.what)
+            .field("what", &self.what())
             .field("settled", &self.outcome.is_some())
             .field("done", &self.done)
             .finish()
@@ -77,7 +81,7 @@ impl Ticket {
         engine: &Engine,
         key_vars: Vec<Var>,
         tensors: &[Tensor],
-        what: String,
+        keys: Vec<crate::key::Key>,
         timeout: Duration,
     ) -> Result<Ticket> {
         let settled = Arc::new(Settled::default());
@@ -105,7 +109,11 @@ impl Ticket {
                     }
                 }
             }
+            // Our clones go first, so that a waiter woken below finds the
+            // caller's memory released, not held by this closure.
+            drop(ts);
             *s.outcome.lock() = Some(Outcome { failure, landed });
+            s.set.store(true, std::sync::atomic::Ordering::Release);
             s.ready.notify_all();
             Ok(())
         })?;
@@ -115,14 +123,25 @@ impl Ticket {
             keep: tensors.to_vec(),
             outcome: None,
             done: false,
-            what,
+            keys,
             timeout,
         })
     }
 
-    /// What the request was ("push of key 3", ...), for messages.
-    pub fn what(&self) -> &str {
-        &self.what
+    /// What the request was ("the request on key 3", ...), for messages.
+    pub fn what(&self) -> String {
+        match &self.keys[..] {
+            [] => "the request".to_string(),
+            [k] => format!("the request on key {k}"),
+            ks if ks.len() <= 4 => format!(
+                "the request on keys {}",
+                ks.iter()
+                    .map(|k| k.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            ks => format!("the request on {} keys from key {}", ks.len(), ks[0]),
+        }
     }
 
     /// Whether the request is done; then `wait` returns at once.
@@ -143,7 +162,7 @@ impl Ticket {
         if self.done {
             return Err(KvError::invalid(format!(
                 "the result of {} was taken already",
-                self.what
+                self.what()
             )));
         }
         if !self.settle(Some(Instant::now() + timeout)) {
@@ -162,11 +181,11 @@ impl Ticket {
 
     fn pending_what(&self) -> String {
         if self.outcome.is_none() {
-            format!("{} to finish", self.what)
+            format!("{} to finish", self.what())
         } else {
             format!(
                 "pskv to let go of the memory of {} (a message that held it was not dropped)",
-                self.what
+                self.what()
             )
         }
     }
@@ -178,6 +197,13 @@ impl Ticket {
             return true;
         }
         if self.outcome.is_none() {
+            // Spin a little first: a small request is often done within
+            // microseconds, and a sleep costs a wake-up across threads.
+            if until.is_some_and(|t| t > Instant::now()) {
+                pskv_engine::spin_until(pskv_engine::spin_budget(), || {
+                    self.settled.set.load(std::sync::atomic::Ordering::Acquire)
+                });
+            }
             let mut o = self.settled.outcome.lock();
             while o.is_none() {
                 match until {
@@ -192,6 +218,11 @@ impl Ticket {
             self.keep.clear();
         }
         for h in &self.homes {
+            // As above: a spin first (a transfer that held the memory
+            // usually lets go within microseconds of the op's end).
+            if until.is_some_and(|t| t > Instant::now()) {
+                pskv_engine::spin_until(pskv_engine::spin_budget(), || h.is_released());
+            }
             let left = until.map_or(Duration::ZERO, |t| {
                 t.saturating_duration_since(Instant::now())
             });
@@ -239,7 +270,7 @@ mod tests {
         let msg = rx.recv().unwrap();
         t.copy_from_slice(&[9.0f32; 4]).unwrap();
         let mut ticket =
-            Ticket::issue(&e, Vec::new(), &[t], "test".into(), Duration::from_secs(5)).unwrap();
+            Ticket::issue(&e, Vec::new(), &[t], Vec::new(), Duration::from_secs(5)).unwrap();
         assert!(ticket.wait_for(Duration::from_millis(100)).is_err());
         assert!(!home.is_released());
         // The message still carries the old values.

@@ -43,7 +43,7 @@ pub(crate) struct Inner {
 impl Inner {
     pub(crate) fn new(ticket: Ticket, keep: Vec<PyObject>) -> Arc<Inner> {
         Arc::new(Inner {
-            what: ticket.what().to_string(),
+            what: ticket.what(),
             ticket: Mutex::new(Some(ticket)),
             outcome: Mutex::new(None),
             keep: Mutex::new(keep),

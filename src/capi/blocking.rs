@@ -17,7 +17,7 @@ unsafe fn floats<'a>(p: *const f32, len: usize, what: &str) -> Result<&'a [f32],
     if p.is_null() {
         return Err(arg(format!("{what} is a null pointer")));
     }
-    count_of(len as u64, what)?;
+    count_of(len as u64, &what)?;
     Ok(std::slice::from_raw_parts(p, len))
 }
 
@@ -136,7 +136,7 @@ unsafe fn device_tensor(
         super::PSKV_DEVICE_GPU,
         device,
     );
-    place(h.kv.engine(), &b, None, what)
+    place(h.kv.engine(), &b, None, &what)
 }
 
 /// Copies `src` to `dst` on the device and waits for the copy (so a

@@ -80,7 +80,11 @@ impl PskvBuffer {
     ///
     /// # Safety
     /// `shape` is null or points to `ndim` values.
-    pub(crate) unsafe fn dims(&self, n: usize, what: &str) -> Result<Vec<usize>, Failure> {
+    pub(crate) unsafe fn dims(
+        &self,
+        n: usize,
+        what: &dyn std::fmt::Display,
+    ) -> Result<Vec<usize>, Failure> {
         if self.ndim == 0 {
             return Ok(vec![n]);
         }
@@ -111,7 +115,7 @@ impl PskvBuffer {
 pub(crate) const MAX_LEN: usize = isize::MAX as usize / std::mem::size_of::<f64>();
 
 /// The dtype of a code.
-pub(crate) fn dtype_of(code: i32, what: &str) -> Result<DType, Failure> {
+pub(crate) fn dtype_of(code: i32, what: &dyn std::fmt::Display) -> Result<DType, Failure> {
     if code == PSKV_BFLOAT16 {
         return Err((
             PSKV_ERR_UNSUPPORTED,
@@ -129,7 +133,7 @@ pub(crate) fn dtype_of(code: i32, what: &str) -> Result<DType, Failure> {
 }
 
 /// A checked element count.
-pub(crate) fn count_of(count: u64, what: &str) -> Result<usize, Failure> {
+pub(crate) fn count_of(count: u64, what: &dyn std::fmt::Display) -> Result<usize, Failure> {
     match usize::try_from(count) {
         Ok(0) => Err(arg(format!("{what}: a length of 0"))),
         Ok(n) if n <= MAX_LEN => Ok(n),
@@ -149,7 +153,7 @@ pub(crate) unsafe fn place(
     engine: &Engine,
     b: &PskvBuffer,
     shape: Option<&[usize]>,
-    what: &str,
+    what: &dyn std::fmt::Display,
 ) -> Result<Tensor, Failure> {
     if b.data.is_null() {
         return Err(arg(format!("{what} is a null pointer")));

@@ -45,6 +45,16 @@ unsafe fn items<'a, T>(p: *const T, n: usize, what: &str) -> Result<&'a [T], Fai
     Ok(std::slice::from_raw_parts(p, n))
 }
 
+/// Names an argument in messages without a string made per call:
+/// `values[3]`.
+struct Arg(&'static str, usize);
+
+impl std::fmt::Display for Arg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]", self.0, self.1)
+    }
+}
+
 /// One key of a batch: its buffers, placed, and its priority.
 struct Entry {
     key: Key,
@@ -62,7 +72,7 @@ unsafe fn placed_for(
     kv: &KvStore,
     key: &Key,
     b: &PskvBuffer,
-    what: &str,
+    what: &dyn std::fmt::Display,
 ) -> Result<Tensor, Failure> {
     let (shape, dtype, _) = kv.key_info(key).map_err(kv_err)?;
     let n: usize = shape.iter().product();
@@ -118,11 +128,11 @@ unsafe fn batch(
         let k = key(keys[i])?;
         let p = prios.map_or(0, |p| p[i]);
         let v = match values {
-            Some(v) => Some(placed_for(kv, &k, &v[i], &format!("values[{i}]"))?),
+            Some(v) => Some(placed_for(kv, &k, &v[i], &Arg("values", i))?),
             None => None,
         };
         let o = match outs {
-            Some(o) => Some(placed_for(kv, &k, &o[i], &format!("outs[{i}]"))?),
+            Some(o) => Some(placed_for(kv, &k, &o[i], &Arg("outs", i))?),
             None => None,
         };
         match out.iter_mut().find(|e| e.key == k) {
@@ -302,7 +312,7 @@ pub unsafe extern "C" fn pskv_pull_rows_async(
         }
         let ids = items(row_ids, nrows, "row_ids")?.to_vec();
         let o = out.as_ref().ok_or_else(|| arg("out is a null pointer"))?;
-        let t = place(h.kv.engine(), o, None, "out")?;
+        let t = place(h.kv.engine(), o, None, &"out")?;
         let e = Entry {
             key: k,
             values: Vec::new(),
@@ -340,7 +350,7 @@ pub unsafe extern "C" fn pskv_init_batch(
         let vs = items(values, n, "values")?;
         let mut all = Vec::with_capacity(n);
         for i in 0..n {
-            let t = place(h.kv.engine(), &vs[i], None, &format!("values[{i}]"))?;
+            let t = place(h.kv.engine(), &vs[i], None, &Arg("values", i))?;
             all.push((key(ks[i])?, t));
         }
         h.kv.init_many(&all).map_err(kv_err)?;

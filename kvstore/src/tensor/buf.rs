@@ -37,7 +37,11 @@ enum Mem {
 pub struct Home {
     addr: usize,
     len: usize,
-    released: parking_lot::Mutex<bool>,
+    /// Set (Release) once, when the buffer over the memory is dropped;
+    /// read with Acquire, so a reader that sees it sees every access the
+    /// buffer made before.
+    released: std::sync::atomic::AtomicBool,
+    lock: parking_lot::Mutex<()>,
     freed: parking_lot::Condvar,
 }
 
@@ -46,7 +50,8 @@ impl Home {
         Arc::new(Home {
             addr,
             len,
-            released: parking_lot::Mutex::new(false),
+            released: std::sync::atomic::AtomicBool::new(false),
+            lock: parking_lot::Mutex::new(()),
             freed: parking_lot::Condvar::new(),
         })
     }
@@ -58,24 +63,32 @@ impl Home {
 
     /// Whether pskv no longer holds the memory.
     pub fn is_released(&self) -> bool {
-        *self.released.lock()
+        self.released.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Waits until pskv no longer holds the memory, at most `timeout`;
     /// whether it was released.
     pub fn wait_released(&self, timeout: std::time::Duration) -> bool {
-        let mut r = self.released.lock();
+        if self.is_released() {
+            return true;
+        }
         let deadline = std::time::Instant::now() + timeout;
-        while !*r {
-            if self.freed.wait_until(&mut r, deadline).timed_out() {
-                return *r;
+        let mut g = self.lock.lock();
+        // Subtle: the flag is set before `release` takes the lock to
+        // notify, and checked here under the lock, so a release between
+        // the check and the wait still wakes this waiter.
+        while !self.is_released() {
+            if self.freed.wait_until(&mut g, deadline).timed_out() {
+                return self.is_released();
             }
         }
         true
     }
 
     fn release(&self) {
-        *self.released.lock() = true;
+        self.released
+            .store(true, std::sync::atomic::Ordering::Release);
+        let _g = self.lock.lock();
         self.freed.notify_all();
     }
 

@@ -1,0 +1,144 @@
+/* An MPI-style benchmark of pskv's push-pull (the parameter-server
+ * allreduce), for clusters: every rank is a worker started by
+ * `pskv launch` (any launcher: local, ssh, mpi, slurm), over the van that
+ * PSKV_VAN picks (tcp, shm, rdma). For each size it times ITERS rounds in
+ * which every worker push-pulls one float32 key and waits for the result,
+ * checks the result (the sum over the workers), and rank 0 prints a table
+ * as nccl-tests and the OSU benchmarks do:
+ *
+ *   size (B)  time (us)  algbw (GB/s)  busbw (GB/s)
+ *
+ * algbw = size / time; busbw = 2 * size / time (what each worker moves:
+ * its push and its pull; the servers' links carry the same in total).
+ *
+ *   cc -O2 examples/c/allreduce_bench.c -Iinclude target/release/libpskv.a \
+ *      -lpthread -ldl -lm -o target/allreduce_bench
+ *   pskv launch -n 4 -s 4 -- target/allreduce_bench -b 4 -e 64M -f 4
+ *   PSKV_VAN=rdma pskv launch --launcher mpi -H hosts -n 16 -s 16 -- ./allreduce_bench
+ *
+ * Options: -b MIN and -e MAX bytes (K, M, G suffixes; default 4 and 16M),
+ * -f FACTOR between sizes (default 4), -n ITERS (default 20), -w WARMUP
+ * (default 5), -k KEYS in flight per round (default 1: the size is split
+ * over that many keys, each its own request, as a framework's tensors are).
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "pskv.h"
+
+static void check(int status, const char *what) {
+    if (status != PSKV_OK) {
+        fprintf(stderr, "allreduce_bench: %s failed (%d): %s\n", what, status, pskv_last_error());
+        exit(1);
+    }
+}
+
+static double now_us(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
+}
+
+static size_t parse_size(const char *s) {
+    char *end;
+    double v = strtod(s, &end);
+    switch (*end) {
+        case 'k': case 'K': v *= 1024; break;
+        case 'm': case 'M': v *= 1024 * 1024; break;
+        case 'g': case 'G': v *= 1024.0 * 1024 * 1024; break;
+        default: break;
+    }
+    return (size_t)v;
+}
+
+int main(int argc, char **argv) {
+    size_t min = 4, max = 16 << 20;
+    int factor = 4, iters = 20, warmup = 5, nkeys = 1;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "-b")) min = parse_size(argv[i + 1]);
+        else if (!strcmp(argv[i], "-e")) max = parse_size(argv[i + 1]);
+        else if (!strcmp(argv[i], "-f")) factor = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "-n")) iters = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "-w")) warmup = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "-k")) nkeys = atoi(argv[i + 1]);
+        else {
+            fprintf(stderr, "allreduce_bench: unknown option %s\n", argv[i]);
+            return 2;
+        }
+    }
+    if (min < 4 || max < min || factor < 2 || iters < 1 || warmup < 0 || nkeys < 1 || nkeys > 1024) {
+        fprintf(stderr, "allreduce_bench: bad options (need 4 <= -b <= -e, -f >= 2, -n >= 1, 1 <= -k <= 1024)\n");
+        return 2;
+    }
+    pskv_kvstore *kv = NULL;
+    check(pskv_create("dist_sync", &kv), "pskv_create");
+    int rank = 0, workers = 1;
+    check(pskv_rank(kv, &rank), "pskv_rank");
+    check(pskv_num_workers(kv, &workers), "pskv_num_workers");
+
+    /* Every size's keys, initialized in one collective call. */
+    int nsizes = 0;
+    for (size_t s = min; s <= max; s *= (size_t)factor) nsizes++;
+    int64_t *keys = malloc(sizeof(int64_t) * nsizes * nkeys);
+    pskv_buffer *bufs = malloc(sizeof(pskv_buffer) * nsizes * nkeys);
+    float **data = malloc(sizeof(float *) * nsizes * nkeys);
+    uint64_t *counts = malloc(sizeof(uint64_t) * nsizes * nkeys);
+    int j = 0;
+    for (size_t s = min; s <= max; s *= (size_t)factor) {
+        uint64_t total = s / 4, each = total / nkeys ? total / nkeys : 1;
+        for (int k = 0; k < nkeys; k++, j++) {
+            counts[j] = k + 1 < nkeys ? each : (total > each * (nkeys - 1) ? total - each * (nkeys - 1) : 1);
+            data[j] = calloc(counts[j], sizeof(float));
+            keys[j] = j;
+            pskv_buffer b = {data[j], counts[j], PSKV_FLOAT32, PSKV_DEVICE_CPU, 0, 0, NULL};
+            bufs[j] = b;
+        }
+    }
+    check(pskv_init_batch(kv, j, keys, bufs), "pskv_init_batch");
+    float want = (float)workers * (float)(workers + 1) / 2.0f;
+
+    pskv_request **reqs = malloc(sizeof(pskv_request *) * nkeys);
+    int *prio = malloc(sizeof(int) * nkeys);
+    if (rank == 0) {
+        printf("# pskv push-pull: %d workers, %d key(s) per round, %d iterations (+%d warm-up)\n",
+               workers, nkeys, iters, warmup);
+        printf("# %12s %12s %12s %12s\n", "size (B)", "time (us)", "algbw (GB/s)", "busbw (GB/s)");
+    }
+    int first = 0;
+    for (size_t s = min; s <= max; s *= (size_t)factor, first += nkeys) {
+        double t0 = 0;
+        for (int it = 0; it < warmup + iters; it++) {
+            if (it == warmup) {
+                check(pskv_barrier(kv), "pskv_barrier");
+                t0 = now_us();
+            }
+            for (int k = 0; k < nkeys; k++) {
+                float *d = data[first + k];
+                for (uint64_t e = 0; e < counts[first + k]; e++) d[e] = (float)(rank + 1);
+                prio[k] = -k;
+                /* In place: the sum comes back into the same buffer. */
+                check(pskv_pushpull_async(kv, 1, &keys[first + k], &bufs[first + k],
+                                          &bufs[first + k], &prio[k], &reqs[k]),
+                      "pskv_pushpull_async");
+            }
+            check(pskv_wait_all(nkeys, reqs, NULL), "pskv_wait_all");
+            for (int k = 0; k < nkeys; k++) {
+                float *d = data[first + k];
+                uint64_t n = counts[first + k];
+                if (d[0] != want || d[n - 1] != want) {
+                    fprintf(stderr, "allreduce_bench: rank %d: size %zu key %d: got %g, want %g\n",
+                            rank, s, k, d[0], want);
+                    return 1;
+                }
+            }
+        }
+        double us = (now_us() - t0) / iters;
+        if (rank == 0)
+            printf("  %12zu %12.1f %12.3f %12.3f\n", s, us, s / us / 1e3, 2.0 * s / us / 1e3);
+    }
+    if (rank == 0) printf("# every result checked: the sum over the workers\n");
+    check(pskv_free(kv), "pskv_free");
+    return 0;
+}
