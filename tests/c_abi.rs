@@ -213,7 +213,9 @@ fn the_allreduce_benchmark_checks_every_result() {
     let stdout = launch_c_example(
         "allreduce_bench",
         &["-O2", "-Wall", "-Werror"],
-        &["-b", "4", "-e", "1M", "-f", "16", "-n", "3", "-w", "1", "-k", "3"],
+        &[
+            "-b", "4", "-e", "1M", "-f", "16", "-n", "3", "-w", "1", "-k", "3",
+        ],
     );
     assert!(stdout.contains("every result checked"), "{stdout}");
     assert!(stdout.contains("busbw"), "{stdout}");

@@ -795,3 +795,70 @@ fn gradient_compression_through_the_c_abi() {
         assert_eq!(pskv_free(kv), PSKV_OK);
     }
 }
+
+/// GPU buffers pass straight into requests, used in place (on the
+/// emulated device, whose device addresses are host addresses): a
+/// push-pull from one device's memory into another's.
+#[test]
+fn gpu_buffers_in_requests() {
+    if !crate::gpu::device::open(0).is_ok_and(|d| d.is_emulated()) {
+        eprintln!(
+            "skipped: device 0 is not the emulated device (its addresses are not host memory)"
+        );
+        return;
+    }
+    let kv = create(c"device");
+    unsafe {
+        let gpu = |w: &mut Vec<u64>, n: u64, dev: i32| {
+            PskvBuffer::flat(w.as_mut_ptr().cast(), n, PSKV_FLOAT32, PSKV_DEVICE_GPU, dev)
+        };
+        let mut w0 = emulated_buffer(&[1.0, 2.0, 3.0]);
+        assert_eq!(
+            pskv_init_batch(kv, 1, [4i64].as_ptr(), &gpu(&mut w0, 3, 0)),
+            PSKV_OK,
+            "{}",
+            last()
+        );
+        assert_eq!(
+            pskv_set_optimizer(kv, c"sgd".as_ptr(), c"learning_rate=0.5".as_ptr()),
+            PSKV_OK
+        );
+        let mut g = emulated_buffer(&[2.0, 2.0, 2.0]);
+        let mut out = emulated_buffer(&[9.0; 3]);
+        let mut req: *mut PskvRequest = std::ptr::null_mut();
+        assert_eq!(
+            pskv_pushpull_async(
+                kv,
+                1,
+                [4i64].as_ptr(),
+                &gpu(&mut g, 3, 1),
+                &gpu(&mut out, 3, 2),
+                std::ptr::null(),
+                &mut req
+            ),
+            PSKV_OK,
+            "{}",
+            last()
+        );
+        assert_eq!(pskv_wait(req), PSKV_OK, "{}", last());
+        assert_eq!(&bytemuck_f32(&mut out)[..3], &[0.0, 1.0, 2.0]);
+        // A GPU buffer misaligned for the device, or of a device that
+        // does not exist: errors naming it.
+        let mut big = emulated_buffer(&[0.0; 5]);
+        let mut odd = gpu(&mut big, 3, 0);
+        odd.data = (big.as_mut_ptr() as *mut u8).add(4).cast();
+        expect(
+            pskv_push_async(kv, 1, [4i64].as_ptr(), &odd, std::ptr::null(), &mut req),
+            PSKV_ERR_ARGUMENT,
+            &["aligned"],
+        );
+        let mut far = gpu(&mut g, 3, 99);
+        far.device_id = 99;
+        expect(
+            pskv_push_async(kv, 1, [4i64].as_ptr(), &far, std::ptr::null(), &mut req),
+            PSKV_ERR_ARGUMENT,
+            &["99"],
+        );
+        assert_eq!(pskv_free(kv), PSKV_OK);
+    }
+}
