@@ -26,20 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include "pskv.h"
-
-static void check(int status, const char *what) {
-    if (status != PSKV_OK) {
-        fprintf(stderr, "allreduce_bench: %s failed (%d): %s\n", what, status, pskv_last_error());
-        exit(1);
-    }
-}
-
-static double now_us(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1e6 + t.tv_nsec / 1e3;
-}
+#include "example.h"
 
 static size_t parse_size(const char *s) {
     char *end;

@@ -8,18 +8,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <math.h>
-#include "pskv.h"
+#include "example.h"
 
 #define N 1000
 #define ROUNDS 5
-
-static int check(int status, const char *what) {
-    if (status != PSKV_OK) {
-        fprintf(stderr, "train_c: %s failed (%d): %s\n", what, status, pskv_last_error());
-        exit(1);
-    }
-    return status;
-}
 
 int main(void) {
     pskv_kvstore *kv = NULL;

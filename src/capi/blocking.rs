@@ -178,10 +178,25 @@ pub unsafe extern "C" fn pskv_init_device(
     dtype: c_int,
     device: c_int,
 ) -> c_int {
+    let buf = (data, len, dtype, device);
+    with_device_input(kv, key, buf, |kv, k, t| kv.init(k, &t))
+}
+
+/// Runs `f` on the store, the key and a copy of the caller's device
+/// buffer `(data, len, dtype, device)`.
+///
+/// # Safety
+/// As `pskv_push_device`.
+unsafe fn with_device_input(
+    kv: *mut PskvKvStore,
+    key: i64,
+    (data, len, dtype, device): (*const std::ffi::c_void, usize, c_int, c_int),
+    f: impl FnOnce(&crate::kvstore::KvStore, crate::kvstore::Key, Tensor) -> crate::kvstore::Result<()>,
+) -> c_int {
     guard(|| {
         let h = handle(kv)?;
         let t = device_input(&h, data, len, dtype, device)?;
-        h.kv.init(self::key(key)?, &t).map_err(kv_err)
+        f(&h.kv, self::key(key)?, t).map_err(kv_err)
     })
 }
 
@@ -205,11 +220,8 @@ pub unsafe extern "C" fn pskv_push_device(
     device: c_int,
     priority: c_int,
 ) -> c_int {
-    guard(|| {
-        let h = handle(kv)?;
-        let t = device_input(&h, data, len, dtype, device)?;
-        h.kv.push(self::key(key)?, &[t], priority).map_err(kv_err)
-    })
+    let buf = (data, len, dtype, device);
+    with_device_input(kv, key, buf, |kv, k, t| kv.push(k, &[t], priority))
 }
 
 /// Pulls `key`'s value into device memory `out` (as `pskv_push_device`'s

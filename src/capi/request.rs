@@ -199,6 +199,26 @@ fn issue(
     Ok(())
 }
 
+/// A batch call: reads the batch (`n` keys and priorities), issues each
+/// entry with `f`, registers the request.
+///
+/// # Safety
+/// As `pskv_push_async`.
+unsafe fn call(
+    kv: *mut PskvKvStore,
+    (n, keys, priorities): (usize, *const i64, *const c_int),
+    values: Option<*const PskvBuffer>,
+    outs: Option<*const PskvBuffer>,
+    request: *mut *mut PskvRequest,
+    f: impl Fn(&KvStore, &Entry) -> crate::kvstore::Result<()>,
+) -> c_int {
+    guard(|| {
+        let h = handle(kv)?;
+        let b = batch(&h.kv, n, keys, values, outs, priorities)?;
+        issue(&h.kv, b, request, f)
+    })
+}
+
 fn ticket(kv: &KvStore, entries: &[&Entry]) -> crate::kvstore::Result<Ticket> {
     let keys: Vec<Key> = entries.iter().map(|e| e.key.clone()).collect();
     let tensors: Vec<Tensor> = entries
@@ -226,12 +246,9 @@ pub unsafe extern "C" fn pskv_push_async(
     priorities: *const c_int,
     request: *mut *mut PskvRequest,
 ) -> c_int {
-    guard(|| {
-        let h = handle(kv)?;
-        let b = batch(&h.kv, n, keys, Some(values), None, priorities)?;
-        issue(&h.kv, b, request, |kv, e| {
-            kv.push(e.key.clone(), &e.values, e.priority)
-        })
+    let ks = (n, keys, priorities);
+    call(kv, ks, Some(values), None, request, |kv, e| {
+        kv.push(e.key.clone(), &e.values, e.priority)
     })
 }
 
@@ -251,12 +268,9 @@ pub unsafe extern "C" fn pskv_pull_async(
     priorities: *const c_int,
     request: *mut *mut PskvRequest,
 ) -> c_int {
-    guard(|| {
-        let h = handle(kv)?;
-        let b = batch(&h.kv, n, keys, None, Some(outs), priorities)?;
-        issue(&h.kv, b, request, |kv, e| {
-            kv.pull(e.key.clone(), &e.outs, e.priority)
-        })
+    let ks = (n, keys, priorities);
+    call(kv, ks, None, Some(outs), request, |kv, e| {
+        kv.pull(e.key.clone(), &e.outs, e.priority)
     })
 }
 
@@ -276,12 +290,9 @@ pub unsafe extern "C" fn pskv_pushpull_async(
     priorities: *const c_int,
     request: *mut *mut PskvRequest,
 ) -> c_int {
-    guard(|| {
-        let h = handle(kv)?;
-        let b = batch(&h.kv, n, keys, Some(values), Some(outs), priorities)?;
-        issue(&h.kv, b, request, |kv, e| {
-            kv.pushpull(e.key.clone(), &e.values, &e.outs, e.priority)
-        })
+    let ks = (n, keys, priorities);
+    call(kv, ks, Some(values), Some(outs), request, |kv, e| {
+        kv.pushpull(e.key.clone(), &e.values, &e.outs, e.priority)
     })
 }
 

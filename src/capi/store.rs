@@ -191,11 +191,7 @@ pub unsafe extern "C" fn pskv_save_optimizer_states(
     kv: *mut PskvKvStore,
     path: *const c_char,
 ) -> c_int {
-    guard(|| {
-        let h = handle(kv)?;
-        let path = string(path, "path")?;
-        h.kv.save_optimizer_states(path).map_err(kv_err)
-    })
+    with_path(kv, path, |kv, p| kv.save_optimizer_states(p))
 }
 
 /// Reads optimizer state written by `pskv_save_optimizer_states` (the
@@ -208,10 +204,22 @@ pub unsafe extern "C" fn pskv_load_optimizer_states(
     kv: *mut PskvKvStore,
     path: *const c_char,
 ) -> c_int {
+    with_path(kv, path, |kv, p| kv.load_optimizer_states(p))
+}
+
+/// Runs `f` on the store and the file `path`.
+///
+/// # Safety
+/// As `pskv_save_optimizer_states`.
+unsafe fn with_path(
+    kv: *mut PskvKvStore,
+    path: *const c_char,
+    f: fn(&KvStore, &str) -> crate::kvstore::Result<()>,
+) -> c_int {
     guard(|| {
         let h = handle(kv)?;
         let path = string(path, "path")?;
-        h.kv.load_optimizer_states(path).map_err(kv_err)
+        f(&h.kv, path).map_err(kv_err)
     })
 }
 

@@ -269,6 +269,17 @@ fn expect(code: c_int, want: c_int, words: &[&str]) {
     }
 }
 
+/// A push-pull of key `k` from `v` into `out`, waited for; its status.
+unsafe fn pushpull_wait(kv: *mut PskvKvStore, k: i64, v: &mut [f32], out: &mut [f32]) -> c_int {
+    let mut req: *mut PskvRequest = std::ptr::null_mut();
+    let (vb, ob) = (f32s(v), f32s(out));
+    let rc = pskv_pushpull_async(kv, 1, &k, &vb, &ob, std::ptr::null(), &mut req);
+    if rc != PSKV_OK {
+        return rc;
+    }
+    pskv_wait(req)
+}
+
 fn create(kind: &CStr) -> *mut PskvKvStore {
     let mut kv: *mut PskvKvStore = std::ptr::null_mut();
     assert_eq!(
@@ -756,41 +767,24 @@ fn gradient_compression_through_the_c_abi() {
             "{}",
             last()
         );
-        let mut req: *mut PskvRequest = std::ptr::null_mut();
         let mut g = [0.3f32, 0.6, -0.7, 0.1];
         let mut out = [9.0f32; 4];
         assert_eq!(
-            pskv_pushpull_async(
-                kv,
-                1,
-                [5i64].as_ptr(),
-                &f32s(&mut g),
-                &f32s(&mut out),
-                std::ptr::null(),
-                &mut req
-            ),
+            pushpull_wait(kv, 5, &mut g, &mut out),
             PSKV_OK,
             "{}",
             last()
         );
-        assert_eq!(pskv_wait(req), PSKV_OK, "{}", last());
         // Quantized: +-threshold where |g + residual| >= threshold, else 0.
         assert_eq!(out, [0.0, 0.5, -0.5, 0.0]);
         // The residual carries over: 0.3 + 0.3 reaches the threshold.
         let mut g2 = [0.3f32, 0.0, 0.0, 0.0];
         assert_eq!(
-            pskv_pushpull_async(
-                kv,
-                1,
-                [5i64].as_ptr(),
-                &f32s(&mut g2),
-                &f32s(&mut out),
-                std::ptr::null(),
-                &mut req
-            ),
-            PSKV_OK
+            pushpull_wait(kv, 5, &mut g2, &mut out),
+            PSKV_OK,
+            "{}",
+            last()
         );
-        assert_eq!(pskv_wait(req), PSKV_OK, "{}", last());
         assert_eq!(out, [0.5, 0.0, 0.0, 0.0]);
         assert_eq!(pskv_free(kv), PSKV_OK);
     }

@@ -121,21 +121,11 @@ fn byte_len(shape: &[usize], dtype: DType) -> Result<usize> {
 impl Tensor {
     /// A dense tensor over `data`.
     fn dense(engine: &Engine, shape: &[usize], dtype: DType, ctx: Context, data: Data) -> Tensor {
-        Tensor::build(engine, shape, dtype, ctx, Storage::Dense, data)
+        Tensor::build(engine, shape, dtype, ctx, Storage::Dense, data, None)
     }
 
+    /// A tensor over `data`; `home`: the caller's memory it is made over.
     fn build(
-        engine: &Engine,
-        shape: &[usize],
-        dtype: DType,
-        ctx: Context,
-        storage: Storage,
-        data: Data,
-    ) -> Tensor {
-        Tensor::build_at(engine, shape, dtype, ctx, storage, data, None)
-    }
-
-    fn build_at(
         engine: &Engine,
         shape: &[usize],
         dtype: DType,
@@ -234,7 +224,7 @@ impl Tensor {
         }
         let (buf, home) = Buf::borrowed(address, bytes);
         let data = Data::host(buf, Vec::new());
-        let t = Tensor::build_at(
+        let t = Tensor::build(
             engine,
             shape,
             dtype,
@@ -326,6 +316,7 @@ impl Tensor {
             host_ctx(ctx),
             Storage::RowSparse,
             Data::host(Buf::from_bytes(bytemuck::cast_slice(values)), rows),
+            None,
         );
         h.moved_to(ctx)
     }
@@ -345,6 +336,7 @@ impl Tensor {
             ctx,
             Storage::RowSparse,
             new_data(ctx, 0)?,
+            None,
         ))
     }
 
