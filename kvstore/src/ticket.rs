@@ -34,6 +34,10 @@ use pskv_engine::{Engine, EngineError, OpSpec, Property, Var};
 use crate::error::{KvError, Result};
 use crate::tensor::{Buf, Home, Tensor};
 
+/// Requests of at most this many bytes (their tensors') spin before they
+/// sleep.
+const SPIN_BYTES: usize = 256 << 10;
+
 /// What the settle op found.
 struct Outcome {
     failure: Option<KvError>,
@@ -59,6 +63,8 @@ pub struct Ticket {
     outcome: Option<Outcome>,
     /// Given out already.
     done: bool,
+    /// How long a wait spins before it sleeps (zero for a large request).
+    spin: Duration,
     /// The request's keys (for messages; formatted only when needed).
     keys: Vec<crate::key::Key>,
     timeout: Duration,
@@ -117,7 +123,17 @@ impl Ticket {
             s.ready.notify_all();
             Ok(())
         })?;
+        // A large request takes long anyway: a sleep's wake-up (tens of
+        // microseconds) is small beside it, and a spinning waiter would take
+        // a core from the copies that finish it.
+        let bytes: usize = tensors.iter().map(|t| t.len() * t.dtype().size()).sum();
+        let spin = if bytes <= SPIN_BYTES {
+            pskv_engine::spin_budget()
+        } else {
+            Duration::ZERO
+        };
         Ok(Ticket {
+            spin,
             settled,
             homes: tensors.iter().filter_map(|t| t.home().cloned()).collect(),
             keep: tensors.to_vec(),
@@ -200,7 +216,7 @@ impl Ticket {
             // Spin a little first: a small request is often done within
             // microseconds, and a sleep costs a wake-up across threads.
             if until.is_some_and(|t| t > Instant::now()) {
-                pskv_engine::spin_until(pskv_engine::spin_budget(), || {
+                pskv_engine::spin_until(self.spin, || {
                     self.settled.set.load(std::sync::atomic::Ordering::Acquire)
                 });
             }
@@ -221,7 +237,7 @@ impl Ticket {
             // As above: a spin first (a transfer that held the memory
             // usually lets go within microseconds of the op's end).
             if until.is_some_and(|t| t > Instant::now()) {
-                pskv_engine::spin_until(pskv_engine::spin_budget(), || h.is_released());
+                pskv_engine::spin_until(self.spin, || h.is_released());
             }
             let left = until.map_or(Duration::ZERO, |t| {
                 t.saturating_duration_since(Instant::now())
