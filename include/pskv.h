@@ -287,7 +287,8 @@ int pskv_pushpull_async(struct pskv_kvstore *kv,
 // into `out`, `nrows` rows of the key's row length (the elements of one
 // row of its first dimension): row `i` of `out` is row `row_ids[i]`, as
 // MXNet's `row_sparse_pull` gives them (an embedding lookup). `row_ids`
-// is copied before the call returns; `out` is as `pskv_pull_async`'s.
+// is copied before the call returns; `out` is host memory (CPU or
+// pinned), used as `pskv_pull_async`'s outputs are.
 //
 // # Safety
 // `kv` is a live handle; `row_ids` points to `nrows` ids; `out` to one

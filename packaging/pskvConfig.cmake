@@ -14,7 +14,7 @@ if(NOT TARGET pskv::pskv)
   add_library(pskv::pskv SHARED IMPORTED)
   set_target_properties(pskv::pskv PROPERTIES
     IMPORTED_LOCATION "${_pskv_prefix}/lib/libpskv.so"
-    IMPORTED_SONAME "libpskv.so.@MAJOR@"
+    IMPORTED_SONAME "libpskv.so.@SOABI@"
     INTERFACE_INCLUDE_DIRECTORIES "${_pskv_prefix}/include")
 endif()
 if(NOT TARGET pskv::pskv_static)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs pskv's C library where a C or C++ build finds it:
-#   PREFIX/lib/libpskv.so.VERSION (+ libpskv.so.MAJOR, libpskv.so links)
+#   PREFIX/lib/libpskv.so.VERSION (+ links: the soname libpskv.so.MAJOR,
+#   or libpskv.so.0.MINOR before 1.0, and libpskv.so)
 #   PREFIX/lib/libpskv.a
 #   PREFIX/include/pskv.h
 #   PREFIX/lib/pkgconfig/pskv.pc             pkg-config --cflags --libs pskv
@@ -36,6 +37,8 @@ fi
 major=${version%%.*}
 rest=${version#*.}
 minor=${rest%%.*}
+# The soname (build.rs): before 1.0 a minor release may change the ABI.
+if [ "$major" = 0 ]; then soabi="0.$minor"; else soabi="$major"; fi
 
 if [ "$build" = 1 ]; then
     if [ "$profile" = release ]; then
@@ -54,13 +57,13 @@ done
 
 subst() {
     sed -e "s|@PREFIX@|$prefix|g" -e "s|@VERSION@|$version|g" -e "s|@ABI@|$abi|g" \
-        -e "s|@MAJOR@|$major|g" -e "s|@MINOR@|$minor|g" "$1"
+        -e "s|@MAJOR@|$major|g" -e "s|@MINOR@|$minor|g" -e "s|@SOABI@|$soabi|g" "$1"
 }
 
 mkdir -p "$prefix/lib/pkgconfig" "$prefix/lib/cmake/pskv" "$prefix/include"
 install -m 0755 "$target/libpskv.so" "$prefix/lib/libpskv.so.$version"
-ln -sf "libpskv.so.$version" "$prefix/lib/libpskv.so.$major"
-ln -sf "libpskv.so.$major" "$prefix/lib/libpskv.so"
+ln -sf "libpskv.so.$version" "$prefix/lib/libpskv.so.$soabi"
+ln -sf "libpskv.so.$soabi" "$prefix/lib/libpskv.so"
 install -m 0644 "$target/libpskv.a" "$prefix/lib/libpskv.a"
 install -m 0644 include/pskv.h "$prefix/include/pskv.h"
 subst packaging/pskv.pc.in > "$prefix/lib/pkgconfig/pskv.pc"

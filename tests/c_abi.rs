@@ -161,7 +161,10 @@ fn the_installed_library_serves_cmake_and_pkg_config() {
             .env("CARGO_TARGET_DIR", &cargo_target),
         "scripts/install-c.sh",
     );
-    let soname = prefix.join("lib/libpskv.so.0");
+    let soname = prefix.join(format!(
+        "lib/libpskv.so.0.{}",
+        env!("CARGO_PKG_VERSION_MINOR")
+    ));
     assert!(soname.exists(), "{} is missing", soname.display());
 
     step(

@@ -2,9 +2,11 @@
  * allreduce), for clusters: every rank is a worker started by
  * `pskv launch` (any launcher: local, ssh, mpi, slurm), over the van that
  * PSKV_VAN picks (tcp, shm, rdma). For each size it times ITERS rounds in
- * which every worker push-pulls one float32 key and waits for the result,
- * checks the result (the sum over the workers), and rank 0 prints a table
- * as nccl-tests and the OSU benchmarks do:
+ * which every worker push-pulls one float32 key (its rank + 1 in every
+ * element) into another buffer and waits for the result, checks each
+ * round's result (every element of it with -c, else the first and the
+ * last: the sum over the workers), and rank 0 prints a table as
+ * nccl-tests and the OSU benchmarks do:
  *
  *   size (B)  time (us)  algbw (GB/s)  busbw (GB/s)
  *
@@ -19,7 +21,9 @@
  * Options: -b MIN and -e MAX bytes (K, M, G suffixes; default 4 and 16M),
  * -f FACTOR between sizes (default 4), -n ITERS (default 20), -w WARMUP
  * (default 5), -k KEYS in flight per round (default 1: the size is split
- * over that many keys, each its own request, as a framework's tensors are).
+ * over that many keys, each its own request, as a framework's tensors
+ * are), -c to check every element of every result (outside the timing:
+ * the time then covers rounds and checks).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -42,8 +46,17 @@ static size_t parse_size(const char *s) {
 
 int main(int argc, char **argv) {
     size_t min = 4, max = 16 << 20;
-    int factor = 4, iters = 20, warmup = 5, nkeys = 1;
-    for (int i = 1; i + 1 < argc; i += 2) {
+    int factor = 4, iters = 20, warmup = 5, nkeys = 1, full = 0;
+    for (int i = 1; i < argc; i += 2) {
+        if (!strcmp(argv[i], "-c")) {
+            full = 1;
+            i--;
+            continue;
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "allreduce_bench: %s needs a value\n", argv[i]);
+            return 2;
+        }
         if (!strcmp(argv[i], "-b")) min = parse_size(argv[i + 1]);
         else if (!strcmp(argv[i], "-e")) max = parse_size(argv[i + 1]);
         else if (!strcmp(argv[i], "-f")) factor = atoi(argv[i + 1]);
@@ -70,17 +83,23 @@ int main(int argc, char **argv) {
     for (size_t s = min; s <= max; s *= (size_t)factor) nsizes++;
     int64_t *keys = malloc(sizeof(int64_t) * nsizes * nkeys);
     pskv_buffer *bufs = malloc(sizeof(pskv_buffer) * nsizes * nkeys);
+    pskv_buffer *outs = malloc(sizeof(pskv_buffer) * nsizes * nkeys);
     float **data = malloc(sizeof(float *) * nsizes * nkeys);
+    float **res = malloc(sizeof(float *) * nsizes * nkeys);
     uint64_t *counts = malloc(sizeof(uint64_t) * nsizes * nkeys);
     int j = 0;
     for (size_t s = min; s <= max; s *= (size_t)factor) {
         uint64_t total = s / 4, each = total / nkeys ? total / nkeys : 1;
         for (int k = 0; k < nkeys; k++, j++) {
             counts[j] = k + 1 < nkeys ? each : (total > each * (nkeys - 1) ? total - each * (nkeys - 1) : 1);
-            data[j] = calloc(counts[j], sizeof(float));
+            data[j] = malloc(counts[j] * sizeof(float));
+            res[j] = calloc(counts[j], sizeof(float));
+            for (uint64_t e = 0; e < counts[j]; e++) data[j][e] = (float)(rank + 1);
             keys[j] = j;
             pskv_buffer b = {data[j], counts[j], PSKV_FLOAT32, PSKV_DEVICE_CPU, 0, 0, NULL};
+            pskv_buffer o = {res[j], counts[j], PSKV_FLOAT32, PSKV_DEVICE_CPU, 0, 0, NULL};
             bufs[j] = b;
+            outs[j] = o;
         }
     }
     check(pskv_init_batch(kv, j, keys, bufs), "pskv_init_batch");
@@ -102,22 +121,22 @@ int main(int argc, char **argv) {
                 t0 = now_us();
             }
             for (int k = 0; k < nkeys; k++) {
-                float *d = data[first + k];
-                for (uint64_t e = 0; e < counts[first + k]; e++) d[e] = (float)(rank + 1);
                 prio[k] = -k;
-                /* In place: the sum comes back into the same buffer. */
                 check(pskv_pushpull_async(kv, 1, &keys[first + k], &bufs[first + k],
-                                          &bufs[first + k], &prio[k], &reqs[k]),
+                                          &outs[first + k], &prio[k], &reqs[k]),
                       "pskv_pushpull_async");
             }
             check(pskv_wait_all(nkeys, reqs, NULL), "pskv_wait_all");
             for (int k = 0; k < nkeys; k++) {
-                float *d = data[first + k];
+                float *d = res[first + k];
                 uint64_t n = counts[first + k];
-                if (d[0] != want || d[n - 1] != want) {
-                    fprintf(stderr, "allreduce_bench: rank %d: size %zu key %d: got %g, want %g\n",
-                            rank, s, k, d[0], want);
-                    return 1;
+                for (uint64_t e = 0; e < n; e = (full || e + 1 == n) ? e + 1 : n - 1) {
+                    if (d[e] != want) {
+                        fprintf(stderr, "allreduce_bench: rank %d: size %zu key %d element %llu: got %g, want %g\n",
+                                rank, s, k, (unsigned long long)e, d[e], want);
+                        return 1;
+                    }
+                    d[e] = 0; /* the next round must write it again */
                 }
             }
         }
@@ -125,7 +144,9 @@ int main(int argc, char **argv) {
         if (rank == 0)
             printf("  %12zu %12.1f %12.3f %12.3f\n", s, us, s / us / 1e3, 2.0 * s / us / 1e3);
     }
-    if (rank == 0) printf("# every result checked: the sum over the workers\n");
+    if (rank == 0)
+        printf("# every result checked (%s): the sum over the workers\n",
+               full ? "every element" : "its first and last elements");
     check(pskv_free(kv), "pskv_free");
     return 0;
 }

@@ -270,15 +270,32 @@ impl KvStore {
     /// assert_eq!(out, [1.0, 2.0]);
     /// # Ok::<(), pskv_kvstore::KvError>(())
     /// ```
+    ///
+    /// A key never initialized is passed over (nothing of the request ran
+    /// on it): a caller whose request failed part way can still take a
+    /// ticket on all of it, to know when pskv lets go of its memory.
     pub fn ticket(&self, keys: &[Key], tensors: &[Tensor]) -> Result<Ticket> {
         let mut vars = Vec::with_capacity(keys.len());
+        let mut settles = Vec::new();
         for k in keys {
-            vars.extend(self.flavor.key_vars(k)?);
+            match self.flavor.key_vars(k) {
+                Ok(v) => vars.extend(v),
+                Err(KvError::NotInitialized { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+            settles.extend(self.flavor.settles(k));
         }
         for t in tensors {
             t.check_engine(&self.engine)?;
         }
-        Ticket::issue(&self.engine, vars, tensors, keys.to_vec(), self.timeout)
+        Ticket::issue(
+            &self.engine,
+            vars,
+            settles,
+            tensors,
+            keys.to_vec(),
+            self.timeout,
+        )
     }
 
     /// Initializes a key with a value (its shape, dtype and storage are the
@@ -393,17 +410,18 @@ impl KvStore {
         self.check_tensors(&key, [out])?;
         let (shape, dtype, _) = self.key_info(&key)?;
         let row_len: usize = shape.iter().skip(1).product();
+        let want = row_ids.len().checked_mul(row_len);
         if out.dtype() != dtype
             || out.storage() != Storage::Dense
             || out.ctx() != pskv_engine::Context::Cpu
-            || out.len() != row_ids.len() * row_len
+            || Some(out.len()) != want
         {
             return Err(KvError::mismatch(
                 &key,
                 format!(
                     "pull_rows of {} rows of {row_len} elements of {dtype} needs a dense {dtype} host tensor of {} elements, got {} {} elements on {:?}",
                     row_ids.len(),
-                    row_ids.len() * row_len,
+                    want.map_or_else(|| "too many".to_string(), |n| n.to_string()),
                     out.dtype(),
                     out.len(),
                     out.ctx()

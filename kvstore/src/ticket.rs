@@ -21,10 +21,12 @@
 //!   every [`Home`] to be released, then copies any result home.
 //! - **Done.** The result is handed out once.
 //!
-//! Orderings: the settle op hands its outcome over under `Settled`'s mutex;
-//! a home's release is under its own mutex (`tensor/buf.rs`). Nothing here
-//! is lock-free.
+//! Orderings: the settle op stores its outcome under `Settled`'s mutex,
+//! then sets `set` (Release); a waiter spins on `set` (Acquire) and then
+//! takes the outcome under the mutex. A home's release sets its flag
+//! (Release) before it notifies under its own mutex (`tensor/buf.rs`).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,6 +45,41 @@ struct Outcome {
     failure: Option<KvError>,
     /// Results to copy home once the home is released.
     landed: Vec<(Arc<Home>, Arc<Buf>)>,
+}
+
+/// Publishes a settle op's outcome, once: by the op, or, if the op never
+/// ran (an engine that stopped), by its drop, as a failure.
+struct Publish {
+    settled: Arc<Settled>,
+    settles: Vec<Arc<AtomicUsize>>,
+}
+
+impl Publish {
+    fn publish(&self, o: Outcome) {
+        let mut slot = self.settled.outcome.lock();
+        if self.settled.set.load(Ordering::Acquire) {
+            return;
+        }
+        *slot = Some(o);
+        // The keys' failures are taken: the next call may take new ones.
+        for c in &self.settles {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.settled.set.store(true, Ordering::Release);
+        drop(slot);
+        self.settled.ready.notify_all();
+    }
+}
+
+impl Drop for Publish {
+    fn drop(&mut self) {
+        self.publish(Outcome {
+            failure: Some(KvError::invalid(
+                "the request's ops were dropped before they finished (the engine stopped)",
+            )),
+            landed: Vec::new(),
+        });
+    }
 }
 
 #[derive(Default)]
@@ -82,10 +119,14 @@ impl std::fmt::Debug for Ticket {
 
 impl Ticket {
     /// Pushes the settle op of a request whose ops write `key_vars` and
-    /// name `tensors` (see the module docs).
+    /// name `tensors` (see the module docs). `settles`: the keys' counts
+    /// of tickets not settled yet (a store that takes a key's failure at
+    /// its next call leaves it to them), counted up now and down when the
+    /// settle op has taken the failures.
     pub(crate) fn issue(
         engine: &Engine,
         key_vars: Vec<Var>,
+        settles: Vec<Arc<AtomicUsize>>,
         tensors: &[Tensor],
         keys: Vec<crate::key::Key>,
         timeout: Duration,
@@ -96,8 +137,17 @@ impl Ticket {
             .priority(i32::MAX)
             .writes(&key_vars)
             .writes(tensors.iter().map(Tensor::var));
-        let (s, ts) = (settled.clone(), tensors.to_vec());
-        engine.push_settle(spec, move |rc| {
+        for c in &settles {
+            c.fetch_add(1, Ordering::AcqRel);
+        }
+        // Publishes an outcome even if the closure never runs (the engine
+        // stopped with the op queued) or unwinds, and counts the keys down.
+        let publish = Publish {
+            settled: settled.clone(),
+            settles,
+        };
+        let ts = tensors.to_vec();
+        let pushed = engine.push_settle(spec, move |rc| {
             let mut failure = None;
             for v in key_vars.iter().chain(ts.iter().map(Tensor::var)) {
                 if let Some(f) = v.take_failure() {
@@ -118,11 +168,14 @@ impl Ticket {
             // Our clones go first, so that a waiter woken below finds the
             // caller's memory released, not held by this closure.
             drop(ts);
-            *s.outcome.lock() = Some(Outcome { failure, landed });
-            s.set.store(true, std::sync::atomic::Ordering::Release);
-            s.ready.notify_all();
+            publish.publish(Outcome { failure, landed });
             Ok(())
-        })?;
+        });
+        if let Err(e) = pushed {
+            // Not pushed: the closure (and its `Publish`) is gone, which
+            // counted the keys down and published a failure.
+            return Err(e.into());
+        }
         // A large request takes long anyway: a sleep's wake-up (tens of
         // microseconds) is small beside it, and a spinning waiter would take
         // a core from the copies that finish it.
@@ -216,9 +269,7 @@ impl Ticket {
             // Spin a little first: a small request is often done within
             // microseconds, and a sleep costs a wake-up across threads.
             if until.is_some_and(|t| t > Instant::now()) {
-                pskv_engine::spin_until(self.spin, || {
-                    self.settled.set.load(std::sync::atomic::Ordering::Acquire)
-                });
+                pskv_engine::spin_until(self.spin, || self.settled.set.load(Ordering::Acquire));
             }
             let mut o = self.settled.outcome.lock();
             while o.is_none() {
@@ -285,8 +336,15 @@ mod tests {
         .unwrap();
         let msg = rx.recv().unwrap();
         t.copy_from_slice(&[9.0f32; 4]).unwrap();
-        let mut ticket =
-            Ticket::issue(&e, Vec::new(), &[t], Vec::new(), Duration::from_secs(5)).unwrap();
+        let mut ticket = Ticket::issue(
+            &e,
+            Vec::new(),
+            Vec::new(),
+            &[t],
+            Vec::new(),
+            Duration::from_secs(5),
+        )
+        .unwrap();
         assert!(ticket.wait_for(Duration::from_millis(100)).is_err());
         assert!(!home.is_released());
         // The message still carries the old values.

@@ -174,3 +174,50 @@ fn dist_requests_in_place_sum_over_workers() {
         }
     }
 }
+
+/// A request that fails (a worker-side update rule refuses it), then at
+/// once another on the same key (one thread): the failure is the first's,
+/// reported on its ticket, and the second goes through.
+#[test]
+fn a_failure_is_reported_on_its_own_request_not_the_next_one() {
+    let opts = Options {
+        timeout: Duration::from_secs(30),
+        ..Options::default()
+    };
+    let got = cluster(1, 1).run("dist_sync", opts, |kv, e| {
+        kv.init(1, &tensor(e, &[0.0f32; 4])).unwrap();
+        kv.set_updater(
+            |_: &Key, g: &pskv_kvstore::Values<'_>, w: &mut pskv_kvstore::ValuesMut<'_>| {
+                let g = g.as_slice::<f32>().unwrap();
+                if g[0] < 0.0 {
+                    return Err("negative gradient".into());
+                }
+                for (w, g) in w.as_mut_slice::<f32>().unwrap().iter_mut().zip(g) {
+                    *w += g;
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+        let k: Key = 1u32.into();
+        let mut results = Vec::new();
+        for _ in 0..5 {
+            let bad = tensor(e, &[-1.0f32; 4]);
+            kv.push(1, std::slice::from_ref(&bad), 0).unwrap();
+            let a = kv.ticket(std::slice::from_ref(&k), &[bad]).unwrap();
+            let good = tensor(e, &[1.0f32; 4]);
+            let issued = kv.push(1, std::slice::from_ref(&good), 0);
+            let b = kv.ticket(std::slice::from_ref(&k), &[good]).unwrap();
+            results.push((
+                wait(a).map_err(|e| e.to_string()),
+                issued.map_err(|e| e.to_string()),
+                wait(b).map_err(|e| e.to_string()),
+            ));
+        }
+        results
+    });
+    for (a, issued, b) in &got[0] {
+        assert!(a.as_ref().is_err_and(|e| e.contains("negative")), "{a:?}");
+        assert!(issued.is_ok() && b.is_ok(), "{issued:?} {b:?}");
+    }
+}

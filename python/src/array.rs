@@ -92,18 +92,30 @@ fn dtype_of_dlpack(code: u8, bits: u8, lanes: u16, what: &str) -> PyResult<DType
 /// Whether `strides` (bytes; None for C order) are C order for `shape`.
 fn c_contiguous(shape: &[usize], strides: Option<Vec<isize>>, size: usize) -> bool {
     let Some(st) = strides else { return true };
+    if st.len() != shape.len() {
+        return false;
+    }
     let mut expect = size as isize;
     for (d, s) in shape.iter().zip(st.iter()).rev() {
         if *d > 1 && *s != expect {
             return false;
         }
-        expect *= *d as isize;
+        match isize::try_from(*d).ok().and_then(|d| expect.checked_mul(d)) {
+            Some(e) => expect = e,
+            None => return false,
+        }
     }
     true
 }
 
 fn check_len(shape: &[usize], what: &str) -> PyResult<()> {
-    if shape.iter().product::<usize>() == 0 {
+    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if n.is_none() {
+        return Err(PyValueError::new_err(format!(
+            "{what}: shape {shape:?} holds more elements than memory"
+        )));
+    }
+    if n == Some(0) {
         return Err(PyValueError::new_err(format!(
             "{what}: an empty array (shape {shape:?})"
         )));
@@ -112,7 +124,8 @@ fn check_len(shape: &[usize], what: &str) -> PyResult<()> {
 }
 
 /// `obj` as a tensor over its memory. `writable`: pskv will write it (an
-/// output); a read-only array is refused then.
+/// output); a read-only numpy array is refused then (DLPack cannot say
+/// that an array is read-only: a DLPack output must be writable).
 pub(crate) fn place(
     engine: &Engine,
     obj: &Bound<'_, PyAny>,
@@ -212,7 +225,19 @@ struct DlManagedTensor {
 }
 
 fn place_dlpack(engine: &Engine, obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Placed> {
-    let cap = obj.call_method0("__dlpack__")?;
+    // CUDA memory: ask the producer to order its work before the legacy
+    // default stream (stream=1), with which pskv's copies synchronize.
+    let on_cuda = obj
+        .call_method0("__dlpack_device__")
+        .and_then(|d| d.extract::<(i32, i32)>())
+        .is_ok_and(|(t, _)| t == 2);
+    let cap = if on_cuda {
+        let kw = PyDict::new(obj.py());
+        kw.set_item("stream", 1)?;
+        obj.call_method("__dlpack__", (), Some(&kw))?
+    } else {
+        obj.call_method0("__dlpack__")?
+    };
     let cap = cap
         .downcast::<PyCapsule>()
         .map_err(|_| PyTypeError::new_err(format!("{what}: __dlpack__ did not give a capsule")))?;

@@ -56,7 +56,12 @@ impl Inner {
     /// finished; a wait that times out is a `TimeoutError`.
     pub(crate) fn settle(&self, py: Python<'_>, wait: Option<Option<Duration>>) -> PyResult<bool> {
         let look = py.allow_threads(|| {
-            let mut t = self.ticket.lock().unwrap_or_else(|p| p.into_inner());
+            let mut t = match (wait, self.ticket.try_lock()) {
+                (_, Ok(t)) => t,
+                // A poll does not wait for another thread's wait.
+                (None, Err(std::sync::TryLockError::WouldBlock)) => return Look::NotYet,
+                (_, Err(_)) => self.ticket.lock().unwrap_or_else(|p| p.into_inner()),
+            };
             let Some(ticket) = t.as_mut() else {
                 return Look::Finished;
             };
@@ -98,6 +103,14 @@ impl Inner {
                 Err(e.clone_ref(py))
             }
         }
+    }
+
+    /// Whether it is finished (its arrays let go).
+    pub(crate) fn finished(&self) -> bool {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// Whether it is finished and has nothing left to tell.

@@ -81,6 +81,7 @@ fn is_row_sparse(v: &Bound<'_, PyAny>) -> bool {
 /// A row-sparse value (`pskv.RowSparse`: shape, indices, data) as a
 /// tensor (a copy: its rows are gathered into pskv's memory).
 fn row_sparse_tensor(engine: &Engine, v: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor> {
+    let py = v.py();
     let shape: Vec<usize> = v.getattr("shape")?.extract()?;
     let rows: Vec<i64> = v.getattr("indices")?.extract()?;
     let data = v.getattr("data")?;
@@ -96,8 +97,10 @@ fn row_sparse_tensor(engine: &Engine, v: &Bound<'_, PyAny>, what: &str) -> PyRes
     };
     macro_rules! typed {
         ($T:ty) => {{
+            // `to_vec` waits for an engine op: not with the GIL (a Python
+            // updater on the engine's threads needs it).
             let vals: Vec<$T> = match &t {
-                Some(t) => t.to_vec().map_err(kv_err)?,
+                Some(t) => py.allow_threads(|| t.to_vec()).map_err(kv_err)?,
                 None => Vec::new(),
             };
             Tensor::row_sparse(engine, &shape, rows, &vals, Context::Cpu).map_err(kv_err)
@@ -191,20 +194,30 @@ impl Store {
             .map_err(kv_err)?;
         // The ticket holds the tensors; the batch's copies go with it.
         let inner = Inner::new(ticket, batch.keep);
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.push(inner.clone());
-        let mut at = self.sweep_at.lock().unwrap_or_else(|p| p.into_inner());
-        if pending.len() >= *at {
-            for r in pending.iter() {
+        let sweep = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.push(inner.clone());
+            let at = *self.sweep_at.lock().unwrap_or_else(|p| p.into_inner());
+            (pending.len() >= at).then(|| pending.clone())
+        };
+        // Subtle: settling releases the GIL, so not under `pending`'s lock
+        // (a thread holding the GIL and wanting the lock would deadlock
+        // with it), and dropping arrays may run Python code.
+        if let Some(all) = sweep {
+            for r in &all {
                 r.settle(py, None)?;
             }
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             pending.retain(|r| !r.settled_quietly());
-            *at = (pending.len() * 2).max(256);
+            *self.sweep_at.lock().unwrap_or_else(|p| p.into_inner()) = (pending.len() * 2).max(256);
         }
         Ok(Request { inner })
     }
 
-    /// Issues `batch` with `f` (GIL released), then its request.
+    /// Issues `batch` with `f` (GIL released), then its request. If a key
+    /// fails to issue, the keys before it are in flight: the batch still
+    /// becomes a request the store keeps (its arrays stay alive until pskv
+    /// lets go of them), and the error is raised.
     fn issue(
         &self,
         py: Python<'_>,
@@ -214,14 +227,15 @@ impl Store {
         self.live()?;
         let kv = self.kv.clone();
         let items = &batch.items;
-        py.allow_threads(|| {
+        let issued = py.allow_threads(|| {
             for (k, v, o) in items {
                 f(&kv, k, v, o)?;
             }
             Ok::<(), pskv_kvstore::KvError>(())
-        })
-        .map_err(kv_err)?;
-        self.request(py, batch)
+        });
+        let request = self.request(py, batch)?;
+        issued.map_err(kv_err)?;
+        Ok(request)
     }
 
     fn blocking<R: Send>(
@@ -232,6 +246,23 @@ impl Store {
         self.live()?;
         let kv = self.kv.clone();
         py.allow_threads(move || f(&kv)).map_err(kv_err)
+    }
+}
+
+impl Drop for Store {
+    /// A store dropped without `close` is closed (rank 0 stops the
+    /// servers), with the GIL released: its last ops may need it (a
+    /// Python updater).
+    fn drop(&mut self) {
+        if self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let kv = self.kv.clone();
+        Python::with_gil(|py| {
+            if let Err(e) = py.allow_threads(move || kv.close()) {
+                eprintln!("pskv: closing a dropped {} store: {e}", self.kv.type_name());
+            }
+        });
     }
 }
 
@@ -341,7 +372,8 @@ impl Store {
         };
         for ((k, vs), (_, os)) in vals.into_iter().zip(outs) {
             let what = format!("pushpull of key {k}");
-            let v = self.place_all(&vs, false, &what, &mut batch.keep)?;
+            // Without `out` the values are the outputs too: writable.
+            let v = self.place_all(&vs, out.is_none(), &what, &mut batch.keep)?;
             let o = if out.is_none() && vs.len() == 1 {
                 // In place: the value's tensor is the output too.
                 v.clone()
@@ -515,7 +547,17 @@ impl Store {
                     false,
                     None,
                 )?;
-                updater.call1(py, (k, g, w))?;
+                updater.call1(py, (k, g.clone_ref(py), w.clone_ref(py)))?;
+                // The views point into pskv's memory, valid during the call
+                // only: an updater that kept one (or a slice of one) would
+                // reach freed memory later. Refuse it.
+                for (name, a) in [("grad", &g), ("weight", &w)] {
+                    if a.get_refcnt(py) > 1 {
+                        return Err(PskvError::new_err(format!(
+                            "the updater kept a reference to its {name} array (a view of pskv's memory, valid during the call only; keep a copy: {name}.copy())"
+                        )));
+                    }
+                }
                 Ok(())
             })
             .map_err(|e| format!("the Python updater raised {e}"))
@@ -582,6 +624,11 @@ impl Store {
                 }
             }
         }
+        // A request still in flight (its wait timed out) stays the store's:
+        // its arrays must live until pskv lets go of them.
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.extend(reqs.into_iter().filter(|r| !r.finished()));
+        drop(pending);
         first.map_or(Ok(()), Err)
     }
 
@@ -625,21 +672,11 @@ impl Store {
 #[pyo3(signature = (name="local"))]
 pub fn create(py: Python<'_>, name: &str) -> PyResult<Store> {
     let name = name.to_string();
-    let (kv, engine) = py
-        .allow_threads(move || {
-            let engine = Engine::new().map_err(|e| e.to_string())?;
-            let kv = KvStore::create(&name, &engine)
-                .map_err(|e| (e.to_string(), true))
-                .map_err(|(m, _)| m)?;
-            Ok::<_, String>((kv, engine))
-        })
-        .map_err(|m| {
-            if m.contains("unknown kvstore type") {
-                PyValueError::new_err(m)
-            } else {
-                PskvError::new_err(m)
-            }
-        })?;
+    let (kv, engine) = py.allow_threads(move || {
+        let engine = Engine::new().map_err(|e| PskvError::new_err(e.to_string()))?;
+        let kv = KvStore::create(&name, &engine).map_err(kv_err)?;
+        Ok::<_, PyErr>((kv, engine))
+    })?;
     Ok(Store {
         kv: Arc::new(kv),
         engine,

@@ -198,3 +198,44 @@ def test_misuse_is_an_exception_naming_it(kv):
         kv.set_optimizer("sgd", learning_rate="fast")
     with pytest.raises(ValueError, match="unknown kvstore type"):
         pskv.create("nope")
+
+
+def test_a_batch_that_fails_part_way_keeps_its_arrays_until_done(kv):
+    kv.init(3, f32(1000))
+    out3 = f32(1000, value=7)
+    with pytest.raises(KeyError, match="key 99"):
+        kv.pull([3, 99], out=[out3, f32(1000)])
+    del out3  # the store still holds it while key 3's pull is in flight
+    pskv.waitall()
+    with pytest.raises(ValueError, match=r"\[3\]"):
+        kv.push([3, 3], [f32(1000), f32(3)])
+    pskv.waitall()
+
+
+def test_in_place_pushpull_refuses_a_read_only_value(kv):
+    kv.init(1, f32(4))
+    ro = f32(4, value=1)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        kv.pushpull(1, ro)
+    kv.pushpull(1, ro, out=f32(4)).wait()  # with out=, a read-only value is fine
+
+
+def test_an_updater_that_keeps_its_arrays_is_refused(kv):
+    kept = []
+
+    def updater(key, grad, weight):
+        kept.append(weight[:2])
+
+    kv.set_updater(updater)
+    kv.init(1, f32(4))
+    with pytest.raises(pskv.PskvError, match="kept a reference to its weight"):
+        kv.push(1, f32(4, value=1)).wait()
+
+
+def test_done_polls_without_waiting(kv):
+    kv.init(1, f32(1 << 20))
+    r = kv.push(1, f32(1 << 20, value=1))
+    while not r.done():
+        pass
+    r.wait()

@@ -9,8 +9,8 @@
 //!
 //! - **Requests** (`request.rs`, ABI version 2): `pskv_push_async`,
 //!   `pskv_pull_async`, `pskv_pushpull_async` and
-//!   `pskv_pull_row_sparse_async` take many keys at once, each with its
-//!   own priority, as `pskv_buffer` descriptors (pointer, element count,
+//!   `pskv_pull_rows_async` take many keys (rows) at once, each key with
+//!   its own priority, as `pskv_buffer` descriptors (pointer, element count,
 //!   dtype, device), and return a `pskv_request` at once. The buffers are
 //!   used in place, not copied: the caller leaves them alone (no writes to
 //!   inputs, no reads or writes of outputs) until `pskv_wait`,

@@ -158,10 +158,13 @@ unsafe fn batch(
 }
 
 /// Issues each entry with `issue` and registers the request. If an entry
-/// fails to issue, the entries before it stay issued: they are waited for
-/// (so their buffers are free again) and the error names the key.
+/// fails to issue, the entries before it (and perhaps part of it) are in
+/// flight: the call waits for all of them, so that their buffers are the
+/// caller's again when it returns the error naming the key; if that wait
+/// times out, the buffers stay the store's until `pskv_free`, and the
+/// error says so.
 fn issue(
-    kv: &KvStore,
+    h: &PskvKvStore,
     entries: Vec<Entry>,
     out: *mut *mut PskvRequest,
     issue: impl Fn(&KvStore, &Entry) -> crate::kvstore::Result<()>,
@@ -169,26 +172,36 @@ fn issue(
     if out.is_null() {
         return Err(arg("request is a null pointer"));
     }
-    let mut done: Vec<&Entry> = Vec::with_capacity(entries.len());
+    let kv = &h.kv;
+    let mut tried: Vec<&Entry> = Vec::with_capacity(entries.len());
     for e in &entries {
+        tried.push(e);
         if let Err(err) = issue(kv, e) {
             let mut msg = format!("key {}: {err}", e.key);
-            if !done.is_empty() {
-                let settled = ticket(kv, &done).and_then(|mut t| t.wait());
-                msg.push_str(&format!(
-                    " (the {} key(s) before it in the batch were issued{})",
-                    done.len(),
-                    match settled {
-                        Ok(()) => " and are done".to_string(),
-                        Err(e) => format!(", and failed: {e}"),
+            let before = tried.len() - 1;
+            match ticket(kv, &tried) {
+                Ok(mut t) => match t.wait() {
+                    Ok(()) if before > 0 => msg.push_str(&format!(
+                        " (the {before} key(s) before it in the batch were issued and are done)"
+                    )),
+                    Ok(()) => {}
+                    Err(KvError::Timeout { after, .. }) => {
+                        msg.push_str(&format!(
+                            " (the batch's buffers were still in flight after {after:?}: they stay pskv's until pskv_free)"
+                        ));
+                        h.orphans.lock().unwrap_or_else(|p| p.into_inner()).push(t);
                     }
-                ));
+                    Err(e) if before > 0 => msg.push_str(&format!(
+                        " (the {before} key(s) before it in the batch were issued, and failed: {e})"
+                    )),
+                    Err(_) => {}
+                },
+                Err(e) => msg.push_str(&format!(" (and its ticket failed: {e})")),
             }
             return Err((kv_err(err).0, msg));
         }
-        done.push(e);
     }
-    let t = ticket(kv, &done).map_err(kv_err)?;
+    let t = ticket(kv, &tried).map_err(kv_err)?;
     // SAFETY: `out` is not null (checked) and points to writable storage
     // (the caller's contract).
     unsafe {
@@ -215,7 +228,7 @@ unsafe fn call(
     guard(|| {
         let h = handle(kv)?;
         let b = batch(&h.kv, n, keys, values, outs, priorities)?;
-        issue(&h.kv, b, request, f)
+        issue(&h, b, request, f)
     })
 }
 
@@ -300,7 +313,8 @@ pub unsafe extern "C" fn pskv_pushpull_async(
 /// into `out`, `nrows` rows of the key's row length (the elements of one
 /// row of its first dimension): row `i` of `out` is row `row_ids[i]`, as
 /// MXNet's `row_sparse_pull` gives them (an embedding lookup). `row_ids`
-/// is copied before the call returns; `out` is as `pskv_pull_async`'s.
+/// is copied before the call returns; `out` is host memory (CPU or
+/// pinned), used as `pskv_pull_async`'s outputs are.
 ///
 /// # Safety
 /// `kv` is a live handle; `row_ids` points to `nrows` ids; `out` to one
@@ -330,7 +344,7 @@ pub unsafe extern "C" fn pskv_pull_rows_async(
             outs: vec![t],
             priority,
         };
-        issue(&h.kv, vec![e], request, |kv, e| {
+        issue(&h, vec![e], request, |kv, e| {
             kv.pull_rows(e.key.clone(), &ids, &e.outs[0], e.priority)
         })
     })
@@ -364,15 +378,21 @@ pub unsafe extern "C" fn pskv_init_batch(
             let t = place(h.kv.engine(), &vs[i], None, &Arg("values", i))?;
             all.push((key(ks[i])?, t));
         }
-        h.kv.init_many(&all).map_err(kv_err)?;
-        // The values are read by engine ops: wait for them (and for pskv
-        // to let go of the memory) before the caller may reuse it.
+        let inited = h.kv.init_many(&all);
+        // The values are read by engine ops, also when the init failed part
+        // way: wait for them (and for pskv to let go of the memory) before
+        // the caller may reuse it.
         let keys: Vec<Key> = all.iter().map(|(k, _)| k.clone()).collect();
         let tensors: Vec<Tensor> = all.into_iter().map(|(_, t)| t).collect();
         let mut t = h.kv.ticket(&keys, &tensors).map_err(kv_err)?;
         // The ticket holds what it needs; ours would keep the memory held.
         drop(tensors);
-        t.wait().map_err(kv_err)
+        let settled = t.wait();
+        if let Err(KvError::Timeout { .. }) = settled {
+            h.orphans.lock().unwrap_or_else(|p| p.into_inner()).push(t);
+        }
+        inited.map_err(kv_err)?;
+        settled.map_err(kv_err)
     })
 }
 
@@ -384,6 +404,9 @@ fn wait_one(req: *mut PskvRequest, block: bool) -> Result<Option<Result<(), Fail
         Err(std::sync::TryLockError::WouldBlock) if !block => return Ok(None),
         Err(_) => r.ticket.lock().unwrap_or_else(|p| p.into_inner()),
     };
+    // Another thread's wait may have reported it while this one waited for
+    // the lock: then the handle is gone.
+    requests().get(req)?;
     if !block && !t.is_done() {
         return Ok(None);
     }
@@ -391,9 +414,8 @@ fn wait_one(req: *mut PskvRequest, block: bool) -> Result<Option<Result<(), Fail
         Err(e @ KvError::Timeout { .. }) => return Err(kv_err(e)),
         res => res.map_err(kv_err),
     };
-    // Reported: the handle goes (a concurrent wait that got here first
-    // removed it already, and `t.wait()` above then said so).
-    let _ = requests().remove(req);
+    // Reported: the handle goes.
+    requests().remove(req)?;
     Ok(Some(res))
 }
 

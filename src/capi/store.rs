@@ -16,6 +16,9 @@ use crate::kvstore::{Compression, KvStore, Optimizer};
 pub struct PskvKvStore {
     pub(crate) kv: KvStore,
     _engine: Engine,
+    /// Tickets of batches that failed to issue and whose buffers were
+    /// still in flight at the timeout: kept until the store is freed.
+    pub(crate) orphans: std::sync::Mutex<Vec<crate::kvstore::Ticket>>,
 }
 
 /// The live stores, by token.
@@ -49,6 +52,7 @@ pub unsafe extern "C" fn pskv_create(kind: *const c_char, out: *mut *mut PskvKvS
         *out = stores().insert(PskvKvStore {
             kv,
             _engine: engine,
+            orphans: std::sync::Mutex::new(Vec::new()),
         });
         Ok(())
     })

@@ -94,6 +94,13 @@ pub(crate) trait Flavor: Send + Sync {
     /// The vars that the ops of every push, pull or init of `key` end by
     /// writing or reading (a failure of the key's ops is stored there).
     fn key_vars(&self, key: &Key) -> Result<Vec<pskv_engine::Var>>;
+    /// The count of tickets on `key` not settled yet, if this kind takes a
+    /// key's failure when the next call on it is made (then it leaves a
+    /// failure to the tickets while there are some).
+    fn settles(&self, key: &Key) -> Option<Arc<std::sync::atomic::AtomicUsize>> {
+        let _ = key;
+        None
+    }
     /// The shape, type and storage `key` was initialized with.
     fn key_meta(&self, key: &Key) -> Result<crate::registry::Meta>;
     fn set_optimizer(&self, opt: Optimizer) -> Result<()>;

@@ -10,8 +10,9 @@ use pskv_gpu::device::{DeviceMem, PinnedMem};
 use super::Storage;
 use crate::dtype::{DType, Elem};
 
-/// An 8-byte aligned, fixed-length host buffer: ordinary memory, or
-/// memory pinned for a device's copies (`Context::CpuPinned`).
+/// A fixed-length host buffer: ordinary memory or memory pinned for a
+/// device's copies (`Context::CpuPinned`), both 8-byte aligned, or the
+/// caller's memory (aligned for its dtype only).
 pub(crate) struct Buf {
     mem: Mem,
     len: usize,

@@ -81,6 +81,10 @@ struct DistKey {
     pushes: AtomicU64,
     /// Host buffers for values on a GPU (`staging`).
     stage: Staging,
+    /// Tickets whose settle op has not run yet: while there are some, a
+    /// failure stored on `var` is theirs to report, not the next call's
+    /// (`dist_key`).
+    settles: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The distributed worker.
@@ -186,6 +190,11 @@ impl DistStore {
     /// is usable again, so a caller can push again after a server restart.
     fn dist_key(&self, key: &Key) -> Result<Arc<DistKey>> {
         let dk = self.keys.get(key)?;
+        // Subtle: a ticket issued on the key before this call settles after
+        // the ops that failed and before this call's: the failure is its.
+        if dk.settles.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return Ok(dk);
+        }
         if let Some(f) = dk.var.take_failure() {
             let mut r = self.reported.lock();
             if r.len() >= 64 {
@@ -289,6 +298,7 @@ impl DistStore {
                     segs: RwLock::new(Vec::new()),
                     pushes: AtomicU64::new(0),
                     stage: Staging::default(),
+                    settles: Arc::default(),
                 },
             )?;
             added.push((dk, value.clone()));
@@ -479,6 +489,10 @@ impl Flavor for DistStore {
         // report.
         let dk = self.keys.get(key)?;
         Ok(vec![dk.var.clone(), dk.local.stored.var().clone()])
+    }
+
+    fn settles(&self, key: &Key) -> Option<Arc<std::sync::atomic::AtomicUsize>> {
+        self.keys.get(key).ok().map(|dk| dk.settles.clone())
     }
 
     fn set_optimizer(&self, opt: Optimizer) -> Result<()> {
