@@ -104,23 +104,10 @@ impl Inflight {
         r: std::result::Result<KvResponse, TransportError>,
         on_ok: impl FnOnce(&KvResponse) -> std::result::Result<(), Fault>,
     ) {
-        if self.answered(r, on_ok) {
-            self.finish();
-        }
-    }
-
-    /// As `part_done`, without finishing: whether this was the last part
-    /// (then the caller calls `finish`, after dropping what it holds of the
-    /// op's tensors, so that a waiter on the op finds them let go).
-    pub(super) fn answered(
-        &self,
-        r: std::result::Result<KvResponse, TransportError>,
-        on_ok: impl FnOnce(&KvResponse) -> std::result::Result<(), Fault>,
-    ) -> bool {
         {
             let g = self.done.read();
             if g.is_none() {
-                return false;
+                return;
             }
             if let Err(TransportError::Request(TrackError::TimedOut { after, .. })) = &r {
                 let mut t = self.timed_out.lock();
@@ -135,11 +122,13 @@ impl Inflight {
             }
         }
         // AcqRel: the last answer sees every earlier answer's writes.
-        self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.finish();
+        }
     }
 
     /// Completes the op.
-    pub(super) fn finish(&self) {
+    fn finish(&self) {
         let Some(c) = self.done.write().take() else {
             return;
         };

@@ -231,14 +231,7 @@ impl DistStore {
                 );
                 return me.send_part(p, false, true, inf2, cb2);
             }
-            let last = inf2.answered(r, |resp| cb2(i, resp));
-            // The answer callback may hold the op's output (a caller's
-            // memory, `Tensor::from_host_ptr`): let go of it before the op
-            // completes, so that a ticket on the op finds it released.
-            drop(cb2);
-            if last {
-                inf2.finish();
-            }
+            inf2.part_done(r, |resp| cb2(i, resp))
         };
         let keys = [p.part.ps_key];
         let lens = [p.payload.len() as u32];
