@@ -22,6 +22,7 @@ key and the sizes: ``KeyError`` (a key never initialized), ``ValueError``
 (what the kvstore failed: a node that died, ...), ``pskv.Unsupported``.
 """
 
+import atexit
 import weakref
 
 import numpy as _np
@@ -51,6 +52,20 @@ def create(name="local"):
     kv = _create(name)
     _stores.add(kv)
     return kv
+
+
+@atexit.register
+def _close_all():
+    """At exit, every store still open is closed (its requests waited for,
+    rank 0 stopping the servers), while the interpreter can still run a
+    Python updater."""
+    for kv in list(_stores):
+        try:
+            kv.close()
+        except Exception as e:  # exiting: say it, go on with the others
+            import sys
+
+            print(f"pskv: closing {kv!r} at exit: {e}", file=sys.stderr)
 
 
 def waitall():

@@ -52,3 +52,17 @@ def test_a_closed_store_refuses_calls():
         kv.push(1, np.ones(2, np.float32))
     with pytest.raises(pskv.PskvError, match="closed"):
         kv.barrier()
+
+
+def test_a_script_that_never_closes_its_store_exits_cleanly(tmp_path):
+    script = tmp_path / "no_close.py"
+    script.write_text(
+        "import numpy as np, pskv\n"
+        "kv = pskv.create('local')\n"
+        "kv.set_updater(lambda k, g, w: w.__iadd__(g))\n"
+        "kv.init(1, np.zeros(4, np.float32))\n"
+        "kv.push(1, np.ones(4, np.float32))\n"
+    )
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "panicked" not in r.stderr and "Error" not in r.stderr, r.stderr
