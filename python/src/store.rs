@@ -455,35 +455,28 @@ impl Store {
         name: &str,
         params: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<()> {
-        let mut pairs: Vec<(String, f64)> = Vec::new();
-        let mut scheduler = None;
-        if let Some(p) = params {
-            for (k, v) in p.iter() {
-                let k: String = k.extract()?;
-                if k == "lr_scheduler" {
-                    let s: String = v.extract()?;
-                    scheduler = Some(pskv_kvstore::LrScheduler::parse(&s).map_err(kv_err)?);
-                    continue;
-                }
-                if Optimizer::IGNORED_MXNET_ATTRIBUTES.contains(&k.as_str()) {
-                    continue;
-                }
-                let x: f64 = if let Ok(b) = v.extract::<bool>() {
-                    b as u8 as f64
-                } else {
-                    v.extract().map_err(|_| {
-                        PyValueError::new_err(format!("optimizer parameter {k}: not a number"))
-                    })?
-                };
-                pairs.push((k, x));
-            }
+        // As text, as the C ABI takes them: a number as its shortest
+        // round-trip form (the same f64 back), True/False as 1/0, a string
+        // (a scheduler) as it is, anything else (MXNet's dicts of ignored
+        // attributes) as its str.
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for (k, v) in params.iter().flat_map(|p| p.iter()) {
+            let text = if let Ok(b) = v.extract::<bool>() {
+                (b as u8).to_string()
+            } else if let Ok(x) = v.extract::<f64>() {
+                x.to_string()
+            } else {
+                v.str()?.to_string()
+            };
+            pairs.push((k.extract()?, text));
         }
-        let refs: Vec<(&str, f64)> = pairs.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-        let opt = match scheduler {
-            Some(s) => Optimizer::create_scheduled(name, &refs, s),
-            None => Optimizer::create(name, &refs),
-        }
-        .map_err(kv_err)?;
+        let refs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let opt = Optimizer::from_text(name, &refs)
+            .map_err(kv_err)?
+            .map_err(kv_err)?;
         self.blocking(py, move |kv| kv.set_optimizer(opt))
     }
 

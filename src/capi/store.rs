@@ -109,41 +109,10 @@ pub unsafe extern "C" fn pskv_set_optimizer(
         let h = handle(kv)?;
         let name = string(name, "name")?;
         let params = string(params, "params")?;
-        let mut pairs = Vec::new();
-        let mut scheduler = None;
-        for (k, v) in name_values(params, "optimizer parameter")? {
-            let p = format!("{k}={v}");
-            if k == "lr_scheduler" {
-                if scheduler.is_some() {
-                    return Err(arg("lr_scheduler is given twice"));
-                }
-                let s = pskv_kvstore::LrScheduler::parse(v).map_err(|e| {
-                    arg(format!(
-                        "{e} (inside KIND(...), separate arguments with ';' and list steps with ':')"
-                    ))
-                })?;
-                scheduler = Some(s);
-                continue;
-            }
-            if Optimizer::IGNORED_MXNET_ATTRIBUTES.contains(&k) {
-                // Its value need not be a number (MXNet's param_idx2name is
-                // a dict): it has no meaning here either way.
-                tracing::warn!(
-                    "optimizer '{name}': MXNet attribute '{k}' has no meaning in pskv; ignored"
-                );
-                continue;
-            }
-            let v: f64 = v
-                .trim()
-                .parse()
-                .map_err(|_| arg(format!("optimizer parameter '{p}': not a number")))?;
-            pairs.push((k, v));
-        }
-        let opt = match scheduler {
-            Some(s) => Optimizer::create_scheduled(name, &pairs, s),
-            None => Optimizer::create(name, &pairs),
-        }
-        .map_err(kv_err)?;
+        let pairs = name_values(params, "optimizer parameter")?;
+        let opt = Optimizer::from_text(name, &pairs)
+            .map_err(|e| arg(e.to_string()))?
+            .map_err(kv_err)?;
         h.kv.set_optimizer(opt).map_err(kv_err)
     })
 }

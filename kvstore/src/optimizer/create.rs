@@ -94,6 +94,48 @@ impl Optimizer {
         Ok(opt)
     }
 
+    /// An optimizer from MXNet's parameters as text, as the C ABI's
+    /// `name=value` pairs and Python's keyword values give them: numbers by
+    /// MXNet's names (as [`Optimizer::create`]), `lr_scheduler=KIND(...)`
+    /// (as [`LrScheduler::parse`]), and the
+    /// [`Optimizer::IGNORED_MXNET_ATTRIBUTES`] whatever their value (it need
+    /// not be a number: MXNet's `param_idx2name` is a dict), ignored with a
+    /// logged warning. The outer error is the text's (a value that is not a
+    /// number, a scheduler that does not parse, two schedulers); the inner
+    /// one the optimizer's (as [`Optimizer::create`]'s).
+    pub fn from_text(name: &str, params: &[(&str, &str)]) -> Result<Result<Optimizer>> {
+        let mut numbers = Vec::with_capacity(params.len());
+        let mut scheduler = None;
+        for &(k, v) in params {
+            if k == "lr_scheduler" {
+                if scheduler.is_some() {
+                    return Err(KvError::invalid("lr_scheduler is given twice"));
+                }
+                let s = LrScheduler::parse(v).map_err(|e| {
+                    KvError::invalid(format!(
+                        "{e} (inside KIND(...), separate arguments with ';' and list steps with ':')"
+                    ))
+                })?;
+                scheduler = Some(s);
+                continue;
+            }
+            if Optimizer::IGNORED_MXNET_ATTRIBUTES.contains(&k) {
+                tracing::warn!(
+                    "optimizer '{name}': MXNet attribute '{k}' has no meaning in pskv; ignored"
+                );
+                continue;
+            }
+            let x: f64 = v.trim().parse().map_err(|_| {
+                KvError::invalid(format!("optimizer parameter '{k}={v}': not a number"))
+            })?;
+            numbers.push((k, x));
+        }
+        Ok(match scheduler {
+            Some(s) => Optimizer::create_scheduled(name, &numbers, s),
+            None => Optimizer::create(name, &numbers),
+        })
+    }
+
     /// [`Optimizer::create`] with a scheduler, as MXNet's
     /// `mx.optimizer.create(name, lr_scheduler=s, **params)`: when `params`
     /// give no learning rate, SGD, NAG and AdaGrad (which have no default
