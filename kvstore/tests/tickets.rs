@@ -22,6 +22,23 @@ fn over(e: &pskv_engine::Engine, v: &mut [f32]) -> Tensor {
         .0
 }
 
+/// An update rule that adds the gradient, and refuses one whose first
+/// element is negative.
+fn add_unless_negative(
+    _: &Key,
+    g: &pskv_kvstore::Values<'_>,
+    w: &mut pskv_kvstore::ValuesMut<'_>,
+) -> Result<(), String> {
+    let g = g.as_slice::<f32>().unwrap();
+    if g[0] < 0.0 {
+        return Err("negative gradient".into());
+    }
+    for (w, g) in w.as_mut_slice::<f32>().unwrap().iter_mut().zip(g) {
+        *w += g;
+    }
+    Ok(())
+}
+
 fn wait(mut t: Ticket) -> pskv_kvstore::Result<()> {
     t.wait()
 }
@@ -31,19 +48,7 @@ fn a_local_ticket_reports_its_own_failure_once_and_the_key_works_again() {
     let e = engine();
     let kv = KvStore::create("local", &e).unwrap();
     kv.init(1, &tensor(&e, &[1.0f32, 2.0])).unwrap();
-    kv.set_updater(
-        |_: &Key, g: &pskv_kvstore::Values<'_>, w: &mut pskv_kvstore::ValuesMut<'_>| {
-            let g = g.as_slice::<f32>().unwrap();
-            if g[0] < 0.0 {
-                return Err("negative gradient".into());
-            }
-            for (w, g) in w.as_mut_slice::<f32>().unwrap().iter_mut().zip(g) {
-                *w += g;
-            }
-            Ok(())
-        },
-    )
-    .unwrap();
+    kv.set_updater(add_unless_negative).unwrap();
     let k: Key = 1u32.into();
 
     // A push that fails: its ticket says so, once.
@@ -186,19 +191,7 @@ fn a_failure_is_reported_on_its_own_request_not_the_next_one() {
     };
     let got = cluster(1, 1).run("dist_sync", opts, |kv, e| {
         kv.init(1, &tensor(e, &[0.0f32; 4])).unwrap();
-        kv.set_updater(
-            |_: &Key, g: &pskv_kvstore::Values<'_>, w: &mut pskv_kvstore::ValuesMut<'_>| {
-                let g = g.as_slice::<f32>().unwrap();
-                if g[0] < 0.0 {
-                    return Err("negative gradient".into());
-                }
-                for (w, g) in w.as_mut_slice::<f32>().unwrap().iter_mut().zip(g) {
-                    *w += g;
-                }
-                Ok(())
-            },
-        )
-        .unwrap();
+        kv.set_updater(add_unless_negative).unwrap();
         let k: Key = 1u32.into();
         let mut results = Vec::new();
         for _ in 0..5 {

@@ -146,6 +146,17 @@ fn device_copy(src: &Tensor, dst: &Tensor) -> Result<(), Failure> {
     dst.wait_to_read().map_err(kv_err)
 }
 
+/// Runs `f` on a tensor of pskv's like `out` (the caller's device
+/// buffer), then copies it into `out` and waits for the copy.
+fn through_copy(
+    out: &Tensor,
+    f: impl FnOnce(&Tensor) -> crate::kvstore::Result<()>,
+) -> Result<(), Failure> {
+    let t = out.zeros_like(out.ctx()).map_err(kv_err)?;
+    f(&t).map_err(kv_err)?;
+    device_copy(&t, out)
+}
+
 /// A copy of the caller's device buffer `data` in a tensor of pskv's own
 /// (on the same device), made before this returns.
 ///
@@ -243,10 +254,8 @@ pub unsafe extern "C" fn pskv_pull_device(
     guard(|| {
         let h = handle(kv)?;
         let o = device_tensor(&h, out, len, dtype, device, "out")?;
-        let t = o.zeros_like(o.ctx()).map_err(kv_err)?;
-        h.kv.pull(self::key(key)?, std::slice::from_ref(&t), priority)
-            .map_err(kv_err)?;
-        device_copy(&t, &o)
+        let k = self::key(key)?;
+        through_copy(&o, |t| h.kv.pull(k, std::slice::from_ref(t), priority))
     })
 }
 
@@ -271,9 +280,9 @@ pub unsafe extern "C" fn pskv_pushpull_device(
         let h = handle(kv)?;
         let o = device_tensor(&h, out, len, dtype, device, "out")?;
         let t = device_input(&h, data, len, dtype, device)?;
-        let r = t.zeros_like(t.ctx()).map_err(kv_err)?;
-        h.kv.pushpull(self::key(key)?, &[t], std::slice::from_ref(&r), priority)
-            .map_err(kv_err)?;
-        device_copy(&r, &o)
+        let k = self::key(key)?;
+        through_copy(&o, |r| {
+            h.kv.pushpull(k, &[t], std::slice::from_ref(r), priority)
+        })
     })
 }
