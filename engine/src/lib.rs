@@ -53,4 +53,4 @@ pub use crate::graph::{Dependency, OpGraph, OpNode};
 pub use crate::op::{Access, Completion, Context, OpSpec, Property, RunContext};
 pub use crate::profiler::{chrome_trace_json, write_chrome_trace, TraceEvent};
 pub use crate::var::Var;
-pub use crate::wait::{spin_until, VarReady};
+pub use crate::wait::{spin_until, Latch, VarReady};

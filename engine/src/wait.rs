@@ -57,20 +57,24 @@ struct LatchState {
     waker: Option<Waker>,
 }
 
-/// A one-shot signal.
+/// A one-shot signal: unset, then set for good (`set`). A waiter spins
+/// first (`spin_until`), then sleeps; see the module docs. The engine's
+/// waits use it, and so do the kvstore's tickets.
 #[derive(Default)]
-pub(crate) struct Latch {
+pub struct Latch {
     state: Mutex<LatchState>,
     cv: Condvar,
     fast: AtomicBool,
 }
 
 impl Latch {
-    pub(crate) fn new() -> Arc<Latch> {
+    /// An unset latch.
+    pub fn new() -> Arc<Latch> {
         Arc::new(Latch::default())
     }
 
-    pub(crate) fn set(&self) {
+    /// Sets the latch (again: nothing) and wakes its waiters.
+    pub fn set(&self) {
         let mut st = self.state.lock();
         st.set = true;
         let waker = st.waker.take();
@@ -82,10 +86,22 @@ impl Latch {
         }
     }
 
-    /// Blocks until set (true) or until `timeout` passes (false). None: no limit.
-    pub(crate) fn wait(&self, timeout: Option<Duration>) -> bool {
-        let budget = crate::config::spin_budget().min(timeout.unwrap_or(Duration::MAX));
-        if spin_until(budget, || self.fast.load(Ordering::Acquire)) {
+    /// Whether it is set; with Acquire, so a caller that sees it set sees
+    /// what the setter did before `set`.
+    pub fn is_set(&self) -> bool {
+        self.fast.load(Ordering::Acquire)
+    }
+
+    /// Blocks until set (true) or until `timeout` passes (false), spinning
+    /// for `PSKV_SPIN_US` first. None: no limit.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        self.wait_spinning(crate::config::spin_budget(), timeout)
+    }
+
+    /// As `wait`, spinning for `spin` first (zero: sleeps at once).
+    pub fn wait_spinning(&self, spin: Duration, timeout: Option<Duration>) -> bool {
+        let budget = spin.min(timeout.unwrap_or(Duration::MAX));
+        if spin_until(budget, || self.is_set()) {
             return true;
         }
         let deadline = timeout.map(|t| Instant::now() + t);

@@ -22,16 +22,16 @@
 //! - **Done.** The result is handed out once.
 //!
 //! Orderings: the settle op stores its outcome under `Settled`'s mutex,
-//! then sets `set` (Release); a waiter spins on `set` (Acquire) and then
-//! takes the outcome under the mutex. A home's release sets its flag
-//! (Release) before it notifies under its own mutex (`tensor/buf.rs`).
+//! then sets the `set` latch (Release); a waiter spins on it, then sleeps
+//! (Acquire: `pskv_engine::Latch`), and takes the outcome under the mutex.
+//! A home's release is a latch too (`tensor/buf.rs`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
-use pskv_engine::{Engine, EngineError, OpSpec, Property, Var};
+use parking_lot::Mutex;
+use pskv_engine::{Engine, EngineError, Latch, OpSpec, Property, Var};
 
 use crate::error::{KvError, Result};
 use crate::tensor::{Buf, Home, Tensor};
@@ -57,7 +57,7 @@ struct Publish {
 impl Publish {
     fn publish(&self, o: Outcome) {
         let mut slot = self.settled.outcome.lock();
-        if self.settled.set.load(Ordering::Acquire) {
+        if self.settled.set.is_set() {
             return;
         }
         *slot = Some(o);
@@ -65,9 +65,9 @@ impl Publish {
         for c in &self.settles {
             c.fetch_sub(1, Ordering::AcqRel);
         }
-        self.settled.set.store(true, Ordering::Release);
-        drop(slot);
-        self.settled.ready.notify_all();
+        // Under the lock: a second publish (the drop after the op's own)
+        // sees it set and leaves the outcome alone.
+        self.settled.set.set();
     }
 }
 
@@ -85,10 +85,8 @@ impl Drop for Publish {
 #[derive(Default)]
 struct Settled {
     outcome: Mutex<Option<Outcome>>,
-    ready: Condvar,
-    /// Set (Release) after `outcome` is: a waiter spins on it (Acquire)
-    /// before it sleeps on `ready`.
-    set: std::sync::atomic::AtomicBool,
+    /// Set after `outcome` is (the latch's Release/Acquire orders them).
+    set: Latch,
 }
 
 /// The completion of one request (see the module docs).
@@ -215,7 +213,7 @@ impl Ticket {
 
     /// Whether the request is done; then `wait` returns at once.
     pub fn is_done(&mut self) -> bool {
-        self.settle(Some(Instant::now()))
+        self.settle(Instant::now())
     }
 
     /// Waits until the request is done, at most the store's timeout, and
@@ -234,7 +232,7 @@ impl Ticket {
                 self.what()
             )));
         }
-        if !self.settle(Some(Instant::now() + timeout)) {
+        if !self.settle(Instant::now() + timeout) {
             return Err(KvError::Timeout {
                 what: self.pending_what(),
                 after: timeout,
@@ -259,41 +257,26 @@ impl Ticket {
         }
     }
 
-    /// Moves on as far as it can by `until` (None: without waiting);
-    /// whether the request is done.
-    fn settle(&mut self, until: Option<Instant>) -> bool {
+    /// Moves on as far as it can by `until`; whether the request is done.
+    /// A waiter spins first (a small request is often done within
+    /// microseconds, and a sleep costs a wake-up across threads), then
+    /// sleeps.
+    fn settle(&mut self, until: Instant) -> bool {
         if self.done {
             return true;
         }
+        let left = || until.saturating_duration_since(Instant::now());
         if self.outcome.is_none() {
-            // Spin a little first: a small request is often done within
-            // microseconds, and a sleep costs a wake-up across threads.
-            if until.is_some_and(|t| t > Instant::now()) {
-                pskv_engine::spin_until(self.spin, || self.settled.set.load(Ordering::Acquire));
+            if !self.settled.set.wait_spinning(self.spin, Some(left())) {
+                return false;
             }
-            let mut o = self.settled.outcome.lock();
-            while o.is_none() {
-                match until {
-                    Some(t) if Instant::now() < t => {
-                        self.settled.ready.wait_until(&mut o, t);
-                    }
-                    _ => return false,
-                }
-            }
-            self.outcome = o.take();
-            drop(o);
+            self.outcome = self.settled.outcome.lock().take();
             self.keep.clear();
         }
+        // A transfer that held the memory usually lets go within
+        // microseconds of the op's end.
         for h in &self.homes {
-            // As above: a spin first (a transfer that held the memory
-            // usually lets go within microseconds of the op's end).
-            if until.is_some_and(|t| t > Instant::now()) {
-                pskv_engine::spin_until(self.spin, || h.is_released());
-            }
-            let left = until.map_or(Duration::ZERO, |t| {
-                t.saturating_duration_since(Instant::now())
-            });
-            if !h.wait_released(left) {
+            if !h.wait_released(self.spin, left()) {
                 return false;
             }
         }

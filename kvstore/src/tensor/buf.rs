@@ -38,12 +38,10 @@ enum Mem {
 pub struct Home {
     addr: usize,
     len: usize,
-    /// Set (Release) once, when the buffer over the memory is dropped;
-    /// read with Acquire, so a reader that sees it sees every access the
-    /// buffer made before.
-    released: std::sync::atomic::AtomicBool,
-    lock: parking_lot::Mutex<()>,
-    freed: parking_lot::Condvar,
+    /// Set once, when the buffer over the memory is dropped; a caller that
+    /// sees it set sees every access the buffer made before (the latch's
+    /// Release/Acquire).
+    released: pskv_engine::Latch,
 }
 
 impl Home {
@@ -51,9 +49,7 @@ impl Home {
         Arc::new(Home {
             addr,
             len,
-            released: std::sync::atomic::AtomicBool::new(false),
-            lock: parking_lot::Mutex::new(()),
-            freed: parking_lot::Condvar::new(),
+            released: pskv_engine::Latch::default(),
         })
     }
 
@@ -64,33 +60,17 @@ impl Home {
 
     /// Whether pskv no longer holds the memory.
     pub fn is_released(&self) -> bool {
-        self.released.load(std::sync::atomic::Ordering::Acquire)
+        self.released.is_set()
     }
 
-    /// Waits until pskv no longer holds the memory, at most `timeout`;
-    /// whether it was released.
-    pub fn wait_released(&self, timeout: std::time::Duration) -> bool {
-        if self.is_released() {
-            return true;
-        }
-        let deadline = std::time::Instant::now() + timeout;
-        let mut g = self.lock.lock();
-        // Subtle: the flag is set before `release` takes the lock to
-        // notify, and checked here under the lock, so a release between
-        // the check and the wait still wakes this waiter.
-        while !self.is_released() {
-            if self.freed.wait_until(&mut g, deadline).timed_out() {
-                return self.is_released();
-            }
-        }
-        true
+    /// Waits until pskv no longer holds the memory, spinning for `spin`
+    /// first, at most `timeout` in all; whether it was released.
+    pub fn wait_released(&self, spin: std::time::Duration, timeout: std::time::Duration) -> bool {
+        self.released.wait_spinning(spin, Some(timeout))
     }
 
     fn release(&self) {
-        self.released
-            .store(true, std::sync::atomic::Ordering::Release);
-        let _g = self.lock.lock();
-        self.freed.notify_all();
+        self.released.set();
     }
 
     /// Copies `bytes` into the memory (a result that landed elsewhere
