@@ -9,7 +9,13 @@ markdown report and the raw results as JSON.
 
     python3 scripts/kv_compare.py [--reps 3] [--out target/kv_compare]
         [--shapes 2x1,4x2] [--pskv target/release/pskv] [--pskv-before OTHER]
-        [--vans tcp,shm] [--no-compress] [--skip-peers]
+        [--vans tcp,shm] [--no-compress] [--skip-peers] [--model inception-v3]
+
+With --model, the one case is a model's whole gradient set (`pskv bench
+--model`; MXNet and MPI through scripts/model_peers.py, the same tensors in
+the same order). Every run also measures the floor of a parameter-server
+round over plain TCP sockets (scripts/raw_tcp_ps.py: the same bytes, no
+summing) for the 4 MiB and 32 MiB cases or the model.
 
 With --pskv-before, a second pskv build (an older commit's `pskv`) runs
 interleaved with the first, each run right before its twin, and the report
@@ -46,7 +52,7 @@ def run(cmd, env=None, timeout=900):
     return p, time.time() - t
 
 
-def pskv_run(exe, w, s, van, compress, outdir, tag):
+def pskv_run(exe, w, s, van, compress, outdir, tag, model):
     path = os.path.join(outdir, "pskv-%s.json" % tag)
     # --out too: the run's charts go beside its JSON, not into the caller's
     # working directory.
@@ -54,6 +60,8 @@ def pskv_run(exe, w, s, van, compress, outdir, tag):
            "--out", os.path.splitext(path)[0]]
     if compress:
         cmd.append("--compress")
+    if model:
+        cmd += ["--model", model]
     p, _ = run(cmd)
     if p is None:
         return None
@@ -71,26 +79,57 @@ def per_case(workers):
     return out
 
 
-def mxnet_run(w, s, compress, outdir, tag):
+def results(stdout):
+    return [json.loads(l[len("RESULT "):]) for l in stdout.splitlines() if l.startswith("RESULT ")]
+
+
+def mxnet_run(w, s, compress, outdir, tag, tensors):
     d = os.path.join(outdir, "mxnet-%s" % tag)
-    cmd = ["bash", os.path.join(PEERS, "mxnet_kv_bench.sh"), str(w), str(s), d]
+    if tensors:
+        cmd = [sys.executable, os.path.join(HERE, "model_peers.py"), "mxnet", tensors,
+               str(w), str(s), d]
+    else:
+        cmd = ["bash", os.path.join(PEERS, "mxnet_kv_bench.sh"), str(w), str(s), d]
     if compress:
         cmd.append("--compress")
     p, _ = run(cmd)
     if p is None:
         return None
+    if tensors:
+        rs = results(p.stdout)
+        return per_case(rs) if len(rs) == w else None
     return per_case([json.loads(l) for l in open(os.path.join(d, "results.jsonl")) if l.strip()])
 
 
-def mpi_run(np_, mode):
-    p, _ = run(["bash", os.path.join(PEERS, "mpi_allreduce_bench.sh"), str(np_), mode])
+def mpi_run(np_, mode, tensors):
+    if tensors:
+        cmd = [sys.executable, os.path.join(HERE, "model_peers.py"), "mpi", tensors, str(np_), mode]
+    else:
+        cmd = ["bash", os.path.join(PEERS, "mpi_allreduce_bench.sh"), str(np_), mode]
+    p, _ = run(cmd)
     if p is None:
         return None
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[len("RESULT "):])
-            return {c["case"]: {"us": c["median_us"], "bytes": c["bytes"], "ok": c["check_ok"]}
-                    for c in r["cases"]}
+    for r in results(p.stdout):
+        return {c["case"]: {"us": c["median_us"], "bytes": c["bytes"], "ok": c["check_ok"]}
+                for c in r["cases"]}
+    return None
+
+
+def floor_run(w, s, tensors):
+    """The plain-socket floor (scripts/raw_tcp_ps.py)."""
+    cmd = [sys.executable, os.path.join(HERE, "raw_tcp_ps.py"), "--workers", str(w),
+           "--servers", str(s)]
+    if tensors:
+        cmd += ["--tensors", tensors, "--rounds", "12"]
+    else:
+        cmd += ["--sizes", "%d,%d" % (4 << 20, 32 << 20), "--rounds", "20"]
+    p, _ = run(cmd)
+    if p is None:
+        return None
+    names = {"%dB" % (4 << 20): "4MiB", "%dB" % (32 << 20): "32MiB"}
+    for r in results(p.stdout):
+        return {names.get(c["case"], c["case"]): {"us": c["median_us"], "bytes": c["bytes"],
+                                                  "ok": True} for c in r["cases"]}
     return None
 
 
@@ -193,8 +232,18 @@ def main():
     ap.add_argument("--vans", default="tcp,shm")
     ap.add_argument("--no-compress", action="store_true")
     ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--model", default=None)
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    global CASES
+    tensors = None
+    if a.model:
+        CASES = [a.model]
+        tensors = os.path.join(os.path.abspath(a.out), "%s.json" % a.model)
+        p, _ = run([a.pskv, "bench", "--model", a.model, "--print-tensors"])
+        if p is None:
+            sys.exit("kv_compare: %s cannot list the model's tensors" % a.pskv)
+        open(tensors, "w").write(p.stdout)
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     configs = []
     for (w, s) in shapes:
@@ -208,6 +257,7 @@ def main():
                 configs.append(("mxnet", w, s, "zmq", comp))
             configs.append(("mpi", w, 0, "shm", False))
             configs.append(("mpi", w, 0, "tcp", False))
+        configs.append(("floor", w, s, "tcp", False))
     runs = {c: [] for c in configs}
     for rep in range(a.reps):
         for c in configs:
@@ -216,11 +266,13 @@ def main():
             t0 = time.time()
             if sysname in ("pskv", "before"):
                 exe = a.pskv if sysname == "pskv" else a.pskv_before
-                r = pskv_run(exe, w, s, van, comp, a.out, sysname + "-" + tag)
+                r = pskv_run(exe, w, s, van, comp, a.out, sysname + "-" + tag, a.model)
             elif sysname == "mxnet":
-                r = mxnet_run(w, s, comp, a.out, tag)
+                r = mxnet_run(w, s, comp, a.out, tag, tensors)
+            elif sysname == "floor":
+                r = floor_run(w, s, tensors)
             else:
-                r = mpi_run(w, van)
+                r = mpi_run(w, van, tensors)
             print("rep %d %-5s %s: %s (%.0f s)" % (rep, sysname, tag,
                   "ok" if r else "FAILED", time.time() - t0), file=sys.stderr, flush=True)
             if r:
@@ -241,12 +293,14 @@ def main():
         cols = [(who, w, s, van, comp) for comp in [False, True] for van in ["tcp", "shm"]
                 for who in ["before", "pskv"]]
         cols += [("mxnet", w, s, "zmq", False), ("mxnet", w, s, "zmq", True),
-                 ("mpi", w, 0, "shm", False), ("mpi", w, 0, "tcp", False)]
+                 ("mpi", w, 0, "shm", False), ("mpi", w, 0, "tcp", False),
+                 ("floor", w, s, "tcp", False)]
         cols = [c for c in cols if c in med]
         names = {("pskv", "tcp", False): "pskv tcp", ("pskv", "shm", False): "pskv shm",
                  ("pskv", "tcp", True): "pskv tcp 2-bit", ("pskv", "shm", True): "pskv shm 2-bit",
                  ("mxnet", "zmq", False): "MXNet", ("mxnet", "zmq", True): "MXNet 2-bit",
-                 ("mpi", "shm", False): "MPI shm", ("mpi", "tcp", False): "MPI tcp"}
+                 ("mpi", "shm", False): "MPI shm", ("mpi", "tcp", False): "MPI tcp",
+                 ("floor", "tcp", False): "TCP floor"}
         for (van, comp) in [("tcp", False), ("shm", False), ("tcp", True), ("shm", True)]:
             names[("before", van, comp)] = "before " + names[("pskv", van, comp)]
         hdr = [names[(c[0], c[3], c[4])] for c in cols]
@@ -260,6 +314,8 @@ def main():
             ratio_cols.append(("MXNet / pskv tcp", ("mxnet", w, s, "zmq", False), ("pskv", w, s, "tcp", False)))
         if ("mpi", w, 0, "shm", False) in med:
             ratio_cols.append(("pskv shm / MPI shm", ("pskv", w, s, "shm", False), ("mpi", w, 0, "shm", False)))
+        if ("floor", w, s, "tcp", False) in med:
+            ratio_cols.append(("pskv tcp / TCP floor", ("pskv", w, s, "tcp", False), ("floor", w, s, "tcp", False)))
         lines.append("| case | " + " | ".join(hdr + [r[0] for r in ratio_cols]) + " |")
         lines.append("|---|" + "---:|" * (len(hdr) + len(ratio_cols)))
         for case in CASES:
@@ -272,7 +328,7 @@ def main():
                 row.append("%.2f" % (a_ / b_) if a_ and b_ else "—")
             lines.append("| %s | %s |" % (case, " | ".join(row)))
         series = [(names[(c[0], c[3], c[4])],
-                   [(SINGLE_KEY[k], med[c][k][0]) for k in SINGLE_KEY if med[c][k][0]])
+                   [(SINGLE_KEY[k], med[c][k][0]) for k in SINGLE_KEY if med[c].get(k, (None,))[0]])
                   for c in cols]
         chart = os.path.join(a.out, "chart-%dx%d.svg" % (w, s))
         if svg_chart(chart, "push-pull rounds, %d workers, %d servers (MPI: %d ranks)" % (w, s, w),

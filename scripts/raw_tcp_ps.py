@@ -1,93 +1,152 @@
 #!/usr/bin/env python3
 """The floor of a parameter-server round over TCP loopback on this host:
-W client processes each send SIZE bytes to one server process and get SIZE
-bytes back, over plain sockets, with no summing and no framing beyond a
-length prefix. This is the traffic of one dist_sync push-pull round with W
-workers and one server; no parameter server over TCP can beat it.
+W client processes each send their tensors to S server processes and get
+them back, over plain sockets, with no summing and no framing beyond a
+length prefix per message. This is the traffic of one dist_sync push-pull
+round with W workers and S servers; no parameter server over TCP can beat
+it.
 
-    python3 scripts/raw_tcp_ps.py [--workers 2] [--sizes 4194304,33554432] [--rounds 30]
+    python3 scripts/raw_tcp_ps.py [--workers 2] [--servers 1]
+        [--sizes 4194304,33554432] [--tensors TENSORS.json] [--rounds 30]
 
-Prints one line per size: the median round time over the clients.
+--sizes: one tensor of each size, a round each. --tensors: a model's
+tensors (`pskv bench --model NAME --print-tensors`), all of them in one
+round, one message per tensor and server (each tensor split evenly over
+the servers, as a parameter server shards it), the last tensor first.
+Prints one line per workload: the median round time over the clients, and
+`RESULT {json}` with the same fields as `pskv bench`'s cases.
 """
 import argparse
+import json
+import math
 import multiprocessing as mp
+import os
 import socket
 import statistics
 import struct
 import time
 
 
-def recv_exact(s, buf):
-    view = memoryview(buf)
+def recv_exact(s, view):
     got = 0
-    while got < len(buf):
+    while got < len(view):
         n = s.recv_into(view[got:])
         if n == 0:
             raise EOFError
         got += n
 
 
-def serve(listener, workers, size, rounds):
+def send_msg(s, payload):
+    """A length prefix and the payload in one system call where it fits."""
+    hdr = struct.pack("<Q", len(payload))
+    sent = s.sendmsg([hdr, payload])
+    if sent < len(hdr):
+        s.sendall(hdr[sent:])
+        sent = len(hdr)
+    if sent - len(hdr) < len(payload):
+        s.sendall(payload[sent - len(hdr):])
+
+
+def serve(listener, workers, parts, rounds):
     conns = [listener.accept()[0] for _ in range(workers)]
     for c in conns:
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    bufs = [bytearray(size) for _ in conns]
+    bufs = [[memoryview(bytearray(p)) for p in parts] for _ in conns]
+    hdr = memoryview(bytearray(8))
     for _ in range(rounds):
         # Receive every worker's push, then answer every worker (a round).
-        for c, b in zip(conns, bufs):
-            hdr = bytearray(8)
-            recv_exact(c, hdr)
-            recv_exact(c, b)
-        for c, b in zip(conns, bufs):
-            c.sendall(struct.pack("<Q", size))
-            c.sendall(b)
+        for c, bs in zip(conns, bufs):
+            for b in bs:
+                recv_exact(c, hdr)
+                recv_exact(c, b)
+        for c, bs in zip(conns, bufs):
+            for b in bs:
+                send_msg(c, b)
     for c in conns:
         c.close()
 
 
-def client(port, size, rounds, q):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    data = bytes(size)
-    back = bytearray(size)
-    hdr = bytearray(8)
+def client(ports, parts, rounds, q):
+    """parts[server]: the byte counts of its messages, in round order."""
+    socks = []
+    for p in ports:
+        s = socket.create_connection(("127.0.0.1", p))
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        socks.append(s)
+    data = [[bytes(n) for n in ps] for ps in parts]
+    back = [[memoryview(bytearray(n)) for n in ps] for ps in parts]
+    hdr = memoryview(bytearray(8))
     ts = []
     for _ in range(rounds):
         t = time.perf_counter()
-        s.sendall(struct.pack("<Q", size))
-        s.sendall(data)
-        recv_exact(s, hdr)
-        recv_exact(s, back)
+        # Message j of every server, then message j + 1: a tensor at a time.
+        for j in range(len(parts[0])):
+            for s, d in zip(socks, data):
+                send_msg(s, d[j])
+        for s, b in zip(socks, back):
+            for v in b:
+                recv_exact(s, hdr)
+                recv_exact(s, v)
         ts.append(time.perf_counter() - t)
-    s.close()
+    for s in socks:
+        s.close()
     q.put(statistics.median(ts[len(ts) // 5:]))
+
+
+def run(workers, servers, sizes, rounds):
+    """One workload: `sizes` (bytes per tensor, in send order), each split
+    over the servers. The mean over clients of their median round."""
+    parts = [[n // servers + (1 if k < n % servers else 0) for n in sizes]
+             for k in range(servers)]
+    listeners, srvs = [], []
+    for k in range(servers):
+        l = socket.socket()
+        l.bind(("127.0.0.1", 0))
+        l.listen(64)
+        listeners.append(l)
+        srvs.append(mp.Process(target=serve, args=(l, workers, parts[k], rounds)))
+    for p in srvs:
+        p.start()
+    q = mp.Queue()
+    ports = [l.getsockname()[1] for l in listeners]
+    cs = [mp.Process(target=client, args=(ports, parts, rounds, q)) for _ in range(workers)]
+    for c in cs:
+        c.start()
+    meds = [q.get(timeout=600) for _ in cs]
+    for p in cs + srvs:
+        p.join()
+    for l in listeners:
+        l.close()
+    return statistics.mean(meds)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--servers", type=int, default=1)
     ap.add_argument("--sizes", default="4194304,33554432")
+    ap.add_argument("--tensors", default=None)
     ap.add_argument("--rounds", type=int, default=30)
     a = ap.parse_args()
-    for size in [int(x) for x in a.sizes.split(",")]:
-        l = socket.socket()
-        l.bind(("127.0.0.1", 0))
-        l.listen(16)
-        port = l.getsockname()[1]
-        q = mp.Queue()
-        srv = mp.Process(target=serve, args=(l, a.workers, size, a.rounds))
-        srv.start()
-        cs = [mp.Process(target=client, args=(port, size, a.rounds, q)) for _ in range(a.workers)]
-        for c in cs:
-            c.start()
-        meds = [q.get(timeout=600) for _ in cs]
-        for c in cs:
-            c.join()
-        srv.join()
-        l.close()
-        m = statistics.mean(meds)
-        print("raw tcp, %d clients, %d bytes: %.2f ms per round (%.3f GB/s per client)"
-              % (a.workers, size, m * 1e3, size / m / 1e9), flush=True)
+    loads = []
+    if a.tensors:
+        ts = json.load(open(a.tensors))
+        name = os.path.splitext(os.path.basename(a.tensors))[0]
+        loads.append((name, [4 * math.prod(t["shape"]) for t in reversed(ts)]))
+    else:
+        loads += [("%dB" % n, [n]) for n in (int(x) for x in a.sizes.split(","))]
+    cases = []
+    for name, sizes in loads:
+        m = run(a.workers, a.servers, sizes, a.rounds)
+        total = sum(sizes)
+        print("raw tcp, %d clients, %d servers, %s (%d bytes in %d tensors): %.2f ms per round"
+              " (%.3f GB/s per client)" % (a.workers, a.servers, name, total, len(sizes), m * 1e3,
+                                           total / m / 1e9), flush=True)
+        cases.append({"case": name, "bytes": total, "nkeys": len(sizes), "iters": a.rounds,
+                      "check_ok": True, "median_us": m * 1e6,
+                      "algbw_gbps_median": total / m / 1e9})
+    print("RESULT " + json.dumps({"num_workers": a.workers, "num_servers": a.servers,
+                                  "cases": cases}), flush=True)
 
 
 if __name__ == "__main__":

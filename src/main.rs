@@ -280,9 +280,18 @@ struct BenchArgs {
     /// A round: `pushpull` (one round trip) or `push-pull` (a push, then a pull).
     #[arg(long, value_enum, default_value_t = cli::ModeArg::Pushpull)]
     mode: cli::ModeArg,
-    /// Cases, comma-separated: 4B, 4KiB, 256KiB, 4MiB, 32MiB, 100x40KiB (default: all).
+    /// Cases, comma-separated: 4B, 4KiB, 256KiB, 4MiB, 32MiB, 100x40KiB (default: all,
+    /// or none with --model).
     #[arg(long, value_delimiter = ',')]
     cases: Vec<String>,
+    /// A model's whole gradient set as one more case: inception-v3 (292 tensors,
+    /// 108.6 MB), issued last layer first, gradient i at priority -i.
+    #[arg(long)]
+    model: Option<String>,
+    /// Print the model's tensors (name and shape, in parameter order) as JSON
+    /// and exit: what the peers' scripts push.
+    #[arg(long, requires = "model")]
+    print_tensors: bool,
     /// Multiplies the number of timed rounds.
     #[arg(long, default_value_t = 1.0)]
     iters_scale: f64,
@@ -310,7 +319,7 @@ impl BenchArgs {
                 self.iters_scale
             )));
         }
-        cli::bench::case_count(&self.cases)?;
+        cli::bench::case_count(&self.cases, self.model.as_deref())?;
         let gpu = match self.device {
             cli::DeviceArg::Cpu => false,
             cli::DeviceArg::Gpu => {
@@ -333,6 +342,7 @@ impl BenchArgs {
                     compress: self.compress,
                     mode: self.mode.as_str().into(),
                     cases: self.cases.clone(),
+                    model: self.model.clone(),
                     iters_scale: self.iters_scale,
                     gpu,
                 });
@@ -355,8 +365,18 @@ fn fail(what: &str, e: CliError) -> ExitCode {
 fn bench(a: &BenchArgs) -> CliResult {
     use indicatif::{ProgressBar, ProgressStyle};
     use std::io::IsTerminal;
+    if let (true, Some(m)) = (a.print_tensors, &a.model) {
+        // One tensor a line.
+        let lines = cli::bench::model::params(m)?
+            .iter()
+            .map(serde_json::to_string)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CliError::Failed(format!("encoding the tensors: {e}")))?;
+        println!("[\n{}\n]", lines.join(",\n"));
+        return Ok(());
+    }
     let runs = a.runs()?;
-    let per_run = cli::bench::case_count(&a.cases)?;
+    let per_run = cli::bench::case_count(&a.cases, a.model.as_deref())?;
     let bar = if std::io::stderr().is_terminal() {
         ProgressBar::new((runs.len() * per_run) as u64)
     } else {
@@ -420,13 +440,15 @@ fn bench(a: &BenchArgs) -> CliResult {
     let text = serde_json::to_string_pretty(&flat)
         .map_err(|e| CliError::Failed(format!("encoding the results: {e}")))?;
     std::fs::write(&json, text).map_err(CliError::io(format!("writing {}", json.display())))?;
-    let (bw, lat) = cli::bench::charts(&all, &a.out)?;
-    eprintln!(
-        "pskv bench: results in {}, charts in {} and {}",
-        json.display(),
-        bw.display(),
-        lat.display()
-    );
+    match cli::bench::charts(&all, &a.out)? {
+        Some((bw, lat)) => eprintln!(
+            "pskv bench: results in {}, charts in {} and {}",
+            json.display(),
+            bw.display(),
+            lat.display()
+        ),
+        None => eprintln!("pskv bench: results in {}", json.display()),
+    }
     if all
         .iter()
         .flat_map(|r| cli::bench::summary(r))

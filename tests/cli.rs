@@ -674,6 +674,59 @@ fn the_ssh_launcher_runs_nodes_through_ssh() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A model's whole gradient set runs as one case: every tensor, checked;
+/// its tensors print as JSON for the peers' scripts.
+#[test]
+fn bench_runs_a_models_gradient_set() {
+    let out = pskv()
+        .args(["bench", "--model", "inception-v3", "--print-tensors"])
+        .output()
+        .unwrap();
+    let tensors: Vec<serde_json::Value> = serde_json::from_str(&stdout_ok(&out)).unwrap();
+    assert_eq!(tensors.len(), 292);
+    assert_eq!(tensors[291]["name"], "fc.bias");
+
+    let dir = scratch("bench-model");
+    let out = pskv()
+        .args([
+            "bench",
+            "-w",
+            "2",
+            "-s",
+            "1",
+            "--van",
+            "shm",
+            "--model",
+            "inception-v3",
+        ])
+        .args(["--iters-scale", "0.05", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = stdout_ok(&out);
+    assert!(
+        text.contains("| inception-v3 |") && text.contains("| ok |"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).unwrap()).unwrap();
+    for r in json.as_array().unwrap() {
+        let c = &r["cases"][0];
+        assert_eq!(r["cases"].as_array().unwrap().len(), 1, "only the model");
+        assert_eq!(c["nkeys"], 292);
+        assert_eq!(c["bytes"], 27_161_264 * 4);
+        assert_eq!(c["check_ok"], true);
+    }
+
+    let out = pskv()
+        .args(["bench", "-w", "2", "-s", "1", "--model", "resnet-50"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown model 'resnet-50'"), "{err}");
+}
+
 #[test]
 fn bench_writes_a_table_json_and_a_chart() {
     let dir = scratch("bench");

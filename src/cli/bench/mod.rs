@@ -1,11 +1,17 @@
 //! `pskv bench`: push/pull rounds of the cases of ../shared/peers (one key
-//! of 4 B to 32 MiB, and 100 keys of 40 KiB), on a local cluster of `pskv`
+//! of 4 B to 32 MiB, and 100 keys of 40 KiB), or of a model's whole
+//! gradient set (`--model`, [`model`]), on a local cluster of `pskv`
 //! processes, so the figures read side by side with MXNet's dist_sync
 //! kvstore and MPI_Allreduce on the same host.
 //!
 //! A round is a push of a float32 gradient and a pull of the sum, waited
 //! for: as `pushpull` (one round trip, the default) or as a push then a
-//! pull (`--mode push-pull`, what MXNet's benchmark does).
+//! pull (`--mode push-pull`, what MXNet's benchmark does). A model's round
+//! issues its gradients as a framework's backward pass does: the last
+//! layer's first, gradient `i` with priority `-i`, each key on its own
+//! call.
+
+pub mod model;
 
 use std::time::{Duration, Instant};
 
@@ -22,6 +28,52 @@ const MIB: usize = 1024 * 1024;
 
 /// name, bytes per key, keys, warm-up rounds, timed rounds.
 pub type Case = (&'static str, usize, usize, usize, usize);
+
+/// What one case's round moves: its keys in the order they are issued,
+/// each with its elements and priority.
+#[derive(Clone, Debug)]
+struct Workload {
+    name: String,
+    /// (elements, priority) per key, in issue order.
+    keys: Vec<(usize, i32)>,
+    warm: usize,
+    iters: usize,
+}
+
+impl Workload {
+    fn case((name, nbytes, nkeys, warm, iters): Case) -> Workload {
+        Workload {
+            name: name.to_string(),
+            keys: vec![((nbytes / 4).max(1), 0); nkeys],
+            warm,
+            iters,
+        }
+    }
+
+    /// A model's gradients, last layer first, gradient `i` at priority
+    /// `-i`: 3 warm-up rounds, 20 timed.
+    fn model(name: &str) -> CliResult<Workload> {
+        let params = model::params(name)?;
+        let keys = params
+            .iter()
+            .enumerate()
+            .rev()
+            .map(|(i, p)| (p.len(), -(i as i32)))
+            .collect();
+        Ok(Workload {
+            name: name.to_string(),
+            keys,
+            warm: 3,
+            iters: 20,
+        })
+    }
+
+    /// One priority for every key: the round can go as one call.
+    fn one_priority(&self) -> Option<i32> {
+        let p = self.keys.first()?.1;
+        self.keys.iter().all(|k| k.1 == p).then_some(p)
+    }
+}
 
 /// The peers' cases.
 pub const CASES: &[Case] = &[
@@ -93,8 +145,10 @@ pub struct BenchSettings {
     pub compress: bool,
     /// pushpull or push-pull.
     pub mode: String,
-    /// Case names (empty: all).
+    /// Case names (empty: all, or none with a model).
     pub cases: Vec<String>,
+    /// A model's gradient set, run after the cases.
+    pub model: Option<String>,
     /// Multiplies the timed rounds.
     pub iters_scale: f64,
     /// Tensors on GPUs (worker r on GPU r) through dist_sync_device.
@@ -105,20 +159,27 @@ fn cpu() -> String {
     "cpu".into()
 }
 
-fn selected(names: &[String]) -> CliResult<Vec<Case>> {
-    if names.is_empty() {
-        return Ok(CASES.to_vec());
-    }
-    names
-        .iter()
-        .map(|n| {
-            CASES.iter().find(|c| c.0 == n).copied().ok_or_else(|| {
-                CliError::Usage(format!(
-                    "unknown case '{n}': expected one of 4B, 4KiB, 256KiB, 4MiB, 32MiB, 100x40KiB"
-                ))
+/// The cases named (all of them when none is and there is no model), then
+/// the model's.
+fn selected(names: &[String], model: Option<&str>) -> CliResult<Vec<Workload>> {
+    let mut out: Vec<Workload> = if names.is_empty() && model.is_none() {
+        CASES.iter().copied().map(Workload::case).collect()
+    } else {
+        names
+            .iter()
+            .map(|n| {
+                CASES.iter().find(|c| c.0 == n).copied().map(Workload::case).ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "unknown case '{n}': expected one of 4B, 4KiB, 256KiB, 4MiB, 32MiB, 100x40KiB"
+                    ))
+                })
             })
-        })
-        .collect()
+            .collect::<CliResult<_>>()?
+    };
+    if let Some(m) = model {
+        out.push(Workload::model(m)?);
+    }
+    Ok(out)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -164,16 +225,20 @@ pub fn worker(s: &BenchSettings) -> CliResult {
         seed ^= seed << 17;
         ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     };
-    for (ci, (name, nbytes, nkeys, warm, iters)) in selected(&s.cases)?.into_iter().enumerate() {
-        let iters = ((iters as f64 * s.iters_scale).round() as usize).max(3);
-        let n = (nbytes / 4).max(1);
+    for (ci, w) in selected(&s.cases, s.model.as_deref())?
+        .into_iter()
+        .enumerate()
+    {
+        let iters = ((w.iters as f64 * s.iters_scale).round() as usize).max(3);
+        let nkeys = w.keys.len();
         let keys: Vec<Key> = (0..nkeys)
             .map(|k| Key::Int((100 + ci * 1000 + k) as u32))
             .collect();
-        let zeros = |_: usize| Tensor::zeros(&engine, &[n], DType::F32, ctx);
+        let zeros = |k: usize| Tensor::zeros(&engine, &[w.keys[k].0], DType::F32, ctx);
         let inits: Vec<(Key, Tensor)> = keys
             .iter()
-            .map(|k| zeros(0).map(|t| (k.clone(), t)))
+            .enumerate()
+            .map(|(i, k)| zeros(i).map(|t| (k.clone(), t)))
             .collect::<Result<_, _>>()?;
         kv.init_many(&inits)?;
         let outs: Vec<Tensor> = (0..nkeys).map(zeros).collect::<Result<_, _>>()?;
@@ -181,8 +246,10 @@ pub fn worker(s: &BenchSettings) -> CliResult {
         // 0.5 per worker with 2-bit compression at threshold 0.5.
         let chk: Vec<(Key, Vec<Tensor>)> = keys
             .iter()
-            .map(|k| {
-                Tensor::full(&engine, &[n], (rank + 1) as f32, ctx).map(|t| (k.clone(), vec![t]))
+            .enumerate()
+            .map(|(i, k)| {
+                Tensor::full(&engine, &[w.keys[i].0], (rank + 1) as f32, ctx)
+                    .map(|t| (k.clone(), vec![t]))
             })
             .collect::<Result<_, _>>()?;
         kv.push_many(&chk, 0)?;
@@ -197,12 +264,17 @@ pub fn worker(s: &BenchSettings) -> CliResult {
         } else {
             (nw * (nw + 1)) as f32 / 2.0
         };
-        let first = outs[0].to_vec::<f32>()?;
-        let last = outs[nkeys - 1].to_vec::<f32>()?;
-        let check_ok = (first[0] - expect).abs() < 1e-3 && (last[n - 1] - expect).abs() < 1e-3;
+        // Every key's first and last element.
+        let mut check_ok = true;
+        for o in &outs {
+            let v = o.to_vec::<f32>()?;
+            check_ok &= (v[0] - expect).abs() < 1e-3 && (v[v.len() - 1] - expect).abs() < 1e-3;
+        }
 
-        let grads: Vec<Tensor> = (0..nkeys)
-            .map(|_| {
+        let grads: Vec<Tensor> = w
+            .keys
+            .iter()
+            .map(|&(n, _)| {
                 let v: Vec<f32> = (0..n).map(|_| rnd()).collect();
                 Tensor::from_vec(&engine, &[n], v, ctx)
             })
@@ -218,19 +290,33 @@ pub fn worker(s: &BenchSettings) -> CliResult {
             .cloned()
             .zip(grads.iter().map(|g| vec![g.clone()]))
             .collect();
+        let one_priority = w.one_priority();
         let one_round = || -> CliResult {
-            if s.mode == "push-pull" {
-                kv.push_many(&pushes, 0)?;
-                kv.pull_many(&pulls, 0)?;
-            } else {
-                kv.pushpull_many(&pushpulls, 0)?;
+            match (s.mode == "push-pull", one_priority) {
+                (true, Some(p)) => {
+                    kv.push_many(&pushes, p)?;
+                    kv.pull_many(&pulls, p)?;
+                }
+                (false, Some(p)) => kv.pushpull_many(&pushpulls, p)?,
+                // Key by key, as a framework's backward pass hands them over.
+                (true, None) => {
+                    for (i, &(_, p)) in w.keys.iter().enumerate() {
+                        kv.push_many(&pushes[i..=i], p)?;
+                        kv.pull_many(&pulls[i..=i], p)?;
+                    }
+                }
+                (false, None) => {
+                    for (i, &(_, p)) in w.keys.iter().enumerate() {
+                        kv.pushpull_many(&pushpulls[i..=i], p)?;
+                    }
+                }
             }
             for o in &outs {
                 o.wait_to_read()?;
             }
             Ok(())
         };
-        for _ in 0..warm {
+        for _ in 0..w.warm {
             one_round()?;
         }
         kv.barrier()?;
@@ -245,13 +331,13 @@ pub fn worker(s: &BenchSettings) -> CliResult {
         kv.barrier()?;
         ts.sort_by(|a, b| a.total_cmp(b));
         let med = percentile(&ts, 0.5);
-        let total = nbytes * nkeys;
+        let total: usize = w.keys.iter().map(|k| k.0 * 4).sum();
         if rank == 0 {
             // Progress for the launcher's bar.
-            println!("CASE {name}");
+            println!("CASE {}", w.name);
         }
         out.cases.push(CaseResult {
-            case: name.to_string(),
+            case: w.name.clone(),
             bytes: total,
             nkeys,
             iters,
@@ -276,7 +362,7 @@ pub fn run(
     s: &BenchSettings,
     on_case: std::sync::Arc<dyn Fn(&str) + Send + Sync>,
 ) -> CliResult<Vec<WorkerResult>> {
-    selected(&s.cases)?;
+    selected(&s.cases, s.model.as_deref())?;
     let exe = std::env::current_exe().map_err(CliError::io("locating pskv"))?;
     let mut args: Vec<std::ffi::OsString> = vec![
         exe.into(),
@@ -300,6 +386,10 @@ pub fn run(
     if !s.cases.is_empty() {
         args.push("--cases".into());
         args.push(s.cases.join(",").into());
+    }
+    if let Some(m) = &s.model {
+        args.push("--model".into());
+        args.push(m.into());
     }
     args.push("--iters-scale".into());
     args.push(s.iters_scale.to_string().into());
@@ -346,19 +436,20 @@ pub fn summary(results: &[WorkerResult]) -> Vec<(String, usize, f64, f64, bool)>
         .collect()
 }
 
-/// The number of cases a run of `names` times.
-pub fn case_count(names: &[String]) -> CliResult<usize> {
-    selected(names).map(|c| c.len())
+/// The number of cases a run of `names` (and `model`) times.
+pub fn case_count(names: &[String], model: Option<&str>) -> CliResult<usize> {
+    selected(names, model).map(|c| c.len())
 }
 
-/// Draws the sweep's single-key cases (100x40KiB is another shape and is
-/// left out) against message size, one line per run, as two SVG files in
+/// Draws the sweep's single-key cases (100x40KiB and a model are other
+/// shapes and are left out) against message size, one line per run, as two SVG files in
 /// `dir`: `bandwidth.svg` (algorithmic bandwidth) and `latency.svg` (the
-/// median round). Returns their paths.
+/// median round). Returns their paths; None when no run had a single-key
+/// case.
 pub fn charts(
     runs: &[Vec<WorkerResult>],
     dir: &std::path::Path,
-) -> CliResult<(std::path::PathBuf, std::path::PathBuf)> {
+) -> CliResult<Option<(std::path::PathBuf, std::path::PathBuf)>> {
     let series = |value: fn(f64, f64) -> f64| -> Vec<Series> {
         runs.iter()
             .filter_map(|r| {
@@ -372,7 +463,9 @@ pub fn charts(
                 );
                 let points: Vec<(f64, f64)> = summary(r)
                     .into_iter()
-                    .filter(|(case, ..)| !case.contains('x'))
+                    .zip(&first.cases)
+                    .filter(|(_, c)| c.nkeys == 1)
+                    .map(|(s, _)| s)
                     .map(|(_, bytes, us, gbps, _)| (bytes as f64, value(us, gbps)))
                     .collect();
                 Some(Series { label, points })
@@ -380,6 +473,9 @@ pub fn charts(
             .filter(|s| !s.points.is_empty())
             .collect()
     };
+    if series(|us, _| us).is_empty() {
+        return Ok(None);
+    }
     let bw = dir.join("bandwidth.svg");
     chart::draw(
         &bw,
@@ -400,5 +496,5 @@ pub fn charts(
         },
         &series(|us, _| us * 1e-6),
     )?;
-    Ok((bw, lat))
+    Ok(Some((bw, lat)))
 }
