@@ -24,6 +24,7 @@ import os
 import socket
 import statistics
 import struct
+import threading
 import time
 
 
@@ -48,22 +49,31 @@ def send_msg(s, payload):
 
 
 def serve(listener, workers, parts, rounds):
+    """A thread per worker (a client sends to every server in turn, so a
+    server that read its clients one after the other could wait on a client
+    blocked on another server): each round, receive the worker's push, wait
+    until every worker's is in, answer."""
     conns = [listener.accept()[0] for _ in range(workers)]
-    for c in conns:
+    everyone = threading.Barrier(workers)
+
+    def one(c):
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    bufs = [[memoryview(bytearray(p)) for p in parts] for _ in conns]
-    hdr = memoryview(bytearray(8))
-    for _ in range(rounds):
-        # Receive every worker's push, then answer every worker (a round).
-        for c, bs in zip(conns, bufs):
-            for b in bs:
+        bufs = [memoryview(bytearray(p)) for p in parts]
+        hdr = memoryview(bytearray(8))
+        for _ in range(rounds):
+            for b in bufs:
                 recv_exact(c, hdr)
                 recv_exact(c, b)
-        for c, bs in zip(conns, bufs):
-            for b in bs:
+            everyone.wait(timeout=600)
+            for b in bufs:
                 send_msg(c, b)
-    for c in conns:
         c.close()
+
+    ts = [threading.Thread(target=one, args=(c,)) for c in conns]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
 
 
 def client(ports, parts, rounds, q):

@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::error::TransportError;
+use crate::landing::Landing;
 use crate::link::Link;
 use crate::postoffice::{Inner, Postoffice};
 use crate::protocol::{describe, role_rank, Group, NodeId, Role};
@@ -421,6 +422,7 @@ impl KvWorker {
         out
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn kv_request(
         &self,
         keys: &[u64],
@@ -428,6 +430,7 @@ impl KvWorker {
         vals: Bytes,
         flags: Flags,
         opts: RequestOptions,
+        landing: Option<Arc<Landing>>,
         callback: impl FnOnce(Result<KvResponse, TransportError>) + Send + 'static,
     ) -> Result<(), TransportError> {
         if keys.is_empty() {
@@ -474,6 +477,7 @@ impl KvWorker {
         self.inner.request(
             frames,
             opts.timeout,
+            landing,
             Box::new(move |r| {
                 callback(r.and_then(|answers| {
                     let mut resp = KvResponse::default();
@@ -519,7 +523,7 @@ impl KvWorker {
         opts: RequestOptions,
     ) -> Result<Pending, TransportError> {
         let (p, cb) = Self::pending(format!("a push of {} keys", keys.len()));
-        self.kv_request(keys, lens, vals, Flags::PUSH, opts, cb)?;
+        self.kv_request(keys, lens, vals, Flags::PUSH, opts, None, cb)?;
         Ok(p)
     }
 
@@ -527,7 +531,7 @@ impl KvWorker {
     pub fn pull(&self, keys: &[u64], opts: RequestOptions) -> Result<Pending, TransportError> {
         let (p, cb) = Self::pending(format!("a pull of {} keys", keys.len()));
         let lens = vec![0u32; keys.len()];
-        self.kv_request(keys, &lens, Bytes::new(), Flags::PULL, opts, cb)?;
+        self.kv_request(keys, &lens, Bytes::new(), Flags::PULL, opts, None, cb)?;
         Ok(p)
     }
 
@@ -540,7 +544,7 @@ impl KvWorker {
         opts: RequestOptions,
     ) -> Result<Pending, TransportError> {
         let (p, cb) = Self::pending(format!("a push-pull of {} keys", keys.len()));
-        self.kv_request(keys, lens, vals, Flags::PUSH | Flags::PULL, opts, cb)?;
+        self.kv_request(keys, lens, vals, Flags::PUSH | Flags::PULL, opts, None, cb)?;
         Ok(p)
     }
 
@@ -553,30 +557,44 @@ impl KvWorker {
         opts: RequestOptions,
         done: impl FnOnce(Result<KvResponse, TransportError>) + Send + 'static,
     ) -> Result<(), TransportError> {
-        self.kv_request(keys, lens, vals, Flags::PUSH, opts, done)
+        self.kv_request(keys, lens, vals, Flags::PUSH, opts, None, done)
     }
 
     /// As [`KvWorker::pull`], calling `done` instead (on an I/O thread).
+    /// With `landing` (a pull from one server), the answer's values may be
+    /// received straight into it: then [`Landing::is_filled`] holds when
+    /// `done` runs and the answer carries no values of its own.
     pub fn pull_with(
         &self,
         keys: &[u64],
         opts: RequestOptions,
+        landing: Option<Arc<Landing>>,
         done: impl FnOnce(Result<KvResponse, TransportError>) + Send + 'static,
     ) -> Result<(), TransportError> {
         let lens = vec![0u32; keys.len()];
-        self.kv_request(keys, &lens, Bytes::new(), Flags::PULL, opts, done)
+        self.kv_request(keys, &lens, Bytes::new(), Flags::PULL, opts, landing, done)
     }
 
-    /// As [`KvWorker::push_pull`], calling `done` instead (on an I/O thread).
+    /// As [`KvWorker::push_pull`], calling `done` instead (on an I/O
+    /// thread); `landing` as in [`KvWorker::pull_with`].
     pub fn push_pull_with(
         &self,
         keys: &[u64],
         lens: &[u32],
         vals: Bytes,
         opts: RequestOptions,
+        landing: Option<Arc<Landing>>,
         done: impl FnOnce(Result<KvResponse, TransportError>) + Send + 'static,
     ) -> Result<(), TransportError> {
-        self.kv_request(keys, lens, vals, Flags::PUSH | Flags::PULL, opts, done)
+        self.kv_request(
+            keys,
+            lens,
+            vals,
+            Flags::PUSH | Flags::PULL,
+            opts,
+            landing,
+            done,
+        )
     }
 
     /// Sends command `cmd` with `body` to every node of `group` except this
@@ -629,6 +647,7 @@ impl KvWorker {
             .collect();
         self.inner.request(
             frames,
+            None,
             None,
             Box::new(move |r| {
                 cb(r.map(|answers| KvResponse {

@@ -16,6 +16,7 @@
 mod config;
 mod error;
 mod kv;
+mod landing;
 mod link;
 mod postoffice;
 pub mod protocol;
@@ -30,6 +31,7 @@ pub mod wire;
 pub use config::{Config, VanKind};
 pub use error::TransportError;
 pub use kv::{KvRequest, KvResponse, KvWorker, Pending, RequestHandler, RequestOptions, Responder};
+pub use landing::Landing;
 pub use postoffice::{EndWatcher, MissedBarrier, NodeChange, NodeEnd, NodeWatcher, Postoffice};
 pub use protocol::tracker::TrackError;
 pub use protocol::{Group, NodeId, Role};

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pskv_transport::{
-    Config, Group, KvRequest, KvResponse, KvWorker, Postoffice, Region, RequestHandler,
+    Config, Group, KvRequest, KvResponse, KvWorker, Landing, Postoffice, Region, RequestHandler,
     RequestOptions, Responder, Role, TransportError, VanKind,
 };
 
@@ -605,7 +605,7 @@ fn requests_can_be_awaited() {
     });
     // And a callback.
     let (tx, rx) = std::sync::mpsc::channel();
-    kv.pull_with(&[1], RequestOptions::default(), move |r| {
+    kv.pull_with(&[1], RequestOptions::default(), None, move |r| {
         tx.send(r.map(|r| r.to_bytes())).unwrap()
     })
     .unwrap();
@@ -613,6 +613,77 @@ fn requests_can_be_awaited() {
         rx.recv_timeout(T).unwrap().unwrap(),
         Bytes::from_static(b"hi")
     );
+}
+
+/// A pull's answer of at least 16 KiB lands in the memory its request gave
+/// (the TCP van reads it from the socket straight there; the answer then
+/// carries no values); a smaller one, an answer to a request without a
+/// landing, and one whose landing was closed before it came take the
+/// ordinary path.
+#[test]
+fn answers_land_in_the_memory_a_pull_gives() {
+    let c = cluster(1, 1, None);
+    let kv = KvWorker::new(&c.workers[0]);
+    let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    for (key, v) in [(1u64, &big[..]), (2, &big[..1000])] {
+        kv.push(
+            &[key],
+            &[v.len() as u32],
+            Bytes::copy_from_slice(v),
+            RequestOptions::default(),
+        )
+        .unwrap()
+        .wait(T)
+        .unwrap();
+    }
+    let pull = |key: u64, mem: &mut Vec<u8>, close_first: bool| {
+        // SAFETY: `mem` is read only after the landing is closed below.
+        let l = Arc::new(unsafe { Landing::new(mem.as_mut_ptr(), mem.len()) });
+        if close_first {
+            l.close(|| {});
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        kv.pull_with(
+            &[key],
+            RequestOptions::default(),
+            Some(l.clone()),
+            move |r| tx.send(r).unwrap(),
+        )
+        .unwrap();
+        let resp = rx.recv_timeout(T).unwrap().unwrap();
+        let filled = l.is_filled();
+        l.close(|| {});
+        (resp, filled)
+    };
+    let mut mem = vec![0u8; big.len()];
+    let (resp, filled) = pull(1, &mut mem, false);
+    assert!(filled);
+    assert!(
+        resp.is_empty(),
+        "the values are in the landing, not the answer"
+    );
+    assert_eq!(resp.lens, vec![big.len() as u32]);
+    assert_eq!(mem, big);
+
+    let mut mem = vec![0u8; 1000];
+    let (resp, filled) = pull(2, &mut mem, false);
+    assert!(!filled, "small answers are copied from the read buffer");
+    assert_eq!(resp.to_bytes(), Bytes::copy_from_slice(&big[..1000]));
+
+    let mut mem = vec![0u8; big.len()];
+    let (resp, filled) = pull(1, &mut mem, true);
+    assert!(!filled);
+    assert_eq!(resp.to_bytes(), Bytes::copy_from_slice(&big));
+    assert!(
+        mem.iter().all(|&b| b == 0),
+        "a closed landing is left alone"
+    );
+
+    // A landing of the wrong size is not used either.
+    let mut mem = vec![0u8; big.len() - 1];
+    let (resp, filled) = pull(1, &mut mem, false);
+    assert!(!filled);
+    assert_eq!(resp.len(), big.len());
 }
 
 /// Nodes start from inside an async context (a caller's tokio runtime,
@@ -761,7 +832,7 @@ fn a_request_past_its_timeout_fails_naming_the_silent_node() {
             timeout,
             ..RequestOptions::default()
         };
-        kv.pull_with(&[key], opts, move |r| {
+        kv.pull_with(&[key], opts, None, move |r| {
             let _ = tx.send((key, t0.elapsed(), r.map(|_| ())));
         })
         .unwrap();

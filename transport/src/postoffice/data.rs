@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::TransportError;
 use crate::kv::{Callback, Responder};
+use crate::landing::Landing;
 use crate::link::Link;
 use crate::protocol::resender::Received;
 use crate::protocol::tracker::{Completed, TrackError};
@@ -23,10 +24,14 @@ impl Inner {
     /// runs once with every answer, or with the first failure.
     /// With `timeout`, the request fails (`TrackError::TimedOut`) if some
     /// node has not answered by then.
+    ///
+    /// `landing`: where the answer's payload may be received (a request to
+    /// one node only; ignored otherwise, and by vans that cannot).
     pub(crate) fn request(
         &self,
         parts: Vec<(NodeId, Frame)>,
         timeout: Option<Duration>,
+        landing: Option<Arc<Landing>>,
         callback: Callback,
     ) -> Result<(), TransportError> {
         if self.shutting_down.load(Ordering::Acquire) {
@@ -62,6 +67,9 @@ impl Inner {
                 None => reqs.tracker.start(targets),
             };
             reqs.callbacks.insert(id, callback);
+            if let (Some(l), [(node, _)]) = (landing, &parts[..]) {
+                reqs.landings.insert(id, (*node, l));
+            }
             id
         };
         // After the deadline is in the tracker (see `Timer`).
@@ -168,7 +176,11 @@ impl Inner {
 
     pub(super) fn complete(&self, done: Vec<Completed<Frame>>) {
         for c in done {
-            let cb = self.reqs.lock().callbacks.remove(&c.request_id);
+            let cb = {
+                let mut reqs = self.reqs.lock();
+                reqs.landings.remove(&c.request_id);
+                reqs.callbacks.remove(&c.request_id)
+            };
             if let Some(cb) = cb {
                 cb(c.result.map_err(TransportError::from));
             }
@@ -281,6 +293,13 @@ impl FrameSink for Inner {
             Kind::Response => self.on_response(link, frame),
             Kind::Ack => {}
         }
+    }
+
+    fn landing(&self, link: &Link, request_id: u64) -> Option<Arc<Landing>> {
+        let reqs = self.reqs.lock();
+        let (node, l) = reqs.landings.get(&request_id)?;
+        // Only the node the request went to answers into it.
+        (*node == link.peer()).then(|| l.clone())
     }
 
     fn on_closed(&self, link: &Arc<Link>, reason: String) {

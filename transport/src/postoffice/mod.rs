@@ -134,6 +134,9 @@ struct Links {
 struct Requests {
     tracker: Tracker<Frame>,
     callbacks: HashMap<u64, Callback>,
+    /// Where the answer of a one-node request may land (`Landing`): the
+    /// node, and the landing; removed when the request completes.
+    landings: HashMap<u64, (NodeId, Arc<crate::landing::Landing>)>,
 }
 
 pub(crate) struct Inner {

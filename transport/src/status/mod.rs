@@ -85,6 +85,12 @@ impl Traffic {
         self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
+    /// A payload received into a landing (its frame is counted without
+    /// it by `received`).
+    pub(crate) fn landed(&self, bytes: u64) {
+        self.bytes_in.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     pub(crate) fn counts(&self) -> TrafficCounts {
         TrafficCounts {
             frames_in: self.frames_in.load(Ordering::Relaxed),

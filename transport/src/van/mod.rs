@@ -87,6 +87,11 @@ pub(crate) trait FrameSink: Send + Sync + 'static {
     fn on_frame(&self, link: &Arc<Link>, frame: Frame);
     /// `link` ended (called once).
     fn on_closed(&self, link: &Arc<Link>, reason: String);
+    /// Where the payload of answer `request_id` from `link`'s node may be
+    /// received, if the request gave a landing (`crate::Landing`).
+    fn landing(&self, _link: &Link, _request_id: u64) -> Option<Arc<crate::landing::Landing>> {
+        None
+    }
 }
 
 /// One kind of link: how its two sides agree on it and start it.

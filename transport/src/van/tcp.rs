@@ -12,9 +12,16 @@
 //! link's priority queue. Either way each frame's head and payload go out
 //! with vectored writes: the payload is never copied into a send buffer.
 //!
-//! Receive buffers of large bodies are reused: when the application has
-//! dropped the previous large body, its allocation takes the next one (no
-//! fresh pages to fault in per message).
+//! Receive buffers of large bodies are reused: the reader keeps the
+//! allocations of the last `SPARE_BIG` large bodies, and the first of them
+//! that the application has dropped every frame of takes the next large
+//! body (no fresh pages to fault in per message, also when a server holds
+//! several pushes until their round is complete).
+//!
+//! An answer of at least `LAND_BYTES` whose request gave a [`Landing`]
+//! skips the receive buffer: after its keys and meta, its payload is read
+//! from the socket straight into the landing (a pull's values into the
+//! output tensor, with no copy after the kernel's).
 
 use std::io::IoSlice;
 use std::sync::Arc;
@@ -25,11 +32,21 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{end, FrameSink, Half, Start, Van, VanError};
+use crate::landing::Landing;
 use crate::link::{Link, Work};
-use crate::wire::{decode_body, decode_header, Frame, Limits, VanId, WireError, HEADER_LEN};
+use crate::wire::{
+    decode_body, decode_body_landed, decode_header, Flags, Frame, Header, Kind, Limits, VanId,
+    WireError, HEADER_LEN,
+};
 
 /// Read-buffer size for small frames.
 const READ_CHUNK: usize = 64 * 1024;
+/// Allocations of large bodies kept for reuse.
+const SPARE_BIG: usize = 8;
+/// Answers with at least this many payload bytes look for a landing (a
+/// smaller one is copied out of the read buffer at little cost, and the
+/// lookup takes a lock).
+const LAND_BYTES: u64 = 16 * 1024;
 /// Most bytes written per batch.
 const BATCH_BYTES: usize = 1 << 20;
 
@@ -58,8 +75,9 @@ impl std::fmt::Display for ReadError {
 pub(crate) struct FrameReader<R> {
     rd: R,
     buf: BytesMut,
-    /// Where large bodies are received (reclaimed when they are dropped).
-    big: BytesMut,
+    /// Where large bodies were received, the oldest first (each reclaimed
+    /// once its bodies are dropped).
+    big: Vec<BytesMut>,
     limits: Limits,
 }
 
@@ -76,7 +94,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             rd,
             buf: BytesMut::with_capacity(start),
-            big: BytesMut::new(),
+            big: Vec::new(),
             limits,
         }
     }
@@ -114,25 +132,45 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next frame.
     pub(crate) async fn read(&mut self) -> Result<Frame, ReadError> {
+        self.read_landing(|_| None).await
+    }
+
+    /// The next frame; an answer's payload goes into the landing `landing`
+    /// gives for its header, if any (see the module docs).
+    pub(crate) async fn read_landing(
+        &mut self,
+        landing: impl FnOnce(&Header) -> Option<Arc<Landing>>,
+    ) -> Result<Frame, ReadError> {
         self.fill(HEADER_LEN).await?;
         let h = decode_header(&self.buf[..HEADER_LEN], &self.limits).map_err(ReadError::Wire)?;
         self.buf.advance(HEADER_LEN);
+        if h.kind == Kind::Response
+            && !h.flags.contains(Flags::ERROR)
+            && h.payload_len >= LAND_BYTES
+        {
+            if let Some(l) = landing(&h) {
+                if let Some(dst) = l.claim(h.payload_len) {
+                    let mut claim = Claim(&l, false);
+                    let frame = self.read_landed(h, dst).await?;
+                    claim.1 = true;
+                    return Ok(frame);
+                }
+            }
+        }
         let need = h.body_len() as usize;
         let body = if need <= self.buf.len() || need <= READ_CHUNK {
             self.fill(need).await?;
             self.buf.split_to(need).freeze()
         } else {
-            // A large body: one buffer of its size (the previous one's, if
-            // it was dropped); what is already buffered is copied in, the
-            // rest is read straight into it.
-            let big = &mut self.big;
-            big.clear();
-            big.reserve(need);
+            // A large body: one buffer of its size (a dropped one's, if
+            // any); what is already buffered is copied in, the rest is read
+            // straight into it.
+            let mut big = self.take_big(need);
             big.extend_from_slice(&self.buf);
             self.buf.clear();
             while big.len() < need {
                 let want = (need - big.len()) as u64;
-                match (&mut self.rd).take(want).read_buf(big).await {
+                match (&mut self.rd).take(want).read_buf(&mut big).await {
                     Ok(0) => {
                         return Err(ReadError::Io(
                             "the peer closed the connection in the middle of a frame".into(),
@@ -142,9 +180,61 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     Err(e) => return Err(ReadError::Io(e.to_string())),
                 }
             }
-            big.split_to(need).freeze()
+            let body = big.split_to(need).freeze();
+            // The rest still owns the allocation: reclaimed once `body` and
+            // its slices are dropped.
+            self.big.push(big);
+            body
         };
         decode_body(h, body).map_err(ReadError::Wire)
+    }
+
+    /// An empty buffer for `need` bytes: the oldest kept allocation that is
+    /// free again and large enough, or a new one.
+    fn take_big(&mut self, need: usize) -> BytesMut {
+        if let Some(i) = self.big.iter_mut().position(|b| {
+            b.clear();
+            b.try_reclaim(need)
+        }) {
+            return self.big.remove(i);
+        }
+        if self.big.len() >= SPARE_BIG {
+            self.big.remove(0);
+        }
+        BytesMut::with_capacity(need)
+    }
+
+    /// Reads an answer's keys and meta, then its payload into `dst`.
+    async fn read_landed(&mut self, h: Header, dst: &mut [u8]) -> Result<Frame, ReadError> {
+        let head_len = (h.body_len() - h.payload_len) as usize;
+        self.fill(head_len).await?;
+        let head = self.buf.split_to(head_len).freeze();
+        // What the last read brought past the head, then the socket.
+        let mut at = self.buf.len().min(dst.len());
+        dst[..at].copy_from_slice(&self.buf[..at]);
+        self.buf.advance(at);
+        while at < dst.len() {
+            match self.rd.read(&mut dst[at..]).await {
+                Ok(0) => {
+                    return Err(ReadError::Io(
+                        "the peer closed the connection in the middle of a frame".into(),
+                    ))
+                }
+                Ok(n) => at += n,
+                Err(e) => return Err(ReadError::Io(e.to_string())),
+            }
+        }
+        decode_body_landed(h, head).map_err(ReadError::Wire)
+    }
+}
+
+/// A claimed landing, released when dropped: filled if `.1` was set, else
+/// open again (an error, or the reader's task dropped mid-read at shutdown).
+struct Claim<'a>(&'a Landing, bool);
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.0.release(self.1);
     }
 }
 
@@ -303,8 +393,21 @@ fn start(
     rt.spawn(async move {
         let mut reader = reader;
         loop {
-            match reader.read().await {
-                Ok(frame) => s.on_frame(&l, frame),
+            let mut landed = 0;
+            let read = reader
+                .read_landing(|h| {
+                    let to = s.landing(&l, h.request_id)?;
+                    landed = h.payload_len;
+                    Some(to)
+                })
+                .await;
+            match read {
+                Ok(frame) => {
+                    if frame.payload.len() as u64 != landed {
+                        l.traffic.landed(landed);
+                    }
+                    s.on_frame(&l, frame)
+                }
                 Err(e) => {
                     if matches!(e, ReadError::Wire(_)) {
                         tracing::warn!(link = l.id, peer = l.peer(), "closing the connection: {e}");

@@ -302,7 +302,22 @@ pub fn decode_frame(bytes: Bytes, limits: &Limits) -> Result<Frame, WireError> {
 /// Splits a body (exactly `header.body_len()` bytes, received into one
 /// buffer) into a frame. The payload and meta are slices of `body`: no copy.
 pub fn decode_body(h: Header, body: Bytes) -> Result<Frame, WireError> {
-    let need = h.body_len();
+    decode(h, body, false)
+}
+
+/// Decodes the body of a frame whose payload was received elsewhere (a
+/// `Landing`): `head` holds the keys, lengths and meta; the frame's payload
+/// is empty, and the lengths must add up to the header's payload length.
+pub(crate) fn decode_body_landed(h: Header, head: Bytes) -> Result<Frame, WireError> {
+    decode(h, head, true)
+}
+
+fn decode(h: Header, body: Bytes, landed: bool) -> Result<Frame, WireError> {
+    let need = if landed {
+        h.body_len() - h.payload_len
+    } else {
+        h.body_len()
+    };
     if (body.len() as u64) != need {
         return Err(WireError::Truncated {
             need: need as usize,
@@ -329,7 +344,11 @@ pub fn decode_body(h: Header, body: Bytes) -> Result<Frame, WireError> {
     let meta_at = n * 12;
     let payload_at = meta_at + h.meta_len as usize;
     let meta = body.slice(meta_at..payload_at);
-    let payload = body.slice(payload_at..);
+    let payload = if landed {
+        Bytes::new()
+    } else {
+        body.slice(payload_at..)
+    };
     let must_add_up = match h.kind {
         Kind::Request => h.flags.contains(Flags::PUSH),
         Kind::Response => !h.flags.contains(Flags::ERROR) && n > 0,

@@ -24,6 +24,7 @@ mod control;
 mod frame;
 
 pub use control::{Control, NodeInfo, VanId, Vote};
+pub(crate) use frame::decode_body_landed;
 pub use frame::{
     decode_body, decode_frame, decode_header, Decoder, Flags, Frame, Header, Kind, Limits,
     WireError, HEADER_LEN, MAGIC, VERSION,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use pskv_engine::Completion;
 use pskv_transport::status::RoundLog;
-use pskv_transport::{KvResponse, MissedBarrier, TrackError, TransportError};
+use pskv_transport::{KvResponse, Landing, MissedBarrier, TrackError, TransportError};
 
 use super::staging;
 use crate::error::{Fault, KvError};
@@ -71,6 +71,9 @@ pub(super) struct Inflight {
     /// collective call this worker had not reached).
     began: Instant,
     missed: MissedBarrier,
+    /// Where its parts' answers may land (`parts::LandIn`): closed before
+    /// the op completes.
+    landings: Mutex<Vec<Arc<Landing>>>,
 }
 
 impl Inflight {
@@ -95,7 +98,13 @@ impl Inflight {
             round: rounds.map(|r| (r.clone(), key.id())),
             began,
             missed: missed.clone(),
+            landings: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Keeps a landing of one of the op's requests, to close at the end.
+    pub(super) fn hold(&self, landing: Arc<Landing>) {
+        self.landings.lock().push(landing);
     }
 
     /// One part answered: `on_ok` stores its values (under the read lock).
@@ -159,10 +168,34 @@ impl Inflight {
         // lock of `done` (answers) or before its part was sent, so all are
         // queued by now (the lock was just taken for writing, or every part
         // answered): draining the lanes covers them.
-        staging::settle(self.settle.clone(), move |drained| match (err, drained) {
-            (None, Ok(())) => c.complete(),
-            (Some(e), _) => c.fail(e),
-            (None, Err(e)) => c.fail(KvError::from(e)),
-        });
+        let settle = self.settle.clone();
+        let go = move || {
+            staging::settle(settle, move |drained| match (err, drained) {
+                (None, Ok(())) => c.complete(),
+                (Some(e), _) => c.fail(e),
+                (None, Err(e)) => c.fail(KvError::from(e)),
+            })
+        };
+        // Subtle: the output is the next op's once the op completes, so
+        // every landing in it is closed first. A landing that a reader is
+        // still writing (its request failed or timed out meanwhile) closes
+        // when the reader is done, and the op completes then, on the
+        // reader's thread.
+        let landings = std::mem::take(&mut *self.landings.lock());
+        if landings.is_empty() {
+            return go();
+        }
+        let left = Arc::new(AtomicUsize::new(landings.len()));
+        let go = Arc::new(Mutex::new(Some(go)));
+        for l in landings {
+            let (left, go) = (left.clone(), go.clone());
+            l.close(move || {
+                if left.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    if let Some(go) = go.lock().take() {
+                        go();
+                    }
+                }
+            });
+        }
     }
 }

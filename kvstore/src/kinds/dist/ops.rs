@@ -176,7 +176,9 @@ impl DistStore {
             let mut settle = Vec::new();
             if let Some(l) = &land {
                 match me.landing(&dk2, l, segs.clone(), &rc) {
-                    Ok((on_answer, lanes)) => (round.on_answer, settle) = (on_answer, lanes),
+                    Ok((on_answer, lanes, land)) => {
+                        (round.on_answer, settle, round.land) = (on_answer, lanes, land)
+                    }
                     Err(e) => return completion.fail(e),
                 }
             }
@@ -223,12 +225,13 @@ impl DistStore {
             };
             let dtype = dk2.local.meta.dtype;
             let segs = me.shm_parts(&dk2);
-            let (on_answer, settle) = match me.landing(&dk2, &land, segs.clone(), &rc) {
+            let (on_answer, settle, land) = match me.landing(&dk2, &land, segs.clone(), &rc) {
                 Ok(x) => x,
                 Err(e) => return completion.fail(e),
             };
             let round = Round {
                 on_answer,
+                land,
                 ..Round::ignore_answers(
                     me.head(Op::Pull, dtype, Compression::None),
                     priority,
@@ -316,7 +319,7 @@ impl DistStore {
                 bodies[i] = Some(b);
             }
             let round = Round {
-                on_answer: Arc::new(move |i, resp| {
+                on_answer: Arc::new(move |i, resp, _| {
                     let _keep = &keep;
                     check_len(resp, counts[i] * rb)?;
                     copy_parts(&ptr, offsets[i], resp)
@@ -417,7 +420,7 @@ pub(super) fn answer_into(
     let ub = dk.unit * dk.local.meta.dtype.size();
     let parts = dk.parts.clone();
     let keep = out.clone();
-    Arc::new(move |i, resp| {
+    Arc::new(move |i, resp, landed| {
         let _keep = &keep;
         let p = parts[i];
         match &segs[i] {
@@ -427,6 +430,17 @@ pub(super) fn answer_into(
                 // and writes it again only in a round this worker has not
                 // pushed to yet (see `kinds/dist/segments.rs`).
                 ptr.write(p.start * ub, unsafe { seg.slot(workers as usize) })
+            }
+            // In place already (the landing was exactly the part's bytes).
+            None if landed => {
+                let said: usize = resp.lens.iter().map(|&l| l as usize).sum();
+                if said != p.len * ub || !resp.is_empty() {
+                    return Err(Fault::Mismatch(format!(
+                        "the server answered {said} bytes, expected {}",
+                        p.len * ub
+                    )));
+                }
+                Ok(())
             }
             None => {
                 check_len(resp, p.len * ub)?;

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use pskv_engine::Completion;
-use pskv_transport::{KvResponse, RequestOptions, TransportError};
+use pskv_transport::{KvResponse, Landing, RequestOptions, TransportError};
 
-use super::inflight::Inflight;
+use super::inflight::{Inflight, OutPtr};
 use super::{staging, DistKey, DistStore};
 use crate::compression::Compression;
 use crate::dtype::DType;
@@ -39,9 +39,21 @@ pub(super) struct PartSend {
     pub(super) payload: Bytes,
 }
 
-/// What answers of a part request are handed to: part index and answer.
+/// What answers of a part request are handed to: part index, answer, and
+/// whether its values landed in the output already (then the answer
+/// carries none: see [`LandIn`]).
 pub(super) type OnAnswer =
-    Arc<dyn Fn(usize, &KvResponse) -> std::result::Result<(), Fault> + Send + Sync>;
+    Arc<dyn Fn(usize, &KvResponse, bool) -> std::result::Result<(), Fault> + Send + Sync>;
+
+/// Where the values of a round's answers may be received in place (a
+/// [`Landing`] per part request; the TCP van reads them straight from the
+/// socket): the output's buffer, in which part `p` holds `p.len *
+/// unit_bytes` bytes from `p.start * unit_bytes`.
+#[derive(Clone, Copy)]
+pub(super) struct LandIn {
+    pub(super) out: OutPtr,
+    pub(super) unit_bytes: usize,
+}
 
 /// What the part requests of one op share.
 #[derive(Clone)]
@@ -53,6 +65,9 @@ pub(super) struct Round {
     /// The op, for errors (`push`, `pull`, ...).
     pub(super) name: &'static str,
     pub(super) on_answer: OnAnswer,
+    /// Answers may land in the output (pulls and push-pulls of dense
+    /// values).
+    pub(super) land: Option<LandIn>,
 }
 
 impl Round {
@@ -63,7 +78,8 @@ impl Round {
             priority,
             tag,
             name,
-            on_answer: Arc::new(|_, _| Ok(())),
+            on_answer: Arc::new(|_, _, _| Ok(())),
+            land: None,
         }
     }
 }
@@ -173,7 +189,14 @@ impl DistStore {
         // An init is not sent again elsewhere: the backup holds a key only
         // once its primary copied it there.
         let failover = self.replicas > 1 && head.op != Op::Init;
-        self.send_part(send, failover, false, inf.clone(), round.on_answer.clone());
+        self.send_part(
+            send,
+            failover,
+            false,
+            inf.clone(),
+            round.on_answer.clone(),
+            round.land,
+        );
     }
 
     /// The node that serves a part of server rank `server`: the server, or
@@ -197,6 +220,7 @@ impl DistStore {
         to_backup: bool,
         inf: Arc<Inflight>,
         cb: OnAnswer,
+        land: Option<LandIn>,
     ) {
         let target = self.route(p.part.server, to_backup);
         let opts = RequestOptions {
@@ -207,10 +231,24 @@ impl DistStore {
             // The transport fails the part on time (no watchdog here).
             timeout: Some(self.opts.timeout),
         };
+        let landing = land.and_then(|l| {
+            let (at, n) = (p.part.start * l.unit_bytes, p.part.len * l.unit_bytes);
+            if n == 0 || at + n > l.out.1 {
+                return None;
+            }
+            // SAFETY: the range is inside the output, which the op writes
+            // until it completes; it completes only once this landing is
+            // closed (`Inflight::finish`), and no other request of the op
+            // lands in the range meanwhile (parts are disjoint; a part sent
+            // to the backup waits for this landing to close, below).
+            let l = Arc::new(unsafe { Landing::new(l.out.0.add(at), n) });
+            inf.hold(l.clone());
+            Some(l)
+        });
         let me = self.handle();
         let again = failover.then(|| p.clone());
         let retry = failover.then(|| p.clone());
-        let (inf2, cb2) = (inf.clone(), cb.clone());
+        let (inf2, cb2, landing2) = (inf.clone(), cb.clone(), landing.clone());
         let i = p.i;
         let died = move |r: &TransportError| {
             matches!(
@@ -229,24 +267,36 @@ impl DistStore {
                     p.part.ps_key,
                     pskv_transport::protocol::describe(target)
                 );
-                return me.send_part(p, false, true, inf2, cb2);
+                // The backup's answer lands in the same memory: only once
+                // a reader still writing this request's answer is done.
+                let resend = move || me.send_part(p, false, true, inf2, cb2, land);
+                match &landing2 {
+                    Some(l) => {
+                        l.close(resend);
+                    }
+                    None => resend(),
+                }
+                return;
             }
-            inf2.part_done(r, |resp| cb2(i, resp))
+            let landed = landing2.as_ref().is_some_and(|l| l.is_filled());
+            inf2.part_done(r, |resp| cb2(i, resp, landed))
         };
         let keys = [p.part.ps_key];
         let lens = [p.payload.len() as u32];
         let sent = match p.head.op {
-            Op::Pull => self.kv.pull_with(&keys, opts, done),
+            Op::Pull => self.kv.pull_with(&keys, opts, landing, done),
             Op::Push | Op::RowPush | Op::Init => {
                 self.kv.push_with(&keys, &lens, p.payload, opts, done)
             }
-            _ => self.kv.push_pull_with(&keys, &lens, p.payload, opts, done),
+            _ => self
+                .kv
+                .push_pull_with(&keys, &lens, p.payload, opts, landing, done),
         };
         match (sent, retry) {
             // The server died between the routing and the send, or cannot
             // be reached (its link is gone and a new one fails).
             (Err(e), Some(p)) if died(&e) || unreachable(&e) => {
-                self.send_part(p, false, true, inf, cb)
+                self.send_part(p, false, true, inf, cb, land)
             }
             (Err(e), _) => inf.part_done(Err(e), |_| Ok(())),
             (Ok(()), _) => {}

@@ -36,7 +36,7 @@ use pskv_transport::Region;
 
 use super::inflight::{Inflight, OutPtr};
 use super::ops::answer_into;
-use super::parts::{OnAnswer, Round};
+use super::parts::{LandIn, OnAnswer, Round};
 use super::{DistKey, DistStore};
 use crate::compression::{Compression, HEADER};
 use crate::error::{Fault, KvError, Result};
@@ -225,7 +225,7 @@ impl DistStore {
         land: &Landing,
         segs: Vec<Option<Arc<Region>>>,
         rc: &RunContext<'_>,
-    ) -> Result<(OnAnswer, Lanes)> {
+    ) -> Result<(OnAnswer, Lanes, Option<LandIn>)> {
         // The op writes `land.host`; answers fill disjoint ranges of its
         // buffer until it completes.
         let mut hd = land.host.write(rc)?;
@@ -233,9 +233,14 @@ impl DistStore {
         let len = hd.buf.len();
         drop(hd);
         let ptr = OutPtr(base.0, len);
+        let ub = dk.unit * dk.local.meta.dtype.size();
+        let land_in = Some(LandIn {
+            out: ptr,
+            unit_bytes: ub,
+        });
         let into_host = answer_into(dk, &land.host, ptr, segs, self.po.num_workers());
         let Some(out) = &land.device else {
-            return Ok((into_host, Vec::new()));
+            return Ok((into_host, Vec::new(), land_in));
         };
         let gpu = gpu_of(out.ctx()).ok_or_else(|| KvError::invalid("a landing on the host"))?;
         let dev = device::open(gpu)?;
@@ -245,11 +250,10 @@ impl DistStore {
         }
         let target = od.dev.clone().expect("allocated above");
         drop(od);
-        let ub = dk.unit * dk.local.meta.dtype.size();
         let parts = dk.parts.clone();
         let (d, keep) = (dev.clone(), land.host.clone());
-        let on_answer: OnAnswer = Arc::new(move |i, resp| {
-            into_host(i, resp)?;
+        let on_answer: OnAnswer = Arc::new(move |i, resp, landed| {
+            into_host(i, resp, landed)?;
             let p = parts[i];
             let (at, n) = (p.start * ub, p.len * ub);
             let src = HostPart {
@@ -262,7 +266,7 @@ impl DistStore {
             d.upload(Lane::Copy, Arc::new(src), &target, at)
                 .map_err(|e| Fault::Failed(format!("copying the answer to GPU {gpu}: {e}")))
         });
-        Ok((on_answer, vec![(dev, Lane::Copy)]))
+        Ok((on_answer, vec![(dev, Lane::Copy)], land_in))
     }
 
     /// Sends part `i` of an op once the device work queued for it on
