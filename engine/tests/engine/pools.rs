@@ -252,3 +252,40 @@ fn the_run_context_grants_exactly_the_ops_vars() {
     ];
     assert_eq!(*seen.lock().unwrap(), vec![want, want]);
 }
+
+/// Bursts of ops after idle gaps (the workers asleep) and right after the
+/// last burst (a worker still searching): no wake-up is lost (every op runs,
+/// in time; a searcher that never stopped searching fails this), and bursts
+/// spread over both workers.
+#[test]
+fn bursts_after_idle_gaps_wake_the_pool_and_spread_over_it() {
+    let e = Engine::builder().cpu_threads(2).build().unwrap();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let mut spread = 0;
+    for round in 0..60 {
+        // Long enough for both workers to stop searching and sleep.
+        std::thread::sleep(Duration::from_millis(if round % 2 == 0 { 3 } else { 0 }));
+        let names = Arc::new(Mutex::new(std::collections::HashSet::new()));
+        let vars: Vec<Var> = (0..6).map(|_| Var::new()).collect();
+        for v in &vars {
+            let (ran, names) = (ran.clone(), names.clone());
+            e.push_sync(OpSpec::new("burst").write(v), move |_| {
+                names.lock().unwrap().insert(thread_name());
+                std::thread::sleep(Duration::from_micros(500));
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .unwrap();
+        }
+        e.wait_for_all_timeout(Duration::from_secs(10))
+            .expect("every op of the burst ran");
+        if names.lock().unwrap().len() == 2 {
+            spread += 1;
+        }
+    }
+    assert_eq!(ran.load(Ordering::SeqCst), 60 * 6);
+    assert!(
+        spread >= 30,
+        "bursts ran on both workers in only {spread} of 60 rounds"
+    );
+}
