@@ -29,7 +29,7 @@
 //! asleep (and then wakes it). A searcher that finds an op and leaves more
 //! behind wakes a sleeper if no one else searches, so work still spreads
 //! over the pool. (A wake-up is a futex call, and on a VM an interrupt to
-//! another vCPU: it cost the pusher of the dispatch bench 12% of its time.)
+//! another vCPU.)
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering as AtomicOrdering};
