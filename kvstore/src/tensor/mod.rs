@@ -637,11 +637,21 @@ impl Tensor {
 }
 
 /// Copies host tensor `src` into host tensor `dst` (an engine op).
+/// Host copies of at most this many bytes run inline (`host_copy`).
+const INLINE_COPY_BYTES: usize = 64 << 10;
+
 pub(crate) fn host_copy(src: &Tensor, dst: &Tensor, priority: i32) -> Result<()> {
-    let spec = Tensor::copy_spec("tensor_copy", src.ctx(), dst.ctx())
+    let mut spec = Tensor::copy_spec("tensor_copy", src.ctx(), dst.ctx())
         .priority(priority)
         .read(src.var())
         .write(dst.var());
+    // A small copy runs on the thread that makes it ready (the caller's,
+    // when its tensors are idle): handing it to a pool worker, and the
+    // worker's finish back to a waiting caller, costs microseconds of
+    // wake-ups for a copy of nanoseconds.
+    if src.len().max(dst.len()) * src.dtype().size() <= INLINE_COPY_BYTES {
+        spec = spec.property(Property::Async);
+    }
     let (s, d) = (src.clone(), dst.clone());
     src.engine().push_sync(spec, move |rc| {
         let (sd, mut dd) = (s.read(&rc)?, d.write(&rc)?);
