@@ -51,6 +51,20 @@ def result(name, tensors, ts, ok, extra):
     return r
 
 
+def timed(one_round, warm, iters, barrier):
+    """`warm` rounds, a barrier, each of `iters` rounds timed, a barrier."""
+    for _ in range(warm):
+        one_round()
+    barrier()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        one_round()
+        ts.append(time.perf_counter() - t0)
+    barrier()
+    return ts
+
+
 def mxnet_worker(args):
     import numpy as np
     import mxnet as mx  # a server or the scheduler serves here and exits
@@ -78,15 +92,7 @@ def mxnet_worker(args):
              abs(float(o[-1].asscalar()) - expect) < 1e-3 for o in outs)
     rng = np.random.RandomState(1234 + rank)
     grads = [mx.nd.array(rng.uniform(-1, 1, n).astype(np.float32)) for _, n in tensors]
-    for _ in range(warm):
-        round_(grads)
-    kv._barrier()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        round_(grads)
-        ts.append(time.perf_counter() - t0)
-    kv._barrier()
+    ts = timed(lambda: round_(grads), warm, iters, kv._barrier)
     name = os.path.splitext(os.path.basename(path))[0]
     print("RESULT " + json.dumps({"rank": rank, "num_workers": nw, "cases": [
         result(name, tensors, ts, ok, {})]}), flush=True)
@@ -111,15 +117,7 @@ def mpi_rank(args):
     ok = all(d[0] == size * (size + 1) / 2 and d[-1] == size * (size + 1) / 2 for d in dst)
     rng = np.random.default_rng(rank)
     src = [rng.uniform(-1, 1, n).astype(np.float32) for _, n in tensors]
-    for _ in range(warm):
-        round_(src)
-    comm.Barrier()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        round_(src)
-        ts.append(time.perf_counter() - t0)
-    comm.Barrier()
+    ts = timed(lambda: round_(src), warm, iters, comm.Barrier)
     meds = comm.gather(float(np.median(ts)), root=0)
     oks = comm.gather(ok, root=0)
     if rank == 0:

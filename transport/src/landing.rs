@@ -103,6 +103,9 @@ impl Landing {
 
     /// A reader takes the landing for `len` bytes: the memory to write, or
     /// None when it is not open or not of that size.
+    // The memory is the caller's, not `self`'s: the claim (a compare and
+    // swap from OPEN) makes this reader its only writer until `release`.
+    #[allow(clippy::mut_from_ref)]
     pub(crate) fn claim(&self, len: u64) -> Option<&mut [u8]> {
         if len != self.len as u64 {
             return None;
