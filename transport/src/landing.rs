@@ -129,9 +129,15 @@ impl Landing {
         {
             return;
         }
-        // CLOSING: the application is waiting for this release.
-        self.state.store(CLOSED, Ordering::Release);
-        if let Some(then) = self.then.lock().take() {
+        // CLOSING: the application is waiting for this release. Subtle:
+        // `then` runs after the lock is dropped, since it may close this
+        // landing again (a failed op closes every landing of its parts).
+        let then = {
+            let mut slot = self.then.lock();
+            self.state.store(CLOSED, Ordering::Release);
+            slot.take()
+        };
+        if let Some(then) = then {
             then();
         }
     }
@@ -161,8 +167,10 @@ impl Landing {
                     return self.close(then);
                 }
                 CLOSING => {
-                    // A second close while the reader writes: after the
-                    // first's `then`.
+                    // A second close while the reader writes: both run at
+                    // the release (the state is read under the lock the
+                    // release takes to set CLOSED, so this one cannot miss
+                    // it).
                     let first = slot.take();
                     *slot = Some(Box::new(move || {
                         if let Some(f) = first {
@@ -244,6 +252,22 @@ mod tests {
         l.release(true);
         assert!(ran.load(Ordering::SeqCst));
         assert!(!l.is_filled(), "closed, not filled: the answer is not used");
+    }
+
+    /// A `then` run at the release may close the same landing again (an op
+    /// that fails closes every landing of its parts): no deadlock.
+    #[test]
+    fn a_then_that_closes_the_landing_again_runs() {
+        let mut buf = [0u8; 4];
+        let l = Arc::new(landing(&mut buf));
+        assert!(l.claim(4).is_some());
+        let (l2, ran) = (l.clone(), Arc::new(AtomicBool::new(false)));
+        let r = ran.clone();
+        assert!(!l.close(move || {
+            assert!(l2.close(move || r.store(true, Ordering::SeqCst)));
+        }));
+        l.release(true);
+        assert!(ran.load(Ordering::SeqCst));
     }
 
     /// Races of release against close on two threads: `then` runs exactly

@@ -13,10 +13,11 @@
 //! with vectored writes: the payload is never copied into a send buffer.
 //!
 //! Receive buffers of large bodies are reused: the reader keeps the
-//! allocations of the last `SPARE_BIG` large bodies, and the first of them
-//! that the application has dropped every frame of takes the next large
-//! body (no fresh pages to fault in per message, also when a server holds
-//! several pushes until their round is complete).
+//! allocations of its last large bodies (at most `SPARE_BIG` of them and
+//! `SPARE_BYTES` in all), and the first of them that the application has
+//! dropped every frame of takes the next large body (no fresh pages to
+//! fault in per message, also when a server holds several pushes until
+//! their round is complete).
 //!
 //! An answer of at least `LAND_BYTES` whose request gave a [`Landing`]
 //! skips the receive buffer: after its keys and meta, its payload is read
@@ -41,8 +42,10 @@ use crate::wire::{
 
 /// Read-buffer size for small frames.
 const READ_CHUNK: usize = 64 * 1024;
-/// Allocations of large bodies kept for reuse.
+/// Allocations of large bodies kept for reuse, and their most bytes in
+/// all (per link).
 const SPARE_BIG: usize = 8;
+const SPARE_BYTES: usize = 64 << 20;
 /// Answers with at least this many payload bytes look for a landing (a
 /// smaller one is copied out of the read buffer at little cost, and the
 /// lookup takes a lock).
@@ -75,9 +78,9 @@ impl std::fmt::Display for ReadError {
 pub(crate) struct FrameReader<R> {
     rd: R,
     buf: BytesMut,
-    /// Where large bodies were received, the oldest first (each reclaimed
-    /// once its bodies are dropped).
-    big: Vec<BytesMut>,
+    /// Where large bodies were received, the oldest first, with their
+    /// sizes (each reclaimed once its bodies are dropped).
+    big: Vec<(BytesMut, usize)>,
     limits: Limits,
 }
 
@@ -180,10 +183,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     Err(e) => return Err(ReadError::Io(e.to_string())),
                 }
             }
+            let size = big.capacity();
             let body = big.split_to(need).freeze();
             // The rest still owns the allocation: reclaimed once `body` and
             // its slices are dropped.
-            self.big.push(big);
+            self.keep_big(big, size);
             body
         };
         decode_body(h, body).map_err(ReadError::Wire)
@@ -192,16 +196,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// An empty buffer for `need` bytes: the oldest kept allocation that is
     /// free again and large enough, or a new one.
     fn take_big(&mut self, need: usize) -> BytesMut {
-        if let Some(i) = self.big.iter_mut().position(|b| {
+        if let Some(i) = self.big.iter_mut().position(|(b, _)| {
             b.clear();
             b.try_reclaim(need)
         }) {
-            return self.big.remove(i);
-        }
-        if self.big.len() >= SPARE_BIG {
-            self.big.remove(0);
+            return self.big.remove(i).0;
         }
         BytesMut::with_capacity(need)
+    }
+
+    /// Keeps an allocation of `size` bytes, dropping the oldest
+    /// kept ones beyond the bounds.
+    fn keep_big(&mut self, rest: BytesMut, size: usize) {
+        self.big.push((rest, size));
+        let mut total: usize = self.big.iter().map(|(_, n)| n).sum();
+        while self.big.len() > 1 && (self.big.len() > SPARE_BIG || total > SPARE_BYTES) {
+            total -= self.big.remove(0).1;
+        }
     }
 
     /// Reads an answer's keys and meta, then its payload into `dst`.

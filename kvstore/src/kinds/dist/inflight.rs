@@ -24,6 +24,7 @@ use pskv_transport::{KvResponse, Landing, MissedBarrier, TrackError, TransportEr
 use super::staging;
 use crate::error::{Fault, KvError};
 use crate::key::Key;
+use crate::tensor::Tensor;
 
 /// A mutable pointer to a buffer that several answers fill (disjoint
 /// ranges), moved into the answers' callbacks.
@@ -71,9 +72,9 @@ pub(super) struct Inflight {
     /// collective call this worker had not reached).
     began: Instant,
     missed: MissedBarrier,
-    /// Where its parts' answers may land (`parts::LandIn`): closed before
-    /// the op completes.
-    landings: Mutex<Vec<Arc<Landing>>>,
+    /// Where its parts' answers may land (`parts::LandIn`), each with the
+    /// tensor that owns its memory: closed before the op completes.
+    landings: Mutex<Vec<(Arc<Landing>, Tensor)>>,
 }
 
 impl Inflight {
@@ -102,9 +103,10 @@ impl Inflight {
         })
     }
 
-    /// Keeps a landing of one of the op's requests, to close at the end.
-    pub(super) fn hold(&self, landing: Arc<Landing>) {
-        self.landings.lock().push(landing);
+    /// Keeps a landing of one of the op's requests, and the owner of its
+    /// memory, to close (and let go of) at the end.
+    pub(super) fn hold(&self, landing: Arc<Landing>, owner: Tensor) {
+        self.landings.lock().push((landing, owner));
     }
 
     /// One part answered: `on_ok` stores its values (under the read lock).
@@ -180,16 +182,19 @@ impl Inflight {
         // every landing in it is closed first. A landing that a reader is
         // still writing (its request failed or timed out meanwhile) closes
         // when the reader is done, and the op completes then, on the
-        // reader's thread.
+        // reader's thread: that read ends when its answer is in or its link
+        // closes, so such an op may complete later than the store's
+        // timeout. The owner of the landing's memory is kept until then.
         let landings = std::mem::take(&mut *self.landings.lock());
         if landings.is_empty() {
             return go();
         }
         let left = Arc::new(AtomicUsize::new(landings.len()));
         let go = Arc::new(Mutex::new(Some(go)));
-        for l in landings {
+        for (l, owner) in landings {
             let (left, go) = (left.clone(), go.clone());
             l.close(move || {
+                drop(owner);
                 if left.fetch_sub(1, Ordering::AcqRel) == 1 {
                     if let Some(go) = go.lock().take() {
                         go();

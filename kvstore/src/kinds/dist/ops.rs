@@ -431,10 +431,12 @@ pub(super) fn answer_into(
                 // pushed to yet (see `kinds/dist/segments.rs`).
                 ptr.write(p.start * ub, unsafe { seg.slot(workers as usize) })
             }
-            // In place already (the landing was exactly the part's bytes).
-            None if landed => {
+            // In place already (the landing was exactly the part's bytes;
+            // an answer that came with values, a duplicate over another
+            // link, is copied as usual).
+            None if landed && resp.is_empty() => {
                 let said: usize = resp.lens.iter().map(|&l| l as usize).sum();
-                if said != p.len * ub || !resp.is_empty() {
+                if said != p.len * ub {
                     return Err(Fault::Mismatch(format!(
                         "the server answered {said} bytes, expected {}",
                         p.len * ub

@@ -14,6 +14,7 @@ use super::{staging, DistKey, DistStore};
 use crate::compression::Compression;
 use crate::dtype::DType;
 use crate::error::{Fault, KvError};
+use crate::tensor::Tensor;
 use crate::wire::{Head, Op, Part};
 
 /// Whether a request could not even start because its node cannot be
@@ -48,11 +49,14 @@ pub(super) type OnAnswer =
 /// Where the values of a round's answers may be received in place (a
 /// [`Landing`] per part request; the TCP van reads them straight from the
 /// socket): the output's buffer, in which part `p` holds `p.len *
-/// unit_bytes` bytes from `p.start * unit_bytes`.
-#[derive(Clone, Copy)]
+/// unit_bytes` bytes from `p.start * unit_bytes`; and the tensor that owns
+/// that buffer, kept until every landing in it is closed (the op may fail
+/// while a reader still writes one; see `Inflight::finish`).
+#[derive(Clone)]
 pub(super) struct LandIn {
     pub(super) out: OutPtr,
     pub(super) unit_bytes: usize,
+    pub(super) keep: Tensor,
 }
 
 /// What the part requests of one op share.
@@ -195,7 +199,7 @@ impl DistStore {
             false,
             inf.clone(),
             round.on_answer.clone(),
-            round.land,
+            round.land.clone(),
         );
     }
 
@@ -231,18 +235,22 @@ impl DistStore {
             // The transport fails the part on time (no watchdog here).
             timeout: Some(self.opts.timeout),
         };
-        let landing = land.and_then(|l| {
-            let (at, n) = (p.part.start * l.unit_bytes, p.part.len * l.unit_bytes);
-            if n == 0 || at + n > l.out.1 {
+        let landing = land.as_ref().and_then(|into| {
+            let (at, n) = (p.part.start * into.unit_bytes, p.part.len * into.unit_bytes);
+            // Not with replicas: a part sent again to the backup carries
+            // its values, which may be a view of this same output (an
+            // in-place push-pull), and a dying primary's answer could land
+            // over them first.
+            if n == 0 || at + n > into.out.1 || self.replicas > 1 {
                 return None;
             }
             // SAFETY: the range is inside the output, which the op writes
             // until it completes; it completes only once this landing is
-            // closed (`Inflight::finish`), and no other request of the op
-            // lands in the range meanwhile (parts are disjoint; a part sent
-            // to the backup waits for this landing to close, below).
-            let l = Arc::new(unsafe { Landing::new(l.out.0.add(at), n) });
-            inf.hold(l.clone());
+            // closed (`Inflight::finish`, which keeps `into.keep`, the
+            // buffer's owner, until then), and no other request of the op
+            // lands in the range meanwhile (parts are disjoint).
+            let l = Arc::new(unsafe { Landing::new(into.out.0.add(at), n) });
+            inf.hold(l.clone(), into.keep.clone());
             Some(l)
         });
         let me = self.handle();
@@ -267,16 +275,9 @@ impl DistStore {
                     p.part.ps_key,
                     pskv_transport::protocol::describe(target)
                 );
-                // The backup's answer lands in the same memory: only once
-                // a reader still writing this request's answer is done.
-                let resend = move || me.send_part(p, false, true, inf2, cb2, land);
-                match &landing2 {
-                    Some(l) => {
-                        l.close(resend);
-                    }
-                    None => resend(),
-                }
-                return;
+                // No landing: failover comes with replicas, which land
+                // nothing (above).
+                return me.send_part(p, false, true, inf2, cb2, None);
             }
             let landed = landing2.as_ref().is_some_and(|l| l.is_filled());
             inf2.part_done(r, |resp| cb2(i, resp, landed))
@@ -296,7 +297,7 @@ impl DistStore {
             // The server died between the routing and the send, or cannot
             // be reached (its link is gone and a new one fails).
             (Err(e), Some(p)) if died(&e) || unreachable(&e) => {
-                self.send_part(p, false, true, inf, cb, land)
+                self.send_part(p, false, true, inf, cb, None)
             }
             (Err(e), _) => inf.part_done(Err(e), |_| Ok(())),
             (Ok(()), _) => {}

@@ -237,6 +237,7 @@ impl DistStore {
         let land_in = Some(LandIn {
             out: ptr,
             unit_bytes: ub,
+            keep: land.host.clone(),
         });
         let into_host = answer_into(dk, &land.host, ptr, segs, self.po.num_workers());
         let Some(out) = &land.device else {
