@@ -33,7 +33,8 @@ use crate::var::Var;
 /// waits whose end usually comes within microseconds: a futex wake-up
 /// costs tens of them here. `done` should read with Acquire.
 pub fn spin_until(budget: Duration, done: impl Fn() -> bool) -> bool {
-    if budget.is_zero() {
+    // Done already (often, for a small request): no clock read.
+    if budget.is_zero() || done() {
         return done();
     }
     let end = Instant::now() + budget;

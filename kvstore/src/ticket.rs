@@ -213,7 +213,7 @@ impl Ticket {
 
     /// Whether the request is done; then `wait` returns at once.
     pub fn is_done(&mut self) -> bool {
-        self.settle(Instant::now())
+        self.settle(Duration::ZERO)
     }
 
     /// Waits until the request is done, at most the store's timeout, and
@@ -232,7 +232,7 @@ impl Ticket {
                 self.what()
             )));
         }
-        if !self.settle(Instant::now() + timeout) {
+        if !self.settle(timeout) {
             return Err(KvError::Timeout {
                 what: self.pending_what(),
                 after: timeout,
@@ -261,13 +261,21 @@ impl Ticket {
     /// A waiter spins first (a small request is often done within
     /// microseconds, and a sleep costs a wake-up across threads), then
     /// sleeps.
-    fn settle(&mut self, until: Instant) -> bool {
+    /// The clock is read only if something is still pending (a small
+    /// request is often done by the time its wait starts).
+    fn settle(&mut self, timeout: Duration) -> bool {
         if self.done {
             return true;
         }
-        let left = || until.saturating_duration_since(Instant::now());
+        let mut until = None;
+        let mut left = || {
+            let end = *until.get_or_insert_with(|| Instant::now() + timeout);
+            end.saturating_duration_since(Instant::now())
+        };
         if self.outcome.is_none() {
-            if !self.settled.set.wait_spinning(self.spin, Some(left())) {
+            if !self.settled.set.is_set()
+                && !self.settled.set.wait_spinning(self.spin, Some(left()))
+            {
                 return false;
             }
             self.outcome = self.settled.outcome.lock().take();
@@ -276,7 +284,7 @@ impl Ticket {
         // A transfer that held the memory usually lets go within
         // microseconds of the op's end.
         for h in &self.homes {
-            if !h.wait_released(self.spin, left()) {
+            if !h.is_released() && !h.wait_released(self.spin, left()) {
                 return false;
             }
         }
