@@ -260,9 +260,8 @@ impl Ticket {
     /// Moves on as far as it can by `until`; whether the request is done.
     /// A waiter spins first (a small request is often done within
     /// microseconds, and a sleep costs a wake-up across threads), then
-    /// sleeps.
-    /// The clock is read only if something is still pending (a small
-    /// request is often done by the time its wait starts).
+    /// sleeps. The clock is read only if something is still pending (a
+    /// small request is often done by the time its wait starts).
     fn settle(&mut self, timeout: Duration) -> bool {
         if self.done {
             return true;

@@ -636,10 +636,10 @@ impl Tensor {
     }
 }
 
-/// Copies host tensor `src` into host tensor `dst` (an engine op).
 /// Host copies of at most this many bytes run inline (`host_copy`).
 const INLINE_COPY_BYTES: usize = 64 << 10;
 
+/// Copies host tensor `src` into host tensor `dst` (an engine op).
 pub(crate) fn host_copy(src: &Tensor, dst: &Tensor, priority: i32) -> Result<()> {
     let mut spec = Tensor::copy_spec("tensor_copy", src.ctx(), dst.ctx())
         .priority(priority)

@@ -64,6 +64,13 @@ pub(crate) enum ReadError {
     Wire(WireError),
 }
 
+impl ReadError {
+    /// The peer closed the connection after part of a frame.
+    fn mid_frame() -> ReadError {
+        ReadError::Io("the peer closed the connection in the middle of a frame".into())
+    }
+}
+
 impl std::fmt::Display for ReadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -109,11 +116,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             match self.rd.read_buf(&mut self.buf).await {
                 Ok(0) if self.buf.is_empty() => return Err(ReadError::Eof),
-                Ok(0) => {
-                    return Err(ReadError::Io(
-                        "the peer closed the connection in the middle of a frame".into(),
-                    ))
-                }
+                Ok(0) => return Err(ReadError::mid_frame()),
                 Ok(_) => {}
                 Err(e) => return Err(ReadError::Io(e.to_string())),
             }
@@ -174,11 +177,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             while big.len() < need {
                 let want = (need - big.len()) as u64;
                 match (&mut self.rd).take(want).read_buf(&mut big).await {
-                    Ok(0) => {
-                        return Err(ReadError::Io(
-                            "the peer closed the connection in the middle of a frame".into(),
-                        ))
-                    }
+                    Ok(0) => return Err(ReadError::mid_frame()),
                     Ok(_) => {}
                     Err(e) => return Err(ReadError::Io(e.to_string())),
                 }
@@ -226,11 +225,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.buf.advance(at);
         while at < dst.len() {
             match self.rd.read(&mut dst[at..]).await {
-                Ok(0) => {
-                    return Err(ReadError::Io(
-                        "the peer closed the connection in the middle of a frame".into(),
-                    ))
-                }
+                Ok(0) => return Err(ReadError::mid_frame()),
                 Ok(n) => at += n,
                 Err(e) => return Err(ReadError::Io(e.to_string())),
             }

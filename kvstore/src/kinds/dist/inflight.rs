@@ -189,18 +189,19 @@ impl Inflight {
         if landings.is_empty() {
             return go();
         }
-        let left = Arc::new(AtomicUsize::new(landings.len()));
-        let go = Arc::new(Mutex::new(Some(go)));
-        for (l, owner) in landings {
-            let (left, go) = (left.clone(), go.clone());
-            l.close(move || {
-                drop(owner);
-                if left.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    if let Some(go) = go.lock().take() {
-                        go();
-                    }
-                }
-            });
-        }
+        close_all(landings, Box::new(go));
     }
+}
+
+/// Closes each landing, one after the other (as `staging::settle` drains
+/// lanes), letting go of its memory's owner once it is closed; then runs
+/// `then`.
+fn close_all(mut landings: Vec<(Arc<Landing>, Tensor)>, then: Box<dyn FnOnce() + Send>) {
+    let Some((l, owner)) = landings.pop() else {
+        return then();
+    };
+    l.close(move || {
+        drop(owner);
+        close_all(landings, then)
+    });
 }

@@ -237,11 +237,7 @@ impl DistStore {
         };
         let landing = land.as_ref().and_then(|into| {
             let (at, n) = (p.part.start * into.unit_bytes, p.part.len * into.unit_bytes);
-            // Not with replicas: a part sent again to the backup carries
-            // its values, which may be a view of this same output (an
-            // in-place push-pull), and a dying primary's answer could land
-            // over them first.
-            if n == 0 || at + n > into.out.1 || self.replicas > 1 {
+            if n == 0 || at + n > into.out.1 {
                 return None;
             }
             // SAFETY: the range is inside the output, which the op writes
@@ -276,7 +272,7 @@ impl DistStore {
                     pskv_transport::protocol::describe(target)
                 );
                 // No landing: failover comes with replicas, which land
-                // nothing (above).
+                // nothing (`DistStore::landing`).
                 return me.send_part(p, false, true, inf2, cb2, None);
             }
             let landed = landing2.as_ref().is_some_and(|l| l.is_filled());

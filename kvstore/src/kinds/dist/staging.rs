@@ -234,7 +234,11 @@ impl DistStore {
         drop(hd);
         let ptr = OutPtr(base.0, len);
         let ub = dk.unit * dk.local.meta.dtype.size();
-        let land_in = Some(LandIn {
+        // Not with replicas: a part sent again to the backup carries its
+        // values, which may be a view of this same output (an in-place
+        // push-pull), and a dying primary's answer could land over them
+        // first.
+        let land_in = (self.replicas == 1).then(|| LandIn {
             out: ptr,
             unit_bytes: ub,
             keep: land.host.clone(),
