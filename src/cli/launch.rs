@@ -62,6 +62,9 @@ const LEAVE_GRACE: Duration = Duration::from_secs(10);
 const KILL_GRACE: Duration = Duration::from_secs(3);
 /// The supervision loop's period.
 const POLL: Duration = Duration::from_millis(20);
+/// Deaths seen within this of the first failure count as at once when the
+/// launcher picks whom to blame (`Job::whom_to_blame`).
+const BLAME_WINDOW: Duration = Duration::from_millis(300);
 /// How long a dead server stays dead before it is started again.
 const RESTART_DELAY: Duration = Duration::from_millis(500);
 /// The most workers, and the most servers, of a cluster (as
@@ -795,22 +798,7 @@ impl Job {
                 self.teardown();
                 return Err(Failure::new("interrupted: the job was stopped", 130));
             }
-            let now = Instant::now();
-            for m in self.members.iter_mut().filter(|m| m.status.is_none()) {
-                match m.child.try_wait() {
-                    Ok(Some(st)) => {
-                        m.status = Some(st);
-                        m.died_at = Some(now);
-                        m.pidfd = None;
-                    }
-                    Ok(None) => {}
-                    Err(e) => {
-                        let msg = format!("watching {}: {e}", m.role);
-                        self.teardown();
-                        return Err(Failure::new(msg, 1));
-                    }
-                }
-            }
+            self.reap()?;
             // A dead server is started again while restarts are left and
             // the workers run; any other failure ends the job.
             let workers_running = self
@@ -871,14 +859,8 @@ impl Job {
                 }
                 continue;
             }
-            // The first to die is blamed (the others often fail because of
-            // it); of deaths seen at once, one by a signal.
-            let failed = self
-                .members
-                .iter()
-                .filter(|m| !m.replaced && m.status.is_some_and(|s| !s.success()))
-                .min_by_key(|m| (m.died_at, m.status.and_then(|s| s.signal()).is_none()));
-            if let Some(m) = failed {
+            if let Some(i) = self.whom_to_blame()? {
+                let m = &self.members[i];
                 let st = m.status.expect("checked");
                 let msg = format!(
                     "{} (pid {}) exited with {st}; the job was stopped",
@@ -932,6 +914,73 @@ impl Job {
                 .collect();
             wait_for_exit(&fds, POLL);
         }
+    }
+
+    /// Records the exit of every member that has exited since the last
+    /// look, and when it was seen.
+    fn reap(&mut self) -> Result<(), Failure> {
+        let now = Instant::now();
+        for m in self.members.iter_mut().filter(|m| m.status.is_none()) {
+            match m.child.try_wait() {
+                Ok(Some(st)) => {
+                    m.status = Some(st);
+                    m.died_at = Some(now);
+                    m.pidfd = None;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let msg = format!("watching {}: {e}", m.role);
+                    self.teardown();
+                    return Err(Failure::new(msg, 1));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The member to blame for the job's failure, if one failed: the first
+    /// to die (the others often fail because of it), except that of deaths
+    /// seen within `BLAME_WINDOW` of each other, one by a signal.
+    ///
+    /// Subtle: a killed process closes its sockets before it can be
+    /// reaped, so a peer that fails at once because of it (its first error
+    /// ends it) can be seen exiting first, on a loaded host. When the
+    /// first failure seen is not a signal's, the others get the window to
+    /// be seen too.
+    fn whom_to_blame(&mut self) -> Result<Option<usize>, Failure> {
+        let failed = |m: &Member| !m.replaced && m.status.is_some_and(|s| !s.success());
+        let by_signal = |m: &Member| m.status.and_then(|s| s.signal()).is_some();
+        let Some(first) = self
+            .members
+            .iter()
+            .filter(|m| failed(m))
+            .filter_map(|m| m.died_at)
+            .min()
+        else {
+            return Ok(None);
+        };
+        let window_end = first + BLAME_WINDOW;
+        if !self.members.iter().any(|m| failed(m) && by_signal(m)) {
+            while Instant::now() < window_end && self.members.iter().any(|m| m.status.is_none()) {
+                let fds: Vec<std::os::fd::BorrowedFd<'_>> = self
+                    .members
+                    .iter()
+                    .filter_map(|m| {
+                        use std::os::fd::AsFd;
+                        m.pidfd.as_ref().map(|f| f.as_fd())
+                    })
+                    .collect();
+                wait_for_exit(&fds, window_end.saturating_duration_since(Instant::now()));
+                self.reap()?;
+            }
+        }
+        Ok(self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| failed(m) && m.died_at.is_some_and(|t| t <= window_end))
+            .min_by_key(|(_, m)| (!by_signal(m), m.died_at))
+            .map(|(i, _)| i))
     }
 
     /// SIGTERM to every live member's process group, then SIGKILL after a
