@@ -228,7 +228,9 @@ impl Core {
 
     /// Takes the failures recorded since the last call; clears them from the
     /// vars that still hold them and returns the first one still held by a
-    /// var, or the first one of an op that writes no var.
+    /// var, or the first one of an op that writes no var, of those no var
+    /// handed to a caller yet (a skipped read-only op logs the failure it
+    /// inherited, which a wait on its var may have reported).
     pub(crate) fn take_failures(&self) -> Option<Arc<OpFailure>> {
         let log = std::mem::take(&mut *self.failures.lock());
         let mut first = None;
@@ -245,7 +247,7 @@ impl Core {
                     None => false,
                 },
             };
-            if live && first.is_none() {
+            if live && first.is_none() && !failure.was_told() {
                 first = Some(failure);
             }
         }

@@ -321,7 +321,9 @@ impl Engine {
     /// Blocks until every op pushed so far has finished (and any op they
     /// push), then returns the first failure recorded since the last
     /// `wait_for_all` that is still stored on a var (or that belongs to an op
-    /// that writes no var), and clears every recorded failure from its vars.
+    /// that writes no var) and that no wait or settle op took from a var
+    /// (those reached a caller already), and clears every recorded failure
+    /// from its vars.
     /// Waits at most the configured wait timeout.
     pub fn wait_for_all(&self) -> Result<(), EngineError> {
         self.wait_for_all_inner(self.core().config.wait_timeout)

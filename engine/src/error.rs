@@ -44,10 +44,15 @@ impl fmt::Display for FailureCause {
 /// vars, and the write vars of every later op that read or wrote a failed var
 /// and was therefore skipped) shares this one record, so the error always names
 /// the op that failed first.
+///
+/// Once a var hands the failure to a caller ([`crate::Var::take_failure`]:
+/// a wait, a settle op) it is marked told: `wait_for_all` then does not
+/// report it again, though a skipped op that writes no var logged it too.
 #[derive(Debug)]
 pub struct OpFailure {
     op: String,
     cause: FailureCause,
+    told: std::sync::atomic::AtomicBool,
 }
 
 impl OpFailure {
@@ -55,7 +60,18 @@ impl OpFailure {
         Arc::new(OpFailure {
             op: op.into(),
             cause,
+            told: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Marks the failure as reported to a caller.
+    pub(crate) fn mark_told(&self) {
+        self.told.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a var handed this failure to a caller.
+    pub fn was_told(&self) -> bool {
+        self.told.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The name of the op that failed first.

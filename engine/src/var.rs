@@ -264,7 +264,8 @@ impl Var {
     }
 
     /// Removes and returns the stored failure (what `wait_for_var` does
-    /// once the var's writes are done). Ops pushed after this no longer
+    /// once the var's writes are done), marking it told: the caller reports
+    /// it, and `wait_for_all` will not. Ops pushed after this no longer
     /// inherit it; ops already queued behind the failed one still do.
     pub fn take_failure(&self) -> Option<Arc<OpFailure>> {
         if !self.0.has_failure.load(Ordering::Acquire) {
@@ -272,7 +273,11 @@ impl Var {
         }
         let mut slot = self.0.failure.lock();
         self.0.has_failure.store(false, Ordering::Release);
-        slot.take()
+        let f = slot.take();
+        if let Some(f) = &f {
+            f.mark_told();
+        }
+        f
     }
 
     /// Clears the stored failure if it is `failure`.

@@ -257,8 +257,10 @@ impl Inner {
             }
             MemberEvent::NodeDead(id) => {
                 tracing::warn!("{} is dead", describe(id));
-                self.drop_node(id, "the scheduler declared it dead");
+                // Its requests fail as the node's death first, then its
+                // link closes.
                 self.fail_requests_to(id, || TrackError::NodeDead { node: id });
+                self.drop_node(id, "the scheduler declared it dead");
                 self.tell_watchers(NodeChange::Dead(id));
             }
             MemberEvent::BarrierDone { group, error } => self.release_barrier(group, error),
@@ -318,7 +320,10 @@ impl Inner {
                 .and_then(|lid| links.by_id.get(&lid).cloned())
         };
         if let Some(link) = link {
-            link.close(format!("{} {reason}", describe(id)));
+            // Through the sink, as a van ends a link: its parts in flight
+            // fail (a restarted node's old process will not answer them)
+            // and it leaves the link table.
+            crate::van::end(&link, &self.sink(), format!("{} {reason}", describe(id)));
         }
         if let Some(r) = &self.resender {
             let ids: Vec<LinkId> = self

@@ -66,6 +66,12 @@ impl Inner {
                 Some(t) => reqs.tracker.start_until(targets, now, t),
                 None => reqs.tracker.start(targets),
             };
+            // Before the sends: a link that breaks after one fails the part.
+            for ((node, _), link) in parts.iter().zip(&links) {
+                if let Some(link) = link {
+                    reqs.tracker.sent_on(id, *node, link.id);
+                }
+            }
             reqs.callbacks.insert(id, callback);
             if let (Some(l), [(node, _)]) = (landing, &parts[..]) {
                 reqs.landings.insert(id, (*node, l));
@@ -84,7 +90,9 @@ impl Inner {
             trace::record(Hop::RequestOut, me, node, id);
             match link {
                 Some(link) => {
-                    self.send_or_fail(&link, node, frame);
+                    if !self.send_on(&link, frame) {
+                        self.link_lost(&link, node);
+                    }
                 }
                 None => self.send_when_linked(node, frame),
             }
@@ -92,18 +100,35 @@ impl Inner {
         Ok(())
     }
 
-    /// Sends `frame` on `link`, or fails what waits on `node` if the link
-    /// is closed.
-    fn send_or_fail(&self, link: &Arc<Link>, node: NodeId, frame: Frame) -> bool {
-        if self.send_on(link, frame) {
-            return true;
+    /// Sends the request frame `frame` on `link`, recording that its part
+    /// to `node` went out there; fails it if the link is closed. A request
+    /// that failed or timed out while its frame waited is not sent.
+    fn send_or_fail(&self, link: &Arc<Link>, node: NodeId, frame: Frame) {
+        if !self
+            .reqs
+            .lock()
+            .tracker
+            .sent_on(frame.request_id, node, link.id)
+        {
+            return;
         }
+        if !self.send_on(link, frame) {
+            self.link_lost(link, node);
+        }
+    }
+
+    /// `link` to `node` is closed: the parts sent on it fail.
+    fn link_lost(&self, link: &Arc<Link>, node: NodeId) {
         let reason = link.close_reason().unwrap_or_default();
-        self.fail_requests_to(node, || TrackError::ConnectionLost {
-            node,
-            reason: reason.clone(),
-        });
-        false
+        let done =
+            self.reqs
+                .lock()
+                .tracker
+                .on_link_lost(node, link.id, || TrackError::ConnectionLost {
+                    node,
+                    reason: reason.clone(),
+                });
+        self.complete(done);
     }
 
     /// Sends `frame` to `node`, which has no link now, once a connection
@@ -141,17 +166,28 @@ impl Inner {
             match linked {
                 Ok(link) => {
                     for f in queued {
-                        if !me.send_or_fail(&link, node, f) {
-                            break;
-                        }
+                        me.send_or_fail(&link, node, f);
                     }
                 }
                 Err(e) => {
+                    // Only the requests whose frames waited here: others
+                    // to the node went out on a link (a concurrent dial's).
                     let reason = format!("no connection, and connecting failed: {e}");
-                    me.fail_requests_to(node, || TrackError::ConnectionLost {
-                        node,
-                        reason: reason.clone(),
-                    });
+                    let done: Vec<_> = {
+                        let mut reqs = me.reqs.lock();
+                        queued
+                            .iter()
+                            .filter_map(|f| {
+                                reqs.tracker.on_unsent(f.request_id, node, || {
+                                    TrackError::ConnectionLost {
+                                        node,
+                                        reason: reason.clone(),
+                                    }
+                                })
+                            })
+                            .collect()
+                    };
+                    me.complete(done);
                 }
             }
         });
@@ -332,10 +368,7 @@ impl FrameSink for Inner {
         }
         self.pump();
         if peer != 0 {
-            self.fail_requests_to(peer, || TrackError::ConnectionLost {
-                node: peer,
-                reason: reason.clone(),
-            });
+            self.link_lost(link, peer);
         }
     }
 }

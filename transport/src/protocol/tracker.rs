@@ -2,12 +2,23 @@
 //!
 //! A request is PENDING until every target answered (COMPLETE, with the
 //! answers in target order), one answered with an error (FAILED), a target
-//! died or its connection broke (FAILED, naming the node), or its deadline
-//! passed (FAILED, naming the nodes that did not answer; the driver calls
+//! died (FAILED, naming the node), the connection its part to a target went
+//! out on broke (FAILED, naming the node), or its deadline passed (FAILED,
+//! naming the nodes that did not answer; the driver calls
 //! [`Tracker::expire`] at [`Tracker::next_deadline`]). After that its id is
 //! forgotten and late answers are dropped. So every request completes
 //! exactly once, none waits on a dead node, and none with a deadline waits
 //! past it.
+//!
+//! Each part records the link it was sent on ([`Tracker::sent_on`]): a
+//! broken link fails only the parts that went out on it
+//! ([`Tracker::on_link_lost`]). Subtle: a node may have two links at once
+//! (a restarted server: the old process's link closes late, after a
+//! request already went to the new one). Failing the new link's requests
+//! too would tell a caller that a push failed which the new server holds:
+//! in a sync round its retry is a second push of the same worker, counted
+//! in the next round, and the workers' rounds no longer line up (a job
+//! wedged so in CI).
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -65,6 +76,8 @@ pub struct Completed<T> {
 struct Pending<T> {
     targets: Vec<NodeId>,
     parts: Vec<Option<T>>,
+    /// The link each part went out on (None: not sent yet).
+    via: Vec<Option<u64>>,
     left: usize,
     /// When it fails unanswered, and its timeout (for the error).
     deadline: Option<(Instant, Duration)>,
@@ -112,6 +125,7 @@ impl<T> Tracker<T> {
             id,
             Pending {
                 parts: (0..n).map(|_| None).collect(),
+                via: vec![None; n],
                 targets,
                 left: n,
                 deadline,
@@ -214,6 +228,71 @@ impl<T> Tracker<T> {
         })
     }
 
+    /// The part of request `request_id` to `node` goes out on link `link`.
+    /// False if the request is no longer pending (failed or timed out
+    /// meanwhile: the part must not be sent, or the node would act on a
+    /// request whose caller was told it failed).
+    pub fn sent_on(&mut self, request_id: u64, node: NodeId, link: u64) -> bool {
+        let Some(p) = self.pending.get_mut(&request_id) else {
+            return false;
+        };
+        match p.targets.iter().position(|&t| t == node) {
+            Some(i) => {
+                p.via[i] = Some(link);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Link `link` to `node` broke: every request with a part to `node`
+    /// that went out on it and is still unanswered fails. Parts sent on
+    /// another link, or not sent yet, are not this link's.
+    pub fn on_link_lost(
+        &mut self,
+        node: NodeId,
+        link: u64,
+        error: impl Fn() -> TrackError,
+    ) -> Vec<Completed<T>> {
+        let ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| {
+                (0..p.targets.len())
+                    .any(|i| p.targets[i] == node && p.parts[i].is_none() && p.via[i] == Some(link))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        self.fail(ids, error)
+    }
+
+    /// The part of request `request_id` to `node` could not be sent (no
+    /// connection could be made): the request fails, if still pending.
+    pub fn on_unsent(
+        &mut self,
+        request_id: u64,
+        node: NodeId,
+        error: impl Fn() -> TrackError,
+    ) -> Option<Completed<T>> {
+        let p = self.pending.get(&request_id)?;
+        if !p.targets.contains(&node) {
+            return None;
+        }
+        self.fail(vec![request_id], error).pop()
+    }
+
+    fn fail(&mut self, ids: Vec<u64>, error: impl Fn() -> TrackError) -> Vec<Completed<T>> {
+        ids.into_iter()
+            .map(|request_id| {
+                self.take(request_id);
+                Completed {
+                    request_id,
+                    result: Err(error()),
+                }
+            })
+            .collect()
+    }
+
     /// `node` is gone: every request still waiting on it fails.
     pub fn on_node_lost(
         &mut self,
@@ -231,15 +310,7 @@ impl<T> Tracker<T> {
             })
             .map(|(id, _)| *id)
             .collect();
-        ids.into_iter()
-            .map(|request_id| {
-                self.take(request_id);
-                Completed {
-                    request_id,
-                    result: Err(error()),
-                }
-            })
-            .collect()
+        self.fail(ids, error)
     }
 
     /// Everything fails (shutdown, scheduler lost).
@@ -271,6 +342,47 @@ mod tests {
         assert_eq!(done.result.unwrap(), vec![(8, "a"), (10, "b"), (12, "c")]);
         assert!(t.on_response(8, id, "late").is_none());
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_broken_link_fails_only_the_parts_sent_on_it() {
+        let lost = || TrackError::ConnectionLost {
+            node: 10,
+            reason: "old process".into(),
+        };
+        let mut t = Tracker::default();
+        // Sent on link 1 (the old process), on link 2 (the new one), not
+        // sent yet (a connection is being made), and answered on link 1.
+        let old = t.start(vec![10]);
+        let new = t.start(vec![8, 10]);
+        let queued = t.start(vec![10]);
+        let answered = t.start(vec![10]);
+        assert!(t.sent_on(old, 10, 1));
+        assert!(t.sent_on(new, 8, 7) && t.sent_on(new, 10, 2));
+        assert!(t.sent_on(answered, 10, 1));
+        assert!(!t.sent_on(new, 12, 2), "not a target");
+        t.on_response(10, answered, "done");
+        let failed = t.on_link_lost(10, 1, lost);
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].request_id, old);
+        assert!(failed[0]
+            .result
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("old process"));
+        // Another node's link of the same number is not this one.
+        assert!(t.on_link_lost(12, 2, lost).is_empty());
+        // The new link's request completes; the queued one is still pending,
+        // and fails only when its connection cannot be made.
+        t.on_response(8, new, "a");
+        assert!(t.on_response(10, new, "b").unwrap().result.is_ok());
+        assert_eq!(t.len(), 1);
+        assert!(t.on_unsent(queued, 8, lost).is_none(), "not a target");
+        assert!(t.on_unsent(queued, 10, lost).unwrap().result.is_err());
+        // A request that failed meanwhile is not sent.
+        assert!(!t.sent_on(queued, 10, 2));
+        assert!(t.on_unsent(queued, 10, lost).is_none());
     }
 
     #[test]

@@ -107,9 +107,6 @@ pub(crate) struct DistStore {
     server_opt: AtomicBool,
     /// `close` began: background work (segment re-checks) stops.
     closed: AtomicBool,
-    /// Failures already reported to a caller by `dist_key` (the last few):
-    /// `close` does not report them a second time.
-    reported: Mutex<Vec<Arc<pskv_engine::OpFailure>>>,
     /// Per server rank, how many times it restarted: a thread mapping a
     /// restarted server's segments installs them only if no later restart
     /// happened meanwhile.
@@ -160,7 +157,6 @@ impl DistStore {
             me: me.clone(),
             server_opt: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            reported: Mutex::new(Vec::new()),
             restarts: (0..po.num_servers()).map(|_| AtomicU64::new(0)).collect(),
             engine,
             comm,
@@ -196,11 +192,6 @@ impl DistStore {
             return Ok(dk);
         }
         if let Some(f) = dk.var.take_failure() {
-            let mut r = self.reported.lock();
-            if r.len() >= 64 {
-                r.remove(0);
-            }
-            r.push(f.clone());
             return Err(KvError::Engine(pskv_engine::EngineError::Op(f)));
         }
         Ok(dk)
@@ -660,16 +651,10 @@ impl Flavor for DistStore {
 
     fn close(&self) -> Result<()> {
         // Subtle: an op queued behind a failed one inherits its failure and
-        // may store it on the key's var again after a caller was told of
-        // it; such a failure is not news.
-        let result = match self.engine.wait_for_all() {
-            Err(pskv_engine::EngineError::Op(f))
-                if self.reported.lock().iter().any(|r| Arc::ptr_eq(r, &f)) =>
-            {
-                Ok(())
-            }
-            r => r,
-        };
+        // may store it on the key's var again (or log it, writing no var)
+        // after a caller was told of it; the engine does not report a
+        // failure a var handed out (`take_failure` marks it told).
+        let result = self.engine.wait_for_all();
         let barrier = self.barrier();
         if self.po.my_rank() == 0 && barrier.is_ok() {
             if let Err(e) = self.command(command::STOP_SERVER, Bytes::new()) {
