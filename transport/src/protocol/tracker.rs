@@ -254,16 +254,7 @@ impl<T> Tracker<T> {
         link: u64,
         error: impl Fn() -> TrackError,
     ) -> Vec<Completed<T>> {
-        let ids: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| {
-                (0..p.targets.len())
-                    .any(|i| p.targets[i] == node && p.parts[i].is_none() && p.via[i] == Some(link))
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        self.fail(ids, error)
+        self.fail_waiting(node, Some(link), error)
     }
 
     /// The part of request `request_id` to `node` could not be sent (no
@@ -299,14 +290,26 @@ impl<T> Tracker<T> {
         node: NodeId,
         error: impl Fn() -> TrackError,
     ) -> Vec<Completed<T>> {
+        self.fail_waiting(node, None, error)
+    }
+
+    /// Fails every request with an unanswered part to `node` (sent on
+    /// `link`, if given).
+    fn fail_waiting(
+        &mut self,
+        node: NodeId,
+        link: Option<u64>,
+        error: impl Fn() -> TrackError,
+    ) -> Vec<Completed<T>> {
         let ids: Vec<u64> = self
             .pending
             .iter()
             .filter(|(_, p)| {
-                p.targets
-                    .iter()
-                    .zip(&p.parts)
-                    .any(|(t, part)| *t == node && part.is_none())
+                (0..p.targets.len()).any(|i| {
+                    p.targets[i] == node
+                        && p.parts[i].is_none()
+                        && link.is_none_or(|l| p.via[i] == Some(l))
+                })
             })
             .map(|(id, _)| *id)
             .collect();
