@@ -70,7 +70,7 @@ impl OpFailure {
     }
 
     /// Whether a var handed this failure to a caller.
-    pub fn was_told(&self) -> bool {
+    pub(crate) fn was_told(&self) -> bool {
         self.told.load(std::sync::atomic::Ordering::Acquire)
     }
 

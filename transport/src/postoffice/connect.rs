@@ -197,8 +197,13 @@ impl Inner {
             1,
             &format!("connected to {who} over {} (link {})", van.name(), link.id),
         );
-        half.start(self.start_on(conn, link.clone()))
-            .map_err(|e| TransportError::io(format!("starting the {} van", van.name()), e))?;
+        if let Err(e) = half.start(self.start_on(conn, link.clone())) {
+            // Nothing will read or write it: end it, failing whatever a
+            // request routed onto it meanwhile.
+            let e = TransportError::io(format!("starting the {} van", van.name()), e);
+            crate::van::end(&link, &self.sink(), e.to_string());
+            return Err(e);
+        }
         Ok(link)
     }
 

@@ -242,8 +242,13 @@ impl Inner {
             }
             MemberEvent::NodeUpdated(info) => {
                 tracing::info!("{} moved to {}:{}", describe(info.id), info.host, info.port);
-                // The old connection is stale; a worker reconnects at once.
-                self.drop_node(info.id, "it restarted");
+                // Subtle: no link is ended here. The scheduler gives a rank
+                // to a restarted node only once the old one was declared
+                // dead, which ended the old process's link (`NodeDead`,
+                // below, came first on the scheduler's link); a link to the
+                // node now may be the new process's, made since the update
+                // was applied (a retry's dial): ending it would fail a
+                // request the new process holds. A worker connects at once.
                 self.tell_watchers(NodeChange::Restarted(info.id));
                 if self.cfg.role == Role::Worker && info.role == Role::Server.code() {
                     let me = self.arc();
@@ -321,22 +326,8 @@ impl Inner {
         };
         if let Some(link) = link {
             // Through the sink, as a van ends a link: its parts in flight
-            // fail (a restarted node's old process will not answer them)
-            // and it leaves the link table.
+            // fail, it leaves the link table and the resender forgets it.
             crate::van::end(&link, &self.sink(), format!("{} {reason}", describe(id)));
-        }
-        if let Some(r) = &self.resender {
-            let ids: Vec<LinkId> = self
-                .links
-                .lock()
-                .by_id
-                .values()
-                .filter(|l| l.peer() == id)
-                .map(|l| l.id)
-                .collect();
-            for lid in ids {
-                r.lock().forget(lid);
-            }
         }
     }
 

@@ -83,15 +83,22 @@ impl Inner {
             self.timer.need(now + t);
         }
         let me = self.my_id();
+        let mut lost = false;
         for ((node, mut frame), link) in parts.into_iter().zip(links) {
             frame.request_id = id;
             frame.sender = me;
             frame.recipient = node;
+            // A part's link broke: the request failed, and its other parts
+            // must not reach their nodes (a dial checks for itself).
+            if lost && !self.reqs.lock().tracker.is_pending(id) {
+                return Ok(());
+            }
             trace::record(Hop::RequestOut, me, node, id);
             match link {
                 Some(link) => {
                     if !self.send_on(&link, frame) {
                         self.link_lost(&link, node);
+                        lost = true;
                     }
                 }
                 None => self.send_when_linked(node, frame),
@@ -137,8 +144,8 @@ impl Inner {
     ///
     /// States per node: *no link* → (a request) *dialing* (`dialing` holds
     /// the frames, in order) → *linked* (the frames are sent, then new ones
-    /// go straight to the link) or *failed* (every request waiting on the
-    /// node fails, naming why).
+    /// go straight to the link) or *failed* (the requests whose frames
+    /// waited fail, naming why).
     fn send_when_linked(&self, node: NodeId, frame: Frame) {
         let mut dialing = self.dialing.lock();
         if let Some(queued) = dialing.get_mut(&node) {
@@ -339,6 +346,10 @@ impl FrameSink for Inner {
     }
 
     fn on_closed(&self, link: &Arc<Link>, reason: String) {
+        if let Some(r) = &self.resender {
+            // Nothing can be resent on it.
+            r.lock().forget(link.id);
+        }
         {
             let mut links = self.links.lock();
             if links.by_id.remove(&link.id).is_some() {

@@ -172,6 +172,11 @@ impl<T> Tracker<T> {
         done
     }
 
+    /// Whether request `id` is still pending.
+    pub fn is_pending(&self, id: u64) -> bool {
+        self.pending.contains_key(&id)
+    }
+
     /// Requests still pending.
     pub fn len(&self) -> usize {
         self.pending.len()
