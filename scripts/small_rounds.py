@@ -67,7 +67,11 @@ def kv_round(pskv, van, workers):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 5 and cells[3] in ("4B", "4KiB"):
             m = re.match(r"([\d.]+) (us|ms)", cells[4])
+            if m is None:
+                sys.exit(f"pskv bench: cannot read the round time in {line!r}")
             got[cells[3]] = float(m.group(1)) * (1000 if m.group(2) == "ms" else 1)
+    if set(got) != {"4B", "4KiB"}:
+        sys.exit(f"pskv bench printed no 4B and 4KiB rows:\n{out.stdout}")
     return got
 
 
