@@ -310,11 +310,11 @@ def main():
                 if ("before", w, s, van, comp) in med:
                     ratio_cols.append(("after / before %s%s" % (van, " 2-bit" if comp else ""),
                                        ("pskv", w, s, van, comp), ("before", w, s, van, comp)))
-        if ("mxnet", w, s, "zmq", False) in med:
+        if ("mxnet", w, s, "zmq", False) in med and ("pskv", w, s, "tcp", False) in med:
             ratio_cols.append(("MXNet / pskv tcp", ("mxnet", w, s, "zmq", False), ("pskv", w, s, "tcp", False)))
-        if ("mpi", w, 0, "shm", False) in med:
+        if ("mpi", w, 0, "shm", False) in med and ("pskv", w, s, "shm", False) in med:
             ratio_cols.append(("pskv shm / MPI shm", ("pskv", w, s, "shm", False), ("mpi", w, 0, "shm", False)))
-        if ("floor", w, s, "tcp", False) in med:
+        if ("floor", w, s, "tcp", False) in med and ("pskv", w, s, "tcp", False) in med:
             ratio_cols.append(("pskv tcp / TCP floor", ("pskv", w, s, "tcp", False), ("floor", w, s, "tcp", False)))
         lines.append("| case | " + " | ".join(hdr + [r[0] for r in ratio_cols]) + " |")
         lines.append("|---|" + "---:|" * (len(hdr) + len(ratio_cols)))

@@ -170,6 +170,8 @@ impl Core {
 
     /// Waits until no op is pending, or `timeout` passes (None: no limit).
     pub(crate) fn wait_idle(&self, timeout: Option<Duration>) -> Result<(), EngineError> {
+        // It sleeps: what stood back while this thread polled reads again.
+        crate::progress::leave();
         let start = Instant::now();
         let deadline = timeout.map(|t| start + t);
         self.idle_waiters.fetch_add(1, Ordering::SeqCst);
@@ -358,6 +360,11 @@ pub(crate) fn prepare_pool(core: &Core, spec: &OpSpec) -> Result<(), EngineError
     Ok(())
 }
 
+/// Whether this thread is running an op's closure.
+pub(crate) fn in_op() -> bool {
+    EXECUTING.with(|e| e.get() != 0)
+}
+
 /// Runs a ready op on this thread (`worker`: its index in the pool).
 pub(crate) fn execute(op: OpRef, worker: usize) {
     if !op.no_skip {
@@ -453,6 +460,7 @@ fn complete(op: &OpRef, failure: Option<Arc<OpFailure>>) {
 
 /// Waits until `op` has finished, or `timeout` passes (false).
 pub(crate) fn wait_finished(op: &OpRef, timeout: Option<Duration>) -> bool {
+    crate::progress::leave();
     let core = &op.core;
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut guard = core.idle.lock();

@@ -41,6 +41,7 @@ mod inline;
 mod op;
 mod pool;
 mod profiler;
+pub mod progress;
 mod sync;
 mod var;
 mod wait;

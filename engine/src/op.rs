@@ -68,7 +68,10 @@ pub enum Property {
     /// Urgent CPU work: the CPU priority lane, which normal ops cannot fill.
     CpuPrioritized,
     /// The closure only starts work that completes later (I/O): it runs at once
-    /// on the thread that makes it ready, and must not block.
+    /// on the thread that makes it ready, and must not block. That thread may
+    /// be one waiting in [`crate::Latch`] (`wait_for_var`, a kvstore wait) that
+    /// read an answer itself ([`crate::progress`]): such a closure must not take
+    /// a lock its process's waiters may hold.
     Async,
     /// Internal: the op of `delete_var`.
     DeleteVar,
@@ -402,7 +405,7 @@ impl fmt::Debug for Op {
 }
 
 thread_local! {
-    /// The op (`Op::key`) whose async closure runs on this thread right now
+    /// The op (`Op::key`) whose closure runs on this thread right now
     /// (0: none). Lets a
     /// completion handle dropped by a panic leave the report to the executor,
     /// which knows the panic message.

@@ -29,7 +29,8 @@ use crate::var::Var;
 
 /// Spins until `done()` (true) or for `budget` (false), yielding the core
 /// between rounds to the thread that will make it done (on a VM with fewer
-/// cores than busy threads, a spinner that never yields starves it). For
+/// cores than busy threads, a spinner that never yields starves it), and
+/// running the progress hooks between rounds ([`crate::progress`]). For
 /// waits whose end usually comes within microseconds: a futex wake-up
 /// costs tens of them here. `done` should read with Acquire.
 pub fn spin_until(budget: Duration, done: impl Fn() -> bool) -> bool {
@@ -38,6 +39,7 @@ pub fn spin_until(budget: Duration, done: impl Fn() -> bool) -> bool {
         return done();
     }
     let end = Instant::now() + budget;
+    let mut polled = false;
     loop {
         for _ in 0..64 {
             if done() {
@@ -45,7 +47,22 @@ pub fn spin_until(budget: Duration, done: impl Fn() -> bool) -> bool {
             }
             std::hint::spin_loop();
         }
+        // Read what we may be waiting for ourselves (`progress.rs`).
+        if crate::progress::active() {
+            polled = true;
+            if crate::progress::run(crate::progress::Call::Poll) && done() {
+                return true;
+            }
+        }
         if Instant::now() >= end {
+            if done() {
+                return true;
+            }
+            if polled {
+                // About to sleep: whoever stood back while we polled reads
+                // again.
+                crate::progress::run(crate::progress::Call::Leave);
+            }
             return done();
         }
         std::thread::yield_now();
@@ -99,12 +116,65 @@ impl Latch {
         self.wait_spinning(crate::config::spin_budget(), timeout)
     }
 
-    /// As `wait`, spinning for `spin` first (zero: sleeps at once).
+    /// As `wait`, spinning for `spin` first (zero: sleeps at once). With
+    /// progress hooks, the spin adapts to this thread's recent waits
+    /// ([`crate::progress::budget`]).
     pub fn wait_spinning(&self, spin: Duration, timeout: Option<Duration>) -> bool {
-        let budget = spin.min(timeout.unwrap_or(Duration::MAX));
-        if spin_until(budget, || self.is_set()) {
+        if self.is_set() {
             return true;
         }
+        if timeout == Some(Duration::ZERO) {
+            // A look, not a wait (a request's `test`).
+            return false;
+        }
+        let hooks = !spin.is_zero() && crate::progress::active();
+        let polling = hooks && crate::progress::polls(spin);
+        if spin.is_zero() {
+            return self.sleep(timeout);
+        }
+        let start = hooks.then(|| {
+            crate::progress::take_did();
+            Instant::now()
+        });
+        let spin = if polling {
+            crate::progress::budget(spin)
+        } else {
+            spin
+        };
+        let budget = spin.min(timeout.unwrap_or(Duration::MAX));
+        let spun = if polling {
+            spin_until(budget, || self.is_set())
+        } else {
+            if hooks {
+                // An earlier wait of this thread may have polled: nobody
+                // reads while this one spins unless the readers are back.
+                crate::progress::run(crate::progress::Call::Leave);
+            }
+            crate::progress::without(|| spin_until(budget, || self.is_set()))
+        };
+        if spun {
+            if let Some(t) = start {
+                crate::progress::record(t.elapsed(), crate::progress::take_did());
+            }
+            return true;
+        }
+        let set = self.sleep(timeout);
+        if let Some(t) = start {
+            crate::progress::record(t.elapsed(), crate::progress::take_did());
+        }
+        set
+    }
+
+    /// The sleeping half of a wait: whatever stood back while this thread
+    /// (or an earlier wait of it) polled takes over first (`progress.rs`).
+    fn sleep(&self, timeout: Option<Duration>) -> bool {
+        if crate::progress::active() {
+            crate::progress::run(crate::progress::Call::Leave);
+        }
+        self.sleep_now(timeout)
+    }
+
+    fn sleep_now(&self, timeout: Option<Duration>) -> bool {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = self.state.lock();
         while !st.set {

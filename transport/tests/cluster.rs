@@ -578,6 +578,62 @@ fn a_restarted_server_recovers_its_rank_and_serves_again() {
         .contains(&10));
 }
 
+/// A thread that waits for answers over shared memory and polls
+/// (`Postoffice::progress`) reads them itself: the callbacks run on it, as
+/// the link's reader thread stands back while someone polls; once it
+/// leaves (`progress_leave`), the reader reads again.
+#[test]
+fn a_polling_waiter_reads_its_own_answers_from_shared_memory() {
+    let c = cluster_van(1, 1, None, VanKind::Shm);
+    let po = &c.workers[0];
+    let kv = KvWorker::new(po);
+    kv.push(
+        &[1],
+        &[2],
+        Bytes::from_static(b"hi"),
+        RequestOptions::default(),
+    )
+    .unwrap()
+    .wait(T)
+    .unwrap();
+    let me = std::thread::current().id();
+    let pull = || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        kv.pull_with(&[1], RequestOptions::default(), None, move |r| {
+            tx.send((std::thread::current().id(), r.map(|r| r.to_bytes())))
+                .unwrap()
+        })
+        .unwrap();
+        rx
+    };
+    let mut here = 0;
+    for _ in 0..50 {
+        // Polling first makes the reader stand back.
+        po.progress();
+        let rx = pull();
+        let deadline = Instant::now() + T;
+        let (who, got) = loop {
+            po.progress();
+            if let Ok(x) = rx.try_recv() {
+                break x;
+            }
+            assert!(Instant::now() < deadline, "no answer while polling");
+        };
+        assert_eq!(got.unwrap(), Bytes::from_static(b"hi"));
+        here += usize::from(who == me);
+    }
+    // Most go to the polling thread; on a loaded machine the reader may
+    // win some (a nap ends when the poll is 500 µs old).
+    assert!(
+        here >= 5,
+        "the polling thread read {here} of 50 answers itself"
+    );
+    po.progress_leave();
+    let (who, got) = pull().recv_timeout(T).unwrap();
+    assert_eq!(got.unwrap(), Bytes::from_static(b"hi"));
+    assert_ne!(who, me, "after leaving, the reader thread reads");
+}
+
 /// A request is a future too: await it from async code.
 #[test]
 fn requests_can_be_awaited() {

@@ -212,6 +212,25 @@ impl Inner {
         Ok(format!("{}:{}", info.host, info.port))
     }
 
+    /// See [`crate::Postoffice::progress`].
+    pub(super) fn progress(&self) -> bool {
+        // A snapshot: the frames a poll delivers may end a link.
+        let pollers = self.pollers.read().clone();
+        let mut any = false;
+        for (_, p) in pollers.iter() {
+            any |= p.poll();
+        }
+        any
+    }
+
+    /// See [`crate::Postoffice::progress_leave`].
+    pub(super) fn progress_leave(&self) {
+        let pollers = self.pollers.read().clone();
+        for (_, p) in pollers.iter() {
+            p.leave();
+        }
+    }
+
     pub(super) fn fail_requests_to(&self, node: NodeId, error: impl Fn() -> TrackError) {
         let done = self.reqs.lock().tracker.on_node_lost(node, error);
         self.complete(done);
@@ -345,7 +364,31 @@ impl FrameSink for Inner {
         (*node == link.peer()).then(|| l.clone())
     }
 
+    fn add_poller(&self, link: &Arc<Link>, poller: Arc<dyn crate::van::shm::Poll>) {
+        // Only workers poll (their kvstore's waits), until they stop.
+        if self.cfg.role != crate::Role::Worker || self.shutting_down.load(Ordering::Acquire) {
+            return;
+        }
+        let mut p = self.pollers.write();
+        // Subtle: a link that ended before its van registered the poller
+        // is not added (its reader thread may have removed it already).
+        if !link.is_closed() {
+            let mut list = (**p).clone();
+            list.push((link.id, poller));
+            *p = Arc::new(list);
+        }
+    }
+
+    fn remove_poller(&self, link: crate::link::LinkId) {
+        let mut p = self.pollers.write();
+        if p.iter().any(|(id, _)| *id == link) {
+            let list = p.iter().filter(|(id, _)| *id != link).cloned().collect();
+            *p = Arc::new(list);
+        }
+    }
+
     fn on_closed(&self, link: &Arc<Link>, reason: String) {
+        self.remove_poller(link.id);
         if let Some(r) = &self.resender {
             // Nothing can be resent on it.
             r.lock().forget(link.id);

@@ -154,6 +154,10 @@ pub(crate) struct Inner {
     reqs: Mutex<Requests>,
     /// Frames for nodes a connection is being made to (`data.rs`).
     dialing: Mutex<HashMap<NodeId, Vec<Frame>>>,
+    /// The links a waiting thread may read (`progress`), while they last;
+    /// replaced whole on a change, so a poll iterates a snapshot without
+    /// the lock (a frame it delivers may end a link, which changes this).
+    pollers: RwLock<Arc<Pollers>>,
     /// Wakes the timer task for an earlier timeout (`control.rs`).
     timer: control::Timer,
     handler: RwLock<Option<Arc<dyn RequestHandler>>>,
@@ -182,6 +186,9 @@ pub(crate) struct Inner {
     /// The latest failed barrier round this node had not reached.
     missed: MissedBarrier,
 }
+
+/// The links a waiting thread may read, by link.
+type Pollers = Vec<(LinkId, Arc<dyn crate::van::shm::Poll>)>;
 
 /// A node of the cluster: scheduler, server or worker.
 ///
@@ -333,6 +340,7 @@ impl Postoffice {
             next_link: AtomicU64::new(1),
             reqs: Mutex::new(Requests::default()),
             dialing: Mutex::new(HashMap::new()),
+            pollers: RwLock::new(Arc::new(Vec::new())),
             timer: control::Timer::new(),
             handler: RwLock::new(handler),
             joined: Slot::new(),
@@ -417,6 +425,39 @@ impl Postoffice {
     /// The address this node listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.inner().listen
+    }
+
+    /// Reads what this node's shared-memory links hold now, on the
+    /// calling thread, if no other thread is reading them; whether it
+    /// handled a frame. For a thread that waits for an answer and spins
+    /// meanwhile: the answer is then handled where it is awaited, and the
+    /// links' reader threads nap while someone polls (`van/shm/reader.rs`).
+    /// Never blocks; answers' callbacks may run inside it.
+    pub fn progress(&self) -> bool {
+        self.inner().progress()
+    }
+
+    /// The calling thread, which polled with [`Postoffice::progress`],
+    /// stops (its wait goes to sleep): the links' reader threads read at
+    /// once again.
+    pub fn progress_leave(&self) {
+        self.inner().progress_leave()
+    }
+
+    /// [`Postoffice::progress`] (`leave` false) and
+    /// [`Postoffice::progress_leave`] (true) as a function that does not
+    /// keep the node alive (after the last handle is dropped it does
+    /// nothing): for a progress hook (`pskv_engine::progress`).
+    pub fn progress_fn(&self) -> impl Fn(bool) -> bool + Send + Sync + 'static {
+        let inner = Arc::downgrade(self.inner());
+        move |leave| match inner.upgrade() {
+            Some(i) if leave => {
+                i.progress_leave();
+                false
+            }
+            Some(i) => i.progress(),
+            None => false,
+        }
     }
 
     /// The van of this node's connection to `node` (as `PSKV_VAN` names
@@ -580,6 +621,8 @@ impl Postoffice {
     pub fn kill(&self) {
         let inner = self.inner();
         inner.shutting_down.store(true, Ordering::Release);
+        // The pollers hold the node (their sink): none once it is gone.
+        *inner.pollers.write() = Arc::new(Vec::new());
         let links: Vec<Arc<Link>> = inner.links.lock().by_id.values().cloned().collect();
         for l in links {
             l.close("killed");
@@ -647,6 +690,8 @@ impl Inner {
         if self.shutting_down.swap(true, Ordering::AcqRel) {
             return;
         }
+        // The pollers hold the node (their sink): none once it stops.
+        *self.pollers.write() = Arc::new(Vec::new());
         if let Ctl::Member(m) = &mut *self.ctl.lock() {
             m.leave(Instant::now());
         }

@@ -92,6 +92,11 @@ pub(crate) trait FrameSink: Send + Sync + 'static {
     fn landing(&self, _link: &Link, _request_id: u64) -> Option<Arc<crate::landing::Landing>> {
         None
     }
+    /// `link`'s van lets a waiting thread read it (`shm/reader.rs`): the
+    /// sink's `progress` polls it until the link ends.
+    fn add_poller(&self, _link: &Arc<Link>, _poller: Arc<dyn shm::Poll>) {}
+    /// Link `link`'s poller is gone (its reader thread ended).
+    fn remove_poller(&self, _link: crate::link::LinkId) {}
 }
 
 /// One kind of link: how its two sides agree on it and start it.

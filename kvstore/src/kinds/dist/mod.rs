@@ -111,6 +111,9 @@ pub(crate) struct DistStore {
     /// restarted server's segments installs them only if no later restart
     /// happened meanwhile.
     restarts: Vec<AtomicU64>,
+    /// Waiting threads read this worker's shared-memory links themselves
+    /// (`Postoffice::progress`): removed when the store is dropped.
+    _progress: pskv_engine::progress::Hook,
     /// Copies of each server's keys (`PSKV_REPLICAS`; see
     /// `server/replica.rs`): with 2, a part whose server died is sent to
     /// the next server, the backup.
@@ -153,6 +156,10 @@ impl DistStore {
         let po = Postoffice::start(cfg, None)?;
         let kv = KvWorker::new(&po);
         let store = Arc::new_cyclic(|me| DistStore {
+            _progress: {
+                let f = po.progress_fn();
+                pskv_engine::progress::add(move |c| f(c == pskv_engine::progress::Call::Leave))
+            },
             replicas,
             me: me.clone(),
             server_opt: AtomicBool::new(false),

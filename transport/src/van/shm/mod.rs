@@ -22,6 +22,7 @@
 //! a peer's death is noticed.
 
 mod heap;
+mod reader;
 pub(crate) mod region;
 mod ring;
 
@@ -31,7 +32,8 @@ use std::sync::Arc;
 
 use super::{end, watch_peer, FrameSink, Half, Start, Van, VanError};
 use crate::link::{Link, Work};
-use crate::wire::{decode_frame, Frame, Limits, VanId, HEADER_LEN};
+use crate::wire::{Frame, Limits, VanId, HEADER_LEN};
+pub(crate) use reader::Poll;
 use ring::{Consumer, Producer, WAIT_SLICE};
 pub(crate) use ring::{Ring, MAX_HEAP};
 
@@ -206,7 +208,7 @@ fn start(
     link.set_direct(Arc::new(ShmDirect {
         producer: producer.clone(),
     }));
-    let mut consumer = Consumer::new(
+    let consumer = Consumer::new(
         rx.clone(),
         limits
             .max_payload
@@ -248,31 +250,49 @@ fn start(
     // answer to our last request, say) may still sit in the ring. The TCP
     // watch only records why and closes the rings; the reader drains what
     // was published, then ends the link with that reason.
-    let (l, s, rxr, g) = (link.clone(), sink.clone(), rx.clone(), gone.clone());
-    std::thread::Builder::new()
+    let reader = Arc::new(reader::Reader::new(
+        consumer,
+        rx.clone(),
+        link.clone(),
+        sink.clone(),
+        limits,
+    ));
+    let (l, s, rxr, g, r) = (
+        link.clone(),
+        sink.clone(),
+        rx.clone(),
+        gone.clone(),
+        reader.clone(),
+    );
+    let rx_thread = std::thread::Builder::new()
         .name(format!("pskv-shm-rx-{}", link.id))
-        .spawn(move || loop {
-            match consumer
-                .next(&l)
-                .and_then(|b| decode_frame(b, &limits).map_err(VanError::from))
-            {
-                Ok(frame) => s.on_frame(&l, frame),
-                Err(e) => {
-                    let reason = match g.lock().take() {
-                        Some(why) => why,
-                        None => {
-                            if !l.is_closed() {
-                                tracing::warn!(link = l.id, "closing the shared-memory link: {e}");
-                            }
-                            e.to_string()
-                        }
-                    };
-                    end(&l, &s, reason);
-                    rxr.close();
-                    return;
+        .spawn(move || {
+            // Subtle: however this thread ends (a frame's callback may
+            // panic), the link ends and its poller goes (it holds the sink).
+            struct Cleanup(Arc<Link>, Arc<dyn FrameSink>);
+            impl Drop for Cleanup {
+                fn drop(&mut self) {
+                    end(&self.0, &self.1, "the shared-memory reader stopped".into());
+                    self.1.remove_poller(self.0.id);
                 }
             }
+            let _cleanup = Cleanup(l.clone(), s.clone());
+            let e = r.run();
+            let reason = match g.lock().take() {
+                Some(why) => why,
+                None => {
+                    if !l.is_closed() {
+                        tracing::warn!(link = l.id, "closing the shared-memory link: {e}");
+                    }
+                    e.to_string()
+                }
+            };
+            end(&l, &s, reason);
+            rxr.close();
         })?;
+    // Waiting callers may read the link too (`reader.rs`).
+    reader.set_thread(rx_thread.thread().clone());
+    sink.add_poller(&link, reader);
     drop(sink);
     let (tx2, rx2) = (tx.clone(), rx.clone());
     let gone = move |why: String| {
@@ -292,6 +312,7 @@ fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::decode_frame;
     use bytes::Bytes;
 
     fn pair(cap: usize, heap: usize) -> (Producer, Consumer, Arc<Link>) {

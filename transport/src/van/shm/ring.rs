@@ -236,7 +236,7 @@ impl Ring {
         futex_wake(self.u32_at(SPACE_SEQ));
     }
 
-    fn is_closed(&self) -> bool {
+    pub(super) fn is_closed(&self) -> bool {
         self.u32_at(CLOSED).load(Ordering::SeqCst) != 0
     }
 }
@@ -256,6 +256,14 @@ fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
             expected,
             &ts as *const libc::timespec,
         );
+    }
+}
+
+impl Ring {
+    /// Whether the producer published bytes the consumer has not released
+    /// (read without the consumer: a hint, exact once both sides rest).
+    pub(super) fn has_unread(&self) -> bool {
+        self.u64_at(HEAD).load(Ordering::Acquire) > self.u64_at(TAIL).load(Ordering::Acquire)
     }
 }
 
@@ -535,21 +543,51 @@ impl Consumer {
     }
 
     /// The next frame's bytes: copied out of the ring, or leased from the
-    /// heap.
+    /// heap; waits for them (the tests' reader; the van's waits without
+    /// the consumer, `reader.rs`).
+    #[cfg(test)]
     pub(super) fn next(&mut self, link: &Link) -> Result<Bytes, VanError> {
+        loop {
+            if let Some(b) = self.read(Some(link))? {
+                return Ok(b);
+            }
+        }
+    }
+
+    /// The next frame's bytes if the ring holds the rest of it now, else
+    /// None (the chunks of a frame read so far are kept for the next
+    /// call). Never waits.
+    pub(super) fn try_next(&mut self) -> Result<Option<Bytes>, VanError> {
+        self.read(None)
+    }
+
+    /// Where this consumer reads next (bytes of the stream; see
+    /// [`Watch::wait_beyond`]).
+    pub(super) fn position(&self) -> u64 {
+        self.cur
+    }
+
+    /// Reads records until a frame is whole. With `wait` (the link, whose
+    /// close ends the wait), waits for each; without, returns None as soon
+    /// as the ring holds no more.
+    fn read(&mut self, wait: Option<&Link>) -> Result<Option<Bytes>, VanError> {
         let ring = self.ring.clone();
         let cap = ring.cap as u64;
         loop {
             let head_at = ring.u64_at(HEAD);
             let cur = self.cur;
-            wait_until(
-                &ring,
-                DATA_SEQ,
-                CONS_WAIT,
-                &mut self.spin,
-                &|| head_at.load(Ordering::Acquire) > cur,
-                &|| link.is_closed(),
-            )?;
+            match wait {
+                Some(link) => wait_until(
+                    &ring,
+                    DATA_SEQ,
+                    CONS_WAIT,
+                    &mut self.spin,
+                    &|| head_at.load(Ordering::Acquire) > cur,
+                    &|| link.is_closed(),
+                )?,
+                None if head_at.load(Ordering::Acquire) > cur => {}
+                None => return Ok(None),
+            }
             let head = head_at.load(Ordering::Acquire);
             if head < cur || head - cur > cap {
                 return Err(VanError::Protocol(format!(
@@ -588,7 +626,7 @@ impl Consumer {
                 let b = heap::lease(&ring, bytes, self.max_frame)?;
                 self.cur += rec;
                 self.release(self.cur);
-                return Ok(b);
+                return Ok(Some(b));
             }
             let out = match (self.partial.as_mut(), chunk) {
                 (None, false) => {
@@ -642,9 +680,45 @@ impl Consumer {
             self.cur += rec;
             self.release(self.cur);
             if let Some(b) = out {
-                return Ok(b);
+                return Ok(Some(b));
             }
         }
+    }
+}
+
+/// Waits for data on a ring without holding its [`Consumer`] (which a
+/// thread that polls the ring may hold meanwhile: see `shm/mod.rs`).
+pub(super) struct Watch {
+    ring: Arc<Ring>,
+    spin: Spin,
+}
+
+impl Watch {
+    pub(super) fn new(ring: Arc<Ring>) -> Watch {
+        Watch {
+            ring,
+            spin: Spin::new(),
+        }
+    }
+
+    /// Waits until the producer published beyond stream position `pos`,
+    /// or `stop()` (checked while spinning and between sleeps), or the
+    /// ring closes (an error, once nothing beyond `pos` is published).
+    pub(super) fn wait_beyond(
+        &mut self,
+        pos: u64,
+        link: &Link,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(), VanError> {
+        let head_at = self.ring.u64_at(HEAD);
+        wait_until(
+            &self.ring,
+            DATA_SEQ,
+            CONS_WAIT,
+            &mut self.spin,
+            &|| head_at.load(Ordering::Acquire) > pos || stop(),
+            &|| link.is_closed(),
+        )
     }
 }
 

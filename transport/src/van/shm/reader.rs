@@ -1,0 +1,247 @@
+//! The receiving end of a shared-memory link: frames out of the ring and
+//! to the sink, read by the link's reader thread or by a thread that waits
+//! for an answer and polls meanwhile (leader/follower).
+//!
+//! A small round trip is a handful of microseconds of work and a few
+//! hand-offs between threads; on a machine with fewer cores than spinning
+//! threads each hand-off waits for its thread's turn. A caller waiting for
+//! an answer spins anyway (the engine's latch), so it may as well read the
+//! ring itself ([`Reader::poll`], reached through
+//! `Postoffice::progress` and the engine's progress hooks): the answer is
+//! then handled on the thread that waits for it, and the reader thread,
+//! seeing that someone polls, stops spinning and naps instead, so one
+//! thread spins per worker where there were two.
+//!
+//! # States and invariants
+//!
+//! - The [`Consumer`] is behind a mutex; whoever holds it reads whole
+//!   frames and hands them to the sink *before* releasing it, so frames
+//!   reach the sink in ring order, one at a time, whichever thread reads.
+//!   Pollers only `try_lock` (a poller never waits for the reader, and a
+//!   poll from inside a frame's handling on the same thread finds the lock
+//!   held and returns).
+//! - The reader thread waits for data without the lock ([`Watch`]), from
+//!   the position it last read; a poller may read meanwhile, which only
+//!   makes its wait end early (the next look finds nothing and waits from
+//!   the new position).
+//! - `polled` is the time of the last poll (0: none since the last
+//!   leave). While it is recent (`FRESH`), the reader does not spin: it
+//!   naps (parked, until the poll would be stale) and looks again. A poller that gives up
+//!   (its wait is about to sleep: [`Poll::leave`]) clears `polled` and
+//!   unparks the reader, which reads at once: the answer the poller waits
+//!   for is then delivered by the reader and wakes it. Every wait that
+//!   sleeps leaves first, polling or not (the engine's latch). A poller
+//!   whose wait ended (its answer came) does not leave: it will likely
+//!   wait again soon. Subtle: so a frame that arrives after the last poll
+//!   may wait for the reader's nap to end (at most `FRESH` after that
+//!   poll) when no thread waits in the engine's latch: a pure async
+//!   caller, or a wait elsewhere (the transport's own, `wait_for_all`
+//!   leaves too).
+//! - Once a frame is malformed or the reader thread ends, the flag beside
+//!   the consumer stops every thread from delivering more.
+//! - A poller that meets a malformed frame does not end the link itself:
+//!   it records why in `broken` and closes the ring, so the reader thread's
+//!   wait ends and it ends the link with that reason, as for its own
+//!   errors.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::ring::{Consumer, Ring, Watch};
+use crate::link::Link;
+use crate::van::{FrameSink, VanError};
+use crate::wire::{decode_frame, Limits};
+
+/// A poll this recent means someone polls: the reader thread naps until
+/// the poll would be this old (or a leave wakes it).
+const FRESH: Duration = Duration::from_millis(2);
+
+/// The receiving end of one shared-memory link.
+pub(super) struct Reader {
+    /// The consumer, and whether reading has stopped for good (a
+    /// malformed frame, or the reader thread ended): then nothing more is
+    /// delivered, by any thread.
+    consumer: Mutex<(Consumer, bool)>,
+    ring: Arc<Ring>,
+    link: Arc<Link>,
+    sink: Arc<dyn FrameSink>,
+    limits: Limits,
+    /// Nanoseconds since `epoch` of the last poll (0: never).
+    polled: AtomicU64,
+    epoch: Instant,
+    /// Why a poller found the ring unreadable.
+    broken: Mutex<Option<VanError>>,
+    /// The reader thread (unparked by `leave`).
+    thread: OnceLock<Thread>,
+}
+
+impl Reader {
+    pub(super) fn new(
+        consumer: Consumer,
+        ring: Arc<Ring>,
+        link: Arc<Link>,
+        sink: Arc<dyn FrameSink>,
+        limits: Limits,
+    ) -> Reader {
+        Reader {
+            consumer: Mutex::new((consumer, false)),
+            ring,
+            link,
+            sink,
+            limits,
+            polled: AtomicU64::new(0),
+            epoch: Instant::now(),
+            broken: Mutex::new(None),
+            thread: OnceLock::new(),
+        }
+    }
+
+    /// Hands every whole frame the ring holds now to the sink; whether
+    /// there was one. An error stops reading for good (`rx.1`), under the
+    /// lock, so no thread delivers a frame after it.
+    fn drain(&self, rx: &mut (Consumer, bool)) -> Result<bool, VanError> {
+        let (c, stopped) = rx;
+        let mut any = false;
+        while !*stopped {
+            let next = c.try_next().and_then(|b| {
+                b.map(|b| decode_frame(b, &self.limits))
+                    .transpose()
+                    .map_err(VanError::from)
+            });
+            match next {
+                Ok(Some(frame)) => {
+                    self.sink.on_frame(&self.link, frame);
+                    any = true;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    *stopped = true;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(any)
+    }
+
+    /// How long ago the last poll was, if one was (since the last leave).
+    fn since_poll(&self) -> Option<Duration> {
+        match self.polled.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_nanos(
+                (self.epoch.elapsed().as_nanos() as u64).saturating_sub(at),
+            )),
+        }
+    }
+
+    fn polled_recently(&self) -> bool {
+        self.since_poll().is_some_and(|d| d < FRESH)
+    }
+
+    /// The reader thread, for `leave` to unpark (set before the reader is
+    /// registered as a poller).
+    pub(super) fn set_thread(&self, t: Thread) {
+        let _ = self.thread.set(t);
+    }
+
+    /// The reader thread's loop: until the ring closes (what it held
+    /// drained) or a frame is malformed; the error says why.
+    pub(super) fn run(&self) -> VanError {
+        let e = self.read_until_end();
+        // Whatever ended it, no poller delivers after this.
+        self.consumer.lock().1 = true;
+        e
+    }
+
+    fn read_until_end(&self) -> VanError {
+        let _ = self.thread.set(std::thread::current());
+        let mut watch = Watch::new(self.ring.clone());
+        loop {
+            let pos = {
+                let mut rx = self.consumer.lock();
+                if let Err(e) = self.drain(&mut rx) {
+                    return e;
+                }
+                rx.0.position()
+            };
+            if let Some(e) = self.broken.lock().take() {
+                return e;
+            }
+            // Subtle: not while the ring is closed (the peer is gone):
+            // the wait below then ends the link, failing its requests.
+            if let Some(age) = self.since_poll().filter(|a| *a < FRESH) {
+                if !self.link.is_closed() && !self.ring.is_closed() {
+                    // Until the poll would be stale, unless a leave comes.
+                    std::thread::park_timeout(FRESH - age);
+                    continue;
+                }
+            }
+            let stand_back =
+                || self.polled_recently() && !self.link.is_closed() && !self.ring.is_closed();
+            if let Err(e) = watch.wait_beyond(pos, &self.link, &stand_back) {
+                // Subtle: a frame published just before the close is still
+                // read (the wait looked once more before giving up, and a
+                // poller may have read up to it meanwhile); then no thread
+                // delivers more.
+                let mut rx = self.consumer.lock();
+                let drained = self.drain(&mut rx);
+                rx.1 = true;
+                drop(rx);
+                return match drained {
+                    Err(e2) => e2,
+                    Ok(_) => self.broken.lock().take().unwrap_or(e),
+                };
+            }
+        }
+    }
+}
+
+/// A thread that waits reads the link (see the module docs).
+pub(crate) trait Poll: Send + Sync {
+    /// Reads and delivers what the link holds now, if nobody else is
+    /// reading it; whether a frame was delivered. Never blocks.
+    fn poll(&self) -> bool;
+    /// The polling thread stops polling (its wait goes to sleep): the
+    /// link's own reader takes over at once.
+    fn leave(&self);
+}
+
+impl Poll for Reader {
+    fn poll(&self) -> bool {
+        if self.ring.is_closed() || self.link.is_closed() {
+            // The peer is gone: the reader ends the link (now, not after
+            // its nap), failing what waits on it.
+            self.leave();
+            return false;
+        }
+        let now = (self.epoch.elapsed().as_nanos() as u64).max(1);
+        self.polled.store(now, Ordering::Relaxed);
+        if !self.ring.has_unread() {
+            return false;
+        }
+        let Some(mut rx) = self.consumer.try_lock() else {
+            return false;
+        };
+        match self.drain(&mut rx) {
+            Ok(any) => any,
+            Err(e) => {
+                drop(rx);
+                self.broken.lock().get_or_insert(e);
+                self.ring.close();
+                self.leave();
+                false
+            }
+        }
+    }
+
+    fn leave(&self) {
+        if self.polled.swap(0, Ordering::Relaxed) != 0 {
+            if let Some(t) = self.thread.get() {
+                t.unpark();
+            }
+        }
+    }
+}
