@@ -23,9 +23,9 @@
 //!
 //! # States
 //!
-//! The registry is a list behind a lock and a count mirrored in an atomic
-//! (`ACTIVE`), so a waiter with no hooks registered pays one relaxed load
-//! per round. A [`Hook`] handle removes its hook when dropped; a waiter
+//! The registry is a list behind a lock, replaced whole on a change, and
+//! its length mirrored in an atomic (`ACTIVE`), so a waiter with no hooks
+//! registered pays one relaxed load per round. A [`Hook`] handle removes its hook when dropped; a waiter
 //! that copied the list just before may call it once more, so a hook must
 //! stay safe to call until its owner's state is gone (it holds what it
 //! needs, or a weak reference).
@@ -37,6 +37,8 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 type HookFn = Arc<dyn Fn(Call) -> bool + Send + Sync>;
+/// A registered hook and its id.
+type Entry = (u64, HookFn);
 
 /// Why a waiter calls a hook.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,24 +50,26 @@ pub enum Call {
     Leave,
 }
 
-static HOOKS: RwLock<Vec<(u64, HookFn)>> = RwLock::new(Vec::new());
-/// A snapshot of `HOOKS` for the waiters (replaced whole on a change).
-static SNAPSHOT: RwLock<Option<Arc<[HookFn]>>> = RwLock::new(None);
-
-fn publish(hooks: &[(u64, HookFn)]) {
-    let snap: Arc<[HookFn]> = hooks.iter().map(|(_, f)| f.clone()).collect();
-    *SNAPSHOT.write() = Some(snap);
-    ACTIVE.store(hooks.len(), Ordering::Relaxed);
-}
+/// The registered hooks, replaced whole on a change (waiters call a
+/// snapshot without the lock); None: none yet.
+static HOOKS: RwLock<Option<Arc<[Entry]>>> = RwLock::new(None);
 static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 static NEXT: AtomicU64 = AtomicU64::new(1);
 
+/// Replaces the registry with `f` applied to a copy of it.
+fn change(f: impl FnOnce(&mut Vec<Entry>)) {
+    let mut hooks = HOOKS.write();
+    let mut list = hooks.as_deref().map(<[_]>::to_vec).unwrap_or_default();
+    f(&mut list);
+    ACTIVE.store(list.len(), Ordering::Relaxed);
+    *hooks = Some(list.into());
+}
+
 thread_local! {
     static RUNNING: Cell<bool> = const { Cell::new(false) };
-    /// This thread's spin while it polls, in µs (0: base).
-    static SPIN_US: Cell<u64> = const { Cell::new(0) };
-    /// How long this thread's last wait took, in µs (0: none yet).
-    static LAST_US: Cell<u64> = const { Cell::new(0) };
+    /// How long this thread's last wait took, in µs (0: none yet), and
+    /// whether hooks did something during it.
+    static LAST: Cell<(u64, bool)> = const { Cell::new((0, false)) };
     /// A hook did something on this thread since the last `take_did`.
     static DID: Cell<bool> = const { Cell::new(false) };
 }
@@ -81,8 +85,7 @@ pub(crate) fn take_did() -> bool {
 /// (a large round) gains nothing from it and leaves the links to their
 /// reader threads, which spin and sleep as they did without pollers.
 pub(crate) fn polls(base: std::time::Duration) -> bool {
-    let last = LAST_US.with(Cell::get);
-    last <= SHORT * base.as_micros() as u64
+    LAST.with(Cell::get).0 <= SHORT * base.as_micros() as u64
 }
 
 /// A polling wait's spin, from the base spin (`PSKV_SPIN_US`): about as
@@ -93,20 +96,16 @@ pub(crate) fn polls(base: std::time::Duration) -> bool {
 /// hand-off back to them and their wake-up of it.
 pub(crate) fn budget(base: std::time::Duration) -> std::time::Duration {
     let b = base.as_micros() as u64;
-    let learned = SPIN_US.with(Cell::get);
-    std::time::Duration::from_micros(if learned == 0 {
-        b
-    } else {
-        learned.clamp(b, b * SHORT)
+    std::time::Duration::from_micros(match LAST.with(Cell::get) {
+        (us, true) => (us + us / 4).clamp(b, b * SHORT),
+        _ => b,
     })
 }
 
 /// Records a wait (with hooks registered) that took `waited` in all
 /// (spinning and sleeping), and whether the hooks did something during it.
 pub(crate) fn record(waited: std::time::Duration, did: bool) {
-    let us = waited.as_micros() as u64;
-    LAST_US.with(|l| l.set(us));
-    SPIN_US.with(|s| s.set(if did { us + us / 4 } else { 0 }));
+    LAST.with(|l| l.set((waited.as_micros() as u64, did)));
 }
 
 /// Waits longer than this many base spins do not poll.
@@ -127,17 +126,13 @@ impl std::fmt::Debug for Hook {
 /// module docs for its rules); it returns whether it did anything.
 pub fn add(f: impl Fn(Call) -> bool + Send + Sync + 'static) -> Hook {
     let id = NEXT.fetch_add(1, Ordering::Relaxed);
-    let mut hooks = HOOKS.write();
-    hooks.push((id, Arc::new(f)));
-    publish(&hooks);
+    change(|hooks| hooks.push((id, Arc::new(f))));
     Hook { id }
 }
 
 impl Drop for Hook {
     fn drop(&mut self) {
-        let mut hooks = HOOKS.write();
-        hooks.retain(|(id, _)| *id != self.id);
-        publish(&hooks);
+        change(|hooks| hooks.retain(|(id, _)| *id != self.id));
     }
 }
 
@@ -176,21 +171,11 @@ pub(crate) fn run(call: Call) -> bool {
         return false;
     }
     // Not under the registry's lock: a hook's work may add or drop hooks.
-    let Some(hooks) = SNAPSHOT.read().clone() else {
+    let Some(hooks) = HOOKS.read().clone() else {
         return false;
     };
-    RUNNING.with(|r| r.set(true));
-    struct Reset;
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            RUNNING.with(|r| r.set(false));
-        }
-    }
-    let _reset = Reset;
-    let mut any = false;
-    for f in hooks.iter() {
-        any |= f(call);
-    }
+    // Every hook is called, whatever the others did.
+    let any = without(|| hooks.iter().fold(false, |any, (_, f)| f(call) | any));
     if any {
         DID.with(|d| d.set(true));
     }

@@ -127,11 +127,11 @@ impl Latch {
             // A look, not a wait (a request's `test`).
             return false;
         }
-        let hooks = !spin.is_zero() && crate::progress::active();
-        let polling = hooks && crate::progress::polls(spin);
         if spin.is_zero() {
             return self.sleep(timeout);
         }
+        let hooks = crate::progress::active();
+        let polling = hooks && crate::progress::polls(spin);
         let start = hooks.then(|| {
             crate::progress::take_did();
             Instant::now()
@@ -142,23 +142,14 @@ impl Latch {
             spin
         };
         let budget = spin.min(timeout.unwrap_or(Duration::MAX));
-        let spun = if polling {
+        let set = if polling {
             spin_until(budget, || self.is_set())
         } else {
-            if hooks {
-                // An earlier wait of this thread may have polled: nobody
-                // reads while this one spins unless the readers are back.
-                crate::progress::run(crate::progress::Call::Leave);
-            }
+            // An earlier wait of this thread may have polled: nobody reads
+            // while this one spins unless the readers are back.
+            crate::progress::leave();
             crate::progress::without(|| spin_until(budget, || self.is_set()))
-        };
-        if spun {
-            if let Some(t) = start {
-                crate::progress::record(t.elapsed(), crate::progress::take_did());
-            }
-            return true;
-        }
-        let set = self.sleep(timeout);
+        } || self.sleep(timeout);
         if let Some(t) = start {
             crate::progress::record(t.elapsed(), crate::progress::take_did());
         }
@@ -168,13 +159,7 @@ impl Latch {
     /// The sleeping half of a wait: whatever stood back while this thread
     /// (or an earlier wait of it) polled takes over first (`progress.rs`).
     fn sleep(&self, timeout: Option<Duration>) -> bool {
-        if crate::progress::active() {
-            crate::progress::run(crate::progress::Call::Leave);
-        }
-        self.sleep_now(timeout)
-    }
-
-    fn sleep_now(&self, timeout: Option<Duration>) -> bool {
+        crate::progress::leave();
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut st = self.state.lock();
         while !st.set {

@@ -904,16 +904,20 @@ impl Job {
                     ));
                 }
             }
-            let fds: Vec<std::os::fd::BorrowedFd<'_>> = self
-                .members
-                .iter()
-                .filter_map(|m| {
-                    use std::os::fd::AsFd;
-                    m.pidfd.as_ref().map(|f| f.as_fd())
-                })
-                .collect();
-            wait_for_exit(&fds, POLL);
+            self.wait_for_a_death(POLL);
         }
+    }
+
+    /// Waits up to `timeout` for a member still watched (by its pidfd) to
+    /// exit.
+    fn wait_for_a_death(&self, timeout: Duration) {
+        use std::os::fd::AsFd;
+        let fds: Vec<std::os::fd::BorrowedFd<'_>> = self
+            .members
+            .iter()
+            .filter_map(|m| m.pidfd.as_ref().map(|f| f.as_fd()))
+            .collect();
+        wait_for_exit(&fds, timeout);
     }
 
     /// Records the exit of every member that has exited since the last
@@ -962,15 +966,7 @@ impl Job {
         let window_end = first + BLAME_WINDOW;
         if !self.members.iter().any(|m| failed(m) && by_signal(m)) {
             while Instant::now() < window_end && self.members.iter().any(|m| m.status.is_none()) {
-                let fds: Vec<std::os::fd::BorrowedFd<'_>> = self
-                    .members
-                    .iter()
-                    .filter_map(|m| {
-                        use std::os::fd::AsFd;
-                        m.pidfd.as_ref().map(|f| f.as_fd())
-                    })
-                    .collect();
-                wait_for_exit(&fds, window_end.saturating_duration_since(Instant::now()));
+                self.wait_for_a_death(window_end.saturating_duration_since(Instant::now()));
                 self.reap()?;
             }
         }

@@ -157,7 +157,6 @@ impl Reader {
     }
 
     fn read_until_end(&self) -> VanError {
-        let _ = self.thread.set(std::thread::current());
         let mut watch = Watch::new(self.ring.clone());
         loop {
             let pos = {
