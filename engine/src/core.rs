@@ -27,6 +27,7 @@ use crate::op::{
 };
 use crate::pool::Pool;
 use crate::profiler::Profiler;
+use crate::sync::Padded;
 use crate::var::{Access, Var, VarInner};
 
 /// The highest number of GPU ids an engine serves.
@@ -128,13 +129,26 @@ const FAILURE_LOG_PRUNE_AT: usize = 4096;
 /// reached (None for an op that writes no var) and the failure.
 type FailureLog = Vec<(Option<Weak<VarInner>>, Arc<OpFailure>)>;
 
+/// The pending count and its sleeping waiters (see the module docs).
+#[derive(Default)]
+struct Counts {
+    pending: AtomicUsize,
+    idle_waiters: AtomicUsize,
+}
+
+/// What an engine's handles, ops and workers share.
+///
+/// Layout: `Counts` (written by every push and finish) has cache lines of its
+/// own, and as the first field of a `repr(C)` struct aligned to 128 it also
+/// keeps the `Arc`'s counts (written by every op: each holds a clone) off
+/// the lines of the fields that every push and run reads.
+#[repr(C)]
 pub(crate) struct Core {
+    counts: Padded<Counts>,
     /// A process-wide id, so a worker thread knows which engine it serves.
     pub(crate) id: u64,
     pub(crate) config: EngineConfig,
     pub(crate) executor: Executor,
-    pending: AtomicUsize,
-    idle_waiters: AtomicUsize,
     idle: Mutex<()>,
     idle_cv: Condvar,
     /// Naive engine: signalled whenever an op finishes (pushes wait on it).
@@ -152,8 +166,7 @@ impl Core {
             id: engine_id,
             config,
             executor,
-            pending: AtomicUsize::new(0),
-            idle_waiters: AtomicUsize::new(0),
+            counts: Padded(Counts::default()),
             idle: Mutex::new(()),
             idle_cv: Condvar::new(),
             finished_cv: Condvar::new(),
@@ -165,7 +178,7 @@ impl Core {
     }
 
     pub(crate) fn pending(&self) -> usize {
-        self.pending.load(Ordering::SeqCst)
+        self.counts.pending.load(Ordering::SeqCst)
     }
 
     /// Waits until no op is pending, or `timeout` passes (None: no limit).
@@ -174,10 +187,10 @@ impl Core {
         crate::progress::leave();
         let start = Instant::now();
         let deadline = timeout.map(|t| start + t);
-        self.idle_waiters.fetch_add(1, Ordering::SeqCst);
+        self.counts.idle_waiters.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.idle.lock();
         let result = loop {
-            let left = self.pending.load(Ordering::SeqCst);
+            let left = self.counts.pending.load(Ordering::SeqCst);
             if left == 0 {
                 break Ok(());
             }
@@ -196,13 +209,13 @@ impl Core {
             }
         };
         drop(guard);
-        self.idle_waiters.fetch_sub(1, Ordering::SeqCst);
+        self.counts.idle_waiters.fetch_sub(1, Ordering::SeqCst);
         result
     }
 
     fn op_finished(&self) {
-        if self.pending.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.idle_waiters.load(Ordering::SeqCst) > 0
+        if self.counts.pending.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.counts.idle_waiters.load(Ordering::SeqCst) > 0
         {
             let _guard = self.idle.lock();
             self.idle_cv.notify_all();
@@ -277,8 +290,8 @@ pub(crate) fn push<B: BodyCell + 'static>(
     let mut vars: SmallVec<[Var; 2]> = SmallVec::with_capacity(nreads + writes.len());
     vars.extend(reads);
     vars.extend(writes);
-    core.pending.fetch_add(1, Ordering::SeqCst);
-    let op: OpRef = Arc::new(Op {
+    core.counts.pending.fetch_add(1, Ordering::SeqCst);
+    let op = OpRef::new(Op {
         name,
         nreads: nreads as u32,
         ctx,

@@ -30,7 +30,7 @@
 //! invariants.
 
 #![warn(missing_docs)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod config;
 mod core;
@@ -39,6 +39,8 @@ mod error;
 mod graph;
 mod inline;
 mod op;
+#[allow(unsafe_code)]
+mod op_block;
 mod pool;
 mod profiler;
 pub mod progress;

@@ -266,7 +266,7 @@ impl fmt::Debug for RunContext<'_> {
     }
 }
 
-pub(crate) type OpRef = Arc<Op>;
+pub(crate) use crate::op_block::OpRef;
 
 /// What running a body gave.
 pub(crate) enum Ran {
@@ -337,7 +337,7 @@ pub(crate) const CLAIMED: u8 = 1;
 pub(crate) const FINISHED: u8 = 2;
 
 /// The engine's record of an op in flight: one allocation holding the
-/// header and the closure.
+/// header and the closure (an [`OpRef`]'s block).
 pub(crate) struct Op<B: ?Sized = dyn BodyCell> {
     pub(crate) name: Cow<'static, str>,
     /// The read vars, then the write vars (deduplicated).
@@ -371,11 +371,6 @@ impl<B: ?Sized> Op<B> {
 }
 
 impl Op {
-    /// An id unique among live ops (its address).
-    pub(crate) fn key(self: &Arc<Self>) -> usize {
-        Arc::as_ptr(self) as *const () as usize
-    }
-
     /// Subtracts one from the wait counter; true if this call brought it to
     /// zero (the caller must dispatch the op).
     #[inline]

@@ -32,3 +32,20 @@ impl<T> Mutex<T> {
             .expect("loom model panicked while holding a var lock")
     }
 }
+
+/// A value on cache lines of its own (128 bytes: the pair of lines x86's
+/// adjacent-line prefetcher fetches together), so that writes to it do not
+/// evict its neighbours from other cores' caches, nor theirs it. Also used
+/// as a struct's first field to keep an `Arc`'s counts off the lines of the
+/// fields behind them.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}

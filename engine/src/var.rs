@@ -42,7 +42,7 @@ use std::sync::Arc;
 
 use crate::error::OpFailure;
 use crate::op::OpRef;
-use crate::sync::Mutex;
+use crate::sync::{Mutex, Padded};
 
 /// How an op uses a var.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -162,10 +162,19 @@ impl<T> VarQueue<T> {
 
 static NEXT_VAR_ID: AtomicU64 = AtomicU64::new(1);
 
+/// What a var's handles share.
+///
+/// Layout: the queue's lock is written by every op on the var, by the
+/// pusher and the workers; the `Arc`'s counts by every op too (each holds a
+/// clone); the rest is read by every push and run. Each group has cache
+/// lines of its own (`Padded`, first field of a `repr(C)` struct aligned
+/// to 128: the counts sit alone before it), so reads of the last do not
+/// miss on the others' writes.
+#[repr(C)]
 pub(crate) struct VarInner {
+    pub(crate) queue: Padded<Mutex<VarQueue<OpRef>>>,
     id: u64,
     name: Option<Box<str>>,
-    pub(crate) queue: Mutex<VarQueue<OpRef>>,
     /// The failure stored on this var, if any. `has_failure` mirrors
     /// `failure.is_some()` so that the fast path (no failure) takes no lock.
     ///
@@ -215,7 +224,7 @@ impl Var {
         Var(Arc::new(VarInner {
             id: NEXT_VAR_ID.fetch_add(1, Ordering::Relaxed),
             name,
-            queue: Mutex::new(VarQueue::default()),
+            queue: Padded(Mutex::new(VarQueue::default())),
             failure: parking_lot::Mutex::new(None),
             has_failure: AtomicBool::new(false),
             deleted: AtomicBool::new(false),

@@ -1,0 +1,367 @@
+//! `OpRef`, the counted handle to an op in flight, and the recycled blocks
+//! that hold ops. The crate's only `unsafe` code.
+//!
+//! Why: an op is one allocation (header and closure), made by the thread
+//! that pushes it and most often freed by the worker that finishes it. The
+//! system allocator's per-thread caches do not serve that flow: the
+//! workers' frees return to the pusher's arena under its lock, and the
+//! pusher's next allocations take the same lock (`perf` of the dispatch
+//! bench: a fifth of the pusher's time in glibc's arena-lock futex waits
+//! and wakes). MXNet pools its op blocks per thread for the same reason.
+//!
+//! # Blocks
+//!
+//! A block is one of `CLASSES` sizes (128 B doubling to 2 KiB), aligned to
+//! 16 B (the system allocator's own alignment, its fast path); an op larger or more aligned than that is an ordinary allocation.
+//! Free blocks of a class are kept in two places:
+//!
+//! - per thread, a stack of at most `2 * BATCH`: a free pushes, an
+//!   allocation pops;
+//! - per process, a queue of at most `GLOBAL_BATCHES` batches of `BATCH`
+//!   blocks, under one mutex per class. A thread whose stack is full moves
+//!   its `BATCH` oldest blocks there; a thread whose stack is empty takes
+//!   the oldest batch. Blocks so flow from the threads that finish ops to
+//!   the threads that push them, at one lock per `BATCH` ops.
+//!
+//! The caps are small on purpose: a recycled block costs its writer the
+//! transfer of its lines from the core that freed it, and a chain of ops
+//! queued on one var (the dispatch bench's (b)) ran slower the more blocks
+//! were recycled (16 batches: 40 ms; unbounded: 51 ms; fresh memory: 35
+//! ms), while the pusher of independent ops needs only enough to skip the
+//! system allocator's lock most of the time.
+//!
+//! Beyond those caps, and for a thread whose stack is gone (its exit) or
+//! busy, blocks go to and come from the system allocator with the class's
+//! layout, so a block can always be freed either way. A thread's stack moves
+//! to the process's at its exit. What is kept is bounded: per thread
+//! `2 * BATCH` blocks of each class (248 KiB if every class were full), per
+//! process `GLOBAL_BATCHES * BATCH` of each (1 MiB of 2 KiB blocks).
+//!
+//! # OpRef
+//!
+//! A block holds a `Counted` op: a reference count and the op (`Op<B>` for
+//! the closure's type `B`, seen through the handle as `Op<dyn BodyCell>`).
+//! `OpRef` follows `Arc`'s protocol on that count: a clone adds one
+//! (Relaxed: the clone already holds a reference, nothing is published);
+//! a drop subtracts one with Release, and the drop that reaches zero
+//! fences with Acquire before it drops the op and frees the block, so every
+//! other holder's use of the op happens before its destruction.
+//!
+//! Checked under Miri (not in CI, which has no nightly toolchain):
+//! `cargo +nightly miri test -p pskv-engine --lib op_block`, and engine
+//! tests through `OpRef` with `MIRIFLAGS="-Zmiri-disable-isolation
+//! -Zmiri-ignore-leaks"` (pool threads still run at exit).
+
+use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::fmt;
+use std::ops::Deref;
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::op::{BodyCell, Op};
+
+/// Size classes: 128 B, 256 B, ..., 2 KiB.
+const CLASSES: usize = 5;
+const SMALLEST: usize = 128;
+const ALIGN: usize = 16;
+/// Blocks moved between a thread and the process at once.
+const BATCH: usize = 32;
+/// Batches of each class the process keeps.
+const GLOBAL_BATCHES: usize = 16;
+
+/// The class a layout is served from, or None (an ordinary allocation).
+fn class_of(layout: Layout) -> Option<usize> {
+    if layout.align() > ALIGN {
+        return None;
+    }
+    let size = layout.size().max(SMALLEST).next_power_of_two();
+    let class = (size / SMALLEST).trailing_zeros() as usize;
+    (class < CLASSES).then_some(class)
+}
+
+fn class_layout(class: usize) -> Layout {
+    // Powers of two up to 2 KiB, aligned to 16: always a valid layout.
+    Layout::from_size_align(SMALLEST << class, ALIGN).expect("a block's layout is valid")
+}
+
+/// A free block, owned by the stack that holds it.
+struct Free(NonNull<u8>);
+
+// SAFETY: a free block is plain memory that no one else refers to; whoever
+// holds the `Free` owns it, on any thread.
+unsafe impl Send for Free {}
+
+/// The process's batches of free blocks, per class.
+static GLOBAL: [Mutex<VecDeque<Vec<Free>>>; CLASSES] =
+    [const { Mutex::new(VecDeque::new()) }; CLASSES];
+
+/// A thread's stacks of free blocks, per class.
+struct Local {
+    stacks: [Vec<Free>; CLASSES],
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        for (class, stack) in self.stacks.iter_mut().enumerate() {
+            let mut stack = std::mem::take(stack);
+            while !stack.is_empty() {
+                let rest = stack.split_off(stack.len().min(BATCH));
+                give_batch(class, stack);
+                stack = rest;
+            }
+        }
+    }
+}
+
+thread_local! {
+    static LOCAL: RefCell<Local> = const {
+        RefCell::new(Local { stacks: [const { Vec::new() }; CLASSES] })
+    };
+}
+
+fn global(class: usize) -> std::sync::MutexGuard<'static, VecDeque<Vec<Free>>> {
+    // Nothing panics while holding it; a poisoned lock holds valid data.
+    GLOBAL[class].lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Puts a batch into the process's stack, or frees it past the cap.
+fn give_batch(class: usize, batch: Vec<Free>) {
+    let mut g = global(class);
+    if g.len() < GLOBAL_BATCHES {
+        g.push_back(batch);
+        return;
+    }
+    drop(g);
+    for Free(p) in batch {
+        // SAFETY: every block of a class was allocated with its layout.
+        unsafe { dealloc(p.as_ptr(), class_layout(class)) };
+    }
+}
+
+fn system_alloc(layout: Layout) -> NonNull<u8> {
+    // SAFETY: the layout has a non-zero size (a `Counted` holds its count).
+    NonNull::new(unsafe { alloc(layout) }).unwrap_or_else(|| handle_alloc_error(layout))
+}
+
+/// A block for `layout` (size > 0).
+fn alloc_block(layout: Layout) -> NonNull<u8> {
+    let Some(class) = class_of(layout) else {
+        return system_alloc(layout);
+    };
+    let reused = LOCAL
+        .try_with(|l| {
+            let mut l = l.try_borrow_mut().ok()?;
+            let stack = &mut l.stacks[class];
+            if stack.is_empty() {
+                *stack = global(class).pop_front()?;
+            }
+            stack.pop()
+        })
+        .ok()
+        .flatten();
+    match reused {
+        Some(Free(p)) => p,
+        None => system_alloc(class_layout(class)),
+    }
+}
+
+/// Frees a block that `alloc_block(layout)` gave.
+///
+/// # Safety
+/// `p` came from `alloc_block(layout)` and nothing refers to it any more.
+unsafe fn free_block(p: NonNull<u8>, layout: Layout) {
+    let Some(class) = class_of(layout) else {
+        // SAFETY: allocated by `system_alloc(layout)` (the caller's contract).
+        unsafe { dealloc(p.as_ptr(), layout) };
+        return;
+    };
+    let kept = LOCAL
+        .try_with(|l| {
+            let Ok(mut l) = l.try_borrow_mut() else {
+                return false;
+            };
+            let stack = &mut l.stacks[class];
+            stack.push(Free(p));
+            if stack.len() >= 2 * BATCH {
+                // The oldest go: the newest are the likeliest still in cache.
+                let batch: Vec<Free> = stack.drain(..BATCH).collect();
+                give_batch(class, batch);
+            }
+            true
+        })
+        .unwrap_or(false);
+    if !kept {
+        // SAFETY: a block of this class, allocated with its layout.
+        unsafe { dealloc(p.as_ptr(), class_layout(class)) };
+    }
+}
+
+/// What a block holds: the reference count and the op.
+pub(crate) struct Counted<B: ?Sized> {
+    refs: AtomicUsize,
+    op: Op<B>,
+}
+
+/// A counted reference to an op in a recycled block (`Arc<Op>`'s role).
+pub(crate) struct OpRef {
+    ptr: NonNull<Counted<dyn BodyCell>>,
+}
+
+// SAFETY: an `OpRef` shares an `Op<dyn BodyCell>`, which is Send and Sync
+// (`BodyCell: Send + Sync`, the header is atomics and shared handles), and
+// its count is atomic: sending or sharing the handle is `Arc`'s case.
+unsafe impl Send for OpRef {}
+// SAFETY: as for Send.
+unsafe impl Sync for OpRef {}
+
+impl OpRef {
+    /// Moves `op` into a block.
+    pub(crate) fn new<B: BodyCell + 'static>(op: Op<B>) -> OpRef {
+        let block = alloc_block(Layout::new::<Counted<B>>()).cast::<Counted<B>>();
+        // SAFETY: the block is fresh, sized and aligned for `Counted<B>`.
+        unsafe {
+            block.as_ptr().write(Counted {
+                refs: AtomicUsize::new(1),
+                op,
+            })
+        };
+        OpRef { ptr: block }
+    }
+
+    fn counted(&self) -> &Counted<dyn BodyCell> {
+        // SAFETY: this handle holds a reference, so the block is alive.
+        unsafe { self.ptr.as_ref() }
+    }
+
+    /// An id unique among live ops (its address).
+    pub(crate) fn key(&self) -> usize {
+        self.ptr.as_ptr() as *const () as usize
+    }
+}
+
+impl Deref for OpRef {
+    type Target = Op;
+
+    fn deref(&self) -> &Op {
+        &self.counted().op
+    }
+}
+
+impl Clone for OpRef {
+    fn clone(&self) -> OpRef {
+        let before = self.counted().refs.fetch_add(1, Ordering::Relaxed);
+        // As `Arc`: a count this high means leaked handles by the billions.
+        if before > isize::MAX as usize {
+            std::process::abort();
+        }
+        OpRef { ptr: self.ptr }
+    }
+}
+
+impl Drop for OpRef {
+    fn drop(&mut self) {
+        if self.counted().refs.fetch_sub(1, Ordering::Release) != 1 {
+            return;
+        }
+        // Subtle: pairs with every other holder's Release subtraction, so
+        // their uses of the op happen before it is dropped.
+        fence(Ordering::Acquire);
+        let layout = Layout::for_value(self.counted());
+        // SAFETY: the count reached zero: this was the last handle, so the
+        // op is dropped once and the block freed with the layout it was
+        // allocated for (`for_value` of the value `new` wrote).
+        unsafe {
+            std::ptr::drop_in_place(self.ptr.as_ptr());
+            free_block(self.ptr.cast::<u8>(), layout);
+        }
+    }
+}
+
+impl fmt::Debug for OpRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&**self, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_cover_128_bytes_to_2_kib() {
+        let l = |size, align| Layout::from_size_align(size, align).unwrap();
+        assert_eq!(class_of(l(8, 8)), Some(0));
+        assert_eq!(class_of(l(128, 8)), Some(0));
+        assert_eq!(class_of(l(129, 8)), Some(1));
+        assert_eq!(class_of(l(2048, 16)), Some(4));
+        assert_eq!(class_of(l(2049, 8)), None);
+        assert_eq!(class_of(l(64, 32)), None);
+    }
+
+    /// A block's address, sent to another thread.
+    struct Sent(NonNull<u8>);
+    // SAFETY: the test hands each block to exactly one thread.
+    unsafe impl Send for Sent {}
+
+    /// Frees every block this thread and the process keep (so that Miri's
+    /// leak check sees the rest of the test's memory returned).
+    fn release_all() {
+        LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            for (class, stack) in l.stacks.iter_mut().enumerate() {
+                for Free(p) in stack.drain(..) {
+                    // SAFETY: a free block of this class.
+                    unsafe { dealloc(p.as_ptr(), class_layout(class)) };
+                }
+            }
+        });
+        for class in 0..CLASSES {
+            for batch in global(class).drain(..) {
+                for Free(p) in batch {
+                    // SAFETY: a free block of this class.
+                    unsafe { dealloc(p.as_ptr(), class_layout(class)) };
+                }
+            }
+        }
+    }
+
+    /// Blocks freed on other threads come back to the allocating one, and
+    /// every size (inside and outside the classes) round-trips.
+    #[test]
+    fn blocks_flow_between_threads_and_are_reused() {
+        let rounds = if cfg!(miri) { 3 } else { 50 };
+        let sizes = [16usize, 200, 700, 2048, 5000];
+        let layout = move |i: usize| Layout::from_size_align(sizes[i % sizes.len()], 8).unwrap();
+        let mut reused = 0;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..rounds {
+            let made: Vec<(Sent, usize)> = (0..3 * BATCH)
+                .map(|i| {
+                    let p = alloc_block(layout(i));
+                    reused += usize::from(!seen.insert(p.as_ptr() as usize));
+                    // SAFETY: a fresh block of at least the layout's size.
+                    unsafe { p.as_ptr().write_bytes(i as u8, layout(i).size()) };
+                    (Sent(p), i)
+                })
+                .collect();
+            std::thread::spawn(move || {
+                for (Sent(p), i) in made {
+                    let last = layout(i).size() - 1;
+                    // SAFETY: what the other thread wrote is still there.
+                    assert_eq!(unsafe { *p.as_ptr().add(last) }, i as u8);
+                    // SAFETY: from alloc_block(layout), used no more.
+                    unsafe { free_block(p, layout(i)) };
+                }
+            })
+            .join()
+            .unwrap();
+        }
+        // The freeing threads exited and their blocks went to the process,
+        // from which this thread took them again.
+        assert!(reused >= BATCH, "only {reused} blocks were reused");
+        release_all();
+    }
+}
