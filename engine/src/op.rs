@@ -400,7 +400,7 @@ impl fmt::Debug for Op {
 }
 
 thread_local! {
-    /// The op (`Op::key`) whose closure runs on this thread right now
+    /// The op (`OpRef::key`) whose closure runs on this thread right now
     /// (0: none). Lets a
     /// completion handle dropped by a panic leave the report to the executor,
     /// which knows the panic message.

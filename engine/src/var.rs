@@ -169,7 +169,8 @@ static NEXT_VAR_ID: AtomicU64 = AtomicU64::new(1);
 /// clone); the rest is read by every push and run. Each group has cache
 /// lines of its own (`Padded`, first field of a `repr(C)` struct aligned
 /// to 128: the counts sit alone before it), so reads of the last do not
-/// miss on the others' writes.
+/// miss on the others' writes. A var so takes 384 B, about three times
+/// what it took before.
 #[repr(C)]
 pub(crate) struct VarInner {
     pub(crate) queue: Padded<Mutex<VarQueue<OpRef>>>,
