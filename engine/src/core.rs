@@ -3,11 +3,24 @@
 //!
 //! # Pending count
 //!
-//! `pending` counts ops pushed and not finished. `wait_for_all` sleeps until it
-//! is zero. Subtle: a finisher that brings it to zero must wake a waiter that
-//! checked it a moment before. Both sides use SeqCst on `pending` and
-//! `idle_waiters` (a Dekker-style handshake): either the finisher sees the
-//! waiter's registration and takes the lock to notify, or the waiter sees zero.
+//! Two counters, each on cache lines of its own so that pushers and finishers
+//! do not write the same line: `pushed` (ops pushed) and `finished` (ops
+//! finished); the pending count is their difference, and `wait_for_all`
+//! sleeps until it is zero.
+//!
+//! - `finished <= pushed` at every instant of the SeqCst order: a push
+//!   counts its op before the op can run.
+//! - A reader takes `finished` first, then `pushed`. If they are equal, the
+//!   engine was idle when `finished` was read: `pushed` then was at most the
+//!   later value, which equals `finished`, and at least `finished`. (Read the
+//!   other way round, an op pushed and finished between the two reads could
+//!   hide an older one still pending.)
+//! - Subtle: a finisher that makes them equal must wake a waiter that checked
+//!   a moment before. Both sides use SeqCst on the counters and
+//!   `idle_waiters` (a Dekker-style handshake): the waiter registers, then
+//!   reads; the finisher counts, then looks for waiters and, if any, reads
+//!   `pushed` and notifies under the lock when it equals its own count.
+//!   Either the finisher sees the registration or the waiter sees the count.
 
 use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -129,22 +142,18 @@ const FAILURE_LOG_PRUNE_AT: usize = 4096;
 /// reached (None for an op that writes no var) and the failure.
 type FailureLog = Vec<(Option<Weak<VarInner>>, Arc<OpFailure>)>;
 
-/// The pending count and its sleeping waiters (see the module docs).
-#[derive(Default)]
-struct Counts {
-    pending: AtomicUsize,
-    idle_waiters: AtomicUsize,
-}
-
 /// What an engine's handles, ops and workers share.
 ///
-/// Layout: `Counts` (written by every push and finish) has cache lines of its
-/// own, and as the first field of a `repr(C)` struct aligned to 128 it also
-/// keeps the `Arc`'s counts (written by every op: each holds a clone) off
-/// the lines of the fields that every push and run reads.
+/// Layout: `pushed` (written by every push), `finished` (by every finish)
+/// and `idle_waiters` (read by every finish) have cache lines of their own,
+/// and as the first field of a `repr(C)` struct aligned to 128, `pushed`
+/// also keeps the `Arc`'s counts (written by every op: each holds a clone)
+/// off the lines of the fields that every push and run reads.
 #[repr(C)]
 pub(crate) struct Core {
-    counts: Padded<Counts>,
+    pushed: Padded<AtomicUsize>,
+    finished: Padded<AtomicUsize>,
+    idle_waiters: Padded<AtomicUsize>,
     /// A process-wide id, so a worker thread knows which engine it serves.
     pub(crate) id: u64,
     pub(crate) config: EngineConfig,
@@ -166,7 +175,9 @@ impl Core {
             id: engine_id,
             config,
             executor,
-            counts: Padded(Counts::default()),
+            pushed: Padded(AtomicUsize::new(0)),
+            finished: Padded(AtomicUsize::new(0)),
+            idle_waiters: Padded(AtomicUsize::new(0)),
             idle: Mutex::new(()),
             idle_cv: Condvar::new(),
             finished_cv: Condvar::new(),
@@ -178,7 +189,9 @@ impl Core {
     }
 
     pub(crate) fn pending(&self) -> usize {
-        self.counts.pending.load(Ordering::SeqCst)
+        // `finished` first (see the module docs).
+        let finished = self.finished.load(Ordering::SeqCst);
+        self.pushed.load(Ordering::SeqCst).saturating_sub(finished)
     }
 
     /// Waits until no op is pending, or `timeout` passes (None: no limit).
@@ -187,10 +200,10 @@ impl Core {
         crate::progress::leave();
         let start = Instant::now();
         let deadline = timeout.map(|t| start + t);
-        self.counts.idle_waiters.fetch_add(1, Ordering::SeqCst);
+        self.idle_waiters.fetch_add(1, Ordering::SeqCst);
         let mut guard = self.idle.lock();
         let result = loop {
-            let left = self.counts.pending.load(Ordering::SeqCst);
+            let left = self.pending();
             if left == 0 {
                 break Ok(());
             }
@@ -209,13 +222,14 @@ impl Core {
             }
         };
         drop(guard);
-        self.counts.idle_waiters.fetch_sub(1, Ordering::SeqCst);
+        self.idle_waiters.fetch_sub(1, Ordering::SeqCst);
         result
     }
 
     fn op_finished(&self) {
-        if self.counts.pending.fetch_sub(1, Ordering::SeqCst) == 1
-            && self.counts.idle_waiters.load(Ordering::SeqCst) > 0
+        let finished = self.finished.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.idle_waiters.load(Ordering::SeqCst) > 0
+            && self.pushed.load(Ordering::SeqCst) == finished
         {
             let _guard = self.idle.lock();
             self.idle_cv.notify_all();
@@ -290,7 +304,7 @@ pub(crate) fn push<B: BodyCell + 'static>(
     let mut vars: SmallVec<[Var; 2]> = SmallVec::with_capacity(nreads + writes.len());
     vars.extend(reads);
     vars.extend(writes);
-    core.counts.pending.fetch_add(1, Ordering::SeqCst);
+    core.pushed.fetch_add(1, Ordering::SeqCst);
     let op = OpRef::new(Op {
         name,
         nreads: nreads as u32,

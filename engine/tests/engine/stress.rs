@@ -58,3 +58,44 @@ fn one_million_ops_without_deadlock() {
         assert_eq!(v.version(), w);
     }
 }
+
+/// `wait_for_all` under pushes from other threads: each of three threads
+/// pushes bursts of ops and waits for all after each burst; every wait
+/// returns (no lost wake-up), and when it does, the burst its caller pushed
+/// before it has run (the pending count is read as finished-then-pushed).
+#[test]
+fn wait_for_all_returns_after_each_callers_burst_while_others_push() {
+    let engine = Arc::new(crate::engine(EngineKind::Threaded, 2));
+    let threads: Vec<_> = (0..3)
+        .map(|t| {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                let v = Var::new();
+                let ran = Arc::new(AtomicU64::new(0));
+                for burst in 1..=200u64 {
+                    for _ in 0..(1 + (burst * 7 + t) % 50) {
+                        let r = ran.clone();
+                        engine
+                            .push_sync(OpSpec::new("burst").write(&v), move |_| {
+                                r.fetch_add(1, Ordering::Relaxed);
+                                Ok(())
+                            })
+                            .unwrap();
+                    }
+                    let pushed: u64 = (1..=burst).map(|b| 1 + (b * 7 + t) % 50).sum();
+                    engine
+                        .wait_for_all_timeout(Duration::from_secs(60))
+                        .expect("wait_for_all returned");
+                    assert_eq!(
+                        ran.load(Ordering::Relaxed),
+                        pushed,
+                        "thread {t} burst {burst}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
