@@ -19,8 +19,19 @@
 //!   a moment before. Both sides use SeqCst on the counters and
 //!   `idle_waiters` (a Dekker-style handshake): the waiter registers, then
 //!   reads; the finisher counts, then looks for waiters and, if any, reads
-//!   `pushed` and notifies under the lock when it equals its own count.
-//!   Either the finisher sees the registration or the waiter sees the count.
+//!   `pushed` and notifies under the lock when it equals its own count. Take
+//!   the finisher whose count reaches the final total: either its count
+//!   came before the waiter's read (the waiter sees equality and does not
+//!   sleep), or its look came after the registration and it notifies. If an
+//!   op is pushed between its count and its read of `pushed`, it does not
+//!   notify, and the finisher of that op takes the duty over.
+//! - So `wait_for_all` returns at a moment when the whole engine is idle: a
+//!   caller may wait (up to its timeout) while other threads keep pushing,
+//!   as with one counter.
+//! - `pending()` is `pushed` at the second read less `finished` at the
+//!   first: at least the true count at either read, perhaps more than at
+//!   any one instant; never less (a wrong order would show as a huge value
+//!   and a wait that times out, not as an early return).
 
 use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -191,7 +202,9 @@ impl Core {
     pub(crate) fn pending(&self) -> usize {
         // `finished` first (see the module docs).
         let finished = self.finished.load(Ordering::SeqCst);
-        self.pushed.load(Ordering::SeqCst).saturating_sub(finished)
+        let pushed = self.pushed.load(Ordering::SeqCst);
+        debug_assert!(pushed >= finished, "an op finished that was not counted");
+        pushed.wrapping_sub(finished)
     }
 
     /// Waits until no op is pending, or `timeout` passes (None: no limit).

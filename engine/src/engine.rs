@@ -343,7 +343,9 @@ impl Engine {
         }
     }
 
-    /// Ops pushed and not yet finished.
+    /// Ops pushed and not yet finished (read from two counters one after
+    /// the other: at least the number pending when the call began, perhaps
+    /// more than at any one instant while ops are pushed and finished).
     pub fn pending(&self) -> usize {
         self.core().pending()
     }

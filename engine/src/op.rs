@@ -15,8 +15,8 @@
 //! `Op::state` goes RUNNING → CLAIMED → FINISHED. Whoever makes the first step
 //! (a completion handle, the handle's drop, the executor after a return or a
 //! panic, a skip, or shutdown) runs the op's finish: store the failure,
-//! release the vars, dispatch what became ready, count the op as no longer
-//! pending, then mark it FINISHED. Later attempts are ignored.
+//! release the vars, dispatch what became ready, mark it FINISHED, then
+//! count it as no longer pending. Later attempts are ignored.
 
 use std::borrow::Cow;
 use std::fmt;

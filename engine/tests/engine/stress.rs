@@ -61,8 +61,9 @@ fn one_million_ops_without_deadlock() {
 
 /// `wait_for_all` under pushes from other threads: each of three threads
 /// pushes bursts of ops and waits for all after each burst; every wait
-/// returns (no lost wake-up), and when it does, the burst its caller pushed
-/// before it has run (the pending count is read as finished-then-pushed).
+/// returns (no lost wake-up; the others pause in their own waits, so the
+/// engine does go idle), and when it does, the burst its caller pushed
+/// before it has run.
 #[test]
 fn wait_for_all_returns_after_each_callers_burst_while_others_push() {
     let engine = Arc::new(crate::engine(EngineKind::Threaded, 2));
@@ -85,7 +86,7 @@ fn wait_for_all_returns_after_each_callers_burst_while_others_push() {
                     let pushed: u64 = (1..=burst).map(|b| 1 + (b * 7 + t) % 50).sum();
                     engine
                         .wait_for_all_timeout(Duration::from_secs(60))
-                        .expect("wait_for_all returned");
+                        .expect("every op finished within 60 s");
                     assert_eq!(
                         ran.load(Ordering::Relaxed),
                         pushed,
@@ -98,4 +99,59 @@ fn wait_for_all_returns_after_each_callers_burst_while_others_push() {
     for t in threads {
         t.join().unwrap();
     }
+}
+
+/// The pending count never reads zero while an op is pending, however fast
+/// other ops are pushed and finished meanwhile (it is read finished-then-
+/// pushed; the other order could see a push and its finish between its two
+/// reads and hide the pending op).
+#[test]
+fn pending_never_reads_zero_while_an_op_waits() {
+    let engine = crate::engine(EngineKind::Threaded, 2);
+    let release = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let blocked = Var::new();
+    let r = release.clone();
+    engine
+        .push_async(
+            OpSpec::new("held")
+                .write(&blocked)
+                .property(Property::Async),
+            move |_, done| {
+                std::thread::spawn(move || {
+                    while !r.load(Ordering::Acquire) {
+                        std::thread::yield_now();
+                    }
+                    done.complete();
+                });
+            },
+        )
+        .unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let v = Var::new();
+            while !stop.load(Ordering::Relaxed) {
+                engine
+                    .push_async(
+                        OpSpec::new("quick").write(&v).property(Property::Async),
+                        |_, done| done.complete(),
+                    )
+                    .unwrap();
+            }
+        })
+    };
+    let start = std::time::Instant::now();
+    let mut reads = 0u64;
+    while start.elapsed() < Duration::from_millis(300) {
+        assert!(engine.pending() >= 1, "pending read 0 after {reads} reads");
+        reads += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    release.store(true, Ordering::Release);
+    engine
+        .wait_for_all_timeout(Duration::from_secs(20))
+        .expect("the held op finished");
+    assert_eq!(engine.pending(), 0);
 }
