@@ -325,6 +325,7 @@ pub(crate) fn push<B: BodyCell + 'static>(
         prop,
         priority,
         no_skip,
+        timed_out: AtomicBool::new(false),
         wait: crate::sync::AtomicUsize::new(vars.len() + 1),
         vars,
         state: AtomicU8::new(RUNNING),
@@ -407,6 +408,15 @@ pub(crate) fn in_op() -> bool {
 
 /// Runs a ready op on this thread (`worker`: its index in the pool).
 pub(crate) fn execute(op: OpRef, worker: usize) {
+    if op.timed_out.load(Ordering::SeqCst) {
+        op.body.discard();
+        if op.claim_done() {
+            let after = op.core.config.wait_timeout.unwrap_or_default();
+            let cause = FailureCause::CompletionTimedOut(after);
+            complete(&op, Some(OpFailure::new(op.name.to_string(), cause)));
+        }
+        return;
+    }
     if !op.no_skip {
         if let Some(failure) = op.vars.iter().find_map(Var::failure) {
             op.body.discard();
@@ -448,6 +458,20 @@ pub(crate) fn finish(op: &OpRef, cause: Option<FailureCause>) {
     if op.claim_done() {
         let failure = cause.map(|c| OpFailure::new(op.name.to_string(), c));
         complete(op, failure);
+    }
+}
+
+/// The naive engine's push stopped waiting for `op` after `after`. An op
+/// granted its vars (running, or about to) is finished now with the
+/// timeout; one still waiting for them is marked and fails with it when
+/// they are granted (`execute`), since finishing it now would release
+/// grants it does not hold. Subtle: if the grant races with this call and
+/// `execute` misses the mark, the op runs as if the push had waited: the
+/// push has returned either way, and no grant is released twice.
+pub(crate) fn give_up(op: &OpRef, after: Duration) {
+    op.timed_out.store(true, Ordering::SeqCst);
+    if op.wait.load(crate::sync::Ordering::SeqCst) == 0 {
+        finish(op, Some(FailureCause::CompletionTimedOut(after)));
     }
 }
 

@@ -202,7 +202,7 @@ impl Engine {
         let op = core::push(core, spec, no_skip, body);
         if naive_wait && !core::wait_finished(&op, core.config.wait_timeout) {
             let after = core.config.wait_timeout.unwrap_or_default();
-            core::finish(&op, Some(crate::FailureCause::CompletionTimedOut(after)));
+            core::give_up(&op, after);
         }
         Ok(())
     }

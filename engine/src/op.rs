@@ -21,7 +21,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::Ordering::{AcqRel, Acquire};
-use std::sync::atomic::{AtomicU64, AtomicU8};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 use std::sync::Arc;
 
 use smallvec::SmallVec;
@@ -349,6 +349,11 @@ pub(crate) struct Op<B: ?Sized = dyn BodyCell> {
     /// Run even when an input var holds a failure (the waits of
     /// `wait_for_var` and `var_ready`, and `delete_var`).
     pub(crate) no_skip: bool,
+    /// Naive engine: the push that waited for this op gave up (its
+    /// `wait_timeout` passed) before the op was granted its vars. When they
+    /// are granted it fails with `CompletionTimedOut` instead of running
+    /// (finishing it at the timeout would release grants it did not hold).
+    pub(crate) timed_out: AtomicBool,
     pub(crate) wait: AtomicUsize,
     /// RUNNING → CLAIMED → FINISHED.
     pub(crate) state: AtomicU8,

@@ -292,3 +292,64 @@ fn contexts_out_of_range_are_refused() {
     assert!(matches!(err, EngineError::InvalidContext { .. }));
     assert!(err.to_string().contains("gpu(64)"), "{err}");
 }
+
+/// A naive push that times out while its op still waits for its var (behind
+/// an op pushed from inside another op, whose push does not wait) must not
+/// release a grant its op never held: the var's count of completed writes
+/// stays right, the op fails with the timeout when its turn comes (its body
+/// never runs), and the var serves later ops.
+#[test]
+fn a_naive_push_timing_out_while_queued_releases_nothing_it_did_not_hold() {
+    let engine = Engine::builder()
+        .kind(EngineKind::Naive)
+        .wait_timeout(Some(Duration::from_millis(100)))
+        .build()
+        .unwrap();
+    let v = Var::new();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let (inner, v2) = (engine.clone(), v.clone());
+    engine
+        .push_sync(OpSpec::new("outer"), move |_| {
+            inner
+                .push_async(OpSpec::new("held").write(&v2), move |_, done| {
+                    tx.send(done).unwrap();
+                })
+                .unwrap();
+            Ok(())
+        })
+        .unwrap();
+    let held = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the held op started");
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    engine
+        .push_sync(OpSpec::new("queued").write(&v), move |_| {
+            r.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+    // The push returned after its timeout; "held" still holds the var.
+    assert_eq!(v.version(), 0, "a write counted that has not completed");
+    held.complete();
+    let err = engine.wait_for_var(&v).unwrap_err();
+    assert!(
+        matches!(
+            err.failure().unwrap().cause(),
+            FailureCause::CompletionTimedOut(_)
+        ),
+        "{err}"
+    );
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "the timed-out op ran");
+    assert_eq!(v.version(), 2);
+    let r = ran.clone();
+    engine
+        .push_sync(OpSpec::new("later").write(&v), move |_| {
+            r.fetch_add(10, Ordering::SeqCst);
+            Ok(())
+        })
+        .unwrap();
+    engine.wait_for_var(&v).unwrap();
+    assert_eq!(ran.load(Ordering::SeqCst), 10);
+    assert_eq!(v.version(), 3);
+}
