@@ -42,12 +42,13 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use smallvec::SmallVec;
 
-use crate::config::EngineConfig;
+use crate::config::{EngineConfig, EngineKind};
 use crate::error::{panic_message, EngineError, FailureCause, OpFailure};
 use crate::graph::GraphRecorder;
 use crate::inline;
 use crate::op::{
-    BodyCell, Context, Op, OpRef, OpSpec, Property, Ran, RunContext, EXECUTING, FINISHED, RUNNING,
+    BodyCell, Context, Op, OpRef, OpSpec, Property, Ran, RunContext, EXECUTING, FINISHED,
+    GATE_ASYNC, GATE_FRESH, GATE_GAVE_UP, GATE_LATE, GATE_STARTED, RUNNING,
 };
 use crate::pool::Pool;
 use crate::profiler::Profiler;
@@ -325,7 +326,7 @@ pub(crate) fn push<B: BodyCell + 'static>(
         prop,
         priority,
         no_skip,
-        timed_out: AtomicBool::new(false),
+        gate: AtomicU8::new(GATE_FRESH),
         wait: crate::sync::AtomicUsize::new(vars.len() + 1),
         vars,
         state: AtomicU8::new(RUNNING),
@@ -408,11 +409,16 @@ pub(crate) fn in_op() -> bool {
 
 /// Runs a ready op on this thread (`worker`: its index in the pool).
 pub(crate) fn execute(op: OpRef, worker: usize) {
-    if op.timed_out.load(Ordering::SeqCst) {
+    let naive = op.core.config.kind == EngineKind::Naive;
+    if naive
+        && op
+            .gate
+            .compare_exchange(GATE_FRESH, GATE_STARTED, Ordering::SeqCst, Ordering::SeqCst)
+            == Err(GATE_GAVE_UP)
+    {
         op.body.discard();
         if op.claim_done() {
-            let after = op.core.config.wait_timeout.unwrap_or_default();
-            let cause = FailureCause::CompletionTimedOut(after);
+            let cause = FailureCause::CompletionTimedOut(naive_timeout(&op.core));
             complete(&op, Some(OpFailure::new(op.name.to_string(), cause)));
         }
         return;
@@ -435,7 +441,23 @@ pub(crate) fn execute(op: OpRef, worker: usize) {
     let ran = catch_unwind(AssertUnwindSafe(|| op.body.run(ctx, &op)));
     EXECUTING.with(|e| e.set(prev));
     let cause = match ran {
-        Ok(Ran::Async) | Ok(Ran::Gone) => return,
+        Ok(Ran::Async) => {
+            let late = naive
+                && op.gate.compare_exchange(
+                    GATE_STARTED,
+                    GATE_ASYNC,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                ) == Err(GATE_LATE);
+            if late {
+                finish(
+                    &op,
+                    Some(FailureCause::CompletionTimedOut(naive_timeout(core))),
+                );
+            }
+            return;
+        }
+        Ok(Ran::Gone) => return,
         Ok(Ran::Sync(Ok(()))) => None,
         Ok(Ran::Sync(Err(e))) => Some(FailureCause::Error(e)),
         Err(payload) => Some(FailureCause::Panic(panic_message(payload.as_ref()))),
@@ -461,17 +483,44 @@ pub(crate) fn finish(op: &OpRef, cause: Option<FailureCause>) {
     }
 }
 
-/// The naive engine's push stopped waiting for `op` after `after`. An op
-/// granted its vars (running, or about to) is finished now with the
-/// timeout; one still waiting for them is marked and fails with it when
-/// they are granted (`execute`), since finishing it now would release
-/// grants it does not hold. Subtle: if the grant races with this call and
-/// `execute` misses the mark, the op runs as if the push had waited: the
-/// push has returned either way, and no grant is released twice.
-pub(crate) fn give_up(op: &OpRef, after: Duration) {
-    op.timed_out.store(true, Ordering::SeqCst);
-    if op.wait.load(crate::sync::Ordering::SeqCst) == 0 {
-        finish(op, Some(FailureCause::CompletionTimedOut(after)));
+/// The naive engine's `wait_timeout`.
+fn naive_timeout(core: &Core) -> Duration {
+    core.config.wait_timeout.unwrap_or_default()
+}
+
+/// The naive engine's push stopped waiting for `op` (its `wait_timeout`
+/// passed). One gate, `Op::gate`, decides with `execute` what happens, so
+/// that only an op that holds its vars is ever finished for it:
+///
+/// - not started (FRESH, most often not granted its vars yet): GAVE_UP; it
+///   fails with the timeout when `execute` gets it, without running
+///   (finishing it now would release grants it does not hold);
+/// - its body runs (STARTED): LATE; a sync body finishes the op itself,
+///   an async one is finished with the timeout once it has returned;
+/// - its async body returned and no completion came (ASYNC): finished now
+///   with the timeout (a late completion is then ignored).
+pub(crate) fn give_up(op: &OpRef) {
+    let mut seen = op.gate.load(Ordering::SeqCst);
+    loop {
+        let next = match seen {
+            GATE_FRESH => GATE_GAVE_UP,
+            GATE_STARTED => GATE_LATE,
+            GATE_ASYNC => {
+                finish(
+                    op,
+                    Some(FailureCause::CompletionTimedOut(naive_timeout(&op.core))),
+                );
+                return;
+            }
+            _ => return,
+        };
+        match op
+            .gate
+            .compare_exchange(seen, next, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => return,
+            Err(now) => seen = now,
+        }
     }
 }
 

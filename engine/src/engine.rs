@@ -201,8 +201,7 @@ impl Engine {
         let naive_wait = core.config.kind == EngineKind::Naive && !crate::inline::is_active();
         let op = core::push(core, spec, no_skip, body);
         if naive_wait && !core::wait_finished(&op, core.config.wait_timeout) {
-            let after = core.config.wait_timeout.unwrap_or_default();
-            core::give_up(&op, after);
+            core::give_up(&op);
         }
         Ok(())
     }

@@ -20,7 +20,9 @@ pub enum FailureCause {
     CompletionDropped,
     /// The engine stopped before the op could run.
     EngineStopped,
-    /// The naive engine waited this long for an async op's completion.
+    /// The naive engine's push waited this long for the op: an async op's
+    /// completion did not come, or the op was still queued for its vars
+    /// (it then fails so when they are granted, without running).
     CompletionTimedOut(Duration),
 }
 

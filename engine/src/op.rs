@@ -21,7 +21,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::Ordering::{AcqRel, Acquire};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
+use std::sync::atomic::{AtomicU64, AtomicU8};
 use std::sync::Arc;
 
 use smallvec::SmallVec;
@@ -329,6 +329,19 @@ where
     }
 }
 
+/// Naive engine, `Op::gate`: not started yet.
+pub(crate) const GATE_FRESH: u8 = 0;
+/// Its body runs (or its skip is under way).
+pub(crate) const GATE_STARTED: u8 = 1;
+/// Its async body returned: it waits for its completion handle.
+pub(crate) const GATE_ASYNC: u8 = 2;
+/// Its push stopped waiting before it started (it was not granted its
+/// vars yet): when granted it fails with `CompletionTimedOut`, unrun.
+pub(crate) const GATE_GAVE_UP: u8 = 3;
+/// Its push stopped waiting while its body ran: a sync body finishes the
+/// op as usual; an async one, once returned, is finished with the timeout.
+pub(crate) const GATE_LATE: u8 = 4;
+
 /// An op's life, in `Op::state`.
 pub(crate) const RUNNING: u8 = 0;
 /// Someone claimed the finish (completion, drop, panic, skip or stop).
@@ -349,11 +362,9 @@ pub(crate) struct Op<B: ?Sized = dyn BodyCell> {
     /// Run even when an input var holds a failure (the waits of
     /// `wait_for_var` and `var_ready`, and `delete_var`).
     pub(crate) no_skip: bool,
-    /// Naive engine: the push that waited for this op gave up (its
-    /// `wait_timeout` passed) before the op was granted its vars. When they
-    /// are granted it fails with `CompletionTimedOut` instead of running
-    /// (finishing it at the timeout would release grants it did not hold).
-    pub(crate) timed_out: AtomicBool,
+    /// Naive engine: how far the op got, for a push that stops waiting
+    /// for it (`core::give_up`): `GATE_*`.
+    pub(crate) gate: AtomicU8,
     pub(crate) wait: AtomicUsize,
     /// RUNNING → CLAIMED → FINISHED.
     pub(crate) state: AtomicU8,

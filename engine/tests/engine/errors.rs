@@ -303,9 +303,10 @@ fn a_naive_push_timing_out_while_queued_releases_nothing_it_did_not_hold() {
     let engine = Engine::builder()
         .kind(EngineKind::Naive)
         .wait_timeout(Some(Duration::from_millis(100)))
+        .shutdown_timeout(Duration::from_secs(5))
         .build()
         .unwrap();
-    let v = Var::new();
+    let (v, w) = (Var::new(), Var::new());
     let (tx, rx) = crossbeam_channel::unbounded();
     let (inner, v2) = (engine.clone(), v.clone());
     engine
@@ -324,24 +325,27 @@ fn a_naive_push_timing_out_while_queued_releases_nothing_it_did_not_hold() {
     let ran = Arc::new(AtomicUsize::new(0));
     let r = ran.clone();
     engine
-        .push_sync(OpSpec::new("queued").write(&v), move |_| {
+        .push_sync(OpSpec::new("queued").write(&v).write(&w), move |_| {
             r.fetch_add(1, Ordering::SeqCst);
             Ok(())
         })
         .unwrap();
     // The push returned after its timeout; "held" still holds the var.
+    // (It holds `w`, granted at once, and waits for `v`.)
     assert_eq!(v.version(), 0, "a write counted that has not completed");
+    assert_eq!(w.version(), 0, "a grant released while still held");
     held.complete();
     let err = engine.wait_for_var(&v).unwrap_err();
     assert!(
         matches!(
-            err.failure().unwrap().cause(),
+            err.failure().expect("an op's failure").cause(),
             FailureCause::CompletionTimedOut(_)
         ),
         "{err}"
     );
     assert_eq!(ran.load(Ordering::SeqCst), 0, "the timed-out op ran");
     assert_eq!(v.version(), 2);
+    assert_eq!(w.version(), 1);
     let r = ran.clone();
     engine
         .push_sync(OpSpec::new("later").write(&v), move |_| {
@@ -352,4 +356,8 @@ fn a_naive_push_timing_out_while_queued_releases_nothing_it_did_not_hold() {
     engine.wait_for_var(&v).unwrap();
     assert_eq!(ran.load(Ordering::SeqCst), 10);
     assert_eq!(v.version(), 3);
+    // Every op counted finished once: nothing is left pending (the failure
+    // it left on `w` is the one `wait_for_var` reported: not news).
+    engine.wait_for_all().unwrap();
+    assert_eq!(engine.pending(), 0);
 }
