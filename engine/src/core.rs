@@ -416,11 +416,7 @@ pub(crate) fn execute(op: OpRef, worker: usize) {
             .compare_exchange(GATE_FRESH, GATE_STARTED, Ordering::SeqCst, Ordering::SeqCst)
             == Err(GATE_GAVE_UP)
     {
-        op.body.discard();
-        if op.claim_done() {
-            let cause = FailureCause::CompletionTimedOut(naive_timeout(&op.core));
-            complete(&op, Some(OpFailure::new(op.name.to_string(), cause)));
-        }
+        fail_unrun(&op, naive_timed_out(&op.core));
         return;
     }
     if !op.no_skip {
@@ -450,10 +446,7 @@ pub(crate) fn execute(op: OpRef, worker: usize) {
                     Ordering::SeqCst,
                 ) == Err(GATE_LATE);
             if late {
-                finish(
-                    &op,
-                    Some(FailureCause::CompletionTimedOut(naive_timeout(core))),
-                );
+                finish(&op, Some(naive_timed_out(core)));
             }
             return;
         }
@@ -483,9 +476,9 @@ pub(crate) fn finish(op: &OpRef, cause: Option<FailureCause>) {
     }
 }
 
-/// The naive engine's `wait_timeout`.
-fn naive_timeout(core: &Core) -> Duration {
-    core.config.wait_timeout.unwrap_or_default()
+/// Why the naive engine's push stopped waiting for an op.
+fn naive_timed_out(core: &Core) -> FailureCause {
+    FailureCause::CompletionTimedOut(core.config.wait_timeout.unwrap_or_default())
 }
 
 /// The naive engine's push stopped waiting for `op` (its `wait_timeout`
@@ -506,10 +499,7 @@ pub(crate) fn give_up(op: &OpRef) {
             GATE_FRESH => GATE_GAVE_UP,
             GATE_STARTED => GATE_LATE,
             GATE_ASYNC => {
-                finish(
-                    op,
-                    Some(FailureCause::CompletionTimedOut(naive_timeout(&op.core))),
-                );
+                finish(op, Some(naive_timed_out(&op.core)));
                 return;
             }
             _ => return,
@@ -526,8 +516,13 @@ pub(crate) fn give_up(op: &OpRef) {
 
 /// Fails an op that will never run because the engine stopped.
 pub(crate) fn stop(op: &OpRef) {
+    fail_unrun(op, FailureCause::EngineStopped);
+}
+
+/// Drops an op's closure unrun and finishes the op with `cause`.
+fn fail_unrun(op: &OpRef, cause: FailureCause) {
     op.body.discard();
-    finish(op, Some(FailureCause::EngineStopped));
+    finish(op, Some(cause));
 }
 
 /// The second half of finishing (the caller has claimed the op): store the

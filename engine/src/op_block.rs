@@ -102,17 +102,10 @@ struct Free(NonNull<u8>);
 // holds the `Free` owns it, on any thread.
 unsafe impl Send for Free {}
 
-/// What the process keeps of a class.
-struct Shared {
-    /// Batches of free blocks, the oldest first.
-    batches: VecDeque<Vec<Free>>,
-}
-
-static GLOBAL: [Mutex<Shared>; CLASSES] = [const {
-    Mutex::new(Shared {
-        batches: VecDeque::new(),
-    })
-}; CLASSES];
+/// What the process keeps of each class: batches of free blocks, the
+/// oldest first.
+static GLOBAL: [Mutex<VecDeque<Vec<Free>>>; CLASSES] =
+    [const { Mutex::new(VecDeque::new()) }; CLASSES];
 
 /// A thread's stacks of free blocks, per class.
 struct Local {
@@ -135,7 +128,7 @@ thread_local! {
     };
 }
 
-fn global(class: usize) -> std::sync::MutexGuard<'static, Shared> {
+fn global(class: usize) -> std::sync::MutexGuard<'static, VecDeque<Vec<Free>>> {
     // Nothing panics while holding it; a poisoned lock holds valid data.
     GLOBAL[class].lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -145,21 +138,20 @@ fn global(class: usize) -> std::sync::MutexGuard<'static, Shared> {
 fn give(class: usize, stack: &mut Vec<Free>, n: usize) {
     let batch: Vec<Free> = stack.drain(..n.min(stack.len())).collect();
     let mut g = global(class);
-    if g.batches.len() < GLOBAL_BATCHES {
-        g.batches.push_back(batch);
+    if g.len() < GLOBAL_BATCHES {
+        g.push_back(batch);
         return;
     }
     drop(g);
-    for Free(p) in batch {
-        // SAFETY: a free block of this class, allocated with its layout.
-        unsafe { dealloc(p.as_ptr(), class_layout(class)) };
+    for block in batch {
+        system_free(class, block);
     }
 }
 
 /// Refills an empty `stack` with the process's oldest batch; false if it
 /// has none.
 fn take(class: usize, stack: &mut Vec<Free>) -> bool {
-    let Some(batch) = global(class).batches.pop_front() else {
+    let Some(batch) = global(class).pop_front() else {
         return false;
     };
     *stack = batch;
@@ -170,6 +162,13 @@ fn system_alloc(layout: Layout) -> NonNull<u8> {
     assert!(layout.size() != 0, "an op block is never empty");
     // SAFETY: the layout has a non-zero size (checked above).
     NonNull::new(unsafe { alloc(layout) }).unwrap_or_else(|| handle_alloc_error(layout))
+}
+
+/// Returns a free block of `class` to the system allocator.
+fn system_free(class: usize, Free(p): Free) {
+    // SAFETY: a `Free` owns its block, which was allocated with its
+    // class's layout (the invariant on `Free`).
+    unsafe { dealloc(p.as_ptr(), class_layout(class)) };
 }
 
 /// A block for `layout`.
@@ -219,8 +218,7 @@ unsafe fn free_block(p: NonNull<u8>, layout: Layout) {
         })
         .unwrap_or(false);
     if !kept {
-        // SAFETY: a block of this class, allocated with its layout.
-        unsafe { dealloc(p.as_ptr(), class_layout(class)) };
+        system_free(class, Free(p));
     }
 }
 
@@ -349,22 +347,17 @@ mod tests {
     /// Frees every block this thread and the process keep (so that Miri's
     /// leak check sees the rest of the test's memory returned).
     fn release_all() {
-        let free = |class, blocks: &mut Vec<Free>| {
-            for Free(p) in blocks.drain(..) {
-                // SAFETY: a free block of this class.
-                unsafe { dealloc(p.as_ptr(), class_layout(class)) };
-            }
-        };
         LOCAL.with(|l| {
             for (class, stack) in l.borrow_mut().stacks.iter_mut().enumerate() {
-                free(class, stack);
+                stack.drain(..).for_each(|b| system_free(class, b));
             }
         });
         for class in 0..CLASSES {
-            let mut g = global(class);
-            for mut batch in g.batches.drain(..) {
-                free(class, &mut batch);
-            }
+            let batches: Vec<Vec<Free>> = global(class).drain(..).collect();
+            batches
+                .into_iter()
+                .flatten()
+                .for_each(|b| system_free(class, b));
         }
     }
 
@@ -400,7 +393,6 @@ mod tests {
             // 200 B blocks (class 1): the other thread freed 20 of them.
             let class = class_of(layout(1)).unwrap();
             let queued: Vec<usize> = global(class)
-                .batches
                 .iter()
                 .flatten()
                 .map(|Free(p)| p.as_ptr() as usize)

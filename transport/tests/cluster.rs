@@ -623,7 +623,7 @@ fn a_polling_waiter_reads_its_own_answers_from_shared_memory() {
         here += usize::from(who == me);
     }
     // Most go to the polling thread; on a loaded machine the reader may
-    // win some (a nap ends when the poll is 500 µs old).
+    // win some (a nap ends when the poll is 2 ms old, `FRESH`).
     assert!(
         here >= 5,
         "the polling thread read {here} of 50 answers itself"
