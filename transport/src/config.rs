@@ -22,6 +22,7 @@
 //! | `PSKV_VAN` | `tcp`, `shm`, `auto` (shared memory with peers on the same host), `rdma` (verbs; feature `rdma`), `rdma-emulated` (in-process verbs, for tests) | `auto` |
 //! | `PSKV_RDMA_GID_INDEX` | GID table entry of port 1 for RoCE (read by the verbs backend when the link layer is Ethernet, or when set) | 0 |
 //! | `PSKV_SHM_BYTES` | bytes of each shared-memory ring (one per direction and peer) | 16 MiB |
+//! | `PSKV_SHM_READERS` | who reads a node's shared-memory links: `node` (one thread for all of them; needs Linux 5.16's `futex_waitv`, else as `link`) or `link` (a thread each) | `node` |
 //! | `PSKV_SHM_HEAP_BYTES` | bytes of each shared-memory heap, where frames of 64 KiB and more cross in one copy; sparse, reserved as used (0: off) | 256 MiB |
 //! | `PSKV_MAX_MESSAGE_BYTES` | largest payload accepted in one message | 2 GiB |
 //! | `PSKV_CONNECT_TIMEOUT` | seconds to keep trying to reach the scheduler and to register | 60 |
@@ -117,6 +118,10 @@ pub struct Config {
     pub shm_bytes: usize,
     /// Shared-memory heap size (0: large frames go through the ring).
     pub shm_heap_bytes: usize,
+    /// A reader thread for each shared-memory link, rather than one for
+    /// all the node's links (which needs `futex_waitv`: without it, this
+    /// holds anyway).
+    pub shm_reader_per_link: bool,
     /// Frame limits.
     pub limits: Limits,
     /// Time to reach the scheduler and register.
@@ -162,6 +167,7 @@ impl Config {
             van: VanKind::Auto,
             shm_bytes: 16 << 20,
             shm_heap_bytes: 256 << 20,
+            shm_reader_per_link: false,
             limits: Limits::default(),
             connect_timeout: Duration::from_secs(60),
             io_threads: 2,
@@ -336,6 +342,13 @@ impl Config {
             }
             c.shm_heap_bytes = b;
         }
+        if let Some(v) = get("PSKV_SHM_READERS") {
+            c.shm_reader_per_link = match v.trim() {
+                "node" => false,
+                "link" => true,
+                _ => return Err(bad("PSKV_SHM_READERS", &v, "expected node or link")),
+            };
+        }
         if let Some(b) = num::<u64>(get, "PSKV_MAX_MESSAGE_BYTES", "a byte count")? {
             c.limits.max_payload = b;
         }
@@ -430,6 +443,7 @@ mod tests {
             ("PS_VERBOSE", "2"),
             ("PSKV_TOKEN", "s3cret"),
             ("PSKV_VAN", "tcp"),
+            ("PSKV_SHM_READERS", "link"),
         ]);
         let c = Config::from_lookup(&env(&pairs)).unwrap();
         assert_eq!(c.role, Role::Worker);
@@ -451,6 +465,7 @@ mod tests {
         assert_eq!(c.verbose, 2);
         assert_eq!(c.token.as_deref(), Some("s3cret"));
         assert_eq!(c.van, VanKind::Tcp);
+        assert!(c.shm_reader_per_link);
     }
 
     #[test]
@@ -465,6 +480,7 @@ mod tests {
             ("PSKV_VAN", "carrier-pigeon"),
             ("PSKV_SHM_BYTES", "12"),
             ("PSKV_SHM_HEAP_BYTES", "4096"),
+            ("PSKV_SHM_READERS", "thread"),
             ("PSKV_CONNECT_TIMEOUT", "-1"),
         ] {
             let mut pairs: Vec<(&str, &str)> =

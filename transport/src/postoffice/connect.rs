@@ -272,6 +272,7 @@ impl Inner {
                 ring_bytes: self.cfg.shm_bytes,
                 heap_bytes: self.cfg.shm_heap_bytes,
                 limits,
+                readers: (!self.cfg.shm_reader_per_link).then(|| self.shm_readers.clone()),
             }),
             VanId::Rdma | VanId::RdmaEmulated => Box::new(rdma::RdmaVan {
                 id,

@@ -158,6 +158,9 @@ pub(crate) struct Inner {
     /// replaced whole on a change, so a poll iterates a snapshot without
     /// the lock (a frame it delivers may end a link, which changes this).
     pollers: RwLock<Arc<Pollers>>,
+    /// The thread that reads this node's shared-memory links
+    /// (`van/shm/group.rs`).
+    pub(crate) shm_readers: Arc<crate::van::shm::Readers>,
     /// Wakes the timer task for an earlier timeout (`control.rs`).
     timer: control::Timer,
     handler: RwLock<Option<Arc<dyn RequestHandler>>>,
@@ -341,6 +344,7 @@ impl Postoffice {
             reqs: Mutex::new(Requests::default()),
             dialing: Mutex::new(HashMap::new()),
             pollers: RwLock::new(Arc::new(Vec::new())),
+            shm_readers: Default::default(),
             timer: control::Timer::new(),
             handler: RwLock::new(handler),
             joined: Slot::new(),

@@ -21,6 +21,7 @@
 //! The TCP connection the link was negotiated on stays open: its end is how
 //! a peer's death is noticed.
 
+mod group;
 mod heap;
 mod reader;
 pub(crate) mod region;
@@ -33,6 +34,7 @@ use std::sync::Arc;
 use super::{end, watch_peer, FrameSink, Half, Start, Van, VanError};
 use crate::link::{Link, Work};
 use crate::wire::{Frame, Limits, VanId, HEADER_LEN};
+pub(crate) use group::Readers;
 pub(crate) use reader::Poll;
 use ring::{Consumer, Producer, WAIT_SLICE};
 pub(crate) use ring::{Ring, MAX_HEAP};
@@ -83,6 +85,9 @@ pub(crate) struct ShmVan {
     pub(crate) heap_bytes: usize,
     /// The frame limits of received frames.
     pub(crate) limits: Limits,
+    /// The node's reader of all its links, unless each link gets a thread
+    /// (`PSKV_SHM_READERS=link`).
+    pub(crate) readers: Option<Arc<Readers>>,
 }
 
 /// The connector's offer: where the two rings are.
@@ -108,6 +113,7 @@ impl Van for ShmVan {
             rings: None,
             names: vec![pa.clone(), pc.clone()],
             limits: self.limits,
+            readers: self.readers.clone(),
         });
         let create = |p: &Path| {
             Ring::create(p, self.ring_bytes, self.heap_bytes)
@@ -146,6 +152,7 @@ impl Van for ShmVan {
             rings: Some(Rings { tx, rx }),
             names: Vec::new(),
             limits: self.limits,
+            readers: self.readers.clone(),
         };
         Ok((Vec::new(), Box::new(half)))
     }
@@ -158,6 +165,7 @@ struct ShmHalf {
     rings: Option<Rings>,
     names: Vec<PathBuf>,
     limits: Limits,
+    readers: Option<Arc<Readers>>,
 }
 
 impl ShmHalf {
@@ -187,7 +195,8 @@ impl Half for ShmHalf {
             .take()
             .ok_or(VanError::Unavailable("the rings were not created".into()))?;
         let tcp = on.conn.into_stream()?;
-        start(rings, tcp, on.link, on.sink, self.limits, on.rt)
+        let readers = self.readers.take();
+        start(rings, tcp, on.link, on.sink, self.limits, readers, on.rt)
             .map_err(|e| VanError::system("starting the shared-memory threads", e))
     }
 }
@@ -200,6 +209,7 @@ fn start(
     link: Arc<Link>,
     sink: Arc<dyn FrameSink>,
     limits: Limits,
+    readers: Option<Arc<Readers>>,
     rt: &tokio::runtime::Handle,
 ) -> io::Result<()> {
     let tx = Arc::new(rings.tx);
@@ -257,41 +267,46 @@ fn start(
         sink.clone(),
         limits,
     ));
-    let (l, s, rxr, g, r) = (
-        link.clone(),
-        sink.clone(),
-        rx.clone(),
-        gone.clone(),
-        reader.clone(),
-    );
-    let rx_thread = std::thread::Builder::new()
-        .name(format!("pskv-shm-rx-{}", link.id))
-        .spawn(move || {
-            // Subtle: however this thread ends (a frame's callback may
-            // panic), the link ends and its poller goes (it holds the sink).
-            struct Cleanup(Arc<Link>, Arc<dyn FrameSink>);
-            impl Drop for Cleanup {
-                fn drop(&mut self) {
-                    end(&self.0, &self.1, "the shared-memory reader stopped".into());
-                    self.1.remove_poller(self.0.id);
+    // Ends the link once its reading ends, on whichever thread read it.
+    let (l, s, rxr, g) = (link.clone(), sink.clone(), rx.clone(), gone.clone());
+    let finish = move |e: VanError| {
+        let reason = match g.lock().take() {
+            Some(why) => why,
+            None => {
+                if !l.is_closed() {
+                    tracing::warn!(link = l.id, "closing the shared-memory link: {e}");
                 }
+                e.to_string()
             }
-            let _cleanup = Cleanup(l.clone(), s.clone());
-            let e = r.run();
-            let reason = match g.lock().take() {
-                Some(why) => why,
-                None => {
-                    if !l.is_closed() {
-                        tracing::warn!(link = l.id, "closing the shared-memory link: {e}");
+        };
+        end(&l, &s, reason);
+        rxr.close();
+        s.remove_poller(l.id);
+    };
+    match readers.filter(|_| Readers::grouped()) {
+        Some(readers) => readers.add(reader.clone(), Box::new(finish))?,
+        None => {
+            let (l, s, r) = (link.clone(), sink.clone(), reader.clone());
+            let rx_thread = std::thread::Builder::new()
+                .name(format!("pskv-shm-rx-{}", link.id))
+                .spawn(move || {
+                    // Subtle: however this thread ends (a frame's callback
+                    // may panic), the link ends and its poller goes (it
+                    // holds the sink).
+                    struct Cleanup(Arc<Link>, Arc<dyn FrameSink>);
+                    impl Drop for Cleanup {
+                        fn drop(&mut self) {
+                            end(&self.0, &self.1, "the shared-memory reader stopped".into());
+                            self.1.remove_poller(self.0.id);
+                        }
                     }
-                    e.to_string()
-                }
-            };
-            end(&l, &s, reason);
-            rxr.close();
-        })?;
+                    let _cleanup = Cleanup(l, s);
+                    finish(r.run());
+                })?;
+            reader.set_wake(reader::Wake::Thread(rx_thread.thread().clone()));
+        }
+    }
     // Waiting callers may read the link too (`reader.rs`).
-    reader.set_thread(rx_thread.thread().clone());
     sink.add_poller(&link, reader);
     drop(sink);
     let (tx2, rx2) = (tx.clone(), rx.clone());

@@ -1,5 +1,6 @@
 //! The receiving end of a shared-memory link: frames out of the ring and
-//! to the sink, read by the link's reader thread or by a thread that waits
+//! to the sink, read by its reader thread (the node's, for all its links:
+//! `group.rs`; or the link's own, `Reader::run`) or by a thread that waits
 //! for an answer and polls meanwhile (leader/follower).
 //!
 //! A small round trip is a handful of microseconds of work and a few
@@ -20,15 +21,19 @@
 //!   Pollers only `try_lock` (a poller never waits for the reader, and a
 //!   poll from inside a frame's handling on the same thread finds the lock
 //!   held and returns).
-//! - The reader thread waits for data without the lock ([`Watch`]), from
-//!   the position it last read; a poller may read meanwhile, which only
-//!   makes its wait end early (the next look finds nothing and waits from
-//!   the new position).
+//! - The reader thread waits for data without the lock ([`Watch`], or the
+//!   group's wait on all its rings), from the position it last read; a
+//!   poller may read meanwhile, which only makes its wait end early (the
+//!   next look finds nothing and waits from the new position). A group's
+//!   thread only `try_lock`s ([`Reader::step`]): a ring a poller is
+//!   reading is skipped until the next look.
 //! - `polled` is the time of the last poll (0: none since the last
 //!   leave). While it is recent (`FRESH`), the reader does not spin: it
-//!   naps (parked, until the poll would be stale) and looks again. A poller that gives up
+//!   naps (parked, or the group leaves the ring out of its wait, until the
+//!   poll would be stale) and looks again. A poller that gives up
 //!   (its wait is about to sleep: [`Poll::leave`]) clears `polled` and
-//!   unparks the reader, which reads at once: the answer the poller waits
+//!   wakes the reader (unparks it, or rings its group's bell), which reads
+//!   at once: the answer the poller waits
 //!   for is then delivered by the reader and wakes it. Every wait that
 //!   sleeps leaves first, polling or not (the engine's latch). A poller
 //!   whose wait ended (its answer came) does not leave: it will likely
@@ -48,6 +53,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
+
+use super::group::Bell;
 
 use parking_lot::Mutex;
 
@@ -75,8 +82,17 @@ pub(super) struct Reader {
     epoch: Instant,
     /// Why a poller found the ring unreadable.
     broken: Mutex<Option<VanError>>,
-    /// The reader thread (unparked by `leave`).
-    thread: OnceLock<Thread>,
+    /// Who reads the ring when nobody polls it (woken by `leave`).
+    wake: OnceLock<Wake>,
+}
+
+/// The thread that reads a ring when nobody polls it: the link's own, or
+/// its node's reader of all its links ([`super::group`]).
+pub(super) enum Wake {
+    /// Unparked.
+    Thread(Thread),
+    /// Rung.
+    Group(Arc<Bell>),
 }
 
 impl Reader {
@@ -96,7 +112,7 @@ impl Reader {
             polled: AtomicU64::new(0),
             epoch: Instant::now(),
             broken: Mutex::new(None),
-            thread: OnceLock::new(),
+            wake: OnceLock::new(),
         }
     }
 
@@ -137,22 +153,87 @@ impl Reader {
         }
     }
 
-    fn polled_recently(&self) -> bool {
+    pub(super) fn polled_recently(&self) -> bool {
         self.since_poll().is_some_and(|d| d < FRESH)
     }
 
-    /// The reader thread, for `leave` to unpark (set before the reader is
-    /// registered as a poller).
-    pub(super) fn set_thread(&self, t: Thread) {
-        let _ = self.thread.set(t);
+    /// How long until the last poll is stale, if it is recent.
+    pub(super) fn nap_left(&self) -> Option<Duration> {
+        self.since_poll()
+            .and_then(|age| FRESH.checked_sub(age))
+            .filter(|d| !d.is_zero())
     }
 
-    /// The reader thread's loop: until the ring closes (what it held
-    /// drained) or a frame is malformed; the error says why.
+    /// Whether the peer or the link is gone (the reader then ends the link
+    /// once it has drained the ring).
+    pub(super) fn gone(&self) -> bool {
+        self.link.is_closed() || self.ring.is_closed()
+    }
+
+    /// Whether a reader that does not poll should look at the ring now:
+    /// unread frames, or the end of the link to deliver.
+    pub(super) fn wants_reading(&self) -> bool {
+        self.ring.has_unread() || self.gone()
+    }
+
+    /// The ring, for a reader that waits on several at once.
+    pub(super) fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// Who reads the ring when nobody polls (set before the reader is
+    /// registered as a poller).
+    pub(super) fn set_wake(&self, w: Wake) {
+        let _ = self.wake.set(w);
+    }
+
+    /// One look of a reader of several rings: delivers what the ring holds
+    /// unless a poller is reading it (then `Ok(false)`); the error that
+    /// ends the link once the peer or the link is gone (what the ring held
+    /// delivered first) or a frame is malformed.
+    pub(super) fn step(&self) -> Result<bool, VanError> {
+        let read = match self.consumer.try_lock() {
+            Some(mut rx) => self.drain(&mut rx)?,
+            None => false,
+        };
+        if let Some(e) = self.broken.lock().take() {
+            return Err(e);
+        }
+        if self.gone() {
+            return Err(VanError::Closed("shared-memory ring"));
+        }
+        Ok(read)
+    }
+
+    /// Stops reading for good, delivering nothing more.
+    pub(super) fn halt(&self) {
+        self.consumer.lock().1 = true;
+    }
+
+    /// Stops reading for good, after delivering what the ring holds;
+    /// `e` is why the reading ended, unless delivering fails or a poller
+    /// found the ring unreadable.
+    pub(super) fn stop(&self, e: VanError) -> VanError {
+        // Subtle: a frame published just before the close is still read (a
+        // poller may have read up to it meanwhile); then no thread delivers
+        // more.
+        let mut rx = self.consumer.lock();
+        let drained = if rx.1 { Ok(false) } else { self.drain(&mut rx) };
+        rx.1 = true;
+        drop(rx);
+        match drained {
+            Err(e2) => e2,
+            Ok(_) => self.broken.lock().take().unwrap_or(e),
+        }
+    }
+
+    /// The loop of a link's own reader thread (without a group): until
+    /// the ring closes (what it held drained) or a frame is malformed; the
+    /// error says why.
     pub(super) fn run(&self) -> VanError {
         let e = self.read_until_end();
         // Whatever ended it, no poller delivers after this.
-        self.consumer.lock().1 = true;
+        self.halt();
         e
     }
 
@@ -181,18 +262,8 @@ impl Reader {
             let stand_back =
                 || self.polled_recently() && !self.link.is_closed() && !self.ring.is_closed();
             if let Err(e) = watch.wait_beyond(pos, &self.link, &stand_back) {
-                // Subtle: a frame published just before the close is still
-                // read (the wait looked once more before giving up, and a
-                // poller may have read up to it meanwhile); then no thread
-                // delivers more.
-                let mut rx = self.consumer.lock();
-                let drained = self.drain(&mut rx);
-                rx.1 = true;
-                drop(rx);
-                return match drained {
-                    Err(e2) => e2,
-                    Ok(_) => self.broken.lock().take().unwrap_or(e),
-                };
+                // The wait looked once more before giving up.
+                return self.stop(e);
             }
         }
     }
@@ -238,8 +309,10 @@ impl Poll for Reader {
 
     fn leave(&self) {
         if self.polled.swap(0, Ordering::Relaxed) != 0 {
-            if let Some(t) = self.thread.get() {
-                t.unpark();
+            match self.wake.get() {
+                Some(Wake::Thread(t)) => t.unpark(),
+                Some(Wake::Group(b)) => b.ring(),
+                None => {}
             }
         }
     }

@@ -260,6 +260,13 @@ fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
 }
 
 impl Ring {
+    /// The "data arrived" futex word and the consumer's waiting flag, for
+    /// a reader that sleeps on several rings at once (`group.rs`; the
+    /// protocol is this module's).
+    pub(super) fn data_wait(&self) -> (&AtomicU32, &AtomicU32) {
+        (self.u32_at(DATA_SEQ), self.u32_at(CONS_WAIT))
+    }
+
     /// Whether the producer published bytes the consumer has not released
     /// (read without the consumer: a hint, exact once both sides rest).
     pub(super) fn has_unread(&self) -> bool {
