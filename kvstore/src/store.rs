@@ -571,3 +571,19 @@ impl Drop for KvStore {
         }
     }
 }
+
+/// The transport configuration a node of `engine` runs with: under the
+/// naive engine a push waits for its op, also inside a frame's handling
+/// (a server's op on a replicated key waits for its backup's answer), so
+/// each shared-memory link gets a reader thread of its own and such a wait
+/// never holds up the other links (the node's one reader of all its links
+/// would wait for a frame only it can read: `transport/src/van/shm/group.rs`).
+pub(crate) fn for_engine(
+    mut cfg: pskv_transport::Config,
+    engine: &Engine,
+) -> pskv_transport::Config {
+    if engine.config().kind == pskv_engine::EngineKind::Naive {
+        cfg.shm_reader_per_link = true;
+    }
+    cfg
+}

@@ -22,7 +22,7 @@
 //! | `PSKV_VAN` | `tcp`, `shm`, `auto` (shared memory with peers on the same host), `rdma` (verbs; feature `rdma`), `rdma-emulated` (in-process verbs, for tests) | `auto` |
 //! | `PSKV_RDMA_GID_INDEX` | GID table entry of port 1 for RoCE (read by the verbs backend when the link layer is Ethernet, or when set) | 0 |
 //! | `PSKV_SHM_BYTES` | bytes of each shared-memory ring (one per direction and peer) | 16 MiB |
-//! | `PSKV_SHM_READERS` | who reads a node's shared-memory links: `node` (one thread for all of them; needs Linux 5.16's `futex_waitv`, else as `link`) or `link` (a thread each) | `node` |
+//! | `PSKV_SHM_READERS` | who reads a node's shared-memory links: `node` (one thread for up to 127 of them; needs Linux 5.16's `futex_waitv`: where the kernel lacks or refuses it, as `link`) or `link` (a thread each; the kvstore's nodes under the naive engine take it) | `node` |
 //! | `PSKV_SHM_HEAP_BYTES` | bytes of each shared-memory heap, where frames of 64 KiB and more cross in one copy; sparse, reserved as used (0: off) | 256 MiB |
 //! | `PSKV_MAX_MESSAGE_BYTES` | largest payload accepted in one message | 2 GiB |
 //! | `PSKV_CONNECT_TIMEOUT` | seconds to keep trying to reach the scheduler and to register | 60 |

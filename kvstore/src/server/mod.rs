@@ -226,6 +226,7 @@ impl Server {
             rounds: std::sync::OnceLock::new(),
         });
         let replicas = cfg.replicas;
+        let cfg = crate::store::for_engine(cfg, &inner.engine);
         let po = Postoffice::start(cfg, Some(Arc::new(Handler(inner.clone()))))?;
         let _ = inner.rounds.set(po.round_log());
         let weak = Arc::downgrade(&inner);

@@ -153,7 +153,7 @@ impl DistStore {
             // A push must be re-sendable to the backup: no shared slots.
             opts.shm_direct = false;
         }
-        let po = Postoffice::start(cfg, None)?;
+        let po = Postoffice::start(crate::store::for_engine(cfg, &engine), None)?;
         let kv = KvWorker::new(&po);
         let store = Arc::new_cyclic(|me| DistStore {
             _progress: {

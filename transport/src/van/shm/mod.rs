@@ -201,8 +201,9 @@ impl Half for ShmHalf {
     }
 }
 
-/// Starts the van: a writer thread, a reader thread, and a task watching
-/// the TCP connection for the peer's end.
+/// Starts the van: a writer thread, the link's reading (on its node's
+/// reader thread of all its links, or a thread of its own: `group.rs`),
+/// and a task watching the TCP connection for the peer's end.
 fn start(
     rings: Rings,
     tcp: tokio::net::TcpStream,

@@ -77,6 +77,10 @@ pub(super) struct Reader {
     link: Arc<Link>,
     sink: Arc<dyn FrameSink>,
     limits: Limits,
+    /// The consumer's stream position after its last read (under the
+    /// consumer's lock): the ring holds unread frames while the producer's
+    /// head is past it.
+    read_to: AtomicU64,
     /// Nanoseconds since `epoch` of the last poll (0: never).
     polled: AtomicU64,
     epoch: Instant,
@@ -109,6 +113,7 @@ impl Reader {
             link,
             sink,
             limits,
+            read_to: AtomicU64::new(0),
             polled: AtomicU64::new(0),
             epoch: Instant::now(),
             broken: Mutex::new(None),
@@ -116,13 +121,23 @@ impl Reader {
         }
     }
 
-    /// Hands every whole frame the ring holds now to the sink; whether
-    /// there was one. An error stops reading for good (`rx.1`), under the
-    /// lock, so no thread delivers a frame after it.
-    fn drain(&self, rx: &mut (Consumer, bool)) -> Result<bool, VanError> {
+    /// Hands the whole frames the ring holds now to the sink, at most
+    /// `max` of them; whether there was one. An error stops reading for
+    /// good (`rx.1`), under the lock, so no thread delivers a frame after
+    /// it.
+    fn drain(&self, rx: &mut (Consumer, bool), max: usize) -> Result<bool, VanError> {
+        let r = self.drain_some(rx, max);
+        self.read_to.store(rx.0.position(), Ordering::Release);
+        r
+    }
+
+    fn drain_some(&self, rx: &mut (Consumer, bool), max: usize) -> Result<bool, VanError> {
         let (c, stopped) = rx;
         let mut any = false;
-        while !*stopped {
+        for _ in 0..max {
+            if *stopped {
+                break;
+            }
             let next = c.try_next().and_then(|b| {
                 b.map(|b| decode_frame(b, &self.limits))
                     .transpose()
@@ -170,10 +185,25 @@ impl Reader {
         self.link.is_closed() || self.ring.is_closed()
     }
 
+    /// Whether the producer published past what was read (a hint: exact
+    /// once both sides rest).
+    fn unread(&self) -> bool {
+        self.ring.head() > self.read_to.load(Ordering::Acquire)
+    }
+
     /// Whether a reader that does not poll should look at the ring now:
-    /// unread frames, or the end of the link to deliver.
+    /// unread frames that nobody is reading, or the end of the link to
+    /// deliver. Subtle: against the consumer's own position (a hostile
+    /// peer's tail cannot make a ring look unread for ever), and not while
+    /// a poller holds the consumer (it reads them; a group's thread would
+    /// find the lock taken and look again at once, spinning flat out).
     pub(super) fn wants_reading(&self) -> bool {
-        self.ring.has_unread() || self.gone()
+        (self.unread() && !self.consumer.is_locked()) || self.gone()
+    }
+
+    /// Whether a poller holds the consumer now.
+    pub(super) fn busy(&self) -> bool {
+        self.consumer.is_locked()
     }
 
     /// The ring, for a reader that waits on several at once.
@@ -191,9 +221,9 @@ impl Reader {
     /// unless a poller is reading it (then `Ok(false)`); the error that
     /// ends the link once the peer or the link is gone (what the ring held
     /// delivered first) or a frame is malformed.
-    pub(super) fn step(&self) -> Result<bool, VanError> {
+    pub(super) fn step(&self, max: usize) -> Result<bool, VanError> {
         let read = match self.consumer.try_lock() {
-            Some(mut rx) => self.drain(&mut rx)?,
+            Some(mut rx) => self.drain(&mut rx, max)?,
             None => false,
         };
         if let Some(e) = self.broken.lock().take() {
@@ -218,7 +248,11 @@ impl Reader {
         // poller may have read up to it meanwhile); then no thread delivers
         // more.
         let mut rx = self.consumer.lock();
-        let drained = if rx.1 { Ok(false) } else { self.drain(&mut rx) };
+        let drained = if rx.1 {
+            Ok(false)
+        } else {
+            self.drain(&mut rx, usize::MAX)
+        };
         rx.1 = true;
         drop(rx);
         match drained {
@@ -242,7 +276,7 @@ impl Reader {
         loop {
             let pos = {
                 let mut rx = self.consumer.lock();
-                if let Err(e) = self.drain(&mut rx) {
+                if let Err(e) = self.drain(&mut rx, usize::MAX) {
                     return e;
                 }
                 rx.0.position()
@@ -289,13 +323,13 @@ impl Poll for Reader {
         }
         let now = (self.epoch.elapsed().as_nanos() as u64).max(1);
         self.polled.store(now, Ordering::Relaxed);
-        if !self.ring.has_unread() {
+        if !self.unread() {
             return false;
         }
         let Some(mut rx) = self.consumer.try_lock() else {
             return false;
         };
-        match self.drain(&mut rx) {
+        match self.drain(&mut rx, usize::MAX) {
             Ok(any) => any,
             Err(e) => {
                 drop(rx);

@@ -267,10 +267,10 @@ impl Ring {
         (self.u32_at(DATA_SEQ), self.u32_at(CONS_WAIT))
     }
 
-    /// Whether the producer published bytes the consumer has not released
-    /// (read without the consumer: a hint, exact once both sides rest).
-    pub(super) fn has_unread(&self) -> bool {
-        self.u64_at(HEAD).load(Ordering::Acquire) > self.u64_at(TAIL).load(Ordering::Acquire)
+    /// Bytes the producer has published, ever (the peer's word: a reader
+    /// compares it with its own position, never with the peer's tail).
+    pub(super) fn head(&self) -> u64 {
+        self.u64_at(HEAD).load(Ordering::Acquire)
     }
 }
 
