@@ -49,8 +49,9 @@
 //! failure it ends with); `start.rs` turns a spec into a started job
 //! (checks, environment, token, checkpoint directory), `spawn.rs` starts
 //! one member here or over ssh, `supervise.rs` watches a job to its end and
-//! tears it down, `watchdog.rs` the process that outlives a dead launcher,
-//! `ranks.rs` a rank of `mpirun`/`srun` becoming its role.
+//! tears it down (and runs a job collecting its workers' output, and the
+//! stop flag of the signals), `watchdog.rs` the process that outlives a
+//! dead launcher, `ranks.rs` a rank of `mpirun`/`srun` becoming its role.
 
 mod ranks;
 mod spawn;

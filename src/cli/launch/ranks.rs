@@ -45,7 +45,7 @@ fn rank_and_size(
 }
 
 /// The first host of a Slurm node list (`node[01-04,7],gpu2` → `node01`).
-pub fn first_slurm_host(list: &str) -> Option<String> {
+fn first_slurm_host(list: &str) -> Option<String> {
     let list = list.trim();
     let end = list
         .char_indices()
@@ -78,11 +78,11 @@ pub fn first_slurm_host(list: &str) -> Option<String> {
 }
 
 /// A rank's program (with its arguments) and the environment to run it with.
-pub type RankPlan = (Vec<OsString>, Vec<(String, String)>);
+type RankPlan = (Vec<OsString>, Vec<(String, String)>);
 
 /// What one rank under `mpirun`/`srun` runs: its role's program and the
 /// environment to run it with.
-pub fn rank_plan(
+fn rank_plan(
     spec: &JobSpec,
     launcher: Launcher,
     get: &dyn Fn(&str) -> Option<String>,

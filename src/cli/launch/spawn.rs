@@ -12,7 +12,7 @@ use super::Role;
 use crate::cli::error::{CliError, CliResult};
 
 /// A free TCP port on 127.0.0.1 (bound and released).
-pub fn free_port() -> CliResult<u16> {
+pub(super) fn free_port() -> CliResult<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(CliError::io("finding a port"))?;
     l.local_addr()
         .map(|a| a.port())

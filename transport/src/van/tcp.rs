@@ -23,8 +23,20 @@
 //! skips the receive buffer: after its keys and meta, its payload is read
 //! from the socket straight into the landing (a pull's values into the
 //! output tensor, with no copy after the kernel's).
+//!
+//! While the rest of a large body is read (into its buffer or a landing),
+//! the socket's receive low-water mark (`SO_RCVLOWAT`) is what is left of
+//! it, at most `LOW_WATER`: the reader's task wakes once that much has
+//! arrived, not at every segment, and each read copies more (BENCHMARKS.md,
+//! "The TCP reader wakes per megabyte"). The mark is 1 again before the
+//! next frame is read, so a small frame never waits for bytes that will
+//! not come. Subtle: older kernels may never signal a mark the receive
+//! window cannot reach (before 4.18 the mark is not capped to the buffer);
+//! so a raised read that waits `MARK_PATIENCE` falls back to a mark of 1,
+//! for good on that link.
 
 use std::io::IoSlice;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +51,14 @@ use crate::wire::{
     decode_body, decode_body_landed, decode_header, Flags, Frame, Header, Kind, Limits, VanId,
     WireError, HEADER_LEN,
 };
+
+/// The most bytes a large body's read waits for before its task wakes
+/// (the socket's `SO_RCVLOWAT`; current kernels grow an unlocked receive
+/// buffer to twice the mark, and cap the mark to half the largest one).
+const LOW_WATER: usize = 1 << 20;
+/// How long a read with a raised mark may wait before the link reads with
+/// a mark of 1 (module docs).
+const MARK_PATIENCE: Duration = Duration::from_millis(50);
 
 /// Read-buffer size for small frames.
 const READ_CHUNK: usize = 64 * 1024;
@@ -89,6 +109,10 @@ pub(crate) struct FrameReader<R> {
     /// sizes (each reclaimed once its bodies are dropped).
     big: Vec<(BytesMut, usize)>,
     limits: Limits,
+    /// The TCP socket `rd` reads, whose receive low-water mark a large
+    /// body's read raises (None: the handshake's reader, tests' streams,
+    /// or a link whose raised reads did not wake), and the mark set now.
+    socket: Option<(RawFd, usize)>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -106,6 +130,60 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::with_capacity(start),
             big: Vec::new(),
             limits,
+            socket: None,
+        }
+    }
+
+    /// Sets the socket's receive low-water mark to `n` bytes, within
+    /// `1..=LOW_WATER`, if it is not that already.
+    fn set_mark(&mut self, n: usize) {
+        let Some((fd, mark)) = &mut self.socket else {
+            return;
+        };
+        let v = n.clamp(1, LOW_WATER);
+        if *mark == v {
+            return;
+        }
+        *mark = v;
+        set_low_water(*fd, v);
+    }
+
+    /// Reads with a mark of 1 on this link from now on (a raised read
+    /// waited `MARK_PATIENCE`).
+    fn give_up_low_water(&mut self) {
+        self.set_mark(1);
+        self.socket = None;
+    }
+
+    /// Reads into `big`, at most `want` bytes, with the mark raised to
+    /// `want` (module docs).
+    async fn read_raised(&mut self, big: &mut BytesMut, want: usize) -> std::io::Result<usize> {
+        loop {
+            if self.socket.is_none() {
+                return (&mut self.rd).take(want as u64).read_buf(big).await;
+            }
+            self.set_mark(want);
+            // Subtle: cancel-safe (a read cancelled before it completes
+            // took no bytes).
+            let mut rd = (&mut self.rd).take(want as u64);
+            match tokio::time::timeout(MARK_PATIENCE, rd.read_buf(big)).await {
+                Ok(r) => return r,
+                Err(_) => self.give_up_low_water(),
+            }
+        }
+    }
+
+    /// Reads into `dst` with the mark raised to its length (module docs).
+    async fn read_raised_into(&mut self, dst: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if self.socket.is_none() {
+                return self.rd.read(dst).await;
+            }
+            self.set_mark(dst.len());
+            match tokio::time::timeout(MARK_PATIENCE, self.rd.read(dst)).await {
+                Ok(r) => return r,
+                Err(_) => self.give_up_low_water(),
+            }
         }
     }
 
@@ -175,13 +253,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             big.extend_from_slice(&self.buf);
             self.buf.clear();
             while big.len() < need {
-                let want = (need - big.len()) as u64;
-                match (&mut self.rd).take(want).read_buf(&mut big).await {
+                let want = need - big.len();
+                match self.read_raised(&mut big, want).await {
                     Ok(0) => return Err(ReadError::mid_frame()),
                     Ok(_) => {}
                     Err(e) => return Err(ReadError::Io(e.to_string())),
                 }
             }
+            self.set_mark(1);
             let size = big.capacity();
             let body = big.split_to(need).freeze();
             // The rest still owns the allocation: reclaimed once `body` and
@@ -224,13 +303,42 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         dst[..at].copy_from_slice(&self.buf[..at]);
         self.buf.advance(at);
         while at < dst.len() {
-            match self.rd.read(&mut dst[at..]).await {
+            match self.read_raised_into(&mut dst[at..]).await {
                 Ok(0) => return Err(ReadError::mid_frame()),
                 Ok(n) => at += n,
                 Err(e) => return Err(ReadError::Io(e.to_string())),
             }
         }
+        self.set_mark(1);
         decode_body_landed(h, head).map_err(ReadError::Wire)
+    }
+}
+
+impl FrameReader<tokio::net::tcp::OwnedReadHalf> {
+    /// The same reader, raising its socket's receive low-water mark while
+    /// it reads the rest of a large body (module docs).
+    pub(crate) fn low_water(mut self) -> Self {
+        self.socket = Some((self.rd.as_ref().as_raw_fd(), 1));
+        self
+    }
+}
+
+/// Sets socket `fd`'s receive low-water mark to `n` bytes.
+fn set_low_water(fd: RawFd, n: usize) {
+    let v = n.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt(2) with an int option value read for the call
+    // only, on the socket of the reader's own read half, which keeps it
+    // open (`FrameReader::low_water` takes the descriptor from it). It
+    // cannot fail on a live TCP socket (a value above the buffer is
+    // capped); on a dead one the link is ending anyway.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
@@ -284,7 +392,6 @@ struct TcpDirect {
 
 impl crate::link::DirectSend for TcpDirect {
     fn shutdown(&self) {
-        use std::os::fd::AsRawFd;
         let stream: &tokio::net::TcpStream = (*self.wr).as_ref();
         // SAFETY: shutdown(2) on the socket this link owns (kept open by
         // `wr`); a second call answers ENOTCONN, which is ignored.
@@ -380,7 +487,8 @@ impl Half for TcpHalf {
             sink,
             rt,
         } = on;
-        start(conn.reader.with_limits(self.0), conn.wr, link, sink, rt);
+        let reader = conn.reader.with_limits(self.0).low_water();
+        start(reader, conn.wr, link, sink, rt);
         Ok(())
     }
 }
@@ -458,4 +566,97 @@ pub(crate) async fn connect(addr: &str, timeout: Duration) -> std::io::Result<Tc
         })??;
     s.set_nodelay(true)?;
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn low_water_of(fd: RawFd) -> libc::c_int {
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt(2) into a local int.
+        unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                &mut v as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            );
+        }
+        v
+    }
+
+    fn frame(n: usize, tag: u8) -> Frame {
+        let mut f = Frame::new(Kind::Request);
+        f.flags = Flags::PUSH;
+        f.keys = vec![tag as u64];
+        f.lens = vec![n as u32];
+        f.payload = Bytes::from(vec![tag; n]);
+        f
+    }
+
+    /// A large body read with the socket's low-water mark raised arrives
+    /// whole, the mark is 1 again after it, and a small frame behind it is
+    /// read at once (a mark left high would wait for bytes that never come).
+    #[tokio::test]
+    async fn a_large_body_raises_the_low_water_mark_and_lowers_it_after() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (client, server) =
+            tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+        let (mut client, (server, _)) = (client.unwrap(), server.unwrap());
+        let fd = server.as_raw_fd();
+        let (rd, _wr) = server.into_split();
+        let mut reader = FrameReader::new(rd, Limits::default()).low_water();
+        let writer = tokio::spawn(async move {
+            for (n, tag) in [(3 << 20, 7u8), (10, 8), (5 << 20, 9), (3, 10)] {
+                write_frame(&mut client, &frame(n, tag)).await.unwrap();
+                // Let the reader reach the small frame's wait first.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            client
+        });
+        for (n, tag) in [(3 << 20, 7u8), (10, 8), (5 << 20, 9), (3, 10)] {
+            let f = tokio::time::timeout(Duration::from_secs(10), reader.read())
+                .await
+                .unwrap_or_else(|_| panic!("frame {tag} did not arrive"))
+                .unwrap();
+            assert_eq!(f.payload.len(), n);
+            assert!(f.payload.iter().all(|&b| b == tag), "frame {tag}");
+            assert_eq!(low_water_of(fd), 1, "after frame {tag}");
+        }
+        drop(writer.await.unwrap());
+    }
+
+    /// A raised read that waits longer than `MARK_PATIENCE` (here: the
+    /// peer pauses mid-body) reads on with a mark of 1, for good on that
+    /// link; the frame still arrives whole.
+    #[tokio::test]
+    async fn a_raised_read_that_waits_falls_back_to_a_mark_of_one() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (client, server) =
+            tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+        let (mut client, (server, _)) = (client.unwrap(), server.unwrap());
+        let fd = server.as_raw_fd();
+        let (rd, _wr) = server.into_split();
+        let mut reader = FrameReader::new(rd, Limits::default()).low_water();
+        let bytes = frame(3 << 20, 5).encode();
+        let half = bytes.len() / 2;
+        let writer = tokio::spawn(async move {
+            client.write_all(&bytes[..half]).await.unwrap();
+            tokio::time::sleep(MARK_PATIENCE * 4).await;
+            client.write_all(&bytes[half..]).await.unwrap();
+            client
+        });
+        let f = tokio::time::timeout(Duration::from_secs(10), reader.read())
+            .await
+            .expect("the frame did not arrive")
+            .unwrap();
+        assert_eq!(f.payload.len(), 3 << 20);
+        assert!(f.payload.iter().all(|&b| b == 5));
+        assert!(reader.socket.is_none(), "the link still raises its mark");
+        assert_eq!(low_water_of(fd), 1);
+        drop(writer.await.unwrap());
+    }
 }
