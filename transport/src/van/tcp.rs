@@ -597,18 +597,34 @@ mod tests {
         f
     }
 
+    /// A client's stream and the reader of the server's end (raising its
+    /// mark), with that socket and its write half.
+    async fn connected() -> (
+        TcpStream,
+        FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        RawFd,
+        tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (client, server) =
+            tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
+        let (client, (server, _)) = (client.unwrap(), server.unwrap());
+        let fd = server.as_raw_fd();
+        let (rd, wr) = server.into_split();
+        (
+            client,
+            FrameReader::new(rd, Limits::default()).low_water(),
+            fd,
+            wr,
+        )
+    }
+
     /// A large body read with the socket's low-water mark raised arrives
     /// whole, the mark is 1 again after it, and a small frame behind it is
     /// read at once (a mark left high would wait for bytes that never come).
     #[tokio::test]
     async fn a_large_body_raises_the_low_water_mark_and_lowers_it_after() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (client, server) =
-            tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
-        let (mut client, (server, _)) = (client.unwrap(), server.unwrap());
-        let fd = server.as_raw_fd();
-        let (rd, _wr) = server.into_split();
-        let mut reader = FrameReader::new(rd, Limits::default()).low_water();
+        let (mut client, mut reader, fd, _wr) = connected().await;
         let writer = tokio::spawn(async move {
             for (n, tag) in [(3 << 20, 7u8), (10, 8), (5 << 20, 9), (3, 10)] {
                 write_frame(&mut client, &frame(n, tag)).await.unwrap();
@@ -634,13 +650,7 @@ mod tests {
     /// link; the frame still arrives whole.
     #[tokio::test]
     async fn a_raised_read_that_waits_falls_back_to_a_mark_of_one() {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (client, server) =
-            tokio::join!(TcpStream::connect(l.local_addr().unwrap()), l.accept());
-        let (mut client, (server, _)) = (client.unwrap(), server.unwrap());
-        let fd = server.as_raw_fd();
-        let (rd, _wr) = server.into_split();
-        let mut reader = FrameReader::new(rd, Limits::default()).low_water();
+        let (mut client, mut reader, fd, _wr) = connected().await;
         let bytes = frame(3 << 20, 5).encode();
         let half = bytes.len() / 2;
         let writer = tokio::spawn(async move {
