@@ -174,6 +174,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// Reads into `dst` with the mark raised to its length (module docs).
+    /// (The twin of `read_raised`: one function generic over an async
+    /// closure leaves the reader's task unable to prove it is `Send`.)
     async fn read_raised_into(&mut self, dst: &mut [u8]) -> std::io::Result<usize> {
         loop {
             if self.socket.is_none() {

@@ -225,12 +225,7 @@ impl Group {
             if ended {
                 continue;
             }
-            let ready = || {
-                self.bell.word.load(Ordering::SeqCst) != bell
-                    || members
-                        .iter()
-                        .any(|m| !m.reader.polled_recently() && m.reader.wants_reading())
-            };
+            let ready = || self.look_again(&members, bell);
             if members.iter().all(|m| m.reader.polled_recently()) {
                 // Every link is polled: nothing to spin for, nap.
                 self.sleep(&members, bell);
@@ -241,6 +236,15 @@ impl Group {
                 false
             });
         }
+    }
+
+    /// Whether the thread has something to look at: the bell rang since
+    /// `bell`, or a ring nobody polls wants reading.
+    fn look_again(&self, members: &[Arc<Member>], bell: u32) -> bool {
+        self.bell.word.load(Ordering::SeqCst) != bell
+            || members
+                .iter()
+                .any(|m| !m.reader.polled_recently() && m.reader.wants_reading())
     }
 
     /// Ends `m`'s link and takes it out of the group.
@@ -268,10 +272,7 @@ impl Group {
             words.push(Waitv::shared(seq, seen));
             watched.push(flag);
         }
-        let ready = self.bell.word.load(Ordering::SeqCst) != bell
-            || members
-                .iter()
-                .any(|m| !m.reader.polled_recently() && m.reader.wants_reading());
+        let ready = self.look_again(members, bell);
         for m in members {
             // A ring polled since it joined the wait is not watched by
             // anyone else: wake when its poll is stale. A ring a poller holds

@@ -54,10 +54,9 @@ use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-use super::group::Bell;
-
 use parking_lot::Mutex;
 
+use super::group::Bell;
 use super::ring::{Consumer, Ring, Watch};
 use crate::link::Link;
 use crate::van::{FrameSink, VanError};
@@ -131,6 +130,7 @@ impl Reader {
         r
     }
 
+    /// `drain` without recording the position.
     fn drain_some(&self, rx: &mut (Consumer, bool), max: usize) -> Result<bool, VanError> {
         let (c, stopped) = rx;
         let mut any = false;
@@ -198,7 +198,7 @@ impl Reader {
     /// a poller holds the consumer (it reads them; a group's thread would
     /// find the lock taken and look again at once, spinning flat out).
     pub(super) fn wants_reading(&self) -> bool {
-        (self.unread() && !self.consumer.is_locked()) || self.gone()
+        (self.unread() && !self.busy()) || self.gone()
     }
 
     /// Whether a poller holds the consumer now.
@@ -287,14 +287,13 @@ impl Reader {
             // Subtle: not while the ring is closed (the peer is gone):
             // the wait below then ends the link, failing its requests.
             if let Some(age) = self.since_poll().filter(|a| *a < FRESH) {
-                if !self.link.is_closed() && !self.ring.is_closed() {
+                if !self.gone() {
                     // Until the poll would be stale, unless a leave comes.
                     std::thread::park_timeout(FRESH - age);
                     continue;
                 }
             }
-            let stand_back =
-                || self.polled_recently() && !self.link.is_closed() && !self.ring.is_closed();
+            let stand_back = || self.polled_recently() && !self.gone();
             if let Err(e) = watch.wait_beyond(pos, &self.link, &stand_back) {
                 // The wait looked once more before giving up.
                 return self.stop(e);
@@ -315,7 +314,7 @@ pub(crate) trait Poll: Send + Sync {
 
 impl Poll for Reader {
     fn poll(&self) -> bool {
-        if self.ring.is_closed() || self.link.is_closed() {
+        if self.gone() {
             // The peer is gone: the reader ends the link (now, not after
             // its nap), failing what waits on it.
             self.leave();
