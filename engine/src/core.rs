@@ -43,6 +43,7 @@ use parking_lot::{Condvar, Mutex};
 use smallvec::SmallVec;
 
 use crate::config::{EngineConfig, EngineKind};
+use crate::core_ref::{CoreRef, Held};
 use crate::error::{panic_message, EngineError, FailureCause, OpFailure};
 use crate::graph::GraphRecorder;
 use crate::inline;
@@ -159,8 +160,10 @@ type FailureLog = Vec<(Option<Weak<VarInner>>, Arc<OpFailure>)>;
 /// Layout: `pushed` (written by every push), `finished` (by every finish)
 /// and `idle_waiters` (read by every finish) have cache lines of their own,
 /// and as the first field of a `repr(C)` struct aligned to 128, `pushed`
-/// also keeps the `Arc`'s counts (written by every op: each holds a clone)
-/// off the lines of the fields that every push and run reads.
+/// also keeps the `Arc`'s counts (written by every async op's completion
+/// handle and by threads outside the engine that finish its ops: ops
+/// themselves hold no count, `core_ref.rs`) off the lines of the fields
+/// that every push and run reads.
 #[repr(C)]
 pub(crate) struct Core {
     pushed: Padded<AtomicUsize>,
@@ -332,7 +335,7 @@ pub(crate) fn push<B: BodyCell + 'static>(
         state: AtomicU8::new(RUNNING),
         start_ns: AtomicU64::new(0),
         start_tid: AtomicU64::new(0),
-        core: core.clone(),
+        core: CoreRef::new(core),
         body,
     });
     if core.graph.is_recording() {
@@ -362,7 +365,10 @@ pub(crate) fn push<B: BodyCell + 'static>(
 
 /// Sends a ready op to where it runs.
 pub(crate) fn dispatch(op: OpRef) {
-    let core = op.core.clone();
+    // Held to the end: a pool's wake-up touches the core after the op may
+    // have run and finished on a worker.
+    let core = op.core;
+    let _held = Held::of(core);
     match &core.executor {
         Executor::Naive => inline::run(inline::Task::Execute(op)),
         Executor::Threaded(pools) => {
@@ -409,14 +415,17 @@ pub(crate) fn in_op() -> bool {
 
 /// Runs a ready op on this thread (`worker`: its index in the pool).
 pub(crate) fn execute(op: OpRef, worker: usize) {
-    let naive = op.core.config.kind == EngineKind::Naive;
+    // Held to the end: the op may finish (its completion) while its body runs.
+    let core = op.core;
+    let _held = Held::of(core);
+    let naive = core.config.kind == EngineKind::Naive;
     if naive
         && op
             .gate
             .compare_exchange(GATE_FRESH, GATE_STARTED, Ordering::SeqCst, Ordering::SeqCst)
             == Err(GATE_GAVE_UP)
     {
-        fail_unrun(&op, naive_timed_out(&op.core));
+        fail_unrun(&op, naive_timed_out(&core));
         return;
     }
     if !op.no_skip {
@@ -428,7 +437,6 @@ pub(crate) fn execute(op: OpRef, worker: usize) {
             return;
         }
     }
-    let core = &op.core;
     if core.profiler.is_enabled() {
         core.profiler.start(&op);
     }
@@ -446,7 +454,7 @@ pub(crate) fn execute(op: OpRef, worker: usize) {
                     Ordering::SeqCst,
                 ) == Err(GATE_LATE);
             if late {
-                finish(&op, Some(naive_timed_out(core)));
+                finish(&op, Some(naive_timed_out(&core)));
             }
             return;
         }
@@ -528,7 +536,9 @@ fn fail_unrun(op: &OpRef, cause: FailureCause) {
 /// The second half of finishing (the caller has claimed the op): store the
 /// failure, release the vars, dispatch what became ready.
 fn complete(op: &OpRef, failure: Option<Arc<OpFailure>>) {
-    let core = &op.core;
+    // Held past `op_finished`, whose wake-up reads the core after its count.
+    let core = op.core;
+    let _held = Held::of(core);
     if let Some(f) = &failure {
         tracing::debug!(op = %op.name, "op failed or skipped: {f}");
         if op.writes().is_empty() {

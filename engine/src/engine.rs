@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{EngineBuilder, EngineConfig, EngineKind};
 use crate::core::{self, Core, Executor, Pools};
+use crate::core_ref::Held;
 use crate::error::{EngineError, OpError};
 use crate::graph::OpGraph;
 use crate::op::{AsyncBody, BodyCell, Completion, Context, OpSpec, Property, RunContext, SyncBody};
@@ -199,6 +200,7 @@ impl Engine {
         // comes from inside an op running inline on this thread: that op must
         // finish first, so waiting here would deadlock.
         let naive_wait = core.config.kind == EngineKind::Naive && !crate::inline::is_active();
+        let _held = Held::by_handle(core);
         let op = core::push(core, spec, no_skip, body);
         if naive_wait && !core::wait_finished(&op, core.config.wait_timeout) {
             core::give_up(&op);
@@ -236,6 +238,7 @@ impl Engine {
             free(ctx);
             Ok(())
         };
+        let _held = Held::by_handle(core);
         core::push(
             core,
             spec,
@@ -262,6 +265,7 @@ impl Engine {
             latch.set();
             Ok(())
         };
+        let _held = Held::by_handle(core);
         core::push(
             core,
             spec,
@@ -453,9 +457,15 @@ impl Drop for Owner {
 }
 
 fn shutdown(core: &Arc<Core>) {
+    // The ops failed below finish on this thread, which holds the core.
+    let _held = Held::by_handle(core);
     core.shutting_down.store(true, Ordering::Release);
+    // Whether ops or workers may still use the core after this returns: then
+    // it is never freed (C1 in `core_ref.rs`: ops do not count it).
+    let mut leak = false;
     if let Err(e) = core.wait_idle(Some(core.config.shutdown_timeout)) {
         tracing::warn!("engine shutdown: {e}; failing the ops that cannot run");
+        leak = true;
     }
     if let Executor::Threaded(pools) = &core.executor {
         for pool in pools.all() {
@@ -467,6 +477,7 @@ fn shutdown(core: &Arc<Core>) {
         for pool in pools.all() {
             let busy = pool.join(deadline);
             if !busy.is_empty() {
+                leak = true;
                 tracing::warn!(
                         "engine shutdown: worker(s) {busy:?} are still inside an op closure; left detached"
                     );
@@ -486,5 +497,10 @@ fn shutdown(core: &Arc<Core>) {
     }
     if let Some(f) = core.take_failures() {
         tracing::warn!("engine shutdown: a failure was never waited for: {f}");
+    }
+    if leak {
+        // Subtle: not `core.pending() > 0` alone: a worker left detached may
+        // be inside a closure of an op already counted.
+        std::mem::forget(core.clone());
     }
 }

@@ -34,6 +34,8 @@
 
 mod config;
 mod core;
+#[allow(unsafe_code)]
+mod core_ref;
 mod engine;
 mod error;
 mod graph;

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use crate::core::Core;
+use crate::core_ref::{CoreRef, Held};
 use crate::error::{FailureCause, OpError};
 use crate::sync::{AtomicUsize, Ordering};
 use crate::var::Var;
@@ -372,7 +373,7 @@ pub(crate) struct Op<B: ?Sized = dyn BodyCell> {
     /// and thread.
     pub(crate) start_ns: AtomicU64,
     pub(crate) start_tid: AtomicU64,
-    pub(crate) core: Arc<Core>,
+    pub(crate) core: CoreRef,
     pub(crate) body: B,
 }
 
@@ -441,25 +442,34 @@ thread_local! {
 /// ```
 pub struct Completion {
     op: Option<OpRef>,
+    /// The op's engine core, counted: the handle may finish the op on any
+    /// thread, after the engine's handles are gone (`core_ref.rs`).
+    core: Arc<Core>,
 }
 
 impl Completion {
+    /// For `op`, which runs its body on this thread.
     pub(crate) fn new(op: OpRef) -> Completion {
-        Completion { op: Some(op) }
+        // The op is unfinished: its core is alive (C1).
+        let core = op.core.upgrade();
+        Completion { op: Some(op), core }
+    }
+
+    fn finish(&mut self, cause: Option<FailureCause>) {
+        if let Some(op) = self.op.take() {
+            let _held = Held::by_handle(&self.core);
+            crate::core::finish(&op, cause);
+        }
     }
 
     /// The op succeeded.
     pub fn complete(mut self) {
-        if let Some(op) = self.op.take() {
-            crate::core::finish(&op, None);
-        }
+        self.finish(None);
     }
 
     /// The op failed with `err`: the error is stored on its write vars.
     pub fn fail(mut self, err: impl Into<OpError>) {
-        if let Some(op) = self.op.take() {
-            crate::core::finish(&op, Some(FailureCause::Error(err.into())));
-        }
+        self.finish(Some(FailureCause::Error(err.into())));
     }
 
     /// The name of the op this handle completes.
@@ -476,7 +486,8 @@ impl Drop for Completion {
                 // message; it still holds the op.
                 return;
             }
-            crate::core::finish(&op, Some(FailureCause::CompletionDropped));
+            self.op = Some(op);
+            self.finish(Some(FailureCause::CompletionDropped));
         }
     }
 }

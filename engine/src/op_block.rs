@@ -1,5 +1,5 @@
 //! `OpRef`, the counted handle to an op in flight, and the recycled blocks
-//! that hold ops. The crate's only `unsafe` code.
+//! that hold ops. `unsafe` code, as is `core_ref.rs`.
 //!
 //! Why: an op is one allocation (header and closure), made by the thread
 //! that pushes it and most often freed by the worker that finishes it. The
