@@ -25,6 +25,7 @@ pub use comm::tree::{ReduceTree, Topology};
 pub use compression::Compression;
 pub use dtype::{DType, Elem};
 pub use error::{KvError, Result};
+pub use hash::{IdHash, IdHasher};
 pub use key::{IntoKey, Key};
 pub use kinds::Kind;
 pub use optimizer::schedule::{Decay, LrScheduler, Warmup, WarmupMode};

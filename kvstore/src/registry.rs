@@ -8,6 +8,7 @@ use parking_lot::RwLock;
 
 use crate::dtype::DType;
 use crate::error::{KvError, Result};
+use crate::hash::IdHash;
 use crate::key::Key;
 use crate::tensor::{Storage, Tensor};
 
@@ -74,13 +75,13 @@ impl Meta {
 
 /// Keys and their entries.
 pub(crate) struct Registry<E> {
-    map: RwLock<HashMap<u64, (Key, Arc<E>)>>,
+    map: RwLock<HashMap<u64, (Key, Arc<E>), IdHash>>,
 }
 
 impl<E> Default for Registry<E> {
     fn default() -> Self {
         Registry {
-            map: RwLock::new(HashMap::new()),
+            map: RwLock::new(HashMap::default()),
         }
     }
 }

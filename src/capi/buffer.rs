@@ -160,8 +160,14 @@ pub(crate) unsafe fn place(
     }
     let n = count_of(b.count, what)?;
     let dtype = dtype_of(b.dtype, what)?;
-    let own = b.dims(n, what)?;
-    let shape = shape.unwrap_or(&own);
+    // A 1-D buffer's shape without an allocation (most calls).
+    let flat = [n];
+    let own = if b.ndim == 0 {
+        None
+    } else {
+        Some(b.dims(n, what)?)
+    };
+    let shape = shape.or(own.as_deref()).unwrap_or(&flat);
     match b.device_type {
         PSKV_DEVICE_CPU | PSKV_DEVICE_CPU_PINNED => {
             if b.device_id != 0 && b.device_type == PSKV_DEVICE_CPU {

@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{arg, Failure};
+use crate::kvstore::IdHash;
 
 static NEXT_TOKEN: AtomicUsize = AtomicUsize::new(1);
 
 /// The live objects of one kind, by token.
 pub(crate) struct Table<T> {
-    map: Mutex<HashMap<usize, Arc<T>>>,
+    map: Mutex<HashMap<usize, Arc<T>, IdHash>>,
     /// What a handle of this table is called in messages.
     what: &'static str,
     /// The function that makes them, for messages.
@@ -26,13 +27,13 @@ pub(crate) struct Table<T> {
 impl<T> Table<T> {
     pub(crate) fn new(what: &'static str, maker: &'static str) -> Table<T> {
         Table {
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(HashMap::default()),
             what,
             maker,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<usize, Arc<T>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<usize, Arc<T>, IdHash>> {
         // A panic under this lock leaves the map whole: go on with it.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -63,21 +63,25 @@ struct Entry {
     priority: i32,
 }
 
-/// Places buffer `b` for `key`: its element count and dtype must be the
-/// key's, and its shape if it gives one; the tensor takes the key's shape.
+/// What `init` fixed for a key: its shape and dtype.
+type KeyShape = (Vec<usize>, crate::kvstore::DType);
+
+/// Places buffer `b` for `key`, which holds `shape` of `dtype`: its element
+/// count and dtype must be the key's, and its shape if it gives one; the
+/// tensor takes the key's shape.
 ///
 /// # Safety
 /// As `place`.
 unsafe fn placed_for(
     kv: &KvStore,
     key: &Key,
+    (shape, dtype): &KeyShape,
     b: &PskvBuffer,
     what: &dyn std::fmt::Display,
 ) -> Result<Tensor, Failure> {
-    let (shape, dtype, _) = kv.key_info(key).map_err(kv_err)?;
     let n: usize = shape.iter().product();
     let t = place(kv.engine(), b, None, what)?;
-    if t.len() != n || t.dtype() != dtype || (b.ndim != 0 && t.shape() != &shape[..]) {
+    if t.len() != n || t.dtype() != *dtype || (b.ndim != 0 && t.shape() != &shape[..]) {
         return Err((
             super::PSKV_ERR_KVSTORE,
             format!(
@@ -93,7 +97,7 @@ unsafe fn placed_for(
         return Ok(t);
     }
     // The key's shape over the same memory.
-    place(kv.engine(), b, Some(&shape), what)
+    place(kv.engine(), b, Some(shape), what)
 }
 
 /// Reads a batch: `n` keys, with values and/or outputs, and priorities
@@ -127,12 +131,15 @@ unsafe fn batch(
     for i in 0..n {
         let k = key(keys[i])?;
         let p = prios.map_or(0, |p| p[i]);
+        // One lookup for the key's values and outputs.
+        let (shape, dtype, _) = kv.key_info(&k).map_err(kv_err)?;
+        let held = (shape, dtype);
         let v = match values {
-            Some(v) => Some(placed_for(kv, &k, &v[i], &Arg("values", i))?),
+            Some(v) => Some(placed_for(kv, &k, &held, &v[i], &Arg("values", i))?),
             None => None,
         };
         let o = match outs {
-            Some(o) => Some(placed_for(kv, &k, &o[i], &Arg("outs", i))?),
+            Some(o) => Some(placed_for(kv, &k, &held, &o[i], &Arg("outs", i))?),
             None => None,
         };
         match out.iter_mut().find(|e| e.key == k) {
@@ -405,8 +412,8 @@ fn wait_one(req: *mut PskvRequest, block: bool) -> Result<Option<Result<(), Fail
         Err(_) => r.ticket.lock().unwrap_or_else(|p| p.into_inner()),
     };
     // Another thread's wait may have reported it while this one waited for
-    // the lock: then the handle is gone.
-    requests().get(req)?;
+    // the lock: then its ticket says so at once (its result was taken) and
+    // the handle is gone, which `remove` below reports.
     if !block && !t.is_done() {
         return Ok(None);
     }
