@@ -161,9 +161,9 @@ type FailureLog = Vec<(Option<Weak<VarInner>>, Arc<OpFailure>)>;
 /// and `idle_waiters` (read by every finish) have cache lines of their own,
 /// and as the first field of a `repr(C)` struct aligned to 128, `pushed`
 /// also keeps the `Arc`'s counts (written by every async op's completion
-/// handle and by threads outside the engine that finish its ops: ops
-/// themselves hold no count, `core_ref.rs`) off the lines of the fields
-/// that every push and run reads.
+/// handle and by threads outside the engine that dispatch, run or finish
+/// its ops: ops themselves hold no count, `core_ref.rs`) off the lines of
+/// the fields that every push and run reads.
 #[repr(C)]
 pub(crate) struct Core {
     pushed: Padded<AtomicUsize>,

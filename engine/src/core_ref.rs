@@ -5,8 +5,9 @@
 //! Why: an op used to hold an `Arc<Core>`, a count taken at push, another
 //! at each dispatch, both dropped by whoever finished it: two to four
 //! atomic writes per op, on one cache line that every pusher and worker of
-//! the engine writes (the dispatch bench: 0.89x the time of (a) and 0.92x
-//! of (c) without them).
+//! the engine writes (without them the dispatch bench's (a) took 0.70x
+//! the time and (c) 0.86x: BENCHMARKS.md, "No count of the engine's core
+//! per op").
 //!
 //! # The invariant
 //!
@@ -15,9 +16,11 @@
 //!
 //! Kept so:
 //!
-//! - The core is freed when its last `Arc` goes: the engine's owner's,
-//!   which shutdown drops only after the pending count reached zero and
-//!   the pools' workers were joined. If that wait times out, or a worker
+//! - The core is freed when its last `Arc` goes. The engine's owner drops
+//!   its own after `shutdown` returned, which is after the pending count
+//!   reached zero and the pools' workers were joined; the other `Arc`s
+//!   (a completion handle's, a counted `Held`'s, a shutdown thread's) are
+//!   held only across their own uses. If the wait times out, or a worker
 //!   stays inside a closure past the join's grace, shutdown leaks the core
 //!   (it is never freed), so C1 holds for the ops and threads left.
 //! - Pending zero says every op was counted finished, not that every
@@ -27,8 +30,9 @@
 //!   of the op's core, which is free when the thread holds the core
 //!   already and counted otherwise:
 //!   - a worker of the engine's pools (shutdown joins it, or leaks);
-//!   - a thread inside a call on an `Engine` handle of it (a push, a
-//!     wait): the handle holds the owner; [`Held::by_handle`];
+//!   - a thread inside a push on an `Engine` handle of it (and the naive
+//!     engine's wait for the op pushed): the handle holds the owner;
+//!     [`Held::by_handle`];
 //!   - a thread holding an `Arc` of it (a completion handle's; the
 //!     shutdown's);
 //!   - any other thread (an op of another engine that granted this one's
@@ -105,8 +109,9 @@ pub(crate) struct Held {
 impl Held {
     /// For a thread that uses `core` on behalf of an unfinished op of it (or
     /// inside a `Held` of it): free if the thread holds the core already (a
-    /// worker of its pools, or a call on an engine handle), a count for the
-    /// span otherwise.
+    /// worker of its pools, or inside another `Held` of it: a push on an
+    /// engine handle, a completion's finish, the shutdown, a counted span),
+    /// a count for the span otherwise.
     pub(crate) fn of(core: CoreRef) -> Held {
         let id = core.id;
         if crate::pool::is_worker_of(id) || HELD.with(Cell::get) == id {
