@@ -471,9 +471,9 @@ pub(crate) fn execute(op: OpRef, worker: usize) {
     }
     // The op is done and this thread is free: the ops this finish makes ready
     // on this worker's pool may be kept to run here next.
-    crate::pool::allow_keep(true);
+    let kept = crate::pool::allow_keep(true);
     complete(&op, cause.map(|c| OpFailure::new(op.name.to_string(), c)));
-    crate::pool::allow_keep(false);
+    crate::pool::allow_keep(kept);
 }
 
 /// Finishes an op once: `cause` None for success.

@@ -53,13 +53,20 @@ pub(crate) fn run(task: Task) {
     // Subtle: the guard resets `active` even if a task unwinds (execute
     // catches closure panics, but a panic in the engine itself must not leave
     // the thread unable to run inline ops).
-    struct Reset;
+    //
+    // Subtle: inline ops run with keeping off (`pool::keep_local`), restored
+    // after: the outermost `run` on a worker is often inside another op's
+    // finish, which keeps, and ops that an inline closure pushes to this
+    // worker's pool must be queued for every worker, not kept here behind
+    // the closure (one that waited for them would wait forever).
+    struct Reset(bool);
     impl Drop for Reset {
         fn drop(&mut self) {
             TRAMPOLINE.with(|t| t.borrow_mut().active = false);
+            crate::pool::allow_keep(self.0);
         }
     }
-    let _reset = Reset;
+    let _reset = Reset(crate::pool::allow_keep(false));
     loop {
         match task {
             Task::Execute(op) => crate::core::execute(op, 0),

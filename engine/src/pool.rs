@@ -109,18 +109,22 @@ impl ReadyQueue {
 /// higher-priority op can at worst start one op later.
 struct Local {
     pool: *const PoolShared,
-    allow: bool,
     batch: SmallVec<[OpRef; 4]>,
 }
 
 thread_local! {
     static LOCAL: std::cell::RefCell<Local> =
-        std::cell::RefCell::new(Local { pool: std::ptr::null(), allow: false, batch: SmallVec::new() });
+        std::cell::RefCell::new(Local { pool: std::ptr::null(), batch: SmallVec::new() });
+    /// Whether `keep_local` may keep: inside a finish on a worker. A cell of
+    /// its own (const, no lazy init): it is set and reset around every op.
+    static ALLOW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Allows (or stops allowing) `keep_local` on this thread.
-pub(crate) fn allow_keep(on: bool) {
-    LOCAL.with(|l| l.borrow_mut().allow = on);
+/// Allows (or stops allowing) `keep_local` on this thread; what it was.
+/// Callers restore it: finishes nest (an op run inline inside another's
+/// finish), and each level must leave the outer one's setting as it was.
+pub(crate) fn allow_keep(on: bool) -> bool {
+    ALLOW.with(|a| a.replace(on))
 }
 
 /// Collects `op` into this worker's batch if it is a worker of `pool` inside
@@ -128,7 +132,7 @@ pub(crate) fn allow_keep(on: bool) {
 pub(crate) fn keep_local(pool: &PoolShared, op: OpRef) -> Option<OpRef> {
     LOCAL.with(|l| {
         let mut l = l.borrow_mut();
-        if l.allow && std::ptr::eq(l.pool, pool) {
+        if ALLOW.with(std::cell::Cell::get) && std::ptr::eq(l.pool, pool) {
             l.batch.push(op);
             None
         } else {

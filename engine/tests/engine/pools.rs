@@ -289,3 +289,46 @@ fn bursts_after_idle_gaps_wake_the_pool_and_spread_over_it() {
         "bursts ran on both workers in only {spread} of 60 rounds"
     );
 }
+
+/// An async op made ready by a CPU op's finish runs inline on that worker,
+/// inside the finish; ops its closure pushes to the same pool must reach
+/// the pool's other workers, not wait in this worker's own batch behind
+/// the closure (which here waits for one of them).
+#[test]
+fn ops_pushed_by_an_inline_op_inside_a_finish_reach_the_other_workers() {
+    let engine = crate::engine(EngineKind::Threaded, 2);
+    let x = Var::named("x");
+    // "first" runs on a worker and finishes only after "inline_waits" is
+    // queued behind it, so that its finish is what makes it ready.
+    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
+    engine
+        .push_sync(OpSpec::new("first").write(&x), move |_| {
+            go_rx.recv_timeout(Duration::from_secs(5)).ok();
+            Ok(())
+        })
+        .unwrap();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let inner = engine.clone();
+    engine
+        .push_async(
+            OpSpec::new("inline_waits")
+                .read(&x)
+                .property(Property::Async),
+            move |_, done| {
+                inner
+                    .push_sync(OpSpec::new("pushed_inside"), move |_| {
+                        tx.send(()).unwrap();
+                        Ok(())
+                    })
+                    .unwrap();
+                match rx.recv_timeout(Duration::from_secs(5)) {
+                    Ok(()) => done.complete(),
+                    Err(_) => done.fail("the op pushed inside never ran"),
+                }
+            },
+        )
+        .unwrap();
+    go_tx.send(()).unwrap();
+    engine.wait_for_var(&x).unwrap();
+    engine.wait_for_all().unwrap();
+}
