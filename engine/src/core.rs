@@ -148,6 +148,10 @@ impl Pools {
     }
 }
 
+/// The queue length past which a finish prefetches the op first in line
+/// (`complete`).
+const PREFETCH_QUEUE: usize = 8;
+
 /// The failure log's size at which it is pruned.
 const FAILURE_LOG_PRUNE_AT: usize = 4096;
 
@@ -561,7 +565,19 @@ fn complete(op: &OpRef, failure: Option<Arc<OpFailure>>) {
         } else {
             Access::Write
         };
-        v.0.queue.lock().complete(access, &mut grants);
+        let mut q = v.0.queue.lock();
+        q.complete(access, &mut grants);
+        // The op now first in line is granted by a later finish on this
+        // var. Behind a long queue it was pushed long ago (its header has
+        // left every cache): start bringing it back now. Subtle: not behind
+        // a short one, whose front the pusher may still be writing (its
+        // wait counter, after the append): taking the line from it then
+        // costs more than it saves (the chain of the dispatch bench).
+        if q.pending().2 > PREFETCH_QUEUE {
+            if let Some(next) = q.waiting().next() {
+                next.prefetch();
+            }
+        };
     }
     for g in grants {
         if g.release_one() {

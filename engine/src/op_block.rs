@@ -275,6 +275,25 @@ impl OpRef {
     pub(crate) fn key(&self) -> usize {
         self.ptr.as_ptr() as *const () as usize
     }
+
+    /// Asks the CPU to bring the op's header (its count, wait counter and
+    /// the fields a dispatch reads: the first two cache lines) into this
+    /// core's cache, without waiting: for an op that will be granted soon.
+    #[inline]
+    pub(crate) fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let p = self.ptr.as_ptr() as *const i8;
+            // SAFETY: a prefetch is a hint: it never faults and reads
+            // nothing the program sees, whatever the address.
+            #[allow(unused_unsafe)]
+            unsafe {
+                _mm_prefetch(p, _MM_HINT_T0);
+                _mm_prefetch(p.wrapping_add(64), _MM_HINT_T0);
+            }
+        }
+    }
 }
 
 impl Deref for OpRef {
