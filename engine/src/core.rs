@@ -577,7 +577,7 @@ fn complete(op: &OpRef, failure: Option<Arc<OpFailure>>) {
             if let Some(next) = q.waiting().next() {
                 next.prefetch();
             }
-        };
+        }; // (`;`: the scrutinee's borrow of `q` ends here, before `q`.)
     }
     for g in grants {
         if g.release_one() {

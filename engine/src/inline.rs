@@ -58,7 +58,10 @@ pub(crate) fn run(task: Task) {
     // after: the outermost `run` on a worker is often inside another op's
     // finish, which keeps, and ops that an inline closure pushes to this
     // worker's pool must be queued for every worker, not kept here behind
-    // the closure (one that waited for them would wait forever).
+    // the closure (one that waited for them would wait forever). Not
+    // covered: the finish of a `delete_var` op drained here keeps what it
+    // makes ready (as any finish on a worker does) while later tasks of the
+    // drain run; only a push racing the deletion can queue an op behind it.
     struct Reset(bool);
     impl Drop for Reset {
         fn drop(&mut self) {

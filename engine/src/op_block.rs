@@ -276,9 +276,11 @@ impl OpRef {
         self.ptr.as_ptr() as *const () as usize
     }
 
-    /// Asks the CPU to bring the op's header (its count, wait counter and
-    /// the fields a dispatch reads: the first two cache lines) into this
-    /// core's cache, without waiting: for an op that will be granted soon.
+    /// Asks the CPU to bring the two cache lines from the block's start
+    /// into this core's cache, without waiting: the count and the op's
+    /// first fields (blocks are 16-byte aligned and the field order is the
+    /// compiler's, so most of the header, likely not all of it): for an op
+    /// that will be granted soon.
     #[inline]
     pub(crate) fn prefetch(&self) {
         #[cfg(target_arch = "x86_64")]

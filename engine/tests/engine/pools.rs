@@ -303,8 +303,9 @@ fn ops_pushed_by_an_inline_op_inside_a_finish_reach_the_other_workers() {
     let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
     engine
         .push_sync(OpSpec::new("first").write(&x), move |_| {
-            go_rx.recv_timeout(Duration::from_secs(5)).ok();
-            Ok(())
+            go_rx
+                .recv_timeout(Duration::from_secs(60))
+                .map_err(|_| "the test never let \"first\" finish".into())
         })
         .unwrap();
     let (tx, rx) = crossbeam_channel::bounded(1);
