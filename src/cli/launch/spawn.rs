@@ -4,6 +4,7 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -32,15 +33,51 @@ pub(super) fn pskv_exe() -> CliResult<PathBuf> {
     std::env::current_exe().map_err(CliError::io("locating the pskv program"))
 }
 
-/// Makes `c` start in its own process group and die with its parent.
-fn detach_and_tie(c: &mut Command) {
+/// `+PID\n` for the watchdog, in a buffer of the stack: between fork and
+/// exec nothing may allocate.
+fn watch_line(pid: libc::pid_t, buf: &mut [u8; 24]) -> &[u8] {
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    let mut v = pid.unsigned_abs();
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    buf[0] = b'+';
+    for i in 0..n {
+        buf[1 + i] = digits[n - 1 - i];
+    }
+    buf[1 + n] = b'\n';
+    &buf[..n + 2]
+}
+
+/// Makes `c` start in its own process group and die with its parent; with
+/// `watch`, the watchdog's pipe, the member names its group to the
+/// watchdog itself before it runs anything. (Told by the launcher after the
+/// spawn instead, a launcher killed in between left the group unwatched:
+/// its grandchildren outlived the job, `a_killed_launcher_leaves_no_process_behind`
+/// under load.)
+fn detach_and_tie(c: &mut Command, watch: Option<RawFd>) {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the closure runs between fork and exec and calls only
-    // async-signal-safe functions (setpgid, prctl, getppid, _exit).
+    // async-signal-safe functions (setpgid, getpid, write, prctl, getppid,
+    // _exit); it formats on the stack.
     unsafe {
         c.pre_exec(move || {
             if libc::setpgid(0, 0) != 0 {
                 return Err(io::Error::last_os_error());
+            }
+            if let Some(fd) = watch {
+                // One line of at most 22 bytes: a pipe writes it whole,
+                // between the launcher's own lines. Best effort, as the
+                // launcher's writes: a watchdog that is gone cannot help.
+                let mut buf = [0u8; 24];
+                let line = watch_line(libc::getpid(), &mut buf);
+                libc::write(fd, line.as_ptr().cast(), line.len());
             }
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
@@ -131,7 +168,9 @@ impl Spawner {
     }
 
     /// Starts one member process.
-    pub(super) fn spawn(&self, role: Role) -> CliResult<Child> {
+    /// Starts `role`'s member; `watch`: the watchdog's pipe, which the member
+    /// names its group to before it runs (`detach_and_tie`).
+    pub(super) fn spawn(&self, role: Role, watch: Option<RawFd>) -> CliResult<Child> {
         let env = &self.env;
         let secret = &self.secret;
         let spec_capture = self.capture_stdout;
@@ -208,7 +247,7 @@ impl Spawner {
         } else if !matches!(role, Role::Worker(_)) {
             c.stdout(Stdio::null());
         }
-        detach_and_tie(&mut c);
+        detach_and_tie(&mut c, watch);
         let mut child = c
             .spawn()
             .map_err(CliError::io(format!("starting {role} ({:?})", program[0])))?;
@@ -231,6 +270,40 @@ impl Spawner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watch_line_is_the_pid_in_decimal() {
+        let mut buf = [0u8; 24];
+        assert_eq!(watch_line(7, &mut buf), b"+7\n");
+        assert_eq!(watch_line(4_194_304, &mut buf), b"+4194304\n");
+        assert_eq!(watch_line(libc::pid_t::MAX, &mut buf), b"+2147483647\n");
+    }
+
+    /// A member names its group to the watchdog before it runs: the line is
+    /// in the pipe when the spawn returns.
+    #[test]
+    fn a_member_names_its_group_before_it_runs() {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let mut fds = [0; 2];
+        // SAFETY: pipe2(2) into a two-int array; the fds are owned below.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: fresh fds of ours, each owned once.
+        let (mut r, w) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        let mut c = Command::new("true");
+        detach_and_tie(&mut c, Some(w.as_raw_fd()));
+        let mut child = c.spawn().unwrap();
+        drop(w);
+        let pid = child.id();
+        child.wait().unwrap();
+        let mut got = String::new();
+        io::Read::read_to_string(&mut r, &mut got).unwrap();
+        assert_eq!(got, format!("+{pid}\n"));
+    }
 
     #[test]
     fn quoting_for_the_remote_shell() {

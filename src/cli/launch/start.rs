@@ -209,13 +209,11 @@ impl Job {
         Ok(job)
     }
 
-    /// Starts a member and tells the watchdog of it.
+    /// Starts a member, which tells the watchdog of its group itself.
     pub(super) fn start_member(&mut self, role: Role) -> CliResult {
-        let child = self.spawner.spawn(role)?;
+        let watch = self.watchdog.as_ref().map(|w| w.fd());
+        let child = self.spawner.spawn(role, watch)?;
         let pidfd = pidfd_of(child.id());
-        if let Some(w) = self.watchdog.as_mut() {
-            w.watch(child.id());
-        }
         self.members.push(Member {
             role,
             child,

@@ -41,9 +41,11 @@ impl Watchdog {
         Ok(Watchdog { child, pipe })
     }
 
-    /// Tells the watchdog about a member's process group.
-    pub(super) fn watch(&mut self, pgid: u32) {
-        let _ = io::Write::write_all(&mut self.pipe, format!("+{pgid}\n").as_bytes());
+    /// The pipe's write end, through which a member about to start names
+    /// its process group (`+PGID`, `spawn.rs`): before it runs anything, so
+    /// that no instant exists where it runs unwatched.
+    pub(super) fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.pipe)
     }
 
     /// Tells the watchdog about a directory of the job's own (removed if
