@@ -480,15 +480,14 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        if let Some(op) = self.op.take() {
+        if let Some(op) = &self.op {
             if std::thread::panicking() && EXECUTING.with(|e| e.get()) == op.key() {
                 // The executor catches this panic and reports it with its
                 // message; it still holds the op.
                 return;
             }
-            self.op = Some(op);
-            self.finish(Some(FailureCause::CompletionDropped));
         }
+        self.finish(Some(FailureCause::CompletionDropped));
     }
 }
 
