@@ -3,10 +3,14 @@
 //! shows), waited for, through
 //! - the Rust API (`KvStore::pushpull` on tensors made once, then
 //!   `wait_to_read` of the output);
+//! - the Rust API with a ticket by a plan made once (`KvStore::ticket_for`:
+//!   what a persistent C request does under the C layer);
 //! - the Rust API on the caller's memory (tensors made over it per call,
 //!   `KvStore::ticket`: what the C ABI and Python do underneath);
 //! - the C ABI (`pskv_pushpull_async` + `pskv_wait` on the caller's
-//!   buffers).
+//!   buffers);
+//! - the C ABI's persistent request over the same buffers, made once
+//!   (`pskv_start` + `pskv_wait`).
 //!
 //! Python's figure is `python/bench/overhead.py`, on the same store.
 //!
@@ -39,6 +43,18 @@ fn bench(c: &mut Criterion) {
                 kv.pushpull(0, std::slice::from_ref(&v), std::slice::from_ref(&o), 0)
                     .unwrap();
                 o.wait_to_read().unwrap();
+            })
+        });
+        let key0: Key = 0u32.into();
+        let plan = kv
+            .ticket_plan(std::slice::from_ref(&key0), &[v.clone(), o.clone()])
+            .unwrap();
+        g.bench_function(format!("rust_plan/{name}"), |b| {
+            b.iter(|| {
+                kv.pushpull(0, std::slice::from_ref(&v), std::slice::from_ref(&o), 0)
+                    .unwrap();
+                let mut t = kv.ticket_for(&plan).unwrap();
+                t.wait().unwrap();
             })
         });
         let mut vin = vec![1.0f32; n];
@@ -88,6 +104,16 @@ fn bench(c: &mut Criterion) {
                     assert_eq!(pskv_wait(req), PSKV_OK);
                 })
             });
+            let mut preq: *mut PskvRequest = std::ptr::null_mut();
+            let rc = pskv_pushpull_persistent(h, 1, &0i64, &bv, &bo, std::ptr::null(), &mut preq);
+            assert_eq!(rc, PSKV_OK);
+            g.bench_function(format!("c_persistent/{name}"), |bch| {
+                bch.iter(|| {
+                    assert_eq!(pskv_start(preq), PSKV_OK);
+                    assert_eq!(pskv_wait(preq), PSKV_OK);
+                })
+            });
+            assert_eq!(pskv_request_free(preq), PSKV_OK);
             assert_eq!(pskv_free(h), PSKV_OK);
         }
     }

@@ -11,7 +11,9 @@
  * aborts the process: bad pointers, lengths and handles are errors.
  *
  * Versions: PSKV_ABI_VERSION is this header's; pskv_abi_version() the
- * library's. Version 2 added requests, buffers and the calls after them.
+ * library's. Version 2 added requests, buffers and the calls after them;
+ * version 3 persistent requests. A library serves programs built against
+ * its version or an older one (calls are only ever added).
  *
  * Threads: every function may be called from any thread, concurrently, on
  * one store or several; a request may be waited for on another thread
@@ -24,7 +26,14 @@
  * Requests (pskv_*_async): the buffers are used in place, not copied. From
  * the call until pskv_wait/pskv_test/pskv_wait_all reports the request,
  * do not write its input buffers nor read or write its outputs. Report
- * every request once; the report frees its handle. */
+ * every request once; the report frees its handle.
+ *
+ * Persistent requests (pskv_*_persistent): made once over a batch's
+ * buffers, started each round by pskv_start and reported by the same
+ * waits (each start once); between a report and the next start the
+ * buffers are the caller's. Freed by pskv_request_free. What the Rust
+ * API costs per call on tensors made once, a start costs: the buffers are
+ * checked and wrapped when the request is made, not per round. */
 
 #ifndef PSKV_H
 #define PSKV_H
@@ -36,7 +45,7 @@
 
 // The version of this interface: a program built against this header
 // checks it against `pskv_abi_version()` at run time.
-#define PSKV_ABI_VERSION 2
+#define PSKV_ABI_VERSION 3
 
 // Success.
 #define PSKV_OK 0
@@ -93,7 +102,7 @@
 // token for one of these, see the module docs).
 typedef struct pskv_kvstore pskv_kvstore;
 
-// An issued request (opaque to C: a handle is a token for one of these).
+// A request (opaque to C: a handle is a token for one of these).
 typedef struct pskv_request pskv_request;
 
 // The caller's memory: `count` elements of `dtype` at `data`, on
@@ -239,6 +248,79 @@ int pskv_pushpull_device(struct pskv_kvstore *kv,
                          int device,
                          int priority);
 
+// Makes a persistent push of `n` keys: `values[i]` to `keys[i]` at
+// priority `priorities[i]` (null: 0 each), as `pskv_push_async` issues
+// it, each time `pskv_start` starts it; writes the request to
+// `*request`, inactive. The buffers are checked and recorded now; the
+// values are read in place at each start: leave them alone from a start
+// until its wait reports it. Free it with `pskv_request_free`.
+//
+// # Safety
+// `kv` is a live handle; `keys`, `values` and `priorities` (unless null)
+// point to `n` items; each buffer is as `pskv_buffer` describes and stays
+// valid until the request is freed; `request` points to writable storage.
+int pskv_push_persistent(struct pskv_kvstore *kv,
+                         size_t n,
+                         const int64_t *keys,
+                         const struct pskv_buffer *values,
+                         const int *priorities,
+                         struct pskv_request **request);
+
+// Makes a persistent pull of `n` keys into `outs`, as `pskv_pull_async`
+// issues it, each time `pskv_start` starts it (see
+// `pskv_push_persistent`).
+//
+// # Safety
+// As `pskv_push_persistent`, with `outs` for `values`.
+int pskv_pull_persistent(struct pskv_kvstore *kv,
+                         size_t n,
+                         const int64_t *keys,
+                         const struct pskv_buffer *outs,
+                         const int *priorities,
+                         struct pskv_request **request);
+
+// Makes a persistent push-pull of `n` keys, `values[i]` into `outs[i]`,
+// as `pskv_pushpull_async` issues it, each time `pskv_start` starts it
+// (see `pskv_push_persistent`).
+//
+// # Safety
+// As `pskv_push_persistent`, with `outs` as well.
+int pskv_pushpull_persistent(struct pskv_kvstore *kv,
+                             size_t n,
+                             const int64_t *keys,
+                             const struct pskv_buffer *values,
+                             const struct pskv_buffer *outs,
+                             const int *priorities,
+                             struct pskv_request **request);
+
+// Starts a persistent request: issues its batch as its `pskv_*_async`
+// call would, on the buffers it was made with. Report it with
+// `pskv_wait`, `pskv_test` or `pskv_wait_all` before starting it again.
+// A start that fails part way returns the error once the keys it issued
+// are done, and the request is inactive again (unless they were still in
+// flight at the timeout: then it stays started; the error says so).
+//
+// # Safety
+// Any value may be passed (handles are checked).
+int pskv_start(struct pskv_request *request);
+
+// Starts `n` persistent requests, in order, as `pskv_start` each; stops
+// at the first that fails and returns its error, naming it (the requests
+// before it are started: report them).
+//
+// # Safety
+// `requests` points to `n` handles (any values).
+int pskv_start_all(size_t n, struct pskv_request *const *requests);
+
+// Frees a persistent request that is not started (or whose start was
+// reported). Freeing a started one is an argument error (wait for it
+// first); a request of a `pskv_*_async` call is freed by the wait that
+// reports it, not here. Null is accepted.
+//
+// # Safety
+// Any value may be passed (handles are checked).
+int pskv_request_free(struct pskv_request *request);
+
 // Pushes `n` keys: `values[i]` to `keys[i]` at priority `priorities[i]`
 // (null: 0 each; higher goes first), and writes the request to
 // `*request`. A key given twice has its values summed, as in MXNet. The
@@ -319,7 +401,10 @@ int pskv_init_batch(struct pskv_kvstore *kv,
 // its error), once: the handle is freed then, and waiting again is an
 // argument error. Waits at most `PSKV_KVSTORE_TIMEOUT`; a wait that gives
 // up returns `PSKV_ERR_TIMEOUT` and leaves the request in flight (its
-// buffers still the store's): wait again.
+// buffers still the store's): wait again. A persistent request is
+// reported the same way, once per start, and then is inactive, not freed
+// (`pskv_start` it again, or `pskv_request_free` it); waiting for one not
+// started is an argument error.
 //
 // # Safety
 // Any value may be passed (handles are checked).

@@ -210,22 +210,24 @@ fn the_installed_library_serves_cmake_and_pkg_config() {
 
 /// The MPI-style benchmark: every size's result is checked by the program
 /// (the sum over the workers), with a size split over several keys in
-/// flight; rank 0 prints the table.
+/// flight, by requests per round and by persistent requests started each
+/// round; rank 0 prints the table.
 #[test]
 fn the_allreduce_benchmark_checks_every_result() {
-    let stdout = launch_c_example(
-        "allreduce_bench",
-        &["-O2", "-Wall", "-Werror"],
-        &[
+    for (way, extra) in [("one-shot", None), ("persistent", Some("-p"))] {
+        let mut args = vec![
             "-b", "4", "-e", "1M", "-f", "16", "-n", "3", "-w", "1", "-k", "3",
-        ],
-    );
-    assert!(stdout.contains("every result checked"), "{stdout}");
-    assert!(stdout.contains("busbw"), "{stdout}");
-    // 4 B, 64 B, 1 KiB, 16 KiB, 256 KiB: one row each.
-    assert_eq!(
-        stdout.lines().filter(|l| !l.starts_with('#')).count(),
-        5,
-        "{stdout}"
-    );
+        ];
+        args.extend(extra);
+        let stdout = launch_c_example("allreduce_bench", &["-O2", "-Wall", "-Werror"], &args);
+        assert!(stdout.contains(&format!("{way} requests")), "{stdout}");
+        assert!(stdout.contains("every result checked"), "{stdout}");
+        assert!(stdout.contains("busbw"), "{stdout}");
+        // 4 B, 64 B, 1 KiB, 16 KiB, 256 KiB: one row each.
+        assert_eq!(
+            stdout.lines().filter(|l| !l.starts_with('#')).count(),
+            5,
+            "{stdout}"
+        );
+    }
 }

@@ -23,7 +23,9 @@
  * (default 5), -k KEYS in flight per round (default 1: the size is split
  * over that many keys, each its own request, as a framework's tensors
  * are), -c to check every element of every result (outside the timing:
- * the time then covers rounds and checks).
+ * the time then covers rounds and checks), -p to make each key's request
+ * once (pskv_pushpull_persistent) and start it every round (pskv_start)
+ * instead of a pskv_pushpull_async call per round.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -46,10 +48,11 @@ static size_t parse_size(const char *s) {
 
 int main(int argc, char **argv) {
     size_t min = 4, max = 16 << 20;
-    int factor = 4, iters = 20, warmup = 5, nkeys = 1, full = 0;
+    int factor = 4, iters = 20, warmup = 5, nkeys = 1, full = 0, persistent = 0;
     for (int i = 1; i < argc; i += 2) {
-        if (!strcmp(argv[i], "-c")) {
-            full = 1;
+        if (!strcmp(argv[i], "-c") || !strcmp(argv[i], "-p")) {
+            if (argv[i][1] == 'c') full = 1;
+            else persistent = 1;
             i--;
             continue;
         }
@@ -108,23 +111,34 @@ int main(int argc, char **argv) {
     pskv_request **reqs = malloc(sizeof(pskv_request *) * nkeys);
     int *prio = malloc(sizeof(int) * nkeys);
     if (rank == 0) {
-        printf("# pskv push-pull: %d workers, %d key(s) per round, %d iterations (+%d warm-up)\n",
-               workers, nkeys, iters, warmup);
+        printf("# pskv push-pull: %d workers, %d key(s) per round, %d iterations (+%d warm-up), %s requests\n",
+               workers, nkeys, iters, warmup, persistent ? "persistent" : "one-shot");
         printf("# %12s %12s %12s %12s\n", "size (B)", "time (us)", "algbw (GB/s)", "busbw (GB/s)");
     }
     int first = 0;
     for (size_t s = min; s <= max; s *= (size_t)factor, first += nkeys) {
         double t0 = 0;
+        /* Persistent: each key's request made once for the size. */
+        for (int k = 0; persistent && k < nkeys; k++) {
+            prio[k] = -k;
+            check(pskv_pushpull_persistent(kv, 1, &keys[first + k], &bufs[first + k],
+                                           &outs[first + k], &prio[k], &reqs[k]),
+                  "pskv_pushpull_persistent");
+        }
         for (int it = 0; it < warmup + iters; it++) {
             if (it == warmup) {
                 check(pskv_barrier(kv), "pskv_barrier");
                 t0 = now_us();
             }
-            for (int k = 0; k < nkeys; k++) {
-                prio[k] = -k;
-                check(pskv_pushpull_async(kv, 1, &keys[first + k], &bufs[first + k],
-                                          &outs[first + k], &prio[k], &reqs[k]),
-                      "pskv_pushpull_async");
+            if (persistent) {
+                check(pskv_start_all(nkeys, reqs), "pskv_start_all");
+            } else {
+                for (int k = 0; k < nkeys; k++) {
+                    prio[k] = -k;
+                    check(pskv_pushpull_async(kv, 1, &keys[first + k], &bufs[first + k],
+                                              &outs[first + k], &prio[k], &reqs[k]),
+                          "pskv_pushpull_async");
+                }
             }
             check(pskv_wait_all(nkeys, reqs, NULL), "pskv_wait_all");
             for (int k = 0; k < nkeys; k++) {
@@ -141,6 +155,8 @@ int main(int argc, char **argv) {
             }
         }
         double us = (now_us() - t0) / iters;
+        for (int k = 0; persistent && k < nkeys; k++)
+            check(pskv_request_free(reqs[k]), "pskv_request_free");
         if (rank == 0)
             printf("  %12zu %12.1f %12.3f %12.3f\n", s, us, s / us / 1e3, 2.0 * s / us / 1e3);
     }

@@ -33,5 +33,5 @@ pub use optimizer::{GradRef, Method, OptState, Optimizer, StateVals, WeightMut};
 pub use server::{CheckpointError, CheckpointSettings, Controller, Server};
 pub use store::{KvStore, Options};
 pub use tensor::{Home, Storage, Tensor};
-pub use ticket::Ticket;
+pub use ticket::{Ticket, TicketPlan};
 pub use updater::{Updater, Values, ValuesMut};

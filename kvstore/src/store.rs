@@ -21,7 +21,7 @@ use crate::kinds::local::LocalStore;
 use crate::kinds::{Flavor, Kind};
 use crate::optimizer::{OptState, Optimizer};
 use crate::tensor::{Storage, Tensor};
-use crate::ticket::Ticket;
+use crate::ticket::{Parts, Ticket, TicketPlan};
 use crate::updater::Updater;
 
 /// Settings of a store, from the environment by default.
@@ -275,6 +275,42 @@ impl KvStore {
     /// on it): a caller whose request failed part way can still take a
     /// ticket on all of it, to know when pskv lets go of its memory.
     pub fn ticket(&self, keys: &[Key], tensors: &[Tensor]) -> Result<Ticket> {
+        self.ticket_with(keys, tensors, false)
+    }
+
+    /// As [`KvStore::ticket`], for a request whose tensors over the
+    /// caller's memory the caller keeps, to issue the same request again
+    /// (a persistent request). Once the ticket is done, the memory is the
+    /// caller's until its next request, and the tensors serve that request
+    /// as they are, except those that [`Ticket::spent`] names: pskv had to
+    /// let go of their memory (a message still shared it, or a result
+    /// landed elsewhere and was copied home); make each again with
+    /// [`Tensor::remade`] first. See "Kept tensors" in `ticket.rs`.
+    pub fn ticket_kept(&self, keys: &[Key], tensors: &[Tensor]) -> Result<Ticket> {
+        let plan = self.ticket_plan(keys, tensors)?;
+        self.ticket_for(&plan)
+    }
+
+    /// What [`KvStore::ticket_kept`] looks up of `keys` and `tensors`, made
+    /// once for a request issued again and again on the same tensors:
+    /// [`KvStore::ticket_for`] then takes a ticket without looking the
+    /// keys up again. Make a new plan when a ticket names spent tensors.
+    pub fn ticket_plan(&self, keys: &[Key], tensors: &[Tensor]) -> Result<TicketPlan> {
+        self.parts(keys, tensors, true).map(TicketPlan)
+    }
+
+    /// The ticket of the request just issued on `plan`'s keys and tensors
+    /// (as [`KvStore::ticket_kept`]).
+    pub fn ticket_for(&self, plan: &TicketPlan) -> Result<Ticket> {
+        Ticket::issue(&self.engine, plan.0.clone(), self.timeout)
+    }
+
+    fn ticket_with(&self, keys: &[Key], tensors: &[Tensor], kept: bool) -> Result<Ticket> {
+        let parts = self.parts(keys, tensors, kept)?;
+        Ticket::issue(&self.engine, parts, self.timeout)
+    }
+
+    fn parts(&self, keys: &[Key], tensors: &[Tensor], kept: bool) -> Result<Arc<Parts>> {
         let mut vars = Vec::with_capacity(keys.len());
         let mut settles = Vec::new();
         for k in keys {
@@ -288,14 +324,7 @@ impl KvStore {
         for t in tensors {
             t.check_engine(&self.engine)?;
         }
-        Ticket::issue(
-            &self.engine,
-            vars,
-            settles,
-            tensors,
-            keys.to_vec(),
-            self.timeout,
-        )
+        Ok(Parts::new(keys, vars, settles, tensors, kept))
     }
 
     /// Initializes a key with a value (its shape, dtype and storage are the

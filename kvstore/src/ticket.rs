@@ -21,6 +21,27 @@
 //!   every [`Home`] to be released, then copies any result home.
 //! - **Done.** The result is handed out once.
 //!
+//! # Kept tensors (persistent requests)
+//!
+//! A caller that issues the same request over the same memory again and
+//! again (the C ABI's persistent requests, MPI's `MPI_Send_init`) keeps its
+//! tensors between requests instead of making them per request. Its ticket
+//! ([`KvStore::ticket_kept`](crate::KvStore::ticket_kept)) cannot learn that
+//! pskv let go of the memory from the tensors' drop, so its settle op looks
+//! at each tensor over the caller's memory (it writes the tensor's var, so
+//! nothing else touches the data meanwhile):
+//!
+//! - the data is the caller's memory and its buffer is held by the tensor
+//!   alone (no message shares it, T2): nothing more to wait for; the
+//!   tensor serves the next request as it is (the usual case);
+//! - otherwise (a message in flight still shares the memory, or a result
+//!   landed in a buffer of pskv's): the op takes the buffer out of the
+//!   tensor (leaving an empty one), so the memory is released once the
+//!   message is dropped, and the ticket waits for that as for any home,
+//!   copies a landed result home, and names the tensor in
+//!   [`Ticket::spent`]: the caller makes it again over the same memory
+//!   ([`Tensor::remade`](crate::Tensor::remade)) before its next request.
+//!
 //! Orderings: the settle op stores its outcome under `Settled`'s mutex,
 //! then sets the `set` latch (Release); a waiter spins on it, then sleeps
 //! (Acquire: `pskv_engine::Latch`), and takes the outcome under the mutex.
@@ -45,25 +66,93 @@ struct Outcome {
     failure: Option<KvError>,
     /// Results to copy home once the home is released.
     landed: Vec<(Arc<Home>, Arc<Buf>)>,
+    /// Kept tensors whose memory the op let go of (by index), and their
+    /// homes, to wait for.
+    spent: Vec<(usize, Arc<Home>)>,
+}
+
+/// What every ticket of a request names: its keys, the keys' vars and
+/// counts of tickets not settled (see [`Ticket::issue`]), its tensors, and
+/// whether the caller keeps them. Made per request, or once for a request
+/// issued again and again ([`TicketPlan`]).
+pub(crate) struct Parts {
+    keys: Arc<[crate::key::Key]>,
+    key_vars: Vec<Var>,
+    settles: Vec<Arc<AtomicUsize>>,
+    tensors: Vec<Tensor>,
+    kept: bool,
+    /// How long a wait spins before it sleeps (zero for a large request).
+    spin: Duration,
+}
+
+impl Parts {
+    pub(crate) fn new(
+        keys: &[crate::key::Key],
+        key_vars: Vec<Var>,
+        settles: Vec<Arc<AtomicUsize>>,
+        tensors: &[Tensor],
+        kept: bool,
+    ) -> Arc<Parts> {
+        // A large request takes long anyway: a sleep's wake-up (tens of
+        // microseconds) is small beside it, and a spinning waiter would take
+        // a core from the copies that finish it.
+        let bytes: usize = tensors.iter().map(|t| t.len() * t.dtype().size()).sum();
+        let spin = if bytes <= SPIN_BYTES {
+            pskv_engine::spin_budget()
+        } else {
+            Duration::ZERO
+        };
+        Arc::new(Parts {
+            keys: keys.into(),
+            key_vars,
+            settles,
+            tensors: tensors.to_vec(),
+            kept,
+            spin,
+        })
+    }
+}
+
+/// The parts of a request whose tensors the caller keeps, made once
+/// ([`KvStore::ticket_plan`](crate::KvStore::ticket_plan)), for a ticket
+/// per issue of the request
+/// ([`KvStore::ticket_for`](crate::KvStore::ticket_for)): the keys are
+/// looked up once, not per ticket.
+#[derive(Clone)]
+pub struct TicketPlan(pub(crate) Arc<Parts>);
+
+impl std::fmt::Debug for TicketPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TicketPlan")
+            .field("keys", &self.0.keys.len())
+            .field("tensors", &self.0.tensors.len())
+            .finish()
+    }
 }
 
 /// Publishes a settle op's outcome, once: by the op, or, if the op never
 /// ran (an engine that stopped), by its drop, as a failure.
 struct Publish {
     settled: Arc<Settled>,
-    settles: Vec<Arc<AtomicUsize>>,
+    /// The request's parts, until published.
+    parts: Option<Arc<Parts>>,
 }
 
 impl Publish {
-    fn publish(&self, o: Outcome) {
+    fn publish(&mut self, o: Outcome) {
         let mut slot = self.settled.outcome.lock();
         if self.settled.set.is_set() {
             return;
         }
         *slot = Some(o);
-        // The keys' failures are taken: the next call may take new ones.
-        for c in &self.settles {
-            c.fetch_sub(1, Ordering::AcqRel);
+        if let Some(p) = self.parts.take() {
+            // The keys' failures are taken: the next call may take new ones.
+            for c in &p.settles {
+                c.fetch_sub(1, Ordering::AcqRel);
+            }
+            // Our hold on the tensors goes first, so that a waiter woken
+            // below finds the caller's memory released, not held by us.
+            drop(p);
         }
         // Under the lock: a second publish (the drop after the op's own)
         // sees it set and leaves the outcome alone.
@@ -78,6 +167,7 @@ impl Drop for Publish {
                 "the request's ops were dropped before they finished (the engine stopped)",
             )),
             landed: Vec::new(),
+            spent: Vec::new(),
         });
     }
 }
@@ -92,8 +182,9 @@ struct Settled {
 /// The completion of one request (see the module docs).
 pub struct Ticket {
     settled: Arc<Settled>,
-    /// The request's tensors, until settled.
-    keep: Vec<Tensor>,
+    /// The request's parts: until settled, unless the caller keeps the
+    /// tensors.
+    parts: Option<Arc<Parts>>,
     homes: Vec<Arc<Home>>,
     outcome: Option<Outcome>,
     /// Given out already.
@@ -101,8 +192,10 @@ pub struct Ticket {
     /// How long a wait spins before it sleeps (zero for a large request).
     spin: Duration,
     /// The request's keys (for messages; formatted only when needed).
-    keys: Vec<crate::key::Key>,
+    keys: Arc<[crate::key::Key]>,
     timeout: Duration,
+    /// The kept tensors the settle op let go of (see the module docs).
+    spent: Vec<usize>,
 }
 
 impl std::fmt::Debug for Ticket {
@@ -116,45 +209,64 @@ impl std::fmt::Debug for Ticket {
 }
 
 impl Ticket {
-    /// Pushes the settle op of a request whose ops write `key_vars` and
-    /// name `tensors` (see the module docs). `settles`: the keys' counts
-    /// of tickets not settled yet (a store that takes a key's failure at
-    /// its next call leaves it to them), counted up now and down when the
-    /// settle op has taken the failures.
-    pub(crate) fn issue(
-        engine: &Engine,
-        key_vars: Vec<Var>,
-        settles: Vec<Arc<AtomicUsize>>,
-        tensors: &[Tensor],
-        keys: Vec<crate::key::Key>,
-        timeout: Duration,
-    ) -> Result<Ticket> {
+    /// Pushes the settle op of a request whose ops write `parts.key_vars`
+    /// and name `parts.tensors` (see the module docs). `parts.settles`: the
+    /// keys' counts of tickets not settled yet (a store that takes a key's
+    /// failure at its next call leaves it to them), counted up now and
+    /// down when the settle op has taken the failures. With `parts.kept`,
+    /// the caller keeps the tensors for its next request over the same
+    /// memory (see "Kept tensors" in the module docs).
+    pub(crate) fn issue(engine: &Engine, parts: Arc<Parts>, timeout: Duration) -> Result<Ticket> {
         let settled = Arc::new(Settled::default());
         let spec = OpSpec::new("kvstore_request_settle")
             .property(Property::Async)
             .priority(i32::MAX)
-            .writes(&key_vars)
-            .writes(tensors.iter().map(Tensor::var));
-        for c in &settles {
+            .writes(&parts.key_vars)
+            .writes(parts.tensors.iter().map(Tensor::var));
+        for c in &parts.settles {
             c.fetch_add(1, Ordering::AcqRel);
         }
+        let kept = parts.kept;
+        let (keys, spin) = (parts.keys.clone(), parts.spin);
+        // Kept tensors stay the caller's: their homes are waited for only
+        // if the settle op lets go of them. Others are waited for all.
+        let homes = if kept {
+            Vec::new()
+        } else {
+            parts
+                .tensors
+                .iter()
+                .filter_map(|t| t.home().cloned())
+                .collect()
+        };
         // Publishes an outcome even if the closure never runs (the engine
         // stopped with the op queued) or unwinds, and counts the keys down.
-        let publish = Publish {
+        let mut publish = Publish {
             settled: settled.clone(),
-            settles,
+            parts: Some(parts.clone()),
         };
-        let ts = tensors.to_vec();
         let pushed = engine.push_settle(spec, move |rc| {
+            let p = publish.parts.as_ref().expect("not published yet");
             let mut failure = None;
-            for v in key_vars.iter().chain(ts.iter().map(Tensor::var)) {
+            for v in p.key_vars.iter().chain(p.tensors.iter().map(Tensor::var)) {
                 if let Some(f) = v.take_failure() {
                     failure.get_or_insert(KvError::Engine(EngineError::Op(f)));
                 }
             }
             let mut landed = Vec::new();
-            for t in &ts {
+            let mut spent = Vec::new();
+            for (i, t) in p.tensors.iter().enumerate() {
                 let Some(home) = t.home() else { continue };
+                if kept {
+                    match let_go_unless_alone(t, home, &rc, &mut landed) {
+                        Ok(true) => {}
+                        Ok(false) => spent.push((i, home.clone())),
+                        Err(e) => {
+                            failure.get_or_insert(e);
+                        }
+                    }
+                    continue;
+                }
                 match t.read(&rc) {
                     Ok(d) if !d.buf.is_home(home) => landed.push((home.clone(), d.buf.clone())),
                     Ok(_) => {}
@@ -163,10 +275,11 @@ impl Ticket {
                     }
                 }
             }
-            // Our clones go first, so that a waiter woken below finds the
-            // caller's memory released, not held by this closure.
-            drop(ts);
-            publish.publish(Outcome { failure, landed });
+            publish.publish(Outcome {
+                failure,
+                landed,
+                spent,
+            });
             Ok(())
         });
         if let Err(e) = pushed {
@@ -174,25 +287,26 @@ impl Ticket {
             // counted the keys down and published a failure.
             return Err(e.into());
         }
-        // A large request takes long anyway: a sleep's wake-up (tens of
-        // microseconds) is small beside it, and a spinning waiter would take
-        // a core from the copies that finish it.
-        let bytes: usize = tensors.iter().map(|t| t.len() * t.dtype().size()).sum();
-        let spin = if bytes <= SPIN_BYTES {
-            pskv_engine::spin_budget()
-        } else {
-            Duration::ZERO
-        };
         Ok(Ticket {
             spin,
             settled,
-            homes: tensors.iter().filter_map(|t| t.home().cloned()).collect(),
-            keep: tensors.to_vec(),
+            parts: Some(parts),
+            homes,
             outcome: None,
             done: false,
             keys,
             timeout,
+            spent: Vec::new(),
         })
+    }
+
+    /// The kept tensors (by index in the request's tensors) that the
+    /// settle op let go of: make each again
+    /// ([`Tensor::remade`](crate::Tensor::remade)) before the next request
+    /// uses it. Empty until the ticket is done, and for a ticket that does
+    /// not keep its tensors.
+    pub fn spent(&self) -> &[usize] {
+        &self.spent
     }
 
     /// What the request was ("the request on key 3", ...), for messages.
@@ -278,7 +392,16 @@ impl Ticket {
                 return false;
             }
             self.outcome = self.settled.outcome.lock().take();
-            self.keep.clear();
+            if !self.parts.as_ref().is_some_and(|p| p.kept) {
+                // Our hold on the tensors goes: their memory is waited for.
+                self.parts = None;
+            }
+            if let Some(o) = &mut self.outcome {
+                for (i, home) in o.spent.drain(..) {
+                    self.spent.push(i);
+                    self.homes.push(home);
+                }
+            }
         }
         // A transfer that held the memory usually lets go within
         // microseconds of the op's end.
@@ -298,6 +421,31 @@ impl Ticket {
         self.homes.clear();
         true
     }
+}
+
+/// A kept tensor's settle step (see "Kept tensors" in the module docs):
+/// true if its data is the caller's memory held by the tensor alone (it
+/// stays); otherwise the buffer is taken out of the tensor (a landed result
+/// goes to `landed` to be copied home) and false.
+fn let_go_unless_alone(
+    t: &Tensor,
+    home: &Arc<Home>,
+    rc: &pskv_engine::RunContext<'_>,
+    landed: &mut Vec<(Arc<Home>, Arc<Buf>)>,
+) -> Result<bool> {
+    let mut d = t.write(rc)?;
+    let at_home = d.buf.is_home(home);
+    // Subtle: `get_mut` is the uniqueness test with the orderings it needs
+    // (Acquire on the count): a message that shared the buffer and was
+    // dropped is seen as gone, with every read it made before.
+    if at_home && Arc::get_mut(&mut d.buf).is_some() {
+        return Ok(true);
+    }
+    let buf = std::mem::replace(&mut d.buf, Arc::new(Buf::zeroed(0)));
+    if !at_home {
+        landed.push((home.clone(), buf));
+    }
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -326,15 +474,8 @@ mod tests {
         .unwrap();
         let msg = rx.recv().unwrap();
         t.copy_from_slice(&[9.0f32; 4]).unwrap();
-        let mut ticket = Ticket::issue(
-            &e,
-            Vec::new(),
-            Vec::new(),
-            &[t],
-            Vec::new(),
-            Duration::from_secs(5),
-        )
-        .unwrap();
+        let parts = Parts::new(&[], Vec::new(), Vec::new(), &[t], false);
+        let mut ticket = Ticket::issue(&e, parts, Duration::from_secs(5)).unwrap();
         assert!(ticket.wait_for(Duration::from_millis(100)).is_err());
         assert!(!home.is_released());
         // The message still carries the old values.
@@ -342,5 +483,77 @@ mod tests {
         drop(msg);
         ticket.wait().unwrap();
         assert_eq!(v, [9.0; 4]);
+    }
+
+    /// Kept tensors: one held by the tensor alone stays (nothing spent);
+    /// one that a message shares is let go of, the ticket waits for the
+    /// message, and names it spent; a result that landed elsewhere is
+    /// copied home and its tensor named spent; a remade tensor serves again.
+    #[test]
+    fn a_kept_tensor_stays_unless_shared_and_a_spent_one_is_remade() {
+        let e = Engine::builder().cpu_threads(1).build().unwrap();
+        let issue = |ts: &[Tensor]| {
+            let parts = Parts::new(&[], Vec::new(), Vec::new(), ts, true);
+            Ticket::issue(&e, parts, Duration::from_secs(5)).unwrap()
+        };
+        let mut a = [1.0f32; 4];
+        let mut b = [2.0f32; 4];
+        let over = |v: &mut [f32; 4]| {
+            // SAFETY: each array is read only after its ticket is done.
+            unsafe { Tensor::from_host_ptr(&e, &[4], DType::F32, v.as_mut_ptr() as usize) }
+                .unwrap()
+                .0
+        };
+        let (ta, tb) = (over(&mut a), over(&mut b));
+
+        // Alone: done at once, nothing spent, the data still the caller's.
+        ta.copy_from_slice(&[3.0f32; 4]).unwrap();
+        let mut t = issue(&[ta.clone(), tb.clone()]);
+        t.wait().unwrap();
+        assert!(t.spent().is_empty());
+        assert_eq!(a, [3.0; 4]);
+
+        // A message shares `tb`'s memory: the ticket waits for it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tb2 = tb.clone();
+        e.push_sync(OpSpec::new("send").read(tb.var()), move |rc| {
+            tx.send(tb2.read(&rc).unwrap().share(0..16)).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        let msg = rx.recv().unwrap();
+        // And `ta` is written while a message shares it: the result lands
+        // in a buffer of pskv's.
+        let ta2 = ta.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        e.push_sync(OpSpec::new("send").read(ta.var()), move |rc| {
+            tx.send(ta2.read(&rc).unwrap().share(0..16)).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        let msg_a = rx.recv().unwrap();
+        ta.copy_from_slice(&[7.0f32; 4]).unwrap();
+        let mut t = issue(&[ta.clone(), tb.clone()]);
+        assert!(t.wait_for(Duration::from_millis(100)).is_err());
+        drop(msg);
+        assert!(t.wait_for(Duration::from_millis(100)).is_err());
+        drop(msg_a);
+        t.wait().unwrap();
+        assert_eq!(t.spent(), [0, 1]);
+        assert_eq!(a, [7.0; 4]);
+        assert_eq!(b, [2.0; 4]);
+
+        // Remade, they serve again, in place.
+        // SAFETY: as `over`.
+        let (ta, tb) = unsafe { (ta.remade().unwrap().unwrap(), tb.remade().unwrap().unwrap()) };
+        ta.copy_from_slice(&[5.0f32; 4]).unwrap();
+        tb.copy_from_slice(&[6.0f32; 4]).unwrap();
+        let mut t = issue(&[ta.clone(), tb.clone()]);
+        t.wait().unwrap();
+        assert!(t.spent().is_empty());
+        assert_eq!((a, b), ([5.0; 4], [6.0; 4]));
+        // A tensor of pskv's own memory has nothing to remake.
+        let own = Tensor::zeros(&e, &[1], DType::F32, pskv_engine::Context::Cpu).unwrap();
+        assert!(unsafe { own.remade() }.unwrap().is_none());
     }
 }

@@ -180,6 +180,74 @@ fn dist_requests_in_place_sum_over_workers() {
     }
 }
 
+/// Kept tensors (a persistent request): the same tensors over the same
+/// memory push-pulled round after round over two workers, remade when a
+/// ticket names them spent; every round's sums exact, in place.
+#[test]
+fn dist_kept_requests_sum_round_after_round() {
+    for van in [VanKind::Tcp, VanKind::Shm] {
+        let opts = Options {
+            timeout: Duration::from_secs(30),
+            bigarray_bound: 1000,
+            ..Options::default()
+        };
+        let got = cluster_van(2, 2, van).run("dist_sync", opts, move |kv, e| {
+            let sizes = [1usize, 1000, 40_000];
+            let keys: Vec<Key> = (0..sizes.len() as u32).map(Key::from).collect();
+            for (k, &n) in keys.iter().zip(&sizes) {
+                kv.init(
+                    k.clone(),
+                    &Tensor::zeros(e, &[n], DType::F32, Context::Cpu).unwrap(),
+                )
+                .unwrap();
+            }
+            let r = kv.rank() as f32 + 1.0;
+            let mut bufs: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+            let mut outs: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+            let mut ts: Vec<Tensor> = Vec::new();
+            for i in 0..sizes.len() {
+                ts.push(over(e, &mut bufs[i]));
+                ts.push(over(e, &mut outs[i]));
+            }
+            let mut wrong = Vec::new();
+            for round in 0..4 {
+                for b in bufs.iter_mut() {
+                    b.fill(r * (round + 1) as f32);
+                }
+                for (i, k) in keys.iter().enumerate() {
+                    kv.pushpull(
+                        k.clone(),
+                        std::slice::from_ref(&ts[2 * i]),
+                        std::slice::from_ref(&ts[2 * i + 1]),
+                        -(i as i32),
+                    )
+                    .unwrap();
+                }
+                let mut t = kv.ticket_kept(&keys, &ts).unwrap();
+                t.wait().unwrap();
+                for &i in t.spent() {
+                    // SAFETY: the memory stays valid and untouched until the
+                    // next ticket is done.
+                    ts[i] = unsafe { ts[i].remade() }.unwrap().unwrap();
+                }
+                let want = 3.0 * (round + 1) as f32;
+                for (i, o) in outs.iter().enumerate() {
+                    if o.iter().any(|&x| x != want) {
+                        wrong.push((round, i, o[0]));
+                    }
+                }
+            }
+            wrong
+        });
+        for (rank, wrong) in got.iter().enumerate() {
+            assert!(
+                wrong.is_empty(),
+                "{van:?} rank {rank}: (round, key, got) {wrong:?}"
+            );
+        }
+    }
+}
+
 /// A request that fails (a worker-side update rule refuses it), then at
 /// once another on the same key (one thread): the failure is the first's,
 /// reported on its ticket, and the second goes through.

@@ -16,6 +16,11 @@
 //!   inputs, no reads or writes of outputs) until `pskv_wait`,
 //!   `pskv_test` or `pskv_wait_all` reports the request done. A failed
 //!   request's error is reported there, once.
+//! - **Persistent requests** (`persistent.rs`, version 3):
+//!   `pskv_push_persistent`, `pskv_pull_persistent` and
+//!   `pskv_pushpull_persistent` make a request over a batch's buffers
+//!   once; `pskv_start` starts it each round and the same waits report
+//!   each start; `pskv_request_free` frees it.
 //! - **Blocking calls** (`blocking.rs`, version 1): `pskv_push` and
 //!   friends take float32 buffers and copy them: a push's input may be
 //!   reused when the call returns, a pull returns once `out` holds the
@@ -36,6 +41,7 @@
 mod blocking;
 mod buffer;
 mod handles;
+mod persistent;
 mod request;
 mod store;
 
@@ -48,12 +54,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 pub use blocking::*;
 pub use buffer::*;
+pub use persistent::*;
 pub use request::*;
 pub use store::*;
 
 /// The version of this interface: a program built against this header
 /// checks it against `pskv_abi_version()` at run time.
-pub const PSKV_ABI_VERSION: c_int = 2;
+pub const PSKV_ABI_VERSION: c_int = 3;
 
 /// Success.
 pub const PSKV_OK: c_int = 0;

@@ -1,29 +1,46 @@
 //! Requests (ABI version 2): push, pull, push-pull and row pulls of many
 //! keys at once on the caller's buffers in place, each returning a
 //! `pskv_request` that `pskv_wait`, `pskv_test` or `pskv_wait_all` reports;
-//! and `pskv_init_batch`.
+//! and `pskv_init_batch`. Persistent requests (version 3), made once and
+//! started many times, are in `persistent.rs`.
 //!
 //! A request's states: *issued* (its ops are on the engine; its buffers
 //! are the store's), then *done* once its ticket is (every op finished and
 //! pskv holds none of its memory: `kvstore::Ticket`), then *reported* by
 //! the one wait or test that returns its result, which frees the handle. A
 //! wait that times out leaves it issued.
+//!
+//! Tickets keep their tensors (`KvStore::ticket_kept`): the settle op
+//! checks that nothing else holds the caller's memory, so a ticket does
+//! not wait for the request's tensors to be dropped (a persistent request
+//! keeps them, and a batch that failed part way still holds its own while
+//! it waits for the part it issued).
 
 use std::ffi::c_int;
 use std::sync::{Mutex, OnceLock};
 
 use super::buffer::{place, PskvBuffer};
 use super::handles::Table;
+use super::persistent::Persistent;
 use super::store::{handle, PskvKvStore};
 use super::{arg, guard, key, kv_err, put, set_error, Failure, PSKV_OK};
-use crate::kvstore::{Key, KvError, KvStore, Tensor, Ticket};
+use crate::kvstore::{Key, KvError, KvStore, Tensor, Ticket, TicketPlan};
 
-/// An issued request (opaque to C: a handle is a token for one of these).
+/// A request (opaque to C: a handle is a token for one of these).
 pub struct PskvRequest {
-    ticket: Mutex<Ticket>,
+    state: Mutex<Req>,
 }
 
-fn requests() -> &'static Table<PskvRequest> {
+/// What a request handle names.
+pub(super) enum Req {
+    /// Issued by a `pskv_*_async` call: reported once, then freed.
+    Once(Ticket),
+    /// Made by a `pskv_*_persistent` call: started and reported many
+    /// times, freed by `pskv_request_free`.
+    Persistent(Persistent),
+}
+
+pub(super) fn requests() -> &'static Table<PskvRequest> {
     static REQUESTS: OnceLock<Table<PskvRequest>> = OnceLock::new();
     REQUESTS.get_or_init(|| Table::new("request", "a pskv_*_async call"))
 }
@@ -32,7 +49,7 @@ fn requests() -> &'static Table<PskvRequest> {
 ///
 /// # Safety
 /// `p` is null or points to `n` elements.
-unsafe fn items<'a, T>(p: *const T, n: usize, what: &str) -> Result<&'a [T], Failure> {
+pub(super) unsafe fn items<'a, T>(p: *const T, n: usize, what: &str) -> Result<&'a [T], Failure> {
     if n == 0 {
         return Ok(&[]);
     }
@@ -47,7 +64,7 @@ unsafe fn items<'a, T>(p: *const T, n: usize, what: &str) -> Result<&'a [T], Fai
 
 /// Names an argument in messages without a string made per call:
 /// `values[3]`.
-struct Arg(&'static str, usize);
+pub(super) struct Arg(pub(super) &'static str, pub(super) usize);
 
 impl std::fmt::Display for Arg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -56,11 +73,26 @@ impl std::fmt::Display for Arg {
 }
 
 /// One key of a batch: its buffers, placed, and its priority.
-struct Entry {
-    key: Key,
-    values: Vec<Tensor>,
-    outs: Vec<Tensor>,
-    priority: i32,
+pub(super) struct Entry {
+    pub(super) key: Key,
+    pub(super) values: Vec<Tensor>,
+    pub(super) outs: Vec<Tensor>,
+    pub(super) priority: i32,
+}
+
+/// How a batch's entries are issued (push, pull or push-pull).
+pub(super) type IssueFn = fn(&KvStore, &Entry) -> crate::kvstore::Result<()>;
+
+pub(super) fn issue_push(kv: &KvStore, e: &Entry) -> crate::kvstore::Result<()> {
+    kv.push(e.key.clone(), &e.values, e.priority)
+}
+
+pub(super) fn issue_pull(kv: &KvStore, e: &Entry) -> crate::kvstore::Result<()> {
+    kv.pull(e.key.clone(), &e.outs, e.priority)
+}
+
+pub(super) fn issue_pushpull(kv: &KvStore, e: &Entry) -> crate::kvstore::Result<()> {
+    kv.pushpull(e.key.clone(), &e.values, &e.outs, e.priority)
 }
 
 /// What `init` fixed for a key: its shape and dtype.
@@ -108,7 +140,7 @@ unsafe fn placed_for(
 /// # Safety
 /// The pointers are null or point to `n` items each; the buffers are as
 /// `pskv_buffer` describes.
-unsafe fn batch(
+pub(super) unsafe fn batch(
     kv: &KvStore,
     n: usize,
     keys: *const i64,
@@ -164,12 +196,53 @@ unsafe fn batch(
     Ok(out)
 }
 
-/// Issues each entry with `issue` and registers the request. If an entry
-/// fails to issue, the entries before it (and perhaps part of it) are in
-/// flight: the call waits for all of them, so that their buffers are the
-/// caller's again when it returns the error naming the key; if that wait
-/// times out, the buffers stay the store's until `pskv_free`, and the
-/// error says so.
+/// Issues each entry of `entries` with `issue`; the request's ticket
+/// (by `plan`, made for `entries`, or made from them when None). If
+/// an entry fails to issue, the entries before it (and perhaps part of it)
+/// are in flight: the call waits for all of them, so that their buffers
+/// are the caller's again when it returns the error naming the key; the
+/// ticket of that part comes back with the error (done, or in flight still
+/// if that wait timed out, which the error says).
+pub(super) fn issue_entries(
+    kv: &KvStore,
+    entries: &[Entry],
+    plan: Option<&TicketPlan>,
+    issue: impl Fn(&KvStore, &Entry) -> crate::kvstore::Result<()>,
+) -> Result<Ticket, (Failure, Option<Box<Ticket>>)> {
+    for (i, e) in entries.iter().enumerate() {
+        let Err(err) = issue(kv, e) else { continue };
+        let mut msg = format!("key {}: {err}", e.key);
+        let tried = &entries[..=i];
+        let code = kv_err(err).0;
+        return match ticket(kv, tried, None) {
+            Ok(mut t) => {
+                match t.wait() {
+                    Ok(()) if i > 0 => msg.push_str(&format!(
+                        " (the {i} key(s) before it in the batch were issued and are done)"
+                    )),
+                    Ok(()) => {}
+                    Err(KvError::Timeout { after, .. }) => msg.push_str(&format!(
+                        " (the batch's buffers were still in flight after {after:?}: they stay pskv's until the request is done)"
+                    )),
+                    Err(e) if i > 0 => msg.push_str(&format!(
+                        " (the {i} key(s) before it in the batch were issued, and failed: {e})"
+                    )),
+                    Err(_) => {}
+                }
+                Err(((code, msg), Some(Box::new(t))))
+            }
+            Err(e) => {
+                msg.push_str(&format!(" (and its ticket failed: {e})"));
+                Err(((code, msg), None))
+            }
+        };
+    }
+    ticket(kv, entries, plan).map_err(|e| (kv_err(e), None))
+}
+
+/// Issues a `pskv_*_async` batch and registers its request; a batch that
+/// failed part way, with its issued part still in flight at the timeout,
+/// leaves that part's ticket to the store until `pskv_free`.
 fn issue(
     h: &PskvKvStore,
     entries: Vec<Entry>,
@@ -179,44 +252,37 @@ fn issue(
     if out.is_null() {
         return Err(arg("request is a null pointer"));
     }
-    let kv = &h.kv;
-    let mut tried: Vec<&Entry> = Vec::with_capacity(entries.len());
-    for e in &entries {
-        tried.push(e);
-        if let Err(err) = issue(kv, e) {
-            let mut msg = format!("key {}: {err}", e.key);
-            let before = tried.len() - 1;
-            match ticket(kv, &tried) {
-                Ok(mut t) => match t.wait() {
-                    Ok(()) if before > 0 => msg.push_str(&format!(
-                        " (the {before} key(s) before it in the batch were issued and are done)"
-                    )),
-                    Ok(()) => {}
-                    Err(KvError::Timeout { after, .. }) => {
-                        msg.push_str(&format!(
-                            " (the batch's buffers were still in flight after {after:?}: they stay pskv's until pskv_free)"
-                        ));
-                        h.orphans.lock().unwrap_or_else(|p| p.into_inner()).push(t);
-                    }
-                    Err(e) if before > 0 => msg.push_str(&format!(
-                        " (the {before} key(s) before it in the batch were issued, and failed: {e})"
-                    )),
-                    Err(_) => {}
-                },
-                Err(e) => msg.push_str(&format!(" (and its ticket failed: {e})")),
+    match issue_entries(&h.kv, &entries, None, issue) {
+        Ok(t) => {
+            // SAFETY: `out` is not null (checked) and points to writable
+            // storage (the caller's contract).
+            unsafe { *out = requests().insert(PskvRequest::new(Req::Once(t))) };
+            Ok(())
+        }
+        Err((f, t)) => {
+            if let Some(mut t) = t {
+                if !t.is_done() {
+                    // In flight still: kept with the store until `pskv_free`.
+                    h.orphans.lock().unwrap_or_else(|p| p.into_inner()).push(*t);
+                }
             }
-            return Err((kv_err(err).0, msg));
+            Err(f)
         }
     }
-    let t = ticket(kv, &tried).map_err(kv_err)?;
-    // SAFETY: `out` is not null (checked) and points to writable storage
-    // (the caller's contract).
-    unsafe {
-        *out = requests().insert(PskvRequest {
-            ticket: Mutex::new(t),
-        })
-    };
-    Ok(())
+}
+
+impl PskvRequest {
+    pub(super) fn new(r: Req) -> PskvRequest {
+        PskvRequest {
+            state: Mutex::new(r),
+        }
+    }
+
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Req> {
+        // A panic under this lock leaves the request whole (its ticket or
+        // its persistent state): go on with it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A batch call: reads the batch (`n` keys and priorities), issues each
@@ -239,13 +305,31 @@ unsafe fn call(
     })
 }
 
-fn ticket(kv: &KvStore, entries: &[&Entry]) -> crate::kvstore::Result<Ticket> {
-    let keys: Vec<Key> = entries.iter().map(|e| e.key.clone()).collect();
-    let tensors: Vec<Tensor> = entries
+/// The tensors of `entries`, in the order a ticket takes them: each
+/// entry's values, then its outputs.
+pub(super) fn tensors_of(entries: &[Entry]) -> Vec<Tensor> {
+    entries
         .iter()
         .flat_map(|e| e.values.iter().chain(&e.outs).cloned())
-        .collect();
-    kv.ticket(&keys, &tensors)
+        .collect()
+}
+
+/// The ticket of `entries` (by `plan`, made for them, or from them when
+/// None): one that keeps its tensors (see the module docs).
+fn ticket(
+    kv: &KvStore,
+    entries: &[Entry],
+    plan: Option<&TicketPlan>,
+) -> crate::kvstore::Result<Ticket> {
+    match plan {
+        Some(p) => kv.ticket_for(p),
+        None => kv.ticket_kept(&keys_of(entries), &tensors_of(entries)),
+    }
+}
+
+/// The keys of `entries`, in order.
+pub(super) fn keys_of(entries: &[Entry]) -> Vec<Key> {
+    entries.iter().map(|e| e.key.clone()).collect()
 }
 
 /// Pushes `n` keys: `values[i]` to `keys[i]` at priority `priorities[i]`
@@ -267,9 +351,7 @@ pub unsafe extern "C" fn pskv_push_async(
     request: *mut *mut PskvRequest,
 ) -> c_int {
     let ks = (n, keys, priorities);
-    call(kv, ks, Some(values), None, request, |kv, e| {
-        kv.push(e.key.clone(), &e.values, e.priority)
-    })
+    call(kv, ks, Some(values), None, request, issue_push)
 }
 
 /// Pulls `n` keys: `keys[i]`'s value into `outs[i]`, after every push of
@@ -289,9 +371,7 @@ pub unsafe extern "C" fn pskv_pull_async(
     request: *mut *mut PskvRequest,
 ) -> c_int {
     let ks = (n, keys, priorities);
-    call(kv, ks, None, Some(outs), request, |kv, e| {
-        kv.pull(e.key.clone(), &e.outs, e.priority)
-    })
+    call(kv, ks, None, Some(outs), request, issue_pull)
 }
 
 /// Pushes `values[i]` to `keys[i]` and pulls the result into `outs[i]`
@@ -311,9 +391,7 @@ pub unsafe extern "C" fn pskv_pushpull_async(
     request: *mut *mut PskvRequest,
 ) -> c_int {
     let ks = (n, keys, priorities);
-    call(kv, ks, Some(values), Some(outs), request, |kv, e| {
-        kv.pushpull(e.key.clone(), &e.values, &e.outs, e.priority)
-    })
+    call(kv, ks, Some(values), Some(outs), request, issue_pushpull)
 }
 
 /// Pulls rows `row_ids[0..nrows]` (any order, repeats allowed) of `key`
@@ -403,13 +481,17 @@ pub unsafe extern "C" fn pskv_init_batch(
     })
 }
 
-/// Waits on one request; None when the wait timed out (it stays issued).
+/// Waits on one request; None when a test found it not done.
 fn wait_one(req: *mut PskvRequest, block: bool) -> Result<Option<Result<(), Failure>>, Failure> {
     let r = requests().get(req)?;
-    let mut t = match r.ticket.try_lock() {
-        Ok(t) => t,
+    let mut st = match r.state.try_lock() {
+        Ok(st) => st,
         Err(std::sync::TryLockError::WouldBlock) if !block => return Ok(None),
-        Err(_) => r.ticket.lock().unwrap_or_else(|p| p.into_inner()),
+        Err(_) => r.lock(),
+    };
+    let t = match &mut *st {
+        Req::Once(t) => t,
+        Req::Persistent(p) => return p.wait(block),
     };
     // Another thread's wait may have reported it while this one waited for
     // the lock: then its ticket says so at once (its result was taken) and
@@ -430,7 +512,10 @@ fn wait_one(req: *mut PskvRequest, block: bool) -> Result<Option<Result<(), Fail
 /// its error), once: the handle is freed then, and waiting again is an
 /// argument error. Waits at most `PSKV_KVSTORE_TIMEOUT`; a wait that gives
 /// up returns `PSKV_ERR_TIMEOUT` and leaves the request in flight (its
-/// buffers still the store's): wait again.
+/// buffers still the store's): wait again. A persistent request is
+/// reported the same way, once per start, and then is inactive, not freed
+/// (`pskv_start` it again, or `pskv_request_free` it); waiting for one not
+/// started is an argument error.
 ///
 /// # Safety
 /// Any value may be passed (handles are checked).

@@ -19,6 +19,9 @@ pub struct PskvKvStore {
     /// Tickets of batches that failed to issue and whose buffers were
     /// still in flight at the timeout: kept until the store is freed.
     pub(crate) orphans: std::sync::Mutex<Vec<crate::kvstore::Ticket>>,
+    /// Set by `pskv_free` (a persistent request, which holds the store,
+    /// refuses to start on a freed one).
+    pub(crate) freed: std::sync::atomic::AtomicBool,
 }
 
 /// The live stores, by token.
@@ -53,6 +56,7 @@ pub unsafe extern "C" fn pskv_create(kind: *const c_char, out: *mut *mut PskvKvS
             kv,
             _engine: engine,
             orphans: std::sync::Mutex::new(Vec::new()),
+            freed: std::sync::atomic::AtomicBool::new(false),
         });
         Ok(())
     })
@@ -70,7 +74,9 @@ pub unsafe extern "C" fn pskv_free(kv: *mut PskvKvStore) -> c_int {
         if kv.is_null() {
             return Ok(());
         }
-        stores().remove(kv)?.kv.close().map_err(kv_err)
+        let h = stores().remove(kv)?;
+        h.freed.store(true, std::sync::atomic::Ordering::Release);
+        h.kv.close().map_err(kv_err)
     })
 }
 

@@ -241,6 +241,24 @@ impl Tensor {
         self.inner.home.as_ref()
     }
 
+    /// A new tensor over the same host memory as this one (made by
+    /// [`Tensor::from_host_ptr`]), of its shape and dtype, with a var of
+    /// its own: for a kept tensor whose memory pskv let go of
+    /// ([`Ticket::spent`](crate::Ticket::spent)). None for a tensor not
+    /// made over the caller's memory.
+    ///
+    /// # Safety
+    /// As [`Tensor::from_host_ptr`]: the memory is still valid and left
+    /// alone until the new tensor's home is released or its ticket is done.
+    pub unsafe fn remade(&self) -> Result<Option<Tensor>> {
+        let Some(home) = self.home() else {
+            return Ok(None);
+        };
+        let (t, _home) =
+            Tensor::from_host_ptr(self.engine(), self.shape(), self.dtype(), home.addr())?;
+        Ok(Some(t))
+    }
+
     /// A dense tensor holding `values` (one copy).
     pub fn from_vec<T: Elem>(
         engine: &Engine,

@@ -1,8 +1,10 @@
 //! The C ABI called from Rust: each call, its errors, and never an abort.
 //! `blocking.rs` the version-1 calls, `requests.rs` the requests and the
-//! store's other calls; the helpers both use are here.
+//! store's other calls, `persistent.rs` the persistent requests; the
+//! helpers they use are here.
 
 mod blocking;
+mod persistent;
 mod requests;
 
 use super::*;

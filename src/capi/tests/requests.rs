@@ -505,6 +505,58 @@ fn gradient_compression_through_the_c_abi() {
     }
 }
 
+/// A batch whose second key fails to issue (compression of a float64
+/// key) after its first was issued: the call waits for the first (whose
+/// buffers are the caller's again when it returns) and says so, at once,
+/// not after the store's timeout.
+#[test]
+fn a_batch_that_fails_part_way_returns_once_the_issued_part_is_done() {
+    let kv = create(c"device");
+    unsafe {
+        let mut w0 = [0.0f32; 4];
+        let mut w1 = [0.0f64; 2];
+        let keys = [0i64, 1];
+        let inits = [f32s(&mut w0), host(&mut w1, PSKV_FLOAT64)];
+        assert_eq!(
+            pskv_init_batch(kv, 2, keys.as_ptr(), inits.as_ptr()),
+            PSKV_OK
+        );
+        assert_eq!(
+            pskv_set_gradient_compression(kv, c"type=2bit".as_ptr()),
+            PSKV_OK,
+            "{}",
+            last()
+        );
+        let mut g0 = [1.0f32; 4];
+        let mut g1 = [1.0f64; 2];
+        let gs = [f32s(&mut g0), host(&mut g1, PSKV_FLOAT64)];
+        let mut req: *mut PskvRequest = std::ptr::null_mut();
+        let start = std::time::Instant::now();
+        let rc = pskv_push_async(
+            kv,
+            2,
+            keys.as_ptr(),
+            gs.as_ptr(),
+            std::ptr::null(),
+            &mut req,
+        );
+        expect(
+            rc,
+            PSKV_ERR_KVSTORE,
+            &[
+                "key 1",
+                "the 1 key(s) before it in the batch were issued and are done",
+            ],
+        );
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "took {:?}",
+            start.elapsed()
+        );
+        assert_eq!(pskv_free(kv), PSKV_OK);
+    }
+}
+
 /// GPU buffers pass straight into requests, used in place (on the
 /// emulated device, whose device addresses are host addresses): a
 /// push-pull from one device's memory into another's.

@@ -1,0 +1,340 @@
+//! Persistent requests (ABI version 3): a push, pull or push-pull of a
+//! batch of keys over the same buffers, made once by a
+//! `pskv_*_persistent` call and started each round by `pskv_start` (MPI's
+//! `MPI_Send_init` and `MPI_Start`). The tensors over the caller's buffers,
+//! the keys' lookups and the checks of every buffer are done once, when the
+//! request is made, not at every start: a training loop that moves the
+//! same buffers every step pays for a start what the Rust API pays for a
+//! call on tensors made once.
+//!
+//! # States
+//!
+//! ```text
+//!            pskv_start                 pskv_wait / pskv_test (done)
+//!  INACTIVE ───────────► ACTIVE ──────────────────────────────────► INACTIVE
+//!     │                    │  └── a wait that times out: ACTIVE still
+//!     │ pskv_request_free  └── pskv_request_free: an error (wait first)
+//!     ▼
+//!   freed
+//! ```
+//!
+//! - INACTIVE: the buffers are the caller's (read or write them freely);
+//!   a wait or test is an argument error, as is a start of a request whose
+//!   store was freed (the request holds the store's memory, and its
+//!   tensors the engine's, until it is freed too).
+//! - ACTIVE: as a `pskv_*_async` request between its call and its report:
+//!   do not write its inputs, nor read or write its outputs.
+//! - A start that fails part way (a key refused when issued) waits for the
+//!   part it issued and leaves the request INACTIVE, returning the error;
+//!   if that part is still in flight at the timeout, the request stays
+//!   ACTIVE with it (the error says so): wait for it before the next start.
+//!
+//! The request's ticket keeps its tensors (`KvStore::ticket_kept`): when a
+//! ticket names some spent (pskv let go of their memory, see
+//! `kvstore/src/ticket.rs`), the report makes them again over the same
+//! memory before the request can be started again.
+
+use std::ffi::c_int;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::buffer::PskvBuffer;
+use super::request::{
+    batch, issue_entries, issue_pull, issue_push, issue_pushpull, items, keys_of, requests,
+    tensors_of, Entry, IssueFn, PskvRequest, Req,
+};
+use super::store::{handle, PskvKvStore};
+use super::{arg, guard, kv_err, set_error, Failure, PSKV_OK};
+use crate::kvstore::{KvError, Tensor, Ticket, TicketPlan};
+
+/// A persistent request's state (see the module docs).
+pub(super) struct Persistent {
+    /// The store (a start checks that it was not freed).
+    store: Arc<PskvKvStore>,
+    entries: Vec<Entry>,
+    /// The entries' tensors in the ticket's order (`tensors_of`), and where
+    /// each is in `entries`: (entry, is an output, index).
+    tensors: Vec<Tensor>,
+    places: Vec<(usize, bool, usize)>,
+    /// The keys looked up once for every start's ticket; None when tensors
+    /// were remade since (made again at the next start).
+    plan: Option<TicketPlan>,
+    how: IssueFn,
+    /// The ticket of the start not reported yet (ACTIVE).
+    active: Option<Ticket>,
+}
+
+impl Persistent {
+    fn new(
+        store: Arc<PskvKvStore>,
+        entries: Vec<Entry>,
+        how: IssueFn,
+        plan: TicketPlan,
+    ) -> Persistent {
+        let places = entries
+            .iter()
+            .enumerate()
+            .flat_map(|(i, e)| {
+                let vs = (0..e.values.len()).map(move |j| (i, false, j));
+                let os = (0..e.outs.len()).map(move |j| (i, true, j));
+                vs.chain(os)
+            })
+            .collect();
+        Persistent {
+            tensors: tensors_of(&entries),
+            places,
+            plan: Some(plan),
+            store,
+            entries,
+            how,
+            active: None,
+        }
+    }
+
+    fn start(&mut self) -> Result<(), Failure> {
+        if self.active.is_some() {
+            return Err(arg(
+                "the persistent request is started already: wait for it (pskv_wait, pskv_test) before starting it again",
+            ));
+        }
+        let h = &self.store;
+        if h.freed.load(Ordering::Acquire) {
+            return Err(arg(
+                "the persistent request's store was freed (pskv_free): free the request too",
+            ));
+        }
+        if self.plan.is_none() {
+            let keys = keys_of(&self.entries);
+            self.plan = Some(h.kv.ticket_plan(&keys, &self.tensors).map_err(kv_err)?);
+        }
+        let issued = issue_entries(&h.kv, &self.entries, self.plan.as_ref(), self.how);
+        match issued {
+            Ok(t) => {
+                self.active = Some(t);
+                Ok(())
+            }
+            Err((f, None)) => Err(f),
+            Err((f, Some(mut t))) => {
+                if t.is_done() {
+                    self.remake(t.spent())?;
+                } else {
+                    self.active = Some(*t);
+                }
+                Err(f)
+            }
+        }
+    }
+
+    /// Waits for the active start (a look only, unless `block`); None when
+    /// a look found it not done.
+    pub(super) fn wait(&mut self, block: bool) -> Result<Option<Result<(), Failure>>, Failure> {
+        let Some(t) = &mut self.active else {
+            return Err(arg(
+                "the persistent request is not started (pskv_start it first; each start is reported once)",
+            ));
+        };
+        if !block && !t.is_done() {
+            return Ok(None);
+        }
+        let res = match t.wait() {
+            Err(e @ KvError::Timeout { .. }) => return Err(kv_err(e)),
+            res => res.map_err(kv_err),
+        };
+        let t = self.active.take().expect("active");
+        self.remake(t.spent())?;
+        Ok(Some(res))
+    }
+
+    /// Makes the spent tensors again over the same memory.
+    fn remake(&mut self, spent: &[usize]) -> Result<(), Failure> {
+        if !spent.is_empty() {
+            // Names the old tensors: made again at the next start.
+            self.plan = None;
+        }
+        for &i in spent {
+            // SAFETY: the caller's memory stays valid until the request is
+            // freed (`pskv_*_persistent`'s contract); pskv let go of it.
+            let t = unsafe { self.tensors[i].remade() }
+                .map_err(kv_err)?
+                .ok_or_else(|| arg("internal: a spent tensor not over host memory"))?;
+            let (e, out, j) = self.places[i];
+            let e = &mut self.entries[e];
+            if out {
+                e.outs[j] = t.clone();
+            } else {
+                e.values[j] = t.clone();
+            }
+            self.tensors[i] = t;
+        }
+        Ok(())
+    }
+}
+
+/// Makes a persistent request of a batch (`n` keys, as `pskv_*_async`
+/// reads them) issued by `how`.
+///
+/// # Safety
+/// As `pskv_push_persistent`.
+unsafe fn make(
+    kv: *mut PskvKvStore,
+    (n, keys, priorities): (usize, *const i64, *const c_int),
+    values: Option<*const PskvBuffer>,
+    outs: Option<*const PskvBuffer>,
+    request: *mut *mut PskvRequest,
+    how: IssueFn,
+) -> c_int {
+    guard(|| {
+        if request.is_null() {
+            return Err(arg("request is a null pointer"));
+        }
+        let h = handle(kv)?;
+        let b = batch(&h.kv, n, keys, values, outs, priorities)?;
+        let plan =
+            h.kv.ticket_plan(&keys_of(&b), &tensors_of(&b))
+                .map_err(kv_err)?;
+        let p = Persistent::new(h, b, how, plan);
+        *request = requests().insert(PskvRequest::new(Req::Persistent(p)));
+        Ok(())
+    })
+}
+
+/// Makes a persistent push of `n` keys: `values[i]` to `keys[i]` at
+/// priority `priorities[i]` (null: 0 each), as `pskv_push_async` issues
+/// it, each time `pskv_start` starts it; writes the request to
+/// `*request`, inactive. The buffers are checked and recorded now; the
+/// values are read in place at each start: leave them alone from a start
+/// until its wait reports it. Free it with `pskv_request_free`.
+///
+/// # Safety
+/// `kv` is a live handle; `keys`, `values` and `priorities` (unless null)
+/// point to `n` items; each buffer is as `pskv_buffer` describes and stays
+/// valid until the request is freed; `request` points to writable storage.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_push_persistent(
+    kv: *mut PskvKvStore,
+    n: usize,
+    keys: *const i64,
+    values: *const PskvBuffer,
+    priorities: *const c_int,
+    request: *mut *mut PskvRequest,
+) -> c_int {
+    let ks = (n, keys, priorities);
+    make(kv, ks, Some(values), None, request, issue_push)
+}
+
+/// Makes a persistent pull of `n` keys into `outs`, as `pskv_pull_async`
+/// issues it, each time `pskv_start` starts it (see
+/// `pskv_push_persistent`).
+///
+/// # Safety
+/// As `pskv_push_persistent`, with `outs` for `values`.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_pull_persistent(
+    kv: *mut PskvKvStore,
+    n: usize,
+    keys: *const i64,
+    outs: *const PskvBuffer,
+    priorities: *const c_int,
+    request: *mut *mut PskvRequest,
+) -> c_int {
+    let ks = (n, keys, priorities);
+    make(kv, ks, None, Some(outs), request, issue_pull)
+}
+
+/// Makes a persistent push-pull of `n` keys, `values[i]` into `outs[i]`,
+/// as `pskv_pushpull_async` issues it, each time `pskv_start` starts it
+/// (see `pskv_push_persistent`).
+///
+/// # Safety
+/// As `pskv_push_persistent`, with `outs` as well.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_pushpull_persistent(
+    kv: *mut PskvKvStore,
+    n: usize,
+    keys: *const i64,
+    values: *const PskvBuffer,
+    outs: *const PskvBuffer,
+    priorities: *const c_int,
+    request: *mut *mut PskvRequest,
+) -> c_int {
+    let ks = (n, keys, priorities);
+    make(kv, ks, Some(values), Some(outs), request, issue_pushpull)
+}
+
+/// Starts a persistent request: issues its batch as its `pskv_*_async`
+/// call would, on the buffers it was made with. Report it with
+/// `pskv_wait`, `pskv_test` or `pskv_wait_all` before starting it again.
+/// A start that fails part way returns the error once the keys it issued
+/// are done, and the request is inactive again (unless they were still in
+/// flight at the timeout: then it stays started; the error says so).
+///
+/// # Safety
+/// Any value may be passed (handles are checked).
+#[no_mangle]
+pub unsafe extern "C" fn pskv_start(request: *mut PskvRequest) -> c_int {
+    guard(|| {
+        let r = requests().get(request)?;
+        let mut st = r.lock();
+        match &mut *st {
+            Req::Persistent(p) => p.start(),
+            Req::Once(_) => Err(arg(
+                "the request is not persistent (made by a pskv_*_async call, it started then); pskv_start takes requests of pskv_*_persistent",
+            )),
+        }
+    })
+}
+
+/// Starts `n` persistent requests, in order, as `pskv_start` each; stops
+/// at the first that fails and returns its error, naming it (the requests
+/// before it are started: report them).
+///
+/// # Safety
+/// `requests` points to `n` handles (any values).
+#[no_mangle]
+pub unsafe extern "C" fn pskv_start_all(n: usize, requests: *const *mut PskvRequest) -> c_int {
+    let reqs = match items(requests, n, "requests") {
+        Ok(r) => r,
+        Err(e) => return guard(|| Err(e)),
+    };
+    for (i, &r) in reqs.iter().enumerate() {
+        let code = pskv_start(r);
+        if code != PSKV_OK {
+            let msg = std::ffi::CStr::from_ptr(super::pskv_last_error())
+                .to_string_lossy()
+                .into_owned();
+            set_error(format!(
+                "request {i} of {n}: {msg} (the {i} before it were started)"
+            ));
+            return code;
+        }
+    }
+    PSKV_OK
+}
+
+/// Frees a persistent request that is not started (or whose start was
+/// reported). Freeing a started one is an argument error (wait for it
+/// first); a request of a `pskv_*_async` call is freed by the wait that
+/// reports it, not here. Null is accepted.
+///
+/// # Safety
+/// Any value may be passed (handles are checked).
+#[no_mangle]
+pub unsafe extern "C" fn pskv_request_free(request: *mut PskvRequest) -> c_int {
+    guard(|| {
+        if request.is_null() {
+            return Ok(());
+        }
+        let r = requests().get(request)?;
+        // Held across the removal: no start slips in between.
+        let st = r.lock();
+        match &*st {
+            Req::Once(_) => Err(arg(
+                "the request is not persistent: a request of a pskv_*_async call is freed by the wait that reports it",
+            )),
+            Req::Persistent(p) if p.active.is_some() => Err(arg(
+                "the persistent request is started: wait for it (pskv_wait, pskv_test) before freeing it",
+            )),
+            Req::Persistent(_) => requests().remove(request).map(drop),
+        }
+    })
+}
