@@ -10,11 +10,11 @@
 //! the one wait or test that returns its result, which frees the handle. A
 //! wait that times out leaves it issued.
 //!
-//! Tickets keep their tensors (`KvStore::ticket_kept`): the settle op
-//! checks that nothing else holds the caller's memory, so a ticket does
-//! not wait for the request's tensors to be dropped (a persistent request
-//! keeps them, and a batch that failed part way still holds its own while
-//! it waits for the part it issued).
+//! A request's ticket waits for its tensors to be dropped (the call drops
+//! them as it returns), except where the tensors stay: a persistent
+//! request's, and the one a batch that failed part way waits on while it
+//! still holds them; those keep their tensors (`KvStore::ticket_kept`: the
+//! settle op checks that nothing else holds the caller's memory).
 
 use std::ffi::c_int;
 use std::sync::{Mutex, OnceLock};
@@ -214,7 +214,8 @@ pub(super) fn issue_entries(
         let mut msg = format!("key {}: {err}", e.key);
         let tried = &entries[..=i];
         let code = kv_err(err).0;
-        return match ticket(kv, tried, None) {
+        // Kept: this call still holds the entries' tensors while it waits.
+        return match ticket(kv, tried, None, true) {
             Ok(mut t) => {
                 match t.wait() {
                     Ok(()) if i > 0 => msg.push_str(&format!(
@@ -237,7 +238,7 @@ pub(super) fn issue_entries(
             }
         };
     }
-    ticket(kv, entries, plan).map_err(|e| (kv_err(e), None))
+    ticket(kv, entries, plan, false).map_err(|e| (kv_err(e), None))
 }
 
 /// Issues a `pskv_*_async` batch and registers its request; a batch that
@@ -314,16 +315,20 @@ pub(super) fn tensors_of(entries: &[Entry]) -> Vec<Tensor> {
         .collect()
 }
 
-/// The ticket of `entries` (by `plan`, made for them, or from them when
-/// None): one that keeps its tensors (see the module docs).
+/// The ticket of `entries`: by `plan`, made for them (a persistent
+/// request's); else, with `kept`, one that keeps its tensors (see the
+/// module docs), else one that waits for them to be dropped (a
+/// `pskv_*_async` request's: its caller drops them as it returns).
 fn ticket(
     kv: &KvStore,
     entries: &[Entry],
     plan: Option<&TicketPlan>,
+    kept: bool,
 ) -> crate::kvstore::Result<Ticket> {
     match plan {
         Some(p) => kv.ticket_for(p),
-        None => kv.ticket_kept(&keys_of(entries), &tensors_of(entries)),
+        None if kept => kv.ticket_kept(&keys_of(entries), &tensors_of(entries)),
+        None => kv.ticket(&keys_of(entries), &tensors_of(entries)),
     }
 }
 
