@@ -162,12 +162,25 @@ impl Publish {
 
 impl Drop for Publish {
     fn drop(&mut self) {
+        // Subtle: kept tensors were not checked (the op never ran, or
+        // unwound): fail closed, every one over the caller's memory is
+        // spent, so the ticket waits for its memory to be let go (the
+        // tensors' drop) instead of handing it back unchecked.
+        let spent = match &self.parts {
+            Some(p) if p.kept => p
+                .tensors
+                .iter()
+                .enumerate()
+                .filter_map(|(i, t)| t.home().map(|h| (i, h.clone())))
+                .collect(),
+            _ => Vec::new(),
+        };
         self.publish(Outcome {
             failure: Some(KvError::invalid(
                 "the request's ops were dropped before they finished (the engine stopped)",
             )),
             landed: Vec::new(),
-            spent: Vec::new(),
+            spent,
         });
     }
 }
@@ -262,7 +275,11 @@ impl Ticket {
                         Ok(true) => {}
                         Ok(false) => spent.push((i, home.clone())),
                         Err(e) => {
+                            // Not checked (a guard of an earlier op still
+                            // lives, A3): fail closed, as spent: the ticket
+                            // waits for the memory to be let go.
                             failure.get_or_insert(e);
+                            spent.push((i, home.clone()));
                         }
                     }
                     continue;
@@ -303,8 +320,9 @@ impl Ticket {
     /// The kept tensors (by index in the request's tensors) that the
     /// settle op let go of: make each again
     /// ([`Tensor::remade`](crate::Tensor::remade)) before the next request
-    /// uses it. Empty until the ticket is done, and for a ticket that does
-    /// not keep its tensors.
+    /// uses it. Filled once the settle op's outcome is in (complete when
+    /// the ticket is done); empty for a ticket that does not keep its
+    /// tensors.
     pub fn spent(&self) -> &[usize] {
         &self.spent
     }

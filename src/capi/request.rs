@@ -201,14 +201,16 @@ pub(super) unsafe fn batch(
 /// an entry fails to issue, the entries before it (and perhaps part of it)
 /// are in flight: the call waits for all of them, so that their buffers
 /// are the caller's again when it returns the error naming the key; the
-/// ticket of that part comes back with the error (done, or in flight still
-/// if that wait timed out, which the error says).
+/// ticket of that part comes back with the error: done, or in flight still
+/// if that wait timed out (`Partial::in_flight`; then the error ends with
+/// `in_flight_note`, what the caller does with it).
 pub(super) fn issue_entries(
     kv: &KvStore,
     entries: &[Entry],
     plan: Option<&TicketPlan>,
+    in_flight_note: &str,
     issue: impl Fn(&KvStore, &Entry) -> crate::kvstore::Result<()>,
-) -> Result<Ticket, (Failure, Option<Box<Ticket>>)> {
+) -> Result<Ticket, (Failure, Option<Partial>)> {
     for (i, e) in entries.iter().enumerate() {
         let Err(err) = issue(kv, e) else { continue };
         let mut msg = format!("key {}: {err}", e.key);
@@ -217,20 +219,23 @@ pub(super) fn issue_entries(
         // Kept: this call still holds the entries' tensors while it waits.
         return match ticket(kv, tried, None, true) {
             Ok(mut t) => {
-                match t.wait() {
+                let waited = t.wait();
+                let in_flight = matches!(waited, Err(KvError::Timeout { .. }));
+                match waited {
                     Ok(()) if i > 0 => msg.push_str(&format!(
                         " (the {i} key(s) before it in the batch were issued and are done)"
                     )),
                     Ok(()) => {}
                     Err(KvError::Timeout { after, .. }) => msg.push_str(&format!(
-                        " (the batch's buffers were still in flight after {after:?}: they stay pskv's until the request is done)"
+                        " (the batch's buffers were still in flight after {after:?}: {in_flight_note})"
                     )),
                     Err(e) if i > 0 => msg.push_str(&format!(
                         " (the {i} key(s) before it in the batch were issued, and failed: {e})"
                     )),
                     Err(_) => {}
                 }
-                Err(((code, msg), Some(Box::new(t))))
+                let ticket = Box::new(t);
+                Err(((code, msg), Some(Partial { ticket, in_flight })))
             }
             Err(e) => {
                 msg.push_str(&format!(" (and its ticket failed: {e})"));
@@ -239,6 +244,13 @@ pub(super) fn issue_entries(
         };
     }
     ticket(kv, entries, plan, false).map_err(|e| (kv_err(e), None))
+}
+
+/// The ticket of the part of a batch issued before an entry failed.
+pub(super) struct Partial {
+    pub(super) ticket: Box<Ticket>,
+    /// Its wait timed out: it was still in flight.
+    pub(super) in_flight: bool,
 }
 
 /// Issues a `pskv_*_async` batch and registers its request; a batch that
@@ -253,19 +265,21 @@ fn issue(
     if out.is_null() {
         return Err(arg("request is a null pointer"));
     }
-    match issue_entries(&h.kv, &entries, None, issue) {
+    let note = "they stay pskv's until pskv_free";
+    match issue_entries(&h.kv, &entries, None, note, issue) {
         Ok(t) => {
             // SAFETY: `out` is not null (checked) and points to writable
             // storage (the caller's contract).
             unsafe { *out = requests().insert(PskvRequest::new(Req::Once(t))) };
             Ok(())
         }
-        Err((f, t)) => {
-            if let Some(mut t) = t {
-                if !t.is_done() {
-                    // In flight still: kept with the store until `pskv_free`.
-                    h.orphans.lock().unwrap_or_else(|p| p.into_inner()).push(*t);
-                }
+        Err((f, part)) => {
+            if let Some(p) = part.filter(|p| p.in_flight) {
+                // Kept with the store until `pskv_free`.
+                h.orphans
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(*p.ticket);
             }
             Err(f)
         }
