@@ -57,6 +57,11 @@ impl Meta {
 
     /// Checks a value given for the key (`what`: "push", "pull", ...).
     pub(crate) fn check(&self, key: &Key, t: &Tensor, what: &str) -> Result<()> {
+        if t.is_spent() {
+            return Err(KvError::invalid(format!(
+                "{what} of key {key}: a kept ticket let go of this tensor's memory (Ticket::spent); make the tensor again with Tensor::remade"
+            )));
+        }
         if t.dtype() != self.dtype || t.shape() != self.shape.as_slice() {
             return Err(KvError::mismatch(
                 key,

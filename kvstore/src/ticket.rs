@@ -460,6 +460,7 @@ fn let_go_unless_alone(
         return Ok(true);
     }
     let buf = std::mem::replace(&mut d.buf, Arc::new(Buf::zeroed(0)));
+    t.mark_spent();
     if !at_home {
         landed.push((home.clone(), buf));
     }
@@ -561,9 +562,29 @@ mod tests {
         assert_eq!(a, [7.0; 4]);
         assert_eq!(b, [2.0; 4]);
 
+        // Spent, a tensor is refused by the kvstore's calls, by name.
+        assert!(ta.is_spent() && tb.is_spent());
+        let kv = crate::KvStore::create("local", &e).unwrap();
+        kv.init(
+            0,
+            &Tensor::zeros(&e, &[4], DType::F32, pskv_engine::Context::Cpu).unwrap(),
+        )
+        .unwrap();
+        let err = kv
+            .push(0, std::slice::from_ref(&ta), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Tensor::remade"), "{err}");
+        let err = kv
+            .pull(0, std::slice::from_ref(&tb), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("let go of"), "{err}");
+
         // Remade, they serve again, in place.
         // SAFETY: as `over`.
         let (ta, tb) = unsafe { (ta.remade().unwrap().unwrap(), tb.remade().unwrap().unwrap()) };
+        assert!(!ta.is_spent());
         ta.copy_from_slice(&[5.0f32; 4]).unwrap();
         tb.copy_from_slice(&[6.0f32; 4]).unwrap();
         let mut t = issue(&[ta.clone(), tb.clone()]);

@@ -68,6 +68,9 @@ struct Inner {
     cell: Cell,
     /// The caller's memory the tensor was made over (`from_host_ptr`).
     home: Option<Arc<Home>>,
+    /// A kept ticket let go of that memory: the tensor holds none now
+    /// (`Ticket::spent`; set inside the settle op, which writes the var).
+    spent: std::sync::atomic::AtomicBool,
 }
 
 /// A tensor: a handle (cloning it gives another handle to the same data).
@@ -144,6 +147,7 @@ impl Tensor {
                 var: Var::new(),
                 cell: Cell::new(data),
                 home,
+                spent: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -239,6 +243,20 @@ impl Tensor {
     /// The caller's memory this tensor was made over, if any.
     pub(crate) fn home(&self) -> Option<&Arc<Home>> {
         self.inner.home.as_ref()
+    }
+
+    /// Marks the tensor spent (a kept ticket took its buffer out).
+    pub(crate) fn mark_spent(&self) {
+        self.inner
+            .spent
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a kept ticket let go of this tensor's memory
+    /// ([`Ticket::spent`](crate::Ticket::spent)): the kvstore's calls refuse
+    /// it; use [`Tensor::remade`] instead.
+    pub fn is_spent(&self) -> bool {
+        self.inner.spent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A new tensor over the same host memory as this one (made by
