@@ -275,7 +275,8 @@ impl KvStore {
     /// on it): a caller whose request failed part way can still take a
     /// ticket on all of it, to know when pskv lets go of its memory.
     pub fn ticket(&self, keys: &[Key], tensors: &[Tensor]) -> Result<Ticket> {
-        self.ticket_with(keys, tensors, false)
+        let parts = self.parts(keys, tensors, false)?;
+        Ticket::issue(&self.engine, parts, self.timeout)
     }
 
     /// As [`KvStore::ticket`], for a request whose tensors over the
@@ -303,11 +304,6 @@ impl KvStore {
     /// (as [`KvStore::ticket_kept`]).
     pub fn ticket_for(&self, plan: &TicketPlan) -> Result<Ticket> {
         Ticket::issue(&self.engine, plan.0.clone(), self.timeout)
-    }
-
-    fn ticket_with(&self, keys: &[Key], tensors: &[Tensor], kept: bool) -> Result<Ticket> {
-        let parts = self.parts(keys, tensors, kept)?;
-        Ticket::issue(&self.engine, parts, self.timeout)
     }
 
     fn parts(&self, keys: &[Key], tensors: &[Tensor], kept: bool) -> Result<Arc<Parts>> {

@@ -153,6 +153,12 @@ fn key(k: i64) -> Result<crate::kvstore::Key, Failure> {
     crate::kvstore::Key::int(k).map_err(kv_err)
 }
 
+/// The calling thread's last error message, as a Rust string (for calls
+/// that wrap another call's error).
+fn last_error_text() -> String {
+    LAST_ERROR.with(|e| e.borrow().to_string_lossy().into_owned())
+}
+
 /// The message of the calling thread's last error ("" if none). The pointer
 /// stays valid until this thread's next failing call.
 #[no_mangle]

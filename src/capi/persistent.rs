@@ -41,22 +41,18 @@ use std::sync::Arc;
 
 use super::buffer::PskvBuffer;
 use super::request::{
-    batch, issue_entries, issue_pull, issue_push, issue_pushpull, items, keys_of, requests,
+    batch, issue_entries, issue_pull, issue_push, issue_pushpull, items, keys_of, report, requests,
     tensors_of, Entry, IssueFn, PskvRequest, Req,
 };
 use super::store::{handle, PskvKvStore};
 use super::{arg, guard, kv_err, set_error, Failure, PSKV_OK};
-use crate::kvstore::{KvError, Tensor, Ticket, TicketPlan};
+use crate::kvstore::{Ticket, TicketPlan};
 
 /// A persistent request's state (see the module docs).
 pub(super) struct Persistent {
     /// The store (a start checks that it was not freed).
     store: Arc<PskvKvStore>,
     entries: Vec<Entry>,
-    /// The entries' tensors in the ticket's order (`tensors_of`), and where
-    /// each is in `entries`: (entry, is an output, index).
-    tensors: Vec<Tensor>,
-    places: Vec<(usize, bool, usize)>,
     /// The keys looked up once for every start's ticket; None when tensors
     /// were remade since (made again at the next start).
     plan: Option<TicketPlan>,
@@ -72,18 +68,7 @@ impl Persistent {
         how: IssueFn,
         plan: TicketPlan,
     ) -> Persistent {
-        let places = entries
-            .iter()
-            .enumerate()
-            .flat_map(|(i, e)| {
-                let vs = (0..e.values.len()).map(move |j| (i, false, j));
-                let os = (0..e.outs.len()).map(move |j| (i, true, j));
-                vs.chain(os)
-            })
-            .collect();
         Persistent {
-            tensors: tensors_of(&entries),
-            places,
             plan: Some(plan),
             store,
             entries,
@@ -105,8 +90,8 @@ impl Persistent {
             ));
         }
         if self.plan.is_none() {
-            let keys = keys_of(&self.entries);
-            self.plan = Some(h.kv.ticket_plan(&keys, &self.tensors).map_err(kv_err)?);
+            let (keys, tensors) = (keys_of(&self.entries), tensors_of(&self.entries));
+            self.plan = Some(h.kv.ticket_plan(&keys, &tensors).map_err(kv_err)?);
         }
         let note = "the request stays started: wait for it before starting it again";
         let issued = issue_entries(&h.kv, &self.entries, self.plan.as_ref(), note, self.how);
@@ -136,12 +121,8 @@ impl Persistent {
                 "the persistent request is not started (pskv_start it first; each start is reported once)",
             ));
         };
-        if !block && !t.is_done() {
+        let Some(res) = report(t, block)? else {
             return Ok(None);
-        }
-        let res = match t.wait() {
-            Err(e @ KvError::Timeout { .. }) => return Err(kv_err(e)),
-            res => res.map_err(kv_err),
         };
         let t = self.active.take().expect("active");
         // The request's own error first, then a remake's.
@@ -149,26 +130,24 @@ impl Persistent {
         Ok(Some(res.and(remade)))
     }
 
-    /// Makes the spent tensors again over the same memory.
+    /// Makes the spent tensors (by index in `tensors_of`'s order: each
+    /// entry's values, then its outputs) again over the same memory.
     fn remake(&mut self, spent: &[usize]) -> Result<(), Failure> {
-        if !spent.is_empty() {
-            // Names the old tensors: made again at the next start.
-            self.plan = None;
+        if spent.is_empty() {
+            return Ok(());
         }
-        for &i in spent {
+        // Names the old tensors: made again at the next start.
+        self.plan = None;
+        let all = self
+            .entries
+            .iter_mut()
+            .flat_map(|e| e.values.iter_mut().chain(e.outs.iter_mut()));
+        for (_, t) in all.enumerate().filter(|(i, _)| spent.contains(i)) {
             // SAFETY: the caller's memory stays valid until the request is
             // freed (`pskv_*_persistent`'s contract); pskv let go of it.
-            let t = unsafe { self.tensors[i].remade() }
+            *t = unsafe { t.remade() }
                 .map_err(kv_err)?
                 .ok_or_else(|| arg("internal: a spent tensor not over host memory"))?;
-            let (e, out, j) = self.places[i];
-            let e = &mut self.entries[e];
-            if out {
-                e.outs[j] = t.clone();
-            } else {
-                e.values[j] = t.clone();
-            }
-            self.tensors[i] = t;
         }
         Ok(())
     }
@@ -193,9 +172,8 @@ unsafe fn make(
         }
         let h = handle(kv)?;
         let b = batch(&h.kv, n, keys, values, outs, priorities)?;
-        let plan =
-            h.kv.ticket_plan(&keys_of(&b), &tensors_of(&b))
-                .map_err(kv_err)?;
+        let plan = h.kv.ticket_plan(&keys_of(&b), &tensors_of(&b));
+        let plan = plan.map_err(kv_err)?;
         let p = Persistent::new(h, b, how, plan);
         *request = requests().insert(PskvRequest::new(Req::Persistent(p)));
         Ok(())
@@ -303,9 +281,7 @@ pub unsafe extern "C" fn pskv_start_all(n: usize, requests: *const *mut PskvRequ
     for (i, &r) in reqs.iter().enumerate() {
         let code = pskv_start(r);
         if code != PSKV_OK {
-            let msg = std::ffi::CStr::from_ptr(super::pskv_last_error())
-                .to_string_lossy()
-                .into_owned();
+            let msg = super::last_error_text();
             set_error(format!(
                 "request {i} of {n}: {msg} (the {i} before it were started)"
             ));

@@ -515,16 +515,25 @@ fn wait_one(req: *mut PskvRequest, block: bool) -> Result<Option<Result<(), Fail
     // Another thread's wait may have reported it while this one waited for
     // the lock: then its ticket says so at once (its result was taken) and
     // the handle is gone, which `remove` below reports.
-    if !block && !t.is_done() {
+    let Some(res) = report(t, block)? else {
         return Ok(None);
-    }
-    let res = match t.wait() {
-        Err(e @ KvError::Timeout { .. }) => return Err(kv_err(e)),
-        res => res.map_err(kv_err),
     };
     // Reported: the handle goes.
     requests().remove(req)?;
     Ok(Some(res))
+}
+
+/// A ticket's result, waited for (a look only, unless `block`): None when
+/// a look found it not done; a wait that timed out is the error (the
+/// request stays in flight).
+pub(super) fn report(t: &mut Ticket, block: bool) -> Result<Option<Result<(), Failure>>, Failure> {
+    if !block && !t.is_done() {
+        return Ok(None);
+    }
+    match t.wait() {
+        Err(e @ KvError::Timeout { .. }) => Err(kv_err(e)),
+        res => Ok(Some(res.map_err(kv_err))),
+    }
 }
 
 /// Waits until `request` is done and returns its result (`PSKV_OK` or
@@ -594,9 +603,7 @@ pub unsafe extern "C" fn pskv_wait_all(
             *statuses.add(i) = code;
         }
         if code != PSKV_OK && first.is_none() {
-            let msg = std::ffi::CStr::from_ptr(super::pskv_last_error())
-                .to_string_lossy()
-                .into_owned();
+            let msg = super::last_error_text();
             first = Some((code, format!("request {i} of {n}: {msg}")));
         }
     }
