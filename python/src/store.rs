@@ -8,8 +8,10 @@ use half::f16;
 use pskv_engine::{Context, Engine};
 use pskv_kvstore::{Compression, DType, Key, KvStore, Optimizer, Tensor};
 use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::intern;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::sync::GILOnceCell;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple, PyType};
 
 use crate::array::{place, Placed};
 use crate::errors::{kv_err, PskvError};
@@ -17,8 +19,10 @@ use crate::request::{Inner, Request};
 
 /// A key from Python: an int (0 to 2**32-1) or a str.
 fn key_of(k: &Bound<'_, PyAny>) -> PyResult<Key> {
-    if let Ok(s) = k.extract::<String>() {
-        return Ok(Key::from(s));
+    // A str first by its type: an int key (the usual one) makes no failed
+    // extraction.
+    if let Ok(s) = k.downcast::<PyString>() {
+        return Ok(Key::from(s.to_cow()?.into_owned()));
     }
     let i: i64 = k.extract().map_err(|_| {
         PyTypeError::new_err(format!(
@@ -72,15 +76,44 @@ fn pairs<'py>(
     }
 }
 
-/// Whether `v` is a `pskv.RowSparse` (duck-typed: the Python class sets
-/// `_pskv_row_sparse`).
+/// Whether `v` is a `pskv.RowSparse` (or of a subclass). The class is
+/// looked up once: `hasattr` on every array of every call made (and
+/// dropped) an `AttributeError` per array, about a microsecond each.
 fn is_row_sparse(v: &Bound<'_, PyAny>) -> bool {
-    v.hasattr("_pskv_row_sparse").unwrap_or(false)
+    static CLASS: GILOnceCell<Option<Py<PyType>>> = GILOnceCell::new();
+    let py = v.py();
+    let class = CLASS.get_or_init(py, || {
+        let c = py
+            .import("pskv")
+            .and_then(|m| m.getattr("RowSparse"))
+            .ok()?;
+        c.downcast_into::<PyType>().ok().map(Bound::unbind)
+    });
+    match class {
+        Some(c) => v.is_instance(c.bind(py)).unwrap_or(false),
+        // `_pskv` without its package (not how it is installed): the
+        // class's marker.
+        None => v.hasattr(intern!(py, "_pskv_row_sparse")).unwrap_or(false),
+    }
+}
+
+/// What a call does with a key, for messages ("pushpull of key 3"),
+/// formatted only when a message needs it.
+struct Of<'a>(&'static str, &'a Key);
+
+impl std::fmt::Display for Of<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} of key {}", self.0, self.1)
+    }
 }
 
 /// A row-sparse value (`pskv.RowSparse`: shape, indices, data) as a
 /// tensor (a copy: its rows are gathered into pskv's memory).
-fn row_sparse_tensor(engine: &Engine, v: &Bound<'_, PyAny>, what: &str) -> PyResult<Tensor> {
+fn row_sparse_tensor(
+    engine: &Engine,
+    v: &Bound<'_, PyAny>,
+    what: &dyn std::fmt::Display,
+) -> PyResult<Tensor> {
     let py = v.py();
     let shape: Vec<usize> = v.getattr("shape")?.extract()?;
     let rows: Vec<i64> = v.getattr("indices")?.extract()?;
@@ -164,7 +197,7 @@ impl Store {
         &self,
         arrays: &[Bound<'_, PyAny>],
         writable: bool,
-        what: &str,
+        what: &dyn std::fmt::Display,
         keep: &mut Vec<PyObject>,
     ) -> PyResult<Vec<Tensor>> {
         arrays
@@ -305,7 +338,7 @@ impl Store {
                     vs.len()
                 )));
             }
-            let t = self.place_all(&vs, false, &format!("init of key {k}"), &mut batch.keep)?;
+            let t = self.place_all(&vs, false, &Of("init", &k), &mut batch.keep)?;
             all.push((k.clone(), t[0].clone()));
             batch.items.push((k, t, Vec::new()));
         }
@@ -326,7 +359,7 @@ impl Store {
     ) -> PyResult<Request> {
         let mut batch = Batch::default();
         for (k, vs) in pairs(key, value, "push")? {
-            let t = self.place_all(&vs, false, &format!("push of key {k}"), &mut batch.keep)?;
+            let t = self.place_all(&vs, false, &Of("push", &k), &mut batch.keep)?;
             batch.items.push((k, t, Vec::new()));
         }
         self.issue(py, batch, |kv, k, v, _| kv.push(k.clone(), v, priority))
@@ -347,7 +380,7 @@ impl Store {
             out.ok_or_else(|| PyValueError::new_err("pull needs out= (the arrays to fill)"))?;
         let mut batch = Batch::default();
         for (k, os) in pairs(key, out, "pull")? {
-            let t = self.place_all(&os, true, &format!("pull of key {k}"), &mut batch.keep)?;
+            let t = self.place_all(&os, true, &Of("pull", &k), &mut batch.keep)?;
             batch.items.push((k, Vec::new(), t));
         }
         self.issue(py, batch, |kv, k, _, o| kv.pull(k.clone(), o, priority))
@@ -371,7 +404,7 @@ impl Store {
             None => vals.clone(),
         };
         for ((k, vs), (_, os)) in vals.into_iter().zip(outs) {
-            let what = format!("pushpull of key {k}");
+            let what = Of("pushpull", &k);
             // Without `out` the values are the outputs too: writable.
             let v = self.place_all(&vs, out.is_none(), &what, &mut batch.keep)?;
             let o = if out.is_none() && vs.len() == 1 {
@@ -417,7 +450,7 @@ impl Store {
             .call_method0("tolist")?
             .extract()?;
         let k = key_of(key)?;
-        let what = format!("row_sparse_pull of key {k}");
+        let what = Of("row_sparse_pull", &k);
         let mut batch = Batch::default();
         let o = self
             .place_all(std::slice::from_ref(out), true, &what, &mut batch.keep)?

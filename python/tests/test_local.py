@@ -239,3 +239,36 @@ def test_done_polls_without_waiting(kv):
     while not r.done():
         pass
     r.wait()
+
+
+def test_numpy_arrays_of_every_dtype_and_shape_in_place(kv):
+    # numpy arrays are read through __array_struct__ (no dict per call);
+    # what that path does not decide falls back to __array_interface__.
+    for i, dt in enumerate([np.float32, np.float64, np.float16, np.int32, np.int64]):
+        kv.init(100 + i, np.zeros((2, 3), dt))
+        out = np.zeros((2, 3), dt)
+        kv.pushpull(100 + i, np.arange(6, dtype=dt).reshape(2, 3), out=out).wait()
+        assert (out == np.arange(6).reshape(2, 3)).all(), dt
+    # A 0-d array is one element; a Fortran-order one is not C order.
+    kv.init(200, np.zeros(1, np.float32))
+    scalar = np.array(7.0, np.float32)
+    kv.push(200, scalar).wait()
+    one = f32(1)
+    kv.pull(200, out=one).wait()
+    assert one[0] == 7.0
+    with pytest.raises(ValueError, match="contiguous"):
+        kv.pull(100, out=np.zeros((3, 2), np.float32).T)
+    with pytest.raises(ValueError, match="byte order"):
+        kv.push(100, np.zeros((2, 3), np.dtype(">f4" if np.little_endian else "<f4")))
+    with pytest.raises(TypeError, match="dtype"):
+        kv.push(100, np.zeros((2, 3), np.uint32))
+
+
+def test_a_row_sparse_value_is_told_from_an_array(kv):
+    kv.init(5, pskv.row_sparse(np.zeros((4, 2), np.float32)))
+    kv.push(5, pskv.RowSparse(np.ones((1, 2), np.float32), [2], (4, 2))).wait()
+    out = np.zeros((4, 2), np.float32)
+    kv.row_sparse_pull(5, out=out, row_ids=[0, 2]).wait()
+    assert (out[2] == 1).all() and (out[0] == 0).all()
+    with pytest.raises(TypeError, match="cannot be an output"):
+        kv.pull(5, out=pskv.row_sparse(np.zeros((4, 2), np.float32)))
