@@ -42,16 +42,19 @@
 //!   [`Ticket::spent`]: the caller makes it again over the same memory
 //!   ([`Tensor::remade`](crate::Tensor::remade)) before its next request.
 //!
-//! Orderings: the settle op stores its outcome under `Settled`'s mutex,
-//! then sets the `set` latch (Release); a waiter spins on it, then sleeps
-//! (Acquire: `pskv_engine::Latch`), and takes the outcome under the mutex.
-//! A home's release is a latch too (`tensor/buf.rs`).
+//! Orderings: the settle op (or, if it never ran, its drop) claims
+//! `Settled` (`claimed`, one swap: the first publisher wins), writes the
+//! outcome, then sets the `set` latch (Release); a waiter spins on it, then
+//! sleeps (Acquire: `pskv_engine::Latch`), and takes the outcome. No lock:
+//! the outcome has one writer (the claimer, before the latch) and one
+//! reader (the ticket, after it). A home's release is a latch too
+//! (`tensor/buf.rs`).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::UnsafeCell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use pskv_engine::{Engine, EngineError, Latch, OpSpec, Property, Var};
 
 use crate::error::{KvError, Result};
@@ -140,11 +143,14 @@ struct Publish {
 
 impl Publish {
     fn publish(&mut self, o: Outcome) {
-        let mut slot = self.settled.outcome.lock();
-        if self.settled.set.is_set() {
+        // A second publish (the drop after the op's own) finds it claimed
+        // and leaves the outcome alone.
+        if self.settled.claimed.swap(true, Ordering::AcqRel) {
             return;
         }
-        *slot = Some(o);
+        // SAFETY: the claim makes this the outcome's only writer, and its
+        // reader reads only after the latch below is set.
+        unsafe { *self.settled.outcome.get() = Some(o) };
         if let Some(p) = self.parts.take() {
             // The keys' failures are taken: the next call may take new ones.
             for c in &p.settles {
@@ -154,8 +160,6 @@ impl Publish {
             // below finds the caller's memory released, not held by us.
             drop(p);
         }
-        // Under the lock: a second publish (the drop after the op's own)
-        // sees it set and leaves the outcome alone.
         self.settled.set.set();
     }
 }
@@ -187,10 +191,19 @@ impl Drop for Publish {
 
 #[derive(Default)]
 struct Settled {
-    outcome: Mutex<Option<Outcome>>,
-    /// Set after `outcome` is (the latch's Release/Acquire orders them).
+    /// Written once by the claimer before `set`, read by the ticket after.
+    outcome: UnsafeCell<Option<Outcome>>,
+    /// Whether a publisher took the right to write `outcome`.
+    claimed: AtomicBool,
+    /// Set after `outcome` is written (the latch's Release/Acquire orders
+    /// them).
     set: Latch,
 }
+
+// SAFETY: `outcome` is written by one thread (the one that claimed it)
+// before `set` is set, and read only by the ticket after it sees `set`
+// (Acquire); nothing else touches it (module docs, "Orderings").
+unsafe impl Sync for Settled {}
 
 /// The completion of one request (see the module docs).
 pub struct Ticket {
@@ -204,8 +217,10 @@ pub struct Ticket {
     done: bool,
     /// How long a wait spins before it sleeps (zero for a large request).
     spin: Duration,
-    /// The request's keys (for messages; formatted only when needed).
-    keys: Arc<[crate::key::Key]>,
+    /// The request's keys (for messages; formatted only when needed),
+    /// when `parts` may go: a ticket that keeps its tensors keeps `parts`
+    /// and reads them there.
+    keys: Option<Arc<[crate::key::Key]>>,
     timeout: Duration,
     /// The kept tensors the settle op let go of (see the module docs).
     spent: Vec<usize>,
@@ -240,7 +255,7 @@ impl Ticket {
             c.fetch_add(1, Ordering::AcqRel);
         }
         let kept = parts.kept;
-        let (keys, spin) = (parts.keys.clone(), parts.spin);
+        let (keys, spin) = ((!kept).then(|| parts.keys.clone()), parts.spin);
         // Kept tensors stay the caller's: their homes are waited for only
         // if the settle op lets go of them. Others are waited for all.
         let homes = if kept {
@@ -329,7 +344,12 @@ impl Ticket {
 
     /// What the request was ("the request on key 3", ...), for messages.
     pub fn what(&self) -> String {
-        match &self.keys[..] {
+        let keys = match (&self.keys, &self.parts) {
+            (Some(k), _) => &k[..],
+            (None, Some(p)) => &p.keys[..],
+            (None, None) => &[],
+        };
+        match keys {
             [] => "the request".to_string(),
             [k] => format!("the request on key {k}"),
             ks if ks.len() <= 4 => format!(
@@ -409,7 +429,9 @@ impl Ticket {
             {
                 return false;
             }
-            self.outcome = self.settled.outcome.lock().take();
+            // SAFETY: the latch is set: the publisher wrote the outcome
+            // before and touches it no more; this ticket is its only reader.
+            self.outcome = unsafe { (*self.settled.outcome.get()).take() };
             if !self.parts.as_ref().is_some_and(|p| p.kept) {
                 // Our hold on the tensors goes: their memory is waited for.
                 self.parts = None;

@@ -255,7 +255,7 @@ pub unsafe extern "C" fn pskv_pushpull_persistent(
 #[no_mangle]
 pub unsafe extern "C" fn pskv_start(request: *mut PskvRequest) -> c_int {
     guard(|| {
-        let r = requests().get(request)?;
+        let r = requests().get_with(request, PskvRequest::cached)?;
         let mut st = r.lock();
         match &mut *st {
             Req::Persistent(p) => p.start(),
@@ -304,7 +304,7 @@ pub unsafe extern "C" fn pskv_request_free(request: *mut PskvRequest) -> c_int {
         if request.is_null() {
             return Ok(());
         }
-        let r = requests().get(request)?;
+        let r = requests().get_with(request, PskvRequest::cached)?;
         // Held across the removal: no start slips in between.
         let st = r.lock();
         match &*st {

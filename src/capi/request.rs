@@ -20,7 +20,7 @@ use std::ffi::c_int;
 use std::sync::{Mutex, OnceLock};
 
 use super::buffer::{place, PskvBuffer};
-use super::handles::Table;
+use super::handles::{Cache, Table};
 use super::persistent::Persistent;
 use super::store::{handle, PskvKvStore};
 use super::{arg, guard, key, kv_err, put, set_error, Failure, PSKV_OK};
@@ -29,6 +29,10 @@ use crate::kvstore::{Key, KvError, KvStore, Tensor, Ticket, TicketPlan};
 /// A request (opaque to C: a handle is a token for one of these).
 pub struct PskvRequest {
     state: Mutex<Req>,
+    /// Made by a `pskv_*_persistent` call (for good): its handle is looked
+    /// up again and again, so lookups keep it in the thread's cache (a
+    /// one-shot request's is looked up once).
+    persistent: bool,
 }
 
 /// What a request handle names.
@@ -42,7 +46,10 @@ pub(super) enum Req {
 
 pub(super) fn requests() -> &'static Table<PskvRequest> {
     static REQUESTS: OnceLock<Table<PskvRequest>> = OnceLock::new();
-    REQUESTS.get_or_init(|| Table::new("request", "a pskv_*_async call"))
+    thread_local! {
+        static REQUEST_CACHE: Cache<PskvRequest> = const { std::cell::RefCell::new(None) };
+    }
+    REQUESTS.get_or_init(|| Table::new("request", "a pskv_*_async call", &REQUEST_CACHE))
 }
 
 /// The `n` elements at `p` (none when `n` is 0; then `p` may be null).
@@ -289,8 +296,14 @@ fn issue(
 impl PskvRequest {
     pub(super) fn new(r: Req) -> PskvRequest {
         PskvRequest {
+            persistent: matches!(r, Req::Persistent(_)),
             state: Mutex::new(r),
         }
+    }
+
+    /// Whether lookups of its handle keep it in the thread's cache.
+    pub(super) fn cached(&self) -> bool {
+        self.persistent
     }
 
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Req> {
@@ -502,7 +515,7 @@ pub unsafe extern "C" fn pskv_init_batch(
 
 /// Waits on one request; None when a test found it not done.
 fn wait_one(req: *mut PskvRequest, block: bool) -> Result<Option<Result<(), Failure>>, Failure> {
-    let r = requests().get(req)?;
+    let r = requests().get_with(req, PskvRequest::cached)?;
     let mut st = match r.state.try_lock() {
         Ok(st) => st,
         Err(std::sync::TryLockError::WouldBlock) if !block => return Ok(None),

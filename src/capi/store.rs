@@ -6,7 +6,7 @@ use std::ffi::{c_char, c_int, c_void};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use super::handles::Table;
+use super::handles::{Cache, Table};
 use super::{arg, guard, kv_err, put, string, Failure, PskvBuffer, PSKV_ERR_KVSTORE};
 use crate::engine::Engine;
 use crate::kvstore::{Compression, KvStore, Optimizer};
@@ -27,7 +27,10 @@ pub struct PskvKvStore {
 /// The live stores, by token.
 fn stores() -> &'static Table<PskvKvStore> {
     static STORES: OnceLock<Table<PskvKvStore>> = OnceLock::new();
-    STORES.get_or_init(|| Table::new("kvstore", "pskv_create"))
+    thread_local! {
+        static STORE_CACHE: Cache<PskvKvStore> = const { std::cell::RefCell::new(None) };
+    }
+    STORES.get_or_init(|| Table::new("kvstore", "pskv_create", &STORE_CACHE))
 }
 
 /// The store behind a handle (kept alive for the call).
