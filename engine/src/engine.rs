@@ -220,7 +220,7 @@ impl Engine {
     where
         F: FnOnce(RunContext<'_>) + Send + 'static,
     {
-        let spec = OpSpec::new(core::internal_name("delete_var", var))
+        let spec = OpSpec::new(core::internal_name(self.core(), "delete_var", var))
             .write(var)
             .property(Property::DeleteVar);
         if var.mark_deleted() {
@@ -254,10 +254,10 @@ impl Engine {
         let core = self.core();
         if core.shutting_down.load(Ordering::Acquire) {
             return Err(EngineError::ShutDown {
-                op: core::internal_name("wait_for_var", var).into_owned(),
+                op: format!("wait_for_var({})", var.describe()),
             });
         }
-        let spec = OpSpec::new(core::internal_name("wait_for_var", var))
+        let spec = OpSpec::new(core::internal_name(core, "wait_for_var", var))
             .read(var)
             .property(Property::Async);
         let latch = latch.clone();
@@ -294,13 +294,14 @@ impl Engine {
     }
 
     fn wait_for_var_inner(&self, var: &Var, timeout: Option<Duration>) -> Result<(), EngineError> {
-        let start = Instant::now();
         let latch = Latch::new();
         self.push_wait(var, &latch)?;
         if !latch.wait(timeout) {
+            // Only a wait with a limit gives up, at that limit (no clock
+            // read per wait for the message's sake).
             return Err(EngineError::Timeout {
                 what: describe_pending(var),
-                after: start.elapsed(),
+                after: timeout.unwrap_or_default(),
             });
         }
         match var.take_failure() {
