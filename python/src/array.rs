@@ -230,7 +230,7 @@ fn place_struct(
     ))
 }
 
-/// What both numpy paths read of an array.
+/// What both numpy paths read of an array, and whether pskv writes it.
 struct PlaceArgs {
     addr: usize,
     readonly: bool,

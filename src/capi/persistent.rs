@@ -4,9 +4,9 @@
 //! `MPI_Send_init` and `MPI_Start`). The tensors over the caller's buffers,
 //! the keys' lookups and the checks of every buffer are done once, when the
 //! request is made, not at every start: a training loop that moves the
-//! same buffers every step pays less per start than per call: about 0.2 µs
+//! same buffers every step pays less per start than per call: about 0.3 µs
 //! more than the Rust API's call on tensors made once, where a
-//! `pskv_*_async` call costs 1 µs more (BENCHMARKS.md).
+//! `pskv_*_async` call costs 1.1 µs more (BENCHMARKS.md).
 //!
 //! # States
 //!
