@@ -3,10 +3,12 @@
 //! DLPack arrays used in place. Built by maturin (`pip install ./python`);
 //! `pskv/__init__.py` adds the pure-Python parts (RowSparse, waitall).
 //!
-//! Rooms: `store.rs` the `KVStore` class, `request.rs` a request in
+//! Rooms: `store.rs` the `KVStore` class, `args.rs` its calls' arguments
+//! (keys, key/value lists, row-sparse values), `request.rs` a request in
 //! flight, `array.rs` arrays as tensors over their memory, `view.rs`
 //! numpy views for a Python updater, `errors.rs` the exceptions.
 
+mod args;
 mod array;
 mod errors;
 mod request;
