@@ -1,10 +1,14 @@
 //! The TCP van: one connection per peer pair.
 //!
 //! Receive: a 64 KiB read buffer serves small frames (several per read
-//! call); a frame whose body does not fit gets a buffer of exactly its size,
-//! into which the rest is read straight from the socket, so a large payload
-//! is received into one buffer with no further copy. The header's lengths
-//! are checked against the limits before that buffer is allocated.
+//! call); a frame whose body does not fit gets a buffer of its own, into
+//! which the rest is read straight from the socket, so a large payload is
+//! received into one buffer with no further copy. The header's lengths
+//! are checked against the limits before that buffer is allocated. A read
+//! takes at most `READ_AHEAD` bytes beyond what the frame being read
+//! still lacks: what it brings of the next frame's large payload is
+//! copied once more (into that frame's buffer or landing), so it is kept
+//! small, while a read still brings dozens of small frames.
 //!
 //! Send: when the link is idle, the calling thread writes the frame itself
 //! (a non-blocking vectored write; see `link` for the hand-off when the
@@ -12,12 +16,9 @@
 //! link's priority queue. Either way each frame's head and payload go out
 //! with vectored writes: the payload is never copied into a send buffer.
 //!
-//! Receive buffers of large bodies are reused: the reader keeps the
-//! allocations of its last large bodies (at most `SPARE_BIG` of them and
-//! `SPARE_BYTES` in all), and the first of them that the application has
-//! dropped every frame of takes the next large body (no fresh pages to
-//! fault in per message, also when a server holds several pushes until
-//! their round is complete).
+//! Large bodies are read into buffers that come back when the frame is
+//! dropped (`spares`): a server holding a round's pushes, or a worker its
+//! answers, faults in no fresh pages per message.
 //!
 //! An answer of at least `LAND_BYTES` whose request gave a [`Landing`]
 //! skips the receive buffer: after its keys and meta, its payload is read
@@ -44,6 +45,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+mod spares;
+
 use super::{end, FrameSink, Half, Start, Van, VanError};
 use crate::landing::Landing;
 use crate::link::{Link, Work};
@@ -62,10 +65,8 @@ const MARK_PATIENCE: Duration = Duration::from_millis(50);
 
 /// Read-buffer size for small frames.
 const READ_CHUNK: usize = 64 * 1024;
-/// Allocations of large bodies kept for reuse, and their most bytes in
-/// all (per link).
-const SPARE_BIG: usize = 8;
-const SPARE_BYTES: usize = 64 << 20;
+/// Most bytes a read takes past the frame being read (module docs).
+const READ_AHEAD: usize = 8 * 1024;
 /// Answers with at least this many payload bytes look for a landing (a
 /// smaller one is copied out of the read buffer at little cost, and the
 /// lookup takes a lock).
@@ -105,9 +106,6 @@ impl std::fmt::Display for ReadError {
 pub(crate) struct FrameReader<R> {
     rd: R,
     buf: BytesMut,
-    /// Where large bodies were received, the oldest first, with their
-    /// sizes (each reclaimed once its bodies are dropped).
-    big: Vec<(BytesMut, usize)>,
     limits: Limits,
     /// The TCP socket `rd` reads, whose receive low-water mark a large
     /// body's read raises (None: the handshake's reader, tests' streams,
@@ -128,7 +126,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             rd,
             buf: BytesMut::with_capacity(start),
-            big: Vec::new(),
             limits,
             socket: None,
         }
@@ -155,27 +152,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.socket = None;
     }
 
-    /// Reads into `big`, at most `want` bytes, with the mark raised to
-    /// `want` (module docs).
-    async fn read_raised(&mut self, big: &mut BytesMut, want: usize) -> std::io::Result<usize> {
-        loop {
-            if self.socket.is_none() {
-                return (&mut self.rd).take(want as u64).read_buf(big).await;
-            }
-            self.set_mark(want);
-            // Subtle: cancel-safe (a read cancelled before it completes
-            // took no bytes).
-            let mut rd = (&mut self.rd).take(want as u64);
-            match tokio::time::timeout(MARK_PATIENCE, rd.read_buf(big)).await {
-                Ok(r) => return r,
-                Err(_) => self.give_up_low_water(),
-            }
-        }
-    }
-
     /// Reads into `dst` with the mark raised to its length (module docs).
-    /// (The twin of `read_raised`: one function generic over an async
-    /// closure leaves the reader's task unable to prove it is `Send`.)
     async fn read_raised_into(&mut self, dst: &mut [u8]) -> std::io::Result<usize> {
         loop {
             if self.socket.is_none() {
@@ -194,7 +171,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
                 self.buf.reserve(READ_CHUNK);
             }
-            match self.rd.read_buf(&mut self.buf).await {
+            let most = need - self.buf.len() + READ_AHEAD;
+            match (&mut self.rd)
+                .take(most as u64)
+                .read_buf(&mut self.buf)
+                .await
+            {
                 Ok(0) if self.buf.is_empty() => return Err(ReadError::Eof),
                 Ok(0) => return Err(ReadError::mid_frame()),
                 Ok(_) => {}
@@ -248,51 +230,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             self.fill(need).await?;
             self.buf.split_to(need).freeze()
         } else {
-            // A large body: one buffer of its size (a dropped one's, if
+            // A large body: a buffer of its own (a dropped one's, if
             // any); what is already buffered is copied in, the rest is read
             // straight into it.
-            let mut big = self.take_big(need);
-            big.extend_from_slice(&self.buf);
+            let mut big = spares::take(need);
+            let mut at = self.buf.len();
+            big[..at].copy_from_slice(&self.buf);
             self.buf.clear();
-            while big.len() < need {
-                let want = need - big.len();
-                match self.read_raised(&mut big, want).await {
+            while at < need {
+                match self.read_raised_into(&mut big[at..need]).await {
                     Ok(0) => return Err(ReadError::mid_frame()),
-                    Ok(_) => {}
+                    Ok(n) => at += n,
                     Err(e) => return Err(ReadError::Io(e.to_string())),
                 }
             }
             self.set_mark(1);
-            let size = big.capacity();
-            let body = big.split_to(need).freeze();
-            // The rest still owns the allocation: reclaimed once `body` and
-            // its slices are dropped.
-            self.keep_big(big, size);
-            body
+            spares::freeze(big, need)
         };
         decode_body(h, body).map_err(ReadError::Wire)
-    }
-
-    /// An empty buffer for `need` bytes: the oldest kept allocation that is
-    /// free again and large enough, or a new one.
-    fn take_big(&mut self, need: usize) -> BytesMut {
-        if let Some(i) = self.big.iter_mut().position(|(b, _)| {
-            b.clear();
-            b.try_reclaim(need)
-        }) {
-            return self.big.remove(i).0;
-        }
-        BytesMut::with_capacity(need)
-    }
-
-    /// Keeps an allocation of `size` bytes, dropping the oldest
-    /// kept ones beyond the bounds.
-    fn keep_big(&mut self, rest: BytesMut, size: usize) {
-        self.big.push((rest, size));
-        let mut total: usize = self.big.iter().map(|(_, n)| n).sum();
-        while self.big.len() > 1 && (self.big.len() > SPARE_BIG || total > SPARE_BYTES) {
-            total -= self.big.remove(0).1;
-        }
     }
 
     /// Reads an answer's keys and meta, then its payload into `dst`.
@@ -645,6 +600,30 @@ mod tests {
             assert_eq!(low_water_of(fd), 1, "after frame {tag}");
         }
         drop(writer.await.unwrap());
+    }
+
+    /// A small frame's read takes at most `READ_AHEAD` bytes of the large
+    /// frame behind it (the rest is read into the large body's own
+    /// buffer, not copied out of the small-frame buffer), and both arrive
+    /// whole.
+    #[tokio::test]
+    async fn a_read_takes_little_of_the_next_frame() {
+        let (mut client, mut reader, _fd, _wr) = connected().await;
+        let mut both = frame(10, 3).encode().to_vec();
+        both.extend_from_slice(&frame(1 << 20, 4).encode());
+        client.write_all(&both).await.unwrap();
+        // Let all of it reach the server's socket before the first read.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let small = reader.read().await.unwrap();
+        assert_eq!(&small.payload[..], &[3u8; 10][..]);
+        assert!(
+            reader.buf.len() <= READ_AHEAD,
+            "{} bytes of the next frame were read ahead",
+            reader.buf.len()
+        );
+        let large = reader.read().await.unwrap();
+        assert_eq!(large.payload.len(), 1 << 20);
+        assert!(large.payload.iter().all(|&b| b == 4));
     }
 
     /// A raised read that waits longer than `MARK_PATIENCE` (here: the
