@@ -8,7 +8,8 @@
 //! takes at most `READ_AHEAD` bytes beyond what the frame being read
 //! still lacks: what it brings of the next frame's large payload is
 //! copied once more (into that frame's buffer or landing), so it is kept
-//! small, while a read still brings dozens of small frames.
+//! small, while a read still brings dozens of small frames (a body of 8 to
+//! 64 KiB then takes a second read call).
 //!
 //! Send: when the link is idle, the calling thread writes the frame itself
 //! (a non-blocking vectored write; see `link` for the hand-off when the
@@ -115,9 +116,10 @@ pub(crate) struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn new(rd: R, limits: Limits) -> Self {
-        // A handshake's frames are small: its buffer starts small too (a
-        // flood of connections that never finish one then costs little),
-        // and grows by READ_CHUNK once data flows.
+        // A handshake's frames are small: its buffer starts small and grows
+        // by 1 KiB at a time (a flood of connections that never finish one
+        // then costs little); after the handshake (`with_limits`) it grows
+        // by READ_CHUNK.
         let start = if limits.max_payload == Limits::HANDSHAKE.max_payload {
             1024
         } else {
@@ -167,9 +169,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     async fn fill(&mut self, need: usize) -> Result<(), ReadError> {
+        // A handshake's reader grows its buffer by 1 KiB at a time (its
+        // frames are small; module docs of `new`).
+        let chunk = if self.limits.max_payload == Limits::HANDSHAKE.max_payload {
+            1024
+        } else {
+            READ_CHUNK
+        };
         while self.buf.len() < need {
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-                self.buf.reserve(READ_CHUNK);
+            if self.buf.capacity() - self.buf.len() < chunk / 4 {
+                self.buf.reserve(chunk);
             }
             let most = need - self.buf.len() + READ_AHEAD;
             match (&mut self.rd)
@@ -611,8 +620,12 @@ mod tests {
         let (mut client, mut reader, _fd, _wr) = connected().await;
         let mut both = frame(10, 3).encode().to_vec();
         both.extend_from_slice(&frame(1 << 20, 4).encode());
-        client.write_all(&both).await.unwrap();
-        // Let all of it reach the server's socket before the first read.
+        let writer = tokio::spawn(async move {
+            client.write_all(&both).await.unwrap();
+            client
+        });
+        // Let the socket fill before the first read (a test that waits too
+        // little passes without checking, it cannot fail wrongly).
         tokio::time::sleep(Duration::from_millis(50)).await;
         let small = reader.read().await.unwrap();
         assert_eq!(&small.payload[..], &[3u8; 10][..]);
@@ -624,6 +637,30 @@ mod tests {
         let large = reader.read().await.unwrap();
         assert_eq!(large.payload.len(), 1 << 20);
         assert!(large.payload.iter().all(|&b| b == 4));
+        drop(writer.await.unwrap());
+    }
+
+    /// A large body read into a buffer that a longer, dropped one used
+    /// holds its own bytes only, at its own length.
+    #[tokio::test]
+    async fn a_recycled_buffer_carries_the_next_body_whole() {
+        let (mut client, mut reader, _fd, _wr) = connected().await;
+        let writer = tokio::spawn(async move {
+            for (n, tag) in [(3 << 20, 1u8), (2 << 20, 2), (2 << 20, 3)] {
+                write_frame(&mut client, &frame(n, tag)).await.unwrap();
+            }
+            client
+        });
+        for (n, tag) in [(3 << 20, 1u8), (2 << 20, 2), (2 << 20, 3)] {
+            let f = tokio::time::timeout(Duration::from_secs(10), reader.read())
+                .await
+                .unwrap_or_else(|_| panic!("frame {tag} did not arrive"))
+                .unwrap();
+            assert_eq!(f.payload.len(), n, "frame {tag}");
+            assert!(f.payload.iter().all(|&b| b == tag), "frame {tag}");
+            // Dropped here: the next frame may be read into its buffer.
+        }
+        drop(writer.await.unwrap());
     }
 
     /// A raised read that waits longer than `MARK_PATIENCE` (here: the

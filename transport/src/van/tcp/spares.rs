@@ -5,13 +5,16 @@
 //! [`Spare`]). When the last of them drops (a server has summed the push,
 //! a worker is done with an answer), the buffer comes back to this
 //! process-wide free list, and a later large body, on any link, is read
-//! into it: no fresh pages to fault in and zero per message.
+//! into it: once the list holds a fitting buffer, no fresh pages to fault
+//! in and zero per message.
 //!
 //! # States and invariants
 //!
 //! A buffer is either *in use* (inside a [`Spare`]) or *free* (in the
 //! list, by length). [`take`] gives the smallest free buffer at least as
-//! long as the body (best fit), or on a miss a new one. The free ones stay
+//! long as the body and at most twice as long (best fit; a longer one
+//! would hold idle memory for as long as the frame lives), or on a miss a
+//! new one. The free ones stay
 //! within [`SPARE_BUFS`] and [`SPARE_BYTES`]: a returned buffer that
 //! passes them drops the shortest free ones (the least useful: any body
 //! they fit, a longer one fits too), or itself if it alone is longer than
@@ -19,6 +22,11 @@
 //! every miss, to keep no more buffers than were ever in use at once: with
 //! the mix of sizes a server holds, that faulted in 2 to 4 MB of fresh
 //! pages per round of the model with 4 workers and 2 servers.)
+//!
+//! Memory: the free buffers stay resident for the life of the process,
+//! also after every link has closed (at most `SPARE_BYTES`; about the
+//! largest set of large bodies that were in use at once, since a buffer is
+//! made only when none free fits).
 //!
 //! The lock is held to take or return one buffer: a lookup in a map
 //! ordered by length. Buffers are made and freed outside it.
@@ -78,9 +86,10 @@ impl Free {
         b
     }
 
-    /// The best fit for `need`, removed; None on a miss.
+    /// The best fit for `need` (at most twice as long), removed; None on
+    /// a miss.
     fn take(&mut self, need: usize) -> Option<Box<[u8]>> {
-        let (&len, _) = self.bufs.range(need..).next()?;
+        let (&len, _) = self.bufs.range(need..=need.saturating_mul(2)).next()?;
         Some(self.remove(len))
     }
 
@@ -191,6 +200,18 @@ mod tests {
         let fit = take_from(h, 900);
         assert_eq!((fit.as_ptr(), fit.len()), (at, 1000));
         assert_eq!(lens(h), [200, 5000]);
+    }
+
+    /// A free buffer more than twice as long as the body is left for a
+    /// longer one.
+    #[test]
+    fn a_body_takes_no_buffer_over_twice_its_length() {
+        let h = home(8, 1 << 20);
+        let b = take_from(h, 1000);
+        drop(freeze_into(h, b, 1000));
+        assert_eq!(take_from(h, 499).len(), 499, "a new one");
+        assert_eq!(lens(h), [1000]);
+        assert_eq!(take_from(h, 500).len(), 1000, "the free one");
     }
 
     /// A miss makes a new buffer and keeps the free ones that were too
