@@ -234,17 +234,10 @@ impl Engine {
         let spec = spec.context(Context::Cpu);
         let core = self.core();
         core::prepare_pool(core, &spec)?;
-        let free = move |ctx: RunContext<'_>| {
+        push_internal(core, spec, move |ctx: RunContext<'_>| {
             free(ctx);
             Ok(())
-        };
-        let _held = Held::by_handle(core);
-        core::push(
-            core,
-            spec,
-            true,
-            SyncBody(parking_lot::Mutex::new(Some(free))),
-        );
+        });
         Ok(())
     }
 
@@ -261,17 +254,10 @@ impl Engine {
             .read(var)
             .property(Property::Async);
         let latch = latch.clone();
-        let signal = move |_: RunContext<'_>| {
+        push_internal(core, spec, move |_: RunContext<'_>| {
             latch.set();
             Ok(())
-        };
-        let _held = Held::by_handle(core);
-        core::push(
-            core,
-            spec,
-            true,
-            SyncBody(parking_lot::Mutex::new(Some(signal))),
-        );
+        });
         Ok(())
     }
 
@@ -404,6 +390,17 @@ impl Engine {
     pub fn take_graph(&self) -> OpGraph {
         self.core().graph.take()
     }
+}
+
+/// Pushes one of the engine's own ops (a var's deletion, a wait's
+/// signal): its spec is the caller's, checked there, and it runs even when
+/// a var it names holds a failure.
+fn push_internal<F>(core: &Arc<Core>, spec: OpSpec, f: F)
+where
+    F: FnOnce(RunContext<'_>) -> Result<(), OpError> + Send + 'static,
+{
+    let _held = Held::by_handle(core);
+    core::push(core, spec, true, SyncBody(parking_lot::Mutex::new(Some(f))));
 }
 
 /// What a wait on `var` is still waiting for, for a timeout message.
