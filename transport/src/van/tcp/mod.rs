@@ -116,18 +116,9 @@ pub(crate) struct FrameReader<R> {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn new(rd: R, limits: Limits) -> Self {
-        // A handshake's frames are small: its buffer starts small and grows
-        // by 1 KiB at a time (a flood of connections that never finish one
-        // then costs little); after the handshake (`with_limits`) it grows
-        // by READ_CHUNK.
-        let start = if limits.max_payload == Limits::HANDSHAKE.max_payload {
-            1024
-        } else {
-            READ_CHUNK
-        };
         FrameReader {
             rd,
-            buf: BytesMut::with_capacity(start),
+            buf: BytesMut::with_capacity(chunk_for(&limits)),
             limits,
             socket: None,
         }
@@ -154,6 +145,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.socket = None;
     }
 
+    /// Fills `dst` with the bytes already buffered, then from the socket
+    /// with the mark raised (a large body's rest, or a landed payload),
+    /// and lowers the mark again.
+    async fn read_rest(&mut self, dst: &mut [u8]) -> Result<(), ReadError> {
+        let mut at = self.buf.len().min(dst.len());
+        dst[..at].copy_from_slice(&self.buf[..at]);
+        self.buf.advance(at);
+        while at < dst.len() {
+            match self.read_raised_into(&mut dst[at..]).await {
+                Ok(0) => return Err(ReadError::mid_frame()),
+                Ok(n) => at += n,
+                Err(e) => return Err(ReadError::Io(e.to_string())),
+            }
+        }
+        self.set_mark(1);
+        Ok(())
+    }
+
     /// Reads into `dst` with the mark raised to its length (module docs).
     async fn read_raised_into(&mut self, dst: &mut [u8]) -> std::io::Result<usize> {
         loop {
@@ -169,13 +178,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     async fn fill(&mut self, need: usize) -> Result<(), ReadError> {
-        // A handshake's reader grows its buffer by 1 KiB at a time (its
-        // frames are small; module docs of `new`).
-        let chunk = if self.limits.max_payload == Limits::HANDSHAKE.max_payload {
-            1024
-        } else {
-            READ_CHUNK
-        };
+        let chunk = chunk_for(&self.limits);
         while self.buf.len() < need {
             if self.buf.capacity() - self.buf.len() < chunk / 4 {
                 self.buf.reserve(chunk);
@@ -243,17 +246,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // any); what is already buffered is copied in, the rest is read
             // straight into it.
             let mut big = spares::take(need);
-            let mut at = self.buf.len();
-            big[..at].copy_from_slice(&self.buf);
-            self.buf.clear();
-            while at < need {
-                match self.read_raised_into(&mut big[at..need]).await {
-                    Ok(0) => return Err(ReadError::mid_frame()),
-                    Ok(n) => at += n,
-                    Err(e) => return Err(ReadError::Io(e.to_string())),
-                }
-            }
-            self.set_mark(1);
+            self.read_rest(&mut big[..need]).await?;
             spares::freeze(big, need)
         };
         decode_body(h, body).map_err(ReadError::Wire)
@@ -264,18 +257,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let head_len = (h.body_len() - h.payload_len) as usize;
         self.fill(head_len).await?;
         let head = self.buf.split_to(head_len).freeze();
-        // What the last read brought past the head, then the socket.
-        let mut at = self.buf.len().min(dst.len());
-        dst[..at].copy_from_slice(&self.buf[..at]);
-        self.buf.advance(at);
-        while at < dst.len() {
-            match self.read_raised_into(&mut dst[at..]).await {
-                Ok(0) => return Err(ReadError::mid_frame()),
-                Ok(n) => at += n,
-                Err(e) => return Err(ReadError::Io(e.to_string())),
-            }
-        }
-        self.set_mark(1);
+        self.read_rest(dst).await?;
         decode_body_landed(h, head).map_err(ReadError::Wire)
     }
 }
@@ -286,6 +268,18 @@ impl FrameReader<tokio::net::tcp::OwnedReadHalf> {
     pub(crate) fn low_water(mut self) -> Self {
         self.socket = Some((self.rd.as_ref().as_raw_fd(), 1));
         self
+    }
+}
+
+/// How much a reader under `limits` grows its small-frame buffer by (and
+/// starts it with): a handshake's frames are small, so its buffer grows by
+/// 1 KiB at a time (a flood of connections that never finish one then
+/// costs little); after the handshake (`with_limits`), by `READ_CHUNK`.
+fn chunk_for(limits: &Limits) -> usize {
+    if limits.max_payload == Limits::HANDSHAKE.max_payload {
+        1024
+    } else {
+        READ_CHUNK
     }
 }
 
