@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{free_port, spawn_infra, spawn_workers};
+use common::{spawn_infra, spawn_workers};
 use pskv::engine::{Context, Engine};
 use pskv::kvstore::{DType, Key, KvStore, Optimizer, Tensor};
 
@@ -128,10 +128,8 @@ fn local_digest() -> String {
 }
 
 fn run_cluster(van: &str) -> Vec<(String, usize)> {
-    let port = free_port();
-    let env = [
+    let mut env = vec![
         ("DMLC_PS_ROOT_URI", "127.0.0.1".to_string()),
-        ("DMLC_PS_ROOT_PORT", port.to_string()),
         ("DMLC_NUM_WORKER", WORKERS.to_string()),
         ("DMLC_NUM_SERVER", SERVERS.to_string()),
         ("PSKV_VAN", van.to_string()),
@@ -142,7 +140,7 @@ fn run_cluster(van: &str) -> Vec<(String, usize)> {
         ("PSKV_CONNECT_TIMEOUT", "60".to_string()),
         ("PSKV_CPU_WORKER_NTHREADS", "1".to_string()),
     ];
-    let mut infra = spawn_infra(env!("CARGO_BIN_EXE_pskv"), &env, SERVERS);
+    let mut infra = spawn_infra(env!("CARGO_BIN_EXE_pskv"), &mut env, SERVERS);
     let mut workers = spawn_workers(WORKERS, "worker_process_entry", "PSKV_TEST_WORKER", &env);
     let deadline = Instant::now() + Duration::from_secs(120);
     let readers = workers.read_stdouts();

@@ -10,7 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{free_port, rss_kib, spawn_infra, spawn_workers};
+use common::{rss_kib, spawn_infra, spawn_workers};
 use pskv::engine::{Context, Engine};
 use pskv::kvstore::{DType, Key, KvStore, Tensor};
 
@@ -114,10 +114,8 @@ fn field(text: &str, name: &str) -> f64 {
 
 #[test]
 fn sixteen_workers_a_thousand_keys_a_hundred_rounds() {
-    let port = free_port();
-    let env: Vec<(&str, String)> = vec![
+    let mut env: Vec<(&str, String)> = vec![
         ("DMLC_PS_ROOT_URI", "127.0.0.1".into()),
-        ("DMLC_PS_ROOT_PORT", port.to_string()),
         ("DMLC_NUM_WORKER", num_workers().to_string()),
         ("DMLC_NUM_SERVER", SERVERS.to_string()),
         ("DMLC_NODE_HOST", "127.0.0.1".into()),
@@ -134,7 +132,7 @@ fn sixteen_workers_a_thousand_keys_a_hundred_rounds() {
         // after them would be a leak.
         ("PSKV_SHM_BYTES", (1 << 20).to_string()),
     ];
-    let infra = spawn_infra(env!("CARGO_BIN_EXE_pskv"), &env, SERVERS);
+    let infra = spawn_infra(env!("CARGO_BIN_EXE_pskv"), &mut env, SERVERS);
     let server_pids: Vec<u32> = infra.0[1..].iter().map(|c| c.id()).collect();
     let mut workers = spawn_workers(num_workers(), "load_worker_entry", "PSKV_LOAD_WORKER", &env);
     let readers = workers.read_stdouts();

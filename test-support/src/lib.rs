@@ -1,9 +1,12 @@
 //! What the tests and benches of the pskv crates share, written once:
-//! deterministic values, child processes that end with their owner, and
-//! free ports on 127.0.0.1. A dev-dependency only.
+//! deterministic values, child processes that end with their owner, free
+//! ports on 127.0.0.1, and schedulers that find a port themselves. A
+//! dev-dependency only.
 
 use std::io::Read;
-use std::process::Child;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -76,22 +79,85 @@ impl Procs {
 }
 
 /// Starts the scheduler and `servers` servers of a job: `exe scheduler`
-/// and `exe server` (the pskv binary), each with `env` and its
-/// `DMLC_ROLE`, output discarded.
-pub fn spawn_infra(exe: &str, env: &[(&str, String)], servers: u32) -> Procs {
+/// (on a port it finds free, which goes into `env` as `DMLC_PS_ROOT_PORT`
+/// for the servers and the caller's workers) and `exe server` (the pskv
+/// binary), each with `env` and its `DMLC_ROLE`, output discarded.
+pub fn spawn_infra(exe: &str, env: &mut Vec<(&str, String)>, servers: u32) -> Procs {
     let mut infra = Procs::default();
+    env.retain(|(k, _)| *k != "DMLC_PS_ROOT_PORT");
     for role in std::iter::once("scheduler").chain((0..servers).map(|_| "server")) {
-        infra.0.push(
-            std::process::Command::new(exe)
-                .arg(role)
-                .envs(env.iter().map(|(k, v)| (k, v)))
-                .env("DMLC_ROLE", role)
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .expect("starting a pskv node"),
-        );
+        let mut c = Command::new(exe);
+        c.arg(role)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("DMLC_ROLE", role)
+            .stdout(std::process::Stdio::null());
+        let pipe = (role == "scheduler").then(|| PortPipe::attach(&mut c));
+        infra.0.push(c.spawn().expect("starting a pskv node"));
+        if let Some(p) = pipe {
+            env.push(("DMLC_PS_ROOT_PORT", p.read().to_string()));
+        }
     }
     infra
+}
+
+/// How a test learns the port of a `pskv scheduler` that it starts with
+/// `DMLC_PS_ROOT_PORT=0`: a pipe the scheduler writes it to once it
+/// listens (`PSKV_PORT_FD`). A port found free and released first (as
+/// `free_port` does) can be taken by another process before the scheduler
+/// binds it.
+pub struct PortPipe {
+    r: std::fs::File,
+    w: OwnedFd,
+}
+
+impl PortPipe {
+    /// Sets `c`'s port to 0 and hands it the pipe's write end.
+    pub fn attach(c: &mut Command) -> PortPipe {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2(2) into a two-int array; the fds are owned below.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: two fresh descriptors, each owned once.
+        let (r, w) = unsafe {
+            use std::os::fd::FromRawFd;
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        let fd = w.as_raw_fd();
+        c.env("DMLC_PS_ROOT_PORT", "0")
+            .env("PSKV_PORT_FD", fd.to_string());
+        // SAFETY: only fcntl(2) between fork and exec: this one child keeps
+        // the (close-on-exec) write end across its exec.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        PortPipe { r, w }
+    }
+
+    /// The port, once the scheduler (spawned since `attach`) listens;
+    /// panics if it exits first or takes more than a minute.
+    pub fn read(self) -> u16 {
+        let PortPipe { mut r, w } = self;
+        drop(w);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            let _ = tx.send(s);
+        });
+        let s = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the scheduler did not report its port within 60 s");
+        s.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("the scheduler exited without its port (it wrote {s:?})"))
+    }
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released).

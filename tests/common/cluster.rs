@@ -13,7 +13,8 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{free_port, worker_command};
+use super::worker_command;
+use pskv_test_support::PortPipe;
 
 /// How a node is started.
 #[derive(Clone, Debug, Default)]
@@ -55,7 +56,6 @@ impl Job {
     pub fn new(workers: u32, servers: u32, heartbeat_timeout: u64, env: &[(&str, &str)]) -> Job {
         let mut e: Vec<(String, String)> = [
             ("DMLC_PS_ROOT_URI", "127.0.0.1".to_string()),
-            ("DMLC_PS_ROOT_PORT", free_port().to_string()),
             ("DMLC_NUM_WORKER", workers.to_string()),
             ("DMLC_NUM_SERVER", servers.to_string()),
             ("DMLC_NODE_HOST", "127.0.0.1".to_string()),
@@ -106,10 +106,21 @@ impl Job {
         self.spawn(name, c, &Faults::default())
     }
 
+    /// Starts a node with the job's environment. The scheduler finds a
+    /// free port itself and says which (`PortPipe`); the nodes started after
+    /// it are told that port.
     fn start(&mut self, role: &'static str, mut c: Command, f: &Faults) -> usize {
         c.envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("DMLC_ROLE", role);
-        self.spawn(role, c, f)
+        if role != "scheduler" {
+            return self.spawn(role, c, f);
+        }
+        let pipe = PortPipe::attach(&mut c);
+        let i = self.spawn(role, c, f);
+        let port = pipe.read().to_string();
+        self.env.retain(|(k, _)| k != "DMLC_PS_ROOT_PORT");
+        self.env.push(("DMLC_PS_ROOT_PORT".into(), port));
+        i
     }
 
     fn spawn(&mut self, role: &'static str, mut c: Command, f: &Faults) -> usize {

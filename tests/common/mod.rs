@@ -10,7 +10,7 @@ pub mod cluster;
 use std::process::Command;
 
 #[allow(unused_imports)] // each test file uses its own part of this
-pub use pskv_test_support::{free_port, spawn_infra, Procs};
+pub use pskv_test_support::{spawn_infra, Procs};
 
 /// `pskv demo-worker`'s arguments for a job of 2 workers and 1 server, one
 /// epoch.

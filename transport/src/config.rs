@@ -220,8 +220,10 @@ impl Config {
         };
         let root_uri = need("DMLC_PS_ROOT_URI")?;
         let port_s = need("DMLC_PS_ROOT_PORT")?;
+        // 0 lets a scheduler take any free port (its launcher learns which
+        // through PSKV_PORT_FD); the other roles must be told the port.
         let root_port: u16 = match port_s.trim().parse() {
-            Ok(p) if p > 0 => p,
+            Ok(p) if p > 0 || role == Role::Scheduler => p,
             _ => {
                 return Err(bad(
                     "DMLC_PS_ROOT_PORT",
@@ -491,6 +493,25 @@ mod tests {
         }
         let missing = Config::from_lookup(&env(&BASE[1..])).unwrap_err();
         assert!(missing.to_string().contains("DMLC_ROLE"), "{missing}");
+    }
+
+    /// Port 0 is "any free port" for a scheduler alone: the others must
+    /// be told where it listens.
+    #[test]
+    fn only_a_scheduler_takes_any_port() {
+        let mut pairs: Vec<(&str, &str)> = BASE
+            .iter()
+            .copied()
+            .filter(|(n, _)| !matches!(*n, "DMLC_ROLE" | "DMLC_PS_ROOT_PORT"))
+            .collect();
+        pairs.push(("DMLC_PS_ROOT_PORT", "0"));
+        pairs.push(("DMLC_ROLE", "scheduler"));
+        assert_eq!(Config::from_lookup(&env(&pairs)).unwrap().root_port, 0);
+        for role in ["server", "worker"] {
+            *pairs.last_mut().unwrap() = ("DMLC_ROLE", role);
+            let err = Config::from_lookup(&env(&pairs)).unwrap_err();
+            assert!(err.to_string().contains("DMLC_PS_ROOT_PORT"), "{err}");
+        }
     }
 }
 

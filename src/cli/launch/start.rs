@@ -4,9 +4,11 @@
 //! then every member started.
 
 use std::ffi::OsString;
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
+use std::time::{Duration, Instant};
 
-use super::spawn::{address_towards, free_port, pskv_exe, random_token, Spawner};
+use super::spawn::{address_towards, pskv_exe, random_token, Spawner};
 use super::supervise::pidfd_of;
 use super::{Job, JobSpec, Launcher, Member, Role, Watchdog, MAX_LOCAL, MAX_NODES};
 use crate::cli::error::{CliError, CliResult};
@@ -39,7 +41,6 @@ impl Job {
             ));
         }
         let exe = pskv_exe()?;
-        let port = free_port()?;
         let remote = launcher == Launcher::Ssh;
         if remote && spec.hosts.is_empty() {
             return Err(CliError::Usage(
@@ -51,9 +52,16 @@ impl Job {
             (None, false) => "127.0.0.1".to_string(),
             (None, true) => address_towards(&spec.hosts[0])?,
         };
+        // The scheduler's port: the caller's (`--env DMLC_PS_ROOT_PORT=P`),
+        // else whichever the scheduler finds free (`start_scheduler`).
+        let fixed_port = spec
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "DMLC_PS_ROOT_PORT")
+            .map(|(_, v)| v.clone());
         let mut env: Vec<(String, String)> = vec![
             ("DMLC_PS_ROOT_URI".into(), root.clone()),
-            ("DMLC_PS_ROOT_PORT".into(), port.to_string()),
             ("DMLC_NUM_WORKER".into(), spec.workers.to_string()),
             ("DMLC_NUM_SERVER".into(), spec.servers.to_string()),
         ];
@@ -146,24 +154,6 @@ impl Job {
             checkpoint_dir = Some(dir);
         }
 
-        // For `pskv status`: the scheduler and the token, readable by this
-        // user only. A job runs without it if it cannot be written.
-        let job_file = crate::cli::status::JobFile::create(&crate::cli::status::JobInfo {
-            pid: std::process::id(),
-            started: crate::cli::status::start_time(std::process::id()).unwrap_or(0),
-            scheduler: format!("{root}:{port}"),
-            token: secret.clone(),
-            workers: spec.workers,
-            servers: spec.servers,
-            command: spec
-                .command
-                .iter()
-                .map(|a| a.to_string_lossy())
-                .collect::<Vec<_>>()
-                .join(" "),
-        })
-        .map_err(|e| tracing::warn!("pskv status will not find this job: {e}"))
-        .ok();
         let spawner = Spawner {
             env,
             secret,
@@ -197,9 +187,39 @@ impl Job {
             restarts_left: spec.server_restarts,
             deaths_allowed: replicas - 1,
             checkpoint_dir,
-            _job_file: job_file,
+            _job_file: None,
         };
-        job.start_member(Role::Scheduler)?;
+        let port = match fixed_port {
+            Some(p) => {
+                job.start_member(Role::Scheduler)?;
+                p
+            }
+            None => {
+                let p = job.start_scheduler()?.to_string();
+                job.spawner
+                    .env
+                    .push(("DMLC_PS_ROOT_PORT".into(), p.clone()));
+                p
+            }
+        };
+        // For `pskv status`: the scheduler and the token, readable by this
+        // user only. A job runs without it if it cannot be written.
+        job._job_file = crate::cli::status::JobFile::create(&crate::cli::status::JobInfo {
+            pid: std::process::id(),
+            started: crate::cli::status::start_time(std::process::id()).unwrap_or(0),
+            scheduler: format!("{root}:{port}"),
+            token: job.spawner.secret.clone(),
+            workers: spec.workers,
+            servers: spec.servers,
+            command: spec
+                .command
+                .iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+        })
+        .map_err(|e| tracing::warn!("pskv status will not find this job: {e}"))
+        .ok();
         for i in 0..spec.servers {
             job.start_member(Role::Server(i))?;
         }
@@ -211,8 +231,33 @@ impl Job {
 
     /// Starts a member, which tells the watchdog of its group itself.
     pub(super) fn start_member(&mut self, role: Role) -> CliResult {
+        self.start_member_with(role, None)
+    }
+
+    /// Starts the scheduler on a port it finds free itself and returns
+    /// that port, which it writes to a pipe once it listens. (A port found
+    /// free here and released could be taken by another process before the
+    /// scheduler bound it; CI saw that happen.)
+    fn start_scheduler(&mut self) -> CliResult<u16> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let mut fds = [0; 2];
+        // SAFETY: pipe2(2) into a two-int array; the fds are owned below.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(CliError::io("making a pipe for the scheduler's port")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: two fresh descriptors of ours, each owned once.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        self.start_member_with(Role::Scheduler, Some(w.as_raw_fd()))?;
+        // Only the scheduler holds the write end now: its exit ends the read.
+        drop(w);
+        read_port(r, SCHEDULER_START_TIMEOUT)
+    }
+
+    fn start_member_with(&mut self, role: Role, port_fd: Option<RawFd>) -> CliResult {
         let watch = self.watchdog.as_ref().map(|w| w.fd());
-        let child = self.spawner.spawn(role, watch)?;
+        let child = self.spawner.spawn(role, watch, port_fd)?;
         let pidfd = pidfd_of(child.id());
         self.members.push(Member {
             role,
@@ -223,5 +268,114 @@ impl Job {
             replaced: false,
         });
         Ok(())
+    }
+}
+
+/// How long the launcher waits for its scheduler to listen.
+const SCHEDULER_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Reads the scheduler's `PORT\n` from the pipe `r`, waiting at most
+/// `timeout`: an error if the scheduler closes it first (it exited: its own
+/// error is on stderr) or says something else.
+fn read_port(r: OwnedFd, timeout: Duration) -> CliResult<u16> {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut f = std::fs::File::from(r);
+    while !got.ends_with(b"\n") && got.len() < 16 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(CliError::Failed(format!(
+                "the scheduler did not report the port it listens on within {timeout:?}"
+            )));
+        }
+        let mut p = libc::pollfd {
+            fd: f.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: one pollfd of ours.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(CliError::io("waiting for the scheduler's port")(e));
+        }
+        if n == 0 {
+            continue;
+        }
+        let mut buf = [0u8; 16];
+        match std::io::Read::read(&mut f, &mut buf) {
+            Ok(0) => {
+                return Err(CliError::Failed(
+                    "the scheduler exited before it listened (its error is above)".into(),
+                ))
+            }
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(CliError::io("reading the scheduler's port")(e)),
+        }
+    }
+    std::str::from_utf8(&got)
+        .ok()
+        .and_then(|s| s.trim().parse::<u16>().ok())
+        .filter(|p| *p > 0)
+        .ok_or_else(|| {
+            CliError::Failed(format!(
+                "the scheduler reported {:?} as its port",
+                String::from_utf8_lossy(&got)
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    fn pipe() -> (OwnedFd, std::fs::File) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2(2) into a two-int array; the fds are owned below.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: fresh fds, each owned once.
+        unsafe {
+            (
+                OwnedFd::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        }
+    }
+
+    #[test]
+    fn the_port_from_the_pipe() {
+        let (r, mut w) = pipe();
+        w.write_all(b"41").unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            w.write_all(b"23\n").unwrap();
+        });
+        assert_eq!(read_port(r, Duration::from_secs(10)).unwrap(), 4123);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_scheduler_that_exits_silent_or_says_nonsense_or_nothing() {
+        let (r, w) = pipe();
+        drop(w);
+        let e = read_port(r, Duration::from_secs(10)).unwrap_err();
+        assert!(e.to_string().contains("exited before it listened"), "{e}");
+        let (r, mut w) = pipe();
+        w.write_all(b"0\n").unwrap();
+        let e = read_port(r, Duration::from_secs(10)).unwrap_err();
+        assert!(e.to_string().contains("as its port"), "{e}");
+        let (r, _w) = pipe();
+        let t = Instant::now();
+        let e = read_port(r, Duration::from_millis(100)).unwrap_err();
+        assert!(e.to_string().contains("did not report"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 }
