@@ -18,7 +18,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use pskv_test_support::{free_port, Procs};
+use pskv_test_support::{PortPipe, Procs};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pskv-net");
 
@@ -56,8 +56,7 @@ fn run_pskv(van: &str, servers: u32, workers: u32) -> Vec<Vec<Line>> {
 }
 
 fn run_pskv_once(van: &str, servers: u32, workers: u32) -> Vec<Vec<Line>> {
-    let port = free_port();
-    let cmd = |role: &str| {
+    let cmd = |role: &str, port: u16| {
         let mut c = Command::new(BIN);
         c.arg("node")
             .env("DMLC_ROLE", role)
@@ -72,13 +71,17 @@ fn run_pskv_once(van: &str, servers: u32, workers: u32) -> Vec<Vec<Line>> {
         c
     };
     let mut procs = Procs(Vec::new());
-    procs.0.push(cmd("scheduler").spawn().unwrap());
+    // The scheduler takes any free port and says which.
+    let mut sched = cmd("scheduler", 0);
+    let pipe = PortPipe::attach(&mut sched);
+    procs.0.push(sched.spawn().unwrap());
+    let port = pipe.read();
     for _ in 0..servers {
-        procs.0.push(cmd("server").spawn().unwrap());
+        procs.0.push(cmd("server", port).spawn().unwrap());
     }
     for _ in 0..workers {
         procs.0.push(
-            cmd("worker")
+            cmd("worker", port)
                 .args(["--mode", "pushpull", "--sizes", &sizes()])
                 .spawn()
                 .unwrap(),

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use pskv_test_support::{free_port, Procs};
+use pskv_test_support::{PortPipe, Procs};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pskv-net");
 
@@ -29,6 +29,15 @@ fn node(role: &str, port: u16, s: u32, w: u32, env: &[(&str, &str)], args: &[&st
         c.env(k, v);
     }
     c
+}
+
+/// Starts the scheduler on a port it finds free itself: the child and
+/// that port.
+fn scheduler(s: u32, w: u32, env: &[(&str, &str)]) -> (Child, u16) {
+    let mut c = node("scheduler", 0, s, w, env, &[]);
+    let pipe = PortPipe::attach(&mut c);
+    let child = c.spawn().unwrap();
+    (child, pipe.read())
 }
 
 /// Waits for `child` to exit within `limit`; its status and output.
@@ -58,12 +67,10 @@ fn finish(child: &mut Child, limit: Duration) -> (Option<i32>, String, String) {
 /// Runs 1 scheduler, `s` servers and `w` workers of the random workload;
 /// returns the workers' digests, sorted.
 fn random_run(van: &str, s: u32, w: u32) -> Vec<String> {
-    let port = free_port();
     let env = [("PSKV_VAN", van)];
     let mut procs = Procs(Vec::new());
-    procs
-        .0
-        .push(node("scheduler", port, s, w, &env, &[]).spawn().unwrap());
+    let (sched, port) = scheduler(s, w, &env);
+    procs.0.push(sched);
     for _ in 0..s {
         procs
             .0
@@ -112,16 +119,14 @@ fn random_traffic_checks_out_and_tcp_and_shm_agree() {
 /// Starts a cluster of idle workers that report the dead nodes they see;
 /// returns the processes, each worker's id, and line receivers.
 fn idle_cluster(w: u32) -> (Procs, Vec<u32>, Vec<mpsc::Receiver<String>>) {
-    let port = free_port();
     let env = [
         ("PS_HEARTBEAT_INTERVAL", "0.2"),
         ("PS_HEARTBEAT_TIMEOUT", "2"),
         ("PSKV_VAN", "tcp"),
     ];
     let mut procs = Procs(Vec::new());
-    procs
-        .0
-        .push(node("scheduler", port, 1, w, &env, &[]).spawn().unwrap());
+    let (sched, port) = scheduler(1, w, &env);
+    procs.0.push(sched);
     procs
         .0
         .push(node("server", port, 1, w, &env, &[]).spawn().unwrap());
@@ -209,12 +214,10 @@ fn a_stopped_worker_is_declared_dead_within_the_heartbeat_timeout() {
 
 #[test]
 fn a_wrong_token_is_refused_and_the_cluster_carries_on() {
-    let port = free_port();
     let good = [("PSKV_TOKEN", "right"), ("PSKV_VAN", "tcp")];
     let mut procs = Procs(Vec::new());
-    procs
-        .0
-        .push(node("scheduler", port, 1, 1, &good, &[]).spawn().unwrap());
+    let (sched, port) = scheduler(1, 1, &good);
+    procs.0.push(sched);
     procs
         .0
         .push(node("server", port, 1, 1, &good, &[]).spawn().unwrap());

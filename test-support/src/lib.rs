@@ -1,7 +1,6 @@
 //! What the tests and benches of the pskv crates share, written once:
-//! deterministic values, child processes that end with their owner, free
-//! ports on 127.0.0.1, and schedulers that find a port themselves. A
-//! dev-dependency only.
+//! deterministic values, child processes that end with their owner, and
+//! schedulers that find a free port themselves. A dev-dependency only.
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -102,9 +101,8 @@ pub fn spawn_infra(exe: &str, env: &mut Vec<(&str, String)>, servers: u32) -> Pr
 
 /// How a test learns the port of a `pskv scheduler` that it starts with
 /// `DMLC_PS_ROOT_PORT=0`: a pipe the scheduler writes it to once it
-/// listens (`PSKV_PORT_FD`). A port found free and released first (as
-/// `free_port` does) can be taken by another process before the scheduler
-/// binds it.
+/// listens (`PSKV_PORT_FD`). A port found free and released first could
+/// be taken by another process before the scheduler binds it.
 pub struct PortPipe {
     r: std::fs::File,
     w: OwnedFd,
@@ -158,15 +156,6 @@ impl PortPipe {
             .parse()
             .unwrap_or_else(|_| panic!("the scheduler exited without its port (it wrote {s:?})"))
     }
-}
-
-/// A free TCP port on 127.0.0.1 (bound and released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port on 127.0.0.1")
-        .local_addr()
-        .expect("the port's address")
-        .port()
 }
 
 #[cfg(test)]

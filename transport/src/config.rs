@@ -128,6 +128,10 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Runtime threads.
     pub io_threads: usize,
+    /// A scheduler only: an inherited descriptor to which it writes the
+    /// port it listens on (then a newline) and which it then closes; how a
+    /// launcher learns the port of a scheduler it started on port 0.
+    pub port_fd: Option<i32>,
 }
 
 impl Config {
@@ -171,6 +175,7 @@ impl Config {
             limits: Limits::default(),
             connect_timeout: Duration::from_secs(60),
             io_threads: 2,
+            port_fd: None,
         }
     }
 
@@ -367,6 +372,20 @@ impl Config {
         if let Some(n) = num::<usize>(get, "PSKV_IO_THREADS", "a thread count")? {
             c.io_threads = n.clamp(1, 64);
         }
+        if role == Role::Scheduler {
+            if let Some(v) = get("PSKV_PORT_FD").filter(|v| !v.trim().is_empty()) {
+                c.port_fd = match v.trim().parse::<i32>() {
+                    Ok(fd) if fd > 2 => Some(fd),
+                    _ => {
+                        return Err(bad(
+                            "PSKV_PORT_FD",
+                            &v,
+                            "expected a descriptor number above 2",
+                        ))
+                    }
+                };
+            }
+        }
         Ok(c)
     }
 
@@ -506,7 +525,13 @@ mod tests {
             .collect();
         pairs.push(("DMLC_PS_ROOT_PORT", "0"));
         pairs.push(("DMLC_ROLE", "scheduler"));
-        assert_eq!(Config::from_lookup(&env(&pairs)).unwrap().root_port, 0);
+        pairs.push(("PSKV_PORT_FD", "7"));
+        let c = Config::from_lookup(&env(&pairs)).unwrap();
+        assert_eq!((c.root_port, c.port_fd), (0, Some(7)));
+        *pairs.last_mut().unwrap() = ("PSKV_PORT_FD", "1");
+        let err = Config::from_lookup(&env(&pairs)).unwrap_err();
+        assert!(err.to_string().contains("PSKV_PORT_FD"), "{err}");
+        pairs.pop();
         for role in ["server", "worker"] {
             *pairs.last_mut().unwrap() = ("DMLC_ROLE", role);
             let err = Config::from_lookup(&env(&pairs)).unwrap_err();

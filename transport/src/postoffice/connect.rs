@@ -514,3 +514,23 @@ pub(crate) fn host_id() -> u64 {
     }
     h
 }
+
+/// Writes `port` and a newline to the inherited descriptor `fd`
+/// (`PSKV_PORT_FD`), then closes it: how `pskv launch` learns the port of a
+/// scheduler it started with `DMLC_PS_ROOT_PORT=0`. (A port the launcher
+/// picked and released could be taken by another process before the
+/// scheduler bound it: CI saw "Address already in use".)
+pub(super) fn report_port(fd: i32, port: u16) -> Result<(), TransportError> {
+    let what = || format!("writing the port to PSKV_PORT_FD={fd}");
+    // SAFETY: fcntl(F_GETFD) only asks whether `fd` is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(TransportError::io(what(), std::io::Error::last_os_error()));
+    }
+    // SAFETY: an open descriptor this process inherited for this one use
+    // (the configuration takes it from a scheduler's environment only, and
+    // never one of the three standard streams): owning and closing it here
+    // takes it from nobody.
+    let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    std::io::Write::write_all(&mut f, format!("{port}\n").as_bytes())
+        .map_err(|e| TransportError::io(what(), e))
+}

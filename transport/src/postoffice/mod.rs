@@ -49,7 +49,7 @@ mod observe;
 
 pub(crate) use connect::host_id;
 pub(crate) use connect::{drive as drive_handshake, handshake_error};
-use connect::{interface_ip, local_ip_toward};
+use connect::{interface_ip, local_ip_toward, report_port};
 pub use control::MissedBarrier;
 pub(crate) use observe::hostname;
 
@@ -288,6 +288,9 @@ impl Postoffice {
         let listen = listener
             .local_addr()
             .map_err(|e| TransportError::io("listener address", e))?;
+        if let (Role::Scheduler, Some(fd)) = (cfg.role, cfg.port_fd) {
+            report_port(fd, listen.port())?;
+        }
         let announce = match (&cfg.node_host, &cfg.interface) {
             (Some(h), _) => h.clone(),
             (None, Some(_)) => bind_ip.to_string(),
