@@ -19,9 +19,10 @@
 //! the keys are back.
 //!
 //! Rooms: this file is the server's API, its state and the dispatch of a
-//! request; `keys.rs` the op on each key of a request; `entry.rs` one ps
-//! key's state and round; `acc.rs` a round's running sum; `reply.rs` the answer of a request of several
-//! keys; `commands.rs` the workers' commands; `recovery.rs` checkpoint
+//! request; `keys.rs` the op on each key of a request; `entry/` one ps
+//! key's state and round (its shared segment in `entry/segment.rs`, the
+//! update in `entry/update.rs`); `acc.rs` a round's running sum;
+//! `reply.rs` the answer of a request of several keys; `commands.rs` the workers' commands; `recovery.rs` checkpoint
 //! records, restore and deaths; `checkpoint.rs` the file; `replica.rs`
 //! replicas.
 

@@ -8,7 +8,7 @@
 //! that does not match its record, so no worker can push or pull a key of
 //! another size on any van; a worker that asks for the segment gets its
 //! path and slot size, which must match its own. The server knows from the
-//! checks who will map the file, and removes it once they have (`entry.rs`),
+//! checks who will map the file, and removes it once they have (`entry/segment.rs`),
 //! so no file is left behind for workers that never map it.
 //!
 //! A restarted server has none of the old process's segments: the parts
@@ -113,7 +113,7 @@ impl DistStore {
             match seg {
                 Ok(s) => fresh.push((i, Arc::new(s))),
                 // The server removes the file after a round, once the grace for
-                // mapping it has passed (`SHM_GRACE` in `server/entry.rs`).
+                // mapping it has passed (`SHM_GRACE` in `server/entry/segment.rs`).
                 Err(e) => tracing::warn!(
                     "key {} part {i}: no shared memory with its server ({e}); using messages",
                     dk.local.key

@@ -15,24 +15,32 @@
 //! All of this runs inside engine ops that write the entry's var, so one
 //! op at a time touches an entry; the mutex around the state is never
 //! contended and only satisfies the type system.
+//!
+//! Rooms: this file is the entry's state and its rounds (a push taken,
+//! folded, the round completed and answered); `segment.rs` the shared
+//! segment of the co-located fast path (made at a worker's check, read
+//! for its pushes, its file removed once nobody will map it);
+//! `update.rs` a completed round's sum applied to the stored value (the
+//! optimizer's step, or the sum becoming the value).
 
-use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
-use half::f16;
 use pskv_gpu::cpu::CpuKernels;
 use pskv_transport::Region;
 
-use super::acc::{fold_into, write_sum, Acc};
-use crate::comm::{elems, sum_dense};
+use super::acc::{fold_into, Acc};
+use crate::comm::sum_dense;
 use crate::compression::Compression;
 use crate::dtype::DType;
 use crate::error::Fault;
 use crate::tensor::{share, Buf};
 use crate::updater::{KeyState, Rule};
 use crate::wire::{split_rows, Head, Op};
+
+mod segment;
+mod update;
 
 /// How a waiting request is answered: with nothing (a push), the stored
 /// value (a push-pull), or an error.
@@ -66,11 +74,6 @@ struct Arrival {
     vals: Bytes,
     answer: Answer,
 }
-
-/// How long a worker that took a key's segment has to map it before a
-/// completed round may take the file away (a worker that failed to map it
-/// pushes by message meanwhile).
-const SHM_GRACE: Duration = Duration::from_secs(10);
 
 /// One ps key.
 pub(crate) struct EntryState {
@@ -180,153 +183,6 @@ impl EntryState {
         match &self.shm {
             Some(_) => Bytes::copy_from_slice(self.value_bytes()),
             None => share(&self.value, 0..self.value.len()),
-        }
-    }
-
-    /// A worker's check of the part after its init ([`Op::Check`]): an
-    /// error if it holds another type or size than this server's record;
-    /// else, if it will map the segment, the segment (made on the first
-    /// such check; the value moves into it) as the transport's descriptor
-    /// of the region.
-    pub(crate) fn check(
-        &mut self,
-        head: &Head,
-        c: &crate::wire::Check,
-        rank: usize,
-    ) -> Result<Option<Bytes>, Fault> {
-        if rank >= self.workers {
-            return Err(Fault::Mismatch(format!(
-                "{}: no worker rank {rank}",
-                self.name()
-            )));
-        }
-        if head.dtype != self.dtype || c.part_bytes != self.nbytes as u64 {
-            let theirs = c.part_bytes / head.dtype.size() as u64;
-            return Err(Fault::Mismatch(format!(
-                "{}: worker {rank} holds {theirs} {} elements of it (its key has shape {:?}), but the server holds {} {} elements (from worker 0's init): every worker must init a key with the same shape and type",
-                self.name(),
-                head.dtype,
-                c.shape,
-                self.elems,
-                self.dtype
-            )));
-        }
-        self.checked[rank] = true;
-        let answer = if c.wants_shm {
-            if self.shm.is_none() {
-                let seg = Region::create(self.workers + 1, self.nbytes).map_err(|e| {
-                    Fault::Failed(format!(
-                        "{}: cannot make a shared segment: {e}",
-                        self.name()
-                    ))
-                })?;
-                // SAFETY: a fresh segment no one else has mapped yet.
-                unsafe { seg.slot_mut(self.workers) }.copy_from_slice(self.value.bytes());
-                self.shm = Some(Arc::new(seg));
-            }
-            self.shm_pending[rank] = Some(Instant::now());
-            let seg = self.shm.as_ref().expect("made above");
-            Some(seg.descriptor())
-        } else {
-            None
-        };
-        self.maybe_unlink(false);
-        Ok(answer)
-    }
-
-    /// Worker `rank` used the segment (or will not): once nobody will map
-    /// it any more, the file goes (the mappings stay).
-    pub(crate) fn shm_used(&mut self, rank: usize) {
-        if let Some(p) = self.shm_pending.get_mut(rank) {
-            *p = None;
-        }
-        self.maybe_unlink(false);
-    }
-
-    /// Removes the segment's file when no worker will map it any more:
-    /// every pending one used it, or (`round_done`) took it `SHM_GRACE`
-    /// ago and has pushed by message since.
-    ///
-    /// Subtle: a round completing soon after a check says nothing of the
-    /// checking worker. After a server restart, a worker's recheck thread
-    /// maps the new segment while its training pushes by message; a round
-    /// can complete between the check's answer and the worker's mapping,
-    /// and an unlink then would leave that part on messages for good.
-    fn maybe_unlink(&mut self, round_done: bool) {
-        let Some(seg) = &self.shm else { return };
-        if !self.checked.iter().all(|c| *c) {
-            return;
-        }
-        let gone = |p: &Option<Instant>| match p {
-            None => true,
-            Some(t) => round_done && t.elapsed() >= SHM_GRACE,
-        };
-        if self.shm_pending.iter().all(gone) {
-            seg.retire();
-        }
-    }
-
-    /// Removes the segment's file now (the server is stopping).
-    pub(crate) fn unlink_segment(&self) {
-        if let Some(seg) = &self.shm {
-            seg.retire();
-        }
-    }
-
-    /// A worker died: it will not map the segment.
-    pub(crate) fn worker_gone(&mut self, rank: usize) {
-        if let Some(c) = self.checked.get_mut(rank) {
-            *c = true;
-        }
-        self.shm_used(rank);
-    }
-
-    /// Whether a shared-memory request names this entry's segment: a
-    /// request prepared for the segment of a server process that has since
-    /// been restarted must fail (the worker maps the new one and sends
-    /// again), not read this one's slot.
-    pub(crate) fn check_shm(&self, head: &Head) -> Result<(), Fault> {
-        match &self.shm {
-            Some(seg) if seg.tag() == head.shm_tag => Ok(()),
-            Some(_) => Err(Fault::Unavailable(format!(
-                "{}: a shared-memory request for another segment of this key (this server restarted since the worker mapped it); sending again",
-                self.name()
-            ))),
-            None => Err(Fault::Unavailable(format!(
-                "{}: a shared-memory request, but the key has no segment (open it first)",
-                self.name()
-            ))),
-        }
-    }
-
-    /// The push of worker `rank` in its slot, as bytes; `vals` is the
-    /// request's body, the byte count the worker wrote there.
-    pub(crate) fn shm_input(&self, head: &Head, vals: &[u8], rank: usize) -> Result<Bytes, Fault> {
-        self.check_shm(head)?;
-        let wrote = <[u8; 8]>::try_from(vals).map(u64::from_le_bytes).ok();
-        if wrote != Some(self.nbytes as u64) {
-            return Err(Fault::Mismatch(format!(
-                "{}: a shared-memory push of {} but the key holds {} bytes ({} elements)",
-                self.name(),
-                match wrote {
-                    Some(n) => format!("{n} bytes"),
-                    None => format!("a malformed {}-byte count", vals.len()),
-                },
-                self.nbytes,
-                self.elems
-            )));
-        }
-        match &self.shm {
-            Some(seg) if rank < self.workers => {
-                // SAFETY: the view lives while the server sums the round;
-                // the worker does not write its slot until the round is
-                // answered (the protocol in `kinds/dist/segments.rs`).
-                Ok(unsafe { seg.lease(rank) })
-            }
-            _ => Err(Fault::Mismatch(format!(
-                "{}: a shared-memory request, but the key has no segment (open it first)",
-                self.name()
-            ))),
         }
     }
 
@@ -716,99 +572,6 @@ impl EntryState {
         }
         self.reset_round();
     }
-
-    /// Applies the round's sum to the stored value.
-    fn apply(
-        &mut self,
-        rule: Option<&Rule>,
-        acc: &Acc,
-        touched: Option<(usize, Vec<bool>)>,
-        sync: bool,
-    ) -> Result<(), Fault> {
-        let rows: Option<(usize, Vec<i64>)> = touched.map(|(rl, t)| {
-            (
-                rl,
-                t.iter()
-                    .enumerate()
-                    .filter(|(_, x)| **x)
-                    .map(|(i, _)| i as i64)
-                    .collect(),
-            )
-        });
-        let Some(rule) = rule else {
-            // Summation only: sync rounds replace the value with the sum
-            // (untouched rows are zero); async pushes add to it.
-            let dtype = self.dtype;
-            let keep = !sync;
-            let out = self.value_mut(keep);
-            write_sum(out, dtype, acc, !sync);
-            return Ok(());
-        };
-        // Multipliers are by key id, which the server knows.
-        let id = self.key_id;
-        let shape = [self.elems];
-        match (acc, self.dtype) {
-            (Acc::F32(sum), DType::F16) if self.opt_multi_precision(rule) => {
-                // f32 master weights, updated with the f32 sum.
-                if self.master.is_none() {
-                    let m = elems::<f16>(self.value_bytes())
-                        .iter()
-                        .map(|h| h.to_f32())
-                        .collect();
-                    self.master = Some(m);
-                }
-                let master = self.master.as_mut().expect("made above");
-                let (g, r) = grad_rows(bytemuck::cast_slice(sum), &rows, 4);
-                let mut mstate = std::mem::take(&mut self.opt);
-                let res = rule.apply(
-                    id,
-                    None,
-                    DType::F32,
-                    &row_shape(&shape, &rows),
-                    &g,
-                    r.as_deref(),
-                    bytemuck::cast_slice_mut(master),
-                    &mut mstate,
-                );
-                self.opt = mstate;
-                res?;
-                let m: Vec<f16> = self
-                    .master
-                    .as_ref()
-                    .expect("set above")
-                    .iter()
-                    .map(|x| f16::from_f32(*x))
-                    .collect();
-                self.value_mut(false)
-                    .copy_from_slice(bytemuck::cast_slice(&m));
-                Ok(())
-            }
-            _ => {
-                let dtype = self.dtype;
-                let mut grad = vec![0u8; self.nbytes];
-                write_sum(&mut grad, dtype, acc, false);
-                let (g, r) = grad_rows(&grad, &rows, dtype.size());
-                let mut st = std::mem::take(&mut self.opt);
-                let sh = row_shape(&shape, &rows);
-                let res = rule.apply(
-                    id,
-                    None,
-                    dtype,
-                    &sh,
-                    &g,
-                    r.as_deref(),
-                    self.value_mut(true),
-                    &mut st,
-                );
-                self.opt = st;
-                res
-            }
-        }
-    }
-
-    fn opt_multi_precision(&self, rule: &Rule) -> bool {
-        matches!(rule, Rule::Optimizer { opt, .. } if opt.multi_precision)
-    }
 }
 
 /// The answer of a completed round for one waiter.
@@ -817,79 +580,5 @@ fn answer_of(want: Want, snap: &Option<Bytes>) -> Option<Bytes> {
         Want::Nothing => None,
         Want::Value => snap.clone(),
         Want::Slot => Some(Bytes::new()),
-    }
-}
-
-/// The shape an updater sees: rows of `row_len` for row pushes.
-fn row_shape(shape: &[usize; 1], rows: &Option<(usize, Vec<i64>)>) -> Vec<usize> {
-    match rows {
-        Some((rl, _)) => vec![shape[0] / rl, *rl],
-        None => shape.to_vec(),
-    }
-}
-
-/// The gradient bytes for the update: all of them, or the touched rows'
-/// packed (with the row ids).
-fn grad_rows<'a>(
-    grad: &'a [u8],
-    rows: &Option<(usize, Vec<i64>)>,
-    size: usize,
-) -> (Cow<'a, [u8]>, Option<Vec<i64>>) {
-    match rows {
-        None => (Cow::Borrowed(grad), None),
-        Some((rl, r)) => {
-            let rb = rl * size;
-            let mut g = Vec::with_capacity(r.len() * rb);
-            for &row in r {
-                let row = row as usize;
-                g.extend_from_slice(&grad[row * rb..(row + 1) * rb]);
-            }
-            (Cow::Owned(g), Some(r.clone()))
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, Instant};
-
-    use super::{EntryState, SHM_GRACE};
-    use crate::dtype::DType;
-    use crate::wire::{Check, Head, Op};
-
-    /// A completed round takes a segment's file away only from workers
-    /// that took it `SHM_GRACE` ago (a restarted server's workers map it
-    /// from a thread while their training pushes by message); a worker
-    /// that used it lets it go at once.
-    #[test]
-    fn a_round_does_not_unlink_a_segment_a_worker_has_just_taken() {
-        let mut st = EntryState::new(1, 0, DType::F32, &[0u8; 64], 2);
-        let head = Head {
-            op: Op::Check,
-            dtype: DType::F32,
-            compression: 0,
-            sync: true,
-            multi_precision: false,
-            shm: false,
-            shm_tag: 0,
-        };
-        let check = Check {
-            part_bytes: 64,
-            wants_shm: true,
-            shape: vec![16],
-        };
-        for rank in 0..2 {
-            st.check(&head, &check, rank).unwrap().expect("a segment");
-        }
-        let path = st.shm.as_ref().unwrap().path().to_path_buf();
-        st.shm_used(0);
-        st.maybe_unlink(true);
-        assert!(path.exists(), "worker 1 took the segment just now");
-        // Worker 1 took it long ago and pushed by message since: it goes.
-        st.shm_pending[1] = Some(Instant::now() - SHM_GRACE - Duration::from_secs(1));
-        st.maybe_unlink(false);
-        assert!(path.exists(), "only a completed round lets it go");
-        st.maybe_unlink(true);
-        assert!(!path.exists());
     }
 }

@@ -1,0 +1,214 @@
+//! The shared segment of a key's co-located fast path: made when a worker
+//! that will map it checks the part (the stored value moves into its value
+//! slot), read for a shared-memory push (the worker's slot), and its file
+//! removed once no worker will map it any more (the mappings stay).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use pskv_transport::Region;
+
+use super::EntryState;
+use crate::error::Fault;
+use crate::wire::Head;
+
+/// How long a worker that took a key's segment has to map it before a
+/// completed round may take the file away (a worker that failed to map it
+/// pushes by message meanwhile).
+pub(super) const SHM_GRACE: Duration = Duration::from_secs(10);
+
+impl EntryState {
+    /// A worker's check of the part after its init ([`Op::Check`](crate::wire::Op::Check)): an
+    /// error if it holds another type or size than this server's record;
+    /// else, if it will map the segment, the segment (made on the first
+    /// such check; the value moves into it) as the transport's descriptor
+    /// of the region.
+    pub(crate) fn check(
+        &mut self,
+        head: &Head,
+        c: &crate::wire::Check,
+        rank: usize,
+    ) -> Result<Option<Bytes>, Fault> {
+        if rank >= self.workers {
+            return Err(Fault::Mismatch(format!(
+                "{}: no worker rank {rank}",
+                self.name()
+            )));
+        }
+        if head.dtype != self.dtype || c.part_bytes != self.nbytes as u64 {
+            let theirs = c.part_bytes / head.dtype.size() as u64;
+            return Err(Fault::Mismatch(format!(
+                "{}: worker {rank} holds {theirs} {} elements of it (its key has shape {:?}), but the server holds {} {} elements (from worker 0's init): every worker must init a key with the same shape and type",
+                self.name(),
+                head.dtype,
+                c.shape,
+                self.elems,
+                self.dtype
+            )));
+        }
+        self.checked[rank] = true;
+        let answer = if c.wants_shm {
+            if self.shm.is_none() {
+                let seg = Region::create(self.workers + 1, self.nbytes).map_err(|e| {
+                    Fault::Failed(format!(
+                        "{}: cannot make a shared segment: {e}",
+                        self.name()
+                    ))
+                })?;
+                // SAFETY: a fresh segment no one else has mapped yet.
+                unsafe { seg.slot_mut(self.workers) }.copy_from_slice(self.value.bytes());
+                self.shm = Some(Arc::new(seg));
+            }
+            self.shm_pending[rank] = Some(Instant::now());
+            let seg = self.shm.as_ref().expect("made above");
+            Some(seg.descriptor())
+        } else {
+            None
+        };
+        self.maybe_unlink(false);
+        Ok(answer)
+    }
+
+    /// Worker `rank` used the segment (or will not): once nobody will map
+    /// it any more, the file goes (the mappings stay).
+    pub(crate) fn shm_used(&mut self, rank: usize) {
+        if let Some(p) = self.shm_pending.get_mut(rank) {
+            *p = None;
+        }
+        self.maybe_unlink(false);
+    }
+
+    /// Removes the segment's file when no worker will map it any more:
+    /// every pending one used it, or (`round_done`) took it `SHM_GRACE`
+    /// ago and has pushed by message since.
+    ///
+    /// Subtle: a round completing soon after a check says nothing of the
+    /// checking worker. After a server restart, a worker's recheck thread
+    /// maps the new segment while its training pushes by message; a round
+    /// can complete between the check's answer and the worker's mapping,
+    /// and an unlink then would leave that part on messages for good.
+    pub(super) fn maybe_unlink(&mut self, round_done: bool) {
+        let Some(seg) = &self.shm else { return };
+        if !self.checked.iter().all(|c| *c) {
+            return;
+        }
+        let gone = |p: &Option<Instant>| match p {
+            None => true,
+            Some(t) => round_done && t.elapsed() >= SHM_GRACE,
+        };
+        if self.shm_pending.iter().all(gone) {
+            seg.retire();
+        }
+    }
+
+    /// Removes the segment's file now (the server is stopping).
+    pub(crate) fn unlink_segment(&self) {
+        if let Some(seg) = &self.shm {
+            seg.retire();
+        }
+    }
+
+    /// A worker died: it will not map the segment.
+    pub(crate) fn worker_gone(&mut self, rank: usize) {
+        if let Some(c) = self.checked.get_mut(rank) {
+            *c = true;
+        }
+        self.shm_used(rank);
+    }
+
+    /// Whether a shared-memory request names this entry's segment: a
+    /// request prepared for the segment of a server process that has since
+    /// been restarted must fail (the worker maps the new one and sends
+    /// again), not read this one's slot.
+    pub(crate) fn check_shm(&self, head: &Head) -> Result<(), Fault> {
+        match &self.shm {
+            Some(seg) if seg.tag() == head.shm_tag => Ok(()),
+            Some(_) => Err(Fault::Unavailable(format!(
+                "{}: a shared-memory request for another segment of this key (this server restarted since the worker mapped it); sending again",
+                self.name()
+            ))),
+            None => Err(Fault::Unavailable(format!(
+                "{}: a shared-memory request, but the key has no segment (open it first)",
+                self.name()
+            ))),
+        }
+    }
+
+    /// The push of worker `rank` in its slot, as bytes; `vals` is the
+    /// request's body, the byte count the worker wrote there.
+    pub(crate) fn shm_input(&self, head: &Head, vals: &[u8], rank: usize) -> Result<Bytes, Fault> {
+        self.check_shm(head)?;
+        let wrote = <[u8; 8]>::try_from(vals).map(u64::from_le_bytes).ok();
+        if wrote != Some(self.nbytes as u64) {
+            return Err(Fault::Mismatch(format!(
+                "{}: a shared-memory push of {} but the key holds {} bytes ({} elements)",
+                self.name(),
+                match wrote {
+                    Some(n) => format!("{n} bytes"),
+                    None => format!("a malformed {}-byte count", vals.len()),
+                },
+                self.nbytes,
+                self.elems
+            )));
+        }
+        match &self.shm {
+            Some(seg) if rank < self.workers => {
+                // SAFETY: the view lives while the server sums the round;
+                // the worker does not write its slot until the round is
+                // answered (the protocol in `kinds/dist/segments.rs`).
+                Ok(unsafe { seg.lease(rank) })
+            }
+            _ => Err(Fault::Mismatch(format!(
+                "{}: a shared-memory request, but the key has no segment (open it first)",
+                self.name()
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::SHM_GRACE;
+    use crate::dtype::DType;
+    use crate::server::entry::EntryState;
+    use crate::wire::{Check, Head, Op};
+
+    /// A completed round takes a segment's file away only from workers
+    /// that took it `SHM_GRACE` ago (a restarted server's workers map it
+    /// from a thread while their training pushes by message); a worker
+    /// that used it lets it go at once.
+    #[test]
+    fn a_round_does_not_unlink_a_segment_a_worker_has_just_taken() {
+        let mut st = EntryState::new(1, 0, DType::F32, &[0u8; 64], 2);
+        let head = Head {
+            op: Op::Check,
+            dtype: DType::F32,
+            compression: 0,
+            sync: true,
+            multi_precision: false,
+            shm: false,
+            shm_tag: 0,
+        };
+        let check = Check {
+            part_bytes: 64,
+            wants_shm: true,
+            shape: vec![16],
+        };
+        for rank in 0..2 {
+            st.check(&head, &check, rank).unwrap().expect("a segment");
+        }
+        let path = st.shm.as_ref().unwrap().path().to_path_buf();
+        st.shm_used(0);
+        st.maybe_unlink(true);
+        assert!(path.exists(), "worker 1 took the segment just now");
+        // Worker 1 took it long ago and pushed by message since: it goes.
+        st.shm_pending[1] = Some(Instant::now() - SHM_GRACE - Duration::from_secs(1));
+        st.maybe_unlink(false);
+        assert!(path.exists(), "only a completed round lets it go");
+        st.maybe_unlink(true);
+        assert!(!path.exists());
+    }
+}
