@@ -24,7 +24,7 @@
 //!   a polled link stands back while it is polled). The thread snapshots
 //!   the members when the bell changed, and waits on the bell's value with
 //!   the rings' words, so a ring after the snapshot is never slept through.
-//! - Sleeping without lost wake-ups, per ring as in `ring.rs`: read the
+//! - Sleeping without lost wake-ups, per ring as in `ring/mod.rs`: read the
 //!   ring's sequence word, set its waiting flag, look at every ring it
 //!   watches once more, then sleep on all their sequence words with the
 //!   values read; a producer that published meanwhile either is seen by
