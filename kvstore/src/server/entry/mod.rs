@@ -10,7 +10,10 @@
 //! bit-reproducible (MXNet adds in arrival order). When rank `W-1` is
 //! folded the round completes: the optimizer runs once on the sum (or the
 //! sum becomes the stored value), then every waiting push (and push-pull)
-//! is answered, and the round starts over.
+//! is answered, and the round starts over. A push of a rank that is still
+//! pending takes the pending one's place (a worker sends a push again only
+//! when the first one's answer was lost); one of a rank already folded is
+//! refused.
 //!
 //! All of this runs inside engine ops that write the entry's var, so one
 //! op at a time touches an entry; the mutex around the state is never
@@ -256,9 +259,11 @@ impl EntryState {
                 )));
             }
         }
-        if head.sync && self.pending[rank].is_some() {
+        // A push of a rank already in the sum cannot take its place (one
+        // still pending can: `push`).
+        if head.sync && rank < self.folded {
             return Err(Fault::Mismatch(format!(
-                "{}: worker {rank} pushed twice in one round",
+                "{}: worker {rank} pushed twice in one round (its first push is in the round's sum already)",
                 self.name()
             )));
         }
@@ -295,7 +300,20 @@ impl EntryState {
         }
         self.round_sync = Some(true);
         let eager = !self.plain(rule, std::iter::once(&head));
-        self.pending[rank] = Some(Arrival { head, vals, answer });
+        // Subtle: a worker sends a push again only when its first one's
+        // answer was lost (a worker's next push on a key waits for the
+        // round's answer), so a second push of a pending rank is that
+        // retry: it takes the first one's place, whose answer goes to a
+        // request its worker gave up on. Refused, the retry would land in
+        // the next round, that worker a push ahead of the others for good.
+        let again = self.pending[rank].replace(Arrival { head, vals, answer });
+        if let Some(first) = again {
+            (first.answer)(Err(Fault::Unavailable(format!(
+                "{}: worker {rank} sent this push again in the same round; the later one counts",
+                self.name()
+            ))));
+            return;
+        }
         self.arrived += 1;
         if self.arrived == 1 {
             self.round_began = Some(Instant::now());
@@ -580,5 +598,80 @@ fn answer_of(want: Want, snap: &Option<Bytes>) -> Option<Bytes> {
         Want::Nothing => None,
         Want::Value => snap.clone(),
         Want::Slot => Some(Bytes::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::{channel, Receiver};
+
+    use bytes::Bytes;
+    use pskv_gpu::cpu::CpuKernels;
+
+    use super::{Answer, EntryState};
+    use crate::dtype::DType;
+    use crate::error::Fault;
+    use crate::wire::{Head, Op};
+
+    fn head(op: Op) -> Head {
+        Head {
+            op,
+            dtype: DType::F32,
+            compression: 0,
+            sync: true,
+            multi_precision: false,
+            shm: false,
+            shm_tag: 0,
+        }
+    }
+
+    fn f32s(v: &[f32]) -> Bytes {
+        Bytes::copy_from_slice(bytemuck::cast_slice(v))
+    }
+
+    fn answer() -> (Answer, Receiver<Result<Option<Bytes>, Fault>>) {
+        let (tx, rx) = channel();
+        (
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+            rx,
+        )
+    }
+
+    /// A worker whose push's answer was lost (its request failed on its
+    /// side, say, while its server restarted) sends the push again in the
+    /// same round: the later push takes the earlier one's place (the earlier
+    /// is answered with an error nobody waits for), and the round sums each
+    /// worker once. Refused instead, the push would land in the next round:
+    /// that worker one push ahead of the others for good.
+    #[test]
+    fn a_push_sent_again_in_its_round_takes_the_first_ones_place() {
+        let k = CpuKernels::single_threaded();
+        let mut st = EntryState::new(1, 0, DType::F32, &f32s(&[0.0; 4]), 2);
+        let (a0, r0) = answer();
+        st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 4]), 0, a0);
+        let (a0b, r0b) = answer();
+        st.push(&k, None, head(Op::PushPull), f32s(&[2.0; 4]), 0, a0b);
+        let first = r0.try_recv().expect("the first push is answered at once");
+        let e = first.expect_err("the first push gives way");
+        assert!(e.to_string().contains("again in the same round"), "{e}");
+        assert!(r0b.try_recv().is_err(), "the round waits for worker 1");
+        let (a1, r1) = answer();
+        st.push(&k, None, head(Op::PushPull), f32s(&[10.0; 4]), 1, a1);
+        for r in [r0b, r1] {
+            let v = r.try_recv().unwrap().unwrap().expect("a push-pull's value");
+            assert_eq!(bytemuck::cast_slice::<u8, f32>(&v), &[12.0; 4]);
+        }
+        assert_eq!(st.rounds, 1);
+        // The next round starts clean.
+        let (a0, r0) = answer();
+        st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 4]), 0, a0);
+        let (a1, r1) = answer();
+        st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 4]), 1, a1);
+        for r in [r0, r1] {
+            let v = r.try_recv().unwrap().unwrap().unwrap();
+            assert_eq!(bytemuck::cast_slice::<u8, f32>(&v), &[2.0; 4]);
+        }
     }
 }
