@@ -602,7 +602,7 @@ fn answer_of(want: Want, snap: &Option<Bytes>) -> Option<Bytes> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::sync::mpsc::{channel, Receiver};
 
     use bytes::Bytes;
@@ -613,7 +613,8 @@ mod tests {
     use crate::error::Fault;
     use crate::wire::{Head, Op};
 
-    fn head(op: Op) -> Head {
+    /// A sync f32 request head of `op`.
+    pub(super) fn head(op: Op) -> Head {
         Head {
             op,
             dtype: DType::F32,

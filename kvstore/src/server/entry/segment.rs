@@ -174,7 +174,7 @@ mod tests {
     use super::SHM_GRACE;
     use crate::dtype::DType;
     use crate::server::entry::EntryState;
-    use crate::wire::{Check, Head, Op};
+    use crate::wire::{Check, Op};
 
     /// A completed round takes a segment's file away only from workers
     /// that took it `SHM_GRACE` ago (a restarted server's workers map it
@@ -183,15 +183,7 @@ mod tests {
     #[test]
     fn a_round_does_not_unlink_a_segment_a_worker_has_just_taken() {
         let mut st = EntryState::new(1, 0, DType::F32, &[0u8; 64], 2);
-        let head = Head {
-            op: Op::Check,
-            dtype: DType::F32,
-            compression: 0,
-            sync: true,
-            multi_precision: false,
-            shm: false,
-            shm_tag: 0,
-        };
+        let head = crate::server::entry::tests::head(Op::Check);
         let check = Check {
             part_bytes: 64,
             wants_shm: true,
