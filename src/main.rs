@@ -251,7 +251,15 @@ fn launch(a: &LaunchArgs) -> ExitCode {
     };
     let mut job = match Job::start(&spec, launcher) {
         Ok(j) => j,
-        Err(e) => return fail(e.to_string(), 2),
+        // 2 for a job asked for wrongly, 1 for one that failed to start.
+        Err(e) => {
+            let code = if matches!(e, CliError::Usage(_)) {
+                2
+            } else {
+                1
+            };
+            return fail(e.to_string(), code);
+        }
     };
     match job.supervise(&stop, a.timeout.map(std::time::Duration::from_secs)) {
         Ok(()) => ExitCode::SUCCESS,

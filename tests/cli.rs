@@ -868,3 +868,29 @@ fn the_rust_example_trains_under_pskv_launch() {
         "{text}"
     );
 }
+
+/// A scheduler that cannot listen (an interface with no address) ends
+/// the launch at once, naming why, with status 1 (a job that failed to
+/// start; 2 is for one asked for wrongly): the launcher waits for the
+/// port it reports, not for a port it picked itself.
+#[test]
+fn a_scheduler_that_cannot_listen_ends_the_launch_at_once() {
+    let t = Instant::now();
+    let out = pskv()
+        .args([
+            "launch",
+            "-n",
+            "1",
+            "--env",
+            "DMLC_INTERFACE=pskv-none0",
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("DMLC_INTERFACE"), "{err}");
+    assert!(err.contains("exited before it listened"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+}

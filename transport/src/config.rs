@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `DMLC_ROLE` | `scheduler`, `server` or `worker` | required |
 //! | `DMLC_PS_ROOT_URI` | the scheduler's host | required |
-//! | `DMLC_PS_ROOT_PORT` | the scheduler's port | required |
+//! | `DMLC_PS_ROOT_PORT` | the scheduler's port (a scheduler: 0 takes any free one) | required |
 //! | `DMLC_NUM_SERVER` | servers in the cluster | required |
 //! | `DMLC_NUM_WORKER` | workers in the cluster | required |
 //! | `DMLC_INTERFACE` | network interface to listen on and announce (its IPv4 address) | all interfaces; the host's name is announced |
@@ -27,6 +27,7 @@
 //! | `PSKV_MAX_MESSAGE_BYTES` | largest payload accepted in one message | 2 GiB |
 //! | `PSKV_CONNECT_TIMEOUT` | seconds to keep trying to reach the scheduler and to register | 60 |
 //! | `PSKV_IO_THREADS` | I/O threads of the node's runtime | 2 |
+//! | `PSKV_PORT_FD` | a scheduler only: an inherited pipe it writes the port it listens on to (then a newline), once, and closes | unset |
 //! | `PSKV_PROFILE` | also write the transport's profile at shutdown: every request and answer with flow ids (`trace.rs`), to `<role>-<pid>-transport.json` beside the engine's file | off |
 
 use std::time::Duration;
@@ -128,8 +129,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Runtime threads.
     pub io_threads: usize,
-    /// A scheduler only: an inherited descriptor to which it writes the
-    /// port it listens on (then a newline) and which it then closes; how a
+    /// A scheduler only: an inherited pipe to which it writes the port it
+    /// listens on (then a newline) and which it then closes, once per
+    /// process (anything but a pipe, or a second start, is an error); how a
     /// launcher learns the port of a scheduler it started on port 0.
     pub port_fd: Option<i32>,
 }

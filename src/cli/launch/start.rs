@@ -53,13 +53,15 @@ impl Job {
             (None, true) => address_towards(&spec.hosts[0])?,
         };
         // The scheduler's port: the caller's (`--env DMLC_PS_ROOT_PORT=P`),
-        // else whichever the scheduler finds free (`start_scheduler`).
+        // else (none, empty or 0) whichever the scheduler finds free
+        // (`start_scheduler`).
         let fixed_port = spec
             .env
             .iter()
             .rev()
             .find(|(k, _)| k == "DMLC_PS_ROOT_PORT")
-            .map(|(_, v)| v.clone());
+            .map(|(_, v)| v.trim().to_string())
+            .filter(|v| !v.is_empty() && v != "0");
         let mut env: Vec<(String, String)> = vec![
             ("DMLC_PS_ROOT_URI".into(), root.clone()),
             ("DMLC_NUM_WORKER".into(), spec.workers.to_string()),
@@ -252,7 +254,9 @@ impl Job {
         self.start_member_with(Role::Scheduler, Some(w.as_raw_fd()))?;
         // Only the scheduler holds the write end now: its exit ends the read.
         drop(w);
-        read_port(r, SCHEDULER_START_TIMEOUT)
+        // A signal (Ctrl-C) stops the wait as it stops the job later.
+        let stop = super::supervise::stop_flag().ok();
+        read_port(r, SCHEDULER_START_TIMEOUT, stop.as_deref())
     }
 
     fn start_member_with(&mut self, role: Role, port_fd: Option<RawFd>) -> CliResult {
@@ -276,13 +280,23 @@ const SCHEDULER_START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Reads the scheduler's `PORT\n` from the pipe `r`, waiting at most
 /// `timeout`: an error if the scheduler closes it first (it exited: its own
-/// error is on stderr) or says something else.
-fn read_port(r: OwnedFd, timeout: Duration) -> CliResult<u16> {
+/// error is on stderr) or says something else, or if `stop` is raised
+/// meanwhile (looked at every 100 ms).
+fn read_port(
+    r: OwnedFd,
+    timeout: Duration,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> CliResult<u16> {
     use std::os::fd::AsRawFd;
     let deadline = Instant::now() + timeout;
     let mut got = Vec::new();
     let mut f = std::fs::File::from(r);
     while !got.ends_with(b"\n") && got.len() < 16 {
+        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+            return Err(CliError::Failed(
+                "stopped by a signal while waiting for the scheduler to listen".into(),
+            ));
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(CliError::Failed(format!(
@@ -294,7 +308,7 @@ fn read_port(r: OwnedFd, timeout: Duration) -> CliResult<u16> {
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        let ms = left.as_millis().clamp(1, 100) as i32;
         // SAFETY: one pollfd of ours.
         let n = unsafe { libc::poll(&mut p, 1, ms) };
         if n < 0 {
@@ -358,7 +372,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
             w.write_all(b"23\n").unwrap();
         });
-        assert_eq!(read_port(r, Duration::from_secs(10)).unwrap(), 4123);
+        assert_eq!(read_port(r, Duration::from_secs(10), None).unwrap(), 4123);
         t.join().unwrap();
     }
 
@@ -366,16 +380,21 @@ mod tests {
     fn a_scheduler_that_exits_silent_or_says_nonsense_or_nothing() {
         let (r, w) = pipe();
         drop(w);
-        let e = read_port(r, Duration::from_secs(10)).unwrap_err();
+        let e = read_port(r, Duration::from_secs(10), None).unwrap_err();
         assert!(e.to_string().contains("exited before it listened"), "{e}");
         let (r, mut w) = pipe();
         w.write_all(b"0\n").unwrap();
-        let e = read_port(r, Duration::from_secs(10)).unwrap_err();
+        let e = read_port(r, Duration::from_secs(10), None).unwrap_err();
         assert!(e.to_string().contains("as its port"), "{e}");
         let (r, _w) = pipe();
         let t = Instant::now();
-        let e = read_port(r, Duration::from_millis(100)).unwrap_err();
+        let e = read_port(r, Duration::from_millis(100), None).unwrap_err();
         assert!(e.to_string().contains("did not report"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(5));
+        // A raised stop flag ends the wait within its 100 ms look.
+        let (r, _w) = pipe();
+        let stop = std::sync::atomic::AtomicBool::new(true);
+        let e = read_port(r, Duration::from_secs(60), Some(&stop)).unwrap_err();
+        assert!(e.to_string().contains("stopped by a signal"), "{e}");
     }
 }

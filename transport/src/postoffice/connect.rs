@@ -519,18 +519,73 @@ pub(crate) fn host_id() -> u64 {
 /// (`PSKV_PORT_FD`), then closes it: how `pskv launch` learns the port of a
 /// scheduler it started with `DMLC_PS_ROOT_PORT=0`. (A port the launcher
 /// picked and released could be taken by another process before the
-/// scheduler bound it: CI saw "Address already in use".)
+/// scheduler bound it: CI saw "Address already in use".) Once per process,
+/// and only into a pipe: a second call (a `Config` cloned and started
+/// twice), or a number that names anything else, is an error, so no
+/// descriptor this process uses otherwise is written to or closed.
 pub(super) fn report_port(fd: i32, port: u16) -> Result<(), TransportError> {
+    static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let what = || format!("writing the port to PSKV_PORT_FD={fd}");
-    // SAFETY: fcntl(F_GETFD) only asks whether `fd` is open.
-    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+    // SAFETY: fstat(2) into a zeroed stat of ours; it only reads the fd.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
         return Err(TransportError::io(what(), std::io::Error::last_os_error()));
     }
-    // SAFETY: an open descriptor this process inherited for this one use
-    // (the configuration takes it from a scheduler's environment only, and
-    // never one of the three standard streams): owning and closing it here
-    // takes it from nobody.
+    if st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+        return Err(TransportError::io(
+            what(),
+            "the descriptor is not a pipe (PSKV_PORT_FD is for a launcher's pipe)",
+        ));
+    }
+    if REPORTED.swap(true, Ordering::AcqRel) {
+        return Err(TransportError::io(
+            what(),
+            "this process reported its port once already (the descriptor is closed)",
+        ));
+    }
+    // SAFETY: an open pipe this process inherited for this one use (the
+    // configuration takes the number from a scheduler's environment,
+    // never a standard stream), taken here once per process (`REPORTED`):
+    // owning and closing it takes it from nobody.
     let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     std::io::Write::write_all(&mut f, format!("{port}\n").as_bytes())
         .map_err(|e| TransportError::io(what(), e))
+}
+
+#[cfg(test)]
+mod port_tests {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    use super::report_port;
+
+    /// The port goes into a pipe, once per process; a descriptor that is
+    /// not a pipe is refused and left open.
+    #[test]
+    fn the_port_goes_into_a_pipe_once() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let e = report_port(file.as_raw_fd(), 1234).unwrap_err();
+        assert!(e.to_string().contains("not a pipe"), "{e}");
+        // SAFETY: fcntl(F_GETFD) only asks whether the fd is open.
+        assert!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFD) } >= 0);
+        let mut fds = [0; 2];
+        // SAFETY: pipe2(2) into a two-int array; the read end is owned below,
+        // the write end by `report_port`.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let mut r = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        report_port(fds[1], 4321).unwrap();
+        let mut got = String::new();
+        r.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "4321\n");
+        // SAFETY: as above; both ends owned here this time.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let (_r, _w) = unsafe {
+            (
+                std::fs::File::from_raw_fd(fds[0]),
+                std::fs::File::from_raw_fd(fds[1]),
+            )
+        };
+        let e = report_port(fds[1], 4321).unwrap_err();
+        assert!(e.to_string().contains("once already"), "{e}");
+    }
 }

@@ -10,10 +10,10 @@
 //! bit-reproducible (MXNet adds in arrival order). When rank `W-1` is
 //! folded the round completes: the optimizer runs once on the sum (or the
 //! sum becomes the stored value), then every waiting push (and push-pull)
-//! is answered, and the round starts over. A push of a rank that is still
-//! pending takes the pending one's place (a worker sends a push again only
-//! when the first one's answer was lost); one of a rank already folded is
-//! refused.
+//! is answered, and the round starts over. A push of a rank that already
+//! pushed in this round takes the first one's place (a worker sends a push
+//! again only when the first one's answer was lost): in `pending`, or, if
+//! the first is in the sum already, among the answers only.
 //!
 //! All of this runs inside engine ops that write the entry's var, so one
 //! op at a time touches an entry; the mutex around the state is never
@@ -259,14 +259,6 @@ impl EntryState {
                 )));
             }
         }
-        // A push of a rank already in the sum cannot take its place (one
-        // still pending can: `push`).
-        if head.sync && rank < self.folded {
-            return Err(Fault::Mismatch(format!(
-                "{}: worker {rank} pushed twice in one round (its first push is in the round's sum already)",
-                self.name()
-            )));
-        }
         Ok(())
     }
 
@@ -306,12 +298,25 @@ impl EntryState {
         // retry: it takes the first one's place, whose answer goes to a
         // request its worker gave up on. Refused, the retry would land in
         // the next round, that worker a push ahead of the others for good.
+        if rank < self.folded {
+            // Its first push is in the sum already (a key folded as pushes
+            // come): the one sent again takes its place among the answers
+            // only (`fold_ready` keeps them in rank order), and its values
+            // are not added a second time.
+            let want = Want::of(&head);
+            let msg = self.gave_way(rank);
+            match self.waiters.get_mut(rank) {
+                Some(w) => (std::mem::replace(w, (answer, want)).0)(msg),
+                None => answer(Err(Fault::Failed(format!(
+                    "{}: internal: worker {rank} is in the sum without an answer",
+                    self.name()
+                )))),
+            }
+            return;
+        }
         let again = self.pending[rank].replace(Arrival { head, vals, answer });
         if let Some(first) = again {
-            (first.answer)(Err(Fault::Unavailable(format!(
-                "{}: worker {rank} sent this push again in the same round; the later one counts",
-                self.name()
-            ))));
+            (first.answer)(self.gave_way(rank));
             return;
         }
         self.arrived += 1;
@@ -347,6 +352,15 @@ impl EntryState {
         }
         self.folded = 0;
         self.complete(rule, true);
+    }
+
+    /// The answer of a push that a push of the same rank, sent again in
+    /// its round, took the place of.
+    fn gave_way(&self, rank: usize) -> Result<Option<Bytes>, Fault> {
+        Err(Fault::Unavailable(format!(
+            "{}: worker {rank} sent this push again in the same round; the later one counts",
+            self.name()
+        )))
     }
 
     /// Folds the pending pushes of ranks `folded..` that have arrived, in
@@ -602,7 +616,7 @@ fn answer_of(want: Want, snap: &Option<Bytes>) -> Option<Bytes> {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use std::sync::mpsc::{channel, Receiver};
 
     use bytes::Bytes;
@@ -674,5 +688,36 @@ pub(super) mod tests {
             let v = r.try_recv().unwrap().unwrap().unwrap();
             assert_eq!(bytemuck::cast_slice::<u8, f32>(&v), &[2.0; 4]);
         }
+    }
+
+    /// The same for a key whose pushes are summed as they come (integers,
+    /// here): the first push is in the sum already, so the one sent again
+    /// takes its place in the answers only, and its values are not added
+    /// a second time.
+    #[test]
+    fn a_push_sent_again_after_its_first_was_summed_is_counted_once() {
+        let k = CpuKernels::single_threaded();
+        let i32s = |v: &[i32]| Bytes::copy_from_slice(bytemuck::cast_slice(v));
+        let h = Head {
+            dtype: DType::I32,
+            ..head(Op::PushPull)
+        };
+        let mut st = EntryState::new(1, 0, DType::I32, &i32s(&[0; 4]), 2);
+        let (a0, r0) = answer();
+        st.push(&k, None, h, i32s(&[1; 4]), 0, a0);
+        let (a0b, r0b) = answer();
+        st.push(&k, None, h, i32s(&[1; 4]), 0, a0b);
+        let e = r0
+            .try_recv()
+            .expect("answered at once")
+            .expect_err("gives way");
+        assert!(e.to_string().contains("again in the same round"), "{e}");
+        let (a1, r1) = answer();
+        st.push(&k, None, h, i32s(&[10; 4]), 1, a1);
+        for r in [r0b, r1] {
+            let v = r.try_recv().unwrap().unwrap().expect("a push-pull's value");
+            assert_eq!(bytemuck::cast_slice::<u8, i32>(&v), &[11; 4]);
+        }
+        assert_eq!(st.rounds, 1);
     }
 }

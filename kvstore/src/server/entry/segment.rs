@@ -16,7 +16,7 @@ use crate::wire::Head;
 /// How long a worker that took a key's segment has to map it before a
 /// completed round may take the file away (a worker that failed to map it
 /// pushes by message meanwhile).
-pub(super) const SHM_GRACE: Duration = Duration::from_secs(10);
+const SHM_GRACE: Duration = Duration::from_secs(10);
 
 impl EntryState {
     /// A worker's check of the part after its init ([`Op::Check`](crate::wire::Op::Check)): an
