@@ -18,7 +18,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use pskv_test_support::{PortPipe, Procs};
+use pskv_test_support::{port_of, PortPipe, Procs};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pskv-net");
 
@@ -73,9 +73,10 @@ fn run_pskv_once(van: &str, servers: u32, workers: u32) -> Vec<Vec<Line>> {
     let mut procs = Procs(Vec::new());
     // The scheduler takes any free port and says which.
     let mut sched = cmd("scheduler", 0);
-    let pipe = PortPipe::attach(&mut sched);
+    let pipe = PortPipe::new().unwrap();
+    pipe.attach(&mut sched);
     procs.0.push(sched.spawn().unwrap());
-    let port = pipe.read();
+    let port = port_of(pipe);
     for _ in 0..servers {
         procs.0.push(cmd("server", port).spawn().unwrap());
     }

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use pskv_test_support::{PortPipe, Procs};
+use pskv_test_support::{port_of, PortPipe, Procs};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pskv-net");
 
@@ -35,9 +35,10 @@ fn node(role: &str, port: u16, s: u32, w: u32, env: &[(&str, &str)], args: &[&st
 /// that port.
 fn scheduler(s: u32, w: u32, env: &[(&str, &str)]) -> (Child, u16) {
     let mut c = node("scheduler", 0, s, w, env, &[]);
-    let pipe = PortPipe::attach(&mut c);
+    let pipe = PortPipe::new().unwrap();
+    pipe.attach(&mut c);
     let child = c.spawn().unwrap();
-    (child, pipe.read())
+    (child, port_of(pipe))
 }
 
 /// Waits for `child` to exit within `limit`; its status and output.

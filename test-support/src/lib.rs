@@ -3,9 +3,9 @@
 //! schedulers that find a free port themselves. A dev-dependency only.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
+
+pub use pskv_transport::PortPipe;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -90,72 +90,24 @@ pub fn spawn_infra(exe: &str, env: &mut Vec<(&str, String)>, servers: u32) -> Pr
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("DMLC_ROLE", role)
             .stdout(std::process::Stdio::null());
-        let pipe = (role == "scheduler").then(|| PortPipe::attach(&mut c));
+        let pipe = (role == "scheduler").then(|| {
+            let p = PortPipe::new().expect("a pipe for the scheduler's port");
+            p.attach(&mut c);
+            p
+        });
         infra.0.push(c.spawn().expect("starting a pskv node"));
         if let Some(p) = pipe {
-            env.push(("DMLC_PS_ROOT_PORT", p.read().to_string()));
+            env.push(("DMLC_PS_ROOT_PORT", port_of(p).to_string()));
         }
     }
     infra
 }
 
-/// How a test learns the port of a `pskv scheduler` that it starts with
-/// `DMLC_PS_ROOT_PORT=0`: a pipe the scheduler writes it to once it
-/// listens (`PSKV_PORT_FD`). A port found free and released first could
-/// be taken by another process before the scheduler binds it.
-pub struct PortPipe {
-    r: std::fs::File,
-    w: OwnedFd,
-}
-
-impl PortPipe {
-    /// Sets `c`'s port to 0 and hands it the pipe's write end.
-    pub fn attach(c: &mut Command) -> PortPipe {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2(2) into a two-int array; the fds are owned below.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: two fresh descriptors, each owned once.
-        let (r, w) = unsafe {
-            use std::os::fd::FromRawFd;
-            (
-                std::fs::File::from_raw_fd(fds[0]),
-                OwnedFd::from_raw_fd(fds[1]),
-            )
-        };
-        let fd = w.as_raw_fd();
-        c.env("DMLC_PS_ROOT_PORT", "0")
-            .env("PSKV_PORT_FD", fd.to_string());
-        // SAFETY: only fcntl(2) between fork and exec: this one child keeps
-        // the (close-on-exec) write end across its exec.
-        unsafe {
-            c.pre_exec(move || {
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        PortPipe { r, w }
-    }
-
-    /// The port, once the scheduler (spawned since `attach`) listens;
-    /// panics if it exits first or takes more than a minute.
-    pub fn read(self) -> u16 {
-        let PortPipe { mut r, w } = self;
-        drop(w);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            let _ = tx.send(s);
-        });
-        let s = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the scheduler did not report its port within 60 s");
-        s.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("the scheduler exited without its port (it wrote {s:?})"))
-    }
+/// Waits for the port of a scheduler started with `pipe` attached
+/// ([`PortPipe::attach`]): at most a minute; panics if it exits first.
+pub fn port_of(pipe: PortPipe) -> u16 {
+    pipe.read(Duration::from_secs(60), None)
+        .expect("the scheduler's port")
 }
 
 #[cfg(test)]

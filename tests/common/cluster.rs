@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::worker_command;
-use pskv_test_support::PortPipe;
+use pskv_test_support::{port_of, PortPipe};
 
 /// How a node is started.
 #[derive(Clone, Debug, Default)]
@@ -115,9 +115,10 @@ impl Job {
         if role != "scheduler" {
             return self.spawn(role, c, f);
         }
-        let pipe = PortPipe::attach(&mut c);
+        let pipe = PortPipe::new().expect("a pipe for the scheduler's port");
+        pipe.attach(&mut c);
         let i = self.spawn(role, c, f);
-        let port = pipe.read().to_string();
+        let port = port_of(pipe).to_string();
         self.env.retain(|(k, _)| k != "DMLC_PS_ROOT_PORT");
         self.env.push(("DMLC_PS_ROOT_PORT".into(), port));
         i

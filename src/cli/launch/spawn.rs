@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 
 use super::Role;
 use crate::cli::error::{CliError, CliResult};
+use pskv::transport::PortPipe;
 
 /// A fresh random cluster token (hex of 16 bytes from the OS).
 pub(super) fn random_token() -> CliResult<String> {
@@ -160,14 +161,14 @@ impl Spawner {
     }
 
     /// Starts `role`'s member; `watch`: the watchdog's pipe, which the member
-    /// names its group to before it runs (`detach_and_tie`); `port_fd`: for
-    /// a scheduler here, a pipe it inherits and writes its port to once it
-    /// listens on any free one (see `start_scheduler`).
+    /// names its group to before it runs (`detach_and_tie`); `port`: for
+    /// a scheduler here, the pipe it writes its port to once it listens on
+    /// any free one (see `start_scheduler`).
     pub(super) fn spawn(
         &self,
         role: Role,
         watch: Option<RawFd>,
-        port_fd: Option<RawFd>,
+        port: Option<&PortPipe>,
     ) -> CliResult<Child> {
         let env = &self.env;
         let secret = &self.secret;
@@ -178,19 +179,15 @@ impl Spawner {
             Role::Server(_) => vec![self.exe.clone(), "server".into()],
             Role::Worker(_) => self.command.clone(),
         };
-        let (role_name, mut extra): (&str, Vec<(String, String)>) = match role {
+        let (role_name, extra): (&str, Vec<(String, String)>) = match role {
             Role::Scheduler => ("scheduler", vec![]),
             Role::Server(i) => ("server", vec![("DMLC_SERVER_ID".into(), i.to_string())]),
             Role::Worker(i) => ("worker", vec![("DMLC_WORKER_ID".into(), i.to_string())]),
         };
-        if let Some(fd) = port_fd {
-            if host.is_some() || role != Role::Scheduler {
-                return Err(CliError::Failed(format!(
-                    "internal: a port pipe for {role} on {host:?}"
-                )));
-            }
-            extra.push(("DMLC_PS_ROOT_PORT".into(), "0".into()));
-            extra.push(("PSKV_PORT_FD".into(), fd.to_string()));
+        if port.is_some() && (host.is_some() || role != Role::Scheduler) {
+            return Err(CliError::Failed(format!(
+                "internal: a port pipe for {role} on {host:?}"
+            )));
         }
         let mut c = match host {
             None => {
@@ -255,18 +252,8 @@ impl Spawner {
             c.stdout(Stdio::null());
         }
         detach_and_tie(&mut c, watch);
-        if let Some(fd) = port_fd {
-            // SAFETY: only fcntl(2) between fork and exec: the pipe, made
-            // close-on-exec so that no other child inherits it, stays open
-            // across this one exec.
-            unsafe {
-                c.pre_exec(move || {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+        if let Some(p) = port {
+            p.attach(&mut c);
         }
         let mut child = c
             .spawn()

@@ -4,14 +4,14 @@
 //! then every member started.
 
 use std::ffi::OsString;
-use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::fs::DirBuilderExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::spawn::{address_towards, pskv_exe, random_token, Spawner};
 use super::supervise::pidfd_of;
 use super::{Job, JobSpec, Launcher, Member, Role, Watchdog, MAX_LOCAL, MAX_NODES};
 use crate::cli::error::{CliError, CliResult};
+use pskv::transport::PortPipe;
 
 impl Job {
     /// Starts a `local` or `ssh` job.
@@ -237,31 +237,18 @@ impl Job {
     }
 
     /// Starts the scheduler on a port it finds free itself and returns
-    /// that port, which it writes to a pipe once it listens. (A port found
-    /// free here and released could be taken by another process before the
-    /// scheduler bound it; CI saw that happen.)
+    /// that port, which it writes to a pipe once it listens (`PortPipe`).
     fn start_scheduler(&mut self) -> CliResult<u16> {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let mut fds = [0; 2];
-        // SAFETY: pipe2(2) into a two-int array; the fds are owned below.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(CliError::io("making a pipe for the scheduler's port")(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: two fresh descriptors of ours, each owned once.
-        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        self.start_member_with(Role::Scheduler, Some(w.as_raw_fd()))?;
-        // Only the scheduler holds the write end now: its exit ends the read.
-        drop(w);
+        let pipe = PortPipe::new()?;
+        self.start_member_with(Role::Scheduler, Some(&pipe))?;
         // A signal (Ctrl-C) stops the wait as it stops the job later.
         let stop = super::supervise::stop_flag().ok();
-        read_port(r, SCHEDULER_START_TIMEOUT, stop.as_deref())
+        Ok(pipe.read(SCHEDULER_START_TIMEOUT, stop.as_deref())?)
     }
 
-    fn start_member_with(&mut self, role: Role, port_fd: Option<RawFd>) -> CliResult {
+    fn start_member_with(&mut self, role: Role, port: Option<&PortPipe>) -> CliResult {
         let watch = self.watchdog.as_ref().map(|w| w.fd());
-        let child = self.spawner.spawn(role, watch, port_fd)?;
+        let child = self.spawner.spawn(role, watch, port)?;
         let pidfd = pidfd_of(child.id());
         self.members.push(Member {
             role,
@@ -277,124 +264,3 @@ impl Job {
 
 /// How long the launcher waits for its scheduler to listen.
 const SCHEDULER_START_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Reads the scheduler's `PORT\n` from the pipe `r`, waiting at most
-/// `timeout`: an error if the scheduler closes it first (it exited: its own
-/// error is on stderr) or says something else, or if `stop` is raised
-/// meanwhile (looked at every 100 ms).
-fn read_port(
-    r: OwnedFd,
-    timeout: Duration,
-    stop: Option<&std::sync::atomic::AtomicBool>,
-) -> CliResult<u16> {
-    use std::os::fd::AsRawFd;
-    let deadline = Instant::now() + timeout;
-    let mut got = Vec::new();
-    let mut f = std::fs::File::from(r);
-    while !got.ends_with(b"\n") && got.len() < 16 {
-        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
-            return Err(CliError::Failed(
-                "stopped by a signal while waiting for the scheduler to listen".into(),
-            ));
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(CliError::Failed(format!(
-                "the scheduler did not report the port it listens on within {timeout:?}"
-            )));
-        }
-        let mut p = libc::pollfd {
-            fd: f.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = left.as_millis().clamp(1, 100) as i32;
-        // SAFETY: one pollfd of ours.
-        let n = unsafe { libc::poll(&mut p, 1, ms) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(CliError::io("waiting for the scheduler's port")(e));
-        }
-        if n == 0 {
-            continue;
-        }
-        let mut buf = [0u8; 16];
-        match std::io::Read::read(&mut f, &mut buf) {
-            Ok(0) => {
-                return Err(CliError::Failed(
-                    "the scheduler exited before it listened (its error is above)".into(),
-                ))
-            }
-            Ok(k) => got.extend_from_slice(&buf[..k]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(CliError::io("reading the scheduler's port")(e)),
-        }
-    }
-    std::str::from_utf8(&got)
-        .ok()
-        .and_then(|s| s.trim().parse::<u16>().ok())
-        .filter(|p| *p > 0)
-        .ok_or_else(|| {
-            CliError::Failed(format!(
-                "the scheduler reported {:?} as its port",
-                String::from_utf8_lossy(&got)
-            ))
-        })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-    use std::os::fd::{FromRawFd, OwnedFd};
-
-    fn pipe() -> (OwnedFd, std::fs::File) {
-        let mut fds = [0; 2];
-        // SAFETY: pipe2(2) into a two-int array; the fds are owned below.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: fresh fds, each owned once.
-        unsafe {
-            (
-                OwnedFd::from_raw_fd(fds[0]),
-                std::fs::File::from_raw_fd(fds[1]),
-            )
-        }
-    }
-
-    #[test]
-    fn the_port_from_the_pipe() {
-        let (r, mut w) = pipe();
-        w.write_all(b"41").unwrap();
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(20));
-            w.write_all(b"23\n").unwrap();
-        });
-        assert_eq!(read_port(r, Duration::from_secs(10), None).unwrap(), 4123);
-        t.join().unwrap();
-    }
-
-    #[test]
-    fn a_scheduler_that_exits_silent_or_says_nonsense_or_nothing() {
-        let (r, w) = pipe();
-        drop(w);
-        let e = read_port(r, Duration::from_secs(10), None).unwrap_err();
-        assert!(e.to_string().contains("exited before it listened"), "{e}");
-        let (r, mut w) = pipe();
-        w.write_all(b"0\n").unwrap();
-        let e = read_port(r, Duration::from_secs(10), None).unwrap_err();
-        assert!(e.to_string().contains("as its port"), "{e}");
-        let (r, _w) = pipe();
-        let t = Instant::now();
-        let e = read_port(r, Duration::from_millis(100), None).unwrap_err();
-        assert!(e.to_string().contains("did not report"), "{e}");
-        assert!(t.elapsed() < Duration::from_secs(5));
-        // A raised stop flag ends the wait within its 100 ms look.
-        let (r, _w) = pipe();
-        let stop = std::sync::atomic::AtomicBool::new(true);
-        let e = read_port(r, Duration::from_secs(60), Some(&stop)).unwrap_err();
-        assert!(e.to_string().contains("stopped by a signal"), "{e}");
-    }
-}

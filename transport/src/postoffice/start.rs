@@ -11,11 +11,12 @@ use std::time::Instant;
 use parking_lot::{Mutex, RwLock};
 use tokio::net::TcpListener;
 
-use super::connect::{interface_ip, local_ip_toward, report_port};
+use super::connect::{interface_ip, local_ip_toward};
 use super::{control, host_id, Ctl, Inner, Links, MissedBarrier, Owner, Postoffice, Requests};
 use crate::config::Config;
 use crate::error::TransportError;
 use crate::kv::RequestHandler;
+use crate::port_pipe::report_port;
 use crate::protocol::member::{Member, MemberConfig};
 use crate::protocol::resender::Resender;
 use crate::protocol::scheduler::{Scheduler, SchedulerConfig};
