@@ -284,6 +284,91 @@ fn ordered_shutdown_ends_with_all_left() {
     assert!(!sim.anyone_declared_dead());
 }
 
+/// A member closes its connection only once the scheduler has answered
+/// its Leave. Then even a close that the scheduler sees before what is
+/// still in flight on the connection (the worst order two I/O tasks can
+/// produce: a failed write ends the link before the reader got the Leave)
+/// is not taken for a death.
+#[test]
+fn a_member_that_closes_once_its_leave_is_answered_is_never_called_dead() {
+    for seed in seeds() {
+        let (s, w) = (2, 3);
+        let mut sim = Sim::new(seed, NASTY, true, s, w);
+        let n = (s + w) as usize;
+        sim.run_until(Duration::from_secs(60), |sim| {
+            (1..=n).all(|i| sim.joined(i))
+        });
+        for i in 1..=n {
+            let now = sim.now;
+            let m = sim.members[i].as_mut().unwrap();
+            assert!(!m.awaits_leave_ack(), "seed {seed}: not left yet");
+            m.leave(now);
+            assert!(
+                m.awaits_leave_ack(),
+                "seed {seed}: the Leave is not answered yet"
+            );
+        }
+        sim.flush();
+        let start = sim.now;
+        let mut open: Vec<usize> = (1..=n).collect();
+        while !open.is_empty() {
+            assert!(
+                sim.now < start + Duration::from_secs(60),
+                "seed {seed}: endpoints {open:?} still wait for the answer to their Leave"
+            );
+            sim.run(Duration::from_millis(10));
+            open.retain(|&i| {
+                if sim.members[i].as_ref().unwrap().awaits_leave_ack() {
+                    return true;
+                }
+                // The process exits: the scheduler sees the close at once.
+                sim.members[i] = None;
+                sim.sched.as_mut().unwrap().disconnected(i as u64);
+                false
+            });
+            sim.flush();
+        }
+        sim.run_until(Duration::from_secs(60), |sim| {
+            sim.sched_events
+                .contains(&SchedulerEvent::AllLeft { dead: vec![] })
+        });
+        assert!(
+            !sim.anyone_declared_dead(),
+            "seed {seed}: {:?}",
+            sim.sched_events
+        );
+    }
+}
+
+/// A member whose scheduler connection is gone, or that never left the
+/// running state, has no answer to wait for.
+#[test]
+fn no_answer_to_wait_for_without_a_scheduler_or_a_leave() {
+    let mut sim = Sim::new(3, CLEAN, false, 1, 1);
+    sim.run_until(Duration::from_secs(10), |sim| {
+        (1..=2).all(|i| sim.joined(i))
+    });
+    let now = sim.now;
+    let m = sim.members[1].as_mut().unwrap();
+    m.leave(now);
+    assert!(m.awaits_leave_ack());
+    m.scheduler_disconnected();
+    assert!(
+        !m.awaits_leave_ack(),
+        "the scheduler is gone: nothing will answer"
+    );
+    // Fenced before leaving: no Leave is sent, nothing to wait for.
+    let m = sim.members[2].as_mut().unwrap();
+    m.handle(
+        pskv_transport::wire::Control::Fenced {
+            reason: "test".into(),
+        },
+        now,
+    );
+    m.leave(now);
+    assert!(!m.awaits_leave_ack());
+}
+
 type InFlight = Vec<(Instant, u32, u32, Frame)>;
 
 fn lossy_send(net: &mut InFlight, rng: &mut Rng, now: Instant, from: u32, to: u32, f: Frame) {

@@ -544,7 +544,10 @@ impl Inner {
             m.leave(Instant::now());
         }
         self.pump();
-        // Let the Leave and any answers already queued go out.
+        // Let the Leave and any answers already queued go out, and wait
+        // for the scheduler's answer to the Leave: closing before it may
+        // be taken for a death (the close can reach the scheduler's
+        // bookkeeping before the Leave does).
         let deadline = Instant::now() + grace;
         loop {
             let busy = self
@@ -553,10 +556,15 @@ impl Inner {
                 .by_id
                 .values()
                 .any(|l| !l.is_closed() && !l.is_idle());
-            if !busy || Instant::now() >= deadline {
+            // Subtle: during shutdown a closed scheduler link no longer
+            // reaches the member (`on_closed` returns early), so "no open
+            // link to the scheduler" stands for "nobody will answer".
+            let unanswered = matches!(&*self.ctl.lock(), Ctl::Member(m) if m.awaits_leave_ack())
+                && self.link_of(crate::protocol::SCHEDULER_ID).is_some();
+            if !(busy || unanswered) || Instant::now() >= deadline {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
         let done = self.reqs.lock().tracker.fail_all("this node shut down");
         self.complete(done);

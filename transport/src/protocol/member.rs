@@ -155,6 +155,9 @@ pub struct Member {
     waiting: BTreeMap<u8, u64>,
     out: VecDeque<Control>,
     events: VecDeque<MemberEvent>,
+    /// The scheduler answered this node's `Leave` (`LeaveAck`), or can no
+    /// longer answer (its connection closed).
+    leave_answered: bool,
 }
 
 impl Member {
@@ -173,6 +176,7 @@ impl Member {
             last_call: now,
             barrier_seq: HashMap::new(),
             waiting: BTreeMap::new(),
+            leave_answered: false,
             out: VecDeque::new(),
             events: VecDeque::new(),
             cfg,
@@ -317,6 +321,7 @@ impl Member {
                 }
             }
             Control::HeartbeatAck => {}
+            Control::LeaveAck if self.state == MemberState::Left => self.leave_answered = true,
             Control::BarrierMissed { group, error } if self.state == MemberState::Running => {
                 self.events.push_back(MemberEvent::BarrierMissed {
                     group: Group(group),
@@ -395,6 +400,8 @@ impl Member {
                 self.state = MemberState::Rejected(reason.clone());
                 self.events.push_back(MemberEvent::Rejected(reason));
             }
+            // Nobody is left to answer the Leave.
+            MemberState::Left => self.leave_answered = true,
             _ => {}
         }
     }
@@ -485,6 +492,15 @@ impl Member {
             self.last_sent = now;
             self.state = MemberState::Left;
         }
+    }
+
+    /// Whether this node left (`leave`) and the scheduler has not yet
+    /// answered: until it does, closing the connection to the scheduler
+    /// may be taken for a death (the close can overtake the `Leave` still
+    /// in flight). False once answered, once the connection is gone, and
+    /// for a node that sent no `Leave` (it was not running).
+    pub fn awaits_leave_ack(&self) -> bool {
+        self.state == MemberState::Left && !self.leave_answered
     }
 
     /// Nodes known dead, and the scheduler if it has been silent beyond

@@ -192,7 +192,8 @@ pub enum Control {
     Heartbeat,
     /// The scheduler is alive.
     HeartbeatAck,
-    /// A node leaves in an orderly way (shutdown).
+    /// A node leaves in an orderly way (shutdown); the scheduler answers
+    /// `LeaveAck`, and the node closes its connection only after that.
     Leave,
     /// The scheduler to a node it declared dead (or never knew) that
     /// still talks: its id is no longer its own; it must stop.
@@ -233,6 +234,10 @@ pub enum Control {
         /// The scheduler's wall clock, µs since the Unix epoch.
         unix_us: u64,
     },
+    /// The scheduler's answer to `Leave`: the node is marked as left, so
+    /// its connection may close now without being taken for a death.
+    /// (Last in the list: postcard numbers variants in order.)
+    LeaveAck,
 }
 
 impl Control {

@@ -5,7 +5,7 @@
 //! ```text
 //!   (pending registration) ──all registered──► ALIVE ──no heartbeat / conn lost──► DEAD
 //!                                                │  ▲                               │
-//!                                          Leave │  └────── re-registration ────────┘
+//!                      Leave (answered LeaveAck) │  └────── re-registration ────────┘
 //!                                                ▼           (recovery: same id, new address)
 //!                                               LEFT
 //! ```
@@ -272,6 +272,13 @@ impl Scheduler {
         // Subtle: stalls are measured from the first message on; a first
         // timeout call after a stall would otherwise see no gap.
         self.last_call.get_or_insert(now);
+        if msg == Control::Leave {
+            // Whoever leaves may close once this arrives (a fenced or
+            // already left node too: it must not wait in vain). Sent
+            // before the entry is marked left below; that happens in this
+            // same call, before anything reads the answer.
+            self.out.push_back((conn, Control::LeaveAck));
+        }
         if let Some(id) = self.fenced.get(&conn).copied() {
             // A node declared dead that still talks: it must stop.
             if !matches!(msg, Control::Leave) {
