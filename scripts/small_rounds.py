@@ -18,24 +18,48 @@ import argparse
 import json
 import os
 import re
+import select
 import statistics
 import subprocess
 import sys
 
-from model_peers import free_port
+
+def start_scheduler(cmd, env):
+    """Starts a pskv scheduler on any free port (DMLC_PS_ROOT_PORT=0) and
+    reads the port it bound from the pipe PSKV_PORT_FD names, as `pskv
+    launch` does (a port found free and released first could be taken by
+    another process before the scheduler binds it). The process and the
+    port."""
+    r, w = os.pipe()
+    try:
+        p = subprocess.Popen(cmd, env=dict(env, DMLC_ROLE="scheduler", DMLC_PS_ROOT_PORT="0",
+                                           PSKV_PORT_FD=str(w)),
+                             pass_fds=(w,), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    finally:
+        os.close(w)
+    with os.fdopen(r) as f:
+        ready, _, _ = select.select([f], [], [], 60)
+        line = f.readline().strip() if ready else ""
+    if not line.isdigit():
+        p.kill()
+        p.wait()
+        sys.exit(f"the scheduler ({cmd[0]}) did not report its port within 60 s")
+    return p, line
 
 
 def van_round(net, van, workers):
     """Per size, the mean over workers of their median round trip (us)."""
-    env = dict(os.environ, DMLC_PS_ROOT_URI="127.0.0.1", DMLC_PS_ROOT_PORT=str(free_port()),
+    env = dict(os.environ, DMLC_PS_ROOT_URI="127.0.0.1",
                DMLC_NUM_SERVER="1", DMLC_NUM_WORKER=str(workers), PSKV_VAN=van,
                PSKV_SHM_BYTES=str(64 << 20))
+    sched, env["DMLC_PS_ROOT_PORT"] = start_scheduler([net, "node"], env)
 
     def start(role, *args):
         return subprocess.Popen([net, "node", *args], env=dict(env, DMLC_ROLE=role),
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
-    infra = [start("scheduler"), start("server")]
+    infra = [sched, start("server")]
     ws = [start("worker", "--mode", "pushpull", "--sizes", "4,4K") for _ in range(workers)]
     got = {4: [], 4096: []}
     try:

@@ -569,12 +569,38 @@ fn demo_worker_args() -> Vec<&'static str> {
 #[test]
 fn ranks_under_mpirun_take_their_roles() {
     // mpirun is not needed to test the rank logic: start the 4 ranks as
-    // mpirun would, each with its OMPI_COMM_WORLD_* variables.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // mpirun would, each with its OMPI_COMM_WORLD_* variables. MPI ranks
+    // share no pipe, so the scheduler's port is found free here and
+    // released; another process may take it first: then the job is
+    // started again on another port.
+    for attempt in 1..=3 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        match mpi_ranks_on(port) {
+            Ok(outs) => {
+                // The two worker ranks trained (rank 0 of the job wrote
+                // the steps).
+                assert!(
+                    outs[2].contains("DONE") && outs[3].contains("DONE"),
+                    "{outs:?}"
+                );
+                return;
+            }
+            Err(e) if e.contains("Address already in use") && attempt < 3 => {
+                eprintln!("port {port} was taken before the scheduler bound it; again");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
+/// Runs the 4 ranks of `ranks_under_mpirun_take_their_roles` with the
+/// scheduler on `port`: their stdouts, or why not (a rank that failed,
+/// with its stderr; the others are stopped at once).
+fn mpi_ranks_on(port: u16) -> Result<Vec<String>, String> {
     let mut ranks: Vec<_> = (0..4)
         .map(|r| {
             let mut args = vec!["launch", "--launcher", "mpi", "-n", "2", "-s", "1"];
@@ -594,30 +620,43 @@ fn ranks_under_mpirun_take_their_roles() {
         })
         .collect();
     let end = Instant::now() + Duration::from_secs(120);
-    for (r, ch) in ranks.iter_mut().enumerate() {
-        loop {
-            if let Some(st) = ch.try_wait().unwrap() {
-                assert!(st.success(), "rank {r} exited with {st}");
-                break;
+    let mut done = [false; 4];
+    while !done.iter().all(|d| *d) {
+        for r in 0..4 {
+            if done[r] {
+                continue;
             }
-            if Instant::now() > end {
+            let Some(st) = ranks[r].try_wait().unwrap() else {
+                continue;
+            };
+            done[r] = true;
+            if !st.success() {
                 for c in ranks.iter_mut() {
                     let _ = c.kill();
                 }
-                panic!("rank {r} did not finish");
+                let out = ranks.remove(r).wait_with_output().unwrap();
+                for c in ranks.iter_mut() {
+                    let _ = c.wait();
+                }
+                return Err(format!(
+                    "rank {r} exited with {st}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
+        if Instant::now() > end {
+            for c in ranks.iter_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            return Err(format!("ranks still running after 120 s (done: {done:?})"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
-    // The two worker ranks trained (rank 0 of the job wrote the steps).
-    let outs: Vec<String> = ranks
+    Ok(ranks
         .into_iter()
         .map(|c| String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).into_owned())
-        .collect();
-    assert!(
-        outs[2].contains("DONE") && outs[3].contains("DONE"),
-        "{outs:?}"
-    );
+        .collect())
 }
 
 #[test]
