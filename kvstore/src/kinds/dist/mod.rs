@@ -18,8 +18,9 @@
 //!   applies it to the worker's own copy of the weights, which a pull
 //!   reads. All workers apply the same sums, so the copies stay equal.
 //!
-//! Rooms: this file is the store (its keys, `init`, the `Flavor` calls);
-//! `ops.rs` the engine ops of a key; `parts.rs` the part requests, routing
+//! Rooms: this file is the store (its keys, the `Flavor` calls); `init.rs`
+//! the keys of an `init` call (registered, cut into parts, sent by rank 0
+//! and checked together); `ops.rs` the engine ops of a key; `parts.rs` the part requests, routing
 //! and failover to a backup; `inflight.rs` an op waiting for its answers; `staging.rs` values on a GPU through pinned memory;
 //! `segments.rs` the check after `init` and the shared segments;
 //! `collective.rs` calls every worker makes together; `states.rs`
@@ -43,16 +44,17 @@ use crate::key::Key;
 use crate::kinds::local::{check_outs, check_row_sparse_pull, check_values, LocalKey};
 use crate::kinds::{split_pushpull, Batch, Batch2, Flavor, Kind};
 use crate::optimizer::{OptState, Optimizer, StateVals};
-use crate::registry::{Meta, Registry};
+use crate::registry::Registry;
 use crate::store::Options;
 use crate::tensor::{Storage, Tensor};
 use crate::updater::{Rule, Updater};
-use crate::wire::{command, plan, Part};
+use crate::wire::{command, Part};
 use staging::{Staging, Way};
 use states::{join_states, slice_state};
 
 mod collective;
 mod inflight;
+mod init;
 mod ops;
 mod parts;
 mod segments;
@@ -244,101 +246,6 @@ impl DistStore {
             self.kv.request(head, body, Group::SERVERS)?
         };
         Ok(pending.wait(self.opts.timeout)?)
-    }
-}
-
-impl DistStore {
-    /// Adds the keys of an `init` call to this worker's registry (after
-    /// the local checks).
-    fn register(&self, items: &[(Key, Tensor)]) -> Result<Vec<(Arc<DistKey>, Tensor)>> {
-        for (i, (key, _)) in items.iter().enumerate() {
-            self.keys.check_new(key)?;
-            if items[..i].iter().any(|(k, _)| k == key) {
-                return Err(KvError::AlreadyInitialized {
-                    key: key.to_string(),
-                });
-            }
-        }
-        let ranges = self.po.server_key_ranges();
-        let mut added = Vec::with_capacity(items.len());
-        for (key, value) in items {
-            let meta = Meta::of(value);
-            // Keys of two or more dimensions are cut in whole rows, so that
-            // row-sparse pushes and pulls map onto parts.
-            let (unit, units) = if meta.shape.len() >= 2 && meta.row_len() > 0 {
-                (meta.row_len(), meta.shape[0])
-            } else {
-                (1, meta.len())
-            };
-            let parts = plan(
-                key.id(),
-                units,
-                unit * meta.dtype.size(),
-                meta.len() >= self.opts.bigarray_bound,
-                self.opts.partition_bytes,
-                &ranges,
-            )?;
-            let stored = Tensor::zeros(
-                &self.engine,
-                &meta.shape,
-                meta.dtype,
-                pskv_engine::Context::Cpu,
-            )?;
-            let dk = self.keys.insert(
-                key,
-                DistKey {
-                    local: Arc::new(LocalKey::new(key.clone(), meta, stored)),
-                    parts,
-                    unit,
-                    var: Var::named(format!("kvstore key {key}")),
-                    residual: Mutex::new(Vec::new()),
-                    sum: Mutex::new(None),
-                    segs: RwLock::new(Vec::new()),
-                    pushes: AtomicU64::new(0),
-                    stage: Staging::default(),
-                    settles: Arc::default(),
-                },
-            )?;
-            added.push((dk, value.clone()));
-        }
-        Ok(added)
-    }
-
-    /// The collective steps of `init`: the workers agree on the keys; rank
-    /// 0 sends the values; every worker checks its parts with the servers
-    /// (and maps the shared segments). Each step fails on every worker if
-    /// it fails on one.
-    fn init_together(
-        &self,
-        items: &[(Key, Tensor)],
-        added: &[(Arc<DistKey>, Tensor)],
-    ) -> Result<()> {
-        let metas: Vec<(Key, Meta)> = items
-            .iter()
-            .map(|(k, v)| (k.clone(), Meta::of(v)))
-            .collect();
-        self.collective("init", Ok(()), Some(collective::keys_setting(&metas)))?;
-        let mut sent = Ok(());
-        if self.po.my_rank() == 0 {
-            for (dk, value) in added {
-                if let Err(e) = staging::host_once(value, 0).and_then(|v| self.init_op(dk, &v)) {
-                    sent = Err(e);
-                    break;
-                }
-            }
-            if sent.is_ok() {
-                sent = self.wait_vars(added.iter().map(|(dk, _)| &dk.var));
-            }
-        }
-        self.collective("init", sent, None)?;
-        let mut checked = Ok(());
-        for (dk, _) in added {
-            if let Err(e) = self.check_parts(dk, |_| true) {
-                checked = Err(e);
-                break;
-            }
-        }
-        self.collective("init", checked, None)
     }
 }
 
