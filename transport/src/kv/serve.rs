@@ -36,7 +36,8 @@ pub struct KvRequest {
     pub vals: Bytes,
     /// A command's body.
     pub body: Bytes,
-    /// A data request's application number ([`RequestOptions::tag`]).
+    /// A data request's application number
+    /// ([`RequestOptions::tag`](super::RequestOptions::tag)).
     pub tag: u64,
 }
 
