@@ -22,6 +22,7 @@ import select
 import statistics
 import subprocess
 import sys
+import tempfile
 
 
 def start_scheduler(cmd, env):
@@ -29,22 +30,29 @@ def start_scheduler(cmd, env):
     reads the port it bound from the pipe PSKV_PORT_FD names, as `pskv
     launch` does (a port found free and released first could be taken by
     another process before the scheduler binds it). The process and the
-    port."""
+    port; exits naming the scheduler's own error if it reports none."""
     r, w = os.pipe()
+    err = tempfile.TemporaryFile()
     try:
         p = subprocess.Popen(cmd, env=dict(env, DMLC_ROLE="scheduler", DMLC_PS_ROOT_PORT="0",
                                            PSKV_PORT_FD=str(w)),
-                             pass_fds=(w,), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+                             pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=err)
+    except BaseException:
+        os.close(r)
+        raise
     finally:
         os.close(w)
     with os.fdopen(r) as f:
         ready, _, _ = select.select([f], [], [], 60)
         line = f.readline().strip() if ready else ""
     if not line.isdigit():
+        why = ("did not report its port within 60 s" if not ready else
+               "closed its port pipe without a port" if not line else
+               f"wrote {line!r} instead of a port")
         p.kill()
         p.wait()
-        sys.exit(f"the scheduler ({cmd[0]}) did not report its port within 60 s")
+        err.seek(0)
+        sys.exit(f"the scheduler ({cmd[0]}) {why}: {err.read().decode(errors='replace').strip()}")
     return p, line
 
 
@@ -53,16 +61,17 @@ def van_round(net, van, workers):
     env = dict(os.environ, DMLC_PS_ROOT_URI="127.0.0.1",
                DMLC_NUM_SERVER="1", DMLC_NUM_WORKER=str(workers), PSKV_VAN=van,
                PSKV_SHM_BYTES=str(64 << 20))
-    sched, env["DMLC_PS_ROOT_PORT"] = start_scheduler([net, "node"], env)
 
     def start(role, *args):
         return subprocess.Popen([net, "node", *args], env=dict(env, DMLC_ROLE=role),
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
-    infra = [sched, start("server")]
-    ws = [start("worker", "--mode", "pushpull", "--sizes", "4,4K") for _ in range(workers)]
+    sched, env["DMLC_PS_ROOT_PORT"] = start_scheduler([net, "node"], env)
+    infra, ws = [sched], []
     got = {4: [], 4096: []}
     try:
+        infra.append(start("server"))
+        ws = [start("worker", "--mode", "pushpull", "--sizes", "4,4K") for _ in range(workers)]
         for w in ws:
             out, _ = w.communicate(timeout=120)
             if w.returncode != 0:

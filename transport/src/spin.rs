@@ -24,8 +24,10 @@
 //! (BENCHMARKS.md). A long wait (a 256 KiB round) that yielded that often
 //! would spend its time switching threads (25% to 34% slower with 4
 //! workers and 2 servers), and a waiter alone on its core would only add
-//! system calls. The engine's latch (`pskv-engine`'s `wait.rs`) follows
-//! the same rule without the 10 µs bound.
+//! system calls. The engine's latch (`pskv-engine`'s `wait.rs`) uses a
+//! rule of its own: 64 checks at first, then 8 after each yield that
+//! handed the core over and 64 after each that did not, for the whole
+//! wait.
 
 use std::time::{Duration, Instant};
 

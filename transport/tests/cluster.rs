@@ -440,6 +440,35 @@ fn a_dead_server_fails_requests_naming_it_within_the_timeout() {
         .unwrap();
 }
 
+/// An orderly exit waits for the scheduler's answer to its `Leave`, which
+/// comes at once: far within the 2 s shutdown grace, and the scheduler
+/// does not take the exit for a death. Once the scheduler is gone, nothing
+/// will answer: an exit does not wait out the grace either.
+#[test]
+fn an_orderly_exit_is_answered_at_once_and_not_held_by_a_dead_scheduler() {
+    let c = cluster(1, 2, None);
+    let start = Instant::now();
+    c.workers[0].shutdown();
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "a worker's orderly exit took {took:?}"
+    );
+    assert!(
+        c.sched.dead_nodes(Duration::from_secs(60)).is_empty(),
+        "{:?}",
+        c.sched.dead_nodes(Duration::from_secs(60))
+    );
+    c.sched.kill();
+    let start = Instant::now();
+    c.workers[1].shutdown();
+    let took = start.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "an exit after the scheduler died took {took:?}"
+    );
+}
+
 /// The same traffic over TCP, shared memory and (emulated) RDMA gives the
 /// same bytes.
 #[test]

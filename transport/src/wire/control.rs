@@ -313,6 +313,8 @@ mod tests {
                 failed: false,
             },
             Control::Heartbeat,
+            Control::Leave,
+            Control::LeaveAck,
             Control::Stats(Box::new(NodeStats {
                 pid: 4,
                 hostname: "h".into(),

@@ -5,10 +5,12 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// "PSKV" read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PSKV");
 /// The version this code speaks: 2 since the status and clock messages
-/// (`Stats`, `StatusQuery`, `Status`, `BarrierMissed`, `Clock`), which an
-/// older peer could not decode; a node of another version is refused at
-/// its first frame, naming both versions.
-pub const VERSION: u8 = 2;
+/// (`Stats`, `StatusQuery`, `Status`, `BarrierMissed`, `Clock`), 3 since
+/// `LeaveAck` (a node of version 2 would not decode it, and a new node
+/// would wait out its shutdown grace for an answer an old scheduler never
+/// sends); a node of another version is refused at its first frame,
+/// naming both versions.
+pub const VERSION: u8 = 3;
 /// Bytes in the fixed header.
 pub const HEADER_LEN: usize = 64;
 
