@@ -32,9 +32,9 @@ use crate::var::Var;
 /// cores than busy threads, a spinner that never yields starves it: rounds
 /// are 8 checks while yields run other threads, 64 while they return at
 /// once), and running the progress hooks between rounds
-/// ([`crate::progress`]). For
-/// waits whose end usually comes within microseconds: a futex wake-up
-/// costs tens of them here. `done` should read with Acquire.
+/// ([`crate::progress`]). For waits whose end usually comes within
+/// microseconds: a futex wake-up costs tens of them here. `done` should
+/// read with Acquire.
 pub fn spin_until(budget: Duration, done: impl Fn() -> bool) -> bool {
     // Done already (often, for a small request): no clock read.
     if budget.is_zero() || done() {

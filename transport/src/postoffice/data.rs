@@ -404,21 +404,23 @@ impl FrameSink for Inner {
                 links.by_node.remove(&link.peer());
             }
         }
-        if self.shutting_down.load(Ordering::Acquire) {
-            return;
-        }
         let peer = link.peer();
-        self.verbose(
-            1,
-            &format!("link {} to {} closed: {reason}", link.id, describe(peer)),
-        );
+        let shutting_down = self.shutting_down.load(Ordering::Acquire);
+        if !shutting_down {
+            self.verbose(
+                1,
+                &format!("link {} to {} closed: {reason}", link.id, describe(peer)),
+            );
+        }
         match &mut *self.ctl.lock() {
-            Ctl::Scheduler(s) => s.disconnected(link.id),
-            Ctl::Member(m) => {
-                if peer == SCHEDULER_ID {
-                    m.scheduler_disconnected();
-                }
-            }
+            Ctl::Scheduler(s) if !shutting_down => s.disconnected(link.id),
+            // Also while shutting down: a member that left stops waiting
+            // for the answer to its Leave (`Inner::shutdown`).
+            Ctl::Member(m) if peer == SCHEDULER_ID => m.scheduler_disconnected(),
+            _ => {}
+        }
+        if shutting_down {
+            return;
         }
         self.pump();
         if peer != 0 {

@@ -556,15 +556,12 @@ impl Inner {
                 .by_id
                 .values()
                 .any(|l| !l.is_closed() && !l.is_idle());
-            // Subtle: during shutdown a closed scheduler link no longer
-            // reaches the member (`on_closed` returns early), so "no open
-            // link to the scheduler" stands for "nobody will answer".
-            // (One lock at a time: `ctl`'s guard ends before `links` is
-            // taken.) Subtle too: if this runs on the runtime's only
-            // thread (`PSKV_IO_THREADS=1`, the last handle dropped in a
-            // task), no reader can deliver the answer: the grace bounds it.
-            let awaits = matches!(&*self.ctl.lock(), Ctl::Member(m) if m.awaits_leave_ack());
-            let unanswered = awaits && self.link_of(crate::protocol::SCHEDULER_ID).is_some();
+            // The member stops waiting once answered or once its link to
+            // the scheduler closes (`on_closed` tells it, shutting down or
+            // not). Subtle: if this runs on the runtime's only thread
+            // (`PSKV_IO_THREADS=1`, the last handle dropped in a task), no
+            // reader can deliver the answer: the grace bounds the wait.
+            let unanswered = matches!(&*self.ctl.lock(), Ctl::Member(m) if m.awaits_leave_ack());
             if !(busy || unanswered) || Instant::now() >= deadline {
                 break;
             }
