@@ -1,0 +1,103 @@
+use std::sync::mpsc::{channel, Receiver};
+
+use bytes::Bytes;
+use pskv_gpu::cpu::CpuKernels;
+
+use super::{Answer, EntryState};
+use crate::dtype::DType;
+use crate::error::Fault;
+use crate::wire::{Head, Op};
+
+/// A sync f32 request head of `op`.
+pub(super) fn head(op: Op) -> Head {
+    Head {
+        op,
+        dtype: DType::F32,
+        compression: 0,
+        sync: true,
+        multi_precision: false,
+        shm: false,
+        shm_tag: 0,
+    }
+}
+
+fn f32s(v: &[f32]) -> Bytes {
+    Bytes::copy_from_slice(bytemuck::cast_slice(v))
+}
+
+fn answer() -> (Answer, Receiver<Result<Option<Bytes>, Fault>>) {
+    let (tx, rx) = channel();
+    (
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+        rx,
+    )
+}
+
+/// A worker whose push's answer was lost (its request failed on its
+/// side, say, while its server restarted) sends the push again in the
+/// same round: the later push takes the earlier one's place (the earlier
+/// is answered with an error nobody waits for), and the round sums each
+/// worker once. Refused instead, the push would land in the next round:
+/// that worker one push ahead of the others for good.
+#[test]
+fn a_push_sent_again_in_its_round_takes_the_first_ones_place() {
+    let k = CpuKernels::single_threaded();
+    let mut st = EntryState::new(1, 0, DType::F32, &f32s(&[0.0; 4]), 2);
+    let (a0, r0) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 4]), 0, a0);
+    let (a0b, r0b) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[2.0; 4]), 0, a0b);
+    let first = r0.try_recv().expect("the first push is answered at once");
+    let e = first.expect_err("the first push gives way");
+    assert!(e.to_string().contains("again in the same round"), "{e}");
+    assert!(r0b.try_recv().is_err(), "the round waits for worker 1");
+    let (a1, r1) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[10.0; 4]), 1, a1);
+    for r in [r0b, r1] {
+        let v = r.try_recv().unwrap().unwrap().expect("a push-pull's value");
+        assert_eq!(bytemuck::cast_slice::<u8, f32>(&v), &[12.0; 4]);
+    }
+    assert_eq!(st.rounds, 1);
+    // The next round starts clean.
+    let (a0, r0) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 4]), 0, a0);
+    let (a1, r1) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 4]), 1, a1);
+    for r in [r0, r1] {
+        let v = r.try_recv().unwrap().unwrap().unwrap();
+        assert_eq!(bytemuck::cast_slice::<u8, f32>(&v), &[2.0; 4]);
+    }
+}
+
+/// The same for a key whose pushes are summed as they come (integers,
+/// here): the first push is in the sum already, so the one sent again
+/// takes its place in the answers only, and its values are not added
+/// a second time.
+#[test]
+fn a_push_sent_again_after_its_first_was_summed_is_counted_once() {
+    let k = CpuKernels::single_threaded();
+    let i32s = |v: &[i32]| Bytes::copy_from_slice(bytemuck::cast_slice(v));
+    let h = Head {
+        dtype: DType::I32,
+        ..head(Op::PushPull)
+    };
+    let mut st = EntryState::new(1, 0, DType::I32, &i32s(&[0; 4]), 2);
+    let (a0, r0) = answer();
+    st.push(&k, None, h, i32s(&[1; 4]), 0, a0);
+    let (a0b, r0b) = answer();
+    st.push(&k, None, h, i32s(&[1; 4]), 0, a0b);
+    let e = r0
+        .try_recv()
+        .expect("answered at once")
+        .expect_err("gives way");
+    assert!(e.to_string().contains("again in the same round"), "{e}");
+    let (a1, r1) = answer();
+    st.push(&k, None, h, i32s(&[10; 4]), 1, a1);
+    for r in [r0b, r1] {
+        let v = r.try_recv().unwrap().unwrap().expect("a push-pull's value");
+        assert_eq!(bytemuck::cast_slice::<u8, i32>(&v), &[11; 4]);
+    }
+    assert_eq!(st.rounds, 1);
+}
