@@ -469,6 +469,61 @@ fn an_orderly_exit_is_answered_at_once_and_not_held_by_a_dead_scheduler() {
     );
 }
 
+/// A node whose last handle is dropped on the only I/O thread of its own
+/// runtime (in a request's callback, `PSKV_IO_THREADS=1`) still gets the
+/// scheduler's answer to its `Leave`: it exits at once, not after the 2 s
+/// grace, and is not called dead.
+#[test]
+fn the_last_handle_dropped_on_the_only_io_thread_exits_at_once() {
+    let sched = Postoffice::start(
+        config_van(Role::Scheduler, 0, 1, 1, None, VanKind::Tcp),
+        None,
+    )
+    .unwrap();
+    let port = sched.local_addr().port();
+    let sc = config_van(Role::Server, port, 1, 1, None, VanKind::Tcp);
+    let server =
+        std::thread::spawn(move || Postoffice::start(sc, Some(Arc::new(Store::default()))));
+    let mut wc = config_van(Role::Worker, port, 1, 1, None, VanKind::Tcp);
+    wc.io_threads = 1;
+    let worker = Postoffice::start(wc, None).unwrap();
+    let server = server.join().unwrap().unwrap();
+    let kv = KvWorker::new(&worker);
+    let held = Arc::new(Mutex::new(Some((worker, kv))));
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let h2 = held.clone();
+        let g = held.lock();
+        let (_, kv) = g.as_ref().unwrap();
+        kv.push_with(
+            &[1],
+            &[4],
+            Bytes::from_static(&[1, 2, 3, 4]),
+            RequestOptions::default(),
+            move |r| {
+                let last = h2.lock().take();
+                let start = Instant::now();
+                drop(last);
+                let _ = tx.send((r.is_ok(), start.elapsed()));
+            },
+        )
+        .unwrap();
+    }
+    drop(held);
+    let (ok, took) = rx.recv_timeout(T).expect("the callback ran");
+    assert!(ok);
+    assert!(
+        took < Duration::from_millis(1000),
+        "the exit took {took:?} (the grace is 2 s)"
+    );
+    assert!(
+        sched.dead_nodes(Duration::from_secs(60)).is_empty(),
+        "{:?}",
+        sched.dead_nodes(Duration::from_secs(60))
+    );
+    drop(server);
+}
+
 /// The same traffic over TCP, shared memory and (emulated) RDMA gives the
 /// same bytes.
 #[test]

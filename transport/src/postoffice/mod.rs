@@ -549,7 +549,7 @@ impl Inner {
         // be taken for a death (the close can reach the scheduler's
         // bookkeeping before the Leave does).
         let deadline = Instant::now() + grace;
-        loop {
+        let wait = || loop {
             let busy = self
                 .links
                 .lock()
@@ -558,14 +558,23 @@ impl Inner {
                 .any(|l| !l.is_closed() && !l.is_idle());
             // The member stops waiting once answered or once its link to
             // the scheduler closes (`on_closed` tells it, shutting down or
-            // not). Subtle: if this runs on the runtime's only thread
-            // (`PSKV_IO_THREADS=1`, the last handle dropped in a task), no
-            // reader can deliver the answer: the grace bounds the wait.
+            // not).
             let unanswered = matches!(&*self.ctl.lock(), Ctl::Member(m) if m.awaits_leave_ack());
             if !(busy || unanswered) || Instant::now() >= deadline {
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));
+        };
+        // Subtle: on a thread of a runtime (the last handle dropped in a
+        // task or a request's callback), the wait must not hold up that
+        // runtime: with one I/O thread (`PSKV_IO_THREADS=1`) no reader
+        // could deliver the answer, and the wait would run out its grace.
+        // `block_in_place` hands the thread's other work to a new one first.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
         }
         let done = self.reqs.lock().tracker.fail_all("this node shut down");
         self.complete(done);
