@@ -769,3 +769,80 @@ fn optimizer_state_of_servers_is_saved_and_loaded() {
     assert_eq!(&out.to_vec::<f32>().unwrap(), end);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A worker whose push through its shared slot failed while the server
+/// still held that push in its round (the request timed out) must not
+/// write the slot again while the server may read it: its next push of the
+/// part goes by message, until one succeeds. Before, the push sent again
+/// copied its new values into the slot while the round, completed by the
+/// other worker's push, was summed from it: a sum of half old and half new
+/// values, or the new values counted in that round through the old
+/// request and again in the next (then worker 0's push waits for a round
+/// nobody completes). Each attempt races the two: worker 0 starts its push
+/// a little later each time after worker 1's.
+#[test]
+fn a_push_sent_again_after_its_shared_slot_timed_out_never_tears_a_round() {
+    let n = 1usize << 20; // one 4 MiB part
+    let gate = Arc::new(std::sync::Barrier::new(2));
+    let opts = Options {
+        timeout: Duration::from_millis(400),
+        ..opts()
+    };
+    let got = cluster_van(1, 2, VanKind::Shm).run("dist_sync", opts, move |kv, e| {
+        let full = |v: f32| Tensor::full(e, &[n], v, Context::Cpu).unwrap();
+        let mut torn = Vec::new();
+        for a in 0..16u32 {
+            let key = Key::Int(100 + a);
+            kv.init(key.clone(), &full(0.0)).unwrap();
+            assert_eq!(kv.shared_memory_parts(), a as usize + 1);
+            let out = Tensor::zeros(e, &[n], DType::F32, Context::Cpu).unwrap();
+            let pushpull = |v: f32| {
+                kv.pushpull(key.clone(), &[full(v)], &[out.clone()], 0)?;
+                kv.ticket(std::slice::from_ref(&key), &[out.clone()])?
+                    .wait()?;
+                out.to_vec::<f32>()
+            };
+            if kv.rank() == 0 {
+                // Worker 1 holds back: this push times out, still pending
+                // in the server's round.
+                let g = full(1.0);
+                kv.push(key.clone(), &[g.clone()], 0).unwrap();
+                let r = kv.ticket(std::slice::from_ref(&key), &[g]).unwrap().wait();
+                assert!(r.is_err(), "attempt {a}: the push should time out");
+            }
+            gate.wait();
+            if kv.rank() == 0 {
+                let t0 = std::time::Instant::now();
+                while t0.elapsed() < Duration::from_micros(200 * a as u64) {
+                    std::hint::spin_loop();
+                }
+                // New values; the round ends as 1 + 3 (the first push) or
+                // 2 + 3 (this one in its place), or this one lands in the
+                // next round.
+                let v = pushpull(2.0).unwrap_or_else(|e| {
+                    panic!("attempt {a}: worker 0's push sent again was not answered ({e}): counted in the round through its first request's slot, it waits in the next")
+                });
+                assert!(v.iter().all(|x| *x == 5.0), "attempt {a}: worker 0 got {:?}", &v[..4]);
+            } else {
+                let v = pushpull(3.0).unwrap();
+                let fours = v.iter().filter(|x| **x == 4.0).count();
+                let fives = v.iter().filter(|x| **x == 5.0).count();
+                assert_eq!(fours + fives, n, "attempt {a}: a sum of neither push");
+                if fours > 0 && fives > 0 {
+                    torn.push((a, fours, fives));
+                }
+                if fives < n {
+                    // Worker 0's push is in the next round: complete it.
+                    let v = pushpull(3.0).unwrap();
+                    assert!(v.iter().all(|x| *x == 5.0), "attempt {a}");
+                }
+            }
+            gate.wait();
+        }
+        torn
+    });
+    assert!(
+        got.iter().all(|t| t.is_empty()),
+        "rounds summed from a slot being written (attempt, elements of the old push, of the new): {got:?}"
+    );
+}

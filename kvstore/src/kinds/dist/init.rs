@@ -64,6 +64,7 @@ impl DistStore {
                     residual: Mutex::new(Vec::new()),
                     sum: Mutex::new(None),
                     segs: RwLock::new(Vec::new()),
+                    unsure: Arc::default(),
                     pushes: AtomicU64::new(0),
                     stage: Staging::default(),
                     settles: Arc::default(),

@@ -78,6 +78,11 @@ struct DistKey {
     sum: Mutex<Option<Tensor>>,
     /// Per part, the shared segment of a co-located server (sync mode).
     segs: RwLock<Vec<Option<Arc<Region>>>>,
+    /// Per part (missing: false), whether a push through the part's slot
+    /// failed while its server may still hold it in a round (a timeout, a
+    /// broken link): the server may still read the slot, so the part's
+    /// pushes go by message until one succeeds (`parts.rs`).
+    unsure: Arc<Mutex<Vec<bool>>>,
     /// Pushes of this key so far (replicas: each push carries its round,
     /// this count after it); changed only by ops that write `var`.
     pushes: AtomicU64,

@@ -32,6 +32,19 @@ impl DistStore {
         dk.segs.read().clone()
     }
 
+    /// Which parts of a push travel through their shared slot now: those
+    /// of [`DistStore::shm_parts`] whose slot is not in doubt (a push
+    /// through it failed, and none has succeeded since: see
+    /// `DistKey::unsure`).
+    pub(super) fn shm_push_parts(&self, dk: &DistKey) -> Vec<Option<Arc<Region>>> {
+        let mut segs = self.shm_parts(dk);
+        let unsure = dk.unsure.lock();
+        for (s, _) in segs.iter_mut().zip(unsure.iter()).filter(|(_, u)| **u) {
+            *s = None;
+        }
+        segs
+    }
+
     /// Builds the values of part `i` of a push of `grad` (inside an op that
     /// reads `grad` and writes the key's var): shared-slot copy, 2-bit or
     /// 1-bit codes, row-sparse rows, or a zero-copy slice.
@@ -157,7 +170,7 @@ impl DistStore {
             let segs = if rows || compression.is_on() {
                 vec![None; dk2.parts.len()]
             } else {
-                me.shm_parts(&dk2)
+                me.shm_push_parts(&dk2)
             };
             let op = match (rows, &land) {
                 (true, _) => Op::RowPush,

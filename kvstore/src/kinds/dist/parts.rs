@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use pskv_engine::Completion;
 use pskv_transport::{KvResponse, Landing, RequestOptions, TransportError};
 
@@ -29,6 +30,30 @@ pub(super) fn unreachable(e: &TransportError) -> bool {
     )
 }
 
+/// Keeps part `i`'s doubt about its slot (`DistKey::unsure`) after the
+/// answer to a push (`shm`: through the slot): a failure through the
+/// slot puts it in doubt, since the server may still hold that push and
+/// read the slot when its round completes (a push sent again would write
+/// the slot under it); a success by message, which the server answers
+/// only once its round is over, ends the doubt.
+fn note_slot(unsure: &Mutex<Vec<bool>>, i: usize, shm: bool, ok: bool) {
+    let mut u = unsure.lock();
+    match (shm, ok) {
+        (true, false) => {
+            if u.len() <= i {
+                u.resize(i + 1, false);
+            }
+            u[i] = true;
+        }
+        (false, true) => {
+            if let Some(x) = u.get_mut(i) {
+                *x = false;
+            }
+        }
+        _ => {}
+    }
+}
+
 /// One part's request, as sent (and as sent again to a backup).
 #[derive(Clone)]
 pub(super) struct PartSend {
@@ -38,6 +63,9 @@ pub(super) struct PartSend {
     pub(super) priority: i32,
     pub(super) tag: u64,
     pub(super) payload: Bytes,
+    /// A push's: the key's parts whose slots are in doubt
+    /// (`DistKey::unsure`), kept by its answer.
+    pub(super) unsure: Option<Arc<Mutex<Vec<bool>>>>,
 }
 
 /// What answers of a part request are handed to: part index, answer, and
@@ -189,6 +217,7 @@ impl DistStore {
             priority: round.priority,
             tag: round.tag,
             payload,
+            unsure: matches!(head.op, Op::Push | Op::PushPull).then(|| dk.unsure.clone()),
         };
         // An init is not sent again elsewhere: the backup holds a key only
         // once its primary copied it there.
@@ -254,6 +283,7 @@ impl DistStore {
         let retry = failover.then(|| p.clone());
         let (inf2, cb2, landing2) = (inf.clone(), cb.clone(), landing.clone());
         let i = p.i;
+        let unsure = p.unsure.clone().map(|u| (u, p.head.shm));
         let died = move |r: &TransportError| {
             matches!(
                 r,
@@ -274,6 +304,10 @@ impl DistStore {
                 // No landing: failover comes with replicas, which land
                 // nothing (`DistStore::landing`).
                 return me.send_part(p, false, true, inf2, cb2, None);
+            }
+            if let Some((u, shm)) = &unsure {
+                // Before the op can complete: its next push must see it.
+                note_slot(u, i, *shm, r.is_ok());
             }
             let landed = landing2.as_ref().is_some_and(|l| l.is_filled());
             inf2.part_done(r, |resp| cb2(i, resp, landed))
