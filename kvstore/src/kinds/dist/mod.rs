@@ -82,7 +82,7 @@ struct DistKey {
     /// failed while its server may still hold it in a round (a timeout, a
     /// broken link): the server may still read the slot, so the part's
     /// pushes go by message until one succeeds (`parts.rs`).
-    unsure: Arc<Mutex<Vec<bool>>>,
+    unsure: Arc<parts::Unsure>,
     /// Pushes of this key so far (replicas: each push carries its round,
     /// this count after it); changed only by ops that write `var`.
     pushes: AtomicU64,

@@ -38,10 +38,7 @@ impl DistStore {
     /// `DistKey::unsure`).
     pub(super) fn shm_push_parts(&self, dk: &DistKey) -> Vec<Option<Arc<Region>>> {
         let mut segs = self.shm_parts(dk);
-        let unsure = dk.unsure.lock();
-        for (s, _) in segs.iter_mut().zip(unsure.iter()).filter(|(_, u)| **u) {
-            *s = None;
-        }
+        dk.unsure.mask(&mut segs);
         segs
     }
 

@@ -2,13 +2,13 @@
 //! (replicas) its backup, a part sent again to the backup when its server
 //! died, and the answers handed to the op's [`Round`].
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pskv_engine::Completion;
-use pskv_transport::{KvResponse, Landing, RequestOptions, TransportError};
+use pskv_transport::{KvResponse, Landing, Region, RequestOptions, TransportError};
 
 use super::inflight::{Inflight, OutPtr};
 use super::{staging, DistKey, DistStore};
@@ -30,27 +30,55 @@ pub(super) fn unreachable(e: &TransportError) -> bool {
     )
 }
 
-/// Keeps part `i`'s doubt about its slot (`DistKey::unsure`) after the
-/// answer to a push (`shm`: through the slot): a failure through the
-/// slot puts it in doubt, since the server may still hold that push and
-/// read the slot when its round completes (a push sent again would write
-/// the slot under it); a success by message, which the server answers
-/// only once its round is over, ends the doubt.
-fn note_slot(unsure: &Mutex<Vec<bool>>, i: usize, shm: bool, ok: bool) {
-    let mut u = unsure.lock();
-    match (shm, ok) {
-        (true, false) => {
-            if u.len() <= i {
-                u.resize(i + 1, false);
-            }
-            u[i] = true;
+/// A key's parts whose shared slots are in doubt (`DistKey::unsure`): a
+/// push through the slot failed, so the server may still hold it and read
+/// the slot when its round completes (a push sent again would write the
+/// slot under it). A success by message, which the server answers only
+/// once its round is over, ends the doubt.
+///
+/// `any` is false while no part is in doubt (the usual case: a push then
+/// takes no lock); it is set after the part's flag and cleared with the
+/// last one, under the lock. The answer that changes them runs before its
+/// op completes, so the key's next op (after it, by the key's var) sees
+/// the change.
+#[derive(Default)]
+pub(super) struct Unsure {
+    any: AtomicBool,
+    parts: Mutex<Vec<bool>>,
+}
+
+impl Unsure {
+    /// Leaves out of `segs` the parts in doubt.
+    pub(super) fn mask(&self, segs: &mut [Option<Arc<Region>>]) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
         }
-        (false, true) => {
-            if let Some(x) = u.get_mut(i) {
-                *x = false;
-            }
+        let u = self.parts.lock();
+        for (s, _) in segs.iter_mut().zip(u.iter()).filter(|(_, u)| **u) {
+            *s = None;
         }
-        _ => {}
+    }
+
+    /// The answer to a push of part `i` (`shm`: through its slot).
+    fn note(&self, i: usize, shm: bool, ok: bool) {
+        match (shm, ok) {
+            (true, false) => {
+                let mut u = self.parts.lock();
+                if u.len() <= i {
+                    u.resize(i + 1, false);
+                }
+                u[i] = true;
+                self.any.store(true, Ordering::Release);
+            }
+            (false, true) if self.any.load(Ordering::Acquire) => {
+                let mut u = self.parts.lock();
+                if let Some(x) = u.get_mut(i) {
+                    *x = false;
+                }
+                self.any.store(u.iter().any(|x| *x), Ordering::Release);
+            }
+            _ => {}
+        }
     }
 }
 
@@ -65,7 +93,7 @@ pub(super) struct PartSend {
     pub(super) payload: Bytes,
     /// A push's: the key's parts whose slots are in doubt
     /// (`DistKey::unsure`), kept by its answer.
-    pub(super) unsure: Option<Arc<Mutex<Vec<bool>>>>,
+    pub(super) unsure: Option<Arc<Unsure>>,
 }
 
 /// What answers of a part request are handed to: part index, answer, and
@@ -307,7 +335,7 @@ impl DistStore {
             }
             if let Some((u, shm)) = &unsure {
                 // Before the op can complete: its next push must see it.
-                note_slot(u, i, *shm, r.is_ok());
+                u.note(i, *shm, r.is_ok());
             }
             let landed = landing2.as_ref().is_some_and(|l| l.is_filled());
             inf2.part_done(r, |resp| cb2(i, resp, landed))
