@@ -140,7 +140,7 @@ impl Latch {
 
     /// As `wait`, spinning for `spin` first (zero: sleeps at once). With
     /// progress hooks, the spin adapts to this thread's recent waits
-    /// ([`crate::progress::budget`]).
+    /// (`progress::budget`).
     pub fn wait_spinning(&self, spin: Duration, timeout: Option<Duration>) -> bool {
         if self.is_set() {
             return true;

@@ -31,7 +31,7 @@ enum Mem {
 /// and Python's buffers): where it is, and whether pskv still holds it.
 ///
 /// States: `held` from [`Tensor::from_host_ptr`](super::Tensor::from_host_ptr)
-/// until the one [`Buf`] over the memory is dropped (every tensor, message
+/// until the one buffer (`Buf`) over the memory is dropped (every tensor, message
 /// and transfer that shared it is gone), then `released`, for good. The
 /// caller may touch the memory again once it is released; a request of
 /// the C ABI waits for that before it reports done.

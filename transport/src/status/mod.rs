@@ -13,7 +13,7 @@
 //! ```
 //!
 //! Each server and worker counts the frames and bytes its links carry
-//! ([`Traffic`], relaxed atomics: statistics, never synchronisation) and the
+//! (`Traffic`, relaxed atomics: statistics, never synchronisation) and the
 //! rounds the layer above reports ([`RoundLog`]). With every heartbeat it
 //! sends the scheduler a [`NodeStats`] snapshot; the scheduler's state
 //! machine keeps the latest two of each node, so rates are the difference
