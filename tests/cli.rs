@@ -601,11 +601,22 @@ fn ranks_under_mpirun_take_their_roles() {
 /// scheduler on `port`: their stdouts, or why not (a rank that failed,
 /// with its stderr; the others are stopped at once).
 fn mpi_ranks_on(port: u16) -> Result<Vec<String>, String> {
+    // Each rank's stdout and stderr are read as they come (a rank that
+    // printed more than a pipe holds would otherwise block until killed).
+    fn drain<R: std::io::Read + Send + 'static>(p: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    }
     let mut ranks: Vec<_> = (0..4)
         .map(|r| {
             let mut args = vec!["launch", "--launcher", "mpi", "-n", "2", "-s", "1"];
             args.extend(demo_worker_args());
-            pskv()
+            let mut c = pskv()
                 .args(&args)
                 .env("OMPI_COMM_WORLD_RANK", r.to_string())
                 .env("OMPI_COMM_WORLD_SIZE", "4")
@@ -616,46 +627,47 @@ fn mpi_ranks_on(port: u16) -> Result<Vec<String>, String> {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
-                .unwrap()
+                .unwrap();
+            let (out, err) = (drain(c.stdout.take()), drain(c.stderr.take()));
+            (c, out, err)
         })
         .collect();
     let end = Instant::now() + Duration::from_secs(120);
     let mut done = [false; 4];
+    let stop_all = |ranks: &mut Vec<(std::process::Child, _, _)>| {
+        for (c, _, _) in ranks.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    };
     while !done.iter().all(|d| *d) {
         for r in 0..4 {
             if done[r] {
                 continue;
             }
-            let Some(st) = ranks[r].try_wait().unwrap() else {
+            let Some(st) = ranks[r].0.try_wait().unwrap() else {
                 continue;
             };
             done[r] = true;
             if !st.success() {
-                for c in ranks.iter_mut() {
-                    let _ = c.kill();
-                }
-                let out = ranks.remove(r).wait_with_output().unwrap();
-                for c in ranks.iter_mut() {
-                    let _ = c.wait();
-                }
+                stop_all(&mut ranks);
+                let (_, _, err) = ranks.remove(r);
+                let err = err.join().unwrap_or_default();
                 return Err(format!(
                     "rank {r} exited with {st}: {}",
-                    String::from_utf8_lossy(&out.stderr)
+                    String::from_utf8_lossy(&err)
                 ));
             }
         }
         if Instant::now() > end {
-            for c in ranks.iter_mut() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            stop_all(&mut ranks);
             return Err(format!("ranks still running after 120 s (done: {done:?})"));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(ranks
         .into_iter()
-        .map(|c| String::from_utf8_lossy(&c.wait_with_output().unwrap().stdout).into_owned())
+        .map(|(_, out, _)| String::from_utf8_lossy(&out.join().unwrap_or_default()).into_owned())
         .collect())
 }
 
