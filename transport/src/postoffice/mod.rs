@@ -569,12 +569,23 @@ impl Inner {
         // task or a request's callback), the wait must not hold up that
         // runtime: with one I/O thread (`PSKV_IO_THREADS=1`) no reader
         // could deliver the answer, and the wait would run out its grace.
-        // `block_in_place` hands the thread's other work to a new one first.
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+        // `block_in_place` hands the thread's other tasks to a new thread
+        // first; not the current one: dropped on the task that reads the
+        // scheduler's link (a node watcher's callback), the wait still runs
+        // out its grace. It refuses (panics, before it runs anything) on a
+        // thread that entered a multi-thread runtime's handle from inside
+        // a current-thread runtime: then the wait runs here. Not while
+        // unwinding, where a second panic would abort.
+        let multi = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let handed = multi
+            && !std::thread::panicking()
+            && std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 tokio::task::block_in_place(wait)
-            }
-            _ => wait(),
+            }))
+            .is_ok();
+        if !handed {
+            wait();
         }
         let done = self.reqs.lock().tracker.fail_all("this node shut down");
         self.complete(done);

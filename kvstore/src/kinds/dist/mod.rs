@@ -79,9 +79,10 @@ struct DistKey {
     /// Per part, the shared segment of a co-located server (sync mode).
     segs: RwLock<Vec<Option<Arc<Region>>>>,
     /// Per part (missing: false), whether a push through the part's slot
-    /// failed while its server may still hold it in a round (a timeout, a
-    /// broken link): the server may still read the slot, so the part's
-    /// pushes go by message until one succeeds (`parts.rs`).
+    /// failed (any failure: a timeout or a broken link may leave it held
+    /// by the server in a round): the server may still read the slot, and
+    /// write the value slot when that round completes, so the part's
+    /// pushes and pulls go by message until a push succeeds (`parts.rs`).
     unsure: Arc<parts::Unsure>,
     /// Pushes of this key so far (replicas: each push carries its round,
     /// this count after it); changed only by ops that write `var`.

@@ -32,11 +32,12 @@ impl DistStore {
         dk.segs.read().clone()
     }
 
-    /// Which parts of a push travel through their shared slot now: those
-    /// of [`DistStore::shm_parts`] whose slot is not in doubt (a push
-    /// through it failed, and none has succeeded since: see
-    /// `DistKey::unsure`).
-    pub(super) fn shm_push_parts(&self, dk: &DistKey) -> Vec<Option<Arc<Region>>> {
+    /// Which parts of a push or pull travel through their shared segment
+    /// now: those of [`DistStore::shm_parts`] whose slot is not in doubt (a
+    /// push through it failed, and none has succeeded since, so the server
+    /// may still complete a round with that push: it reads the worker's
+    /// slot then, and writes the value slot; see `DistKey::unsure`).
+    pub(super) fn shm_parts_now(&self, dk: &DistKey) -> Vec<Option<Arc<Region>>> {
         let mut segs = self.shm_parts(dk);
         dk.unsure.mask(&mut segs);
         segs
@@ -167,7 +168,7 @@ impl DistStore {
             let segs = if rows || compression.is_on() {
                 vec![None; dk2.parts.len()]
             } else {
-                me.shm_push_parts(&dk2)
+                me.shm_parts_now(&dk2)
             };
             let op = match (rows, &land) {
                 (true, _) => Op::RowPush,
@@ -234,7 +235,7 @@ impl DistStore {
                 return;
             };
             let dtype = dk2.local.meta.dtype;
-            let segs = me.shm_parts(&dk2);
+            let segs = me.shm_parts_now(&dk2);
             let (on_answer, settle, land) = match me.landing(&dk2, &land, segs.clone(), &rc) {
                 Ok(x) => x,
                 Err(e) => return completion.fail(e),

@@ -33,8 +33,15 @@ pub(super) fn unreachable(e: &TransportError) -> bool {
 /// A key's parts whose shared slots are in doubt (`DistKey::unsure`): a
 /// push through the slot failed, so the server may still hold it and read
 /// the slot when its round completes (a push sent again would write the
-/// slot under it). A success by message, which the server answers only
-/// once its round is over, ends the doubt.
+/// slot under it, and a pull through the value slot could read it while
+/// that round writes it). A push's success by message, which the server
+/// answers only once its round is over, ends the doubt.
+///
+/// Subtle: that assumes the failed push cannot reach the server after the
+/// later one. A timed-out request is not taken out of its link's send
+/// queue, which is ordered by priority: a later push of the same key at a
+/// higher priority could overtake a failed one still queued (pushes of a
+/// key normally keep one priority).
 ///
 /// `any` is false while no part is in doubt (the usual case: a push then
 /// takes no lock); it is set after the part's flag and cleared with the

@@ -28,9 +28,10 @@
 //! - Worker `r` writes slot `r`, then sends its push. It writes again only
 //!   after that push was answered, which the server does after summing.
 //!   A push through the slot that failed instead (a timeout, a broken
-//!   link) may still be held by the server, which reads the slot when its
-//!   round completes: the part's pushes go by message until one succeeds
-//!   (`DistKey::unsure`), and only then through the slot again.
+//!   link) may still be held by the server, which reads the slot and
+//!   writes the value slot when its round completes: the part's pushes and
+//!   pulls go by message until a push succeeds (`DistKey::unsure`), and
+//!   only then through the segment again.
 //! - The server reads the input slots and writes the value slot only while
 //!   completing a round, which needs every worker's next push; a worker
 //!   pushes again only after it copied the value out of the slot. So no
