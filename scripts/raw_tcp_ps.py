@@ -76,6 +76,11 @@ def serve(listener, workers, parts, rounds):
         t.join()
 
 
+def pattern(n):
+    """n bytes of a repeating non-zero pattern, every page written."""
+    return (bytes(range(1, 256)) * (n // 255 + 1))[:n]
+
+
 def client(ports, parts, rounds, q):
     """parts[server]: the byte counts of its messages, in round order."""
     socks = []
@@ -83,7 +88,10 @@ def client(ports, parts, rounds, q):
         s = socket.create_connection(("127.0.0.1", p))
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         socks.append(s)
-    data = [[bytes(n) for n in ps] for ps in parts]
+    # Non-zero bytes: a zero-filled `bytes(n)` is calloc'd, so every page
+    # of it is the kernel's one shared zero page, which the socket copies
+    # read from cache (sends measured 20% cheaper than from real data).
+    data = [[pattern(n) for n in ps] for ps in parts]
     back = [[memoryview(bytearray(n)) for n in ps] for ps in parts]
     hdr = memoryview(bytearray(8))
     ts = []
