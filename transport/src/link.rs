@@ -37,7 +37,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::protocol::NodeId;
 use crate::status::Traffic;
-use crate::wire::Frame;
+use crate::wire::{Frame, Kind};
 
 /// A link's id, unique in the process (the scheduler's connection ids).
 pub(crate) type LinkId = u64;
@@ -203,6 +203,21 @@ impl Link {
         Ok(())
     }
 
+    /// Takes the request frames of `request_id` that still wait in the
+    /// queue out of it, so they are never sent (the request timed out: its
+    /// caller was told it failed, and may send it again, maybe at another
+    /// priority, which must not be overtaken by the old one). A frame the
+    /// writer or a direct sender has begun is not touched: it leaves before
+    /// anything queued after it. Returns how many were taken (they stay
+    /// counted as sent in the link's traffic).
+    pub(crate) fn withdraw(&self, request_id: u64) -> usize {
+        let mut q = self.queue.lock();
+        let before = q.heap.len();
+        q.heap
+            .retain(|w| !(w.frame.kind == Kind::Request && w.frame.request_id == request_id));
+        before - q.heap.len()
+    }
+
     fn push(&self, q: &mut QueueState, frame: Frame) {
         let seq = q.seq;
         q.seq += 1;
@@ -334,7 +349,6 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::Kind;
 
     fn frame(priority: i32, tag: u64) -> Frame {
         let mut f = Frame::new(Kind::Request);
@@ -359,5 +373,42 @@ mod tests {
         assert!(link
             .next_batch_blocking(1, Duration::from_millis(1))
             .is_none());
+    }
+
+    #[test]
+    fn a_withdrawn_request_never_leaves_and_the_rest_keep_their_order() {
+        let link = Link::new(1, 0, crate::wire::VanId::Tcp);
+        // A response to request 2 of the peer's is not this node's request.
+        let mut answer = frame(0, 2);
+        answer.kind = Kind::Response;
+        link.send(answer).unwrap();
+        for (p, tag) in [(0, 1), (0, 2), (9, 3), (0, 2)] {
+            link.send(frame(p, tag)).unwrap();
+        }
+        assert_eq!(link.withdraw(2), 2);
+        assert_eq!(link.withdraw(7), 0);
+        let batch = link
+            .next_batch_blocking(usize::MAX, Duration::from_millis(1))
+            .unwrap();
+        let sent: Vec<(Kind, u64)> = batch.iter().map(|f| (f.kind, f.request_id)).collect();
+        assert_eq!(
+            sent,
+            vec![(Kind::Request, 3), (Kind::Response, 2), (Kind::Request, 1)]
+        );
+    }
+
+    #[test]
+    fn a_frame_being_written_is_not_withdrawn() {
+        let link = Link::new(1, 0, crate::wire::VanId::Tcp);
+        link.send(frame(0, 1)).unwrap();
+        link.send(frame(0, 2)).unwrap();
+        // The writer took both (it is writing them): too late to take back.
+        let mut q = link.queue.lock();
+        let work = Link::take_work(&mut q, usize::MAX);
+        drop(q);
+        assert!(matches!(work, Some(Work::Frames(f)) if f.len() == 2));
+        assert_eq!(link.withdraw(1), 0);
+        link.done_writing();
+        assert!(link.is_idle());
     }
 }

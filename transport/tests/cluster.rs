@@ -1143,3 +1143,114 @@ fn a_status_query_sees_every_node_and_disturbs_nothing() {
     barriers_of_everyone(&c, 1);
     assert_eq!(c.sched.nodes(), nodes);
 }
+
+/// A server that records every key it is given and holds up its reader on
+/// key 1 until released (at most 20 s).
+#[derive(Default)]
+struct Stall {
+    seen: Mutex<Vec<u64>>,
+    released: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Stall {
+    fn release(&self) {
+        *self.released.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+impl RequestHandler for Stall {
+    fn handle(&self, req: KvRequest, r: Responder) {
+        self.seen.lock().extend(req.keys.iter().copied());
+        if req.keys.first() == Some(&1) {
+            let g = self.released.lock().unwrap();
+            let _ = self.cv.wait_timeout_while(g, T, |released| !*released);
+        }
+        r.ok();
+    }
+}
+
+/// A request that timed out while it still waited in its link's send queue
+/// never reaches its server (with and without resend mode): otherwise a
+/// push the caller was told failed, and sent again, maybe at another
+/// priority, could arrive after the one sent again and count instead of it.
+#[test]
+fn a_request_that_timed_out_in_its_send_queue_never_reaches_the_server() {
+    for resend in [false, true] {
+        let with = |role, port| {
+            let mut c = config(role, port, 1, 1, None);
+            c.resend = resend;
+            c.resend_timeout = Duration::from_millis(200);
+            c
+        };
+        let sched = Postoffice::start(with(Role::Scheduler, 0), None).unwrap();
+        let port = sched.local_addr().port();
+        let stall = Arc::new(Stall::default());
+        let (h, c) = (stall.clone(), with(Role::Server, port));
+        let server = std::thread::spawn(move || Postoffice::start(c, Some(h)).unwrap());
+        let worker = Postoffice::start(with(Role::Worker, port), None).unwrap();
+        let server = server.join().unwrap();
+        let kv = KvWorker::new(&worker);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let push = |key: u64, bytes: usize, timeout: Option<Duration>| {
+            let tx = tx.clone();
+            let opts = RequestOptions {
+                timeout,
+                ..RequestOptions::default()
+            };
+            kv.push_with(
+                &[key],
+                &[bytes as u32],
+                Bytes::from(vec![7u8; bytes]),
+                opts,
+                move |r| {
+                    let _ = tx.send((key, r.map(|_| ())));
+                },
+            )
+            .unwrap();
+        };
+        // Key 1 holds up the server's reader; key 2 fills the socket and
+        // stays half written; key 3 waits in the queue behind it.
+        push(1, 4, None);
+        let t0 = Instant::now();
+        while stall.seen.lock().is_empty() {
+            assert!(t0.elapsed() < T, "the server never got key 1");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        push(2, 32 << 20, None);
+        std::thread::sleep(Duration::from_millis(100));
+        push(3, 4, Some(Duration::from_millis(300)));
+        let (key, r) = rx.recv_timeout(T).expect("key 3 timed out");
+        assert_eq!(key, 3, "resend {resend}");
+        assert!(
+            matches!(
+                r,
+                Err(TransportError::Request(
+                    pskv_transport::TrackError::TimedOut { .. }
+                ))
+            ),
+            "resend {resend}: {r:?}"
+        );
+        stall.release();
+        push(4, 4, None);
+        let mut done: Vec<u64> = (0..3)
+            .map(|_| {
+                let (k, r) = rx.recv_timeout(T).expect("an answer");
+                r.unwrap_or_else(|e| panic!("resend {resend}: key {k}: {e}"));
+                k
+            })
+            .collect();
+        done.sort_unstable();
+        assert_eq!(done, vec![1, 2, 4], "resend {resend}");
+        if resend {
+            // Past a few resend timeouts: key 3's number went out only as
+            // a void frame.
+            std::thread::sleep(Duration::from_millis(800));
+        }
+        assert_eq!(*stall.seen.lock(), vec![1, 2, 4], "resend {resend}");
+        worker.shutdown();
+        server.shutdown();
+        sched.shutdown();
+    }
+}

@@ -120,7 +120,18 @@ impl Inner {
                 }
             }
         }
-        let expired = self.reqs.lock().tracker.expire(now);
+        let (expired, sent) = self.reqs.lock().tracker.expire_with_links(now);
+        // Before the callbacks: a frame not taken back here was begun by a
+        // writer before the caller learns of the failure, so it leaves
+        // before anything the caller sends next.
+        for (id, link) in sent {
+            if let Some(l) = self.links.lock().by_id.get(&link).cloned() {
+                l.withdraw(id);
+            }
+            if let Some(r) = &self.resender {
+                r.lock().void(link, id);
+            }
+        }
         self.complete(expired);
         self.pump();
     }

@@ -323,6 +323,10 @@ impl FrameSink for Inner {
                 }
             }
         }
+        if frame.flags.contains(Flags::VOID) {
+            // Its sender took it back (acknowledged above in resend mode).
+            return;
+        }
         match frame.kind {
             Kind::Control => {
                 let msg = match Control::from_frame(&frame) {

@@ -118,6 +118,35 @@ impl Resender {
         );
     }
 
+    /// Request `request_id` to `dest` failed (it timed out): its frames not
+    /// acknowledged yet go out, when resent, as [`Flags::VOID`] frames
+    /// that carry only their message numbers, so the receiver's count of
+    /// numbers has no gap and a request its caller was told failed is not
+    /// delivered by a resend after the caller sent it again. Returns how
+    /// many frames it voided.
+    pub fn void(&mut self, dest: Peer, request_id: u64) -> usize {
+        let mut n = 0;
+        for (_, u) in self.unacked.range_mut((dest, 0)..=(dest, u64::MAX)) {
+            let f = &u.frame;
+            if f.kind != Kind::Request
+                || f.request_id != request_id
+                || f.flags.contains(Flags::VOID)
+            {
+                continue;
+            }
+            let mut v = Frame::new(Kind::Request);
+            v.flags = Flags::NEEDS_ACK | Flags::VOID;
+            v.sender = f.sender;
+            v.recipient = f.recipient;
+            v.msg_id = f.msg_id;
+            v.request_id = f.request_id;
+            v.priority = f.priority;
+            u.frame = v;
+            n += 1;
+        }
+        n
+    }
+
     /// A frame arrived from `from`.
     pub fn on_receive(&mut self, from: Peer, frame: &Frame) -> Received {
         if frame.kind == Kind::Ack {
@@ -192,5 +221,62 @@ mod tests {
         assert!(s.above.is_empty());
         assert!(!s.insert(4));
         assert!(s.insert(6));
+    }
+
+    #[test]
+    fn a_voided_request_is_resent_as_its_number_only() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut tx = Resender::new(8, s, 5);
+        let mut rx = Resender::new(10, s, 5);
+        let mut req = Frame::new(Kind::Request);
+        req.sender = 8;
+        req.recipient = 10;
+        req.request_id = 42;
+        req.keys = vec![3];
+        req.lens = vec![4];
+        req.payload = bytes::Bytes::from_static(&[1, 2, 3, 4]);
+        let mut other = req.clone();
+        other.request_id = 43;
+        tx.stamp(10, &mut req, t0);
+        tx.stamp(10, &mut other, t0);
+        assert_eq!(tx.void(10, 42), 1);
+        assert_eq!(tx.void(10, 42), 0, "voided once");
+        assert_eq!(tx.void(11, 43), 0, "another destination's");
+        let (again, lost) = tx.handle_timeout(t0 + s);
+        assert!(lost.is_empty());
+        let void = &again
+            .iter()
+            .find(|(_, f)| f.msg_id == req.msg_id)
+            .unwrap()
+            .1;
+        assert!(void.flags.contains(Flags::VOID | Flags::NEEDS_ACK));
+        assert!(void.keys.is_empty() && void.payload.is_empty());
+        let kept = &again
+            .iter()
+            .find(|(_, f)| f.msg_id == other.msg_id)
+            .unwrap()
+            .1;
+        assert_eq!(kept.payload, other.payload);
+        // The receiver counts its number (no gap) and acknowledges it; the
+        // sender then forgets it.
+        let Received::Deliver { ack: Some(ack) } = rx.on_receive(8, void) else {
+            panic!("a void frame is acknowledged")
+        };
+        assert_eq!(
+            rx.on_receive(8, kept),
+            Received::Deliver {
+                ack: Some({
+                    let mut a = Frame::new(Kind::Ack);
+                    a.sender = 10;
+                    a.recipient = 8;
+                    a.msg_id = kept.msg_id;
+                    a
+                })
+            }
+        );
+        assert_eq!(rx.seen[&8].floor, 3);
+        assert_eq!(tx.on_receive(10, &ack), Received::Consumed);
+        assert_eq!(tx.unacked(), 1);
     }
 }

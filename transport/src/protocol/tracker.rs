@@ -150,12 +150,29 @@ impl<T> Tracker<T> {
 
     /// Fails every request whose deadline is `now` or earlier.
     pub fn expire(&mut self, now: Instant) -> Vec<Completed<T>> {
+        self.expire_with_links(now).0
+    }
+
+    /// As [`expire`](Self::expire), with the links that the failed
+    /// requests' unanswered parts went out on, as (request id, link): a
+    /// driver takes back those parts' frames that still wait in the links'
+    /// send queues, so a request its caller was told failed never reaches
+    /// a node later.
+    pub fn expire_with_links(&mut self, now: Instant) -> (Vec<Completed<T>>, Vec<(u64, u64)>) {
         let mut done = Vec::new();
+        let mut sent = Vec::new();
         while let Some(&(at, id)) = self.deadlines.first() {
             if at > now {
                 break;
             }
             let Some(p) = self.take(id) else { continue };
+            sent.extend(
+                p.parts
+                    .iter()
+                    .zip(&p.via)
+                    .filter(|(part, _)| part.is_none())
+                    .filter_map(|(_, via)| via.map(|link| (id, link))),
+            );
             let waiting = p
                 .targets
                 .iter()
@@ -169,7 +186,7 @@ impl<T> Tracker<T> {
                 result: Err(TrackError::TimedOut { after, waiting }),
             });
         }
-        done
+        (done, sent)
     }
 
     /// Whether request `id` is still pending.
@@ -446,6 +463,23 @@ mod tests {
         assert_eq!(t.len(), 1);
         assert!(t.expire(t0 + 100 * s).is_empty());
         assert!(t.on_response(12, forever, "f").is_some());
+    }
+
+    #[test]
+    fn an_expired_request_names_the_links_of_its_unanswered_parts() {
+        let mut t = Tracker::default();
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        // Parts to 8 (answered), 10 (sent on link 4) and 12 (not sent yet).
+        let id = t.start_until(vec![8, 10, 12], t0, s);
+        assert!(t.sent_on(id, 8, 3));
+        assert!(t.sent_on(id, 10, 4));
+        t.on_response(8, id, "a");
+        let (done, sent) = t.expire_with_links(t0 + s);
+        assert_eq!(done.len(), 1);
+        assert_eq!(sent, vec![(id, 4)]);
+        // Gone: a late part finds it failed.
+        assert!(!t.sent_on(id, 12, 5));
     }
 
     #[test]

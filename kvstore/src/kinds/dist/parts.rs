@@ -37,11 +37,10 @@ pub(super) fn unreachable(e: &TransportError) -> bool {
 /// that round writes it). A push's success by message, which the server
 /// answers only once its round is over, ends the doubt.
 ///
-/// Subtle: that assumes the failed push cannot reach the server after the
-/// later one. A timed-out request is not taken out of its link's send
-/// queue, which is ordered by priority: a later push of the same key at a
-/// higher priority could overtake a failed one still queued (pushes of a
-/// key normally keep one priority).
+/// Subtle: that needs the failed push never to reach the server after the
+/// later one. The transport takes a timed-out request out of its link's
+/// send queue (ordered by priority) before its failure is reported; one a
+/// writer had begun leaves before anything sent after it.
 ///
 /// `any` is false while no part is in doubt (the usual case: a push then
 /// takes no lock); it is set after the part's flag and cleared with the

@@ -56,7 +56,11 @@ impl Flags {
     pub const NEEDS_ACK: Flags = Flags(8);
     /// A request without keys that carries a command body in the meta.
     pub const COMMAND: Flags = Flags(16);
-    const ALL: u16 = 31;
+    /// A request its sender took back before it went out (it timed out):
+    /// it only keeps its message number (resend mode), and its receiver
+    /// acknowledges and drops it.
+    pub const VOID: Flags = Flags(32);
+    const ALL: u16 = 63;
 
     /// Whether every flag of `other` is set.
     pub fn contains(self, other: Flags) -> bool {
