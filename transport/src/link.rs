@@ -24,6 +24,11 @@
 //! the writer taking a batch) is the only one writing. A direct write that
 //! stops halfway (the socket is full) hands the rest to the writer as a
 //! continuation, which goes out before anything else, `writing` still set.
+//! A direct sender claims the path first (`claim`, under the queue lock)
+//! and writes after (`send_claimed`); a frame it could not start at all
+//! is queued ahead of everything queued since its claim. So a frame leaves
+//! before every frame whose `claim` or `send` came after its own (and
+//! before every lower-priority one queued with it).
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -43,6 +48,9 @@ use crate::wire::{Frame, Kind};
 pub(crate) type LinkId = u64;
 
 struct Queued {
+    /// A frame a direct sender claimed and could not start: it keeps the
+    /// place its claim took, ahead of everything queued meanwhile.
+    claimed: bool,
     priority: i32,
     seq: u64,
     frame: Frame,
@@ -61,8 +69,9 @@ impl PartialOrd for Queued {
 }
 impl Ord for Queued {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.priority
-            .cmp(&other.priority)
+        self.claimed
+            .cmp(&other.claimed)
+            .then_with(|| self.priority.cmp(&other.priority))
             .then_with(|| other.seq.cmp(&self.seq))
     }
 }
@@ -160,47 +169,65 @@ impl Link {
     /// idle, else through the queue. Fails with the reason if the link is
     /// closed.
     pub(crate) fn send(&self, frame: Frame) -> Result<(), String> {
+        if let Some(frame) = self.claim(frame)? {
+            self.send_claimed(frame);
+        }
+        Ok(())
+    }
+
+    /// The first half of `send`: queues `frame`, or, if the direct path is
+    /// free, claims it (sets `writing`) and hands the frame back for
+    /// [`send_claimed`](Self::send_claimed). A caller that must order the
+    /// send with its own bookkeeping (a request and its expiry) claims
+    /// under its lock and writes after: from the claim on, the frame leaves
+    /// before anything sent later. Fails with the reason if the link is
+    /// closed.
+    pub(crate) fn claim(&self, frame: Frame) -> Result<Option<Frame>, String> {
         let mut q = self.queue.lock();
         if let Some(reason) = &q.closed {
             return Err(reason.clone());
         }
         self.traffic.sent(frame.wire_len());
-        if let Some(d) = self.direct.get() {
-            if q.heap.is_empty() && !q.writing && q.cont.is_none() {
-                q.writing = true;
-                drop(q);
-                let r = d.try_send(&frame);
-                let mut q = self.queue.lock();
-                match r {
-                    Ok(Direct::Sent) => {
-                        q.writing = false;
-                        let more = !q.heap.is_empty();
-                        drop(q);
-                        if more {
-                            self.wake();
-                        }
-                        return Ok(());
-                    }
-                    Ok(Direct::Partial(rest)) => {
-                        q.cont = Some(rest);
-                        drop(q);
-                        self.wake();
-                        return Ok(());
-                    }
-                    Ok(Direct::NotSent) | Err(_) => {
-                        q.writing = false;
-                        self.push(&mut q, frame);
-                        drop(q);
-                        self.wake();
-                        return Ok(());
-                    }
-                }
-            }
+        if self.direct.get().is_some() && q.heap.is_empty() && !q.writing && q.cont.is_none() {
+            q.writing = true;
+            return Ok(Some(frame));
         }
-        self.push(&mut q, frame);
+        self.push(&mut q, frame, false);
         drop(q);
         self.wake();
-        Ok(())
+        Ok(None)
+    }
+
+    /// Writes a frame `claim` handed back, on this thread; what cannot be
+    /// written now goes to the writer, ahead of everything queued since
+    /// the claim.
+    pub(crate) fn send_claimed(&self, frame: Frame) {
+        let r = match self.direct.get() {
+            Some(d) => d.try_send(&frame),
+            None => Ok(Direct::NotSent),
+        };
+        let mut q = self.queue.lock();
+        match r {
+            Ok(Direct::Sent) => {
+                q.writing = false;
+                let more = !q.heap.is_empty();
+                drop(q);
+                if more {
+                    self.wake();
+                }
+            }
+            Ok(Direct::Partial(rest)) => {
+                q.cont = Some(rest);
+                drop(q);
+                self.wake();
+            }
+            Ok(Direct::NotSent) | Err(_) => {
+                q.writing = false;
+                self.push(&mut q, frame, true);
+                drop(q);
+                self.wake();
+            }
+        }
     }
 
     /// Takes the request frames of `request_id` that still wait in the
@@ -218,10 +245,11 @@ impl Link {
         before - q.heap.len()
     }
 
-    fn push(&self, q: &mut QueueState, frame: Frame) {
+    fn push(&self, q: &mut QueueState, frame: Frame, claimed: bool) {
         let seq = q.seq;
         q.seq += 1;
         q.heap.push(Queued {
+            claimed,
             priority: frame.priority,
             seq,
             frame,
@@ -395,6 +423,33 @@ mod tests {
             sent,
             vec![(Kind::Request, 3), (Kind::Response, 2), (Kind::Request, 1)]
         );
+    }
+
+    /// A direct path that never takes a frame (a full socket).
+    struct Full;
+
+    impl DirectSend for Full {
+        fn try_send(&self, _: &Frame) -> Result<Direct, crate::van::VanError> {
+            Ok(Direct::NotSent)
+        }
+    }
+
+    #[test]
+    fn a_claimed_frame_the_direct_path_could_not_start_keeps_its_place() {
+        let link = Link::new(1, 0, crate::wire::VanId::Tcp);
+        link.set_direct(Arc::new(Full));
+        let first = link
+            .claim(frame(0, 1))
+            .unwrap()
+            .expect("an idle link is claimed");
+        // Sent while the claim holds the path: queued, urgent as it is.
+        assert!(link.claim(frame(9, 2)).unwrap().is_none());
+        link.send_claimed(first);
+        let batch = link
+            .next_batch_blocking(usize::MAX, Duration::from_millis(1))
+            .unwrap();
+        let tags: Vec<u64> = batch.iter().map(|f| f.request_id).collect();
+        assert_eq!(tags, vec![1, 2]);
     }
 
     #[test]

@@ -1171,6 +1171,19 @@ impl RequestHandler for Stall {
     }
 }
 
+/// Bytes that loopback socket buffers cannot all hold while the receiver
+/// reads nothing: at least 32 MiB, and more than the largest send and
+/// receive buffers this host allows.
+fn filler() -> usize {
+    let max = |f: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}"))
+            .ok()
+            .and_then(|s| s.split_whitespace().last()?.parse::<usize>().ok())
+            .unwrap_or(0)
+    };
+    (32 << 20).max(max("tcp_wmem") + max("tcp_rmem") + (8 << 20))
+}
+
 /// A request that timed out while it still waited in its link's send queue
 /// never reaches its server (with and without resend mode): otherwise a
 /// push the caller was told failed, and sent again, maybe at another
@@ -1218,7 +1231,7 @@ fn a_request_that_timed_out_in_its_send_queue_never_reaches_the_server() {
             assert!(t0.elapsed() < T, "the server never got key 1");
             std::thread::sleep(Duration::from_millis(5));
         }
-        push(2, 32 << 20, None);
+        push(2, filler(), None);
         std::thread::sleep(Duration::from_millis(100));
         push(3, 4, Some(Duration::from_millis(300)));
         let (key, r) = rx.recv_timeout(T).expect("key 3 timed out");

@@ -121,11 +121,14 @@ impl Inner {
             }
         }
         let (expired, sent) = self.reqs.lock().tracker.expire_with_links(now);
-        // Before the callbacks: a frame not taken back here was begun by a
-        // writer before the caller learns of the failure, so it leaves
-        // before anything the caller sends next.
+        // Before the callbacks: a part is sent only while its request is
+        // pending, and queued or claimed under the same lock as this
+        // expiry (`send_part`), so a frame not taken back here was taken
+        // by a writer, or claimed by a direct sender, before the caller
+        // learns of the failure: it leaves before anything sent after.
         for (id, link) in sent {
-            if let Some(l) = self.links.lock().by_id.get(&link).cloned() {
+            let l = self.links.lock().by_id.get(&link).cloned();
+            if let Some(l) = l {
                 l.withdraw(id);
             }
             if let Some(r) = &self.resender {
@@ -192,12 +195,17 @@ impl Inner {
 
     /// Queues a frame on a link, numbering it for resend if that is on.
     pub(crate) fn send_on(&self, link: &Arc<Link>, mut frame: Frame) -> bool {
+        self.stamp(link, &mut frame);
+        link.send(frame).is_ok()
+    }
+
+    /// Numbers `frame` for resend on `link`, if that is on.
+    pub(super) fn stamp(&self, link: &Link, frame: &mut Frame) {
         if let Some(r) = &self.resender {
             let now = Instant::now();
-            r.lock().stamp(link.id, &mut frame, now);
+            r.lock().stamp(link.id, frame, now);
             self.timer.need(now + self.cfg.resend_timeout);
         }
-        link.send(frame).is_ok()
     }
 
     pub(super) fn on_scheduler_event(&self, e: SchedulerEvent) {

@@ -96,7 +96,7 @@ impl Inner {
             trace::record(Hop::RequestOut, me, node, id);
             match link {
                 Some(link) => {
-                    if !self.send_on(&link, frame) {
+                    if !self.send_part(&link, node, frame) {
                         self.link_lost(&link, node);
                         lost = true;
                     }
@@ -111,16 +111,37 @@ impl Inner {
     /// to `node` went out there; fails it if the link is closed. A request
     /// that failed or timed out while its frame waited is not sent.
     fn send_or_fail(&self, link: &Arc<Link>, node: NodeId, frame: Frame) {
-        if !self
-            .reqs
-            .lock()
-            .tracker
-            .sent_on(frame.request_id, node, link.id)
-        {
-            return;
-        }
-        if !self.send_on(link, frame) {
+        if !self.send_part(link, node, frame) {
             self.link_lost(link, node);
+        }
+    }
+
+    /// Sends part `frame` of a request to `node` on `link` if the request
+    /// is still pending (else drops it: true); false if the link is closed.
+    ///
+    /// Subtle: the check, the record of the link, the resend number and
+    /// the queueing (or the claim of the direct path) happen under the
+    /// requests' lock, which an expiry takes too. So an expiry either
+    /// comes first (the frame is never sent) or finds the frame queued
+    /// (and takes it back) or claimed (it then leaves before anything sent
+    /// after the caller learns of the failure). The direct write itself
+    /// runs after the lock.
+    fn send_part(&self, link: &Arc<Link>, node: NodeId, mut frame: Frame) -> bool {
+        let claimed = {
+            let mut reqs = self.reqs.lock();
+            if !reqs.tracker.sent_on(frame.request_id, node, link.id) {
+                return true;
+            }
+            self.stamp(link, &mut frame);
+            link.claim(frame)
+        };
+        match claimed {
+            Ok(Some(frame)) => {
+                link.send_claimed(frame);
+                true
+            }
+            Ok(None) => true,
+            Err(_) => false,
         }
     }
 

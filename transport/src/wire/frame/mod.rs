@@ -56,9 +56,9 @@ impl Flags {
     pub const NEEDS_ACK: Flags = Flags(8);
     /// A request without keys that carries a command body in the meta.
     pub const COMMAND: Flags = Flags(16);
-    /// A request its sender took back before it went out (it timed out):
-    /// it only keeps its message number (resend mode), and its receiver
-    /// acknowledges and drops it.
+    /// A request that timed out, as its sender's resends carry it from
+    /// then on (resend mode): its message number only, so the receiver's
+    /// count of numbers has no gap; the receiver acknowledges and drops it.
     pub const VOID: Flags = Flags(32);
     const ALL: u16 = 63;
 
