@@ -26,9 +26,9 @@
 //! continuation, which goes out before anything else, `writing` still set.
 //! A direct sender claims the path first (`claim`, under the queue lock)
 //! and writes after (`send_claimed`); a frame it could not start at all
-//! is queued ahead of everything queued since its claim. So a frame leaves
-//! before every frame whose `claim` or `send` came after its own (and
-//! before every lower-priority one queued with it).
+//! is queued ahead of everything queued since its claim. So a frame that
+//! a direct sender claimed, or the writer took, leaves before every frame
+//! sent after that; queued frames leave by priority, then in order.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -69,10 +69,16 @@ impl PartialOrd for Queued {
 }
 impl Ord for Queued {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.claimed
-            .cmp(&other.claimed)
-            .then_with(|| self.priority.cmp(&other.priority))
-            .then_with(|| other.seq.cmp(&self.seq))
+        match (self.claimed, other.claimed) {
+            // In claim order (at most one waits at a time, see `claim`).
+            (true, true) => other.seq.cmp(&self.seq),
+            (true, false) => Ordering::Greater,
+            (false, true) => Ordering::Less,
+            (false, false) => self
+                .priority
+                .cmp(&other.priority)
+                .then_with(|| other.seq.cmp(&self.seq)),
+        }
     }
 }
 
@@ -85,6 +91,14 @@ struct QueueState {
     writing: bool,
     /// The rest of a frame a direct sender could not finish.
     cont: Option<Vec<Bytes>>,
+}
+
+/// What `Link::claim` did with a frame.
+pub(crate) enum Claim {
+    /// It is queued for the writer (wake it).
+    Queued,
+    /// The direct path is claimed for it: write it with `send_claimed`.
+    Direct(Frame),
 }
 
 /// What a direct send did.
@@ -151,7 +165,7 @@ impl Link {
         let _ = self.direct.set(d);
     }
 
-    fn wake(&self) {
+    pub(crate) fn wake(&self) {
         self.cv.notify_all();
         self.notify.notify_one();
     }
@@ -169,20 +183,22 @@ impl Link {
     /// idle, else through the queue. Fails with the reason if the link is
     /// closed.
     pub(crate) fn send(&self, frame: Frame) -> Result<(), String> {
-        if let Some(frame) = self.claim(frame)? {
-            self.send_claimed(frame);
+        match self.claim(frame)? {
+            Claim::Direct(frame) => self.send_claimed(frame),
+            Claim::Queued => self.wake(),
         }
         Ok(())
     }
 
-    /// The first half of `send`: queues `frame`, or, if the direct path is
-    /// free, claims it (sets `writing`) and hands the frame back for
+    /// The first half of `send`: queues `frame` (the caller then calls
+    /// [`wake`](Self::wake)), or, if the direct path is free, claims it
+    /// (sets `writing`) and hands the frame back for
     /// [`send_claimed`](Self::send_claimed). A caller that must order the
     /// send with its own bookkeeping (a request and its expiry) claims
-    /// under its lock and writes after: from the claim on, the frame leaves
-    /// before anything sent later. Fails with the reason if the link is
-    /// closed.
-    pub(crate) fn claim(&self, frame: Frame) -> Result<Option<Frame>, String> {
+    /// under its lock, and wakes or writes after it: from the claim on, the
+    /// frame leaves before anything sent later. Fails with the reason if
+    /// the link is closed.
+    pub(crate) fn claim(&self, frame: Frame) -> Result<Claim, String> {
         let mut q = self.queue.lock();
         if let Some(reason) = &q.closed {
             return Err(reason.clone());
@@ -190,23 +206,26 @@ impl Link {
         self.traffic.sent(frame.wire_len());
         if self.direct.get().is_some() && q.heap.is_empty() && !q.writing && q.cont.is_none() {
             q.writing = true;
-            return Ok(Some(frame));
+            return Ok(Claim::Direct(frame));
         }
         self.push(&mut q, frame, false);
-        drop(q);
-        self.wake();
-        Ok(None)
+        Ok(Claim::Queued)
     }
 
     /// Writes a frame `claim` handed back, on this thread; what cannot be
     /// written now goes to the writer, ahead of everything queued since
-    /// the claim.
+    /// the claim (or is dropped if the link closed meanwhile).
     pub(crate) fn send_claimed(&self, frame: Frame) {
         let r = match self.direct.get() {
             Some(d) => d.try_send(&frame),
+            // `claim` hands a frame back only where a direct path is set.
             None => Ok(Direct::NotSent),
         };
         let mut q = self.queue.lock();
+        if q.closed.is_some() {
+            q.writing = false;
+            return;
+        }
         match r {
             Ok(Direct::Sent) => {
                 q.writing = false;
@@ -438,12 +457,11 @@ mod tests {
     fn a_claimed_frame_the_direct_path_could_not_start_keeps_its_place() {
         let link = Link::new(1, 0, crate::wire::VanId::Tcp);
         link.set_direct(Arc::new(Full));
-        let first = link
-            .claim(frame(0, 1))
-            .unwrap()
-            .expect("an idle link is claimed");
+        let Claim::Direct(first) = link.claim(frame(0, 1)).unwrap() else {
+            panic!("an idle link is claimed")
+        };
         // Sent while the claim holds the path: queued, urgent as it is.
-        assert!(link.claim(frame(9, 2)).unwrap().is_none());
+        link.send(frame(9, 2)).unwrap();
         link.send_claimed(first);
         let batch = link
             .next_batch_blocking(usize::MAX, Duration::from_millis(1))

@@ -1184,12 +1184,21 @@ fn filler() -> usize {
     (32 << 20).max(max("tcp_wmem") + max("tcp_rmem") + (8 << 20))
 }
 
+/// The most bytes the test pushes to fill a socket.
+const MAX_FILLER: usize = 1 << 30;
+
 /// A request that timed out while it still waited in its link's send queue
 /// never reaches its server (with and without resend mode): otherwise a
 /// push the caller was told failed, and sent again, maybe at another
 /// priority, could arrive after the one sent again and count instead of it.
 #[test]
 fn a_request_that_timed_out_in_its_send_queue_never_reaches_the_server() {
+    if filler() > MAX_FILLER {
+        eprintln!(
+            "skipped: this host's socket buffers hold more than {MAX_FILLER} bytes (tcp_wmem, tcp_rmem)"
+        );
+        return;
+    }
     for resend in [false, true] {
         let with = |role, port| {
             let mut c = config(role, port, 1, 1, None);

@@ -40,7 +40,8 @@ pub(super) fn unreachable(e: &TransportError) -> bool {
 /// Subtle: that needs the failed push never to reach the server after the
 /// later one. The transport takes a timed-out request out of its link's
 /// send queue (ordered by priority) before its failure is reported; one a
-/// writer had taken leaves before anything sent after it.
+/// writer had taken, or a direct sender had claimed, leaves before
+/// anything sent after it.
 ///
 /// `any` is false while no part is in doubt (the usual case: a push then
 /// takes no lock); it is set after the part's flag and cleared with the
