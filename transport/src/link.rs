@@ -95,9 +95,9 @@ struct QueueState {
 
 /// What `Link::claim` did with a frame.
 pub(crate) enum Claim {
-    /// It is queued for the writer (wake it).
+    /// It is queued: `finish_claim` wakes the writer.
     Queued,
-    /// The direct path is claimed for it: write it with `send_claimed`.
+    /// The direct path is claimed for it: `finish_claim` writes it on the caller's thread.
     Direct(Frame),
 }
 
@@ -165,7 +165,7 @@ impl Link {
         let _ = self.direct.set(d);
     }
 
-    pub(crate) fn wake(&self) {
+    fn wake(&self) {
         self.cv.notify_all();
         self.notify.notify_one();
     }
@@ -183,20 +183,25 @@ impl Link {
     /// idle, else through the queue. Fails with the reason if the link is
     /// closed.
     pub(crate) fn send(&self, frame: Frame) -> Result<(), String> {
-        match self.claim(frame)? {
-            Claim::Direct(frame) => self.send_claimed(frame),
-            Claim::Queued => self.wake(),
-        }
+        self.finish_claim(self.claim(frame)?);
         Ok(())
     }
 
-    /// The first half of `send`: queues `frame` (the caller then calls
-    /// [`wake`](Self::wake)), or, if the direct path is free, claims it
-    /// (sets `writing`) and hands the frame back for
-    /// [`send_claimed`](Self::send_claimed). A caller that must order the
-    /// send with its own bookkeeping (a request and its expiry) claims
-    /// under its lock, and wakes or writes after it: from the claim on, the
-    /// frame leaves before anything sent later. Fails with the reason if
+    /// The second half of `send`, for what `claim` did: writes a claimed
+    /// frame on this thread, or wakes the writer for a queued one.
+    pub(crate) fn finish_claim(&self, claim: Claim) {
+        match claim {
+            Claim::Direct(frame) => self.send_claimed(frame),
+            Claim::Queued => self.wake(),
+        }
+    }
+
+    /// The first half of `send`: queues `frame`, or, if the direct path is
+    /// free, claims it (sets `writing`) and hands the frame back; the
+    /// caller then calls [`finish_claim`](Self::finish_claim). A caller
+    /// that must order the send with its own bookkeeping (a request and
+    /// its expiry) claims under its lock and finishes after it: from the
+    /// claim on, the frame leaves before anything sent later. Fails with the reason if
     /// the link is closed.
     pub(crate) fn claim(&self, frame: Frame) -> Result<Claim, String> {
         let mut q = self.queue.lock();
@@ -215,7 +220,7 @@ impl Link {
     /// Writes a frame `claim` handed back, on this thread; what cannot be
     /// written now goes to the writer, ahead of everything queued since
     /// the claim (or is dropped if the link closed meanwhile).
-    pub(crate) fn send_claimed(&self, frame: Frame) {
+    fn send_claimed(&self, frame: Frame) {
         let r = match self.direct.get() {
             Some(d) => d.try_send(&frame),
             // `claim` hands a frame back only where a direct path is set.
@@ -253,8 +258,8 @@ impl Link {
     /// queue out of it, so they are never sent (the request timed out: its
     /// caller was told it failed, and may send it again, maybe at another
     /// priority, which must not be overtaken by the old one). A frame the
-    /// writer or a direct sender has begun is not touched: it leaves before
-    /// anything queued after it. Returns how many were taken (they stay
+    /// writer has taken, or a direct sender has claimed, is not touched: it
+    /// leaves before anything queued after it. Returns how many were taken (they stay
     /// counted as sent in the link's traffic).
     pub(crate) fn withdraw(&self, request_id: u64) -> usize {
         let mut q = self.queue.lock();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::error::TransportError;
 use crate::kv::{Callback, Responder};
 use crate::landing::Landing;
-use crate::link::{Claim, Link};
+use crate::link::Link;
 use crate::protocol::resender::Received;
 use crate::protocol::tracker::{Completed, TrackError};
 use crate::protocol::{describe, NodeId, SCHEDULER_ID};
@@ -136,12 +136,8 @@ impl Inner {
             link.claim(frame)
         };
         match claimed {
-            Ok(Claim::Direct(frame)) => {
-                link.send_claimed(frame);
-                true
-            }
-            Ok(Claim::Queued) => {
-                link.wake();
+            Ok(claim) => {
+                link.finish_claim(claim);
                 true
             }
             Err(_) => false,
