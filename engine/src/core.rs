@@ -247,7 +247,12 @@ impl Core {
         result
     }
 
-    fn op_finished(&self) {
+    /// Counts an op pushed (before it can run: see the module docs).
+    pub(crate) fn op_pushed(&self) {
+        self.pushed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn op_finished(&self) {
         let finished = self.finished.fetch_add(1, Ordering::SeqCst) + 1;
         if self.idle_waiters.load(Ordering::SeqCst) > 0
             && self.pushed.load(Ordering::SeqCst) == finished
@@ -325,7 +330,7 @@ pub(crate) fn push<B: BodyCell + 'static>(
     let mut vars: SmallVec<[Var; 2]> = SmallVec::with_capacity(nreads + writes.len());
     vars.extend(reads);
     vars.extend(writes);
-    core.pushed.fetch_add(1, Ordering::SeqCst);
+    core.op_pushed();
     let op = OpRef::new(Op {
         name,
         nreads: nreads as u32,
@@ -544,29 +549,48 @@ fn complete(op: &OpRef, failure: Option<Arc<OpFailure>>) {
     let core = op.core;
     let _held = Held::of(core);
     if let Some(f) = &failure {
-        tracing::debug!(op = %op.name, "op failed or skipped: {f}");
-        if op.writes().is_empty() {
-            core.log_failure(None, f);
-        }
-        for v in op.writes() {
-            if v.failure().is_none() {
-                v.set_failure(f);
-                core.log_failure(Some(v), f);
-            }
-        }
+        store_failure(&core, &op.name, op.writes(), f);
     }
     if core.profiler.is_enabled() {
         core.profiler.end(op, failure.is_some());
     }
+    release(op.reads(), op.writes(), true);
+    op.state.store(FINISHED, Ordering::Release);
+    if let Executor::Naive = core.executor {
+        let _guard = core.idle.lock();
+        core.finished_cv.notify_all();
+    }
+    core.op_finished();
+}
+
+/// Stores the failure of op `name` on the vars it writes that hold none
+/// yet, and logs it for `wait_for_all`.
+pub(crate) fn store_failure(core: &Core, name: &str, writes: &[Var], f: &Arc<OpFailure>) {
+    tracing::debug!(op = %name, "op failed or skipped: {f}");
+    if writes.is_empty() {
+        core.log_failure(None, f);
+    }
+    for v in writes {
+        if v.failure().is_none() {
+            v.set_failure(f);
+            core.log_failure(Some(v), f);
+        }
+    }
+}
+
+/// Releases the grants of an op that reads `reads` and writes `writes`
+/// (it `ran`; else they go back unused), and dispatches the ops that
+/// became ready.
+pub(crate) fn release(reads: &[Var], writes: &[Var], ran: bool) {
     let mut grants: SmallVec<[OpRef; 8]> = SmallVec::new();
-    for (i, v) in op.vars.iter().enumerate() {
-        let access = if i < op.nreads as usize {
-            Access::Read
-        } else {
-            Access::Write
-        };
+    let vars = reads.iter().map(|v| (v, Access::Read));
+    for (v, access) in vars.chain(writes.iter().map(|v| (v, Access::Write))) {
         let mut q = v.0.queue.lock();
-        q.complete(access, &mut grants);
+        if ran {
+            q.complete(access, &mut grants);
+        } else {
+            q.give_back(access, &mut grants);
+        }
         // The op now first in line is granted by a later finish on this
         // var. Behind a long queue it was pushed long ago (its header has
         // left every cache): start bringing it back now. Subtle: not behind
@@ -584,12 +608,6 @@ fn complete(op: &OpRef, failure: Option<Arc<OpFailure>>) {
             dispatch(g);
         }
     }
-    op.state.store(FINISHED, Ordering::Release);
-    if let Executor::Naive = core.executor {
-        let _guard = core.idle.lock();
-        core.finished_cv.notify_all();
-    }
-    core.op_finished();
 }
 
 /// Waits until `op` has finished, or `timeout` passes (false).

@@ -136,7 +136,7 @@ impl Engine {
     where
         F: FnOnce(RunContext<'_>) -> Result<(), OpError> + Send + 'static,
     {
-        self.push_op(spec, SyncBody(parking_lot::Mutex::new(Some(f))))
+        self.push_sync_with(spec, false, f)
     }
 
     /// As [`Engine::push_sync`], but the op runs even when a var it names
@@ -164,19 +164,72 @@ impl Engine {
     where
         F: FnOnce(RunContext<'_>) -> Result<(), OpError> + Send + 'static,
     {
-        self.push_op_with(spec, true, SyncBody(parking_lot::Mutex::new(Some(f))))
+        self.push_sync_with(spec, true, f)
+    }
+
+    /// Runs `f` as [`Engine::push_settle`]'s op of `spec` would run, but
+    /// now, on this thread, inside this call, if it can run here at once:
+    /// `spec`'s property is [`Property::Async`] and every var it names is
+    /// free (no op on it runs or waits); else gives `f` back untouched, to
+    /// be pushed (`push_settle(spec.clone(), ...)`). For a caller that
+    /// keeps a spec and settles the same vars again and again: neither the
+    /// spec nor the closure is copied or boxed, and the closure may borrow.
+    /// Also given back: a spec that names a var it writes more than once
+    /// (pushed, it counts once), while profiling or recording the graph,
+    /// inside an op's closure, and on an engine shutting down or naive.
+    ///
+    /// ```
+    /// use pskv_engine::{Engine, OpSpec, Property, Var};
+    /// let engine = Engine::builder().cpu_threads(1).build()?;
+    /// let v = Var::new();
+    /// let spec = OpSpec::new("settle").write(&v).property(Property::Async);
+    /// let mut seen = None;
+    /// let ran = engine.try_settle_now(&spec, |_| {
+    ///     seen = Some(v.take_failure().is_none());
+    ///     Ok(())
+    /// });
+    /// assert!(ran.is_ok() && seen == Some(true));
+    /// # Ok::<(), pskv_engine::EngineError>(())
+    /// ```
+    pub fn try_settle_now<F>(&self, spec: &OpSpec, f: F) -> Result<(), F>
+    where
+        F: FnOnce(RunContext<'_>) -> Result<(), OpError>,
+    {
+        let core = self.core();
+        let refused = core.shutting_down.load(Ordering::Acquire)
+            || spec.reads.iter().chain(&spec.writes).any(Var::is_deleted)
+            || core::prepare_pool(core, spec).is_err();
+        if refused {
+            return Err(f);
+        }
+        let _held = Held::by_handle(core);
+        crate::run_now::try_run_now(core, spec, true, f)
+    }
+
+    /// A sync op runs at its push when it can (`run_now.rs`): an
+    /// `Async` op whose vars are all free, as a small host copy or a wait
+    /// on an idle var often is, needs no op record.
+    fn push_sync_with<F>(&self, spec: OpSpec, no_skip: bool, f: F) -> Result<(), EngineError>
+    where
+        F: FnOnce(RunContext<'_>) -> Result<(), OpError> + Send + 'static,
+    {
+        let spec = self.checked(spec)?;
+        let core = self.core();
+        let _held = Held::by_handle(core);
+        match crate::run_now::try_run_now(core, &spec, no_skip, f) {
+            Ok(()) => Ok(()),
+            Err(f) => self.push_checked(spec, no_skip, SyncBody(parking_lot::Mutex::new(Some(f)))),
+        }
     }
 
     fn push_op<B: BodyCell + 'static>(&self, spec: OpSpec, body: B) -> Result<(), EngineError> {
-        self.push_op_with(spec, false, body)
+        let spec = self.checked(spec)?;
+        self.push_checked(spec, false, body)
     }
 
-    fn push_op_with<B: BodyCell + 'static>(
-        &self,
-        mut spec: OpSpec,
-        no_skip: bool,
-        body: B,
-    ) -> Result<(), EngineError> {
+    /// `spec` deduplicated and checked: refused if the engine is shutting
+    /// down, a var is deleted, or its context is not served.
+    fn checked(&self, mut spec: OpSpec) -> Result<OpSpec, EngineError> {
         let core = self.core();
         if core.shutting_down.load(Ordering::Acquire) {
             return Err(EngineError::ShutDown {
@@ -196,6 +249,17 @@ impl Engine {
             });
         }
         core::prepare_pool(core, &spec)?;
+        Ok(spec)
+    }
+
+    /// Pushes an op of a `checked` spec.
+    fn push_checked<B: BodyCell + 'static>(
+        &self,
+        spec: OpSpec,
+        no_skip: bool,
+        body: B,
+    ) -> Result<(), EngineError> {
+        let core = self.core();
         // The naive engine returns when the op has finished, unless this push
         // comes from inside an op running inline on this thread: that op must
         // finish first, so waiting here would deadlock.
@@ -400,7 +464,9 @@ where
     F: FnOnce(RunContext<'_>) -> Result<(), OpError> + Send + 'static,
 {
     let _held = Held::by_handle(core);
-    core::push(core, spec, true, SyncBody(parking_lot::Mutex::new(Some(f))));
+    if let Err(f) = crate::run_now::try_run_now(core, &spec, true, f) {
+        core::push(core, spec, true, SyncBody(parking_lot::Mutex::new(Some(f))));
+    }
 }
 
 /// What a wait on `var` is still waiting for, for a timeout message.

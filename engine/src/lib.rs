@@ -46,6 +46,7 @@ mod op_block;
 mod pool;
 mod profiler;
 pub mod progress;
+mod run_now;
 mod sync;
 mod var;
 mod wait;

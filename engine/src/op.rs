@@ -193,7 +193,15 @@ pub struct RunContext<'a> {
     pub worker: usize,
     /// The op's priority.
     pub priority: i32,
-    op: &'a Op,
+    grant: Grant<'a>,
+}
+
+/// What a closure runs under: an op of the engine's, or the grant of an op
+/// run at its push (`run_now.rs`), which has no op record.
+#[derive(Clone, Copy)]
+enum Grant<'a> {
+    Op(&'a Op),
+    Now(&'a OpSpec),
 }
 
 /// How a running op holds a var it names.
@@ -211,19 +219,37 @@ impl<'a> RunContext<'a> {
             ctx: op.ctx,
             worker,
             priority: op.priority,
-            op,
+            grant: Grant::Op(op),
+        }
+    }
+
+    /// For an op run at its push, on the pushing thread, under the grants
+    /// of `spec`'s vars (deduplicated); it is not profiled.
+    pub(crate) fn now(spec: &'a OpSpec) -> RunContext<'a> {
+        RunContext {
+            ctx: spec.ctx,
+            worker: 0,
+            priority: spec.priority,
+            grant: Grant::Now(spec),
         }
     }
 
     /// The op's name.
     pub fn op_name(&self) -> &str {
-        &self.op.name
+        match self.grant {
+            Grant::Op(op) => &op.name,
+            Grant::Now(spec) => &spec.name,
+        }
     }
 
     /// Whether the engine is profiling: an op may then time its own parts
     /// and [`record`](Self::record) them.
     pub fn profiling(&self) -> bool {
-        self.op.core.profiler.is_enabled()
+        match self.grant {
+            Grant::Op(op) => op.core.profiler.is_enabled(),
+            // Only run at its push while the profiler was off.
+            Grant::Now(_) => false,
+        }
     }
 
     /// Records a part of this op, from `start` to `end`, as a slice of its
@@ -237,7 +263,8 @@ impl<'a> RunContext<'a> {
         start: std::time::Instant,
         end: std::time::Instant,
     ) {
-        let p = &self.op.core.profiler;
+        let Grant::Op(op) = self.grant else { return };
+        let p = &op.core.profiler;
         if p.is_enabled() {
             p.part(name, detail, start, end, self.priority);
         }
@@ -246,9 +273,13 @@ impl<'a> RunContext<'a> {
     /// How this op holds `var`, or None if its spec does not name it.
     pub fn access(&self, var: &Var) -> Option<Access> {
         let named = |vs: &[Var]| vs.iter().any(|v| v.id() == var.id());
-        if named(self.op.writes()) {
+        let (reads, writes) = match self.grant {
+            Grant::Op(op) => (op.reads(), op.writes()),
+            Grant::Now(spec) => (&spec.reads[..], &spec.writes[..]),
+        };
+        if named(writes) {
             Some(Access::Write)
-        } else if named(self.op.reads()) {
+        } else if named(reads) {
             Some(Access::Read)
         } else {
             None
@@ -259,7 +290,7 @@ impl<'a> RunContext<'a> {
 impl fmt::Debug for RunContext<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RunContext")
-            .field("op", &self.op.name)
+            .field("op", &self.op_name())
             .field("ctx", &self.ctx)
             .field("worker", &self.worker)
             .field("priority", &self.priority)

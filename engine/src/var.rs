@@ -80,6 +80,18 @@ impl<T> VarQueue<T> {
     /// later by `complete`. (`op` is a closure so that the common case, a
     /// grant at once, makes no handle.)
     pub(crate) fn append(&mut self, access: Access, op: impl FnOnce() -> T) -> bool {
+        if self.try_grant(access) {
+            return true;
+        }
+        self.queue.push_back((op(), access));
+        self.check();
+        false
+    }
+
+    /// Grants `access` if it may start now (what `append` grants at once);
+    /// otherwise changes nothing and returns false. A grant is released by
+    /// `complete`, as an appended op's.
+    pub(crate) fn try_grant(&mut self, access: Access) -> bool {
         let granted = match access {
             Access::Read if !self.write_running && self.queue.is_empty() => {
                 self.running_reads += 1;
@@ -91,10 +103,7 @@ impl<T> VarQueue<T> {
                 self.write_running = true;
                 true
             }
-            _ => {
-                self.queue.push_back((op(), access));
-                false
-            }
+            _ => false,
         };
         self.check();
         granted
@@ -103,6 +112,16 @@ impl<T> VarQueue<T> {
     /// Records that a granted op finished with this var and grants what may now
     /// start.
     pub(crate) fn complete(&mut self, access: Access, grants: &mut impl Extend<T>) {
+        self.release(access, true, grants);
+    }
+
+    /// Gives back a grant of `try_grant` unused (the op did not run: no
+    /// write is counted) and grants what may now start.
+    pub(crate) fn give_back(&mut self, access: Access, grants: &mut impl Extend<T>) {
+        self.release(access, false, grants);
+    }
+
+    fn release(&mut self, access: Access, ran: bool, grants: &mut impl Extend<T>) {
         match access {
             Access::Read => {
                 debug_assert!(self.running_reads > 0, "completing a read that never ran");
@@ -111,7 +130,7 @@ impl<T> VarQueue<T> {
             Access::Write => {
                 debug_assert!(self.write_running, "completing a write that never ran");
                 self.write_running = false;
-                self.version += 1;
+                self.version += u64::from(ran);
                 // The reads right behind the write may all start.
                 while matches!(self.queue.front(), Some((_, Access::Read))) {
                     let (op, _) = self.queue.pop_front().expect("front checked above");
@@ -408,6 +427,63 @@ mod tests {
             }
             let writes = m.ops.iter().filter(|o| o.0 == Access::Write && o.2).count() as u64;
             prop_assert_eq!(q.version(), writes);
+        }
+
+        /// `try_grant` grants exactly when an op appended now would be
+        /// granted at once, and otherwise changes nothing; a grant given
+        /// back (`give_back`) releases as a completion does but counts no
+        /// write.
+        #[test]
+        fn try_grant_is_an_append_granted_at_once(steps in proptest::collection::vec((0u8..3, any::<bool>(), 0usize..8), 1..200)) {
+            let mut q = VarQueue::<usize>::default();
+            let mut m = Model::default();
+            let mut running: Vec<usize> = Vec::new();
+            let mut given_back = 0u64;
+            for (kind, is_write, pick) in steps {
+                let acc = if is_write { Access::Write } else { Access::Read };
+                let mut grants: Vec<usize> = Vec::new();
+                match kind {
+                    0 => {
+                        let id = m.ops.len();
+                        m.ops.push((acc, false, false));
+                        if q.append(acc, || id) {
+                            grants.push(id);
+                        }
+                    }
+                    1 if !running.is_empty() => {
+                        let id = running.remove(pick % running.len());
+                        m.ops[id].2 = true;
+                        if pick % 2 == 1 {
+                            q.give_back(m.ops[id].0, &mut grants);
+                            given_back += u64::from(m.ops[id].0 == Access::Write);
+                        } else {
+                            q.complete(m.ops[id].0, &mut grants);
+                        }
+                    }
+                    _ => {
+                        let before = q.pending();
+                        let id = m.ops.len();
+                        m.ops.push((acc, false, false));
+                        let may = m.grantable().contains(&id);
+                        prop_assert_eq!(q.try_grant(acc), may);
+                        if may {
+                            grants.push(id);
+                        } else {
+                            m.ops.pop();
+                            prop_assert_eq!(q.pending(), before);
+                        }
+                    }
+                }
+                let mut sorted = grants.clone();
+                sorted.sort();
+                prop_assert_eq!(&sorted, &m.grantable());
+                for g in grants {
+                    m.ops[g].1 = true;
+                    running.push(g);
+                }
+            }
+            let writes = m.ops.iter().filter(|o| o.0 == Access::Write && o.2).count() as u64;
+            prop_assert_eq!(q.version(), writes - given_back);
         }
     }
 

@@ -4,6 +4,7 @@ mod errors;
 mod ordering;
 mod pools;
 mod profile;
+mod run_now;
 mod shutdown;
 mod stress;
 

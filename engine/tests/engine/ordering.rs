@@ -20,7 +20,8 @@ struct RandOp {
     writes: Vec<usize>,
     priority: i32,
     /// 0: push_sync; 1: push_async completed from a helper thread;
-    /// 2: Property::Async completed from a helper thread.
+    /// 2: Property::Async completed from a helper thread; 3: push_sync
+    /// with Property::Async (run at its push when its vars are free).
     mode: u8,
 }
 
@@ -29,7 +30,7 @@ fn rand_op(nvars: usize) -> impl Strategy<Value = RandOp> {
         proptest::collection::vec(0..nvars, 0..4),
         proptest::collection::vec(0..nvars, 0..3),
         -3i32..3,
-        0u8..3,
+        0u8..4,
     )
         .prop_map(|(reads, writes, priority, mode)| RandOp {
             reads,
@@ -136,6 +137,10 @@ fn check_program(engine: &Engine, nvars: usize, ops: &[RandOp]) -> Result<(), St
             .priority(op.priority);
         let pushed = match op.mode {
             0 => engine.push_sync(spec, move |_| {
+                work();
+                Ok(())
+            }),
+            3 => engine.push_sync(spec.property(Property::Async), move |_| {
                 work();
                 Ok(())
             }),

@@ -1,0 +1,179 @@
+//! Sync `Async` ops run at their push when every var they name is free
+//! (`core::try_run_now`): on the pushing thread, before the push returns,
+//! and exactly as an op that ran and finished there would, for every other
+//! op: push order on each var, grants, failures, waits.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pskv_engine::{Access, Engine, OpSpec, Property, Var};
+
+fn engine() -> Engine {
+    crate::engine(pskv_engine::EngineKind::Threaded, 2)
+}
+
+fn now_op(name: &'static str) -> OpSpec {
+    OpSpec::new(name).property(Property::Async)
+}
+
+/// Free vars: the op has run, on this thread, with its grants, when the
+/// push returns; its write counts as one.
+#[test]
+fn an_op_on_free_vars_runs_before_its_push_returns() {
+    let e = engine();
+    let (r, w) = (Var::new(), Var::new());
+    let me = std::thread::current().id();
+    let seen = Arc::new(Mutex::new(None));
+    let s = seen.clone();
+    let (r2, w2) = (r.clone(), w.clone());
+    e.push_sync(now_op("now").read(&r).write(&w), move |rc| {
+        let here = std::thread::current().id();
+        *s.lock().unwrap() = Some((
+            here,
+            rc.access(&r2),
+            rc.access(&w2),
+            rc.op_name().to_string(),
+        ));
+        Ok(())
+    })
+    .unwrap();
+    let got = seen
+        .lock()
+        .unwrap()
+        .take()
+        .expect("ran before the push returned");
+    assert_eq!(
+        got,
+        (
+            me,
+            Some(Access::Read),
+            Some(Access::Write),
+            "now".to_string()
+        )
+    );
+    assert_eq!((r.version(), w.version()), (0, 1));
+    assert_eq!(e.pending(), 0);
+    e.wait_for_all().unwrap();
+}
+
+/// A var held by a running op: the op waits behind it (push order), and
+/// the grants it took on its free vars meanwhile go back: an op pushed on
+/// such a var after it still runs after it.
+#[test]
+fn an_op_behind_a_busy_var_waits_and_gives_back_what_it_took() {
+    let e = engine();
+    let (free, busy) = (Var::named("free"), Var::named("busy"));
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let o = order.clone();
+    // Holds `busy` on a pool worker until told.
+    e.push_sync(OpSpec::new("holder").write(&busy), move |_| {
+        go_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        o.lock().unwrap().push("holder");
+        Ok(())
+    })
+    .unwrap();
+    let o = order.clone();
+    // `free` comes first in the spec: taken, then given back when `busy`
+    // refuses.
+    e.push_sync(now_op("x").write(&free).write(&busy), move |_| {
+        o.lock().unwrap().push("x");
+        Ok(())
+    })
+    .unwrap();
+    assert!(
+        order.lock().unwrap().is_empty(),
+        "x ran while busy was held"
+    );
+    let o = order.clone();
+    e.push_sync(now_op("y").write(&free), move |_| {
+        o.lock().unwrap().push("y");
+        Ok(())
+    })
+    .unwrap();
+    assert!(order.lock().unwrap().is_empty(), "y ran before x");
+    go_tx.send(()).unwrap();
+    e.wait_for_all().unwrap();
+    assert_eq!(*order.lock().unwrap(), ["holder", "x", "y"]);
+    assert_eq!((free.version(), busy.version()), (2, 2));
+}
+
+/// While an op runs at its push, its vars are held: another thread's op
+/// on them waits until it ends.
+#[test]
+fn an_op_running_at_its_push_holds_its_vars() {
+    let e = engine();
+    let v = Var::new();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let (inside_tx, inside_rx) = mpsc::channel::<()>();
+    let (e2, v2, o2) = (e.clone(), v.clone(), order.clone());
+    let other = std::thread::spawn(move || {
+        inside_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        e2.push_sync(OpSpec::new("other").write(&v2), move |_| {
+            o2.lock().unwrap().push("other");
+            Ok(())
+        })
+        .unwrap();
+        e2.wait_for_var(&v2).unwrap();
+    });
+    let o = order.clone();
+    e.push_sync(now_op("now").write(&v), move |_| {
+        inside_tx.send(()).unwrap();
+        // Time for the other thread's push to land while this runs.
+        std::thread::sleep(Duration::from_millis(100));
+        o.lock().unwrap().push("now");
+        Ok(())
+    })
+    .unwrap();
+    other.join().unwrap();
+    assert_eq!(*order.lock().unwrap(), ["now", "other"]);
+    assert_eq!(v.version(), 2);
+}
+
+/// An error or a panic of an op run at its push is stored on its write
+/// vars, as any op's: the wait reports it, a later reader is skipped, and
+/// a settle op still runs and takes it.
+#[test]
+fn failures_of_ops_run_at_their_push_are_stored_as_any_ops() {
+    let e = engine();
+    let (a, b) = (Var::new(), Var::new());
+    e.push_sync(now_op("bad").write(&a), |_| Err("no disk".into()))
+        .unwrap();
+    let err = e.wait_for_var(&a).unwrap_err().to_string();
+    assert!(err.contains("op 'bad' failed: no disk"), "{err}");
+    e.push_sync(now_op("boom").write(&b), |_| panic!("kaboom"))
+        .unwrap();
+    let ran = Arc::new(Mutex::new(false));
+    let r = ran.clone();
+    e.push_sync(now_op("reader").read(&b), move |_| {
+        *r.lock().unwrap() = true;
+        Ok(())
+    })
+    .unwrap();
+    assert!(!*ran.lock().unwrap(), "a reader of a failed var ran");
+    let (tx, rx) = mpsc::channel();
+    let b2 = b.clone();
+    e.push_settle(now_op("settle").write(&b), move |_| {
+        tx.send(b2.take_failure().map(|f| f.to_string())).unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let taken = rx.try_recv().expect("the settle ran at its push").unwrap();
+    assert!(taken.contains("kaboom"), "{taken}");
+    e.wait_for_var(&b).unwrap();
+    e.wait_for_all().unwrap();
+}
+
+/// Not at its push while profiling: the op is in the profile.
+#[test]
+fn ops_are_profiled_while_profiling() {
+    let e = engine();
+    let v = Var::new();
+    e.start_profiling();
+    e.push_sync(now_op("seen").write(&v), |_| Ok(())).unwrap();
+    e.wait_for_all().unwrap();
+    e.stop_profiling();
+    let names: Vec<String> = e.take_profile().into_iter().map(|t| t.name).collect();
+    assert!(names.iter().any(|n| n == "seen"), "{names:?}");
+}
