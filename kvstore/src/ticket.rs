@@ -6,15 +6,18 @@
 //!
 //! A ticket goes `Issued` → `Settled` → `Done`:
 //!
-//! - **Issued.** [`KvStore::ticket`] pushed one *settle* op after the
+//! - **Issued.** [`KvStore::ticket`] made one *settle* op after the
 //!   request's ops. It writes every key's var and every tensor's var of the
 //!   request, so it runs once the request's ops are done (their writes,
-//!   and the reads of its input tensors). It is pushed with
-//!   [`Engine::push_settle`], so it runs even when one of those vars holds
-//!   a failure: it takes the failures (each is reported once, on this
-//!   ticket, and the key is usable again) and, for an output over the
+//!   and the reads of its input tensors). It runs even when one of those
+//!   vars holds a failure: it takes the failures (each is reported once, on
+//!   this ticket, and the key is usable again) and, for an output over the
 //!   caller's memory whose result landed in a buffer of pskv's (T2), keeps
-//!   that buffer to copy home.
+//!   that buffer to copy home. When those vars are all free at issue (the
+//!   request's ops are done: small host copies run at their push), it runs
+//!   there and then ([`Engine::try_settle_now`]: no op record, no outcome
+//!   to publish across threads, the ticket is settled when made); else it
+//!   is pushed ([`Engine::push_settle`]).
 //! - **Settled.** The ticket drops its tensors. pskv may still hold the
 //!   caller's memory a short while (a message that shared an input is
 //!   dropped by the transport after its answer): the ticket waits for
@@ -42,7 +45,7 @@
 //!   [`Ticket::spent`]: the caller makes it again over the same memory
 //!   ([`Tensor::remade`](crate::Tensor::remade)) before its next request.
 //!
-//! Orderings: the settle op (or, if it never ran, its drop) claims
+//! Orderings (a pushed settle op): the op (or, if it never ran, its drop) claims
 //! `Settled` (`claimed`, one swap: the first publisher wins), writes the
 //! outcome, then sets the `set` latch (Release); a waiter spins on it, then
 //! sleeps (Acquire: `pskv_engine::Latch`), and takes the outcome. No lock:
@@ -80,6 +83,9 @@ struct Outcome {
 /// issued again and again ([`TicketPlan`]).
 pub(crate) struct Parts {
     keys: Arc<[crate::key::Key]>,
+    /// The settle op's spec: it writes every key var and tensor var, each
+    /// once.
+    spec: OpSpec,
     key_vars: Vec<Var>,
     settles: Vec<Arc<AtomicUsize>>,
     tensors: Vec<Tensor>,
@@ -105,8 +111,21 @@ impl Parts {
         } else {
             Duration::ZERO
         };
+        // Each var once (a tensor given as both value and output): a spec
+        // that names a written var twice cannot settle at once.
+        let mut vars: Vec<&Var> = key_vars
+            .iter()
+            .chain(tensors.iter().map(Tensor::var))
+            .collect();
+        vars.sort_unstable_by_key(|v| v.id());
+        vars.dedup_by_key(|v| v.id());
+        let spec = OpSpec::new("kvstore_request_settle")
+            .property(Property::Async)
+            .priority(i32::MAX)
+            .writes(vars);
         Arc::new(Parts {
             keys: keys.into(),
+            spec,
             key_vars,
             settles,
             tensors: tensors.to_vec(),
@@ -207,7 +226,9 @@ unsafe impl Sync for Settled {}
 
 /// The completion of one request (see the module docs).
 pub struct Ticket {
-    settled: Arc<Settled>,
+    /// Where the settle op publishes its outcome; None when it ran at
+    /// issue (the outcome is in already).
+    settled: Option<Arc<Settled>>,
     /// The request's parts: until settled, unless the caller keeps the
     /// tensors.
     parts: Option<Arc<Parts>>,
@@ -245,12 +266,6 @@ impl Ticket {
     /// the caller keeps the tensors for its next request over the same
     /// memory (see "Kept tensors" in the module docs).
     pub(crate) fn issue(engine: &Engine, parts: Arc<Parts>, timeout: Duration) -> Result<Ticket> {
-        let settled = Arc::new(Settled::default());
-        let spec = OpSpec::new("kvstore_request_settle")
-            .property(Property::Async)
-            .priority(i32::MAX)
-            .writes(&parts.key_vars)
-            .writes(parts.tensors.iter().map(Tensor::var));
         for c in &parts.settles {
             c.fetch_add(1, Ordering::AcqRel);
         }
@@ -267,51 +282,44 @@ impl Ticket {
                 .filter_map(|t| t.home().cloned())
                 .collect()
         };
+        let mut ticket = Ticket {
+            spin,
+            settled: None,
+            parts: Some(parts.clone()),
+            homes,
+            outcome: None,
+            done: false,
+            keys,
+            timeout,
+            spent: Vec::new(),
+        };
+        // The request's ops are often done already (small host copies run
+        // at their push): then the settle runs now, here, with nothing to
+        // publish across threads.
+        let mut now = None;
+        let ran = engine.try_settle_now(&parts.spec, |rc| {
+            now = Some(settle(&parts, &rc));
+            Ok(())
+        });
+        if ran.is_ok() {
+            for c in &parts.settles {
+                c.fetch_sub(1, Ordering::AcqRel);
+            }
+            let o = now.expect("the settle ran");
+            ticket.took(o);
+            return Ok(ticket);
+        }
+        let settled = Arc::new(Settled::default());
         // Publishes an outcome even if the closure never runs (the engine
         // stopped with the op queued) or unwinds, and counts the keys down.
         let mut publish = Publish {
             settled: settled.clone(),
             parts: Some(parts.clone()),
         };
-        let pushed = engine.push_settle(spec, move |rc| {
+        let pushed = engine.push_settle(parts.spec.clone(), move |rc| {
             let p = publish.parts.as_ref().expect("not published yet");
-            let mut failure = None;
-            for v in p.key_vars.iter().chain(p.tensors.iter().map(Tensor::var)) {
-                if let Some(f) = v.take_failure() {
-                    failure.get_or_insert(KvError::Engine(EngineError::Op(f)));
-                }
-            }
-            let mut landed = Vec::new();
-            let mut spent = Vec::new();
-            for (i, t) in p.tensors.iter().enumerate() {
-                let Some(home) = t.home() else { continue };
-                if kept {
-                    match let_go_unless_alone(t, home, &rc, &mut landed) {
-                        Ok(true) => {}
-                        Ok(false) => spent.push((i, home.clone())),
-                        Err(e) => {
-                            // Not checked (a guard of an earlier op still
-                            // lives, A3): fail closed, as spent: the ticket
-                            // waits for the memory to be let go.
-                            failure.get_or_insert(e);
-                            spent.push((i, home.clone()));
-                        }
-                    }
-                    continue;
-                }
-                match t.read(&rc) {
-                    Ok(d) if !d.buf.is_home(home) => landed.push((home.clone(), d.buf.clone())),
-                    Ok(_) => {}
-                    Err(e) => {
-                        failure.get_or_insert(e);
-                    }
-                }
-            }
-            publish.publish(Outcome {
-                failure,
-                landed,
-                spent,
-            });
+            let o = settle(p, &rc);
+            publish.publish(o);
             Ok(())
         });
         if let Err(e) = pushed {
@@ -319,17 +327,8 @@ impl Ticket {
             // counted the keys down and published a failure.
             return Err(e.into());
         }
-        Ok(Ticket {
-            spin,
-            settled,
-            parts: Some(parts),
-            homes,
-            outcome: None,
-            done: false,
-            keys,
-            timeout,
-            spent: Vec::new(),
-        })
+        ticket.settled = Some(settled);
+        Ok(ticket)
     }
 
     /// The kept tensors (by index in the request's tensors) that the
@@ -409,6 +408,20 @@ impl Ticket {
         }
     }
 
+    /// Takes the settle op's outcome: the tensors go unless kept, and the
+    /// homes of kept ones it let go of are waited for.
+    fn took(&mut self, mut o: Outcome) {
+        if !self.parts.as_ref().is_some_and(|p| p.kept) {
+            // Our hold on the tensors goes: their memory is waited for.
+            self.parts = None;
+        }
+        for (i, home) in o.spent.drain(..) {
+            self.spent.push(i);
+            self.homes.push(home);
+        }
+        self.outcome = Some(o);
+    }
+
     /// Moves on as far as it can by `until`; whether the request is done.
     /// A waiter spins first (a small request is often done within
     /// microseconds, and a sleep costs a wake-up across threads), then
@@ -423,24 +436,15 @@ impl Ticket {
             let end = *until.get_or_insert_with(|| Instant::now() + timeout);
             end.saturating_duration_since(Instant::now())
         };
-        if self.outcome.is_none() {
-            if !self.settled.set.is_set()
-                && !self.settled.set.wait_spinning(self.spin, Some(left()))
-            {
+        if let (None, Some(settled)) = (&self.outcome, &self.settled) {
+            if !settled.set.is_set() && !settled.set.wait_spinning(self.spin, Some(left())) {
                 return false;
             }
             // SAFETY: the latch is set: the publisher wrote the outcome
             // before and touches it no more; this ticket is its only reader.
-            self.outcome = unsafe { (*self.settled.outcome.get()).take() };
-            if !self.parts.as_ref().is_some_and(|p| p.kept) {
-                // Our hold on the tensors goes: their memory is waited for.
-                self.parts = None;
-            }
-            if let Some(o) = &mut self.outcome {
-                for (i, home) in o.spent.drain(..) {
-                    self.spent.push(i);
-                    self.homes.push(home);
-                }
+            let o = unsafe { (*settled.outcome.get()).take() };
+            if let Some(o) = o {
+                self.took(o);
             }
         }
         // A transfer that held the memory usually lets go within
@@ -460,6 +464,49 @@ impl Ticket {
         }
         self.homes.clear();
         true
+    }
+}
+
+/// The settle op's work (see the module docs): takes the failures of the
+/// keys' and tensors' vars; keeps a landed result to copy home; for kept
+/// tensors, lets go of those not held by themselves alone.
+fn settle(p: &Parts, rc: &pskv_engine::RunContext<'_>) -> Outcome {
+    let mut failure = None;
+    for v in p.key_vars.iter().chain(p.tensors.iter().map(Tensor::var)) {
+        if let Some(f) = v.take_failure() {
+            failure.get_or_insert(KvError::Engine(EngineError::Op(f)));
+        }
+    }
+    let mut landed = Vec::new();
+    let mut spent = Vec::new();
+    for (i, t) in p.tensors.iter().enumerate() {
+        let Some(home) = t.home() else { continue };
+        if p.kept {
+            match let_go_unless_alone(t, home, rc, &mut landed) {
+                Ok(true) => {}
+                Ok(false) => spent.push((i, home.clone())),
+                Err(e) => {
+                    // Not checked (a guard of an earlier op still
+                    // lives, A3): fail closed, as spent: the ticket
+                    // waits for the memory to be let go.
+                    failure.get_or_insert(e);
+                    spent.push((i, home.clone()));
+                }
+            }
+            continue;
+        }
+        match t.read(rc) {
+            Ok(d) if !d.buf.is_home(home) => landed.push((home.clone(), d.buf.clone())),
+            Ok(_) => {}
+            Err(e) => {
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    Outcome {
+        failure,
+        landed,
+        spent,
     }
 }
 
