@@ -573,6 +573,42 @@ mod tests {
         assert_eq!(v, [9.0; 4]);
     }
 
+    /// Both ways to settle: at issue (the request's ops are done; a
+    /// failure one left on a key var is the ticket's), and pushed behind
+    /// ops still running (done only after them, with their failure).
+    #[test]
+    fn a_ticket_settles_at_issue_or_behind_the_requests_ops() {
+        let e = Engine::builder().cpu_threads(1).build().unwrap();
+        let key_var = Var::named("key");
+        let t = Tensor::zeros(&e, &[4], DType::F32, pskv_engine::Context::Cpu).unwrap();
+        let issue = || {
+            let parts = Parts::new(&[], vec![key_var.clone()], Vec::new(), &[t.clone()], false);
+            Ticket::issue(&e, parts, Duration::from_secs(5)).unwrap()
+        };
+        // Done already, and failed: settled at issue, the failure reported.
+        // (`Async` on a free var: it runs inside its push.)
+        let bad = OpSpec::new("bad").write(&key_var).property(Property::Async);
+        e.push_sync(bad, |_| Err("lost".into())).unwrap();
+        key_var.failure().expect("stored on the key var");
+        let mut ticket = issue();
+        assert!(ticket.settled.is_none() && ticket.outcome.is_some());
+        let err = ticket.wait().unwrap_err().to_string();
+        assert!(err.contains("lost"), "{err}");
+        assert!(key_var.failure().is_none(), "taken by the ticket");
+        // Still running: pushed, done once the op ends.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        e.push_sync(OpSpec::new("slow").write(t.var()), move |_| {
+            wait.recv_timeout(Duration::from_secs(30)).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        let mut ticket = issue();
+        assert!(ticket.settled.is_some());
+        assert!(!ticket.is_done());
+        go.send(()).unwrap();
+        ticket.wait().unwrap();
+    }
+
     /// Kept tensors: one held by the tensor alone stays (nothing spent);
     /// one that a message shares is let go of, the ticket waits for the
     /// message, and names it spent; a result that landed elsewhere is
