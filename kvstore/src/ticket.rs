@@ -582,7 +582,13 @@ mod tests {
         let key_var = Var::named("key");
         let t = Tensor::zeros(&e, &[4], DType::F32, pskv_engine::Context::Cpu).unwrap();
         let issue = || {
-            let parts = Parts::new(&[], vec![key_var.clone()], Vec::new(), &[t.clone()], false);
+            let parts = Parts::new(
+                &[],
+                vec![key_var.clone()],
+                Vec::new(),
+                std::slice::from_ref(&t),
+                false,
+            );
             Ticket::issue(&e, parts, Duration::from_secs(5)).unwrap()
         };
         // Done already, and failed: settled at issue, the failure reported.
