@@ -1144,8 +1144,9 @@ fn a_status_query_sees_every_node_and_disturbs_nothing() {
     assert_eq!(c.sched.nodes(), nodes);
 }
 
-/// A server that records every key it is given and holds up its reader on
-/// key 1 until released (at most 20 s).
+/// A server that records every key it is given, holds up its reader on
+/// key 1 until released (at most 20 s), and answers a request with a key
+/// from `REFUSED` up with an error.
 #[derive(Default)]
 struct Stall {
     seen: Mutex<Vec<u64>>,
@@ -1163,6 +1164,9 @@ impl Stall {
 impl RequestHandler for Stall {
     fn handle(&self, req: KvRequest, r: Responder) {
         self.seen.lock().extend(req.keys.iter().copied());
+        if req.keys.iter().any(|&k| k >= REFUSED) {
+            return r.error("refused");
+        }
         if req.keys.first() == Some(&1) {
             let g = self.released.lock().unwrap();
             let _ = self.cv.wait_timeout_while(g, T, |released| !*released);
@@ -1170,6 +1174,10 @@ impl RequestHandler for Stall {
         r.ok();
     }
 }
+
+/// The keys `Stall` refuses: the upper half (the second server's range
+/// of two).
+const REFUSED: u64 = 1 << 63;
 
 /// Bytes that loopback socket buffers cannot all hold while the receiver
 /// reads nothing: at least 32 MiB, and more than the largest send and
@@ -1273,6 +1281,108 @@ fn a_request_that_timed_out_in_its_send_queue_never_reaches_the_server() {
         assert_eq!(*stall.seen.lock(), vec![1, 2, 4], "resend {resend}");
         worker.shutdown();
         server.shutdown();
+        sched.shutdown();
+    }
+}
+
+/// A request with parts to two servers that failed at one of them (an
+/// error answer) while its part to the other still waited in that link's
+/// send queue never reaches the other server (with and without resend
+/// mode): the failure takes the queued part back, as a timeout does.
+#[test]
+fn a_request_that_failed_at_one_server_never_reaches_the_other_afterwards() {
+    if filler() > MAX_FILLER {
+        eprintln!(
+            "skipped: this host's socket buffers hold more than {MAX_FILLER} bytes (tcp_wmem, tcp_rmem)"
+        );
+        return;
+    }
+    for resend in [false, true] {
+        let with = |role, port| {
+            let mut c = config(role, port, 2, 1, None);
+            c.resend = resend;
+            c.resend_timeout = Duration::from_millis(200);
+            c
+        };
+        let sched = Postoffice::start(with(Role::Scheduler, 0), None).unwrap();
+        let port = sched.local_addr().port();
+        let stalls = [Arc::new(Stall::default()), Arc::new(Stall::default())];
+        let servers: Vec<_> = stalls
+            .iter()
+            .map(|h| {
+                let (h, c) = (h.clone(), with(Role::Server, port));
+                std::thread::spawn(move || Postoffice::start(c, Some(h)).unwrap())
+            })
+            .collect();
+        let worker = Postoffice::start(with(Role::Worker, port), None).unwrap();
+        let servers: Vec<_> = servers.into_iter().map(|s| s.join().unwrap()).collect();
+        let kv = KvWorker::new(&worker);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let push = |keys: &[u64], bytes: usize| {
+            let tx = tx.clone();
+            let key = keys[0];
+            let lens: Vec<u32> = keys.iter().map(|_| bytes as u32).collect();
+            let vals = Bytes::from(vec![7u8; bytes * keys.len()]);
+            kv.push_with(keys, &lens, vals, RequestOptions::default(), move |r| {
+                let _ = tx.send((key, r.map(|_| ())));
+            })
+            .unwrap();
+        };
+        // Key 1 holds up the first server's reader; key 2 fills its socket
+        // and stays half written; keys 3 (to it, queued behind key 2) and
+        // REFUSED (to the second server, which refuses it) go as one
+        // request.
+        push(&[1], 4);
+        let t0 = Instant::now();
+        let low = loop {
+            if let Some(i) = stalls.iter().position(|s| !s.seen.lock().is_empty()) {
+                break i;
+            }
+            assert!(t0.elapsed() < T, "no server got key 1");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        push(&[2], filler());
+        std::thread::sleep(Duration::from_millis(100));
+        push(&[3, REFUSED], 4);
+        let (key, r) = rx.recv_timeout(T).expect("keys 3 and REFUSED failed");
+        assert_eq!(key, 3, "resend {resend}");
+        assert!(
+            matches!(
+                r,
+                Err(TransportError::Request(
+                    pskv_transport::TrackError::Remote { .. }
+                ))
+            ),
+            "resend {resend}: {r:?}"
+        );
+        for s in &stalls {
+            s.release();
+        }
+        push(&[4], 4);
+        let mut done: Vec<u64> = (0..3)
+            .map(|_| {
+                let (k, r) = rx.recv_timeout(T).expect("an answer");
+                r.unwrap_or_else(|e| panic!("resend {resend}: key {k}: {e}"));
+                k
+            })
+            .collect();
+        done.sort_unstable();
+        assert_eq!(done, vec![1, 2, 4], "resend {resend}");
+        if resend {
+            // Past a few resend timeouts: key 3's number went out only as
+            // a void frame.
+            std::thread::sleep(Duration::from_millis(800));
+        }
+        assert_eq!(*stalls[low].seen.lock(), vec![1, 2, 4], "resend {resend}");
+        assert_eq!(
+            *stalls[1 - low].seen.lock(),
+            vec![REFUSED],
+            "resend {resend}"
+        );
+        worker.shutdown();
+        for s in servers {
+            s.shutdown();
+        }
         sched.shutdown();
     }
 }

@@ -120,21 +120,7 @@ impl Inner {
                 }
             }
         }
-        let (expired, sent) = self.reqs.lock().tracker.expire_with_links(now);
-        // Before the callbacks: a part is sent only while its request is
-        // pending, and queued or claimed under the same lock as this
-        // expiry (`send_part`), so a frame not taken back here was taken
-        // by a writer, or claimed by a direct sender, before the caller
-        // learns of the failure: it leaves before anything sent after.
-        for (id, link) in sent {
-            let l = self.links.lock().by_id.get(&link).cloned();
-            if let Some(l) = l {
-                l.withdraw(id);
-            }
-            if let Some(r) = &self.resender {
-                r.lock().void(link, id);
-            }
-        }
+        let expired = self.reqs.lock().tracker.expire(now);
         self.complete(expired);
         self.pump();
     }

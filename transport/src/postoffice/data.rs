@@ -256,8 +256,25 @@ impl Inner {
         self.complete(done);
     }
 
+    /// Reports finished requests to their callbacks; a failed one's parts
+    /// still queued are taken back first.
     pub(super) fn complete(&self, done: Vec<Completed<Frame>>) {
         for c in done {
+            // Before the callback: a part is sent only while its request is
+            // pending, and queued or claimed under the requests' lock that
+            // failed it (`send_part`), so a frame not taken back here was
+            // taken by a writer, or claimed by a direct sender, before the
+            // caller learns of the failure: it leaves before anything the
+            // caller sends after.
+            for &link in &c.unanswered_on {
+                let l = self.links.lock().by_id.get(&link).cloned();
+                if let Some(l) = l {
+                    l.withdraw(c.request_id);
+                }
+                if let Some(r) = &self.resender {
+                    r.lock().void(link, c.request_id);
+                }
+            }
             let cb = {
                 let mut reqs = self.reqs.lock();
                 reqs.landings.remove(&c.request_id);

@@ -12,7 +12,10 @@
 //!
 //! Each part records the link it was sent on ([`Tracker::sent_on`]): a
 //! broken link fails only the parts that went out on it
-//! ([`Tracker::on_link_lost`]). Subtle: a node may have two links at once
+//! ([`Tracker::on_link_lost`]), and a failed request names the links of
+//! its parts still unanswered ([`Completed::unanswered_on`]): their frames
+//! may still wait in those links' send queues, and the driver takes them
+//! back before it reports the failure. Subtle: a node may have two links at once
 //! (a restarted server: the old process's link closes late, after a
 //! request already went to the new one). Failing the new link's requests
 //! too would tell a caller that a push failed which the new server holds:
@@ -70,6 +73,12 @@ pub struct Completed<T> {
     pub request_id: u64,
     /// The answers, in target order, or why it failed.
     pub result: Result<Vec<(NodeId, T)>, TrackError>,
+    /// A failed request's links that its unanswered parts went out on: a
+    /// driver takes back those parts' frames still waiting in the links'
+    /// send queues before it reports the failure, so that a request its
+    /// caller was told failed never reaches a node afterwards (empty for a
+    /// completed request).
+    pub unanswered_on: Vec<u64>,
 }
 
 #[derive(Debug)]
@@ -143,6 +152,23 @@ impl<T> Tracker<T> {
         Some(p)
     }
 
+    /// Forgets request `id`, failed with `error`.
+    fn failed(&mut self, id: u64, error: TrackError) -> Option<Completed<T>> {
+        let p = self.take(id)?;
+        let unanswered_on = p
+            .parts
+            .iter()
+            .zip(&p.via)
+            .filter(|(part, _)| part.is_none())
+            .filter_map(|(_, via)| *via)
+            .collect();
+        Some(Completed {
+            request_id: id,
+            result: Err(error),
+            unanswered_on,
+        })
+    }
+
     /// The earliest deadline of a pending request.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.deadlines.first().map(|&(at, _)| at)
@@ -150,29 +176,15 @@ impl<T> Tracker<T> {
 
     /// Fails every request whose deadline is `now` or earlier.
     pub fn expire(&mut self, now: Instant) -> Vec<Completed<T>> {
-        self.expire_with_links(now).0
-    }
-
-    /// As [`expire`](Self::expire), with the links that the failed
-    /// requests' unanswered parts went out on, as (request id, link): a
-    /// driver takes back those parts' frames that still wait in the links'
-    /// send queues, so a request its caller was told failed never reaches
-    /// a node later.
-    pub fn expire_with_links(&mut self, now: Instant) -> (Vec<Completed<T>>, Vec<(u64, u64)>) {
         let mut done = Vec::new();
-        let mut sent = Vec::new();
         while let Some(&(at, id)) = self.deadlines.first() {
             if at > now {
                 break;
             }
-            let Some(p) = self.take(id) else { continue };
-            sent.extend(
-                p.parts
-                    .iter()
-                    .zip(&p.via)
-                    .filter(|(part, _)| part.is_none())
-                    .filter_map(|(_, via)| via.map(|link| (id, link))),
-            );
+            let Some(p) = self.pending.get(&id) else {
+                self.deadlines.pop_first();
+                continue;
+            };
             let waiting = p
                 .targets
                 .iter()
@@ -181,12 +193,9 @@ impl<T> Tracker<T> {
                 .map(|(t, _)| *t)
                 .collect();
             let after = p.deadline.map_or(Duration::ZERO, |(_, d)| d);
-            done.push(Completed {
-                request_id: id,
-                result: Err(TrackError::TimedOut { after, waiting }),
-            });
+            done.extend(self.failed(id, TrackError::TimedOut { after, waiting }));
         }
-        (done, sent)
+        done
     }
 
     /// Whether request `id` is still pending.
@@ -226,6 +235,7 @@ impl<T> Tracker<T> {
         Some(Completed {
             request_id,
             result: Ok(parts),
+            unanswered_on: Vec::new(),
         })
     }
 
@@ -240,14 +250,11 @@ impl<T> Tracker<T> {
         if !p.targets.contains(&from) {
             return None;
         }
-        self.take(request_id);
-        Some(Completed {
-            request_id,
-            result: Err(TrackError::Remote {
-                node: from,
-                message,
-            }),
-        })
+        let error = TrackError::Remote {
+            node: from,
+            message,
+        };
+        self.failed(request_id, error)
     }
 
     /// The part of request `request_id` to `node` goes out on link `link`.
@@ -296,13 +303,7 @@ impl<T> Tracker<T> {
 
     fn fail(&mut self, ids: Vec<u64>, error: impl Fn() -> TrackError) -> Vec<Completed<T>> {
         ids.into_iter()
-            .map(|request_id| {
-                self.take(request_id);
-                Completed {
-                    request_id,
-                    result: Err(error()),
-                }
-            })
+            .filter_map(|request_id| self.failed(request_id, error()))
             .collect()
     }
 
@@ -346,6 +347,9 @@ impl<T> Tracker<T> {
             .map(|(request_id, _)| Completed {
                 request_id,
                 result: Err(TrackError::Abandoned(reason.to_string())),
+                // Every link ends with the transport (shutdown) or is left
+                // as it is (the scheduler lost): nothing is taken back.
+                unanswered_on: Vec::new(),
             })
             .collect()
     }
@@ -475,11 +479,50 @@ mod tests {
         assert!(t.sent_on(id, 8, 3));
         assert!(t.sent_on(id, 10, 4));
         t.on_response(8, id, "a");
-        let (done, sent) = t.expire_with_links(t0 + s);
+        let done = t.expire(t0 + s);
         assert_eq!(done.len(), 1);
-        assert_eq!(sent, vec![(id, 4)]);
+        assert_eq!(done[0].unanswered_on, vec![4]);
         // Gone: a late part finds it failed.
         assert!(!t.sent_on(id, 12, 5));
+    }
+
+    /// Every way to fail names the links of the unanswered parts that went
+    /// out (an error answer from one node, a link or node lost, a part that
+    /// could not be sent), so that the driver takes them back; a completed
+    /// request names none.
+    #[test]
+    fn every_failure_names_the_links_of_its_unanswered_parts() {
+        let mut t = Tracker::default();
+        let three = |t: &mut Tracker<&str>| {
+            let id = t.start(vec![8, 10, 12]);
+            assert!(t.sent_on(id, 8, 3) && t.sent_on(id, 10, 4));
+            id
+        };
+        let id = three(&mut t);
+        let c = t.on_error(8, id, "no".into()).unwrap();
+        assert_eq!(c.unanswered_on, vec![3, 4]);
+        let id = three(&mut t);
+        t.on_response(8, id, "a");
+        let c = t.on_error(10, id, "no".into()).unwrap();
+        assert_eq!(c.unanswered_on, vec![4]);
+        let id = three(&mut t);
+        let c = t.on_link_lost(10, 4, || TrackError::Abandoned("x".into()));
+        assert_eq!((c.len(), &c[0].unanswered_on), (1, &vec![3, 4]));
+        let id2 = three(&mut t);
+        assert_ne!(id, id2);
+        let c = t.on_node_lost(8, || TrackError::NodeDead { node: 8 });
+        assert_eq!(c[0].unanswered_on, vec![3, 4]);
+        let id = three(&mut t);
+        let c = t
+            .on_unsent(id, 12, || TrackError::Abandoned("x".into()))
+            .unwrap();
+        assert_eq!(c.unanswered_on, vec![3, 4]);
+        let id = three(&mut t);
+        t.on_response(8, id, "a");
+        t.on_response(10, id, "b");
+        assert!(t.sent_on(id, 12, 5));
+        let c = t.on_response(12, id, "c").unwrap();
+        assert!(c.result.is_ok() && c.unanswered_on.is_empty());
     }
 
     #[test]
