@@ -169,14 +169,17 @@ impl Engine {
 
     /// Runs `f` as [`Engine::push_settle`]'s op of `spec` would run, but
     /// now, on this thread, inside this call, if it can run here at once:
-    /// `spec`'s property is [`Property::Async`] and every var it names is
-    /// free (no op on it runs or waits); else gives `f` back untouched, to
-    /// be pushed (`push_settle(spec.clone(), ...)`). For a caller that
-    /// keeps a spec and settles the same vars again and again: neither the
-    /// spec nor the closure is copied or boxed, and the closure may borrow.
-    /// Also given back: a spec that names a var it writes more than once
-    /// (pushed, it counts once), while profiling or recording the graph,
-    /// inside an op's closure, and on an engine shutting down or naive.
+    /// `spec`'s property is [`Property::Async`] and every var it names
+    /// grants it now (no op on a var it writes runs or waits; no write on a
+    /// var it reads runs or waits); else gives `f` back untouched, to be
+    /// pushed (`push_settle(spec.clone(), ...)`). For a caller that keeps a
+    /// spec and settles the same vars again and again: neither the spec nor
+    /// the closure is copied or boxed, and the closure may borrow. Also
+    /// given back: a spec that writes a var it names twice (read and
+    /// written, or written twice; pushed, it counts once as a write), a
+    /// deleted var, a context the engine does not serve, while profiling or
+    /// recording the graph, inside an op's closure or while this thread
+    /// runs inline ops, and on an engine shutting down or naive.
     ///
     /// ```
     /// use pskv_engine::{Engine, OpSpec, Property, Var};

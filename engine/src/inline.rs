@@ -29,7 +29,9 @@ struct Trampoline {
 }
 
 thread_local! {
-    static TRAMPOLINE: RefCell<Trampoline> = RefCell::new(Trampoline::default());
+    static TRAMPOLINE: RefCell<Trampoline> = const {
+        RefCell::new(Trampoline { active: false, queue: VecDeque::new() })
+    };
 }
 
 /// Whether this thread is inside `run` (an op running inline, or finishing).
@@ -49,7 +51,34 @@ pub(crate) fn run(task: Task) {
             Some(task)
         }
     });
-    let Some(mut task) = outermost else { return };
+    let Some(task) = outermost else { return };
+    drain(|| execute(task));
+}
+
+/// Runs `f` as this thread's outermost inline task (an op run at its
+/// push): inline tasks that `f` makes (an op it pushes, ops its finish
+/// makes ready) are queued and run after it, as after any inline task,
+/// not inside it. The caller makes sure no drain is under way on this
+/// thread (`is_active`).
+pub(crate) fn scope<R>(f: impl FnOnce() -> R) -> R {
+    TRAMPOLINE.with(|t| {
+        let mut t = t.borrow_mut();
+        debug_assert!(!t.active, "inline::scope inside a drain");
+        t.active = true;
+    });
+    drain(f)
+}
+
+fn execute(task: Task) {
+    match task {
+        Task::Execute(op) => crate::core::execute(op, 0),
+        Task::Stop(op) => crate::core::stop(&op),
+    }
+}
+
+/// Runs `first` and then the tasks queued meanwhile, with `active` set (by
+/// the caller) and reset at the end.
+fn drain<R>(first: impl FnOnce() -> R) -> R {
     // Subtle: the guard resets `active` even if a task unwinds (execute
     // catches closure panics, but a panic in the engine itself must not leave
     // the thread unable to run inline ops).
@@ -62,22 +91,37 @@ pub(crate) fn run(task: Task) {
     // covered: the finish of a `delete_var` op drained here keeps what it
     // makes ready (as any finish on a worker does) while later tasks of the
     // drain run; only a push racing the deletion can queue an op behind it.
-    struct Reset(bool);
+    struct Reset {
+        keep: bool,
+        /// `active` was reset already (with the last look at the queue).
+        left: bool,
+    }
     impl Drop for Reset {
         fn drop(&mut self) {
-            TRAMPOLINE.with(|t| t.borrow_mut().active = false);
-            crate::pool::allow_keep(self.0);
+            if !self.left {
+                TRAMPOLINE.with(|t| t.borrow_mut().active = false);
+            }
+            crate::pool::allow_keep(self.keep);
         }
     }
-    let _reset = Reset(crate::pool::allow_keep(false));
-    loop {
-        match task {
-            Task::Execute(op) => crate::core::execute(op, 0),
-            Task::Stop(op) => crate::core::stop(&op),
-        }
-        match TRAMPOLINE.with(|t| t.borrow_mut().queue.pop_front()) {
-            Some(next) => task = next,
-            None => break,
-        }
+    let mut reset = Reset {
+        keep: crate::pool::allow_keep(false),
+        left: false,
+    };
+    let r = first();
+    // One look per task: the next one, or the drain ends (`active` reset
+    // in the same borrow).
+    let next = || {
+        TRAMPOLINE.with(|t| {
+            let mut t = t.borrow_mut();
+            let next = t.queue.pop_front();
+            t.active = next.is_some();
+            next
+        })
+    };
+    while let Some(task) = next() {
+        execute(task);
     }
+    reset.left = true;
+    r
 }

@@ -25,16 +25,26 @@
 //!   dispatched, as after a finish, and the op is pushed behind it.
 //! - **N3.** No lock is held while another is taken (one var at a time), and
 //!   nothing waits while holding a grant: a refusal gives back at once.
-//! - **N4.** The run counts as pending (`pushed` before the first grant,
-//!   `finished` after the release): `wait_for_all` never sees the engine
-//!   idle while one runs.
+//! - **N4.** The run counts as pending (`pushed` once every grant is
+//!   taken, before the closure runs; `finished` after the release):
+//!   `wait_for_all` never sees the engine idle while one runs (grants held
+//!   a moment before the count are a push not made yet).
+//! - **N5.** The closure and the release run as the thread's outermost
+//!   inline task (`inline::scope`): an op the closure pushes, or one its
+//!   release makes ready, that runs inline runs after it, not nested inside
+//!   it while it holds its grants (as after an op record's inline run).
 //!
 //! Subtle: the grants are taken one var at a time, not at one instant. An
 //! op Y pushed by another thread meanwhile may queue behind this op's grant
 //! on one var and be granted another before this op reaches it; this op
 //! then never waits for Y (it would wait while holding what Y waits for):
 //! it gives every grant back, Y goes first, and this op is pushed behind
-//! Y on every var. Either way both vars see the two ops in one order.
+//! Y on every var Y names. Either way every var sees the two ops in one
+//! order.
+//!
+//! A refused op's give-back may make ready ops of other threads that run
+//! inline: they run on this thread, inside its push, though its own op did
+//! not run (as they would inside any finish on this thread).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -54,7 +64,8 @@ const RUN_NOW_KEY: usize = 1;
 /// every var of `spec` grants it at once; else returns the closure, to be
 /// pushed as usual. `spec` is validated (`prepare_pool`); if a var is named
 /// twice it is granted twice (two reads, both released) or refused (a write
-/// beside another access of it: the op is pushed, which deduplicates).
+/// beside another access of it: the closure goes back to the caller, whose
+/// push deduplicates).
 ///
 /// Such an op takes its grants as an appended op would (`VarQueue::try_grant`,
 /// one var at a time under its lock), runs, stores its failure, and
@@ -101,19 +112,23 @@ where
         return Err(f);
     }
     core.op_pushed();
-    let prev = EXECUTING.with(|e| e.replace(RUN_NOW_KEY));
-    let ran = catch_unwind(AssertUnwindSafe(|| f(RunContext::now(spec))));
-    EXECUTING.with(|e| e.set(prev));
-    let cause = match ran {
-        Ok(Ok(())) => None,
-        Ok(Err(e)) => Some(FailureCause::Error(e)),
-        Err(payload) => Some(FailureCause::Panic(panic_message(payload.as_ref()))),
-    };
-    if let Some(c) = cause {
-        let failure = OpFailure::new(spec.name.to_string(), c);
-        store_failure(core, &spec.name, &spec.writes, &failure);
-    }
-    release(&spec.reads, &spec.writes, true);
-    core.op_finished();
+    // As the outermost inline task: what the closure pushes, and what the
+    // release makes ready, to run inline, runs after, not inside it (N5).
+    inline::scope(|| {
+        let prev = EXECUTING.with(|e| e.replace(RUN_NOW_KEY));
+        let ran = catch_unwind(AssertUnwindSafe(|| f(RunContext::now(spec))));
+        EXECUTING.with(|e| e.set(prev));
+        let cause = match ran {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(FailureCause::Error(e)),
+            Err(payload) => Some(FailureCause::Panic(panic_message(payload.as_ref()))),
+        };
+        if let Some(c) = cause {
+            let failure = OpFailure::new(spec.name.to_string(), c);
+            store_failure(core, &spec.name, &spec.writes, &failure);
+        }
+        release(&spec.reads, &spec.writes, true);
+        core.op_finished();
+    });
     Ok(())
 }

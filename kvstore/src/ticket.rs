@@ -16,8 +16,10 @@
 //!   that buffer to copy home. When those vars are all free at issue (the
 //!   request's ops are done: small host copies run at their push), it runs
 //!   there and then ([`Engine::try_settle_now`]: no op record, no outcome
-//!   to publish across threads, the ticket is settled when made); else it
-//!   is pushed ([`Engine::push_settle`]).
+//!   to publish across threads, the ticket is settled when made); else (a
+//!   var busy, or the engine declines: profiling, recording its graph,
+//!   inside an op or an inline drain, naive, shutting down) it is pushed
+//!   ([`Engine::push_settle`]).
 //! - **Settled.** The ticket drops its tensors. pskv may still hold the
 //!   caller's memory a short while (a message that shared an input is
 //!   dropped by the transport after its answer): the ticket waits for
@@ -189,22 +191,32 @@ impl Drop for Publish {
         // unwound): fail closed, every one over the caller's memory is
         // spent, so the ticket waits for its memory to be let go (the
         // tensors' drop) instead of handing it back unchecked.
-        let spent = match &self.parts {
-            Some(p) if p.kept => p
-                .tensors
-                .iter()
-                .enumerate()
-                .filter_map(|(i, t)| t.home().map(|h| (i, h.clone())))
-                .collect(),
-            _ => Vec::new(),
-        };
-        self.publish(Outcome {
-            failure: Some(KvError::invalid(
-                "the request's ops were dropped before they finished (the engine stopped)",
-            )),
-            landed: Vec::new(),
-            spent,
-        });
+        let o = fail_closed(
+            self.parts.as_deref(),
+            "the request's ops were dropped before they finished (the engine stopped)",
+        );
+        self.publish(o);
+    }
+}
+
+/// The outcome of a settle op that never ran or unwound: the request
+/// failed with `why`, and every kept tensor over the caller's memory is
+/// spent (not checked), so the ticket waits for its memory to be let go
+/// (the tensors' drop) instead of handing it back unchecked.
+fn fail_closed(parts: Option<&Parts>, why: &str) -> Outcome {
+    let spent = match parts {
+        Some(p) if p.kept => p
+            .tensors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.home().map(|h| (i, h.clone())))
+            .collect(),
+        _ => Vec::new(),
+    };
+    Outcome {
+        failure: Some(KvError::invalid(why)),
+        landed: Vec::new(),
+        spent,
     }
 }
 
@@ -258,8 +270,9 @@ impl std::fmt::Debug for Ticket {
 }
 
 impl Ticket {
-    /// Pushes the settle op of a request whose ops write `parts.key_vars`
-    /// and name `parts.tensors` (see the module docs). `parts.settles`: the
+    /// Makes the settle op of a request whose ops write `parts.key_vars`
+    /// and name `parts.tensors` (see the module docs): runs it now if it
+    /// can, else pushes it. `parts.settles`: the
     /// keys' counts of tickets not settled yet (a store that takes a key's
     /// failure at its next call leaves it to them), counted up now and
     /// down when the settle op has taken the failures. With `parts.kept`,
@@ -298,14 +311,26 @@ impl Ticket {
         // publish across threads.
         let mut now = None;
         let ran = engine.try_settle_now(&parts.spec, |rc| {
-            now = Some(settle(&parts, &rc));
-            Ok(())
-        });
-        if ran.is_ok() {
+            let o = settle(&parts, &rc);
+            // Under the vars' grants, as a pushed settle op does.
             for c in &parts.settles {
                 c.fetch_sub(1, Ordering::AcqRel);
             }
-            let o = now.expect("the settle ran");
+            now = Some(o);
+            Ok(())
+        });
+        if ran.is_ok() {
+            let o = now.take().unwrap_or_else(|| {
+                // The settle unwound (the engine stored its panic on the
+                // vars): fail closed, and count the keys down.
+                for c in &parts.settles {
+                    c.fetch_sub(1, Ordering::AcqRel);
+                }
+                fail_closed(
+                    Some(&parts),
+                    "the request's settle failed (a panic inside pskv)",
+                )
+            });
             ticket.took(o);
             return Ok(ticket);
         }

@@ -1,5 +1,5 @@
 //! Sync `Async` ops run at their push when every var they name is free
-//! (`core::try_run_now`): on the pushing thread, before the push returns,
+//! (`run_now::try_run_now`): on the pushing thread, before the push returns,
 //! and exactly as an op that ran and finished there would, for every other
 //! op: push order on each var, grants, failures, waits.
 
@@ -176,4 +176,30 @@ fn ops_are_profiled_while_profiling() {
     e.stop_profiling();
     let names: Vec<String> = e.take_profile().into_iter().map(|t| t.name).collect();
     assert!(names.iter().any(|n| n == "seen"), "{names:?}");
+}
+
+/// An op that an op run at its push pushes, and that runs inline, runs
+/// after that op's closure has returned, not nested inside it (as after an
+/// inline op with a record): the closure's locks and grants are not held
+/// around it.
+#[test]
+fn ops_pushed_by_an_op_run_at_its_push_run_after_it() {
+    let e = engine();
+    let (a, b) = (Var::new(), Var::new());
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let (e2, o, b2) = (e.clone(), order.clone(), b.clone());
+    e.push_sync(now_op("outer").write(&a), move |_| {
+        let o2 = o.clone();
+        e2.push_sync(now_op("inner").write(&b2), move |_| {
+            o2.lock().unwrap().push("inner");
+            Ok(())
+        })
+        .unwrap();
+        o.lock().unwrap().push("outer ends");
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(*order.lock().unwrap(), ["outer ends", "inner"]);
+    assert_eq!((a.version(), b.version()), (1, 1));
+    e.wait_for_all().unwrap();
 }
