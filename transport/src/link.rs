@@ -254,18 +254,20 @@ impl Link {
         }
     }
 
-    /// Takes the request frames of `request_id` that still wait in the
-    /// queue out of it, so they are never sent (the request timed out: its
-    /// caller was told it failed, and may send it again, maybe at another
-    /// priority, which must not be overtaken by the old one). A frame the
-    /// writer has taken, or a direct sender has claimed, is not touched: it
-    /// leaves before anything queued after it. Returns how many were taken (they stay
+    /// Takes the request frames of `request_ids` (sorted) that still wait
+    /// in the queue out of it, so they are never sent (the requests failed:
+    /// their callers were told so, and may send them again, maybe at
+    /// another priority, which must not be overtaken by the old ones). A
+    /// frame the writer has taken, or a direct sender has claimed, is not
+    /// touched: it leaves before anything queued after it. One pass over
+    /// the queue for them all. Returns how many were taken (they stay
     /// counted as sent in the link's traffic).
-    pub(crate) fn withdraw(&self, request_id: u64) -> usize {
+    pub(crate) fn withdraw(&self, request_ids: &[u64]) -> usize {
         let mut q = self.queue.lock();
         let before = q.heap.len();
-        q.heap
-            .retain(|w| !(w.frame.kind == Kind::Request && w.frame.request_id == request_id));
+        q.heap.retain(|w| {
+            w.frame.kind != Kind::Request || request_ids.binary_search(&w.frame.request_id).is_err()
+        });
         before - q.heap.len()
     }
 
@@ -437,8 +439,8 @@ mod tests {
         for (p, tag) in [(0, 1), (0, 2), (9, 3), (0, 2)] {
             link.send(frame(p, tag)).unwrap();
         }
-        assert_eq!(link.withdraw(2), 2);
-        assert_eq!(link.withdraw(7), 0);
+        assert_eq!(link.withdraw(&[2]), 2);
+        assert_eq!(link.withdraw(&[7]), 0);
         let batch = link
             .next_batch_blocking(usize::MAX, Duration::from_millis(1))
             .unwrap();
@@ -485,7 +487,7 @@ mod tests {
         let work = Link::take_work(&mut q, usize::MAX);
         drop(q);
         assert!(matches!(work, Some(Work::Frames(f)) if f.len() == 2));
-        assert_eq!(link.withdraw(1), 0);
+        assert_eq!(link.withdraw(&[1]), 0);
         link.done_writing();
         assert!(link.is_idle());
     }

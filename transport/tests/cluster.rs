@@ -1175,8 +1175,7 @@ impl RequestHandler for Stall {
     }
 }
 
-/// The keys `Stall` refuses: the upper half (the second server's range
-/// of two).
+/// The keys `Stall` refuses (all in the second server's range of two).
 const REFUSED: u64 = 1 << 63;
 
 /// Bytes that loopback socket buffers cannot all hold while the receiver
@@ -1195,62 +1194,152 @@ fn filler() -> usize {
 /// The most bytes the test pushes to fill a socket.
 const MAX_FILLER: usize = 1 << 30;
 
-/// A request that timed out while it still waited in its link's send queue
-/// never reaches its server (with and without resend mode): otherwise a
-/// push the caller was told failed, and sent again, maybe at another
-/// priority, could arrive after the one sent again and count instead of it.
-#[test]
-fn a_request_that_timed_out_in_its_send_queue_never_reaches_the_server() {
-    if filler() > MAX_FILLER {
-        eprintln!(
-            "skipped: this host's socket buffers hold more than {MAX_FILLER} bytes (tcp_wmem, tcp_rmem)"
-        );
-        return;
-    }
-    for resend in [false, true] {
+/// A job of `servers` [`Stall`] servers and one worker over TCP (resend
+/// mode if asked), for the tests of requests that fail while their frames
+/// wait behind a backed-up link.
+struct StallJob {
+    sched: Postoffice,
+    servers: Vec<Postoffice>,
+    worker: Postoffice,
+    stalls: Vec<Arc<Stall>>,
+}
+
+/// What a push reports: its first key and its result.
+type Pushed = (u64, Result<(), TransportError>);
+
+impl StallJob {
+    fn start(servers: u32, resend: bool) -> StallJob {
         let with = |role, port| {
-            let mut c = config(role, port, 1, 1, None);
+            let mut c = config(role, port, servers, 1, None);
             c.resend = resend;
             c.resend_timeout = Duration::from_millis(200);
             c
         };
         let sched = Postoffice::start(with(Role::Scheduler, 0), None).unwrap();
         let port = sched.local_addr().port();
-        let stall = Arc::new(Stall::default());
-        let (h, c) = (stall.clone(), with(Role::Server, port));
-        let server = std::thread::spawn(move || Postoffice::start(c, Some(h)).unwrap());
+        let stalls: Vec<Arc<Stall>> = (0..servers).map(|_| Arc::default()).collect();
+        let starting: Vec<_> = stalls
+            .iter()
+            .map(|h| {
+                let (h, c) = (h.clone(), with(Role::Server, port));
+                std::thread::spawn(move || Postoffice::start(c, Some(h)).unwrap())
+            })
+            .collect();
         let worker = Postoffice::start(with(Role::Worker, port), None).unwrap();
-        let server = server.join().unwrap();
-        let kv = KvWorker::new(&worker);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let push = |key: u64, bytes: usize, timeout: Option<Duration>| {
-            let tx = tx.clone();
-            let opts = RequestOptions {
-                timeout,
-                ..RequestOptions::default()
-            };
-            kv.push_with(
-                &[key],
-                &[bytes as u32],
-                Bytes::from(vec![7u8; bytes]),
-                opts,
-                move |r| {
-                    let _ = tx.send((key, r.map(|_| ())));
-                },
-            )
-            .unwrap();
-        };
-        // Key 1 holds up the server's reader; key 2 fills the socket and
-        // stays half written; key 3 waits in the queue behind it.
-        push(1, 4, None);
-        let t0 = Instant::now();
-        while stall.seen.lock().is_empty() {
-            assert!(t0.elapsed() < T, "the server never got key 1");
-            std::thread::sleep(Duration::from_millis(5));
+        let servers = starting.into_iter().map(|s| s.join().unwrap()).collect();
+        StallJob {
+            sched,
+            servers,
+            worker,
+            stalls,
         }
-        push(2, filler(), None);
+    }
+
+    /// Pushes `keys`, `bytes` each, reporting on `tx`.
+    fn push(
+        kv: &KvWorker,
+        tx: &std::sync::mpsc::Sender<Pushed>,
+        keys: &[u64],
+        bytes: usize,
+        timeout: Option<Duration>,
+    ) {
+        let tx = tx.clone();
+        let key = keys[0];
+        let lens: Vec<u32> = keys.iter().map(|_| bytes as u32).collect();
+        let vals = Bytes::from(vec![7u8; bytes * keys.len()]);
+        let opts = RequestOptions {
+            timeout,
+            ..RequestOptions::default()
+        };
+        kv.push_with(keys, &lens, vals, opts, move |r| {
+            let _ = tx.send((key, r.map(|_| ())));
+        })
+        .unwrap();
+    }
+
+    /// Key 1 to the first server (it holds up its reader), then key 2,
+    /// large enough to fill that socket (it stays half written); returns
+    /// the index of the server that got key 1.
+    fn back_up(&self, kv: &KvWorker, tx: &std::sync::mpsc::Sender<Pushed>) -> usize {
+        Self::push(kv, tx, &[1], 4, None);
+        let t0 = Instant::now();
+        let low = loop {
+            if let Some(i) = self.stalls.iter().position(|s| !s.seen.lock().is_empty()) {
+                break i;
+            }
+            assert!(t0.elapsed() < T, "no server got key 1");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Self::push(kv, tx, &[2], filler(), None);
         std::thread::sleep(Duration::from_millis(100));
-        push(3, 4, Some(Duration::from_millis(300)));
+        low
+    }
+
+    /// After the failure: frees the servers, pushes key 4, and checks that
+    /// keys 1, 2 and 4 succeed; returns the keys each server got, once a
+    /// resend (in resend mode) had time to deliver the failed request.
+    fn finish(
+        self,
+        kv: &KvWorker,
+        tx: &std::sync::mpsc::Sender<Pushed>,
+        rx: &std::sync::mpsc::Receiver<Pushed>,
+        resend: bool,
+    ) -> Vec<Vec<u64>> {
+        for s in &self.stalls {
+            s.release();
+        }
+        Self::push(kv, tx, &[4], 4, None);
+        let mut done: Vec<u64> = (0..3)
+            .map(|_| {
+                let (k, r) = rx.recv_timeout(T).expect("an answer");
+                r.unwrap_or_else(|e| panic!("resend {resend}: key {k}: {e}"));
+                k
+            })
+            .collect();
+        done.sort_unstable();
+        assert_eq!(done, vec![1, 2, 4], "resend {resend}");
+        if resend {
+            // Past a few resend timeouts: the failed request's number went
+            // out only as a void frame.
+            std::thread::sleep(Duration::from_millis(800));
+        }
+        let seen = self.stalls.iter().map(|s| s.seen.lock().clone()).collect();
+        self.worker.shutdown();
+        for s in self.servers {
+            s.shutdown();
+        }
+        self.sched.shutdown();
+        seen
+    }
+}
+
+/// Whether this host's socket buffers are too large to fill in a test.
+fn skip_backed_up_tests() -> bool {
+    let skip = filler() > MAX_FILLER;
+    if skip {
+        eprintln!(
+            "skipped: this host's socket buffers hold more than {MAX_FILLER} bytes (tcp_wmem, tcp_rmem)"
+        );
+    }
+    skip
+}
+
+/// A request that timed out while it still waited in its link's send queue
+/// never reaches its server (with and without resend mode): otherwise a
+/// push the caller was told failed, and sent again, maybe at another
+/// priority, could arrive after the one sent again and count instead of it.
+#[test]
+fn a_request_that_timed_out_in_its_send_queue_never_reaches_the_server() {
+    if skip_backed_up_tests() {
+        return;
+    }
+    for resend in [false, true] {
+        let job = StallJob::start(1, resend);
+        let kv = KvWorker::new(&job.worker);
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Keys 1 and 2 back the link up; key 3 waits in the queue behind.
+        job.back_up(&kv, &tx);
+        StallJob::push(&kv, &tx, &[3], 4, Some(Duration::from_millis(300)));
         let (key, r) = rx.recv_timeout(T).expect("key 3 timed out");
         assert_eq!(key, 3, "resend {resend}");
         assert!(
@@ -1262,26 +1351,8 @@ fn a_request_that_timed_out_in_its_send_queue_never_reaches_the_server() {
             ),
             "resend {resend}: {r:?}"
         );
-        stall.release();
-        push(4, 4, None);
-        let mut done: Vec<u64> = (0..3)
-            .map(|_| {
-                let (k, r) = rx.recv_timeout(T).expect("an answer");
-                r.unwrap_or_else(|e| panic!("resend {resend}: key {k}: {e}"));
-                k
-            })
-            .collect();
-        done.sort_unstable();
-        assert_eq!(done, vec![1, 2, 4], "resend {resend}");
-        if resend {
-            // Past a few resend timeouts: key 3's number went out only as
-            // a void frame.
-            std::thread::sleep(Duration::from_millis(800));
-        }
-        assert_eq!(*stall.seen.lock(), vec![1, 2, 4], "resend {resend}");
-        worker.shutdown();
-        server.shutdown();
-        sched.shutdown();
+        let seen = job.finish(&kv, &tx, &rx, resend);
+        assert_eq!(seen, vec![vec![1, 2, 4]], "resend {resend}");
     }
 }
 
@@ -1291,59 +1362,18 @@ fn a_request_that_timed_out_in_its_send_queue_never_reaches_the_server() {
 /// mode): the failure takes the queued part back, as a timeout does.
 #[test]
 fn a_request_that_failed_at_one_server_never_reaches_the_other_afterwards() {
-    if filler() > MAX_FILLER {
-        eprintln!(
-            "skipped: this host's socket buffers hold more than {MAX_FILLER} bytes (tcp_wmem, tcp_rmem)"
-        );
+    if skip_backed_up_tests() {
         return;
     }
     for resend in [false, true] {
-        let with = |role, port| {
-            let mut c = config(role, port, 2, 1, None);
-            c.resend = resend;
-            c.resend_timeout = Duration::from_millis(200);
-            c
-        };
-        let sched = Postoffice::start(with(Role::Scheduler, 0), None).unwrap();
-        let port = sched.local_addr().port();
-        let stalls = [Arc::new(Stall::default()), Arc::new(Stall::default())];
-        let servers: Vec<_> = stalls
-            .iter()
-            .map(|h| {
-                let (h, c) = (h.clone(), with(Role::Server, port));
-                std::thread::spawn(move || Postoffice::start(c, Some(h)).unwrap())
-            })
-            .collect();
-        let worker = Postoffice::start(with(Role::Worker, port), None).unwrap();
-        let servers: Vec<_> = servers.into_iter().map(|s| s.join().unwrap()).collect();
-        let kv = KvWorker::new(&worker);
+        let job = StallJob::start(2, resend);
+        let kv = KvWorker::new(&job.worker);
         let (tx, rx) = std::sync::mpsc::channel();
-        let push = |keys: &[u64], bytes: usize| {
-            let tx = tx.clone();
-            let key = keys[0];
-            let lens: Vec<u32> = keys.iter().map(|_| bytes as u32).collect();
-            let vals = Bytes::from(vec![7u8; bytes * keys.len()]);
-            kv.push_with(keys, &lens, vals, RequestOptions::default(), move |r| {
-                let _ = tx.send((key, r.map(|_| ())));
-            })
-            .unwrap();
-        };
-        // Key 1 holds up the first server's reader; key 2 fills its socket
-        // and stays half written; keys 3 (to it, queued behind key 2) and
-        // REFUSED (to the second server, which refuses it) go as one
-        // request.
-        push(&[1], 4);
-        let t0 = Instant::now();
-        let low = loop {
-            if let Some(i) = stalls.iter().position(|s| !s.seen.lock().is_empty()) {
-                break i;
-            }
-            assert!(t0.elapsed() < T, "no server got key 1");
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        push(&[2], filler());
-        std::thread::sleep(Duration::from_millis(100));
-        push(&[3, REFUSED], 4);
+        // Keys 1 and 2 back the first server's link up; keys 3 (to it,
+        // queued behind key 2) and REFUSED (to the second server, which
+        // refuses it) go as one request.
+        let low = job.back_up(&kv, &tx);
+        StallJob::push(&kv, &tx, &[3, REFUSED], 4, None);
         let (key, r) = rx.recv_timeout(T).expect("keys 3 and REFUSED failed");
         assert_eq!(key, 3, "resend {resend}");
         assert!(
@@ -1355,34 +1385,8 @@ fn a_request_that_failed_at_one_server_never_reaches_the_other_afterwards() {
             ),
             "resend {resend}: {r:?}"
         );
-        for s in &stalls {
-            s.release();
-        }
-        push(&[4], 4);
-        let mut done: Vec<u64> = (0..3)
-            .map(|_| {
-                let (k, r) = rx.recv_timeout(T).expect("an answer");
-                r.unwrap_or_else(|e| panic!("resend {resend}: key {k}: {e}"));
-                k
-            })
-            .collect();
-        done.sort_unstable();
-        assert_eq!(done, vec![1, 2, 4], "resend {resend}");
-        if resend {
-            // Past a few resend timeouts: key 3's number went out only as
-            // a void frame.
-            std::thread::sleep(Duration::from_millis(800));
-        }
-        assert_eq!(*stalls[low].seen.lock(), vec![1, 2, 4], "resend {resend}");
-        assert_eq!(
-            *stalls[1 - low].seen.lock(),
-            vec![REFUSED],
-            "resend {resend}"
-        );
-        worker.shutdown();
-        for s in servers {
-            s.shutdown();
-        }
-        sched.shutdown();
+        let seen = job.finish(&kv, &tx, &rx, resend);
+        assert_eq!(seen[low], vec![1, 2, 4], "resend {resend}");
+        assert_eq!(seen[1 - low], vec![REFUSED], "resend {resend}");
     }
 }

@@ -106,7 +106,7 @@ impl Inner {
             let (again, lost) = r.lock().handle_timeout(now);
             for (peer, frame) in again {
                 if let Some(link) = self.links.lock().by_id.get(&peer).cloned() {
-                    let _ = link.send(frame);
+                    self.resend(&link, frame);
                 }
             }
             for peer in lost {

@@ -121,11 +121,11 @@ impl Inner {
     ///
     /// Subtle: the check, the record of the link, the resend number and
     /// the queueing (or the claim of the direct path) happen under the
-    /// requests' lock, which an expiry takes too. So an expiry either
-    /// comes first (the frame is never sent) or finds the frame queued
-    /// (and takes it back) or claimed (it then leaves before anything sent
-    /// after the caller learns of the failure). The direct write itself
-    /// runs after the lock.
+    /// requests' lock, which every failure of the request takes too. So a
+    /// failure either comes first (the frame is never sent) or finds the
+    /// frame queued (and takes it back) or claimed (it then leaves before
+    /// anything sent after the caller learns of the failure). The direct
+    /// write itself runs after the lock.
     fn send_part(&self, link: &Arc<Link>, node: NodeId, mut frame: Frame) -> bool {
         let claimed = {
             let mut reqs = self.reqs.lock();
@@ -141,6 +141,27 @@ impl Inner {
                 true
             }
             Err(_) => false,
+        }
+    }
+
+    /// Sends a resend of `frame` on `link`: a request's frame only while
+    /// the request is pending, checked and queued under the requests' lock
+    /// as `send_part` does; else its `VOID` stand-in (a failure may have
+    /// voided the resender's copy after the timer took this one).
+    pub(super) fn resend(&self, link: &Arc<Link>, frame: Frame) {
+        let is_request = frame.kind == Kind::Request && !frame.flags.contains(Flags::VOID);
+        let claimed = if is_request {
+            let reqs = self.reqs.lock();
+            if reqs.tracker.is_pending(frame.request_id) {
+                link.claim(frame)
+            } else {
+                link.claim(crate::protocol::resender::void_of(&frame))
+            }
+        } else {
+            link.claim(frame)
+        };
+        if let Ok(claim) = claimed {
+            link.finish_claim(claim);
         }
     }
 
@@ -256,25 +277,33 @@ impl Inner {
         self.complete(done);
     }
 
-    /// Reports finished requests to their callbacks; a failed one's parts
-    /// still queued are taken back first.
+    /// Reports finished requests to their callbacks; the failed ones'
+    /// parts still queued are taken back first, all of them before any
+    /// callback (one pass per link).
     pub(super) fn complete(&self, done: Vec<Completed<Frame>>) {
-        for c in done {
-            // Before the callback: a part is sent only while its request is
-            // pending, and queued or claimed under the requests' lock that
-            // failed it (`send_part`), so a frame not taken back here was
-            // taken by a writer, or claimed by a direct sender, before the
-            // caller learns of the failure: it leaves before anything the
-            // caller sends after.
-            for &link in &c.unanswered_on {
-                let l = self.links.lock().by_id.get(&link).cloned();
-                if let Some(l) = l {
-                    l.withdraw(c.request_id);
-                }
-                if let Some(r) = &self.resender {
-                    r.lock().void(link, c.request_id);
-                }
+        // Before the callbacks: a part is sent (or resent) only while its
+        // request is pending, and queued or claimed under the requests'
+        // lock that failed it (`send_part`, `resend`), so a frame not taken
+        // back here was taken by a writer, or claimed by a direct sender,
+        // before the caller learns of the failure: it leaves before
+        // anything the caller sends after.
+        let mut by_link: Vec<(u64, u64)> = done
+            .iter()
+            .flat_map(|c| c.unanswered_on.iter().map(|&l| (l, c.request_id)))
+            .collect();
+        by_link.sort_unstable();
+        for run in by_link.chunk_by(|a, b| a.0 == b.0) {
+            let link = run[0].0;
+            let ids: Vec<u64> = run.iter().map(|&(_, id)| id).collect();
+            let l = self.links.lock().by_id.get(&link).cloned();
+            if let Some(l) = l {
+                l.withdraw(&ids);
             }
+            if let Some(r) = &self.resender {
+                r.lock().void(link, &ids);
+            }
+        }
+        for c in done {
             let cb = {
                 let mut reqs = self.reqs.lock();
                 reqs.landings.remove(&c.request_id);

@@ -118,30 +118,23 @@ impl Resender {
         );
     }
 
-    /// Request `request_id` to `dest` failed (it timed out): its frames not
-    /// acknowledged yet go out, when resent, as [`Flags::VOID`] frames
-    /// that carry only their message numbers, so the receiver's count of
-    /// numbers has no gap and a request its caller was told failed is not
-    /// delivered by a resend after the caller sent it again. Returns how
-    /// many frames it voided.
-    pub fn void(&mut self, dest: Peer, request_id: u64) -> usize {
+    /// Requests `request_ids` (sorted) to `dest` failed (timed out, an
+    /// error answer, a lost node): their frames not acknowledged yet go
+    /// out, when resent, as [`Flags::VOID`] frames that carry only their
+    /// message numbers, so the receiver's count of numbers has no gap and a
+    /// request its caller was told failed is not delivered by a resend
+    /// after the caller sent it again. Returns how many frames it voided.
+    pub fn void(&mut self, dest: Peer, request_ids: &[u64]) -> usize {
         let mut n = 0;
         for (_, u) in self.unacked.range_mut((dest, 0)..=(dest, u64::MAX)) {
             let f = &u.frame;
             if f.kind != Kind::Request
-                || f.request_id != request_id
                 || f.flags.contains(Flags::VOID)
+                || request_ids.binary_search(&f.request_id).is_err()
             {
                 continue;
             }
-            let mut v = Frame::new(Kind::Request);
-            v.flags = Flags::NEEDS_ACK | Flags::VOID;
-            v.sender = f.sender;
-            v.recipient = f.recipient;
-            v.msg_id = f.msg_id;
-            v.request_id = f.request_id;
-            v.priority = f.priority;
-            u.frame = v;
+            u.frame = void_of(f);
             n += 1;
         }
         n
@@ -205,6 +198,19 @@ impl Resender {
     }
 }
 
+/// The `VOID` frame that stands for request frame `f` (same number, no
+/// keys, no values): what goes out instead of a failed request's frame.
+pub fn void_of(f: &Frame) -> Frame {
+    let mut v = Frame::new(Kind::Request);
+    v.flags = Flags::NEEDS_ACK | Flags::VOID;
+    v.sender = f.sender;
+    v.recipient = f.recipient;
+    v.msg_id = f.msg_id;
+    v.request_id = f.request_id;
+    v.priority = f.priority;
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,9 +246,9 @@ mod tests {
         other.request_id = 43;
         tx.stamp(10, &mut req, t0);
         tx.stamp(10, &mut other, t0);
-        assert_eq!(tx.void(10, 42), 1);
-        assert_eq!(tx.void(10, 42), 0, "voided once");
-        assert_eq!(tx.void(11, 43), 0, "another destination's");
+        assert_eq!(tx.void(10, &[42]), 1);
+        assert_eq!(tx.void(10, &[42]), 0, "voided once");
+        assert_eq!(tx.void(11, &[43]), 0, "another destination's");
         let (again, lost) = tx.handle_timeout(t0 + s);
         assert!(lost.is_empty());
         let void = &again

@@ -341,17 +341,8 @@ impl<T> Tracker<T> {
 
     /// Everything fails (shutdown, scheduler lost).
     pub fn fail_all(&mut self, reason: &str) -> Vec<Completed<T>> {
-        self.deadlines.clear();
-        self.pending
-            .drain()
-            .map(|(request_id, _)| Completed {
-                request_id,
-                result: Err(TrackError::Abandoned(reason.to_string())),
-                // Every link ends with the transport (shutdown) or is left
-                // as it is (the scheduler lost): nothing is taken back.
-                unanswered_on: Vec::new(),
-            })
-            .collect()
+        let ids: Vec<u64> = self.pending.keys().copied().collect();
+        self.fail(ids, || TrackError::Abandoned(reason.to_string()))
     }
 }
 
