@@ -230,7 +230,8 @@ def main():
     ap.add_argument("--pskv", default=os.path.join(ROOT, "target", "release", "pskv"))
     ap.add_argument("--pskv-before", default=None)
     ap.add_argument("--vans", default="tcp,shm")
-    ap.add_argument("--no-compress", action="store_true")
+    ap.add_argument("--no-compress", action="store_true",
+                    help="skip the 2-bit compressed runs (pskv's and MXNet's)")
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--model", default=None)
     a = ap.parse_args()
@@ -246,14 +247,15 @@ def main():
         open(tensors, "w").write(p.stdout)
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     configs = []
+    comps = [False] if a.no_compress else [False, True]
     for (w, s) in shapes:
         for van in a.vans.split(","):
-            for comp in [False] if a.no_compress else [False, True]:
+            for comp in comps:
                 if a.pskv_before:
                     configs.append(("before", w, s, van, comp))
                 configs.append(("pskv", w, s, van, comp))
         if not a.skip_peers:
-            for comp in [False, True]:
+            for comp in comps:
                 configs.append(("mxnet", w, s, "zmq", comp))
             configs.append(("mpi", w, 0, "shm", False))
             configs.append(("mpi", w, 0, "tcp", False))

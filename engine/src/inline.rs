@@ -22,7 +22,6 @@ pub(crate) enum Task {
     Stop(OpRef),
 }
 
-#[derive(Default)]
 struct Trampoline {
     active: bool,
     queue: VecDeque<Task>,
@@ -34,7 +33,8 @@ thread_local! {
     };
 }
 
-/// Whether this thread is inside `run` (an op running inline, or finishing).
+/// Whether this thread is inside `run` or `scope` (an op running inline,
+/// or finishing).
 pub(crate) fn is_active() -> bool {
     TRAMPOLINE.with(|t| t.borrow().active)
 }
