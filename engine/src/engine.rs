@@ -198,13 +198,10 @@ impl Engine {
     where
         F: FnOnce(RunContext<'_>) -> Result<(), OpError>,
     {
-        let core = self.core();
-        let refused = core.shutting_down.load(Ordering::Acquire)
-            || spec.reads.iter().chain(&spec.writes).any(Var::is_deleted)
-            || core::prepare_pool(core, spec).is_err();
-        if refused {
+        if self.check(spec).is_err() {
             return Err(f);
         }
+        let core = self.core();
         let _held = Held::by_handle(core);
         crate::run_now::try_run_now(core, spec, true, f)
     }
@@ -230,20 +227,26 @@ impl Engine {
         self.push_checked(spec, false, body)
     }
 
-    /// `spec` deduplicated and checked: refused if the engine is shutting
-    /// down, a var is deleted, or its context is not served.
+    /// `spec` deduplicated and checked (`check`).
     fn checked(&self, mut spec: OpSpec) -> Result<OpSpec, EngineError> {
+        spec.dedup();
+        self.check(&spec)?;
+        Ok(spec)
+    }
+
+    /// Refuses `spec` if the engine is shutting down, a var it names is
+    /// deleted, or its context is not served.
+    fn check(&self, spec: &OpSpec) -> Result<(), EngineError> {
         let core = self.core();
         if core.shutting_down.load(Ordering::Acquire) {
             return Err(EngineError::ShutDown {
-                op: spec.name.into_owned(),
+                op: spec.name.to_string(),
             });
         }
-        spec.dedup();
         if let Some(v) = spec
             .reads
             .iter()
-            .chain(spec.writes.iter())
+            .chain(&spec.writes)
             .find(|v| v.is_deleted())
         {
             return Err(EngineError::VarDeleted {
@@ -251,8 +254,7 @@ impl Engine {
                 var: v.id(),
             });
         }
-        core::prepare_pool(core, &spec)?;
-        Ok(spec)
+        core::prepare_pool(core, spec)
     }
 
     /// Pushes an op of a `checked` spec.

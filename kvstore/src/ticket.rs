@@ -135,6 +135,14 @@ impl Parts {
             spin,
         })
     }
+
+    /// Counts the keys' tickets not settled down by this one (its settle
+    /// took the failures, or will never run).
+    fn settled(&self) {
+        for c in &self.settles {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// The parts of a request whose tensors the caller keeps, made once
@@ -174,9 +182,7 @@ impl Publish {
         unsafe { *self.settled.outcome.get() = Some(o) };
         if let Some(p) = self.parts.take() {
             // The keys' failures are taken: the next call may take new ones.
-            for c in &p.settles {
-                c.fetch_sub(1, Ordering::AcqRel);
-            }
+            p.settled();
             // Our hold on the tensors goes first, so that a waiter woken
             // below finds the caller's memory released, not held by us.
             drop(p);
@@ -313,9 +319,7 @@ impl Ticket {
         let ran = engine.try_settle_now(&parts.spec, |rc| {
             let o = settle(&parts, &rc);
             // Under the vars' grants, as a pushed settle op does.
-            for c in &parts.settles {
-                c.fetch_sub(1, Ordering::AcqRel);
-            }
+            parts.settled();
             now = Some(o);
             Ok(())
         });
@@ -323,9 +327,7 @@ impl Ticket {
             let o = now.take().unwrap_or_else(|| {
                 // The settle unwound (the engine stored its panic on the
                 // vars): fail closed, and count the keys down.
-                for c in &parts.settles {
-                    c.fetch_sub(1, Ordering::AcqRel);
-                }
+                parts.settled();
                 fail_closed(
                     Some(&parts),
                     "the request's settle failed (a panic inside pskv)",

@@ -150,16 +150,15 @@ impl Inner {
     /// voided the resender's copy after the timer took this one).
     pub(super) fn resend(&self, link: &Arc<Link>, frame: Frame) {
         let is_request = frame.kind == Kind::Request && !frame.flags.contains(Flags::VOID);
-        let claimed = if is_request {
-            let reqs = self.reqs.lock();
-            if reqs.tracker.is_pending(frame.request_id) {
-                link.claim(frame)
-            } else {
-                link.claim(crate::protocol::resender::void_of(&frame))
+        let reqs = is_request.then(|| self.reqs.lock());
+        let frame = match &reqs {
+            Some(r) if !r.tracker.is_pending(frame.request_id) => {
+                crate::protocol::resender::void_of(&frame)
             }
-        } else {
-            link.claim(frame)
+            _ => frame,
         };
+        let claimed = link.claim(frame);
+        drop(reqs);
         if let Ok(claim) = claimed {
             link.finish_claim(claim);
         }

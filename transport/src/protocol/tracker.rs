@@ -92,6 +92,13 @@ struct Pending<T> {
     deadline: Option<(Instant, Duration)>,
 }
 
+impl<T> Pending<T> {
+    /// The indexes of the targets that have not answered.
+    fn unanswered(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.targets.len()).filter(|&i| self.parts[i].is_none())
+    }
+}
+
 /// The request tracker.
 #[derive(Debug)]
 pub struct Tracker<T> {
@@ -155,13 +162,7 @@ impl<T> Tracker<T> {
     /// Forgets request `id`, failed with `error`.
     fn failed(&mut self, id: u64, error: TrackError) -> Option<Completed<T>> {
         let p = self.take(id)?;
-        let unanswered_on = p
-            .parts
-            .iter()
-            .zip(&p.via)
-            .filter(|(part, _)| part.is_none())
-            .filter_map(|(_, via)| *via)
-            .collect();
+        let unanswered_on = p.unanswered().filter_map(|i| p.via[i]).collect();
         Some(Completed {
             request_id: id,
             result: Err(error),
@@ -185,13 +186,7 @@ impl<T> Tracker<T> {
                 self.deadlines.pop_first();
                 continue;
             };
-            let waiting = p
-                .targets
-                .iter()
-                .zip(&p.parts)
-                .filter(|(_, part)| part.is_none())
-                .map(|(t, _)| *t)
-                .collect();
+            let waiting = p.unanswered().map(|i| p.targets[i]).collect();
             let after = p.deadline.map_or(Duration::ZERO, |(_, d)| d);
             done.extend(self.failed(id, TrackError::TimedOut { after, waiting }));
         }
@@ -328,11 +323,8 @@ impl<T> Tracker<T> {
             .pending
             .iter()
             .filter(|(_, p)| {
-                (0..p.targets.len()).any(|i| {
-                    p.targets[i] == node
-                        && p.parts[i].is_none()
-                        && link.is_none_or(|l| p.via[i] == Some(l))
-                })
+                p.unanswered()
+                    .any(|i| p.targets[i] == node && link.is_none_or(|l| p.via[i] == Some(l)))
             })
             .map(|(id, _)| *id)
             .collect();
