@@ -3,8 +3,9 @@
 //! shows), waited for, through
 //! - the Rust API (`KvStore::pushpull` on tensors made once, then
 //!   `wait_to_read` of the output);
-//! - the Rust API with a ticket by a plan made once (`KvStore::ticket_for`:
-//!   what a persistent C request does under the C layer);
+//! - the Rust API planned once: the call (`KvStore::plan`, then
+//!   `KvStore::issue`) and its ticket (`KvStore::ticket_for`): what a
+//!   persistent C request does under the C layer;
 //! - the Rust API on the caller's memory (tensors made over it per call,
 //!   `KvStore::ticket`: what the C ABI and Python do underneath);
 //! - the C ABI (`pskv_pushpull_async` + `pskv_wait` on the caller's
@@ -21,7 +22,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use pskv::capi::*;
 use pskv::engine::{Context, Engine};
-use pskv::kvstore::{DType, Key, KvStore, Tensor};
+use pskv::kvstore::{Call, DType, Key, KvStore, Tensor};
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("pushpull_local");
@@ -49,10 +50,18 @@ fn bench(c: &mut Criterion) {
         let plan = kv
             .ticket_plan(std::slice::from_ref(&key0), &[v.clone(), o.clone()])
             .unwrap();
+        let call = kv
+            .plan(
+                Call::PushPull,
+                0,
+                std::slice::from_ref(&v),
+                std::slice::from_ref(&o),
+                0,
+            )
+            .unwrap();
         g.bench_function(format!("rust_plan/{name}"), |b| {
             b.iter(|| {
-                kv.pushpull(0, std::slice::from_ref(&v), std::slice::from_ref(&o), 0)
-                    .unwrap();
+                kv.issue(&call).unwrap();
                 let mut t = kv.ticket_for(&plan).unwrap();
                 t.wait().unwrap();
             })

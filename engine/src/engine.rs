@@ -198,12 +198,46 @@ impl Engine {
     where
         F: FnOnce(RunContext<'_>) -> Result<(), OpError>,
     {
+        self.try_kept_now(spec, true, f)
+    }
+
+    /// As [`Engine::try_settle_now`], for an op [`Engine::push_sync`]
+    /// would push: `f` is also given back when a var it names holds a
+    /// failure (pushed, the op is skipped and passes the failure on). For
+    /// a caller that keeps a spec and runs the same small op again and
+    /// again (a planned call's host copies): given `f` back, it pushes its
+    /// own op.
+    ///
+    /// ```
+    /// use pskv_engine::{Engine, OpSpec, Property, Var};
+    /// let engine = Engine::builder().cpu_threads(1).build()?;
+    /// let (a, b) = (Var::new(), Var::new());
+    /// let spec = OpSpec::new("copy").read(&a).write(&b).property(Property::Async);
+    /// let mut runs = 0;
+    /// for _ in 0..3 {
+    ///     assert!(engine.try_run_now(&spec, |_| { runs += 1; Ok(()) }).is_ok());
+    /// }
+    /// assert_eq!(runs, 3);
+    /// # Ok::<(), pskv_engine::EngineError>(())
+    /// ```
+    pub fn try_run_now<F>(&self, spec: &OpSpec, f: F) -> Result<(), F>
+    where
+        F: FnOnce(RunContext<'_>) -> Result<(), OpError>,
+    {
+        self.try_kept_now(spec, false, f)
+    }
+
+    /// `try_settle_now` (`no_skip`) or `try_run_now`.
+    fn try_kept_now<F>(&self, spec: &OpSpec, no_skip: bool, f: F) -> Result<(), F>
+    where
+        F: FnOnce(RunContext<'_>) -> Result<(), OpError>,
+    {
         if self.check(spec).is_err() {
             return Err(f);
         }
         let core = self.core();
         let _held = Held::by_handle(core);
-        crate::run_now::try_run_now(core, spec, true, f)
+        crate::run_now::try_run_now(core, spec, no_skip, f)
     }
 
     /// A sync op runs at its push when it can (`run_now.rs`): an

@@ -228,7 +228,21 @@ impl KvStore {
         &self.engine
     }
 
-    fn check_tensors<'a>(&self, key: &Key, ts: impl IntoIterator<Item = &'a Tensor>) -> Result<()> {
+    /// The kind's half.
+    pub(crate) fn flavor(&self) -> &dyn Flavor {
+        &*self.flavor
+    }
+
+    /// Names this store (its kind's address) for plans made by it.
+    pub(crate) fn flavor_id(&self) -> usize {
+        Arc::as_ptr(&self.flavor) as *const () as usize
+    }
+
+    pub(crate) fn check_tensors<'a>(
+        &self,
+        key: &Key,
+        ts: impl IntoIterator<Item = &'a Tensor>,
+    ) -> Result<()> {
         let mut any = false;
         for t in ts {
             t.check_engine(&self.engine)?;

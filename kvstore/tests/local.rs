@@ -428,3 +428,121 @@ fn the_store_waits_for_its_ops_when_dropped() {
     assert_eq!(out.to_vec::<f32>().unwrap(), vec![2.0; 1000]);
     let _ = Arc::new(());
 }
+
+/// Planned calls (`KvStore::plan`, `issue`) give what the calls they plan
+/// give, bit for bit, step after step: one value on the host (its copies
+/// kept), two devices' values and outputs (planned through the general
+/// path), a pull alone, with an optimizer set part way, and on a `device`
+/// store with compression turned on part way.
+#[test]
+fn planned_calls_match_the_calls_they_plan() {
+    use pskv_kvstore::Call;
+    for kind in ["local", "device"] {
+        let e = engine();
+        let (calls, plans) = (
+            KvStore::create(kind, &e).unwrap(),
+            KvStore::create(kind, &e).unwrap(),
+        );
+        let n = 6;
+        let host = |v: &[f32]| f32s(&e, v, Context::Cpu);
+        let on = |v: &[f32], g: u32| f32s(&e, v, Context::Gpu(g));
+        let start: Vec<f32> = values(1, n);
+        for kv in [&calls, &plans] {
+            kv.init(1, &host(&start)).unwrap();
+            kv.init(2, &host(&start)).unwrap();
+        }
+        // Per store: key 1's value and output, key 2's two values and two
+        // outputs, key 2's pulled copy.
+        let side = || {
+            let zero = vec![0.0f32; n];
+            (
+                host(&zero),
+                host(&zero),
+                [on(&zero, 0), on(&zero, 1)],
+                [host(&zero), on(&zero, 1)],
+                host(&zero),
+            )
+        };
+        let (a, b) = (side(), side());
+        let one = |t: &Tensor| vec![t.clone()];
+        let p1 = plans
+            .plan(Call::PushPull, 1, &one(&b.0), &one(&b.1), 0)
+            .unwrap();
+        let p2 = plans.plan(Call::Push, 2, &b.2, &[], -1).unwrap();
+        let p3 = plans.plan(Call::Pull, 2, &[], &b.3, -1).unwrap();
+        let p4 = plans.plan(Call::Pull, 2, &[], &one(&b.4), -2).unwrap();
+        for step in 0..6u64 {
+            if step == 2 {
+                for kv in [&calls, &plans] {
+                    kv.set_optimizer(Optimizer::sgd(0.25)).unwrap();
+                }
+            }
+            if step == 4 && kind == "device" {
+                for kv in [&calls, &plans] {
+                    kv.set_gradient_compression(Compression::two_bit(0.5))
+                        .unwrap();
+                }
+            }
+            let g: Vec<f32> = values(10 + step, n);
+            let h: Vec<f32> = values(20 + step, n);
+            for s in [&a, &b] {
+                s.0.copy_from_slice(&g).unwrap();
+                s.2[0].copy_from_slice(&g).unwrap();
+                s.2[1].copy_from_slice(&h).unwrap();
+            }
+            calls.pushpull(1, &one(&a.0), &one(&a.1), 0).unwrap();
+            calls.push(2, &a.2, -1).unwrap();
+            calls.pull(2, &a.3, -1).unwrap();
+            calls.pull(2, &one(&a.4), -2).unwrap();
+            for p in [&p1, &p2, &p3, &p4] {
+                plans.issue(p).unwrap();
+            }
+            let outs = |s: &(Tensor, Tensor, [Tensor; 2], [Tensor; 2], Tensor)| {
+                [&s.1, &s.3[0], &s.3[1], &s.4].map(|t| t.to_vec::<f32>().unwrap())
+            };
+            let (want, got) = (outs(&a), outs(&b));
+            for (w, g) in want.iter().zip(&got) {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(w), bits(g), "{kind} step {step}");
+            }
+        }
+        // Misuse: a plan of another store, a key not initialized, a shape
+        // that is not the key's, values given to a pull.
+        let err = |r: pskv_kvstore::Result<()>| r.unwrap_err().to_string();
+        assert!(err(calls.issue(&p1)).contains("another store"));
+        let z = one(&host(&[0.0; 3]));
+        assert!(plans.plan(Call::Push, 9, &z, &[], 0).is_err());
+        assert!(plans.plan(Call::Push, 1, &z, &[], 0).is_err());
+        let pulled = plans.plan(Call::Pull, 1, &one(&b.0), &one(&b.1), 0);
+        assert!(pulled.unwrap_err().to_string().contains("takes no values"));
+        e.wait_for_all().unwrap();
+    }
+}
+
+/// A planned call's copies wait behind busy tensors (pushed, not run at
+/// once) and keep their order with the ops before them.
+#[test]
+fn a_planned_call_waits_behind_a_busy_tensor() {
+    use pskv_engine::OpSpec;
+    use pskv_kvstore::Call;
+    let e = engine();
+    let kv = KvStore::create("local", &e).unwrap();
+    kv.init(0, &zeros(&e, 4)).unwrap();
+    let (v, o) = (zeros(&e, 4), zeros(&e, 4));
+    let plan = kv
+        .plan(Call::PushPull, 0, &[v.clone()], &[o.clone()], 0)
+        .unwrap();
+    let (go, gate) = std::sync::mpsc::channel::<()>();
+    e.push_sync(OpSpec::new("hold").write(v.var()), move |_| {
+        gate.recv_timeout(std::time::Duration::from_secs(20)).ok();
+        Ok(())
+    })
+    .unwrap();
+    v.copy_from_slice(&[7.0f32; 4]).unwrap();
+    kv.issue(&plan).unwrap();
+    v.copy_from_slice(&[9.0f32; 4]).unwrap();
+    go.send(()).unwrap();
+    assert_eq!(o.to_vec::<f32>().unwrap(), vec![7.0; 4]);
+    kv.issue(&plan).unwrap();
+    assert_eq!(o.to_vec::<f32>().unwrap(), vec![9.0; 4]);
+}

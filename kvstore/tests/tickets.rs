@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use pskv_engine::Context;
-use pskv_kvstore::{DType, Key, KvStore, Options, Tensor, Ticket};
+use pskv_kvstore::{Call, DType, Key, KvStore, Options, Tensor, Ticket};
 use pskv_transport::VanKind;
 
 mod common;
@@ -182,7 +182,9 @@ fn dist_requests_in_place_sum_over_workers() {
 
 /// Kept tensors (a persistent request): the same tensors over the same
 /// memory push-pulled round after round over two workers, remade when a
-/// ticket names them spent; every round's sums exact, in place.
+/// ticket names them spent; every round's sums exact, in place. The last
+/// rounds issue planned calls (`KvStore::plan`): a plan over a spent
+/// tensor is refused, and planned again.
 #[test]
 fn dist_kept_requests_sum_round_after_round() {
     for van in [VanKind::Tcp, VanKind::Shm] {
@@ -210,21 +212,30 @@ fn dist_kept_requests_sum_round_after_round() {
                 ts.push(over(e, &mut outs[i]));
             }
             let mut wrong = Vec::new();
-            for round in 0..4 {
+            let (mut plans, mut stale) = (None, Vec::new());
+            for round in 0..8 {
                 for b in bufs.iter_mut() {
                     b.fill(r * (round + 1) as f32);
                 }
                 for (i, k) in keys.iter().enumerate() {
-                    kv.pushpull(
-                        k.clone(),
-                        std::slice::from_ref(&ts[2 * i]),
-                        std::slice::from_ref(&ts[2 * i + 1]),
-                        -(i as i32),
-                    )
-                    .unwrap();
+                    let (v, o) = (&ts[2 * i..2 * i + 1], &ts[2 * i + 1..2 * i + 2]);
+                    if round < 4 {
+                        kv.pushpull(k.clone(), v, o, -(i as i32)).unwrap();
+                        continue;
+                    }
+                    let plans = plans.get_or_insert_with(Vec::new);
+                    if plans.len() == i {
+                        let p = kv.plan(Call::PushPull, k.clone(), v, o, -(i as i32));
+                        plans.push(p.unwrap());
+                    }
+                    kv.issue(&plans[i]).unwrap();
                 }
                 let mut t = kv.ticket_kept(&keys, &ts).unwrap();
                 t.wait().unwrap();
+                if let (Some(ps), Some(&i)) = (&plans, t.spent().first()) {
+                    stale.push(kv.issue(&ps[i / 2]).map_err(|e| e.to_string()));
+                    plans = None;
+                }
                 for &i in t.spent() {
                     // SAFETY: the memory stays valid and untouched until the
                     // next ticket is done.
@@ -237,13 +248,19 @@ fn dist_kept_requests_sum_round_after_round() {
                     }
                 }
             }
-            wrong
+            (wrong, stale)
         });
-        for (rank, wrong) in got.iter().enumerate() {
+        for (rank, (wrong, stale)) in got.iter().enumerate() {
             assert!(
                 wrong.is_empty(),
                 "{van:?} rank {rank}: (round, key, got) {wrong:?}"
             );
+            for s in stale {
+                assert!(
+                    s.as_ref().is_err_and(|e| e.contains("Ticket::spent")),
+                    "{s:?}"
+                );
+            }
         }
     }
 }

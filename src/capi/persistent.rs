@@ -3,10 +3,14 @@
 //! `pskv_*_persistent` call and started each round by `pskv_start` (MPI's
 //! `MPI_Send_init` and `MPI_Start`). The tensors over the caller's buffers,
 //! the keys' lookups and the checks of every buffer are done once, when the
-//! request is made, not at every start: a training loop that moves the
-//! same buffers every step pays less per start than per call: about 0.3 µs
-//! more than the Rust API's call on tensors made once, where a
-//! `pskv_*_async` call costs 1.1 µs more (BENCHMARKS.md).
+//! request is made, not at every start: each start issues its keys' calls
+//! planned once (`KvStore::plan`, `KvStore::issue`) and takes a ticket by
+//! a plan. A training loop that moves the same buffers every step pays
+//! less per start than per call: on a `local` store a 4 B push-pull's
+//! start and wait cost about 0.64x the Rust API's plain call (`pushpull`
+//! + `wait_to_read` on tensors made once) and about 80 ns more than the
+//! same plans used from Rust, where a `pskv_*_async` call costs 1.1 µs
+//! more than the plain call (BENCHMARKS.md).
 //!
 //! # States
 //!
@@ -41,38 +45,54 @@ use std::sync::Arc;
 
 use super::buffer::PskvBuffer;
 use super::request::{
-    batch, issue_entries, issue_pull, issue_push, issue_pushpull, items, keys_of, report, requests,
-    tensors_of, Entry, IssueFn, PskvRequest, Req,
+    batch, issue_entries, items, keys_of, report, requests, tensors_of, Entry, PskvRequest, Req,
 };
 use super::store::{handle, PskvKvStore};
 use super::{arg, guard, kv_err, set_error, Failure, PSKV_OK};
-use crate::kvstore::{Ticket, TicketPlan};
+use crate::kvstore::{Call, CallPlan, KvStore, Ticket, TicketPlan};
 
 /// A persistent request's state (see the module docs).
 pub(super) struct Persistent {
     /// The store (a start checks that it was not freed).
     store: Arc<PskvKvStore>,
     entries: Vec<Entry>,
-    /// The keys looked up once for every start's ticket; None when tensors
-    /// were remade since (made again at the next start).
-    plan: Option<TicketPlan>,
-    how: IssueFn,
+    call: Call,
+    /// What every start issues, looked up and checked once; None when
+    /// tensors were remade since (made again at the next start).
+    plans: Option<Plans>,
     /// The ticket of the start not reported yet (ACTIVE).
     active: Option<Ticket>,
 }
 
+/// A persistent request's plans: each entry's call (`KvStore::plan`) and
+/// the ticket's keys.
+struct Plans {
+    calls: Vec<CallPlan>,
+    ticket: TicketPlan,
+}
+
+impl Plans {
+    fn new(kv: &KvStore, entries: &[Entry], call: Call) -> Result<Plans, Failure> {
+        let calls = entries
+            .iter()
+            .map(|e| kv.plan(call, e.key.clone(), &e.values, &e.outs, e.priority))
+            .collect::<Result<_, _>>()
+            .map_err(kv_err)?;
+        let ticket = kv.ticket_plan(&keys_of(entries), &tensors_of(entries));
+        Ok(Plans {
+            calls,
+            ticket: ticket.map_err(kv_err)?,
+        })
+    }
+}
+
 impl Persistent {
-    fn new(
-        store: Arc<PskvKvStore>,
-        entries: Vec<Entry>,
-        how: IssueFn,
-        plan: TicketPlan,
-    ) -> Persistent {
+    fn new(store: Arc<PskvKvStore>, entries: Vec<Entry>, call: Call, plans: Plans) -> Persistent {
         Persistent {
-            plan: Some(plan),
+            plans: Some(plans),
             store,
             entries,
-            how,
+            call,
             active: None,
         }
     }
@@ -89,12 +109,14 @@ impl Persistent {
                 "the persistent request's store was freed (pskv_free): free the request too",
             ));
         }
-        if self.plan.is_none() {
-            let (keys, tensors) = (keys_of(&self.entries), tensors_of(&self.entries));
-            self.plan = Some(h.kv.ticket_plan(&keys, &tensors).map_err(kv_err)?);
-        }
+        let plans = match &mut self.plans {
+            Some(p) => p,
+            none => none.insert(Plans::new(&h.kv, &self.entries, self.call)?),
+        };
         let note = "the request stays started: wait for it before starting it again";
-        let issued = issue_entries(&h.kv, &self.entries, self.plan.as_ref(), note, self.how);
+        let calls = &plans.calls;
+        let issue = |kv: &KvStore, i: usize, _: &Entry| kv.issue(&calls[i]);
+        let issued = issue_entries(&h.kv, &self.entries, Some(&plans.ticket), note, issue);
         match issued {
             Ok(t) => {
                 self.active = Some(t);
@@ -136,8 +158,8 @@ impl Persistent {
         if spent.is_empty() {
             return Ok(());
         }
-        // Names the old tensors: made again at the next start.
-        self.plan = None;
+        // Name the old tensors: made again at the next start.
+        self.plans = None;
         let all = self
             .entries
             .iter_mut()
@@ -164,7 +186,7 @@ unsafe fn make(
     values: Option<*const PskvBuffer>,
     outs: Option<*const PskvBuffer>,
     request: *mut *mut PskvRequest,
-    how: IssueFn,
+    call: Call,
 ) -> c_int {
     guard(|| {
         if request.is_null() {
@@ -172,9 +194,8 @@ unsafe fn make(
         }
         let h = handle(kv)?;
         let b = batch(&h.kv, n, keys, values, outs, priorities)?;
-        let plan = h.kv.ticket_plan(&keys_of(&b), &tensors_of(&b));
-        let plan = plan.map_err(kv_err)?;
-        let p = Persistent::new(h, b, how, plan);
+        let plans = Plans::new(&h.kv, &b, call)?;
+        let p = Persistent::new(h, b, call, plans);
         *request = requests().insert(PskvRequest::new(Req::Persistent(p)));
         Ok(())
     })
@@ -201,7 +222,7 @@ pub unsafe extern "C" fn pskv_push_persistent(
     request: *mut *mut PskvRequest,
 ) -> c_int {
     let ks = (n, keys, priorities);
-    make(kv, ks, Some(values), None, request, issue_push)
+    make(kv, ks, Some(values), None, request, Call::Push)
 }
 
 /// Makes a persistent pull of `n` keys into `outs`, as `pskv_pull_async`
@@ -220,7 +241,7 @@ pub unsafe extern "C" fn pskv_pull_persistent(
     request: *mut *mut PskvRequest,
 ) -> c_int {
     let ks = (n, keys, priorities);
-    make(kv, ks, None, Some(outs), request, issue_pull)
+    make(kv, ks, None, Some(outs), request, Call::Pull)
 }
 
 /// Makes a persistent push-pull of `n` keys, `values[i]` into `outs[i]`,
@@ -240,7 +261,7 @@ pub unsafe extern "C" fn pskv_pushpull_persistent(
     request: *mut *mut PskvRequest,
 ) -> c_int {
     let ks = (n, keys, priorities);
-    make(kv, ks, Some(values), Some(outs), request, issue_pushpull)
+    make(kv, ks, Some(values), Some(outs), request, Call::PushPull)
 }
 
 /// Starts a persistent request: issues its batch as its `pskv_*_async`

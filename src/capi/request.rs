@@ -87,18 +87,15 @@ pub(super) struct Entry {
     pub(super) priority: i32,
 }
 
-/// How a batch's entries are issued (push, pull or push-pull).
-pub(super) type IssueFn = fn(&KvStore, &Entry) -> crate::kvstore::Result<()>;
-
-pub(super) fn issue_push(kv: &KvStore, e: &Entry) -> crate::kvstore::Result<()> {
+fn issue_push(kv: &KvStore, e: &Entry) -> crate::kvstore::Result<()> {
     kv.push(e.key.clone(), &e.values, e.priority)
 }
 
-pub(super) fn issue_pull(kv: &KvStore, e: &Entry) -> crate::kvstore::Result<()> {
+fn issue_pull(kv: &KvStore, e: &Entry) -> crate::kvstore::Result<()> {
     kv.pull(e.key.clone(), &e.outs, e.priority)
 }
 
-pub(super) fn issue_pushpull(kv: &KvStore, e: &Entry) -> crate::kvstore::Result<()> {
+fn issue_pushpull(kv: &KvStore, e: &Entry) -> crate::kvstore::Result<()> {
     kv.pushpull(e.key.clone(), &e.values, &e.outs, e.priority)
 }
 
@@ -216,10 +213,10 @@ pub(super) fn issue_entries(
     entries: &[Entry],
     plan: Option<&TicketPlan>,
     in_flight_note: &str,
-    issue: impl Fn(&KvStore, &Entry) -> crate::kvstore::Result<()>,
+    issue: impl Fn(&KvStore, usize, &Entry) -> crate::kvstore::Result<()>,
 ) -> Result<Ticket, (Failure, Option<Partial>)> {
     for (i, e) in entries.iter().enumerate() {
-        let Err(err) = issue(kv, e) else { continue };
+        let Err(err) = issue(kv, i, e) else { continue };
         let mut msg = format!("key {}: {err}", e.key);
         let tried = &entries[..=i];
         let code = kv_err(err).0;
@@ -273,7 +270,7 @@ fn issue(
         return Err(arg("request is a null pointer"));
     }
     let note = "they stay pskv's until pskv_free";
-    match issue_entries(&h.kv, &entries, None, note, issue) {
+    match issue_entries(&h.kv, &entries, None, note, |kv, _, e| issue(kv, e)) {
         Ok(t) => {
             // SAFETY: `out` is not null (checked) and points to writable
             // storage (the caller's contract).

@@ -203,3 +203,45 @@ fn ops_pushed_by_an_op_run_at_its_push_run_after_it() {
     assert_eq!((a.version(), b.version()), (1, 1));
     e.wait_for_all().unwrap();
 }
+
+/// A kept spec run again and again by `try_run_now`: runs at once on free
+/// vars; a failed input or a busy var gives the closure back untouched,
+/// holding nothing.
+#[test]
+fn a_kept_op_runs_now_skips_behind_a_failure_and_is_given_back_when_busy() {
+    let e = engine();
+    let (a, b) = (Var::new(), Var::new());
+    let spec = now_op("kept_copy").read(&a).write(&b);
+    let mut runs = 0;
+    for _ in 0..3 {
+        let ran = e.try_run_now(&spec, |_| {
+            runs += 1;
+            Ok(())
+        });
+        assert!(ran.is_ok());
+    }
+    assert_eq!(runs, 3);
+    assert_eq!(b.version(), 3, "each run counts as a write");
+    // A failure on the input: given back (a pushed op passes it on).
+    e.push_sync(now_op("bad").write(&a), |_| Err("no disk".into()))
+        .unwrap();
+    assert!(e.try_run_now(&spec, |_| panic!("ran")).is_err());
+    assert_eq!(b.version(), 3, "nothing ran or was counted");
+    assert!(a.take_failure().is_some());
+    assert!(e.try_run_now(&spec, |_| Ok(())).is_ok());
+    // A busy var: the closure comes back, nothing is held.
+    let (a, b) = (Var::new(), Var::new());
+    let spec = now_op("kept_copy").read(&a).write(&b);
+    let (go, gate) = mpsc::channel::<()>();
+    e.push_sync(OpSpec::new("slow").write(&a), move |_| {
+        gate.recv_timeout(Duration::from_secs(10)).ok();
+        Ok(())
+    })
+    .unwrap();
+    let back = e.try_run_now(&spec, |_| Ok(()));
+    assert!(back.is_err(), "ran behind a busy var");
+    go.send(()).unwrap();
+    e.wait_for_var(&a).unwrap();
+    assert!(e.try_run_now(&spec, |_| Ok(())).is_ok());
+    e.wait_for_all().unwrap();
+}

@@ -4,6 +4,7 @@
 //! Every step is an engine op on the tensors' vars, so calls return at once
 //! and a pull of a key runs after the push before it.
 
+use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +19,9 @@ use crate::error::{KvError, Result};
 use crate::key::Key;
 use crate::kinds::{split_pushpull, Batch, Batch2, Flavor};
 use crate::optimizer::{OptState, Optimizer};
+use crate::plan::{Call, CallPlan};
 use crate::registry::{Meta, Registry};
-use crate::tensor::{check_rows, Buf, Storage, Tensor};
+use crate::tensor::{check_rows, Buf, KeptCopy, Storage, Tensor};
 use crate::updater::{KeyState, Rule, Updater};
 
 /// One key of a local store.
@@ -175,6 +177,15 @@ impl LocalKey {
             }
         }
     }
+}
+
+/// What a local store keeps of a planned call (`plan.rs`): the key's
+/// entry, and its small host copies in (one value) and out (every output
+/// on the host; else the pull broadcasts as usual).
+struct LocalPlan {
+    entry: Arc<LocalKey>,
+    copy_in: Option<KeptCopy>,
+    copy_out: Option<Vec<KeptCopy>>,
 }
 
 /// The `local` and `device` stores.
@@ -441,6 +452,71 @@ impl Flavor for LocalStore {
         for (e, (key, outs, rows)) in entries.iter().zip(items) {
             for (o, r) in outs.iter().zip(rows) {
                 gather_rows(key, &e.stored, o, r, priority)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn plan(
+        &self,
+        call: Call,
+        key: &Key,
+        values: &[Tensor],
+        outs: &[Tensor],
+        priority: i32,
+    ) -> Result<Box<dyn Any + Send + Sync>> {
+        let entry = self.keys.get(key)?;
+        if call.pushes() {
+            check_values(key, &entry.meta, values, *self.compression.read())?;
+        }
+        if call.pulls() {
+            check_outs(key, &entry.meta, outs, call.name())?;
+        }
+        let copy_in = match values {
+            [v] => KeptCopy::new(v, &entry.stored, priority),
+            _ => None,
+        };
+        let copy_out = outs
+            .iter()
+            .map(|o| KeptCopy::new(&entry.stored, o, priority))
+            .collect();
+        Ok(Box::new(LocalPlan {
+            entry,
+            copy_in,
+            copy_out,
+        }))
+    }
+
+    fn issue(&self, plan: &CallPlan) -> Result<()> {
+        let Some(p) = plan.kept.downcast_ref::<LocalPlan>() else {
+            return Err(KvError::invalid("internal: a local plan without its entry"));
+        };
+        let (e, priority) = (&p.entry, plan.priority);
+        if plan.call.pushes() {
+            let compression = *self.compression.read();
+            let rule = self.rule.read().clone();
+            match (&p.copy_in, &rule) {
+                // No updater, nothing to sum or compress: the value is
+                // the stored one.
+                (Some(c), None) if !compression.is_on() => c.run()?,
+                _ => {
+                    // What the plan's check did not see.
+                    check_values(&plan.key, &e.meta, &plan.values, compression)?;
+                    e.push(
+                        &self.comm,
+                        &plan.values,
+                        rule.as_ref(),
+                        compression,
+                        self.device,
+                        priority,
+                    )?;
+                }
+            }
+        }
+        if plan.call.pulls() {
+            match &p.copy_out {
+                Some(copies) => copies.iter().try_for_each(KeptCopy::run)?,
+                None => self.comm.broadcast(&e.stored, &plan.outs, priority)?,
             }
         }
         Ok(())

@@ -5,6 +5,7 @@
 pub(crate) mod dist;
 pub(crate) mod local;
 
+use std::any::Any;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use crate::compression::Compression;
 use crate::error::{KvError, Result};
 use crate::key::Key;
 use crate::optimizer::{OptState, Optimizer};
+use crate::plan::{Call, CallPlan};
 use crate::tensor::Tensor;
 use crate::updater::Updater;
 
@@ -91,6 +93,38 @@ pub(crate) trait Flavor: Send + Sync {
     fn pull(&self, items: &Batch, priority: i32) -> Result<()>;
     fn pushpull(&self, items: &Batch2, priority: i32) -> Result<()>;
     fn pull_row_sparse(&self, items: &Batch2, priority: i32) -> Result<()>;
+    /// What issuing `call` of `key` over `values` and `outs` needs, looked
+    /// up and checked once (`KvStore::plan`, `plan.rs`); `issue` gets it
+    /// back in `CallPlan::kept`. The default checks the tensors against
+    /// the key and keeps nothing: `issue` then makes the call as it is.
+    fn plan(
+        &self,
+        call: Call,
+        key: &Key,
+        values: &[Tensor],
+        outs: &[Tensor],
+        priority: i32,
+    ) -> Result<Box<dyn Any + Send + Sync>> {
+        let _ = priority;
+        let meta = self.key_meta(key)?;
+        for t in values.iter().chain(outs) {
+            meta.check(key, t, call.name())?;
+        }
+        Ok(Box::new(()))
+    }
+    /// Issues a plan's call (checked by `KvStore::issue`: this store's,
+    /// no spent tensor).
+    fn issue(&self, plan: &CallPlan) -> Result<()> {
+        let (key, prio) = (&plan.key, plan.priority);
+        match plan.call {
+            Call::Push => self.push(&[(key.clone(), plan.values.clone())], prio),
+            Call::Pull => self.pull(&[(key.clone(), plan.outs.clone())], prio),
+            Call::PushPull => self.pushpull(
+                &[(key.clone(), plan.values.clone(), plan.outs.clone())],
+                prio,
+            ),
+        }
+    }
     /// The vars that the ops of every push, pull or init of `key` end by
     /// writing or reading (a failure of the key's ops is stored there).
     fn key_vars(&self, key: &Key) -> Result<Vec<pskv_engine::Var>>;

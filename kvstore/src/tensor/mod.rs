@@ -50,7 +50,7 @@ pub(crate) use access::{DataMut, DataRef};
 pub use buf::Home;
 pub(crate) use buf::{copy_data, share, Buf, Data};
 pub(crate) use device::{copy_any, device_op, gpu_of};
-pub(crate) use values::host_copy;
+pub(crate) use values::{host_copy, KeptCopy};
 
 use crate::dtype::{DType, Elem};
 use crate::error::{KvError, Result};

@@ -4,7 +4,7 @@
 //! `map_mut`), and copy between tensors and contexts (`copy_to`,
 //! `host_copy`, small ones inline).
 
-use pskv_engine::{Context, OpSpec, Property};
+use pskv_engine::{Context, OpError, OpSpec, Property, RunContext};
 
 use super::{check_rows, copy_data, device, Buf, Data, Storage, Tensor};
 use crate::dtype::Elem;
@@ -196,7 +196,16 @@ const INLINE_COPY_BYTES: usize = 64 << 10;
 
 /// Copies host tensor `src` into host tensor `dst` (an engine op).
 pub(crate) fn host_copy(src: &Tensor, dst: &Tensor, priority: i32) -> Result<()> {
-    let mut spec = Tensor::copy_spec("tensor_copy", src.ctx(), dst.ctx())
+    let spec = host_copy_spec(src, dst, priority);
+    let (s, d) = (src.clone(), dst.clone());
+    src.engine()
+        .push_sync(spec, move |rc| copy_body(&s, &d, &rc))?;
+    Ok(())
+}
+
+/// The spec of `host_copy`'s op.
+fn host_copy_spec(src: &Tensor, dst: &Tensor, priority: i32) -> OpSpec {
+    let spec = Tensor::copy_spec("tensor_copy", src.ctx(), dst.ctx())
         .priority(priority)
         .read(src.var())
         .write(dst.var());
@@ -204,23 +213,68 @@ pub(crate) fn host_copy(src: &Tensor, dst: &Tensor, priority: i32) -> Result<()>
     // when its tensors are idle): handing it to a pool worker, and the
     // worker's finish back to a waiting caller, costs microseconds of
     // wake-ups for a copy of nanoseconds.
-    if src.len().max(dst.len()) * src.dtype().size() <= INLINE_COPY_BYTES {
-        spec = spec.property(Property::Async);
+    if inline_copy(src, dst) {
+        spec.property(Property::Async)
+    } else {
+        spec
     }
-    let (s, d) = (src.clone(), dst.clone());
-    src.engine().push_sync(spec, move |rc| {
-        let (sd, mut dd) = (s.read(&rc)?, d.write(&rc)?);
-        copy_data(
-            &sd,
-            s.storage(),
-            &mut dd,
-            d.storage(),
-            s.dtype(),
-            s.row_len(),
-        );
-        Ok(())
-    })?;
+}
+
+/// Whether a host copy of `src` into `dst` runs inline (`host_copy_spec`).
+fn inline_copy(src: &Tensor, dst: &Tensor) -> bool {
+    src.len().max(dst.len()) * src.dtype().size() <= INLINE_COPY_BYTES
+}
+
+/// What `host_copy`'s op does.
+fn copy_body(s: &Tensor, d: &Tensor, rc: &RunContext<'_>) -> std::result::Result<(), OpError> {
+    let (sd, mut dd) = (s.read(rc)?, d.write(rc)?);
+    copy_data(
+        &sd,
+        s.storage(),
+        &mut dd,
+        d.storage(),
+        s.dtype(),
+        s.row_len(),
+    );
     Ok(())
+}
+
+/// A small host copy made once and run again and again (a planned call's
+/// steps, `plan.rs`): its spec is kept, and when its vars are free it runs
+/// at once with nothing made, cloned or boxed
+/// ([`pskv_engine::Engine::try_run_now`]); else it is pushed as
+/// `host_copy` pushes it.
+pub(crate) struct KeptCopy {
+    spec: OpSpec,
+    src: Tensor,
+    dst: Tensor,
+    priority: i32,
+}
+
+impl KeptCopy {
+    /// The copy of `src` into `dst`; None unless both are on the host,
+    /// distinct, and small enough to run inline.
+    pub(crate) fn new(src: &Tensor, dst: &Tensor, priority: i32) -> Option<KeptCopy> {
+        let host = |t: &Tensor| super::gpu_of(t.ctx()).is_none();
+        (host(src) && host(dst) && !src.same(dst) && inline_copy(src, dst)).then(|| KeptCopy {
+            spec: host_copy_spec(src, dst, priority),
+            src: src.clone(),
+            dst: dst.clone(),
+            priority,
+        })
+    }
+
+    /// Copies (or pushes the op that copies).
+    pub(crate) fn run(&self) -> Result<()> {
+        let (s, d) = (&self.src, &self.dst);
+        match s
+            .engine()
+            .try_run_now(&self.spec, |rc| copy_body(s, d, &rc))
+        {
+            Ok(()) => Ok(()),
+            Err(_) => host_copy(s, d, self.priority),
+        }
+    }
 }
 
 fn densify<T: Elem>(vals: &[T], rows: &[i64], len: usize, row_len: usize) -> Vec<T> {
