@@ -213,11 +213,7 @@ impl Engine {
     /// let engine = Engine::builder().cpu_threads(1).build()?;
     /// let (a, b) = (Var::new(), Var::new());
     /// let spec = OpSpec::new("copy").read(&a).write(&b).property(Property::Async);
-    /// let mut runs = 0;
-    /// for _ in 0..3 {
-    ///     assert!(engine.try_run_now(&spec, |_| { runs += 1; Ok(()) }).is_ok());
-    /// }
-    /// assert_eq!(runs, 3);
+    /// assert!(engine.try_run_now(&spec, |_| Ok(())).is_ok());
     /// # Ok::<(), pskv_engine::EngineError>(())
     /// ```
     pub fn try_run_now<F>(&self, spec: &OpSpec, f: F) -> Result<(), F>

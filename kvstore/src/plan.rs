@@ -15,9 +15,23 @@
 //! kinds keep nothing and issue the call as it is (its time is the
 //! network's).
 //!
-//! What may change between issues is read at each: the optimizer or
-//! updater, the compression (and the checks it brings), whether a kept
-//! tensor was spent (an issue over one is refused, as a call is).
+//! # Invariants
+//!
+//! - **P1.** A plan is issued only by the store that made it
+//!   ([`KvStore::id`], never reused in a process): a plan keeps the key's
+//!   entry, which names the store's memory.
+//! - **P2.** What the plan checked cannot change: the key exists with its
+//!   shape, dtype and storage (a key is initialized once; a local store
+//!   never removes a key, so the entry a local plan keeps is the key's for
+//!   good), and the tensors' shapes, dtypes and storages are theirs for
+//!   good.
+//! - **P3.** What can change is read at each issue, before anything runs:
+//!   a tensor spent by a kept ticket (refused, by `KvStore::issue`, for
+//!   every kind), the updater or optimizer and the compression (with the
+//!   checks they bring: the kind's own path makes them, as for a call).
+//! - **P4.** An issue's ops are the call's: the same vars, in the same
+//!   order; a kept copy that cannot run at once (a var busy or failed) is
+//!   pushed as the call pushes it.
 
 use std::any::Any;
 
@@ -69,8 +83,8 @@ pub struct CallPlan {
     pub(crate) priority: i32,
     /// What the kind looked up (its own type, `Flavor::plan`).
     pub(crate) kept: Box<dyn Any + Send + Sync>,
-    /// The store that made it (its kind's address): others refuse it.
-    store: usize,
+    /// The store that made it (`KvStore::id`): others refuse it.
+    store: u64,
 }
 
 impl std::fmt::Debug for CallPlan {
@@ -99,11 +113,14 @@ impl CallPlan {
 
 impl KvStore {
     /// Plans `call` of `key` over `values` (pushed; none for a pull) and
-    /// `outs` (pulled into; none for a push) at `priority`: checks them
-    /// now as the call would, and looks the key up once, for
-    /// [`KvStore::issue`] to make the call again and again at less cost
-    /// per call (see `plan.rs`). One key per plan; a key given several
-    /// values (one per device) has them summed at each issue, as a push's.
+    /// `outs` (pulled into; none for a push) at `priority`: looks the key
+    /// up once and checks now what no later setting changes (the key, the
+    /// tensors' shapes, dtypes and storages); what a setting made later
+    /// decides (compression, an updater) is checked at each issue, as the
+    /// call checks it. [`KvStore::issue`] then makes the call again and
+    /// again at less cost per call (see `plan.rs`). One key per plan;
+    /// several values (one per device) are summed at each issue, as a
+    /// push's.
     ///
     /// ```
     /// use pskv_engine::{Context, Engine};
@@ -152,7 +169,7 @@ impl KvStore {
             outs: outs.to_vec(),
             priority,
             kept,
-            store: self.flavor_id(),
+            store: self.id(),
         })
     }
 
@@ -162,7 +179,7 @@ impl KvStore {
     /// ticket let go of ([`Tensor::is_spent`]: plan again over the remade
     /// tensors).
     pub fn issue(&self, plan: &CallPlan) -> Result<()> {
-        if plan.store != self.flavor_id() {
+        if plan.store != self.id() {
             return Err(KvError::invalid(format!(
                 "the {} plan of key {} was made by another store: plan it on this one",
                 plan.call.name(),

@@ -3,7 +3,7 @@
 //! [`Flavor`](crate::kinds::Flavor).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -149,7 +149,12 @@ pub struct KvStore {
     engine: Engine,
     flavor: Arc<dyn Flavor>,
     closed: AtomicBool,
+    /// Drawn from `NEXT_STORE_ID` (see `KvStore::id`).
+    id: u64,
 }
+
+/// The id of the next store made in this process.
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
 
 impl std::fmt::Debug for KvStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -210,6 +215,7 @@ impl KvStore {
             engine: engine.clone(),
             flavor,
             closed: AtomicBool::new(false),
+            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -233,9 +239,10 @@ impl KvStore {
         &*self.flavor
     }
 
-    /// Names this store (its kind's address) for plans made by it.
-    pub(crate) fn flavor_id(&self) -> usize {
-        Arc::as_ptr(&self.flavor) as *const () as usize
+    /// Names this store for the plans it makes (never another's, even
+    /// once this one is dropped).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     pub(crate) fn check_tensors<'a>(

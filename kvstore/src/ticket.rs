@@ -71,7 +71,9 @@ const SPIN_BYTES: usize = 256 << 10;
 
 /// What the settle op found.
 struct Outcome {
-    failure: Option<KvError>,
+    /// Boxed: a ticket (which holds the outcome) moves through a caller's
+    /// results on every request, and a failure is rare.
+    failure: Option<Box<KvError>>,
     /// Results to copy home once the home is released.
     landed: Vec<(Arc<Home>, Arc<Buf>)>,
     /// Kept tensors whose memory the op let go of (by index), and their
@@ -220,7 +222,7 @@ fn fail_closed(parts: Option<&Parts>, why: &str) -> Outcome {
         _ => Vec::new(),
     };
     Outcome {
-        failure: Some(KvError::invalid(why)),
+        failure: Some(Box::new(KvError::invalid(why))),
         landed: Vec::new(),
         spent,
     }
@@ -419,7 +421,7 @@ impl Ticket {
         self.done = true;
         let o = self.outcome.take().expect("settled");
         match o.failure {
-            Some(e) => Err(e),
+            Some(e) => Err(*e),
             None => Ok(()),
         }
     }
@@ -531,7 +533,7 @@ fn settle(p: &Parts, rc: &pskv_engine::RunContext<'_>) -> Outcome {
         }
     }
     Outcome {
-        failure,
+        failure: failure.map(Box::new),
         landed,
         spent,
     }

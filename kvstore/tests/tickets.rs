@@ -183,8 +183,9 @@ fn dist_requests_in_place_sum_over_workers() {
 /// Kept tensors (a persistent request): the same tensors over the same
 /// memory push-pulled round after round over two workers, remade when a
 /// ticket names them spent; every round's sums exact, in place. The last
-/// rounds issue planned calls (`KvStore::plan`): a plan over a spent
-/// tensor is refused, and planned again.
+/// rounds issue planned calls (`KvStore::plan`, the dist kinds' path); a
+/// tensor spent there makes its plan refused (checked here when it
+/// happens; `plan.rs`'s unit test makes it happen) and planned again.
 #[test]
 fn dist_kept_requests_sum_round_after_round() {
     for van in [VanKind::Tcp, VanKind::Shm] {

@@ -7,9 +7,9 @@
 //! planned once (`KvStore::plan`, `KvStore::issue`) and takes a ticket by
 //! a plan. A training loop that moves the same buffers every step pays
 //! less per start than per call: on a `local` store a 4 B push-pull's
-//! start and wait cost about 0.64x the Rust API's plain call (`pushpull`
-//! + `wait_to_read` on tensors made once) and about 80 ns more than the
-//! same plans used from Rust, where a `pskv_*_async` call costs 1.1 µs
+//! start and wait cost about 0.64x the Rust API's plain call (a `pushpull`
+//! and a `wait_to_read` on tensors made once) and about 80 ns more than
+//! the same plans used from Rust, where a `pskv_*_async` call costs 1.1 µs
 //! more than the plain call (BENCHMARKS.md).
 //!
 //! # States
@@ -176,7 +176,7 @@ impl Persistent {
 }
 
 /// Makes a persistent request of a batch (`n` keys, as `pskv_*_async`
-/// reads them) issued by `how`.
+/// reads them) that issues `call` for each key.
 ///
 /// # Safety
 /// As `pskv_push_persistent`.

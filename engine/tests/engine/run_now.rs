@@ -208,7 +208,7 @@ fn ops_pushed_by_an_op_run_at_its_push_run_after_it() {
 /// vars; a failed input or a busy var gives the closure back untouched,
 /// holding nothing.
 #[test]
-fn a_kept_op_runs_now_skips_behind_a_failure_and_is_given_back_when_busy() {
+fn a_kept_op_runs_now_and_is_given_back_behind_a_failure_or_a_busy_var() {
     let e = engine();
     let (a, b) = (Var::new(), Var::new());
     let spec = now_op("kept_copy").read(&a).write(&b);

@@ -1,5 +1,5 @@
-//! The kinds of kvstore, one file each behind one small interface
-//! ([`Flavor`]): `local.rs` serves `local` and `device`, `dist.rs` the
+//! The kinds of kvstore, one folder each behind one small interface
+//! ([`Flavor`]): `local/` serves `local` and `device`, `dist/` the
 //! workers of `dist_sync`, `dist_async` and `dist_sync_device`.
 
 pub(crate) mod dist;
@@ -14,6 +14,7 @@ use crate::error::{KvError, Result};
 use crate::key::Key;
 use crate::optimizer::{OptState, Optimizer};
 use crate::plan::{Call, CallPlan};
+use crate::registry::Meta;
 use crate::tensor::Tensor;
 use crate::updater::Updater;
 
@@ -85,6 +86,24 @@ pub(crate) fn split_pushpull(items: &Batch2) -> (OwnedBatch, OwnedBatch) {
         .unzip()
 }
 
+/// A plan's checks (`KvStore::plan`): what no later setting changes (P2 in
+/// `plan.rs`); compression's are left to each issue.
+pub(crate) fn check_planned(
+    meta: &Meta,
+    call: Call,
+    key: &Key,
+    values: &[Tensor],
+    outs: &[Tensor],
+) -> Result<()> {
+    if call.pushes() {
+        local::check_values(key, meta, values, Compression::None)?;
+    }
+    if call.pulls() {
+        local::check_outs(key, meta, outs, call.name())?;
+    }
+    Ok(())
+}
+
 /// What every kind does. Arguments arrive checked for shape: every key has
 /// at least one tensor, and the tensors share the store's engine.
 pub(crate) trait Flavor: Send + Sync {
@@ -95,8 +114,9 @@ pub(crate) trait Flavor: Send + Sync {
     fn pull_row_sparse(&self, items: &Batch2, priority: i32) -> Result<()>;
     /// What issuing `call` of `key` over `values` and `outs` needs, looked
     /// up and checked once (`KvStore::plan`, `plan.rs`); `issue` gets it
-    /// back in `CallPlan::kept`. The default checks the tensors against
-    /// the key and keeps nothing: `issue` then makes the call as it is.
+    /// back in `CallPlan::kept`. The default makes the plan's checks
+    /// (`check_planned`) and keeps nothing: `issue` then makes the call as
+    /// it is.
     fn plan(
         &self,
         call: Call,
@@ -106,10 +126,7 @@ pub(crate) trait Flavor: Send + Sync {
         priority: i32,
     ) -> Result<Box<dyn Any + Send + Sync>> {
         let _ = priority;
-        let meta = self.key_meta(key)?;
-        for t in values.iter().chain(outs) {
-            meta.check(key, t, call.name())?;
-        }
+        check_planned(&self.key_meta(key)?, call, key, values, outs)?;
         Ok(Box::new(()))
     }
     /// Issues a plan's call (checked by `KvStore::issue`: this store's,

@@ -2,7 +2,8 @@
 //! engine op on its var (T1): wait for them, read them out (`to_vec`,
 //! `to_row_sparse`), write them in (`copy_from_slice`, `set_row_sparse`,
 //! `map_mut`), and copy between tensors and contexts (`copy_to`,
-//! `host_copy`, small ones inline).
+//! `host_copy`, small ones inline; `KeptCopy`, a small host copy made once
+//! for a planned call and run at once on idle tensors).
 
 use pskv_engine::{Context, OpError, OpSpec, Property, RunContext};
 

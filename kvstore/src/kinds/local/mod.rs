@@ -2,7 +2,10 @@
 //! key's values (one per device) and either applies the updater to the
 //! stored weight or stores the sum; a pull copies the stored value out.
 //! Every step is an engine op on the tensors' vars, so calls return at once
-//! and a pull of a key runs after the push before it.
+//! and a pull of a key runs after the push before it. `plan.rs`: the same
+//! calls planned once (`KvStore::plan`).
+
+mod plan;
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +24,7 @@ use crate::kinds::{split_pushpull, Batch, Batch2, Flavor};
 use crate::optimizer::{OptState, Optimizer};
 use crate::plan::{Call, CallPlan};
 use crate::registry::{Meta, Registry};
-use crate::tensor::{check_rows, Buf, KeptCopy, Storage, Tensor};
+use crate::tensor::{check_rows, Buf, Storage, Tensor};
 use crate::updater::{KeyState, Rule, Updater};
 
 /// One key of a local store.
@@ -177,15 +180,6 @@ impl LocalKey {
             }
         }
     }
-}
-
-/// What a local store keeps of a planned call (`plan.rs`): the key's
-/// entry, and its small host copies in (one value) and out (every output
-/// on the host; else the pull broadcasts as usual).
-struct LocalPlan {
-    entry: Arc<LocalKey>,
-    copy_in: Option<KeptCopy>,
-    copy_out: Option<Vec<KeptCopy>>,
 }
 
 /// The `local` and `device` stores.
@@ -465,61 +459,11 @@ impl Flavor for LocalStore {
         outs: &[Tensor],
         priority: i32,
     ) -> Result<Box<dyn Any + Send + Sync>> {
-        let entry = self.keys.get(key)?;
-        if call.pushes() {
-            check_values(key, &entry.meta, values, *self.compression.read())?;
-        }
-        if call.pulls() {
-            check_outs(key, &entry.meta, outs, call.name())?;
-        }
-        let copy_in = match values {
-            [v] => KeptCopy::new(v, &entry.stored, priority),
-            _ => None,
-        };
-        let copy_out = outs
-            .iter()
-            .map(|o| KeptCopy::new(&entry.stored, o, priority))
-            .collect();
-        Ok(Box::new(LocalPlan {
-            entry,
-            copy_in,
-            copy_out,
-        }))
+        self.plan_call(call, key, values, outs, priority)
     }
 
     fn issue(&self, plan: &CallPlan) -> Result<()> {
-        let Some(p) = plan.kept.downcast_ref::<LocalPlan>() else {
-            return Err(KvError::invalid("internal: a local plan without its entry"));
-        };
-        let (e, priority) = (&p.entry, plan.priority);
-        if plan.call.pushes() {
-            let compression = *self.compression.read();
-            let rule = self.rule.read().clone();
-            match (&p.copy_in, &rule) {
-                // No updater, nothing to sum or compress: the value is
-                // the stored one.
-                (Some(c), None) if !compression.is_on() => c.run()?,
-                _ => {
-                    // What the plan's check did not see.
-                    check_values(&plan.key, &e.meta, &plan.values, compression)?;
-                    e.push(
-                        &self.comm,
-                        &plan.values,
-                        rule.as_ref(),
-                        compression,
-                        self.device,
-                        priority,
-                    )?;
-                }
-            }
-        }
-        if plan.call.pulls() {
-            match &p.copy_out {
-                Some(copies) => copies.iter().try_for_each(KeptCopy::run)?,
-                None => self.comm.broadcast(&e.stored, &plan.outs, priority)?,
-            }
-        }
-        Ok(())
+        self.issue_planned(plan)
     }
 
     fn key_meta(&self, key: &Key) -> Result<Meta> {
