@@ -307,7 +307,7 @@ impl KvStore {
     /// as they are, except those that [`Ticket::spent`] names: pskv had to
     /// let go of their memory (a message still shared it, or a result
     /// landed elsewhere and was copied home); make each again with
-    /// [`Tensor::remade`] first. See "Kept tensors" in `ticket.rs`.
+    /// [`Tensor::remade`] first. See "Kept tensors" in `ticket/settle.rs`.
     pub fn ticket_kept(&self, keys: &[Key], tensors: &[Tensor]) -> Result<Ticket> {
         let plan = self.ticket_plan(keys, tensors)?;
         self.ticket_for(&plan)

@@ -36,7 +36,7 @@
 //!
 //! The request's ticket keeps its tensors (`KvStore::ticket_kept`): when a
 //! ticket names some spent (pskv let go of their memory, see
-//! `kvstore/src/ticket.rs`), the report makes them again over the same
+//! `kvstore/src/ticket/settle.rs`), the report makes them again over the same
 //! memory before the request can be started again.
 
 use std::ffi::c_int;
