@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use pskv_engine::Engine;
 
 pub(crate) use settle::Parts;
-use settle::{Outcome, Settled, Started};
+use settle::{Outcome, Settled};
 
 use crate::error::{KvError, Result};
 use crate::tensor::Home;
@@ -130,9 +130,10 @@ impl Ticket {
             timeout,
             spent: Vec::new(),
         };
-        match settle::start(engine, &parts)? {
-            Started::Now(o) => ticket.took(o),
-            Started::Pushed(settled) => ticket.settled = Some(settled),
+        let mut now = None;
+        ticket.settled = settle::start(engine, &parts, &mut now)?;
+        if let Some(o) = now {
+            ticket.took(o);
         }
         Ok(ticket)
     }

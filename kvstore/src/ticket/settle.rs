@@ -227,39 +227,36 @@ impl Settled {
     }
 }
 
-/// How a ticket's settle began (`start`).
-pub(super) enum Started {
-    /// It ran at issue: its outcome.
-    Now(Outcome),
-    /// It was pushed: its outcome comes through this.
-    Pushed(Arc<Settled>),
-}
-
-/// Runs the settle op of `parts` now if it can, else pushes it (see
-/// `Ticket::issue`, which counted the keys' tickets up).
-pub(super) fn start(engine: &Engine, parts: &Arc<Parts>) -> Result<Started> {
+/// Runs the settle op of `parts` now if it can, its outcome into `now`
+/// (None returned), else pushes it: its outcome comes through the
+/// `Settled` returned (see `Ticket::issue`, which counted the keys'
+/// tickets up).
+pub(super) fn start(
+    engine: &Engine,
+    parts: &Arc<Parts>,
+    now: &mut Option<Outcome>,
+) -> Result<Option<Arc<Settled>>> {
     // The request's ops are often done already (small host copies run
     // at their push): then the settle runs now, here, with nothing to
     // publish across threads.
-    let mut now = None;
     let ran = engine.try_settle_now(&parts.spec, |rc| {
         let o = settle(parts, &rc);
         // Under the vars' grants, as a pushed settle op does.
         parts.settled();
-        now = Some(o);
+        *now = Some(o);
         Ok(())
     });
     if ran.is_ok() {
-        let o = now.take().unwrap_or_else(|| {
+        if now.is_none() {
             // The settle unwound (the engine stored its panic on the
             // vars): fail closed, and count the keys down.
             parts.settled();
-            fail_closed(
+            *now = Some(fail_closed(
                 Some(parts),
                 "the request's settle failed (a panic inside pskv)",
-            )
-        });
-        return Ok(Started::Now(o));
+            ));
+        }
+        return Ok(None);
     }
     let settled = Arc::new(Settled::default());
     // Publishes an outcome even if the closure never runs (the engine
@@ -279,7 +276,7 @@ pub(super) fn start(engine: &Engine, parts: &Arc<Parts>) -> Result<Started> {
         // counted the keys down and published a failure.
         return Err(e.into());
     }
-    Ok(Started::Pushed(settled))
+    Ok(Some(settled))
 }
 
 /// The settle op's work (see the module docs): takes the failures of the
