@@ -20,108 +20,10 @@ use crate::kinds::dist::DistStore;
 use crate::kinds::local::LocalStore;
 use crate::kinds::{Flavor, Kind};
 use crate::optimizer::{OptState, Optimizer};
+use crate::options::Options;
 use crate::tensor::{Storage, Tensor};
 use crate::ticket::{Parts, Ticket, TicketPlan};
 use crate::updater::Updater;
-
-/// Settings of a store, from the environment by default.
-#[derive(Clone, Debug)]
-pub struct Options {
-    /// Arrays of at least this many elements are split over all servers
-    /// (`PSKV_KVSTORE_BIGARRAY_BOUND`, or MXNet's
-    /// `MXNET_KVSTORE_BIGARRAY_BOUND`; default 1,000,000).
-    pub bigarray_bound: usize,
-    /// Each part of a key travels and is summed on its own, at most this
-    /// many bytes (`PSKV_PARTITION_BYTES`; default 4 MiB).
-    pub partition_bytes: usize,
-    /// How long a push or pull waits for the servers before it fails
-    /// (`PSKV_KVSTORE_TIMEOUT`, seconds; default 600).
-    pub timeout: Duration,
-    /// `device` kinds sum along a topology-aware tree
-    /// (`PSKV_KVSTORE_USETREE=1`).
-    pub use_tree: bool,
-    /// The device link topology for the tree (`PSKV_KVSTORE_TOPOLOGY`;
-    /// default: every pair alike).
-    pub topology: Option<Topology>,
-    /// Threads of the CPU kernels (sums, compression) of this store
-    /// (`PSKV_KVSTORE_REDUCE_THREADS`; default: the cores).
-    pub reduce_threads: usize,
-    /// The transport settings of a distributed store (default: from the
-    /// `DMLC_*` / `PSKV_*` environment when the store is created).
-    pub transport: Option<pskv_transport::Config>,
-    /// Workers and servers on one host exchange values through shared
-    /// segments, the transport carrying only small messages (sync mode;
-    /// `PSKV_KVSTORE_SHM=0` turns it off; on with the shm van).
-    pub shm_direct: bool,
-}
-
-impl Default for Options {
-    fn default() -> Options {
-        Options {
-            bigarray_bound: 1_000_000,
-            partition_bytes: 4 << 20,
-            timeout: Duration::from_secs(600),
-            use_tree: false,
-            topology: None,
-            reduce_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            transport: None,
-            shm_direct: true,
-        }
-    }
-}
-
-impl Options {
-    /// The settings of the environment.
-    pub fn from_env() -> Result<Options> {
-        Options::from_lookup(&|k| std::env::var(k).ok())
-    }
-
-    /// The settings of an environment given as a lookup function.
-    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> Result<Options> {
-        let mut o = Options::default();
-        let num = |name: &str, v: String| -> Result<u64> {
-            v.trim()
-                .parse::<u64>()
-                .map_err(|_| KvError::invalid(format!("{name}={v} is not a non-negative integer")))
-        };
-        let bound = get("PSKV_KVSTORE_BIGARRAY_BOUND")
-            .map(|v| ("PSKV_KVSTORE_BIGARRAY_BOUND", v))
-            .or_else(|| {
-                get("MXNET_KVSTORE_BIGARRAY_BOUND").map(|v| ("MXNET_KVSTORE_BIGARRAY_BOUND", v))
-            });
-        if let Some((name, v)) = bound {
-            o.bigarray_bound = num(name, v)?.max(1) as usize;
-        }
-        if let Some(v) = get("PSKV_PARTITION_BYTES") {
-            let b = num("PSKV_PARTITION_BYTES", v)?;
-            if b < 1024 {
-                return Err(KvError::invalid(format!(
-                    "PSKV_PARTITION_BYTES={b} is too small: use at least 1024"
-                )));
-            }
-            o.partition_bytes = b as usize;
-        }
-        if let Some(v) = get("PSKV_KVSTORE_TIMEOUT") {
-            o.timeout = Duration::from_secs(num("PSKV_KVSTORE_TIMEOUT", v)?.max(1));
-        }
-        if let Some(v) = get("PSKV_KVSTORE_USETREE").or_else(|| get("MXNET_KVSTORE_USETREE")) {
-            o.use_tree = matches!(v.trim(), "1" | "true" | "yes");
-        }
-        if let Some(v) = get("PSKV_KVSTORE_TOPOLOGY") {
-            o.topology = Some(
-                Topology::parse(&v)
-                    .map_err(|e| KvError::invalid(format!("PSKV_KVSTORE_TOPOLOGY={v}: {e}")))?,
-            );
-        }
-        if let Some(v) = get("PSKV_KVSTORE_SHM") {
-            o.shm_direct = !matches!(v.trim(), "0" | "false" | "no" | "off");
-        }
-        if let Some(v) = get("PSKV_KVSTORE_REDUCE_THREADS") {
-            o.reduce_threads = num("PSKV_KVSTORE_REDUCE_THREADS", v)?.max(1) as usize;
-        }
-        Ok(o)
-    }
-}
 
 /// A kvstore: MXNet's `mx.kv.create(name)`.
 ///
