@@ -6,7 +6,7 @@
 //!
 //! A ticket goes `Issued` → `Settled` → `Done`:
 //!
-//! - **Issued.** [`KvStore::ticket`] made one *settle* op after the
+//! - **Issued.** [`KvStore::ticket`](crate::KvStore::ticket) made one *settle* op after the
 //!   request's ops. It writes every key's var and every tensor's var of the
 //!   request, so it runs once the request's ops are done (their writes,
 //!   and the reads of its input tensors). It runs even when one of those
@@ -79,7 +79,8 @@ pub struct Ticket {
     /// and reads them there.
     keys: Option<Arc<[crate::key::Key]>>,
     timeout: Duration,
-    /// The kept tensors the settle op let go of (see the module docs).
+    /// The kept tensors the settle op let go of (see "Kept tensors" in
+    /// `settle.rs`).
     spent: Vec<usize>,
 }
 
@@ -229,7 +230,8 @@ impl Ticket {
         self.outcome = Some(o);
     }
 
-    /// Moves on as far as it can by `until`; whether the request is done.
+    /// Moves on as far as it can within `timeout`; whether the request is
+    /// done.
     /// A waiter spins first (a small request is often done within
     /// microseconds, and a sleep costs a wake-up across threads), then
     /// sleeps. The clock is read only if something is still pending (a

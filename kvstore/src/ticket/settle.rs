@@ -22,8 +22,9 @@
 //!   tensor (leaving an empty one), so the memory is released once the
 //!   message is dropped, and the ticket waits for that as for any home,
 //!   copies a landed result home, and names the tensor in
-//!   [`Ticket::spent`](super::Ticket::spent): the caller makes it again over the same memory
-//!   ([`Tensor::remade`](crate::Tensor::remade)) before its next request.
+//!   [`Ticket::spent`](super::Ticket::spent): the caller makes it again
+//!   over the same memory ([`Tensor::remade`](crate::Tensor::remade))
+//!   before its next request.
 //!
 //! # Orderings (a pushed settle op)
 //!
@@ -61,9 +62,10 @@ pub(super) struct Outcome {
 }
 
 /// What every ticket of a request names: its keys, the keys' vars and
-/// counts of tickets not settled (see [`Ticket::issue`](super::Ticket::issue)), its tensors, and
-/// whether the caller keeps them. Made per request, or once for a request
-/// issued again and again ([`TicketPlan`](super::TicketPlan)).
+/// counts of tickets not settled (see
+/// [`Ticket::issue`](super::Ticket::issue)), its tensors, and whether the
+/// caller keeps them. Made per request, or once for a request issued again
+/// and again ([`TicketPlan`](super::TicketPlan)).
 pub(crate) struct Parts {
     pub(super) keys: Arc<[crate::key::Key]>,
     /// The settle op's spec: it writes every key var and tensor var, each
@@ -228,14 +230,16 @@ impl Settled {
 }
 
 /// Runs the settle op of `parts` now if it can, its outcome into `now`
-/// (None returned), else pushes it: its outcome comes through the
-/// `Settled` returned (see `Ticket::issue`, which counted the keys'
-/// tickets up).
+/// (None on entry; None returned), else pushes it: its outcome comes
+/// through the `Settled` returned (see `Ticket::issue`, which counted the
+/// keys' tickets up).
 pub(super) fn start(
     engine: &Engine,
     parts: &Arc<Parts>,
     now: &mut Option<Outcome>,
 ) -> Result<Option<Arc<Settled>>> {
+    // An outcome already in would hide a settle that unwound below.
+    debug_assert!(now.is_none(), "start takes an empty outcome slot");
     // The request's ops are often done already (small host copies run
     // at their push): then the settle runs now, here, with nothing to
     // publish across threads.
