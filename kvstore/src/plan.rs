@@ -161,16 +161,17 @@ impl KvStore {
         };
         side(values, call.pushes(), "values")?;
         side(outs, call.pulls(), "outputs")?;
-        let kept = self.flavor().plan(call, &key, values, outs, priority)?;
-        Ok(CallPlan {
+        let mut plan = CallPlan {
             call,
             key,
             values: values.to_vec(),
             outs: outs.to_vec(),
             priority,
-            kept,
+            kept: Box::new(()),
             store: self.id(),
-        })
+        };
+        plan.kept = self.flavor().plan(&plan)?;
+        Ok(plan)
     }
 
     /// Issues `plan`'s call (see [`KvStore::plan`]): as the call itself

@@ -88,18 +88,12 @@ pub(crate) fn split_pushpull(items: &Batch2) -> (OwnedBatch, OwnedBatch) {
 
 /// A plan's checks (`KvStore::plan`): what no later setting changes (P2 in
 /// `plan.rs`); compression's are left to each issue.
-pub(crate) fn check_planned(
-    meta: &Meta,
-    call: Call,
-    key: &Key,
-    values: &[Tensor],
-    outs: &[Tensor],
-) -> Result<()> {
-    if call.pushes() {
-        local::check_values(key, meta, values, Compression::None)?;
+pub(crate) fn check_planned(meta: &Meta, p: &CallPlan) -> Result<()> {
+    if p.call.pushes() {
+        local::check_values(&p.key, meta, &p.values, Compression::None)?;
     }
-    if call.pulls() {
-        local::check_outs(key, meta, outs, call.name())?;
+    if p.call.pulls() {
+        local::check_outs(&p.key, meta, &p.outs, p.call.name())?;
     }
     Ok(())
 }
@@ -112,21 +106,13 @@ pub(crate) trait Flavor: Send + Sync {
     fn pull(&self, items: &Batch, priority: i32) -> Result<()>;
     fn pushpull(&self, items: &Batch2, priority: i32) -> Result<()>;
     fn pull_row_sparse(&self, items: &Batch2, priority: i32) -> Result<()>;
-    /// What issuing `call` of `key` over `values` and `outs` needs, looked
-    /// up and checked once (`KvStore::plan`, `plan.rs`); `issue` gets it
-    /// back in `CallPlan::kept`. The default makes the plan's checks
-    /// (`check_planned`) and keeps nothing: `issue` then makes the call as
-    /// it is.
-    fn plan(
-        &self,
-        call: Call,
-        key: &Key,
-        values: &[Tensor],
-        outs: &[Tensor],
-        priority: i32,
-    ) -> Result<Box<dyn Any + Send + Sync>> {
-        let _ = priority;
-        check_planned(&self.key_meta(key)?, call, key, values, outs)?;
+    /// What issuing `plan`'s call needs, looked up and checked once
+    /// (`KvStore::plan`, `plan.rs`; `plan.kept` is not made yet); `issue`
+    /// gets it back in `CallPlan::kept`. The default makes the plan's
+    /// checks (`check_planned`) and keeps nothing: `issue` then makes the
+    /// call as it is.
+    fn plan(&self, plan: &CallPlan) -> Result<Box<dyn Any + Send + Sync>> {
+        check_planned(&self.key_meta(&plan.key)?, plan)?;
         Ok(Box::new(()))
     }
     /// Issues a plan's call (checked by `KvStore::issue`: this store's,

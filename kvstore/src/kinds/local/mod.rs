@@ -22,7 +22,7 @@ use crate::error::{KvError, Result};
 use crate::key::Key;
 use crate::kinds::{split_pushpull, Batch, Batch2, Flavor};
 use crate::optimizer::{OptState, Optimizer};
-use crate::plan::{Call, CallPlan};
+use crate::plan::CallPlan;
 use crate::registry::{Meta, Registry};
 use crate::tensor::{check_rows, Buf, Storage, Tensor};
 use crate::updater::{KeyState, Rule, Updater};
@@ -451,15 +451,8 @@ impl Flavor for LocalStore {
         Ok(())
     }
 
-    fn plan(
-        &self,
-        call: Call,
-        key: &Key,
-        values: &[Tensor],
-        outs: &[Tensor],
-        priority: i32,
-    ) -> Result<Box<dyn Any + Send + Sync>> {
-        self.plan_call(call, key, values, outs, priority)
+    fn plan(&self, plan: &CallPlan) -> Result<Box<dyn Any + Send + Sync>> {
+        self.plan_call(plan)
     }
 
     fn issue(&self, plan: &CallPlan) -> Result<()> {

@@ -12,10 +12,9 @@ use std::sync::Arc;
 
 use super::{check_values, LocalKey, LocalStore};
 use crate::error::{KvError, Result};
-use crate::key::Key;
 use crate::kinds::check_planned;
-use crate::plan::{Call, CallPlan};
-use crate::tensor::{KeptCopy, Tensor};
+use crate::plan::CallPlan;
+use crate::tensor::KeptCopy;
 
 /// What a local store keeps of a planned call: the key's entry, and its
 /// small host copies in (one value) and out (every output on the host;
@@ -28,21 +27,16 @@ struct LocalPlan {
 
 impl LocalStore {
     /// `Flavor::plan`.
-    pub(super) fn plan_call(
-        &self,
-        call: Call,
-        key: &Key,
-        values: &[Tensor],
-        outs: &[Tensor],
-        priority: i32,
-    ) -> Result<Box<dyn Any + Send + Sync>> {
-        let entry = self.keys.get(key)?;
-        check_planned(&entry.meta, call, key, values, outs)?;
-        let copy_in = match values {
+    pub(super) fn plan_call(&self, plan: &CallPlan) -> Result<Box<dyn Any + Send + Sync>> {
+        let entry = self.keys.get(&plan.key)?;
+        check_planned(&entry.meta, plan)?;
+        let priority = plan.priority;
+        let copy_in = match &plan.values[..] {
             [v] => KeptCopy::new(v, &entry.stored, priority),
             _ => None,
         };
-        let copy_out = outs
+        let copy_out = plan
+            .outs
             .iter()
             .map(|o| KeptCopy::new(&entry.stored, o, priority))
             .collect();
