@@ -22,6 +22,29 @@ fn over(e: &pskv_engine::Engine, v: &mut [f32]) -> Tensor {
         .0
 }
 
+/// A test's store settings: a 30 s timeout, and keys of 1,000 elements
+/// and more split over both servers.
+fn split_at_1000() -> Options {
+    Options {
+        timeout: Duration::from_secs(30),
+        bigarray_bound: 1000,
+        ..Options::default()
+    }
+}
+
+/// Initializes keys 0, 1, ... to f32 zeros of `sizes` elements; the keys.
+fn init_zeros(kv: &KvStore, e: &pskv_engine::Engine, sizes: &[usize]) -> Vec<Key> {
+    let keys: Vec<Key> = (0..sizes.len() as u32).map(Key::from).collect();
+    for (k, &n) in keys.iter().zip(sizes) {
+        kv.init(
+            k.clone(),
+            &Tensor::zeros(e, &[n], DType::F32, Context::Cpu).unwrap(),
+        )
+        .unwrap();
+    }
+    keys
+}
+
 /// An update rule that adds the gradient, and refuses one whose first
 /// element is negative.
 fn add_unless_negative(
@@ -118,21 +141,10 @@ fn misaligned_or_null_memory_is_refused() {
 #[test]
 fn dist_requests_in_place_sum_over_workers() {
     for van in [VanKind::Tcp, VanKind::Shm] {
-        let opts = Options {
-            timeout: Duration::from_secs(30),
-            bigarray_bound: 1000,
-            ..Options::default()
-        };
+        let opts = split_at_1000();
         let got = cluster_van(2, 2, van).run("dist_sync", opts, move |kv, e| {
             let sizes = [1usize, 7, 1000, 5000, 64];
-            let keys: Vec<Key> = (0..sizes.len() as u32).map(Key::from).collect();
-            for (k, &n) in keys.iter().zip(&sizes) {
-                kv.init(
-                    k.clone(),
-                    &Tensor::zeros(e, &[n], DType::F32, Context::Cpu).unwrap(),
-                )
-                .unwrap();
-            }
+            let keys = init_zeros(kv, e, &sizes);
             let r = kv.rank() as f32 + 1.0;
             let mut bufs: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![r; n]).collect();
             let mut outs: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![-1.0; n]).collect();
@@ -189,21 +201,10 @@ fn dist_requests_in_place_sum_over_workers() {
 #[test]
 fn dist_kept_requests_sum_round_after_round() {
     for van in [VanKind::Tcp, VanKind::Shm] {
-        let opts = Options {
-            timeout: Duration::from_secs(30),
-            bigarray_bound: 1000,
-            ..Options::default()
-        };
+        let opts = split_at_1000();
         let got = cluster_van(2, 2, van).run("dist_sync", opts, move |kv, e| {
             let sizes = [1usize, 1000, 40_000];
-            let keys: Vec<Key> = (0..sizes.len() as u32).map(Key::from).collect();
-            for (k, &n) in keys.iter().zip(&sizes) {
-                kv.init(
-                    k.clone(),
-                    &Tensor::zeros(e, &[n], DType::F32, Context::Cpu).unwrap(),
-                )
-                .unwrap();
-            }
+            let keys = init_zeros(kv, e, &sizes);
             let r = kv.rank() as f32 + 1.0;
             let mut bufs: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
             let mut outs: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use pskv_transport::{
     Config, Group, KvRequest, KvResponse, KvWorker, Landing, Postoffice, Region, RequestHandler,
-    RequestOptions, Responder, Role, TransportError, VanKind,
+    RequestOptions, Responder, Role, TrackError, TransportError, VanKind,
 };
 
 const T: Duration = Duration::from_secs(20);
@@ -1000,7 +1000,7 @@ fn a_request_past_its_timeout_fails_naming_the_silent_node() {
     assert!(
         matches!(
             &e,
-            TransportError::Request(pskv_transport::TrackError::TimedOut { waiting, .. })
+            TransportError::Request(TrackError::TimedOut { waiting, .. })
                 if waiting == &vec![server.my_id()]
         ),
         "{e}"
@@ -1275,6 +1275,17 @@ impl StallJob {
         low
     }
 
+    /// Key 3's report, which must be a failure of its request: the
+    /// tracker's error.
+    fn key3_failed(rx: &std::sync::mpsc::Receiver<Pushed>, resend: bool) -> TrackError {
+        let (key, r) = rx.recv_timeout(T).expect("key 3's request did not end");
+        assert_eq!(key, 3, "resend {resend}");
+        match r {
+            Err(TransportError::Request(e)) => e,
+            r => panic!("resend {resend}: {r:?}"),
+        }
+    }
+
     /// After the failure: frees the servers, pushes key 4, and checks that
     /// keys 1, 2 and 4 succeed; returns the keys each server got, once a
     /// resend (in resend mode) had time to deliver the failed request.
@@ -1340,16 +1351,10 @@ fn a_request_that_timed_out_in_its_send_queue_never_reaches_the_server() {
         // Keys 1 and 2 back the link up; key 3 waits in the queue behind.
         job.back_up(&kv, &tx);
         StallJob::push(&kv, &tx, &[3], 4, Some(Duration::from_millis(300)));
-        let (key, r) = rx.recv_timeout(T).expect("key 3 timed out");
-        assert_eq!(key, 3, "resend {resend}");
+        let e = StallJob::key3_failed(&rx, resend);
         assert!(
-            matches!(
-                r,
-                Err(TransportError::Request(
-                    pskv_transport::TrackError::TimedOut { .. }
-                ))
-            ),
-            "resend {resend}: {r:?}"
+            matches!(e, TrackError::TimedOut { .. }),
+            "resend {resend}: {e:?}"
         );
         let seen = job.finish(&kv, &tx, &rx, resend);
         assert_eq!(seen, vec![vec![1, 2, 4]], "resend {resend}");
@@ -1374,16 +1379,10 @@ fn a_request_that_failed_at_one_server_never_reaches_the_other_afterwards() {
         // refuses it) go as one request.
         let low = job.back_up(&kv, &tx);
         StallJob::push(&kv, &tx, &[3, REFUSED], 4, None);
-        let (key, r) = rx.recv_timeout(T).expect("keys 3 and REFUSED failed");
-        assert_eq!(key, 3, "resend {resend}");
+        let e = StallJob::key3_failed(&rx, resend);
         assert!(
-            matches!(
-                r,
-                Err(TransportError::Request(
-                    pskv_transport::TrackError::Remote { .. }
-                ))
-            ),
-            "resend {resend}: {r:?}"
+            matches!(e, TrackError::Remote { .. }),
+            "resend {resend}: {e:?}"
         );
         let seen = job.finish(&kv, &tx, &rx, resend);
         assert_eq!(seen[low], vec![1, 2, 4], "resend {resend}");

@@ -283,6 +283,19 @@ mod tests {
     use crate::dtype::DType;
     use crate::tensor::Tensor;
 
+    /// A message in flight that shares `t`'s first 16 bytes (as a send
+    /// does, read in an op on `t`'s var); dropping it lets go of them.
+    pub(super) fn in_flight(e: &Engine, t: &Tensor) -> bytes::Bytes {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t2 = t.clone();
+        e.push_sync(OpSpec::new("send").read(t.var()), move |rc| {
+            tx.send(t2.read(&rc).unwrap().share(0..16)).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        rx.recv().unwrap()
+    }
+
     /// A result written while the caller's memory was shared lands in a
     /// buffer of pskv's (T2); the ticket copies it home once the memory
     /// is let go, not before.
@@ -295,14 +308,7 @@ mod tests {
             unsafe { Tensor::from_host_ptr(&e, &[4], DType::F32, v.as_mut_ptr() as usize) }
                 .unwrap();
         // A message in flight shares the memory.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let t2 = t.clone();
-        e.push_sync(OpSpec::new("send").read(t.var()), move |rc| {
-            tx.send(t2.read(&rc).unwrap().share(0..16)).unwrap();
-            Ok(())
-        })
-        .unwrap();
-        let msg = rx.recv().unwrap();
+        let msg = in_flight(&e, &t);
         t.copy_from_slice(&[9.0f32; 4]).unwrap();
         let parts = Parts::new(&[], Vec::new(), Vec::new(), &[t], false);
         let mut ticket = Ticket::issue(&e, parts, Duration::from_secs(5)).unwrap();

@@ -354,6 +354,7 @@ fn let_go_unless_alone(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::in_flight;
     use super::super::Ticket;
     use super::*;
     use crate::dtype::DType;
@@ -387,24 +388,10 @@ mod tests {
         assert_eq!(a, [3.0; 4]);
 
         // A message shares `tb`'s memory: the ticket waits for it.
-        let (tx, rx) = std::sync::mpsc::channel();
-        let tb2 = tb.clone();
-        e.push_sync(OpSpec::new("send").read(tb.var()), move |rc| {
-            tx.send(tb2.read(&rc).unwrap().share(0..16)).unwrap();
-            Ok(())
-        })
-        .unwrap();
-        let msg = rx.recv().unwrap();
+        let msg = in_flight(&e, &tb);
         // And `ta` is written while a message shares it: the result lands
         // in a buffer of pskv's.
-        let ta2 = ta.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        e.push_sync(OpSpec::new("send").read(ta.var()), move |rc| {
-            tx.send(ta2.read(&rc).unwrap().share(0..16)).unwrap();
-            Ok(())
-        })
-        .unwrap();
-        let msg_a = rx.recv().unwrap();
+        let msg_a = in_flight(&e, &ta);
         ta.copy_from_slice(&[7.0f32; 4]).unwrap();
         let mut t = issue(&[ta.clone(), tb.clone()]);
         assert!(t.wait_for(Duration::from_millis(100)).is_err());
