@@ -311,13 +311,15 @@ impl Core {
 }
 
 /// Pushes an op. `spec` must be deduplicated and validated by the caller
-/// (`prepare_pool`). Returns the op (the naive engine waits on it).
+/// (`prepare_pool`). Returns the op if `keep` (the naive engine waits on
+/// it); else the pusher's handle goes to the op's dispatch or is dropped.
 pub(crate) fn push<B: BodyCell + 'static>(
     core: &Arc<Core>,
     spec: OpSpec,
     no_skip: bool,
     body: B,
-) -> OpRef {
+    keep: bool,
+) -> Option<OpRef> {
     let OpSpec {
         name,
         reads,
@@ -366,10 +368,20 @@ pub(crate) fn push<B: BodyCell + 'static>(
     let before = op
         .wait
         .fetch_sub(granted + 1, crate::sync::Ordering::AcqRel);
-    if before == granted + 1 {
-        dispatch(op.clone());
+    match (before == granted + 1, keep) {
+        (true, true) => {
+            dispatch(op.clone());
+            Some(op)
+        }
+        // The common case: the pusher's handle becomes the dispatch's (one
+        // count less to add here and to take off when the op is done).
+        (true, false) => {
+            dispatch(op);
+            None
+        }
+        (false, true) => Some(op),
+        (false, false) => None,
     }
-    op
 }
 
 /// Sends a ready op to where it runs.
@@ -387,8 +399,10 @@ pub(crate) fn dispatch(op: OpRef) {
                     let Some(op) = crate::pool::keep_local(pool.shared(), op) else {
                         return;
                     };
-                    if let Err(op) = pool.shared().push(op) {
-                        inline::run(inline::Task::Stop(op));
+                    if let Err(ops) = pool.shared().push(op) {
+                        for op in ops {
+                            inline::run(inline::Task::Stop(op));
+                        }
                     }
                 }
                 // The pool was started at push; this cannot fail after that,

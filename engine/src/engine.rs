@@ -300,9 +300,10 @@ impl Engine {
         // finish first, so waiting here would deadlock.
         let naive_wait = core.config.kind == EngineKind::Naive && !crate::inline::is_active();
         let _held = Held::by_handle(core);
-        let op = core::push(core, spec, no_skip, body);
-        if naive_wait && !core::wait_finished(&op, core.config.wait_timeout) {
-            core::give_up(&op);
+        if let Some(op) = core::push(core, spec, no_skip, body, naive_wait) {
+            if !core::wait_finished(&op, core.config.wait_timeout) {
+                core::give_up(&op);
+            }
         }
         Ok(())
     }
@@ -500,7 +501,13 @@ where
 {
     let _held = Held::by_handle(core);
     if let Err(f) = crate::run_now::try_run_now(core, &spec, true, f) {
-        core::push(core, spec, true, SyncBody(parking_lot::Mutex::new(Some(f))));
+        core::push(
+            core,
+            spec,
+            true,
+            SyncBody(parking_lot::Mutex::new(Some(f))),
+            false,
+        );
     }
 }
 

@@ -2,46 +2,73 @@
 //!
 //! # States
 //!
-//! `PoolState` sits under one mutex per pool; it holds the ready queue, the
-//! number of sleeping workers and the `stopped` flag.
+//! A pool has two places for ready ops:
 //!
-//! - RUNNING: `push` adds to the queue and wakes one sleeper if there is one.
-//!   Workers pop; a worker that finds the queue empty sleeps on the condvar.
-//! - STOPPED (`stop`, once, at engine shutdown): `push` is refused (the caller
-//!   fails the op with "engine stopped"); workers wake, finish the op in hand
-//!   and exit. Ops still in the queue are handed back by `stop` to be failed.
+//! - the *inbox*, a lock-free FIFO (`crossbeam_deque::Injector`): every
+//!   `push` lands here, without a lock;
+//! - `PoolState`, under one mutex per pool: the ready queue (by priority),
+//!   and the counts of sleeping and searching workers and the `stopped`
+//!   flag. Only workers (and `stop`) take the lock; a worker under it first
+//!   moves the whole inbox into the ready queue, then pops the highest op.
 //!
-//! Ordering among ready ops: higher priority first, then the order in which
-//! they became ready, so equal-priority ops keep FIFO order and no op starves
-//! among equals.
+//! So an op's place among the ready ones is fixed when a worker moves it,
+//! in inbox order: equal priorities keep FIFO order and no op starves among
+//! equals, as when pushes went straight into the ready queue.
 //!
-//! Subtle: the wake-up is sent after the lock is released (so the woken thread
-//! does not block on it at once), and `sleeping` is read under the lock, so a
-//! worker that is about to sleep is either counted or has not yet checked the
-//! heap: no wake-up is lost.
+//! Why the inbox: a pusher and the workers of a busy pool took the one
+//! lock per op, and on a VM with fewer vCPUs than threads the lock's holder
+//! is sometimes preempted while holding it; the pusher then spun and parked
+//! (the dispatch bench's fan-out/fan-in: about a third of the pusher's
+//! samples in the pool lock's slow path and the context switches it
+//! caused).
 //!
-//! Wake-ups are spared while a worker is *searching* (it found the queue
-//! empty and spins a moment before it sleeps): `push` wakes a sleeper only
-//! when no worker searches, since the searcher will take the op. A searcher
-//! stops searching under the lock, in the same critical section as its last
-//! look at the queue and its `sleeping += 1`, so an op pushed while it
-//! searched is either seen by that look or pushed after it counted itself
-//! asleep (and then wakes it). A searcher that finds an op and leaves more
-//! behind wakes a sleeper if no one else searches, so work still spreads
-//! over the pool. (A wake-up is a futex call, and on a VM an interrupt to
-//! another vCPU.)
+//! - RUNNING: `push` adds to the inbox and wakes one sleeper if there is
+//!   one and no worker searches. A worker that finds nothing searches (spins
+//!   a moment on the hints), then sleeps on the condvar.
+//! - STOPPED (`stop`, once, at engine shutdown): workers wake, finish the op
+//!   in hand and exit. Ops in the queue and the inbox are handed back by
+//!   `stop` to be failed; a `push` that sees `stopped` takes back what is in
+//!   the inbox for its caller to fail.
+//!
+//! # Memory ordering: no wake-up and no op lost
+//!
+//! Two Dekker pairs, each a store, a `SeqCst` fence and a load on either
+//! side, so that at least one side sees the other's store:
+//!
+//! - **W1 (sleep).** A pusher: inbox push, fence, load `idle`. A worker
+//!   about to sleep, under the lock: store `idle` (counted asleep, no
+//!   longer searching), fence, look at the inbox. Either the worker sees
+//!   the op (and takes it instead of sleeping) or the pusher sees it asleep
+//!   with no searcher; the pusher then takes the lock (so the sleeper is
+//!   inside `wait`, which released it) and notifies.
+//! - **W2 (stop).** A pusher: inbox push, fence, load `stopped`. `stop`:
+//!   store `stopped`, fence, drain the inbox. Either `stop` drains the op or
+//!   the pusher sees `stopped` and drains it (both may drain: each op is
+//!   taken once).
+//!
+//! A searcher counted in `idle` lets a pusher skip the wake-up: the searcher
+//! stops searching only in the critical section that counts it asleep
+//! (W1's store), so the op is either seen by its look after the fence or
+//! pushed after the pusher could see it asleep. A searcher that finds an op
+//! and leaves more behind wakes a sleeper if no one else searches, so work
+//! still spreads over the pool. (A wake-up is a futex call, and on a VM an
+//! interrupt to another vCPU.)
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::atomic::{
+    fence, AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering as AtomicOrdering,
+};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use crossbeam_deque::{Injector, Steal};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use smallvec::SmallVec;
 
 use crate::error::EngineError;
 use crate::op::OpRef;
+use crate::sync::Padded;
 
 /// Ready ops by priority: buckets sorted from the highest priority down, each
 /// a FIFO. With one priority in use (the common case) push and pop are O(1);
@@ -155,38 +182,103 @@ struct PoolState {
     exited: usize,
 }
 
-pub(crate) struct PoolShared {
-    name: String,
-    /// Hints for `keep_local`, written under the lock: ops queued, and the
-    /// highest priority queued.
+/// `PoolShared::idle`: sleeping workers in the low half, searching ones in
+/// the high half.
+const SEARCHING_ONE: u64 = 1 << 32;
+
+/// What a pusher reads after its push, on lines of their own (written
+/// only when a worker starts or stops searching or sleeping, and at stop).
+#[derive(Default)]
+struct Gate {
+    /// `sleeping` and `searching` of `PoolState`, written under the lock
+    /// with them, read by pushers without it (W1).
+    idle: AtomicU64,
+    /// `PoolState::stopped`, for pushers (W2).
+    stopped: AtomicBool,
+}
+
+/// Hints for `keep_local` and searchers, written under the lock at every
+/// pop: ops in the ready queue, and the highest priority there.
+struct Hints {
     queued: AtomicUsize,
     top: AtomicI32,
-    state: Mutex<PoolState>,
+}
+
+/// Layout: the inbox's ends, the gate, the hints and the locked state each
+/// have lines of their own (`Padded`; the inbox pads its ends itself), so
+/// that a worker's pop does not take from a pusher the lines it reads.
+pub(crate) struct PoolShared {
+    /// Where pushes land (see the module docs).
+    inbox: Injector<OpRef>,
+    gate: Padded<Gate>,
+    hints: Padded<Hints>,
+    state: Padded<Mutex<PoolState>>,
     work: Condvar,
     exit: Condvar,
+    name: String,
 }
 
 impl PoolShared {
-    /// Queues a ready op; gives it back if the pool has stopped.
-    pub(crate) fn push(&self, op: OpRef) -> Result<(), OpRef> {
-        let mut st = self.state.lock();
-        if st.stopped {
-            return Err(op);
+    /// Queues a ready op. If the pool has stopped, returns the ops this
+    /// call took back out of the inbox (this one among them unless `stop`
+    /// took it first) for the caller to fail.
+    pub(crate) fn push(&self, op: OpRef) -> Result<(), Vec<OpRef>> {
+        self.inbox.push(op);
+        // Subtle: W1 and W2 of the module docs, the pusher's side.
+        fence(AtomicOrdering::SeqCst);
+        if self.gate.stopped.load(AtomicOrdering::Relaxed) {
+            return Err(self.take_inbox());
         }
-        st.ready.push(op);
-        self.publish(&st);
-        let wake = st.sleeping > 0 && st.searching == 0;
-        drop(st);
-        if wake {
+        let idle = self.gate.idle.load(AtomicOrdering::Relaxed);
+        if idle % SEARCHING_ONE > 0 && idle / SEARCHING_ONE == 0 {
+            // The sleeper that W1 saw is inside `wait` once the lock is free.
+            drop(self.state.lock());
             self.work.notify_one();
         }
         Ok(())
     }
 
+    /// Everything in the inbox, oldest first.
+    fn take_inbox(&self) -> Vec<OpRef> {
+        let mut ops = Vec::new();
+        loop {
+            match self.inbox.steal() {
+                Steal::Success(op) => ops.push(op),
+                Steal::Empty => return ops,
+                Steal::Retry => std::hint::spin_loop(),
+            }
+        }
+    }
+
+    /// Moves the inbox into the ready queue (the caller holds the lock).
+    fn take_in(&self, st: &mut PoolState) {
+        while !self.inbox.is_empty() {
+            match self.inbox.steal() {
+                Steal::Success(op) => st.ready.push(op),
+                Steal::Empty => break,
+                Steal::Retry => std::hint::spin_loop(),
+            }
+        }
+    }
+
     fn publish(&self, st: &PoolState) {
-        self.queued.store(st.ready.len, AtomicOrdering::Relaxed);
-        self.top
+        self.hints
+            .queued
+            .store(st.ready.len, AtomicOrdering::Relaxed);
+        self.hints
+            .top
             .store(st.ready.top().unwrap_or(i32::MIN), AtomicOrdering::Relaxed);
+    }
+
+    /// Writes `idle` from the state (under the lock).
+    fn publish_idle(&self, st: &PoolState) {
+        let idle = st.sleeping as u64 + st.searching as u64 * SEARCHING_ONE;
+        self.gate.idle.store(idle, AtomicOrdering::Relaxed);
+    }
+
+    /// Whether anything waits in the inbox or the ready queue (a hint).
+    fn has_work(&self) -> bool {
+        self.hints.queued.load(AtomicOrdering::Relaxed) > 0 || !self.inbox.is_empty()
     }
 
     /// Queues `batch`, then takes the next op (sleeping while there is none);
@@ -201,6 +293,8 @@ impl PoolShared {
             }
             return None;
         }
+        // The inbox first: its ops became ready before this finish's.
+        self.take_in(&mut st);
         let more = batch.len() > 1;
         for op in batch {
             st.ready.push(op);
@@ -210,6 +304,7 @@ impl PoolShared {
             if st.stopped {
                 if searching {
                     st.searching -= 1;
+                    self.publish_idle(&st);
                 }
                 return None;
             }
@@ -217,6 +312,7 @@ impl PoolShared {
                 self.publish(&st);
                 if searching {
                     st.searching -= 1;
+                    self.publish_idle(&st);
                 }
                 let wake =
                     (more || searching) && st.sleeping > 0 && st.searching == 0 && st.ready.len > 0;
@@ -229,37 +325,54 @@ impl PoolShared {
             if !searching {
                 searching = true;
                 st.searching += 1;
+                self.publish_idle(&st);
             }
             if spins < SPIN_ROUNDS {
-                // Ops often arrive microseconds apart: watch the hint for a
+                // Ops often arrive microseconds apart: watch the hints for a
                 // moment before paying for a sleep and a wake-up.
                 spins += 1;
                 drop(st);
                 for _ in 0..SPIN_CHECKS {
                     std::hint::spin_loop();
-                    if self.queued.load(AtomicOrdering::Relaxed) > 0 {
+                    if self.has_work() {
                         break;
                     }
                 }
                 std::thread::yield_now();
                 st = self.state.lock();
+                self.take_in(&mut st);
                 continue;
             }
-            // Subtle: stops searching in the critical section of the look
-            // above (see the module docs).
-            st.searching -= 1;
+            st = self.sleep(st);
             searching = false;
-            st.sleeping += 1;
-            self.work.wait(&mut st);
-            st.sleeping -= 1;
             spins = 0;
         }
     }
 
+    /// Stops searching and sleeps until woken, unless W1's look finds an
+    /// op; returns with the inbox taken in.
+    fn sleep<'a>(&'a self, mut st: MutexGuard<'a, PoolState>) -> MutexGuard<'a, PoolState> {
+        // Subtle: stops searching in the critical section of the look below
+        // (see the module docs).
+        st.searching -= 1;
+        st.sleeping += 1;
+        self.publish_idle(&st);
+        // Subtle: W1, the worker's side.
+        fence(AtomicOrdering::SeqCst);
+        if self.inbox.is_empty() && !st.stopped {
+            self.work.wait(&mut st);
+        }
+        st.sleeping -= 1;
+        self.publish_idle(&st);
+        self.take_in(&mut st);
+        st
+    }
+
     /// Whether `op` may run before everything queued.
     fn runs_first(&self, op: &OpRef) -> bool {
-        self.queued.load(AtomicOrdering::Relaxed) == 0
-            || op.priority > self.top.load(AtomicOrdering::Relaxed)
+        self.inbox.is_empty()
+            && (self.hints.queued.load(AtomicOrdering::Relaxed) == 0
+                || op.priority > self.hints.top.load(AtomicOrdering::Relaxed))
     }
 }
 
@@ -274,9 +387,13 @@ impl Pool {
     pub(crate) fn start(engine_id: u64, name: &str, nthreads: usize) -> Result<Pool, EngineError> {
         let shared = Arc::new(PoolShared {
             name: name.to_string(),
-            queued: AtomicUsize::new(0),
-            top: AtomicI32::new(i32::MIN),
-            state: Mutex::new(PoolState::default()),
+            inbox: Injector::new(),
+            gate: Padded(Gate::default()),
+            hints: Padded(Hints {
+                queued: AtomicUsize::new(0),
+                top: AtomicI32::new(i32::MIN),
+            }),
+            state: Padded(Mutex::new(PoolState::default())),
             work: Condvar::new(),
             exit: Condvar::new(),
         });
@@ -311,7 +428,14 @@ impl Pool {
     pub(crate) fn stop(&self) -> Vec<OpRef> {
         let mut st = self.shared.state.lock();
         st.stopped = true;
-        let left = st.ready.drain();
+        self.shared
+            .gate
+            .stopped
+            .store(true, AtomicOrdering::Relaxed);
+        // Subtle: W2, the stopping side.
+        fence(AtomicOrdering::SeqCst);
+        let mut left = st.ready.drain();
+        left.extend(self.shared.take_inbox());
         drop(st);
         self.shared.work.notify_all();
         left
