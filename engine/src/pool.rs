@@ -8,8 +8,9 @@
 //!   `push` lands here, without a lock;
 //! - `PoolState`, under one mutex per pool: the ready queue (by priority),
 //!   and the counts of sleeping and searching workers and the `stopped`
-//!   flag. Only workers (and `stop`) take the lock; a worker under it first
-//!   moves the whole inbox into the ready queue, then pops the highest op.
+//!   flag. Workers take the lock to pop: under it a worker first moves the
+//!   whole inbox into the ready queue, then pops the highest op. A pusher
+//!   takes it only to wake a sleeper; `stop` and `join` at shutdown.
 //!
 //! So an op's place among the ready ones is fixed when a worker moves it,
 //! in inbox order: equal priorities keep FIFO order and no op starves among
@@ -41,18 +42,26 @@
 //!   the op (and takes it instead of sleeping) or the pusher sees it asleep
 //!   with no searcher; the pusher then takes the lock (so the sleeper is
 //!   inside `wait`, which released it) and notifies.
+//! - **W1' (a searcher finds an op).** A searcher counted in `idle` lets a
+//!   pusher skip its wake-up (the searcher will take the op). A searcher
+//!   that finds an op, under the lock: store `idle` (no longer searching),
+//!   fence, look at the inbox and the queue; if anything is left and no one
+//!   else searches, it wakes a sleeper. Either it sees an op pushed while
+//!   it was counted, or that op's pusher saw it no longer searching (and
+//!   woke a sleeper itself). So work still spreads over the pool.
 //! - **W2 (stop).** A pusher: inbox push, fence, load `stopped`. `stop`:
 //!   store `stopped`, fence, drain the inbox. Either `stop` drains the op or
 //!   the pusher sees `stopped` and drains it (both may drain: each op is
-//!   taken once).
+//!   taken once). Subtle: after `stop`, no worker moves the inbox in
+//!   (`take_in` checks `stopped` under the lock that `stop` set it under);
+//!   an op it moved into the queue then would be neither run nor failed.
 //!
-//! A searcher counted in `idle` lets a pusher skip the wake-up: the searcher
-//! stops searching only in the critical section that counts it asleep
-//! (W1's store), so the op is either seen by its look after the fence or
-//! pushed after the pusher could see it asleep. A searcher that finds an op
-//! and leaves more behind wakes a sleeper if no one else searches, so work
-//! still spreads over the pool. (A wake-up is a futex call, and on a VM an
-//! interrupt to another vCPU.)
+//! `idle` is written only under the lock, at each change of the counts: a
+//! worker starts searching (no fence: a pusher that sees it counted skips
+//! a wake-up that W1' makes up for), finds an op while searching (W1'),
+//! goes to sleep (W1), wakes (no fence: it takes the inbox in next), or
+//! leaves at stop. (A wake-up is a futex call, and on a VM an interrupt to
+//! another vCPU.)
 
 use std::collections::VecDeque;
 use std::sync::atomic::{
@@ -129,11 +138,13 @@ impl ReadyQueue {
 /// When a `push_sync` op finishes on a worker, the ops it makes ready that
 /// belong to the same pool are collected here instead of being queued one by
 /// one. After the finish, the worker either runs the single collected op at
-/// once, when its priority is above every queued op or nothing is queued
-/// (`queued`/`top` hints), or queues the whole batch and takes the next op
-/// under one lock. Strictly above, so queued ops of equal priority keep their
-/// FIFO turn. Subtle: the hints are read without the lock; a racing push of a
-/// higher-priority op can at worst start one op later.
+/// once, when the inbox is empty and its priority is above every queued op
+/// or nothing is queued (`queued`/`top` hints), or queues the whole batch and
+/// takes the next op under one lock. Strictly above, so queued ops of equal
+/// priority keep their FIFO turn; and never past the inbox, whose ops'
+/// priorities are not known until a worker moves them in. Subtle: the hints
+/// are read without the lock; a racing push of a higher-priority op can at
+/// worst start one op later.
 struct Local {
     pool: *const PoolShared,
     batch: SmallVec<[OpRef; 4]>,
@@ -182,8 +193,8 @@ struct PoolState {
     exited: usize,
 }
 
-/// `PoolShared::idle`: sleeping workers in the low half, searching ones in
-/// the high half.
+/// `Gate::idle`: sleeping workers in the low half, searching ones in the
+/// high half.
 const SEARCHING_ONE: u64 = 1 << 32;
 
 /// What a pusher reads after its push, on lines of their own (written
@@ -224,7 +235,7 @@ impl PoolShared {
     /// took it first) for the caller to fail.
     pub(crate) fn push(&self, op: OpRef) -> Result<(), Vec<OpRef>> {
         self.inbox.push(op);
-        // Subtle: W1 and W2 of the module docs, the pusher's side.
+        // Subtle: W1, W1' and W2 of the module docs, the pusher's side.
         fence(AtomicOrdering::SeqCst);
         if self.gate.stopped.load(AtomicOrdering::Relaxed) {
             return Err(self.take_inbox());
@@ -250,8 +261,14 @@ impl PoolShared {
         }
     }
 
-    /// Moves the inbox into the ready queue (the caller holds the lock).
+    /// Moves the inbox into the ready queue (the caller holds the lock);
+    /// nothing once stopped (W2). Subtle: a steal may wait for a slot whose
+    /// pusher was preempted between taking it and writing it (the inbox's
+    /// `Backoff` yields meanwhile), holding the lock that long.
     fn take_in(&self, st: &mut PoolState) {
+        if st.stopped {
+            return;
+        }
         while !self.inbox.is_empty() {
             match self.inbox.steal() {
                 Steal::Success(op) => st.ready.push(op),
@@ -293,7 +310,8 @@ impl PoolShared {
             }
             return None;
         }
-        // The inbox first: its ops became ready before this finish's.
+        // The inbox first, then the batch: ops take their FIFO turns in the
+        // order they reach the queue, as when pushes went straight in.
         self.take_in(&mut st);
         let more = batch.len() > 1;
         for op in batch {
@@ -310,12 +328,15 @@ impl PoolShared {
             }
             if let Some(op) = st.ready.pop() {
                 self.publish(&st);
+                let mut left = st.ready.len > 0;
                 if searching {
                     st.searching -= 1;
                     self.publish_idle(&st);
+                    // Subtle: W1', the searcher's side.
+                    fence(AtomicOrdering::SeqCst);
+                    left = left || !self.inbox.is_empty();
                 }
-                let wake =
-                    (more || searching) && st.sleeping > 0 && st.searching == 0 && st.ready.len > 0;
+                let wake = (more || searching) && st.sleeping > 0 && st.searching == 0 && left;
                 drop(st);
                 if wake {
                     self.work.notify_one();

@@ -1,6 +1,6 @@
 //! Pools, priorities, contexts and async completion.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -287,6 +287,53 @@ fn bursts_after_idle_gaps_wake_the_pool_and_spread_over_it() {
     assert!(
         spread >= 30,
         "bursts ran on both workers in only {spread} of 60 rounds"
+    );
+}
+
+/// Two ops pushed back to back while the workers are between searching and
+/// sleeping, the first waiting (spinning) for the second: the second must
+/// reach the other worker while the first runs, whichever worker took the
+/// first (a pusher skips its wake-up while a worker searches; that searcher
+/// must then wake a sleeper for what it leaves behind, in the inbox too).
+/// A lost wake-up shows as a first op that waits its full second.
+#[test]
+fn an_op_pushed_behind_one_a_searcher_takes_wakes_a_sleeper() {
+    let e = Engine::builder().cpu_threads(2).build().unwrap();
+    let (a, b) = (Var::new(), Var::new());
+    let slow = Arc::new(AtomicUsize::new(0));
+    for round in 0..20000u64 {
+        // Gaps of 0 to 60 µs: rounds meet the workers searching, going to
+        // sleep, and asleep.
+        let gap = std::time::Instant::now();
+        while gap.elapsed() < Duration::from_micros(round % 61) {
+            std::hint::spin_loop();
+        }
+        let flag = Arc::new(AtomicBool::new(false));
+        let (f, s) = (flag.clone(), slow.clone());
+        e.push_sync(OpSpec::new("first").write(&a), move |_| {
+            let t = std::time::Instant::now();
+            while !f.load(Ordering::Acquire) {
+                if t.elapsed() > Duration::from_secs(1) {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            Ok(())
+        })
+        .unwrap();
+        e.push_sync(OpSpec::new("second").write(&b), move |_| {
+            flag.store(true, Ordering::Release);
+            Ok(())
+        })
+        .unwrap();
+        e.wait_for_all_timeout(Duration::from_secs(10))
+            .expect("both ops ran");
+    }
+    assert_eq!(
+        slow.load(Ordering::SeqCst),
+        0,
+        "rounds whose second op waited a second for a worker"
     );
 }
 
