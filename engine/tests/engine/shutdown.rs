@@ -133,3 +133,40 @@ fn an_op_granted_by_another_engines_op_finishes_while_its_engine_is_dropped() {
     assert!(shared.is_deleted());
     drop(a);
 }
+
+/// An op made ready after its engine's pools stopped (its shutdown timed
+/// out waiting for it; another engine's op held its var and completes
+/// later) reaches the stopped pool's inbox: the push takes it back and it
+/// fails as "engine stopped", with its var's failure set, instead of
+/// waiting in the inbox for workers that have left.
+#[test]
+fn an_op_made_ready_after_its_pools_stopped_fails_and_is_not_lost() {
+    let (x, y) = (Var::named("x"), Var::named("y"));
+    let a = crate::engine(pskv_engine::EngineKind::Threaded, 1);
+    let b = Engine::builder()
+        .cpu_threads(1)
+        .shutdown_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    a.push_async(OpSpec::new("a_io").write(&x), move |_, done| {
+        tx.send(done).unwrap()
+    })
+    .unwrap();
+    let a_done = rx.recv().unwrap();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    b.push_sync(OpSpec::new("b_after").read(&x).write(&y), move |_| {
+        r.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    })
+    .unwrap();
+    // B's shutdown waits 50 ms for "b_after", then stops its pool.
+    drop(b);
+    a_done.complete();
+    let f = y.failure().expect("the op failed");
+    assert_eq!(f.op(), "b_after");
+    assert!(matches!(f.cause(), FailureCause::EngineStopped), "{f}");
+    assert_eq!(ran.load(Ordering::SeqCst), 0);
+    a.wait_for_all_timeout(Duration::from_secs(10)).unwrap();
+}
