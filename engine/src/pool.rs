@@ -521,8 +521,11 @@ fn worker_loop(shared: &Arc<PoolShared>, index: usize) {
     shared.exit.notify_all();
 }
 
-/// Idle rounds (spin, then yield) a worker makes before it sleeps.
-const SPIN_ROUNDS: u32 = 4;
+/// Idle rounds (spin, then yield) a worker makes before it sleeps: about
+/// 30 µs on the VMs measured. 16 rather than 4 since the inbox: the pusher
+/// of a busy pool then wakes sleepers less often (BENCHMARKS.md, "The
+/// pool's inbox").
+const SPIN_ROUNDS: u32 = 16;
 /// Checks of the queue hint per idle round.
 const SPIN_CHECKS: u32 = 64;
 
