@@ -522,7 +522,8 @@ fn worker_loop(shared: &Arc<PoolShared>, index: usize) {
 }
 
 /// Idle rounds (spin, then yield) a worker makes before it sleeps: about
-/// 30 µs on the VMs measured. 16 rather than 4 since the inbox: the pusher
+/// 35 µs on an AMD EPYC VM with nothing else to run (a round: 2.1 to 2.4
+/// µs). 16 rather than 4 since the inbox: the pusher
 /// of a busy pool then wakes sleepers less often (BENCHMARKS.md, "The
 /// pool's inbox").
 const SPIN_ROUNDS: u32 = 16;
