@@ -27,21 +27,26 @@
 //!   one and no worker searches. A worker that finds nothing searches (spins
 //!   a moment on the hints), then sleeps on the condvar.
 //! - STOPPED (`stop`, once, at engine shutdown): workers wake, finish the op
-//!   in hand and exit. Ops in the queue and the inbox are handed back by
+//!   in hand and exit (a worker reads the stop flag before it runs the op
+//!   its own finish made ready; its batch then goes to `pop`, which fails
+//!   it). Ops in the queue and the inbox are handed back by
 //!   `stop` to be failed; a `push` that sees `stopped` takes back what is in
 //!   the inbox for its caller to fail.
 //!
 //! # Memory ordering: no wake-up and no op lost
 //!
-//! Two Dekker pairs, each a store, a `SeqCst` fence and a load on either
-//! side, so that at least one side sees the other's store:
+//! Store-fence-load pairs (Dekker's), a store, a `SeqCst` fence and a load
+//! on either side, so that at least one side sees the other's store:
 //!
 //! - **W1 (sleep).** A pusher: inbox push, fence, load `idle`. A worker
 //!   about to sleep, under the lock: store `idle` (counted asleep, no
 //!   longer searching), fence, look at the inbox. Either the worker sees
-//!   the op (and takes it instead of sleeping) or the pusher sees it asleep
-//!   with no searcher; the pusher then takes the lock (so the sleeper is
-//!   inside `wait`, which released it) and notifies.
+//!   the op (and takes the inbox in instead of sleeping) or the pusher sees
+//!   it asleep with no searcher; the pusher then takes the lock (so the
+//!   sleeper is inside `wait`, which released it) and notifies. Subtle: ops
+//!   the look finds may have been pushed while the worker still searched
+//!   (their pushers skipped their wake-ups), so, as in W1', the worker
+//!   wakes a sleeper for any it leaves behind.
 //! - **W1' (a searcher finds an op).** A searcher counted in `idle` lets a
 //!   pusher skip its wake-up (the searcher will take the op). A searcher
 //!   that finds an op, under the lock: store `idle` (no longer searching),
@@ -318,6 +323,8 @@ impl PoolShared {
             st.ready.push(op);
         }
         let mut searching = false;
+        // The last `sleep` returned without sleeping (W1's look found ops).
+        let mut looked = false;
         loop {
             if st.stopped {
                 if searching {
@@ -336,7 +343,11 @@ impl PoolShared {
                     fence(AtomicOrdering::SeqCst);
                     left = left || !self.inbox.is_empty();
                 }
-                let wake = (more || searching) && st.sleeping > 0 && st.searching == 0 && left;
+                // Subtle: `looked`: W1's look found ops whose pushers may
+                // have skipped their wake-ups while this worker searched;
+                // it took them all in after the fence, so `left` is exact.
+                let wake =
+                    (more || searching || looked) && st.sleeping > 0 && st.searching == 0 && left;
                 drop(st);
                 if wake {
                     self.work.notify_one();
@@ -364,15 +375,20 @@ impl PoolShared {
                 self.take_in(&mut st);
                 continue;
             }
-            st = self.sleep(st);
+            let slept;
+            (st, slept) = self.sleep(st);
             searching = false;
+            looked = !slept;
             spins = 0;
         }
     }
 
     /// Stops searching and sleeps until woken, unless W1's look finds an
     /// op; returns with the inbox taken in.
-    fn sleep<'a>(&'a self, mut st: MutexGuard<'a, PoolState>) -> MutexGuard<'a, PoolState> {
+    /// Also returns whether it slept: false when W1's look found ops
+    /// (whose pushers may have skipped their wake-ups while this worker
+    /// searched: the caller then wakes a sleeper for what it leaves).
+    fn sleep<'a>(&'a self, mut st: MutexGuard<'a, PoolState>) -> (MutexGuard<'a, PoolState>, bool) {
         // Subtle: stops searching in the critical section of the look below
         // (see the module docs).
         st.searching -= 1;
@@ -380,18 +396,21 @@ impl PoolShared {
         self.publish_idle(&st);
         // Subtle: W1, the worker's side.
         fence(AtomicOrdering::SeqCst);
-        if self.inbox.is_empty() && !st.stopped {
+        let slept = self.inbox.is_empty() && !st.stopped;
+        if slept {
             self.work.wait(&mut st);
         }
         st.sleeping -= 1;
         self.publish_idle(&st);
         self.take_in(&mut st);
-        st
+        (st, slept)
     }
 
-    /// Whether `op` may run before everything queued.
+    /// Whether `op` may run before everything queued (and the pool has not
+    /// stopped: then the batch goes to `pop`, which fails it).
     fn runs_first(&self, op: &OpRef) -> bool {
-        self.inbox.is_empty()
+        !self.gate.stopped.load(AtomicOrdering::Relaxed)
+            && self.inbox.is_empty()
             && (self.hints.queued.load(AtomicOrdering::Relaxed) == 0
                 || op.priority > self.hints.top.load(AtomicOrdering::Relaxed))
     }
