@@ -7,10 +7,11 @@
 //! - the *inbox*, a lock-free FIFO (`crossbeam_deque::Injector`): every
 //!   `push` lands here, without a lock;
 //! - `PoolState`, under one mutex per pool: the ready queue (by priority),
-//!   and the counts of sleeping and searching workers and the `stopped`
-//!   flag. Workers take the lock to pop: under it a worker first moves the
-//!   whole inbox into the ready queue, then pops the highest op. A pusher
-//!   takes it only to wake a sleeper; `stop` and `join` at shutdown.
+//!   and the counts of sleeping and searching workers; `stop` sets the
+//!   stop flag (`Gate::stopped`) under it too. Workers take the lock to
+//!   pop: under it a worker first moves the whole inbox into the ready
+//!   queue, then pops the highest op. A pusher takes it only to wake a
+//!   sleeper; `stop` and `join` at shutdown.
 //!
 //! So an op's place among the ready ones is fixed when a worker moves it,
 //! in inbox order: equal priorities keep FIFO order and no op starves among
@@ -194,7 +195,6 @@ struct PoolState {
     sleeping: usize,
     /// Workers between finding the queue empty and sleeping.
     searching: usize,
-    stopped: bool,
     exited: usize,
 }
 
@@ -209,7 +209,8 @@ struct Gate {
     /// `sleeping` and `searching` of `PoolState`, written under the lock
     /// with them, read by pushers without it (W1).
     idle: AtomicU64,
-    /// `PoolState::stopped`, for pushers (W2).
+    /// Set by `stop`, under the lock: read by pushers without it (W2), by
+    /// workers under it.
     stopped: AtomicBool,
 }
 
@@ -242,7 +243,7 @@ impl PoolShared {
         self.inbox.push(op);
         // Subtle: W1, W1' and W2 of the module docs, the pusher's side.
         fence(AtomicOrdering::SeqCst);
-        if self.gate.stopped.load(AtomicOrdering::Relaxed) {
+        if self.stopped() {
             return Err(self.take_inbox());
         }
         let idle = self.gate.idle.load(AtomicOrdering::Relaxed);
@@ -257,13 +258,25 @@ impl PoolShared {
     /// Everything in the inbox, oldest first.
     fn take_inbox(&self) -> Vec<OpRef> {
         let mut ops = Vec::new();
-        loop {
+        self.steal_all(|op| ops.push(op));
+        ops
+    }
+
+    /// Hands `put` every op in the inbox, oldest first.
+    fn steal_all(&self, mut put: impl FnMut(OpRef)) {
+        while !self.inbox.is_empty() {
             match self.inbox.steal() {
-                Steal::Success(op) => ops.push(op),
-                Steal::Empty => return ops,
+                Steal::Success(op) => put(op),
+                Steal::Empty => break,
                 Steal::Retry => std::hint::spin_loop(),
             }
         }
+    }
+
+    /// Whether `stop` ran (under the lock: as of the holder's critical
+    /// section, since `stop` sets it under the lock).
+    fn stopped(&self) -> bool {
+        self.gate.stopped.load(AtomicOrdering::Relaxed)
     }
 
     /// Moves the inbox into the ready queue (the caller holds the lock);
@@ -271,15 +284,8 @@ impl PoolShared {
     /// pusher was preempted between taking it and writing it (the inbox's
     /// `Backoff` yields meanwhile), holding the lock that long.
     fn take_in(&self, st: &mut PoolState) {
-        if st.stopped {
-            return;
-        }
-        while !self.inbox.is_empty() {
-            match self.inbox.steal() {
-                Steal::Success(op) => st.ready.push(op),
-                Steal::Empty => break,
-                Steal::Retry => std::hint::spin_loop(),
-            }
+        if !self.stopped() {
+            self.steal_all(|op| st.ready.push(op));
         }
     }
 
@@ -308,7 +314,7 @@ impl PoolShared {
     fn pop(&self, batch: SmallVec<[OpRef; 4]>) -> Option<OpRef> {
         let mut spins = 0;
         let mut st = self.state.lock();
-        if st.stopped {
+        if self.stopped() {
             drop(st);
             for op in batch {
                 crate::inline::run(crate::inline::Task::Stop(op));
@@ -326,7 +332,7 @@ impl PoolShared {
         // The last `sleep` returned without sleeping (W1's look found ops).
         let mut looked = false;
         loop {
-            if st.stopped {
+            if self.stopped() {
                 if searching {
                     st.searching -= 1;
                     self.publish_idle(&st);
@@ -384,10 +390,10 @@ impl PoolShared {
     }
 
     /// Stops searching and sleeps until woken, unless W1's look finds an
-    /// op; returns with the inbox taken in.
-    /// Also returns whether it slept: false when W1's look found ops
-    /// (whose pushers may have skipped their wake-ups while this worker
-    /// searched: the caller then wakes a sleeper for what it leaves).
+    /// op; returns with the inbox taken in, and whether it slept: false
+    /// when W1's look found ops (whose pushers may have skipped their
+    /// wake-ups while this worker searched: the caller then wakes a sleeper
+    /// for what it leaves).
     fn sleep<'a>(&'a self, mut st: MutexGuard<'a, PoolState>) -> (MutexGuard<'a, PoolState>, bool) {
         // Subtle: stops searching in the critical section of the look below
         // (see the module docs).
@@ -396,7 +402,7 @@ impl PoolShared {
         self.publish_idle(&st);
         // Subtle: W1, the worker's side.
         fence(AtomicOrdering::SeqCst);
-        let slept = self.inbox.is_empty() && !st.stopped;
+        let slept = self.inbox.is_empty() && !self.stopped();
         if slept {
             self.work.wait(&mut st);
         }
@@ -409,7 +415,7 @@ impl PoolShared {
     /// Whether `op` may run before everything queued (and the pool has not
     /// stopped: then the batch goes to `pop`, which fails it).
     fn runs_first(&self, op: &OpRef) -> bool {
-        !self.gate.stopped.load(AtomicOrdering::Relaxed)
+        !self.stopped()
             && self.inbox.is_empty()
             && (self.hints.queued.load(AtomicOrdering::Relaxed) == 0
                 || op.priority > self.hints.top.load(AtomicOrdering::Relaxed))
@@ -467,7 +473,6 @@ impl Pool {
     /// the ops that were still queued, for the caller to fail.
     pub(crate) fn stop(&self) -> Vec<OpRef> {
         let mut st = self.shared.state.lock();
-        st.stopped = true;
         self.shared
             .gate
             .stopped
