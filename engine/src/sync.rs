@@ -1,8 +1,8 @@
 //! The synchronisation primitives of the engine's core, swapped for `loom`'s
 //! under `--cfg loom` so that the per-var state machine and the op wait counter
-//! can be model-checked (see `var::loom_tests`).
+//! can be model-checked (see `var::queue::loom_tests`).
 //!
-//! Only `var.rs` and the op wait counter use these; the worker pools use
+//! Only `var/` and the op wait counter use these; the worker pools use
 //! `parking_lot` and `std` directly because loom does not model them. The
 //! var queues' lock is this module's own test-and-set lock (`spin_lock`;
 //! loom's mutex under `--cfg loom`, so the model checks the state machine
