@@ -229,6 +229,7 @@ impl Link {
         let mut q = self.queue.lock();
         if q.closed.is_some() {
             q.writing = false;
+            self.traffic.unsent(frame.wire_len());
             return;
         }
         match r {
@@ -260,15 +261,21 @@ impl Link {
     /// another priority, which must not be overtaken by the old ones). A
     /// frame the writer has taken, or a direct sender has claimed, is not
     /// touched: it leaves before anything queued after it. One pass over
-    /// the queue for them all. Returns how many were taken (they stay
-    /// counted as sent in the link's traffic).
+    /// the queue for them all. Returns how many were taken (they are taken
+    /// off the link's count of frames sent).
     pub(crate) fn withdraw(&self, request_ids: &[u64]) -> usize {
         let mut q = self.queue.lock();
-        let before = q.heap.len();
+        let mut taken = 0;
         q.heap.retain(|w| {
-            w.frame.kind != Kind::Request || request_ids.binary_search(&w.frame.request_id).is_err()
+            let keep = w.frame.kind != Kind::Request
+                || request_ids.binary_search(&w.frame.request_id).is_err();
+            if !keep {
+                taken += 1;
+                self.traffic.unsent(w.frame.wire_len());
+            }
+            keep
         });
-        before - q.heap.len()
+        taken
     }
 
     fn push(&self, q: &mut QueueState, frame: Frame, claimed: bool) {
@@ -366,14 +373,17 @@ impl Link {
         Some(frames)
     }
 
-    /// Closes the link (first reason wins); queued frames are dropped.
+    /// Closes the link (first reason wins); queued frames are dropped (and
+    /// taken off the count of frames sent).
     pub(crate) fn close(&self, reason: impl Into<String>) -> bool {
         let mut q = self.queue.lock();
         if q.closed.is_some() {
             return false;
         }
         q.closed = Some(reason.into());
-        q.heap.clear();
+        for dropped in q.heap.drain() {
+            self.traffic.unsent(dropped.frame.wire_len());
+        }
         drop(q);
         self.closed.store(true, AtomicOrdering::Release);
         if let Some(d) = self.direct.get() {
@@ -449,6 +459,37 @@ mod tests {
             sent,
             vec![(Kind::Request, 3), (Kind::Response, 2), (Kind::Request, 1)]
         );
+        // The two withdrawn frames never left: not counted as sent.
+        let out = link.traffic.counts();
+        assert_eq!(out.frames_out, 3);
+        let wire: u64 = batch.iter().map(|f| f.wire_len() as u64).sum();
+        assert_eq!(out.bytes_out, wire);
+    }
+
+    #[test]
+    fn frames_a_close_drops_are_not_counted_as_sent() {
+        let link = Link::new(1, 0, crate::wire::VanId::Tcp);
+        link.send(frame(0, 1)).unwrap();
+        link.send(frame(0, 2)).unwrap();
+        let mut q = link.queue.lock();
+        let work = Link::take_work(&mut q, frame(0, 1).wire_len());
+        drop(q);
+        // The writer took the first; the second still waits when the link closes.
+        assert!(matches!(work, Some(Work::Frames(f)) if f.len() == 1));
+        link.close("bye");
+        let out = link.traffic.counts();
+        assert_eq!(out.frames_out, 1);
+        assert_eq!(out.bytes_out, frame(0, 1).wire_len() as u64);
+        // A claimed frame whose link closed before its direct send is dropped too.
+        let link = Link::new(1, 0, crate::wire::VanId::Tcp);
+        link.set_direct(Arc::new(Full));
+        let Claim::Direct(first) = link.claim(frame(0, 3)).unwrap() else {
+            panic!("an idle link is claimed")
+        };
+        link.close("bye");
+        link.send_claimed(first);
+        assert_eq!(link.traffic.counts().frames_out, 0);
+        assert_eq!(link.traffic.counts().bytes_out, 0);
     }
 
     /// A direct path that never takes a frame (a full socket).

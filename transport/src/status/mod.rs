@@ -80,6 +80,13 @@ impl Traffic {
         self.bytes_out.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
+    /// Takes back a frame counted by `sent` that never left (withdrawn
+    /// from the queue, or dropped when its link closed).
+    pub(crate) fn unsent(&self, bytes: usize) {
+        self.frames_out.fetch_sub(1, Ordering::Relaxed);
+        self.bytes_out.fetch_sub(bytes as u64, Ordering::Relaxed);
+    }
+
     pub(crate) fn received(&self, bytes: usize) {
         self.frames_in.fetch_add(1, Ordering::Relaxed);
         self.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
