@@ -1,5 +1,5 @@
-//! The CPU kernels: vectorizable single-thread loops, split across a thread
-//! pool for large buffers.
+//! The CPU kernels: vectorizable single-thread loops, split for large
+//! buffers between the calling thread and helper threads (`split.rs`).
 //!
 //! Splitting never changes a result: chunks are cut at multiples of 32
 //! elements (whole compressed words for both formats), and every element is
@@ -10,11 +10,12 @@ mod simd;
 pub use simd::allow_avx2;
 mod reduce;
 pub(crate) use reduce::SumElem;
+mod split;
 mod twobit;
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
+use split::Helpers;
 
 use crate::error::check_len;
 use crate::{Bits, Element, KernelError, Kernels, Scalar};
@@ -26,7 +27,8 @@ type Res = Result<(), KernelError>;
 /// splitting costs more than it saves.
 pub const MIN_PARALLEL_ELEMS: usize = 1 << 17;
 
-/// CPU kernels: single-threaded, or split across an owned thread pool.
+/// CPU kernels: single-threaded, or split between the calling thread and
+/// owned helper threads.
 ///
 /// ```
 /// use pskv_gpu::{cpu::CpuKernels, Kernels};
@@ -39,7 +41,7 @@ pub const MIN_PARALLEL_ELEMS: usize = 1 << 17;
 /// ```
 #[derive(Clone)]
 pub struct CpuKernels {
-    pool: Option<Arc<rayon::ThreadPool>>,
+    helpers: Option<Arc<Helpers>>,
     threads: usize,
 }
 
@@ -55,27 +57,23 @@ impl CpuKernels {
     /// Every kernel runs on the calling thread.
     pub fn single_threaded() -> CpuKernels {
         CpuKernels {
-            pool: None,
+            helpers: None,
             threads: 1,
         }
     }
 
-    /// Large buffers are split across `threads` threads of a pool owned by
-    /// this value (1: single-threaded).
+    /// Large buffers are split across `threads` threads: the calling one and
+    /// `threads - 1` helpers owned by this value (1: single-threaded).
     pub fn with_threads(threads: usize) -> Result<CpuKernels, KernelError> {
         if threads <= 1 {
             return Ok(CpuKernels::single_threaded());
         }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("pskv-kernel-{i}"))
-            .build()
-            .map_err(|e| KernelError::Threads {
-                threads,
-                message: e.to_string(),
-            })?;
+        let helpers = Helpers::start(threads - 1).map_err(|e| KernelError::Threads {
+            threads,
+            message: e.to_string(),
+        })?;
         Ok(CpuKernels {
-            pool: Some(Arc::new(pool)),
+            helpers: Some(Arc::new(helpers)),
             threads,
         })
     }
@@ -86,14 +84,15 @@ impl CpuKernels {
     }
 
     /// The chunk length for `n` elements, or None to run on this thread.
-    fn chunk(&self, n: usize) -> Option<(&rayon::ThreadPool, usize)> {
-        let pool = self.pool.as_deref()?;
+    fn chunk(&self, n: usize) -> Option<(&Helpers, usize)> {
+        let helpers = self.helpers.as_deref()?;
         if n < MIN_PARALLEL_ELEMS {
             return None;
         }
-        // Two chunks per thread for balance, at least MIN/2, multiple of 32.
-        let per = n.div_ceil(self.threads * 2).max(MIN_PARALLEL_ELEMS / 2);
-        Some((pool, per.next_multiple_of(32)))
+        // Small chunks, so that the caller takes what a busy helper does not
+        // start: eight per thread, at least MIN/4, a multiple of 32.
+        let per = n.div_ceil(self.threads * 8).max(MIN_PARALLEL_ELEMS / 4);
+        Some((helpers, per.next_multiple_of(32)))
     }
 }
 
@@ -122,12 +121,14 @@ impl CpuKernels {
         };
         match self.chunk(grad.len()) {
             None => one(grad, residual, codes, t),
-            Some((pool, c)) => pool.install(|| {
-                grad.par_chunks(c)
-                    .zip(residual.par_chunks_mut(c))
-                    .zip(codes.par_chunks_mut(c / bits.per_word()))
-                    .for_each(|((g, r), w)| one(g, r, w, t))
-            }),
+            Some((helpers, c)) => {
+                let parts = grad
+                    .chunks(c)
+                    .zip(residual.chunks_mut(c))
+                    .zip(codes.chunks_mut(c / bits.per_word()))
+                    .collect();
+                helpers.for_each(parts, |((g, r), w)| one(g, r, w, t));
+            }
         }
         Ok(())
     }
@@ -148,12 +149,13 @@ impl CpuKernels {
         };
         match self.chunk(out.len()) {
             None => one(codes, out),
-            Some((pool, c)) => pool.install(|| {
-                codes
-                    .par_chunks(c / bits.per_word())
-                    .zip(out.par_chunks_mut(c))
-                    .for_each(|(w, o)| one(w, o))
-            }),
+            Some((helpers, c)) => {
+                let parts = codes
+                    .chunks(c / bits.per_word())
+                    .zip(out.chunks_mut(c))
+                    .collect();
+                helpers.for_each(parts, |(w, o)| one(w, o));
+            }
         }
         Ok(())
     }
@@ -217,10 +219,9 @@ impl Kernels for CpuKernels {
 fn sum_dispatch<T: Element>(k: &CpuKernels, out: &mut [T], inputs: &[&[T]]) {
     match k.chunk(out.len()) {
         None => reduce::sum_range(out, inputs, 0),
-        Some((pool, c)) => pool.install(|| {
-            out.par_chunks_mut(c)
-                .enumerate()
-                .for_each(|(i, o)| reduce::sum_range(o, inputs, i * c))
-        }),
+        Some((helpers, c)) => {
+            let parts = out.chunks_mut(c).enumerate().collect();
+            helpers.for_each(parts, |(i, o)| reduce::sum_range(o, inputs, i * c));
+        }
     }
 }
