@@ -229,7 +229,11 @@ impl Link {
         let mut q = self.queue.lock();
         if q.closed.is_some() {
             q.writing = false;
-            self.traffic.unsent(frame.wire_len());
+            // Taken back only if none of it left (as the writer's frames:
+            // once handed to the wire, counted).
+            if matches!(r, Ok(Direct::NotSent) | Err(_)) {
+                self.traffic.unsent(frame.wire_len());
+            }
             return;
         }
         match r {
@@ -262,7 +266,9 @@ impl Link {
     /// frame the writer has taken, or a direct sender has claimed, is not
     /// touched: it leaves before anything queued after it. One pass over
     /// the queue for them all. Returns how many were taken (they are taken
-    /// off the link's count of frames sent).
+    /// off the link's count of frames sent: a frame is counted when queued
+    /// or claimed, and taken back only if it never left the queue or the
+    /// claim; one handed to a writer stays counted, whatever becomes of it).
     pub(crate) fn withdraw(&self, request_ids: &[u64]) -> usize {
         let mut q = self.queue.lock();
         let mut taken = 0;
@@ -490,10 +496,38 @@ mod tests {
         link.send_claimed(first);
         assert_eq!(link.traffic.counts().frames_out, 0);
         assert_eq!(link.traffic.counts().bytes_out, 0);
+        // One that left whole as the link closed stays counted.
+        let link = Arc::new(Link::new(1, 0, crate::wire::VanId::Tcp));
+        let direct = Arc::new(SentAsItCloses(std::sync::OnceLock::new()));
+        let _ = direct.0.set(Arc::downgrade(&link));
+        link.set_direct(direct);
+        let Claim::Direct(f) = link.claim(frame(0, 4)).unwrap() else {
+            panic!("an idle link is claimed")
+        };
+        link.send_claimed(f);
+        assert!(link.is_closed());
+        assert_eq!(link.traffic.counts().frames_out, 1);
+        assert_eq!(
+            link.traffic.counts().bytes_out,
+            frame(0, 4).wire_len() as u64
+        );
     }
 
     /// A direct path that never takes a frame (a full socket).
     struct Full;
+
+    /// A direct path that sends the frame whole while its link closes (the
+    /// reader saw the peer go meanwhile).
+    struct SentAsItCloses(std::sync::OnceLock<std::sync::Weak<Link>>);
+
+    impl DirectSend for SentAsItCloses {
+        fn try_send(&self, _: &Frame) -> Result<Direct, crate::van::VanError> {
+            if let Some(link) = self.0.get().and_then(std::sync::Weak::upgrade) {
+                link.close("peer gone");
+            }
+            Ok(Direct::Sent)
+        }
+    }
 
     impl DirectSend for Full {
         fn try_send(&self, _: &Frame) -> Result<Direct, crate::van::VanError> {

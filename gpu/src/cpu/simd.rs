@@ -3,7 +3,7 @@
 //! quantize). Each returns false where it does not apply, and the caller
 //! runs the portable path; both give the same bits.
 //!
-//! This is the crate's only unsafe code: unaligned vector loads and stores
+//! The unsafe code here: unaligned vector loads and stores
 //! within bounds checked on entry, in functions compiled for AVX2 and called
 //! only after `is_x86_feature_detected!("avx2")`.
 

@@ -8,8 +8,9 @@
 //! cores are all busy (a server's socket threads, a worker's waiters) that
 //! cost a sleep and a wake-up per call and kept two more threads runnable.
 //! Here the caller works too, and takes every chunk no helper took: a call
-//! never waits for a helper to be scheduled, only for chunks a helper has
-//! started. Helpers sleep as soon as no chunk is left.
+//! never waits for a helper to start, only for chunks a helper has started
+//! (and, if that helper is preempted meanwhile, until it runs again: the
+//! caller then spins and yields). Helpers sleep as soon as no chunk is left.
 //!
 //! # States and orderings
 //!
@@ -26,12 +27,14 @@
 //! for a chunk it claimed below `n`, and the caller returns only after
 //! `done == n`, that is after every such call has returned. A helper that
 //! wakes late claims past `n` and touches only the job's counters, which
-//! its `Arc` keeps. A chunk that panics is counted as done and the caller
-//! panics after the wait (a kernel's chunks index checked slices: a panic
-//! is a bug), so no wait outlives its chunks.
+//! its `Arc` keeps. The caller's wait is in a drop guard made before the
+//! helpers are woken, so an unwind out of the call still waits. A chunk
+//! that panics is counted as done, its payload kept (not dropped on the
+//! chunk's thread), and the caller raises it again after the wait (a
+//! kernel's chunks index checked slices: a panic is a bug).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -48,7 +51,8 @@ struct Job {
     n: usize,
     next: AtomicUsize,
     done: AtomicUsize,
-    panicked: AtomicBool,
+    /// The first chunk's panic, raised again on the caller.
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 // SAFETY: `run` points to a `Sync` closure, called only while its call
@@ -71,11 +75,41 @@ impl Job {
             // alive, and shared (`Sync`) between the threads running chunks.
             #[allow(unsafe_code)]
             let run = unsafe { &*self.run };
-            if catch_unwind(AssertUnwindSafe(|| run(i))).is_err() {
-                self.panicked.store(true, Ordering::Relaxed);
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| run(i))) {
+                // Kept, not dropped here: a payload's drop could panic
+                // again, and this thread must reach `done` below.
+                let mut first = self.panic.lock().unwrap_or_else(|e| e.into_inner());
+                match *first {
+                    None => *first = Some(payload),
+                    Some(_) => std::mem::forget(payload),
+                }
             }
             self.done.fetch_add(1, Ordering::Release);
         }
+    }
+
+    /// Spins (yielding now and then) until every chunk is done.
+    fn wait(&self) {
+        let mut spins: u32 = 0;
+        while self.done.load(Ordering::Acquire) < self.n {
+            spins = spins.wrapping_add(1);
+            if spins % WAIT_SPINS == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+}
+
+/// Waits for every chunk of its job when dropped, so that the caller's
+/// frame (the closure and what it borrows) outlives every chunk even if
+/// the caller unwinds between publishing the job and its own wait.
+struct WaitAll<'a>(&'a Job);
+
+impl Drop for WaitAll<'_> {
+    fn drop(&mut self) {
+        self.0.wait();
     }
 }
 
@@ -159,34 +193,29 @@ impl Helpers {
             n,
             next: AtomicUsize::new(0),
             done: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
+            panic: Mutex::new(None),
         });
         {
             let mut st = self.lock();
             st.job = Some(job.clone());
             st.published += 1;
         }
+        let waited = WaitAll(&job);
         self.shared.wake.notify_all();
         job.work();
-        let mut spins = 0;
-        while job.done.load(Ordering::Acquire) < n {
-            spins += 1;
-            if spins % WAIT_SPINS == 0 {
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
-        }
+        drop(waited);
         {
             let mut st = self.lock();
             if st.job.as_ref().is_some_and(|j| Arc::ptr_eq(j, &job)) {
                 st.job = None;
             }
         }
-        assert!(
-            !job.panicked.load(Ordering::Relaxed),
-            "a CPU kernel's chunk panicked (a bug in the kernel)"
-        );
+        let panic = job.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(payload) = panic {
+            // A chunk panicked (a bug in the kernel): on the caller, as if
+            // the chunk had run here.
+            std::panic::resume_unwind(payload);
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -275,7 +304,9 @@ mod tests {
                 ran.fetch_add(1, Ordering::Relaxed);
             })
         }));
-        assert!(r.is_err());
+        // The chunk's own panic, raised on the caller.
+        let payload = r.expect_err("the call panics");
+        assert_eq!(payload.downcast_ref::<&str>(), Some(&"planted"));
         assert_eq!(ran.load(Ordering::Relaxed), 7);
         // The helpers still serve later calls.
         let mut out = [0u8; 4];
