@@ -15,6 +15,12 @@ round, one message per tensor and server (each tensor split evenly over
 the servers, as a parameter server shards it), the last tensor first.
 Prints one line per workload: the median round time over the clients, and
 `RESULT {json}` with the same fields as `pskv bench`'s cases.
+
+--sum: the servers also sum: each answers every worker with the sum of all
+workers' pushes of the tensor (float32, in rank order, numpy's `add` at
+memory speed, the tensors shared out among the server's threads), so the
+floor does a parameter server's aggregation too. Needs numpy (the MXNet
+venv of ../shared/peers has it).
 """
 import argparse
 import json
@@ -48,28 +54,36 @@ def send_msg(s, payload):
         s.sendall(payload[sent - len(hdr):])
 
 
-def serve(listener, workers, parts, rounds):
+def serve(listener, workers, parts, rounds, add):
     """A thread per worker (a client sends to every server in turn, so a
     server that read its clients one after the other could wait on a client
     blocked on another server): each round, receive the worker's push, wait
-    until every worker's is in, answer."""
+    until every worker's is in, answer. With `add`, the answer is the sum
+    of the workers' pushes, summed between two barriers: thread r sums the
+    tensors j with j % workers == r."""
     conns = [listener.accept()[0] for _ in range(workers)]
     everyone = threading.Barrier(workers)
+    bufs = [[memoryview(bytearray(p)) for p in parts] for _ in conns]
+    sums = [memoryview(bytearray(p)) for p in parts] if add else None
 
-    def one(c):
+    def one(rank, c):
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        bufs = [memoryview(bytearray(p)) for p in parts]
+        mine = bufs[rank]
         hdr = memoryview(bytearray(8))
         for _ in range(rounds):
-            for b in bufs:
+            for b in mine:
                 recv_exact(c, hdr)
                 recv_exact(c, b)
             everyone.wait(timeout=600)
-            for b in bufs:
+            if add:
+                for j in range(rank, len(parts), workers):
+                    add([bufs[w][j] for w in range(workers)], sums[j])
+                everyone.wait(timeout=600)
+            for b in (sums if add else mine):
                 send_msg(c, b)
         c.close()
 
-    ts = [threading.Thread(target=one, args=(c,)) for c in conns]
+    ts = [threading.Thread(target=one, args=(r, c)) for r, c in enumerate(conns)]
     for t in ts:
         t.start()
     for t in ts:
@@ -77,8 +91,11 @@ def serve(listener, workers, parts, rounds):
 
 
 def pattern(n):
-    """n bytes of a repeating non-zero pattern, every page written."""
-    return (bytes(range(1, 256)) * (n // 255 + 1))[:n]
+    """n bytes of a repeating non-zero pattern, every page written: float32
+    values from 1 to 2 (normal numbers, so that `--sum` adds at full speed,
+    as a gradient's would)."""
+    block = struct.pack("<255f", *(1.0 + k / 256 for k in range(255)))
+    return (block * (n // len(block) + 1))[:n]
 
 
 def client(ports, parts, rounds, q):
@@ -111,7 +128,23 @@ def client(ports, parts, rounds, q):
     q.put(statistics.median(ts[len(ts) // 5:]))
 
 
-def run(workers, servers, sizes, rounds):
+def numpy_add():
+    """`add(inputs, out)`: out = ((in0 + in1) + in2) + ... as float32."""
+    try:
+        import numpy as np
+    except ImportError:
+        raise SystemExit("--sum needs numpy (try the MXNet venv of ../shared/peers)")
+
+    def add(inputs, out):
+        o = np.frombuffer(out, dtype=np.float32)
+        ins = [np.frombuffer(i, dtype=np.float32) for i in inputs]
+        np.add(ins[0], ins[1], out=o)
+        for i in ins[2:]:
+            np.add(o, i, out=o)
+    return add
+
+
+def run(workers, servers, sizes, rounds, add=None):
     """One workload: `sizes` (bytes per tensor, in send order), each split
     over the servers. The mean over clients of their median round."""
     parts = [[n // servers + (1 if k < n % servers else 0) for n in sizes]
@@ -122,7 +155,7 @@ def run(workers, servers, sizes, rounds):
         l.bind(("127.0.0.1", 0))
         l.listen(64)
         listeners.append(l)
-        srvs.append(mp.Process(target=serve, args=(l, workers, parts[k], rounds)))
+        srvs.append(mp.Process(target=serve, args=(l, workers, parts[k], rounds, add)))
     for p in srvs:
         p.start()
     q = mp.Queue()
@@ -145,7 +178,10 @@ def main():
     ap.add_argument("--sizes", default="4194304,33554432")
     ap.add_argument("--tensors", default=None)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--sum", action="store_true",
+                    help="the servers sum the pushes (float32, numpy)")
     a = ap.parse_args()
+    add = numpy_add() if a.sum else None
     loads = []
     if a.tensors:
         ts = json.load(open(a.tensors))
@@ -155,11 +191,11 @@ def main():
         loads += [("%dB" % n, [n]) for n in (int(x) for x in a.sizes.split(","))]
     cases = []
     for name, sizes in loads:
-        m = run(a.workers, a.servers, sizes, a.rounds)
+        m = run(a.workers, a.servers, sizes, a.rounds, add)
         total = sum(sizes)
-        print("raw tcp, %d clients, %d servers, %s (%d bytes in %d tensors): %.2f ms per round"
-              " (%.3f GB/s per client)" % (a.workers, a.servers, name, total, len(sizes), m * 1e3,
-                                           total / m / 1e9), flush=True)
+        print("raw tcp%s, %d clients, %d servers, %s (%d bytes in %d tensors): %.2f ms per round"
+              " (%.3f GB/s per client)" % (" with sums" if add else "", a.workers, a.servers, name,
+                                           total, len(sizes), m * 1e3, total / m / 1e9), flush=True)
         cases.append({"case": name, "bytes": total, "nkeys": len(sizes), "iters": a.rounds,
                       "check_ok": True, "median_us": m * 1e6,
                       "algbw_gbps_median": total / m / 1e9})
