@@ -15,7 +15,8 @@ With --model, the one case is a model's whole gradient set (`pskv bench
 --model`; MXNet and MPI through scripts/model_peers.py, the same tensors in
 the same order). Every run also measures the floor of a parameter-server
 round over plain TCP sockets (scripts/raw_tcp_ps.py: the same bytes, no
-summing) for the 4 MiB and 32 MiB cases or the model.
+summing) for the 4 MiB and 32 MiB cases or the model, and, with the peers,
+the same floor whose servers also sum (`--sum`, in the MXNet venv).
 
 With --pskv-before, a second pskv build (an older commit's `pskv`) runs
 interleaved with the first, each run right before its twin, and the report
@@ -115,10 +116,17 @@ def mpi_run(np_, mode, tensors):
     return None
 
 
-def floor_run(w, s, tensors):
-    """The plain-socket floor (scripts/raw_tcp_ps.py)."""
-    cmd = [sys.executable, os.path.join(HERE, "raw_tcp_ps.py"), "--workers", str(w),
-           "--servers", str(s)]
+def floor_run(w, s, tensors, summed=False):
+    """The plain-socket floor (scripts/raw_tcp_ps.py); `summed`: the floor
+    whose servers also sum (`--sum`, numpy: run with the MXNet venv's
+    Python)."""
+    py = sys.executable
+    if summed:
+        from model_peers import MXPY
+        py = MXPY
+    cmd = [py, os.path.join(HERE, "raw_tcp_ps.py"), "--workers", str(w), "--servers", str(s)]
+    if summed:
+        cmd.append("--sum")
     if tensors:
         cmd += ["--tensors", tensors, "--rounds", "12"]
     else:
@@ -260,6 +268,8 @@ def main():
             configs.append(("mpi", w, 0, "shm", False))
             configs.append(("mpi", w, 0, "tcp", False))
         configs.append(("floor", w, s, "tcp", False))
+        if not a.skip_peers:
+            configs.append(("floor", w, s, "tcp", True))
     runs = {c: [] for c in configs}
     for rep in range(a.reps):
         for c in configs:
@@ -272,7 +282,7 @@ def main():
             elif sysname == "mxnet":
                 r = mxnet_run(w, s, comp, a.out, tag, tensors)
             elif sysname == "floor":
-                r = floor_run(w, s, tensors)
+                r = floor_run(w, s, tensors, summed=comp)
             else:
                 r = mpi_run(w, van, tensors)
             print("rep %d %-5s %s: %s (%.0f s)" % (rep, sysname, tag,
@@ -296,13 +306,13 @@ def main():
                 for who in ["before", "pskv"]]
         cols += [("mxnet", w, s, "zmq", False), ("mxnet", w, s, "zmq", True),
                  ("mpi", w, 0, "shm", False), ("mpi", w, 0, "tcp", False),
-                 ("floor", w, s, "tcp", False)]
+                 ("floor", w, s, "tcp", False), ("floor", w, s, "tcp", True)]
         cols = [c for c in cols if c in med]
         names = {("pskv", "tcp", False): "pskv tcp", ("pskv", "shm", False): "pskv shm",
                  ("pskv", "tcp", True): "pskv tcp 2-bit", ("pskv", "shm", True): "pskv shm 2-bit",
                  ("mxnet", "zmq", False): "MXNet", ("mxnet", "zmq", True): "MXNet 2-bit",
                  ("mpi", "shm", False): "MPI shm", ("mpi", "tcp", False): "MPI tcp",
-                 ("floor", "tcp", False): "TCP floor"}
+                 ("floor", "tcp", False): "TCP floor", ("floor", "tcp", True): "TCP floor with sums"}
         for (van, comp) in [("tcp", False), ("shm", False), ("tcp", True), ("shm", True)]:
             names[("before", van, comp)] = "before " + names[("pskv", van, comp)]
         hdr = [names[(c[0], c[3], c[4])] for c in cols]
@@ -318,6 +328,8 @@ def main():
             ratio_cols.append(("pskv shm / MPI shm", ("pskv", w, s, "shm", False), ("mpi", w, 0, "shm", False)))
         if ("floor", w, s, "tcp", False) in med and ("pskv", w, s, "tcp", False) in med:
             ratio_cols.append(("pskv tcp / TCP floor", ("pskv", w, s, "tcp", False), ("floor", w, s, "tcp", False)))
+        if ("floor", w, s, "tcp", True) in med and ("pskv", w, s, "tcp", False) in med:
+            ratio_cols.append(("pskv tcp / floor with sums", ("pskv", w, s, "tcp", False), ("floor", w, s, "tcp", True)))
         lines.append("| case | " + " | ".join(hdr + [r[0] for r in ratio_cols]) + " |")
         lines.append("|---|" + "---:|" * (len(hdr) + len(ratio_cols)))
         for case in CASES:
