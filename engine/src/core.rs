@@ -1,5 +1,5 @@
 //! The shared core of an engine: how ops are pushed onto vars, dispatched to
-//! an executor, run, and finished. `Engine` (in `engine.rs`) is the public face.
+//! an executor, run, and finished. `Engine` (in `engine/`) is the public face.
 //!
 //! # Pending count
 //!

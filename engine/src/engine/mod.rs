@@ -1,19 +1,21 @@
-//! [`Engine`]: the public face of the dependency engine.
+//! [`Engine`]: the public face of the dependency engine. This file: the
+//! handle, its pushes and its profile; `waits.rs` the waits and var
+//! deletion; `shutdown.rs` what the last handle's drop does.
+
+mod shutdown;
+mod waits;
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use crate::config::{EngineBuilder, EngineConfig, EngineKind};
 use crate::core::{self, Core, Executor, Pools};
 use crate::core_ref::Held;
 use crate::error::{EngineError, OpError};
 use crate::graph::OpGraph;
-use crate::op::{AsyncBody, BodyCell, Completion, Context, OpSpec, Property, RunContext, SyncBody};
+use crate::op::{AsyncBody, BodyCell, Completion, OpSpec, RunContext, SyncBody};
 use crate::profiler::{write_chrome_trace, TraceEvent};
-use crate::var::Var;
-use crate::wait::{Latch, VarReady};
 
 /// The dependency engine: runs closures when the vars they read and write
 /// allow, on worker pools per device, highest priority first.
@@ -142,7 +144,7 @@ impl Engine {
     /// As [`Engine::push_sync`], but the op runs even when a var it names
     /// holds a failure (any other op is then skipped, failing with it). For
     /// ops that settle failures: take them from the vars
-    /// ([`Var::take_failure`]) and report them elsewhere, so that they are
+    /// ([`Var::take_failure`](crate::Var::take_failure)) and report them elsewhere, so that they are
     /// reported once and the vars are usable again.
     ///
     /// ```
@@ -169,7 +171,7 @@ impl Engine {
 
     /// Runs `f` as [`Engine::push_settle`]'s op of `spec` would run, but
     /// now, on this thread, inside this call, if it can run here at once:
-    /// `spec`'s property is [`Property::Async`] and every var it names
+    /// `spec`'s property is [`Property::Async`](crate::Property::Async) and every var it names
     /// grants it now (no op on a var it writes runs or waits; no write on a
     /// var it reads runs or waits); else gives `f` back untouched, to be
     /// pushed (`push_settle(spec.clone(), ...)`). For a caller that keeps a
@@ -308,131 +310,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Deletes a var: it is marked deleted now (later pushes that name it are
-    /// refused) and released after every op pushed on it before has finished.
-    pub fn delete_var(&self, var: &Var) -> Result<(), EngineError> {
-        self.delete_var_with(var, |_| {})
-    }
-
-    /// As [`Engine::delete_var`], running `free` (for example, to release the
-    /// var's buffer) after every op pushed on the var before has finished.
-    pub fn delete_var_with<F>(&self, var: &Var, free: F) -> Result<(), EngineError>
-    where
-        F: FnOnce(RunContext<'_>) + Send + 'static,
-    {
-        let spec = OpSpec::new(core::internal_name(self.core(), "delete_var", var))
-            .write(var)
-            .property(Property::DeleteVar);
-        if var.mark_deleted() {
-            return Err(EngineError::VarDeleted {
-                op: spec.name.into_owned(),
-                var: var.id(),
-            });
-        }
-        // Pushed as no-skip: a failure stored on the var must not keep the
-        // free function from running.
-        let spec = spec.context(Context::Cpu);
-        let core = self.core();
-        core::prepare_pool(core, &spec)?;
-        push_internal(core, spec, move |ctx: RunContext<'_>| {
-            free(ctx);
-            Ok(())
-        });
-        Ok(())
-    }
-
-    /// Pushes the internal op that sets `latch` once every write pushed on
-    /// `var` so far (and every op before those writes) has finished.
-    fn push_wait(&self, var: &Var, latch: &Arc<Latch>) -> Result<(), EngineError> {
-        let core = self.core();
-        if core.shutting_down.load(Ordering::Acquire) {
-            return Err(EngineError::ShutDown {
-                op: format!("wait_for_var({})", var.describe()),
-            });
-        }
-        let spec = OpSpec::new(core::internal_name(core, "wait_for_var", var))
-            .read(var)
-            .property(Property::Async);
-        let latch = latch.clone();
-        push_internal(core, spec, move |_: RunContext<'_>| {
-            latch.set();
-            Ok(())
-        });
-        Ok(())
-    }
-
-    /// Blocks until every write pushed on `var` so far has finished (and so
-    /// every op pushed before the last of them), then returns the failure
-    /// stored on the var, if any (and clears it: each failure is reported
-    /// once per var). Waits at most the configured wait timeout.
-    ///
-    /// Subtle: the wait is a read of the var, as MXNet's `WaitToRead` is, so
-    /// it does not wait for reads pushed after the last write: those may
-    /// still be running when it returns. To wait for a read op, have the op
-    /// signal its own completion, or wait on a var it writes.
-    pub fn wait_for_var(&self, var: &Var) -> Result<(), EngineError> {
-        self.wait_for_var_inner(var, self.core().config.wait_timeout)
-    }
-
-    /// As [`Engine::wait_for_var`] with its own time limit.
-    pub fn wait_for_var_timeout(&self, var: &Var, timeout: Duration) -> Result<(), EngineError> {
-        self.wait_for_var_inner(var, Some(timeout))
-    }
-
-    fn wait_for_var_inner(&self, var: &Var, timeout: Option<Duration>) -> Result<(), EngineError> {
-        let latch = Latch::new();
-        self.push_wait(var, &latch)?;
-        if !latch.wait(timeout) {
-            // Only a wait with a limit gives up, at that limit (no clock
-            // read per wait for the message's sake).
-            return Err(EngineError::Timeout {
-                what: describe_pending(var),
-                after: timeout.unwrap_or_default(),
-            });
-        }
-        match var.take_failure() {
-            Some(f) => Err(EngineError::Op(f)),
-            None => Ok(()),
-        }
-    }
-
-    /// A future that resolves like [`Engine::wait_for_var`] without blocking a
-    /// thread; for tokio and other async code.
-    pub fn var_ready(&self, var: &Var) -> VarReady {
-        let latch = Latch::new();
-        VarReady {
-            state: match self.push_wait(var, &latch) {
-                Ok(()) => Ok((latch, var.clone())),
-                Err(e) => Err(Some(e)),
-            },
-        }
-    }
-
-    /// Blocks until every op pushed so far has finished (and any op they
-    /// push), then returns the first failure recorded since the last
-    /// `wait_for_all` that is still stored on a var (or that belongs to an op
-    /// that writes no var) and that no wait or settle op took from a var
-    /// (those reached a caller already), and clears every recorded failure
-    /// from its vars.
-    /// Waits at most the configured wait timeout.
-    pub fn wait_for_all(&self) -> Result<(), EngineError> {
-        self.wait_for_all_inner(self.core().config.wait_timeout)
-    }
-
-    /// As [`Engine::wait_for_all`] with its own time limit.
-    pub fn wait_for_all_timeout(&self, timeout: Duration) -> Result<(), EngineError> {
-        self.wait_for_all_inner(Some(timeout))
-    }
-
-    fn wait_for_all_inner(&self, timeout: Option<Duration>) -> Result<(), EngineError> {
-        let core = self.core();
-        core.wait_idle(timeout)?;
-        match core.take_failures() {
-            Some(f) => Err(EngineError::Op(f)),
-            None => Ok(()),
-        }
-    }
-
     /// Ops pushed and not yet finished (read from two counters one after
     /// the other: at least the number pending when the call began, perhaps
     /// more than at any one instant while ops are pushed and finished).
@@ -511,102 +388,11 @@ where
     }
 }
 
-/// What a wait on `var` is still waiting for, for a timeout message.
-fn describe_pending(var: &Var) -> String {
-    let q = var.0.queue.lock();
-    let (reads, write, queued) = q.pending();
-    let mut s = format!(
-        "{} ({} running read(s), {} running write, {} queued",
-        var.describe(),
-        reads,
-        if write { "a" } else { "no" },
-        queued.saturating_sub(1) // the wait itself is queued
-    );
-    let names: Vec<String> = q
-        .waiting()
-        .take(3)
-        .map(|op| format!("'{}'", op.name))
-        .collect();
-    if !names.is_empty() {
-        s.push_str(&format!("; next: {}", names.join(", ")));
-    }
-    s.push(')');
-    s
-}
-
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
             .field("kind", &self.kind())
             .field("pending", &self.pending())
             .finish()
-    }
-}
-
-impl Drop for Owner {
-    fn drop(&mut self) {
-        // Subtle: the last handle can go inside an op closure (one that
-        // captured an `Engine`), on a worker of this very engine or inside an
-        // inline op. Shutting down there would wait for the op that is running
-        // the shutdown; so hand the shutdown to a thread of its own.
-        if crate::pool::is_worker_of(self.core.id) || crate::inline::is_active() {
-            let core = self.core.clone();
-            let spawned = std::thread::Builder::new()
-                .name("pskv-engine-shutdown".into())
-                .spawn(move || shutdown(&core));
-            if spawned.is_ok() {
-                return;
-            }
-        }
-        shutdown(&self.core);
-    }
-}
-
-fn shutdown(core: &Arc<Core>) {
-    // The ops failed below finish on this thread, which holds the core.
-    let _held = Held::by_handle(core);
-    core.shutting_down.store(true, Ordering::Release);
-    // Whether ops or workers may still use the core after this returns: then
-    // it is never freed (C1 in `core_ref.rs`: ops do not count it).
-    let mut leak = false;
-    if let Err(e) = core.wait_idle(Some(core.config.shutdown_timeout)) {
-        tracing::warn!("engine shutdown: {e}; failing the ops that cannot run");
-        leak = true;
-    }
-    if let Executor::Threaded(pools) = &core.executor {
-        for pool in pools.all() {
-            for op in pool.stop() {
-                crate::inline::run(crate::inline::Task::Stop(op));
-            }
-        }
-        let deadline = Instant::now() + crate::pool::JOIN_GRACE;
-        for pool in pools.all() {
-            let busy = pool.join(deadline);
-            if !busy.is_empty() {
-                leak = true;
-                tracing::warn!(
-                        "engine shutdown: worker(s) {busy:?} are still inside an op closure; left detached"
-                    );
-            }
-        }
-    }
-    if let Some(path) = core
-        .config
-        .profile_path
-        .as_ref()
-        .filter(|_| core.profiler.mark_flushed())
-    {
-        let events = core.profiler.take();
-        if let Err(e) = write_chrome_trace(&events, path) {
-            tracing::warn!("engine shutdown: {e}");
-        }
-    }
-    if let Some(f) = core.take_failures() {
-        tracing::warn!("engine shutdown: a failure was never waited for: {f}");
-    }
-    if leak {
-        // Subtle: not `core.pending() > 0` alone: a worker left detached may
-        // be inside a closure of an op already counted.
-        std::mem::forget(core.clone());
     }
 }
