@@ -269,7 +269,7 @@ def main():
             configs.append(("mpi", w, 0, "tcp", False))
         configs.append(("floor", w, s, "tcp", False))
         if not a.skip_peers:
-            configs.append(("floor", w, s, "tcp", True))
+            configs.append(("floorsum", w, s, "tcp", False))
     runs = {c: [] for c in configs}
     for rep in range(a.reps):
         for c in configs:
@@ -281,11 +281,11 @@ def main():
                 r = pskv_run(exe, w, s, van, comp, a.out, sysname + "-" + tag, a.model)
             elif sysname == "mxnet":
                 r = mxnet_run(w, s, comp, a.out, tag, tensors)
-            elif sysname == "floor":
-                r = floor_run(w, s, tensors, summed=comp)
+            elif sysname in ("floor", "floorsum"):
+                r = floor_run(w, s, tensors, summed=sysname == "floorsum")
             else:
                 r = mpi_run(w, van, tensors)
-            print("rep %d %-5s %s: %s (%.0f s)" % (rep, sysname, tag,
+            print("rep %d %-8s %s: %s (%.0f s)" % (rep, sysname, tag,
                   "ok" if r else "FAILED", time.time() - t0), file=sys.stderr, flush=True)
             if r:
                 runs[c].append(r)
@@ -306,13 +306,13 @@ def main():
                 for who in ["before", "pskv"]]
         cols += [("mxnet", w, s, "zmq", False), ("mxnet", w, s, "zmq", True),
                  ("mpi", w, 0, "shm", False), ("mpi", w, 0, "tcp", False),
-                 ("floor", w, s, "tcp", False), ("floor", w, s, "tcp", True)]
+                 ("floor", w, s, "tcp", False), ("floorsum", w, s, "tcp", False)]
         cols = [c for c in cols if c in med]
         names = {("pskv", "tcp", False): "pskv tcp", ("pskv", "shm", False): "pskv shm",
                  ("pskv", "tcp", True): "pskv tcp 2-bit", ("pskv", "shm", True): "pskv shm 2-bit",
                  ("mxnet", "zmq", False): "MXNet", ("mxnet", "zmq", True): "MXNet 2-bit",
                  ("mpi", "shm", False): "MPI shm", ("mpi", "tcp", False): "MPI tcp",
-                 ("floor", "tcp", False): "TCP floor", ("floor", "tcp", True): "TCP floor with sums"}
+                 ("floor", "tcp", False): "TCP floor", ("floorsum", "tcp", False): "TCP floor with sums"}
         for (van, comp) in [("tcp", False), ("shm", False), ("tcp", True), ("shm", True)]:
             names[("before", van, comp)] = "before " + names[("pskv", van, comp)]
         hdr = [names[(c[0], c[3], c[4])] for c in cols]
@@ -328,8 +328,8 @@ def main():
             ratio_cols.append(("pskv shm / MPI shm", ("pskv", w, s, "shm", False), ("mpi", w, 0, "shm", False)))
         if ("floor", w, s, "tcp", False) in med and ("pskv", w, s, "tcp", False) in med:
             ratio_cols.append(("pskv tcp / TCP floor", ("pskv", w, s, "tcp", False), ("floor", w, s, "tcp", False)))
-        if ("floor", w, s, "tcp", True) in med and ("pskv", w, s, "tcp", False) in med:
-            ratio_cols.append(("pskv tcp / floor with sums", ("pskv", w, s, "tcp", False), ("floor", w, s, "tcp", True)))
+        if ("floorsum", w, s, "tcp", False) in med and ("pskv", w, s, "tcp", False) in med:
+            ratio_cols.append(("pskv tcp / floor with sums", ("pskv", w, s, "tcp", False), ("floorsum", w, s, "tcp", False)))
         lines.append("| case | " + " | ".join(hdr + [r[0] for r in ratio_cols]) + " |")
         lines.append("|---|" + "---:|" * (len(hdr) + len(ratio_cols)))
         for case in CASES:

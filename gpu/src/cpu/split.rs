@@ -129,6 +129,12 @@ struct Shared {
     wake: Condvar,
 }
 
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// The helper threads of a `CpuKernels` (threads - 1 of them: the caller
 /// is the other).
 pub(super) struct Helpers {
@@ -219,7 +225,7 @@ impl Helpers {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.lock()
     }
 }
 
@@ -237,7 +243,7 @@ fn helper_loop(shared: &Shared) {
     let mut seen = 0;
     loop {
         let job = {
-            let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = shared.lock();
             loop {
                 if st.stop {
                     return;
