@@ -36,7 +36,7 @@
 use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -45,107 +45,22 @@ use smallvec::SmallVec;
 use crate::config::{EngineConfig, EngineKind};
 use crate::core_ref::{CoreRef, Held};
 use crate::error::{panic_message, EngineError, FailureCause, OpFailure};
+use crate::executor::{Executor, MAX_GPUS};
 use crate::graph::GraphRecorder;
 use crate::inline;
 use crate::op::{
-    BodyCell, Context, Op, OpRef, OpSpec, Property, Ran, RunContext, EXECUTING, FINISHED,
-    GATE_ASYNC, GATE_FRESH, GATE_GAVE_UP, GATE_LATE, GATE_STARTED, RUNNING,
+    BodyCell, Context, Op, OpRef, OpSpec, Ran, RunContext, EXECUTING, FINISHED, GATE_ASYNC,
+    GATE_FRESH, GATE_GAVE_UP, GATE_LATE, GATE_STARTED, RUNNING,
 };
-use crate::pool::Pool;
 use crate::profiler::Profiler;
 use crate::sync::Padded;
 use crate::var::{Access, Var, VarInner};
-
-/// The highest number of GPU ids an engine serves.
-pub const MAX_GPUS: u32 = 64;
 
 static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A new process-wide engine id.
 pub(crate) fn next_engine_id() -> u64 {
     NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Where ready ops go.
-pub(crate) enum Executor {
-    /// Worker pools per device (the threaded engine).
-    Threaded(Pools),
-    /// Every op runs inline at push (the naive engine).
-    Naive,
-}
-
-/// The worker pools of the threaded engine. GPU pools start on first use.
-pub(crate) struct Pools {
-    engine_id: u64,
-    pub(crate) cpu: Pool,
-    pub(crate) cpu_priority: Pool,
-    gpus: Vec<OnceLock<GpuPools>>,
-    gpu_start: Mutex<()>,
-    gpu_threads: usize,
-    gpu_copy_threads: usize,
-}
-
-pub(crate) struct GpuPools {
-    pub(crate) compute: Pool,
-    pub(crate) copy: Pool,
-}
-
-impl Pools {
-    pub(crate) fn start(engine_id: u64, cfg: &EngineConfig) -> Result<Pools, EngineError> {
-        Ok(Pools {
-            engine_id,
-            cpu: Pool::start(engine_id, "cpu", cfg.cpu_threads)?,
-            cpu_priority: Pool::start(engine_id, "cpu-prio", cfg.cpu_priority_threads)?,
-            gpus: (0..MAX_GPUS).map(|_| OnceLock::new()).collect(),
-            gpu_start: Mutex::new(()),
-            gpu_threads: cfg.gpu_threads,
-            gpu_copy_threads: cfg.gpu_copy_threads,
-        })
-    }
-
-    fn gpu(&self, n: u32) -> Result<&GpuPools, EngineError> {
-        let slot = &self.gpus[n as usize];
-        if let Some(p) = slot.get() {
-            return Ok(p);
-        }
-        let _guard = self.gpu_start.lock();
-        if let Some(p) = slot.get() {
-            return Ok(p);
-        }
-        let pools = GpuPools {
-            compute: Pool::start(self.engine_id, &format!("gpu{n}"), self.gpu_threads)?,
-            copy: Pool::start(
-                self.engine_id,
-                &format!("gpu{n}-copy"),
-                self.gpu_copy_threads,
-            )?,
-        };
-        Ok(slot.get_or_init(|| pools))
-    }
-
-    /// The pool an op runs on (None: run inline). Starts GPU pools on first use.
-    fn pool_for(&self, ctx: Context, prop: Property) -> Result<Option<&Pool>, EngineError> {
-        Ok(match (prop, ctx) {
-            (Property::Async | Property::DeleteVar, _) => None,
-            (Property::CpuPrioritized, Context::Cpu | Context::CpuPinned(_)) => {
-                Some(&self.cpu_priority)
-            }
-            (_, Context::Cpu | Context::CpuPinned(_)) => Some(&self.cpu),
-            (Property::CopyToDevice | Property::CopyFromDevice, Context::Gpu(n)) => {
-                Some(&self.gpu(n)?.copy)
-            }
-            (_, Context::Gpu(n)) => Some(&self.gpu(n)?.compute),
-        })
-    }
-
-    pub(crate) fn all(&self) -> impl Iterator<Item = &Pool> {
-        [&self.cpu, &self.cpu_priority].into_iter().chain(
-            self.gpus
-                .iter()
-                .filter_map(|g| g.get())
-                .flat_map(|g| [&g.compute, &g.copy]),
-        )
-    }
 }
 
 /// The queue length past which a finish prefetches the op first in line

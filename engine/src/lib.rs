@@ -38,6 +38,7 @@ mod core;
 mod core_ref;
 mod engine;
 mod error;
+mod executor;
 mod graph;
 mod inline;
 mod op;
@@ -52,9 +53,9 @@ mod var;
 mod wait;
 
 pub use crate::config::{spin_budget, EngineBuilder, EngineConfig, EngineKind};
-pub use crate::core::MAX_GPUS;
 pub use crate::engine::Engine;
 pub use crate::error::{EngineError, FailureCause, OpError, OpFailure};
+pub use crate::executor::MAX_GPUS;
 pub use crate::graph::{Dependency, OpGraph, OpNode};
 pub use crate::op::{Access, Completion, Context, OpSpec, Property, RunContext};
 pub use crate::profiler::{chrome_trace_json, write_chrome_trace, TraceEvent};

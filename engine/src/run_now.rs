@@ -49,8 +49,9 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use crate::core::{in_op, release, store_failure, Core, Executor};
+use crate::core::{in_op, release, store_failure, Core};
 use crate::error::{panic_message, FailureCause, OpError, OpFailure};
+use crate::executor::Executor;
 use crate::inline;
 use crate::op::{OpSpec, Property, RunContext, EXECUTING};
 use crate::var::Access;

@@ -10,9 +10,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::config::{EngineBuilder, EngineConfig, EngineKind};
-use crate::core::{self, Core, Executor, Pools};
+use crate::core::{self, Core};
 use crate::core_ref::Held;
 use crate::error::{EngineError, OpError};
+use crate::executor::{Executor, Pools};
 use crate::graph::OpGraph;
 use crate::op::{AsyncBody, BodyCell, Completion, OpSpec, RunContext, SyncBody};
 use crate::profiler::{write_chrome_trace, TraceEvent};

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Owner;
-use crate::core::{Core, Executor};
+use crate::core::Core;
 use crate::core_ref::Held;
+use crate::executor::Executor;
 use crate::profiler::write_chrome_trace;
 
 impl Drop for Owner {
