@@ -43,11 +43,12 @@
 //!   per-link reader ends its one.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use super::futex::{self, Waitv};
 use super::reader::{Reader, Wake};
 use super::ring::WAIT_SLICE;
 use crate::spin::Spin;
@@ -76,15 +77,7 @@ impl Bell {
     /// Makes the thread look again (wakes it if it sleeps).
     pub(crate) fn ring(&self) {
         self.word.fetch_add(1, Ordering::SeqCst);
-        // SAFETY: a futex wake on a word this process owns.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                self.word.as_ptr(),
-                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-                1,
-            );
-        }
+        futex::wake_private(&self.word);
     }
 }
 
@@ -130,7 +123,7 @@ impl Readers {
     /// Whether the kernel lets a node's links be read by one thread
     /// (`futex_waitv`); else each link gets a thread of its own.
     pub(super) fn grouped() -> bool {
-        waitv_works()
+        futex::waitv_works()
     }
 
     /// Reads `reader`'s ring on the node's group thread from now on;
@@ -285,90 +278,12 @@ impl Group {
             }
         }
         if !ready {
-            wait_any(&words, timeout);
+            futex::wait_any(&words, timeout);
         }
         for flag in watched {
             flag.store(0, Ordering::SeqCst);
         }
     }
-}
-
-/// One word of a `futex_waitv` (the kernel's `struct futex_waitv`).
-#[repr(C)]
-struct Waitv {
-    val: u64,
-    uaddr: u64,
-    flags: u32,
-    reserved: u32,
-}
-
-const FUTEX2_SIZE_U32: u32 = 0x02;
-const FUTEX2_PRIVATE: u32 = 128;
-
-impl Waitv {
-    /// A word of this process only.
-    fn private(word: &AtomicU32, val: u32) -> Waitv {
-        Waitv {
-            val: val as u64,
-            uaddr: word.as_ptr() as u64,
-            flags: FUTEX2_SIZE_U32 | FUTEX2_PRIVATE,
-            reserved: 0,
-        }
-    }
-
-    /// A word of a shared mapping (woken by another process).
-    fn shared(word: &AtomicU32, val: u32) -> Waitv {
-        Waitv {
-            val: val as u64,
-            uaddr: word.as_ptr() as u64,
-            flags: FUTEX2_SIZE_U32,
-            reserved: 0,
-        }
-    }
-}
-
-/// Sleeps until a word differs from its value or is woken, or `timeout`
-/// passes; the kernel's error, if any (`EAGAIN` when a word already
-/// differs, `ETIMEDOUT`, `ENOSYS` without `futex_waitv`).
-fn wait_any(words: &[Waitv], timeout: Duration) -> Option<i32> {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: writes the current time into `now`.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    let nanos = now.tv_nsec as u64 + timeout.subsec_nanos() as u64;
-    let until = libc::timespec {
-        tv_sec: now.tv_sec
-            + timeout.as_secs() as libc::time_t
-            + (nanos / 1_000_000_000) as libc::time_t,
-        tv_nsec: (nanos % 1_000_000_000) as libc::c_long,
-    };
-    // SAFETY: `words` are live words (this process's, or of mappings the
-    // caller holds) described as the kernel expects; the kernel only reads
-    // them and `until`.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_futex_waitv,
-            words.as_ptr(),
-            words.len() as libc::c_uint,
-            0 as libc::c_uint,
-            &until as *const libc::timespec,
-            libc::CLOCK_MONOTONIC,
-        )
-    };
-    (r < 0).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
-}
-
-/// Whether this kernel has `futex_waitv` (a wait on a word that already
-/// differs returns `EAGAIN` at once; an old kernel says `ENOSYS`, a
-/// sandbox may say `EPERM`).
-fn waitv_works() -> bool {
-    static WORKS: OnceLock<bool> = OnceLock::new();
-    *WORKS.get_or_init(|| {
-        let word = AtomicU32::new(0);
-        wait_any(&[Waitv::private(&word, 1)], Duration::from_millis(1)) == Some(libc::EAGAIN)
-    })
 }
 
 #[cfg(test)]

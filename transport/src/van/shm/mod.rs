@@ -21,6 +21,7 @@
 //! The TCP connection the link was negotiated on stays open: its end is how
 //! a peer's death is noticed.
 
+mod futex;
 mod group;
 mod heap;
 mod reader;

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::{
-    align64, futex_wake, heap, wait_until, Ring, CONS_WAIT, CONT, DATA_SEQ, HEAD, HEAP_FLAG,
-    LEN_MASK, PROD_WAIT, SPACE_SEQ, TAIL, WRAP,
+    align64, heap, wait_until, Ring, CONS_WAIT, CONT, DATA_SEQ, HEAD, HEAP_FLAG, LEN_MASK,
+    PROD_WAIT, SPACE_SEQ, TAIL, WRAP,
 };
 use crate::link::Link;
 use crate::spin::Spin;
+use crate::van::shm::futex;
 use crate::van::VanError;
 use crate::wire::{decode_header, Limits, HEADER_LEN};
 
@@ -45,7 +46,7 @@ impl Consumer {
         ring.u64_at(TAIL).store(upto, Ordering::SeqCst);
         ring.u32_at(SPACE_SEQ).fetch_add(1, Ordering::SeqCst);
         if ring.u32_at(PROD_WAIT).load(Ordering::SeqCst) != 0 {
-            futex_wake(ring.u32_at(SPACE_SEQ));
+            futex::wake(ring.u32_at(SPACE_SEQ));
         }
     }
 

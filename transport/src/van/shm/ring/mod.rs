@@ -46,6 +46,7 @@ use std::time::Duration;
 
 use memmap2::MmapRaw;
 
+use super::futex;
 use super::heap::{self, HeapWriter, BLOCK};
 use crate::spin::Spin;
 use crate::van::VanError;
@@ -235,30 +236,12 @@ impl Ring {
         self.u32_at(CLOSED).store(1, Ordering::SeqCst);
         self.u32_at(DATA_SEQ).fetch_add(1, Ordering::SeqCst);
         self.u32_at(SPACE_SEQ).fetch_add(1, Ordering::SeqCst);
-        futex_wake(self.u32_at(DATA_SEQ));
-        futex_wake(self.u32_at(SPACE_SEQ));
+        futex::wake(self.u32_at(DATA_SEQ));
+        futex::wake(self.u32_at(SPACE_SEQ));
     }
 
     pub(super) fn is_closed(&self) -> bool {
         self.u32_at(CLOSED).load(Ordering::SeqCst) != 0
-    }
-}
-
-fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
-    // SAFETY: a futex wait on a word of a live mapping; the kernel compares
-    // and sleeps atomically, and returns on any error (EAGAIN, EINTR, ...).
-    unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT,
-            expected,
-            &ts as *const libc::timespec,
-        );
     }
 }
 
@@ -274,13 +257,6 @@ impl Ring {
     /// compares it with its own position, never with the peer's tail).
     pub(super) fn head(&self) -> u64 {
         self.u64_at(HEAD).load(Ordering::Acquire)
-    }
-}
-
-fn futex_wake(word: &AtomicU32) {
-    // SAFETY: a futex wake on a word of a live mapping.
-    unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX);
     }
 }
 
@@ -301,7 +277,7 @@ fn wait_until(
         let seen = ring.u32_at(seq).load(Ordering::SeqCst);
         ring.u32_at(flag).store(1, Ordering::SeqCst);
         if !ready() && !ring.is_closed() {
-            futex_wait(ring.u32_at(seq), seen, WAIT_SLICE);
+            futex::wait(ring.u32_at(seq), seen, WAIT_SLICE);
         }
         ring.u32_at(flag).store(0, Ordering::SeqCst);
         false

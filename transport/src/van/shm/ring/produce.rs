@@ -6,10 +6,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{
-    align64, free_room, futex_wake, heap, wait_until, HeapWriter, Ring, CHUNK_BYTES, CONS_WAIT,
-    CONT, DATA_SEQ, HEAD, HEAP_FLAG, PROD_WAIT, SPACE_SEQ, TAIL, WRAP,
+    align64, free_room, heap, wait_until, HeapWriter, Ring, CHUNK_BYTES, CONS_WAIT, CONT, DATA_SEQ,
+    HEAD, HEAP_FLAG, PROD_WAIT, SPACE_SEQ, TAIL, WRAP,
 };
 use crate::spin::Spin;
+use crate::van::shm::futex;
 use crate::van::{slice_parts, VanError};
 use crate::wire::Frame;
 
@@ -154,7 +155,7 @@ impl Producer {
         self.ring.u64_at(HEAD).store(self.head, Ordering::SeqCst);
         self.ring.u32_at(DATA_SEQ).fetch_add(1, Ordering::SeqCst);
         if self.ring.u32_at(CONS_WAIT).load(Ordering::SeqCst) != 0 {
-            futex_wake(self.ring.u32_at(DATA_SEQ));
+            futex::wake(self.ring.u32_at(DATA_SEQ));
         }
     }
 
