@@ -16,7 +16,11 @@ With --model, the one case is a model's whole gradient set (`pskv bench
 the same order). Every run also measures the floor of a parameter-server
 round over plain TCP sockets (scripts/raw_tcp_ps.py: the same bytes, no
 summing) for the 4 MiB and 32 MiB cases or the model, and, with the peers,
-the same floor whose servers also sum (`--sum`, in the MXNet venv).
+the same floor whose servers also sum (`--sum`, in the MXNet venv). The
+floor's sockets get the send buffer pskv gives its loopback links
+(`PSKV_TCP_SNDBUF`, default 262144): plain sockets gain from it too with
+single large messages and are no slower with a model's (BENCHMARKS.md), so
+the floor stays the faster of the two.
 
 With --pskv-before, a second pskv build (an older commit's `pskv`) runs
 interleaved with the first, each run right before its twin, and the report
@@ -124,7 +128,9 @@ def floor_run(w, s, tensors, summed=False):
     if summed:
         from model_peers import MXPY
         py = MXPY
-    cmd = [py, os.path.join(HERE, "raw_tcp_ps.py"), "--workers", str(w), "--servers", str(s)]
+    sndbuf = os.environ.get("PSKV_TCP_SNDBUF", "262144")
+    cmd = [py, os.path.join(HERE, "raw_tcp_ps.py"), "--workers", str(w), "--servers", str(s),
+           "--sndbuf", sndbuf]
     if summed:
         cmd.append("--sum")
     if tensors:

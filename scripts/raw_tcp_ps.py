@@ -16,6 +16,10 @@ the servers, as a parameter server shards it), the last tensor first.
 Prints one line per workload: the median round time over the clients, and
 `RESULT {json}` with the same fields as `pskv bench`'s cases.
 
+--sndbuf N: every socket's send buffer set to N bytes (SO_SNDBUF, which
+the kernel doubles), as pskv sets its loopback links' (PSKV_TCP_SNDBUF);
+0 (the default): the kernel's autotuning.
+
 --sum: the servers also sum: each answers every worker with the sum of all
 workers' pushes of the tensor (float32, in rank order, numpy's `add` at
 memory speed, the tensors shared out among the server's threads), so the
@@ -54,7 +58,14 @@ def send_msg(s, payload):
         s.sendall(payload[sent - len(hdr):])
 
 
-def serve(listener, workers, parts, rounds, add):
+def tune(s, sndbuf):
+    """TCP_NODELAY, and the send buffer when asked for."""
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sndbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+
+
+def serve(listener, workers, parts, rounds, add, sndbuf):
     """A thread per worker (a client sends to every server in turn, so a
     server that read its clients one after the other could wait on a client
     blocked on another server): each round, receive the worker's push, wait
@@ -67,7 +78,7 @@ def serve(listener, workers, parts, rounds, add):
     sums = [memoryview(bytearray(p)) for p in parts] if add else None
 
     def one(rank, c):
-        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune(c, sndbuf)
         mine = bufs[rank]
         hdr = memoryview(bytearray(8))
         for _ in range(rounds):
@@ -98,12 +109,12 @@ def pattern(n):
     return (block * (n // len(block) + 1))[:n]
 
 
-def client(ports, parts, rounds, q):
+def client(ports, parts, rounds, q, sndbuf):
     """parts[server]: the byte counts of its messages, in round order."""
     socks = []
     for p in ports:
         s = socket.create_connection(("127.0.0.1", p))
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tune(s, sndbuf)
         socks.append(s)
     # Non-zero bytes: a zero-filled `bytes(n)` is calloc'd, so every page
     # of it is the kernel's one shared zero page, which the socket copies
@@ -144,7 +155,7 @@ def numpy_add():
     return add
 
 
-def run(workers, servers, sizes, rounds, add=None):
+def run(workers, servers, sizes, rounds, add=None, sndbuf=0):
     """One workload: `sizes` (bytes per tensor, in send order), each split
     over the servers. The mean over clients of their median round."""
     parts = [[n // servers + (1 if k < n % servers else 0) for n in sizes]
@@ -155,12 +166,13 @@ def run(workers, servers, sizes, rounds, add=None):
         l.bind(("127.0.0.1", 0))
         l.listen(64)
         listeners.append(l)
-        srvs.append(mp.Process(target=serve, args=(l, workers, parts[k], rounds, add)))
+        srvs.append(mp.Process(target=serve, args=(l, workers, parts[k], rounds, add, sndbuf)))
     for p in srvs:
         p.start()
     q = mp.Queue()
     ports = [l.getsockname()[1] for l in listeners]
-    cs = [mp.Process(target=client, args=(ports, parts, rounds, q)) for _ in range(workers)]
+    cs = [mp.Process(target=client, args=(ports, parts, rounds, q, sndbuf))
+          for _ in range(workers)]
     for c in cs:
         c.start()
     meds = [q.get(timeout=600) for _ in cs]
@@ -178,6 +190,8 @@ def main():
     ap.add_argument("--sizes", default="4194304,33554432")
     ap.add_argument("--tensors", default=None)
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--sndbuf", type=int, default=0,
+                    help="SO_SNDBUF of every socket, bytes (0: the kernel's autotuning)")
     ap.add_argument("--sum", action="store_true",
                     help="the servers sum the pushes (float32, numpy)")
     a = ap.parse_args()
@@ -191,7 +205,7 @@ def main():
         loads += [("%dB" % n, [n]) for n in (int(x) for x in a.sizes.split(","))]
     cases = []
     for name, sizes in loads:
-        m = run(a.workers, a.servers, sizes, a.rounds, add)
+        m = run(a.workers, a.servers, sizes, a.rounds, add, a.sndbuf)
         total = sum(sizes)
         print("raw tcp%s, %d clients, %d servers, %s (%d bytes in %d tensors): %.2f ms per round"
               " (%.3f GB/s per client)" % (" with sums" if add else "", a.workers, a.servers, name,

@@ -27,6 +27,7 @@
 //! | `PSKV_MAX_MESSAGE_BYTES` | largest payload accepted in one message | 2 GiB |
 //! | `PSKV_CONNECT_TIMEOUT` | seconds to keep trying to reach the scheduler and to register | 60 |
 //! | `PSKV_IO_THREADS` | I/O threads of the node's runtime | 2 |
+//! | `PSKV_TCP_SNDBUF` | the send buffer of each TCP link to a peer on a loopback address, in bytes (`SO_SNDBUF`, which the kernel doubles for its bookkeeping and caps at twice `net.core.wmem_max`); 0, and every link to another address: the kernel sizes it (`net.ipv4.tcp_wmem`) | 262144 |
 //! | `PSKV_PORT_FD` | a scheduler only: an inherited pipe it writes the port it listens on to (then a newline), once, and closes | unset |
 //! | `PSKV_PROFILE` | also write the transport's profile at shutdown: every request and answer with flow ids (`trace.rs`), to `<role>-<pid>-transport.json` beside the engine's file | off |
 
@@ -35,6 +36,13 @@ use std::time::Duration;
 use crate::error::TransportError;
 use crate::protocol::Role;
 use crate::wire::{Limits, VanId};
+
+/// The default send buffer of a TCP link over loopback (`SO_SNDBUF`; the
+/// kernel makes it 512 KiB). With the kernel's autotuning a socket holds
+/// up to `tcp_wmem`'s maximum (4 MiB by default) of sent bytes that the
+/// receiver has not read, which it then copies from memory rather than
+/// cache (BENCHMARKS.md: "Smaller send buffers over loopback").
+pub const TCP_SEND_BUFFER: usize = 256 << 10;
 
 /// Which van carries data between two nodes.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -129,6 +137,10 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Runtime threads.
     pub io_threads: usize,
+    /// The send buffer (`SO_SNDBUF`), in bytes, of each TCP link to a peer
+    /// on a loopback address; 0 leaves it to the kernel's autotuning, as
+    /// for links to other addresses.
+    pub tcp_send_buffer: usize,
     /// A scheduler only: an inherited pipe to which it writes the port it
     /// listens on (then a newline) and which it then closes, once per
     /// process (anything but a pipe, or a second start, is an error); how a
@@ -177,6 +189,7 @@ impl Config {
             limits: Limits::default(),
             connect_timeout: Duration::from_secs(60),
             io_threads: 2,
+            tcp_send_buffer: TCP_SEND_BUFFER,
             port_fd: None,
         }
     }
@@ -374,6 +387,9 @@ impl Config {
         if let Some(n) = num::<usize>(get, "PSKV_IO_THREADS", "a thread count")? {
             c.io_threads = n.clamp(1, 64);
         }
+        if let Some(n) = num::<usize>(get, "PSKV_TCP_SNDBUF", "a byte count")? {
+            c.tcp_send_buffer = n.min(i32::MAX as usize);
+        }
         if role == Role::Scheduler {
             if let Some(v) = get("PSKV_PORT_FD").filter(|v| !v.trim().is_empty()) {
                 c.port_fd = match v.trim().parse::<i32>() {
@@ -467,6 +483,7 @@ mod tests {
             ("PSKV_TOKEN", "s3cret"),
             ("PSKV_VAN", "tcp"),
             ("PSKV_SHM_READERS", "link"),
+            ("PSKV_TCP_SNDBUF", "0"),
         ]);
         let c = Config::from_lookup(&env(&pairs)).unwrap();
         assert_eq!(c.role, Role::Worker);
@@ -489,6 +506,9 @@ mod tests {
         assert_eq!(c.token.as_deref(), Some("s3cret"));
         assert_eq!(c.van, VanKind::Tcp);
         assert!(c.shm_reader_per_link);
+        assert_eq!(c.tcp_send_buffer, 0);
+        let c = Config::from_lookup(&env(&BASE)).unwrap();
+        assert_eq!(c.tcp_send_buffer, TCP_SEND_BUFFER);
     }
 
     #[test]
@@ -505,6 +525,7 @@ mod tests {
             ("PSKV_SHM_HEAP_BYTES", "4096"),
             ("PSKV_SHM_READERS", "thread"),
             ("PSKV_CONNECT_TIMEOUT", "-1"),
+            ("PSKV_TCP_SNDBUF", "big"),
         ] {
             let mut pairs: Vec<(&str, &str)> =
                 BASE.iter().copied().filter(|(n, _)| *n != k).collect();

@@ -123,7 +123,7 @@ impl Inner {
         addr: &str,
         peer: NodeId,
     ) -> Result<Arc<Link>, TransportError> {
-        let stream = tcp::connect(addr, Duration::from_secs(5))
+        let stream = tcp::connect(addr, Duration::from_secs(5), self.cfg.tcp_send_buffer)
             .await
             .map_err(|e| TransportError::io(format!("connecting to {addr}"), e))?;
         let mut conn = Handshaken::new(stream);
@@ -346,7 +346,9 @@ impl Inner {
         stream: TcpStream,
         addr: SocketAddr,
     ) -> Result<(), TransportError> {
-        let _ = stream.set_nodelay(true);
+        if let Err(e) = tcp::tune(&stream, self.cfg.tcp_send_buffer) {
+            tracing::warn!("setting up the connection from {addr}: {e}");
+        }
         let mut conn = Handshaken::new(stream);
         let mut hs = Acceptor::new(
             AcceptorConfig {

@@ -41,7 +41,8 @@ async fn ask(
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<JobStatus, TransportError> {
-    let stream = tcp::connect(addr, timeout)
+    // A status query: a few small frames, the kernel sizes its buffer.
+    let stream = tcp::connect(addr, timeout, 0)
         .await
         .map_err(|e| TransportError::io(format!("connecting to the scheduler at {addr}"), e))?;
     let mut conn = Handshaken::new(stream);

@@ -260,8 +260,12 @@ fn start(
     });
 }
 
-/// Connects with TCP_NODELAY, or fails within `timeout`.
-pub(crate) async fn connect(addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+/// Connects, or fails within `timeout`; the stream is [`tune`]d.
+pub(crate) async fn connect(
+    addr: &str,
+    timeout: Duration,
+    send_buffer: usize,
+) -> std::io::Result<TcpStream> {
     let s = tokio::time::timeout(timeout, TcpStream::connect(addr))
         .await
         .map_err(|_| {
@@ -270,6 +274,130 @@ pub(crate) async fn connect(addr: &str, timeout: Duration) -> std::io::Result<Tc
                 format!("connect to {addr} timed out"),
             )
         })??;
-    s.set_nodelay(true)?;
+    tune(&s, send_buffer)?;
     Ok(s)
+}
+
+/// Sets a link's stream up, either end: TCP_NODELAY, and to a peer on a
+/// loopback address a send buffer of `send_buffer` bytes (`SO_SNDBUF`; 0:
+/// the kernel's autotuning, which every other link keeps: across hosts a
+/// fixed buffer would cap a link's rate at a buffer per round trip).
+///
+/// Over loopback nothing is on the wire: a sent byte waits in the
+/// receiver's socket until it reads it, and with the kernel's autotuning
+/// a socket keeps up to `tcp_wmem`'s maximum (4 MiB by default) of them,
+/// which the receiver then copies from memory rather than from cache.
+pub(crate) fn tune(s: &TcpStream, send_buffer: usize) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    if send_buffer > 0 && s.peer_addr()?.ip().is_loopback() {
+        let v = send_buffer.min(i32::MAX as usize) as libc::c_int;
+        // SAFETY: a socket option on a live socket, from a local int.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(s),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::tune;
+
+    fn send_buffer(s: &TcpStream) -> i32 {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: reads an int option of a live socket into a local int.
+        let r = unsafe {
+            libc::getsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(s),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                &mut v as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        v
+    }
+
+    /// Both ends of a loopback link get the send buffer asked for (the
+    /// kernel reports it doubled); 0 leaves the kernel's own size.
+    #[tokio::test]
+    async fn loopback_links_get_the_send_buffer_asked_for() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let (a, b) = tokio::join!(
+            super::connect(&addr, std::time::Duration::from_secs(5), 96 << 10),
+            l.accept()
+        );
+        let (a, (b, _)) = (a.unwrap(), b.unwrap());
+        let kernel = send_buffer(&b);
+        tune(&b, 0).unwrap();
+        assert_eq!(send_buffer(&b), kernel, "0: left to the kernel");
+        tune(&b, 80 << 10).unwrap();
+        assert_eq!(send_buffer(&a), 2 * (96 << 10));
+        assert_eq!(send_buffer(&b), 2 * (80 << 10));
+        assert!(a.nodelay().unwrap() && b.nodelay().unwrap());
+    }
+
+    /// This host's first IPv4 address that is not a loopback one.
+    fn other_local_address() -> Option<std::net::Ipv4Addr> {
+        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+        // SAFETY: the kernel fills `list`, freed below.
+        if unsafe { libc::getifaddrs(&mut list) } != 0 {
+            return None;
+        }
+        let mut found = None;
+        let mut at = list;
+        while !at.is_null() && found.is_none() {
+            // SAFETY: a node of the list getifaddrs made.
+            let ifa = unsafe { &*at };
+            // SAFETY: an AF_INET address is a sockaddr_in.
+            if !ifa.ifa_addr.is_null()
+                && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET
+            {
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                if !ip.is_loopback() {
+                    found = Some(ip);
+                }
+            }
+            at = ifa.ifa_next;
+        }
+        // SAFETY: the list getifaddrs made, freed once.
+        unsafe { libc::freeifaddrs(list) };
+        found
+    }
+
+    /// A link to an address that is not a loopback one keeps the kernel's
+    /// autotuned buffer (across hosts a fixed one would cap its rate).
+    #[tokio::test]
+    async fn other_links_keep_the_kernels_buffer() {
+        let Some(ip) = other_local_address() else {
+            eprintln!("this host has no address but loopback: nothing to compare");
+            return;
+        };
+        let l = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let (a, b) = tokio::join!(
+            super::connect(&addr, std::time::Duration::from_secs(5), 96 << 10),
+            l.accept()
+        );
+        let (a, (b, _)) = (a.unwrap(), b.unwrap());
+        let kernel = send_buffer(&b);
+        tune(&b, 80 << 10).unwrap();
+        assert_eq!(send_buffer(&b), kernel);
+        assert_ne!(send_buffer(&a), 2 * (96 << 10));
+    }
 }
