@@ -331,17 +331,23 @@ mod tests {
         v
     }
 
-    /// Both ends of a loopback link get the send buffer asked for (the
-    /// kernel reports it doubled); 0 leaves the kernel's own size.
-    #[tokio::test]
-    async fn loopback_links_get_the_send_buffer_asked_for() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// A link to a listener on `ip`: the end that connected (asking for a
+    /// 96 KiB send buffer) and the end accepted (not set up).
+    async fn pair(ip: std::net::Ipv4Addr) -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind((ip, 0)).await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let (a, b) = tokio::join!(
             super::connect(&addr, std::time::Duration::from_secs(5), 96 << 10),
             l.accept()
         );
-        let (a, (b, _)) = (a.unwrap(), b.unwrap());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// Both ends of a loopback link get the send buffer asked for (the
+    /// kernel reports it doubled); 0 leaves the kernel's own size.
+    #[tokio::test]
+    async fn loopback_links_get_the_send_buffer_asked_for() {
+        let (a, b) = pair(std::net::Ipv4Addr::LOCALHOST).await;
         let kernel = send_buffer(&b);
         tune(&b, 0).unwrap();
         assert_eq!(send_buffer(&b), kernel, "0: left to the kernel");
@@ -388,13 +394,7 @@ mod tests {
             eprintln!("this host has no address but loopback: nothing to compare");
             return;
         };
-        let l = TcpListener::bind((ip, 0)).await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let (a, b) = tokio::join!(
-            super::connect(&addr, std::time::Duration::from_secs(5), 96 << 10),
-            l.accept()
-        );
-        let (a, (b, _)) = (a.unwrap(), b.unwrap());
+        let (a, b) = pair(ip).await;
         let kernel = send_buffer(&b);
         tune(&b, 80 << 10).unwrap();
         assert_eq!(send_buffer(&b), kernel);
