@@ -27,7 +27,7 @@
 //! | `PSKV_MAX_MESSAGE_BYTES` | largest payload accepted in one message | 2 GiB |
 //! | `PSKV_CONNECT_TIMEOUT` | seconds to keep trying to reach the scheduler and to register | 60 |
 //! | `PSKV_IO_THREADS` | I/O threads of the node's runtime | 2 |
-//! | `PSKV_TCP_SNDBUF` | the send buffer of each TCP link to a peer on a loopback address, in bytes (`SO_SNDBUF`, which the kernel doubles for its bookkeeping and caps at twice `net.core.wmem_max`); 0, and every link to another address: the kernel sizes it (`net.ipv4.tcp_wmem`) | 262144 |
+//! | `PSKV_TCP_SNDBUF` | the send buffer of each TCP link to a peer on a loopback address, in bytes (`SO_SNDBUF`: the kernel takes the smaller of it and `net.core.wmem_max`, and doubles that for its bookkeeping); 0, and every link to another address: the kernel sizes it (`net.ipv4.tcp_wmem`) | 262144 |
 //! | `PSKV_PORT_FD` | a scheduler only: an inherited pipe it writes the port it listens on to (then a newline), once, and closes | unset |
 //! | `PSKV_PROFILE` | also write the transport's profile at shutdown: every request and answer with flow ids (`trace.rs`), to `<role>-<pid>-transport.json` beside the engine's file | off |
 
@@ -38,7 +38,9 @@ use crate::protocol::Role;
 use crate::wire::{Limits, VanId};
 
 /// The default send buffer of a TCP link over loopback (`SO_SNDBUF`; the
-/// kernel makes it 512 KiB). With the kernel's autotuning a socket holds
+/// kernel takes the smaller of it and `net.core.wmem_max`, doubled: 512
+/// KiB where `wmem_max` is 256 KiB or more, 416 KiB with the stock 208
+/// KiB). With the kernel's autotuning a socket holds
 /// up to `tcp_wmem`'s maximum (4 MiB by default) of sent bytes that the
 /// receiver has not read, which it then copies from memory rather than
 /// cache (BENCHMARKS.md: "Smaller send buffers over loopback").

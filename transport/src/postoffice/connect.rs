@@ -346,7 +346,7 @@ impl Inner {
         stream: TcpStream,
         addr: SocketAddr,
     ) -> Result<(), TransportError> {
-        if let Err(e) = tcp::tune(&stream, self.cfg.tcp_send_buffer) {
+        if let Err(e) = tcp::tune(&stream, addr.ip(), self.cfg.tcp_send_buffer) {
             tracing::warn!("setting up the connection from {addr}: {e}");
         }
         let mut conn = Handshaken::new(stream);

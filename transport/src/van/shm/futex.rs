@@ -1,9 +1,10 @@
-//! The futex calls of the shared-memory van, in one place: waits and wakes
-//! on one word (a ring's "data arrived" and "space freed" words, shared
-//! between processes; a reader group's private bell), and `futex_waitv`
-//! (Linux 5.16), which sleeps on many words at once (a reader group's
-//! rings). Each call only reads the words it names; what the words mean,
-//! and the protocols that make sleeping on them safe, are the callers'
+//! The futex calls of the shared-memory van, in one place: a wait and a
+//! wake on one word shared between processes (a ring's "data arrived" and
+//! "space freed" words), the wake of a reader group's private bell, and
+//! `futex_waitv` (Linux 5.16), on which a group's thread sleeps on its
+//! bell and all its rings' words at once. The kernel reads the words a
+//! wait names and never writes them; what the words mean, and the
+//! protocols that make sleeping on them safe, are the callers'
 //! (`ring/mod.rs`, `group.rs`).
 
 use std::sync::atomic::AtomicU32;

@@ -38,6 +38,7 @@
 //! for good on that link.
 
 use std::io::IoSlice;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -274,12 +275,13 @@ pub(crate) async fn connect(
                 format!("connect to {addr} timed out"),
             )
         })??;
-    tune(&s, send_buffer)?;
+    tune(&s, s.peer_addr()?.ip(), send_buffer)?;
     Ok(s)
 }
 
-/// Sets a link's stream up, either end: TCP_NODELAY, and to a peer on a
-/// loopback address a send buffer of `send_buffer` bytes (`SO_SNDBUF`; 0:
+/// Sets a link's stream up, either end: TCP_NODELAY, and to a `peer` on a
+/// loopback address a send buffer of `send_buffer` bytes (`SO_SNDBUF`,
+/// which the kernel caps at `net.core.wmem_max` and then doubles; 0:
 /// the kernel's autotuning, which every other link keeps: across hosts a
 /// fixed buffer would cap a link's rate at a buffer per round trip).
 ///
@@ -287,9 +289,9 @@ pub(crate) async fn connect(
 /// receiver's socket until it reads it, and with the kernel's autotuning
 /// a socket keeps up to `tcp_wmem`'s maximum (4 MiB by default) of them,
 /// which the receiver then copies from memory rather than from cache.
-pub(crate) fn tune(s: &TcpStream, send_buffer: usize) -> std::io::Result<()> {
+pub(crate) fn tune(s: &TcpStream, peer: IpAddr, send_buffer: usize) -> std::io::Result<()> {
     s.set_nodelay(true)?;
-    if send_buffer > 0 && s.peer_addr()?.ip().is_loopback() {
+    if send_buffer > 0 && peer.to_canonical().is_loopback() {
         let v = send_buffer.min(i32::MAX as usize) as libc::c_int;
         // SAFETY: a socket option on a live socket, from a local int.
         let r = unsafe {
@@ -331,10 +333,9 @@ mod tests {
         v
     }
 
-    /// A link to a listener on `ip`: the end that connected (asking for a
+    /// A link to listener `l`: the end that connected (asking for a
     /// 96 KiB send buffer) and the end accepted (not set up).
-    async fn pair(ip: std::net::Ipv4Addr) -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind((ip, 0)).await.unwrap();
+    async fn pair(l: TcpListener) -> (TcpStream, TcpStream) {
         let addr = l.local_addr().unwrap().to_string();
         let (a, b) = tokio::join!(
             super::connect(&addr, std::time::Duration::from_secs(5), 96 << 10),
@@ -347,56 +348,50 @@ mod tests {
     /// kernel reports it doubled); 0 leaves the kernel's own size.
     #[tokio::test]
     async fn loopback_links_get_the_send_buffer_asked_for() {
-        let (a, b) = pair(std::net::Ipv4Addr::LOCALHOST).await;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (a, b) = pair(l).await;
+        let peer = b.peer_addr().unwrap().ip();
         let kernel = send_buffer(&b);
-        tune(&b, 0).unwrap();
+        tune(&b, peer, 0).unwrap();
         assert_eq!(send_buffer(&b), kernel, "0: left to the kernel");
-        tune(&b, 80 << 10).unwrap();
+        tune(&b, peer, 80 << 10).unwrap();
         assert_eq!(send_buffer(&a), 2 * (96 << 10));
         assert_eq!(send_buffer(&b), 2 * (80 << 10));
         assert!(a.nodelay().unwrap() && b.nodelay().unwrap());
     }
 
-    /// This host's first IPv4 address that is not a loopback one.
-    fn other_local_address() -> Option<std::net::Ipv4Addr> {
-        let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-        // SAFETY: the kernel fills `list`, freed below.
-        if unsafe { libc::getifaddrs(&mut list) } != 0 {
-            return None;
-        }
-        let mut found = None;
-        let mut at = list;
-        while !at.is_null() && found.is_none() {
-            // SAFETY: a node of the list getifaddrs made.
-            let ifa = unsafe { &*at };
-            // SAFETY: an AF_INET address is a sockaddr_in.
-            if !ifa.ifa_addr.is_null()
-                && unsafe { (*ifa.ifa_addr).sa_family } as i32 == libc::AF_INET
-            {
-                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-                let ip = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                if !ip.is_loopback() {
-                    found = Some(ip);
-                }
-            }
-            at = ifa.ifa_next;
-        }
-        // SAFETY: the list getifaddrs made, freed once.
-        unsafe { libc::freeifaddrs(list) };
-        found
+    /// This host's IPv4 addresses that are not loopback ones.
+    fn other_local_addresses() -> Vec<std::net::Ipv4Addr> {
+        if_addrs::get_if_addrs()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|i| match i.ip() {
+                std::net::IpAddr::V4(ip) if !ip.is_loopback() => Some(ip),
+                _ => None,
+            })
+            .collect()
     }
 
     /// A link to an address that is not a loopback one keeps the kernel's
     /// autotuned buffer (across hosts a fixed one would cap its rate).
     #[tokio::test]
     async fn other_links_keep_the_kernels_buffer() {
-        let Some(ip) = other_local_address() else {
-            eprintln!("this host has no address but loopback: nothing to compare");
+        // The first address a listener can bind (an interface that is down
+        // has its addresses but takes no listener).
+        let mut bound = None;
+        for ip in other_local_addresses() {
+            if let Ok(l) = TcpListener::bind((ip, 0)).await {
+                bound = Some(l);
+                break;
+            }
+        }
+        let Some(l) = bound else {
+            eprintln!("this host has no usable address but loopback: nothing to compare");
             return;
         };
-        let (a, b) = pair(ip).await;
+        let (a, b) = pair(l).await;
         let kernel = send_buffer(&b);
-        tune(&b, 80 << 10).unwrap();
+        tune(&b, b.peer_addr().unwrap().ip(), 80 << 10).unwrap();
         assert_eq!(send_buffer(&b), kernel);
         assert_ne!(send_buffer(&a), 2 * (96 << 10));
     }

@@ -1,6 +1,7 @@
 //! One direction of a shared-memory link: the mapped file, its ring of
-//! records, the futex waits (this file), and the producer and consumer ends
-//! (`produce.rs`, `consume.rs`).
+//! records, the protocol of its waits (this file; the futex calls are
+//! `../futex.rs`), and the producer and consumer ends (`produce.rs`,
+//! `consume.rs`).
 //!
 //! # The file
 //!
