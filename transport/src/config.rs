@@ -40,10 +40,10 @@ use crate::wire::{Limits, VanId};
 /// The default send buffer of a TCP link over loopback (`SO_SNDBUF`; the
 /// kernel takes the smaller of it and `net.core.wmem_max`, doubled: 512
 /// KiB where `wmem_max` is 256 KiB or more, 416 KiB with the stock 208
-/// KiB). With the kernel's autotuning a socket holds
-/// up to `tcp_wmem`'s maximum (4 MiB by default) of sent bytes that the
-/// receiver has not read, which it then copies from memory rather than
-/// cache (BENCHMARKS.md: "Smaller send buffers over loopback").
+/// KiB). With the kernel's autotuning a socket holds up to `tcp_wmem`'s
+/// maximum (4 MiB by default) of sent bytes that the receiver has not
+/// read, which it then copies from memory rather than cache (BENCHMARKS.md:
+/// "Smaller send buffers over loopback").
 pub const TCP_SEND_BUFFER: usize = 256 << 10;
 
 /// Which van carries data between two nodes.
@@ -390,7 +390,7 @@ impl Config {
             c.io_threads = n.clamp(1, 64);
         }
         if let Some(n) = num::<usize>(get, "PSKV_TCP_SNDBUF", "a byte count")? {
-            c.tcp_send_buffer = n.min(i32::MAX as usize);
+            c.tcp_send_buffer = n;
         }
         if role == Role::Scheduler {
             if let Some(v) = get("PSKV_PORT_FD").filter(|v| !v.trim().is_empty()) {

@@ -39,7 +39,7 @@
 
 use std::io::IoSlice;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -292,22 +292,49 @@ pub(crate) async fn connect(
 pub(crate) fn tune(s: &TcpStream, peer: IpAddr, send_buffer: usize) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     if send_buffer > 0 && peer.to_canonical().is_loopback() {
-        let v = send_buffer.min(i32::MAX as usize) as libc::c_int;
-        // SAFETY: a socket option on a live socket, from a local int.
-        let r = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(s),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                &v as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        set_int_option(s.as_raw_fd(), libc::SO_SNDBUF, send_buffer)?;
     }
     Ok(())
+}
+
+/// Sets socket-level int option `option` of socket `fd` to `n` (capped at
+/// the largest int).
+fn set_int_option(fd: RawFd, option: libc::c_int, n: usize) -> std::io::Result<()> {
+    let v = n.min(i32::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt(2) with an int value read for the call only; a
+    // descriptor that is not a live socket is an error, not a fault.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Socket-level int option `option` of socket `fd` (-1 if it cannot be
+/// read).
+#[cfg(test)]
+fn int_option(fd: RawFd, option: libc::c_int) -> libc::c_int {
+    let mut v: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) into a local int.
+    unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            &mut v as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        );
+    }
+    v
 }
 
 #[cfg(test)]
@@ -317,20 +344,7 @@ mod tests {
     use super::tune;
 
     fn send_buffer(s: &TcpStream) -> i32 {
-        let mut v: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: reads an int option of a live socket into a local int.
-        let r = unsafe {
-            libc::getsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(s),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                &mut v as *mut libc::c_int as *mut libc::c_void,
-                &mut len,
-            )
-        };
-        assert_eq!(r, 0);
-        v
+        super::int_option(std::os::fd::AsRawFd::as_raw_fd(s), libc::SO_SNDBUF)
     }
 
     /// A link to listener `l`: the end that connected (asking for a

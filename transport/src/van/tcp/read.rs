@@ -242,23 +242,12 @@ fn chunk_for(limits: &Limits) -> usize {
     }
 }
 
-/// Sets socket `fd`'s receive low-water mark to `n` bytes.
+/// Sets socket `fd`'s receive low-water mark to `n` bytes. It cannot fail
+/// on a live TCP socket (a value above the buffer is capped); on a dead one
+/// the link is ending anyway. The descriptor is the reader's own read
+/// half's, which keeps it open (`FrameReader::low_water` takes it there).
 fn set_low_water(fd: RawFd, n: usize) {
-    let v = n.min(i32::MAX as usize) as libc::c_int;
-    // SAFETY: setsockopt(2) with an int option value read for the call
-    // only, on the socket of the reader's own read half, which keeps it
-    // open (`FrameReader::low_water` takes the descriptor from it). It
-    // cannot fail on a live TCP socket (a value above the buffer is
-    // capped); on a dead one the link is ending anyway.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            &v as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    let _ = super::set_int_option(fd, libc::SO_RCVLOWAT, n);
 }
 
 /// A claimed landing, released when dropped: filled if `.1` was set, else
@@ -280,19 +269,7 @@ mod tests {
     use tokio::net::TcpStream;
 
     fn low_water_of(fd: RawFd) -> libc::c_int {
-        let mut v: libc::c_int = -1;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: getsockopt(2) into a local int.
-        unsafe {
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVLOWAT,
-                &mut v as *mut libc::c_int as *mut libc::c_void,
-                &mut len,
-            );
-        }
-        v
+        super::super::int_option(fd, libc::SO_RCVLOWAT)
     }
 
     fn frame(n: usize, tag: u8) -> Frame {
