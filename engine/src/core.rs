@@ -54,7 +54,7 @@ use crate::op::{
 };
 use crate::profiler::Profiler;
 use crate::sync::Padded;
-use crate::var::{Access, Var, VarInner};
+use crate::var::{Access, OpVars, Var, VarInner};
 
 static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -187,13 +187,13 @@ impl Core {
                 None => true,
                 Some(w) => w
                     .upgrade()
-                    .and_then(|inner| Var(inner).failure())
+                    .and_then(|inner| inner.failure())
                     .is_some_and(|held| Arc::ptr_eq(&held, f)),
             });
             let excess = log.len().saturating_sub(FAILURE_LOG_PRUNE_AT / 2);
             log.drain(..excess);
         }
-        log.push((var.map(|v| Arc::downgrade(&v.0)), failure.clone()));
+        log.push((var.map(Var::downgrade), failure.clone()));
     }
 
     /// Takes the failures recorded since the last call; clears them from the
@@ -209,9 +209,8 @@ impl Core {
                 None => true,
                 Some(weak) => match weak.upgrade() {
                     Some(inner) => {
-                        let var = Var(inner);
-                        let held = var.failure().is_some_and(|f| Arc::ptr_eq(&f, &failure));
-                        var.clear_failure_if(&failure);
+                        let held = inner.failure().is_some_and(|f| Arc::ptr_eq(&f, &failure));
+                        inner.clear_failure_if(&failure);
                         held
                     }
                     None => false,
@@ -228,6 +227,7 @@ impl Core {
 /// Pushes an op. `spec` must be deduplicated and validated by the caller
 /// (`prepare_pool`). Returns the op if `keep` (the naive engine waits on
 /// it); else the pusher's handle goes to the op's dispatch or is dropped.
+#[allow(unsafe_code)] // the vars' counts (`var/mod.rs`, K3)
 pub(crate) fn push<B: BodyCell + 'static>(
     core: &Arc<Core>,
     spec: OpSpec,
@@ -244,9 +244,7 @@ pub(crate) fn push<B: BodyCell + 'static>(
         priority,
     } = spec;
     let nreads = reads.len();
-    let mut vars: SmallVec<[Var; 2]> = SmallVec::with_capacity(nreads + writes.len());
-    vars.extend(reads);
-    vars.extend(writes);
+    let vars = OpVars::new(reads, writes);
     core.op_pushed();
     let op = OpRef::new(Op {
         name,
@@ -274,10 +272,13 @@ pub(crate) fn push<B: BodyCell + 'static>(
         } else {
             Access::Write
         };
-        if v.0.queue.lock().append(access, || op.clone()) {
+        if v.append(access, || op.clone()) {
             granted += 1;
         }
     }
+    // SAFETY: appended to every var, and not released from any before the
+    // last subtraction below (`var/mod.rs`, K3).
+    unsafe { op.vars.give_up() };
     // Subtle: one subtraction for the vars that granted at once and the extra
     // one held while appending; AcqRel as in `Op::release_one`.
     let before = op
@@ -510,27 +511,15 @@ pub(crate) fn store_failure(core: &Core, name: &str, writes: &[Var], f: &Arc<OpF
 /// Releases the grants of an op that reads `reads` and writes `writes`
 /// (it `ran`; else they go back unused), and dispatches the ops that
 /// became ready.
+#[allow(unsafe_code)] // the vars' lives (`var/mod.rs`, K2)
 pub(crate) fn release(reads: &[Var], writes: &[Var], ran: bool) {
     let mut grants: SmallVec<[OpRef; 8]> = SmallVec::new();
     let vars = reads.iter().map(|v| (v, Access::Read));
     for (v, access) in vars.chain(writes.iter().map(|v| (v, Access::Write))) {
-        let mut q = v.0.queue.lock();
-        if ran {
-            q.complete(access, &mut grants);
-        } else {
-            q.give_back(access, &mut grants);
-        }
-        // The op now first in line is granted by a later finish on this
-        // var. Behind a long queue it was pushed long ago (its header has
-        // left every cache): start bringing it back now. Subtle: not behind
-        // a short one, whose front the pusher may still be writing (its
-        // wait counter, after the append): taking the line from it then
-        // costs more than it saves (the chain of the dispatch bench).
-        if q.pending().2 > PREFETCH_QUEUE {
-            if let Some(next) = q.waiting().next() {
-                next.prefetch();
-            }
-        }; // (`;`: the scrutinee's borrow of `q` ends here, before `q`.)
+        // SAFETY: the caller holds a grant of `access` on each var (an op
+        // finishing, or a run at its push), each var named once; no handle
+        // is used after its release.
+        unsafe { v.release_grant(access, ran, &mut grants, PREFETCH_QUEUE) };
     }
     for g in grants {
         if g.release_one() {

@@ -49,6 +49,7 @@ mod profiler;
 pub mod progress;
 mod run_now;
 mod sync;
+#[allow(unsafe_code)]
 mod var;
 mod wait;
 

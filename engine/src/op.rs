@@ -30,7 +30,7 @@ use crate::core::Core;
 use crate::core_ref::{CoreRef, Held};
 use crate::error::{FailureCause, OpError};
 use crate::sync::{AtomicUsize, Ordering};
-use crate::var::Var;
+use crate::var::{OpVars, Var};
 
 /// Where an op runs.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Default)]
@@ -385,8 +385,9 @@ pub(crate) const FINISHED: u8 = 2;
 /// header and the closure (an [`OpRef`]'s block).
 pub(crate) struct Op<B: ?Sized = dyn BodyCell> {
     pub(crate) name: Cow<'static, str>,
-    /// The read vars, then the write vars (deduplicated).
-    pub(crate) vars: SmallVec<[Var; 2]>,
+    /// The read vars, then the write vars (deduplicated). Uncounted once
+    /// the push has appended the op to them (`var/mod.rs`, K3).
+    pub(crate) vars: OpVars,
     pub(crate) nreads: u32,
     pub(crate) ctx: Context,
     pub(crate) prop: Property,

@@ -101,7 +101,7 @@ where
     };
     let mut taken = 0;
     for (v, access) in all() {
-        if !v.0.queue.lock().try_grant(access) {
+        if !v.try_grant(access) {
             break;
         }
         taken += 1;

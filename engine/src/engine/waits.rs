@@ -140,7 +140,7 @@ impl Engine {
 
 /// What a wait on `var` is still waiting for, for a timeout message.
 fn describe_pending(var: &Var) -> String {
-    let q = var.0.queue.lock();
+    let q = var.inner().queue.lock();
     let (reads, write, queued) = q.pending();
     let mut s = format!(
         "{} ({} running read(s), {} running write, {} queued",

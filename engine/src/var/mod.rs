@@ -1,9 +1,47 @@
 //! `Var`: a versioned variable, the unit of dependency tracking; the
 //! queue that orders the ops on one var is in `queue.rs`.
+//!
+//! # Who keeps a var alive
+//!
+//! A var's memory is an `Arc<VarInner>`. All the callers' handles (`Var`)
+//! together hold one count of it, and count themselves apart, in
+//! `VarInner::handles`; the ops in its queue hold none:
+//!
+//! - **K1.** `handles` counts the `Var` handles (a clone adds one with
+//!   Relaxed, a drop takes one off with Release, as `Arc` does). While it
+//!   is above zero the handles' count of the `Arc` is held.
+//! - **K2.** The drop that takes `handles` to zero (after an Acquire
+//!   fence) looks at the queue under its lock. If it is idle
+//!   (`VarQueue::is_idle`: nothing granted, nothing waiting), the
+//!   handles' count is dropped there (after the lock is let go). Else the
+//!   queue is marked orphaned and the release that makes it idle drops
+//!   the count (`release_grant`, after the lock is let go; it touches the
+//!   var no more). One of the two does, once: a queue with no handle left
+//!   can never be made busy again (a push names its vars by handles).
+//! - **K3.** An op's var handles (`Op::vars`, `OpVars`) carry its spec's
+//!   counts until its push has appended it to each var; then the push
+//!   drops each count (`give_up`). From there on they are uncounted,
+//!   valid while the op holds its place on each var, from its append to
+//!   its release (K2: the queue is busy): all that uses them (the op's
+//!   run, its skip, its failure, its release) falls in that window, and an
+//!   op's drop drops none of them.
+//! - **K4.** Nothing makes a handle from a bare `Arc<VarInner>` (the
+//!   failure log's `Weak` upgrades call `VarInner`'s methods), so
+//!   `handles` never rises from zero.
+//!
+//! Why: with an `Arc` per handle, each op's var counts were written by
+//! the pusher (the spec's clones) and by the worker that dropped the op:
+//! a cache line moved between two cores twice per var per op. Now
+//! `handles` is written only where handles are cloned and dropped (the
+//! pushing thread, for a spec's), and the workers touch only the queue's
+//! lock, which they must.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::ptr::NonNull;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+
+use smallvec::SmallVec;
 
 use crate::error::OpFailure;
 use crate::op::OpRef;
@@ -17,16 +55,17 @@ static NEXT_VAR_ID: AtomicU64 = AtomicU64::new(1);
 
 /// What a var's handles share.
 ///
-/// Layout: the queue's lock is written by every op on the var, by the
-/// pusher and the workers; the `Arc`'s counts by every op too (each holds a
-/// clone); the rest is read by every push and run. Each group has cache
-/// lines of its own (`Padded`, first field of a `repr(C)` struct aligned
-/// to 128: the counts sit alone before it), so reads of the last do not
-/// miss on the others' writes. A var so takes 384 B, about three times
-/// what it took before.
+/// Layout: `handles` is written by every clone and drop of a handle (the
+/// pusher's); the queue's lock by every op on the var, by the pusher and
+/// the workers; the rest is read by every push and run. Each group has
+/// cache lines of its own (`Padded`, fields of a `repr(C)` struct aligned
+/// to 128; the `Arc`'s own counts, written only when the var is made or
+/// freed and by the failure log, sit alone before them), so reads of the
+/// last do not miss on the others' writes. A var so takes 512 B.
 #[repr(C)]
 pub(crate) struct VarInner {
-    pub(crate) queue: Padded<Mutex<VarQueue<OpRef>>>,
+    handles: Padded<AtomicUsize>,
+    pub(crate) queue: Padded<Mutex<VarState>>,
     id: u64,
     name: Option<Box<str>>,
     /// The failure stored on this var, if any. `has_failure` mirrors
@@ -43,12 +82,106 @@ pub(crate) struct VarInner {
     deleted: AtomicBool,
 }
 
+/// What a var's lock guards: its queue, and whether its handles are all
+/// gone while it was busy (K2).
+#[derive(Default)]
+pub(crate) struct VarState {
+    queue: VarQueue<OpRef>,
+    orphaned: bool,
+}
+
+impl std::ops::Deref for VarState {
+    type Target = VarQueue<OpRef>;
+
+    fn deref(&self) -> &VarQueue<OpRef> {
+        &self.queue
+    }
+}
+
+impl std::ops::DerefMut for VarState {
+    fn deref_mut(&mut self) -> &mut VarQueue<OpRef> {
+        &mut self.queue
+    }
+}
+
+impl VarInner {
+    /// The failure stored on this var, without clearing it.
+    pub(crate) fn failure(&self) -> Option<Arc<OpFailure>> {
+        if !self.has_failure.load(Ordering::Acquire) {
+            return None;
+        }
+        self.failure.lock().clone()
+    }
+
+    /// Clears the stored failure if it is `failure`.
+    pub(crate) fn clear_failure_if(&self, failure: &Arc<OpFailure>) {
+        let mut slot = self.failure.lock();
+        if slot.as_ref().is_some_and(|f| Arc::ptr_eq(f, failure)) {
+            *slot = None;
+            self.has_failure.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// An op's var handles (`Op::vars`): counted until its push gives them up
+/// (`give_up`), uncounted after (K3). Dropping it drops no var count.
+pub(crate) struct OpVars(SmallVec<[Var; 2]>);
+
+impl OpVars {
+    /// Takes the spec's counted handles, reads first.
+    pub(crate) fn new(reads: SmallVec<[Var; 4]>, writes: SmallVec<[Var; 4]>) -> OpVars {
+        if reads.spilled() {
+            // Many reads (a fan-in): keep their buffer, not a copy of it.
+            let mut vars = reads.into_vec();
+            vars.extend(writes);
+            return OpVars(SmallVec::from_vec(vars));
+        }
+        let mut vars = SmallVec::with_capacity(reads.len() + writes.len());
+        vars.extend(reads);
+        vars.extend(writes);
+        OpVars(vars)
+    }
+
+    /// Drops the handles' counts; the handles stay, uncounted (K3).
+    ///
+    /// # Safety
+    /// Called once, after the op was appended to every var, and before it
+    /// can be released from any (the push's own hold on its wait counter).
+    pub(crate) unsafe fn give_up(&self) {
+        for v in self.0.iter() {
+            // SAFETY: each count is dropped once (the caller's contract
+            // and `Drop` below); the queue is busy with the op, so a drop
+            // to zero handles leaves the var to the op's release (K2).
+            unsafe { v.drop_handle() };
+        }
+    }
+}
+
+impl std::ops::Deref for OpVars {
+    type Target = [Var];
+
+    fn deref(&self) -> &[Var] {
+        &self.0
+    }
+}
+
+impl Drop for OpVars {
+    fn drop(&mut self) {
+        // SAFETY: the handles' counts were given up at the push (K3):
+        // forget the handles; the vector's own buffer, if it spilled, is
+        // still freed. (A push that never gave them up leaks its counts:
+        // a leak, not a free too many.)
+        unsafe { self.0.set_len(0) };
+    }
+}
+
 /// A versioned variable: the unit of dependency tracking.
 ///
 /// Ops name the vars they read and the vars they write. Ops that read a var
 /// between two writes of it may run together; a write waits for every earlier
-/// op on the var and blocks every later one. A `Var` is a cheap handle
-/// (`Arc`); clones name the same variable.
+/// op on the var and blocks every later one. A `Var` is a cheap counted
+/// handle; clones name the same variable, which lives until the last
+/// handle is dropped and no op names it.
 ///
 /// ```
 /// use pskv_engine::{Engine, OpSpec, Var};
@@ -60,8 +193,38 @@ pub(crate) struct VarInner {
 /// assert_eq!(v.version(), 1);
 /// # Ok::<(), pskv_engine::EngineError>(())
 /// ```
-#[derive(Clone)]
-pub struct Var(pub(crate) Arc<VarInner>);
+pub struct Var(NonNull<VarInner>);
+
+// SAFETY: a handle gives shared access to a `VarInner`, which is Send and
+// Sync (its mutable state is behind locks and atomics), and its count is
+// atomic: as an `Arc<VarInner>` would be.
+unsafe impl Send for Var {}
+unsafe impl Sync for Var {}
+
+impl std::panic::UnwindSafe for Var {}
+impl std::panic::RefUnwindSafe for Var {}
+
+impl Clone for Var {
+    #[inline]
+    fn clone(&self) -> Var {
+        // Relaxed, as `Arc::clone`: this handle keeps the var alive, and
+        // nothing is published by the count.
+        let before = self.inner().handles.fetch_add(1, Ordering::Relaxed);
+        // As `Arc`: a count that could overflow (leaked handles) aborts.
+        if before > isize::MAX as usize {
+            std::process::abort();
+        }
+        Var(self.0)
+    }
+}
+
+impl Drop for Var {
+    #[inline]
+    fn drop(&mut self) {
+        // SAFETY: a live handle carries one count (K1).
+        unsafe { self.drop_handle() };
+    }
+}
 
 impl Var {
     /// A new variable with no name.
@@ -75,54 +238,166 @@ impl Var {
     }
 
     fn build(name: Option<Box<str>>) -> Var {
-        Var(Arc::new(VarInner {
+        let inner = Arc::new(VarInner {
+            handles: Padded(AtomicUsize::new(1)),
             id: NEXT_VAR_ID.fetch_add(1, Ordering::Relaxed),
             name,
-            queue: Padded(Mutex::new(VarQueue::default())),
+            queue: Padded(Mutex::new(VarState::default())),
             failure: parking_lot::Mutex::new(None),
             has_failure: AtomicBool::new(false),
             deleted: AtomicBool::new(false),
-        }))
+        });
+        // The handles' count of the `Arc` (K1).
+        let raw = Arc::into_raw(inner).cast_mut();
+        // SAFETY: `Arc::into_raw` never gives a null pointer.
+        Var(unsafe { NonNull::new_unchecked(raw) })
+    }
+
+    /// The shared state.
+    #[inline]
+    pub(crate) fn inner(&self) -> &VarInner {
+        // SAFETY: valid while this handle is counted (K1), or, for an
+        // op's uncounted one, while the op holds its place on the var (K3).
+        unsafe { self.0.as_ref() }
+    }
+
+    /// Takes one off `handles`; the last one gone gives the var up (K2).
+    ///
+    /// # Safety
+    /// `self` carries a count that is dropped once, here; the handle is
+    /// not used after this call unless it is an op's (K3).
+    #[inline]
+    unsafe fn drop_handle(&self) {
+        if self.inner().handles.fetch_sub(1, Ordering::Release) == 1 {
+            // SAFETY: this was the last handle's count (the caller's).
+            unsafe { self.last_handle_gone() };
+        }
+    }
+
+    /// The rest of `drop_handle` for the last handle (K2).
+    ///
+    /// # Safety
+    /// As `drop_handle`'s, whose count took `handles` to zero.
+    #[cold]
+    #[inline(never)]
+    unsafe fn last_handle_gone(&self) {
+        // As `Arc`'s drop: every use of the var through other handles
+        // happens before what follows.
+        fence(Ordering::Acquire);
+        let mut state = self.inner().queue.lock();
+        let idle = state.is_idle();
+        if !idle {
+            state.orphaned = true;
+        }
+        drop(state);
+        if idle {
+            // SAFETY: the handles' count of the `Arc` (K1), dropped once:
+            // no handle is left, and the idle queue can no longer be made
+            // busy (K2, K4).
+            unsafe { drop(Arc::from_raw(self.0.as_ptr().cast_const())) };
+        }
+    }
+
+    /// A `Weak` to the var's memory, for the failure log (K4).
+    pub(crate) fn downgrade(&self) -> Weak<VarInner> {
+        // SAFETY: the handles' `Arc` count is held while this handle is
+        // valid (K1, K3); `ManuallyDrop`: it is not dropped here.
+        let arc =
+            std::mem::ManuallyDrop::new(unsafe { Arc::from_raw(self.0.as_ptr().cast_const()) });
+        Arc::downgrade(&arc)
     }
 
     /// A process-wide unique id.
     pub fn id(&self) -> u64 {
-        self.0.id
+        self.inner().id
     }
 
     /// The name given at creation, if any.
     pub fn name(&self) -> Option<&str> {
-        self.0.name.as_deref()
+        self.inner().name.as_deref()
+    }
+
+    /// Appends an op that will `access` this var to its queue
+    /// (`VarQueue::append`); true if granted at once.
+    pub(crate) fn append(&self, access: Access, op: impl FnOnce() -> OpRef) -> bool {
+        self.inner().queue.lock().append(access, op)
+    }
+
+    /// Grants `access` if it may start now (`VarQueue::try_grant`); the
+    /// grant is released by `release_grant`.
+    pub(crate) fn try_grant(&self, access: Access) -> bool {
+        self.inner().queue.lock().try_grant(access)
+    }
+
+    /// Releases a grant of `access` (`ran`: completed, else given back
+    /// unused) and adds to `grants` the ops it made grantable; prefetches
+    /// the op then first in line if the queue is longer than
+    /// `prefetch_past`. If no handle is left and the queue became idle,
+    /// the var is given up (K2): it may be gone when this returns.
+    ///
+    /// # Safety
+    /// The caller holds a grant of `access` on this var (so the handle is
+    /// valid, K3) and does not use the handle after this call unless it is
+    /// a counted one.
+    pub(crate) unsafe fn release_grant(
+        &self,
+        access: Access,
+        ran: bool,
+        grants: &mut SmallVec<[OpRef; 8]>,
+        prefetch_past: usize,
+    ) {
+        let mut state = self.inner().queue.lock();
+        if ran {
+            state.complete(access, grants);
+        } else {
+            state.give_back(access, grants);
+        }
+        // The op now first in line is granted by a later finish on this
+        // var. Behind a long queue it was pushed long ago (its header has
+        // left every cache): start bringing it back now. Subtle: not behind
+        // a short one, whose front the pusher may still be writing (its
+        // wait counter, after the append): taking the line from it then
+        // costs more than it saves (the chain of the dispatch bench).
+        if state.pending().2 > prefetch_past {
+            if let Some(next) = state.waiting().next() {
+                next.prefetch();
+            }
+        }
+        let give_up = state.orphaned && state.is_idle();
+        drop(state);
+        if give_up {
+            // SAFETY: the handles' count (K1), left to this release by the
+            // last handle's drop (K2): dropped once, after the lock, and
+            // the var is not touched again here.
+            unsafe { drop(Arc::from_raw(self.0.as_ptr().cast_const())) };
+        }
     }
 
     /// The number of writes to this var that have completed.
     pub fn version(&self) -> u64 {
-        self.0.queue.lock().version()
+        self.inner().queue.lock().version()
     }
 
     /// Whether `delete_var` was called on this var.
     pub fn is_deleted(&self) -> bool {
-        self.0.deleted.load(Ordering::Acquire)
+        self.inner().deleted.load(Ordering::Acquire)
     }
 
     pub(crate) fn mark_deleted(&self) -> bool {
-        self.0.deleted.swap(true, Ordering::AcqRel)
+        self.inner().deleted.swap(true, Ordering::AcqRel)
     }
 
     /// The failure stored on this var, without clearing it.
     pub fn failure(&self) -> Option<Arc<OpFailure>> {
-        if !self.0.has_failure.load(Ordering::Acquire) {
-            return None;
-        }
-        self.0.failure.lock().clone()
+        self.inner().failure()
     }
 
     pub(crate) fn set_failure(&self, failure: &Arc<OpFailure>) {
-        let mut slot = self.0.failure.lock();
+        let mut slot = self.inner().failure.lock();
         // The first failure wins: it names the op that failed first.
         if slot.is_none() {
             *slot = Some(failure.clone());
-            self.0.has_failure.store(true, Ordering::Release);
+            self.inner().has_failure.store(true, Ordering::Release);
         }
     }
 
@@ -131,25 +406,16 @@ impl Var {
     /// it, and `wait_for_all` will not. Ops pushed after this no longer
     /// inherit it; ops already queued behind the failed one still do.
     pub fn take_failure(&self) -> Option<Arc<OpFailure>> {
-        if !self.0.has_failure.load(Ordering::Acquire) {
+        if !self.inner().has_failure.load(Ordering::Acquire) {
             return None;
         }
-        let mut slot = self.0.failure.lock();
-        self.0.has_failure.store(false, Ordering::Release);
+        let mut slot = self.inner().failure.lock();
+        self.inner().has_failure.store(false, Ordering::Release);
         let f = slot.take();
         if let Some(f) = &f {
             f.mark_told();
         }
         f
-    }
-
-    /// Clears the stored failure if it is `failure`.
-    pub(crate) fn clear_failure_if(&self, failure: &Arc<OpFailure>) {
-        let mut slot = self.0.failure.lock();
-        if slot.as_ref().is_some_and(|f| Arc::ptr_eq(f, failure)) {
-            *slot = None;
-            self.0.has_failure.store(false, Ordering::Release);
-        }
     }
 
     /// A short human description: `var 7 'weight'`.
@@ -169,7 +435,7 @@ impl Default for Var {
 
 impl PartialEq for Var {
     fn eq(&self, other: &Var) -> bool {
-        self.0.id == other.0.id
+        self.id() == other.id()
     }
 }
 
@@ -177,14 +443,14 @@ impl Eq for Var {}
 
 impl std::hash::Hash for Var {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.0.id.hash(state)
+        self.id().hash(state)
     }
 }
 
 impl fmt::Debug for Var {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut d = f.debug_struct("Var");
-        d.field("id", &self.0.id);
+        d.field("id", &self.id());
         if let Some(n) = self.name() {
             d.field("name", &n);
         }
@@ -204,10 +470,132 @@ mod tests {
         v.set_failure(&a);
         v.set_failure(&b);
         assert_eq!(v.failure().unwrap().op(), "a");
-        v.clear_failure_if(&b);
+        v.inner().clear_failure_if(&b);
         assert!(v.failure().is_some());
         assert_eq!(v.take_failure().unwrap().op(), "a");
         assert!(v.failure().is_none());
         assert_eq!(v.describe(), format!("var {} 'x'", v.id()));
+    }
+
+    /// Whether the var behind `weak` is still alive (its handles' count
+    /// or an orphaned queue's hold, K2).
+    fn alive(weak: &Weak<VarInner>) -> bool {
+        weak.strong_count() > 0
+    }
+
+    fn engine(threads: usize) -> crate::Engine {
+        crate::Engine::builder()
+            .cpu_threads(threads)
+            .build()
+            .expect("engine starts")
+    }
+
+    #[test]
+    fn handles_count_themselves_and_a_var_dropped_idle_is_freed() {
+        let v = Var::new();
+        let weak = v.downgrade();
+        let w = v.clone();
+        assert_eq!(v.inner().handles.load(Ordering::Relaxed), 2);
+        assert_eq!(weak.strong_count(), 1, "all handles share one count");
+        drop(w);
+        assert!(alive(&weak));
+        drop(v);
+        assert!(!alive(&weak), "freed with its last handle");
+    }
+
+    /// Ops hold no count: after they ran, only the handles do; queued,
+    /// run at their push, skipped after a failure, or given back.
+    #[test]
+    fn ops_leave_no_count_behind() {
+        let e = engine(2);
+        let (v, u) = (Var::new(), Var::new());
+        for i in 0..200 {
+            let spec = match i % 3 {
+                0 => crate::OpSpec::new("w").write(&v).read(&u),
+                1 => crate::OpSpec::new("r").read(&v).read(&v),
+                _ => crate::OpSpec::new("now")
+                    .write(&u)
+                    .property(crate::Property::Async),
+            };
+            e.push_sync(spec, move |_| {
+                if i == 50 {
+                    Err("fails on purpose".into())
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap();
+        }
+        let _ = e.wait_for_all();
+        for x in [&v, &u] {
+            assert_eq!(x.inner().handles.load(Ordering::Relaxed), 1);
+            assert_eq!(x.downgrade().strong_count(), 1);
+            assert!(x.inner().queue.lock().is_idle());
+        }
+    }
+
+    /// A var whose handles are all dropped while ops wait on it lives until
+    /// the last of them is released, and is freed then.
+    #[test]
+    fn a_var_without_handles_lives_until_its_ops_are_released() {
+        let e = engine(1);
+        let v = Var::new();
+        let weak = v.downgrade();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let ran = Arc::new(AtomicUsize::new(0));
+        e.push_sync(crate::OpSpec::new("gate").write(&v), move |_| {
+            rx.recv_timeout(std::time::Duration::from_secs(30))
+                .map_err(|_| "gate not opened".into())
+        })
+        .unwrap();
+        for _ in 0..3 {
+            let ran = ran.clone();
+            e.push_sync(crate::OpSpec::new("after").read(&v), move |ctx| {
+                // The op's own handle is still good while it runs.
+                assert!(ctx.op_name() == "after");
+                ran.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+            .unwrap();
+        }
+        drop(v);
+        assert!(alive(&weak), "kept by its busy queue");
+        tx.send(()).unwrap();
+        e.wait_for_all().unwrap();
+        assert_eq!(ran.load(Ordering::SeqCst), 3);
+        assert!(!alive(&weak), "freed by the last release");
+    }
+
+    /// Handles cloned and dropped on many threads while ops run: the var
+    /// is freed exactly when the last is gone and its ops are done.
+    #[test]
+    fn handles_dropped_on_many_threads_free_the_var_once() {
+        let e = Arc::new(engine(2));
+        for _ in 0..20 {
+            let v = Var::new();
+            let weak = v.downgrade();
+            let threads: Vec<_> = (0..4)
+                .map(|t| {
+                    let (e, v) = (e.clone(), v.clone());
+                    std::thread::spawn(move || {
+                        for i in 0..200 {
+                            let w = v.clone();
+                            let spec = if (i + t) % 4 == 0 {
+                                crate::OpSpec::new("w").write(&w)
+                            } else {
+                                crate::OpSpec::new("r").read(&w)
+                            };
+                            e.push_sync(spec, |_| Ok(())).unwrap();
+                        }
+                    })
+                })
+                .collect();
+            drop(v);
+            for t in threads {
+                t.join().unwrap();
+            }
+            e.wait_for_all().unwrap();
+            assert!(!alive(&weak));
+        }
     }
 }

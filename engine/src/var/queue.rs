@@ -142,6 +142,11 @@ impl<T> VarQueue<T> {
         self.check();
     }
 
+    /// Nothing granted and nothing waiting (by I3: nothing granted).
+    pub(crate) fn is_idle(&self) -> bool {
+        self.running_reads == 0 && !self.write_running
+    }
+
     /// Completed writes so far.
     pub(crate) fn version(&self) -> u64 {
         self.version
