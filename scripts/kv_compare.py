@@ -128,7 +128,7 @@ def floor_run(w, s, tensors, summed=False):
     if summed:
         from model_peers import MXPY
         py = MXPY
-    # pskv's default: TCP_SEND_BUFFER in transport/src/config.rs.
+    # pskv's default: TCP_SEND_BUFFER in transport/src/config/mod.rs.
     sndbuf = os.environ.get("PSKV_TCP_SNDBUF", "262144")
     cmd = [py, os.path.join(HERE, "raw_tcp_ps.py"), "--workers", str(w), "--servers", str(s),
            "--sndbuf", sndbuf]
