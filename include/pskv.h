@@ -399,38 +399,6 @@ int pskv_init_batch(struct pskv_kvstore *kv,
                     const int64_t *keys,
                     const struct pskv_buffer *values);
 
-// Waits until `request` is done and returns its result (`PSKV_OK` or
-// its error), once: the handle is freed then, and waiting again is an
-// argument error. Waits at most `PSKV_KVSTORE_TIMEOUT`; a wait that gives
-// up returns `PSKV_ERR_TIMEOUT` and leaves the request in flight (its
-// buffers still the store's): wait again. A persistent request is
-// reported the same way, once per start, and then is inactive, not freed
-// (`pskv_start` it again, or `pskv_request_free` it); waiting for one not
-// started is an argument error.
-//
-// # Safety
-// Any value may be passed (handles are checked).
-int pskv_wait(struct pskv_request *request);
-
-// Whether `request` is done, without waiting: writes 1 to `*done` and
-// returns the request's result (then the handle is freed, as by
-// `pskv_wait`), or writes 0 and returns `PSKV_OK`.
-//
-// # Safety
-// `done` points to writable storage; any `request` may be passed.
-int pskv_test(struct pskv_request *request, int *done);
-
-// Waits for `n` requests, as `pskv_wait` each: writes each one's result
-// to `statuses[i]` (unless `statuses` is null) and returns `PSKV_OK` if
-// all succeeded, else the first failure's code (its message is
-// `pskv_last_error()`). Every request is waited for, whatever the others
-// gave.
-//
-// # Safety
-// `requests` points to `n` handles (any values); `statuses` is null or
-// points to `n` writable ints.
-int pskv_wait_all(size_t n, struct pskv_request *const *requests, int *statuses);
-
 // Creates a kvstore of `kind` ("local", "device", "dist_sync",
 // "dist_async", ...) on an engine of its own, configured from the
 // environment (a distributed kind joins the cluster named by DMLC_*, as
@@ -535,6 +503,38 @@ int pskv_rank(const struct pskv_kvstore *kv, int *out);
 // # Safety
 // `kv` is a live handle; `out` points to writable storage.
 int pskv_num_workers(const struct pskv_kvstore *kv, int *out);
+
+// Waits until `request` is done and returns its result (`PSKV_OK` or
+// its error), once: the handle is freed then, and waiting again is an
+// argument error. Waits at most `PSKV_KVSTORE_TIMEOUT`; a wait that gives
+// up returns `PSKV_ERR_TIMEOUT` and leaves the request in flight (its
+// buffers still the store's): wait again. A persistent request is
+// reported the same way, once per start, and then is inactive, not freed
+// (`pskv_start` it again, or `pskv_request_free` it); waiting for one not
+// started is an argument error.
+//
+// # Safety
+// Any value may be passed (handles are checked).
+int pskv_wait(struct pskv_request *request);
+
+// Whether `request` is done, without waiting: writes 1 to `*done` and
+// returns the request's result (then the handle is freed, as by
+// `pskv_wait`), or writes 0 and returns `PSKV_OK`.
+//
+// # Safety
+// `done` points to writable storage; any `request` may be passed.
+int pskv_test(struct pskv_request *request, int *done);
+
+// Waits for `n` requests, as `pskv_wait` each: writes each one's result
+// to `statuses[i]` (unless `statuses` is null) and returns `PSKV_OK` if
+// all succeeded, else the first failure's code (its message is
+// `pskv_last_error()`). Every request is waited for, whatever the others
+// gave.
+//
+// # Safety
+// `requests` points to `n` handles (any values); `statuses` is null or
+// points to `n` writable ints.
+int pskv_wait_all(size_t n, struct pskv_request *const *requests, int *statuses);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -44,6 +44,7 @@ mod handles;
 mod persistent;
 mod request;
 mod store;
+mod wait;
 
 #[cfg(test)]
 mod tests;
@@ -57,6 +58,7 @@ pub use buffer::*;
 pub use persistent::*;
 pub use request::*;
 pub use store::*;
+pub use wait::*;
 
 /// The version of this interface: a program built against this header
 /// checks it against `pskv_abi_version()` at run time.

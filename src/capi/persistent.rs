@@ -45,9 +45,10 @@ use std::sync::Arc;
 
 use super::buffer::PskvBuffer;
 use super::request::{
-    batch, issue_entries, items, keys_of, report, requests, tensors_of, Entry, PskvRequest, Req,
+    batch, issue_entries, items, keys_of, requests, tensors_of, Entry, PskvRequest, Req,
 };
 use super::store::{handle, PskvKvStore};
+use super::wait::report;
 use super::{arg, guard, kv_err, set_error, Failure, PSKV_OK};
 use crate::kvstore::{Call, CallPlan, KvStore, Ticket, TicketPlan};
 
