@@ -474,6 +474,7 @@ fn fail_unrun(op: &OpRef, cause: FailureCause) {
 
 /// The second half of finishing (the caller has claimed the op): store the
 /// failure, release the vars, dispatch what became ready.
+#[allow(unsafe_code)] // the vars' release (`release`)
 fn complete(op: &OpRef, failure: Option<Arc<OpFailure>>) {
     // Held past `op_finished`, whose wake-up reads the core after its count.
     let core = op.core;
@@ -484,7 +485,9 @@ fn complete(op: &OpRef, failure: Option<Arc<OpFailure>>) {
     if core.profiler.is_enabled() {
         core.profiler.end(op, failure.is_some());
     }
-    release(op.reads(), op.writes(), true);
+    // SAFETY: the op holds its grants until here; its handles are not
+    // read after (the state and counts below are the op's and the core's).
+    unsafe { release(op.reads(), op.writes(), true) };
     op.state.store(FINISHED, Ordering::Release);
     if let Executor::Naive = core.executor {
         let _guard = core.idle.lock();
@@ -511,14 +514,18 @@ pub(crate) fn store_failure(core: &Core, name: &str, writes: &[Var], f: &Arc<OpF
 /// Releases the grants of an op that reads `reads` and writes `writes`
 /// (it `ran`; else they go back unused), and dispatches the ops that
 /// became ready.
-#[allow(unsafe_code)] // the vars' lives (`var/mod.rs`, K2)
-pub(crate) fn release(reads: &[Var], writes: &[Var], ran: bool) {
+///
+/// # Safety
+/// The caller holds a grant of each var's access (an op finishing, or a
+/// run at its push) and reads no uncounted handle of them after this
+/// call: a var may be freed by its release (`var/mod.rs`, K2).
+#[allow(unsafe_code)]
+pub(crate) unsafe fn release(reads: &[Var], writes: &[Var], ran: bool) {
     let mut grants: SmallVec<[OpRef; 8]> = SmallVec::new();
     let vars = reads.iter().map(|v| (v, Access::Read));
     for (v, access) in vars.chain(writes.iter().map(|v| (v, Access::Write))) {
-        // SAFETY: the caller holds a grant of `access` on each var (an op
-        // finishing, or a run at its push), each var named once; no handle
-        // is used after its release.
+        // SAFETY: the caller's contract; each handle is released once here
+        // and not read again.
         unsafe { v.release_grant(access, ran, &mut grants, PREFETCH_QUEUE) };
     }
     for g in grants {

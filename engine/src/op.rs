@@ -270,13 +270,23 @@ impl<'a> RunContext<'a> {
         }
     }
 
-    /// How this op holds `var`, or None if its spec does not name it.
+    /// How this op holds `var`, or None if its spec does not name it. The
+    /// grant lasts while the closure runs, and for an async op until its
+    /// completion is called: after that, None.
     pub fn access(&self, var: &Var) -> Option<Access> {
-        let named = |vs: &[Var]| vs.iter().any(|v| v.id() == var.id());
         let (reads, writes) = match self.grant {
-            Grant::Op(op) => (op.reads(), op.writes()),
+            Grant::Op(op) => {
+                // Subtle: an async op's completion may have released its
+                // vars (and freed one no handle names any more: `var/`,
+                // K3): its handles are compared as addresses, never read.
+                if op.state.load(Acquire) != RUNNING {
+                    return None;
+                }
+                (op.reads(), op.writes())
+            }
             Grant::Now(spec) => (&spec.reads[..], &spec.writes[..]),
         };
+        let named = |vs: &[Var]| vs.iter().any(|v| v.is(var));
         if named(writes) {
             Some(Access::Write)
         } else if named(reads) {

@@ -82,6 +82,7 @@ const RUN_NOW_KEY: usize = 1;
 /// be missing from them), inside another op's closure or an inline drain
 /// (the trampoline keeps such runs from nesting without bound), and an op
 /// that would be skipped (a var holds a failure and `no_skip` is false).
+#[allow(unsafe_code)] // the grants' release (`core::release`)
 pub(crate) fn try_run_now<F>(core: &Arc<Core>, spec: &OpSpec, no_skip: bool, f: F) -> Result<(), F>
 where
     F: FnOnce(RunContext<'_>) -> Result<(), OpError>,
@@ -109,7 +110,8 @@ where
     let skip = || !no_skip && all().any(|(v, _)| v.failure().is_some());
     if taken < spec.reads.len() + spec.writes.len() || skip() {
         let nreads = taken.min(spec.reads.len());
-        release(&spec.reads[..nreads], &spec.writes[..taken - nreads], false);
+        // SAFETY: the grants just taken; the spec's handles are counted.
+        unsafe { release(&spec.reads[..nreads], &spec.writes[..taken - nreads], false) };
         return Err(f);
     }
     core.op_pushed();
@@ -128,7 +130,9 @@ where
             let failure = OpFailure::new(spec.name.to_string(), c);
             store_failure(core, &spec.name, &spec.writes, &failure);
         }
-        release(&spec.reads, &spec.writes, true);
+        // SAFETY: every grant is held (all were taken); the spec's handles
+        // are counted.
+        unsafe { release(&spec.reads, &spec.writes, true) };
         core.op_finished();
     });
     Ok(())

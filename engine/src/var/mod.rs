@@ -22,12 +22,17 @@
 //!   counts until its push has appended it to each var; then the push
 //!   drops each count (`give_up`). From there on they are uncounted,
 //!   valid while the op holds its place on each var, from its append to
-//!   its release (K2: the queue is busy): all that uses them (the op's
-//!   run, its skip, its failure, its release) falls in that window, and an
-//!   op's drop drops none of them.
+//!   its release (K2: the queue is busy): all that reads through them
+//!   (the op's skip, its run, its failure, its release) falls in that
+//!   window, and an op's drop drops none of them. They are never cloned
+//!   (a clone from zero handles aborts: K4). Subtle: an async op's
+//!   closure may still run after its completion released the vars;
+//!   `RunContext::access` then answers None and compares the handles as
+//!   addresses only (`Var::is`).
 //! - **K4.** Nothing makes a handle from a bare `Arc<VarInner>` (the
-//!   failure log's `Weak` upgrades call `VarInner`'s methods), so
-//!   `handles` never rises from zero.
+//!   failure log's `Weak` upgrades call `VarInner`'s methods) or clones an
+//!   uncounted one (K3), so `handles` never rises from zero (a clone that
+//!   would aborts).
 //!
 //! Why: with an `Arc` per handle, each op's var counts were written by
 //! the pusher (the spec's clones) and by the worker that dropped the op:
@@ -196,13 +201,15 @@ impl Drop for OpVars {
 pub struct Var(NonNull<VarInner>);
 
 // SAFETY: a handle gives shared access to a `VarInner`, which is Send and
-// Sync (its mutable state is behind locks and atomics), and its count is
-// atomic: as an `Arc<VarInner>` would be.
+// Sync (checked below: its mutable state is behind locks and atomics), and
+// its count is atomic: as an `Arc<VarInner>` would be.
 unsafe impl Send for Var {}
 unsafe impl Sync for Var {}
 
-impl std::panic::UnwindSafe for Var {}
-impl std::panic::RefUnwindSafe for Var {}
+const _: () = {
+    const fn shared<T: Send + Sync>() {}
+    shared::<VarInner>()
+};
 
 impl Clone for Var {
     #[inline]
@@ -210,8 +217,10 @@ impl Clone for Var {
         // Relaxed, as `Arc::clone`: this handle keeps the var alive, and
         // nothing is published by the count.
         let before = self.inner().handles.fetch_add(1, Ordering::Relaxed);
-        // As `Arc`: a count that could overflow (leaked handles) aborts.
-        if before > isize::MAX as usize {
+        // As `Arc`: a count that could overflow (leaked handles) aborts; so
+        // does a clone of an op's uncounted handle (K4), which would free
+        // the var twice.
+        if before.wrapping_sub(1) >= isize::MAX as usize {
             std::process::abort();
         }
         Var(self.0)
@@ -305,6 +314,12 @@ impl Var {
         let arc =
             std::mem::ManuallyDrop::new(unsafe { Arc::from_raw(self.0.as_ptr().cast_const()) });
         Arc::downgrade(&arc)
+    }
+
+    /// Whether `other` names the same var (their addresses: neither is
+    /// read, so an op's handle may be compared after its release).
+    pub(crate) fn is(&self, other: &Var) -> bool {
+        self.0 == other.0
     }
 
     /// A process-wide unique id.
@@ -459,143 +474,4 @@ impl fmt::Debug for Var {
 }
 
 #[cfg(all(test, not(loom)))]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failure_first_wins_and_take_clears() {
-        let v = Var::named("x");
-        let a = OpFailure::new("a", crate::FailureCause::Panic("boom".into()));
-        let b = OpFailure::new("b", crate::FailureCause::Panic("later".into()));
-        v.set_failure(&a);
-        v.set_failure(&b);
-        assert_eq!(v.failure().unwrap().op(), "a");
-        v.inner().clear_failure_if(&b);
-        assert!(v.failure().is_some());
-        assert_eq!(v.take_failure().unwrap().op(), "a");
-        assert!(v.failure().is_none());
-        assert_eq!(v.describe(), format!("var {} 'x'", v.id()));
-    }
-
-    /// Whether the var behind `weak` is still alive (its handles' count
-    /// or an orphaned queue's hold, K2).
-    fn alive(weak: &Weak<VarInner>) -> bool {
-        weak.strong_count() > 0
-    }
-
-    fn engine(threads: usize) -> crate::Engine {
-        crate::Engine::builder()
-            .cpu_threads(threads)
-            .build()
-            .expect("engine starts")
-    }
-
-    #[test]
-    fn handles_count_themselves_and_a_var_dropped_idle_is_freed() {
-        let v = Var::new();
-        let weak = v.downgrade();
-        let w = v.clone();
-        assert_eq!(v.inner().handles.load(Ordering::Relaxed), 2);
-        assert_eq!(weak.strong_count(), 1, "all handles share one count");
-        drop(w);
-        assert!(alive(&weak));
-        drop(v);
-        assert!(!alive(&weak), "freed with its last handle");
-    }
-
-    /// Ops hold no count: after they ran, only the handles do; queued,
-    /// run at their push, skipped after a failure, or given back.
-    #[test]
-    fn ops_leave_no_count_behind() {
-        let e = engine(2);
-        let (v, u) = (Var::new(), Var::new());
-        for i in 0..200 {
-            let spec = match i % 3 {
-                0 => crate::OpSpec::new("w").write(&v).read(&u),
-                1 => crate::OpSpec::new("r").read(&v).read(&v),
-                _ => crate::OpSpec::new("now")
-                    .write(&u)
-                    .property(crate::Property::Async),
-            };
-            e.push_sync(spec, move |_| {
-                if i == 50 {
-                    Err("fails on purpose".into())
-                } else {
-                    Ok(())
-                }
-            })
-            .unwrap();
-        }
-        let _ = e.wait_for_all();
-        for x in [&v, &u] {
-            assert_eq!(x.inner().handles.load(Ordering::Relaxed), 1);
-            assert_eq!(x.downgrade().strong_count(), 1);
-            assert!(x.inner().queue.lock().is_idle());
-        }
-    }
-
-    /// A var whose handles are all dropped while ops wait on it lives until
-    /// the last of them is released, and is freed then.
-    #[test]
-    fn a_var_without_handles_lives_until_its_ops_are_released() {
-        let e = engine(1);
-        let v = Var::new();
-        let weak = v.downgrade();
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let ran = Arc::new(AtomicUsize::new(0));
-        e.push_sync(crate::OpSpec::new("gate").write(&v), move |_| {
-            rx.recv_timeout(std::time::Duration::from_secs(30))
-                .map_err(|_| "gate not opened".into())
-        })
-        .unwrap();
-        for _ in 0..3 {
-            let ran = ran.clone();
-            e.push_sync(crate::OpSpec::new("after").read(&v), move |ctx| {
-                // The op's own handle is still good while it runs.
-                assert!(ctx.op_name() == "after");
-                ran.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            })
-            .unwrap();
-        }
-        drop(v);
-        assert!(alive(&weak), "kept by its busy queue");
-        tx.send(()).unwrap();
-        e.wait_for_all().unwrap();
-        assert_eq!(ran.load(Ordering::SeqCst), 3);
-        assert!(!alive(&weak), "freed by the last release");
-    }
-
-    /// Handles cloned and dropped on many threads while ops run: the var
-    /// is freed exactly when the last is gone and its ops are done.
-    #[test]
-    fn handles_dropped_on_many_threads_free_the_var_once() {
-        let e = Arc::new(engine(2));
-        for _ in 0..20 {
-            let v = Var::new();
-            let weak = v.downgrade();
-            let threads: Vec<_> = (0..4)
-                .map(|t| {
-                    let (e, v) = (e.clone(), v.clone());
-                    std::thread::spawn(move || {
-                        for i in 0..200 {
-                            let w = v.clone();
-                            let spec = if (i + t) % 4 == 0 {
-                                crate::OpSpec::new("w").write(&w)
-                            } else {
-                                crate::OpSpec::new("r").read(&w)
-                            };
-                            e.push_sync(spec, |_| Ok(())).unwrap();
-                        }
-                    })
-                })
-                .collect();
-            drop(v);
-            for t in threads {
-                t.join().unwrap();
-            }
-            e.wait_for_all().unwrap();
-            assert!(!alive(&weak));
-        }
-    }
-}
+mod tests;
