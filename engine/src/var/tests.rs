@@ -157,3 +157,35 @@ fn an_async_op_no_longer_holds_its_vars_once_completed() {
     e.wait_for_all().unwrap();
     assert_eq!(*seen.lock(), [Some(crate::Access::Read), None]);
 }
+
+/// A failing op on a var whose handles are gone: its failure is logged
+/// with a `Weak` to the var, which is freed at the op's release; the log
+/// then finds it gone (no handle is made from it, K4) and reports nothing
+/// of it, as when a var was dropped after its ops.
+#[test]
+fn a_failure_on_a_var_freed_meanwhile_is_dropped_from_the_log() {
+    let e = engine(1);
+    let v = Var::new();
+    let weak = v.downgrade();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    e.push_sync(crate::OpSpec::new("fails").write(&v), move |_| {
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .map_err(|_| "gate not opened")?;
+        Err("fails on purpose".into())
+    })
+    .unwrap();
+    drop(v);
+    tx.send(()).unwrap();
+    assert!(
+        e.wait_for_all().is_ok(),
+        "a freed var's failure is not told"
+    );
+    assert!(!alive(&weak));
+    // The engine goes on: a new var's failure is told.
+    let u = Var::new();
+    e.push_sync(crate::OpSpec::new("fails too").write(&u), |_| {
+        Err("again".into())
+    })
+    .unwrap();
+    assert!(e.wait_for_all().is_err());
+}
