@@ -63,10 +63,6 @@ pub(crate) fn next_engine_id() -> u64 {
     NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The queue length past which a finish prefetches the op first in line
-/// (`complete`).
-const PREFETCH_QUEUE: usize = 8;
-
 /// The failure log's size at which it is pruned.
 const FAILURE_LOG_PRUNE_AT: usize = 4096;
 
@@ -526,7 +522,7 @@ pub(crate) unsafe fn release(reads: &[Var], writes: &[Var], ran: bool) {
     for (v, access) in vars.chain(writes.iter().map(|v| (v, Access::Write))) {
         // SAFETY: the caller's contract; each handle is released once here
         // and not read again.
-        unsafe { v.release_grant(access, ran, &mut grants, PREFETCH_QUEUE) };
+        unsafe { v.release_grant(access, ran, &mut grants) };
     }
     for g in grants {
         if g.release_one() {

@@ -58,6 +58,10 @@ pub(crate) use queue::{Access, VarQueue};
 
 static NEXT_VAR_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The queue length past which a release prefetches the op first in line
+/// (`Var::release_grant`).
+const PREFETCH_QUEUE: usize = 8;
+
 /// What a var's handles share.
 ///
 /// Layout: `handles` is written by every clone and drop of a handle (the
@@ -300,11 +304,23 @@ impl Var {
         }
         drop(state);
         if idle {
-            // SAFETY: the handles' count of the `Arc` (K1), dropped once:
-            // no handle is left, and the idle queue can no longer be made
-            // busy (K2, K4).
-            unsafe { drop(Arc::from_raw(self.0.as_ptr().cast_const())) };
+            // SAFETY: no handle is left, and the idle queue can no longer
+            // be made busy (K2, K4).
+            unsafe { self.free_handles_count() };
         }
+    }
+
+    /// Drops the handles' count of the `Arc` (K1): the var may be gone
+    /// when this returns.
+    ///
+    /// # Safety
+    /// Called once per var, by the last handle's drop or by the release it
+    /// left that to (K2), after the var's lock is let go; the var is not
+    /// touched again through this handle.
+    unsafe fn free_handles_count(&self) {
+        // SAFETY: the count `build` made with `Arc::into_raw` (the
+        // caller's contract: dropped once).
+        unsafe { drop(Arc::from_raw(self.0.as_ptr().cast_const())) };
     }
 
     /// A `Weak` to the var's memory, for the failure log (K4).
@@ -347,7 +363,7 @@ impl Var {
     /// Releases a grant of `access` (`ran`: completed, else given back
     /// unused) and adds to `grants` the ops it made grantable; prefetches
     /// the op then first in line if the queue is longer than
-    /// `prefetch_past`. If no handle is left and the queue became idle,
+    /// `PREFETCH_QUEUE`. If no handle is left and the queue became idle,
     /// the var is given up (K2): it may be gone when this returns.
     ///
     /// # Safety
@@ -359,7 +375,6 @@ impl Var {
         access: Access,
         ran: bool,
         grants: &mut SmallVec<[OpRef; 8]>,
-        prefetch_past: usize,
     ) {
         let mut state = self.inner().queue.lock();
         if ran {
@@ -373,7 +388,7 @@ impl Var {
         // a short one, whose front the pusher may still be writing (its
         // wait counter, after the append): taking the line from it then
         // costs more than it saves (the chain of the dispatch bench).
-        if state.pending().2 > prefetch_past {
+        if state.pending().2 > PREFETCH_QUEUE {
             if let Some(next) = state.waiting().next() {
                 next.prefetch();
             }
@@ -381,10 +396,9 @@ impl Var {
         let give_up = state.orphaned && state.is_idle();
         drop(state);
         if give_up {
-            // SAFETY: the handles' count (K1), left to this release by the
-            // last handle's drop (K2): dropped once, after the lock, and
-            // the var is not touched again here.
-            unsafe { drop(Arc::from_raw(self.0.as_ptr().cast_const())) };
+            // SAFETY: left to this release by the last handle's drop (K2);
+            // the lock is let go and the var is not touched again here.
+            unsafe { self.free_handles_count() };
         }
     }
 

@@ -24,6 +24,23 @@ fn alive(weak: &Weak<VarInner>) -> bool {
     weak.strong_count() > 0
 }
 
+/// Pushes an op that writes `v` and waits (up to 30 s) until the returned
+/// sender opens it, then gives `then`'s result.
+fn push_gate(
+    e: &crate::Engine,
+    v: &Var,
+    then: impl FnOnce() -> Result<(), crate::OpError> + Send + 'static,
+) -> std::sync::mpsc::Sender<()> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    e.push_sync(crate::OpSpec::new("gate").write(v), move |_| {
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .map_err(|_| "gate not opened")?;
+        then()
+    })
+    .unwrap();
+    tx
+}
+
 fn engine(threads: usize) -> crate::Engine {
     crate::Engine::builder()
         .cpu_threads(threads)
@@ -82,13 +99,8 @@ fn a_var_without_handles_lives_until_its_ops_are_released() {
     let e = engine(1);
     let v = Var::new();
     let weak = v.downgrade();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let open = push_gate(&e, &v, || Ok(()));
     let ran = Arc::new(AtomicUsize::new(0));
-    e.push_sync(crate::OpSpec::new("gate").write(&v), move |_| {
-        rx.recv_timeout(std::time::Duration::from_secs(30))
-            .map_err(|_| "gate not opened".into())
-    })
-    .unwrap();
     for _ in 0..3 {
         let ran = ran.clone();
         e.push_sync(crate::OpSpec::new("after").read(&v), move |ctx| {
@@ -101,7 +113,7 @@ fn a_var_without_handles_lives_until_its_ops_are_released() {
     }
     drop(v);
     assert!(alive(&weak), "kept by its busy queue");
-    tx.send(()).unwrap();
+    open.send(()).unwrap();
     e.wait_for_all().unwrap();
     assert_eq!(ran.load(Ordering::SeqCst), 3);
     assert!(!alive(&weak), "freed by the last release");
@@ -167,15 +179,9 @@ fn a_failure_on_a_var_freed_meanwhile_is_dropped_from_the_log() {
     let e = engine(1);
     let v = Var::new();
     let weak = v.downgrade();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    e.push_sync(crate::OpSpec::new("fails").write(&v), move |_| {
-        rx.recv_timeout(std::time::Duration::from_secs(30))
-            .map_err(|_| "gate not opened")?;
-        Err("fails on purpose".into())
-    })
-    .unwrap();
+    let open = push_gate(&e, &v, || Err("fails on purpose".into()));
     drop(v);
-    tx.send(()).unwrap();
+    open.send(()).unwrap();
     assert!(
         e.wait_for_all().is_ok(),
         "a freed var's failure is not told"
