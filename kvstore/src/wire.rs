@@ -248,15 +248,23 @@ pub(crate) struct Check {
     pub(crate) part_bytes: u64,
     /// The worker will map the part's shared segment.
     pub(crate) wants_shm: bool,
+    /// The part's sync rounds the worker saw complete (`DistKey::seen`):
+    /// a restarted server learns from it which rounds are done.
+    pub(crate) seen: u64,
     /// The whole key's shape as the worker holds it (for the error).
     pub(crate) shape: Vec<u64>,
 }
 
+/// Bytes of a check before its shape: the flag, the part's bytes, the
+/// rounds seen, the shape's length.
+const CHECK_HEAD: usize = 1 + 8 + 8 + 4;
+
 impl Check {
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(13 + 8 * self.shape.len());
+        let mut v = Vec::with_capacity(CHECK_HEAD + 8 * self.shape.len());
         v.push(self.wants_shm as u8);
         v.extend_from_slice(&self.part_bytes.to_le_bytes());
+        v.extend_from_slice(&self.seen.to_le_bytes());
         v.extend_from_slice(&(self.shape.len() as u32).to_le_bytes());
         for d in &self.shape {
             v.extend_from_slice(&d.to_le_bytes());
@@ -266,21 +274,23 @@ impl Check {
 
     pub(crate) fn decode(b: &[u8]) -> std::result::Result<Check, Fault> {
         let bad = || Fault::Malformed(format!("a check request of {} bytes is malformed", b.len()));
-        if b.len() < 13 || b[0] > 1 {
+        if b.len() < CHECK_HEAD || b[0] > 1 {
             return Err(bad());
         }
         let part_bytes = u64::from_le_bytes(b[1..9].try_into().map_err(|_| bad())?);
-        let n = u32::from_le_bytes(b[9..13].try_into().map_err(|_| bad())?) as usize;
-        if n > 32 || b.len() != 13 + 8 * n {
+        let seen = u64::from_le_bytes(b[9..17].try_into().map_err(|_| bad())?);
+        let n = u32::from_le_bytes(b[17..21].try_into().map_err(|_| bad())?) as usize;
+        if n > 32 || b.len() != CHECK_HEAD + 8 * n {
             return Err(bad());
         }
-        let shape = b[13..]
+        let shape = b[CHECK_HEAD..]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
             .collect();
         Ok(Check {
             part_bytes,
             wants_shm: b[0] == 1,
+            seen,
             shape,
         })
     }
@@ -409,15 +419,16 @@ mod tests {
         let c = Check {
             part_bytes: 400,
             wants_shm: true,
+            seen: 7,
             shape: vec![10, 10],
         };
         assert_eq!(Check::decode(&c.encode()), Ok(c.clone()));
         let e = c.encode();
         assert!(Check::decode(&e[..e.len() - 1]).is_err());
-        assert!(Check::decode(&[2; 13]).is_err());
+        assert!(Check::decode(&[2; CHECK_HEAD]).is_err());
         assert!(Check::decode(&[]).is_err());
-        let mut huge = vec![0u8; 13];
-        huge[9..13].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut huge = vec![0u8; CHECK_HEAD];
+        huge[17..21].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(Check::decode(&huge).is_err());
     }
 

@@ -16,14 +16,6 @@ use crate::error::Fault;
 use crate::wire::{decode_ps_key, split_rows, Head, Op};
 
 impl Inner {
-    /// A push of round `tag` (replicas) that the key holds already: the
-    /// answer it gets without being applied again.
-    pub(super) fn already_applied(st: &EntryState, head: &Head, tag: u64) -> Option<Option<Bytes>> {
-        let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
-        (pushes && tag != 0 && tag <= st.rounds)
-            .then(|| (head.op == Op::PushPull).then(|| st.snapshot()))
-    }
-
     /// Schedules the work on one ps key.
     pub(super) fn key_request(self: &Arc<Self>, w: KeyWork) {
         match w.head.op {
@@ -130,6 +122,11 @@ impl Inner {
             answer,
         } = w;
         let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
+        if pushes && head.sync && tag != 0 {
+            // A push of round `tag`: its worker saw the rounds before it
+            // complete (`entry/cut_short.rs`).
+            st.learn_round(tag - 1);
+        }
         let dead = if head.sync && pushes {
             self.dead_worker()
         } else {
@@ -140,7 +137,7 @@ impl Inner {
                 let why = dead.as_deref().unwrap_or_default();
                 answer(Err(Fault::Unavailable(format!("{}: {why}", st.name()))));
             }
-            _ if pushes && Self::already_applied(st, &head, tag).is_some() => {
+            _ if pushes && tag != 0 && tag <= st.rounds => {
                 tracing::debug!(
                     server = self.my_rank(),
                     key,
@@ -149,9 +146,10 @@ impl Inner {
                     rounds = st.rounds,
                     "a push of a round this key holds: answered"
                 );
-                // A retry of a round this key holds (replicas): answered,
-                // not applied again.
-                answer(Ok(Self::already_applied(st, &head, tag).flatten()));
+                // A push of a completed round (a retry whose answer was
+                // lost; at a backup, of a round the primary copied there):
+                // answered, not applied again.
+                answer(st.answer_done(&head));
             }
             Op::Push | Op::PushPull | Op::RowPush => {
                 // A shared-memory push is in the worker's slot.
@@ -173,6 +171,7 @@ impl Inner {
                 // update, as slices of their own in the op's.
                 let t0 = rc.profiling().then(Instant::now);
                 st.time_update = t0.is_some();
+                let answer = self.maybe_cut(st, rank, answer);
                 st.push(&self.kernels, rule.as_ref(), head, vals, rank, answer);
                 if let Some(t0) = t0 {
                     let name = st.name();
@@ -212,13 +211,39 @@ impl Inner {
             },
             Op::Pull => answer(Ok(Some(st.snapshot()))),
             Op::RowPull => answer(row_pull(st, &vals).map(Some)),
-            Op::Check => answer(
-                crate::wire::Check::decode(&vals)
-                    .and_then(|c| st.check(&head, &c, rank))
-                    .map(|p| Some(p.unwrap_or_default())),
-            ),
+            Op::Check => answer(crate::wire::Check::decode(&vals).and_then(|c| {
+                let seg = st.check(&head, &c, rank)?;
+                if head.sync {
+                    // After this server's restart: rounds the worker saw
+                    // complete (`entry/cut_short.rs`).
+                    st.learn_round(c.seen);
+                }
+                Ok(Some(seg.unwrap_or_default()))
+            })),
             Op::Init | Op::Replicate => unreachable!("handled in key_request"),
         }
+    }
+
+    /// Tests (`Server::die_after_answering_rank_0`): the answer of a push
+    /// of another rank than 0 in the round the fault names is held back
+    /// until this server died 300 ms after it was due (rank 0's, due
+    /// first, has left by then).
+    fn maybe_cut(&self, st: &EntryState, rank: usize, answer: Answer) -> Answer {
+        let round = self.cut_round.load(Ordering::Acquire);
+        if round == 0 || rank == 0 || st.rounds + 1 != round {
+            return answer;
+        }
+        let Some(die) = self.cut.lock().take() else {
+            return answer;
+        };
+        self.cut_round.store(0, Ordering::Release);
+        Box::new(move |_| {
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                die();
+                drop(answer);
+            });
+        })
     }
 
     pub(super) fn init(&self, key: u64, head: Head, vals: Bytes, answer: Answer) {

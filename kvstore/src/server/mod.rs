@@ -118,6 +118,11 @@ struct Inner {
     /// A fault for tests: once the backup holds this round of a key, the
     /// server dies before answering it (`Server::die_after_copying`).
     fault: Mutex<Option<(u64, replica::Once)>>,
+    /// A fault for tests: the round (0: none) whose pushes but rank 0's
+    /// are never answered, the server dying instead
+    /// (`Server::die_after_answering_rank_0`), and how it dies.
+    cut_round: AtomicU64,
+    cut: Mutex<Option<replica::Once>>,
     /// Where completed rounds are reported (`pskv status`), once the
     /// transport started.
     rounds: std::sync::OnceLock<Arc<RoundLog>>,
@@ -224,6 +229,8 @@ impl Server {
             ranges: std::sync::OnceLock::new(),
             repl: std::sync::OnceLock::new(),
             fault: Mutex::new(None),
+            cut_round: AtomicU64::new(0),
+            cut: Mutex::new(None),
             rounds: std::sync::OnceLock::new(),
         });
         let replicas = cfg.replicas;
@@ -381,6 +388,7 @@ impl Server {
             r.stop();
         }
         self.inner.fault.lock().take();
+        self.inner.cut.lock().take();
         if let Some(c) = self.inner.ckpt.get() {
             c.stop();
         }
@@ -399,6 +407,18 @@ impl Server {
     pub fn die_after_copying(&self, round: u64) {
         let po = self.po.clone();
         *self.inner.fault.lock() = Some((round, Box::new(move || po.kill())));
+    }
+
+    /// For tests: the first key of this server to complete round `round`
+    /// answers its rank-0 push only; the other workers' answers are never
+    /// sent, and the server dies (as a crash) 300 ms later. Rank 0 has
+    /// seen the round complete, the others have not: what a crash between
+    /// two answers leaves.
+    #[doc(hidden)]
+    pub fn die_after_answering_rank_0(&self, round: u64) {
+        let po = self.po.clone();
+        *self.inner.cut.lock() = Some(Box::new(move || po.kill()));
+        self.inner.cut_round.store(round, Ordering::Release);
     }
 
     /// Where this server checkpoints, if it does.

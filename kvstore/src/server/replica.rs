@@ -11,8 +11,8 @@
 //!   answers the round's pushes (and lets the key's next request, a pull
 //!   say, run) only once the backup acknowledged the copy. So whatever a
 //!   worker has seen of a key, the backup holds too.
-//! - Workers tag each push with its round (their count of pushes of the
-//!   key, from 1). When the primary dies, a worker sends what it had in
+//! - Every sync push says its round (one more than the rounds of its part
+//!   that its worker saw complete; `entry/cut_short.rs`). When the primary dies, a worker sends what it had in
 //!   flight to the backup, and from then on every request of those keys.
 //!   The backup applies a pushed round it does not have; it answers one it
 //!   already holds (the primary completed it, copied it, then died before

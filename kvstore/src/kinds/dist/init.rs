@@ -54,6 +54,7 @@ impl DistStore {
                 meta.dtype,
                 pskv_engine::Context::Cpu,
             )?;
+            let seen: Vec<AtomicU64> = parts.iter().map(|_| AtomicU64::new(0)).collect();
             let dk = self.keys.insert(
                 key,
                 DistKey {
@@ -65,7 +66,7 @@ impl DistStore {
                     sum: Mutex::new(None),
                     segs: RwLock::new(Vec::new()),
                     unsure: Arc::default(),
-                    pushes: AtomicU64::new(0),
+                    seen: seen.into(),
                     stage: Staging::default(),
                     settles: Arc::default(),
                 },

@@ -84,9 +84,13 @@ struct DistKey {
     /// write the value slot when that round completes, so the part's
     /// pushes and pulls go by message until a push succeeds (`parts.rs`).
     unsure: Arc<parts::Unsure>,
-    /// Pushes of this key so far (replicas: each push carries its round,
-    /// this count after it); changed only by ops that write `var`.
-    pushes: AtomicU64,
+    /// Per part, the sync rounds this worker saw complete (its pushes of
+    /// the part that the server answered without an error): a push is of
+    /// round `seen + 1` and says so (`PartSend::tag`), and a check after a
+    /// server's restart tells the new process (`segments.rs`), so that a
+    /// server answers a push of a round it knows complete without applying
+    /// it again. Changed only by the answers of ops that write `var`.
+    seen: Arc<[AtomicU64]>,
     /// Host buffers for values on a GPU (`staging`).
     stage: Staging,
     /// Tickets whose settle op has not run yet: while there are some, a

@@ -4,7 +4,6 @@
 //! run in order. How a part's values are built (zero-copy slices, shared
 //! slots, 2-bit or 1-bit codes, rows) and where answers land.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -175,15 +174,7 @@ impl DistStore {
                 (false, None) => Op::Push,
                 (false, Some(_)) => Op::PushPull,
             };
-            // Replicas: the push's round, so that a backup answers a retry
-            // of a round it holds without applying it again.
-            let tag = if me.replicas > 1 {
-                dk2.pushes.fetch_add(1, Ordering::AcqRel) + 1
-            } else {
-                0
-            };
-            let mut round =
-                Round::ignore_answers(me.head(op, dtype, compression), priority, tag, name);
+            let mut round = Round::ignore_answers(me.head(op, dtype, compression), priority, name);
             let mut settle = Vec::new();
             if let Some(l) = &land {
                 match me.landing(&dk2, l, segs.clone(), &rc) {
@@ -246,7 +237,6 @@ impl DistStore {
                 ..Round::ignore_answers(
                     me.head(Op::Pull, dtype, Compression::None),
                     priority,
-                    0,
                     "pull",
                 )
             };
@@ -335,7 +325,7 @@ impl DistStore {
                     check_len(resp, counts[i] * rb)?;
                     copy_parts(&ptr, offsets[i], resp)
                 }),
-                ..Round::ignore_answers(head, priority, 0, "pull_row_sparse")
+                ..Round::ignore_answers(head, priority, "pull_row_sparse")
             };
             me.send_parts(&dk2, &which, &round, completion, Vec::new(), |i| {
                 Ok((bodies[i].take().unwrap_or_default(), 0))
@@ -386,7 +376,7 @@ impl DistStore {
             let all: Vec<usize> = (0..payloads.len()).collect();
             let mut bodies: Vec<Option<Bytes>> =
                 payloads.into_iter().map(|(_, b)| Some(b)).collect();
-            let round = Round::ignore_answers(head, 0, 0, "init");
+            let round = Round::ignore_answers(head, 0, "init");
             me.send_parts(&dk2, &all, &round, completion, Vec::new(), |i| {
                 Ok((bodies[i].take().unwrap_or_default(), 0))
             });

@@ -2,7 +2,7 @@
 //! (replicas) its backup, a part sent again to the backup when its server
 //! died, and the answers handed to the op's [`Round`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -96,11 +96,16 @@ pub(super) struct PartSend {
     pub(super) part: Part,
     pub(super) head: Head,
     pub(super) priority: i32,
+    /// A sync push's round, as this worker counts the part's rounds
+    /// (`DistKey::seen`, plus one); else 0.
     pub(super) tag: u64,
     pub(super) payload: Bytes,
     /// A push's: the key's parts whose slots are in doubt
     /// (`DistKey::unsure`), kept by its answer.
     pub(super) unsure: Option<Arc<Unsure>>,
+    /// A sync push's: the key's counts of rounds seen, the part's counted
+    /// up by its answer.
+    pub(super) seen: Option<Arc<[AtomicU64]>>,
 }
 
 /// What answers of a part request are handed to: part index, answer, and
@@ -127,8 +132,6 @@ pub(super) struct LandIn {
 pub(super) struct Round {
     pub(super) head: Head,
     pub(super) priority: i32,
-    /// The push's round (replicas), or 0.
-    pub(super) tag: u64,
     /// The op, for errors (`push`, `pull`, ...).
     pub(super) name: &'static str,
     pub(super) on_answer: OnAnswer,
@@ -139,11 +142,10 @@ pub(super) struct Round {
 
 impl Round {
     /// Answers that carry nothing to keep.
-    pub(super) fn ignore_answers(head: Head, priority: i32, tag: u64, name: &'static str) -> Round {
+    pub(super) fn ignore_answers(head: Head, priority: i32, name: &'static str) -> Round {
         Round {
             head,
             priority,
-            tag,
             name,
             on_answer: Arc::new(|_, _, _| Ok(())),
             land: None,
@@ -241,6 +243,8 @@ impl DistStore {
             }
         };
         let head = round.head;
+        let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
+        let seen = (pushes && head.sync).then(|| dk.seen.clone());
         let send = PartSend {
             i,
             part: dk.parts[i],
@@ -250,9 +254,14 @@ impl DistStore {
                 ..head
             },
             priority: round.priority,
-            tag: round.tag,
+            // Acquire: the previous push's answer counted it (that op
+            // completed before this one runs).
+            tag: seen
+                .as_ref()
+                .map_or(0, |s| s[i].load(Ordering::Acquire) + 1),
             payload,
             unsure: matches!(head.op, Op::Push | Op::PushPull).then(|| dk.unsure.clone()),
+            seen,
         };
         // An init is not sent again elsewhere: the backup holds a key only
         // once its primary copied it there.
@@ -319,6 +328,7 @@ impl DistStore {
         let (inf2, cb2, landing2) = (inf.clone(), cb.clone(), landing.clone());
         let i = p.i;
         let unsure = p.unsure.clone().map(|u| (u, p.head.shm));
+        let seen = p.seen.clone();
         let died = move |r: &TransportError| {
             matches!(
                 r,
@@ -343,6 +353,10 @@ impl DistStore {
             if let Some((u, shm)) = &unsure {
                 // Before the op can complete: its next push must see it.
                 u.note(i, *shm, r.is_ok());
+            }
+            if let (Some(s), true) = (&seen, r.is_ok()) {
+                // Before the op can complete: its next push's tag counts it.
+                s[i].fetch_add(1, Ordering::Release);
             }
             let landed = landing2.as_ref().is_some_and(|l| l.is_filled());
             inf2.part_done(r, |resp| cb2(i, resp, landed))

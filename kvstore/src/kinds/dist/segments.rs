@@ -71,6 +71,8 @@ impl DistStore {
             let check = Check {
                 part_bytes: (p.len * ub) as u64,
                 wants_shm,
+                // Acquire: counted by answers of pushes on other threads.
+                seen: dk.seen[i].load(Ordering::Acquire),
                 shape: meta.shape.iter().map(|d| *d as u64).collect(),
             };
             let body = Bytes::from(check.encode());

@@ -20,7 +20,9 @@
 //! contended and only satisfies the type system.
 //!
 //! Rooms: this file is the entry's state and its rounds (a push taken,
-//! folded, the round completed and answered); `segment.rs` the shared
+//! folded, the round completed and answered); `cut_short.rs` rounds that
+//! end without completing (failed, a push given way to its retry, or
+//! learned done from the workers' count after a restart); `segment.rs` the shared
 //! segment of the co-located fast path (made at a worker's check, read
 //! for its pushes, its file removed once nobody will map it);
 //! `update.rs` a completed round's sum applied to the stored value (the
@@ -42,6 +44,7 @@ use crate::tensor::{share, Buf};
 use crate::updater::{KeyState, Rule};
 use crate::wire::{split_rows, Head, Op};
 
+mod cut_short;
 mod segment;
 mod update;
 
@@ -121,7 +124,9 @@ pub(crate) struct EntryState {
     touched: Option<(usize, Vec<bool>)>,
     waiters: Vec<(Answer, Want)>,
     round_sync: Option<bool>,
-    /// Rounds applied to the value (sync rounds, or async pushes).
+    /// The last round completed, as the workers count a key's rounds: the
+    /// rounds applied to the value since its init (sync rounds, or async
+    /// pushes), plus any that a restart lost (`cut_short.rs`).
     pub(crate) rounds: u64,
     /// When the latest round's first push arrived (`pskv status`).
     pub(crate) round_began: Option<Instant>,
@@ -354,15 +359,6 @@ impl EntryState {
         self.complete(rule, true);
     }
 
-    /// The answer of a push that a push of the same rank, sent again in
-    /// its round, took the place of.
-    fn gave_way(&self, rank: usize) -> Result<Option<Bytes>, Fault> {
-        Err(Fault::Unavailable(format!(
-            "{}: worker {rank} sent this push again in the same round; the later one counts",
-            self.name()
-        )))
-    }
-
     /// Folds the pending pushes of ranks `folded..` that have arrived, in
     /// rank order; false if a malformed push abandoned the round.
     fn fold_ready(&mut self, k: &CpuKernels) -> bool {
@@ -581,28 +577,6 @@ impl EntryState {
             debug_assert!(p.is_none());
             *p = None;
         }
-    }
-
-    /// Fails the round in progress, if one is, naming this key: it cannot
-    /// complete (`msg` says why).
-    pub(crate) fn fail_active_round(&mut self, msg: &str) {
-        if self.arrived > 0 || !self.waiters.is_empty() {
-            let m = format!("{}: {msg}", self.name());
-            self.fail_round(Fault::Unavailable(m));
-        }
-    }
-
-    /// Answers every push of the round with `why` and starts over.
-    fn fail_round(&mut self, why: Fault) {
-        for (answer, _) in std::mem::take(&mut self.waiters) {
-            answer(Err(why.clone()));
-        }
-        for p in &mut self.pending {
-            if let Some(a) = p.take() {
-                (a.answer)(Err(why.clone()));
-            }
-        }
-        self.reset_round();
     }
 }
 

@@ -187,6 +187,7 @@ mod tests {
         let check = Check {
             part_bytes: 64,
             wants_shm: true,
+            seen: 0,
             shape: vec![16],
         };
         for rank in 0..2 {

@@ -101,3 +101,68 @@ fn a_push_sent_again_after_its_first_was_summed_is_counted_once() {
     }
     assert_eq!(st.rounds, 1);
 }
+
+/// A restarted server, its count of rounds behind the workers', holds a
+/// push of a round that another worker saw complete before the crash:
+/// once it learns that (the other worker's check, or its push of a later
+/// round), the push is answered with the value, not applied, and the next
+/// round sums as usual. Its push would otherwise wait for a push the
+/// other worker never sends (`cut_short.rs`).
+#[test]
+fn a_push_of_a_round_the_workers_saw_complete_is_answered_not_applied() {
+    let k = CpuKernels::single_threaded();
+    let value = |r: Result<Option<Bytes>, Fault>| {
+        let v = r.unwrap().expect("a push-pull's value");
+        bytemuck::cast_slice::<u8, f32>(&v).to_vec()
+    };
+    let mut st = EntryState::new(1, 0, DType::F32, &f32s(&[5.0; 4]), 2);
+    // Back from a checkpoint of round 20; worker 1 pushes round 22 again.
+    st.rounds = 20;
+    st.learn_round(21);
+    assert_eq!(st.rounds, 21);
+    let (a1, r1) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 4]), 1, a1);
+    assert!(r1.try_recv().is_err(), "the push waits for its round");
+    // Worker 0 saw round 22 complete.
+    st.learn_round(22);
+    assert_eq!(value(r1.try_recv().expect("answered")), [5.0; 4]);
+    assert_eq!(st.rounds, 22);
+    st.learn_round(7);
+    assert_eq!(st.rounds, 22, "a count never goes back");
+    let (a0, r0) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 4]), 0, a0);
+    let (a1, r1) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[2.0; 4]), 1, a1);
+    for r in [r0, r1] {
+        assert_eq!(value(r.try_recv().unwrap()), [3.0; 4]);
+    }
+    assert_eq!(st.rounds, 23);
+}
+
+/// The same for a push summed as it came (integers): the sum so far is
+/// dropped with the round.
+#[test]
+fn a_summed_push_of_a_round_the_workers_saw_complete_is_dropped_with_it() {
+    let k = CpuKernels::single_threaded();
+    let i32s = |v: &[i32]| Bytes::copy_from_slice(bytemuck::cast_slice(v));
+    let h = Head {
+        dtype: DType::I32,
+        ..head(Op::PushPull)
+    };
+    let mut st = EntryState::new(1, 0, DType::I32, &i32s(&[5; 4]), 2);
+    let (a0, r0) = answer();
+    st.push(&k, None, h, i32s(&[1; 4]), 0, a0);
+    assert!(r0.try_recv().is_err());
+    st.learn_round(1);
+    let v = r0.try_recv().unwrap().unwrap().unwrap();
+    assert_eq!(bytemuck::cast_slice::<u8, i32>(&v), &[5; 4]);
+    let (a0, r0) = answer();
+    st.push(&k, None, h, i32s(&[1; 4]), 0, a0);
+    let (a1, r1) = answer();
+    st.push(&k, None, h, i32s(&[10; 4]), 1, a1);
+    for r in [r0, r1] {
+        let v = r.try_recv().unwrap().unwrap().unwrap();
+        assert_eq!(bytemuck::cast_slice::<u8, i32>(&v), &[11; 4]);
+    }
+    assert_eq!(st.rounds, 2);
+}
