@@ -37,10 +37,13 @@
 //!   `n: u32`, then the part's value.
 //! - pull and push-pull answers: the part's elements.
 //!
-//! With `PSKV_REPLICAS=2`, a push carries its round (the worker's count of
-//! pushes of the key, from 1) as the request's tag: a push that its server
-//! already applied (a retry, sent again to the backup after the server
-//! died) is answered without being applied again.
+//! A sync push carries its round as the request's tag (one more than the
+//! key's rounds its worker saw complete, `DistKey::seen`; async pushes
+//! carry 0): a push of a round its server holds complete already (a push
+//! sent again after its answer was lost, or to the backup after the
+//! server died) is answered without being applied again, and a restarted
+//! server learns from it how far the workers are
+//! (`server/entry/cut_short.rs`).
 //!
 //! # Parts
 //!

@@ -22,7 +22,17 @@ use common::{config_van, engine};
 
 const SERVERS: u32 = 2;
 const WORKERS: u32 = 2;
-const KEYS: i64 = 4;
+const KEYS: i64 = 5;
+/// Elements of each key: key 0, pushed first each step, is split into
+/// parts on both servers (`Options::bigarray_bound`), so the cut meets it:
+/// its push fails on one server only, and is sent again whole.
+fn elems(k: usize) -> usize {
+    if k == 0 {
+        4096
+    } else {
+        8
+    }
+}
 const STEPS: u32 = 12;
 /// The round whose answers but rank 0's the dying server never sends.
 const CUT_ROUND: u64 = 6;
@@ -71,33 +81,41 @@ fn serve(port: u16, van: VanKind, ckpt: CheckpointSettings, restarted: Arc<Atomi
 }
 
 /// Trains `STEPS` steps on `KEYS` keys, pushing a key again until it
-/// succeeds; gives the final weights and how many pushes failed.
-fn train(port: u16, van: VanKind) -> (u32, Vec<f32>, u32) {
+/// succeeds; gives the worker's rank, the final weights and the (step,
+/// key) of each push that failed.
+fn train(port: u16, van: VanKind) -> (u32, Vec<Vec<f32>>, Vec<(u32, usize)>) {
     let config = |role, port, s, w| config_van(role, port, s, w, van);
     let e = engine();
     let opts = Options {
         timeout: Duration::from_secs(5),
+        bigarray_bound: 1000,
+        partition_bytes: 4096,
         transport: Some(config(Role::Worker, port, SERVERS, WORKERS)),
         ..Options::default()
     };
     let kv = KvStore::create_with("dist_sync", &e, opts).unwrap();
-    let ws: Vec<Tensor> = (0..KEYS)
-        .map(|_| Tensor::zeros(&e, &[8], DType::F32, Context::Cpu).unwrap())
+    let ws: Vec<Tensor> = (0..KEYS as usize)
+        .map(|k| Tensor::zeros(&e, &[elems(k)], DType::F32, Context::Cpu).unwrap())
         .collect();
     for (k, w) in ws.iter().enumerate() {
         kv.init(k as i64, w).unwrap();
     }
     kv.set_optimizer(Optimizer::sgd(0.1)).unwrap();
-    let g = Tensor::full(&e, &[8], 1.0f32, Context::Cpu).unwrap();
+    // The servers' checkpoints hold the keys and the optimizer now (a
+    // barrier flushes them), so the restarted server has every key.
+    kv.barrier().unwrap();
+    let gs: Vec<Tensor> = (0..KEYS as usize)
+        .map(|k| Tensor::full(&e, &[elems(k)], 1.0f32, Context::Cpu).unwrap())
+        .collect();
     let give_up = Instant::now() + Duration::from_secs(45);
-    let mut retries = 0;
+    let mut failed = Vec::new();
     for step in 0..STEPS {
         for (k, w) in ws.iter().enumerate() {
             loop {
                 let r = kv
                     .pushpull(
                         k as i64,
-                        std::slice::from_ref(&g),
+                        std::slice::from_ref(&gs[k]),
                         std::slice::from_ref(w),
                         0,
                     )
@@ -105,7 +123,7 @@ fn train(port: u16, van: VanKind) -> (u32, Vec<f32>, u32) {
                 match r {
                     Ok(()) => break,
                     Err(err) => {
-                        retries += 1;
+                        failed.push((step, k));
                         assert!(
                             Instant::now() < give_up,
                             "worker {}: step {step} key {k} found no recovery: {err}",
@@ -123,12 +141,12 @@ fn train(port: u16, van: VanKind) -> (u32, Vec<f32>, u32) {
         .enumerate()
         .map(|(k, w)| {
             kv.pull(k as i64, std::slice::from_ref(w), 0).unwrap();
-            w.to_vec::<f32>().unwrap()[0]
+            w.to_vec::<f32>().unwrap()
         })
         .collect();
     let rank = kv.rank();
     kv.close().unwrap();
-    (rank, finals, retries)
+    (rank, finals, failed)
 }
 
 #[test]
@@ -171,27 +189,47 @@ fn cut_round_then_restart(van: VanKind) {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(restarted.load(Ordering::Acquire), "server 1 never died");
     outs.sort_by_key(|(rank, _, _)| *rank);
-    let (_, a, retries_0) = &outs[0];
-    let (_, b, retries_1) = &outs[1];
+    let (_, a, failed_0) = &outs[0];
+    let (_, b, failed_1) = &outs[1];
     assert_eq!(a, b, "the workers disagree");
+    // The cut: rank 1's push of the round failed, rank 0's did not.
+    let cut: Vec<usize> = failed_1
+        .iter()
+        .filter(|(step, _)| *step as u64 == CUT_ROUND - 1)
+        .map(|(_, k)| *k)
+        .collect();
     assert!(
-        *retries_0 + *retries_1 > 0,
-        "no push failed: did the server die?"
+        !cut.is_empty(),
+        "rank 1 lost no answer of round {CUT_ROUND}: {failed_1:?}"
     );
-    // Each key lost whole rounds only (the restarted server went back to
-    // the key's last record on disk), and the surviving server's keys none.
+    assert!(
+        !failed_0.iter().any(|(step, k)| *step as u64 == CUT_ROUND - 1 && cut.contains(k)),
+        "rank 0 lost its answer of round {CUT_ROUND} too: a plain restart, not a crash between answers ({failed_0:?})"
+    );
+    // Each element lost whole rounds only (the restarted server went back
+    // to the part's last record on disk), and the surviving server's parts
+    // none. (Key 0's part on the surviving server completed the cut round;
+    // applied again when rank 1 sent its push again whole, it would hold a
+    // round more than the others.)
     let lost: Vec<u32> = a
         .iter()
         .enumerate()
-        .map(|(k, w)| {
-            (0..=CUT_ROUND as u32)
-                .find(|l| after_rounds(STEPS - l) == *w)
-                .unwrap_or_else(|| {
-                    panic!("key {k}: {w} is not the weight of a whole number of rounds")
+        .flat_map(|(k, w)| {
+            let mut by_elem: Vec<u32> = w
+                .iter()
+                .map(|x| {
+                    (0..=CUT_ROUND as u32)
+                        .find(|l| after_rounds(STEPS - l) == *x)
+                        .unwrap_or_else(|| {
+                            panic!("key {k}: {x} is not the weight of a whole number of rounds")
+                        })
                 })
+                .collect();
+            by_elem.dedup();
+            by_elem
         })
         .collect();
-    eprintln!("rounds lost by key: {lost:?}; failed pushes by rank: {retries_0}, {retries_1}");
+    eprintln!("rounds lost by key (and part): {lost:?}; failed pushes (step, key) of rank 0: {failed_0:?}, rank 1: {failed_1:?}");
     assert!(lost.contains(&0), "every key lost rounds: {lost:?}");
     assert!(lost.iter().any(|l| *l > 0), "no key lost a round: {lost:?}");
 }

@@ -16,14 +16,21 @@ fn thread_name() -> String {
 fn ready_ops_start_in_priority_order() {
     let engine = crate::engine(EngineKind::Threaded, 1);
     let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
+    let (began_tx, began_rx) = crossbeam_channel::bounded::<()>(1);
     engine
         .push_sync(OpSpec::new("blocker"), move |_| {
+            let _ = began_tx.send(());
             go_rx
                 .recv_timeout(Duration::from_secs(20))
                 .map_err(|e| e.to_string())?;
             Ok(())
         })
         .unwrap();
+    // The worker holds the blocker before the others are pushed (else it
+    // may take one of the first pushed, the best ready then: CI saw it).
+    began_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the blocker started");
     let order = Arc::new(Mutex::new(Vec::new()));
     let priorities = [0, 5, -2, 5, 7, 0, -2, 3, 7, 1, 0, 9, -5, 3];
     for (i, &p) in priorities.iter().enumerate() {

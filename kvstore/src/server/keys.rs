@@ -224,10 +224,10 @@ impl Inner {
         }
     }
 
-    /// Tests (`Server::die_after_answering_rank_0`): the answer of a push
-    /// of another rank than 0 in the round the fault names is held back
-    /// until this server died 300 ms after it was due (rank 0's, due
-    /// first, has left by then).
+    /// Tests (`Server::die_after_answering_rank_0`): the answer of the
+    /// first push of a rank other than 0 taken into the round the fault
+    /// names is held back until this server died, 300 ms after it was due
+    /// (rank 0's, due first, has left by then).
     fn maybe_cut(&self, st: &EntryState, rank: usize, answer: Answer) -> Answer {
         let round = self.cut_round.load(Ordering::Acquire);
         if round == 0 || rank == 0 || st.rounds + 1 != round {

@@ -409,11 +409,11 @@ impl Server {
         *self.inner.fault.lock() = Some((round, Box::new(move || po.kill())));
     }
 
-    /// For tests: the first key of this server to complete round `round`
-    /// answers its rank-0 push only; the other workers' answers are never
-    /// sent, and the server dies (as a crash) 300 ms later. Rank 0 has
-    /// seen the round complete, the others have not: what a crash between
-    /// two answers leaves.
+    /// For tests: the first push of a rank other than 0 that a key of this
+    /// server takes into round `round` is never answered, and the server
+    /// dies (as a crash) 300 ms after that answer was due. With 2
+    /// workers, rank 0 has seen the round complete and rank 1 has not:
+    /// what a crash between two answers leaves.
     #[doc(hidden)]
     pub fn die_after_answering_rank_0(&self, round: u64) {
         let po = self.po.clone();

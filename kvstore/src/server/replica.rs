@@ -11,9 +11,10 @@
 //!   answers the round's pushes (and lets the key's next request, a pull
 //!   say, run) only once the backup acknowledged the copy. So whatever a
 //!   worker has seen of a key, the backup holds too.
-//! - Every sync push says its round (one more than the rounds of its part
-//!   that its worker saw complete; `entry/cut_short.rs`). When the primary dies, a worker sends what it had in
-//!   flight to the backup, and from then on every request of those keys.
+//! - Every sync push says its round (one more than the key's rounds its
+//!   worker saw complete; `entry/cut_short.rs`). When the primary dies, a
+//!   worker sends what it had in flight to the backup, and from then on
+//!   every request of those keys.
 //!   The backup applies a pushed round it does not have; it answers one it
 //!   already holds (the primary completed it, copied it, then died before
 //!   answering everyone) without applying it again. So each round is
@@ -119,7 +120,7 @@ pub(crate) struct KeyWork {
     pub vals: Bytes,
     /// The sender's rank (a worker's; a copy's primary's).
     pub rank: usize,
-    /// The push's round (replicas), or 0.
+    /// A sync push's round (`entry/cut_short.rs`), or 0.
     pub tag: u64,
     pub answer: Answer,
 }

@@ -19,9 +19,10 @@
 //! (a restarted server: the old process's link closes late, after a
 //! request already went to the new one). Failing the new link's requests
 //! too would tell a caller that a push failed which the new server holds:
-//! in a sync round its retry is a second push of the same worker, counted
-//! in the next round, and the workers' rounds no longer line up (a job
-//! wedged so in CI).
+//! its retry would be a second push of the same worker in that round (the
+//! kvstore copes: the later takes the first one's place), a failure the
+//! caller need not have seen (this once wedged a job in CI, when a retry
+//! was carried into the next round).
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};

@@ -12,7 +12,7 @@
 //! lock. So once an op has finished, no late answer writes into a tensor
 //! that the next op may already own.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,9 @@ pub(super) struct Inflight {
     /// A push: where its round is reported (`pskv status`), the key's id,
     /// and when the op began.
     round: Option<(Arc<RoundLog>, u64)>,
+    /// A sync push: the key's count of rounds seen (`DistKey::seen`), one
+    /// more once every part answered.
+    seen: Option<Arc<AtomicU64>>,
     /// When the op began, and the collective rounds this worker missed: a
     /// timeout names one that failed meanwhile (the others made a
     /// collective call this worker had not reached).
@@ -84,9 +87,10 @@ impl Inflight {
         op: &'static str,
         key: &Key,
         settle: staging::Lanes,
-        rounds: Option<&Arc<RoundLog>>,
+        push: Option<(&Arc<RoundLog>, Option<Arc<AtomicU64>>)>,
         missed: &MissedBarrier,
     ) -> Arc<Inflight> {
+        let (rounds, seen) = push.map_or((None, None), |(r, s)| (Some(r), s));
         let began = Instant::now();
         Arc::new(Inflight {
             done: RwLock::new(Some(c)),
@@ -97,6 +101,7 @@ impl Inflight {
             key: key.to_string(),
             settle,
             round: rounds.map(|r| (r.clone(), key.id())),
+            seen,
             began,
             missed: missed.clone(),
             landings: Mutex::new(Vec::new()),
@@ -165,6 +170,12 @@ impl Inflight {
         };
         if let (None, Some((log, id))) = (&err, &self.round) {
             log.round_done(*id, self.began.elapsed(), || self.key.clone());
+        }
+        if let (None, Some(seen)) = (&err, &self.seen) {
+            // Every part's round completed (the op may still fail in its
+            // staging copies: the round is done all the same). Release:
+            // before the op completes, so the key's next push sees it.
+            seen.fetch_add(1, Ordering::Release);
         }
         // Subtle: every staging copy of the op was queued under the read
         // lock of `done` (answers) or before its part was sent, so all are

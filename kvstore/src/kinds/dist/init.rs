@@ -54,7 +54,6 @@ impl DistStore {
                 meta.dtype,
                 pskv_engine::Context::Cpu,
             )?;
-            let seen: Vec<AtomicU64> = parts.iter().map(|_| AtomicU64::new(0)).collect();
             let dk = self.keys.insert(
                 key,
                 DistKey {
@@ -66,7 +65,7 @@ impl DistStore {
                     sum: Mutex::new(None),
                     segs: RwLock::new(Vec::new()),
                     unsure: Arc::default(),
-                    seen: seen.into(),
+                    seen: Arc::new(AtomicU64::new(0)),
                     stage: Staging::default(),
                     settles: Arc::default(),
                 },

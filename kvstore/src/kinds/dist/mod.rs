@@ -84,13 +84,16 @@ struct DistKey {
     /// write the value slot when that round completes, so the part's
     /// pushes and pulls go by message until a push succeeds (`parts.rs`).
     unsure: Arc<parts::Unsure>,
-    /// Per part, the sync rounds this worker saw complete (its pushes of
-    /// the part that the server answered without an error): a push is of
-    /// round `seen + 1` and says so (`PartSend::tag`), and a check after a
-    /// server's restart tells the new process (`segments.rs`), so that a
-    /// server answers a push of a round it knows complete without applying
-    /// it again. Changed only by the answers of ops that write `var`.
-    seen: Arc<[AtomicU64]>,
+    /// The sync rounds of this key this worker saw complete (its pushes
+    /// whose every part the servers answered without an error): a push is
+    /// of round `seen + 1` and says so to each part's server (its tag),
+    /// and a check after a server's restart tells the new process
+    /// (`segments.rs`), so that a server answers a push of a round it knows
+    /// complete without applying it again. Per key, not per part: a push
+    /// that failed in some parts only is sent again with its round, which
+    /// the parts that completed it answer unapplied. Counted up by ops
+    /// that write `var`, before they complete (`Inflight::finish`).
+    seen: Arc<AtomicU64>,
     /// Host buffers for values on a GPU (`staging`).
     stage: Staging,
     /// Tickets whose settle op has not run yet: while there are some, a

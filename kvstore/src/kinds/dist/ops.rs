@@ -4,6 +4,7 @@
 //! run in order. How a part's values are built (zero-copy slices, shared
 //! slots, 2-bit or 1-bit codes, rows) and where answers land.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -174,7 +175,17 @@ impl DistStore {
                 (false, None) => Op::Push,
                 (false, Some(_)) => Op::PushPull,
             };
-            let mut round = Round::ignore_answers(me.head(op, dtype, compression), priority, name);
+            let head = me.head(op, dtype, compression);
+            let mut round = Round {
+                // Acquire: the key's previous push counted its round (that
+                // op completed before this one runs).
+                tag: if head.sync {
+                    dk2.seen.load(Ordering::Acquire) + 1
+                } else {
+                    0
+                },
+                ..Round::ignore_answers(head, priority, name)
+            };
             let mut settle = Vec::new();
             if let Some(l) = &land {
                 match me.landing(&dk2, l, segs.clone(), &rc) {

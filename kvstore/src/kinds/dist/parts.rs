@@ -2,7 +2,7 @@
 //! (replicas) its backup, a part sent again to the backup when its server
 //! died, and the answers handed to the op's [`Round`].
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -96,16 +96,13 @@ pub(super) struct PartSend {
     pub(super) part: Part,
     pub(super) head: Head,
     pub(super) priority: i32,
-    /// A sync push's round, as this worker counts the part's rounds
+    /// A sync push's round, as this worker counts the key's rounds
     /// (`DistKey::seen`, plus one); else 0.
     pub(super) tag: u64,
     pub(super) payload: Bytes,
     /// A push's: the key's parts whose slots are in doubt
     /// (`DistKey::unsure`), kept by its answer.
     pub(super) unsure: Option<Arc<Unsure>>,
-    /// A sync push's: the key's counts of rounds seen, the part's counted
-    /// up by its answer.
-    pub(super) seen: Option<Arc<[AtomicU64]>>,
 }
 
 /// What answers of a part request are handed to: part index, answer, and
@@ -132,6 +129,8 @@ pub(super) struct LandIn {
 pub(super) struct Round {
     pub(super) head: Head,
     pub(super) priority: i32,
+    /// A sync push's round (`PartSend::tag`), or 0.
+    pub(super) tag: u64,
     /// The op, for errors (`push`, `pull`, ...).
     pub(super) name: &'static str,
     pub(super) on_answer: OnAnswer,
@@ -146,6 +145,7 @@ impl Round {
         Round {
             head,
             priority,
+            tag: 0,
             name,
             on_answer: Arc::new(|_, _, _| Ok(())),
             land: None,
@@ -191,15 +191,17 @@ impl DistStore {
             });
             return None;
         }
-        // A push's answers end its round (`pskv status`).
-        let rounds = matches!(name, "push" | "pushpull").then_some(&self.rounds);
+        // A push's answers end its round (`pskv status`), which a sync push
+        // counts in its key's rounds seen.
+        let push = matches!(name, "push" | "pushpull")
+            .then(|| (&self.rounds, self.sync.then(|| dk.seen.clone())));
         Some(Inflight::new(
             completion,
             n,
             name,
             &dk.local.key,
             settle,
-            rounds,
+            push,
             &self.missed,
         ))
     }
@@ -243,8 +245,6 @@ impl DistStore {
             }
         };
         let head = round.head;
-        let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
-        let seen = (pushes && head.sync).then(|| dk.seen.clone());
         let send = PartSend {
             i,
             part: dk.parts[i],
@@ -254,14 +254,9 @@ impl DistStore {
                 ..head
             },
             priority: round.priority,
-            // Acquire: the previous push's answer counted it (that op
-            // completed before this one runs).
-            tag: seen
-                .as_ref()
-                .map_or(0, |s| s[i].load(Ordering::Acquire) + 1),
+            tag: round.tag,
             payload,
             unsure: matches!(head.op, Op::Push | Op::PushPull).then(|| dk.unsure.clone()),
-            seen,
         };
         // An init is not sent again elsewhere: the backup holds a key only
         // once its primary copied it there.
@@ -328,7 +323,6 @@ impl DistStore {
         let (inf2, cb2, landing2) = (inf.clone(), cb.clone(), landing.clone());
         let i = p.i;
         let unsure = p.unsure.clone().map(|u| (u, p.head.shm));
-        let seen = p.seen.clone();
         let died = move |r: &TransportError| {
             matches!(
                 r,
@@ -354,10 +348,7 @@ impl DistStore {
                 // Before the op can complete: its next push must see it.
                 u.note(i, *shm, r.is_ok());
             }
-            if let (Some(s), true) = (&seen, r.is_ok()) {
-                // Before the op can complete: its next push's tag counts it.
-                s[i].fetch_add(1, Ordering::Release);
-            }
+
             let landed = landing2.as_ref().is_some_and(|l| l.is_filled());
             inf2.part_done(r, |resp| cb2(i, resp, landed))
         };

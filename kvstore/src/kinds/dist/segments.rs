@@ -72,7 +72,7 @@ impl DistStore {
                 part_bytes: (p.len * ub) as u64,
                 wants_shm,
                 // Acquire: counted by answers of pushes on other threads.
-                seen: dk.seen[i].load(Ordering::Acquire),
+                seen: dk.seen.load(Ordering::Acquire),
                 shape: meta.shape.iter().map(|d| *d as u64).collect(),
             };
             let body = Bytes::from(check.encode());
@@ -157,14 +157,7 @@ pub(super) fn watch_restarts(store: &Arc<DistStore>) {
             return;
         };
         for (_, dk) in me.keys.all() {
-            let mut segs = dk.segs.write();
-            for (i, p) in dk.parts.iter().enumerate() {
-                if p.server == rank {
-                    if let Some(s) = segs.get_mut(i) {
-                        *s = None;
-                    }
-                }
-            }
+            forget_segments(&dk, rank);
         }
         let weak = weak.clone();
         let spawned = std::thread::Builder::new()
@@ -176,17 +169,30 @@ pub(super) fn watch_restarts(store: &Arc<DistStore>) {
     }));
 }
 
+/// Drops the segments of `dk`'s parts on server `rank` (their process is
+/// gone): those parts go by message.
+fn forget_segments(dk: &DistKey, rank: u32) {
+    let mut segs = dk.segs.write();
+    for (i, p) in dk.parts.iter().enumerate() {
+        if p.server == rank {
+            if let Some(s) = segs.get_mut(i) {
+                *s = None;
+            }
+        }
+    }
+}
+
 /// Checks the parts of server `rank` again with its new process (restart
 /// number `epoch`), once the link to it is up.
 fn recheck(weak: std::sync::Weak<DistStore>, rank: u32, epoch: u64) {
     let server = Role::Server.id_of(rank);
-    let mut waited = Duration::ZERO;
     let current = |me: &DistStore| {
         me.restarts[rank as usize].load(Ordering::Acquire) == epoch
             && !me.closed.load(Ordering::Acquire)
     };
     // Workers connect to the new process as they learn of it; its van says
     // whether segments can be shared at all.
+    let mut waited = Duration::ZERO;
     let keys = loop {
         let Some(me) = weak.upgrade() else { return };
         if !current(&me) {
@@ -206,36 +212,49 @@ fn recheck(weak: std::sync::Weak<DistStore>, rank: u32, epoch: u64) {
         std::thread::sleep(Duration::from_millis(20));
         waited += Duration::from_millis(20);
     };
-    for (key, dk) in keys {
+    // Every key's parts are checked; those refused (the new process may
+    // not hold the key yet: it is still loading its checkpoint, or rank
+    // 0's init has not reached it) are asked again, all of them each pass,
+    // until the store's timeout. So one key the new process never gets
+    // (initialized after its checkpoint was written) does not hold back
+    // the others' checks, which tell it the rounds this worker saw
+    // complete (`server/entry/cut_short.rs`: without them a round that a
+    // crash left half answered waits for good).
+    let mut left = keys;
+    let mut waited = Duration::ZERO;
+    loop {
         let Some(me) = weak.upgrade() else { return };
-        // Subtle: segments of a process that has died since must not be
-        // installed; `check_parts` installs under the lock that the restart
-        // callback clears segments under, so check the epoch first and
-        // again after (clearing what a later restart made stale).
-        if !current(&me) {
+        let mut refused = Vec::new();
+        for (key, dk) in left {
+            // Subtle: segments of a process that has died since must not
+            // be installed; `check_parts` installs under the lock that the
+            // restart callback clears segments under, so check the epoch
+            // first and again after (clearing what a later restart made
+            // stale).
+            if !current(&me) {
+                return;
+            }
+            let checked = me.check_parts(&dk, |p| p.server == rank);
+            if !current(&me) {
+                forget_segments(&dk, rank);
+                return;
+            }
+            if let Err(e) = checked {
+                refused.push((key, dk, e));
+            }
+        }
+        if refused.is_empty() {
             return;
         }
-        // The new process may not hold the key yet (it is still loading
-        // its checkpoint, or rank 0's init has not reached it): a refused
-        // check is asked again until the store's timeout.
-        while let Err(e) = me.check_parts(&dk, |p| p.server == rank) {
-            if waited > me.opts.timeout || !current(&me) {
+        if waited > me.opts.timeout {
+            for (key, _, e) in refused {
                 tracing::warn!("key {key} after server {rank} restarted: {e}");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-            waited += Duration::from_millis(50);
-        }
-        if !current(&me) {
-            let mut segs = dk.segs.write();
-            for (i, p) in dk.parts.iter().enumerate() {
-                if p.server == rank {
-                    if let Some(s) = segs.get_mut(i) {
-                        *s = None;
-                    }
-                }
             }
             return;
         }
+        drop(me);
+        std::thread::sleep(Duration::from_millis(50));
+        waited += Duration::from_millis(50);
+        left = refused.into_iter().map(|(k, d, _)| (k, d)).collect();
     }
 }

@@ -22,9 +22,9 @@
 //! Rooms: this file is the entry's state and its rounds (a push taken,
 //! folded, the round completed and answered); `cut_short.rs` rounds that
 //! end without completing (failed, a push given way to its retry, or
-//! learned done from the workers' count after a restart); `segment.rs` the shared
-//! segment of the co-located fast path (made at a worker's check, read
-//! for its pushes, its file removed once nobody will map it);
+//! learned done from the workers' count after a restart); `segment.rs`
+//! the shared segment of the co-located fast path (made at a worker's
+//! check, read for its pushes, its file removed once nobody will map it);
 //! `update.rs` a completed round's sum applied to the stored value (the
 //! optimizer's step, or the sum becoming the value).
 
