@@ -122,11 +122,9 @@ impl Inner {
             answer,
         } = w;
         let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
-        if pushes && head.sync && tag != 0 {
-            // A push of round `tag`: its worker saw the rounds before it
-            // complete (`entry/cut_short.rs`).
-            st.learn_round(tag - 1);
-        }
+        // A sync push of a round this key holds complete (the count learned
+        // from the push itself first: `entry/cut_short.rs`).
+        let done = pushes && head.sync && st.round_done(tag);
         let dead = if head.sync && pushes {
             self.dead_worker()
         } else {
@@ -137,7 +135,7 @@ impl Inner {
                 let why = dead.as_deref().unwrap_or_default();
                 answer(Err(Fault::Unavailable(format!("{}: {why}", st.name()))));
             }
-            _ if pushes && tag != 0 && tag <= st.rounds => {
+            _ if done => {
                 tracing::debug!(
                     server = self.my_rank(),
                     key,

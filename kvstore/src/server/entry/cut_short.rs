@@ -63,6 +63,17 @@ impl EntryState {
         }
     }
 
+    /// Whether a sync push of round `tag` (0: untagged) is of a round this
+    /// key holds complete, after learning from it that the rounds before
+    /// it are: the push is then answered (`answer_done`), not taken.
+    pub(crate) fn round_done(&mut self, tag: u64) -> bool {
+        if tag == 0 {
+            return false;
+        }
+        self.learn_round(tag - 1);
+        tag <= self.rounds
+    }
+
     /// The answer of a push of a round this key completed already:
     /// nothing (a push), the value (a push-pull), or word that the value
     /// is in its slot (a shared-memory push-pull with this process's

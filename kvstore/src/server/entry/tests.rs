@@ -166,3 +166,42 @@ fn a_summed_push_of_a_round_the_workers_saw_complete_is_dropped_with_it() {
     }
     assert_eq!(st.rounds, 2);
 }
+
+/// The count learned from pushes alone: a restarted server (back at round
+/// 20) holds worker 1's push of round 22 sent again; worker 0's push of
+/// round 23 says round 22 is complete, so worker 1's is answered with the
+/// value, unapplied, and worker 0's waits for worker 1's push of round 23.
+/// A push of a round the key holds is answered at once.
+#[test]
+fn a_push_of_a_later_round_completes_the_count_and_answers_the_stale_one() {
+    let k = CpuKernels::single_threaded();
+    let value = |r: Result<Option<Bytes>, Fault>| {
+        let v = r.unwrap().expect("a push-pull's value");
+        bytemuck::cast_slice::<u8, f32>(&v).to_vec()
+    };
+    let mut st = EntryState::new(1, 0, DType::F32, &f32s(&[5.0; 4]), 2);
+    st.rounds = 20;
+    assert!(!st.round_done(22));
+    assert_eq!(st.rounds, 21);
+    let (a1, r1) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 4]), 1, a1);
+    assert!(r1.try_recv().is_err());
+    assert!(!st.round_done(23), "round 23 is to be summed");
+    assert_eq!(value(r1.try_recv().expect("answered")), [5.0; 4]);
+    let (a0, r0) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 4]), 0, a0);
+    assert!(
+        r0.try_recv().is_err(),
+        "waits for worker 1's push of round 23"
+    );
+    assert!(st.round_done(22), "a push of round 22 sent again");
+    assert!(st.round_done(5));
+    assert!(!st.round_done(0), "an untagged push is taken");
+    assert!(!st.round_done(23));
+    let (a1, r1) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[2.0; 4]), 1, a1);
+    for r in [r0, r1] {
+        assert_eq!(value(r.try_recv().unwrap()), [3.0; 4]);
+    }
+    assert_eq!(st.rounds, 23);
+}
