@@ -54,13 +54,7 @@ impl EntryState {
             }
         }
         self.reset_round();
-        let snap = answers
-            .iter()
-            .any(|(_, w)| *w == Want::Value)
-            .then(|| self.snapshot());
-        for (answer, want) in answers {
-            answer(Ok(answer_of(want, &snap)));
-        }
+        self.answer_value(answers);
     }
 
     /// Whether a sync push of round `tag` (0: untagged) is of a round this

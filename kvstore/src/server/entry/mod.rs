@@ -542,20 +542,23 @@ impl EntryState {
         let waiters = std::mem::take(&mut self.waiters);
         self.reset_round();
         match result {
-            Ok(()) => {
-                let snap = waiters
-                    .iter()
-                    .any(|(_, w)| *w == Want::Value)
-                    .then(|| self.snapshot());
-                for (answer, want) in waiters {
-                    answer(Ok(answer_of(want, &snap)));
-                }
-            }
+            Ok(()) => self.answer_value(waiters),
             Err(e) => {
                 for (answer, _) in waiters {
                     answer(Err(e.clone()));
                 }
             }
+        }
+    }
+
+    /// Answers each waiter with what it wants of the stored value.
+    fn answer_value(&self, waiters: Vec<(Answer, Want)>) {
+        let snap = waiters
+            .iter()
+            .any(|(_, w)| *w == Want::Value)
+            .then(|| self.snapshot());
+        for (answer, want) in waiters {
+            answer(Ok(answer_of(want, &snap)));
         }
     }
 

@@ -25,6 +25,12 @@ fn f32s(v: &[f32]) -> Bytes {
     Bytes::copy_from_slice(bytemuck::cast_slice(v))
 }
 
+/// The f32 values of a push-pull's answer.
+fn value(r: Result<Option<Bytes>, Fault>) -> Vec<f32> {
+    let v = r.unwrap().expect("a push-pull's value");
+    bytemuck::cast_slice::<u8, f32>(&v).to_vec()
+}
+
 fn answer() -> (Answer, Receiver<Result<Option<Bytes>, Fault>>) {
     let (tx, rx) = channel();
     (
@@ -111,10 +117,6 @@ fn a_push_sent_again_after_its_first_was_summed_is_counted_once() {
 #[test]
 fn a_push_of_a_round_the_workers_saw_complete_is_answered_not_applied() {
     let k = CpuKernels::single_threaded();
-    let value = |r: Result<Option<Bytes>, Fault>| {
-        let v = r.unwrap().expect("a push-pull's value");
-        bytemuck::cast_slice::<u8, f32>(&v).to_vec()
-    };
     let mut st = EntryState::new(1, 0, DType::F32, &f32s(&[5.0; 4]), 2);
     // Back from a checkpoint of round 20; worker 1 pushes round 22 again.
     st.rounds = 20;
@@ -175,10 +177,6 @@ fn a_summed_push_of_a_round_the_workers_saw_complete_is_dropped_with_it() {
 #[test]
 fn a_push_of_a_later_round_completes_the_count_and_answers_the_stale_one() {
     let k = CpuKernels::single_threaded();
-    let value = |r: Result<Option<Bytes>, Fault>| {
-        let v = r.unwrap().expect("a push-pull's value");
-        bytemuck::cast_slice::<u8, f32>(&v).to_vec()
-    };
     let mut st = EntryState::new(1, 0, DType::F32, &f32s(&[5.0; 4]), 2);
     st.rounds = 20;
     assert!(!st.round_done(22));
