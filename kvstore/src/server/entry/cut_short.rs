@@ -4,9 +4,10 @@
 //!
 //! # The workers' count of rounds
 //!
-//! Each sync push says which round of its part it is: one more than the
-//! rounds its worker saw complete (`DistKey::seen`), and a worker's check
-//! after a server's restart says that count too. A server normally holds
+//! Each sync push says which round of its key it is (each of its parts
+//! carries it): one more than the rounds its worker saw complete
+//! (`DistKey::seen`), and a worker's check after a server's restart says
+//! that count too. A server normally holds
 //! the same count (`EntryState::rounds`). A restarted one holds its
 //! checkpoint's, which may be behind; worse, a crash between two answers
 //! of a round leaves one worker that saw the round complete and went on,
