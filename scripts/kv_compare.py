@@ -10,6 +10,7 @@ markdown report and the raw results as JSON.
     python3 scripts/kv_compare.py [--reps 3] [--out target/kv_compare]
         [--shapes 2x1,4x2] [--pskv target/release/pskv] [--pskv-before OTHER]
         [--vans tcp,shm] [--no-compress] [--skip-peers] [--model inception-v3]
+        [--bind cores]
 
 With --model, the one case is a model's whole gradient set (`pskv bench
 --model`; MXNet and MPI through scripts/model_peers.py, the same tensors in
@@ -27,6 +28,10 @@ interleaved with the first, each run right before its twin, and the report
 adds its columns and the ratio after / before per van: a change measured
 before and after in one run.
 
+With --bind cores, pskv's workers run on cores of their own (`pskv bench
+--bind cores`), as mpirun binds MPI's ranks on its own (with 2 ranks, one
+core each); the builds must know the option.
+
 Needs ../shared/peers/setup.sh to have run (MXNet and mpi4py venvs).
 """
 import argparse
@@ -42,6 +47,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.normpath(os.path.join(ROOT, "..", "shared", "peers"))
 CASES = ["4B", "4KiB", "256KiB", "4MiB", "32MiB", "100x40KiB"]
+# How pskv's workers are placed (`pskv bench --bind`): --bind.
+BIND = "none"
 
 
 def run(cmd, env=None, timeout=900):
@@ -67,6 +74,8 @@ def pskv_run(exe, w, s, van, compress, outdir, tag, model):
         cmd.append("--compress")
     if model:
         cmd += ["--model", model]
+    if BIND != "none":
+        cmd += ["--bind", BIND]
     p, _ = run(cmd)
     if p is None:
         return None
@@ -249,9 +258,12 @@ def main():
                     help="skip the 2-bit compressed runs (pskv's and MXNet's)")
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--bind", default="none", choices=["none", "cores"],
+                    help="pskv's workers on cores of their own (pskv bench --bind)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    global CASES
+    global CASES, BIND
+    BIND = a.bind
     tensors = None
     if a.model:
         CASES = [a.model]

@@ -199,6 +199,12 @@ struct LaunchArgs {
     /// PSKV_REPLICAS for every process).
     #[arg(long, value_name = "N")]
     replicas: Option<u32>,
+    /// Place the workers on this host's cores: `cores` gives each its own
+    /// (blocks of the CPUs this launcher may use; one each, round-robin,
+    /// when there are more workers than CPUs); servers stay free. Local
+    /// launcher only.
+    #[arg(long, value_enum, default_value_t = cli::launch::Bind::None)]
+    bind: cli::launch::Bind,
     /// The worker command and its arguments (after `--`).
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<std::ffi::OsString>,
@@ -225,12 +231,16 @@ fn launch(a: &LaunchArgs) -> ExitCode {
     spec.env = env;
     spec.root_uri = a.root_uri.clone();
     spec.server_restarts = a.restart_servers;
+    spec.bind = a.bind;
     match launcher {
         Launcher::Mpi | Launcher::Slurm if spec.server_restarts > 0 => {
             return fail(
                 "--restart-servers works with the local and ssh launchers; under mpirun or srun the job's manager owns the processes".into(),
                 2,
             );
+        }
+        Launcher::Mpi | Launcher::Slurm if spec.bind != cli::launch::Bind::None => {
+            return fail(cli::launch::BIND_HERE_ONLY.into(), 2);
         }
         Launcher::Mpi | Launcher::Slurm => {
             let f = exec_rank(&spec, launcher);
@@ -300,6 +310,10 @@ struct BenchArgs {
     /// and exit: what the peers' scripts push.
     #[arg(long, requires = "model")]
     print_tensors: bool,
+    /// Place the workers on this host's cores, as `pskv launch --bind`:
+    /// `cores` gives each its own (servers stay free).
+    #[arg(long, value_enum, default_value_t = cli::launch::Bind::None)]
+    bind: cli::launch::Bind,
     /// Multiplies the number of timed rounds.
     #[arg(long, default_value_t = 1.0)]
     iters_scale: f64,
@@ -353,6 +367,7 @@ impl BenchArgs {
                     model: self.model.clone(),
                     iters_scale: self.iters_scale,
                     gpu,
+                    bind: self.bind,
                 });
             }
         }
@@ -431,12 +446,17 @@ fn bench(a: &BenchArgs) -> CliResult {
     for (s, results) in runs.iter().zip(&all) {
         for (case, _bytes, us, gbps, ok) in cli::bench::summary(results) {
             println!(
-                "| {} | {} | {}{}{} | {case} | {us:.1} us | {gbps:.3} GB/s | {} |",
+                "| {} | {} | {}{}{}{} | {case} | {us:.1} us | {gbps:.3} GB/s | {} |",
                 s.workers,
                 s.servers,
                 s.van,
                 if s.compress { " 2-bit" } else { "" },
                 if s.gpu { " gpu" } else { "" },
+                if s.bind == cli::launch::Bind::Cores {
+                    " bound"
+                } else {
+                    ""
+                },
                 if ok { "ok" } else { "WRONG" }
             );
         }

@@ -540,6 +540,24 @@ fn launch_rejects_bad_arguments() {
             "the job's manager owns the processes",
         ),
         (
+            vec![
+                "launch",
+                "-n",
+                "1",
+                "--launcher",
+                "mpi",
+                "--bind",
+                "cores",
+                "--",
+                "true",
+            ],
+            "--bind-to core",
+        ),
+        (
+            vec!["bench", "--bind", "sockets"],
+            "[possible values: none, cores]",
+        ),
+        (
             vec!["bench", "--van", "tcp,udp"],
             "invalid value 'udp' for '--van",
         ),
@@ -557,6 +575,70 @@ fn launch_rejects_bad_arguments() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
     }
+}
+
+/// A list in the kernel's format (`0-3,6`) as CPU numbers.
+fn parse_cpu_list(s: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => out.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
+            None => out.push(part.parse().unwrap()),
+        }
+    }
+    out
+}
+
+/// `--bind cores`: each worker reports CPUs of its own (blocks of the
+/// launcher's, or the one CPU there is), and the table says so; without
+/// it each may run on all of them.
+#[test]
+fn bench_binds_workers_to_cores_of_their_own() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let mine = parse_cpu_list(
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .unwrap(),
+    );
+    let dir = scratch("bind");
+    for bind in ["cores", "none"] {
+        let out = pskv()
+            .args([
+                "bench", "-w", "2", "-s", "1", "--van", "shm", "--cases", "4B",
+            ])
+            .args(["--iters-scale", "0.05", "--bind", bind, "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        let text = stdout_ok(&out);
+        assert_eq!(
+            text.contains("| shm bound | 4B |"),
+            bind == "cores",
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).unwrap())
+                .unwrap();
+        let cpus: Vec<Vec<usize>> = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| parse_cpu_list(r["cpus"].as_str().unwrap()))
+            .collect();
+        assert_eq!(cpus.len(), 2, "{json}");
+        if bind == "none" {
+            assert!(cpus.iter().all(|c| *c == mine), "{cpus:?} against {mine:?}");
+        } else if mine.len() >= 2 {
+            // Two blocks, the first one larger if the count is odd.
+            let half = mine.len().div_ceil(2);
+            assert_eq!(cpus[0], mine[..half], "{cpus:?} of {mine:?}");
+            assert_eq!(cpus[1], mine[half..], "{cpus:?} of {mine:?}");
+        } else {
+            assert!(cpus.iter().all(|c| *c == mine), "{cpus:?} against {mine:?}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `-- pskv demo-worker ...` for a job of 2 workers and 1 server.

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::chart::{self, Axis, Series};
 use super::error::{CliError, CliResult};
-use super::launch::{run_collecting, JobSpec};
+use super::launch::{allowed_cpus, cpu_list, run_collecting, Bind, JobSpec};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
@@ -128,6 +128,10 @@ pub struct WorkerResult {
     /// Where the tensors were: cpu or gpu.
     #[serde(default = "cpu")]
     pub device: String,
+    /// The CPUs the worker could run on (`0-3,6`; `--bind cores` gives
+    /// each its own).
+    #[serde(default)]
+    pub cpus: String,
     /// Per case.
     pub cases: Vec<CaseResult>,
 }
@@ -153,6 +157,8 @@ pub struct BenchSettings {
     pub iters_scale: f64,
     /// Tensors on GPUs (worker r on GPU r) through dist_sync_device.
     pub gpu: bool,
+    /// How the workers are placed on the host's cores.
+    pub bind: Bind,
 }
 
 fn cpu() -> String {
@@ -216,6 +222,7 @@ pub fn worker(s: &BenchSettings) -> CliResult {
         mode: s.mode.clone(),
         van: s.van.clone(),
         device: if s.gpu { "gpu" } else { "cpu" }.into(),
+        cpus: cpu_list(&allowed_cpus()?),
         cases: Vec::new(),
     };
     let mut seed = 0x1234_5678u64 + rank as u64;
@@ -394,6 +401,7 @@ pub fn run(
     args.push("--iters-scale".into());
     args.push(s.iters_scale.to_string().into());
     let mut spec = JobSpec::local(s.workers, s.servers, args);
+    spec.bind = s.bind;
     spec.env.push(("PSKV_VAN".to_string(), s.van.clone()));
     let outs = run_collecting(&spec, Duration::from_secs(600), on_case)?;
     let mut results = Vec::new();

@@ -51,8 +51,10 @@
 //! one member here or over ssh, `supervise.rs` watches a job to its end and
 //! tears it down (and runs a job collecting its workers' output, and the
 //! stop flag of the signals), `watchdog.rs` the process that outlives a
-//! dead launcher, `ranks.rs` a rank of `mpirun`/`srun` becoming its role.
+//! dead launcher, `ranks.rs` a rank of `mpirun`/`srun` becoming its role,
+//! `bind.rs` the workers' cores (`--bind cores`).
 
+mod bind;
 mod ranks;
 mod spawn;
 mod start;
@@ -65,8 +67,10 @@ use std::path::PathBuf;
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
+pub use bind::{allowed_cpus, cpu_list, Bind};
 pub use ranks::exec_rank;
 pub use spawn::read_hostfile;
+pub use start::BIND_HERE_ONLY;
 pub use supervise::{run_collecting, stop_flag};
 pub use watchdog::watchdog_main;
 
@@ -126,6 +130,8 @@ pub struct JobSpec {
     /// How many times a dead server is started again (from its checkpoint)
     /// before its death ends the job.
     pub server_restarts: u32,
+    /// How the members started on this host are placed on its cores.
+    pub bind: Bind,
 }
 
 impl JobSpec {
@@ -140,6 +146,7 @@ impl JobSpec {
             hosts: Vec::new(),
             root_uri: None,
             server_restarts: 0,
+            bind: Bind::None,
         }
     }
 }

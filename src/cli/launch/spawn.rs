@@ -146,6 +146,8 @@ pub(super) struct Spawner {
     /// ssh hosts (empty: local).
     pub(super) hosts: Vec<String>,
     pub(super) servers: u32,
+    /// Each local worker's CPUs (`--bind cores`; empty: unbound).
+    pub(super) worker_cpus: Vec<Vec<usize>>,
 }
 
 impl Spawner {
@@ -252,6 +254,11 @@ impl Spawner {
             c.stdout(Stdio::null());
         }
         detach_and_tie(&mut c, watch);
+        if let (Role::Worker(i), None) = (role, host) {
+            if let Some(cpus) = self.worker_cpus.get(i as usize) {
+                super::bind::bind_child(&mut c, cpus);
+            }
+        }
         if let Some(p) = port {
             p.attach(&mut c);
         }

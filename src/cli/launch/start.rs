@@ -7,11 +7,15 @@ use std::ffi::OsString;
 use std::os::unix::fs::DirBuilderExt;
 use std::time::Duration;
 
+use super::bind::{allowed_cpus, worker_cpus, Bind};
 use super::spawn::{address_towards, pskv_exe, random_token, Spawner};
 use super::supervise::pidfd_of;
 use super::{Job, JobSpec, Launcher, Member, Role, Watchdog, MAX_LOCAL, MAX_NODES};
 use crate::cli::error::{CliError, CliResult};
 use pskv::transport::PortPipe;
+
+/// Why `--bind cores` goes with the local launcher only.
+pub const BIND_HERE_ONLY: &str = "--bind cores places the members this launcher starts on this host: with --launcher ssh the hosts' cores are not known here, and under mpirun or srun their own options bind the ranks (--bind-to core, --cpu-bind=cores)";
 
 impl Job {
     /// Starts a `local` or `ssh` job.
@@ -42,6 +46,18 @@ impl Job {
         }
         let exe = pskv_exe()?;
         let remote = launcher == Launcher::Ssh;
+        let worker_cpus = match spec.bind {
+            Bind::None => Vec::new(),
+            Bind::Cores if remote || launcher != Launcher::Local => {
+                return Err(CliError::Usage(BIND_HERE_ONLY.into()))
+            }
+            Bind::Cores => {
+                let allowed = allowed_cpus()?;
+                (0..spec.workers)
+                    .map(|i| worker_cpus(&allowed, spec.workers, i))
+                    .collect()
+            }
+        };
         if remote && spec.hosts.is_empty() {
             return Err(CliError::Usage(
                 "the ssh launcher needs a hostfile (-H FILE)".into(),
@@ -168,6 +184,7 @@ impl Job {
                 Vec::new()
             },
             servers: spec.servers,
+            worker_cpus,
         };
         let mut watchdog = match Watchdog::start(&exe) {
             Ok(w) => w,
