@@ -30,8 +30,9 @@ use crate::var::Var;
 /// Spins until `done()` (true) or for `budget` (false), yielding the core
 /// between rounds to the thread that will make it done (on a VM with fewer
 /// cores than busy threads, a spinner that never yields starves it: rounds
-/// are 8 checks while yields run other threads, 64 while they return at
-/// once), and running the progress hooks between rounds
+/// are 8 checks while yields run other threads, 16 in the first 10 µs of
+/// the wait and 64 after it while they return at once), and running the
+/// progress hooks between rounds
 /// ([`crate::progress`]). For waits whose end usually comes within
 /// microseconds: a futex wake-up costs tens of them here. `done` should
 /// read with Acquire.
@@ -40,9 +41,10 @@ pub fn spin_until(budget: Duration, done: impl Fn() -> bool) -> bool {
     if budget.is_zero() || done() {
         return done();
     }
-    let end = Instant::now() + budget;
+    let start = Instant::now();
+    let end = start + budget;
     let mut polled = false;
-    let mut checks = CHECKS;
+    let mut checks = EARLY_CHECKS;
     loop {
         for _ in 0..checks {
             if done() {
@@ -77,6 +79,8 @@ pub fn spin_until(budget: Duration, done: impl Fn() -> bool) -> bool {
         // calls (a 4 B round with 1 worker, 1 server: 7% slower).
         checks = if now.elapsed() >= HANDED_OVER {
             CONTENDED_CHECKS
+        } else if now - start < EARLY {
+            EARLY_CHECKS
         } else {
             CHECKS
         };
@@ -85,6 +89,15 @@ pub fn spin_until(budget: Duration, done: impl Fn() -> bool) -> bool {
 
 /// Checks between yields while yields return at once.
 const CHECKS: u32 = 64;
+/// Checks between yields in the first `EARLY` of a wait. A short wait
+/// (a small round trip) often waits for a thread queued behind this one on
+/// its core, whose answer comes only once this thread yields: 64 checks
+/// first (1.4 µs of `pause` on a recent Xeon) put that much on every such
+/// round (a 4 B round with 2 workers and 1 server on 2 vCPUs: 0.93x the
+/// time with 16; with 8, 4x2 256 KiB rounds lost 8%; BENCHMARKS.md).
+const EARLY_CHECKS: u32 = 16;
+/// How long a wait counts as early.
+const EARLY: Duration = Duration::from_micros(10);
 /// Checks between yields while yields run other threads.
 const CONTENDED_CHECKS: u32 = 8;
 /// A yield that takes this long ran another thread (a bare `sched_yield`
