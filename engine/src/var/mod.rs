@@ -134,7 +134,7 @@ impl VarInner {
 
 /// An op's var handles (`Op::vars`): counted until its push gives them up
 /// (`give_up`), uncounted after (K3). Dropping it drops no var count.
-pub(crate) struct OpVars(SmallVec<[Var; 2]>);
+pub(crate) struct OpVars(SmallVec<[Var; 4]>);
 
 impl OpVars {
     /// Takes the spec's counted handles, reads first.

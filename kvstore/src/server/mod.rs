@@ -470,7 +470,7 @@ impl Inner {
         }
     }
 
-    fn serve(self: &Arc<Self>, req: KvRequest, r: Responder) {
+    fn serve(self: &Arc<Self>, mut req: KvRequest, r: Responder) {
         if req.command {
             self.command(req, r);
             return;
@@ -498,9 +498,9 @@ impl Inner {
         };
         let tag = req.tag;
         let pull = matches!(head.op, Op::Pull | Op::PushPull | Op::RowPull | Op::Check);
-        let reply = Reply::new(r, req.keys.clone(), pull);
+        let reply = Reply::new(r, std::mem::take(&mut req.keys), pull);
         let mut at = 0usize;
-        for (i, (&key, &len)) in req.keys.iter().zip(&req.lens).enumerate() {
+        for (i, (&key, &len)) in reply.keys().iter().zip(&req.lens).enumerate() {
             let vals = if head.op == Op::Pull {
                 Bytes::new()
             } else {

@@ -34,6 +34,11 @@ impl Reply {
         })
     }
 
+    /// The request's keys.
+    pub(super) fn keys(&self) -> &[u64] {
+        &self.keys
+    }
+
     pub(super) fn answer(self: &Arc<Reply>, i: usize) -> Answer {
         let me = self.clone();
         Box::new(move |r| me.done(i, r))

@@ -177,9 +177,31 @@ pub fn key_ranges(num_servers: u32) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// The rank of the server whose range of [`key_ranges`] holds `key` (the
+/// last key, `u64::MAX`, which belongs to no server, gives the last one),
+/// without making the list.
+pub fn server_of_key(key: u64, num_servers: u32) -> u32 {
+    let n = num_servers.max(1) as u64;
+    (key / (u64::MAX / n)).min(n - 1) as u32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_keys_server_is_the_one_whose_range_holds_it() {
+        for n in [1u32, 2, 3, 7, 64, 4096] {
+            let ranges = key_ranges(n);
+            for (r, &(lo, hi)) in ranges.iter().enumerate() {
+                for k in [lo, lo + 1, lo + (hi - lo) / 2, hi - 1] {
+                    assert_eq!(server_of_key(k, n), r as u32, "key {k} of {n} servers");
+                }
+            }
+        }
+        assert_eq!(server_of_key(u64::MAX, 3), 2);
+        assert_eq!(server_of_key(5, 0), 0);
+    }
 
     #[test]
     fn ids_and_ranks_round_trip() {

@@ -150,6 +150,9 @@ struct Rounds {
     per_key: HashMap<u64, u64>,
     latest: u64,
     slowest: Option<SlowKey>,
+    /// The id of the key `slowest` names: the same key slowest again (a
+    /// job of one key, every round) keeps its name, not made again.
+    slowest_id: u64,
 }
 
 impl RoundLog {
@@ -168,11 +171,21 @@ impl RoundLog {
         };
         s.latest = s.latest.max(round);
         if slower {
-            s.slowest = Some(SlowKey {
-                key: name(),
-                round,
-                micros,
-            });
+            let s = &mut *s;
+            match &mut s.slowest {
+                Some(k) if s.slowest_id == key => {
+                    k.round = round;
+                    k.micros = micros;
+                }
+                _ => {
+                    s.slowest = Some(SlowKey {
+                        key: name(),
+                        round,
+                        micros,
+                    });
+                    s.slowest_id = key;
+                }
+            }
         }
     }
 
@@ -307,6 +320,20 @@ mod tests {
         assert_eq!(log.latest().1.unwrap().key, "b");
         log.round_done(3, ms(2), || unreachable!("not the slowest"));
         assert_eq!(log.latest().0, 2);
+        // Key 2 again, the slowest of round 3 too: its name is kept, not
+        // asked for again; the round and the time are the new ones.
+        log.round_done(2, ms(4), || unreachable!("named already"));
+        assert_eq!(
+            log.latest().1,
+            Some(SlowKey {
+                key: "b".into(),
+                round: 3,
+                micros: 4000
+            })
+        );
+        // Another key slowest: named.
+        log.round_done(1, ms(7), || "a".into());
+        assert_eq!(log.latest().1.unwrap().key, "a");
     }
 
     #[test]

@@ -60,7 +60,8 @@ pub(super) struct Inflight {
     /// Parts that timed out, and the timeout.
     timed_out: Mutex<Option<(usize, Duration)>>,
     op: &'static str,
-    key: String,
+    /// Named in errors (an integer key is copied, not formatted, per op).
+    key: Key,
     /// Device lanes that carry the op's staging copies (`staging`): the op
     /// completes only once they are drained, so no copy of its outlives it.
     settle: staging::Lanes,
@@ -98,7 +99,7 @@ impl Inflight {
             error: Mutex::new(None),
             timed_out: Mutex::new(None),
             op,
-            key: key.to_string(),
+            key: key.clone(),
             settle,
             round: rounds.map(|r| (r.clone(), key.id())),
             seen,
@@ -164,12 +165,12 @@ impl Inflight {
             }),
             None => self.error.lock().take().map(|message| KvError::Server {
                 op: self.op,
-                key: self.key.clone(),
+                key: self.key.to_string(),
                 message,
             }),
         };
         if let (None, Some((log, id))) = (&err, &self.round) {
-            log.round_done(*id, self.began.elapsed(), || self.key.clone());
+            log.round_done(*id, self.began.elapsed(), || self.key.to_string());
         }
         if let (None, Some(seen)) = (&err, &self.seen) {
             // Every part's round completed (the op may still fail in its

@@ -433,7 +433,19 @@ impl Frame {
     /// The header, keys, lengths and meta, ready to be written; the payload
     /// is written after it from its own buffer (a vectored write, no copy).
     pub fn encode_head(&self) -> BytesMut {
-        let mut out = BytesMut::with_capacity(HEADER_LEN + self.keys.len() * 12 + self.meta.len());
+        let mut out = BytesMut::with_capacity(self.head_len());
+        self.encode_head_into(&mut out);
+        out
+    }
+
+    /// The header's length on the wire (with the keys, lengths and meta).
+    pub fn head_len(&self) -> usize {
+        HEADER_LEN + self.keys.len() * 12 + self.meta.len()
+    }
+
+    /// Appends the header to `out` (a sender's reused buffer: no
+    /// allocation per frame once it is large enough).
+    pub fn encode_head_into(&self, out: &mut impl BufMut) {
         out.put_u32_le(MAGIC);
         out.put_u8(VERSION);
         out.put_u8(self.kind as u8);
@@ -455,7 +467,6 @@ impl Frame {
             out.put_u32_le(*l);
         }
         out.put_slice(&self.meta);
-        out
     }
 
     /// Header, body and payload in one buffer (tests, the fuzzer, small frames).

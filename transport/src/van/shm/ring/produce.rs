@@ -22,6 +22,8 @@ pub(in crate::van::shm) struct Producer {
     spin: Spin,
     /// Frames sent through the heap.
     pub(in crate::van::shm) heap_frames: u64,
+    /// Where a frame's header is encoded, kept from frame to frame.
+    scratch: Vec<u8>,
 }
 
 impl Producer {
@@ -31,6 +33,7 @@ impl Producer {
             ring,
             head: 0,
             spin: Spin::new(),
+            scratch: Vec::new(),
             heap_frames: 0,
         }
     }
@@ -183,8 +186,9 @@ impl Producer {
         at: usize,
         closed: &dyn Fn() -> bool,
     ) -> Result<(), VanError> {
-        let head = f.encode_head();
+        let head = self.encode_head(f);
         self.heap.write(at, &[&head, &f.payload]);
+        self.scratch = head;
         let desc = heap::descriptor(at, f.wire_len());
         self.heap_frames += 1;
         self.record(&[&desc], HEAP_FLAG, closed)
@@ -192,13 +196,34 @@ impl Producer {
 
     /// Writes a frame through the ring: one record, or chunks.
     fn inline_frame(&mut self, f: &Frame, closed: &dyn Fn() -> bool) -> Result<(), VanError> {
-        let head = f.encode_head();
+        let head = self.encode_head(f);
+        let r = self.inline_parts(&head, f, closed);
+        self.scratch = head;
+        r
+    }
+
+    /// `f`'s header in the scratch buffer, which the caller puts back.
+    fn encode_head(&mut self, f: &Frame) -> Vec<u8> {
+        let mut head = std::mem::take(&mut self.scratch);
+        head.clear();
+        head.reserve(f.head_len());
+        f.encode_head_into(&mut head);
+        head
+    }
+
+    /// Writes `head` then `f`'s payload through the ring.
+    fn inline_parts(
+        &mut self,
+        head: &[u8],
+        f: &Frame,
+        closed: &dyn Fn() -> bool,
+    ) -> Result<(), VanError> {
         let total = head.len() + f.payload.len();
         if 8 + total <= self.max_record() {
-            return self.record(&[&head, &f.payload], 0, closed);
+            return self.record(&[head, &f.payload], 0, closed);
         }
         let chunk = self.chunk_len(total);
-        let whole: [&[u8]; 2] = [&head[..], &f.payload[..]];
+        let whole: [&[u8]; 2] = [head, &f.payload[..]];
         let mut sent = 0;
         while sent < total {
             let n = chunk.min(total - sent);
