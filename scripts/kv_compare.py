@@ -316,11 +316,12 @@ def main():
             oks = [r[case]["ok"] for r in rs if case in r]
             med[c][case] = (statistics.median(xs) if xs else None, all(oks) if oks else None)
     raw = {"|".join(map(str, c)): rs for c, rs in runs.items()}
-    json.dump({"reps": a.reps, "runs": raw}, open(os.path.join(a.out, "results.json"), "w"),
-              indent=1)
+    json.dump({"reps": a.reps, "bind": BIND, "runs": raw},
+              open(os.path.join(a.out, "results.json"), "w"), indent=1)
     lines = []
+    bound = ", pskv's workers bound to cores (--bind cores)" if BIND == "cores" else ""
     for (w, s) in shapes:
-        lines.append("\n### %d workers, %d servers (MPI: %d ranks)\n" % (w, s, w))
+        lines.append("\n### %d workers, %d servers (MPI: %d ranks%s)\n" % (w, s, w, bound))
         cols = [(who, w, s, van, comp) for comp in [False, True] for van in ["tcp", "shm"]
                 for who in ["before", "pskv"]]
         cols += [("mxnet", w, s, "zmq", False), ("mxnet", w, s, "zmq", True),

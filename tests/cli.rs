@@ -638,6 +638,26 @@ fn bench_binds_workers_to_cores_of_their_own() {
             assert!(cpus.iter().all(|c| *c == mine), "{cpus:?} against {mine:?}");
         }
     }
+    // Other hosts' cores are not known here: refused before anything starts.
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, "node1\n").unwrap();
+    let out = pskv()
+        .args([
+            "launch",
+            "-n",
+            "1",
+            "--launcher",
+            "ssh",
+            "--bind",
+            "cores",
+            "-H",
+        ])
+        .arg(&hosts)
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--bind cores places"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -79,7 +79,7 @@ fn serve(
             break;
         }
         if s.postoffice().is_shut_down() {
-            let path = s.checkpoint_path();
+            let path = s.checkpoint_path().filter(|_| s.rank() == 1);
             drop(s);
             if let (Some(from), Some(to)) = (&older, path) {
                 std::fs::copy(from, to).unwrap();
@@ -286,8 +286,9 @@ const X: i64 = 1;
 
 /// A worker of that run: inits `K` and `L`, flushes the checkpoints (a
 /// barrier); rank 0 then tells the test (`flushed`), which keeps server
-/// 1's file, and waits for it (`kept`); both init `X`, then train `K`
-/// then `L` each step. The rank, the final weights of `K` and `L`, and the
+/// 1's file, and waits for it (`kept`); both init `X` (flushed too), then
+/// train `K` then `L` each step, and find `X` gone from the restarted
+/// server. The rank, the final weights of `K` and `L`, and the
 /// (step, key) of each push that failed.
 fn train_beside_a_missing_key(
     port: u16,
@@ -321,6 +322,10 @@ fn train_beside_a_missing_key(
             .unwrap();
     }
     kv.init(X, &zeros()).unwrap();
+    // `X` on disk too: the killed server's checkpoint writer has nothing
+    // left to write when it dies (a write in flight then could replace the
+    // kept file the restart is given).
+    kv.barrier().unwrap();
     let g = Tensor::full(&e, &[8], 1.0f32, Context::Cpu).unwrap();
     let give_up = Instant::now() + Duration::from_secs(45);
     let mut failed = Vec::new();
@@ -332,6 +337,16 @@ fn train_beside_a_missing_key(
         }
     }
     kv.barrier().unwrap();
+    // The restarted server never got `X`: the case this test is about.
+    let x = zeros();
+    let pulled = kv
+        .pull(X, std::slice::from_ref(&x), 0)
+        .and_then(|()| x.to_vec::<f32>().map(|_| ()));
+    assert!(
+        pulled.is_err(),
+        "worker {}: the restarted server holds key {X}",
+        kv.rank()
+    );
     let finals = ws.iter().map(|w| w.to_vec::<f32>().unwrap()).collect();
     let rank = kv.rank();
     kv.close().unwrap();

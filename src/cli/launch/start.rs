@@ -48,7 +48,7 @@ impl Job {
         let remote = launcher == Launcher::Ssh;
         let worker_cpus = match spec.bind {
             Bind::None => Vec::new(),
-            Bind::Cores if remote || launcher != Launcher::Local => {
+            Bind::Cores if launcher != Launcher::Local => {
                 return Err(CliError::Usage(BIND_HERE_ONLY.into()))
             }
             Bind::Cores => {

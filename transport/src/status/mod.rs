@@ -149,15 +149,16 @@ pub struct RoundLog {
 struct Rounds {
     per_key: HashMap<u64, u64>,
     latest: u64,
-    slowest: Option<SlowKey>,
-    /// The id of the key `slowest` names: the same key slowest again (a
-    /// job of one key, every round) keeps its name, not made again.
-    slowest_id: u64,
+    /// The slowest key of the latest round, with its id: the same key
+    /// slowest again (a job of one key, every round) keeps its name, not
+    /// made again.
+    slowest: Option<(u64, SlowKey)>,
 }
 
 impl RoundLog {
     /// Key `key` completed a round that took `took`; `name` names the key
-    /// (called only when it is the slowest of its round so far).
+    /// (called only when the key becomes the slowest of its round so far
+    /// and the slowest was another key: it must name `key` alone).
     pub fn round_done(&self, key: u64, took: Duration, name: impl FnOnce() -> String) {
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         let mut s = self.state.lock();
@@ -166,24 +167,23 @@ impl RoundLog {
         let round = *n;
         let slower = match &s.slowest {
             _ if round > s.latest => true,
-            Some(k) => round == s.latest && micros > k.micros,
+            Some((_, k)) => round == s.latest && micros > k.micros,
             None => round == s.latest,
         };
         s.latest = s.latest.max(round);
         if slower {
-            let s = &mut *s;
             match &mut s.slowest {
-                Some(k) if s.slowest_id == key => {
+                Some((id, k)) if *id == key => {
                     k.round = round;
                     k.micros = micros;
                 }
-                _ => {
-                    s.slowest = Some(SlowKey {
+                slowest => {
+                    let k = SlowKey {
                         key: name(),
                         round,
                         micros,
-                    });
-                    s.slowest_id = key;
+                    };
+                    *slowest = Some((key, k));
                 }
             }
         }
@@ -192,7 +192,7 @@ impl RoundLog {
     /// The node's round, and the slowest key of it so far.
     pub fn latest(&self) -> (u64, Option<SlowKey>) {
         let s = self.state.lock();
-        (s.latest, s.slowest.clone())
+        (s.latest, s.slowest.as_ref().map(|(_, k)| k.clone()))
     }
 }
 

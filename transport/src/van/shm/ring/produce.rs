@@ -188,7 +188,7 @@ impl Producer {
     ) -> Result<(), VanError> {
         let head = self.encode_head(f);
         self.heap.write(at, &[&head, &f.payload]);
-        self.scratch = head;
+        self.keep_scratch(head);
         let desc = heap::descriptor(at, f.wire_len());
         self.heap_frames += 1;
         self.record(&[&desc], HEAP_FLAG, closed)
@@ -198,8 +198,16 @@ impl Producer {
     fn inline_frame(&mut self, f: &Frame, closed: &dyn Fn() -> bool) -> Result<(), VanError> {
         let head = self.encode_head(f);
         let r = self.inline_parts(&head, f, closed);
-        self.scratch = head;
+        self.keep_scratch(head);
         r
+    }
+
+    /// Puts the header buffer back, unless a frame of very many keys made
+    /// it large (not kept for the small frames after it).
+    fn keep_scratch(&mut self, head: Vec<u8>) {
+        if head.capacity() <= 1 << 16 {
+            self.scratch = head;
+        }
     }
 
     /// `f`'s header in the scratch buffer, which the caller puts back.
