@@ -34,6 +34,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use pskv_gpu::cpu::CpuKernels;
 use pskv_transport::Region;
+use smallvec::SmallVec;
 
 use super::acc::{fold_into, Acc};
 use crate::comm::sum_dense;
@@ -73,6 +74,10 @@ impl Want {
         }
     }
 }
+
+/// A round's pushes, in rank order (inline for up to 4 workers: no
+/// allocation per round).
+type Arrivals = SmallVec<[Arrival; 4]>;
 
 /// A push waiting for its round.
 struct Arrival {
@@ -340,7 +345,7 @@ impl EntryState {
         // Every worker pushed: sum in rank order.
         self.arrived = 0;
         if self.folded == 0 {
-            let arrivals: Vec<Arrival> = self
+            let arrivals: Arrivals = self
                 .pending
                 .iter_mut()
                 .map(|p| p.take().expect("every worker pushed"))
@@ -396,10 +401,10 @@ impl EntryState {
     /// Sums plain pushes in one pass (the kernel adds its inputs left to
     /// right, in rank order here) straight into the stored value, or into
     /// the gradient buffer the rule reads; then answers.
-    fn complete_plain(&mut self, k: &CpuKernels, rule: Option<&Rule>, arrivals: Vec<Arrival>) {
+    fn complete_plain(&mut self, k: &CpuKernels, rule: Option<&Rule>, arrivals: Arrivals) {
         let dtype = self.dtype;
         let result = (|| -> Result<(), Fault> {
-            let ins: Vec<&[u8]> = arrivals.iter().map(|a| &a.vals[..]).collect();
+            let ins: SmallVec<[&[u8]; 4]> = arrivals.iter().map(|a| &a.vals[..]).collect();
             match rule {
                 None => sum_dense(k, dtype, self.value_mut(false), &ins),
                 Some(rule) => {
