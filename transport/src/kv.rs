@@ -221,52 +221,42 @@ impl KvWorker {
         &self.po
     }
 
-    /// Splits keys (and their values) by server key range. Keys of one
-    /// server (every request of the kvstore's parts) take the values
-    /// whole: no range list is made and no slice of them taken (a slice of
-    /// a `Bytes` made from a `Vec` allocates a shared header).
+    /// Splits keys (ascending) and their values by server key range: one
+    /// part per run of keys of one server. Keys of one server (every
+    /// request of the kvstore's parts) take the values whole: no slice of
+    /// them is taken (a slice of a `Bytes` made from a `Vec` allocates a
+    /// shared header), and no list of the ranges is made.
     fn split(
         &self,
         keys: &[u64],
         lens: &[u32],
-        vals: Bytes,
+        mut vals: Bytes,
     ) -> Vec<(NodeId, Vec<u64>, Vec<u32>, Bytes)> {
         let servers = self.po.num_servers();
-        let first = crate::protocol::server_of_key(keys[0], servers);
-        if keys
-            .last()
-            .map(|&k| crate::protocol::server_of_key(k, servers))
-            == Some(first)
-        {
-            return vec![(
-                Role::Server.id_of(first),
-                keys.to_vec(),
-                lens.to_vec(),
-                vals,
-            )];
-        }
-        let ranges = self.po.server_key_ranges();
+        let server = |k: u64| crate::protocol::server_of_key(k, servers);
         let mut out = Vec::new();
         let mut offset = 0usize;
         let mut lo = 0usize;
-        for (rank, (_, end)) in ranges.iter().enumerate() {
-            let hi = lo + keys[lo..].partition_point(|k| k < end);
-            if hi > lo {
-                let part_lens = lens[lo..hi].to_vec();
+        while lo < keys.len() {
+            let rank = server(keys[lo]);
+            // Ascending keys: a server's keys are one run.
+            let hi = lo + keys[lo..].partition_point(|&k| server(k) == rank);
+            let part_lens = lens[lo..hi].to_vec();
+            let part_vals = if lo == 0 && hi == keys.len() {
+                std::mem::take(&mut vals)
+            } else if vals.is_empty() {
+                Bytes::new()
+            } else {
                 let bytes: usize = part_lens.iter().map(|&l| l as usize).sum();
-                let part_vals = if vals.is_empty() {
-                    Bytes::new()
-                } else {
-                    vals.slice(offset..offset + bytes)
-                };
                 offset += bytes;
-                out.push((
-                    Role::Server.id_of(rank as u32),
-                    keys[lo..hi].to_vec(),
-                    part_lens,
-                    part_vals,
-                ));
-            }
+                vals.slice(offset - bytes..offset)
+            };
+            out.push((
+                Role::Server.id_of(rank),
+                keys[lo..hi].to_vec(),
+                part_lens,
+                part_vals,
+            ));
             lo = hi;
         }
         out
