@@ -314,6 +314,11 @@ struct BenchArgs {
     /// `cores` gives each its own (servers stay free).
     #[arg(long, value_enum, default_value_t = cli::launch::Bind::None)]
     bind: cli::launch::Bind,
+    /// Push each key from its push buffer (`KvStore::push_buffer`: over shm,
+    /// the worker's slots of the key's segments, so a push copies nothing)
+    /// instead of an ordinary tensor.
+    #[arg(long)]
+    push_buffers: bool,
     /// Multiplies the number of timed rounds.
     #[arg(long, default_value_t = 1.0)]
     iters_scale: f64,
@@ -342,6 +347,11 @@ impl BenchArgs {
             )));
         }
         cli::bench::case_count(&self.cases, self.model.as_deref())?;
+        if self.push_buffers && self.device == cli::DeviceArg::Gpu {
+            return Err(CliError::Usage(
+                "--push-buffers: push buffers are host memory; not with --device gpu".into(),
+            ));
+        }
         let gpu = match self.device {
             cli::DeviceArg::Cpu => false,
             cli::DeviceArg::Gpu => {
@@ -368,6 +378,7 @@ impl BenchArgs {
                     iters_scale: self.iters_scale,
                     gpu,
                     bind: self.bind,
+                    push_buffers: self.push_buffers,
                 });
             }
         }
@@ -446,7 +457,7 @@ fn bench(a: &BenchArgs) -> CliResult {
     for (s, results) in runs.iter().zip(&all) {
         for (case, _bytes, us, gbps, ok) in cli::bench::summary(results) {
             println!(
-                "| {} | {} | {}{}{}{} | {case} | {us:.1} us | {gbps:.3} GB/s | {} |",
+                "| {} | {} | {}{}{}{}{} | {case} | {us:.1} us | {gbps:.3} GB/s | {} |",
                 s.workers,
                 s.servers,
                 s.van,
@@ -457,6 +468,7 @@ fn bench(a: &BenchArgs) -> CliResult {
                 } else {
                     ""
                 },
+                if s.push_buffers { " push-buffers" } else { "" },
                 if ok { "ok" } else { "WRONG" }
             );
         }

@@ -495,6 +495,45 @@ impl KvStore {
         self.flavor.set_optimizer_states(states)
     }
 
+    /// A dense host tensor of `key`'s shape and type, zeroed, to push the
+    /// key from: fill it with the gradient, then `push` or `pushpull` it.
+    /// Where the key's values cross shared memory to its servers (a sync
+    /// distributed store, servers on this host, the shm van), its bytes
+    /// are this worker's slots of the key's segments, so a push from it
+    /// copies nothing (MPI's `MPI_Alloc_mem`, NCCL's `ncclMemAlloc` play
+    /// this part); elsewhere, and for the parts that cannot lie in a slot,
+    /// ordinary memory ([`Tensor::in_shared_memory`] tells). One per key
+    /// on each worker at a time. A write to it while a push from it is in
+    /// doubt (the push failed: its server may still read the slot) moves
+    /// it to ordinary memory; a restarted server's new segments are not
+    /// its slots: pushes from it then copy, as from any tensor.
+    ///
+    /// ```
+    /// use pskv_engine::{Context, Engine};
+    /// use pskv_kvstore::{KvStore, Tensor};
+    /// let engine = Engine::new()?;
+    /// let kv = KvStore::create("local", &engine)?;
+    /// kv.init(3, &Tensor::from_vec(&engine, &[2], vec![1.0f32, 2.0], Context::Cpu)?)?;
+    /// let grad = kv.push_buffer(3)?; // ordinary memory: a local store
+    /// grad.copy_from_slice(&[0.5f32, 0.25])?;
+    /// kv.push(3, std::slice::from_ref(&grad), 0)?;
+    /// assert!(!grad.in_shared_memory()?);
+    /// # Ok::<(), pskv_kvstore::KvError>(())
+    /// ```
+    pub fn push_buffer(&self, key: impl IntoKey) -> Result<Tensor> {
+        let key = key.into_key()?;
+        if let Some(t) = self.flavor.push_buffer(&key)? {
+            return Ok(t);
+        }
+        let m = self.flavor.key_meta(&key)?;
+        if m.storage != Storage::Dense {
+            return Err(KvError::invalid(format!(
+                "push_buffer: key {key} is row-sparse; a push buffer holds dense values"
+            )));
+        }
+        Tensor::zeros(&self.engine, &m.shape, m.dtype, pskv_engine::Context::Cpu)
+    }
+
     /// How many key parts exchange their values with a co-located server
     /// through shared memory (0 for local stores, and over tcp).
     pub fn shared_memory_parts(&self) -> usize {

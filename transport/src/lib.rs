@@ -38,6 +38,7 @@ pub use postoffice::{EndWatcher, MissedBarrier, NodeChange, NodeEnd, NodeWatcher
 pub use protocol::tracker::TrackError;
 pub use protocol::{Group, NodeId, Role};
 pub use van::shm::region::Region;
+pub use van::shm::span::{Piece, SlotSpan};
 
 /// The RDMA device `PSKV_VAN=rdma` would use (its name), or why there is
 /// none: this build lacks feature `rdma`, or the machine has no device.

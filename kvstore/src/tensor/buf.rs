@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use pskv_gpu::device::{DeviceMem, PinnedMem};
+use pskv_transport::SlotSpan;
 
 use super::Storage;
 use crate::dtype::{DType, Elem};
@@ -25,6 +26,45 @@ enum Mem {
     /// The caller's memory, used in place and never freed here; its
     /// [`Home`] is told when this buffer is dropped.
     Borrowed(Arc<Home>),
+    /// A key's push buffer: this worker's slots of the key's shared
+    /// segments, one span (`KvStore::push_buffer`). Only the tensor that
+    /// was made over it, and messages sharing it, hold it (T2: a write
+    /// while a message shares it moves the tensor to the heap).
+    Span(Arc<Lent>),
+}
+
+/// A key's push buffer (`KvStore::push_buffer`): a span of this worker's
+/// slots of the key's segments, and whether a push from it is in doubt.
+///
+/// States: `clear` <-> `in doubt`. A push through a slot that failed may
+/// still be held by the server, which reads the slot when its round
+/// completes; until a later push succeeds (`kinds/dist/parts.rs`,
+/// `Unsure`), the span is in doubt, and a write to the tensor moves it to
+/// the heap first, as if a message shared the buffer (T2), instead of
+/// writing the slot under the server. The flag is set and cleared by the
+/// push's answer, before its op completes (Release), and read by writers in
+/// later ops (Acquire).
+pub(crate) struct Lent {
+    pub(crate) span: SlotSpan,
+    doubt: std::sync::atomic::AtomicBool,
+}
+
+impl Lent {
+    pub(crate) fn new(span: SlotSpan, doubt: bool) -> Lent {
+        Lent {
+            span,
+            doubt: std::sync::atomic::AtomicBool::new(doubt),
+        }
+    }
+
+    pub(crate) fn set_doubt(&self, doubt: bool) {
+        self.doubt
+            .store(doubt, std::sync::atomic::Ordering::Release);
+    }
+
+    fn in_doubt(&self) -> bool {
+        self.doubt.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// Host memory of the caller's that a tensor uses in place (the C ABI's
@@ -136,18 +176,52 @@ impl Buf {
     }
 
     /// A zeroed buffer of `len` bytes of the same kind as this one (pinned
-    /// stays pinned, if the device can give more; the caller's memory is
-    /// never given twice: a heap buffer instead).
+    /// stays pinned, if the device can give more; the caller's memory and
+    /// a span of slots are never given twice: a heap buffer instead).
     pub(crate) fn zeroed_like(&self, len: usize) -> Buf {
         match &self.mem {
             Mem::Pinned(_, n) => Buf::pinned(*n, len).unwrap_or_else(|_| Buf::zeroed(len)),
-            Mem::Heap(_) | Mem::Borrowed(_) => Buf::zeroed(len),
+            Mem::Heap(_) | Mem::Borrowed(_) | Mem::Span(_) => Buf::zeroed(len),
         }
     }
 
     /// Whether this buffer is the caller's memory of `home`.
     pub(crate) fn is_home(&self, home: &Home) -> bool {
         matches!(&self.mem, Mem::Borrowed(h) if std::ptr::eq(&**h, home))
+    }
+
+    /// A buffer over a whole push buffer's span.
+    pub(crate) fn lent(lent: Arc<Lent>) -> Buf {
+        Buf {
+            len: lent.span.len(),
+            mem: Mem::Span(lent),
+        }
+    }
+
+    /// The push buffer's span this buffer is, if it is one.
+    pub(crate) fn slot_span(&self) -> Option<&SlotSpan> {
+        match &self.mem {
+            Mem::Span(l) => Some(&l.span),
+            _ => None,
+        }
+    }
+
+    /// This buffer, to change in place, if no one else may read it: not
+    /// shared (T2) and not a push buffer in doubt ([`Lent`]).
+    pub(crate) fn writable(buf: &mut Arc<Buf>) -> Option<&mut Buf> {
+        if matches!(&buf.mem, Mem::Span(l) if l.in_doubt()) {
+            return None;
+        }
+        Arc::get_mut(buf)
+    }
+
+    /// `buf`, made writable in place (see [`Buf::writable`]): replaced
+    /// first by `fresh(buf)` if it is not.
+    pub(crate) fn make_writable(buf: &mut Arc<Buf>, fresh: impl FnOnce(&Buf) -> Buf) -> &mut Buf {
+        if Buf::writable(buf).is_none() {
+            *buf = Arc::new(fresh(buf));
+        }
+        Arc::get_mut(buf).expect("the buffer was just made unique")
     }
 
     pub(crate) fn from_bytes(bytes: &[u8]) -> Buf {
@@ -172,6 +246,11 @@ impl Buf {
             Mem::Borrowed(h) => unsafe {
                 std::slice::from_raw_parts(h.addr as *const u8, self.len)
             },
+            // SAFETY: the span's memory, mapped while it lives; no other
+            // process writes this worker's slots (the server only reads
+            // them), and in this process only this buffer's holders reach
+            // them (the key's other pushes go by message: `DistKey::span`).
+            Mem::Span(l) => unsafe { std::slice::from_raw_parts(l.span.as_ptr(), self.len) },
         }
     }
 
@@ -182,6 +261,12 @@ impl Buf {
             Mem::Pinned(p, _) => &mut p.bytes_mut()[..len],
             // SAFETY: as in `bytes`; `&mut self` makes this the only view.
             Mem::Borrowed(h) => unsafe { std::slice::from_raw_parts_mut(h.addr as *mut u8, len) },
+            // SAFETY: as in `bytes`; `&mut self` makes this the only view in
+            // this process, and the server reads the slots only between a
+            // push from them and its answer, while the push's op holds the
+            // tensor (T1), or after a failed one (then `Buf::writable`
+            // refuses the buffer: `Lent`).
+            Mem::Span(l) => unsafe { std::slice::from_raw_parts_mut(l.span.as_ptr(), len) },
         }
     }
 
@@ -269,24 +354,14 @@ impl Data {
     /// message in flight shares it (T2).
     pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
         host_only(self);
-        if Arc::get_mut(&mut self.buf).is_none() {
-            self.buf = Arc::new(self.buf.copy_of());
-        }
-        Arc::get_mut(&mut self.buf)
-            .expect("the buffer was just made unique")
-            .bytes_mut()
+        Buf::make_writable(&mut self.buf, Buf::copy_of).bytes_mut()
     }
 
     /// The bytes, to overwrite all of them: a shared buffer is replaced by a
     /// fresh one without copying (T2). The contents are unspecified.
     pub(crate) fn overwrite(&mut self) -> &mut [u8] {
         host_only(self);
-        if Arc::get_mut(&mut self.buf).is_none() {
-            self.buf = Arc::new(self.buf.zeroed_like(self.buf.len()));
-        }
-        Arc::get_mut(&mut self.buf)
-            .expect("the buffer was just made unique")
-            .bytes_mut()
+        Buf::make_writable(&mut self.buf, |b| b.zeroed_like(b.len())).bytes_mut()
     }
 
     pub(crate) fn typed_mut<T: Elem>(&mut self) -> &mut [T] {

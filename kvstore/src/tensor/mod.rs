@@ -18,7 +18,10 @@
 //!   holds a clone) is replaced by a copy first, or by a fresh buffer when
 //!   the write overwrites everything. So the `Bytes` handed to the transport
 //!   (zero-copy clones of the `Arc`) never change under it, however long the
-//!   transport keeps them.
+//!   transport keeps them. A key's push buffer (its bytes are this worker's
+//!   slots of the key's shared segments: `KvStore::push_buffer`) is also
+//!   replaced while a push from it is in doubt (`buf::Lent`), so a server
+//!   that may still read a slot never sees it change.
 //! - **T3.** A row-sparse tensor stores `rows.len()` rows, ascending and
 //!   unique, each `row_len()` elements, in `buf`; a dense one stores all
 //!   `len()` elements and no rows.
@@ -48,7 +51,7 @@ use access::Cell;
 pub(crate) use access::{DataMut, DataRef};
 
 pub use buf::Home;
-pub(crate) use buf::{copy_data, share, Buf, Data};
+pub(crate) use buf::{copy_data, share, Buf, Data, Lent};
 pub(crate) use device::{copy_any, device_op, gpu_of};
 pub(crate) use values::{host_copy, KeptCopy};
 
@@ -392,6 +395,18 @@ impl Tensor {
         let t = self.zeros_like(ctx)?;
         device::transfer(&self, &t, 0)?;
         Ok(t)
+    }
+
+    /// A dense host tensor over a key's push buffer
+    /// ([`KvStore::push_buffer`](crate::KvStore::push_buffer)).
+    pub(crate) fn over_lent(
+        engine: &Engine,
+        shape: &[usize],
+        dtype: DType,
+        lent: Arc<buf::Lent>,
+    ) -> Tensor {
+        let data = Data::host(Buf::lent(lent), Vec::new());
+        Tensor::dense(engine, shape, dtype, Context::Cpu, data)
     }
 
     /// A new tensor like this one (shape, dtype, storage), zero, on `ctx`.

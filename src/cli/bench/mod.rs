@@ -132,6 +132,9 @@ pub struct WorkerResult {
     /// each its own).
     #[serde(default)]
     pub cpus: String,
+    /// Keys pushed from their push buffers (`KvStore::push_buffer`).
+    #[serde(default)]
+    pub push_buffers: bool,
     /// Per case.
     pub cases: Vec<CaseResult>,
 }
@@ -159,6 +162,8 @@ pub struct BenchSettings {
     pub gpu: bool,
     /// How the workers are placed on the host's cores.
     pub bind: Bind,
+    /// Each key pushed from its push buffer (`KvStore::push_buffer`).
+    pub push_buffers: bool,
 }
 
 fn cpu() -> String {
@@ -224,6 +229,7 @@ pub fn worker(s: &BenchSettings) -> CliResult {
         device: if s.gpu { "gpu" } else { "cpu" }.into(),
         // Best effort: a host whose CPU set the call cannot read still benches.
         cpus: allowed_cpus().map(|c| cpu_list(&c)).unwrap_or_default(),
+        push_buffers: s.push_buffers,
         cases: Vec::new(),
     };
     let mut seed = 0x1234_5678u64 + rank as u64;
@@ -250,14 +256,31 @@ pub fn worker(s: &BenchSettings) -> CliResult {
             .collect::<Result<_, _>>()?;
         kv.init_many(&inits)?;
         let outs: Vec<Tensor> = (0..nkeys).map(zeros).collect::<Result<_, _>>()?;
+        // What the keys are pushed from: their push buffers, or tensors
+        // made here.
+        let bufs: Option<Vec<Tensor>> = if s.push_buffers {
+            Some(
+                keys.iter()
+                    .map(|k| kv.push_buffer(k.clone()))
+                    .collect::<Result<_, _>>()?,
+            )
+        } else {
+            None
+        };
         // Correctness: every worker pushes rank+1; the sum is W(W+1)/2, or
         // 0.5 per worker with 2-bit compression at threshold 0.5.
         let chk: Vec<(Key, Vec<Tensor>)> = keys
             .iter()
             .enumerate()
             .map(|(i, k)| {
-                Tensor::full(&engine, &[w.keys[i].0], (rank + 1) as f32, ctx)
-                    .map(|t| (k.clone(), vec![t]))
+                let n = w.keys[i].0;
+                let t = match &bufs {
+                    Some(b) => b[i]
+                        .copy_from_slice(&vec![(rank + 1) as f32; n])
+                        .map(|()| b[i].clone()),
+                    None => Tensor::full(&engine, &[n], (rank + 1) as f32, ctx),
+                };
+                t.map(|t| (k.clone(), vec![t]))
             })
             .collect::<Result<_, _>>()?;
         kv.push_many(&chk, 0)?;
@@ -282,9 +305,13 @@ pub fn worker(s: &BenchSettings) -> CliResult {
         let grads: Vec<Tensor> = w
             .keys
             .iter()
-            .map(|&(n, _)| {
+            .enumerate()
+            .map(|(i, &(n, _))| {
                 let v: Vec<f32> = (0..n).map(|_| rnd()).collect();
-                Tensor::from_vec(&engine, &[n], v, ctx)
+                match &bufs {
+                    Some(b) => b[i].copy_from_slice(&v).map(|()| b[i].clone()),
+                    None => Tensor::from_vec(&engine, &[n], v, ctx),
+                }
             })
             .collect::<Result<_, _>>()?;
         let pushpulls: Vec<(Key, Vec<Tensor>, Vec<Tensor>)> = keys
@@ -386,6 +413,9 @@ pub fn run(
     ];
     if s.compress {
         args.push("--compress".into());
+    }
+    if s.push_buffers {
+        args.push("--push-buffers".into());
     }
     if s.gpu {
         args.push("--device".into());

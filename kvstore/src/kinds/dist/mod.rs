@@ -57,6 +57,7 @@ mod inflight;
 mod init;
 mod ops;
 mod parts;
+mod push_buffer;
 mod segments;
 mod staging;
 mod states;
@@ -566,6 +567,10 @@ impl Flavor for DistStore {
 
     fn abort_collective(&self, call: &'static str, e: KvError) -> Result<()> {
         self.collective(call, Err(e), None)
+    }
+
+    fn push_buffer(&self, key: &Key) -> Result<Option<Tensor>> {
+        DistStore::push_buffer(self, key)
     }
 
     fn shared_memory_parts(&self) -> usize {

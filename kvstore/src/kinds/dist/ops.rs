@@ -80,31 +80,43 @@ impl DistStore {
                 .map_err(Fault::from);
         }
         let range = p.start * ub..(p.start + p.len) * ub;
-        self.dense_payload(seg, &d.bytes()[range.clone()], || d.share(range))
+        let from = Some((&d.buf, range.start));
+        self.dense_payload(seg, &d.bytes()[range.clone()], from, || d.share(range))
     }
 
-    /// The payload of a dense part of values `bytes`: a copy into this
-    /// worker's shared slot when the part travels through `seg` (then the
-    /// payload is the count, with the segment's tag), else `share()`, the
-    /// bytes themselves without a copy.
+    /// The payload of a dense part of values `bytes`: when the part
+    /// travels through `seg`, this worker's slot there holds the values and
+    /// the payload is their count, with the segment's tag; else `share()`,
+    /// the bytes themselves without a copy. The slot holds them already
+    /// when `from` (the buffer the bytes lie in, and where) is the key's
+    /// push buffer and the part lies in this slot: nothing is copied. (No
+    /// other tensor's part comes here with a slot the push buffer holds:
+    /// `DistStore::mask_lent`.)
     pub(super) fn dense_payload(
         &self,
         seg: Option<&Arc<Region>>,
         bytes: &[u8],
+        from: Option<(&Arc<Buf>, usize)>,
         share: impl FnOnce() -> Bytes,
     ) -> std::result::Result<(Bytes, u16), Fault> {
-        match seg {
-            Some(seg) => {
-                // SAFETY: this worker's own slot, which the server reads
-                // only after the push below (see `kinds/dist/segments.rs`).
-                unsafe { seg.slot_mut(self.po.my_rank() as usize) }.copy_from_slice(bytes);
-                // The server checks the count against the key's size, as it
-                // checks a message's length.
-                let count = (bytes.len() as u64).to_le_bytes();
-                Ok((Bytes::copy_from_slice(&count), seg.tag()))
-            }
-            None => Ok((share(), 0)),
+        let Some(seg) = seg else {
+            return Ok((share(), 0));
+        };
+        let me = self.po.my_rank() as usize;
+        let placed = from.is_some_and(|(buf, at)| {
+            buf.slot_span()
+                .is_some_and(|s| s.is_slot(at, bytes.len(), seg, me))
+        });
+        if !placed {
+            // SAFETY: this worker's own slot, which the server reads
+            // only after the push below (see `kinds/dist/segments.rs`),
+            // and which no push buffer holds (`mask_lent`).
+            unsafe { seg.slot_mut(me) }.copy_from_slice(bytes);
         }
+        // The server checks the count against the key's size, as it
+        // checks a message's length.
+        let count = (bytes.len() as u64).to_le_bytes();
+        Ok((Bytes::copy_from_slice(&count), seg.tag()))
     }
 
     /// Pushes the op that sends `grad` to the servers; with `into`, as a
@@ -168,7 +180,9 @@ impl DistStore {
             let segs = if rows || compression.is_on() {
                 vec![None; dk2.parts.len()]
             } else {
-                me.shm_parts_now(&dk2)
+                let mut segs = me.shm_parts_now(&dk2);
+                me.mask_lent(&dk2, &g, &mut segs, &rc);
+                segs
             };
             let op = match (rows, &land) {
                 (true, _) => Op::RowPush,

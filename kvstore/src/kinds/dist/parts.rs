@@ -3,7 +3,7 @@
 //! died, and the answers handed to the op's [`Round`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -15,7 +15,7 @@ use super::{staging, DistKey, DistStore};
 use crate::compression::Compression;
 use crate::dtype::DType;
 use crate::error::{Fault, KvError};
-use crate::tensor::Tensor;
+use crate::tensor::{Lent, Tensor};
 use crate::wire::{Head, Op, Part};
 
 /// Whether a request could not even start because its node cannot be
@@ -48,10 +48,25 @@ pub(super) fn unreachable(e: &TransportError) -> bool {
 /// last one, under the lock. The answer that changes them runs before its
 /// op completes, so the key's next op (after it, by the key's var) sees
 /// the change.
+///
+/// The key's push buffer, if one lives (`KvStore::push_buffer`), is this
+/// worker's slots: while it lives no other push of the key writes them
+/// (they go by message instead: [`Unsure::lends`], `mask_lent`), and it is in doubt
+/// (`Lent`) while any part is. Both are changed under the parts' lock, so
+/// a buffer made while a push fails learns of it either way.
 #[derive(Default)]
 pub(super) struct Unsure {
     any: AtomicBool,
-    parts: Mutex<Vec<bool>>,
+    /// Set once a push buffer was made (so that keys without one take no
+    /// lock in [`Unsure::lends`]).
+    lent_ever: AtomicBool,
+    parts: Mutex<Parts>,
+}
+
+#[derive(Default)]
+struct Parts {
+    doubt: Vec<bool>,
+    lent: Weak<Lent>,
 }
 
 impl Unsure {
@@ -61,7 +76,7 @@ impl Unsure {
             return;
         }
         let u = self.parts.lock();
-        for (s, _) in segs.iter_mut().zip(u.iter()).filter(|(_, u)| **u) {
+        for (s, _) in segs.iter_mut().zip(u.doubt.iter()).filter(|(_, u)| **u) {
             *s = None;
         }
     }
@@ -71,21 +86,65 @@ impl Unsure {
         match (shm, ok) {
             (true, false) => {
                 let mut u = self.parts.lock();
-                if u.len() <= i {
-                    u.resize(i + 1, false);
+                if u.doubt.len() <= i {
+                    u.doubt.resize(i + 1, false);
                 }
-                u[i] = true;
+                u.doubt[i] = true;
                 self.any.store(true, Ordering::Release);
+                if let Some(l) = u.lent.upgrade() {
+                    l.set_doubt(true);
+                }
             }
             (false, true) if self.any.load(Ordering::Acquire) => {
                 let mut u = self.parts.lock();
-                if let Some(x) = u.get_mut(i) {
+                if let Some(x) = u.doubt.get_mut(i) {
                     *x = false;
                 }
-                self.any.store(u.iter().any(|x| *x), Ordering::Release);
+                let any = u.doubt.iter().any(|x| *x);
+                self.any.store(any, Ordering::Release);
+                if let (false, Some(l)) = (any, u.lent.upgrade()) {
+                    l.set_doubt(false);
+                }
             }
             _ => {}
         }
+    }
+
+    /// Makes the key's push buffer with `make` (told whether a part is in
+    /// doubt: then the buffer is from the start), unless one lives already
+    /// (then None).
+    pub(super) fn lend(&self, make: impl FnOnce(bool) -> Arc<Lent>) -> Option<Arc<Lent>> {
+        let mut u = self.parts.lock();
+        if u.lent.strong_count() > 0 {
+            return None;
+        }
+        let l = make(u.doubt.iter().any(|x| *x));
+        u.lent = Arc::downgrade(&l);
+        self.lent_ever.store(true, Ordering::Release);
+        Some(l)
+    }
+
+    /// Whether a push buffer of the key was ever made.
+    pub(super) fn lent_ever(&self) -> bool {
+        self.lent_ever.load(Ordering::Acquire)
+    }
+
+    /// Whether part `i`'s slot in `seg` belongs to the key's push buffer
+    /// (then a push from any other tensor must not write it).
+    ///
+    /// Subtle: a push that runs while the buffer is being made may miss
+    /// it; that push's op comes before the op that zeroes the buffer (both
+    /// write the key's var), so its copy into the slot is overwritten, not
+    /// read by the buffer's holder.
+    pub(super) fn lends(&self, i: usize, seg: &Arc<Region>) -> bool {
+        if !self.lent_ever.load(Ordering::Acquire) {
+            return false;
+        }
+        let u = self.parts.lock();
+        u.lent
+            .upgrade()
+            .and_then(|l| l.span.placed(i).map(|(r, _)| Arc::ptr_eq(r, seg)))
+            .unwrap_or(false)
     }
 }
 

@@ -200,15 +200,11 @@ fn on_device(grad: &Tensor, rc: &RunContext<'_>) -> Result<(Arc<dyn Device>, Dev
     Ok((device::open(n)?, device_mem(grad, rc)?))
 }
 
-/// A host buffer's bytes made unique (a shared one is replaced, T2) and
-/// its address.
+/// A host buffer's bytes made writable (a shared one, or a push buffer in
+/// doubt, is replaced: T2, `Lent`) and its address.
 fn unique(buf: &mut Arc<Buf>) -> HostPtr {
-    if Arc::get_mut(buf).is_none() {
-        *buf = Arc::new(buf.zeroed_like(buf.len()));
-    }
     HostPtr(
-        Arc::get_mut(buf)
-            .expect("the buffer was just made unique")
+        Buf::make_writable(buf, |b| b.zeroed_like(b.len()))
             .bytes_mut()
             .as_mut_ptr(),
     )
@@ -347,7 +343,7 @@ impl DistStore {
                     let ptr = HostPtr(unsafe { base.add(at) });
                     // SAFETY: as `HostPart::as_ref` (`buf` is alive).
                     let bytes = unsafe { std::slice::from_raw_parts(ptr.0, len) };
-                    me.dense_payload(seg.as_ref(), bytes, || {
+                    me.dense_payload(seg.as_ref(), bytes, None, || {
                         Bytes::from_owner(HostPart {
                             _keep: buf.clone(),
                             ptr,

@@ -27,6 +27,7 @@ mod heap;
 mod reader;
 pub(crate) mod region;
 mod ring;
+pub(crate) mod span;
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,127 @@
+//! A key's push buffer (`KvStore::push_buffer`): a tensor whose bytes are
+//! this worker's slots of the key's shared segments, so that a push or
+//! push-pull from it copies nothing into them.
+//!
+//! A segment's slot `r` is where worker `r` puts its push
+//! (`segments.rs`); here the slots of all the key's parts are mapped once
+//! more, side by side in one span of memory (`pskv_transport::SlotSpan`),
+//! and a host tensor is made over the span. A push from it finds each
+//! part's bytes already in the part's slot (`DistStore::dense_payload`),
+//! and sends only the message.
+//!
+//! What keeps the slot protocol (`segments.rs`) true with the slots in a
+//! caller's tensor:
+//!
+//! - **L1.** Only the buffer writes the slots it holds: while it lives,
+//!   the key's pushes from other tensors send those parts by message
+//!   (`Unsure::lends`); one buffer per key per worker.
+//! - **L2.** The server reads worker `r`'s slot only between its push and
+//!   the push's answer; the push's op reads the tensor until the answer,
+//!   so writes to the tensor (ops that write its var) wait.
+//! - **L3.** A push from the slots that failed may still be read later
+//!   (the round it belongs to completes when the others push): the buffer
+//!   is then in doubt (`tensor::Lent`) until a push succeeds, and a write
+//!   to the tensor meanwhile moves it to ordinary memory (a copy) instead
+//!   of writing the slot. Its later pushes copy into the slots as any
+//!   tensor's do.
+//! - **L4.** The buffer is zeroed by an op after the key's ops so far, so
+//!   a push still being read is not overwritten.
+//!
+//! A part whose slot cannot hold it in place (no segment: another host,
+//! TCP, async mode; a part boundary inside a page) lies in ordinary memory
+//! of the span and travels as it would from any tensor. A server restart
+//! gives the key new segments: the buffer's slots are the old process's
+//! then (still mapped, read by no one), and pushes from it copy into the
+//! new slots, as from any tensor.
+
+use std::sync::Arc;
+
+use pskv_engine::{OpSpec, RunContext};
+use pskv_transport::{Piece, Region, SlotSpan};
+
+use super::{DistKey, DistStore};
+use crate::error::{KvError, Result};
+use crate::key::Key;
+use crate::tensor::{Lent, Storage, Tensor};
+
+impl DistStore {
+    /// `key`'s push buffer, or None if none of its parts can lie in a
+    /// slot now (the caller then makes an ordinary tensor).
+    pub(super) fn push_buffer(&self, key: &Key) -> Result<Option<Tensor>> {
+        let dk = self.dist_key(key)?;
+        let meta = &dk.local.meta;
+        if meta.storage != Storage::Dense {
+            return Err(KvError::invalid(format!(
+                "push_buffer: key {key} is row-sparse; a push buffer holds dense values"
+            )));
+        }
+        let segs = self.shm_parts(&dk);
+        if segs.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let ub = dk.unit * meta.dtype.size();
+        let me = self.po.my_rank() as usize;
+        let pieces: Vec<Piece<'_>> = dk
+            .parts
+            .iter()
+            .zip(&segs)
+            .map(|(p, s)| Piece {
+                offset: p.start * ub,
+                len: p.len * ub,
+                slot: s.as_ref().map(|r| (r, me)),
+            })
+            .collect();
+        let span = SlotSpan::new(meta.bytes(), &pieces)?;
+        if span.placed_count() == 0 {
+            return Ok(None);
+        }
+        let lent = dk
+            .unsure
+            .lend(|doubt| Arc::new(Lent::new(span, doubt)))
+            .ok_or_else(|| {
+                KvError::invalid(format!(
+                    "push_buffer: key {key} has a push buffer on this worker already \
+                     (one per key): push from that one, or drop it first"
+                ))
+            })?;
+        let t = Tensor::over_lent(&self.engine, &meta.shape, meta.dtype, lent);
+        // L4: after the key's ops so far (they write its var).
+        let t2 = t.clone();
+        let spec = OpSpec::new("kvstore_push_buffer")
+            .write(&dk.var)
+            .write(t.var());
+        self.engine.push_sync(spec, move |rc| {
+            t2.write(&rc)?.overwrite().fill(0);
+            Ok(())
+        })?;
+        Ok(Some(t))
+    }
+
+    /// L1: leaves out of `segs` (a push's parts that travel through their
+    /// slots) those whose slot the key's push buffer holds, unless `grad`
+    /// is that buffer and the part lies there: they go by message, both
+    /// ways (inside the push's op, which reads `grad`).
+    pub(super) fn mask_lent(
+        &self,
+        dk: &DistKey,
+        grad: &Tensor,
+        segs: &mut [Option<Arc<Region>>],
+        rc: &RunContext<'_>,
+    ) {
+        if !dk.unsure.lent_ever() {
+            return;
+        }
+        let ub = dk.unit * dk.local.meta.dtype.size();
+        let me = self.po.my_rank() as usize;
+        let d = grad.read(rc).ok();
+        let span = d.as_ref().and_then(|d| d.buf.slot_span());
+        for (i, s) in segs.iter_mut().enumerate() {
+            let Some(seg) = s.as_ref() else { continue };
+            let p = dk.parts[i];
+            let from_it = span.is_some_and(|sp| sp.is_slot(p.start * ub, p.len * ub, seg, me));
+            if !from_it && dk.unsure.lends(i, seg) {
+                *s = None;
+            }
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Slot spans: one contiguous range of this process's memory whose pieces
+//! are slots of registered regions, mapped there a second time, so that a
+//! layer above can hand a caller a buffer that *is* its slots. The
+//! kvstore's push buffers are spans (a key's parts, each in its own
+//! server's region: a push from the buffer copies nothing).
+//!
+//! ```text
+//!   span:   | piece 0 (region A, slot r) | piece 1 (region B, slot r) | piece 2 (no region) |
+//!   memory: | the pages of A's slot r    | the pages of B's slot r    | private, zeroed     |
+//! ```
+//!
+//! A piece lies in its slot (is *placed*) only where the page grain
+//! allows: its offset a multiple of the page, its length too unless it is
+//! the last piece, and the slot at least as long. Every other byte of the
+//! span is private anonymous memory, zeroed. [`SlotSpan::placed`] says
+//! which pieces are placed, and in which region.
+//!
+//! How: the whole span is reserved as private memory first; each placed
+//! piece then gets a second mapping of its slot's pages over its range
+//! (`mremap` with an old size of 0, which maps the same pages of a shared
+//! mapping again, at the fixed address). The span needs no file
+//! descriptor, so a region already retired (its file removed) can be
+//! placed as long as this process maps it; the span's mapping keeps the
+//! pages alive by itself, after the region is dropped too.
+//!
+//! What the transport guarantees, and what it does not: as for a
+//! [`Region`], who writes which byte when is the caller's protocol; the
+//! span only makes the memory appear in one place. Its memory is freed
+//! (unmapped) when the span is dropped.
+
+use std::sync::Arc;
+
+use super::region::Region;
+use crate::error::TransportError;
+
+const PAGE: usize = 4096;
+
+/// One piece of a span, as asked for: its bytes, and the slot it should
+/// lie in (if any).
+pub struct Piece<'a> {
+    /// Bytes of the span before the piece.
+    pub offset: usize,
+    /// Bytes of the piece.
+    pub len: usize,
+    /// The region and the slot of it that the piece should be.
+    pub slot: Option<(&'a Arc<Region>, usize)>,
+}
+
+/// A contiguous range of memory made of slots of regions (see the module).
+pub struct SlotSpan {
+    base: *mut u8,
+    len: usize,
+    map_len: usize,
+    /// Per piece: its range, and the region and slot it lies in if placed.
+    pieces: Vec<(usize, usize, Option<Placed>)>,
+}
+
+/// The region and slot a placed piece lies in.
+type Placed = (Arc<Region>, usize);
+
+// SAFETY: the span is plain memory owned by this value (the pointer is
+// only its address); who touches which byte when is the caller's protocol,
+// as for a `Region`.
+unsafe impl Send for SlotSpan {}
+// SAFETY: as above.
+unsafe impl Sync for SlotSpan {}
+
+impl SlotSpan {
+    /// A span of `len` bytes made of `pieces` (in order, each starting
+    /// where the one before ends, together `len` bytes), each placed in
+    /// its slot where the page grain allows.
+    pub fn new(len: usize, pieces: &[Piece<'_>]) -> Result<SlotSpan, TransportError> {
+        let mut at = 0;
+        for p in pieces {
+            if p.offset != at {
+                return Err(TransportError::Invalid(format!(
+                    "a span's piece at byte {} follows one that ends at {at}",
+                    p.offset
+                )));
+            }
+            at = p.offset.checked_add(p.len).ok_or_else(|| {
+                TransportError::Invalid("a span's pieces overflow the address space".into())
+            })?;
+            if let Some((r, slot)) = p.slot {
+                if slot >= r.slots() {
+                    return Err(TransportError::Invalid(format!(
+                        "slot {slot} of a region of {}",
+                        r.slots()
+                    )));
+                }
+            }
+        }
+        if at != len {
+            return Err(TransportError::Invalid(format!(
+                "a span of {len} bytes was given pieces of {at}"
+            )));
+        }
+        let map_len = len.div_ceil(PAGE).max(1) * PAGE;
+        // SAFETY: a fresh private mapping; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(TransportError::io(
+                format!("reserving {map_len} bytes for a slot span"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let mut span = SlotSpan {
+            base: base.cast(),
+            len,
+            map_len,
+            pieces: Vec::with_capacity(pieces.len()),
+        };
+        let last = pieces.len().saturating_sub(1);
+        for (k, p) in pieces.iter().enumerate() {
+            let fits = |r: &Region| {
+                p.len > 0
+                    && p.offset % PAGE == 0
+                    && (k == last || p.len % PAGE == 0)
+                    && r.slot_len() >= p.len
+            };
+            let placed = match p.slot {
+                Some((r, slot)) if fits(r) => {
+                    span.place(p.offset, p.len, r, slot)?;
+                    Some((r.clone(), slot))
+                }
+                _ => None,
+            };
+            span.pieces.push((p.offset, p.len, placed));
+        }
+        Ok(span)
+    }
+
+    /// Maps slot `slot` of `r` again over the span's bytes from `offset`
+    /// (`len` bytes, rounded up to whole pages: the slot's stride covers
+    /// them, and the span's pages past its end are its own).
+    fn place(
+        &mut self,
+        offset: usize,
+        len: usize,
+        r: &Region,
+        slot: usize,
+    ) -> Result<(), TransportError> {
+        let pages = len.div_ceil(PAGE) * PAGE;
+        // SAFETY: the source is the start of a slot of `r`'s shared
+        // mapping, which holds whole pages from there (slots are page
+        // multiples apart, the last ends on the mapping's end); the
+        // target range is inside this span's own mapping (offset + pages
+        // <= map_len: offset + len <= len, rounded up), which
+        // MREMAP_FIXED replaces.
+        let got = unsafe {
+            libc::mremap(
+                r.slot_ptr(slot).cast(),
+                0,
+                pages,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                self.base.add(offset).cast::<libc::c_void>(),
+            )
+        };
+        if got == libc::MAP_FAILED {
+            return Err(TransportError::io(
+                format!("mapping a slot of {} into a span", r.path().display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The span's first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.base
+    }
+
+    /// Bytes of the span.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the span has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The region and slot piece `k` lies in, if it is placed.
+    pub fn placed(&self, k: usize) -> Option<(&Arc<Region>, usize)> {
+        self.pieces
+            .get(k)
+            .and_then(|(_, _, p)| p.as_ref().map(|(r, s)| (r, *s)))
+    }
+
+    /// Whether the span's bytes `offset..offset + len` are one placed piece,
+    /// lying in slot `slot` of `r` (the same region: the same mapping).
+    pub fn is_slot(&self, offset: usize, len: usize, r: &Arc<Region>, slot: usize) -> bool {
+        self.pieces.iter().any(|(o, l, p)| {
+            *o == offset
+                && *l == len
+                && p.as_ref()
+                    .is_some_and(|(pr, ps)| Arc::ptr_eq(pr, r) && *ps == slot)
+        })
+    }
+
+    /// How many pieces are placed.
+    pub fn placed_count(&self) -> usize {
+        self.pieces.iter().filter(|(_, _, p)| p.is_some()).count()
+    }
+}
+
+impl Drop for SlotSpan {
+    fn drop(&mut self) {
+        // SAFETY: the span's own mapping (placed pieces replaced pages of
+        // it; munmap of the whole range removes them too).
+        unsafe { libc::munmap(self.base.cast(), self.map_len) };
+    }
+}
+
+impl std::fmt::Debug for SlotSpan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SlotSpan({} bytes, {} of {} pieces placed)",
+            self.len,
+            self.placed_count(),
+            self.pieces.len()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(offset: usize, len: usize, slot: Option<(&Arc<Region>, usize)>) -> Piece<'_> {
+        Piece { offset, len, slot }
+    }
+
+    /// A placed piece is the slot itself: writes through either are seen
+    /// through the other; unplaced pieces are private zeroes.
+    #[test]
+    fn placed_pieces_are_their_slots() {
+        let a = Arc::new(Region::create(3, 2 * PAGE).expect("region a"));
+        let b = Arc::new(Region::create(3, 5000).expect("region b"));
+        let len = 2 * PAGE + 5000 + 100;
+        let span = SlotSpan::new(
+            len,
+            &[
+                piece(0, 2 * PAGE, Some((&a, 1))),
+                piece(2 * PAGE, 5000, Some((&b, 2))),
+                piece(2 * PAGE + 5000, 100, None),
+            ],
+        )
+        .expect("span");
+        assert!(span.placed(0).is_some());
+        // 5000 is not a page multiple and the piece is not last: not placed.
+        assert!(span.placed(1).is_none() && span.placed(2).is_none());
+        assert!(span.is_slot(0, 2 * PAGE, &a, 1));
+        assert!(!span.is_slot(0, 2 * PAGE, &a, 0) && !span.is_slot(0, 2 * PAGE, &b, 1));
+        // SAFETY: this test is the only user of the regions and the span.
+        unsafe {
+            let s = std::slice::from_raw_parts_mut(span.as_ptr(), len);
+            assert!(s.iter().all(|&x| x == 0));
+            s[10] = 7;
+            s[2 * PAGE - 1] = 9;
+            s[2 * PAGE] = 5;
+            assert_eq!(a.slot(1)[10], 7);
+            assert_eq!(a.slot(1)[2 * PAGE - 1], 9);
+            assert!(a.slot(0).iter().all(|&x| x == 0));
+            assert!(
+                b.slot(2).iter().all(|&x| x == 0),
+                "an unplaced piece is private"
+            );
+            a.slot_mut(1)[11] = 3;
+            assert_eq!(s[11], 3);
+        }
+    }
+
+    /// The last piece may end inside a page; the span outlives the
+    /// regions it was made of.
+    #[test]
+    fn a_last_piece_of_any_length_and_a_span_that_outlives_its_regions() {
+        let a = Arc::new(Region::create(2, PAGE).expect("region a"));
+        let b = Arc::new(Region::create(2, 300).expect("region b"));
+        let span = SlotSpan::new(
+            PAGE + 300,
+            &[
+                piece(0, PAGE, Some((&a, 0))),
+                piece(PAGE, 300, Some((&b, 1))),
+            ],
+        )
+        .expect("span");
+        assert_eq!(span.placed_count(), 2);
+        // SAFETY: the only user.
+        unsafe {
+            b.slot_mut(1)[299] = 42;
+            assert_eq!(*span.as_ptr().add(PAGE + 299), 42);
+        }
+        drop((a, b));
+        // SAFETY: the span's own memory, mapped while it lives.
+        unsafe {
+            *span.as_ptr().add(PAGE + 1) = 1;
+            assert_eq!(*span.as_ptr().add(PAGE + 299), 42);
+        }
+    }
+
+    #[test]
+    fn pieces_that_do_not_tile_the_span_are_refused() {
+        let a = Arc::new(Region::create(2, PAGE).expect("region"));
+        let gap = SlotSpan::new(
+            2 * PAGE,
+            &[piece(0, PAGE, None), piece(PAGE + 1, PAGE - 1, None)],
+        );
+        assert!(gap.is_err());
+        let short = SlotSpan::new(2 * PAGE, &[piece(0, PAGE, Some((&a, 0)))]);
+        assert!(short.is_err());
+        let bad_slot = SlotSpan::new(PAGE, &[piece(0, PAGE, Some((&a, 2)))]);
+        assert!(bad_slot.is_err());
+        // A slot shorter than its piece stays out.
+        let long = SlotSpan::new(2 * PAGE, &[piece(0, 2 * PAGE, Some((&a, 0)))]).expect("span");
+        assert_eq!(long.placed_count(), 0);
+    }
+}
