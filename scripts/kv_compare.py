@@ -10,7 +10,7 @@ markdown report and the raw results as JSON.
     python3 scripts/kv_compare.py [--reps 3] [--out target/kv_compare]
         [--shapes 2x1,4x2] [--pskv target/release/pskv] [--pskv-before OTHER]
         [--vans tcp,shm] [--no-compress] [--skip-peers] [--model inception-v3]
-        [--bind cores]
+        [--bind cores] [--push-buffers]
 
 With --model, the one case is a model's whole gradient set (`pskv bench
 --model`; MXNet and MPI through scripts/model_peers.py, the same tensors in
@@ -32,6 +32,11 @@ With --bind cores, pskv's workers run on cores of their own (`pskv bench
 --bind cores`), as mpirun binds MPI's ranks on its own (with 2 ranks, one
 core each); the builds must know the option.
 
+With --push-buffers, the build under test (--pskv) pushes every key from
+its push buffer (`pskv bench --push-buffers`); the --pskv-before build
+does not, so with the same binary as both the report's after / before
+ratio is what push buffers change.
+
 Needs ../shared/peers/setup.sh to have run (MXNet and mpi4py venvs).
 """
 import argparse
@@ -49,6 +54,8 @@ PEERS = os.path.normpath(os.path.join(ROOT, "..", "shared", "peers"))
 CASES = ["4B", "4KiB", "256KiB", "4MiB", "32MiB", "100x40KiB"]
 # How pskv's workers are placed (`pskv bench --bind`): --bind.
 BIND = "none"
+# The build under test pushes from push buffers: --push-buffers.
+PUSH_BUFFERS = False
 
 
 def run(cmd, env=None, timeout=900):
@@ -64,7 +71,7 @@ def run(cmd, env=None, timeout=900):
     return p, time.time() - t
 
 
-def pskv_run(exe, w, s, van, compress, outdir, tag, model):
+def pskv_run(exe, w, s, van, compress, outdir, tag, model, push_buffers=False):
     path = os.path.join(outdir, "pskv-%s.json" % tag)
     # --out too: the run's charts go beside its JSON, not into the caller's
     # working directory.
@@ -76,6 +83,8 @@ def pskv_run(exe, w, s, van, compress, outdir, tag, model):
         cmd += ["--model", model]
     if BIND != "none":
         cmd += ["--bind", BIND]
+    if push_buffers:
+        cmd.append("--push-buffers")
     p, _ = run(cmd)
     if p is None:
         return None
@@ -260,10 +269,13 @@ def main():
     ap.add_argument("--model", default=None)
     ap.add_argument("--bind", default="none", choices=["none", "cores"],
                     help="pskv's workers on cores of their own (pskv bench --bind)")
+    ap.add_argument("--push-buffers", action="store_true",
+                    help="the build under test pushes from push buffers (pskv bench --push-buffers)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
-    global CASES, BIND
+    global CASES, BIND, PUSH_BUFFERS
     BIND = a.bind
+    PUSH_BUFFERS = a.push_buffers
     tensors = None
     if a.model:
         CASES = [a.model]
@@ -297,7 +309,8 @@ def main():
             t0 = time.time()
             if sysname in ("pskv", "before"):
                 exe = a.pskv if sysname == "pskv" else a.pskv_before
-                r = pskv_run(exe, w, s, van, comp, a.out, sysname + "-" + tag, a.model)
+                r = pskv_run(exe, w, s, van, comp, a.out, sysname + "-" + tag, a.model,
+                             PUSH_BUFFERS and sysname == "pskv")
             elif sysname == "mxnet":
                 r = mxnet_run(w, s, comp, a.out, tag, tensors)
             elif sysname in ("floor", "floorsum"):
@@ -316,10 +329,12 @@ def main():
             oks = [r[case]["ok"] for r in rs if case in r]
             med[c][case] = (statistics.median(xs) if xs else None, all(oks) if oks else None)
     raw = {"|".join(map(str, c)): rs for c, rs in runs.items()}
-    json.dump({"reps": a.reps, "bind": BIND, "runs": raw},
+    json.dump({"reps": a.reps, "bind": BIND, "push_buffers": PUSH_BUFFERS, "runs": raw},
               open(os.path.join(a.out, "results.json"), "w"), indent=1)
     lines = []
     bound = ", pskv's workers bound to cores (--bind cores)" if BIND == "cores" else ""
+    if PUSH_BUFFERS:
+        bound += ", pskv pushing from push buffers (--push-buffers)"
     for (w, s) in shapes:
         lines.append("\n### %d workers, %d servers (MPI: %d ranks%s)\n" % (w, s, w, bound))
         cols = [(who, w, s, van, comp) for comp in [False, True] for van in ["tcp", "shm"]

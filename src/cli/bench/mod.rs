@@ -108,6 +108,10 @@ pub struct CaseResult {
     pub p90_us: f64,
     /// bytes / median.
     pub algbw_gbps_median: f64,
+    /// With `--push-buffers`: the keys whose push buffer lies (in part or
+    /// whole) in shared memory at the end of the case.
+    #[serde(default)]
+    pub shared_keys: usize,
 }
 
 /// One worker's results.
@@ -364,6 +368,10 @@ pub fn worker(s: &BenchSettings) -> CliResult {
         }
         let mean = all.elapsed().as_secs_f64() / iters as f64;
         kv.barrier()?;
+        let mut shared_keys = 0;
+        for b in bufs.iter().flatten() {
+            shared_keys += usize::from(b.in_shared_memory()?);
+        }
         ts.sort_by(|a, b| a.total_cmp(b));
         let med = percentile(&ts, 0.5);
         let total: usize = w.keys.iter().map(|k| k.0 * 4).sum();
@@ -377,6 +385,7 @@ pub fn worker(s: &BenchSettings) -> CliResult {
             nkeys,
             iters,
             check_ok,
+            shared_keys,
             median_us: med * 1e6,
             mean_us: mean * 1e6,
             min_us: ts[0] * 1e6,
