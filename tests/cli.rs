@@ -661,6 +661,62 @@ fn bench_binds_workers_to_cores_of_their_own() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `pskv bench --push-buffers`: over shm every key is pushed from its push
+/// buffer in shared memory (bench.json's `shared_keys`), the check round
+/// still gives the right sums; over TCP the buffers are ordinary memory;
+/// with GPU tensors the option is refused.
+#[test]
+fn bench_pushes_from_push_buffers() {
+    let dir = scratch("push-buffers");
+    for van in ["shm", "tcp"] {
+        let out = pskv()
+            .args(["bench", "-w", "2", "-s", "1", "--van", van])
+            .args(["--cases", "4KiB,100x40KiB", "--iters-scale", "0.05"])
+            .args(["--push-buffers", "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        let text = stdout_ok(&out);
+        assert!(
+            text.contains(&format!("| {van} push-buffers | 4KiB |")),
+            "{text}"
+        );
+        assert!(!text.contains("WRONG"), "{text}");
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("bench.json")).unwrap())
+                .unwrap();
+        for w in json.as_array().unwrap() {
+            assert_eq!(w["push_buffers"], true, "{w}");
+            let shared: Vec<u64> = w["cases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["shared_keys"].as_u64().unwrap())
+                .collect();
+            let want = if van == "shm" {
+                vec![1, 100]
+            } else {
+                vec![0, 0]
+            };
+            assert_eq!(shared, want, "{van}: {w}");
+        }
+    }
+    let out = pskv()
+        .args([
+            "bench",
+            "--push-buffers",
+            "--device",
+            "gpu",
+            "--cases",
+            "4B",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--push-buffers"), "{err}");
+}
+
 /// `-- pskv demo-worker ...` for a job of 2 workers and 1 server.
 fn demo_worker_args() -> Vec<&'static str> {
     let mut args = vec!["--", env!("CARGO_BIN_EXE_pskv")];

@@ -199,7 +199,12 @@ impl SlotSpan {
     /// Whether the span's bytes `offset..offset + len` are one placed piece,
     /// lying in slot `slot` of `r` (the same region: the same mapping).
     pub fn is_slot(&self, offset: usize, len: usize, r: &Arc<Region>, slot: usize) -> bool {
-        self.pieces.iter().any(|(o, l, p)| {
+        // Pieces are in offset order; only an empty piece shares its
+        // offset with the next one, and an empty piece is never placed.
+        let at = self
+            .pieces
+            .partition_point(|(o, l, _)| *o < offset || (*o == offset && *l == 0));
+        self.pieces.get(at).is_some_and(|(o, l, p)| {
             *o == offset
                 && *l == len
                 && p.as_ref()
@@ -296,6 +301,8 @@ mod tests {
         )
         .expect("span");
         assert_eq!(span.placed_count(), 2);
+        assert!(span.is_slot(PAGE, 300, &b, 1) && span.is_slot(0, PAGE, &a, 0));
+        assert!(!span.is_slot(PAGE, 299, &b, 1) && !span.is_slot(PAGE, 300, &a, 1));
         // SAFETY: the only user.
         unsafe {
             b.slot_mut(1)[299] = 42;
