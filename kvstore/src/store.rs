@@ -503,10 +503,11 @@ impl KvStore {
     /// copies nothing (MPI's `MPI_Alloc_mem`, NCCL's `ncclMemAlloc` play
     /// this part); elsewhere, and for the parts that cannot lie in a slot,
     /// ordinary memory ([`Tensor::in_shared_memory`] tells). One per key
-    /// on each worker at a time. A write to it while a push from it is in
-    /// doubt (the push failed: its server may still read the slot) moves
-    /// it to ordinary memory; a restarted server's new segments are not
-    /// its slots: pushes from it then copy, as from any tensor.
+    /// on each worker at a time. A push from it that fails moves it to
+    /// ordinary memory (its server may still read the slots: the same
+    /// bytes, at the same address); so does a server's restart, in effect
+    /// (the new segments are not its slots): pushes from it then copy, as
+    /// from any tensor.
     ///
     /// ```
     /// use pskv_engine::{Context, Engine};

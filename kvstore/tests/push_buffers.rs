@@ -157,9 +157,10 @@ fn a_push_from_another_tensor_leaves_the_push_buffer_alone() {
 }
 
 /// L3: a push from the buffer that timed out may still be read by its
-/// server (the round completes when the other worker pushes); a write to
-/// the buffer meanwhile moves it to ordinary memory instead of writing the
-/// slot, and the key's rounds go on with the values written.
+/// server (the round completes when the other worker pushes): its failure
+/// detaches the buffer from the slot (ordinary memory from then on, the
+/// same values), so the write after it does not reach the slot, and the
+/// key's rounds go on with the values written.
 #[test]
 fn a_write_after_a_failed_push_from_the_buffer_moves_it_off_the_slot() {
     let opts = Options {
@@ -185,8 +186,9 @@ fn a_write_after_a_failed_push_from_the_buffer_moves_it_off_the_slot() {
             kv.push(5, &[buf.clone()], 0).unwrap();
             let r = kv.ticket(&key, &[buf.clone()]).unwrap().wait();
             assert!(r.is_err(), "the push should time out");
-            buf.copy_from_slice(&vec![2.0f32; n]).unwrap();
             moved = Some(!buf.in_shared_memory().unwrap());
+            assert_eq!(buf.to_vec::<f32>().unwrap()[n - 1], 1.0);
+            buf.copy_from_slice(&vec![2.0f32; n]).unwrap();
         } else {
             buf.copy_from_slice(&vec![3.0f32; n]).unwrap();
         }

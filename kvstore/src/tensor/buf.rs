@@ -27,44 +27,10 @@ enum Mem {
     /// [`Home`] is told when this buffer is dropped.
     Borrowed(Arc<Home>),
     /// A key's push buffer: this worker's slots of the key's shared
-    /// segments, one span (`KvStore::push_buffer`). Only the tensor that
-    /// was made over it, and messages sharing it, hold it (T2: a write
-    /// while a message shares it moves the tensor to the heap).
-    Span(Arc<Lent>),
-}
-
-/// A key's push buffer (`KvStore::push_buffer`): a span of this worker's
-/// slots of the key's segments, and whether a push from it is in doubt.
-///
-/// States: `clear` <-> `in doubt`. A push through a slot that failed may
-/// still be held by the server, which reads the slot when its round
-/// completes; until a later push succeeds (`kinds/dist/parts.rs`,
-/// `Unsure`), the span is in doubt, and a write to the tensor moves it to
-/// the heap first, as if a message shared the buffer (T2), instead of
-/// writing the slot under the server. The flag is set and cleared by the
-/// push's answer, before its op completes (Release), and read by writers in
-/// later ops (Acquire).
-pub(crate) struct Lent {
-    pub(crate) span: SlotSpan,
-    doubt: std::sync::atomic::AtomicBool,
-}
-
-impl Lent {
-    pub(crate) fn new(span: SlotSpan, doubt: bool) -> Lent {
-        Lent {
-            span,
-            doubt: std::sync::atomic::AtomicBool::new(doubt),
-        }
-    }
-
-    pub(crate) fn set_doubt(&self, doubt: bool) {
-        self.doubt
-            .store(doubt, std::sync::atomic::Ordering::Release);
-    }
-
-    fn in_doubt(&self) -> bool {
-        self.doubt.load(std::sync::atomic::Ordering::Acquire)
-    }
+    /// segments, one span (`KvStore::push_buffer`). Once detached (a push
+    /// from it failed: `kinds/dist/push_buffer.rs`, L3) a write moves the
+    /// tensor to the heap first, as if a message shared the buffer.
+    Span(Arc<SlotSpan>),
 }
 
 /// Host memory of the caller's that a tensor uses in place (the C ABI's
@@ -191,25 +157,26 @@ impl Buf {
     }
 
     /// A buffer over a whole push buffer's span.
-    pub(crate) fn lent(lent: Arc<Lent>) -> Buf {
+    pub(crate) fn span(span: Arc<SlotSpan>) -> Buf {
         Buf {
-            len: lent.span.len(),
-            mem: Mem::Span(lent),
+            len: span.len(),
+            mem: Mem::Span(span),
         }
     }
 
     /// The push buffer's span this buffer is, if it is one.
     pub(crate) fn slot_span(&self) -> Option<&SlotSpan> {
         match &self.mem {
-            Mem::Span(l) => Some(&l.span),
+            Mem::Span(s) => Some(s),
             _ => None,
         }
     }
 
     /// This buffer, to change in place, if no one else may read it: not
-    /// shared (T2) and not a push buffer in doubt ([`Lent`]).
+    /// shared (T2) and not a detached push buffer (whose detach may have
+    /// failed: the slots may still be its pages).
     pub(crate) fn writable(buf: &mut Arc<Buf>) -> Option<&mut Buf> {
-        if matches!(&buf.mem, Mem::Span(l) if l.in_doubt()) {
+        if matches!(&buf.mem, Mem::Span(s) if s.is_detached()) {
             return None;
         }
         Arc::get_mut(buf)
@@ -250,7 +217,7 @@ impl Buf {
             // process writes this worker's slots (the server only reads
             // them), and in this process only this buffer's holders reach
             // them (the key's other pushes go by message: `DistKey::span`).
-            Mem::Span(l) => unsafe { std::slice::from_raw_parts(l.span.as_ptr(), self.len) },
+            Mem::Span(s) => unsafe { std::slice::from_raw_parts(s.as_ptr(), self.len) },
         }
     }
 
@@ -264,9 +231,9 @@ impl Buf {
             // SAFETY: as in `bytes`; `&mut self` makes this the only view in
             // this process, and the server reads the slots only between a
             // push from them and its answer, while the push's op holds the
-            // tensor (T1), or after a failed one (then `Buf::writable`
-            // refuses the buffer: `Lent`).
-            Mem::Span(l) => unsafe { std::slice::from_raw_parts_mut(l.span.as_ptr(), len) },
+            // tensor (T1), or after a failed one (the span is detached
+            // first, and `Buf::writable` refuses it).
+            Mem::Span(s) => unsafe { std::slice::from_raw_parts_mut(s.as_ptr(), len) },
         }
     }
 
@@ -351,7 +318,7 @@ impl Data {
     }
 
     /// The bytes, to change some of them: copies the buffer first if a
-    /// message in flight shares it (T2).
+    /// message in flight shares it (T2) or it is a detached push buffer.
     pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
         host_only(self);
         Buf::make_writable(&mut self.buf, Buf::copy_of).bytes_mut()

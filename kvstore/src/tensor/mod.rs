@@ -20,7 +20,7 @@
 //!   (zero-copy clones of the `Arc`) never change under it, however long the
 //!   transport keeps them. A key's push buffer (its bytes are this worker's
 //!   slots of the key's shared segments: `KvStore::push_buffer`) is also
-//!   replaced while a push from it is in doubt (`buf::Lent`), so a server
+//!   replaced once detached from them (a push from it failed), so a server
 //!   that may still read a slot never sees it change.
 //! - **T3.** A row-sparse tensor stores `rows.len()` rows, ascending and
 //!   unique, each `row_len()` elements, in `buf`; a dense one stores all
@@ -51,7 +51,7 @@ use access::Cell;
 pub(crate) use access::{DataMut, DataRef};
 
 pub use buf::Home;
-pub(crate) use buf::{copy_data, share, Buf, Data, Lent};
+pub(crate) use buf::{copy_data, share, Buf, Data};
 pub(crate) use device::{copy_any, device_op, gpu_of};
 pub(crate) use values::{host_copy, KeptCopy};
 
@@ -399,13 +399,13 @@ impl Tensor {
 
     /// A dense host tensor over a key's push buffer
     /// ([`KvStore::push_buffer`](crate::KvStore::push_buffer)).
-    pub(crate) fn over_lent(
+    pub(crate) fn over_span(
         engine: &Engine,
         shape: &[usize],
         dtype: DType,
-        lent: Arc<buf::Lent>,
+        span: Arc<pskv_transport::SlotSpan>,
     ) -> Tensor {
-        let data = Data::host(Buf::lent(lent), Vec::new());
+        let data = Data::host(Buf::span(span), Vec::new());
         Tensor::dense(engine, shape, dtype, Context::Cpu, data)
     }
 

@@ -8,14 +8,14 @@ use std::sync::{Arc, Weak};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use pskv_engine::Completion;
-use pskv_transport::{KvResponse, Landing, Region, RequestOptions, TransportError};
+use pskv_transport::{KvResponse, Landing, Region, RequestOptions, SlotSpan, TransportError};
 
 use super::inflight::{Inflight, OutPtr};
 use super::{staging, DistKey, DistStore};
 use crate::compression::Compression;
 use crate::dtype::DType;
 use crate::error::{Fault, KvError};
-use crate::tensor::{Lent, Tensor};
+use crate::tensor::Tensor;
 use crate::wire::{Head, Op, Part};
 
 /// Whether a request could not even start because its node cannot be
@@ -51,9 +51,13 @@ pub(super) fn unreachable(e: &TransportError) -> bool {
 ///
 /// The key's push buffer, if one lives (`KvStore::push_buffer`), is this
 /// worker's slots: while it lives no other push of the key writes them
-/// (they go by message instead: [`Unsure::lends`], `mask_lent`), and it is in doubt
-/// (`Lent`) while any part is. Both are changed under the parts' lock, so
-/// a buffer made while a push fails learns of it either way.
+/// (they go by message instead: [`Unsure::lends`], `mask_lent`). A push
+/// through a slot that fails detaches it (`SlotSpan::detach`: private
+/// pages of the same contents, so neither its holder's writes nor anyone's
+/// reach the slots any more), before the op completes, while the op still
+/// holds the tensor; no buffer is made while a part is in doubt. Both
+/// happen under the parts' lock, so a buffer made while a push fails
+/// learns of it either way.
 #[derive(Default)]
 pub(super) struct Unsure {
     any: AtomicBool,
@@ -63,10 +67,18 @@ pub(super) struct Unsure {
     parts: Mutex<Parts>,
 }
 
+/// Why no push buffer was made (`Unsure::lend`).
+pub(super) enum Refused {
+    /// A part's slot is in doubt.
+    InDoubt,
+    /// The key has one.
+    Lent,
+}
+
 #[derive(Default)]
 struct Parts {
     doubt: Vec<bool>,
-    lent: Weak<Lent>,
+    lent: Weak<SlotSpan>,
 }
 
 impl Unsure {
@@ -91,8 +103,15 @@ impl Unsure {
                 }
                 u.doubt[i] = true;
                 self.any.store(true, Ordering::Release);
-                if let Some(l) = u.lent.upgrade() {
-                    l.set_doubt(true);
+                if let Some(span) = u.lent.upgrade() {
+                    if let Err(e) = span.detach() {
+                        // Writes through the tensor still avoid the slots
+                        // (`Buf::writable` refuses a detached span); a raw
+                        // writer of the memory would not.
+                        tracing::error!(
+                            "a push buffer's slots stay shared after a failed push: {e}"
+                        );
+                    }
                 }
             }
             (false, true) if self.any.load(Ordering::Acquire) => {
@@ -100,28 +119,31 @@ impl Unsure {
                 if let Some(x) = u.doubt.get_mut(i) {
                     *x = false;
                 }
-                let any = u.doubt.iter().any(|x| *x);
-                self.any.store(any, Ordering::Release);
-                if let (false, Some(l)) = (any, u.lent.upgrade()) {
-                    l.set_doubt(false);
-                }
+                self.any
+                    .store(u.doubt.iter().any(|x| *x), Ordering::Release);
             }
             _ => {}
         }
     }
 
-    /// Makes the key's push buffer with `make` (told whether a part is in
-    /// doubt: then the buffer is from the start), unless one lives already
-    /// (then None).
-    pub(super) fn lend(&self, make: impl FnOnce(bool) -> Arc<Lent>) -> Option<Arc<Lent>> {
+    /// Makes the key's push buffer with `make`, unless a part is in doubt
+    /// (its slot may still be read) or one lives already: then the error
+    /// says which.
+    pub(super) fn lend(
+        &self,
+        make: impl FnOnce() -> Arc<SlotSpan>,
+    ) -> Result<Arc<SlotSpan>, Refused> {
         let mut u = self.parts.lock();
-        if u.lent.strong_count() > 0 {
-            return None;
+        if u.doubt.iter().any(|x| *x) {
+            return Err(Refused::InDoubt);
         }
-        let l = make(u.doubt.iter().any(|x| *x));
-        u.lent = Arc::downgrade(&l);
+        if u.lent.strong_count() > 0 {
+            return Err(Refused::Lent);
+        }
+        let span = make();
+        u.lent = Arc::downgrade(&span);
         self.lent_ever.store(true, Ordering::Release);
-        Some(l)
+        Ok(span)
     }
 
     /// Whether a push buffer of the key was ever made.
@@ -143,7 +165,7 @@ impl Unsure {
         let u = self.parts.lock();
         u.lent
             .upgrade()
-            .and_then(|l| l.span.placed(i).map(|(r, _)| Arc::ptr_eq(r, seg)))
+            .and_then(|l| l.placed(i).map(|(r, _)| Arc::ptr_eq(r, seg)))
             .unwrap_or(false)
     }
 }

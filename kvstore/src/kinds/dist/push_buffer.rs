@@ -19,13 +19,16 @@
 //!   the push's answer; the push's op reads the tensor until the answer,
 //!   so writes to the tensor (ops that write its var) wait.
 //! - **L3.** A push from the slots that failed may still be read later
-//!   (the round it belongs to completes when the others push): the buffer
-//!   is then in doubt (`tensor::Lent`) until a push succeeds, and a write
-//!   to the tensor meanwhile moves it to ordinary memory (a copy) instead
-//!   of writing the slot. Its later pushes copy into the slots as any
-//!   tensor's do.
+//!   (the round it belongs to completes when the others push): its answer
+//!   detaches the buffer before the op completes (`SlotSpan::detach`: the
+//!   same bytes at the same addresses, on private pages), so later writes
+//!   to it, through the tensor or through its address, never reach the
+//!   slots; a write through the tensor then also moves it to the heap (in
+//!   case the detach failed). Its later pushes copy into the slots as any
+//!   tensor's do, once the doubt is over (`parts.rs`, `Unsure`).
 //! - **L4.** The buffer is zeroed by an op after the key's ops so far, so
-//!   a push still being read is not overwritten.
+//!   a push still being read is not overwritten; none is made while a
+//!   part is in doubt.
 //!
 //! A part whose slot cannot hold it in place (no segment: another host,
 //! TCP, async mode; a part boundary inside a page) lies in ordinary memory
@@ -39,10 +42,11 @@ use std::sync::Arc;
 use pskv_engine::{OpSpec, RunContext};
 use pskv_transport::{Piece, Region, SlotSpan};
 
+use super::parts::Refused;
 use super::{DistKey, DistStore};
 use crate::error::{KvError, Result};
 use crate::key::Key;
-use crate::tensor::{Lent, Storage, Tensor};
+use crate::tensor::{Storage, Tensor};
 
 impl DistStore {
     /// `key`'s push buffer, or None if none of its parts can lie in a
@@ -75,16 +79,19 @@ impl DistStore {
         if span.placed_count() == 0 {
             return Ok(None);
         }
-        let lent = dk
-            .unsure
-            .lend(|doubt| Arc::new(Lent::new(span, doubt)))
-            .ok_or_else(|| {
-                KvError::invalid(format!(
+        let span = match dk.unsure.lend(|| Arc::new(span)) {
+            Ok(s) => s,
+            // Its next successful push ends the doubt; an ordinary tensor
+            // meanwhile.
+            Err(Refused::InDoubt) => return Ok(None),
+            Err(Refused::Lent) => {
+                return Err(KvError::invalid(format!(
                     "push_buffer: key {key} has a push buffer on this worker already \
                      (one per key): push from that one, or drop it first"
-                ))
-            })?;
-        let t = Tensor::over_lent(&self.engine, &meta.shape, meta.dtype, lent);
+                )))
+            }
+        };
+        let t = Tensor::over_span(&self.engine, &meta.shape, meta.dtype, span);
         // L4: after the key's ops so far (they write its var).
         let t2 = t.clone();
         let spec = OpSpec::new("kvstore_push_buffer")

@@ -200,8 +200,8 @@ fn on_device(grad: &Tensor, rc: &RunContext<'_>) -> Result<(Arc<dyn Device>, Dev
     Ok((device::open(n)?, device_mem(grad, rc)?))
 }
 
-/// A host buffer's bytes made writable (a shared one, or a push buffer in
-/// doubt, is replaced: T2, `Lent`) and its address.
+/// A host buffer's bytes made writable (a shared one, or a detached push
+/// buffer, is replaced: T2) and its address.
 fn unique(buf: &mut Arc<Buf>) -> HostPtr {
     HostPtr(
         Buf::make_writable(buf, |b| b.zeroed_like(b.len()))

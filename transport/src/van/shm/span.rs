@@ -23,11 +23,28 @@
 //! placed as long as this process maps it; the span's mapping keeps the
 //! pages alive by itself, after the region is dropped too.
 //!
+//! # States
+//!
+//! ```text
+//!   placed (its placed pieces are their slots) --detach()--> detached
+//! ```
+//!
+//! [`SlotSpan::detach`] gives every placed piece private pages of the same
+//! contents at the same addresses, at once for anyone reading them (each
+//! piece's pages are swapped in one `mremap`, under the kernel's lock of
+//! the address space: a reader faults and waits, then sees the copy); from
+//! then on writes to the span no longer reach the slots, and it answers as
+//! if no piece were placed. The `detached` flag is set before the pages
+//! are swapped (Release; read with Acquire): whoever sees a piece placed
+//! may find it detached a moment later, never the reverse.
+//!
 //! What the transport guarantees, and what it does not: as for a
-//! [`Region`], who writes which byte when is the caller's protocol; the
-//! span only makes the memory appear in one place. Its memory is freed
-//! (unmapped) when the span is dropped.
+//! [`Region`], who writes which byte when is the caller's protocol (no one
+//! may write the span while it is being detached: a write between the
+//! copy and the swap would be lost); the span only makes the memory appear
+//! in one place. Its memory is freed (unmapped) when the span is dropped.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::region::Region;
@@ -51,8 +68,11 @@ pub struct SlotSpan {
     base: *mut u8,
     len: usize,
     map_len: usize,
-    /// Per piece: its range, and the region and slot it lies in if placed.
+    /// Per piece: its range, and the region and slot it lies in if placed
+    /// (until detached).
     pieces: Vec<(usize, usize, Option<Placed>)>,
+    /// See the module's states.
+    detached: AtomicBool,
 }
 
 /// The region and slot a placed piece lies in.
@@ -118,6 +138,7 @@ impl SlotSpan {
             len,
             map_len,
             pieces: Vec::with_capacity(pieces.len()),
+            detached: AtomicBool::new(false),
         };
         let last = pieces.len().saturating_sub(1);
         for (k, p) in pieces.iter().enumerate() {
@@ -189,8 +210,77 @@ impl SlotSpan {
         self.len == 0
     }
 
+    /// Gives every placed piece private pages of the same contents at the
+    /// same addresses (see the module's states); the span is then placed
+    /// nowhere. Once only; later calls do nothing.
+    ///
+    /// No one may write the span meanwhile (a write between a piece's copy
+    /// and its swap would be lost); reading it is fine.
+    pub fn detach(&self) -> Result<(), TransportError> {
+        if self.detached.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        for (offset, len, placed) in &self.pieces {
+            if placed.is_none() {
+                continue;
+            }
+            let pages = len.div_ceil(PAGE) * PAGE;
+            let context = || format!("detaching {pages} bytes of a slot span");
+            // SAFETY: a fresh private mapping of `pages` bytes.
+            let tmp = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    pages,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if tmp == libc::MAP_FAILED {
+                return Err(TransportError::io(
+                    context(),
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            // SAFETY: `pages` bytes from the piece's start are mapped (its
+            // slot's pages, `place`), and `tmp` is ours; no one writes the
+            // piece meanwhile (the caller's contract).
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.base.add(*offset), tmp.cast::<u8>(), pages);
+            }
+            // SAFETY: moves our private pages over the piece's range, which
+            // lies in the span's mapping; the slot's mapping there is
+            // replaced (the region's own mapping is untouched).
+            let got = unsafe {
+                libc::mremap(
+                    tmp,
+                    pages,
+                    pages,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    self.base.add(*offset).cast::<libc::c_void>(),
+                )
+            };
+            if got == libc::MAP_FAILED {
+                let e = std::io::Error::last_os_error();
+                // SAFETY: the mapping made above, not moved.
+                unsafe { libc::munmap(tmp, pages) };
+                return Err(TransportError::io(context(), e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether [`SlotSpan::detach`] was called.
+    pub fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Acquire)
+    }
+
     /// The region and slot piece `k` lies in, if it is placed.
     pub fn placed(&self, k: usize) -> Option<(&Arc<Region>, usize)> {
+        if self.is_detached() {
+            return None;
+        }
         self.pieces
             .get(k)
             .and_then(|(_, _, p)| p.as_ref().map(|(r, s)| (r, *s)))
@@ -199,6 +289,9 @@ impl SlotSpan {
     /// Whether the span's bytes `offset..offset + len` are one placed piece,
     /// lying in slot `slot` of `r` (the same region: the same mapping).
     pub fn is_slot(&self, offset: usize, len: usize, r: &Arc<Region>, slot: usize) -> bool {
+        if self.is_detached() {
+            return false;
+        }
         // Pieces are in offset order; only an empty piece shares its
         // offset with the next one, and an empty piece is never placed.
         let at = self
@@ -214,6 +307,9 @@ impl SlotSpan {
 
     /// How many pieces are placed.
     pub fn placed_count(&self) -> usize {
+        if self.is_detached() {
+            return 0;
+        }
         self.pieces.iter().filter(|(_, _, p)| p.is_some()).count()
     }
 }
@@ -314,6 +410,33 @@ mod tests {
             *span.as_ptr().add(PAGE + 1) = 1;
             assert_eq!(*span.as_ptr().add(PAGE + 299), 42);
         }
+    }
+
+    /// A detached span keeps its contents and addresses, and no longer
+    /// reaches the slots (nor do the slots reach it).
+    #[test]
+    fn a_detached_span_keeps_its_bytes_and_leaves_the_slots() {
+        let a = Arc::new(Region::create(2, PAGE + 10).expect("region"));
+        let len = PAGE + 10;
+        let span = SlotSpan::new(len, &[piece(0, len, Some((&a, 1)))]).expect("span");
+        let p = span.as_ptr();
+        // SAFETY: the only user of the region and the span.
+        unsafe {
+            for i in 0..len {
+                *p.add(i) = (i % 251) as u8;
+            }
+            span.detach().expect("detach");
+            assert!(span.is_detached() && span.placed(0).is_none());
+            assert!(!span.is_slot(0, len, &a, 1) && span.placed_count() == 0);
+            assert_eq!(span.as_ptr(), p);
+            let s = std::slice::from_raw_parts_mut(p, len);
+            assert!(s.iter().enumerate().all(|(i, x)| *x == (i % 251) as u8));
+            s[5] = 0;
+            assert_eq!(a.slot(1)[5], 5, "a write after detach reached the slot");
+            a.slot_mut(1)[6] = 0;
+            assert_eq!(s[6], 6, "the slot reached the detached span");
+        }
+        span.detach().expect("twice");
     }
 
     #[test]
