@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use pskv_engine::{OpSpec, Property, RunContext};
-use pskv_transport::{KvResponse, Region};
+use pskv_transport::{KvResponse, Region, SlotSpan};
 
 use super::inflight::OutPtr;
 use super::parts::{OnAnswer, Round};
@@ -51,7 +51,7 @@ impl DistStore {
         dk: &DistKey,
         grad: &Tensor,
         compression: Compression,
-        seg: Option<&Arc<Region>>,
+        (seg, lent): (Option<&Arc<Region>>, Option<&SlotSpan>),
         (i, rc): (usize, &RunContext<'_>),
     ) -> std::result::Result<(Bytes, u16), Fault> {
         let d = grad.read(rc)?;
@@ -80,34 +80,28 @@ impl DistStore {
                 .map_err(Fault::from);
         }
         let range = p.start * ub..(p.start + p.len) * ub;
-        let from = Some((&d.buf, range.start));
-        self.dense_payload(seg, &d.bytes()[range.clone()], from, || d.share(range))
+        self.dense_payload(seg, &d.bytes()[range.clone()], lent, || d.share(range))
     }
 
     /// The payload of a dense part of values `bytes`: when the part
     /// travels through `seg`, this worker's slot there holds the values and
     /// the payload is their count, with the segment's tag; else `share()`,
     /// the bytes themselves without a copy. The slot holds them already
-    /// when `from` (the buffer the bytes lie in, and where) is the key's
-    /// push buffer and the part lies in this slot: nothing is copied. (No
-    /// other tensor's part comes here with a slot the push buffer holds:
-    /// `DistStore::mask_lent`.)
+    /// when the bytes lie in the key's push buffer `lent`, in this slot:
+    /// nothing is copied. (No other bytes come here with a slot the push
+    /// buffer holds: `DistStore::mask_lent`.)
     pub(super) fn dense_payload(
         &self,
         seg: Option<&Arc<Region>>,
         bytes: &[u8],
-        from: Option<(&Arc<Buf>, usize)>,
+        lent: Option<&SlotSpan>,
         share: impl FnOnce() -> Bytes,
     ) -> std::result::Result<(Bytes, u16), Fault> {
         let Some(seg) = seg else {
             return Ok((share(), 0));
         };
         let me = self.po.my_rank() as usize;
-        let placed = from.is_some_and(|(buf, at)| {
-            buf.slot_span()
-                .is_some_and(|s| s.is_slot(at, bytes.len(), seg, me))
-        });
-        if !placed {
+        if !lent.is_some_and(|l| l.is_slot_at(bytes.as_ptr(), bytes.len(), seg, me)) {
             // SAFETY: this worker's own slot, which the server reads
             // only after the push below (see `kinds/dist/segments.rs`),
             // and which no push buffer holds (`mask_lent`).
@@ -177,11 +171,15 @@ impl DistStore {
                 return;
             };
             let dtype = dk2.local.meta.dtype;
+            // The key's push buffer, if one lives (L1 of `push_buffer.rs`).
+            let lent = dk2.unsure.lent();
             let segs = if rows || compression.is_on() {
                 vec![None; dk2.parts.len()]
             } else {
                 let mut segs = me.shm_parts_now(&dk2);
-                me.mask_lent(&dk2, &g, &mut segs, &rc);
+                if let Some(l) = &lent {
+                    me.mask_lent(&dk2, &g, l, &mut segs, &rc);
+                }
                 segs
             };
             let op = match (rows, &land) {
@@ -216,8 +214,15 @@ impl DistStore {
                 }
                 (None, false) => {
                     let all: Vec<usize> = (0..dk2.parts.len()).collect();
-                    let prepare =
-                        |i: usize| me.push_part(&dk2, &g, compression, segs[i].as_ref(), (i, &rc));
+                    let prepare = |i: usize| {
+                        me.push_part(
+                            &dk2,
+                            &g,
+                            compression,
+                            (segs[i].as_ref(), lent.as_deref()),
+                            (i, &rc),
+                        )
+                    };
                     me.send_parts(&dk2, &all, &round, completion, settle, prepare)
                 }
             }

@@ -51,7 +51,7 @@ pub(super) fn unreachable(e: &TransportError) -> bool {
 ///
 /// The key's push buffer, if one lives (`KvStore::push_buffer`), is this
 /// worker's slots: while it lives no other push of the key writes them
-/// (they go by message instead: [`Unsure::lends`], `mask_lent`). A push
+/// (they go by message instead: `mask_lent`). A push
 /// through a slot that fails detaches it (`SlotSpan::detach`: private
 /// pages of the same contents, so neither its holder's writes nor anyone's
 /// reach the slots any more), before the op completes, while the op still
@@ -146,27 +146,13 @@ impl Unsure {
         Ok(span)
     }
 
-    /// Whether a push buffer of the key was ever made.
-    pub(super) fn lent_ever(&self) -> bool {
-        self.lent_ever.load(Ordering::Acquire)
-    }
-
-    /// Whether part `i`'s slot in `seg` belongs to the key's push buffer
-    /// (then a push from any other tensor must not write it).
-    ///
-    /// Subtle: a push that runs while the buffer is being made may miss
-    /// it; that push's op comes before the op that zeroes the buffer (both
-    /// write the key's var), so its copy into the slot is overwritten, not
-    /// read by the buffer's holder.
-    pub(super) fn lends(&self, i: usize, seg: &Arc<Region>) -> bool {
+    /// The key's push buffer, if one lives (no lock if none was ever
+    /// made).
+    pub(super) fn lent(&self) -> Option<Arc<SlotSpan>> {
         if !self.lent_ever.load(Ordering::Acquire) {
-            return false;
+            return None;
         }
-        let u = self.parts.lock();
-        u.lent
-            .upgrade()
-            .and_then(|l| l.placed(i).map(|(r, _)| Arc::ptr_eq(r, seg)))
-            .unwrap_or(false)
+        self.parts.lock().lent.upgrade()
     }
 }
 

@@ -105,28 +105,39 @@ impl DistStore {
     }
 
     /// L1: leaves out of `segs` (a push's parts that travel through their
-    /// slots) those whose slot the key's push buffer holds, unless `grad`
-    /// is that buffer and the part lies there: they go by message, both
-    /// ways (inside the push's op, which reads `grad`).
+    /// slots) those whose slot the key's push buffer `lent` holds, unless
+    /// `grad`'s part lies there (the tensor over the buffer, or a view of
+    /// its memory, as the C ABI makes): they go by message, both ways
+    /// (inside the push's op, which reads `grad`).
+    ///
+    /// Subtle: a push that runs while the buffer is being made may miss
+    /// it; that push's op comes before the op that zeroes the buffer (both
+    /// write the key's var), so its copy into the slot is overwritten, not
+    /// read by the buffer's holder.
     pub(super) fn mask_lent(
         &self,
         dk: &DistKey,
         grad: &Tensor,
+        lent: &SlotSpan,
         segs: &mut [Option<Arc<Region>>],
         rc: &RunContext<'_>,
     ) {
-        if !dk.unsure.lent_ever() {
-            return;
-        }
         let ub = dk.unit * dk.local.meta.dtype.size();
         let me = self.po.my_rank() as usize;
-        let d = grad.read(rc).ok();
-        let span = d.as_ref().and_then(|d| d.buf.slot_span());
+        let base = grad
+            .read(rc)
+            .ok()
+            .filter(|d| d.dev.is_none())
+            .map(|d| d.bytes().as_ptr());
         for (i, s) in segs.iter_mut().enumerate() {
             let Some(seg) = s.as_ref() else { continue };
             let p = dk.parts[i];
-            let from_it = span.is_some_and(|sp| sp.is_slot(p.start * ub, p.len * ub, seg, me));
-            if !from_it && dk.unsure.lends(i, seg) {
+            let held = lent.placed(i).is_some_and(|(r, _)| Arc::ptr_eq(r, seg));
+            // SAFETY (of the `add`): an address inside `grad`'s bytes.
+            let from_it = base.is_some_and(|b| {
+                lent.is_slot_at(b.wrapping_add(p.start * ub), p.len * ub, seg, me)
+            });
+            if held && !from_it {
                 *s = None;
             }
         }

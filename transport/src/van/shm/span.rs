@@ -305,6 +305,14 @@ impl SlotSpan {
         })
     }
 
+    /// Whether the `len` bytes at `addr` are one placed piece of this span,
+    /// lying in slot `slot` of `r` ([`SlotSpan::is_slot`] by address: any
+    /// view of the span's memory, whoever made it).
+    pub fn is_slot_at(&self, addr: *const u8, len: usize, r: &Arc<Region>, slot: usize) -> bool {
+        let offset = (addr as usize).wrapping_sub(self.base as usize);
+        offset < self.len && self.is_slot(offset, len, r, slot)
+    }
+
     /// How many pieces are placed.
     pub fn placed_count(&self) -> usize {
         if self.is_detached() {
@@ -399,6 +407,11 @@ mod tests {
         assert_eq!(span.placed_count(), 2);
         assert!(span.is_slot(PAGE, 300, &b, 1) && span.is_slot(0, PAGE, &a, 0));
         assert!(!span.is_slot(PAGE, 299, &b, 1) && !span.is_slot(PAGE, 300, &a, 1));
+        // SAFETY: addresses only (not read).
+        let at = |o: usize| unsafe { span.as_ptr().add(o) }.cast_const();
+        assert!(span.is_slot_at(at(PAGE), 300, &b, 1) && span.is_slot_at(at(0), PAGE, &a, 0));
+        assert!(!span.is_slot_at(at(1), PAGE, &a, 0));
+        assert!(!span.is_slot_at(std::ptr::null(), PAGE, &a, 0));
         // SAFETY: the only user.
         unsafe {
             b.slot_mut(1)[299] = 42;
