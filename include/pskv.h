@@ -408,6 +408,26 @@ int pskv_init_batch(struct pskv_kvstore *kv,
 // `kind` is a NUL-terminated string; `out` points to writable storage.
 int pskv_create(const char *kind, struct pskv_kvstore **out);
 
+// Gives `key`'s push buffer in `*out`: host memory for the key's values
+// (its element count and dtype, 1-D: `ndim` 0), zeroed, that the store
+// owns until `pskv_free`. Write a gradient there and give `out` as the
+// values of the key's pushes and push-pulls: where the key's values
+// cross shared memory to its servers (`dist_sync`, servers on this host,
+// `PSKV_VAN=shm`), the memory is this worker's slots of the key's
+// segments and a push from it copies nothing; elsewhere it is ordinary
+// memory and pushes from it are as from any buffer. `*shared` (if not
+// NULL) is set to 1 in the first case, 0 in the second. Calling it again
+// for the key gives the same buffer. As any buffer, leave it alone while
+// a request that uses it runs; a request from it that fails moves it off
+// the slots (the same bytes at the same address: the server may still
+// read the slots), and pushes from it then copy. The key must be
+// initialized, and dense.
+//
+// # Safety
+// `kv` is a live handle; `out` points to writable storage; `shared` is
+// NULL or points to writable storage.
+int pskv_push_buffer(struct pskv_kvstore *kv, int64_t key, struct pskv_buffer *out, int *shared);
+
 // Waits for the store's operations, leaves the cluster (rank 0 stops the
 // servers after a barrier) and frees the handle. Null is accepted; a
 // handle freed already is an argument error.

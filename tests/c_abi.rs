@@ -87,6 +87,16 @@ fn step(cmd: &mut Command, what: &str) {
 /// Compiles `examples/c/<name>.c` against libpskv.a and runs it under
 /// `pskv launch` with 2 workers and 1 server; its stdout.
 fn launch_c_example(name: &str, cflags: &[&str], args: &[&str]) -> String {
+    launch_c_example_with(name, cflags, args, &[])
+}
+
+/// `launch_c_example` with more environment for the job.
+fn launch_c_example_with(
+    name: &str,
+    cflags: &[&str],
+    args: &[&str],
+    env: &[(&str, &Path)],
+) -> String {
     build_c_library();
     let dir = target_dir();
     let lib = dir.join("libpskv.a");
@@ -108,7 +118,7 @@ fn launch_c_example(name: &str, cflags: &[&str], args: &[&str]) -> String {
         "compiling examples/c/{name}.c:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = launch(&exe, args, &[]);
+    let stdout = launch(&exe, args, env);
     let _ = std::fs::remove_file(&exe);
     stdout
 }
@@ -210,17 +220,29 @@ fn the_installed_library_serves_cmake_and_pkg_config() {
 
 /// The MPI-style benchmark: every size's result is checked by the program
 /// (the sum over the workers), with a size split over several keys in
-/// flight, by requests per round and by persistent requests started each
-/// round; rank 0 prints the table.
+/// flight, by requests per round, by persistent requests started each
+/// round, and from push buffers over shm; rank 0 prints the table.
 #[test]
 fn the_allreduce_benchmark_checks_every_result() {
-    for (way, extra) in [("one-shot", None), ("persistent", Some("-p"))] {
+    let shm = [("PSKV_VAN", Path::new("shm"))];
+    for (way, extra, env) in [
+        ("one-shot", None, &[][..]),
+        ("persistent", Some("-p"), &[][..]),
+        // Push buffers over shm: every key's memory is its shared slots.
+        ("one-shot", Some("-s"), &shm[..]),
+    ] {
         let mut args = vec![
             "-b", "4", "-e", "1M", "-f", "16", "-n", "3", "-w", "1", "-k", "3",
         ];
         args.extend(extra);
-        let stdout = launch_c_example("allreduce_bench", &["-O2", "-Wall", "-Werror"], &args);
+        let flags = ["-O2", "-Wall", "-Werror"];
+        let stdout = launch_c_example_with("allreduce_bench", &flags, &args, env);
         assert!(stdout.contains(&format!("{way} requests")), "{stdout}");
+        assert_eq!(
+            stdout.contains("# push buffers: 15 of 15 keys in shared memory"),
+            extra == Some("-s"),
+            "{stdout}"
+        );
         assert!(stdout.contains("every result checked"), "{stdout}");
         assert!(stdout.contains("busbw"), "{stdout}");
         // 4 B, 64 B, 1 KiB, 16 KiB, 256 KiB: one row each.

@@ -25,7 +25,10 @@
  * are), -c to check every element of every result (outside the timing:
  * the time then covers rounds and checks), -p to make each key's request
  * once (pskv_pushpull_persistent) and start it every round (pskv_start)
- * instead of a pskv_pushpull_async call per round.
+ * instead of a pskv_pushpull_async call per round, -s to push each key
+ * from its push buffer (pskv_push_buffer: over shm, the worker's slots of
+ * the key's shared segments, so a push copies nothing in) instead of
+ * memory of the program's own.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -48,11 +51,12 @@ static size_t parse_size(const char *s) {
 
 int main(int argc, char **argv) {
     size_t min = 4, max = 16 << 20;
-    int factor = 4, iters = 20, warmup = 5, nkeys = 1, full = 0, persistent = 0;
+    int factor = 4, iters = 20, warmup = 5, nkeys = 1, full = 0, persistent = 0, pushbuf = 0;
     for (int i = 1; i < argc; i += 2) {
-        if (!strcmp(argv[i], "-c") || !strcmp(argv[i], "-p")) {
+        if (!strcmp(argv[i], "-c") || !strcmp(argv[i], "-p") || !strcmp(argv[i], "-s")) {
             if (argv[i][1] == 'c') full = 1;
-            else persistent = 1;
+            else if (argv[i][1] == 'p') persistent = 1;
+            else pushbuf = 1;
             i--;
             continue;
         }
@@ -107,12 +111,23 @@ int main(int argc, char **argv) {
     }
     check(pskv_init_batch(kv, j, keys, bufs), "pskv_init_batch");
     float want = (float)workers * (float)(workers + 1) / 2.0f;
+    /* -s: each key pushed from its push buffer, filled as data[] was. */
+    int in_shm = 0;
+    for (int i = 0; pushbuf && i < j; i++) {
+        int shared = 0;
+        check(pskv_push_buffer(kv, keys[i], &bufs[i], &shared), "pskv_push_buffer");
+        float *d = bufs[i].data;
+        for (uint64_t e = 0; e < counts[i]; e++) d[e] = (float)(rank + 1);
+        in_shm += shared;
+    }
 
     pskv_request **reqs = malloc(sizeof(pskv_request *) * nkeys);
     int *prio = malloc(sizeof(int) * nkeys);
     if (rank == 0) {
         printf("# pskv push-pull: %d workers, %d key(s) per round, %d iterations (+%d warm-up), %s requests\n",
                workers, nkeys, iters, warmup, persistent ? "persistent" : "one-shot");
+        if (pushbuf)
+            printf("# push buffers: %d of %d keys in shared memory\n", in_shm, j);
         printf("# %12s %12s %12s %12s\n", "size (B)", "time (us)", "algbw (GB/s)", "busbw (GB/s)");
     }
     int first = 0;

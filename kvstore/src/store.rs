@@ -535,6 +535,18 @@ impl KvStore {
         Tensor::zeros(&self.engine, &m.shape, m.dtype, pskv_engine::Context::Cpu)
     }
 
+    /// [`KvStore::push_buffer`] for callers that write it through a
+    /// pointer (the C ABI): the tensor, which owns the memory, and the
+    /// address of its first byte. Keep the tensor, and give it to no call
+    /// that writes it (a pull into it): its memory then stays where it is.
+    /// Values made over that memory ([`Tensor::from_host_ptr`]) push as
+    /// the tensor does, without a copy where it lies in shared memory.
+    pub fn push_buffer_at(&self, key: impl IntoKey) -> Result<(Tensor, usize)> {
+        let t = self.push_buffer(key)?;
+        let addr = t.host_addr()?;
+        Ok((t, addr))
+    }
+
     /// How many key parts exchange their values with a co-located server
     /// through shared memory (0 for local stores, and over tcp).
     pub fn shared_memory_parts(&self) -> usize {

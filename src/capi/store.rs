@@ -2,6 +2,7 @@
 //! free, optimizer, updater, compression, optimizer states, barrier, and
 //! what the cluster looks like.
 
+use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use super::handles::{Cache, Table};
 use super::{arg, guard, kv_err, put, string, Failure, PskvBuffer, PSKV_ERR_KVSTORE};
 use crate::engine::Engine;
-use crate::kvstore::{Compression, KvStore, Optimizer};
+use crate::kvstore::{Compression, KvStore, Optimizer, Tensor};
 
 /// A kvstore and the engine it schedules on (opaque to C: a handle is a
 /// token for one of these, see the module docs).
@@ -22,6 +23,10 @@ pub struct PskvKvStore {
     /// Set by `pskv_free` (a persistent request, which holds the store,
     /// refuses to start on a freed one).
     pub(crate) freed: std::sync::atomic::AtomicBool,
+    /// The push buffers handed out (`pskv_push_buffer`), by key: the
+    /// tensor that owns each one's memory, its address, elements and
+    /// dtype code; kept until the store is freed.
+    pub(crate) push_buffers: std::sync::Mutex<HashMap<i64, (Tensor, usize, u64, i32)>>,
 }
 
 /// The live stores, by token.
@@ -60,7 +65,58 @@ pub unsafe extern "C" fn pskv_create(kind: *const c_char, out: *mut *mut PskvKvS
             _engine: engine,
             orphans: std::sync::Mutex::new(Vec::new()),
             freed: std::sync::atomic::AtomicBool::new(false),
+            push_buffers: std::sync::Mutex::new(HashMap::new()),
         });
+        Ok(())
+    })
+}
+
+/// Gives `key`'s push buffer in `*out`: host memory for the key's values
+/// (its element count and dtype, 1-D: `ndim` 0), zeroed, that the store
+/// owns until `pskv_free`. Write a gradient there and give `out` as the
+/// values of the key's pushes and push-pulls: where the key's values
+/// cross shared memory to its servers (`dist_sync`, servers on this host,
+/// `PSKV_VAN=shm`), the memory is this worker's slots of the key's
+/// segments and a push from it copies nothing; elsewhere it is ordinary
+/// memory and pushes from it are as from any buffer. `*shared` (if not
+/// NULL) is set to 1 in the first case, 0 in the second. Calling it again
+/// for the key gives the same buffer. As any buffer, leave it alone while
+/// a request that uses it runs; a request from it that fails moves it off
+/// the slots (the same bytes at the same address: the server may still
+/// read the slots), and pushes from it then copy. The key must be
+/// initialized, and dense.
+///
+/// # Safety
+/// `kv` is a live handle; `out` points to writable storage; `shared` is
+/// NULL or points to writable storage.
+#[no_mangle]
+pub unsafe extern "C" fn pskv_push_buffer(
+    kv: *mut PskvKvStore,
+    key: i64,
+    out: *mut PskvBuffer,
+    shared: *mut c_int,
+) -> c_int {
+    guard(|| {
+        if out.is_null() {
+            return Err(arg("out is a null pointer"));
+        }
+        let h = handle(kv)?;
+        let k = super::key(key)?;
+        let mut held = h.push_buffers.lock().unwrap_or_else(|p| p.into_inner());
+        let (t, addr, count, dtype) = match held.get(&key) {
+            Some(b) => b.clone(),
+            None => {
+                let (t, addr) = h.kv.push_buffer_at(k).map_err(kv_err)?;
+                let b = (t.clone(), addr, t.len() as u64, t.dtype().code() as i32);
+                held.insert(key, b.clone());
+                b
+            }
+        };
+        drop(held);
+        if !shared.is_null() {
+            *shared = c_int::from(t.in_shared_memory().map_err(kv_err)?);
+        }
+        *out = PskvBuffer::flat(addr as *mut c_void, count, dtype, super::PSKV_DEVICE_CPU, 0);
         Ok(())
     })
 }

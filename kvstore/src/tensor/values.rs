@@ -65,6 +65,15 @@ impl Tensor {
         })
     }
 
+    /// The address of a host tensor's first byte now (after its ops so
+    /// far); it moves when a write replaces the buffer (T2).
+    pub(crate) fn host_addr(&self) -> Result<usize> {
+        if device::gpu_of(self.ctx()).is_some() {
+            return Err(KvError::invalid("host_addr: the tensor is on a GPU"));
+        }
+        self.read_with("tensor_host_addr", |_, d| d.bytes().as_ptr() as usize)
+    }
+
     /// Whether some of the tensor's bytes are slots of shared segments (a
     /// key's push buffer, [`KvStore::push_buffer`](crate::KvStore::push_buffer),
     /// that a push from it copies nothing from): waits for the tensor's
