@@ -1,10 +1,11 @@
 //! The C ABI called from Rust: each call, its errors, and never an abort.
 //! `blocking.rs` the version-1 calls, `requests.rs` the requests and the
-//! store's other calls, `persistent.rs` the persistent requests; the
-//! helpers they use are here.
+//! store's other calls, `persistent.rs` the persistent requests, `push_buffers.rs`
+//! `pskv_push_buffer`; the helpers they use are here.
 
 mod blocking;
 mod persistent;
+mod push_buffers;
 mod requests;
 
 use super::*;
