@@ -662,7 +662,8 @@ fn bench_binds_workers_to_cores_of_their_own() {
 }
 
 /// `pskv bench --push-buffers`: over shm every key is pushed from its push
-/// buffer in shared memory (bench.json's `shared_keys`), the check round
+/// buffer in shared memory (bench.json's `shared_keys`), in place
+/// (`in_place_parts`), the check round
 /// still gives the right sums; over TCP the buffers are ordinary memory;
 /// with GPU tensors the option is refused.
 #[test]
@@ -699,6 +700,10 @@ fn bench_pushes_from_push_buffers() {
                 vec![0, 0]
             };
             assert_eq!(shared, want, "{van}: {w}");
+            for c in w["cases"].as_array().unwrap() {
+                let in_place = c["in_place_parts"].as_u64().unwrap();
+                assert_eq!(in_place > 0, van == "shm", "{van}: {c}");
+            }
         }
     }
     let out = pskv()

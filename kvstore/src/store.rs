@@ -499,15 +499,17 @@ impl KvStore {
     /// key from: fill it with the gradient, then `push` or `pushpull` it.
     /// Where the key's values cross shared memory to its servers (a sync
     /// distributed store, servers on this host, the shm van), its bytes
-    /// are this worker's slots of the key's segments, so a push from it
-    /// copies nothing (MPI's `MPI_Alloc_mem`, NCCL's `ncclMemAlloc` play
-    /// this part); elsewhere, and for the parts that cannot lie in a slot,
+    /// are this worker's slots of the key's segments, so an uncompressed
+    /// push from it copies nothing (MPI's `MPI_Alloc_mem`, NCCL's
+    /// `ncclMemAlloc` play this part; [`KvStore::pushed_in_place`] counts
+    /// the parts); elsewhere, and for the parts that cannot lie in a slot,
     /// ordinary memory ([`Tensor::in_shared_memory`] tells). One per key
-    /// on each worker at a time. A push from it that fails moves it to
-    /// ordinary memory (its server may still read the slots: the same
-    /// bytes, at the same address); so does a server's restart, in effect
-    /// (the new segments are not its slots): pushes from it then copy, as
-    /// from any tensor.
+    /// on each worker at a time; while it lives, the key's pushes from
+    /// other tensors send the parts it holds by message. A push from it
+    /// that fails moves it to ordinary memory (its server may still read
+    /// the slots: the same bytes, at the same address); so does a server's
+    /// restart, in effect (the new segments are not its slots): pushes
+    /// from it then copy, as from any tensor.
     ///
     /// ```
     /// use pskv_engine::{Context, Engine};
@@ -545,6 +547,12 @@ impl KvStore {
         let t = self.push_buffer(key)?;
         let addr = t.host_addr()?;
         Ok((t, addr))
+    }
+
+    /// How many key parts this store pushed from push buffers in place
+    /// (their values already in their slots: nothing copied), so far.
+    pub fn pushed_in_place(&self) -> u64 {
+        self.flavor.pushed_in_place()
     }
 
     /// How many key parts exchange their values with a co-located server

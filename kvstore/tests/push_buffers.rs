@@ -36,11 +36,14 @@ fn opts() -> Options {
     }
 }
 
-/// Trains every key for 4 steps (push then pull on even steps, push-pull
-/// on odd ones), from push buffers or from fresh tensors, and returns the
-/// weights after each step and, per key, whether its push buffer lies in
-/// shared memory.
-fn train(kv: &KvStore, e: &Engine, buffers: bool) -> (Vec<Vec<f32>>, Vec<bool>) {
+/// What a worker saw: the weights after each step, per key whether its
+/// push buffer lies in shared memory, and the parts pushed in place.
+type Trained = (Vec<Vec<f32>>, Vec<bool>, u64);
+
+/// Trains every key for 6 steps (push then pull, push-pull into another
+/// tensor, push-pull in place, in turn), from push buffers or from fresh
+/// tensors.
+fn train(kv: &KvStore, e: &Engine, buffers: bool) -> Trained {
     kv.set_optimizer(Optimizer::sgd(0.1).momentum(0.9).wd(1e-3))
         .unwrap();
     let inits: Vec<(Key, Tensor)> = keys()
@@ -55,7 +58,7 @@ fn train(kv: &KvStore, e: &Engine, buffers: bool) -> (Vec<Vec<f32>>, Vec<bool>) 
         .collect();
     let rank = kv.rank() as u64;
     let mut seen = Vec::new();
-    for step in 0..4u64 {
+    for step in 0..6u64 {
         for (i, (k, n)) in keys().iter().enumerate() {
             let v = values(rank * 1000 + step * 10 + i as u64, *n);
             let g = if buffers {
@@ -65,17 +68,22 @@ fn train(kv: &KvStore, e: &Engine, buffers: bool) -> (Vec<Vec<f32>>, Vec<bool>) 
                 tensor(e, &v)
             };
             let out = Tensor::zeros(e, &[*n], DType::F32, Context::Cpu).unwrap();
-            if step % 2 == 0 {
-                kv.push(k, &[g], -(i as i32)).unwrap();
-                kv.pull(k, &[out.clone()], -(i as i32)).unwrap();
-            } else {
-                kv.pushpull(k, &[g], &[out.clone()], 0).unwrap();
+            match step % 3 {
+                0 => {
+                    kv.push(k, &[g], -(i as i32)).unwrap();
+                    kv.pull(k, &[out.clone()], -(i as i32)).unwrap();
+                }
+                1 => kv.pushpull(k, &[g], &[out.clone()], 0).unwrap(),
+                _ => {
+                    kv.pushpull(k, &[g.clone()], &[g.clone()], 0).unwrap();
+                    g.copy_to(&out).unwrap();
+                }
             }
             seen.push(out.to_vec::<f32>().unwrap());
         }
     }
     let placed = bufs.iter().map(|b| b.in_shared_memory().unwrap()).collect();
-    (seen, placed)
+    (seen, placed, kv.pushed_in_place())
 }
 
 #[test]
@@ -83,12 +91,16 @@ fn rounds_from_push_buffers_match_ordinary_tensors_bit_for_bit() {
     let want =
         cluster_van(2, 2, VanKind::Shm).run("dist_sync", opts(), |kv, e| train(kv, e, false));
     let got = cluster_van(2, 2, VanKind::Shm).run("dist_sync", opts(), |kv, e| train(kv, e, true));
-    for (rank, ((g, placed), (w, _))) in got.iter().zip(&want).enumerate() {
+    for (rank, ((g, placed, in_place), (w, _, none))) in got.iter().zip(&want).enumerate() {
         assert_eq!(
             placed,
             &[true, true, false],
             "worker {rank}: which push buffers lie in the slots"
         );
+        // Per step, key 0's part and key 1's parts held by this worker's
+        // co-located servers (every part here): 1 + 4 parts, 6 steps.
+        assert_eq!(*in_place, 30, "worker {rank}: parts pushed in place");
+        assert_eq!(*none, 0, "worker {rank}: ordinary tensors");
         assert_eq!(g.len(), w.len());
         for (i, (a, b)) in g.iter().zip(w).enumerate() {
             assert!(
@@ -99,15 +111,17 @@ fn rounds_from_push_buffers_match_ordinary_tensors_bit_for_bit() {
     }
     // Over TCP a push buffer is ordinary memory, and works the same.
     let tcp = cluster_van(2, 2, VanKind::Tcp).run("dist_sync", opts(), |kv, e| train(kv, e, true));
-    for (rank, (g, placed)) in tcp.iter().enumerate() {
+    for (rank, (g, placed, in_place)) in tcp.iter().enumerate() {
         assert_eq!(placed, &[false; 3], "worker {rank} over tcp");
+        assert_eq!(*in_place, 0, "worker {rank} over tcp");
         assert_eq!(g, &want[rank].0, "worker {rank} over tcp");
     }
 }
 
 /// L1: while a key's push buffer lives, a push of the key from another
 /// tensor goes by message and leaves the buffer's bytes alone; a second
-/// buffer of the key is refused until the first is dropped.
+/// buffer of the key is refused until the first is dropped; a view of the
+/// buffer's memory pushes in place as the buffer does.
 #[test]
 fn a_push_from_another_tensor_leaves_the_push_buffer_alone() {
     let got = cluster_van(1, 2, VanKind::Shm).run("dist_sync", opts(), |kv, e| {
@@ -127,14 +141,27 @@ fn a_push_from_another_tensor_leaves_the_push_buffer_alone() {
         kv.pushpull(1, &[one], &[out.clone()], 0).unwrap();
         let sum = out.to_vec::<f32>().unwrap();
         let kept = buf.to_vec::<f32>().unwrap();
-        // Then from the buffer: its own bytes, not the other tensor's.
+        assert_eq!(kv.pushed_in_place(), 0, "another tensor's push");
+        // Then from the buffer: its own bytes, not the other tensor's (its
+        // 4 parts of 4 KiB in place).
         kv.pushpull(1, &[buf.clone()], &[out.clone()], 0).unwrap();
         let from_buf = out.to_vec::<f32>().unwrap();
+        assert_eq!(kv.pushed_in_place(), 4);
         drop(buf);
-        let remade = kv.push_buffer(1).map(|b| b.in_shared_memory().unwrap());
-        (sum, kept, from_buf, remade.unwrap())
+        // Made again, and used through a view of its memory (as the C ABI
+        // does): the view's pushes are in place too.
+        let (remade, addr) = kv.push_buffer_at(1).unwrap();
+        assert!(remade.in_shared_memory().unwrap());
+        // SAFETY: the push buffer's memory, alive while `remade` is; no
+        // other access to it meanwhile.
+        let (view, _home) = unsafe { Tensor::from_host_ptr(e, &[n], DType::F32, addr) }.unwrap();
+        view.copy_from_slice(&vec![5.0f32; n]).unwrap();
+        kv.pushpull(1, &[view], &[out.clone()], 0).unwrap();
+        let from_view = out.to_vec::<f32>().unwrap();
+        assert_eq!(kv.pushed_in_place(), 8, "a view of the buffer");
+        (sum, kept, from_buf, from_view)
     });
-    for (rank, (sum, kept, from_buf, remade)) in got.iter().enumerate() {
+    for (rank, (sum, kept, from_buf, from_view)) in got.iter().enumerate() {
         assert!(
             sum.iter().all(|x| *x == 2.0),
             "worker {rank}: {:?}",
@@ -150,25 +177,28 @@ fn a_push_from_another_tensor_leaves_the_push_buffer_alone() {
             &from_buf[..4]
         );
         assert!(
-            remade,
-            "worker {rank}: a buffer made again after the first was dropped"
+            from_view.iter().all(|x| *x == 10.0),
+            "worker {rank}: {:?}",
+            &from_view[..4]
         );
     }
 }
 
 /// L3: a push from the buffer that timed out may still be read by its
-/// server (the round completes when the other worker pushes): its failure
-/// detaches the buffer from the slot (ordinary memory from then on, the
-/// same values), so the write after it does not reach the slot, and the
-/// key's rounds go on with the values written.
+/// server: worker 1's push completes that round afterwards, from worker
+/// 0's slot. The failure detaches worker 0's buffer from the slot, so its
+/// write after the failure (2) is not summed: the round is 1 + 3. Worker 0
+/// then sends the round again, in place from its buffer, and is answered
+/// with that round's value; the key's next round goes on from the buffer.
 #[test]
-fn a_write_after_a_failed_push_from_the_buffer_moves_it_off_the_slot() {
+fn a_failed_push_from_the_buffer_leaves_its_slot_to_the_server() {
     let opts = Options {
         timeout: Duration::from_secs(1),
+        partition_bytes: 4 << 20,
         ..opts()
     };
     let n = 1usize << 20; // one 4 MiB part
-    let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let gates = std::sync::Arc::new([std::sync::Barrier::new(2), std::sync::Barrier::new(2)]);
     let got = cluster_van(1, 2, VanKind::Shm).run("dist_sync", opts, move |kv, e| {
         kv.init(
             5,
@@ -176,9 +206,9 @@ fn a_write_after_a_failed_push_from_the_buffer_moves_it_off_the_slot() {
         )
         .unwrap();
         let buf = kv.push_buffer(5).unwrap();
-        let out = Tensor::zeros(e, &[n], DType::F32, Context::Cpu).unwrap();
+        assert!(buf.in_shared_memory().unwrap());
         let key = [Key::Int(5)];
-        let mut moved = None;
+        let mut detached = None;
         if kv.rank() == 0 {
             // Worker 1 holds back: this push times out, still pending in
             // the server's round.
@@ -186,34 +216,37 @@ fn a_write_after_a_failed_push_from_the_buffer_moves_it_off_the_slot() {
             kv.push(5, &[buf.clone()], 0).unwrap();
             let r = kv.ticket(&key, &[buf.clone()]).unwrap().wait();
             assert!(r.is_err(), "the push should time out");
-            moved = Some(!buf.in_shared_memory().unwrap());
+            detached = Some(!buf.in_shared_memory().unwrap());
             assert_eq!(buf.to_vec::<f32>().unwrap()[n - 1], 1.0);
             buf.copy_from_slice(&vec![2.0f32; n]).unwrap();
+            gates[0].wait();
+            gates[1].wait();
         } else {
             buf.copy_from_slice(&vec![3.0f32; n]).unwrap();
+            gates[0].wait();
         }
-        gate.wait();
-        // Worker 0's push of the same round again: the round sums 1 + 3
-        // (its first push, answered with that value) or 2 + 3.
-        kv.pushpull(5, &[buf.clone()], &[out.clone()], 0).unwrap();
-        kv.ticket(&key, &[out.clone()]).unwrap().wait().unwrap();
-        let first = out.to_vec::<f32>().unwrap();
-        // A next round, from the buffer wherever it now lies.
+        // Worker 1 completes the round; then worker 0 sends it again.
+        kv.pushpull(5, &[buf.clone()], &[buf.clone()], 0).unwrap();
+        let first = buf.to_vec::<f32>().unwrap();
+        if kv.rank() == 1 {
+            gates[1].wait();
+        }
         buf.copy_from_slice(&vec![10.0f32; n]).unwrap();
-        kv.pushpull(5, &[buf.clone()], &[out.clone()], 0).unwrap();
-        let next = out.to_vec::<f32>().unwrap();
-        (moved, first, next)
+        kv.pushpull(5, &[buf.clone()], &[buf.clone()], 0).unwrap();
+        let next = buf.to_vec::<f32>().unwrap();
+        (detached, first, next)
     });
     assert_eq!(
         got[0].0,
         Some(true),
-        "the write went into the slot in doubt"
+        "the failed push left the buffer in the slot"
     );
     for (rank, (_, first, next)) in got.iter().enumerate() {
-        let v = first[0];
-        assert!(v == 4.0 || v == 5.0, "worker {rank}: {v}");
-        assert!(first.iter().all(|x| *x == v), "worker {rank}: a torn round");
-        assert_eq!(first[0], got[0].1[0], "the workers saw different rounds");
+        assert!(
+            first.iter().all(|x| *x == 4.0),
+            "worker {rank}: the round summed {:?} (4: 1 + 3; 5: a write after the failure reached the slot)",
+            &first[..2]
+        );
         assert!(
             next.iter().all(|x| *x == 20.0),
             "worker {rank}: {:?}",

@@ -159,6 +159,10 @@ pub(crate) trait Flavor: Send + Sync {
         let _ = key;
         Ok(None)
     }
+    /// Parts pushed from push buffers in place, so far.
+    fn pushed_in_place(&self) -> u64 {
+        0
+    }
     /// Key parts whose values travel through shared memory.
     fn shared_memory_parts(&self) -> usize {
         0

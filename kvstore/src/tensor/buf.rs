@@ -216,7 +216,8 @@ impl Buf {
             // SAFETY: the span's memory, mapped while it lives; no other
             // process writes this worker's slots (the server only reads
             // them), and in this process only this buffer's holders reach
-            // them (the key's other pushes go by message: `DistKey::span`).
+            // them (the key's other pushes go by message: `mask_lent` in
+            // `kinds/dist/push_buffer.rs`).
             Mem::Span(s) => unsafe { std::slice::from_raw_parts(s.as_ptr(), self.len) },
         }
     }

@@ -75,10 +75,13 @@ impl Tensor {
     }
 
     /// Whether some of the tensor's bytes are slots of shared segments (a
-    /// key's push buffer, [`KvStore::push_buffer`](crate::KvStore::push_buffer),
-    /// that a push from it copies nothing from): waits for the tensor's
-    /// ops so far, as [`Tensor::to_vec`] does. A push from it that fails
-    /// moves it to ordinary memory (its server may still read the slots).
+    /// key's push buffer, [`KvStore::push_buffer`](crate::KvStore::push_buffer)):
+    /// waits for the tensor's ops so far, as [`Tensor::to_vec`] does. A
+    /// push from it that fails moves it to ordinary memory (its server may
+    /// still read the slots). Whether pushes from it copy nothing depends
+    /// on the key too: its segments now (a restarted server makes new
+    /// ones) and no compression ([`KvStore::pushed_in_place`](crate::KvStore::pushed_in_place)
+    /// counts the parts that did).
     pub fn in_shared_memory(&self) -> Result<bool> {
         self.read_with("tensor_in_shared_memory", |_, d| {
             d.buf.slot_span().is_some_and(|s| s.placed_count() > 0)

@@ -112,6 +112,10 @@ pub struct CaseResult {
     /// whole) in shared memory at the end of the case.
     #[serde(default)]
     pub shared_keys: usize,
+    /// Key parts pushed from push buffers in place (nothing copied) in the
+    /// case, its check round and warm-up included.
+    #[serde(default)]
+    pub in_place_parts: u64,
 }
 
 /// One worker's results.
@@ -260,6 +264,7 @@ pub fn worker(s: &BenchSettings) -> CliResult {
             .collect::<Result<_, _>>()?;
         kv.init_many(&inits)?;
         let outs: Vec<Tensor> = (0..nkeys).map(zeros).collect::<Result<_, _>>()?;
+        let in_place_before = kv.pushed_in_place();
         // What the keys are pushed from: their push buffers, or tensors
         // made here.
         let bufs: Option<Vec<Tensor>> = if s.push_buffers {
@@ -386,6 +391,7 @@ pub fn worker(s: &BenchSettings) -> CliResult {
             iters,
             check_ok,
             shared_keys,
+            in_place_parts: kv.pushed_in_place() - in_place_before,
             median_us: med * 1e6,
             mean_us: mean * 1e6,
             min_us: ts[0] * 1e6,

@@ -26,7 +26,6 @@
 //! `collective.rs` calls every worker makes together; `states.rs`
 //! optimizer states across parts.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -43,14 +42,13 @@ use crate::error::{KvError, Result};
 use crate::key::Key;
 use crate::kinds::local::{check_outs, check_row_sparse_pull, check_values, LocalKey};
 use crate::kinds::{split_pushpull, Batch, Batch2, Flavor, Kind};
-use crate::optimizer::{OptState, Optimizer, StateVals};
+use crate::optimizer::{OptState, Optimizer};
 use crate::options::Options;
 use crate::registry::Registry;
 use crate::tensor::{Storage, Tensor};
 use crate::updater::{Rule, Updater};
 use crate::wire::{command, Part};
 use staging::{Staging, Way};
-use states::{join_states, slice_state};
 
 mod collective;
 mod inflight;
@@ -127,6 +125,8 @@ pub(crate) struct DistStore {
     /// restarted server's segments installs them only if no later restart
     /// happened meanwhile.
     restarts: Vec<AtomicU64>,
+    /// Parts pushed from push buffers in place (`push_buffer.rs`).
+    in_place: AtomicU64,
     /// Waiting threads read this worker's shared-memory links themselves
     /// (`Postoffice::progress`): removed when the store is dropped.
     _progress: pskv_engine::progress::Hook,
@@ -181,6 +181,7 @@ impl DistStore {
             server_opt: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             restarts: (0..po.num_servers()).map(|_| AtomicU64::new(0)).collect(),
+            in_place: AtomicU64::new(0),
             engine,
             comm,
             rounds: po.round_log(),
@@ -512,57 +513,11 @@ impl Flavor for DistStore {
     }
 
     fn optimizer_states(&self) -> Result<Vec<(Key, OptState)>> {
-        if self.worker_rule.read().is_some() {
-            return Err(KvError::Unsupported {
-                what: "saving the states of a worker-side updater".into(),
-                why: "a custom updater keeps its own state".into(),
-            });
-        }
-        self.engine.wait_for_all()?;
-        let resp = self.command(command::GET_STATES, Bytes::new())?;
-        let mut by_ps: HashMap<u64, OptState> = HashMap::new();
-        for (node, body) in resp.bodies {
-            let v: Vec<(u64, OptState)> = postcard::from_bytes(&body).map_err(|e| {
-                KvError::invalid(format!("node {node} sent unreadable optimizer states: {e}"))
-            })?;
-            by_ps.extend(v);
-        }
-        let mut out = Vec::new();
-        for (key, dk) in self.keys.all() {
-            let parts: Option<Vec<OptState>> =
-                dk.parts.iter().map(|p| by_ps.remove(&p.ps_key)).collect();
-            if let Some(s) = parts.and_then(join_states) {
-                out.push((key, s));
-            }
-        }
-        Ok(out)
+        self.get_states()
     }
 
     fn set_optimizer_states(&self, states: Vec<(Key, OptState)>) -> Result<()> {
-        let mut list: Vec<(u64, OptState)> = Vec::new();
-        for (key, s) in &states {
-            let dk = self.dist_key(key)?;
-            let n = dk.local.meta.len();
-            let lens_ok = s.bufs.iter().all(|b| match b {
-                StateVals::F32(v) => v.len() == n,
-                StateVals::F64(v) => v.len() == n,
-            }) && s.master.as_ref().is_none_or(|m| m.len() == n);
-            if !lens_ok {
-                return Err(KvError::mismatch(
-                    key,
-                    format!("the saved optimizer state does not have the key's {n} elements"),
-                ));
-            }
-            for p in &dk.parts {
-                let r = p.start * dk.unit..(p.start + p.len) * dk.unit;
-                list.push((p.ps_key, slice_state(s, r)));
-            }
-        }
-        self.engine.wait_for_all()?;
-        let body = postcard::to_stdvec(&list)
-            .map_err(|e| KvError::invalid(format!("encoding optimizer states: {e}")))?;
-        self.command(command::SET_STATES, Bytes::from(body))
-            .map(|_| ())
+        self.set_states(states)
     }
 
     fn abort_collective(&self, call: &'static str, e: KvError) -> Result<()> {
@@ -573,12 +528,12 @@ impl Flavor for DistStore {
         DistStore::push_buffer(self, key)
     }
 
+    fn pushed_in_place(&self) -> u64 {
+        self.in_place.load(Ordering::Relaxed)
+    }
+
     fn shared_memory_parts(&self) -> usize {
-        self.keys
-            .all()
-            .iter()
-            .map(|(_, dk)| dk.segs.read().iter().filter(|s| s.is_some()).count())
-            .sum()
+        self.shared_parts()
     }
 
     fn close(&self) -> Result<()> {

@@ -101,7 +101,9 @@ impl DistStore {
             return Ok((share(), 0));
         };
         let me = self.po.my_rank() as usize;
-        if !lent.is_some_and(|l| l.is_slot_at(bytes.as_ptr(), bytes.len(), seg, me)) {
+        if lent.is_some_and(|l| l.is_slot_at(bytes.as_ptr(), bytes.len(), seg, me)) {
+            self.in_place.fetch_add(1, Ordering::Relaxed);
+        } else {
             // SAFETY: this worker's own slot, which the server reads
             // only after the push below (see `kinds/dist/segments.rs`),
             // and which no push buffer holds (`mask_lent`).
@@ -200,7 +202,7 @@ impl DistStore {
             };
             let mut settle = Vec::new();
             if let Some(l) = &land {
-                match me.landing(&dk2, l, segs.clone(), &rc) {
+                match me.landing(&dk2, (l, Some(&g)), segs.clone(), &rc) {
                     Ok((on_answer, lanes, land)) => {
                         (round.on_answer, settle, round.land) = (on_answer, lanes, land)
                     }
@@ -257,7 +259,8 @@ impl DistStore {
             };
             let dtype = dk2.local.meta.dtype;
             let segs = me.shm_parts_now(&dk2);
-            let (on_answer, settle, land) = match me.landing(&dk2, &land, segs.clone(), &rc) {
+            let (on_answer, settle, land) = match me.landing(&dk2, (&land, None), segs.clone(), &rc)
+            {
                 Ok(x) => x,
                 Err(e) => return completion.fail(e),
             };

@@ -51,18 +51,19 @@ pub(super) fn unreachable(e: &TransportError) -> bool {
 ///
 /// The key's push buffer, if one lives (`KvStore::push_buffer`), is this
 /// worker's slots: while it lives no other push of the key writes them
-/// (they go by message instead: `mask_lent`). A push
-/// through a slot that fails detaches it (`SlotSpan::detach`: private
-/// pages of the same contents, so neither its holder's writes nor anyone's
-/// reach the slots any more), before the op completes, while the op still
-/// holds the tensor; no buffer is made while a part is in doubt. Both
-/// happen under the parts' lock, so a buffer made while a push fails
-/// learns of it either way.
+/// (they go by message instead: `mask_lent`). A push from it through a
+/// slot it holds that fails detaches it (`SlotSpan::detach`: private pages
+/// of the same contents, so neither its holder's writes nor anyone's reach
+/// the slots any more), before the op completes, while the op still holds
+/// the tensor. No buffer is made while a part is in doubt; the doubt is
+/// set, and a buffer made, under the parts' lock, so a buffer made while a
+/// push fails learns of it either way (it is refused, or it sees the
+/// failure).
 #[derive(Default)]
 pub(super) struct Unsure {
     any: AtomicBool,
     /// Set once a push buffer was made (so that keys without one take no
-    /// lock in [`Unsure::lends`]).
+    /// lock in [`Unsure::lent`]).
     lent_ever: AtomicBool,
     parts: Mutex<Parts>,
 }
@@ -93,9 +94,10 @@ impl Unsure {
         }
     }
 
-    /// The answer to a push of part `i` (`shm`: through its slot).
-    fn note(&self, i: usize, shm: bool, ok: bool) {
-        match (shm, ok) {
+    /// The answer to a push of part `i` (`tag`: the segment's it went
+    /// through, or 0: by message).
+    fn note(&self, i: usize, tag: u16, ok: bool) {
+        match (tag != 0, ok) {
             (true, false) => {
                 let mut u = self.parts.lock();
                 if u.doubt.len() <= i {
@@ -103,11 +105,19 @@ impl Unsure {
                 }
                 u.doubt[i] = true;
                 self.any.store(true, Ordering::Release);
-                if let Some(span) = u.lent.upgrade() {
+                // The push came from the buffer if the buffer holds the
+                // part's slot in the segment it used (another tensor's
+                // push of a held part goes by message: `mask_lent`).
+                let from_lent = u
+                    .lent
+                    .upgrade()
+                    .filter(|span| span.placed(i).is_some_and(|(r, _)| r.tag() == tag));
+                drop(u);
+                if let Some(span) = from_lent {
+                    // Subtle: before the op completes, so while it holds
+                    // the buffer's tensor (or, through the C ABI, its
+                    // request holds the buffer): no one writes it now.
                     if let Err(e) = span.detach() {
-                        // Writes through the tensor still avoid the slots
-                        // (`Buf::writable` refuses a detached span); a raw
-                        // writer of the memory would not.
                         tracing::error!(
                             "a push buffer's slots stay shared after a failed push: {e}"
                         );
@@ -389,7 +399,7 @@ impl DistStore {
         let retry = failover.then(|| p.clone());
         let (inf2, cb2, landing2) = (inf.clone(), cb.clone(), landing.clone());
         let i = p.i;
-        let unsure = p.unsure.clone().map(|u| (u, p.head.shm));
+        let unsure = p.unsure.clone().map(|u| (u, p.head.shm_tag));
         let died = move |r: &TransportError| {
             matches!(
                 r,
@@ -411,9 +421,9 @@ impl DistStore {
                 // nothing (`DistStore::landing`).
                 return me.send_part(p, false, true, inf2, cb2, None);
             }
-            if let Some((u, shm)) = &unsure {
+            if let Some((u, shm_tag)) = &unsure {
                 // Before the op can complete: its next push must see it.
-                u.note(i, *shm, r.is_ok());
+                u.note(i, *shm_tag, r.is_ok());
             }
 
             let landed = landing2.as_ref().is_some_and(|l| l.is_filled());

@@ -14,7 +14,7 @@
 //!
 //! - **L1.** Only the buffer writes the slots it holds: while it lives,
 //!   the key's pushes from other tensors send those parts by message
-//!   (`Unsure::lends`); one buffer per key per worker.
+//!   (`DistStore::mask_lent`); one buffer per key per worker.
 //! - **L2.** The server reads worker `r`'s slot only between its push and
 //!   the push's answer; the push's op reads the tensor until the answer,
 //!   so writes to the tensor (ops that write its var) wait.

@@ -57,6 +57,15 @@ use crate::error::{KvError, Result};
 use crate::wire::{Check, Op, Part};
 
 impl DistStore {
+    /// Key parts whose values travel through shared segments now.
+    pub(super) fn shared_parts(&self) -> usize {
+        self.keys
+            .all()
+            .iter()
+            .map(|(_, dk)| dk.segs.read().iter().filter(|s| s.is_some()).count())
+            .sum()
+    }
+
     /// Checks the parts of `dk` that `want` names with their servers (all
     /// at once) and installs the segments that come back; the first error
     /// (a mismatch with a server's record, a failed request) names the key.

@@ -200,14 +200,17 @@ fn on_device(grad: &Tensor, rc: &RunContext<'_>) -> Result<(Arc<dyn Device>, Dev
     Ok((device::open(n)?, device_mem(grad, rc)?))
 }
 
-/// A host buffer's bytes made writable (a shared one, or a detached push
-/// buffer, is replaced: T2) and its address.
-fn unique(buf: &mut Arc<Buf>) -> HostPtr {
-    HostPtr(
-        Buf::make_writable(buf, |b| b.zeroed_like(b.len()))
-            .bytes_mut()
-            .as_mut_ptr(),
-    )
+/// A host buffer's bytes made writable (a shared one is replaced, T2: by
+/// a copy with `keep`, else by zeroes) and its address.
+fn unique(buf: &mut Arc<Buf>, keep: bool) -> HostPtr {
+    let fresh = |b: &Buf| {
+        if keep {
+            b.copy_of()
+        } else {
+            b.zeroed_like(b.len())
+        }
+    };
+    HostPtr(Buf::make_writable(buf, fresh).bytes_mut().as_mut_ptr())
 }
 
 impl DistStore {
@@ -218,14 +221,16 @@ impl DistStore {
     pub(super) fn landing(
         &self,
         dk: &DistKey,
-        land: &Landing,
+        (land, values): (&Landing, Option<&Tensor>),
         segs: Vec<Option<Arc<Region>>>,
         rc: &RunContext<'_>,
     ) -> Result<(OnAnswer, Lanes, Option<LandIn>)> {
         // The op writes `land.host`; answers fill disjoint ranges of its
-        // buffer until it completes.
+        // buffer until it completes. An in-place push-pull's values are
+        // still to be read: a shared buffer is replaced by a copy.
+        let in_place = values.is_some_and(|v| v.same(&land.host));
         let mut hd = land.host.write(rc)?;
-        let base = unique(&mut hd.buf);
+        let base = unique(&mut hd.buf, in_place);
         let len = hd.buf.len();
         drop(hd);
         let ptr = OutPtr(base.0, len);
@@ -314,7 +319,7 @@ impl DistStore {
             Ok(x) => x,
             Err(e) => return completion.fail(e),
         };
-        let base = unique(&mut hd.buf);
+        let base = unique(&mut hd.buf, false);
         let buf = hd.buf.clone();
         drop(hd);
         let mut settle = settle;
@@ -380,7 +385,7 @@ impl DistStore {
             Err(e) => return completion.fail(e),
         };
         let dc = slot.as_mut().expect("ensured above");
-        let base = unique(&mut dc.host);
+        let base = unique(&mut dc.host, false);
         for (i, &(off, _)) in dc.msgs.iter().enumerate() {
             let p = dk.parts[i];
             let mut head = [0u8; HEADER];

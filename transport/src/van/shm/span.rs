@@ -38,6 +38,10 @@
 //! are swapped (Release; read with Acquire): whoever sees a piece placed
 //! may find it detached a moment later, never the reverse.
 //!
+//! A remap that fails is mended: fresh private pages over the range it
+//! may have unmapped (a detach copies its bytes back), so a span never
+//! has a hole, and never still shares a slot after `detach` returns Ok.
+//!
 //! What the transport guarantees, and what it does not: as for a
 //! [`Region`], who writes which byte when is the caller's protocol (no one
 //! may write the span while it is being detached: a write between the
@@ -73,6 +77,9 @@ pub struct SlotSpan {
     pieces: Vec<(usize, usize, Option<Placed>)>,
     /// See the module's states.
     detached: AtomicBool,
+    /// A failed remap could not be mended (`refill`): the range is never
+    /// unmapped, lest a mapping made since in a hole be unmapped with it.
+    leak: AtomicBool,
 }
 
 /// The region and slot a placed piece lies in.
@@ -139,6 +146,7 @@ impl SlotSpan {
             map_len,
             pieces: Vec::with_capacity(pieces.len()),
             detached: AtomicBool::new(false),
+            leak: AtomicBool::new(false),
         };
         let last = pieces.len().saturating_sub(1);
         for (k, p) in pieces.iter().enumerate() {
@@ -187,12 +195,39 @@ impl SlotSpan {
             )
         };
         if got == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            // The range may have been unmapped before the move failed.
+            self.refill(offset, pages);
             return Err(TransportError::io(
                 format!("mapping a slot of {} into a span", r.path().display()),
-                std::io::Error::last_os_error(),
+                e,
             ));
         }
         Ok(())
+    }
+
+    /// Maps fresh private pages over the span's `pages` bytes from
+    /// `offset` (a range a failed `mremap` may have left unmapped, so that
+    /// nothing else is mapped there when the span unmaps its whole range).
+    /// Whether it could; if not, the span keeps its range for good
+    /// (`leak`: dropping it unmaps nothing).
+    fn refill(&self, offset: usize, pages: usize) -> bool {
+        // SAFETY: within the span's own range, which only it maps.
+        let got = unsafe {
+            libc::mmap(
+                self.base.add(offset).cast(),
+                pages,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        let ok = got != libc::MAP_FAILED;
+        if !ok {
+            self.leak.store(true, Ordering::Release);
+        }
+        ok
     }
 
     /// The span's first byte.
@@ -232,7 +267,7 @@ impl SlotSpan {
                     std::ptr::null_mut(),
                     pages,
                     libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                     -1,
                     0,
                 )
@@ -263,9 +298,26 @@ impl SlotSpan {
             };
             if got == libc::MAP_FAILED {
                 let e = std::io::Error::last_os_error();
-                // SAFETY: the mapping made above, not moved.
-                unsafe { libc::munmap(tmp, pages) };
-                return Err(TransportError::io(context(), e));
+                // The piece's range may have been unmapped before the move
+                // failed: private pages there, then the copy back (a reader
+                // meanwhile may see zeroes: this is the path of a failure
+                // that no longer leaves the slot shared nor a hole).
+                let mended = self.refill(*offset, pages);
+                // SAFETY: `tmp` was not moved; when mended, the piece's
+                // range is ours and private.
+                unsafe {
+                    if mended {
+                        std::ptr::copy_nonoverlapping(
+                            tmp.cast::<u8>(),
+                            self.base.add(*offset),
+                            pages,
+                        );
+                    }
+                    libc::munmap(tmp, pages);
+                }
+                if !mended {
+                    return Err(TransportError::io(context(), e));
+                }
             }
         }
         Ok(())
@@ -324,6 +376,9 @@ impl SlotSpan {
 
 impl Drop for SlotSpan {
     fn drop(&mut self) {
+        if self.leak.load(Ordering::Acquire) {
+            return;
+        }
         // SAFETY: the span's own mapping (placed pieces replaced pages of
         // it; munmap of the whole range removes them too).
         unsafe { libc::munmap(self.base.cast(), self.map_len) };
