@@ -32,7 +32,8 @@
 //!
 //! A part whose slot cannot hold it in place (no segment: another host,
 //! TCP, async mode; a part boundary inside a page) lies in ordinary memory
-//! of the span and travels as it would from any tensor. A server restart
+//! of the span and travels as it would from any tensor (the whole buffer
+//! is ordinary memory if the span cannot be mapped at all). A server restart
 //! gives the key new segments: the buffer's slots are the old process's
 //! then (still mapped, read by no one), and pushes from it copy into the
 //! new slots, as from any tensor.
@@ -75,7 +76,14 @@ impl DistStore {
                 slot: s.as_ref().map(|r| (r, me)),
             })
             .collect();
-        let span = SlotSpan::new(meta.bytes(), &pieces)?;
+        let span = match SlotSpan::new(meta.bytes(), &pieces) {
+            Ok(s) => s,
+            // Out of mappings or address space: ordinary memory will do.
+            Err(e) => {
+                tracing::warn!("key {key}'s push buffer is ordinary memory: {e}");
+                return Ok(None);
+            }
+        };
         if span.placed_count() == 0 {
             return Ok(None);
         }
