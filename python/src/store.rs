@@ -488,6 +488,28 @@ impl Store {
         })
     }
 
+    /// The key's push buffer: a zeroed numpy array of the key's shape and
+    /// dtype to write its gradient into and push from. Where the key's
+    /// values cross shared memory to its servers (dist_sync, servers on
+    /// this host, `PSKV_VAN=shm`) it is this worker's slots of the key's
+    /// segments, and a push from it copies nothing in
+    /// (`pushed_in_place` counts the parts); elsewhere ordinary memory.
+    /// One per key: the array keeps it (another call while it lives is
+    /// refused). Leave it alone while a request that uses it runs.
+    fn push_buffer(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<PyObject> {
+        self.live()?;
+        let k = key_of(key)?;
+        let kv = self.kv.clone();
+        let (t, addr) = py.allow_threads(|| kv.push_buffer_at(k)).map_err(kv_err)?;
+        let np = py.import("numpy")?.unbind();
+        crate::view::array_over(py, &np, addr, t)
+    }
+
+    /// How many key parts this store pushed from push buffers in place.
+    fn pushed_in_place(&self) -> u64 {
+        self.kv.pushed_in_place()
+    }
+
     /// The shape, dtype name and storage ("default" or "row_sparse") of
     /// an initialized key.
     fn key_info(

@@ -1,14 +1,17 @@
-//! numpy arrays over pskv's memory for a Python updater: views made
-//! through `__array_interface__`, valid during the call only.
+//! numpy arrays over pskv's memory: for a Python updater, views made
+//! through `__array_interface__`, valid during the call only; and push
+//! buffers (`KVStore.push_buffer`), whose arrays keep their memory.
 
-use pskv_kvstore::DType;
+use pskv_kvstore::{DType, Tensor};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyModule};
 
-/// An object whose `__array_interface__` describes some memory.
+/// An object whose `__array_interface__` describes some memory (and
+/// what keeps that memory alive, if anything).
 #[pyclass(module = "pskv", frozen)]
 pub struct MemoryView {
     iface: Py<PyDict>,
+    _keep: Option<Tensor>,
 }
 
 #[pymethods]
@@ -40,6 +43,17 @@ pub(crate) fn array(
     readonly: bool,
     rows: Option<usize>,
 ) -> PyResult<PyObject> {
+    make(py, np, addr, (shape, dtype), (readonly, rows), None)
+}
+
+fn make(
+    py: Python<'_>,
+    np: &Py<PyModule>,
+    addr: usize,
+    (shape, dtype): (&[usize], DType),
+    (readonly, rows): (bool, Option<usize>),
+    keep: Option<Tensor>,
+) -> PyResult<PyObject> {
     let mut shape = shape.to_vec();
     if let Some(n) = rows {
         if shape.is_empty() {
@@ -57,6 +71,25 @@ pub(crate) fn array(
     d.set_item("typestr", typestr(dtype))?;
     d.set_item("data", (addr, readonly))?;
     d.set_item("version", 3)?;
-    let view = Py::new(py, MemoryView { iface: d.unbind() })?;
+    let view = Py::new(
+        py,
+        MemoryView {
+            iface: d.unbind(),
+            _keep: keep,
+        },
+    )?;
     Ok(np.call_method1("asarray", (view,))?.unbind())
+}
+
+/// A writable numpy array over all of host tensor `t`'s memory at `addr`
+/// (a push buffer's, whose memory stays where it is while `t` lives and no
+/// op writes it): the array keeps `t`.
+pub(crate) fn array_over(
+    py: Python<'_>,
+    np: &Py<PyModule>,
+    addr: usize,
+    t: Tensor,
+) -> PyResult<PyObject> {
+    let (shape, dtype) = (t.shape().to_vec(), t.dtype());
+    make(py, np, addr, (&shape, dtype), (false, None), Some(t))
 }
