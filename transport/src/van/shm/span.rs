@@ -123,25 +123,12 @@ impl SlotSpan {
             )));
         }
         let map_len = len.div_ceil(PAGE).max(1) * PAGE;
-        // SAFETY: a fresh private mapping; nothing else refers to it.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(TransportError::io(
-                format!("reserving {map_len} bytes for a slot span"),
-                std::io::Error::last_os_error(),
-            ));
-        }
+        // SAFETY: a fresh mapping, anywhere.
+        let base = unsafe { private_pages(std::ptr::null_mut(), map_len) }.map_err(|e| {
+            TransportError::io(format!("reserving {map_len} bytes for a slot span"), e)
+        })?;
         let mut span = SlotSpan {
-            base: base.cast(),
+            base,
             len,
             map_len,
             pieces: Vec::with_capacity(pieces.len()),
@@ -213,17 +200,8 @@ impl SlotSpan {
     /// (`leak`: dropping it unmaps nothing).
     fn refill(&self, offset: usize, pages: usize) -> bool {
         // SAFETY: within the span's own range, which only it maps.
-        let got = unsafe {
-            libc::mmap(
-                self.base.add(offset).cast(),
-                pages,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        let ok = got != libc::MAP_FAILED;
+        let got = unsafe { private_pages(self.base.add(offset), pages) };
+        let ok = got.is_ok();
         if !ok {
             self.leak.store(true, Ordering::Release);
         }
@@ -261,23 +239,10 @@ impl SlotSpan {
             }
             let pages = len.div_ceil(PAGE) * PAGE;
             let context = || format!("detaching {pages} bytes of a slot span");
-            // SAFETY: a fresh private mapping of `pages` bytes.
-            let tmp = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    pages,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if tmp == libc::MAP_FAILED {
-                return Err(TransportError::io(
-                    context(),
-                    std::io::Error::last_os_error(),
-                ));
-            }
+            // SAFETY: a fresh mapping, anywhere.
+            let tmp = unsafe { private_pages(std::ptr::null_mut(), pages) }
+                .map_err(|e| TransportError::io(context(), e))?
+                .cast::<libc::c_void>();
             // SAFETY: `pages` bytes from the piece's start are mapped (its
             // slot's pages, `place`), and `tmp` is ours; no one writes the
             // piece meanwhile (the caller's contract).
@@ -372,6 +337,28 @@ impl SlotSpan {
         }
         self.pieces.iter().filter(|(_, _, p)| p.is_some()).count()
     }
+}
+
+/// Maps `len` bytes of zeroed private pages, anywhere (`at` null) or over
+/// `at` (replacing what is mapped there).
+///
+/// # Safety
+/// A non-null `at` is the start of `len` bytes of this process's address
+/// space that nothing else uses.
+unsafe fn private_pages(at: *mut u8, len: usize) -> std::io::Result<*mut u8> {
+    let fixed = if at.is_null() { 0 } else { libc::MAP_FIXED };
+    let got = libc::mmap(
+        at.cast(),
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | fixed,
+        -1,
+        0,
+    );
+    if got == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(got.cast())
 }
 
 impl Drop for SlotSpan {
