@@ -700,9 +700,15 @@ fn bench_pushes_from_push_buffers() {
                 vec![0, 0]
             };
             assert_eq!(shared, want, "{van}: {w}");
-            for c in w["cases"].as_array().unwrap() {
+            // Over shm every key's one part went in place in every round
+            // (the check round, warm-up and timed rounds: at least 3).
+            for (c, keys) in w["cases"].as_array().unwrap().iter().zip(&want) {
                 let in_place = c["in_place_parts"].as_u64().unwrap();
-                assert_eq!(in_place > 0, van == "shm", "{van}: {c}");
+                if van == "shm" {
+                    assert!(in_place >= 3 * keys, "{van}: {c}");
+                } else {
+                    assert_eq!(in_place, 0, "{van}: {c}");
+                }
             }
         }
     }

@@ -503,8 +503,10 @@ impl KvStore {
     /// push from it copies nothing (MPI's `MPI_Alloc_mem`, NCCL's
     /// `ncclMemAlloc` play this part; [`KvStore::pushed_in_place`] counts
     /// the parts); elsewhere, and for the parts that cannot lie in a slot,
-    /// ordinary memory ([`Tensor::in_shared_memory`] tells). One per key
-    /// on each worker at a time; while it lives, the key's pushes from
+    /// ordinary memory ([`Tensor::in_shared_memory`] tells). One in shared
+    /// memory per key on each worker at a time (another call while it
+    /// lives is refused; in ordinary memory each call gives a new one);
+    /// while it lives, the key's pushes from
     /// other tensors send the parts it holds by message. A push from it
     /// that fails moves it to ordinary memory (its server may still read
     /// the slots: the same bytes, at the same address); so does a server's

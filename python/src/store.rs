@@ -494,8 +494,9 @@ impl Store {
     /// this host, `PSKV_VAN=shm`) it is this worker's slots of the key's
     /// segments, and a push from it copies nothing in
     /// (`pushed_in_place` counts the parts); elsewhere ordinary memory.
-    /// One per key: the array keeps it (another call while it lives is
-    /// refused). Leave it alone while a request that uses it runs.
+    /// The array keeps the buffer; one in shared memory per key at a time
+    /// (another call while it lives is refused). Leave it alone while a
+    /// request that uses it runs.
     fn push_buffer(&self, py: Python<'_>, key: &Bound<'_, PyAny>) -> PyResult<PyObject> {
         self.live()?;
         let k = key_of(key)?;

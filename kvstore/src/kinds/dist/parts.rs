@@ -108,6 +108,11 @@ impl Unsure {
                 // The push came from the buffer if the buffer holds the
                 // part's slot in the segment it used (another tensor's
                 // push of a held part goes by message: `mask_lent`).
+                // Subtle: told by the segment's 16-bit tag; after a server
+                // restart a new segment has the old one's tag once in
+                // 65,535 restarts, and a failed push from another tensor
+                // through it would then detach the buffer while its holder
+                // may write it.
                 let from_lent = u
                     .lent
                     .upgrade()
@@ -115,11 +120,15 @@ impl Unsure {
                 drop(u);
                 if let Some(span) = from_lent {
                     // Subtle: before the op completes, so while it holds
-                    // the buffer's tensor (or, through the C ABI, its
-                    // request holds the buffer): no one writes it now.
+                    // the buffer's tensor (or, through the C ABI or Python,
+                    // its request holds the buffer): no one writes it now
+                    // but the op's own answers, when it is also the op's
+                    // output (an in-place push-pull, which fails: its
+                    // output is then not to be relied on).
                     if let Err(e) = span.detach() {
                         tracing::error!(
-                            "a push buffer's slots stay shared after a failed push: {e}"
+                            "a push buffer could not be detached from its slots after a failed push \
+                             (writes through its address may reach a slot its server still reads): {e}"
                         );
                     }
                 }

@@ -78,7 +78,8 @@ impl DistStore {
             .collect();
         let span = match SlotSpan::new(meta.bytes(), &pieces) {
             Ok(s) => s,
-            // Out of mappings or address space: ordinary memory will do.
+            // It cannot be mapped (out of mappings, address space, ...):
+            // ordinary memory will do.
             Err(e) => {
                 tracing::warn!("key {key}'s push buffer is ordinary memory: {e}");
                 return Ok(None);

@@ -200,8 +200,9 @@ fn on_device(grad: &Tensor, rc: &RunContext<'_>) -> Result<(Arc<dyn Device>, Dev
     Ok((device::open(n)?, device_mem(grad, rc)?))
 }
 
-/// A host buffer's bytes made writable (a shared one is replaced, T2: by
-/// a copy with `keep`, else by zeroes) and its address.
+/// A host buffer's bytes made writable (a shared one, or a detached push
+/// buffer, is replaced, T2: by a copy with `keep`, else by zeroes) and its
+/// address.
 fn unique(buf: &mut Arc<Buf>, keep: bool) -> HostPtr {
     let fresh = |b: &Buf| {
         if keep {

@@ -34,13 +34,20 @@
 //! piece's pages are swapped in one `mremap`, under the kernel's lock of
 //! the address space: a reader faults and waits, then sees the copy); from
 //! then on writes to the span no longer reach the slots, and it answers as
-//! if no piece were placed. The `detached` flag is set before the pages
-//! are swapped (Release; read with Acquire): whoever sees a piece placed
-//! may find it detached a moment later, never the reverse.
+//! if no piece were placed. Each piece's `detached` flag is set before its
+//! pages are swapped (Release; read with Acquire): whoever sees a piece
+//! placed may find it detached a moment later; a piece seen detached is
+//! private, or is being made so with the same bytes (the one exception: a
+//! piece whose private pages could not even be mapped, whose flag is
+//! cleared again, still its slot). The span's own `detached` flag says
+//! that `detach` was called (`is_detached`).
 //!
-//! A remap that fails is mended: fresh private pages over the range it
-//! may have unmapped (a detach copies its bytes back), so a span never
-//! has a hole, and never still shares a slot after `detach` returns Ok.
+//! A remap that fails is mended where it can be: fresh private pages
+//! where the kernel had already unmapped the range (a detach copies its
+//! bytes back), placed only where nothing else has been mapped since. So
+//! a span has no hole unless two mapping calls in a row failed (then its
+//! range is leaked, never unmapped); a piece that `detach` could not even
+//! start on stays its slot, and says so (`placed`).
 //!
 //! What the transport guarantees, and what it does not: as for a
 //! [`Region`], who writes which byte when is the caller's protocol (no one
@@ -72,10 +79,10 @@ pub struct SlotSpan {
     base: *mut u8,
     len: usize,
     map_len: usize,
-    /// Per piece: its range, and the region and slot it lies in if placed
-    /// (until detached).
-    pieces: Vec<(usize, usize, Option<Placed>)>,
-    /// See the module's states.
+    /// Per piece: its range, the region and slot it lies in if placed,
+    /// and whether it was detached.
+    pieces: Vec<PieceState>,
+    /// `detach` was called (see the module's states).
     detached: AtomicBool,
     /// A failed remap could not be mended (`refill`): the range is never
     /// unmapped, lest a mapping made since in a hole be unmapped with it.
@@ -84,6 +91,25 @@ pub struct SlotSpan {
 
 /// The region and slot a placed piece lies in.
 type Placed = (Arc<Region>, usize);
+
+/// One piece of a span as made.
+struct PieceState {
+    offset: usize,
+    len: usize,
+    placed: Option<Placed>,
+    /// Its pages were made private (set before the swap, Release; cleared
+    /// again if the swap could not even start).
+    detached: AtomicBool,
+}
+
+impl PieceState {
+    /// The region and slot it lies in, unless unplaced or detached.
+    fn slot(&self) -> Option<&Placed> {
+        self.placed
+            .as_ref()
+            .filter(|_| !self.detached.load(Ordering::Acquire))
+    }
+}
 
 // SAFETY: the span is plain memory owned by this value (the pointer is
 // only its address); who touches which byte when is the caller's protocol,
@@ -124,7 +150,7 @@ impl SlotSpan {
         }
         let map_len = len.div_ceil(PAGE).max(1) * PAGE;
         // SAFETY: a fresh mapping, anywhere.
-        let base = unsafe { private_pages(std::ptr::null_mut(), map_len) }.map_err(|e| {
+        let base = unsafe { private_pages(std::ptr::null_mut(), map_len, true) }.map_err(|e| {
             TransportError::io(format!("reserving {map_len} bytes for a slot span"), e)
         })?;
         let mut span = SlotSpan {
@@ -150,7 +176,12 @@ impl SlotSpan {
                 }
                 _ => None,
             };
-            span.pieces.push((p.offset, p.len, placed));
+            span.pieces.push(PieceState {
+                offset: p.offset,
+                len: p.len,
+                placed,
+                detached: AtomicBool::new(false),
+            });
         }
         Ok(span)
     }
@@ -193,14 +224,17 @@ impl SlotSpan {
         Ok(())
     }
 
-    /// Maps fresh private pages over the span's `pages` bytes from
-    /// `offset` (a range a failed `mremap` may have left unmapped, so that
-    /// nothing else is mapped there when the span unmaps its whole range).
+    /// Maps fresh private pages into the span's `pages` bytes from
+    /// `offset`, a range a failed `mremap` left unmapped, so that there is
+    /// no hole, and nothing else mapped there when the span unmaps its
+    /// whole range.
     /// Whether it could; if not, the span keeps its range for good
     /// (`leak`: dropping it unmaps nothing).
     fn refill(&self, offset: usize, pages: usize) -> bool {
-        // SAFETY: within the span's own range, which only it maps.
-        let got = unsafe { private_pages(self.base.add(offset), pages) };
+        // SAFETY: within the span's own range; only where nothing is
+        // mapped (MAP_FIXED_NOREPLACE: a mapping another thread made in the
+        // hole meanwhile is left alone, and the range is then leaked).
+        let got = unsafe { private_pages(self.base.add(offset), pages, false) };
         let ok = got.is_ok();
         if !ok {
             self.leak.store(true, Ordering::Release);
@@ -225,67 +259,80 @@ impl SlotSpan {
 
     /// Gives every placed piece private pages of the same contents at the
     /// same addresses (see the module's states); the span is then placed
-    /// nowhere. Once only; later calls do nothing.
+    /// nowhere. Ok once every placed piece is private; on an error, a
+    /// piece whose pages could not be prepared is still its slot (still
+    /// placed: a later call tries it again), and one whose swap and mend
+    /// both failed is a hole (the span is then leaked).
     ///
     /// No one may write the span meanwhile (a write between a piece's copy
     /// and its swap would be lost); reading it is fine.
     pub fn detach(&self) -> Result<(), TransportError> {
-        if self.detached.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        for (offset, len, placed) in &self.pieces {
-            if placed.is_none() {
+        self.detached.store(true, Ordering::Release);
+        let mut first_err = None;
+        for p in &self.pieces {
+            if p.placed.is_none() || p.detached.swap(true, Ordering::AcqRel) {
                 continue;
             }
-            let pages = len.div_ceil(PAGE) * PAGE;
-            let context = || format!("detaching {pages} bytes of a slot span");
-            // SAFETY: a fresh mapping, anywhere.
-            let tmp = unsafe { private_pages(std::ptr::null_mut(), pages) }
-                .map_err(|e| TransportError::io(context(), e))?
-                .cast::<libc::c_void>();
-            // SAFETY: `pages` bytes from the piece's start are mapped (its
-            // slot's pages, `place`), and `tmp` is ours; no one writes the
-            // piece meanwhile (the caller's contract).
-            unsafe {
-                std::ptr::copy_nonoverlapping(self.base.add(*offset), tmp.cast::<u8>(), pages);
-            }
-            // SAFETY: moves our private pages over the piece's range, which
-            // lies in the span's mapping; the slot's mapping there is
-            // replaced (the region's own mapping is untouched).
-            let got = unsafe {
-                libc::mremap(
-                    tmp,
-                    pages,
-                    pages,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    self.base.add(*offset).cast::<libc::c_void>(),
-                )
-            };
-            if got == libc::MAP_FAILED {
-                let e = std::io::Error::last_os_error();
-                // The piece's range may have been unmapped before the move
-                // failed: private pages there, then the copy back (a reader
-                // meanwhile may see zeroes: this is the path of a failure
-                // that no longer leaves the slot shared nor a hole).
-                let mended = self.refill(*offset, pages);
-                // SAFETY: `tmp` was not moved; when mended, the piece's
-                // range is ours and private.
-                unsafe {
-                    if mended {
-                        std::ptr::copy_nonoverlapping(
-                            tmp.cast::<u8>(),
-                            self.base.add(*offset),
-                            pages,
-                        );
-                    }
-                    libc::munmap(tmp, pages);
-                }
-                if !mended {
-                    return Err(TransportError::io(context(), e));
-                }
+            if let Err(e) = self.detach_piece(p) {
+                first_err.get_or_insert(e);
             }
         }
-        Ok(())
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Swaps private pages with the piece's bytes in over its range.
+    fn detach_piece(&self, piece: &PieceState) -> Result<(), TransportError> {
+        let offset = piece.offset;
+        let pages = piece.len.div_ceil(PAGE) * PAGE;
+        let context = || format!("detaching {pages} bytes of a slot span");
+        // SAFETY: a fresh mapping, anywhere.
+        let tmp = match unsafe { private_pages(std::ptr::null_mut(), pages, false) } {
+            Ok(t) => t.cast::<libc::c_void>(),
+            Err(e) => {
+                // Nothing changed: the piece is still its slot.
+                piece.detached.store(false, Ordering::Release);
+                return Err(TransportError::io(context(), e));
+            }
+        };
+        // SAFETY: `pages` bytes from the piece's start are mapped (its
+        // slot's pages, `place`), and `tmp` is ours; no one writes the
+        // piece meanwhile (the caller's contract).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.base.add(offset), tmp.cast::<u8>(), pages);
+        }
+        // SAFETY: moves our private pages over the piece's range, which
+        // lies in the span's mapping; the slot's mapping there is replaced
+        // (the region's own mapping is untouched).
+        let got = unsafe {
+            libc::mremap(
+                tmp,
+                pages,
+                pages,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                self.base.add(offset).cast::<libc::c_void>(),
+            )
+        };
+        if got != libc::MAP_FAILED {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        // The kernel unmaps the target before the move can fail: fresh
+        // pages in the hole, then the bytes copied back (a reader meanwhile
+        // may see zeroes: a path of two failed mapping calls).
+        let mended = self.refill(offset, pages);
+        // SAFETY: `tmp` was not moved; when mended, the piece's range is
+        // ours and private.
+        unsafe {
+            if mended {
+                std::ptr::copy_nonoverlapping(tmp.cast::<u8>(), self.base.add(offset), pages);
+            }
+            libc::munmap(tmp, pages);
+        }
+        if mended {
+            Ok(())
+        } else {
+            Err(TransportError::io(context(), e))
+        }
     }
 
     /// Whether [`SlotSpan::detach`] was called.
@@ -293,31 +340,24 @@ impl SlotSpan {
         self.detached.load(Ordering::Acquire)
     }
 
-    /// The region and slot piece `k` lies in, if it is placed.
+    /// The region and slot piece `k` lies in, if it is placed (and not
+    /// detached).
     pub fn placed(&self, k: usize) -> Option<(&Arc<Region>, usize)> {
-        if self.is_detached() {
-            return None;
-        }
-        self.pieces
-            .get(k)
-            .and_then(|(_, _, p)| p.as_ref().map(|(r, s)| (r, *s)))
+        self.pieces.get(k)?.slot().map(|(r, s)| (r, *s))
     }
 
     /// Whether the span's bytes `offset..offset + len` are one placed piece,
     /// lying in slot `slot` of `r` (the same region: the same mapping).
     pub fn is_slot(&self, offset: usize, len: usize, r: &Arc<Region>, slot: usize) -> bool {
-        if self.is_detached() {
-            return false;
-        }
         // Pieces are in offset order; only an empty piece shares its
         // offset with the next one, and an empty piece is never placed.
         let at = self
             .pieces
-            .partition_point(|(o, l, _)| *o < offset || (*o == offset && *l == 0));
-        self.pieces.get(at).is_some_and(|(o, l, p)| {
-            *o == offset
-                && *l == len
-                && p.as_ref()
+            .partition_point(|p| p.offset < offset || (p.offset == offset && p.len == 0));
+        self.pieces.get(at).is_some_and(|p| {
+            p.offset == offset
+                && p.len == len
+                && p.slot()
                     .is_some_and(|(pr, ps)| Arc::ptr_eq(pr, r) && *ps == slot)
         })
     }
@@ -330,33 +370,42 @@ impl SlotSpan {
         offset < self.len && self.is_slot(offset, len, r, slot)
     }
 
-    /// How many pieces are placed.
+    /// How many pieces are placed (and not detached).
     pub fn placed_count(&self) -> usize {
-        if self.is_detached() {
-            return 0;
-        }
-        self.pieces.iter().filter(|(_, _, p)| p.is_some()).count()
+        self.pieces.iter().filter(|p| p.slot().is_some()).count()
     }
 }
 
-/// Maps `len` bytes of zeroed private pages, anywhere (`at` null) or over
-/// `at` (replacing what is mapped there).
+/// Maps `len` bytes of zeroed private pages, anywhere (`at` null) or at
+/// `at` where nothing is mapped (`MAP_FIXED_NOREPLACE`); `noreserve`: swap
+/// space is not set aside for them.
 ///
 /// # Safety
-/// A non-null `at` is the start of `len` bytes of this process's address
-/// space that nothing else uses.
-unsafe fn private_pages(at: *mut u8, len: usize) -> std::io::Result<*mut u8> {
-    let fixed = if at.is_null() { 0 } else { libc::MAP_FIXED };
+/// A non-null `at` lies in this process's address space, `len` bytes
+/// from it unused.
+unsafe fn private_pages(at: *mut u8, len: usize, noreserve: bool) -> std::io::Result<*mut u8> {
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    if !at.is_null() {
+        flags |= libc::MAP_FIXED_NOREPLACE;
+    }
+    if noreserve {
+        flags |= libc::MAP_NORESERVE;
+    }
     let got = libc::mmap(
         at.cast(),
         len,
         libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | fixed,
+        flags,
         -1,
         0,
     );
     if got == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
+    }
+    if !at.is_null() && got.cast::<u8>() != at {
+        // A kernel that takes the address as a hint only (before 4.17).
+        libc::munmap(got, len);
+        return Err(std::io::Error::from_raw_os_error(libc::EEXIST));
     }
     Ok(got.cast())
 }
