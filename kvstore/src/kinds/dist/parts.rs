@@ -95,8 +95,8 @@ impl Unsure {
     }
 
     /// The answer to a push of part `i` (`tag`: the segment's it went
-    /// through, or 0: by message).
-    fn note(&self, i: usize, tag: u16, ok: bool) {
+    /// through, or 0: by message; `seg`: that segment, if looked up).
+    fn note(&self, i: usize, (tag, seg): (u16, Option<&Arc<Region>>), ok: bool) {
         match (tag != 0, ok) {
             (true, false) => {
                 let mut u = self.parts.lock();
@@ -105,18 +105,21 @@ impl Unsure {
                 }
                 u.doubt[i] = true;
                 self.any.store(true, Ordering::Release);
-                // The push came from the buffer if the buffer holds the
-                // part's slot in the segment it used (another tensor's
-                // push of a held part goes by message: `mask_lent`).
-                // Subtle: told by the segment's 16-bit tag; after a server
-                // restart a new segment has the old one's tag once in
-                // 65,535 restarts, and a failed push from another tensor
-                // through it would then detach the buffer while its holder
-                // may write it.
+                // The buffer must leave the slot if it holds the part's
+                // slot in the segment the push used: the push came from it
+                // (another tensor's push of a held part goes by message:
+                // `mask_lent`), or was sent before the buffer was made (its
+                // segment was not looked up then: told by the segment's
+                // tag), so the op that zeroes the buffer, after this one,
+                // must not write the slot either.
+                let used = |r: &Arc<Region>| match seg {
+                    Some(s) => Arc::ptr_eq(r, s),
+                    None => r.tag() == tag,
+                };
                 let from_lent = u
                     .lent
                     .upgrade()
-                    .filter(|span| span.placed(i).is_some_and(|(r, _)| r.tag() == tag));
+                    .filter(|span| span.placed(i).is_some_and(|(r, _)| used(r)));
                 drop(u);
                 if let Some(span) = from_lent {
                     // Subtle: before the op completes, so while it holds
@@ -189,6 +192,9 @@ pub(super) struct PartSend {
     /// A push's: the key's parts whose slots are in doubt
     /// (`DistKey::unsure`), kept by its answer.
     pub(super) unsure: Option<Arc<Unsure>>,
+    /// The segment a push through a slot went through, when the key has
+    /// had a push buffer (which a failure of this push may concern).
+    pub(super) seg: Option<Arc<Region>>,
 }
 
 /// What answers of a part request are handed to: part index, answer, and
@@ -343,6 +349,13 @@ impl DistStore {
             tag: round.tag,
             payload,
             unsure: matches!(head.op, Op::Push | Op::PushPull).then(|| dk.unsure.clone()),
+            // Looked up only for keys that have had a push buffer (a
+            // segment replaced since the part was prepared has another tag:
+            // none then).
+            seg: (shm_tag != 0 && dk.unsure.lent_ever.load(Ordering::Acquire))
+                .then(|| dk.segs.read().get(i).cloned().flatten())
+                .flatten()
+                .filter(|r| r.tag() == shm_tag),
         };
         // An init is not sent again elsewhere: the backup holds a key only
         // once its primary copied it there.
@@ -408,7 +421,7 @@ impl DistStore {
         let retry = failover.then(|| p.clone());
         let (inf2, cb2, landing2) = (inf.clone(), cb.clone(), landing.clone());
         let i = p.i;
-        let unsure = p.unsure.clone().map(|u| (u, p.head.shm_tag));
+        let unsure = p.unsure.clone().map(|u| (u, p.head.shm_tag, p.seg.clone()));
         let died = move |r: &TransportError| {
             matches!(
                 r,
@@ -430,9 +443,9 @@ impl DistStore {
                 // nothing (`DistStore::landing`).
                 return me.send_part(p, false, true, inf2, cb2, None);
             }
-            if let Some((u, shm_tag)) = &unsure {
+            if let Some((u, shm_tag, seg)) = &unsure {
                 // Before the op can complete: its next push must see it.
-                u.note(i, *shm_tag, r.is_ok());
+                u.note(i, (*shm_tag, seg.as_ref()), r.is_ok());
             }
 
             let landed = landing2.as_ref().is_some_and(|l| l.is_filled());

@@ -28,7 +28,9 @@
 //!   tensor's do, once the doubt is over (`parts.rs`, `Unsure`).
 //! - **L4.** The buffer is zeroed by an op after the key's ops so far, so
 //!   a push still being read is not overwritten; none is made while a
-//!   part is in doubt.
+//!   part is in doubt, and if one of those earlier pushes fails after the
+//!   buffer was made, its answer detaches the buffer (before the zeroing
+//!   op can run), as L3's does.
 //!
 //! A part whose slot cannot hold it in place (no segment: another host,
 //! TCP, async mode; a part boundary inside a page) lies in ordinary memory
