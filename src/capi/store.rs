@@ -103,17 +103,20 @@ pub unsafe extern "C" fn pskv_push_buffer(
         }
         let h = handle(kv)?;
         let k = super::key(key)?;
-        let mut held = h.push_buffers.lock().unwrap_or_else(|p| p.into_inner());
-        let (t, addr, count, dtype) = match held.get(&key) {
-            Some(b) => b.clone(),
-            None => {
-                let (t, addr) = h.kv.push_buffer_at(k).map_err(kv_err)?;
-                let b = (t.clone(), addr, t.len() as u64, t.dtype().code() as i32);
-                held.insert(key, b.clone());
-                b
-            }
+        let held = || h.push_buffers.lock().unwrap_or_else(|p| p.into_inner());
+        let known = held().get(&key).cloned();
+        let (t, addr, count, dtype) = match known {
+            Some(b) => b,
+            // Made outside the lock (it waits for the key's earlier ops);
+            // a thread that made the key's buffer meanwhile wins.
+            None => match h.kv.push_buffer_at(k) {
+                Ok((t, addr)) => {
+                    let b = (t.clone(), addr, t.len() as u64, t.dtype().code() as i32);
+                    held().entry(key).or_insert(b).clone()
+                }
+                Err(e) => held().get(&key).cloned().ok_or_else(|| kv_err(e))?,
+            },
         };
-        drop(held);
         if !shared.is_null() {
             *shared = c_int::from(t.in_shared_memory().map_err(kv_err)?);
         }
