@@ -527,14 +527,14 @@ impl KvStore {
     /// ```
     pub fn push_buffer(&self, key: impl IntoKey) -> Result<Tensor> {
         let key = key.into_key()?;
-        if let Some(t) = self.flavor.push_buffer(&key)? {
-            return Ok(t);
-        }
         let m = self.flavor.key_meta(&key)?;
         if m.storage != Storage::Dense {
             return Err(KvError::invalid(format!(
                 "push_buffer: key {key} is row-sparse; a push buffer holds dense values"
             )));
+        }
+        if let Some(t) = self.flavor.push_buffer(&key)? {
+            return Ok(t);
         }
         Tensor::zeros(&self.engine, &m.shape, m.dtype, pskv_engine::Context::Cpu)
     }

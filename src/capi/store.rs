@@ -24,9 +24,9 @@ pub struct PskvKvStore {
     /// refuses to start on a freed one).
     pub(crate) freed: std::sync::atomic::AtomicBool,
     /// The push buffers handed out (`pskv_push_buffer`), by key: the
-    /// tensor that owns each one's memory, its address, elements and
-    /// dtype code; kept until the store is freed.
-    pub(crate) push_buffers: std::sync::Mutex<HashMap<i64, (Tensor, usize, u64, i32)>>,
+    /// tensor that owns each one's memory, and its address; kept until the
+    /// store is freed.
+    pub(crate) push_buffers: std::sync::Mutex<HashMap<i64, (Tensor, usize)>>,
 }
 
 /// The live stores, by token.
@@ -105,21 +105,19 @@ pub unsafe extern "C" fn pskv_push_buffer(
         let k = super::key(key)?;
         let held = || h.push_buffers.lock().unwrap_or_else(|p| p.into_inner());
         let known = held().get(&key).cloned();
-        let (t, addr, count, dtype) = match known {
+        let (t, addr) = match known {
             Some(b) => b,
             // Made outside the lock (it waits for the key's earlier ops);
             // a thread that made the key's buffer meanwhile wins.
             None => match h.kv.push_buffer_at(k) {
-                Ok((t, addr)) => {
-                    let b = (t.clone(), addr, t.len() as u64, t.dtype().code() as i32);
-                    held().entry(key).or_insert(b).clone()
-                }
+                Ok(b) => held().entry(key).or_insert(b).clone(),
                 Err(e) => held().get(&key).cloned().ok_or_else(|| kv_err(e))?,
             },
         };
         if !shared.is_null() {
             *shared = c_int::from(t.in_shared_memory().map_err(kv_err)?);
         }
+        let (count, dtype) = (t.len() as u64, t.dtype().code() as i32);
         *out = PskvBuffer::flat(addr as *mut c_void, count, dtype, super::PSKV_DEVICE_CPU, 0);
         Ok(())
     })

@@ -153,8 +153,9 @@ pub(crate) trait Flavor: Send + Sync {
     /// Finishes the store: waits for its ops, stops its servers (rank 0 of
     /// a distributed store) and leaves the cluster.
     fn close(&self) -> Result<()>;
-    /// `key`'s push buffer (`KvStore::push_buffer`), where this kind has
-    /// one for it; None: an ordinary tensor will do.
+    /// `key`'s push buffer (`KvStore::push_buffer`, which checked that the
+    /// key is dense), where this kind has one for it; None: an ordinary
+    /// tensor will do.
     fn push_buffer(&self, key: &Key) -> Result<Option<Tensor>> {
         let _ = key;
         Ok(None)

@@ -49,19 +49,15 @@ use super::parts::Refused;
 use super::{DistKey, DistStore};
 use crate::error::{KvError, Result};
 use crate::key::Key;
-use crate::tensor::{Storage, Tensor};
+use crate::tensor::Tensor;
 
 impl DistStore {
-    /// `key`'s push buffer, or None if none of its parts can lie in a
-    /// slot now (the caller then makes an ordinary tensor).
+    /// `key`'s push buffer (a dense key: `KvStore::push_buffer` checked),
+    /// or None if none of its parts can lie in a slot now (the caller then
+    /// makes an ordinary tensor).
     pub(super) fn push_buffer(&self, key: &Key) -> Result<Option<Tensor>> {
         let dk = self.dist_key(key)?;
         let meta = &dk.local.meta;
-        if meta.storage != Storage::Dense {
-            return Err(KvError::invalid(format!(
-                "push_buffer: key {key} is row-sparse; a push buffer holds dense values"
-            )));
-        }
         let segs = self.shm_parts(&dk);
         if segs.iter().all(Option::is_none) {
             return Ok(None);
