@@ -45,6 +45,8 @@ mod op;
 #[allow(unsafe_code)]
 mod op_block;
 mod pool;
+#[allow(unsafe_code)]
+mod prefetch;
 mod profiler;
 pub mod progress;
 mod run_now;
