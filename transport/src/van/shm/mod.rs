@@ -276,7 +276,12 @@ fn start(
         let reason = match g.lock().take() {
             Some(why) => why,
             None => {
-                if !l.is_closed() {
+                // The peer closing its ring is its orderly end (a peer that
+                // dies leaves it open: the TCP watch tells that, above);
+                // anything else ends the link from this side.
+                if matches!(e, VanError::Closed(_)) {
+                    tracing::debug!(link = l.id, "the peer closed the shared-memory link");
+                } else if !l.is_closed() {
                     tracing::warn!(link = l.id, "closing the shared-memory link: {e}");
                 }
                 e.to_string()
