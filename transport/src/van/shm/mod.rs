@@ -38,7 +38,7 @@ use crate::link::{Link, Work};
 use crate::wire::{Frame, Limits, VanId, HEADER_LEN};
 pub(crate) use group::Readers;
 pub(crate) use reader::Poll;
-use ring::{Consumer, Producer, WAIT_SLICE};
+use ring::{Consumer, Producer, RING_CLOSED, WAIT_SLICE};
 pub(crate) use ring::{Ring, MAX_HEAP};
 
 /// The direct path: the caller copies its frame into the ring (or the heap)
@@ -276,12 +276,17 @@ fn start(
         let reason = match g.lock().take() {
             Some(why) => why,
             None => {
-                // The peer closing its ring is its orderly end (a peer that
-                // dies leaves it open: the TCP watch tells that, above);
-                // anything else ends the link from this side.
-                if matches!(e, VanError::Closed(_)) {
-                    tracing::debug!(link = l.id, "the peer closed the shared-memory link");
-                } else if !l.is_closed() {
+                // A ring closed while this side's link is open: the peer's
+                // link ended (at its orderly end, or for a reason its own
+                // log gives; a peer that dies leaves its ring open and the
+                // TCP watch names it, above). Anything else ends the link
+                // from this side.
+                let peer_ended = matches!(e, VanError::Closed(what) if what == RING_CLOSED);
+                if l.is_closed() {
+                    // This side closed it: nothing to say.
+                } else if peer_ended {
+                    tracing::debug!(link = l.id, "the peer ended the shared-memory link");
+                } else {
                     tracing::warn!(link = l.id, "closing the shared-memory link: {e}");
                 }
                 e.to_string()

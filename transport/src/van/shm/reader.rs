@@ -230,7 +230,7 @@ impl Reader {
             return Err(e);
         }
         if self.gone() {
-            return Err(VanError::Closed("shared-memory ring"));
+            return Err(VanError::Closed(super::ring::RING_CLOSED));
         }
         Ok(read)
     }

@@ -58,6 +58,10 @@ mod produce;
 pub(super) use consume::{Consumer, Watch};
 pub(super) use produce::Producer;
 
+/// What a closed ring's error names (`VanError::Closed`): the peer closed
+/// its end, or this side's link closed.
+pub(super) const RING_CLOSED: &str = "shared-memory ring";
+
 const MAGIC: u64 = u64::from_le_bytes(*b"PSKVRING");
 const HDR: usize = 4096;
 const PAGE: usize = 4096;
@@ -288,7 +292,7 @@ fn wait_until(
     if ok || ready() {
         Ok(())
     } else {
-        Err(VanError::Closed("shared-memory ring"))
+        Err(VanError::Closed(RING_CLOSED))
     }
 }
 
