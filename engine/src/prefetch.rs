@@ -1,16 +1,16 @@
 //! Hints that ask the CPU to bring cache lines in ahead of their use.
 //!
-//! Why: on a VM whose vCPUs move a cache line between them slowly (the
-//! Intel VMs of BENCHMARKS.md, about 100 ns a line), the lines an op
-//! passes between the pushing thread and the workers (its block, its
-//! vars' queues) stalled each thread at their first use. Asked for early,
-//! they travel while the thread does other work. A hint never faults and
-//! changes nothing the program sees, whatever the address.
+//! Why: where moving a cache line between cores is slow (the Intel VMs of
+//! BENCHMARKS.md), the lines an op's block passes between the pushing
+//! thread and the workers stalled each thread at their first use. Asked
+//! for early, they travel while the thread does other work. A hint never
+//! faults and changes nothing the program sees, whatever the address.
+//! (Under Miri, which runs no `asm!`, they are left out.)
 
 /// Asks for `lines` cache lines from `p` for reading, without waiting.
 #[inline]
 pub(crate) fn for_read(p: *const u8, lines: usize) {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let p = p as *const i8;
@@ -22,7 +22,7 @@ pub(crate) fn for_read(p: *const u8, lines: usize) {
             };
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(all(target_arch = "x86_64", not(miri))))]
     let _ = (p, lines);
 }
 
@@ -30,32 +30,36 @@ pub(crate) fn for_read(p: *const u8, lines: usize) {
 /// CPU has it, else an ordinary prefetch), without waiting.
 #[inline]
 pub(crate) fn for_write(p: *const u8, lines: usize) {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
     {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
-        let p = p as *const i8;
-        let write = has_prefetchw();
+        if !has_prefetchw() {
+            return for_read(p, lines);
+        }
         for i in 0..lines {
+            // Subtle: `_mm_prefetch` with `_MM_HINT_ET0` compiles to a
+            // read prefetch unless the build enables `prfchw`, which the
+            // default x86-64 target does not: the instruction is written
+            // out, run only where CPUID has it.
             // SAFETY: a prefetch is a hint: it never faults and reads
-            // nothing the program sees, whatever the address.
-            #[allow(unused_unsafe)]
+            // nothing the program sees, whatever the address; the CPU has
+            // the instruction (checked above).
             unsafe {
-                if write {
-                    _mm_prefetch(p.wrapping_add(64 * i), _MM_HINT_ET0);
-                } else {
-                    _mm_prefetch(p.wrapping_add(64 * i), _MM_HINT_T0);
-                }
-            }
+                std::arch::asm!(
+                    "prefetchw [{0}]",
+                    in(reg) p.wrapping_add(64 * i),
+                    options(nostack, preserves_flags, readonly)
+                )
+            };
         }
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(all(target_arch = "x86_64", not(miri))))]
     let _ = (p, lines);
 }
 
 /// Whether the CPU has PREFETCHW (CPUID leaf 0x8000_0001, ECX bit 8;
 /// Linux's `3dnowprefetch`), asked once. (Where it lacks it the
 /// instruction may do nothing or fault: it is never used then.)
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(miri)))]
 #[inline]
 fn has_prefetchw() -> bool {
     use std::sync::atomic::{AtomicU8, Ordering};
