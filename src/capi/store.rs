@@ -23,11 +23,18 @@ pub struct PskvKvStore {
     /// Set by `pskv_free` (a persistent request, which holds the store,
     /// refuses to start on a freed one).
     pub(crate) freed: std::sync::atomic::AtomicBool,
-    /// The push buffers handed out (`pskv_push_buffer`), by key: the
-    /// tensor that owns each one's memory, and its address; kept until the
-    /// store is freed.
-    pub(crate) push_buffers: std::sync::Mutex<HashMap<i64, (Tensor, usize)>>,
+    /// The push buffers handed out (`pskv_push_buffer`), by key: each
+    /// key's slot, and in it the tensor that owns the buffer's memory and
+    /// its address; kept until the store is freed. A key's buffer is made
+    /// under its slot's lock only (the making waits for the key's earlier
+    /// ops): a second caller for the key waits and gets the same buffer,
+    /// and callers for other keys do not wait. (A key whose making failed
+    /// keeps an empty slot: the next call tries again.)
+    pub(crate) push_buffers: std::sync::Mutex<HashMap<i64, Arc<PushBufferSlot>>>,
 }
+
+/// A key's push buffer, once made (`PskvKvStore::push_buffers`).
+pub(crate) type PushBufferSlot = std::sync::Mutex<Option<(Tensor, usize)>>;
 
 /// The live stores, by token.
 fn stores() -> &'static Table<PskvKvStore> {
@@ -80,7 +87,8 @@ pub unsafe extern "C" fn pskv_create(kind: *const c_char, out: *mut *mut PskvKvS
 /// segments and a push from it copies nothing; elsewhere it is ordinary
 /// memory and pushes from it are as from any buffer. `*shared` (if not
 /// NULL) is set to 1 in the first case, 0 in the second. Calling it again
-/// for the key gives the same buffer. As any buffer, leave it alone while
+/// for the key, from any thread (first calls at once too: one makes it,
+/// the others wait for it), gives the same buffer. As any buffer, leave it alone while
 /// a request that uses it runs. A push or push-pull from it through its
 /// slots that fails moves it off them (the same bytes at the same address,
 /// on private pages: the server may still read the slots; should that
@@ -103,17 +111,20 @@ pub unsafe extern "C" fn pskv_push_buffer(
         }
         let h = handle(kv)?;
         let k = super::key(key)?;
-        let held = || h.push_buffers.lock().unwrap_or_else(|p| p.into_inner());
-        let known = held().get(&key).cloned();
-        let (t, addr) = match known {
-            Some(b) => b,
-            // Made outside the lock (it waits for the key's earlier ops);
-            // a thread that made the key's buffer meanwhile wins.
-            None => match h.kv.push_buffer_at(k) {
-                Ok(b) => held().entry(key).or_insert(b).clone(),
-                Err(e) => held().get(&key).cloned().ok_or_else(|| kv_err(e))?,
-            },
+        let slot = (h.push_buffers.lock().unwrap_or_else(|p| p.into_inner()))
+            .entry(key)
+            .or_default()
+            .clone();
+        let mut made = slot.lock().unwrap_or_else(|p| p.into_inner());
+        let (t, addr) = match &*made {
+            Some(b) => b.clone(),
+            None => {
+                let b = h.kv.push_buffer_at(k).map_err(kv_err)?;
+                *made = Some(b.clone());
+                b
+            }
         };
+        drop(made);
         if !shared.is_null() {
             *shared = c_int::from(t.in_shared_memory().map_err(kv_err)?);
         }
