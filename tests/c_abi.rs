@@ -43,10 +43,14 @@ fn target_dir() -> PathBuf {
 /// the rlib and leaves the C libraries alone; a no-op when they are fresh),
 /// in the profile of the tests' own build (`target_dir`).
 fn build_c_library() {
-    let release = target_dir().file_name().is_some_and(|d| d == "release");
+    // The profile's folder is its name, but for `dev`'s.
+    let dir = target_dir();
+    let profile = match dir.file_name().and_then(|d| d.to_str()) {
+        Some("debug") | None => "dev",
+        Some(p) => p,
+    };
     let st = Command::new(env!("CARGO"))
-        .args(["build", "--lib", "-p", "pskv"])
-        .args(release.then_some("--release"))
+        .args(["build", "--lib", "-p", "pskv", "--profile", profile])
         .current_dir(root())
         .status()
         .unwrap();

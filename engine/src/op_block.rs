@@ -197,12 +197,11 @@ fn alloc_block(layout: Layout) -> NonNull<u8> {
             if let Some(next) = stack.last() {
                 // Blocks are 16-byte aligned: from the line of its start
                 // to the line of its end.
-                let start = next.0.as_ptr() as usize;
-                let first = start & !63;
-                let lines = (start + (SMALLEST << class) - first)
+                let skip = next.0.as_ptr() as usize & 63;
+                let lines = (skip + (SMALLEST << class))
                     .div_ceil(64)
                     .min(PREFETCH_LINES);
-                crate::prefetch::for_write(first as *const u8, lines);
+                crate::prefetch::for_write(next.0.as_ptr().wrapping_sub(skip), lines);
             }
             block
         })

@@ -37,7 +37,12 @@ int main(void) {
         key = k;
         pthread_barrier_init(&start, NULL, 2);
         pthread_t t[2];
-        for (int i = 0; i < 2; i++) pthread_create(&t[i], NULL, maker, (void *)(intptr_t)i);
+        for (int i = 0; i < 2; i++) {
+            if (pthread_create(&t[i], NULL, maker, (void *)(intptr_t)i) != 0) {
+                fprintf(stderr, "push_buffer_race: rank %d: pthread_create failed\n", rank);
+                return 1;
+            }
+        }
         for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
         pthread_barrier_destroy(&start);
         for (int i = 0; i < 2; i++) {
