@@ -160,13 +160,19 @@ fn an_async_op_no_longer_holds_its_vars_once_completed() {
     let v = Var::new();
     let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let (w, s2) = (v.clone(), seen.clone());
+    let (ran_tx, ran) = std::sync::mpsc::channel();
     e.push_async(crate::OpSpec::new("io").read(&v), move |ctx, done| {
         s2.lock().push(ctx.access(&w));
         done.complete();
         s2.lock().push(ctx.access(&w));
+        let _ = ran_tx.send(());
     })
     .unwrap();
     e.wait_for_all().unwrap();
+    // Subtle: the wait may return once `complete` is called, before the
+    // closure's second look: wait for the closure's end too.
+    ran.recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the async op's closure ran to its end");
     assert_eq!(*seen.lock(), [Some(crate::Access::Read), None]);
 }
 
