@@ -195,13 +195,11 @@ fn alloc_block(layout: Layout) -> NonNull<u8> {
             // of a new op and of the next locked instruction, which waits
             // for the stores before it).
             if let Some(next) = stack.last() {
-                // Blocks are 16-byte aligned: from the line of its start
-                // to the line of its end.
-                let skip = next.0.as_ptr() as usize & 63;
-                let lines = (skip + (SMALLEST << class))
-                    .div_ceil(64)
-                    .min(PREFETCH_LINES);
-                crate::prefetch::for_write(next.0.as_ptr().wrapping_sub(skip), lines);
+                crate::prefetch::bytes_for_write(
+                    next.0.as_ptr(),
+                    SMALLEST << class,
+                    PREFETCH_LINES,
+                );
             }
             block
         })

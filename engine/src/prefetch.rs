@@ -7,6 +7,18 @@
 //! faults and changes nothing the program sees, whatever the address.
 //! (Under Miri, which runs no `asm!`, they are left out.)
 
+/// A cache line's bytes.
+const LINE: usize = 64;
+
+/// Asks for the cache lines that hold the `len` bytes from `p` (the first
+/// `max_lines` of them) for writing, without waiting.
+#[inline]
+pub(crate) fn bytes_for_write(p: *const u8, len: usize, max_lines: usize) {
+    let skip = p as usize % LINE;
+    let lines = (skip + len).div_ceil(LINE).min(max_lines);
+    for_write(p.wrapping_sub(skip), lines);
+}
+
 /// Asks for `lines` cache lines from `p` for reading, without waiting.
 #[inline]
 pub(crate) fn for_read(p: *const u8, lines: usize) {
@@ -18,7 +30,7 @@ pub(crate) fn for_read(p: *const u8, lines: usize) {
             // SAFETY: as in `for_write`.
             #[allow(unused_unsafe)]
             unsafe {
-                _mm_prefetch(p.wrapping_add(64 * i), _MM_HINT_T0)
+                _mm_prefetch(p.wrapping_add(LINE * i), _MM_HINT_T0)
             };
         }
     }
@@ -29,7 +41,7 @@ pub(crate) fn for_read(p: *const u8, lines: usize) {
 /// Asks for `lines` cache lines from `p` for writing (PREFETCHW where the
 /// CPU has it, else an ordinary prefetch), without waiting.
 #[inline]
-pub(crate) fn for_write(p: *const u8, lines: usize) {
+fn for_write(p: *const u8, lines: usize) {
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     {
         if !has_prefetchw() {
@@ -46,7 +58,7 @@ pub(crate) fn for_write(p: *const u8, lines: usize) {
             unsafe {
                 std::arch::asm!(
                     "prefetchw [{0}]",
-                    in(reg) p.wrapping_add(64 * i),
+                    in(reg) p.wrapping_add(LINE * i),
                     options(nostack, preserves_flags, readonly)
                 )
             };

@@ -88,8 +88,8 @@ pub unsafe extern "C" fn pskv_create(kind: *const c_char, out: *mut *mut PskvKvS
 /// memory and pushes from it are as from any buffer. `*shared` (if not
 /// NULL) is set to 1 in the first case, 0 in the second. Calling it again
 /// for the key, from any thread (first calls at once too: one makes it,
-/// the others wait for it), gives the same buffer. As any buffer, leave it alone while
-/// a request that uses it runs. A push or push-pull from it through its
+/// the others wait for it), gives the same buffer. As any buffer, leave it
+/// alone while a request that uses it runs. A push or push-pull from it through its
 /// slots that fails moves it off them (the same bytes at the same address,
 /// on private pages: the server may still read the slots; should that
 /// remap fail, the error is logged and the buffer stays shared), and
