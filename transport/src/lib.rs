@@ -37,6 +37,9 @@ pub use port_pipe::PortPipe;
 pub use postoffice::{EndWatcher, MissedBarrier, NodeChange, NodeEnd, NodeWatcher, Postoffice};
 pub use protocol::tracker::TrackError;
 pub use protocol::{Group, NodeId, Role};
+/// The shared-memory rings alone (`benches/shm_ring.rs`).
+#[doc(hidden)]
+pub use van::shm::bench::ring_round_trips as shm_ring_round_trips;
 pub use van::shm::region::Region;
 pub use van::shm::span::{Piece, SlotSpan};
 

@@ -265,6 +265,9 @@ impl Group {
             words.push(Waitv::shared(seq, seen));
             watched.push(flag);
         }
+        // The flags before the look at the rings' indices (the ring's wait
+        // protocol, `ring/mod.rs`).
+        std::sync::atomic::fence(Ordering::SeqCst);
         let ready = self.look_again(members, bell);
         for m in members {
             // A ring polled since it joined the wait is not watched by

@@ -8,12 +8,11 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::{
-    align64, heap, wait_until, Ring, CONS_WAIT, CONT, DATA_SEQ, HEAD, HEAP_FLAG, LEN_MASK,
-    PROD_WAIT, SPACE_SEQ, TAIL, WRAP,
+    align64, heap, wait_until, wake_waiter, Ring, CONS_WAIT, CONT, DATA_SEQ, HEAD, HEAP_FLAG,
+    LEN_MASK, PROD_WAIT, SPACE_SEQ, TAIL, WRAP,
 };
 use crate::link::Link;
 use crate::spin::Spin;
-use crate::van::shm::futex;
 use crate::van::VanError;
 use crate::wire::{decode_header, Limits, HEADER_LEN};
 
@@ -44,10 +43,7 @@ impl Consumer {
     fn release(&self, upto: u64) {
         let ring = &self.ring;
         ring.u64_at(TAIL).store(upto, Ordering::SeqCst);
-        ring.u32_at(SPACE_SEQ).fetch_add(1, Ordering::SeqCst);
-        if ring.u32_at(PROD_WAIT).load(Ordering::SeqCst) != 0 {
-            futex::wake(ring.u32_at(SPACE_SEQ));
-        }
+        wake_waiter(ring, SPACE_SEQ, PROD_WAIT);
     }
 
     /// The next frame's bytes: copied out of the ring, or leased from the

@@ -1,16 +1,21 @@
 //! The producer end of a direction: records written into the ring (a frame
 //! larger than a record in chunks, a large one through the heap), the head
 //! published, the consumer woken if it sleeps.
+//!
+//! The consumer's index is read only when the room last seen is not enough
+//! (`Producer::tail`): the consumer writes it after every record, so a read
+//! per frame would move its cache line between the two cores twice per
+//! frame. A stale index is safe: the consumer only ever moves it forward, so
+//! the room it gives was free then and is free now.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::{
-    align64, free_room, heap, wait_until, HeapWriter, Ring, CHUNK_BYTES, CONS_WAIT, CONT, DATA_SEQ,
-    HEAD, HEAP_FLAG, PROD_WAIT, SPACE_SEQ, TAIL, WRAP,
+    align64, free_room, heap, wait_until, wake_waiter, HeapWriter, Ring, CHUNK_BYTES, CONS_WAIT,
+    CONT, DATA_SEQ, HEAD, HEAP_FLAG, PROD_WAIT, SPACE_SEQ, TAIL, WRAP,
 };
 use crate::spin::Spin;
-use crate::van::shm::futex;
 use crate::van::{slice_parts, VanError};
 use crate::wire::Frame;
 
@@ -18,6 +23,9 @@ use crate::wire::Frame;
 pub(in crate::van::shm) struct Producer {
     pub(in crate::van::shm) ring: Arc<Ring>,
     head: u64,
+    /// The consumer's index as last read (and checked): at most its value
+    /// now, so `[head, tail + cap)` is free (see the module docs).
+    tail: u64,
     heap: HeapWriter,
     spin: Spin,
     /// Frames sent through the heap.
@@ -32,6 +40,7 @@ impl Producer {
             heap: HeapWriter::new(ring.clone()),
             ring,
             head: 0,
+            tail: 0,
             spin: Spin::new(),
             scratch: Vec::new(),
             heap_frames: 0,
@@ -73,28 +82,49 @@ impl Producer {
         let cap = self.ring.cap as u64;
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let (need, wrap) = self.need(len);
-        let tail = self.ring.u64_at(TAIL);
-        let head = self.head;
-        // An impossible index ends the wait too; `room` then reports it.
-        wait_until(
-            &self.ring,
-            SPACE_SEQ,
-            PROD_WAIT,
-            &mut self.spin,
-            &|| free_room(tail.load(Ordering::Acquire), head, cap).map_or(true, |r| r >= need),
-            closed,
-        )?;
-        if self.room()? < need {
-            return Err(VanError::protocol("the ring has less room than waited for"));
+        if self.room_for(need)? < need {
+            let tail = self.ring.u64_at(TAIL);
+            let head = self.head;
+            // An impossible index ends the wait too; `room` then reports it.
+            wait_until(
+                &self.ring,
+                SPACE_SEQ,
+                PROD_WAIT,
+                &mut self.spin,
+                &|| free_room(tail.load(Ordering::Acquire), head, cap).map_or(true, |r| r >= need),
+                closed,
+            )?;
+            if self.room()? < need {
+                return Err(VanError::protocol("the ring has less room than waited for"));
+            }
         }
         self.publish(parts, flags, wrap, need - wrap);
         Ok(())
     }
 
-    /// Free ring bytes now, or why the consumer's index is impossible.
-    fn room(&self) -> Result<u64, VanError> {
+    /// Free ring bytes by the consumer's index as last read.
+    fn room_seen(&self) -> u64 {
+        self.ring.cap as u64 - (self.head - self.tail)
+    }
+
+    /// Free ring bytes now (the consumer's index read again), or why that
+    /// index is impossible.
+    fn room(&mut self) -> Result<u64, VanError> {
         let tail = self.ring.u64_at(TAIL).load(Ordering::Acquire);
-        free_room(tail, self.head, self.ring.cap as u64)
+        free_room(tail, self.head, self.ring.cap as u64)?;
+        // Subtle: an index the consumer moved back (a hostile peer) gives
+        // no room back: the bytes below the last index seen were released.
+        self.tail = self.tail.max(tail);
+        Ok(self.room_seen())
+    }
+
+    /// Free ring bytes, reading the consumer's index again only if the last
+    /// one seen leaves less than `need`.
+    fn room_for(&mut self, need: u64) -> Result<u64, VanError> {
+        match self.room_seen() {
+            seen if seen >= need => Ok(seen),
+            _ => self.room(),
+        }
     }
 
     /// Writes a frame now if there is room for all of it; false (nothing
@@ -103,15 +133,16 @@ impl Producer {
         if self.ring.is_closed() {
             return false;
         }
-        let Ok(room) = self.room() else {
-            return false;
-        };
         let total = f.wire_len();
-        if self.heap.wants(total) && room >= self.need(heap::DESCRIPTOR).0 {
-            if let Some(at) = self.heap.alloc(total) {
-                // The room was checked: this does not wait (it fails only
-                // if the ring closes meanwhile; the writer then fails too).
-                return self.heap_frame(f, at, &|| true).is_ok();
+        if self.heap.wants(total) {
+            let need = self.need(heap::DESCRIPTOR).0;
+            if self.room_for(need).is_ok_and(|r| r >= need) {
+                if let Some(at) = self.heap.alloc(total) {
+                    // The room was checked: this does not wait (it fails
+                    // only if the ring closes meanwhile; the writer then
+                    // fails too).
+                    return self.heap_frame(f, at, &|| true).is_ok();
+                }
             }
         }
         // The records `inline_frame` writes, plus one wrap's worth of slack
@@ -124,7 +155,8 @@ impl Producer {
             let chunk = self.chunk_len(total);
             total.div_ceil(chunk) * align64(8 + chunk)
         };
-        if room < (records + max) as u64 {
+        let need = (records + max) as u64;
+        if !self.room_for(need).is_ok_and(|r| r >= need) {
             return false;
         }
         // The space is there: the writes below never wait.
@@ -156,10 +188,7 @@ impl Producer {
         }
         self.head += rec;
         self.ring.u64_at(HEAD).store(self.head, Ordering::SeqCst);
-        self.ring.u32_at(DATA_SEQ).fetch_add(1, Ordering::SeqCst);
-        if self.ring.u32_at(CONS_WAIT).load(Ordering::SeqCst) != 0 {
-            futex::wake(self.ring.u32_at(DATA_SEQ));
-        }
+        wake_waiter(&self.ring, DATA_SEQ, CONS_WAIT);
     }
 
     /// Writes a frame: into the heap if it is large and the heap has room,
