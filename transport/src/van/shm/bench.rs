@@ -13,8 +13,10 @@ use super::ring::{Consumer, Producer, Ring};
 use crate::van::VanError;
 use crate::wire::{Flags, Frame, Kind};
 
-/// Ring bytes of each direction (the van's default).
-const CAP: usize = 16 << 20;
+/// Ring bytes of each direction: smaller than the van's default (16 MiB),
+/// so that the untimed first lap is short; a frame's cost in a ring that
+/// has run a lap does not depend on its size.
+const CAP: usize = 1 << 20;
 
 /// A producer and the consumer of one new ring (its file already removed).
 fn direction() -> Result<(Producer, Consumer), VanError> {
@@ -28,16 +30,31 @@ fn direction() -> Result<(Producer, Consumer), VanError> {
     ))
 }
 
+/// What a thread's wait says when the other thread ended first.
+const OTHER_STOPPED: &str = "the other thread of the bench stopped";
+
 /// Spins until `c` holds a frame, and returns it; an error once `stop`.
 fn next(c: &mut Consumer, stop: &AtomicBool) -> Result<Bytes, VanError> {
     loop {
         if let Some(b) = c.try_next()? {
             return Ok(b);
         }
-        if stop.load(Ordering::Relaxed) {
-            return Err(VanError::protocol("the other thread stopped"));
+        if stop.load(Ordering::Acquire) {
+            // Subtle: the other thread may have sent its last frame just
+            // before it stopped (its stop is stored after): look once more.
+            return c.try_next()?.ok_or(VanError::Closed(OTHER_STOPPED));
         }
         std::hint::spin_loop();
+    }
+}
+
+/// Sets the flag when dropped: however a thread of the bench ends (an
+/// error, a panic), the other one's spin ends too.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -62,37 +79,45 @@ fn round_trips(iters: u64, bytes: usize) -> Result<Duration, VanError> {
     // touched on both sides, as in a link that has run a while.
     let warm = (CAP / (8 + f.wire_len()).next_multiple_of(64)) as u64 + 1;
     let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let echo = std::thread::spawn(move || -> Result<(), VanError> {
-        for _ in 0..warm + iters {
-            next(&mut at_echo, &stop2)?;
-            from_echo.frame(&reply, &|| stop2.load(Ordering::Relaxed))?;
-        }
-        Ok(())
-    });
-    let mut start = Instant::now();
-    let mut mine = Ok(());
-    for i in 0..warm + iters {
-        if i == warm {
-            start = Instant::now();
-        }
-        let round = to_echo
-            .frame(&f, &|| false)
-            .and_then(|_| next(&mut back, &stop))
-            .and_then(|b| match b.len() == f.wire_len() {
+    let echo = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<(), VanError> {
+            let _stop = StopOnDrop(stop.clone());
+            for _ in 0..warm + iters {
+                next(&mut at_echo, &stop)?;
+                from_echo.frame(&reply, &|| stop.load(Ordering::Relaxed))?;
+            }
+            Ok(())
+        })
+    };
+    let mine = {
+        let _stop = StopOnDrop(stop.clone());
+        let mut start = Instant::now();
+        let mut round = || {
+            to_echo.frame(&f, &|| stop.load(Ordering::Relaxed))?;
+            match next(&mut back, &stop)?.len() == f.wire_len() {
                 true => Ok(()),
                 false => Err(VanError::protocol("the echo came back with another length")),
-            });
-        if round.is_err() {
-            mine = round;
-            break;
-        }
-    }
-    let took = start.elapsed();
-    // Ends the echo's wait if this side stopped early.
-    stop.store(true, Ordering::Relaxed);
+            }
+        };
+        (0..warm + iters)
+            .try_for_each(|i| {
+                if i == warm {
+                    start = Instant::now();
+                }
+                round()
+            })
+            .map(|_| start.elapsed())
+    };
     let theirs = echo
         .join()
         .map_err(|_| VanError::protocol("the echo thread panicked"))?;
-    mine.and(theirs).map(|_| took)
+    // The first error is the one to tell: the other thread's then is
+    // `OTHER_STOPPED`.
+    let first = |e: &VanError| !matches!(e, VanError::Closed(w) if *w == OTHER_STOPPED);
+    match (mine, theirs) {
+        (Ok(took), Ok(())) => Ok(took),
+        (Err(e), Ok(())) | (Ok(_), Err(e)) => Err(e),
+        (Err(a), Err(b)) => Err(if first(&a) { a } else { b }),
+    }
 }

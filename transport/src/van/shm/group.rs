@@ -42,7 +42,7 @@
 //!   thread's guard ends every link the group still has, as a dying
 //!   per-link reader ends its one.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -267,7 +267,7 @@ impl Group {
         }
         // The flags before the look at the rings' indices (the ring's wait
         // protocol, `ring/mod.rs`).
-        std::sync::atomic::fence(Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         let ready = self.look_again(members, bell);
         for m in members {
             // A ring polled since it joined the wait is not watched by

@@ -311,6 +311,13 @@ fn start(
                     struct Cleanup(Arc<Link>, Arc<dyn FrameSink>);
                     impl Drop for Cleanup {
                         fn drop(&mut self) {
+                            if std::thread::panicking() {
+                                // As the grouped reader says it (`finish`).
+                                tracing::warn!(
+                                    link = self.0.id,
+                                    "closing the shared-memory link: its reader stopped (a frame's handling panicked)"
+                                );
+                            }
                             end(&self.0, &self.1, "the shared-memory reader stopped".into());
                             self.1.remove_poller(self.0.id);
                         }
@@ -344,6 +351,7 @@ mod tests {
     use super::*;
     use crate::wire::decode_frame;
     use bytes::Bytes;
+    use std::time::{Duration, Instant};
 
     fn pair(cap: usize, heap: usize) -> (Producer, Consumer, Arc<Link>) {
         let (a, _) = ring_paths();
@@ -501,27 +509,84 @@ mod tests {
     #[test]
     fn a_corrupt_read_index_is_an_error_for_the_sender() {
         for bad in [u64::MAX, 1 << 40] {
-            let (mut p, _c, _link) = pair(1 << 16, 256 << 10);
+            let (mut p, mut c, link) = pair(1 << 16, 0);
             p.frame(&frame(10, 1), &|| false).unwrap();
+            // Read: an honest index would now give the whole ring.
+            c.next(&link).unwrap();
             p.corrupt_tail(bad);
-            // Small frames take a 64-byte record of the 64 KiB ring, large
-            // ones a heap descriptor's (until the heap is full, then
-            // chunks): the room last seen runs short within 1,024 frames.
-            let size = |i: u32| if i % 2 == 0 { 10 } else { 100_000 };
+            assert!(
+                matches!(p.read_room(), Err(VanError::Protocol(m)) if m.contains("corrupt")),
+                "reading the index must find it impossible"
+            );
+            // The room last seen (the index was 0 then) is free, and used;
+            // then the sender reads the index, where an honest one would
+            // still give room, and refuses. A 10-byte frame takes a 128-byte
+            // record (and `try_frame` asks for a record's worth to spare).
             let sent = (0..1024u32)
-                .take_while(|i| p.try_frame(&frame(size(*i), *i as u8)))
+                .take_while(|i| p.try_frame(&frame(10, *i as u8)))
                 .count();
-            assert!(sent < 1024, "the sender never read the corrupt index");
-            // The blocking path too: within the room last seen it writes,
-            // then the index it reads is an error, not a wait.
-            let err = (0..1024u32)
-                .find_map(|i| p.frame(&frame(size(i), 4), &|| false).err())
+            assert!(
+                (300..400).contains(&sent),
+                "{sent} frames went before the index was read"
+            );
+            // The blocking path: an error, not a wait.
+            let err = (0..1024)
+                .find_map(|_| p.frame(&frame(10, 4), &|| false).err())
                 .expect("the sender never read the corrupt index");
             assert!(
                 matches!(&err, VanError::Protocol(m) if m.contains("corrupt")),
                 "{err}"
             );
         }
+    }
+
+    /// The ring's wait protocol (`ring/mod.rs`): a side that sleeps is
+    /// woken by the other's next index, not by the end of its sleep's
+    /// slice (100 ms). The producer waiting for room first: the consumer
+    /// reads 120 ms into its wait, long after its spin gave way to sleep.
+    #[test]
+    fn a_producer_waiting_for_room_wakes_when_the_consumer_reads() {
+        let (mut p, mut c, link) = pair(1 << 16, 0);
+        while p.try_frame(&frame(1000, 1)) {}
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(120));
+            let read_at = Instant::now();
+            while c.try_next().unwrap().is_some() {}
+            (read_at, c, link)
+        });
+        // Fills the rest of the ring, then waits for room.
+        for _ in 0..32 {
+            p.frame(&frame(1000, 2), &|| false).unwrap();
+        }
+        let woke = Instant::now();
+        let (read_at, _c, _link) = reader.join().unwrap();
+        let late = woke.saturating_duration_since(read_at);
+        assert!(
+            late < Duration::from_millis(40),
+            "woke {late:?} after the read"
+        );
+    }
+
+    /// The consumer's side of the same: a reader's wait (`Watch`) ends at
+    /// the producer's next frame.
+    #[test]
+    fn a_reader_waiting_for_data_wakes_at_the_next_frame() {
+        let (mut p, c, link) = pair(1 << 16, 0);
+        let ring = c.ring();
+        let waiter = std::thread::spawn(move || {
+            let mut w = ring::Watch::new(ring);
+            w.wait_beyond(0, &link, &|| false).unwrap();
+            Instant::now()
+        });
+        std::thread::sleep(Duration::from_millis(120));
+        let sent_at = Instant::now();
+        p.frame(&frame(10, 1), &|| false).unwrap();
+        let woke = waiter.join().unwrap();
+        let late = woke.saturating_duration_since(sent_at);
+        assert!(
+            late < Duration::from_millis(40),
+            "woke {late:?} after the frame"
+        );
     }
 
     proptest::proptest! {

@@ -65,6 +65,12 @@ impl Consumer {
         self.read(None)
     }
 
+    /// The ring it reads (tests that wait on it without the consumer).
+    #[cfg(test)]
+    pub(in crate::van::shm) fn ring(&self) -> Arc<Ring> {
+        self.ring.clone()
+    }
+
     /// Where this consumer reads next (bytes of the stream; see
     /// [`Watch::wait_beyond`]).
     pub(in crate::van::shm) fn position(&self) -> u64 {

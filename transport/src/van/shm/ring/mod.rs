@@ -36,11 +36,20 @@
 //! flag's store and load SeqCst). Either the waiter sees the new index, or
 //! the other side sees the flag and wakes it; a bump between the waiter's
 //! read and its sleep makes the futex return at once. A side that finds
-//! no waiter writes nothing but its index, so the header lines of a link
-//! whose two threads spin stay each in its writer's cache. Sleeps last at
-//! most 100 ms, so both threads notice a closed link. Before sleeping, a
-//! waiter spins (`crate::spin`: about as long as its last wait, within
-//! bounds).
+//! no waiter writes nothing but its index: while both threads spin, each
+//! header line has one writer, and the sequence and flag lines are not
+//! written at all (the producer also reads the consumer's index only when
+//! the room it last saw runs short: `produce.rs`). Sleeps last at most 100
+//! ms, so both threads notice a closed link. Before sleeping, a waiter
+//! spins (`crate::spin`: about as long as its last wait, within bounds).
+//!
+//! Subtle: one waiter per flag. Each direction's "data arrived" word has
+//! one sleeper at a time (the link's reader thread, or its group's thread:
+//! `shm/mod.rs` picks one; pollers never sleep on it), and the "space
+//! freed" word has the producer's (the producer is behind a mutex). A second
+//! sleeper could clear the flag while the first is about to sleep, and
+//! the first would then sleep out its slice: with no flag seen, nobody
+//! bumps the word.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -82,6 +91,10 @@ const LEN_MASK: u64 = (1 << 48) - 1;
 pub(super) const HEAP_FLAG: u64 = 1 << 61;
 pub(super) const CONT: u64 = 1 << 62;
 pub(super) const WRAP: u64 = 1 << 63;
+
+/// The most bytes of a ring mapped in at once when it is opened
+/// (`populate`).
+const POPULATE_MAX: usize = 64 << 20;
 
 /// Frames above a record's size travel in chunks of about this size
 /// (pipelined copies).
@@ -146,8 +159,11 @@ pub(super) fn reserve(file: &File, off: usize, len: usize) -> io::Result<()> {
 /// 4 KiB on both sides (about one a round trip in 30 of 4 B frames: a
 /// 16 MiB ring is a lap of 130,000 of them). Best effort: a kernel without
 /// `MADV_POPULATE_WRITE` (before 5.14) faults the pages in as they are
-/// first written, as before. The heap stays sparse (`heap.rs`).
+/// first written, as before. The heap stays sparse (`heap.rs`), and so
+/// does a ring's part past `POPULATE_MAX` (the peer may declare a ring of
+/// up to 16 GiB; the handshake that maps it should not wait for that).
 fn populate(map: &MmapRaw, len: usize) {
+    let len = len.min(POPULATE_MAX);
     // SAFETY: advice on a range of our own live mapping; it changes no
     // byte of it.
     unsafe {
@@ -308,8 +324,8 @@ fn wait_until(
         let seen = ring.u32_at(seq).load(Ordering::SeqCst);
         ring.u32_at(flag).store(1, Ordering::SeqCst);
         // Orders the flag before `ready`'s loads of the index (which are
-        // Acquire): the other side's store of the index and load of the
-        // flag are SeqCst (`wake_waiter`).
+        // Acquire): the other side's store of the index (`publish`,
+        // `release`) and its load of the flag (`wake_waiter`) are SeqCst.
         fence(Ordering::SeqCst);
         if !ready() && !ring.is_closed() {
             futex::wait(ring.u32_at(seq), seen, WAIT_SLICE);

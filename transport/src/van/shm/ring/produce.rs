@@ -275,6 +275,11 @@ impl Producer {
 
 #[cfg(test)]
 impl Producer {
+    /// Reads the consumer's index now (tests of a hostile peer).
+    pub(in crate::van::shm) fn read_room(&mut self) -> Result<u64, VanError> {
+        self.room()
+    }
+
     /// Scribbles the published head (tests of a hostile peer).
     pub(in crate::van::shm) fn corrupt_head(&self, v: u64) {
         self.ring.u64_at(HEAD).store(v, Ordering::SeqCst);
