@@ -90,7 +90,8 @@ impl EntryState {
     /// and an unlink then would leave that part on messages for good.
     pub(super) fn maybe_unlink(&mut self, round_done: bool) {
         let Some(seg) = &self.shm else { return };
-        if !self.checked.iter().all(|c| *c) {
+        // Once gone, for good (a load: this runs every round).
+        if seg.is_retired() || !self.checked.iter().all(|c| *c) {
             return;
         }
         let gone = |p: &Option<Instant>| match p {
