@@ -14,8 +14,9 @@ use crate::van::VanError;
 use crate::wire::{Flags, Frame, Kind};
 
 /// Ring bytes of each direction: smaller than the van's default (16 MiB),
-/// so that the untimed first lap is short; a frame's cost in a ring that
-/// has run a lap does not depend on its size.
+/// so that the untimed first lap is short. Both rings then fit in a
+/// core's L2 cache (2 MiB per core on the VMs of BENCHMARKS.md), which 16
+/// MiB ones do not: what large frames cost here is the cached case.
 const CAP: usize = 1 << 20;
 
 /// A producer and the consumer of one new ring (its file already removed).

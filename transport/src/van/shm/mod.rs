@@ -312,10 +312,11 @@ fn start(
                     impl Drop for Cleanup {
                         fn drop(&mut self) {
                             if std::thread::panicking() {
-                                // As the grouped reader says it (`finish`).
+                                // The grouped reader's end warns too
+                                // (`finish`, through its thread's guard).
                                 tracing::warn!(
                                     link = self.0.id,
-                                    "closing the shared-memory link: its reader stopped (a frame's handling panicked)"
+                                    "closing the shared-memory link: its reader thread panicked"
                                 );
                             }
                             end(&self.0, &self.1, "the shared-memory reader stopped".into());
@@ -540,51 +541,73 @@ mod tests {
         }
     }
 
+    /// Waits (up to 10 s) until `ready()`; whether it came.
+    fn until(ready: impl Fn() -> bool) -> bool {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !ready() {
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        true
+    }
+
     /// The ring's wait protocol (`ring/mod.rs`): a side that sleeps is
     /// woken by the other's next index, not by the end of its sleep's
-    /// slice (100 ms). The producer waiting for room first: the consumer
-    /// reads 120 ms into its wait, long after its spin gave way to sleep.
+    /// slice (100 ms, so a lost wake-up shows as tens of milliseconds).
+    /// The producer waiting for room first: the consumer reads once the
+    /// producer has said it sleeps.
     #[test]
     fn a_producer_waiting_for_room_wakes_when_the_consumer_reads() {
         let (mut p, mut c, link) = pair(1 << 16, 0);
         while p.try_frame(&frame(1000, 1)) {}
+        let ring = c.ring();
         let reader = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(120));
+            let slept = until(|| ring.sleepers().1);
             let read_at = Instant::now();
             while c.try_next().unwrap().is_some() {}
-            (read_at, c, link)
+            (slept, read_at, c, link)
         });
-        // Fills the rest of the ring, then waits for room.
+        // Fills the rest of the ring, then waits for room (or gives up if
+        // the reader thread is gone).
         for _ in 0..32 {
-            p.frame(&frame(1000, 2), &|| false).unwrap();
+            p.frame(&frame(1000, 2), &|| reader.is_finished()).unwrap();
         }
         let woke = Instant::now();
-        let (read_at, _c, _link) = reader.join().unwrap();
+        let (slept, read_at, _c, _link) = reader.join().unwrap();
+        assert!(slept, "the producer never slept: nothing was tested");
         let late = woke.saturating_duration_since(read_at);
         assert!(
-            late < Duration::from_millis(40),
+            late < Duration::from_millis(50),
             "woke {late:?} after the read"
         );
     }
 
     /// The consumer's side of the same: a reader's wait (`Watch`) ends at
-    /// the producer's next frame.
+    /// the producer's next frame, sent once the reader has said it sleeps.
     #[test]
     fn a_reader_waiting_for_data_wakes_at_the_next_frame() {
         let (mut p, c, link) = pair(1 << 16, 0);
         let ring = c.ring();
-        let waiter = std::thread::spawn(move || {
-            let mut w = ring::Watch::new(ring);
-            w.wait_beyond(0, &link, &|| false).unwrap();
-            Instant::now()
-        });
-        std::thread::sleep(Duration::from_millis(120));
+        let waiter = {
+            let ring = ring.clone();
+            std::thread::spawn(move || {
+                let mut w = ring::Watch::new(ring);
+                w.wait_beyond(0, &link, &|| false).unwrap();
+                Instant::now()
+            })
+        };
+        assert!(
+            until(|| ring.sleepers().0),
+            "the reader never slept: nothing was tested"
+        );
         let sent_at = Instant::now();
         p.frame(&frame(10, 1), &|| false).unwrap();
         let woke = waiter.join().unwrap();
         let late = woke.saturating_duration_since(sent_at);
         assert!(
-            late < Duration::from_millis(40),
+            late < Duration::from_millis(50),
             "woke {late:?} after the frame"
         );
     }

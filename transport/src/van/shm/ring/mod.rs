@@ -290,6 +290,16 @@ impl Ring {
     pub(super) fn is_closed(&self) -> bool {
         self.u32_at(CLOSED).load(Ordering::SeqCst) != 0
     }
+
+    /// Whether the consumer and the producer have said they sleep (their
+    /// flags; tests of the wait protocol).
+    #[cfg(test)]
+    pub(in crate::van::shm) fn sleepers(&self) -> (bool, bool) {
+        (
+            self.u32_at(CONS_WAIT).load(Ordering::SeqCst) != 0,
+            self.u32_at(PROD_WAIT).load(Ordering::SeqCst) != 0,
+        )
+    }
 }
 
 impl Ring {
