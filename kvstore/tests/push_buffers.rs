@@ -217,18 +217,24 @@ fn a_failed_push_from_the_buffer_leaves_its_slot_to_the_server() {
                 .unwrap()
                 .0
         };
+        // A write through the address, as a C or Python caller makes it:
+        // done when the call returns (a view's `copy_from_slice` would be
+        // an op on the view's own var, which nothing orders before the
+        // key's next push from the buffer).
+        // SAFETY: as for `view`.
+        let write = |v: f32| unsafe { std::slice::from_raw_parts_mut(addr as *mut f32, n) }.fill(v);
         let key = [Key::Int(5)];
         let out = Tensor::zeros(e, &[n], DType::F32, Context::Cpu).unwrap();
         let mut detached = None;
         if kv.rank() == 0 {
             // Worker 1 holds back: this push times out, still pending in
             // the server's round.
-            view().copy_from_slice(&vec![1.0f32; n]).unwrap();
+            write(1.0);
             kv.push(5, &[buf.clone()], 0).unwrap();
             let r = kv.ticket(&key, &[buf.clone()]).unwrap().wait();
             assert!(r.is_err(), "the push should time out");
             detached = Some(!buf.in_shared_memory().unwrap());
-            view().copy_from_slice(&vec![2.0f32; n]).unwrap();
+            write(2.0);
             gates[0].wait();
             gates[1].wait();
             kv.pushpull(5, &[view()], &[out.clone()], 0).unwrap();
@@ -243,7 +249,7 @@ fn a_failed_push_from_the_buffer_leaves_its_slot_to_the_server() {
         // The next round, in place from the buffer (worker 0's written
         // through its address).
         if kv.rank() == 0 {
-            view().copy_from_slice(&vec![10.0f32; n]).unwrap();
+            write(10.0);
         } else {
             buf.copy_from_slice(&vec![10.0f32; n]).unwrap();
         }

@@ -30,6 +30,11 @@ impl Tensor {
         let spec = Tensor::copy_spec(name, self.ctx(), Context::Cpu).read(self.var());
         self.engine().push_sync(spec, move |rc| {
             let r = t.read(&rc).map(|d| f(&t, &d));
+            // Subtle: the op's hold on the tensor ends before the caller
+            // has the result, so a caller that drops its last handle then
+            // has dropped the tensor (a key's next push buffer is refused
+            // while the last one lives).
+            drop(t);
             let _ = tx.send(r);
             Ok(())
         })?;
