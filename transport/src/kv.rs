@@ -231,10 +231,10 @@ impl KvWorker {
         keys: &[u64],
         lens: &[u32],
         mut vals: Bytes,
-    ) -> Vec<(NodeId, Vec<u64>, Vec<u32>, Bytes)> {
+    ) -> SmallVec<[(NodeId, Vec<u64>, Vec<u32>, Bytes); 1]> {
         let servers = self.po.num_servers();
         let server = |k: u64| crate::protocol::server_of_key(k, servers);
-        let mut out = Vec::new();
+        let mut out = SmallVec::new();
         let mut offset = 0usize;
         let mut lo = 0usize;
         while lo < keys.len() {
@@ -292,7 +292,7 @@ impl KvWorker {
             )));
         }
         let parts = match opts.target {
-            Some(node) => vec![(node, keys.to_vec(), lens.to_vec(), vals)],
+            Some(node) => smallvec::smallvec![(node, keys.to_vec(), lens.to_vec(), vals)],
             None => self.split(keys, lens, vals),
         };
         let pull = flags.contains(Flags::PULL);

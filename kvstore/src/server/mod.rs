@@ -498,6 +498,32 @@ impl Inner {
         };
         let tag = req.tag;
         let pull = matches!(head.op, Op::Pull | Op::PushPull | Op::RowPull | Op::Check);
+        // The transport checks the lengths only of a frame flagged as a
+        // push; the head's op is ours to check.
+        if head.op != Op::Pull
+            && req.lens.iter().map(|&l| l as u64).sum::<u64>() != req.vals.len() as u64
+        {
+            return r.error(format!(
+                "the request's value lengths do not add up to its {} bytes of values",
+                req.vals.len()
+            ));
+        }
+        if let ([key], [len]) = (&req.keys[..], &req.lens[..]) {
+            let (key, len) = (*key, *len as usize);
+            let vals = if head.op == Op::Pull {
+                Bytes::new()
+            } else {
+                req.vals.slice(..len)
+            };
+            return self.key_request(KeyWork {
+                key,
+                head,
+                vals,
+                rank: rank as usize,
+                tag,
+                answer: reply::one(r, std::mem::take(&mut req.keys), pull),
+            });
+        }
         let reply = Reply::new(r, std::mem::take(&mut req.keys), pull);
         let mut at = 0usize;
         for (i, (&key, &len)) in reply.keys().iter().zip(&req.lens).enumerate() {

@@ -1,5 +1,7 @@
-//! The answer of a request of several keys: sent once every key is done,
-//! with the values of a pull in key order, or the first error.
+//! The answer of a request: sent once every key is done, with the values
+//! of a pull in key order, or the first error. A request of one key (every
+//! request of the kvstore's parts) is answered by its key's [`Answer`]
+//! itself ([`one`]); one of several keys gathers them in a [`Reply`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,7 +13,23 @@ use pskv_transport::Responder;
 use super::entry::Answer;
 use crate::error::Fault;
 
-/// Answers a request once every key of it is done.
+/// The answer of a request of the one key `keys[0]`: the key's result is
+/// the request's (no [`Reply`], its locks and lists: one key's round is
+/// the small round's whole server side).
+pub(super) fn one(responder: Responder, keys: Vec<u64>, pull: bool) -> Answer {
+    debug_assert_eq!(keys.len(), 1);
+    Box::new(move |r| match r {
+        // The wire carries the message; the worker names the op and key.
+        Err(e) => responder.error(e.to_string()),
+        Ok(_) if !pull => responder.ok(),
+        Ok(v) => {
+            let v = v.unwrap_or_default();
+            responder.respond(keys, vec![v.len() as u32], v)
+        }
+    })
+}
+
+/// Answers a request of several keys once every key of it is done.
 pub(super) struct Reply {
     responder: Mutex<Option<Responder>>,
     keys: Vec<u64>,

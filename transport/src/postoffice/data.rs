@@ -6,6 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
+
 use crate::error::TransportError;
 use crate::kv::{Callback, Responder};
 use crate::landing::Landing;
@@ -29,7 +31,7 @@ impl Inner {
     /// one node only; ignored otherwise, and by vans that cannot).
     pub(crate) fn request(
         &self,
-        parts: Vec<(NodeId, Frame)>,
+        parts: SmallVec<[(NodeId, Frame); 1]>,
         timeout: Option<Duration>,
         landing: Option<Arc<Landing>>,
         callback: Callback,
@@ -42,7 +44,7 @@ impl Inner {
         if let Some(end) = self.end.lock().clone() {
             return Err(TransportError::NotRunning(end.to_string()));
         }
-        let mut links = Vec::with_capacity(parts.len());
+        let mut links: SmallVec<[_; 1]> = SmallVec::with_capacity(parts.len());
         for (node, _) in &parts {
             let dead = match &*self.ctl.lock() {
                 Ctl::Member(m) => m.is_dead(*node),
@@ -61,7 +63,7 @@ impl Inner {
         let now = Instant::now();
         let id = {
             let mut reqs = self.reqs.lock();
-            let targets = parts.iter().map(|(n, _)| *n).collect();
+            let targets = parts.iter().map(|(n, _)| *n);
             let id = match timeout {
                 Some(t) => reqs.tracker.start_until(targets, now, t),
                 None => reqs.tracker.start(targets),
@@ -352,17 +354,27 @@ impl Inner {
         };
         let request_id = frame.request_id;
         trace::record(Hop::AnswerIn, self.my_id(), from, request_id);
-        let done = {
+        let (c, cb) = {
             let mut reqs = self.reqs.lock();
-            if frame.flags.contains(Flags::ERROR) {
+            let done = if frame.flags.contains(Flags::ERROR) {
                 let msg = String::from_utf8_lossy(&frame.meta).into_owned();
                 reqs.tracker.on_error(from, request_id, msg)
             } else {
                 reqs.tracker.on_response(from, request_id, frame)
+            };
+            let Some(c) = done else { return };
+            if !c.unanswered_on.is_empty() {
+                drop(reqs);
+                return self.complete(vec![c]);
             }
+            // Nothing to take back from a link: `complete`'s work for a
+            // request answered in full, under the same lock.
+            reqs.landings.remove(&c.request_id);
+            let cb = reqs.callbacks.remove(&c.request_id);
+            (c, cb)
         };
-        if let Some(c) = done {
-            self.complete(vec![c]);
+        if let Some(cb) = cb {
+            cb(c.result.map_err(TransportError::from));
         }
     }
 }

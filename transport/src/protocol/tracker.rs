@@ -27,6 +27,8 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
+
 use super::{describe, NodeId};
 
 /// Why a request failed.
@@ -84,10 +86,12 @@ pub struct Completed<T> {
 
 #[derive(Debug)]
 struct Pending<T> {
-    targets: Vec<NodeId>,
-    parts: Vec<Option<T>>,
+    // Inline for a request of one target (every request of the kvstore's
+    // parts): no allocation per request.
+    targets: SmallVec<[NodeId; 2]>,
+    parts: SmallVec<[Option<T>; 1]>,
     /// The link each part went out on (None: not sent yet).
-    via: Vec<Option<u64>>,
+    via: SmallVec<[Option<u64>; 2]>,
     left: usize,
     /// When it fails unanswered, and its timeout (for the error).
     deadline: Option<(Instant, Duration)>,
@@ -122,16 +126,26 @@ impl<T> Default for Tracker<T> {
 impl<T> Tracker<T> {
     /// Starts a request to `targets` (distinct, non-empty) with no deadline;
     /// returns its id.
-    pub fn start(&mut self, targets: Vec<NodeId>) -> u64 {
+    pub fn start(&mut self, targets: impl IntoIterator<Item = NodeId>) -> u64 {
         self.start_with(targets, None)
     }
 
     /// Starts a request that fails if unanswered `timeout` after `now`.
-    pub fn start_until(&mut self, targets: Vec<NodeId>, now: Instant, timeout: Duration) -> u64 {
+    pub fn start_until(
+        &mut self,
+        targets: impl IntoIterator<Item = NodeId>,
+        now: Instant,
+        timeout: Duration,
+    ) -> u64 {
         self.start_with(targets, Some((now + timeout, timeout)))
     }
 
-    fn start_with(&mut self, targets: Vec<NodeId>, deadline: Option<(Instant, Duration)>) -> u64 {
+    fn start_with(
+        &mut self,
+        targets: impl IntoIterator<Item = NodeId>,
+        deadline: Option<(Instant, Duration)>,
+    ) -> u64 {
+        let targets: SmallVec<[NodeId; 2]> = targets.into_iter().collect();
         let id = self.next_id;
         self.next_id += 1;
         let n = targets.len();
@@ -142,7 +156,7 @@ impl<T> Tracker<T> {
             id,
             Pending {
                 parts: (0..n).map(|_| None).collect(),
-                via: vec![None; n],
+                via: SmallVec::from_elem(None, n),
                 targets,
                 left: n,
                 deadline,

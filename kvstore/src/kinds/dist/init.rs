@@ -58,7 +58,7 @@ impl DistStore {
                 key,
                 DistKey {
                     local: Arc::new(LocalKey::new(key.clone(), meta, stored)),
-                    parts,
+                    parts: parts.into(),
                     unit,
                     var: Var::named(format!("kvstore key {key}")),
                     residual: Mutex::new(Vec::new()),

@@ -50,6 +50,10 @@ use crate::updater::{Rule, Updater};
 use crate::wire::{command, Part};
 use staging::{Staging, Way};
 
+/// An op's view of its key's segments, per part (`DistStore::shm_parts`):
+/// inline for keys of one or two parts.
+type Segs = smallvec::SmallVec<[Option<Arc<Region>>; 2]>;
+
 mod collective;
 mod inflight;
 mod init;
@@ -63,7 +67,8 @@ mod states;
 /// One key of a distributed store.
 struct DistKey {
     local: Arc<LocalKey>,
-    parts: Vec<Part>,
+    /// Shared with the ops' answer handlers (no copy per op).
+    parts: Arc<[Part]>,
     /// Elements per unit of the parts (the row length of keys of two or
     /// more dimensions, else 1).
     unit: usize,
@@ -347,7 +352,7 @@ impl Flavor for DistStore {
     fn pushpull(&self, items: &Batch2, priority: i32) -> Result<()> {
         let compression = *self.compression.read();
         let local = self.worker_rule.read().is_some();
-        let mut dks = Vec::with_capacity(items.len());
+        let mut dks: smallvec::SmallVec<[_; 4]> = smallvec::SmallVec::with_capacity(items.len());
         for (key, values, outs) in items {
             let dk = self.dist_key(key)?;
             check_values(key, &dk.local.meta, values, compression)?;

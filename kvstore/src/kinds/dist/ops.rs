@@ -14,7 +14,7 @@ use pskv_transport::{KvResponse, Region, SlotSpan};
 use super::inflight::OutPtr;
 use super::parts::{OnAnswer, Round};
 use super::staging::Way;
-use super::{DistKey, DistStore};
+use super::{DistKey, DistStore, Segs};
 use crate::compression::Compression;
 use crate::error::{Fault, KvError, Result};
 use crate::tensor::{check_rows, gpu_of, Buf, Storage, Tensor};
@@ -25,11 +25,11 @@ use crate::wire::{rows_header, Op};
 pub(super) const INLINE_BYTES: usize = 1 << 20;
 impl DistStore {
     /// Which parts of a key travel through shared memory now.
-    pub(super) fn shm_parts(&self, dk: &DistKey) -> Vec<Option<Arc<Region>>> {
+    pub(super) fn shm_parts(&self, dk: &DistKey) -> Segs {
         if !self.sync {
-            return vec![None; dk.parts.len()];
+            return Segs::from_elem(None, dk.parts.len());
         }
-        dk.segs.read().clone()
+        dk.segs.read().iter().cloned().collect()
     }
 
     /// Which parts of a push or pull travel through their shared segment
@@ -37,7 +37,7 @@ impl DistStore {
     /// push through it failed, and none has succeeded since, so the server
     /// may still complete a round with that push: it reads the worker's
     /// slot then, and writes the value slot; see `DistKey::unsure`).
-    pub(super) fn shm_parts_now(&self, dk: &DistKey) -> Vec<Option<Arc<Region>>> {
+    pub(super) fn shm_parts_now(&self, dk: &DistKey) -> Segs {
         let mut segs = self.shm_parts(dk);
         dk.unsure.mask(&mut segs);
         segs
@@ -176,7 +176,7 @@ impl DistStore {
             // The key's push buffer, if one lives (L1 of `push_buffer.rs`).
             let lent = dk2.unsure.lent();
             let segs = if rows || compression.is_on() {
-                vec![None; dk2.parts.len()]
+                Segs::from_elem(None, dk2.parts.len())
             } else {
                 let mut segs = me.shm_parts_now(&dk2);
                 if let Some(l) = &lent {
@@ -215,17 +215,30 @@ impl DistStore {
                     me.send_quantized(&dk2, &g, compression, round, (completion, &rc), settle)
                 }
                 (None, false) => {
-                    let all: Vec<usize> = (0..dk2.parts.len()).collect();
-                    let prepare = |i: usize| {
-                        me.push_part(
-                            &dk2,
+                    // Subtle: the gradient and the push buffer are moved into
+                    // `prepare`, which `send_parts` drops before it sends the
+                    // last part. The op may complete as soon as that part is
+                    // answered, and a caller that then drops its push buffer
+                    // must find it gone (a key's next push buffer is refused
+                    // while one lives).
+                    let (me2, dk3, rc2) = (&me, &dk2, &rc);
+                    let prepare = move |i: usize| {
+                        me2.push_part(
+                            dk3,
                             &g,
                             compression,
                             (segs[i].as_ref(), lent.as_deref()),
-                            (i, &rc),
+                            (i, rc2),
                         )
                     };
-                    me.send_parts(&dk2, &all, &round, completion, settle, prepare)
+                    me.send_parts(
+                        &dk2,
+                        0..dk2.parts.len(),
+                        &round,
+                        completion,
+                        settle,
+                        prepare,
+                    )
                 }
             }
         })?;
@@ -273,8 +286,7 @@ impl DistStore {
                     "pull",
                 )
             };
-            let all: Vec<usize> = (0..dk2.parts.len()).collect();
-            me.send_parts(&dk2, &all, &round, completion, settle, |i| {
+            me.send_parts(&dk2, 0..dk2.parts.len(), &round, completion, settle, |i| {
                 Ok((Bytes::new(), segs[i].as_ref().map_or(0, |s| s.tag())))
             });
         })?;
@@ -360,9 +372,14 @@ impl DistStore {
                 }),
                 ..Round::ignore_answers(head, priority, "pull_row_sparse")
             };
-            me.send_parts(&dk2, &which, &round, completion, Vec::new(), |i| {
-                Ok((bodies[i].take().unwrap_or_default(), 0))
-            });
+            me.send_parts(
+                &dk2,
+                which.iter().copied(),
+                &round,
+                completion,
+                Vec::new(),
+                |i| Ok((bodies[i].take().unwrap_or_default(), 0)),
+            );
         })?;
         Ok(())
     }
@@ -399,18 +416,14 @@ impl DistStore {
             };
             // The guard goes before the completion is handed on.
             drop(d);
-            let payloads: Vec<(usize, Bytes)> = dk2
+            let mut bodies: Vec<Option<Bytes>> = dk2
                 .parts
                 .iter()
-                .enumerate()
-                .map(|(i, p)| (i, dense.slice(p.start * ub..(p.start + p.len) * ub)))
+                .map(|p| Some(dense.slice(p.start * ub..(p.start + p.len) * ub)))
                 .collect();
             let head = me.head(Op::Init, meta.dtype, Compression::None);
-            let all: Vec<usize> = (0..payloads.len()).collect();
-            let mut bodies: Vec<Option<Bytes>> =
-                payloads.into_iter().map(|(_, b)| Some(b)).collect();
             let round = Round::ignore_answers(head, 0, "init");
-            me.send_parts(&dk2, &all, &round, completion, Vec::new(), |i| {
+            me.send_parts(&dk2, 0..bodies.len(), &round, completion, Vec::new(), |i| {
                 Ok((bodies[i].take().unwrap_or_default(), 0))
             });
         })?;
@@ -448,7 +461,7 @@ pub(super) fn answer_into(
     dk: &DistKey,
     out: &Tensor,
     ptr: OutPtr,
-    segs: Vec<Option<Arc<Region>>>,
+    segs: Segs,
     workers: u32,
 ) -> OnAnswer {
     let ub = dk.unit * dk.local.meta.dtype.size();

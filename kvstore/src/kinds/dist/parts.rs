@@ -234,12 +234,15 @@ pub(super) struct Round {
 impl Round {
     /// Answers that carry nothing to keep.
     pub(super) fn ignore_answers(head: Head, priority: i32, name: &'static str) -> Round {
+        // One closure for every such round (no allocation per op).
+        static IGNORE: std::sync::LazyLock<OnAnswer> =
+            std::sync::LazyLock::new(|| Arc::new(|_, _, _| Ok(())));
         Round {
             head,
             priority,
             tag: 0,
             name,
-            on_answer: Arc::new(|_, _, _| Ok(())),
+            on_answer: IGNORE.clone(),
             land: None,
         }
     }
@@ -302,21 +305,29 @@ impl DistStore {
     /// parts). `prepare(i)` gives part `i`'s values and, if they travel
     /// through its shared slot, the segment's tag (0: they do not); it runs
     /// just before the part is sent, so a part's copy overlaps the transfer
-    /// of the ones before.
+    /// of the ones before. `prepare` is dropped before the last part is
+    /// sent (with what it owns: the op may complete once that part is
+    /// answered).
     pub(super) fn send_parts(
         &self,
         dk: &DistKey,
-        parts: &[usize],
+        parts: impl ExactSizeIterator<Item = usize>,
         round: &Round,
         completion: Completion,
         settle: staging::Lanes,
-        mut prepare: impl FnMut(usize) -> std::result::Result<(Bytes, u16), Fault>,
+        prepare: impl FnMut(usize) -> std::result::Result<(Bytes, u16), Fault>,
     ) {
         let Some(inf) = self.inflight(dk, parts.len(), completion, round.name, settle) else {
             return;
         };
-        for &i in parts {
-            self.send_prepared(dk, &inf, round, i, prepare(i));
+        let mut parts = parts.peekable();
+        let mut prepare = Some(prepare);
+        while let (Some(i), Some(p)) = (parts.next(), prepare.as_mut()) {
+            let prepared = p(i);
+            if parts.peek().is_none() {
+                prepare = None;
+            }
+            self.send_prepared(dk, &inf, round, i, prepared);
         }
     }
 
@@ -402,7 +413,9 @@ impl DistStore {
             // The transport fails the part on time (no watchdog here).
             timeout: Some(self.opts.timeout),
         };
-        let landing = land.as_ref().and_then(|into| {
+        // A part through its shared slot is answered with no values (they
+        // are in the value slot): nothing to land.
+        let landing = land.as_ref().filter(|_| !p.head.shm).and_then(|into| {
             let (at, n) = (p.part.start * into.unit_bytes, p.part.len * into.unit_bytes);
             if n == 0 || at + n > into.out.1 {
                 return None;

@@ -32,12 +32,11 @@ use parking_lot::Mutex;
 use pskv_engine::{Completion, Context, RunContext};
 use pskv_gpu::device::{self, Device, DeviceMem, Lane};
 use pskv_gpu::KernelError;
-use pskv_transport::Region;
 
 use super::inflight::{Inflight, OutPtr};
 use super::ops::answer_into;
 use super::parts::{LandIn, OnAnswer, Round};
-use super::{DistKey, DistStore};
+use super::{DistKey, DistStore, Segs};
 use crate::compression::{Compression, HEADER};
 use crate::error::{Fault, KvError, Result};
 use crate::tensor::{gpu_of, Buf, Storage, Tensor};
@@ -223,7 +222,7 @@ impl DistStore {
         &self,
         dk: &DistKey,
         (land, values): (&Landing, Option<&Tensor>),
-        segs: Vec<Option<Arc<Region>>>,
+        segs: Segs,
         rc: &RunContext<'_>,
     ) -> Result<(OnAnswer, Lanes, Option<LandIn>)> {
         // The op writes `land.host`; answers fill disjoint ranges of its
@@ -310,7 +309,7 @@ impl DistStore {
         dk: &Arc<DistKey>,
         grad: &Tensor,
         h: &Tensor,
-        segs: Vec<Option<Arc<Region>>>,
+        segs: Segs,
         round: Round,
         (completion, rc): (Completion, &RunContext<'_>),
         settle: Lanes,

@@ -58,7 +58,7 @@ impl DistStore {
                     format!("the saved optimizer state does not have the key's {n} elements"),
                 ));
             }
-            for p in &dk.parts {
+            for p in dk.parts.iter() {
                 let r = p.start * dk.unit..(p.start + p.len) * dk.unit;
                 list.push((p.ps_key, slice_state(s, r)));
             }
