@@ -521,7 +521,12 @@ impl Inner {
                 vals,
                 rank: rank as usize,
                 tag,
-                answer: reply::one(r, std::mem::take(&mut req.keys), pull),
+                answer: reply::one(
+                    r,
+                    std::mem::take(&mut req.keys),
+                    std::mem::take(&mut req.lens),
+                    pull,
+                ),
             });
         }
         let reply = Reply::new(r, std::mem::take(&mut req.keys), pull);

@@ -13,10 +13,11 @@ use pskv_transport::Responder;
 use super::entry::Answer;
 use crate::error::Fault;
 
-/// The answer of a request of the one key `keys[0]`: the key's result is
-/// the request's (no [`Reply`], its locks and lists: one key's round is
-/// the small round's whole server side).
-pub(super) fn one(responder: Responder, keys: Vec<u64>, pull: bool) -> Answer {
+/// The answer of a request of the one key `keys[0]` (`lens`: the
+/// request's list of its length, reused for the answer's): the key's
+/// result is the request's (no [`Reply`], its locks and lists: one key's
+/// round is the small round's whole server side).
+pub(super) fn one(responder: Responder, keys: Vec<u64>, mut lens: Vec<u32>, pull: bool) -> Answer {
     debug_assert_eq!(keys.len(), 1);
     Box::new(move |r| match r {
         // The wire carries the message; the worker names the op and key.
@@ -24,7 +25,9 @@ pub(super) fn one(responder: Responder, keys: Vec<u64>, pull: bool) -> Answer {
         Ok(_) if !pull => responder.ok(),
         Ok(v) => {
             let v = v.unwrap_or_default();
-            responder.respond(keys, vec![v.len() as u32], v)
+            lens.clear();
+            lens.push(v.len() as u32);
+            responder.respond(keys, lens, v)
         }
     })
 }
