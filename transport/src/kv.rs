@@ -180,6 +180,10 @@ fn check_kv(keys: &[u64], lens: &[u32], total: usize) -> Result<(), TransportErr
     Ok(())
 }
 
+/// One server's part of a request: its node, keys, their lengths and
+/// values.
+type ServerPart = (NodeId, Vec<u64>, Vec<u32>, Bytes);
+
 /// A worker's side of key/value messaging.
 ///
 /// ```no_run
@@ -226,12 +230,7 @@ impl KvWorker {
     /// request of the kvstore's parts) take the values whole: no slice of
     /// them is taken (a slice of a `Bytes` made from a `Vec` allocates a
     /// shared header), and no list of the ranges is made.
-    fn split(
-        &self,
-        keys: &[u64],
-        lens: &[u32],
-        mut vals: Bytes,
-    ) -> SmallVec<[(NodeId, Vec<u64>, Vec<u32>, Bytes); 1]> {
+    fn split(&self, keys: &[u64], lens: &[u32], mut vals: Bytes) -> SmallVec<[ServerPart; 1]> {
         let servers = self.po.num_servers();
         let server = |k: u64| crate::protocol::server_of_key(k, servers);
         let mut out = SmallVec::new();
