@@ -508,12 +508,12 @@ impl Inner {
                 req.vals.len()
             ));
         }
-        if let ([key], [len]) = (&req.keys[..], &req.lens[..]) {
-            let (key, len) = (*key, *len as usize);
+        if let [key] = req.keys[..] {
+            // Any other op's values are the key's whole (checked above).
             let vals = if head.op == Op::Pull {
                 Bytes::new()
             } else {
-                req.vals.slice(..len)
+                std::mem::take(&mut req.vals)
             };
             return self.key_request(KeyWork {
                 key,

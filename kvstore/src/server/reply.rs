@@ -19,17 +19,38 @@ use crate::error::Fault;
 /// round is the small round's whole server side).
 pub(super) fn one(responder: Responder, keys: Vec<u64>, mut lens: Vec<u32>, pull: bool) -> Answer {
     debug_assert_eq!(keys.len(), 1);
-    Box::new(move |r| match r {
-        // The wire carries the message; the worker names the op and key.
-        Err(e) => responder.error(e.to_string()),
-        Ok(_) if !pull => responder.ok(),
-        Ok(v) => {
+    Box::new(move |r| {
+        let (error, v) = match r {
+            Ok(v) => (None, v),
+            Err(e) => (Some(e), None),
+        };
+        send(responder, error, pull, keys, || {
             let v = v.unwrap_or_default();
             lens.clear();
             lens.push(v.len() as u32);
-            responder.respond(keys, lens, v)
-        }
+            (lens, v)
+        })
     })
+}
+
+/// Sends a request's answer: its first error, or that a push is done, or
+/// a pull's values (`values` gives their lengths and bytes).
+fn send(
+    resp: Responder,
+    error: Option<Fault>,
+    pull: bool,
+    keys: Vec<u64>,
+    values: impl FnOnce() -> (Vec<u32>, Bytes),
+) {
+    if let Some(e) = error {
+        // The wire carries the message; the worker names the op and key.
+        return resp.error(e.to_string());
+    }
+    if !pull {
+        return resp.ok();
+    }
+    let (lens, body) = values();
+    resp.respond(keys, lens, body);
 }
 
 /// Answers a request of several keys once every key of it is done.
@@ -79,29 +100,23 @@ impl Reply {
         let Some(resp) = self.responder.lock().take() else {
             return;
         };
-        if let Some(e) = self.error.lock().take() {
-            // The wire carries the message; the worker names the op and key.
-            resp.error(e.to_string());
-            return;
-        }
-        if !self.pull {
-            resp.ok();
-            return;
-        }
-        let vals = std::mem::take(&mut *self.values.lock());
-        let lens: Vec<u32> = vals
-            .iter()
-            .map(|v| v.as_ref().map_or(0, |b| b.len() as u32))
-            .collect();
-        let body = if vals.len() == 1 {
-            vals.into_iter().next().flatten().unwrap_or_default()
-        } else {
-            let mut all = Vec::with_capacity(lens.iter().map(|&l| l as usize).sum());
-            for v in vals.iter().flatten() {
-                all.extend_from_slice(v);
-            }
-            Bytes::from(all)
-        };
-        resp.respond(self.keys.clone(), lens, body);
+        let error = self.error.lock().take();
+        send(resp, error, self.pull, self.keys.clone(), || {
+            let vals = std::mem::take(&mut *self.values.lock());
+            let lens: Vec<u32> = vals
+                .iter()
+                .map(|v| v.as_ref().map_or(0, |b| b.len() as u32))
+                .collect();
+            let body = if vals.len() == 1 {
+                vals.into_iter().next().flatten().unwrap_or_default()
+            } else {
+                let mut all = Vec::with_capacity(lens.iter().map(|&l| l as usize).sum());
+                for v in vals.iter().flatten() {
+                    all.extend_from_slice(v);
+                }
+                Bytes::from(all)
+            };
+            (lens, body)
+        });
     }
 }

@@ -305,11 +305,7 @@ impl Inner {
             }
         }
         for c in done {
-            let cb = {
-                let mut reqs = self.reqs.lock();
-                reqs.landings.remove(&c.request_id);
-                reqs.callbacks.remove(&c.request_id)
-            };
+            let cb = self.reqs.lock().take_callback(c.request_id);
             if let Some(cb) = cb {
                 cb(c.result.map_err(TransportError::from));
             }
@@ -367,10 +363,9 @@ impl Inner {
                 drop(reqs);
                 return self.complete(vec![c]);
             }
-            // Nothing to take back from a link: `complete`'s work for a
-            // request answered in full, under the same lock.
-            reqs.landings.remove(&c.request_id);
-            let cb = reqs.callbacks.remove(&c.request_id);
+            // Nothing to take back from a link: `complete`'s work, under
+            // the same lock.
+            let cb = reqs.take_callback(c.request_id);
             (c, cb)
         };
         if let Some(cb) = cb {

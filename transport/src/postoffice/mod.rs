@@ -101,6 +101,14 @@ struct Requests {
     landings: HashMap<u64, (NodeId, Arc<crate::landing::Landing>)>,
 }
 
+impl Requests {
+    /// Forgets a completed request's landing and takes its callback.
+    fn take_callback(&mut self, request_id: u64) -> Option<Callback> {
+        self.landings.remove(&request_id);
+        self.callbacks.remove(&request_id)
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) cfg: Config,
     rt: Mutex<Option<tokio::runtime::Runtime>>,

@@ -86,8 +86,9 @@ pub struct Completed<T> {
 
 #[derive(Debug)]
 struct Pending<T> {
-    // Inline for a request of one target (every request of the kvstore's
-    // parts): no allocation per request.
+    /// Its targets. The lists are inline for a request of one target
+    /// (every request of the kvstore's parts) and, but for the answers,
+    /// of two: no allocation per request.
     targets: SmallVec<[NodeId; 2]>,
     parts: SmallVec<[Option<T>; 1]>,
     /// The link each part went out on (None: not sent yet).

@@ -67,7 +67,9 @@ mod states;
 /// One key of a distributed store.
 struct DistKey {
     local: Arc<LocalKey>,
-    /// Shared with the ops' answer handlers (no copy per op).
+    /// Its parts, in order: each a range of the key's units and the ps
+    /// key and server that hold it (shared with the ops' answer handlers:
+    /// no copy per op).
     parts: Arc<[Part]>,
     /// Elements per unit of the parts (the row length of keys of two or
     /// more dimensions, else 1).

@@ -218,9 +218,12 @@ impl DistStore {
                     // Subtle: the gradient and the push buffer are moved into
                     // `prepare`, which `send_parts` drops before it sends the
                     // last part. The op may complete as soon as that part is
-                    // answered, and a caller that then drops its push buffer
-                    // must find it gone (a key's next push buffer is refused
-                    // while one lives).
+                    // answered, and a caller that then drops the push buffer
+                    // it pushed from must find it gone (a key's next push
+                    // buffer is refused while one lives). An output is still
+                    // held past the completion (by `land`, the round and the
+                    // answer handlers): a push buffer that is the output too
+                    // may be seen alive a moment longer.
                     let (me2, dk3, rc2) = (&me, &dk2, &rc);
                     let prepare = move |i: usize| {
                         me2.push_part(
