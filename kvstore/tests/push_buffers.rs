@@ -184,6 +184,47 @@ fn a_push_from_another_tensor_leaves_the_push_buffer_alone() {
     }
 }
 
+/// A push buffer that is also the op's output (an in-place push-pull, as
+/// a training step makes) is its caller's alone once the op is done:
+/// dropped then, the key's next push buffer is made at once (the store
+/// let go of the output before the op completed).
+#[test]
+fn an_in_place_push_pull_leaves_the_buffer_to_its_caller() {
+    let got = cluster_van(1, 1, VanKind::Shm).run("dist_sync", opts(), |kv, e| {
+        let n = 2048; // two parts
+        kv.init(
+            2,
+            &Tensor::zeros(e, &[n], DType::F32, Context::Cpu).unwrap(),
+        )
+        .unwrap();
+        let mut refused = 0;
+        for round in 1..=200 {
+            let t0 = std::time::Instant::now();
+            let buf = loop {
+                match kv.push_buffer(2) {
+                    Ok(b) => break b,
+                    Err(e) if t0.elapsed() < Duration::from_secs(5) => {
+                        assert!(e.to_string().contains("already"), "{e}");
+                        refused += 1;
+                        std::thread::yield_now();
+                    }
+                    Err(e) => panic!("round {round}: {e}"),
+                }
+            };
+            buf.copy_from_slice(&vec![1.0f32; n]).unwrap();
+            kv.pushpull(2, &[buf.clone()], &[buf.clone()], 0).unwrap();
+            buf.wait_to_read().unwrap();
+            drop(buf);
+        }
+        refused
+    });
+    assert_eq!(
+        got,
+        vec![0],
+        "times a push buffer was refused after its op was done"
+    );
+}
+
 /// L3: a push from the buffer that timed out may still be read by its
 /// server: worker 1's push completes that round afterwards, from worker
 /// 0's slot. The failure detaches worker 0's buffer from the slot, so its

@@ -216,6 +216,13 @@ impl Tensor {
     /// [`KvStore::ticket`](crate::KvStore::ticket) copies it home before
     /// its ticket is done, so read the memory after a ticket.
     ///
+    /// Two tensors over the same memory (two views, or a view of a push
+    /// buffer's memory and the buffer) have a var each: the engine orders
+    /// the ops on each, not ops across them. A write through one (its
+    /// `copy_from_slice` is an op, done later) is ordered before a push
+    /// from the other only by waiting for it first (`wait_to_read`), or by
+    /// writing through the address itself.
+    ///
     /// # Safety
     /// The memory holds `shape`'s elements of `dtype`, stays valid, and is
     /// neither read nor written by anything else from this call until the

@@ -11,6 +11,12 @@
 //! read lock of `done`; the finisher takes the completion under its write
 //! lock. So once an op has finished, no late answer writes into a tensor
 //! that the next op may already own.
+//!
+//! The output's memory is reached by pointer (`OutPtr`, landings); its
+//! owner, the op's output tensor, is held here alone (`keep`) from the
+//! send of the parts, and let go of just before the op completes, once
+//! nothing writes it. So the store holds no handle of the output when the
+//! op's caller sees it done.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -76,9 +82,14 @@ pub(super) struct Inflight {
     /// collective call this worker had not reached).
     began: Instant,
     missed: MissedBarrier,
-    /// Where its parts' answers may land (`parts::LandIn`), each with the
-    /// tensor that owns its memory: closed before the op completes.
-    landings: Mutex<Vec<(Arc<Landing>, Tensor)>>,
+    /// Where its parts' answers may land (`parts::LandIn`): closed before
+    /// the op completes.
+    landings: Mutex<Vec<Arc<Landing>>>,
+    /// The tensor its answers write into (`parts::Round::keep`): owns the
+    /// memory they reach by pointer, landings included; let go of once
+    /// they are all closed and the staging lanes drained, just before the
+    /// op completes.
+    keep: Mutex<Option<Tensor>>,
 }
 
 impl Inflight {
@@ -87,7 +98,7 @@ impl Inflight {
         parts: usize,
         op: &'static str,
         key: &Key,
-        settle: staging::Lanes,
+        (settle, keep): (staging::Lanes, Option<Tensor>),
         push: Option<(&Arc<RoundLog>, Option<Arc<AtomicU64>>)>,
         missed: &MissedBarrier,
     ) -> Arc<Inflight> {
@@ -106,13 +117,13 @@ impl Inflight {
             began,
             missed: missed.clone(),
             landings: Mutex::new(Vec::new()),
+            keep: Mutex::new(keep),
         })
     }
 
-    /// Keeps a landing of one of the op's requests, and the owner of its
-    /// memory, to close (and let go of) at the end.
-    pub(super) fn hold(&self, landing: Arc<Landing>, owner: Tensor) {
-        self.landings.lock().push((landing, owner));
+    /// Keeps a landing of one of the op's requests, to close at the end.
+    pub(super) fn hold(&self, landing: Arc<Landing>) {
+        self.landings.lock().push(landing);
     }
 
     /// One part answered: `on_ok` stores its values (under the read lock).
@@ -183,11 +194,18 @@ impl Inflight {
         // queued by now (the lock was just taken for writing, or every part
         // answered): draining the lanes covers them.
         let settle = self.settle.clone();
+        let keep = self.keep.lock().take();
         let go = move || {
-            staging::settle(settle, move |drained| match (err, drained) {
-                (None, Ok(())) => c.complete(),
-                (Some(e), _) => c.fail(e),
-                (None, Err(e)) => c.fail(KvError::from(e)),
+            staging::settle(settle, move |drained| {
+                // Nothing writes the output now (answers, landings, staging
+                // copies): the store lets go of it before its caller can see
+                // the op done.
+                drop(keep);
+                match (err, drained) {
+                    (None, Ok(())) => c.complete(),
+                    (Some(e), _) => c.fail(e),
+                    (None, Err(e)) => c.fail(KvError::from(e)),
+                }
             })
         };
         // Subtle: the output is the next op's once the op completes, so
@@ -196,7 +214,8 @@ impl Inflight {
         // when the reader is done, and the op completes then, on the
         // reader's thread: that read ends when its answer is in or its link
         // closes, so such an op may complete later than the store's
-        // timeout. The owner of the landing's memory is kept until then.
+        // timeout. The owner of the landing's memory (`keep`) is kept until
+        // then.
         let landings = std::mem::take(&mut *self.landings.lock());
         if landings.is_empty() {
             return go();
@@ -206,14 +225,10 @@ impl Inflight {
 }
 
 /// Closes each landing, one after the other (as `staging::settle` drains
-/// lanes), letting go of its memory's owner once it is closed; then runs
-/// `then`.
-fn close_all(mut landings: Vec<(Arc<Landing>, Tensor)>, then: Box<dyn FnOnce() + Send>) {
-    let Some((l, owner)) = landings.pop() else {
+/// lanes); then runs `then`.
+fn close_all(mut landings: Vec<Arc<Landing>>, then: Box<dyn FnOnce() + Send>) {
+    let Some(l) = landings.pop() else {
         return then();
     };
-    l.close(move || {
-        drop(owner);
-        close_all(landings, then)
-    });
+    l.close(move || close_all(landings, then));
 }

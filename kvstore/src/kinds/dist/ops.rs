@@ -204,11 +204,14 @@ impl DistStore {
             if let Some(l) = &land {
                 match me.landing(&dk2, (l, Some(&g)), segs.clone(), &rc) {
                     Ok((on_answer, lanes, land)) => {
-                        (round.on_answer, settle, round.land) = (on_answer, lanes, land)
+                        (round.on_answer, settle, round.land) = (on_answer, lanes, land);
+                        round.keep = Some(l.host.clone());
                     }
                     Err(e) => return completion.fail(e),
                 }
             }
+            // The output is the round's to keep from here (`Round::keep`).
+            drop(land);
             match (&send, on_gpu) {
                 (Some(h), _) => me.send_staged(&dk2, &g, h, segs, round, (completion, &rc), settle),
                 (None, true) => {
@@ -220,10 +223,8 @@ impl DistStore {
                     // last part. The op may complete as soon as that part is
                     // answered, and a caller that then drops the push buffer
                     // it pushed from must find it gone (a key's next push
-                    // buffer is refused while one lives). An output is still
-                    // held past the completion (by `land`, the round and the
-                    // answer handlers): a push buffer that is the output too
-                    // may be seen alive a moment longer.
+                    // buffer is refused while one lives). The output, the
+                    // round keeps until then (`Round::keep`).
                     let (me2, dk3, rc2) = (&me, &dk2, &rc);
                     let prepare = move |i: usize| {
                         me2.push_part(
@@ -234,14 +235,7 @@ impl DistStore {
                             (i, rc2),
                         )
                     };
-                    me.send_parts(
-                        &dk2,
-                        0..dk2.parts.len(),
-                        &round,
-                        completion,
-                        settle,
-                        prepare,
-                    )
+                    me.send_parts(&dk2, 0..dk2.parts.len(), round, completion, settle, prepare)
                 }
             }
         })?;
@@ -275,21 +269,23 @@ impl DistStore {
             };
             let dtype = dk2.local.meta.dtype;
             let segs = me.shm_parts_now(&dk2);
-            let (on_answer, settle, land) = match me.landing(&dk2, (&land, None), segs.clone(), &rc)
-            {
-                Ok(x) => x,
-                Err(e) => return completion.fail(e),
-            };
+            let (on_answer, settle, land_in) =
+                match me.landing(&dk2, (&land, None), segs.clone(), &rc) {
+                    Ok(x) => x,
+                    Err(e) => return completion.fail(e),
+                };
             let round = Round {
                 on_answer,
-                land,
+                land: land_in,
+                // The output is the round's to keep from here.
+                keep: Some(land.host),
                 ..Round::ignore_answers(
                     me.head(Op::Pull, dtype, Compression::None),
                     priority,
                     "pull",
                 )
             };
-            me.send_parts(&dk2, 0..dk2.parts.len(), &round, completion, settle, |i| {
+            me.send_parts(&dk2, 0..dk2.parts.len(), round, completion, settle, |i| {
                 Ok((Bytes::new(), segs[i].as_ref().map_or(0, |s| s.tag())))
             });
         })?;
@@ -360,8 +356,6 @@ impl DistStore {
                 }
             }
             let head = me.head(Op::RowPull, meta.dtype, Compression::None);
-            // The answers write into `o`'s buffer: they keep it.
-            let keep = o.clone();
             let which: Vec<usize> = payloads.iter().map(|(i, _)| *i).collect();
             let mut bodies: Vec<Option<Bytes>> = vec![None; dk2.parts.len()];
             for (i, b) in payloads {
@@ -369,16 +363,17 @@ impl DistStore {
             }
             let round = Round {
                 on_answer: Arc::new(move |i, resp, _| {
-                    let _keep = &keep;
                     check_len(resp, counts[i] * rb)?;
                     copy_parts(&ptr, offsets[i], resp)
                 }),
+                // The answers write into `o`'s buffer: the round keeps it.
+                keep: Some(o.clone()),
                 ..Round::ignore_answers(head, priority, "pull_row_sparse")
             };
             me.send_parts(
                 &dk2,
                 which.iter().copied(),
-                &round,
+                round,
                 completion,
                 Vec::new(),
                 |i| Ok((bodies[i].take().unwrap_or_default(), 0)),
@@ -426,7 +421,7 @@ impl DistStore {
                 .collect();
             let head = me.head(Op::Init, meta.dtype, Compression::None);
             let round = Round::ignore_answers(head, 0, "init");
-            me.send_parts(&dk2, 0..bodies.len(), &round, completion, Vec::new(), |i| {
+            me.send_parts(&dk2, 0..bodies.len(), round, completion, Vec::new(), |i| {
                 Ok((bodies[i].take().unwrap_or_default(), 0))
             });
         })?;
@@ -457,21 +452,14 @@ pub(super) fn copy_parts(
     Ok(())
 }
 
-/// What stores the answers of a pull or push-pull in `out`: a part's
-/// values from the answer, or from the part's value slot when it went
-/// through shared memory. The callback keeps `out` alive.
-pub(super) fn answer_into(
-    dk: &DistKey,
-    out: &Tensor,
-    ptr: OutPtr,
-    segs: Segs,
-    workers: u32,
-) -> OnAnswer {
+/// What stores the answers of a pull or push-pull through `ptr`, the
+/// output's buffer: a part's values from the answer, or from the part's
+/// value slot when it went through shared memory. The output is kept alive
+/// by the op (`Round::keep`) while answers may come.
+pub(super) fn answer_into(dk: &DistKey, ptr: OutPtr, segs: Segs, workers: u32) -> OnAnswer {
     let ub = dk.unit * dk.local.meta.dtype.size();
     let parts = dk.parts.clone();
-    let keep = out.clone();
     Arc::new(move |i, resp, landed| {
-        let _keep = &keep;
         let p = parts[i];
         match &segs[i] {
             Some(seg) => {

@@ -206,14 +206,14 @@ pub(super) type OnAnswer =
 /// Where the values of a round's answers may be received in place (a
 /// [`Landing`] per part request; the TCP van reads them straight from the
 /// socket): the output's buffer, in which part `p` holds `p.len *
-/// unit_bytes` bytes from `p.start * unit_bytes`; and the tensor that owns
-/// that buffer, kept until every landing in it is closed (the op may fail
-/// while a reader still writes one; see `Inflight::finish`).
+/// unit_bytes` bytes from `p.start * unit_bytes`. The tensor that owns the
+/// buffer is the round's `keep`, kept until every landing in it is closed
+/// (the op may fail while a reader still writes one; see
+/// `Inflight::finish`).
 #[derive(Clone)]
 pub(super) struct LandIn {
     pub(super) out: OutPtr,
     pub(super) unit_bytes: usize,
-    pub(super) keep: Tensor,
 }
 
 /// What the part requests of one op share.
@@ -229,6 +229,13 @@ pub(super) struct Round {
     /// Answers may land in the output (pulls and push-pulls of dense
     /// values).
     pub(super) land: Option<LandIn>,
+    /// The tensor the answers write into (the op's output), which owns the
+    /// memory that `on_answer` and `land` reach by pointer: handed to the
+    /// op's `Inflight` when its parts are sent, and let go of there just
+    /// before the op completes, so that nothing of the store's holds it
+    /// once the op's caller may see it done (a push buffer that is the
+    /// output is then dropped with the caller's last handle).
+    pub(super) keep: Option<Tensor>,
 }
 
 impl Round {
@@ -244,6 +251,7 @@ impl Round {
             name,
             on_answer: IGNORE.clone(),
             land: None,
+            keep: None,
         }
     }
 }
@@ -269,16 +277,18 @@ impl DistStore {
         }
     }
 
-    /// Starts the bookkeeping of an op of `n` part requests: None (and the
-    /// op completed) when there are none.
+    /// Starts the bookkeeping of an op of `n` part requests, which holds
+    /// the round's `keep` until the op completes: None (and the op
+    /// completed) when there are none.
     pub(super) fn inflight(
         &self,
         dk: &DistKey,
         n: usize,
         completion: Completion,
-        name: &'static str,
+        round: &mut Round,
         settle: staging::Lanes,
     ) -> Option<Arc<Inflight>> {
+        let (name, keep) = (round.name, round.keep.take());
         if n == 0 {
             staging::settle(settle, move |r| match r {
                 Ok(()) => completion.complete(),
@@ -295,7 +305,7 @@ impl DistStore {
             n,
             name,
             &dk.local.key,
-            settle,
+            (settle, keep),
             push,
             &self.missed,
         ))
@@ -312,14 +322,15 @@ impl DistStore {
         &self,
         dk: &DistKey,
         parts: impl ExactSizeIterator<Item = usize>,
-        round: &Round,
+        mut round: Round,
         completion: Completion,
         settle: staging::Lanes,
         prepare: impl FnMut(usize) -> std::result::Result<(Bytes, u16), Fault>,
     ) {
-        let Some(inf) = self.inflight(dk, parts.len(), completion, round.name, settle) else {
+        let Some(inf) = self.inflight(dk, parts.len(), completion, &mut round, settle) else {
             return;
         };
+        let round = &round;
         let mut parts = parts.peekable();
         let mut prepare = Some(prepare);
         while let (Some(i), Some(p)) = (parts.next(), prepare.as_mut()) {
@@ -422,13 +433,16 @@ impl DistStore {
             }
             // SAFETY: the range is inside the output, which the op writes
             // until it completes; it completes only once this landing is
-            // closed (`Inflight::finish`, which keeps `into.keep`, the
-            // buffer's owner, until then), and no other request of the op
-            // lands in the range meanwhile (parts are disjoint).
+            // closed (`Inflight::finish`; the op's `Inflight` keeps the
+            // buffer's owner, the round's `keep`, until then), and no other
+            // request of the op lands in the range meanwhile (parts are
+            // disjoint).
             let l = Arc::new(unsafe { Landing::new(into.out.0.add(at), n) });
-            inf.hold(l.clone(), into.keep.clone());
+            inf.hold(l.clone());
             Some(l)
         });
+        // Not held while the part is sent (its answer may complete the op).
+        drop(land);
         let me = self.handle();
         let again = failover.then(|| p.clone());
         let retry = failover.then(|| p.clone());

@@ -239,12 +239,11 @@ impl DistStore {
         // values, which may be a view of this same output (an in-place
         // push-pull), and a dying primary's answer could land over them
         // first.
-        let land_in = (self.replicas == 1).then(|| LandIn {
+        let land_in = (self.replicas == 1).then_some(LandIn {
             out: ptr,
             unit_bytes: ub,
-            keep: land.host.clone(),
         });
-        let into_host = answer_into(dk, &land.host, ptr, segs, self.po.num_workers());
+        let into_host = answer_into(dk, ptr, segs, self.po.num_workers());
         let Some(out) = &land.device else {
             return Ok((into_host, Vec::new(), land_in));
         };
@@ -310,7 +309,7 @@ impl DistStore {
         grad: &Tensor,
         h: &Tensor,
         segs: Segs,
-        round: Round,
+        mut round: Round,
         (completion, rc): (Completion, &RunContext<'_>),
         settle: Lanes,
     ) {
@@ -325,7 +324,7 @@ impl DistStore {
         let mut settle = settle;
         settle.push((dev.clone(), Lane::Copy));
         let n = dk.parts.len();
-        let Some(inf) = self.inflight(dk, n, completion, round.name, settle) else {
+        let Some(inf) = self.inflight(dk, n, completion, &mut round, settle) else {
             return;
         };
         let ub = dk.unit * dk.local.meta.dtype.size();
@@ -371,7 +370,7 @@ impl DistStore {
         dk: &Arc<DistKey>,
         grad: &Tensor,
         compression: Compression,
-        round: Round,
+        mut round: Round,
         (completion, rc): (Completion, &RunContext<'_>),
         settle: Lanes,
     ) {
@@ -400,7 +399,7 @@ impl DistStore {
         let mut settle = settle;
         settle.push((dev.clone(), Lane::Compute));
         let n = dk.parts.len();
-        let Some(inf) = self.inflight(dk, n, completion, round.name, settle) else {
+        let Some(inf) = self.inflight(dk, n, completion, &mut round, settle) else {
             return;
         };
         let unit = dk.unit * 4;
