@@ -441,8 +441,6 @@ impl DistStore {
             inf.hold(l.clone());
             Some(l)
         });
-        // Not held while the part is sent (its answer may complete the op).
-        drop(land);
         let me = self.handle();
         let again = failover.then(|| p.clone());
         let retry = failover.then(|| p.clone());
