@@ -211,9 +211,11 @@ fn an_in_place_push_pull_leaves_the_buffer_to_its_caller() {
                     Err(e) => panic!("round {round}: {e}"),
                 }
             };
-            buf.copy_from_slice(&vec![1.0f32; n]).unwrap();
+            assert!(buf.in_shared_memory().unwrap(), "round {round}");
+            buf.copy_from_slice(&vec![round as f32; n]).unwrap();
             kv.pushpull(2, &[buf.clone()], &[buf.clone()], 0).unwrap();
-            buf.wait_to_read().unwrap();
+            // One worker: the round's value is its push.
+            assert_eq!(buf.to_vec::<f32>().unwrap(), vec![round as f32; n]);
             drop(buf);
         }
         refused

@@ -13,10 +13,12 @@
 //! that the next op may already own.
 //!
 //! The output's memory is reached by pointer (`OutPtr`, landings); its
-//! owner, the op's output tensor, is held here alone (`keep`) from the
-//! send of the parts, and let go of just before the op completes, once
-//! nothing writes it. So the store holds no handle of the output when the
-//! op's caller sees it done.
+//! owner, the op's output tensor on the host, is held here (`keep`) from
+//! the send of the parts, and let go of just before the op completes, once
+//! nothing writes it. So once its parts are sent the store holds no handle
+//! of a host output when the op's caller sees it done (a GPU output is
+//! also held by its op's body and device copies; an op that fails before
+//! its parts are sent lets go of it as it returns).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -232,9 +232,9 @@ pub(super) struct Round {
     /// The tensor the answers write into (the op's output), which owns the
     /// memory that `on_answer` and `land` reach by pointer: handed to the
     /// op's `Inflight` when its parts are sent, and let go of there just
-    /// before the op completes, so that nothing of the store's holds it
-    /// once the op's caller may see it done (a push buffer that is the
-    /// output is then dropped with the caller's last handle).
+    /// before the op completes, so that the store holds no handle of a
+    /// host output once the op's caller may see it done (a push buffer
+    /// that is the output is then dropped with the caller's last handle).
     pub(super) keep: Option<Tensor>,
 }
 
