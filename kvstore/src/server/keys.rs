@@ -1,6 +1,7 @@
-//! A request's keys: the engine op on each key's var (one at a time per
-//! key, in arrival order), its checks, and what it does to the key's
-//! state (init, push into the round, pull, row-sparse pull).
+//! A request's keys: a data request split into its keys (`serve`), the
+//! engine op on each key's var (one at a time per key, in arrival order),
+//! its checks, and what it does to the key's state (init, push into the
+//! round, pull, row-sparse pull).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,14 +9,100 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use pskv_engine::{OpSpec, Property, RunContext};
+use pskv_transport::protocol::role_rank;
+use pskv_transport::{KvRequest, Responder, Role};
 
 use super::entry::{Answer, EntryState};
 use super::replica::{answer_all, KeyWork};
+use super::reply::{self, Reply};
 use super::{Entry, Inner, INLINE_BYTES};
 use crate::error::Fault;
 use crate::wire::{decode_ps_key, split_rows, Head, Op};
 
 impl Inner {
+    /// Serves a request: a command goes to `commands.rs`; a data request
+    /// has its head and sender checked, each of its keys handed to
+    /// `key_request`, and is answered once every key is done (`reply.rs`).
+    pub(super) fn serve(self: &Arc<Self>, mut req: KvRequest, r: Responder) {
+        if req.command {
+            self.command(req, r);
+            return;
+        }
+        let head = match Head::decode(req.cmd) {
+            Ok(h) => h,
+            Err(e) => return r.error(e.to_string()),
+        };
+        let rank = match (req.worker_rank(), role_rank(req.sender)) {
+            (Some(r), _) => r,
+            // Copies come from the server whose keys this one backs up.
+            (None, Some((Role::Server, r)))
+                if head.op == Op::Replicate
+                    && self
+                        .repl
+                        .get()
+                        .is_some_and(|p| p.on && p.primary_of_copies() == r) =>
+            {
+                r
+            }
+            _ => {
+                return r
+                    .error("data requests come from workers (and copies from the primary server)")
+            }
+        };
+        let tag = req.tag;
+        let pull = matches!(head.op, Op::Pull | Op::PushPull | Op::RowPull | Op::Check);
+        // The transport checks the lengths only of a frame flagged as a
+        // push; the head's op is ours to check.
+        if head.op != Op::Pull
+            && req.lens.iter().map(|&l| l as u64).sum::<u64>() != req.vals.len() as u64
+        {
+            return r.error(format!(
+                "the request's value lengths do not add up to its {} bytes of values",
+                req.vals.len()
+            ));
+        }
+        if let [key] = req.keys[..] {
+            // Any other op's values are the key's whole (checked above).
+            let vals = if head.op == Op::Pull {
+                Bytes::new()
+            } else {
+                std::mem::take(&mut req.vals)
+            };
+            return self.key_request(KeyWork {
+                key,
+                head,
+                vals,
+                rank: rank as usize,
+                tag,
+                answer: reply::one(
+                    r,
+                    std::mem::take(&mut req.keys),
+                    std::mem::take(&mut req.lens),
+                    pull,
+                ),
+            });
+        }
+        let reply = Reply::new(r, std::mem::take(&mut req.keys), pull);
+        let mut at = 0usize;
+        for (i, (&key, &len)) in reply.keys().iter().zip(&req.lens).enumerate() {
+            let vals = if head.op == Op::Pull {
+                Bytes::new()
+            } else {
+                let v = req.vals.slice(at..at + len as usize);
+                at += len as usize;
+                v
+            };
+            self.key_request(KeyWork {
+                key,
+                head,
+                vals,
+                rank: rank as usize,
+                tag,
+                answer: reply.answer(i),
+            });
+        }
+    }
+
     /// Schedules the work on one ps key.
     pub(super) fn key_request(self: &Arc<Self>, w: KeyWork) {
         match w.head.op {

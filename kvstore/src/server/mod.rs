@@ -18,11 +18,12 @@
 //! arrive meanwhile are held (`Inner::held`) and handled, in order, once
 //! the keys are back.
 //!
-//! Rooms: this file is the server's API, its state and the dispatch of a
-//! request; `keys.rs` the op on each key of a request; `entry/` one ps
-//! key's state and round (its shared segment in `entry/segment.rs`, the
-//! update in `entry/update.rs`); `acc.rs` a round's running sum;
-//! `reply.rs` the answer of a request of several keys; `commands.rs` the workers' commands; `recovery.rs` checkpoint
+//! Rooms: this file is the server's API and its state (a request is
+//! handed to `keys.rs`, which sends a command to `commands.rs`);
+//! `keys.rs` a request's keys and the op on each; `entry/` one ps key's
+//! state and round (its shared segment in `entry/segment.rs`, the update
+//! in `entry/update.rs`); `acc.rs` a round's running sum; `reply.rs` a
+//! request's answer; `commands.rs` the workers' commands; `recovery.rs` checkpoint
 //! records, restore and deaths; `checkpoint.rs` the file; `replica.rs`
 //! replicas.
 
@@ -40,22 +41,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 use pskv_engine::{Engine, Var};
 use pskv_gpu::cpu::CpuKernels;
-use pskv_transport::protocol::role_rank;
 use pskv_transport::status::RoundLog;
 use pskv_transport::{Config, KvRequest, NodeEnd, Postoffice, RequestHandler, Responder, Role};
 
 use crate::error::{KvError, Result};
 use crate::updater::Rule;
-use crate::wire::{decode_ps_key, Head, Op};
+use crate::wire::decode_ps_key;
 pub use checkpoint::CheckpointError;
 use checkpoint::Checkpointer;
 use entry::EntryState;
-use replica::{Deferred, KeyWork, Replication};
-use reply::Reply;
+use replica::{Deferred, Replication};
 
 /// Values at most this large are handled on the I/O thread.
 const INLINE_BYTES: usize = 1 << 20;
@@ -467,86 +465,6 @@ impl Inner {
     fn settings_changed(&self) {
         if let Some(c) = self.ckpt.get() {
             c.set_globals(self.globals());
-        }
-    }
-
-    fn serve(self: &Arc<Self>, mut req: KvRequest, r: Responder) {
-        if req.command {
-            self.command(req, r);
-            return;
-        }
-        let head = match Head::decode(req.cmd) {
-            Ok(h) => h,
-            Err(e) => return r.error(e.to_string()),
-        };
-        let rank = match (req.worker_rank(), role_rank(req.sender)) {
-            (Some(r), _) => r,
-            // Copies come from the server whose keys this one backs up.
-            (None, Some((Role::Server, r)))
-                if head.op == Op::Replicate
-                    && self
-                        .repl
-                        .get()
-                        .is_some_and(|p| p.on && p.primary_of_copies() == r) =>
-            {
-                r
-            }
-            _ => {
-                return r
-                    .error("data requests come from workers (and copies from the primary server)")
-            }
-        };
-        let tag = req.tag;
-        let pull = matches!(head.op, Op::Pull | Op::PushPull | Op::RowPull | Op::Check);
-        // The transport checks the lengths only of a frame flagged as a
-        // push; the head's op is ours to check.
-        if head.op != Op::Pull
-            && req.lens.iter().map(|&l| l as u64).sum::<u64>() != req.vals.len() as u64
-        {
-            return r.error(format!(
-                "the request's value lengths do not add up to its {} bytes of values",
-                req.vals.len()
-            ));
-        }
-        if let [key] = req.keys[..] {
-            // Any other op's values are the key's whole (checked above).
-            let vals = if head.op == Op::Pull {
-                Bytes::new()
-            } else {
-                std::mem::take(&mut req.vals)
-            };
-            return self.key_request(KeyWork {
-                key,
-                head,
-                vals,
-                rank: rank as usize,
-                tag,
-                answer: reply::one(
-                    r,
-                    std::mem::take(&mut req.keys),
-                    std::mem::take(&mut req.lens),
-                    pull,
-                ),
-            });
-        }
-        let reply = Reply::new(r, std::mem::take(&mut req.keys), pull);
-        let mut at = 0usize;
-        for (i, (&key, &len)) in reply.keys().iter().zip(&req.lens).enumerate() {
-            let vals = if head.op == Op::Pull {
-                Bytes::new()
-            } else {
-                let v = req.vals.slice(at..at + len as usize);
-                at += len as usize;
-                v
-            };
-            self.key_request(KeyWork {
-                key,
-                head,
-                vals,
-                rank: rank as usize,
-                tag,
-                answer: reply.answer(i),
-            });
         }
     }
 
