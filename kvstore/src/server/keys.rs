@@ -61,6 +61,14 @@ impl Inner {
                 req.vals.len()
             ));
         }
+        let work = |key, vals, answer| KeyWork {
+            key,
+            head,
+            vals,
+            rank: rank as usize,
+            tag,
+            answer,
+        };
         if let [key] = req.keys[..] {
             // Any other op's values are the key's whole (checked above).
             let vals = if head.op == Op::Pull {
@@ -68,19 +76,13 @@ impl Inner {
             } else {
                 std::mem::take(&mut req.vals)
             };
-            return self.key_request(KeyWork {
-                key,
-                head,
-                vals,
-                rank: rank as usize,
-                tag,
-                answer: reply::one(
-                    r,
-                    std::mem::take(&mut req.keys),
-                    std::mem::take(&mut req.lens),
-                    pull,
-                ),
-            });
+            let answer = reply::one(
+                r,
+                std::mem::take(&mut req.keys),
+                std::mem::take(&mut req.lens),
+                pull,
+            );
+            return self.key_request(work(key, vals, answer));
         }
         let reply = Reply::new(r, std::mem::take(&mut req.keys), pull);
         let mut at = 0usize;
@@ -92,14 +94,7 @@ impl Inner {
                 at += len as usize;
                 v
             };
-            self.key_request(KeyWork {
-                key,
-                head,
-                vals,
-                rank: rank as usize,
-                tag,
-                answer: reply.answer(i),
-            });
+            self.key_request(work(key, vals, reply.answer(i)));
         }
     }
 

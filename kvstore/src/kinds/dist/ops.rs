@@ -201,17 +201,16 @@ impl DistStore {
                 ..Round::ignore_answers(head, priority, name)
             };
             let mut settle = Vec::new();
-            if let Some(l) = &land {
-                match me.landing(&dk2, (l, Some(&g)), segs.clone(), &rc) {
+            // The output is the round's to keep from here (`Round::keep`).
+            if let Some(l) = land {
+                match me.landing(&dk2, (&l, Some(&g)), segs.clone(), &rc) {
                     Ok((on_answer, lanes, land)) => {
                         (round.on_answer, settle, round.land) = (on_answer, lanes, land);
-                        round.keep = Some(l.host.clone());
+                        round.keep = Some(l.host);
                     }
                     Err(e) => return completion.fail(e),
                 }
             }
-            // The output is the round's to keep from here (`Round::keep`).
-            drop(land);
             match (&send, on_gpu) {
                 (Some(h), _) => me.send_staged(&dk2, &g, h, segs, round, (completion, &rc), settle),
                 (None, true) => {
