@@ -36,6 +36,8 @@ pub struct Node {
     pub status: Option<ExitStatus>,
     /// Everything it wrote (stdout and stderr, by line).
     pub out: Arc<Mutex<String>>,
+    /// Its output streams read to their end (of 2).
+    pub closed: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A job of processes on 127.0.0.1.
@@ -148,12 +150,13 @@ impl Job {
         let mut child = c.spawn().expect("starting a node");
         let i = self.nodes.len();
         let out = Arc::new(Mutex::new(String::new()));
+        let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let streams: Vec<Box<dyn std::io::Read + Send>> = vec![
             Box::new(child.stdout.take().expect("piped")),
             Box::new(child.stderr.take().expect("piped")),
         ];
         for s in streams {
-            let (tx, out) = (self.lines_tx.clone(), out.clone());
+            let (tx, out, closed) = (self.lines_tx.clone(), out.clone(), closed.clone());
             std::thread::spawn(move || {
                 for line in std::io::BufReader::new(s).lines().map_while(Result::ok) {
                     {
@@ -163,6 +166,7 @@ impl Job {
                     }
                     let _ = tx.send((i, line));
                 }
+                closed.fetch_add(1, std::sync::atomic::Ordering::Release);
             });
         }
         self.nodes.push(Node {
@@ -170,6 +174,7 @@ impl Job {
             child,
             status: None,
             out,
+            closed,
         });
         i
     }
@@ -228,6 +233,18 @@ impl Job {
             }
             if let Some(s) = self.nodes[i].child.try_wait().expect("waiting") {
                 self.nodes[i].status = Some(s);
+                // What it wrote last may still be on its way from the pipes
+                // (a reader thread per stream): wait for their ends, a
+                // while (a child process it started may hold them longer).
+                let read = Instant::now() + Duration::from_secs(5);
+                while self.nodes[i]
+                    .closed
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    < 2
+                    && Instant::now() < read
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return s;
             }
             if Instant::now() > end {
