@@ -8,6 +8,7 @@ mod comm;
 mod compression;
 mod dtype;
 mod error;
+mod gate;
 mod hash;
 mod key;
 mod kinds;

@@ -557,6 +557,15 @@ impl KvStore {
         self.flavor.pushed_in_place()
     }
 
+    /// How many key parts of this store's pushes were summed by the
+    /// workers in shared memory, so far: their server had opened the
+    /// part's gate (no optimizer on the servers, the part small enough:
+    /// `PSKV_WORKER_SUM_BYTES`), and this worker arrived there rather than
+    /// sending its push.
+    pub fn worker_summed_parts(&self) -> u64 {
+        self.flavor.worker_summed_parts()
+    }
+
     /// How many key parts exchange their values with a co-located server
     /// through shared memory (0 for local stores, and over tcp).
     pub fn shared_memory_parts(&self) -> usize {

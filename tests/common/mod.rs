@@ -52,8 +52,24 @@ pub fn spawn_workers(n: u32, entry: &str, flag: &str, env: &[(&str, String)]) ->
 
 /// The resident set of process `pid`, in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, &["VmRSS:"])
+}
+
+/// The private resident set of process `pid` (anonymous and file pages:
+/// the resident set less the shared memory it touched), in KiB.
+pub fn private_rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, &["RssAnon:", "RssFile:"])
+}
+
+/// The sum of `fields` of `/proc/<pid>/status`, in KiB.
+fn status_kib(pid: u32, fields: &[&str]) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    fields
+        .iter()
+        .map(|f| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(f))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .sum()
 }

@@ -40,7 +40,7 @@ pub use protocol::{Group, NodeId, Role};
 /// The shared-memory rings alone (`benches/shm_ring.rs`).
 #[doc(hidden)]
 pub use van::shm::bench::ring_round_trips as shm_ring_round_trips;
-pub use van::shm::region::Region;
+pub use van::shm::region::{Region, REGION_WORDS};
 pub use van::shm::span::{Piece, SlotSpan};
 
 /// The RDMA device `PSKV_VAN=rdma` would use (its name), or why there is

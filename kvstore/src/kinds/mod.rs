@@ -168,6 +168,10 @@ pub(crate) trait Flavor: Send + Sync {
     fn shared_memory_parts(&self) -> usize {
         0
     }
+    /// Parts of pushes summed by the workers at their gates, so far.
+    fn worker_summed_parts(&self) -> u64 {
+        0
+    }
     /// This worker's part of the collective `call` failed before it began
     /// (`e`, a bad argument): the other workers' call fails too, with this
     /// cause. Returns `e`.

@@ -204,6 +204,7 @@ impl Inner {
             answer,
         } = w;
         let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
+        st.count_gate_rounds();
         // A sync push of a round this key holds complete (the count learned
         // from the push itself first: `entry/cut_short.rs`).
         let done = pushes && head.sync && st.round_done(tag);
@@ -245,6 +246,7 @@ impl Inner {
                     vals
                 };
                 let rule = self.rule.read().clone();
+                st.gate_ok = head.sync && self.gate_ok(key, st.nbytes(), rule.is_none());
                 let before = st.rounds;
                 // Profiling: the push taken in (and folded, where it can
                 // be) or the round summed, then the
@@ -302,6 +304,21 @@ impl Inner {
             })),
             Op::Init | Op::Replicate => unreachable!("handled in key_request"),
         }
+    }
+
+    /// Whether a key part of `nbytes` may have its rounds summed by its
+    /// workers (`gate.rs`): the server has nothing to add to them (no
+    /// optimizer, no checkpoints, which record rounds as the server sees
+    /// them, no copies for a backup, no fault set for a test), and the part
+    /// is small enough.
+    fn gate_ok(&self, key: u64, nbytes: usize, no_rule: bool) -> bool {
+        no_rule
+            && nbytes <= self.worker_sum_bytes.load(Ordering::Acquire)
+            && self.workers <= crate::gate::MAX_WORKERS
+            && self.ckpt.get().is_none()
+            && !self.copies(key)
+            && self.cut_round.load(Ordering::Acquire) == 0
+            && self.fault.lock().is_none()
     }
 
     /// Tests (`Server::die_after_answering_rank_0`): the answer of the

@@ -1,6 +1,10 @@
 //! The server of a distributed kvstore: stores its share of every key,
 //! sums the workers' pushes (in worker-rank order), runs the optimizer
-//! once per round, answers pulls, and obeys commands.
+//! once per round, answers pulls, and obeys commands. A small part whose
+//! rounds need nothing of the server (no optimizer, checkpoints or
+//! replicas) and whose workers all share its segment is handed to them:
+//! they sum its rounds at the segment's gate (`crate::gate`) until the
+//! server closes it (`set_optimizer`).
 //!
 //! Requests arrive on the transport's I/O threads. Each ps key has an
 //! engine var; the work on a key is an engine op that writes it, so a key's
@@ -37,7 +41,7 @@ mod replica;
 mod reply;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,6 +128,26 @@ struct Inner {
     /// Where completed rounds are reported (`pskv status`), once the
     /// transport started.
     rounds: std::sync::OnceLock<Arc<RoundLog>>,
+    /// Parts of at most this many bytes may be summed by their workers
+    /// (`gate.rs`; `PSKV_WORKER_SUM_BYTES`, 0: never).
+    worker_sum_bytes: AtomicUsize,
+}
+
+/// `PSKV_WORKER_SUM_BYTES` unset: parts up to this size are summed by
+/// their workers when the server has nothing to add (BENCHMARKS.md, "Small
+/// rounds summed by the workers").
+pub const DEFAULT_WORKER_SUM_BYTES: usize = 1 << 20;
+
+/// `PSKV_WORKER_SUM_BYTES`, or its default.
+fn worker_sum_bytes_from_env() -> Result<usize> {
+    match std::env::var("PSKV_WORKER_SUM_BYTES") {
+        Err(_) => Ok(DEFAULT_WORKER_SUM_BYTES),
+        Ok(v) => v.trim().parse::<usize>().map_err(|_| {
+            KvError::invalid(format!(
+                "PSKV_WORKER_SUM_BYTES={v}: expected a whole number of bytes (0: the servers sum every round)"
+            ))
+        }),
+    }
 }
 
 /// Where and how often a server checkpoints (`PSKV_CHECKPOINT_DIR`,
@@ -230,6 +254,7 @@ impl Server {
             cut_round: AtomicU64::new(0),
             cut: Mutex::new(None),
             rounds: std::sync::OnceLock::new(),
+            worker_sum_bytes: AtomicUsize::new(worker_sum_bytes_from_env()?),
         });
         let replicas = cfg.replicas;
         let cfg = crate::store::for_engine(cfg, &inner.engine);
@@ -317,6 +342,19 @@ impl Server {
         f: impl Fn(i32, &[u8]) -> std::result::Result<Vec<u8>, String> + Send + Sync + 'static,
     ) {
         *self.inner.controller.write() = Some(Arc::new(f));
+    }
+
+    /// Parts of at most `bytes` bytes may be summed by their workers, in
+    /// their shared segment, while this server has nothing to add to their
+    /// rounds (0: this server sums every round). Overrides
+    /// `PSKV_WORKER_SUM_BYTES`; parts over the new size go back to this
+    /// server at once (an error if a round the workers are summing does
+    /// not end within `timeout`).
+    pub fn set_worker_sum_bytes(&self, bytes: usize, timeout: Duration) -> Result<()> {
+        self.inner.worker_sum_bytes.store(bytes, Ordering::Release);
+        self.inner
+            .close_gates(|st| st.nbytes() > bytes, timeout)
+            .map_err(|e| KvError::invalid(e.to_string()))
     }
 
     /// This server's rank.
@@ -466,6 +504,28 @@ impl Inner {
         if let Some(c) = self.ckpt.get() {
             c.set_globals(self.globals());
         }
+    }
+
+    /// Closes the gates (`gate.rs`) of the entries `which` picks: their
+    /// rounds come to this server again. Waits for rounds the workers are
+    /// summing (at most `timeout`, each); the first gate that stays busy
+    /// is an error.
+    fn close_gates(
+        &self,
+        which: impl Fn(&EntryState) -> bool,
+        timeout: Duration,
+    ) -> std::result::Result<(), crate::error::Fault> {
+        for (_, e) in self.entries_snapshot() {
+            // Subtle: under the entry's lock, which a round that opens the
+            // gate holds while it reads the rule and opens: so a gate opened
+            // before a new rule is closed here, and one opened after it saw
+            // the rule (and did not open).
+            let st = e.st.lock();
+            if which(&st) {
+                st.close_gate(timeout)?;
+            }
+        }
+        Ok(())
     }
 
     /// Every entry, with its ps key, taken out of the map's lock.

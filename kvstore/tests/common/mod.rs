@@ -40,6 +40,8 @@ pub struct Cluster {
     pub s: u32,
     pub w: u32,
     pub van: VanKind,
+    /// The servers' `set_worker_sum_bytes` (None: their default).
+    pub worker_sum_bytes: Option<usize>,
 }
 
 pub fn cluster(s: u32, w: u32) -> Cluster {
@@ -55,6 +57,7 @@ pub fn cluster_van(s: u32, w: u32, van: VanKind) -> Cluster {
         s,
         w,
         van,
+        worker_sum_bytes: None,
     }
 }
 
@@ -65,8 +68,12 @@ impl Cluster {
         (0..self.s)
             .map(|_| {
                 let c = config_van(Role::Server, self.port, self.s, self.w, self.van);
+                let sum_bytes = self.worker_sum_bytes;
                 std::thread::spawn(move || {
                     let s = Server::start(c, engine()).unwrap();
+                    if let Some(n) = sum_bytes {
+                        s.set_worker_sum_bytes(n, T).unwrap();
+                    }
                     s.wait(Some(T)).unwrap();
                     s.shutdown();
                 })

@@ -116,6 +116,11 @@ pub struct CaseResult {
     /// case, its check round and warm-up included.
     #[serde(default)]
     pub in_place_parts: u64,
+    /// Key parts of the case's pushes (check round and warm-up included)
+    /// that the workers summed in shared memory, their server's gate open
+    /// (`KvStore::worker_summed_parts`).
+    #[serde(default)]
+    pub worker_summed_parts: u64,
 }
 
 /// One worker's results.
@@ -265,6 +270,7 @@ pub fn worker(s: &BenchSettings) -> CliResult {
         kv.init_many(&inits)?;
         let outs: Vec<Tensor> = (0..nkeys).map(zeros).collect::<Result<_, _>>()?;
         let in_place_before = kv.pushed_in_place();
+        let summed_before = kv.worker_summed_parts();
         // What the keys are pushed from: their push buffers, or tensors
         // made here.
         let bufs: Option<Vec<Tensor>> = if s.push_buffers {
@@ -392,6 +398,7 @@ pub fn worker(s: &BenchSettings) -> CliResult {
             check_ok,
             shared_keys,
             in_place_parts: kv.pushed_in_place() - in_place_before,
+            worker_summed_parts: kv.worker_summed_parts() - summed_before,
             median_us: med * 1e6,
             mean_us: mean * 1e6,
             min_us: ts[0] * 1e6,

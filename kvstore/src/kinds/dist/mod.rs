@@ -24,7 +24,8 @@
 //! and failover to a backup; `inflight.rs` an op waiting for its answers; `staging.rs` values on a GPU through pinned memory;
 //! `segments.rs` the check after `init` and the shared segments;
 //! `collective.rs` calls every worker makes together; `states.rs`
-//! optimizer states across parts.
+//! optimizer states across parts; `worker_sum.rs` rounds this worker sums
+//! with the others at a part's gate (`crate::gate`), without the server.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -63,6 +64,7 @@ mod push_buffer;
 mod segments;
 mod staging;
 mod states;
+mod worker_sum;
 
 /// One key of a distributed store.
 struct DistKey {
@@ -137,6 +139,9 @@ pub(crate) struct DistStore {
     /// Waiting threads read this worker's shared-memory links themselves
     /// (`Postoffice::progress`): removed when the store is dropped.
     _progress: pskv_engine::progress::Hook,
+    /// Parts waiting at their gates for the rounds the workers sum
+    /// (`worker_sum.rs`).
+    waits: Arc<worker_sum::Waits>,
     /// Copies of each server's keys (`PSKV_REPLICAS`; see
     /// `server/replica.rs`): with 2, a part whose server died is sent to
     /// the next server, the backup.
@@ -178,11 +183,21 @@ impl DistStore {
         }
         let po = Postoffice::start(crate::store::for_engine(cfg, &engine), None)?;
         let kv = KvWorker::new(&po);
+        let waits = Arc::new(worker_sum::Waits::new(
+            po.num_workers() as usize,
+            opts.timeout,
+        ));
         let store = Arc::new_cyclic(|me| DistStore {
             _progress: {
                 let f = po.progress_fn();
-                pskv_engine::progress::add(move |c| f(c == pskv_engine::progress::Call::Leave))
+                let w = waits.clone();
+                pskv_engine::progress::add(move |c| {
+                    let leave = c == pskv_engine::progress::Call::Leave;
+                    // Both run: each may have something to finish.
+                    f(leave) | w.poll(leave)
+                })
             },
+            waits,
             replicas,
             me: me.clone(),
             server_opt: AtomicBool::new(false),
@@ -543,6 +558,10 @@ impl Flavor for DistStore {
         self.shared_parts()
     }
 
+    fn worker_summed_parts(&self) -> u64 {
+        self.waits.summed()
+    }
+
     fn close(&self) -> Result<()> {
         // Subtle: an op queued behind a failed one inherits its failure and
         // may store it on the key's var again (or log it, writing no var)
@@ -556,6 +575,7 @@ impl Flavor for DistStore {
             }
         }
         self.closed.store(true, Ordering::Release);
+        self.waits.close();
         self.po.shutdown();
         result?;
         barrier

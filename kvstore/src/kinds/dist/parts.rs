@@ -358,6 +358,9 @@ impl DistStore {
                 return inf.part_done(Err(TransportError::Invalid(e.to_string())), |_| Ok(()))
             }
         };
+        if self.at_gate(dk, inf, round, i, shm_tag) {
+            return;
+        }
         let head = round.head;
         let send = PartSend {
             i,

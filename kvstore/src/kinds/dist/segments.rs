@@ -38,6 +38,12 @@
 //!   slot is read and written at once.
 //! - Happens-before between processes comes from the message that follows
 //!   each write (see [`Region`](pskv_transport::Region)).
+//! - While the part's gate is open (`crate::gate`: the server opened it
+//!   at the end of a round it summed with nothing to add), the workers sum
+//!   the rounds themselves: each writes its slot and arrives at the gate,
+//!   the last reads every slot and writes the value slot, and the others
+//!   copy out only once it let them go. The gate's atomics, in the
+//!   segment's header, order those writes, as the messages do here.
 //! - A request that says "in my slot" carries the region's tag
 //!   ([`Region::tag`](pskv_transport::Region::tag)): a server restarted since the worker mapped the old
 //!   process's segment refuses it (the worker maps the new one and sends

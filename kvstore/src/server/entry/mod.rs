@@ -41,6 +41,7 @@ use crate::comm::sum_dense;
 use crate::compression::Compression;
 use crate::dtype::DType;
 use crate::error::Fault;
+use crate::gate::Gate;
 use crate::tensor::{share, Buf};
 use crate::updater::{KeyState, Rule};
 use crate::wire::{split_rows, Head, Op};
@@ -135,6 +136,14 @@ pub(crate) struct EntryState {
     pub(crate) rounds: u64,
     /// When the latest round's first push arrived (`pskv status`).
     pub(crate) round_began: Option<Instant>,
+    /// Whether the round being completed may open the segment's gate, as
+    /// the server sees it (no optimizer, checkpoints or replicas; the part
+    /// small enough: set by `keys.rs` before each push); the round itself
+    /// must be plain pushes through every worker's slot (`gate.rs`).
+    pub(crate) gate_ok: bool,
+    /// The gate's count of rounds the workers summed, as far as `rounds`
+    /// holds them.
+    gate_seen: u32,
     /// Profiling: time the update of a round (the optimizer's step, or the
     /// sum becoming the value) into `update_span`.
     pub(crate) time_update: bool,
@@ -167,6 +176,8 @@ impl EntryState {
             round_sync: None,
             rounds: 0,
             round_began: None,
+            gate_ok: false,
+            gate_seen: 0,
             time_update: false,
             update_span: None,
         }
@@ -438,6 +449,13 @@ impl EntryState {
         if result.is_ok() {
             self.rounds += 1;
             self.maybe_unlink(true);
+            // Before the answers: each worker's next push must find the
+            // gate open (G1 of `gate.rs`).
+            if rule.is_none() && self.gate_ok && arrivals.iter().all(|a| a.head.shm) {
+                if let Some(seg) = &self.shm {
+                    Gate::of(seg).open();
+                }
+            }
         }
         match result {
             Ok(()) => {
@@ -565,6 +583,31 @@ impl EntryState {
         for (answer, want) in waiters {
             answer(Ok(answer_of(want, &snap)));
         }
+    }
+
+    /// Counts into `rounds` the rounds the workers summed at the gate
+    /// since the last look (inside an op on the entry).
+    pub(crate) fn count_gate_rounds(&mut self) {
+        if let Some(seg) = &self.shm {
+            let done = Gate::of(seg).done();
+            self.rounds += u64::from(done.wrapping_sub(self.gate_seen));
+            self.gate_seen = done;
+        }
+    }
+
+    /// Closes the segment's gate (rounds come to the server again),
+    /// waiting at most `timeout` for a round the workers are summing.
+    pub(crate) fn close_gate(&self, timeout: std::time::Duration) -> Result<(), Fault> {
+        let Some(seg) = &self.shm else {
+            return Ok(());
+        };
+        Gate::of(seg).close_within(timeout).map_err(|n| {
+            Fault::Unavailable(format!(
+                "{}: {n} of {} workers are in a round they sum in shared memory, which did not end within {timeout:?}",
+                self.name(),
+                self.workers
+            ))
+        })
     }
 
     /// Runs a round's update, timed into `update_span` when profiling.

@@ -11,6 +11,7 @@
 //!
 //! ```text
 //!   page 0: magic | slots | slot_len | nonce      (written once, by the creator)
+//!           words 0..REGION_WORDS, one per cache line    (zero at creation; the layer above's)
 //!   page 1..: slot 0, slot 1, ..., slot slots-1   (each a whole number of pages)
 //! ```
 //!
@@ -38,6 +39,10 @@
 //!   memory. Happens-before between processes comes from the message that
 //!   follows each write (the shared-memory van publishes with release and
 //!   consumes with acquire), which is why the slot accessors are `unsafe`.
+//! - The header's [`word`](Region::word)s are for the layer above's own
+//!   protocol between the processes that map the region (its atomics, and a
+//!   futex wait and wake on them: [`Region::wait_word`],
+//!   [`Region::wake_word`]); the transport never reads or writes them.
 //! - A region's [`tag`](Region::tag) is random per creation: a message that
 //!   names the tag of the region it used is refused by a creator that has
 //!   been restarted since (its new region has another tag), instead of
@@ -46,8 +51,9 @@
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use memmap2::MmapRaw;
@@ -59,6 +65,15 @@ const PAGE: usize = 4096;
 
 /// The header's first word: "PSKVREG1".
 const MAGIC: u64 = u64::from_le_bytes(*b"PSKVREG1");
+
+/// Words of the header for the layer above ([`Region::word`]).
+pub const REGION_WORDS: usize = 8;
+
+/// Where those words start in the header page, and the bytes between two
+/// (a cache line each, so that one word's traffic does not slow another's).
+const WORDS_AT: usize = 64;
+const WORD_STRIDE: usize = 64;
+const _: () = assert!(WORDS_AT >= 32 && WORDS_AT + REGION_WORDS * WORD_STRIDE <= PAGE);
 
 /// Where region files live, and how their names start.
 const DIR: &str = "/dev/shm";
@@ -256,6 +271,37 @@ impl Region {
         ((n ^ (n >> 16) ^ (n >> 32) ^ (n >> 48)) as u16).max(1)
     }
 
+    /// Word `i` of the header's words for the layer above (zero when the
+    /// region is made; every process that maps the region sees the same
+    /// word). What they mean, and the orderings that make them safe, are
+    /// the caller's protocol.
+    ///
+    /// # Panics
+    /// If `i` is not below [`REGION_WORDS`].
+    pub fn word(&self, i: usize) -> &AtomicU32 {
+        assert!(i < REGION_WORDS, "header word {i} of {REGION_WORDS}");
+        // SAFETY: within the header page (WORDS_AT + REGION_WORDS * WORD_STRIDE is
+        // below PAGE), 4-aligned (the mapping is page-aligned), and shared
+        // memory is only ever accessed through atomics at these offsets.
+        unsafe { &*(self.map.as_ptr().add(WORDS_AT + i * WORD_STRIDE) as *const AtomicU32) }
+    }
+
+    /// Sleeps while word `i` holds `expected`, at most `timeout` (or until
+    /// a [`wake_word`](Region::wake_word) on it from any process that maps
+    /// the region; or at once, on any error). A futex wait: the kernel
+    /// compares and sleeps atomically, so a wake after a change of the word
+    /// is never slept through (the caller's protocol must make its waker
+    /// wake when a sleeper may be waiting).
+    pub fn wait_word(&self, i: usize, expected: u32, timeout: Duration) {
+        super::futex::wait(self.word(i), expected, timeout);
+    }
+
+    /// Wakes every thread (of any process) sleeping in
+    /// [`wait_word`](Region::wait_word) on word `i`.
+    pub fn wake_word(&self, i: usize) {
+        super::futex::wake(self.word(i));
+    }
+
     /// A slot's first byte.
     ///
     /// # Panics
@@ -359,6 +405,41 @@ mod tests {
         drop(a);
         assert_eq!(unsafe { b.slot(0) }[0], 1);
         assert_eq!(leased[0], 7);
+    }
+
+    /// The header's words are zero, shared by every mapping, apart from the
+    /// slots and the header's own fields; a sleeper on one is woken from
+    /// another mapping, and one whose word moved on does not sleep.
+    #[test]
+    fn header_words_are_shared_and_can_be_slept_on() {
+        let a = Arc::new(Region::create(2, 64).unwrap());
+        let b = Arc::new(Region::open(&a.descriptor()).unwrap());
+        for i in 0..REGION_WORDS {
+            assert_eq!(b.word(i).load(Ordering::Relaxed), 0);
+            a.word(i).store(i as u32 + 1, Ordering::Relaxed);
+        }
+        for i in 0..REGION_WORDS {
+            assert_eq!(b.word(i).load(Ordering::Relaxed), i as u32 + 1);
+        }
+        assert_eq!(unsafe { b.slot(0) }, &[0u8; 64][..]);
+        assert_eq!(b.tag(), a.tag(), "the header's own fields are intact");
+        // A word that differs from what the sleeper expects: no sleep.
+        let t = std::time::Instant::now();
+        b.wait_word(3, 0, Duration::from_secs(10));
+        assert!(t.elapsed() < Duration::from_secs(5));
+        // A sleeper on `b`'s mapping, woken through `a`'s.
+        let b2 = b.clone();
+        let sleeper = std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            while b2.word(0).load(Ordering::Acquire) == 1 {
+                b2.wait_word(0, 1, Duration::from_secs(20));
+            }
+            t.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        a.word(0).store(2, Ordering::Release);
+        a.wake_word(0);
+        assert!(sleeper.join().unwrap() < Duration::from_secs(10));
     }
 
     /// Descriptors from the network are checked against the file.

@@ -1,0 +1,322 @@
+//! Rounds the workers sum in shared memory (`gate.rs`): once a server has
+//! summed a round of a small part with nothing to add (no optimizer), it
+//! opens the part's gate and the workers sum the next rounds themselves.
+//! They must give the server's bits, hand rounds back to the server when
+//! an optimizer comes, finish a push nobody waits for, fail (and take
+//! back) a push whose round never fills, and refuse to mix a push by
+//! message into a round the others sum. Stores in one process over the shm
+//! van.
+
+#![allow(clippy::cloned_ref_to_slice_refs)]
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pskv_engine::{Context, Engine};
+use pskv_kvstore::{DType, Key, KvStore, Optimizer, Options, Tensor};
+use pskv_transport::VanKind;
+
+mod common;
+use common::*;
+
+/// A one-part key, one of three parts (4 KiB parts), and an f64 key.
+fn keys() -> Vec<(Key, usize, DType)> {
+    vec![
+        (Key::Int(0), 10, DType::F32),
+        (Key::Int(1), 2500, DType::F32),
+        (Key::from("b"), 300, DType::F64),
+    ]
+}
+
+fn opts(timeout: Duration) -> Options {
+    Options {
+        bigarray_bound: 1000,
+        partition_bytes: 4096,
+        timeout,
+        ..Options::default()
+    }
+}
+
+fn tensor_of(e: &Engine, v: &[f32], dtype: DType) -> Tensor {
+    match dtype {
+        DType::F64 => {
+            let v: Vec<f64> = v.iter().map(|x| *x as f64 * 1.000_000_1).collect();
+            tensor(e, &v)
+        }
+        _ => tensor(e, v),
+    }
+}
+
+fn bytes_of(t: &Tensor) -> Vec<u8> {
+    match t.dtype() {
+        DType::F64 => t
+            .to_vec::<f64>()
+            .unwrap()
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        _ => t
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+    }
+}
+
+/// `steps` rounds of every key (push then pull, push-pull, in turn): the
+/// values each pull brought, as bytes.
+fn rounds(kv: &KvStore, e: &Engine, from: u64, steps: u64) -> Vec<Vec<u8>> {
+    let rank = kv.rank() as u64;
+    let mut seen = Vec::new();
+    for step in from..from + steps {
+        for (i, (k, n, dt)) in keys().iter().enumerate() {
+            let g = tensor_of(e, &values(rank * 1000 + step * 10 + i as u64, *n), *dt);
+            let out = Tensor::zeros(e, &[*n], *dt, Context::Cpu).unwrap();
+            if step % 2 == 0 {
+                kv.push(k, &[g], -(i as i32)).unwrap();
+                kv.pull(k, &[out.clone()], -(i as i32)).unwrap();
+            } else {
+                kv.pushpull(k, &[g], &[out.clone()], 0).unwrap();
+            }
+            seen.push(bytes_of(&out));
+        }
+    }
+    seen
+}
+
+fn init(kv: &KvStore, e: &Engine) {
+    let inits: Vec<(Key, Tensor)> = keys()
+        .iter()
+        .enumerate()
+        .map(|(i, (k, n, dt))| (k.clone(), tensor_of(e, &values(77 + i as u64, *n), *dt)))
+        .collect();
+    kv.init_many(&inits).unwrap();
+}
+
+/// Three workers: the rounds they sum give the bits of the rounds the
+/// server sums (rank order, the same kernel), with parts summed by the
+/// workers in the first run and none in the second.
+#[test]
+fn rounds_the_workers_sum_give_the_servers_bits() {
+    let run = |sum_bytes: Option<usize>| {
+        let mut c = cluster_van(1, 3, VanKind::Shm);
+        c.worker_sum_bytes = sum_bytes;
+        c.run("dist_sync", opts(T), |kv, e| {
+            init(kv, e);
+            let seen = rounds(kv, e, 0, 6);
+            (seen, kv.worker_summed_parts(), kv.shared_memory_parts())
+        })
+    };
+    let summed = run(None);
+    let served = run(Some(0));
+    for (rank, ((a, wa, sa), (b, wb, _))) in summed.iter().zip(&served).enumerate() {
+        assert_eq!(*sa, 5, "worker {rank}: every part in shared memory");
+        // The first round of every part goes to the server (which then
+        // opens the gate): 5 parts, 5 rounds after it.
+        assert_eq!(*wa, 25, "worker {rank} summed parts");
+        assert_eq!(*wb, 0, "worker {rank}: no gate opens at 0 bytes");
+        assert_eq!(
+            a, b,
+            "worker {rank}: the workers' sums differ from the server's"
+        );
+    }
+    assert_eq!(summed[0].0, summed[2].0);
+    // And the sums are the plain rank-order sums of the pushes.
+    let v = |rank: u64, step: u64| values(rank * 1000 + step * 10, 10);
+    let want: Vec<u8> = (0..10)
+        .flat_map(|j| ((v(0, 5)[j] + v(1, 5)[j]) + v(2, 5)[j]).to_le_bytes())
+        .collect();
+    assert_eq!(summed[0].0[5 * 3], want);
+}
+
+/// Rounds summed by the workers, then `set_optimizer`: the server runs the
+/// optimizer on every later round (its gates closed), as it does in a job
+/// whose server summed every round.
+#[test]
+fn an_optimizer_set_later_takes_the_rounds_back_to_the_server() {
+    let run = |sum_bytes: Option<usize>| {
+        let mut c = cluster_van(1, 2, VanKind::Shm);
+        c.worker_sum_bytes = sum_bytes;
+        c.run("dist_sync", opts(T), |kv, e| {
+            init(kv, e);
+            let mut seen = rounds(kv, e, 0, 3);
+            let summed = kv.worker_summed_parts();
+            kv.set_optimizer(Optimizer::sgd(0.1).momentum(0.9)).unwrap();
+            seen.extend(rounds(kv, e, 3, 4));
+            (seen, summed, kv.worker_summed_parts())
+        })
+    };
+    let summed = run(None);
+    let served = run(Some(0));
+    for (rank, ((a, before, after), (b, _, none))) in summed.iter().zip(&served).enumerate() {
+        assert_eq!(*before, 10, "worker {rank}: rounds 2 and 3 of 5 parts");
+        assert_eq!(
+            after, before,
+            "worker {rank}: no gate open with an optimizer"
+        );
+        assert_eq!(*none, 0);
+        assert_eq!(a, b, "worker {rank}");
+    }
+}
+
+/// A push-pull that nobody waits for completes all the same: the store's
+/// watcher finishes it once the last worker summed the round. (The
+/// stores share this process, and a waiting thread polls every store's
+/// gates: the other worker waits for nothing until this one saw its op
+/// done.)
+#[test]
+fn a_push_nobody_waits_for_is_finished_by_the_watcher() {
+    let seen = Arc::new(AtomicBool::new(false));
+    let got = cluster_van(1, 2, VanKind::Shm).run("dist_sync", opts(T), move |kv, e| {
+        init(kv, e);
+        rounds(kv, e, 0, 1);
+        kv.barrier().unwrap();
+        let out = Tensor::zeros(e, &[10], DType::F32, Context::Cpu).unwrap();
+        let g = tensor(e, &[kv.rank() as f32 + 1.0; 10]);
+        if kv.rank() == 0 {
+            let v = out.var().version();
+            kv.pushpull(Key::Int(0), &[g], &[out.clone()], 0).unwrap();
+            // No wait: nothing here polls the gate.
+            let t = Instant::now();
+            while out.var().version() == v && t.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_ne!(out.var().version(), v, "the push-pull was not finished");
+            seen.store(true, Ordering::Release);
+        } else {
+            // The other comes later, sums, and waits for nothing.
+            std::thread::sleep(Duration::from_millis(200));
+            kv.pushpull(Key::Int(0), &[g], &[out.clone()], 0).unwrap();
+            let t = Instant::now();
+            while !seen.load(Ordering::Acquire) && t.elapsed() < Duration::from_secs(15) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        (out.to_vec::<f32>().unwrap(), kv.worker_summed_parts())
+    });
+    for (v, summed) in got {
+        assert_eq!(v, vec![3.0; 10]);
+        assert_eq!(summed, 1, "the first round of each part is the server's");
+    }
+}
+
+/// A worker whose round the other never joins fails within the store's
+/// timeout, with an error saying so, and its push is taken back: its push
+/// sent again then completes the round with the other's, each counted
+/// once.
+#[test]
+fn a_round_that_never_fills_times_out_and_its_push_is_taken_back() {
+    let timeout = Duration::from_millis(1500);
+    let got = cluster_van(1, 2, VanKind::Shm).run("dist_sync", opts(timeout), move |kv, e| {
+        init(kv, e);
+        rounds(kv, e, 0, 1);
+        kv.barrier().unwrap();
+        let key = Key::Int(0);
+        let out = Tensor::zeros(e, &[10], DType::F32, Context::Cpu).unwrap();
+        let mut failed = None;
+        if kv.rank() == 0 {
+            let t = Instant::now();
+            kv.pushpull(&key, &[tensor(e, &[100.0f32; 10])], &[out.clone()], 0)
+                .unwrap();
+            let err = out.to_vec::<f32>().unwrap_err().to_string();
+            failed = Some((err, t.elapsed()));
+            // The failure is the key's until told once; then the push again.
+            let again = tensor(e, &[1.0f32; 10]);
+            if kv
+                .pushpull(&key, &[again.clone()], &[out.clone()], 0)
+                .is_err()
+            {
+                kv.pushpull(&key, &[again], &[out.clone()], 0).unwrap();
+            }
+        } else {
+            std::thread::sleep(timeout * 2);
+            kv.pushpull(&key, &[tensor(e, &[2.0f32; 10])], &[out.clone()], 0)
+                .unwrap();
+        }
+        (out.to_vec::<f32>().unwrap(), failed)
+    });
+    let (err, took) = got[0].1.clone().expect("worker 0's first push failed");
+    assert!(
+        err.contains("did not end within") && err.contains("taken back"),
+        "{err}"
+    );
+    assert!(took < timeout * 4, "failed after {took:?}");
+    for (v, _) in &got {
+        assert_eq!(*v, vec![3.0; 10], "the first push was not taken back");
+    }
+}
+
+/// A push that goes to the server by message (here: from another tensor
+/// than the key's push buffer) closes the gate, and the round is the
+/// server's; one that comes after the other worker arrived at the gate
+/// cannot join it, and both get errors rather than a wrong sum; the round
+/// pushed again is whole.
+#[test]
+fn a_push_by_message_closes_the_gate_or_is_refused() {
+    let timeout = Duration::from_millis(1500);
+    let got = cluster_van(1, 2, VanKind::Shm).run("dist_sync", opts(timeout), move |kv, e| {
+        init(kv, e);
+        rounds(kv, e, 0, 1);
+        let key = Key::Int(0);
+        let buf = kv.push_buffer(key.clone()).unwrap();
+        let out = Tensor::zeros(e, &[10], DType::F32, Context::Cpu).unwrap();
+        let rank = kv.rank();
+        let mut sums = Vec::new();
+        // 1: worker 0 pushes by message first: the gate closes, the server
+        // sums. 2: both from their buffers (the server opens the gate
+        // again). 3: both at the gate.
+        for step in 0..3 {
+            kv.barrier().unwrap();
+            buf.copy_from_slice(&[(rank + 1) as f32 * 10.0; 10])
+                .unwrap();
+            buf.wait_to_read().unwrap();
+            let from = if step == 0 && rank == 0 {
+                tensor(e, &[7.0f32; 10])
+            } else {
+                buf.clone()
+            };
+            if rank == 1 && step == 0 {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            kv.pushpull(&key, &[from], &[out.clone()], 0).unwrap();
+            sums.push(out.to_vec::<f32>().unwrap()[0]);
+        }
+        let summed = kv.worker_summed_parts();
+        // 4: worker 1 arrives at the gate first; worker 0's push by message
+        // cannot join it.
+        kv.barrier().unwrap();
+        let err = if rank == 0 {
+            std::thread::sleep(Duration::from_millis(300));
+            kv.pushpull(&key, &[tensor(e, &[7.0f32; 10])], &[out.clone()], 0)
+                .unwrap();
+            out.to_vec::<f32>().unwrap_err().to_string()
+        } else {
+            kv.pushpull(&key, &[buf.clone()], &[out.clone()], 0)
+                .unwrap();
+            out.to_vec::<f32>().unwrap_err().to_string()
+        };
+        // The failures told, the round again, from the buffers: whole.
+        kv.barrier().unwrap();
+        let _ = kv.pushpull(&key, &[buf.clone()], &[out.clone()], 0);
+        buf.copy_from_slice(&[(rank + 1) as f32; 10]).unwrap();
+        buf.wait_to_read().unwrap();
+        kv.pushpull(&key, &[buf.clone()], &[out.clone()], 0)
+            .unwrap();
+        sums.push(out.to_vec::<f32>().unwrap()[0]);
+        (sums, summed, err)
+    });
+    for (rank, (sums, summed, err)) in got.iter().enumerate() {
+        assert_eq!(sums, &vec![27.0, 30.0, 30.0, 3.0], "worker {rank}");
+        // Only round 3 (the first of each part, and the two closed ones,
+        // are the server's).
+        assert_eq!(*summed, 1, "worker {rank}");
+        let want = if rank == 0 {
+            "every worker must push a key's round the same way"
+        } else {
+            "did not end within"
+        };
+        assert!(err.contains(want), "worker {rank}: {err}");
+    }
+}
