@@ -26,27 +26,33 @@
 //!
 //! ```text
 //!   closed (OPEN = 0, arrived = 0) --server, at the end of a round it summed--> open
-//!   open, arrived = 0 --a worker arrives--> gathering (0 < arrived < W)
+//!   open (arrived = 0) --a worker arrives--> gathering (0 < arrived < W)
 //!   gathering --the W-th arrives--> summing (arrived = W; that worker sums)
 //!   summing --the summer: arrived = 0, epoch + 1, DONE + 1--> open
 //!   gathering --a waiter that gave up (`withdraw`)--> arrived - 1
-//!   open, arrived = 0 --server or a worker (`try_close`)--> closed
+//!   open --`close` (the server, or a worker that must push by message)--> closed
+//!   gathering --`close`--> handing over (OPEN = 0, arrived > 0)
+//!   handing over --each waiter withdraws and sends its push to the server--> closed
+//!   summing --`close` waits for the summer; `force_close` (the summer died)--> closed
 //! ```
 //!
 //! Invariants:
-//! - G1. `arrived > 0` only while `OPEN`: a worker arrives only at an open
-//!   gate, and the gate closes only with nobody arrived. So a round is
-//!   summed by the workers or by the server, never partly each: a worker
-//!   that finds the gate closed pushes to the server, and the gate opens
-//!   only while the server completes a round, before it answers it, when
-//!   no worker can have a push of the next round under way (each waits for
-//!   its answer).
+//! - G1. A round is summed by the workers or by the server, never partly
+//!   each. A worker arrives only at an open gate, and a round can be
+//!   summed at the gate only while it stays open; a round that a `close`
+//!   finds gathering is handed over whole: every worker that arrived
+//!   withdraws and sends its push to the server (its slot still holds it),
+//!   as every later one does on finding the gate closed. The server opens
+//!   the gate only while it completes a round, before it answers it, and
+//!   only with nobody arrived: no worker can have a push of the next round
+//!   under way then (each waits for its answer).
 //! - G2. Only the summer changes `GATE` while `arrived = W`: arrivals need
-//!   `arrived < W`, closing needs 0, a withdrawal refuses `W`. So nobody
-//!   reads a slot the summer reads, or writes the value slot, meanwhile.
+//!   `arrived < W`, `close` waits, a withdrawal refuses. So nobody reads a
+//!   slot the summer reads, or the value slot it writes, meanwhile.
 //! - G3. A worker arrives in round `e + 1` only after it saw round `e`
 //!   end (the epoch move), and every round needs all `W`: so the epoch a
-//!   worker reads when it arrives is the one its round ends by moving.
+//!   worker reads when it arrives is the one its round ends by moving, and
+//!   the epoch does not move while a round is handed over.
 //!
 //! # Orderings
 //!
@@ -56,22 +62,25 @@
 //! it sees every slot. The summer writes the value slot, then stores
 //! `GATE` with Release (SeqCst, for the sleepers' handshake); a waiter that
 //! sees the epoch move with Acquire sees the value slot. A close is a
-//! read-modify-write that finds `arrived = 0`, which only a summer's store
-//! (after its sum) or a withdrawal left: the closer sees the last sum.
+//! read-modify-write that finds `arrived < W`, which only an arrival, a
+//! withdrawal or a summer's store (after its sum) left: the closer sees
+//! the last sum. A push handed over is ordered for the server by its
+//! message, as any push through a slot.
 //!
 //! Sleeping without lost wake-ups: a sleeper adds itself to `SLEEPERS`,
 //! then reads `GATE` and sleeps on it with the value read (all SeqCst);
-//! the summer stores `GATE`, then reads `SLEEPERS` and wakes the word if
-//! any. Either the sleeper's read sees the new `GATE`, or the summer's
-//! read sees the sleeper (and a wake after the store ends a sleep on the
-//! old value; a changed word fails the sleep at once).
+//! whoever ends a round or closes the gate stores `GATE`, then reads
+//! `SLEEPERS` and wakes the word if any. Either the sleeper's read sees the
+//! new `GATE`, or the waker's read sees the sleeper (and a wake after the
+//! store ends a sleep on the old value; a changed word fails the sleep at
+//! once).
 //!
 //! A worker that gives up waiting withdraws its arrival while the round
-//! is still gathering; if the round ended meanwhile, or is being summed,
-//! it did not give up in time, and its round is done (or soon). The epoch
-//! in `GATE` keeps a withdrawal from taking an arrival of a later round
-//! (the word would have to come back to the same value: 32,768 rounds
-//! within one compare-exchange).
+//! is still gathering (or handing over); if the round ended meanwhile, or
+//! is being summed, it did not give up in time, and its round is done (or
+//! soon). The epoch in `GATE` keeps a withdrawal from taking an arrival of
+//! a later round (the word would have to come back to the same value:
+//! 32,768 rounds within one compare-exchange).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -104,20 +113,36 @@ pub(crate) enum Arrival {
     /// This worker came last: it sums the round, then calls `finish`.
     Last,
     /// Others are still to come: the round ends when the epoch moves from
-    /// this one (`ended`).
+    /// this one (`round`).
     Waiting(u32),
+}
+
+/// Where the round of a waiting worker is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Round {
+    /// Still gathering (or being summed).
+    Gathering,
+    /// Ended: the value slot holds its sum.
+    Ended,
+    /// The gate closed under it: withdraw, and push to the server.
+    HandedOver,
 }
 
 /// What a withdrawal found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Withdrawal {
-    /// The arrival is taken back: the round goes on without this worker.
+    /// The arrival is taken back: the round goes on without this worker
+    /// (or goes to the server, if the gate closed).
     Left,
     /// The round ended.
     Ended,
     /// The last worker arrived and is summing: it ends soon.
     Summing,
 }
+
+/// Why a gate could not be closed: the round was being summed all along.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Summing;
 
 fn epoch(g: u32) -> u32 {
     (g & EPOCH) >> EPOCH_SHIFT
@@ -132,6 +157,13 @@ impl<'a> Gate<'a> {
         self.seg.word(i)
     }
 
+    /// Wakes the threads asleep on the gate, if any (after a store to it).
+    fn wake(&self) {
+        if self.word(SLEEPERS).load(Ordering::SeqCst) != 0 {
+            self.seg.wake_word(GATE);
+        }
+    }
+
     /// Whether the gate is open (Acquire: a worker that finds it open
     /// after its own round sees that round's value in the value slot).
     pub(crate) fn is_open(&self) -> bool {
@@ -144,8 +176,8 @@ impl<'a> Gate<'a> {
     }
 
     /// The server opens the gate, while it completes a round it summed
-    /// (before answering it: see G1). A gate with arrivals is left as it
-    /// is (it cannot have any then: G1).
+    /// (before answering it: see G1). A gate with arrivals (a round still
+    /// handed over) is left as it is.
     pub(crate) fn open(&self) {
         let _ = self
             .word(GATE)
@@ -154,41 +186,52 @@ impl<'a> Gate<'a> {
             });
     }
 
-    /// Closes the gate unless a round is gathering or being summed
-    /// (`Err(arrived)`); closed already is fine.
-    pub(crate) fn try_close(&self) -> Result<(), u32> {
-        self.word(GATE)
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| {
-                if g & OPEN == 0 {
+    /// Closes the gate: its next rounds go to the server, and a round
+    /// gathering is handed over (its waiters withdraw and push to the
+    /// server). `Err(Summing)` while the last worker sums (it ends soon);
+    /// closed already is fine.
+    pub(crate) fn close(&self, workers: usize) -> Result<(), Summing> {
+        let r = self
+            .word(GATE)
+            .fetch_update(Ordering::SeqCst, Ordering::Acquire, |g| {
+                if g & OPEN == 0 || (g & ARRIVED) as usize >= workers {
                     None
-                } else if g & ARRIVED == 0 {
-                    Some(g & !OPEN)
                 } else {
-                    None
+                    Some(g & !OPEN)
                 }
-            })
-            .map(|_| ())
-            .or_else(|g| match g & ARRIVED {
-                0 => Ok(()),
-                n => Err(n),
-            })
+            });
+        match r {
+            Ok(g) => {
+                if g & ARRIVED != 0 {
+                    self.wake();
+                }
+                Ok(())
+            }
+            Err(g) if g & OPEN == 0 => Ok(()),
+            Err(_) => Err(Summing),
+        }
     }
 
-    /// Closes the gate, waiting (at most `timeout`) for a round under way
-    /// to end; `Err(arrived)` if it did not.
-    pub(crate) fn close_within(&self, timeout: Duration) -> Result<(), u32> {
+    /// Closes the gate, waiting (at most `timeout`) for a round being
+    /// summed to end.
+    pub(crate) fn close_within(&self, workers: usize, timeout: Duration) -> Result<(), Summing> {
         let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_micros(10);
         loop {
-            match self.try_close() {
-                Ok(()) => return Ok(()),
-                Err(n) if Instant::now() >= deadline => return Err(n),
-                Err(_) => {
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_millis(5));
-                }
+            match self.close(workers) {
+                Err(Summing) if Instant::now() < deadline => std::thread::yield_now(),
+                r => return r,
             }
         }
+    }
+
+    /// Closes the gate even while a round is being summed, for a summer
+    /// that will not finish (its worker died): the round's waiters push to
+    /// the server instead.
+    pub(crate) fn force_close(&self) {
+        let _ = self
+            .word(GATE)
+            .fetch_update(Ordering::SeqCst, Ordering::Acquire, |g| Some(g & EPOCH));
+        self.wake();
     }
 
     /// A worker whose slot holds its push arrives (`workers`: W).
@@ -219,34 +262,44 @@ impl<'a> Gate<'a> {
     pub(crate) fn finish(&self) {
         self.word(DONE).fetch_add(1, Ordering::Relaxed);
         let gate = self.word(GATE);
-        // Only the summer changes the word now (G2).
-        let g = gate.load(Ordering::Acquire);
-        let next = (g & OPEN) | (((epoch(g) + 1) << EPOCH_SHIFT) & EPOCH);
-        gate.store(next, Ordering::SeqCst);
-        if self.word(SLEEPERS).load(Ordering::SeqCst) != 0 {
-            self.seg.wake_word(GATE);
+        // Only the summer changes the word now (G2), but for a
+        // `force_close` that gave it up for dead: then the gate stays
+        // closed, and the epoch moves all the same (its waiters may have
+        // seen the close and left, or see the round ended: both are true).
+        let _ = gate.fetch_update(Ordering::SeqCst, Ordering::Acquire, |g| {
+            Some((g & OPEN) | (((epoch(g) + 1) << EPOCH_SHIFT) & EPOCH))
+        });
+        self.wake();
+    }
+
+    /// Where the round of a worker that arrived at `epoch0` is (Acquire:
+    /// once ended, its value slot holds the sum).
+    pub(crate) fn round(&self, epoch0: u32) -> Round {
+        let g = self.word(GATE).load(Ordering::Acquire);
+        if epoch(g) != epoch0 {
+            Round::Ended
+        } else if g & OPEN == 0 {
+            Round::HandedOver
+        } else {
+            Round::Gathering
         }
     }
 
-    /// Whether the round of a worker that arrived at `epoch` has ended
-    /// (Acquire: then its value slot holds the sum).
-    pub(crate) fn ended(&self, epoch0: u32) -> bool {
-        epoch(self.word(GATE).load(Ordering::Acquire)) != epoch0
-    }
-
-    /// Sleeps until the round of `epoch0` ends, or `timeout` passes (or
-    /// the word changes for another reason: the caller looks again).
+    /// Sleeps until the round of `epoch0` is no longer gathering, or
+    /// `timeout` passes (or the word changes for another reason: the
+    /// caller looks again).
     pub(crate) fn sleep(&self, epoch0: u32, timeout: Duration) {
         let sleepers = self.word(SLEEPERS);
         sleepers.fetch_add(1, Ordering::SeqCst);
         let g = self.word(GATE).load(Ordering::SeqCst);
-        if epoch(g) == epoch0 {
+        if epoch(g) == epoch0 && g & OPEN != 0 {
             self.seg.wait_word(GATE, g, timeout);
         }
         sleepers.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// A worker that arrived at `epoch0` gives up waiting.
+    /// A worker that arrived at `epoch0` gives up waiting, or leaves a
+    /// round handed over.
     pub(crate) fn withdraw(&self, epoch0: u32, workers: usize) -> Withdrawal {
         let gate = self.word(GATE);
         let mut g = gate.load(Ordering::Acquire);
@@ -259,8 +312,7 @@ impl<'a> Gate<'a> {
                 return Withdrawal::Summing;
             }
             if n == 0 {
-                // Not this worker's arrival to take (it was never counted):
-                // nothing to take back.
+                // Taken back for it already (`force_close`).
                 return Withdrawal::Left;
             }
             match gate.compare_exchange_weak(g, g - 1, Ordering::AcqRel, Ordering::Acquire) {
@@ -278,35 +330,94 @@ impl<'a> Gate<'a> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicU64;
-    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    use std::sync::{Arc, Condvar, Mutex};
 
     use super::*;
 
-    /// Rounds summed by three threads at the gate, with random delays:
-    /// every round's sum has every worker's value of that round, and no
-    /// round is summed twice or skipped.
+    /// How a worker's push of a round went.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Path {
+        Gate,
+        Server,
+    }
+
+    /// A stand-in for the server: a round completes once every worker
+    /// handed it its push; the one that completes it may open the gate
+    /// before the others are let go (as the server does before it
+    /// answers).
+    struct Server {
+        st: Mutex<(u64, usize)>,
+        cv: Condvar,
+    }
+
+    impl Server {
+        fn push(&self, round: u64, workers: usize, open: impl FnOnce()) {
+            let mut st = self.st.lock().unwrap();
+            assert_eq!(st.0, round, "a push of another round reached the server");
+            st.1 += 1;
+            if st.1 == workers {
+                open();
+                *st = (round + 1, 0);
+                self.cv.notify_all();
+                return;
+            }
+            let (st, to) = self
+                .cv
+                .wait_timeout_while(st, Duration::from_secs(20), |s| s.0 == round)
+                .unwrap();
+            assert!(
+                !to.timed_out(),
+                "round {round}: the server waited for a worker that summed at the gate ({st:?})"
+            );
+        }
+    }
+
+    /// Three workers sum rounds at the gate while a closer closes it at
+    /// random moments and the stand-in server opens it again now and then:
+    /// every round is summed either at the gate or by the server, by all
+    /// three the same way, with every worker's value of that round, and
+    /// each gate round once.
     #[test]
-    fn workers_sum_every_round_once_and_in_step() {
+    fn every_round_is_summed_at_the_gate_or_by_the_server_whole() {
         const W: usize = 3;
         const ROUNDS: u64 = 3000;
         let seg = Arc::new(Region::create(W + 1, 8).unwrap());
-        Gate::of(&seg).open();
+        let server = Arc::new(Server {
+            st: Mutex::new((1, 0)),
+            cv: Condvar::new(),
+        });
         let summed = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let paths = Arc::new(Mutex::new(vec![[None; W]; ROUNDS as usize + 1]));
+        let closer = {
+            let (seg, stop) = (seg.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    n += 1;
+                    if n % 97 == 0 {
+                        Gate::of(&seg)
+                            .close_within(W, Duration::from_secs(5))
+                            .unwrap();
+                    }
+                    std::thread::yield_now();
+                }
+            })
+        };
         let hs: Vec<_> = (0..W)
             .map(|r| {
-                let (seg, summed) = (seg.clone(), summed.clone());
+                let (seg, summed, server, paths) =
+                    (seg.clone(), summed.clone(), server.clone(), paths.clone());
                 std::thread::spawn(move || {
                     let gate = Gate::of(&seg);
                     for round in 1..=ROUNDS {
                         let mine = round * 10 + r as u64;
                         // SAFETY: this worker's slot, read by the summer
-                        // only after this arrival.
+                        // (or the server) only after this arrival (or
+                        // push).
                         unsafe { seg.slot_mut(r) }.copy_from_slice(&mine.to_le_bytes());
-                        if round % 7 == r as u64 {
-                            std::thread::yield_now();
-                        }
-                        match gate.arrive(W) {
+                        let path = match gate.arrive(W) {
                             Arrival::Last => {
                                 let sum: u64 = (0..W)
                                     .map(|i| {
@@ -317,21 +428,50 @@ mod tests {
                                 unsafe { seg.slot_mut(W) }.copy_from_slice(&sum.to_le_bytes());
                                 summed.fetch_add(1, Ordering::Relaxed);
                                 gate.finish();
+                                Path::Gate
                             }
-                            Arrival::Waiting(e) => {
-                                while !gate.ended(e) {
-                                    if round % 3 == 0 {
-                                        gate.sleep(e, Duration::from_millis(50));
-                                    } else {
-                                        std::thread::yield_now();
+                            Arrival::Waiting(e) => loop {
+                                match gate.round(e) {
+                                    Round::Ended => break Path::Gate,
+                                    Round::HandedOver => match gate.withdraw(e, W) {
+                                        Withdrawal::Left => break Path::Server,
+                                        Withdrawal::Ended => break Path::Gate,
+                                        Withdrawal::Summing => {}
+                                    },
+                                    Round::Gathering if round % 5 == 0 => {
+                                        gate.sleep(e, Duration::from_millis(50))
                                     }
+                                    Round::Gathering => std::thread::yield_now(),
                                 }
+                            },
+                            Arrival::Closed => Path::Server,
+                        };
+                        if path == Path::Server {
+                            // The server sums the slots (every push of the
+                            // round is there, G1) and may open the gate.
+                            server.push(round, W, || {
+                                let sum: u64 = (0..W)
+                                    .map(|i| {
+                                        let b = unsafe { seg.slot(i) };
+                                        u64::from_le_bytes(b.try_into().unwrap())
+                                    })
+                                    .sum();
+                                unsafe { seg.slot_mut(W) }.copy_from_slice(&sum.to_le_bytes());
+                                if round % 3 != 0 {
+                                    gate.open();
+                                }
+                            });
+                        } else {
+                            // Keep the stand-in's count in step.
+                            let mut st = server.st.lock().unwrap();
+                            if st.0 == round {
+                                st.0 = round + 1;
                             }
-                            Arrival::Closed => panic!("the gate closed"),
                         }
+                        paths.lock().unwrap()[round as usize][r] = Some(path);
                         let v = u64::from_le_bytes(unsafe { seg.slot(W) }.try_into().unwrap());
                         let want: u64 = (0..W as u64).map(|i| round * 10 + i).sum();
-                        assert_eq!(v, want, "worker {r}, round {round}");
+                        assert_eq!(v, want, "worker {r}, round {round} ({path:?})");
                     }
                 })
             })
@@ -339,48 +479,81 @@ mod tests {
         for h in hs {
             h.join().unwrap();
         }
-        assert_eq!(summed.load(Ordering::Relaxed), ROUNDS);
-        let gate = Gate::of(&seg);
-        assert_eq!(gate.done() as u64, ROUNDS);
-        assert_eq!(gate.arrived(), 0);
-        assert_eq!(gate.try_close(), Ok(()));
-        assert!(!gate.is_open());
-        assert_eq!(gate.arrive(W), Arrival::Closed);
+        stop.store(true, Ordering::Release);
+        closer.join().unwrap();
+        let paths = paths.lock().unwrap();
+        let mut at_gate = 0;
+        for (round, p) in paths.iter().enumerate().skip(1) {
+            assert!(
+                p.iter().all(|x| *x == p[0]),
+                "round {round} went both ways: {p:?}"
+            );
+            at_gate += u64::from(p[0] == Some(Path::Gate));
+        }
+        assert!(at_gate > ROUNDS / 4, "only {at_gate} rounds at the gate");
+        assert!(at_gate < ROUNDS, "the closer never closed it");
+        assert_eq!(summed.load(Ordering::Relaxed), at_gate);
+        assert_eq!(Gate::of(&seg).done() as u64, at_gate);
     }
 
-    /// A gate closes only with nobody arrived; a waiter that gives up takes
-    /// its arrival back unless the round ended or is being summed.
+    /// A waiter that gives up takes its arrival back; a close hands a
+    /// gathering round over (and the gate opens again only once its
+    /// waiters left), waits for a round being summed, and a forced close
+    /// lets a dead summer's waiters go.
     #[test]
-    fn closing_and_withdrawing_respect_a_round_under_way() {
+    fn closing_hands_a_gathering_round_over_and_waits_for_a_sum() {
         let seg = Region::create(3, 8).unwrap();
         let gate = Gate::of(&seg);
         assert_eq!(gate.arrive(2), Arrival::Closed, "closed at first");
-        assert_eq!(gate.try_close(), Ok(()));
+        assert_eq!(gate.close(2), Ok(()));
         gate.open();
         let Arrival::Waiting(e) = gate.arrive(2) else {
             panic!("the first of two waits")
         };
-        assert_eq!(gate.try_close(), Err(1), "a round is gathering");
-        assert_eq!(
-            gate.close_within(Duration::from_millis(20)),
-            Err(1),
-            "and does not end by itself"
-        );
+        assert_eq!(gate.round(e), Round::Gathering);
         assert_eq!(gate.withdraw(e, 2), Withdrawal::Left);
         assert_eq!(gate.arrived(), 0);
-        // Again; now the other comes, and the withdrawal is too late.
+        // Handed over.
+        let Arrival::Waiting(e) = gate.arrive(2) else {
+            panic!("waits")
+        };
+        assert_eq!(gate.close(2), Ok(()));
+        assert_eq!(gate.round(e), Round::HandedOver);
+        assert_eq!(gate.arrive(2), Arrival::Closed, "nobody joins it");
+        gate.open();
+        assert!(!gate.is_open(), "not while a waiter is still to leave");
+        assert_eq!(gate.withdraw(e, 2), Withdrawal::Left);
+        gate.open();
+        assert!(gate.is_open());
+        // Too late to withdraw once the last arrived; a close waits.
         let Arrival::Waiting(e) = gate.arrive(2) else {
             panic!("waits")
         };
         assert_eq!(gate.arrive(2), Arrival::Last);
         assert_eq!(gate.withdraw(e, 2), Withdrawal::Summing);
-        assert_eq!(gate.try_close(), Err(2), "a round is being summed");
+        assert_eq!(gate.close(2), Err(Summing));
+        assert_eq!(
+            gate.close_within(2, Duration::from_millis(20)),
+            Err(Summing)
+        );
         gate.finish();
-        assert!(gate.ended(e));
+        assert_eq!(gate.round(e), Round::Ended);
         assert_eq!(gate.withdraw(e, 2), Withdrawal::Ended);
         assert_eq!(gate.done(), 1);
-        assert_eq!(gate.close_within(Duration::from_millis(20)), Ok(()));
+        assert_eq!(gate.close_within(2, Duration::from_millis(20)), Ok(()));
         assert_eq!(gate.arrive(2), Arrival::Closed);
+        // A summer given up for dead.
+        gate.open();
+        let Arrival::Waiting(e) = gate.arrive(2) else {
+            panic!("waits")
+        };
+        assert_eq!(gate.arrive(2), Arrival::Last);
+        gate.force_close();
+        assert_eq!(gate.round(e), Round::HandedOver);
+        assert_eq!(gate.withdraw(e, 2), Withdrawal::Left);
+        gate.finish();
+        assert!(!gate.is_open(), "stays closed");
+        assert_eq!(gate.arrived(), 0);
         // The epoch wraps within its bits and the gate stays open.
         gate.open();
         for _ in 0..40_000 {
@@ -388,6 +561,6 @@ mod tests {
             gate.finish();
         }
         assert!(gate.is_open());
-        assert_eq!(gate.done(), 40_001);
+        assert_eq!(gate.done(), 40_002);
     }
 }

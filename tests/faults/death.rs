@@ -32,7 +32,11 @@ fn worker() {
     let n = 1000;
     let w = Tensor::zeros(&engine, &[n], DType::F32, Context::Cpu).unwrap();
     kv.init(0, &w).unwrap();
-    kv.set_optimizer(Optimizer::sgd(0.1)).unwrap();
+    // Without an optimizer (and over shm), the servers hand the rounds to
+    // the workers, which sum them at the key's gate.
+    if std::env::var("PSKV_FAULT_NO_OPT").is_err() {
+        kv.set_optimizer(Optimizer::sgd(0.1)).unwrap();
+    }
     let g = Tensor::full(&engine, &[n], 1.0f32, Context::Cpu).unwrap();
     let code = if std::env::var("PSKV_EXIT_ON_ERROR").is_ok() {
         3
@@ -62,6 +66,7 @@ fn worker() {
                 Err(e) => println!("AGAIN {:.3} {e}", t1.elapsed().as_secs_f64()),
                 Ok(()) => println!("AGAIN-OK"),
             }
+            println!("SUMMED {}", kv.worker_summed_parts());
             std::process::exit(code);
         }
     }
@@ -80,7 +85,23 @@ const ENTRY: &str = "death::fault_worker_entry";
 
 #[test]
 fn survivors_of_a_killed_worker_get_an_error_naming_it() {
-    let mut job = Job::new(3, 1, HEARTBEAT_TIMEOUT, &[]);
+    survivors_get_an_error_naming_the_dead_worker(&[], false);
+}
+
+/// The same where the rounds are summed by the workers at the key's gate
+/// (shm, no optimizer): the server, told of the death, closes the gate,
+/// and the survivors' pushes waiting there come to it and fail naming the
+/// dead worker.
+#[test]
+fn survivors_of_a_killed_worker_summing_at_the_gate_get_an_error_naming_it() {
+    survivors_get_an_error_naming_the_dead_worker(
+        &[("PSKV_VAN", "shm"), ("PSKV_FAULT_NO_OPT", "1")],
+        true,
+    );
+}
+
+fn survivors_get_an_error_naming_the_dead_worker(env: &[(&str, &str)], at_gate: bool) {
+    let mut job = Job::new(3, 1, HEARTBEAT_TIMEOUT, env);
     job.start_infra(1);
     let workers: Vec<usize> = (0..3)
         .map(|_| job.start_worker(ENTRY, "PSKV_FAULT_WORKER", &Faults::default()))
@@ -117,6 +138,17 @@ fn survivors_of_a_killed_worker_get_an_error_naming_it() {
         assert!(again.contains(&name), "{again}");
         let secs: f64 = again.split_whitespace().nth(1).unwrap().parse().unwrap();
         assert!(secs < 1.0, "a push after the death waited {secs} s");
+        let summed = out
+            .lines()
+            .find_map(|l| l.find("SUMMED ").map(|i| &l[i + 7..]))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no SUMMED line: {out}"));
+        // Rounds 1 to 4 (of the steps before the death) at the gate.
+        if at_gate {
+            assert_eq!(summed, FATAL_STEP as u64 - 1, "{out}");
+        } else {
+            assert_eq!(summed, 0, "{out}");
+        }
     }
     assert_eq!(survivors, 2, "{}", job.outputs());
 }

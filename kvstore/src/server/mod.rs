@@ -136,7 +136,7 @@ struct Inner {
 /// `PSKV_WORKER_SUM_BYTES` unset: parts up to this size are summed by
 /// their workers when the server has nothing to add (BENCHMARKS.md, "Small
 /// rounds summed by the workers").
-pub const DEFAULT_WORKER_SUM_BYTES: usize = 1 << 20;
+pub const DEFAULT_WORKER_SUM_BYTES: usize = 256 << 10;
 
 /// `PSKV_WORKER_SUM_BYTES`, or its default.
 fn worker_sum_bytes_from_env() -> Result<usize> {
@@ -507,14 +507,16 @@ impl Inner {
     }
 
     /// Closes the gates (`gate.rs`) of the entries `which` picks: their
-    /// rounds come to this server again. Waits for rounds the workers are
-    /// summing (at most `timeout`, each); the first gate that stays busy
-    /// is an error.
+    /// rounds come to this server again (a round gathering at a gate is
+    /// handed over by its workers). Waits for rounds the workers are
+    /// summing (at most `timeout`, each); every gate is closed that can
+    /// be, and the first that stayed busy is the error.
     fn close_gates(
         &self,
         which: impl Fn(&EntryState) -> bool,
         timeout: Duration,
     ) -> std::result::Result<(), crate::error::Fault> {
+        let mut first = None;
         for (_, e) in self.entries_snapshot() {
             // Subtle: under the entry's lock, which a round that opens the
             // gate holds while it reads the rule and opens: so a gate opened
@@ -522,10 +524,12 @@ impl Inner {
             // the rule (and did not open).
             let st = e.st.lock();
             if which(&st) {
-                st.close_gate(timeout)?;
+                if let Err(f) = st.close_gate(timeout) {
+                    first.get_or_insert(f);
+                }
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     /// Every entry, with its ps key, taken out of the map's lock.

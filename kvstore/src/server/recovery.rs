@@ -149,6 +149,8 @@ impl Inner {
                 let rank = role_rank(id).map_or(usize::MAX, |(_, r)| r as usize);
                 for (_, e) in self.entries_snapshot() {
                     let mut st = e.st.lock();
+                    // Rounds the workers sum come back here, to fail too.
+                    st.close_gate_dead();
                     st.fail_active_round(&msg);
                     st.worker_gone(rank);
                 }

@@ -190,11 +190,13 @@ impl DistStore {
         let store = Arc::new_cyclic(|me| DistStore {
             _progress: {
                 let f = po.progress_fn();
-                let w = waits.clone();
+                // Weak: the store owns the waits (dropped with it, never
+                // inside a hook's call).
+                let w = Arc::downgrade(&waits);
                 pskv_engine::progress::add(move |c| {
                     let leave = c == pskv_engine::progress::Call::Leave;
                     // Both run: each may have something to finish.
-                    f(leave) | w.poll(leave)
+                    f(leave) | w.upgrade().is_some_and(|w| w.poll(leave))
                 })
             },
             waits,

@@ -358,9 +358,6 @@ impl DistStore {
                 return inf.part_done(Err(TransportError::Invalid(e.to_string())), |_| Ok(()))
             }
         };
-        if self.at_gate(dk, inf, round, i, shm_tag) {
-            return;
-        }
         let head = round.head;
         let send = PartSend {
             i,
@@ -381,6 +378,11 @@ impl DistStore {
                 .then(|| dk.segs.read().get(i).cloned().flatten())
                 .flatten()
                 .filter(|r| r.tag() == shm_tag),
+        };
+        // A push through its slot may be summed at the part's gate, a
+        // pull read from the value slot (`worker_sum.rs`).
+        let Some(send) = self.at_gate(dk, inf, round, send) else {
+            return;
         };
         // An init is not sent again elsewhere: the backup holds a key only
         // once its primary copied it there.

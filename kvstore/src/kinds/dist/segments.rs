@@ -172,6 +172,8 @@ pub(super) fn watch_restarts(store: &Arc<DistStore>) {
             return;
         };
         for (_, dk) in me.keys.all() {
+            // Rounds gathering at the old process's gates go to a server.
+            me.close_gates_of(&dk, rank);
             forget_segments(&dk, rank);
         }
         let weak = weak.clone();

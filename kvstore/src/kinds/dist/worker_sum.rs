@@ -14,10 +14,12 @@
 //!
 //! A part going to its server by message while its gate is open (a
 //! compressed or row-sparse push, or one whose slot is held by a push
-//! buffer or in doubt) closes the gate first: the whole round then goes to
-//! the server. If other workers have already arrived, this push cannot
-//! join them, and fails with an error naming why (the others' waits fail
-//! at the timeout).
+//! buffer or in doubt) closes the gate first: the round then goes to the
+//! server whole, the workers that already arrived handing their pushes
+//! over (each withdraws and sends its push, still in its slot, by
+//! message). The server closes a part's gate the same way (an optimizer
+//! set, a worker died), and so does a worker that learns its server
+//! restarted (the old process's gates).
 //!
 //! # Waits: states
 //!
@@ -25,9 +27,10 @@
 //! exactly one thread: the one that takes it out of the list under the
 //! lock (a poller, the watcher, or `close`). Callbacks run after the lock
 //! is let go (they complete engine ops, which may run the next op of a key
-//! inline, which may arrive at a gate and add a wait).
+//! inline, which may arrive at a gate and add a wait; or send a push
+//! handed over).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,23 +39,35 @@ use pskv_transport::{KvResponse, Region};
 use smallvec::SmallVec;
 
 use super::inflight::Inflight;
-use super::parts::Round;
+use super::parts::{PartSend, Round};
 use super::{DistKey, DistStore};
 use crate::error::Fault;
-use crate::gate::{Arrival, Gate, Withdrawal};
+use crate::gate::{self, Arrival, Gate, Withdrawal};
 use crate::wire::Op;
 
 /// How often the watcher looks for waits nobody polls.
 const NAP: Duration = Duration::from_millis(1);
 /// The watcher's longest sleep on a gate (then it looks at all waits).
-const GATE_SLEEP: Duration = Duration::from_millis(20);
+const GATE_SLEEP: Duration = Duration::from_millis(2);
 /// How long the watcher naps with nothing waiting before it sleeps until
 /// a wait is added.
 const IDLE: Duration = Duration::from_millis(50);
+/// How long a push that goes by message waits for the last worker of a
+/// round to finish its sum before it can close the gate.
+const SUM_WAIT: Duration = Duration::from_secs(5);
 
-/// What finishes a waiting part: Ok once its round ended (its value is
-/// in the value slot), or the error.
-type Then = Box<dyn FnOnce(Result<(), Fault>) + Send>;
+/// How a waiting part's round came out.
+enum Outcome {
+    /// It ended: the value slot holds the sum.
+    Ended,
+    /// The gate closed under it: its push goes to the server.
+    HandedOver,
+    /// It failed (timed out, the store closed).
+    Failed(Fault),
+}
+
+/// What finishes a waiting part.
+type Then = Box<dyn FnOnce(Outcome) + Send>;
 
 /// One part waiting for the others at its gate.
 struct Wait {
@@ -62,6 +77,22 @@ struct Wait {
     /// The round was found being summed at the deadline once already.
     summing: bool,
     then: Then,
+}
+
+impl Wait {
+    /// How the round came out, if it did (withdrawing a push handed over).
+    fn outcome(&self, workers: usize) -> Option<Outcome> {
+        let gate = Gate::of(&self.seg);
+        match gate.round(self.epoch) {
+            gate::Round::Gathering => None,
+            gate::Round::Ended => Some(Outcome::Ended),
+            gate::Round::HandedOver => match gate.withdraw(self.epoch, workers) {
+                Withdrawal::Left => Some(Outcome::HandedOver),
+                Withdrawal::Ended => Some(Outcome::Ended),
+                Withdrawal::Summing => None,
+            },
+        }
+    }
 }
 
 #[derive(Default)]
@@ -81,8 +112,8 @@ struct Inner {
 /// The waits of a store's parts at their gates, and their watcher.
 pub(super) struct Waits {
     inner: Arc<Inner>,
-    /// Parts that arrived at an open gate (`worker_summed_parts`).
-    summed: std::sync::atomic::AtomicU64,
+    /// Parts whose rounds the workers summed (`worker_summed_parts`).
+    summed: Arc<AtomicU64>,
     workers: usize,
     timeout: Duration,
     watcher: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -92,21 +123,21 @@ impl Waits {
     pub(super) fn new(workers: usize, timeout: Duration) -> Waits {
         Waits {
             inner: Arc::default(),
-            summed: Default::default(),
+            summed: Arc::default(),
             workers,
             timeout,
             watcher: Mutex::new(None),
         }
     }
 
-    /// Parts that arrived at an open gate, so far.
+    /// Parts whose rounds the workers summed, so far.
     pub(super) fn summed(&self) -> u64 {
         self.summed.load(Ordering::Relaxed)
     }
 
-    /// Finishes the waits whose rounds ended (a waiting thread's progress
-    /// hook: never blocks); `leave`: that thread stops polling, so the
-    /// watcher looks now. Whether it finished any.
+    /// Finishes the waits whose rounds came out (a waiting thread's
+    /// progress hook: never blocks); `leave`: that thread stops polling,
+    /// so the watcher looks now. Whether it finished any.
     pub(super) fn poll(&self, leave: bool) -> bool {
         let inner = &self.inner;
         if leave && inner.len.load(Ordering::Acquire) != 0 {
@@ -118,24 +149,28 @@ impl Waits {
         let Some(mut list) = inner.list.try_lock() else {
             return false;
         };
-        let ended = take_ended(&mut list, &inner.len);
+        let out = take_out(&mut list, &inner.len, self.workers);
         drop(list);
-        let any = !ended.is_empty();
-        for w in ended {
-            (w.then)(Ok(()));
+        let any = !out.is_empty();
+        for (w, o) in out {
+            (w.then)(o);
         }
         any
     }
 
-    /// Adds a wait (its round had not ended when it arrived); starts the
-    /// watcher on the first.
+    /// Adds a wait (its round had not come out when it arrived); starts
+    /// the watcher on the first.
     fn add(&self, seg: Arc<Region>, epoch: u32, then: Then) {
         let inner = &self.inner;
         {
             let mut list = inner.list.lock();
             if inner.closed.load(Ordering::Acquire) {
                 drop(list);
-                return then(Err(Fault::Unavailable("the kvstore was closed".into())));
+                // Not left at the gate: the others must not wait for it.
+                let _ = Gate::of(&seg).withdraw(epoch, self.workers);
+                return then(Outcome::Failed(Fault::Unavailable(
+                    "the kvstore was closed".into(),
+                )));
             }
             list.push(Wait {
                 seg,
@@ -150,7 +185,7 @@ impl Waits {
             inner.cv.notify_one();
         }
         let mut w = self.watcher.lock();
-        if w.is_none() {
+        if w.is_none() && !inner.closed.load(Ordering::Acquire) {
             let (inner, workers, timeout) = (self.inner.clone(), self.workers, self.timeout);
             let spawned = std::thread::Builder::new()
                 .name("pskv-gate-watch".into())
@@ -164,7 +199,8 @@ impl Waits {
         }
     }
 
-    /// Fails every wait and ends the watcher (the store is closing).
+    /// Fails every wait (taking its arrival back) and ends the watcher
+    /// (the store is closing).
     pub(super) fn close(&self) {
         let inner = &self.inner;
         let waits = {
@@ -175,14 +211,18 @@ impl Waits {
         };
         inner.cv.notify_all();
         for w in waits {
-            (w.then)(Err(Fault::Unavailable("the kvstore was closed".into())));
+            let o = match Gate::of(&w.seg).withdraw(w.epoch, self.workers) {
+                Withdrawal::Ended => Outcome::Ended,
+                _ => Outcome::Failed(Fault::Unavailable("the kvstore was closed".into())),
+            };
+            (w.then)(o);
         }
-        if let Some(h) = self.watcher.lock().take() {
-            // Not from the watcher itself (a callback it ran may drop the
-            // last handle of the store).
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
+        // Subtle: the handle is taken out before the join (the watcher may
+        // be in `add`, from a callback, waiting for this lock), and not
+        // joined from the watcher itself.
+        let h = self.watcher.lock().take();
+        if let Some(h) = h.filter(|h| h.thread().id() != std::thread::current().id()) {
+            let _ = h.join();
         }
     }
 }
@@ -193,19 +233,18 @@ impl Drop for Waits {
     }
 }
 
-/// Takes the waits whose rounds ended out of `list`.
-fn take_ended(list: &mut Vec<Wait>, len: &AtomicUsize) -> SmallVec<[Wait; 2]> {
-    let mut ended = SmallVec::new();
+/// Takes the waits whose rounds came out out of `list`.
+fn take_out(list: &mut Vec<Wait>, len: &AtomicUsize, workers: usize) -> Vec<(Wait, Outcome)> {
+    let mut out = Vec::new();
     let mut i = 0;
     while i < list.len() {
-        if Gate::of(&list[i].seg).ended(list[i].epoch) {
-            ended.push(list.swap_remove(i));
-        } else {
-            i += 1;
+        match list[i].outcome(workers) {
+            Some(o) => out.push((list.swap_remove(i), o)),
+            None => i += 1,
         }
     }
     len.store(list.len(), Ordering::Release);
-    ended
+    out
 }
 
 /// The watcher: finishes the waits nobody polls, fails those past their
@@ -217,10 +256,7 @@ fn watch(inner: &Inner, workers: usize, timeout: Duration) {
         if inner.closed.load(Ordering::Acquire) {
             return;
         }
-        let mut done: Vec<(Wait, Result<(), Fault>)> = take_ended(&mut list, &inner.len)
-            .into_iter()
-            .map(|w| (w, Ok(())))
-            .collect();
+        let mut done = take_out(&mut list, &inner.len, workers);
         let now = Instant::now();
         let mut i = 0;
         while i < list.len() {
@@ -231,8 +267,8 @@ fn watch(inner: &Inner, workers: usize, timeout: Duration) {
             let w = &mut list[i];
             let gate = Gate::of(&w.seg);
             let outcome = match gate.withdraw(w.epoch, workers) {
-                Withdrawal::Ended => Some(Ok(())),
-                Withdrawal::Left => Some(Err(Fault::Unavailable(format!(
+                Withdrawal::Ended => Some(Outcome::Ended),
+                Withdrawal::Left => Some(Outcome::Failed(Fault::Unavailable(format!(
                     "the round that the workers sum in shared memory did not end within {timeout:?}: {} of {workers} workers had arrived at it with this one (its push is taken back; the others have not pushed this round)",
                     gate.arrived() + 1
                 )))),
@@ -242,27 +278,31 @@ fn watch(inner: &Inner, workers: usize, timeout: Duration) {
                     w.deadline = now + timeout;
                     None
                 }
-                Withdrawal::Summing => Some(Err(Fault::Failed(
+                // Subtle: the arrival stays counted (the round is the
+                // summer's now); the part's slot is not written again
+                // before a later round of this key, which the summer must
+                // end first.
+                Withdrawal::Summing => Some(Outcome::Failed(Fault::Failed(
                     "the worker that came last to a round summed in shared memory did not finish it (it may have died while summing)".into(),
                 ))),
             };
             match outcome {
-                Some(r) => done.push((list.swap_remove(i), r)),
+                Some(o) => done.push((list.swap_remove(i), o)),
                 None => i += 1,
             }
         }
         inner.len.store(list.len(), Ordering::Release);
+        if !done.is_empty() {
+            drop(list);
+            for (w, o) in done {
+                (w.then)(o);
+            }
+            continue;
+        }
         let sleep_on = list
             .iter()
             .min_by_key(|w| w.deadline)
             .map(|w| (w.seg.clone(), w.epoch, w.deadline));
-        if !done.is_empty() {
-            drop(list);
-            for (w, r) in done {
-                (w.then)(r);
-            }
-            continue;
-        }
         match sleep_on {
             Some((seg, epoch, deadline)) => {
                 drop(list);
@@ -302,91 +342,131 @@ fn slot_answer() -> KvResponse {
 }
 
 impl DistStore {
-    /// Part `i` of an op at its segment's gate (`shm_tag`: the segment its
-    /// values went into, or 0: by message). True if it was handled here:
-    /// arrived and summed or waiting, read from the value slot, or failed;
-    /// false if it goes to its server.
+    /// Part `p` of an op at its segment's gate. None if it was handled
+    /// here: summed at the gate (or waiting there), read from the value
+    /// slot, or failed; else the part, to be sent to its server (having
+    /// closed the gate, if it is a push).
     pub(super) fn at_gate(
         &self,
         dk: &DistKey,
         inf: &Arc<Inflight>,
         round: &Round,
-        i: usize,
-        shm_tag: u16,
-    ) -> bool {
-        let op = round.head.op;
+        p: PartSend,
+    ) -> Option<PartSend> {
+        let op = p.head.op;
         let pushes = matches!(op, Op::Push | Op::PushPull | Op::RowPush);
-        if !round.head.sync || !(pushes || op == Op::Pull) {
-            return false;
+        if !p.head.sync || !(pushes || op == Op::Pull) {
+            return Some(p);
         }
-        let Some(seg) = dk.segs.read().get(i).cloned().flatten() else {
-            return false;
+        let Some(seg) = dk.segs.read().get(p.i).cloned().flatten() else {
+            return Some(p);
         };
         let gate = Gate::of(&seg);
+        let i = p.i;
         let answer = |r: Result<(), Fault>| {
             let cb = round.on_answer.clone();
             inf.part_done(Ok(slot_answer()), move |resp| {
                 r.and_then(|()| cb(i, resp, false))
             });
         };
-        if shm_tag == 0 || seg.tag() != shm_tag {
-            // By message: a push closes the gate first (G1 of `gate.rs`).
-            if let (true, Err(n)) = (pushes, gate.try_close()) {
-                answer(Err(Fault::Mismatch(format!(
-                    "{n} of {} workers pushed this round of part {i} into shared memory, to be summed there, but this push goes to the server (it is compressed or row-sparse, or this worker's slot is held by a push buffer or in doubt after a failure): every worker must push a key's round the same way",
-                    self.po.num_workers()
+        let workers = self.waits.workers;
+        if !p.head.shm || seg.tag() != p.head.shm_tag {
+            // By message: a push closes the gate first (G1 of `gate.rs`);
+            // a round gathering there is handed over to the server.
+            if pushes && gate.close_within(workers, SUM_WAIT).is_err() {
+                answer(Err(Fault::Failed(format!(
+                    "part {i}'s round was being summed by the workers in shared memory for {SUM_WAIT:?} (its summer may have died), so this push cannot go to the server"
                 ))));
-                return true;
+                return None;
             }
-            return false;
+            return Some(p);
         }
         if op == Op::Pull {
             // The value slot holds the last round's value while the gate is
             // open (the next round needs this worker's push, which comes
             // after this pull).
             if !gate.is_open() {
-                return false;
+                return Some(p);
             }
             answer(Ok(()));
-            return true;
+            return None;
         }
-        let arrival = gate.arrive(self.waits.workers);
-        if arrival != Arrival::Closed {
-            self.waits.summed.fetch_add(1, Ordering::Relaxed);
-        }
-        match arrival {
-            Arrival::Closed => false,
+        match gate.arrive(workers) {
+            Arrival::Closed => Some(p),
             Arrival::Last => {
-                let w = self.waits.workers;
                 // SAFETY: every worker wrote its slot before it arrived, and
                 // nobody writes a slot or reads the value slot until the
                 // round ends (G2 of `gate.rs`).
-                let ins: SmallVec<[&[u8]; 4]> = (0..w).map(|r| unsafe { seg.slot(r) }).collect();
+                let ins: SmallVec<[&[u8]; 4]> =
+                    (0..workers).map(|r| unsafe { seg.slot(r) }).collect();
                 let summed = crate::comm::sum_dense(
                     &self.comm.kernels,
                     dk.local.meta.dtype,
-                    unsafe { seg.slot_mut(w) },
+                    unsafe { seg.slot_mut(workers) },
                     &ins,
                 );
                 // The others are let go even if the sum failed (it cannot for
                 // slots of one size): they must not wait for the timeout.
                 gate.finish();
+                if summed.is_ok() {
+                    self.waits.summed.fetch_add(1, Ordering::Relaxed);
+                }
                 answer(summed);
-                true
+                None
             }
             Arrival::Waiting(epoch) => {
-                if gate.ended(epoch) {
-                    answer(Ok(()));
-                    return true;
-                }
-                let (inf, cb) = (inf.clone(), round.on_answer.clone());
-                let then: Then = Box::new(move |r| {
-                    inf.part_done(Ok(slot_answer()), move |resp| {
-                        r.and_then(|()| cb(i, resp, false))
-                    });
+                let me = self.handle();
+                let (inf, cb, land) = (inf.clone(), round.on_answer.clone(), round.land.clone());
+                let summed = self.waits.summed.clone();
+                let then: Then = Box::new(move |o| match (o, me.upgrade()) {
+                    (Outcome::HandedOver, Some(me)) => me.send_part(p, false, false, inf, cb, land),
+                    (o, _) => {
+                        let r = match o {
+                            Outcome::Ended => {
+                                summed.fetch_add(1, Ordering::Relaxed);
+                                Ok(())
+                            }
+                            Outcome::HandedOver => {
+                                Err(Fault::Unavailable("the kvstore was closed".into()))
+                            }
+                            Outcome::Failed(f) => Err(f),
+                        };
+                        inf.part_done(Ok(slot_answer()), move |resp| {
+                            r.and_then(|()| cb(i, resp, false))
+                        });
+                    }
                 });
-                self.waits.add(seg, epoch, then);
-                true
+                let w = Wait {
+                    seg: seg.clone(),
+                    epoch,
+                    deadline: Instant::now(),
+                    summing: false,
+                    then,
+                };
+                // Often over already (the last worker was just behind).
+                match w.outcome(workers) {
+                    Some(o) => (w.then)(o),
+                    None => self.waits.add(seg, epoch, w.then),
+                }
+                None
+            }
+        }
+    }
+
+    /// Closes the gates of the parts on server `rank`, whose process has
+    /// gone: rounds gathering there are handed over (their pushes go to
+    /// the server, which refuses them as a restarted process's; the
+    /// worker sends them again to the new one).
+    pub(super) fn close_gates_of(&self, dk: &DistKey, rank: u32) {
+        let segs = dk.segs.read();
+        for (s, p) in segs.iter().zip(dk.parts.iter()) {
+            if let (Some(seg), true) = (s, p.server == rank) {
+                if Gate::of(seg)
+                    .close_within(self.waits.workers, SUM_WAIT)
+                    .is_err()
+                {
+                    Gate::of(seg).force_close();
+                }
             }
         }
     }

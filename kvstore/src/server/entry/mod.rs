@@ -195,8 +195,12 @@ impl EntryState {
     /// The stored value (inside an op on the entry).
     pub(crate) fn value_bytes(&self) -> &[u8] {
         match &self.shm {
-            // SAFETY: the value slot is written only by this entry's ops,
-            // and workers read it only between rounds (see `kinds/dist/segments.rs`).
+            // SAFETY: the value slot is written by this entry's ops, or,
+            // while the gate is open, by the workers that sum a round
+            // (`crate::gate`), which needs the next push of every worker;
+            // a request that reads the value (a pull, a round's answer)
+            // comes before its worker's next push. Workers read it only
+            // between rounds (see `kinds/dist/segments.rs`).
             Some(seg) => unsafe { seg.slot(self.workers) },
             None => self.value.bytes(),
         }
@@ -219,7 +223,9 @@ impl EntryState {
     /// an answer in flight shares them).
     fn value_mut(&mut self, keep: bool) -> &mut [u8] {
         if let Some(seg) = &self.shm {
-            // SAFETY: as in `value_bytes`; only this entry's ops write it.
+            // SAFETY: as in `value_bytes`; this entry's ops write it only
+            // while the gate is closed (a round the server completes, a
+            // copy from the primary: no workers' sums with replicas).
             return unsafe { seg.slot_mut(self.workers) };
         }
         if Arc::get_mut(&mut self.value).is_none() {
@@ -595,19 +601,36 @@ impl EntryState {
         }
     }
 
-    /// Closes the segment's gate (rounds come to the server again),
-    /// waiting at most `timeout` for a round the workers are summing.
+    /// Closes the segment's gate: rounds come to the server again, a round
+    /// gathering there handed over by its workers. Waits at most `timeout`
+    /// for a round the workers are summing.
     pub(crate) fn close_gate(&self, timeout: std::time::Duration) -> Result<(), Fault> {
         let Some(seg) = &self.shm else {
             return Ok(());
         };
-        Gate::of(seg).close_within(timeout).map_err(|n| {
-            Fault::Unavailable(format!(
-                "{}: {n} of {} workers are in a round they sum in shared memory, which did not end within {timeout:?}",
-                self.name(),
-                self.workers
-            ))
-        })
+        Gate::of(seg)
+            .close_within(self.workers, timeout)
+            .map_err(|_| {
+                Fault::Unavailable(format!(
+                    "{}: the last worker of a round summed in shared memory did not finish its sum within {timeout:?}",
+                    self.name()
+                ))
+            })
+    }
+
+    /// Closes the segment's gate for good after a worker died: a round
+    /// gathering there comes to the server (which fails it, naming the
+    /// dead worker), even one whose summer was the worker that died.
+    pub(crate) fn close_gate_dead(&self) {
+        if let Some(seg) = &self.shm {
+            let gate = Gate::of(seg);
+            if gate
+                .close_within(self.workers, std::time::Duration::from_millis(200))
+                .is_err()
+            {
+                gate.force_close();
+            }
+        }
     }
 
     /// Runs a round's update, timed into `update_span` when profiling.
