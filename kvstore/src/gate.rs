@@ -17,8 +17,9 @@
 //!
 //! # Words (the region's header words; zero at creation)
 //!
-//! - `GATE`: `OPEN` (bit 31) | epoch (bits 16..31, 15 bits) | arrived (bits
-//!   0..16: workers that arrived in the round now gathering).
+//! - `GATE`: `OPEN` (bit 31) | epoch (bits 16..31, 15 bits) | `CLOSING`
+//!   (bit 15: close once the round being summed ends) | arrived (bits 0..15:
+//!   workers that arrived in the round now gathering).
 //! - `DONE`: rounds the workers summed (wrapping).
 //! - `SLEEPERS`: threads sleeping on `GATE` for a round's end.
 //!
@@ -33,8 +34,14 @@
 //!   open --`close` (the server, or a worker that must push by message)--> closed
 //!   gathering --`close`--> handing over (OPEN = 0, arrived > 0)
 //!   handing over --each waiter withdraws and sends its push to the server--> closed
-//!   summing --`close` waits for the summer; `force_close` (the summer died)--> closed
+//!   summing --`close`--> summing, CLOSING --the summer: epoch + 1, DONE + 1--> closed
 //! ```
+//!
+//! So `close` never waits: a round being summed ends at the gate, and the
+//! next goes to the server. (A summer that dies while it sums leaves its
+//! round's waiters to their timeout: the round cannot end, and nobody can
+//! tell a dead summer from a slow one, which must not find its round taken
+//! from under it.)
 //!
 //! Invariants:
 //! - G1. A round is summed by the workers or by the server, never partly
@@ -46,9 +53,10 @@
 //!   the gate only while it completes a round, before it answers it, and
 //!   only with nobody arrived: no worker can have a push of the next round
 //!   under way then (each waits for its answer).
-//! - G2. Only the summer changes `GATE` while `arrived = W`: arrivals need
-//!   `arrived < W`, `close` waits, a withdrawal refuses. So nobody reads a
-//!   slot the summer reads, or the value slot it writes, meanwhile.
+//! - G2. Only the summer changes `GATE` while `arrived = W`, but for
+//!   `close` setting `CLOSING`: arrivals need `arrived < W`, a withdrawal
+//!   refuses. So nobody reads a slot the summer reads, or the value slot it
+//!   writes, meanwhile, and the round it sums ends at the gate.
 //! - G3. A worker arrives in round `e + 1` only after it saw round `e`
 //!   end (the epoch move), and every round needs all `W`: so the epoch a
 //!   worker reads when it arrives is the one its round ends by moving, and
@@ -83,7 +91,7 @@
 //! 32,768 rounds within one compare-exchange).
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pskv_transport::Region;
 
@@ -92,7 +100,8 @@ const DONE: usize = 1;
 const SLEEPERS: usize = 2;
 
 const OPEN: u32 = 1 << 31;
-const ARRIVED: u32 = 0xffff;
+const CLOSING: u32 = 1 << 15;
+const ARRIVED: u32 = 0x7fff;
 const EPOCH_SHIFT: u32 = 16;
 const EPOCH: u32 = 0x7fff << EPOCH_SHIFT;
 
@@ -140,10 +149,6 @@ pub(crate) enum Withdrawal {
     Summing,
 }
 
-/// Why a gate could not be closed: the round was being summed all along.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Summing;
-
 fn epoch(g: u32) -> u32 {
     (g & EPOCH) >> EPOCH_SHIFT
 }
@@ -182,56 +187,29 @@ impl<'a> Gate<'a> {
         let _ = self
             .word(GATE)
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| {
-                (g & ARRIVED == 0).then_some(g | OPEN)
+                (g & (ARRIVED | CLOSING) == 0).then_some(g | OPEN)
             });
     }
 
-    /// Closes the gate: its next rounds go to the server, and a round
-    /// gathering is handed over (its waiters withdraw and push to the
-    /// server). `Err(Summing)` while the last worker sums (it ends soon);
-    /// closed already is fine.
-    pub(crate) fn close(&self, workers: usize) -> Result<(), Summing> {
+    /// Closes the gate: its next rounds go to the server. A round gathering
+    /// is handed over (its waiters withdraw and push to the server); a
+    /// round being summed ends at the gate, which closes then. Closed
+    /// already is fine.
+    pub(crate) fn close(&self, workers: usize) {
         let r = self
             .word(GATE)
             .fetch_update(Ordering::SeqCst, Ordering::Acquire, |g| {
-                if g & OPEN == 0 || (g & ARRIVED) as usize >= workers {
+                if g & OPEN == 0 {
                     None
+                } else if (g & ARRIVED) as usize >= workers {
+                    Some(g | CLOSING)
                 } else {
                     Some(g & !OPEN)
                 }
             });
-        match r {
-            Ok(g) => {
-                if g & ARRIVED != 0 {
-                    self.wake();
-                }
-                Ok(())
-            }
-            Err(g) if g & OPEN == 0 => Ok(()),
-            Err(_) => Err(Summing),
+        if matches!(r, Ok(g) if g & ARRIVED != 0) {
+            self.wake();
         }
-    }
-
-    /// Closes the gate, waiting (at most `timeout`) for a round being
-    /// summed to end.
-    pub(crate) fn close_within(&self, workers: usize, timeout: Duration) -> Result<(), Summing> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.close(workers) {
-                Err(Summing) if Instant::now() < deadline => std::thread::yield_now(),
-                r => return r,
-            }
-        }
-    }
-
-    /// Closes the gate even while a round is being summed, for a summer
-    /// that will not finish (its worker died): the round's waiters push to
-    /// the server instead.
-    pub(crate) fn force_close(&self) {
-        let _ = self
-            .word(GATE)
-            .fetch_update(Ordering::SeqCst, Ordering::Acquire, |g| Some(g & EPOCH));
-        self.wake();
     }
 
     /// A worker whose slot holds its push arrives (`workers`: W).
@@ -262,12 +240,11 @@ impl<'a> Gate<'a> {
     pub(crate) fn finish(&self) {
         self.word(DONE).fetch_add(1, Ordering::Relaxed);
         let gate = self.word(GATE);
-        // Only the summer changes the word now (G2), but for a
-        // `force_close` that gave it up for dead: then the gate stays
-        // closed, and the epoch moves all the same (its waiters may have
-        // seen the close and left, or see the round ended: both are true).
+        // Only the summer changes the word now, but for `close` setting
+        // `CLOSING` (G2): then the gate closes as the round ends.
         let _ = gate.fetch_update(Ordering::SeqCst, Ordering::Acquire, |g| {
-            Some((g & OPEN) | (((epoch(g) + 1) << EPOCH_SHIFT) & EPOCH))
+            let open = if g & CLOSING != 0 { 0 } else { g & OPEN };
+            Some(open | (((epoch(g) + 1) << EPOCH_SHIFT) & EPOCH))
         });
         self.wake();
     }
@@ -312,7 +289,8 @@ impl<'a> Gate<'a> {
                 return Withdrawal::Summing;
             }
             if n == 0 {
-                // Taken back for it already (`force_close`).
+                // Not by this protocol (an arrival is counted until it
+                // leaves or its round ends): nothing to take back.
                 return Withdrawal::Left;
             }
             match gate.compare_exchange_weak(g, g - 1, Ordering::AcqRel, Ordering::Acquire) {
@@ -397,9 +375,7 @@ mod tests {
                 while !stop.load(Ordering::Acquire) {
                     n += 1;
                     if n % 97 == 0 {
-                        Gate::of(&seg)
-                            .close_within(W, Duration::from_secs(5))
-                            .unwrap();
+                        Gate::of(&seg).close(W);
                     }
                     std::thread::yield_now();
                 }
@@ -498,14 +474,13 @@ mod tests {
 
     /// A waiter that gives up takes its arrival back; a close hands a
     /// gathering round over (and the gate opens again only once its
-    /// waiters left), waits for a round being summed, and a forced close
-    /// lets a dead summer's waiters go.
+    /// waiters left), and lets a round being summed end at the gate.
     #[test]
-    fn closing_hands_a_gathering_round_over_and_waits_for_a_sum() {
+    fn closing_hands_a_gathering_round_over_and_lets_a_sum_end() {
         let seg = Region::create(3, 8).unwrap();
         let gate = Gate::of(&seg);
         assert_eq!(gate.arrive(2), Arrival::Closed, "closed at first");
-        assert_eq!(gate.close(2), Ok(()));
+        gate.close(2);
         gate.open();
         let Arrival::Waiting(e) = gate.arrive(2) else {
             panic!("the first of two waits")
@@ -517,7 +492,7 @@ mod tests {
         let Arrival::Waiting(e) = gate.arrive(2) else {
             panic!("waits")
         };
-        assert_eq!(gate.close(2), Ok(()));
+        gate.close(2);
         assert_eq!(gate.round(e), Round::HandedOver);
         assert_eq!(gate.arrive(2), Arrival::Closed, "nobody joins it");
         gate.open();
@@ -525,35 +500,32 @@ mod tests {
         assert_eq!(gate.withdraw(e, 2), Withdrawal::Left);
         gate.open();
         assert!(gate.is_open());
-        // Too late to withdraw once the last arrived; a close waits.
+        // Too late to withdraw once the last arrived; a close lets the
+        // round end at the gate, and the gate closes as it ends.
         let Arrival::Waiting(e) = gate.arrive(2) else {
             panic!("waits")
         };
         assert_eq!(gate.arrive(2), Arrival::Last);
         assert_eq!(gate.withdraw(e, 2), Withdrawal::Summing);
-        assert_eq!(gate.close(2), Err(Summing));
-        assert_eq!(
-            gate.close_within(2, Duration::from_millis(20)),
-            Err(Summing)
-        );
+        gate.close(2);
+        assert_eq!(gate.round(e), Round::Gathering, "still being summed");
+        gate.open();
         gate.finish();
         assert_eq!(gate.round(e), Round::Ended);
         assert_eq!(gate.withdraw(e, 2), Withdrawal::Ended);
         assert_eq!(gate.done(), 1);
-        assert_eq!(gate.close_within(2, Duration::from_millis(20)), Ok(()));
+        assert!(!gate.is_open(), "closed as the round ended");
         assert_eq!(gate.arrive(2), Arrival::Closed);
-        // A summer given up for dead.
+        // And opens again at the server's next round.
         gate.open();
-        let Arrival::Waiting(e) = gate.arrive(2) else {
+        assert!(gate.is_open());
+        let Arrival::Waiting(_) = gate.arrive(2) else {
             panic!("waits")
         };
         assert_eq!(gate.arrive(2), Arrival::Last);
-        gate.force_close();
-        assert_eq!(gate.round(e), Round::HandedOver);
-        assert_eq!(gate.withdraw(e, 2), Withdrawal::Left);
         gate.finish();
-        assert!(!gate.is_open(), "stays closed");
-        assert_eq!(gate.arrived(), 0);
+        assert!(gate.is_open(), "no close asked: stays open");
+        assert_eq!(gate.done(), 2);
         // The epoch wraps within its bits and the gate stays open.
         gate.open();
         for _ in 0..40_000 {

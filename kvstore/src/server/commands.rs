@@ -13,10 +13,6 @@ use crate::optimizer::{OptState, Optimizer};
 use crate::updater::{KeyState, Rule};
 use crate::wire::command;
 
-/// How long a command that closes the gates waits for a round the
-/// workers are summing.
-const GATE_CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 impl Inner {
     pub(super) fn command(self: &Arc<Self>, req: KvRequest, r: Responder) {
         let body = &req.body[..];
@@ -89,7 +85,7 @@ impl Inner {
         // Rounds the workers summed had no optimizer to run: the next ones
         // come here. (The workers waited for their ops before this call, so
         // no such round is under way.)
-        self.close_gates(|_| true, GATE_CLOSE_TIMEOUT)?;
+        self.close_gates(|_| true);
         Ok(Vec::new())
     }
 

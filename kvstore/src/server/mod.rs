@@ -347,14 +347,11 @@ impl Server {
     /// Parts of at most `bytes` bytes may be summed by their workers, in
     /// their shared segment, while this server has nothing to add to their
     /// rounds (0: this server sums every round). Overrides
-    /// `PSKV_WORKER_SUM_BYTES`; parts over the new size go back to this
-    /// server at once (an error if a round the workers are summing does
-    /// not end within `timeout`).
-    pub fn set_worker_sum_bytes(&self, bytes: usize, timeout: Duration) -> Result<()> {
+    /// `PSKV_WORKER_SUM_BYTES`; parts over the new size come back to this
+    /// server from their next round.
+    pub fn set_worker_sum_bytes(&self, bytes: usize) {
         self.inner.worker_sum_bytes.store(bytes, Ordering::Release);
-        self.inner
-            .close_gates(|st| st.nbytes() > bytes, timeout)
-            .map_err(|e| KvError::invalid(e.to_string()))
+        self.inner.close_gates(|st| st.nbytes() > bytes);
     }
 
     /// This server's rank.
@@ -508,15 +505,8 @@ impl Inner {
 
     /// Closes the gates (`gate.rs`) of the entries `which` picks: their
     /// rounds come to this server again (a round gathering at a gate is
-    /// handed over by its workers). Waits for rounds the workers are
-    /// summing (at most `timeout`, each); every gate is closed that can
-    /// be, and the first that stayed busy is the error.
-    fn close_gates(
-        &self,
-        which: impl Fn(&EntryState) -> bool,
-        timeout: Duration,
-    ) -> std::result::Result<(), crate::error::Fault> {
-        let mut first = None;
+    /// handed over by its workers; one being summed ends there first).
+    fn close_gates(&self, which: impl Fn(&EntryState) -> bool) {
         for (_, e) in self.entries_snapshot() {
             // Subtle: under the entry's lock, which a round that opens the
             // gate holds while it reads the rule and opens: so a gate opened
@@ -524,12 +514,9 @@ impl Inner {
             // the rule (and did not open).
             let st = e.st.lock();
             if which(&st) {
-                if let Err(f) = st.close_gate(timeout) {
-                    first.get_or_insert(f);
-                }
+                st.close_gate();
             }
         }
-        first.map_or(Ok(()), Err)
     }
 
     /// Every entry, with its ps key, taken out of the map's lock.

@@ -150,7 +150,7 @@ impl Inner {
                 for (_, e) in self.entries_snapshot() {
                     let mut st = e.st.lock();
                     // Rounds the workers sum come back here, to fail too.
-                    st.close_gate_dead();
+                    st.close_gate();
                     st.fail_active_round(&msg);
                     st.worker_gone(rank);
                 }

@@ -72,7 +72,7 @@ impl Cluster {
                 std::thread::spawn(move || {
                     let s = Server::start(c, engine()).unwrap();
                     if let Some(n) = sum_bytes {
-                        s.set_worker_sum_bytes(n, T).unwrap();
+                        s.set_worker_sum_bytes(n);
                     }
                     s.wait(Some(T)).unwrap();
                     s.shutdown();

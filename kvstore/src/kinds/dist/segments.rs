@@ -158,8 +158,25 @@ impl DistStore {
 pub(super) fn watch_restarts(store: &Arc<DistStore>) {
     let weak = Arc::downgrade(store);
     store.po.watch_nodes(Arc::new(move |change| {
-        let (NodeChange::Restarted(id), Some(me)) = (change, weak.upgrade()) else {
+        let Some(me) = weak.upgrade() else {
             return;
+        };
+        let id = match change {
+            NodeChange::Dead(id) => {
+                // Rounds gathering at the gates that need the dead node go
+                // to a server, which fails them naming it (or, its server
+                // dead, they fail): no wait for the timeout. (Closing
+                // never blocks.)
+                let server = match role_rank(id) {
+                    Some((Role::Server, r)) => Some(r),
+                    _ => None,
+                };
+                for (_, dk) in me.keys.all() {
+                    me.close_gates_of(&dk, server);
+                }
+                return;
+            }
+            NodeChange::Restarted(id) => id,
         };
         let Some((Role::Server, rank)) = role_rank(id) else {
             return;
@@ -173,7 +190,7 @@ pub(super) fn watch_restarts(store: &Arc<DistStore>) {
         };
         for (_, dk) in me.keys.all() {
             // Rounds gathering at the old process's gates go to a server.
-            me.close_gates_of(&dk, rank);
+            me.close_gates_of(&dk, Some(rank));
             forget_segments(&dk, rank);
         }
         let weak = weak.clone();

@@ -18,8 +18,9 @@
 //! server whole, the workers that already arrived handing their pushes
 //! over (each withdraws and sends its push, still in its slot, by
 //! message). The server closes a part's gate the same way (an optimizer
-//! set, a worker died), and so does a worker that learns its server
-//! restarted (the old process's gates).
+//! set, a worker died), and so does a worker that learns a node died or
+//! its server restarted (the old process's gates). Closing never waits: a
+//! round being summed ends at the gate, which closes as it ends.
 //!
 //! # Waits: states
 //!
@@ -52,9 +53,6 @@ const GATE_SLEEP: Duration = Duration::from_millis(2);
 /// How long the watcher naps with nothing waiting before it sleeps until
 /// a wait is added.
 const IDLE: Duration = Duration::from_millis(50);
-/// How long a push that goes by message waits for the last worker of a
-/// round to finish its sum before it can close the gate.
-const SUM_WAIT: Duration = Duration::from_secs(5);
 
 /// How a waiting part's round came out.
 enum Outcome {
@@ -200,8 +198,21 @@ impl Waits {
     }
 
     /// Fails every wait (taking its arrival back) and ends the watcher
-    /// (the store is closing).
+    /// (the store is closing); waits for it to end.
     pub(super) fn close(&self) {
+        self.stop();
+        // Subtle: the handle is taken out before the join (the watcher may
+        // be in `add`, from a callback, waiting for this lock), and not
+        // joined from the watcher itself.
+        let h = self.watcher.lock().take();
+        if let Some(h) = h.filter(|h| h.thread().id() != std::thread::current().id()) {
+            let _ = h.join();
+        }
+    }
+
+    /// Fails every wait (taking its arrival back) and tells the watcher to
+    /// end.
+    fn stop(&self) {
         let inner = &self.inner;
         let waits = {
             let mut list = inner.list.lock();
@@ -217,19 +228,14 @@ impl Waits {
             };
             (w.then)(o);
         }
-        // Subtle: the handle is taken out before the join (the watcher may
-        // be in `add`, from a callback, waiting for this lock), and not
-        // joined from the watcher itself.
-        let h = self.watcher.lock().take();
-        if let Some(h) = h.filter(|h| h.thread().id() != std::thread::current().id()) {
-            let _ = h.join();
-        }
     }
 }
 
 impl Drop for Waits {
     fn drop(&mut self) {
-        self.close();
+        // No join: the last handle may go inside a progress hook (which
+        // must not block); the watcher ends on its own, within a nap.
+        self.stop();
     }
 }
 
@@ -268,6 +274,11 @@ fn watch(inner: &Inner, workers: usize, timeout: Duration) {
             let gate = Gate::of(&w.seg);
             let outcome = match gate.withdraw(w.epoch, workers) {
                 Withdrawal::Ended => Some(Outcome::Ended),
+                // The gate closed since the look above: handed over, not
+                // timed out (the others' pushes go to the server too).
+                Withdrawal::Left if gate.round(w.epoch) == gate::Round::HandedOver => {
+                    Some(Outcome::HandedOver)
+                }
                 Withdrawal::Left => Some(Outcome::Failed(Fault::Unavailable(format!(
                     "the round that the workers sum in shared memory did not end within {timeout:?}: {} of {workers} workers had arrived at it with this one (its push is taken back; the others have not pushed this round)",
                     gate.arrived() + 1
@@ -373,11 +384,8 @@ impl DistStore {
         if !p.head.shm || seg.tag() != p.head.shm_tag {
             // By message: a push closes the gate first (G1 of `gate.rs`);
             // a round gathering there is handed over to the server.
-            if pushes && gate.close_within(workers, SUM_WAIT).is_err() {
-                answer(Err(Fault::Failed(format!(
-                    "part {i}'s round was being summed by the workers in shared memory for {SUM_WAIT:?} (its summer may have died), so this push cannot go to the server"
-                ))));
-                return None;
+            if pushes {
+                gate.close(workers);
             }
             return Some(p);
         }
@@ -453,20 +461,17 @@ impl DistStore {
         }
     }
 
-    /// Closes the gates of the parts on server `rank`, whose process has
-    /// gone: rounds gathering there are handed over (their pushes go to
-    /// the server, which refuses them as a restarted process's; the
-    /// worker sends them again to the new one).
-    pub(super) fn close_gates_of(&self, dk: &DistKey, rank: u32) {
+    /// Closes the gates of `dk`'s parts on server `rank` (None: on every
+    /// server): rounds gathering there are handed over to their server,
+    /// and the next rounds go to it. After a node died (a worker: the
+    /// server fails the rounds, naming it; the server: its parts' pushes
+    /// fail) or a server restarted (the new process refuses pushes meant
+    /// for the old one's segments: the caller pushes again).
+    pub(super) fn close_gates_of(&self, dk: &DistKey, rank: Option<u32>) {
         let segs = dk.segs.read();
         for (s, p) in segs.iter().zip(dk.parts.iter()) {
-            if let (Some(seg), true) = (s, p.server == rank) {
-                if Gate::of(seg)
-                    .close_within(self.waits.workers, SUM_WAIT)
-                    .is_err()
-                {
-                    Gate::of(seg).force_close();
-                }
+            if let (Some(seg), true) = (s, rank.is_none_or(|r| p.server == r)) {
+                Gate::of(seg).close(self.waits.workers);
             }
         }
     }

@@ -601,35 +601,12 @@ impl EntryState {
         }
     }
 
-    /// Closes the segment's gate: rounds come to the server again, a round
-    /// gathering there handed over by its workers. Waits at most `timeout`
-    /// for a round the workers are summing.
-    pub(crate) fn close_gate(&self, timeout: std::time::Duration) -> Result<(), Fault> {
-        let Some(seg) = &self.shm else {
-            return Ok(());
-        };
-        Gate::of(seg)
-            .close_within(self.workers, timeout)
-            .map_err(|_| {
-                Fault::Unavailable(format!(
-                    "{}: the last worker of a round summed in shared memory did not finish its sum within {timeout:?}",
-                    self.name()
-                ))
-            })
-    }
-
-    /// Closes the segment's gate for good after a worker died: a round
-    /// gathering there comes to the server (which fails it, naming the
-    /// dead worker), even one whose summer was the worker that died.
-    pub(crate) fn close_gate_dead(&self) {
+    /// Closes the segment's gate: rounds come to the server again (a round
+    /// gathering there handed over by its workers, one being summed ended
+    /// there first). Never waits.
+    pub(crate) fn close_gate(&self) {
         if let Some(seg) = &self.shm {
-            let gate = Gate::of(seg);
-            if gate
-                .close_within(self.workers, std::time::Duration::from_millis(200))
-                .is_err()
-            {
-                gate.force_close();
-            }
+            Gate::of(seg).close(self.workers);
         }
     }
 
