@@ -320,6 +320,17 @@ mod tests {
         Server,
     }
 
+    /// Sums slots `0..w` (a u64 each) into slot `w`, as the summer or the
+    /// server does.
+    fn sum_slots(seg: &Region, w: usize) {
+        // SAFETY: the caller holds the round (G2, or the stand-in server's
+        // lock with every push in).
+        let sum: u64 = (0..w)
+            .map(|i| u64::from_le_bytes(unsafe { seg.slot(i) }.try_into().unwrap()))
+            .sum();
+        unsafe { seg.slot_mut(w) }.copy_from_slice(&sum.to_le_bytes());
+    }
+
     /// A stand-in for the server: a round completes once every worker
     /// handed it its push; the one that completes it may open the gate
     /// before the others are let go (as the server does before it
@@ -395,13 +406,7 @@ mod tests {
                         unsafe { seg.slot_mut(r) }.copy_from_slice(&mine.to_le_bytes());
                         let path = match gate.arrive(W) {
                             Arrival::Last => {
-                                let sum: u64 = (0..W)
-                                    .map(|i| {
-                                        let b = unsafe { seg.slot(i) };
-                                        u64::from_le_bytes(b.try_into().unwrap())
-                                    })
-                                    .sum();
-                                unsafe { seg.slot_mut(W) }.copy_from_slice(&sum.to_le_bytes());
+                                sum_slots(&seg, W);
                                 summed.fetch_add(1, Ordering::Relaxed);
                                 gate.finish();
                                 Path::Gate
@@ -426,13 +431,7 @@ mod tests {
                             // The server sums the slots (every push of the
                             // round is there, G1) and may open the gate.
                             server.push(round, W, || {
-                                let sum: u64 = (0..W)
-                                    .map(|i| {
-                                        let b = unsafe { seg.slot(i) };
-                                        u64::from_le_bytes(b.try_into().unwrap())
-                                    })
-                                    .sum();
-                                unsafe { seg.slot_mut(W) }.copy_from_slice(&sum.to_le_bytes());
+                                sum_slots(&seg, W);
                                 if round % 3 != 0 {
                                     gate.open();
                                 }
