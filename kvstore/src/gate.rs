@@ -22,6 +22,9 @@
 //!   workers that arrived in the round now gathering).
 //! - `DONE`: rounds the workers summed (wrapping).
 //! - `SLEEPERS`: threads sleeping on `GATE` for a round's end.
+//! - `SUMMER`: who sums the round being summed: its epoch (bits 16..31) |
+//!   the summer's rank + 1 (written just after its arrival; read only to
+//!   tell a dead summer's waiters).
 //!
 //! # States
 //!
@@ -38,10 +41,13 @@
 //! ```
 //!
 //! So `close` never waits: a round being summed ends at the gate, and the
-//! next goes to the server. (A summer that dies while it sums leaves its
-//! round's waiters to their timeout: the round cannot end, and nobody can
-//! tell a dead summer from a slow one, which must not find its round taken
-//! from under it.)
+//! next goes to the server. A summer that dies while it sums leaves its
+//! round unended: its waiters fail once their worker learns it died
+//! (`SUMMER` names it), else at twice their timeout (the first deadline
+//! finds the round being summed, and gives it the time again: a slow
+//! summer must not find its round taken from under it). Their arrivals
+//! stay counted, and their slots are in doubt (`kinds/dist/parts.rs`,
+//! `Unsure`): the part's pushes go by message, closing the gate.
 //!
 //! Invariants:
 //! - G1. A round is summed by the workers or by the server, never partly
@@ -98,6 +104,7 @@ use pskv_transport::Region;
 const GATE: usize = 0;
 const DONE: usize = 1;
 const SLEEPERS: usize = 2;
+const SUMMER: usize = 3;
 
 const OPEN: u32 = 1 << 31;
 const CLOSING: u32 = 1 << 15;
@@ -212,8 +219,8 @@ impl<'a> Gate<'a> {
         }
     }
 
-    /// A worker whose slot holds its push arrives (`workers`: W).
-    pub(crate) fn arrive(&self, workers: usize) -> Arrival {
+    /// Worker `rank`, whose slot holds its push, arrives (`workers`: W).
+    pub(crate) fn arrive(&self, workers: usize, rank: usize) -> Arrival {
         let gate = self.word(GATE);
         let mut g = gate.load(Ordering::Acquire);
         loop {
@@ -228,7 +235,11 @@ impl<'a> Gate<'a> {
                 return Arrival::Closed;
             }
             match gate.compare_exchange_weak(g, g + 1, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) if n + 1 == workers => return Arrival::Last,
+                Ok(_) if n + 1 == workers => {
+                    let who = (epoch(g) << 16) | (rank as u32 + 1);
+                    self.word(SUMMER).store(who, Ordering::Release);
+                    return Arrival::Last;
+                }
                 Ok(_) => return Arrival::Waiting(epoch(g)),
                 Err(now) => g = now,
             }
@@ -303,6 +314,17 @@ impl<'a> Gate<'a> {
     /// Workers arrived in the round now gathering (diagnostics).
     pub(crate) fn arrived(&self) -> u32 {
         self.word(GATE).load(Ordering::Acquire) & ARRIVED
+    }
+
+    /// The rank of the worker summing the round of `epoch0`, once it said
+    /// so (None: not being summed, or not yet said).
+    pub(crate) fn summer(&self, epoch0: u32, workers: usize) -> Option<usize> {
+        let g = self.word(GATE).load(Ordering::Acquire);
+        if epoch(g) != epoch0 || ((g & ARRIVED) as usize) < workers {
+            return None;
+        }
+        let who = self.word(SUMMER).load(Ordering::Acquire);
+        (who >> 16 == epoch0 && who & 0xffff != 0).then(|| (who & 0xffff) as usize - 1)
     }
 }
 
@@ -404,7 +426,7 @@ mod tests {
                         // (or the server) only after this arrival (or
                         // push).
                         unsafe { seg.slot_mut(r) }.copy_from_slice(&mine.to_le_bytes());
-                        let path = match gate.arrive(W) {
+                        let path = match gate.arrive(W, r) {
                             Arrival::Last => {
                                 sum_slots(&seg, W);
                                 summed.fetch_add(1, Ordering::Relaxed);
@@ -478,22 +500,22 @@ mod tests {
     fn closing_hands_a_gathering_round_over_and_lets_a_sum_end() {
         let seg = Region::create(3, 8).unwrap();
         let gate = Gate::of(&seg);
-        assert_eq!(gate.arrive(2), Arrival::Closed, "closed at first");
+        assert_eq!(gate.arrive(2, 0), Arrival::Closed, "closed at first");
         gate.close(2);
         gate.open();
-        let Arrival::Waiting(e) = gate.arrive(2) else {
+        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
             panic!("the first of two waits")
         };
         assert_eq!(gate.round(e), Round::Gathering);
         assert_eq!(gate.withdraw(e, 2), Withdrawal::Left);
         assert_eq!(gate.arrived(), 0);
         // Handed over.
-        let Arrival::Waiting(e) = gate.arrive(2) else {
+        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
             panic!("waits")
         };
         gate.close(2);
         assert_eq!(gate.round(e), Round::HandedOver);
-        assert_eq!(gate.arrive(2), Arrival::Closed, "nobody joins it");
+        assert_eq!(gate.arrive(2, 0), Arrival::Closed, "nobody joins it");
         gate.open();
         assert!(!gate.is_open(), "not while a waiter is still to leave");
         assert_eq!(gate.withdraw(e, 2), Withdrawal::Left);
@@ -501,10 +523,12 @@ mod tests {
         assert!(gate.is_open());
         // Too late to withdraw once the last arrived; a close lets the
         // round end at the gate, and the gate closes as it ends.
-        let Arrival::Waiting(e) = gate.arrive(2) else {
+        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
             panic!("waits")
         };
-        assert_eq!(gate.arrive(2), Arrival::Last);
+        assert_eq!(gate.summer(e, 2), None, "nobody sums yet");
+        assert_eq!(gate.arrive(2, 1), Arrival::Last);
+        assert_eq!(gate.summer(e, 2), Some(1), "worker 1 sums");
         assert_eq!(gate.withdraw(e, 2), Withdrawal::Summing);
         gate.close(2);
         assert_eq!(gate.round(e), Round::Gathering, "still being summed");
@@ -514,21 +538,21 @@ mod tests {
         assert_eq!(gate.withdraw(e, 2), Withdrawal::Ended);
         assert_eq!(gate.done(), 1);
         assert!(!gate.is_open(), "closed as the round ended");
-        assert_eq!(gate.arrive(2), Arrival::Closed);
+        assert_eq!(gate.arrive(2, 0), Arrival::Closed);
         // And opens again at the server's next round.
         gate.open();
         assert!(gate.is_open());
-        let Arrival::Waiting(_) = gate.arrive(2) else {
+        let Arrival::Waiting(_) = gate.arrive(2, 0) else {
             panic!("waits")
         };
-        assert_eq!(gate.arrive(2), Arrival::Last);
+        assert_eq!(gate.arrive(2, 1), Arrival::Last);
         gate.finish();
         assert!(gate.is_open(), "no close asked: stays open");
         assert_eq!(gate.done(), 2);
         // The epoch wraps within its bits and the gate stays open.
         gate.open();
         for _ in 0..40_000 {
-            assert_eq!(gate.arrive(1), Arrival::Last);
+            assert_eq!(gate.arrive(1, 0), Arrival::Last);
             gate.finish();
         }
         assert!(gate.is_open());

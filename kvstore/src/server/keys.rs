@@ -246,7 +246,9 @@ impl Inner {
                     vals
                 };
                 let rule = self.rule.read().clone();
-                st.gate_ok = head.sync && self.gate_ok(key, st.nbytes(), rule.is_none());
+                // (Only for pushes through a slot: no lock on other paths.)
+                st.gate_ok =
+                    head.sync && head.shm && self.gate_ok(key, st.nbytes(), rule.is_none());
                 let before = st.rounds;
                 // Profiling: the push taken in (and folded, where it can
                 // be) or the round summed, then the

@@ -96,7 +96,7 @@ impl Unsure {
 
     /// The answer to a push of part `i` (`tag`: the segment's it went
     /// through, or 0: by message; `seg`: that segment, if looked up).
-    fn note(&self, i: usize, (tag, seg): (u16, Option<&Arc<Region>>), ok: bool) {
+    pub(super) fn note(&self, i: usize, (tag, seg): (u16, Option<&Arc<Region>>), ok: bool) {
         match (tag != 0, ok) {
             (true, false) => {
                 let mut u = self.parts.lock();

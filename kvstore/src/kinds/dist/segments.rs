@@ -169,6 +169,12 @@ pub(super) fn watch_restarts(store: &Arc<DistStore>) {
                 // never blocks.)
                 let server = match role_rank(id) {
                     Some((Role::Server, r)) => Some(r),
+                    Some((Role::Worker, r)) => {
+                        // A round it was summing never ends: its waiters
+                        // fail now.
+                        me.waits.worker_died(r as usize);
+                        None
+                    }
                     _ => None,
                 };
                 for (_, dk) in me.keys.all() {

@@ -22,6 +22,14 @@
 //! its server restarted (the old process's gates). Closing never waits: a
 //! round being summed ends at the gate, which closes as it ends.
 //!
+//! A wait that fails while its round is being summed (its summer died,
+//! or took twice the timeout) leaves its arrival counted: the part is
+//! then in doubt (`parts::Unsure`), and its pushes go by message, closing
+//! the gate. If the round does end there after all, the server counts it
+//! while this worker's count of the key's rounds (`DistKey::seen`) does
+//! not: the push it sends again is answered as a push of a round done, as
+//! on the message path after such a failure.
+//!
 //! # Waits: states
 //!
 //! A wait is in `Inner::list` from its arrival until it is finished, by
@@ -60,8 +68,10 @@ enum Outcome {
     Ended,
     /// The gate closed under it: its push goes to the server.
     HandedOver,
-    /// It failed (timed out, the store closed).
-    Failed(Fault),
+    /// It failed (timed out, the store closed); `doubt`: its arrival is
+    /// still counted (the round is being summed), so its slot may still be
+    /// read.
+    Failed(Fault, bool),
 }
 
 /// What finishes a waiting part.
@@ -105,6 +115,8 @@ struct Inner {
     idle: AtomicBool,
     /// The store closed: the watcher ends.
     closed: AtomicBool,
+    /// Ranks of workers known dead: a round one of them sums never ends.
+    dead: Mutex<Vec<usize>>,
 }
 
 /// The waits of a store's parts at their gates, and their watcher.
@@ -128,6 +140,13 @@ impl Waits {
         }
     }
 
+    /// Worker `rank` died: waits whose round it sums fail (the watcher
+    /// looks now).
+    pub(super) fn worker_died(&self, rank: usize) {
+        self.inner.dead.lock().push(rank);
+        self.inner.cv.notify_one();
+    }
+
     /// Parts whose rounds the workers summed, so far.
     pub(super) fn summed(&self) -> u64 {
         self.summed.load(Ordering::Relaxed)
@@ -135,7 +154,8 @@ impl Waits {
 
     /// Finishes the waits whose rounds came out (a waiting thread's
     /// progress hook: never blocks); `leave`: that thread stops polling,
-    /// so the watcher looks now. Whether it finished any.
+    /// so the watcher looks soon (at once if it naps; within its 2 ms
+    /// sleep on a gate if it sleeps there). Whether it finished any.
     pub(super) fn poll(&self, leave: bool) -> bool {
         let inner = &self.inner;
         if leave && inner.len.load(Ordering::Acquire) != 0 {
@@ -165,10 +185,11 @@ impl Waits {
             if inner.closed.load(Ordering::Acquire) {
                 drop(list);
                 // Not left at the gate: the others must not wait for it.
-                let _ = Gate::of(&seg).withdraw(epoch, self.workers);
-                return then(Outcome::Failed(Fault::Unavailable(
-                    "the kvstore was closed".into(),
-                )));
+                let doubt = Gate::of(&seg).withdraw(epoch, self.workers) == Withdrawal::Summing;
+                return then(Outcome::Failed(
+                    Fault::Unavailable("the kvstore was closed".into()),
+                    doubt,
+                ));
             }
             list.push(Wait {
                 seg,
@@ -222,9 +243,11 @@ impl Waits {
         };
         inner.cv.notify_all();
         for w in waits {
+            let closed = || Fault::Unavailable("the kvstore was closed".into());
             let o = match Gate::of(&w.seg).withdraw(w.epoch, self.workers) {
                 Withdrawal::Ended => Outcome::Ended,
-                _ => Outcome::Failed(Fault::Unavailable("the kvstore was closed".into())),
+                Withdrawal::Left => Outcome::Failed(closed(), false),
+                Withdrawal::Summing => Outcome::Failed(closed(), true),
             };
             (w.then)(o);
         }
@@ -264,8 +287,17 @@ fn watch(inner: &Inner, workers: usize, timeout: Duration) {
         }
         let mut done = take_out(&mut list, &inner.len, workers);
         let now = Instant::now();
+        let dead = inner.dead.lock().clone();
         let mut i = 0;
         while i < list.len() {
+            let summer = Gate::of(&list[i].seg).summer(list[i].epoch, workers);
+            if let Some(r) = summer.filter(|r| dead.contains(r)) {
+                let f = Fault::Unavailable(format!(
+                    "worker {r}, which was summing this round in shared memory, died: the round cannot end"
+                ));
+                done.push((list.swap_remove(i), Outcome::Failed(f, true)));
+                continue;
+            }
             if list[i].deadline > now {
                 i += 1;
                 continue;
@@ -279,10 +311,13 @@ fn watch(inner: &Inner, workers: usize, timeout: Duration) {
                 Withdrawal::Left if gate.round(w.epoch) == gate::Round::HandedOver => {
                     Some(Outcome::HandedOver)
                 }
-                Withdrawal::Left => Some(Outcome::Failed(Fault::Unavailable(format!(
-                    "the round that the workers sum in shared memory did not end within {timeout:?}: {} of {workers} workers had arrived at it with this one (its push is taken back; the others have not pushed this round)",
-                    gate.arrived() + 1
-                )))),
+                Withdrawal::Left => Some(Outcome::Failed(
+                    Fault::Unavailable(format!(
+                        "the round that the workers sum in shared memory did not end within {timeout:?}: {} of {workers} workers had arrived at it with this one (its push is taken back; the others have not pushed this round)",
+                        gate.arrived() + 1
+                    )),
+                    false,
+                )),
                 Withdrawal::Summing if !w.summing => {
                     // The last worker is summing: give it the time again.
                     w.summing = true;
@@ -290,12 +325,13 @@ fn watch(inner: &Inner, workers: usize, timeout: Duration) {
                     None
                 }
                 // Subtle: the arrival stays counted (the round is the
-                // summer's now); the part's slot is not written again
-                // before a later round of this key, which the summer must
-                // end first.
-                Withdrawal::Summing => Some(Outcome::Failed(Fault::Failed(
-                    "the worker that came last to a round summed in shared memory did not finish it (it may have died while summing)".into(),
-                ))),
+                // summer's now), so the slot may still be read: in doubt.
+                Withdrawal::Summing => Some(Outcome::Failed(
+                    Fault::Failed(
+                        "the worker that came last to a round summed in shared memory did not finish it (it may have died while summing)".into(),
+                    ),
+                    true,
+                )),
             };
             match outcome {
                 Some(o) => done.push((list.swap_remove(i), o)),
@@ -399,7 +435,7 @@ impl DistStore {
             answer(Ok(()));
             return None;
         }
-        match gate.arrive(workers) {
+        match gate.arrive(workers, self.po.my_rank() as usize) {
             Arrival::Closed => Some(p),
             Arrival::Last => {
                 // SAFETY: every worker wrote its slot before it arrived, and
@@ -437,7 +473,14 @@ impl DistStore {
                             Outcome::HandedOver => {
                                 Err(Fault::Unavailable("the kvstore was closed".into()))
                             }
-                            Outcome::Failed(f) => Err(f),
+                            Outcome::Failed(f, doubt) => {
+                                if let (true, Some(u)) = (doubt, &p.unsure) {
+                                    // Before the op completes: its next push
+                                    // goes by message, leaving the slot alone.
+                                    u.note(i, (p.head.shm_tag, p.seg.as_ref()), false);
+                                }
+                                Err(f)
+                            }
                         };
                         inf.part_done(Ok(slot_answer()), move |resp| {
                             r.and_then(|()| cb(i, resp, false))
@@ -474,5 +517,101 @@ impl DistStore {
                 Gate::of(seg).close(self.waits.workers);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// What a wait came to: "ended", "handed over", or the failure with its
+    /// doubt.
+    fn outcome_of(o: Outcome) -> (String, bool) {
+        match o {
+            Outcome::Ended => ("ended".into(), false),
+            Outcome::HandedOver => ("handed over".into(), false),
+            Outcome::Failed(f, doubt) => (f.to_string(), doubt),
+        }
+    }
+
+    /// A wait on a round whose last worker arrived but never finishes (its
+    /// summer died): failed, in doubt, as soon as the death is known; else
+    /// at twice the timeout. A wait on a gate closed under it is handed
+    /// over; one whose round ends, ended.
+    #[test]
+    fn the_watcher_fails_a_dead_summers_waiters_and_hands_over_closed_rounds() {
+        let timeout = Duration::from_millis(200);
+        let waits = Waits::new(2, timeout);
+        let (tx, rx) = mpsc::channel();
+        let wait_on = |seg: &Arc<Region>, epoch| {
+            let tx = tx.clone();
+            waits.add(
+                seg.clone(),
+                epoch,
+                Box::new(move |o| tx.send(outcome_of(o)).unwrap()),
+            );
+        };
+        // Summer (worker 1) known dead.
+        let seg = Arc::new(Region::create(3, 8).unwrap());
+        let gate = Gate::of(&seg);
+        gate.open();
+        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
+            panic!("waits")
+        };
+        assert_eq!(gate.arrive(2, 1), Arrival::Last);
+        let t = Instant::now();
+        wait_on(&seg, e);
+        waits.worker_died(1);
+        let (msg, doubt) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            msg.contains("worker 1") && msg.contains("died") && doubt,
+            "{msg}"
+        );
+        assert!(t.elapsed() < timeout, "took {:?}", t.elapsed());
+        // Summer not known dead: twice the timeout.
+        let seg = Arc::new(Region::create(3, 8).unwrap());
+        let gate = Gate::of(&seg);
+        gate.open();
+        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
+            panic!("waits")
+        };
+        assert_eq!(gate.arrive(2, 0), Arrival::Last);
+        let t = Instant::now();
+        wait_on(&seg, e);
+        let (msg, doubt) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(msg.contains("did not finish") && doubt, "{msg}");
+        assert!(t.elapsed() >= timeout * 2, "took {:?}", t.elapsed());
+        // Closed under it: handed over; a round that ends: ended.
+        let seg = Arc::new(Region::create(3, 8).unwrap());
+        let gate = Gate::of(&seg);
+        gate.open();
+        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
+            panic!("waits")
+        };
+        wait_on(&seg, e);
+        gate.close(2);
+        let (msg, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(msg, "handed over");
+        assert_eq!(gate.arrived(), 0, "its arrival taken back");
+        gate.open();
+        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
+            panic!("waits")
+        };
+        wait_on(&seg, e);
+        assert_eq!(gate.arrive(2, 1), Arrival::Last);
+        gate.finish();
+        let (msg, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(msg, "ended");
+        // A round nobody joins: timed out, taken back, not in doubt.
+        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
+            panic!("waits")
+        };
+        wait_on(&seg, e);
+        let (msg, doubt) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(msg.contains("did not end within") && !doubt, "{msg}");
+        assert_eq!(gate.arrived(), 0);
+        waits.close();
     }
 }
