@@ -24,9 +24,11 @@
 //! end without completing (failed, a push given way to its retry, or
 //! learned done from the workers' count after a restart); `segment.rs`
 //! the shared segment of the co-located fast path (made at a worker's
-//! check, read for its pushes, its file removed once nobody will map it);
-//! `update.rs` a completed round's sum applied to the stored value (the
-//! optimizer's step, or the sum becoming the value).
+//! check, read for its pushes, its file removed once nobody will map it,
+//! its gate closed and its rounds counted); `value.rs` the stored value
+//! (its own buffer, or the segment's value slot); `update.rs` a completed
+//! round's sum applied to the stored value (the optimizer's step, or the
+//! sum becoming the value).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,13 +44,14 @@ use crate::compression::Compression;
 use crate::dtype::DType;
 use crate::error::Fault;
 use crate::gate::Gate;
-use crate::tensor::{share, Buf};
+use crate::tensor::Buf;
 use crate::updater::{KeyState, Rule};
 use crate::wire::{split_rows, Head, Op};
 
 mod cut_short;
 mod segment;
 mod update;
+mod value;
 
 /// How a waiting request is answered: with nothing (a push), the stored
 /// value (a push-pull), or an error.
@@ -190,54 +193,6 @@ impl EntryState {
     /// Bytes of the stored value.
     pub(crate) fn nbytes(&self) -> usize {
         self.nbytes
-    }
-
-    /// The stored value (inside an op on the entry).
-    pub(crate) fn value_bytes(&self) -> &[u8] {
-        match &self.shm {
-            // SAFETY: the value slot is written by this entry's ops, or,
-            // while the gate is open, by the workers that sum a round
-            // (`crate::gate`), which needs the next push of every worker;
-            // a request that reads the value (a pull, a round's answer)
-            // comes before its worker's next push. Workers read it only
-            // between rounds (see `kinds/dist/segments.rs`).
-            Some(seg) => unsafe { seg.slot(self.workers) },
-            None => self.value.bytes(),
-        }
-    }
-
-    /// The stored value, shared without a copy (copied out of a segment).
-    pub(crate) fn snapshot(&self) -> Bytes {
-        match &self.shm {
-            Some(_) => Bytes::copy_from_slice(self.value_bytes()),
-            None => share(&self.value, 0..self.value.len()),
-        }
-    }
-
-    /// Replaces the stored value (a copy from the primary, replicas).
-    pub(crate) fn set_value(&mut self, value: &[u8]) {
-        self.value_mut(false).copy_from_slice(value);
-    }
-
-    /// The stored value's bytes, to overwrite or change (a copy first if
-    /// an answer in flight shares them).
-    fn value_mut(&mut self, keep: bool) -> &mut [u8] {
-        if let Some(seg) = &self.shm {
-            // SAFETY: as in `value_bytes`; this entry's ops write it only
-            // while the gate is closed (a round the server completes, a
-            // copy from the primary: no workers' sums with replicas).
-            return unsafe { seg.slot_mut(self.workers) };
-        }
-        if Arc::get_mut(&mut self.value).is_none() {
-            self.value = Arc::new(if keep {
-                Buf::from_bytes(self.value.bytes())
-            } else {
-                Buf::zeroed(self.value.len())
-            });
-        }
-        Arc::get_mut(&mut self.value)
-            .expect("made unique above")
-            .bytes_mut()
     }
 
     /// Checks a push against the key and the round; an error is for the
@@ -588,25 +543,6 @@ impl EntryState {
             .then(|| self.snapshot());
         for (answer, want) in waiters {
             answer(Ok(answer_of(want, &snap)));
-        }
-    }
-
-    /// Counts into `rounds` the rounds the workers summed at the gate
-    /// since the last look (inside an op on the entry).
-    pub(crate) fn count_gate_rounds(&mut self) {
-        if let Some(seg) = &self.shm {
-            let done = Gate::of(seg).done();
-            self.rounds += u64::from(done.wrapping_sub(self.gate_seen));
-            self.gate_seen = done;
-        }
-    }
-
-    /// Closes the segment's gate: rounds come to the server again (a round
-    /// gathering there handed over by its workers, one being summed ended
-    /// there first). Never waits.
-    pub(crate) fn close_gate(&self) {
-        if let Some(seg) = &self.shm {
-            Gate::of(seg).close(self.workers);
         }
     }
 

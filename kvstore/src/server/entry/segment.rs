@@ -1,7 +1,9 @@
 //! The shared segment of a key's co-located fast path: made when a worker
 //! that will map it checks the part (the stored value moves into its value
 //! slot), read for a shared-memory push (the worker's slot), and its file
-//! removed once no worker will map it any more (the mappings stay).
+//! removed once no worker will map it any more (the mappings stay); its
+//! gate (`crate::gate`) closed, and the rounds the workers summed there
+//! counted.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +13,7 @@ use pskv_transport::Region;
 
 use super::EntryState;
 use crate::error::Fault;
+use crate::gate::Gate;
 use crate::wire::Head;
 
 /// How long a worker that took a key's segment has to map it before a
@@ -164,6 +167,27 @@ impl EntryState {
                 "{}: a shared-memory request, but the key has no segment (open it first)",
                 self.name()
             ))),
+        }
+    }
+}
+
+impl EntryState {
+    /// Counts into `rounds` the rounds the workers summed at the gate
+    /// since the last look (inside an op on the entry).
+    pub(crate) fn count_gate_rounds(&mut self) {
+        if let Some(seg) = &self.shm {
+            let done = Gate::of(seg).done();
+            self.rounds += u64::from(done.wrapping_sub(self.gate_seen));
+            self.gate_seen = done;
+        }
+    }
+
+    /// Closes the segment's gate: rounds come to the server again (a round
+    /// gathering there handed over by its workers, one being summed ended
+    /// there first). Never waits.
+    pub(crate) fn close_gate(&self) {
+        if let Some(seg) = &self.shm {
+            Gate::of(seg).close(self.workers);
         }
     }
 }
