@@ -119,6 +119,8 @@ pub(crate) const MAX_WORKERS: usize = ARRIVED as usize;
 #[derive(Clone, Copy)]
 pub(crate) struct Gate<'a> {
     seg: &'a Region,
+    /// W: the segment's slots but the value slot.
+    workers: usize,
 }
 
 /// What a worker's arrival found.
@@ -162,7 +164,15 @@ fn epoch(g: u32) -> u32 {
 
 impl<'a> Gate<'a> {
     pub(crate) fn of(seg: &'a Region) -> Gate<'a> {
-        Gate { seg }
+        Gate {
+            seg,
+            workers: seg.slots().saturating_sub(1),
+        }
+    }
+
+    /// W, the workers that sum a round (the value slot is slot W).
+    pub(crate) fn workers(&self) -> usize {
+        self.workers
     }
 
     fn word(&self, i: usize) -> &AtomicU32 {
@@ -202,7 +212,8 @@ impl<'a> Gate<'a> {
     /// is handed over (its waiters withdraw and push to the server); a
     /// round being summed ends at the gate, which closes then. Closed
     /// already is fine.
-    pub(crate) fn close(&self, workers: usize) {
+    pub(crate) fn close(&self) {
+        let workers = self.workers;
         let r = self
             .word(GATE)
             .fetch_update(Ordering::SeqCst, Ordering::Acquire, |g| {
@@ -219,9 +230,9 @@ impl<'a> Gate<'a> {
         }
     }
 
-    /// Worker `rank`, whose slot holds its push, arrives (`workers`: W).
-    pub(crate) fn arrive(&self, workers: usize, rank: usize) -> Arrival {
-        let gate = self.word(GATE);
+    /// Worker `rank`, whose slot holds its push, arrives.
+    pub(crate) fn arrive(&self, rank: usize) -> Arrival {
+        let (gate, workers) = (self.word(GATE), self.workers);
         let mut g = gate.load(Ordering::Acquire);
         loop {
             if g & OPEN == 0 {
@@ -288,8 +299,8 @@ impl<'a> Gate<'a> {
 
     /// A worker that arrived at `epoch0` gives up waiting, or leaves a
     /// round handed over.
-    pub(crate) fn withdraw(&self, epoch0: u32, workers: usize) -> Withdrawal {
-        let gate = self.word(GATE);
+    pub(crate) fn withdraw(&self, epoch0: u32) -> Withdrawal {
+        let (gate, workers) = (self.word(GATE), self.workers);
         let mut g = gate.load(Ordering::Acquire);
         loop {
             if epoch(g) != epoch0 {
@@ -318,9 +329,9 @@ impl<'a> Gate<'a> {
 
     /// The rank of the worker summing the round of `epoch0`, once it said
     /// so (None: not being summed, or not yet said).
-    pub(crate) fn summer(&self, epoch0: u32, workers: usize) -> Option<usize> {
+    pub(crate) fn summer(&self, epoch0: u32) -> Option<usize> {
         let g = self.word(GATE).load(Ordering::Acquire);
-        if epoch(g) != epoch0 || ((g & ARRIVED) as usize) < workers {
+        if epoch(g) != epoch0 || ((g & ARRIVED) as usize) < self.workers {
             return None;
         }
         let who = self.word(SUMMER).load(Ordering::Acquire);
@@ -408,7 +419,7 @@ mod tests {
                 while !stop.load(Ordering::Acquire) {
                     n += 1;
                     if n % 97 == 0 {
-                        Gate::of(&seg).close(W);
+                        Gate::of(&seg).close();
                     }
                     std::thread::yield_now();
                 }
@@ -426,7 +437,7 @@ mod tests {
                         // (or the server) only after this arrival (or
                         // push).
                         unsafe { seg.slot_mut(r) }.copy_from_slice(&mine.to_le_bytes());
-                        let path = match gate.arrive(W, r) {
+                        let path = match gate.arrive(r) {
                             Arrival::Last => {
                                 sum_slots(&seg, W);
                                 summed.fetch_add(1, Ordering::Relaxed);
@@ -436,7 +447,7 @@ mod tests {
                             Arrival::Waiting(e) => loop {
                                 match gate.round(e) {
                                     Round::Ended => break Path::Gate,
-                                    Round::HandedOver => match gate.withdraw(e, W) {
+                                    Round::HandedOver => match gate.withdraw(e) {
                                         Withdrawal::Left => break Path::Server,
                                         Withdrawal::Ended => break Path::Gate,
                                         Withdrawal::Summing => {}
@@ -500,62 +511,65 @@ mod tests {
     fn closing_hands_a_gathering_round_over_and_lets_a_sum_end() {
         let seg = Region::create(3, 8).unwrap();
         let gate = Gate::of(&seg);
-        assert_eq!(gate.arrive(2, 0), Arrival::Closed, "closed at first");
-        gate.close(2);
+        assert_eq!(gate.arrive(0), Arrival::Closed, "closed at first");
+        gate.close();
         gate.open();
-        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
+        let Arrival::Waiting(e) = gate.arrive(0) else {
             panic!("the first of two waits")
         };
         assert_eq!(gate.round(e), Round::Gathering);
-        assert_eq!(gate.withdraw(e, 2), Withdrawal::Left);
+        assert_eq!(gate.withdraw(e), Withdrawal::Left);
         assert_eq!(gate.arrived(), 0);
         // Handed over.
-        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
+        let Arrival::Waiting(e) = gate.arrive(0) else {
             panic!("waits")
         };
-        gate.close(2);
+        gate.close();
         assert_eq!(gate.round(e), Round::HandedOver);
-        assert_eq!(gate.arrive(2, 0), Arrival::Closed, "nobody joins it");
+        assert_eq!(gate.arrive(0), Arrival::Closed, "nobody joins it");
         gate.open();
         assert!(!gate.is_open(), "not while a waiter is still to leave");
-        assert_eq!(gate.withdraw(e, 2), Withdrawal::Left);
+        assert_eq!(gate.withdraw(e), Withdrawal::Left);
         gate.open();
         assert!(gate.is_open());
         // Too late to withdraw once the last arrived; a close lets the
         // round end at the gate, and the gate closes as it ends.
-        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
+        let Arrival::Waiting(e) = gate.arrive(0) else {
             panic!("waits")
         };
-        assert_eq!(gate.summer(e, 2), None, "nobody sums yet");
-        assert_eq!(gate.arrive(2, 1), Arrival::Last);
-        assert_eq!(gate.summer(e, 2), Some(1), "worker 1 sums");
-        assert_eq!(gate.withdraw(e, 2), Withdrawal::Summing);
-        gate.close(2);
+        assert_eq!(gate.summer(e), None, "nobody sums yet");
+        assert_eq!(gate.arrive(1), Arrival::Last);
+        assert_eq!(gate.summer(e), Some(1), "worker 1 sums");
+        assert_eq!(gate.withdraw(e), Withdrawal::Summing);
+        gate.close();
         assert_eq!(gate.round(e), Round::Gathering, "still being summed");
         gate.open();
         gate.finish();
         assert_eq!(gate.round(e), Round::Ended);
-        assert_eq!(gate.withdraw(e, 2), Withdrawal::Ended);
+        assert_eq!(gate.withdraw(e), Withdrawal::Ended);
         assert_eq!(gate.done(), 1);
         assert!(!gate.is_open(), "closed as the round ended");
-        assert_eq!(gate.arrive(2, 0), Arrival::Closed);
+        assert_eq!(gate.arrive(0), Arrival::Closed);
         // And opens again at the server's next round.
         gate.open();
         assert!(gate.is_open());
-        let Arrival::Waiting(_) = gate.arrive(2, 0) else {
+        let Arrival::Waiting(_) = gate.arrive(0) else {
             panic!("waits")
         };
-        assert_eq!(gate.arrive(2, 1), Arrival::Last);
+        assert_eq!(gate.arrive(1), Arrival::Last);
         gate.finish();
         assert!(gate.is_open(), "no close asked: stays open");
         assert_eq!(gate.done(), 2);
-        // The epoch wraps within its bits and the gate stays open.
+        // The epoch wraps within its bits and the gate stays open (one
+        // worker).
+        let seg = Region::create(2, 8).unwrap();
+        let gate = Gate::of(&seg);
         gate.open();
         for _ in 0..40_000 {
-            assert_eq!(gate.arrive(1, 0), Arrival::Last);
+            assert_eq!(gate.arrive(0), Arrival::Last);
             gate.finish();
         }
         assert!(gate.is_open());
-        assert_eq!(gate.done(), 40_002);
+        assert_eq!(gate.done(), 40_000);
     }
 }

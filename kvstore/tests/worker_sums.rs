@@ -86,6 +86,14 @@ fn rounds(kv: &KvStore, e: &Engine, from: u64, steps: u64) -> Vec<Vec<u8>> {
     seen
 }
 
+/// A cluster of one server and `workers` workers over shm, its server's
+/// `set_worker_sum_bytes` given (None: its default).
+fn summing(workers: u32, sum_bytes: Option<usize>) -> Cluster {
+    let mut c = cluster_van(1, workers, VanKind::Shm);
+    c.worker_sum_bytes = sum_bytes;
+    c
+}
+
 fn init(kv: &KvStore, e: &Engine) {
     let inits: Vec<(Key, Tensor)> = keys()
         .iter()
@@ -100,10 +108,8 @@ fn init(kv: &KvStore, e: &Engine) {
 /// workers in the first run and none in the second.
 #[test]
 fn rounds_the_workers_sum_give_the_servers_bits() {
-    let run = |sum_bytes: Option<usize>| {
-        let mut c = cluster_van(1, 3, VanKind::Shm);
-        c.worker_sum_bytes = sum_bytes;
-        c.run("dist_sync", opts(T), |kv, e| {
+    let run = |sum_bytes| {
+        summing(3, sum_bytes).run("dist_sync", opts(T), |kv, e| {
             init(kv, e);
             let seen = rounds(kv, e, 0, 6);
             (seen, kv.worker_summed_parts(), kv.shared_memory_parts())
@@ -136,10 +142,8 @@ fn rounds_the_workers_sum_give_the_servers_bits() {
 /// whose server summed every round.
 #[test]
 fn an_optimizer_set_later_takes_the_rounds_back_to_the_server() {
-    let run = |sum_bytes: Option<usize>| {
-        let mut c = cluster_van(1, 2, VanKind::Shm);
-        c.worker_sum_bytes = sum_bytes;
-        c.run("dist_sync", opts(T), |kv, e| {
+    let run = |sum_bytes| {
+        summing(2, sum_bytes).run("dist_sync", opts(T), |kv, e| {
             init(kv, e);
             let mut seen = rounds(kv, e, 0, 3);
             let summed = kv.worker_summed_parts();

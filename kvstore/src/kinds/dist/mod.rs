@@ -183,10 +183,7 @@ impl DistStore {
         }
         let po = Postoffice::start(crate::store::for_engine(cfg, &engine), None)?;
         let kv = KvWorker::new(&po);
-        let waits = Arc::new(worker_sum::Waits::new(
-            po.num_workers() as usize,
-            opts.timeout,
-        ));
+        let waits = Arc::new(worker_sum::Waits::new(opts.timeout));
         let store = Arc::new_cyclic(|me| DistStore {
             _progress: {
                 let f = po.progress_fn();

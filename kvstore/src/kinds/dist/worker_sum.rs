@@ -48,7 +48,7 @@ use pskv_transport::{KvResponse, Region};
 use smallvec::SmallVec;
 
 use super::inflight::Inflight;
-use super::parts::{PartSend, Round};
+use super::parts::{OnAnswer, PartSend, Round};
 use super::{DistKey, DistStore};
 use crate::error::Fault;
 use crate::gate::{self, Arrival, Gate, Withdrawal};
@@ -89,12 +89,12 @@ struct Wait {
 
 impl Wait {
     /// How the round came out, if it did (withdrawing a push handed over).
-    fn outcome(&self, workers: usize) -> Option<Outcome> {
+    fn outcome(&self) -> Option<Outcome> {
         let gate = Gate::of(&self.seg);
         match gate.round(self.epoch) {
             gate::Round::Gathering => None,
             gate::Round::Ended => Some(Outcome::Ended),
-            gate::Round::HandedOver => match gate.withdraw(self.epoch, workers) {
+            gate::Round::HandedOver => match gate.withdraw(self.epoch) {
                 Withdrawal::Left => Some(Outcome::HandedOver),
                 Withdrawal::Ended => Some(Outcome::Ended),
                 Withdrawal::Summing => None,
@@ -124,17 +124,15 @@ pub(super) struct Waits {
     inner: Arc<Inner>,
     /// Parts whose rounds the workers summed (`worker_summed_parts`).
     summed: Arc<AtomicU64>,
-    workers: usize,
     timeout: Duration,
     watcher: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Waits {
-    pub(super) fn new(workers: usize, timeout: Duration) -> Waits {
+    pub(super) fn new(timeout: Duration) -> Waits {
         Waits {
             inner: Arc::default(),
             summed: Arc::default(),
-            workers,
             timeout,
             watcher: Mutex::new(None),
         }
@@ -167,7 +165,7 @@ impl Waits {
         let Some(mut list) = inner.list.try_lock() else {
             return false;
         };
-        let out = take_out(&mut list, &inner.len, self.workers);
+        let out = take_out(&mut list, &inner.len);
         drop(list);
         let any = !out.is_empty();
         for (w, o) in out {
@@ -185,11 +183,7 @@ impl Waits {
             if inner.closed.load(Ordering::Acquire) {
                 drop(list);
                 // Not left at the gate: the others must not wait for it.
-                let doubt = Gate::of(&seg).withdraw(epoch, self.workers) == Withdrawal::Summing;
-                return then(Outcome::Failed(
-                    Fault::Unavailable("the kvstore was closed".into()),
-                    doubt,
-                ));
+                return then(closed_outcome(&seg, epoch));
             }
             list.push(Wait {
                 seg,
@@ -205,10 +199,10 @@ impl Waits {
         }
         let mut w = self.watcher.lock();
         if w.is_none() && !inner.closed.load(Ordering::Acquire) {
-            let (inner, workers, timeout) = (self.inner.clone(), self.workers, self.timeout);
+            let (inner, timeout) = (self.inner.clone(), self.timeout);
             let spawned = std::thread::Builder::new()
                 .name("pskv-gate-watch".into())
-                .spawn(move || watch(&inner, workers, timeout));
+                .spawn(move || watch(&inner, timeout));
             match spawned {
                 Ok(h) => *w = Some(h),
                 // Callers that wait still poll; the store's timeout is
@@ -243,13 +237,7 @@ impl Waits {
         };
         inner.cv.notify_all();
         for w in waits {
-            let closed = || Fault::Unavailable("the kvstore was closed".into());
-            let o = match Gate::of(&w.seg).withdraw(w.epoch, self.workers) {
-                Withdrawal::Ended => Outcome::Ended,
-                Withdrawal::Left => Outcome::Failed(closed(), false),
-                Withdrawal::Summing => Outcome::Failed(closed(), true),
-            };
-            (w.then)(o);
+            (w.then)(closed_outcome(&w.seg, w.epoch));
         }
     }
 }
@@ -262,12 +250,24 @@ impl Drop for Waits {
     }
 }
 
+/// How a wait on the round of `epoch` at `seg`'s gate comes out when the
+/// store closes: its arrival taken back (failed), unless the round ended
+/// (or is being summed: failed, the slot in doubt).
+fn closed_outcome(seg: &Region, epoch: u32) -> Outcome {
+    let closed = || Fault::Unavailable("the kvstore was closed".into());
+    match Gate::of(seg).withdraw(epoch) {
+        Withdrawal::Ended => Outcome::Ended,
+        Withdrawal::Left => Outcome::Failed(closed(), false),
+        Withdrawal::Summing => Outcome::Failed(closed(), true),
+    }
+}
+
 /// Takes the waits whose rounds came out out of `list`.
-fn take_out(list: &mut Vec<Wait>, len: &AtomicUsize, workers: usize) -> Vec<(Wait, Outcome)> {
+fn take_out(list: &mut Vec<Wait>, len: &AtomicUsize) -> Vec<(Wait, Outcome)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < list.len() {
-        match list[i].outcome(workers) {
+        match list[i].outcome() {
             Some(o) => out.push((list.swap_remove(i), o)),
             None => i += 1,
         }
@@ -278,19 +278,19 @@ fn take_out(list: &mut Vec<Wait>, len: &AtomicUsize, workers: usize) -> Vec<(Wai
 
 /// The watcher: finishes the waits nobody polls, fails those past their
 /// deadline.
-fn watch(inner: &Inner, workers: usize, timeout: Duration) {
+fn watch(inner: &Inner, timeout: Duration) {
     let mut empty_since = None;
     loop {
         let mut list = inner.list.lock();
         if inner.closed.load(Ordering::Acquire) {
             return;
         }
-        let mut done = take_out(&mut list, &inner.len, workers);
+        let mut done = take_out(&mut list, &inner.len);
         let now = Instant::now();
         let dead = inner.dead.lock().clone();
         let mut i = 0;
         while i < list.len() {
-            let summer = Gate::of(&list[i].seg).summer(list[i].epoch, workers);
+            let summer = Gate::of(&list[i].seg).summer(list[i].epoch);
             if let Some(r) = summer.filter(|r| dead.contains(r)) {
                 let f = Fault::Unavailable(format!(
                     "worker {r}, which was summing this round in shared memory, died: the round cannot end"
@@ -304,7 +304,8 @@ fn watch(inner: &Inner, workers: usize, timeout: Duration) {
             }
             let w = &mut list[i];
             let gate = Gate::of(&w.seg);
-            let outcome = match gate.withdraw(w.epoch, workers) {
+            let workers = gate.workers();
+            let outcome = match gate.withdraw(w.epoch) {
                 Withdrawal::Ended => Some(Outcome::Ended),
                 // The gate closed since the look above: handed over, not
                 // timed out (the others' pushes go to the server too).
@@ -378,14 +379,12 @@ fn watch(inner: &Inner, workers: usize, timeout: Duration) {
     }
 }
 
-/// The answer of a part whose values are in the value slot.
-fn slot_answer() -> KvResponse {
-    KvResponse {
-        keys: Vec::new(),
-        lens: Vec::new(),
-        parts: Vec::new(),
-        bodies: Vec::new(),
-    }
+/// Part `i` of `inf` done through the value slot: its answer carries no
+/// values (`cb` copies them out of the slot), or `r`'s error.
+fn slot_done(inf: &Inflight, cb: OnAnswer, i: usize, r: Result<(), Fault>) {
+    inf.part_done(Ok(KvResponse::default()), move |resp| {
+        r.and_then(|()| cb(i, resp, false))
+    });
 }
 
 impl DistStore {
@@ -410,18 +409,12 @@ impl DistStore {
         };
         let gate = Gate::of(&seg);
         let i = p.i;
-        let answer = |r: Result<(), Fault>| {
-            let cb = round.on_answer.clone();
-            inf.part_done(Ok(slot_answer()), move |resp| {
-                r.and_then(|()| cb(i, resp, false))
-            });
-        };
-        let workers = self.waits.workers;
+        let answer = |r| slot_done(inf, round.on_answer.clone(), i, r);
         if !p.head.shm || seg.tag() != p.head.shm_tag {
             // By message: a push closes the gate first (G1 of `gate.rs`);
             // a round gathering there is handed over to the server.
             if pushes {
-                gate.close(workers);
+                gate.close();
             }
             return Some(p);
         }
@@ -435,9 +428,10 @@ impl DistStore {
             answer(Ok(()));
             return None;
         }
-        match gate.arrive(workers, self.po.my_rank() as usize) {
+        match gate.arrive(self.po.my_rank() as usize) {
             Arrival::Closed => Some(p),
             Arrival::Last => {
+                let workers = gate.workers();
                 // SAFETY: every worker wrote its slot before it arrived, and
                 // nobody writes a slot or reads the value slot until the
                 // round ends (G2 of `gate.rs`).
@@ -482,9 +476,7 @@ impl DistStore {
                                 Err(f)
                             }
                         };
-                        inf.part_done(Ok(slot_answer()), move |resp| {
-                            r.and_then(|()| cb(i, resp, false))
-                        });
+                        slot_done(&inf, cb, i, r);
                     }
                 });
                 let w = Wait {
@@ -495,7 +487,7 @@ impl DistStore {
                     then,
                 };
                 // Often over already (the last worker was just behind).
-                match w.outcome(workers) {
+                match w.outcome() {
                     Some(o) => (w.then)(o),
                     None => self.waits.add(seg, epoch, w.then),
                 }
@@ -514,7 +506,7 @@ impl DistStore {
         let segs = dk.segs.read();
         for (s, p) in segs.iter().zip(dk.parts.iter()) {
             if let (Some(seg), true) = (s, rank.is_none_or(|r| p.server == r)) {
-                Gate::of(seg).close(self.waits.workers);
+                Gate::of(seg).close();
             }
         }
     }
@@ -525,6 +517,17 @@ mod tests {
     use std::sync::mpsc;
 
     use super::*;
+
+    /// An open gate of two workers, worker 0 waiting at it; its epoch.
+    fn one_waiting() -> (Arc<Region>, u32) {
+        let seg = Arc::new(Region::create(3, 8).unwrap());
+        let gate = Gate::of(&seg);
+        gate.open();
+        let Arrival::Waiting(e) = gate.arrive(0) else {
+            panic!("the first of two waits")
+        };
+        (seg, e)
+    }
 
     /// What a wait came to: "ended", "handed over", or the failure with its
     /// doubt.
@@ -543,7 +546,7 @@ mod tests {
     #[test]
     fn the_watcher_fails_a_dead_summers_waiters_and_hands_over_closed_rounds() {
         let timeout = Duration::from_millis(200);
-        let waits = Waits::new(2, timeout);
+        let waits = Waits::new(timeout);
         let (tx, rx) = mpsc::channel();
         let wait_on = |seg: &Arc<Region>, epoch| {
             let tx = tx.clone();
@@ -554,13 +557,9 @@ mod tests {
             );
         };
         // Summer (worker 1) known dead.
-        let seg = Arc::new(Region::create(3, 8).unwrap());
+        let (seg, e) = one_waiting();
         let gate = Gate::of(&seg);
-        gate.open();
-        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
-            panic!("waits")
-        };
-        assert_eq!(gate.arrive(2, 1), Arrival::Last);
+        assert_eq!(gate.arrive(1), Arrival::Last);
         let t = Instant::now();
         wait_on(&seg, e);
         waits.worker_died(1);
@@ -571,41 +570,33 @@ mod tests {
         );
         assert!(t.elapsed() < timeout, "took {:?}", t.elapsed());
         // Summer not known dead: twice the timeout.
-        let seg = Arc::new(Region::create(3, 8).unwrap());
+        let (seg, e) = one_waiting();
         let gate = Gate::of(&seg);
-        gate.open();
-        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
-            panic!("waits")
-        };
-        assert_eq!(gate.arrive(2, 0), Arrival::Last);
+        assert_eq!(gate.arrive(0), Arrival::Last);
         let t = Instant::now();
         wait_on(&seg, e);
         let (msg, doubt) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(msg.contains("did not finish") && doubt, "{msg}");
         assert!(t.elapsed() >= timeout * 2, "took {:?}", t.elapsed());
         // Closed under it: handed over; a round that ends: ended.
-        let seg = Arc::new(Region::create(3, 8).unwrap());
+        let (seg, e) = one_waiting();
         let gate = Gate::of(&seg);
-        gate.open();
-        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
-            panic!("waits")
-        };
         wait_on(&seg, e);
-        gate.close(2);
+        gate.close();
         let (msg, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(msg, "handed over");
         assert_eq!(gate.arrived(), 0, "its arrival taken back");
         gate.open();
-        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
+        let Arrival::Waiting(e) = gate.arrive(0) else {
             panic!("waits")
         };
         wait_on(&seg, e);
-        assert_eq!(gate.arrive(2, 1), Arrival::Last);
+        assert_eq!(gate.arrive(1), Arrival::Last);
         gate.finish();
         let (msg, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(msg, "ended");
         // A round nobody joins: timed out, taken back, not in doubt.
-        let Arrival::Waiting(e) = gate.arrive(2, 0) else {
+        let Arrival::Waiting(e) = gate.arrive(0) else {
             panic!("waits")
         };
         wait_on(&seg, e);

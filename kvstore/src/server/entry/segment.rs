@@ -187,7 +187,7 @@ impl EntryState {
     /// there first). Never waits.
     pub(crate) fn close_gate(&self) {
         if let Some(seg) = &self.shm {
-            Gate::of(seg).close(self.workers);
+            Gate::of(seg).close();
         }
     }
 }
