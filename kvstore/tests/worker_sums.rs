@@ -1,4 +1,4 @@
-//! Rounds the workers sum in shared memory (`gate.rs`): once a server has
+//! Rounds the workers sum in shared memory (`gate/mod.rs`): once a server has
 //! summed a round of a small part with nothing to add (no optimizer), it
 //! opens the part's gate and the workers sum the next rounds themselves.
 //! They must give the server's bits, hand rounds back to the server when
@@ -68,10 +68,21 @@ fn bytes_of(t: &Tensor) -> Vec<u8> {
 /// `steps` rounds of every key (push then pull, push-pull, in turn): the
 /// values each pull brought, as bytes.
 fn rounds(kv: &KvStore, e: &Engine, from: u64, steps: u64) -> Vec<Vec<u8>> {
+    rounds_of(&keys(), kv, e, from, steps)
+}
+
+/// `rounds` of the keys `keys`.
+fn rounds_of(
+    keys: &[(Key, usize, DType)],
+    kv: &KvStore,
+    e: &Engine,
+    from: u64,
+    steps: u64,
+) -> Vec<Vec<u8>> {
     let rank = kv.rank() as u64;
     let mut seen = Vec::new();
     for step in from..from + steps {
-        for (i, (k, n, dt)) in keys().iter().enumerate() {
+        for (i, (k, n, dt)) in keys.iter().enumerate() {
             let g = tensor_of(e, &values(rank * 1000 + step * 10 + i as u64, *n), *dt);
             let out = Tensor::zeros(e, &[*n], *dt, Context::Cpu).unwrap();
             if step % 2 == 0 {
@@ -95,7 +106,11 @@ fn summing(workers: u32, sum_bytes: Option<usize>) -> Cluster {
 }
 
 fn init(kv: &KvStore, e: &Engine) {
-    let inits: Vec<(Key, Tensor)> = keys()
+    init_of(&keys(), kv, e)
+}
+
+fn init_of(keys: &[(Key, usize, DType)], kv: &KvStore, e: &Engine) {
+    let inits: Vec<(Key, Tensor)> = keys
         .iter()
         .enumerate()
         .map(|(i, (k, n, dt))| (k.clone(), tensor_of(e, &values(77 + i as u64, *n), *dt)))
@@ -135,6 +150,44 @@ fn rounds_the_workers_sum_give_the_servers_bits() {
         .flat_map(|j| ((v(0, 5)[j] + v(1, 5)[j]) + v(2, 5)[j]).to_le_bytes())
         .collect();
     assert_eq!(summed[0].0[5 * 3], want);
+}
+
+/// Keys of parts large enough to be shared in chunks: an f32 key of two
+/// parts (of 1 MiB parts), an f64 key of one.
+fn wide_keys() -> Vec<(Key, usize, DType)> {
+    vec![
+        (Key::Int(7), 300_000, DType::F32),
+        (Key::from("wide"), 70_000, DType::F64),
+    ]
+}
+
+/// Parts large enough to be shared in chunks (`gate/chunks.rs`): three
+/// workers, the summer and the waiters each summing chunks, give the
+/// server's bits too.
+#[test]
+fn rounds_shared_in_chunks_give_the_servers_bits() {
+    let opts = Options {
+        partition_bytes: 1 << 20,
+        ..opts(T)
+    };
+    let run = |sum_bytes| {
+        summing(3, sum_bytes).run("dist_sync", opts.clone(), |kv, e| {
+            init_of(&wide_keys(), kv, e);
+            let seen = rounds_of(&wide_keys(), kv, e, 0, 8);
+            (seen, kv.worker_summed_parts())
+        })
+    };
+    let summed = run(None);
+    let served = run(Some(0));
+    for (rank, ((a, wa), (b, _))) in summed.iter().zip(&served).enumerate() {
+        // 1.2 MB in two parts, 560 KB in one: 3 parts, 7 rounds after the
+        // first.
+        assert_eq!(*wa, 21, "worker {rank} summed parts");
+        assert!(
+            a == b,
+            "worker {rank}: the workers' sums differ from the server's"
+        );
+    }
 }
 
 /// Rounds summed by the workers, then `set_optimizer`: the server runs the

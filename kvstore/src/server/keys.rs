@@ -309,7 +309,7 @@ impl Inner {
     }
 
     /// Whether a key part of `nbytes` may have its rounds summed by its
-    /// workers (`gate.rs`): the server has nothing to add to them (no
+    /// workers (`gate/mod.rs`): the server has nothing to add to them (no
     /// optimizer, no checkpoints, which record rounds as the server sees
     /// them, no copies for a backup, no fault set for a test), and the part
     /// is small enough.

@@ -129,14 +129,15 @@ struct Inner {
     /// transport started.
     rounds: std::sync::OnceLock<Arc<RoundLog>>,
     /// Parts of at most this many bytes may be summed by their workers
-    /// (`gate.rs`; `PSKV_WORKER_SUM_BYTES`, 0: never).
+    /// (`gate/mod.rs`; `PSKV_WORKER_SUM_BYTES`, 0: never).
     worker_sum_bytes: AtomicUsize,
 }
 
-/// `PSKV_WORKER_SUM_BYTES` unset: parts up to this size are summed by
-/// their workers when the server has nothing to add (BENCHMARKS.md, "Small
-/// rounds summed by the workers").
-pub const DEFAULT_WORKER_SUM_BYTES: usize = 256 << 10;
+/// `PSKV_WORKER_SUM_BYTES` unset: parts up to this size (the default part
+/// size: every part) are summed by their workers when the server has
+/// nothing to add (BENCHMARKS.md, "Small rounds summed by the workers" and
+/// "Large rounds summed by the workers together").
+pub const DEFAULT_WORKER_SUM_BYTES: usize = 4 << 20;
 
 /// `PSKV_WORKER_SUM_BYTES`, or its default.
 fn worker_sum_bytes_from_env() -> Result<usize> {
@@ -503,7 +504,7 @@ impl Inner {
         }
     }
 
-    /// Closes the gates (`gate.rs`) of the entries `which` picks: their
+    /// Closes the gates (`gate/mod.rs`) of the entries `which` picks: their
     /// rounds come to this server again (a round gathering at a gate is
     /// handed over by its workers; one being summed ends there first).
     fn close_gates(&self, which: impl Fn(&EntryState) -> bool) {

@@ -183,7 +183,11 @@ impl DistStore {
         }
         let po = Postoffice::start(crate::store::for_engine(cfg, &engine), None)?;
         let kv = KvWorker::new(&po);
-        let waits = Arc::new(worker_sum::Waits::new(opts.timeout));
+        let waits = Arc::new(worker_sum::Waits::new(
+            opts.timeout,
+            comm.kernels.clone(),
+            po.my_rank() as usize,
+        ));
         let store = Arc::new_cyclic(|me| DistStore {
             _progress: {
                 let f = po.progress_fn();

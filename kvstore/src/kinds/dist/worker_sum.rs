@@ -1,4 +1,4 @@
-//! Rounds this worker sums with the others at a part's gate (`gate.rs`),
+//! Rounds this worker sums with the others at a part's gate (`gate/mod.rs`),
 //! and pulls read from the value slot, while the part's server has opened
 //! the gate.
 //!
@@ -22,6 +22,12 @@
 //! its server restarted (the old process's gates). Closing never waits: a
 //! round being summed ends at the gate, which closes as it ends.
 //!
+//! A part of at least two chunks (`gate/chunks.rs`) is summed by the
+//! summer and the waiters together: a thread that polls its waits claims
+//! chunks of each round it finds being summed and sums them beside the
+//! summer (`help`), which ends the round once every chunk is summed
+//! (`Waits::wait_chunks`).
+//!
 //! A wait that fails while its round is being summed (its summer died,
 //! or took twice the timeout) leaves its arrival counted: the part is
 //! then in doubt (`parts::Unsure`), and its pushes go by message, closing
@@ -39,25 +45,31 @@
 //! inline, which may arrive at a gate and add a wait; or send a push
 //! handed over).
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+use pskv_gpu::cpu::CpuKernels;
 use pskv_transport::{KvResponse, Region};
 use smallvec::SmallVec;
 
 use super::inflight::Inflight;
 use super::parts::{OnAnswer, PartSend, Round};
 use super::{DistKey, DistStore};
+use crate::dtype::DType;
 use crate::error::Fault;
-use crate::gate::{self, Arrival, Gate, Withdrawal};
+use crate::gate::{self, Arrival, Gate, Shared, Withdrawal, MAX_HELPER_RANK};
 use crate::wire::Op;
 
 /// How often the watcher looks for waits nobody polls.
 const NAP: Duration = Duration::from_millis(1);
 /// The watcher's longest sleep on a gate (then it looks at all waits).
 const GATE_SLEEP: Duration = Duration::from_millis(2);
+/// How long the watcher watches awake for a round to share (then it sleeps
+/// on the gate).
+const SHARED_SPIN: Duration = Duration::from_millis(1);
 /// How long the watcher naps with nothing waiting before it sleeps until
 /// a wait is added.
 const IDLE: Duration = Duration::from_millis(50);
@@ -81,6 +93,8 @@ type Then = Box<dyn FnOnce(Outcome) + Send>;
 struct Wait {
     seg: Arc<Region>,
     epoch: u32,
+    /// The part's type (to help sum its round).
+    dtype: DType,
     deadline: Instant,
     /// The round was found being summed at the deadline once already.
     summing: bool,
@@ -113,6 +127,9 @@ struct Inner {
     cv: Condvar,
     /// The watcher sleeps on `cv` (an added wait wakes it).
     idle: AtomicBool,
+    /// The watcher naps on `cv` (an added wait of a round it may help sum
+    /// wakes it: such a round takes longer than the wake-up).
+    napping: AtomicBool,
     /// The store closed: the watcher ends.
     closed: AtomicBool,
     /// Ranks of workers known dead: a round one of them sums never ends.
@@ -126,15 +143,56 @@ pub(super) struct Waits {
     summed: Arc<AtomicU64>,
     timeout: Duration,
     watcher: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// What helps sum the rounds of the waits (None: this worker's rank is
+    /// too high to help).
+    helper: Option<Arc<Helper>>,
+}
+
+/// The rounds a wait may help sum: the part's segment, epoch and type.
+type ToHelp = SmallVec<[(Arc<Region>, u32, DType); 2]>;
+
+/// The rounds of `list` being summed with chunks left to claim (none
+/// unless `helps`).
+fn shared_rounds(list: &[Wait], helps: bool) -> ToHelp {
+    if !helps {
+        return SmallVec::new();
+    }
+    list.iter()
+        .filter(|w| Gate::of(&w.seg).shared(w.epoch, w.seg.slot_len()).is_some())
+        .map(|w| (w.seg.clone(), w.epoch, w.dtype))
+        .collect()
+}
+
+/// The sum kernel, and this worker's rank: to help sum rounds.
+struct Helper {
+    kernels: Arc<CpuKernels>,
+    rank: usize,
+}
+
+impl Helper {
+    /// Sums chunks of each round beside its summer, while any are left
+    /// (`gate/chunks.rs`).
+    fn help(&self, rounds: ToHelp) {
+        for (seg, epoch, dtype) in rounds {
+            if let Some(sh) = Gate::of(&seg).shared(epoch, seg.slot_len()) {
+                sh.sum_chunks(Some(self.rank), |c| {
+                    // Cannot fail for slots of one size; the summer's own
+                    // chunks would show it.
+                    let _ = sum_slots(&self.kernels, &seg, dtype, c);
+                });
+            }
+        }
+    }
 }
 
 impl Waits {
-    pub(super) fn new(timeout: Duration) -> Waits {
+    pub(super) fn new(timeout: Duration, kernels: Arc<CpuKernels>, rank: usize) -> Waits {
         Waits {
             inner: Arc::default(),
             summed: Arc::default(),
             timeout,
             watcher: Mutex::new(None),
+            helper: (rank < MAX_HELPER_RANK).then(|| Arc::new(Helper { kernels, rank })),
         }
     }
 
@@ -166,43 +224,83 @@ impl Waits {
             return false;
         };
         let out = take_out(&mut list, &inner.len);
+        let shared = shared_rounds(&list, self.helper.is_some());
         drop(list);
-        let any = !out.is_empty();
+        let any = !out.is_empty() || !shared.is_empty();
         for (w, o) in out {
             (w.then)(o);
+        }
+        if let Some(h) = &self.helper {
+            h.help(shared);
         }
         any
     }
 
+    /// The summer, its chunks claimed, waits for those its helpers hold
+    /// (each a chunk's time, unless its process stopped): S2 of
+    /// `gate/chunks.rs`. If every helper still busy is known dead, it sums
+    /// the whole part again with `again`; if a helper still alive holds a
+    /// chunk past the store's timeout, the round cannot end: an error.
+    fn wait_chunks(
+        &self,
+        sh: &Shared<'_, '_>,
+        again: impl FnOnce() -> Result<(), Fault>,
+    ) -> Result<(), Fault> {
+        let mut spins = 0u32;
+        let mut deadline = None;
+        while !sh.all_summed() {
+            spins = spins.wrapping_add(1);
+            if spins <= 128 {
+                std::hint::spin_loop();
+                continue;
+            }
+            std::thread::yield_now();
+            if spins % 32 != 0 {
+                continue;
+            }
+            let busy = sh.busy();
+            let dead = |r: usize| self.inner.dead.lock().contains(&r);
+            if busy != 0 && (0..MAX_HELPER_RANK).all(|r| busy & (1 << r) == 0 || dead(r)) {
+                return again();
+            }
+            let d = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
+            if Instant::now() >= d {
+                return Err(Fault::Failed(format!(
+                    "a worker helping to sum a round in shared memory held a chunk of it for {:?} (helpers busy: {busy:#x}): the round cannot end",
+                    self.timeout
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Adds a wait (its round had not come out when it arrived); starts
     /// the watcher on the first.
-    fn add(&self, seg: Arc<Region>, epoch: u32, then: Then) {
+    fn add(&self, mut w: Wait) {
         let inner = &self.inner;
-        {
+        let shares = {
             let mut list = inner.list.lock();
             if inner.closed.load(Ordering::Acquire) {
                 drop(list);
                 // Not left at the gate: the others must not wait for it.
-                return then(closed_outcome(&seg, epoch));
+                return (w.then)(closed_outcome(&w.seg, w.epoch));
             }
-            list.push(Wait {
-                seg,
-                epoch,
-                deadline: Instant::now() + self.timeout,
-                summing: false,
-                then,
-            });
+            w.deadline = Instant::now() + self.timeout;
+            w.summing = false;
+            let shares = self.helper.is_some() && gate::chunk_bytes(w.seg.slot_len()).is_some();
+            list.push(w);
             inner.len.store(list.len(), Ordering::Release);
-        }
-        if inner.idle.load(Ordering::Acquire) {
+            shares
+        };
+        if inner.idle.load(Ordering::Acquire) || (shares && inner.napping.load(Ordering::Acquire)) {
             inner.cv.notify_one();
         }
         let mut w = self.watcher.lock();
         if w.is_none() && !inner.closed.load(Ordering::Acquire) {
-            let (inner, timeout) = (self.inner.clone(), self.timeout);
+            let (inner, timeout, helper) = (self.inner.clone(), self.timeout, self.helper.clone());
             let spawned = std::thread::Builder::new()
                 .name("pskv-gate-watch".into())
-                .spawn(move || watch(&inner, timeout));
+                .spawn(move || watch(&inner, timeout, helper.as_deref()));
             match spawned {
                 Ok(h) => *w = Some(h),
                 // Callers that wait still poll; the store's timeout is
@@ -277,9 +375,12 @@ fn take_out(list: &mut Vec<Wait>, len: &AtomicUsize) -> Vec<(Wait, Outcome)> {
 }
 
 /// The watcher: finishes the waits nobody polls, fails those past their
-/// deadline.
-fn watch(inner: &Inner, timeout: Duration) {
+/// deadline, helps sum their rounds (the summer wakes it: `Gate::share`).
+fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
     let mut empty_since = None;
+    // The round last watched awake (its segment, epoch): once per round,
+    // so a worker that waits long for a slow one sleeps.
+    let mut watched: Option<(usize, u32)> = None;
     loop {
         let mut list = inner.list.lock();
         if inner.closed.load(Ordering::Acquire) {
@@ -347,6 +448,12 @@ fn watch(inner: &Inner, timeout: Duration) {
             }
             continue;
         }
+        let shared = shared_rounds(&list, helper.is_some());
+        if let (false, Some(h)) = (shared.is_empty(), helper) {
+            drop(list);
+            h.help(shared);
+            continue;
+        }
         let sleep_on = list
             .iter()
             .min_by_key(|w| w.deadline)
@@ -355,13 +462,38 @@ fn watch(inner: &Inner, timeout: Duration) {
             Some((seg, epoch, deadline)) => {
                 drop(list);
                 empty_since = None;
+                let gate = Gate::of(&seg);
+                let len = seg.slot_len();
+                let round = (Arc::as_ptr(&seg) as usize, epoch);
+                if helper.is_some() && gate::chunk_bytes(len).is_some() && watched != Some(round) {
+                    watched = Some(round);
+                    // A round worth helping with: watch for its sharing
+                    // (or end) awake, for a while; a wake-up would come
+                    // late for a round of a few hundred microseconds.
+                    let t = Instant::now();
+                    while gate.round(epoch) == gate::Round::Gathering
+                        && gate.shared(epoch, len).is_none()
+                        && t.elapsed() < SHARED_SPIN
+                    {
+                        for _ in 0..32 {
+                            std::hint::spin_loop();
+                        }
+                        std::thread::yield_now();
+                    }
+                    if t.elapsed() < SHARED_SPIN {
+                        continue;
+                    }
+                }
                 let left = deadline.saturating_duration_since(Instant::now());
-                Gate::of(&seg).sleep(epoch, left.min(GATE_SLEEP));
+                gate.sleep(epoch, left.min(GATE_SLEEP));
             }
             None => {
                 let since = *empty_since.get_or_insert(now);
                 if now - since < IDLE {
+                    // As with `idle` below.
+                    inner.napping.store(true, Ordering::Release);
                     inner.cv.wait_for(&mut list, NAP);
+                    inner.napping.store(false, Ordering::Release);
                 } else {
                     inner.idle.store(true, Ordering::Release);
                     // Subtle: `add` pushes under the lock, then reads
@@ -377,6 +509,25 @@ fn watch(inner: &Inner, timeout: Duration) {
             }
         }
     }
+}
+
+/// Sums the byte range `range` of the slots of `seg`'s workers into the
+/// value slot, in rank order.
+fn sum_slots(k: &CpuKernels, seg: &Region, dtype: DType, range: Range<usize>) -> Result<(), Fault> {
+    let workers = Gate::of(seg).workers();
+    // SAFETY: every worker wrote its slot before it arrived, and nobody but
+    // the round's summers, each its own chunks, reads a slot or writes the
+    // value slot until the round ends (G2 of `gate/mod.rs`, S1 and S2 of
+    // `gate/chunks.rs`).
+    let ins: SmallVec<[&[u8]; 4]> = (0..workers)
+        .map(|r| {
+            unsafe { seg.slot(r) }
+                .get(range.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    let out = unsafe { seg.slot_mut(workers) }.get_mut(range);
+    crate::comm::sum_dense(k, dtype, out.unwrap_or_default(), &ins)
 }
 
 /// Part `i` of `inf` done through the value slot: its answer carries no
@@ -411,7 +562,7 @@ impl DistStore {
         let i = p.i;
         let answer = |r| slot_done(inf, round.on_answer.clone(), i, r);
         if !p.head.shm || seg.tag() != p.head.shm_tag {
-            // By message: a push closes the gate first (G1 of `gate.rs`);
+            // By message: a push closes the gate first (G1 of `gate/mod.rs`);
             // a round gathering there is handed over to the server.
             if pushes {
                 gate.close();
@@ -430,19 +581,30 @@ impl DistStore {
         }
         match gate.arrive(self.po.my_rank() as usize) {
             Arrival::Closed => Some(p),
-            Arrival::Last => {
-                let workers = gate.workers();
-                // SAFETY: every worker wrote its slot before it arrived, and
-                // nobody writes a slot or reads the value slot until the
-                // round ends (G2 of `gate.rs`).
-                let ins: SmallVec<[&[u8]; 4]> =
-                    (0..workers).map(|r| unsafe { seg.slot(r) }).collect();
-                let summed = crate::comm::sum_dense(
-                    &self.comm.kernels,
-                    dk.local.meta.dtype,
-                    unsafe { seg.slot_mut(workers) },
-                    &ins,
-                );
+            Arrival::Last(epoch) => {
+                let (dtype, len) = (dk.local.meta.dtype, seg.slot_len());
+                let k = &self.comm.kernels;
+                let summed = match gate.share(epoch, len) {
+                    None => sum_slots(k, &seg, dtype, 0..len),
+                    Some(sh) => {
+                        let mut r = Ok(());
+                        sh.sum_chunks(None, |c| r = r.clone().and(sum_slots(k, &seg, dtype, c)));
+                        if let Err(e) = self
+                            .waits
+                            .wait_chunks(&sh, || sum_slots(k, &seg, dtype, 0..len))
+                        {
+                            // Not ended: a helper may still write the value
+                            // slot (S2). This part is in doubt, as a
+                            // waiter's whose summer died.
+                            if let Some(u) = &p.unsure {
+                                u.note(i, (p.head.shm_tag, p.seg.as_ref()), false);
+                            }
+                            answer(Err(e));
+                            return None;
+                        }
+                        r
+                    }
+                };
                 // The others are let go even if the sum failed (it cannot for
                 // slots of one size): they must not wait for the timeout.
                 gate.finish();
@@ -482,6 +644,7 @@ impl DistStore {
                 let w = Wait {
                     seg: seg.clone(),
                     epoch,
+                    dtype: dk.local.meta.dtype,
                     deadline: Instant::now(),
                     summing: false,
                     then,
@@ -489,7 +652,7 @@ impl DistStore {
                 // Often over already (the last worker was just behind).
                 match w.outcome() {
                     Some(o) => (w.then)(o),
-                    None => self.waits.add(seg, epoch, w.then),
+                    None => self.waits.add(w),
                 }
                 None
             }
@@ -546,20 +709,23 @@ mod tests {
     #[test]
     fn the_watcher_fails_a_dead_summers_waiters_and_hands_over_closed_rounds() {
         let timeout = Duration::from_millis(200);
-        let waits = Waits::new(timeout);
+        let waits = Waits::new(timeout, Arc::new(CpuKernels::single_threaded()), 0);
         let (tx, rx) = mpsc::channel();
         let wait_on = |seg: &Arc<Region>, epoch| {
             let tx = tx.clone();
-            waits.add(
-                seg.clone(),
+            waits.add(Wait {
+                seg: seg.clone(),
                 epoch,
-                Box::new(move |o| tx.send(outcome_of(o)).unwrap()),
-            );
+                dtype: DType::F32,
+                deadline: Instant::now(),
+                summing: false,
+                then: Box::new(move |o| tx.send(outcome_of(o)).unwrap()),
+            });
         };
         // Summer (worker 1) known dead.
         let (seg, e) = one_waiting();
         let gate = Gate::of(&seg);
-        assert_eq!(gate.arrive(1), Arrival::Last);
+        assert!(matches!(gate.arrive(1), Arrival::Last(_)));
         let t = Instant::now();
         wait_on(&seg, e);
         waits.worker_died(1);
@@ -572,7 +738,7 @@ mod tests {
         // Summer not known dead: twice the timeout.
         let (seg, e) = one_waiting();
         let gate = Gate::of(&seg);
-        assert_eq!(gate.arrive(0), Arrival::Last);
+        assert!(matches!(gate.arrive(0), Arrival::Last(_)));
         let t = Instant::now();
         wait_on(&seg, e);
         let (msg, doubt) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -591,7 +757,7 @@ mod tests {
             panic!("waits")
         };
         wait_on(&seg, e);
-        assert_eq!(gate.arrive(1), Arrival::Last);
+        assert!(matches!(gate.arrive(1), Arrival::Last(_)));
         gate.finish();
         let (msg, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert_eq!(msg, "ended");
@@ -603,6 +769,75 @@ mod tests {
         let (msg, doubt) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(msg.contains("did not end within") && !doubt, "{msg}");
         assert_eq!(gate.arrived(), 0);
+        waits.close();
+    }
+
+    /// A helper that dies holding a chunk (here: its sum panics, so it
+    /// neither counts the chunk nor clears its bit): the summer's wait
+    /// fails at the timeout while the helper is not known dead (the round
+    /// cannot end: it might still write), and sums the part again itself
+    /// once it is.
+    #[test]
+    fn a_summer_sums_again_what_a_dead_helper_held() {
+        const LEN: usize = 64 << 10;
+        let timeout = Duration::from_millis(200);
+        let kernels = Arc::new(CpuKernels::single_threaded());
+        let waits = Waits::new(timeout, kernels.clone(), 1);
+        for known_dead in [false, true] {
+            let seg = Arc::new(Region::create(3, LEN).unwrap());
+            for r in 0..2 {
+                // SAFETY: the workers' slots, before their arrivals.
+                let s = unsafe { seg.slot_mut(r) };
+                for (i, b) in s.chunks_exact_mut(4).enumerate() {
+                    b.copy_from_slice(&(i as f32 + r as f32 * 0.5).to_le_bytes());
+                }
+            }
+            let gate = Gate::of(&seg);
+            gate.open();
+            let Arrival::Waiting(e) = gate.arrive(0) else {
+                panic!("waits")
+            };
+            let Arrival::Last(_) = gate.arrive(1) else {
+                panic!("the last")
+            };
+            let sh = gate.share(e, LEN).unwrap();
+            let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                gate.shared(e, LEN)
+                    .unwrap()
+                    .sum_chunks(Some(0), |_| panic!("the helper dies in its chunk"))
+            }));
+            assert!(died.is_err());
+            assert_eq!(
+                sh.sum_chunks(None, |c| {
+                    sum_slots(&kernels, &seg, DType::F32, c).unwrap()
+                }),
+                1,
+                "the other chunk"
+            );
+            if known_dead {
+                waits.worker_died(0);
+            }
+            let t = Instant::now();
+            let again = std::sync::atomic::AtomicBool::new(false);
+            let r = waits.wait_chunks(&sh, || {
+                again.store(true, Ordering::Relaxed);
+                sum_slots(&kernels, &seg, DType::F32, 0..LEN)
+            });
+            if known_dead {
+                r.unwrap();
+                assert!(again.load(Ordering::Relaxed), "summed again");
+                assert!(t.elapsed() < timeout, "took {:?}", t.elapsed());
+                // SAFETY: the round is the summer's alone now.
+                let v = unsafe { seg.slot(2) };
+                let x = f32::from_le_bytes(v[0..4].try_into().unwrap());
+                assert_eq!(x, 0.5);
+            } else {
+                let msg = r.unwrap_err().to_string();
+                assert!(msg.contains("held a chunk"), "{msg}");
+                assert!(!again.load(Ordering::Relaxed));
+                assert!(t.elapsed() >= timeout, "took {:?}", t.elapsed());
+            }
+        }
         waits.close();
     }
 }

@@ -142,7 +142,7 @@ pub(crate) struct EntryState {
     /// Whether the round being completed may open the segment's gate, as
     /// the server sees it (no optimizer, checkpoints or replicas; the part
     /// small enough: set by `keys.rs` before each push); the round itself
-    /// must be plain pushes through every worker's slot (`gate.rs`).
+    /// must be plain pushes through every worker's slot (`gate/mod.rs`).
     pub(crate) gate_ok: bool,
     /// The gate's count of rounds the workers summed, as far as `rounds`
     /// holds them.
@@ -411,7 +411,7 @@ impl EntryState {
             self.rounds += 1;
             self.maybe_unlink(true);
             // Before the answers: each worker's next push must find the
-            // gate open (G1 of `gate.rs`).
+            // gate open (G1 of `gate/mod.rs`).
             if rule.is_none() && self.gate_ok && arrivals.iter().all(|a| a.head.shm) {
                 if let Some(seg) = &self.shm {
                     Gate::of(seg).open();

@@ -25,6 +25,8 @@
 //! - `SUMMER`: who sums the round being summed: its epoch (bits 16..31) |
 //!   the summer's rank + 1 (written just after its arrival; read only to
 //!   tell a dead summer's waiters).
+//! - `CLAIM`, `SUMMED`, `BUSY`: a round being summed, shared in chunks
+//!   with the workers that wait for it (`chunks.rs`).
 //!
 //! # States
 //!
@@ -61,8 +63,9 @@
 //!   under way then (each waits for its answer).
 //! - G2. Only the summer changes `GATE` while `arrived = W`, but for
 //!   `close` setting `CLOSING`: arrivals need `arrived < W`, a withdrawal
-//!   refuses. So nobody reads a slot the summer reads, or the value slot it
-//!   writes, meanwhile, and the round it sums ends at the gate.
+//!   refuses. So nobody but the round's summers (the summer, and the
+//!   waiters it shares the round with: `chunks.rs`, S2) reads a slot or
+//!   writes the value slot meanwhile, and the round ends at the gate.
 //! - G3. A worker arrives in round `e + 1` only after it saw round `e`
 //!   end (the epoch move), and every round needs all `W`: so the epoch a
 //!   worker reads when it arrives is the one its round ends by moving, and
@@ -101,6 +104,9 @@ use std::time::Duration;
 
 use pskv_transport::Region;
 
+mod chunks;
+pub(crate) use chunks::{chunk_bytes, Shared, MAX_HELPER_RANK};
+
 const GATE: usize = 0;
 const DONE: usize = 1;
 const SLEEPERS: usize = 2;
@@ -128,8 +134,9 @@ pub(crate) struct Gate<'a> {
 pub(crate) enum Arrival {
     /// The gate is closed: push to the server.
     Closed,
-    /// This worker came last: it sums the round, then calls `finish`.
-    Last,
+    /// This worker came last: it sums the round of this epoch (sharing it
+    /// with the waiters: `chunks.rs`), then calls `finish`.
+    Last(u32),
     /// Others are still to come: the round ends when the epoch moves from
     /// this one (`round`).
     Waiting(u32),
@@ -249,7 +256,7 @@ impl<'a> Gate<'a> {
                 Ok(_) if n + 1 == workers => {
                     let who = (epoch(g) << 16) | (rank as u32 + 1);
                     self.word(SUMMER).store(who, Ordering::Release);
-                    return Arrival::Last;
+                    return Arrival::Last(epoch(g));
                 }
                 Ok(_) => return Arrival::Waiting(epoch(g)),
                 Err(now) => g = now,
@@ -340,236 +347,4 @@ impl<'a> Gate<'a> {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicU64};
-    use std::sync::{Arc, Condvar, Mutex};
-
-    use super::*;
-
-    /// How a worker's push of a round went.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    enum Path {
-        Gate,
-        Server,
-    }
-
-    /// Sums slots `0..w` (a u64 each) into slot `w`, as the summer or the
-    /// server does.
-    fn sum_slots(seg: &Region, w: usize) {
-        // SAFETY: the caller holds the round (G2, or the stand-in server's
-        // lock with every push in).
-        let sum: u64 = (0..w)
-            .map(|i| u64::from_le_bytes(unsafe { seg.slot(i) }.try_into().unwrap()))
-            .sum();
-        unsafe { seg.slot_mut(w) }.copy_from_slice(&sum.to_le_bytes());
-    }
-
-    /// A stand-in for the server: a round completes once every worker
-    /// handed it its push; the one that completes it may open the gate
-    /// before the others are let go (as the server does before it
-    /// answers).
-    struct Server {
-        st: Mutex<(u64, usize)>,
-        cv: Condvar,
-    }
-
-    impl Server {
-        fn push(&self, round: u64, workers: usize, open: impl FnOnce()) {
-            let mut st = self.st.lock().unwrap();
-            assert_eq!(st.0, round, "a push of another round reached the server");
-            st.1 += 1;
-            if st.1 == workers {
-                open();
-                *st = (round + 1, 0);
-                self.cv.notify_all();
-                return;
-            }
-            let (st, to) = self
-                .cv
-                .wait_timeout_while(st, Duration::from_secs(20), |s| s.0 == round)
-                .unwrap();
-            assert!(
-                !to.timed_out(),
-                "round {round}: the server waited for a worker that summed at the gate ({st:?})"
-            );
-        }
-    }
-
-    /// Three workers sum rounds at the gate while a closer closes it at
-    /// random moments and the stand-in server opens it again now and then:
-    /// every round is summed either at the gate or by the server, by all
-    /// three the same way, with every worker's value of that round, and
-    /// each gate round once.
-    #[test]
-    fn every_round_is_summed_at_the_gate_or_by_the_server_whole() {
-        const W: usize = 3;
-        const ROUNDS: u64 = 3000;
-        let seg = Arc::new(Region::create(W + 1, 8).unwrap());
-        let server = Arc::new(Server {
-            st: Mutex::new((1, 0)),
-            cv: Condvar::new(),
-        });
-        let summed = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let paths = Arc::new(Mutex::new(vec![[None; W]; ROUNDS as usize + 1]));
-        let closer = {
-            let (seg, stop) = (seg.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut n = 0u64;
-                while !stop.load(Ordering::Acquire) {
-                    n += 1;
-                    if n % 97 == 0 {
-                        Gate::of(&seg).close();
-                    }
-                    std::thread::yield_now();
-                }
-            })
-        };
-        let hs: Vec<_> = (0..W)
-            .map(|r| {
-                let (seg, summed, server, paths) =
-                    (seg.clone(), summed.clone(), server.clone(), paths.clone());
-                std::thread::spawn(move || {
-                    let gate = Gate::of(&seg);
-                    for round in 1..=ROUNDS {
-                        let mine = round * 10 + r as u64;
-                        // SAFETY: this worker's slot, read by the summer
-                        // (or the server) only after this arrival (or
-                        // push).
-                        unsafe { seg.slot_mut(r) }.copy_from_slice(&mine.to_le_bytes());
-                        let path = match gate.arrive(r) {
-                            Arrival::Last => {
-                                sum_slots(&seg, W);
-                                summed.fetch_add(1, Ordering::Relaxed);
-                                gate.finish();
-                                Path::Gate
-                            }
-                            Arrival::Waiting(e) => loop {
-                                match gate.round(e) {
-                                    Round::Ended => break Path::Gate,
-                                    Round::HandedOver => match gate.withdraw(e) {
-                                        Withdrawal::Left => break Path::Server,
-                                        Withdrawal::Ended => break Path::Gate,
-                                        Withdrawal::Summing => {}
-                                    },
-                                    Round::Gathering if round % 5 == 0 => {
-                                        gate.sleep(e, Duration::from_millis(50))
-                                    }
-                                    Round::Gathering => std::thread::yield_now(),
-                                }
-                            },
-                            Arrival::Closed => Path::Server,
-                        };
-                        if path == Path::Server {
-                            // The server sums the slots (every push of the
-                            // round is there, G1) and may open the gate.
-                            server.push(round, W, || {
-                                sum_slots(&seg, W);
-                                if round % 3 != 0 {
-                                    gate.open();
-                                }
-                            });
-                        } else {
-                            // Keep the stand-in's count in step.
-                            let mut st = server.st.lock().unwrap();
-                            if st.0 == round {
-                                st.0 = round + 1;
-                            }
-                        }
-                        paths.lock().unwrap()[round as usize][r] = Some(path);
-                        let v = u64::from_le_bytes(unsafe { seg.slot(W) }.try_into().unwrap());
-                        let want: u64 = (0..W as u64).map(|i| round * 10 + i).sum();
-                        assert_eq!(v, want, "worker {r}, round {round} ({path:?})");
-                    }
-                })
-            })
-            .collect();
-        for h in hs {
-            h.join().unwrap();
-        }
-        stop.store(true, Ordering::Release);
-        closer.join().unwrap();
-        let paths = paths.lock().unwrap();
-        let mut at_gate = 0;
-        for (round, p) in paths.iter().enumerate().skip(1) {
-            assert!(
-                p.iter().all(|x| *x == p[0]),
-                "round {round} went both ways: {p:?}"
-            );
-            at_gate += u64::from(p[0] == Some(Path::Gate));
-        }
-        assert!(at_gate > ROUNDS / 4, "only {at_gate} rounds at the gate");
-        assert!(at_gate < ROUNDS, "the closer never closed it");
-        assert_eq!(summed.load(Ordering::Relaxed), at_gate);
-        assert_eq!(Gate::of(&seg).done() as u64, at_gate);
-    }
-
-    /// A waiter that gives up takes its arrival back; a close hands a
-    /// gathering round over (and the gate opens again only once its
-    /// waiters left), and lets a round being summed end at the gate.
-    #[test]
-    fn closing_hands_a_gathering_round_over_and_lets_a_sum_end() {
-        let seg = Region::create(3, 8).unwrap();
-        let gate = Gate::of(&seg);
-        assert_eq!(gate.arrive(0), Arrival::Closed, "closed at first");
-        gate.close();
-        gate.open();
-        let Arrival::Waiting(e) = gate.arrive(0) else {
-            panic!("the first of two waits")
-        };
-        assert_eq!(gate.round(e), Round::Gathering);
-        assert_eq!(gate.withdraw(e), Withdrawal::Left);
-        assert_eq!(gate.arrived(), 0);
-        // Handed over.
-        let Arrival::Waiting(e) = gate.arrive(0) else {
-            panic!("waits")
-        };
-        gate.close();
-        assert_eq!(gate.round(e), Round::HandedOver);
-        assert_eq!(gate.arrive(0), Arrival::Closed, "nobody joins it");
-        gate.open();
-        assert!(!gate.is_open(), "not while a waiter is still to leave");
-        assert_eq!(gate.withdraw(e), Withdrawal::Left);
-        gate.open();
-        assert!(gate.is_open());
-        // Too late to withdraw once the last arrived; a close lets the
-        // round end at the gate, and the gate closes as it ends.
-        let Arrival::Waiting(e) = gate.arrive(0) else {
-            panic!("waits")
-        };
-        assert_eq!(gate.summer(e), None, "nobody sums yet");
-        assert_eq!(gate.arrive(1), Arrival::Last);
-        assert_eq!(gate.summer(e), Some(1), "worker 1 sums");
-        assert_eq!(gate.withdraw(e), Withdrawal::Summing);
-        gate.close();
-        assert_eq!(gate.round(e), Round::Gathering, "still being summed");
-        gate.open();
-        gate.finish();
-        assert_eq!(gate.round(e), Round::Ended);
-        assert_eq!(gate.withdraw(e), Withdrawal::Ended);
-        assert_eq!(gate.done(), 1);
-        assert!(!gate.is_open(), "closed as the round ended");
-        assert_eq!(gate.arrive(0), Arrival::Closed);
-        // And opens again at the server's next round.
-        gate.open();
-        assert!(gate.is_open());
-        let Arrival::Waiting(_) = gate.arrive(0) else {
-            panic!("waits")
-        };
-        assert_eq!(gate.arrive(1), Arrival::Last);
-        gate.finish();
-        assert!(gate.is_open(), "no close asked: stays open");
-        assert_eq!(gate.done(), 2);
-        // The epoch wraps within its bits and the gate stays open (one
-        // worker).
-        let seg = Region::create(2, 8).unwrap();
-        let gate = Gate::of(&seg);
-        gate.open();
-        for _ in 0..40_000 {
-            assert_eq!(gate.arrive(0), Arrival::Last);
-            gate.finish();
-        }
-        assert!(gate.is_open());
-        assert_eq!(gate.done(), 40_000);
-    }
-}
+mod tests;
