@@ -566,6 +566,14 @@ impl KvStore {
         self.flavor.worker_summed_parts()
     }
 
+    /// How many chunks of rounds summed in shared memory this worker summed
+    /// beside the worker that summed them (parts of more than 32 KiB are
+    /// shared in chunks with the workers that wait for them; workers of rank
+    /// 32 and above do not help), so far.
+    pub fn worker_helped_chunks(&self) -> u64 {
+        self.flavor.worker_helped_chunks()
+    }
+
     /// How many key parts exchange their values with a co-located server
     /// through shared memory (0 for local stores, and over tcp).
     pub fn shared_memory_parts(&self) -> usize {

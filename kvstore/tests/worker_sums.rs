@@ -1,6 +1,7 @@
 //! Rounds the workers sum in shared memory (`gate/mod.rs`): once a server has
-//! summed a round of a small part with nothing to add (no optimizer), it
-//! opens the part's gate and the workers sum the next rounds themselves.
+//! summed a round of a part with nothing to add (no optimizer), it opens
+//! the part's gate and the workers sum the next rounds themselves (a large
+//! part's in chunks, the waiters beside the summer).
 //! They must give the server's bits, hand rounds back to the server when
 //! an optimizer comes, finish a push nobody waits for, fail (and take
 //! back) a push whose round never fills, and refuse to mix a push by
@@ -174,12 +175,16 @@ fn rounds_shared_in_chunks_give_the_servers_bits() {
         summing(3, sum_bytes).run("dist_sync", opts.clone(), |kv, e| {
             init_of(&wide_keys(), kv, e);
             let seen = rounds_of(&wide_keys(), kv, e, 0, 8);
-            (seen, kv.worker_summed_parts())
+            (seen, kv.worker_summed_parts(), kv.worker_helped_chunks())
         })
     };
     let summed = run(None);
     let served = run(Some(0));
-    for (rank, ((a, wa), (b, _))) in summed.iter().zip(&served).enumerate() {
+    let helped: u64 = summed.iter().map(|s| s.2).sum();
+    // 21 rounds of parts of about 0.6 MB, in 32 KiB chunks: some summed
+    // by the waiters.
+    assert!(helped > 0, "no worker helped a summer");
+    for (rank, ((a, wa, _), (b, _, _))) in summed.iter().zip(&served).enumerate() {
         // 1.2 MB in two parts, 560 KB in one: 3 parts, 7 rounds after the
         // first.
         assert_eq!(*wa, 21, "worker {rank} summed parts");

@@ -5,42 +5,49 @@
 //! arrived before it, have nothing to do but wait, on cores the summer
 //! could use. So a part of at least two chunks (`chunk_bytes`) is cut into
 //! chunks, and the summer and every waiting worker that finds the round
-//! being summed (`kinds/dist/worker_sum.rs`: a thread polling its wait)
-//! claim chunks one at a time and sum each into the value slot with the
-//! same kernel. The kernel adds element by element, in rank order, so the
-//! bits do not depend on who sums which chunk. The summer ends the round
-//! once every chunk is summed.
+//! being summed (`kinds/dist/worker_sum.rs`: a thread polling its wait, or
+//! its watcher) claim chunks one at a time and sum each into the value
+//! slot with the same kernel. The kernel adds element by element, in rank
+//! order, so the bits do not depend on who sums which chunk. The summer
+//! ends the round once every chunk is summed.
 //!
 //! # Words (more of the region's header words; zero at creation)
 //!
-//! - `CLAIM`: the epoch of the round shared (bits 16..31) | the next chunk
-//!   to claim (bits 0..16).
+//! - `CLAIM`: the epoch of the round shared (bits 16..31) | `SHARED`
+//!   (bit 15: set by `share`, so the word's first value, zero, matches no
+//!   round) | the next chunk to claim (bits 0..15).
 //! - `SUMMED`: chunks of that round summed.
 //! - `BUSY`: the ranks (below 32) of the workers helping with that round,
-//!   one bit each: set before a helper's first claim, cleared once it
-//!   claims nothing more (after its last chunk's writes).
+//!   one bit each (S3).
 //!
 //! # States (of a round being summed: arrived = W, epoch e)
 //!
 //! ```text
-//!   the summer arrived --`share`: SUMMED = 0, BUSY = 0, then CLAIM = e | 0--> shared
+//!   the summer arrived --`share`: SUMMED = 0, BUSY = 0, then CLAIM = e | SHARED | 0--> shared
 //!   shared --`sum_chunks` (the summer, helpers): CLAIM + 1 while below n--> chunk claimed
 //!   chunk claimed --its claimer, after its writes: SUMMED + 1--> chunk summed
 //!   SUMMED = n --the summer: `Gate::finish`--> the round ends
 //! ```
 //!
 //! Invariants:
-//! - S1. Each chunk of a round is claimed once: a compare-exchange on
-//!   `CLAIM` with the epoch in it, so a helper late from a round that
-//!   ended claims nothing of a later one.
+//! - S1. Each chunk of a round is claimed once, and only after the summer
+//!   shared the round: a claim is a compare-exchange on `CLAIM` that needs
+//!   the round's epoch and `SHARED` in it. Between the last arrival and
+//!   `share` the word holds an earlier round's epoch (or zero); a helper
+//!   late from a round that ended claims nothing of a later one.
 //! - S2. No helper writes the value slot after its round ends: the summer
-//!   ends it only once `SUMMED = n`. The one exception, a helper that died
-//!   holding a chunk: once every chunk is claimed and every worker still
-//!   in `BUSY` is known dead, nobody alive can write the slot, and the
-//!   summer sums the whole part again itself (the same bits) and ends it.
-//! - S3. A helper sets its bit in `BUSY` only after it read `CLAIM` at the
-//!   round's epoch (so after `share` cleared the word), and clears it only
-//!   after its last claim: a bit clear means its writes are done.
+//!   ends it only once `SUMMED = n`. A helper that dies holding a chunk
+//!   leaves the round unended: the summer and the waiters fail it, in
+//!   doubt, once they learn of the death, as for a dead summer. (Summing
+//!   the part again would not be safe: a worker declared dead may only be
+//!   stopped, and the kernel adds into the value slot in place.)
+//! - S3. A worker helps with at most one thread at a time (its helper in
+//!   `kinds/dist/worker_sum.rs` takes a lock), whose rank's bit in `BUSY`
+//!   is set from after it read `CLAIM` at the round's epoch (so after
+//!   `share` cleared the word) until after its last claim. So the rank of
+//!   a worker holding a chunk has its bit set. (A thread late from an
+//!   earlier round may set its bit in a later one for a moment: its claim
+//!   then fails, and it clears the bit.)
 //!
 //! # Orderings
 //!
@@ -50,8 +57,7 @@
 //! (the summer saw every arrival before `share`). A claimer's writes of a
 //! chunk happen before its `SUMMED` increment (Release); the summer reads
 //! `SUMMED = n` with Acquire before `finish` stores `GATE`: whoever sees
-//! the round end sees every chunk. A helper clears its `BUSY` bit with
-//! Release; the summer reads it with Acquire before it sums again.
+//! the round end sees every chunk.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
@@ -62,15 +68,15 @@ const CLAIM: usize = 4;
 const SUMMED: usize = 5;
 const BUSY: usize = 6;
 
-const INDEX: u32 = 0xffff;
+const SHARED: u32 = 1 << 15;
+const INDEX: u32 = SHARED - 1;
 /// The smallest chunk: small enough that a 256 KiB part is shared eight
 /// ways, large enough that a claim (a cache line's trip) is a small part
 /// of a chunk's time.
 const MIN_CHUNK: usize = 32 << 10;
 /// The largest chunk: the rest of a round waits for the last one.
 const MAX_CHUNK: usize = 1 << 20;
-/// The most chunks a round is cut into (`CLAIM`'s index bits, with room
-/// for the claims that find none left).
+/// The most chunks a round is cut into (`CLAIM`'s index bits).
 const MAX_CHUNKS: usize = 1 << 14;
 /// Workers at and above this rank do not help (`BUSY` has a bit each).
 pub(crate) const MAX_HELPER_RANK: usize = 32;
@@ -106,8 +112,10 @@ impl<'a> Gate<'a> {
         self.word(SUMMED).store(0, Ordering::Relaxed);
         self.word(BUSY).store(0, Ordering::Relaxed);
         self.word(CLAIM)
-            .store(epoch << EPOCH_SHIFT, Ordering::Release);
-        // Waiters asleep on the gate (a worker's watcher) wake to help.
+            .store(epoch << EPOCH_SHIFT | SHARED, Ordering::Release);
+        // Waiters asleep on this gate (a worker's watcher) wake to help: a
+        // hint only (a watcher about to sleep misses it, and looks again
+        // within its nap).
         self.wake();
         Some(self.shared_round(epoch, len, chunk))
     }
@@ -121,8 +129,18 @@ impl<'a> Gate<'a> {
             return None;
         }
         let sh = self.shared_round(epoch0, len, chunk);
+        sh.claimable(self.word(CLAIM).load(Ordering::Acquire))
+            .then_some(sh)
+    }
+
+    /// The ranks that may hold a chunk of the round of `epoch0`, as bits
+    /// (none if that round is not shared).
+    pub(crate) fn helpers_busy(&self, epoch0: u32) -> u32 {
         let c = self.word(CLAIM).load(Ordering::Acquire);
-        (c >> EPOCH_SHIFT == epoch0 && c & INDEX < sh.n).then_some(sh)
+        if c >> EPOCH_SHIFT != epoch0 || c & SHARED == 0 {
+            return 0;
+        }
+        self.word(BUSY).load(Ordering::Acquire)
     }
 
     fn shared_round(&self, epoch: u32, len: usize, chunk: usize) -> Shared<'_, 'a> {
@@ -140,8 +158,20 @@ impl Shared<'_, '_> {
     /// Claims chunks and sums each with `sum` (given the chunk's byte range
     /// in the part) until none is left; how many it summed. `helper`: the
     /// rank of a waiter that helps (None: the summer).
-    pub(crate) fn sum_chunks(
+    pub(crate) fn sum_chunks(&self, helper: Option<usize>, sum: impl FnMut(Range<usize>)) -> usize {
+        let c = self.gate.word(CLAIM).load(Ordering::Acquire);
+        self.claim_from(c, helper, sum)
+    }
+
+    /// Whether `CLAIM`'s value `c` leaves a chunk of this round to claim.
+    fn claimable(&self, c: u32) -> bool {
+        c >> EPOCH_SHIFT == self.epoch && c & SHARED != 0 && c & INDEX < self.n
+    }
+
+    /// `sum_chunks`, from `CLAIM`'s value `c`, read before.
+    fn claim_from(
         &self,
+        mut c: u32,
         helper: Option<usize>,
         mut sum: impl FnMut(Range<usize>),
     ) -> usize {
@@ -153,8 +183,7 @@ impl Shared<'_, '_> {
         };
         let mut joined = false;
         let mut done = 0;
-        let mut c = claim.load(Ordering::Acquire);
-        while c >> EPOCH_SHIFT == self.epoch && c & INDEX < self.n {
+        while self.claimable(c) {
             if !joined && bit != 0 {
                 // S3: after reading `CLAIM` at this epoch, before a claim.
                 busy.fetch_or(bit, Ordering::AcqRel);
@@ -183,9 +212,7 @@ impl Shared<'_, '_> {
         self.gate.word(SUMMED).load(Ordering::Acquire) >= self.n
     }
 
-    /// The ranks that may still write a chunk (every chunk claimed: those
-    /// who hold one), as bits; Acquire: a bit clear means that helper's
-    /// writes are seen.
+    /// The ranks that may still hold a chunk, as bits.
     pub(crate) fn busy(&self) -> u32 {
         self.gate.word(BUSY).load(Ordering::Acquire)
     }
@@ -196,10 +223,20 @@ impl Shared<'_, '_> {
         self.n
     }
 
-    /// The round of `epoch` as a waiter that looked at it long ago holds
-    /// it (whatever the gate's state now).
+    /// `sum_chunks` by a thread that read `CLAIM` long ago, as `c`.
     #[cfg(test)]
-    pub(crate) fn late<'g, 'a>(gate: &'g Gate<'a>, epoch: u32, len: usize) -> Shared<'g, 'a> {
-        gate.shared_round(epoch, len, chunk_bytes(len).unwrap())
+    pub(crate) fn sum_chunks_from(
+        &self,
+        c: u32,
+        helper: Option<usize>,
+        sum: impl FnMut(Range<usize>),
+    ) -> usize {
+        self.claim_from(c, helper, sum)
+    }
+
+    /// `CLAIM`'s value while chunk `i` of the round of `epoch` is next.
+    #[cfg(test)]
+    pub(crate) fn claim_word(epoch: u32, i: u32) -> u32 {
+        epoch << EPOCH_SHIFT | SHARED | i
     }
 }

@@ -6,13 +6,16 @@
 //! writes its slot, and the server sums the slots into the value slot once
 //! every push has arrived. For small parts the server's turn is most of the
 //! round: two hand-offs between processes, each a wait for a thread that
-//! may share a core with another. So once a round has shown that the
+//! may share a core with another; for large ones the workers, which wait
+//! idle meanwhile, can sum the round together (`chunks.rs`) where the
+//! server's threads share cores with them. So once a round has shown that the
 //! server has nothing to add (no optimizer, no checkpoints, no replicas,
 //! every worker's push plain and through its slot), the server *opens* the
 //! part's gate: from the next round on, each worker writes its slot and
 //! arrives at the gate, and the last to arrive sums the slots into the
 //! value slot, in rank order with the server's kernel, so the bits are the
-//! server's (`comm::sum_dense`), and lets the others go. The server counts
+//! server's (`comm::sum_dense`), with the others' help for a large part
+//! (`chunks.rs`), and lets the others go. The server counts
 //! those rounds from the gate when it next looks (`done`).
 //!
 //! # Words (the region's header words; zero at creation)

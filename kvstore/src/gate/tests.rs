@@ -324,6 +324,11 @@ fn a_round_is_shared_in_chunks_and_every_chunk_summed_once() {
         panic!("the last")
     };
     assert_eq!(e1, e);
+    assert_eq!(e, 0, "the segment's first round: `CLAIM` is still zero");
+    assert!(
+        gate.shared(e, LEN).is_none(),
+        "not before the summer shares it"
+    );
     let sh = gate.share(e, LEN).expect("256 KiB is shared");
     assert_eq!(sh.chunks(), 8);
     let mut done = false;
@@ -348,11 +353,14 @@ fn a_round_is_shared_in_chunks_and_every_chunk_summed_once() {
         panic!("the last")
     };
     let sh2 = gate.share(e2, LEN).unwrap();
-    let late = chunks::Shared::late(&gate, e, LEN);
+    // It read `CLAIM` with chunk 3 of round 1 next, long ago; the word now
+    // has chunk 0 of round 2 next: its claim fails, and it claims nothing.
+    let nothing = |_| panic!("a chunk of another round");
     assert_eq!(
-        late.sum_chunks(Some(1), |_| panic!("a chunk of another round")),
+        sh.sum_chunks_from(chunks::Shared::claim_word(e, 3), Some(1), nothing),
         0
     );
+    assert_eq!(gate.helpers_busy(e2), 0, "its bit cleared");
     assert_eq!(sh2.sum_chunks(None, |c| sum_f32(&seg, 2, c)), 8);
     assert!(sh2.all_summed());
     gate.finish();

@@ -172,6 +172,11 @@ pub(crate) trait Flavor: Send + Sync {
     fn worker_summed_parts(&self) -> u64 {
         0
     }
+    /// Chunks of rounds another worker summed that this one summed
+    /// beside it, so far.
+    fn worker_helped_chunks(&self) -> u64 {
+        0
+    }
     /// This worker's part of the collective `call` failed before it began
     /// (`e`, a bad argument): the other workers' call fails too, with this
     /// cause. Returns `e`.

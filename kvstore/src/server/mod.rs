@@ -1,7 +1,8 @@
 //! The server of a distributed kvstore: stores its share of every key,
 //! sums the workers' pushes (in worker-rank order), runs the optimizer
-//! once per round, answers pulls, and obeys commands. A small part whose
-//! rounds need nothing of the server (no optimizer, checkpoints or
+//! once per round, answers pulls, and obeys commands. A part (of at most
+//! `PSKV_WORKER_SUM_BYTES`: by default every part) whose rounds need
+//! nothing of the server (no optimizer, checkpoints or
 //! replicas) and whose workers all share its segment is handed to them:
 //! they sum its rounds at the segment's gate (`crate::gate`) until the
 //! server closes it (`set_optimizer`).

@@ -565,6 +565,10 @@ impl Flavor for DistStore {
         self.waits.summed()
     }
 
+    fn worker_helped_chunks(&self) -> u64 {
+        self.waits.helped()
+    }
+
     fn close(&self) -> Result<()> {
         // Subtle: an op queued behind a failed one inherits its failure and
         // may store it on the key's var again (or log it, writing no var)

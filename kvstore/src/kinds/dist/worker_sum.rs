@@ -20,17 +20,22 @@
 //! message). The server closes a part's gate the same way (an optimizer
 //! set, a worker died), and so does a worker that learns a node died or
 //! its server restarted (the old process's gates). Closing never waits: a
-//! round being summed ends at the gate, which closes as it ends.
+//! round being summed ends at the gate, which closes as it ends (unless it
+//! never ends: below).
 //!
 //! A part of at least two chunks (`gate/chunks.rs`) is summed by the
-//! summer and the waiters together: a thread that polls its waits claims
-//! chunks of each round it finds being summed and sums them beside the
-//! summer (`help`), which ends the round once every chunk is summed
-//! (`Waits::wait_chunks`).
+//! summer and the waiters together: a thread that polls its waits, or the
+//! watcher (awake for up to `SHARED_SPIN` while such a round gathers),
+//! claims chunks of each round it finds being summed and sums them beside
+//! the summer (`Helper`: one thread of this worker at a time), which ends
+//! the round once every chunk is summed (`Waits::wait_chunks`).
 //!
-//! A wait that fails while its round is being summed (its summer died,
-//! or took twice the timeout) leaves its arrival counted: the part is
-//! then in doubt (`parts::Unsure`), and its pushes go by message, closing
+//! A round whose summer, or a helper holding a chunk, died or stalls
+//! never ends. A wait that fails while its round is being summed (its
+//! summer or a busy helper known dead, or twice the timeout) leaves its
+//! arrival counted; a summer whose helper holds a chunk past the timeout,
+//! or is known dead, fails its own part without ending the round. Either
+//! part is then in doubt (`parts::Unsure`), and its pushes go by message, closing
 //! the gate. If the round does end there after all, the server counts it
 //! while this worker's count of the key's rounds (`DistKey::seen`) does
 //! not: the push it sends again is answered as a push of a round done, as
@@ -67,6 +72,9 @@ use crate::wire::Op;
 const NAP: Duration = Duration::from_millis(1);
 /// The watcher's longest sleep on a gate (then it looks at all waits).
 const GATE_SLEEP: Duration = Duration::from_millis(2);
+/// How long a helper waits awake for the rounds it helped to end (the
+/// summer ends a round once it sees the last chunk summed).
+const SETTLE: Duration = Duration::from_micros(200);
 /// How long the watcher watches awake for a round to share (then it sleeps
 /// on the gate).
 const SHARED_SPIN: Duration = Duration::from_millis(1);
@@ -127,9 +135,6 @@ struct Inner {
     cv: Condvar,
     /// The watcher sleeps on `cv` (an added wait wakes it).
     idle: AtomicBool,
-    /// The watcher naps on `cv` (an added wait of a round it may help sum
-    /// wakes it: such a round takes longer than the wake-up).
-    napping: AtomicBool,
     /// The store closed: the watcher ends.
     closed: AtomicBool,
     /// Ranks of workers known dead: a round one of them sums never ends.
@@ -167,19 +172,47 @@ fn shared_rounds(list: &[Wait], helps: bool) -> ToHelp {
 struct Helper {
     kernels: Arc<CpuKernels>,
     rank: usize,
+    /// Held by the one thread of this worker that helps at a time (S3 of
+    /// `gate/chunks.rs`: the rank's bit in `BUSY` is one thread's).
+    one: Mutex<()>,
+    /// Chunks this worker summed beside another's summer.
+    helped: AtomicU64,
 }
 
 impl Helper {
     /// Sums chunks of each round beside its summer, while any are left
-    /// (`gate/chunks.rs`).
-    fn help(&self, rounds: ToHelp) {
+    /// (`gate/chunks.rs`), unless another thread of this worker helps.
+    /// Whether it summed any.
+    fn help(&self, rounds: &ToHelp) -> bool {
+        let Some(_one) = self.one.try_lock() else {
+            return false;
+        };
+        let mut any = 0;
         for (seg, epoch, dtype) in rounds {
-            if let Some(sh) = Gate::of(&seg).shared(epoch, seg.slot_len()) {
-                sh.sum_chunks(Some(self.rank), |c| {
+            if let Some(sh) = Gate::of(seg).shared(*epoch, seg.slot_len()) {
+                let n = sh.sum_chunks(Some(self.rank), |c| {
                     // Cannot fail for slots of one size; the summer's own
                     // chunks would show it.
-                    let _ = sum_slots(&self.kernels, &seg, dtype, c);
+                    let _ = sum_slots(&self.kernels, seg, *dtype, c);
                 });
+                any += n;
+            }
+        }
+        self.helped.fetch_add(any as u64, Ordering::Relaxed);
+        any != 0
+    }
+
+    /// Waits, awake and briefly (`SETTLE`), for the rounds it helped to
+    /// end.
+    fn settle(&self, rounds: &ToHelp) {
+        let t = Instant::now();
+        while rounds
+            .iter()
+            .any(|(seg, e, _)| Gate::of(seg).round(*e) == gate::Round::Gathering)
+            && t.elapsed() < SETTLE
+        {
+            for _ in 0..16 {
+                std::hint::spin_loop();
             }
         }
     }
@@ -192,7 +225,14 @@ impl Waits {
             summed: Arc::default(),
             timeout,
             watcher: Mutex::new(None),
-            helper: (rank < MAX_HELPER_RANK).then(|| Arc::new(Helper { kernels, rank })),
+            helper: (rank < MAX_HELPER_RANK).then(|| {
+                Arc::new(Helper {
+                    kernels,
+                    rank,
+                    one: Mutex::new(()),
+                    helped: AtomicU64::new(0),
+                })
+            }),
         }
     }
 
@@ -206,6 +246,13 @@ impl Waits {
     /// Parts whose rounds the workers summed, so far.
     pub(super) fn summed(&self) -> u64 {
         self.summed.load(Ordering::Relaxed)
+    }
+
+    /// Chunks this worker summed beside another worker's summer, so far.
+    pub(super) fn helped(&self) -> u64 {
+        self.helper
+            .as_ref()
+            .map_or(0, |h| h.helped.load(Ordering::Relaxed))
     }
 
     /// Finishes the waits whose rounds came out (a waiting thread's
@@ -230,55 +277,71 @@ impl Waits {
         for (w, o) in out {
             (w.then)(o);
         }
-        if let Some(h) = &self.helper {
-            h.help(shared);
+        if let (false, Some(h)) = (shared.is_empty(), &self.helper) {
+            if h.help(&shared) {
+                // Finish the waits here, awake, rather than leave them to
+                // a wake-up: the rounds end a moment after their last
+                // chunk.
+                h.settle(&shared);
+                if let Some(mut list) = inner.list.try_lock() {
+                    let out = take_out(&mut list, &inner.len);
+                    drop(list);
+                    for (w, o) in out {
+                        (w.then)(o);
+                    }
+                }
+            }
         }
         any
     }
 
     /// The summer, its chunks claimed, waits for those its helpers hold
-    /// (each a chunk's time, unless its process stopped): S2 of
-    /// `gate/chunks.rs`. If every helper still busy is known dead, it sums
-    /// the whole part again with `again`; if a helper still alive holds a
-    /// chunk past the store's timeout, the round cannot end: an error.
-    fn wait_chunks(
-        &self,
-        sh: &Shared<'_, '_>,
-        again: impl FnOnce() -> Result<(), Fault>,
-    ) -> Result<(), Fault> {
+    /// (each a chunk's time, unless a helper's process stopped or died):
+    /// S2 of `gate/chunks.rs`. A helper known dead, or one that holds a
+    /// chunk past the store's timeout, leaves the round unended: an error
+    /// (the caller's part is then in doubt).
+    fn wait_chunks(&self, sh: &Shared<'_, '_>) -> Result<(), Fault> {
+        let t = Instant::now();
         let mut spins = 0u32;
-        let mut deadline = None;
         while !sh.all_summed() {
             spins = spins.wrapping_add(1);
             if spins <= 128 {
                 std::hint::spin_loop();
                 continue;
             }
-            std::thread::yield_now();
-            if spins % 32 != 0 {
+            // A chunk takes microseconds: past a millisecond its holder
+            // is not running; look every millisecond, asleep.
+            if t.elapsed() < Duration::from_millis(1) {
+                std::thread::yield_now();
                 continue;
             }
-            let busy = sh.busy();
-            let dead = |r: usize| self.inner.dead.lock().contains(&r);
-            if busy != 0 && (0..MAX_HELPER_RANK).all(|r| busy & (1 << r) == 0 || dead(r)) {
-                return again();
-            }
-            let d = *deadline.get_or_insert_with(|| Instant::now() + self.timeout);
-            if Instant::now() >= d {
-                return Err(Fault::Failed(format!(
-                    "a worker helping to sum a round in shared memory held a chunk of it for {:?} (helpers busy: {busy:#x}): the round cannot end",
-                    self.timeout
+            if let Some(r) = self.dead_among(sh.busy()) {
+                return Err(Fault::Unavailable(format!(
+                    "worker {r}, which was helping to sum this round in shared memory, died: the round cannot end"
                 )));
             }
+            if t.elapsed() >= self.timeout {
+                return Err(Fault::Failed(format!(
+                    "a worker helping to sum this round in shared memory held a chunk of it for {:?} (ranks busy: {:#x}): the round cannot end",
+                    self.timeout,
+                    sh.busy()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
         Ok(())
+    }
+
+    /// A rank among the bits `busy` that is known dead.
+    fn dead_among(&self, busy: u32) -> Option<usize> {
+        dead_among(&self.inner.dead.lock(), busy)
     }
 
     /// Adds a wait (its round had not come out when it arrived); starts
     /// the watcher on the first.
     fn add(&self, mut w: Wait) {
         let inner = &self.inner;
-        let shares = {
+        {
             let mut list = inner.list.lock();
             if inner.closed.load(Ordering::Acquire) {
                 drop(list);
@@ -287,12 +350,10 @@ impl Waits {
             }
             w.deadline = Instant::now() + self.timeout;
             w.summing = false;
-            let shares = self.helper.is_some() && gate::chunk_bytes(w.seg.slot_len()).is_some();
             list.push(w);
             inner.len.store(list.len(), Ordering::Release);
-            shares
-        };
-        if inner.idle.load(Ordering::Acquire) || (shares && inner.napping.load(Ordering::Acquire)) {
+        }
+        if inner.idle.load(Ordering::Acquire) {
             inner.cv.notify_one();
         }
         let mut w = self.watcher.lock();
@@ -391,10 +452,17 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
         let dead = inner.dead.lock().clone();
         let mut i = 0;
         while i < list.len() {
-            let summer = Gate::of(&list[i].seg).summer(list[i].epoch);
-            if let Some(r) = summer.filter(|r| dead.contains(r)) {
+            let gate = Gate::of(&list[i].seg);
+            let summer = gate.summer(list[i].epoch).filter(|r| dead.contains(r));
+            // A helper that died holding a chunk: the round cannot end
+            // either (S2 of `gate/chunks.rs`).
+            let helper = || dead_among(&dead, gate.helpers_busy(list[i].epoch));
+            if let Some((r, what)) = summer
+                .map(|r| (r, "summing"))
+                .or_else(|| helper().map(|r| (r, "helping to sum")))
+            {
                 let f = Fault::Unavailable(format!(
-                    "worker {r}, which was summing this round in shared memory, died: the round cannot end"
+                    "worker {r}, which was {what} this round in shared memory, died: the round cannot end"
                 ));
                 done.push((list.swap_remove(i), Outcome::Failed(f, true)));
                 continue;
@@ -451,7 +519,9 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
         let shared = shared_rounds(&list, helper.is_some());
         if let (false, Some(h)) = (shared.is_empty(), helper) {
             drop(list);
-            h.help(shared);
+            if h.help(&shared) {
+                h.settle(&shared);
+            }
             continue;
         }
         let sleep_on = list
@@ -490,10 +560,7 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
             None => {
                 let since = *empty_since.get_or_insert(now);
                 if now - since < IDLE {
-                    // As with `idle` below.
-                    inner.napping.store(true, Ordering::Release);
                     inner.cv.wait_for(&mut list, NAP);
-                    inner.napping.store(false, Ordering::Release);
                 } else {
                     inner.idle.store(true, Ordering::Release);
                     // Subtle: `add` pushes under the lock, then reads
@@ -509,6 +576,13 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
             }
         }
     }
+}
+
+/// A rank among the bits `busy` that is in `dead`.
+fn dead_among(dead: &[usize], busy: u32) -> Option<usize> {
+    dead.iter()
+        .copied()
+        .find(|&r| r < MAX_HELPER_RANK && busy & (1 << r) != 0)
 }
 
 /// Sums the byte range `range` of the slots of `seg`'s workers into the
@@ -589,13 +663,11 @@ impl DistStore {
                     Some(sh) => {
                         let mut r = Ok(());
                         sh.sum_chunks(None, |c| r = r.clone().and(sum_slots(k, &seg, dtype, c)));
-                        if let Err(e) = self
-                            .waits
-                            .wait_chunks(&sh, || sum_slots(k, &seg, dtype, 0..len))
-                        {
+                        if let Err(e) = self.waits.wait_chunks(&sh) {
                             // Not ended: a helper may still write the value
-                            // slot (S2). This part is in doubt, as a
-                            // waiter's whose summer died.
+                            // slot (S2 of `gate/chunks.rs`). The round stays
+                            // unended (its waiters fail as for a dead
+                            // summer), and this part is in doubt.
                             if let Some(u) = &p.unsure {
                                 u.note(i, (p.head.shm_tag, p.seg.as_ref()), false);
                             }
@@ -773,30 +845,38 @@ mod tests {
     }
 
     /// A helper that dies holding a chunk (here: its sum panics, so it
-    /// neither counts the chunk nor clears its bit): the summer's wait
-    /// fails at the timeout while the helper is not known dead (the round
-    /// cannot end: it might still write), and sums the part again itself
-    /// once it is.
+    /// neither counts the chunk nor clears its bit) leaves the round
+    /// unended: the summer's wait fails naming it once it is known dead
+    /// (at the timeout while it is not: it might still write), and so does
+    /// a waiter's, in doubt.
     #[test]
-    fn a_summer_sums_again_what_a_dead_helper_held() {
+    fn a_helper_that_died_holding_a_chunk_fails_the_round() {
         const LEN: usize = 64 << 10;
-        let timeout = Duration::from_millis(200);
+        let timeout = Duration::from_millis(300);
         let kernels = Arc::new(CpuKernels::single_threaded());
-        let waits = Waits::new(timeout, kernels.clone(), 1);
+        // Worker 1 sums; worker 0 waits; worker 2 helps, and dies.
+        let summer = Waits::new(timeout, kernels.clone(), 1);
+        let waiter = Waits::new(timeout, kernels.clone(), 0);
+        let (tx, rx) = mpsc::channel();
         for known_dead in [false, true] {
-            let seg = Arc::new(Region::create(3, LEN).unwrap());
-            for r in 0..2 {
-                // SAFETY: the workers' slots, before their arrivals.
-                let s = unsafe { seg.slot_mut(r) };
-                for (i, b) in s.chunks_exact_mut(4).enumerate() {
-                    b.copy_from_slice(&(i as f32 + r as f32 * 0.5).to_le_bytes());
-                }
-            }
+            let seg = Arc::new(Region::create(4, LEN).unwrap());
             let gate = Gate::of(&seg);
             gate.open();
             let Arrival::Waiting(e) = gate.arrive(0) else {
                 panic!("waits")
             };
+            let Arrival::Waiting(_) = gate.arrive(2) else {
+                panic!("waits")
+            };
+            let tx = tx.clone();
+            waiter.add(Wait {
+                seg: seg.clone(),
+                epoch: e,
+                dtype: DType::F32,
+                deadline: Instant::now(),
+                summing: false,
+                then: Box::new(move |o| tx.send(outcome_of(o)).unwrap()),
+            });
             let Arrival::Last(_) = gate.arrive(1) else {
                 panic!("the last")
             };
@@ -804,40 +884,35 @@ mod tests {
             let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 gate.shared(e, LEN)
                     .unwrap()
-                    .sum_chunks(Some(0), |_| panic!("the helper dies in its chunk"))
+                    .sum_chunks(Some(2), |_| panic!("the helper dies in its chunk"))
             }));
             assert!(died.is_err());
-            assert_eq!(
-                sh.sum_chunks(None, |c| {
-                    sum_slots(&kernels, &seg, DType::F32, c).unwrap()
-                }),
-                1,
-                "the other chunk"
-            );
-            if known_dead {
-                waits.worker_died(0);
-            }
+            assert_eq!(gate.helpers_busy(e), 1 << 2);
+            // The other chunk: the summer's, or the waiter's watcher's.
+            sh.sum_chunks(None, |c| sum_slots(&kernels, &seg, DType::F32, c).unwrap());
             let t = Instant::now();
-            let again = std::sync::atomic::AtomicBool::new(false);
-            let r = waits.wait_chunks(&sh, || {
-                again.store(true, Ordering::Relaxed);
-                sum_slots(&kernels, &seg, DType::F32, 0..LEN)
-            });
             if known_dead {
-                r.unwrap();
-                assert!(again.load(Ordering::Relaxed), "summed again");
-                assert!(t.elapsed() < timeout, "took {:?}", t.elapsed());
-                // SAFETY: the round is the summer's alone now.
-                let v = unsafe { seg.slot(2) };
-                let x = f32::from_le_bytes(v[0..4].try_into().unwrap());
-                assert_eq!(x, 0.5);
-            } else {
-                let msg = r.unwrap_err().to_string();
-                assert!(msg.contains("held a chunk"), "{msg}");
-                assert!(!again.load(Ordering::Relaxed));
-                assert!(t.elapsed() >= timeout, "took {:?}", t.elapsed());
+                summer.worker_died(2);
+                waiter.worker_died(2);
             }
+            let msg = summer.wait_chunks(&sh).unwrap_err().to_string();
+            if known_dead {
+                assert!(msg.contains("worker 2") && msg.contains("died"), "{msg}");
+                assert!(t.elapsed() < timeout, "took {:?}", t.elapsed());
+                let (msg, doubt) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+                assert!(msg.contains("worker 2") && msg.contains("helping"), "{msg}");
+                assert!(doubt);
+            } else {
+                assert!(msg.contains("held a chunk"), "{msg}");
+                assert!(t.elapsed() >= timeout, "took {:?}", t.elapsed());
+                // The waiter: the round is being summed at its deadline;
+                // twice the timeout, in doubt.
+                let (msg, doubt) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+                assert!(msg.contains("did not finish") && doubt, "{msg}");
+            }
+            assert!(!sh.all_summed(), "never ended");
         }
-        waits.close();
+        summer.close();
+        waiter.close();
     }
 }
