@@ -133,14 +133,25 @@ impl<'a> Gate<'a> {
             .then_some(sh)
     }
 
-    /// The ranks that may hold a chunk of the round of `epoch0`, as bits
-    /// (none if that round is not shared).
-    pub(crate) fn helpers_busy(&self, epoch0: u32) -> u32 {
+    /// The ranks that may hold a chunk of the round of `epoch0`, of a part
+    /// of `len` bytes, as bits (none if that round is not shared, or every
+    /// chunk of it is summed).
+    pub(crate) fn helpers_busy(&self, epoch0: u32, len: usize) -> u32 {
         let c = self.word(CLAIM).load(Ordering::Acquire);
-        if c >> EPOCH_SHIFT != epoch0 || c & SHARED == 0 {
+        let summed = self
+            .summed_round(epoch0, len)
+            .is_none_or(|sh| sh.all_summed());
+        if c >> EPOCH_SHIFT != epoch0 || c & SHARED == 0 || summed {
             return 0;
         }
         self.word(BUSY).load(Ordering::Acquire)
+    }
+
+    /// The summer's round of `epoch`, of a part of `len` bytes, as it
+    /// shared it (None: not shared).
+    pub(crate) fn summed_round(&self, epoch: u32, len: usize) -> Option<Shared<'_, 'a>> {
+        let chunk = chunk_bytes(len).filter(|_| self.workers >= 2)?;
+        Some(self.shared_round(epoch, len, chunk))
     }
 
     fn shared_round(&self, epoch: u32, len: usize, chunk: usize) -> Shared<'_, 'a> {
@@ -213,6 +224,7 @@ impl Shared<'_, '_> {
     }
 
     /// The ranks that may still hold a chunk, as bits.
+    #[cfg(test)]
     pub(crate) fn busy(&self) -> u32 {
         self.gate.word(BUSY).load(Ordering::Acquire)
     }

@@ -360,7 +360,7 @@ fn a_round_is_shared_in_chunks_and_every_chunk_summed_once() {
         sh.sum_chunks_from(chunks::Shared::claim_word(e, 3), Some(1), nothing),
         0
     );
-    assert_eq!(gate.helpers_busy(e2), 0, "its bit cleared");
+    assert_eq!(gate.helpers_busy(e2, LEN), 0, "its bit cleared");
     assert_eq!(sh2.sum_chunks(None, |c| sum_f32(&seg, 2, c)), 8);
     assert!(sh2.all_summed());
     gate.finish();

@@ -28,7 +28,10 @@
 //! watcher (awake for up to `SHARED_SPIN` while such a round gathers),
 //! claims chunks of each round it finds being summed and sums them beside
 //! the summer (`Helper`: one thread of this worker at a time), which ends
-//! the round once every chunk is summed (`Waits::wait_chunks`).
+//! the round once every chunk is summed: at once, or, if a helper holds
+//! the last chunks for longer than a moment (`chunks_summed_soon`), by a
+//! wait of its own in `Waits` (`Wait::finishing`), so that it never
+//! blocks.
 //!
 //! A round whose summer, or a helper holding a chunk, died or stalls
 //! never ends. A wait that fails while its round is being summed (its
@@ -106,6 +109,9 @@ struct Wait {
     deadline: Instant,
     /// The round was found being summed at the deadline once already.
     summing: bool,
+    /// This worker sums the round: it ends it once every chunk is summed
+    /// (its helpers' too: `gate/chunks.rs`).
+    finishing: bool,
     then: Then,
 }
 
@@ -113,6 +119,13 @@ impl Wait {
     /// How the round came out, if it did (withdrawing a push handed over).
     fn outcome(&self) -> Option<Outcome> {
         let gate = Gate::of(&self.seg);
+        if self.finishing {
+            let sh = gate.summed_round(self.epoch, self.seg.slot_len())?;
+            return sh.all_summed().then(|| {
+                gate.finish();
+                Outcome::Ended
+            });
+        }
         match gate.round(self.epoch) {
             gate::Round::Gathering => None,
             gate::Round::Ended => Some(Outcome::Ended),
@@ -181,12 +194,10 @@ struct Helper {
 
 impl Helper {
     /// Sums chunks of each round beside its summer, while any are left
-    /// (`gate/chunks.rs`), unless another thread of this worker helps.
-    /// Whether it summed any.
-    fn help(&self, rounds: &ToHelp) -> bool {
-        let Some(_one) = self.one.try_lock() else {
-            return false;
-        };
+    /// (`gate/chunks.rs`). Whether it summed any (None: another thread of
+    /// this worker helps).
+    fn help(&self, rounds: &ToHelp) -> Option<bool> {
+        let _one = self.one.try_lock()?;
         let mut any = 0;
         for (seg, epoch, dtype) in rounds {
             if let Some(sh) = Gate::of(seg).shared(*epoch, seg.slot_len()) {
@@ -199,7 +210,7 @@ impl Helper {
             }
         }
         self.helped.fetch_add(any as u64, Ordering::Relaxed);
-        any != 0
+        Some(any != 0)
     }
 
     /// Waits, awake and briefly (`SETTLE`), for the rounds it helped to
@@ -256,9 +267,12 @@ impl Waits {
     }
 
     /// Finishes the waits whose rounds came out (a waiting thread's
-    /// progress hook: never blocks); `leave`: that thread stops polling,
-    /// so the watcher looks soon (at once if it naps; within its 2 ms
-    /// sleep on a gate if it sleeps there). Whether it finished any.
+    /// progress hook: it never waits for a lock or for another thread, but
+    /// it sums chunks of the rounds being summed that it can help with,
+    /// then waits awake, at most `SETTLE`, for them to end); `leave`: that
+    /// thread stops polling, so the watcher looks soon (at once if it
+    /// naps; within its 2 ms sleep on a gate if it sleeps there). Whether
+    /// it finished or helped with any.
     pub(super) fn poll(&self, leave: bool) -> bool {
         let inner = &self.inner;
         if leave && inner.len.load(Ordering::Acquire) != 0 {
@@ -273,12 +287,13 @@ impl Waits {
         let out = take_out(&mut list, &inner.len);
         let shared = shared_rounds(&list, self.helper.is_some());
         drop(list);
-        let any = !out.is_empty() || !shared.is_empty();
+        let mut any = !out.is_empty();
         for (w, o) in out {
             (w.then)(o);
         }
         if let (false, Some(h)) = (shared.is_empty(), &self.helper) {
-            if h.help(&shared) {
+            if h.help(&shared) == Some(true) {
+                any = true;
                 // Finish the waits here, awake, rather than leave them to
                 // a wake-up: the rounds end a moment after their last
                 // chunk.
@@ -293,48 +308,6 @@ impl Waits {
             }
         }
         any
-    }
-
-    /// The summer, its chunks claimed, waits for those its helpers hold
-    /// (each a chunk's time, unless a helper's process stopped or died):
-    /// S2 of `gate/chunks.rs`. A helper known dead, or one that holds a
-    /// chunk past the store's timeout, leaves the round unended: an error
-    /// (the caller's part is then in doubt).
-    fn wait_chunks(&self, sh: &Shared<'_, '_>) -> Result<(), Fault> {
-        let t = Instant::now();
-        let mut spins = 0u32;
-        while !sh.all_summed() {
-            spins = spins.wrapping_add(1);
-            if spins <= 128 {
-                std::hint::spin_loop();
-                continue;
-            }
-            // A chunk takes microseconds: past a millisecond its holder
-            // is not running; look every millisecond, asleep.
-            if t.elapsed() < Duration::from_millis(1) {
-                std::thread::yield_now();
-                continue;
-            }
-            if let Some(r) = self.dead_among(sh.busy()) {
-                return Err(Fault::Unavailable(format!(
-                    "worker {r}, which was helping to sum this round in shared memory, died: the round cannot end"
-                )));
-            }
-            if t.elapsed() >= self.timeout {
-                return Err(Fault::Failed(format!(
-                    "a worker helping to sum this round in shared memory held a chunk of it for {:?} (ranks busy: {:#x}): the round cannot end",
-                    self.timeout,
-                    sh.busy()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
-    }
-
-    /// A rank among the bits `busy` that is known dead.
-    fn dead_among(&self, busy: u32) -> Option<usize> {
-        dead_among(&self.inner.dead.lock(), busy)
     }
 
     /// Adds a wait (its round had not come out when it arrived); starts
@@ -456,7 +429,8 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
             let summer = gate.summer(list[i].epoch).filter(|r| dead.contains(r));
             // A helper that died holding a chunk: the round cannot end
             // either (S2 of `gate/chunks.rs`).
-            let helper = || dead_among(&dead, gate.helpers_busy(list[i].epoch));
+            let len = list[i].seg.slot_len();
+            let helper = || dead_among(&dead, gate.helpers_busy(list[i].epoch, len));
             if let Some((r, what)) = summer
                 .map(|r| (r, "summing"))
                 .or_else(|| helper().map(|r| (r, "helping to sum")))
@@ -469,6 +443,16 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
             }
             if list[i].deadline > now {
                 i += 1;
+                continue;
+            }
+            if list[i].finishing {
+                // S2 of `gate/chunks.rs`: the round cannot end while the
+                // helper may still write.
+                let f = Fault::Failed(format!(
+                    "a worker helping to sum this round in shared memory held a chunk of it for {timeout:?} (ranks busy: {:#x}): the round cannot end",
+                    gate.helpers_busy(list[i].epoch, len)
+                ));
+                done.push((list.swap_remove(i), Outcome::Failed(f, true)));
                 continue;
             }
             let w = &mut list[i];
@@ -519,10 +503,16 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
         let shared = shared_rounds(&list, helper.is_some());
         if let (false, Some(h)) = (shared.is_empty(), helper) {
             drop(list);
-            if h.help(&shared) {
-                h.settle(&shared);
+            match h.help(&shared) {
+                Some(helped) => {
+                    if helped {
+                        h.settle(&shared);
+                    }
+                    continue;
+                }
+                // Another thread of this worker helps: sleep, below.
+                None => list = inner.list.lock(),
             }
-            continue;
         }
         let sleep_on = list
             .iter()
@@ -576,6 +566,25 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
             }
         }
     }
+}
+
+/// Whether every chunk of the summer's round `sh` is summed within a
+/// moment (its helpers hold the last ones for a chunk's time, unless one is
+/// not running).
+fn chunks_summed_soon(sh: &Shared<'_, '_>) -> bool {
+    let t = Instant::now();
+    let mut spins = 0u32;
+    while !sh.all_summed() {
+        spins = spins.wrapping_add(1);
+        if spins <= 128 {
+            std::hint::spin_loop();
+        } else if t.elapsed() < SETTLE {
+            std::thread::yield_now();
+        } else {
+            return false;
+        }
+    }
+    true
 }
 
 /// A rank among the bits `busy` that is in `dead`.
@@ -663,15 +672,23 @@ impl DistStore {
                     Some(sh) => {
                         let mut r = Ok(());
                         sh.sum_chunks(None, |c| r = r.clone().and(sum_slots(k, &seg, dtype, c)));
-                        if let Err(e) = self.waits.wait_chunks(&sh) {
-                            // Not ended: a helper may still write the value
-                            // slot (S2 of `gate/chunks.rs`). The round stays
-                            // unended (its waiters fail as for a dead
-                            // summer), and this part is in doubt.
-                            if let Some(u) = &p.unsure {
-                                u.note(i, (p.head.shm_tag, p.seg.as_ref()), false);
+                        if !chunks_summed_soon(&sh) {
+                            // A helper holds a chunk and is not running: the
+                            // round ends once it is summed, by whoever polls
+                            // the waits (this thread must not block here).
+                            let w = Wait {
+                                seg: seg.clone(),
+                                epoch,
+                                dtype,
+                                deadline: Instant::now(),
+                                summing: false,
+                                finishing: true,
+                                then: self.then_of(p, inf, round),
+                            };
+                            match w.outcome() {
+                                Some(o) => (w.then)(o),
+                                None => self.waits.add(w),
                             }
-                            answer(Err(e));
                             return None;
                         }
                         r
@@ -687,39 +704,14 @@ impl DistStore {
                 None
             }
             Arrival::Waiting(epoch) => {
-                let me = self.handle();
-                let (inf, cb, land) = (inf.clone(), round.on_answer.clone(), round.land.clone());
-                let summed = self.waits.summed.clone();
-                let then: Then = Box::new(move |o| match (o, me.upgrade()) {
-                    (Outcome::HandedOver, Some(me)) => me.send_part(p, false, false, inf, cb, land),
-                    (o, _) => {
-                        let r = match o {
-                            Outcome::Ended => {
-                                summed.fetch_add(1, Ordering::Relaxed);
-                                Ok(())
-                            }
-                            Outcome::HandedOver => {
-                                Err(Fault::Unavailable("the kvstore was closed".into()))
-                            }
-                            Outcome::Failed(f, doubt) => {
-                                if let (true, Some(u)) = (doubt, &p.unsure) {
-                                    // Before the op completes: its next push
-                                    // goes by message, leaving the slot alone.
-                                    u.note(i, (p.head.shm_tag, p.seg.as_ref()), false);
-                                }
-                                Err(f)
-                            }
-                        };
-                        slot_done(&inf, cb, i, r);
-                    }
-                });
                 let w = Wait {
                     seg: seg.clone(),
                     epoch,
                     dtype: dk.local.meta.dtype,
                     deadline: Instant::now(),
                     summing: false,
-                    then,
+                    finishing: false,
+                    then: self.then_of(p, inf, round),
                 };
                 // Often over already (the last worker was just behind).
                 match w.outcome() {
@@ -729,6 +721,37 @@ impl DistStore {
                 None
             }
         }
+    }
+
+    /// What finishes part `p` of `inf` once its round at the gate comes
+    /// out: done (the value slot holds the sum), sent to the server (handed
+    /// over), or failed (in doubt if its arrival stays counted).
+    fn then_of(&self, p: PartSend, inf: &Arc<Inflight>, round: &Round) -> Then {
+        let i = p.i;
+        let me = self.handle();
+        let (inf, cb, land) = (inf.clone(), round.on_answer.clone(), round.land.clone());
+        let summed = self.waits.summed.clone();
+        Box::new(move |o| match (o, me.upgrade()) {
+            (Outcome::HandedOver, Some(me)) => me.send_part(p, false, false, inf, cb, land),
+            (o, _) => {
+                let r = match o {
+                    Outcome::Ended => {
+                        summed.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Outcome::HandedOver => Err(Fault::Unavailable("the kvstore was closed".into())),
+                    Outcome::Failed(f, doubt) => {
+                        if let (true, Some(u)) = (doubt, &p.unsure) {
+                            // Before the op completes: its next push goes by
+                            // message, leaving the slot alone.
+                            u.note(i, (p.head.shm_tag, p.seg.as_ref()), false);
+                        }
+                        Err(f)
+                    }
+                };
+                slot_done(&inf, cb, i, r);
+            }
+        })
     }
 
     /// Closes the gates of `dk`'s parts on server `rank` (None: on every
@@ -791,6 +814,7 @@ mod tests {
                 dtype: DType::F32,
                 deadline: Instant::now(),
                 summing: false,
+                finishing: false,
                 then: Box::new(move |o| tx.send(outcome_of(o)).unwrap()),
             });
         };
@@ -844,75 +868,146 @@ mod tests {
         waits.close();
     }
 
+    /// A round of three workers shared in chunks: worker 0 waits, worker 1
+    /// sums, worker 2 helps. `hold` runs in worker 2's chunk.
+    fn shared_round_of_three(
+        len: usize,
+        hold: impl FnOnce() + Send + 'static,
+    ) -> (Arc<Region>, u32, std::thread::JoinHandle<()>) {
+        let seg = Arc::new(Region::create(4, len).unwrap());
+        let gate = Gate::of(&seg);
+        gate.open();
+        let Arrival::Waiting(e) = gate.arrive(0) else {
+            panic!("waits")
+        };
+        let Arrival::Waiting(_) = gate.arrive(2) else {
+            panic!("waits")
+        };
+        let Arrival::Last(_) = gate.arrive(1) else {
+            panic!("the last")
+        };
+        gate.share(e, len).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let helper = {
+            let seg = seg.clone();
+            std::thread::spawn(move || {
+                let gate = Gate::of(&seg);
+                let mut hold = Some(hold);
+                gate.shared(e, len).unwrap().sum_chunks(Some(2), |_| {
+                    tx.send(()).unwrap();
+                    if let Some(h) = hold.take() {
+                        h()
+                    }
+                });
+            })
+        };
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        (seg, e, helper)
+    }
+
+    /// A wait at `seg`'s gate for the round of `epoch` that reports to `tx`.
+    fn wait(
+        seg: &Arc<Region>,
+        epoch: u32,
+        finishing: bool,
+        tx: &mpsc::Sender<(String, bool)>,
+    ) -> Wait {
+        let tx = tx.clone();
+        Wait {
+            seg: seg.clone(),
+            epoch,
+            dtype: DType::F32,
+            deadline: Instant::now(),
+            summing: false,
+            finishing,
+            then: Box::new(move |o| tx.send(outcome_of(o)).unwrap()),
+        }
+    }
+
+    /// The summer does not end a round while a helper holds a chunk of it:
+    /// it leaves the ending to its waits, which end it once the chunk is
+    /// summed.
+    #[test]
+    fn the_summer_ends_a_round_only_once_its_helpers_chunks_are_summed() {
+        const LEN: usize = 64 << 10;
+        let kernels = Arc::new(CpuKernels::single_threaded());
+        let summer = Waits::new(Duration::from_secs(20), kernels.clone(), 1);
+        let go = Arc::new(std::sync::Barrier::new(2));
+        let g = go.clone();
+        let (seg, e, helper) = shared_round_of_three(LEN, move || {
+            g.wait();
+        });
+        let gate = Gate::of(&seg);
+        let sh = gate.summed_round(e, LEN).unwrap();
+        assert_eq!(
+            sh.sum_chunks(None, |c| sum_slots(&kernels, &seg, DType::F32, c).unwrap()),
+            1
+        );
+        assert!(!chunks_summed_soon(&sh), "the helper holds its chunk");
+        let (tx, rx) = mpsc::channel();
+        summer.add(wait(&seg, e, true, &tx));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(rx.try_recv().is_err(), "not ended under a helper's chunk");
+        assert_eq!(gate.round(e), gate::Round::Gathering);
+        go.wait();
+        helper.join().unwrap();
+        let (msg, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(msg, "ended");
+        assert_eq!(gate.round(e), gate::Round::Ended);
+        summer.close();
+    }
+
     /// A helper that dies holding a chunk (here: its sum panics, so it
     /// neither counts the chunk nor clears its bit) leaves the round
-    /// unended: the summer's wait fails naming it once it is known dead
-    /// (at the timeout while it is not: it might still write), and so does
-    /// a waiter's, in doubt.
+    /// unended: the summer's part and the waiter's fail, in doubt, naming
+    /// it once it is known dead; while it is not (it might still write),
+    /// the summer's at the timeout and the waiter's at twice that.
     #[test]
     fn a_helper_that_died_holding_a_chunk_fails_the_round() {
         const LEN: usize = 64 << 10;
         let timeout = Duration::from_millis(300);
         let kernels = Arc::new(CpuKernels::single_threaded());
-        // Worker 1 sums; worker 0 waits; worker 2 helps, and dies.
-        let summer = Waits::new(timeout, kernels.clone(), 1);
-        let waiter = Waits::new(timeout, kernels.clone(), 0);
-        let (tx, rx) = mpsc::channel();
         for known_dead in [false, true] {
-            let seg = Arc::new(Region::create(4, LEN).unwrap());
+            // Worker 1 sums; worker 0 waits (and, its rank too high, does
+            // not help); worker 2 helps, and dies.
+            let summer = Waits::new(timeout, kernels.clone(), 1);
+            let waiter = Waits::new(timeout, kernels.clone(), MAX_HELPER_RANK);
+            let (seg, e, helper) =
+                shared_round_of_three(LEN, || panic!("the helper dies in its chunk"));
+            assert!(helper.join().is_err());
             let gate = Gate::of(&seg);
-            gate.open();
-            let Arrival::Waiting(e) = gate.arrive(0) else {
-                panic!("waits")
-            };
-            let Arrival::Waiting(_) = gate.arrive(2) else {
-                panic!("waits")
-            };
-            let tx = tx.clone();
-            waiter.add(Wait {
-                seg: seg.clone(),
-                epoch: e,
-                dtype: DType::F32,
-                deadline: Instant::now(),
-                summing: false,
-                then: Box::new(move |o| tx.send(outcome_of(o)).unwrap()),
-            });
-            let Arrival::Last(_) = gate.arrive(1) else {
-                panic!("the last")
-            };
-            let sh = gate.share(e, LEN).unwrap();
-            let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                gate.shared(e, LEN)
-                    .unwrap()
-                    .sum_chunks(Some(2), |_| panic!("the helper dies in its chunk"))
-            }));
-            assert!(died.is_err());
-            assert_eq!(gate.helpers_busy(e), 1 << 2);
-            // The other chunk: the summer's, or the waiter's watcher's.
-            sh.sum_chunks(None, |c| sum_slots(&kernels, &seg, DType::F32, c).unwrap());
+            assert_eq!(gate.helpers_busy(e, LEN), 1 << 2);
+            let sh = gate.summed_round(e, LEN).unwrap();
+            assert_eq!(
+                sh.sum_chunks(None, |c| sum_slots(&kernels, &seg, DType::F32, c).unwrap()),
+                1
+            );
+            assert!(!chunks_summed_soon(&sh));
+            let (tx, rx) = mpsc::channel();
+            let (wtx, wrx) = mpsc::channel();
             let t = Instant::now();
+            summer.add(wait(&seg, e, true, &tx));
+            waiter.add(wait(&seg, e, false, &wtx));
             if known_dead {
                 summer.worker_died(2);
                 waiter.worker_died(2);
             }
-            let msg = summer.wait_chunks(&sh).unwrap_err().to_string();
+            let (msg, doubt) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+            let (wmsg, wdoubt) = wrx.recv_timeout(Duration::from_secs(10)).unwrap();
+            assert!(doubt && wdoubt);
             if known_dead {
-                assert!(msg.contains("worker 2") && msg.contains("died"), "{msg}");
+                for m in [&msg, &wmsg] {
+                    assert!(m.contains("worker 2") && m.contains("helping"), "{m}");
+                }
                 assert!(t.elapsed() < timeout, "took {:?}", t.elapsed());
-                let (msg, doubt) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-                assert!(msg.contains("worker 2") && msg.contains("helping"), "{msg}");
-                assert!(doubt);
             } else {
                 assert!(msg.contains("held a chunk"), "{msg}");
-                assert!(t.elapsed() >= timeout, "took {:?}", t.elapsed());
-                // The waiter: the round is being summed at its deadline;
-                // twice the timeout, in doubt.
-                let (msg, doubt) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-                assert!(msg.contains("did not finish") && doubt, "{msg}");
+                assert!(wmsg.contains("did not finish"), "{wmsg}");
+                assert!(t.elapsed() >= timeout * 2, "took {:?}", t.elapsed());
             }
-            assert!(!sh.all_summed(), "never ended");
+            assert_eq!(gate.round(e), gate::Round::Gathering, "never ended");
+            summer.close();
+            waiter.close();
         }
-        summer.close();
-        waiter.close();
     }
 }
