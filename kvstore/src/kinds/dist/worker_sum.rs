@@ -514,6 +514,15 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
                 None => list = inner.list.lock(),
             }
         }
+        if list.iter().any(|w| w.finishing) {
+            // A round this worker sums waits for a helper's chunk: nothing
+            // wakes anyone when it is summed, and only a look at the wait
+            // ends the round.
+            drop(list);
+            empty_since = None;
+            std::thread::sleep(NAP);
+            continue;
+        }
         let sleep_on = list
             .iter()
             .min_by_key(|w| w.deadline)
