@@ -5,7 +5,7 @@
 //! arrived before it, have nothing to do but wait, on cores the summer
 //! could use. So a part of at least two chunks (`chunk_bytes`) is cut into
 //! chunks, and the summer and every waiting worker that finds the round
-//! being summed (`kinds/dist/worker_sum.rs`: a thread polling its wait, or
+//! being summed (`kinds/dist/worker_sum/`: a thread polling its wait, or
 //! its watcher) claim chunks one at a time and sum each into the value
 //! slot with the same kernel. The kernel adds element by element, in rank
 //! order, so the bits do not depend on who sums which chunk. The summer
@@ -42,7 +42,7 @@
 //!   the part again would not be safe: a worker declared dead may only be
 //!   stopped, and the kernel adds into the value slot in place.)
 //! - S3. A worker helps with at most one thread at a time (its helper in
-//!   `kinds/dist/worker_sum.rs` takes a lock), whose rank's bit in `BUSY`
+//!   `kinds/dist/worker_sum/waits.rs` takes a lock), whose rank's bit in `BUSY`
 //!   is set from after it read `CLAIM` at the round's epoch (so after
 //!   `share` cleared the word) until after its last claim. So the rank of
 //!   a worker holding a chunk has its bit set. (A thread late from an

@@ -24,7 +24,7 @@
 //! and failover to a backup; `inflight.rs` an op waiting for its answers; `staging.rs` values on a GPU through pinned memory;
 //! `segments.rs` the check after `init` and the shared segments;
 //! `collective.rs` calls every worker makes together; `states.rs`
-//! optimizer states across parts; `worker_sum.rs` rounds this worker sums
+//! optimizer states across parts; `worker_sum/` rounds this worker sums
 //! with the others at a part's gate (`crate::gate`), without the server.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -140,7 +140,7 @@ pub(crate) struct DistStore {
     /// (`Postoffice::progress`): removed when the store is dropped.
     _progress: pskv_engine::progress::Hook,
     /// Parts waiting at their gates for the rounds the workers sum
-    /// (`worker_sum.rs`).
+    /// (`worker_sum/`).
     waits: Arc<worker_sum::Waits>,
     /// Copies of each server's keys (`PSKV_REPLICAS`; see
     /// `server/replica.rs`): with 2, a part whose server died is sent to

@@ -380,7 +380,7 @@ impl DistStore {
                 .filter(|r| r.tag() == shm_tag),
         };
         // A push through its slot may be summed at the part's gate, a
-        // pull read from the value slot (`worker_sum.rs`).
+        // pull read from the value slot (`worker_sum/`).
         let Some(send) = self.at_gate(dk, inf, round, send) else {
             return;
         };

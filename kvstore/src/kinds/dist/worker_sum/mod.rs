@@ -1,0 +1,267 @@
+//! Rounds this worker sums with the others at a part's gate (`gate/mod.rs`),
+//! and pulls read from the value slot, while the part's server has opened
+//! the gate.
+//!
+//! A part of a push that went through its slot arrives at the gate: if it
+//! came last it sums the slots into the value slot and the part is done
+//! at once; if not, the part waits in `Waits` until the round ends. Every
+//! thread that waits for an op polls the waits between its spins (the
+//! store's progress hook), so a caller waiting for its push-pull finishes
+//! it itself the moment the last worker lets it go; a watcher thread
+//! finishes the waits nobody polls (it looks every `NAP`, and sleeps on the
+//! gate of a wait it found, so the summer wakes it), and fails those that
+//! pass the store's timeout, taking their arrival back.
+//!
+//! A part going to its server by message while its gate is open (a
+//! compressed or row-sparse push, or one whose slot is held by a push
+//! buffer or in doubt) closes the gate first: the round then goes to the
+//! server whole, the workers that already arrived handing their pushes
+//! over (each withdraws and sends its push, still in its slot, by
+//! message). The server closes a part's gate the same way (an optimizer
+//! set, a worker died), and so does a worker that learns a node died or
+//! its server restarted (the old process's gates). Closing never waits: a
+//! round being summed ends at the gate, which closes as it ends (unless it
+//! never ends: below).
+//!
+//! A part of at least two chunks (`gate/chunks.rs`) is summed by the
+//! summer and the waiters together: a thread that polls its waits, or the
+//! watcher (awake for up to `SHARED_SPIN` while such a round gathers),
+//! claims chunks of each round it finds being summed and sums them beside
+//! the summer (`Helper`: one thread of this worker at a time), which ends
+//! the round once every chunk is summed: at once, or, if a helper holds
+//! the last chunks for longer than a moment (`chunks_summed_soon`), by a
+//! wait of its own in `Waits` (`Wait::finishing`), so that it never
+//! blocks.
+//!
+//! A round whose summer, or a helper holding a chunk, died or stalls
+//! never ends. A wait that fails while its round is being summed (its
+//! summer or a busy helper known dead, or twice the timeout) leaves its
+//! arrival counted; a summer whose helper holds a chunk past the timeout,
+//! or is known dead, fails its own part without ending the round. Either
+//! part is then in doubt (`parts::Unsure`), and its pushes go by message, closing
+//! the gate. If the round does end there after all, the server counts it
+//! while this worker's count of the key's rounds (`DistKey::seen`) does
+//! not: the push it sends again is answered as a push of a round done, as
+//! on the message path after such a failure.
+//!
+//! # Waits: states
+//!
+//! A wait is in `Inner::list` from its arrival until it is finished, by
+//! exactly one thread: the one that takes it out of the list under the
+//! lock (a poller, the watcher, or `close`). Callbacks run after the lock
+//! is let go (they complete engine ops, which may run the next op of a key
+//! inline, which may arrive at a gate and add a wait; or send a push
+//! handed over).
+
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pskv_gpu::cpu::CpuKernels;
+use pskv_transport::{KvResponse, Region};
+use smallvec::SmallVec;
+
+use super::inflight::Inflight;
+use super::parts::{OnAnswer, PartSend, Round};
+use super::{DistKey, DistStore};
+use crate::dtype::DType;
+use crate::error::Fault;
+use crate::gate::{Arrival, Gate, Shared};
+use crate::wire::Op;
+
+#[cfg(test)]
+mod tests;
+mod waits;
+
+pub(in crate::kinds::dist) use waits::Waits;
+use waits::{Outcome, Then, Wait, SETTLE};
+
+/// Whether every chunk of the summer's round `sh` is summed within a
+/// moment (its helpers hold the last ones for a chunk's time, unless one is
+/// not running).
+fn chunks_summed_soon(sh: &Shared<'_, '_>) -> bool {
+    let t = Instant::now();
+    let mut spins = 0u32;
+    while !sh.all_summed() {
+        spins = spins.wrapping_add(1);
+        if spins <= 128 {
+            std::hint::spin_loop();
+        } else if t.elapsed() < SETTLE {
+            std::thread::yield_now();
+        } else {
+            return false;
+        }
+    }
+    true
+}
+
+/// Sums the byte range `range` of the slots of `seg`'s workers into the
+/// value slot, in rank order.
+fn sum_slots(k: &CpuKernels, seg: &Region, dtype: DType, range: Range<usize>) -> Result<(), Fault> {
+    let workers = Gate::of(seg).workers();
+    // SAFETY: every worker wrote its slot before it arrived, and nobody but
+    // the round's summers, each its own chunks, reads a slot or writes the
+    // value slot until the round ends (G2 of `gate/mod.rs`, S1 and S2 of
+    // `gate/chunks.rs`).
+    let ins: SmallVec<[&[u8]; 4]> = (0..workers)
+        .map(|r| {
+            unsafe { seg.slot(r) }
+                .get(range.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    let out = unsafe { seg.slot_mut(workers) }.get_mut(range);
+    crate::comm::sum_dense(k, dtype, out.unwrap_or_default(), &ins)
+}
+
+/// Part `i` of `inf` done through the value slot: its answer carries no
+/// values (`cb` copies them out of the slot), or `r`'s error.
+fn slot_done(inf: &Inflight, cb: OnAnswer, i: usize, r: Result<(), Fault>) {
+    inf.part_done(Ok(KvResponse::default()), move |resp| {
+        r.and_then(|()| cb(i, resp, false))
+    });
+}
+
+impl DistStore {
+    /// Part `p` of an op at its segment's gate. None if it was handled
+    /// here: summed at the gate (or waiting there), read from the value
+    /// slot, or failed; else the part, to be sent to its server (having
+    /// closed the gate, if it is a push).
+    pub(super) fn at_gate(
+        &self,
+        dk: &DistKey,
+        inf: &Arc<Inflight>,
+        round: &Round,
+        p: PartSend,
+    ) -> Option<PartSend> {
+        let op = p.head.op;
+        let pushes = matches!(op, Op::Push | Op::PushPull | Op::RowPush);
+        if !p.head.sync || !(pushes || op == Op::Pull) {
+            return Some(p);
+        }
+        let Some(seg) = dk.segs.read().get(p.i).cloned().flatten() else {
+            return Some(p);
+        };
+        let gate = Gate::of(&seg);
+        let i = p.i;
+        let answer = |r| slot_done(inf, round.on_answer.clone(), i, r);
+        if !p.head.shm || seg.tag() != p.head.shm_tag {
+            // By message: a push closes the gate first (G1 of `gate/mod.rs`);
+            // a round gathering there is handed over to the server.
+            if pushes {
+                gate.close();
+            }
+            return Some(p);
+        }
+        if op == Op::Pull {
+            // The value slot holds the last round's value while the gate is
+            // open (the next round needs this worker's push, which comes
+            // after this pull).
+            if !gate.is_open() {
+                return Some(p);
+            }
+            answer(Ok(()));
+            return None;
+        }
+        match gate.arrive(self.po.my_rank() as usize) {
+            Arrival::Closed => Some(p),
+            Arrival::Last(epoch) => {
+                let (dtype, len) = (dk.local.meta.dtype, seg.slot_len());
+                let k = &self.comm.kernels;
+                let summed = match gate.share(epoch, len) {
+                    None => sum_slots(k, &seg, dtype, 0..len),
+                    Some(sh) => {
+                        let mut r = Ok(());
+                        sh.sum_chunks(None, |c| r = r.clone().and(sum_slots(k, &seg, dtype, c)));
+                        if !chunks_summed_soon(&sh) {
+                            // A helper holds a chunk and is not running: the
+                            // round ends once it is summed, by whoever polls
+                            // the waits (this thread must not block here).
+                            let w = Wait {
+                                seg: seg.clone(),
+                                epoch,
+                                dtype,
+                                deadline: Instant::now(),
+                                summing: false,
+                                finishing: true,
+                                then: self.then_of(p, inf, round),
+                            };
+                            self.waits.enter(w);
+                            return None;
+                        }
+                        r
+                    }
+                };
+                // The others are let go even if the sum failed (it cannot for
+                // slots of one size): they must not wait for the timeout.
+                gate.finish();
+                if summed.is_ok() {
+                    self.waits.summed.fetch_add(1, Ordering::Relaxed);
+                }
+                answer(summed);
+                None
+            }
+            Arrival::Waiting(epoch) => {
+                let w = Wait {
+                    seg: seg.clone(),
+                    epoch,
+                    dtype: dk.local.meta.dtype,
+                    deadline: Instant::now(),
+                    summing: false,
+                    finishing: false,
+                    then: self.then_of(p, inf, round),
+                };
+                // Often over already (the last worker was just behind).
+                self.waits.enter(w);
+                None
+            }
+        }
+    }
+
+    /// What finishes part `p` of `inf` once its round at the gate comes
+    /// out: done (the value slot holds the sum), sent to the server (handed
+    /// over), or failed (in doubt if its arrival stays counted).
+    fn then_of(&self, p: PartSend, inf: &Arc<Inflight>, round: &Round) -> Then {
+        let i = p.i;
+        let me = self.handle();
+        let (inf, cb, land) = (inf.clone(), round.on_answer.clone(), round.land.clone());
+        let summed = self.waits.summed.clone();
+        Box::new(move |o| match (o, me.upgrade()) {
+            (Outcome::HandedOver, Some(me)) => me.send_part(p, false, false, inf, cb, land),
+            (o, _) => {
+                let r = match o {
+                    Outcome::Ended => {
+                        summed.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Outcome::HandedOver => Err(Fault::Unavailable("the kvstore was closed".into())),
+                    Outcome::Failed(f, doubt) => {
+                        if let (true, Some(u)) = (doubt, &p.unsure) {
+                            // Before the op completes: its next push goes by
+                            // message, leaving the slot alone.
+                            u.note(i, (p.head.shm_tag, p.seg.as_ref()), false);
+                        }
+                        Err(f)
+                    }
+                };
+                slot_done(&inf, cb, i, r);
+            }
+        })
+    }
+
+    /// Closes the gates of `dk`'s parts on server `rank` (None: on every
+    /// server): rounds gathering there are handed over to their server,
+    /// and the next rounds go to it. After a node died (a worker: the
+    /// server fails the rounds, naming it; the server: its parts' pushes
+    /// fail) or a server restarted (the new process refuses pushes meant
+    /// for the old one's segments: the caller pushes again).
+    pub(super) fn close_gates_of(&self, dk: &DistKey, rank: Option<u32>) {
+        let segs = dk.segs.read();
+        for (s, p) in segs.iter().zip(dk.parts.iter()) {
+            if let (Some(seg), true) = (s, rank.is_none_or(|r| p.server == r)) {
+                Gate::of(seg).close();
+            }
+        }
+    }
+}
