@@ -461,6 +461,9 @@ pub(super) fn answer_into(dk: &DistKey, ptr: OutPtr, segs: Segs, workers: u32) -
     Arc::new(move |i, resp, landed| {
         let p = parts[i];
         match &segs[i] {
+            // Copied into the output already, as the workers summed it at
+            // the part's gate (`worker_sum::ChunkOut`).
+            Some(_) if landed => check_len(resp, 0),
             Some(seg) => {
                 check_len(resp, 0)?;
                 // SAFETY: the server wrote the value slot before answering

@@ -31,7 +31,10 @@
 //! the round once every chunk is summed: at once, or, if a helper holds
 //! the last chunks for longer than a moment (`chunks_summed_soon`), by a
 //! wait of its own in `Waits` (`Wait::finishing`), so that it never
-//! blocks.
+//! blocks. A thread that sums a chunk of a push-pull's part copies it into
+//! its own worker's output at once, while the chunk is in its cache
+//! (`ChunkOut`); the part's other chunks are copied out of the value slot
+//! when its round ends.
 //!
 //! A round whose summer, or a helper holding a chunk, died or stalls
 //! never ends. A wait that fails while its round is being summed (its
@@ -58,11 +61,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use parking_lot::Mutex;
 use pskv_gpu::cpu::CpuKernels;
 use pskv_transport::{KvResponse, Region};
 use smallvec::SmallVec;
 
-use super::inflight::Inflight;
+use super::inflight::{Inflight, OutPtr};
 use super::parts::{OnAnswer, PartSend, Round};
 use super::{DistKey, DistStore};
 use crate::dtype::DType;
@@ -116,11 +120,113 @@ fn sum_slots(k: &CpuKernels, seg: &Region, dtype: DType, range: Range<usize>) ->
 }
 
 /// Part `i` of `inf` done through the value slot: its answer carries no
-/// values (`cb` copies them out of the slot), or `r`'s error.
-fn slot_done(inf: &Inflight, cb: OnAnswer, i: usize, r: Result<(), Fault>) {
+/// values (`cb` copies them out of the slot, unless `landed`: in the
+/// output already), or `r`'s error.
+fn slot_done(inf: &Inflight, cb: OnAnswer, i: usize, r: Result<(), Fault>, landed: bool) {
     inf.part_done(Ok(KvResponse::default()), move |resp| {
-        r.and_then(|()| cb(i, resp, false))
+        r.and_then(|()| cb(i, resp, landed))
     });
+}
+
+/// The smallest part whose chunks a thread copies into its output as it
+/// sums them (a smaller part's value slot is still in cache when the round
+/// ends, and the copy would only delay the round's end).
+const FUSED_COPY_BYTES: usize = 1 << 20;
+
+/// This worker's output for a push-pull's part summed at its gate in
+/// chunks: a thread of this worker that sums a chunk (the summer, or a
+/// helper) copies it into the output at once, while its lines are in the
+/// thread's cache, rather than with the rest out of the value slot once
+/// the round ends (`finish`).
+pub(super) struct ChunkOut {
+    seg: Arc<Region>,
+    out: OutPtr,
+    /// The part's first byte in the output.
+    at: usize,
+    /// The part's chunk length (`gate::chunk_bytes`).
+    chunk: usize,
+    /// Whether chunks may still be copied (false once the part is
+    /// finished: the output may be its caller's then), and which are in
+    /// the output (bit k: chunk k; chunks from the 64th on are left to
+    /// `finish`).
+    state: Mutex<(bool, u64)>,
+}
+
+impl ChunkOut {
+    /// For part `p` of a push-pull whose answers may land in the output,
+    /// if its round is shared in chunks at `seg`'s gate.
+    fn of(p: &PartSend, round: &Round, seg: &Arc<Region>) -> Option<Arc<ChunkOut>> {
+        let land = round.land.as_ref().filter(|_| p.head.op == Op::PushPull)?;
+        if Gate::of(seg).workers() < 2 || seg.slot_len() < FUSED_COPY_BYTES {
+            return None;
+        }
+        let chunk = crate::gate::chunk_bytes(seg.slot_len())?;
+        Some(Arc::new(ChunkOut {
+            seg: seg.clone(),
+            out: land.out,
+            at: p.part.start * land.unit_bytes,
+            chunk,
+            state: Mutex::new((true, 0)),
+        }))
+    }
+
+    /// Copies the value slot's byte range `c`, a chunk this thread just
+    /// summed, into the output (unless the part is finished).
+    pub(super) fn copy(&self, c: Range<usize>) {
+        let k = c.start / self.chunk;
+        let mut st = self.state.lock();
+        if !st.0 || k >= 64 {
+            return;
+        }
+        let seg = &self.seg;
+        let workers = Gate::of(seg).workers();
+        // SAFETY: a chunk this thread summed: nobody writes it until its
+        // round ends, which needs this chunk counted summed, after this
+        // (S2 of `gate/chunks.rs`).
+        let src = unsafe { seg.slot(workers) }.get(c.clone());
+        if let Some(src) = src {
+            if self.out.write(self.at + c.start, src).is_ok() {
+                st.1 |= 1 << k;
+            }
+        }
+    }
+
+    /// No more chunks are copied into the output (the part failed, or went
+    /// to the server).
+    fn close(&self) {
+        self.state.lock().0 = false;
+    }
+
+    /// Closes, then copies the chunks not copied yet out of the value
+    /// slot, which holds the ended round's sum.
+    fn finish(&self) -> Result<(), Fault> {
+        let copied = {
+            let mut st = self.state.lock();
+            st.0 = false;
+            st.1
+        };
+        let seg = &self.seg;
+        let workers = Gate::of(seg).workers();
+        // SAFETY: the round ended; the value slot is written again only in
+        // a round this worker has not pushed to yet (see
+        // `kinds/dist/segments.rs`).
+        let value = unsafe { seg.slot(workers) };
+        let mut k = 0;
+        while k * self.chunk < value.len() {
+            if k < 64 && copied & (1 << k) != 0 {
+                k += 1;
+                continue;
+            }
+            // A run of chunks not copied, in one copy.
+            let from = k;
+            while k * self.chunk < value.len() && !(k < 64 && copied & (1 << k) != 0) {
+                k += 1;
+            }
+            let range = from * self.chunk..(k * self.chunk).min(value.len());
+            self.out.write(self.at + range.start, &value[range])?;
+        }
+        Ok(())
+    }
 }
 
 impl DistStore {
@@ -145,7 +251,7 @@ impl DistStore {
         };
         let gate = Gate::of(&seg);
         let i = p.i;
-        let answer = |r| slot_done(inf, round.on_answer.clone(), i, r);
+        let answer = |r| slot_done(inf, round.on_answer.clone(), i, r, false);
         if !p.head.shm || seg.tag() != p.head.shm_tag {
             // By message: a push closes the gate first (G1 of `gate/mod.rs`);
             // a round gathering there is handed over to the server.
@@ -169,11 +275,19 @@ impl DistStore {
             Arrival::Last(epoch) => {
                 let (dtype, len) = (dk.local.meta.dtype, seg.slot_len());
                 let k = &self.comm.kernels;
+                let mut out = None;
                 let summed = match gate.share(epoch, len) {
                     None => sum_slots(k, &seg, dtype, 0..len),
                     Some(sh) => {
+                        out = ChunkOut::of(&p, round, &seg);
                         let mut r = Ok(());
-                        sh.sum_chunks(None, |c| r = r.clone().and(sum_slots(k, &seg, dtype, c)));
+                        sh.sum_chunks(None, |c| {
+                            let s = sum_slots(k, &seg, dtype, c.clone());
+                            if let (Ok(()), Some(o)) = (&s, &out) {
+                                o.copy(c);
+                            }
+                            r = r.clone().and(s);
+                        });
                         if !chunks_summed_soon(&sh) {
                             // A helper holds a chunk and is not running: the
                             // round ends once it is summed, by whoever polls
@@ -185,7 +299,8 @@ impl DistStore {
                                 deadline: Instant::now(),
                                 summing: false,
                                 finishing: true,
-                                then: self.then_of(p, inf, round),
+                                out: out.clone(),
+                                then: self.then_of(p, inf, round, out),
                             };
                             self.waits.enter(w);
                             return None;
@@ -199,10 +314,23 @@ impl DistStore {
                 if summed.is_ok() {
                     self.waits.summed.fetch_add(1, Ordering::Relaxed);
                 }
-                answer(summed);
+                match out {
+                    Some(o) => {
+                        let r = match summed {
+                            Ok(()) => o.finish(),
+                            Err(e) => {
+                                o.close();
+                                Err(e)
+                            }
+                        };
+                        slot_done(inf, round.on_answer.clone(), i, r, true)
+                    }
+                    None => answer(summed),
+                }
                 None
             }
             Arrival::Waiting(epoch) => {
+                let out = ChunkOut::of(&p, round, &seg);
                 let w = Wait {
                     seg: seg.clone(),
                     epoch,
@@ -210,7 +338,8 @@ impl DistStore {
                     deadline: Instant::now(),
                     summing: false,
                     finishing: false,
-                    then: self.then_of(p, inf, round),
+                    out: out.clone(),
+                    then: self.then_of(p, inf, round, out),
                 };
                 // Often over already (the last worker was just behind).
                 self.waits.enter(w);
@@ -222,30 +351,55 @@ impl DistStore {
     /// What finishes part `p` of `inf` once its round at the gate comes
     /// out: done (the value slot holds the sum), sent to the server (handed
     /// over), or failed (in doubt if its arrival stays counted).
-    fn then_of(&self, p: PartSend, inf: &Arc<Inflight>, round: &Round) -> Then {
+    fn then_of(
+        &self,
+        p: PartSend,
+        inf: &Arc<Inflight>,
+        round: &Round,
+        out: Option<Arc<ChunkOut>>,
+    ) -> Then {
         let i = p.i;
         let me = self.handle();
         let (inf, cb, land) = (inf.clone(), round.on_answer.clone(), round.land.clone());
         let summed = self.waits.summed.clone();
-        Box::new(move |o| match (o, me.upgrade()) {
-            (Outcome::HandedOver, Some(me)) => me.send_part(p, false, false, inf, cb, land),
-            (o, _) => {
-                let r = match o {
-                    Outcome::Ended => {
-                        summed.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
-                    }
-                    Outcome::HandedOver => Err(Fault::Unavailable("the kvstore was closed".into())),
-                    Outcome::Failed(f, doubt) => {
-                        if let (true, Some(u)) = (doubt, &p.unsure) {
-                            // Before the op completes: its next push goes by
-                            // message, leaving the slot alone.
-                            u.note(i, (p.head.shm_tag, p.seg.as_ref()), false);
+        Box::new(move |o| {
+            // The rest of a part whose chunks went to the output as they
+            // were summed (none after this: the output is the caller's once
+            // the op completes).
+            let landed = match (&o, &out) {
+                (Outcome::Ended, Some(out)) => Some(out.finish()),
+                (_, Some(out)) => {
+                    out.close();
+                    None
+                }
+                (_, None) => None,
+            };
+            match (o, me.upgrade()) {
+                (Outcome::HandedOver, Some(me)) => me.send_part(p, false, false, inf, cb, land),
+                (o, _) => {
+                    let r = match o {
+                        Outcome::Ended => {
+                            summed.fetch_add(1, Ordering::Relaxed);
+                            Ok(())
                         }
-                        Err(f)
-                    }
-                };
-                slot_done(&inf, cb, i, r);
+                        Outcome::HandedOver => {
+                            Err(Fault::Unavailable("the kvstore was closed".into()))
+                        }
+                        Outcome::Failed(f, doubt) => {
+                            if let (true, Some(u)) = (doubt, &p.unsure) {
+                                // Before the op completes: its next push goes by
+                                // message, leaving the slot alone.
+                                u.note(i, (p.head.shm_tag, p.seg.as_ref()), false);
+                            }
+                            Err(f)
+                        }
+                    };
+                    let (r, landed) = match landed {
+                        Some(copied) => (r.and(copied), true),
+                        None => (r, false),
+                    };
+                    slot_done(&inf, cb, i, r, landed);
+                }
             }
         })
     }

@@ -47,6 +47,7 @@ fn the_watcher_fails_a_dead_summers_waiters_and_hands_over_closed_rounds() {
             deadline: Instant::now(),
             summing: false,
             finishing: false,
+            out: None,
             then: Box::new(move |o| tx.send(outcome_of(o)).unwrap()),
         });
     };
@@ -147,6 +148,7 @@ fn wait(seg: &Arc<Region>, epoch: u32, finishing: bool, tx: &mpsc::Sender<(Strin
         deadline: Instant::now(),
         summing: false,
         finishing,
+        out: None,
         then: Box::new(move |o| tx.send(outcome_of(o)).unwrap()),
     }
 }
@@ -236,4 +238,58 @@ fn a_helper_that_died_holding_a_chunk_fails_the_round() {
         summer.close();
         waiter.close();
     }
+}
+
+/// A push-pull's part whose chunks go to the output as they are summed:
+/// `finish` copies only the chunks not copied yet (the last one short),
+/// each to its place in the output and nothing outside the part; after
+/// `close`, nothing more is copied.
+#[test]
+fn chunks_copied_as_summed_and_the_rest_at_the_end_fill_the_part() {
+    const LEN: usize = 200 << 10;
+    const AT: usize = 4096;
+    let chunk = gate::chunk_bytes(LEN).unwrap();
+    assert_eq!((chunk, LEN.div_ceil(chunk)), (32 << 10, 7));
+    let seg = Arc::new(Region::create(3, LEN).unwrap());
+    let fill = |v: u8| {
+        // SAFETY: this test's own segment, no other thread.
+        let value = unsafe { seg.slot_mut(2) };
+        for (i, b) in value.iter_mut().enumerate() {
+            *b = v ^ (i % 251) as u8;
+        }
+    };
+    let mut buf = vec![0xeeu8; AT + LEN + 64];
+    let ptr = OutPtr(buf.as_mut_ptr(), buf.len());
+    let out = || ChunkOut {
+        seg: seg.clone(),
+        out: ptr,
+        at: AT,
+        chunk,
+        state: Mutex::new((true, 0)),
+    };
+    let co = out();
+    fill(1);
+    co.copy(chunk..2 * chunk);
+    co.copy(6 * chunk..LEN);
+    // The value slot changes under the chunks copied (as it could not in a
+    // job): `finish` must leave them as they were copied.
+    fill(2);
+    co.finish().unwrap();
+    co.copy(0..chunk);
+    drop(co);
+    let want = |i: usize| {
+        let copied_early = (chunk..2 * chunk).contains(&i) || i >= 6 * chunk;
+        (if copied_early { 1 } else { 2 }) ^ (i % 251) as u8
+    };
+    assert!(buf[..AT].iter().chain(&buf[AT + LEN..]).all(|&b| b == 0xee));
+    for i in 0..LEN {
+        assert_eq!(buf[AT + i], want(i), "byte {i} of the part");
+    }
+    // Closed (the part failed): no chunk is copied.
+    let before = buf.clone();
+    let co = out();
+    co.close();
+    co.copy(0..chunk);
+    drop(co);
+    assert_eq!(buf, before);
 }

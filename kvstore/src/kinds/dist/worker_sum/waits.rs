@@ -11,7 +11,7 @@ use pskv_gpu::cpu::CpuKernels;
 use pskv_transport::Region;
 use smallvec::SmallVec;
 
-use super::sum_slots;
+use super::{sum_slots, ChunkOut};
 use crate::dtype::DType;
 use crate::error::Fault;
 use crate::gate::{self, Gate, Withdrawal, MAX_HELPER_RANK};
@@ -57,6 +57,9 @@ pub(super) struct Wait {
     /// This worker sums the round: it ends it once every chunk is summed
     /// (its helpers' too: `gate/chunks.rs`).
     pub(super) finishing: bool,
+    /// Where this worker's threads copy the chunks they sum (a
+    /// push-pull's output).
+    pub(super) out: Option<Arc<ChunkOut>>,
     pub(super) then: Then,
 }
 
@@ -111,8 +114,9 @@ pub(in crate::kinds::dist) struct Waits {
     helper: Option<Arc<Helper>>,
 }
 
-/// The rounds a wait may help sum: the part's segment, epoch and type.
-type ToHelp = SmallVec<[(Arc<Region>, u32, DType); 2]>;
+/// The rounds a wait may help sum: the part's segment, epoch and type, and
+/// where this worker wants the chunks it sums.
+type ToHelp = SmallVec<[(Arc<Region>, u32, DType, Option<Arc<ChunkOut>>); 2]>;
 
 /// The rounds of `list` being summed with chunks left to claim (none
 /// unless `helps`).
@@ -122,7 +126,7 @@ fn shared_rounds(list: &[Wait], helps: bool) -> ToHelp {
     }
     list.iter()
         .filter(|w| Gate::of(&w.seg).shared(w.epoch, w.seg.slot_len()).is_some())
-        .map(|w| (w.seg.clone(), w.epoch, w.dtype))
+        .map(|w| (w.seg.clone(), w.epoch, w.dtype, w.out.clone()))
         .collect()
 }
 
@@ -144,12 +148,16 @@ impl Helper {
     fn help(&self, rounds: &ToHelp) -> Option<bool> {
         let _one = self.one.try_lock()?;
         let mut any = 0;
-        for (seg, epoch, dtype) in rounds {
+        for (seg, epoch, dtype, out) in rounds {
             if let Some(sh) = Gate::of(seg).shared(*epoch, seg.slot_len()) {
                 let n = sh.sum_chunks(Some(self.rank), |c| {
                     // Cannot fail for slots of one size; the summer's own
                     // chunks would show it.
-                    let _ = sum_slots(&self.kernels, seg, *dtype, c);
+                    if sum_slots(&self.kernels, seg, *dtype, c.clone()).is_ok() {
+                        if let Some(o) = out {
+                            o.copy(c);
+                        }
+                    }
                 });
                 any += n;
             }
@@ -164,7 +172,7 @@ impl Helper {
         let t = Instant::now();
         while rounds
             .iter()
-            .any(|(seg, e, _)| Gate::of(seg).round(*e) == gate::Round::Gathering)
+            .any(|(seg, e, ..)| Gate::of(seg).round(*e) == gate::Round::Gathering)
             && t.elapsed() < SETTLE
         {
             for _ in 0..16 {
