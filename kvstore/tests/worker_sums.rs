@@ -195,6 +195,43 @@ fn rounds_shared_in_chunks_give_the_servers_bits() {
     }
 }
 
+/// Parts of 1 MiB and more (of 2 MiB parts: an f32 key of two, the second
+/// starting past the key's first byte, an f64 key of one): their
+/// push-pulls' chunks go to each worker's output as they are summed
+/// (`worker_sum::ChunkOut`), the rest when the round ends; the outputs are
+/// the server's bits, with three workers.
+#[test]
+fn push_pulls_whose_chunks_go_to_the_output_as_summed_give_the_servers_bits() {
+    let keys = vec![
+        (Key::Int(8), 700_000, DType::F32),
+        (Key::from("big"), 200_000, DType::F64),
+    ];
+    let opts = Options {
+        partition_bytes: 2 << 20,
+        ..opts(T)
+    };
+    let run = |sum_bytes| {
+        let keys = keys.clone();
+        summing(3, sum_bytes).run("dist_sync", opts.clone(), move |kv, e| {
+            init_of(&keys, kv, e);
+            let seen = rounds_of(&keys, kv, e, 0, 6);
+            (seen, kv.worker_summed_parts(), kv.worker_helped_chunks())
+        })
+    };
+    let summed = run(None);
+    let served = run(Some(0));
+    let helped: u64 = summed.iter().map(|s| s.2).sum();
+    assert!(helped > 0, "no worker helped a summer");
+    for (rank, ((a, wa, _), (b, _, _))) in summed.iter().zip(&served).enumerate() {
+        // 3 parts, 5 rounds after the first.
+        assert_eq!(*wa, 15, "worker {rank} summed parts");
+        assert!(
+            a == b,
+            "worker {rank}: the workers' sums differ from the server's"
+        );
+    }
+}
+
 /// Rounds summed by the workers, then `set_optimizer`: the server runs the
 /// optimizer on every later round (its gates closed), as it does in a job
 /// whose server summed every round.

@@ -336,6 +336,42 @@ impl Region {
         std::slice::from_raw_parts_mut(self.slot_ptr(i), self.slot_len)
     }
 
+    /// Bytes `range` of a slot (others may write its other bytes meanwhile:
+    /// a slot shared out in chunks).
+    ///
+    /// # Safety
+    /// No one (in any process) writes those bytes while the slice lives.
+    ///
+    /// # Panics
+    /// If `i` is not below [`slots`](Region::slots), or `range` is not
+    /// within a slot.
+    pub unsafe fn slot_range(&self, i: usize, range: std::ops::Range<usize>) -> &[u8] {
+        assert!(
+            range.start <= range.end && range.end <= self.slot_len,
+            "bytes {range:?} of a {}-byte slot",
+            self.slot_len
+        );
+        std::slice::from_raw_parts(self.slot_ptr(i).add(range.start), range.len())
+    }
+
+    /// Bytes `range` of a slot, to write.
+    ///
+    /// # Safety
+    /// No one else (in any process) reads or writes those bytes while the
+    /// slice lives.
+    ///
+    /// # Panics
+    /// As [`slot_range`](Region::slot_range).
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slot_range_mut(&self, i: usize, range: std::ops::Range<usize>) -> &mut [u8] {
+        assert!(
+            range.start <= range.end && range.end <= self.slot_len,
+            "bytes {range:?} of a {}-byte slot",
+            self.slot_len
+        );
+        std::slice::from_raw_parts_mut(self.slot_ptr(i).add(range.start), range.len())
+    }
+
     /// Slot `i` as `Bytes` that read it in place (no copy) and keep the
     /// mapping alive while any clone lives.
     ///

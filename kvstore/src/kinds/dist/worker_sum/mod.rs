@@ -31,10 +31,10 @@
 //! the round once every chunk is summed: at once, or, if a helper holds
 //! the last chunks for longer than a moment (`chunks_summed_soon`), by a
 //! wait of its own in `Waits` (`Wait::finishing`), so that it never
-//! blocks. A thread that sums a chunk of a push-pull's part copies it into
-//! its own worker's output at once, while the chunk is in its cache
-//! (`ChunkOut`); the part's other chunks are copied out of the value slot
-//! when its round ends.
+//! blocks. A thread that sums a chunk of a push-pull's part of 1 MiB or
+//! more copies it into its own worker's output at once, while the chunk is
+//! in its cache (`ChunkOut`); the part's other chunks are copied out of the
+//! value slot when its round ends.
 //!
 //! A round whose summer, or a helper holding a chunk, died or stalls
 //! never ends. A wait that fails while its round is being summed (its
@@ -109,14 +109,10 @@ fn sum_slots(k: &CpuKernels, seg: &Region, dtype: DType, range: Range<usize>) ->
     // value slot until the round ends (G2 of `gate/mod.rs`, S1 and S2 of
     // `gate/chunks.rs`).
     let ins: SmallVec<[&[u8]; 4]> = (0..workers)
-        .map(|r| {
-            unsafe { seg.slot(r) }
-                .get(range.clone())
-                .unwrap_or_default()
-        })
+        .map(|r| unsafe { seg.slot_range(r, range.clone()) })
         .collect();
-    let out = unsafe { seg.slot_mut(workers) }.get_mut(range);
-    crate::comm::sum_dense(k, dtype, out.unwrap_or_default(), &ins)
+    let out = unsafe { seg.slot_range_mut(workers, range) };
+    crate::comm::sum_dense(k, dtype, out, &ins)
 }
 
 /// Part `i` of `inf` done through the value slot: its answer carries no
@@ -133,11 +129,14 @@ fn slot_done(inf: &Inflight, cb: OnAnswer, i: usize, r: Result<(), Fault>, lande
 /// ends, and the copy would only delay the round's end).
 const FUSED_COPY_BYTES: usize = 1 << 20;
 
-/// This worker's output for a push-pull's part summed at its gate in
-/// chunks: a thread of this worker that sums a chunk (the summer, or a
-/// helper) copies it into the output at once, while its lines are in the
-/// thread's cache, rather than with the rest out of the value slot once
-/// the round ends (`finish`).
+/// This worker's output for a push-pull's part (of `FUSED_COPY_BYTES` or
+/// more) summed at its gate in chunks: a thread of this worker that sums a
+/// chunk (the summer, or a helper) copies it into the output at once,
+/// while its lines are in the thread's cache, rather than with the rest out
+/// of the value slot once the round ends (`finish`; so do chunks from the
+/// 64th on). A part that fails may leave chunks of the round in the output
+/// (as an answer that lands in place may over TCP); nothing is copied
+/// after `close`.
 pub(super) struct ChunkOut {
     seg: Arc<Region>,
     out: OutPtr,
@@ -180,14 +179,16 @@ impl ChunkOut {
         }
         let seg = &self.seg;
         let workers = Gate::of(seg).workers();
+        if c.end > seg.slot_len() {
+            return;
+        }
         // SAFETY: a chunk this thread summed: nobody writes it until its
         // round ends, which needs this chunk counted summed, after this
-        // (S2 of `gate/chunks.rs`).
-        let src = unsafe { seg.slot(workers) }.get(c.clone());
-        if let Some(src) = src {
-            if self.out.write(self.at + c.start, src).is_ok() {
-                st.1 |= 1 << k;
-            }
+        // (S2 of `gate/chunks.rs`); the value slot's other chunks others
+        // may be writing meanwhile.
+        let src = unsafe { seg.slot_range(workers, c.clone()) };
+        if self.out.write(self.at + c.start, src).is_ok() {
+            st.1 |= 1 << k;
         }
     }
 

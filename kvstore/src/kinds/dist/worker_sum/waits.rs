@@ -323,7 +323,9 @@ impl Waits {
     }
 
     /// Fails every wait (taking its arrival back) and tells the watcher to
-    /// end.
+    /// end. (A failed part's `ChunkOut::close` may wait for a chunk copy
+    /// into its output that another thread of this worker is making: a
+    /// moment, never a wait for another wait.)
     fn stop(&self) {
         let inner = &self.inner;
         let waits = {
