@@ -30,6 +30,8 @@
 //!   tell a dead summer's waiters).
 //! - `CLAIM`, `SUMMED`, `BUSY`: a round being summed, shared in chunks
 //!   with the workers that wait for it (`chunks.rs`).
+//! - `COUNT`, and a word per chunk: a large part's round, whose workers
+//!   arrive before they copy (`late.rs`).
 //!
 //! # States
 //!
@@ -108,7 +110,9 @@ use std::time::Duration;
 use pskv_transport::Region;
 
 mod chunks;
+mod late;
 pub(crate) use chunks::{chunk_bytes, Shared, MAX_HELPER_RANK};
+pub(crate) use late::late_chunk;
 
 const GATE: usize = 0;
 const DONE: usize = 1;
@@ -209,12 +213,16 @@ impl<'a> Gate<'a> {
 
     /// The server opens the gate, while it completes a round it summed
     /// (before answering it: see G1). A gate with arrivals (a round still
-    /// handed over) is left as it is.
+    /// handed over) is left as it is. The epoch moves (nobody waits at a
+    /// gate with no arrivals): a round handed over ended without `finish`,
+    /// and the words it left (`late.rs`) must not count for the next.
     pub(crate) fn open(&self) {
         let _ = self
             .word(GATE)
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| {
-                (g & (ARRIVED | CLOSING) == 0).then_some(g | OPEN)
+                let next = ((epoch(g) + 1) << EPOCH_SHIFT) & EPOCH;
+                (g & (ARRIVED | CLOSING) == 0 && g & OPEN == 0)
+                    .then_some((g & !EPOCH) | next | OPEN)
             });
     }
 

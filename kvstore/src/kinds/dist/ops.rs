@@ -103,6 +103,11 @@ impl DistStore {
         let me = self.po.my_rank() as usize;
         if lent.is_some_and(|l| l.is_slot_at(bytes.as_ptr(), bytes.len(), seg, me)) {
             self.in_place.fetch_add(1, Ordering::Relaxed);
+        } else if self.sync && late_round(seg, bytes.len()) {
+            // A round whose workers arrive before they copy: the values
+            // travel with the push to its gate, which copies into the slot
+            // only the chunks others sum (`gate/late.rs`).
+            return Ok((share(), seg.tag()));
         } else {
             // SAFETY: this worker's own slot, which the server reads
             // only after the push below (see `kinds/dist/segments.rs`),
@@ -426,6 +431,14 @@ impl DistStore {
         })?;
         Ok(())
     }
+}
+
+/// Whether a sync push of `len` bytes through `seg` goes to a round of
+/// late copies at its gate (open now; the gate decides again when the
+/// push arrives there).
+fn late_round(seg: &Region, len: usize) -> bool {
+    let gate = crate::gate::Gate::of(seg);
+    crate::gate::late_chunk(gate.workers(), len).is_some() && gate.is_open()
 }
 
 pub(super) fn check_len(resp: &KvResponse, want: usize) -> std::result::Result<(), Fault> {

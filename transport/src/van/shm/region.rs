@@ -67,7 +67,7 @@ const PAGE: usize = 4096;
 const MAGIC: u64 = u64::from_le_bytes(*b"PSKVREG1");
 
 /// Words of the header for the layer above ([`Region::word`]).
-pub const REGION_WORDS: usize = 8;
+pub const REGION_WORDS: usize = 56;
 
 /// Where those words start in the header page, and the bytes between two
 /// (a cache line each, so that one word's traffic does not slow another's).

@@ -36,6 +36,23 @@
 //! in its cache (`ChunkOut`); the part's other chunks are copied out of the
 //! value slot when its round ends.
 //!
+//! A part of 1 MiB or more with 2 to 8 workers goes instead to a round
+//! whose workers arrive before they copy (`gate/late.rs`): its push
+//! carries its values (`DistStore::dense_payload` did not copy them into
+//! the slot), and this worker walks the round at its arrival (copies its
+//! values of the others' shares of the chunks into its slot, claims its
+//! own share), then sums each claimed chunk once supplied, from its own
+//! values, into the value slot and its output, and copies the others' out
+//! as they are summed (`late.rs`): the arriving thread while that moves,
+//! then its wait, which the pollers and the watcher move on and which
+//! ends once the round ended and its output is whole. Such a part never
+//! withdraws its arrival but from a round handed over (it supplied chunks
+//! others may be summing): one that times out while the round gathers, or
+//! whose store closes, fails in doubt, and the gate stays closed once its
+//! next push went by message (degraded, not wrong). A round handed over
+//! is left whole: the worker fills its slot with its own share before it
+//! sends its push to the server.
+//!
 //! A round whose summer, or a helper holding a chunk, died or stalls
 //! never ends. A wait that fails while its round is being summed (its
 //! summer or a busy helper known dead, or twice the timeout) leaves its
@@ -61,6 +78,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use pskv_gpu::cpu::CpuKernels;
 use pskv_transport::{KvResponse, Region};
@@ -71,13 +89,15 @@ use super::parts::{OnAnswer, PartSend, Round};
 use super::{DistKey, DistStore};
 use crate::dtype::DType;
 use crate::error::Fault;
-use crate::gate::{Arrival, Gate, Shared};
+use crate::gate::{self, Arrival, Gate, Shared};
 use crate::wire::Op;
 
+mod late;
 #[cfg(test)]
 mod tests;
 mod waits;
 
+use late::LatePart;
 pub(in crate::kinds::dist) use waits::Waits;
 use waits::{Outcome, Then, Wait, SETTLE};
 
@@ -122,6 +142,40 @@ fn slot_done(inf: &Inflight, cb: OnAnswer, i: usize, r: Result<(), Fault>, lande
     inf.part_done(Ok(KvResponse::default()), move |resp| {
         r.and_then(|()| cb(i, resp, landed))
     });
+}
+
+/// The values of push `p` when they travel with it rather than in its
+/// slot (a part of a round of late copies: `DistStore::dense_payload`).
+fn late_input(p: &PartSend) -> Option<Bytes> {
+    (p.head.shm && p.payload.len() > 8).then(|| p.payload.clone())
+}
+
+/// A push through a slot says only its values' count.
+fn count_payload(n: usize) -> Bytes {
+    Bytes::copy_from_slice(&(n as u64).to_le_bytes())
+}
+
+/// Push `p`, whose values traveled with it, through worker `rank`'s slot
+/// of `seg` (a round of late copies that went to the server: the slot is
+/// this worker's until its push is sent).
+fn to_slot(p: &mut PartSend, seg: &Region, rank: usize) {
+    if let Some(input) = late_input(p) {
+        // SAFETY: this worker's own slot, read by the server only after
+        // this push.
+        unsafe { seg.slot_range_mut(rank, 0..input.len()) }.copy_from_slice(&input);
+        p.payload = count_payload(input.len());
+    }
+}
+
+/// Push `p` by message, not through a slot: its values travel with it
+/// (a push whose values did already keeps them; one through a slot that is
+/// gone, with values of its own, goes without the slot).
+fn by_message(mut p: PartSend) -> PartSend {
+    if late_input(&p).is_some() {
+        p.head.shm = false;
+        p.head.shm_tag = 0;
+    }
+    p
 }
 
 /// The smallest part whose chunks a thread copies into its output as it
@@ -248,7 +302,7 @@ impl DistStore {
             return Some(p);
         }
         let Some(seg) = dk.segs.read().get(p.i).cloned().flatten() else {
-            return Some(p);
+            return Some(by_message(p));
         };
         let gate = Gate::of(&seg);
         let i = p.i;
@@ -259,7 +313,7 @@ impl DistStore {
             if pushes {
                 gate.close();
             }
-            return Some(p);
+            return Some(by_message(p));
         }
         if op == Op::Pull {
             // The value slot holds the last round's value while the gate is
@@ -270,6 +324,9 @@ impl DistStore {
             }
             answer(Ok(()));
             return None;
+        }
+        if gate::late_chunk(gate.workers(), seg.slot_len()).is_some() {
+            return self.at_gate_late(dk, inf, round, p, seg);
         }
         match gate.arrive(self.po.my_rank() as usize) {
             Arrival::Closed => Some(p),
@@ -301,6 +358,7 @@ impl DistStore {
                                 summing: false,
                                 finishing: true,
                                 out: out.clone(),
+                                late: None,
                                 then: self.then_of(p, inf, round, out),
                             };
                             self.waits.enter(w);
@@ -340,6 +398,7 @@ impl DistStore {
                     summing: false,
                     finishing: false,
                     out: out.clone(),
+                    late: None,
                     then: self.then_of(p, inf, round, out),
                 };
                 // Often over already (the last worker was just behind).
@@ -347,6 +406,102 @@ impl DistStore {
                 None
             }
         }
+    }
+
+    /// Part `p`, a push of a large part at its open gate, in a round whose
+    /// workers arrive before they copy (`gate/late.rs`, `late.rs`).
+    fn at_gate_late(
+        &self,
+        dk: &DistKey,
+        inf: &Arc<Inflight>,
+        round: &Round,
+        mut p: PartSend,
+        seg: Arc<Region>,
+    ) -> Option<PartSend> {
+        let gate = Gate::of(&seg);
+        let rank = self.po.my_rank() as usize;
+        // The values themselves when they were not copied into the slot
+        // (`DistStore::dense_payload`).
+        let input = late_input(&p);
+        let epoch = match gate.arrive(rank) {
+            Arrival::Closed => {
+                to_slot(&mut p, &seg, rank);
+                return Some(p);
+            }
+            Arrival::Last(e) | Arrival::Waiting(e) => e,
+        };
+        let out = round
+            .land
+            .as_ref()
+            .filter(|_| p.head.op == Op::PushPull)
+            .map(|l| (l.out, p.part.start * l.unit_bytes));
+        let kernels = self.comm.kernels.clone();
+        let dtype = dk.local.meta.dtype;
+        let Some(part) = LatePart::arrive(seg.clone(), epoch, rank, dtype, input, out, kernels)
+        else {
+            // Not by this protocol (the size decides): the arrival stays,
+            // so the round fails on time rather than a sum being wrong.
+            to_slot(&mut p, &seg, rank);
+            return Some(p);
+        };
+        part.settle();
+        let landed = out.is_some();
+        let w = Wait {
+            seg: seg.clone(),
+            epoch,
+            dtype,
+            deadline: Instant::now(),
+            summing: false,
+            finishing: false,
+            out: None,
+            late: Some(part.clone()),
+            then: self.then_of_late(p, inf, round, part, landed),
+        };
+        self.waits.enter(w);
+        None
+    }
+
+    /// `then_of` for a part in a round of late copies.
+    fn then_of_late(
+        &self,
+        mut p: PartSend,
+        inf: &Arc<Inflight>,
+        round: &Round,
+        part: Arc<LatePart>,
+        landed: bool,
+    ) -> Then {
+        let i = p.i;
+        let me = self.handle();
+        let (inf, cb, land) = (inf.clone(), round.on_answer.clone(), round.land.clone());
+        let summed = self.waits.summed.clone();
+        Box::new(move |o| {
+            let failed = part.close();
+            match (o, me.upgrade()) {
+                (Outcome::HandedOver, Some(me)) => {
+                    part.fill_slot();
+                    p.payload = count_payload(part.seg.slot_len());
+                    me.send_part(p, false, false, inf, cb, land)
+                }
+                (o, _) => {
+                    let r = match o {
+                        Outcome::Ended => {
+                            summed.fetch_add(1, Ordering::Relaxed);
+                            failed.map_or(Ok(()), Err)
+                        }
+                        Outcome::HandedOver => {
+                            Err(Fault::Unavailable("the kvstore was closed".into()))
+                        }
+                        Outcome::Failed(f, doubt) => {
+                            if let (true, Some(u)) = (doubt, &p.unsure) {
+                                u.note(i, (p.head.shm_tag, p.seg.as_ref()), false);
+                            }
+                            Err(f)
+                        }
+                    };
+                    slot_done(&inf, cb, i, r, landed);
+                }
+            }
+        })
     }
 
     /// What finishes part `p` of `inf` once its round at the gate comes

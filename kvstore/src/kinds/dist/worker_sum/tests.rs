@@ -48,6 +48,7 @@ fn the_watcher_fails_a_dead_summers_waiters_and_hands_over_closed_rounds() {
             summing: false,
             finishing: false,
             out: None,
+            late: None,
             then: Box::new(move |o| tx.send(outcome_of(o)).unwrap()),
         });
     };
@@ -149,6 +150,7 @@ fn wait(seg: &Arc<Region>, epoch: u32, finishing: bool, tx: &mpsc::Sender<(Strin
         summing: false,
         finishing,
         out: None,
+        late: None,
         then: Box::new(move |o| tx.send(outcome_of(o)).unwrap()),
     }
 }
@@ -292,4 +294,70 @@ fn chunks_copied_as_summed_and_the_rest_at_the_end_fill_the_part() {
     co.copy(0..chunk);
     drop(co);
     assert_eq!(buf, before);
+}
+
+/// A round of late copies (`gate/late.rs`) among `W` threads, each a
+/// worker that arrives, walks, and makes progress until its part is done
+/// and the round ended: every output, and the value slot, hold the
+/// rank-order sum.
+#[test]
+fn a_round_of_late_copies_sums_in_rank_order_into_every_output() {
+    const LEN: usize = 4 << 20;
+    for workers in [2usize, 3] {
+        let seg = Arc::new(Region::create(workers + 1, LEN).unwrap());
+        let gate = Gate::of(&seg);
+        gate.open();
+        let kernels = Arc::new(CpuKernels::single_threaded());
+        let vals = |r: usize| -> Vec<f32> {
+            (0..LEN / 4)
+                .map(|i| (r * 7 + i % 13) as f32 * 0.25 + 1.0)
+                .collect()
+        };
+        let threads: Vec<_> = (0..workers)
+            .map(|r| {
+                let (seg, kernels) = (seg.clone(), kernels.clone());
+                let input = Bytes::from(bytemuck::cast_slice::<f32, u8>(&vals(r)).to_vec());
+                std::thread::spawn(move || {
+                    let gate = Gate::of(&seg);
+                    let e = match gate.arrive(r) {
+                        Arrival::Last(e) | Arrival::Waiting(e) => e,
+                        Arrival::Closed => panic!("closed"),
+                    };
+                    let mut out = vec![0u8; LEN];
+                    let ptr = OutPtr(out.as_mut_ptr(), out.len());
+                    let part = LatePart::arrive(
+                        seg.clone(),
+                        e,
+                        r,
+                        DType::F32,
+                        Some(input),
+                        Some((ptr, 0)),
+                        kernels,
+                    )
+                    .expect("a part of late copies");
+                    let t = Instant::now();
+                    while !(part.done() && gate.round(e) == gate::Round::Ended) {
+                        part.progress();
+                        assert!(t.elapsed() < Duration::from_secs(20), "worker {r} stuck");
+                        std::thread::yield_now();
+                    }
+                    assert!(part.close().is_none());
+                    out
+                })
+            })
+            .collect();
+        let outs: Vec<Vec<u8>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        let all: Vec<Vec<f32>> = (0..workers).map(vals).collect();
+        let want: Vec<u8> = (0..LEN / 4)
+            .map(|i| (1..workers).fold(all[0][i], |a, r| a + all[r][i]))
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        for (r, o) in outs.iter().enumerate() {
+            assert!(
+                o == &want,
+                "worker {r} of {workers}: its output is not the sum"
+            );
+        }
+        assert!(unsafe { seg.slot(workers) } == &want[..]);
+    }
 }

@@ -11,7 +11,7 @@ use pskv_gpu::cpu::CpuKernels;
 use pskv_transport::Region;
 use smallvec::SmallVec;
 
-use super::{sum_slots, ChunkOut};
+use super::{sum_slots, ChunkOut, LatePart};
 use crate::dtype::DType;
 use crate::error::Fault;
 use crate::gate::{self, Gate, Withdrawal, MAX_HELPER_RANK};
@@ -26,6 +26,9 @@ pub(super) const SETTLE: Duration = Duration::from_micros(200);
 /// How long the watcher watches awake for a round to share (then it sleeps
 /// on the gate).
 const SHARED_SPIN: Duration = Duration::from_millis(1);
+/// How long the watcher watches awake, once per part, for the sums and
+/// copies of a round of late copies to come ready.
+const LATE_SPIN: Duration = Duration::from_millis(2);
 /// How long the watcher naps with nothing waiting before it sleeps until
 /// a wait is added.
 const IDLE: Duration = Duration::from_millis(50);
@@ -60,6 +63,9 @@ pub(super) struct Wait {
     /// Where this worker's threads copy the chunks they sum (a
     /// push-pull's output).
     pub(super) out: Option<Arc<ChunkOut>>,
+    /// This worker's part of a round of late copies (`late.rs`): its sums
+    /// and copies, which whoever polls the waits makes as they come ready.
+    pub(super) late: Option<Arc<LatePart>>,
     pub(super) then: Then,
 }
 
@@ -67,6 +73,19 @@ impl Wait {
     /// How the round came out, if it did (withdrawing a push handed over).
     fn outcome(&self) -> Option<Outcome> {
         let gate = Gate::of(&self.seg);
+        if let Some(part) = &self.late {
+            // Ended once the round ended and this worker's output holds it
+            // (L4 of `gate/late.rs`); a round handed over is left whole.
+            return match gate.round(self.epoch) {
+                gate::Round::Ended => part.done().then_some(Outcome::Ended),
+                gate::Round::Gathering => None,
+                gate::Round::HandedOver => match gate.withdraw(self.epoch) {
+                    Withdrawal::Left => Some(Outcome::HandedOver),
+                    Withdrawal::Ended => part.done().then_some(Outcome::Ended),
+                    Withdrawal::Summing => None,
+                },
+            };
+        }
         if self.finishing {
             let sh = gate.summed_round(self.epoch, self.seg.slot_len())?;
             return sh.all_summed().then(|| {
@@ -125,9 +144,29 @@ fn shared_rounds(list: &[Wait], helps: bool) -> ToHelp {
         return SmallVec::new();
     }
     list.iter()
+        .filter(|w| w.late.is_none())
         .filter(|w| Gate::of(&w.seg).shared(w.epoch, w.seg.slot_len()).is_some())
         .map(|w| (w.seg.clone(), w.epoch, w.dtype, w.out.clone()))
         .collect()
+}
+
+/// This worker's parts of rounds of late copies with work left.
+fn late_parts(list: &[Wait]) -> SmallVec<[Arc<LatePart>; 2]> {
+    list.iter()
+        .filter_map(|w| w.late.clone())
+        .filter(|l| !l.done())
+        .collect()
+}
+
+/// Makes what progress it can in `parts` (`LatePart::progress`); whether
+/// any is done now.
+fn progress(parts: &[Arc<LatePart>]) -> bool {
+    // Every part, not stopping at the first done (`any` would).
+    let mut done = false;
+    for l in parts {
+        done |= l.progress() == Some(true);
+    }
+    done
 }
 
 /// The sum kernel, and this worker's rank: to help sum rounds.
@@ -243,10 +282,21 @@ impl Waits {
         };
         let out = take_out(&mut list, &inner.len);
         let shared = shared_rounds(&list, self.helper.is_some());
+        let late = late_parts(&list);
         drop(list);
         let mut any = !out.is_empty();
         for (w, o) in out {
             (w.then)(o);
+        }
+        if !late.is_empty() && progress(&late) {
+            any = true;
+            if let Some(mut list) = inner.list.try_lock() {
+                let out = take_out(&mut list, &inner.len);
+                drop(list);
+                for (w, o) in out {
+                    (w.then)(o);
+                }
+            }
         }
         if let (false, Some(h)) = (shared.is_empty(), &self.helper) {
             if h.help(&shared) == Some(true) {
@@ -284,7 +334,8 @@ impl Waits {
             if inner.closed.load(Ordering::Acquire) {
                 drop(list);
                 // Not left at the gate: the others must not wait for it.
-                return (w.then)(closed_outcome(&w.seg, w.epoch));
+                let o = closed_outcome_of(&w);
+                return (w.then)(o);
             }
             w.deadline = Instant::now() + self.timeout;
             w.summing = false;
@@ -336,7 +387,8 @@ impl Waits {
         };
         inner.cv.notify_all();
         for w in waits {
-            (w.then)(closed_outcome(&w.seg, w.epoch));
+            let o = closed_outcome_of(&w);
+            (w.then)(o);
         }
     }
 }
@@ -361,6 +413,21 @@ fn closed_outcome(seg: &Region, epoch: u32) -> Outcome {
     }
 }
 
+/// `closed_outcome` for wait `w`: a part of a round of late copies that
+/// is not handed over keeps its arrival (it supplied chunks that others
+/// may be summing): failed, in doubt, unless the round ended.
+fn closed_outcome_of(w: &Wait) -> Outcome {
+    let Some(part) = &w.late else {
+        return closed_outcome(&w.seg, w.epoch);
+    };
+    let closed = || Fault::Unavailable("the kvstore was closed".into());
+    match Gate::of(&w.seg).round(w.epoch) {
+        gate::Round::Ended if part.done() => Outcome::Ended,
+        gate::Round::HandedOver => closed_outcome(&w.seg, w.epoch),
+        _ => Outcome::Failed(closed(), true),
+    }
+}
+
 /// Takes the waits whose rounds came out out of `list`.
 fn take_out(list: &mut Vec<Wait>, len: &AtomicUsize) -> Vec<(Wait, Outcome)> {
     let mut out = Vec::new();
@@ -382,6 +449,8 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
     // The round last watched awake (its segment, epoch): once per round,
     // so a worker that waits long for a slow one sleeps.
     let mut watched: Option<(usize, u32)> = None;
+    // The part of a round of late copies last watched awake.
+    let mut late_watched: Option<usize> = None;
     loop {
         let mut list = inner.list.lock();
         if inner.closed.load(Ordering::Acquire) {
@@ -392,6 +461,14 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
         let dead = inner.dead.lock().clone();
         let mut i = 0;
         while i < list.len() {
+            if let Some(part) = list[i].late.clone() {
+                if let Some(o) = late_overdue(&mut list[i], &part, &dead, now, timeout) {
+                    done.push((list.swap_remove(i), o));
+                } else {
+                    i += 1;
+                }
+                continue;
+            }
             let gate = Gate::of(&list[i].seg);
             let summer = gate.summer(list[i].epoch).filter(|r| dead.contains(r));
             // A helper that died holding a chunk: the round cannot end
@@ -467,6 +544,25 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
             }
             continue;
         }
+        let late = late_parts(&list);
+        if !late.is_empty() {
+            drop(list);
+            // Awake for a while once per part: its sums and copies come
+            // ready as the others supply and sum, which wakes nobody.
+            let part = Arc::as_ptr(&late[0]) as usize;
+            let spin = late_watched != Some(part);
+            late_watched = Some(part);
+            let t = Instant::now();
+            let mut finished = progress(&late);
+            while spin && !finished && t.elapsed() < LATE_SPIN && late.iter().any(|l| !l.done()) {
+                std::thread::yield_now();
+                finished = progress(&late);
+            }
+            if finished || spin {
+                continue;
+            }
+            list = inner.list.lock();
+        }
         let shared = shared_rounds(&list, helper.is_some());
         if let (false, Some(h)) = (shared.is_empty(), helper) {
             drop(list);
@@ -481,7 +577,10 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
                 None => list = inner.list.lock(),
             }
         }
-        if list.iter().any(|w| w.finishing) {
+        if list
+            .iter()
+            .any(|w| w.finishing || w.late.as_ref().is_some_and(|l| !l.done()))
+        {
             // A round this worker sums waits for a helper's chunk: nothing
             // wakes anyone when it is summed, and only a look at the wait
             // ends the round.
@@ -542,6 +641,44 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
             }
         }
     }
+}
+
+/// How a wait of a round of late copies comes out at the watcher's look
+/// at `now`, if it does: failed, in doubt, once a worker holding a chunk
+/// not summed is known dead, or past its deadline (given the time again
+/// once while every worker has arrived; never withdrawn, L2 of
+/// `gate/late.rs`: its chunks may be in others' sums).
+fn late_overdue(
+    w: &mut Wait,
+    part: &LatePart,
+    dead: &[usize],
+    now: Instant,
+    timeout: Duration,
+) -> Option<Outcome> {
+    if let Some(r) = dead_among(dead, part.claimers_unsummed()) {
+        let f = Fault::Unavailable(format!(
+            "worker {r}, which was summing part of this round in shared memory, died: the round cannot end"
+        ));
+        return Some(Outcome::Failed(f, true));
+    }
+    if w.deadline > now {
+        return None;
+    }
+    let gate = Gate::of(&w.seg);
+    if gate.round(w.epoch) != gate::Round::Gathering {
+        // Ended or handed over: the next look takes it out.
+        return None;
+    }
+    let (arrived, workers) = (gate.arrived() as usize, gate.workers());
+    if arrived >= workers && !w.summing {
+        w.summing = true;
+        w.deadline = now + timeout;
+        return None;
+    }
+    let f = Fault::Failed(format!(
+        "the round that the workers sum in shared memory did not end within {timeout:?} ({arrived} of {workers} workers had arrived; this worker's push stays in it, in doubt)"
+    ));
+    Some(Outcome::Failed(f, true))
 }
 
 /// A rank among the bits `busy` that is in `dead`.

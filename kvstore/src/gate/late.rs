@@ -1,0 +1,253 @@
+//! Rounds whose workers arrive before they copy: a large part's round at
+//! the gate, reduced and scattered by the workers chunk by chunk.
+//!
+//! In a round of `mod.rs` every worker copies its whole push into its slot
+//! before it arrives, and the slots are summed (`chunks.rs`) and the sum
+//! copied out afterwards: a round of N bytes moves about 20 N through each
+//! worker's caches with two workers, and is bound by that on two cores
+//! (BENCHMARKS.md, "Chunks copied into the output as they are summed").
+//! But a chunk a worker sums itself need not go through its slot: it can
+//! read it from its own input. So for a part of `LATE_BYTES` or more (and
+//! 2 to `MAX_LATE_WORKERS` workers) a worker arrives first, then walks the
+//! part's chunks: those of the other workers' shares (a W-th of the chunks
+//! each, by rank) it *supplies*: copies its values of each into its slot
+//! and says so in the chunk's word; those of its own share it *claims*: it
+//! will sum each, from its own input and the others' slots, into the value
+//! slot and its own output, once every other worker supplied it. Then it
+//! copies the chunks the others summed out of the value slot as they come.
+//! With two workers, each copies half its push in, sums half (writing the
+//! value slot and its output) and copies half out: about 16 N. (Shares
+//! are fixed so that a worker that arrives early does not take every
+//! chunk: each sums its own share once all have arrived, side by side; a
+//! worker that arrived supplies the others' chunks at once, before their
+//! claimers come.)
+//!
+//! The summing and copying out are the caller's (`kinds/dist/worker_sum/`);
+//! this file is the words that say who claimed, supplied and summed what.
+//!
+//! # Words (region header words; zero at creation)
+//!
+//! - `CHUNK0 + k`, per chunk k (below `MAX_LATE_CHUNKS`): `VALID` (bit 31)
+//!   | epoch (bits 16..31, 15 bits) | `SUMMED` (bit 15) | claimer's rank +
+//!   1 (bits 8..12) | supplied (bits 0..8: a bit per worker rank). A word
+//!   that does not hold this round's epoch with `VALID` is unclaimed in
+//!   this round (its value is an earlier round's).
+//! - `COUNT`: `VALID` | epoch | chunks summed in that round (bits 0..16).
+//!
+//! # States (of chunk k in the round of epoch e; arrived counts as in
+//! `mod.rs`)
+//!
+//! ```text
+//!   empty (not e) --a walk: its bit, or r's claim, with e--> e
+//!   e --each other worker's walk: its bit; r's walk: the claim--> claimed by r, supplied by all
+//!   claimed by r, supplied by all --r: sums into the value slot, then SUMMED--> summed
+//!   every chunk summed --the worker whose COUNT increment made n: `finish`--> round ended
+//! ```
+//!
+//! Invariants:
+//! - L1. A chunk is claimed once in a round, by the worker whose share
+//!   holds it; a word is changed only by compare-exchange, which counts an
+//!   earlier round's value as empty, so no bit or claim of this round is
+//!   lost and none of an earlier one counts.
+//! - L2. Nobody writes the value slot's chunk k but its claimer, and only
+//!   once every other worker supplied it, so after every worker arrived:
+//!   the round is being summed (`arrived = W`), and G2 of `mod.rs` holds
+//!   (a `close` then lets the round end at the gate). A round handed over
+//!   (or withdrawn from) while gathering has no chunk summed: each worker
+//!   that arrived fills its slot with the chunks it claimed before it sends
+//!   its push to the server (its slot then holds its push whole, as the
+//!   server reads it).
+//! - L3. A worker writes chunk k of its slot only before it sets its bit in
+//!   k's word, once per round; it writes its slot again only in a later
+//!   round, after this one ended (its next push waits for this one). So a
+//!   claimer reads supplied chunks that nobody writes.
+//! - L4. The round ends (`finish`) only once every chunk is summed, by the
+//!   one worker whose `COUNT` increment made it n; a worker's part is done
+//!   only once the round ended (its slot is not read any more, and the
+//!   value slot holds every chunk).
+//!
+//! # Orderings
+//!
+//! A supplier's slot writes happen before its bit's `fetch_or` (AcqRel); a
+//! claimer that reads every bit with Acquire sees them. A claimer's value
+//! slot writes happen before `SUMMED` (AcqRel), and that before its
+//! `COUNT` increment; a copier reading `SUMMED` with Acquire sees the
+//! chunk; the finisher's increment reads every earlier one (a release
+//! sequence), and `finish` stores `GATE` after it: whoever sees the epoch
+//! move sees every chunk.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use smallvec::SmallVec;
+
+use super::Gate;
+
+/// The smallest part summed this way (a smaller part's copies stay in
+/// cache, and the shared rounds of `chunks.rs` suit it).
+pub(crate) const LATE_BYTES: usize = 1 << 20;
+/// The most workers of a part summed this way (the supplied bits).
+pub(crate) const MAX_LATE_WORKERS: usize = 8;
+/// The most chunks (the header words left after `mod.rs`'s).
+const MAX_LATE_CHUNKS: usize = pskv_transport::REGION_WORDS - CHUNK0;
+
+const COUNT: usize = 7;
+const CHUNK0: usize = 8;
+
+const VALID: u32 = 1 << 15;
+const SUMMED: u32 = 1 << 15;
+const CLAIMER_SHIFT: u32 = 8;
+const CLAIMER: u32 = 0xf << CLAIMER_SHIFT;
+const SUPPLIED: u32 = 0xff;
+
+/// The chunk length of a part of `len` bytes at a gate of `workers`, if
+/// its rounds are summed this way.
+pub(crate) fn late_chunk(workers: usize, len: usize) -> Option<usize> {
+    if !(2..=MAX_LATE_WORKERS).contains(&workers) || len < LATE_BYTES {
+        return None;
+    }
+    let c = super::chunk_bytes(len)?;
+    (len.div_ceil(c) <= MAX_LATE_CHUNKS).then_some(c)
+}
+
+/// The round of epoch `e` of a part summed this way, at its gate.
+#[derive(Clone, Copy)]
+pub(crate) struct Late<'g, 'a> {
+    gate: &'g Gate<'a>,
+    /// `VALID | e`, the words' upper half in this round.
+    tag: u32,
+    len: usize,
+    chunk: usize,
+    n: usize,
+}
+
+impl<'a> Gate<'a> {
+    /// The round of `epoch` of this gate's part, of `len` bytes, if it is
+    /// summed this way (`late_chunk`).
+    pub(crate) fn late(&self, epoch: u32, len: usize) -> Option<Late<'_, 'a>> {
+        let chunk = late_chunk(self.workers, len)?;
+        Some(Late {
+            gate: self,
+            tag: VALID | (epoch & 0x7fff),
+            len,
+            chunk,
+            n: len.div_ceil(chunk),
+        })
+    }
+}
+
+impl Late<'_, '_> {
+    fn word(&self, k: usize) -> &AtomicU32 {
+        self.gate.word(CHUNK0 + k)
+    }
+
+    /// The chunks of the round.
+    pub(crate) fn chunks(&self) -> usize {
+        self.n
+    }
+
+    /// Chunk k's bytes in the part.
+    pub(crate) fn range(&self, k: usize) -> Range<usize> {
+        k * self.chunk..((k + 1) * self.chunk).min(self.len)
+    }
+
+    /// Worker `rank`'s share of the chunks: those it claims.
+    fn share(&self, rank: usize) -> Range<usize> {
+        let w = self.gate.workers;
+        rank * self.n / w..(rank + 1) * self.n / w
+    }
+
+    /// Worker `rank`'s walk, after it arrived (L1, L3): claims the chunks
+    /// of its share, and supplies the others (`supply` copies its values
+    /// of a chunk into its slot; then its bit is set, whether or not the
+    /// chunk's claimer arrived yet). The chunks it claimed.
+    pub(crate) fn walk(
+        &self,
+        rank: usize,
+        mut supply: impl FnMut(Range<usize>),
+    ) -> SmallVec<[u32; 32]> {
+        let me = rank as u32 + 1;
+        let bit = 1u32 << rank;
+        let share = self.share(rank);
+        let mut mine = SmallVec::new();
+        // The others' chunks first: their claimers may be waiting.
+        for k in (share.end..self.n).chain(0..share.start) {
+            supply(self.range(k));
+            self.update(k, |v| v | bit);
+        }
+        for k in share {
+            let v = self.update(k, |v| v | me << CLAIMER_SHIFT);
+            debug_assert!(
+                matches!((v & CLAIMER) >> CLAIMER_SHIFT, 0) || (v & CLAIMER) >> CLAIMER_SHIFT == me
+            );
+            mine.push(k as u32);
+        }
+        mine
+    }
+
+    /// Applies `f` to chunk k's word in this round (an earlier round's
+    /// value counts as empty); the value before.
+    fn update(&self, k: usize, f: impl Fn(u32) -> u32) -> u32 {
+        let w = self.word(k);
+        let mut v = w.load(Ordering::Acquire);
+        loop {
+            let now = if v >> 16 == self.tag {
+                v
+            } else {
+                self.tag << 16
+            };
+            match w.compare_exchange_weak(v, f(now), Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return now,
+                Err(x) => v = x,
+            }
+        }
+    }
+
+    /// Whether every worker but its claimer supplied chunk k.
+    pub(crate) fn supplied(&self, k: usize) -> bool {
+        let v = self.word(k).load(Ordering::Acquire);
+        if v >> 16 != self.tag {
+            return false;
+        }
+        let claimer = ((v & CLAIMER) >> CLAIMER_SHIFT) as usize;
+        let all = (1u32 << self.gate.workers) - 1;
+        claimer != 0 && (v & SUPPLIED) | (1 << (claimer - 1)) == all
+    }
+
+    /// Whether chunk k is summed (Acquire: its value slot bytes are seen).
+    pub(crate) fn summed(&self, k: usize) -> bool {
+        let v = self.word(k).load(Ordering::Acquire);
+        v >> 16 == self.tag && v & SUMMED != 0
+    }
+
+    /// The claimer of chunk k, having written its sum into the value slot,
+    /// says so; true if that was the round's last chunk (the caller then
+    /// ends the round: `Gate::finish`, L4).
+    pub(crate) fn sum_done(&self, k: usize) -> bool {
+        self.word(k).fetch_or(SUMMED, Ordering::AcqRel);
+        let count = self.gate.word(COUNT);
+        let mut c = count.load(Ordering::Acquire);
+        loop {
+            let next = if c >> 16 == self.tag {
+                c + 1
+            } else {
+                self.tag << 16 | 1
+            };
+            match count.compare_exchange_weak(c, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return (next & 0xffff) as usize == self.n,
+                Err(now) => c = now,
+            }
+        }
+    }
+
+    /// The ranks holding claimed chunks not summed yet, as bits (a dead
+    /// one's round cannot end).
+    pub(crate) fn claimers_unsummed(&self) -> u32 {
+        (0..self.n)
+            .map(|k| self.word(k).load(Ordering::Acquire))
+            .filter(|v| v >> 16 == self.tag && v & SUMMED == 0 && v & CLAIMER != 0)
+            .fold(0, |acc, v| {
+                acc | 1 << (((v & CLAIMER) >> CLAIMER_SHIFT) - 1)
+            })
+    }
+}
