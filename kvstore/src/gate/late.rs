@@ -7,8 +7,9 @@
 //! worker's caches with two workers, and is bound by that on two cores
 //! (BENCHMARKS.md, "Chunks copied into the output as they are summed").
 //! But a chunk a worker sums itself need not go through its slot: it can
-//! read it from its own input. So for a part of `LATE_BYTES` or more (and
-//! 2 to `MAX_LATE_WORKERS` workers) a worker arrives first, then walks the
+//! read it from its own input. So for a part of `LATE_BYTES` or more (of
+//! at most `MAX_LATE_CHUNKS` chunks: 48 MiB; and 2 to `MAX_LATE_WORKERS`
+//! workers) a worker arrives first, then walks the
 //! part's chunks: those of the other workers' shares (a W-th of the chunks
 //! each, by rank) it *supplies*: copies its values of each into its slot
 //! and says so in the chunk's word; those of its own share it *claims*: it
@@ -59,8 +60,11 @@
 //!   server reads it).
 //! - L3. A worker writes chunk k of its slot only before it sets its bit in
 //!   k's word, once per round; it writes its slot again only in a later
-//!   round, after this one ended (its next push waits for this one). So a
-//!   claimer reads supplied chunks that nobody writes.
+//!   round, after this one ended (its next push waits for this one), or,
+//!   after its part failed in doubt, once a round the server completes
+//!   has reset the doubt, which needs every worker's next push (each sent
+//!   only after its part here closed). So a claimer reads supplied chunks
+//!   that nobody writes.
 //! - L4. The round ends (`finish`) only once every chunk is summed, by the
 //!   one worker whose `COUNT` increment made it n; a worker's part is done
 //!   only once the round ended (its slot is not read any more, and the
@@ -170,17 +174,17 @@ impl Late<'_, '_> {
         let bit = 1u32 << rank;
         let share = self.share(rank);
         let mut mine = SmallVec::new();
-        // The others' chunks first: their claimers may be waiting.
+        // Claims first (a few compare-exchanges): a worker that dies while
+        // it supplies then holds chunks not summed, which names it.
+        for k in share.clone() {
+            let v = self.update(k, |v| v | me << CLAIMER_SHIFT);
+            let was = (v & CLAIMER) >> CLAIMER_SHIFT;
+            debug_assert!(was == 0 || was == me, "chunk {k} claimed by another");
+            mine.push(k as u32);
+        }
         for k in (share.end..self.n).chain(0..share.start) {
             supply(self.range(k));
             self.update(k, |v| v | bit);
-        }
-        for k in share {
-            let v = self.update(k, |v| v | me << CLAIMER_SHIFT);
-            debug_assert!(
-                matches!((v & CLAIMER) >> CLAIMER_SHIFT, 0) || (v & CLAIMER) >> CLAIMER_SHIFT == me
-            );
-            mine.push(k as u32);
         }
         mine
     }

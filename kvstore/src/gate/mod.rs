@@ -36,11 +36,12 @@
 //! # States
 //!
 //! ```text
-//!   closed (OPEN = 0, arrived = 0) --server, at the end of a round it summed--> open
+//!   closed (OPEN = 0, arrived = 0) --server, at the end of a round it summed: epoch + 1--> open
 //!   open (arrived = 0) --a worker arrives--> gathering (0 < arrived < W)
 //!   gathering --the W-th arrives--> summing (arrived = W; that worker sums)
 //!   summing --the summer: arrived = 0, epoch + 1, DONE + 1--> open
-//!   gathering --a waiter that gave up (`withdraw`)--> arrived - 1
+//!   gathering --a waiter that gave up (`withdraw`; in a round of late
+//!               copies, `late.rs`, only when handed over)--> arrived - 1
 //!   open --`close` (the server, or a worker that must push by message)--> closed
 //!   gathering --`close`--> handing over (OPEN = 0, arrived > 0)
 //!   handing over --each waiter withdraws and sends its push to the server--> closed

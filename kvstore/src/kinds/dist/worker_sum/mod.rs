@@ -10,7 +10,8 @@
 //! it itself the moment the last worker lets it go; a watcher thread
 //! finishes the waits nobody polls (it looks every `NAP`, and sleeps on the
 //! gate of a wait it found, so the summer wakes it), and fails those that
-//! pass the store's timeout, taking their arrival back.
+//! pass the store's timeout, taking their arrival back (but for a round of
+//! late copies: below).
 //!
 //! A part going to its server by message while its gate is open (a
 //! compressed or row-sparse push, or one whose slot is held by a push
@@ -36,7 +37,7 @@
 //! in its cache (`ChunkOut`); the part's other chunks are copied out of the
 //! value slot when its round ends.
 //!
-//! A part of 1 MiB or more with 2 to 8 workers goes instead to a round
+//! A part of 1 MiB to 48 MiB with 2 to 8 workers goes instead to a round
 //! whose workers arrive before they copy (`gate/late.rs`): its push
 //! carries its values (`DistStore::dense_payload` did not copy them into
 //! the slot), and this worker walks the round at its arrival (copies its
@@ -74,7 +75,7 @@
 //! handed over).
 
 use std::ops::Range;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -144,6 +145,26 @@ fn slot_done(inf: &Inflight, cb: OnAnswer, i: usize, r: Result<(), Fault>, lande
     });
 }
 
+/// How part `p` came out of its round at the gate, but for a hand-over to
+/// a live store: done (counted in `summed`), or failed; a part failed in
+/// doubt is noted so before its op completes (its next push goes by
+/// message, leaving the slot alone).
+fn part_result(o: Outcome, p: &PartSend, summed: &AtomicU64) -> Result<(), Fault> {
+    match o {
+        Outcome::Ended => {
+            summed.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        Outcome::HandedOver => Err(Fault::Unavailable("the kvstore was closed".into())),
+        Outcome::Failed(f, doubt) => {
+            if let (true, Some(u)) = (doubt, &p.unsure) {
+                u.note(p.i, (p.head.shm_tag, p.seg.as_ref()), false);
+            }
+            Err(f)
+        }
+    }
+}
+
 /// The values of push `p` when they travel with it rather than in its
 /// slot (a part of a round of late copies: `DistStore::dense_payload`).
 fn late_input(p: &PartSend) -> Option<Bytes> {
@@ -167,15 +188,19 @@ fn to_slot(p: &mut PartSend, seg: &Region, rank: usize) {
     }
 }
 
-/// Push `p` by message, not through a slot: its values travel with it
-/// (a push whose values did already keeps them; one through a slot that is
-/// gone, with values of its own, goes without the slot).
-fn by_message(mut p: PartSend) -> PartSend {
-    if late_input(&p).is_some() {
-        p.head.shm = false;
-        p.head.shm_tag = 0;
+/// Part `p`, to be sent to its server: a push of a round of late copies
+/// whose segment is gone or another now (its server restarted) fails
+/// instead, as such a push through its slot would at the server (its op's
+/// answers expect the slot: the caller pushes again).
+fn late_elsewhere(p: PartSend, answer: impl FnOnce(Result<(), Fault>)) -> Option<PartSend> {
+    if late_input(&p).is_none() {
+        return Some(p);
     }
-    p
+    answer(Err(Fault::Unavailable(
+        "the part's shared segment is gone or was replaced (its server restarted?): push again"
+            .into(),
+    )));
+    None
 }
 
 /// The smallest part whose chunks a thread copies into its output as it
@@ -301,19 +326,19 @@ impl DistStore {
         if !p.head.sync || !(pushes || op == Op::Pull) {
             return Some(p);
         }
-        let Some(seg) = dk.segs.read().get(p.i).cloned().flatten() else {
-            return Some(by_message(p));
-        };
-        let gate = Gate::of(&seg);
         let i = p.i;
         let answer = |r| slot_done(inf, round.on_answer.clone(), i, r, false);
+        let Some(seg) = dk.segs.read().get(p.i).cloned().flatten() else {
+            return late_elsewhere(p, answer);
+        };
+        let gate = Gate::of(&seg);
         if !p.head.shm || seg.tag() != p.head.shm_tag {
             // By message: a push closes the gate first (G1 of `gate/mod.rs`);
             // a round gathering there is handed over to the server.
             if pushes {
                 gate.close();
             }
-            return Some(by_message(p));
+            return late_elsewhere(p, answer);
         }
         if op == Op::Pull {
             // The value slot holds the last round's value while the gate is
@@ -483,21 +508,7 @@ impl DistStore {
                     me.send_part(p, false, false, inf, cb, land)
                 }
                 (o, _) => {
-                    let r = match o {
-                        Outcome::Ended => {
-                            summed.fetch_add(1, Ordering::Relaxed);
-                            failed.map_or(Ok(()), Err)
-                        }
-                        Outcome::HandedOver => {
-                            Err(Fault::Unavailable("the kvstore was closed".into()))
-                        }
-                        Outcome::Failed(f, doubt) => {
-                            if let (true, Some(u)) = (doubt, &p.unsure) {
-                                u.note(i, (p.head.shm_tag, p.seg.as_ref()), false);
-                            }
-                            Err(f)
-                        }
-                    };
+                    let r = part_result(o, &p, &summed).and(failed.map_or(Ok(()), Err));
                     slot_done(&inf, cb, i, r, landed);
                 }
             }
@@ -533,23 +544,7 @@ impl DistStore {
             match (o, me.upgrade()) {
                 (Outcome::HandedOver, Some(me)) => me.send_part(p, false, false, inf, cb, land),
                 (o, _) => {
-                    let r = match o {
-                        Outcome::Ended => {
-                            summed.fetch_add(1, Ordering::Relaxed);
-                            Ok(())
-                        }
-                        Outcome::HandedOver => {
-                            Err(Fault::Unavailable("the kvstore was closed".into()))
-                        }
-                        Outcome::Failed(f, doubt) => {
-                            if let (true, Some(u)) = (doubt, &p.unsure) {
-                                // Before the op completes: its next push goes by
-                                // message, leaving the slot alone.
-                                u.note(i, (p.head.shm_tag, p.seg.as_ref()), false);
-                            }
-                            Err(f)
-                        }
-                    };
+                    let r = part_result(o, &p, &summed);
                     let (r, landed) = match landed {
                         Some(copied) => (r.and(copied), true),
                         None => (r, false),

@@ -421,10 +421,15 @@ fn closed_outcome_of(w: &Wait) -> Outcome {
         return closed_outcome(&w.seg, w.epoch);
     };
     let closed = || Fault::Unavailable("the kvstore was closed".into());
-    match Gate::of(&w.seg).round(w.epoch) {
+    let gate = Gate::of(&w.seg);
+    match gate.round(w.epoch) {
         gate::Round::Ended if part.done() => Outcome::Ended,
         gate::Round::HandedOver => closed_outcome(&w.seg, w.epoch),
-        _ => Outcome::Failed(closed(), true),
+        _ => {
+            // Its arrival stays: the next rounds go to the server.
+            gate.close();
+            Outcome::Failed(closed(), true)
+        }
     }
 }
 
@@ -449,8 +454,8 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
     // The round last watched awake (its segment, epoch): once per round,
     // so a worker that waits long for a slow one sleeps.
     let mut watched: Option<(usize, u32)> = None;
-    // The part of a round of late copies last watched awake.
-    let mut late_watched: Option<usize> = None;
+    // The round of late copies (its segment, epoch) last watched awake.
+    let mut late_watched: Option<(usize, u32)> = None;
     loop {
         let mut list = inner.list.lock();
         if inner.closed.load(Ordering::Acquire) {
@@ -549,7 +554,7 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
             drop(list);
             // Awake for a while once per part: its sums and copies come
             // ready as the others supply and sum, which wakes nobody.
-            let part = Arc::as_ptr(&late[0]) as usize;
+            let part = (Arc::as_ptr(&late[0].seg) as usize, late[0].epoch);
             let spin = late_watched != Some(part);
             late_watched = Some(part);
             let t = Instant::now();
@@ -600,7 +605,12 @@ fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
                 let gate = Gate::of(&seg);
                 let len = seg.slot_len();
                 let round = (Arc::as_ptr(&seg) as usize, epoch);
-                if helper.is_some() && gate::chunk_bytes(len).is_some() && watched != Some(round) {
+                let late = gate::late_chunk(gate.workers(), len).is_some();
+                if helper.is_some()
+                    && !late
+                    && gate::chunk_bytes(len).is_some()
+                    && watched != Some(round)
+                {
                     watched = Some(round);
                     // A round worth helping with: watch for its sharing
                     // (or end) awake, for a while; a wake-up would come
@@ -655,7 +665,11 @@ fn late_overdue(
     now: Instant,
     timeout: Duration,
 ) -> Option<Outcome> {
+    let gate = Gate::of(&w.seg);
     if let Some(r) = dead_among(dead, part.claimers_unsummed()) {
+        // Its arrival stays (L2 of `gate/late.rs`): the next rounds go to
+        // the server.
+        gate.close();
         let f = Fault::Unavailable(format!(
             "worker {r}, which was summing part of this round in shared memory, died: the round cannot end"
         ));
@@ -664,10 +678,11 @@ fn late_overdue(
     if w.deadline > now {
         return None;
     }
-    let gate = Gate::of(&w.seg);
-    if gate.round(w.epoch) != gate::Round::Gathering {
-        // Ended or handed over: the next look takes it out.
-        return None;
+    match gate.round(w.epoch) {
+        // The next look takes it out.
+        gate::Round::HandedOver => return None,
+        gate::Round::Ended if part.done() => return None,
+        _ => {}
     }
     let (arrived, workers) = (gate.arrived() as usize, gate.workers());
     if arrived >= workers && !w.summing {
@@ -675,6 +690,7 @@ fn late_overdue(
         w.deadline = now + timeout;
         return None;
     }
+    gate.close();
     let f = Fault::Failed(format!(
         "the round that the workers sum in shared memory did not end within {timeout:?} ({arrived} of {workers} workers had arrived; this worker's push stays in it, in doubt)"
     ));
