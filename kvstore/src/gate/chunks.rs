@@ -42,7 +42,7 @@
 //!   the part again would not be safe: a worker declared dead may only be
 //!   stopped, and the kernel adds into the value slot in place.)
 //! - S3. A worker helps with at most one thread at a time (its helper in
-//!   `kinds/dist/worker_sum/waits.rs` takes a lock), whose rank's bit in `BUSY`
+//!   `kinds/dist/worker_sum/waits/mod.rs` takes a lock), whose rank's bit in `BUSY`
 //!   is set from after it read `CLAIM` at the round's epoch (so after
 //!   `share` cleared the word) until after its last claim. So the rank of
 //!   a worker holding a chunk has its bit set. (A thread late from an
