@@ -312,35 +312,7 @@ fn a_round_that_never_fills_times_out_and_its_push_is_taken_back() {
         init(kv, e);
         rounds(kv, e, 0, 1);
         kv.barrier().unwrap();
-        let key = Key::Int(0);
-        let out = Tensor::zeros(e, &[10], DType::F32, Context::Cpu).unwrap();
-        let mut failed = None;
-        if kv.rank() == 0 {
-            let t = Instant::now();
-            kv.pushpull(&key, &[tensor(e, &[100.0f32; 10])], &[out.clone()], 0)
-                .unwrap();
-            let err = out.to_vec::<f32>().unwrap_err().to_string();
-            failed = Some((err, t.elapsed()));
-            first_failed.store(true, Ordering::Release);
-            // The failure is the key's until told once; then the push again.
-            let again = tensor(e, &[1.0f32; 10]);
-            if kv
-                .pushpull(&key, &[again.clone()], &[out.clone()], 0)
-                .is_err()
-            {
-                kv.pushpull(&key, &[again], &[out.clone()], 0).unwrap();
-            }
-        } else {
-            // Only once the other's first push failed (its retry then
-            // waits for this one).
-            let t = Instant::now();
-            while !first_failed.load(Ordering::Acquire) && t.elapsed() < timeout * 20 {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            kv.pushpull(&key, &[tensor(e, &[2.0f32; 10])], &[out.clone()], 0)
-                .unwrap();
-        }
-        (out.to_vec::<f32>().unwrap(), failed)
+        first_push_fails_then_both_push(kv, e, &Key::Int(0), 10, timeout, &first_failed)
     });
     let (err, took) = got[0].1.clone().expect("worker 0's first push failed");
     assert!(
@@ -492,30 +464,7 @@ fn a_round_of_late_copies_that_never_fills_fails_in_doubt() {
             .unwrap();
         out.to_vec::<f32>().unwrap();
         kv.barrier().unwrap();
-        let mut failed = None;
-        if kv.rank() == 0 {
-            let t = Instant::now();
-            kv.pushpull(&key, &[tensor(e, &vec![100.0f32; N])], &[out.clone()], 0)
-                .unwrap();
-            let err = out.to_vec::<f32>().unwrap_err().to_string();
-            failed = Some((err, t.elapsed()));
-            first_failed.store(true, Ordering::Release);
-            let again = tensor(e, &vec![1.0f32; N]);
-            if kv
-                .pushpull(&key, &[again.clone()], &[out.clone()], 0)
-                .is_err()
-            {
-                kv.pushpull(&key, &[again], &[out.clone()], 0).unwrap();
-            }
-        } else {
-            let t = Instant::now();
-            while !first_failed.load(Ordering::Acquire) && t.elapsed() < timeout * 20 {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            kv.pushpull(&key, &[tensor(e, &vec![2.0f32; N])], &[out.clone()], 0)
-                .unwrap();
-        }
-        (out.to_vec::<f32>().unwrap(), failed)
+        first_push_fails_then_both_push(kv, e, &key, N, timeout, &first_failed)
     });
     let (err, took) = got[0].1.clone().expect("worker 0's first push failed");
     assert!(
@@ -530,4 +479,47 @@ fn a_round_of_late_copies_that_never_fills_fails_in_doubt() {
             v[0]
         );
     }
+}
+
+/// Worker 0 pushes to `key` (of `n` f32) alone, which fails (the other
+/// worker pushes only once `first_failed` says so), then pushes again
+/// (once more if the first try only reports the failure); worker 1 then
+/// pushes too. Each worker's output, and worker 0's first failure with how
+/// long it took.
+fn first_push_fails_then_both_push(
+    kv: &KvStore,
+    e: &Engine,
+    key: &Key,
+    n: usize,
+    timeout: Duration,
+    first_failed: &AtomicBool,
+) -> (Vec<f32>, Option<(String, Duration)>) {
+    let out = Tensor::zeros(e, &[n], DType::F32, Context::Cpu).unwrap();
+    let mut failed = None;
+    if kv.rank() == 0 {
+        let t = Instant::now();
+        kv.pushpull(key, &[tensor(e, &vec![100.0f32; n])], &[out.clone()], 0)
+            .unwrap();
+        let err = out.to_vec::<f32>().unwrap_err().to_string();
+        failed = Some((err, t.elapsed()));
+        first_failed.store(true, Ordering::Release);
+        // The failure is the key's until told once; then the push again.
+        let again = tensor(e, &vec![1.0f32; n]);
+        if kv
+            .pushpull(key, &[again.clone()], &[out.clone()], 0)
+            .is_err()
+        {
+            kv.pushpull(key, &[again], &[out.clone()], 0).unwrap();
+        }
+    } else {
+        // Only once the other's first push failed (its retry then waits
+        // for this one).
+        let t = Instant::now();
+        while !first_failed.load(Ordering::Acquire) && t.elapsed() < timeout * 20 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        kv.pushpull(key, &[tensor(e, &vec![2.0f32; n])], &[out.clone()], 0)
+            .unwrap();
+    }
+    (out.to_vec::<f32>().unwrap(), failed)
 }

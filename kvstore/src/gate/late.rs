@@ -189,10 +189,15 @@ impl Late<'_, '_> {
         mine
     }
 
-    /// Applies `f` to chunk k's word in this round (an earlier round's
-    /// value counts as empty); the value before.
+    /// Applies `f` to chunk k's word in this round; the value before.
     fn update(&self, k: usize, f: impl Fn(u32) -> u32) -> u32 {
-        let w = self.word(k);
+        self.update_word(self.word(k), f)
+    }
+
+    /// Applies `f` to word `w` (a chunk's, or `COUNT`) in this round (an
+    /// earlier round's value counts as empty: the tag alone); the value
+    /// before.
+    fn update_word(&self, w: &AtomicU32, f: impl Fn(u32) -> u32) -> u32 {
         let mut v = w.load(Ordering::Acquire);
         loop {
             let now = if v >> 16 == self.tag {
@@ -229,19 +234,8 @@ impl Late<'_, '_> {
     /// ends the round: `Gate::finish`, L4).
     pub(crate) fn sum_done(&self, k: usize) -> bool {
         self.word(k).fetch_or(SUMMED, Ordering::AcqRel);
-        let count = self.gate.word(COUNT);
-        let mut c = count.load(Ordering::Acquire);
-        loop {
-            let next = if c >> 16 == self.tag {
-                c + 1
-            } else {
-                self.tag << 16 | 1
-            };
-            match count.compare_exchange_weak(c, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return (next & 0xffff) as usize == self.n,
-                Err(now) => c = now,
-            }
-        }
+        let before = self.update_word(self.gate.word(COUNT), |c| c + 1);
+        (before & 0xffff) as usize + 1 == self.n
     }
 
     /// The ranks holding claimed chunks not summed yet, as bits (a dead

@@ -320,7 +320,7 @@ impl Region {
     /// # Panics
     /// If `i` is not below [`slots`](Region::slots).
     pub unsafe fn slot(&self, i: usize) -> &[u8] {
-        std::slice::from_raw_parts(self.slot_ptr(i), self.slot_len)
+        self.slot_range(i, 0..self.slot_len)
     }
 
     /// A slot's bytes, to write.
@@ -333,7 +333,7 @@ impl Region {
     /// If `i` is not below [`slots`](Region::slots).
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slot_mut(&self, i: usize) -> &mut [u8] {
-        std::slice::from_raw_parts_mut(self.slot_ptr(i), self.slot_len)
+        self.slot_range_mut(i, 0..self.slot_len)
     }
 
     /// Bytes `range` of a slot (others may write its other bytes meanwhile:
@@ -346,12 +346,7 @@ impl Region {
     /// If `i` is not below [`slots`](Region::slots), or `range` is not
     /// within a slot.
     pub unsafe fn slot_range(&self, i: usize, range: std::ops::Range<usize>) -> &[u8] {
-        assert!(
-            range.start <= range.end && range.end <= self.slot_len,
-            "bytes {range:?} of a {}-byte slot",
-            self.slot_len
-        );
-        std::slice::from_raw_parts(self.slot_ptr(i).add(range.start), range.len())
+        std::slice::from_raw_parts(self.range_ptr(i, &range), range.len())
     }
 
     /// Bytes `range` of a slot, to write.
@@ -364,12 +359,21 @@ impl Region {
     /// As [`slot_range`](Region::slot_range).
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slot_range_mut(&self, i: usize, range: std::ops::Range<usize>) -> &mut [u8] {
+        std::slice::from_raw_parts_mut(self.range_ptr(i, &range), range.len())
+    }
+
+    /// The first byte of bytes `range` of slot `i`.
+    ///
+    /// # Panics
+    /// As [`slot_range`](Region::slot_range).
+    fn range_ptr(&self, i: usize, range: &std::ops::Range<usize>) -> *mut u8 {
         assert!(
             range.start <= range.end && range.end <= self.slot_len,
             "bytes {range:?} of a {}-byte slot",
             self.slot_len
         );
-        std::slice::from_raw_parts_mut(self.slot_ptr(i).add(range.start), range.len())
+        // SAFETY: within slot `i` (checked above; `slot_ptr` checks `i`).
+        unsafe { self.slot_ptr(i).add(range.start) }
     }
 
     /// Slot `i` as `Bytes` that read it in place (no copy) and keep the

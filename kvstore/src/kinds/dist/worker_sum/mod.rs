@@ -376,15 +376,14 @@ impl DistStore {
                             // round ends once it is summed, by whoever polls
                             // the waits (this thread must not block here).
                             let w = Wait {
-                                seg: seg.clone(),
-                                epoch,
-                                dtype,
-                                deadline: Instant::now(),
-                                summing: false,
                                 finishing: true,
                                 out: out.clone(),
-                                late: None,
-                                then: self.then_of(p, inf, round, out),
+                                ..Wait::new(
+                                    seg.clone(),
+                                    epoch,
+                                    dtype,
+                                    self.then_of(p, inf, round, out),
+                                )
                             };
                             self.waits.enter(w);
                             return None;
@@ -415,16 +414,10 @@ impl DistStore {
             }
             Arrival::Waiting(epoch) => {
                 let out = ChunkOut::of(&p, round, &seg);
+                let dtype = dk.local.meta.dtype;
                 let w = Wait {
-                    seg: seg.clone(),
-                    epoch,
-                    dtype: dk.local.meta.dtype,
-                    deadline: Instant::now(),
-                    summing: false,
-                    finishing: false,
                     out: out.clone(),
-                    late: None,
-                    then: self.then_of(p, inf, round, out),
+                    ..Wait::new(seg.clone(), epoch, dtype, self.then_of(p, inf, round, out))
                 };
                 // Often over already (the last worker was just behind).
                 self.waits.enter(w);
@@ -472,15 +465,13 @@ impl DistStore {
         part.settle();
         let landed = out.is_some();
         let w = Wait {
-            seg: seg.clone(),
-            epoch,
-            dtype,
-            deadline: Instant::now(),
-            summing: false,
-            finishing: false,
-            out: None,
             late: Some(part.clone()),
-            then: self.then_of_late(p, inf, round, part, landed),
+            ..Wait::new(
+                seg.clone(),
+                epoch,
+                dtype,
+                self.then_of_late(p, inf, round, part, landed),
+            )
         };
         self.waits.enter(w);
         None

@@ -38,20 +38,7 @@ fn the_watcher_fails_a_dead_summers_waiters_and_hands_over_closed_rounds() {
     let timeout = Duration::from_millis(200);
     let waits = Waits::new(timeout, Arc::new(CpuKernels::single_threaded()), 0);
     let (tx, rx) = mpsc::channel();
-    let wait_on = |seg: &Arc<Region>, epoch| {
-        let tx = tx.clone();
-        waits.add(Wait {
-            seg: seg.clone(),
-            epoch,
-            dtype: DType::F32,
-            deadline: Instant::now(),
-            summing: false,
-            finishing: false,
-            out: None,
-            late: None,
-            then: Box::new(move |o| tx.send(outcome_of(o)).unwrap()),
-        });
-    };
+    let wait_on = |seg: &Arc<Region>, epoch| waits.add(wait(seg, epoch, false, &tx));
     // Summer (worker 1) known dead.
     let (seg, e) = one_waiting();
     let gate = Gate::of(&seg);
@@ -142,16 +129,10 @@ fn shared_round_of_three(
 /// A wait at `seg`'s gate for the round of `epoch` that reports to `tx`.
 fn wait(seg: &Arc<Region>, epoch: u32, finishing: bool, tx: &mpsc::Sender<(String, bool)>) -> Wait {
     let tx = tx.clone();
+    let then = Box::new(move |o| tx.send(outcome_of(o)).unwrap());
     Wait {
-        seg: seg.clone(),
-        epoch,
-        dtype: DType::F32,
-        deadline: Instant::now(),
-        summing: false,
         finishing,
-        out: None,
-        late: None,
-        then: Box::new(move |o| tx.send(outcome_of(o)).unwrap()),
+        ..Wait::new(seg.clone(), epoch, DType::F32, then)
     }
 }
 

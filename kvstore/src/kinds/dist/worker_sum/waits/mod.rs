@@ -74,22 +74,26 @@ pub(super) struct Wait {
 }
 
 impl Wait {
+    /// A wait of a part that arrived at the round of `epoch` at `seg`'s
+    /// gate, finished by `then`: not this worker's to end, with nothing of
+    /// its own to copy or sum (the fields set otherwise say so).
+    pub(super) fn new(seg: Arc<Region>, epoch: u32, dtype: DType, then: Then) -> Wait {
+        Wait {
+            seg,
+            epoch,
+            dtype,
+            deadline: Instant::now(),
+            summing: false,
+            finishing: false,
+            out: None,
+            late: None,
+            then,
+        }
+    }
+
     /// How the round came out, if it did (withdrawing a push handed over).
     fn outcome(&self) -> Option<Outcome> {
         let gate = Gate::of(&self.seg);
-        if let Some(part) = &self.late {
-            // Ended once the round ended and this worker's output holds it
-            // (L4 of `gate/late.rs`); a round handed over is left whole.
-            return match gate.round(self.epoch) {
-                gate::Round::Ended => part.done().then_some(Outcome::Ended),
-                gate::Round::Gathering => None,
-                gate::Round::HandedOver => match gate.withdraw(self.epoch) {
-                    Withdrawal::Left => Some(Outcome::HandedOver),
-                    Withdrawal::Ended => part.done().then_some(Outcome::Ended),
-                    Withdrawal::Summing => None,
-                },
-            };
-        }
         if self.finishing {
             let sh = gate.summed_round(self.epoch, self.seg.slot_len())?;
             return sh.all_summed().then(|| {
@@ -97,7 +101,7 @@ impl Wait {
                 Outcome::Ended
             });
         }
-        match gate.round(self.epoch) {
+        let o = match gate.round(self.epoch) {
             gate::Round::Gathering => None,
             gate::Round::Ended => Some(Outcome::Ended),
             gate::Round::HandedOver => match gate.withdraw(self.epoch) {
@@ -105,6 +109,12 @@ impl Wait {
                 Withdrawal::Ended => Some(Outcome::Ended),
                 Withdrawal::Summing => None,
             },
+        };
+        match (o, &self.late) {
+            // A part of a round of late copies ends once its output holds
+            // the round too (L4 of `gate/late.rs`).
+            (Some(Outcome::Ended), Some(part)) if !part.done() => None,
+            (o, _) => o,
         }
     }
 }
@@ -294,13 +304,7 @@ impl Waits {
         }
         if !late.is_empty() && progress(&late) {
             any = true;
-            if let Some(mut list) = inner.list.try_lock() {
-                let out = take_out(&mut list, &inner.len);
-                drop(list);
-                for (w, o) in out {
-                    (w.then)(o);
-                }
-            }
+            self.finish_ready();
         }
         if let (false, Some(h)) = (shared.is_empty(), &self.helper) {
             if h.help(&shared) == Some(true) {
@@ -309,16 +313,23 @@ impl Waits {
                 // a wake-up: the rounds end a moment after their last
                 // chunk.
                 h.settle(&shared);
-                if let Some(mut list) = inner.list.try_lock() {
-                    let out = take_out(&mut list, &inner.len);
-                    drop(list);
-                    for (w, o) in out {
-                        (w.then)(o);
-                    }
-                }
+                self.finish_ready();
             }
         }
         any
+    }
+
+    /// Finishes the waits whose rounds came out, unless another thread
+    /// holds the list (it looks itself).
+    fn finish_ready(&self) {
+        let inner = &self.inner;
+        if let Some(mut list) = inner.list.try_lock() {
+            let out = take_out(&mut list, &inner.len);
+            drop(list);
+            for (w, o) in out {
+                (w.then)(o);
+            }
+        }
     }
 
     /// Finishes `w` at once if its round came out already, else adds it.
