@@ -4,6 +4,7 @@
 //! run in order. How a part's values are built (zero-copy slices, shared
 //! slots, 2-bit or 1-bit codes, rows) and where answers land.
 
+use pskv_gpu::cpu::copy::copy;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -112,7 +113,7 @@ impl DistStore {
             // SAFETY: this worker's own slot, which the server reads
             // only after the push below (see `kinds/dist/segments.rs`),
             // and which no push buffer holds (`mask_lent`).
-            unsafe { seg.slot_mut(me) }.copy_from_slice(bytes);
+            copy(unsafe { seg.slot_mut(me) }, bytes);
         }
         // The server checks the count against the key's size, as it
         // checks a message's length.

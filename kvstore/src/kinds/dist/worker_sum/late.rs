@@ -13,6 +13,7 @@
 //! (`done`). It is closed (`close`: nothing more is written into the
 //! output) before its op completes, whichever way.
 
+use pskv_gpu::cpu::copy::copy;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -77,7 +78,7 @@ impl LatePart {
             if let Some(input) = &input {
                 // SAFETY: this worker's own slot's chunk, which nobody reads
                 // until the bit set after this (L3 of `gate/late.rs`).
-                unsafe { seg.slot_range_mut(rank, r.clone()) }.copy_from_slice(&input[r]);
+                copy(unsafe { seg.slot_range_mut(rank, r.clone()) }, &input[r]);
             }
         });
         let theirs = if out.is_some() {
@@ -256,6 +257,9 @@ impl LatePart {
         // SAFETY: this worker's own slot: the round was handed over, so no
         // chunk of it is summed, and the server reads the slot only after
         // the push this precedes.
-        unsafe { self.seg.slot_range_mut(self.rank, 0..input.len()) }.copy_from_slice(input);
+        copy(
+            unsafe { self.seg.slot_range_mut(self.rank, 0..input.len()) },
+            input,
+        );
     }
 }

@@ -74,6 +74,7 @@
 //! inline, which may arrive at a gate and add a wait; or send a push
 //! handed over).
 
+use pskv_gpu::cpu::copy::copy;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -183,7 +184,7 @@ fn to_slot(p: &mut PartSend, seg: &Region, rank: usize) {
     if let Some(input) = late_input(p) {
         // SAFETY: this worker's own slot, read by the server only after
         // this push.
-        unsafe { seg.slot_range_mut(rank, 0..input.len()) }.copy_from_slice(&input);
+        copy(unsafe { seg.slot_range_mut(rank, 0..input.len()) }, &input);
         p.payload = count_payload(input.len());
     }
 }
