@@ -3,6 +3,7 @@
 //! into it, and the sum written into the stored value.
 
 use half::f16;
+use pskv_gpu::cpu::copy::copy;
 
 use crate::comm::elems;
 use crate::dtype::DType;
@@ -51,7 +52,8 @@ pub(super) fn fold_into(acc: &mut Acc, at: usize, dtype: DType, v: &[u8], first:
         ($a:expr, $src:expr, $add:expr) => {{
             let a = &mut $a[at..at + $src.len()];
             if first {
-                a.copy_from_slice(&$src);
+                // The source may be a page-aligned slot (`copy`'s doc).
+                copy(bytemuck::cast_slice_mut(a), bytemuck::cast_slice(&$src));
             } else {
                 for (x, y) in a.iter_mut().zip($src.iter()) {
                     $add(x, *y);
