@@ -5,12 +5,11 @@
 //! of its speed when the destination lies a few bytes past the source
 //! modulo a 4 KiB page (measured at 4 to 28 bytes): 2.9 GB/s against 30
 //! GB/s (BENCHMARKS.md, "Copies whose destination is just past the source
-//! in its page"). A copy from a
-//! page-aligned shared-memory slot into a heap buffer, which glibc places
-//! 16 bytes into its first page, is such a copy; every copy of a
-//! worker-summed round out of its value slot was one. Copies at such a
-//! distance go through 64-byte blocks of vector loads and stores instead;
-//! all others through `memcpy`.
+//! in its page"). A copy from a page-aligned shared-memory slot into a heap
+//! buffer, which glibc places 16 bytes into its first page, is such a copy;
+//! every copy of a worker-summed round out of its value slot was one.
+//! Copies at such a distance go through 64-byte blocks of vector loads and
+//! stores instead; all others through `memcpy`.
 
 /// Copies below this many bytes always go through `memcpy` (`rep movsb`
 /// starts at a few KiB).
@@ -56,6 +55,20 @@ pub fn copy(dst: &mut [u8], src: &[u8]) {
     unsafe {
         copy_to(dst.as_mut_ptr(), src)
     };
+}
+
+/// A new vector holding a copy of `src` (as `to_vec`, through
+/// [`copy_to`]).
+pub fn to_vec(src: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(src.len());
+    // SAFETY: `v` has room for `src.len()` bytes, a new allocation apart
+    // from `src`; all of them are written before the length covers them.
+    #[allow(unsafe_code)]
+    unsafe {
+        copy_to(v.as_mut_ptr(), src);
+        v.set_len(src.len());
+    }
+    v
 }
 
 /// The block copy: 64 bytes a step through vector registers (SSE2, in
@@ -132,6 +145,7 @@ mod tests {
                 let slow = SLOW_SKEW.contains(&skew) && (MIN_BLOCKED..MAX_BLOCKED).contains(&len);
                 assert_eq!(slow, blocked(d + at, s, len));
                 copy(&mut dst[at..end], &src[..len]);
+                assert_eq!(to_vec(&src[..len]), &src[..len]);
                 assert_eq!(&dst[at..end], &src[..len], "skew {skew} len {len}");
                 assert!(dst[..at].iter().all(|&b| b == 0xAA));
                 assert!(dst[end..].iter().all(|&b| b == 0xAA));

@@ -4,12 +4,12 @@
 //! run in order. How a part's values are built (zero-copy slices, shared
 //! slots, 2-bit or 1-bit codes, rows) and where answers land.
 
-use pskv_gpu::cpu::copy::copy;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use pskv_engine::{OpSpec, Property, RunContext};
+use pskv_gpu::cpu::copy::copy;
 use pskv_transport::{KvResponse, Region, SlotSpan};
 
 use super::inflight::OutPtr;

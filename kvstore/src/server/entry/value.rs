@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use pskv_gpu::cpu::copy::copy_to;
+use pskv_gpu::cpu::copy::to_vec;
 
 use super::EntryState;
 use crate::tensor::{share, Buf};
@@ -29,20 +29,8 @@ impl EntryState {
     /// The stored value, shared without a copy (copied out of a segment).
     pub(crate) fn snapshot(&self) -> Bytes {
         match &self.shm {
-            Some(_) => {
-                // Out of a page-aligned slot: through `copy_to` (its doc).
-                let src = self.value_bytes();
-                let mut v = Vec::with_capacity(src.len());
-                // SAFETY: `v` has room for `src.len()` bytes, a new
-                // allocation apart from the slot; all of them are written
-                // before the length covers them.
-                #[allow(unsafe_code)]
-                unsafe {
-                    copy_to(v.as_mut_ptr(), src);
-                    v.set_len(src.len());
-                }
-                Bytes::from(v)
-            }
+            // Out of a page-aligned slot: through `to_vec` (its doc).
+            Some(_) => Bytes::from(to_vec(self.value_bytes())),
             None => share(&self.value, 0..self.value.len()),
         }
     }

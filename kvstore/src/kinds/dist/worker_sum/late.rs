@@ -13,7 +13,6 @@
 //! (`done`). It is closed (`close`: nothing more is written into the
 //! output) before its op completes, whichever way.
 
-use pskv_gpu::cpu::copy::copy;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,6 +20,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use pskv_gpu::cpu::copy::copy;
 use pskv_gpu::cpu::CpuKernels;
 use pskv_transport::Region;
 use smallvec::SmallVec;

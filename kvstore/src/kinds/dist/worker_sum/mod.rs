@@ -74,7 +74,6 @@
 //! inline, which may arrive at a gate and add a wait; or send a push
 //! handed over).
 
-use pskv_gpu::cpu::copy::copy;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -82,6 +81,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use pskv_gpu::cpu::copy::copy;
 use pskv_gpu::cpu::CpuKernels;
 use pskv_transport::{KvResponse, Region};
 use smallvec::SmallVec;
