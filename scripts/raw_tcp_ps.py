@@ -2,7 +2,7 @@
 """The floor of a parameter-server round over TCP loopback on this host:
 W client processes each send their tensors to S server processes and get
 them back, over plain sockets, with no summing and no framing beyond a
-length prefix per message. This is the traffic of one dist_sync push-pull
+64-byte header per message (see Alignment below). This is the traffic of one dist_sync push-pull
 round with W workers and S servers; no parameter server over TCP can beat
 it.
 
@@ -20,6 +20,16 @@ Prints one line per workload: the median round time over the clients, and
 the kernel doubles), as pskv sets its loopback links' (PSKV_TCP_SNDBUF);
 0 (the default): the kernel's autotuning.
 
+Alignment: every message is a 64-byte header (the length, then zeros)
+and its payload padded to a multiple of 64 bytes, and every buffer sent
+from or received into starts on a 64-byte boundary. The kernel copies a
+socket's bytes with `rep movsb` between the sender's buffer, pages of its
+own (filled in stream order) and the receiver's buffer; on some x86 hosts
+that instruction runs at a fourth of its speed or less when the destination
+is a few bytes past the source modulo 4 KiB (BENCHMARKS.md, "The floor's
+receives ran at the slow distance"). With an 8-byte prefix and buffers 16
+bytes into their pages every receive here did, so the floor was not one.
+
 --sum: the servers also sum: each answers every worker with the sum of all
 workers' pushes of the tensor (float32, in rank order, numpy's `add` at
 memory speed, the tensors shared out among the server's threads), so the
@@ -27,6 +37,7 @@ floor does a parameter server's aggregation too. Needs numpy (the MXNet
 venv of ../shared/peers has it).
 """
 import argparse
+import ctypes
 import json
 import math
 import multiprocessing as mp
@@ -36,6 +47,22 @@ import statistics
 import struct
 import threading
 import time
+
+
+ALIGN = 64
+
+
+def padded(n):
+    """A payload's length on the wire: `n` rounded up to `ALIGN`."""
+    return -(-n // ALIGN) * ALIGN
+
+
+def aligned(n):
+    """A zeroed writable buffer of `padded(n)` bytes at an address that is a
+    multiple of `ALIGN` (module docs)."""
+    b = bytearray(padded(n) + ALIGN)
+    k = -ctypes.addressof(ctypes.c_char.from_buffer(b)) % ALIGN
+    return memoryview(b)[k:k + padded(n)]
 
 
 def recv_exact(s, view):
@@ -48,8 +75,8 @@ def recv_exact(s, view):
 
 
 def send_msg(s, payload):
-    """A length prefix and the payload in one system call where it fits."""
-    hdr = struct.pack("<Q", len(payload))
+    """The header and the payload in one system call where it fits."""
+    hdr = struct.pack("<Q", len(payload)).ljust(ALIGN, b"\0")
     sent = s.sendmsg([hdr, payload])
     if sent < len(hdr):
         s.sendall(hdr[sent:])
@@ -74,13 +101,13 @@ def serve(listener, workers, parts, rounds, add, sndbuf):
     tensors j with j % workers == r."""
     conns = [listener.accept()[0] for _ in range(workers)]
     everyone = threading.Barrier(workers)
-    bufs = [[memoryview(bytearray(p)) for p in parts] for _ in conns]
-    sums = [memoryview(bytearray(p)) for p in parts] if add else None
+    bufs = [[aligned(p) for p in parts] for _ in conns]
+    sums = [aligned(p) for p in parts] if add else None
 
     def one(rank, c):
         tune(c, sndbuf)
         mine = bufs[rank]
-        hdr = memoryview(bytearray(8))
+        hdr = memoryview(bytearray(ALIGN))
         for _ in range(rounds):
             for b in mine:
                 recv_exact(c, hdr)
@@ -119,9 +146,12 @@ def client(ports, parts, rounds, q, sndbuf):
     # Non-zero bytes: a zero-filled `bytes(n)` is calloc'd, so every page
     # of it is the kernel's one shared zero page, which the socket copies
     # read from cache (sends measured 20% cheaper than from real data).
-    data = [[pattern(n) for n in ps] for ps in parts]
-    back = [[memoryview(bytearray(n)) for n in ps] for ps in parts]
-    hdr = memoryview(bytearray(8))
+    data = [[aligned(n) for n in ps] for ps in parts]
+    for ds, ps in zip(data, parts):
+        for d, n in zip(ds, ps):
+            d[:n] = pattern(n)
+    back = [[aligned(n) for n in ps] for ps in parts]
+    hdr = memoryview(bytearray(ALIGN))
     ts = []
     for _ in range(rounds):
         t = time.perf_counter()
