@@ -2,9 +2,9 @@
 """The floor of a parameter-server round over TCP loopback on this host:
 W client processes each send their tensors to S server processes and get
 them back, over plain sockets, with no summing and no framing beyond a
-64-byte header per message (see Alignment below). This is the traffic of one dist_sync push-pull
-round with W workers and S servers; no parameter server over TCP can beat
-it.
+64-byte header per message (see Alignment below). This is the traffic of
+one dist_sync push-pull round with W workers and S servers; no parameter
+server over TCP can beat it.
 
     python3 scripts/raw_tcp_ps.py [--workers 2] [--servers 1]
         [--sizes 4194304,33554432] [--tensors TENSORS.json] [--rounds 30]
