@@ -183,9 +183,13 @@ fn the_installed_library_serves_cmake_and_pkg_config() {
     let _ = std::fs::remove_dir_all(&tmp);
     let (prefix, build) = (tmp.join("prefix"), tmp.join("build"));
     let cargo_target = target_dir().parent().unwrap().to_path_buf();
+    // The libraries `build_c_library` made: the install script's default is
+    // the release build's; a debug test run installs the debug build's.
+    let debug = target_dir().file_name().is_some_and(|d| d == "debug");
     step(
         Command::new(root().join("scripts/install-c.sh"))
-            .args(["--debug", "--no-build", "--prefix"])
+            .args(debug.then_some("--debug"))
+            .args(["--no-build", "--prefix"])
             .arg(&prefix)
             .env("CARGO_TARGET_DIR", &cargo_target),
         "scripts/install-c.sh",
