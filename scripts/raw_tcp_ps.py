@@ -32,9 +32,9 @@ bytes into their pages every receive here did, so the floor was not one.
 
 --sum: the servers also sum: each answers every worker with the sum of all
 workers' pushes of the tensor (float32, in rank order, numpy's `add` at
-memory speed, the tensors shared out among the server's threads), so the
-floor does a parameter server's aggregation too. Needs numpy (the MXNet
-venv of ../shared/peers has it).
+memory speed, the tensors shared out among the server's threads, those
+of 1 MiB or more by slices), so the floor does a parameter server's
+aggregation too. Needs numpy (the MXNet venv of ../shared/peers has it).
 """
 import argparse
 import ctypes
@@ -97,12 +97,12 @@ def serve(listener, workers, parts, rounds, add, sndbuf):
     server that read its clients one after the other could wait on a client
     blocked on another server): each round, receive the worker's push, wait
     until every worker's is in, answer. With `add`, the answer is the sum
-    of the workers' pushes, summed between two barriers: thread r sums the
-    tensors j with j % workers == r."""
+    of the workers' pushes, summed between two barriers (`shares`)."""
     conns = [listener.accept()[0] for _ in range(workers)]
     everyone = threading.Barrier(workers)
     bufs = [[aligned(p) for p in parts] for _ in conns]
     sums = [aligned(p) for p in parts] if add else None
+    mine_to_sum = shares(parts, workers) if add else None
 
     def one(rank, c):
         tune(c, sndbuf)
@@ -114,8 +114,8 @@ def serve(listener, workers, parts, rounds, add, sndbuf):
                 recv_exact(c, b)
             everyone.wait(timeout=600)
             if add:
-                for j in range(rank, len(parts), workers):
-                    add([bufs[w][j] for w in range(workers)], sums[j])
+                for j, lo, hi in mine_to_sum[rank]:
+                    add([bufs[w][j][lo:hi] for w in range(workers)], sums[j][lo:hi])
                 everyone.wait(timeout=600)
             for b in (sums if add else mine):
                 send_msg(c, b)
@@ -126,6 +126,27 @@ def serve(listener, workers, parts, rounds, add, sndbuf):
         t.start()
     for t in ts:
         t.join()
+
+
+def shares(parts, threads):
+    """What each of a server's threads sums: `(j, lo, hi)`, bytes lo..hi of
+    tensor j. A tensor of at least `SLICED` bytes is cut into one slice per
+    thread (on 64-byte bounds), so that a single large tensor is summed by
+    all of them at once (numpy lets go of the GIL while it adds); smaller
+    ones go whole, tensor j to thread j % threads."""
+    out = [[] for _ in range(threads)]
+    for j, n in enumerate(parts):
+        n = padded(n)
+        if n >= SLICED:
+            cut = [n * r // threads // ALIGN * ALIGN for r in range(threads)] + [n]
+            for r in range(threads):
+                out[r].append((j, cut[r], cut[r + 1]))
+        else:
+            out[j % threads].append((j, 0, n))
+    return out
+
+
+SLICED = 1 << 20
 
 
 def pattern(n):
