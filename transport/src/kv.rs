@@ -89,7 +89,7 @@ impl KvResponse {
         }
         let mut at = 0;
         for p in &self.parts {
-            out[at..at + p.len()].copy_from_slice(p);
+            crate::copy::copy(&mut out[at..at + p.len()], p);
             at += p.len();
         }
         Ok(())

@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 mod config;
+pub mod copy;
 mod error;
 mod kv;
 mod landing;

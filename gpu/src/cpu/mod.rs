@@ -5,7 +5,6 @@
 //! elements (whole compressed words for both formats), and every element is
 //! computed by the same code whatever chunk it falls in.
 
-pub mod copy;
 mod onebit;
 mod simd;
 pub use simd::allow_avx2;

@@ -3,7 +3,7 @@
 //! into it, and the sum written into the stored value.
 
 use half::f16;
-use pskv_gpu::cpu::copy::copy;
+use pskv_transport::copy::copy;
 
 use crate::comm::elems;
 use crate::dtype::DType;

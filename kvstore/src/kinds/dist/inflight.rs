@@ -55,7 +55,7 @@ impl OutPtr {
             )));
         }
         // SAFETY: in bounds (checked); see the type's docs for exclusivity.
-        unsafe { pskv_gpu::cpu::copy::copy_to(self.0.add(at), src) };
+        unsafe { pskv_transport::copy::copy_to(self.0.add(at), src) };
         Ok(())
     }
 }

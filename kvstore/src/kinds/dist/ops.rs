@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use pskv_engine::{OpSpec, Property, RunContext};
-use pskv_gpu::cpu::copy::copy;
+use pskv_transport::copy::copy;
 use pskv_transport::{KvResponse, Region, SlotSpan};
 
 use super::inflight::OutPtr;

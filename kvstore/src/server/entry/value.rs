@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use pskv_gpu::cpu::copy::to_vec;
+use pskv_transport::copy::to_vec;
 
 use super::EntryState;
 use crate::tensor::{share, Buf};

@@ -285,7 +285,7 @@ impl Region for IbvRegion {
             "region write out of bounds"
         );
         // SAFETY: inside the buffer (checked); the range is ours (protocol).
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.buf.add(offset), bytes.len()) }
+        unsafe { crate::copy::copy_to(self.buf.add(offset), bytes) }
     }
 
     fn read(&self, offset: usize, out: &mut [u8]) {
@@ -295,8 +295,9 @@ impl Region for IbvRegion {
                 .is_some_and(|end| end <= self.len),
             "region read out of bounds"
         );
-        // SAFETY: as in `write`.
-        unsafe { std::ptr::copy_nonoverlapping(self.buf.add(offset), out.as_mut_ptr(), out.len()) }
+        // SAFETY: as in `write`; `out` is a distinct buffer of ours.
+        let src = unsafe { std::slice::from_raw_parts(self.buf.add(offset), out.len()) };
+        crate::copy::copy(out, src);
     }
 }
 

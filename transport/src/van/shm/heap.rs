@@ -196,7 +196,7 @@ unsafe fn copy(src: &[u8], dst: *mut u8) {
         return unsafe { stream_copy(src, dst) };
     }
     // SAFETY: the caller's contract.
-    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) }
+    unsafe { crate::copy::copy_to(dst, src) }
 }
 
 /// A copy with non-temporal stores: a frame far larger than the caches is

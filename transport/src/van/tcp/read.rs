@@ -109,7 +109,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// and lowers the mark again.
     async fn read_rest(&mut self, dst: &mut [u8]) -> Result<(), ReadError> {
         let mut at = self.buf.len().min(dst.len());
-        dst[..at].copy_from_slice(&self.buf[..at]);
+        crate::copy::copy(&mut dst[..at], &self.buf[..at]);
         self.buf.advance(at);
         while at < dst.len() {
             match self.read_raised_into(&mut dst[at..]).await {

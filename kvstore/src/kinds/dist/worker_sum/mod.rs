@@ -81,8 +81,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use pskv_gpu::cpu::copy::copy;
 use pskv_gpu::cpu::CpuKernels;
+use pskv_transport::copy::copy;
 use pskv_transport::{KvResponse, Region};
 use smallvec::SmallVec;
 

@@ -182,7 +182,7 @@ impl Producer {
             (data.add(at) as *mut u64).write(len as u64 | flags);
             let mut o = at + 8;
             for p in parts {
-                std::ptr::copy_nonoverlapping(p.as_ptr(), data.add(o), p.len());
+                crate::copy::copy_to(data.add(o), p);
                 o += p.len();
             }
         }

@@ -10,6 +10,15 @@
 //! every copy of a worker-summed round out of its value slot was one.
 //! Copies at such a distance go through 64-byte blocks of vector loads and
 //! stores instead; all others through `memcpy`.
+//!
+//! It lives in the transport, the lowest crate that moves bytes in bulk,
+//! so that one mechanism serves every copy of a value: the transport's own
+//! (shared-memory ring records and heap blocks, a TCP reader's buffered
+//! bytes, answers copied into a caller's buffer, RDMA buffers) and the
+//! kvstore's (into outputs and slots, out of slots). A TCP socket's own
+//! copies are the kernel's, with the same instruction and the same slow
+//! distances (BENCHMARKS.md, "The floor's receives ran at the slow
+//! distance"): those are out of its reach.
 
 /// Copies below this many bytes always go through `memcpy` (`rep movsb`
 /// starts at a few KiB).
