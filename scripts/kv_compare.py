@@ -16,8 +16,9 @@ With --model, the one case is a model's whole gradient set (`pskv bench
 --model`; MXNet and MPI through scripts/model_peers.py, the same tensors in
 the same order). Every run also measures the floor of a parameter-server
 round over plain TCP sockets (scripts/raw_tcp_ps.py: the same bytes, each
-message padded to 64, no summing) for the 4 MiB and 32 MiB cases or the model, and, with the peers,
-the same floor whose servers also sum (`--sum`, in the MXNet venv). The
+message padded to 64, no summing) for the 4 MiB and 32 MiB cases or the
+model, and, with the peers, the same floor whose servers also sum
+(`--sum`, in the MXNet venv). The
 floor's sockets get the send buffer pskv gives its loopback links
 (`PSKV_TCP_SNDBUF`, default 262144): plain sockets gain from it too with
 single large messages and are no slower with a model's (BENCHMARKS.md), so

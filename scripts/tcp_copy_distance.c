@@ -9,8 +9,8 @@
  * from a page-aligned buffer, in one stream, and says when it is done; only
  * then (or after 100 ms, while the receive window is still growing) does
  * the parent read the header and the payload into a buffer at page offset
- * 0, 4, ..., 64, 128 (so the socket holds the whole message: the copy is
- * timed alone). Both sockets ask for 16 MiB buffers (the kernel caps them
+ * 0 to 36 in steps of 4, then 40, 48, 56, 64 and 128 (so the socket holds
+ * the whole message: the copy is timed alone). Both sockets ask for 16 MiB buffers (the kernel caps them
  * at net.core.[rw]mem_max). Prints, per offset, the distance (the offset
  * minus HEADER, modulo 4096: how far past the kernel's copy of a byte, in
  * its page, the receiver's buffer puts it; the sender's stream starts a
@@ -60,7 +60,7 @@ int main(int argc, char **argv) {
     size_t len = argc > 1 ? strtoul(argv[1], 0, 10) : 4u << 20;
     size_t hdr = argc > 2 ? strtoul(argv[2], 0, 10) : 8;
     int rounds = argc > 3 ? atoi(argv[3]) : 8;
-    static const int offsets[] = {0, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 128};
+    static const int offsets[] = {0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 48, 56, 64, 128};
     int noff = sizeof offsets / sizeof offsets[0];
     if (hdr > 4096 || rounds < 2) {
         fprintf(stderr, "usage: %s [BYTES] [HEADER <= 4096] [ROUNDS >= 2]\n", argv[0]);
@@ -86,6 +86,7 @@ int main(int argc, char **argv) {
     if (pid == 0) {
         close(sv[0]);
         int s = socket(AF_INET, SOCK_STREAM, 0);
+        if (s < 0) die("socket");
         setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         setsockopt(s, SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
         if (connect(s, (void *)&a, sizeof a)) die("connect");
@@ -99,12 +100,23 @@ int main(int argc, char **argv) {
         exit(0);
     }
     close(sv[1]);
+    /* The child's connection, for up to 10 s (a child that failed first
+     * has said why). */
+    struct pollfd lp = {ls, POLLIN, 0};
+    if (poll(&lp, 1, 10000) != 1) {
+        fprintf(stderr, "no connection from the sender in 10 s\n");
+        return 1;
+    }
     int c = accept(ls, 0, 0);
     if (c < 0) die("accept");
+    /* The parent's own pages (the fill before the fork is shared
+     * copy-on-write: the first receive would fault on every page). */
+    memset(buf, 0, len + 8192);
     printf("%zu-byte payload after a %zu-byte header; receive copy of %d rounds, GB/s\n", len, hdr, rounds);
     printf("%8s %8s %8s %8s\n", "offset", "distance", "median", "best");
     for (int o = 0; o < noff; o++) {
-        double t[rounds];
+        double *t = calloc((size_t)rounds, sizeof *t);
+        if (!t) die("calloc");
         for (int r = 0; r < rounds; r++) {
             char x = 0;
             if (write(sv[0], &x, 1) != 1) die("go");
@@ -123,6 +135,7 @@ int main(int argc, char **argv) {
         qsort(t, rounds, sizeof t[0], by_value);
         printf("%8d %8d %8.2f %8.2f\n", offsets[o], (int)((offsets[o] - (long)hdr) & 4095),
                len / t[rounds / 2] / 1e9, len / t[0] / 1e9);
+        free(t);
     }
     close(sv[0]);
     waitpid(pid, 0, 0);

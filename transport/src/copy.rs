@@ -66,6 +66,20 @@ pub fn copy(dst: &mut [u8], src: &[u8]) {
     };
 }
 
+/// Appends `src` to `buf` (as `extend_from_slice`, through [`copy_to`]).
+pub fn extend(buf: &mut bytes::BytesMut, src: &[u8]) {
+    buf.reserve(src.len());
+    let len = buf.len();
+    // SAFETY: `reserve` made room for `src.len()` bytes past the length,
+    // in `buf`'s own allocation, apart from `src`; all of them are written
+    // before the length covers them.
+    #[allow(unsafe_code)]
+    unsafe {
+        copy_to(buf.spare_capacity_mut().as_mut_ptr().cast::<u8>(), src);
+        buf.set_len(len + src.len());
+    }
+}
+
 /// A new vector holding a copy of `src` (as `to_vec`, through
 /// [`copy_to`]).
 pub fn to_vec(src: &[u8]) -> Vec<u8> {
@@ -159,6 +173,20 @@ mod tests {
                 assert!(dst[..at].iter().all(|&b| b == 0xAA));
                 assert!(dst[end..].iter().all(|&b| b == 0xAA));
             }
+        }
+    }
+
+    /// `extend` appends whole, after what the buffer held, growing it as
+    /// needed, at lengths below, inside and above the blocks' range.
+    #[test]
+    fn extend_appends_after_what_was_there() {
+        let src: Vec<u8> = (0..300_000u32).map(|i| (i * 13 + 5) as u8).collect();
+        let mut buf = bytes::BytesMut::new();
+        let mut want = Vec::new();
+        for (from, len) in [(0, 0), (3, 5), (100, 4096 + 17), (7, 2048), (11, 250_000)] {
+            extend(&mut buf, &src[from..from + len]);
+            want.extend_from_slice(&src[from..from + len]);
+            assert_eq!(&buf[..], &want[..], "after {len} bytes from {from}");
         }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
 
 mod serve;
@@ -101,11 +101,11 @@ impl KvResponse {
             0 => Bytes::new(),
             1 => self.parts[0].clone(),
             _ => {
-                let mut v = Vec::with_capacity(self.len());
+                let mut v = BytesMut::with_capacity(self.len());
                 for p in &self.parts {
-                    v.extend_from_slice(p);
+                    crate::copy::extend(&mut v, p);
                 }
-                Bytes::from(v)
+                v.freeze()
             }
         }
     }

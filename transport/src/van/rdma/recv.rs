@@ -108,7 +108,7 @@ pub(super) fn on_chunk(
             if (buf.len() + body.len()) as u64 > max_frame {
                 return Err(VanError::protocol("a frame larger than the message limit"));
             }
-            buf.extend_from_slice(body);
+            crate::copy::extend(buf, body);
             if kind == K_DATA_LAST {
                 let bytes = partial.take().expect("present").freeze();
                 return decode_frame(bytes, &sh.limits)

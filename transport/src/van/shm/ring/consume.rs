@@ -142,7 +142,7 @@ impl Consumer {
                 (None, false) => {
                     self.pool.clear();
                     self.pool.reserve(bytes.len());
-                    self.pool.extend_from_slice(bytes);
+                    crate::copy::extend(&mut self.pool, bytes);
                     Some(self.pool.split().freeze())
                 }
                 (None, true) => {
@@ -171,7 +171,7 @@ impl Consumer {
                     self.pool.reserve(total as usize);
                     // All of the pool's room goes to this frame.
                     let mut buf = self.pool.split_off(0);
-                    buf.extend_from_slice(bytes);
+                    crate::copy::extend(&mut buf, bytes);
                     self.partial = Some((buf, total as usize));
                     None
                 }
@@ -179,7 +179,7 @@ impl Consumer {
                     if buf.len() + bytes.len() > *total {
                         return Err(VanError::protocol("chunks add up to more than their frame"));
                     }
-                    buf.extend_from_slice(bytes);
+                    crate::copy::extend(buf, bytes);
                     if more {
                         None
                     } else {
