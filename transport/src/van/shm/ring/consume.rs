@@ -141,7 +141,7 @@ impl Consumer {
             let out = match (self.partial.as_mut(), chunk) {
                 (None, false) => {
                     self.pool.clear();
-                    self.pool.reserve(bytes.len());
+                    // Reserves, reclaiming the pool's buffer if it is free.
                     crate::copy::extend(&mut self.pool, bytes);
                     Some(self.pool.split().freeze())
                 }
