@@ -14,7 +14,9 @@ pub struct Options {
     /// `MXNET_KVSTORE_BIGARRAY_BOUND`; default 1,000,000).
     pub bigarray_bound: usize,
     /// Each part of a key travels and is summed on its own, at most this
-    /// many bytes (`PSKV_PARTITION_BYTES`; default 4 MiB).
+    /// many bytes (`PSKV_PARTITION_BYTES`). 0, the default: by the van
+    /// ([`Options::partition_for`]): 1 MiB when every link is TCP, else
+    /// 4 MiB.
     pub partition_bytes: usize,
     /// How long a push or pull waits for the servers before it fails
     /// (`PSKV_KVSTORE_TIMEOUT`, seconds; default 600).
@@ -41,7 +43,7 @@ impl Default for Options {
     fn default() -> Options {
         Options {
             bigarray_bound: 1_000_000,
-            partition_bytes: 4 << 20,
+            partition_bytes: 0,
             timeout: Duration::from_secs(600),
             use_tree: false,
             topology: None,
@@ -52,7 +54,29 @@ impl Default for Options {
     }
 }
 
+/// The parts of a key over TCP links: at most 1 MiB (BENCHMARKS.md,
+/// "Parts of 1 MiB over TCP").
+pub const TCP_PARTITION_BYTES: usize = 1 << 20;
+/// The parts of a key over the other vans: at most 4 MiB (as BytePS).
+pub const PARTITION_BYTES: usize = 4 << 20;
+
 impl Options {
+    /// The part size for a store whose links run `van`: `partition_bytes`
+    /// if set, else [`TCP_PARTITION_BYTES`] for TCP and [`PARTITION_BYTES`]
+    /// for the others. Over TCP a round's sum of one part overlaps the
+    /// transfer of the next (the socket copies keep both cores busy);
+    /// shared memory moves a part at memory speed, where smaller parts
+    /// cost more per byte than they overlap (`auto` links may be shared
+    /// memory). Every worker of a job must take the same size: they do,
+    /// configured alike.
+    pub fn partition_for(&self, van: pskv_transport::VanKind) -> usize {
+        match (self.partition_bytes, van) {
+            (0, pskv_transport::VanKind::Tcp) => TCP_PARTITION_BYTES,
+            (0, _) => PARTITION_BYTES,
+            (n, _) => n,
+        }
+    }
+
     /// The settings of the environment.
     pub fn from_env() -> Result<Options> {
         Options::from_lookup(&|k| std::env::var(k).ok())
@@ -102,5 +126,42 @@ impl Options {
             o.reduce_threads = num("PSKV_KVSTORE_REDUCE_THREADS", v)?.max(1) as usize;
         }
         Ok(o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pskv_transport::VanKind;
+
+    use super::*;
+
+    fn lookup(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    /// Unset, the part size follows the van: 1 MiB over TCP, 4 MiB over
+    /// the others; set, it holds for every van.
+    #[test]
+    fn the_part_size_follows_the_van_unless_set() {
+        let o = Options::from_lookup(&lookup(&[])).unwrap();
+        assert_eq!(o.partition_bytes, 0);
+        assert_eq!(o.partition_for(VanKind::Tcp), 1 << 20);
+        for van in [
+            VanKind::Shm,
+            VanKind::Auto,
+            VanKind::Rdma,
+            VanKind::RdmaEmulated,
+        ] {
+            assert_eq!(o.partition_for(van), 4 << 20, "{van:?}");
+        }
+        let o = Options::from_lookup(&lookup(&[("PSKV_PARTITION_BYTES", "2097152")])).unwrap();
+        for van in [VanKind::Tcp, VanKind::Shm, VanKind::Auto] {
+            assert_eq!(o.partition_for(van), 2 << 20, "{van:?}");
+        }
+        assert!(Options::from_lookup(&lookup(&[("PSKV_PARTITION_BYTES", "100")])).is_err());
     }
 }

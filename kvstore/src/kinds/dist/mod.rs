@@ -171,6 +171,7 @@ impl DistStore {
         let replicas = if cfg.num_servers > 1 { cfg.replicas } else { 1 };
         let sync = kind != Kind::DistAsync;
         let mut opts = opts;
+        opts.partition_bytes = opts.partition_for(cfg.van);
         if replicas > 1 {
             if !sync {
                 return Err(KvError::Unsupported {
