@@ -223,7 +223,10 @@ impl EntryState {
             }
         } else if head.op != Op::RowPush && vals.len() != self.nbytes {
             return Err(Fault::Mismatch(format!(
-                "{}: pushed {} bytes ({} elements) but the key holds {} bytes ({} elements)",
+                "{}: pushed {} bytes ({} elements) but the key holds {} bytes ({} elements) \
+                 (workers cut a key into the same parts only with the same \
+                 PSKV_PARTITION_BYTES and PSKV_VAN: parts of 1 MiB over TCP by default, 4 MiB \
+                 otherwise)",
                 self.name(),
                 vals.len(),
                 vals.len() / self.dtype.size(),

@@ -203,3 +203,30 @@ fn a_push_of_a_later_round_completes_the_count_and_answers_the_stale_one() {
     }
     assert_eq!(st.rounds, 23);
 }
+
+/// A push whose length is not the key's (a worker that cuts the key into
+/// other parts: another `PSKV_PARTITION_BYTES`, or another `PSKV_VAN`,
+/// which sets the default) is refused at once with what to check; the
+/// round still waits for that worker.
+#[test]
+fn a_push_of_another_length_names_the_settings_that_cut_keys() {
+    let k = CpuKernels::single_threaded();
+    let mut st = EntryState::new(1, 0, DType::F32, &f32s(&[0.0; 4]), 2);
+    let (a0, r0) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 8]), 0, a0);
+    let e = r0
+        .try_recv()
+        .expect("answered at once")
+        .expect_err("refused");
+    assert!(matches!(e, Fault::Mismatch(_)), "{e:?}");
+    let msg = e.to_string();
+    for part in [
+        "pushed 32 bytes",
+        "holds 16 bytes",
+        "PSKV_PARTITION_BYTES",
+        "PSKV_VAN",
+    ] {
+        assert!(msg.contains(part), "{part:?} in {msg}");
+    }
+    assert_eq!(st.rounds, 0);
+}
