@@ -33,7 +33,7 @@ pub use key::{IntoKey, Key};
 pub use kinds::Kind;
 pub use optimizer::schedule::{Decay, LrScheduler, Warmup, WarmupMode};
 pub use optimizer::{GradRef, Method, OptState, Optimizer, StateVals, WeightMut};
-pub use options::{Options, PARTITION_BYTES, TCP_PARTITION_BYTES};
+pub use options::Options;
 pub use plan::{Call, CallPlan};
 pub use server::{CheckpointError, CheckpointSettings, Controller, Server};
 pub use store::KvStore;

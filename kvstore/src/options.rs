@@ -15,8 +15,8 @@ pub struct Options {
     pub bigarray_bound: usize,
     /// Each part of a key travels and is summed on its own, at most this
     /// many bytes (`PSKV_PARTITION_BYTES`). 0, the default: by the van
-    /// ([`Options::partition_for`]): 1 MiB when every link is TCP, else
-    /// 4 MiB.
+    /// setting ([`Options::partition_for`]): 1 MiB with `PSKV_VAN=tcp`,
+    /// else 4 MiB.
     pub partition_bytes: usize,
     /// How long a push or pull waits for the servers before it fails
     /// (`PSKV_KVSTORE_TIMEOUT`, seconds; default 600).
@@ -54,25 +54,26 @@ impl Default for Options {
     }
 }
 
-/// The parts of a key over TCP links: at most 1 MiB (BENCHMARKS.md,
+/// The parts of a key with `PSKV_VAN=tcp`: at most 1 MiB (BENCHMARKS.md,
 /// "Parts of 1 MiB over TCP").
-pub const TCP_PARTITION_BYTES: usize = 1 << 20;
-/// The parts of a key over the other vans: at most 4 MiB (as BytePS).
-pub const PARTITION_BYTES: usize = 4 << 20;
+pub(crate) const TCP_PARTITION_BYTES: usize = 1 << 20;
+/// The parts of a key with the other van settings: at most 4 MiB (as
+/// BytePS).
+pub(crate) const DEFAULT_PARTITION_BYTES: usize = 4 << 20;
 
 impl Options {
-    /// The part size for a store whose links run `van`: `partition_bytes`
-    /// if set, else [`TCP_PARTITION_BYTES`] for TCP and [`PARTITION_BYTES`]
-    /// for the others. Over TCP a round's sum of one part overlaps the
-    /// transfer of the next (the socket copies keep both cores busy);
-    /// shared memory moves a part at memory speed, where smaller parts
-    /// cost more per byte than they overlap (`auto` links may be shared
-    /// memory). Every worker of a job must take the same size: they do,
-    /// configured alike.
+    /// The part size for a store whose van setting is `van`:
+    /// `partition_bytes` if set, else 1 MiB for `tcp` and 4 MiB for the
+    /// others. Over TCP a round's sum of one part overlaps the transfer
+    /// of the next; shared memory moves a part at memory speed, where
+    /// smaller parts cost more per byte than they overlap (`auto` links may
+    /// be shared memory). Every worker of a job must take the same size:
+    /// `init` checks that they do (the part size is part of what the
+    /// workers agree on), so workers configured apart get an error there.
     pub fn partition_for(&self, van: pskv_transport::VanKind) -> usize {
         match (self.partition_bytes, van) {
             (0, pskv_transport::VanKind::Tcp) => TCP_PARTITION_BYTES,
-            (0, _) => PARTITION_BYTES,
+            (0, _) => DEFAULT_PARTITION_BYTES,
             (n, _) => n,
         }
     }

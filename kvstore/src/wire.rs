@@ -199,6 +199,12 @@ pub(crate) fn plan(
     if servers == 0 {
         return Err(KvError::invalid("the cluster has no servers"));
     }
+    if partition_bytes == 0 {
+        // `Options::partition_for` resolves the default before any plan.
+        return Err(KvError::invalid(format!(
+            "internal: no part size was set for key id {key_id}"
+        )));
+    }
     let first = (key_id.wrapping_mul(9973) % servers as u64) as usize;
     let pieces = if big && servers > 1 { servers } else { 1 };
     // Units per part: at most the partition size, at least one unit.
@@ -415,6 +421,9 @@ mod tests {
         assert_eq!(keys.len(), 8);
         assert!(plan(1, 1 << 20, 4, false, 8, &r).is_err());
         assert!(plan(1, 10, 4, false, 4 << 20, &[]).is_err());
+        // An unresolved part size (0: "by van") is an error, not a part
+        // per element.
+        assert!(plan(1, 10, 4, false, 0, &r).is_err());
     }
 
     #[test]

@@ -79,6 +79,50 @@ fn workers_that_init_a_key_with_different_sizes_all_get_an_error_naming_it() {
     }
 }
 
+/// Workers whose settings cut a key into other parts (one with the default
+/// part size of a TCP store, 1 MiB, one with `PSKV_PARTITION_BYTES` at
+/// 4 MiB; or workers with other `PSKV_VAN`s, whose defaults differ) would
+/// push parts of other lengths: both get an error at `init` naming both
+/// part sizes, and keys they cut alike (one part each, here) still work.
+#[test]
+fn workers_that_cut_a_key_into_other_parts_all_get_an_error_at_init() {
+    let c = cluster(1, 2);
+    let out = c.run_each_opts(
+        "dist_sync",
+        |i| Options {
+            partition_bytes: if i == 0 { 0 } else { 4 << 20 },
+            ..opts(Duration::from_secs(20))
+        },
+        |_, kv, e| {
+            let t = Tensor::zeros(e, &[1 << 20], DType::F32, Context::Cpu).unwrap();
+            let err = kv.init(3, &t).err().map(|e| e.to_string());
+            let w = Tensor::full(e, &[4], 1.0f32, Context::Cpu).unwrap();
+            let ok = kv.init(7, &w).is_ok()
+                && kv
+                    .pushpull(7, std::slice::from_ref(&w), std::slice::from_ref(&w), 0)
+                    .is_ok()
+                && w.to_vec::<f32>().is_ok();
+            (err, ok)
+        },
+    );
+    for ((err, ok), _, _) in &out {
+        let e = err.as_deref().expect("the init fails");
+        eprintln!("{e}");
+        for part in [
+            "key 3",
+            "in 4 parts",
+            "in 1 part",
+            "1048576",
+            "4194304",
+            "PSKV_PARTITION_BYTES",
+        ] {
+            assert!(e.contains(part), "{part:?} in {e}");
+        }
+        assert!(ok, "the store stopped working after the failed init");
+    }
+    assert_eq!(out[0].0 .0, out[1].0 .0, "the same error on both");
+}
+
 /// The same for the element type, and for shapes of one size.
 #[test]
 fn workers_that_init_a_key_with_different_types_or_shapes_all_get_an_error() {

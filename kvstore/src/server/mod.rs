@@ -135,7 +135,8 @@ struct Inner {
 }
 
 /// `PSKV_WORKER_SUM_BYTES` unset: parts up to this size (the default part
-/// size: every part) are summed by their workers when the server has
+/// size over shared memory, the only van of this fast path: every part)
+/// are summed by their workers when the server has
 /// nothing to add (BENCHMARKS.md, "Small rounds summed by the workers" and
 /// "Large rounds summed by the workers together").
 pub const DEFAULT_WORKER_SUM_BYTES: usize = 4 << 20;

@@ -110,11 +110,22 @@ impl Cluster {
         opts: Options,
         f: impl Fn(usize, &KvStore, &Engine) -> R + Send + Sync + 'static,
     ) -> Vec<(R, u32, pskv_kvstore::Result<()>)> {
+        self.run_each_opts(kind, move |_| opts.clone(), f)
+    }
+
+    /// As `run_each`, worker thread `i` with options `opts(i)` (their
+    /// transport settings replaced by the cluster's).
+    pub fn run_each_opts<R: Send + 'static>(
+        self,
+        kind: &'static str,
+        opts: impl Fn(usize) -> Options,
+        f: impl Fn(usize, &KvStore, &Engine) -> R + Send + Sync + 'static,
+    ) -> Vec<(R, u32, pskv_kvstore::Result<()>)> {
         let servers = self.servers();
         let f = Arc::new(f);
         let hs: Vec<_> = (0..self.w)
             .map(|i| {
-                let (f, mut o) = (f.clone(), opts.clone());
+                let (f, mut o) = (f.clone(), opts(i as usize));
                 o.transport = Some(config_van(
                     Role::Worker,
                     self.port,

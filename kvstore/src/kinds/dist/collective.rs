@@ -39,25 +39,36 @@ fn shorten(mut s: String) -> String {
     s
 }
 
-/// The digest and description of the keys of an `init` call.
-pub(super) fn keys_setting(items: &[(Key, Meta)]) -> (u64, String) {
+/// The digest and description of the keys of an `init` call: each key's
+/// type, shape and how many parts this worker cuts it into (workers that
+/// cut a key apart would push parts of other lengths), described with the
+/// part size that cut them (`partition_bytes`; not in the digest: settings
+/// that cut every key alike agree).
+pub(super) fn keys_setting(items: &[(Key, Meta, usize)], partition_bytes: usize) -> (u64, String) {
     let all: Vec<String> = items
         .iter()
-        .map(|(k, m)| {
+        .map(|(k, m, parts)| {
             format!(
-                "key {k} {} {:?}{}",
+                "key {k} {} {:?}{} in {parts} part{}",
                 m.dtype,
                 m.shape,
                 if m.storage == crate::tensor::Storage::RowSparse {
                     " row-sparse"
                 } else {
                     ""
-                }
+                },
+                if *parts == 1 { "" } else { "s" }
             )
         })
         .collect();
-    let text = all.join(", ");
-    (digest(text.as_bytes()), shorten(text))
+    let keys = all.join(", ");
+    let text = format!(
+        "parts of at most {partition_bytes} bytes (PSKV_PARTITION_BYTES; by default {} with \
+         PSKV_VAN=tcp, else {}): {keys}",
+        crate::options::TCP_PARTITION_BYTES,
+        crate::options::DEFAULT_PARTITION_BYTES,
+    );
+    (digest(keys.as_bytes()), shorten(text))
 }
 
 /// The digest and description of an optimizer (its JSON).

@@ -84,11 +84,14 @@ impl DistStore {
         items: &[(Key, Tensor)],
         added: &[(Arc<DistKey>, Tensor)],
     ) -> Result<()> {
-        let metas: Vec<(Key, Meta)> = items
+        // `register` added every item, in order.
+        let metas: Vec<(Key, Meta, usize)> = items
             .iter()
-            .map(|(k, v)| (k.clone(), Meta::of(v)))
+            .zip(added)
+            .map(|((k, v), (dk, _))| (k.clone(), Meta::of(v), dk.parts.len()))
             .collect();
-        self.collective("init", Ok(()), Some(collective::keys_setting(&metas)))?;
+        let agree = collective::keys_setting(&metas, self.opts.partition_bytes);
+        self.collective("init", Ok(()), Some(agree))?;
         let mut sent = Ok(());
         if self.po.my_rank() == 0 {
             for (dk, value) in added {

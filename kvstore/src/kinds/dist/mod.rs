@@ -172,6 +172,11 @@ impl DistStore {
         let sync = kind != Kind::DistAsync;
         let mut opts = opts;
         opts.partition_bytes = opts.partition_for(cfg.van);
+        tracing::debug!(
+            partition_bytes = opts.partition_bytes,
+            van = ?cfg.van,
+            "keys are cut into parts of at most this many bytes"
+        );
         if replicas > 1 {
             if !sync {
                 return Err(KvError::Unsupported {

@@ -225,13 +225,15 @@ impl EntryState {
             return Err(Fault::Mismatch(format!(
                 "{}: pushed {} bytes ({} elements) but the key holds {} bytes ({} elements) \
                  (workers cut a key into the same parts only with the same \
-                 PSKV_PARTITION_BYTES and PSKV_VAN: parts of 1 MiB over TCP by default, 4 MiB \
-                 otherwise)",
+                 PSKV_PARTITION_BYTES and PSKV_VAN: parts of {} KiB with PSKV_VAN=tcp by \
+                 default, {} KiB otherwise)",
                 self.name(),
                 vals.len(),
                 vals.len() / self.dtype.size(),
                 self.nbytes,
-                self.elems
+                self.elems,
+                crate::options::TCP_PARTITION_BYTES >> 10,
+                crate::options::DEFAULT_PARTITION_BYTES >> 10,
             )));
         }
         if let Some(sync) = self.round_sync {

@@ -206,8 +206,9 @@ fn a_push_of_a_later_round_completes_the_count_and_answers_the_stale_one() {
 
 /// A push whose length is not the key's (a worker that cuts the key into
 /// other parts: another `PSKV_PARTITION_BYTES`, or another `PSKV_VAN`,
-/// which sets the default) is refused at once with what to check; the
-/// round still waits for that worker.
+/// which sets the default) is refused at once with what to check, and
+/// is not counted: the round takes that worker's next push of the right
+/// length.
 #[test]
 fn a_push_of_another_length_names_the_settings_that_cut_keys() {
     let k = CpuKernels::single_threaded();
@@ -228,5 +229,13 @@ fn a_push_of_another_length_names_the_settings_that_cut_keys() {
     ] {
         assert!(msg.contains(part), "{part:?} in {msg}");
     }
-    assert_eq!(st.rounds, 0);
+    let (a1, r1) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[2.0; 4]), 1, a1);
+    assert!(r1.try_recv().is_err(), "the round waits for worker 0");
+    let (a0, r0) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 4]), 0, a0);
+    for r in [r0, r1] {
+        assert_eq!(value(r.try_recv().unwrap()), [3.0; 4]);
+    }
+    assert_eq!(st.rounds, 1);
 }
