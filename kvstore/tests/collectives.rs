@@ -20,6 +20,17 @@ fn opts(timeout: Duration) -> Options {
     }
 }
 
+/// Whether key 7 (the same on every worker) can be made and pushed and
+/// pulled.
+fn still_works(kv: &KvStore, e: &pskv_engine::Engine) -> bool {
+    let w = Tensor::full(e, &[4], 1.0f32, Context::Cpu).unwrap();
+    kv.init(7, &w).is_ok()
+        && kv
+            .pushpull(7, std::slice::from_ref(&w), std::slice::from_ref(&w), 0)
+            .is_ok()
+        && w.to_vec::<f32>().is_ok()
+}
+
 /// What `init` of key 3 gives on each worker, when worker thread `i` inits
 /// it with `shape(i)` and `dtype(i)`; then whether key 7 (the same
 /// everywhere) still works.
@@ -35,12 +46,7 @@ fn init_mismatch(
         move |i, kv, e| {
             let t = Tensor::zeros(e, &shape(i), dtype(i), Context::Cpu).unwrap();
             let r = kv.init(3, &t);
-            let w = Tensor::full(e, &[4], 1.0f32, Context::Cpu).unwrap();
-            let ok = kv.init(7, &w).is_ok()
-                && kv
-                    .pushpull(7, std::slice::from_ref(&w), std::slice::from_ref(&w), 0)
-                    .is_ok()
-                && w.to_vec::<f32>().is_ok();
+            let ok = still_works(kv, e);
             (r.err().map(|e| e.to_string()).unwrap_or_default(), ok)
         },
     )
@@ -96,12 +102,7 @@ fn workers_that_cut_a_key_into_other_parts_all_get_an_error_at_init() {
         |_, kv, e| {
             let t = Tensor::zeros(e, &[1 << 20], DType::F32, Context::Cpu).unwrap();
             let err = kv.init(3, &t).err().map(|e| e.to_string());
-            let w = Tensor::full(e, &[4], 1.0f32, Context::Cpu).unwrap();
-            let ok = kv.init(7, &w).is_ok()
-                && kv
-                    .pushpull(7, std::slice::from_ref(&w), std::slice::from_ref(&w), 0)
-                    .is_ok()
-                && w.to_vec::<f32>().is_ok();
+            let ok = still_works(kv, e);
             (err, ok)
         },
     );
