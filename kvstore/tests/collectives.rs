@@ -110,12 +110,10 @@ fn workers_that_cut_a_key_into_other_parts_all_get_an_error_at_init() {
         let e = err.as_deref().expect("the init fails");
         eprintln!("{e}");
         for part in [
-            "key 3",
-            "in 4 parts",
-            "in 1 part",
-            "1048576",
-            "4194304",
-            "PSKV_PARTITION_BYTES",
+            "key 3 f32 [1048576] in 4 parts",
+            "key 3 f32 [1048576] in 1 part",
+            "parts of at most 1048576 bytes: PSKV_PARTITION_BYTES",
+            "parts of at most 4194304 bytes",
         ] {
             assert!(e.contains(part), "{part:?} in {e}");
         }

@@ -18,6 +18,7 @@ use super::DistStore;
 use crate::error::{KvError, Result};
 use crate::key::Key;
 use crate::registry::Meta;
+use crate::wire::Part;
 
 /// A stable 64-bit digest of a setting's bytes.
 pub(crate) fn digest(bytes: &[u8]) -> u64 {
@@ -40,16 +41,27 @@ fn shorten(mut s: String) -> String {
 }
 
 /// The digest and description of the keys of an `init` call: each key's
-/// type, shape and how many parts this worker cuts it into (workers that
-/// cut a key apart would push parts of other lengths), described with the
-/// part size that cut them (`partition_bytes`; not in the digest: settings
-/// that cut every key alike agree).
-pub(super) fn keys_setting(items: &[(Key, Meta, usize)], partition_bytes: usize) -> (u64, String) {
+/// type and shape, and the parts this worker cuts it into (workers that
+/// cut a key apart would push parts of other lengths, or to other
+/// servers): the digest covers every part's server and length, the
+/// description their count, followed by the settings that cut them
+/// (`partition_bytes`, `bigarray_bound`; not in the digest: settings that
+/// cut every key alike agree).
+pub(super) fn keys_setting(
+    items: &[(Key, Meta, &[Part])],
+    partition_bytes: usize,
+    bigarray_bound: usize,
+) -> (u64, String) {
+    let mut cuts = String::new();
     let all: Vec<String> = items
         .iter()
         .map(|(k, m, parts)| {
+            for p in parts.iter() {
+                cuts.push_str(&format!("{}:{} ", p.server, p.len));
+            }
+            cuts.push(';');
             format!(
-                "key {k} {} {:?}{} in {parts} part{}",
+                "key {k} {} {:?}{} in {} part{}",
                 m.dtype,
                 m.shape,
                 if m.storage == crate::tensor::Storage::RowSparse {
@@ -57,18 +69,21 @@ pub(super) fn keys_setting(items: &[(Key, Meta, usize)], partition_bytes: usize)
                 } else {
                     ""
                 },
-                if *parts == 1 { "" } else { "s" }
+                parts.len(),
+                if parts.len() == 1 { "" } else { "s" }
             )
         })
         .collect();
     let keys = all.join(", ");
     let text = format!(
-        "parts of at most {partition_bytes} bytes (PSKV_PARTITION_BYTES; by default {} with \
-         PSKV_VAN=tcp, else {}): {keys}",
+        "{} (parts of at most {partition_bytes} bytes: PSKV_PARTITION_BYTES, by default {} \
+         with PSKV_VAN=tcp, else {}; arrays of {bigarray_bound} elements or more split over \
+         the servers: PSKV_KVSTORE_BIGARRAY_BOUND)",
+        shorten(keys.clone()),
         crate::options::TCP_PARTITION_BYTES,
         crate::options::DEFAULT_PARTITION_BYTES,
     );
-    (digest(keys.as_bytes()), shorten(text))
+    (digest(format!("{keys}|{cuts}").as_bytes()), text)
 }
 
 /// The digest and description of an optimizer (its JSON).

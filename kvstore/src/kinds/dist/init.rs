@@ -15,7 +15,7 @@ use crate::key::Key;
 use crate::kinds::local::LocalKey;
 use crate::registry::Meta;
 use crate::tensor::Tensor;
-use crate::wire::plan;
+use crate::wire::{plan, Part};
 
 impl DistStore {
     /// Adds the keys of an `init` call to this worker's registry (after
@@ -84,13 +84,15 @@ impl DistStore {
         items: &[(Key, Tensor)],
         added: &[(Arc<DistKey>, Tensor)],
     ) -> Result<()> {
-        // `register` added every item, in order.
-        let metas: Vec<(Key, Meta, usize)> = items
+        // `register` added every item, in order (or failed: no call here).
+        debug_assert_eq!(items.len(), added.len());
+        let metas: Vec<(Key, Meta, &[Part])> = items
             .iter()
             .zip(added)
-            .map(|((k, v), (dk, _))| (k.clone(), Meta::of(v), dk.parts.len()))
+            .map(|((k, v), (dk, _))| (k.clone(), Meta::of(v), &dk.parts[..]))
             .collect();
-        let agree = collective::keys_setting(&metas, self.opts.partition_bytes);
+        let agree =
+            collective::keys_setting(&metas, self.opts.partition_bytes, self.opts.bigarray_bound);
         self.collective("init", Ok(()), Some(agree))?;
         let mut sent = Ok(());
         if self.po.my_rank() == 0 {
