@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use pskv_engine::Context;
-use pskv_kvstore::{DType, KvStore, Optimizer, Options, Tensor};
+use pskv_kvstore::{DType, Key, KvStore, Optimizer, Options, Tensor};
 use pskv_transport::VanKind;
 
 mod common;
@@ -120,6 +120,47 @@ fn workers_that_cut_a_key_into_other_parts_all_get_an_error_at_init() {
         assert!(ok, "the store stopped working after the failed init");
     }
     assert_eq!(out[0].0 .0, out[1].0 .0, "the same error on both");
+}
+
+/// An `init` whose later key cannot be cut (more parts than a key may
+/// have) fails as a whole: the keys before it are not left registered
+/// without an init (a second `init` of them used to fail, "already
+/// initialized", and their pushes went to servers that never had them),
+/// so the call without the bad key then works.
+#[test]
+fn an_init_that_fails_on_one_key_registers_none_of_them() {
+    let c = cluster(1, 1);
+    let small_parts = Options {
+        partition_bytes: 1024,
+        ..opts(Duration::from_secs(20))
+    };
+    let out = c.run_each("dist_sync", small_parts, |_, kv, e| {
+        let good = Tensor::full(e, &[4], 1.0f32, Context::Cpu).unwrap();
+        // 65,537 parts of 256 elements: one more than a key may have.
+        let bad = Tensor::zeros(e, &[65_537 * 256], DType::F32, Context::Cpu).unwrap();
+        let err = kv
+            .init_many(&[(Key::Int(1), good.clone()), (Key::Int(2), bad)])
+            .err()
+            .map(|e| e.to_string());
+        let again = kv.init(1, &good).map_err(|e| e.to_string());
+        let pushed = kv
+            .pushpull(
+                1,
+                std::slice::from_ref(&good),
+                std::slice::from_ref(&good),
+                0,
+            )
+            .is_ok()
+            && good.to_vec::<f32>().is_ok_and(|v| v == [1.0; 4]);
+        (err, again, pushed)
+    });
+    let ((err, again, pushed), _, _) = &out[0];
+    let err = err.as_deref().expect("the init with the bad key fails");
+    assert!(err.contains("key id 2") && err.contains("parts"), "{err}");
+    again
+        .as_ref()
+        .expect("key 1 can be initialized after the failed call");
+    assert!(pushed, "key 1 works after its init");
 }
 
 /// The same for the element type, and for shapes of one size.

@@ -32,47 +32,67 @@ impl DistStore {
         let ranges = self.po.server_key_ranges();
         let mut added = Vec::with_capacity(items.len());
         for (key, value) in items {
-            let meta = Meta::of(value);
-            // Keys of two or more dimensions are cut in whole rows, so that
-            // row-sparse pushes and pulls map onto parts.
-            let (unit, units) = if meta.shape.len() >= 2 && meta.row_len() > 0 {
-                (meta.row_len(), meta.shape[0])
-            } else {
-                (1, meta.len())
-            };
-            let parts = plan(
-                key.id(),
-                units,
-                unit * meta.dtype.size(),
-                meta.len() >= self.opts.bigarray_bound,
-                self.opts.partition_bytes,
-                &ranges,
-            )?;
-            let stored = Tensor::zeros(
-                &self.engine,
-                &meta.shape,
-                meta.dtype,
-                pskv_engine::Context::Cpu,
-            )?;
-            let dk = self.keys.insert(
-                key,
-                DistKey {
-                    local: Arc::new(LocalKey::new(key.clone(), meta, stored)),
-                    parts: parts.into(),
-                    unit,
-                    var: Var::named(format!("kvstore key {key}")),
-                    residual: Mutex::new(Vec::new()),
-                    sum: Mutex::new(None),
-                    segs: RwLock::new(Vec::new()),
-                    unsure: Arc::default(),
-                    seen: Arc::new(AtomicU64::new(0)),
-                    stage: Staging::default(),
-                    settles: Arc::default(),
-                },
-            )?;
-            added.push((dk, value.clone()));
+            match self.register_one(key, value, &ranges) {
+                Ok(dk) => added.push((dk, value.clone())),
+                Err(e) => {
+                    // All or none: the keys registered before this one go
+                    // too (else they would stay without an init, and the
+                    // call could not be made again).
+                    for (key, _) in &items[..added.len()] {
+                        self.keys.remove(key);
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(added)
+    }
+
+    /// Cuts one key of an `init` call into parts and registers it.
+    fn register_one(
+        &self,
+        key: &Key,
+        value: &Tensor,
+        ranges: &[(u64, u64)],
+    ) -> Result<Arc<DistKey>> {
+        let meta = Meta::of(value);
+        // Keys of two or more dimensions are cut in whole rows, so that
+        // row-sparse pushes and pulls map onto parts.
+        let (unit, units) = if meta.shape.len() >= 2 && meta.row_len() > 0 {
+            (meta.row_len(), meta.shape[0])
+        } else {
+            (1, meta.len())
+        };
+        let parts = plan(
+            key.id(),
+            units,
+            unit * meta.dtype.size(),
+            meta.len() >= self.opts.bigarray_bound,
+            self.opts.partition_bytes,
+            ranges,
+        )?;
+        let stored = Tensor::zeros(
+            &self.engine,
+            &meta.shape,
+            meta.dtype,
+            pskv_engine::Context::Cpu,
+        )?;
+        self.keys.insert(
+            key,
+            DistKey {
+                local: Arc::new(LocalKey::new(key.clone(), meta, stored)),
+                parts: parts.into(),
+                unit,
+                var: Var::named(format!("kvstore key {key}")),
+                residual: Mutex::new(Vec::new()),
+                sum: Mutex::new(None),
+                segs: RwLock::new(Vec::new()),
+                unsure: Arc::default(),
+                seen: Arc::new(AtomicU64::new(0)),
+                stage: Staging::default(),
+                settles: Arc::default(),
+            },
+        )
     }
 
     /// The collective steps of `init`: the workers agree on the keys; rank

@@ -30,7 +30,11 @@ impl DistStore {
         if !self.sync {
             return Segs::from_elem(None, dk.parts.len());
         }
-        dk.segs.read().iter().cloned().collect()
+        let mut segs: Segs = dk.segs.read().iter().cloned().collect();
+        // One per part, always (the ops index them by part): a key whose
+        // init never checked its parts has none mapped.
+        segs.resize(dk.parts.len(), None);
+        segs
     }
 
     /// Which parts of a push or pull travel through their shared segment
