@@ -30,11 +30,15 @@ impl DistStore {
         if !self.sync {
             return Segs::from_elem(None, dk.parts.len());
         }
-        let mut segs: Segs = dk.segs.read().iter().cloned().collect();
-        // One per part, always (the ops index them by part): a key whose
-        // init never checked its parts has none mapped.
-        segs.resize(dk.parts.len(), None);
-        segs
+        let segs = dk.segs.read();
+        if segs.is_empty() {
+            // A key whose init has not checked its parts (`check_parts`
+            // sets one per part): none mapped; its ops go by message, and
+            // the servers answer for a key they do not hold.
+            return Segs::from_elem(None, dk.parts.len());
+        }
+        debug_assert_eq!(segs.len(), dk.parts.len());
+        segs.iter().cloned().collect()
     }
 
     /// Which parts of a push or pull travel through their shared segment
