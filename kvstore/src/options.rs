@@ -136,19 +136,17 @@ mod tests {
 
     use super::*;
 
-    fn lookup(vars: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |k| {
-            vars.iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| v.to_string())
-        }
+    /// The options of an environment where only `PSKV_PARTITION_BYTES` may
+    /// be set.
+    fn with_partition(v: Option<&str>) -> Result<Options> {
+        Options::from_lookup(&|k| v.filter(|_| k == "PSKV_PARTITION_BYTES").map(String::from))
     }
 
     /// Unset, the part size follows the van: 1 MiB over TCP, 4 MiB over
     /// the others; set, it holds for every van.
     #[test]
     fn the_part_size_follows_the_van_unless_set() {
-        let o = Options::from_lookup(&lookup(&[])).unwrap();
+        let o = with_partition(None).unwrap();
         assert_eq!(o.partition_bytes, 0);
         assert_eq!(o.partition_for(VanKind::Tcp), 1 << 20);
         for van in [
@@ -159,10 +157,10 @@ mod tests {
         ] {
             assert_eq!(o.partition_for(van), 4 << 20, "{van:?}");
         }
-        let o = Options::from_lookup(&lookup(&[("PSKV_PARTITION_BYTES", "2097152")])).unwrap();
+        let o = with_partition(Some("2097152")).unwrap();
         for van in [VanKind::Tcp, VanKind::Shm, VanKind::Auto] {
             assert_eq!(o.partition_for(van), 2 << 20, "{van:?}");
         }
-        assert!(Options::from_lookup(&lookup(&[("PSKV_PARTITION_BYTES", "100")])).is_err());
+        assert!(with_partition(Some("100")).is_err());
     }
 }

@@ -139,7 +139,7 @@ struct Inner {
 /// are summed by their workers when the server has
 /// nothing to add (BENCHMARKS.md, "Small rounds summed by the workers" and
 /// "Large rounds summed by the workers together").
-pub const DEFAULT_WORKER_SUM_BYTES: usize = 4 << 20;
+pub const DEFAULT_WORKER_SUM_BYTES: usize = crate::options::DEFAULT_PARTITION_BYTES;
 
 /// `PSKV_WORKER_SUM_BYTES`, or its default.
 fn worker_sum_bytes_from_env() -> Result<usize> {

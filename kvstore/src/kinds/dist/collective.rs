@@ -52,12 +52,13 @@ pub(super) fn keys_setting(
     partition_bytes: usize,
     bigarray_bound: usize,
 ) -> (u64, String) {
+    use std::fmt::Write;
     let mut cuts = String::new();
     let all: Vec<String> = items
         .iter()
         .map(|(k, m, parts)| {
             for p in parts.iter() {
-                cuts.push_str(&format!("{}:{} ", p.server, p.len));
+                let _ = write!(cuts, "{}:{} ", p.server, p.len);
             }
             cuts.push(';');
             format!(
@@ -75,15 +76,16 @@ pub(super) fn keys_setting(
         })
         .collect();
     let keys = all.join(", ");
+    let hash = digest(format!("{keys}|{cuts}").as_bytes());
     let text = format!(
         "{} (parts of at most {partition_bytes} bytes: PSKV_PARTITION_BYTES, by default {} \
          with PSKV_VAN=tcp, else {}; arrays of {bigarray_bound} elements or more split over \
          the servers: PSKV_KVSTORE_BIGARRAY_BOUND)",
-        shorten(keys.clone()),
+        shorten(keys),
         crate::options::TCP_PARTITION_BYTES,
         crate::options::DEFAULT_PARTITION_BYTES,
     );
-    (digest(format!("{keys}|{cuts}").as_bytes()), text)
+    (hash, text)
 }
 
 /// The digest and description of an optimizer (its JSON).

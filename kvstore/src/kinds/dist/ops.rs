@@ -27,18 +27,17 @@ pub(super) const INLINE_BYTES: usize = 1 << 20;
 impl DistStore {
     /// Which parts of a key travel through shared memory now.
     pub(super) fn shm_parts(&self, dk: &DistKey) -> Segs {
-        if !self.sync {
-            return Segs::from_elem(None, dk.parts.len());
+        if self.sync {
+            let segs = dk.segs.read();
+            // Empty for a key whose init has not checked its parts
+            // (`check_parts` sets one per part): none mapped, its ops go by
+            // message, and the servers answer for a key they do not hold.
+            if !segs.is_empty() {
+                debug_assert_eq!(segs.len(), dk.parts.len());
+                return segs.iter().cloned().collect();
+            }
         }
-        let segs = dk.segs.read();
-        if segs.is_empty() {
-            // A key whose init has not checked its parts (`check_parts`
-            // sets one per part): none mapped; its ops go by message, and
-            // the servers answer for a key they do not hold.
-            return Segs::from_elem(None, dk.parts.len());
-        }
-        debug_assert_eq!(segs.len(), dk.parts.len());
-        segs.iter().cloned().collect()
+        Segs::from_elem(None, dk.parts.len())
     }
 
     /// Which parts of a push or pull travel through their shared segment
