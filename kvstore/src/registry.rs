@@ -106,24 +106,39 @@ impl<E> Registry<E> {
         }
     }
 
-    /// Adds a key (after `check_new`).
-    pub(crate) fn insert(&self, key: &Key, entry: E) -> Result<Arc<E>> {
+    /// Adds the keys of one `init` call (after `check_new`), all or none:
+    /// under one write lock, so no other call sees some of them before
+    /// the rest (or before a failure takes them back).
+    pub(crate) fn insert_all(&self, items: Vec<(Key, E)>) -> Result<Vec<Arc<E>>> {
         let mut map = self.map.write();
-        if let Some((k, _)) = map.get(&key.id()) {
-            return Err(if k == key {
-                KvError::AlreadyInitialized {
-                    key: key.to_string(),
-                }
-            } else {
-                KvError::invalid(format!(
-                    "keys {k} and {key} have the same id {}: rename one",
-                    key.id()
-                ))
+        for (i, (key, _)) in items.iter().enumerate() {
+            // A key registered before, or one earlier in this call.
+            let clash = map.get(&key.id()).map(|(k, _)| k).or_else(|| {
+                items[..i]
+                    .iter()
+                    .map(|(k, _)| k)
+                    .find(|k| k.id() == key.id())
             });
+            if let Some(k) = clash {
+                return Err(if k == key {
+                    KvError::AlreadyInitialized {
+                        key: key.to_string(),
+                    }
+                } else {
+                    KvError::invalid(format!(
+                        "keys {k} and {key} have the same id {}: rename one",
+                        key.id()
+                    ))
+                });
+            }
         }
-        let e = Arc::new(entry);
-        map.insert(key.id(), (key.clone(), e.clone()));
-        Ok(e)
+        let mut added = Vec::with_capacity(items.len());
+        for (key, entry) in items {
+            let e = Arc::new(entry);
+            map.insert(key.id(), (key, e.clone()));
+            added.push(e);
+        }
+        Ok(added)
     }
 
     /// The entry of a key.
@@ -149,5 +164,64 @@ impl<E> Registry<E> {
         let mut v: Vec<_> = self.map.read().values().cloned().collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Registry;
+    use crate::error::KvError;
+    use crate::key::Key;
+
+    /// The ids of the registered keys, in key order.
+    fn ids(r: &Registry<u32>) -> Vec<u64> {
+        r.all().iter().map(|(k, _)| k.id()).collect()
+    }
+
+    /// A call whose keys are all new adds all of them; a second call with
+    /// one key known already, or with one key twice, adds none.
+    #[test]
+    fn insert_all_adds_every_key_or_none() {
+        let r = Registry::<u32>::default();
+        let added = r
+            .insert_all(vec![(Key::from(1u32), 10), (Key::from(2u32), 20)])
+            .unwrap();
+        assert_eq!(added.iter().map(|e| **e).collect::<Vec<_>>(), [10, 20]);
+        let again = r.insert_all(vec![(Key::from(3u32), 30), (Key::from(2u32), 21)]);
+        assert!(matches!(again, Err(KvError::AlreadyInitialized { .. })));
+        let twice = r.insert_all(vec![(Key::from(4u32), 40), (Key::from(4u32), 41)]);
+        assert!(matches!(twice, Err(KvError::AlreadyInitialized { .. })));
+        assert_eq!(ids(&r), [1, 2], "the failed calls added nothing");
+        assert_eq!(*r.get(&Key::from(2u32)).unwrap(), 20);
+    }
+
+    /// Two string keys of one id (a search: ids are 31-bit hashes of the
+    /// names, so a clash turns up within some 100,000 names).
+    fn clashing_names() -> (Key, Key) {
+        let mut seen = std::collections::HashMap::new();
+        for i in 0..1_000_000u32 {
+            let k = Key::from(format!("w{i}"));
+            if let Some(other) = seen.insert(k.id(), k.clone()) {
+                return (other, k);
+            }
+        }
+        unreachable!("no clash among a million names")
+    }
+
+    /// Two keys of one id in one call: refused, naming both, and neither
+    /// is added.
+    #[test]
+    fn insert_all_refuses_two_keys_of_one_id() {
+        let (a, b) = clashing_names();
+        let r = Registry::<u32>::default();
+        let e = r
+            .insert_all(vec![(a.clone(), 1), (b.clone(), 2)])
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&a.to_string()) && msg.contains(&b.to_string()),
+            "{msg}"
+        );
+        assert!(ids(&r).is_empty());
     }
 }

@@ -30,31 +30,24 @@ impl DistStore {
             }
         }
         let ranges = self.po.server_key_ranges();
-        let mut added = Vec::with_capacity(items.len());
-        for (key, value) in items {
-            match self.register_one(key, value, &ranges) {
-                Ok(dk) => added.push((dk, value.clone())),
-                Err(e) => {
-                    // All or none: the keys registered before this one go
-                    // too (else they would stay without an init, and the
-                    // call could not be made again).
-                    for (key, _) in &items[..added.len()] {
-                        self.keys.remove(key);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(added)
+        // Every key is cut and given its storage first, then all are added
+        // at once (`Registry::insert_all`): a key that cannot be cut (say,
+        // into more than 65,536 parts) fails the call before any is added.
+        let made = items
+            .iter()
+            .map(|(key, value)| Ok((key.clone(), self.make_key(key, value, &ranges)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let added = self.keys.insert_all(made)?;
+        Ok(added
+            .into_iter()
+            .zip(items)
+            .map(|(dk, (_, value))| (dk, value.clone()))
+            .collect())
     }
 
-    /// Cuts one key of an `init` call into parts and registers it.
-    fn register_one(
-        &self,
-        key: &Key,
-        value: &Tensor,
-        ranges: &[(u64, u64)],
-    ) -> Result<Arc<DistKey>> {
+    /// One key of an `init` call, cut into parts, with its storage (not
+    /// registered yet).
+    fn make_key(&self, key: &Key, value: &Tensor, ranges: &[(u64, u64)]) -> Result<DistKey> {
         let meta = Meta::of(value);
         // Keys of two or more dimensions are cut in whole rows, so that
         // row-sparse pushes and pulls map onto parts.
@@ -77,22 +70,19 @@ impl DistStore {
             meta.dtype,
             pskv_engine::Context::Cpu,
         )?;
-        self.keys.insert(
-            key,
-            DistKey {
-                local: Arc::new(LocalKey::new(key.clone(), meta, stored)),
-                parts: parts.into(),
-                unit,
-                var: Var::named(format!("kvstore key {key}")),
-                residual: Mutex::new(Vec::new()),
-                sum: Mutex::new(None),
-                segs: RwLock::new(Vec::new()),
-                unsure: Arc::default(),
-                seen: Arc::new(AtomicU64::new(0)),
-                stage: Staging::default(),
-                settles: Arc::default(),
-            },
-        )
+        Ok(DistKey {
+            local: Arc::new(LocalKey::new(key.clone(), meta, stored)),
+            parts: parts.into(),
+            unit,
+            var: Var::named(format!("kvstore key {key}")),
+            residual: Mutex::new(Vec::new()),
+            sum: Mutex::new(None),
+            segs: RwLock::new(Vec::new()),
+            unsure: Arc::default(),
+            seen: Arc::new(AtomicU64::new(0)),
+            stage: Staging::default(),
+            settles: Arc::default(),
+        })
     }
 
     /// The collective steps of `init`: the workers agree on the keys; rank

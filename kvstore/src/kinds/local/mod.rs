@@ -379,13 +379,16 @@ impl Flavor for LocalStore {
                 });
             }
         }
+        // Every key's storage first, then all are added at once: a call
+        // that fails adds none of its keys.
+        let mut made = Vec::with_capacity(items.len());
         for (key, value) in items {
             let meta = Meta::of(value);
             let stored = Tensor::zeros(&self.engine, &meta.shape, meta.dtype, Context::Cpu)?;
             copy_prio(value, &stored, 0)?;
-            self.keys
-                .insert(key, LocalKey::new(key.clone(), meta, stored))?;
+            made.push((key.clone(), LocalKey::new(key.clone(), meta, stored)));
         }
+        self.keys.insert_all(made)?;
         Ok(())
     }
 
