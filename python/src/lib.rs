@@ -4,7 +4,9 @@
 //! `pskv/__init__.py` adds the pure-Python parts (RowSparse, waitall).
 //!
 //! Rooms: `store.rs` the `KVStore` class, `args.rs` its calls' arguments
-//! (keys, key/value lists, row-sparse values), `request.rs` a request in
+//! (keys, key/value lists, row-sparse values), `settings.rs` what its
+//! settings calls take (an optimizer, compression, a Python updater
+//! function), `request.rs` a request in
 //! flight, `array.rs` arrays as tensors over their memory, `view.rs`
 //! numpy views for a Python updater, `errors.rs` the exceptions.
 
@@ -12,6 +14,7 @@ mod args;
 mod array;
 mod errors;
 mod request;
+mod settings;
 mod store;
 mod view;
 

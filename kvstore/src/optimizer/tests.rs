@@ -1,4 +1,5 @@
 use super::*;
+use half::f16;
 use schedule::LrScheduler;
 
 /// An MXNet optimizer's attribute dictionary passes as it is: the

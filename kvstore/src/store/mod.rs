@@ -1,8 +1,16 @@
 //! [`KvStore`]: the one type callers use, whatever the kind. It checks
 //! arguments, groups repeated keys, and hands the work to the kind's
 //! [`Flavor`](crate::kinds::Flavor).
+//!
+//! Rooms: this file is the store, its creation, its data calls (init,
+//! push, pull and their kin) and tickets, and its close; `settings.rs` the
+//! update rule, compression, barriers and the rest of the cluster's
+//! calls; `buffers.rs` push buffers and the counts of how pushes
+//! travelled.
 
-use std::path::Path;
+mod buffers;
+mod settings;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,18 +20,15 @@ use pskv_gpu::cpu::CpuKernels;
 
 use crate::comm::tree::Topology;
 use crate::comm::{Comm, CommMode};
-use crate::compression::Compression;
 use crate::dtype::DType;
 use crate::error::{KvError, Result};
 use crate::key::{IntoKey, Key};
 use crate::kinds::dist::DistStore;
 use crate::kinds::local::LocalStore;
 use crate::kinds::{Flavor, Kind};
-use crate::optimizer::{OptState, Optimizer};
 use crate::options::Options;
 use crate::tensor::{Storage, Tensor};
 use crate::ticket::{Parts, Ticket, TicketPlan};
-use crate::updater::Updater;
 
 /// A kvstore: MXNet's `mx.kv.create(name)`.
 ///
@@ -394,190 +399,6 @@ impl KvStore {
         let key = key.into_key()?;
         self.init(key.clone(), value)?;
         self.pull(key, outs, priority)
-    }
-
-    /// Sets the optimizer that updates stored weights (on the servers of a
-    /// distributed store). A new optimizer starts with fresh state.
-    ///
-    /// In a distributed store this is *collective*, as `init` and `barrier`
-    /// are: every worker calls it, with the same optimizer. If it fails on
-    /// one worker (a setting out of range), or the workers' optimizers
-    /// differ, it fails on every worker with that cause. Workers that make
-    /// another collective call meanwhile (`barrier`, `init`) fail with it
-    /// at once, naming both calls. If some workers never call it (MXNet
-    /// code that calls it on rank 0 only), the callers fail at the store's
-    /// timeout (`PSKV_KVSTORE_TIMEOUT`) saying the others did not make the
-    /// call; the scheduler tells the others, whose pushes and pulls left
-    /// waiting by it fail at their timeout naming the call, and whose next
-    /// collective call fails at once with the same cause.
-    pub fn set_optimizer(&self, opt: Optimizer) -> Result<()> {
-        self.flavor.set_optimizer(opt)
-    }
-
-    /// Sets a custom update rule. In a distributed store it runs on the
-    /// workers: servers only sum, each worker applies the rule to its copy
-    /// of the weights (the summation-only server mode).
-    pub fn set_updater(&self, updater: impl Updater) -> Result<()> {
-        self.flavor.set_updater(Arc::new(updater))
-    }
-
-    /// Runs a built-in optimizer on the workers over the servers' sums
-    /// (the summation-only server mode; see [`KvStore::set_updater`]).
-    pub fn set_optimizer_on_workers(&self, opt: Optimizer) -> Result<()> {
-        opt.validate()?;
-        let opt = Arc::new(opt);
-        let states = parking_lot::Mutex::new(std::collections::HashMap::new());
-        self.flavor.set_updater(Arc::new(
-            move |key: &Key, g: &crate::Values<'_>, w: &mut crate::ValuesMut<'_>| {
-                let mut states = states.lock();
-                let st: &mut crate::updater::KeyState = states.entry(key.id()).or_default();
-                let rule = crate::updater::Rule::Optimizer {
-                    opt: opt.clone(),
-                    generation: 0,
-                };
-                let shape = w.shape().to_vec();
-                rule.apply(
-                    key.id(),
-                    Some(key),
-                    w.dtype(),
-                    &shape,
-                    g.bytes,
-                    g.rows(),
-                    w.bytes,
-                    st,
-                )
-                .map_err(|e| e.to_string())
-            },
-        ))
-    }
-
-    /// Turns on gradient compression (`device` and distributed kinds).
-    pub fn set_gradient_compression(&self, c: Compression) -> Result<()> {
-        self.flavor.set_compression(c)
-    }
-
-    /// Waits until every worker reached this barrier (a no-op locally).
-    pub fn barrier(&self) -> Result<()> {
-        self.flavor.barrier()
-    }
-
-    /// This worker's rank (0 locally).
-    pub fn rank(&self) -> u32 {
-        self.flavor.rank()
-    }
-
-    /// The number of workers (1 locally).
-    pub fn num_workers(&self) -> u32 {
-        self.flavor.num_workers()
-    }
-
-    /// Nodes that missed their heartbeats for `timeout`.
-    pub fn num_dead_nodes(&self, timeout: Duration) -> Result<usize> {
-        self.flavor.num_dead_nodes(timeout)
-    }
-
-    /// Sends a command to every server: MXNet's head ids are understood
-    /// (see `server`), any other head goes to the server's controller.
-    pub fn send_command_to_servers(&self, head: i32, body: &str) -> Result<()> {
-        self.flavor.send_command_to_servers(head, body.as_bytes())
-    }
-
-    /// Writes the optimizer's state of every key to `path`.
-    pub fn save_optimizer_states(&self, path: impl AsRef<Path>) -> Result<()> {
-        let states = self.flavor.optimizer_states()?;
-        crate::states::save(path.as_ref(), &states)
-    }
-
-    /// Reads optimizer state written by `save_optimizer_states` (the keys
-    /// must exist with the same sizes; an optimizer must be set).
-    pub fn load_optimizer_states(&self, path: impl AsRef<Path>) -> Result<()> {
-        let states: Vec<(Key, OptState)> = crate::states::load(path.as_ref())?;
-        self.flavor.set_optimizer_states(states)
-    }
-
-    /// A dense host tensor of `key`'s shape and type, zeroed, to push the
-    /// key from: fill it with the gradient, then `push` or `pushpull` it.
-    /// Where the key's values cross shared memory to its servers (a sync
-    /// distributed store, servers on this host, the shm van), its bytes
-    /// are this worker's slots of the key's segments, so an uncompressed
-    /// push from it copies nothing (MPI's `MPI_Alloc_mem`, NCCL's
-    /// `ncclMemAlloc` play this part; [`KvStore::pushed_in_place`] counts
-    /// the parts); elsewhere, and for the parts that cannot lie in a slot,
-    /// ordinary memory ([`Tensor::in_shared_memory`] tells). One in shared
-    /// memory per key on each worker at a time (another call while it
-    /// lives is refused; in ordinary memory each call gives a new one);
-    /// while it lives, the key's pushes from
-    /// other tensors send the parts it holds by message. A push from it
-    /// that fails moves it to ordinary memory (its server may still read
-    /// the slots: the same bytes, at the same address); so does a server's
-    /// restart, in effect (the new segments are not its slots): pushes
-    /// from it then copy, as from any tensor.
-    ///
-    /// ```
-    /// use pskv_engine::{Context, Engine};
-    /// use pskv_kvstore::{KvStore, Tensor};
-    /// let engine = Engine::new()?;
-    /// let kv = KvStore::create("local", &engine)?;
-    /// kv.init(3, &Tensor::from_vec(&engine, &[2], vec![1.0f32, 2.0], Context::Cpu)?)?;
-    /// let grad = kv.push_buffer(3)?; // ordinary memory: a local store
-    /// grad.copy_from_slice(&[0.5f32, 0.25])?;
-    /// kv.push(3, std::slice::from_ref(&grad), 0)?;
-    /// assert!(!grad.in_shared_memory()?);
-    /// # Ok::<(), pskv_kvstore::KvError>(())
-    /// ```
-    pub fn push_buffer(&self, key: impl IntoKey) -> Result<Tensor> {
-        let key = key.into_key()?;
-        let m = self.flavor.key_meta(&key)?;
-        if m.storage != Storage::Dense {
-            return Err(KvError::invalid(format!(
-                "push_buffer: key {key} is row-sparse; a push buffer holds dense values"
-            )));
-        }
-        if let Some(t) = self.flavor.push_buffer(&key)? {
-            return Ok(t);
-        }
-        Tensor::zeros(&self.engine, &m.shape, m.dtype, pskv_engine::Context::Cpu)
-    }
-
-    /// [`KvStore::push_buffer`] for callers that write it through a
-    /// pointer (the C ABI): the tensor, which owns the memory, and the
-    /// address of its first byte. Keep the tensor, and give it to no call
-    /// that writes it (a pull into it): its memory then stays where it is.
-    /// Values made over that memory ([`Tensor::from_host_ptr`]) push as
-    /// the tensor does, without a copy where it lies in shared memory.
-    pub fn push_buffer_at(&self, key: impl IntoKey) -> Result<(Tensor, usize)> {
-        let t = self.push_buffer(key)?;
-        let addr = t.host_addr()?;
-        Ok((t, addr))
-    }
-
-    /// How many key parts this store pushed from push buffers in place
-    /// (their values already in their slots: nothing copied), so far.
-    pub fn pushed_in_place(&self) -> u64 {
-        self.flavor.pushed_in_place()
-    }
-
-    /// How many key parts of this store's pushes were summed by the
-    /// workers in shared memory, so far: their server had opened the
-    /// part's gate (no optimizer on the servers, the part small enough:
-    /// `PSKV_WORKER_SUM_BYTES`), and this worker arrived there rather than
-    /// sending its push.
-    pub fn worker_summed_parts(&self) -> u64 {
-        self.flavor.worker_summed_parts()
-    }
-
-    /// How many chunks of rounds summed in shared memory this worker summed
-    /// beside the worker that summed them (parts of more than 32 KiB are
-    /// shared in chunks with the workers that wait for them; workers of rank
-    /// 32 and above do not help), so far.
-    pub fn worker_helped_chunks(&self) -> u64 {
-        self.flavor.worker_helped_chunks()
-    }
-
-    /// How many key parts exchange their values with a co-located server
-    /// through shared memory (0 for local stores, and over tcp).
-    pub fn shared_memory_parts(&self) -> usize {
-        self.flavor.shared_memory_parts()
     }
 
     /// Waits for the store's ops; a distributed store then stops its
