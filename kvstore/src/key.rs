@@ -5,7 +5,8 @@
 //! `2³² + h` where `h` is a 31-bit FNV-1a hash of its bytes, so integer and
 //! string keys never share an id and one store may use both (MXNet refuses
 //! to mix them). Two strings with the same hash are caught when the second
-//! one is initialized: the store refuses it and names both.
+//! one is initialized (or when both are, in one call): the store refuses
+//! that `init` and names both.
 
 use std::fmt;
 

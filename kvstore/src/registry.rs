@@ -92,46 +92,19 @@ impl<E> Default for Registry<E> {
 }
 
 impl<E> Registry<E> {
-    /// Checks that `key` can be initialized (not known, no id clash).
-    pub(crate) fn check_new(&self, key: &Key) -> Result<()> {
-        match self.map.read().get(&key.id()) {
-            None => Ok(()),
-            Some((k, _)) if k == key => Err(KvError::AlreadyInitialized {
-                key: key.to_string(),
-            }),
-            Some((k, _)) => Err(KvError::invalid(format!(
-                "keys {k} and {key} have the same id {}: rename one (or use integer keys)",
-                key.id()
-            ))),
-        }
+    /// Checks that the keys of an `init` call can be added: none known
+    /// already, none twice, no two of one id (here or already added).
+    pub(crate) fn check_new<'a>(&self, keys: impl Iterator<Item = &'a Key> + Clone) -> Result<()> {
+        check_new_in(&self.map.read(), keys)
     }
 
-    /// Adds the keys of one `init` call (after `check_new`), all or none:
-    /// under one write lock, so no other call sees some of them before
-    /// the rest (or before a failure takes them back).
+    /// Adds the keys of one `init` call (checked as by `check_new`), all
+    /// or none, under one write lock: no other call sees some of them
+    /// before the rest. (A distributed store takes them out again, with
+    /// `remove_all`, if a step the workers take together fails.)
     pub(crate) fn insert_all(&self, items: Vec<(Key, E)>) -> Result<Vec<Arc<E>>> {
         let mut map = self.map.write();
-        for (i, (key, _)) in items.iter().enumerate() {
-            // A key registered before, or one earlier in this call.
-            let clash = map.get(&key.id()).map(|(k, _)| k).or_else(|| {
-                items[..i]
-                    .iter()
-                    .map(|(k, _)| k)
-                    .find(|k| k.id() == key.id())
-            });
-            if let Some(k) = clash {
-                return Err(if k == key {
-                    KvError::AlreadyInitialized {
-                        key: key.to_string(),
-                    }
-                } else {
-                    KvError::invalid(format!(
-                        "keys {k} and {key} have the same id {}: rename one",
-                        key.id()
-                    ))
-                });
-            }
-        }
+        check_new_in(&map, items.iter().map(|(k, _)| k))?;
         let mut added = Vec::with_capacity(items.len());
         for (key, entry) in items {
             let e = Arc::new(entry);
@@ -151,11 +124,14 @@ impl<E> Registry<E> {
         }
     }
 
-    /// Forgets a key (its init failed on some worker).
-    pub(crate) fn remove(&self, key: &Key) {
+    /// Forgets the keys of an `init` call (it failed on some worker),
+    /// under one write lock; keys of another call are left alone.
+    pub(crate) fn remove_all<'a>(&self, keys: impl Iterator<Item = &'a Key>) {
         let mut map = self.map.write();
-        if map.get(&key.id()).is_some_and(|(k, _)| k == key) {
-            map.remove(&key.id());
+        for key in keys {
+            if map.get(&key.id()).is_some_and(|(k, _)| k == key) {
+                map.remove(&key.id());
+            }
         }
     }
 
@@ -165,6 +141,31 @@ impl<E> Registry<E> {
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
+}
+
+/// `check_new` over `map`: each key is new, and its id is neither taken
+/// nor that of a key earlier in `keys`.
+fn check_new_in<'a, E>(
+    map: &HashMap<u64, (Key, Arc<E>), IdHash>,
+    keys: impl Iterator<Item = &'a Key> + Clone,
+) -> Result<()> {
+    for (i, key) in keys.clone().enumerate() {
+        // A key registered before, or one earlier in this call.
+        let earlier = keys.clone().take(i).find(|k| k.id() == key.id());
+        if let Some(k) = map.get(&key.id()).map(|(k, _)| k).or(earlier) {
+            return Err(if k == key {
+                KvError::AlreadyInitialized {
+                    key: key.to_string(),
+                }
+            } else {
+                KvError::invalid(format!(
+                    "keys {k} and {key} have the same id {}: rename one (or use integer keys)",
+                    key.id()
+                ))
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -195,17 +196,12 @@ mod tests {
         assert_eq!(*r.get(&Key::from(2u32)).unwrap(), 20);
     }
 
-    /// Two string keys of one id (a search: ids are 31-bit hashes of the
-    /// names, so a clash turns up within some 100,000 names).
+    /// Two string keys of one id (ids are 31-bit hashes of the names;
+    /// this pair was found by search).
     fn clashing_names() -> (Key, Key) {
-        let mut seen = std::collections::HashMap::new();
-        for i in 0..1_000_000u32 {
-            let k = Key::from(format!("w{i}"));
-            if let Some(other) = seen.insert(k.id(), k.clone()) {
-                return (other, k);
-            }
-        }
-        unreachable!("no clash among a million names")
+        let (a, b) = (Key::from("w10160"), Key::from("w69673"));
+        assert_eq!(a.id(), b.id());
+        (a, b)
     }
 
     /// Two keys of one id in one call: refused, naming both, and neither

@@ -115,6 +115,36 @@ fn many_keys_in_one_call_and_string_keys() {
     assert_eq!(outs[0].1[0].to_vec::<f32>().unwrap(), vec![3.0; 8]);
 }
 
+/// An `init` of several keys, two of which share an id (two strings of
+/// one 31-bit hash), fails naming both and adds none of its keys: they,
+/// and the good key before them, can be initialized after.
+#[test]
+fn an_init_with_two_keys_of_one_id_adds_none_of_its_keys() {
+    let e = engine();
+    let kv = KvStore::create("local", &e).unwrap();
+    let (a, b) = (Key::from("w10160"), Key::from("w69673"));
+    assert_eq!(a.id(), b.id(), "the two names' hashes clash");
+    let err = kv
+        .init_many(&[
+            (Key::from(5u32), zeros(&e, 4)),
+            (a.clone(), zeros(&e, 4)),
+            (b.clone(), zeros(&e, 4)),
+        ])
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("'w10160'") && err.to_string().contains("'w69673'"),
+        "{err}"
+    );
+    for k in [Key::from(5u32), a.clone(), b.clone()] {
+        assert!(
+            matches!(kv.key_info(k.clone()), Err(KvError::NotInitialized { .. })),
+            "{k} was added"
+        );
+    }
+    kv.init_many(&[(Key::from(5u32), zeros(&e, 4)), (a, zeros(&e, 4))])
+        .unwrap();
+}
+
 #[test]
 fn every_misuse_is_a_clear_error() {
     let e = engine();

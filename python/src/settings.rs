@@ -51,17 +51,16 @@ pub(crate) fn compression(params: &Bound<'_, PyDict>) -> PyResult<Compression> {
 /// numpy views (`set_updater`).
 pub(crate) fn updater(py: Python<'_>, updater: PyObject) -> PyResult<impl Updater> {
     let np = py.import("numpy")?.unbind();
-    Ok(
-        move |key: &Key,
-              grad: &pskv_kvstore::Values<'_>,
-              weight: &mut pskv_kvstore::ValuesMut<'_>| {
-            // Subtle: an op may run after the interpreter exited (a store
-            // never closed, its last pushes still queued): no GIL to take.
-            // SAFETY: Py_IsInitialized may be called at any time.
-            if unsafe { pyo3::ffi::Py_IsInitialized() } == 0 {
-                return Err("the Python interpreter has exited: the updater cannot run".to_string());
-            }
-            Python::with_gil(|py| -> PyResult<()> {
+    let f = move |key: &Key,
+                  grad: &pskv_kvstore::Values<'_>,
+                  weight: &mut pskv_kvstore::ValuesMut<'_>| {
+        // Subtle: an op may run after the interpreter exited (a store
+        // never closed, its last pushes still queued): no GIL to take.
+        // SAFETY: Py_IsInitialized may be called at any time.
+        if unsafe { pyo3::ffi::Py_IsInitialized() } == 0 {
+            return Err("the Python interpreter has exited: the updater cannot run".to_string());
+        }
+        Python::with_gil(|py| -> PyResult<()> {
             let k = match key {
                 Key::Int(i) => i.into_pyobject(py)?.into_any(),
                 Key::Str(s) => s.into_pyobject(py)?.into_any(),
@@ -109,6 +108,6 @@ pub(crate) fn updater(py: Python<'_>, updater: PyObject) -> PyResult<impl Update
             Ok(())
         })
         .map_err(|e| format!("the Python updater raised {e}"))
-        },
-    )
+    };
+    Ok(f)
 }

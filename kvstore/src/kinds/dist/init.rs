@@ -10,7 +10,7 @@ use parking_lot::{Mutex, RwLock};
 use pskv_engine::Var;
 
 use super::{collective, staging, DistKey, DistStore, Staging};
-use crate::error::{KvError, Result};
+use crate::error::Result;
 use crate::key::Key;
 use crate::kinds::local::LocalKey;
 use crate::registry::Meta;
@@ -21,14 +21,7 @@ impl DistStore {
     /// Adds the keys of an `init` call to this worker's registry (after
     /// the local checks).
     pub(super) fn register(&self, items: &[(Key, Tensor)]) -> Result<Vec<(Arc<DistKey>, Tensor)>> {
-        for (i, (key, _)) in items.iter().enumerate() {
-            self.keys.check_new(key)?;
-            if items[..i].iter().any(|(k, _)| k == key) {
-                return Err(KvError::AlreadyInitialized {
-                    key: key.to_string(),
-                });
-            }
-        }
+        self.keys.check_new(items.iter().map(|(k, _)| k))?;
         let ranges = self.po.server_key_ranges();
         // Every key is cut and given its storage first, then all are added
         // at once (`Registry::insert_all`): a key that cannot be cut (say,

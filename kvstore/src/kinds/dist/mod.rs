@@ -304,9 +304,7 @@ impl Flavor for DistStore {
         if let Err(e) = self.init_together(items, &added) {
             // The keys are unusable on every worker (the same error
             // everywhere); the others of the store are not touched.
-            for (key, _) in items {
-                self.keys.remove(key);
-            }
+            self.keys.remove_all(items.iter().map(|(k, _)| k));
             return Err(e);
         }
         if self.worker_rule.read().is_some() {

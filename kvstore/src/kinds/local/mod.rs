@@ -371,14 +371,7 @@ pub(crate) fn check_row_sparse_pull(
 
 impl Flavor for LocalStore {
     fn init(&self, items: &[(Key, Tensor)]) -> Result<()> {
-        for (i, (key, _)) in items.iter().enumerate() {
-            self.keys.check_new(key)?;
-            if items[..i].iter().any(|(k, _)| k == key) {
-                return Err(KvError::AlreadyInitialized {
-                    key: key.to_string(),
-                });
-            }
-        }
+        self.keys.check_new(items.iter().map(|(k, _)| k))?;
         // Every key's storage first, then all are added at once: a call
         // that fails adds none of its keys.
         let mut made = Vec::with_capacity(items.len());
