@@ -94,12 +94,12 @@ impl<E> Default for Registry<E> {
 impl<E> Registry<E> {
     /// Checks that the keys of an `init` call can be added: none known
     /// already, none twice, no two of one id (here or already added).
-    pub(crate) fn check_new<'a>(&self, keys: impl Iterator<Item = &'a Key> + Clone) -> Result<()> {
+    pub(crate) fn check_new<'a>(&self, keys: impl Iterator<Item = &'a Key>) -> Result<()> {
         check_new_in(&self.map.read(), keys)
     }
 
-    /// Adds the keys of one `init` call (checked as by `check_new`), all
-    /// or none, under one write lock: no other call sees some of them
+    /// Adds the keys of one `init` call, all or none (refusing them as
+    /// `check_new` does), under one write lock: no other call sees some of them
     /// before the rest. (A distributed store takes them out again, with
     /// `remove_all`, if a step the workers take together fails.)
     pub(crate) fn insert_all(&self, items: Vec<(Key, E)>) -> Result<Vec<Arc<E>>> {
@@ -144,26 +144,29 @@ impl<E> Registry<E> {
 }
 
 /// `check_new` over `map`: each key is new, and its id is neither taken
-/// nor that of a key earlier in `keys`.
+/// nor that of a key earlier in `keys` (each id computed once: a string
+/// key's id hashes its name).
 fn check_new_in<'a, E>(
     map: &HashMap<u64, (Key, Arc<E>), IdHash>,
-    keys: impl Iterator<Item = &'a Key> + Clone,
+    keys: impl Iterator<Item = &'a Key>,
 ) -> Result<()> {
-    for (i, key) in keys.clone().enumerate() {
+    let mut seen: HashMap<u64, &Key, IdHash> = HashMap::default();
+    for key in keys {
+        let id = key.id();
         // A key registered before, or one earlier in this call.
-        let earlier = keys.clone().take(i).find(|k| k.id() == key.id());
-        if let Some(k) = map.get(&key.id()).map(|(k, _)| k).or(earlier) {
+        let clash = map.get(&id).map(|(k, _)| k).or(seen.get(&id).copied());
+        if let Some(k) = clash {
             return Err(if k == key {
                 KvError::AlreadyInitialized {
                     key: key.to_string(),
                 }
             } else {
                 KvError::invalid(format!(
-                    "keys {k} and {key} have the same id {}: rename one (or use integer keys)",
-                    key.id()
+                    "keys {k} and {key} have the same id {id}: rename one (or use integer keys)"
                 ))
             });
         }
+        seen.insert(id, key);
     }
     Ok(())
 }
