@@ -99,9 +99,9 @@ impl<E> Registry<E> {
     }
 
     /// Adds the keys of one `init` call, all or none (refusing them as
-    /// `check_new` does), under one write lock: no other call sees some of them
-    /// before the rest. (A distributed store takes them out again, with
-    /// `remove_all`, if a step the workers take together fails.)
+    /// `check_new` does), under one write lock: no other call sees some of
+    /// them before the rest. (A distributed store takes them out again,
+    /// with `remove_all`, if a step the workers take together fails.)
     pub(crate) fn insert_all(&self, items: Vec<(Key, E)>) -> Result<Vec<Arc<E>>> {
         let mut map = self.map.write();
         check_new_in(&map, items.iter().map(|(k, _)| k))?;

@@ -18,8 +18,8 @@ use crate::tensor::Tensor;
 use crate::wire::{plan, Part};
 
 impl DistStore {
-    /// Adds the keys of an `init` call to this worker's registry (after
-    /// the local checks).
+    /// Checks the keys of an `init` call and adds them to this worker's
+    /// registry, all or none.
     pub(super) fn register(&self, items: &[(Key, Tensor)]) -> Result<Vec<(Arc<DistKey>, Tensor)>> {
         self.keys.check_new(items.iter().map(|(k, _)| k))?;
         let ranges = self.po.server_key_ranges();
