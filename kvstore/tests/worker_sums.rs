@@ -231,6 +231,46 @@ fn rounds_of_late_copies_give_the_servers_bits() {
     }
 }
 
+/// Nine workers, more than a round of late copies takes (`gate/late.rs`):
+/// their 1 MiB parts are shared in chunks, and each thread that sums a
+/// chunk of a push-pull copies it into its own output at once
+/// (`worker_sum::ChunkOut`), the rest coming out of the value slot at the
+/// round's end. Pushes and push-pulls give the server's bits.
+#[test]
+fn nine_workers_sharing_chunks_give_the_servers_bits() {
+    // Parts of exactly 1 MiB (the least `ChunkOut` takes): two of an f32
+    // key, one of an f64 key.
+    let keys = vec![
+        (Key::Int(9), 1 << 19, DType::F32),
+        (Key::from("nine"), 1 << 17, DType::F64),
+    ];
+    let opts = Options {
+        partition_bytes: 1 << 20,
+        ..opts(T)
+    };
+    let run = |sum_bytes| {
+        let keys = keys.clone();
+        summing(9, sum_bytes).run("dist_sync", opts.clone(), move |kv, e| {
+            init_of(&keys, kv, e);
+            let seen = rounds_of(&keys, kv, e, 0, 4);
+            (seen, kv.worker_summed_parts(), kv.worker_helped_chunks())
+        })
+    };
+    let summed = run(None);
+    let served = run(Some(0));
+    let helped: u64 = summed.iter().map(|s| s.2).sum();
+    assert!(helped > 0, "no worker helped a summer");
+    for (rank, ((a, wa, _), (b, wb, _))) in summed.iter().zip(&served).enumerate() {
+        // 3 parts, 3 rounds after the first.
+        assert_eq!(*wa, 9, "worker {rank} summed parts");
+        assert_eq!(*wb, 0, "worker {rank}: no gate opens at 0 bytes");
+        assert!(
+            a == b,
+            "worker {rank}: the workers' sums differ from the server's"
+        );
+    }
+}
+
 /// Rounds summed by the workers, then `set_optimizer`: the server runs the
 /// optimizer on every later round (its gates closed), as it does in a job
 /// whose server summed every round.
