@@ -153,6 +153,28 @@ fn rounds_the_workers_sum_give_the_servers_bits() {
     assert_eq!(summed[0].0[5 * 3], want);
 }
 
+/// The rounds the workers sum at the gates reach no op on their server,
+/// yet its round log (what `pskv status` shows of it) counts them: every
+/// part's six rounds, the first summed by the server, the others at the
+/// gate.
+#[test]
+fn the_servers_round_log_counts_the_rounds_summed_at_its_gates() {
+    let c = summing(3, None);
+    let logs = c.server_rounds.clone();
+    let out = c.run("dist_sync", opts(T), move |kv, e| {
+        init(kv, e);
+        rounds(kv, e, 0, 6);
+        kv.barrier().unwrap();
+        let logs = logs.lock().unwrap();
+        assert_eq!(logs.len(), 1, "one server's log");
+        (logs[0].latest().0, kv.worker_summed_parts())
+    });
+    for (rank, (server_round, summed)) in out.iter().enumerate() {
+        assert_eq!(*summed, 25, "worker {rank} summed parts");
+        assert_eq!(*server_round, 6, "worker {rank}: the server's round");
+    }
+}
+
 /// Keys of parts large enough to be shared in chunks: an f32 key of two
 /// parts (of 1 MiB parts), an f64 key of one.
 fn wide_keys() -> Vec<(Key, usize, DType)> {

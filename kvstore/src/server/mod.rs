@@ -262,7 +262,16 @@ impl Server {
         let replicas = cfg.replicas;
         let cfg = crate::store::for_engine(cfg, &inner.engine);
         let po = Postoffice::start(cfg, Some(Arc::new(Handler(inner.clone()))))?;
-        let _ = inner.rounds.set(po.round_log());
+        let log = po.round_log();
+        let weak = Arc::downgrade(&inner);
+        // Rounds the workers sum at a gate reach no op here until the key's
+        // next request: counted at each snapshot for `pskv status`.
+        log.set_refresh(move || {
+            if let Some(inner) = weak.upgrade() {
+                inner.count_gate_rounds();
+            }
+        });
+        let _ = inner.rounds.set(log);
         let weak = Arc::downgrade(&inner);
         po.watch_end(Arc::new(move |end| {
             if let Some(inner) = weak.upgrade() {
@@ -519,6 +528,24 @@ impl Inner {
             if which(&st) {
                 st.close_gate();
             }
+        }
+    }
+
+    /// Reports to the round log the rounds the workers summed at the
+    /// entries' gates since their last look. An entry whose lock an op
+    /// holds is left to that op (`keys.rs` counts first thing), so a
+    /// snapshot never waits for a round's sum.
+    fn count_gate_rounds(&self) {
+        let Some(log) = self.rounds.get() else {
+            return;
+        };
+        for (key, e) in self.entries_snapshot() {
+            let Some(mut st) = e.st.try_lock() else {
+                continue;
+            };
+            let n = st.count_gate_rounds();
+            drop(st);
+            log.rounds_done(key, n);
         }
     }
 

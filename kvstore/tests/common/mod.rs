@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use pskv_engine::{Context, Engine};
 use pskv_kvstore::{Elem, KvStore, Options, Server, Tensor};
+use pskv_transport::status::RoundLog;
 use pskv_transport::{Config, Postoffice, Role, VanKind};
 
 pub const T: Duration = Duration::from_secs(30);
@@ -42,6 +43,9 @@ pub struct Cluster {
     pub van: VanKind,
     /// The servers' `set_worker_sum_bytes` (None: their default).
     pub worker_sum_bytes: Option<usize>,
+    /// The servers' round logs (what `pskv status` shows of them), as
+    /// they start.
+    pub server_rounds: Arc<std::sync::Mutex<Vec<Arc<RoundLog>>>>,
 }
 
 pub fn cluster(s: u32, w: u32) -> Cluster {
@@ -58,6 +62,7 @@ pub fn cluster_van(s: u32, w: u32, van: VanKind) -> Cluster {
         w,
         van,
         worker_sum_bytes: None,
+        server_rounds: Arc::default(),
     }
 }
 
@@ -69,11 +74,13 @@ impl Cluster {
             .map(|_| {
                 let c = config_van(Role::Server, self.port, self.s, self.w, self.van);
                 let sum_bytes = self.worker_sum_bytes;
+                let logs = self.server_rounds.clone();
                 std::thread::spawn(move || {
                     let s = Server::start(c, engine()).unwrap();
                     if let Some(n) = sum_bytes {
                         s.set_worker_sum_bytes(n);
                     }
+                    logs.lock().unwrap().push(s.postoffice().round_log());
                     s.wait(Some(T)).unwrap();
                     s.shutdown();
                 })

@@ -137,12 +137,26 @@ pub struct SlowKey {
 }
 
 /// The rounds a node completed, as the layer above reports them with
-/// [`RoundLog::round_done`]: each key counts its own rounds; the node's
-/// round is the highest of them, and its slowest key is the slowest of
-/// the keys that reached that round so far.
-#[derive(Debug, Default)]
+/// [`RoundLog::round_done`] (or, untimed, [`RoundLog::rounds_done`]): each
+/// key counts its own rounds; the node's round is the highest of them, and
+/// its slowest key is the slowest of the keys that reached that round so
+/// far. Rounds the layer above learns of only when it looks (a server's
+/// rounds that its workers summed in shared memory) it reports from the
+/// function it gives [`RoundLog::set_refresh`], which every snapshot calls
+/// first.
+#[derive(Default)]
 pub struct RoundLog {
     state: Mutex<Rounds>,
+    refresh: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for RoundLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoundLog")
+            .field("state", &self.state)
+            .field("refresh", &self.refresh.get().is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -189,8 +203,37 @@ impl RoundLog {
         }
     }
 
+    /// Key `key` completed `n` more rounds that nobody timed. They count
+    /// like timed ones; a round past the node's latest leaves it without a
+    /// slowest key until a timed round names one.
+    pub fn rounds_done(&self, key: u64, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut s = self.state.lock();
+        let k = s.per_key.entry(key).or_insert(0);
+        *k += n;
+        let round = *k;
+        if round > s.latest {
+            s.latest = round;
+            s.slowest = None;
+        }
+    }
+
+    /// Sets the function that reports the rounds not reported yet (with
+    /// [`RoundLog::round_done`] or [`RoundLog::rounds_done`]), called at
+    /// the start of every [`RoundLog::latest`], outside the log's lock; it
+    /// must not wait long (a snapshot waits for it). Once per log: false
+    /// if one was set already.
+    pub fn set_refresh(&self, f: impl Fn() + Send + Sync + 'static) -> bool {
+        self.refresh.set(Box::new(f)).is_ok()
+    }
+
     /// The node's round, and the slowest key of it so far.
     pub fn latest(&self) -> (u64, Option<SlowKey>) {
+        if let Some(f) = self.refresh.get() {
+            f();
+        }
         let s = self.state.lock();
         (s.latest, s.slowest.as_ref().map(|(_, k)| k.clone()))
     }
@@ -292,6 +335,8 @@ pub struct JobStatus {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -334,6 +379,42 @@ mod tests {
         // Another key slowest: named.
         log.round_done(1, ms(7), || "a".into());
         assert_eq!(log.latest().1.unwrap().key, "a");
+    }
+
+    /// Untimed rounds count like timed ones; one past the latest leaves
+    /// no slowest key (its time is unknown); the refresh reports before
+    /// each look.
+    #[test]
+    fn untimed_rounds_count_and_the_refresh_reports_them_first() {
+        let log = Arc::new(RoundLog::default());
+        log.round_done(1, Duration::from_millis(3), || "a".into());
+        log.rounds_done(2, 0);
+        assert_eq!(log.latest().0, 1);
+        log.rounds_done(2, 1);
+        assert_eq!(log.latest().0, 1);
+        assert_eq!(
+            log.latest().1.unwrap().key,
+            "a",
+            "a round of the same number"
+        );
+        log.rounds_done(2, 4);
+        let (round, slow) = log.latest();
+        assert_eq!((round, slow), (5, None));
+        let pending = Arc::new(AtomicU64::new(0));
+        let (l, p) = (Arc::downgrade(&log), pending.clone());
+        assert!(log.set_refresh(move || {
+            if let Some(l) = l.upgrade() {
+                l.rounds_done(1, p.swap(0, Ordering::Relaxed));
+            }
+        }));
+        assert!(!log.set_refresh(|| {}), "a second refresh is refused");
+        pending.store(9, Ordering::Relaxed);
+        assert_eq!(
+            log.latest().0,
+            10,
+            "key 1: 1 timed and 9 reported at the look"
+        );
+        assert_eq!(log.latest().0, 10, "reported once");
     }
 
     #[test]

@@ -16,8 +16,11 @@
 //! the first is in the sum already, among the answers only.
 //!
 //! All of this runs inside engine ops that write the entry's var, so one
-//! op at a time touches an entry; the mutex around the state is never
-//! contended and only satisfies the type system.
+//! op at a time touches an entry. The mutex around the state is taken
+//! outside ops only briefly: to close the gate (`Server`'s settings
+//! changes and deaths) and, never waiting for it, to count the rounds
+//! summed at the gate for the round log (`Server`'s refresh, at each
+//! status snapshot).
 //!
 //! Rooms: this file is the entry's state and its rounds (a push taken,
 //! folded, the round completed and answered); `cut_short.rs` rounds that

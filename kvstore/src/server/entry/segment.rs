@@ -173,13 +173,17 @@ impl EntryState {
 
 impl EntryState {
     /// Counts into `rounds` the rounds the workers summed at the gate
-    /// since the last look (inside an op on the entry).
-    pub(crate) fn count_gate_rounds(&mut self) {
-        if let Some(seg) = &self.shm {
-            let done = Gate::of(seg).done();
-            self.rounds += u64::from(done.wrapping_sub(self.gate_seen));
-            self.gate_seen = done;
-        }
+    /// since the last look (inside an op on the entry, or under its lock
+    /// between ops: `Server`'s round log refresh); how many.
+    pub(crate) fn count_gate_rounds(&mut self) -> u64 {
+        let Some(seg) = &self.shm else {
+            return 0;
+        };
+        let done = Gate::of(seg).done();
+        let n = u64::from(done.wrapping_sub(self.gate_seen));
+        self.rounds += n;
+        self.gate_seen = done;
+        n
     }
 
     /// Closes the segment's gate: rounds come to the server again (a round
