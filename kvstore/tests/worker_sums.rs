@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use pskv_engine::{Context, Engine};
 use pskv_kvstore::{DType, Key, KvStore, Optimizer, Options, Tensor};
+use pskv_transport::status::RoundLog;
 use pskv_transport::VanKind;
 
 mod common;
@@ -153,10 +154,24 @@ fn rounds_the_workers_sum_give_the_servers_bits() {
     assert_eq!(summed[0].0[5 * 3], want);
 }
 
+/// The one server's round log, once its thread has put it in `logs` (it
+/// does so after `Server::start` returns, which the workers need not wait
+/// for).
+fn server_log(logs: &Arc<std::sync::Mutex<Vec<Arc<RoundLog>>>>) -> Arc<RoundLog> {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(l) = logs.lock().unwrap().first() {
+            return l.clone();
+        }
+        assert!(Instant::now() < deadline, "the server never started");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// The rounds the workers sum at the gates reach no op on their server,
-/// yet its round log (what `pskv status` shows of it) counts them: every
-/// part's six rounds, the first summed by the server, the others at the
-/// gate.
+/// yet its round log (what `pskv status` shows of it) counts them, at the
+/// look: every part's six rounds, the first summed by the server, the
+/// others at the gate.
 #[test]
 fn the_servers_round_log_counts_the_rounds_summed_at_its_gates() {
     let c = summing(3, None);
@@ -165,12 +180,33 @@ fn the_servers_round_log_counts_the_rounds_summed_at_its_gates() {
         init(kv, e);
         rounds(kv, e, 0, 6);
         kv.barrier().unwrap();
-        let logs = logs.lock().unwrap();
-        assert_eq!(logs.len(), 1, "one server's log");
-        (logs[0].latest().0, kv.worker_summed_parts())
+        (server_log(&logs).latest().0, kv.worker_summed_parts())
     });
     for (rank, (server_round, summed)) in out.iter().enumerate() {
         assert_eq!(*summed, 25, "worker {rank} summed parts");
+        assert_eq!(*server_round, 6, "worker {rank}: the server's round");
+    }
+}
+
+/// Gate rounds that a key's next op on the server counts (here, once an
+/// optimizer closed the gates) reach its round log too, with the rounds
+/// the server then sums itself: 4 + 2. (A heartbeat's look in between
+/// would count them first; the total is the same.)
+#[test]
+fn gate_rounds_a_keys_next_op_counts_reach_the_round_log() {
+    let c = summing(2, None);
+    let logs = c.server_rounds.clone();
+    let out = c.run("dist_sync", opts(T), move |kv, e| {
+        init(kv, e);
+        rounds(kv, e, 0, 4);
+        let summed = kv.worker_summed_parts();
+        kv.set_optimizer(Optimizer::sgd(0.1)).unwrap();
+        rounds(kv, e, 4, 2);
+        kv.barrier().unwrap();
+        (server_log(&logs).latest().0, summed)
+    });
+    for (rank, (server_round, summed)) in out.iter().enumerate() {
+        assert_eq!(*summed, 15, "worker {rank}: rounds 2 to 4 of 5 parts");
         assert_eq!(*server_round, 6, "worker {rank}: the server's round");
     }
 }

@@ -532,20 +532,25 @@ impl Inner {
     }
 
     /// Reports to the round log the rounds the workers summed at the
-    /// entries' gates since their last look. An entry whose lock an op
-    /// holds is left to that op (`keys.rs` counts first thing), so a
-    /// snapshot never waits for a round's sum.
+    /// entries' gates since their last look. Never waits: an entry whose
+    /// lock an op holds is left to that op (`keys.rs` counts first thing
+    /// and reports what it counts), and the whole look to the next one while
+    /// the map is being written (a restore may hold it long, and a
+    /// heartbeat waits for this).
     fn count_gate_rounds(&self) {
         let Some(log) = self.rounds.get() else {
             return;
         };
-        for (key, e) in self.entries_snapshot() {
+        let Some(entries) = self.entries.try_read() else {
+            return;
+        };
+        for (key, e) in entries.iter() {
             let Some(mut st) = e.st.try_lock() else {
                 continue;
             };
             let n = st.count_gate_rounds();
             drop(st);
-            log.rounds_done(key, n);
+            log.rounds_done(*key, n);
         }
     }
 

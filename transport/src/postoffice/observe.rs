@@ -15,7 +15,8 @@ use super::{Ctl, Inner, Postoffice};
 impl Postoffice {
     /// Where the layer above reports the rounds it completes, which
     /// `pskv status` shows (a worker: each key's push answered; a server:
-    /// each key's round summed and answered).
+    /// each key's round summed and answered, and the rounds its workers
+    /// summed in shared memory, from the log's refresh).
     pub fn round_log(&self) -> Arc<RoundLog> {
         self.owner.inner.rounds.clone()
     }

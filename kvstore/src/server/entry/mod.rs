@@ -17,10 +17,11 @@
 //!
 //! All of this runs inside engine ops that write the entry's var, so one
 //! op at a time touches an entry. The mutex around the state is taken
-//! outside ops only briefly: to close the gate (`Server`'s settings
-//! changes and deaths) and, never waiting for it, to count the rounds
-//! summed at the gate for the round log (`Server`'s refresh, at each
-//! status snapshot).
+//! outside ops only briefly: by commands (optimizer states), checkpoints,
+//! copies from a primary, a worker's death, shutdown, a request's size
+//! lookup on the I/O thread, the gates' closing and, never waiting for
+//! it, the count of the rounds summed at the gate for the round log
+//! (`Server`'s refresh, at each status snapshot).
 //!
 //! Rooms: this file is the entry's state and its rounds (a push taken,
 //! folded, the round completed and answered); `cut_short.rs` rounds that
