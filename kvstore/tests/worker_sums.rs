@@ -220,24 +220,40 @@ fn wide_keys() -> Vec<(Key, usize, DType)> {
     ]
 }
 
+/// Per worker: the values its pulls brought, the parts it summed at a
+/// gate and the chunks it helped sum.
+type Seen = Vec<(Vec<Vec<u8>>, u64, u64)>;
+
+/// `steps` rounds of `keys`, cut into parts of at most `partition` bytes,
+/// with `workers` workers over shm, twice: summed at the gates (the
+/// servers' default), then by the server alone.
+fn gated_and_served(
+    workers: u32,
+    keys: &[(Key, usize, DType)],
+    partition: usize,
+    steps: u64,
+) -> (Seen, Seen) {
+    let opts = Options {
+        partition_bytes: partition,
+        ..opts(T)
+    };
+    let run = |sum_bytes| {
+        let keys = keys.to_vec();
+        summing(workers, sum_bytes).run("dist_sync", opts.clone(), move |kv, e| {
+            init_of(&keys, kv, e);
+            let seen = rounds_of(&keys, kv, e, 0, steps);
+            (seen, kv.worker_summed_parts(), kv.worker_helped_chunks())
+        })
+    };
+    (run(None), run(Some(0)))
+}
+
 /// Parts large enough to be shared in chunks (`gate/chunks.rs`): three
 /// workers, the summer and the waiters each summing chunks, give the
 /// server's bits too.
 #[test]
 fn rounds_shared_in_chunks_give_the_servers_bits() {
-    let opts = Options {
-        partition_bytes: 1 << 20,
-        ..opts(T)
-    };
-    let run = |sum_bytes| {
-        summing(3, sum_bytes).run("dist_sync", opts.clone(), |kv, e| {
-            init_of(&wide_keys(), kv, e);
-            let seen = rounds_of(&wide_keys(), kv, e, 0, 8);
-            (seen, kv.worker_summed_parts(), kv.worker_helped_chunks())
-        })
-    };
-    let summed = run(None);
-    let served = run(Some(0));
+    let (summed, served) = gated_and_served(3, &wide_keys(), 1 << 20, 8);
     let helped: u64 = summed.iter().map(|s| s.2).sum();
     // 21 rounds of parts of about 0.6 MB, in 32 KiB chunks: some summed
     // by the waiters.
@@ -261,24 +277,11 @@ fn rounds_shared_in_chunks_give_the_servers_bits() {
 /// server's bits, with three workers.
 #[test]
 fn rounds_of_late_copies_give_the_servers_bits() {
-    let keys = vec![
+    let keys = [
         (Key::Int(8), 700_000, DType::F32),
         (Key::from("big"), 200_000, DType::F64),
     ];
-    let opts = Options {
-        partition_bytes: 2 << 20,
-        ..opts(T)
-    };
-    let run = |sum_bytes| {
-        let keys = keys.clone();
-        summing(3, sum_bytes).run("dist_sync", opts.clone(), move |kv, e| {
-            init_of(&keys, kv, e);
-            let seen = rounds_of(&keys, kv, e, 0, 6);
-            (seen, kv.worker_summed_parts(), kv.worker_helped_chunks())
-        })
-    };
-    let summed = run(None);
-    let served = run(Some(0));
+    let (summed, served) = gated_and_served(3, &keys, 2 << 20, 6);
     for (rank, ((a, wa, _), (b, _, _))) in summed.iter().zip(&served).enumerate() {
         // 3 parts, 5 rounds after the first.
         assert_eq!(*wa, 15, "worker {rank} summed parts");
@@ -298,24 +301,11 @@ fn rounds_of_late_copies_give_the_servers_bits() {
 fn nine_workers_sharing_chunks_give_the_servers_bits() {
     // Parts of exactly 1 MiB (the least `ChunkOut` takes): two of an f32
     // key, one of an f64 key.
-    let keys = vec![
+    let keys = [
         (Key::Int(9), 1 << 19, DType::F32),
         (Key::from("nine"), 1 << 17, DType::F64),
     ];
-    let opts = Options {
-        partition_bytes: 1 << 20,
-        ..opts(T)
-    };
-    let run = |sum_bytes| {
-        let keys = keys.clone();
-        summing(9, sum_bytes).run("dist_sync", opts.clone(), move |kv, e| {
-            init_of(&keys, kv, e);
-            let seen = rounds_of(&keys, kv, e, 0, 4);
-            (seen, kv.worker_summed_parts(), kv.worker_helped_chunks())
-        })
-    };
-    let summed = run(None);
-    let served = run(Some(0));
+    let (summed, served) = gated_and_served(9, &keys, 1 << 20, 4);
     let helped: u64 = summed.iter().map(|s| s.2).sum();
     assert!(helped > 0, "no worker helped a summer");
     for (rank, ((a, wa, _), (b, wb, _))) in summed.iter().zip(&served).enumerate() {
