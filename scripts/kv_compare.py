@@ -4,8 +4,11 @@ MPI_Allreduce, on this host, in one run.
 
 Runs every configuration REPS times, interleaved (pskv, MXNet, MPI, then
 again), and keeps per case the median over repetitions of each run's time
-(a run's time: the mean over workers of their median round). Writes a
-markdown report and the raw results as JSON.
+(a run's time: the mean over workers of their median round). A ratio of
+two systems is the ratio of their medians, followed, with two reps or
+more, by the ratio rep by rep in brackets (the runs of one rep follow each
+other; the machine's speed may move between reps). Writes a markdown
+report and the raw results as JSON.
 
     python3 scripts/kv_compare.py [--reps 3] [--out target/kv_compare]
         [--shapes 2x1,4x2] [--pskv target/release/pskv] [--pskv-before OTHER]
@@ -303,6 +306,10 @@ def main():
         if not a.skip_peers:
             configs.append(("floorsum", w, s, "tcp", False))
     runs = {c: [] for c in configs}
+    # The same runs by rep: a ratio of two systems is also given rep by rep
+    # (the programs of one rep ran minutes apart, those of two reps
+    # maybe an hour: the machine's speed moves in between).
+    by_rep = {c: {} for c in configs}
     for rep in range(a.reps):
         for c in configs:
             sysname, w, s, van, comp = c
@@ -322,6 +329,7 @@ def main():
                   "ok" if r else "FAILED", time.time() - t0), file=sys.stderr, flush=True)
             if r:
                 runs[c].append(r)
+                by_rep[c][rep] = r
     med = {}
     for c, rs in runs.items():
         med[c] = {}
@@ -375,7 +383,14 @@ def main():
                 row.append(fmt_time(us) + ("" if ok in (True, None) else " (WRONG)"))
             for _, num, den in ratio_cols:
                 a_, b_ = med[num][case][0], med[den][case][0]
-                row.append("%.2f" % (a_ / b_) if a_ and b_ else "—")
+                cell = "%.2f" % (a_ / b_) if a_ and b_ else "—"
+                per_rep = [by_rep[num][i][case]["us"] / by_rep[den][i][case]["us"]
+                           for i in sorted(by_rep[num]) if i in by_rep[den]
+                           and case in by_rep[num][i] and case in by_rep[den][i]
+                           and by_rep[den][i][case]["us"]]
+                if len(per_rep) > 1:
+                    cell += " [%s]" % " ".join("%.2f" % x for x in per_rep)
+                row.append(cell)
             lines.append("| %s | %s |" % (case, " | ".join(row)))
         series = [(names[(c[0], c[3], c[4])],
                    [(SINGLE_KEY[k], med[c][k][0]) for k in SINGLE_KEY if med[c].get(k, (None,))[0]])
