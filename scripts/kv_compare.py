@@ -5,10 +5,12 @@ MPI_Allreduce, on this host, in one run.
 Runs every configuration REPS times, interleaved (pskv, MXNet, MPI, then
 again), and keeps per case the median over repetitions of each run's time
 (a run's time: the mean over workers of their median round). A ratio of
-two systems is the ratio of their medians, followed, with two reps or
-more, by the ratio rep by rep in brackets (the runs of one rep follow each
-other; the machine's speed may move between reps). Writes a markdown
-report and the raw results as JSON.
+two systems is the ratio of their medians, followed, where two reps or
+more have both systems' runs, by the ratio rep by rep in brackets, "—"
+for a rep that lacks one (the runs of one rep follow each other; a
+system's next run comes a whole rep later, as the machine's speed may
+have moved). Writes a markdown report and the raw results as JSON
+(`by_rep`: the runs by rep number).
 
     python3 scripts/kv_compare.py [--reps 3] [--out target/kv_compare]
         [--shapes 2x1,4x2] [--pskv target/release/pskv] [--pskv-before OTHER]
@@ -307,8 +309,8 @@ def main():
             configs.append(("floorsum", w, s, "tcp", False))
     runs = {c: [] for c in configs}
     # The same runs by rep: a ratio of two systems is also given rep by rep
-    # (the programs of one rep ran minutes apart, those of two reps
-    # maybe an hour: the machine's speed moves in between).
+    # (the programs of one rep run close together, a system's next run a
+    # whole rep later: the machine's speed may move in between).
     by_rep = {c: {} for c in configs}
     for rep in range(a.reps):
         for c in configs:
@@ -338,7 +340,8 @@ def main():
             oks = [r[case]["ok"] for r in rs if case in r]
             med[c][case] = (statistics.median(xs) if xs else None, all(oks) if oks else None)
     raw = {"|".join(map(str, c)): rs for c, rs in runs.items()}
-    json.dump({"reps": a.reps, "bind": BIND, "push_buffers": PUSH_BUFFERS, "runs": raw},
+    json.dump({"reps": a.reps, "bind": BIND, "push_buffers": PUSH_BUFFERS, "runs": raw,
+               "by_rep": {"|".join(map(str, c)): rs for c, rs in by_rep.items()}},
               open(os.path.join(a.out, "results.json"), "w"), indent=1)
     lines = []
     bound = ", pskv's workers bound to cores (--bind cores)" if BIND == "cores" else ""
@@ -384,12 +387,13 @@ def main():
             for _, num, den in ratio_cols:
                 a_, b_ = med[num][case][0], med[den][case][0]
                 cell = "%.2f" % (a_ / b_) if a_ and b_ else "—"
-                per_rep = [by_rep[num][i][case]["us"] / by_rep[den][i][case]["us"]
-                           for i in sorted(by_rep[num]) if i in by_rep[den]
-                           and case in by_rep[num][i] and case in by_rep[den][i]
-                           and by_rep[den][i][case]["us"]]
-                if len(per_rep) > 1:
-                    cell += " [%s]" % " ".join("%.2f" % x for x in per_rep)
+                def paired(i):
+                    x, y = by_rep[num].get(i, {}).get(case), by_rep[den].get(i, {}).get(case)
+                    return x["us"] / y["us"] if x and y and x["us"] and y["us"] else None
+                per_rep = [paired(i) for i in range(a.reps)]
+                if sum(x is not None for x in per_rep) > 1:
+                    cell += " [%s]" % " ".join("—" if x is None else "%.2f" % x
+                                               for x in per_rep)
                 row.append(cell)
             lines.append("| %s | %s |" % (case, " | ".join(row)))
         series = [(names[(c[0], c[3], c[4])],
