@@ -307,10 +307,9 @@ def main():
         configs.append(("floor", w, s, "tcp", False))
         if not a.skip_peers:
             configs.append(("floorsum", w, s, "tcp", False))
-    runs = {c: [] for c in configs}
-    # The same runs by rep: a ratio of two systems is also given rep by rep
-    # (the programs of one rep run close together, a system's next run a
-    # whole rep later: the machine's speed may move in between).
+    # Each system's runs by rep: a ratio of two systems is also given rep
+    # by rep (the programs of one rep run close together, a system's next
+    # run a whole rep later: the machine's speed may move in between).
     by_rep = {c: {} for c in configs}
     for rep in range(a.reps):
         for c in configs:
@@ -330,8 +329,9 @@ def main():
             print("rep %d %-8s %s: %s (%.0f s)" % (rep, sysname, tag,
                   "ok" if r else "FAILED", time.time() - t0), file=sys.stderr, flush=True)
             if r:
-                runs[c].append(r)
                 by_rep[c][rep] = r
+    # The runs that succeeded, in rep order.
+    runs = {c: [rs[i] for i in sorted(rs)] for c, rs in by_rep.items()}
     med = {}
     for c, rs in runs.items():
         med[c] = {}
@@ -339,10 +339,22 @@ def main():
             xs = [r[case]["us"] for r in rs if case in r]
             oks = [r[case]["ok"] for r in rs if case in r]
             med[c][case] = (statistics.median(xs) if xs else None, all(oks) if oks else None)
-    raw = {"|".join(map(str, c)): rs for c, rs in runs.items()}
-    json.dump({"reps": a.reps, "bind": BIND, "push_buffers": PUSH_BUFFERS, "runs": raw,
-               "by_rep": {"|".join(map(str, c)): rs for c, rs in by_rep.items()}},
+    def label(c):
+        return "|".join(map(str, c))
+
+    json.dump({"reps": a.reps, "bind": BIND, "push_buffers": PUSH_BUFFERS,
+               "runs": {label(c): rs for c, rs in runs.items()},
+               "by_rep": {label(c): rs for c, rs in by_rep.items()}},
               open(os.path.join(a.out, "results.json"), "w"), indent=1)
+
+    def paired(num, den, case):
+        """`num`'s time over `den`'s in each rep, None where either lacks it."""
+        out = []
+        for i in range(a.reps):
+            x, y = by_rep[num].get(i, {}).get(case), by_rep[den].get(i, {}).get(case)
+            out.append(x["us"] / y["us"] if x and y and x["us"] and y["us"] else None)
+        return out
+
     lines = []
     bound = ", pskv's workers bound to cores (--bind cores)" if BIND == "cores" else ""
     if PUSH_BUFFERS:
@@ -387,10 +399,7 @@ def main():
             for _, num, den in ratio_cols:
                 a_, b_ = med[num][case][0], med[den][case][0]
                 cell = "%.2f" % (a_ / b_) if a_ and b_ else "—"
-                def paired(i):
-                    x, y = by_rep[num].get(i, {}).get(case), by_rep[den].get(i, {}).get(case)
-                    return x["us"] / y["us"] if x and y and x["us"] and y["us"] else None
-                per_rep = [paired(i) for i in range(a.reps)]
+                per_rep = paired(num, den, case)
                 if sum(x is not None for x in per_rep) > 1:
                     cell += " [%s]" % " ".join("—" if x is None else "%.2f" % x
                                                for x in per_rep)

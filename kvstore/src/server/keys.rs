@@ -204,10 +204,7 @@ impl Inner {
             answer,
         } = w;
         let pushes = matches!(head.op, Op::Push | Op::PushPull | Op::RowPush);
-        let gated = st.count_gate_rounds();
-        if let (true, Some(log)) = (gated > 0, self.rounds.get()) {
-            log.rounds_done(key, gated);
-        }
+        self.count_gate_rounds_of(key, st);
         // A sync push of a round this key holds complete (the count learned
         // from the push itself first: `entry/cut_short.rs`).
         let done = pushes && head.sync && st.round_done(tag);

@@ -538,19 +538,23 @@ impl Inner {
     /// the map is being written (a restore may hold it long, and a
     /// heartbeat waits for this).
     fn count_gate_rounds(&self) {
-        let Some(log) = self.rounds.get() else {
-            return;
-        };
         let Some(entries) = self.entries.try_read() else {
             return;
         };
         for (key, e) in entries.iter() {
-            let Some(mut st) = e.st.try_lock() else {
-                continue;
-            };
-            let n = st.count_gate_rounds();
-            drop(st);
-            log.rounds_done(*key, n);
+            if let Some(mut st) = e.st.try_lock() {
+                self.count_gate_rounds_of(*key, &mut st);
+            }
+        }
+    }
+
+    /// Counts into ps key `key`'s rounds those its workers summed at its
+    /// gate since the last look, and reports them to the round log (under
+    /// the entry's lock, as its ops report their rounds).
+    fn count_gate_rounds_of(&self, key: u64, st: &mut EntryState) {
+        let n = st.count_gate_rounds();
+        if let Some(log) = self.rounds.get() {
+            log.rounds_done(key, n);
         }
     }
 
