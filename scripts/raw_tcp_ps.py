@@ -16,6 +16,12 @@ the servers, as a parameter server shards it), the last tensor first.
 Prints one line per workload: the median round time over the clients, and
 `RESULT {json}` with the same fields as `pskv bench`'s cases.
 
+--conns N: N connections between each client and server instead of one
+(the "several connections per link" idea of issue 16): every message is
+cut into N slices on 64-byte bounds, slice c goes over connection c, and
+each connection has a thread of its own at both ends. Not with --sum.
+(Every connection first sends one 64-byte header naming its number c.)
+
 --sndbuf N: every socket's send buffer set to N bytes (SO_SNDBUF, which
 the kernel doubles), as pskv sets its loopback links' (PSKV_TCP_SNDBUF);
 0 (the default): the kernel's autotuning.
@@ -92,15 +98,24 @@ def tune(s, sndbuf):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
 
 
-def serve(listener, workers, parts, rounds, add, sndbuf):
-    """A thread per worker (a client sends to every server in turn, so a
-    server that read its clients one after the other could wait on a client
-    blocked on another server): each round, receive the worker's push, wait
-    until every worker's is in, answer. With `add`, the answer is the sum
-    of the workers' pushes, summed between two barriers (`shares`)."""
-    conns = [listener.accept()[0] for _ in range(workers)]
-    everyone = threading.Barrier(workers)
-    bufs = [[aligned(p) for p in parts] for _ in conns]
+def serve(listener, workers, lanes, rounds, add, sndbuf):
+    """A thread per connection (a client sends to every server in turn, so
+    a server that read its clients one after the other could wait on a
+    client blocked on another server): each round, receive the push, wait
+    until every connection's is in, answer. `lanes[c]`: the byte counts of
+    the messages over a client's connection c (one lane unless --conns);
+    each connection names its lane first. With `add` (one lane), the
+    answer is the sum of the workers' pushes, summed between two barriers
+    (`shares`)."""
+    conns = [listener.accept()[0] for _ in range(workers * len(lanes))]
+    everyone = threading.Barrier(len(conns))
+    hello = memoryview(bytearray(ALIGN))
+    lane_of = []
+    for c in conns:
+        recv_exact(c, hello)
+        lane_of.append(struct.unpack_from("<Q", hello)[0])
+    bufs = [[aligned(p) for p in lanes[lane]] for lane in lane_of]
+    parts = lanes[0]
     sums = [aligned(p) for p in parts] if add else None
     mine_to_sum = shares(parts, workers) if add else None
 
@@ -157,37 +172,60 @@ def pattern(n):
     return (block * (n // len(block) + 1))[:n]
 
 
-def client(ports, parts, rounds, q, sndbuf):
-    """parts[server]: the byte counts of its messages, in round order."""
-    socks = []
-    for p in ports:
-        s = socket.create_connection(("127.0.0.1", p))
-        tune(s, sndbuf)
-        socks.append(s)
-    # Non-zero bytes: a zero-filled `bytes(n)` is calloc'd, so every page
-    # of it is the kernel's one shared zero page, which the socket copies
-    # read from cache (sends measured 20% cheaper than from real data).
-    data = [[aligned(n) for n in ps] for ps in parts]
-    for ds, ps in zip(data, parts):
-        for d, n in zip(ds, ps):
-            d[:n] = pattern(n)
-    back = [[aligned(n) for n in ps] for ps in parts]
-    hdr = memoryview(bytearray(ALIGN))
+def client(ports, lanes, rounds, q, sndbuf):
+    """lanes[c][server]: the byte counts of its messages over connection c
+    to that server, in round order (one lane unless --conns; a thread per
+    lane, each round started and ended by all of them together)."""
+    went = threading.Barrier(len(lanes))
     ts = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        # Message j of every server, then message j + 1: a tensor at a time.
-        for j in range(len(parts[0])):
-            for s, d in zip(socks, data):
-                send_msg(s, d[j])
-        for s, b in zip(socks, back):
-            for v in b:
-                recv_exact(s, hdr)
-                recv_exact(s, v)
-        ts.append(time.perf_counter() - t)
-    for s in socks:
-        s.close()
+
+    def lane(c, parts):
+        socks = []
+        for p in ports:
+            s = socket.create_connection(("127.0.0.1", p))
+            tune(s, sndbuf)
+            s.sendall(struct.pack("<Q", c).ljust(ALIGN, b"\0"))
+            socks.append(s)
+        # Non-zero bytes: a zero-filled `bytes(n)` is calloc'd, so every page
+        # of it is the kernel's one shared zero page, which the socket copies
+        # read from cache (sends measured 20% cheaper than from real data).
+        data = [[aligned(n) for n in ps] for ps in parts]
+        for ds, ps in zip(data, parts):
+            for d, n in zip(ds, ps):
+                d[:n] = pattern(n)
+        back = [[aligned(n) for n in ps] for ps in parts]
+        hdr = memoryview(bytearray(ALIGN))
+        for _ in range(rounds):
+            went.wait(timeout=600)
+            t = time.perf_counter()
+            # Message j of every server, then message j + 1: a tensor at a time.
+            for j in range(len(parts[0])):
+                for s, d in zip(socks, data):
+                    send_msg(s, d[j])
+            for s, b in zip(socks, back):
+                for v in b:
+                    recv_exact(s, hdr)
+                    recv_exact(s, v)
+            went.wait(timeout=600)
+            if c == 0:
+                ts.append(time.perf_counter() - t)
+        for s in socks:
+            s.close()
+
+    threads = [threading.Thread(target=lane, args=(c, parts)) for c, parts in enumerate(lanes[1:], 1)]
+    for t in threads:
+        t.start()
+    lane(0, lanes[0])
+    for t in threads:
+        t.join()
     q.put(statistics.median(ts[len(ts) // 5:]))
+
+
+def sliced(n, conns):
+    """A message of `n` bytes cut into `conns` slices on `ALIGN` bounds (the
+    last takes the rest)."""
+    cut = [n * c // conns // ALIGN * ALIGN for c in range(conns)] + [n]
+    return [cut[c + 1] - cut[c] for c in range(conns)]
 
 
 def numpy_add():
@@ -206,23 +244,26 @@ def numpy_add():
     return add
 
 
-def run(workers, servers, sizes, rounds, add=None, sndbuf=0):
+def run(workers, servers, sizes, rounds, add=None, sndbuf=0, conns=1):
     """One workload: `sizes` (bytes per tensor, in send order), each split
-    over the servers. The mean over clients of their median round."""
+    over the servers (and over `conns` connections). The mean over clients
+    of their median round."""
     parts = [[n // servers + (1 if k < n % servers else 0) for n in sizes]
              for k in range(servers)]
+    # lanes[c][k]: the slices over connection c to server k.
+    lanes = [[[sliced(n, conns)[c] for n in ps] for ps in parts] for c in range(conns)]
     listeners, srvs = [], []
     for k in range(servers):
         l = socket.socket()
         l.bind(("127.0.0.1", 0))
         l.listen(64)
         listeners.append(l)
-        srvs.append(mp.Process(target=serve, args=(l, workers, parts[k], rounds, add, sndbuf)))
+        srvs.append(mp.Process(target=serve, args=(l, workers, [ln[k] for ln in lanes], rounds, add, sndbuf)))
     for p in srvs:
         p.start()
     q = mp.Queue()
     ports = [l.getsockname()[1] for l in listeners]
-    cs = [mp.Process(target=client, args=(ports, parts, rounds, q, sndbuf))
+    cs = [mp.Process(target=client, args=(ports, lanes, rounds, q, sndbuf))
           for _ in range(workers)]
     for c in cs:
         c.start()
@@ -243,9 +284,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--sndbuf", type=int, default=0,
                     help="SO_SNDBUF of every socket, bytes (0: the kernel's autotuning)")
+    ap.add_argument("--conns", type=int, default=1,
+                    help="connections between each client and server (each message cut in slices)")
     ap.add_argument("--sum", action="store_true",
                     help="the servers sum the pushes (float32, numpy)")
     a = ap.parse_args()
+    if a.conns < 1 or (a.conns > 1 and a.sum):
+        raise SystemExit("--conns takes 1 or more, and more than 1 only without --sum")
     add = numpy_add() if a.sum else None
     loads = []
     if a.tensors:
@@ -256,7 +301,7 @@ def main():
         loads += [("%dB" % n, [n]) for n in (int(x) for x in a.sizes.split(","))]
     cases = []
     for name, sizes in loads:
-        m = run(a.workers, a.servers, sizes, a.rounds, add, a.sndbuf)
+        m = run(a.workers, a.servers, sizes, a.rounds, add, a.sndbuf, a.conns)
         total = sum(sizes)
         print("raw tcp%s, %d clients, %d servers, %s (%d bytes in %d tensors): %.2f ms per round"
               " (%.3f GB/s per client)" % (" with sums" if add else "", a.workers, a.servers, name,
