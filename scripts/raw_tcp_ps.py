@@ -8,6 +8,7 @@ server over TCP can beat it.
 
     python3 scripts/raw_tcp_ps.py [--workers 2] [--servers 1]
         [--sizes 4194304,33554432] [--tensors TENSORS.json] [--rounds 30]
+        [--conns 1] [--sndbuf 0] [--sum]
 
 --sizes: one tensor of each size, a round each. --tensors: a model's
 tensors (`pskv bench --model NAME --print-tensors`), all of them in one
@@ -17,10 +18,12 @@ Prints one line per workload: the median round time over the clients, and
 `RESULT {json}` with the same fields as `pskv bench`'s cases.
 
 --conns N: N connections between each client and server instead of one
-(the "several connections per link" idea of issue 16): every message is
-cut into N slices on 64-byte bounds, slice c goes over connection c, and
-each connection has a thread of its own at both ends. Not with --sum.
-(Every connection first sends one 64-byte header naming its number c.)
+(the "several connections per link" idea of issue 16): every message of
+at least 1 MiB (a tensor whose share of each server is that large) is cut
+into N slices on 64-byte bounds, slice c going over connection c; smaller
+messages go whole over connection 0, as a parameter server would split
+only large parts. Each connection has a thread of its own at both ends
+and first sends one 64-byte header naming its number c. Not with --sum.
 
 --sndbuf N: every socket's send buffer set to N bytes (SO_SNDBUF, which
 the kernel doubles), as pskv sets its loopback links' (PSKV_TCP_SNDBUF);
@@ -196,7 +199,8 @@ def client(ports, lanes, rounds, q, sndbuf):
         back = [[aligned(n) for n in ps] for ps in parts]
         hdr = memoryview(bytearray(ALIGN))
         for _ in range(rounds):
-            went.wait(timeout=600)
+            if len(lanes) > 1:
+                went.wait(timeout=600)
             t = time.perf_counter()
             # Message j of every server, then message j + 1: a tensor at a time.
             for j in range(len(parts[0])):
@@ -206,16 +210,26 @@ def client(ports, lanes, rounds, q, sndbuf):
                 for v in b:
                     recv_exact(s, hdr)
                     recv_exact(s, v)
-            went.wait(timeout=600)
+            if len(lanes) > 1:
+                went.wait(timeout=600)
             if c == 0:
                 ts.append(time.perf_counter() - t)
         for s in socks:
             s.close()
 
-    threads = [threading.Thread(target=lane, args=(c, parts)) for c, parts in enumerate(lanes[1:], 1)]
+    def guarded(c, parts):
+        """A lane that fails lets the others go (they would wait at the
+        barrier for its rounds), then fails the client."""
+        try:
+            lane(c, parts)
+        except BaseException:
+            went.abort()
+            raise
+
+    threads = [threading.Thread(target=guarded, args=(c, parts)) for c, parts in enumerate(lanes[1:], 1)]
     for t in threads:
         t.start()
-    lane(0, lanes[0])
+    guarded(0, lanes[0])
     for t in threads:
         t.join()
     q.put(statistics.median(ts[len(ts) // 5:]))
@@ -251,7 +265,12 @@ def run(workers, servers, sizes, rounds, add=None, sndbuf=0, conns=1):
     parts = [[n // servers + (1 if k < n % servers else 0) for n in sizes]
              for k in range(servers)]
     # lanes[c][k]: the slices over connection c to server k.
-    lanes = [[[sliced(n, conns)[c] for n in ps] for ps in parts] for c in range(conns)]
+    # lanes[c][k]: the messages over connection c to server k; a tensor is
+    # sliced where every server's share of it is at least SLICED bytes (so
+    # all servers agree), else it goes whole over connection 0.
+    cut = [conns > 1 and n // servers >= SLICED for n in sizes]
+    lanes = [[[sliced(p, conns)[c] if big else p for p, big in zip(ps, cut) if big or c == 0]
+              for ps in parts] for c in range(conns)]
     listeners, srvs = [], []
     for k in range(servers):
         l = socket.socket()
