@@ -264,13 +264,12 @@ def run(workers, servers, sizes, rounds, add=None, sndbuf=0, conns=1):
     of their median round."""
     parts = [[n // servers + (1 if k < n % servers else 0) for n in sizes]
              for k in range(servers)]
-    # lanes[c][k]: the slices over connection c to server k.
     # lanes[c][k]: the messages over connection c to server k; a tensor is
     # sliced where every server's share of it is at least SLICED bytes (so
     # all servers agree), else it goes whole over connection 0.
-    cut = [conns > 1 and n // servers >= SLICED for n in sizes]
-    lanes = [[[sliced(p, conns)[c] if big else p for p, big in zip(ps, cut) if big or c == 0]
-              for ps in parts] for c in range(conns)]
+    to_slice = [conns > 1 and n // servers >= SLICED for n in sizes]
+    pieces = [[sliced(p, conns) if big else [p] for p, big in zip(ps, to_slice)] for ps in parts]
+    lanes = [[[pc[c] for pc in pcs if c < len(pc)] for pcs in pieces] for c in range(conns)]
     listeners, srvs = [], []
     for k in range(servers):
         l = socket.socket()
