@@ -23,7 +23,11 @@ the same order). Every run also measures the floor of a parameter-server
 round over plain TCP sockets (scripts/raw_tcp_ps.py: the same bytes, each
 message padded to 64, no summing) for the 4 MiB and 32 MiB cases or the
 model, and, with the peers, the same floor whose servers also sum
-(`--sum`, in the MXNet venv). The
+(`--sum`, in the MXNet venv); and both again in Rust (`pskv-net floor`,
+built by `cargo build --release -p pskv-net`: the same bytes and
+alignment, each server's share of a tensor in parts of 1 MiB answered as
+they complete, a reading and a writing thread per connection; its sums
+one pass per part), skipped with a note when that binary is missing. The
 floor's sockets get the send buffer pskv gives its loopback links
 (`PSKV_TCP_SNDBUF`, default 262144): plain sockets gain from it too with
 single large messages and are no slower with a model's (BENCHMARKS.md), so
@@ -144,18 +148,21 @@ def mpi_run(np_, mode, tensors):
     return None
 
 
-def floor_run(w, s, tensors, summed=False):
-    """The plain-socket floor (scripts/raw_tcp_ps.py); `summed`: the floor
-    whose servers also sum (`--sum`, numpy: run with the MXNet venv's
+def floor_run(w, s, tensors, summed=False, rust=None):
+    """The plain-socket floor (scripts/raw_tcp_ps.py, or with `rust` that
+    `pskv-net` binary's `floor`); `summed`: the floor whose servers also
+    sum (`--sum`; the Python one with numpy, run with the MXNet venv's
     Python)."""
     py = sys.executable
-    if summed:
+    if summed and not rust:
         from model_peers import MXPY
         py = MXPY
     # pskv's default: TCP_SEND_BUFFER in transport/src/config/mod.rs.
     sndbuf = os.environ.get("PSKV_TCP_SNDBUF", "262144")
-    cmd = [py, os.path.join(HERE, "raw_tcp_ps.py"), "--workers", str(w), "--servers", str(s),
-           "--sndbuf", sndbuf]
+    cmd = [py, os.path.join(HERE, "raw_tcp_ps.py")]
+    if rust:
+        cmd = [rust, "floor"]
+    cmd += ["--workers", str(w), "--servers", str(s), "--sndbuf", sndbuf]
     if summed:
         cmd.append("--sum")
     if tensors:
@@ -268,6 +275,8 @@ def main():
     ap.add_argument("--shapes", default="2x1,4x2")
     ap.add_argument("--pskv", default=os.path.join(ROOT, "target", "release", "pskv"))
     ap.add_argument("--pskv-before", default=None)
+    ap.add_argument("--pskv-net", default=os.path.join(ROOT, "target", "release", "pskv-net"),
+                    help="the pskv-net binary whose `floor` is the Rust floor")
     ap.add_argument("--vans", default="tcp,shm")
     ap.add_argument("--no-compress", action="store_true",
                     help="skip the 2-bit compressed runs (pskv's and MXNet's)")
@@ -290,6 +299,10 @@ def main():
         if p is None:
             sys.exit("kv_compare: %s cannot list the model's tensors" % a.pskv)
         open(tensors, "w").write(p.stdout)
+    rust_floor = a.pskv_net if os.access(a.pskv_net, os.X_OK) else None
+    if not rust_floor:
+        print("kv_compare: no %s (cargo build --release -p pskv-net): the Rust floor is skipped"
+              % a.pskv_net, file=sys.stderr)
     shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     configs = []
     comps = [False] if a.no_compress else [False, True]
@@ -307,6 +320,9 @@ def main():
         configs.append(("floor", w, s, "tcp", False))
         if not a.skip_peers:
             configs.append(("floorsum", w, s, "tcp", False))
+        if rust_floor:
+            configs.append(("rfloor", w, s, "tcp", False))
+            configs.append(("rfloorsum", w, s, "tcp", False))
     # Each system's runs by rep: a ratio of two systems is also given rep
     # by rep (the programs of one rep run close together, a system's next
     # run a whole rep later: the machine's speed may move in between).
@@ -322,8 +338,9 @@ def main():
                              PUSH_BUFFERS and sysname == "pskv")
             elif sysname == "mxnet":
                 r = mxnet_run(w, s, comp, a.out, tag, tensors)
-            elif sysname in ("floor", "floorsum"):
-                r = floor_run(w, s, tensors, summed=sysname == "floorsum")
+            elif sysname in ("floor", "floorsum", "rfloor", "rfloorsum"):
+                r = floor_run(w, s, tensors, summed=sysname.endswith("sum"),
+                              rust=rust_floor if sysname.startswith("r") else None)
             else:
                 r = mpi_run(w, van, tensors)
             print("rep %d %-8s %s: %s (%.0f s)" % (rep, sysname, tag,
@@ -365,13 +382,16 @@ def main():
                 for who in ["before", "pskv"]]
         cols += [("mxnet", w, s, "zmq", False), ("mxnet", w, s, "zmq", True),
                  ("mpi", w, 0, "shm", False), ("mpi", w, 0, "tcp", False),
-                 ("floor", w, s, "tcp", False), ("floorsum", w, s, "tcp", False)]
+                 ("floor", w, s, "tcp", False), ("floorsum", w, s, "tcp", False),
+                 ("rfloor", w, s, "tcp", False), ("rfloorsum", w, s, "tcp", False)]
         cols = [c for c in cols if c in med]
         names = {("pskv", "tcp", False): "pskv tcp", ("pskv", "shm", False): "pskv shm",
                  ("pskv", "tcp", True): "pskv tcp 2-bit", ("pskv", "shm", True): "pskv shm 2-bit",
                  ("mxnet", "zmq", False): "MXNet", ("mxnet", "zmq", True): "MXNet 2-bit",
                  ("mpi", "shm", False): "MPI shm", ("mpi", "tcp", False): "MPI tcp",
-                 ("floor", "tcp", False): "TCP floor", ("floorsum", "tcp", False): "TCP floor with sums"}
+                 ("floor", "tcp", False): "TCP floor", ("floorsum", "tcp", False): "TCP floor with sums",
+                 ("rfloor", "tcp", False): "Rust TCP floor",
+                 ("rfloorsum", "tcp", False): "Rust floor with sums"}
         for (van, comp) in [("tcp", False), ("shm", False), ("tcp", True), ("shm", True)]:
             names[("before", van, comp)] = "before " + names[("pskv", van, comp)]
         hdr = [names[(c[0], c[3], c[4])] for c in cols]
@@ -389,6 +409,10 @@ def main():
             ratio_cols.append(("pskv tcp / TCP floor", ("pskv", w, s, "tcp", False), ("floor", w, s, "tcp", False)))
         if ("floorsum", w, s, "tcp", False) in med and ("pskv", w, s, "tcp", False) in med:
             ratio_cols.append(("pskv tcp / floor with sums", ("pskv", w, s, "tcp", False), ("floorsum", w, s, "tcp", False)))
+        for sysname, what in [("rfloor", "Rust floor"), ("rfloorsum", "Rust floor with sums")]:
+            if (sysname, w, s, "tcp", False) in med and ("pskv", w, s, "tcp", False) in med:
+                ratio_cols.append(("pskv tcp / " + what, ("pskv", w, s, "tcp", False),
+                                   (sysname, w, s, "tcp", False)))
         lines.append("| case | " + " | ".join(hdr + [r[0] for r in ratio_cols]) + " |")
         lines.append("|---|" + "---:|" * (len(hdr) + len(ratio_cols)))
         for case in CASES:

@@ -10,6 +10,8 @@
 //! pskv-net raw-echo PORT         echo back every message (length-prefixed)
 //! pskv-net raw-client ADDR --sizes a,b,.. [--rounds N]
 //!     time round trips of each size against raw-echo; one JSON line per size
+//! pskv-net floor [--workers W] [--servers S] [--sizes a,b | --tensors FILE] [--sum] ...
+//!     the floor of a parameter-server round over plain sockets (`floor/`)
 //! ```
 //! Exit status: 0 when the workload checked out; 1 with a message otherwise.
 
@@ -18,6 +20,8 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod floor;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -524,7 +528,7 @@ fn raw_client(addr: &str, args: &Args) -> Result<(), NetError> {
 fn main() {
     let mut argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.is_empty() {
-        eprintln!("usage: pskv-net node|raw-echo PORT|raw-client ADDR [options] (see the source's header)");
+        eprintln!("usage: pskv-net node|raw-echo PORT|raw-client ADDR|floor [options] (see the source's header)");
         std::process::exit(2);
     }
     let cmd = argv.remove(0);
@@ -545,6 +549,9 @@ fn main() {
             Some(addr) => raw_client(&addr, &Args { rest: argv }),
             None => Err(NetError::Usage("raw-client ADDR".into())),
         },
+        "floor" => floor::floor(&Args { rest: argv }),
+        "floor-server" => floor::floor_server(&Args { rest: argv }),
+        "floor-worker" => floor::floor_worker(&Args { rest: argv }),
         other => Err(NetError::Usage(format!("unknown command '{other}'"))),
     };
     if let Err(e) = r {
