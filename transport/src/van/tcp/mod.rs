@@ -1,15 +1,15 @@
 //! The TCP van: one connection per peer pair.
 //!
 //! Receive (`read.rs`): a 64 KiB read buffer serves small frames (several
-//! per read call); a frame whose body does not fit gets a buffer of its own, into
-//! which the rest is read straight from the socket, so a large payload is
-//! received into one buffer with no further copy. The header's lengths
+//! per read call); a frame whose body is 16 KiB or more gets a buffer of
+//! its own, into which the rest is read straight from the socket, so a
+//! large payload is received into one buffer with no further copy. The header's lengths
 //! are checked against the limits before that buffer is allocated. A read
 //! takes at most `READ_AHEAD` bytes beyond what the frame being read
 //! still lacks: what it brings of the next frame's large payload is
 //! copied once more (into that frame's buffer or landing), so it is kept
 //! small, while a read still brings dozens of small frames (a body of 8 to
-//! 64 KiB then takes a second read call).
+//! 16 KiB then takes a second read call).
 //!
 //! Send: when the link is idle, the calling thread writes the frame itself
 //! (a non-blocking vectored write; see `link` for the hand-off when the
@@ -28,7 +28,7 @@
 //!
 //! While the rest of a large body is read (into its buffer or a landing),
 //! the socket's receive low-water mark (`SO_RCVLOWAT`) is what is left of
-//! it, at most `LOW_WATER`: the reader's task wakes once that much has
+//! it, at most `LOW_WATER` (a rest under 64 KiB leaves the mark at 1): the reader's task wakes once that much has
 //! arrived, not at every segment, and each read copies more (BENCHMARKS.md,
 //! "The TCP reader wakes per megabyte"). The mark is 1 again before the
 //! next frame is read, so a small frame never waits for bytes that will

@@ -33,6 +33,16 @@ const READ_AHEAD: usize = 8 * 1024;
 /// smaller one is copied out of the read buffer at little cost, and the
 /// lookup takes a lock).
 const LAND_BYTES: u64 = 16 * 1024;
+/// Bodies of at least this many bytes are read into a buffer of their own
+/// (`spares`), not split off the small-frame buffer: a split keeps the
+/// whole 64 KiB block it came from alive for as long as the frame lives
+/// (a server holds a round's pushes until all are in), so the next reads
+/// go to fresh blocks, whose pages fault in (module docs of `mod.rs`).
+const SPARE_MIN: usize = 16 * 1024;
+/// The least rest of a body that raises the socket's low-water mark: a
+/// shorter one comes in a segment or two, and raising the mark and
+/// lowering it again costs two system calls.
+const RAISE_MIN: usize = 64 * 1024;
 
 /// Why reading a frame stopped.
 #[derive(Debug)]
@@ -128,6 +138,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if self.socket.is_none() {
                 return self.rd.read(dst).await;
             }
+            if dst.len() < RAISE_MIN {
+                // Lowered after a raised read, or never raised.
+                self.set_mark(1);
+                return self.rd.read(dst).await;
+            }
             self.set_mark(dst.len());
             match tokio::time::timeout(MARK_PATIENCE, self.rd.read(dst)).await {
                 Ok(r) => return r,
@@ -197,13 +212,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
         }
         let need = h.body_len() as usize;
-        let body = if need <= self.buf.len() || need <= READ_CHUNK {
+        let body = if need < SPARE_MIN {
             self.fill(need).await?;
             self.buf.split_to(need).freeze()
         } else {
             // A large body: a buffer of its own (a dropped one's, if
-            // any); what is already buffered is copied in, the rest is read
-            // straight into it.
+            // any); what is already buffered (at most `READ_AHEAD` bytes
+            // past the header) is copied in, the rest is read straight
+            // into it.
             let mut big = spares::take(need);
             self.read_rest(&mut big[..need]).await?;
             spares::freeze(big, need)
@@ -355,6 +371,36 @@ mod tests {
         let large = reader.read().await.unwrap();
         assert_eq!(large.payload.len(), 1 << 20);
         assert!(large.payload.iter().all(|&b| b == 4));
+        drop(writer.await.unwrap());
+    }
+
+    /// A body of `SPARE_MIN` bytes or more that fits the small-frame
+    /// buffer still gets a buffer of its own: a body split off that buffer
+    /// would end where the buffer's next bytes begin (and keep its block
+    /// alive while held), and a smaller one is split off it.
+    #[tokio::test]
+    async fn a_mid_sized_body_is_not_split_off_the_read_buffer() {
+        let (mut client, mut reader, _fd, _wr) = connected().await;
+        let sizes = [(40 << 10, 1u8), (SPARE_MIN - 200, 2), (10, 3)];
+        let writer = tokio::spawn(async move {
+            for (n, tag) in sizes {
+                write_frame(&mut client, &frame(n, tag)).await.unwrap();
+            }
+            client
+        });
+        let mut held = Vec::new();
+        for (n, tag) in sizes {
+            let f = tokio::time::timeout(Duration::from_secs(10), reader.read())
+                .await
+                .unwrap_or_else(|_| panic!("frame {tag} did not arrive"))
+                .unwrap();
+            assert_eq!(f.payload.len(), n, "frame {tag}");
+            assert!(f.payload.iter().all(|&b| b == tag), "frame {tag}");
+            let end = f.payload.as_ptr() as usize + n;
+            let split = end == reader.buf.as_ptr() as usize;
+            assert_eq!(split, n < SPARE_MIN, "frame {tag} of {n} bytes");
+            held.push(f);
+        }
         drop(writer.await.unwrap());
     }
 

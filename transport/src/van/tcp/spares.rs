@@ -1,6 +1,6 @@
 //! Receive buffers of large TCP bodies, reused from frame to frame.
 //!
-//! A body too large for a reader's small-frame buffer is read into a
+//! A body of 16 KiB or more (`read.rs`'s `SPARE_MIN`) is read into a
 //! buffer of its own, which the frame's `Bytes` then own (through a
 //! [`Spare`]). When the last of them drops (a server has summed the push,
 //! a worker is done with an answer), the buffer comes back to this
