@@ -15,13 +15,13 @@
 //!
 //! Why a lock per buffer is enough, and taken without a wait in a run
 //! that goes right: worker r pushes part q of round t + 1 only after it
-//! has every answer of round t, so reader r writes ins[r][q] again only
+//! has every answer of round t, so reader r writes `ins[r][q]` again only
 //! after writer r has sent its answer of q (which, with sums, came after
-//! the summer of q had read ins[r][q]). Subtle: with sums, writer r2 may
-//! still be sending outs[q] of round t when worker r's push of round t + 1
-//! arrives; outs[q] is written again only by the summer of round t + 1,
+//! the summer of q had read `ins[r][q]`). Subtle: with sums, writer r2 may
+//! still be sending `outs[q]` of round t when worker r's push of round t + 1
+//! arrives; `outs[q]` is written again only by the summer of round t + 1,
 //! the W-th arrival, which counts worker r2's push, made after r2 had
-//! outs[q] whole. The locks (read locks where threads only read) turn a
+//! `outs[q]` whole. The locks (read locks where threads only read) turn a
 //! mistake in this argument into a wait, not a torn buffer. `arrived`
 //! counts a part's arrivals over all rounds: no push of round t + 1
 //! arrives before the W-th of round t, so the count modulo W finds the
@@ -43,9 +43,9 @@ struct Shared {
     w: Workload,
     /// Bytes of each part.
     lens: Vec<usize>,
-    /// ins[r][q]: worker r's push of part q.
+    /// `ins[r][q]`: worker r's push of part q.
     ins: Vec<Vec<RwLock<Buf>>>,
-    /// outs[q]: the sum of part q (with `--sum`; empty without).
+    /// `outs[q]`: the sum of part q (with `--sum`; empty without).
     outs: Vec<RwLock<Buf>>,
     /// Pushes of each part that arrived, over all rounds.
     arrived: Vec<AtomicUsize>,
