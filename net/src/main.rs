@@ -469,8 +469,19 @@ fn read_msg(s: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<bool> {
 /// (two writes would cost the baseline a delayed-ACK round on small sizes).
 fn write_msg(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
     let len = (msg.len() as u64).to_le_bytes();
-    let mut parts = [std::io::IoSlice::new(&len), std::io::IoSlice::new(msg)];
-    let mut rest: &mut [std::io::IoSlice<'_>] = &mut parts;
+    write_all_vectored(
+        s,
+        &mut [std::io::IoSlice::new(&len), std::io::IoSlice::new(msg)],
+    )
+}
+
+/// Writes every byte of `parts`, in as few vectored writes as the socket
+/// takes.
+fn write_all_vectored(
+    s: &mut TcpStream,
+    parts: &mut [std::io::IoSlice<'_>],
+) -> std::io::Result<()> {
+    let mut rest: &mut [std::io::IoSlice<'_>] = parts;
     while !rest.is_empty() {
         let n = s.write_vectored(rest)?;
         if n == 0 {

@@ -89,19 +89,7 @@ pub(super) fn read_header(s: &mut TcpStream) -> std::io::Result<(usize, usize, u
 /// Sends a header and its (padded) payload, in one system call where the
 /// socket takes it all.
 pub(super) fn send(s: &mut TcpStream, head: &[u8; ALIGN], payload: &[u8]) -> std::io::Result<()> {
-    let mut parts = [IoSlice::new(head), IoSlice::new(payload)];
-    let mut rest: &mut [IoSlice<'_>] = &mut parts;
-    while !rest.is_empty() {
-        let n = s.write_vectored(rest)?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::WriteZero,
-                "the socket took no bytes",
-            ));
-        }
-        IoSlice::advance_slices(&mut rest, n);
-    }
-    Ok(())
+    crate::write_all_vectored(s, &mut [IoSlice::new(head), IoSlice::new(payload)])
 }
 
 /// No Nagle, the send buffer when asked for, and the time bound of every

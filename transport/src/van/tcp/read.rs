@@ -297,6 +297,22 @@ mod tests {
         f
     }
 
+    /// The next frame of `reader` (within 10 s), checked to be `n` bytes of
+    /// `tag`.
+    async fn read_tagged(
+        reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+        n: usize,
+        tag: u8,
+    ) -> Frame {
+        let f = tokio::time::timeout(Duration::from_secs(10), reader.read())
+            .await
+            .unwrap_or_else(|_| panic!("frame {tag} did not arrive"))
+            .unwrap();
+        assert_eq!(f.payload.len(), n, "frame {tag}");
+        assert!(f.payload.iter().all(|&b| b == tag), "frame {tag}");
+        f
+    }
+
     /// A client's stream and the reader of the server's end (raising its
     /// mark), with that socket and its write half.
     async fn connected() -> (
@@ -334,12 +350,7 @@ mod tests {
             client
         });
         for (n, tag) in [(3 << 20, 7u8), (10, 8), (5 << 20, 9), (3, 10)] {
-            let f = tokio::time::timeout(Duration::from_secs(10), reader.read())
-                .await
-                .unwrap_or_else(|_| panic!("frame {tag} did not arrive"))
-                .unwrap();
-            assert_eq!(f.payload.len(), n);
-            assert!(f.payload.iter().all(|&b| b == tag), "frame {tag}");
+            read_tagged(&mut reader, n, tag).await;
             assert_eq!(low_water_of(fd), 1, "after frame {tag}");
         }
         drop(writer.await.unwrap());
@@ -390,12 +401,7 @@ mod tests {
         });
         let mut held = Vec::new();
         for (n, tag) in sizes {
-            let f = tokio::time::timeout(Duration::from_secs(10), reader.read())
-                .await
-                .unwrap_or_else(|_| panic!("frame {tag} did not arrive"))
-                .unwrap();
-            assert_eq!(f.payload.len(), n, "frame {tag}");
-            assert!(f.payload.iter().all(|&b| b == tag), "frame {tag}");
+            let f = read_tagged(&mut reader, n, tag).await;
             let end = f.payload.as_ptr() as usize + n;
             let split = end == reader.buf.as_ptr() as usize;
             assert_eq!(split, n < SPARE_MIN, "frame {tag} of {n} bytes");
@@ -416,13 +422,8 @@ mod tests {
             client
         });
         for (n, tag) in [(3 << 20, 1u8), (2 << 20, 2), (2 << 20, 3)] {
-            let f = tokio::time::timeout(Duration::from_secs(10), reader.read())
-                .await
-                .unwrap_or_else(|_| panic!("frame {tag} did not arrive"))
-                .unwrap();
-            assert_eq!(f.payload.len(), n, "frame {tag}");
-            assert!(f.payload.iter().all(|&b| b == tag), "frame {tag}");
-            // Dropped here: the next frame may be read into its buffer.
+            // Dropped at once: the next frame may be read into its buffer.
+            drop(read_tagged(&mut reader, n, tag).await);
         }
         drop(writer.await.unwrap());
     }
