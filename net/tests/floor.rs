@@ -3,33 +3,15 @@
 //! a tensors file), its refusals of bad input, and a worker whose server
 //! is not there. Each run is bounded; the floor stops its own processes.
 
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pskv-net");
 
-/// Runs `pskv-net ARGS` to its end, killed after `limit`.
+/// Runs `pskv-net ARGS` to its end, killed after `limit` (the floor's
+/// children end with it: their pipe from it closes).
 fn run(args: &[&str], limit: Duration) -> Output {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "pskv-net {args:?} ran past {limit:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
+    pskv_test_support::run_bounded(Command::new(BIN).args(args), limit)
 }
 
 /// The cases of the `RESULT` line: (name, bytes, median µs).
@@ -157,7 +139,15 @@ fn a_worker_whose_server_is_not_there_fails_at_once() {
         .port()
         .to_string();
     let out = run(
-        &["floor-worker", "--sizes", "64", "--ports", &port],
+        &[
+            "floor-worker",
+            "--sizes",
+            "64",
+            "--ports",
+            &port,
+            "--rank",
+            "0",
+        ],
         Duration::from_secs(20),
     );
     assert_eq!(out.status.code(), Some(1));

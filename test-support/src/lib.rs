@@ -77,6 +77,50 @@ impl Procs {
     }
 }
 
+/// Runs `cmd` to its end with its output piped and read on threads of
+/// their own (a grandchild that keeps a pipe open cannot block the
+/// caller); killed, and the test failed with what it wrote to stderr, if
+/// it runs longer than `limit`.
+pub fn run_bounded(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    use std::process::Stdio;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the command starts");
+    let mut procs = Procs(vec![child]);
+    let mut outs = procs.read_stdouts();
+    let err = procs.0[0].stderr.take();
+    let err = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        if let Some(mut e) = err {
+            let _ = e.read_to_end(&mut s);
+        }
+        s
+    });
+    let end = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = procs.0[0].try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > end {
+            let _ = procs.0[0].kill();
+            let _ = procs.0[0].wait();
+            panic!(
+                "{cmd:?} ran past {limit:?}; stderr: {}",
+                String::from_utf8_lossy(&err.join().unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: outs.remove(0).join().unwrap_or_default().into_bytes(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
 /// Starts the scheduler and `servers` servers of a job: `exe scheduler`
 /// (on a port it finds free, which goes into `env` as `DMLC_PS_ROOT_PORT`
 /// for the servers and the caller's workers) and `exe server` (the pskv

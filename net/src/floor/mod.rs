@@ -39,10 +39,13 @@
 //! over workers, with the fields of `pskv bench`'s cases.
 //!
 //! Processes: this command starts the servers (`floor-server`, which print
-//! their port) and then the workers (`floor-worker`), all this binary,
-//! and waits for them; a process that fails exits 1 with its reason, and
-//! the others are then stopped. Every socket read and write, and the whole
-//! run, has a time bound.
+//! their port) and then the workers (`floor-worker --rank R`), all this
+//! binary, and waits for them; a process that fails (a thread that fails
+//! or panics ends its process) exits 1 with its reason, and the others are
+//! then stopped. A child also ends when its standard input closes: the
+//! driver holds the other end, so children never outlive it, even when it
+//! is killed. Every socket read and write, every wait for a connection or
+//! a port, and the whole run have a time bound.
 
 mod server;
 mod wire;
@@ -177,16 +180,41 @@ impl Drop for Proc {
     }
 }
 
+/// Starts `cmd` of this binary; its standard input is a pipe the `Proc`
+/// holds (`watchdog`: the child ends when it closes).
 fn spawn(what: String, cmd: &str, args: Vec<String>) -> Result<Proc, NetError> {
     let exe = std::env::current_exe()?;
     let child = Command::new(exe)
         .arg(cmd)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
     Ok(Proc { what, child })
+}
+
+/// The port a server prints first, read within `IO_TIMEOUT`.
+fn port_of(p: &mut Proc) -> Result<u16, NetError> {
+    let out = p.child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The thread ends when the server prints its line or its stdout closes
+    // (it exits, or is stopped with the run).
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = tx.send(BufReader::new(out).read_line(&mut line).map(|_| line));
+    });
+    let line = rx.recv_timeout(IO_TIMEOUT).map_err(|_| {
+        NetError::Failed(format!(
+            "{} did not say its port within {} s",
+            p.what,
+            IO_TIMEOUT.as_secs()
+        ))
+    })??;
+    line.trim()
+        .strip_prefix("port=")
+        .and_then(|v| v.parse::<u16>().ok())
+        .ok_or_else(|| NetError::Failed(format!("{} did not say its port", p.what)))
 }
 
 /// Runs one workload; the mean over workers of their median round, in
@@ -199,15 +227,7 @@ fn run(w: &Workload) -> Result<f64, NetError> {
         let mut args = w.to_args();
         args.extend(["--index".into(), k.to_string()]);
         let mut p = spawn(format!("server {k}"), "floor-server", args)?;
-        let mut line = String::new();
-        let out = p.child.stdout.take().expect("piped");
-        BufReader::new(out).read_line(&mut line)?;
-        let port = line
-            .trim()
-            .strip_prefix("port=")
-            .and_then(|v| v.parse::<u16>().ok())
-            .ok_or_else(|| NetError::Failed(format!("server {k} did not say its port")))?;
-        ports.push(port.to_string());
+        ports.push(port_of(&mut p)?.to_string());
         servers.push(p);
     }
     let mut args = w.to_args();
@@ -215,7 +235,9 @@ fn run(w: &Workload) -> Result<f64, NetError> {
     args.push(ports.join(","));
     let mut workers = Vec::new();
     for r in 0..w.workers {
-        workers.push(spawn(format!("worker {r}"), "floor-worker", args.clone())?);
+        let mut args = args.clone();
+        args.extend(["--rank".into(), r.to_string()]);
+        workers.push(spawn(format!("worker {r}"), "floor-worker", args)?);
     }
     // Every process must exit 0 in time; the first that does not ends the
     // run (the `Proc`s left are stopped when dropped).
@@ -337,9 +359,17 @@ pub(crate) fn floor(args: &Args) -> Result<(), NetError> {
     Ok(())
 }
 
-/// Ends this process (exit status 1) if it runs longer than a whole run
-/// may: a child whose parent is gone must not live on.
+/// A child's guards: it ends (exit status 1, with the reason) when any of
+/// its threads panics, when its standard input closes (the driver that
+/// holds the other end is gone), or when it runs longer than a whole run
+/// may.
 fn watchdog(who: &'static str) {
+    std::panic::set_hook(Box::new(move |info| wire::die(who, info)));
+    std::thread::spawn(move || {
+        // Nothing is ever written; the read returns at the pipe's end.
+        let _ = std::io::stdin().read(&mut [0u8; 1]);
+        wire::die(who, "the driver is gone (its pipe to this process closed)");
+    });
     std::thread::spawn(move || {
         std::thread::sleep(RUN_TIMEOUT + Duration::from_secs(30));
         wire::die(who, "ran past the run's time bound");

@@ -1,5 +1,9 @@
-//! A floor server (`pskv-net floor-server`): W connections, each with a
-//! reading and a writing thread.
+//! A floor server (`pskv-net floor-server --index K`): one connection per
+//! worker, ordered by the rank each names in its first message (`HELLO`),
+//! each with a reading and a writing thread. A thread that fails ends the
+//! process (`die`, or a panic through the child's hook); every socket read
+//! and write, the wait for the workers' connections and each writer's wait
+//! for a ready part are bounded.
 //!
 //! # A part's round
 //!
@@ -27,14 +31,15 @@
 //! arrives before the W-th of round t, so the count modulo W finds the
 //! last of each round.
 
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 
-use super::wire::{die, header, read_header, send, sum_into, tune, Buf};
+use super::wire::{die, header, read_header, send, sum_into, tune, Buf, HELLO};
 use super::{child_workload, watchdog, Workload, IO_TIMEOUT};
 use crate::{Args, NetError};
 
@@ -69,12 +74,7 @@ pub(crate) fn floor_server(args: &Args) -> Result<(), NetError> {
     std::io::stdout().flush()?;
     let lens = w.parts(index);
     let workers = w.workers;
-    let mut conns = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let (s, _) = listener.accept()?;
-        tune(&s, w.sndbuf)?;
-        conns.push(s);
-    }
+    let conns = accept_workers(&listener, workers, w.sndbuf)?;
     let (ready, inboxes): (Vec<Sender<usize>>, Vec<Receiver<usize>>) =
         (0..workers).map(|_| channel()).unzip();
     let shared = Arc::new(Shared {
@@ -109,20 +109,62 @@ pub(crate) fn floor_server(args: &Args) -> Result<(), NetError> {
     Ok(())
 }
 
-/// Reader r: every push of worker r, each round's parts in any order; the
-/// W-th arrival of a part sums it (with `--sum`) and hands it to the
-/// writers.
-fn read_pushes(sh: &Shared, r: usize, mut s: std::net::TcpStream) {
+/// The connections of all `workers`, by rank (each names its rank first,
+/// `HELLO`), accepted within `IO_TIMEOUT`.
+fn accept_workers(
+    listener: &TcpListener,
+    workers: usize,
+    sndbuf: usize,
+) -> Result<Vec<TcpStream>, NetError> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    listener.set_nonblocking(true)?;
+    let mut conns: Vec<Option<TcpStream>> = (0..workers).map(|_| None).collect();
+    let mut got = 0;
+    while got < workers {
+        let mut s = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(NetError::Failed(format!(
+                        "{got} of {workers} workers connected within {} s",
+                        IO_TIMEOUT.as_secs()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        s.set_nonblocking(false)?;
+        tune(&s, sndbuf)?;
+        let (len, rank, round) = read_header(&mut s)?;
+        if len != 0 || round != HELLO || rank >= workers || conns[rank].is_some() {
+            return Err(NetError::Failed(format!(
+                "a connection's first message named rank {rank} (round {round}, {len} bytes): not a new worker's hello"
+            )));
+        }
+        conns[rank] = Some(s);
+        got += 1;
+    }
+    Ok(conns.into_iter().flatten().collect())
+}
+
+/// Reader r: every push of worker r, each round's parts in any order, each
+/// once; the W-th arrival of a part sums it (with `--sum`) and hands it
+/// to the writers.
+fn read_pushes(sh: &Shared, r: usize, mut s: TcpStream) {
     let workers = sh.w.workers;
+    let mut seen = vec![usize::MAX; sh.lens.len()];
     for round in 0..sh.w.rounds {
         for _ in 0..sh.lens.len() {
             let (len, q, rd) = read_header(&mut s).unwrap_or_else(|e| die("floor-server", e));
-            if q >= sh.lens.len() || len != sh.lens[q] || rd != round {
+            if q >= sh.lens.len() || len != sh.lens[q] || rd != round || seen[q] == round {
                 die(
                     "floor-server",
-                    format!("worker {r} sent part {q} of {len} bytes in round {rd} (round {round} expected)"),
+                    format!("worker {r} sent part {q} of {len} bytes in round {rd} (round {round} expected, each part once)"),
                 );
             }
+            seen[q] = round;
             {
                 let mut b = sh.ins[r][q].write();
                 std::io::Read::read_exact(&mut s, b.wire_mut())
@@ -146,7 +188,7 @@ fn read_pushes(sh: &Shared, r: usize, mut s: std::net::TcpStream) {
 }
 
 /// Writer r: answers worker r's parts as they become ready.
-fn write_answers(sh: &Shared, r: usize, mut s: std::net::TcpStream, inbox: Receiver<usize>) {
+fn write_answers(sh: &Shared, r: usize, mut s: TcpStream, inbox: Receiver<usize>) {
     for round in 0..sh.w.rounds {
         for _ in 0..sh.lens.len() {
             let q = inbox.recv_timeout(IO_TIMEOUT).unwrap_or_else(|_| {

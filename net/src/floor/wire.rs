@@ -55,14 +55,28 @@ impl Buf {
 
 /// A buffer of `len` bytes of float32 values from 1 to 2, every page
 /// written (normal numbers, so that a sum runs at full speed, as a
-/// gradient's would; and no page left to the kernel's shared zero page).
-pub(super) fn pattern(len: usize) -> Buf {
+/// gradient's would; and no page left to the kernel's shared zero page);
+/// `seed` shifts the pattern, so that the pushes of different workers,
+/// servers and parts differ (`seed`).
+pub(super) fn pattern(len: usize, seed: usize) -> Buf {
     let mut b = Buf::new(len);
     for (i, x) in b.floats_mut().iter_mut().enumerate() {
-        *x = 1.0 + (i % 255) as f32 / 256.0;
+        *x = 1.0 + ((i + seed) % 255) as f32 / 256.0;
     }
     b
 }
+
+/// The pattern's seed of worker `rank`'s push of part `q` to server `k`:
+/// pushes that a server mixed up (two parts, two workers, one input
+/// added twice) make another sum.
+pub(super) fn seed(rank: usize, k: usize, q: usize) -> usize {
+    7 * rank + 31 * k + 101 * q
+}
+
+/// What a worker sends first on each connection: a header naming its rank
+/// (as the part, with no payload and the round `HELLO`), so that a server
+/// sums in the workers' rank order, not in the order they connected.
+pub(super) const HELLO: usize = u32::MAX as usize;
 
 /// A message's header: the payload's length, the part's index and the
 /// round, then zeros to `ALIGN` bytes.
@@ -110,6 +124,8 @@ const CHUNK: usize = 2048;
 
 /// `out = ((ins[0] + ins[1]) + ins[2]) + ...`, element by element, in
 /// that order (the same bits whatever the chunking); one input is copied.
+/// (pskv's own kernel, `pskv_gpu::cpu`, adds the same way; the floor uses
+/// nothing of pskv's, so that it measures plain sockets and plain code.)
 pub(super) fn sum_into(out: &mut [f32], ins: &[&[f32]]) {
     assert!(
         !ins.is_empty() && ins.iter().all(|i| i.len() == out.len()),
@@ -182,7 +198,7 @@ mod tests {
         let (mut rx, _) = l.accept().unwrap();
         tune(&tx, 65536).unwrap();
         tune(&rx, 0).unwrap();
-        let p = pattern(100);
+        let p = pattern(100, 3);
         send(&mut tx, &header(100, 7, 3), p.wire()).unwrap();
         assert_eq!(read_header(&mut rx).unwrap(), (100, 7, 3));
         let mut back = Buf::new(100);

@@ -3,8 +3,9 @@
 //! Receive (`read.rs`): a 64 KiB read buffer serves small frames (several
 //! per read call); a frame whose body is 16 KiB or more gets a buffer of
 //! its own, into which the rest is read straight from the socket, so a
-//! large payload is received into one buffer with no further copy. The header's lengths
-//! are checked against the limits before that buffer is allocated. A read
+//! large payload is received into one buffer with no further copy. The
+//! header's lengths are checked against the limits before that buffer is
+//! allocated. A read
 //! takes at most `READ_AHEAD` bytes beyond what the frame being read
 //! still lacks: what it brings of the next frame's large payload is
 //! copied once more (into that frame's buffer or landing), so it is kept
@@ -19,7 +20,9 @@
 //!
 //! Large bodies are read into buffers that come back when the frame is
 //! dropped (`spares`): a server holding a round's pushes, or a worker its
-//! answers, faults in no fresh pages per message.
+//! answers, faults in no fresh pages per message. (A body under 16 KiB is
+//! split off the read buffer and keeps its 64 KiB block alive while it is
+//! held: a server holding many through a round still takes fresh blocks.)
 //!
 //! An answer of at least `LAND_BYTES` whose request gave a [`Landing`]
 //! skips the receive buffer: after its keys and meta, its payload is read
@@ -28,9 +31,10 @@
 //!
 //! While the rest of a large body is read (into its buffer or a landing),
 //! the socket's receive low-water mark (`SO_RCVLOWAT`) is what is left of
-//! it, at most `LOW_WATER` (a rest under 64 KiB leaves the mark at 1): the reader's task wakes once that much has
-//! arrived, not at every segment, and each read copies more (BENCHMARKS.md,
-//! "The TCP reader wakes per megabyte"). The mark is 1 again before the
+//! it, at most `LOW_WATER` (a rest under 64 KiB leaves the mark at 1):
+//! the reader's task wakes once that much has arrived, not at every
+//! segment, and each read copies more (BENCHMARKS.md, "The TCP reader
+//! wakes per megabyte"). The mark is 1 again before the
 //! next frame is read, so a small frame never waits for bytes that will
 //! not come. Subtle: older kernels may never signal a mark the receive
 //! window cannot reach (before 4.18 the mark is not capped to the buffer);
