@@ -330,11 +330,14 @@ pub(crate) fn floor(args: &Args) -> Result<(), NetError> {
         };
         loads.extend(sizes.into_iter().map(|n| (format!("{n}B"), vec![n])));
     }
+    // Every workload checked before the first runs.
+    let loads = loads
+        .into_iter()
+        .map(|(name, sizes)| Ok((name, Workload::parse(args, sizes)?)))
+        .collect::<Result<Vec<_>, NetError>>()?;
     let mut cases = Vec::new();
-    let mut first = None;
-    for (name, sizes) in loads {
-        let w = Workload::parse(args, sizes)?;
-        let m = run(&w)?;
+    for (name, w) in &loads {
+        let m = run(w)?;
         let total: usize = w.sizes.iter().sum();
         println!(
             "rust tcp floor{}, {} clients, {} servers, {name} ({total} bytes in {} tensors): {:.2} ms per round ({:.3} GB/s per client)",
@@ -349,12 +352,12 @@ pub(crate) fn floor(args: &Args) -> Result<(), NetError> {
             "case": name, "bytes": total, "nkeys": w.sizes.len(), "iters": w.rounds,
             "check_ok": true, "median_us": m * 1e6, "algbw_gbps_median": total as f64 / m / 1e9,
         }));
-        first.get_or_insert((w.workers, w.servers));
     }
-    let (workers, servers) = first.expect("at least one workload");
+    // `--workers` and `--servers` are the same in every workload.
+    let w = &loads.first().expect("at least one workload").1;
     println!(
         "RESULT {}",
-        serde_json::json!({"num_workers": workers, "num_servers": servers, "cases": cases})
+        serde_json::json!({"num_workers": w.workers, "num_servers": w.servers, "cases": cases})
     );
     Ok(())
 }
@@ -377,18 +380,24 @@ fn watchdog(who: &'static str) {
 }
 
 /// The workload of a child process (`--sizes` in bytes, as `to_args`
-/// wrote them).
+/// wrote them: required here, not defaulted).
 fn child_workload(args: &Args) -> Result<Workload, NetError> {
-    let sizes = args
-        .value("--sizes")
-        .ok_or_else(|| NetError::Usage("--sizes is needed".into()))?
-        .split(',')
-        .map(|s| {
-            s.parse::<usize>()
-                .map_err(|_| NetError::Usage(format!("--sizes: '{s}' is not a byte count")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Workload::parse(args, sizes)
+    if args.value("--sizes").is_none() {
+        return Err(NetError::Usage("--sizes is needed".into()));
+    }
+    Workload::parse(args, args.sizes()?)
+}
+
+/// A child's place among `count` of its kind (`--index` of a server,
+/// `--rank` of a worker), required and checked.
+fn place(args: &Args, flag: &str, count: usize, kind: &str) -> Result<usize, NetError> {
+    let at: usize = args.num(flag, usize::MAX)?;
+    if at >= count {
+        return Err(NetError::Usage(format!(
+            "{flag} must name one of the {count} {kind}"
+        )));
+    }
+    Ok(at)
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use parking_lot::RwLock;
 
 use super::wire::{die, header, read_header, send, sum_into, tune, Buf, HELLO};
-use super::{child_workload, watchdog, Workload, IO_TIMEOUT};
+use super::{child_workload, place, watchdog, Workload, IO_TIMEOUT};
 use crate::{Args, NetError};
 
 /// What a server's threads share.
@@ -60,13 +60,7 @@ struct Shared {
 
 pub(crate) fn floor_server(args: &Args) -> Result<(), NetError> {
     let w = child_workload(args)?;
-    let index: usize = args.num("--index", usize::MAX)?;
-    if index >= w.servers {
-        return Err(NetError::Usage(format!(
-            "--index must name one of the {} servers",
-            w.servers
-        )));
-    }
+    let index = place(args, "--index", w.servers, "servers")?;
     watchdog("floor-server");
     let listener = TcpListener::bind("127.0.0.1:0")?;
     println!("port={}", listener.local_addr()?.port());

@@ -23,7 +23,7 @@ use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
 use super::wire::{die, header, pattern, read_header, seed, send, sum_into, tune, Buf, HELLO};
-use super::{child_workload, watchdog, Workload};
+use super::{child_workload, place, watchdog, Workload};
 use crate::{Args, NetError};
 
 pub(crate) fn floor_worker(args: &Args) -> Result<(), NetError> {
@@ -44,13 +44,7 @@ pub(crate) fn floor_worker(args: &Args) -> Result<(), NetError> {
             w.servers
         )));
     }
-    let rank: usize = args.num("--rank", usize::MAX)?;
-    if rank >= w.workers {
-        return Err(NetError::Usage(format!(
-            "--rank must name one of the {} workers",
-            w.workers
-        )));
-    }
+    let rank = place(args, "--rank", w.workers, "workers")?;
     watchdog("floor-worker");
     let meet = Arc::new(Barrier::new(2 * w.servers + 1));
     let mut senders = Vec::new();
