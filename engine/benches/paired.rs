@@ -5,8 +5,9 @@
 //! runs a moment apart holds where criterion's (the engine's samples, then
 //! the pool's) may not.
 //!
-//! Run: `cargo bench -p pskv-engine --bench paired`
-//! (`PSKV_BENCH_THREADS`: both pools' threads, default 2;
+//! Run: `cargo bench -p pskv-engine --bench paired [-- WORKLOAD...]`
+//! (a workload argument keeps the workloads whose name contains it;
+//! `PSKV_BENCH_THREADS`: both pools' threads, default 2;
 //! `PSKV_BENCH_PAIRS`: pairs per workload, default 15;
 //! `PSKV_BENCH_POOL_BOXES=2`: the baseline as it was until 2026-12-07,
 //! two allocations per job.)
@@ -15,35 +16,54 @@ use std::time::Instant;
 
 mod common;
 
-use common::{engine, threads, ChannelPool, Workload};
+use common::{engine, env_usize, threads, ChannelPool, Workload};
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 0 {
+        (s[m - 1] + s[m]) / 2.0
+    } else {
+        s[m]
+    }
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; a filter, if any, names workloads.
+    // `cargo bench` passes `--bench`; other arguments name workloads.
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
+    let chosen: Vec<Workload> = Workload::ALL
+        .into_iter()
+        .filter(|w| filter.is_empty() || filter.iter().any(|f| w.name().contains(f.as_str())))
+        .collect();
+    if chosen.is_empty() {
+        let names: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
+        eprintln!(
+            "no workload's name contains any of {filter:?}; the workloads: {}",
+            names.join(", ")
+        );
+        std::process::exit(2);
+    }
     let t = threads();
     let pairs = env_usize("PSKV_BENCH_PAIRS", 15).max(1);
-    let boxes = env_usize("PSKV_BENCH_POOL_BOXES", 1);
-    println!("threads {t}, pairs {pairs}, baseline boxes per job {boxes}");
-    println!("workload | engine ms (M ops/s) | pool ms | engine/pool: median (min to max)");
-    for w in Workload::ALL {
-        if !filter.is_empty() && !filter.iter().any(|f| w.name().contains(f.as_str())) {
-            continue;
+    let two_boxes = match env_usize("PSKV_BENCH_POOL_BOXES", 1) {
+        1 => false,
+        2 => true,
+        n => {
+            eprintln!("PSKV_BENCH_POOL_BOXES={n}: 1 (the baseline) or 2 (the old one)");
+            std::process::exit(2)
         }
+    };
+    println!(
+        "threads {t}, pairs {pairs}, baseline boxes per job {}",
+        if two_boxes { 2 } else { 1 }
+    );
+    println!("workload | engine ms (M ops/s) | pool ms | engine/pool: median (min to max)");
+    for w in chosen {
         let vars = w.vars();
         let e = engine(t);
         let pool = ChannelPool::new(t);
@@ -54,7 +74,7 @@ fn main() {
         };
         let pool_run = || {
             let start = Instant::now();
-            pool.run_noops(w.ops(), boxes);
+            pool.run_noops(w.ops(), two_boxes);
             start.elapsed().as_secs_f64()
         };
         // Warm both (first allocations, threads' first wake-ups).
@@ -73,16 +93,16 @@ fn main() {
             tp.push(b);
             ratio.push(a / b);
         }
-        let (me, mp, mr) = (median(&mut te), median(&mut tp), median(&mut ratio));
+        let lo = ratio.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ratio.iter().copied().fold(0.0, f64::max);
+        let me = median(&te);
         println!(
-            "{} | {:.2} ({:.2}) | {:.2} | {:.2} ({:.2} to {:.2})",
+            "{} | {:.2} ({:.2}) | {:.2} | {:.2} ({lo:.2} to {hi:.2})",
             w.name(),
             me * 1e3,
             w.ops() as f64 / me / 1e6,
-            mp * 1e3,
-            mr,
-            ratio[0],
-            ratio[ratio.len() - 1],
+            median(&tp) * 1e3,
+            median(&ratio),
         );
     }
 }

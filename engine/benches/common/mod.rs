@@ -17,8 +17,8 @@ use pskv_engine::{Engine, OpSpec, Var};
 type Job = Box<dyn FnOnce() + Send>;
 
 /// The baseline: N threads taking boxed closures from one channel, as a
-/// plain thread pool does: one allocation per job, holding the closure and
-/// the batch's completion count.
+/// plain thread pool does: one allocation per job (two with `two_boxes`),
+/// holding the closure and the batch's completion count.
 pub struct ChannelPool {
     tx: Option<Sender<Job>>,
     threads: Vec<std::thread::JoinHandle<()>>,
@@ -44,10 +44,10 @@ impl ChannelPool {
     }
 
     /// Runs `n` no-op jobs (`black_box(i)`, as the engine's ops) and waits
-    /// until all have run. `boxes` 2 boxes each closure twice, as this
+    /// until all have run. `two_boxes` boxes each closure twice, as this
     /// baseline did until 2026-12-07 (a job made apart, then wrapped with
     /// the count): kept to compare with figures measured against it.
-    pub fn run_noops(&self, n: usize, boxes: usize) {
+    pub fn run_noops(&self, n: usize, two_boxes: bool) {
         let left = Arc::new(AtomicUsize::new(n));
         let (done_tx, done_rx) = crossbeam_channel::bounded::<()>(1);
         let tx = self.tx.as_ref().expect("pool running");
@@ -59,7 +59,7 @@ impl ChannelPool {
                     let _ = done_tx.send(());
                 }
             };
-            let job: Job = if boxes == 2 {
+            let job: Job = if two_boxes {
                 let inner: Job = Box::new(move || {
                     black_box(i);
                 });
@@ -90,14 +90,24 @@ impl Drop for ChannelPool {
     }
 }
 
-/// `PSKV_BENCH_THREADS`: the worker count of both pools (default 2).
-pub fn threads() -> usize {
-    std::env::var("PSKV_BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
+/// The number in the environment variable `name`, or `default` when it is
+/// unset; a value that is not a number ends the bench with a message.
+pub fn env_usize(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Err(_) => default,
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            eprintln!("{name}={v} is not a number");
+            std::process::exit(2)
+        }),
+    }
 }
 
+/// `PSKV_BENCH_THREADS`: the worker count of both pools (default 2).
+pub fn threads() -> usize {
+    env_usize("PSKV_BENCH_THREADS", 2)
+}
+
+/// An engine with `n` CPU workers and one priority worker.
 pub fn engine(n: usize) -> Engine {
     Engine::builder()
         .cpu_threads(n)
