@@ -9,9 +9,8 @@
 //! store's progress hook), so a caller waiting for its push-pull finishes
 //! it itself the moment the last worker lets it go; a watcher thread
 //! finishes the waits nobody polls (it looks every `NAP`, and sleeps on the
-//! gate of a wait it found once that wait is older than a caller spins, so
-//! the summer wakes it; younger waits are a polling caller's, which wakes
-//! the watcher if it stops), and fails those that pass the store's timeout, taking their arrival back (but for a round of
+//! gate of a wait it found, so the summer wakes it), and fails those that
+//! pass the store's timeout, taking their arrival back (but for a round of
 //! late copies: below).
 //!
 //! A part going to its server by message while its gate is open (a

@@ -168,32 +168,17 @@ pub(super) fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
             .map(|w| (w.seg.clone(), w.epoch, w.deadline));
         match sleep_on {
             Some((seg, epoch, deadline)) => {
+                drop(list);
                 empty_since = None;
                 let gate = Gate::of(&seg);
                 let len = seg.slot_len();
                 let round = (Arc::as_ptr(&seg) as usize, epoch);
                 let late = gate::late_chunk(gate.workers(), len).is_some();
-                let worth = helper.is_some()
+                if helper.is_some()
                     && !late
                     && gate::chunk_bytes(len).is_some()
-                    && watched != Some(round);
-                // The oldest wait's age (its deadline is its start plus the
-                // timeout).
-                let age = timeout.saturating_sub(deadline.saturating_duration_since(now));
-                if !worth && age < pskv_engine::spin_budget() {
-                    // Every wait is younger than a waiting caller spins: a
-                    // caller polls it (and ends it a moment after its
-                    // round), or one that stops polling wakes this nap
-                    // (`Waits::poll`). Asleep on the gate, this thread
-                    // would be woken by every round's end, and back to
-                    // back small rounds would wake it each time, on a core
-                    // a caller needs (a round of 4 B: 3 µs, or 12 µs while
-                    // the two took turns).
-                    inner.cv.wait_for(&mut list, NAP);
-                    continue;
-                }
-                drop(list);
-                if worth {
+                    && watched != Some(round)
+                {
                     watched = Some(round);
                     // A round worth helping with: watch for its sharing
                     // (or end) awake, for a while; a wake-up would come
