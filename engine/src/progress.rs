@@ -19,7 +19,8 @@
 //! to sleep (its spin ran out, or it does not spin) tells the hooks
 //! ([`Call::Leave`]): whatever stood back while this thread polled (the
 //! links' reader threads) must take over now, or the answer would wait
-//! for them.
+//! for them. A waiter whose wait ended while it polled says so too
+//! ([`Call::End`]), so a hook can tell whether some thread polls now.
 //!
 //! # States
 //!
@@ -48,6 +49,11 @@ pub enum Call {
     Poll,
     /// The waiter stops spinning and will sleep: it polls no more.
     Leave,
+    /// The wait of a waiter that polled ended while it spun: it polls no
+    /// more (until its next wait), and does not sleep. Every wait that
+    /// polls (calls [`Call::Poll`] once or more) ends with one `Leave` or
+    /// one `End`; `Leave` also comes from waits that did not poll.
+    End,
 }
 
 /// The registered hooks, replaced whole on a change (waiters call a
@@ -189,13 +195,15 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn a_spinning_waiter_polls_the_hooks_and_leaves_when_it_gives_up() {
+    fn a_spinning_waiter_polls_the_hooks_then_leaves_or_ends() {
         // The hook "reads an answer" when one is there: the waiter's wait is
         // then done on its own thread.
         let answer = Arc::new(AtomicBool::new(false));
         let done = Arc::new(AtomicBool::new(false));
         let (polls, leaves) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let ends = Arc::new(AtomicUsize::new(0));
         let (a, d, p, l) = (answer.clone(), done.clone(), polls.clone(), leaves.clone());
+        let e = ends.clone();
         // Hooks are process-wide: count only this test's waits.
         let me = std::thread::current().id();
         let hook = add(move |call| {
@@ -206,6 +214,10 @@ mod tests {
             match call {
                 Call::Leave => {
                     l.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
+                Call::End => {
+                    e.fetch_add(1, Ordering::Relaxed);
                     false
                 }
                 Call::Poll => {
@@ -222,10 +234,18 @@ mod tests {
         assert!(!crate::spin_until(Duration::from_millis(2), || done.load(Ordering::Acquire)));
         assert!(polls.load(Ordering::Relaxed) >= 1);
         assert_eq!(leaves.load(Ordering::Relaxed), 1);
-        // An answer: the hook completes the wait; no leave.
+        assert_eq!(ends.load(Ordering::Relaxed), 0);
+        // An answer: the hook completes the wait; no leave, one end.
         answer.store(true, Ordering::Release);
         assert!(crate::spin_until(Duration::from_secs(5), || done.load(Ordering::Acquire)));
         assert_eq!(leaves.load(Ordering::Relaxed), 1);
+        assert_eq!(ends.load(Ordering::Relaxed), 1);
+        // Done before any poll: neither.
+        assert!(crate::spin_until(Duration::from_secs(5), || true));
+        assert_eq!(
+            (leaves.load(Ordering::Relaxed), ends.load(Ordering::Relaxed)),
+            (1, 1)
+        );
         // Dropped: no longer called.
         drop(hook);
         let before = polls.load(Ordering::Relaxed);

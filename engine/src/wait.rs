@@ -41,9 +41,25 @@ pub fn spin_until(budget: Duration, done: impl Fn() -> bool) -> bool {
     if budget.is_zero() || done() {
         return done();
     }
+    let mut polled = false;
+    let set = spin_polling(budget, &done, &mut polled);
+    if polled {
+        // Done: this thread polls no more, and does not sleep (the hooks
+        // count their pollers). Not done: about to sleep, so whoever
+        // stood back while we polled reads again.
+        crate::progress::run(if set {
+            crate::progress::Call::End
+        } else {
+            crate::progress::Call::Leave
+        });
+    }
+    set || done()
+}
+
+/// `spin_until`'s rounds (`polled`: it ran the hooks at least once).
+fn spin_polling(budget: Duration, done: &impl Fn() -> bool, polled: &mut bool) -> bool {
     let start = Instant::now();
     let end = start + budget;
-    let mut polled = false;
     let mut checks = EARLY_CHECKS;
     loop {
         for _ in 0..checks {
@@ -54,21 +70,13 @@ pub fn spin_until(budget: Duration, done: impl Fn() -> bool) -> bool {
         }
         // Read what we may be waiting for ourselves (`progress.rs`).
         if crate::progress::active() {
-            polled = true;
+            *polled = true;
             if crate::progress::run(crate::progress::Call::Poll) && done() {
                 return true;
             }
         }
         let now = Instant::now();
         if now >= end {
-            if done() {
-                return true;
-            }
-            if polled {
-                // About to sleep: whoever stood back while we polled reads
-                // again.
-                crate::progress::run(crate::progress::Call::Leave);
-            }
             return done();
         }
         std::thread::yield_now();

@@ -201,7 +201,19 @@ impl DistStore {
                 // inside a hook's call).
                 let w = Arc::downgrade(&waits);
                 pskv_engine::progress::add(move |c| {
-                    let leave = c == pskv_engine::progress::Call::Leave;
+                    use pskv_engine::progress::Call;
+                    let leave = match c {
+                        Call::Poll => false,
+                        Call::Leave => true,
+                        // Only the waits count their pollers; the links'
+                        // readers take over on a leave alone.
+                        Call::End => {
+                            if let Some(w) = w.upgrade() {
+                                w.end();
+                            }
+                            return false;
+                        }
+                    };
                     // Both run: each may have something to finish.
                     f(leave) | w.upgrade().is_some_and(|w| w.poll(leave))
                 })

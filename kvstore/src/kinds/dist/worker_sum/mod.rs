@@ -9,9 +9,10 @@
 //! store's progress hook), so a caller waiting for its push-pull finishes
 //! it itself the moment the last worker lets it go; a watcher thread
 //! finishes the waits nobody polls (it looks every `NAP`, and sleeps on the
-//! gate of a wait it found, so the summer wakes it), and fails those that
-//! pass the store's timeout, taking their arrival back (but for a round of
-//! late copies: below).
+//! gate of a wait it found, so the summer wakes it, unless a thread polls
+//! the waits: then on its condvar, which the last poller to stop wakes;
+//! `waits/pollers.rs`), and fails those that pass the store's timeout,
+//! taking their arrival back (but for a round of late copies: below).
 //!
 //! A part going to its server by message while its gate is open (a
 //! compressed or row-sparse push, or one whose slot is held by a push

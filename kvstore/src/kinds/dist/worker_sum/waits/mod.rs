@@ -17,7 +17,9 @@ use crate::dtype::DType;
 use crate::error::Fault;
 use crate::gate::{self, Gate, Withdrawal, MAX_HELPER_RANK};
 
+mod pollers;
 mod watch;
+use pollers::Pollers;
 use watch::watch;
 
 /// How often the watcher looks for waits nobody polls.
@@ -131,6 +133,9 @@ struct Inner {
     idle: AtomicBool,
     /// The store closed: the watcher ends.
     closed: AtomicBool,
+    /// The threads polling the waits now: the watcher sleeps on a gate
+    /// only while none does.
+    pollers: Pollers,
     /// Ranks of workers known dead: a round one of them sums never ends.
     dead: Mutex<Vec<usize>>,
 }
@@ -285,8 +290,14 @@ impl Waits {
     /// it finished or helped with any.
     pub(in crate::kinds::dist) fn poll(&self, leave: bool) -> bool {
         let inner = &self.inner;
-        if leave && inner.len.load(Ordering::Acquire) != 0 {
-            inner.cv.notify_one();
+        if leave {
+            inner.pollers.stop();
+            // Subtle: SeqCst after the stop (`pollers.rs`, "Ordering").
+            if inner.len.load(Ordering::SeqCst) != 0 {
+                inner.cv.notify_one();
+            }
+        } else {
+            inner.pollers.start();
         }
         if inner.len.load(Ordering::Acquire) == 0 {
             return false;
@@ -317,6 +328,20 @@ impl Waits {
             }
         }
         any
+    }
+
+    /// The wait of a thread that polled ended (`Call::End`): the last
+    /// poller to stop wakes the watcher if waits are left, which it left
+    /// to this thread while it polled (`pollers.rs`).
+    pub(in crate::kinds::dist) fn end(&self) {
+        let inner = &self.inner;
+        // Subtle: SeqCst after the stop (`pollers.rs`, "Ordering").
+        if inner.pollers.stop() && inner.len.load(Ordering::SeqCst) != 0 {
+            // Under the lock when it is free: then the watcher is either
+            // asleep on the condvar or yet to read the count.
+            let _list = inner.list.try_lock();
+            inner.cv.notify_one();
+        }
     }
 
     /// Finishes the waits whose rounds came out, unless another thread
@@ -355,7 +380,8 @@ impl Waits {
             w.deadline = Instant::now() + self.timeout;
             w.summing = false;
             list.push(w);
-            inner.len.store(list.len(), Ordering::Release);
+            // Subtle: SeqCst, against a poller's stop (`pollers.rs`).
+            inner.len.store(list.len(), Ordering::SeqCst);
         }
         if inner.idle.load(Ordering::Acquire) {
             inner.cv.notify_one();

@@ -198,6 +198,17 @@ pub(super) fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
                     }
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
+                // A thread of this worker polls the waits: it finishes
+                // them as their rounds end, and the last poller to stop
+                // wakes this thread if any is left (`pollers.rs`). Asleep
+                // on the gate, this thread would be woken by every round's
+                // end too (back to back small rounds: nearly every round).
+                let mut list = inner.list.lock();
+                if inner.pollers.any() {
+                    inner.cv.wait_for(&mut list, left.min(NAP));
+                    continue;
+                }
+                drop(list);
                 gate.sleep(epoch, left.min(GATE_SLEEP));
             }
             None => {
