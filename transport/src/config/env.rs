@@ -206,6 +206,16 @@ impl Config {
         if let Some(n) = num::<usize>(get, "PSKV_TCP_SNDBUF", "a byte count")? {
             c.tcp_send_buffer = n;
         }
+        if let Some(us) = num::<u64>(get, "PSKV_TCP_POLL_US", "a number of microseconds")? {
+            if us > 10_000 {
+                return Err(bad(
+                    "PSKV_TCP_POLL_US",
+                    &us.to_string(),
+                    "expected 0 (off) to 10000 microseconds",
+                ));
+            }
+            c.tcp_idle_poll = Duration::from_micros(us);
+        }
         if role == Role::Scheduler {
             if let Some(v) = get("PSKV_PORT_FD").filter(|v| !v.trim().is_empty()) {
                 c.port_fd = match v.trim().parse::<i32>() {
@@ -261,6 +271,7 @@ mod tests {
             ("PSKV_VAN", "tcp"),
             ("PSKV_SHM_READERS", "link"),
             ("PSKV_TCP_SNDBUF", "0"),
+            ("PSKV_TCP_POLL_US", "20"),
         ]);
         let c = Config::from_lookup(&env(&pairs)).unwrap();
         assert_eq!(c.role, Role::Worker);
@@ -284,8 +295,16 @@ mod tests {
         assert_eq!(c.van, VanKind::Tcp);
         assert!(c.shm_reader_per_link);
         assert_eq!(c.tcp_send_buffer, 0);
+        assert_eq!(c.tcp_idle_poll, Duration::from_micros(20));
         let c = Config::from_lookup(&env(&BASE)).unwrap();
         assert_eq!(c.tcp_send_buffer, TCP_SEND_BUFFER);
+        // Only a server watches its TCP links before it sleeps, unless told.
+        assert_eq!(c.tcp_idle_poll, Duration::ZERO);
+        let server = Config::new(Role::Server, "10.0.0.1", 9091, 1, 1);
+        assert_eq!(
+            server.tcp_idle_poll,
+            Duration::from_micros(spin_base_us().into())
+        );
     }
 
     #[test]
@@ -303,6 +322,8 @@ mod tests {
             ("PSKV_SHM_READERS", "thread"),
             ("PSKV_CONNECT_TIMEOUT", "-1"),
             ("PSKV_TCP_SNDBUF", "big"),
+            ("PSKV_TCP_POLL_US", "20000"),
+            ("PSKV_TCP_POLL_US", "soon"),
         ] {
             let mut pairs: Vec<(&str, &str)> =
                 BASE.iter().copied().filter(|(n, _)| *n != k).collect();

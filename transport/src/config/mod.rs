@@ -148,6 +148,12 @@ pub struct Config {
     /// on a loopback address; 0 leaves it to the kernel's autotuning, as
     /// for links to other addresses.
     pub tcp_send_buffer: usize,
+    /// How long a runtime thread of this node, about to sleep, first
+    /// watches the node's TCP links for a frame (`van/tcp/idle.rs`);
+    /// zero: never. Default: the spin base (`PSKV_SPIN_US`, 50 µs) on a
+    /// server, zero on a worker (its waiting callers spin already) and on
+    /// the scheduler.
+    pub tcp_idle_poll: Duration,
     /// A scheduler only: an inherited pipe to which it writes the port it
     /// listens on (then a newline) and which it then closes, once per
     /// process (anything but a pipe, or a second start, is an error); how a
@@ -197,6 +203,10 @@ impl Config {
             connect_timeout: Duration::from_secs(60),
             io_threads: 2,
             tcp_send_buffer: TCP_SEND_BUFFER,
+            tcp_idle_poll: match role {
+                Role::Server => Duration::from_micros(env::spin_base_us().into()),
+                Role::Worker | Role::Scheduler => Duration::ZERO,
+            },
             port_fd: None,
         }
     }

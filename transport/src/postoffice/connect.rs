@@ -286,6 +286,7 @@ impl Inner {
     fn tcp(&self) -> tcp::TcpVan {
         tcp::TcpVan {
             limits: self.cfg.limits,
+            idle: self.idle.clone(),
         }
     }
 

@@ -113,6 +113,8 @@ pub(crate) struct Inner {
     pub(crate) cfg: Config,
     rt: Mutex<Option<tokio::runtime::Runtime>>,
     pub(crate) handle: tokio::runtime::Handle,
+    /// The runtime threads' watch of the TCP links before they sleep.
+    pub(crate) idle: Arc<crate::van::tcp::IdlePoll>,
     listen: SocketAddr,
     announce: String,
     pub(crate) host_id: u64,

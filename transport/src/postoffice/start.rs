@@ -23,6 +23,7 @@ use crate::protocol::scheduler::{Scheduler, SchedulerConfig};
 use crate::protocol::{Role, SCHEDULER_ID};
 use crate::slot::Slot;
 use crate::status::{unix_us, ClockSync, Traffic};
+use crate::van::tcp::IdlePoll;
 
 impl Postoffice {
     /// Starts a node. A server passes its request handler here, so that no
@@ -53,8 +54,13 @@ impl Postoffice {
         cfg: Config,
         handler: Option<Arc<dyn RequestHandler>>,
     ) -> Result<Postoffice, TransportError> {
+        let idle = Arc::new(IdlePoll::new(cfg.tcp_idle_poll));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(cfg.io_threads)
+            .on_thread_park({
+                let idle = idle.clone();
+                move || idle.before_park()
+            })
             .thread_name(match cfg.role {
                 Role::Scheduler => "pskv-sched-io",
                 Role::Server => "pskv-server-io",
@@ -64,6 +70,7 @@ impl Postoffice {
             .build()
             .map_err(|e| TransportError::io("starting the I/O runtime", e))?;
         let handle = rt.handle().clone();
+        idle.set_runtime(handle.clone());
         // A node that announces a loopback address (a job on one host)
         // listens on it alone, not on every interface.
         let announced_ip = if cfg.role == Role::Scheduler {
@@ -139,6 +146,7 @@ impl Postoffice {
             cfg,
             rt: Mutex::new(Some(rt)),
             handle,
+            idle,
             listen,
             announce,
             host_id: host_id(),

@@ -51,9 +51,11 @@ use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+mod idle;
 mod read;
 mod spares;
 
+pub(crate) use idle::IdlePoll;
 pub(crate) use read::{FrameReader, ReadError};
 
 use super::{end, FrameSink, Half, Start, Van, VanError};
@@ -163,6 +165,8 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
 pub(crate) struct TcpVan {
     /// The frame limits of received frames.
     pub(crate) limits: Limits,
+    /// The node's runtime threads watch its links before they sleep.
+    pub(crate) idle: Arc<IdlePoll>,
 }
 
 impl Van for TcpVan {
@@ -183,12 +187,13 @@ impl TcpVan {
     /// Either side of a TCP link: nothing to agree on, so it cannot fail
     /// (also the fallback where another van was declined).
     pub(crate) fn half(&self) -> Box<dyn Half> {
-        Box::new(TcpHalf(self.limits))
+        Box::new(TcpHalf(self.limits, self.idle.clone()))
     }
 }
 
-/// Either side of a TCP link: the limits its reader switches to.
-struct TcpHalf(Limits);
+/// Either side of a TCP link: the limits its reader switches to, and the
+/// node's watch of its links.
+struct TcpHalf(Limits, Arc<IdlePoll>);
 
 impl Half for TcpHalf {
     fn start(self: Box<Self>, on: Start<'_>) -> Result<(), VanError> {
@@ -199,6 +204,7 @@ impl Half for TcpHalf {
             rt,
         } = on;
         let reader = conn.reader.with_limits(self.0).low_water();
+        self.1.watch(conn.wr.as_ref().as_raw_fd());
         start(reader, conn.wr, link, sink, rt);
         Ok(())
     }
