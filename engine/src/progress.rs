@@ -51,8 +51,9 @@ pub enum Call {
     Leave,
     /// The wait of a waiter that polled ended while it spun: it polls no
     /// more (until its next wait), and does not sleep. Every wait that
-    /// polls (calls [`Call::Poll`] once or more) ends with one `Leave` or
-    /// one `End`; `Leave` also comes from waits that did not poll.
+    /// polls (calls [`Call::Poll`] once or more) ends with one `End`, or
+    /// with `Leave` (once or more; also when it unwinds); `Leave` also
+    /// comes from waits that did not poll.
     End,
 }
 
@@ -246,11 +247,26 @@ mod tests {
             (leaves.load(Ordering::Relaxed), ends.load(Ordering::Relaxed)),
             (1, 1)
         );
+        // A wait that unwinds after it polled: a leave.
+        let p0 = polls.load(Ordering::Relaxed);
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::spin_until(Duration::from_secs(5), || {
+                if polls.load(Ordering::Relaxed) > p0 {
+                    panic!("a check that fails after a poll");
+                }
+                false
+            })
+        }));
+        assert!(unwound.is_err());
+        assert_eq!(
+            (leaves.load(Ordering::Relaxed), ends.load(Ordering::Relaxed)),
+            (2, 1)
+        );
         // Dropped: no longer called.
         drop(hook);
         let before = polls.load(Ordering::Relaxed);
         assert!(!crate::spin_until(Duration::from_millis(2), || false));
         assert_eq!(polls.load(Ordering::Relaxed), before);
-        assert_eq!(leaves.load(Ordering::Relaxed), 1);
+        assert_eq!(leaves.load(Ordering::Relaxed), 2);
     }
 }

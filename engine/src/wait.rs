@@ -41,12 +41,25 @@ pub fn spin_until(budget: Duration, done: impl Fn() -> bool) -> bool {
     if budget.is_zero() || done() {
         return done();
     }
-    let mut polled = false;
-    let set = spin_polling(budget, &done, &mut polled);
-    if polled {
-        // Done: this thread polls no more, and does not sleep (the hooks
-        // count their pollers). Not done: about to sleep, so whoever
-        // stood back while we polled reads again.
+    // A wait that polled ends with an End or a Leave, even one that
+    // unwinds out of a hook or `done` (a Leave then: the hooks count
+    // their pollers).
+    struct Ends {
+        polled: bool,
+    }
+    impl Drop for Ends {
+        fn drop(&mut self) {
+            if self.polled && std::thread::panicking() {
+                crate::progress::run(crate::progress::Call::Leave);
+            }
+        }
+    }
+    let mut ends = Ends { polled: false };
+    let set = spin_polling(budget, &done, &mut ends.polled);
+    if std::mem::take(&mut ends.polled) {
+        // Done: this thread polls no more, and does not sleep. Not done:
+        // about to sleep, so whoever stood back while we polled reads
+        // again.
         crate::progress::run(if set {
             crate::progress::Call::End
         } else {

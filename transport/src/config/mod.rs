@@ -149,11 +149,10 @@ pub struct Config {
     /// for links to other addresses.
     pub tcp_send_buffer: usize,
     /// How long a runtime thread of this node, about to sleep, first
-    /// watches the node's TCP links for a frame (`van/tcp/idle.rs`);
-    /// zero: never. Default: the spin base (`PSKV_SPIN_US`, 50 µs) on a
-    /// server, zero on a worker (its waiting callers spin already) and on
-    /// the scheduler.
-    pub tcp_idle_poll: Duration,
+    /// watches the node's TCP data links for a frame (`van/tcp/idle.rs`);
+    /// zero: never. None (the default): by role, see
+    /// [`Config::tcp_idle_poll`].
+    pub tcp_idle_poll: Option<Duration>,
     /// A scheduler only: an inherited pipe to which it writes the port it
     /// listens on (then a newline) and which it then closes, once per
     /// process (anything but a pipe, or a second start, is an error); how a
@@ -203,12 +202,20 @@ impl Config {
             connect_timeout: Duration::from_secs(60),
             io_threads: 2,
             tcp_send_buffer: TCP_SEND_BUFFER,
-            tcp_idle_poll: match role {
-                Role::Server => Duration::from_micros(env::spin_base_us().into()),
-                Role::Worker | Role::Scheduler => Duration::ZERO,
-            },
+            tcp_idle_poll: None,
             port_fd: None,
         }
+    }
+
+    /// How long a runtime thread, about to sleep, watches the TCP data
+    /// links: `tcp_idle_poll` if set, else by role: the spin base
+    /// (`PSKV_SPIN_US`, 50 µs) on a server, zero on a worker (its waiting
+    /// callers spin already) and on the scheduler.
+    pub fn tcp_idle_poll(&self) -> Duration {
+        self.tcp_idle_poll.unwrap_or(match self.role {
+            Role::Server => Duration::from_micros(env::spin_base_us().into()),
+            Role::Worker | Role::Scheduler => Duration::ZERO,
+        })
     }
 
     /// How many nodes of `role` the cluster has.

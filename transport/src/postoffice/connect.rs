@@ -218,9 +218,14 @@ impl Inner {
     ) -> Result<(VanId, Vec<u8>, Box<dyn Half>, bool), TransportError> {
         let offer = |v: Box<dyn Van>| v.offer().map(|(bytes, h)| (v.id(), bytes, h));
         let plain = || Ok((VanId::Tcp, Vec::new(), self.tcp().half(), false));
-        // The scheduler's links are always TCP.
+        // The scheduler's links are always TCP, and not watched before
+        // the I/O threads sleep (`van/tcp/idle.rs`).
         if peer == SCHEDULER_ID {
-            return plain();
+            let tcp = tcp::TcpVan {
+                limits: self.cfg.limits,
+                idle: None,
+            };
+            return Ok((VanId::Tcp, Vec::new(), tcp.half(), false));
         }
         if let Some(id) = self.cfg.van.rdma() {
             let (id, bytes, h) = self
@@ -286,7 +291,7 @@ impl Inner {
     fn tcp(&self) -> tcp::TcpVan {
         tcp::TcpVan {
             limits: self.cfg.limits,
-            idle: self.idle.clone(),
+            idle: self.idle.on().then(|| self.idle.clone()),
         }
     }
 

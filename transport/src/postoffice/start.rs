@@ -54,13 +54,20 @@ impl Postoffice {
         cfg: Config,
         handler: Option<Arc<dyn RequestHandler>>,
     ) -> Result<Postoffice, TransportError> {
-        let idle = Arc::new(IdlePoll::new(cfg.tcp_idle_poll));
-        let rt = tokio::runtime::Builder::new_multi_thread()
+        let idle = Arc::new(IdlePoll::new(cfg.tcp_idle_poll()));
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if idle.on() {
+            // Weak: the runtime's handle, which `idle` keeps, keeps this
+            // hook alive.
+            let idle = Arc::downgrade(&idle);
+            builder.on_thread_park(move || {
+                if let Some(idle) = idle.upgrade() {
+                    idle.before_park();
+                }
+            });
+        }
+        let rt = builder
             .worker_threads(cfg.io_threads)
-            .on_thread_park({
-                let idle = idle.clone();
-                move || idle.before_park()
-            })
             .thread_name(match cfg.role {
                 Role::Scheduler => "pskv-sched-io",
                 Role::Server => "pskv-server-io",

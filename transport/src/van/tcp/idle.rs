@@ -9,9 +9,9 @@
 //! and the thread runs 10 to 20 µs after the frame came (BENCHMARKS.md,
 //! "A server's I/O threads watch their links before they sleep"). So a
 //! node's runtime thread about to sleep (tokio's `on_thread_park`) first
-//! watches the node's TCP sockets for a while, yielding the core between
-//! looks; once one is readable it stops and the runtime's own epoll finds
-//! the frame at once: the thread never slept.
+//! watches the node's TCP data links for a while, yielding the core
+//! between looks; once one is readable it stops, and the runtime's epoll
+//! finds the frame at once: its vCPU never halted.
 //!
 //! # States
 //!
@@ -19,19 +19,28 @@
 //! readable), looked at with a zero timeout: one system call a look for
 //! any number of links. A socket leaves the set when its last descriptor
 //! closes (the kernel's rule for epoll), so nothing is removed by hand and
-//! a reused descriptor number is not watched by mistake.
+//! a reused descriptor number is not watched by mistake. Links to the
+//! scheduler are not watched (heartbeats), and no thread watches before
+//! the first data link is (`watched`: an shm or RDMA node never does).
 //!
 //! At most one thread of the runtime watches at a time (`watching`, taken
-//! by a compare-exchange, Acquire/Release; the others sleep at once), for
-//! at most the budget. A watch also stops when a task was queued for the
-//! runtime from outside it (its global queue: a caller's frame for a
-//! writer task): tokio runs nothing while a thread is in this hook, so the
-//! task would wait out the budget. A socket that stays readable without
-//! being read (a reader held back, a peer that closed) makes every watch
-//! stop at its first look: no watch, never a longer one.
+//! by a compare-exchange, Acquire/Release); the others park at once (one
+//! of them may then sleep in the runtime's epoll, and a frame wakes it
+//! even while another thread watches). A watch ends at a readable socket;
+//! at a task queued for the runtime from outside it (its global queue: a
+//! caller's frame for a writer task), since tokio runs nothing while a
+//! thread is in this hook; while a link's writer waits for room in its
+//! socket (`blocked`, counted by [`IdlePoll::writer_blocked`]'s guards:
+//! only the runtime's epoll would see the room come); or at the budget,
+//! checked between yields (a yield that ran another thread may overrun it
+//! by that thread's turn). What else only the runtime's epoll sees (a
+//! timer, an accept, a task woken inside the runtime) waits out the watch
+//! (at most the budget). A socket that stays readable without being read
+//! (a reader held back, a peer that closed) ends every watch at its first
+//! look: no watch, never a longer one.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -40,9 +49,22 @@ pub(crate) struct IdlePoll {
     /// The epoll set (None: watching is off, or the set could not be made).
     set: Option<OwnedFd>,
     budget: Duration,
+    /// A data link was added to the set.
+    watched: AtomicBool,
     watching: AtomicBool,
+    /// Link writers waiting for room in their sockets.
+    blocked: AtomicUsize,
     /// The runtime, for its global queue (set once it is built).
     rt: OnceLock<tokio::runtime::Handle>,
+}
+
+/// A link's writer waits for room in its socket while this lives.
+pub(crate) struct BlockedWriter<'a>(&'a IdlePoll);
+
+impl Drop for BlockedWriter<'_> {
+    fn drop(&mut self) {
+        self.0.blocked.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl IdlePoll {
@@ -52,9 +74,16 @@ impl IdlePoll {
         IdlePoll {
             set,
             budget,
+            watched: AtomicBool::new(false),
             watching: AtomicBool::new(false),
+            blocked: AtomicUsize::new(0),
             rt: OnceLock::new(),
         }
+    }
+
+    /// Whether its threads watch at all (a hook to install).
+    pub(crate) fn on(&self) -> bool {
+        self.set.is_some()
     }
 
     /// The runtime whose threads call [`IdlePoll::before_park`].
@@ -62,7 +91,7 @@ impl IdlePoll {
         let _ = self.rt.set(rt);
     }
 
-    /// Watches `socket` (a link's) from now on, until it closes.
+    /// Watches `socket` (a data link's) from now on, until it closes.
     pub(crate) fn watch(&self, socket: RawFd) {
         let Some(set) = &self.set else { return };
         let mut ev = libc::epoll_event {
@@ -72,7 +101,9 @@ impl IdlePoll {
         // SAFETY: epoll_ctl on the set this value owns, with an open
         // socket and an event it only reads.
         let r = unsafe { libc::epoll_ctl(set.as_raw_fd(), libc::EPOLL_CTL_ADD, socket, &mut ev) };
-        if r != 0 {
+        if r == 0 {
+            self.watched.store(true, Ordering::Relaxed);
+        } else {
             tracing::debug!(
                 "a TCP link is not watched before the I/O threads sleep: {}",
                 std::io::Error::last_os_error()
@@ -80,24 +111,34 @@ impl IdlePoll {
         }
     }
 
+    /// Says that a link's writer waits for room in its socket, until the
+    /// guard drops: no watch meanwhile.
+    pub(crate) fn writer_blocked(&self) -> BlockedWriter<'_> {
+        self.blocked.fetch_add(1, Ordering::Relaxed);
+        BlockedWriter(self)
+    }
+
     /// A runtime thread is about to sleep: watches the sockets first (at
-    /// most one thread, at most the budget); returns once one is readable.
+    /// most one thread, at most the budget); returns once one is readable
+    /// or the watch has to end (module docs).
     pub(crate) fn before_park(&self) {
         let Some(set) = &self.set else { return };
-        if self
-            .watching
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
+        if !self.watched.load(Ordering::Relaxed)
+            || self
+                .watching
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
         {
             return;
         }
-        let queued = || {
-            self.rt
-                .get()
-                .is_some_and(|rt| rt.metrics().global_queue_depth() > 0)
-        };
+        let metrics = self.rt.get().map(tokio::runtime::Handle::metrics);
+        let queued = || metrics.as_ref().is_some_and(|m| m.global_queue_depth() > 0);
         let start = Instant::now();
-        while !readable(set.as_raw_fd()) && !queued() && start.elapsed() < self.budget {
+        while !readable(set.as_raw_fd())
+            && !queued()
+            && self.blocked.load(Ordering::Relaxed) == 0
+            && start.elapsed() < self.budget
+        {
             std::thread::yield_now();
         }
         self.watching.store(false, Ordering::Release);
@@ -132,13 +173,35 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    #[test]
-    fn a_watch_ends_when_a_socket_is_readable_and_lasts_the_budget_when_none_is() {
+    /// A connected pair of sockets on 127.0.0.1: (sender, receiver).
+    fn pair() -> (std::net::TcpStream, std::net::TcpStream) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (rx, _) = listener.accept().unwrap();
+        (tx, rx)
+    }
+
+    /// Waits (bounded) until the set has a readable socket.
+    fn until_readable(idle: &IdlePoll) {
+        let t = Instant::now();
+        while !readable(idle.set.as_ref().unwrap().as_raw_fd()) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "nothing became readable"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_watch_lasts_the_budget_until_a_socket_is_readable() {
+        let (mut tx, rx) = pair();
         let budget = Duration::from_millis(300);
         let idle = IdlePoll::new(budget);
+        // No data link yet: no watch.
+        let t = Instant::now();
+        idle.before_park();
+        assert!(t.elapsed() < budget / 3);
         idle.watch(rx.as_raw_fd());
         // Nothing to read: the whole budget.
         let t = Instant::now();
@@ -146,27 +209,36 @@ mod tests {
         assert!(t.elapsed() >= budget);
         // A byte waits: at once.
         tx.write_all(b"x").unwrap();
-        let t = Instant::now();
-        while !readable(idle.set.as_ref().unwrap().as_raw_fd()) {
-            assert!(t.elapsed() < Duration::from_secs(10), "the byte never came");
-        }
+        until_readable(&idle);
         let t = Instant::now();
         idle.before_park();
-        assert!(t.elapsed() < budget);
-        // Off: never watches.
+        assert!(t.elapsed() < budget / 3);
+    }
+
+    #[test]
+    fn a_blocked_writer_ends_a_watch_and_zero_turns_watching_off() {
+        let (_tx, rx) = pair();
+        let budget = Duration::from_secs(60);
+        let idle = IdlePoll::new(budget);
+        idle.watch(rx.as_raw_fd());
+        let blocked = idle.writer_blocked();
+        let t = Instant::now();
+        idle.before_park();
+        assert!(t.elapsed() < Duration::from_secs(20));
+        drop(blocked);
+        assert_eq!(idle.blocked.load(Ordering::Relaxed), 0);
+        // Zero: no set, so nothing to install and nothing watched.
         let off = IdlePoll::new(Duration::ZERO);
-        assert!(off.set.is_none());
+        assert!(!off.on());
         off.watch(rx.as_raw_fd());
-        off.before_park();
+        assert!(!off.watched.load(Ordering::Relaxed));
     }
 
     #[test]
     fn a_task_queued_from_outside_ends_a_watch() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let _tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (rx, _) = listener.accept().unwrap();
+        let (mut tx, rx) = pair();
         // Long enough to tell a task run at once from one run after it.
-        let budget = Duration::from_secs(2);
+        let budget = Duration::from_secs(8);
         let idle = std::sync::Arc::new(IdlePoll::new(budget));
         idle.watch(rx.as_raw_fd());
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -191,26 +263,31 @@ mod tests {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         rt.spawn(async move { done_tx.send(()).unwrap() });
         done_rx.recv_timeout(Duration::from_secs(30)).unwrap();
-        assert!(t.elapsed() < budget, "the task waited out the watch");
+        assert!(t.elapsed() < budget / 4, "the task waited out the watch");
+        // A byte to read ends the watch the thread is in again, so the
+        // runtime's end does not wait out the budget.
+        tx.write_all(b"x").unwrap();
+        drop(rt);
     }
 
     #[test]
     fn one_thread_watches_at_a_time_and_a_closed_socket_leaves_the_set() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (rx, _) = listener.accept().unwrap();
+        let (tx, rx) = pair();
         let idle = IdlePoll::new(Duration::from_secs(60));
         idle.watch(rx.as_raw_fd());
         idle.watching.store(true, Ordering::Relaxed);
         // Another thread watches: this one returns at once.
         let t = Instant::now();
         idle.before_park();
-        assert!(t.elapsed() < Duration::from_secs(30));
+        assert!(t.elapsed() < Duration::from_secs(20));
         idle.watching.store(false, Ordering::Relaxed);
-        // The peer closes: readable (the end), so a watch ends at once;
-        // once the socket itself closes, the set is empty again.
+        // The peer closes: readable (the end), so a watch ends at once.
         drop(tx);
+        until_readable(&idle);
+        let t = Instant::now();
         idle.before_park();
+        assert!(t.elapsed() < Duration::from_secs(20));
+        // The socket itself closes: the set is empty again.
         drop(rx);
         assert!(!readable(idle.set.as_ref().unwrap().as_raw_fd()));
     }

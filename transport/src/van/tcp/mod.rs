@@ -77,10 +77,17 @@ fn wire_parts(frames: &[Frame]) -> Vec<Bytes> {
     parts
 }
 
-/// Writes `parts` in order with vectored writes, waiting for the socket.
-async fn write_parts(wr: &tokio::net::tcp::OwnedWriteHalf, parts: &[Bytes]) -> std::io::Result<()> {
+/// Writes `parts` in order with vectored writes, waiting for the socket
+/// (and telling `idle` while it waits: the runtime's threads then do not
+/// watch, `idle.rs`).
+async fn write_parts(
+    wr: &tokio::net::tcp::OwnedWriteHalf,
+    parts: &[Bytes],
+    idle: Option<&IdlePoll>,
+) -> std::io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
     let mut rest: &mut [IoSlice<'_>] = &mut slices;
+    let mut blocked = None;
     while !rest.is_empty() {
         wr.writable().await?;
         match wr.try_write_vectored(rest) {
@@ -91,7 +98,11 @@ async fn write_parts(wr: &tokio::net::tcp::OwnedWriteHalf, parts: &[Bytes]) -> s
                 ))
             }
             Ok(n) => IoSlice::advance_slices(&mut rest, n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if blocked.is_none() {
+                    blocked = idle.map(IdlePoll::writer_blocked);
+                }
+            }
             Err(e) => return Err(e),
         }
     }
@@ -165,8 +176,9 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
 pub(crate) struct TcpVan {
     /// The frame limits of received frames.
     pub(crate) limits: Limits,
-    /// The node's runtime threads watch its links before they sleep.
-    pub(crate) idle: Arc<IdlePoll>,
+    /// The node's runtime threads' watch of its data links before they
+    /// sleep (None: a link to the scheduler, not watched).
+    pub(crate) idle: Option<Arc<IdlePoll>>,
 }
 
 impl Van for TcpVan {
@@ -192,8 +204,8 @@ impl TcpVan {
 }
 
 /// Either side of a TCP link: the limits its reader switches to, and the
-/// node's watch of its links.
-struct TcpHalf(Limits, Arc<IdlePoll>);
+/// node's watch of its data links.
+struct TcpHalf(Limits, Option<Arc<IdlePoll>>);
 
 impl Half for TcpHalf {
     fn start(self: Box<Self>, on: Start<'_>) -> Result<(), VanError> {
@@ -204,8 +216,10 @@ impl Half for TcpHalf {
             rt,
         } = on;
         let reader = conn.reader.with_limits(self.0).low_water();
-        self.1.watch(conn.wr.as_ref().as_raw_fd());
-        start(reader, conn.wr, link, sink, rt);
+        if let Some(idle) = &self.1 {
+            idle.watch(conn.wr.as_ref().as_raw_fd());
+        }
+        start(reader, conn.wr, link, sink, rt, self.1);
         Ok(())
     }
 }
@@ -219,6 +233,7 @@ fn start(
     link: Arc<Link>,
     sink: Arc<dyn FrameSink>,
     rt: &tokio::runtime::Handle,
+    idle: Option<Arc<IdlePoll>>,
 ) {
     let (l, s) = (link.clone(), sink.clone());
     rt.spawn(async move {
@@ -257,8 +272,10 @@ fn start(
     rt.spawn(async move {
         while let Some(work) = link.next_work(BATCH_BYTES).await {
             let r = match work {
-                Work::Rest(parts) => write_parts(&wr, &parts).await,
-                Work::Frames(frames) => write_parts(&wr, &wire_parts(&frames)).await,
+                Work::Rest(parts) => write_parts(&wr, &parts, idle.as_deref()).await,
+                Work::Frames(frames) => {
+                    write_parts(&wr, &wire_parts(&frames), idle.as_deref()).await
+                }
             };
             link.done_writing();
             if let Err(e) = r {

@@ -342,3 +342,33 @@ fn a_round_of_late_copies_sums_in_rank_order_into_every_output() {
         assert!(unsafe { seg.slot(workers) } == &want[..]);
     }
 }
+
+/// The waits count the threads that poll them: a poll counts its thread
+/// once, its wait's end or its leave uncounts it, and a leave from a
+/// thread that never polled changes nothing.
+#[test]
+fn a_thread_polling_the_waits_is_counted_until_its_wait_ends() {
+    let waits = Waits::new(
+        Duration::from_secs(20),
+        Arc::new(CpuKernels::single_threaded()),
+        0,
+    );
+    assert!(!waits.poll(false));
+    assert!(!waits.poll(false));
+    assert_eq!(waits.pollers_now(), 1);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            waits.poll(true);
+            assert_eq!(waits.pollers_now(), 1, "a leave without a poll");
+            waits.poll(false);
+            assert_eq!(waits.pollers_now(), 2);
+            waits.poll(true);
+        });
+    });
+    assert_eq!(waits.pollers_now(), 1);
+    waits.end();
+    assert_eq!(waits.pollers_now(), 0);
+    waits.end();
+    assert_eq!(waits.pollers_now(), 0);
+    waits.close();
+}

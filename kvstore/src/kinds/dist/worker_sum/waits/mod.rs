@@ -291,10 +291,12 @@ impl Waits {
     pub(in crate::kinds::dist) fn poll(&self, leave: bool) -> bool {
         let inner = &self.inner;
         if leave {
-            inner.pollers.stop();
-            // Subtle: SeqCst after the stop (`pollers.rs`, "Ordering").
-            if inner.len.load(Ordering::SeqCst) != 0 {
-                inner.cv.notify_one();
+            // The last poller to stop, or a thread that did not poll while
+            // none did (the watcher may nap on an empty list): the watcher
+            // looks now; while others poll, they finish the waits.
+            let last = inner.pollers.stop();
+            if last || !inner.pollers.any() {
+                self.wake_watcher();
             }
         } else {
             inner.pollers.start();
@@ -334,14 +336,27 @@ impl Waits {
     /// poller to stop wakes the watcher if waits are left, which it left
     /// to this thread while it polled (`pollers.rs`).
     pub(in crate::kinds::dist) fn end(&self) {
+        if self.inner.pollers.stop() {
+            self.wake_watcher();
+        }
+    }
+
+    /// Wakes the watcher if waits are left (a poller stopped).
+    fn wake_watcher(&self) {
         let inner = &self.inner;
         // Subtle: SeqCst after the stop (`pollers.rs`, "Ordering").
-        if inner.pollers.stop() && inner.len.load(Ordering::SeqCst) != 0 {
+        if inner.len.load(Ordering::SeqCst) != 0 {
             // Under the lock when it is free: then the watcher is either
             // asleep on the condvar or yet to read the count.
             let _list = inner.list.try_lock();
             inner.cv.notify_one();
         }
+    }
+
+    /// Threads counted as polling these waits now.
+    #[cfg(test)]
+    pub(super) fn pollers_now(&self) -> usize {
+        self.inner.pollers.count()
     }
 
     /// Finishes the waits whose rounds came out, unless another thread

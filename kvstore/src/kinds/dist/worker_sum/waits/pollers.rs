@@ -14,13 +14,17 @@
 //!
 //! A thread is counted (`count`) from its first poll in a wait
 //! (`Call::Poll`: `start`) to that wait's end (`Call::End`: its wait
-//! ended while it polled; `Call::Leave`: it goes to sleep; both `stop`).
-//! The engine ends every wait that polled with one of the two, on the
-//! waiting thread, so the count is the number of threads inside a polling
-//! wait; `start` counts a thread once per wait (a thread-local list of
-//! the stores it is counted in says whether it is), and `stop` uncounts
-//! only a counted thread (`Leave` also comes from waits that never
-//! polled). Stores are told apart by an id never reused, not by address:
+//! ended while it polled; `Call::Leave`: it goes to sleep, or unwinds;
+//! both `stop`). The engine ends every wait that polled with one of the
+//! two, on the waiting thread, so the count is the number of threads
+//! inside a polling wait (which includes a poller running a hook's work
+//! between its polls, or descheduled: the watcher then naps, at most
+//! `NAP` a look, where it would have slept on a gate); `start` counts a
+//! thread once per wait (a thread-local list of the stores it is counted
+//! in says whether it is), and `stop` uncounts only a counted thread
+//! (`Leave` also comes from waits that never polled, and a polling wait
+//! that sleeps sends it twice). A thread whose thread-locals are gone
+//! counts nothing. Stores are told apart by an id never reused, not by address:
 //! a thread's list may keep the id of a store dropped while it polled
 //! (harmless), and a new store at that address must not find itself in
 //! it.
@@ -70,7 +74,7 @@ impl Default for Pollers {
 impl Pollers {
     /// This thread polls (counted once a wait).
     pub(super) fn start(&self) {
-        let new = COUNTED.with(|c| {
+        let new = COUNTED.try_with(|c| {
             let mut c = c.borrow_mut();
             let new = !c.contains(&self.id);
             if new {
@@ -78,24 +82,29 @@ impl Pollers {
             }
             new
         });
-        if new {
+        if new == Ok(true) {
             self.count.fetch_add(1, Ordering::SeqCst);
         }
     }
 
     /// This thread polls no more; whether it was the last that did.
     pub(super) fn stop(&self) -> bool {
-        let counted = COUNTED.with(|c| {
+        let counted = COUNTED.try_with(|c| {
             let mut c = c.borrow_mut();
             let at = c.iter().position(|&id| id == self.id);
             at.map(|i| c.swap_remove(i)).is_some()
         });
-        counted && self.count.fetch_sub(1, Ordering::SeqCst) == 1
+        counted == Ok(true) && self.count.fetch_sub(1, Ordering::SeqCst) == 1
     }
 
     /// Whether some thread polls now.
     pub(super) fn any(&self) -> bool {
-        self.count.load(Ordering::SeqCst) != 0
+        self.count() != 0
+    }
+
+    /// How many threads poll now.
+    pub(super) fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
     }
 }
 
