@@ -56,6 +56,8 @@ pub fn spin_until(budget: Duration, done: impl Fn() -> bool) -> bool {
     }
     let mut ends = Ends { polled: false };
     let set = spin_polling(budget, &done, &mut ends.polled);
+    // (A hook that unwinds inside this last call leaves the hooks after it
+    // uncalled: they learn of this wait's end at the thread's next one.)
     if std::mem::take(&mut ends.polled) {
         // Done: this thread polls no more, and does not sleep. Not done:
         // about to sleep, so whoever stood back while we polled reads

@@ -300,13 +300,16 @@ mod tests {
         assert_eq!(c.tcp_send_buffer, TCP_SEND_BUFFER);
         // Only a server watches its TCP links before it sleeps, unless told.
         assert_eq!(c.tcp_idle_poll(), Duration::ZERO);
-        // By the role it has when the node starts.
+        // By the role it has when the node starts; never on the scheduler.
         let mut server = c;
         server.role = Role::Server;
         assert_eq!(
             server.tcp_idle_poll(),
             Duration::from_micros(spin_base_us().into())
         );
+        server.tcp_idle_poll = Some(Duration::from_micros(20));
+        server.role = Role::Scheduler;
+        assert_eq!(server.tcp_idle_poll(), Duration::ZERO);
     }
 
     #[test]

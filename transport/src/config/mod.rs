@@ -150,8 +150,8 @@ pub struct Config {
     pub tcp_send_buffer: usize,
     /// How long a runtime thread of this node, about to sleep, first
     /// watches the node's TCP data links for a frame (`van/tcp/idle.rs`);
-    /// zero: never. None (the default): by role, see
-    /// [`Config::tcp_idle_poll`].
+    /// zero: never (and never on the scheduler). None (the default): by
+    /// role, see [`Config::tcp_idle_poll`].
     pub tcp_idle_poll: Option<Duration>,
     /// A scheduler only: an inherited pipe to which it writes the port it
     /// listens on (then a newline) and which it then closes, once per
@@ -208,14 +208,18 @@ impl Config {
     }
 
     /// How long a runtime thread, about to sleep, watches the TCP data
-    /// links: `tcp_idle_poll` if set, else by role: the spin base
+    /// links: never on the scheduler (its links are heartbeats);
+    /// otherwise `tcp_idle_poll` if set, else by role: the spin base
     /// (`PSKV_SPIN_US`, 50 µs) on a server, zero on a worker (its waiting
-    /// callers spin already) and on the scheduler.
+    /// callers spin already).
     pub fn tcp_idle_poll(&self) -> Duration {
-        self.tcp_idle_poll.unwrap_or(match self.role {
-            Role::Server => Duration::from_micros(env::spin_base_us().into()),
-            Role::Worker | Role::Scheduler => Duration::ZERO,
-        })
+        match self.role {
+            Role::Scheduler => Duration::ZERO,
+            Role::Server => self
+                .tcp_idle_poll
+                .unwrap_or(Duration::from_micros(env::spin_base_us().into())),
+            Role::Worker => self.tcp_idle_poll.unwrap_or(Duration::ZERO),
+        }
     }
 
     /// How many nodes of `role` the cluster has.

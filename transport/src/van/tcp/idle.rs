@@ -112,10 +112,17 @@ impl IdlePoll {
     }
 
     /// Says that a link's writer waits for room in its socket, until the
-    /// guard drops: no watch meanwhile.
+    /// guard drops: no watch meanwhile (a peer that stops reading keeps
+    /// the node's watch off until its link ends).
     pub(crate) fn writer_blocked(&self) -> BlockedWriter<'_> {
         self.blocked.fetch_add(1, Ordering::Relaxed);
         BlockedWriter(self)
+    }
+
+    /// Whether a link's writer waits for room now.
+    #[cfg(test)]
+    pub(crate) fn writer_waits(&self) -> bool {
+        self.blocked.load(Ordering::Relaxed) != 0
     }
 
     /// A runtime thread is about to sleep: watches the sockets first (at
@@ -131,8 +138,13 @@ impl IdlePoll {
         {
             return;
         }
-        let metrics = self.rt.get().map(tokio::runtime::Handle::metrics);
-        let queued = || metrics.as_ref().is_some_and(|m| m.global_queue_depth() > 0);
+        // Not before the runtime is known: a watch that cannot see its
+        // queue would keep a queued task waiting.
+        let Some(metrics) = self.rt.get().map(tokio::runtime::Handle::metrics) else {
+            self.watching.store(false, Ordering::Release);
+            return;
+        };
+        let queued = || metrics.global_queue_depth() > 0;
         let start = Instant::now();
         while !readable(set.as_raw_fd())
             && !queued()
@@ -181,6 +193,17 @@ mod tests {
         (tx, rx)
     }
 
+    /// A watch of `budget` that knows a runtime (one that runs nothing:
+    /// its queue stays empty), and the runtime.
+    fn idle_poll(budget: Duration) -> (IdlePoll, tokio::runtime::Runtime) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let idle = IdlePoll::new(budget);
+        idle.set_runtime(rt.handle().clone());
+        (idle, rt)
+    }
+
     /// Waits (bounded) until the set has a readable socket.
     fn until_readable(idle: &IdlePoll) {
         let t = Instant::now();
@@ -193,40 +216,45 @@ mod tests {
         }
     }
 
+    /// Whether a watch by `idle` returns well within its (long) budget.
+    fn returns_at_once(idle: &IdlePoll) -> bool {
+        let t = Instant::now();
+        idle.before_park();
+        t.elapsed() < Duration::from_secs(20)
+    }
+
     #[test]
     fn a_watch_lasts_the_budget_until_a_socket_is_readable() {
         let (mut tx, rx) = pair();
-        let budget = Duration::from_millis(300);
-        let idle = IdlePoll::new(budget);
-        // No data link yet: no watch.
-        let t = Instant::now();
-        idle.before_park();
-        assert!(t.elapsed() < budget / 3);
-        idle.watch(rx.as_raw_fd());
         // Nothing to read: the whole budget.
+        let budget = Duration::from_millis(300);
+        let (short, _rt) = idle_poll(budget);
+        short.watch(rx.as_raw_fd());
         let t = Instant::now();
-        idle.before_park();
+        short.before_park();
         assert!(t.elapsed() >= budget);
+        let (idle, _rt) = idle_poll(Duration::from_secs(60));
+        // No data link yet, or no runtime yet: no watch.
+        assert!(returns_at_once(&idle));
+        let unknown = IdlePoll::new(Duration::from_secs(60));
+        unknown.watch(rx.as_raw_fd());
+        assert!(returns_at_once(&unknown));
         // A byte waits: at once.
+        idle.watch(rx.as_raw_fd());
         tx.write_all(b"x").unwrap();
         until_readable(&idle);
-        let t = Instant::now();
-        idle.before_park();
-        assert!(t.elapsed() < budget / 3);
+        assert!(returns_at_once(&idle));
     }
 
     #[test]
     fn a_blocked_writer_ends_a_watch_and_zero_turns_watching_off() {
         let (_tx, rx) = pair();
-        let budget = Duration::from_secs(60);
-        let idle = IdlePoll::new(budget);
+        let (idle, _rt) = idle_poll(Duration::from_secs(60));
         idle.watch(rx.as_raw_fd());
         let blocked = idle.writer_blocked();
-        let t = Instant::now();
-        idle.before_park();
-        assert!(t.elapsed() < Duration::from_secs(20));
+        assert!(returns_at_once(&idle));
         drop(blocked);
-        assert_eq!(idle.blocked.load(Ordering::Relaxed), 0);
+        assert!(!idle.writer_waits());
         // Zero: no set, so nothing to install and nothing watched.
         let off = IdlePoll::new(Duration::ZERO);
         assert!(!off.on());
@@ -244,13 +272,19 @@ mod tests {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .on_thread_park({
-                let idle = idle.clone();
-                move || idle.before_park()
+                let idle = std::sync::Arc::downgrade(&idle);
+                move || {
+                    if let Some(idle) = idle.upgrade() {
+                        idle.before_park();
+                    }
+                }
             })
             .build()
             .unwrap();
         idle.set_runtime(rt.handle().clone());
-        // The runtime thread starts with nothing to run: it watches.
+        // A task run and done: the runtime thread, which may have parked
+        // before the runtime was known (no watch), parks again: it watches.
+        rt.block_on(rt.spawn(async {})).unwrap();
         let t = Instant::now();
         while !idle.watching.load(Ordering::Acquire) {
             assert!(
@@ -273,20 +307,16 @@ mod tests {
     #[test]
     fn one_thread_watches_at_a_time_and_a_closed_socket_leaves_the_set() {
         let (tx, rx) = pair();
-        let idle = IdlePoll::new(Duration::from_secs(60));
+        let (idle, _rt) = idle_poll(Duration::from_secs(60));
         idle.watch(rx.as_raw_fd());
         idle.watching.store(true, Ordering::Relaxed);
         // Another thread watches: this one returns at once.
-        let t = Instant::now();
-        idle.before_park();
-        assert!(t.elapsed() < Duration::from_secs(20));
+        assert!(returns_at_once(&idle));
         idle.watching.store(false, Ordering::Relaxed);
         // The peer closes: readable (the end), so a watch ends at once.
         drop(tx);
         until_readable(&idle);
-        let t = Instant::now();
-        idle.before_park();
-        assert!(t.elapsed() < Duration::from_secs(20));
+        assert!(returns_at_once(&idle));
         // The socket itself closes: the set is empty again.
         drop(rx);
         assert!(!readable(idle.set.as_ref().unwrap().as_raw_fd()));

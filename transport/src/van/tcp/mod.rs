@@ -79,7 +79,9 @@ fn wire_parts(frames: &[Frame]) -> Vec<Bytes> {
 
 /// Writes `parts` in order with vectored writes, waiting for the socket
 /// (and telling `idle` while it waits: the runtime's threads then do not
-/// watch, `idle.rs`).
+/// watch, `idle.rs`). It tries before it waits: a caller's direct write
+/// that filled the socket hands the rest over with the socket's write
+/// readiness cleared, and the wait that follows is one for room.
 async fn write_parts(
     wr: &tokio::net::tcp::OwnedWriteHalf,
     parts: &[Bytes],
@@ -89,7 +91,6 @@ async fn write_parts(
     let mut rest: &mut [IoSlice<'_>] = &mut slices;
     let mut blocked = None;
     while !rest.is_empty() {
-        wr.writable().await?;
         match wr.try_write_vectored(rest) {
             Ok(0) => {
                 return Err(std::io::Error::new(
@@ -102,6 +103,7 @@ async fn write_parts(
                 if blocked.is_none() {
                     blocked = idle.map(IdlePoll::writer_blocked);
                 }
+                wr.writable().await?;
             }
             Err(e) => return Err(e),
         }
@@ -383,6 +385,39 @@ mod tests {
             l.accept()
         );
         (a.unwrap(), b.unwrap().0)
+    }
+
+    /// A writer that waits for room in its socket stops the runtime's
+    /// watch of the links until its write is done (`idle.rs`).
+    #[tokio::test]
+    async fn a_writer_waiting_for_room_is_counted_until_it_is_done() {
+        use tokio::io::AsyncReadExt;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (a, mut b) = pair(l).await;
+        let (_rd, wr) = a.into_split();
+        // Fill the socket (the peer reads nothing yet).
+        let chunk = vec![1u8; 64 << 10];
+        let mut sent = 0;
+        while wr.try_write(&chunk).map(|n| sent += n).is_ok() {}
+        let idle = std::sync::Arc::new(super::IdlePoll::new(std::time::Duration::from_millis(1)));
+        let part = bytes::Bytes::from(vec![2u8; 4096]);
+        let writer = {
+            let idle = idle.clone();
+            tokio::spawn(async move {
+                super::write_parts(&wr, &[part], Some(&idle)).await.unwrap();
+            })
+        };
+        let t = std::time::Instant::now();
+        while !idle.writer_waits() {
+            assert!(t.elapsed().as_secs() < 10, "the writer never waited");
+            tokio::task::yield_now().await;
+        }
+        // The peer reads everything: the write ends, and so does the wait.
+        let mut got = vec![0u8; sent + 4096];
+        b.read_exact(&mut got).await.unwrap();
+        writer.await.unwrap();
+        assert!(!idle.writer_waits());
+        assert_eq!(got[sent..], [2u8; 4096][..]);
     }
 
     /// Both ends of a loopback link get the send buffer asked for (the

@@ -290,6 +290,13 @@ impl Waits {
     /// it finished or helped with any.
     pub(in crate::kinds::dist) fn poll(&self, leave: bool) -> bool {
         let inner = &self.inner;
+        if leave && std::thread::panicking() {
+            // A wait that unwinds: uncounted, and nothing more run here.
+            if inner.pollers.stop() {
+                self.wake_watcher();
+            }
+            return false;
+        }
         if leave {
             // The last poller to stop, or a thread that did not poll while
             // none did (the watcher may nap on an empty list): the watcher
