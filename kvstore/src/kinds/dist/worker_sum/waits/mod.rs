@@ -284,10 +284,12 @@ impl Waits {
     /// Finishes the waits whose rounds came out (a waiting thread's
     /// progress hook: it never waits for a lock or for another thread, but
     /// it sums chunks of the rounds being summed that it can help with,
-    /// then waits awake, at most `SETTLE`, for them to end); `leave`: that
-    /// thread stops polling, so the watcher looks soon (at once if it
-    /// naps; within its 2 ms sleep on a gate if it sleeps there). Whether
-    /// it finished or helped with any.
+    /// then waits awake, at most `SETTLE`, for them to end); not `leave`:
+    /// the thread counts among the pollers (`pollers.rs`); `leave`: it
+    /// stops polling, and if it was the last (or did not poll while none
+    /// does) the watcher looks soon (at once if it naps on its condvar;
+    /// within its 2 ms sleep on a gate if it sleeps there). Whether it
+    /// finished or helped with any.
     pub(in crate::kinds::dist) fn poll(&self, leave: bool) -> bool {
         let inner = &self.inner;
         if leave && std::thread::panicking() {
