@@ -222,8 +222,8 @@ impl Inner {
         // the I/O threads sleep (`van/tcp/idle.rs`).
         if peer == SCHEDULER_ID {
             let tcp = tcp::TcpVan {
-                limits: self.cfg.limits,
                 idle: None,
+                ..self.tcp()
             };
             return Ok((VanId::Tcp, Vec::new(), tcp.half(), false));
         }

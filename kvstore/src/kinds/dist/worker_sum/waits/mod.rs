@@ -292,18 +292,18 @@ impl Waits {
     /// finished or helped with any.
     pub(in crate::kinds::dist) fn poll(&self, leave: bool) -> bool {
         let inner = &self.inner;
-        if leave && std::thread::panicking() {
-            // A wait that unwinds: uncounted, and nothing more run here.
-            if inner.pollers.stop() {
-                self.wake_watcher();
-            }
-            return false;
-        }
         if leave {
+            let last = inner.pollers.stop();
+            if std::thread::panicking() {
+                // A wait that unwinds: uncounted, and nothing more run here.
+                if last {
+                    self.wake_watcher();
+                }
+                return false;
+            }
             // The last poller to stop, or a thread that did not poll while
             // none did (the watcher may nap on an empty list): the watcher
             // looks now; while others poll, they finish the waits.
-            let last = inner.pollers.stop();
             if last || !inner.pollers.any() {
                 self.wake_watcher();
             }
