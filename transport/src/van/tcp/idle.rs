@@ -17,11 +17,15 @@
 //!
 //! The sockets are in an epoll set of this node's own (level-triggered,
 //! readable), looked at with a zero timeout: one system call a look for
-//! any number of links. A socket leaves the set when its last descriptor
-//! closes (the kernel's rule for epoll), so nothing is removed by hand and
-//! a reused descriptor number is not watched by mistake. Links to the
-//! scheduler are not watched (heartbeats), and no thread watches before
-//! the first data link is (`watched`: an shm or RDMA node never does).
+//! any number of links. A link's socket leaves the set when its reader
+//! ends ([`WatchedLink::end`], while the socket is still open: the link's
+//! writer may hold it open a while longer, and a peer's end left in the
+//! set would end every watch at once), or else when its last descriptor
+//! closes (the kernel's rule for epoll; a reused descriptor number is so
+//! never watched by mistake). Links to the scheduler are not watched
+//! (heartbeats), and no thread watches while no data link is (`watched`
+//! counts them: an shm or RDMA node never does, nor a node whose links
+//! have all ended).
 //!
 //! At most one thread of the runtime watches at a time (`watching`, taken
 //! by a compare-exchange, Acquire/Release); the others park at once (one
@@ -36,12 +40,12 @@
 //! by that thread's turn). What else only the runtime's epoll sees (a
 //! timer, an accept, a task woken inside the runtime) waits out the watch
 //! (at most the budget). A socket that stays readable without being read
-//! (a reader held back, a peer that closed) ends every watch at its first
-//! look: no watch, never a longer one.
+//! (a reader held back; a peer that closed, until its reader has ended)
+//! ends every watch at its first look: no watch, never a longer one.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The TCP sockets a node's runtime threads watch before they sleep.
@@ -49,13 +53,51 @@ pub(crate) struct IdlePoll {
     /// The epoll set (None: watching is off, or the set could not be made).
     set: Option<OwnedFd>,
     budget: Duration,
-    /// A data link was added to the set.
-    watched: AtomicBool,
+    /// Data links in the set (their `WatchedLink`s).
+    watched: AtomicUsize,
     watching: AtomicBool,
     /// Link writers waiting for room in their sockets.
     blocked: AtomicUsize,
     /// The runtime, for its global queue (set once it is built).
     rt: OnceLock<tokio::runtime::Handle>,
+}
+
+/// A data link in its node's watch ([`IdlePoll::watch`]), counted while
+/// this lives.
+pub(crate) struct WatchedLink {
+    idle: Arc<IdlePoll>,
+    socket: RawFd,
+}
+
+impl WatchedLink {
+    /// The link's reader ended, its socket still open (the caller holds
+    /// its read half): the socket leaves the set now.
+    pub(crate) fn end(self) {
+        if let Some(set) = &self.idle.set {
+            // SAFETY: epoll_ctl on the set this value's watch owns, with
+            // the socket the caller keeps open; a delete takes no event.
+            let r = unsafe {
+                libc::epoll_ctl(
+                    set.as_raw_fd(),
+                    libc::EPOLL_CTL_DEL,
+                    self.socket,
+                    std::ptr::null_mut(),
+                )
+            };
+            if r != 0 {
+                tracing::debug!(
+                    "an ended TCP link stays in the watch until its socket closes: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
+impl Drop for WatchedLink {
+    fn drop(&mut self) {
+        self.idle.watched.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A link's writer waits for room in its socket while this lives.
@@ -74,7 +116,7 @@ impl IdlePoll {
         IdlePoll {
             set,
             budget,
-            watched: AtomicBool::new(false),
+            watched: AtomicUsize::new(0),
             watching: AtomicBool::new(false),
             blocked: AtomicUsize::new(0),
             rt: OnceLock::new(),
@@ -91,9 +133,10 @@ impl IdlePoll {
         let _ = self.rt.set(rt);
     }
 
-    /// Watches `socket` (a data link's) from now on, until it closes.
-    pub(crate) fn watch(&self, socket: RawFd) {
-        let Some(set) = &self.set else { return };
+    /// Watches `socket` (a data link's) until the guard ends or drops
+    /// (None: watching is off, or the kernel refused, logged).
+    pub(crate) fn watch(self: &Arc<Self>, socket: RawFd) -> Option<WatchedLink> {
+        let set = self.set.as_ref()?;
         let mut ev = libc::epoll_event {
             events: libc::EPOLLIN as u32,
             u64: socket as u64,
@@ -101,14 +144,18 @@ impl IdlePoll {
         // SAFETY: epoll_ctl on the set this value owns, with an open
         // socket and an event it only reads.
         let r = unsafe { libc::epoll_ctl(set.as_raw_fd(), libc::EPOLL_CTL_ADD, socket, &mut ev) };
-        if r == 0 {
-            self.watched.store(true, Ordering::Relaxed);
-        } else {
+        if r != 0 {
             tracing::debug!(
                 "a TCP link is not watched before the I/O threads sleep: {}",
                 std::io::Error::last_os_error()
             );
+            return None;
         }
+        self.watched.fetch_add(1, Ordering::Relaxed);
+        Some(WatchedLink {
+            idle: self.clone(),
+            socket,
+        })
     }
 
     /// Says that a link's writer waits for room in its socket, until the
@@ -130,7 +177,7 @@ impl IdlePoll {
     /// or the watch has to end (module docs).
     pub(crate) fn before_park(&self) {
         let Some(set) = &self.set else { return };
-        if !self.watched.load(Ordering::Relaxed)
+        if self.watched.load(Ordering::Relaxed) == 0
             || self
                 .watching
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -195,11 +242,11 @@ mod tests {
 
     /// A watch of `budget` that knows a runtime (one that runs nothing:
     /// its queue stays empty), and the runtime.
-    fn idle_poll(budget: Duration) -> (IdlePoll, tokio::runtime::Runtime) {
+    fn idle_poll(budget: Duration) -> (Arc<IdlePoll>, tokio::runtime::Runtime) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let idle = IdlePoll::new(budget);
+        let idle = Arc::new(IdlePoll::new(budget));
         idle.set_runtime(rt.handle().clone());
         (idle, rt)
     }
@@ -229,18 +276,18 @@ mod tests {
         // Nothing to read: the whole budget.
         let budget = Duration::from_millis(300);
         let (short, _rt) = idle_poll(budget);
-        short.watch(rx.as_raw_fd());
+        let _w = short.watch(rx.as_raw_fd()).unwrap();
         let t = Instant::now();
         short.before_park();
         assert!(t.elapsed() >= budget);
         let (idle, _rt) = idle_poll(Duration::from_secs(60));
         // No data link yet, or no runtime yet: no watch.
         assert!(returns_at_once(&idle));
-        let unknown = IdlePoll::new(Duration::from_secs(60));
-        unknown.watch(rx.as_raw_fd());
+        let unknown = Arc::new(IdlePoll::new(Duration::from_secs(60)));
+        let _u = unknown.watch(rx.as_raw_fd()).unwrap();
         assert!(returns_at_once(&unknown));
         // A byte waits: at once.
-        idle.watch(rx.as_raw_fd());
+        let _w2 = idle.watch(rx.as_raw_fd()).unwrap();
         tx.write_all(b"x").unwrap();
         until_readable(&idle);
         assert!(returns_at_once(&idle));
@@ -250,16 +297,16 @@ mod tests {
     fn a_blocked_writer_ends_a_watch_and_zero_turns_watching_off() {
         let (_tx, rx) = pair();
         let (idle, _rt) = idle_poll(Duration::from_secs(60));
-        idle.watch(rx.as_raw_fd());
+        let _w = idle.watch(rx.as_raw_fd()).unwrap();
         let blocked = idle.writer_blocked();
         assert!(returns_at_once(&idle));
         drop(blocked);
         assert!(!idle.writer_waits());
         // Zero: no set, so nothing to install and nothing watched.
-        let off = IdlePoll::new(Duration::ZERO);
+        let off = Arc::new(IdlePoll::new(Duration::ZERO));
         assert!(!off.on());
-        off.watch(rx.as_raw_fd());
-        assert!(!off.watched.load(Ordering::Relaxed));
+        assert!(off.watch(rx.as_raw_fd()).is_none());
+        assert_eq!(off.watched.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -268,7 +315,7 @@ mod tests {
         // Long enough to tell a task run at once from one run after it.
         let budget = Duration::from_secs(8);
         let idle = std::sync::Arc::new(IdlePoll::new(budget));
-        idle.watch(rx.as_raw_fd());
+        let _w = idle.watch(rx.as_raw_fd()).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .on_thread_park({
@@ -308,7 +355,7 @@ mod tests {
     fn one_thread_watches_at_a_time_and_a_closed_socket_leaves_the_set() {
         let (tx, rx) = pair();
         let (idle, _rt) = idle_poll(Duration::from_secs(60));
-        idle.watch(rx.as_raw_fd());
+        let _w = idle.watch(rx.as_raw_fd()).unwrap();
         idle.watching.store(true, Ordering::Relaxed);
         // Another thread watches: this one returns at once.
         assert!(returns_at_once(&idle));
@@ -320,5 +367,33 @@ mod tests {
         // The socket itself closes: the set is empty again.
         drop(rx);
         assert!(!readable(idle.set.as_ref().unwrap().as_raw_fd()));
+    }
+
+    #[test]
+    fn an_ended_link_leaves_the_watch_and_with_none_left_nothing_is_watched() {
+        let (tx, rx) = pair();
+        let (_tx2, rx2) = pair();
+        let budget = Duration::from_millis(300);
+        let (idle, _rt) = idle_poll(budget);
+        let ended = idle.watch(rx.as_raw_fd()).unwrap();
+        let live = idle.watch(rx2.as_raw_fd()).unwrap();
+        // The first link's peer closes: its socket is readable for good.
+        drop(tx);
+        until_readable(&idle);
+        // Its reader ends, the socket still open: out of the set, so the
+        // other link's watch lasts its budget again.
+        ended.end();
+        assert!(!readable(idle.set.as_ref().unwrap().as_raw_fd()));
+        let t = Instant::now();
+        idle.before_park();
+        assert!(t.elapsed() >= budget);
+        assert_eq!(idle.watched.load(Ordering::Relaxed), 1);
+        // The last link's guard goes: nothing is watched, at any budget.
+        drop(live);
+        let (long, _rt2) = idle_poll(Duration::from_secs(60));
+        let w = long.watch(rx2.as_raw_fd()).unwrap();
+        drop(w);
+        assert!(returns_at_once(&long));
+        drop(rx);
     }
 }

@@ -218,9 +218,6 @@ impl Half for TcpHalf {
             rt,
         } = on;
         let reader = conn.reader.with_limits(self.0).low_water();
-        if let Some(idle) = &self.1 {
-            idle.watch(conn.wr.as_ref().as_raw_fd());
-        }
         start(reader, conn.wr, link, sink, rt, self.1);
         Ok(())
     }
@@ -237,36 +234,14 @@ fn start(
     rt: &tokio::runtime::Handle,
     idle: Option<Arc<IdlePoll>>,
 ) {
+    let watched = idle.as_ref().and_then(|i| i.watch(wr.as_ref().as_raw_fd()));
     let (l, s) = (link.clone(), sink.clone());
     rt.spawn(async move {
         let mut reader = reader;
-        loop {
-            let mut landed = 0;
-            let read = reader
-                .read_landing(|h| {
-                    let to = s.landing(&l, h.request_id)?;
-                    landed = h.payload_len;
-                    Some(to)
-                })
-                .await;
-            match read {
-                Ok(frame) => {
-                    if frame.payload.len() as u64 != landed {
-                        l.traffic.landed(landed);
-                    }
-                    s.on_frame(&l, frame)
-                }
-                Err(e) => {
-                    if matches!(e, ReadError::Wire(_)) {
-                        tracing::warn!(link = l.id, peer = l.peer(), "closing the connection: {e}");
-                    }
-                    end(&l, &s, e.to_string());
-                    return;
-                }
-            }
-            if l.is_closed() {
-                return;
-            }
+        read_frames(&mut reader, &l, &s).await;
+        // Out of the watch while the read half keeps the socket open.
+        if let Some(w) = watched {
+            w.end();
         }
     });
     let wr = Arc::new(wr);
@@ -288,6 +263,42 @@ fn start(
         // Closed: `Link::close` shut the socket down through the direct
         // path (the peer sees the end, our reader stops).
     });
+}
+
+/// A link's reader: delivers its frames to `s` until the link ends.
+async fn read_frames(
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    l: &Arc<Link>,
+    s: &Arc<dyn FrameSink>,
+) {
+    loop {
+        let mut landed = 0;
+        let read = reader
+            .read_landing(|h| {
+                let to = s.landing(l, h.request_id)?;
+                landed = h.payload_len;
+                Some(to)
+            })
+            .await;
+        match read {
+            Ok(frame) => {
+                if frame.payload.len() as u64 != landed {
+                    l.traffic.landed(landed);
+                }
+                s.on_frame(l, frame)
+            }
+            Err(e) => {
+                if matches!(e, ReadError::Wire(_)) {
+                    tracing::warn!(link = l.id, peer = l.peer(), "closing the connection: {e}");
+                }
+                end(l, s, e.to_string());
+                return;
+            }
+        }
+        if l.is_closed() {
+            return;
+        }
+    }
 }
 
 /// Connects, or fails within `timeout`; the stream is [`tune`]d.
