@@ -23,9 +23,9 @@
 //! set would end every watch at once), or else when its last descriptor
 //! closes (the kernel's rule for epoll; a reused descriptor number is so
 //! never watched by mistake). Links to the scheduler are not watched
-//! (heartbeats), and no thread watches while no data link is (`watched`
-//! counts them: an shm or RDMA node never does, nor a node whose links
-//! have all ended).
+//! (heartbeats), and no thread starts a watch while no data link is
+//! (`watched` counts them: an shm or RDMA node never watches, nor a node
+//! whose links have all ended).
 //!
 //! At most one thread of the runtime watches at a time (`watching`, taken
 //! by a compare-exchange, Acquire/Release); the others park at once (one
@@ -53,7 +53,9 @@ pub(crate) struct IdlePoll {
     /// The epoll set (None: watching is off, or the set could not be made).
     set: Option<OwnedFd>,
     budget: Duration,
-    /// Data links in the set (their `WatchedLink`s).
+    /// Data links watched: their live `WatchedLink`s (a socket whose
+    /// guard dropped without `end` stays in the set, uncounted, until it
+    /// closes).
     watched: AtomicUsize,
     watching: AtomicBool,
     /// Link writers waiting for room in their sockets.
@@ -133,8 +135,10 @@ impl IdlePoll {
         let _ = self.rt.set(rt);
     }
 
-    /// Watches `socket` (a data link's) until the guard ends or drops
-    /// (None: watching is off, or the kernel refused, logged).
+    /// Watches `socket` (a data link's), counted while the guard lives;
+    /// its `end` takes the socket out of the set, a drop alone leaves it
+    /// there until it closes (None: watching is off, or the kernel
+    /// refused, logged).
     pub(crate) fn watch(self: &Arc<Self>, socket: RawFd) -> Option<WatchedLink> {
         let set = self.set.as_ref()?;
         let mut ev = libc::epoll_event {
@@ -170,6 +174,18 @@ impl IdlePoll {
     #[cfg(test)]
     pub(crate) fn writer_waits(&self) -> bool {
         self.blocked.load(Ordering::Relaxed) != 0
+    }
+
+    /// The data links watched now.
+    #[cfg(test)]
+    pub(crate) fn watched_links(&self) -> usize {
+        self.watched.load(Ordering::Relaxed)
+    }
+
+    /// Whether a socket of the set is readable now.
+    #[cfg(test)]
+    pub(crate) fn any_readable(&self) -> bool {
+        self.set.as_ref().is_some_and(|s| readable(s.as_raw_fd()))
     }
 
     /// A runtime thread is about to sleep: watches the sockets first (at

@@ -431,6 +431,48 @@ mod tests {
         assert_eq!(got[sent..], [2u8; 4096][..]);
     }
 
+    /// A link whose reader ends (its peer closed) takes its socket out of
+    /// the node's watch, though the link's writer still holds it open
+    /// (`idle.rs`): its end would otherwise end every later watch at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_link_whose_reader_ends_leaves_the_watch() {
+        use std::sync::Arc;
+        struct Ignore;
+        impl crate::van::FrameSink for Ignore {
+            fn on_frame(&self, _: &Arc<crate::link::Link>, _: crate::wire::Frame) {}
+            fn on_closed(&self, _: &Arc<crate::link::Link>, _: String) {}
+        }
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (a, b) = pair(l).await;
+        let idle = Arc::new(super::IdlePoll::new(std::time::Duration::from_secs(60)));
+        let link = Arc::new(crate::link::Link::new(1, 0, crate::wire::VanId::Tcp));
+        let (rd, wr) = a.into_split();
+        let reader = super::FrameReader::new(rd, crate::wire::Limits::default());
+        super::start(
+            reader,
+            wr,
+            link.clone(),
+            Arc::new(Ignore),
+            &tokio::runtime::Handle::current(),
+            Some(idle.clone()),
+        );
+        assert_eq!(idle.watched_links(), 1);
+        assert!(!idle.any_readable());
+        drop(b);
+        let t = std::time::Instant::now();
+        while idle.watched_links() != 0 {
+            assert!(
+                t.elapsed().as_secs() < 10,
+                "the reader never left the watch"
+            );
+            tokio::task::yield_now().await;
+        }
+        // The link (alive here) holds the socket open: its end is not in
+        // the set.
+        assert!(!idle.any_readable());
+        drop(link);
+    }
+
     /// Both ends of a loopback link get the send buffer asked for (the
     /// kernel reports it doubled); 0 leaves the kernel's own size.
     #[tokio::test]
