@@ -43,7 +43,7 @@
 //! (a reader held back; a peer that closed, until its reader has ended)
 //! ends every watch at its first look: no watch, never a longer one.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -72,17 +72,22 @@ pub(crate) struct WatchedLink {
 }
 
 impl WatchedLink {
-    /// The link's reader ended, its socket still open (the caller holds
-    /// its read half): the socket leaves the set now.
-    pub(crate) fn end(self) {
+    /// The link's reader ended: its socket, still open (`socket`, the
+    /// same descriptor as watched), leaves the set now.
+    pub(crate) fn end(self, socket: BorrowedFd<'_>) {
+        if socket.as_raw_fd() != self.socket {
+            debug_assert!(false, "a watched link ended with another socket");
+            return;
+        }
         if let Some(set) = &self.idle.set {
             // SAFETY: epoll_ctl on the set this value's watch owns, with
-            // the socket the caller keeps open; a delete takes no event.
+            // the watched socket, open while `socket` is borrowed; a
+            // delete takes no event.
             let r = unsafe {
                 libc::epoll_ctl(
                     set.as_raw_fd(),
                     libc::EPOLL_CTL_DEL,
-                    self.socket,
+                    socket.as_raw_fd(),
                     std::ptr::null_mut(),
                 )
             };
@@ -398,7 +403,7 @@ mod tests {
         until_readable(&idle);
         // Its reader ends, the socket still open: out of the set, so the
         // other link's watch lasts its budget again.
-        ended.end();
+        ended.end(std::os::fd::AsFd::as_fd(&rx));
         assert!(!readable(idle.set.as_ref().unwrap().as_raw_fd()));
         let t = Instant::now();
         idle.before_park();

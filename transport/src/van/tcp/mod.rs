@@ -241,7 +241,7 @@ fn start(
         read_frames(&mut reader, &l, &s).await;
         // Out of the watch while the read half keeps the socket open.
         if let Some(w) = watched {
-            w.end();
+            w.end(reader.socket());
         }
     });
     let wr = Arc::new(wr);

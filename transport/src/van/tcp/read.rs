@@ -244,6 +244,11 @@ impl FrameReader<tokio::net::tcp::OwnedReadHalf> {
         self.socket = Some((self.rd.as_ref().as_raw_fd(), 1));
         self
     }
+
+    /// The socket it reads, open while the reader lives.
+    pub(crate) fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self.rd.as_ref())
+    }
 }
 
 /// How much a reader under `limits` grows its small-frame buffer by (and
