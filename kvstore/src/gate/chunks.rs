@@ -40,7 +40,11 @@
 //!   leaves the round unended: the summer and the waiters fail it, in
 //!   doubt, once they learn of the death, as for a dead summer. (Summing
 //!   the part again would not be safe: a worker declared dead may only be
-//!   stopped, and the kernel adds into the value slot in place.)
+//!   stopped, and the kernel adds into the value slot in place.) One that
+//!   stalls holding a chunk past the timeout fails it the same way, and
+//!   may write its chunk whenever it runs on: the server moves the value
+//!   out of the value slot before it sums the part's next round (`shut`
+//!   in `mod.rs`).
 //! - S3. A worker helps with at most one thread at a time (its helper in
 //!   `kinds/dist/worker_sum/waits/mod.rs` takes a lock), whose rank's bit in `BUSY`
 //!   is set from after it read `CLAIM` at the round's epoch (so after

@@ -46,6 +46,7 @@
 //!   gathering --`close`--> handing over (OPEN = 0, arrived > 0)
 //!   handing over --each waiter withdraws and sends its push to the server--> closed
 //!   summing --`close`--> summing, CLOSING --the summer: epoch + 1, DONE + 1--> closed
+//!   any, arrived > 0, while the server sums a round itself --`shut`--> shut (OPEN = 0 for good)
 //! ```
 //!
 //! So `close` never waits: a round being summed ends at the gate, and the
@@ -55,7 +56,12 @@
 //! finds the round being summed, and gives it the time again: a slow
 //! summer must not find its round taken from under it). Their arrivals
 //! stay counted, and their slots are in doubt (`kinds/dist/parts.rs`,
-//! `Unsure`): the part's pushes go by message, closing the gate.
+//! `Unsure`): the part's pushes go by message, closing the gate. The
+//! server, which then sums a round with arrivals still counted (by G1 none
+//! can be, but for such a round), shuts the gate for good and keeps the
+//! part's value in its own memory from then on (`server/entry/segment.rs`,
+//! `leave_stuck_slot`): a summer or helper that only stalled may write the
+//! value slot whenever it runs on, and nobody reads that slot any more.
 //!
 //! Invariants:
 //! - G1. A round is summed by the workers or by the server, never partly
@@ -225,6 +231,15 @@ impl<'a> Gate<'a> {
                 (g & (ARRIVED | CLOSING) == 0 && g & OPEN == 0)
                     .then_some((g & !EPOCH) | next | OPEN)
             });
+    }
+
+    /// The server shuts the gate for good, as its round never ended
+    /// (`server/entry/segment.rs`, `leave_stuck_slot`): `OPEN` off, so no
+    /// worker arrives or reads the value slot here again; the server opens
+    /// it no more, and a late `finish` leaves it off.
+    pub(crate) fn shut(&self) {
+        self.word(GATE).fetch_and(!OPEN, Ordering::SeqCst);
+        self.wake();
     }
 
     /// Closes the gate: its next rounds go to the server. A round gathering

@@ -286,13 +286,7 @@ impl Inner {
                     }
                 }
             }
-            Op::Pull if head.shm => match st.check_shm(&head) {
-                Ok(()) => {
-                    st.shm_used(rank);
-                    answer(Ok(Some(Bytes::new())))
-                }
-                Err(e) => answer(Err(e)),
-            },
+            Op::Pull if head.shm => answer(st.pull_shm(&head, rank)),
             Op::Pull => answer(Ok(Some(st.snapshot()))),
             Op::RowPull => answer(row_pull(st, &vals).map(Some)),
             Op::Check => answer(crate::wire::Check::decode(&vals).and_then(|c| {

@@ -474,8 +474,11 @@ pub(super) fn copy_parts(
 
 /// What stores the answers of a pull or push-pull through `ptr`, the
 /// output's buffer: a part's values from the answer, or from the part's
-/// value slot when it went through shared memory. The output is kept alive
-/// by the op (`Round::keep`) while answers may come.
+/// value slot when it went through shared memory and the answer says so
+/// (carries no values: a server whose part's value left the slot, as a
+/// round at the gate never ended, answers with the value instead:
+/// `server/entry/segment.rs`). The output is kept alive by the op
+/// (`Round::keep`) while answers may come.
 pub(super) fn answer_into(dk: &DistKey, ptr: OutPtr, segs: Segs, workers: u32) -> OnAnswer {
     let ub = dk.unit * dk.local.meta.dtype.size();
     let parts = dk.parts.clone();
@@ -485,8 +488,11 @@ pub(super) fn answer_into(dk: &DistKey, ptr: OutPtr, segs: Segs, workers: u32) -
             // Copied into the output already, as the workers summed it at
             // the part's gate (`worker_sum::ChunkOut`).
             Some(_) if landed => check_len(resp, 0),
+            Some(_) if !resp.is_empty() => {
+                check_len(resp, p.len * ub)?;
+                copy_parts(&ptr, p.start * ub, resp)
+            }
             Some(seg) => {
-                check_len(resp, 0)?;
                 // SAFETY: the server wrote the value slot before answering
                 // and writes it again only in a round this worker has not
                 // pushed to yet (see `kinds/dist/segments.rs`).

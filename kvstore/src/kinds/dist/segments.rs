@@ -44,6 +44,14 @@
 //!   the last reads every slot and writes the value slot, and the others
 //!   copy out only once it let them go. The gate's atomics, in the
 //!   segment's header, order those writes, as the messages do here.
+//! - A round at the gate that never ended (its summer, or a worker helping
+//!   it with a chunk, stalled past the others' timeout or died) may still
+//!   have a thread that writes the value slot later. The server finds such
+//!   a round when it next sums one itself (arrivals still counted at the
+//!   gate) and moves the value out of the value slot for good: it shuts
+//!   the gate, and answers "the value is in its slot" carry the value
+//!   instead (`ops.rs`, `answer_into`, copies it out of the answer). The
+//!   workers' slots still carry their pushes.
 //! - A request that says "in my slot" carries the region's tag
 //!   ([`Region::tag`](pskv_transport::Region::tag)): a server restarted since the worker mapped the old
 //!   process's segment refuses it (the worker maps the new one and sends

@@ -78,6 +78,7 @@ impl EntryState {
         if want == Want::Slot {
             self.check_shm(head)?;
         }
+        let want = self.want(want);
         Ok(answer_of(
             want,
             &(want == Want::Value).then(|| self.snapshot()),

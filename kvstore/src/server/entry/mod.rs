@@ -107,8 +107,13 @@ pub(crate) struct EntryState {
     value: Arc<Buf>,
     nbytes: usize,
     /// The shared segment of the co-located fast path: worker slots, then
-    /// the value slot, which holds the value from then on.
+    /// the value slot, which holds the value from then on (until
+    /// `value_left_slot`).
     shm: Option<Arc<Region>>,
+    /// The value left the segment's value slot for `value`, for good: a
+    /// round at the part's gate never ended, and a worker's thread that
+    /// sums it may still write the slot (`segment.rs`, `leave_stuck_slot`).
+    value_left_slot: bool,
     /// Per worker rank: it checked the part (after its init or this
     /// server's restart), and whether it has yet to use the segment it was
     /// given. The segment's file goes once every worker checked and every
@@ -167,6 +172,7 @@ impl EntryState {
             value: Arc::new(Buf::from_bytes(value)),
             nbytes: value.len(),
             shm: None,
+            value_left_slot: false,
             checked: vec![false; workers],
             shm_pending: vec![None; workers],
             master: None,
@@ -325,6 +331,7 @@ impl EntryState {
         }
         // Every worker pushed: sum in rank order.
         self.arrived = 0;
+        self.leave_stuck_slot();
         if self.folded == 0 {
             let arrivals: Arrivals = self
                 .pending
@@ -422,7 +429,7 @@ impl EntryState {
             // Before the answers: each worker's next push must find the
             // gate open (G1 of `gate/mod.rs`).
             if rule.is_none() && self.gate_ok && arrivals.iter().all(|a| a.head.shm) {
-                if let Some(seg) = &self.shm {
+                if let Some(seg) = self.value_slot() {
                     Gate::of(seg).open();
                 }
             }
@@ -431,10 +438,10 @@ impl EntryState {
             Ok(()) => {
                 let snap = arrivals
                     .iter()
-                    .any(|a| Want::of(&a.head) == Want::Value)
+                    .any(|a| self.want(Want::of(&a.head)) == Want::Value)
                     .then(|| self.snapshot());
                 for a in arrivals {
-                    let want = Want::of(&a.head);
+                    let want = self.want(Want::of(&a.head));
                     (a.answer)(Ok(answer_of(want, &snap)));
                 }
             }
@@ -548,10 +555,19 @@ impl EntryState {
     fn answer_value(&self, waiters: Vec<(Answer, Want)>) {
         let snap = waiters
             .iter()
-            .any(|(_, w)| *w == Want::Value)
+            .any(|(_, w)| self.want(*w) == Want::Value)
             .then(|| self.snapshot());
         for (answer, want) in waiters {
-            answer(Ok(answer_of(want, &snap)));
+            answer(Ok(answer_of(self.want(want), &snap)));
+        }
+    }
+
+    /// What a request that wants `w` gets: the value itself, rather than
+    /// word that it is in the value slot, once it left the slot.
+    fn want(&self, w: Want) -> Want {
+        match w {
+            Want::Slot if self.value_left_slot => Want::Value,
+            w => w,
         }
     }
 

@@ -139,6 +139,17 @@ impl EntryState {
         }
     }
 
+    /// A pull through the segment by worker `rank`: word that the value is
+    /// in the value slot, or the value, once it left the slot.
+    pub(crate) fn pull_shm(&mut self, head: &Head, rank: usize) -> Result<Option<Bytes>, Fault> {
+        self.check_shm(head)?;
+        self.shm_used(rank);
+        Ok(Some(match self.value_slot() {
+            Some(_) => Bytes::new(),
+            None => self.snapshot(),
+        }))
+    }
+
     /// The push of worker `rank` in its slot, as bytes; `vals` is the
     /// request's body, the byte count the worker wrote there.
     pub(crate) fn shm_input(&self, head: &Head, vals: &[u8], rank: usize) -> Result<Bytes, Fault> {
@@ -181,9 +192,49 @@ impl EntryState {
         };
         let done = Gate::of(seg).done();
         let n = u64::from(done.wrapping_sub(self.gate_seen));
-        self.rounds += n;
         self.gate_seen = done;
+        if self.value_left_slot {
+            // A round that ended there after the value left the slot ended
+            // in a slot nobody reads: no round of this key.
+            return 0;
+        }
+        self.rounds += n;
         n
+    }
+
+    /// Before the server sums a sync round (every worker's push is here):
+    /// if the segment's gate still counts arrivals, a round there never
+    /// ended (G1 of `crate::gate`: none can be left now by the protocol).
+    /// Its summer, or a worker helping it with a chunk, stalled past its
+    /// waiters' timeout or died while summing; such a thread, if it runs
+    /// on, writes the value slot when it will, over any later value. So the
+    /// value leaves the slot for this entry's own buffer, for good: the
+    /// gate is shut (no worker arrives there or reads the value slot
+    /// again, and the server opens it no more), and the answers that would
+    /// say "in the value slot" carry the value by message (`want`). The
+    /// workers' slots still carry their pushes (such a thread only reads
+    /// them). The part's rounds go through the server from then on.
+    pub(super) fn leave_stuck_slot(&mut self) {
+        let Some(seg) = self.value_slot() else {
+            return;
+        };
+        let gate = Gate::of(seg);
+        let arrived = gate.arrived();
+        if arrived == 0 {
+            return;
+        }
+        gate.shut();
+        // SAFETY: a copy out of memory another process may be writing: the
+        // value is in doubt already (the round that never ended failed so);
+        // with no optimizer, as gates need, the round summed now replaces
+        // it whole.
+        let value = crate::tensor::Buf::from_bytes(unsafe { seg.slot(self.workers) });
+        self.value = Arc::new(value);
+        self.value_left_slot = true;
+        tracing::warn!(
+            "{}: a round summed by the workers at the part's gate never ended ({arrived} arrival(s) still counted: a worker stalled or died while summing it); the part's value now lives in the server and its rounds go through the server",
+            self.name()
+        );
     }
 
     /// Closes the segment's gate: rounds come to the server again (a round

@@ -27,8 +27,14 @@ fn f32s(v: &[f32]) -> Bytes {
 
 /// The f32 values of a push-pull's answer.
 fn value(r: Result<Option<Bytes>, Fault>) -> Vec<f32> {
-    let v = r.unwrap().expect("a push-pull's value");
-    bytemuck::cast_slice::<u8, f32>(&v).to_vec()
+    floats(&r.unwrap().expect("a push-pull's value"))
+}
+
+/// The f32 values in `b` (of any alignment).
+fn floats(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 fn answer() -> (Answer, Receiver<Result<Option<Bytes>, Fault>>) {
@@ -238,4 +244,82 @@ fn a_push_of_another_length_names_the_settings_that_cut_keys() {
         assert_eq!(value(r.try_recv().unwrap()), [3.0; 4]);
     }
     assert_eq!(st.rounds, 1);
+}
+
+/// A sync f32 head of `op` through the shared segment `seg`.
+fn shm_head(op: Op, seg: &pskv_transport::Region) -> Head {
+    Head {
+        shm: true,
+        shm_tag: seg.tag(),
+        ..head(op)
+    }
+}
+
+/// A round at the part's gate that never ended (its summer, or a helper
+/// holding a chunk, stalled past its waiters' timeout or died) leaves a
+/// thread that may still write the segment's value slot, at any time. The
+/// server, completing its next round, finds that round's arrivals still
+/// counted: from then on the value lives in its own buffer, the gate stays
+/// closed, and pulls and push-pulls through the segment are answered with
+/// the value by message. A late write into the value slot then reaches
+/// nothing a worker reads (before, it overwrote the newer value there).
+#[test]
+#[allow(unsafe_code)] // the test plays the stalled summer on the slots
+fn a_round_stuck_at_the_gate_moves_the_value_out_of_its_slot_for_good() {
+    use crate::gate::{Arrival, Gate};
+    use crate::wire::Check;
+
+    let k = CpuKernels::single_threaded();
+    let mut st = EntryState::new(1, 0, DType::F32, &f32s(&[0.0; 16]), 2);
+    let check = Check {
+        part_bytes: 64,
+        wants_shm: true,
+        seen: 0,
+        shape: vec![16],
+    };
+    for rank in 0..2 {
+        st.check(&head(Op::Check), &check, rank)
+            .unwrap()
+            .expect("a segment");
+    }
+    let seg = st.shm.clone().expect("made at the checks");
+    let gate = Gate::of(&seg);
+    // The server opened the gate; both workers arrived; the last one's sum
+    // never ends. The waits fail in doubt, and the workers push by message.
+    gate.open();
+    assert!(matches!(gate.arrive(0), Arrival::Waiting(_)));
+    assert!(matches!(gate.arrive(1), Arrival::Last(_)));
+    st.gate_ok = true;
+    let (a0, r0) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 16]), 0, a0);
+    let (a1, r1) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[2.0; 16]), 1, a1);
+    for r in [r0, r1] {
+        assert_eq!(value(r.try_recv().unwrap()), [3.0; 16]);
+    }
+    // The stalled summer writes the value slot now.
+    unsafe { seg.slot_mut(2) }.fill(0xff);
+    // A round through the slots, as once the doubt is over.
+    for round in 0..2 {
+        let mut answers = Vec::new();
+        for rank in 0..2 {
+            unsafe { seg.slot_mut(rank) }
+                .copy_from_slice(&f32s(&[(rank + 1) as f32 * 10.0 + round as f32; 16]));
+            let h = shm_head(Op::PushPull, &seg);
+            let vals = st.shm_input(&h, &64u64.to_le_bytes(), rank).unwrap();
+            st.gate_ok = true;
+            let (a, r) = answer();
+            st.push(&k, None, h, vals, rank, a);
+            answers.push(r);
+        }
+        let want = [30.0 + 2.0 * round as f32; 16];
+        for r in answers {
+            assert_eq!(value(r.try_recv().unwrap()), want, "by message");
+        }
+        assert!(!gate.is_open(), "round {round}: the gate stays closed");
+        unsafe { seg.slot_mut(2) }.fill(0xff);
+        assert_eq!(value(st.pull_shm(&shm_head(Op::Pull, &seg), 0)), want);
+        assert_eq!(floats(&st.snapshot()), want);
+    }
+    assert_eq!(st.rounds, 3);
 }

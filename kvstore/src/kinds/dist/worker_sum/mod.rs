@@ -64,7 +64,11 @@
 //! the gate. If the round does end there after all, the server counts it
 //! while this worker's count of the key's rounds (`DistKey::seen`) does
 //! not: the push it sends again is answered as a push of a round done, as
-//! on the message path after such a failure.
+//! on the message path after such a failure. If it has not ended when the
+//! server sums the part's next round, the server shuts the gate and keeps
+//! the value itself for good (a stalled summer or helper may still write
+//! the value slot: `server/entry/segment.rs`); the part's rounds then go
+//! through the server, their values back by message.
 //!
 //! # Waits: states
 //!
