@@ -248,20 +248,21 @@ fn gated_and_served(
     (run(None), run(Some(0)))
 }
 
-/// Parts large enough to be shared in chunks (`gate/chunks.rs`): three
+/// Parts large enough to be shared in chunks (`gate/chunks.rs`), and
+/// below 256 KiB (larger ones may go to rounds of late copies): three
 /// workers, the summer and the waiters each summing chunks, give the
 /// server's bits too.
 #[test]
 fn rounds_shared_in_chunks_give_the_servers_bits() {
-    let (summed, served) = gated_and_served(3, &wide_keys(), 1 << 20, 8);
+    let (summed, served) = gated_and_served(3, &wide_keys(), 200 << 10, 8);
     let helped: u64 = summed.iter().map(|s| s.2).sum();
-    // 21 rounds of parts of about 0.6 MB, in 32 KiB chunks: some summed
+    // 63 rounds of parts of about 200 KB, in 32 KiB chunks: some summed
     // by the waiters.
     assert!(helped > 0, "no worker helped a summer");
     for (rank, ((a, wa, _), (b, _, _))) in summed.iter().zip(&served).enumerate() {
-        // 1.2 MB in two parts, 560 KB in one: 3 parts, 7 rounds after the
-        // first.
-        assert_eq!(*wa, 21, "worker {rank} summed parts");
+        // 1.2 MB in six parts, 560 KB in three: 9 parts, 7 rounds after
+        // the first.
+        assert_eq!(*wa, 63, "worker {rank} summed parts");
         assert!(
             a == b,
             "worker {rank}: the workers' sums differ from the server's"
@@ -285,6 +286,46 @@ fn rounds_of_late_copies_give_the_servers_bits() {
     for (rank, ((a, wa, _), (b, _, _))) in summed.iter().zip(&served).enumerate() {
         // 3 parts, 5 rounds after the first.
         assert_eq!(*wa, 15, "worker {rank} summed parts");
+        assert!(
+            a == b,
+            "worker {rank}: the workers' sums differ from the server's"
+        );
+    }
+}
+
+/// Parts of 256 KiB to 1 MiB: a round after one whose workers arrived
+/// close together is one of late copies, after one whose last worker came
+/// far behind a shared one (`LATE` in `gate/mod.rs`). Worker 1 comes 3 ms
+/// late every third step, so the kinds change from round to round; every
+/// round is summed at the gate, and the bits are the server's.
+#[test]
+fn rounds_of_either_kind_as_the_workers_arrive_give_the_servers_bits() {
+    let keys = vec![
+        (Key::Int(5), 150_000, DType::F32),
+        (Key::from("mid"), 40_000, DType::F64),
+    ];
+    let opts = Options {
+        partition_bytes: 1 << 20,
+        ..opts(T)
+    };
+    let run = |sum_bytes| {
+        let keys = keys.clone();
+        summing(2, sum_bytes).run("dist_sync", opts.clone(), move |kv, e| {
+            init_of(&keys, kv, e);
+            let mut seen = Vec::new();
+            for step in 0..12 {
+                if kv.rank() == 1 && step % 3 == 0 {
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+                seen.extend(rounds_of(&keys, kv, e, step, 1));
+            }
+            (seen, kv.worker_summed_parts())
+        })
+    };
+    let (summed, served) = (run(None), run(Some(0)));
+    for (rank, ((a, wa), (b, _))) in summed.iter().zip(&served).enumerate() {
+        // 600 KB and 320 KB, a part each: 11 rounds after the first.
+        assert_eq!(*wa, 22, "worker {rank} summed parts");
         assert!(
             a == b,
             "worker {rank}: the workers' sums differ from the server's"

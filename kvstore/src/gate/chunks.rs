@@ -169,6 +169,14 @@ impl<'a> Gate<'a> {
     }
 }
 
+impl Gate<'_> {
+    /// Zeroes `CLAIM`: no round's `SHARED` claim is left in it
+    /// (`Gate::forget`).
+    pub(super) fn forget_shared_words(&self) {
+        self.word(CLAIM).store(0, Ordering::Relaxed);
+    }
+}
+
 impl Shared<'_, '_> {
     /// Claims chunks and sums each with `sum` (given the chunk's byte range
     /// in the part) until none is left; how many it summed. `helper`: the

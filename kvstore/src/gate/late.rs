@@ -8,8 +8,10 @@
 //! (BENCHMARKS.md, "Chunks copied into the output as they are summed").
 //! But a chunk a worker sums itself need not go through its slot: it can
 //! read it from its own input. So for a part of `LATE_BYTES` or more (of
-//! at most `MAX_LATE_CHUNKS` chunks: 48 MiB; and 2 to `MAX_LATE_WORKERS`
-//! workers) a worker arrives first, then walks the
+//! at most `MAX_LATE_CHUNKS` chunks: 47 MiB; and 2 to `MAX_LATE_WORKERS`
+//! workers), or of `CLOSE_LATE_BYTES` or more in a round after one whose
+//! workers arrived close together (`LATE` in `mod.rs`: every worker of a
+//! round finds the same kind there), a worker arrives first, then walks the
 //! part's chunks: those of the other workers' shares (a W-th of the chunks
 //! each, by rank) it *supplies*: copies its values of each into its slot
 //! and says so in the chunk's word; those of its own share it *claims*: it
@@ -87,16 +89,24 @@ use smallvec::SmallVec;
 
 use super::Gate;
 
-/// The smallest part summed this way (a smaller part's copies stay in
-/// cache, and the shared rounds of `chunks.rs` suit it).
+/// The smallest part summed this way in every round.
 pub(crate) const LATE_BYTES: usize = 1 << 20;
+/// The smallest part summed this way in a round after one whose workers
+/// arrived close together (`LATE` in `mod.rs`): below `LATE_BYTES` an
+/// early arriver's share would wait for it to come back from its other
+/// parts (a model's many parts in flight), where a shared round of
+/// `chunks.rs` lets the last arriver sum everything with whoever waits; but
+/// when the workers come together, each copying in and out only the
+/// others' shares wins (BENCHMARKS.md, "Rounds of late copies from
+/// 256 KiB, chosen round by round").
+pub(crate) const CLOSE_LATE_BYTES: usize = 256 << 10;
 /// The most workers of a part summed this way (the supplied bits).
 pub(crate) const MAX_LATE_WORKERS: usize = 8;
 /// The most chunks (the header words left after `mod.rs`'s).
 const MAX_LATE_CHUNKS: usize = pskv_transport::REGION_WORDS - CHUNK0;
 
 const COUNT: usize = 7;
-const CHUNK0: usize = 8;
+const CHUNK0: usize = 9;
 
 const VALID: u32 = 1 << 15;
 const SUMMED: u32 = 1 << 15;
@@ -105,9 +115,12 @@ const CLAIMER: u32 = 0xf << CLAIMER_SHIFT;
 const SUPPLIED: u32 = 0xff;
 
 /// The chunk length of a part of `len` bytes at a gate of `workers`, if
-/// its rounds are summed this way.
-pub(crate) fn late_chunk(workers: usize, len: usize) -> Option<usize> {
-    if !(2..=MAX_LATE_WORKERS).contains(&workers) || len < LATE_BYTES {
+/// its round is summed this way: one of `LATE_BYTES` or more, or, `close`
+/// (the last round's workers arrived close together: `LATE` in `mod.rs`),
+/// of `CLOSE_LATE_BYTES` or more.
+pub(crate) fn late_chunk(workers: usize, len: usize, close: bool) -> Option<usize> {
+    let least = if close { CLOSE_LATE_BYTES } else { LATE_BYTES };
+    if !(2..=MAX_LATE_WORKERS).contains(&workers) || len < least {
         return None;
     }
     let c = super::chunk_bytes(len)?;
@@ -126,17 +139,29 @@ pub(crate) struct Late<'g, 'a> {
 }
 
 impl<'a> Gate<'a> {
-    /// The round of `epoch` of this gate's part, of `len` bytes, if it is
-    /// summed this way (`late_chunk`).
-    pub(crate) fn late(&self, epoch: u32, len: usize) -> Option<Late<'_, 'a>> {
-        let chunk = late_chunk(self.workers, len)?;
-        Some(Late {
+    /// The round of `epoch` of this gate's part, of `len` bytes, summed
+    /// this way in chunks of `chunk` bytes (`late_chunk`, as its workers
+    /// found it when they arrived).
+    pub(crate) fn late(&self, epoch: u32, len: usize, chunk: usize) -> Late<'_, 'a> {
+        Late {
             gate: self,
             tag: VALID | (epoch & 0x7fff),
             len,
             chunk,
             n: len.div_ceil(chunk),
-        })
+        }
+    }
+}
+
+impl Gate<'_> {
+    /// Zeroes `COUNT` and every chunk's word: none holds a round's epoch
+    /// with `VALID` (`Gate::forget`).
+    pub(super) fn forget_late_words(&self) {
+        for w in COUNT..pskv_transport::REGION_WORDS {
+            if w != super::FIRST {
+                self.word(w).store(0, Ordering::Relaxed);
+            }
+        }
     }
 }
 

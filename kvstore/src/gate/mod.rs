@@ -21,8 +21,12 @@
 //! # Words (the region's header words; zero at creation)
 //!
 //! - `GATE`: `OPEN` (bit 31) | epoch (bits 16..31, 15 bits) | `CLOSING`
-//!   (bit 15: close once the round being summed ends) | arrived (bits 0..15:
-//!   workers that arrived in the round now gathering).
+//!   (bit 15: close once the round being summed ends) | `LATE` (bit 14:
+//!   the round gathering, or the next, is one of late copies if its part
+//!   is of `late::CLOSE_LATE_BYTES` or more; set or cleared by the last
+//!   arrival of the round before, as its workers arrived close together or
+//!   not) | arrived (bits 0..14: workers that arrived in the round now
+//!   gathering).
 //! - `DONE`: rounds the workers summed (wrapping).
 //! - `SLEEPERS`: threads sleeping on `GATE` for a round's end.
 //! - `SUMMER`: who sums the round being summed: its epoch (bits 16..31) |
@@ -30,6 +34,9 @@
 //!   tell a dead summer's waiters).
 //! - `CLAIM`, `SUMMED`, `BUSY`: a round being summed, shared in chunks
 //!   with the workers that wait for it (`chunks.rs`).
+//! - `FIRST`: when the first worker arrived in the round gathering (a
+//!   monotonic clock's microseconds, wrapping; written only for parts that
+//!   `LATE` concerns).
 //! - `COUNT`, and a word per chunk: a large part's round, whose workers
 //!   arrive before they copy (`late.rs`).
 //!
@@ -82,6 +89,12 @@
 //!   end (the epoch move), and every round needs all `W`: so the epoch a
 //!   worker reads when it arrives is the one its round ends by moving, and
 //!   the epoch does not move while a round is handed over.
+//! - G4. Every worker of a round arrives with the same kind (`LATE`): an
+//!   arrival is a compare-exchange that needs the kind its worker prepared
+//!   its push for (else it prepares again), and only the round's last
+//!   arrival changes the bit, for the next round. (So a push is prepared
+//!   from the bit as read before the arrival, `late_now`, and the bit does
+//!   not move before every worker of the round arrived.)
 //!
 //! # Orderings
 //!
@@ -121,14 +134,39 @@ mod late;
 pub(crate) use chunks::{chunk_bytes, Shared, MAX_HELPER_RANK};
 pub(crate) use late::late_chunk;
 
+/// The arrivals of a round whose first and last came within this many
+/// microseconds per MiB of its part came close together: 256 us for a
+/// 256 KiB part. Measured on this project's VMs (BENCHMARKS.md, "Rounds
+/// of late copies from 256 KiB, chosen round by round"): the arrivals of a
+/// model's parts are mostly milliseconds apart, those of one key pushed in
+/// a loop tens of microseconds (256 per MiB gave the same figures).
+const CLOSE_US_PER_MIB: u64 = 1024;
+
+/// A monotonic clock's microseconds, wrapping, the same in every process
+/// of the host.
+#[allow(unsafe_code)] // clock_gettime
+fn now_us() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid pointer to a timespec; CLOCK_MONOTONIC exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000)
+        .wrapping_add(ts.tv_nsec as u64 / 1000) as u32
+}
+
 const GATE: usize = 0;
 const DONE: usize = 1;
 const SLEEPERS: usize = 2;
 const SUMMER: usize = 3;
+const FIRST: usize = 8;
 
 const OPEN: u32 = 1 << 31;
 const CLOSING: u32 = 1 << 15;
-const ARRIVED: u32 = 0x7fff;
+const LATE: u32 = 1 << 14;
+const ARRIVED: u32 = 0x3fff;
 const EPOCH_SHIFT: u32 = 16;
 const EPOCH: u32 = 0x7fff << EPOCH_SHIFT;
 
@@ -154,6 +192,9 @@ pub(crate) enum Arrival {
     /// Others are still to come: the round ends when the epoch moves from
     /// this one (`round`).
     Waiting(u32),
+    /// The round gathering is of the other kind (`LATE`) than the push was
+    /// prepared for: prepare it for that kind and arrive again.
+    OtherKind,
 }
 
 /// Where the round of a waiting worker is.
@@ -213,6 +254,25 @@ impl<'a> Gate<'a> {
         self.word(GATE).load(Ordering::Acquire) & OPEN != 0
     }
 
+    /// The chunk length of the round a push of this part would arrive in
+    /// now, if the gate is open and that round is one of late copies
+    /// (`late.rs`; the kind holds until the push arrives: G4).
+    pub(crate) fn late_now(&self) -> Option<usize> {
+        let g = self.word(GATE).load(Ordering::Acquire);
+        if g & OPEN == 0 {
+            return None;
+        }
+        late_chunk(self.workers, self.seg.slot_len(), g & LATE != 0)
+    }
+
+    /// Whether a round of this part may be one of late copies only after
+    /// one whose workers arrived close together (`LATE` concerns it).
+    fn late_if_close(&self) -> bool {
+        let len = self.seg.slot_len();
+        late_chunk(self.workers, len, true).is_some()
+            && late_chunk(self.workers, len, false).is_none()
+    }
+
     /// Rounds the workers summed, as a wrapping count.
     pub(crate) fn done(&self) -> u32 {
         self.word(DONE).load(Ordering::Acquire)
@@ -222,8 +282,16 @@ impl<'a> Gate<'a> {
     /// (before answering it: see G1). A gate with arrivals (a round still
     /// handed over) is left as it is. The epoch moves (nobody waits at a
     /// gate with no arrivals): a round handed over ended without `finish`,
-    /// and the words it left (`late.rs`) must not count for the next.
+    /// and the words it left (`late.rs`) must not count for the next; nor
+    /// may words left by a round of either kind many rounds ago, whose
+    /// epoch the 15 bits may have come back to (`forget`).
     pub(crate) fn open(&self) {
+        let g = self.word(GATE).load(Ordering::Acquire);
+        if g & (ARRIVED | CLOSING | OPEN) == 0 {
+            // Nobody is at the gate (G1): the words are nobody's.
+            self.forget(true);
+            self.forget(false);
+        }
         let _ = self
             .word(GATE)
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| {
@@ -264,9 +332,23 @@ impl<'a> Gate<'a> {
         }
     }
 
-    /// Worker `rank`, whose slot holds its push, arrives.
-    pub(crate) fn arrive(&self, rank: usize) -> Arrival {
+    /// Clears the words of the rounds of late copies (`late`: `late.rs`)
+    /// or of shared rounds (`chunks.rs`), so that no value an earlier
+    /// round left counts for a later one whose epoch has the same 15 bits
+    /// (Relaxed: the caller's next change of `GATE` publishes them).
+    fn forget(&self, late: bool) {
+        if late {
+            self.forget_late_words();
+        } else {
+            self.forget_shared_words();
+        }
+    }
+
+    /// Worker `rank` arrives, its push prepared for a round of late
+    /// copies (`late`: `late_now` said so) or not (its slot holds it).
+    pub(crate) fn arrive(&self, rank: usize, late: bool) -> Arrival {
         let (gate, workers) = (self.word(GATE), self.workers);
+        let timed = self.late_if_close();
         let mut g = gate.load(Ordering::Acquire);
         loop {
             if g & OPEN == 0 {
@@ -279,7 +361,32 @@ impl<'a> Gate<'a> {
                 // round then fails on time rather than a sum being wrong.
                 return Arrival::Closed;
             }
-            match gate.compare_exchange_weak(g, g + 1, Ordering::AcqRel, Ordering::Acquire) {
+            let is_late = late_chunk(workers, self.seg.slot_len(), g & LATE != 0).is_some();
+            if is_late != late {
+                return Arrival::OtherKind;
+            }
+            let mut next = g + 1;
+            if timed && n == 0 {
+                // Before the arrival: the last one reads it after its own
+                // load of `GATE` (Acquire), which follows this one's
+                // arrival in the word's order.
+                self.word(FIRST).store(now_us(), Ordering::Relaxed);
+            }
+            if timed && n + 1 == workers {
+                // The next round's kind (G4: the bit moves only here).
+                let took =
+                    u64::from(now_us().wrapping_sub(self.word(FIRST).load(Ordering::Relaxed)));
+                let close = took * (1 << 20) <= CLOSE_US_PER_MIB * self.seg.slot_len() as u64;
+                next = if close { next | LATE } else { next & !LATE };
+                if close != is_late {
+                    // The words of the next round's kind were last used
+                    // rounds ago, maybe by an epoch the 15 bits have come
+                    // back to; this round uses the other kind's, and the
+                    // rounds before it are over (every worker arrived).
+                    self.forget(close);
+                }
+            }
+            match gate.compare_exchange_weak(g, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) if n + 1 == workers => {
                     let who = (epoch(g) << 16) | (rank as u32 + 1);
                     self.word(SUMMER).store(who, Ordering::Release);
@@ -300,7 +407,7 @@ impl<'a> Gate<'a> {
         // `CLOSING` (G2): then the gate closes as the round ends.
         let _ = gate.fetch_update(Ordering::SeqCst, Ordering::Acquire, |g| {
             let open = if g & CLOSING != 0 { 0 } else { g & OPEN };
-            Some(open | (((epoch(g) + 1) << EPOCH_SHIFT) & EPOCH))
+            Some(open | (g & LATE) | (((epoch(g) + 1) << EPOCH_SHIFT) & EPOCH))
         });
         self.wake();
     }

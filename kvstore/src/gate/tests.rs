@@ -97,7 +97,7 @@ fn every_round_is_summed_at_the_gate_or_by_the_server_whole() {
                     // (or the server) only after this arrival (or
                     // push).
                     unsafe { seg.slot_mut(r) }.copy_from_slice(&mine.to_le_bytes());
-                    let path = match gate.arrive(r) {
+                    let path = match gate.arrive(r, false) {
                         Arrival::Last(_) => {
                             sum_slots(&seg, W);
                             summed.fetch_add(1, Ordering::Relaxed);
@@ -119,6 +119,7 @@ fn every_round_is_summed_at_the_gate_or_by_the_server_whole() {
                             }
                         },
                         Arrival::Closed => Path::Server,
+                        Arrival::OtherKind => unreachable!("a slot of 8 bytes"),
                     };
                     if path == Path::Server {
                         // The server sums the slots (every push of the
@@ -171,22 +172,22 @@ fn every_round_is_summed_at_the_gate_or_by_the_server_whole() {
 fn closing_hands_a_gathering_round_over_and_lets_a_sum_end() {
     let seg = Region::create(3, 8).unwrap();
     let gate = Gate::of(&seg);
-    assert_eq!(gate.arrive(0), Arrival::Closed, "closed at first");
+    assert_eq!(gate.arrive(0, false), Arrival::Closed, "closed at first");
     gate.close();
     gate.open();
-    let Arrival::Waiting(e) = gate.arrive(0) else {
+    let Arrival::Waiting(e) = gate.arrive(0, false) else {
         panic!("the first of two waits")
     };
     assert_eq!(gate.round(e), Round::Gathering);
     assert_eq!(gate.withdraw(e), Withdrawal::Left);
     assert_eq!(gate.arrived(), 0);
     // Handed over.
-    let Arrival::Waiting(e) = gate.arrive(0) else {
+    let Arrival::Waiting(e) = gate.arrive(0, false) else {
         panic!("waits")
     };
     gate.close();
     assert_eq!(gate.round(e), Round::HandedOver);
-    assert_eq!(gate.arrive(0), Arrival::Closed, "nobody joins it");
+    assert_eq!(gate.arrive(0, false), Arrival::Closed, "nobody joins it");
     gate.open();
     assert!(!gate.is_open(), "not while a waiter is still to leave");
     assert_eq!(gate.withdraw(e), Withdrawal::Left);
@@ -194,11 +195,11 @@ fn closing_hands_a_gathering_round_over_and_lets_a_sum_end() {
     assert!(gate.is_open());
     // Too late to withdraw once the last arrived; a close lets the
     // round end at the gate, and the gate closes as it ends.
-    let Arrival::Waiting(e) = gate.arrive(0) else {
+    let Arrival::Waiting(e) = gate.arrive(0, false) else {
         panic!("waits")
     };
     assert_eq!(gate.summer(e), None, "nobody sums yet");
-    assert!(matches!(gate.arrive(1), Arrival::Last(_)));
+    assert!(matches!(gate.arrive(1, false), Arrival::Last(_)));
     assert_eq!(gate.summer(e), Some(1), "worker 1 sums");
     assert_eq!(gate.withdraw(e), Withdrawal::Summing);
     gate.close();
@@ -209,14 +210,14 @@ fn closing_hands_a_gathering_round_over_and_lets_a_sum_end() {
     assert_eq!(gate.withdraw(e), Withdrawal::Ended);
     assert_eq!(gate.done(), 1);
     assert!(!gate.is_open(), "closed as the round ended");
-    assert_eq!(gate.arrive(0), Arrival::Closed);
+    assert_eq!(gate.arrive(0, false), Arrival::Closed);
     // And opens again at the server's next round.
     gate.open();
     assert!(gate.is_open());
-    let Arrival::Waiting(_) = gate.arrive(0) else {
+    let Arrival::Waiting(_) = gate.arrive(0, false) else {
         panic!("waits")
     };
-    assert!(matches!(gate.arrive(1), Arrival::Last(_)));
+    assert!(matches!(gate.arrive(1, false), Arrival::Last(_)));
     gate.finish();
     assert!(gate.is_open(), "no close asked: stays open");
     assert_eq!(gate.done(), 2);
@@ -226,7 +227,7 @@ fn closing_hands_a_gathering_round_over_and_lets_a_sum_end() {
     let gate = Gate::of(&seg);
     gate.open();
     for _ in 0..40_000 {
-        assert!(matches!(gate.arrive(0), Arrival::Last(_)));
+        assert!(matches!(gate.arrive(0, false), Arrival::Last(_)));
         gate.finish();
     }
     assert!(gate.is_open());
@@ -290,7 +291,7 @@ fn a_round_is_shared_in_chunks_and_every_chunk_summed_once() {
     };
     fill(0, 1);
     fill(1, 1);
-    let Arrival::Waiting(e) = gate.arrive(0) else {
+    let Arrival::Waiting(e) = gate.arrive(0, false) else {
         panic!("the first of two waits")
     };
     assert!(gate.shared(e, LEN).is_none(), "not yet being summed");
@@ -320,7 +321,9 @@ fn a_round_is_shared_in_chunks_and_every_chunk_summed_once() {
             })
         })
     };
-    let Arrival::Last(e1) = gate.arrive(1) else {
+    // Far behind: the next round is a shared one too (`LATE`).
+    std::thread::sleep(Duration::from_millis(2));
+    let Arrival::Last(e1) = gate.arrive(1, false) else {
         panic!("the last")
     };
     assert_eq!(e1, e);
@@ -348,10 +351,10 @@ fn a_round_is_shared_in_chunks_and_every_chunk_summed_once() {
     // A waiter late from round 1 claims nothing of round 2.
     fill(0, 2);
     fill(1, 2);
-    let Arrival::Waiting(e2) = gate.arrive(1) else {
+    let Arrival::Waiting(e2) = gate.arrive(1, false) else {
         panic!("waits")
     };
-    let Arrival::Last(_) = gate.arrive(0) else {
+    let Arrival::Last(_) = gate.arrive(0, false) else {
         panic!("the last")
     };
     let sh2 = gate.share(e2, LEN).unwrap();
@@ -367,4 +370,53 @@ fn a_round_is_shared_in_chunks_and_every_chunk_summed_once() {
     assert!(sh2.all_summed());
     gate.finish();
     check(2);
+}
+
+/// The kind of a 256 KiB part's round (`LATE`): one of late copies after a
+/// round whose workers arrived close together, a shared one after one
+/// whose last came far behind; an arrival prepared for the other kind is
+/// told so (G4). A part of 1 MiB or more always has late copies, a part
+/// below 256 KiB never.
+#[test]
+fn a_round_after_close_arrivals_is_one_of_late_copies() {
+    let seg = Region::create(3, 256 << 10).unwrap();
+    let gate = Gate::of(&seg);
+    assert_eq!(gate.late_now(), None, "closed");
+    gate.open();
+    assert_eq!(gate.late_now(), None, "a shared round first");
+    // Words of a round of late copies of epoch 2 left long ago (its
+    // epoch's 15 bits come back every 32,768 rounds).
+    let stale = gate.late(2, 256 << 10, 32 << 10);
+    stale.walk(0, |_| {});
+    stale.sum_done(0);
+    assert!(stale.summed(0));
+    assert!(matches!(gate.arrive(0, false), Arrival::Waiting(_)));
+    assert!(matches!(gate.arrive(1, false), Arrival::Last(e) if e == 1));
+    gate.finish();
+    let chunk = gate.late_now().expect("close together: late copies");
+    assert_eq!(chunk, 32 << 10);
+    assert!(!stale.summed(0), "the next kind's words forgotten");
+    assert_eq!(gate.arrive(0, false), Arrival::OtherKind);
+    assert!(matches!(gate.arrive(0, true), Arrival::Waiting(_)));
+    std::thread::sleep(Duration::from_millis(2));
+    assert!(matches!(gate.arrive(1, true), Arrival::Last(_)));
+    gate.finish();
+    assert_eq!(gate.late_now(), None, "far apart: a shared round");
+    assert_eq!(gate.arrive(1, true), Arrival::OtherKind);
+    // The kind holds across a close and the server's open.
+    gate.close();
+    gate.open();
+    assert_eq!(gate.late_now(), None);
+    for (len, late) in [(1 << 20, true), (128 << 10, false)] {
+        let seg = Region::create(3, len).unwrap();
+        let gate = Gate::of(&seg);
+        gate.open();
+        for _ in 0..2 {
+            assert_eq!(gate.late_now().is_some(), late, "{len}");
+            assert!(matches!(gate.arrive(0, late), Arrival::Waiting(_)));
+            std::thread::sleep(Duration::from_millis(2));
+            assert!(matches!(gate.arrive(1, late), Arrival::Last(_)));
+            gate.finish();
+        }
+    }
 }

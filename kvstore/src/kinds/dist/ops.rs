@@ -442,11 +442,10 @@ impl DistStore {
 }
 
 /// Whether a sync push of `len` bytes through `seg` goes to a round of
-/// late copies at its gate (open now; the gate decides again when the
-/// push arrives there).
+/// late copies at its gate (open now, and of that kind; the arrival checks
+/// the kind again: G4 of `gate/mod.rs`).
 fn late_round(seg: &Region, len: usize) -> bool {
-    let gate = crate::gate::Gate::of(seg);
-    crate::gate::late_chunk(gate.workers(), len).is_some() && gate.is_open()
+    len == seg.slot_len() && crate::gate::Gate::of(seg).late_now().is_some()
 }
 
 pub(super) fn check_len(resp: &KvResponse, want: usize) -> std::result::Result<(), Fault> {

@@ -287,8 +287,8 @@ fn a_round_stuck_at_the_gate_moves_the_value_out_of_its_slot_for_good() {
     // The server opened the gate; both workers arrived; the last one's sum
     // never ends. The waits fail in doubt, and the workers push by message.
     gate.open();
-    assert!(matches!(gate.arrive(0), Arrival::Waiting(_)));
-    assert!(matches!(gate.arrive(1), Arrival::Last(_)));
+    assert!(matches!(gate.arrive(0, false), Arrival::Waiting(_)));
+    assert!(matches!(gate.arrive(1, false), Arrival::Last(_)));
     st.gate_ok = true;
     let (a0, r0) = answer();
     st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 16]), 0, a0);

@@ -34,6 +34,8 @@ use crate::error::Fault;
 pub(in crate::kinds::dist) struct LatePart {
     pub(super) seg: Arc<Region>,
     pub(super) epoch: u32,
+    /// The round's chunk length (`gate::late_chunk`, at the arrival).
+    chunk: usize,
     rank: usize,
     dtype: DType,
     /// This worker's values of the part (None: its slot holds them
@@ -60,20 +62,19 @@ struct State {
 }
 
 impl LatePart {
-    /// Arrived at the round of `epoch`: walks it (claims, and supplies
-    /// from `input` or the slot as it is).
-    #[allow(clippy::too_many_arguments)]
+    /// Arrived at the round of `epoch`, of chunks of `chunk` bytes: walks
+    /// it (claims, and supplies from `input` or the slot as it is).
     pub(super) fn arrive(
         seg: Arc<Region>,
-        epoch: u32,
+        (epoch, chunk): (u32, usize),
         rank: usize,
         dtype: DType,
         input: Option<Bytes>,
         out: Option<(OutPtr, usize)>,
         kernels: Arc<CpuKernels>,
-    ) -> Option<Arc<LatePart>> {
+    ) -> Arc<LatePart> {
         let gate = Gate::of(&seg);
-        let late = gate.late(epoch, seg.slot_len())?;
+        let late = gate.late(epoch, seg.slot_len(), chunk);
         let mine = late.walk(rank, |r| {
             if let Some(input) = &input {
                 // SAFETY: this worker's own slot's chunk, which nobody reads
@@ -88,9 +89,10 @@ impl LatePart {
         } else {
             SmallVec::new()
         };
-        Some(Arc::new(LatePart {
+        Arc::new(LatePart {
             seg,
             epoch,
+            chunk,
             rank,
             dtype,
             input,
@@ -103,7 +105,7 @@ impl LatePart {
                 failed: None,
             }),
             finished: AtomicBool::new(false),
-        }))
+        })
     }
 
     /// `progress` in the arriving thread, while it moves: until nothing is
@@ -153,9 +155,7 @@ impl LatePart {
             return Some(0);
         }
         let gate = Gate::of(&self.seg);
-        let Some(late) = gate.late(self.epoch, self.seg.slot_len()) else {
-            return Some(0);
-        };
+        let late = gate.late(self.epoch, self.seg.slot_len(), self.chunk);
         let workers = gate.workers();
         let st = &mut *st;
         let mut i = 0;
@@ -234,8 +234,8 @@ impl LatePart {
     /// Ranks holding chunks not summed yet (a dead one's round cannot end).
     pub(super) fn claimers_unsummed(&self) -> u32 {
         Gate::of(&self.seg)
-            .late(self.epoch, self.seg.slot_len())
-            .map_or(0, |l| l.claimers_unsummed())
+            .late(self.epoch, self.seg.slot_len(), self.chunk)
+            .claimers_unsummed()
     }
 
     /// Closes the part: nothing more is written into the output; a sum that

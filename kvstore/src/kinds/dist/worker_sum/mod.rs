@@ -38,10 +38,14 @@
 //! in its cache (`ChunkOut`); the part's other chunks are copied out of the
 //! value slot when its round ends.
 //!
-//! A part of 1 MiB to 48 MiB with 2 to 8 workers goes instead to a round
-//! whose workers arrive before they copy (`gate/late.rs`): its push
-//! carries its values (`DistStore::dense_payload` did not copy them into
-//! the slot), and this worker walks the round at its arrival (copies its
+//! A part of 1 MiB to 47 MiB with 2 to 8 workers goes instead to a round
+//! whose workers arrive before they copy (`gate/late.rs`), and so does one
+//! of 256 KiB or more in a round after one whose workers arrived close
+//! together (`LATE` in `gate/mod.rs`, which every worker of a round finds
+//! the same: a push prepared for the other kind, its gate closed then, is
+//! prepared again before it arrives): its push carries its values
+//! (`DistStore::dense_payload` did not copy them into the slot), and this
+//! worker walks the round at its arrival (copies its
 //! values of the others' shares of the chunks into its slot, claims its
 //! own share), then sums each claimed chunk once supplied, from its own
 //! values, into the value slot and its output, and copies the others' out
@@ -96,7 +100,7 @@ use super::parts::{OnAnswer, PartSend, Round};
 use super::{DistKey, DistStore};
 use crate::dtype::DType;
 use crate::error::Fault;
-use crate::gate::{self, Arrival, Gate, Shared};
+use crate::gate::{Arrival, Gate, Shared};
 use crate::wire::Op;
 
 mod late;
@@ -325,7 +329,7 @@ impl DistStore {
         dk: &DistKey,
         inf: &Arc<Inflight>,
         round: &Round,
-        p: PartSend,
+        mut p: PartSend,
     ) -> Option<PartSend> {
         let op = p.head.op;
         let pushes = matches!(op, Op::Push | Op::PushPull | Op::RowPush);
@@ -356,12 +360,32 @@ impl DistStore {
             answer(Ok(()));
             return None;
         }
-        if gate::late_chunk(gate.workers(), seg.slot_len()).is_some() {
-            return self.at_gate_late(dk, inf, round, p, seg);
-        }
-        match gate.arrive(self.po.my_rank() as usize) {
-            Arrival::Closed => Some(p),
-            Arrival::Last(epoch) => {
+        let rank = self.po.my_rank() as usize;
+        // The kind of round the push was prepared for (`dense_payload`);
+        // it holds until this arrival (G4), but a push prepared otherwise
+        // (the gate closed then) is prepared again.
+        let mut late = gate.late_now();
+        let arrival = loop {
+            if late.is_none() {
+                // A shared round sums the slots: this one's must hold its
+                // push before it arrives.
+                to_slot(&mut p, &seg, rank);
+            }
+            match gate.arrive(rank, late.is_some()) {
+                Arrival::OtherKind => late = gate.late_now(),
+                a => break a,
+            }
+        };
+        match (arrival, late) {
+            (Arrival::Closed, _) => {
+                to_slot(&mut p, &seg, rank);
+                Some(p)
+            }
+            (Arrival::Last(e) | Arrival::Waiting(e), Some(chunk)) => {
+                self.at_gate_late(dk, inf, round, p, seg, (e, chunk))
+            }
+            (Arrival::OtherKind, _) => unreachable!("arrived again above"),
+            (Arrival::Last(epoch), None) => {
                 let (dtype, len) = (dk.local.meta.dtype, seg.slot_len());
                 let k = &self.comm.kernels;
                 let mut out = None;
@@ -418,7 +442,7 @@ impl DistStore {
                 }
                 None
             }
-            Arrival::Waiting(epoch) => {
+            (Arrival::Waiting(epoch), None) => {
                 let out = ChunkOut::of(&p, round, &seg);
                 let dtype = dk.local.meta.dtype;
                 let w = Wait {
@@ -432,28 +456,22 @@ impl DistStore {
         }
     }
 
-    /// Part `p`, a push of a large part at its open gate, in a round whose
-    /// workers arrive before they copy (`gate/late.rs`, `late.rs`).
+    /// Part `p`, a push that arrived at its gate in the round of `epoch`,
+    /// one whose workers arrive before they copy, in chunks of `chunk`
+    /// bytes (`gate/late.rs`, `late.rs`).
     fn at_gate_late(
         &self,
         dk: &DistKey,
         inf: &Arc<Inflight>,
         round: &Round,
-        mut p: PartSend,
+        p: PartSend,
         seg: Arc<Region>,
+        (epoch, chunk): (u32, usize),
     ) -> Option<PartSend> {
-        let gate = Gate::of(&seg);
         let rank = self.po.my_rank() as usize;
         // The values themselves when they were not copied into the slot
         // (`DistStore::dense_payload`).
         let input = late_input(&p);
-        let epoch = match gate.arrive(rank) {
-            Arrival::Closed => {
-                to_slot(&mut p, &seg, rank);
-                return Some(p);
-            }
-            Arrival::Last(e) | Arrival::Waiting(e) => e,
-        };
         let out = round
             .land
             .as_ref()
@@ -461,13 +479,15 @@ impl DistStore {
             .map(|l| (l.out, p.part.start * l.unit_bytes));
         let kernels = self.comm.kernels.clone();
         let dtype = dk.local.meta.dtype;
-        let Some(part) = LatePart::arrive(seg.clone(), epoch, rank, dtype, input, out, kernels)
-        else {
-            // Not by this protocol (the size decides): the arrival stays,
-            // so the round fails on time rather than a sum being wrong.
-            to_slot(&mut p, &seg, rank);
-            return Some(p);
-        };
+        let part = LatePart::arrive(
+            seg.clone(),
+            (epoch, chunk),
+            rank,
+            dtype,
+            input,
+            out,
+            kernels,
+        );
         part.settle();
         let landed = out.is_some();
         let w = Wait {

@@ -13,7 +13,7 @@ fn one_waiting() -> (Arc<Region>, u32) {
     let seg = Arc::new(Region::create(3, 8).unwrap());
     let gate = Gate::of(&seg);
     gate.open();
-    let Arrival::Waiting(e) = gate.arrive(0) else {
+    let Arrival::Waiting(e) = gate.arrive(0, false) else {
         panic!("the first of two waits")
     };
     (seg, e)
@@ -42,7 +42,7 @@ fn the_watcher_fails_a_dead_summers_waiters_and_hands_over_closed_rounds() {
     // Summer (worker 1) known dead.
     let (seg, e) = one_waiting();
     let gate = Gate::of(&seg);
-    assert!(matches!(gate.arrive(1), Arrival::Last(_)));
+    assert!(matches!(gate.arrive(1, false), Arrival::Last(_)));
     let t = Instant::now();
     wait_on(&seg, e);
     waits.worker_died(1);
@@ -55,7 +55,7 @@ fn the_watcher_fails_a_dead_summers_waiters_and_hands_over_closed_rounds() {
     // Summer not known dead: twice the timeout.
     let (seg, e) = one_waiting();
     let gate = Gate::of(&seg);
-    assert!(matches!(gate.arrive(0), Arrival::Last(_)));
+    assert!(matches!(gate.arrive(0, false), Arrival::Last(_)));
     let t = Instant::now();
     wait_on(&seg, e);
     let (msg, doubt) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -70,16 +70,16 @@ fn the_watcher_fails_a_dead_summers_waiters_and_hands_over_closed_rounds() {
     assert_eq!(msg, "handed over");
     assert_eq!(gate.arrived(), 0, "its arrival taken back");
     gate.open();
-    let Arrival::Waiting(e) = gate.arrive(0) else {
+    let Arrival::Waiting(e) = gate.arrive(0, false) else {
         panic!("waits")
     };
     wait_on(&seg, e);
-    assert!(matches!(gate.arrive(1), Arrival::Last(_)));
+    assert!(matches!(gate.arrive(1, false), Arrival::Last(_)));
     gate.finish();
     let (msg, _) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(msg, "ended");
     // A round nobody joins: timed out, taken back, not in doubt.
-    let Arrival::Waiting(e) = gate.arrive(0) else {
+    let Arrival::Waiting(e) = gate.arrive(0, false) else {
         panic!("waits")
     };
     wait_on(&seg, e);
@@ -98,13 +98,13 @@ fn shared_round_of_three(
     let seg = Arc::new(Region::create(4, len).unwrap());
     let gate = Gate::of(&seg);
     gate.open();
-    let Arrival::Waiting(e) = gate.arrive(0) else {
+    let Arrival::Waiting(e) = gate.arrive(0, false) else {
         panic!("waits")
     };
-    let Arrival::Waiting(_) = gate.arrive(2) else {
+    let Arrival::Waiting(_) = gate.arrive(2, false) else {
         panic!("waits")
     };
-    let Arrival::Last(_) = gate.arrive(1) else {
+    let Arrival::Last(_) = gate.arrive(1, false) else {
         panic!("the last")
     };
     gate.share(e, len).unwrap();
@@ -300,22 +300,22 @@ fn a_round_of_late_copies_sums_in_rank_order_into_every_output() {
                 let input = Bytes::from(bytemuck::cast_slice::<f32, u8>(&vals(r)).to_vec());
                 std::thread::spawn(move || {
                     let gate = Gate::of(&seg);
-                    let e = match gate.arrive(r) {
+                    let chunk = gate.late_now().expect("a part of late copies");
+                    let e = match gate.arrive(r, true) {
                         Arrival::Last(e) | Arrival::Waiting(e) => e,
-                        Arrival::Closed => panic!("closed"),
+                        a => panic!("{a:?}"),
                     };
                     let mut out = vec![0u8; LEN];
                     let ptr = OutPtr(out.as_mut_ptr(), out.len());
                     let part = LatePart::arrive(
                         seg.clone(),
-                        e,
+                        (e, chunk),
                         r,
                         DType::F32,
                         Some(input),
                         Some((ptr, 0)),
                         kernels,
-                    )
-                    .expect("a part of late copies");
+                    );
                     let t = Instant::now();
                     while !(part.done() && gate.round(e) == gate::Round::Ended) {
                         part.progress();

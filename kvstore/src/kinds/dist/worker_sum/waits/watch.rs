@@ -165,15 +165,14 @@ pub(super) fn watch(inner: &Inner, timeout: Duration, helper: Option<&Helper>) {
         let sleep_on = list
             .iter()
             .min_by_key(|w| w.deadline)
-            .map(|w| (w.seg.clone(), w.epoch, w.deadline));
+            .map(|w| (w.seg.clone(), w.epoch, w.deadline, w.late.is_some()));
         match sleep_on {
-            Some((seg, epoch, deadline)) => {
+            Some((seg, epoch, deadline, late)) => {
                 drop(list);
                 empty_since = None;
                 let gate = Gate::of(&seg);
                 let len = seg.slot_len();
                 let round = (Arc::as_ptr(&seg) as usize, epoch);
-                let late = gate::late_chunk(gate.workers(), len).is_some();
                 if helper.is_some()
                     && !late
                     && gate::chunk_bytes(len).is_some()
