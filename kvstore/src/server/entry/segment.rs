@@ -252,9 +252,6 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::SHM_GRACE;
-    use crate::dtype::DType;
-    use crate::server::entry::EntryState;
-    use crate::wire::{Check, Op};
 
     /// A completed round takes a segment's file away only from workers
     /// that took it `SHM_GRACE` ago (a restarted server's workers map it
@@ -262,17 +259,7 @@ mod tests {
     /// that used it lets it go at once.
     #[test]
     fn a_round_does_not_unlink_a_segment_a_worker_has_just_taken() {
-        let mut st = EntryState::new(1, 0, DType::F32, &[0u8; 64], 2);
-        let head = crate::server::entry::tests::head(Op::Check);
-        let check = Check {
-            part_bytes: 64,
-            wants_shm: true,
-            seen: 0,
-            shape: vec![16],
-        };
-        for rank in 0..2 {
-            st.check(&head, &check, rank).unwrap().expect("a segment");
-        }
+        let mut st = crate::server::entry::tests::shared_entry();
         let path = st.shm.as_ref().unwrap().path().to_path_buf();
         st.shm_used(0);
         st.maybe_unlink(true);

@@ -246,6 +246,24 @@ fn a_push_of_another_length_names_the_settings_that_cut_keys() {
     assert_eq!(st.rounds, 1);
 }
 
+/// An f32 key of 16 zeros whose two workers checked it, each taking its
+/// shared segment.
+pub(super) fn shared_entry() -> EntryState {
+    let mut st = EntryState::new(1, 0, DType::F32, &f32s(&[0.0; 16]), 2);
+    let check = crate::wire::Check {
+        part_bytes: 64,
+        wants_shm: true,
+        seen: 0,
+        shape: vec![16],
+    };
+    for rank in 0..2 {
+        st.check(&head(Op::Check), &check, rank)
+            .unwrap()
+            .expect("a segment");
+    }
+    st
+}
+
 /// A sync f32 head of `op` through the shared segment `seg`.
 fn shm_head(op: Op, seg: &pskv_transport::Region) -> Head {
     Head {
@@ -267,21 +285,9 @@ fn shm_head(op: Op, seg: &pskv_transport::Region) -> Head {
 #[allow(unsafe_code)] // the test plays the stalled summer on the slots
 fn a_round_stuck_at_the_gate_moves_the_value_out_of_its_slot_for_good() {
     use crate::gate::{Arrival, Gate};
-    use crate::wire::Check;
 
     let k = CpuKernels::single_threaded();
-    let mut st = EntryState::new(1, 0, DType::F32, &f32s(&[0.0; 16]), 2);
-    let check = Check {
-        part_bytes: 64,
-        wants_shm: true,
-        seen: 0,
-        shape: vec![16],
-    };
-    for rank in 0..2 {
-        st.check(&head(Op::Check), &check, rank)
-            .unwrap()
-            .expect("a segment");
-    }
+    let mut st = shared_entry();
     let seg = st.shm.clone().expect("made at the checks");
     let gate = Gate::of(&seg);
     // The server opened the gate; both workers arrived; the last one's sum
