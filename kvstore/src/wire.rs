@@ -12,7 +12,7 @@
 //! | 8..10 | compression (0 none, 1 2-bit, 2 1-bit) |
 //! | 10 | sync mode (the round of all workers) |
 //! | 11 | multi-precision (f32 master weights for f16 keys) |
-//! | 12 | shared memory: the push is in the sender's slot, the answer's value in the value slot (the slot protocol at the top of `kinds/dist/segments.rs`) |
+//! | 12 | shared memory: the push is in the sender's slot, the answer's value in the value slot unless the answer carries it (the slot protocol at the top of `kinds/dist/segments.rs`) |
 //! | 16..32 | with bit 12: the tag of the segment the worker used |
 //!
 //! Other bits are zero; a server refuses a head it cannot read. Carrying

@@ -319,13 +319,17 @@ fn rounds_of_either_kind_as_the_workers_arrive_give_the_servers_bits() {
                 }
                 seen.extend(rounds_of(&keys, kv, e, step, 1));
             }
-            (seen, kv.worker_summed_parts())
+            (seen, kv.worker_summed_parts(), kv.worker_late_parts())
         })
     };
     let (summed, served) = (run(None), run(Some(0)));
-    for (rank, ((a, wa), (b, _))) in summed.iter().zip(&served).enumerate() {
+    for (rank, ((a, wa, late), (b, _, _))) in summed.iter().zip(&served).enumerate() {
         // 600 KB and 320 KB, a part each: 11 rounds after the first.
         assert_eq!(*wa, 22, "worker {rank} summed parts");
+        // The gate's first round and those after worker 1's 3 ms (steps
+        // 4, 7 and 10) are shared ones: at most 7 of each part's 11 late.
+        assert!(*late <= 14, "worker {rank}: {late} of late copies");
+        assert!(*late >= 1, "worker {rank}: no round of late copies");
         assert!(
             a == b,
             "worker {rank}: the workers' sums differ from the server's"

@@ -65,10 +65,12 @@
 //! stay counted, and their slots are in doubt (`kinds/dist/parts.rs`,
 //! `Unsure`): the part's pushes go by message, closing the gate. The
 //! server, which then sums a round with arrivals still counted (by G1 none
-//! can be, but for such a round), shuts the gate for good and keeps the
-//! part's value in its own memory from then on (`server/entry/segment.rs`,
-//! `leave_stuck_slot`): a summer or helper that only stalled may write the
-//! value slot whenever it runs on, and nobody reads that slot any more.
+//! can be, but for such a round, or one of late copies whose worker timed
+//! out or died: it keeps its arrival, `late.rs`), shuts the gate for good
+//! and keeps the part's value in its own memory from then on
+//! (`server/entry/segment.rs`, `leave_stuck_slot`): a summer or helper
+//! that only stalled may write the value slot whenever it runs on, and
+//! nobody reads that slot any more.
 //!
 //! Invariants:
 //! - G1. A round is summed by the workers or by the server, never partly
@@ -142,10 +144,20 @@ pub(crate) use late::late_chunk;
 /// a loop tens of microseconds (256 per MiB gave the same figures).
 const CLOSE_US_PER_MIB: u64 = 1024;
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: what `now_us` answers on this thread (None: the clock).
+    static FAKE_NOW: std::cell::Cell<Option<u32>> = const { std::cell::Cell::new(None) };
+}
+
 /// A monotonic clock's microseconds, wrapping, the same in every process
 /// of the host.
 #[allow(unsafe_code)] // clock_gettime
 fn now_us() -> u32 {
+    #[cfg(test)]
+    if let Some(t) = FAKE_NOW.with(|c| c.get()) {
+        return t;
+    }
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

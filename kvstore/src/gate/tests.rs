@@ -291,6 +291,7 @@ fn a_round_is_shared_in_chunks_and_every_chunk_summed_once() {
     };
     fill(0, 1);
     fill(1, 1);
+    FAKE_NOW.with(|c| c.set(Some(0)));
     let Arrival::Waiting(e) = gate.arrive(0, false) else {
         panic!("the first of two waits")
     };
@@ -322,7 +323,7 @@ fn a_round_is_shared_in_chunks_and_every_chunk_summed_once() {
         })
     };
     // Far behind: the next round is a shared one too (`LATE`).
-    std::thread::sleep(Duration::from_millis(2));
+    FAKE_NOW.with(|c| c.set(Some(1 << 20)));
     let Arrival::Last(e1) = gate.arrive(1, false) else {
         panic!("the last")
     };
@@ -379,6 +380,9 @@ fn a_round_is_shared_in_chunks_and_every_chunk_summed_once() {
 /// below 256 KiB never.
 #[test]
 fn a_round_after_close_arrivals_is_one_of_late_copies() {
+    // This thread's clock: arrivals at once, unless moved on.
+    let at = |t: u32| FAKE_NOW.with(|c| c.set(Some(t)));
+    at(1000);
     let seg = Region::create(3, 256 << 10).unwrap();
     let gate = Gate::of(&seg);
     assert_eq!(gate.late_now(), None, "closed");
@@ -398,7 +402,8 @@ fn a_round_after_close_arrivals_is_one_of_late_copies() {
     assert!(!stale.summed(0), "the next kind's words forgotten");
     assert_eq!(gate.arrive(0, false), Arrival::OtherKind);
     assert!(matches!(gate.arrive(0, true), Arrival::Waiting(_)));
-    std::thread::sleep(Duration::from_millis(2));
+    // 257 µs after the first: just past 1,024 µs per MiB.
+    at(1257);
     assert!(matches!(gate.arrive(1, true), Arrival::Last(_)));
     gate.finish();
     assert_eq!(gate.late_now(), None, "far apart: a shared round");
@@ -413,8 +418,9 @@ fn a_round_after_close_arrivals_is_one_of_late_copies() {
         gate.open();
         for _ in 0..2 {
             assert_eq!(gate.late_now().is_some(), late, "{len}");
+            at(5000);
             assert!(matches!(gate.arrive(0, late), Arrival::Waiting(_)));
-            std::thread::sleep(Duration::from_millis(2));
+            at(9000);
             assert!(matches!(gate.arrive(1, late), Arrival::Last(_)));
             gate.finish();
         }

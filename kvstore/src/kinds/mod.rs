@@ -177,6 +177,10 @@ pub(crate) trait Flavor: Send + Sync {
     fn worker_helped_chunks(&self) -> u64 {
         0
     }
+    /// Of `worker_summed_parts`, those of rounds of late copies, so far.
+    fn worker_late_parts(&self) -> u64 {
+        0
+    }
     /// This worker's part of the collective `call` failed before it began
     /// (`e`, a bad argument): the other workers' call fails too, with this
     /// cause. Returns `e`.

@@ -86,6 +86,14 @@ impl KvStore {
         self.flavor.worker_helped_chunks()
     }
 
+    /// Of `worker_summed_parts`, how many were summed in rounds whose
+    /// workers arrive before they copy, each summing its share of the
+    /// part from its own tensor (parts of 1 MiB or more, or of 256 KiB or
+    /// more after a round whose workers arrived close together), so far.
+    pub fn worker_late_parts(&self) -> u64 {
+        self.flavor.worker_late_parts()
+    }
+
     /// How many key parts exchange their values with a co-located server
     /// through shared memory (0 for local stores, and over tcp).
     pub fn shared_memory_parts(&self) -> usize {

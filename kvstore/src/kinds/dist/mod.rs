@@ -585,6 +585,10 @@ impl Flavor for DistStore {
         self.waits.helped()
     }
 
+    fn worker_late_parts(&self) -> u64 {
+        self.waits.late()
+    }
+
     fn close(&self) -> Result<()> {
         // Subtle: an op queued behind a failed one inherits its failure and
         // may store it on the key's var again (or log it, writing no var)

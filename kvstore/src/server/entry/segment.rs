@@ -206,8 +206,11 @@ impl EntryState {
     /// if the segment's gate still counts arrivals, a round there never
     /// ended (G1 of `crate::gate`: none can be left now by the protocol).
     /// Its summer, or a worker helping it with a chunk, stalled past its
-    /// waiters' timeout or died while summing; such a thread, if it runs
-    /// on, writes the value slot when it will, over any later value. So the
+    /// waiters' timeout or died while summing (or a worker timed out or
+    /// died in a round of late copies, which never takes its arrival back:
+    /// then nothing writes the slot, but the gate could never open again
+    /// anyway); a summing thread, if it runs on, writes the value slot
+    /// when it will, over any later value. So the
     /// value leaves the slot for this entry's own buffer, for good: the
     /// gate is shut (no worker arrives there or reads the value slot
     /// again, and the server opens it no more), and the answers that would
@@ -224,15 +227,17 @@ impl EntryState {
             return;
         }
         gate.shut();
-        // SAFETY: a copy out of memory another process may be writing: the
-        // value is in doubt already (the round that never ended failed so);
-        // with no optimizer, as gates need, the round summed now replaces
-        // it whole.
+        // SAFETY: a copy out of memory another process may be writing at
+        // this moment (a stalled summer or helper that runs on): the value
+        // is in doubt already, as the round that never ended failed so.
+        // With no optimizer (gates open only then) the round summed now
+        // replaces it whole; an optimizer set since the gate closed starts
+        // from it, as it would have from the slot.
         let value = crate::tensor::Buf::from_bytes(unsafe { seg.slot(self.workers) });
         self.value = Arc::new(value);
         self.value_left_slot = true;
         tracing::warn!(
-            "{}: a round summed by the workers at the part's gate never ended ({arrived} arrival(s) still counted: a worker stalled or died while summing it); the part's value now lives in the server and its rounds go through the server",
+            "{}: a round at the part's gate never ended ({arrived} arrival(s) still counted: a worker stalled or died while summing it, or timed out or died in a round of late copies, which keeps its arrival); its value, in doubt since, now lives in the server, and the part's rounds go through the server",
             self.name()
         );
     }

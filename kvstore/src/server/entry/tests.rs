@@ -303,8 +303,11 @@ fn a_round_stuck_at_the_gate_moves_the_value_out_of_its_slot_for_good() {
     for r in [r0, r1] {
         assert_eq!(value(r.try_recv().unwrap()), [3.0; 16]);
     }
-    // The stalled summer writes the value slot now.
+    // The stalled summer writes the value slot now, and ends its round.
     unsafe { seg.slot_mut(2) }.fill(0xff);
+    gate.finish();
+    assert!(!gate.is_open(), "shut for good");
+    assert_eq!(st.count_gate_rounds(), 0, "no round of the key");
     // A round through the slots, as once the doubt is over.
     for round in 0..2 {
         let mut answers = Vec::new();

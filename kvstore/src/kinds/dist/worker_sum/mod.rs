@@ -361,9 +361,11 @@ impl DistStore {
             return None;
         }
         let rank = self.po.my_rank() as usize;
-        // The kind of round the push was prepared for (`dense_payload`);
-        // it holds until this arrival (G4), but a push prepared otherwise
-        // (the gate closed then) is prepared again.
+        // The kind of the round gathering, as `dense_payload` read it to
+        // prepare the push (it holds until this arrival, G4); a push it
+        // prepared for the other kind (the gate was closed then, or its
+        // values lie in a push buffer's slot) is prepared again here, or
+        // needs nothing (a round of late copies takes values in the slot).
         let mut late = gate.late_now();
         let arrival = loop {
             if late.is_none() {
@@ -515,7 +517,7 @@ impl DistStore {
         let i = p.i;
         let me = self.handle();
         let (inf, cb, land) = (inf.clone(), round.on_answer.clone(), round.land.clone());
-        let summed = self.waits.summed.clone();
+        let (summed, late) = (self.waits.summed.clone(), self.waits.late.clone());
         Box::new(move |o| {
             let failed = part.close();
             match (o, me.upgrade()) {
@@ -525,6 +527,9 @@ impl DistStore {
                     me.send_part(p, false, false, inf, cb, land)
                 }
                 (o, _) => {
+                    if matches!(o, Outcome::Ended) {
+                        late.fetch_add(1, Ordering::Relaxed);
+                    }
                     let r = part_result(o, &p, &summed).and(failed.map_or(Ok(()), Err));
                     slot_done(&inf, cb, i, r, landed);
                 }

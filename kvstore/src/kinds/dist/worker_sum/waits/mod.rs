@@ -145,6 +145,8 @@ pub(in crate::kinds::dist) struct Waits {
     inner: Arc<Inner>,
     /// Parts whose rounds the workers summed (`worker_summed_parts`).
     pub(super) summed: Arc<AtomicU64>,
+    /// Of those, parts of rounds of late copies (`worker_late_parts`).
+    pub(super) late: Arc<AtomicU64>,
     timeout: Duration,
     watcher: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// What helps sum the rounds of the waits (None: this worker's rank is
@@ -249,6 +251,7 @@ impl Waits {
         Waits {
             inner: Arc::default(),
             summed: Arc::default(),
+            late: Arc::default(),
             timeout,
             watcher: Mutex::new(None),
             helper: (rank < MAX_HELPER_RANK).then(|| {
@@ -272,6 +275,11 @@ impl Waits {
     /// Parts whose rounds the workers summed, so far.
     pub(in crate::kinds::dist) fn summed(&self) -> u64 {
         self.summed.load(Ordering::Relaxed)
+    }
+
+    /// Of `summed`, parts of rounds of late copies, so far.
+    pub(in crate::kinds::dist) fn late(&self) -> u64 {
+        self.late.load(Ordering::Relaxed)
     }
 
     /// Chunks this worker summed beside another worker's summer, so far.
