@@ -577,11 +577,10 @@ fn a_round_of_late_copies_gathering_is_handed_over_whole() {
 /// joins fails within twice the store's timeout, in doubt (it supplied
 /// chunks: it does not take its push back, L2 of `gate/late.rs`); its push
 /// sent again goes to the server by message, closing the gate, and
-/// completes the round with the other's. The server, finding that round
-/// never ended at the gate, keeps the value itself from then on (a thread
-/// of such a round may still write the value slot: `leave_stuck_slot`):
-/// the next rounds and pulls through the slots get it by message, right,
-/// and no round is summed at the gate again.
+/// completes the round with the other's. The server, finding the arrival
+/// still counted, takes it back (nobody sums a round that never filled:
+/// `clear_arrivals`) and opens the gate again: the next rounds, pushes,
+/// push-pulls and pulls are right, and summed at the gate.
 #[test]
 fn a_round_of_late_copies_that_never_fills_fails_in_doubt() {
     const N: usize = 300_000;
@@ -614,7 +613,7 @@ fn a_round_of_late_copies_that_never_fills_fails_in_doubt() {
             kv.pull(&key, &[out.clone()], 0).unwrap();
             assert!(out.to_vec::<f32>().unwrap().iter().all(|x| *x == want));
         }
-        assert_eq!(kv.worker_summed_parts(), summed, "no round at the gate");
+        assert!(kv.worker_summed_parts() > summed, "the gate opens again");
         got
     });
     let (err, took) = got[0].1.clone().expect("worker 0's first push failed");

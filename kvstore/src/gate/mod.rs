@@ -53,7 +53,8 @@
 //!   gathering --`close`--> handing over (OPEN = 0, arrived > 0)
 //!   handing over --each waiter withdraws and sends its push to the server--> closed
 //!   summing --`close`--> summing, CLOSING --the summer: epoch + 1, DONE + 1--> closed
-//!   any, arrived > 0, while the server sums a round itself --`shut`--> shut (OPEN = 0 for good)
+//!   handing over, never filled, while the server sums a round itself --`clear_arrivals`--> closed
+//!   summing, while the server sums a round itself --`shut`--> shut (OPEN = 0 for good)
 //! ```
 //!
 //! So `close` never waits: a round being summed ends at the gate, and the
@@ -65,12 +66,13 @@
 //! stay counted, and their slots are in doubt (`kinds/dist/parts.rs`,
 //! `Unsure`): the part's pushes go by message, closing the gate. The
 //! server, which then sums a round with arrivals still counted (by G1 none
-//! can be, but for such a round, or one of late copies whose worker timed
-//! out or died: it keeps its arrival, `late.rs`), shuts the gate for good
-//! and keeps the part's value in its own memory from then on
-//! (`server/entry/segment.rs`, `leave_stuck_slot`): a summer or helper
-//! that only stalled may write the value slot whenever it runs on, and
-//! nobody reads that slot any more.
+//! can be, but for such a round), shuts the gate for good and keeps the
+//! part's value in its own memory from then on (`server/entry/segment.rs`,
+//! `leave_stuck_slot`): a summer or helper that only stalled may write the
+//! value slot whenever it runs on, and nobody reads that slot any more.
+//! (A round of late copies whose worker timed out or died before all
+//! arrived keeps that arrival, `late.rs`, but nobody sums it: the server
+//! takes the arrivals back, `clear_arrivals`, and the gate opens again.)
 //!
 //! Invariants:
 //! - G1. A round is summed by the workers or by the server, never partly
@@ -311,6 +313,24 @@ impl<'a> Gate<'a> {
                 (g & (ARRIVED | CLOSING) == 0 && g & OPEN == 0)
                     .then_some((g & !EPOCH) | next | OPEN)
             });
+    }
+
+    /// The server takes back the arrivals of a round that gathered and
+    /// never filled, while it sums a round itself (so the gate is closed
+    /// and nobody arrives: G1): arrivals of workers that timed out or died
+    /// in a round of late copies, which keep theirs (`late.rs`). Nobody
+    /// sums such a round (chunks are summed only once all arrived: L2 of
+    /// `late.rs`, S1 of `chunks.rs`), so the gate may open again. False,
+    /// and nothing changed, if the gate is open or every worker arrived
+    /// (`shut` is for that).
+    pub(crate) fn clear_arrivals(&self) -> bool {
+        let workers = self.workers;
+        self.word(GATE)
+            .fetch_update(Ordering::SeqCst, Ordering::Acquire, |g| {
+                let n = (g & ARRIVED) as usize;
+                (g & OPEN == 0 && n < workers).then_some(g & !(ARRIVED | CLOSING))
+            })
+            .is_ok()
     }
 
     /// The server shuts the gate for good, as its round never ended

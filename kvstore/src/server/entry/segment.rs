@@ -205,12 +205,13 @@ impl EntryState {
     /// Before the server sums a sync round (every worker's push is here):
     /// if the segment's gate still counts arrivals, a round there never
     /// ended (G1 of `crate::gate`: none can be left now by the protocol).
-    /// Its summer, or a worker helping it with a chunk, stalled past its
-    /// waiters' timeout or died while summing (or a worker timed out or
-    /// died in a round of late copies, which never takes its arrival back:
-    /// then nothing writes the slot, but the gate could never open again
-    /// anyway); a summing thread, if it runs on, writes the value slot
-    /// when it will, over any later value. So the
+    /// If not every worker arrived there, a worker timed out or died in a
+    /// round of late copies (which never takes its arrival back): nobody
+    /// sums such a round, and the arrivals are taken back, so that the
+    /// gate can open again. Else its summer, or a worker helping it with a
+    /// chunk, stalled past its waiters' timeout or died while summing; such
+    /// a thread, if it runs on, writes the value slot when it will, over
+    /// any later value. So the
     /// value leaves the slot for this entry's own buffer, for good: the
     /// gate is shut (no worker arrives there or reads the value slot
     /// again, and the server opens it no more), and the answers that would
@@ -226,6 +227,15 @@ impl EntryState {
         if arrived == 0 {
             return;
         }
+        if gate.clear_arrivals() {
+            // Not all arrived: nobody sums that round (L2 of `gate/late.rs`,
+            // S1 of `gate/chunks.rs`), and the slot is the server's.
+            tracing::warn!(
+                "{}: {arrived} arrival(s) of a round at the part's gate that never filled taken back (a worker timed out or died in a round of late copies, which keeps its arrival); the gate may open again",
+                self.name()
+            );
+            return;
+        }
         gate.shut();
         // SAFETY: a copy out of memory another process may be writing at
         // this moment (a stalled summer or helper that runs on): the value
@@ -237,7 +247,7 @@ impl EntryState {
         self.value = Arc::new(value);
         self.value_left_slot = true;
         tracing::warn!(
-            "{}: a round at the part's gate never ended ({arrived} arrival(s) still counted: a worker stalled or died while summing it, or timed out or died in a round of late copies, which keeps its arrival); its value, in doubt since, now lives in the server, and the part's rounds go through the server",
+            "{}: a round at the part's gate never ended (every worker arrived: one stalled or died while summing it); its value, in doubt since, now lives in the server, and the part's rounds go through the server",
             self.name()
         );
     }

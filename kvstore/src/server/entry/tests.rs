@@ -332,3 +332,50 @@ fn a_round_stuck_at_the_gate_moves_the_value_out_of_its_slot_for_good() {
     }
     assert_eq!(st.rounds, 3);
 }
+
+/// A round at the gate that never filled (a worker of a round of late
+/// copies timed out or died before the others came, and keeps its
+/// arrival) is summed by nobody: the server, summing that round itself,
+/// takes the arrival back and keeps the value in the value slot, and a
+/// round through every slot opens the gate again.
+#[test]
+#[allow(unsafe_code)] // the workers' slots
+fn a_round_that_never_filled_at_the_gate_gives_its_arrivals_back() {
+    use crate::gate::{Arrival, Gate};
+
+    let k = CpuKernels::single_threaded();
+    let mut st = shared_entry();
+    let seg = st.shm.clone().expect("made at the checks");
+    let gate = Gate::of(&seg);
+    gate.open();
+    assert!(matches!(gate.arrive(0, false), Arrival::Waiting(_)));
+    // Worker 0 failed in doubt and pushes by message, closing the gate;
+    // worker 1 finds it closed.
+    gate.close();
+    assert_eq!(gate.arrive(1, false), Arrival::Closed);
+    let (a0, r0) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 16]), 0, a0);
+    let (a1, r1) = answer();
+    st.push(&k, None, head(Op::PushPull), f32s(&[2.0; 16]), 1, a1);
+    for r in [r0, r1] {
+        assert_eq!(value(r.try_recv().unwrap()), [3.0; 16]);
+    }
+    assert_eq!(gate.arrived(), 0, "taken back");
+    assert!(st.value_slot().is_some(), "the value stays in its slot");
+    let mut answers = Vec::new();
+    for rank in 0..2 {
+        unsafe { seg.slot_mut(rank) }.copy_from_slice(&f32s(&[5.0; 16]));
+        let h = shm_head(Op::PushPull, &seg);
+        let vals = st.shm_input(&h, &64u64.to_le_bytes(), rank).unwrap();
+        st.gate_ok = true;
+        let (a, r) = answer();
+        st.push(&k, None, h, vals, rank, a);
+        answers.push(r);
+    }
+    for r in answers {
+        let v = r.try_recv().unwrap().unwrap().expect("an answer");
+        assert!(v.is_empty(), "the value is in its slot");
+    }
+    assert_eq!(floats(unsafe { seg.slot(2) }), [10.0; 16]);
+    assert!(gate.is_open(), "open again");
+}
