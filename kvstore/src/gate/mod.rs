@@ -272,11 +272,15 @@ impl<'a> Gate<'a> {
     /// now, if the gate is open and that round is one of late copies
     /// (`late.rs`; the kind holds until the push arrives: G4).
     pub(crate) fn late_now(&self) -> Option<usize> {
+        let len = self.seg.slot_len();
+        // A part never summed so (most) reads no word: the gate's line is
+        // the one every arrival and every round's end writes.
+        late_chunk(self.workers, len, true)?;
         let g = self.word(GATE).load(Ordering::Acquire);
         if g & OPEN == 0 {
             return None;
         }
-        late_chunk(self.workers, self.seg.slot_len(), g & LATE != 0)
+        late_chunk(self.workers, len, g & LATE != 0)
     }
 
     /// Whether a round of this part may be one of late copies only after
