@@ -80,10 +80,15 @@
 //!   summed at the gate only while it stays open; a round that a `close`
 //!   finds gathering is handed over whole: every worker that arrived
 //!   withdraws and sends its push to the server (its slot still holds it),
-//!   as every later one does on finding the gate closed. The server opens
-//!   the gate only while it completes a round, before it answers it, and
-//!   only with nobody arrived: no worker can have a push of the next round
-//!   under way then (each waits for its answer).
+//!   as every later one does on finding the gate closed (but a worker of
+//!   a round of late copies that failed in doubt keeps its arrival,
+//!   `late.rs`: the server takes such arrivals back, `clear_arrivals`,
+//!   when it sums that round, before any `open`). The server opens the
+//!   gate only while it completes a round, before it answers it, and only
+//!   with nobody arrived: no worker can have a push of the next round
+//!   under way then (each waits for its answer). (So no thread of an
+//!   earlier round is left to `withdraw` or look at its `round` once the
+//!   epoch moved on: it would read `Ended`.)
 //! - G2. Only the summer changes `GATE` while `arrived = W`, but for
 //!   `close` setting `CLOSING`: arrivals need `arrived < W`, a withdrawal
 //!   refuses. So nobody but the round's summers (the summer, and the
@@ -306,9 +311,16 @@ impl<'a> Gate<'a> {
     pub(crate) fn open(&self) {
         let g = self.word(GATE).load(Ordering::Acquire);
         if g & (ARRIVED | CLOSING | OPEN) == 0 {
-            // Nobody is at the gate (G1): the words are nobody's.
-            self.forget(true);
-            self.forget(false);
+            // Nobody is at the gate (G1): the words are nobody's. (Only
+            // those of the kinds this part's rounds may take: a late
+            // round's are a line each.)
+            let len = self.seg.slot_len();
+            if late_chunk(self.workers, len, true).is_some() {
+                self.forget(true);
+            }
+            if chunk_bytes(len).is_some() {
+                self.forget(false);
+            }
         }
         let _ = self
             .word(GATE)

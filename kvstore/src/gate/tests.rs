@@ -426,3 +426,34 @@ fn a_round_after_close_arrivals_is_one_of_late_copies() {
         }
     }
 }
+
+/// The server takes back the arrivals of a round that never filled (the
+/// gate closed, fewer than W arrived, `clear_arrivals`): the gate may open
+/// again, at a new epoch, where a waiter of the old round would read its
+/// round ended (G1 leaves none). Not on an open gate, nor once every
+/// worker arrived (`shut` is for that).
+#[test]
+fn arrivals_of_a_round_that_never_filled_are_taken_back() {
+    let seg = Region::create(4, 64).unwrap();
+    let gate = Gate::of(&seg);
+    gate.open();
+    let Arrival::Waiting(e) = gate.arrive(0, false) else {
+        panic!("the first of three")
+    };
+    assert!(!gate.clear_arrivals(), "open");
+    assert_eq!(gate.arrived(), 1);
+    gate.close();
+    assert!(gate.clear_arrivals());
+    assert_eq!(gate.arrived(), 0);
+    assert_eq!(gate.withdraw(e), Withdrawal::Left, "nothing to take back");
+    assert!(!gate.is_open());
+    gate.open();
+    assert!(gate.is_open());
+    assert_eq!(gate.round(e), Round::Ended, "a new epoch");
+    for r in 0..3 {
+        assert!(!matches!(gate.arrive(r, false), Arrival::Closed));
+    }
+    gate.close();
+    assert!(!gate.clear_arrivals(), "every worker arrived");
+    assert_eq!(gate.arrived(), 3);
+}

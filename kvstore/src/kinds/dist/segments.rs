@@ -47,8 +47,10 @@
 //! - A round at the gate that never ended (its summer, or a worker helping
 //!   it with a chunk, stalled past the others' timeout or died) may still
 //!   have a thread that writes the value slot later. The server finds such
-//!   a round when it next sums one itself (arrivals still counted at the
-//!   gate) and moves the value out of the value slot for good: it shuts
+//!   a round when it next sums one itself (every worker's arrival still
+//!   counted at the gate; the arrivals of a round that never filled,
+//!   which nobody sums, it only takes back) and moves the value out of
+//!   the value slot for good: it shuts
 //!   the gate, and answers "the value is in its slot" carry the value
 //!   instead (`ops.rs`, `answer_into`, copies it out of the answer). The
 //!   workers' slots still carry their pushes.

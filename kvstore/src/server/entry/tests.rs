@@ -361,6 +361,7 @@ fn a_round_that_never_filled_at_the_gate_gives_its_arrivals_back() {
         assert_eq!(value(r.try_recv().unwrap()), [3.0; 16]);
     }
     assert_eq!(gate.arrived(), 0, "taken back");
+    assert!(!gate.is_open(), "a round by message does not open it");
     assert!(st.value_slot().is_some(), "the value stays in its slot");
     let mut answers = Vec::new();
     for rank in 0..2 {

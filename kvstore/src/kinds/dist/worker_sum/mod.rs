@@ -54,8 +54,8 @@
 //! ends once the round ended and its output is whole. Such a part never
 //! withdraws its arrival but from a round handed over (it supplied chunks
 //! others may be summing): one that times out while the round gathers, or
-//! whose store closes, fails in doubt, and its next push goes by message,
-//! closing the gate; the server takes the arrival back when it sums that
+//! whose store closes, fails in doubt, closing the gate (its next push
+//! goes by message); the server takes the arrival back when it sums that
 //! round (nobody sums a round that never filled), and opens the gate again
 //! after a round through every worker's slot. A round handed over
 //! is left whole: the worker fills its slot with its own share before it
