@@ -6,6 +6,7 @@ use pskv_gpu::cpu::CpuKernels;
 use super::{Answer, EntryState};
 use crate::dtype::DType;
 use crate::error::Fault;
+use crate::gate::{Arrival, Gate};
 use crate::wire::{Head, Op};
 
 /// A sync f32 request head of `op`.
@@ -264,6 +265,64 @@ pub(super) fn shared_entry() -> EntryState {
     st
 }
 
+/// `shared_entry`, its gate opened by the server, and worker 0 arrived
+/// there; the kernels, the entry and its segment.
+fn one_arrived() -> (
+    CpuKernels,
+    EntryState,
+    std::sync::Arc<pskv_transport::Region>,
+) {
+    let st = shared_entry();
+    let seg = st.shm.clone().expect("made at the checks");
+    let gate = Gate::of(&seg);
+    gate.open();
+    assert!(matches!(gate.arrive(0, false), Arrival::Waiting(_)));
+    (CpuKernels::single_threaded(), st, seg)
+}
+
+/// A round of push-pulls by message of an entry of 16 f32, worker `r`
+/// pushing `vals[r]` in every element (the gate said it may open): each
+/// answer's values.
+fn message_round(st: &mut EntryState, k: &CpuKernels, vals: [f32; 2]) -> Vec<Vec<f32>> {
+    let mut answers = Vec::new();
+    for (rank, v) in vals.into_iter().enumerate() {
+        st.gate_ok = true;
+        let (a, r) = answer();
+        st.push(k, None, head(Op::PushPull), f32s(&[v; 16]), rank, a);
+        answers.push(r);
+    }
+    answers
+        .into_iter()
+        .map(|r| value(r.try_recv().unwrap()))
+        .collect()
+}
+
+/// The same through the slots of `seg`, worker `r`'s holding `vals[r]`:
+/// each answer.
+#[allow(unsafe_code)] // the workers' slots, written before their pushes
+fn slot_round(
+    st: &mut EntryState,
+    k: &CpuKernels,
+    seg: &pskv_transport::Region,
+    vals: [f32; 2],
+) -> Vec<Option<Bytes>> {
+    let mut answers = Vec::new();
+    for (rank, v) in vals.into_iter().enumerate() {
+        // SAFETY: this test plays every process; nothing else maps it.
+        unsafe { seg.slot_mut(rank) }.copy_from_slice(&f32s(&[v; 16]));
+        let h = shm_head(Op::PushPull, seg);
+        let input = st.shm_input(&h, &64u64.to_le_bytes(), rank).unwrap();
+        st.gate_ok = true;
+        let (a, r) = answer();
+        st.push(k, None, h, input, rank, a);
+        answers.push(r);
+    }
+    answers
+        .into_iter()
+        .map(|r| r.try_recv().unwrap().unwrap())
+        .collect()
+}
+
 /// A sync f32 head of `op` through the shared segment `seg`.
 fn shm_head(op: Op, seg: &pskv_transport::Region) -> Head {
     Head {
@@ -284,24 +343,13 @@ fn shm_head(op: Op, seg: &pskv_transport::Region) -> Head {
 #[test]
 #[allow(unsafe_code)] // the test plays the stalled summer on the slots
 fn a_round_stuck_at_the_gate_moves_the_value_out_of_its_slot_for_good() {
-    use crate::gate::{Arrival, Gate};
-
-    let k = CpuKernels::single_threaded();
-    let mut st = shared_entry();
-    let seg = st.shm.clone().expect("made at the checks");
+    let (k, mut st, seg) = one_arrived();
     let gate = Gate::of(&seg);
-    // The server opened the gate; both workers arrived; the last one's sum
-    // never ends. The waits fail in doubt, and the workers push by message.
-    gate.open();
-    assert!(matches!(gate.arrive(0, false), Arrival::Waiting(_)));
+    // Both workers arrived; the last one's sum never ends. The waits fail
+    // in doubt, and the workers push by message.
     assert!(matches!(gate.arrive(1, false), Arrival::Last(_)));
-    st.gate_ok = true;
-    let (a0, r0) = answer();
-    st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 16]), 0, a0);
-    let (a1, r1) = answer();
-    st.push(&k, None, head(Op::PushPull), f32s(&[2.0; 16]), 1, a1);
-    for r in [r0, r1] {
-        assert_eq!(value(r.try_recv().unwrap()), [3.0; 16]);
+    for v in message_round(&mut st, &k, [1.0, 2.0]) {
+        assert_eq!(v, [3.0; 16]);
     }
     // The stalled summer writes the value slot now, and ends its round.
     unsafe { seg.slot_mut(2) }.fill(0xff);
@@ -310,20 +358,10 @@ fn a_round_stuck_at_the_gate_moves_the_value_out_of_its_slot_for_good() {
     assert_eq!(st.count_gate_rounds(), 0, "no round of the key");
     // A round through the slots, as once the doubt is over.
     for round in 0..2 {
-        let mut answers = Vec::new();
-        for rank in 0..2 {
-            unsafe { seg.slot_mut(rank) }
-                .copy_from_slice(&f32s(&[(rank + 1) as f32 * 10.0 + round as f32; 16]));
-            let h = shm_head(Op::PushPull, &seg);
-            let vals = st.shm_input(&h, &64u64.to_le_bytes(), rank).unwrap();
-            st.gate_ok = true;
-            let (a, r) = answer();
-            st.push(&k, None, h, vals, rank, a);
-            answers.push(r);
-        }
-        let want = [30.0 + 2.0 * round as f32; 16];
-        for r in answers {
-            assert_eq!(value(r.try_recv().unwrap()), want, "by message");
+        let r = round as f32;
+        let want = [30.0 + 2.0 * r; 16];
+        for a in slot_round(&mut st, &k, &seg, [10.0 + r, 20.0 + r]) {
+            assert_eq!(floats(&a.expect("a value")), want, "by message");
         }
         assert!(!gate.is_open(), "round {round}: the gate stays closed");
         unsafe { seg.slot_mut(2) }.fill(0xff);
@@ -341,41 +379,20 @@ fn a_round_stuck_at_the_gate_moves_the_value_out_of_its_slot_for_good() {
 #[test]
 #[allow(unsafe_code)] // the workers' slots
 fn a_round_that_never_filled_at_the_gate_gives_its_arrivals_back() {
-    use crate::gate::{Arrival, Gate};
-
-    let k = CpuKernels::single_threaded();
-    let mut st = shared_entry();
-    let seg = st.shm.clone().expect("made at the checks");
+    let (k, mut st, seg) = one_arrived();
     let gate = Gate::of(&seg);
-    gate.open();
-    assert!(matches!(gate.arrive(0, false), Arrival::Waiting(_)));
     // Worker 0 failed in doubt and pushes by message, closing the gate;
     // worker 1 finds it closed.
     gate.close();
     assert_eq!(gate.arrive(1, false), Arrival::Closed);
-    let (a0, r0) = answer();
-    st.push(&k, None, head(Op::PushPull), f32s(&[1.0; 16]), 0, a0);
-    let (a1, r1) = answer();
-    st.push(&k, None, head(Op::PushPull), f32s(&[2.0; 16]), 1, a1);
-    for r in [r0, r1] {
-        assert_eq!(value(r.try_recv().unwrap()), [3.0; 16]);
+    for v in message_round(&mut st, &k, [1.0, 2.0]) {
+        assert_eq!(v, [3.0; 16]);
     }
     assert_eq!(gate.arrived(), 0, "taken back");
     assert!(!gate.is_open(), "a round by message does not open it");
     assert!(st.value_slot().is_some(), "the value stays in its slot");
-    let mut answers = Vec::new();
-    for rank in 0..2 {
-        unsafe { seg.slot_mut(rank) }.copy_from_slice(&f32s(&[5.0; 16]));
-        let h = shm_head(Op::PushPull, &seg);
-        let vals = st.shm_input(&h, &64u64.to_le_bytes(), rank).unwrap();
-        st.gate_ok = true;
-        let (a, r) = answer();
-        st.push(&k, None, h, vals, rank, a);
-        answers.push(r);
-    }
-    for r in answers {
-        let v = r.try_recv().unwrap().unwrap().expect("an answer");
-        assert!(v.is_empty(), "the value is in its slot");
+    for a in slot_round(&mut st, &k, &seg, [5.0, 5.0]) {
+        assert!(a.expect("an answer").is_empty(), "the value is in its slot");
     }
     assert_eq!(floats(unsafe { seg.slot(2) }), [10.0; 16]);
     assert!(gate.is_open(), "open again");
