@@ -828,10 +828,14 @@ fn a_push_sent_again_after_its_shared_slot_timed_out_never_tears_a_round() {
             kv.init(key.clone(), &full(0.0)).unwrap();
             assert_eq!(kv.shared_memory_parts(), a as usize + 1);
             let out = Tensor::zeros(e, &[n], DType::F32, Context::Cpu).unwrap();
+            // Waited for longer than the store's timeout: worker 0's op
+            // queues behind its push that timed out, until that push's
+            // request fails too (both take about the timeout; on a loaded
+            // machine the second can come later).
             let pushpull = |v: f32| {
                 kv.pushpull(key.clone(), &[full(v)], &[out.clone()], 0)?;
                 kv.ticket(std::slice::from_ref(&key), &[out.clone()])?
-                    .wait()?;
+                    .wait_for(Duration::from_secs(10))?;
                 out.to_vec::<f32>()
             };
             if kv.rank() == 0 {
