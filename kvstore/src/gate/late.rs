@@ -157,10 +157,9 @@ impl Gate<'_> {
     /// Zeroes `COUNT` and every chunk's word: none holds a round's epoch
     /// with `VALID` (`Gate::forget`).
     pub(super) fn forget_late_words(&self) {
-        for w in COUNT..pskv_transport::REGION_WORDS {
-            if w != super::FIRST {
-                self.word(w).store(0, Ordering::Relaxed);
-            }
+        self.word(COUNT).store(0, Ordering::Relaxed);
+        for w in CHUNK0..pskv_transport::REGION_WORDS {
+            self.word(w).store(0, Ordering::Relaxed);
         }
     }
 }

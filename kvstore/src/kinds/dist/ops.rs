@@ -483,24 +483,18 @@ pub(super) fn answer_into(dk: &DistKey, ptr: OutPtr, segs: Segs, workers: u32) -
     let parts = dk.parts.clone();
     Arc::new(move |i, resp, landed| {
         let p = parts[i];
-        match &segs[i] {
+        match (&segs[i], landed, resp.is_empty()) {
             // Copied into the output already, as the workers summed it at
             // the part's gate (`worker_sum::ChunkOut`).
-            Some(_) if landed => check_len(resp, 0),
-            Some(_) if !resp.is_empty() => {
-                check_len(resp, p.len * ub)?;
-                copy_parts(&ptr, p.start * ub, resp)
-            }
-            Some(seg) => {
+            (Some(_), true, _) => check_len(resp, 0),
+            (Some(seg), false, true) => {
                 // SAFETY: the server wrote the value slot before answering
                 // and writes it again only in a round this worker has not
                 // pushed to yet (see `kinds/dist/segments.rs`).
                 ptr.write(p.start * ub, unsafe { seg.slot(workers as usize) })
             }
-            // In place already (the landing was exactly the part's bytes;
-            // an answer that came with values, a duplicate over another
-            // link, is copied as usual).
-            None if landed && resp.is_empty() => {
+            // In place already (the landing was exactly the part's bytes).
+            (None, true, true) => {
                 let said: usize = resp.lens.iter().map(|&l| l as usize).sum();
                 if said != p.len * ub {
                     return Err(Fault::Mismatch(format!(
@@ -510,7 +504,10 @@ pub(super) fn answer_into(dk: &DistKey, ptr: OutPtr, segs: Segs, workers: u32) -
                 }
                 Ok(())
             }
-            None => {
+            // The values in the answer: by message, a duplicate over
+            // another link of an answer that landed, or a part whose value
+            // left its slot.
+            _ => {
                 check_len(resp, p.len * ub)?;
                 copy_parts(&ptr, p.start * ub, resp)
             }
