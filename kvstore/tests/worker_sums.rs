@@ -310,10 +310,15 @@ fn rounds_of_either_kind_as_the_workers_arrive_give_the_servers_bits() {
     };
     let run = |sum_bytes| {
         let keys = keys.clone();
+        // Both workers start each step together (a loaded machine can
+        // otherwise keep every arrival far apart, and no round of late
+        // copies comes).
+        let together = Arc::new(std::sync::Barrier::new(2));
         summing(2, sum_bytes).run("dist_sync", opts.clone(), move |kv, e| {
             init_of(&keys, kv, e);
             let mut seen = Vec::new();
             for step in 0..12 {
+                together.wait();
                 if kv.rank() == 1 && step % 3 == 0 {
                     std::thread::sleep(Duration::from_millis(3));
                 }
