@@ -327,6 +327,7 @@ pub(crate) fn dispatch(op: OpRef) {
 
 /// Makes sure the op's pool exists (GPU pools start on first use) and that
 /// its context is one the engine serves.
+#[inline]
 pub(crate) fn prepare_pool(core: &Core, spec: &OpSpec) -> Result<(), EngineError> {
     if let Context::Gpu(n) | Context::CpuPinned(n) = spec.ctx {
         if n >= MAX_GPUS {

@@ -129,6 +129,7 @@ impl Held {
 
     /// For a thread whose `core` is kept alive by the caller for the span
     /// (an `Engine` handle, an `Arc` it holds): records it, counts nothing.
+    #[inline]
     pub(crate) fn by_handle(core: &Core) -> Held {
         Held {
             prev: Some(HELD.with(|h| h.replace(core.id))),
@@ -138,6 +139,7 @@ impl Held {
 }
 
 impl Drop for Held {
+    #[inline]
     fn drop(&mut self) {
         // The thread-local first, then the count (the field's drop, after
         // this): once the count goes, the core may too.

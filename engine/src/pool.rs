@@ -157,8 +157,9 @@ struct Local {
 }
 
 thread_local! {
-    static LOCAL: std::cell::RefCell<Local> =
-        std::cell::RefCell::new(Local { pool: std::ptr::null(), batch: SmallVec::new() });
+    static LOCAL: std::cell::RefCell<Local> = const {
+        std::cell::RefCell::new(Local { pool: std::ptr::null(), batch: SmallVec::new_const() })
+    };
     /// Whether `keep_local` may keep: inside a finish on a worker. A cell of
     /// its own (const, no lazy init): it is set and reset around every op.
     static ALLOW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -173,10 +174,16 @@ pub(crate) fn allow_keep(on: bool) -> bool {
 
 /// Collects `op` into this worker's batch if it is a worker of `pool` inside
 /// an allowed finish; gives it back otherwise.
+#[inline]
 pub(crate) fn keep_local(pool: &PoolShared, op: OpRef) -> Option<OpRef> {
+    // `ALLOW` first: a const cell, where `LOCAL` is a lazy one behind a
+    // `RefCell` (outside a worker's finish, as at every push, it is all).
+    if !ALLOW.with(std::cell::Cell::get) {
+        return Some(op);
+    }
     LOCAL.with(|l| {
         let mut l = l.borrow_mut();
-        if ALLOW.with(std::cell::Cell::get) && std::ptr::eq(l.pool, pool) {
+        if std::ptr::eq(l.pool, pool) {
             l.batch.push(op);
             None
         } else {
@@ -185,8 +192,16 @@ pub(crate) fn keep_local(pool: &PoolShared, op: OpRef) -> Option<OpRef> {
     })
 }
 
+#[inline]
 fn take_batch() -> SmallVec<[OpRef; 4]> {
-    LOCAL.with(|l| std::mem::take(&mut l.borrow_mut().batch))
+    LOCAL.with(|l| {
+        let mut l = l.borrow_mut();
+        if l.batch.is_empty() {
+            SmallVec::new_const()
+        } else {
+            std::mem::take(&mut l.batch)
+        }
+    })
 }
 
 #[derive(Default)]

@@ -261,6 +261,7 @@ impl Engine {
     }
 
     /// `spec` deduplicated and checked (`check`).
+    #[inline]
     fn checked(&self, mut spec: OpSpec) -> Result<OpSpec, EngineError> {
         spec.dedup();
         self.check(&spec)?;
@@ -269,6 +270,7 @@ impl Engine {
 
     /// Refuses `spec` if the engine is shutting down, a var it names is
     /// deleted, or its context is not served.
+    #[inline]
     fn check(&self, spec: &OpSpec) -> Result<(), EngineError> {
         let core = self.core();
         if core.shutting_down.load(Ordering::Acquire) {
