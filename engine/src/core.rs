@@ -233,14 +233,13 @@ pub(crate) fn push<B: BodyCell + 'static>(
 ) -> Option<OpRef> {
     let OpSpec {
         name,
-        reads,
-        writes,
+        vars,
+        nreads,
         ctx,
         prop,
         priority,
     } = spec;
-    let nreads = reads.len();
-    let vars = OpVars::new(reads, writes);
+    let vars = OpVars::new(vars);
     core.op_pushed();
     let op = OpRef::new(Op {
         name,

@@ -97,8 +97,8 @@ where
         return Err(f);
     }
     let all = || {
-        let reads = spec.reads.iter().map(|v| (v, Access::Read));
-        reads.chain(spec.writes.iter().map(|v| (v, Access::Write)))
+        let reads = spec.read_vars().iter().map(|v| (v, Access::Read));
+        reads.chain(spec.write_vars().iter().map(|v| (v, Access::Write)))
     };
     let mut taken = 0;
     for (v, access) in all() {
@@ -108,10 +108,16 @@ where
         taken += 1;
     }
     let skip = || !no_skip && all().any(|(v, _)| v.failure().is_some());
-    if taken < spec.reads.len() + spec.writes.len() || skip() {
-        let nreads = taken.min(spec.reads.len());
+    if taken < spec.vars.len() || skip() {
+        let nreads = taken.min(spec.nreads);
         // SAFETY: the grants just taken; the spec's handles are counted.
-        unsafe { release(&spec.reads[..nreads], &spec.writes[..taken - nreads], false) };
+        unsafe {
+            release(
+                &spec.read_vars()[..nreads],
+                &spec.write_vars()[..taken - nreads],
+                false,
+            )
+        };
         return Err(f);
     }
     core.op_pushed();
@@ -128,11 +134,11 @@ where
         };
         if let Some(c) = cause {
             let failure = OpFailure::new(spec.name.to_string(), c);
-            store_failure(core, &spec.name, &spec.writes, &failure);
+            store_failure(core, &spec.name, spec.write_vars(), &failure);
         }
         // SAFETY: every grant is held (all were taken); the spec's handles
         // are counted.
-        unsafe { release(&spec.reads, &spec.writes, true) };
+        unsafe { release(spec.read_vars(), spec.write_vars(), true) };
         core.op_finished();
     });
     Ok(())

@@ -278,12 +278,7 @@ impl Engine {
                 op: spec.name.to_string(),
             });
         }
-        if let Some(v) = spec
-            .reads
-            .iter()
-            .chain(&spec.writes)
-            .find(|v| v.is_deleted())
-        {
+        if let Some(v) = spec.vars.iter().find(|v| v.is_deleted()) {
             return Err(EngineError::VarDeleted {
                 op: spec.name.to_string(),
                 var: v.id(),

@@ -137,26 +137,8 @@ impl VarInner {
 pub(crate) struct OpVars(SmallVec<[Var; 4]>);
 
 impl OpVars {
-    /// Takes the spec's counted handles, reads first.
-    pub(crate) fn new(reads: SmallVec<[Var; 4]>, writes: SmallVec<[Var; 4]>) -> OpVars {
-        // The reads' vector, the writes pushed after them (a push each:
-        // `extend` costs about 90 instructions a call, a third of what
-        // pushing a two-var op took before).
-        let mut vars = reads;
-        if vars.is_empty() {
-            return OpVars(writes);
-        }
-        let mut writes = writes;
-        if writes.len() == 1 {
-            if let Some(w) = writes.pop() {
-                vars.push(w);
-            }
-        } else {
-            vars.reserve(writes.len());
-            for w in writes {
-                vars.push(w);
-            }
-        }
+    /// Takes the spec's counted handles, reads first (`OpSpec::vars`).
+    pub(crate) fn new(vars: SmallVec<[Var; 4]>) -> OpVars {
         OpVars(vars)
     }
 
