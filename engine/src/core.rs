@@ -159,10 +159,12 @@ impl Core {
     }
 
     /// Counts an op pushed (before it can run: see the module docs).
+    #[inline]
     pub(crate) fn op_pushed(&self) {
         self.pushed.fetch_add(1, Ordering::SeqCst);
     }
 
+    #[inline]
     pub(crate) fn op_finished(&self) {
         let finished = self.finished.fetch_add(1, Ordering::SeqCst) + 1;
         if self.idle_waiters.load(Ordering::SeqCst) > 0
@@ -471,6 +473,7 @@ fn fail_unrun(op: &OpRef, cause: FailureCause) {
 /// The second half of finishing (the caller has claimed the op): store the
 /// failure, release the vars, dispatch what became ready.
 #[allow(unsafe_code)] // the vars' release (`release`)
+#[inline]
 fn complete(op: &OpRef, failure: Option<Arc<OpFailure>>) {
     // Held past `op_finished`, whose wake-up reads the core after its count.
     let core = op.core;

@@ -112,6 +112,7 @@ impl Held {
     /// worker of its pools, or inside another `Held` of it: a push on an
     /// engine handle, a completion's finish, the shutdown, a counted span),
     /// a count for the span otherwise.
+    #[inline]
     pub(crate) fn of(core: CoreRef) -> Held {
         let id = core.id;
         if crate::pool::is_worker_of(id) || HELD.with(Cell::get) == id {

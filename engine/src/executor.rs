@@ -72,6 +72,7 @@ impl Pools {
     }
 
     /// The pool an op runs on (None: run inline). Starts GPU pools on first use.
+    #[inline]
     pub(crate) fn pool_for(
         &self,
         ctx: Context,

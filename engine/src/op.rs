@@ -488,6 +488,7 @@ impl Op {
     }
 
     /// RUNNING → CLAIMED; true for the one caller that gets to finish the op.
+    #[inline]
     pub(crate) fn claim_done(&self) -> bool {
         self.state
             .compare_exchange(RUNNING, CLAIMED, AcqRel, Acquire)

@@ -168,6 +168,7 @@ thread_local! {
 /// Allows (or stops allowing) `keep_local` on this thread; what it was.
 /// Callers restore it: finishes nest (an op run inline inside another's
 /// finish), and each level must leave the outer one's setting as it was.
+#[inline]
 pub(crate) fn allow_keep(on: bool) -> bool {
     ALLOW.with(|a| a.replace(on))
 }
@@ -535,6 +536,7 @@ thread_local! {
 }
 
 /// Whether the calling thread is a worker of engine `engine_id`.
+#[inline]
 pub(crate) fn is_worker_of(engine_id: u64) -> bool {
     WORKER_OF.with(|w| w.get()) == engine_id
 }

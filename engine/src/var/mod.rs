@@ -138,6 +138,7 @@ pub(crate) struct OpVars(SmallVec<[Var; 4]>);
 
 impl OpVars {
     /// Takes the spec's counted handles, reads first (`OpSpec::vars`).
+    #[inline]
     pub(crate) fn new(vars: SmallVec<[Var; 4]>) -> OpVars {
         OpVars(vars)
     }
@@ -147,6 +148,7 @@ impl OpVars {
     /// # Safety
     /// Called once, after the op was appended to every var, and before it
     /// can be released from any (the push's own hold on its wait counter).
+    #[inline]
     pub(crate) unsafe fn give_up(&self) {
         for v in self.0.iter() {
             // SAFETY: each count is dropped once (the caller's contract
@@ -341,12 +343,14 @@ impl Var {
 
     /// Appends an op that will `access` this var to its queue
     /// (`VarQueue::append`); true if granted at once.
+    #[inline]
     pub(crate) fn append(&self, access: Access, op: impl FnOnce() -> OpRef) -> bool {
         self.inner().queue.lock().append(access, op)
     }
 
     /// Grants `access` if it may start now (`VarQueue::try_grant`); the
     /// grant is released by `release_grant`.
+    #[inline]
     pub(crate) fn try_grant(&self, access: Access) -> bool {
         self.inner().queue.lock().try_grant(access)
     }
@@ -361,6 +365,7 @@ impl Var {
     /// The caller holds a grant of `access` on this var (so the handle is
     /// valid, K3) and does not use the handle after this call unless it is
     /// a counted one.
+    #[inline]
     pub(crate) unsafe fn release_grant(
         &self,
         access: Access,
