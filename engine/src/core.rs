@@ -365,7 +365,10 @@ pub(crate) fn execute(op: OpRef, worker: usize) {
         fail_unrun(&op, naive_timed_out(&core));
         return;
     }
-    if !op.no_skip {
+    // A failure on any of its vars skips the op (none was ever stored in
+    // most processes: then no var is looked at, the sink of a fan-in's
+    // thousand among them).
+    if !op.no_skip && crate::var::may_hold_failures() {
         if let Some(failure) = op.vars.iter().find_map(Var::failure) {
             op.body.discard();
             if op.claim_done() {

@@ -107,7 +107,8 @@ where
         }
         taken += 1;
     }
-    let skip = || !no_skip && all().any(|(v, _)| v.failure().is_some());
+    let skip =
+        || !no_skip && crate::var::may_hold_failures() && all().any(|(v, _)| v.failure().is_some());
     if taken < spec.vars.len() || skip() {
         let nreads = taken.min(spec.nreads);
         // SAFETY: the grants just taken; the spec's handles are counted.

@@ -58,6 +58,20 @@ pub(crate) use queue::{Access, VarQueue};
 
 static NEXT_VAR_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Set, for good, the first time a failure is stored on any var of the
+/// process: until then an op's run need not look at its vars' failures
+/// (`may_hold_failures`). Subtle: set before the var's own flag, both
+/// before the failing op releases its grants, so an op granted after
+/// sees it through the grant (as it sees the var's flag).
+static ANY_FAILURE: AtomicBool = AtomicBool::new(false);
+
+/// Whether any var of the process may hold a failure (false: none was
+/// ever stored, and an op need not look at its vars').
+#[inline]
+pub(crate) fn may_hold_failures() -> bool {
+    ANY_FAILURE.load(Ordering::Acquire)
+}
+
 /// The queue length past which a release prefetches the op first in line
 /// (`Var::release_grant`).
 const PREFETCH_QUEUE: usize = 8;
@@ -422,6 +436,9 @@ impl Var {
         // The first failure wins: it names the op that failed first.
         if slot.is_none() {
             *slot = Some(failure.clone());
+            if !ANY_FAILURE.load(Ordering::Relaxed) {
+                ANY_FAILURE.store(true, Ordering::Release);
+            }
             self.inner().has_failure.store(true, Ordering::Release);
         }
     }
