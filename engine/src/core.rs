@@ -530,9 +530,12 @@ pub(crate) unsafe fn release(reads: &[Var], writes: &[Var], ran: bool) {
         // and not read again.
         unsafe { v.release_grant(access, ran, &mut grants) };
     }
-    for g in grants {
-        if g.release_one() {
-            dispatch(g);
+    // Most releases grant nothing: then no iterator is made or dropped.
+    if !grants.is_empty() {
+        for g in grants {
+            if g.release_one() {
+                dispatch(g);
+            }
         }
     }
 }

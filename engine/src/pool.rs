@@ -193,15 +193,13 @@ pub(crate) fn keep_local(pool: &PoolShared, op: OpRef) -> Option<OpRef> {
     })
 }
 
+/// The ops this worker's last finish made ready and kept (`keep_local`),
+/// if any (most finishes make none: then no vector is moved or dropped).
 #[inline]
-fn take_batch() -> SmallVec<[OpRef; 4]> {
+fn take_batch() -> Option<SmallVec<[OpRef; 4]>> {
     LOCAL.with(|l| {
         let mut l = l.borrow_mut();
-        if l.batch.is_empty() {
-            SmallVec::new_const()
-        } else {
-            std::mem::take(&mut l.batch)
-        }
+        (!l.batch.is_empty()).then(|| std::mem::take(&mut l.batch))
     })
 }
 
@@ -327,12 +325,12 @@ impl PoolShared {
 
     /// Queues `batch`, then takes the next op (sleeping while there is none);
     /// None once the pool has stopped, with the batch's ops failed.
-    fn pop(&self, batch: SmallVec<[OpRef; 4]>) -> Option<OpRef> {
+    fn pop(&self, batch: Option<SmallVec<[OpRef; 4]>>) -> Option<OpRef> {
         let mut spins = 0;
         let mut st = self.state.lock();
         if self.stopped() {
             drop(st);
-            for op in batch {
+            for op in batch.into_iter().flatten() {
                 crate::inline::run(crate::inline::Task::Stop(op));
             }
             return None;
@@ -340,9 +338,11 @@ impl PoolShared {
         // The inbox first, then the batch: ops take their FIFO turns in the
         // order they reach the queue, as when pushes went straight in.
         self.take_in(&mut st);
-        let more = batch.len() > 1;
-        for op in batch {
-            st.ready.push(op);
+        let more = batch.as_ref().is_some_and(|b| b.len() > 1);
+        if let Some(batch) = batch {
+            for op in batch {
+                st.ready.push(op);
+            }
         }
         let mut searching = false;
         // The last `sleep` returned without sleeping (W1's look found ops).
@@ -545,14 +545,14 @@ fn worker_loop(shared: &Arc<PoolShared>, index: usize) {
     crate::profiler::register_thread();
     LOCAL.with(|l| l.borrow_mut().pool = Arc::as_ptr(shared));
     loop {
-        let mut batch = take_batch();
-        let op = if batch.len() == 1 && shared.runs_first(&batch[0]) {
-            batch.pop().expect("one op in the batch")
-        } else {
-            match shared.pop(batch) {
+        let op = match take_batch() {
+            Some(mut batch) if batch.len() == 1 && shared.runs_first(&batch[0]) => {
+                batch.pop().expect("one op in the batch")
+            }
+            batch => match shared.pop(batch) {
                 Some(op) => op,
                 None => break,
-            }
+            },
         };
         crate::core::execute(op, index);
     }
