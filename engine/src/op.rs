@@ -124,10 +124,16 @@ impl OpSpec {
         if self.nreads == self.vars.len() {
             self.vars.push(var.clone());
         } else {
-            self.vars.insert(self.nreads, var.clone());
+            self.insert_read(var);
         }
         self.nreads += 1;
         self
+    }
+
+    /// A read named after a write: in before the writes.
+    #[cold]
+    fn insert_read(&mut self, var: &Var) {
+        self.vars.insert(self.nreads, var.clone());
     }
 
     /// Adds vars the op reads.

@@ -246,7 +246,8 @@ impl Engine {
     where
         F: FnOnce(RunContext<'_>) -> Result<(), OpError> + Send + 'static,
     {
-        let spec = self.checked(spec)?;
+        let mut spec = spec;
+        self.checked(&mut spec)?;
         let core = self.core();
         let _held = Held::by_handle(core);
         // Only an `Async` op may run at its push (`try_run_now`'s first
@@ -264,16 +265,17 @@ impl Engine {
     }
 
     fn push_op<B: BodyCell + 'static>(&self, spec: OpSpec, body: B) -> Result<(), EngineError> {
-        let spec = self.checked(spec)?;
+        let mut spec = spec;
+        self.checked(&mut spec)?;
         self.push_checked(spec, false, body)
     }
 
-    /// `spec` deduplicated and checked (`check`).
+    /// Deduplicates `spec` and checks it (`check`), in place (a spec
+    /// moved in and out costs a copy of it each way).
     #[inline]
-    fn checked(&self, mut spec: OpSpec) -> Result<OpSpec, EngineError> {
+    fn checked(&self, spec: &mut OpSpec) -> Result<(), EngineError> {
         spec.dedup();
-        self.check(&spec)?;
-        Ok(spec)
+        self.check(spec)
     }
 
     /// Refuses `spec` if the engine is shutting down, a var it names is
