@@ -634,11 +634,26 @@ mod tests {
             (ids(same.read_vars()), ids(same.write_vars())),
             (vec![], vec![v[0].id()])
         );
-        let mut reads_only = OpSpec::new("r").reads([&v[1], &v[0], &v[1]]);
+        let mut reads_only = OpSpec::new("r").reads([&v[1], &v[0], &v[1], &v[2], &v[0]]);
         reads_only.dedup();
         assert_eq!(
-            (ids(reads_only.read_vars()), ids(reads_only.write_vars())),
-            (vec![v[0].id(), v[1].id()], vec![])
+            ids(reads_only.read_vars()),
+            vec![v[0].id(), v[1].id(), v[2].id()]
         );
+        assert!(reads_only.write_vars().is_empty());
+        let mut writes_only = OpSpec::new("w").writes([&v[3], &v[1], &v[3], &v[1]]);
+        writes_only.dedup();
+        assert!(writes_only.read_vars().is_empty());
+        assert_eq!(ids(writes_only.write_vars()), vec![v[1].id(), v[3].id()]);
+        // A read whose id sorts between two written ones, and a write named
+        // before the reads (the insert path of `read`).
+        let mut between = OpSpec::new("b")
+            .write(&v[4])
+            .read(&v[2])
+            .write(&v[0])
+            .reads([&v[4], &v[2]]);
+        between.dedup();
+        assert_eq!(ids(between.read_vars()), vec![v[2].id()]);
+        assert_eq!(ids(between.write_vars()), vec![v[0].id(), v[4].id()]);
     }
 }

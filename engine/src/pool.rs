@@ -177,8 +177,9 @@ pub(crate) fn allow_keep(on: bool) -> bool {
 /// an allowed finish; gives it back otherwise.
 #[inline]
 pub(crate) fn keep_local(pool: &PoolShared, op: OpRef) -> Option<OpRef> {
-    // `ALLOW` first: a const cell, where `LOCAL` is a lazy one behind a
-    // `RefCell` (outside a worker's finish, as at every push, it is all).
+    // `ALLOW` first: a bare cell, where `LOCAL` is a `RefCell` to borrow
+    // and a pool to compare (outside a worker's finish, as at every push,
+    // the cell is all it reads).
     if !ALLOW.with(std::cell::Cell::get) {
         return Some(op);
     }

@@ -242,11 +242,10 @@ impl Engine {
     /// A sync op runs at its push when it can (`run_now.rs`): an
     /// `Async` op whose vars are all free, as a small host copy or a wait
     /// on an idle var often is, needs no op record.
-    fn push_sync_with<F>(&self, spec: OpSpec, no_skip: bool, f: F) -> Result<(), EngineError>
+    fn push_sync_with<F>(&self, mut spec: OpSpec, no_skip: bool, f: F) -> Result<(), EngineError>
     where
         F: FnOnce(RunContext<'_>) -> Result<(), OpError> + Send + 'static,
     {
-        let mut spec = spec;
         self.checked(&mut spec)?;
         let core = self.core();
         let _held = Held::by_handle(core);
@@ -264,8 +263,7 @@ impl Engine {
         self.push_checked(spec, no_skip, SyncBody(parking_lot::Mutex::new(Some(f))))
     }
 
-    fn push_op<B: BodyCell + 'static>(&self, spec: OpSpec, body: B) -> Result<(), EngineError> {
-        let mut spec = spec;
+    fn push_op<B: BodyCell + 'static>(&self, mut spec: OpSpec, body: B) -> Result<(), EngineError> {
         self.checked(&mut spec)?;
         self.push_checked(spec, false, body)
     }

@@ -62,8 +62,13 @@ static NEXT_VAR_ID: AtomicU64 = AtomicU64::new(1);
 /// process: until then an op's run need not look at its vars' failures
 /// (`may_hold_failures`). Subtle: set before the var's own flag, both
 /// before the failing op releases its grants, so an op granted after
-/// sees it through the grant (as it sees the var's flag).
-static ANY_FAILURE: AtomicBool = AtomicBool::new(false);
+/// sees it through the grant (as it sees the var's flag). Never cleared
+/// (`take_failure` and `clear_failure_if` leave it): after the first
+/// failure of the process, including an op failed by an engine's stop or
+/// a dropped completion, every run looks at its vars as before. Process
+/// wide, not per engine: a var may be named by ops of several engines.
+/// On lines of its own: every run reads it.
+static ANY_FAILURE: Padded<AtomicBool> = Padded(AtomicBool::new(false));
 
 /// Whether any var of the process may hold a failure (false: none was
 /// ever stored, and an op need not look at its vars').
@@ -98,7 +103,9 @@ pub(crate) struct VarInner {
     /// before it completes; an op granted after it sees the flag, because the
     /// grant passes through the var lock and the op's wait counter (both
     /// acquire/release). Reads racing with `take_failure` of a concurrent wait
-    /// may see either state; both are correct outcomes.
+    /// may see either state; both are correct outcomes. The process-wide
+    /// `ANY_FAILURE` is set before this flag, the same way, and never
+    /// cleared: an op's run looks at this flag only once that one is set.
     failure: parking_lot::Mutex<Option<Arc<OpFailure>>>,
     has_failure: AtomicBool,
     /// Set by `delete_var` at push time: later pushes on this var are refused.
