@@ -82,13 +82,26 @@ const RUN_NOW_KEY: usize = 1;
 /// be missing from them), inside another op's closure or an inline drain
 /// (the trampoline keeps such runs from nesting without bound), and an op
 /// that would be skipped (a var holds a failure and `no_skip` is false).
-#[allow(unsafe_code)] // the grants' release (`core::release`)
+#[inline]
 pub(crate) fn try_run_now<F>(core: &Arc<Core>, spec: &OpSpec, no_skip: bool, f: F) -> Result<(), F>
 where
     F: FnOnce(RunContext<'_>) -> Result<(), OpError>,
 {
-    if spec.prop != Property::Async
-        || !matches!(core.executor, Executor::Threaded(_))
+    // Inlined at every push: most ops are not `Async`, and their closure
+    // is then not moved in and out of a call.
+    if spec.prop != Property::Async {
+        return Err(f);
+    }
+    try_async_now(core, spec, no_skip, f)
+}
+
+/// `try_run_now` for an `Async` op.
+#[allow(unsafe_code)] // the grants' release (`core::release`)
+fn try_async_now<F>(core: &Arc<Core>, spec: &OpSpec, no_skip: bool, f: F) -> Result<(), F>
+where
+    F: FnOnce(RunContext<'_>) -> Result<(), OpError>,
+{
+    if !matches!(core.executor, Executor::Threaded(_))
         || core.profiler.is_enabled()
         || core.graph.is_recording()
         || in_op()

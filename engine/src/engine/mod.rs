@@ -15,7 +15,7 @@ use crate::core_ref::Held;
 use crate::error::{EngineError, OpError};
 use crate::executor::{Executor, Pools};
 use crate::graph::OpGraph;
-use crate::op::{AsyncBody, BodyCell, Completion, OpSpec, Property, RunContext, SyncBody};
+use crate::op::{AsyncBody, BodyCell, Completion, OpSpec, RunContext, SyncBody};
 use crate::profiler::{write_chrome_trace, TraceEvent};
 
 /// The dependency engine: runs closures when the vars they read and write
@@ -249,18 +249,10 @@ impl Engine {
         self.checked(&mut spec)?;
         let core = self.core();
         let _held = Held::by_handle(core);
-        // Only an `Async` op may run at its push (`try_run_now`'s first
-        // test, made here: the closure is not moved in and out for the
-        // others).
-        let f = if spec.prop == Property::Async {
-            match crate::run_now::try_run_now(core, &spec, no_skip, f) {
-                Ok(()) => return Ok(()),
-                Err(f) => f,
-            }
-        } else {
-            f
-        };
-        self.push_checked(spec, no_skip, SyncBody(parking_lot::Mutex::new(Some(f))))
+        match crate::run_now::try_run_now(core, &spec, no_skip, f) {
+            Ok(()) => Ok(()),
+            Err(f) => self.push_checked(spec, no_skip, SyncBody(parking_lot::Mutex::new(Some(f)))),
+        }
     }
 
     fn push_op<B: BodyCell + 'static>(&self, mut spec: OpSpec, body: B) -> Result<(), EngineError> {

@@ -43,6 +43,7 @@ pub(crate) trait Grants<T> {
     fn grant(&mut self, op: T);
 }
 
+#[cfg(test)] // the model tests' grants
 impl<T> Grants<T> for Vec<T> {
     fn grant(&mut self, op: T) {
         self.push(op);
@@ -137,7 +138,7 @@ impl<T> VarQueue<T> {
         self.release(access, false, grants);
     }
 
-    #[inline(always)]
+    #[inline]
     fn release(&mut self, access: Access, ran: bool, grants: &mut impl Grants<T>) {
         match access {
             Access::Read => {
