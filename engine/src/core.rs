@@ -166,7 +166,14 @@ impl Core {
 
     #[inline]
     pub(crate) fn op_finished(&self) {
-        let finished = self.finished.fetch_add(1, Ordering::SeqCst) + 1;
+        self.ops_finished(1);
+    }
+
+    /// Counts `n` ops finished (a worker's held reads' ops, at once:
+    /// `held_reads.rs`).
+    #[inline]
+    pub(crate) fn ops_finished(&self, n: usize) {
+        let finished = self.finished.fetch_add(n, Ordering::SeqCst) + n;
         if self.idle_waiters.load(Ordering::SeqCst) > 0
             && self.pushed.load(Ordering::SeqCst) == finished
         {
@@ -489,13 +496,15 @@ fn complete(op: &OpRef, failure: Option<Arc<OpFailure>>) {
     }
     // SAFETY: the op holds its grants until here; its handles are not
     // read after (the state and counts below are the op's and the core's).
-    unsafe { release(op.reads(), op.writes(), true) };
+    let held = unsafe { crate::held_reads::release_finished(op) };
     op.state.store(FINISHED, Ordering::Release);
     if let Executor::Naive = core.executor {
         let _guard = core.idle.lock();
         core.finished_cv.notify_all();
     }
-    core.op_finished();
+    if !held {
+        core.op_finished();
+    }
 }
 
 /// Stores the failure of op `name` on the vars it writes that hold none
@@ -532,10 +541,16 @@ pub(crate) unsafe fn release(reads: &[Var], writes: &[Var], ran: bool) {
     }
     // Most releases grant nothing: then no iterator is made or dropped.
     if !grants.is_empty() {
-        for g in grants {
-            if g.release_one() {
-                dispatch(g);
-            }
+        dispatch_granted(grants);
+    }
+}
+
+/// Counts one grant off each of `grants` and dispatches those now ready.
+#[inline]
+pub(crate) fn dispatch_granted(grants: SmallVec<[OpRef; 8]>) {
+    for g in grants {
+        if g.release_one() {
+            dispatch(g);
         }
     }
 }

@@ -108,6 +108,9 @@ fn drain<R>(first: impl FnOnce() -> R) -> R {
         keep: crate::pool::allow_keep(false),
         left: false,
     };
+    // No read held over while an inline closure runs (it may wait:
+    // `held_reads.rs`), before the first task and each next one.
+    crate::held_reads::flush();
     let r = first();
     // One look per task: the next one, or the drain ends (`active` reset
     // in the same borrow).
@@ -120,6 +123,7 @@ fn drain<R>(first: impl FnOnce() -> R) -> R {
         })
     };
     while let Some(task) = next() {
+        crate::held_reads::flush();
         execute(task);
     }
     reset.left = true;

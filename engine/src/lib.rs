@@ -40,6 +40,7 @@ mod engine;
 mod error;
 mod executor;
 mod graph;
+mod held_reads;
 mod inline;
 mod op;
 #[allow(unsafe_code)]

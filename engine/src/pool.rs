@@ -339,7 +339,7 @@ impl PoolShared {
         // The inbox first, then the batch: ops take their FIFO turns in the
         // order they reach the queue, as when pushes went straight in.
         self.take_in(&mut st);
-        let more = batch.as_ref().is_some_and(|b| b.len() > 1);
+        let mut more = batch.as_ref().is_some_and(|b| b.len() > 1);
         if let Some(batch) = batch {
             for op in batch {
                 st.ready.push(op);
@@ -376,6 +376,32 @@ impl PoolShared {
                     self.work.notify_one();
                 }
                 return Some(op);
+            }
+            if !searching && crate::held_reads::holding() {
+                // Held reads go before this worker waits (`held_reads.rs`):
+                // their release may make ops ready, here or elsewhere.
+                // Subtle: also in this worker's batch, where the finishes
+                // of inline tasks that the release ran keep what they make
+                // ready; queued here, or no one would take them.
+                drop(st);
+                crate::held_reads::flush();
+                let kept = take_batch();
+                st = self.state.lock();
+                if self.stopped() {
+                    // Queued now, they would be neither run nor failed.
+                    drop(st);
+                    for op in kept.into_iter().flatten() {
+                        crate::inline::run(crate::inline::Task::Stop(op));
+                    }
+                    st = self.state.lock();
+                    continue;
+                }
+                self.take_in(&mut st);
+                for op in kept.into_iter().flatten() {
+                    more = true;
+                    st.ready.push(op);
+                }
+                continue;
             }
             if !searching {
                 searching = true;
@@ -555,7 +581,14 @@ fn worker_loop(shared: &Arc<PoolShared>, index: usize) {
                 None => break,
             },
         };
+        crate::held_reads::before_run(&op);
         crate::core::execute(op, index);
+    }
+    // What is held goes, and what that makes ready and this worker kept is
+    // failed: the pool has stopped.
+    crate::held_reads::flush();
+    for op in take_batch().into_iter().flatten() {
+        crate::inline::run(crate::inline::Task::Stop(op));
     }
     let mut st = shared.state.lock();
     st.exited += 1;

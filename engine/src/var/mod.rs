@@ -393,12 +393,38 @@ impl Var {
         ran: bool,
         grants: &mut SmallVec<[OpRef; 8]>,
     ) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            self.release_with(|state| {
+                if ran {
+                    state.complete(access, grants);
+                } else {
+                    state.give_back(access, grants);
+                }
+            })
+        };
+    }
+
+    /// Releases `n` completed read grants at once (a worker's held reads,
+    /// `held_reads.rs`), as `release_grant` does one.
+    ///
+    /// # Safety
+    /// As `release_grant`'s, for `n` read grants.
+    #[inline]
+    pub(crate) unsafe fn release_reads(&self, n: u32, grants: &mut SmallVec<[OpRef; 8]>) {
+        // SAFETY: the caller's contract.
+        unsafe { self.release_with(|state| state.complete_reads(n, grants)) };
+    }
+
+    /// The body of a release: `f` on the locked queue, then the prefetch and
+    /// the give-up of `release_grant`'s docs.
+    ///
+    /// # Safety
+    /// As `release_grant`'s.
+    #[inline(always)]
+    unsafe fn release_with(&self, f: impl FnOnce(&mut VarState)) {
         let mut state = self.inner().queue.lock();
-        if ran {
-            state.complete(access, grants);
-        } else {
-            state.give_back(access, grants);
-        }
+        f(&mut state);
         // The op now first in line is granted by a later finish on this
         // var. Behind a long queue it was pushed long ago (its header has
         // left every cache): start bringing it back now. Subtle: not behind
@@ -417,6 +443,23 @@ impl Var {
             // the lock is let go and the var is not touched again here.
             unsafe { self.free_handles_count() };
         }
+    }
+
+    /// The var's address: what a worker keeps of an op's uncounted handle
+    /// while it holds the op's read over (`held_reads.rs`).
+    #[inline]
+    pub(crate) fn addr(&self) -> NonNull<VarInner> {
+        self.0
+    }
+
+    /// An uncounted handle at `addr` (never dropped: K3, K4).
+    ///
+    /// # Safety
+    /// `addr` is a var's (`addr`) whose queue is kept busy by a grant the
+    /// caller holds (K3).
+    #[inline]
+    pub(crate) unsafe fn at(addr: NonNull<VarInner>) -> std::mem::ManuallyDrop<Var> {
+        std::mem::ManuallyDrop::new(Var(addr))
     }
 
     /// The number of writes to this var that have completed.

@@ -157,6 +157,24 @@ impl<T> VarQueue<T> {
                 }
             }
         }
+        self.grant_write_if_idle(grants);
+        self.check();
+    }
+
+    /// Records that `n` granted reads finished (a worker's held reads,
+    /// `held_reads.rs`): as `n` calls of `complete(Read)`, the last of
+    /// which alone can grant.
+    #[inline]
+    pub(crate) fn complete_reads(&mut self, n: u32, grants: &mut impl Grants<T>) {
+        debug_assert!(self.running_reads >= n, "completing reads that never ran");
+        self.running_reads -= n;
+        self.grant_write_if_idle(grants);
+        self.check();
+    }
+
+    /// Grants the write in front if nothing runs.
+    #[inline]
+    fn grant_write_if_idle(&mut self, grants: &mut impl Grants<T>) {
         if self.running_reads == 0 && !self.write_running {
             // I2: the front, if any, is a write.
             if let Some((op, access)) = self.queue.pop_front() {
@@ -165,7 +183,6 @@ impl<T> VarQueue<T> {
                 grants.grant(op);
             }
         }
-        self.check();
     }
 
     /// Nothing granted and nothing waiting (by I3: nothing granted).
@@ -234,6 +251,33 @@ mod tests {
                 }
             }
             out
+        }
+    }
+
+    /// Reads completed at once grant as the same reads completed one by
+    /// one: only the last can grant, the write behind them.
+    #[test]
+    fn reads_completed_at_once_grant_as_one_by_one() {
+        for at_once in [1, 2, 3] {
+            let mut q = VarQueue::<usize>::default();
+            let mut grants: Vec<usize> = Vec::new();
+            for id in 0..3 {
+                assert!(q.append(Access::Read, || id));
+            }
+            assert!(!q.append(Access::Write, || 3));
+            assert!(!q.append(Access::Read, || 4));
+            let mut left = 3;
+            while left > 0 {
+                let n = at_once.min(left);
+                q.complete_reads(n, &mut grants);
+                left -= n;
+                let expect: &[usize] = if left == 0 { &[3] } else { &[] };
+                assert_eq!(grants, expect, "{at_once} at once, {left} left");
+            }
+            assert_eq!(q.pending(), (0, true, 1));
+            q.complete(Access::Write, &mut grants);
+            assert_eq!(grants, [3, 4]);
+            assert_eq!(q.version(), 1);
         }
     }
 

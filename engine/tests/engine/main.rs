@@ -1,6 +1,7 @@
 //! Integration tests of pskv-engine: one binary, many tests (build once).
 
 mod errors;
+mod held_reads;
 mod ordering;
 mod pools;
 mod profile;
