@@ -6,7 +6,9 @@
 //! Two counters, each on cache lines of its own so that pushers and finishers
 //! do not write the same line: `pushed` (ops pushed) and `finished` (ops
 //! finished); the pending count is their difference, and `wait_for_all`
-//! sleeps until it is zero.
+//! sleeps until it is zero. An op whose read a worker holds over counts as
+//! finished only when that read is released (`held_reads.rs`), with the
+//! others held with it, in one addition.
 //!
 //! - `finished <= pushed` at every instant of the SeqCst order: a push
 //!   counts its op before the op can run.
@@ -540,6 +542,32 @@ pub(crate) unsafe fn release(reads: &[Var], writes: &[Var], ran: bool) {
         unsafe { v.release_grant(access, ran, &mut grants) };
     }
     // Most releases grant nothing: then no iterator is made or dropped.
+    if !grants.is_empty() {
+        dispatch_granted(grants);
+    }
+}
+
+/// `release` of every grant but read `skip`'s (held over by the finishing
+/// worker: `held_reads.rs`). Subtle: every var is released before any op
+/// is dispatched, as in `release`: a dispatch may run an inline task on
+/// this thread whose drain counts the op finished (the held read's
+/// flush), which must come after all its vars went.
+///
+/// # Safety
+/// As `release`'s, for every var but `reads[skip]`.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn release_but(reads: &[Var], skip: usize, writes: &[Var]) {
+    let mut grants: SmallVec<[OpRef; 8]> = SmallVec::new();
+    let reads = reads.iter().enumerate().filter(|&(i, _)| i != skip);
+    for (_, v) in reads {
+        // SAFETY: the caller's contract; each handle is released once here
+        // and not read again.
+        unsafe { v.release_grant(Access::Read, true, &mut grants) };
+    }
+    for v in writes {
+        // SAFETY: as above.
+        unsafe { v.release_grant(Access::Write, true, &mut grants) };
+    }
     if !grants.is_empty() {
         dispatch_granted(grants);
     }

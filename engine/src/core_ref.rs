@@ -12,7 +12,9 @@
 //! # The invariant
 //!
 //! **C1.** A core lives while any op of it is unfinished (not yet counted
-//! by `Core::op_finished`), and while any thread is inside [`Held`] for it.
+//! by `Core::op_finished`, or by `Core::ops_finished` when a worker's held
+//! reads are released: `held_reads.rs`), and while any thread is inside
+//! [`Held`] for it.
 //!
 //! Kept so:
 //!

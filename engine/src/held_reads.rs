@@ -24,29 +24,41 @@
 //!
 //! Moves:
 //!
-//! - The finish of an op that reads, on a worker of the op's engine and
-//!   outside any closure (`release_finished`, from `core::complete`): if
-//!   it reads the held var, `n + 1`, and that read is not released; else
-//!   what is held is released (`flush`) and the op's first read is held
-//!   (`n = 1`). Its other vars are released as before.
-//! - Back to EMPTY (`flush`: the reads counted off under one lock, then the
-//!   ops counted finished): before the worker runs an op that does not
-//!   read `v` (`before_run`), before it looks for work it did not find at
-//!   once (`pool::PoolShared::pop`), before each inline task it runs
-//!   (`inline::drain`), and at its exit.
+//! - The finish of an op that reads, on a worker of the op's engine,
+//!   outside any closure, before the worker left its loop
+//!   (`release_finished`, from `core::complete`): if it reads the held var,
+//!   `n + 1`, and that read is not released; else what is held is released
+//!   (`flush`) and the op's first read is held (`n = 1`). Its other vars
+//!   are released as before, all of them before any op they grant is
+//!   dispatched (`core::release_but`).
+//! - Back to EMPTY (`flush`: the reads counted off under one lock, what
+//!   that grants dispatched, then the ops counted finished):
+//!   - when the worker has taken an op that does not read `v`
+//!     (`must_flush_before`, in `pool::worker_loop`): it gives the op back,
+//!     first in its priority's turn, and takes again, so that what the
+//!     release made ready competes with it by priority, and what inline
+//!     tasks run by the release kept on this worker is queued for all;
+//!   - before it looks for work it did not find at once
+//!     (`pool::PoolShared::pop`; what inline tasks kept is queued there);
+//!   - before each inline task it runs (`inline::drain`);
+//!   - when it leaves its loop (`stop_holding`: it holds nothing after).
 //!
-//! So a read is held only while its worker moves from a finish to its next
-//! op, or while that worker runs an op that itself reads `v` (which keeps
-//! `v`'s writes waiting anyway): never while the worker waits, sleeps, or
-//! runs a closure that could wait for a write of `v`. What the engine's
-//! users see is unchanged: an op counts as finished when its vars are
-//! released, as before, but perhaps later than its closure returned: when
-//! its worker next runs an op that does not read `v`, or looks for work.
-//! A write of `v` waits no longer for it: every read held was granted
-//! before any write queued behind it (a read queues behind a waiting
-//! write), so the write waited for them all anyway.
+//! A flush may run inline tasks whose finishes hold again (the last task
+//! of a drain, say): each of the points above looks again, so a worker
+//! runs an op, looks for work or sleeps only with nothing held, or with
+//! reads of a var that the op it runs reads too (whose writes wait for
+//! that op anyway): never while it waits or runs a closure that could
+//! wait for a write of `v`. What the engine's users see: an op counts as
+//! finished when all its vars are released, as before, but perhaps later
+//! than its closure returned (when its worker next takes an op that does
+//! not read `v`, or looks for work); `wait_for_all` returns when every
+//! read is counted off. A write of `v` waits no longer for a held read:
+//! every read held was granted before any write queued behind it (a read
+//! queues behind a waiting write), so the write waited for them all
+//! anyway, and the flush comes before the worker runs anything else.
 //! Finishes elsewhere (a completion on another thread, inside a closure,
-//! another engine's op, the naive engine) release at once.
+//! another engine's op, the naive engine, a worker that left its loop)
+//! release at once.
 
 use std::cell::Cell;
 use std::ptr::NonNull;
@@ -75,6 +87,8 @@ const EMPTY: Held = Held {
 
 thread_local! {
     static HELD: Cell<Held> = const { Cell::new(EMPTY) };
+    /// Set when this worker left its loop (`stop_holding`).
+    static STOPPED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Whether this thread holds a read.
@@ -107,16 +121,21 @@ fn release_held(var: NonNull<VarInner>, count: u32, core: CoreRef) {
     core.ops_finished(count as usize);
 }
 
-/// Before a worker runs `op`: flushes unless `op` reads the held var.
+/// Whether this worker must flush before it runs `op`: it holds reads of a
+/// var that `op` does not read.
 #[inline]
-pub(crate) fn before_run(op: &OpRef) {
-    // A loop: a flush may run inline tasks whose finishes hold reads again.
-    while let Some(var) = HELD.with(Cell::get).var {
-        if op.reads().iter().any(|v| v.addr() == var) {
-            return;
-        }
-        flush();
-    }
+pub(crate) fn must_flush_before(op: &OpRef) -> bool {
+    HELD.with(Cell::get)
+        .var
+        .is_some_and(|var| !op.reads().iter().any(|v| v.addr() == var))
+}
+
+/// Flushes, and holds no read from here on on this thread (a worker that
+/// leaves its loop): what the flush and later finishes here release goes
+/// at once.
+pub(crate) fn stop_holding() {
+    STOPPED.with(|s| s.set(true));
+    flush();
 }
 
 /// Releases the grants of `op`, finished (it ran), holding one read over
@@ -130,7 +149,11 @@ pub(crate) fn before_run(op: &OpRef) {
 #[inline]
 pub(crate) unsafe fn release_finished(op: &OpRef) -> bool {
     let (reads, writes) = (op.reads(), op.writes());
-    if reads.is_empty() || !crate::pool::is_worker_of(op.core.id) || crate::core::in_op() {
+    if reads.is_empty()
+        || !crate::pool::is_worker_of(op.core.id)
+        || crate::core::in_op()
+        || STOPPED.with(Cell::get)
+    {
         // SAFETY: the caller's contract.
         unsafe { crate::core::release(reads, writes, true) };
         return false;
@@ -168,11 +191,6 @@ pub(crate) unsafe fn release_finished(op: &OpRef) -> bool {
     });
     // SAFETY: the caller's contract; read `i`'s grant is now this
     // thread's (HOLDING), the others are released.
-    unsafe {
-        if i > 0 {
-            crate::core::release(&reads[..i], &[], true);
-        }
-        crate::core::release(&reads[i + 1..], writes, true);
-    }
+    unsafe { crate::core::release_but(reads, i, writes) };
     true
 }

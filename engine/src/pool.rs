@@ -25,12 +25,16 @@
 //! caused).
 //!
 //! - RUNNING: `push` adds to the inbox and wakes one sleeper if there is
-//!   one and no worker searches. A worker that finds nothing searches (spins
-//!   a moment on the hints), then sleeps on the condvar.
+//!   one and no worker searches. A worker that finds nothing releases the
+//!   reads it holds over (`held_reads.rs`; what that makes ready it takes
+//!   in), then searches (spins a moment on the hints), then sleeps on the
+//!   condvar. A worker that took an op it may not run while it holds reads
+//!   releases them and gives the op back, first in its turn.
 //! - STOPPED (`stop`, once, at engine shutdown): workers wake, finish the op
 //!   in hand and exit (a worker reads the stop flag before it runs the op
-//!   its own finish made ready; its batch then goes to `pop`, which fails
-//!   it). Ops in the queue and the inbox are handed back by
+//!   its own finish made ready; its batch, and an op given back, then go to
+//!   `pop`, which fails them; at its exit it releases what it holds and
+//!   fails what that kept). Ops in the queue and the inbox are handed back by
 //!   `stop` to be failed; a `push` that sees `stopped` takes back what is in
 //!   the inbox for its caller to fail.
 //!
@@ -108,6 +112,18 @@ impl ReadyQueue {
         self.len += 1;
     }
 
+    /// Puts `op` back first among the ops of its priority: a worker that
+    /// took it and had to release held reads before it could run it
+    /// (`worker_loop`).
+    fn push_front(&mut self, op: OpRef) {
+        let p = op.priority;
+        match self.buckets.binary_search_by(|(bp, _)| p.cmp(bp)) {
+            Ok(i) => self.buckets[i].1.push_front(op),
+            Err(i) => self.buckets.insert(i, (p, VecDeque::from([op]))),
+        }
+        self.len += 1;
+    }
+
     pub(crate) fn pop(&mut self) -> Option<OpRef> {
         if self.len == 0 {
             return None;
@@ -139,7 +155,9 @@ impl ReadyQueue {
 }
 
 /// Worker-local state: the pool this thread serves, and the ops of that pool
-/// made ready by the op this worker just finished.
+/// made ready by the op this worker just finished (or by the finishes of
+/// inline tasks that a release of its held reads ran: `worker_loop` and
+/// `pop` queue those).
 ///
 /// When a `push_sync` op finishes on a worker, the ops it makes ready that
 /// belong to the same pool are collected here instead of being queued one by
@@ -326,12 +344,14 @@ impl PoolShared {
 
     /// Queues `batch`, then takes the next op (sleeping while there is none);
     /// None once the pool has stopped, with the batch's ops failed.
-    fn pop(&self, batch: Option<SmallVec<[OpRef; 4]>>) -> Option<OpRef> {
+    /// `front`, if any, goes back first in its priority's turn (an op this
+    /// worker took and gave back).
+    fn pop(&self, front: Option<OpRef>, batch: Option<SmallVec<[OpRef; 4]>>) -> Option<OpRef> {
         let mut spins = 0;
         let mut st = self.state.lock();
         if self.stopped() {
             drop(st);
-            for op in batch.into_iter().flatten() {
+            for op in front.into_iter().chain(batch.into_iter().flatten()) {
                 crate::inline::run(crate::inline::Task::Stop(op));
             }
             return None;
@@ -339,7 +359,10 @@ impl PoolShared {
         // The inbox first, then the batch: ops take their FIFO turns in the
         // order they reach the queue, as when pushes went straight in.
         self.take_in(&mut st);
-        let mut more = batch.as_ref().is_some_and(|b| b.len() > 1);
+        let mut more = batch.as_ref().map_or(0, |b| b.len()) + usize::from(front.is_some()) > 1;
+        if let Some(op) = front {
+            st.ready.push_front(op);
+        }
         if let Some(batch) = batch {
             for op in batch {
                 st.ready.push(op);
@@ -571,25 +594,40 @@ pub(crate) fn is_worker_of(engine_id: u64) -> bool {
 fn worker_loop(shared: &Arc<PoolShared>, index: usize) {
     crate::profiler::register_thread();
     LOCAL.with(|l| l.borrow_mut().pool = Arc::as_ptr(shared));
+    // An op taken and given back (`held_reads::must_flush_before`).
+    let mut given_back = None;
     loop {
-        let op = match take_batch() {
-            Some(mut batch) if batch.len() == 1 && shared.runs_first(&batch[0]) => {
+        let op = match (given_back.take(), take_batch()) {
+            (None, Some(mut batch)) if batch.len() == 1 && shared.runs_first(&batch[0]) => {
                 batch.pop().expect("one op in the batch")
             }
-            batch => match shared.pop(batch) {
+            (front, batch) => match shared.pop(front, batch) {
                 Some(op) => op,
                 None => break,
             },
         };
-        crate::held_reads::before_run(&op);
+        if crate::held_reads::must_flush_before(&op) {
+            // Reads held over go before an op that does not read their var
+            // (`held_reads.rs`). What their release makes ready may come
+            // before `op` (a higher priority), or be kept here by the
+            // finishes of inline tasks it ran: `op` goes back, first in its
+            // turn, and this worker takes again from all of it.
+            crate::held_reads::flush();
+            given_back = Some(op);
+            continue;
+        }
         crate::core::execute(op, index);
     }
-    // What is held goes, and what that makes ready and this worker kept is
-    // failed: the pool has stopped.
-    crate::held_reads::flush();
+    // The pool has stopped: what is held goes, and from here on this
+    // thread holds none (the ops failed below finish here too).
+    crate::held_reads::stop_holding();
     for op in take_batch().into_iter().flatten() {
         crate::inline::run(crate::inline::Task::Stop(op));
     }
+    debug_assert!(
+        !crate::held_reads::holding(),
+        "a read held past a worker's exit"
+    );
     let mut st = shared.state.lock();
     st.exited += 1;
     drop(st);

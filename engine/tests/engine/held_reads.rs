@@ -80,3 +80,85 @@ fn writes_wait_for_reads_held_over() {
     assert_eq!(bad.load(Ordering::SeqCst), 0);
     assert_eq!(v.version(), 50);
 }
+
+/// A worker that holds a read of r takes an op that does not read r: it
+/// releases r first, which grants an inline write of r (an `Async`
+/// property op, run there), whose finish makes three readers of r ready on
+/// this worker. The op it took waits for those three: they must run on the
+/// other worker meanwhile (kept for the worker that runs the waiting op,
+/// they would wait for it, 10 s here, before the op was given back).
+#[test]
+fn ops_made_ready_before_an_op_runs_go_to_every_worker() {
+    let e = crate::engine(EngineKind::Threaded, 2);
+    for _ in 0..10 {
+        let (r, u) = (Var::new(), Var::new());
+        let (tx, rx) = crossbeam_channel::unbounded::<()>();
+        // Read r and write u, long enough for the rest to queue behind it.
+        e.push_sync(OpSpec::new("a").read(&r).write(&u), |_| {
+            std::thread::sleep(Duration::from_millis(5));
+            Ok(())
+        })
+        .unwrap();
+        e.push_sync(
+            OpSpec::new("inline write")
+                .write(&r)
+                .property(Property::Async),
+            |_| Ok(()),
+        )
+        .unwrap();
+        for _ in 0..3 {
+            let tx = tx.clone();
+            e.push_sync(OpSpec::new("reader").read(&r), move |_| {
+                tx.send(()).unwrap();
+                Ok(())
+            })
+            .unwrap();
+        }
+        // Made ready by a's finish (on its worker, which then takes it).
+        let timed_out = Arc::new(AtomicUsize::new(0));
+        let t = timed_out.clone();
+        e.push_sync(OpSpec::new("waits for the readers").write(&u), move |_| {
+            for _ in 0..3 {
+                if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+                    t.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+        e.wait_for_all_timeout(Duration::from_secs(60)).unwrap();
+        assert_eq!(timed_out.load(Ordering::SeqCst), 0);
+    }
+}
+
+/// A write made ready by the release of a held read runs before a lower
+/// priority op that was ready already, as when the read was released at
+/// its op's finish: the worker gives back the op it took and takes again.
+#[test]
+fn a_write_granted_by_held_reads_keeps_its_priority() {
+    let e = crate::engine(EngineKind::Threaded, 1);
+    for _ in 0..10 {
+        let (g, v, c) = (Var::new(), Var::new(), Var::new());
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        // Holds the one worker while the rest is pushed.
+        e.push_sync(OpSpec::new("gate").write(&g), |_| {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(())
+        })
+        .unwrap();
+        for (name, spec) in [
+            ("read", OpSpec::new("read").read(&v)),
+            ("write", OpSpec::new("write").write(&v).priority(10)),
+            ("low", OpSpec::new("low").write(&c).priority(-10)),
+        ] {
+            let order = order.clone();
+            e.push_sync(spec, move |_| {
+                order.lock().unwrap().push(name);
+                Ok(())
+            })
+            .unwrap();
+        }
+        e.wait_for_all_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(*order.lock().unwrap(), ["read", "write", "low"]);
+    }
+}
