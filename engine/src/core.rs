@@ -543,40 +543,15 @@ pub(crate) unsafe fn release(reads: &[Var], writes: &[Var], ran: bool) {
     }
     // Most releases grant nothing: then no iterator is made or dropped.
     if !grants.is_empty() {
-        dispatch_granted(grants);
+        dispatch_granted(&mut grants);
     }
 }
 
-/// `release` of every grant but read `skip`'s (held over by the finishing
-/// worker: `held_reads.rs`). Subtle: every var is released before any op
-/// is dispatched, as in `release`: a dispatch may run an inline task on
-/// this thread whose drain counts the op finished (the held read's
-/// flush), which must come after all its vars went.
-///
-/// # Safety
-/// As `release`'s, for every var but `reads[skip]`.
-#[allow(unsafe_code)]
-pub(crate) unsafe fn release_but(reads: &[Var], skip: usize, writes: &[Var]) {
-    let mut grants: SmallVec<[OpRef; 8]> = SmallVec::new();
-    let reads = reads.iter().enumerate().filter(|&(i, _)| i != skip);
-    for (_, v) in reads {
-        // SAFETY: the caller's contract; each handle is released once here
-        // and not read again.
-        unsafe { v.release_grant(Access::Read, true, &mut grants) };
-    }
-    for v in writes {
-        // SAFETY: as above.
-        unsafe { v.release_grant(Access::Write, true, &mut grants) };
-    }
-    if !grants.is_empty() {
-        dispatch_granted(grants);
-    }
-}
-
-/// Counts one grant off each of `grants` and dispatches those now ready.
+/// Counts one grant off each of `grants` (which it empties) and
+/// dispatches those now ready.
 #[inline]
-pub(crate) fn dispatch_granted(grants: SmallVec<[OpRef; 8]>) {
-    for g in grants {
+pub(crate) fn dispatch_granted(grants: &mut SmallVec<[OpRef; 8]>) {
+    for g in grants.drain(..) {
         if g.release_one() {
             dispatch(g);
         }

@@ -26,11 +26,11 @@
 //!
 //! - The finish of an op that reads, on a worker of the op's engine,
 //!   outside any closure, before the worker left its loop
-//!   (`release_finished`, from `core::complete`): if it reads the held var,
-//!   `n + 1`, and that read is not released; else what is held is released
-//!   (`flush`) and the op's first read is held (`n = 1`). Its other vars
-//!   are released as before, all of them before any op they grant is
-//!   dispatched (`core::release_but`).
+//!   (`release_finished`, from `core::complete`): if its first read is of
+//!   the held var, `n + 1`, and that read is not released; else what is
+//!   held is released (`flush`) and the op's first read is held (`n = 1`).
+//!   Its other vars are released as before, all of them before any op they
+//!   grant is dispatched (`core::release`).
 //! - Back to EMPTY (`flush`: the reads counted off under one lock, what
 //!   that grants dispatched, then the ops counted finished):
 //!   - when the worker has taken an op that does not read `v`
@@ -115,7 +115,7 @@ fn release_held(var: NonNull<VarInner>, count: u32, core: CoreRef) {
     // taken over from finished ops; released once, here, and the address
     // is not used after.
     unsafe { Var::at(var).release_reads(count, &mut grants) };
-    crate::core::dispatch_granted(grants);
+    crate::core::dispatch_granted(&mut grants);
     // The core is this worker's engine's, which outlives its workers
     // (`core_ref.rs`, C1).
     core.ops_finished(count as usize);
@@ -125,8 +125,7 @@ fn release_held(var: NonNull<VarInner>, count: u32, core: CoreRef) {
 /// var that `op` does not read.
 #[inline]
 pub(crate) fn must_flush_before(op: &OpRef) -> bool {
-    HELD.with(Cell::get)
-        .var
+    HELD.with(|h| h.get().var)
         .is_some_and(|var| !op.reads().iter().any(|v| v.addr() == var))
 }
 
@@ -159,17 +158,14 @@ pub(crate) unsafe fn release_finished(op: &OpRef) -> bool {
         return false;
     }
     let held = HELD.with(Cell::get);
-    let mut i = 0;
     let mut count = 1;
-    match held
-        .var
-        .map(|var| reads.iter().position(|v| v.addr() == var))
-    {
-        Some(Some(at)) => {
-            i = at;
+    if let Some(var) = held.var {
+        if reads[0].addr() == var {
             count += held.count;
-        }
-        Some(None) => {
+        } else {
+            // Another var held (or this one, read after another: rare; it
+            // goes, to keep one release path, its vars released before
+            // anything they grant is dispatched).
             flush();
             // Subtle: the flush may have run inline tasks (its grants'),
             // whose finishes hold reads of their own: keep those, and
@@ -180,17 +176,18 @@ pub(crate) unsafe fn release_finished(op: &OpRef) -> bool {
                 return false;
             }
         }
-        None => {}
     }
     HELD.with(|h| {
         h.set(Held {
-            var: Some(reads[i].addr()),
+            var: Some(reads[0].addr()),
             count,
             core: Some(op.core),
         })
     });
-    // SAFETY: the caller's contract; read `i`'s grant is now this
-    // thread's (HOLDING), the others are released.
-    unsafe { crate::core::release_but(reads, i, writes) };
+    // SAFETY: the caller's contract; read 0's grant is now this thread's
+    // (HOLDING), the others are released (all before any op they grant is
+    // dispatched: a dispatch may run an inline task whose drain flushes,
+    // counting this op finished, which must come after all its vars).
+    unsafe { crate::core::release(&reads[1..], writes, true) };
     true
 }

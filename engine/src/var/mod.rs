@@ -393,16 +393,14 @@ impl Var {
         ran: bool,
         grants: &mut SmallVec<[OpRef; 8]>,
     ) {
+        let mut state = self.inner().queue.lock();
+        if ran {
+            state.complete(access, grants);
+        } else {
+            state.give_back(access, grants);
+        }
         // SAFETY: the caller's contract.
-        unsafe {
-            self.release_with(|state| {
-                if ran {
-                    state.complete(access, grants);
-                } else {
-                    state.give_back(access, grants);
-                }
-            })
-        };
+        unsafe { self.end_release(state) };
     }
 
     /// Releases `n` completed read grants at once (a worker's held reads,
@@ -412,19 +410,19 @@ impl Var {
     /// As `release_grant`'s, for `n` read grants.
     #[inline]
     pub(crate) unsafe fn release_reads(&self, n: u32, grants: &mut SmallVec<[OpRef; 8]>) {
+        let mut state = self.inner().queue.lock();
+        state.complete_reads(n, grants);
         // SAFETY: the caller's contract.
-        unsafe { self.release_with(|state| state.complete_reads(n, grants)) };
+        unsafe { self.end_release(state) };
     }
 
-    /// The body of a release: `f` on the locked queue, then the prefetch and
-    /// the give-up of `release_grant`'s docs.
+    /// The end of a release, `state` the var's locked state: the prefetch
+    /// and the give-up of `release_grant`'s docs.
     ///
     /// # Safety
     /// As `release_grant`'s.
     #[inline(always)]
-    unsafe fn release_with(&self, f: impl FnOnce(&mut VarState)) {
-        let mut state = self.inner().queue.lock();
-        f(&mut state);
+    unsafe fn end_release(&self, state: impl std::ops::DerefMut<Target = VarState>) {
         // The op now first in line is granted by a later finish on this
         // var. Behind a long queue it was pushed long ago (its header has
         // left every cache): start bringing it back now. Subtle: not behind
