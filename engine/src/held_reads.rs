@@ -27,8 +27,10 @@
 //! - The finish of an op that reads, on a worker of the op's engine,
 //!   outside any closure, before the worker left its loop
 //!   (`release_finished`, from `core::complete`): if its first read is of
-//!   the held var, `n + 1`, and that read is not released; else what is
-//!   held is released (`flush`) and the op's first read is held (`n = 1`).
+//!   the held var and fewer than `HOLD_CAP` are held, `n + 1`, and that
+//!   read is not released; else what is held is released (`flush`) and the
+//!   op's first read is held (`n = 1`), unless that flush's inline tasks
+//!   held reads of their own (then the op's read is released at once).
 //!   Its other vars are released as before, all of them before any op they
 //!   grant is dispatched (`core::release`).
 //! - Back to EMPTY (`flush`: the reads counted off under one lock, what
@@ -38,21 +40,24 @@
 //!     first in its priority's turn, and takes again, so that what the
 //!     release made ready competes with it by priority, and what inline
 //!     tasks run by the release kept on this worker is queued for all;
-//!   - before it looks for work it did not find at once
+//!   - when it finds nothing ready, before it searches or sleeps
 //!     (`pool::PoolShared::pop`; what inline tasks kept is queued there);
 //!   - before each inline task it runs (`inline::drain`);
 //!   - when it leaves its loop (`stop_holding`: it holds nothing after).
 //!
 //! A flush may run inline tasks whose finishes hold again (the last task
 //! of a drain, say): each of the points above looks again, so a worker
-//! runs an op, looks for work or sleeps only with nothing held, or with
+//! runs an op, searches or sleeps only with nothing held, or with
 //! reads of a var that the op it runs reads too (whose writes wait for
 //! that op anyway): never while it waits or runs a closure that could
 //! wait for a write of `v`. What the engine's users see: an op counts as
 //! finished when all its vars are released, as before, but perhaps later
 //! than its closure returned (when its worker next takes an op that does
-//! not read `v`, or looks for work); `wait_for_all` returns when every
-//! read is counted off. A write of `v` waits no longer for a held read:
+//! not read `v`, or finds nothing ready); `wait_for_all` returns when every
+//! read is counted off. An `Async` op that writes `v`, pushed in the moment
+//! between a finish and its worker's next take, is not run at its push
+//! (`try_run_now` answers that it could not): it is queued and runs when
+//! the read goes, as behind any running read. A write of `v` waits no longer for a held read:
 //! every read held was granted before any write queued behind it (a read
 //! queues behind a waiting write), so the write waited for them all
 //! anyway, and the flush comes before the worker runs anything else.
@@ -78,6 +83,12 @@ struct Held {
     /// The ops' engine: this worker's (`release_finished`).
     core: Option<CoreRef>,
 }
+
+/// The most reads held at once: a worker that never runs out of ops that
+/// read one var releases them at least this often (the var's count of
+/// running reads, a `u32`, never nears its bound; the ops' finished count
+/// lags by this many at most).
+const HOLD_CAP: u32 = 1 << 16;
 
 const EMPTY: Held = Held {
     var: None,
@@ -160,12 +171,12 @@ pub(crate) unsafe fn release_finished(op: &OpRef) -> bool {
     let held = HELD.with(Cell::get);
     let mut count = 1;
     if let Some(var) = held.var {
-        if reads[0].addr() == var {
+        if reads[0].addr() == var && held.count < HOLD_CAP {
             count += held.count;
         } else {
             // Another var held (or this one, read after another: rare; it
             // goes, to keep one release path, its vars released before
-            // anything they grant is dispatched).
+            // anything they grant is dispatched), or `HOLD_CAP` reads.
             flush();
             // Subtle: the flush may have run inline tasks (its grants'),
             // whose finishes hold reads of their own: keep those, and

@@ -632,8 +632,11 @@ fn worker_loop(shared: &Arc<PoolShared>, index: usize) {
     // The pool has stopped: what is held goes, and from here on this
     // thread holds none (the ops failed below finish here too).
     crate::held_reads::stop_holding();
-    for op in take_batch().into_iter().flatten() {
-        crate::inline::run(crate::inline::Task::Stop(op));
+    // A loop: failing an op may run an inline task whose finish keeps more.
+    while let Some(batch) = take_batch() {
+        for op in batch {
+            crate::inline::run(crate::inline::Task::Stop(op));
+        }
     }
     debug_assert!(
         !crate::held_reads::holding(),

@@ -28,11 +28,16 @@
 //!   (a clone from zero handles aborts: K4). Subtle: an async op's
 //!   closure may still run after its completion released the vars;
 //!   `RunContext::access` then answers None and compares the handles as
-//!   addresses only (`Var::is`).
+//!   addresses only (`Var::is`). A pool worker that holds a finished op's
+//!   read over (`held_reads.rs`) keeps the handle's address past the op
+//!   (`Var::addr`) and releases through it (`Var::at`): the held read
+//!   keeps the queue busy until that release, so the address is valid as
+//!   long as the op's handle would have been.
 //! - **K4.** Nothing makes a handle from a bare `Arc<VarInner>` (the
-//!   failure log's `Weak` upgrades call `VarInner`'s methods) or clones an
-//!   uncounted one (K3), so `handles` never rises from zero (a clone that
-//!   would aborts).
+//!   failure log's `Weak` upgrades call `VarInner`'s methods; `Var::at`
+//!   makes an uncounted one from a held read's address, never dropped) or
+//!   clones an uncounted one (K3), so `handles` never rises from zero (a
+//!   clone that would aborts).
 //!
 //! Why: with an `Arc` per handle, each op's var counts were written by
 //! the pusher (the spec's clones) and by the worker that dropped the op:

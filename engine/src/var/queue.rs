@@ -301,7 +301,22 @@ mod tests {
                 } else {
                     let id = running.remove(pick % running.len());
                     m.ops[id].2 = true;
-                    q.complete(m.ops[id].0, &mut grants);
+                    // An odd pick of a read completes every running read at
+                    // once (a worker's held reads, `complete_reads`).
+                    let reads: Vec<usize> = running
+                        .iter()
+                        .copied()
+                        .filter(|&r| m.ops[r].0 == Access::Read)
+                        .collect();
+                    if m.ops[id].0 == Access::Read && pick % 2 == 1 && !reads.is_empty() {
+                        running.retain(|r| !reads.contains(r));
+                        for &r in &reads {
+                            m.ops[r].2 = true;
+                        }
+                        q.complete_reads(1 + reads.len() as u32, &mut grants);
+                    } else {
+                        q.complete(m.ops[id].0, &mut grants);
+                    }
                 }
                 let expected = m.grantable();
                 // Everything the model says may start must have been granted now.
