@@ -327,19 +327,33 @@ fn rounds_of_either_kind_as_the_workers_arrive_give_the_servers_bits() {
             (seen, kv.worker_summed_parts(), kv.worker_late_parts())
         })
     };
-    let (summed, served) = (run(None), run(Some(0)));
-    for (rank, ((a, wa, late), (b, _, _))) in summed.iter().zip(&served).enumerate() {
-        // 600 KB and 320 KB, a part each: 11 rounds after the first.
-        assert_eq!(*wa, 22, "worker {rank} summed parts");
-        // The gate's first round and those after worker 1's 3 ms (steps
-        // 4, 7 and 10) are shared ones: at most 7 of each part's 11 late.
-        assert!(*late <= 14, "worker {rank}: {late} of late copies");
-        assert!(*late >= 1, "worker {rank}: no round of late copies");
-        assert!(
-            a == b,
-            "worker {rank}: the workers' sums differ from the server's"
-        );
+    // Up to five jobs, until one has rounds of late copies on both workers:
+    // on a loaded machine (the other tests of this binary beside it) a job
+    // can keep every arrival far apart, one in five or so here, whatever
+    // the barrier does. Every job's bits and counts are checked.
+    let mut late_seen = false;
+    for _ in 0..5 {
+        let (summed, served) = (run(None), run(Some(0)));
+        let mut late_here = true;
+        for (rank, ((a, wa, late), (b, _, _))) in summed.iter().zip(&served).enumerate() {
+            // 600 KB and 320 KB, a part each: 11 rounds after the first.
+            assert_eq!(*wa, 22, "worker {rank} summed parts");
+            // The gate's first round and those after worker 1's 3 ms
+            // (steps 4, 7 and 10) are shared ones: at most 7 of each
+            // part's 11 late.
+            assert!(*late <= 14, "worker {rank}: {late} of late copies");
+            late_here &= *late >= 1;
+            assert!(
+                a == b,
+                "worker {rank}: the workers' sums differ from the server's"
+            );
+        }
+        if late_here {
+            late_seen = true;
+            break;
+        }
     }
+    assert!(late_seen, "no round of late copies in five jobs");
 }
 
 /// Nine workers, more than a round of late copies takes (`gate/late.rs`):
