@@ -57,10 +57,11 @@
 //! read is counted off. An `Async` op that writes `v`, pushed in the moment
 //! between a finish and its worker's next take, is not run at its push
 //! (`try_run_now` answers that it could not): it is queued and runs when
-//! the read goes, as behind any running read. A write of `v` waits no longer for a held read:
-//! every read held was granted before any write queued behind it (a read
-//! queues behind a waiting write), so the write waited for them all
-//! anyway, and the flush comes before the worker runs anything else.
+//! the read goes, as behind any running read. A write of `v` waits no
+//! longer for a held read: every read held was granted before any write
+//! queued behind it (a read queues behind a waiting write), so the write
+//! waited for them all anyway, and the flush comes before the worker runs
+//! anything else.
 //! Finishes elsewhere (a completion on another thread, inside a closure,
 //! another engine's op, the naive engine, a worker that left its loop)
 //! release at once.
