@@ -363,7 +363,7 @@ impl PoolShared {
         // The inbox first, then the batch: ops take their FIFO turns in the
         // order they reach the queue, as when pushes went straight in.
         self.take_in(&mut st);
-        let mut more = batch.as_ref().map_or(0, |b| b.len()) + usize::from(front.is_some()) > 1;
+        let more = batch.as_ref().map_or(0, |b| b.len()) + usize::from(front.is_some()) > 1;
         if let Some(op) = front {
             st.ready.push_front(op);
         }
@@ -405,30 +405,11 @@ impl PoolShared {
                 return Some(op);
             }
             if !searching && crate::held_reads::holding() {
-                // Held reads go before this worker waits (`held_reads.rs`):
-                // their release may make ops ready, here or elsewhere.
-                // Subtle: also in this worker's batch, where the finishes
-                // of inline tasks that the release ran keep what they make
-                // ready; queued here, or no one would take them.
+                // Held reads go before this worker waits (`held_reads.rs`),
+                // and what their release made ready and this worker kept
+                // (inline tasks' finishes) is queued: as a finish's batch.
                 drop(st);
-                crate::held_reads::flush();
-                let kept = take_batch();
-                st = self.state.lock();
-                if self.stopped() {
-                    // Queued now, they would be neither run nor failed.
-                    drop(st);
-                    for op in kept.into_iter().flatten() {
-                        crate::inline::run(crate::inline::Task::Stop(op));
-                    }
-                    st = self.state.lock();
-                    continue;
-                }
-                self.take_in(&mut st);
-                for op in kept.into_iter().flatten() {
-                    more = true;
-                    st.ready.push(op);
-                }
-                continue;
+                return flush_and_retake(self, None);
             }
             if !searching {
                 searching = true;
@@ -595,17 +576,18 @@ pub(crate) fn is_worker_of(engine_id: u64) -> bool {
     WORKER_OF.with(|w| w.get()) == engine_id
 }
 
-/// Reads held over go before an op that does not read their var
-/// (`held_reads.rs`). What their release makes ready may come before `op`
-/// (a higher priority), or be kept here by the finishes of inline tasks it
-/// ran: `op` goes back, first in its turn, and this worker takes again from
-/// all of it. None once the pool has stopped. Out of line: most ops take
-/// nothing of it.
+/// Releases the reads this worker holds over (`held_reads.rs`) and takes
+/// again: before an op it took that does not read their var (`front`, which
+/// goes back first in its turn, since what the release makes ready may come
+/// before it by priority), or before it searches (no `front`). What the
+/// finishes of inline tasks the release ran kept here goes to the queue as
+/// a finish's batch. None once the pool has stopped. Out of line: most ops
+/// take nothing of it.
 #[cold]
 #[inline(never)]
-fn flush_and_retake(shared: &PoolShared, op: OpRef) -> Option<OpRef> {
+fn flush_and_retake(shared: &PoolShared, front: Option<OpRef>) -> Option<OpRef> {
     crate::held_reads::flush();
-    shared.pop(Some(op), take_batch())
+    shared.pop(front, take_batch())
 }
 
 fn worker_loop(shared: &Arc<PoolShared>, index: usize) {
@@ -622,7 +604,7 @@ fn worker_loop(shared: &Arc<PoolShared>, index: usize) {
             },
         };
         while crate::held_reads::must_flush_before(&op) {
-            op = match flush_and_retake(shared, op) {
+            op = match flush_and_retake(shared, Some(op)) {
                 Some(op) => op,
                 None => break 'ops,
             };
