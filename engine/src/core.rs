@@ -51,8 +51,8 @@ use crate::executor::{Executor, MAX_GPUS};
 use crate::graph::GraphRecorder;
 use crate::inline;
 use crate::op::{
-    BodyCell, Context, Op, OpRef, OpSpec, Ran, RunContext, EXECUTING, FINISHED, GATE_ASYNC,
-    GATE_FRESH, GATE_GAVE_UP, GATE_LATE, GATE_STARTED, RUNNING,
+    BodyCell, Context, Op, OpRef, OpSpec, Ran, RunContext, Waiting, EXECUTING, FINISHED,
+    GATE_ASYNC, GATE_FRESH, GATE_GAVE_UP, GATE_LATE, GATE_STARTED, RUNNING,
 };
 use crate::profiler::Profiler;
 use crate::sync::Padded;
@@ -278,32 +278,30 @@ pub(crate) fn push<B: BodyCell + 'static>(
         } else {
             Access::Write
         };
-        if v.append(access, || op.clone()) {
+        if v.append(access, || op.waiting()) {
             granted += 1;
         }
     }
     // SAFETY: appended to every var, and not released from any before the
     // last subtraction below (`var/mod.rs`, K3).
     unsafe { op.vars.give_up() };
+    // Made before the subtraction, after which the op may be freed unless
+    // it was ready (`op_block.rs`, W1).
+    let kept = keep.then(|| op.clone());
     // Subtle: one subtraction for the vars that granted at once and the extra
     // one held while appending; AcqRel as in `Op::release_one`.
     let before = op
         .wait
         .fetch_sub(granted + 1, crate::sync::Ordering::AcqRel);
-    match (before == granted + 1, keep) {
-        (true, true) => {
-            dispatch(op.clone());
-            Some(op)
-        }
-        // The common case: the pusher's handle becomes the dispatch's (one
-        // count less to add here and to take off when the op is done).
-        (true, false) => {
-            dispatch(op);
-            None
-        }
-        (false, true) => Some(op),
-        (false, false) => None,
+    if before == granted + 1 {
+        // Ready: the pusher's handle becomes the dispatch's.
+        dispatch(op);
+    } else {
+        // SAFETY: the subtraction above left the counter above zero; `op`
+        // is not touched again (W1).
+        unsafe { op.leave_in_flight() };
     }
+    kept
 }
 
 /// Sends a ready op to where it runs.
@@ -534,7 +532,7 @@ pub(crate) fn store_failure(core: &Core, name: &str, writes: &[Var], f: &Arc<OpF
 /// call: a var may be freed by its release (`var/mod.rs`, K2).
 #[allow(unsafe_code)]
 pub(crate) unsafe fn release(reads: &[Var], writes: &[Var], ran: bool) {
-    let mut grants: SmallVec<[OpRef; 8]> = SmallVec::new();
+    let mut grants: SmallVec<[Waiting; 8]> = SmallVec::new();
     let vars = reads.iter().map(|v| (v, Access::Read));
     for (v, access) in vars.chain(writes.iter().map(|v| (v, Access::Write))) {
         // SAFETY: the caller's contract; each handle is released once here
@@ -550,10 +548,10 @@ pub(crate) unsafe fn release(reads: &[Var], writes: &[Var], ran: bool) {
 /// Counts one grant off each of `grants` (which it empties) and
 /// dispatches those now ready.
 #[inline]
-pub(crate) fn dispatch_granted(grants: &mut SmallVec<[OpRef; 8]>) {
+pub(crate) fn dispatch_granted(grants: &mut SmallVec<[Waiting; 8]>) {
     for g in grants.drain(..) {
-        if g.release_one() {
-            dispatch(g);
+        if let Some(op) = g.grant() {
+            dispatch(op);
         }
     }
 }

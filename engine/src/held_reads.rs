@@ -72,7 +72,7 @@ use std::ptr::NonNull;
 use smallvec::SmallVec;
 
 use crate::core_ref::CoreRef;
-use crate::op::OpRef;
+use crate::op::{OpRef, Waiting};
 use crate::var::{Var, VarInner};
 
 /// What this thread holds (`var` None: EMPTY).
@@ -122,7 +122,7 @@ pub(crate) fn flush() {
 #[cold]
 #[allow(unsafe_code)]
 fn release_held(var: NonNull<VarInner>, count: u32, core: CoreRef) {
-    let mut grants: SmallVec<[OpRef; 8]> = SmallVec::new();
+    let mut grants: SmallVec<[Waiting; 8]> = SmallVec::new();
     // SAFETY: this thread holds `count` read grants of the var (HOLDING),
     // taken over from finished ops; released once, here, and the address
     // is not used after.

@@ -361,7 +361,7 @@ impl fmt::Debug for RunContext<'_> {
     }
 }
 
-pub(crate) use crate::op_block::OpRef;
+pub(crate) use crate::op_block::{OpRef, Waiting};
 
 /// What running a body gave.
 pub(crate) enum Ran {

@@ -54,7 +54,7 @@ use std::sync::{Arc, Weak};
 use smallvec::SmallVec;
 
 use crate::error::OpFailure;
-use crate::op::OpRef;
+use crate::op::Waiting;
 use crate::sync::{Mutex, Padded};
 
 mod queue;
@@ -121,20 +121,20 @@ pub(crate) struct VarInner {
 /// gone while it was busy (K2).
 #[derive(Default)]
 pub(crate) struct VarState {
-    queue: VarQueue<OpRef>,
+    queue: VarQueue<Waiting>,
     orphaned: bool,
 }
 
 impl std::ops::Deref for VarState {
-    type Target = VarQueue<OpRef>;
+    type Target = VarQueue<Waiting>;
 
-    fn deref(&self) -> &VarQueue<OpRef> {
+    fn deref(&self) -> &VarQueue<Waiting> {
         &self.queue
     }
 }
 
 impl std::ops::DerefMut for VarState {
-    fn deref_mut(&mut self) -> &mut VarQueue<OpRef> {
+    fn deref_mut(&mut self) -> &mut VarQueue<Waiting> {
         &mut self.queue
     }
 }
@@ -370,7 +370,7 @@ impl Var {
     /// Appends an op that will `access` this var to its queue
     /// (`VarQueue::append`); true if granted at once.
     #[inline]
-    pub(crate) fn append(&self, access: Access, op: impl FnOnce() -> OpRef) -> bool {
+    pub(crate) fn append(&self, access: Access, op: impl FnOnce() -> Waiting) -> bool {
         self.inner().queue.lock().append(access, op)
     }
 
@@ -396,7 +396,7 @@ impl Var {
         &self,
         access: Access,
         ran: bool,
-        grants: &mut SmallVec<[OpRef; 8]>,
+        grants: &mut SmallVec<[Waiting; 8]>,
     ) {
         let mut state = self.inner().queue.lock();
         if ran {
@@ -414,7 +414,7 @@ impl Var {
     /// # Safety
     /// As `release_grant`'s, for `n` read grants.
     #[inline]
-    pub(crate) unsafe fn release_reads(&self, n: u32, grants: &mut SmallVec<[OpRef; 8]>) {
+    pub(crate) unsafe fn release_reads(&self, n: u32, grants: &mut SmallVec<[Waiting; 8]>) {
         let mut state = self.inner().queue.lock();
         state.complete_reads(n, grants);
         // SAFETY: the caller's contract.

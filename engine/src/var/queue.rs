@@ -65,7 +65,7 @@ pub(crate) enum Access {
 }
 
 /// The per-var dependency queue (see the module docs for its states).
-/// `T` is the handle of a waiting op: `OpRef` in the engine, a test type in
+/// `T` is the handle of a waiting op: `Waiting` in the engine, a test type in
 /// the model tests.
 #[derive(Debug)]
 pub(crate) struct VarQueue<T> {
