@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use smallvec::SmallVec;
 
+use crate::body::{BodyCell, Ran};
 use crate::config::{EngineConfig, EngineKind};
 use crate::core_ref::{CoreRef, Held};
 use crate::error::{panic_message, EngineError, FailureCause, OpFailure};
@@ -51,7 +52,7 @@ use crate::executor::{Executor, MAX_GPUS};
 use crate::graph::GraphRecorder;
 use crate::inline;
 use crate::op::{
-    BodyCell, Context, Op, OpRef, OpSpec, Ran, RunContext, Waiting, EXECUTING, FINISHED,
+    Context, Op, OpRef, OpSpec, PackedContext, RunContext, Waiting, EXECUTING, FINISHED,
     GATE_ASYNC, GATE_FRESH, GATE_GAVE_UP, GATE_LATE, GATE_STARTED, RUNNING,
 };
 use crate::profiler::Profiler;
@@ -255,16 +256,17 @@ pub(crate) fn push<B: BodyCell + 'static>(
     let op = OpRef::new(Op {
         name,
         nreads: nreads as u32,
-        ctx,
+        ctx: PackedContext::new(ctx),
         prop,
         priority,
         no_skip,
         gate: AtomicU8::new(GATE_FRESH),
-        wait: crate::sync::AtomicUsize::new(vars.len() + 1),
+        // An op's vars are far fewer than 2^32 (`Op::wait`).
+        wait: crate::sync::AtomicU32::new(vars.len() as u32 + 1),
         vars,
         state: AtomicU8::new(RUNNING),
         start_ns: AtomicU64::new(0),
-        start_tid: AtomicU64::new(0),
+        start_tid: crate::sync::AtomicU32::new(0),
         core: CoreRef::new(core),
         body,
     });
@@ -313,7 +315,7 @@ pub(crate) fn dispatch(op: OpRef) {
     match &core.executor {
         Executor::Naive => inline::run(inline::Task::Execute(op)),
         Executor::Threaded(pools) => {
-            match pools.pool_for(op.ctx, op.prop) {
+            match pools.pool_for(op.ctx.get(), op.prop) {
                 Ok(None) => inline::run(inline::Task::Execute(op)),
                 Ok(Some(pool)) => {
                     let Some(op) = crate::pool::keep_local(pool.shared(), op) else {

@@ -32,6 +32,8 @@
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
+mod body;
 mod config;
 mod core;
 #[allow(unsafe_code)]

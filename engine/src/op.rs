@@ -26,10 +26,11 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
+use crate::body::BodyCell;
 use crate::core::Core;
 use crate::core_ref::{CoreRef, Held};
 use crate::error::{FailureCause, OpError};
-use crate::sync::{AtomicUsize, Ordering};
+use crate::sync::{AtomicU32, Ordering};
 use crate::var::{OpVars, Var};
 
 /// Where an op runs.
@@ -269,7 +270,7 @@ pub enum Access {
 impl<'a> RunContext<'a> {
     pub(crate) fn new(op: &'a Op, worker: usize) -> RunContext<'a> {
         RunContext {
-            ctx: op.ctx,
+            ctx: op.ctx.get(),
             worker,
             priority: op.priority,
             grant: Grant::Op(op),
@@ -363,67 +364,6 @@ impl fmt::Debug for RunContext<'_> {
 
 pub(crate) use crate::op_block::{OpRef, Waiting};
 
-/// What running a body gave.
-pub(crate) enum Ran {
-    /// A `push_sync` closure returned this.
-    Sync(Result<(), OpError>),
-    /// A `push_async` closure returned; its completion handle finishes the op.
-    Async,
-    /// The closure was taken already (the op was finished without running).
-    Gone,
-}
-
-/// An op's closure, stored in the same allocation as the op (`Op<B>` is
-/// coerced to `Op<dyn BodyCell>`), taken and run once.
-pub(crate) trait BodyCell: Send + Sync {
-    fn run(&self, ctx: RunContext<'_>, op: &OpRef) -> Ran;
-    /// Drops the closure without running it.
-    fn discard(&self);
-}
-
-/// A `push_sync` closure: the op is complete when it returns.
-pub(crate) struct SyncBody<F>(pub(crate) parking_lot::Mutex<Option<F>>);
-
-/// A `push_async` closure: the op is complete when its handle says so.
-pub(crate) struct AsyncBody<F>(pub(crate) parking_lot::Mutex<Option<F>>);
-
-impl<F> BodyCell for SyncBody<F>
-where
-    F: FnOnce(RunContext<'_>) -> Result<(), OpError> + Send,
-{
-    fn run(&self, ctx: RunContext<'_>, _op: &OpRef) -> Ran {
-        let f = self.0.lock().take();
-        match f {
-            Some(f) => Ran::Sync(f(ctx)),
-            None => Ran::Gone,
-        }
-    }
-
-    fn discard(&self) {
-        drop(self.0.lock().take());
-    }
-}
-
-impl<F> BodyCell for AsyncBody<F>
-where
-    F: FnOnce(RunContext<'_>, Completion) + Send,
-{
-    fn run(&self, ctx: RunContext<'_>, op: &OpRef) -> Ran {
-        let f = self.0.lock().take();
-        match f {
-            Some(f) => {
-                f(ctx, Completion::new(op.clone()));
-                Ran::Async
-            }
-            None => Ran::Gone,
-        }
-    }
-
-    fn discard(&self) {
-        drop(self.0.lock().take());
-    }
-}
-
 /// Naive engine, `Op::gate`: not started yet.
 pub(crate) const GATE_FRESH: u8 = 0;
 /// Its body runs (or its skip is under way).
@@ -444,15 +384,57 @@ pub(crate) const CLAIMED: u8 = 1;
 /// The finish is over: vars released, successors dispatched.
 pub(crate) const FINISHED: u8 = 2;
 
+/// `Context` in four bytes, for an op's header: the kind in the top two
+/// bits, the device below. A device number is below `MAX_GPUS` (the push
+/// checks it: `core::prepare_pool`), far below the 2^30 this holds.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) struct PackedContext(u32);
+
+const CTX_PINNED: u32 = 1 << 30;
+const CTX_GPU: u32 = 2 << 30;
+const CTX_DEVICE: u32 = (1 << 30) - 1;
+
+impl PackedContext {
+    #[inline]
+    pub(crate) fn new(ctx: Context) -> PackedContext {
+        let device = |n: u32| {
+            debug_assert!(n <= CTX_DEVICE, "device {n} past the packed range");
+            n & CTX_DEVICE
+        };
+        PackedContext(match ctx {
+            Context::Cpu => 0,
+            Context::CpuPinned(n) => CTX_PINNED | device(n),
+            Context::Gpu(n) => CTX_GPU | device(n),
+        })
+    }
+
+    #[inline]
+    pub(crate) fn get(self) -> Context {
+        let n = self.0 & CTX_DEVICE;
+        match self.0 & !CTX_DEVICE {
+            0 => Context::Cpu,
+            CTX_PINNED => Context::CpuPinned(n),
+            _ => Context::Gpu(n),
+        }
+    }
+}
+
 /// The engine's record of an op in flight: one allocation holding the
 /// header and the closure (an [`OpRef`]'s block).
+///
+/// Layout: with a one-word closure, the block (header, closure and the
+/// reference count) is 128 bytes, the smallest size class of
+/// `op_block.rs`: two cache lines. Every field here costs every op those
+/// bytes' memory traffic (the dispatch bench's (a) ran 17 to 20% faster when its
+/// blocks went from 152 to 128 bytes);
+/// `op_block::tests::one_word_closures_fit_the_smallest_class` checks it.
 pub(crate) struct Op<B: ?Sized = dyn BodyCell> {
     pub(crate) name: Cow<'static, str>,
     /// The read vars, then the write vars (deduplicated). Uncounted once
     /// the push has appended the op to them (`var/mod.rs`, K3).
     pub(crate) vars: OpVars,
     pub(crate) nreads: u32,
-    pub(crate) ctx: Context,
+    pub(crate) ctx: PackedContext,
     pub(crate) prop: Property,
     pub(crate) priority: i32,
     /// Run even when an input var holds a failure (the waits of
@@ -461,13 +443,15 @@ pub(crate) struct Op<B: ?Sized = dyn BodyCell> {
     /// Naive engine: how far the op got, for a push that stops waiting
     /// for it (`core::give_up`): `GATE_*`.
     pub(crate) gate: AtomicU8,
-    pub(crate) wait: AtomicUsize,
+    /// Grants still to come, plus the push's hold (module docs). An op's
+    /// vars are far fewer than 2^32 (each is a 512-byte allocation).
+    pub(crate) wait: AtomicU32,
     /// RUNNING → CLAIMED → FINISHED.
     pub(crate) state: AtomicU8,
     /// Profiler: start time (ns since the profiler's epoch; 0: not started)
-    /// and thread.
+    /// and thread (its trace id, saturated at `u32::MAX`).
     pub(crate) start_ns: AtomicU64,
-    pub(crate) start_tid: AtomicU64,
+    pub(crate) start_tid: AtomicU32,
     pub(crate) core: CoreRef,
     pub(crate) body: B,
 }

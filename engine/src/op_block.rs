@@ -102,7 +102,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use crate::op::{BodyCell, Op};
+use crate::body::BodyCell;
+use crate::op::Op;
 
 /// Size classes: 128 B, 256 B, ..., 2 KiB.
 const CLASSES: usize = 5;
@@ -486,6 +487,28 @@ mod tests {
                 .flatten()
                 .for_each(|b| system_free(class, b));
         }
+    }
+
+    /// An op whose closure holds one word takes the smallest class (two
+    /// cache lines): a field added to `Op` that breaks this costs every
+    /// such op a 256-byte block (`Op`'s layout docs).
+    #[test]
+    fn one_word_closures_fit_the_smallest_class() {
+        fn layout_of<F>(_: &F) -> Layout {
+            Layout::new::<Counted<crate::body::SyncBody<F>>>()
+        }
+        let x = 7usize;
+        let f = move |_: crate::op::RunContext<'_>| -> Result<(), crate::error::OpError> {
+            std::hint::black_box(x);
+            Ok(())
+        };
+        let layout = layout_of(&f);
+        assert_eq!(
+            class_of(layout),
+            Some(0),
+            "a one-word closure's op takes {} bytes, past the {SMALLEST}-byte class",
+            layout.size()
+        );
     }
 
     /// Blocks freed on another thread reach the process's queue at that

@@ -118,7 +118,8 @@ impl Profiler {
     }
 
     pub(crate) fn start(&self, op: &Op) {
-        op.start_tid.store(current_tid(), Ordering::Relaxed);
+        let tid = u32::try_from(current_tid()).unwrap_or(u32::MAX);
+        op.start_tid.store(tid, Ordering::Relaxed);
         op.start_ns.store(now_ns(), Ordering::Release);
     }
 
@@ -128,7 +129,7 @@ impl Profiler {
             // Skipped or stopped: never started; record a zero-length event.
             (now_ns(), current_tid())
         } else {
-            (start, op.start_tid.load(Ordering::Relaxed))
+            (start, u64::from(op.start_tid.load(Ordering::Relaxed)))
         };
         let event = TraceEvent {
             name: op.name.to_string(),
@@ -136,7 +137,7 @@ impl Profiler {
             start_ns: start,
             dur_ns: now_ns().saturating_sub(start),
             priority: op.priority,
-            ctx: op.ctx.to_string(),
+            ctx: op.ctx.get().to_string(),
             failed,
         };
         self.push(event);

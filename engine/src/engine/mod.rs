@@ -9,13 +9,14 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::body::{AsyncBody, BodyCell, SyncBody};
 use crate::config::{EngineBuilder, EngineConfig, EngineKind};
 use crate::core::{self, Core};
 use crate::core_ref::Held;
 use crate::error::{EngineError, OpError};
 use crate::executor::{Executor, Pools};
 use crate::graph::OpGraph;
-use crate::op::{AsyncBody, BodyCell, Completion, OpSpec, RunContext, SyncBody};
+use crate::op::{Completion, OpSpec, RunContext};
 use crate::profiler::{write_chrome_trace, TraceEvent};
 
 /// The dependency engine: runs closures when the vars they read and write
@@ -120,7 +121,7 @@ impl Engine {
     where
         F: FnOnce(RunContext<'_>, Completion) + Send + 'static,
     {
-        self.push_op(spec, AsyncBody(parking_lot::Mutex::new(Some(f))))
+        self.push_op(spec, AsyncBody::new(f))
     }
 
     /// Pushes an op whose closure is complete when it returns; an `Err` is
@@ -251,7 +252,7 @@ impl Engine {
         let _held = Held::by_handle(core);
         match crate::run_now::try_run_now(core, &spec, no_skip, f) {
             Ok(()) => Ok(()),
-            Err(f) => self.push_checked(spec, no_skip, SyncBody(parking_lot::Mutex::new(Some(f)))),
+            Err(f) => self.push_checked(spec, no_skip, SyncBody::new(f)),
         }
     }
 
@@ -376,13 +377,7 @@ where
 {
     let _held = Held::by_handle(core);
     if let Err(f) = crate::run_now::try_run_now(core, &spec, true, f) {
-        core::push(
-            core,
-            spec,
-            true,
-            SyncBody(parking_lot::Mutex::new(Some(f))),
-            false,
-        );
+        core::push(core, spec, true, SyncBody::new(f), false);
     }
 }
 
