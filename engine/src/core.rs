@@ -52,10 +52,11 @@ use crate::executor::{Executor, MAX_GPUS};
 use crate::graph::GraphRecorder;
 use crate::inline;
 use crate::op::{
-    Context, Op, OpRef, OpSpec, PackedContext, RunContext, Waiting, EXECUTING, FINISHED,
-    GATE_ASYNC, GATE_FRESH, GATE_GAVE_UP, GATE_LATE, GATE_STARTED, RUNNING,
+    Op, OpRef, RunContext, Waiting, EXECUTING, FINISHED, GATE_ASYNC, GATE_FRESH, GATE_GAVE_UP,
+    GATE_LATE, GATE_STARTED, RUNNING,
 };
 use crate::profiler::Profiler;
+use crate::spec::{Context, OpSpec, PackedContext};
 use crate::sync::Padded;
 use crate::var::{Access, OpVars, Var, VarInner};
 

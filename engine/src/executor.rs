@@ -8,8 +8,8 @@ use parking_lot::Mutex;
 
 use crate::config::EngineConfig;
 use crate::error::EngineError;
-use crate::op::{Context, Property};
 use crate::pool::Pool;
+use crate::spec::{Context, Property};
 
 /// The highest number of GPU ids an engine serves.
 pub const MAX_GPUS: u32 = 64;

@@ -53,6 +53,7 @@ mod prefetch;
 mod profiler;
 pub mod progress;
 mod run_now;
+mod spec;
 mod sync;
 #[allow(unsafe_code)]
 mod var;
@@ -63,7 +64,8 @@ pub use crate::engine::Engine;
 pub use crate::error::{EngineError, FailureCause, OpError, OpFailure};
 pub use crate::executor::MAX_GPUS;
 pub use crate::graph::{Dependency, OpGraph, OpNode};
-pub use crate::op::{Access, Completion, Context, OpSpec, Property, RunContext};
+pub use crate::op::{Access, Completion, RunContext};
 pub use crate::profiler::{chrome_trace_json, write_chrome_trace, TraceEvent};
+pub use crate::spec::{Context, OpSpec, Property};
 pub use crate::var::Var;
 pub use crate::wait::{spin_until, Latch, VarReady};

@@ -53,7 +53,8 @@ use crate::core::{in_op, release, store_failure, Core};
 use crate::error::{panic_message, FailureCause, OpError, OpFailure};
 use crate::executor::Executor;
 use crate::inline;
-use crate::op::{OpSpec, Property, RunContext, EXECUTING};
+use crate::op::{RunContext, EXECUTING};
+use crate::spec::{OpSpec, Property};
 use crate::var::Access;
 
 /// What `EXECUTING` holds while the closure of an op run at its push runs

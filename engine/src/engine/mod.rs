@@ -16,8 +16,9 @@ use crate::core_ref::Held;
 use crate::error::{EngineError, OpError};
 use crate::executor::{Executor, Pools};
 use crate::graph::OpGraph;
-use crate::op::{Completion, OpSpec, RunContext};
+use crate::op::{Completion, RunContext};
 use crate::profiler::{write_chrome_trace, TraceEvent};
+use crate::spec::OpSpec;
 
 /// The dependency engine: runs closures when the vars they read and write
 /// allow, on worker pools per device, highest priority first.

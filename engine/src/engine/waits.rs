@@ -7,7 +7,8 @@ use std::time::Duration;
 use super::{push_internal, Engine};
 use crate::core;
 use crate::error::EngineError;
-use crate::op::{Context, OpSpec, Property, RunContext};
+use crate::op::RunContext;
+use crate::spec::{Context, OpSpec, Property};
 use crate::var::Var;
 use crate::wait::{Latch, VarReady};
 
