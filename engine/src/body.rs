@@ -8,8 +8,9 @@
 //! (`taken` true; `f` was moved out, or is being). `take` swaps `taken` to
 //! true: the one swap that saw false moves `f` out and owns it; every
 //! other gets None. The drop drops `f` only in FULL (it has the cell to
-//! itself). The closure was written before the op was shared (its push
-//! publishes it through the var locks and the wait counter, both
+//! itself). The closure was written before the op was shared (a worker
+//! gets the op through the pool's queue, after the wait counter's last
+//! subtraction, which follows the var locks' grants: every step
 //! release/acquire), so the swap itself orders nothing and is Relaxed;
 //! it is atomic so that two takers can never both see FULL.
 //!

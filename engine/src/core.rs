@@ -36,6 +36,7 @@
 //!   and a wait that times out, not as an early return).
 
 use std::borrow::Cow;
+use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -235,8 +236,9 @@ impl Core {
 
 /// Pushes an op. `spec` must be deduplicated and validated by the caller
 /// (`prepare_pool`). Returns the op if `keep` (the naive engine waits on
-/// it); else the pusher's handle goes to the op's dispatch or is dropped.
-#[allow(unsafe_code)] // the vars' counts (`var/mod.rs`, K3)
+/// it); else the pusher's handle goes to the op's dispatch, or to the op's
+/// wait counter if the op is not ready (`op_block.rs`, W1).
+#[allow(unsafe_code)] // the vars' counts (`var/mod.rs`, K3); the queues' handles (W1)
 pub(crate) fn push<B: BodyCell + 'static>(
     core: &Arc<Core>,
     spec: OpSpec,
@@ -254,7 +256,10 @@ pub(crate) fn push<B: BodyCell + 'static>(
     } = spec;
     let vars = OpVars::new(vars);
     core.op_pushed();
-    let op = OpRef::new(Op {
+    // Never dropped here: once a var queues the op's uncounted handle, an
+    // unwind must leak the op, not free it under that handle; the count
+    // goes to the dispatch or to the wait counter (W1).
+    let op = ManuallyDrop::new(OpRef::new(Op {
         name,
         nreads: nreads as u32,
         ctx: PackedContext::new(ctx),
@@ -270,7 +275,7 @@ pub(crate) fn push<B: BodyCell + 'static>(
         start_tid: crate::sync::AtomicU32::new(0),
         core: CoreRef::new(core),
         body,
-    });
+    }));
     if core.graph.is_recording() {
         core.graph.record(&op);
     }
@@ -281,7 +286,8 @@ pub(crate) fn push<B: BodyCell + 'static>(
         } else {
             Access::Write
         };
-        if v.append(access, || op.waiting()) {
+        // SAFETY: the push's own handle, before its subtraction (W1).
+        if v.append(access, || unsafe { op.waiting() }) {
             granted += 1;
         }
     }
@@ -290,20 +296,18 @@ pub(crate) fn push<B: BodyCell + 'static>(
     unsafe { op.vars.give_up() };
     // Made before the subtraction, after which the op may be freed unless
     // it was ready (`op_block.rs`, W1).
-    let kept = keep.then(|| op.clone());
+    let kept = keep.then(|| OpRef::clone(&op));
     // Subtle: one subtraction for the vars that granted at once and the extra
-    // one held while appending; AcqRel as in `Op::release_one`.
+    // one held while appending; AcqRel as in `Waiting::grant`.
     let before = op
         .wait
         .fetch_sub(granted + 1, crate::sync::Ordering::AcqRel);
     if before == granted + 1 {
         // Ready: the pusher's handle becomes the dispatch's.
-        dispatch(op);
-    } else {
-        // SAFETY: the subtraction above left the counter above zero; `op`
-        // is not touched again (W1).
-        unsafe { op.leave_in_flight() };
+        dispatch(ManuallyDrop::into_inner(op));
     }
+    // Else the handle's count is the wait counter's now, and `op` is not
+    // touched again (W1).
     kept
 }
 

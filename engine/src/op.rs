@@ -30,7 +30,7 @@ use crate::core::Core;
 use crate::core_ref::{CoreRef, Held};
 use crate::error::{FailureCause, OpError};
 use crate::spec::{Context, OpSpec, PackedContext, Property};
-use crate::sync::{AtomicU32, Ordering};
+use crate::sync::AtomicU32;
 use crate::var::{OpVars, Var};
 
 /// What a running closure learns about where it runs, and its grant: the
@@ -231,16 +231,6 @@ impl<B: ?Sized> Op<B> {
 }
 
 impl Op {
-    /// Subtracts one from the wait counter; true if this call brought it to
-    /// zero (the caller must dispatch the op).
-    #[inline]
-    pub(crate) fn release_one(&self) -> bool {
-        // Subtle: AcqRel. The grants were made under different var locks by
-        // different threads; the thread that reaches zero must see all of them
-        // (and the op's fields) before it runs the op.
-        self.wait.fetch_sub(1, Ordering::AcqRel) == 1
-    }
-
     /// RUNNING → CLAIMED; true for the one caller that gets to finish the op.
     #[inline]
     pub(crate) fn claim_done(&self) -> bool {

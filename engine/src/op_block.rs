@@ -63,9 +63,11 @@
 //!   wait counter of its var count plus one (the push's hold). The push
 //!   appends the op to each var, then takes its hold and the vars granted
 //!   at once off the counter: if that reaches zero, the push dispatches
-//!   the op with its count; else it leaves the count to the counter
-//!   (`OpRef::leave_in_flight`) and touches the op no more (a push that
-//!   keeps a handle, the naive engine's, clones it before its subtraction).
+//!   the op with its count; else it leaves the count to the counter and
+//!   touches the op no more (a push that keeps a handle, the naive
+//!   engine's, clones it before its subtraction). The push holds its handle
+//!   in a `ManuallyDrop`: an unwind from inside it leaks the op rather than
+//!   free it under a handle a queue holds.
 //! - **W2.** The one subtraction that takes the counter to zero gets that
 //!   count back as a handle (`Waiting::grant`): the op is then ready, and
 //!   the handle dispatches it, as the push's own would have.
@@ -73,9 +75,14 @@
 //!   counter is above zero and the op cannot run, finish or be freed: the
 //!   handle is valid. `grant` consumes it: its holder does not touch the
 //!   op after the subtraction (another may have freed it by then).
-//!   Subtle: the subtractions are AcqRel (`Op::release_one`), so every
+//!   Subtle: the subtractions are AcqRel (`Waiting::grant`), so every
 //!   holder's reads of the op come before the last one's, which then
 //!   passes them on to the handle's drop as a clone would have.
+//!
+//! A `Waiting` dropped without its grant leaves its op waiting for good
+//! and its block allocated (a leak, never a free): only an unwind out of
+//! the engine's own release path could do that, and the op would have
+//! waited for good before too.
 //!
 //! Why: a counted handle per queued append cost the pusher a locked
 //! addition per var, its own handle's drop a locked subtraction, and every
@@ -90,7 +97,10 @@
 //! tests and a driver of 2,000 random programs:
 //! `RUSTFLAGS=-Zsanitizer=address cargo +nightly test -p pskv-engine
 //! --target x86_64-unknown-linux-gnu` (a count left over on purpose, one
-//! per grant that made an op ready, shows there as leaks by the thousand).
+//! per grant that made an op ready, shows there as leaks by the hundred
+//! thousand). The loom model of the var queue (`var::queue::loom_tests`)
+//! keeps its queues' handles uncounted as W1-W3 say, and fails on a count
+//! left over.
 
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::cell::RefCell;
@@ -329,22 +339,15 @@ impl OpRef {
         self.ptr.as_ptr() as *const () as usize
     }
 
-    /// An uncounted handle for the op's var queues (W3), made by its push
-    /// before the push's hold on the wait counter is taken off (W1).
-    #[inline]
-    pub(crate) fn waiting(&self) -> Waiting {
-        Waiting { ptr: self.ptr }
-    }
-
-    /// Leaves this handle's count to the op's wait counter, for the
-    /// subtraction that takes it to zero (W1, W2).
+    /// An uncounted handle for one of the op's var queues (W3).
     ///
     /// # Safety
-    /// Called by the op's push, once, after its own subtraction left the
-    /// counter above zero; the caller does not touch the op again.
+    /// Called by the op's push on its own handle, once per var that
+    /// queues the op, before the push's subtraction (W1): each handle made
+    /// stands for one subtraction still to come.
     #[inline]
-    pub(crate) unsafe fn leave_in_flight(self) {
-        std::mem::forget(self);
+    pub(crate) unsafe fn waiting(&self) -> Waiting {
+        Waiting { ptr: self.ptr }
     }
 }
 
@@ -366,10 +369,17 @@ impl Waiting {
     /// is ready.
     #[inline]
     pub(crate) fn grant(self) -> Option<OpRef> {
+        // Subtle: the counter alone is borrowed, not the op: after a
+        // subtraction that is not the last, another thread may free the
+        // block while this call still runs, and a reference to the whole op
+        // would claim its memory for as long as the call.
         // SAFETY: the handle has not made its subtraction: the op is alive
         // (W3).
-        let op = unsafe { &self.ptr.as_ref().op };
-        if op.release_one() {
+        let wait = unsafe { &*std::ptr::addr_of!((*self.ptr.as_ptr()).op.wait) };
+        // Subtle: AcqRel. The grants were made under different var locks by
+        // different threads; the thread that reaches zero must see all of
+        // them (and the op's fields) before it runs the op.
+        if wait.fetch_sub(1, Ordering::AcqRel) == 1 {
             Some(OpRef {
                 ptr: self.ptr,
                 _owns: PhantomData,

@@ -241,6 +241,7 @@ impl PackedContext {
         match self.0 & !CTX_DEVICE {
             0 => Context::Cpu,
             CTX_PINNED => Context::CpuPinned(n),
+            // CTX_GPU: `new` makes no fourth tag.
             _ => Context::Gpu(n),
         }
     }
@@ -249,6 +250,22 @@ impl PackedContext {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packed_contexts_come_back_as_they_went_in() {
+        let max = crate::executor::MAX_GPUS - 1;
+        for ctx in [
+            Context::Cpu,
+            Context::CpuPinned(0),
+            Context::CpuPinned(max),
+            Context::Gpu(0),
+            Context::Gpu(7),
+            Context::Gpu(max),
+            Context::Gpu(CTX_DEVICE),
+        ] {
+            assert_eq!(PackedContext::new(ctx).get(), ctx);
+        }
+    }
 
     fn ids(vs: &[Var]) -> Vec<u64> {
         vs.iter().map(Var::id).collect()

@@ -408,7 +408,17 @@ mod loom_tests {
         vars: Vec<(usize, Access)>,
     }
 
-    type Q = Mutex<VarQueue<LArc<TestOp>>>;
+    /// A queue's uncounted handle of a waiting op, as the engine's
+    /// `Waiting` (`op_block.rs`, W1-W3): the op's wait counter keeps it
+    /// alive, and the push's count goes to the release that takes the
+    /// counter to zero (loom reports an `Arc` leaked at the end of a run,
+    /// so a count left over fails the model).
+    struct Waiting(*const TestOp);
+
+    // SAFETY: a pointer to a test op, which is Send and Sync.
+    unsafe impl Send for Waiting {}
+
+    type Q = Mutex<VarQueue<Waiting>>;
 
     struct World {
         vars: Vec<Q>,
@@ -419,22 +429,42 @@ mod loom_tests {
         ready: loom::sync::Mutex<Vec<LArc<TestOp>>>,
     }
 
-    fn release(world: &World, op: LArc<TestOp>) {
+    /// Counts one grant off `op`; the op, with the push's count, to the
+    /// ready list if this took its counter to zero (W2).
+    fn release(world: &World, op: Waiting) {
         // Subtle: AcqRel so that the thread bringing the counter to zero sees
         // every var's grant, made under other threads' locks.
-        if op.wait.fetch_sub(1, Ordering::AcqRel) == 1 {
-            world.ready.lock().unwrap().push(op);
+        // SAFETY: this handle has not made its subtraction: the op lives
+        // (W3); nothing of it is touched after the subtraction unless it
+        // was the last.
+        if unsafe { &(*op.0).wait }.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // SAFETY: the push left its count to the counter (W1), which
+            // this subtraction took to zero: the count is this call's.
+            world
+                .ready
+                .lock()
+                .unwrap()
+                .push(unsafe { LArc::from_raw(op.0) });
         }
     }
 
+    /// Appends `op` to its vars, then takes the vars granted at once and
+    /// its own hold off the counter in one subtraction, as the engine's
+    /// push does (W1).
     fn push(world: &World, op: LArc<TestOp>) {
+        let at = LArc::as_ptr(&op);
+        let mut granted = 0;
         for &(v, acc) in &op.vars {
-            let granted = world.vars[v].lock().append(acc, || op.clone());
-            if granted {
-                release(world, op.clone());
+            if world.vars[v].lock().append(acc, || Waiting(at)) {
+                granted += 1;
             }
         }
-        release(world, op); // the +1 held while appending
+        if op.wait.fetch_sub(granted + 1, Ordering::AcqRel) == granted + 1 {
+            world.ready.lock().unwrap().push(op);
+        } else {
+            // The count is left to the counter's last subtraction (W1).
+            let _ = LArc::into_raw(op);
+        }
     }
 
     fn run(world: &World, op: &LArc<TestOp>) {
@@ -461,7 +491,7 @@ mod loom_tests {
                 Access::Write => occ.store(0, Ordering::Release),
             }
         }
-        let mut grants: Vec<LArc<TestOp>> = Vec::new();
+        let mut grants: Vec<Waiting> = Vec::new();
         for &(v, acc) in &op.vars {
             world.vars[v].lock().complete(acc, &mut grants);
             for g in grants.drain(..) {
