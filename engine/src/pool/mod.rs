@@ -73,7 +73,6 @@
 //! leaves at stop. (A wake-up is a futex call, and on a VM an interrupt to
 //! another vCPU.)
 
-use std::collections::VecDeque;
 use std::sync::atomic::{
     fence, AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering as AtomicOrdering,
 };
@@ -89,138 +88,12 @@ use crate::error::EngineError;
 use crate::op::OpRef;
 use crate::sync::Padded;
 
-/// Ready ops by priority: buckets sorted from the highest priority down, each
-/// a FIFO. With one priority in use (the common case) push and pop are O(1);
-/// with P priorities, push is O(log P).
-#[derive(Default)]
-pub(crate) struct ReadyQueue {
-    buckets: Vec<(i32, VecDeque<OpRef>)>,
-    len: usize,
-}
+mod batch;
+mod ready;
 
-/// Empty buckets kept for reuse before they are pruned.
-const SPARE_BUCKETS: usize = 8;
-
-impl ReadyQueue {
-    pub(crate) fn push(&mut self, op: OpRef) {
-        let p = op.priority;
-        // Sorted descending: search with the comparison reversed.
-        match self.buckets.binary_search_by(|(bp, _)| p.cmp(bp)) {
-            Ok(i) => self.buckets[i].1.push_back(op),
-            Err(i) => self.buckets.insert(i, (p, VecDeque::from([op]))),
-        }
-        self.len += 1;
-    }
-
-    /// Puts `op` back first among the ops of its priority: a worker that
-    /// took it and had to release held reads before it could run it
-    /// (`worker_loop`).
-    fn push_front(&mut self, op: OpRef) {
-        let p = op.priority;
-        match self.buckets.binary_search_by(|(bp, _)| p.cmp(bp)) {
-            Ok(i) => self.buckets[i].1.push_front(op),
-            Err(i) => self.buckets.insert(i, (p, VecDeque::from([op]))),
-        }
-        self.len += 1;
-    }
-
-    pub(crate) fn pop(&mut self) -> Option<OpRef> {
-        if self.len == 0 {
-            return None;
-        }
-        let i = self.buckets.iter().position(|(_, q)| !q.is_empty())?;
-        let op = self.buckets[i].1.pop_front();
-        self.len -= 1;
-        if self.buckets.len() > SPARE_BUCKETS && self.buckets[i].1.is_empty() {
-            self.buckets.retain(|(_, q)| !q.is_empty());
-        }
-        op
-    }
-
-    /// The highest priority queued.
-    fn top(&self) -> Option<i32> {
-        self.buckets
-            .iter()
-            .find(|(_, q)| !q.is_empty())
-            .map(|(p, _)| *p)
-    }
-
-    pub(crate) fn drain(&mut self) -> Vec<OpRef> {
-        self.len = 0;
-        std::mem::take(&mut self.buckets)
-            .into_iter()
-            .flat_map(|(_, q)| q)
-            .collect()
-    }
-}
-
-/// Worker-local state: the pool this thread serves, and the ops of that pool
-/// made ready by the op this worker just finished (or by the finishes of
-/// inline tasks that a release of its held reads ran: `worker_loop` and
-/// `pop` queue those).
-///
-/// When a `push_sync` op finishes on a worker, the ops it makes ready that
-/// belong to the same pool are collected here instead of being queued one by
-/// one. After the finish, the worker either runs the single collected op at
-/// once, when the inbox is empty and its priority is above every queued op
-/// or nothing is queued (`queued`/`top` hints), or queues the whole batch and
-/// takes the next op under one lock. Strictly above, so queued ops of equal
-/// priority keep their FIFO turn; and never past the inbox, whose ops'
-/// priorities are not known until a worker moves them in. Subtle: the hints
-/// are read without the lock; a racing push of a higher-priority op can at
-/// worst start one op later.
-struct Local {
-    pool: *const PoolShared,
-    batch: SmallVec<[OpRef; 4]>,
-}
-
-thread_local! {
-    static LOCAL: std::cell::RefCell<Local> = const {
-        std::cell::RefCell::new(Local { pool: std::ptr::null(), batch: SmallVec::new_const() })
-    };
-    /// Whether `keep_local` may keep: inside a finish on a worker. A cell of
-    /// its own (const, no lazy init): it is set and reset around every op.
-    static ALLOW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Allows (or stops allowing) `keep_local` on this thread; what it was.
-/// Callers restore it: finishes nest (an op run inline inside another's
-/// finish), and each level must leave the outer one's setting as it was.
-#[inline]
-pub(crate) fn allow_keep(on: bool) -> bool {
-    ALLOW.with(|a| a.replace(on))
-}
-
-/// Collects `op` into this worker's batch if it is a worker of `pool` inside
-/// an allowed finish; gives it back otherwise.
-#[inline]
-pub(crate) fn keep_local(pool: &PoolShared, op: OpRef) -> Option<OpRef> {
-    // `ALLOW` first: a bare cell, where `LOCAL` is a `RefCell` to borrow
-    // and a pool to compare (outside a worker's finish, as at every push,
-    // the cell is all it reads).
-    if !ALLOW.with(std::cell::Cell::get) {
-        return Some(op);
-    }
-    LOCAL.with(|l| {
-        let mut l = l.borrow_mut();
-        if std::ptr::eq(l.pool, pool) {
-            l.batch.push(op);
-            None
-        } else {
-            Some(op)
-        }
-    })
-}
-
-/// The ops this worker's last finish made ready and kept (`keep_local`),
-/// if any (most finishes make none: then no vector is moved or dropped).
-#[inline]
-fn take_batch() -> Option<SmallVec<[OpRef; 4]>> {
-    LOCAL.with(|l| {
-        let mut l = l.borrow_mut();
-        (!l.batch.is_empty()).then(|| std::mem::take(&mut l.batch))
-    })
-}
+use batch::take_batch;
+pub(crate) use batch::{allow_keep, keep_local};
+use ready::ReadyQueue;
 
 #[derive(Default)]
 struct PoolState {
@@ -325,7 +198,7 @@ impl PoolShared {
     fn publish(&self, st: &PoolState) {
         self.hints
             .queued
-            .store(st.ready.len, AtomicOrdering::Relaxed);
+            .store(st.ready.len(), AtomicOrdering::Relaxed);
         self.hints
             .top
             .store(st.ready.top().unwrap_or(i32::MIN), AtomicOrdering::Relaxed);
@@ -385,7 +258,7 @@ impl PoolShared {
             }
             if let Some(op) = st.ready.pop() {
                 self.publish(&st);
-                let mut left = st.ready.len > 0;
+                let mut left = st.ready.len() > 0;
                 if searching {
                     st.searching -= 1;
                     self.publish_idle(&st);
@@ -592,7 +465,7 @@ fn flush_and_retake(shared: &PoolShared, front: Option<OpRef>) -> Option<OpRef> 
 
 fn worker_loop(shared: &Arc<PoolShared>, index: usize) {
     crate::profiler::register_thread();
-    LOCAL.with(|l| l.borrow_mut().pool = Arc::as_ptr(shared));
+    batch::serve(shared);
     'ops: loop {
         let mut op = match take_batch() {
             Some(mut batch) if batch.len() == 1 && shared.runs_first(&batch[0]) => {
