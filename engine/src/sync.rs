@@ -2,7 +2,8 @@
 //! under `--cfg loom` so that the per-var state machine and the op wait counter
 //! can be model-checked (see `var::queue::loom_tests`).
 //!
-//! Only `var/` and the op wait counter use these; the worker pools use
+//! Only `var/` and the op's wait counter (and the profiler's thread id
+//! beside it in the op's header) use these; the worker pools use
 //! `parking_lot` and `std` directly because loom does not model them. The
 //! var queues' lock is this module's own test-and-set lock (`spin_lock`;
 //! loom's mutex under `--cfg loom`, so the model checks the state machine
